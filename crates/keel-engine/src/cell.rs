@@ -1,0 +1,187 @@
+//! The run cell: the one place a run's journal is appended to while the run is loaded.
+//!
+//! **Invariant:** at most one cell exists per run id in an engine, and at most one task
+//! drives it; the engine's cell map enforces both. Operator calls (cancel, retry) append
+//! through the same cell, under the same lock, so journal indexes never collide.
+
+use std::sync::Mutex;
+
+use tokio::sync::watch;
+
+use crate::error::{EngineError, Result};
+use crate::ids::{JournalIndex, RunId};
+use crate::journal::{Entry, Event, RunRecord, RunStatus};
+use crate::limits::JOURNAL_ENTRIES_PER_RUN_MAX;
+use crate::replay::RunState;
+use crate::store::JournalStore;
+
+/// Milliseconds since the Unix epoch, the time base of every journaled instant.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+struct Loaded {
+    record: RunRecord,
+    state: RunState,
+    poisoned: bool,
+    /// Set when the cell leaves the engine's map; a detached cell accepts no writes, so a
+    /// run never has two writers.
+    detached: bool,
+}
+
+pub(crate) struct RunCell {
+    pub(crate) id: RunId,
+    loaded: Mutex<Loaded>,
+    /// Set (durably journaled first) when an operator cancels the run.
+    pub(crate) cancel: watch::Sender<bool>,
+    /// The latest durable status; waiters watch it.
+    pub(crate) status: watch::Sender<RunStatus>,
+}
+
+impl RunCell {
+    pub(crate) fn new(record: RunRecord, state: RunState) -> RunCell {
+        let (cancel, _) = watch::channel(state.cancel_requested);
+        let (status, _) = watch::channel(record.status);
+        RunCell {
+            id: record.id.clone(),
+            loaded: Mutex::new(Loaded {
+                record,
+                state,
+                poisoned: false,
+                detached: false,
+            }),
+            cancel,
+            status,
+        }
+    }
+
+    /// Reads the run state.
+    pub(crate) fn with_state<R>(&self, f: impl FnOnce(&RunState) -> R) -> R {
+        f(&self.loaded.lock().expect("cell lock").state)
+    }
+
+    /// Detaches the cell if `settled` holds for it (always, when `settled` ignores its
+    /// arguments); returns whether it did.
+    pub(crate) fn detach_if(&self, settled: impl FnOnce(&RunRecord, bool) -> bool) -> bool {
+        let mut loaded = self.loaded.lock().expect("cell lock");
+        if settled(&loaded.record, loaded.poisoned) {
+            loaded.detached = true;
+        }
+        loaded.detached
+    }
+
+    /// A copy of the run record.
+    pub(crate) fn record(&self) -> RunRecord {
+        self.loaded.lock().expect("cell lock").record.clone()
+    }
+
+    /// Appends `event` (not yet durable: callers request a sync before acting on it).
+    pub(crate) fn append(&self, store: &dyn JournalStore, event: Event) -> Result<()> {
+        self.write(store, event, |_, _| Ok(()), None::<fn(&mut RunRecord)>)
+    }
+
+    /// Appends `event` if `guard` accepts the run as it is under the cell lock.
+    pub(crate) fn append_if(
+        &self,
+        store: &dyn JournalStore,
+        event: Event,
+        guard: impl FnOnce(&RunRecord, &RunState) -> Result<()>,
+    ) -> Result<()> {
+        self.write(store, event, guard, None::<fn(&mut RunRecord)>)
+    }
+
+    /// Appends `event` and changes the run record in one atomic write.
+    pub(crate) fn transition(
+        &self,
+        store: &dyn JournalStore,
+        event: Event,
+        status: RunStatus,
+        change: impl FnOnce(&mut RunRecord),
+    ) -> Result<()> {
+        self.transition_if(store, event, |_, _| Ok(()), status, change)
+    }
+
+    /// Like [`RunCell::transition`], if `guard` accepts the run as it is under the cell lock.
+    pub(crate) fn transition_if(
+        &self,
+        store: &dyn JournalStore,
+        event: Event,
+        guard: impl FnOnce(&RunRecord, &RunState) -> Result<()>,
+        status: RunStatus,
+        change: impl FnOnce(&mut RunRecord),
+    ) -> Result<()> {
+        self.write(
+            store,
+            event,
+            guard,
+            Some(|record: &mut RunRecord| {
+                record.status = status;
+                record.updated_at_ms = now_ms();
+                if status.is_terminal() {
+                    record.finished_at_ms = Some(record.updated_at_ms);
+                }
+                change(record);
+            }),
+        )
+    }
+
+    fn write(
+        &self,
+        store: &dyn JournalStore,
+        event: Event,
+        guard: impl FnOnce(&RunRecord, &RunState) -> Result<()>,
+        change: Option<impl FnOnce(&mut RunRecord)>,
+    ) -> Result<()> {
+        let mut loaded = self.loaded.lock().expect("cell lock");
+        if loaded.detached {
+            return Err(EngineError::Detached {
+                id: self.id.clone(),
+            });
+        }
+        guard(&loaded.record, &loaded.state)?;
+        if loaded.state.len >= JOURNAL_ENTRIES_PER_RUN_MAX {
+            return Err(EngineError::LimitReached {
+                what: format!("journal entries of run {}", self.id),
+                limit: u64::from(JOURNAL_ENTRIES_PER_RUN_MAX),
+            });
+        }
+        if loaded.poisoned {
+            return Err(EngineError::InvalidState {
+                id: self.id.clone(),
+                status: "unloaded after a storage error".into(),
+                operation: "append to its journal",
+            });
+        }
+        let index = JournalIndex(loaded.state.len);
+        let entry = Entry {
+            at_ms: now_ms(),
+            event,
+        };
+        // Checked when written as when read: an entry the state machine rejects is a bug in
+        // the executor, and must never reach the disk.
+        if let Err(e) = loaded.state.apply(&entry) {
+            panic!(
+                "bug: run {} would journal an entry its own state machine rejects: {e}",
+                self.id
+            );
+        }
+        let record = change.map(|change| {
+            let mut record = loaded.record.clone();
+            change(&mut record);
+            record
+        });
+        if let Err(e) = store.append(&self.id, index, &entry, record.as_ref()) {
+            // Memory is now ahead of the store: the cell must not be used again. Its driver
+            // stops; the run is reloaded from the store by the next open.
+            loaded.poisoned = true;
+            return Err(e);
+        }
+        if let Some(record) = record {
+            loaded.record = record;
+        }
+        Ok(())
+    }
+}

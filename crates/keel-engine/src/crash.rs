@@ -1,0 +1,68 @@
+//! Named crash points, for crash tests in the manner of sled's: a test runs a child process
+//! with `KEEL_CRASH_AT=<point>` (and optionally `KEEL_CRASH_SKIP=<n>` to pass the point `n`
+//! times first), and the child kills itself with SIGKILL when it reaches the point. Without
+//! the `crash-points` feature every point compiles to nothing.
+
+/// Every crash point, in the order a run meets them. Crash tests iterate over this list.
+pub const POINTS: &[&str] = &[
+    "start.after_create",
+    "start.after_sync",
+    "step.before_started",
+    "step.after_started",
+    "step.after_effect",
+    "step.after_outcome",
+    "step.after_failure",
+    "timer.after_set",
+    "timer.after_fired",
+    "commit.before_sync",
+    "run.before_terminal",
+    "run.after_terminal",
+    "saga.after_compensation_started",
+    "saga.after_undo_started",
+    "saga.after_undo",
+    "saga.after_undo_recorded",
+];
+
+/// Kills the process if `name` is the armed crash point.
+#[cfg(feature = "crash-points")]
+pub fn point(name: &'static str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    debug_assert!(
+        POINTS.contains(&name),
+        "crash point {name} is not listed in POINTS"
+    );
+    let armed = ARMED.get_or_init(|| {
+        let at = std::env::var("KEEL_CRASH_AT").ok()?;
+        let skip = std::env::var("KEEL_CRASH_SKIP")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Some((at, skip))
+    });
+    if let Some((at, skip)) = armed {
+        if at == name && HITS.fetch_add(1, Ordering::SeqCst) == *skip {
+            tracing::warn!(point = name, "crash point reached: SIGKILL");
+            kill_self();
+        }
+    }
+}
+
+#[cfg(feature = "crash-points")]
+#[allow(unsafe_code)]
+fn kill_self() -> ! {
+    // SAFETY: raise(2) has no memory-safety preconditions; SIGKILL cannot be caught, so the
+    // process ends here exactly as if another process had killed it.
+    unsafe {
+        libc::raise(libc::SIGKILL);
+    }
+    unreachable!("SIGKILL returned")
+}
+
+/// Does nothing: crash points are compiled out without the `crash-points` feature.
+#[cfg(not(feature = "crash-points"))]
+#[inline(always)]
+pub fn point(_name: &'static str) {}

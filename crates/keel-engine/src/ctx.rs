@@ -1,0 +1,361 @@
+//! The workflow context: what a workflow body calls to take steps and sleep. Every call gets
+//! the next operation number; replay answers it from the journal when the journal has it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::cell::{now_ms, RunCell};
+use crate::engine::Inner;
+use crate::error::{EngineError, Result};
+use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
+use crate::journal::{ErrorClass, Event};
+use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTES_MAX};
+use crate::replay::{step_action, Op, StepAction};
+use crate::step::{Step, StepContext, StepError};
+use crate::workflow::WorkflowError;
+
+/// Why the engine stopped a workflow body. Once set, every later `ctx` call returns
+/// [`WorkflowError::Interrupted`] and the executor acts on this cause, whatever the body
+/// returns.
+#[derive(Debug)]
+pub(crate) enum Interrupt {
+    Cancelled,
+    ShutDown,
+    NonDeterminism { index: StepIndex, detail: String },
+    Engine(EngineError),
+}
+
+/// The context a workflow body runs in.
+pub struct Ctx {
+    cell: Arc<RunCell>,
+    inner: Arc<Inner>,
+    next: u32,
+    pub(crate) interrupt: Option<Interrupt>,
+    cancel: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    rng: SmallRng,
+}
+
+impl Ctx {
+    pub(crate) fn new(cell: Arc<RunCell>, inner: Arc<Inner>) -> Ctx {
+        let cancel = cell.cancel.subscribe();
+        let shutdown = inner.shutdown.subscribe();
+        Ctx {
+            cell,
+            inner,
+            next: 0,
+            interrupt: None,
+            cancel,
+            shutdown,
+            rng: SmallRng::from_entropy(),
+        }
+    }
+
+    /// The id of the run.
+    pub fn run_id(&self) -> &RunId {
+        &self.cell.id
+    }
+
+    /// How many operations the body has asked for so far.
+    pub(crate) fn operations(&self) -> u32 {
+        self.next
+    }
+
+    fn interrupt(&mut self, cause: Interrupt) -> WorkflowError {
+        tracing::debug!(run_id = %self.cell.id, ?cause, "run interrupted");
+        if self.interrupt.is_none() {
+            self.interrupt = Some(cause);
+        }
+        WorkflowError::Interrupted
+    }
+
+    /// Checks for an earlier interrupt, a cancellation and a shutdown.
+    fn check(&mut self) -> Result<(), WorkflowError> {
+        if self.interrupt.is_some() {
+            return Err(WorkflowError::Interrupted);
+        }
+        if *self.shutdown.borrow() {
+            return Err(self.interrupt(Interrupt::ShutDown));
+        }
+        if *self.cancel.borrow() {
+            return Err(self.interrupt(Interrupt::Cancelled));
+        }
+        Ok(())
+    }
+
+    fn next_index(&mut self) -> Result<StepIndex, WorkflowError> {
+        if self.next >= STEPS_PER_RUN_MAX {
+            let limit = EngineError::LimitReached {
+                what: format!("operations of run {}", self.cell.id),
+                limit: u64::from(STEPS_PER_RUN_MAX),
+            };
+            return Err(self.interrupt(Interrupt::Engine(limit)));
+        }
+        let index = StepIndex(self.next);
+        self.next += 1;
+        Ok(index)
+    }
+
+    fn journal(&mut self, event: Event) -> Result<(), WorkflowError> {
+        self.cell
+            .append(&*self.inner.store, event)
+            .map_err(|e| self.interrupt(Interrupt::Engine(e)))
+    }
+
+    async fn durable(&mut self) -> Result<(), WorkflowError> {
+        let ticket = self.inner.store.sync();
+        ticket
+            .wait()
+            .await
+            .map_err(|e| self.interrupt(Interrupt::Engine(e)))
+    }
+
+    /// Sleeps until the absolute time `at_ms`, waking early for cancellation and shutdown.
+    async fn sleep_until(&mut self, at_ms: u64) -> Result<(), WorkflowError> {
+        loop {
+            self.check()?;
+            let now = now_ms();
+            if now >= at_ms {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(at_ms - now)) => {}
+                _ = self.cancel.changed() => {}
+                _ = self.shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Runs `step` (or replays its recorded outcome), retrying per its policy.
+    ///
+    /// Returns the step's output, or [`WorkflowError::Step`] when it failed for good, which
+    /// the body may handle (say, by trying a fallback) or propagate (the run compensates).
+    pub async fn step<S: Step>(&mut self, step: S) -> Result<S::Output, WorkflowError> {
+        self.check()?;
+        let index = self.next_index()?;
+        let argument = match serde_json::to_value(&step) {
+            Ok(v) => v,
+            Err(source) => {
+                let e = EngineError::Serialise {
+                    what: format!("argument of step {index} ({})", S::KIND),
+                    source,
+                };
+                return Err(self.interrupt(Interrupt::Engine(e)));
+            }
+        };
+        let argument_bytes = argument.to_string().len();
+        if argument_bytes > STEP_ARGUMENT_BYTES_MAX {
+            let e = EngineError::TooLarge {
+                what: format!("argument of step {index} ({})", S::KIND),
+                bytes: argument_bytes,
+                limit: STEP_ARGUMENT_BYTES_MAX,
+            };
+            return Err(self.interrupt(Interrupt::Engine(e)));
+        }
+        if let Err(e) = self.inner.registry.add_step::<S>() {
+            return Err(self.interrupt(Interrupt::Engine(e)));
+        }
+        let action = self
+            .cell
+            .with_state(|state| match state.ops.get(index.0 as usize) {
+                None => Ok(step_action(None)),
+                Some(Op::Step(op)) if op.kind != S::KIND => Err(format!(
+                    "journal holds step kind {:?}, code asks for {:?}",
+                    op.kind,
+                    S::KIND
+                )),
+                Some(Op::Step(op)) if op.argument != argument => Err(format!(
+                    "journal holds {} with argument {}, code asks for argument {}",
+                    S::KIND,
+                    op.argument,
+                    argument
+                )),
+                Some(Op::Step(op)) => Ok(step_action(Some(op))),
+                Some(Op::Timer { .. }) => Err(format!(
+                    "journal holds a timer, code asks for step {:?}",
+                    S::KIND
+                )),
+            });
+        let action = match action {
+            Ok(action) => action,
+            Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
+        };
+        match action {
+            StepAction::Replay(output) => self.decode_output::<S>(index, output),
+            StepAction::Fail(error) => Err(WorkflowError::Step {
+                step: index,
+                kind: S::KIND.into(),
+                error,
+            }),
+            StepAction::Run {
+                attempt,
+                not_before_ms,
+            } => {
+                self.run_attempts(index, step, argument, attempt, not_before_ms)
+                    .await
+            }
+        }
+    }
+
+    fn decode_output<S: Step>(
+        &mut self,
+        index: StepIndex,
+        output: Value,
+    ) -> Result<S::Output, WorkflowError> {
+        serde_json::from_value(output).map_err(|e| {
+            let detail = format!("recorded output of {} does not decode: {e}", S::KIND);
+            self.interrupt(Interrupt::NonDeterminism { index, detail })
+        })
+    }
+
+    async fn run_attempts<S: Step>(
+        &mut self,
+        index: StepIndex,
+        step: S,
+        argument: Value,
+        mut attempt: Attempt,
+        mut not_before_ms: Option<u64>,
+    ) -> Result<S::Output, WorkflowError> {
+        let policy = step.retry_policy();
+        let key = IdempotencyKey::for_step(&self.cell.id, index);
+        loop {
+            if let Some(at_ms) = not_before_ms {
+                self.sleep_until(at_ms).await?;
+            }
+            self.check()?;
+            crate::crash::point("step.before_started");
+            self.journal(Event::StepStarted {
+                step: index,
+                kind: S::KIND.into(),
+                argument: argument.clone(),
+                attempt,
+            })?;
+            // The start record (and the previous step's outcome with it) is durable before
+            // the side effect begins: one sync per step.
+            self.durable().await?;
+            crate::crash::point("step.after_started");
+            let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0);
+            let ctx = StepContext {
+                run_id: self.cell.id.clone(),
+                step: index,
+                key,
+                attempt,
+            };
+            let started = std::time::Instant::now();
+            let result = tracing::Instrument::instrument(step.execute(&ctx), span).await;
+            crate::crash::point("step.after_effect");
+            let result = result.and_then(|output| {
+                let value = serde_json::to_value(&output)
+                    .map_err(|e| StepError::permanent(format!("output of {} does not serialise: {e}", S::KIND)))?;
+                let bytes = value.to_string().len();
+                if bytes > STEP_OUTPUT_BYTES_MAX {
+                    return Err(StepError::permanent(format!(
+                        "output of {} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes",
+                        S::KIND
+                    )));
+                }
+                Ok((output, value))
+            });
+            match result {
+                Ok((output, value)) => {
+                    tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = started.elapsed().as_millis() as u64, "step completed");
+                    // Not synced here: the next step's start record, or the run's terminal
+                    // record, shares this entry's sync.
+                    self.journal(Event::StepCompleted {
+                        step: index,
+                        attempt,
+                        output: value,
+                    })?;
+                    crate::crash::point("step.after_outcome");
+                    return Ok(output);
+                }
+                Err(error) => {
+                    let record = error.to_record();
+                    let retry_at_ms = match error.class() {
+                        ErrorClass::Permanent => None,
+                        ErrorClass::Retryable => {
+                            let first_started = self
+                                .cell
+                                .with_state(|s| s.step(index).map(|op| op.first_started_at_ms))
+                                .unwrap_or_else(now_ms);
+                            let jitter: f64 = self.rng.gen();
+                            policy.next_attempt_at_ms(
+                                attempt,
+                                first_started,
+                                now_ms(),
+                                error.retry_after(),
+                                jitter,
+                            )
+                        }
+                    };
+                    tracing::info!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, ?retry_at_ms, "step attempt failed");
+                    self.journal(Event::StepFailed {
+                        step: index,
+                        attempt,
+                        error: record.clone(),
+                        retry_at_ms,
+                    })?;
+                    // Synced so that a restart neither resets the attempt count nor shortens
+                    // the backoff.
+                    self.durable().await?;
+                    crate::crash::point("step.after_failure");
+                    match retry_at_ms {
+                        Some(at_ms) => {
+                            attempt = attempt.next();
+                            not_before_ms = Some(at_ms);
+                        }
+                        None => {
+                            return Err(WorkflowError::Step {
+                                step: index,
+                                kind: S::KIND.into(),
+                                error: record,
+                            })
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sleeps for `duration` on a durable timer: the wake time is journaled as an absolute
+    /// time, so a restart neither shortens nor extends the sleep.
+    pub async fn sleep(&mut self, duration: Duration) -> Result<(), WorkflowError> {
+        self.check()?;
+        let index = self.next_index()?;
+        let journaled = self
+            .cell
+            .with_state(|state| match state.ops.get(index.0 as usize) {
+                None => Ok(None),
+                Some(Op::Timer { wake_at_ms, fired }) => Ok(Some((*wake_at_ms, *fired))),
+                Some(Op::Step(op)) => Err(format!(
+                    "journal holds step {:?}, code asks for a timer",
+                    op.kind
+                )),
+            });
+        let (wake_at_ms, fired) = match journaled {
+            Ok(Some(timer)) => timer,
+            Ok(None) => {
+                let wake_at_ms = now_ms().saturating_add(duration.as_millis() as u64);
+                self.journal(Event::TimerSet {
+                    step: index,
+                    wake_at_ms,
+                })?;
+                self.durable().await?;
+                crate::crash::point("timer.after_set");
+                (wake_at_ms, false)
+            }
+            Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
+        };
+        if !fired {
+            self.sleep_until(wake_at_ms).await?;
+            self.journal(Event::TimerFired { step: index })?;
+            crate::crash::point("timer.after_fired");
+        }
+        Ok(())
+    }
+}

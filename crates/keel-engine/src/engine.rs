@@ -1,0 +1,636 @@
+//! The engine: opening a store, registering types, starting runs idempotently, resuming
+//! unfinished runs, waiting for results, operator calls, and garbage collection.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::{watch, Semaphore};
+
+use crate::cell::{now_ms, RunCell};
+use crate::error::{EngineError, Result};
+use crate::executor;
+use crate::ids::RunId;
+use crate::journal::{digest, Event, RunHistory, RunRecord, RunStatus};
+use crate::limits::{CONCURRENT_RUNS_MAX, INPUT_BYTES_MAX};
+use crate::registry::Registry;
+use crate::replay::RunState;
+use crate::step::Step;
+use crate::store::sled::SledStore;
+use crate::store::{Durability, JournalStore};
+use crate::workflow::Workflow;
+
+/// How long finished runs are kept by default.
+pub const RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Options and registrations for [`Engine::open`].
+pub struct EngineBuilder {
+    path: PathBuf,
+    durability: Durability,
+    runs_concurrent_max: usize,
+    retention: Duration,
+    gc_interval: Duration,
+    registry: Registry,
+    registry_error: Option<EngineError>,
+}
+
+impl EngineBuilder {
+    /// Registers a workflow type, so its unfinished runs resume at open.
+    pub fn workflow<W: Workflow>(self) -> Self {
+        self.registry.add_workflow::<W>();
+        self
+    }
+
+    /// Registers a step type, so compensation can undo it from the journal even when no run
+    /// has executed it since the engine opened.
+    pub fn step<S: Step>(mut self) -> Self {
+        if let Err(e) = self.registry.add_step::<S>() {
+            self.registry_error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// What a durable write survives (default: power loss).
+    pub fn durability(self, durability: Durability) -> Self {
+        EngineBuilder { durability, ..self }
+    }
+
+    /// How many runs are driven at once (default 10,000); more wait for a slot.
+    pub fn runs_concurrent_max(self, runs: usize) -> Self {
+        EngineBuilder {
+            runs_concurrent_max: runs.clamp(1, CONCURRENT_RUNS_MAX),
+            ..self
+        }
+    }
+
+    /// How long finished runs are kept before garbage collection (default 7 days).
+    pub fn retention(self, retention: Duration) -> Self {
+        EngineBuilder { retention, ..self }
+    }
+
+    /// How often garbage collection runs in the background (default 10 minutes).
+    pub fn gc_interval(self, interval: Duration) -> Self {
+        EngineBuilder {
+            gc_interval: interval.max(Duration::from_secs(1)),
+            ..self
+        }
+    }
+
+    /// Opens the store and resumes every unfinished run of a registered workflow. Must be
+    /// called inside a tokio runtime.
+    pub async fn open(self) -> Result<Engine> {
+        if let Some(e) = self.registry_error {
+            return Err(e);
+        }
+        let path = self.path.clone();
+        let durability = self.durability;
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&path, durability))
+            .await
+            .map_err(|e| EngineError::Storage {
+                path: self.path.clone(),
+                source: sled::Error::ReportableBug(e.to_string()),
+            })??;
+        let (shutdown, _) = watch::channel(false);
+        let (drivers, _) = watch::channel(0usize);
+        let inner = Arc::new(Inner {
+            path: self.path,
+            store: Arc::new(store),
+            registry: self.registry,
+            cells: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(self.runs_concurrent_max)),
+            shutdown,
+            drivers,
+            retention: self.retention,
+        });
+        let engine = Engine { inner };
+        engine.resume_all()?;
+        engine.spawn_gc(self.gc_interval);
+        Ok(engine)
+    }
+}
+
+pub(crate) struct Inner {
+    path: PathBuf,
+    pub(crate) store: Arc<dyn JournalStore>,
+    pub(crate) registry: Registry,
+    cells: Mutex<HashMap<RunId, Arc<RunCell>>>,
+    pub(crate) permits: Arc<Semaphore>,
+    pub(crate) shutdown: watch::Sender<bool>,
+    drivers: watch::Sender<usize>,
+    retention: Duration,
+}
+
+impl Inner {
+    /// Unloads `cell` unless it must still be driven: its status is running or compensating
+    /// (an operator call may have just made it so), the engine is up and no storage error
+    /// poisoned it. Returns whether it was unloaded. Decided under the map lock, so an operator
+    /// call either sees the cell loaded (and its driver goes on) or loads it afresh.
+    pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
+        let mut cells = self.cells.lock().expect("cells lock");
+        let shutting_down = *self.shutdown.borrow();
+        let detached = cell.detach_if(|record, poisoned| {
+            poisoned
+                || shutting_down
+                || !matches!(record.status, RunStatus::Running | RunStatus::Compensating)
+        });
+        if detached && cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            cells.remove(&cell.id);
+        }
+        detached
+    }
+
+    /// Unloads `cell` whatever its status.
+    pub(crate) fn unload(&self, cell: &Arc<RunCell>) {
+        let mut cells = self.cells.lock().expect("cells lock");
+        cell.detach_if(|_, _| true);
+        if cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            cells.remove(&cell.id);
+        }
+    }
+}
+
+/// Whether a cell was loaded by the call that asked, or was loaded already.
+enum Loaded {
+    Fresh(Arc<RunCell>),
+    Existing(Arc<RunCell>),
+}
+
+fn admits(record: &RunRecord, operation: &'static str, statuses: &[RunStatus]) -> Result<()> {
+    if statuses.contains(&record.status) {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidState {
+            id: record.id.clone(),
+            status: record.status.to_string(),
+            operation,
+        })
+    }
+}
+
+/// A handle on a durable workflow engine. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// A typed handle on one run.
+pub struct RunHandle<W: Workflow> {
+    engine: Engine,
+    id: RunId,
+    workflow: PhantomData<fn() -> W>,
+}
+
+impl<W: Workflow> RunHandle<W> {
+    /// The run id.
+    pub fn id(&self) -> &RunId {
+        &self.id
+    }
+
+    /// Waits until the run settles; its output if it completed, else an error naming the
+    /// status and the reason.
+    pub async fn result(&self) -> Result<W::Output> {
+        let record = self.engine.wait(self.id.as_str()).await?;
+        match (record.status, record.output) {
+            (RunStatus::Completed, Some(output)) => {
+                serde_json::from_value(output).map_err(|e| EngineError::Corrupt {
+                    key: format!("run {}", self.id),
+                    detail: format!("stored output does not decode as {}'s output: {e}", W::NAME),
+                })
+            }
+            (status, _) => Err(EngineError::RunEnded {
+                id: self.id.clone(),
+                status,
+                error: record.error.unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+struct DriverGuard(watch::Sender<usize>);
+
+impl Drop for DriverGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+impl Engine {
+    /// Starts configuring an engine whose data lives in `path` (created if missing, with
+    /// owner-only permissions).
+    pub fn builder(path: impl AsRef<Path>) -> EngineBuilder {
+        EngineBuilder {
+            path: path.as_ref().to_owned(),
+            durability: Durability::default(),
+            runs_concurrent_max: 10_000,
+            retention: RETENTION_DEFAULT,
+            gc_interval: Duration::from_secs(600),
+            registry: Registry::default(),
+            registry_error: None,
+        }
+    }
+
+    /// The data directory.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn resume_all(&self) -> Result<()> {
+        let mut resumed = 0usize;
+        for record in self.inner.store.runs()? {
+            let record = match record {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(%error, "run record unreadable: left as it is");
+                    continue;
+                }
+            };
+            let drivable = matches!(record.status, RunStatus::Running | RunStatus::Compensating);
+            if !drivable {
+                continue;
+            }
+            if record.status == RunStatus::Running
+                && self.inner.registry.workflow(&record.workflow).is_none()
+            {
+                tracing::warn!(run_id = %record.id, workflow = %record.workflow, "unfinished run of an unregistered workflow: left as it is");
+                continue;
+            }
+            match self.load(record) {
+                Ok(_) => resumed += 1,
+                Err(error) => tracing::error!(%error, "run not resumed"),
+            }
+        }
+        tracing::info!(resumed, "engine open");
+        Ok(())
+    }
+
+    /// Loads `record` into a cell and spawns its driver, unless it is loaded already.
+    fn load(&self, record: RunRecord) -> Result<Arc<RunCell>> {
+        match self.load_cell(record)? {
+            Loaded::Fresh(cell) => {
+                self.spawn_driver(Arc::clone(&cell));
+                Ok(cell)
+            }
+            Loaded::Existing(cell) => Ok(cell),
+        }
+    }
+
+    /// Loads `record` and its journal into a cell in the map, unless one is there already.
+    fn load_cell(&self, record: RunRecord) -> Result<Loaded> {
+        let mut cells = self.inner.cells.lock().expect("cells lock");
+        if let Some(cell) = cells.get(&record.id) {
+            return Ok(Loaded::Existing(Arc::clone(cell)));
+        }
+        let entries = self.inner.store.journal(&record.id)?;
+        let state = RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
+            key: format!("journal of run {}", record.id),
+            detail,
+        })?;
+        let cell = Arc::new(RunCell::new(record, state));
+        cells.insert(cell.id.clone(), Arc::clone(&cell));
+        Ok(Loaded::Fresh(cell))
+    }
+
+    fn spawn_driver(&self, cell: Arc<RunCell>) {
+        self.inner.drivers.send_modify(|n| *n += 1);
+        let guard = DriverGuard(self.inner.drivers.clone());
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            let _guard = guard;
+            executor::drive(inner, cell).await;
+        });
+    }
+
+    /// Starts a run of `W` with id `id`, or returns the existing run if one with the same id,
+    /// workflow and input exists (running or finished). The run is durable when this returns.
+    pub async fn start<W: Workflow>(&self, id: &str, input: W::Input) -> Result<RunHandle<W>> {
+        self.inner.registry.add_workflow::<W>();
+        let input = serde_json::to_value(input).map_err(|source| EngineError::Serialise {
+            what: format!("input of {}", W::NAME),
+            source,
+        })?;
+        let record = self.start_value(W::NAME, id, input).await?;
+        Ok(RunHandle {
+            engine: self.clone(),
+            id: record.id,
+            workflow: PhantomData,
+        })
+    }
+
+    /// Starts a run of the registered workflow `workflow` with a JSON input (for the CLI and
+    /// the HTTP API). The input is checked against the workflow's input type first.
+    pub async fn start_json(&self, workflow: &str, id: &str, input: Value) -> Result<RunRecord> {
+        let entry =
+            self.inner
+                .registry
+                .workflow(workflow)
+                .ok_or_else(|| EngineError::UnknownWorkflow {
+                    name: workflow.into(),
+                    registered: self.inner.registry.workflow_names(),
+                })?;
+        (entry.check_input)(&input).map_err(|source| EngineError::MalformedInput {
+            workflow: workflow.into(),
+            source,
+        })?;
+        self.start_value(workflow, id, input).await
+    }
+
+    async fn start_value(&self, workflow: &str, id: &str, input: Value) -> Result<RunRecord> {
+        if *self.inner.shutdown.borrow() {
+            return Err(EngineError::ShutDown);
+        }
+        let id = RunId::new(id)?;
+        let bytes = input.to_string().len();
+        if bytes > INPUT_BYTES_MAX {
+            return Err(EngineError::TooLarge {
+                what: format!("input of run {id}"),
+                bytes,
+                limit: INPUT_BYTES_MAX,
+            });
+        }
+        let entry =
+            self.inner
+                .registry
+                .workflow(workflow)
+                .ok_or_else(|| EngineError::UnknownWorkflow {
+                    name: workflow.into(),
+                    registered: self.inner.registry.workflow_names(),
+                })?;
+        let now = now_ms();
+        let record = RunRecord {
+            id: id.clone(),
+            workflow: workflow.into(),
+            version: entry.version,
+            input,
+            status: RunStatus::Running,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+            output: None,
+            error: None,
+        };
+        match self.inner.store.create_run(&record)? {
+            None => {
+                crate::crash::point("start.after_create");
+                self.inner.store.sync().wait().await?;
+                crate::crash::point("start.after_sync");
+                tracing::info!(run_id = %id, workflow, "run started");
+                self.load(record.clone())?;
+                Ok(record)
+            }
+            Some(existing) => {
+                if existing.workflow != record.workflow || existing.input != record.input {
+                    return Err(EngineError::IdempotencyMismatch {
+                        id,
+                        existing: format!(
+                            "workflow {:?} and input {}",
+                            existing.workflow,
+                            digest(&existing.input)
+                        ),
+                        requested: format!(
+                            "workflow {:?} and input {}",
+                            record.workflow,
+                            digest(&record.input)
+                        ),
+                    });
+                }
+                // The run may have been created by a concurrent call whose sync is still in
+                // flight: nobody learns of a run before it is durable.
+                self.inner.store.sync().wait().await?;
+                Ok(existing)
+            }
+        }
+    }
+
+    /// The run record of `id`.
+    pub fn status(&self, id: &str) -> Result<RunRecord> {
+        let id = RunId::new(id)?;
+        self.inner
+            .store
+            .run(&id)?
+            .ok_or(EngineError::RunNotFound { id })
+    }
+
+    /// The run record and every journal entry of `id`.
+    pub fn history(&self, id: &str) -> Result<RunHistory> {
+        let run = self.status(id)?;
+        let entries = self.inner.store.journal(&run.id)?;
+        Ok(RunHistory { run, entries })
+    }
+
+    /// Every readable run record (unreadable ones are logged and left out).
+    pub fn list(&self) -> Result<Vec<RunRecord>> {
+        let mut runs = Vec::new();
+        for record in self.inner.store.runs()? {
+            match record {
+                Ok(record) => runs.push(record),
+                Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Waits until run `id` settles (any status but running or compensating) and returns its
+    /// record. A run that is not being driven (its workflow is not registered here) is
+    /// returned as it is.
+    pub async fn wait(&self, id: &str) -> Result<RunRecord> {
+        let run_id = RunId::new(id)?;
+        let cell = self
+            .inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .get(&run_id)
+            .cloned();
+        if let Some(cell) = cell {
+            let mut status = cell.status.subscribe();
+            // Ends when the status settles, or when the driver stops (shutdown) and the cell is
+            // dropped.
+            let _ = status
+                .wait_for(|s| !matches!(s, RunStatus::Running | RunStatus::Compensating))
+                .await;
+        }
+        self.status(id)
+    }
+
+    /// Cancels run `id`: the cancellation is durable when this returns, and from then on the
+    /// run cannot complete. It stops at its next operation (an in-flight step finishes and is
+    /// recorded; a sleep ends at once) and compensates. Cancelling a finished run is an error;
+    /// cancelling a run that is already compensating changes nothing.
+    pub async fn cancel(&self, id: &str) -> Result<RunRecord> {
+        let outcome = self
+            .operate(id, "cancel", |cell| {
+                let already = cell.with_state(|s| s.cancel_requested)
+                    || cell.record().status == RunStatus::Compensating;
+                if already {
+                    return Ok(false);
+                }
+                cell.append_if(&*self.inner.store, Event::CancelRequested, |record, _| {
+                    admits(
+                        record,
+                        "cancel",
+                        &[RunStatus::Running, RunStatus::Suspended],
+                    )
+                })?;
+                Ok(true)
+            })
+            .await?;
+        if let Some(cell) = outcome {
+            cell.cancel.send_replace(true);
+            tracing::info!(run_id = %cell.id, "cancel requested");
+        }
+        self.status(id)
+    }
+
+    /// Retries the compensation of a run in `CompensationFailed`.
+    pub async fn retry_compensation(&self, id: &str) -> Result<RunRecord> {
+        self.transition_settled(
+            id,
+            "retry compensation",
+            Event::CompensationRetried,
+            RunStatus::Compensating,
+        )
+        .await
+    }
+
+    /// Marks a run in `CompensationFailed` as settled by an operator (terminal `Resolved`).
+    pub async fn resolve(&self, id: &str, note: &str) -> Result<RunRecord> {
+        let event = Event::RunResolved { note: note.into() };
+        self.transition_settled(id, "resolve", event, RunStatus::Resolved)
+            .await
+    }
+
+    /// Takes up a `Suspended` run again (after the workflow code was fixed).
+    pub async fn resume(&self, id: &str) -> Result<RunRecord> {
+        self.transition_settled(id, "resume", Event::RunResumed, RunStatus::Running)
+            .await
+    }
+
+    async fn transition_settled(
+        &self,
+        id: &str,
+        operation: &'static str,
+        event: Event,
+        to: RunStatus,
+    ) -> Result<RunRecord> {
+        let from = match to {
+            RunStatus::Running => RunStatus::Suspended,
+            _ => RunStatus::CompensationFailed,
+        };
+        let outcome = self
+            .operate(id, operation, |cell| {
+                let guard = |record: &RunRecord, _: &RunState| admits(record, operation, &[from]);
+                cell.transition_if(&*self.inner.store, event.clone(), guard, to, |r| {
+                    if to == RunStatus::Running {
+                        r.error = None;
+                    }
+                })?;
+                Ok(true)
+            })
+            .await?;
+        if let Some(cell) = outcome {
+            cell.status.send_replace(to);
+        }
+        self.status(id)
+    }
+
+    /// Runs an operator `write` against run `id`'s cell, makes it durable, and leaves the run
+    /// driven if it must be. `write` returns whether it wrote; the written cell is returned.
+    /// A cell unloaded during the call is loaded again and the write retried.
+    async fn operate(
+        &self,
+        id: &str,
+        operation: &'static str,
+        write: impl Fn(&Arc<RunCell>) -> Result<bool>,
+    ) -> Result<Option<Arc<RunCell>>> {
+        for _ in 0..8 {
+            let record = self.status(id)?;
+            let loaded = self.load_cell(record)?;
+            let cell = match &loaded {
+                Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
+            };
+            let wrote = write(&cell);
+            if let Loaded::Fresh(cell) = &loaded {
+                // This call loaded the run: drive it if the write made it drivable, else
+                // unload it again.
+                let drivable = matches!(
+                    cell.record().status,
+                    RunStatus::Running | RunStatus::Compensating
+                );
+                if drivable && wrote.is_ok() {
+                    self.spawn_driver(Arc::clone(cell));
+                } else {
+                    self.inner.unload(cell);
+                }
+            }
+            match wrote {
+                Ok(true) => {
+                    self.inner.store.sync().wait().await?;
+                    return Ok(Some(cell));
+                }
+                Ok(false) => return Ok(None),
+                Err(EngineError::Detached { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(EngineError::InvalidState {
+            id: RunId::new(id)?,
+            status: "being loaded and unloaded concurrently".into(),
+            operation,
+        })
+    }
+
+    /// Deletes runs that finished longer ago than the retention; returns how many.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        let horizon = now_ms().saturating_sub(self.inner.retention.as_millis() as u64);
+        let mut collected = 0;
+        for record in self.list()? {
+            let expired = record.status.is_terminal()
+                && record.finished_at_ms.is_some_and(|at| at <= horizon);
+            let loaded = self
+                .inner
+                .cells
+                .lock()
+                .expect("cells lock")
+                .contains_key(&record.id);
+            if expired && !loaded {
+                self.inner.store.delete_run(&record.id)?;
+                collected += 1;
+            }
+        }
+        if collected > 0 {
+            tracing::info!(collected, "finished runs collected");
+        }
+        Ok(collected)
+    }
+
+    fn spawn_gc(&self, interval: Duration) {
+        let engine = Arc::downgrade(&self.inner);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = engine.upgrade() else {
+                    return;
+                };
+                if let Err(error) = (Engine { inner }).collect_garbage() {
+                    tracing::warn!(%error, "garbage collection failed");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Stops the engine: no new step or timer starts, in-flight steps finish and are
+    /// recorded, then every driver ends. Unfinished runs resume at the next open.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+        let mut drivers = self.inner.drivers.subscribe();
+        let _ = drivers.wait_for(|n| *n == 0).await;
+        let _ = self.inner.store.sync().wait().await;
+    }
+}

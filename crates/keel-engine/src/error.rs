@@ -1,0 +1,171 @@
+//! The engine's error type. Messages are lowercase, name the thing and the value, and keep
+//! their source.
+
+use std::path::PathBuf;
+
+use crate::ids::{RunId, StepIndex};
+
+/// A `Result` with [`EngineError`].
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Everything the engine can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The data directory is held by another process.
+    #[error("data directory {path} is locked by another process")]
+    Locked {
+        /// The data directory.
+        path: PathBuf,
+    },
+    /// The store could not be read or written.
+    #[error("storage error at {path}: {source}")]
+    Storage {
+        /// The data directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: sled::Error,
+    },
+    /// Syncing the store's files to disk failed. Writes after this point are not durable, so
+    /// the engine stops accepting work.
+    #[error("sync of {path} failed: {source}")]
+    Sync {
+        /// The file that failed to sync.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A stored record could not be decoded or breaks an invariant.
+    #[error("corrupt record {key}: {detail}")]
+    Corrupt {
+        /// A readable form of the record's key.
+        key: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A run id is malformed.
+    #[error("invalid run id {id:?}: {reason}")]
+    InvalidRunId {
+        /// The rejected id.
+        id: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// No workflow of this name is registered with the engine.
+    #[error("unknown workflow {name:?} (registered: {registered})")]
+    UnknownWorkflow {
+        /// The requested name.
+        name: String,
+        /// The registered names, comma separated.
+        registered: String,
+    },
+    /// A workflow input could not be decoded.
+    #[error("malformed input for workflow {workflow:?}: {source}")]
+    MalformedInput {
+        /// The workflow name.
+        workflow: String,
+        /// The decoding error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A value is larger than its limit.
+    #[error("{what} is {bytes} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size.
+        bytes: usize,
+        /// The limit (see `limits.rs`).
+        limit: usize,
+    },
+    /// A limit on counts was reached.
+    #[error("limit reached: {what} (limit {limit})")]
+    LimitReached {
+        /// What reached its limit.
+        what: String,
+        /// The limit.
+        limit: u64,
+    },
+    /// The id is taken by a run of another workflow or with another input.
+    #[error("run {id} already exists with {existing}, not {requested}")]
+    IdempotencyMismatch {
+        /// The run id.
+        id: RunId,
+        /// What the existing run has (workflow and input digest).
+        existing: String,
+        /// What this call asked for.
+        requested: String,
+    },
+    /// No run has this id.
+    #[error("no run with id {id}")]
+    RunNotFound {
+        /// The run id.
+        id: RunId,
+    },
+    /// The run is of another workflow type than the caller expects.
+    #[error("run {id} is a {actual:?} run, not {expected:?}")]
+    WrongWorkflow {
+        /// The run id.
+        id: RunId,
+        /// The workflow the caller expected.
+        expected: String,
+        /// The workflow of the run.
+        actual: String,
+    },
+    /// The operation does not apply to a run in this state.
+    #[error("run {id} is {status}: cannot {operation}")]
+    InvalidState {
+        /// The run id.
+        id: RunId,
+        /// Its status.
+        status: String,
+        /// What was asked.
+        operation: &'static str,
+    },
+    /// A value could not be serialised.
+    #[error("cannot serialise {what}: {source}")]
+    Serialise {
+        /// What was being serialised.
+        what: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The engine is shutting down or has shut down.
+    #[error("engine is shut down")]
+    ShutDown,
+    /// A step definition was registered twice with different types.
+    #[error("step kind {kind:?} registered twice")]
+    DuplicateStepKind {
+        /// The kind.
+        kind: String,
+    },
+    /// The run settled without an output.
+    #[error("run {id} ended {status}: {error}")]
+    RunEnded {
+        /// The run id.
+        id: RunId,
+        /// Its status.
+        status: crate::journal::RunStatus,
+        /// The recorded reason.
+        error: String,
+    },
+    /// Internal: a write went to a run cell that was unloaded meanwhile; the caller retries
+    /// with a fresh load.
+    #[error("run {id} was unloaded during the call; try again")]
+    Detached {
+        /// The run id.
+        id: RunId,
+    },
+    /// Internal: the run stopped because of a replay mismatch (see the run's status).
+    #[error("non-determinism in run {id} at step {index}: {detail}")]
+    NonDeterminism {
+        /// The run id.
+        id: RunId,
+        /// The operation whose replay did not match.
+        index: StepIndex,
+        /// What the journal holds and what the code asked for.
+        detail: String,
+    },
+}

@@ -1,0 +1,211 @@
+//! The executor: drives one run from its journal to a settled status. It runs the workflow
+//! body (forward path) or the saga (compensation), and performs the run-level transitions.
+//!
+//! Run transitions made here (each one atomic write of an entry plus the record):
+//!
+//! | status    | event                                   | next status   |
+//! |-----------|-----------------------------------------|---------------|
+//! | Running   | body returned output, journal consumed  | Completed     |
+//! | Running   | body failed, nothing took effect        | Failed        |
+//! | Running   | body failed, or cancelled               | Compensating  |
+//! | Running   | replay mismatch                         | Suspended     |
+//! | Suspended | cancelled                               | Compensating  |
+//! | Running   | shutdown, storage error                 | (unchanged; resumes at next open) |
+//!
+//! Compensating runs are handed to `saga.rs`.
+
+use std::sync::Arc;
+
+use crate::cell::RunCell;
+use crate::ctx::{Ctx, Interrupt};
+use crate::engine::Inner;
+use crate::error::{EngineError, Result};
+use crate::journal::{Event, RunRecord, RunStatus};
+use crate::limits::OUTPUT_BYTES_MAX;
+use crate::registry::BodyError;
+use crate::replay::RunState;
+use crate::saga;
+
+/// What the drive loop does after one phase.
+pub(crate) enum Next {
+    /// Look at the status again (a phase moved the run on).
+    Continue,
+    /// Stop driving: the run is settled, or must wait for the next open.
+    Stop,
+}
+
+/// Drives `cell` until it settles or the engine shuts down, then unloads it.
+pub(crate) async fn drive(inner: Arc<Inner>, cell: Arc<RunCell>) {
+    let _permit = tokio::select! {
+        permit = Arc::clone(&inner.permits).acquire_owned() => permit.ok(),
+        _ = wait_shutdown(&inner) => None,
+    };
+    if _permit.is_some() {
+        loop {
+            let result = match cell.record().status {
+                RunStatus::Running | RunStatus::Suspended
+                    if cell.with_state(|s| s.cancel_requested) =>
+                {
+                    saga::begin(&inner, &cell, "cancelled by operator".into()).await
+                }
+                RunStatus::Running => run_forward(&inner, &cell).await,
+                RunStatus::Compensating => saga::compensate(&inner, &cell).await,
+                RunStatus::Suspended
+                | RunStatus::CompensationFailed
+                | RunStatus::Completed
+                | RunStatus::Failed
+                | RunStatus::Compensated
+                | RunStatus::Resolved => Ok(Next::Stop),
+            };
+            match result {
+                Ok(Next::Continue) => continue,
+                // An operator call may have made the run drivable again since the phase
+                // ended; then this driver goes on.
+                Ok(Next::Stop) if inner.unload_if_settled(&cell) => return,
+                Ok(Next::Stop) => continue,
+                Err(error) => {
+                    tracing::error!(run_id = %cell.id, %error, "run stopped on an engine error; it resumes at the next open");
+                    break;
+                }
+            }
+        }
+    }
+    inner.unload(&cell);
+}
+
+async fn wait_shutdown(inner: &Inner) {
+    let mut shutdown = inner.shutdown.subscribe();
+    let _ = shutdown.wait_for(|down| *down).await;
+}
+
+async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
+    let record = cell.record();
+    let Some(workflow) = inner.registry.workflow(&record.workflow) else {
+        tracing::warn!(run_id = %cell.id, workflow = %record.workflow, "workflow not registered: run left as it is");
+        return Ok(Next::Stop);
+    };
+    if workflow.version != record.version {
+        tracing::info!(run_id = %cell.id, from = record.version, to = workflow.version, "resuming run under another workflow version");
+    }
+    let ctx = Ctx::new(Arc::clone(cell), Arc::clone(inner));
+    let (mut ctx, result) = (workflow.run)(ctx, record.input.clone()).await;
+    if let Some(interrupt) = ctx.interrupt.take() {
+        return match interrupt {
+            Interrupt::ShutDown => Ok(Next::Stop),
+            Interrupt::Engine(error) => Err(error),
+            Interrupt::Cancelled => saga::begin(inner, cell, "cancelled by operator".into()).await,
+            Interrupt::NonDeterminism { index, detail } => {
+                suspend(
+                    inner,
+                    cell,
+                    format!("non-determinism at step {index}: {detail}"),
+                )
+                .await
+            }
+        };
+    }
+    let journaled_ops = cell.with_state(|s| s.ops.len() as u32);
+    match result {
+        Ok(output) if ctx.operations() < journaled_ops => {
+            let _ = output;
+            let detail = format!(
+                "workflow returned after {} operations but the journal holds {journaled_ops}",
+                ctx.operations()
+            );
+            suspend(inner, cell, format!("non-determinism: {detail}")).await
+        }
+        Ok(output) => {
+            let bytes = output.to_string().len();
+            if bytes > OUTPUT_BYTES_MAX {
+                let reason = format!(
+                    "workflow output is {bytes} bytes, over the limit of {OUTPUT_BYTES_MAX} bytes"
+                );
+                return fail(inner, cell, reason).await;
+            }
+            crate::crash::point("run.before_terminal");
+            let not_cancelled = |_: &RunRecord, state: &RunState| {
+                if state.cancel_requested {
+                    Err(EngineError::InvalidState {
+                        id: cell.id.clone(),
+                        status: "cancelled".into(),
+                        operation: "complete",
+                    })
+                } else {
+                    Ok(())
+                }
+            };
+            let event = Event::RunCompleted {
+                output: output.clone(),
+            };
+            match cell.transition_if(
+                &*inner.store,
+                event,
+                not_cancelled,
+                RunStatus::Completed,
+                |r| r.output = Some(output),
+            ) {
+                Ok(()) => settle(inner, cell, RunStatus::Completed).await,
+                // A cancel became durable while the body finished: the run must not complete.
+                Err(EngineError::InvalidState { .. }) => {
+                    saga::begin(inner, cell, "cancelled by operator".into()).await
+                }
+                Err(error) => Err(error),
+            }
+        }
+        Err(BodyError::Workflow(error)) => fail(inner, cell, error.to_string()).await,
+        Err(BodyError::Output(error)) => {
+            fail(
+                inner,
+                cell,
+                format!("workflow output does not serialise: {error}"),
+            )
+            .await
+        }
+        Err(BodyError::Input(error)) => {
+            suspend(
+                inner,
+                cell,
+                format!("stored input does not decode as the workflow's input type: {error}"),
+            )
+            .await
+        }
+    }
+}
+
+/// The body failed: compensate what took effect, or fail outright if nothing did.
+async fn fail(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+    if cell.with_state(|s| s.has_effects()) {
+        return saga::begin(inner, cell, reason).await;
+    }
+    crate::crash::point("run.before_terminal");
+    let error = reason.clone();
+    cell.transition(
+        &*inner.store,
+        Event::RunFailed { error: reason },
+        RunStatus::Failed,
+        |r| r.error = Some(error),
+    )?;
+    settle(inner, cell, RunStatus::Failed).await
+}
+
+async fn suspend(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+    tracing::error!(run_id = %cell.id, %reason, "run suspended");
+    let error = reason.clone();
+    cell.transition(
+        &*inner.store,
+        Event::RunSuspended { reason },
+        RunStatus::Suspended,
+        |r| r.error = Some(error),
+    )?;
+    settle(inner, cell, RunStatus::Suspended).await
+}
+
+/// Makes a transition durable, then tells waiters: nobody hears of a status before it is
+/// durable.
+pub(crate) async fn settle(inner: &Inner, cell: &RunCell, status: RunStatus) -> Result<Next> {
+    inner.store.sync().wait().await?;
+    crate::crash::point("run.after_terminal");
+    tracing::info!(run_id = %cell.id, %status, "run settled");
+    cell.status.send_replace(status);
+    Ok(Next::Stop)
+}

@@ -1,0 +1,329 @@
+//! The journal's data model: run records and journal entries, exactly as they are stored.
+//!
+//! A run has one [`RunRecord`] (what it is and where it stands) and an ordered list of
+//! [`Entry`]s (what happened). The journal is also the saga log: compensation reads nothing
+//! else. Entries are JSON, so journals can be read by people and kept as test fixtures
+//! (`tests/fixtures/*.jsonl`, one entry per line).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{Attempt, RunId, StepIndex};
+
+/// Where a run stands.
+///
+/// | status               | terminal | next                                              |
+/// |----------------------|----------|---------------------------------------------------|
+/// | `Running`            | no       | Completed, Failed, Compensating, Suspended        |
+/// | `Suspended`          | no       | Running (next open, code fixed), Compensating     |
+/// | `Compensating`       | no       | Compensated, CompensationFailed                   |
+/// | `CompensationFailed` | no       | Compensating (operator retry), Resolved (operator) |
+/// | `Completed`          | yes      |                                                   |
+/// | `Failed`             | yes      | (failed with nothing to undo)                     |
+/// | `Compensated`        | yes      |                                                   |
+/// | `Resolved`           | yes      | (an operator settled a failed compensation)       |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// The workflow code is being run (or waits to be).
+    Running,
+    /// Replay found the code and the journal disagree; an operator must act.
+    Suspended,
+    /// Completed and in-doubt steps are being undone, newest first.
+    Compensating,
+    /// A compensation failed permanently; an operator must retry it or resolve the run.
+    CompensationFailed,
+    /// The workflow returned its output.
+    Completed,
+    /// The workflow failed before any step took effect: nothing to undo.
+    Failed,
+    /// The workflow failed or was cancelled, and every step was undone.
+    Compensated,
+    /// An operator marked a failed compensation as settled.
+    Resolved,
+}
+
+impl RunStatus {
+    /// Whether the run can never change again (except by garbage collection).
+    pub fn is_terminal(self) -> bool {
+        match self {
+            RunStatus::Completed
+            | RunStatus::Failed
+            | RunStatus::Compensated
+            | RunStatus::Resolved => true,
+            RunStatus::Running
+            | RunStatus::Suspended
+            | RunStatus::Compensating
+            | RunStatus::CompensationFailed => false,
+        }
+    }
+
+    /// The status as a lowercase word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Suspended => "suspended",
+            RunStatus::Compensating => "compensating",
+            RunStatus::CompensationFailed => "compensation_failed",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Compensated => "compensated",
+            RunStatus::Resolved => "resolved",
+        }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The stored description of one run. Rewritten only on status changes, always in the same
+/// atomic write as the journal entry that records the change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run id (the caller's idempotency key).
+    pub id: RunId,
+    /// The workflow name.
+    pub workflow: String,
+    /// The workflow version that started the run.
+    pub version: u32,
+    /// The input, as given to `start`.
+    pub input: Value,
+    /// Where the run stands.
+    pub status: RunStatus,
+    /// When the run was started (ms since the Unix epoch).
+    pub created_at_ms: u64,
+    /// When the status last changed.
+    pub updated_at_ms: u64,
+    /// When the run reached a terminal status.
+    pub finished_at_ms: Option<u64>,
+    /// The workflow's output, once `Completed`.
+    pub output: Option<Value>,
+    /// Why the run failed, was compensated, suspended or cancelled.
+    pub error: Option<String>,
+}
+
+/// How a step error is classified; the class drives retries and the saga.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Trying again may succeed.
+    Retryable,
+    /// Trying again will fail the same way; the step had no effect.
+    Permanent,
+}
+
+/// A step error as journaled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    /// Retryable or permanent.
+    pub class: ErrorClass,
+    /// The error message, cut to `ERROR_MESSAGE_BYTES_MAX`.
+    pub message: String,
+}
+
+/// One journal entry: when it was written and what happened.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Wall-clock time of the write (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// Everything a journal records. Entries about step `n` carry `step: n`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event {
+    /// An attempt of a step begins. Durable before the step's side effect starts.
+    StepStarted {
+        /// The operation number.
+        step: StepIndex,
+        /// The step kind.
+        kind: String,
+        /// The step's argument (the step value itself).
+        argument: Value,
+        /// The attempt number.
+        attempt: Attempt,
+    },
+    /// The step succeeded; its output is final.
+    StepCompleted {
+        /// The operation number.
+        step: StepIndex,
+        /// The attempt that succeeded.
+        attempt: Attempt,
+        /// The step's output.
+        output: Value,
+    },
+    /// An attempt failed. With `retry_at_ms` the step will run again then; without, it failed
+    /// for good (permanent error, or attempts or elapsed time exhausted).
+    StepFailed {
+        /// The operation number.
+        step: StepIndex,
+        /// The attempt that failed.
+        attempt: Attempt,
+        /// The error.
+        error: ErrorRecord,
+        /// When the next attempt may start (absolute), if there is one.
+        retry_at_ms: Option<u64>,
+    },
+    /// A durable timer was set.
+    TimerSet {
+        /// The operation number.
+        step: StepIndex,
+        /// When it fires (absolute).
+        wake_at_ms: u64,
+    },
+    /// A timer fired and the workflow went on.
+    TimerFired {
+        /// The operation number.
+        step: StepIndex,
+    },
+    /// The workflow returned its output. Written with the `Completed` status.
+    RunCompleted {
+        /// The output.
+        output: Value,
+    },
+    /// The workflow failed with nothing to undo. Written with the `Failed` status.
+    RunFailed {
+        /// Why.
+        error: String,
+    },
+    /// Replay found a mismatch. Written with the `Suspended` status.
+    RunSuspended {
+        /// What the journal holds and what the code asked for.
+        reason: String,
+    },
+    /// A suspended run was taken up again.
+    RunResumed,
+    /// An operator asked for the run to be cancelled.
+    CancelRequested,
+    /// The run starts undoing its steps. Written with the `Compensating` status.
+    CompensationStarted {
+        /// Why (the failure, or cancellation).
+        reason: String,
+    },
+    /// An attempt to undo a step begins.
+    StepCompensationStarted {
+        /// The step being undone.
+        step: StepIndex,
+        /// The compensation attempt.
+        attempt: Attempt,
+    },
+    /// The step was undone.
+    StepCompensated {
+        /// The step.
+        step: StepIndex,
+    },
+    /// The step has no compensation, so nothing was undone.
+    StepCompensationSkipped {
+        /// The step.
+        step: StepIndex,
+        /// Why.
+        reason: String,
+    },
+    /// An attempt to undo a step failed; with `retry_at_ms` it runs again then.
+    StepCompensationFailed {
+        /// The step.
+        step: StepIndex,
+        /// The compensation attempt.
+        attempt: Attempt,
+        /// The error.
+        error: ErrorRecord,
+        /// When the next attempt may start, if there is one.
+        retry_at_ms: Option<u64>,
+    },
+    /// Every step was undone. Written with the `Compensated` status.
+    RunCompensated,
+    /// A compensation failed for good. Written with the `CompensationFailed` status.
+    RunCompensationFailed {
+        /// The step whose undo failed.
+        step: StepIndex,
+        /// The error.
+        error: String,
+    },
+    /// An operator asked to retry a failed compensation. Written with `Compensating`.
+    CompensationRetried,
+    /// An operator settled a failed compensation. Written with the `Resolved` status.
+    RunResolved {
+        /// The operator's note.
+        note: String,
+    },
+}
+
+impl Event {
+    /// The step this entry is about, if any.
+    pub fn step(&self) -> Option<StepIndex> {
+        match self {
+            Event::StepStarted { step, .. }
+            | Event::StepCompleted { step, .. }
+            | Event::StepFailed { step, .. }
+            | Event::TimerSet { step, .. }
+            | Event::TimerFired { step }
+            | Event::StepCompensationStarted { step, .. }
+            | Event::StepCompensated { step }
+            | Event::StepCompensationSkipped { step, .. }
+            | Event::StepCompensationFailed { step, .. }
+            | Event::RunCompensationFailed { step, .. } => Some(*step),
+            Event::RunCompleted { .. }
+            | Event::RunFailed { .. }
+            | Event::RunSuspended { .. }
+            | Event::RunResumed
+            | Event::CancelRequested
+            | Event::CompensationStarted { .. }
+            | Event::RunCompensated
+            | Event::CompensationRetried
+            | Event::RunResolved { .. } => None,
+        }
+    }
+}
+
+/// A run record with its journal, as loaded for inspection (`history`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunHistory {
+    /// The run record.
+    pub run: RunRecord,
+    /// Every journal entry, in order.
+    pub entries: Vec<Entry>,
+}
+
+/// Helper for messages: a short, stable digest of a JSON value (FNV-1a over its canonical
+/// text), so errors can say "input 3f2a..." without printing 64 KiB.
+pub fn digest(value: &Value) -> String {
+    let text = value.to_string();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in text.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries serialise to the flat, tagged JSON lines the fixtures use, and back.
+    #[test]
+    fn entry_json_shape_round_trips() {
+        let entry = Entry {
+            at_ms: 5,
+            event: Event::StepStarted {
+                step: StepIndex(2),
+                kind: "test.add".into(),
+                argument: serde_json::json!({"n": 1}),
+                attempt: Attempt(1),
+            },
+        };
+        let text = serde_json::to_string(&entry).unwrap();
+        assert_eq!(
+            text,
+            r#"{"at_ms":5,"type":"step_started","step":2,"kind":"test.add","argument":{"n":1},"attempt":1}"#
+        );
+        let back: Entry = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, entry);
+    }
+}

@@ -1,0 +1,99 @@
+//! Keel's engine: durable workflows with saga compensation, on an embedded sled store.
+//!
+//! # A tour
+//!
+//! A [`Workflow`] is ordinary async Rust that takes its side effects through a [`Ctx`]:
+//! [`Ctx::step`] runs a [`Step`] and [`Ctx::sleep`] sets a durable timer. Every step is
+//! journaled with a stable [`IdempotencyKey`] before it runs, and its outcome is durable
+//! before the workflow goes on. If the process dies, opening the [`Engine`] again replays each
+//! unfinished run: recorded steps return their recorded output without running, the step that
+//! was in flight runs again with the same key, and a run that cannot finish is compensated:
+//! its completed (and in-doubt) steps are undone, newest first, from the journal alone.
+//!
+//! ```
+//! use keel_engine::{Ctx, Engine, Step, StepContext, StepError, Undo, Workflow, WorkflowError};
+//! use serde::{Deserialize, Serialize};
+//!
+//! /// Reserves `amount` from a (pretend) account; undone by releasing it.
+//! #[derive(Serialize, Deserialize)]
+//! struct Reserve {
+//!     amount: u64,
+//! }
+//!
+//! impl Step for Reserve {
+//!     const KIND: &'static str = "doc.reserve";
+//!     type Output = String;
+//!     async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
+//!         // A real step passes ctx.key() to the API as its client token.
+//!         Ok(format!("reservation-{}", ctx.key()))
+//!     }
+//!     async fn compensate(&self, _ctx: &StepContext, _output: Option<String>) -> Result<Undo, StepError> {
+//!         Ok(Undo::Done)
+//!     }
+//! }
+//!
+//! struct Checkout;
+//!
+//! impl Workflow for Checkout {
+//!     const NAME: &'static str = "doc.checkout";
+//!     type Input = u64;
+//!     type Output = Vec<String>;
+//!     async fn run(ctx: &mut Ctx, amount: u64) -> Result<Vec<String>, WorkflowError> {
+//!         let first = ctx.step(Reserve { amount }).await?;
+//!         ctx.sleep(std::time::Duration::from_millis(1)).await?;
+//!         let second = ctx.step(Reserve { amount: amount * 2 }).await?;
+//!         Ok(vec![first, second])
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let engine = Engine::builder(dir.path()).workflow::<Checkout>().step::<Reserve>().open().await?;
+//! let run = engine.start::<Checkout>("order-1", 5).await?;
+//! let reservations = run.result().await?;
+//! assert_eq!(reservations.len(), 2);
+//! // Starting the same id with the same input returns the same run, finished.
+//! let again = engine.start::<Checkout>("order-1", 5).await?;
+//! assert_eq!(again.result().await?, reservations);
+//! engine.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Where things are
+//! - [`journal`]: what is stored (run records and journal entries).
+//! - [`replay`]: the pure fold of a journal into a run's state, and the decisions taken on it.
+//! - `executor` and `saga`: the only code that performs actions and appends their results.
+//! - [`store`]: the storage trait and its sled implementation, with group commit.
+//! - [`limits`]: every hard limit.
+//!
+//! Durability, the commit protocol and what a crash at each point leaves behind are described
+//! in `docs/guarantees.md`.
+
+mod cell;
+pub mod crash;
+mod ctx;
+mod engine;
+mod error;
+mod executor;
+mod ids;
+pub mod journal;
+pub mod limits;
+mod registry;
+pub mod replay;
+mod retry;
+mod saga;
+mod step;
+pub mod store;
+mod workflow;
+
+pub use ctx::Ctx;
+pub use engine::{Engine, EngineBuilder, RunHandle, RETENTION_DEFAULT};
+pub use error::{EngineError, Result};
+pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
+pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};
+pub use retry::RetryPolicy;
+pub use step::{Step, StepContext, StepError, Undo};
+pub use store::Durability;
+pub use workflow::{Workflow, WorkflowError};

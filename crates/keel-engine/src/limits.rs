@@ -1,0 +1,65 @@
+//! Every hard limit of the engine, in one place, with the relations between them checked at
+//! compile time. Going past a limit is an error that names the limit, never a truncation.
+
+use std::time::Duration;
+
+/// Longest run id, in bytes.
+pub const RUN_ID_LEN_MAX: usize = 128;
+
+/// Largest serialised workflow input, in bytes.
+pub const INPUT_BYTES_MAX: usize = 48 * 1024;
+
+/// Largest serialised workflow output or error, in bytes.
+pub const OUTPUT_BYTES_MAX: usize = 48 * 1024;
+
+/// Largest serialised step argument, in bytes.
+pub const STEP_ARGUMENT_BYTES_MAX: usize = 48 * 1024;
+
+/// Largest serialised step output, in bytes.
+pub const STEP_OUTPUT_BYTES_MAX: usize = 48 * 1024;
+
+/// Largest error message kept in the journal, in bytes (longer ones are cut at a char
+/// boundary and marked, because an error text is diagnostic, not data).
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 4 * 1024;
+
+/// Most operations (steps, timers) one run may perform.
+pub const STEPS_PER_RUN_MAX: u32 = 100_000;
+
+/// Most journal entries one run may hold (every attempt and compensation adds entries).
+pub const JOURNAL_ENTRIES_PER_RUN_MAX: u32 = 1_000_000;
+
+/// Most attempts any retry policy may allow for one step.
+pub const ATTEMPTS_MAX: u32 = 10_000;
+
+/// Most runs one engine drives at once (the configurable limit may be lower).
+pub const CONCURRENT_RUNS_MAX: usize = 1_000_000;
+
+/// Longest delay a retry policy may ask for between two attempts.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(24 * 3600);
+
+/// Largest encoded journal entry. An entry holds one argument or one output (never both) or
+/// one error, plus a few fields.
+pub const ENTRY_BYTES_MAX: usize = max(STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTES_MAX) + 8 * 1024;
+
+/// Largest encoded run record: input, output and error, plus a few fields.
+pub const RUN_RECORD_BYTES_MAX: usize =
+    INPUT_BYTES_MAX + OUTPUT_BYTES_MAX + ERROR_MESSAGE_BYTES_MAX + 8 * 1024;
+
+/// sled moves a page larger than a quarter of its 512 KiB segment into a separate blob
+/// file. Records stay below it so that they normally live in sled's log (the committer syncs
+/// blob files too, for the pages that grow past it anyway).
+const SLED_BLOB_THRESHOLD_BYTES: usize = 512 * 1024 / 4;
+
+const fn max(a: usize, b: usize) -> usize {
+    if a > b {
+        a
+    } else {
+        b
+    }
+}
+
+const _: () = assert!(ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
+const _: () = assert!(RUN_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
+const _: () = assert!(ERROR_MESSAGE_BYTES_MAX < STEP_OUTPUT_BYTES_MAX);
+const _: () = assert!(STEPS_PER_RUN_MAX < JOURNAL_ENTRIES_PER_RUN_MAX);
+const _: () = assert!(RUN_ID_LEN_MAX < 256);

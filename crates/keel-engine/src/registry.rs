@@ -1,0 +1,151 @@
+//! Registered workflow and step types, with their types erased so the executor can run a
+//! workflow by name and the saga can undo a step by kind, from the journal alone.
+
+use std::any::TypeId;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+
+use serde_json::Value;
+
+use crate::ctx::Ctx;
+use crate::error::{EngineError, Result};
+use crate::retry::RetryPolicy;
+use crate::step::{Step, StepContext, StepError, Undo};
+use crate::workflow::{Workflow, WorkflowError};
+
+pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Why an erased workflow body produced no output value.
+pub(crate) enum BodyError {
+    /// The workflow returned an error.
+    Workflow(WorkflowError),
+    /// The stored input does not decode as the workflow's input type (the code changed).
+    Input(serde_json::Error),
+    /// The output does not serialise.
+    Output(serde_json::Error),
+}
+
+type RunFn = dyn Fn(Ctx, Value) -> BoxFuture<(Ctx, Result<Value, BodyError>)> + Send + Sync;
+type CheckFn = dyn Fn(&Value) -> Result<(), serde_json::Error> + Send + Sync;
+type UndoFn =
+    dyn Fn(Value, Option<Value>, StepContext) -> BoxFuture<Result<Undo, StepError>> + Send + Sync;
+type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
+
+pub(crate) struct WorkflowEntry {
+    pub(crate) version: u32,
+    pub(crate) run: Box<RunFn>,
+    pub(crate) check_input: Box<CheckFn>,
+}
+
+pub(crate) struct StepEntry {
+    type_id: TypeId,
+    pub(crate) undo: Box<UndoFn>,
+    pub(crate) undo_policy: Box<PolicyFn>,
+}
+
+/// Workflow types by name and step types by kind.
+#[derive(Default)]
+pub(crate) struct Registry {
+    workflows: RwLock<HashMap<&'static str, Arc<WorkflowEntry>>>,
+    steps: RwLock<HashMap<&'static str, Arc<StepEntry>>>,
+}
+
+impl Registry {
+    pub(crate) fn add_workflow<W: Workflow>(&self) {
+        let entry = WorkflowEntry {
+            version: W::VERSION,
+            run: Box::new(|mut ctx: Ctx, input: Value| {
+                Box::pin(async move {
+                    let result = match serde_json::from_value::<W::Input>(input) {
+                        Err(e) => Err(BodyError::Input(e)),
+                        Ok(input) => match W::run(&mut ctx, input).await {
+                            Ok(output) => serde_json::to_value(output).map_err(BodyError::Output),
+                            Err(e) => Err(BodyError::Workflow(e)),
+                        },
+                    };
+                    (ctx, result)
+                })
+            }),
+            check_input: Box::new(|input: &Value| {
+                serde_json::from_value::<W::Input>(input.clone()).map(drop)
+            }),
+        };
+        self.workflows
+            .write()
+            .expect("registry lock")
+            .entry(W::NAME)
+            .or_insert_with(|| Arc::new(entry));
+    }
+
+    pub(crate) fn workflow(&self, name: &str) -> Option<Arc<WorkflowEntry>> {
+        self.workflows
+            .read()
+            .expect("registry lock")
+            .get(name)
+            .cloned()
+    }
+
+    pub(crate) fn workflow_names(&self) -> String {
+        let mut names: Vec<&str> = self
+            .workflows
+            .read()
+            .expect("registry lock")
+            .keys()
+            .copied()
+            .collect();
+        names.sort_unstable();
+        names.join(", ")
+    }
+
+    pub(crate) fn add_step<S: Step>(&self) -> Result<()> {
+        if let Some(existing) = self.steps.read().expect("registry lock").get(S::KIND) {
+            return if existing.type_id == TypeId::of::<S>() {
+                Ok(())
+            } else {
+                Err(EngineError::DuplicateStepKind {
+                    kind: S::KIND.into(),
+                })
+            };
+        }
+        let entry = StepEntry {
+            type_id: TypeId::of::<S>(),
+            undo: Box::new(|argument: Value, output: Option<Value>, ctx: StepContext| {
+                Box::pin(async move {
+                    let step: S = serde_json::from_value(argument).map_err(|e| {
+                        StepError::permanent(format!(
+                            "journaled argument of {} does not decode: {e}",
+                            S::KIND
+                        ))
+                    })?;
+                    let output = match output {
+                        None => None,
+                        Some(v) => Some(serde_json::from_value::<S::Output>(v).map_err(|e| {
+                            StepError::permanent(format!(
+                                "journaled output of {} does not decode: {e}",
+                                S::KIND
+                            ))
+                        })?),
+                    };
+                    step.compensate(&ctx, output).await
+                })
+            }),
+            undo_policy: Box::new(|argument: &Value| {
+                serde_json::from_value::<S>(argument.clone())
+                    .map(|s| s.compensation_retry_policy())
+                    .unwrap_or_else(|_| RetryPolicy::no_retry())
+            }),
+        };
+        self.steps
+            .write()
+            .expect("registry lock")
+            .entry(S::KIND)
+            .or_insert_with(|| Arc::new(entry));
+        Ok(())
+    }
+
+    pub(crate) fn step(&self, kind: &str) -> Option<Arc<StepEntry>> {
+        self.steps.read().expect("registry lock").get(kind).cloned()
+    }
+}

@@ -1,0 +1,709 @@
+//! Replay: folding a journal into the state of a run, and deciding, as pure functions of that
+//! state, what the run must do next. The executor (`executor.rs`, `saga.rs`) performs the
+//! decided action and appends its result; nothing here does I/O.
+//!
+//! Step state machine (per operation number), driven by journal entries:
+//!
+//! | state          | event                         | next state      |
+//! |----------------|-------------------------------|-----------------|
+//! | (none)         | `StepStarted{attempt: 1}`     | InFlight        |
+//! | InFlight       | `StepCompleted`               | Completed       |
+//! | InFlight       | `StepFailed{retry_at: Some}`  | RetryScheduled  |
+//! | InFlight       | `StepFailed{retry_at: None}`  | GaveUp / FailedPermanently |
+//! | InFlight       | `StepStarted{attempt: n+1}`   | InFlight (the attempt was cut off by a crash) |
+//! | RetryScheduled | `StepStarted{attempt: n+1}`   | InFlight        |
+//!
+//! Any other (state, event) pair is a corrupt journal.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::ids::{Attempt, StepIndex};
+use crate::journal::{Entry, ErrorClass, ErrorRecord, Event};
+
+/// What is known of one step from the journal.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepOp {
+    /// The step kind.
+    pub kind: String,
+    /// The step argument.
+    pub argument: Value,
+    /// The last attempt that started.
+    pub attempt: Attempt,
+    /// When the first attempt started.
+    pub first_started_at_ms: u64,
+    /// Where it stands.
+    pub outcome: StepOutcome,
+}
+
+/// Where a step stands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepOutcome {
+    /// Started, no outcome recorded: whether it took effect is unknown.
+    InFlight,
+    /// The last attempt failed; the next may start at `at_ms`.
+    RetryScheduled {
+        /// When.
+        at_ms: u64,
+    },
+    /// Succeeded with this output.
+    Completed {
+        /// The output.
+        output: Value,
+    },
+    /// Attempts or elapsed time ran out on retryable errors: whether some attempt took effect
+    /// is unknown, so the saga treats the step as in doubt.
+    GaveUp {
+        /// The last error.
+        error: ErrorRecord,
+    },
+    /// A permanent error: by the step's contract it had no effect.
+    FailedPermanently {
+        /// The error.
+        error: ErrorRecord,
+    },
+}
+
+/// A journaled operation: a step or a timer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// A step.
+    Step(StepOp),
+    /// A durable timer.
+    Timer {
+        /// When it fires.
+        wake_at_ms: u64,
+        /// Whether the workflow went past it.
+        fired: bool,
+    },
+}
+
+/// The compensation state of one step.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UndoState {
+    /// An undo attempt started, no outcome recorded.
+    InFlight {
+        /// The last attempt.
+        attempt: Attempt,
+        /// Attempts since compensation (re)started.
+        round_attempts: u32,
+    },
+    /// An undo attempt failed; the next may start at `at_ms`.
+    RetryScheduled {
+        /// The last attempt.
+        attempt: Attempt,
+        /// Attempts since compensation (re)started.
+        round_attempts: u32,
+        /// When.
+        at_ms: u64,
+    },
+    /// The undo failed for good (until an operator retries).
+    Failed {
+        /// The last attempt.
+        attempt: Attempt,
+        /// The error.
+        error: ErrorRecord,
+    },
+    /// Undone.
+    Done,
+    /// Nothing to undo (the step has no compensation).
+    Skipped,
+}
+
+/// Everything replay knows of a run.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunState {
+    /// Operations by number; numbers are dense from 0.
+    pub ops: Vec<Op>,
+    /// Journal length (the index the next entry gets).
+    pub len: u32,
+    /// Whether an operator asked to cancel.
+    pub cancel_requested: bool,
+    /// Whether compensation has begun.
+    pub compensating: bool,
+    /// Per-step compensation state.
+    pub undo: BTreeMap<StepIndex, UndoState>,
+}
+
+/// What a workflow's request for step `n` must do.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StepAction {
+    /// Return the recorded output without running the step.
+    Replay(Value),
+    /// Return the recorded failure without running the step.
+    Fail(ErrorRecord),
+    /// Run `attempt`, not before `not_before_ms` if set.
+    Run {
+        /// The attempt to run.
+        attempt: Attempt,
+        /// The journaled earliest start, if any.
+        not_before_ms: Option<u64>,
+    },
+}
+
+/// What compensation must do next.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UndoAction {
+    /// Undo step `step` (with its recorded output, or `None` when in doubt).
+    Undo {
+        /// The step.
+        step: StepIndex,
+        /// The attempt to run.
+        attempt: Attempt,
+        /// Attempts since compensation (re)started, this one excluded.
+        round_attempts: u32,
+        /// The journaled earliest start, if any.
+        not_before_ms: Option<u64>,
+    },
+    /// Every step that needs undoing is undone (or skipped).
+    Finished,
+    /// A compensation failed for good.
+    Stuck {
+        /// The step.
+        step: StepIndex,
+        /// The error.
+        error: ErrorRecord,
+    },
+}
+
+impl RunState {
+    /// Folds a journal into a run state. `Err` names the first entry that breaks the state
+    /// machine (a corrupt or foreign journal).
+    pub fn from_entries(entries: &[Entry]) -> Result<RunState, String> {
+        let mut state = RunState::default();
+        for entry in entries {
+            state.apply(entry)?;
+        }
+        Ok(state)
+    }
+
+    /// Applies one entry. Called for entries read back and, by the executor, for entries it
+    /// writes, so the same checks guard both directions.
+    pub fn apply(&mut self, entry: &Entry) -> Result<(), String> {
+        let at = self.len;
+        self.apply_event(&entry.event, entry.at_ms)
+            .map_err(|e| format!("entry {at}: {e}"))?;
+        self.len += 1;
+        Ok(())
+    }
+
+    fn apply_event(&mut self, event: &Event, at_ms: u64) -> Result<(), String> {
+        match event {
+            Event::StepStarted {
+                step,
+                kind,
+                argument,
+                attempt,
+            } => self.step_started(*step, kind, argument, *attempt, at_ms),
+            Event::StepCompleted {
+                step,
+                attempt,
+                output,
+            } => {
+                let op = self.in_flight_step(*step, *attempt)?;
+                op.outcome = StepOutcome::Completed {
+                    output: output.clone(),
+                };
+                Ok(())
+            }
+            Event::StepFailed {
+                step,
+                attempt,
+                error,
+                retry_at_ms,
+            } => {
+                let op = self.in_flight_step(*step, *attempt)?;
+                op.outcome = match (retry_at_ms, error.class) {
+                    (Some(at_ms), _) => StepOutcome::RetryScheduled { at_ms: *at_ms },
+                    (None, ErrorClass::Retryable) => StepOutcome::GaveUp {
+                        error: error.clone(),
+                    },
+                    (None, ErrorClass::Permanent) => StepOutcome::FailedPermanently {
+                        error: error.clone(),
+                    },
+                };
+                Ok(())
+            }
+            Event::TimerSet { step, wake_at_ms } => {
+                if step.0 as usize != self.ops.len() {
+                    return Err(format!(
+                        "timer {step} set out of order (next is #{})",
+                        self.ops.len()
+                    ));
+                }
+                self.ops.push(Op::Timer {
+                    wake_at_ms: *wake_at_ms,
+                    fired: false,
+                });
+                Ok(())
+            }
+            Event::TimerFired { step } => match self.ops.get_mut(step.0 as usize) {
+                Some(Op::Timer { fired, .. }) => {
+                    *fired = true;
+                    Ok(())
+                }
+                _ => Err(format!("timer_fired for {step}, which is not a timer")),
+            },
+            Event::CancelRequested => {
+                self.cancel_requested = true;
+                Ok(())
+            }
+            Event::CompensationStarted { .. } => {
+                self.compensating = true;
+                Ok(())
+            }
+            Event::StepCompensationStarted { step, attempt } => self.undo_started(*step, *attempt),
+            Event::StepCompensated { step } => self.undo_finished(*step, UndoState::Done),
+            Event::StepCompensationSkipped { step, .. } => {
+                self.undo_finished(*step, UndoState::Skipped)
+            }
+            Event::StepCompensationFailed {
+                step,
+                attempt,
+                error,
+                retry_at_ms,
+            } => {
+                let next = match self.undo.get(step) {
+                    Some(UndoState::InFlight {
+                        attempt: a,
+                        round_attempts,
+                    }) if a == attempt => match retry_at_ms {
+                        Some(at_ms) => UndoState::RetryScheduled {
+                            attempt: *a,
+                            round_attempts: *round_attempts,
+                            at_ms: *at_ms,
+                        },
+                        None => UndoState::Failed {
+                            attempt: *a,
+                            error: error.clone(),
+                        },
+                    },
+                    other => {
+                        return Err(format!("compensation of {step} failed in state {other:?}"))
+                    }
+                };
+                self.undo.insert(*step, next);
+                Ok(())
+            }
+            Event::CompensationRetried => {
+                for state in self.undo.values_mut() {
+                    if let UndoState::Failed { attempt, .. } = state {
+                        *state = UndoState::RetryScheduled {
+                            attempt: *attempt,
+                            round_attempts: 0,
+                            at_ms: 0,
+                        };
+                    }
+                }
+                Ok(())
+            }
+            Event::RunCompleted { .. }
+            | Event::RunFailed { .. }
+            | Event::RunSuspended { .. }
+            | Event::RunResumed
+            | Event::RunCompensated
+            | Event::RunCompensationFailed { .. }
+            | Event::RunResolved { .. } => Ok(()),
+        }
+    }
+
+    fn step_started(
+        &mut self,
+        step: StepIndex,
+        kind: &str,
+        argument: &Value,
+        attempt: Attempt,
+        at_ms: u64,
+    ) -> Result<(), String> {
+        let index = step.0 as usize;
+        if index == self.ops.len() {
+            if attempt != Attempt::FIRST {
+                return Err(format!("step {step} first seen at attempt {attempt}"));
+            }
+            self.ops.push(Op::Step(StepOp {
+                kind: kind.to_owned(),
+                argument: argument.clone(),
+                attempt,
+                first_started_at_ms: at_ms,
+                outcome: StepOutcome::InFlight,
+            }));
+            return Ok(());
+        }
+        match self.ops.get_mut(index) {
+            Some(Op::Step(op))
+                if matches!(
+                    op.outcome,
+                    StepOutcome::InFlight | StepOutcome::RetryScheduled { .. }
+                ) && attempt == op.attempt.next()
+                    && op.kind == kind =>
+            {
+                op.attempt = attempt;
+                op.outcome = StepOutcome::InFlight;
+                Ok(())
+            }
+            other => Err(format!(
+                "step {step} attempt {attempt} started in state {other:?}"
+            )),
+        }
+    }
+
+    fn in_flight_step(&mut self, step: StepIndex, attempt: Attempt) -> Result<&mut StepOp, String> {
+        match self.ops.get_mut(step.0 as usize) {
+            Some(Op::Step(op)) => {
+                if op.outcome == StepOutcome::InFlight && op.attempt == attempt {
+                    Ok(op)
+                } else {
+                    Err(format!(
+                        "outcome of step {step} attempt {attempt} while attempt {} is {:?}",
+                        op.attempt, op.outcome
+                    ))
+                }
+            }
+            Some(Op::Timer { .. }) => Err(format!("step outcome for {step}, which is a timer")),
+            None => Err(format!("outcome of step {step}, which never started")),
+        }
+    }
+
+    fn undo_started(&mut self, step: StepIndex, attempt: Attempt) -> Result<(), String> {
+        if !matches!(self.ops.get(step.0 as usize), Some(Op::Step(_))) {
+            return Err(format!("compensation of {step}, which is not a step"));
+        }
+        let round_attempts = match self.undo.get(&step) {
+            None if attempt == Attempt::FIRST => 1,
+            Some(UndoState::InFlight {
+                attempt: a,
+                round_attempts,
+            })
+            | Some(UndoState::RetryScheduled {
+                attempt: a,
+                round_attempts,
+                ..
+            }) if attempt == a.next() => round_attempts + 1,
+            other => {
+                return Err(format!(
+                    "compensation of {step} attempt {attempt} started in state {other:?}"
+                ))
+            }
+        };
+        self.undo.insert(
+            step,
+            UndoState::InFlight {
+                attempt,
+                round_attempts,
+            },
+        );
+        Ok(())
+    }
+
+    fn undo_finished(&mut self, step: StepIndex, end: UndoState) -> Result<(), String> {
+        match self.undo.get(&step) {
+            Some(UndoState::InFlight { .. }) => {
+                self.undo.insert(step, end);
+                Ok(())
+            }
+            // A step without compensation is skipped without an attempt.
+            None if end == UndoState::Skipped => {
+                self.undo.insert(step, end);
+                Ok(())
+            }
+            other => Err(format!(
+                "compensation of {step} finished in state {other:?}"
+            )),
+        }
+    }
+
+    /// The step at `index`, if that operation is a step.
+    pub fn step(&self, index: StepIndex) -> Option<&StepOp> {
+        match self.ops.get(index.0 as usize) {
+            Some(Op::Step(op)) => Some(op),
+            Some(Op::Timer { .. }) | None => None,
+        }
+    }
+
+    /// Whether any step took effect or may have: if not, a failing run has nothing to undo.
+    pub fn has_effects(&self) -> bool {
+        (0..self.ops.len()).any(|i| undo_input(self, StepIndex(i as u32)).is_some())
+    }
+}
+
+/// What a request for step `index` must do, given what the journal holds for it.
+pub fn step_action(op: Option<&StepOp>) -> StepAction {
+    let Some(op) = op else {
+        return StepAction::Run {
+            attempt: Attempt::FIRST,
+            not_before_ms: None,
+        };
+    };
+    match &op.outcome {
+        StepOutcome::InFlight => StepAction::Run {
+            attempt: op.attempt.next(),
+            not_before_ms: None,
+        },
+        StepOutcome::RetryScheduled { at_ms } => StepAction::Run {
+            attempt: op.attempt.next(),
+            not_before_ms: Some(*at_ms),
+        },
+        StepOutcome::Completed { output } => StepAction::Replay(output.clone()),
+        StepOutcome::GaveUp { error } | StepOutcome::FailedPermanently { error } => {
+            StepAction::Fail(error.clone())
+        }
+    }
+}
+
+/// How step `index` is to be undone: `Some(Some(output))` for a completed step,
+/// `Some(None)` for a step in doubt, `None` for nothing to undo (not a step, or a permanent
+/// failure, which by contract had no effect).
+pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> {
+    let op = state.step(index)?;
+    match &op.outcome {
+        StepOutcome::Completed { output } => Some(Some(output)),
+        StepOutcome::InFlight | StepOutcome::RetryScheduled { .. } | StepOutcome::GaveUp { .. } => {
+            Some(None)
+        }
+        StepOutcome::FailedPermanently { .. } => None,
+    }
+}
+
+/// The next compensation action: the newest step that still needs undoing.
+pub fn undo_action(state: &RunState) -> UndoAction {
+    for i in (0..state.ops.len()).rev() {
+        let step = StepIndex(i as u32);
+        if undo_input(state, step).is_none() {
+            continue;
+        }
+        match state.undo.get(&step) {
+            None => {
+                return UndoAction::Undo {
+                    step,
+                    attempt: Attempt::FIRST,
+                    round_attempts: 0,
+                    not_before_ms: None,
+                }
+            }
+            Some(UndoState::InFlight {
+                attempt,
+                round_attempts,
+            }) => {
+                return UndoAction::Undo {
+                    step,
+                    attempt: attempt.next(),
+                    round_attempts: *round_attempts,
+                    not_before_ms: None,
+                }
+            }
+            Some(UndoState::RetryScheduled {
+                attempt,
+                round_attempts,
+                at_ms,
+            }) => {
+                return UndoAction::Undo {
+                    step,
+                    attempt: attempt.next(),
+                    round_attempts: *round_attempts,
+                    not_before_ms: Some(*at_ms),
+                }
+            }
+            Some(UndoState::Failed { error, .. }) => {
+                return UndoAction::Stuck {
+                    step,
+                    error: error.clone(),
+                }
+            }
+            Some(UndoState::Done) | Some(UndoState::Skipped) => continue,
+        }
+    }
+    UndoAction::Finished
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn e(event: Event) -> Entry {
+        Entry { at_ms: 10, event }
+    }
+    fn started(step: u32, attempt: u32) -> Entry {
+        e(Event::StepStarted {
+            step: StepIndex(step),
+            kind: "k".into(),
+            argument: json!(step),
+            attempt: Attempt(attempt),
+        })
+    }
+    fn completed(step: u32, attempt: u32) -> Entry {
+        e(Event::StepCompleted {
+            step: StepIndex(step),
+            attempt: Attempt(attempt),
+            output: json!(step * 10),
+        })
+    }
+    fn failed(step: u32, attempt: u32, class: ErrorClass, retry_at_ms: Option<u64>) -> Entry {
+        e(Event::StepFailed {
+            step: StepIndex(step),
+            attempt: Attempt(attempt),
+            error: ErrorRecord {
+                class,
+                message: "boom".into(),
+            },
+            retry_at_ms,
+        })
+    }
+
+    /// A completed step replays its output; an in-flight one runs again with the next attempt;
+    /// a scheduled retry keeps its journaled time.
+    #[test]
+    fn step_actions_follow_the_journal() {
+        let s = RunState::from_entries(&[
+            started(0, 1),
+            completed(0, 1),
+            started(1, 1),
+            failed(1, 1, ErrorClass::Retryable, Some(500)),
+            started(2, 1),
+        ]);
+        // Step 2 cannot start before step 1 finished in sequential code, but the fold does not
+        // assume sequential code (parallel branches will rely on that).
+        let s = s.unwrap();
+        assert_eq!(
+            step_action(s.step(StepIndex(0))),
+            StepAction::Replay(json!(0))
+        );
+        assert_eq!(
+            step_action(s.step(StepIndex(1))),
+            StepAction::Run {
+                attempt: Attempt(2),
+                not_before_ms: Some(500)
+            }
+        );
+        assert_eq!(
+            step_action(s.step(StepIndex(2))),
+            StepAction::Run {
+                attempt: Attempt(2),
+                not_before_ms: None
+            }
+        );
+        assert_eq!(
+            step_action(s.step(StepIndex(3))),
+            StepAction::Run {
+                attempt: Attempt(1),
+                not_before_ms: None
+            }
+        );
+    }
+
+    /// Entries that break the state machine are rejected with the entry's position.
+    #[test]
+    fn corrupt_journals_are_rejected() {
+        let err = RunState::from_entries(&[started(0, 1), completed(0, 2)]).unwrap_err();
+        assert!(err.starts_with("entry 1:"), "{err}");
+        assert!(
+            RunState::from_entries(&[started(1, 1)]).is_err(),
+            "gap in step numbers"
+        );
+        assert!(RunState::from_entries(&[started(0, 1), completed(0, 1), started(0, 2)]).is_err());
+        assert!(RunState::from_entries(&[started(0, 2)]).is_err());
+    }
+
+    /// Compensation visits completed and in-doubt steps newest first, skips permanent
+    /// failures and timers, and resumes an undo that was cut off.
+    #[test]
+    fn undo_order_newest_first() {
+        let entries = vec![
+            started(0, 1),
+            completed(0, 1),
+            e(Event::TimerSet {
+                step: StepIndex(1),
+                wake_at_ms: 5,
+            }),
+            e(Event::TimerFired { step: StepIndex(1) }),
+            started(2, 1),
+            completed(2, 1),
+            started(3, 1),
+            failed(3, 1, ErrorClass::Permanent, None),
+            started(4, 1),
+        ];
+        let mut s = RunState::from_entries(&entries).unwrap();
+        assert_eq!(undo_input(&s, StepIndex(4)), Some(None), "in doubt");
+        let next = |s: &RunState| match undo_action(s) {
+            UndoAction::Undo { step, .. } => Some(step.0),
+            _ => None,
+        };
+        assert_eq!(next(&s), Some(4));
+        s.apply(&e(Event::StepCompensationStarted {
+            step: StepIndex(4),
+            attempt: Attempt(1),
+        }))
+        .unwrap();
+        assert_eq!(
+            undo_action(&s),
+            UndoAction::Undo {
+                step: StepIndex(4),
+                attempt: Attempt(2),
+                round_attempts: 1,
+                not_before_ms: None
+            }
+        );
+        s.apply(&e(Event::StepCompensated { step: StepIndex(4) }))
+            .unwrap();
+        assert_eq!(
+            next(&s),
+            Some(2),
+            "permanent failure of #3 and timer #1 are skipped"
+        );
+        s.apply(&e(Event::StepCompensationSkipped {
+            step: StepIndex(2),
+            reason: "none".into(),
+        }))
+        .unwrap();
+        assert_eq!(next(&s), Some(0));
+        s.apply(&e(Event::StepCompensationStarted {
+            step: StepIndex(0),
+            attempt: Attempt(1),
+        }))
+        .unwrap();
+        let error = ErrorRecord {
+            class: ErrorClass::Permanent,
+            message: "no".into(),
+        };
+        s.apply(&e(Event::StepCompensationFailed {
+            step: StepIndex(0),
+            attempt: Attempt(1),
+            error: error.clone(),
+            retry_at_ms: None,
+        }))
+        .unwrap();
+        assert_eq!(
+            undo_action(&s),
+            UndoAction::Stuck {
+                step: StepIndex(0),
+                error
+            }
+        );
+        s.apply(&e(Event::CompensationRetried)).unwrap();
+        assert_eq!(
+            undo_action(&s),
+            UndoAction::Undo {
+                step: StepIndex(0),
+                attempt: Attempt(2),
+                round_attempts: 0,
+                not_before_ms: Some(0)
+            }
+        );
+        s.apply(&e(Event::StepCompensationStarted {
+            step: StepIndex(0),
+            attempt: Attempt(2),
+        }))
+        .unwrap();
+        s.apply(&e(Event::StepCompensated { step: StepIndex(0) }))
+            .unwrap();
+        assert_eq!(undo_action(&s), UndoAction::Finished);
+        // An undo recorded as done is never started again.
+        assert!(s
+            .apply(&e(Event::StepCompensationStarted {
+                step: StepIndex(0),
+                attempt: Attempt(3)
+            }))
+            .is_err());
+    }
+}

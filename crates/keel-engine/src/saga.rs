@@ -1,0 +1,200 @@
+//! The saga: undoing a run's completed and in-doubt steps, newest first, driven by the
+//! journal alone (registered step kinds, no workflow code).
+//!
+//! | status             | event                                     | next status        |
+//! |--------------------|-------------------------------------------|--------------------|
+//! | Running/Suspended  | failure or cancellation (`begin`)         | Compensating       |
+//! | Compensating       | every step undone or skipped              | Compensated        |
+//! | Compensating       | an undo failed for good, or kind unknown  | CompensationFailed |
+//! | CompensationFailed | operator retry                            | Compensating       |
+//! | CompensationFailed | operator resolve                          | Resolved           |
+//!
+//! Per step: `StepCompensationStarted` is durable before the undo runs; `StepCompensated`
+//! (or `StepCompensationSkipped`) records the end. A crash between the two runs the undo again
+//! (undos are idempotent); a recorded undo is never run again.
+
+use std::sync::Arc;
+
+use rand::Rng;
+
+use crate::cell::{now_ms, RunCell};
+use crate::engine::Inner;
+use crate::error::Result;
+use crate::executor::{settle, Next};
+use crate::ids::{Attempt, IdempotencyKey, StepIndex};
+use crate::journal::{ErrorClass, Event, RunStatus};
+use crate::replay::{undo_action, undo_input, UndoAction};
+use crate::step::{StepContext, Undo};
+
+/// Moves a failed or cancelled run into compensation.
+pub(crate) async fn begin(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+    tracing::info!(run_id = %cell.id, %reason, "compensation begins");
+    let error = reason.clone();
+    cell.transition(
+        &*inner.store,
+        Event::CompensationStarted { reason },
+        RunStatus::Compensating,
+        |r| r.error = Some(error),
+    )?;
+    crate::crash::point("saga.after_compensation_started");
+    // Waiters of a cancelled run hear "compensating" only once it is durable.
+    inner.store.sync().wait().await?;
+    cell.status.send_replace(RunStatus::Compensating);
+    Ok(Next::Continue)
+}
+
+/// Undoes steps until none is left, one fails for good, or the engine shuts down.
+pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
+    let mut shutdown = inner.shutdown.subscribe();
+    loop {
+        if *shutdown.borrow() {
+            return Ok(Next::Stop);
+        }
+        match cell.with_state(undo_action) {
+            UndoAction::Finished => {
+                crate::crash::point("run.before_terminal");
+                cell.transition(
+                    &*inner.store,
+                    Event::RunCompensated,
+                    RunStatus::Compensated,
+                    |_| {},
+                )?;
+                return settle(inner, cell, RunStatus::Compensated).await;
+            }
+            UndoAction::Stuck { step, error } => {
+                return stuck(inner, cell, step, error.message).await
+            }
+            UndoAction::Undo {
+                step,
+                attempt,
+                round_attempts,
+                not_before_ms,
+            } => {
+                if let Some(at_ms) = not_before_ms {
+                    let now = now_ms();
+                    if at_ms > now {
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_millis(at_ms - now)) => {}
+                            _ = shutdown.changed() => {}
+                        }
+                        continue;
+                    }
+                }
+                if let Some(next) = undo_step(inner, cell, step, attempt, round_attempts).await? {
+                    return Ok(next);
+                }
+            }
+        }
+    }
+}
+
+async fn undo_step(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    step: StepIndex,
+    attempt: Attempt,
+    round_attempts: u32,
+) -> Result<Option<Next>> {
+    let (kind, argument, output) = cell.with_state(|s| {
+        let op = s.step(step).expect("undo_action names steps only");
+        (
+            op.kind.clone(),
+            op.argument.clone(),
+            undo_input(s, step).flatten().cloned(),
+        )
+    });
+    let Some(entry) = inner.registry.step(&kind) else {
+        // Without the step's code nothing can be undone; an operator registers the kind and
+        // retries compensation.
+        let error = format!("step kind {kind:?} is not registered with this engine (register it with EngineBuilder::step)");
+        let message = error.clone();
+        cell.transition(
+            &*inner.store,
+            Event::RunCompensationFailed { step, error },
+            RunStatus::CompensationFailed,
+            |r| r.error = Some(message),
+        )?;
+        return settle(inner, cell, RunStatus::CompensationFailed)
+            .await
+            .map(Some);
+    };
+    cell.append(
+        &*inner.store,
+        Event::StepCompensationStarted { step, attempt },
+    )?;
+    inner.store.sync().wait().await?;
+    crate::crash::point("saga.after_undo_started");
+    let ctx = StepContext {
+        run_id: cell.id.clone(),
+        step,
+        key: IdempotencyKey::for_step(&cell.id, step),
+        attempt,
+    };
+    let span = tracing::info_span!("compensation", run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0);
+    let result =
+        tracing::Instrument::instrument((entry.undo)(argument.clone(), output, ctx), span).await;
+    crate::crash::point("saga.after_undo");
+    match result {
+        Ok(Undo::Done) => {
+            // Not synced here: the next undo's start, or the terminal record, shares the sync.
+            cell.append(&*inner.store, Event::StepCompensated { step })?;
+        }
+        Ok(Undo::NotCompensable) => {
+            cell.append(
+                &*inner.store,
+                Event::StepCompensationSkipped {
+                    step,
+                    reason: "step has no compensation".into(),
+                },
+            )?;
+        }
+        Err(error) => {
+            let record = error.to_record();
+            let retry_at_ms = match error.class() {
+                ErrorClass::Permanent => None,
+                ErrorClass::Retryable => {
+                    let policy = (entry.undo_policy)(&argument);
+                    let jitter: f64 = rand::thread_rng().gen();
+                    policy.next_attempt_at_ms(
+                        Attempt(round_attempts + 1),
+                        0,
+                        now_ms(),
+                        error.retry_after(),
+                        jitter,
+                    )
+                }
+            };
+            tracing::warn!(run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0, error = %record.message, ?retry_at_ms, "compensation attempt failed");
+            cell.append(
+                &*inner.store,
+                Event::StepCompensationFailed {
+                    step,
+                    attempt,
+                    error: record,
+                    retry_at_ms,
+                },
+            )?;
+            inner.store.sync().wait().await?;
+        }
+    }
+    crate::crash::point("saga.after_undo_recorded");
+    Ok(None)
+}
+
+async fn stuck(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    step: StepIndex,
+    message: String,
+) -> Result<Next> {
+    tracing::error!(run_id = %cell.id, step = step.0, error = %message, "compensation failed; an operator must retry or resolve");
+    let error = format!("compensation of step {step} failed: {message}");
+    let stored = error.clone();
+    cell.transition(
+        &*inner.store,
+        Event::RunCompensationFailed { step, error },
+        RunStatus::CompensationFailed,
+        |r| r.error = Some(stored),
+    )?;
+    settle(inner, cell, RunStatus::CompensationFailed).await
+}

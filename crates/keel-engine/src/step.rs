@@ -1,0 +1,187 @@
+//! Steps: one side effect each, with a serialisable argument (the step value), an output, a
+//! retry policy and optionally a compensation.
+
+use std::future::Future;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
+use crate::journal::{ErrorClass, ErrorRecord};
+use crate::limits::ERROR_MESSAGE_BYTES_MAX;
+use crate::retry::RetryPolicy;
+
+/// One side effect of a workflow.
+///
+/// The step value is its argument: it is serialised into the journal before the step runs,
+/// which is what lets compensation run from the journal alone, and what replay compares to
+/// detect changed code.
+pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The step kind, e.g. `iam.create-role`. Groups statistics; must never change once
+    /// journals hold it.
+    const KIND: &'static str;
+
+    /// What the step returns; journaled when it succeeds.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// Performs the side effect. Must be idempotent under `ctx.key()`: an attempt after a
+    /// lost response or a crash has to find and adopt what an earlier attempt did.
+    fn execute(
+        &self,
+        ctx: &StepContext,
+    ) -> impl Future<Output = Result<Self::Output, StepError>> + Send;
+
+    /// How failed attempts are retried.
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+    }
+
+    /// Undoes the step. `output` is the recorded output, or `None` when the step's outcome is
+    /// in doubt (an attempt started and nothing was recorded): then the compensation must find
+    /// out, by `ctx.key()`, whether the effect happened, and undo it if so. Must be
+    /// idempotent. The default has nothing to undo and returns [`Undo::NotCompensable`].
+    fn compensate(
+        &self,
+        ctx: &StepContext,
+        output: Option<Self::Output>,
+    ) -> impl Future<Output = Result<Undo, StepError>> + Send {
+        let _ = (ctx, output);
+        async { Ok(Undo::NotCompensable) }
+    }
+
+    /// How failed compensation attempts are retried.
+    fn compensation_retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+            .with_attempts_max(10)
+            .with_backoff(Duration::from_millis(200), Duration::from_secs(60))
+    }
+}
+
+/// What a compensation did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Undo {
+    /// The effect is gone (or never happened).
+    Done,
+    /// The step has no compensation; journaled as skipped.
+    NotCompensable,
+}
+
+/// What a step (or its compensation) knows about the attempt it runs in.
+#[derive(Clone, Debug)]
+pub struct StepContext {
+    pub(crate) run_id: RunId,
+    pub(crate) step: StepIndex,
+    pub(crate) key: IdempotencyKey,
+    pub(crate) attempt: Attempt,
+}
+
+impl StepContext {
+    /// The run this step belongs to.
+    pub fn run_id(&self) -> &RunId {
+        &self.run_id
+    }
+
+    /// The step's operation number within the run.
+    pub fn step(&self) -> StepIndex {
+        self.step
+    }
+
+    /// The step's idempotency key: the same on every attempt, after every crash, and for the
+    /// compensation.
+    pub fn key(&self) -> IdempotencyKey {
+        self.key
+    }
+
+    /// The attempt number, from 1 (for a compensation: the compensation's attempt).
+    pub fn attempt(&self) -> Attempt {
+        self.attempt
+    }
+}
+
+/// A step failure, classified: the class drives retries and the saga.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct StepError {
+    class: ErrorClass,
+    message: String,
+    retry_after: Option<Duration>,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl StepError {
+    /// Trying again may succeed (throttling, timeouts, 5xx, eventual consistency).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        StepError {
+            class: ErrorClass::Retryable,
+            message: message.into(),
+            retry_after: None,
+            source: None,
+        }
+    }
+
+    /// Trying again will fail the same way, and the step had no effect.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        StepError {
+            class: ErrorClass::Permanent,
+            message: message.into(),
+            retry_after: None,
+            source: None,
+        }
+    }
+
+    /// Asks for the next attempt no sooner than `after` (a server's retry-after hint).
+    pub fn with_retry_after(self, after: Duration) -> Self {
+        StepError {
+            retry_after: Some(after),
+            ..self
+        }
+    }
+
+    /// Keeps the underlying error as the source.
+    pub fn with_source(self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StepError {
+            source: Some(Box::new(source)),
+            ..self
+        }
+    }
+
+    /// Retryable or permanent.
+    pub fn class(&self) -> ErrorClass {
+        self.class
+    }
+
+    /// The retry-after hint, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// The journaled form: class and message (with its sources), cut to the limit.
+    pub fn to_record(&self) -> ErrorRecord {
+        let mut message = self.message.clone();
+        let mut source = std::error::Error::source(self);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        ErrorRecord {
+            class: self.class,
+            message: truncate(message),
+        }
+    }
+}
+
+/// Cuts a message to `ERROR_MESSAGE_BYTES_MAX` at a char boundary, marking the cut.
+pub(crate) fn truncate(mut message: String) -> String {
+    if message.len() > ERROR_MESSAGE_BYTES_MAX {
+        let mut cut = ERROR_MESSAGE_BYTES_MAX - 16;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" ...(truncated)");
+    }
+    message
+}

@@ -1,0 +1,204 @@
+//! Group commit: one flusher thread makes writes durable for every waiting writer at once.
+//!
+//! Writers apply their change to sled (in memory), then ask for a [`SyncTicket`] and await it.
+//! The flusher takes the newest ticket number, syncs once, and resolves every ticket up to that
+//! number: a sync started after a write was made covers that write. Because exactly one thread
+//! ever syncs, and it syncs with blocking calls outside the async runtime, writers cannot pile
+//! up inside sled's `flush_async` (eight concurrent `flush_async` callers on a 2-worker runtime
+//! hung in 3 of 3 tries on this machine).
+//!
+//! A failed sync is final: the page cache may have dropped the dirty pages, so retrying could
+//! report success for data that is gone. Every ticket from then on fails.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::watch;
+
+use crate::error::{EngineError, Result};
+
+/// What a durable write survives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Survives power loss: sled's flush, then `fdatasync` of its log file and of any new
+    /// blob file. The default.
+    #[default]
+    PowerLoss,
+    /// Survives a crash of the process, not of the machine: sled's flush only (on Linux it
+    /// ends in `sync_file_range`, which flushes neither the device cache nor file metadata).
+    ProcessCrash,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Durable {
+    /// Every ticket up to this number is durable.
+    ticket: u64,
+    /// Set once a sync failed; final.
+    failure: Option<String>,
+}
+
+#[derive(Default)]
+struct Requests {
+    issued: u64,
+    stop: bool,
+}
+
+struct Shared {
+    requests: Mutex<Requests>,
+    wake: Condvar,
+    durable: watch::Sender<Durable>,
+}
+
+/// Waits for the durability of the writes made before it was issued.
+#[must_use = "a write is not durable until its ticket resolves"]
+pub struct SyncTicket {
+    ticket: u64,
+    durable: watch::Receiver<Durable>,
+}
+
+impl SyncTicket {
+    /// Resolves once the writes before this ticket are durable.
+    pub async fn wait(mut self) -> Result<()> {
+        loop {
+            {
+                let durable = self.durable.borrow_and_update();
+                if let Some(failure) = &durable.failure {
+                    return Err(EngineError::Sync {
+                        path: PathBuf::from("<store>"),
+                        source: std::io::Error::other(failure.clone()),
+                    });
+                }
+                if durable.ticket >= self.ticket {
+                    return Ok(());
+                }
+            }
+            if self.durable.changed().await.is_err() {
+                return Err(EngineError::ShutDown);
+            }
+        }
+    }
+}
+
+/// The flusher thread and its request counter.
+pub(crate) struct Committer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Committer {
+    /// Starts the flusher; `sync` makes everything written so far durable.
+    pub(crate) fn start(sync: impl FnMut() -> std::io::Result<()> + Send + 'static) -> Committer {
+        let (durable, _) = watch::channel(Durable::default());
+        let shared = Arc::new(Shared {
+            requests: Mutex::new(Requests::default()),
+            wake: Condvar::new(),
+            durable,
+        });
+        let thread_shared = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("keel-committer".into())
+            .spawn(move || flusher(&thread_shared, sync))
+            .expect("spawning the committer thread");
+        Committer {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Issues a ticket for every write made before this call.
+    pub(crate) fn ticket(&self) -> SyncTicket {
+        let mut requests = self.shared.requests.lock().expect("committer lock");
+        requests.issued += 1;
+        let ticket = requests.issued;
+        drop(requests);
+        self.shared.wake.notify_one();
+        SyncTicket {
+            ticket,
+            durable: self.shared.durable.subscribe(),
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        self.shared.requests.lock().expect("committer lock").stop = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            // The flusher finishes the sync in progress and answers every issued ticket.
+            let _ = thread.join();
+        }
+    }
+}
+
+fn flusher(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
+    let mut done: u64 = 0;
+    loop {
+        let target = {
+            let mut requests = shared.requests.lock().expect("committer lock");
+            while requests.issued == done && !requests.stop {
+                requests = shared.wake.wait(requests).expect("committer lock");
+            }
+            if requests.issued == done {
+                return; // stop requested and every ticket answered
+            }
+            requests.issued
+        };
+        crate::crash::point("commit.before_sync");
+        let result = sync();
+        done = target;
+        match result {
+            Ok(()) => {
+                shared.durable.send_modify(|d| d.ticket = target);
+            }
+            Err(error) => {
+                tracing::error!(%error, "sync failed; the store accepts no more durable writes");
+                shared
+                    .durable
+                    .send_modify(|d| d.failure = Some(error.to_string()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// Many concurrent writers are answered by far fewer syncs, and none waits forever, on a
+    /// two-worker runtime (the configuration where sled's flush_async hung).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_tickets_share_syncs() {
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&syncs);
+        let committer = Arc::new(Committer::start(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            Ok(())
+        }));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let committer = Arc::clone(&committer);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..10 {
+                    committer.ticket().wait().await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let syncs = syncs.load(Ordering::SeqCst);
+        assert!(syncs < 640, "640 tickets took {syncs} syncs: no batching");
+    }
+
+    /// After a failed sync every ticket fails, including ones issued later.
+    #[tokio::test]
+    async fn sync_failure_is_final() {
+        let committer = Committer::start(|| Err(std::io::Error::other("disk gone")));
+        let err = committer.ticket().wait().await.unwrap_err().to_string();
+        assert!(err.contains("disk gone"), "{err}");
+        assert!(committer.ticket().wait().await.is_err());
+    }
+}

@@ -1,0 +1,50 @@
+//! The storage API. Everything above this module talks to a [`JournalStore`]; only
+//! `store/sled.rs` knows about sled trees and key encodings, so a server-backed store can be
+//! added without touching replay or saga code.
+//!
+//! Contract:
+//! - every method that writes is one atomic write: after a crash, all of it or none of it;
+//! - writes become durable only when a [`SyncTicket`] requested after them resolves; a store
+//!   batches every waiting ticket into one sync (group commit);
+//! - reads return what was written, durable or not (the executor never acts on an undurable
+//!   record: it waits for a ticket before any side effect and before telling anyone).
+
+mod commit;
+pub mod sled;
+
+use crate::error::Result;
+use crate::ids::{JournalIndex, RunId};
+use crate::journal::{Entry, RunRecord};
+
+pub use commit::{Durability, SyncTicket};
+
+/// Persistent home of run records and journals.
+pub trait JournalStore: Send + Sync + 'static {
+    /// Inserts `record` unless a run with its id exists; returns the existing record if so.
+    fn create_run(&self, record: &RunRecord) -> Result<Option<RunRecord>>;
+
+    /// The run record of `id`, if any.
+    fn run(&self, id: &RunId) -> Result<Option<RunRecord>>;
+
+    /// Every run record; a record that does not decode is returned as its error, so one
+    /// corrupt record cannot hide the others.
+    fn runs(&self) -> Result<Vec<Result<RunRecord>>>;
+
+    /// The journal of `id`, checked to be dense from index 0.
+    fn journal(&self, id: &RunId) -> Result<Vec<Entry>>;
+
+    /// Writes entry `index` of `id`'s journal and, if given, the new run record, atomically.
+    fn append(
+        &self,
+        id: &RunId,
+        index: JournalIndex,
+        entry: &Entry,
+        record: Option<&RunRecord>,
+    ) -> Result<()>;
+
+    /// Deletes a run record and its journal, atomically.
+    fn delete_run(&self, id: &RunId) -> Result<()>;
+
+    /// A ticket that resolves once every write made before this call is durable.
+    fn sync(&self) -> SyncTicket;
+}

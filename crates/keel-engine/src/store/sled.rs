@@ -1,0 +1,289 @@
+//! The embedded store: run records and journals in one sled tree.
+//!
+//! Key encoding (one tree, so that a record and an entry can change in one atomic batch):
+//! - `r` + run id: the run record (JSON);
+//! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (JSON).
+//!
+//! Run ids never contain `0x00` (see `ids.rs`), so one run's journal prefix is never a prefix
+//! of another's, and big-endian indexes keep a journal in order under sled's byte ordering.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{EngineError, Result};
+use crate::ids::{JournalIndex, RunId};
+use crate::journal::{Entry, RunRecord};
+use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX};
+use crate::store::commit::{Committer, Durability, SyncTicket};
+use crate::store::JournalStore;
+
+const RUN_PREFIX: u8 = b'r';
+const JOURNAL_PREFIX: u8 = b'j';
+
+/// A [`JournalStore`] on sled 0.34.
+pub struct SledStore {
+    path: PathBuf,
+    db: sled::Db,
+    committer: Committer,
+}
+
+impl SledStore {
+    /// Opens (creating with owner-only permissions if needed) the store in `path`.
+    pub fn open(path: &Path, durability: Durability) -> Result<SledStore> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(|e| storage(path, sled::Error::Io(e)))?;
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| open_error(path, e))?;
+        let sync = sync_fn(path, db.clone(), durability).map_err(|e| sync_error(path, e))?;
+        let committer = Committer::start(sync);
+        Ok(SledStore {
+            path: path.to_owned(),
+            db,
+            committer,
+        })
+    }
+
+    fn storage(&self, error: sled::Error) -> EngineError {
+        storage(&self.path, error)
+    }
+}
+
+fn storage(path: &Path, source: sled::Error) -> EngineError {
+    EngineError::Storage {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn sync_error(path: &Path, source: std::io::Error) -> EngineError {
+    EngineError::Sync {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// sled reports a held lock as an `Other` I/O error whose text says so; there is no typed
+/// variant in 0.34.
+fn open_error(path: &Path, error: sled::Error) -> EngineError {
+    match &error {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            EngineError::Locked {
+                path: path.to_owned(),
+            }
+        }
+        _ => storage(path, error),
+    }
+}
+
+/// The sync the committer runs. sled's `flush` writes its buffers and, on Linux, calls
+/// `sync_file_range`; for power-loss durability the log file is then `fdatasync`ed, and so is
+/// every blob file sled has created since (sled writes blobs without syncing them).
+fn sync_fn(
+    path: &Path,
+    db: sled::Db,
+    durability: Durability,
+) -> std::io::Result<impl FnMut() -> std::io::Result<()> + Send + 'static> {
+    let log = File::open(path.join("db"))?;
+    let blobs_dir = path.join("blobs");
+    // The directory entries of the store's files must be durable too.
+    File::open(path)?.sync_all()?;
+    let mut synced_blobs: HashSet<std::ffi::OsString> = HashSet::new();
+    Ok(move || {
+        db.flush().map_err(std::io::Error::other)?;
+        if durability == Durability::ProcessCrash {
+            return Ok(());
+        }
+        log.sync_data()?;
+        let mut new_blob = false;
+        if let Ok(entries) = std::fs::read_dir(&blobs_dir) {
+            for entry in entries {
+                let entry = entry?;
+                if synced_blobs.insert(entry.file_name()) {
+                    File::open(entry.path())?.sync_all()?;
+                    new_blob = true;
+                }
+            }
+        }
+        if new_blob {
+            File::open(&blobs_dir)?.sync_all()?;
+        }
+        Ok(())
+    })
+}
+
+fn run_key(id: &RunId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + id.as_str().len());
+    key.push(RUN_PREFIX);
+    key.extend_from_slice(id.as_str().as_bytes());
+    key
+}
+
+fn journal_prefix(id: &RunId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + id.as_str().len() + 4);
+    key.push(JOURNAL_PREFIX);
+    key.extend_from_slice(id.as_str().as_bytes());
+    key.push(0);
+    key
+}
+
+fn journal_key(id: &RunId, index: JournalIndex) -> Vec<u8> {
+    let mut key = journal_prefix(id);
+    key.extend_from_slice(&index.0.to_be_bytes());
+    key
+}
+
+fn readable_key(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).replace('\u{0}', "/")
+}
+
+fn decode_record(key: &[u8], bytes: &[u8]) -> Result<RunRecord> {
+    serde_json::from_slice(bytes).map_err(|e| EngineError::Corrupt {
+        key: readable_key(key),
+        detail: format!("run record: {e}"),
+    })
+}
+
+fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -> Result<Vec<u8>> {
+    let bytes = serde_json::to_vec(value).map_err(|source| EngineError::Serialise {
+        what: what.into(),
+        source,
+    })?;
+    if bytes.len() > limit {
+        return Err(EngineError::TooLarge {
+            what: what.into(),
+            bytes: bytes.len(),
+            limit,
+        });
+    }
+    Ok(bytes)
+}
+
+impl JournalStore for SledStore {
+    fn create_run(&self, record: &RunRecord) -> Result<Option<RunRecord>> {
+        let key = run_key(&record.id);
+        let bytes = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
+        match self
+            .db
+            .compare_and_swap(&key, None as Option<&[u8]>, Some(bytes))
+        {
+            Ok(Ok(())) => Ok(None),
+            Ok(Err(cas)) => {
+                let current = cas
+                    .current
+                    .expect("compare_and_swap from None fails only on an existing value");
+                decode_record(&key, &current).map(Some)
+            }
+            Err(e) => Err(self.storage(e)),
+        }
+    }
+
+    fn run(&self, id: &RunId) -> Result<Option<RunRecord>> {
+        let key = run_key(id);
+        match self.db.get(&key).map_err(|e| self.storage(e))? {
+            Some(bytes) => decode_record(&key, &bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn runs(&self) -> Result<Vec<Result<RunRecord>>> {
+        let mut records = Vec::new();
+        for item in self.db.scan_prefix([RUN_PREFIX]) {
+            let (key, bytes) = item.map_err(|e| self.storage(e))?;
+            records.push(decode_record(&key, &bytes));
+        }
+        Ok(records)
+    }
+
+    fn journal(&self, id: &RunId) -> Result<Vec<Entry>> {
+        let prefix = journal_prefix(id);
+        let mut entries = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (key, bytes) = item.map_err(|e| self.storage(e))?;
+            let corrupt = |detail: String| EngineError::Corrupt {
+                key: readable_key(&key),
+                detail,
+            };
+            let index_bytes: [u8; 4] = key[prefix.len()..].try_into().map_err(|_| {
+                corrupt(format!(
+                    "journal key has {} index bytes, not 4",
+                    key.len() - prefix.len()
+                ))
+            })?;
+            let index = u32::from_be_bytes(index_bytes);
+            if index as usize != entries.len() {
+                return Err(corrupt(format!(
+                    "journal index {index} follows {} entries: gap",
+                    entries.len()
+                )));
+            }
+            let entry: Entry = serde_json::from_slice(&bytes)
+                .map_err(|e| corrupt(format!("journal entry: {e}")))?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    fn append(
+        &self,
+        id: &RunId,
+        index: JournalIndex,
+        entry: &Entry,
+        record: Option<&RunRecord>,
+    ) -> Result<()> {
+        let entry_bytes = encode("journal entry", entry, ENTRY_BYTES_MAX)?;
+        match record {
+            None => {
+                self.db
+                    .insert(journal_key(id, index), entry_bytes)
+                    .map_err(|e| self.storage(e))?;
+            }
+            Some(record) => {
+                let mut batch = sled::Batch::default();
+                batch.insert(journal_key(id, index), entry_bytes);
+                batch.insert(
+                    run_key(id),
+                    encode("run record", record, RUN_RECORD_BYTES_MAX)?,
+                );
+                self.db.apply_batch(batch).map_err(|e| self.storage(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_run(&self, id: &RunId) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for item in self.db.scan_prefix(journal_prefix(id)).keys() {
+            batch.remove(item.map_err(|e| self.storage(e))?);
+        }
+        batch.remove(run_key(id));
+        self.db.apply_batch(batch).map_err(|e| self.storage(e))
+    }
+
+    fn sync(&self) -> SyncTicket {
+        self.committer.ticket()
+    }
+}
+
+/// Test and tooling access to raw records, for corrupting a store on purpose and for reading
+/// one that an engine must not open.
+#[doc(hidden)]
+pub mod raw {
+    use super::*;
+
+    /// The raw key of a run record.
+    pub fn run_key_of(id: &RunId) -> Vec<u8> {
+        run_key(id)
+    }
+
+    /// The raw key of a journal entry.
+    pub fn journal_key_of(id: &RunId, index: JournalIndex) -> Vec<u8> {
+        journal_key(id, index)
+    }
+}

@@ -1,0 +1,63 @@
+//! Workflows: named, versioned async functions from an input to an output, deterministic given
+//! their journal because all I/O goes through steps.
+
+use std::future::Future;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::ctx::Ctx;
+use crate::ids::StepIndex;
+use crate::journal::ErrorRecord;
+
+/// A workflow type. Register it with [`crate::EngineBuilder::workflow`] so that unfinished
+/// runs resume when the engine opens.
+pub trait Workflow: Send + Sync + 'static {
+    /// The workflow name, e.g. `iot.onboard-device`. Stored with every run.
+    const NAME: &'static str;
+
+    /// The version of the code; stored with every run for operators.
+    const VERSION: u32 = 1;
+
+    /// The input, journaled by `start`.
+    type Input: Serialize + DeserializeOwned + Send + 'static;
+
+    /// The output, journaled when the run completes.
+    type Output: Serialize + DeserializeOwned + Send + 'static;
+
+    /// The workflow body. All side effects go through `ctx` (steps, timers).
+    fn run(
+        ctx: &mut Ctx,
+        input: Self::Input,
+    ) -> impl Future<Output = Result<Self::Output, WorkflowError>> + Send;
+}
+
+/// Why a workflow body returned without an output.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    /// A step failed for good (permanent error, or its retry policy ran out). Workflow code
+    /// may catch this and take another path; propagated, it makes the run compensate.
+    #[error("step {step} ({kind}) failed: {}", error.message)]
+    Step {
+        /// The operation number.
+        step: StepIndex,
+        /// The step kind.
+        kind: String,
+        /// The recorded error.
+        error: ErrorRecord,
+    },
+    /// The workflow decided to fail (business logic).
+    #[error("{0}")]
+    Failed(String),
+    /// The engine stopped the run (cancellation, shutdown, non-determinism, storage failure).
+    /// Workflow code should propagate it; the engine acts on the cause whatever is returned.
+    #[error("run interrupted by the engine")]
+    Interrupted,
+}
+
+impl WorkflowError {
+    /// A business failure with this message.
+    pub fn failed(message: impl Into<String>) -> Self {
+        WorkflowError::Failed(message.into())
+    }
+}
