@@ -1,0 +1,210 @@
+//! Checks of the engine's guarantees against ground truth: the effect log (what really ran)
+//! and the journal (what the engine recorded). Every check panics with the run, the step and
+//! what was seen.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use keel_engine::replay::{RunState, StepOutcome};
+use keel_engine::{Event, IdempotencyKey, RunHistory, RunId, RunStatus, StepIndex};
+
+use crate::effects::{self, Action, Effect};
+
+/// What a run is expected to end as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Completed with this output.
+    Completed(u32),
+    /// Compensated: nothing of it is left.
+    Compensated,
+}
+
+/// Totals over a checked set of runs, so a test can also assert that the scenario exercised
+/// what it meant to.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Side effects that ran (every attempt).
+    pub effects: usize,
+    /// Steps whose effect ran more than once (re-run after a crash or a lost response).
+    pub steps_rerun: usize,
+    /// Undos that ran.
+    pub undos: usize,
+}
+
+/// Checks one run's history against the effect log lines of that run.
+pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally: &mut Tally) {
+    let run = &history.run;
+    let id = run.id.as_str();
+    let terminal: Vec<&Event> = history
+        .entries
+        .iter()
+        .map(|e| &e.event)
+        .filter(|e| {
+            matches!(
+                e,
+                Event::RunCompleted { .. }
+                    | Event::RunCompensated
+                    | Event::RunFailed { .. }
+                    | Event::RunCompensationFailed { .. }
+            )
+        })
+        .collect();
+    assert_eq!(
+        terminal.len(),
+        1,
+        "run {id}: expected exactly one terminal entry, found {terminal:?}"
+    );
+    match expect {
+        Expect::Completed(output) => {
+            assert_eq!(
+                run.status,
+                RunStatus::Completed,
+                "run {id}: {:?}",
+                run.error
+            );
+            assert_eq!(
+                run.output,
+                Some(serde_json::json!(output)),
+                "run {id} output"
+            );
+        }
+        Expect::Compensated => assert_eq!(
+            run.status,
+            RunStatus::Compensated,
+            "run {id}: {:?}",
+            run.error
+        ),
+    }
+    let state = RunState::from_entries(&history.entries)
+        .unwrap_or_else(|e| panic!("run {id}: journal: {e}"));
+    let mine: Vec<&Effect> = effects.iter().filter(|e| e.run == id).collect();
+    let run_id = RunId::new(id).expect("valid id");
+
+    let mut done_attempts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut undo_attempts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+    let mut undo_order: Vec<u32> = Vec::new();
+    for effect in &mine {
+        let key = IdempotencyKey::for_step(&run_id, StepIndex(effect.step)).to_string();
+        assert_eq!(
+            effect.key, key,
+            "run {id} step {}: effect ran with another key",
+            effect.step
+        );
+        match effect.action {
+            Action::Do => {
+                assert!(
+                    undo_order.is_empty(),
+                    "run {id}: step {} ran after compensation began",
+                    effect.step
+                );
+                done_attempts
+                    .entry(effect.step)
+                    .or_default()
+                    .push(effect.attempt);
+            }
+            Action::Undo => {
+                undo_attempts
+                    .entry(effect.step)
+                    .or_default()
+                    .push(effect.attempt);
+                if let Some(last) = undo_order.last() {
+                    assert!(
+                        effect.step <= *last,
+                        "run {id}: undo of step {} after undo of older step {last}: not newest first, or undone again",
+                        effect.step
+                    );
+                }
+                undo_order.push(effect.step);
+            }
+        }
+    }
+
+    for (step, attempts) in &done_attempts {
+        tally.effects += attempts.len();
+        if attempts.len() > 1 {
+            tally.steps_rerun += 1;
+        }
+        let distinct: BTreeSet<u32> = attempts.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            attempts.len(),
+            "run {id} step {step}: an attempt number ran twice: {attempts:?}"
+        );
+        let op = state
+            .step(StepIndex(*step))
+            .unwrap_or_else(|| panic!("run {id}: step {step} ran but is not journaled"));
+        if let StepOutcome::Completed { .. } = op.outcome {
+            // The outcome was recorded at op.attempt; a run of a later attempt would mean the
+            // step ran again after its outcome was recorded.
+            assert!(
+                attempts.iter().all(|a| *a <= op.attempt.0),
+                "run {id} step {step}: ran at attempts {attempts:?} after completing at attempt {}",
+                op.attempt
+            );
+            assert!(
+                attempts.contains(&op.attempt.0),
+                "run {id} step {step}: recorded attempt {} never ran",
+                op.attempt
+            );
+        }
+    }
+    for (step, attempts) in &undo_attempts {
+        tally.undos += attempts.len();
+        let recorded = history.entries.iter().any(|e| {
+            e.event
+                == Event::StepCompensated {
+                    step: StepIndex(*step),
+                }
+        });
+        assert!(
+            recorded,
+            "run {id} step {step}: undone but the undo is not journaled"
+        );
+        let last_started = history
+            .entries
+            .iter()
+            .filter_map(|e| match &e.event {
+                Event::StepCompensationStarted { step: s, attempt } if s.0 == *step => {
+                    Some(attempt.0)
+                }
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(
+            attempts.iter().all(|a| *a <= last_started),
+            "run {id} step {step}: undo ran at attempts {attempts:?}, journal started at most {last_started}"
+        );
+    }
+
+    // The external state: an effect exists if it ran and no undo ran after it.
+    let left: BTreeSet<u32> = done_attempts
+        .keys()
+        .copied()
+        .filter(|s| !undo_attempts.contains_key(s))
+        .collect();
+    match expect {
+        Expect::Completed(_) => {
+            assert!(
+                undo_attempts.is_empty(),
+                "run {id}: completed run had undos {undo_attempts:?}"
+            );
+            let journaled: BTreeSet<u32> = (0..state.ops.len() as u32)
+                .filter(|s| state.step(StepIndex(*s)).is_some())
+                .collect();
+            assert_eq!(
+                left, journaled,
+                "run {id}: effects left differ from the journaled steps"
+            );
+        }
+        Expect::Compensated => assert!(
+            left.is_empty(),
+            "run {id}: compensated run left effects of steps {left:?}"
+        ),
+    }
+}
+
+/// Reads the effect log at `log`.
+pub fn effects_at(log: &Path) -> Vec<Effect> {
+    effects::read(log)
+}

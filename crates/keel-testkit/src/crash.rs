@@ -1,0 +1,124 @@
+//! The crash harness, in the manner of sled's crash tests: a test re-runs its own binary as a
+//! child with a scenario in the environment; the child does the work; the parent kills it
+//! (or arms a crash point that makes it kill itself), restarts it, and finally checks the
+//! result against ground truth kept outside the child.
+
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The environment variable that tells a test binary it runs as a crash-test child.
+pub const CHILD_ENV: &str = "KEEL_CRASH_CHILD";
+
+/// Whether this process is a crash-test child.
+pub fn is_child() -> bool {
+    std::env::var_os(CHILD_ENV).is_some()
+}
+
+/// How one child process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// It finished its work and exited 0.
+    Finished,
+    /// It was killed by SIGKILL (by itself at a crash point, or by the harness).
+    Killed,
+}
+
+/// A child run of the current test binary.
+pub struct ChildSpec<'a> {
+    /// The exact name of the test function to run in the child (it must check [`is_child`]).
+    pub test_name: &'a str,
+    /// Environment for the child: data directory, ground-truth log, scenario parameters.
+    pub env: Vec<(String, String)>,
+}
+
+impl ChildSpec<'_> {
+    /// Spawns the child: the current test binary, filtered to the one test.
+    pub fn spawn(&self, extra_env: &[(&str, String)]) -> Child {
+        let exe = std::env::current_exe().expect("current test binary");
+        let mut command = Command::new(exe);
+        command
+            .args([self.test_name, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, "1")
+            .env_remove("KEEL_CRASH_AT")
+            .env_remove("KEEL_CRASH_SKIP")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            command.env(k, v);
+        }
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        command.spawn().expect("spawning the crash-test child")
+    }
+
+    /// Runs the child to its end (bounded by `timeout`) and classifies how it ended. A child
+    /// that fails any other way fails the test, with its stderr.
+    pub fn run(&self, extra_env: &[(&str, String)], timeout: Duration) -> Ending {
+        let child = self.spawn(extra_env);
+        wait_bounded(child, timeout)
+    }
+
+    /// Runs the child and kills it after `delay` if it is still running.
+    pub fn run_and_kill_after(&self, delay: Duration, timeout: Duration) -> Ending {
+        let mut child = self.spawn(&[]);
+        let deadline = Instant::now() + delay;
+        // Poll for an early exit so a fast child is not reported as killed.
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("polling the child") {
+                return classify(status, &mut child);
+            }
+            std::thread::sleep(Duration::from_millis(1).min(deadline - Instant::now()));
+        }
+        let _ = child.kill(); // SIGKILL on Unix
+        wait_bounded(child, timeout)
+    }
+}
+
+fn wait_bounded(mut child: Child, timeout: Duration) -> Ending {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("polling the child") {
+            return classify(status, &mut child);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "crash-test child did not finish within {timeout:?}: {}",
+                stderr_of(&mut child)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn classify(status: ExitStatus, child: &mut Child) -> Ending {
+    use std::os::unix::process::ExitStatusExt;
+    if status.signal() == Some(9) {
+        return Ending::Killed;
+    }
+    if status.success() {
+        return Ending::Finished;
+    }
+    panic!(
+        "crash-test child failed with {status}: {}",
+        stderr_of(child)
+    );
+}
+
+fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut text = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut text);
+    }
+    text
+}
+
+/// Path helper: `dir/name` as a string for the child's environment.
+pub fn path_env(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}

@@ -1,0 +1,139 @@
+//! Test workflows whose side effects land in the ground-truth log ([`crate::effects`]).
+
+use std::path::Path;
+use std::time::Duration;
+
+use keel_engine::{Ctx, RetryPolicy, Step, StepContext, StepError, Undo, Workflow, WorkflowError};
+use serde::{Deserialize, Serialize};
+
+use crate::effects::{self, Action, Effect};
+
+/// How an [`EffectStep`] misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// Succeeds.
+    None,
+    /// The first attempt does the effect, then reports a retryable error, as when the
+    /// response is lost; later attempts succeed (adopting the effect by key).
+    LostResponseOnce,
+    /// Fails permanently without any effect.
+    Permanent,
+}
+
+/// A step that records its effect (and its undo) in the ground-truth log at `log`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EffectStep {
+    /// Which step of the flow this is; the output is `n * 10`.
+    pub n: u32,
+    /// How it misbehaves.
+    pub fault: Fault,
+    /// The ground-truth log.
+    pub log: String,
+}
+
+impl EffectStep {
+    fn record(&self, action: Action, ctx: &StepContext) -> Result<(), StepError> {
+        let effect = Effect {
+            action,
+            run: ctx.run_id().to_string(),
+            step: ctx.step().0,
+            key: ctx.key().to_string(),
+            attempt: ctx.attempt().0,
+            pid: std::process::id(),
+        };
+        effects::append(Path::new(&self.log), &effect)
+            .map_err(|e| StepError::retryable("effect log not writable").with_source(e))
+    }
+}
+
+impl Step for EffectStep {
+    const KIND: &'static str = "test.effect";
+    type Output = u32;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+        if self.fault == Fault::Permanent {
+            return Err(StepError::permanent(format!(
+                "step {} refuses for good",
+                self.n
+            )));
+        }
+        self.record(Action::Do, ctx)?;
+        if self.fault == Fault::LostResponseOnce && ctx.attempt().0 == 1 {
+            return Err(StepError::retryable(format!(
+                "response of step {} lost",
+                self.n
+            )));
+        }
+        Ok(self.n * 10)
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+            .with_attempts_max(20)
+            .with_backoff(Duration::from_millis(2), Duration::from_millis(40))
+    }
+
+    async fn compensate(&self, ctx: &StepContext, _output: Option<u32>) -> Result<Undo, StepError> {
+        self.record(Action::Undo, ctx)?;
+        Ok(Undo::Done)
+    }
+
+    fn compensation_retry_policy(&self) -> RetryPolicy {
+        self.retry_policy()
+    }
+}
+
+/// Input of [`EffectFlow`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EffectFlowInput {
+    /// How many steps.
+    pub steps: u32,
+    /// The step that fails permanently, if any (the run then compensates).
+    pub fail_at: Option<u32>,
+    /// A durable sleep taken halfway, in milliseconds.
+    pub sleep_ms: u64,
+    /// The ground-truth log.
+    pub log: String,
+}
+
+/// `steps` effect steps with a durable sleep halfway; every third step loses its first
+/// response; step `fail_at` fails permanently. Output: the sum of the step outputs.
+pub struct EffectFlow;
+
+impl Workflow for EffectFlow {
+    const NAME: &'static str = "test.effect-flow";
+    type Input = EffectFlowInput;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, input: EffectFlowInput) -> Result<u32, WorkflowError> {
+        let mut sum = 0;
+        for n in 0..input.steps {
+            if n == input.steps / 2 {
+                ctx.sleep(Duration::from_millis(input.sleep_ms)).await?;
+            }
+            let fault = if input.fail_at == Some(n) {
+                Fault::Permanent
+            } else if n % 3 == 1 {
+                Fault::LostResponseOnce
+            } else {
+                Fault::None
+            };
+            sum += ctx
+                .step(EffectStep {
+                    n,
+                    fault,
+                    log: input.log.clone(),
+                })
+                .await?;
+        }
+        Ok(sum)
+    }
+}
+
+impl EffectFlow {
+    /// The output a run of `input` completes with.
+    pub fn expected_output(input: &EffectFlowInput) -> u32 {
+        (0..input.steps).map(|n| n * 10).sum()
+    }
+}

@@ -1,0 +1,211 @@
+//! Crash tests of the engine: a child process runs a set of workflows and is killed with
+//! SIGKILL at every named crash point and at seeded random moments, restarted until it
+//! finishes, and the journal is checked against the ground-truth effect log kept outside it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use keel::{crash, Engine};
+use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
+use rand::{Rng, SeedableRng};
+
+const RUNS: u32 = 6;
+const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs 2 and 5 fail permanently at their 4th step and compensate; the others complete.
+fn input(i: u32, log: &str) -> EffectFlowInput {
+    EffectFlowInput {
+        steps: 5,
+        fail_at: (i % 3 == 2).then_some(3),
+        sleep_ms: 15,
+        log: log.into(),
+    }
+}
+
+fn run_id(i: u32) -> String {
+    format!("crash-run-{i}")
+}
+
+/// The child: start every run (idempotently: a restarted child starts the same ids) and wait
+/// for all of them.
+fn child_main() {
+    let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
+    let log = std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let engine = Engine::builder(&dir)
+            .workflow::<EffectFlow>()
+            .step::<EffectStep>()
+            .open()
+            .await
+            .unwrap();
+        let mut runs = Vec::new();
+        for i in 0..RUNS {
+            runs.push(
+                engine
+                    .start::<EffectFlow>(&run_id(i), input(i, &log))
+                    .await
+                    .unwrap(),
+            );
+        }
+        for run in runs {
+            // Compensated runs end in an error; both outcomes are checked by the parent.
+            let _ = run.result().await;
+        }
+        engine.shutdown().await;
+    });
+}
+
+fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
+    ChildSpec {
+        test_name,
+        env: vec![
+            ("KEEL_DATA_DIR".into(), path_env(dir, "data")),
+            ("KEEL_EFFECT_LOG".into(), path_env(dir, "effects.jsonl")),
+        ],
+    }
+}
+
+/// Restarts the child, unarmed, until it finishes; returns how many restarts it took.
+fn finish(spec: &ChildSpec<'_>) -> u32 {
+    for restarts in 1..=10 {
+        if spec.run(&[], CHILD_TIMEOUT) == Ending::Finished {
+            return restarts;
+        }
+    }
+    panic!("child never finished");
+}
+
+/// Checks every run against the effect log and returns the tally.
+fn verify(dir: &Path) -> Tally {
+    let log = path_env(dir, "effects.jsonl");
+    let effects = effects_at(Path::new(&log));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        // No workflow registered: this engine only reads.
+        let engine = Engine::builder(dir.join("data")).open().await.unwrap();
+        let mut tally = Tally::default();
+        for i in 0..RUNS {
+            let history = engine.history(&run_id(i)).unwrap();
+            let input = input(i, &log);
+            let expect = match input.fail_at {
+                Some(_) => Expect::Compensated,
+                None => Expect::Completed(EffectFlow::expected_output(&input)),
+            };
+            check_run(&history, expect, &effects, &mut tally);
+            assert!(history.run.status.is_terminal(), "{:?}", history.run.status);
+        }
+        assert_eq!(
+            engine.list().unwrap().len(),
+            RUNS as usize,
+            "a run was created twice or lost"
+        );
+        engine.shutdown().await;
+        tally
+    })
+}
+
+/// Every named crash point is reached by the scenario, and killing the child there (twice,
+/// at seeded hit counts) leaves every run finishing exactly once, no recorded step re-run, and
+/// every compensated run without effects.
+#[test]
+fn crash_at_every_named_point() {
+    const NAME: &str = "crash_at_every_named_point";
+    if is_child() {
+        return child_main();
+    }
+    keel_testkit::init_tracing();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b65_656c);
+    let mut kills = 0;
+    for point in crash::POINTS {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(NAME, dir.path());
+        // Every point is met at least twice per child (two runs compensate), start points in
+        // the first child only.
+        let skip = rng.gen_range(0..2u32);
+        let ending = spec.run(
+            &[
+                ("KEEL_CRASH_AT", point.to_string()),
+                ("KEEL_CRASH_SKIP", skip.to_string()),
+            ],
+            CHILD_TIMEOUT,
+        );
+        assert_eq!(
+            ending,
+            Ending::Killed,
+            "crash point {point} (skip {skip}) was never reached"
+        );
+        kills += 1;
+        if !point.starts_with("start.") {
+            let skip = rng.gen_range(0..2u32);
+            let env = [
+                ("KEEL_CRASH_AT", point.to_string()),
+                ("KEEL_CRASH_SKIP", skip.to_string()),
+            ];
+            if spec.run(&env, CHILD_TIMEOUT) == Ending::Killed {
+                kills += 1;
+            }
+        }
+        finish(&spec);
+        let tally = verify(dir.path());
+        assert!(
+            tally.undos > 0,
+            "{point}: the scenario must compensate something"
+        );
+    }
+    assert!(kills >= crash::POINTS.len());
+}
+
+/// SIGKILL at seeded random moments, 25 times per scenario over 9 scenarios (225 kills):
+/// after the child finishes, the same checks hold.
+#[test]
+fn crash_at_random_moments() {
+    const NAME: &str = "crash_at_random_moments";
+    if is_child() {
+        return child_main();
+    }
+    keel_testkit::init_tracing();
+    let mut kills = 0;
+    let mut rerun = 0;
+    for seed in 0..9u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(NAME, dir.path());
+        let mut scenario_kills = 0;
+        let mut attempts = 0;
+        while scenario_kills < 25 {
+            attempts += 1;
+            assert!(
+                attempts < 200,
+                "seed {seed}: the child keeps finishing before it can be killed"
+            );
+            let delay = Duration::from_millis(rng.gen_range(1..150));
+            match spec.run_and_kill_after(delay, CHILD_TIMEOUT) {
+                Ending::Killed => scenario_kills += 1,
+                // It finished: start over with a fresh store so the kills keep landing mid-work.
+                Ending::Finished => {
+                    verify(dir.path());
+                    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+                    std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
+                }
+            }
+        }
+        kills += scenario_kills;
+        finish(&spec);
+        rerun += verify(dir.path()).steps_rerun;
+    }
+    assert!(kills >= 200, "{kills} kills");
+    assert!(
+        rerun > 0,
+        "no step was ever re-run: the kills never landed mid-step"
+    );
+}
