@@ -58,7 +58,9 @@ pub enum StepOutcome {
         /// The last error.
         error: ErrorRecord,
     },
-    /// A permanent error: by the step's contract it had no effect.
+    /// A permanent error: by the step's contract that attempt had no effect. Earlier
+    /// attempts may have had one (a crash or a lost response cut them off), so a step that
+    /// failed permanently after its first attempt is in doubt for the saga.
     FailedPermanently {
         /// The error.
         error: ErrorRecord,
@@ -453,7 +455,7 @@ pub fn step_action(op: Option<&StepOp>) -> StepAction {
 
 /// How step `index` is to be undone: `Some(Some(output))` for a completed step,
 /// `Some(None)` for a step in doubt, `None` for nothing to undo (not a step, or a permanent
-/// failure, which by contract had no effect).
+/// failure of the first attempt, which by contract had no effect).
 pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> {
     let op = state.step(index)?;
     match &op.outcome {
@@ -461,7 +463,8 @@ pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> 
         StepOutcome::InFlight | StepOutcome::RetryScheduled { .. } | StepOutcome::GaveUp { .. } => {
             Some(None)
         }
-        StepOutcome::FailedPermanently { .. } => None,
+        StepOutcome::FailedPermanently { .. } if op.attempt == Attempt::FIRST => None,
+        StepOutcome::FailedPermanently { .. } => Some(None),
     }
 }
 
@@ -625,6 +628,23 @@ mod tests {
         ];
         let mut s = RunState::from_entries(&entries).unwrap();
         assert_eq!(undo_input(&s, StepIndex(4)), Some(None), "in doubt");
+        assert_eq!(
+            undo_input(&s, StepIndex(3)),
+            None,
+            "permanent failure of a first attempt had no effect"
+        );
+        let retried = RunState::from_entries(&[
+            started(0, 1),
+            failed(0, 1, ErrorClass::Retryable, Some(1)),
+            started(0, 2),
+            failed(0, 2, ErrorClass::Permanent, None),
+        ])
+        .unwrap();
+        assert_eq!(
+            undo_input(&retried, StepIndex(0)),
+            Some(None),
+            "an earlier attempt may have taken effect"
+        );
         let next = |s: &RunState| match undo_action(s) {
             UndoAction::Undo { step, .. } => Some(step.0),
             _ => None,
