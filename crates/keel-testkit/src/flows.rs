@@ -19,6 +19,13 @@ pub enum Fault {
     LostResponseOnce,
     /// Fails permanently without any effect.
     Permanent,
+    /// The first attempt does the effect and succeeds; any later attempt (after a crash cut
+    /// off the first before its outcome was recorded) fails permanently, leaving the step in
+    /// doubt for the saga.
+    PermanentOnRetry,
+    /// The compensation fails permanently (until the test removes the marker file
+    /// `<log>.refuse-undo`).
+    UndoRefused,
 }
 
 /// A step that records its effect (and its undo) in the ground-truth log at `log`.
@@ -58,6 +65,12 @@ impl Step for EffectStep {
                 self.n
             )));
         }
+        if self.fault == Fault::PermanentOnRetry && ctx.attempt().0 > 1 {
+            return Err(StepError::permanent(format!(
+                "step {} refuses its retry",
+                self.n
+            )));
+        }
         self.record(Action::Do, ctx)?;
         if self.fault == Fault::LostResponseOnce && ctx.attempt().0 == 1 {
             return Err(StepError::retryable(format!(
@@ -74,7 +87,26 @@ impl Step for EffectStep {
             .with_backoff(Duration::from_millis(2), Duration::from_millis(40))
     }
 
-    async fn compensate(&self, ctx: &StepContext, _output: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(&self, ctx: &StepContext, output: Option<u32>) -> Result<Undo, StepError> {
+        if self.fault == Fault::UndoRefused
+            && Path::new(&format!("{}.refuse-undo", self.log)).exists()
+        {
+            return Err(StepError::permanent(format!(
+                "undo of step {} refused",
+                self.n
+            )));
+        }
+        if output.is_none() {
+            // In doubt: look for the effect by key, as a real step looks for a resource by
+            // its tag; undo only what exists.
+            let key = ctx.key().to_string();
+            let exists = effects::read(Path::new(&self.log))
+                .iter()
+                .any(|e| e.action == Action::Do && e.key == key);
+            if !exists {
+                return Ok(Undo::Done);
+            }
+        }
         self.record(Action::Undo, ctx)?;
         Ok(Undo::Done)
     }
