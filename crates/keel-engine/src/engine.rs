@@ -194,12 +194,12 @@ impl<W: Workflow> RunHandle<W> {
     pub async fn result(&self) -> Result<W::Output> {
         let record = self.engine.wait(self.id.as_str()).await?;
         match (record.status, record.output) {
-            (RunStatus::Completed, Some(output)) => {
-                serde_json::from_value(output).map_err(|e| EngineError::Corrupt {
+            // A stored `null` output (say, of a workflow returning `()`) reads back as `None`.
+            (RunStatus::Completed, output) => serde_json::from_value(output.unwrap_or(Value::Null))
+                .map_err(|e| EngineError::Corrupt {
                     key: format!("run {}", self.id),
                     detail: format!("stored output does not decode as {}'s output: {e}", W::NAME),
-                })
-            }
+                }),
             (status, _) => Err(EngineError::RunEnded {
                 id: self.id.clone(),
                 status,
