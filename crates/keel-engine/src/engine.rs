@@ -277,6 +277,23 @@ impl Engine {
         }
     }
 
+    /// Loads a run this engine just created (its journal is empty: nothing to read) and
+    /// spawns its driver.
+    fn load_new(&self, record: RunRecord) {
+        let cell = Arc::new(RunCell::new(record, RunState::default()));
+        let fresh = {
+            let mut cells = self.inner.cells.lock().expect("cells lock");
+            let fresh = !cells.contains_key(&cell.id);
+            if fresh {
+                cells.insert(cell.id.clone(), Arc::clone(&cell));
+            }
+            fresh
+        };
+        if fresh {
+            self.spawn_driver(cell);
+        }
+    }
+
     /// Loads `record` and its journal into a cell in the map, unless one is there already.
     fn load_cell(&self, record: RunRecord) -> Result<Loaded> {
         let mut cells = self.inner.cells.lock().expect("cells lock");
@@ -377,7 +394,7 @@ impl Engine {
                 self.inner.store.sync().wait().await?;
                 crate::crash::point("start.after_sync");
                 tracing::info!(run_id = %id, workflow, "run started");
-                self.load(record.clone())?;
+                self.load_new(record.clone());
                 Ok(record)
             }
             Some(existing) => {
@@ -399,6 +416,14 @@ impl Engine {
                 // The run may have been created by a concurrent call whose sync is still in
                 // flight: nobody learns of a run before it is durable.
                 self.inner.store.sync().wait().await?;
+                // That call may not have loaded it yet either; whoever loads first drives it
+                // (the cell map admits one), so a caller never waits on an undriven run.
+                if matches!(
+                    existing.status,
+                    RunStatus::Running | RunStatus::Compensating
+                ) {
+                    self.load(existing.clone())?;
+                }
                 Ok(existing)
             }
         }
