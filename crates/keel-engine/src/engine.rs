@@ -269,8 +269,18 @@ impl Engine {
     /// Loads `record` into a cell and spawns its driver, unless it is loaded already.
     fn load(&self, record: RunRecord) -> Result<Arc<RunCell>> {
         match self.load_cell(record)? {
-            Loaded::Fresh(cell) => {
+            Loaded::Fresh(cell)
+                if matches!(
+                    cell.record().status,
+                    RunStatus::Running | RunStatus::Compensating
+                ) =>
+            {
                 self.spawn_driver(Arc::clone(&cell));
+                Ok(cell)
+            }
+            Loaded::Fresh(cell) => {
+                // Settled meanwhile: nothing to drive.
+                self.inner.unload(&cell);
                 Ok(cell)
             }
             Loaded::Existing(cell) => Ok(cell),
@@ -300,6 +310,15 @@ impl Engine {
         if let Some(cell) = cells.get(&record.id) {
             return Ok(Loaded::Existing(Arc::clone(cell)));
         }
+        // The caller's copy may be stale (the run may have settled and been unloaded since it
+        // was read); cells are unloaded only under this lock, so the stored record read here
+        // is current.
+        let id = record.id;
+        let record = self
+            .inner
+            .store
+            .run(&id)?
+            .ok_or(EngineError::RunNotFound { id })?;
         let entries = self.inner.store.journal(&record.id)?;
         let state = RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
             key: format!("journal of run {}", record.id),
