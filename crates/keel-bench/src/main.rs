@@ -1,65 +1,88 @@
-//! `keel-bench [DIR] [--quick]`: measures the engine at the default (power-loss) durability and
-//! reports each figure as a ratio to the disk's raw rate of 200-byte appends with one
-//! `fdatasync` each, measured in the same run on the same disk (before and after, averaged),
-//! because this disk's sync rate swings 20x from minute to minute.
+//! `keel-bench`: measures Keel's engine at the default durability (power loss) and reports
+//! every figure next to the disk's raw rate of 200-byte appends with one `fdatasync` each,
+//! measured in the same run on the same disk, before and after everything else. The disk's
+//! sync rate swings widely from minute to minute, so only the ratios carry over between runs.
+//!
+//! Measured, in this order:
+//! 1. the baseline (first time);
+//! 2. memory per run asleep on a durable timer (first among the engine measurements, so that
+//!    the allocator has not yet grown a heap it could reuse without raising RSS);
+//! 3. one run of many sequential no-op steps: journaled steps/s;
+//! 4. many concurrent runs of 10 no-op steps: steps/s;
+//! 5. durable starts from 100 concurrent callers: starts/s;
+//! 6. resume after SIGKILL: `open()` time and time until every run completed;
+//! 7. the baseline (second time); then the peak RSS of the whole run.
 
-// The binary's output is its report.
-#![allow(clippy::print_stdout, clippy::print_stderr)]
+// The binary's output is its report: printing it to stdout is its job.
+#![allow(clippy::print_stdout)]
+// Progress goes to stderr, so that a long run shows what it is doing while stdout holds only
+// the report.
+#![allow(clippy::print_stderr)]
 
-use std::io::Write;
+mod measure;
+mod report;
+mod resume;
+mod system;
+mod workload;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use keel_engine::{Ctx, Engine, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError};
-use serde::{Deserialize, Serialize};
+use clap::{Parser, Subcommand};
+use keel_engine::Durability;
 
-/// A step with no side effect: what is measured is the journal.
-#[derive(Serialize, Deserialize)]
-struct Noop(u32);
+use crate::report::{Baseline, Figure, Report};
 
-impl Step for Noop {
-    const KIND: &'static str = "bench.noop";
-    type Output = ();
-    async fn execute(&self, _ctx: &StepContext) -> Result<(), StepError> {
-        Ok(())
-    }
+/// Measures Keel's engine (journaled steps/s, durable starts/s, resume after SIGKILL, memory
+/// per sleeping run) at the default durability, each figure next to the disk's raw
+/// append+fdatasync rate measured in the same run.
+#[derive(Parser)]
+#[command(
+    name = "keel-bench",
+    version,
+    after_help = "Exit codes: 0 measured (whether or not targets are met), 1 failure, 2 bad usage."
+)]
+struct Cli {
+    /// Directory in which a fresh data directory is created (and removed at the end). It
+    /// decides which disk is measured: pick one on that disk, not a tmpfs.
+    #[arg(long, env = "KEEL_BENCH_DIR", default_value = "target/bench-data")]
+    dir: PathBuf,
+
+    /// Smaller sizes for a quick look (the targets are set for the full sizes).
+    #[arg(long)]
+    quick: bool,
+
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-/// `steps` no-op steps, then an optional durable sleep.
-struct Steps;
-
-#[derive(Serialize, Deserialize)]
-struct StepsInput {
-    steps: u32,
-    sleep_ms: u64,
+#[derive(Subcommand)]
+enum Command {
+    /// The child of the resume measurement: fills a store with sleeping runs, prints `ready`
+    /// and waits to be killed.
+    #[command(hide = true)]
+    Populate {
+        /// The engine's data directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// How many runs to start.
+        #[arg(long)]
+        runs: u32,
+        /// When every run's timer expires, in ms since the Unix epoch.
+        #[arg(long)]
+        wake_at_ms: u64,
+    },
 }
 
-impl Workflow for Steps {
-    const NAME: &'static str = "bench.steps";
-    type Input = StepsInput;
-    type Output = ();
-    async fn run(ctx: &mut Ctx, input: StepsInput) -> Result<(), WorkflowError> {
-        for n in 0..input.steps {
-            ctx.step(Noop(n)).await?;
-        }
-        if input.sleep_ms > 0 {
-            ctx.sleep(Duration::from_millis(input.sleep_ms)).await?;
-        }
-        Ok(())
-    }
-}
-
-async fn open(dir: &Path) -> anyhow::Result<Engine> {
-    Ok(Engine::builder(dir)
-        .workflow::<Steps>()
-        .step::<Noop>()
-        .open()
-        .await?)
-}
-
+/// How much work each measurement does.
+#[derive(Clone, Copy)]
 struct Sizes {
+    /// Whether these are the reduced `--quick` sizes.
+    quick: bool,
     sequential_steps: u32,
     concurrent_runs: u32,
     starts: u32,
@@ -67,287 +90,240 @@ struct Sizes {
     sleeping_runs: u32,
 }
 
-/// Appends of 200 bytes with one fdatasync each, for about 3 s: appends/s.
-fn baseline(dir: &Path) -> anyhow::Result<f64> {
-    let path = dir.join("baseline.log");
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)?;
-    let record = [b'x'; 200];
-    let started = Instant::now();
-    let mut n = 0u32;
-    while started.elapsed() < Duration::from_secs(3) && n < 2000 {
-        file.write_all(&record)?;
-        file.sync_data()?;
-        n += 1;
-    }
-    let rate = f64::from(n) / started.elapsed().as_secs_f64();
-    std::fs::remove_file(path)?;
-    Ok(rate)
-}
-
-/// One run of many sequential steps: journaled steps/s.
-async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
-    let engine = open(&dir.join("sequential")).await?;
-    let started = Instant::now();
-    engine
-        .start::<Steps>("seq", StepsInput { steps, sleep_ms: 0 })
-        .await?
-        .result()
-        .await?;
-    let rate = f64::from(steps) / started.elapsed().as_secs_f64();
-    engine.shutdown().await;
-    Ok(rate)
-}
-
-/// Many concurrent runs of 10 steps: journaled steps/s across all of them.
-async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<f64> {
-    let engine = open(&dir.join("concurrent")).await?;
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for i in 0..runs {
-        handles.push(
-            engine
-                .start::<Steps>(
-                    &format!("c{i}"),
-                    StepsInput {
-                        steps: 10,
-                        sleep_ms: 0,
-                    },
-                )
-                .await?,
-        );
-    }
-    for handle in handles {
-        handle.result().await?;
-    }
-    let rate = f64::from(runs * 10) / started.elapsed().as_secs_f64();
-    engine.shutdown().await;
-    Ok(rate)
-}
-
-/// Durable starts from 100 concurrent callers: starts/s (until every start returned).
-async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
-    let engine = open(&dir.join("starts")).await?;
-    let started = Instant::now();
-    let mut callers = Vec::new();
-    for caller in 0..100 {
-        let engine = engine.clone();
-        callers.push(tokio::spawn(async move {
-            for i in (caller..total).step_by(100) {
-                engine
-                    .start::<Steps>(
-                        &format!("s{i}"),
-                        StepsInput {
-                            steps: 0,
-                            sleep_ms: 0,
-                        },
-                    )
-                    .await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for caller in callers {
-        caller.await??;
-    }
-    let rate = f64::from(total) / started.elapsed().as_secs_f64();
-    engine.shutdown().await;
-    Ok(rate)
-}
-
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    pages * 4096
-}
-
-fn peak_rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|kb| kb.parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// Waits until every run `prefix{0..n}` has journaled a timer.
-async fn until_all_asleep(engine: &Engine, prefix: &str, n: u32) -> anyhow::Result<()> {
-    for i in 0..n {
-        let id = format!("{prefix}{i}");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !engine
-            .history(&id)?
-            .entries
-            .iter()
-            .any(|e| matches!(e.event, keel_engine::Event::TimerSet { .. }))
-        {
-            if Instant::now() > deadline {
-                bail!("run {id} never went to sleep");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    Ok(())
-}
-
-/// Resident memory per run asleep on a durable timer: (RSS after - RSS before) / runs.
-async fn memory(dir: &Path, runs: u32) -> anyhow::Result<f64> {
-    let engine = open(&dir.join("memory")).await?;
-    let before = rss_bytes();
-    for i in 0..runs {
-        engine
-            .start::<Steps>(
-                &format!("m{i}"),
-                StepsInput {
-                    steps: 1,
-                    sleep_ms: 3_600_000,
-                },
-            )
-            .await?;
-    }
-    until_all_asleep(&engine, "m", runs).await?;
-    let per_run = (rss_bytes().saturating_sub(before)) as f64 / f64::from(runs);
-    engine.shutdown().await;
-    Ok(per_run)
-}
-
-/// The child of the resume measurement: starts `runs` runs that sleep 4 s after one step,
-/// says "ready" once all are asleep, and waits to be killed.
-async fn populate(dir: &Path, runs: u32) -> anyhow::Result<()> {
-    let engine = open(dir).await?;
-    for i in 0..runs {
-        engine
-            .start::<Steps>(
-                &format!("r{i}"),
-                StepsInput {
-                    steps: 1,
-                    sleep_ms: 4_000,
-                },
-            )
-            .await?;
-    }
-    until_all_asleep(&engine, "r", runs).await?;
-    println!("ready");
-    std::io::stdout().flush()?;
-    std::future::pending::<()>().await;
-    Ok(())
-}
-
-/// Resume after SIGKILL: a child starts the runs and is killed once they sleep; then the
-/// store is reopened once the timers expired. Returns (open() duration, duration until every
-/// run completed).
-async fn resume(dir: &Path, runs: u32) -> anyhow::Result<(Duration, Duration)> {
-    let data = dir.join("resume");
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["populate", &data.to_string_lossy(), &runs.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let populated = Instant::now();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().context("child stdout")?),
-        &mut line,
-    )?;
-    if line.trim() != "ready" {
-        bail!("populate child said {line:?}");
-    }
-    child.kill()?; // SIGKILL
-    child.wait()?;
-    // Let every timer expire, so what is timed is resuming and finishing, not sleeping.
-    tokio::time::sleep(
-        Duration::from_secs(4).saturating_sub(populated.elapsed()) + Duration::from_millis(200),
-    )
-    .await;
-    let started = Instant::now();
-    let engine = open(&data).await?;
-    let opened = started.elapsed();
-    for i in 0..runs {
-        let record = engine.wait(&format!("r{i}")).await?;
-        if record.status != RunStatus::Completed {
-            bail!("run r{i} ended {}", record.status);
-        }
-    }
-    let finished = started.elapsed();
-    engine.shutdown().await;
-    Ok((opened, finished))
-}
-
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    if args.first().map(String::as_str) == Some("populate") {
-        let dir = PathBuf::from(&args[1]);
-        let runs: u32 = args[2].parse()?;
-        return runtime.block_on(populate(&dir, runs));
-    }
-    let quick = args.iter().any(|a| a == "--quick");
-    let root = args
-        .iter()
-        .find(|a| !a.starts_with("--"))
-        .map_or_else(|| PathBuf::from("target/bench-data"), PathBuf::from);
-    let sizes = if quick {
-        Sizes {
-            sequential_steps: 1_000,
-            concurrent_runs: 200,
-            starts: 1_000,
-            resume_runs: 2_000,
-            sleeping_runs: 2_000,
-        }
-    } else {
-        Sizes {
-            sequential_steps: 10_000,
-            concurrent_runs: 1_000,
-            starts: 5_000,
-            resume_runs: 10_000,
-            sleeping_runs: 10_000,
-        }
+impl Sizes {
+    /// The sizes the targets are set for.
+    const FULL: Sizes = Sizes {
+        quick: false,
+        sequential_steps: 10_000,
+        concurrent_runs: 1_000,
+        starts: 5_000,
+        resume_runs: 10_000,
+        sleeping_runs: 10_000,
     };
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root)?;
-    let dir = root.canonicalize()?;
+
+    /// `--quick`.
+    const QUICK: Sizes = Sizes {
+        quick: true,
+        sequential_steps: 1_000,
+        concurrent_runs: 200,
+        starts: 1_000,
+        resume_runs: 2_000,
+        sleeping_runs: 2_000,
+    };
+}
+
+/// How the report is printed.
+#[derive(Clone, Copy)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Populate {
+            dir,
+            runs,
+            wake_at_ms,
+        }) => resume::populate(&dir, runs, wake_at_ms).await,
+        None => {
+            let sizes = if cli.quick { Sizes::QUICK } else { Sizes::FULL };
+            let output = if cli.json {
+                Output::Json
+            } else {
+                Output::Table
+            };
+            let report = bench(&cli.dir, sizes).await?;
+            match output {
+                Output::Table => print!("{}", report.table()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Runs every measurement in a fresh directory under `parent` (removed at the end) and builds
+/// the report.
+async fn bench(parent: &Path, sizes: Sizes) -> anyhow::Result<Report> {
+    if Durability::default() != Durability::PowerLoss {
+        bail!("the engine's default durability is no longer PowerLoss: the targets assume it");
+    }
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let data = tempfile::Builder::new()
+        .prefix("run-")
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a data directory in {}", parent.display()))?;
+    let dir = data.path().canonicalize()?;
+    let filesystem = system::filesystem(&dir)?;
+    eprintln!("keel-bench: data in {} on {filesystem}", dir.display());
+    if filesystem.in_memory() {
+        eprintln!("warning: {filesystem} is in memory: no figure says anything about a disk");
+    }
+    let measured = measure_all(&dir, sizes).await?;
+    Ok(Report {
+        dir: dir.display().to_string(),
+        filesystem,
+        durability: "PowerLoss (default)",
+        quick: sizes.quick,
+        baseline: measured.baseline,
+        figures: figures(&measured, sizes),
+    })
+}
+
+/// Everything measured in one run.
+struct Measured {
+    baseline: Baseline,
+    memory_per_run_bytes: f64,
+    sequential_steps_per_s: f64,
+    concurrent_steps_per_s: f64,
+    starts_per_s: f64,
+    resumed: resume::Resume,
+    peak_rss_bytes: u64,
+}
+
+/// Runs the measurements in order (see the crate docs for why this order), logging progress.
+async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
+    eprintln!("[1/7] baseline, before...");
+    let before = blocking_baseline(dir, "baseline-before").await?;
+    eprintln!("  {before:.0} appends/s");
+
+    let n = sizes.sleeping_runs;
+    eprintln!("[2/7] memory of {n} runs asleep on a 1-hour timer...");
+    let memory_per_run_bytes = measure::memory(dir, n).await?;
+    eprintln!("  {memory_per_run_bytes:.0} bytes per run");
+
+    let n = sizes.sequential_steps;
+    eprintln!("[3/7] one run of {n} no-op steps...");
+    let sequential_steps_per_s = measure::sequential(dir, n).await?;
+    eprintln!("  {sequential_steps_per_s:.0} steps/s");
+
+    let n = sizes.concurrent_runs;
+    eprintln!("[4/7] {n} concurrent runs of 10 no-op steps...");
+    let concurrent_steps_per_s = measure::concurrent(dir, n).await?;
+    eprintln!("  {concurrent_steps_per_s:.0} steps/s");
+
+    let n = sizes.starts;
+    eprintln!("[5/7] {n} durable starts from 100 callers...");
+    let starts_per_s = measure::starts(dir, n).await?;
+    eprintln!("  {starts_per_s:.0} starts/s");
+
+    let n = sizes.resume_runs;
+    eprintln!("[6/7] resume of {n} sleeping runs after SIGKILL...");
+    let resumed = resume::resume(dir, n, starts_per_s).await?;
     eprintln!(
-        "keel-bench: data in {} (durability: power loss)",
-        dir.display()
+        "  open() {:.3} s, all completed {:.3} s",
+        resumed.opened.as_secs_f64(),
+        resumed.completed.as_secs_f64()
     );
 
-    runtime.block_on(async {
-        eprintln!("baseline (before)...");
-        let base_before = baseline(&dir)?;
-        eprintln!("one run of {} steps...", sizes.sequential_steps);
-        let seq = sequential(&dir, sizes.sequential_steps).await?;
-        eprintln!("{} concurrent runs of 10 steps...", sizes.concurrent_runs);
-        let conc = concurrent(&dir, sizes.concurrent_runs).await?;
-        eprintln!("{} starts from 100 callers...", sizes.starts);
-        let st = starts(&dir, sizes.starts).await?;
-        eprintln!("resume of {} runs after SIGKILL...", sizes.resume_runs);
-        let (opened, finished) = resume(&dir, sizes.resume_runs).await?;
-        eprintln!("memory of {} sleeping runs...", sizes.sleeping_runs);
-        let mem = memory(&dir, sizes.sleeping_runs).await?;
-        eprintln!("baseline (after)...");
-        let base_after = baseline(&dir)?;
-        let base = (base_before + base_after) / 2.0;
+    eprintln!("[7/7] baseline, after...");
+    let after = blocking_baseline(dir, "baseline-after").await?;
+    eprintln!("  {after:.0} appends/s");
 
-        println!("| figure | value | ratio to baseline | target |");
-        println!("|---|---|---|---|");
-        println!("| baseline: 200-byte append + fdatasync | {base:.0}/s (before {base_before:.0}, after {base_after:.0}) | 1.00 | |");
-        println!("| one run of {} steps | {seq:.0} steps/s | {:.2} | >= 0.6 |", sizes.sequential_steps, seq / base);
-        println!("| {} concurrent runs x 10 steps | {conc:.0} steps/s | {:.2} | >= 5 |", sizes.concurrent_runs, conc / base);
-        println!("| durable starts, 100 callers | {st:.0} starts/s | {:.2} | >= 3 |", st / base);
-        println!("| resume {} runs after SIGKILL: open() | {:.3} s | | < 2 s |", sizes.resume_runs, opened.as_secs_f64());
-        println!("| resume {} runs after SIGKILL: all completed | {:.3} s | | |", sizes.resume_runs, finished.as_secs_f64());
-        println!("| memory per sleeping run ({} runs) | {:.0} bytes | | < 10240 |", sizes.sleeping_runs, mem);
-        println!("| peak RSS | {:.1} MiB | | |", peak_rss_bytes() as f64 / (1024.0 * 1024.0));
-        anyhow::Ok(())
-    })?;
-    let _ = std::fs::remove_dir_all(&root);
-    Ok(())
+    Ok(Measured {
+        baseline: Baseline::new(before, after),
+        memory_per_run_bytes,
+        sequential_steps_per_s,
+        concurrent_steps_per_s,
+        starts_per_s,
+        resumed,
+        peak_rss_bytes: system::peak_rss_bytes()?,
+    })
+}
+
+/// The report's lines, with their targets (set for the full sizes).
+fn figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
+    let base = &m.baseline;
+    let resume_runs = thousands(sizes.resume_runs);
+    vec![
+        Figure::rate(
+            "baseline, before",
+            base.before_per_s,
+            "appends/s",
+            base,
+            None,
+        ),
+        Figure::rate("baseline, after", base.after_per_s, "appends/s", base, None),
+        Figure::rate(
+            format!(
+                "one run of {} no-op steps",
+                thousands(sizes.sequential_steps)
+            ),
+            m.sequential_steps_per_s,
+            "steps/s",
+            base,
+            Some(0.6),
+        ),
+        Figure::rate(
+            format!(
+                "{} concurrent runs x 10 no-op steps",
+                thousands(sizes.concurrent_runs)
+            ),
+            m.concurrent_steps_per_s,
+            "steps/s",
+            base,
+            Some(5.0),
+        ),
+        Figure::rate(
+            format!(
+                "durable starts, 100 callers, {} runs",
+                thousands(sizes.starts)
+            ),
+            m.starts_per_s,
+            "starts/s",
+            base,
+            Some(3.0),
+        ),
+        Figure::duration(
+            format!("resume of {resume_runs} runs after SIGKILL: open() returned"),
+            m.resumed.opened.as_secs_f64(),
+            base,
+            Some(2.0),
+        ),
+        Figure::duration(
+            format!("resume of {resume_runs} runs after SIGKILL: all completed"),
+            m.resumed.completed.as_secs_f64(),
+            base,
+            Some(2.0),
+        ),
+        Figure::size(
+            format!(
+                "memory per sleeping run ({} runs)",
+                thousands(sizes.sleeping_runs)
+            ),
+            m.memory_per_run_bytes,
+            "bytes",
+            Some(10_240.0),
+        ),
+        Figure::size(
+            "peak RSS of the whole run (VmHWM)",
+            m.peak_rss_bytes as f64 / (1024.0 * 1024.0),
+            "MiB",
+            None,
+        ),
+    ]
+}
+
+/// Runs [`measure::baseline`] off the async workers: it blocks in `fdatasync`.
+async fn blocking_baseline(dir: &Path, name: &'static str) -> anyhow::Result<f64> {
+    let dir = dir.to_owned();
+    tokio::task::spawn_blocking(move || measure::baseline(&dir, name))
+        .await
+        .context("the baseline thread panicked")?
+}
+
+/// `12345` as `12,345`.
+fn thousands(n: u32) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
 }

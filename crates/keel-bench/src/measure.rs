@@ -1,0 +1,107 @@
+//! The measurements that run inside this process, one function each. Each one opens its own
+//! engine in its own subdirectory, measures, and shuts the engine down. (Resume after a kill
+//! needs a child process and lives in `resume.rs`.)
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use keel_engine::Engine;
+
+use crate::system;
+use crate::workload::{
+    self, open, start_concurrently, wait_all_asleep, wait_all_completed, SleepInput, Steps,
+    StepsInput, StepsThenSleep,
+};
+
+/// The baseline: 200-byte appends to a file, each followed by one `fdatasync`
+/// (`File::sync_data`), for about 3 s or 2,000 appends, whichever comes first. Returns
+/// appends/s: what the disk does with nothing but syncs in the way.
+pub fn baseline(dir: &Path, name: &str) -> anyhow::Result<f64> {
+    const DURATION: Duration = Duration::from_secs(3);
+    const APPENDS_MAX: u32 = 2_000;
+    let path = dir.join(name);
+    let mut file = std::fs::OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    let record = [b'x'; 200];
+    let started = Instant::now();
+    let mut appends = 0u32;
+    while appends < APPENDS_MAX && started.elapsed() < DURATION {
+        file.write_all(&record)?;
+        file.sync_data()?;
+        appends += 1;
+    }
+    let rate = f64::from(appends) / started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+/// One run of `steps` no-op steps, timed from `start` until its result is available: journaled
+/// steps/s of a single sequential workflow (one sync per step, none to share).
+pub async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
+    let engine = open(&dir.join("sequential")).await?;
+    let started = Instant::now();
+    engine
+        .start::<Steps>("sequential", StepsInput { steps })
+        .await?
+        .result()
+        .await?;
+    let rate = f64::from(steps) / started.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+/// `runs` concurrent runs of 10 no-op steps each: all are started (from
+/// [`workload::CALLERS`] concurrent tasks, as a service would), then every result is awaited.
+/// Returns journaled steps/s across all runs, from the first start until the last result.
+pub async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<f64> {
+    const STEPS: u32 = 10;
+    let engine = open(&dir.join("concurrent")).await?;
+    let started = Instant::now();
+    start_concurrently::<Steps>(&engine, "concurrent", runs, &StepsInput { steps: STEPS }).await?;
+    wait_all_completed(&engine, "concurrent", runs).await?;
+    let rate = f64::from(runs * STEPS) / started.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+/// Durable starts: [`workload::CALLERS`] concurrent tasks start `total` runs (distinct ids)
+/// of a workflow with no steps. Returns starts/s, timed until every `start` call returned
+/// (each returns once its run is durable). The started runs complete meanwhile, so their
+/// terminal records compete with the starts for syncs, as they would in a service.
+pub async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
+    let engine = open(&dir.join("starts")).await?;
+    let started = Instant::now();
+    start_concurrently::<Steps>(&engine, "start", total, &StepsInput { steps: 0 }).await?;
+    let rate = f64::from(total) / started.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+/// Resident memory per sleeping run: RSS (from `/proc/self/statm`) before and after starting
+/// `runs` runs that each sleep on a 1-hour durable timer, once every one has journaled its
+/// timer. Returns (after - before) / runs, in bytes; the engine is then shut down.
+///
+/// The figure is only honest in a process whose allocator has not yet grown and freed a
+/// bigger heap (freed memory is reused without raising RSS), so call this before the other
+/// engine measurements.
+pub async fn memory(dir: &Path, runs: u32) -> anyhow::Result<f64> {
+    const SLEEP: Duration = Duration::from_secs(3600);
+    let page_bytes = system::page_bytes();
+    let engine: Engine = open(&dir.join("memory")).await?;
+    let before = system::rss_bytes(page_bytes)?;
+    let input = SleepInput {
+        steps: 0,
+        wake_at_ms: workload::now_ms() + SLEEP.as_millis() as u64,
+    };
+    start_concurrently::<StepsThenSleep>(&engine, "sleeper", runs, &input).await?;
+    wait_all_asleep(&engine, "sleeper", runs).await?;
+    let after = system::rss_bytes(page_bytes)?;
+    engine.shutdown().await;
+    Ok(after.saturating_sub(before) as f64 / f64::from(runs))
+}

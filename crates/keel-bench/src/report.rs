@@ -1,0 +1,284 @@
+//! The report: every figure with its unit, its ratio to the baseline measured in the same run,
+//! and its target; printed as a table, or as one JSON object.
+
+use serde::Serialize;
+
+use crate::system::Filesystem;
+
+/// The baseline: 200-byte appends with one `fdatasync` each, per second.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Baseline {
+    /// Measured first.
+    pub before_per_s: f64,
+    /// Measured last.
+    pub after_per_s: f64,
+    /// The mean of both: what every ratio is relative to.
+    pub mean_per_s: f64,
+    /// |before - after| / mean: how far the disk's rate moved during the run, and so roughly
+    /// how uncertain every ratio is.
+    pub spread: f64,
+}
+
+impl Baseline {
+    /// The baseline from its two measurements.
+    pub fn new(before_per_s: f64, after_per_s: f64) -> Baseline {
+        let mean_per_s = (before_per_s + after_per_s) / 2.0;
+        Baseline {
+            before_per_s,
+            after_per_s,
+            mean_per_s,
+            spread: (before_per_s - after_per_s).abs() / mean_per_s,
+        }
+    }
+}
+
+/// Above this spread between the two baselines the table warns that the ratios are uncertain.
+const SPREAD_WARNING: f64 = 0.25;
+
+/// One line of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    /// What was measured.
+    pub name: String,
+    /// The measured value, in `unit`.
+    pub value: f64,
+    /// The unit of `value`.
+    pub unit: &'static str,
+    /// For a rate: value / baseline appends/s. For a duration: value x baseline appends/s,
+    /// that is, how many baseline appends (each with its fdatasync) the disk did in that time.
+    /// None where the disk does not matter (memory).
+    pub ratio_to_baseline: Option<f64>,
+    /// The target, in words, if there is one.
+    pub target: Option<String>,
+    /// Whether the target is met, if there is one.
+    pub met: Option<bool>,
+    #[serde(skip)]
+    decimals: usize,
+    #[serde(skip)]
+    kind: Kind,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Rate,
+    Duration,
+    Size,
+}
+
+impl Figure {
+    /// A rate, compared with the baseline by division; `ratio_min` is its target, if any.
+    pub fn rate(
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        baseline: &Baseline,
+        ratio_min: Option<f64>,
+    ) -> Figure {
+        let ratio = value / baseline.mean_per_s;
+        Figure {
+            name: name.into(),
+            value,
+            unit,
+            ratio_to_baseline: Some(ratio),
+            target: ratio_min.map(|min| format!(">= {min}x baseline")),
+            met: ratio_min.map(|min| ratio >= min),
+            decimals: 0,
+            kind: Kind::Rate,
+        }
+    }
+
+    /// A duration in seconds, expressed in baseline appends; `seconds_max` is its target
+    /// (strictly below), if any.
+    pub fn duration(
+        name: impl Into<String>,
+        seconds: f64,
+        baseline: &Baseline,
+        seconds_max: Option<f64>,
+    ) -> Figure {
+        Figure {
+            name: name.into(),
+            value: seconds,
+            unit: "s",
+            ratio_to_baseline: Some(seconds * baseline.mean_per_s),
+            target: seconds_max.map(|max| format!("< {max} s")),
+            met: seconds_max.map(|max| seconds < max),
+            decimals: 3,
+            kind: Kind::Duration,
+        }
+    }
+
+    /// A size in `unit` (bytes or MiB), which the disk does not influence; `max` is its
+    /// target (strictly below), if any.
+    pub fn size(
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        max: Option<f64>,
+    ) -> Figure {
+        Figure {
+            name: name.into(),
+            value,
+            unit,
+            ratio_to_baseline: None,
+            target: max.map(|max| format!("< {max} {unit}")),
+            met: max.map(|max| value < max),
+            decimals: if unit == "bytes" { 0 } else { 1 },
+            kind: Kind::Size,
+        }
+    }
+
+    fn ratio_text(&self) -> String {
+        match (self.kind, self.ratio_to_baseline) {
+            (Kind::Rate, Some(ratio)) => format!("{ratio:.2}x"),
+            (Kind::Duration, Some(appends)) => format!("{appends:.0} appends"),
+            (Kind::Rate | Kind::Duration | Kind::Size, _) => String::new(),
+        }
+    }
+}
+
+/// Everything one run of the benchmark found.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// The directory the data lived in (removed at the end).
+    pub dir: String,
+    /// The filesystem holding it.
+    pub filesystem: Filesystem,
+    /// The durability every engine ran at.
+    pub durability: &'static str,
+    /// Whether the reduced `--quick` sizes were used (the targets are set for the full ones).
+    pub quick: bool,
+    /// The baseline every ratio is relative to.
+    pub baseline: Baseline,
+    /// The figures, in the order measured or derived.
+    pub figures: Vec<Figure>,
+}
+
+impl Report {
+    /// The report as an aligned Markdown table, preceded by what it was measured on.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!("data: {} on {}\n", self.dir, self.filesystem));
+        out.push_str(&format!("durability: {}\n", self.durability));
+        out.push_str(&format!(
+            "baseline: {:.0} appends/s (before {:.0}, after {:.0}), 200 bytes + fdatasync each\n",
+            self.baseline.mean_per_s, self.baseline.before_per_s, self.baseline.after_per_s
+        ));
+        if self.baseline.spread > SPREAD_WARNING {
+            out.push_str(&format!(
+                "warning: the two baselines differ by {:.0}%: the disk's rate moved during the \
+                 run, so every ratio is uncertain by about as much; run again\n",
+                self.baseline.spread * 100.0
+            ));
+        }
+        if self.quick {
+            out.push_str("quick sizes: the targets are set for the full sizes\n");
+        }
+        out.push('\n');
+        let header = [
+            "figure",
+            "value",
+            "unit",
+            "ratio to baseline",
+            "target",
+            "met",
+        ];
+        let rows: Vec<[String; 6]> = self
+            .figures
+            .iter()
+            .map(|f| {
+                [
+                    f.name.clone(),
+                    format!("{:.*}", f.decimals, f.value),
+                    f.unit.to_owned(),
+                    f.ratio_text(),
+                    f.target.clone().unwrap_or_default(),
+                    f.met
+                        .map(|met| if met { "yes" } else { "NO" })
+                        .unwrap_or_default()
+                        .to_owned(),
+                ]
+            })
+            .collect();
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.len());
+            }
+        }
+        let line = |cells: &[String]| {
+            let padded: Vec<String> = cells
+                .iter()
+                .zip(widths)
+                .enumerate()
+                // Numbers right-aligned, words left-aligned.
+                .map(|(column, (cell, width))| match column {
+                    1 | 3 => format!("{cell:>width$}"),
+                    _ => format!("{cell:<width$}"),
+                })
+                .collect();
+            format!("| {} |\n", padded.join(" | "))
+        };
+        out.push_str(&line(&header.map(str::to_owned)));
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
+        for row in &rows {
+            out.push_str(&line(row));
+        }
+        out.push_str(
+            "\nratio to baseline: a rate divided by the baseline rate; a duration times the \
+             baseline rate (how many baseline appends the disk did meanwhile).\n",
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(before_per_s: f64, after_per_s: f64) -> Report {
+        let baseline = Baseline::new(before_per_s, after_per_s);
+        Report {
+            dir: "/data".into(),
+            filesystem: Filesystem {
+                source: "/dev/vda".into(),
+                kind: "ext4".into(),
+                mounted_on: "/".into(),
+            },
+            durability: "PowerLoss (default)",
+            quick: false,
+            baseline,
+            figures: vec![
+                Figure::rate("steps", 1500.0, "steps/s", &baseline, Some(0.6)),
+                Figure::duration("open", 0.5, &baseline, Some(2.0)),
+                Figure::size("memory", 20_000.0, "bytes", Some(10_240.0)),
+            ],
+        }
+    }
+
+    /// Rates are divided by the baseline, durations multiplied by it, and targets judged.
+    #[test]
+    fn ratios_and_targets() {
+        let report = report(2000.0, 2000.0);
+        let [steps, open, memory] = &report.figures[..] else {
+            panic!("three figures expected");
+        };
+        assert_eq!(steps.ratio_to_baseline, Some(0.75));
+        assert_eq!(steps.met, Some(true));
+        assert_eq!(open.ratio_to_baseline, Some(1000.0));
+        assert_eq!(open.met, Some(true));
+        assert_eq!(memory.ratio_to_baseline, None);
+        assert_eq!(memory.met, Some(false));
+        let table = report.table();
+        assert!(table.contains("0.75x"), "{table}");
+        assert!(table.contains("1000 appends"), "{table}");
+        assert!(!table.contains("warning"), "{table}");
+    }
+
+    /// Baselines far apart make the table warn that the ratios are uncertain.
+    #[test]
+    fn spread_baselines_warn() {
+        let table = report(1000.0, 2000.0).table();
+        assert!(table.contains("differ by 67%"), "{table}");
+    }
+}

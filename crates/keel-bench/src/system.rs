@@ -1,0 +1,96 @@
+//! What the benchmark reads about the machine: resident memory from `/proc`, and which
+//! filesystem holds the data (from `df`), since a figure from tmpfs would say nothing about
+//! the disk.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+/// The filesystem that holds a directory, as `df` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Filesystem {
+    /// The device (or `tmpfs`, `overlay`...).
+    pub source: String,
+    /// The filesystem type, e.g. `ext4`.
+    pub kind: String,
+    /// Where it is mounted.
+    pub mounted_on: String,
+}
+
+impl Filesystem {
+    /// Whether the filesystem lives in memory, so that a sync never reaches a disk.
+    pub fn in_memory(&self) -> bool {
+        matches!(self.kind.as_str(), "tmpfs" | "ramfs")
+    }
+}
+
+impl std::fmt::Display for Filesystem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on {} ({})", self.kind, self.source, self.mounted_on)
+    }
+}
+
+/// Runs `df -P -T` on `dir` and reads the filesystem's source, type and mount point.
+pub fn filesystem(dir: &Path) -> anyhow::Result<Filesystem> {
+    let output = Command::new("df")
+        .args(["-P", "-T"])
+        .arg(dir)
+        .output()
+        .context("running df")?;
+    if !output.status.success() {
+        bail!(
+            "df {} failed: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    // Portable format: a header, then "source type blocks used available capacity mount".
+    let line = stdout.lines().nth(1).context("df printed no filesystem")?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    if fields.len() < 7 {
+        bail!("df printed an unexpected line: {line:?}");
+    }
+    Ok(Filesystem {
+        source: fields[0].to_owned(),
+        kind: fields[1].to_owned(),
+        mounted_on: fields[6..].join(" "),
+    })
+}
+
+/// The size of a memory page, from `getconf PAGESIZE` (4096 if that fails).
+pub fn page_bytes() -> u64 {
+    Command::new("getconf")
+        .arg("PAGESIZE")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(4096)
+}
+
+/// This process's resident set size, from the second field of `/proc/self/statm` (pages).
+pub fn rss_bytes(page_bytes: u64) -> anyhow::Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|field| field.parse().ok())
+        .with_context(|| format!("no resident page count in /proc/self/statm: {statm:?}"))?;
+    Ok(pages * page_bytes)
+}
+
+/// This process's peak resident set size so far, from `VmHWM` in `/proc/self/status`.
+pub fn peak_rss_bytes() -> anyhow::Result<u64> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|field| field.parse().ok())
+        .context("no VmHWM line in /proc/self/status")?;
+    Ok(kib * 1024)
+}

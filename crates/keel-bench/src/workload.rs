@@ -1,0 +1,202 @@
+//! What the benchmark runs: a no-op step, two workflows built from it, and the helpers that
+//! start many runs and wait for them. The step does nothing, so every figure measures the
+//! engine (journal, group commit, scheduling), not a side effect.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use keel_engine::{
+    Ctx, Engine, Event, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
+};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+
+/// How many tokio tasks start runs at once wherever the benchmark starts many runs.
+pub const CALLERS: u32 = 100;
+
+/// A step with no side effect; its argument is its operation number, so that every journal
+/// entry is small and distinct.
+#[derive(Serialize, Deserialize)]
+pub struct Noop(pub u32);
+
+impl Step for Noop {
+    const KIND: &'static str = "bench.noop";
+    type Output = ();
+    async fn execute(&self, _ctx: &StepContext) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// `steps` no-op steps, one after the other. With zero steps, a run that starts and
+/// completes at once.
+pub struct Steps;
+
+/// The input of [`Steps`].
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StepsInput {
+    /// How many no-op steps the run takes.
+    pub steps: u32,
+}
+
+impl Workflow for Steps {
+    const NAME: &'static str = "bench.steps";
+    type Input = StepsInput;
+    type Output = ();
+    async fn run(ctx: &mut Ctx, input: StepsInput) -> Result<(), WorkflowError> {
+        for n in 0..input.steps {
+            ctx.step(Noop(n)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// `steps` no-op steps, then a durable sleep until the wall-clock time `wake_at_ms`.
+///
+/// The wake time is absolute so that runs started over several seconds all wake at the same
+/// moment. Reading the clock in a workflow body is safe here: the duration only matters the
+/// first time the sleep is reached, when the engine journals it as an absolute wake time; on
+/// replay the journaled time is used and the duration is ignored.
+pub struct StepsThenSleep;
+
+/// The input of [`StepsThenSleep`].
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SleepInput {
+    /// How many no-op steps come before the sleep.
+    pub steps: u32,
+    /// When the sleep ends, in ms since the Unix epoch.
+    pub wake_at_ms: u64,
+}
+
+impl Workflow for StepsThenSleep {
+    const NAME: &'static str = "bench.steps-then-sleep";
+    type Input = SleepInput;
+    type Output = ();
+    async fn run(ctx: &mut Ctx, input: SleepInput) -> Result<(), WorkflowError> {
+        for n in 0..input.steps {
+            ctx.step(Noop(n)).await?;
+        }
+        let duration = Duration::from_millis(input.wake_at_ms.saturating_sub(now_ms()));
+        ctx.sleep(duration).await?;
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch: the engine's time base for durable timers.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Opens an engine on `path` at the default durability, with the benchmark's workflows and
+/// step registered (so that unfinished runs resume at open).
+pub async fn open(path: &Path) -> anyhow::Result<Engine> {
+    Engine::builder(path)
+        .workflow::<Steps>()
+        .workflow::<StepsThenSleep>()
+        .step::<Noop>()
+        .open()
+        .await
+        .with_context(|| format!("opening an engine in {}", path.display()))
+}
+
+/// The id of run number `n` of a batch whose ids start with `prefix`.
+pub fn run_id(prefix: &str, n: u32) -> String {
+    format!("{prefix}-{n}")
+}
+
+/// Starts runs `prefix-0` .. `prefix-{runs-1}` of `W`, all with `input`, from [`CALLERS`]
+/// concurrent tasks; returns once every `start` call has returned (every run is durable).
+pub async fn start_concurrently<W>(
+    engine: &Engine,
+    prefix: &str,
+    runs: u32,
+    input: &W::Input,
+) -> anyhow::Result<()>
+where
+    W: Workflow,
+    W::Input: Clone + Sync,
+{
+    let mut callers = JoinSet::new();
+    for caller in 0..CALLERS.min(runs) {
+        let engine = engine.clone();
+        let prefix = prefix.to_owned();
+        let input = input.clone();
+        callers.spawn(async move {
+            for n in (caller..runs).step_by(CALLERS as usize) {
+                let id = run_id(&prefix, n);
+                engine
+                    .start::<W>(&id, input.clone())
+                    .await
+                    .with_context(|| format!("starting run {id}"))?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(caller) = callers.join_next().await {
+        caller.context("a starting task panicked")??;
+    }
+    Ok(())
+}
+
+/// Waits until every run `prefix-0` .. `prefix-{runs-1}` has settled, and checks that each
+/// one completed.
+pub async fn wait_all_completed(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
+    for n in 0..runs {
+        let id = run_id(prefix, n);
+        let record = engine.wait(&id).await?;
+        if record.status != RunStatus::Completed {
+            bail!(
+                "run {id} ended {} ({})",
+                record.status,
+                record.error.unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Waits until every run `prefix-0` .. `prefix-{runs-1}` has journaled its timer (that is,
+/// has reached its sleep), polling each run's history.
+///
+/// A journaled entry seen through `history` is not necessarily durable yet; callers that need
+/// durability follow this with [`sync_barrier`].
+pub async fn wait_all_asleep(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
+    const PATIENCE: Duration = Duration::from_secs(300);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for n in 0..runs {
+        let id = run_id(prefix, n);
+        loop {
+            let history = engine.history(&id)?;
+            let asleep = history
+                .entries
+                .iter()
+                .any(|entry| matches!(entry.event, Event::TimerSet { .. }));
+            if asleep {
+                break;
+            }
+            if history.run.status != RunStatus::Running {
+                bail!("run {id} ended {} before its sleep", history.run.status);
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("run {id} did not reach its sleep within {PATIENCE:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Makes every write made so far durable.
+///
+/// The engine has no public call for that, but `start` returns only after a sync issued after
+/// its own write, and a sync covers every write made before it was issued: so starting one
+/// run with no steps is a barrier.
+pub async fn sync_barrier(engine: &Engine, id: &str) -> anyhow::Result<()> {
+    engine
+        .start::<Steps>(id, StepsInput { steps: 0 })
+        .await
+        .with_context(|| format!("starting the barrier run {id}"))?;
+    Ok(())
+}
