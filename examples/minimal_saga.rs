@@ -131,7 +131,7 @@ async fn main() -> anyhow::Result<()> {
         Err(e) => println!("trip-bob: {e}"),
     }
     println!("journal of trip-bob:");
-    for entry in engine.history("trip-bob")?.entries {
+    for entry in engine.history("trip-bob").await?.entries {
         let line = match &entry.event {
             Event::StepStarted {
                 step,

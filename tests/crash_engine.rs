@@ -95,7 +95,7 @@ fn verify(dir: &Path) -> Tally {
         let engine = Engine::builder(dir.join("data")).open().await.unwrap();
         let mut tally = Tally::default();
         for i in 0..RUNS {
-            let history = engine.history(&run_id(i)).unwrap();
+            let history = engine.history(&run_id(i)).await.unwrap();
             let input = input(i, &log);
             let expect = match input.fail_at {
                 Some(_) => Expect::Compensated,
@@ -105,7 +105,7 @@ fn verify(dir: &Path) -> Tally {
             assert!(history.run.status.is_terminal(), "{:?}", history.run.status);
         }
         assert_eq!(
-            engine.list().unwrap().len(),
+            engine.list().await.unwrap().len(),
             RUNS as usize,
             "a run was created twice or lost"
         );

@@ -42,7 +42,12 @@ fn dos(log: &Path) -> usize {
 
 async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !engine.history(id).map(|h| condition(&h)).unwrap_or(false) {
+    while !engine
+        .history(id)
+        .await
+        .map(|h| condition(&h))
+        .unwrap_or(false)
+    {
         assert!(
             Instant::now() < deadline,
             "condition on run {id} never held"
@@ -83,7 +88,7 @@ async fn start_is_idempotent_by_id() {
         .await
         .unwrap();
     assert_eq!(again.result().await.unwrap(), 30);
-    let before = engine.history("order-1").unwrap();
+    let before = engine.history("order-1").await.unwrap();
     let err = engine
         .start::<EffectFlow>("order-1", input(&log, 4))
         .await
@@ -103,9 +108,9 @@ async fn start_is_idempotent_by_id() {
         matches!(err, EngineError::IdempotencyMismatch { .. }),
         "{err}"
     );
-    assert_eq!(engine.history("order-1").unwrap(), before);
+    assert_eq!(engine.history("order-1").await.unwrap(), before);
     assert_eq!(dos(&log), ran, "a refused start ran nothing");
-    assert_eq!(engine.list().unwrap().len(), 1);
+    assert_eq!(engine.list().await.unwrap().len(), 1);
     engine.shutdown().await;
 }
 
@@ -137,7 +142,10 @@ async fn unit_output_completes() {
         .result()
         .await
         .unwrap();
-    assert_eq!(engine.status("unit").unwrap().status, RunStatus::Completed);
+    assert_eq!(
+        engine.status("unit").await.unwrap().status,
+        RunStatus::Completed
+    );
     engine.shutdown().await;
 }
 
@@ -188,7 +196,7 @@ async fn bad_input_is_refused_and_stores_nothing() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("length"), "{err}");
-    assert!(engine.list().unwrap().is_empty(), "nothing stored");
+    assert!(engine.list().await.unwrap().is_empty(), "nothing stored");
     engine.shutdown().await;
 }
 
@@ -264,18 +272,19 @@ async fn corrupt_records_are_reported_and_left_alone() {
     let good_before;
     {
         let engine = open(&data).await;
-        let err = engine.status("bad-record").unwrap_err();
+        let err = engine.status("bad-record").await.unwrap_err();
         assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
         assert!(
             err.to_string()
                 .starts_with("corrupt record rbad-record: run record:"),
             "{err}"
         );
-        let err = engine.history("bad-entry").unwrap_err();
+        let err = engine.history("bad-entry").await.unwrap_err();
         assert!(err.to_string().contains("journal entry"), "{err}");
-        good_before = engine.history("good").unwrap();
+        good_before = engine.history("good").await.unwrap();
         let listed: Vec<String> = engine
             .list()
+            .await
             .unwrap()
             .into_iter()
             .map(|r| r.id.to_string())
@@ -288,7 +297,7 @@ async fn corrupt_records_are_reported_and_left_alone() {
     assert_eq!(db.get(&entry_key).unwrap().unwrap().to_vec(), garbage);
     drop(db);
     let engine = open(&data).await;
-    assert_eq!(engine.history("good").unwrap(), good_before);
+    assert_eq!(engine.history("good").await.unwrap(), good_before);
     engine.shutdown().await;
 }
 
@@ -370,7 +379,7 @@ async fn timers_and_retry_times_survive_restart() {
         Some(serde_json::json!(2)),
         "attempt 2 succeeded: the count went on after restart"
     );
-    let history = engine.history("timed").unwrap();
+    let history = engine.history("timed").await.unwrap();
     let (set_at, set) = entry_at(&history, |e| matches!(e, Event::TimerSet { .. }));
     let Event::TimerSet { wake_at_ms, .. } = set else {
         unreachable!()
@@ -492,7 +501,7 @@ async fn changed_code_suspends_the_run() {
         .await
         .unwrap();
     assert_eq!(
-        engine.status("changing").unwrap().status,
+        engine.status("changing").await.unwrap().status,
         RunStatus::Suspended,
         "suspended survives a restart"
     );
@@ -533,7 +542,7 @@ async fn finished_runs_are_collected_after_retention() {
     // Collected by the background pass at open or by this call, whichever comes first.
     engine.collect_garbage().unwrap();
     assert!(matches!(
-        engine.status("old"),
+        engine.status("old").await,
         Err(EngineError::RunNotFound { .. })
     ));
     let before = dos(&log);

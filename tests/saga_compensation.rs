@@ -171,7 +171,7 @@ fn undo_order(log: &str, run: &str) -> Vec<u32> {
 async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(history) = engine.history(id) {
+        if let Ok(history) = engine.history(id).await {
             if condition(&history) {
                 return;
             }
@@ -206,7 +206,7 @@ async fn fourth_step_failure_undoes_three_two_one() {
         .await
         .unwrap();
     let err = run.result().await.unwrap_err();
-    let record = engine.status("five").unwrap();
+    let record = engine.status("five").await.unwrap();
     assert_eq!(record.status, RunStatus::Compensated);
     let error = record.error.unwrap();
     assert!(
@@ -228,7 +228,7 @@ async fn fourth_step_failure_undoes_three_two_one() {
         vec![2, 1, 0],
         "newest first, failed step not undone"
     );
-    let history = engine.history("five").unwrap();
+    let history = engine.history("five").await.unwrap();
     assert!(
         !has(&history, |e| matches!(
             e,
@@ -305,7 +305,7 @@ async fn cancel_running_step_finishes_then_compensates() {
     let record = engine.wait("busy").await.unwrap();
     assert_eq!(record.status, RunStatus::Compensated);
     assert_eq!(record.error.as_deref(), Some("cancelled by operator"));
-    let history = engine.history("busy").unwrap();
+    let history = engine.history("busy").await.unwrap();
     assert!(
         has(&history, |e| matches!(
             e,
@@ -361,7 +361,7 @@ async fn cancel_sleeping_run_reacts_and_touches_no_other() {
     engine.cancel("sleeper").await.unwrap();
     let record = engine.wait("sleeper").await.unwrap();
     assert_eq!(record.status, RunStatus::Compensated);
-    let history = engine.history("sleeper").unwrap();
+    let history = engine.history("sleeper").await.unwrap();
     let at = |pred: fn(&Event) -> bool| {
         history
             .entries
@@ -395,11 +395,11 @@ async fn cancel_finished_run_is_an_error() {
         .await
         .unwrap();
     run.result().await.unwrap();
-    let before = engine.history("done").unwrap();
+    let before = engine.history("done").await.unwrap();
     let err = engine.cancel("done").await.unwrap_err();
     assert!(matches!(err, EngineError::InvalidState { .. }), "{err}");
     assert_eq!(err.to_string(), "run done is completed: cannot cancel");
-    assert_eq!(engine.history("done").unwrap(), before);
+    assert_eq!(engine.history("done").await.unwrap(), before);
     let err = engine.cancel("no-such-run").await.unwrap_err();
     assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
     engine.shutdown().await;
@@ -454,7 +454,7 @@ async fn failed_compensation_then_operator_retry_or_resolve() {
         err.to_string(),
         "run stuck-2 is resolved: cannot retry compensation"
     );
-    let history = engine.history("stuck-2").unwrap();
+    let history = engine.history("stuck-2").await.unwrap();
     assert!(has(
         &history,
         |e| matches!(e, Event::RunResolved { note } if note == "removed by hand")
@@ -522,7 +522,7 @@ fn in_doubt_step_is_found_by_key_and_undone() {
             .open()
             .await
             .unwrap();
-        let history = engine.history("child-run").unwrap();
+        let history = engine.history("child-run").await.unwrap();
         assert_eq!(history.run.status, RunStatus::Compensated);
         assert!(
             has(&history, |e| matches!(
@@ -675,7 +675,7 @@ fn saga_kills_at_random_moments() {
             let mut tally = Tally::default();
             for i in 0..SAGA_RUNS {
                 check_run(
-                    &engine.history(&format!("saga-{i}")).unwrap(),
+                    &engine.history(&format!("saga-{i}")).await.unwrap(),
                     Expect::Compensated,
                     &effects,
                     &mut tally,

@@ -168,7 +168,7 @@ pub async fn wait_all_asleep(engine: &Engine, prefix: &str, runs: u32) -> anyhow
     for n in 0..runs {
         let id = run_id(prefix, n);
         loop {
-            let history = engine.history(&id)?;
+            let history = engine.history(&id).await?;
             let asleep = history
                 .entries
                 .iter()

@@ -449,7 +449,34 @@ impl Engine {
     }
 
     /// The run record of `id`.
-    pub fn status(&self, id: &str) -> Result<RunRecord> {
+    ///
+    /// Durable when returned: the read is followed by a sync, so a status (say, `completed`)
+    /// is never reported before it would survive a crash. Group commit makes that sync cheap.
+    pub async fn status(&self, id: &str) -> Result<RunRecord> {
+        let record = self.record(id)?;
+        self.inner.store.sync().wait().await?;
+        Ok(record)
+    }
+
+    /// The run record and every journal entry of `id`, durable when returned (see
+    /// [`Engine::status`]).
+    pub async fn history(&self, id: &str) -> Result<RunHistory> {
+        let run = self.record(id)?;
+        let entries = self.inner.store.journal(&run.id)?;
+        self.inner.store.sync().wait().await?;
+        Ok(RunHistory { run, entries })
+    }
+
+    /// Every readable run record (unreadable ones are logged and left out), durable when
+    /// returned (see [`Engine::status`]).
+    pub async fn list(&self) -> Result<Vec<RunRecord>> {
+        let runs = self.records()?;
+        self.inner.store.sync().wait().await?;
+        Ok(runs)
+    }
+
+    /// The stored record of `id`, durable or not: for the engine's own decisions only.
+    fn record(&self, id: &str) -> Result<RunRecord> {
         let id = RunId::new(id)?;
         self.inner
             .store
@@ -457,15 +484,8 @@ impl Engine {
             .ok_or(EngineError::RunNotFound { id })
     }
 
-    /// The run record and every journal entry of `id`.
-    pub fn history(&self, id: &str) -> Result<RunHistory> {
-        let run = self.status(id)?;
-        let entries = self.inner.store.journal(&run.id)?;
-        Ok(RunHistory { run, entries })
-    }
-
-    /// Every readable run record (unreadable ones are logged and left out).
-    pub fn list(&self) -> Result<Vec<RunRecord>> {
+    /// Every readable stored record, durable or not: for the engine's own decisions only.
+    fn records(&self) -> Result<Vec<RunRecord>> {
         let mut runs = Vec::new();
         for record in self.inner.store.runs()? {
             match record {
@@ -496,7 +516,7 @@ impl Engine {
                 .wait_for(|s| !matches!(s, RunStatus::Running | RunStatus::Compensating))
                 .await;
         }
-        self.status(id)
+        self.status(id).await
     }
 
     /// Cancels run `id`: the cancellation is durable when this returns, and from then on the
@@ -525,7 +545,7 @@ impl Engine {
             cell.cancel.send_replace(true);
             tracing::info!(run_id = %cell.id, "cancel requested");
         }
-        self.status(id)
+        self.status(id).await
     }
 
     /// Retries the compensation of a run in `CompensationFailed`.
@@ -577,7 +597,7 @@ impl Engine {
         if let Some(cell) = outcome {
             cell.status.send_replace(to);
         }
-        self.status(id)
+        self.status(id).await
     }
 
     /// Runs an operator `write` against run `id`'s cell, makes it durable, and leaves the run
@@ -590,7 +610,7 @@ impl Engine {
         write: impl Fn(&Arc<RunCell>) -> Result<bool>,
     ) -> Result<Option<Arc<RunCell>>> {
         for _ in 0..8 {
-            let record = self.status(id)?;
+            let record = self.record(id)?;
             let loaded = self.load_cell(record)?;
             let cell = match &loaded {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
@@ -630,7 +650,7 @@ impl Engine {
     pub fn collect_garbage(&self) -> Result<usize> {
         let horizon = now_ms().saturating_sub(self.inner.retention.as_millis() as u64);
         let mut collected = 0;
-        for record in self.list()? {
+        for record in self.records()? {
             let expired = record.status.is_terminal()
                 && record.finished_at_ms.is_some_and(|at| at <= horizon);
             let loaded = self
