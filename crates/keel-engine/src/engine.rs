@@ -366,9 +366,12 @@ impl Engine {
                     name: workflow.into(),
                     registered: self.inner.registry.workflow_names(),
                 })?;
-        (entry.check_input)(&input).map_err(|source| EngineError::MalformedInput {
+        // Stored in its typed form, so that a later typed `start` of the same value (which
+        // writes omitted optional fields as null, say) is recognised as the same input.
+        let input = (entry.normalise_input)(&input).map_err(|e| EngineError::MalformedInput {
             workflow: workflow.into(),
-            source,
+            field: e.field,
+            source: e.source,
         })?;
         self.start_value(workflow, id, input).await
     }

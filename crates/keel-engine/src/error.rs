@@ -61,10 +61,12 @@ pub enum EngineError {
         registered: String,
     },
     /// A workflow input could not be decoded.
-    #[error("malformed input for workflow {workflow:?}: {source}")]
+    #[error("malformed input for workflow {workflow:?}: field {field}: {source}")]
     MalformedInput {
         /// The workflow name.
         workflow: String,
+        /// The path of the offending field, e.g. `devices[3].name`.
+        field: String,
         /// The decoding error.
         #[source]
         source: serde_json::Error,

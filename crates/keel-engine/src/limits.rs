@@ -34,6 +34,10 @@ pub const ATTEMPTS_MAX: u32 = 10_000;
 /// Most runs one engine drives at once (the configurable limit may be lower).
 pub const CONCURRENT_RUNS_MAX: usize = 1_000_000;
 
+/// Longest time opening a store waits for a lock that a closing engine is still releasing,
+/// before reporting the directory locked by another process.
+pub const OPEN_LOCK_WAIT_MAX: Duration = Duration::from_secs(1);
+
 /// Longest delay a retry policy may ask for between two attempts.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(24 * 3600);
 

@@ -27,8 +27,14 @@ pub(crate) enum BodyError {
     Output(serde_json::Error),
 }
 
+/// Why an input does not decode as a workflow's input type, and where.
+pub(crate) struct InputError {
+    pub(crate) field: String,
+    pub(crate) source: serde_json::Error,
+}
+
 type RunFn = dyn Fn(Ctx, Value) -> BoxFuture<(Ctx, Result<Value, BodyError>)> + Send + Sync;
-type CheckFn = dyn Fn(&Value) -> Result<(), serde_json::Error> + Send + Sync;
+type NormaliseFn = dyn Fn(&Value) -> Result<Value, InputError> + Send + Sync;
 type UndoFn =
     dyn Fn(Value, Option<Value>, StepContext) -> BoxFuture<Result<Undo, StepError>> + Send + Sync;
 type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
@@ -36,7 +42,9 @@ type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
 pub(crate) struct WorkflowEntry {
     pub(crate) version: u32,
     pub(crate) run: Box<RunFn>,
-    pub(crate) check_input: Box<CheckFn>,
+    /// Decodes an input as the workflow's input type and encodes it again, so the stored
+    /// input is the same whether it came as JSON or as a typed value.
+    pub(crate) normalise_input: Box<NormaliseFn>,
 }
 
 pub(crate) struct StepEntry {
@@ -68,8 +76,19 @@ impl Registry {
                     (ctx, result)
                 })
             }),
-            check_input: Box::new(|input: &Value| {
-                serde_json::from_value::<W::Input>(input.clone()).map(drop)
+            normalise_input: Box::new(|input: &Value| {
+                let typed: W::Input =
+                    serde_path_to_error::deserialize(input).map_err(|e| InputError {
+                        field: match e.path().to_string() {
+                            path if path == "." => "(the input itself)".to_string(),
+                            path => path,
+                        },
+                        source: e.into_inner(),
+                    })?;
+                serde_json::to_value(typed).map_err(|source| InputError {
+                    field: "(re-encoding)".into(),
+                    source,
+                })
             }),
         };
         self.workflows

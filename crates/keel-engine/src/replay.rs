@@ -126,6 +126,9 @@ pub struct RunState {
     pub compensating: bool,
     /// Per-step compensation state.
     pub undo: BTreeMap<StepIndex, UndoState>,
+    /// When the current round of undo attempts of a step began (its first attempt, or the
+    /// first after an operator retry): the origin of the compensation's elapsed-time bound.
+    pub undo_round_started_at_ms: BTreeMap<StepIndex, u64>,
 }
 
 /// What a workflow's request for step `n` must do.
@@ -255,7 +258,16 @@ impl RunState {
                 self.compensating = true;
                 Ok(())
             }
-            Event::StepCompensationStarted { step, attempt } => self.undo_started(*step, *attempt),
+            Event::StepCompensationStarted { step, attempt } => {
+                self.undo_started(*step, *attempt)?;
+                if let Some(UndoState::InFlight {
+                    round_attempts: 1, ..
+                }) = self.undo.get(step)
+                {
+                    self.undo_round_started_at_ms.insert(*step, at_ms);
+                }
+                Ok(())
+            }
             Event::StepCompensated { step } => self.undo_finished(*step, UndoState::Done),
             Event::StepCompensationSkipped { step, .. } => {
                 self.undo_finished(*step, UndoState::Skipped)

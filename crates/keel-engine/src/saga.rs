@@ -155,9 +155,13 @@ async fn undo_step(
                 ErrorClass::Retryable => {
                     let policy = (entry.undo_policy)(&argument);
                     let jitter: f64 = rand::thread_rng().gen();
+                    // Elapsed time counts from this round's first undo attempt.
+                    let round_started_at_ms = cell
+                        .with_state(|s| s.undo_round_started_at_ms.get(&step).copied())
+                        .unwrap_or_else(now_ms);
                     policy.next_attempt_at_ms(
                         Attempt(round_attempts + 1),
-                        0,
+                        round_started_at_ms,
                         now_ms(),
                         error.retry_after(),
                         jitter,

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord};
-use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX};
+use crate::limits::{ENTRY_BYTES_MAX, OPEN_LOCK_WAIT_MAX, RUN_RECORD_BYTES_MAX};
 use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::JournalStore;
 
@@ -37,10 +37,7 @@ impl SledStore {
             .mode(0o700)
             .create(path)
             .map_err(|e| storage(path, sled::Error::Io(e)))?;
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| open_error(path, e))?;
+        let db = open_db(path)?;
         let sync = sync_fn(path, db.clone(), durability).map_err(|e| sync_error(path, e))?;
         let committer = Committer::start(sync);
         Ok(SledStore {
@@ -66,6 +63,26 @@ fn sync_error(path: &Path, source: std::io::Error) -> EngineError {
     EngineError::Sync {
         path: path.to_owned(),
         source,
+    }
+}
+
+/// Opens sled, waiting up to `OPEN_LOCK_WAIT_MAX` for the lock: sled 0.34 releases its file
+/// lock on background threads after its last handle is dropped, so an engine reopened in the
+/// same process right after a shutdown can find the lock still held for a moment (about 1.5%
+/// of immediate reopens here). A lock held longer is another process's.
+fn open_db(path: &Path) -> Result<sled::Db> {
+    let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
+    loop {
+        match sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| open_error(path, e))
+        {
+            Err(EngineError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
     }
 }
 

@@ -1,0 +1,601 @@
+//! Durable timers and retry times across real restarts (shutdown, then open again on the same
+//! directory): both are journaled as absolute times, so a restart neither shortens nor extends
+//! them, and attempt numbers go on where they stopped. Also: a step that keeps failing
+//! retryably stops after its policy's attempts and, being in doubt, is compensated.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use keel::{
+    Attempt, Ctx, Engine, EngineBuilder, EngineError, Event, RetryPolicy, RunHistory, RunStatus,
+    Step, StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
+};
+use keel_testkit::effects::{self, Action, Effect};
+use serde::{Deserialize, Serialize};
+
+/// How long any polled condition may take before the test fails.
+const CONDITION_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How far a journaled instant may be from the instant it was derived from: `wake_at_ms` is
+/// computed just before its entry is stamped, so the two differ by the time between two clock
+/// reads.
+const CLOCK_SLACK_MS: u64 = 5;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// Polls the wall clock until it reads `at_ms` or later (bounded).
+async fn until_wall_clock(at_ms: u64) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    while now_ms() < at_ms {
+        assert!(Instant::now() < deadline, "the wall clock stands still");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Polls the run's history until `condition` holds (bounded).
+async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    while !engine
+        .history(id)
+        .await
+        .map(|h| condition(&h))
+        .unwrap_or(false)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "condition on run {id} never held"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Whether the journal holds an entry for which `predicate` holds.
+fn has(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> bool {
+    history.entries.iter().any(|e| predicate(&e.event))
+}
+
+/// The timestamp and event of every entry for which `predicate` holds, in journal order.
+fn entries(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> Vec<(u64, Event)> {
+    history
+        .entries
+        .iter()
+        .filter(|e| predicate(&e.event))
+        .map(|e| (e.at_ms, e.event.clone()))
+        .collect()
+}
+
+/// Sleeps on a durable timer for the input's milliseconds; outputs the input.
+struct SleepFlow;
+
+impl Workflow for SleepFlow {
+    const NAME: &'static str = "test.sleep";
+    type Input = u64;
+    type Output = u64;
+
+    async fn run(ctx: &mut Ctx, sleep_ms: u64) -> Result<u64, WorkflowError> {
+        ctx.sleep(Duration::from_millis(sleep_ms)).await?;
+        Ok(sleep_ms)
+    }
+}
+
+/// The (set, fired) timestamps and the journaled wake time of the run's only timer.
+fn timer_times(history: &RunHistory) -> (u64, u64, u64) {
+    let set = entries(history, |e| matches!(e, Event::TimerSet { .. }));
+    assert_eq!(set.len(), 1, "one timer set, not set again: {set:?}");
+    let (set_at_ms, Event::TimerSet { wake_at_ms, step }) = set[0].clone() else {
+        unreachable!()
+    };
+    assert_eq!(step, StepIndex(0));
+    let fired = entries(history, |e| matches!(e, Event::TimerFired { .. }));
+    assert_eq!(fired.len(), 1, "the timer fired once: {fired:?}");
+    (set_at_ms, wake_at_ms, fired[0].0)
+}
+
+async fn open_sleep(data: &Path) -> Engine {
+    open_when_unlocked(|| Engine::builder(data).workflow::<SleepFlow>()).await
+}
+
+/// Opens an engine from `builder`, waiting (bounded) while the directory is still locked by
+/// an engine or store this process has just closed: sled closes its files on background
+/// threads, so its lock can outlive `shutdown` and `drop` by a few milliseconds (see
+/// `engine_bad_input::reopen_in_the_same_process_is_not_refused_as_locked`).
+async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        match builder().open().await {
+            Ok(engine) => return engine,
+            Err(EngineError::Locked { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("opening the engine: {e}"),
+        }
+    }
+}
+
+/// A 1500 ms durable timer interrupted by a restart 300 ms into its sleep fires at its
+/// journaled wake time, which is the set time plus 1500 ms: the restart neither shortened it
+/// (fired at or after the wake time) nor extended it (no new timer, fired soon after it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_keeps_its_wake_time_across_restart() {
+    const SLEEP_MS: u64 = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_sleep(dir.path()).await;
+    engine.start::<SleepFlow>("nap", SLEEP_MS).await.unwrap();
+    until(&engine, "nap", |h| {
+        has(h, |e| matches!(e, Event::TimerSet { .. }))
+    })
+    .await;
+    engine.shutdown().await;
+    let down = engine.history("nap").await.unwrap();
+    assert_eq!(down.run.status, RunStatus::Running);
+    assert!(!has(&down, |e| matches!(e, Event::TimerFired { .. })));
+    drop(engine);
+
+    // The engine is down for about 300 ms of the sleep.
+    let set_at_ms = down.entries.last().unwrap().at_ms;
+    until_wall_clock(set_at_ms + 300).await;
+    let engine = open_sleep(dir.path()).await;
+    let reopened_at_ms = now_ms();
+    let record = engine.wait("nap").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    assert_eq!(record.output, Some(serde_json::json!(SLEEP_MS)));
+
+    let history = engine.history("nap").await.unwrap();
+    assert_eq!(
+        history.entries[..down.entries.len()],
+        down.entries[..],
+        "the journal before the restart is unchanged"
+    );
+    let (set_at_ms, wake_at_ms, fired_at_ms) = timer_times(&history);
+    assert!(
+        wake_at_ms + CLOCK_SLACK_MS >= set_at_ms + SLEEP_MS && wake_at_ms <= set_at_ms + SLEEP_MS,
+        "wake time {wake_at_ms} is the set time {set_at_ms} + {SLEEP_MS} ms"
+    );
+    assert!(
+        reopened_at_ms < wake_at_ms,
+        "the restart happened while the timer was pending"
+    );
+    assert!(
+        fired_at_ms >= wake_at_ms,
+        "the timer fired {} ms early",
+        wake_at_ms - fired_at_ms
+    );
+    assert!(
+        fired_at_ms < wake_at_ms + 500,
+        "the timer fired {} ms late: the restart extended it",
+        fired_at_ms - wake_at_ms
+    );
+    engine.shutdown().await;
+}
+
+/// A timer whose wake time passed while the engine was down fires as soon as the engine is
+/// open again: the sleep is not restarted from the reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timer_due_during_downtime_fires_at_reopen() {
+    const SLEEP_MS: u64 = 800;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_sleep(dir.path()).await;
+    engine
+        .start::<SleepFlow>("overslept", SLEEP_MS)
+        .await
+        .unwrap();
+    until(&engine, "overslept", |h| {
+        has(h, |e| matches!(e, Event::TimerSet { .. }))
+    })
+    .await;
+    engine.shutdown().await;
+    let down = engine.history("overslept").await.unwrap();
+    drop(engine);
+    let Event::TimerSet { wake_at_ms, .. } = down.entries.last().unwrap().event else {
+        panic!("{down:?}")
+    };
+
+    until_wall_clock(wake_at_ms + 200).await;
+    let reopened_at_ms = now_ms();
+    let engine = open_sleep(dir.path()).await;
+    let record = engine.wait("overslept").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    let (_, journaled_wake_at_ms, fired_at_ms) =
+        timer_times(&engine.history("overslept").await.unwrap());
+    assert_eq!(journaled_wake_at_ms, wake_at_ms);
+    assert!(
+        fired_at_ms < reopened_at_ms + SLEEP_MS / 2,
+        "fired {} ms after the reopen: the sleep started over",
+        fired_at_ms - reopened_at_ms
+    );
+    engine.shutdown().await;
+}
+
+/// Fails its first attempt retryably with a 1.5 s retry-after hint, then succeeds with its
+/// attempt number; every attempt is written to the ground-truth log at `log`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Throttled {
+    log: String,
+}
+
+impl Throttled {
+    fn record(&self, action: Action, ctx: &StepContext) -> Result<(), StepError> {
+        let effect = Effect {
+            action,
+            run: ctx.run_id().to_string(),
+            step: ctx.step().0,
+            key: ctx.key().to_string(),
+            attempt: ctx.attempt().0,
+            pid: std::process::id(),
+        };
+        effects::append(Path::new(&self.log), &effect)
+            .map_err(|e| StepError::retryable("effect log not writable").with_source(e))
+    }
+}
+
+impl Step for Throttled {
+    const KIND: &'static str = "test.throttled";
+    type Output = u32;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+        self.record(Action::Do, ctx)?;
+        if ctx.attempt() == Attempt::FIRST {
+            return Err(
+                StepError::retryable("rate exceeded").with_retry_after(Duration::from_millis(1500))
+            );
+        }
+        Ok(ctx.attempt().0)
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        // Backoff ceilings far below the hint, so the hint alone sets the retry time.
+        RetryPolicy::default().with_backoff(Duration::from_millis(1), Duration::from_millis(10))
+    }
+}
+
+/// One [`Throttled`] step; outputs the attempt that succeeded.
+struct ThrottledFlow;
+
+impl Workflow for ThrottledFlow {
+    const NAME: &'static str = "test.throttled-flow";
+    type Input = String;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, log: String) -> Result<u32, WorkflowError> {
+        ctx.step(Throttled { log }).await
+    }
+}
+
+/// A retry time journaled before a restart holds after it: attempt 2 starts no sooner than the
+/// failure's `retry_at_ms` (which honours the 1.5 s hint), it is numbered 2 (the count goes on,
+/// it does not restart at 1), and it runs with the same idempotency key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_time_and_attempt_count_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log: PathBuf = dir.path().join("effects.jsonl");
+    let open = || {
+        open_when_unlocked(|| {
+            Engine::builder(&data)
+                .workflow::<ThrottledFlow>()
+                .step::<Throttled>()
+        })
+    };
+    let engine = open().await;
+    engine
+        .start::<ThrottledFlow>("throttled", log.to_string_lossy().into_owned())
+        .await
+        .unwrap();
+    until(&engine, "throttled", |h| {
+        has(h, |e| matches!(e, Event::StepFailed { .. }))
+    })
+    .await;
+    engine.shutdown().await;
+    let down = engine.history("throttled").await.unwrap();
+    drop(engine);
+    let failures = entries(&down, |e| matches!(e, Event::StepFailed { .. }));
+    let (
+        failed_at_ms,
+        Event::StepFailed {
+            attempt,
+            retry_at_ms,
+            ..
+        },
+    ) = failures[0].clone()
+    else {
+        unreachable!()
+    };
+    assert_eq!(attempt, Attempt(1));
+    let retry_at_ms = retry_at_ms.expect("a retryable failure with attempts left is retried");
+    assert!(
+        retry_at_ms + CLOCK_SLACK_MS >= failed_at_ms + 1500,
+        "the retry time {retry_at_ms} honours the 1500 ms hint from {failed_at_ms}"
+    );
+    assert!(
+        !has(
+            &down,
+            |e| matches!(e, Event::StepStarted { attempt, .. } if attempt.0 > 1)
+        ),
+        "shut down before attempt 2 began"
+    );
+
+    let engine = open().await;
+    let reopened_at_ms = now_ms();
+    assert!(
+        reopened_at_ms < retry_at_ms,
+        "the restart happened during the backoff"
+    );
+    let record = engine.wait("throttled").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    assert_eq!(
+        record.output,
+        Some(serde_json::json!(2)),
+        "attempt 2 succeeded"
+    );
+
+    let history = engine.history("throttled").await.unwrap();
+    let starts = entries(&history, |e| matches!(e, Event::StepStarted { .. }));
+    let attempts: Vec<u32> = starts
+        .iter()
+        .map(|(_, e)| match e {
+            Event::StepStarted { attempt, .. } => attempt.0,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        vec![1, 2],
+        "attempt numbers go on after the restart"
+    );
+    let second_started_at_ms = starts[1].0;
+    assert!(
+        second_started_at_ms >= retry_at_ms,
+        "attempt 2 started {} ms before its journaled retry time",
+        retry_at_ms - second_started_at_ms
+    );
+    assert!(
+        second_started_at_ms < retry_at_ms + 500,
+        "attempt 2 started {} ms after its retry time: the restart extended the backoff",
+        second_started_at_ms - retry_at_ms
+    );
+
+    let ran = effects::read(&log);
+    let ran_attempts: Vec<u32> = ran.iter().map(|e| e.attempt).collect();
+    assert_eq!(
+        ran_attempts,
+        vec![1, 2],
+        "ground truth: each attempt ran once"
+    );
+    assert_eq!(ran[0].key, ran[1].key, "both attempts used the same key");
+    engine.shutdown().await;
+}
+
+/// Always fails retryably, as when every response is lost after the work was done: each
+/// attempt is written to the ground-truth log, and so is the compensation (with whether it
+/// was given an output).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Flaky {
+    log: String,
+}
+
+impl Step for Flaky {
+    const KIND: &'static str = "test.flaky";
+    type Output = u32;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+        Throttled {
+            log: self.log.clone(),
+        }
+        .record(Action::Do, ctx)?;
+        Err(StepError::retryable("response lost"))
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+            .with_attempts_max(3)
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(5))
+    }
+
+    async fn compensate(&self, ctx: &StepContext, output: Option<u32>) -> Result<Undo, StepError> {
+        if let Some(output) = output {
+            // Fails the compensation, and with it the test's status check.
+            return Err(StepError::permanent(format!(
+                "a step that never succeeded was given output {output}"
+            )));
+        }
+        Throttled {
+            log: self.log.clone(),
+        }
+        .record(Action::Undo, ctx)?;
+        Ok(Undo::Done)
+    }
+}
+
+/// One [`Flaky`] step.
+struct FlakyFlow;
+
+impl Workflow for FlakyFlow {
+    const NAME: &'static str = "test.flaky-flow";
+    type Input = String;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, log: String) -> Result<u32, WorkflowError> {
+        ctx.step(Flaky { log }).await
+    }
+}
+
+/// A step that fails retryably on every attempt under a 3-attempt policy is tried exactly 3
+/// times; because each attempt may have taken effect the step is in doubt, so the run
+/// compensates it (status Compensated, not Failed) with no output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_the_policy_and_the_run_compensates() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("effects.jsonl");
+    let engine = Engine::builder(dir.path().join("data"))
+        .workflow::<FlakyFlow>()
+        .step::<Flaky>()
+        .open()
+        .await
+        .unwrap();
+    let handle = engine
+        .start::<FlakyFlow>("flaky", log.to_string_lossy().into_owned())
+        .await
+        .unwrap();
+    let err = handle.result().await.unwrap_err();
+    assert!(err.to_string().contains("response lost"), "{err}");
+    let history = engine.history("flaky").await.unwrap();
+    assert_eq!(
+        history.run.status,
+        RunStatus::Compensated,
+        "{:?}",
+        history.run.error
+    );
+
+    let starts = entries(&history, |e| matches!(e, Event::StepStarted { .. }));
+    let attempts: Vec<u32> = starts
+        .iter()
+        .map(|(_, e)| match e {
+            Event::StepStarted { attempt, .. } => attempt.0,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(attempts, vec![1, 2, 3], "exactly 3 attempts");
+    let failures = entries(&history, |e| matches!(e, Event::StepFailed { .. }));
+    let retry_times: Vec<Option<u64>> = failures
+        .iter()
+        .map(|(_, e)| match e {
+            Event::StepFailed { retry_at_ms, .. } => *retry_at_ms,
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(retry_times.len(), 3, "{failures:?}");
+    assert!(
+        retry_times[0].is_some() && retry_times[1].is_some() && retry_times[2].is_none(),
+        "attempts 1 and 2 were retried, attempt 3 was the last: {retry_times:?}"
+    );
+    assert!(has(&history, |e| matches!(
+        e,
+        Event::StepCompensated { step } if *step == StepIndex(0)
+    )));
+    assert!(has(&history, |e| matches!(e, Event::RunCompensated)));
+
+    let ran = effects::read(&log);
+    let done: Vec<u32> = ran
+        .iter()
+        .filter(|e| e.action == Action::Do)
+        .map(|e| e.attempt)
+        .collect();
+    assert_eq!(done, vec![1, 2, 3], "ground truth: 3 attempts ran");
+    let undone = ran.iter().filter(|e| e.action == Action::Undo).count();
+    assert_eq!(undone, 1, "ground truth: the in-doubt step was undone once");
+    engine.shutdown().await;
+}
+
+/// Completes; its undo fails retryably on the first attempt and succeeds on the next, under a
+/// compensation policy bounded to one minute of elapsed time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SlowUndo {
+    log: String,
+}
+
+impl Step for SlowUndo {
+    const KIND: &'static str = "test.slow-undo";
+    type Output = u32;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+        Throttled {
+            log: self.log.clone(),
+        }
+        .record(Action::Do, ctx)?;
+        Ok(1)
+    }
+
+    async fn compensate(&self, ctx: &StepContext, _output: Option<u32>) -> Result<Undo, StepError> {
+        if ctx.attempt() == Attempt::FIRST {
+            return Err(StepError::retryable("undo throttled"));
+        }
+        Throttled {
+            log: self.log.clone(),
+        }
+        .record(Action::Undo, ctx)?;
+        Ok(Undo::Done)
+    }
+
+    fn compensation_retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+            .with_attempts_max(5)
+            .with_backoff(Duration::from_millis(1), Duration::from_millis(5))
+            .with_elapsed_max(Duration::from_secs(60))
+    }
+}
+
+/// Fails permanently at once.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Refused;
+
+impl Step for Refused {
+    const KIND: &'static str = "test.refused";
+    type Output = u32;
+
+    async fn execute(&self, _ctx: &StepContext) -> Result<u32, StepError> {
+        Err(StepError::permanent("refused"))
+    }
+}
+
+/// A [`SlowUndo`] step, then a [`Refused`] one: the run compensates the first.
+struct SlowUndoFlow;
+
+impl Workflow for SlowUndoFlow {
+    const NAME: &'static str = "test.slow-undo-flow";
+    type Input = String;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, log: String) -> Result<u32, WorkflowError> {
+        ctx.step(SlowUndo { log }).await?;
+        ctx.step(Refused).await
+    }
+}
+
+/// A compensation policy's elapsed-time bound is measured from the undo's own attempts (not
+/// from the Unix epoch): an undo that fails retryably once, a few milliseconds in, under a
+/// one-minute bound, is retried, and the run ends Compensated (not CompensationFailed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_retry_within_its_elapsed_bound_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("effects.jsonl");
+    let engine = Engine::builder(dir.path().join("data"))
+        .workflow::<SlowUndoFlow>()
+        .step::<SlowUndo>()
+        .step::<Refused>()
+        .open()
+        .await
+        .unwrap();
+    let record = {
+        engine
+            .start::<SlowUndoFlow>("slow-undo", log.to_string_lossy().into_owned())
+            .await
+            .unwrap();
+        engine.wait("slow-undo").await.unwrap()
+    };
+    let history = engine.history("slow-undo").await.unwrap();
+    let undo_failures = entries(&history, |e| {
+        matches!(e, Event::StepCompensationFailed { .. })
+    });
+    assert_eq!(undo_failures.len(), 1, "{undo_failures:?}");
+    let Event::StepCompensationFailed { retry_at_ms, .. } = &undo_failures[0].1 else {
+        unreachable!()
+    };
+    assert!(
+        retry_at_ms.is_some(),
+        "the undo failed {} ms into its one-minute bound and must be retried: {:?}",
+        undo_failures[0].0 - history.entries[0].at_ms,
+        history.run.error
+    );
+    assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
+    let undone = effects::read(&log)
+        .iter()
+        .filter(|e| e.action == Action::Undo)
+        .count();
+    assert_eq!(undone, 1, "ground truth: the step was undone");
+    engine.shutdown().await;
+}
