@@ -567,3 +567,71 @@ fn reopen_in_the_same_process_is_not_refused_as_locked() {
         refused.first().map(String::as_str).unwrap_or("")
     );
 }
+
+/// A snapshot that sled was writing when the process died (`snap.<lsn>.generating`, torn) makes
+/// plain sled 0.34 refuse the store with `Corruption` on every later open; the engine removes
+/// that torn file, opens from the last committed snapshot and the log, and every run is as it
+/// was. A `.generating` file that is whole is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_sled_snapshot_left_by_a_crash_does_not_lose_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("effects.jsonl");
+    let input = EffectFlowInput {
+        steps: 3,
+        fail_at: None,
+        sleep_ms: 1,
+        log: log.to_string_lossy().into_owned(),
+    };
+    let before = {
+        let engine = open(&data).await;
+        engine
+            .start::<EffectFlow>("kept", input)
+            .await
+            .unwrap()
+            .result()
+            .await
+            .unwrap();
+        let history = engine.history("kept").await.unwrap();
+        engine.shutdown().await;
+        history
+    };
+    // What a SIGKILL in the middle of sled's snapshot write leaves: a truncated file under the
+    // temporary name, sorting after every committed snapshot.
+    let torn = data.join("snap.FFFFFFFFFFFFFFFF.generating");
+    std::fs::write(&torn, b"half a snapshot").unwrap();
+    let whole = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("snap.")
+                && p != &torn
+        });
+    let whole_copy = whole.as_ref().map(|p| {
+        let copy = PathBuf::from(format!("{}.generating", p.display()));
+        std::fs::copy(p, &copy).unwrap();
+        copy
+    });
+    let refused = loop {
+        match sled::open(&data) {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(refused, Err(sled::Error::Corruption { .. })),
+        "plain sled must refuse the store: {refused:?}"
+    );
+    let engine = open(&data).await;
+    assert_eq!(engine.history("kept").await.unwrap(), before);
+    assert!(!torn.exists(), "the torn snapshot is removed");
+    if let Some(copy) = whole_copy {
+        assert!(copy.exists(), "a whole .generating snapshot is left alone");
+    }
+    engine.shutdown().await;
+}
