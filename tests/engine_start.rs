@@ -15,6 +15,7 @@ use keel::{
 };
 use keel_testkit::effects::{self, Action, Effect};
 use keel_testkit::flows::{EffectFlow, EffectStep, Fault};
+use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 
 /// How long any polled condition may take before the test fails.
@@ -160,21 +161,10 @@ async fn open(data: &Path) -> Engine {
     .await
 }
 
-/// Opens an engine from `builder`, waiting (bounded) while the directory is still locked by
-/// an engine or store this process has just closed: sled closes its files on background
-/// threads, so its lock can outlive `shutdown` and `drop` by a few milliseconds (see
-/// `engine_bad_input::reopen_in_the_same_process_is_not_refused_as_locked`).
+/// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
+/// process just closed is still releasing).
 async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        match builder().open().await {
-            Ok(engine) => return engine,
-            Err(EngineError::Locked { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("opening the engine: {e}"),
-        }
-    }
+    builder().open().await.expect("opening the engine")
 }
 
 /// Each of the effect steps `0..steps` ran exactly once, keyed by operation number (a gate
@@ -194,23 +184,6 @@ fn once_each(steps: u32, gated: bool) -> BTreeMap<u32, usize> {
 /// The output of a [`PlainFlow`] run of `steps` steps.
 fn sum_of(steps: u32) -> u32 {
     (0..steps).map(|n| n * 10).sum()
-}
-
-/// Polls the run's history until `condition` holds (bounded).
-async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while !engine
-        .history(id)
-        .await
-        .map(|h| condition(&h))
-        .unwrap_or(false)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "condition on run {id} never held"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 fn gate_started(history: &RunHistory) -> bool {

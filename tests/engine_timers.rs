@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use keel::{
-    Attempt, Ctx, Engine, EngineBuilder, EngineError, Event, RetryPolicy, RunHistory, RunStatus,
-    Step, StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
+    Attempt, Ctx, Engine, EngineBuilder, Event, RetryPolicy, RunHistory, RunStatus, Step,
+    StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action, Effect};
+use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 
 /// How long any polled condition may take before the test fails.
@@ -33,23 +34,6 @@ async fn until_wall_clock(at_ms: u64) {
     let deadline = Instant::now() + CONDITION_TIMEOUT;
     while now_ms() < at_ms {
         assert!(Instant::now() < deadline, "the wall clock stands still");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Polls the run's history until `condition` holds (bounded).
-async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while !engine
-        .history(id)
-        .await
-        .map(|h| condition(&h))
-        .unwrap_or(false)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "condition on run {id} never held"
-        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -100,21 +84,10 @@ async fn open_sleep(data: &Path) -> Engine {
     open_when_unlocked(|| Engine::builder(data).workflow::<SleepFlow>()).await
 }
 
-/// Opens an engine from `builder`, waiting (bounded) while the directory is still locked by
-/// an engine or store this process has just closed: sled closes its files on background
-/// threads, so its lock can outlive `shutdown` and `drop` by a few milliseconds (see
-/// `engine_bad_input::reopen_in_the_same_process_is_not_refused_as_locked`).
+/// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
+/// process just closed is still releasing).
 async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        match builder().open().await {
-            Ok(engine) => return engine,
-            Err(EngineError::Locked { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("opening the engine: {e}"),
-        }
-    }
+    builder().open().await.expect("opening the engine")
 }
 
 /// A 1500 ms durable timer interrupted by a restart 300 ms into its sleep fires at its

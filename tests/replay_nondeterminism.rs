@@ -21,49 +21,22 @@ use keel::replay::{
 };
 use keel::store::sled::raw;
 use keel::{
-    Attempt, Ctx, Engine, EngineBuilder, EngineError, Entry, ErrorClass, ErrorRecord, Event,
-    JournalIndex, RunHistory, RunId, RunRecord, RunStatus, Step, StepContext, StepError, StepIndex,
-    Undo, Workflow, WorkflowError,
+    Attempt, Ctx, Engine, EngineBuilder, Entry, ErrorClass, ErrorRecord, Event, JournalIndex,
+    RunId, RunRecord, RunStatus, Step, StepContext, StepError, StepIndex, Undo, Workflow,
+    WorkflowError,
 };
 use keel_testkit::effects::{self, Action, Effect};
+use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 /// How long any polled condition may take before the test fails.
 const CONDITION_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Polls the run's history until `condition` holds (bounded).
-async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while !engine
-        .history(id)
-        .await
-        .map(|h| condition(&h))
-        .unwrap_or(false)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "condition on run {id} never held"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Opens an engine from `builder`, waiting (bounded) while the directory is still locked by
-/// an engine or store this process has just closed: sled closes its files on background
-/// threads, so its lock can outlive `shutdown` and `drop` by a few milliseconds (see
-/// `engine_bad_input::reopen_in_the_same_process_is_not_refused_as_locked`).
+/// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
+/// process just closed is still releasing).
 async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        match builder().open().await {
-            Ok(engine) => return engine,
-            Err(EngineError::Locked { .. }) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("opening the engine: {e}"),
-        }
-    }
+    builder().open().await.expect("opening the engine")
 }
 
 /// Opens the raw sled store at `data`, waiting (bounded) while the lock of a store this

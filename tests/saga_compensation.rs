@@ -2,7 +2,7 @@
 //! calls, compensation from the journal alone, in-doubt steps, and kills during compensation.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel::{
     Ctx, Engine, EngineError, Event, RunHistory, RunStatus, Step, StepContext, StepError,
@@ -12,6 +12,7 @@ use keel_testkit::check::{check_run, effects_at, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::effects::{self, Action, Effect};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep, Fault};
+use keel_testkit::poll::until;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
@@ -165,23 +166,6 @@ fn undo_order(log: &str, run: &str) -> Vec<u32> {
         .filter(|e| e.run == run && e.action == Action::Undo)
         .map(|e| e.step)
         .collect()
-}
-
-/// Polls the run's history until `condition` holds (bounded).
-async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(history) = engine.history(id).await {
-            if condition(&history) {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "condition on run {id} never held"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 fn has(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> bool {

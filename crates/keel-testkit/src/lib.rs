@@ -10,6 +10,7 @@ pub mod check;
 pub mod crash;
 pub mod effects;
 pub mod flows;
+pub mod poll;
 
 /// Installs a `tracing` subscriber that writes to the test's captured output (once).
 pub fn init_tracing() {

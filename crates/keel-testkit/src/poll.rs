@@ -1,0 +1,25 @@
+//! Waiting on a condition instead of sleeping: bounded polls of what the engine reports.
+
+use std::time::{Duration, Instant};
+
+use keel_engine::{Engine, RunHistory};
+
+/// How long a polled condition may take before the test fails.
+pub const CONDITION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Polls run `id`'s history until `condition` holds; panics after [`CONDITION_TIMEOUT`].
+pub async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) -> bool) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        if let Ok(history) = engine.history(id).await {
+            if condition(&history) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "condition on run {id} did not hold within {CONDITION_TIMEOUT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
