@@ -10,11 +10,12 @@
 //! A failed sync is final: the page cache may have dropped the dirty pages, so retrying could
 //! report success for data that is gone. Every ticket from then on fails.
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 use crate::error::{EngineError, Result};
 
@@ -30,57 +31,50 @@ pub enum Durability {
     ProcessCrash,
 }
 
-#[derive(Clone, Debug, Default)]
-struct Durable {
-    /// Every ticket up to this number is durable.
-    ticket: u64,
-    /// Set once a sync failed; final.
-    failure: Option<String>,
-}
+/// What a ticket is answered with: durable, or the failure that made durability impossible.
+type Answer = std::result::Result<(), String>;
 
 #[derive(Default)]
 struct Requests {
+    /// The number of the last ticket issued.
     issued: u64,
+    /// Unanswered tickets, oldest first (numbers are issued in increasing order), each with
+    /// the channel that wakes exactly its own waiter. One channel per ticket, not one shared
+    /// broadcast: with thousands of runs waiting, a broadcast wakes every one of them on every
+    /// sync only for most to find it was not theirs.
+    waiting: VecDeque<(u64, oneshot::Sender<Answer>)>,
+    /// Set once a sync failed; final.
+    failure: Option<String>,
     stop: bool,
 }
 
 struct Shared {
     requests: Mutex<Requests>,
     wake: Condvar,
-    durable: watch::Sender<Durable>,
 }
 
 /// Waits for the durability of the writes made before it was issued.
 #[must_use = "a write is not durable until its ticket resolves"]
 pub struct SyncTicket {
-    ticket: u64,
-    durable: watch::Receiver<Durable>,
+    answer: oneshot::Receiver<Answer>,
 }
 
 impl SyncTicket {
     /// Resolves once the writes before this ticket are durable.
-    pub async fn wait(mut self) -> Result<()> {
-        loop {
-            {
-                let durable = self.durable.borrow_and_update();
-                if let Some(failure) = &durable.failure {
-                    return Err(EngineError::Sync {
-                        path: PathBuf::from("<store>"),
-                        source: std::io::Error::other(failure.clone()),
-                    });
-                }
-                if durable.ticket >= self.ticket {
-                    return Ok(());
-                }
-            }
-            if self.durable.changed().await.is_err() {
-                return Err(EngineError::ShutDown);
-            }
+    pub async fn wait(self) -> Result<()> {
+        match self.answer.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failure)) => Err(EngineError::Sync {
+                path: PathBuf::from("<store>"),
+                source: std::io::Error::other(failure),
+            }),
+            // The committer never drops an unanswered ticket while it runs.
+            Err(_) => Err(EngineError::ShutDown),
         }
     }
 }
 
-/// The flusher thread and its request counter.
+/// The flusher thread and its queue of tickets.
 pub(crate) struct Committer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -89,11 +83,9 @@ pub(crate) struct Committer {
 impl Committer {
     /// Starts the flusher; `sync` makes everything written so far durable.
     pub(crate) fn start(sync: impl FnMut() -> std::io::Result<()> + Send + 'static) -> Committer {
-        let (durable, _) = watch::channel(Durable::default());
         let shared = Arc::new(Shared {
             requests: Mutex::new(Requests::default()),
             wake: Condvar::new(),
-            durable,
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -108,15 +100,18 @@ impl Committer {
 
     /// Issues a ticket for every write made before this call.
     pub(crate) fn ticket(&self) -> SyncTicket {
+        let (sender, answer) = oneshot::channel();
         let mut requests = self.shared.requests.lock().expect("committer lock");
+        if let Some(failure) = &requests.failure {
+            let _ = sender.send(Err(failure.clone()));
+            return SyncTicket { answer };
+        }
         requests.issued += 1;
         let ticket = requests.issued;
+        requests.waiting.push_back((ticket, sender));
         drop(requests);
         self.shared.wake.notify_one();
-        SyncTicket {
-            ticket,
-            durable: self.shared.durable.subscribe(),
-        }
+        SyncTicket { answer }
     }
 }
 
@@ -145,18 +140,31 @@ fn flusher(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
             requests.issued
         };
         crate::crash::point("commit.before_sync");
-        let result = sync();
-        done = target;
-        match result {
-            Ok(()) => {
-                shared.durable.send_modify(|d| d.ticket = target);
+        let answer: Answer = sync().map_err(|error| {
+            tracing::error!(%error, "sync failed; the store accepts no more durable writes");
+            error.to_string()
+        });
+        let answered: Vec<_> = {
+            let mut requests = shared.requests.lock().expect("committer lock");
+            done = target;
+            if let Err(failure) = &answer {
+                // No sync follows a failed one: every ticket still waiting fails too, and
+                // `ticket` fails new ones at once.
+                requests.failure = Some(failure.clone());
+                done = requests.issued;
+                requests.waiting.drain(..).collect()
+            } else {
+                let covered = requests
+                    .waiting
+                    .iter()
+                    .take_while(|(ticket, _)| *ticket <= target)
+                    .count();
+                requests.waiting.drain(..covered).collect()
             }
-            Err(error) => {
-                tracing::error!(%error, "sync failed; the store accepts no more durable writes");
-                shared
-                    .durable
-                    .send_modify(|d| d.failure = Some(error.to_string()));
-            }
+        };
+        // Woken outside the lock, each waiter exactly once.
+        for (_, sender) in answered {
+            let _ = sender.send(answer.clone());
         }
     }
 }
