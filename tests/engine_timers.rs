@@ -10,7 +10,7 @@ use keel::{
     Attempt, Ctx, Engine, EngineBuilder, Event, RetryPolicy, RunHistory, RunStatus, Step,
     StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
 };
-use keel_testkit::effects::{self, Action, Effect};
+use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 
@@ -191,27 +191,12 @@ struct Throttled {
     log: String,
 }
 
-impl Throttled {
-    fn record(&self, action: Action, ctx: &StepContext) -> Result<(), StepError> {
-        let effect = Effect {
-            action,
-            run: ctx.run_id().to_string(),
-            step: ctx.step().0,
-            key: ctx.key().to_string(),
-            attempt: ctx.attempt().0,
-            pid: std::process::id(),
-        };
-        effects::append(Path::new(&self.log), &effect)
-            .map_err(|e| StepError::retryable("effect log not writable").with_source(e))
-    }
-}
-
 impl Step for Throttled {
     const KIND: &'static str = "test.throttled";
     type Output = u32;
 
     async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
-        self.record(Action::Do, ctx)?;
+        effects::record(&self.log, Action::Do, ctx)?;
         if ctx.attempt() == Attempt::FIRST {
             return Err(
                 StepError::retryable("rate exceeded").with_retry_after(Duration::from_millis(1500))
@@ -356,10 +341,7 @@ impl Step for Flaky {
     type Output = u32;
 
     async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
-        Throttled {
-            log: self.log.clone(),
-        }
-        .record(Action::Do, ctx)?;
+        effects::record(&self.log, Action::Do, ctx)?;
         Err(StepError::retryable("response lost"))
     }
 
@@ -376,10 +358,7 @@ impl Step for Flaky {
                 "a step that never succeeded was given output {output}"
             )));
         }
-        Throttled {
-            log: self.log.clone(),
-        }
-        .record(Action::Undo, ctx)?;
+        effects::record(&self.log, Action::Undo, ctx)?;
         Ok(Undo::Done)
     }
 }
@@ -476,10 +455,7 @@ impl Step for SlowUndo {
     type Output = u32;
 
     async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
-        Throttled {
-            log: self.log.clone(),
-        }
-        .record(Action::Do, ctx)?;
+        effects::record(&self.log, Action::Do, ctx)?;
         Ok(1)
     }
 
@@ -487,10 +463,7 @@ impl Step for SlowUndo {
         if ctx.attempt() == Attempt::FIRST {
             return Err(StepError::retryable("undo throttled"));
         }
-        Throttled {
-            log: self.log.clone(),
-        }
-        .record(Action::Undo, ctx)?;
+        effects::record(&self.log, Action::Undo, ctx)?;
         Ok(Undo::Done)
     }
 

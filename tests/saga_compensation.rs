@@ -10,7 +10,7 @@ use keel::{
 };
 use keel_testkit::check::{check_run, effects_at, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
-use keel_testkit::effects::{self, Action, Effect};
+use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep, Fault};
 use keel_testkit::poll::until;
 use rand::{Rng, SeedableRng};
@@ -92,33 +92,18 @@ struct SlowStep {
     log: String,
 }
 
-impl SlowStep {
-    fn record(&self, action: Action, ctx: &StepContext) -> Result<(), StepError> {
-        let effect = Effect {
-            action,
-            run: ctx.run_id().to_string(),
-            step: ctx.step().0,
-            key: ctx.key().to_string(),
-            attempt: ctx.attempt().0,
-            pid: std::process::id(),
-        };
-        effects::append(Path::new(&self.log), &effect)
-            .map_err(|e| StepError::retryable(e.to_string()))
-    }
-}
-
 impl Step for SlowStep {
     const KIND: &'static str = "test.slow";
     type Output = u32;
 
     async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
-        self.record(Action::Do, ctx)?;
+        effects::record(&self.log, Action::Do, ctx)?;
         tokio::time::sleep(Duration::from_millis(self.millis)).await;
         Ok(self.n * 10)
     }
 
     async fn compensate(&self, ctx: &StepContext, _output: Option<u32>) -> Result<Undo, StepError> {
-        self.record(Action::Undo, ctx)?;
+        effects::record(&self.log, Action::Undo, ctx)?;
         Ok(Undo::Done)
     }
 }

@@ -59,3 +59,22 @@ pub fn read(path: &Path) -> Vec<Effect> {
         Err(e) => panic!("reading effect log {}: {e}", path.display()),
     }
 }
+
+/// Records that a step (or its compensation) ran `action` in the attempt described by `ctx`,
+/// in the log at `log`. A log that cannot be written is a retryable step error.
+pub fn record(
+    log: &str,
+    action: Action,
+    ctx: &keel_engine::StepContext,
+) -> Result<(), keel_engine::StepError> {
+    let effect = Effect {
+        action,
+        run: ctx.run_id().to_string(),
+        step: ctx.step().0,
+        key: ctx.key().to_string(),
+        attempt: ctx.attempt().0,
+        pid: std::process::id(),
+    };
+    append(Path::new(log), &effect)
+        .map_err(|e| keel_engine::StepError::retryable("effect log not writable").with_source(e))
+}

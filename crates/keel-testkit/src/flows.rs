@@ -6,7 +6,7 @@ use std::time::Duration;
 use keel_engine::{Ctx, RetryPolicy, Step, StepContext, StepError, Undo, Workflow, WorkflowError};
 use serde::{Deserialize, Serialize};
 
-use crate::effects::{self, Action, Effect};
+use crate::effects::{self, Action};
 
 /// How an [`EffectStep`] misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,21 +39,6 @@ pub struct EffectStep {
     pub log: String,
 }
 
-impl EffectStep {
-    fn record(&self, action: Action, ctx: &StepContext) -> Result<(), StepError> {
-        let effect = Effect {
-            action,
-            run: ctx.run_id().to_string(),
-            step: ctx.step().0,
-            key: ctx.key().to_string(),
-            attempt: ctx.attempt().0,
-            pid: std::process::id(),
-        };
-        effects::append(Path::new(&self.log), &effect)
-            .map_err(|e| StepError::retryable("effect log not writable").with_source(e))
-    }
-}
-
 impl Step for EffectStep {
     const KIND: &'static str = "test.effect";
     type Output = u32;
@@ -71,7 +56,7 @@ impl Step for EffectStep {
                 self.n
             )));
         }
-        self.record(Action::Do, ctx)?;
+        effects::record(&self.log, Action::Do, ctx)?;
         if self.fault == Fault::LostResponseOnce && ctx.attempt().0 == 1 {
             return Err(StepError::retryable(format!(
                 "response of step {} lost",
@@ -107,7 +92,7 @@ impl Step for EffectStep {
                 return Ok(Undo::Done);
             }
         }
-        self.record(Action::Undo, ctx)?;
+        effects::record(&self.log, Action::Undo, ctx)?;
         Ok(Undo::Done)
     }
 
