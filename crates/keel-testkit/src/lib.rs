@@ -5,12 +5,20 @@
 //! - [`effects`]: a ground-truth log of side effects kept outside the child, in a plain file,
 //!   so a test can check what really happened against what the journal says.
 //! - [`flows`]: test workflows whose steps write to that log.
+//! - [`moto`]: moto's server (the AWS emulator), one per test process, an account per test.
+//! - [`proxy`]: the fault proxy between the SDK and moto (throttling, 5xx, lost responses,
+//!   eventual-consistency lag, and the AWS behaviour moto lacks).
+//! - [`aws`]: the one SDK configuration helper, for tests and the demo.
+//! - [`inventory`]: what exists in moto, the ground truth of the AWS tests.
 
+pub mod aws;
 pub mod check;
 pub mod crash;
 pub mod effects;
 pub mod flows;
+pub mod moto;
 pub mod poll;
+pub mod proxy;
 
 /// Installs a `tracing` subscriber that writes to the test's captured output (once).
 pub fn init_tracing() {
