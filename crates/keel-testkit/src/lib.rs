@@ -16,6 +16,7 @@ pub mod check;
 pub mod crash;
 pub mod effects;
 pub mod flows;
+pub mod inventory;
 pub mod moto;
 pub mod poll;
 pub mod proxy;
