@@ -907,3 +907,17 @@ fn the_standalone_proxy_names_the_bad_field_of_a_rules_file() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("faults[0].fault"), "{stderr}");
 }
+
+#[tokio::test]
+async fn a_server_of_its_own_can_be_reset_to_empty() {
+    let server = MotoServer::start(MotoOptions::default()).expect("moto starts");
+    let account = server.new_account().unwrap();
+    let config = account.sdk_config().await;
+    create_role(&aws_sdk_iam::Client::new(&config), "before-reset")
+        .await
+        .unwrap();
+    assert_eq!(Inventory::read(&config).await.unwrap().roles.len(), 1);
+    server.reset().unwrap();
+    assert!(Inventory::read(&config).await.unwrap().is_empty());
+    drop(server);
+}
