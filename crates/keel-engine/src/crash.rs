@@ -14,6 +14,8 @@ pub const POINTS: &[&str] = &[
     "step.after_failure",
     "timer.after_set",
     "timer.after_fired",
+    "wait.after_started",
+    "wait.after_ended",
     "commit.before_sync",
     "run.before_terminal",
     "run.after_terminal",

@@ -17,6 +17,7 @@ use crate::journal::{ErrorClass, Event};
 use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTES_MAX};
 use crate::replay::{step_action, Op, StepAction};
 use crate::step::{Step, StepContext, StepError};
+use crate::wait::{Probe, WaitOutcome, WaitPolicy, WaitSchedule};
 use crate::workflow::WorkflowError;
 
 /// Why the engine stopped a workflow body. Once set, every later `ctx` call returns
@@ -180,6 +181,11 @@ impl Ctx {
                     "journal holds a timer, code asks for step {:?}",
                     S::KIND
                 )),
+                Some(Op::Wait(op)) => Err(format!(
+                    "journal holds wait {:?}, code asks for step {:?}",
+                    op.kind,
+                    S::KIND
+                )),
             });
         let action = match action {
             Ok(action) => action,
@@ -263,6 +269,12 @@ impl Ctx {
             });
             match result {
                 Ok((output, value)) => {
+                    self.inner.stats.record(
+                        &format!("step:{}", S::KIND),
+                        started.elapsed(),
+                        self.cell.id.as_str(),
+                        now_ms(),
+                    );
                     tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = started.elapsed().as_millis() as u64, "step completed");
                     // Not synced here: the next step's start record, or the run's terminal
                     // record, shares this entry's sync.
@@ -336,6 +348,10 @@ impl Ctx {
                     "journal holds step {:?}, code asks for a timer",
                     op.kind
                 )),
+                Some(Op::Wait(op)) => Err(format!(
+                    "journal holds wait {:?}, code asks for a timer",
+                    op.kind
+                )),
             });
         let (wake_at_ms, fired) = match journaled {
             Ok(Some(timer)) => timer,
@@ -357,5 +373,184 @@ impl Ctx {
             crate::crash::point("timer.after_fired");
         }
         Ok(())
+    }
+
+    /// Polls `probe` under `policy` until it holds `policy.confirmations` times in a row
+    /// (returning the last poll's output) or the deadline passes
+    /// ([`WorkflowError::WaitTimedOut`], which the body may catch to recreate the resource).
+    ///
+    /// Only the start (with the resolved schedule and absolute deadline) and the end are
+    /// journaled. After a restart the wait resumes polling under the journaled schedule, with
+    /// the original deadline; a run of confirmations starts over. The time to readiness is
+    /// recorded in the statistics of `wait:<kind>`, which [`WaitPolicy::learned`] reads.
+    pub async fn wait<P: Probe>(
+        &mut self,
+        probe: P,
+        policy: WaitPolicy,
+    ) -> Result<P::Output, WorkflowError> {
+        self.check()?;
+        let index = self.next_index()?;
+        let argument = match serde_json::to_value(&probe) {
+            Ok(v) => v,
+            Err(source) => {
+                let e = EngineError::Serialise {
+                    what: format!("argument of wait {index} ({})", P::KIND),
+                    source,
+                };
+                return Err(self.interrupt(Interrupt::Engine(e)));
+            }
+        };
+        let journaled = self.cell.with_state(|state| match state.ops.get(index.0 as usize) {
+            None => Ok(None),
+            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == argument => {
+                Ok(Some((op.schedule.clone(), op.started_at_ms, op.outcome.clone())))
+            }
+            Some(Op::Wait(op)) => Err(format!(
+                "journal holds wait {:?} with argument {}, code asks for wait {:?} with argument {}",
+                op.kind,
+                op.argument,
+                P::KIND,
+                argument
+            )),
+            Some(Op::Step(op)) => Err(format!("journal holds step {:?}, code asks for wait {:?}", op.kind, P::KIND)),
+            Some(Op::Timer { .. }) => Err(format!("journal holds a timer, code asks for wait {:?}", P::KIND)),
+        });
+        let (schedule, started_at_ms) = match journaled {
+            Ok(Some((_, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
+            Ok(Some((schedule, started_at_ms, None))) => (schedule, started_at_ms),
+            Ok(None) => {
+                let started_at_ms = now_ms();
+                let stats = self.inner.stats.summary(&format!("wait:{}", P::KIND));
+                let schedule = policy.resolve(started_at_ms, stats.as_ref());
+                tracing::debug!(run_id = %self.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
+                self.journal(Event::WaitStarted {
+                    step: index,
+                    kind: P::KIND.into(),
+                    argument,
+                    schedule: schedule.clone(),
+                })?;
+                self.durable().await?;
+                crate::crash::point("wait.after_started");
+                (schedule, started_at_ms)
+            }
+            Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
+        };
+        let outcome = self.poll(index, &probe, &schedule, started_at_ms).await?;
+        self.journal(Event::WaitEnded {
+            step: index,
+            outcome: outcome.clone(),
+        })?;
+        // Not synced here: the next step's start record, or the run's terminal record, shares
+        // this entry's sync, as for a step's outcome.
+        crate::crash::point("wait.after_ended");
+        self.wait_result::<P>(index, outcome)
+    }
+
+    async fn poll<P: Probe>(
+        &mut self,
+        index: StepIndex,
+        probe: &P,
+        schedule: &WaitSchedule,
+        started_at_ms: u64,
+    ) -> Result<WaitOutcome, WorkflowError> {
+        let key = IdempotencyKey::for_step(&self.cell.id, index);
+        let mut polls = 0u32;
+        let mut streak = 0u32;
+        let mut ready_since_ms = 0;
+        let mut interval_ms = 0;
+        let mut next_at_ms = started_at_ms.saturating_add(schedule.initial_delay_ms);
+        loop {
+            self.sleep_until(next_at_ms.min(schedule.deadline_ms))
+                .await?;
+            if now_ms() >= schedule.deadline_ms {
+                tracing::info!(run_id = %self.cell.id, step = index.0, kind = P::KIND, polls, "wait timed out");
+                return Ok(WaitOutcome::TimedOut { polls });
+            }
+            polls += 1;
+            let ctx = StepContext {
+                run_id: self.cell.id.clone(),
+                step: index,
+                key,
+                attempt: Attempt(polls),
+            };
+            let span = tracing::debug_span!("probe", run_id = %self.cell.id, step = index.0, kind = P::KIND, poll = polls);
+            match tracing::Instrument::instrument(probe.probe(&ctx), span).await {
+                Ok(Some(output)) => {
+                    if streak == 0 {
+                        ready_since_ms = now_ms();
+                    }
+                    streak += 1;
+                    if streak >= schedule.confirmations {
+                        let output = match serde_json::to_value(&output) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                let error = StepError::permanent(format!(
+                                    "output of probe {} does not serialise: {e}",
+                                    P::KIND
+                                ));
+                                return Ok(WaitOutcome::Failed {
+                                    error: error.to_record(),
+                                    polls,
+                                });
+                            }
+                        };
+                        let waited =
+                            Duration::from_millis(ready_since_ms.saturating_sub(started_at_ms));
+                        self.inner.stats.record(
+                            &format!("wait:{}", P::KIND),
+                            waited,
+                            self.cell.id.as_str(),
+                            now_ms(),
+                        );
+                        return Ok(WaitOutcome::Ready { output, polls });
+                    }
+                }
+                Ok(None) => streak = 0,
+                Err(error) if error.class() == ErrorClass::Permanent => {
+                    tracing::info!(run_id = %self.cell.id, step = index.0, kind = P::KIND, %error, "probe failed permanently");
+                    return Ok(WaitOutcome::Failed {
+                        error: error.to_record(),
+                        polls,
+                    });
+                }
+                Err(error) => {
+                    tracing::debug!(run_id = %self.cell.id, step = index.0, kind = P::KIND, %error, "probe failed; counts as not ready");
+                    streak = 0;
+                }
+            }
+            let now = now_ms();
+            let step_ms = if streak > 0 {
+                // Confirm quickly: a run of confirmations uses the dense interval.
+                schedule.dense_interval_ms
+            } else {
+                interval_ms =
+                    schedule.interval_after(now.saturating_sub(started_at_ms), interval_ms);
+                interval_ms
+            };
+            next_at_ms = now.saturating_add(schedule.jittered(step_ms, self.rng.gen()));
+        }
+    }
+
+    fn wait_result<P: Probe>(
+        &mut self,
+        index: StepIndex,
+        outcome: WaitOutcome,
+    ) -> Result<P::Output, WorkflowError> {
+        match outcome {
+            WaitOutcome::Ready { output, .. } => serde_json::from_value(output).map_err(|e| {
+                let detail = format!("recorded output of wait {} does not decode: {e}", P::KIND);
+                self.interrupt(Interrupt::NonDeterminism { index, detail })
+            }),
+            WaitOutcome::TimedOut { polls } => Err(WorkflowError::WaitTimedOut {
+                step: index,
+                kind: P::KIND.into(),
+                polls,
+            }),
+            WaitOutcome::Failed { error, .. } => Err(WorkflowError::Step {
+                step: index,
+                kind: P::KIND.into(),
+                error,
+            }),
+        }
     }
 }

@@ -15,9 +15,10 @@ use crate::error::{EngineError, Result};
 use crate::executor;
 use crate::ids::RunId;
 use crate::journal::{digest, RunHistory, RunRecord, RunStatus};
-use crate::limits::{CONCURRENT_RUNS_MAX, INPUT_BYTES_MAX};
+use crate::limits::{CONCURRENT_RUNS_MAX, INPUT_BYTES_MAX, STATS_FLUSH_INTERVAL};
 use crate::registry::Registry;
 use crate::replay::RunState;
+use crate::stats::{OperationStats, StatsBook};
 use crate::step::Step;
 use crate::store::sled::SledStore;
 use crate::store::{Durability, JournalStore};
@@ -95,9 +96,11 @@ impl EngineBuilder {
                 path: self.path.clone(),
                 source: sled::Error::ReportableBug(e.to_string()),
             })??;
+        let stats = StatsBook::load(&store)?;
         let (shutdown, _) = watch::channel(false);
         let (drivers, _) = watch::channel(0usize);
         let inner = Arc::new(Inner {
+            stats,
             path: self.path,
             store: Arc::new(store),
             registry: self.registry,
@@ -110,12 +113,14 @@ impl EngineBuilder {
         let engine = Engine { inner };
         engine.resume_all()?;
         engine.spawn_gc(self.gc_interval);
+        engine.spawn_stats_flush();
         Ok(engine)
     }
 }
 
 pub(crate) struct Inner {
     path: PathBuf,
+    pub(crate) stats: StatsBook,
     pub(crate) store: Arc<dyn JournalStore>,
     pub(crate) registry: Registry,
     cells: Mutex<HashMap<RunId, Arc<RunCell>>>,
@@ -561,6 +566,53 @@ impl Engine {
         self.inner.shutdown.send_replace(true);
         let mut drivers = self.inner.drivers.subscribe();
         let _ = drivers.wait_for(|n| *n == 0).await;
+        if let Err(error) = self.inner.stats.flush(&*self.inner.store) {
+            tracing::warn!(%error, "latency statistics could not be written");
+        }
         let _ = self.inner.store.sync().wait().await;
+    }
+
+    /// Latency statistics of every operation (`step:<kind>`, `wait:<kind>`) recorded in this
+    /// data directory, sorted by operation.
+    pub fn stats(&self) -> Vec<OperationStats> {
+        self.inner.stats.all()
+    }
+
+    /// Latency statistics of one operation, if it has any.
+    pub fn operation_stats(&self, operation: &str) -> Option<OperationStats> {
+        self.inner.stats.summary(operation)
+    }
+
+    /// Records a duration for `operation` as if an execution had taken it: for importing
+    /// history from elsewhere (or seeding a learned wait policy).
+    pub fn record_duration(&self, operation: &str, duration: Duration) {
+        self.inner.stats.record(operation, duration, "", now_ms());
+    }
+
+    /// Writes the statistics changed since the last write and waits until they are durable.
+    /// The engine does this every second and at shutdown; a crash loses at most the last
+    /// second's samples.
+    pub async fn flush_stats(&self) -> Result<()> {
+        self.inner.stats.flush(&*self.inner.store)?;
+        self.inner.store.sync().wait().await
+    }
+
+    fn spawn_stats_flush(&self) {
+        let engine = Arc::downgrade(&self.inner);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(STATS_FLUSH_INTERVAL) => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(inner) = engine.upgrade() else {
+                    return;
+                };
+                if let Err(error) = inner.stats.flush(&*inner.store) {
+                    tracing::warn!(%error, "latency statistics could not be written");
+                }
+            }
+        });
     }
 }

@@ -182,6 +182,25 @@ pub enum Event {
         /// The operation number.
         step: StepIndex,
     },
+    /// A wait began, with its resolved schedule and absolute deadline. Polls are not
+    /// journaled.
+    WaitStarted {
+        /// The operation number.
+        step: StepIndex,
+        /// The wait kind.
+        kind: String,
+        /// The probe's argument (the probe value itself).
+        argument: Value,
+        /// The schedule every resumption follows.
+        schedule: crate::wait::WaitSchedule,
+    },
+    /// A wait ended.
+    WaitEnded {
+        /// The operation number.
+        step: StepIndex,
+        /// How.
+        outcome: crate::wait::WaitOutcome,
+    },
     /// The workflow returned its output. Written with the `Completed` status.
     RunCompleted {
         /// The output.
@@ -263,6 +282,8 @@ impl Event {
             | Event::StepFailed { step, .. }
             | Event::TimerSet { step, .. }
             | Event::TimerFired { step }
+            | Event::WaitStarted { step, .. }
+            | Event::WaitEnded { step, .. }
             | Event::StepCompensationStarted { step, .. }
             | Event::StepCompensated { step }
             | Event::StepCompensationSkipped { step, .. }

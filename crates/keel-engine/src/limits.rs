@@ -49,6 +49,21 @@ pub const ENTRY_BYTES_MAX: usize = max(STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTE
 pub const RUN_RECORD_BYTES_MAX: usize =
     INPUT_BYTES_MAX + OUTPUT_BYTES_MAX + ERROR_MESSAGE_BYTES_MAX + 8 * 1024;
 
+/// Latency samples kept per operation: percentiles are exact up to this many samples, and
+/// estimated from a uniform reservoir of this size past it.
+pub const LATENCY_SAMPLES_KEPT: usize = 4096;
+
+/// Worst samples kept per operation, with their run.
+pub const LATENCY_OUTLIERS_KEPT: usize = 10;
+
+/// How often changed latency statistics are written (a crash loses at most this much).
+pub const STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Largest encoded statistics record of one operation: the samples (at most 20 digits and a
+/// comma each), the outliers (a run id and two numbers each), and a few fields.
+pub const STATS_RECORD_BYTES_MAX: usize =
+    LATENCY_SAMPLES_KEPT * 21 + LATENCY_OUTLIERS_KEPT * (RUN_ID_LEN_MAX + 64) + 1024;
+
 /// sled moves a page larger than a quarter of its 512 KiB segment into a separate blob
 /// file. Records stay below it so that they normally live in sled's log (the committer syncs
 /// blob files too, for the pages that grow past it anyway).
@@ -64,6 +79,7 @@ const fn max(a: usize, b: usize) -> usize {
 
 const _: () = assert!(ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(RUN_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
+const _: () = assert!(STATS_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX < STEP_OUTPUT_BYTES_MAX);
 const _: () = assert!(STEPS_PER_RUN_MAX < JOURNAL_ENTRIES_PER_RUN_MAX);
 const _: () = assert!(RUN_ID_LEN_MAX < 256);

@@ -72,6 +72,8 @@ pub enum StepOutcome {
 pub enum Op {
     /// A step.
     Step(StepOp),
+    /// A durable wait.
+    Wait(WaitOp),
     /// A durable timer.
     Timer {
         /// When it fires.
@@ -79,6 +81,21 @@ pub enum Op {
         /// Whether the workflow went past it.
         fired: bool,
     },
+}
+
+/// A wait as the journal tells it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WaitOp {
+    /// The wait kind.
+    pub kind: String,
+    /// The probe's argument.
+    pub argument: Value,
+    /// When it started.
+    pub started_at_ms: u64,
+    /// Its schedule.
+    pub schedule: crate::wait::WaitSchedule,
+    /// How it ended, if it did.
+    pub outcome: Option<crate::wait::WaitOutcome>,
 }
 
 /// The compensation state of one step.
@@ -250,6 +267,34 @@ impl RunState {
                 }
                 _ => Err(format!("timer_fired for {step}, which is not a timer")),
             },
+            Event::WaitStarted {
+                step,
+                kind,
+                argument,
+                schedule,
+            } => {
+                if step.0 as usize != self.ops.len() {
+                    return Err(format!(
+                        "wait {step} started out of order (next is #{})",
+                        self.ops.len()
+                    ));
+                }
+                self.ops.push(Op::Wait(WaitOp {
+                    kind: kind.clone(),
+                    argument: argument.clone(),
+                    started_at_ms: at_ms,
+                    schedule: schedule.clone(),
+                    outcome: None,
+                }));
+                Ok(())
+            }
+            Event::WaitEnded { step, outcome } => match self.ops.get_mut(step.0 as usize) {
+                Some(Op::Wait(op)) if op.outcome.is_none() => {
+                    op.outcome = Some(outcome.clone());
+                    Ok(())
+                }
+                other => Err(format!("wait_ended for {step} in state {other:?}")),
+            },
             Event::CancelRequested => {
                 self.cancel_requested = true;
                 Ok(())
@@ -375,6 +420,7 @@ impl RunState {
                 }
             }
             Some(Op::Timer { .. }) => Err(format!("step outcome for {step}, which is a timer")),
+            Some(Op::Wait(_)) => Err(format!("step outcome for {step}, which is a wait")),
             None => Err(format!("outcome of step {step}, which never started")),
         }
     }
@@ -431,7 +477,7 @@ impl RunState {
     pub fn step(&self, index: StepIndex) -> Option<&StepOp> {
         match self.ops.get(index.0 as usize) {
             Some(Op::Step(op)) => Some(op),
-            Some(Op::Timer { .. }) | None => None,
+            Some(Op::Timer { .. }) | Some(Op::Wait(_)) | None => None,
         }
     }
 

@@ -46,6 +46,17 @@ pub enum WorkflowError {
         /// The recorded error.
         error: ErrorRecord,
     },
+    /// A wait's deadline passed before its probe held. Workflow code may catch this (say, to
+    /// recreate the resource); propagated, it makes the run compensate.
+    #[error("wait {step} ({kind}) timed out after {polls} polls")]
+    WaitTimedOut {
+        /// The operation number.
+        step: StepIndex,
+        /// The wait kind.
+        kind: String,
+        /// Polls made since the wait (or its last resumption) began.
+        polls: u32,
+    },
     /// The workflow decided to fail (business logic).
     #[error("{0}")]
     Failed(String),

@@ -3,7 +3,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel_engine::{Ctx, RetryPolicy, Step, StepContext, StepError, Undo, Workflow, WorkflowError};
+use keel_engine::{
+    Ctx, Probe, RetryPolicy, Step, StepContext, StepError, Undo, WaitPolicy, Workflow,
+    WorkflowError,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::effects::{self, Action};
@@ -144,7 +147,36 @@ impl Workflow for EffectFlow {
                 })
                 .await?;
         }
+        // A flapping readiness check at the end: ready only after two "yes" in a row.
+        ctx.wait(
+            FlappingProbe {
+                pattern: vec![false, true, false, true, true],
+            },
+            WaitPolicy::every(Duration::from_millis(5), Duration::from_secs(60))
+                .growth(1.0)
+                .confirmations(2),
+        )
+        .await?;
         Ok(sum)
+    }
+}
+
+/// A probe whose n-th poll (from 1, per resumption) answers `pattern[(n - 1) % len]`: a read
+/// that flaps in a known way. Ready polls return the poll number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlappingProbe {
+    /// Ready (true) or not (false), poll by poll, repeating.
+    pub pattern: Vec<bool>,
+}
+
+impl Probe for FlappingProbe {
+    const KIND: &'static str = "test.flapping";
+    type Output = u32;
+
+    async fn probe(&self, ctx: &StepContext) -> Result<Option<u32>, StepError> {
+        let n = ctx.attempt().0;
+        let ready = self.pattern.is_empty() || self.pattern[(n as usize - 1) % self.pattern.len()];
+        Ok(ready.then_some(n))
     }
 }
 

@@ -45,6 +45,12 @@ pub trait JournalStore: Send + Sync + 'static {
     /// Deletes a run record and its journal, atomically.
     fn delete_run(&self, id: &RunId) -> Result<()>;
 
+    /// Writes the latency statistics of `operation` (an opaque record), replacing the old.
+    fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()>;
+
+    /// Every operation's statistics record.
+    fn stats(&self) -> Result<Vec<(String, Vec<u8>)>>;
+
     /// A ticket that resolves once every write made before this call is durable.
     fn sync(&self) -> SyncTicket;
 }

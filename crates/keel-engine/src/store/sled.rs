@@ -15,12 +15,15 @@ use std::path::{Path, PathBuf};
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord};
-use crate::limits::{ENTRY_BYTES_MAX, OPEN_LOCK_WAIT_MAX, RUN_RECORD_BYTES_MAX};
+use crate::limits::{
+    ENTRY_BYTES_MAX, OPEN_LOCK_WAIT_MAX, RUN_RECORD_BYTES_MAX, STATS_RECORD_BYTES_MAX,
+};
 use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::JournalStore;
 
 const RUN_PREFIX: u8 = b'r';
 const JOURNAL_PREFIX: u8 = b'j';
+const STATS_PREFIX: u8 = b's';
 
 /// A [`JournalStore`] on sled 0.34.
 pub struct SledStore {
@@ -328,6 +331,32 @@ impl JournalStore for SledStore {
         }
         batch.remove(run_key(id));
         self.db.apply_batch(batch).map_err(|e| self.storage(e))
+    }
+
+    fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
+        if record.len() > STATS_RECORD_BYTES_MAX {
+            return Err(EngineError::TooLarge {
+                what: format!("latency statistics of {operation}"),
+                bytes: record.len(),
+                limit: STATS_RECORD_BYTES_MAX,
+            });
+        }
+        let mut key = vec![STATS_PREFIX];
+        key.extend_from_slice(operation.as_bytes());
+        self.db.insert(key, record).map_err(|e| self.storage(e))?;
+        Ok(())
+    }
+
+    fn stats(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix([STATS_PREFIX]) {
+            let (key, bytes) = item.map_err(|e| self.storage(e))?;
+            out.push((
+                String::from_utf8_lossy(&key[1..]).into_owned(),
+                bytes.to_vec(),
+            ));
+        }
+        Ok(out)
     }
 
     fn sync(&self) -> SyncTicket {
