@@ -253,7 +253,8 @@ impl Ctx {
                 attempt,
             };
             let started = std::time::Instant::now();
-            let result = tracing::Instrument::instrument(step.execute(&ctx), span).await;
+            let call = tracing::Instrument::instrument(step.execute(&ctx), span);
+            let result = rate_limited(&self.inner, step.rate_limit(), call).await;
             crate::crash::point("step.after_effect");
             let result = result.and_then(|output| {
                 let value = serde_json::to_value(&output)
@@ -474,7 +475,8 @@ impl Ctx {
                 attempt: Attempt(polls),
             };
             let span = tracing::debug_span!("probe", run_id = %self.cell.id, step = index.0, kind = P::KIND, poll = polls);
-            match tracing::Instrument::instrument(probe.probe(&ctx), span).await {
+            let call = tracing::Instrument::instrument(probe.probe(&ctx), span);
+            match rate_limited(&self.inner, probe.rate_limit(), call).await {
                 Ok(Some(output)) => {
                     if streak == 0 {
                         ready_since_ms = now_ms();
@@ -553,4 +555,24 @@ impl Ctx {
             }),
         }
     }
+}
+
+/// Runs `call` in a slot of the limiter of `service` (if any) and reports its outcome back:
+/// success, throttling, or neither.
+async fn rate_limited<T>(
+    inner: &Inner,
+    service: Option<&str>,
+    call: impl std::future::Future<Output = Result<T, StepError>>,
+) -> Result<T, StepError> {
+    let Some(limiter) = service.map(|name| inner.limiter(name)) else {
+        return call.await;
+    };
+    let permit = limiter.acquire().await;
+    let result = call.await;
+    match &result {
+        Ok(_) => limiter.succeeded(permit),
+        Err(e) if e.is_throttled() => limiter.throttled(permit),
+        Err(_) => limiter.released(permit),
+    }
+    result
 }

@@ -15,6 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::executor;
 use crate::ids::RunId;
 use crate::journal::{digest, RunHistory, RunRecord, RunStatus};
+use crate::limiter::{RateLimit, RateLimiter};
 use crate::limits::{CONCURRENT_RUNS_MAX, INPUT_BYTES_MAX, STATS_FLUSH_INTERVAL};
 use crate::registry::Registry;
 use crate::replay::RunState;
@@ -38,9 +39,17 @@ pub struct EngineBuilder {
     gc_interval: Duration,
     registry: Registry,
     registry_error: Option<EngineError>,
+    rate_limits: HashMap<String, RateLimit>,
 }
 
 impl EngineBuilder {
+    /// Sets the rate limit of the service `name` (steps name it in [`Step::rate_limit`]).
+    /// Services without one get [`RateLimit::default`].
+    pub fn rate_limit(mut self, name: &str, limit: RateLimit) -> Self {
+        self.rate_limits.insert(name.to_string(), limit);
+        self
+    }
+
     /// Registers a workflow type, so its unfinished runs resume at open.
     pub fn workflow<W: Workflow>(self) -> Self {
         self.registry.add_workflow::<W>();
@@ -104,6 +113,8 @@ impl EngineBuilder {
             path: self.path,
             store: Arc::new(store),
             registry: self.registry,
+            limiters: Mutex::new(HashMap::new()),
+            rate_limits: self.rate_limits,
             cells: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(self.runs_concurrent_max)),
             shutdown,
@@ -121,6 +132,8 @@ impl EngineBuilder {
 pub(crate) struct Inner {
     path: PathBuf,
     pub(crate) stats: StatsBook,
+    limiters: Mutex<HashMap<String, Arc<RateLimiter>>>,
+    rate_limits: HashMap<String, RateLimit>,
     pub(crate) store: Arc<dyn JournalStore>,
     pub(crate) registry: Registry,
     cells: Mutex<HashMap<RunId, Arc<RunCell>>>,
@@ -131,6 +144,15 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// The limiter of the service `name`, created on first use.
+    pub(crate) fn limiter(&self, name: &str) -> Arc<RateLimiter> {
+        let mut limiters = self.limiters.lock().expect("limiters lock");
+        Arc::clone(limiters.entry(name.to_string()).or_insert_with(|| {
+            let limit = self.rate_limits.get(name).cloned().unwrap_or_default();
+            Arc::new(RateLimiter::new(name, limit))
+        }))
+    }
+
     /// Unloads `cell` unless it must still be driven: its status is running or compensating
     /// (an operator call may have just made it so), the engine is up and no storage error
     /// poisoned it. Returns whether it was unloaded. Decided under the map lock, so an operator
@@ -224,6 +246,7 @@ impl Engine {
             gc_interval: Duration::from_secs(600),
             registry: Registry::default(),
             registry_error: None,
+            rate_limits: HashMap::new(),
         }
     }
 
@@ -570,6 +593,12 @@ impl Engine {
             tracing::warn!(%error, "latency statistics could not be written");
         }
         let _ = self.inner.store.sync().wait().await;
+    }
+
+    /// The rate limiter of the service `name`, shared by every workflow of this engine
+    /// (steps use it through [`Step::rate_limit`]; other code may too).
+    pub fn rate_limiter(&self, name: &str) -> Arc<RateLimiter> {
+        self.inner.limiter(name)
     }
 
     /// Latency statistics of every operation (`step:<kind>`, `wait:<kind>`) recorded in this

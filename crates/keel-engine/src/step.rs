@@ -37,6 +37,13 @@ pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
         RetryPolicy::default()
     }
 
+    /// The rate-limited service this step calls (`"iam"`, `"iot"`, ...), if any: each attempt
+    /// then waits for a slot of the engine's limiter of that name, and reports throttling
+    /// ([`StepError::throttled`]) or success back to it.
+    fn rate_limit(&self) -> Option<&str> {
+        None
+    }
+
     /// Undoes the step. `output` is the recorded output, or `None` when the step's outcome is
     /// in doubt (an attempt started and nothing was recorded): then the compensation must find
     /// out, by `ctx.key()`, whether the effect happened, and undo it if so. Must be
@@ -106,6 +113,7 @@ pub struct StepError {
     class: ErrorClass,
     message: String,
     retry_after: Option<Duration>,
+    throttled: bool,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -117,6 +125,7 @@ impl StepError {
             class: ErrorClass::Retryable,
             message: message.into(),
             retry_after: None,
+            throttled: false,
             source: None,
         }
     }
@@ -127,8 +136,22 @@ impl StepError {
             class: ErrorClass::Permanent,
             message: message.into(),
             retry_after: None,
+            throttled: false,
             source: None,
         }
+    }
+
+    /// The service throttled the call: retryable, and the step's rate limiter slows down.
+    pub fn throttled(message: impl Into<String>) -> Self {
+        StepError {
+            throttled: true,
+            ..StepError::retryable(message)
+        }
+    }
+
+    /// Whether the service throttled the call.
+    pub fn is_throttled(&self) -> bool {
+        self.throttled
     }
 
     /// Asks for the next attempt no sooner than `after` (a server's retry-after hint).

@@ -32,6 +32,11 @@ pub trait Probe: Serialize + DeserializeOwned + Send + Sync + 'static {
         &self,
         ctx: &StepContext,
     ) -> impl Future<Output = Result<Option<Self::Output>, StepError>> + Send;
+
+    /// The rate-limited service the probe calls, if any (as [`crate::Step::rate_limit`]).
+    fn rate_limit(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// How to wait: when to poll, how many confirmations, and for how long at most.
