@@ -132,6 +132,37 @@ impl Ctx {
         }
     }
 
+    /// The journaled form of a step's or probe's argument (the value itself), within the
+    /// argument size limit.
+    fn argument<T: serde::Serialize>(
+        &mut self,
+        index: StepIndex,
+        what: &str,
+        kind: &str,
+        value: &T,
+    ) -> Result<Value, WorkflowError> {
+        let argument = match serde_json::to_value(value) {
+            Ok(v) => v,
+            Err(source) => {
+                let e = EngineError::Serialise {
+                    what: format!("argument of {what} {index} ({kind})"),
+                    source,
+                };
+                return Err(self.interrupt(Interrupt::Engine(e)));
+            }
+        };
+        let bytes = argument.to_string().len();
+        if bytes > STEP_ARGUMENT_BYTES_MAX {
+            let e = EngineError::TooLarge {
+                what: format!("argument of {what} {index} ({kind})"),
+                bytes,
+                limit: STEP_ARGUMENT_BYTES_MAX,
+            };
+            return Err(self.interrupt(Interrupt::Engine(e)));
+        }
+        Ok(argument)
+    }
+
     /// Runs `step` (or replays its recorded outcome), retrying per its policy.
     ///
     /// Returns the step's output, or [`WorkflowError::Step`] when it failed for good, which
@@ -139,25 +170,7 @@ impl Ctx {
     pub async fn step<S: Step>(&mut self, step: S) -> Result<S::Output, WorkflowError> {
         self.check()?;
         let index = self.next_index()?;
-        let argument = match serde_json::to_value(&step) {
-            Ok(v) => v,
-            Err(source) => {
-                let e = EngineError::Serialise {
-                    what: format!("argument of step {index} ({})", S::KIND),
-                    source,
-                };
-                return Err(self.interrupt(Interrupt::Engine(e)));
-            }
-        };
-        let argument_bytes = argument.to_string().len();
-        if argument_bytes > STEP_ARGUMENT_BYTES_MAX {
-            let e = EngineError::TooLarge {
-                what: format!("argument of step {index} ({})", S::KIND),
-                bytes: argument_bytes,
-                limit: STEP_ARGUMENT_BYTES_MAX,
-            };
-            return Err(self.interrupt(Interrupt::Engine(e)));
-        }
+        let argument = self.argument(index, "step", S::KIND, &step)?;
         if let Err(e) = self.inner.registry.add_step::<S>() {
             return Err(self.interrupt(Interrupt::Engine(e)));
         }
@@ -391,16 +404,7 @@ impl Ctx {
     ) -> Result<P::Output, WorkflowError> {
         self.check()?;
         let index = self.next_index()?;
-        let argument = match serde_json::to_value(&probe) {
-            Ok(v) => v,
-            Err(source) => {
-                let e = EngineError::Serialise {
-                    what: format!("argument of wait {index} ({})", P::KIND),
-                    source,
-                };
-                return Err(self.interrupt(Interrupt::Engine(e)));
-            }
-        };
+        let argument = self.argument(index, "wait", P::KIND, &probe)?;
         let journaled = self.cell.with_state(|state| match state.ops.get(index.0 as usize) {
             None => Ok(None),
             Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == argument => {

@@ -18,8 +18,8 @@ mod classify;
 mod operations;
 mod rules;
 mod shapes;
+mod state;
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -40,9 +40,9 @@ pub use rules::{
     AssumeRoleRule, DeploymentRule, Dist, Fault, FaultRule, LagRule, Rules, RulesError, SERVICES,
 };
 
-use classify::{classify, identifiers_in_answer, Call, Protocol};
-use rules::{draw, stream_of};
+use classify::{classify, Call};
 use shapes::ErrorKind;
+use state::{RuleCount, State, Upstream};
 
 /// Largest request body the proxy reads (AWS's own limits are far below).
 const BODY_MAX: usize = 16 << 20;
@@ -351,112 +351,10 @@ fn plain(status: u16, text: String) -> Response<Full<Bytes>> {
         .expect("a valid response")
 }
 
-/// moto's answer, kept whole so it can be inspected, cached and replayed.
-#[derive(Debug, Clone)]
-struct Upstream {
-    status: http::StatusCode,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Upstream {
-    fn to_response(&self) -> Response<Full<Bytes>> {
-        let mut response = Response::new(Full::new(self.body.clone()));
-        *response.status_mut() = self.status;
-        for (name, value) in &self.headers {
-            if !matches!(
-                name.as_str(),
-                "transfer-encoding" | "connection" | "keep-alive"
-            ) {
-                response.headers_mut().append(name, value.clone());
-            }
-        }
-        response
-    }
-}
-
 struct Shared {
     upstream: String,
     client: Client<HttpConnector, Full<Bytes>>,
     state: Mutex<State>,
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-struct RuleCount {
-    matched: u64,
-    fired: u32,
-}
-
-/// A resource in its create-lag window.
-#[derive(Debug, Clone, Copy)]
-struct Lagging {
-    until: Instant,
-    reads: u64,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Deployment {
-    created: Instant,
-    building: Duration,
-    in_progress: Duration,
-    fails: bool,
-}
-
-struct State {
-    rules: Rules,
-    fired: Vec<RuleCount>,
-    next_seq: u64,
-    log: Vec<RequestRecord>,
-    /// (service, name/id/ARN) of resources in their create-lag window.
-    created: HashMap<(String, String), Lagging>,
-    /// (service, name/id/ARN) of resources in their delete-lag window, until when.
-    deleted: HashMap<(String, String), Instant>,
-    /// (service, operation, ref) -> the last successful read answer naming `ref`.
-    cache: HashMap<(String, String, String), Upstream>,
-    /// Role ARN -> when AssumeRole starts to succeed.
-    roles: HashMap<String, Instant>,
-    /// Greengrass deployment id -> its lifecycle.
-    deployments: HashMap<String, Deployment>,
-    /// Ordinals for seeded draws: creates per service, deployments, roles.
-    ordinals: HashMap<String, u64>,
-}
-
-impl State {
-    fn new(rules: Rules) -> Self {
-        Self {
-            fired: vec![RuleCount::default(); rules.faults.len()],
-            rules,
-            next_seq: 0,
-            log: Vec::new(),
-            created: HashMap::new(),
-            deleted: HashMap::new(),
-            cache: HashMap::new(),
-            roles: HashMap::new(),
-            deployments: HashMap::new(),
-            ordinals: HashMap::new(),
-        }
-    }
-
-    /// The next ordinal of `stream`, for a seeded draw.
-    fn ordinal(&mut self, stream: &str) -> u64 {
-        let n = self.ordinals.entry(stream.to_string()).or_insert(0);
-        *n += 1;
-        *n - 1
-    }
-
-    /// A seeded duration from `dist` for the next event of `stream`.
-    fn sample(&mut self, stream: &str, dist: &Dist) -> Duration {
-        let n = self.ordinal(stream);
-        let s = stream_of(stream);
-        Duration::from_millis(dist.sample(
-            draw(self.rules.seed, s, 2 * n),
-            draw(self.rules.seed, s, 2 * n + 1),
-        ))
-    }
-
-    fn lag_rule(&self, service: &str) -> Option<&LagRule> {
-        self.rules.lag.iter().find(|r| r.service == service)
-    }
 }
 
 impl Shared {
@@ -464,42 +362,9 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Numbers the request and runs the fault rules: the latency to add, and the fault (if any).
+    /// Numbers the request and runs the fault rules.
     fn decide(&self, call: &Call) -> (u64, u64, Option<Fault>) {
-        let mut state = self.lock();
-        let seq = state.next_seq;
-        state.next_seq += 1;
-        let seed = state.rules.seed;
-        let mut latency_ms = 0;
-        let mut chosen = None;
-        for i in 0..state.rules.faults.len() {
-            let rule = &state.rules.faults[i];
-            let matches = rule.service.as_ref().is_none_or(|s| *s == call.service)
-                && rule.operation.as_ref().is_none_or(|o| *o == call.operation);
-            if !matches || (chosen.is_some() && !matches!(rule.fault, Fault::Latency { .. })) {
-                continue;
-            }
-            let (fault, probability, skip, limit) =
-                (rule.fault.clone(), rule.probability, rule.skip, rule.limit);
-            let count = &mut state.fired[i];
-            let n = count.matched;
-            count.matched += 1;
-            let fires = n >= u64::from(skip)
-                && limit.is_none_or(|l| count.fired < l)
-                && draw(seed, i as u64, 2 * n) < probability;
-            if !fires {
-                continue;
-            }
-            count.fired += 1;
-            match fault {
-                Fault::Latency { delay } => {
-                    latency_ms +=
-                        delay.sample(draw(seed, i as u64, 2 * n + 1), draw(seed, !(i as u64), n))
-                }
-                other => chosen = Some(other),
-            }
-        }
-        (seq, latency_ms, chosen)
+        self.lock().decide(call)
     }
 
     async fn answer(
@@ -559,34 +424,8 @@ impl Shared {
         parts: &http::request::Parts,
         record: &mut RequestRecord,
     ) -> Option<Response<Full<Bytes>>> {
-        if call.service == "greengrass" && call.operation == "GetDeploymentStatus" {
-            let id = call.label("DeploymentId").unwrap_or_default();
-            let deployment = self.lock().deployments.get(id).copied();
-            if let Some(d) = deployment {
-                let age = d.created.elapsed();
-                let status = if age < d.building {
-                    "Building"
-                } else if age < d.building + d.in_progress {
-                    "InProgress"
-                } else if d.fails {
-                    "Failure"
-                } else {
-                    "Success"
-                };
-                record.fault = Some(Applied::Deployment {
-                    status: status.into(),
-                });
-                let mut answer = serde_json::json!({
-                    "DeploymentStatus": status,
-                    "DeploymentType": "NewDeployment",
-                    "UpdatedAt": "2026-01-01T00:00:00.000Z",
-                });
-                if status == "Failure" {
-                    answer["ErrorMessage"] =
-                        "deployment failed (keel-fault-proxy deployment rule)".into();
-                }
-                return Some(shapes::json(answer));
-            }
+        if let Some(answer) = self.lock().deployment_answer(call, record) {
+            return Some(answer);
         }
         if call.service == "sts" && call.operation == "AssumeRole" {
             if let Some(denied) = self.assume_role_denied(call, parts).await {
@@ -594,60 +433,7 @@ impl Shared {
                 return Some(shapes::error(call, ErrorKind::AccessDenied, &denied));
             }
         }
-        let mut state = self.lock();
-        let now = Instant::now();
-        let rule = state.lag_rule(&call.service).cloned()?;
-        if !call.is_create() && (!call.is_delete() || rule.include_deletes) {
-            let lagging = call
-                .refs
-                .iter()
-                .find(|r| {
-                    state
-                        .created
-                        .get(&(call.service.clone(), (*r).clone()))
-                        .is_some_and(|l| l.until > now)
-                })
-                .cloned();
-            if let Some(name) = lagging {
-                let seed = state.rules.seed;
-                let entry = state
-                    .created
-                    .get_mut(&(call.service.clone(), name.clone()))
-                    .expect("found above");
-                let n = entry.reads;
-                entry.reads += 1;
-                if rule.flap_found_probability > 0.0
-                    && draw(seed, stream_of(&name), n) < rule.flap_found_probability
-                {
-                    record.fault = Some(Applied::LagFound);
-                    return None;
-                }
-                record.fault = Some(Applied::LagNotFound);
-                return Some(shapes::error(
-                    call,
-                    ErrorKind::NotFound,
-                    &format!(
-                        "{name} does not exist (not yet visible: keel-fault-proxy create lag)"
-                    ),
-                ));
-            }
-        }
-        if call.is_read() {
-            for r in &call.refs {
-                let key = (call.service.clone(), r.clone());
-                if state.deleted.get(&key).is_some_and(|until| *until > now) {
-                    if let Some(cached) =
-                        state
-                            .cache
-                            .get(&(call.service.clone(), call.operation.clone(), r.clone()))
-                    {
-                        record.fault = Some(Applied::DeletedStillPresent);
-                        return Some(cached.to_response());
-                    }
-                }
-            }
-        }
-        None
+        self.lock().lag_answer(call, record)
     }
 
     /// Why AssumeRole must be denied, if it must.
@@ -660,7 +446,7 @@ impl Shared {
         let (known, deny_unknown) = {
             let state = self.lock();
             (
-                state.roles.get(&arn).copied(),
+                state.assumable_at(&arn),
                 state.rules.assume_role.deny_unknown_roles,
             )
         };
@@ -761,99 +547,7 @@ impl Shared {
         })
     }
 
-    /// Learns from moto's successful answers: new resources (lag, roles, deployments), deleted
-    /// ones (delete lag), and read answers to replay during delete lag.
     fn observe(&self, call: &Call, upstream: &Upstream) {
-        if !upstream.status.is_success() {
-            return;
-        }
-        let mut state = self.lock();
-        let now = Instant::now();
-        let service = call.service.clone();
-        let rule = state.lag_rule(&service).cloned();
-        if call.is_create() {
-            let mut keys = identifiers_in_answer(call.protocol, &upstream.body);
-            // A create under a parent (a group's version) names the parent in its path and
-            // answer; the parent is not new.
-            keys.retain(|k| !call.labels.iter().any(|(_, v)| v == k));
-            if call.names_resource_in_path {
-                keys.extend(call.labels.last().map(|(_, v)| v.clone()));
-            }
-            if call.protocol == Protocol::Query {
-                keys.extend(
-                    call.params
-                        .iter()
-                        .filter(|(k, _)| k.ends_with("Name") && k != "RoleSessionName")
-                        .map(|(_, v)| v.clone()),
-                );
-            }
-            if let Some(lag) = rule.as_ref().and_then(|r| r.after_create.clone()) {
-                let until = now + state.sample(&format!("create-lag/{service}"), &lag);
-                for key in &keys {
-                    state
-                        .created
-                        .insert((service.clone(), key.clone()), Lagging { until, reads: 0 });
-                }
-            }
-            for key in &keys {
-                state.deleted.remove(&(service.clone(), key.clone()));
-            }
-            if service == "iam" && call.operation == "CreateRole" {
-                let propagation = state.rules.assume_role.propagation.clone();
-                let assumable_at = now + state.sample("assume-role", &propagation);
-                for arn in keys.iter().filter(|k| k.starts_with("arn:")) {
-                    state.roles.insert(arn.clone(), assumable_at);
-                }
-            }
-            if service == "greengrass" && call.operation == "CreateDeployment" {
-                let id = serde_json::from_slice::<serde_json::Value>(&upstream.body)
-                    .ok()
-                    .and_then(|v| v["DeploymentId"].as_str().map(str::to_string));
-                if let Some(id) = id {
-                    let rule = state.rules.deployments.clone();
-                    let building = state.sample("deployment-building", &rule.building);
-                    let in_progress = state.sample("deployment-in-progress", &rule.in_progress);
-                    let n = state.ordinal("deployment-outcome");
-                    let fails = draw(state.rules.seed, stream_of("deployment-outcome"), n)
-                        < rule.failure_probability;
-                    state.deployments.insert(
-                        id,
-                        Deployment {
-                            created: now,
-                            building,
-                            in_progress,
-                            fails,
-                        },
-                    );
-                }
-            }
-        } else if call.is_delete() {
-            let delete_lag = rule.as_ref().and_then(|r| r.after_delete.clone());
-            let until =
-                delete_lag.map(|d| now + state.sample(&format!("delete-lag/{service}"), &d));
-            for r in &call.refs {
-                let key = (service.clone(), r.clone());
-                state.created.remove(&key);
-                if let Some(until) = until {
-                    state.deleted.insert(key, until);
-                }
-            }
-            if service == "iam" && call.operation == "DeleteRole" {
-                if let Some(name) = call.param("RoleName") {
-                    let suffix = format!("/{name}");
-                    state.roles.retain(|arn, _| !arn.ends_with(&suffix));
-                }
-            }
-        } else if call.is_read() {
-            if state.cache.len() >= CACHE_MAX {
-                state.cache.clear();
-            }
-            for r in &call.refs {
-                state.cache.insert(
-                    (service.clone(), call.operation.clone(), r.clone()),
-                    upstream.clone(),
-                );
-            }
-        }
+        self.lock().observe(call, upstream);
     }
 }
