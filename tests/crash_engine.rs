@@ -161,6 +161,10 @@ fn crash_at_every_named_point() {
             tally.undos > 0,
             "{point}: the scenario must compensate something"
         );
+        assert_eq!(
+            tally.abandoned, RUNS as usize,
+            "{point}: every run recreates one resource"
+        );
     }
     assert!(kills >= crash::POINTS.len());
 }

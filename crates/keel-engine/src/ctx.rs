@@ -15,7 +15,7 @@ use crate::error::{EngineError, Result};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event};
 use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTES_MAX};
-use crate::replay::{step_action, Op, StepAction};
+use crate::replay::{step_action, step_undo_action, Op, StepAction, UndoAction};
 use crate::step::{Step, StepContext, StepError};
 use crate::wait::{Probe, WaitOutcome, WaitPolicy, WaitSchedule};
 use crate::workflow::WorkflowError;
@@ -395,7 +395,9 @@ impl Ctx {
     ///
     /// Only the start (with the resolved schedule and absolute deadline) and the end are
     /// journaled. After a restart the wait resumes polling under the journaled schedule, with
-    /// the original deadline; a run of confirmations starts over. The time to readiness is
+    /// the original deadline; a run of confirmations starts over. The wait times out at the
+    /// first "not ready" at or past the deadline: it polls at least once after every
+    /// (re)start, and a run of confirmations under way at the deadline is finished. The time to readiness is
     /// recorded in the statistics of `wait:<kind>`, which [`WaitPolicy::learned`] reads.
     pub async fn wait<P: Probe>(
         &mut self,
@@ -465,9 +467,16 @@ impl Ctx {
         let mut interval_ms = 0;
         let mut next_at_ms = started_at_ms.saturating_add(schedule.initial_delay_ms);
         loop {
-            self.sleep_until(next_at_ms.min(schedule.deadline_ms))
-                .await?;
-            if now_ms() >= schedule.deadline_ms {
+            // Past the deadline, a poll is made only to finish a run of confirmations, or as
+            // the first poll after a (re)start: a wait whose deadline passed while the engine
+            // was down still looks once before it judges the resource hopeless.
+            let wake_at_ms = if streak > 0 {
+                next_at_ms
+            } else {
+                next_at_ms.min(schedule.deadline_ms)
+            };
+            self.sleep_until(wake_at_ms).await?;
+            if now_ms() >= schedule.deadline_ms && streak == 0 && polls > 0 {
                 tracing::info!(run_id = %self.cell.id, step = index.0, kind = P::KIND, polls, "wait timed out");
                 return Ok(WaitOutcome::TimedOut { polls });
             }
@@ -537,6 +546,99 @@ impl Ctx {
         }
     }
 
+    /// Creates a resource with the step `create(generation)` and waits for it with the probe
+    /// `probe(&output)`; when the wait times out, abandons the stuck resource (runs the create
+    /// step's compensation once, journaled, without waiting for the deletion to take effect)
+    /// and creates it again, up to `generations` creations in all.
+    ///
+    /// Each generation is a new step, so it gets a new idempotency key: a retry of the new
+    /// create cannot adopt the stuck resource. The last generation's timeout is returned as
+    /// [`WorkflowError::WaitTimedOut`]; a compensation that fails for good ends the recreation
+    /// with [`WorkflowError::UndoFailed`] (propagated, the run compensates and stops at that
+    /// step for an operator). Replay is deterministic: generations, waits and undos are all
+    /// journaled operations or journaled states of them.
+    pub async fn create_and_wait<S, P>(
+        &mut self,
+        generations: u32,
+        mut create: impl FnMut(u32) -> S + Send,
+        mut probe: impl FnMut(&S::Output) -> P + Send,
+        policy: WaitPolicy,
+    ) -> Result<Created<S::Output, P::Output>, WorkflowError>
+    where
+        S: Step,
+        P: Probe,
+    {
+        let generations = generations.max(1);
+        let mut generation = 0;
+        loop {
+            let step = self.next;
+            let resource = self.step(create(generation)).await?;
+            match self.wait(probe(&resource), policy.clone()).await {
+                Ok(ready) => {
+                    return Ok(Created {
+                        resource,
+                        ready,
+                        generation,
+                    })
+                }
+                Err(WorkflowError::WaitTimedOut { polls, .. }) if generation + 1 < generations => {
+                    tracing::info!(run_id = %self.cell.id, step, kind = S::KIND, generation, polls, "resource not ready by the deadline; abandoning it and creating another");
+                    self.abandon::<S>(StepIndex(step)).await?;
+                    generation += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Undoes completed step `step` now, while the run goes on, with the saga's journaled
+    /// undo attempts and the step's compensation retry policy. Idempotent across replays:
+    /// a recorded undo is not run again, an undo cut off by a crash runs again.
+    async fn abandon<S: Step>(&mut self, step: StepIndex) -> Result<(), WorkflowError> {
+        // `Ctx::step` registered the kind before it ran or replayed the step.
+        let entry = self
+            .inner
+            .registry
+            .step(S::KIND)
+            .expect("a step that ran is registered");
+        loop {
+            self.check()?;
+            match self.cell.with_state(|s| step_undo_action(s, step)) {
+                None | Some(UndoAction::Finished) => return Ok(()),
+                Some(UndoAction::Stuck { error, .. }) => {
+                    return Err(WorkflowError::UndoFailed {
+                        step,
+                        kind: S::KIND.into(),
+                        error,
+                    })
+                }
+                Some(UndoAction::Undo {
+                    attempt,
+                    round_attempts,
+                    not_before_ms,
+                    ..
+                }) => {
+                    if let Some(at_ms) = not_before_ms {
+                        self.sleep_until(at_ms).await?;
+                        self.check()?;
+                    }
+                    let result = crate::saga::undo_attempt(
+                        &self.inner,
+                        &self.cell,
+                        &entry,
+                        step,
+                        attempt,
+                        round_attempts,
+                    )
+                    .await;
+                    if let Err(e) = result {
+                        return Err(self.interrupt(Interrupt::Engine(e)));
+                    }
+                }
+            }
+        }
+    }
+
     fn wait_result<P: Probe>(
         &mut self,
         index: StepIndex,
@@ -559,6 +661,18 @@ impl Ctx {
             }),
         }
     }
+}
+
+/// What [`Ctx::create_and_wait`] returns: the create step's output, the probe's last output,
+/// and which generation (from 0) became ready.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Created<R, P> {
+    /// The create step's output.
+    pub resource: R,
+    /// The probe's output when the resource was ready.
+    pub ready: P,
+    /// The generation that became ready; earlier ones were abandoned.
+    pub generation: u32,
 }
 
 /// Runs `call` in a slot of the limiter of `service` (if any) and reports its outcome back:

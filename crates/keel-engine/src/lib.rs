@@ -91,7 +91,7 @@ pub mod store;
 mod wait;
 mod workflow;
 
-pub use ctx::Ctx;
+pub use ctx::{Created, Ctx};
 pub use engine::{Engine, EngineBuilder, RunHandle, RETENTION_DEFAULT};
 pub use error::{EngineError, Result};
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};

@@ -528,53 +528,48 @@ pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> 
 
 /// The next compensation action: the newest step that still needs undoing.
 pub fn undo_action(state: &RunState) -> UndoAction {
-    for i in (0..state.ops.len()).rev() {
-        let step = StepIndex(i as u32);
-        if undo_input(state, step).is_none() {
-            continue;
-        }
-        match state.undo.get(&step) {
-            None => {
-                return UndoAction::Undo {
-                    step,
-                    attempt: Attempt::FIRST,
-                    round_attempts: 0,
-                    not_before_ms: None,
-                }
-            }
-            Some(UndoState::InFlight {
-                attempt,
-                round_attempts,
-            }) => {
-                return UndoAction::Undo {
-                    step,
-                    attempt: attempt.next(),
-                    round_attempts: *round_attempts,
-                    not_before_ms: None,
-                }
-            }
-            Some(UndoState::RetryScheduled {
-                attempt,
-                round_attempts,
-                at_ms,
-            }) => {
-                return UndoAction::Undo {
-                    step,
-                    attempt: attempt.next(),
-                    round_attempts: *round_attempts,
-                    not_before_ms: Some(*at_ms),
-                }
-            }
-            Some(UndoState::Failed { error, .. }) => {
-                return UndoAction::Stuck {
-                    step,
-                    error: error.clone(),
-                }
-            }
-            Some(UndoState::Done) | Some(UndoState::Skipped) => continue,
-        }
+    (0..state.ops.len())
+        .rev()
+        .find_map(|i| step_undo_action(state, StepIndex(i as u32)))
+        .unwrap_or(UndoAction::Finished)
+}
+
+/// What undoing step `step` needs next: `None` when nothing (not a step, nothing took effect,
+/// or already undone or skipped).
+pub fn step_undo_action(state: &RunState, step: StepIndex) -> Option<UndoAction> {
+    undo_input(state, step)?;
+    match state.undo.get(&step) {
+        None => Some(UndoAction::Undo {
+            step,
+            attempt: Attempt::FIRST,
+            round_attempts: 0,
+            not_before_ms: None,
+        }),
+        Some(UndoState::InFlight {
+            attempt,
+            round_attempts,
+        }) => Some(UndoAction::Undo {
+            step,
+            attempt: attempt.next(),
+            round_attempts: *round_attempts,
+            not_before_ms: None,
+        }),
+        Some(UndoState::RetryScheduled {
+            attempt,
+            round_attempts,
+            at_ms,
+        }) => Some(UndoAction::Undo {
+            step,
+            attempt: attempt.next(),
+            round_attempts: *round_attempts,
+            not_before_ms: Some(*at_ms),
+        }),
+        Some(UndoState::Failed { error, .. }) => Some(UndoAction::Stuck {
+            step,
+            error: error.clone(),
+        }),
+        Some(UndoState::Done) | Some(UndoState::Skipped) => None,
     }
-    UndoAction::Finished
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use crate::error::Result;
 use crate::executor::{settle, Next};
 use crate::ids::{Attempt, IdempotencyKey, StepIndex};
 use crate::journal::{ErrorClass, Event, RunStatus};
+use crate::registry::StepEntry;
 use crate::replay::{undo_action, undo_input, UndoAction};
 use crate::step::{StepContext, Undo};
 
@@ -80,44 +81,60 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
                         continue;
                     }
                 }
-                if let Some(next) = undo_step(inner, cell, step, attempt, round_attempts).await? {
-                    return Ok(next);
+                let kind = cell.with_state(|s| {
+                    s.step(step)
+                        .expect("undo_action names steps only")
+                        .kind
+                        .clone()
+                });
+                match inner.registry.step(&kind) {
+                    Some(entry) => {
+                        undo_attempt(inner, cell, &entry, step, attempt, round_attempts).await?
+                    }
+                    None => return unregistered(inner, cell, step, &kind).await,
                 }
             }
         }
     }
 }
 
-async fn undo_step(
+async fn unregistered(
     inner: &Arc<Inner>,
     cell: &Arc<RunCell>,
     step: StepIndex,
+    kind: &str,
+) -> Result<Next> {
+    // Without the step's code nothing can be undone; an operator registers the kind and
+    // retries compensation.
+    let error = format!("step kind {kind:?} is not registered with this engine (register it with EngineBuilder::step)");
+    let message = error.clone();
+    cell.transition(
+        &*inner.store,
+        Event::RunCompensationFailed { step, error },
+        RunStatus::CompensationFailed,
+        |r| r.error = Some(message),
+    )?;
+    settle(inner, cell, RunStatus::CompensationFailed).await
+}
+
+/// Runs one journaled undo attempt of `step`: `StepCompensationStarted` durable before the
+/// undo, then its outcome. Used by the saga and by a run that recreates a stuck resource.
+pub(crate) async fn undo_attempt(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    entry: &StepEntry,
+    step: StepIndex,
     attempt: Attempt,
     round_attempts: u32,
-) -> Result<Option<Next>> {
+) -> Result<()> {
     let (kind, argument, output) = cell.with_state(|s| {
-        let op = s.step(step).expect("undo_action names steps only");
+        let op = s.step(step).expect("undo_attempt names steps only");
         (
             op.kind.clone(),
             op.argument.clone(),
             undo_input(s, step).flatten().cloned(),
         )
     });
-    let Some(entry) = inner.registry.step(&kind) else {
-        // Without the step's code nothing can be undone; an operator registers the kind and
-        // retries compensation.
-        let error = format!("step kind {kind:?} is not registered with this engine (register it with EngineBuilder::step)");
-        let message = error.clone();
-        cell.transition(
-            &*inner.store,
-            Event::RunCompensationFailed { step, error },
-            RunStatus::CompensationFailed,
-            |r| r.error = Some(message),
-        )?;
-        return settle(inner, cell, RunStatus::CompensationFailed)
-            .await
-            .map(Some);
-    };
     cell.append(
         &*inner.store,
         Event::StepCompensationStarted { step, attempt },
@@ -182,7 +199,7 @@ async fn undo_step(
         }
     }
     crate::crash::point("saga.after_undo_recorded");
-    Ok(None)
+    Ok(())
 }
 
 async fn stuck(

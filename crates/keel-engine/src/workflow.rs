@@ -57,6 +57,17 @@ pub enum WorkflowError {
         /// Polls made since the wait (or its last resumption) began.
         polls: u32,
     },
+    /// The compensation of a step the run abandoned while going on (see
+    /// [`crate::Ctx::create_and_wait`]) failed for good.
+    #[error("undo of step {step} ({kind}) failed: {}", error.message)]
+    UndoFailed {
+        /// The operation number.
+        step: StepIndex,
+        /// The step kind.
+        kind: String,
+        /// The recorded error.
+        error: ErrorRecord,
+    },
     /// The workflow decided to fail (business logic).
     #[error("{0}")]
     Failed(String),

@@ -117,8 +117,9 @@ pub struct EffectFlowInput {
     pub log: String,
 }
 
-/// `steps` effect steps with a durable sleep halfway; every third step loses its first
-/// response; step `fail_at` fails permanently. Output: the sum of the step outputs.
+/// `steps` effect steps with a durable sleep and a recreated resource halfway (its first
+/// generation times out and is abandoned); every third step loses its first response; step
+/// `fail_at` fails permanently. Output: the sum of the step outputs and the resource's.
 pub struct EffectFlow;
 
 impl Workflow for EffectFlow {
@@ -131,6 +132,27 @@ impl Workflow for EffectFlow {
         for n in 0..input.steps {
             if n == input.steps / 2 {
                 ctx.sleep(Duration::from_millis(input.sleep_ms)).await?;
+            }
+            if n == input.steps / 2 {
+                // A resource whose first generation never becomes ready: abandoned (undone
+                // while the run goes on) and created again with a new key.
+                let created = ctx
+                    .create_and_wait(
+                        2,
+                        |generation| EffectStep {
+                            n: RECREATED_N + generation,
+                            fault: Fault::None,
+                            log: input.log.clone(),
+                        },
+                        |output| ThresholdProbe {
+                            value: *output,
+                            ready_from: (RECREATED_N + 1) * 10,
+                        },
+                        WaitPolicy::every(Duration::from_millis(5), Duration::from_millis(40))
+                            .growth(1.0),
+                    )
+                    .await?;
+                sum += created.resource;
             }
             let fault = if input.fail_at == Some(n) {
                 Fault::Permanent
@@ -180,9 +202,37 @@ impl Probe for FlappingProbe {
     }
 }
 
+/// The `n` of the first generation of [`EffectFlow`]'s recreated resource.
+pub const RECREATED_N: u32 = 100;
+
 impl EffectFlow {
-    /// The output a run of `input` completes with.
+    /// The output a run of `input` completes with: the step outputs and the second
+    /// generation of the recreated resource.
     pub fn expected_output(input: &EffectFlowInput) -> u32 {
-        (0..input.steps).map(|n| n * 10).sum()
+        let recreated = if input.steps > 0 {
+            (RECREATED_N + 1) * 10
+        } else {
+            0
+        };
+        (0..input.steps).map(|n| n * 10).sum::<u32>() + recreated
+    }
+}
+
+/// A probe that holds when `value >= ready_from`: a resource that is ready or stuck for
+/// good, depending on what its create step returned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThresholdProbe {
+    /// The create step's output.
+    pub value: u32,
+    /// The least value that is ready.
+    pub ready_from: u32,
+}
+
+impl Probe for ThresholdProbe {
+    const KIND: &'static str = "test.threshold";
+    type Output = u32;
+
+    async fn probe(&self, _ctx: &StepContext) -> Result<Option<u32>, StepError> {
+        Ok((self.value >= self.ready_from).then_some(self.value))
     }
 }
