@@ -23,6 +23,7 @@ mod measure;
 mod report;
 mod resume;
 mod system;
+mod waits;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -53,7 +54,7 @@ struct Cli {
     quick: bool,
 
     /// Print the report as one JSON object instead of a table.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
 
     #[command(subcommand)]
@@ -62,6 +63,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Simulates (virtual time, no network, no disk) waiting for resources with a heavy-tailed
+    /// readiness time: fixed sleep, fixed polling, exponential backoff and the learned policy,
+    /// each waiting it out and recreating on its deadline.
+    Waits {
+        /// Seed of the readiness draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Resources waited for.
+        #[arg(long, default_value_t = 1000)]
+        resources: u32,
+        /// Samples the learned policy learns from first.
+        #[arg(long, default_value_t = 200)]
+        warm_up: u32,
+        /// Fraction of resources that are outliers (3-12x the mean readiness time).
+        #[arg(long, default_value_t = 0.01)]
+        outlier_rate: f64,
+    },
     /// The child of the resume measurement: fills a store with sleeping runs, prints `ready`
     /// and waits to be killed.
     #[command(hide = true)]
@@ -128,6 +146,27 @@ async fn main() -> anyhow::Result<()> {
             runs,
             wake_at_ms,
         }) => resume::populate(&dir, runs, wake_at_ms).await,
+        Some(Command::Waits {
+            seed,
+            resources,
+            warm_up,
+            outlier_rate,
+        }) => {
+            if !(0.0..=1.0).contains(&outlier_rate) {
+                bail!("--outlier-rate must be between 0 and 1, not {outlier_rate}");
+            }
+            let readiness = waits::Readiness {
+                outlier_rate,
+                ..waits::Readiness::DEFAULT
+            };
+            let report = waits::simulate(readiness, seed, resources, warm_up);
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
         None => {
             let sizes = if cli.quick { Sizes::QUICK } else { Sizes::FULL };
             let output = if cli.json {

@@ -533,16 +533,11 @@ impl Ctx {
                     streak = 0;
                 }
             }
-            let now = now_ms();
-            let step_ms = if streak > 0 {
-                // Confirm quickly: a run of confirmations uses the dense interval.
-                schedule.dense_interval_ms
-            } else {
-                interval_ms =
-                    schedule.interval_after(now.saturating_sub(started_at_ms), interval_ms);
-                interval_ms
-            };
-            next_at_ms = now.saturating_add(schedule.jittered(step_ms, self.rng.gen()));
+            let offset_ms = now_ms().saturating_sub(started_at_ms);
+            let (next_offset_ms, carried_ms) =
+                schedule.next_poll(offset_ms, interval_ms, streak, self.rng.gen());
+            interval_ms = carried_ms;
+            next_at_ms = started_at_ms.saturating_add(next_offset_ms);
         }
     }
 

@@ -98,8 +98,10 @@ pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
 pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};
 pub use limiter::{Permit, RateLimit, RateLimiter};
 pub use retry::RetryPolicy;
-pub use stats::{OperationStats, Outlier};
+pub use stats::{LatencyStats, OperationStats, Outlier};
 pub use step::{Step, StepContext, StepError, Undo};
 pub use store::Durability;
-pub use wait::{Probe, WaitOutcome, WaitPolicy, WaitSchedule, LEARN_AFTER_DEFAULT};
+pub use wait::{
+    LearnedDeadline, Probe, WaitOutcome, WaitPolicy, WaitSchedule, LEARN_AFTER_DEFAULT,
+};
 pub use workflow::{Workflow, WorkflowError};

@@ -17,9 +17,10 @@ use crate::error::Result;
 use crate::limits::{LATENCY_OUTLIERS_KEPT, LATENCY_SAMPLES_KEPT};
 use crate::store::JournalStore;
 
-/// The statistics of one operation, as persisted.
+/// The statistics of one operation, as persisted. Public so that tools (the wait-policy
+/// simulation of `keel-bench`) can compute the same summaries the engine does.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub(crate) struct LatencyStats {
+pub struct LatencyStats {
     count: u64,
     sum_us: u128,
     sum_sq_us: u128,
@@ -89,7 +90,8 @@ pub struct OperationStats {
 }
 
 impl LatencyStats {
-    fn record(&mut self, duration: Duration, run_id: &str, at_ms: u64) {
+    /// Records one successful execution of `run_id` that took `duration`, ending at `at_ms`.
+    pub fn record(&mut self, duration: Duration, run_id: &str, at_ms: u64) {
         let us = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         if self.count == 0 || us < self.min_us {
             self.min_us = us;
@@ -123,7 +125,8 @@ impl LatencyStats {
         }
     }
 
-    fn summary(&self, operation: &str) -> OperationStats {
+    /// The summary `Engine::stats` reports, under the name `operation`.
+    pub fn summary(&self, operation: &str) -> OperationStats {
         let n = self.count.max(1) as u128;
         let mean_us = self.sum_us / n;
         // Var = E[x^2] - E[x]^2, in exact integers before the square root.

@@ -58,6 +58,24 @@ pub struct WaitPolicy {
     pub timeout: Duration,
     /// Derive the schedule from the wait kind's statistics once this many samples exist.
     pub learn_after: Option<u64>,
+    /// Where a learned schedule puts its deadline.
+    #[serde(default)]
+    pub learned_deadline: LearnedDeadline,
+}
+
+/// Where a learned schedule judges waiting hopeless.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LearnedDeadline {
+    /// Past the far tail: twice p99.9, and past 1.2x the slowest seen. For waits with no
+    /// alternative to waiting.
+    #[default]
+    FarTail,
+    /// Past the usual tail: twice p90 (robust to a few outliers in the samples). For a
+    /// resource that can be created again ([`crate::Ctx::create_and_wait`]): a fresh one
+    /// usually takes about p50, so waiting on one already past twice p90 costs more than
+    /// replacing it.
+    UsualTail,
 }
 
 impl Default for WaitPolicy {
@@ -71,6 +89,7 @@ impl Default for WaitPolicy {
             confirmations: 1,
             timeout: Duration::from_secs(600),
             learn_after: None,
+            learned_deadline: LearnedDeadline::FarTail,
         }
     }
 }
@@ -98,6 +117,14 @@ impl WaitPolicy {
     pub fn learn_after(self, samples: u64) -> Self {
         Self {
             learn_after: Some(samples.max(1)),
+            ..self
+        }
+    }
+
+    /// Where a learned schedule puts its deadline.
+    pub fn learned_deadline(self, deadline: LearnedDeadline) -> Self {
+        Self {
+            learned_deadline: deadline,
             ..self
         }
     }
@@ -136,7 +163,7 @@ impl WaitPolicy {
 
     /// Resolves the policy into the schedule of a wait starting at `start_ms`, from `stats`
     /// (the wait kind's statistics) when the policy learns and enough samples exist.
-    pub(crate) fn resolve(&self, start_ms: u64, stats: Option<&OperationStats>) -> WaitSchedule {
+    pub fn resolve(&self, start_ms: u64, stats: Option<&OperationStats>) -> WaitSchedule {
         let ms = |d: Duration| d.as_millis() as u64;
         let learned = match (self.learn_after, stats) {
             (Some(n), Some(s)) if s.count >= n => Some(s),
@@ -157,14 +184,19 @@ impl WaitPolicy {
             Some(s) => {
                 // Nothing completes before the fastest completion seen; most complete between
                 // there and p99, where polls come every mean/8 (a median overshoot near 6% of
-                // the mean); past p99 the interval grows; past the far tail (twice p99.9, and
-                // past the slowest seen) waiting is judged hopeless.
+                // the mean); past p99 the interval grows; past the deadline (see
+                // LearnedDeadline) waiting is judged hopeless.
                 let mean = ms(s.mean).max(1);
                 let dense = (mean / 8).max(1);
-                let timeout = ms(s.p999)
-                    .saturating_mul(2)
-                    .max(ms(s.max) + ms(s.max) / 5)
-                    .max(1);
+                let timeout = match self.learned_deadline {
+                    LearnedDeadline::FarTail => {
+                        ms(s.p999).saturating_mul(2).max(ms(s.max) + ms(s.max) / 5)
+                    }
+                    LearnedDeadline::UsualTail => {
+                        ms(s.p90).saturating_mul(2).max(ms(s.min) + ms(s.min) / 5)
+                    }
+                }
+                .max(1);
                 WaitSchedule {
                     initial_delay_ms: ms(s.min) * 95 / 100,
                     dense_interval_ms: dense,
@@ -215,6 +247,24 @@ impl WaitSchedule {
             return self.dense_interval_ms;
         }
         (((previous_ms as f64) * self.growth).round() as u64).clamp(1, self.interval_max_ms.max(1))
+    }
+
+    /// When to poll next, after a poll at `offset_ms` (from the wait's start) that left a run
+    /// of `streak` confirmations, when the previous growing interval was `previous_ms` (0
+    /// before the first). Returns the next poll's offset and the growing interval to carry
+    /// on. A run of confirmations is checked at the dense interval; `u` (uniform in [0, 1))
+    /// draws the jitter.
+    pub fn next_poll(&self, offset_ms: u64, previous_ms: u64, streak: u32, u: f64) -> (u64, u64) {
+        let (step_ms, carried_ms) = if streak > 0 {
+            (self.dense_interval_ms, previous_ms)
+        } else {
+            let interval = self.interval_after(offset_ms, previous_ms);
+            (interval, interval)
+        };
+        (
+            offset_ms.saturating_add(self.jittered(step_ms, u)),
+            carried_ms,
+        )
     }
 
     /// Applies jitter: `u` is uniform in [0, 1).
@@ -306,6 +356,16 @@ mod tests {
         assert_eq!(s.interval_after(40, 3), 3, "dense until p99");
         assert_eq!(s.interval_after(61, 3), 5, "grows past p99");
         assert_eq!(s.deadline_ms, 600, "twice p99.9, past the slowest seen");
+    }
+
+    #[test]
+    fn a_recreatable_resource_gives_up_past_the_usual_tail() {
+        let p = WaitPolicy::default()
+            .learned()
+            .learned_deadline(LearnedDeadline::UsualTail);
+        let mut s = stats(16, 30, 60, 300, 400);
+        s.p90 = Duration::from_millis(43);
+        assert_eq!(p.resolve(1_000, Some(&s)).deadline_ms, 1_086);
     }
 
     #[test]
