@@ -264,6 +264,7 @@ impl Ctx {
                 step: index,
                 key,
                 attempt,
+                resources: Arc::clone(&self.inner.resources),
             };
             let started = std::time::Instant::now();
             let call = tracing::Instrument::instrument(step.execute(&ctx), span);
@@ -486,6 +487,7 @@ impl Ctx {
                 step: index,
                 key,
                 attempt: Attempt(polls),
+                resources: Arc::clone(&self.inner.resources),
             };
             let span = tracing::debug_span!("probe", run_id = %self.cell.id, step = index.0, kind = P::KIND, poll = polls);
             let call = tracing::Instrument::instrument(probe.probe(&ctx), span);

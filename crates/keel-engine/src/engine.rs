@@ -19,6 +19,7 @@ use crate::limiter::{RateLimit, RateLimiter};
 use crate::limits::{CONCURRENT_RUNS_MAX, INPUT_BYTES_MAX, STATS_FLUSH_INTERVAL};
 use crate::registry::Registry;
 use crate::replay::RunState;
+use crate::resources::Resources;
 use crate::stats::{OperationStats, StatsBook};
 use crate::step::Step;
 use crate::store::sled::SledStore;
@@ -40,9 +41,17 @@ pub struct EngineBuilder {
     registry: Registry,
     registry_error: Option<EngineError>,
     rate_limits: HashMap<String, RateLimit>,
+    resources: Resources,
 }
 
 impl EngineBuilder {
+    /// Registers a resource steps read with [`crate::StepContext::resource`] (an SDK client,
+    /// say); one per type, a later one replacing an earlier.
+    pub fn resource<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.resources.insert(value);
+        self
+    }
+
     /// Sets the rate limit of the service `name` (steps name it in [`Step::rate_limit`]).
     /// Services without one get [`RateLimit::default`].
     pub fn rate_limit(mut self, name: &str, limit: RateLimit) -> Self {
@@ -115,6 +124,7 @@ impl EngineBuilder {
             registry: self.registry,
             limiters: Mutex::new(HashMap::new()),
             rate_limits: self.rate_limits,
+            resources: Arc::new(self.resources),
             cells: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(self.runs_concurrent_max)),
             shutdown,
@@ -134,6 +144,7 @@ pub(crate) struct Inner {
     pub(crate) stats: StatsBook,
     limiters: Mutex<HashMap<String, Arc<RateLimiter>>>,
     rate_limits: HashMap<String, RateLimit>,
+    pub(crate) resources: Arc<Resources>,
     pub(crate) store: Arc<dyn JournalStore>,
     pub(crate) registry: Registry,
     cells: Mutex<HashMap<RunId, Arc<RunCell>>>,
@@ -247,6 +258,7 @@ impl Engine {
             registry: Registry::default(),
             registry_error: None,
             rate_limits: HashMap::new(),
+            resources: Resources::default(),
         }
     }
 

@@ -83,6 +83,7 @@ mod limiter;
 pub mod limits;
 mod registry;
 pub mod replay;
+mod resources;
 mod retry;
 mod saga;
 mod stats;

@@ -146,6 +146,7 @@ pub(crate) async fn undo_attempt(
         step,
         key: IdempotencyKey::for_step(&cell.id, step),
         attempt,
+        resources: Arc::clone(&inner.resources),
     };
     let span = tracing::info_span!("compensation", run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0);
     let result =

@@ -2,6 +2,7 @@
 //! retry policy and optionally a compensation.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -10,6 +11,7 @@ use serde::Serialize;
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, ErrorRecord};
 use crate::limits::ERROR_MESSAGE_BYTES_MAX;
+use crate::resources::Resources;
 use crate::retry::RetryPolicy;
 
 /// One side effect of a workflow.
@@ -81,9 +83,16 @@ pub struct StepContext {
     pub(crate) step: StepIndex,
     pub(crate) key: IdempotencyKey,
     pub(crate) attempt: Attempt,
+    pub(crate) resources: Arc<Resources>,
 }
 
 impl StepContext {
+    /// The resource of type `T` registered with [`crate::EngineBuilder::resource`] (an SDK
+    /// client, say), if any.
+    pub fn resource<T: Send + Sync + 'static>(&self) -> Option<Arc<T>> {
+        self.resources.get::<T>()
+    }
+
     /// The run this step belongs to.
     pub fn run_id(&self) -> &RunId {
         &self.run_id

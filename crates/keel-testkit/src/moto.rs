@@ -169,15 +169,8 @@ impl MotoServer {
             _stdin: stdin,
             log,
         };
+        // The launcher also makes IoT certificate ids the SHA-256 of the DER, as in AWS.
         server.wait_until_answering(options)?;
-        // AWS derives an IoT certificate's id from its DER (SHA-256); moto does so only when
-        // asked, and Keel's certificate steps rely on it.
-        server.control(
-            "POST",
-            "/moto-api/config",
-            r#"{"iot": {"use_valid_cert": true}}"#,
-            "config",
-        )?;
         tracing::info!(%addr, log = ?server.log, "moto server started");
         Ok(server)
     }
@@ -233,14 +226,7 @@ impl MotoServer {
     /// Forgets every resource in every account (moto's reset endpoint). Only for a server a
     /// test owns: on the shared server, use a fresh [`TestAccount`] instead.
     pub fn reset(&self) -> Result<(), MotoError> {
-        self.control("POST", "/moto-api/reset", "", "reset")?;
-        self.control(
-            "POST",
-            "/moto-api/config",
-            r#"{"iot": {"use_valid_cert": true}}"#,
-            "config",
-        )?;
-        Ok(())
+        self.control("POST", "/moto-api/reset", "", "reset")
     }
 
     /// A fresh AWS account inside moto, with credentials that select it.

@@ -1,0 +1,495 @@
+//! The AWS steps, run by the real engine (sled on disk) through the fault proxy against
+//! moto's server, with moto's own state read directly as the ground truth.
+
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use keel_engine::{
+    Ctx, Engine, IdempotencyKey, RunId, RunStatus, StepIndex, WaitPolicy, Workflow, WorkflowError,
+};
+use keel_steps::aws::iam::{AttachRolePolicy, CreateRole, PutRolePolicy, RoleAssumable};
+use keel_steps::aws::iot::{
+    ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreatePolicy, CreateThing,
+    RegisterCertificate,
+};
+use keel_steps::aws::x509::KeyStore;
+use keel_steps::aws::{AwsClients, KEY_ATTRIBUTE, KEY_TAG};
+use keel_testkit::aws::SdkOptions;
+use keel_testkit::inventory::Inventory;
+use keel_testkit::moto::TestAccount;
+use keel_testkit::proxy::{Applied, Dist, Fault, FaultProxy, FaultRule, LagRule, Rules};
+use serde::{Deserialize, Serialize};
+
+const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#;
+const INLINE: &str =
+    r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:*","Resource":"*"}]}"#;
+const IOT_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
+const MANAGED: &str = "arn:aws:iam::aws:policy/AWSIoTDataAccess";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct DeviceInput {
+    name: String,
+    /// Fail after every step completed (the run compensates everything).
+    fail_at_end: bool,
+    /// Wait for the role to be assumable (STS).
+    wait_assumable: bool,
+}
+
+/// Every AWS step of the library, in the order a device flow uses them:
+/// 0 role, 1 attach managed policy, 2 inline policy, [3 wait], thing, policy, certificate,
+/// attach policy to certificate, attach certificate to thing, activate.
+struct DeviceFlow;
+
+impl Workflow for DeviceFlow {
+    const NAME: &'static str = "test.aws-device";
+    type Input = DeviceInput;
+    type Output = String;
+
+    async fn run(ctx: &mut Ctx, input: DeviceInput) -> Result<String, WorkflowError> {
+        let role = ctx
+            .step(CreateRole {
+                name: format!("{}-role", input.name),
+                trust_policy: TRUST.into(),
+                tags: [("team".to_string(), "keel".to_string())].into(),
+                description: None,
+            })
+            .await?;
+        ctx.step(AttachRolePolicy {
+            role: role.name.clone(),
+            policy_arn: MANAGED.into(),
+        })
+        .await?;
+        ctx.step(PutRolePolicy {
+            role: role.name.clone(),
+            policy_name: "inline".into(),
+            document: INLINE.into(),
+        })
+        .await?;
+        if input.wait_assumable {
+            ctx.wait(
+                RoleAssumable {
+                    role_arn: role.arn.clone(),
+                    session_name: "keel-probe".into(),
+                },
+                WaitPolicy::every(Duration::from_millis(50), Duration::from_secs(60)),
+            )
+            .await?;
+        }
+        let thing = ctx
+            .step(CreateThing {
+                name: input.name.clone(),
+                attributes: [("model".to_string(), "t1".to_string())].into(),
+            })
+            .await?;
+        let policy = ctx
+            .step(CreatePolicy {
+                prefix: format!("{}-policy", input.name),
+                document: IOT_POLICY.into(),
+            })
+            .await?;
+        let cert = ctx
+            .step(RegisterCertificate {
+                subject: input.name.clone(),
+            })
+            .await?;
+        ctx.step(AttachPolicy {
+            policy_name: policy.name.clone(),
+            target: cert.arn.clone(),
+        })
+        .await?;
+        ctx.step(AttachThingPrincipal {
+            thing: thing.name.clone(),
+            principal: cert.arn.clone(),
+        })
+        .await?;
+        ctx.step(ActivateCertificate {
+            certificate_id: cert.id.clone(),
+        })
+        .await?;
+        if input.fail_at_end {
+            return Err(WorkflowError::failed("failing on purpose after every step"));
+        }
+        Ok(cert.id)
+    }
+}
+
+struct Env {
+    proxy: FaultProxy,
+    direct: SdkConfig,
+    engine: Engine,
+    keys: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    async fn new(rules: Rules) -> Env {
+        keel_testkit::init_tracing();
+        let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
+        let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
+        let via = account
+            .sdk_config_via(&proxy.endpoint(), SdkOptions::default())
+            .await;
+        let direct = account.sdk_config().await;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let engine = Engine::builder(dir.path().join("data"))
+            .workflow::<DeviceFlow>()
+            .resource(AwsClients::new(&via))
+            .resource(KeyStore::new(&keys))
+            .open()
+            .await
+            .unwrap();
+        Env {
+            proxy,
+            direct,
+            engine,
+            keys,
+            _dir: dir,
+        }
+    }
+
+    async fn truth(&self) -> Inventory {
+        Inventory::read(&self.direct).await.expect("inventory")
+    }
+
+    async fn run(&self, id: &str, input: DeviceInput) -> (keel_engine::Result<String>, RunStatus) {
+        let result = self
+            .engine
+            .start::<DeviceFlow>(id, input)
+            .await
+            .unwrap()
+            .result()
+            .await;
+        let status = self.engine.history(id).await.unwrap().run.status;
+        (result, status)
+    }
+}
+
+fn key(run: &str, step: u32) -> String {
+    IdempotencyKey::for_step(&RunId::new(run).unwrap(), StepIndex(step)).to_string()
+}
+
+fn input(name: &str) -> DeviceInput {
+    DeviceInput {
+        name: name.into(),
+        fail_at_end: false,
+        wait_assumable: false,
+    }
+}
+
+const CREATES: [&str; 4] = [
+    "CreateRole",
+    "CreateThing",
+    "CreatePolicy",
+    "RegisterCertificateWithoutCA",
+];
+
+/// 30% of responses lost after the request took effect, 20% throttled, on every call.
+fn hostile(seed: u64) -> Rules {
+    Rules::seeded(seed)
+        .fault(FaultRule {
+            service: None,
+            operation: None,
+            fault: Fault::LostResponse,
+            probability: 0.3,
+            skip: 0,
+            limit: None,
+        })
+        .fault(FaultRule {
+            service: None,
+            operation: None,
+            fault: Fault::Throttle,
+            probability: 0.2,
+            skip: 0,
+            limit: None,
+        })
+}
+
+/// Checks that exactly one of each resource exists and carries the run's keys.
+/// `offset`: 1 when the run waited for the role (the wait takes an operation number).
+fn assert_one_device(truth: &Inventory, run: &str, name: &str, offset: u32) {
+    let role_name = format!("{name}-role");
+    assert_eq!(truth.roles.len(), 1, "{}", truth.summary());
+    let role = truth.role(&role_name).expect("the role");
+    assert_eq!(role.tags.get(KEY_TAG), Some(&key(run, 0)));
+    assert_eq!(role.attached_policies, vec![MANAGED.to_string()]);
+    assert_eq!(role.inline_policies, vec!["inline".to_string()]);
+    assert_eq!(truth.things.len(), 1, "{}", truth.summary());
+    let thing = truth.thing(name).expect("the thing");
+    assert_eq!(
+        thing.attributes.get(KEY_ATTRIBUTE),
+        Some(&key(run, 3 + offset))
+    );
+    assert_eq!(truth.iot_policies.len(), 1, "{}", truth.summary());
+    assert_eq!(
+        truth.iot_policies[0].name,
+        format!("{name}-policy-{}", key(run, 4 + offset))
+    );
+    assert_eq!(truth.certificates.len(), 1, "{}", truth.summary());
+    let cert = &truth.certificates[0];
+    assert_eq!(cert.status, "ACTIVE");
+    assert_eq!(cert.policies, vec![truth.iot_policies[0].name.clone()]);
+    assert_eq!(thing.principals, vec![cert.arn.clone()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throttling() {
+    let mut lost_creates = std::collections::BTreeSet::new();
+    for seed in [1, 2, 3] {
+        // On top of the random faults, the first call of every create loses its response, so
+        // every create step goes through adoption at least once.
+        let mut rules = hostile(seed);
+        for op in CREATES {
+            rules.faults.insert(
+                0,
+                FaultRule {
+                    service: None,
+                    operation: Some(op.into()),
+                    fault: Fault::LostResponse,
+                    probability: 1.0,
+                    skip: 0,
+                    limit: Some(1),
+                },
+            );
+        }
+        let env = Env::new(rules).await;
+        let run = format!("device-{seed}");
+        let (result, status) = env.run(&run, input("sensor")).await;
+        let cert_id = result.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(status, RunStatus::Completed);
+        let truth = env.truth().await;
+        assert_one_device(&truth, &run, "sensor", 0);
+        assert_eq!(truth.certificates[0].id, cert_id);
+        // The faults did land on the creates.
+        let lost: Vec<String> = env
+            .proxy
+            .faults()
+            .into_iter()
+            .filter(|(_, applied)| matches!(applied, Applied::LostResponse))
+            .map(|(op, _)| op)
+            .collect();
+        assert!(lost.len() >= 2, "seed {seed}: only {lost:?} lost");
+        lost_creates.extend(
+            lost.into_iter()
+                .filter(|op| op.starts_with("Create") || op.starts_with("Register")),
+        );
+        // The private key is in a file of mode 0600, and not in the journal.
+        let key_path = env.keys.join(format!("{}.key.pem", key(&run, 5)));
+        let pem = std::fs::read_to_string(&key_path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let journal = serde_json::to_string(&env.engine.history(&run).await.unwrap()).unwrap();
+        let secret = pem.lines().nth(1).unwrap();
+        assert!(
+            !journal.contains(secret),
+            "the private key reached the journal"
+        );
+        env.engine.shutdown().await;
+    }
+    // Over the seeds, every kind of create lost a response at least once.
+    let all: std::collections::BTreeSet<String> = CREATES.map(String::from).into();
+    assert_eq!(lost_creates, all);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchanged() {
+    let env = Env::new(hostile(11)).await;
+    let iam = aws_sdk_iam::Client::new(&env.direct);
+    let iot = aws_sdk_iot::Client::new(&env.direct);
+    // A role made by another tool (no key), and a thing carrying another run's key.
+    iam.create_role()
+        .role_name("taken-role")
+        .assume_role_policy_document(TRUST)
+        .send()
+        .await
+        .unwrap();
+    let (result, status) = env.run("role-conflict", input("taken")).await;
+    let error = result.unwrap_err().to_string();
+    assert!(
+        error.contains("conflict: IAM role \"taken-role\""),
+        "{error}"
+    );
+    // Failed when the conflict came on the first attempt (nothing to undo), compensated when
+    // a lost response made the step's outcome uncertain first.
+    assert!(
+        matches!(status, RunStatus::Failed | RunStatus::Compensated),
+        "{status:?}"
+    );
+    let truth = env.truth().await;
+    let role = truth.role("taken-role").unwrap();
+    assert!(role.tags.is_empty() && role.attached_policies.is_empty());
+    assert_eq!(truth.things.len(), 0);
+
+    let other = key("somebody-else", 3);
+    iot.create_thing()
+        .thing_name("claimed")
+        .attribute_payload(
+            aws_sdk_iot::types::AttributePayload::builder()
+                .attributes(KEY_ATTRIBUTE, &other)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let (result, status) = env.run("thing-conflict", input("claimed")).await;
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("conflict: IoT thing \"claimed\""), "{error}");
+    assert!(error.contains(&other), "{error}");
+    assert_eq!(status, RunStatus::Compensated);
+    let truth = env.truth().await;
+    assert_eq!(
+        truth
+            .thing("claimed")
+            .unwrap()
+            .attributes
+            .get(KEY_ATTRIBUTE),
+        Some(&other)
+    );
+    // The run's own role was compensated; only the other tool's role is left.
+    assert_eq!(truth.roles.len(), 1, "{}", truth.summary());
+
+    // An IoT policy of the name this run derives, with another document.
+    let run = "policy-conflict";
+    iot.create_policy()
+        .policy_name(format!("p-policy-{}", key(run, 4)))
+        .policy_document(INLINE)
+        .send()
+        .await
+        .unwrap();
+    let (result, _) = env.run(run, input("p")).await;
+    let error = result.unwrap_err().to_string();
+    assert!(error.contains("another document"), "{error}");
+    let truth = env.truth().await;
+    assert_eq!(truth.iot_policies.len(), 1);
+    assert!(
+        truth.thing("p").is_none(),
+        "the run's thing was compensated"
+    );
+    env.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensation_after_success_and_under_lost_responses_leaves_nothing() {
+    for seed in [21, 22] {
+        let env = Env::new(hostile(seed)).await;
+        let run = format!("undo-{seed}");
+        let (result, status) = env
+            .run(
+                &run,
+                DeviceInput {
+                    fail_at_end: true,
+                    ..input("gone")
+                },
+            )
+            .await;
+        assert!(result.is_err());
+        assert_eq!(status, RunStatus::Compensated);
+        let truth = env.truth().await;
+        assert!(truth.is_empty(), "seed {seed}: {}", truth.summary());
+        // Every delete whose response was lost ran again and found nothing to do.
+        let lost_deletes = env
+            .proxy
+            .faults()
+            .into_iter()
+            .filter(|(op, applied)| {
+                (op.contains("Delete") || op.contains("Detach"))
+                    && matches!(applied, Applied::LostResponse)
+            })
+            .count();
+        assert!(lost_deletes > 0, "seed {seed}: no undo was repeated");
+        assert_eq!(
+            std::fs::read_dir(&env.keys).map(|d| d.count()).unwrap_or(0),
+            0,
+            "key files left"
+        );
+        env.engine.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steps_in_doubt_are_found_by_key_and_compensated() {
+    // Every create's response is lost: each create step stays in doubt, retrying.
+    let creates = ["CreateRole"];
+    let mut rules = Rules::seeded(31);
+    for op in creates {
+        rules = rules.fault(FaultRule {
+            service: None,
+            operation: Some(op.into()),
+            fault: Fault::LostResponse,
+            probability: 1.0,
+            skip: 0,
+            limit: None,
+        });
+    }
+    let env = Env::new(rules).await;
+    let run = "in-doubt";
+    let handle = env
+        .engine
+        .start::<DeviceFlow>(run, input("doubt"))
+        .await
+        .unwrap();
+    // Bounded wait on a condition (the retries' backoff decides when it holds).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while env.proxy.requests_for("CreateRole").len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "CreateRole was not retried"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let truth = env.truth().await;
+    assert_eq!(truth.roles.len(), 1, "the lost create took effect");
+    env.proxy.set_rules(Rules::seeded(32)).unwrap();
+    env.engine.cancel(run).await.unwrap();
+    let _ = handle.result().await;
+    let status = env.engine.history(run).await.unwrap().run.status;
+    assert_eq!(status, RunStatus::Compensated);
+    let truth = env.truth().await;
+    assert!(truth.is_empty(), "{}", truth.summary());
+    env.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn role_and_certificate_lag_is_waited_out_without_sleeping() {
+    let mut rules = Rules::seeded(41)
+        .lag(LagRule {
+            service: "iot".into(),
+            after_create: Some(Dist::Uniform {
+                min_ms: 200,
+                max_ms: 600,
+            }),
+            after_delete: None,
+            flap_found_probability: 0.3,
+            include_deletes: false,
+        })
+        .lag(LagRule {
+            service: "iam".into(),
+            after_create: Some(Dist::Uniform {
+                min_ms: 200,
+                max_ms: 600,
+            }),
+            after_delete: None,
+            flap_found_probability: 0.3,
+            include_deletes: false,
+        });
+    rules.assume_role.propagation = Dist::Fixed { ms: 1500 };
+    let env = Env::new(rules).await;
+    let run = "lagging";
+    let (result, status) = env
+        .run(
+            run,
+            DeviceInput {
+                wait_assumable: true,
+                ..input("slow")
+            },
+        )
+        .await;
+    result.unwrap();
+    assert_eq!(status, RunStatus::Completed);
+    assert_one_device(&env.truth().await, run, "slow", 1);
+    // STS refused the role at first, and the wait polled until it did not.
+    let assume = env.proxy.requests_for("AssumeRole");
+    assert!(assume.len() >= 2, "{} AssumeRole calls", assume.len());
+    env.engine.shutdown().await;
+}
