@@ -7,7 +7,7 @@ use keel_engine::{Probe, RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::error::{conflict, AwsFailure};
-use super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_TAG};
+use super::{clients, confirm_absence, retry_policy, same_json, undo_retry_policy, KEY_TAG};
 
 const NO_SUCH_ENTITY: &str = "NoSuchEntity";
 
@@ -450,17 +450,6 @@ fn decode_policy(document: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Whether two JSON documents are equal as values (whitespace and key order aside).
-fn same_json(a: &str, b: &str) -> bool {
-    match (
-        serde_json::from_str::<serde_json::Value>(a),
-        serde_json::from_str::<serde_json::Value>(b),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
-    }
 }
 
 /// Holds when STS lets the caller assume the role: the test that matters after creating a

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{conflict, AwsFailure};
 use super::x509::KeyStore;
-use super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_ATTRIBUTE};
+use super::{clients, confirm_absence, retry_policy, same_json, undo_retry_policy, KEY_ATTRIBUTE};
 
 const NOT_FOUND: &str = "ResourceNotFoundException";
 const ALREADY_EXISTS: &str = "ResourceAlreadyExistsException";
@@ -746,16 +746,5 @@ impl Step for ActivateCertificate {
 
     fn compensation_retry_policy(&self) -> RetryPolicy {
         undo_retry_policy()
-    }
-}
-
-/// Whether two JSON documents are equal as values.
-fn same_json(a: &str, b: &str) -> bool {
-    match (
-        serde_json::from_str::<serde_json::Value>(a),
-        serde_json::from_str::<serde_json::Value>(b),
-    ) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => a == b,
     }
 }

@@ -94,3 +94,14 @@ pub(crate) fn confirm_absence(ctx: &StepContext, what: &str) -> Result<(), StepE
         )))
     }
 }
+
+/// Whether two JSON documents are equal as values (whitespace and key order aside).
+pub(crate) fn same_json(a: &str, b: &str) -> bool {
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
