@@ -1,0 +1,80 @@
+//! IoT steps: things (carrying the key as an attribute), policies (named from the key),
+//! certificates (made locally, registered without a CA), attachments and activation.
+//!
+//! AWS ordering for removal: detach the certificate from things, detach its policies,
+//! deactivate it, delete it, delete the thing, delete the policy. Compensation runs newest
+//! step first, and the steps of a device come in the opposite order, so the attachments go
+//! first; each removal step also clears what would block it (a certificate's remaining
+//! attachments, a thing's remaining principals), but only on a resource that is its own.
+
+mod attach;
+mod certificate;
+mod policy;
+mod thing;
+
+pub use attach::{AttachPolicy, AttachThingPrincipal};
+pub use certificate::{ActivateCertificate, Certificate, RegisterCertificate};
+pub use policy::{CreatePolicy, Policy};
+pub use thing::{CreateThing, Thing};
+
+/// Whether an attachment step made its change; `false` when it was there before.
+pub use super::iam::Attached;
+
+use keel_engine::StepError;
+
+use super::error::AwsFailure;
+
+const NOT_FOUND: &str = "ResourceNotFoundException";
+const ALREADY_EXISTS: &str = "ResourceAlreadyExistsException";
+
+fn missing_ok(f: AwsFailure) -> Result<(), StepError> {
+    if f.is(NOT_FOUND) {
+        Ok(())
+    } else {
+        Err(f.into())
+    }
+}
+
+fn lag_if_missing(f: AwsFailure) -> AwsFailure {
+    if f.is(NOT_FOUND) {
+        f.as_lag("not visible yet after its creation; retried within the step's policy")
+    } else {
+        f
+    }
+}
+
+/// Detaches `principal` from `thing`; an attachment already gone is done.
+async fn detach_thing_principal(
+    iot: &aws_sdk_iot::Client,
+    thing: &str,
+    principal: &str,
+) -> Result<(), StepError> {
+    match iot
+        .detach_thing_principal()
+        .thing_name(thing)
+        .principal(principal)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => missing_ok(AwsFailure::new("iot:DetachThingPrincipal", &e)),
+    }
+}
+
+/// Detaches `policy` from `target`; an attachment already gone is done.
+async fn detach_policy(
+    iot: &aws_sdk_iot::Client,
+    policy: &str,
+    target: &str,
+) -> Result<(), StepError> {
+    match iot
+        .detach_policy()
+        .policy_name(policy)
+        .target(target)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => missing_ok(AwsFailure::new("iot:DetachPolicy", &e)),
+    }
+}
