@@ -3,22 +3,19 @@
 
 use std::time::Duration;
 
-use aws_config::SdkConfig;
-use keel_engine::{
-    Ctx, Engine, IdempotencyKey, RunId, RunStatus, StepIndex, WaitPolicy, Workflow, WorkflowError,
-};
+use keel_engine::{Ctx, EngineBuilder, RunStatus, WaitPolicy, Workflow, WorkflowError};
 use keel_steps::aws::iam::{AttachRolePolicy, CreateRole, PutRolePolicy, RoleAssumable};
 use keel_steps::aws::iot::{
     ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreatePolicy, CreateThing,
     RegisterCertificate,
 };
-use keel_steps::aws::x509::KeyStore;
-use keel_steps::aws::{AwsClients, KEY_ATTRIBUTE, KEY_TAG};
-use keel_testkit::aws::SdkOptions;
+use keel_steps::aws::{KEY_ATTRIBUTE, KEY_TAG};
 use keel_testkit::inventory::Inventory;
-use keel_testkit::moto::TestAccount;
-use keel_testkit::proxy::{Applied, Dist, Fault, FaultProxy, FaultRule, LagRule, Rules};
+use keel_testkit::proxy::{Applied, Dist, Fault, FaultRule, LagRule, Rules};
 use serde::{Deserialize, Serialize};
+
+mod common;
+use common::{first_response_lost, hostile, key, Env};
 
 const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"AWS":"*"},"Action":"sts:AssumeRole"}]}"#;
 const INLINE: &str =
@@ -39,6 +36,10 @@ struct DeviceInput {
 /// 0 role, 1 attach managed policy, 2 inline policy, [3 wait], thing, policy, certificate,
 /// attach policy to certificate, attach certificate to thing, activate.
 struct DeviceFlow;
+
+fn register(builder: EngineBuilder) -> EngineBuilder {
+    builder.workflow::<DeviceFlow>()
+}
 
 impl Workflow for DeviceFlow {
     const NAME: &'static str = "test.aws-device";
@@ -113,62 +114,6 @@ impl Workflow for DeviceFlow {
     }
 }
 
-struct Env {
-    proxy: FaultProxy,
-    direct: SdkConfig,
-    engine: Engine,
-    keys: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Env {
-    async fn new(rules: Rules) -> Env {
-        keel_testkit::init_tracing();
-        let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
-        let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
-        let via = account
-            .sdk_config_via(&proxy.endpoint(), SdkOptions::default())
-            .await;
-        let direct = account.sdk_config().await;
-        let dir = tempfile::tempdir().unwrap();
-        let keys = dir.path().join("keys");
-        let engine = Engine::builder(dir.path().join("data"))
-            .workflow::<DeviceFlow>()
-            .resource(AwsClients::new(&via))
-            .resource(KeyStore::new(&keys))
-            .open()
-            .await
-            .unwrap();
-        Env {
-            proxy,
-            direct,
-            engine,
-            keys,
-            _dir: dir,
-        }
-    }
-
-    async fn truth(&self) -> Inventory {
-        Inventory::read(&self.direct).await.expect("inventory")
-    }
-
-    async fn run(&self, id: &str, input: DeviceInput) -> (keel_engine::Result<String>, RunStatus) {
-        let result = self
-            .engine
-            .start::<DeviceFlow>(id, input)
-            .await
-            .unwrap()
-            .result()
-            .await;
-        let status = self.engine.history(id).await.unwrap().run.status;
-        (result, status)
-    }
-}
-
-fn key(run: &str, step: u32) -> String {
-    IdempotencyKey::for_step(&RunId::new(run).unwrap(), StepIndex(step)).to_string()
-}
-
 fn input(name: &str) -> DeviceInput {
     DeviceInput {
         name: name.into(),
@@ -183,27 +128,6 @@ const CREATES: [&str; 4] = [
     "CreatePolicy",
     "RegisterCertificateWithoutCA",
 ];
-
-/// 30% of responses lost after the request took effect, 20% throttled, on every call.
-fn hostile(seed: u64) -> Rules {
-    Rules::seeded(seed)
-        .fault(FaultRule {
-            service: None,
-            operation: None,
-            fault: Fault::LostResponse,
-            probability: 0.3,
-            skip: 0,
-            limit: None,
-        })
-        .fault(FaultRule {
-            service: None,
-            operation: None,
-            fault: Fault::Throttle,
-            probability: 0.2,
-            skip: 0,
-            limit: None,
-        })
-}
 
 /// Checks that exactly one of each resource exists and carries the run's keys.
 /// `offset`: 1 when the run waited for the role (the wait takes an operation number).
@@ -238,23 +162,9 @@ async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throt
     for seed in [1, 2, 3] {
         // On top of the random faults, the first call of every create loses its response, so
         // every create step goes through adoption at least once.
-        let mut rules = hostile(seed);
-        for op in CREATES {
-            rules.faults.insert(
-                0,
-                FaultRule {
-                    service: None,
-                    operation: Some(op.into()),
-                    fault: Fault::LostResponse,
-                    probability: 1.0,
-                    skip: 0,
-                    limit: Some(1),
-                },
-            );
-        }
-        let env = Env::new(rules).await;
+        let env = Env::new(first_response_lost(hostile(seed), &CREATES), register).await;
         let run = format!("device-{seed}");
-        let (result, status) = env.run(&run, input("sensor")).await;
+        let (result, status) = env.run::<DeviceFlow>(&run, input("sensor")).await;
         let cert_id = result.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
         assert_eq!(status, RunStatus::Completed);
         let truth = env.truth().await;
@@ -294,7 +204,7 @@ async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throt
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchanged() {
-    let env = Env::new(hostile(11)).await;
+    let env = Env::new(hostile(11), register).await;
     let iam = aws_sdk_iam::Client::new(&env.direct);
     let iot = aws_sdk_iot::Client::new(&env.direct);
     // A role made by another tool (no key), and a thing carrying another run's key.
@@ -304,7 +214,7 @@ async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchan
         .send()
         .await
         .unwrap();
-    let (result, status) = env.run("role-conflict", input("taken")).await;
+    let (result, status) = env.run::<DeviceFlow>("role-conflict", input("taken")).await;
     let error = result.unwrap_err().to_string();
     assert!(
         error.contains("conflict: IAM role \"taken-role\""),
@@ -332,7 +242,9 @@ async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchan
         .send()
         .await
         .unwrap();
-    let (result, status) = env.run("thing-conflict", input("claimed")).await;
+    let (result, status) = env
+        .run::<DeviceFlow>("thing-conflict", input("claimed"))
+        .await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("conflict: IoT thing \"claimed\""), "{error}");
     assert!(error.contains(&other), "{error}");
@@ -357,7 +269,7 @@ async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchan
         .send()
         .await
         .unwrap();
-    let (result, _) = env.run(run, input("p")).await;
+    let (result, _) = env.run::<DeviceFlow>(run, input("p")).await;
     let error = result.unwrap_err().to_string();
     assert!(error.contains("another document"), "{error}");
     let truth = env.truth().await;
@@ -372,10 +284,10 @@ async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchan
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compensation_after_success_and_under_lost_responses_leaves_nothing() {
     for seed in [21, 22] {
-        let env = Env::new(hostile(seed)).await;
+        let env = Env::new(hostile(seed), register).await;
         let run = format!("undo-{seed}");
         let (result, status) = env
-            .run(
+            .run::<DeviceFlow>(
                 &run,
                 DeviceInput {
                     fail_at_end: true,
@@ -422,7 +334,7 @@ async fn steps_in_doubt_are_found_by_key_and_compensated() {
             limit: None,
         });
     }
-    let env = Env::new(rules).await;
+    let env = Env::new(rules, register).await;
     let run = "in-doubt";
     let handle = env
         .engine
@@ -474,10 +386,10 @@ async fn role_and_certificate_lag_is_waited_out_without_sleeping() {
             include_deletes: false,
         });
     rules.assume_role.propagation = Dist::Fixed { ms: 1500 };
-    let env = Env::new(rules).await;
+    let env = Env::new(rules, register).await;
     let run = "lagging";
     let (result, status) = env
-        .run(
+        .run::<DeviceFlow>(
             run,
             DeviceInput {
                 wait_assumable: true,

@@ -1,8 +1,8 @@
-//! AWS steps: IAM/STS and IoT, each idempotent by its step's key and undoable.
+//! AWS steps: IAM/STS, IoT and Greengrass (V1), each idempotent by its step's key and undoable.
 //!
 //! Steps are journaled values, so they cannot hold SDK clients: the clients are an engine
 //! resource ([`AwsClients`], registered with `EngineBuilder::resource`) that every step reads
-//! from its `StepContext`. Every step names its service's rate limiter (`iam`, `sts`, `iot`).
+//! from its `StepContext`. Every step names its service's rate limiter (`iam`, `sts`, `iot`, `greengrass`).
 //!
 //! Ownership: every resource a create step makes carries the step's idempotency key (an IAM
 //! tag, an IoT thing attribute, a name derived from the key, or for certificates the key
@@ -10,6 +10,8 @@
 
 /// SDK error classification.
 pub mod error;
+/// Greengrass (V1) steps.
+pub mod greengrass;
 /// IAM and STS steps.
 pub mod iam;
 /// IoT steps.

@@ -1,0 +1,433 @@
+//! `CreateCoreDefinition` and `CreateDeviceDefinition`: a definition and its first version in
+//! one call (`InitialVersion`), so no definition ever exists without its members.
+
+use aws_sdk_greengrass::types::{
+    Core, CoreDefinitionVersion, DefinitionInformation, Device, DeviceDefinitionVersion,
+};
+use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use serde::{Deserialize, Serialize};
+
+use super::super::error::AwsFailure;
+use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_TAG};
+use super::{keyed_name, lag_if_missing, missing_ok, single_attempt};
+
+/// A core or client device in a definition: its thing and certificate.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id in the definition (unique within it).
+    pub id: String,
+    /// The IoT thing's ARN.
+    pub thing_arn: String,
+    /// The certificate's ARN.
+    pub certificate_arn: String,
+    /// Whether its shadow is synced to the cloud.
+    pub sync_shadow: bool,
+}
+
+/// A definition as created or adopted, with its (first) version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Definition {
+    /// Its id.
+    pub id: String,
+    /// Its ARN.
+    pub arn: String,
+    /// Its name: `<prefix>-<key>`.
+    pub name: String,
+    /// The version holding the members.
+    pub version_id: String,
+    /// That version's ARN (what a group version refers to).
+    pub version_arn: String,
+}
+
+/// Creates a Greengrass core definition named `<prefix>-<step key>` with one version holding
+/// `cores` (Greengrass V1 allows one core per group). A definition of that name holding the
+/// same cores is adopted; one holding others is a conflict and is left unchanged.
+///
+/// Compensation: deletes the definitions of that name that hold these cores (the group that
+/// refers to them is deleted first, being created later).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateCoreDefinition {
+    /// The name's prefix.
+    pub prefix: String,
+    /// The cores.
+    pub cores: Vec<Member>,
+}
+
+/// Creates a Greengrass device definition (the group's client devices) named
+/// `<prefix>-<step key>` with one version holding `devices`; adopted and undone as
+/// [`CreateCoreDefinition`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreateDeviceDefinition {
+    /// The name's prefix.
+    pub prefix: String,
+    /// The client devices.
+    pub devices: Vec<Member>,
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Cores,
+    Devices,
+}
+
+impl Kind {
+    fn what(self) -> &'static str {
+        match self {
+            Kind::Cores => "Greengrass core definition",
+            Kind::Devices => "Greengrass device definition",
+        }
+    }
+
+    async fn list(
+        self,
+        gg: &aws_sdk_greengrass::Client,
+    ) -> Result<Vec<DefinitionInformation>, AwsFailure> {
+        let mut all = Vec::new();
+        let mut token = None;
+        loop {
+            let (definitions, next) = match self {
+                Kind::Cores => {
+                    let page = gg
+                        .list_core_definitions()
+                        .set_next_token(token)
+                        .send()
+                        .await
+                        .map_err(|e| AwsFailure::new("greengrass:ListCoreDefinitions", &e))?;
+                    (
+                        page.definitions().to_vec(),
+                        page.next_token().map(str::to_string),
+                    )
+                }
+                Kind::Devices => {
+                    let page = gg
+                        .list_device_definitions()
+                        .set_next_token(token)
+                        .send()
+                        .await
+                        .map_err(|e| AwsFailure::new("greengrass:ListDeviceDefinitions", &e))?;
+                    (
+                        page.definitions().to_vec(),
+                        page.next_token().map(str::to_string),
+                    )
+                }
+            };
+            all.extend(definitions);
+            token = next;
+            if token.is_none() {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// The members of a definition's version, sorted.
+    async fn members(
+        self,
+        gg: &aws_sdk_greengrass::Client,
+        id: &str,
+        version: &str,
+    ) -> Result<Vec<Member>, AwsFailure> {
+        let mut members: Vec<Member> = match self {
+            Kind::Cores => gg
+                .get_core_definition_version()
+                .core_definition_id(id)
+                .core_definition_version_id(version)
+                .send()
+                .await
+                .map_err(|e| {
+                    lag_if_missing(AwsFailure::new("greengrass:GetCoreDefinitionVersion", &e))
+                })?
+                .definition()
+                .map(|d| {
+                    d.cores()
+                        .iter()
+                        .map(|c| {
+                            member(c.id(), c.thing_arn(), c.certificate_arn(), c.sync_shadow())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Kind::Devices => gg
+                .get_device_definition_version()
+                .device_definition_id(id)
+                .device_definition_version_id(version)
+                .send()
+                .await
+                .map_err(|e| {
+                    lag_if_missing(AwsFailure::new("greengrass:GetDeviceDefinitionVersion", &e))
+                })?
+                .definition()
+                .map(|d| {
+                    d.devices()
+                        .iter()
+                        .map(|c| {
+                            member(c.id(), c.thing_arn(), c.certificate_arn(), c.sync_shadow())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        members.sort();
+        Ok(members)
+    }
+
+    async fn create(
+        self,
+        gg: &aws_sdk_greengrass::Client,
+        name: &str,
+        key: &str,
+        members: &[Member],
+    ) -> Result<Definition, AwsFailure> {
+        let fields = match self {
+            Kind::Cores => {
+                let cores = members.iter().map(|m| {
+                    Core::builder()
+                        .id(&m.id)
+                        .thing_arn(&m.thing_arn)
+                        .certificate_arn(&m.certificate_arn)
+                        .sync_shadow(m.sync_shadow)
+                        .build()
+                });
+                let out = gg
+                    .create_core_definition()
+                    .name(name)
+                    .amzn_client_token(key)
+                    .tags(KEY_TAG, key)
+                    .initial_version(
+                        CoreDefinitionVersion::builder()
+                            .set_cores(Some(cores.collect()))
+                            .build(),
+                    )
+                    .customize()
+                    .config_override(single_attempt())
+                    .send()
+                    .await
+                    .map_err(|e| AwsFailure::new("greengrass:CreateCoreDefinition", &e))?;
+                [
+                    out.id(),
+                    out.arn(),
+                    out.latest_version(),
+                    out.latest_version_arn(),
+                ]
+                .map(owned)
+            }
+            Kind::Devices => {
+                let devices = members.iter().map(|m| {
+                    Device::builder()
+                        .id(&m.id)
+                        .thing_arn(&m.thing_arn)
+                        .certificate_arn(&m.certificate_arn)
+                        .sync_shadow(m.sync_shadow)
+                        .build()
+                });
+                let out = gg
+                    .create_device_definition()
+                    .name(name)
+                    .amzn_client_token(key)
+                    .tags(KEY_TAG, key)
+                    .initial_version(
+                        DeviceDefinitionVersion::builder()
+                            .set_devices(Some(devices.collect()))
+                            .build(),
+                    )
+                    .customize()
+                    .config_override(single_attempt())
+                    .send()
+                    .await
+                    .map_err(|e| AwsFailure::new("greengrass:CreateDeviceDefinition", &e))?;
+                [
+                    out.id(),
+                    out.arn(),
+                    out.latest_version(),
+                    out.latest_version_arn(),
+                ]
+                .map(owned)
+            }
+        };
+        let [id, arn, version_id, version_arn] = fields;
+        Ok(Definition {
+            id,
+            arn,
+            name: name.to_string(),
+            version_id,
+            version_arn,
+        })
+    }
+
+    async fn delete(self, gg: &aws_sdk_greengrass::Client, id: &str) -> Result<(), StepError> {
+        let result = match self {
+            Kind::Cores => gg
+                .delete_core_definition()
+                .core_definition_id(id)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| AwsFailure::new("greengrass:DeleteCoreDefinition", &e)),
+            Kind::Devices => gg
+                .delete_device_definition()
+                .device_definition_id(id)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| AwsFailure::new("greengrass:DeleteDeviceDefinition", &e)),
+        };
+        result.or_else(missing_ok)
+    }
+
+    /// The definitions named `name`, each with whether it holds `members` (sorted).
+    async fn named(
+        self,
+        gg: &aws_sdk_greengrass::Client,
+        name: &str,
+        members: &[Member],
+    ) -> Result<Vec<(Definition, bool)>, AwsFailure> {
+        let mut found = Vec::new();
+        for info in self.list(gg).await? {
+            if info.name() != Some(name) {
+                continue;
+            }
+            let definition = Definition {
+                id: info.id().unwrap_or_default().to_string(),
+                arn: info.arn().unwrap_or_default().to_string(),
+                name: name.to_string(),
+                version_id: info.latest_version().unwrap_or_default().to_string(),
+                version_arn: info.latest_version_arn().unwrap_or_default().to_string(),
+            };
+            let same = self
+                .members(gg, &definition.id, &definition.version_id)
+                .await?
+                == members;
+            found.push((definition, same));
+        }
+        Ok(found)
+    }
+
+    async fn execute(
+        self,
+        ctx: &StepContext,
+        prefix: &str,
+        members: &[Member],
+    ) -> Result<Definition, StepError> {
+        let gg = &clients(ctx)?.greengrass;
+        let key = ctx.key().to_string();
+        let name = keyed_name(prefix, &ctx.key());
+        let mut members = members.to_vec();
+        members.sort();
+        let found = self.named(gg, &name, &members).await?;
+        if let Some((_, false)) = found.iter().find(|(_, same)| !same) {
+            return Err(StepError::permanent(format!(
+                "conflict: {} {name:?} already exists with other members; nothing was changed",
+                self.what()
+            )));
+        }
+        if let Some((definition, _)) = found.into_iter().next() {
+            tracing::debug!(definition = %definition.id, "adopting the definition a lost attempt created");
+            return Ok(definition);
+        }
+        Ok(self.create(gg, &name, &key, &members).await?)
+    }
+
+    async fn compensate(
+        self,
+        ctx: &StepContext,
+        prefix: &str,
+        members: &[Member],
+    ) -> Result<Undo, StepError> {
+        let gg = &clients(ctx)?.greengrass;
+        let name = keyed_name(prefix, &ctx.key());
+        let mut members = members.to_vec();
+        members.sort();
+        let found = self.named(gg, &name, &members).await?;
+        if found.is_empty() {
+            confirm_absence(ctx, self.what())?;
+            return Ok(Undo::Done);
+        }
+        for (definition, same) in found {
+            if same {
+                self.delete(gg, &definition.id).await?;
+            } else {
+                tracing::warn!(definition = %definition.id, "the definition holds other members: not this step's; left alone");
+            }
+        }
+        Ok(Undo::Done)
+    }
+}
+
+fn member(
+    id: Option<&str>,
+    thing: Option<&str>,
+    certificate: Option<&str>,
+    sync: Option<bool>,
+) -> Member {
+    Member {
+        id: id.unwrap_or_default().to_string(),
+        thing_arn: thing.unwrap_or_default().to_string(),
+        certificate_arn: certificate.unwrap_or_default().to_string(),
+        sync_shadow: sync.unwrap_or(false),
+    }
+}
+
+fn owned(s: Option<&str>) -> String {
+    s.unwrap_or_default().to_string()
+}
+
+impl Step for CreateCoreDefinition {
+    const KIND: &'static str = "aws.greengrass.create-core-definition";
+    type Output = Definition;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<Definition, StepError> {
+        Kind::Cores.execute(ctx, &self.prefix, &self.cores).await
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        retry_policy()
+    }
+
+    fn rate_limit(&self) -> Option<&str> {
+        Some("greengrass")
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _output: Option<Definition>,
+    ) -> Result<Undo, StepError> {
+        Kind::Cores.compensate(ctx, &self.prefix, &self.cores).await
+    }
+
+    fn compensation_retry_policy(&self) -> RetryPolicy {
+        undo_retry_policy()
+    }
+}
+
+impl Step for CreateDeviceDefinition {
+    const KIND: &'static str = "aws.greengrass.create-device-definition";
+    type Output = Definition;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<Definition, StepError> {
+        Kind::Devices
+            .execute(ctx, &self.prefix, &self.devices)
+            .await
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        retry_policy()
+    }
+
+    fn rate_limit(&self) -> Option<&str> {
+        Some("greengrass")
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _output: Option<Definition>,
+    ) -> Result<Undo, StepError> {
+        Kind::Devices
+            .compensate(ctx, &self.prefix, &self.devices)
+            .await
+    }
+
+    fn compensation_retry_policy(&self) -> RetryPolicy {
+        undo_retry_policy()
+    }
+}

@@ -1,0 +1,94 @@
+//! What the AWS step tests share: an engine (sled on disk) whose AWS clients go through the
+//! fault proxy to a fresh moto account, and a direct client for the ground truth.
+
+#![allow(dead_code)]
+
+use aws_config::SdkConfig;
+use keel_engine::{Engine, EngineBuilder, IdempotencyKey, RunId, RunStatus, StepIndex, Workflow};
+use keel_steps::aws::x509::KeyStore;
+use keel_steps::aws::AwsClients;
+use keel_testkit::aws::SdkOptions;
+use keel_testkit::inventory::Inventory;
+use keel_testkit::moto::TestAccount;
+use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
+
+pub struct Env {
+    pub proxy: FaultProxy,
+    pub direct: SdkConfig,
+    pub engine: Engine,
+    pub keys: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Env {
+    /// An engine with the workflows `register` adds, behind a proxy playing `rules`.
+    pub async fn new(rules: Rules, register: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Env {
+        keel_testkit::init_tracing();
+        let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
+        let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
+        let via = account
+            .sdk_config_via(&proxy.endpoint(), SdkOptions::default())
+            .await;
+        let direct = account.sdk_config().await;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let engine = register(Engine::builder(dir.path().join("data")))
+            .resource(AwsClients::new(&via))
+            .resource(KeyStore::new(&keys))
+            .open()
+            .await
+            .unwrap();
+        Env {
+            proxy,
+            direct,
+            engine,
+            keys,
+            _dir: dir,
+        }
+    }
+
+    pub async fn truth(&self) -> Inventory {
+        Inventory::read(&self.direct).await.expect("inventory")
+    }
+
+    /// Runs `W` to its end: its result and final status.
+    pub async fn run<W: Workflow>(
+        &self,
+        id: &str,
+        input: W::Input,
+    ) -> (keel_engine::Result<W::Output>, RunStatus) {
+        let result = self
+            .engine
+            .start::<W>(id, input)
+            .await
+            .unwrap()
+            .result()
+            .await;
+        let status = self.engine.history(id).await.unwrap().run.status;
+        (result, status)
+    }
+}
+
+/// The idempotency key of step `step` of run `run`.
+pub fn key(run: &str, step: u32) -> String {
+    IdempotencyKey::for_step(&RunId::new(run).unwrap(), StepIndex(step)).to_string()
+}
+
+/// 30% of responses lost after the request took effect, 20% throttled, on every call.
+pub fn hostile(seed: u64) -> Rules {
+    Rules::seeded(seed)
+        .fault(FaultRule::new(Fault::LostResponse).probability(0.3))
+        .fault(FaultRule::new(Fault::Throttle).probability(0.2))
+}
+
+/// `rules` with the first call of each of `operations` losing its response, so every create
+/// step goes through adoption at least once.
+pub fn first_response_lost(mut rules: Rules, operations: &[&str]) -> Rules {
+    for op in operations {
+        rules.faults.insert(
+            0,
+            FaultRule::new(Fault::LostResponse).operation(op).limit(1),
+        );
+    }
+    rules
+}
