@@ -55,6 +55,34 @@ impl AwsClients {
     }
 }
 
+/// Registers every AWS step kind with an engine, so a run that resumes in compensation
+/// after a restart (its body does not run again) can undo them from the journal:
+/// `Engine::builder(dir).aws_steps()`.
+pub trait AwsSteps {
+    /// Registers every step of [`iam`], [`iot`] and [`greengrass`].
+    fn aws_steps(self) -> Self;
+}
+
+impl AwsSteps for keel_engine::EngineBuilder {
+    fn aws_steps(self) -> Self {
+        self.step::<iam::CreateRole>()
+            .step::<iam::AttachRolePolicy>()
+            .step::<iam::PutRolePolicy>()
+            .step::<iot::CreateThing>()
+            .step::<iot::CreatePolicy>()
+            .step::<iot::RegisterCertificate>()
+            .step::<iot::ActivateCertificate>()
+            .step::<iot::AttachPolicy>()
+            .step::<iot::AttachThingPrincipal>()
+            .step::<greengrass::CreateCoreDefinition>()
+            .step::<greengrass::CreateDeviceDefinition>()
+            .step::<greengrass::CreateGroup>()
+            .step::<greengrass::AssociateRole>()
+            .step::<greengrass::CreateGroupVersion>()
+            .step::<greengrass::CreateDeployment>()
+    }
+}
+
 /// The engine's [`AwsClients`], or a permanent error saying how to register them.
 pub(crate) fn clients(ctx: &StepContext) -> Result<Arc<AwsClients>, StepError> {
     ctx.resource::<AwsClients>().ok_or_else(|| {

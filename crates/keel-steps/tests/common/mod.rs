@@ -6,7 +6,7 @@
 use aws_config::SdkConfig;
 use keel_engine::{Engine, EngineBuilder, IdempotencyKey, RunId, RunStatus, StepIndex, Workflow};
 use keel_steps::aws::x509::KeyStore;
-use keel_steps::aws::AwsClients;
+use keel_steps::aws::{AwsClients, AwsSteps};
 use keel_testkit::aws::SdkOptions;
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
@@ -33,6 +33,7 @@ impl Env {
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("keys");
         let engine = register(Engine::builder(dir.path().join("data")))
+            .aws_steps()
             .resource(AwsClients::new(&via))
             .resource(KeyStore::new(&keys))
             .open()

@@ -1,0 +1,318 @@
+//! Crash tests of the AWS steps: a child process provisions a device and a Greengrass group
+//! through the fault proxy against moto, and is killed with SIGKILL at every named crash
+//! point; after restarts until it finishes, moto's own state (read directly) must hold each
+//! resource of the completed run exactly once and nothing of the compensated run.
+
+use std::path::Path;
+use std::time::Duration;
+
+use aws_sdk_greengrass::types::DeploymentType;
+use keel_engine::{crash, Ctx, Engine, RunStatus, WaitPolicy, Workflow, WorkflowError};
+use keel_steps::aws::greengrass::{
+    AssociateRole, CreateCoreDefinition, CreateDeployment, CreateGroup, CreateGroupVersion,
+    DeploymentSucceeded, Member,
+};
+use keel_steps::aws::iam::CreateRole;
+use keel_steps::aws::iot::{AttachThingPrincipal, CreateThing, RegisterCertificate};
+use keel_steps::aws::x509::KeyStore;
+use keel_steps::aws::{AwsClients, AwsSteps, KEY_ATTRIBUTE, KEY_TAG};
+use keel_testkit::aws::{Credentials, SdkOptions};
+use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::inventory::Inventory;
+use keel_testkit::moto::TestAccount;
+use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+mod common;
+use common::key;
+
+const CHILD_TIMEOUT: Duration = Duration::from_secs(180);
+const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"greengrass.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+const KEPT: &str = "kept";
+const UNDONE: &str = "undone";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct CoreInput {
+    name: String,
+    fail_at_end: bool,
+}
+
+/// A Greengrass core's provisioning, one step of each kind that makes something:
+/// 0 role, 1 thing, 2 certificate, 3 certificate on thing, 4 core definition, 5 group,
+/// 6 role on group, 7 group version, 8 deployment, 9 wait for the deployment.
+struct CoreFlow;
+
+impl Workflow for CoreFlow {
+    const NAME: &'static str = "test.greengrass-core";
+    type Input = CoreInput;
+    type Output = String;
+
+    async fn run(ctx: &mut Ctx, input: CoreInput) -> Result<String, WorkflowError> {
+        let role = ctx
+            .step(CreateRole {
+                name: format!("{}-role", input.name),
+                trust_policy: TRUST.into(),
+                tags: Default::default(),
+                description: None,
+            })
+            .await?;
+        let thing = ctx
+            .step(CreateThing {
+                name: format!("{}-core", input.name),
+                attributes: Default::default(),
+            })
+            .await?;
+        let cert = ctx
+            .step(RegisterCertificate {
+                subject: thing.name.clone(),
+            })
+            .await?;
+        ctx.step(AttachThingPrincipal {
+            thing: thing.name.clone(),
+            principal: cert.arn.clone(),
+        })
+        .await?;
+        let cores = ctx
+            .step(CreateCoreDefinition {
+                prefix: format!("{}-cores", input.name),
+                cores: vec![Member {
+                    id: thing.name.clone(),
+                    thing_arn: thing.arn.clone(),
+                    certificate_arn: cert.arn.clone(),
+                    sync_shadow: false,
+                }],
+            })
+            .await?;
+        let group = ctx
+            .step(CreateGroup {
+                prefix: input.name.clone(),
+                tags: Default::default(),
+            })
+            .await?;
+        ctx.step(AssociateRole {
+            group_id: group.id.clone(),
+            role_arn: role.arn.clone(),
+        })
+        .await?;
+        let version = ctx
+            .step(CreateGroupVersion {
+                group_id: group.id.clone(),
+                core_definition_version_arn: cores.version_arn.clone(),
+                device_definition_version_arn: None,
+            })
+            .await?;
+        let deployment = ctx
+            .step(CreateDeployment {
+                group_id: group.id.clone(),
+                group_version_id: version.version_id.clone(),
+            })
+            .await?;
+        ctx.wait(
+            DeploymentSucceeded {
+                group_id: group.id.clone(),
+                deployment_id: deployment.id.clone(),
+            },
+            WaitPolicy::every(Duration::from_millis(50), Duration::from_secs(60)),
+        )
+        .await?;
+        if input.fail_at_end {
+            return Err(WorkflowError::failed("failing on purpose after every step"));
+        }
+        Ok(cert.id)
+    }
+}
+
+fn input(run: &str) -> CoreInput {
+    CoreInput {
+        name: run.into(),
+        fail_at_end: run == UNDONE,
+    }
+}
+
+/// The child: start both runs (idempotently: a restarted child starts the same ids) and wait
+/// for both.
+fn child_main() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}"));
+    let dir = var("KEEL_DATA_DIR");
+    let credentials = Credentials {
+        access_key_id: var("KEEL_TEST_ACCESS_KEY"),
+        secret_access_key: var("KEEL_TEST_SECRET_KEY"),
+        session_token: None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let sdk = keel_testkit::aws::sdk_config(
+            &var("KEEL_TEST_ENDPOINT"),
+            &credentials,
+            SdkOptions::default(),
+        )
+        .await;
+        let engine = Engine::builder(&dir)
+            .workflow::<CoreFlow>()
+            .aws_steps()
+            .resource(AwsClients::new(&sdk))
+            .resource(KeyStore::new(var("KEEL_TEST_KEYS")))
+            .open()
+            .await
+            .unwrap();
+        let mut runs = Vec::new();
+        for run in [KEPT, UNDONE] {
+            runs.push(engine.start::<CoreFlow>(run, input(run)).await.unwrap());
+        }
+        for run in runs {
+            // The compensated run ends in an error; both outcomes are checked by the parent.
+            let _ = run.result().await;
+        }
+        engine.shutdown().await;
+    });
+}
+
+/// Restarts the child, unarmed, until it finishes.
+fn finish(spec: &ChildSpec<'_>) {
+    for _ in 0..10 {
+        if spec.run(&[], CHILD_TIMEOUT) == Ending::Finished {
+            return;
+        }
+    }
+    panic!("child never finished");
+}
+
+/// The ground truth: the journal's outcomes, moto's resources, the key files.
+async fn verify(point: &str, dir: &Path, direct: &aws_config::SdkConfig) {
+    let engine = Engine::builder(dir.join("data")).open().await.unwrap();
+    let kept = engine.history(KEPT).await.unwrap();
+    let undone = engine.history(UNDONE).await.unwrap();
+    engine.shutdown().await;
+    let journal = |h: &keel_engine::RunHistory| serde_json::to_string_pretty(&h.entries).unwrap();
+    assert_eq!(
+        kept.run.status,
+        RunStatus::Completed,
+        "{point}: {}",
+        journal(&kept)
+    );
+    assert_eq!(
+        undone.run.status,
+        RunStatus::Compensated,
+        "{point}: {}",
+        journal(&undone)
+    );
+
+    let truth = Inventory::read(direct).await.unwrap();
+    let summary = truth.summary();
+    assert_eq!(truth.roles.len(), 1, "{point}: {summary}");
+    assert_eq!(truth.roles[0].tags.get(KEY_TAG), Some(&key(KEPT, 0)));
+    assert_eq!(truth.things.len(), 1, "{point}: {summary}");
+    let thing = &truth.things[0];
+    assert_eq!(thing.attributes.get(KEY_ATTRIBUTE), Some(&key(KEPT, 1)));
+    assert_eq!(truth.certificates.len(), 1, "{point}: {summary}");
+    assert_eq!(thing.principals, vec![truth.certificates[0].arn.clone()]);
+    assert_eq!(truth.core_definitions.len(), 1, "{point}: {summary}");
+    assert_eq!(truth.device_definitions.len(), 0, "{point}: {summary}");
+    assert_eq!(truth.groups.len(), 1, "{point}: {summary}");
+    let group = &truth.groups[0];
+    assert_eq!(group.name, format!("{KEPT}-{}", key(KEPT, 5)));
+    assert_eq!(group.role_arn.as_deref(), Some(truth.roles[0].arn.as_str()));
+    let gg = aws_sdk_greengrass::Client::new(direct);
+    let deployments = gg
+        .list_deployments()
+        .group_id(&group.id)
+        .send()
+        .await
+        .unwrap();
+    let types: Vec<_> = deployments
+        .deployments()
+        .iter()
+        .filter_map(|d| d.deployment_type().cloned())
+        .collect();
+    assert_eq!(types, vec![DeploymentType::NewDeployment], "{point}");
+    // Only the kept run's key material is left: its key and certificate files.
+    let keys: Vec<String> = std::fs::read_dir(dir.join("keys"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let cert_key = key(KEPT, 2);
+    assert_eq!(keys.len(), 2, "{point}: {keys:?}");
+    assert!(
+        keys.iter().all(|k| k.starts_with(&cert_key)),
+        "{point}: {keys:?}"
+    );
+}
+
+/// Kills the child at every named crash point the scenario reaches (at its first hit, then
+/// at a seeded later one), under 10% lost responses and 10% throttling; after it finishes, the kept run's
+/// resources exist exactly once and the compensated run left nothing.
+#[test]
+fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
+    const NAME: &str = "killed_at_every_crash_point_each_resource_exists_once_or_not_at_all";
+    if is_child() {
+        return child_main();
+    }
+    keel_testkit::init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0061_7773);
+    let mut kills = 0;
+    // No sleeps in the flow: the timer points are not reached.
+    for (i, point) in crash::POINTS
+        .iter()
+        .filter(|p| !p.starts_with("timer."))
+        .enumerate()
+    {
+        let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
+        let rules = Rules::seeded(i as u64)
+            .fault(FaultRule::new(Fault::LostResponse).probability(0.1))
+            .fault(FaultRule::new(Fault::Throttle).probability(0.1));
+        let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ChildSpec {
+            test_name: NAME,
+            env: vec![
+                ("KEEL_DATA_DIR".into(), path_env(dir.path(), "data")),
+                ("KEEL_TEST_KEYS".into(), path_env(dir.path(), "keys")),
+                ("KEEL_TEST_ENDPOINT".into(), proxy.endpoint()),
+                (
+                    "KEEL_TEST_ACCESS_KEY".into(),
+                    account.credentials.access_key_id.clone(),
+                ),
+                (
+                    "KEEL_TEST_SECRET_KEY".into(),
+                    account.credentials.secret_access_key.clone(),
+                ),
+            ],
+        };
+        // The first kill at the point's first hit (some points are met once per child: the one
+        // compensation's start), the second at a seeded later hit, if the restarted child
+        // meets the point that often.
+        let skips = [0, rng.gen_range(1..6u32)];
+        for (n, skip) in skips.into_iter().enumerate() {
+            let env = [
+                ("KEEL_CRASH_AT", point.to_string()),
+                ("KEEL_CRASH_SKIP", skip.to_string()),
+            ];
+            let ending = spec.run(&env, CHILD_TIMEOUT);
+            if n == 0 {
+                assert_eq!(
+                    ending,
+                    Ending::Killed,
+                    "{point} (skip {skip}) was never reached"
+                );
+            }
+            if ending == Ending::Killed {
+                kills += 1;
+            }
+        }
+        finish(&spec);
+        runtime.block_on(async {
+            verify(point, dir.path(), &account.sdk_config().await).await;
+        });
+    }
+    assert!(kills >= crash::POINTS.len() - 2, "{kills} kills");
+}
