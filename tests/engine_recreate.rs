@@ -39,6 +39,7 @@ impl Workflow for RecreateFlow {
                     n: generation,
                     fault: input.fault,
                     log: input.log.clone(),
+                    jitter_ms: 0,
                 },
                 |output| ThresholdProbe {
                     value: *output,

@@ -54,6 +54,7 @@ impl Workflow for PlainFlow {
                     n,
                     fault: Fault::None,
                     log: input.log.clone(),
+                    jitter_ms: 0,
                 })
                 .await?;
         }

@@ -63,6 +63,7 @@ impl Workflow for PlanFlow {
                         n,
                         fault: *fault,
                         log: log.clone(),
+                        jitter_ms: 0,
                     })
                     .await
                 {
@@ -73,6 +74,7 @@ impl Workflow for PlanFlow {
                                 n: n + 100,
                                 fault: Fault::None,
                                 log,
+                                jitter_ms: 0,
                             })
                             .await?;
                     }

@@ -4,17 +4,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::rngs::SmallRng;
-use rand::{Rng, SeedableRng};
+use rand::Rng;
 use serde_json::Value;
-use tokio::sync::watch;
 
 use crate::cell::{now_ms, RunCell};
 use crate::engine::Inner;
 use crate::error::{EngineError, Result};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event};
-use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTES_MAX};
+use crate::lane::Lane;
+use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX};
 use crate::replay::{step_action, step_undo_action, Op, StepAction, UndoAction};
 use crate::step::{Step, StepContext, StepError};
 use crate::wait::{Probe, WaitOutcome, WaitPolicy, WaitSchedule};
@@ -33,33 +32,23 @@ pub(crate) enum Interrupt {
 
 /// The context a workflow body runs in.
 pub struct Ctx {
-    cell: Arc<RunCell>,
-    inner: Arc<Inner>,
-    next: u32,
+    pub(crate) lane: Lane,
+    pub(crate) next: u32,
     pub(crate) interrupt: Option<Interrupt>,
-    cancel: watch::Receiver<bool>,
-    shutdown: watch::Receiver<bool>,
-    rng: SmallRng,
 }
 
 impl Ctx {
     pub(crate) fn new(cell: Arc<RunCell>, inner: Arc<Inner>) -> Ctx {
-        let cancel = cell.cancel.subscribe();
-        let shutdown = inner.shutdown.subscribe();
         Ctx {
-            cell,
-            inner,
+            lane: Lane::new(cell, inner),
             next: 0,
             interrupt: None,
-            cancel,
-            shutdown,
-            rng: SmallRng::from_entropy(),
         }
     }
 
     /// The id of the run.
     pub fn run_id(&self) -> &RunId {
-        &self.cell.id
+        &self.lane.cell.id
     }
 
     /// How many operations the body has asked for so far.
@@ -67,8 +56,8 @@ impl Ctx {
         self.next
     }
 
-    fn interrupt(&mut self, cause: Interrupt) -> WorkflowError {
-        tracing::debug!(run_id = %self.cell.id, ?cause, "run interrupted");
+    pub(crate) fn interrupt(&mut self, cause: Interrupt) -> WorkflowError {
+        tracing::debug!(run_id = %self.lane.cell.id, ?cause, "run interrupted");
         if self.interrupt.is_none() {
             self.interrupt = Some(cause);
         }
@@ -76,23 +65,17 @@ impl Ctx {
     }
 
     /// Checks for an earlier interrupt, a cancellation and a shutdown.
-    fn check(&mut self) -> Result<(), WorkflowError> {
+    pub(crate) fn check(&mut self) -> Result<(), WorkflowError> {
         if self.interrupt.is_some() {
             return Err(WorkflowError::Interrupted);
         }
-        if *self.shutdown.borrow() {
-            return Err(self.interrupt(Interrupt::ShutDown));
-        }
-        if *self.cancel.borrow() {
-            return Err(self.interrupt(Interrupt::Cancelled));
-        }
-        Ok(())
+        self.lane.check().map_err(|cause| self.interrupt(cause))
     }
 
-    fn next_index(&mut self) -> Result<StepIndex, WorkflowError> {
+    pub(crate) fn next_index(&mut self) -> Result<StepIndex, WorkflowError> {
         if self.next >= STEPS_PER_RUN_MAX {
             let limit = EngineError::LimitReached {
-                what: format!("operations of run {}", self.cell.id),
+                what: format!("operations of run {}", self.lane.cell.id),
                 limit: u64::from(STEPS_PER_RUN_MAX),
             };
             return Err(self.interrupt(Interrupt::Engine(limit)));
@@ -102,39 +85,29 @@ impl Ctx {
         Ok(index)
     }
 
-    fn journal(&mut self, event: Event) -> Result<(), WorkflowError> {
-        self.cell
-            .append(&*self.inner.store, event)
-            .map_err(|e| self.interrupt(Interrupt::Engine(e)))
+    pub(crate) fn journal(&mut self, event: Event) -> Result<(), WorkflowError> {
+        self.lane
+            .journal(event)
+            .map_err(|cause| self.interrupt(cause))
     }
 
     async fn durable(&mut self) -> Result<(), WorkflowError> {
-        let ticket = self.inner.store.sync();
-        ticket
-            .wait()
-            .await
-            .map_err(|e| self.interrupt(Interrupt::Engine(e)))
+        let result = self.lane.durable().await;
+        result.map_err(|cause| self.interrupt(cause))
     }
 
     /// Sleeps until the absolute time `at_ms`, waking early for cancellation and shutdown.
     async fn sleep_until(&mut self, at_ms: u64) -> Result<(), WorkflowError> {
-        loop {
-            self.check()?;
-            let now = now_ms();
-            if now >= at_ms {
-                return Ok(());
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(at_ms - now)) => {}
-                _ = self.cancel.changed() => {}
-                _ = self.shutdown.changed() => {}
-            }
+        if self.interrupt.is_some() {
+            return Err(WorkflowError::Interrupted);
         }
+        let result = self.lane.sleep_until(at_ms).await;
+        result.map_err(|cause| self.interrupt(cause))
     }
 
     /// The journaled form of a step's or probe's argument (the value itself), within the
     /// argument size limit.
-    fn argument<T: serde::Serialize>(
+    pub(crate) fn argument<T: serde::Serialize>(
         &mut self,
         index: StepIndex,
         what: &str,
@@ -171,10 +144,11 @@ impl Ctx {
         self.check()?;
         let index = self.next_index()?;
         let argument = self.argument(index, "step", S::KIND, &step)?;
-        if let Err(e) = self.inner.registry.add_step::<S>() {
+        if let Err(e) = self.lane.inner.registry.add_step::<S>() {
             return Err(self.interrupt(Interrupt::Engine(e)));
         }
         let action = self
+            .lane
             .cell
             .with_state(|state| match state.ops.get(index.0 as usize) {
                 None => Ok(step_action(None)),
@@ -190,13 +164,9 @@ impl Ctx {
                     argument
                 )),
                 Some(Op::Step(op)) => Ok(step_action(Some(op))),
-                Some(Op::Timer { .. }) => Err(format!(
-                    "journal holds a timer, code asks for step {:?}",
-                    S::KIND
-                )),
-                Some(Op::Wait(op)) => Err(format!(
-                    "journal holds wait {:?}, code asks for step {:?}",
-                    op.kind,
+                Some(other) => Err(format!(
+                    "journal holds {}, code asks for step {:?}",
+                    other.describe(),
                     S::KIND
                 )),
             });
@@ -215,13 +185,16 @@ impl Ctx {
                 attempt,
                 not_before_ms,
             } => {
-                self.run_attempts(index, step, argument, attempt, not_before_ms)
-                    .await
+                let result = self
+                    .lane
+                    .run_attempts(index, &step, argument, attempt, not_before_ms)
+                    .await;
+                result.unwrap_or_else(|cause| Err(self.interrupt(cause)))
             }
         }
     }
 
-    fn decode_output<S: Step>(
+    pub(crate) fn decode_output<S: Step>(
         &mut self,
         index: StepIndex,
         output: Value,
@@ -232,140 +205,20 @@ impl Ctx {
         })
     }
 
-    async fn run_attempts<S: Step>(
-        &mut self,
-        index: StepIndex,
-        step: S,
-        argument: Value,
-        mut attempt: Attempt,
-        mut not_before_ms: Option<u64>,
-    ) -> Result<S::Output, WorkflowError> {
-        let policy = step.retry_policy();
-        let key = IdempotencyKey::for_step(&self.cell.id, index);
-        loop {
-            if let Some(at_ms) = not_before_ms {
-                self.sleep_until(at_ms).await?;
-            }
-            self.check()?;
-            crate::crash::point("step.before_started");
-            self.journal(Event::StepStarted {
-                step: index,
-                kind: S::KIND.into(),
-                argument: argument.clone(),
-                attempt,
-            })?;
-            // The start record (and the previous step's outcome with it) is durable before
-            // the side effect begins: one sync per step.
-            self.durable().await?;
-            crate::crash::point("step.after_started");
-            let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0);
-            let ctx = StepContext {
-                run_id: self.cell.id.clone(),
-                step: index,
-                key,
-                attempt,
-                resources: Arc::clone(&self.inner.resources),
-            };
-            let started = std::time::Instant::now();
-            let call = tracing::Instrument::instrument(step.execute(&ctx), span);
-            let result = rate_limited(&self.inner, step.rate_limit(), call).await;
-            crate::crash::point("step.after_effect");
-            let result = result.and_then(|output| {
-                let value = serde_json::to_value(&output)
-                    .map_err(|e| StepError::permanent(format!("output of {} does not serialise: {e}", S::KIND)))?;
-                let bytes = value.to_string().len();
-                if bytes > STEP_OUTPUT_BYTES_MAX {
-                    return Err(StepError::permanent(format!(
-                        "output of {} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes",
-                        S::KIND
-                    )));
-                }
-                Ok((output, value))
-            });
-            match result {
-                Ok((output, value)) => {
-                    self.inner.stats.record(
-                        &format!("step:{}", S::KIND),
-                        started.elapsed(),
-                        self.cell.id.as_str(),
-                        now_ms(),
-                    );
-                    tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = started.elapsed().as_millis() as u64, "step completed");
-                    // Not synced here: the next step's start record, or the run's terminal
-                    // record, shares this entry's sync.
-                    self.journal(Event::StepCompleted {
-                        step: index,
-                        attempt,
-                        output: value,
-                    })?;
-                    crate::crash::point("step.after_outcome");
-                    return Ok(output);
-                }
-                Err(error) => {
-                    let record = error.to_record();
-                    let retry_at_ms = match error.class() {
-                        ErrorClass::Permanent => None,
-                        ErrorClass::Retryable => {
-                            let first_started = self
-                                .cell
-                                .with_state(|s| s.step(index).map(|op| op.first_started_at_ms))
-                                .unwrap_or_else(now_ms);
-                            let jitter: f64 = self.rng.gen();
-                            policy.next_attempt_at_ms(
-                                attempt,
-                                first_started,
-                                now_ms(),
-                                error.retry_after(),
-                                jitter,
-                            )
-                        }
-                    };
-                    tracing::info!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, ?retry_at_ms, "step attempt failed");
-                    self.journal(Event::StepFailed {
-                        step: index,
-                        attempt,
-                        error: record.clone(),
-                        retry_at_ms,
-                    })?;
-                    // Synced so that a restart neither resets the attempt count nor shortens
-                    // the backoff.
-                    self.durable().await?;
-                    crate::crash::point("step.after_failure");
-                    match retry_at_ms {
-                        Some(at_ms) => {
-                            attempt = attempt.next();
-                            not_before_ms = Some(at_ms);
-                        }
-                        None => {
-                            return Err(WorkflowError::Step {
-                                step: index,
-                                kind: S::KIND.into(),
-                                error: record,
-                            })
-                        }
-                    }
-                }
-            }
-        }
-    }
-
     /// Sleeps for `duration` on a durable timer: the wake time is journaled as an absolute
     /// time, so a restart neither shortens nor extends the sleep.
     pub async fn sleep(&mut self, duration: Duration) -> Result<(), WorkflowError> {
         self.check()?;
         let index = self.next_index()?;
         let journaled = self
+            .lane
             .cell
             .with_state(|state| match state.ops.get(index.0 as usize) {
                 None => Ok(None),
                 Some(Op::Timer { wake_at_ms, fired }) => Ok(Some((*wake_at_ms, *fired))),
-                Some(Op::Step(op)) => Err(format!(
-                    "journal holds step {:?}, code asks for a timer",
-                    op.kind
-                )),
-                Some(Op::Wait(op)) => Err(format!(
-                    "journal holds wait {:?}, code asks for a timer",
-                    op.kind
+                Some(other) => Err(format!(
+                    "journal holds {}, code asks for a timer",
+                    other.describe()
                 )),
             });
         let (wake_at_ms, fired) = match journaled {
@@ -408,7 +261,7 @@ impl Ctx {
         self.check()?;
         let index = self.next_index()?;
         let argument = self.argument(index, "wait", P::KIND, &probe)?;
-        let journaled = self.cell.with_state(|state| match state.ops.get(index.0 as usize) {
+        let journaled = self.lane.cell.with_state(|state| match state.ops.get(index.0 as usize) {
             None => Ok(None),
             Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == argument => {
                 Ok(Some((op.schedule.clone(), op.started_at_ms, op.outcome.clone())))
@@ -420,17 +273,16 @@ impl Ctx {
                 P::KIND,
                 argument
             )),
-            Some(Op::Step(op)) => Err(format!("journal holds step {:?}, code asks for wait {:?}", op.kind, P::KIND)),
-            Some(Op::Timer { .. }) => Err(format!("journal holds a timer, code asks for wait {:?}", P::KIND)),
+            Some(other) => Err(format!("journal holds {}, code asks for wait {:?}", other.describe(), P::KIND)),
         });
         let (schedule, started_at_ms) = match journaled {
             Ok(Some((_, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
             Ok(Some((schedule, started_at_ms, None))) => (schedule, started_at_ms),
             Ok(None) => {
                 let started_at_ms = now_ms();
-                let stats = self.inner.stats.summary(&format!("wait:{}", P::KIND));
+                let stats = self.lane.inner.stats.summary(&format!("wait:{}", P::KIND));
                 let schedule = policy.resolve(started_at_ms, stats.as_ref());
-                tracing::debug!(run_id = %self.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
+                tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
                 self.journal(Event::WaitStarted {
                     step: index,
                     kind: P::KIND.into(),
@@ -461,7 +313,7 @@ impl Ctx {
         schedule: &WaitSchedule,
         started_at_ms: u64,
     ) -> Result<WaitOutcome, WorkflowError> {
-        let key = IdempotencyKey::for_step(&self.cell.id, index);
+        let key = IdempotencyKey::for_step(&self.lane.cell.id, index);
         let mut polls = 0u32;
         let mut streak = 0u32;
         let mut ready_since_ms = 0;
@@ -478,20 +330,20 @@ impl Ctx {
             };
             self.sleep_until(wake_at_ms).await?;
             if now_ms() >= schedule.deadline_ms && streak == 0 && polls > 0 {
-                tracing::info!(run_id = %self.cell.id, step = index.0, kind = P::KIND, polls, "wait timed out");
+                tracing::info!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, polls, "wait timed out");
                 return Ok(WaitOutcome::TimedOut { polls });
             }
             polls += 1;
             let ctx = StepContext {
-                run_id: self.cell.id.clone(),
+                run_id: self.lane.cell.id.clone(),
                 step: index,
                 key,
                 attempt: Attempt(polls),
-                resources: Arc::clone(&self.inner.resources),
+                resources: Arc::clone(&self.lane.inner.resources),
             };
-            let span = tracing::debug_span!("probe", run_id = %self.cell.id, step = index.0, kind = P::KIND, poll = polls);
+            let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = polls);
             let call = tracing::Instrument::instrument(probe.probe(&ctx), span);
-            match rate_limited(&self.inner, probe.rate_limit(), call).await {
+            match rate_limited(&self.lane.inner, probe.rate_limit(), call).await {
                 Ok(Some(output)) => {
                     if streak == 0 {
                         ready_since_ms = now_ms();
@@ -513,10 +365,10 @@ impl Ctx {
                         };
                         let waited =
                             Duration::from_millis(ready_since_ms.saturating_sub(started_at_ms));
-                        self.inner.stats.record(
+                        self.lane.inner.stats.record(
                             &format!("wait:{}", P::KIND),
                             waited,
-                            self.cell.id.as_str(),
+                            self.lane.cell.id.as_str(),
                             now_ms(),
                         );
                         return Ok(WaitOutcome::Ready { output, polls });
@@ -524,20 +376,20 @@ impl Ctx {
                 }
                 Ok(None) => streak = 0,
                 Err(error) if error.class() == ErrorClass::Permanent => {
-                    tracing::info!(run_id = %self.cell.id, step = index.0, kind = P::KIND, %error, "probe failed permanently");
+                    tracing::info!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, %error, "probe failed permanently");
                     return Ok(WaitOutcome::Failed {
                         error: error.to_record(),
                         polls,
                     });
                 }
                 Err(error) => {
-                    tracing::debug!(run_id = %self.cell.id, step = index.0, kind = P::KIND, %error, "probe failed; counts as not ready");
+                    tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, %error, "probe failed; counts as not ready");
                     streak = 0;
                 }
             }
             let offset_ms = now_ms().saturating_sub(started_at_ms);
             let (next_offset_ms, carried_ms) =
-                schedule.next_poll(offset_ms, interval_ms, streak, self.rng.gen());
+                schedule.next_poll(offset_ms, interval_ms, streak, self.lane.rng.gen());
             interval_ms = carried_ms;
             next_at_ms = started_at_ms.saturating_add(next_offset_ms);
         }
@@ -579,7 +431,7 @@ impl Ctx {
                     })
                 }
                 Err(WorkflowError::WaitTimedOut { polls, .. }) if generation + 1 < generations => {
-                    tracing::info!(run_id = %self.cell.id, step, kind = S::KIND, generation, polls, "resource not ready by the deadline; abandoning it and creating another");
+                    tracing::info!(run_id = %self.lane.cell.id, step, kind = S::KIND, generation, polls, "resource not ready by the deadline; abandoning it and creating another");
                     self.abandon::<S>(StepIndex(step)).await?;
                     generation += 1;
                 }
@@ -594,13 +446,14 @@ impl Ctx {
     async fn abandon<S: Step>(&mut self, step: StepIndex) -> Result<(), WorkflowError> {
         // `Ctx::step` registered the kind before it ran or replayed the step.
         let entry = self
+            .lane
             .inner
             .registry
             .step(S::KIND)
             .expect("a step that ran is registered");
         loop {
             self.check()?;
-            match self.cell.with_state(|s| step_undo_action(s, step)) {
+            match self.lane.cell.with_state(|s| step_undo_action(s, step)) {
                 None | Some(UndoAction::Finished) => return Ok(()),
                 Some(UndoAction::Stuck { error, .. }) => {
                     return Err(WorkflowError::UndoFailed {
@@ -620,8 +473,8 @@ impl Ctx {
                         self.check()?;
                     }
                     let result = crate::saga::undo_attempt(
-                        &self.inner,
-                        &self.cell,
+                        &self.lane.inner,
+                        &self.lane.cell,
                         &entry,
                         step,
                         attempt,
@@ -674,7 +527,7 @@ pub struct Created<R, P> {
 
 /// Runs `call` in a slot of the limiter of `service` (if any) and reports its outcome back:
 /// success, throttling, or neither.
-async fn rate_limited<T>(
+pub(crate) async fn rate_limited<T>(
     inner: &Inner,
     service: Option<&str>,
     call: impl std::future::Future<Output = Result<T, StepError>>,

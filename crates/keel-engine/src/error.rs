@@ -89,6 +89,9 @@ pub enum EngineError {
         /// The limit.
         limit: u64,
     },
+    /// A workflow asked the engine for something meaningless (a fan-out of width 0).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
     /// The id is taken by a run of another workflow or with another input.
     #[error("run {id} already exists with {existing}, not {requested}")]
     IdempotencyMismatch {

@@ -92,6 +92,11 @@ async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
     if let Some(interrupt) = ctx.interrupt.take() {
         return match interrupt {
             Interrupt::ShutDown => Ok(Next::Stop),
+            // A bound the code went past, or a meaningless request: a defect of the workflow
+            // code, which an operator fixes as for non-determinism.
+            Interrupt::Engine(
+                error @ (EngineError::LimitReached { .. } | EngineError::InvalidRequest(_)),
+            ) => suspend(inner, cell, error.to_string()).await,
             Interrupt::Engine(error) => Err(error),
             Interrupt::Cancelled => saga::begin(inner, cell, "cancelled by operator".into()).await,
             Interrupt::NonDeterminism { index, detail } => {

@@ -149,6 +149,14 @@ pub enum Event {
         /// The attempt number.
         attempt: Attempt,
     },
+    /// A parallel fan-out begins: operation `step` is the fork, and the `branches` operations
+    /// after it are its branches, one step each, numbered in the order the code listed them.
+    ForkStarted {
+        /// The fork's operation number.
+        step: StepIndex,
+        /// How many branches follow it.
+        branches: u32,
+    },
     /// The step succeeded; its output is final.
     StepCompleted {
         /// The operation number.
@@ -278,6 +286,7 @@ impl Event {
     pub fn step(&self) -> Option<StepIndex> {
         match self {
             Event::StepStarted { step, .. }
+            | Event::ForkStarted { step, .. }
             | Event::StepCompleted { step, .. }
             | Event::StepFailed { step, .. }
             | Event::TimerSet { step, .. }

@@ -25,6 +25,10 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 4 * 1024;
 /// Most operations (steps, timers) one run may perform.
 pub const STEPS_PER_RUN_MAX: u32 = 100_000;
 
+/// Most branches of one parallel fan-out (`Ctx::join`); each branch is one operation of the
+/// run, so a run's fan-outs also count against [`STEPS_PER_RUN_MAX`].
+pub const FAN_OUT_MAX: u32 = 10_000;
+
 /// Most journal entries one run may hold (every attempt and compensation adds entries).
 pub const JOURNAL_ENTRIES_PER_RUN_MAX: u32 = 1_000_000;
 

@@ -74,6 +74,13 @@ pub enum Op {
     Step(StepOp),
     /// A durable wait.
     Wait(WaitOp),
+    /// A parallel fan-out of `branches` steps, the operations right after it.
+    Fork {
+        /// How many.
+        branches: u32,
+    },
+    /// A branch of a fan-out whose step has not started yet.
+    Branch,
     /// A durable timer.
     Timer {
         /// When it fires.
@@ -148,6 +155,19 @@ pub struct RunState {
     pub undo_round_started_at_ms: BTreeMap<StepIndex, u64>,
 }
 
+impl Op {
+    /// What the operation is, for error messages: `step "kind"`, `a timer`, ...
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Step(op) => format!("step {:?}", op.kind),
+            Op::Wait(op) => format!("wait {:?}", op.kind),
+            Op::Timer { .. } => "a timer".into(),
+            Op::Fork { branches } => format!("a parallel fan-out of {branches} branches"),
+            Op::Branch => "a branch of a parallel fan-out".into(),
+        }
+    }
+}
+
 /// What a workflow's request for step `n` must do.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepAction {
@@ -218,6 +238,20 @@ impl RunState {
                 argument,
                 attempt,
             } => self.step_started(*step, kind, argument, *attempt, at_ms),
+            Event::ForkStarted { step, branches } => {
+                if step.0 as usize != self.ops.len() {
+                    return Err(format!(
+                        "fork {step} started where operation {} was expected",
+                        self.ops.len()
+                    ));
+                }
+                self.ops.push(Op::Fork {
+                    branches: *branches,
+                });
+                self.ops
+                    .extend(std::iter::repeat_n(Op::Branch, *branches as usize));
+                Ok(())
+            }
             Event::StepCompleted {
                 step,
                 attempt,
@@ -390,6 +424,16 @@ impl RunState {
             return Ok(());
         }
         match self.ops.get_mut(index) {
+            Some(slot @ Op::Branch) if attempt == Attempt::FIRST => {
+                *slot = Op::Step(StepOp {
+                    kind: kind.to_owned(),
+                    argument: argument.clone(),
+                    attempt,
+                    first_started_at_ms: at_ms,
+                    outcome: StepOutcome::InFlight,
+                });
+                Ok(())
+            }
             Some(Op::Step(op))
                 if matches!(
                     op.outcome,
@@ -419,8 +463,10 @@ impl RunState {
                     ))
                 }
             }
-            Some(Op::Timer { .. }) => Err(format!("step outcome for {step}, which is a timer")),
-            Some(Op::Wait(_)) => Err(format!("step outcome for {step}, which is a wait")),
+            Some(other) => Err(format!(
+                "step outcome for {step}, which is {}",
+                other.describe()
+            )),
             None => Err(format!("outcome of step {step}, which never started")),
         }
     }
@@ -477,7 +523,7 @@ impl RunState {
     pub fn step(&self, index: StepIndex) -> Option<&StepOp> {
         match self.ops.get(index.0 as usize) {
             Some(Op::Step(op)) => Some(op),
-            Some(Op::Timer { .. }) | Some(Op::Wait(_)) | None => None,
+            Some(_) | None => None,
         }
     }
 

@@ -40,6 +40,14 @@ pub struct EffectStep {
     pub fault: Fault,
     /// The ground-truth log.
     pub log: String,
+    /// Each attempt first sleeps a random time below this, so concurrent steps finish in a
+    /// different order on every run (not journaled when 0, as in older journals).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub jitter_ms: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Step for EffectStep {
@@ -58,6 +66,10 @@ impl Step for EffectStep {
                 "step {} refuses its retry",
                 self.n
             )));
+        }
+        if self.jitter_ms > 0 {
+            let ms = rand::random::<u64>() % self.jitter_ms;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         effects::record(&self.log, Action::Do, ctx)?;
         if self.fault == Fault::LostResponseOnce && ctx.attempt().0 == 1 {
@@ -143,6 +155,7 @@ impl Workflow for EffectFlow {
                             n: RECREATED_N + generation,
                             fault: Fault::None,
                             log: input.log.clone(),
+                            jitter_ms: 0,
                         },
                         |output| ThresholdProbe {
                             value: *output,
@@ -166,6 +179,7 @@ impl Workflow for EffectFlow {
                     n,
                     fault,
                     log: input.log.clone(),
+                    jitter_ms: 0,
                 })
                 .await?;
         }
@@ -234,5 +248,65 @@ impl Probe for ThresholdProbe {
 
     async fn probe(&self, _ctx: &StepContext) -> Result<Option<u32>, StepError> {
         Ok((self.value >= self.ready_from).then_some(self.value))
+    }
+}
+
+/// Input of [`FanOutFlow`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FanOutInput {
+    /// How many parallel branches.
+    pub branches: u32,
+    /// How many run at once.
+    pub width: u32,
+    /// The branch that fails permanently, if any (the run then compensates).
+    pub fail_at: Option<u32>,
+    /// Each branch attempt sleeps a random time below this first.
+    pub jitter_ms: u64,
+    /// The ground-truth log.
+    pub log: String,
+}
+
+/// One effect step, then `branches` effect steps in parallel (`width` at a time; every third
+/// loses its first response; branch `fail_at` fails permanently, and the run compensates
+/// once every branch has ended), then a last step. Output: the sum of the outputs.
+pub struct FanOutFlow;
+
+impl FanOutFlow {
+    /// The output of a run that completes.
+    pub fn expected_output(input: &FanOutInput) -> u32 {
+        (0..input.branches + 2).map(|n| n * 10).sum()
+    }
+}
+
+impl Workflow for FanOutFlow {
+    const NAME: &'static str = "test.fan-out-flow";
+    type Input = FanOutInput;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, input: FanOutInput) -> Result<u32, WorkflowError> {
+        let effect = |n: u32, fault: Fault| EffectStep {
+            n,
+            fault,
+            log: input.log.clone(),
+            jitter_ms: input.jitter_ms,
+        };
+        let mut sum = ctx.step(effect(0, Fault::None)).await?;
+        let branches = (1..=input.branches)
+            .map(|n| {
+                let fault = if input.fail_at == Some(n) {
+                    Fault::Permanent
+                } else if n % 3 == 0 {
+                    Fault::LostResponseOnce
+                } else {
+                    Fault::None
+                };
+                effect(n, fault)
+            })
+            .collect();
+        for result in ctx.join(branches, input.width as usize).await? {
+            sum += result?;
+        }
+        sum += ctx.step(effect(input.branches + 1, Fault::None)).await?;
+        Ok(sum)
     }
 }

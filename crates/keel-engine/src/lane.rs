@@ -1,0 +1,215 @@
+//! A lane of a workflow body: what one sequence of operations needs to run steps (the run's
+//! journal, its cancellation and the engine's shutdown, a jitter source). The body's `Ctx`
+//! has one; each branch of a parallel fan-out gets its own, so branches run concurrently
+//! while every journal write still goes through the run's one cell.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use crate::cell::{now_ms, RunCell};
+use crate::ctx::{rate_limited, Interrupt};
+use crate::engine::Inner;
+use crate::ids::{Attempt, IdempotencyKey, StepIndex};
+use crate::journal::{ErrorClass, Event};
+use crate::limits::STEP_OUTPUT_BYTES_MAX;
+use crate::step::{Step, StepContext, StepError};
+use crate::workflow::WorkflowError;
+
+pub(crate) struct Lane {
+    pub(crate) cell: Arc<RunCell>,
+    pub(crate) inner: Arc<Inner>,
+    cancel: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    pub(crate) rng: SmallRng,
+}
+
+impl Lane {
+    pub(crate) fn new(cell: Arc<RunCell>, inner: Arc<Inner>) -> Lane {
+        let cancel = cell.cancel.subscribe();
+        let shutdown = inner.shutdown.subscribe();
+        Lane {
+            cell,
+            inner,
+            cancel,
+            shutdown,
+            rng: SmallRng::from_entropy(),
+        }
+    }
+
+    /// Another lane of the same run, for a branch.
+    pub(crate) fn branch(&mut self) -> Lane {
+        Lane {
+            cell: Arc::clone(&self.cell),
+            inner: Arc::clone(&self.inner),
+            cancel: self.cancel.clone(),
+            shutdown: self.shutdown.clone(),
+            rng: SmallRng::seed_from_u64(self.rng.gen()),
+        }
+    }
+
+    /// A cancellation or a shutdown, if one was asked for.
+    pub(crate) fn check(&self) -> Result<(), Interrupt> {
+        if *self.shutdown.borrow() {
+            return Err(Interrupt::ShutDown);
+        }
+        if *self.cancel.borrow() {
+            return Err(Interrupt::Cancelled);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn journal(&self, event: Event) -> Result<(), Interrupt> {
+        self.cell
+            .append(&*self.inner.store, event)
+            .map_err(Interrupt::Engine)
+    }
+
+    pub(crate) async fn durable(&self) -> Result<(), Interrupt> {
+        self.inner
+            .store
+            .sync()
+            .wait()
+            .await
+            .map_err(Interrupt::Engine)
+    }
+
+    /// Sleeps until the absolute time `at_ms`, waking early for cancellation and shutdown.
+    pub(crate) async fn sleep_until(&mut self, at_ms: u64) -> Result<(), Interrupt> {
+        loop {
+            self.check()?;
+            let now = now_ms();
+            if now >= at_ms {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(at_ms - now)) => {}
+                _ = self.cancel.changed() => {}
+                _ = self.shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Runs attempts of `step` from `attempt` on, retrying per its policy. The outer error is
+    /// an interrupt (the run stops); the inner one the step's failure for good.
+    pub(crate) async fn run_attempts<S: Step>(
+        &mut self,
+        index: StepIndex,
+        step: &S,
+        argument: Value,
+        mut attempt: Attempt,
+        mut not_before_ms: Option<u64>,
+    ) -> Result<Result<S::Output, WorkflowError>, Interrupt> {
+        let policy = step.retry_policy();
+        let key = IdempotencyKey::for_step(&self.cell.id, index);
+        loop {
+            if let Some(at_ms) = not_before_ms {
+                self.sleep_until(at_ms).await?;
+            }
+            self.check()?;
+            crate::crash::point("step.before_started");
+            self.journal(Event::StepStarted {
+                step: index,
+                kind: S::KIND.into(),
+                argument: argument.clone(),
+                attempt,
+            })?;
+            // The start record (and the previous step's outcome with it) is durable before
+            // the side effect begins: one sync per step.
+            self.durable().await?;
+            crate::crash::point("step.after_started");
+            let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0);
+            let ctx = StepContext {
+                run_id: self.cell.id.clone(),
+                step: index,
+                key,
+                attempt,
+                resources: Arc::clone(&self.inner.resources),
+            };
+            let started = std::time::Instant::now();
+            let call = tracing::Instrument::instrument(step.execute(&ctx), span);
+            let result = rate_limited(&self.inner, step.rate_limit(), call).await;
+            crate::crash::point("step.after_effect");
+            let result = result.and_then(|output| {
+                let value = serde_json::to_value(&output)
+                    .map_err(|e| StepError::permanent(format!("output of {} does not serialise: {e}", S::KIND)))?;
+                let bytes = value.to_string().len();
+                if bytes > STEP_OUTPUT_BYTES_MAX {
+                    return Err(StepError::permanent(format!(
+                        "output of {} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes",
+                        S::KIND
+                    )));
+                }
+                Ok((output, value))
+            });
+            match result {
+                Ok((output, value)) => {
+                    self.inner.stats.record(
+                        &format!("step:{}", S::KIND),
+                        started.elapsed(),
+                        self.cell.id.as_str(),
+                        now_ms(),
+                    );
+                    tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = started.elapsed().as_millis() as u64, "step completed");
+                    // Not synced here: the next step's start record, or the run's terminal
+                    // record, shares this entry's sync.
+                    self.journal(Event::StepCompleted {
+                        step: index,
+                        attempt,
+                        output: value,
+                    })?;
+                    crate::crash::point("step.after_outcome");
+                    return Ok(Ok(output));
+                }
+                Err(error) => {
+                    let record = error.to_record();
+                    let retry_at_ms = match error.class() {
+                        ErrorClass::Permanent => None,
+                        ErrorClass::Retryable => {
+                            let first_started = self
+                                .cell
+                                .with_state(|s| s.step(index).map(|op| op.first_started_at_ms))
+                                .unwrap_or_else(now_ms);
+                            let jitter: f64 = self.rng.gen();
+                            policy.next_attempt_at_ms(
+                                attempt,
+                                first_started,
+                                now_ms(),
+                                error.retry_after(),
+                                jitter,
+                            )
+                        }
+                    };
+                    tracing::info!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, ?retry_at_ms, "step attempt failed");
+                    self.journal(Event::StepFailed {
+                        step: index,
+                        attempt,
+                        error: record.clone(),
+                        retry_at_ms,
+                    })?;
+                    // Synced so that a restart neither resets the attempt count nor shortens
+                    // the backoff.
+                    self.durable().await?;
+                    crate::crash::point("step.after_failure");
+                    match retry_at_ms {
+                        Some(at_ms) => {
+                            attempt = attempt.next();
+                            not_before_ms = Some(at_ms);
+                        }
+                        None => {
+                            return Ok(Err(WorkflowError::Step {
+                                step: index,
+                                kind: S::KIND.into(),
+                                error: record,
+                            }))
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
