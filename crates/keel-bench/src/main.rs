@@ -102,6 +102,7 @@ struct Sizes {
     /// Whether these are the reduced `--quick` sizes.
     quick: bool,
     sequential_steps: u32,
+    fan_out_branches: u32,
     concurrent_runs: u32,
     starts: u32,
     resume_runs: u32,
@@ -113,6 +114,7 @@ impl Sizes {
     const FULL: Sizes = Sizes {
         quick: false,
         sequential_steps: 10_000,
+        fan_out_branches: 1_000,
         concurrent_runs: 1_000,
         starts: 5_000,
         resume_runs: 10_000,
@@ -123,6 +125,7 @@ impl Sizes {
     const QUICK: Sizes = Sizes {
         quick: true,
         sequential_steps: 1_000,
+        fan_out_branches: 1_000,
         concurrent_runs: 200,
         starts: 1_000,
         resume_runs: 2_000,
@@ -217,6 +220,7 @@ struct Measured {
     baseline: Baseline,
     memory_per_run_bytes: f64,
     sequential_steps_per_s: f64,
+    fan_out_steps_per_s: f64,
     concurrent_steps_per_s: f64,
     starts_per_s: f64,
     resumed: resume::Resume,
@@ -225,32 +229,37 @@ struct Measured {
 
 /// Runs the measurements in order (see the crate docs for why this order), logging progress.
 async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
-    eprintln!("[1/7] baseline, before...");
+    eprintln!("[1/8] baseline, before...");
     let before = blocking_baseline(dir, "baseline-before").await?;
     eprintln!("  {before:.0} appends/s");
 
     let n = sizes.sleeping_runs;
-    eprintln!("[2/7] memory of {n} runs asleep on a 1-hour timer...");
+    eprintln!("[2/8] memory of {n} runs asleep on a 1-hour timer...");
     let memory_per_run_bytes = measure::memory(dir, n).await?;
     eprintln!("  {memory_per_run_bytes:.0} bytes per run");
 
     let n = sizes.sequential_steps;
-    eprintln!("[3/7] one run of {n} no-op steps...");
+    eprintln!("[3/8] one run of {n} no-op steps...");
     let sequential_steps_per_s = measure::sequential(dir, n).await?;
     eprintln!("  {sequential_steps_per_s:.0} steps/s");
 
+    let n = sizes.fan_out_branches;
+    eprintln!("[4/8] one run fanning out {n} parallel no-op steps...");
+    let fan_out_steps_per_s = measure::fan_out(dir, n).await?;
+    eprintln!("  {fan_out_steps_per_s:.0} steps/s");
+
     let n = sizes.concurrent_runs;
-    eprintln!("[4/7] {n} concurrent runs of 10 no-op steps...");
+    eprintln!("[5/8] {n} concurrent runs of 10 no-op steps...");
     let concurrent_steps_per_s = measure::concurrent(dir, n).await?;
     eprintln!("  {concurrent_steps_per_s:.0} steps/s");
 
     let n = sizes.starts;
-    eprintln!("[5/7] {n} durable starts from 100 callers...");
+    eprintln!("[6/8] {n} durable starts from 100 callers...");
     let starts_per_s = measure::starts(dir, n).await?;
     eprintln!("  {starts_per_s:.0} starts/s");
 
     let n = sizes.resume_runs;
-    eprintln!("[6/7] resume of {n} sleeping runs after SIGKILL...");
+    eprintln!("[7/8] resume of {n} sleeping runs after SIGKILL...");
     let resumed = resume::resume(dir, n, starts_per_s).await?;
     eprintln!(
         "  open() {:.3} s, all completed {:.3} s",
@@ -258,7 +267,7 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
         resumed.completed.as_secs_f64()
     );
 
-    eprintln!("[7/7] baseline, after...");
+    eprintln!("[8/8] baseline, after...");
     let after = blocking_baseline(dir, "baseline-after").await?;
     eprintln!("  {after:.0} appends/s");
 
@@ -266,6 +275,7 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
         baseline: Baseline::new(before, after),
         memory_per_run_bytes,
         sequential_steps_per_s,
+        fan_out_steps_per_s,
         concurrent_steps_per_s,
         starts_per_s,
         resumed,
@@ -295,6 +305,16 @@ fn figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
             "steps/s",
             base,
             Some(0.6),
+        ),
+        Figure::rate(
+            format!(
+                "one run fanning out {} parallel no-op steps",
+                thousands(sizes.fan_out_branches)
+            ),
+            m.fan_out_steps_per_s,
+            "steps/s",
+            base,
+            None,
         ),
         Figure::rate(
             format!(

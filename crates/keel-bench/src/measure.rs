@@ -11,8 +11,8 @@ use keel_engine::Engine;
 
 use crate::system;
 use crate::workload::{
-    self, open, start_concurrently, wait_all_asleep, wait_all_completed, SleepInput, Steps,
-    StepsInput, StepsThenSleep,
+    self, open, start_concurrently, wait_all_asleep, wait_all_completed, FanOut, FanOutInput,
+    SleepInput, Steps, StepsInput, StepsThenSleep,
 };
 
 /// The baseline: 200-byte appends to a file, each followed by one `fdatasync`
@@ -52,6 +52,25 @@ pub async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
         .result()
         .await?;
     let rate = f64::from(steps) / started.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+/// One run fanning out `branches` no-op steps, all at once: journaled steps/s of parallel
+/// branches of one workflow, which share syncs (group commit) as concurrent runs do.
+pub async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
+    let engine = open(&dir.join("fan-out")).await?;
+    let started = Instant::now();
+    let input = FanOutInput {
+        branches,
+        width: branches,
+    };
+    engine
+        .start::<FanOut>("fan-out", input)
+        .await?
+        .result()
+        .await?;
+    let rate = f64::from(branches) / started.elapsed().as_secs_f64();
     engine.shutdown().await;
     Ok(rate)
 }

@@ -51,6 +51,31 @@ impl Workflow for Steps {
     }
 }
 
+/// One parallel fan-out of `branches` no-op steps, `width` at a time (`Ctx::join`).
+pub struct FanOut;
+
+/// The input of [`FanOut`].
+#[derive(Clone, Serialize, Deserialize)]
+pub struct FanOutInput {
+    /// How many branches.
+    pub branches: u32,
+    /// How many run at once.
+    pub width: u32,
+}
+
+impl Workflow for FanOut {
+    const NAME: &'static str = "bench.fan-out";
+    type Input = FanOutInput;
+    type Output = ();
+    async fn run(ctx: &mut Ctx, input: FanOutInput) -> Result<(), WorkflowError> {
+        let steps = (0..input.branches).map(Noop).collect();
+        for result in ctx.join(steps, input.width as usize).await? {
+            result?;
+        }
+        Ok(())
+    }
+}
+
 /// `steps` no-op steps, then a durable sleep until the wall-clock time `wake_at_ms`.
 ///
 /// The wake time is absolute so that runs started over several seconds all wake at the same
@@ -95,6 +120,7 @@ pub async fn open(path: &Path) -> anyhow::Result<Engine> {
     Engine::builder(path)
         .workflow::<Steps>()
         .workflow::<StepsThenSleep>()
+        .workflow::<FanOut>()
         .step::<Noop>()
         .open()
         .await
