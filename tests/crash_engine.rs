@@ -72,16 +72,6 @@ fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
     }
 }
 
-/// Restarts the child, unarmed, until it finishes; returns how many restarts it took.
-fn finish(spec: &ChildSpec<'_>) -> u32 {
-    for restarts in 1..=10 {
-        if spec.run(&[], CHILD_TIMEOUT) == Ending::Finished {
-            return restarts;
-        }
-    }
-    panic!("child never finished");
-}
-
 /// Checks every run against the effect log and returns the tally.
 fn verify(dir: &Path) -> Tally {
     let log = path_env(dir, "effects.jsonl");
@@ -155,7 +145,7 @@ fn crash_at_every_named_point() {
                 kills += 1;
             }
         }
-        finish(&spec);
+        spec.run_until_finished(CHILD_TIMEOUT);
         let tally = verify(dir.path());
         assert!(
             tally.undos > 0,
@@ -178,36 +168,25 @@ fn crash_at_random_moments() {
         return child_main();
     }
     keel_testkit::init_tracing();
-    let mut kills = 0;
     let mut rerun = 0;
     for seed in 0..9u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(NAME, dir.path());
-        let mut scenario_kills = 0;
-        let mut attempts = 0;
-        while scenario_kills < 25 {
-            attempts += 1;
-            assert!(
-                attempts < 200,
-                "seed {seed}: the child keeps finishing before it can be killed"
-            );
-            let delay = Duration::from_millis(rng.gen_range(1..150));
-            match spec.run_and_kill_after(delay, CHILD_TIMEOUT) {
-                Ending::Killed => scenario_kills += 1,
-                // It finished: start over with a fresh store so the kills keep landing mid-work.
-                Ending::Finished => {
-                    verify(dir.path());
-                    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
-                    std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
-                }
-            }
-        }
-        kills += scenario_kills;
-        finish(&spec);
+        spec.kill_repeatedly(
+            25,
+            || Duration::from_millis(rng.gen_range(1..150)),
+            CHILD_TIMEOUT,
+            // It finished: start over with a fresh store so the kills keep landing mid-work.
+            || {
+                verify(dir.path());
+                std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+                std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
+            },
+        );
+        spec.run_until_finished(CHILD_TIMEOUT);
         rerun += verify(dir.path()).steps_rerun;
     }
-    assert!(kills >= 200, "{kills} kills");
     assert!(
         rerun > 0,
         "no step was ever re-run: the kills never landed mid-step"

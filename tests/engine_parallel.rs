@@ -221,15 +221,6 @@ fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
     }
 }
 
-fn finish(spec: &ChildSpec<'_>) {
-    for _ in 0..10 {
-        if spec.run(&[], CHILD_TIMEOUT) == Ending::Finished {
-            return;
-        }
-    }
-    panic!("child never finished");
-}
-
 /// Checks both runs against the effect log, and the completed run's folded journal against
 /// the one an uninterrupted run produces.
 fn verify(dir: &Path) -> Tally {
@@ -271,35 +262,24 @@ fn sigkill_at_random_moments_during_a_100_branch_fan_out() {
         return child_main();
     }
     keel_testkit::init_tracing();
-    let mut kills = 0;
     let mut rerun = 0;
     for seed in 0..4u64 {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let dir = tempfile::tempdir().unwrap();
         let spec = spec(NAME, dir.path());
-        let mut scenario_kills = 0;
-        let mut attempts = 0;
-        while scenario_kills < 30 {
-            attempts += 1;
-            assert!(
-                attempts < 200,
-                "seed {seed}: the child keeps finishing first"
-            );
-            let delay = Duration::from_millis(rng.gen_range(20..200));
-            match spec.run_and_kill_after(delay, CHILD_TIMEOUT) {
-                Ending::Killed => scenario_kills += 1,
-                Ending::Finished => {
-                    verify(dir.path());
-                    std::fs::remove_dir_all(dir.path().join("data")).unwrap();
-                    std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
-                }
-            }
-        }
-        kills += scenario_kills;
-        finish(&spec);
+        spec.kill_repeatedly(
+            30,
+            || Duration::from_millis(rng.gen_range(20..200)),
+            CHILD_TIMEOUT,
+            || {
+                verify(dir.path());
+                std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+                std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
+            },
+        );
+        spec.run_until_finished(CHILD_TIMEOUT);
         rerun += verify(dir.path()).steps_rerun;
     }
-    assert!(kills >= 120, "{kills} kills");
     assert!(rerun > 0, "no branch was ever cut off mid-step");
 }
 
@@ -335,7 +315,7 @@ fn sigkill_at_crash_points_inside_the_fan_out() {
             Ending::Killed,
             "{point} (skip {skip}) was never reached"
         );
-        finish(&spec);
+        spec.run_until_finished(CHILD_TIMEOUT);
         verify(dir.path());
     }
 }

@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::ctx::{Ctx, Interrupt};
 use crate::error::EngineError;
-use crate::ids::StepIndex;
+use crate::ids::{Attempt, StepIndex};
 use crate::journal::Event;
 use crate::limits::{FAN_OUT_MAX, STEPS_PER_RUN_MAX};
 use crate::replay::{step_action, Op, StepAction};
@@ -25,7 +25,8 @@ enum Plan<S: Step> {
     Run {
         step: S,
         argument: Value,
-        action: StepAction,
+        attempt: Attempt,
+        not_before_ms: Option<u64>,
     },
 }
 
@@ -130,10 +131,14 @@ impl Ctx {
                     kind: S::KIND.into(),
                     error,
                 })),
-                action => Plan::Run {
+                StepAction::Run {
+                    attempt,
+                    not_before_ms,
+                } => Plan::Run {
                     step,
                     argument,
-                    action,
+                    attempt,
+                    not_before_ms,
                 },
             });
         }
@@ -147,8 +152,9 @@ impl Ctx {
                 Plan::Run {
                     step,
                     argument,
-                    action,
-                } => pending.push((i, step, argument, action)),
+                    attempt,
+                    not_before_ms,
+                } => pending.push((i, step, argument, attempt, not_before_ms)),
             }
         }
         // Start in list order, `width` at a time; collect in completion order.
@@ -157,15 +163,8 @@ impl Ctx {
         let mut interrupt = None;
         loop {
             while running.len() < width && interrupt.is_none() {
-                let Some((i, step, argument, action)) = pending.next() else {
+                let Some((i, step, argument, attempt, not_before_ms)) = pending.next() else {
                     break;
-                };
-                let StepAction::Run {
-                    attempt,
-                    not_before_ms,
-                } = action
-                else {
-                    unreachable!("only runnable branches are pending")
                 };
                 let mut lane = self.lane.branch();
                 let index = StepIndex(first + i as u32);

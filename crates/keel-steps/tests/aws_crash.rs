@@ -172,16 +172,6 @@ fn child_main() {
     });
 }
 
-/// Restarts the child, unarmed, until it finishes.
-fn finish(spec: &ChildSpec<'_>) {
-    for _ in 0..10 {
-        if spec.run(&[], CHILD_TIMEOUT) == Ending::Finished {
-            return;
-        }
-    }
-    panic!("child never finished");
-}
-
 /// The ground truth: the journal's outcomes, moto's resources, the key files.
 async fn verify(point: &str, dir: &Path, direct: &aws_config::SdkConfig) {
     let engine = Engine::builder(dir.join("data")).open().await.unwrap();
@@ -309,7 +299,7 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
                 kills += 1;
             }
         }
-        finish(&spec);
+        spec.run_until_finished(CHILD_TIMEOUT);
         runtime.block_on(async {
             verify(point, dir.path(), &account.sdk_config().await).await;
         });

@@ -341,15 +341,7 @@ async fn steps_in_doubt_are_found_by_key_and_compensated() {
         .start::<DeviceFlow>(run, input("doubt"))
         .await
         .unwrap();
-    // Bounded wait on a condition (the retries' backoff decides when it holds).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while env.proxy.requests_for("CreateRole").len() < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "CreateRole was not retried"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.await_requests("CreateRole", 2).await;
     let truth = env.truth().await;
     assert_eq!(truth.roles.len(), 1, "the lost create took effect");
     env.proxy.set_rules(Rules::seeded(32)).unwrap();

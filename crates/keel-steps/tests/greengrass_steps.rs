@@ -350,15 +350,7 @@ async fn a_group_in_doubt_is_found_by_name_and_compensated() {
         .start::<GroupFlow>(run, input("doubt"))
         .await
         .unwrap();
-    // Bounded wait on a condition (the retries' backoff decides when it holds).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while env.proxy.requests_for("ListGroups").len() < 3 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the group step was not retried"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    env.await_requests("ListGroups", 3).await;
     assert_eq!(env.proxy.requests_for("CreateGroup").len(), 1);
     assert_eq!(
         env.truth().await.groups.len(),

@@ -77,6 +77,45 @@ impl ChildSpec<'_> {
     }
 }
 
+impl ChildSpec<'_> {
+    /// Restarts the child, unarmed, until it finishes; returns how many starts it took.
+    /// Panics after 10 starts that all ended killed.
+    pub fn run_until_finished(&self, timeout: Duration) -> u32 {
+        for starts in 1..=10 {
+            if self.run(&[], timeout) == Ending::Finished {
+                return starts;
+            }
+        }
+        panic!("crash-test child never finished in 10 starts");
+    }
+
+    /// Kills the child `kills` times, each after a delay drawn by `delay` (seeded by the
+    /// caller). A child that finishes before its kill calls `fresh_start`, which checks the
+    /// finished work and clears it so that later kills land mid-work again. Panics if the
+    /// child keeps finishing first (200 starts).
+    pub fn kill_repeatedly(
+        &self,
+        kills: u32,
+        mut delay: impl FnMut() -> Duration,
+        timeout: Duration,
+        mut fresh_start: impl FnMut(),
+    ) {
+        let mut killed = 0;
+        for _ in 0..200 {
+            if killed == kills {
+                return;
+            }
+            match self.run_and_kill_after(delay(), timeout) {
+                Ending::Killed => killed += 1,
+                Ending::Finished => fresh_start(),
+            }
+        }
+        panic!(
+            "crash-test child keeps finishing before it can be killed ({killed} of {kills} kills)"
+        );
+    }
+}
+
 fn wait_bounded(mut child: Child, timeout: Duration) -> Ending {
     let deadline = Instant::now() + timeout;
     loop {

@@ -48,6 +48,19 @@ impl Env {
         }
     }
 
+    /// Waits (at most 60 s, polling) until the proxy has seen `n` requests for `operation`:
+    /// a bounded wait on a condition that the steps' retry backoff decides.
+    pub async fn await_requests(&self, operation: &str, n: usize) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.proxy.requests_for(operation).len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{operation} was not requested {n} times within 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn truth(&self) -> Inventory {
         Inventory::read(&self.direct).await.expect("inventory")
     }

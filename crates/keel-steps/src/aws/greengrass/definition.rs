@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
 use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_TAG};
-use super::{keyed_name, lag_if_missing, missing_ok, single_attempt};
+use super::{all_pages, keyed_name, lag_if_missing, missing_ok, single_attempt};
 
 /// A core or client device in a definition: its thing and certificate.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -82,39 +82,36 @@ impl Kind {
         self,
         gg: &aws_sdk_greengrass::Client,
     ) -> Result<Vec<DefinitionInformation>, AwsFailure> {
-        let mut all = Vec::new();
-        let mut token = None;
-        loop {
-            let (definitions, next) = match self {
-                Kind::Cores => {
+        match self {
+            Kind::Cores => {
+                all_pages(|token| async move {
                     let page = gg
                         .list_core_definitions()
                         .set_next_token(token)
                         .send()
                         .await
                         .map_err(|e| AwsFailure::new("greengrass:ListCoreDefinitions", &e))?;
-                    (
+                    Ok((
                         page.definitions().to_vec(),
                         page.next_token().map(str::to_string),
-                    )
-                }
-                Kind::Devices => {
+                    ))
+                })
+                .await
+            }
+            Kind::Devices => {
+                all_pages(|token| async move {
                     let page = gg
                         .list_device_definitions()
                         .set_next_token(token)
                         .send()
                         .await
                         .map_err(|e| AwsFailure::new("greengrass:ListDeviceDefinitions", &e))?;
-                    (
+                    Ok((
                         page.definitions().to_vec(),
                         page.next_token().map(str::to_string),
-                    )
-                }
-            };
-            all.extend(definitions);
-            token = next;
-            if token.is_none() {
-                return Ok(all);
+                    ))
+                })
+                .await
             }
         }
     }

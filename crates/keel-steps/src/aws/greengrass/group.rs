@@ -10,7 +10,8 @@ use super::super::error::AwsFailure;
 use super::super::iam::Attached;
 use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_TAG};
 use super::{
-    is_missing, keyed_name, lag_if_missing, missing_ok, reset_if_deployed, single_attempt,
+    all_pages, is_missing, keyed_name, lag_if_missing, missing_ok, reset_if_deployed,
+    single_attempt,
 };
 
 /// A group as created or adopted.
@@ -42,26 +43,23 @@ async fn groups_named(
     gg: &aws_sdk_greengrass::Client,
     name: &str,
 ) -> Result<Vec<GroupInformation>, AwsFailure> {
-    let mut found = Vec::new();
-    let mut token = None;
-    loop {
+    let groups = all_pages(|token| async move {
         let page = gg
             .list_groups()
             .set_next_token(token)
             .send()
             .await
             .map_err(|e| AwsFailure::new("greengrass:ListGroups", &e))?;
-        found.extend(
-            page.groups()
-                .iter()
-                .filter(|g| g.name() == Some(name))
-                .cloned(),
-        );
-        token = page.next_token().map(str::to_string);
-        if token.is_none() {
-            return Ok(found);
-        }
-    }
+        Ok((
+            page.groups().to_vec(),
+            page.next_token().map(str::to_string),
+        ))
+    })
+    .await?;
+    Ok(groups
+        .into_iter()
+        .filter(|g| g.name() == Some(name))
+        .collect())
 }
 
 impl Step for CreateGroup {
@@ -277,22 +275,21 @@ impl CreateGroupVersion {
         &self,
         gg: &aws_sdk_greengrass::Client,
     ) -> Result<Option<GroupVersion>, AwsFailure> {
-        let mut versions = Vec::new();
-        let mut token = None;
-        loop {
+        let group_id = self.group_id.as_str();
+        let mut versions = all_pages(|token| async move {
             let page = gg
                 .list_group_versions()
-                .group_id(&self.group_id)
+                .group_id(group_id)
                 .set_next_token(token)
                 .send()
                 .await
                 .map_err(|e| lag_if_missing(AwsFailure::new("greengrass:ListGroupVersions", &e)))?;
-            versions.extend(page.versions().iter().cloned());
-            token = page.next_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
-        }
+            Ok((
+                page.versions().to_vec(),
+                page.next_token().map(str::to_string),
+            ))
+        })
+        .await?;
         versions.sort_by(|a, b| b.creation_timestamp().cmp(&a.creation_timestamp()));
         for v in versions {
             let version_id = v.version().unwrap_or_default();

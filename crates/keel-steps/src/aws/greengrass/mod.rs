@@ -72,14 +72,30 @@ fn keyed_name(prefix: &str, key: &keel_engine::IdempotencyKey) -> String {
     format!("{prefix}-{key}")
 }
 
+/// Every item of a paginated listing: `page(token)` fetches one page and the next token.
+async fn all_pages<T, F, Fut>(mut page: F) -> Result<Vec<T>, AwsFailure>
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, Option<String>), AwsFailure>>,
+{
+    let mut all = Vec::new();
+    let mut token = None;
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        token = next;
+        if token.is_none() {
+            return Ok(all);
+        }
+    }
+}
+
 /// The group's deployments, oldest first (by creation time; the service's order for ties).
 async fn deployments_of(
     gg: &aws_sdk_greengrass::Client,
     group_id: &str,
 ) -> Result<Vec<aws_sdk_greengrass::types::Deployment>, AwsFailure> {
-    let mut all = Vec::new();
-    let mut token = None;
-    loop {
+    let mut all = all_pages(|token| async move {
         let page = gg
             .list_deployments()
             .group_id(group_id)
@@ -87,12 +103,12 @@ async fn deployments_of(
             .send()
             .await
             .map_err(|e| AwsFailure::new("greengrass:ListDeployments", &e))?;
-        all.extend(page.deployments().iter().cloned());
-        token = page.next_token().map(str::to_string);
-        if token.is_none() {
-            break;
-        }
-    }
+        Ok((
+            page.deployments().to_vec(),
+            page.next_token().map(str::to_string),
+        ))
+    })
+    .await?;
     all.sort_by(|a, b| a.created_at().cmp(&b.created_at()));
     Ok(all)
 }
