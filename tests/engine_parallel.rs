@@ -95,7 +95,7 @@ async fn branches_run_at_most_width_at_once_and_join_in_list_order() {
     assert_eq!(widest(&history), 4, "branches in flight at once");
     // Operation 1 is the fork; branch n is operation n + 1, whatever order they ended in.
     let state = RunState::from_entries(&history.entries).unwrap();
-    assert!(matches!(state.ops[1], Op::Fork { branches: 24 }));
+    assert!(matches!(state.ops[1], Op::Fork { branches: 24, .. }));
     let ops = folded(&history);
     for n in 1..=24u64 {
         assert_eq!(
@@ -318,4 +318,135 @@ fn sigkill_at_crash_points_inside_the_fan_out() {
         spec.run_until_finished(CHILD_TIMEOUT);
         verify(dir.path());
     }
+}
+
+/// Input of [`SelectFlow`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct SelectInput {
+    /// Whether every branch fails.
+    fail_all: bool,
+    log: String,
+}
+
+/// One step, then a select among four (one fails permanently, one loses its first
+/// response); output: the winner's output.
+struct SelectFlow;
+
+impl keel::Workflow for SelectFlow {
+    const NAME: &'static str = "test.select";
+    type Input = SelectInput;
+    type Output = u32;
+
+    async fn run(ctx: &mut keel::Ctx, input: SelectInput) -> Result<u32, keel::WorkflowError> {
+        use keel_testkit::flows::Fault;
+        let effect = |n: u32, fault: Fault| EffectStep {
+            n,
+            fault: if input.fail_all && n > 0 {
+                Fault::Permanent
+            } else {
+                fault
+            },
+            log: input.log.clone(),
+            jitter_ms: 60,
+        };
+        ctx.step(effect(0, Fault::None)).await?;
+        let (_, output) = ctx
+            .select(vec![
+                effect(1, Fault::None),
+                effect(2, Fault::Permanent),
+                effect(3, Fault::None),
+                effect(4, Fault::LostResponseOnce),
+            ])
+            .await?;
+        Ok(output)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn select_returns_the_first_success_and_undoes_every_loser_that_took_effect() {
+    keel_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("effects.jsonl");
+    let engine = Engine::builder(dir.path().join("data"))
+        .workflow::<SelectFlow>()
+        .step::<EffectStep>()
+        .open()
+        .await
+        .unwrap();
+    let mut winners = std::collections::BTreeSet::new();
+    for round in 0..6 {
+        let id = format!("select-{round}");
+        let input = SelectInput {
+            fail_all: false,
+            log: log.to_string_lossy().into_owned(),
+        };
+        let output = engine
+            .start::<SelectFlow>(&id, input)
+            .await
+            .unwrap()
+            .result()
+            .await
+            .unwrap();
+        let history = engine.history(&id).await.unwrap();
+        let effects = effects_at(&log);
+        check_run(
+            &history,
+            Expect::Completed(output),
+            &effects,
+            &mut Tally::default(),
+        );
+        // The journaled winner is the one whose output the body got (branch i is step i + 2).
+        let selected = history
+            .entries
+            .iter()
+            .find_map(|e| match e.event {
+                Event::ForkSelected { branch, .. } => Some(branch),
+                _ => None,
+            })
+            .expect("a winner is journaled");
+        assert_eq!(output, (selected + 1) * 10);
+        winners.insert(selected);
+        // Every loser that took effect was undone; the winner and step 0 were not.
+        let mine: Vec<_> = effects.iter().filter(|e| e.run == id).collect();
+        for step in 2..6u32 {
+            let done = mine
+                .iter()
+                .any(|e| e.step == step && e.action == keel_testkit::effects::Action::Do);
+            let undone = mine
+                .iter()
+                .any(|e| e.step == step && e.action == keel_testkit::effects::Action::Undo);
+            if step == selected + 2 {
+                assert!(done && !undone, "{id}: the winner");
+            } else {
+                assert_eq!(done, undone, "{id}: loser step {step}");
+            }
+        }
+    }
+    assert!(!winners.contains(&1), "the failing branch never wins");
+
+    // No branch succeeds: the body gets every error, and the run compensates step 0.
+    let input = SelectInput {
+        fail_all: true,
+        log: log.to_string_lossy().into_owned(),
+    };
+    let error = engine
+        .start::<SelectFlow>("select-none", input)
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("no branch of select #1 succeeded"),
+        "{error}"
+    );
+    let history = engine.history("select-none").await.unwrap();
+    check_run(
+        &history,
+        Expect::Compensated,
+        &effects_at(&log),
+        &mut Tally::default(),
+    );
+    engine.shutdown().await;
 }

@@ -491,6 +491,7 @@ fn completed_fixture_folds_to_its_state() {
                 argument: json!({"n": 1}),
                 attempt: Attempt(1),
                 first_started_at_ms: 1_700_000_000_000,
+                round_base: 0,
                 outcome: completed(json!(10)),
             }),
             Op::Step(StepOp {
@@ -498,6 +499,7 @@ fn completed_fixture_folds_to_its_state() {
                 argument: json!({"n": 2}),
                 attempt: Attempt(2),
                 first_started_at_ms: 1_700_000_000_013,
+                round_base: 0,
                 outcome: completed(json!(20)),
             }),
             Op::Timer {
@@ -509,6 +511,7 @@ fn completed_fixture_folds_to_its_state() {
                 argument: json!({"to": "ops", "message": "total 30"}),
                 attempt: Attempt(1),
                 first_started_at_ms: 1_700_000_001_423,
+                round_base: 0,
                 outcome: completed(json!("sent")),
             }),
         ]
@@ -554,6 +557,7 @@ fn compensated_fixture_folds_to_its_state() {
             argument: json!({"n": 2}),
             attempt: Attempt(2),
             first_started_at_ms: 1_700_000_100_031,
+            round_base: 0,
             outcome: StepOutcome::FailedPermanently {
                 error: ErrorRecord {
                     class: ErrorClass::Permanent,
@@ -707,6 +711,7 @@ fn record_of(id: &str, workflow: &str, input: serde_json::Value, status: RunStat
         finished_at_ms: None,
         output: None,
         error: None,
+        parent: None,
     }
 }
 

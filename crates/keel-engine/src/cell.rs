@@ -37,6 +37,8 @@ pub(crate) struct RunCell {
     loaded: Mutex<Loaded>,
     /// Set (durably journaled first) when an operator cancels the run.
     pub(crate) cancel: watch::Sender<bool>,
+    /// Set (durably journaled first) while an operator's pause request stands.
+    pub(crate) pause: watch::Sender<bool>,
     /// The latest durable status; waiters watch it.
     pub(crate) status: watch::Sender<RunStatus>,
 }
@@ -44,6 +46,7 @@ pub(crate) struct RunCell {
 impl RunCell {
     pub(crate) fn new(record: RunRecord, state: RunState) -> RunCell {
         let (cancel, _) = watch::channel(state.cancel_requested);
+        let (pause, _) = watch::channel(state.pause_requested);
         let (status, _) = watch::channel(record.status);
         RunCell {
             id: record.id.clone(),
@@ -54,6 +57,7 @@ impl RunCell {
                 detached: false,
             }),
             cancel,
+            pause,
             status,
         }
     }
@@ -71,6 +75,19 @@ impl RunCell {
             loaded.detached = true;
         }
         loaded.detached
+    }
+
+    /// Tells waiters the run's current status. Called after the caller's transition is
+    /// durable; the run may have moved on since (a resume racing a pause), and then waiters
+    /// hear the newer status, never a stale one. (`Engine::wait` syncs before it answers, so
+    /// nobody outside hears of a status before it is durable.)
+    pub(crate) fn publish(&self) {
+        let current = self.record().status;
+        self.status.send_if_modified(|published| {
+            let changed = *published != current;
+            *published = current;
+            changed
+        });
     }
 
     /// A copy of the run record.

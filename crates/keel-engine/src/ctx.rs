@@ -26,7 +26,17 @@ use crate::workflow::WorkflowError;
 pub(crate) enum Interrupt {
     Cancelled,
     ShutDown,
-    NonDeterminism { index: StepIndex, detail: String },
+    /// An operator paused the run, or a step ran out of retries (`exhausted`).
+    Paused {
+        reason: String,
+        exhausted: bool,
+    },
+    /// A `select` branch stopped because another branch won; never leaves the select.
+    Stopped,
+    NonDeterminism {
+        index: StepIndex,
+        detail: String,
+    },
     Engine(EngineError),
 }
 
@@ -176,11 +186,10 @@ impl Ctx {
         };
         match action {
             StepAction::Replay(output) => self.decode_output::<S>(index, output),
-            StepAction::Fail(error) => Err(WorkflowError::Step {
-                step: index,
-                kind: S::KIND.into(),
-                error,
-            }),
+            StepAction::Fail(error) => match self.lane.failed_for_good(index, S::KIND, error) {
+                Ok(error) => Err(error),
+                Err(cause) => Err(self.interrupt(cause)),
+            },
             StepAction::Run {
                 attempt,
                 not_before_ms,
@@ -443,7 +452,7 @@ impl Ctx {
     /// Undoes completed step `step` now, while the run goes on, with the saga's journaled
     /// undo attempts and the step's compensation retry policy. Idempotent across replays:
     /// a recorded undo is not run again, an undo cut off by a crash runs again.
-    async fn abandon<S: Step>(&mut self, step: StepIndex) -> Result<(), WorkflowError> {
+    pub(crate) async fn abandon<S: Step>(&mut self, step: StepIndex) -> Result<(), WorkflowError> {
         // `Ctx::step` registered the kind before it ran or replayed the step.
         let entry = self
             .lane

@@ -377,7 +377,7 @@ impl Engine {
             what: format!("input of {}", W::NAME),
             source,
         })?;
-        let record = self.start_value(W::NAME, id, input).await?;
+        let record = self.start_value(W::NAME, id, input, None).await?;
         Ok(RunHandle {
             engine: self.clone(),
             id: record.id,
@@ -403,10 +403,37 @@ impl Engine {
             field: e.field,
             source: e.source,
         })?;
-        self.start_value(workflow, id, input).await
+        self.start_value(workflow, id, input, None).await
     }
 
-    async fn start_value(&self, workflow: &str, id: &str, input: Value) -> Result<RunRecord> {
+    /// An engine handle on `inner`, for the engine's own parts (child runs).
+    pub(crate) fn from_inner(inner: &Arc<Inner>) -> Engine {
+        Engine {
+            inner: Arc::clone(inner),
+        }
+    }
+
+    /// Starts (or finds) child run `child` of run `parent`; the child is durable and driven
+    /// when this returns.
+    pub(crate) async fn start_child(
+        &self,
+        workflow: &str,
+        child: &RunId,
+        input: Value,
+        parent: &RunId,
+    ) -> Result<()> {
+        self.start_value(workflow, child.as_str(), input, Some(parent.clone()))
+            .await
+            .map(|_| ())
+    }
+
+    async fn start_value(
+        &self,
+        workflow: &str,
+        id: &str,
+        input: Value,
+        parent: Option<RunId>,
+    ) -> Result<RunRecord> {
         if *self.inner.shutdown.borrow() {
             return Err(EngineError::ShutDown);
         }
@@ -439,6 +466,7 @@ impl Engine {
             finished_at_ms: None,
             output: None,
             error: None,
+            parent,
         };
         match self.inner.store.create_run(&record)? {
             None => {
@@ -450,19 +478,25 @@ impl Engine {
                 Ok(record)
             }
             Some(existing) => {
-                if existing.workflow != record.workflow || existing.input != record.input {
+                if existing.workflow != record.workflow
+                    || existing.input != record.input
+                    || existing.parent != record.parent
+                {
+                    let describe = |r: &RunRecord| {
+                        let parent = match &r.parent {
+                            Some(parent) => format!(" as a child of run {parent}"),
+                            None => String::new(),
+                        };
+                        format!(
+                            "workflow {:?} and input {}{parent}",
+                            r.workflow,
+                            digest(&r.input)
+                        )
+                    };
                     return Err(EngineError::IdempotencyMismatch {
                         id,
-                        existing: format!(
-                            "workflow {:?} and input {}",
-                            existing.workflow,
-                            digest(&existing.input)
-                        ),
-                        requested: format!(
-                            "workflow {:?} and input {}",
-                            record.workflow,
-                            digest(&record.input)
-                        ),
+                        existing: describe(&existing),
+                        requested: describe(&record),
                     });
                 }
                 // The run may have been created by a concurrent call whose sync is still in
@@ -559,6 +593,12 @@ impl Engine {
         for record in self.records()? {
             let expired = record.status.is_terminal()
                 && record.finished_at_ms.is_some_and(|at| at <= horizon);
+            // A child is kept while its parent is, which may still compensate it.
+            let parent_kept = match &record.parent {
+                Some(parent) => self.inner.store.run(parent)?.is_some(),
+                None => false,
+            };
+            let expired = expired && !parent_kept;
             let loaded = self
                 .inner
                 .cells

@@ -9,7 +9,9 @@
 //! | Running   | body failed, nothing took effect        | Failed        |
 //! | Running   | body failed, or cancelled               | Compensating  |
 //! | Running   | replay mismatch                         | Suspended     |
-//! | Suspended | cancelled                               | Compensating  |
+//! | Running   | paused (operator, or retries exhausted) | Paused        |
+//! | Suspended, Paused | cancelled (operator call)       | Compensating  |
+//! | Suspended, Paused | resumed (operator call)         | Running       |
 //! | Running   | shutdown, storage error                 | (unchanged; resumes at next open) |
 //!
 //! Compensating runs are handed to `saga.rs`.
@@ -51,6 +53,7 @@ pub(crate) async fn drive(inner: Arc<Inner>, cell: Arc<RunCell>) {
                 RunStatus::Running => run_forward(&inner, &cell).await,
                 RunStatus::Compensating => saga::compensate(&inner, &cell).await,
                 RunStatus::Suspended
+                | RunStatus::Paused
                 | RunStatus::CompensationFailed
                 | RunStatus::Completed
                 | RunStatus::Failed
@@ -99,6 +102,8 @@ async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
             ) => suspend(inner, cell, error.to_string()).await,
             Interrupt::Engine(error) => Err(error),
             Interrupt::Cancelled => saga::begin(inner, cell, "cancelled by operator".into()).await,
+            Interrupt::Paused { reason, exhausted } => pause(inner, cell, reason, exhausted).await,
+            Interrupt::Stopped => unreachable!("only select branches stop, and select absorbs it"),
             Interrupt::NonDeterminism { index, detail } => {
                 suspend(
                     inner,
@@ -205,12 +210,48 @@ async fn suspend(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Res
     settle(inner, cell, RunStatus::Suspended).await
 }
 
+/// Stops the run for an operator. An operator's pause must still stand (a resume may have
+/// withdrawn it while in-flight steps ended); then the run goes on instead.
+async fn pause(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    reason: String,
+    exhausted: bool,
+) -> Result<Next> {
+    let still_wanted = |_: &RunRecord, state: &RunState| {
+        if exhausted || state.pause_requested {
+            Ok(())
+        } else {
+            Err(EngineError::InvalidState {
+                id: cell.id.clone(),
+                status: "resumed".into(),
+                operation: "pause",
+            })
+        }
+    };
+    let error = reason.clone();
+    match cell.transition_if(
+        &*inner.store,
+        Event::RunPaused { reason, exhausted },
+        still_wanted,
+        RunStatus::Paused,
+        |r| r.error = Some(error),
+    ) {
+        Ok(()) => {
+            tracing::warn!(run_id = %cell.id, reason = %cell.record().error.unwrap_or_default(), "run paused");
+            settle(inner, cell, RunStatus::Paused).await
+        }
+        Err(EngineError::InvalidState { .. }) => Ok(Next::Continue),
+        Err(error) => Err(error),
+    }
+}
+
 /// Makes a transition durable, then tells waiters: nobody hears of a status before it is
 /// durable.
 pub(crate) async fn settle(inner: &Inner, cell: &RunCell, status: RunStatus) -> Result<Next> {
     inner.store.sync().wait().await?;
     crate::crash::point("run.after_terminal");
     tracing::info!(run_id = %cell.id, %status, "run settled");
-    cell.status.send_replace(status);
+    cell.publish();
     Ok(Next::Stop)
 }

@@ -14,11 +14,12 @@ use crate::ids::{Attempt, RunId, StepIndex};
 ///
 /// | status               | terminal | next                                              |
 /// |----------------------|----------|---------------------------------------------------|
-/// | `Running`            | no       | Completed, Failed, Compensating, Suspended        |
-/// | `Suspended`          | no       | Running (next open, code fixed), Compensating     |
+/// | `Running`            | no       | Completed, Failed, Compensating, Suspended, Paused |
+/// | `Suspended`          | no       | Running (operator resume), Compensating (cancel)  |
+/// | `Paused`             | no       | Running (operator resume), Compensating (cancel)  |
 /// | `Compensating`       | no       | Compensated, CompensationFailed                   |
 /// | `CompensationFailed` | no       | Compensating (operator retry), Resolved (operator) |
-/// | `Completed`          | yes      |                                                   |
+/// | `Completed`          | yes      | Compensating, only for a child run whose parent compensates |
 /// | `Failed`             | yes      | (failed with nothing to undo)                     |
 /// | `Compensated`        | yes      |                                                   |
 /// | `Resolved`           | yes      | (an operator settled a failed compensation)       |
@@ -29,6 +30,9 @@ pub enum RunStatus {
     Running,
     /// Replay found the code and the journal disagree; an operator must act.
     Suspended,
+    /// An operator paused the run (or a step ran out of retries in a workflow that pauses
+    /// then): no step starts until an operator resumes it. Survives restarts.
+    Paused,
     /// Completed and in-doubt steps are being undone, newest first.
     Compensating,
     /// A compensation failed permanently; an operator must retry it or resolve the run.
@@ -53,6 +57,7 @@ impl RunStatus {
             | RunStatus::Resolved => true,
             RunStatus::Running
             | RunStatus::Suspended
+            | RunStatus::Paused
             | RunStatus::Compensating
             | RunStatus::CompensationFailed => false,
         }
@@ -63,6 +68,7 @@ impl RunStatus {
         match self {
             RunStatus::Running => "running",
             RunStatus::Suspended => "suspended",
+            RunStatus::Paused => "paused",
             RunStatus::Compensating => "compensating",
             RunStatus::CompensationFailed => "compensation_failed",
             RunStatus::Completed => "completed",
@@ -101,8 +107,11 @@ pub struct RunRecord {
     pub finished_at_ms: Option<u64>,
     /// The workflow's output, once `Completed`.
     pub output: Option<Value>,
-    /// Why the run failed, was compensated, suspended or cancelled.
+    /// Why the run failed, was compensated, suspended, paused or cancelled.
     pub error: Option<String>,
+    /// The run that started this one as a child, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<RunId>,
 }
 
 /// How a step error is classified; the class drives retries and the saga.
@@ -156,6 +165,36 @@ pub enum Event {
         step: StepIndex,
         /// How many branches follow it.
         branches: u32,
+    },
+    /// The first branch of a `select` fan-out to succeed: the winner, whose output the body
+    /// gets. Journaled before the losers are undone.
+    ForkSelected {
+        /// The fork's operation number.
+        step: StepIndex,
+        /// The winning branch (0-based, in list order).
+        branch: u32,
+    },
+    /// A child run is about to be created with this id. Durable before the child exists.
+    ChildStarted {
+        /// The operation number.
+        step: StepIndex,
+        /// The child's workflow.
+        workflow: String,
+        /// The child's run id.
+        child: RunId,
+        /// The child's input.
+        input: Value,
+    },
+    /// The child run settled.
+    ChildEnded {
+        /// The operation number.
+        step: StepIndex,
+        /// Its status: completed, failed, compensated or resolved.
+        status: RunStatus,
+        /// Its output, if it completed.
+        output: Option<Value>,
+        /// Why it did not complete, if it did not.
+        error: Option<String>,
     },
     /// The step succeeded; its output is final.
     StepCompleted {
@@ -224,8 +263,19 @@ pub enum Event {
         /// What the journal holds and what the code asked for.
         reason: String,
     },
-    /// A suspended run was taken up again.
+    /// A suspended or paused run was taken up again (or a pause request withdrawn).
     RunResumed,
+    /// An operator asked for the run to be paused; it pauses once its in-flight steps end.
+    PauseRequested,
+    /// The run stopped for an operator. Written with the `Paused` status.
+    RunPaused {
+        /// Why (operator request, or the step that ran out of retries).
+        reason: String,
+        /// Whether a step ran out of retries: resuming then gives such steps a new round of
+        /// attempts.
+        #[serde(default)]
+        exhausted: bool,
+    },
     /// An operator asked for the run to be cancelled.
     CancelRequested,
     /// The run starts undoing its steps. Written with the `Compensating` status.
@@ -287,6 +337,9 @@ impl Event {
         match self {
             Event::StepStarted { step, .. }
             | Event::ForkStarted { step, .. }
+            | Event::ForkSelected { step, .. }
+            | Event::ChildStarted { step, .. }
+            | Event::ChildEnded { step, .. }
             | Event::StepCompleted { step, .. }
             | Event::StepFailed { step, .. }
             | Event::TimerSet { step, .. }
@@ -302,6 +355,8 @@ impl Event {
             | Event::RunFailed { .. }
             | Event::RunSuspended { .. }
             | Event::RunResumed
+            | Event::PauseRequested
+            | Event::RunPaused { .. }
             | Event::CancelRequested
             | Event::CompensationStarted { .. }
             | Event::RunCompensated

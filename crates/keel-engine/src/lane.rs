@@ -15,44 +15,70 @@ use crate::cell::{now_ms, RunCell};
 use crate::ctx::{rate_limited, Interrupt};
 use crate::engine::Inner;
 use crate::ids::{Attempt, IdempotencyKey, StepIndex};
-use crate::journal::{ErrorClass, Event};
+use crate::journal::{ErrorClass, ErrorRecord, Event};
 use crate::limits::STEP_OUTPUT_BYTES_MAX;
 use crate::step::{Step, StepContext, StepError};
-use crate::workflow::WorkflowError;
+use crate::workflow::{OnRetriesExhausted, WorkflowError};
+
+/// Resolves when `signal` changes; never, when there is none or its sender is gone.
+async fn changed(signal: Option<&mut watch::Receiver<bool>>) {
+    if let Some(signal) = signal {
+        if signal.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
 
 pub(crate) struct Lane {
     pub(crate) cell: Arc<RunCell>,
     pub(crate) inner: Arc<Inner>,
     cancel: watch::Receiver<bool>,
+    pause: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
+    /// Set for the branches of a `select` once a winner is known: no new attempt starts.
+    stop: Option<watch::Receiver<bool>>,
+    /// Whether a step that runs out of retries pauses the run (the workflow's setting).
+    pause_on_exhausted: bool,
     pub(crate) rng: SmallRng,
 }
 
 impl Lane {
     pub(crate) fn new(cell: Arc<RunCell>, inner: Arc<Inner>) -> Lane {
         let cancel = cell.cancel.subscribe();
+        let pause = cell.pause.subscribe();
         let shutdown = inner.shutdown.subscribe();
+        let pause_on_exhausted = inner
+            .registry
+            .workflow(&cell.record().workflow)
+            .is_some_and(|w| w.on_retries_exhausted == OnRetriesExhausted::Pause);
         Lane {
             cell,
             inner,
             cancel,
+            pause,
             shutdown,
+            stop: None,
+            pause_on_exhausted,
             rng: SmallRng::from_entropy(),
         }
     }
 
-    /// Another lane of the same run, for a branch.
-    pub(crate) fn branch(&mut self) -> Lane {
+    /// Another lane of the same run, for a branch; `stop` stops it early (a `select`).
+    pub(crate) fn branch(&mut self, stop: Option<watch::Receiver<bool>>) -> Lane {
         Lane {
             cell: Arc::clone(&self.cell),
             inner: Arc::clone(&self.inner),
             cancel: self.cancel.clone(),
+            pause: self.pause.clone(),
             shutdown: self.shutdown.clone(),
+            stop,
+            pause_on_exhausted: self.pause_on_exhausted,
             rng: SmallRng::seed_from_u64(self.rng.gen()),
         }
     }
 
-    /// A cancellation or a shutdown, if one was asked for.
+    /// A shutdown, cancellation, pause or stop, if one was asked for (in that precedence).
     pub(crate) fn check(&self) -> Result<(), Interrupt> {
         if *self.shutdown.borrow() {
             return Err(Interrupt::ShutDown);
@@ -60,7 +86,40 @@ impl Lane {
         if *self.cancel.borrow() {
             return Err(Interrupt::Cancelled);
         }
+        if *self.pause.borrow() {
+            return Err(Interrupt::Paused {
+                reason: "paused by operator".into(),
+                exhausted: false,
+            });
+        }
+        if self.stop.as_ref().is_some_and(|stop| *stop.borrow()) {
+            return Err(Interrupt::Stopped);
+        }
         Ok(())
+    }
+
+    /// What a step that failed for good becomes: the body's error, or (a retryable error
+    /// past the policy, in a workflow that pauses then) a pause of the run.
+    pub(crate) fn failed_for_good(
+        &self,
+        index: StepIndex,
+        kind: &str,
+        error: ErrorRecord,
+    ) -> Result<WorkflowError, Interrupt> {
+        if self.pause_on_exhausted && error.class == ErrorClass::Retryable {
+            return Err(Interrupt::Paused {
+                reason: format!(
+                    "step {index} ({kind}) ran out of retries: {}",
+                    error.message
+                ),
+                exhausted: true,
+            });
+        }
+        Ok(WorkflowError::Step {
+            step: index,
+            kind: kind.into(),
+            error,
+        })
     }
 
     pub(crate) fn journal(&self, event: Event) -> Result<(), Interrupt> {
@@ -78,7 +137,7 @@ impl Lane {
             .map_err(Interrupt::Engine)
     }
 
-    /// Sleeps until the absolute time `at_ms`, waking early for cancellation and shutdown.
+    /// Sleeps until the absolute time `at_ms`, waking early for an interrupt.
     pub(crate) async fn sleep_until(&mut self, at_ms: u64) -> Result<(), Interrupt> {
         loop {
             self.check()?;
@@ -88,8 +147,22 @@ impl Lane {
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(at_ms - now)) => {}
-                _ = self.cancel.changed() => {}
-                _ = self.shutdown.changed() => {}
+                cause = self.interrupted() => return Err(cause),
+            }
+        }
+    }
+
+    /// Resolves when the lane is interrupted (see [`Lane::check`]), with the cause.
+    pub(crate) async fn interrupted(&mut self) -> Interrupt {
+        loop {
+            if let Err(cause) = self.check() {
+                return cause;
+            }
+            tokio::select! {
+                _ = changed(Some(&mut self.cancel)) => {}
+                _ = changed(Some(&mut self.pause)) => {}
+                _ = changed(Some(&mut self.shutdown)) => {}
+                _ = changed(self.stop.as_mut()) => {}
             }
         }
     }
@@ -170,13 +243,16 @@ impl Lane {
                     let retry_at_ms = match error.class() {
                         ErrorClass::Permanent => None,
                         ErrorClass::Retryable => {
-                            let first_started = self
+                            let (first_started, round_base) = self
                                 .cell
-                                .with_state(|s| s.step(index).map(|op| op.first_started_at_ms))
-                                .unwrap_or_else(now_ms);
+                                .with_state(|s| {
+                                    s.step(index)
+                                        .map(|op| (op.first_started_at_ms, op.round_base))
+                                })
+                                .unwrap_or_else(|| (now_ms(), 0));
                             let jitter: f64 = self.rng.gen();
                             policy.next_attempt_at_ms(
-                                attempt,
+                                Attempt(attempt.0 - round_base),
                                 first_started,
                                 now_ms(),
                                 error.retry_after(),
@@ -200,13 +276,7 @@ impl Lane {
                             attempt = attempt.next();
                             not_before_ms = Some(at_ms);
                         }
-                        None => {
-                            return Ok(Err(WorkflowError::Step {
-                                step: index,
-                                kind: S::KIND.into(),
-                                error: record,
-                            }))
-                        }
+                        None => return self.failed_for_good(index, S::KIND, record).map(Err),
                     }
                 }
             }

@@ -72,6 +72,7 @@
 //! in `docs/guarantees.md`.
 
 mod cell;
+mod child;
 pub mod crash;
 mod ctx;
 mod engine;
@@ -94,6 +95,7 @@ pub mod store;
 mod wait;
 mod workflow;
 
+pub use child::child_id;
 pub use ctx::{Created, Ctx};
 pub use engine::{Engine, EngineBuilder, RunHandle, RETENTION_DEFAULT};
 pub use error::{EngineError, Result};
@@ -107,4 +109,4 @@ pub use store::Durability;
 pub use wait::{
     LearnedDeadline, Probe, WaitOutcome, WaitPolicy, WaitSchedule, LEARN_AFTER_DEFAULT,
 };
-pub use workflow::{Workflow, WorkflowError};
+pub use workflow::{OnRetriesExhausted, Workflow, WorkflowError};

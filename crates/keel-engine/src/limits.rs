@@ -29,6 +29,10 @@ pub const STEPS_PER_RUN_MAX: u32 = 100_000;
 /// run, so a run's fan-outs also count against [`STEPS_PER_RUN_MAX`].
 pub const FAN_OUT_MAX: u32 = 10_000;
 
+/// Most child runs one run may start (`Ctx::child`, `Ctx::children`); each is also one
+/// operation of the parent, and a fan-out of children is bounded by [`FAN_OUT_MAX`].
+pub const CHILDREN_PER_RUN_MAX: u32 = 10_000;
+
 /// Most journal entries one run may hold (every attempt and compensation adds entries).
 pub const JOURNAL_ENTRIES_PER_RUN_MAX: u32 = 1_000_000;
 

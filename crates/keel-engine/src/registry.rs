@@ -13,7 +13,7 @@ use crate::ctx::Ctx;
 use crate::error::{EngineError, Result};
 use crate::retry::RetryPolicy;
 use crate::step::{Step, StepContext, StepError, Undo};
-use crate::workflow::{Workflow, WorkflowError};
+use crate::workflow::{OnRetriesExhausted, Workflow, WorkflowError};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -41,6 +41,7 @@ type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
 
 pub(crate) struct WorkflowEntry {
     pub(crate) version: u32,
+    pub(crate) on_retries_exhausted: OnRetriesExhausted,
     pub(crate) run: Box<RunFn>,
     /// Decodes an input as the workflow's input type and encodes it again, so the stored
     /// input is the same whether it came as JSON or as a typed value.
@@ -64,6 +65,7 @@ impl Registry {
     pub(crate) fn add_workflow<W: Workflow>(&self) {
         let entry = WorkflowEntry {
             version: W::VERSION,
+            on_retries_exhausted: W::ON_RETRIES_EXHAUSTED,
             run: Box::new(|mut ctx: Ctx, input: Value| {
                 Box::pin(async move {
                     let result = match serde_json::from_value::<W::Input>(input) {

@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::ids::{Attempt, StepIndex};
-use crate::journal::{Entry, ErrorClass, ErrorRecord, Event};
+use crate::ids::{Attempt, RunId, StepIndex};
+use crate::journal::{Entry, ErrorClass, ErrorRecord, Event, RunStatus};
 
 /// What is known of one step from the journal.
 #[derive(Clone, Debug, PartialEq)]
@@ -31,8 +31,12 @@ pub struct StepOp {
     pub argument: Value,
     /// The last attempt that started.
     pub attempt: Attempt,
-    /// When the first attempt started.
+    /// When the first attempt of the current round started (the origin of the retry
+    /// policy's elapsed-time bound).
     pub first_started_at_ms: u64,
+    /// Attempts made before the current round: a step that ran out of retries in a workflow
+    /// that pauses then gets a new round when an operator resumes the run.
+    pub round_base: u32,
     /// Where it stands.
     pub outcome: StepOutcome,
 }
@@ -74,11 +78,15 @@ pub enum Op {
     Step(StepOp),
     /// A durable wait.
     Wait(WaitOp),
-    /// A parallel fan-out of `branches` steps, the operations right after it.
+    /// A parallel fan-out of `branches` operations, the ones right after it.
     Fork {
         /// How many.
         branches: u32,
+        /// For a `select`, the winning branch once chosen.
+        selected: Option<u32>,
     },
+    /// A child run.
+    Child(ChildOp),
     /// A branch of a fan-out whose step has not started yet.
     Branch,
     /// A durable timer.
@@ -103,6 +111,30 @@ pub struct WaitOp {
     pub schedule: crate::wait::WaitSchedule,
     /// How it ended, if it did.
     pub outcome: Option<crate::wait::WaitOutcome>,
+}
+
+/// A child run as the parent's journal tells it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildOp {
+    /// The child's workflow.
+    pub workflow: String,
+    /// The child's run id.
+    pub child: RunId,
+    /// The child's input.
+    pub input: Value,
+    /// How the child settled, once it did.
+    pub end: Option<ChildEnd>,
+}
+
+/// How a child run settled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChildEnd {
+    /// Completed, failed, compensated or resolved.
+    pub status: RunStatus,
+    /// Its output, if it completed.
+    pub output: Option<Value>,
+    /// Why it did not complete.
+    pub error: Option<String>,
 }
 
 /// The compensation state of one step.
@@ -146,6 +178,13 @@ pub struct RunState {
     pub len: u32,
     /// Whether an operator asked to cancel.
     pub cancel_requested: bool,
+    /// Whether an operator asked to pause (cleared by a resume).
+    pub pause_requested: bool,
+    /// Whether the run paused because a step ran out of retries (cleared by a resume, which
+    /// gives such steps a new round).
+    pub paused_exhausted: bool,
+    /// How many child runs the run started.
+    pub children: u32,
     /// Whether compensation has begun.
     pub compensating: bool,
     /// Per-step compensation state.
@@ -162,7 +201,12 @@ impl Op {
             Op::Step(op) => format!("step {:?}", op.kind),
             Op::Wait(op) => format!("wait {:?}", op.kind),
             Op::Timer { .. } => "a timer".into(),
-            Op::Fork { branches } => format!("a parallel fan-out of {branches} branches"),
+            Op::Fork { branches, .. } => format!("a parallel fan-out of {branches} branches"),
+            Op::Child(op) => format!(
+                "child run {:?} of workflow {:?}",
+                op.child.as_str(),
+                op.workflow
+            ),
             Op::Branch => "a branch of a parallel fan-out".into(),
         }
     }
@@ -247,11 +291,66 @@ impl RunState {
                 }
                 self.ops.push(Op::Fork {
                     branches: *branches,
+                    selected: None,
                 });
                 self.ops
                     .extend(std::iter::repeat_n(Op::Branch, *branches as usize));
                 Ok(())
             }
+            Event::ForkSelected { step, branch } => match self.ops.get_mut(step.0 as usize) {
+                Some(Op::Fork {
+                    branches,
+                    selected: selected @ None,
+                }) if branch < branches => {
+                    *selected = Some(*branch);
+                    Ok(())
+                }
+                other => Err(format!(
+                    "branch {branch} of {step} selected, which is {other:?}"
+                )),
+            },
+            Event::ChildStarted {
+                step,
+                workflow,
+                child,
+                input,
+            } => {
+                let op = Op::Child(ChildOp {
+                    workflow: workflow.clone(),
+                    child: child.clone(),
+                    input: input.clone(),
+                    end: None,
+                });
+                let index = step.0 as usize;
+                if index == self.ops.len() {
+                    self.ops.push(op);
+                } else if let Some(slot @ Op::Branch) = self.ops.get_mut(index) {
+                    *slot = op;
+                } else {
+                    return Err(format!(
+                        "child {step} started where operation {} was expected",
+                        self.ops.len()
+                    ));
+                }
+                self.children += 1;
+                Ok(())
+            }
+            Event::ChildEnded {
+                step,
+                status,
+                output,
+                error,
+            } => match self.ops.get_mut(step.0 as usize) {
+                Some(Op::Child(op)) if op.end.is_none() => {
+                    op.end = Some(ChildEnd {
+                        status: *status,
+                        output: output.clone(),
+                        error: error.clone(),
+                    });
+                    Ok(())
+                }
+                other => Err(format!("child_ended for {step} in state {other:?}")),
+            },
             Event::StepCompleted {
                 step,
                 attempt,
@@ -333,6 +432,30 @@ impl RunState {
                 self.cancel_requested = true;
                 Ok(())
             }
+            Event::PauseRequested => {
+                self.pause_requested = true;
+                Ok(())
+            }
+            Event::RunPaused { exhausted, .. } => {
+                self.paused_exhausted = *exhausted;
+                Ok(())
+            }
+            Event::RunResumed => {
+                self.pause_requested = false;
+                if std::mem::take(&mut self.paused_exhausted) {
+                    // A new round of attempts, timed from the resume.
+                    for op in &mut self.ops {
+                        if let Op::Step(op) = op {
+                            if let StepOutcome::GaveUp { .. } = op.outcome {
+                                op.outcome = StepOutcome::RetryScheduled { at_ms: 0 };
+                                op.round_base = op.attempt.0;
+                                op.first_started_at_ms = at_ms;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
             Event::CompensationStarted { .. } => {
                 self.compensating = true;
                 Ok(())
@@ -394,7 +517,6 @@ impl RunState {
             Event::RunCompleted { .. }
             | Event::RunFailed { .. }
             | Event::RunSuspended { .. }
-            | Event::RunResumed
             | Event::RunCompensated
             | Event::RunCompensationFailed { .. }
             | Event::RunResolved { .. } => Ok(()),
@@ -419,6 +541,7 @@ impl RunState {
                 argument: argument.clone(),
                 attempt,
                 first_started_at_ms: at_ms,
+                round_base: 0,
                 outcome: StepOutcome::InFlight,
             }));
             return Ok(());
@@ -430,6 +553,7 @@ impl RunState {
                     argument: argument.clone(),
                     attempt,
                     first_started_at_ms: at_ms,
+                    round_base: 0,
                     outcome: StepOutcome::InFlight,
                 });
                 Ok(())
@@ -472,8 +596,13 @@ impl RunState {
     }
 
     fn undo_started(&mut self, step: StepIndex, attempt: Attempt) -> Result<(), String> {
-        if !matches!(self.ops.get(step.0 as usize), Some(Op::Step(_))) {
-            return Err(format!("compensation of {step}, which is not a step"));
+        if !matches!(
+            self.ops.get(step.0 as usize),
+            Some(Op::Step(_) | Op::Child(_))
+        ) {
+            return Err(format!(
+                "compensation of {step}, which is neither a step nor a child run"
+            ));
         }
         let round_attempts = match self.undo.get(&step) {
             None if attempt == Attempt::FIRST => 1,
@@ -560,7 +689,20 @@ pub fn step_action(op: Option<&StepOp>) -> StepAction {
 /// How step `index` is to be undone: `Some(Some(output))` for a completed step,
 /// `Some(None)` for a step in doubt, `None` for nothing to undo (not a step, or a permanent
 /// failure of the first attempt, which by contract had no effect).
+///
+/// A child run is undone by its own saga: when it completed (`Some(Some(output))`) or may
+/// still be running (`Some(None)`); a child that failed or compensated itself left nothing.
 pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> {
+    static NULL: Value = Value::Null;
+    if let Some(Op::Child(child)) = state.ops.get(index.0 as usize) {
+        return match &child.end {
+            None => Some(None),
+            Some(end) if end.status == RunStatus::Completed => {
+                Some(Some(end.output.as_ref().unwrap_or(&NULL)))
+            }
+            Some(_) => None,
+        };
+    }
     let op = state.step(index)?;
     match &op.outcome {
         StepOutcome::Completed { output } => Some(Some(output)),

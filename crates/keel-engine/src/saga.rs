@@ -18,14 +18,16 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::cell::{now_ms, RunCell};
+use crate::engine::Engine;
 use crate::engine::Inner;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::executor::{settle, Next};
-use crate::ids::{Attempt, IdempotencyKey, StepIndex};
+use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event, RunStatus};
 use crate::registry::StepEntry;
-use crate::replay::{undo_action, undo_input, UndoAction};
-use crate::step::{StepContext, Undo};
+use crate::replay::{undo_action, undo_input, Op, UndoAction};
+use crate::retry::RetryPolicy;
+use crate::step::{StepContext, StepError, Undo};
 
 /// Moves a failed or cancelled run into compensation.
 pub(crate) async fn begin(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
@@ -40,7 +42,7 @@ pub(crate) async fn begin(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: Strin
     crate::crash::point("saga.after_compensation_started");
     // Waiters of a cancelled run hear "compensating" only once it is durable.
     inner.store.sync().wait().await?;
-    cell.status.send_replace(RunStatus::Compensating);
+    cell.publish();
     Ok(Next::Continue)
 }
 
@@ -81,9 +83,17 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
                         continue;
                     }
                 }
+                let child = cell.with_state(|s| match s.ops.get(step.0 as usize) {
+                    Some(Op::Child(op)) => Some(op.child.clone()),
+                    _ => None,
+                });
+                if let Some(child) = child {
+                    undo_child(inner, cell, step, &child, attempt, round_attempts).await?;
+                    continue;
+                }
                 let kind = cell.with_state(|s| {
                     s.step(step)
-                        .expect("undo_action names steps only")
+                        .expect("undo_action names steps and children only")
                         .kind
                         .clone()
                 });
@@ -193,6 +203,76 @@ pub(crate) async fn undo_attempt(
                     step,
                     attempt,
                     error: record,
+                    retry_at_ms,
+                },
+            )?;
+            inner.store.sync().wait().await?;
+        }
+    }
+    crate::crash::point("saga.after_undo_recorded");
+    Ok(())
+}
+
+/// Runs one journaled undo attempt of child run `child` (operation `step`): the child's
+/// own saga, started and awaited by [`Engine::compensate_child`].
+async fn undo_child(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    step: StepIndex,
+    child: &RunId,
+    attempt: Attempt,
+    round_attempts: u32,
+) -> Result<()> {
+    cell.append(
+        &*inner.store,
+        Event::StepCompensationStarted { step, attempt },
+    )?;
+    inner.store.sync().wait().await?;
+    crate::crash::point("saga.after_undo_started");
+    let result = Engine::from_inner(inner)
+        .compensate_child(child, &cell.id)
+        .await;
+    crate::crash::point("saga.after_undo");
+    let error = match result {
+        Ok(None) => None,
+        Ok(Some(record)) if record.status == RunStatus::CompensationFailed => {
+            Some(StepError::permanent(format!(
+                "compensation of child run {child} failed: {}",
+                record.error.unwrap_or_default()
+            )))
+        }
+        Ok(Some(_)) => None,
+        // The undo stays in flight; the next open runs it again.
+        Err(EngineError::ShutDown) => return Ok(()),
+        Err(e) => Some(StepError::retryable(format!(
+            "compensation of child run {child}: {e}"
+        ))),
+    };
+    match error {
+        None => cell.append(&*inner.store, Event::StepCompensated { step })?,
+        Some(error) => {
+            let retry_at_ms = match error.class() {
+                ErrorClass::Permanent => None,
+                ErrorClass::Retryable => {
+                    let round_started_at_ms = cell
+                        .with_state(|s| s.undo_round_started_at_ms.get(&step).copied())
+                        .unwrap_or_else(now_ms);
+                    RetryPolicy::default().next_attempt_at_ms(
+                        Attempt(round_attempts + 1),
+                        round_started_at_ms,
+                        now_ms(),
+                        None,
+                        rand::thread_rng().gen(),
+                    )
+                }
+            };
+            tracing::warn!(run_id = %cell.id, step = step.0, child = %child, error = %error, ?retry_at_ms, "compensation of a child run failed");
+            cell.append(
+                &*inner.store,
+                Event::StepCompensationFailed {
+                    step,
+                    attempt,
+                    error: error.to_record(),
                     retry_at_ms,
                 },
             )?;

@@ -7,8 +7,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::ctx::Ctx;
-use crate::ids::StepIndex;
-use crate::journal::ErrorRecord;
+use crate::ids::{RunId, StepIndex};
+use crate::journal::{ErrorRecord, RunStatus};
 
 /// A workflow type. Register it with [`crate::EngineBuilder::workflow`] so that unfinished
 /// runs resume when the engine opens.
@@ -18,6 +18,10 @@ pub trait Workflow: Send + Sync + 'static {
 
     /// The version of the code; stored with every run for operators.
     const VERSION: u32 = 1;
+
+    /// What a run does when a step keeps failing with retryable errors past its retry
+    /// policy: hand the failure to the body (default), or pause for an operator.
+    const ON_RETRIES_EXHAUSTED: OnRetriesExhausted = OnRetriesExhausted::Fail;
 
     /// The input, journaled by `start`.
     type Input: Serialize + DeserializeOwned + Send + 'static;
@@ -30,6 +34,18 @@ pub trait Workflow: Send + Sync + 'static {
         ctx: &mut Ctx,
         input: Self::Input,
     ) -> impl Future<Output = Result<Self::Output, WorkflowError>> + Send;
+}
+
+/// What a run does when a step runs out of retries on retryable errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnRetriesExhausted {
+    /// The step fails with [`WorkflowError::Step`]; the body decides (propagated, the run
+    /// compensates).
+    Fail,
+    /// The run pauses (status `paused`) with the step's last error. An operator who fixed
+    /// the cause resumes it, and the step gets a new round of attempts under its policy; or
+    /// cancels it, and it compensates. The body never sees the failure.
+    Pause,
 }
 
 /// Why a workflow body returned without an output.
@@ -67,6 +83,29 @@ pub enum WorkflowError {
         kind: String,
         /// The recorded error.
         error: ErrorRecord,
+    },
+    /// A child run did not complete: it failed, compensated itself, or was resolved by an
+    /// operator. Its own saga undid what it did.
+    #[error("child run {child} ({workflow}) ended {status}: {error}")]
+    Child {
+        /// The parent's operation number.
+        step: StepIndex,
+        /// The child's workflow.
+        workflow: String,
+        /// The child's run id.
+        child: RunId,
+        /// How it ended.
+        status: RunStatus,
+        /// Why.
+        error: String,
+    },
+    /// No branch of a `select` succeeded.
+    #[error("no branch of select {fork} succeeded: {}", errors.join("; "))]
+    NoneSucceeded {
+        /// The fork's operation number.
+        fork: StepIndex,
+        /// Each branch's error, in list order.
+        errors: Vec<String>,
     },
     /// The workflow decided to fail (business logic).
     #[error("{0}")]

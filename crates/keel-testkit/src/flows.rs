@@ -29,6 +29,9 @@ pub enum Fault {
     /// The compensation fails permanently (until the test removes the marker file
     /// `<log>.refuse-undo`).
     UndoRefused,
+    /// Fails with a retryable error, without effect, while the marker file `<log>.down`
+    /// exists (a dependency that is down until an operator fixes it).
+    DownWhileMarked,
 }
 
 /// A step that records its effect (and its undo) in the ground-truth log at `log`.
@@ -64,6 +67,13 @@ impl Step for EffectStep {
         if self.fault == Fault::PermanentOnRetry && ctx.attempt().0 > 1 {
             return Err(StepError::permanent(format!(
                 "step {} refuses its retry",
+                self.n
+            )));
+        }
+        if self.fault == Fault::DownWhileMarked && Path::new(&format!("{}.down", self.log)).exists()
+        {
+            return Err(StepError::retryable(format!(
+                "step {}: its dependency is down",
                 self.n
             )));
         }
@@ -308,5 +318,125 @@ impl Workflow for FanOutFlow {
         }
         sum += ctx.step(effect(input.branches + 1, Fault::None)).await?;
         Ok(sum)
+    }
+}
+
+/// Input of [`ChildFlow`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildInput {
+    /// Which child this is; its steps are `n * 100` and `n * 100 + 1`.
+    pub n: u32,
+    /// Whether its second step fails permanently (the child then compensates itself).
+    pub fail: bool,
+    /// Each step attempt sleeps a random time below this first.
+    pub jitter_ms: u64,
+    /// The ground-truth log.
+    pub log: String,
+}
+
+/// Two effect steps; the second fails permanently when asked to. Output: the sum of the
+/// step outputs.
+pub struct ChildFlow;
+
+impl Workflow for ChildFlow {
+    const NAME: &'static str = "test.child";
+    type Input = ChildInput;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, input: ChildInput) -> Result<u32, WorkflowError> {
+        let effect = |n: u32, fault: Fault| EffectStep {
+            n,
+            fault,
+            log: input.log.clone(),
+            jitter_ms: input.jitter_ms,
+        };
+        let first = ctx.step(effect(input.n * 100, Fault::None)).await?;
+        let fault = if input.fail {
+            Fault::Permanent
+        } else {
+            Fault::LostResponseOnce
+        };
+        let second = ctx.step(effect(input.n * 100 + 1, fault)).await?;
+        Ok(first + second)
+    }
+}
+
+/// Input of [`ParentFlow`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentInput {
+    /// How many children.
+    pub children: u32,
+    /// How many run at once.
+    pub width: u32,
+    /// The children (numbered from 1) that fail.
+    pub fail: Vec<u32>,
+    /// A durable sleep after the children, in milliseconds (time to cancel the parent).
+    pub hold_ms: u64,
+    /// Each step attempt sleeps a random time below this first.
+    pub jitter_ms: u64,
+    /// The ground-truth log.
+    pub log: String,
+}
+
+/// What [`ParentFlow`] returns: which children completed and which did not.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentOutput {
+    /// The children that completed, with their outputs.
+    pub completed: Vec<(u32, u32)>,
+    /// The children that failed (and compensated themselves).
+    pub failed: Vec<u32>,
+}
+
+/// One child run per child, `width` at a time; a failing child does not fail the parent,
+/// whose output lists both kinds. Then an optional durable sleep.
+pub struct ParentFlow;
+
+impl ParentFlow {
+    /// The output of a run that completes.
+    pub fn expected_output(input: &ParentInput) -> ParentOutput {
+        let (failed, completed): (Vec<u32>, Vec<u32>) =
+            (1..=input.children).partition(|n| input.fail.contains(n));
+        ParentOutput {
+            completed: completed
+                .into_iter()
+                .map(|n| (n, (n * 100) * 10 + (n * 100 + 1) * 10))
+                .collect(),
+            failed,
+        }
+    }
+}
+
+impl Workflow for ParentFlow {
+    const NAME: &'static str = "test.parent";
+    type Input = ParentInput;
+    type Output = ParentOutput;
+
+    async fn run(ctx: &mut Ctx, input: ParentInput) -> Result<ParentOutput, WorkflowError> {
+        let inputs = (1..=input.children)
+            .map(|n| ChildInput {
+                n,
+                fail: input.fail.contains(&n),
+                jitter_ms: input.jitter_ms,
+                log: input.log.clone(),
+            })
+            .collect();
+        let mut output = ParentOutput {
+            completed: Vec::new(),
+            failed: Vec::new(),
+        };
+        let results = ctx
+            .children::<ChildFlow>(inputs, input.width as usize)
+            .await?;
+        for (n, result) in (1..).zip(results) {
+            match result {
+                Ok(sum) => output.completed.push((n, sum)),
+                Err(WorkflowError::Child { .. }) => output.failed.push(n),
+                Err(e) => return Err(e),
+            }
+        }
+        if input.hold_ms > 0 {
+            ctx.sleep(Duration::from_millis(input.hold_ms)).await?;
+        }
+        Ok(output)
     }
 }

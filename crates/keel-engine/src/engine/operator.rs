@@ -1,4 +1,5 @@
-//! Operator calls on a run: cancel, retry a failed compensation, resolve, resume. Each one
+//! Operator calls on a run: cancel, pause, resume, retry a failed compensation, resolve;
+//! and the compensation of a child run on behalf of its parent's saga. Each one
 //! writes through the run's cell (loading it if needed, under the same lock as its driver),
 //! makes the write durable, and leaves the run driven if the write made it drivable.
 
@@ -25,30 +26,126 @@ fn admits(record: &RunRecord, operation: &'static str, statuses: &[RunStatus]) -
 
 impl Engine {
     /// Cancels run `id`: the cancellation is durable when this returns, and from then on the
-    /// run cannot complete. It stops at its next operation (an in-flight step finishes and is
-    /// recorded; a sleep ends at once) and compensates. Cancelling a finished run is an error;
+    /// run cannot complete. A running run stops at its next operation (an in-flight step
+    /// finishes and is recorded; a sleep or a wait ends at once) and compensates; a
+    /// suspended or paused one compensates at once. Cancelling a finished run is an error;
     /// cancelling a run that is already compensating changes nothing.
     pub async fn cancel(&self, id: &str) -> Result<RunRecord> {
+        const REASON: &str = "cancelled by operator";
         let outcome = self
             .operate(id, "cancel", |cell| {
-                let already = cell.with_state(|s| s.cancel_requested)
-                    || cell.record().status == RunStatus::Compensating;
+                let status = cell.record().status;
+                let already =
+                    cell.with_state(|s| s.cancel_requested) || status == RunStatus::Compensating;
                 if already {
                     return Ok(false);
                 }
+                if matches!(status, RunStatus::Suspended | RunStatus::Paused) {
+                    // Nothing is in flight: compensation begins now.
+                    let guard = |record: &RunRecord, _: &RunState| {
+                        admits(record, "cancel", &[RunStatus::Suspended, RunStatus::Paused])
+                    };
+                    let event = Event::CompensationStarted {
+                        reason: REASON.into(),
+                    };
+                    cell.transition_if(
+                        &*self.inner.store,
+                        event,
+                        guard,
+                        RunStatus::Compensating,
+                        |r| r.error = Some(REASON.into()),
+                    )?;
+                    return Ok(true);
+                }
                 cell.append_if(&*self.inner.store, Event::CancelRequested, |record, _| {
-                    admits(
-                        record,
-                        "cancel",
-                        &[RunStatus::Running, RunStatus::Suspended],
-                    )
+                    admits(record, "cancel", &[RunStatus::Running])
                 })?;
                 Ok(true)
             })
             .await?;
         if let Some(cell) = outcome {
             cell.cancel.send_replace(true);
+            cell.publish();
             tracing::info!(run_id = %cell.id, "cancel requested");
+        }
+        self.status(id).await
+    }
+
+    /// Pauses running run `id`: the request is durable when this returns; no new step,
+    /// poll, timer or child starts from then on, in-flight steps finish and are recorded,
+    /// and the run's status becomes `paused` (await it with [`Engine::wait`]). A paused run
+    /// stays paused across restarts until [`Engine::resume`] (or is cancelled). Pausing a
+    /// run that is paused or pausing changes nothing; only running runs can be paused.
+    pub async fn pause(&self, id: &str) -> Result<RunRecord> {
+        let outcome = self
+            .operate(id, "pause", |cell| {
+                let already = cell.with_state(|s| s.pause_requested)
+                    || cell.record().status == RunStatus::Paused;
+                if already {
+                    return Ok(false);
+                }
+                cell.append_if(
+                    &*self.inner.store,
+                    Event::PauseRequested,
+                    |record, state| {
+                        admits(record, "pause", &[RunStatus::Running])?;
+                        if state.cancel_requested {
+                            return Err(EngineError::InvalidState {
+                                id: record.id.clone(),
+                                status: "cancelled".into(),
+                                operation: "pause",
+                            });
+                        }
+                        Ok(())
+                    },
+                )?;
+                Ok(true)
+            })
+            .await?;
+        if let Some(cell) = outcome {
+            cell.pause.send_replace(true);
+            tracing::info!(run_id = %cell.id, "pause requested");
+        }
+        self.status(id).await
+    }
+
+    /// Takes up a `Paused` run again (a step that had run out of retries gets a new round
+    /// of attempts), withdraws a pause request the run has not reached yet, or takes up a
+    /// `Suspended` run after its workflow code was fixed.
+    pub async fn resume(&self, id: &str) -> Result<RunRecord> {
+        let outcome = self
+            .operate(id, "resume", |cell| {
+                if cell.record().status == RunStatus::Running {
+                    cell.append_if(&*self.inner.store, Event::RunResumed, |record, state| {
+                        admits(record, "resume", &[RunStatus::Running])?;
+                        if !state.pause_requested {
+                            return Err(EngineError::InvalidState {
+                                id: record.id.clone(),
+                                status: "running and not paused".into(),
+                                operation: "resume",
+                            });
+                        }
+                        Ok(())
+                    })?;
+                    return Ok(true);
+                }
+                let guard = |record: &RunRecord, _: &RunState| {
+                    admits(record, "resume", &[RunStatus::Suspended, RunStatus::Paused])
+                };
+                cell.transition_if(
+                    &*self.inner.store,
+                    Event::RunResumed,
+                    guard,
+                    RunStatus::Running,
+                    |r| r.error = None,
+                )?;
+                Ok(true)
+            })
+            .await?;
+        if let Some(cell) = outcome {
+            cell.pause.send_replace(false);
+            cell.publish();
+            tracing::info!(run_id = %cell.id, "run resumed");
         }
         self.status(id).await
     }
@@ -71,12 +168,7 @@ impl Engine {
             .await
     }
 
-    /// Takes up a `Suspended` run again (after the workflow code was fixed).
-    pub async fn resume(&self, id: &str) -> Result<RunRecord> {
-        self.transition_settled(id, "resume", Event::RunResumed, RunStatus::Running)
-            .await
-    }
-
+    /// A transition out of `CompensationFailed`.
     async fn transition_settled(
         &self,
         id: &str,
@@ -84,25 +176,101 @@ impl Engine {
         event: Event,
         to: RunStatus,
     ) -> Result<RunRecord> {
-        let from = match to {
-            RunStatus::Running => RunStatus::Suspended,
-            _ => RunStatus::CompensationFailed,
-        };
         let outcome = self
             .operate(id, operation, |cell| {
-                let guard = |record: &RunRecord, _: &RunState| admits(record, operation, &[from]);
-                cell.transition_if(&*self.inner.store, event.clone(), guard, to, |r| {
-                    if to == RunStatus::Running {
-                        r.error = None;
-                    }
-                })?;
+                let guard = |record: &RunRecord, _: &RunState| {
+                    admits(record, operation, &[RunStatus::CompensationFailed])
+                };
+                cell.transition_if(&*self.inner.store, event.clone(), guard, to, |_| {})?;
                 Ok(true)
             })
             .await?;
         if let Some(cell) = outcome {
-            cell.status.send_replace(to);
+            cell.publish();
         }
         self.status(id).await
+    }
+
+    /// Undoes child run `child` for its parent's saga and waits until the child settled: a
+    /// completed child compensates (its own saga), a running, suspended or paused one is
+    /// cancelled, one whose compensation had already failed is retried once. Returns the child's final
+    /// record (compensated, failed, resolved, or still `CompensationFailed`), or `None` if
+    /// the child was never created.
+    pub(crate) async fn compensate_child(
+        &self,
+        child: &RunId,
+        parent: &RunId,
+    ) -> Result<Option<RunRecord>> {
+        let reason = format!("parent run {parent} compensates");
+        let mut retried = false;
+        for _ in 0..8 {
+            if *self.inner.shutdown.borrow() {
+                return Err(EngineError::ShutDown);
+            }
+            let Some(record) = self.inner.store.run(child)? else {
+                return Ok(None);
+            };
+            let asked = match record.status {
+                RunStatus::Completed => self
+                    .operate(child.as_str(), "compensate for its parent", |cell| {
+                        let guard = |record: &RunRecord, _: &RunState| {
+                            admits(record, "compensate", &[RunStatus::Completed])
+                        };
+                        let event = Event::CompensationStarted {
+                            reason: reason.clone(),
+                        };
+                        cell.transition_if(
+                            &*self.inner.store,
+                            event,
+                            guard,
+                            RunStatus::Compensating,
+                            |r| {
+                                r.error = Some(reason.clone());
+                                r.output = None;
+                                r.finished_at_ms = None;
+                            },
+                        )?;
+                        Ok(true)
+                    })
+                    .await
+                    .map(|cell| {
+                        if let Some(cell) = cell {
+                            cell.publish();
+                        }
+                    }),
+                RunStatus::Running | RunStatus::Suspended | RunStatus::Paused => {
+                    self.cancel(child.as_str()).await.map(|_| ())
+                }
+                RunStatus::CompensationFailed if !retried => {
+                    retried = true;
+                    self.retry_compensation(child.as_str()).await.map(|_| ())
+                }
+                RunStatus::Compensating | RunStatus::CompensationFailed => Ok(()),
+                RunStatus::Failed | RunStatus::Compensated | RunStatus::Resolved => {
+                    return Ok(Some(record))
+                }
+            };
+            match asked {
+                // From here on a failed compensation is the answer, not something to retry.
+                Ok(()) => retried = true,
+                // The child moved on meanwhile: look again.
+                Err(EngineError::InvalidState { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+            let record = self.wait(child.as_str()).await?;
+            match record.status {
+                RunStatus::Failed | RunStatus::Compensated | RunStatus::Resolved => {
+                    return Ok(Some(record))
+                }
+                RunStatus::CompensationFailed if retried => return Ok(Some(record)),
+                _ => {}
+            }
+        }
+        Err(EngineError::InvalidState {
+            id: child.clone(),
+            status: "not settling (is its workflow registered here?)".into(),
+            operation: "compensate for its parent",
+        })
     }
 
     /// Runs an operator `write` against run `id`'s cell, makes it durable, and leaves the run

@@ -1,0 +1,286 @@
+//! Child runs: a workflow starts another registered workflow as a run of its own and awaits
+//! its end.
+//!
+//! The parent journals `ChildStarted` (with the child's deterministic id and input) durably
+//! before the child is created, then creates it idempotently (a replay finds the child
+//! already there), awaits it, and journals `ChildEnded`. The child has its own journal,
+//! statuses and saga. When the parent compensates, the saga undoes a completed child by
+//! starting the child's own compensation, and cancels a child it never saw end; a child
+//! that failed or compensated itself is left alone (`saga.rs`).
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::ctx::{Ctx, Interrupt};
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::ids::{IdempotencyKey, RunId, StepIndex};
+use crate::journal::{Event, RunStatus};
+use crate::lane::Lane;
+use crate::limits::CHILDREN_PER_RUN_MAX;
+use crate::parallel::run_branches;
+use crate::replay::{ChildEnd, Op};
+use crate::workflow::{Workflow, WorkflowError};
+
+/// How often a parent looks again at a child parked for an operator (suspended, paused, or
+/// with a failed compensation); a child being driven is awaited, not polled.
+const PARKED_CHILD_POLL: Duration = Duration::from_secs(1);
+
+/// The id of the child run started at operation `index` of run `parent`: `<parent>/<index>`,
+/// or `child-<uuid>` (the operation's idempotency key) when that would be too long.
+pub fn child_id(parent: &RunId, index: StepIndex) -> RunId {
+    RunId::new(format!("{parent}/{}", index.0)).unwrap_or_else(|_| {
+        RunId::new(format!("child-{}", IdempotencyKey::for_step(parent, index)))
+            .expect("a uuid makes a valid run id")
+    })
+}
+
+/// What one child of a fan-out needs to do, decided from the journal.
+enum Plan {
+    Done(ChildEnd),
+    Run { input: Value, started: bool },
+}
+
+impl Ctx {
+    /// Starts a child run of `W` with `input` and waits for it to end: its output, or
+    /// [`WorkflowError::Child`] when it failed, compensated itself or was resolved by an
+    /// operator (its own saga undid its steps). The child's id is `<run id>/<operation>`
+    /// (see [`child_id`]), the same on every replay.
+    ///
+    /// A child parked for an operator (suspended, paused, compensation failed) is waited for
+    /// until an operator settles it. While the parent waits, cancelling, pausing or shutting
+    /// down the parent stops the wait, not the child.
+    pub async fn child<W: Workflow>(
+        &mut self,
+        input: W::Input,
+    ) -> Result<W::Output, WorkflowError> {
+        self.check()?;
+        let index = self.next_index()?;
+        let input = self.child_input::<W>(index, &input)?;
+        let plan = self.child_plan::<W>(index, None, input)?;
+        let end = match plan {
+            Plan::Done(end) => end,
+            Plan::Run { input, started } => {
+                let result = run_child(&mut self.lane, index, W::NAME, input, started).await;
+                result.map_err(|cause| self.interrupt(cause))?
+            }
+        };
+        self.child_result::<W>(index, end)
+    }
+
+    /// Starts a child run of `W` per input, at most `width` running at once, and returns
+    /// each one's result in input order (see [`Ctx::child`]). One child failing does not
+    /// stop or undo the others: the body decides what a failure means. The children are the
+    /// branches of a fan-out, so they count against [`crate::limits::FAN_OUT_MAX`] as well
+    /// as [`CHILDREN_PER_RUN_MAX`].
+    pub async fn children<W: Workflow>(
+        &mut self,
+        inputs: Vec<W::Input>,
+        width: usize,
+    ) -> Result<Vec<Result<W::Output, WorkflowError>>, WorkflowError> {
+        let count = inputs.len();
+        let fork = self.fork(count, width, &format!("{} child runs", W::NAME))?;
+        let mut ends: Vec<Option<ChildEnd>> = (0..count).map(|_| None).collect();
+        let mut tasks = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            let index = fork.branch(i);
+            let input = self.child_input::<W>(index, input)?;
+            match self.child_plan::<W>(index, Some(fork.index), input)? {
+                Plan::Done(end) => ends[i] = Some(end),
+                Plan::Run { input, started } => {
+                    let task = move |mut lane: Lane| async move {
+                        run_child(&mut lane, index, W::NAME, input, started).await
+                    };
+                    tasks.push((i, task));
+                }
+            }
+        }
+        let mut interrupt = None;
+        run_branches(
+            &mut self.lane,
+            width,
+            tasks,
+            None,
+            |i, result| match result {
+                Ok(end) => {
+                    ends[i] = Some(end);
+                    true
+                }
+                Err(cause) => {
+                    interrupt.get_or_insert(cause);
+                    false
+                }
+            },
+        )
+        .await;
+        if let Some(cause) = interrupt {
+            return Err(self.interrupt(cause));
+        }
+        Ok(ends
+            .into_iter()
+            .enumerate()
+            .map(|(i, end)| {
+                let end = end.expect("every child ran or was replayed");
+                self.child_result::<W>(fork.branch(i), end)
+            })
+            .collect())
+    }
+
+    fn child_input<W: Workflow>(
+        &mut self,
+        index: StepIndex,
+        input: &W::Input,
+    ) -> Result<Value, WorkflowError> {
+        self.lane.inner.registry.add_workflow::<W>();
+        self.argument(index, "child run", W::NAME, input)
+    }
+
+    /// What the child at `index` must do, from the journal (`fork`: the fan-out it is a
+    /// branch of, if any).
+    fn child_plan<W: Workflow>(
+        &mut self,
+        index: StepIndex,
+        fork: Option<StepIndex>,
+        input: Value,
+    ) -> Result<Plan, WorkflowError> {
+        let plan = self
+            .lane
+            .cell
+            .with_state(|state| match state.ops.get(index.0 as usize) {
+                None if fork.is_none() => Ok(Plan::Run {
+                    input,
+                    started: false,
+                }),
+                Some(Op::Branch) if fork.is_some() => Ok(Plan::Run {
+                    input,
+                    started: false,
+                }),
+                Some(Op::Child(op)) if op.workflow == W::NAME && op.input == input => {
+                    Ok(match &op.end {
+                        Some(end) => Plan::Done(end.clone()),
+                        None => Plan::Run {
+                            input,
+                            started: true,
+                        },
+                    })
+                }
+                Some(other) => Err(format!(
+                    "journal holds {}, code asks for a child run of {:?} with input {input}",
+                    other.describe(),
+                    W::NAME
+                )),
+                None => Err(format!(
+                    "child {index} of a fan-out is missing from the journal"
+                )),
+            });
+        plan.map_err(|detail| self.interrupt(Interrupt::NonDeterminism { index, detail }))
+    }
+
+    fn child_result<W: Workflow>(
+        &mut self,
+        index: StepIndex,
+        end: ChildEnd,
+    ) -> Result<W::Output, WorkflowError> {
+        if end.status != RunStatus::Completed {
+            let child = self
+                .lane
+                .cell
+                .with_state(|s| match s.ops.get(index.0 as usize) {
+                    Some(Op::Child(op)) => op.child.clone(),
+                    _ => child_id(&self.lane.cell.id, index),
+                });
+            return Err(WorkflowError::Child {
+                step: index,
+                workflow: W::NAME.into(),
+                child,
+                status: end.status,
+                error: end.error.unwrap_or_default(),
+            });
+        }
+        serde_json::from_value(end.output.unwrap_or(Value::Null)).map_err(|e| {
+            let detail = format!(
+                "recorded output of child run ({}) does not decode: {e}",
+                W::NAME
+            );
+            self.interrupt(Interrupt::NonDeterminism { index, detail })
+        })
+    }
+}
+
+/// Starts (unless `started`, journaled) and awaits the child run at operation `index`, and
+/// journals its end.
+async fn run_child(
+    lane: &mut Lane,
+    index: StepIndex,
+    workflow: &'static str,
+    input: Value,
+    started: bool,
+) -> Result<ChildEnd, Interrupt> {
+    let parent = lane.cell.id.clone();
+    let child = child_id(&parent, index);
+    if !started {
+        lane.check()?;
+        let children = lane.cell.with_state(|s| s.children);
+        if children >= CHILDREN_PER_RUN_MAX {
+            return Err(Interrupt::Engine(EngineError::LimitReached {
+                what: format!("child runs of run {parent}"),
+                limit: u64::from(CHILDREN_PER_RUN_MAX),
+            }));
+        }
+        lane.journal(Event::ChildStarted {
+            step: index,
+            workflow: workflow.into(),
+            child: child.clone(),
+            input: input.clone(),
+        })?;
+        // Durable before the child exists: a crash leaves a journaled child that a replay
+        // creates (or finds), never a child the parent does not know of.
+        lane.durable().await?;
+        crate::crash::point("child.after_started");
+    }
+    let engine = Engine::from_inner(&lane.inner);
+    match engine.start_child(workflow, &child, input, &parent).await {
+        Ok(()) => {}
+        Err(EngineError::ShutDown) => return Err(Interrupt::ShutDown),
+        Err(e @ EngineError::IdempotencyMismatch { .. }) => {
+            // Someone else's run holds the id: the parent cannot go on without an operator.
+            return Err(Interrupt::Engine(EngineError::InvalidRequest(format!(
+                "child run of operation {index}: {e}"
+            ))));
+        }
+        Err(e) => return Err(Interrupt::Engine(e)),
+    }
+    crate::crash::point("child.after_created");
+    let record = loop {
+        let record = tokio::select! {
+            record = engine.wait(child.as_str()) => record.map_err(Interrupt::Engine)?,
+            cause = lane.interrupted() => return Err(cause),
+        };
+        if record.status.is_terminal() {
+            break record;
+        }
+        if record.status != RunStatus::Running && record.status != RunStatus::Compensating {
+            tracing::debug!(run_id = %parent, child = %child, status = %record.status, "child parked for an operator");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PARKED_CHILD_POLL) => {}
+            cause = lane.interrupted() => return Err(cause),
+        }
+    };
+    let end = ChildEnd {
+        status: record.status,
+        output: record.output,
+        error: record.error,
+    };
+    lane.journal(Event::ChildEnded {
+        step: index,
+        status: end.status,
+        output: end.output.clone(),
+        error: end.error.clone(),
+    })?;
+    // Not synced here: the next operation's start record, or the run's terminal record,
+    // shares this entry's sync.
+    crate::crash::point("child.after_ended");
+    Ok(end)
+}
