@@ -169,6 +169,41 @@ async fn fifty_children_three_fail_then_cancelling_the_parent_compensates_the_ot
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_input_the_workflow_refuses_names_the_field_and_stores_nothing() {
+    keel_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path()).await;
+    let input = keel_testkit::flows::ChildInput {
+        n: 0,
+        fail: false,
+        jitter_ms: 0,
+        log: dir
+            .path()
+            .join("effects.jsonl")
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let json = serde_json::to_value(&input).unwrap();
+    let typed = engine
+        .start::<ChildFlow>("zero", input)
+        .await
+        .err()
+        .unwrap();
+    let untyped = engine
+        .start_json("test.child", "zero", json)
+        .await
+        .unwrap_err();
+    for error in [typed, untyped] {
+        assert_eq!(
+            error.to_string(),
+            "invalid input for workflow \"test.child\": field n: children are numbered from 1"
+        );
+    }
+    assert!(engine.list().await.unwrap().is_empty());
+    engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_id_taken_by_another_run_suspends_the_parent_naming_it() {
     keel_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();

@@ -159,7 +159,10 @@ impl RunCell {
             });
         }
         guard(&loaded.record, &loaded.state)?;
-        if loaded.state.len >= JOURNAL_ENTRIES_PER_RUN_MAX {
+        // Status transitions and undo records go past the bound, so that a run that reached
+        // it can still be suspended, cancelled and compensated.
+        let bounded = change.is_none() && !loaded.state.compensating;
+        if bounded && loaded.state.len >= JOURNAL_ENTRIES_PER_RUN_MAX {
             return Err(EngineError::LimitReached {
                 what: format!("journal entries of run {}", self.id),
                 limit: u64::from(JOURNAL_ENTRIES_PER_RUN_MAX),

@@ -242,6 +242,16 @@ async fn run_child(
     let engine = Engine::from_inner(&lane.inner);
     match engine.start_child(workflow, &child, input, &parent).await {
         Ok(()) => {}
+        // The child's own checks refuse its input: it fails without ever existing, and only
+        // it (the parent's other children go on).
+        Err(e @ EngineError::InvalidInput { .. }) => {
+            let end = ChildEnd {
+                status: RunStatus::Failed,
+                output: None,
+                error: Some(e.to_string()),
+            };
+            return end_child(lane, index, end);
+        }
         Err(EngineError::ShutDown) => return Err(Interrupt::ShutDown),
         Err(e @ EngineError::IdempotencyMismatch { .. }) => {
             // Someone else's run holds the id: the parent cannot go on without an operator.
@@ -273,6 +283,11 @@ async fn run_child(
         output: record.output,
         error: record.error,
     };
+    end_child(lane, index, end)
+}
+
+/// Journals how the child at `index` ended.
+fn end_child(lane: &mut Lane, index: StepIndex, end: ChildEnd) -> Result<ChildEnd, Interrupt> {
     lane.journal(Event::ChildEnded {
         step: index,
         status: end.status,

@@ -454,6 +454,11 @@ impl Engine {
                     name: workflow.into(),
                     registered: self.inner.registry.workflow_names(),
                 })?;
+        (entry.validate)(&input).map_err(|e| EngineError::InvalidInput {
+            workflow: workflow.into(),
+            field: e.field,
+            reason: e.reason,
+        })?;
         let now = now_ms();
         let record = RunRecord {
             id: id.clone(),

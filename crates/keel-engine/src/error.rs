@@ -71,6 +71,16 @@ pub enum EngineError {
         #[source]
         source: serde_json::Error,
     },
+    /// An input decodes but the workflow's own checks refuse it ([`crate::Workflow::validate`]).
+    #[error("invalid input for workflow {workflow:?}: field {field}: {reason}")]
+    InvalidInput {
+        /// The workflow name.
+        workflow: String,
+        /// The path of the offending field, e.g. `devices[3].name`.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A value is larger than its limit.
     #[error("{what} is {bytes} bytes, over the limit of {limit} bytes")]
     TooLarge {

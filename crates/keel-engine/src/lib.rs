@@ -109,4 +109,4 @@ pub use store::Durability;
 pub use wait::{
     LearnedDeadline, Probe, WaitOutcome, WaitPolicy, WaitSchedule, LEARN_AFTER_DEFAULT,
 };
-pub use workflow::{OnRetriesExhausted, Workflow, WorkflowError};
+pub use workflow::{InvalidInput, OnRetriesExhausted, Workflow, WorkflowError};

@@ -13,7 +13,8 @@ use crate::ctx::Ctx;
 use crate::error::{EngineError, Result};
 use crate::retry::RetryPolicy;
 use crate::step::{Step, StepContext, StepError, Undo};
-use crate::workflow::{OnRetriesExhausted, Workflow, WorkflowError};
+use crate::workflow::{InvalidInput, OnRetriesExhausted, Workflow, WorkflowError};
+use serde::Deserialize;
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -38,6 +39,7 @@ type NormaliseFn = dyn Fn(&Value) -> Result<Value, InputError> + Send + Sync;
 type UndoFn =
     dyn Fn(Value, Option<Value>, StepContext) -> BoxFuture<Result<Undo, StepError>> + Send + Sync;
 type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
+type ValidateFn = dyn Fn(&Value) -> std::result::Result<(), InvalidInput> + Send + Sync;
 
 pub(crate) struct WorkflowEntry {
     pub(crate) version: u32,
@@ -46,6 +48,8 @@ pub(crate) struct WorkflowEntry {
     /// Decodes an input as the workflow's input type and encodes it again, so the stored
     /// input is the same whether it came as JSON or as a typed value.
     pub(crate) normalise_input: Box<NormaliseFn>,
+    /// Runs the workflow's own input checks on a stored-form input.
+    pub(crate) validate: Box<ValidateFn>,
 }
 
 pub(crate) struct StepEntry {
@@ -77,6 +81,10 @@ impl Registry {
                     };
                     (ctx, result)
                 })
+            }),
+            validate: Box::new(|input: &Value| match W::Input::deserialize(input) {
+                Ok(typed) => W::validate(&typed),
+                Err(e) => Err(InvalidInput::new("(the input itself)", e.to_string())),
             }),
             normalise_input: Box::new(|input: &Value| {
                 let typed: W::Input =

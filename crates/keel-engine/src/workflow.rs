@@ -29,11 +29,40 @@ pub trait Workflow: Send + Sync + 'static {
     /// The output, journaled when the run completes.
     type Output: Serialize + DeserializeOwned + Send + 'static;
 
+    /// Checks an input before anything is stored or created: [`crate::Engine::start`] (and
+    /// the start of a child run) refuses an input this rejects, naming the field. The
+    /// default accepts every input that decodes.
+    fn validate(input: &Self::Input) -> Result<(), InvalidInput> {
+        let _ = input;
+        Ok(())
+    }
+
     /// The workflow body. All side effects go through `ctx` (steps, timers).
     fn run(
         ctx: &mut Ctx,
         input: Self::Input,
     ) -> impl Future<Output = Result<Self::Output, WorkflowError>> + Send;
+}
+
+/// Why [`Workflow::validate`] refused an input: the field (a path such as `devices[3].name`)
+/// and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("field {field}: {reason}")]
+pub struct InvalidInput {
+    /// The path of the offending field.
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl InvalidInput {
+    /// `field` is wrong because of `reason`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        InvalidInput {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
 }
 
 /// What a run does when a step runs out of retries on retryable errors.

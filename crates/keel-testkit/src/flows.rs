@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel_engine::{
-    Ctx, Probe, RetryPolicy, Step, StepContext, StepError, Undo, WaitPolicy, Workflow,
-    WorkflowError,
+    Ctx, InvalidInput, Probe, RetryPolicy, Step, StepContext, StepError, Undo, WaitPolicy,
+    Workflow, WorkflowError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -342,6 +342,13 @@ impl Workflow for ChildFlow {
     const NAME: &'static str = "test.child";
     type Input = ChildInput;
     type Output = u32;
+
+    fn validate(input: &ChildInput) -> Result<(), InvalidInput> {
+        if input.n == 0 {
+            return Err(InvalidInput::new("n", "children are numbered from 1"));
+        }
+        Ok(())
+    }
 
     async fn run(ctx: &mut Ctx, input: ChildInput) -> Result<u32, WorkflowError> {
         let effect = |n: u32, fault: Fault| EffectStep {
