@@ -74,6 +74,7 @@ impl AwsSteps for keel_engine::EngineBuilder {
             .step::<iot::ActivateCertificate>()
             .step::<iot::AttachPolicy>()
             .step::<iot::AttachThingPrincipal>()
+            .step::<iot::DescribeDataEndpoint>()
             .step::<greengrass::CreateCoreDefinition>()
             .step::<greengrass::CreateDeviceDefinition>()
             .step::<greengrass::CreateGroup>()

@@ -9,11 +9,13 @@
 
 mod attach;
 mod certificate;
+mod endpoint;
 mod policy;
 mod thing;
 
 pub use attach::{AttachPolicy, AttachThingPrincipal};
 pub use certificate::{ActivateCertificate, Certificate, RegisterCertificate};
+pub use endpoint::DescribeDataEndpoint;
 pub use policy::{CreatePolicy, Policy};
 pub use thing::{CreateThing, Thing};
 

@@ -1,0 +1,177 @@
+//! `greengrass.provision-core`: a Greengrass (V1) core with its client devices, deployed.
+
+use std::time::Duration;
+
+use keel_engine::{Ctx, InvalidInput, WaitPolicy, Workflow, WorkflowError};
+use keel_steps::aws::greengrass::{
+    AssociateRole, CreateCoreDefinition, CreateDeployment, CreateDeviceDefinition, CreateGroup,
+    CreateGroupVersion, DeploymentSucceeded, Member,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::iam::{ServiceRole, ServiceRoleInput};
+use crate::iot::{DeviceInput, DeviceOutput, OnboardDevice};
+use crate::validate;
+
+/// Most client devices of one core (Greengrass V1 allows 200 per group).
+pub const CLIENT_DEVICES_MAX: usize = 200;
+
+/// Input of [`ProvisionCore`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreInput {
+    /// The prefix of the group's and definitions' names (1 to 64 of letters, digits, `:_-`).
+    pub name: String,
+    /// The group's service role.
+    pub role: ServiceRoleInput,
+    /// The core device.
+    pub core: DeviceInput,
+    /// The client devices (0 to [`CLIENT_DEVICES_MAX`]).
+    #[serde(default)]
+    pub client_devices: Vec<DeviceInput>,
+    /// How many client devices are onboarded at once (1 to 64).
+    pub concurrency: u32,
+    /// How long to wait for the deployment to succeed (seconds; default 300).
+    #[serde(default)]
+    pub deployment_timeout_s: Option<u64>,
+}
+
+/// What [`ProvisionCore`] returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoreOutput {
+    /// The group id.
+    pub group_id: String,
+    /// The group ARN.
+    pub group_arn: String,
+    /// The deployment id.
+    pub deployment_id: String,
+    /// The service role's ARN.
+    pub role_arn: String,
+    /// The core device.
+    pub core: DeviceOutput,
+    /// The client devices, in input order.
+    pub client_devices: Vec<DeviceOutput>,
+}
+
+/// The service role (an `iam.service-role` child run), the core device and the client
+/// devices (`iot.onboard-device` child runs, the clients concurrently), the core and device
+/// definitions, the group with its role, a group version, a deployment, and a wait until
+/// the deployment succeeds. Any failure (a device, the deployment) compensates the whole
+/// chain, children included, newest first.
+pub struct ProvisionCore;
+
+impl Workflow for ProvisionCore {
+    const NAME: &'static str = "greengrass.provision-core";
+    type Input = CoreInput;
+    type Output = CoreOutput;
+
+    fn validate(input: &CoreInput) -> Result<(), InvalidInput> {
+        validate::thing_name("name", &input.name, 64)?;
+        <ServiceRole as Workflow>::validate(&input.role).map_err(|e| InvalidInput {
+            field: format!("role.{}", e.field),
+            reason: e.reason,
+        })?;
+        OnboardDevice::check("core.", &input.core)?;
+        validate::count(
+            "client_devices",
+            input.client_devices.len(),
+            0,
+            CLIENT_DEVICES_MAX,
+        )?;
+        validate::count("concurrency", input.concurrency as usize, 1, 64)?;
+        let mut names = std::collections::BTreeSet::from([&input.core.thing_name]);
+        for (i, device) in input.client_devices.iter().enumerate() {
+            OnboardDevice::check(&format!("client_devices[{i}]."), device)?;
+            if !names.insert(&device.thing_name) {
+                return Err(InvalidInput::new(
+                    format!("client_devices[{i}].thing_name"),
+                    format!("{:?} is used twice", device.thing_name),
+                ));
+            }
+        }
+        if input.deployment_timeout_s == Some(0) {
+            return Err(InvalidInput::new(
+                "deployment_timeout_s",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn run(ctx: &mut Ctx, input: CoreInput) -> Result<CoreOutput, WorkflowError> {
+        let role = ctx.child::<ServiceRole>(input.role.clone()).await?;
+        let core = ctx.child::<OnboardDevice>(input.core.clone()).await?;
+        let mut client_devices = Vec::new();
+        if !input.client_devices.is_empty() {
+            let results = ctx
+                .children::<OnboardDevice>(input.client_devices.clone(), input.concurrency as usize)
+                .await?;
+            for result in results {
+                client_devices.push(result?);
+            }
+        }
+        let member = |device: &DeviceOutput| Member {
+            id: device.thing_name.clone(),
+            thing_arn: device.thing_arn.clone(),
+            certificate_arn: device.certificate_arn.clone(),
+            sync_shadow: false,
+        };
+        let cores = ctx
+            .step(CreateCoreDefinition {
+                prefix: format!("{}-cores", input.name),
+                cores: vec![member(&core)],
+            })
+            .await?;
+        let devices = if client_devices.is_empty() {
+            None
+        } else {
+            Some(
+                ctx.step(CreateDeviceDefinition {
+                    prefix: format!("{}-devices", input.name),
+                    devices: client_devices.iter().map(member).collect(),
+                })
+                .await?,
+            )
+        };
+        let group = ctx
+            .step(CreateGroup {
+                prefix: input.name.clone(),
+                tags: Default::default(),
+            })
+            .await?;
+        ctx.step(AssociateRole {
+            group_id: group.id.clone(),
+            role_arn: role.arn.clone(),
+        })
+        .await?;
+        let version = ctx
+            .step(CreateGroupVersion {
+                group_id: group.id.clone(),
+                core_definition_version_arn: cores.version_arn.clone(),
+                device_definition_version_arn: devices.map(|d| d.version_arn),
+            })
+            .await?;
+        let deployment = ctx
+            .step(CreateDeployment {
+                group_id: group.id.clone(),
+                group_version_id: version.version_id.clone(),
+            })
+            .await?;
+        let timeout = Duration::from_secs(input.deployment_timeout_s.unwrap_or(300));
+        ctx.wait(
+            DeploymentSucceeded {
+                group_id: group.id.clone(),
+                deployment_id: deployment.id.clone(),
+            },
+            WaitPolicy::every(Duration::from_millis(250), timeout),
+        )
+        .await?;
+        Ok(CoreOutput {
+            group_id: group.id,
+            group_arn: group.arn,
+            deployment_id: deployment.id,
+            role_arn: role.arn,
+            core,
+            client_devices,
+        })
+    }
+}

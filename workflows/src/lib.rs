@@ -1,0 +1,38 @@
+//! The provisioning workflows Keel's users came for, written as plain sequential Rust on the
+//! engine and the AWS step library:
+//!
+//! | workflow | what it makes |
+//! |---|---|
+//! | [`iam::ServiceRole`] (`iam.service-role`) | an IAM role with its trust policy and policies, waited for until STS can assume it |
+//! | [`iot::OnboardDevice`] (`iot.onboard-device`) | a thing, a certificate (key file written locally), a policy, the attachments, the activation |
+//! | [`fleet::OnboardFleet`] (`iot.onboard-fleet`) | one `iot.onboard-device` child run per device, with bounded concurrency |
+//! | [`greengrass::ProvisionCore`] (`greengrass.provision-core`) | a service role, a core device, client devices, definitions, a group, a deployment, waited for |
+//!
+//! Every input is checked by [`keel_engine::Workflow::validate`] before anything is stored
+//! or created, with errors that name the field. Register them all with
+//! [`KeelWorkflows::provisioning_workflows`].
+
+pub mod fleet;
+pub mod greengrass;
+pub mod iam;
+pub mod iot;
+mod validate;
+
+use keel_steps::aws::AwsSteps;
+
+/// Registers every provisioning workflow, and every AWS step kind (so compensation after a
+/// restart can undo them), with an engine.
+pub trait KeelWorkflows {
+    /// `Engine::builder(dir).provisioning_workflows()`.
+    fn provisioning_workflows(self) -> Self;
+}
+
+impl KeelWorkflows for keel_engine::EngineBuilder {
+    fn provisioning_workflows(self) -> Self {
+        self.aws_steps()
+            .workflow::<iam::ServiceRole>()
+            .workflow::<iot::OnboardDevice>()
+            .workflow::<fleet::OnboardFleet>()
+            .workflow::<greengrass::ProvisionCore>()
+    }
+}

@@ -1,0 +1,209 @@
+//! The provisioning workflows end to end against moto's server, through the fault proxy
+//! (lost responses and throttling), with moto's own state read directly as ground truth:
+//! a Greengrass core with client devices and a fleet complete with every resource once; a
+//! deployment that fails compensates the whole chain, child runs included, to nothing; bad
+//! inputs are refused naming the field, before anything exists.
+
+use std::collections::BTreeMap;
+
+use keel_engine::{Engine, EngineError, RunStatus};
+use keel_steps::aws::x509::KeyStore;
+use keel_steps::aws::AwsClients;
+use keel_testkit::aws::SdkOptions;
+use keel_testkit::inventory::Inventory;
+use keel_testkit::moto::TestAccount;
+use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
+use keel_workflows::fleet::{FleetInput, OnboardFleet};
+use keel_workflows::greengrass::{CoreInput, ProvisionCore};
+use keel_workflows::iam::ServiceRoleInput;
+use keel_workflows::iot::DeviceInput;
+use keel_workflows::KeelWorkflows;
+
+const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"greengrass.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+const DEVICE_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
+
+struct Env {
+    _proxy: FaultProxy,
+    direct: aws_config::SdkConfig,
+    engine: Engine,
+    _dir: tempfile::TempDir,
+}
+
+async fn env(rules: Rules) -> Env {
+    keel_testkit::init_tracing();
+    let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
+    let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
+    let via = account
+        .sdk_config_via(&proxy.endpoint(), SdkOptions::default())
+        .await;
+    let direct = account.sdk_config().await;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path().join("data"))
+        .provisioning_workflows()
+        .resource(AwsClients::new(&via))
+        .resource(KeyStore::new(dir.path().join("keys")))
+        .open()
+        .await
+        .unwrap();
+    Env {
+        _proxy: proxy,
+        direct,
+        engine,
+        _dir: dir,
+    }
+}
+
+fn device(name: &str) -> DeviceInput {
+    DeviceInput {
+        thing_name: name.into(),
+        policy_document: DEVICE_POLICY.into(),
+        attributes: BTreeMap::new(),
+    }
+}
+
+fn core(name: &str, clients: usize) -> CoreInput {
+    CoreInput {
+        name: name.into(),
+        role: ServiceRoleInput {
+            name: format!("{name}-role"),
+            trust_policy: TRUST.into(),
+            managed_policy_arns: vec![
+                "arn:aws:iam::aws:policy/service-role/AWSGreengrassResourceAccessRolePolicy".into(),
+            ],
+            inline_policies: BTreeMap::new(),
+            assume_timeout_s: Some(60),
+        },
+        core: device(&format!("{name}-core")),
+        client_devices: (0..clients)
+            .map(|i| device(&format!("{name}-client-{i}")))
+            .collect(),
+        concurrency: 4,
+        deployment_timeout_s: Some(60),
+    }
+}
+
+fn hostile(seed: u64) -> Rules {
+    Rules::seeded(seed)
+        .fault(FaultRule::new(Fault::LostResponse).probability(0.1))
+        .fault(FaultRule::new(Fault::Throttle).probability(0.1))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_core_with_clients_and_a_fleet_complete_with_every_resource_once() {
+    let env = env(hostile(3)).await;
+    let core = env
+        .engine
+        .start::<ProvisionCore>("plant", core("plant", 3))
+        .await
+        .unwrap();
+    let fleet_input = FleetInput {
+        devices: (0..6).map(|i| device(&format!("fleet-{i}"))).collect(),
+        concurrency: 3,
+    };
+    let fleet = env
+        .engine
+        .start::<OnboardFleet>("fleet", fleet_input)
+        .await
+        .unwrap();
+    let core = core.result().await.unwrap();
+    let fleet = fleet.result().await.unwrap();
+    assert_eq!(core.client_devices.len(), 3);
+    assert_eq!(fleet.onboarded.len(), 6);
+    assert!(fleet.failed.is_empty());
+    assert!(!core.core.data_endpoint.is_empty());
+    assert!(core.core.key_file.exists(), "the core's key file");
+
+    let truth = Inventory::read(&env.direct).await.unwrap();
+    // 1 core + 3 clients + 6 fleet devices, each a thing with one active certificate and
+    // one policy.
+    assert_eq!(truth.things.len(), 10, "{}", truth.summary());
+    assert_eq!(truth.certificates.len(), 10, "{}", truth.summary());
+    assert!(truth.certificates.iter().all(|c| c.status == "ACTIVE"));
+    assert!(truth.things.iter().all(|t| t.principals.len() == 1));
+    assert_eq!(truth.iot_policies.len(), 10, "{}", truth.summary());
+    assert_eq!(truth.roles.len(), 1, "{}", truth.summary());
+    assert_eq!(truth.roles[0].attached_policies.len(), 1);
+    assert_eq!(truth.groups.len(), 1, "{}", truth.summary());
+    assert_eq!(truth.groups[0].id, core.group_id);
+    assert_eq!(
+        truth.groups[0].role_arn.as_deref(),
+        Some(core.role_arn.as_str())
+    );
+    assert_eq!(truth.core_definitions.len(), 1);
+    assert_eq!(truth.device_definitions.len(), 1);
+    // The children are runs of their own, each completed once.
+    let runs = env.engine.list().await.unwrap();
+    assert_eq!(
+        runs.len(),
+        2 + 1 + 1 + 3 + 6,
+        "parents, role, core, clients, fleet"
+    );
+    assert!(runs.iter().all(|r| r.status == RunStatus::Completed));
+    env.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_deployment_compensates_the_whole_chain_children_included() {
+    let mut rules = hostile(5);
+    rules.deployments.failure_probability = 1.0;
+    let env = env(rules).await;
+    let error = env
+        .engine
+        .start::<ProvisionCore>("doomed", core("doomed", 2))
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("compensated"), "{error}");
+    let truth = Inventory::read(&env.direct).await.unwrap();
+    assert!(truth.is_empty(), "{}", truth.summary());
+    for run in env.engine.list().await.unwrap() {
+        assert_eq!(
+            run.status,
+            RunStatus::Compensated,
+            "{}: {:?}",
+            run.id,
+            run.error
+        );
+    }
+    env.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_are_refused_naming_the_field_before_anything_exists() {
+    let env = env(Rules::seeded(1)).await;
+    let mut bad_role = core("x", 1);
+    bad_role.role.name = "has space".into();
+    let mut bad_client = core("x", 2);
+    bad_client.client_devices[1].policy_document = r#"{"Statement":[{"Effect":"Perhaps"}]}"#.into();
+    let mut twice = core("x", 2);
+    twice.client_devices[1].thing_name = "x-core".into();
+    let cases = [
+        (bad_role, "role.name"),
+        (bad_client, "client_devices[1].policy_document.Statement[0]"),
+        (twice, "client_devices[1].thing_name"),
+    ];
+    for (input, field) in cases {
+        match env.engine.start::<ProvisionCore>("bad", input).await {
+            Err(EngineError::InvalidInput { field: f, .. }) => assert_eq!(f, field),
+            other => panic!("{field}: {:?}", other.map(|h| h.id().clone())),
+        }
+    }
+    let fleet = FleetInput {
+        devices: vec![],
+        concurrency: 1,
+    };
+    match env.engine.start::<OnboardFleet>("bad-fleet", fleet).await {
+        Err(EngineError::InvalidInput { field, reason, .. }) => {
+            assert_eq!(field, "devices");
+            assert!(reason.contains("1..=1000"), "{reason}");
+        }
+        other => panic!("{:?}", other.map(|h| h.id().clone())),
+    }
+    assert!(env.engine.list().await.unwrap().is_empty());
+    let truth = Inventory::read(&env.direct).await.unwrap();
+    assert!(truth.is_empty(), "{}", truth.summary());
+    env.engine.shutdown().await;
+}
