@@ -19,7 +19,7 @@ use crate::ids::{IdempotencyKey, RunId, StepIndex};
 use crate::journal::{Event, RunStatus};
 use crate::lane::Lane;
 use crate::limits::CHILDREN_PER_RUN_MAX;
-use crate::parallel::run_branches;
+use crate::parallel::run_all;
 use crate::replay::{ChildEnd, Op};
 use crate::workflow::{Workflow, WorkflowError};
 
@@ -96,26 +96,9 @@ impl Ctx {
                 }
             }
         }
-        let mut interrupt = None;
-        run_branches(
-            &mut self.lane,
-            width,
-            tasks,
-            None,
-            |i, result| match result {
-                Ok(end) => {
-                    ends[i] = Some(end);
-                    true
-                }
-                Err(cause) => {
-                    interrupt.get_or_insert(cause);
-                    false
-                }
-            },
-        )
-        .await;
-        if let Some(cause) = interrupt {
-            return Err(self.interrupt(cause));
+        match run_all(&mut self.lane, width, tasks).await {
+            Ok(done) => done.into_iter().for_each(|(i, end)| ends[i] = Some(end)),
+            Err(cause) => return Err(self.interrupt(cause)),
         }
         Ok(ends
             .into_iter()

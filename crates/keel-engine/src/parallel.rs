@@ -191,26 +191,9 @@ impl Ctx {
                 Plan::Run { .. } => tasks.push((i, run_plan(fork.branch(i), plan))),
             }
         }
-        let mut interrupt = None;
-        run_branches(
-            &mut self.lane,
-            width,
-            tasks,
-            None,
-            |i, result| match result {
-                Ok(result) => {
-                    results[i] = Some(result);
-                    true
-                }
-                Err(cause) => {
-                    interrupt.get_or_insert(cause);
-                    false
-                }
-            },
-        )
-        .await;
-        if let Some(cause) = interrupt {
-            return Err(self.interrupt(cause));
+        match run_all(&mut self.lane, width, tasks).await {
+            Ok(done) => done.into_iter().for_each(|(i, r)| results[i] = Some(r)),
+            Err(cause) => return Err(self.interrupt(cause)),
         }
         Ok(results
             .into_iter()
@@ -330,6 +313,37 @@ fn run_plan<S: Step>(
             lane.run_attempts(index, &step, argument, attempt, not_before_ms)
                 .await
         })
+    }
+}
+
+/// Runs every task (see [`run_branches`]) and returns each result with its branch number,
+/// or the first interrupt once the branches in flight have ended.
+pub(crate) async fn run_all<T, F, Fut>(
+    lane: &mut Lane,
+    width: usize,
+    tasks: Vec<(usize, F)>,
+) -> Result<Vec<(usize, T)>, Interrupt>
+where
+    T: Send + 'static,
+    F: FnOnce(Lane) -> Fut,
+    Fut: Future<Output = Result<T, Interrupt>> + Send + 'static,
+{
+    let mut done = Vec::with_capacity(tasks.len());
+    let mut interrupt = None;
+    run_branches(lane, width, tasks, None, |i, result| match result {
+        Ok(result) => {
+            done.push((i, result));
+            true
+        }
+        Err(cause) => {
+            interrupt.get_or_insert(cause);
+            false
+        }
+    })
+    .await;
+    match interrupt {
+        Some(cause) => Err(cause),
+        None => Ok(done),
     }
 }
 

@@ -145,12 +145,7 @@ pub(crate) async fn undo_attempt(
             undo_input(s, step).flatten().cloned(),
         )
     });
-    cell.append(
-        &*inner.store,
-        Event::StepCompensationStarted { step, attempt },
-    )?;
-    inner.store.sync().wait().await?;
-    crate::crash::point("saga.after_undo_started");
+    begin_undo(inner, cell, step, attempt).await?;
     let ctx = StepContext {
         run_id: cell.id.clone(),
         step,
@@ -162,6 +157,88 @@ pub(crate) async fn undo_attempt(
     let result =
         tracing::Instrument::instrument((entry.undo)(argument.clone(), output, ctx), span).await;
     crate::crash::point("saga.after_undo");
+    let policy = (entry.undo_policy)(&argument);
+    let attempt = UndoAttempt {
+        step,
+        attempt,
+        round_attempts,
+    };
+    record_undo(inner, cell, attempt, &kind, result, policy).await
+}
+
+/// Runs one journaled undo attempt of child run `child` (operation `step`): the child's
+/// own saga, started and awaited by [`Engine::compensate_child`].
+async fn undo_child(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    step: StepIndex,
+    child: &RunId,
+    attempt: Attempt,
+    round_attempts: u32,
+) -> Result<()> {
+    begin_undo(inner, cell, step, attempt).await?;
+    let result = Engine::from_inner(inner)
+        .compensate_child(child, &cell.id)
+        .await;
+    crate::crash::point("saga.after_undo");
+    let result = match result {
+        Ok(Some(record)) if record.status == RunStatus::CompensationFailed => {
+            Err(StepError::permanent(format!(
+                "compensation of child run {child} failed: {}",
+                record.error.unwrap_or_default()
+            )))
+        }
+        Ok(_) => Ok(Undo::Done),
+        // The undo stays in flight; the next open runs it again.
+        Err(EngineError::ShutDown) => return Ok(()),
+        Err(e) => Err(StepError::retryable(format!(
+            "compensation of child run {child}: {e}"
+        ))),
+    };
+    let attempt = UndoAttempt {
+        step,
+        attempt,
+        round_attempts,
+    };
+    let what = format!("child run {child}");
+    record_undo(inner, cell, attempt, &what, result, RetryPolicy::default()).await
+}
+
+/// Which undo attempt an outcome belongs to.
+struct UndoAttempt {
+    step: StepIndex,
+    attempt: Attempt,
+    /// Attempts since compensation (re)started, this one excluded.
+    round_attempts: u32,
+}
+
+/// Journals the start of an undo attempt and makes it durable before the undo runs.
+async fn begin_undo(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    step: StepIndex,
+    attempt: Attempt,
+) -> Result<()> {
+    cell.append(
+        &*inner.store,
+        Event::StepCompensationStarted { step, attempt },
+    )?;
+    inner.store.sync().wait().await?;
+    crate::crash::point("saga.after_undo_started");
+    Ok(())
+}
+
+/// Journals how an undo attempt of `what` ended; a failure also gets its next attempt's
+/// time under `policy` (elapsed time counted from the round's first undo attempt), synced.
+async fn record_undo(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    undo: UndoAttempt,
+    what: &str,
+    result: std::result::Result<Undo, StepError>,
+    policy: RetryPolicy,
+) -> Result<()> {
+    let step = undo.step;
     match result {
         Ok(Undo::Done) => {
             // Not synced here: the next undo's start, or the terminal record, shares the sync.
@@ -181,98 +258,25 @@ pub(crate) async fn undo_attempt(
             let retry_at_ms = match error.class() {
                 ErrorClass::Permanent => None,
                 ErrorClass::Retryable => {
-                    let policy = (entry.undo_policy)(&argument);
-                    let jitter: f64 = rand::thread_rng().gen();
-                    // Elapsed time counts from this round's first undo attempt.
                     let round_started_at_ms = cell
                         .with_state(|s| s.undo_round_started_at_ms.get(&step).copied())
                         .unwrap_or_else(now_ms);
                     policy.next_attempt_at_ms(
-                        Attempt(round_attempts + 1),
+                        Attempt(undo.round_attempts + 1),
                         round_started_at_ms,
                         now_ms(),
                         error.retry_after(),
-                        jitter,
-                    )
-                }
-            };
-            tracing::warn!(run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0, error = %record.message, ?retry_at_ms, "compensation attempt failed");
-            cell.append(
-                &*inner.store,
-                Event::StepCompensationFailed {
-                    step,
-                    attempt,
-                    error: record,
-                    retry_at_ms,
-                },
-            )?;
-            inner.store.sync().wait().await?;
-        }
-    }
-    crate::crash::point("saga.after_undo_recorded");
-    Ok(())
-}
-
-/// Runs one journaled undo attempt of child run `child` (operation `step`): the child's
-/// own saga, started and awaited by [`Engine::compensate_child`].
-async fn undo_child(
-    inner: &Arc<Inner>,
-    cell: &Arc<RunCell>,
-    step: StepIndex,
-    child: &RunId,
-    attempt: Attempt,
-    round_attempts: u32,
-) -> Result<()> {
-    cell.append(
-        &*inner.store,
-        Event::StepCompensationStarted { step, attempt },
-    )?;
-    inner.store.sync().wait().await?;
-    crate::crash::point("saga.after_undo_started");
-    let result = Engine::from_inner(inner)
-        .compensate_child(child, &cell.id)
-        .await;
-    crate::crash::point("saga.after_undo");
-    let error = match result {
-        Ok(None) => None,
-        Ok(Some(record)) if record.status == RunStatus::CompensationFailed => {
-            Some(StepError::permanent(format!(
-                "compensation of child run {child} failed: {}",
-                record.error.unwrap_or_default()
-            )))
-        }
-        Ok(Some(_)) => None,
-        // The undo stays in flight; the next open runs it again.
-        Err(EngineError::ShutDown) => return Ok(()),
-        Err(e) => Some(StepError::retryable(format!(
-            "compensation of child run {child}: {e}"
-        ))),
-    };
-    match error {
-        None => cell.append(&*inner.store, Event::StepCompensated { step })?,
-        Some(error) => {
-            let retry_at_ms = match error.class() {
-                ErrorClass::Permanent => None,
-                ErrorClass::Retryable => {
-                    let round_started_at_ms = cell
-                        .with_state(|s| s.undo_round_started_at_ms.get(&step).copied())
-                        .unwrap_or_else(now_ms);
-                    RetryPolicy::default().next_attempt_at_ms(
-                        Attempt(round_attempts + 1),
-                        round_started_at_ms,
-                        now_ms(),
-                        None,
                         rand::thread_rng().gen(),
                     )
                 }
             };
-            tracing::warn!(run_id = %cell.id, step = step.0, child = %child, error = %error, ?retry_at_ms, "compensation of a child run failed");
+            tracing::warn!(run_id = %cell.id, step = step.0, what, attempt = undo.attempt.0, error = %record.message, ?retry_at_ms, "compensation attempt failed");
             cell.append(
                 &*inner.store,
                 Event::StepCompensationFailed {
                     step,
-                    attempt,
-                    error: error.to_record(),
+                    attempt: undo.attempt,
+                    error: record,
                     retry_at_ms,
                 },
             )?;
