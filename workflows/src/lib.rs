@@ -16,6 +16,7 @@ pub mod fleet;
 pub mod greengrass;
 pub mod iam;
 pub mod iot;
+pub mod sample;
 mod validate;
 
 use keel_steps::aws::AwsSteps;

@@ -4,8 +4,6 @@
 //! deployment that fails compensates the whole chain, child runs included, to nothing; bad
 //! inputs are refused naming the field, before anything exists.
 
-use std::collections::BTreeMap;
-
 use keel_engine::{Engine, EngineError, RunStatus};
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::AwsClients;
@@ -14,13 +12,9 @@ use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
 use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
 use keel_workflows::fleet::{FleetInput, OnboardFleet};
-use keel_workflows::greengrass::{CoreInput, ProvisionCore};
-use keel_workflows::iam::ServiceRoleInput;
-use keel_workflows::iot::DeviceInput;
+use keel_workflows::greengrass::ProvisionCore;
+use keel_workflows::sample::{core, fleet};
 use keel_workflows::KeelWorkflows;
-
-const TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"greengrass.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
-const DEVICE_POLICY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
 
 struct Env {
     _proxy: FaultProxy,
@@ -53,35 +47,6 @@ async fn env(rules: Rules) -> Env {
     }
 }
 
-fn device(name: &str) -> DeviceInput {
-    DeviceInput {
-        thing_name: name.into(),
-        policy_document: DEVICE_POLICY.into(),
-        attributes: BTreeMap::new(),
-    }
-}
-
-fn core(name: &str, clients: usize) -> CoreInput {
-    CoreInput {
-        name: name.into(),
-        role: ServiceRoleInput {
-            name: format!("{name}-role"),
-            trust_policy: TRUST.into(),
-            managed_policy_arns: vec![
-                "arn:aws:iam::aws:policy/service-role/AWSGreengrassResourceAccessRolePolicy".into(),
-            ],
-            inline_policies: BTreeMap::new(),
-            assume_timeout_s: Some(60),
-        },
-        core: device(&format!("{name}-core")),
-        client_devices: (0..clients)
-            .map(|i| device(&format!("{name}-client-{i}")))
-            .collect(),
-        concurrency: 4,
-        deployment_timeout_s: Some(60),
-    }
-}
-
 fn hostile(seed: u64) -> Rules {
     Rules::seeded(seed)
         .fault(FaultRule::new(Fault::LostResponse).probability(0.1))
@@ -96,13 +61,9 @@ async fn a_core_with_clients_and_a_fleet_complete_with_every_resource_once() {
         .start::<ProvisionCore>("plant", core("plant", 3))
         .await
         .unwrap();
-    let fleet_input = FleetInput {
-        devices: (0..6).map(|i| device(&format!("fleet-{i}"))).collect(),
-        concurrency: 3,
-    };
     let fleet = env
         .engine
-        .start::<OnboardFleet>("fleet", fleet_input)
+        .start::<OnboardFleet>("fleet", fleet("fleet", 6, 3))
         .await
         .unwrap();
     let core = core.result().await.unwrap();

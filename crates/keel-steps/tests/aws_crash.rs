@@ -16,7 +16,6 @@ use keel_steps::aws::iam::CreateRole;
 use keel_steps::aws::iot::{AttachThingPrincipal, CreateThing, RegisterCertificate};
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::{AwsClients, AwsSteps, KEY_ATTRIBUTE, KEY_TAG};
-use keel_testkit::aws::{Credentials, SdkOptions};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
@@ -135,23 +134,13 @@ fn input(run: &str) -> CoreInput {
 fn child_main() {
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}"));
     let dir = var("KEEL_DATA_DIR");
-    let credentials = Credentials {
-        access_key_id: var("KEEL_TEST_ACCESS_KEY"),
-        secret_access_key: var("KEEL_TEST_SECRET_KEY"),
-        session_token: None,
-    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let sdk = keel_testkit::aws::sdk_config(
-            &var("KEEL_TEST_ENDPOINT"),
-            &credentials,
-            SdkOptions::default(),
-        )
-        .await;
+        let sdk = TestAccount::child_sdk_config().await;
         let engine = Engine::builder(&dir)
             .workflow::<CoreFlow>()
             .aws_steps()
@@ -265,21 +254,14 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
         let rules = first_response_lost(rules, &["CreateGroup"]);
         let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
         let dir = tempfile::tempdir().unwrap();
+        let mut env = vec![
+            ("KEEL_DATA_DIR".into(), path_env(dir.path(), "data")),
+            ("KEEL_TEST_KEYS".into(), path_env(dir.path(), "keys")),
+        ];
+        env.extend(account.child_env(&proxy.endpoint()));
         let spec = ChildSpec {
             test_name: NAME,
-            env: vec![
-                ("KEEL_DATA_DIR".into(), path_env(dir.path(), "data")),
-                ("KEEL_TEST_KEYS".into(), path_env(dir.path(), "keys")),
-                ("KEEL_TEST_ENDPOINT".into(), proxy.endpoint()),
-                (
-                    "KEEL_TEST_ACCESS_KEY".into(),
-                    account.credentials.access_key_id.clone(),
-                ),
-                (
-                    "KEEL_TEST_SECRET_KEY".into(),
-                    account.credentials.secret_access_key.clone(),
-                ),
-            ],
+            env,
         };
         // The first kill at the point's first hit (some points are met once per child: the one
         // compensation's start), the second at a seeded later hit, if the restarted child

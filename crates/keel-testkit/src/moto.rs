@@ -385,4 +385,37 @@ impl TestAccount {
     ) -> aws_config::SdkConfig {
         crate::aws::sdk_config(endpoint, &self.credentials, options).await
     }
+
+    /// The environment that hands this account, reached through `endpoint` (a fault proxy),
+    /// to a crash-test child; the child reads it back with [`TestAccount::child_sdk_config`].
+    pub fn child_env(&self, endpoint: &str) -> Vec<(String, String)> {
+        vec![
+            ("KEEL_TEST_ENDPOINT".into(), endpoint.into()),
+            (
+                "KEEL_TEST_ACCESS_KEY".into(),
+                self.credentials.access_key_id.clone(),
+            ),
+            (
+                "KEEL_TEST_SECRET_KEY".into(),
+                self.credentials.secret_access_key.clone(),
+            ),
+        ]
+    }
+
+    /// In a crash-test child: the SDK configuration [`TestAccount::child_env`] handed over.
+    /// Panics naming the variable that is missing.
+    pub async fn child_sdk_config() -> aws_config::SdkConfig {
+        let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+        let credentials = Credentials {
+            access_key_id: var("KEEL_TEST_ACCESS_KEY"),
+            secret_access_key: var("KEEL_TEST_SECRET_KEY"),
+            session_token: None,
+        };
+        crate::aws::sdk_config(
+            &var("KEEL_TEST_ENDPOINT"),
+            &credentials,
+            crate::aws::SdkOptions::default(),
+        )
+        .await
+    }
 }

@@ -660,7 +660,7 @@ async fn assume_role_is_denied_until_the_role_exists_and_has_propagated() {
 }
 
 /// A group with a core, a version, and a deployment; returns (group id, deployment id).
-async fn deploy(gg: &aws_sdk_greengrass::Client) -> (String, String) {
+async fn deploy(gg: &aws_sdk_greengrass::Client, name: &str) -> (String, String) {
     use aws_sdk_greengrass::types::{Core, CoreDefinitionVersion, DeploymentType};
     let core = Core::builder()
         .id("core-1")
@@ -675,7 +675,7 @@ async fn deploy(gg: &aws_sdk_greengrass::Client) -> (String, String) {
         .send()
         .await
         .unwrap();
-    let group = gg.create_group().name("group").send().await.unwrap();
+    let group = gg.create_group().name(name).send().await.unwrap();
     let group_id = group.id().unwrap().to_string();
     let version = gg
         .create_group_version()
@@ -732,17 +732,28 @@ async fn deployments_go_through_building_and_in_progress_to_an_outcome() {
     rules.deployments.in_progress = Dist::fixed(150);
     let env = Env::new(rules.clone()).await;
     let gg = env.greengrass();
-    let (group, deployment) = deploy(&gg).await;
+    let (group, deployment) = deploy(&gg, "group").await;
     let (seen, error) = statuses_until_done(&gg, &group, &deployment).await;
     assert_eq!(seen, ["Building", "InProgress", "Success"]);
     assert_eq!(error, None);
 
     rules.deployments.failure_probability = 1.0;
-    env.proxy.set_rules(rules).unwrap();
-    let (group, deployment) = deploy(&gg).await;
+    env.proxy.set_rules(rules.clone()).unwrap();
+    let (group, deployment) = deploy(&gg, "group").await;
     let (seen, error) = statuses_until_done(&gg, &group, &deployment).await;
     assert_eq!(seen.last().map(String::as_str), Some("Failure"));
     assert!(error.unwrap().contains("deployment failed"));
+
+    // Failure by group name: the named group's deployment fails, another's succeeds.
+    rules.deployments.failure_probability = 0.0;
+    rules.deployments.fail_groups_named = vec!["doomed".into()];
+    env.proxy.set_rules(rules).unwrap();
+    let (doomed, deployment) = deploy(&gg, "doomed-1").await;
+    let (seen, _) = statuses_until_done(&gg, &doomed, &deployment).await;
+    assert_eq!(seen.last().map(String::as_str), Some("Failure"));
+    let (fine, deployment) = deploy(&gg, "fine-1").await;
+    let (seen, _) = statuses_until_done(&gg, &fine, &deployment).await;
+    assert_eq!(seen.last().map(String::as_str), Some("Success"));
 
     // moto's ResetDeployments route works through the launcher's fix (`$reset`).
     gg.reset_deployments()
@@ -751,7 +762,7 @@ async fn deployments_go_through_building_and_in_progress_to_an_outcome() {
         .send()
         .await
         .expect("ResetDeployments is routed");
-    assert_eq!(env.truth().await.groups.len(), 2);
+    assert_eq!(env.truth().await.groups.len(), 4);
 }
 
 #[tokio::test]

@@ -243,6 +243,9 @@ pub struct DeploymentRule {
     pub in_progress: Dist,
     /// Chance that a deployment ends in `Failure`.
     pub failure_probability: f64,
+    /// Deployments of groups whose name starts with one of these always end in `Failure`
+    /// (one workflow made to fail late among others that succeed).
+    pub fail_groups_named: Vec<String>,
 }
 
 impl Default for DeploymentRule {
@@ -251,6 +254,7 @@ impl Default for DeploymentRule {
             building: Dist::fixed(100),
             in_progress: Dist::fixed(300),
             failure_probability: 0.0,
+            fail_groups_named: Vec::new(),
         }
     }
 }

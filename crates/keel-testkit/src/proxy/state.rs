@@ -74,6 +74,8 @@ pub(super) struct State {
     roles: HashMap<String, Instant>,
     /// Greengrass deployment id -> its lifecycle.
     deployments: HashMap<String, Deployment>,
+    /// Greengrass group id -> its name, learnt from CreateGroup answers.
+    group_names: HashMap<String, String>,
     /// Ordinals for seeded draws: creates per service, deployments, roles.
     ordinals: HashMap<String, u64>,
 }
@@ -90,6 +92,7 @@ impl State {
             cache: HashMap::new(),
             roles: HashMap::new(),
             deployments: HashMap::new(),
+            group_names: HashMap::new(),
             ordinals: HashMap::new(),
         }
     }
@@ -295,6 +298,15 @@ impl State {
                     self.roles.insert(arn.clone(), assumable_at);
                 }
             }
+            if service == "greengrass" && call.operation == "CreateGroup" {
+                let answer = serde_json::from_slice::<serde_json::Value>(&upstream.body).ok();
+                if let Some(answer) = answer {
+                    if let (Some(id), Some(name)) = (answer["Id"].as_str(), answer["Name"].as_str())
+                    {
+                        self.group_names.insert(id.into(), name.into());
+                    }
+                }
+            }
             if service == "greengrass" && call.operation == "CreateDeployment" {
                 let id = serde_json::from_slice::<serde_json::Value>(&upstream.body)
                     .ok()
@@ -304,8 +316,17 @@ impl State {
                     let building = self.sample("deployment-building", &rule.building);
                     let in_progress = self.sample("deployment-in-progress", &rule.in_progress);
                     let n = self.ordinal("deployment-outcome");
-                    let fails = draw(self.rules.seed, stream_of("deployment-outcome"), n)
-                        < rule.failure_probability;
+                    let named = call
+                        .labels
+                        .iter()
+                        .find(|(label, _)| label == "GroupId")
+                        .and_then(|(_, group)| self.group_names.get(group))
+                        .is_some_and(|name| {
+                            rule.fail_groups_named.iter().any(|p| name.starts_with(p))
+                        });
+                    let fails = named
+                        || draw(self.rules.seed, stream_of("deployment-outcome"), n)
+                            < rule.failure_probability;
                     self.deployments.insert(
                         id,
                         Deployment {
