@@ -1,39 +1,74 @@
 //! `iot.onboard-fleet`: many devices, one child run each.
 
+use std::collections::BTreeMap;
+
 use keel_engine::{Ctx, InvalidInput, Workflow, WorkflowError};
 use serde::{Deserialize, Serialize};
 
-use crate::iot::{DeviceInput, DeviceOutput, OnboardDevice};
+use crate::iot::{DeviceInput, OnboardDevice};
 use crate::validate;
 
 /// Most devices in one fleet.
 pub const FLEET_DEVICES_MAX: usize = 1_000;
 
-/// Input of [`OnboardFleet`].
+/// Most bytes of thing names (JSON-encoded) one fleet may list: its output lists them again,
+/// and a run's output is bounded (`keel_engine::limits::OUTPUT_BYTES_MAX`).
+pub const FLEET_NAMES_BYTES_MAX: usize = 32 * 1024;
+
+/// Failures whose error the fleet's output carries (each cut to
+/// [`FLEET_ERROR_BYTES_MAX`]); every failure's full error stays in its device's run.
+pub const FLEET_ERRORS_KEPT: usize = 20;
+
+/// Longest error text per failure in the fleet's output.
+pub const FLEET_ERROR_BYTES_MAX: usize = 500;
+
+/// Input of [`OnboardFleet`]: many devices that share a policy and attributes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetInput {
-    /// The devices (1 to [`FLEET_DEVICES_MAX`], thing names distinct).
-    pub devices: Vec<DeviceInput>,
+    /// The IoT policy document attached to every device's certificate.
+    pub policy_document: String,
+    /// The devices' thing names (1 to [`FLEET_DEVICES_MAX`], distinct, at most
+    /// [`FLEET_NAMES_BYTES_MAX`] together).
+    pub thing_names: Vec<String>,
+    /// Attributes every thing gets (at most 2).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
     /// How many devices are onboarded at once (1 to 64).
     pub concurrency: u32,
 }
 
-/// One device's outcome.
+impl FleetInput {
+    /// The input of device `i`'s `iot.onboard-device` run.
+    fn device(&self, i: usize) -> DeviceInput {
+        DeviceInput {
+            thing_name: self.thing_names[i].clone(),
+            policy_document: self.policy_document.clone(),
+            attributes: self.attributes.clone(),
+        }
+    }
+}
+
+/// A device whose onboarding failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetFailure {
     /// The thing name.
     pub thing_name: String,
-    /// Why its onboarding did not complete (it compensated itself).
+    /// Why its onboarding did not complete (it compensated itself), cut to
+    /// [`FLEET_ERROR_BYTES_MAX`].
     pub error: String,
 }
 
-/// What [`OnboardFleet`] returns: the devices that completed and those that did not.
+/// What [`OnboardFleet`] returns: the devices that completed and those that did not. Each
+/// device's certificate, key file and data endpoint are the output of its own
+/// `iot.onboard-device` child run (the runs whose parent is the fleet).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetOutput {
-    /// Onboarded devices, in input order.
-    pub onboarded: Vec<DeviceOutput>,
-    /// Devices whose onboarding failed and was undone, in input order.
-    pub failed: Vec<FleetFailure>,
+    /// Thing names onboarded, in input order.
+    pub onboarded: Vec<String>,
+    /// Thing names whose onboarding failed and was undone, in input order.
+    pub failed: Vec<String>,
+    /// The first [`FLEET_ERRORS_KEPT`] failures with their errors.
+    pub errors: Vec<FleetFailure>,
 }
 
 /// Onboards every device as its own `iot.onboard-device` child run, `concurrency` at a
@@ -47,15 +82,27 @@ impl Workflow for OnboardFleet {
     type Output = FleetOutput;
 
     fn validate(input: &FleetInput) -> Result<(), InvalidInput> {
-        validate::count("devices", input.devices.len(), 1, FLEET_DEVICES_MAX)?;
+        validate::count("thing_names", input.thing_names.len(), 1, FLEET_DEVICES_MAX)?;
         validate::count("concurrency", input.concurrency as usize, 1, 64)?;
+        validate::policy_document("policy_document", &input.policy_document)?;
+        validate::count("attributes", input.attributes.len(), 0, 2)?;
+        let bytes = serde_json::to_vec(&input.thing_names).map_or(usize::MAX, |v| v.len());
+        if bytes > FLEET_NAMES_BYTES_MAX {
+            return Err(InvalidInput::new(
+                "thing_names",
+                format!(
+                    "{bytes} bytes of names, over the {FLEET_NAMES_BYTES_MAX} a fleet's output can \
+                     list: use shorter names or split the fleet"
+                ),
+            ));
+        }
         let mut names = std::collections::BTreeSet::new();
-        for (i, device) in input.devices.iter().enumerate() {
-            OnboardDevice::check(&format!("devices[{i}]."), device)?;
-            if !names.insert(&device.thing_name) {
+        for (i, name) in input.thing_names.iter().enumerate() {
+            validate::thing_name(&format!("thing_names[{i}]"), name, 128)?;
+            if !names.insert(name) {
                 return Err(InvalidInput::new(
-                    format!("devices[{i}].thing_name"),
-                    format!("{:?} is listed twice", device.thing_name),
+                    format!("thing_names[{i}]"),
+                    format!("{name:?} is listed twice"),
                 ));
             }
         }
@@ -63,23 +110,86 @@ impl Workflow for OnboardFleet {
     }
 
     async fn run(ctx: &mut Ctx, input: FleetInput) -> Result<FleetOutput, WorkflowError> {
+        let devices = (0..input.thing_names.len())
+            .map(|i| input.device(i))
+            .collect();
         let results = ctx
-            .children::<OnboardDevice>(input.devices.clone(), input.concurrency as usize)
+            .children::<OnboardDevice>(devices, input.concurrency as usize)
             .await?;
         let mut output = FleetOutput {
             onboarded: Vec::new(),
             failed: Vec::new(),
+            errors: Vec::new(),
         };
-        for (device, result) in input.devices.iter().zip(results) {
+        for (name, result) in input.thing_names.iter().zip(results) {
             match result {
-                Ok(done) => output.onboarded.push(done),
-                Err(error @ WorkflowError::Child { .. }) => output.failed.push(FleetFailure {
-                    thing_name: device.thing_name.clone(),
-                    error: error.to_string(),
-                }),
+                Ok(done) => output.onboarded.push(done.thing_name),
+                Err(error @ WorkflowError::Child { .. }) => {
+                    output.failed.push(name.clone());
+                    if output.errors.len() < FLEET_ERRORS_KEPT {
+                        output.errors.push(FleetFailure {
+                            thing_name: name.clone(),
+                            error: cut(error.to_string(), FLEET_ERROR_BYTES_MAX),
+                        });
+                    }
+                }
                 Err(error) => return Err(error),
             }
         }
         Ok(output)
+    }
+}
+
+/// `text` cut to at most `max` bytes, at a char boundary, marked when cut.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_engine::limits::{INPUT_BYTES_MAX, OUTPUT_BYTES_MAX};
+
+    /// The largest fleet its checks let through (1,000 devices, names filling
+    /// FLEET_NAMES_BYTES_MAX) fits the engine's input bound, and its output fits the output
+    /// bound even when every device fails.
+    #[test]
+    fn the_largest_fleet_fits_the_engines_bounds_even_when_every_device_fails() {
+        // 1,000 names of 29 bytes: 31 bytes each encoded, 31,001 bytes in all.
+        let names: Vec<String> = (0..FLEET_DEVICES_MAX)
+            .map(|i| format!("{i:0>29}"))
+            .collect();
+        let input = FleetInput {
+            policy_document: crate::sample::CONNECT_ONLY.into(),
+            thing_names: names.clone(),
+            attributes: BTreeMap::from([("a".repeat(128), "b".repeat(800))]),
+            concurrency: 64,
+        };
+        assert!(OnboardFleet::validate(&input).is_ok());
+        assert!(serde_json::to_vec(&input).unwrap().len() <= INPUT_BYTES_MAX);
+        let output = FleetOutput {
+            onboarded: Vec::new(),
+            failed: names.clone(),
+            errors: names
+                .iter()
+                .take(FLEET_ERRORS_KEPT)
+                .map(|n| FleetFailure {
+                    thing_name: n.clone(),
+                    error: cut("é".repeat(4096), FLEET_ERROR_BYTES_MAX),
+                })
+                .collect(),
+        };
+        assert!(output.errors[0].error.len() <= FLEET_ERROR_BYTES_MAX);
+        assert!(output.errors[0].error.ends_with("..."));
+        let bytes = serde_json::to_vec(&output).unwrap().len();
+        assert!(bytes <= OUTPUT_BYTES_MAX, "{bytes}");
     }
 }

@@ -1,5 +1,6 @@
 //! `greengrass.provision-core`: a Greengrass (V1) core with its client devices, deployed.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keel_engine::{Ctx, InvalidInput, WaitPolicy, Workflow, WorkflowError};
@@ -25,9 +26,13 @@ pub struct CoreInput {
     pub role: ServiceRoleInput,
     /// The core device.
     pub core: DeviceInput,
-    /// The client devices (0 to [`CLIENT_DEVICES_MAX`]).
+    /// The client devices' thing names (0 to [`CLIENT_DEVICES_MAX`]).
     #[serde(default)]
-    pub client_devices: Vec<DeviceInput>,
+    pub client_devices: Vec<String>,
+    /// The IoT policy document every client device's certificate gets (required when there
+    /// are client devices).
+    #[serde(default)]
+    pub client_policy_document: String,
     /// How many client devices are onboarded at once (1 to 64).
     pub concurrency: u32,
     /// How long to wait for the deployment to succeed (seconds; default 300).
@@ -48,8 +53,9 @@ pub struct CoreOutput {
     pub role_arn: String,
     /// The core device.
     pub core: DeviceOutput,
-    /// The client devices, in input order.
-    pub client_devices: Vec<DeviceOutput>,
+    /// The client devices' thing names, in input order. Each one's certificate and key file
+    /// are the output of its own `iot.onboard-device` child run (whose parent is this run).
+    pub client_devices: Vec<String>,
 }
 
 /// The service role (an `iam.service-role` child run), the core device and the client
@@ -78,13 +84,16 @@ impl Workflow for ProvisionCore {
             CLIENT_DEVICES_MAX,
         )?;
         validate::count("concurrency", input.concurrency as usize, 1, 64)?;
+        if !input.client_devices.is_empty() {
+            validate::policy_document("client_policy_document", &input.client_policy_document)?;
+        }
         let mut names = std::collections::BTreeSet::from([&input.core.thing_name]);
-        for (i, device) in input.client_devices.iter().enumerate() {
-            OnboardDevice::check(&format!("client_devices[{i}]."), device)?;
-            if !names.insert(&device.thing_name) {
+        for (i, name) in input.client_devices.iter().enumerate() {
+            validate::thing_name(&format!("client_devices[{i}]"), name, 128)?;
+            if !names.insert(name) {
                 return Err(InvalidInput::new(
-                    format!("client_devices[{i}].thing_name"),
-                    format!("{:?} is used twice", device.thing_name),
+                    format!("client_devices[{i}]"),
+                    format!("{name:?} is used twice"),
                 ));
             }
         }
@@ -102,8 +111,17 @@ impl Workflow for ProvisionCore {
         let core = ctx.child::<OnboardDevice>(input.core.clone()).await?;
         let mut client_devices = Vec::new();
         if !input.client_devices.is_empty() {
+            let inputs = input
+                .client_devices
+                .iter()
+                .map(|name| DeviceInput {
+                    thing_name: name.clone(),
+                    policy_document: input.client_policy_document.clone(),
+                    attributes: BTreeMap::new(),
+                })
+                .collect();
             let results = ctx
-                .children::<OnboardDevice>(input.client_devices.clone(), input.concurrency as usize)
+                .children::<OnboardDevice>(inputs, input.concurrency as usize)
                 .await?;
             for result in results {
                 client_devices.push(result?);
@@ -171,7 +189,43 @@ impl Workflow for ProvisionCore {
             deployment_id: deployment.id,
             role_arn: role.arn,
             core,
-            client_devices,
+            client_devices: client_devices.into_iter().map(|d| d.thing_name).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use keel_engine::limits::{INPUT_BYTES_MAX, OUTPUT_BYTES_MAX};
+
+    /// A core with the most client devices, every name at its longest, fits the engine's
+    /// input and output bounds.
+    #[test]
+    fn the_largest_core_fits_the_engines_bounds() {
+        let mut input = crate::sample::core("c", CLIENT_DEVICES_MAX);
+        for (i, name) in input.client_devices.iter_mut().enumerate() {
+            *name = format!("{i:0>128}");
+        }
+        assert!(ProvisionCore::validate(&input).is_ok());
+        assert!(serde_json::to_vec(&input).unwrap().len() <= INPUT_BYTES_MAX);
+        let long = "x".repeat(256);
+        let output = CoreOutput {
+            group_id: long.clone(),
+            group_arn: long.clone(),
+            deployment_id: long.clone(),
+            role_arn: long.clone(),
+            core: DeviceOutput {
+                thing_name: long.clone(),
+                thing_arn: long.clone(),
+                certificate_id: long.clone(),
+                certificate_arn: long.clone(),
+                key_file: long.clone().into(),
+                data_endpoint: long,
+            },
+            client_devices: input.client_devices,
+        };
+        let bytes = serde_json::to_vec(&output).unwrap().len();
+        assert!(bytes <= OUTPUT_BYTES_MAX, "{bytes}");
     }
 }

@@ -40,9 +40,8 @@ pub fn core(name: &str, clients: usize) -> CoreInput {
             assume_timeout_s: Some(60),
         },
         core: device(&format!("{name}-core")),
-        client_devices: (0..clients)
-            .map(|i| device(&format!("{name}-client-{i}")))
-            .collect(),
+        client_devices: (0..clients).map(|i| format!("{name}-client-{i}")).collect(),
+        client_policy_document: CONNECT_ONLY.into(),
         concurrency: 4,
         deployment_timeout_s: Some(60),
     }
@@ -51,9 +50,9 @@ pub fn core(name: &str, clients: usize) -> CoreInput {
 /// A fleet of `count` devices `<prefix>-<i>`, `concurrency` at a time.
 pub fn fleet(prefix: &str, count: usize, concurrency: u32) -> FleetInput {
     FleetInput {
-        devices: (0..count)
-            .map(|i| device(&format!("{prefix}-{i}")))
-            .collect(),
+        policy_document: CONNECT_ONLY.into(),
+        thing_names: (0..count).map(|i| format!("{prefix}-{i}")).collect(),
+        attributes: BTreeMap::new(),
         concurrency,
     }
 }

@@ -11,7 +11,7 @@ use keel_testkit::aws::SdkOptions;
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
 use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
-use keel_workflows::fleet::{FleetInput, OnboardFleet};
+use keel_workflows::fleet::OnboardFleet;
 use keel_workflows::greengrass::ProvisionCore;
 use keel_workflows::sample::{core, fleet};
 use keel_workflows::KeelWorkflows;
@@ -137,14 +137,17 @@ async fn bad_inputs_are_refused_naming_the_field_before_anything_exists() {
     let env = env(Rules::seeded(1)).await;
     let mut bad_role = core("x", 1);
     bad_role.role.name = "has space".into();
+    let mut bad_policy = core("x", 2);
+    bad_policy.client_policy_document = r#"{"Statement":[{"Effect":"Perhaps"}]}"#.into();
     let mut bad_client = core("x", 2);
-    bad_client.client_devices[1].policy_document = r#"{"Statement":[{"Effect":"Perhaps"}]}"#.into();
+    bad_client.client_devices[1] = "has/slash".into();
     let mut twice = core("x", 2);
-    twice.client_devices[1].thing_name = "x-core".into();
+    twice.client_devices[1] = "x-core".into();
     let cases = [
         (bad_role, "role.name"),
-        (bad_client, "client_devices[1].policy_document.Statement[0]"),
-        (twice, "client_devices[1].thing_name"),
+        (bad_policy, "client_policy_document.Statement[0]"),
+        (bad_client, "client_devices[1]"),
+        (twice, "client_devices[1]"),
     ];
     for (input, field) in cases {
         match env.engine.start::<ProvisionCore>("bad", input).await {
@@ -152,16 +155,27 @@ async fn bad_inputs_are_refused_naming_the_field_before_anything_exists() {
             other => panic!("{field}: {:?}", other.map(|h| h.id().clone())),
         }
     }
-    let fleet = FleetInput {
-        devices: vec![],
-        concurrency: 1,
-    };
-    match env.engine.start::<OnboardFleet>("bad-fleet", fleet).await {
-        Err(EngineError::InvalidInput { field, reason, .. }) => {
-            assert_eq!(field, "devices");
-            assert!(reason.contains("1..=1000"), "{reason}");
+    let empty = fleet("f", 0, 1);
+    let mut long_names = fleet("f", 1000, 1);
+    for name in &mut long_names.thing_names {
+        name.insert_str(0, &"n".repeat(30));
+    }
+    let fleets = [
+        (empty, "thing_names", "1..=1000"),
+        (long_names, "thing_names", "split the fleet"),
+    ];
+    for (input, field, reason) in fleets {
+        match env.engine.start::<OnboardFleet>("bad-fleet", input).await {
+            Err(EngineError::InvalidInput {
+                field: f,
+                reason: r,
+                ..
+            }) => {
+                assert_eq!(f, field);
+                assert!(r.contains(reason), "{r}");
+            }
+            other => panic!("{field}: {:?}", other.map(|h| h.id().clone())),
         }
-        other => panic!("{:?}", other.map(|h| h.id().clone())),
     }
     assert!(env.engine.list().await.unwrap().is_empty());
     let truth = Inventory::read(&env.direct).await.unwrap();

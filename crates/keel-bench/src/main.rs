@@ -12,6 +12,9 @@
 //! 5. durable starts from 100 concurrent callers: starts/s;
 //! 6. resume after SIGKILL: `open()` time and time until every run completed;
 //! 7. the baseline (second time); then the peak RSS of the whole run.
+//!
+//! Subcommands measure apart from the engine core: `waits` simulates wait strategies,
+//! `fleet` onboards a fleet of devices against moto through a throttling proxy.
 
 // The binary's output is its report: printing it to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -19,6 +22,7 @@
 // the report.
 #![allow(clippy::print_stderr)]
 
+mod fleet;
 mod measure;
 mod report;
 mod resume;
@@ -79,6 +83,23 @@ enum Command {
         /// Fraction of resources that are outliers (3-12x the mean readiness time).
         #[arg(long, default_value_t = 0.01)]
         outlier_rate: f64,
+    },
+    /// Onboards a fleet (`iot.onboard-fleet`) against moto's server through the fault proxy,
+    /// which throttles a fraction of every call; reports duration and API calls. Needs
+    /// Python 3 with `moto[server]` (see docs/testing.md).
+    Fleet {
+        /// Devices in the fleet.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// Devices onboarded at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Fraction of calls throttled (0 to 1).
+        #[arg(long, default_value_t = 0.2)]
+        throttle: f64,
+        /// Seed of the proxy's draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// The child of the resume measurement: fills a store with sleeping runs, prints `ready`
     /// and waits to be killed.
@@ -149,6 +170,31 @@ async fn main() -> anyhow::Result<()> {
             runs,
             wake_at_ms,
         }) => resume::populate(&dir, runs, wake_at_ms).await,
+        Some(Command::Fleet {
+            devices,
+            concurrency,
+            throttle,
+            seed,
+        }) => {
+            if !(0.0..=1.0).contains(&throttle) {
+                bail!("--throttle must be between 0 and 1, not {throttle}");
+            }
+            std::fs::create_dir_all(&cli.dir)
+                .with_context(|| format!("creating {}", cli.dir.display()))?;
+            let params = fleet::FleetParams {
+                devices,
+                concurrency,
+                throttle,
+                seed,
+            };
+            let report = fleet::run(&cli.dir, params).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
         Some(Command::Waits {
             seed,
             resources,
