@@ -309,6 +309,7 @@ impl Ctx {
             step: index,
             outcome: outcome.clone(),
         })?;
+        crate::stats::EventCounters::bump(&self.lane.inner.counters.waits);
         // Not synced here: the next step's start record, or the run's terminal record, shares
         // this entry's sync, as for a step's outcome.
         crate::crash::point("wait.after_ended");

@@ -119,6 +119,7 @@ impl EngineBuilder {
         let (drivers, _) = watch::channel(0usize);
         let inner = Arc::new(Inner {
             stats,
+            counters: Default::default(),
             path: self.path,
             store: Arc::new(store),
             registry: self.registry,
@@ -142,6 +143,7 @@ impl EngineBuilder {
 pub(crate) struct Inner {
     path: PathBuf,
     pub(crate) stats: StatsBook,
+    pub(crate) counters: crate::stats::EventCounters,
     limiters: Mutex<HashMap<String, Arc<RateLimiter>>>,
     rate_limits: HashMap<String, RateLimit>,
     pub(crate) resources: Arc<Resources>,
@@ -650,6 +652,11 @@ impl Engine {
             tracing::warn!(%error, "latency statistics could not be written");
         }
         let _ = self.inner.store.sync().wait().await;
+    }
+
+    /// Counts of retries, step compensations and ended waits since the engine opened.
+    pub fn counters(&self) -> crate::stats::Counters {
+        self.inner.counters.read()
     }
 
     /// The rate limiter of the service `name`, shared by every workflow of this engine

@@ -17,6 +17,7 @@ use crate::engine::Inner;
 use crate::ids::{Attempt, IdempotencyKey, StepIndex};
 use crate::journal::{ErrorClass, ErrorRecord, Event};
 use crate::limits::STEP_OUTPUT_BYTES_MAX;
+use crate::stats::EventCounters;
 use crate::step::{Step, StepContext, StepError};
 use crate::workflow::{OnRetriesExhausted, WorkflowError};
 
@@ -267,6 +268,9 @@ impl Lane {
                         error: record.clone(),
                         retry_at_ms,
                     })?;
+                    if retry_at_ms.is_some() {
+                        EventCounters::bump(&self.inner.counters.retries);
+                    }
                     // Synced so that a restart neither resets the attempt count nor shortens
                     // the backoff.
                     self.durable().await?;

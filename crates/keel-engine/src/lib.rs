@@ -103,7 +103,7 @@ pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
 pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};
 pub use limiter::{Permit, RateLimit, RateLimiter};
 pub use retry::RetryPolicy;
-pub use stats::{LatencyStats, OperationStats, Outlier};
+pub use stats::{Counters, LatencyStats, OperationStats, Outlier};
 pub use step::{Step, StepContext, StepError, Undo};
 pub use store::Durability;
 pub use wait::{

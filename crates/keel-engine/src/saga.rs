@@ -243,6 +243,7 @@ async fn record_undo(
         Ok(Undo::Done) => {
             // Not synced here: the next undo's start, or the terminal record, shares the sync.
             cell.append(&*inner.store, Event::StepCompensated { step })?;
+            crate::stats::EventCounters::bump(&inner.counters.compensations);
         }
         Ok(Undo::NotCompensable) => {
             cell.append(

@@ -61,7 +61,7 @@ mod micros {
 }
 
 /// What `Engine::stats` reports for one operation.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OperationStats {
     /// `step:<kind>` or `wait:<kind>`.
     pub operation: String,
@@ -301,4 +301,41 @@ mod tests {
         let back: LatencyStats = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back, s);
     }
+}
+
+/// Counts of events since the engine opened (for metrics; the journals hold the durable
+/// record of each).
+#[derive(Debug, Default)]
+pub(crate) struct EventCounters {
+    pub(crate) retries: std::sync::atomic::AtomicU64,
+    pub(crate) compensations: std::sync::atomic::AtomicU64,
+    pub(crate) waits: std::sync::atomic::AtomicU64,
+}
+
+impl EventCounters {
+    /// Adds one to `counter`.
+    pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The counts now.
+    pub(crate) fn read(&self) -> Counters {
+        use std::sync::atomic::Ordering::Relaxed;
+        Counters {
+            retries: self.retries.load(Relaxed),
+            compensations: self.compensations.load(Relaxed),
+            waits: self.waits.load(Relaxed),
+        }
+    }
+}
+
+/// What [`crate::Engine::counters`] reports: events since the engine opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Step attempts that failed and were scheduled for another attempt.
+    pub retries: u64,
+    /// Steps undone by compensation.
+    pub compensations: u64,
+    /// Waits that ended (ready, timed out or failed).
+    pub waits: u64,
 }

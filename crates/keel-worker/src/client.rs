@@ -1,0 +1,384 @@
+//! The CLI verbs: each is one or a few requests to a running worker's API, printed as a table
+//! (or JSON with `--json`). Errors are one line with an exit code: 2 when the worker refused
+//! the request (4xx) or the command line is wrong, 1 otherwise.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use keel_engine::{Event, OperationStats, RunHistory, RunRecord};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::api::{ApiError, ResolveRequest, StartRequest};
+
+/// A failed verb.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The worker answered with an error.
+    #[error("{message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The worker's one line.
+        message: String,
+    },
+    /// No answer.
+    #[error("cannot reach the worker at {api}: {detail} (is `keel worker` running? see --api)")]
+    Unreachable {
+        /// The API address.
+        api: String,
+        /// Why.
+        detail: String,
+    },
+    /// Anything on this side: an unreadable input file, a waited-for run that failed.
+    #[error("{0}")]
+    Local(String),
+    /// The command line asked for something impossible.
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl ClientError {
+    /// The process exit code.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Refused { status, .. } if (400..500).contains(status) => 2,
+            ClientError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, ClientError>;
+
+/// The token from `file` (trimmed), else from `KEEL_API_TOKEN`, else none.
+pub fn token(file: Option<&Path>) -> std::result::Result<Option<String>, String> {
+    let token = match file {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read the API token file {}: {e}", path.display()))?,
+        None => match std::env::var("KEEL_API_TOKEN") {
+            Ok(token) => token,
+            Err(_) => return Ok(None),
+        },
+    };
+    let token = token.trim().to_string();
+    if token.is_empty() {
+        return Err("the API token is empty".into());
+    }
+    Ok(Some(token))
+}
+
+/// A connection to one worker's API.
+pub struct Client {
+    api: String,
+    token: Option<String>,
+    json: bool,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    /// A client of the API at `api`.
+    pub fn new(api: &str, token: Option<String>, json: bool) -> Client {
+        Client {
+            api: api.trim_end_matches('/').to_string(),
+            token,
+            json,
+            agent: ureq::AgentBuilder::new()
+                .timeout_connect(Duration::from_secs(5))
+                .timeout(Duration::from_secs(60))
+                .build(),
+        }
+    }
+
+    fn request(&self, method: &str, path: &str) -> ureq::Request {
+        let request = self.agent.request(method, &format!("{}{path}", self.api));
+        match &self.token {
+            Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+            None => request,
+        }
+    }
+
+    fn answer<T: DeserializeOwned>(
+        &self,
+        result: std::result::Result<ureq::Response, ureq::Error>,
+    ) -> Result<T> {
+        match result {
+            Ok(response) => response
+                .into_json()
+                .map_err(|e| ClientError::Local(format!("unreadable answer from the worker: {e}"))),
+            Err(ureq::Error::Status(status, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<ApiError>(&text)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| format!("HTTP {status}: {}", text.trim()));
+                Err(ClientError::Refused { status, message })
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
+                api: self.api.clone(),
+                detail: t.to_string(),
+            }),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.answer(self.request("GET", path).call())
+    }
+
+    fn post<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T> {
+        self.answer(self.request("POST", path).send_json(body))
+    }
+
+    fn print<T: serde::Serialize>(&self, value: &T, table: impl FnOnce() -> String) {
+        if self.json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(value).expect("JSON of a value read as JSON")
+            );
+        } else {
+            print!("{}", table());
+        }
+    }
+
+    /// `keel start`.
+    pub fn start(&self, workflow: &str, id: &str, input: &str, wait: bool) -> Result<()> {
+        let text = if input == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map_err(|e| {
+                ClientError::Local(format!("cannot read the input from stdin: {e}"))
+            })?;
+            text
+        } else {
+            std::fs::read_to_string(input).map_err(|e| {
+                ClientError::Usage(format!("cannot read the input file {input}: {e}"))
+            })?
+        };
+        let from = if input == "-" { "stdin" } else { input };
+        let input: Value = serde_json::from_str(&text)
+            .map_err(|e| ClientError::Usage(format!("the input in {from} is not JSON: {e}")))?;
+        let request = StartRequest {
+            workflow: workflow.into(),
+            id: id.into(),
+            input,
+        };
+        let record: RunRecord = self.post("/v1/runs", &request)?;
+        if !wait {
+            self.print(&record, || record_table(std::slice::from_ref(&record)));
+            return Ok(());
+        }
+        let record = self.wait(&record.id.to_string())?;
+        self.print(&record, || record_table(std::slice::from_ref(&record)));
+        if record.status == keel_engine::RunStatus::Completed {
+            Ok(())
+        } else {
+            Err(ClientError::Local(format!(
+                "run {} ended {}: {}",
+                record.id,
+                record.status,
+                record.error.as_deref().unwrap_or("no error recorded")
+            )))
+        }
+    }
+
+    /// Polls until the run ends, with a progress line on stderr (rewritten in place on a
+    /// terminal, one line every 5 s otherwise).
+    fn wait(&self, id: &str) -> Result<RunRecord> {
+        let started = Instant::now();
+        let terminal = std::io::stderr().is_terminal();
+        let mut last_line = Instant::now() - Duration::from_secs(60);
+        loop {
+            let history: RunHistory = self.get(&format!("/v1/runs/{}/history", encode(id)))?;
+            let line = progress(&history, started.elapsed());
+            if terminal {
+                eprint!("\r\x1b[2K{line}");
+            } else if last_line.elapsed() >= Duration::from_secs(5)
+                || history.run.status.is_terminal()
+            {
+                eprintln!("{line}");
+                last_line = Instant::now();
+            }
+            let _ = std::io::stderr().flush();
+            if history.run.status.is_terminal() {
+                if terminal {
+                    eprintln!();
+                }
+                return Ok(history.run);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `keel status`.
+    pub fn status(&self, id: &str) -> Result<()> {
+        let record: RunRecord = self.get(&format!("/v1/runs/{}", encode(id)))?;
+        self.print(&record, || record_table(std::slice::from_ref(&record)));
+        Ok(())
+    }
+
+    /// `keel list`.
+    pub fn list(&self, status: Option<&str>) -> Result<()> {
+        let path = match status {
+            Some(s) => format!("/v1/runs?status={}", encode(s)),
+            None => "/v1/runs".into(),
+        };
+        let runs: Vec<RunRecord> = self.get(&path)?;
+        self.print(&runs, || record_table(&runs));
+        Ok(())
+    }
+
+    /// `keel history`.
+    pub fn history(&self, id: &str) -> Result<()> {
+        let history: RunHistory = self.get(&format!("/v1/runs/{}/history", encode(id)))?;
+        if self.json {
+            let rows = crate::history::rows(&history);
+            self.print(
+                &serde_json::json!({"run": history.run, "operations": rows}),
+                String::new,
+            );
+        } else {
+            print!("{}", crate::history::table(&history));
+        }
+        Ok(())
+    }
+
+    /// `keel cancel|pause|resume|retry-compensation|resolve`.
+    pub fn operate(&self, id: &str, operation: &str, note: Option<String>) -> Result<()> {
+        let body = ResolveRequest {
+            note: note.unwrap_or_default(),
+        };
+        let record: RunRecord =
+            self.post(&format!("/v1/runs/{}/{operation}", encode(id)), &body)?;
+        self.print(&record, || record_table(std::slice::from_ref(&record)));
+        Ok(())
+    }
+
+    /// `keel stats`.
+    pub fn stats(&self) -> Result<()> {
+        let stats: Vec<OperationStats> = self.get("/v1/stats")?;
+        self.print(&stats, || stats_table(&stats));
+        Ok(())
+    }
+}
+
+/// A path segment with everything but letters and digits percent-encoded (run ids of child
+/// runs hold `/`).
+fn encode(segment: &str) -> String {
+    utf8_percent_encode(segment, NON_ALPHANUMERIC).to_string()
+}
+
+/// `id: status, N operations done, now: kind, elapsed`.
+fn progress(history: &RunHistory, elapsed: Duration) -> String {
+    let mut done = 0;
+    let mut current = String::new();
+    for entry in &history.entries {
+        match &entry.event {
+            Event::StepCompleted { .. }
+            | Event::WaitEnded { .. }
+            | Event::TimerFired { .. }
+            | Event::ChildEnded { .. } => done += 1,
+            Event::StepStarted { kind, .. } | Event::WaitStarted { kind, .. } => {
+                current = kind.clone()
+            }
+            Event::ChildStarted { workflow, .. } => current = format!("child {workflow}"),
+            Event::StepCompensationStarted { step, .. } => current = format!("undoing #{}", step.0),
+            _ => {}
+        }
+    }
+    format!(
+        "{}: {}, {done} operations done, last: {}, {:.1} s",
+        history.run.id,
+        history.run.status,
+        if current.is_empty() { "-" } else { &current },
+        elapsed.as_secs_f64()
+    )
+}
+
+fn record_table(runs: &[RunRecord]) -> String {
+    let header = ["id", "workflow", "status", "updated", "error"];
+    let rows: Vec<[String; 5]> = runs
+        .iter()
+        .map(|r| {
+            [
+                r.id.to_string(),
+                r.workflow.clone(),
+                r.status.to_string(),
+                format!("{} ms", r.updated_at_ms),
+                r.error
+                    .as_deref()
+                    .map(|e| {
+                        e.lines()
+                            .next()
+                            .unwrap_or_default()
+                            .chars()
+                            .take(80)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    align(&header, &rows)
+}
+
+fn stats_table(stats: &[OperationStats]) -> String {
+    let ms = |d: Duration| format!("{:.1}", d.as_secs_f64() * 1000.0);
+    let header = [
+        "operation",
+        "count",
+        "min ms",
+        "mean ms",
+        "max ms",
+        "sigma ms",
+        "p50 ms",
+        "p99 ms",
+        "worst (run)",
+    ];
+    let rows: Vec<[String; 9]> = stats
+        .iter()
+        .map(|s| {
+            let worst = s
+                .outliers
+                .iter()
+                .take(3)
+                .map(|o| format!("{} ({})", ms(o.duration), o.run_id))
+                .collect::<Vec<_>>()
+                .join(", ");
+            [
+                s.operation.clone(),
+                s.count.to_string(),
+                ms(s.min),
+                ms(s.mean),
+                ms(s.max),
+                ms(s.std_dev),
+                ms(s.p50),
+                ms(s.p99),
+                worst,
+            ]
+        })
+        .collect();
+    align(&header, &rows)
+}
+
+/// Columns padded to their widest cell.
+pub fn align<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out += &line(row.iter().map(String::as_str).collect());
+    }
+    out
+}

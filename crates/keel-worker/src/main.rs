@@ -1,0 +1,204 @@
+//! `keel`: the worker that runs Keel's provisioning workflows, and the CLI that drives a
+//! running worker over its HTTP admin API.
+//!
+//! ```text
+//! keel worker --data-dir ./keel-data --listen 127.0.0.1:7878 --aws-endpoint http://127.0.0.1:4566
+//! keel start greengrass.provision-core --id plant --input core.json --wait
+//! keel status plant | keel list --status running | keel history plant | keel stats
+//! keel cancel|pause|resume|retry-compensation ID, keel resolve ID --note TEXT
+//! ```
+//!
+//! Exit codes: 0 success; 1 failure (the worker failed, is unreachable, or a waited-for run
+//! did not complete); 2 refused (bad usage, bad input, a conflicting or unknown id).
+
+// The CLI's output is its job: tables and JSON on stdout, errors and progress on stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod api;
+mod client;
+mod history;
+mod metrics;
+mod worker;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Runs Keel's provisioning workflows (`keel worker`) and drives a running worker.
+#[derive(Parser)]
+#[command(
+    name = "keel",
+    version,
+    after_help = "Exit codes: 0 success; 1 failure (the worker failed or is unreachable, or a \
+                  waited-for run did not complete); 2 refused (bad usage, bad input, a \
+                  conflicting or unknown id)."
+)]
+struct Cli {
+    /// The worker's API (for every verb but `worker`).
+    #[arg(
+        long,
+        env = "KEEL_API",
+        global = true,
+        default_value = "http://127.0.0.1:7878"
+    )]
+    api: String,
+    /// A file holding the API token (else `KEEL_API_TOKEN`). The worker requires it on every
+    /// request when it has one; it must have one to listen beyond loopback.
+    #[arg(long, env = "KEEL_API_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the worker: opens the store, resumes unfinished runs, serves the API.
+    Worker(WorkerArgs),
+    /// Starts a run (idempotent by id: the same id and input return the existing run).
+    Start {
+        /// The workflow, e.g. `greengrass.provision-core`.
+        workflow: String,
+        /// The run's id (its idempotency key).
+        #[arg(long)]
+        id: String,
+        /// The input: a JSON file, or `-` for standard input.
+        #[arg(long)]
+        input: String,
+        /// Wait until the run ends, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// One run's record.
+    Status {
+        /// The run id.
+        id: String,
+    },
+    /// Every run, or those with one status.
+    List {
+        /// running, suspended, paused, completed, failed, compensating, compensated,
+        /// compensation_failed, ...
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// A run's journal as a table: step, kind, attempts, duration, outcome, compensation.
+    History {
+        /// The run id.
+        id: String,
+    },
+    /// Cancels a run: it compensates.
+    Cancel {
+        /// The run id.
+        id: String,
+    },
+    /// Pauses a run once its in-flight steps end.
+    Pause {
+        /// The run id.
+        id: String,
+    },
+    /// Resumes a paused or suspended run.
+    Resume {
+        /// The run id.
+        id: String,
+    },
+    /// Retries the compensation of a run whose compensation failed.
+    RetryCompensation {
+        /// The run id.
+        id: String,
+    },
+    /// Marks a run whose compensation failed as resolved by an operator.
+    Resolve {
+        /// The run id.
+        id: String,
+        /// What the operator did.
+        #[arg(long)]
+        note: String,
+    },
+    /// Latency per operation: count, min, mean, max, sigma, p50, p99 and the worst outliers.
+    Stats,
+}
+
+/// How the worker logs.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `keel worker`.
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// The data directory (created owner-only if missing): the journal and device keys.
+    #[arg(long, env = "KEEL_DATA_DIR", default_value = "./keel-data")]
+    pub data_dir: PathBuf,
+    /// Where the API listens. Beyond loopback, an API token is required.
+    #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// The AWS endpoint (moto, a proxy); default: the real AWS endpoints.
+    #[arg(long, env = "KEEL_AWS_ENDPOINT")]
+    pub aws_endpoint: Option<String>,
+    /// The AWS region.
+    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
+    pub aws_region: String,
+    /// Most runs driven at once.
+    #[arg(long, env = "KEEL_MAX_CONCURRENT", default_value_t = 1000)]
+    pub max_concurrent: usize,
+    /// On SIGTERM or SIGINT, how long in-flight steps get to finish (seconds).
+    #[arg(long, env = "KEEL_GRACE_S", default_value_t = 30)]
+    pub grace_s: u64,
+    /// Log format.
+    #[arg(long, env = "KEEL_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let token = match client::token(cli.token_file.as_deref()) {
+        Ok(token) => token,
+        Err(message) => {
+            eprintln!("keel: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Command::Worker(args) = cli.command {
+        return match worker::run(args, token) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("keel worker: {error}");
+                ExitCode::from(error.exit_code())
+            }
+        };
+    }
+    let client = client::Client::new(&cli.api, token, cli.json);
+    let result = match cli.command {
+        Command::Worker(_) => unreachable!("handled above"),
+        Command::Start {
+            workflow,
+            id,
+            input,
+            wait,
+        } => client.start(&workflow, &id, &input, wait),
+        Command::Status { id } => client.status(&id),
+        Command::List { status } => client.list(status.as_deref()),
+        Command::History { id } => client.history(&id),
+        Command::Cancel { id } => client.operate(&id, "cancel", None),
+        Command::Pause { id } => client.operate(&id, "pause", None),
+        Command::Resume { id } => client.operate(&id, "resume", None),
+        Command::RetryCompensation { id } => client.operate(&id, "retry-compensation", None),
+        Command::Resolve { id, note } => client.operate(&id, "resolve", Some(note)),
+        Command::Stats => client.stats(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
