@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# The main job: run Keel's demo on the embedded sled store.
-# Today this is the minimal saga example (engine core and saga). The AWS demo against moto's
-# server (Greengrass core, fleet, SIGKILL and restart) replaces it when the step library and
-# the worker land; see the open issues.
+# The main job: Keel's demo on the embedded sled store against a local AWS emulator.
+# Installs moto's server (from PyPI) when it is missing, builds the `keel` worker and the demo
+# driver, then: starts moto and the fault proxy (lag, throttling, lost responses), starts
+# `keel worker`, provisions a Greengrass core with 5 client devices and a fleet of 20 devices,
+# SIGKILLs the worker midway, restarts it, shows every run finishing once, runs a core whose
+# deployment fails late and is compensated, prints the history and stats tables, and checks
+# through the AWS API that every resource exists exactly once and the failed core left
+# nothing. Extra arguments go to the driver (e.g. --clients 2 --fleet 5; see --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "demo: cargo is required (https://rustup.rs)" >&2; exit 1; }
-data=$(mktemp -d "${TMPDIR:-/tmp}/keel-demo.XXXXXX")
-trap 'rm -rf "$data"' EXIT
-echo "== first run: one trip completes, one is compensated"
-cargo run --quiet --example minimal_saga -- "$data"
-echo "== second run on the same data directory: answered from the journal, no step runs again"
-cargo run --quiet --example minimal_saga -- "$data"
+python=${KEEL_MOTO_PYTHON:-python3}
+command -v "$python" >/dev/null || { echo "demo: $python is required (Python 3 with pip)" >&2; exit 1; }
+if ! "$python" -c 'import moto.server, flask, flask_cors' 2>/dev/null; then
+  echo "demo: installing moto's server from PyPI" >&2
+  "$python" -m pip install --quiet 'moto[server]==5.2.1'
+fi
+echo "demo: building keel and the demo driver" >&2
+cargo build --quiet -p keel-worker -p keel-testkit --bins
+exec target/debug/keel-demo --keel target/debug/keel "$@"

@@ -14,6 +14,7 @@
 pub mod aws;
 pub mod check;
 pub mod crash;
+pub mod demo;
 pub mod effects;
 pub mod flows;
 pub mod inventory;

@@ -295,7 +295,7 @@ fn progress(history: &RunHistory, elapsed: Duration) -> String {
 }
 
 fn record_table(runs: &[RunRecord]) -> String {
-    let header = ["id", "workflow", "status", "updated", "error"];
+    let header = ["id", "workflow", "status", "updated (UTC)", "error"];
     let rows: Vec<[String; 5]> = runs
         .iter()
         .map(|r| {
@@ -303,7 +303,7 @@ fn record_table(runs: &[RunRecord]) -> String {
                 r.id.to_string(),
                 r.workflow.clone(),
                 r.status.to_string(),
-                format!("{} ms", r.updated_at_ms),
+                utc_time(r.updated_at_ms),
                 r.error
                     .as_deref()
                     .map(|e| {
@@ -319,6 +319,28 @@ fn record_table(runs: &[RunRecord]) -> String {
         })
         .collect();
     align(&header, &rows)
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of a time in ms since the Unix epoch.
+fn utc_time(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 fn stats_table(stats: &[OperationStats]) -> String {
@@ -381,4 +403,14 @@ pub fn align<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String
         out += &line(row.iter().map(String::as_str).collect());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_are_shown_as_utc_dates() {
+        assert_eq!(super::utc_time(0), "1970-01-01 00:00:00");
+        assert_eq!(super::utc_time(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(super::utc_time(1_795_467_028_707), "2026-11-23 20:50:28");
+    }
 }

@@ -1,0 +1,462 @@
+//! The demo (README's first command, `keel-demo`): moto's server and the fault proxy, a real
+//! `keel worker` process driven by the real CLI, a SIGKILL midway, and a check through the
+//! AWS API that every resource exists exactly once and the compensated run left nothing.
+//!
+//! The narration (each command and its output) goes to the writer the caller gives; the
+//! demo's own test passes a buffer, the `keel-demo` program its standard output.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::inventory::Inventory;
+use crate::moto::{MotoOptions, MotoServer, TestAccount};
+use crate::proxy::{Dist, Fault, FaultProxy, FaultRule, LagRule, Rules};
+
+/// What to provision.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// The `keel` binary.
+    pub keel: PathBuf,
+    /// Where the worker's data directory and the inputs go (must not exist or be empty).
+    pub dir: PathBuf,
+    /// Client devices of the Greengrass core.
+    pub clients: usize,
+    /// Devices of the fleet.
+    pub fleet: usize,
+    /// Seed of the proxy's faults.
+    pub seed: u64,
+}
+
+/// Why the demo failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A step of the demo went wrong.
+    #[error("{0}")]
+    Failed(String),
+    /// Writing the narration failed.
+    #[error("writing the narration: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn failed(what: impl Into<String>) -> DemoError {
+    DemoError::Failed(what.into())
+}
+
+const PLANT: &str = "plant";
+const FLEET: &str = "fleet";
+const DOOMED: &str = "doomed";
+
+/// A running worker; killed when dropped.
+struct Worker {
+    child: Child,
+    api: String,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Demo<'a> {
+    options: &'a DemoOptions,
+    account: TestAccount,
+    proxy_endpoint: String,
+    out: &'a mut dyn Write,
+}
+
+/// Runs the demo; returns when everything is verified.
+pub fn run(options: &DemoOptions, out: &mut dyn Write) -> Result<(), DemoError> {
+    let started = Instant::now();
+    std::fs::create_dir_all(&options.dir)?;
+    writeln!(
+        out,
+        "== starting moto's server (the AWS emulator) and the fault proxy"
+    )?;
+    let moto = MotoServer::start(MotoOptions::default())
+        .map_err(|e| failed(format!("moto's server: {e} (pip install 'moto[server]')")))?;
+    let account = moto
+        .new_account()
+        .map_err(|e| failed(format!("moto account: {e}")))?;
+    let proxy = FaultProxy::start(&account.endpoint, rules(options.seed))
+        .map_err(|e| failed(format!("fault proxy: {e}")))?;
+    writeln!(
+        out,
+        "moto {} | proxy {}: 5% throttled, 5% responses lost after the call took effect, \
+         latency (median 10 ms), IoT create lag up to 500 ms, IAM propagation 1-3 s; \
+         deployments of groups named {DOOMED}* fail",
+        account.endpoint,
+        proxy.endpoint()
+    )?;
+    let mut demo = Demo {
+        options,
+        account,
+        proxy_endpoint: proxy.endpoint(),
+        out,
+    };
+    demo.script()?;
+    writeln!(
+        demo.out,
+        "\n== demo finished in {:.0} s",
+        started.elapsed().as_secs_f64()
+    )?;
+    Ok(())
+}
+
+fn rules(seed: u64) -> Rules {
+    let mut rules = Rules::seeded(seed)
+        .fault(FaultRule::new(Fault::Throttle).probability(0.05))
+        .fault(FaultRule::new(Fault::LostResponse).probability(0.05))
+        .fault(FaultRule::new(Fault::Latency {
+            delay: Dist::LogNormal {
+                median_ms: 10,
+                sigma: 0.8,
+            },
+        }))
+        .lag(LagRule {
+            after_create: Some(Dist::Uniform {
+                min_ms: 50,
+                max_ms: 500,
+            }),
+            ..LagRule::after_create("iot", 0)
+        });
+    rules.assume_role.propagation = Dist::Uniform {
+        min_ms: 1_000,
+        max_ms: 3_000,
+    };
+    rules.deployments.fail_groups_named = vec![DOOMED.into()];
+    rules
+}
+
+impl Demo<'_> {
+    fn script(&mut self) -> Result<(), DemoError> {
+        let dir = self.options.dir.clone();
+        let core = |name: &str, clients: usize| {
+            serde_json::json!({
+                "name": name,
+                "role": {
+                    "name": format!("{name}-role"),
+                    "trust_policy": GREENGRASS_TRUST,
+                    "managed_policy_arns": ["arn:aws:iam::aws:policy/service-role/AWSGreengrassResourceAccessRolePolicy"],
+                    "assume_timeout_s": 120
+                },
+                "core": {"thing_name": format!("{name}-core"), "policy_document": CONNECT_ONLY},
+                "client_devices": (0..clients).map(|i| format!("{name}-client-{i}")).collect::<Vec<_>>(),
+                "client_policy_document": CONNECT_ONLY,
+                "concurrency": 4,
+                "deployment_timeout_s": 120
+            })
+        };
+        let fleet = serde_json::json!({
+            "policy_document": CONNECT_ONLY,
+            "thing_names": (0..self.options.fleet).map(|i| format!("fleet-{i}")).collect::<Vec<_>>(),
+            "concurrency": 8
+        });
+        let plant_input = write_json(&dir.join("plant.json"), &core(PLANT, self.options.clients))?;
+        let fleet_input = write_json(&dir.join("fleet.json"), &fleet)?;
+        let doomed_input = write_json(&dir.join("doomed.json"), &core(DOOMED, 2))?;
+        let data = dir.join("keel-data");
+
+        writeln!(self.out, "\n== starting the worker")?;
+        let mut worker = self.worker(&data)?;
+        let api = worker.api.clone();
+        self.keel(
+            &api,
+            &[
+                "start",
+                "greengrass.provision-core",
+                "--id",
+                PLANT,
+                "--input",
+                &plant_input,
+            ],
+            0,
+        )?;
+        self.keel(
+            &api,
+            &[
+                "start",
+                "iot.onboard-fleet",
+                "--id",
+                FLEET,
+                "--input",
+                &fleet_input,
+            ],
+            0,
+        )?;
+
+        // Kill the worker midway: once some devices are onboarded, before the runs are done.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let runs = self.runs(&api)?;
+            let done = runs
+                .iter()
+                .filter(|r| r["workflow"] == "iot.onboard-device" && r["status"] == "completed")
+                .count();
+            if done >= 3 || Instant::now() > deadline {
+                writeln!(self.out, "\n{done} devices onboarded so far")?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.keel(&api, &["list", "--status", "running"], 0)?;
+        writeln!(
+            self.out,
+            "\n== SIGKILL the worker (pid {}) in the middle of it",
+            worker.child.id()
+        )?;
+        worker.child.kill()?;
+        worker.child.wait()?;
+        drop(worker);
+
+        writeln!(
+            self.out,
+            "\n== restarting the worker: it resumes every unfinished run"
+        )?;
+        let worker = self.worker(&data)?;
+        let api = worker.api.clone();
+        writeln!(
+            self.out,
+            "(starting the same ids again returns the same runs; --wait follows them)"
+        )?;
+        self.keel(
+            &api,
+            &[
+                "start",
+                "greengrass.provision-core",
+                "--id",
+                PLANT,
+                "--input",
+                &plant_input,
+                "--wait",
+            ],
+            0,
+        )?;
+        self.keel(
+            &api,
+            &[
+                "start",
+                "iot.onboard-fleet",
+                "--id",
+                FLEET,
+                "--input",
+                &fleet_input,
+                "--wait",
+            ],
+            0,
+        )?;
+
+        writeln!(
+            self.out,
+            "\n== a core whose deployment fails late: everything it made is undone"
+        )?;
+        self.keel(
+            &api,
+            &[
+                "start",
+                "greengrass.provision-core",
+                "--id",
+                DOOMED,
+                "--input",
+                &doomed_input,
+                "--wait",
+            ],
+            1,
+        )?;
+        self.keel(&api, &["history", DOOMED], 0)?;
+        self.keel(&api, &["list"], 0)?;
+        writeln!(self.out, "\n== latency per operation")?;
+        self.keel(&api, &["stats"], 0)?;
+        self.verify(&api)?;
+        writeln!(
+            self.out,
+            "\n== stopping the worker (SIGTERM: drain, then exit)"
+        )?;
+        let status = Command::new("kill")
+            .args(["-TERM", &worker.child.id().to_string()])
+            .status()?;
+        if !status.success() {
+            return Err(failed("kill -TERM failed"));
+        }
+        let mut worker = worker;
+        let exit = worker.child.wait()?;
+        if !exit.success() {
+            return Err(failed(format!("the worker exited with {exit}")));
+        }
+        Ok(())
+    }
+
+    fn worker(&mut self, data: &Path) -> Result<Worker, DemoError> {
+        let mut child = Command::new(&self.options.keel)
+            .args([
+                "worker",
+                "--listen",
+                "127.0.0.1:0",
+                "--aws-endpoint",
+                &self.proxy_endpoint,
+            ])
+            .arg("--data-dir")
+            .arg(data)
+            .env("AWS_ACCESS_KEY_ID", &self.account.credentials.access_key_id)
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                &self.account.credentials.secret_access_key,
+            )
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("KEEL_API_TOKEN")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| failed(format!("starting {}: {e}", self.options.keel.display())))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let api = line
+            .trim()
+            .strip_prefix("keel worker listening on ")
+            .ok_or_else(|| failed(format!("the worker did not start (said {line:?})")))?
+            .to_string();
+        writeln!(
+            self.out,
+            "$ keel worker --data-dir {} --aws-endpoint {}   # {api}",
+            data.display(),
+            self.proxy_endpoint
+        )?;
+        Ok(Worker { child, api })
+    }
+
+    /// Runs `keel` with `args`, shows the command and its output, and checks its exit code.
+    fn keel(&mut self, api: &str, args: &[&str], expect: i32) -> Result<String, DemoError> {
+        writeln!(self.out, "\n$ keel {}", args.join(" "))?;
+        let output = Command::new(&self.options.keel)
+            .args(["--api", api])
+            .args(args)
+            .env_remove("KEEL_API_TOKEN")
+            .output()?;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        self.out.write_all(stdout.as_bytes())?;
+        // Progress lines (one per 5 s off a terminal) and the one-line error.
+        for line in stderr.lines().rev().take(1) {
+            writeln!(self.out, "{line}")?;
+        }
+        if output.status.code() != Some(expect) {
+            return Err(failed(format!(
+                "keel {} exited {:?}, expected {expect}: {stderr}",
+                args.join(" "),
+                output.status.code()
+            )));
+        }
+        Ok(stdout)
+    }
+
+    fn runs(&mut self, api: &str) -> Result<Vec<serde_json::Value>, DemoError> {
+        let output = Command::new(&self.options.keel)
+            .args(["--api", api, "--json", "list"])
+            .output()?;
+        serde_json::from_slice(&output.stdout).map_err(|e| failed(format!("keel list --json: {e}")))
+    }
+
+    /// The ground truth, read straight from moto (not through the proxy).
+    fn verify(&mut self, api: &str) -> Result<(), DemoError> {
+        writeln!(
+            self.out,
+            "\n== checking through the AWS API (moto, directly)"
+        )?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let truth = runtime
+            .block_on(async { Inventory::read(&self.account.sdk_config().await).await })
+            .map_err(|e| failed(format!("reading moto: {e}")))?;
+        let runs = self.runs(api)?;
+        let mut problems = Vec::new();
+        let status = |id: &str| {
+            runs.iter()
+                .find(|r| r["id"] == id)
+                .map(|r| r["status"].as_str().unwrap_or_default().to_string())
+                .unwrap_or_default()
+        };
+        for (id, want) in [
+            (PLANT, "completed"),
+            (FLEET, "completed"),
+            (DOOMED, "compensated"),
+        ] {
+            if status(id) != want {
+                problems.push(format!("run {id} is {:?}, not {want}", status(id)));
+            }
+        }
+        let devices = 1 + self.options.clients + self.options.fleet;
+        let mut expected: Vec<String> = (0..self.options.clients)
+            .map(|i| format!("{PLANT}-client-{i}"))
+            .chain((0..self.options.fleet).map(|i| format!("fleet-{i}")))
+            .chain([format!("{PLANT}-core")])
+            .collect();
+        expected.sort();
+        let mut things: Vec<String> = truth.things.iter().map(|t| t.name.clone()).collect();
+        things.sort();
+        if things != expected {
+            problems.push(format!("things {things:?}, expected {expected:?}"));
+        }
+        let active = truth
+            .certificates
+            .iter()
+            .filter(|c| c.status == "ACTIVE")
+            .count();
+        if truth.certificates.len() != devices || active != devices {
+            problems.push(format!(
+                "{} certificates ({active} active), expected {devices}",
+                truth.certificates.len()
+            ));
+        }
+        if truth.things.iter().any(|t| t.principals.len() != 1) {
+            problems.push("a thing without exactly one certificate".into());
+        }
+        if truth.iot_policies.len() != devices {
+            problems.push(format!(
+                "{} IoT policies, expected {devices}",
+                truth.iot_policies.len()
+            ));
+        }
+        let roles: Vec<&str> = truth.roles.iter().map(|r| r.name.as_str()).collect();
+        if roles != [format!("{PLANT}-role")] {
+            problems.push(format!("roles {roles:?}, expected [\"{PLANT}-role\"]"));
+        }
+        if truth.groups.len() != 1
+            || truth.core_definitions.len() != 1
+            || truth.device_definitions.len() != 1
+        {
+            problems.push(format!(
+                "{} groups, {} core and {} device definitions, expected 1 each",
+                truth.groups.len(),
+                truth.core_definitions.len(),
+                truth.device_definitions.len()
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(failed(format!(
+                "{}\n{}",
+                problems.join("\n"),
+                truth.summary()
+            )));
+        }
+        writeln!(
+            self.out,
+            "ok: {devices} things, each with one active certificate and one policy; 1 role, \
+             1 group, 1 core and 1 device definition; nothing of run {DOOMED} is left"
+        )?;
+        Ok(())
+    }
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<String, DemoError> {
+    std::fs::write(path, serde_json::to_vec_pretty(value).expect("JSON"))?;
+    Ok(path.to_string_lossy().into_owned())
+}
+
+const GREENGRASS_TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"greengrass.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
+const CONNECT_ONLY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
