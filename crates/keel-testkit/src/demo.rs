@@ -48,10 +48,57 @@ const PLANT: &str = "plant";
 const FLEET: &str = "fleet";
 const DOOMED: &str = "doomed";
 
-/// A running worker; killed when dropped.
-struct Worker {
-    child: Child,
-    api: String,
+/// A running `keel worker` process; killed when dropped.
+pub struct Worker {
+    /// The process.
+    pub child: Child,
+    /// Its API's base URL.
+    pub api: String,
+}
+
+impl Worker {
+    /// Spawns `command` (a [`worker_command`], perhaps changed) and waits for its
+    /// "listening" line.
+    pub fn start(mut command: Command) -> Result<Worker, DemoError> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| failed(format!("starting the worker: {e}")))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let api = line
+            .trim()
+            .strip_prefix("keel worker listening on ")
+            .ok_or_else(|| failed(format!("the worker did not start (said {line:?})")))?
+            .to_string();
+        Ok(Worker { child, api })
+    }
+}
+
+/// `keel worker` on `data`, listening on `listen`, reaching AWS at `endpoint` as `account`,
+/// logging warnings only, without an API token.
+pub fn worker_command(
+    keel: &Path,
+    data: &Path,
+    account: &TestAccount,
+    endpoint: &str,
+    listen: &str,
+) -> Command {
+    let mut command = Command::new(keel);
+    command
+        .args(["worker", "--listen", listen, "--aws-endpoint", endpoint])
+        .arg("--data-dir")
+        .arg(data)
+        .env("AWS_ACCESS_KEY_ID", &account.credentials.access_key_id)
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            &account.credentials.secret_access_key,
+        )
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("KEEL_API_TOKEN")
+        .env("RUST_LOG", "warn");
+    command
 }
 
 impl Drop for Worker {
@@ -290,43 +337,22 @@ impl Demo<'_> {
     }
 
     fn worker(&mut self, data: &Path) -> Result<Worker, DemoError> {
-        let mut child = Command::new(&self.options.keel)
-            .args([
-                "worker",
-                "--listen",
-                "127.0.0.1:0",
-                "--aws-endpoint",
-                &self.proxy_endpoint,
-            ])
-            .arg("--data-dir")
-            .arg(data)
-            .env("AWS_ACCESS_KEY_ID", &self.account.credentials.access_key_id)
-            .env(
-                "AWS_SECRET_ACCESS_KEY",
-                &self.account.credentials.secret_access_key,
-            )
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("KEEL_API_TOKEN")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| failed(format!("starting {}: {e}", self.options.keel.display())))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
-        let api = line
-            .trim()
-            .strip_prefix("keel worker listening on ")
-            .ok_or_else(|| failed(format!("the worker did not start (said {line:?})")))?
-            .to_string();
+        let command = worker_command(
+            &self.options.keel,
+            data,
+            &self.account,
+            &self.proxy_endpoint,
+            "127.0.0.1:0",
+        );
+        let worker = Worker::start(command)?;
         writeln!(
             self.out,
-            "$ keel worker --data-dir {} --aws-endpoint {}   # {api}",
+            "$ keel worker --data-dir {} --aws-endpoint {}   # {}",
             data.display(),
-            self.proxy_endpoint
+            self.proxy_endpoint,
+            worker.api
         )?;
-        Ok(Worker { child, api })
+        Ok(worker)
     }
 
     /// Runs `keel` with `args`, shows the command and its output, and checks its exit code.

@@ -2,10 +2,10 @@
 //! moto's server through the fault proxy, driven by the real CLI; moto's own state is read
 //! directly as ground truth.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
+use keel_testkit::demo::{self, Worker};
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
 use keel_testkit::proxy::{Dist, FaultProxy, Rules};
@@ -13,56 +13,17 @@ use serde_json::Value;
 
 const KEEL: &str = env!("CARGO_BIN_EXE_keel");
 
-/// A worker process; killed when dropped.
-struct Worker {
-    child: Child,
-    api: String,
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn worker_command(dir: &Path, account: &TestAccount, endpoint: &str, listen: &str) -> Command {
-    let mut command = Command::new(KEEL);
-    command
-        .args(["worker", "--listen", listen, "--grace-s", "10"])
-        .arg("--data-dir")
-        .arg(dir)
-        .args(["--aws-endpoint", endpoint])
-        .env("AWS_ACCESS_KEY_ID", &account.credentials.access_key_id)
-        .env(
-            "AWS_SECRET_ACCESS_KEY",
-            &account.credentials.secret_access_key,
-        )
-        .env_remove("AWS_SESSION_TOKEN")
-        .env_remove("KEEL_API_TOKEN")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = demo::worker_command(Path::new(KEEL), dir, account, endpoint, listen);
+    command.args(["--grace-s", "10"]).stderr(Stdio::piped());
     command
 }
 
-/// Starts a worker and waits for its "listening" line.
+/// Starts a worker (with `extra` environment) and waits for its "listening" line.
 fn worker(dir: &Path, account: &TestAccount, endpoint: &str, extra: &[(&str, &str)]) -> Worker {
     let mut command = worker_command(dir, account, endpoint, "127.0.0.1:0");
-    for (k, v) in extra {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("spawning keel worker");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let api = line
-        .trim()
-        .strip_prefix("keel worker listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_string();
-    Worker { child, api }
+    command.envs(extra.iter().copied());
+    Worker::start(command).expect("keel worker starts")
 }
 
 fn keel(api: &str, args: &[&str]) -> Output {
