@@ -16,3 +16,4 @@
 //! ```
 
 pub mod aws;
+pub mod files;

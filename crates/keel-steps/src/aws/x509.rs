@@ -127,7 +127,7 @@ impl KeyStore {
                 }
             }
         }
-        fsync_dir(&self.dir)
+        crate::files::sync_dir(&self.dir)
             .map_err(|e| StepError::retryable(format!("syncing {}: {e}", self.dir.display())))
     }
 }
@@ -160,15 +160,7 @@ fn write_atomically(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     file.sync_all()?;
     drop(file);
     fs::rename(&tmp, path)?;
-    fsync_dir(dir)
-}
-
-fn fsync_dir(dir: &Path) -> std::io::Result<()> {
-    match fs::File::open(dir) {
-        Ok(d) => d.sync_all(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
-    }
+    crate::files::sync_dir(dir)
 }
 
 /// The DER of the first PEM certificate in `pem`.
