@@ -289,10 +289,13 @@ impl Destination {
         Ok(self.published(marker))
     }
 
-    /// Removes the marker, the file (if it holds the published content) and any temporary
-    /// file; syncs the directory.
+    /// Removes the marker and the file (each only if it holds what this publication wrote)
+    /// and any temporary file; syncs the directory.
     pub fn remove(&self) -> Result<(), StepError> {
-        remove_if_present(&self.marker_path())?;
+        let marker = self.marker_path();
+        if fs::read_to_string(&marker).is_ok_and(|text| text == self.marker_text()) {
+            remove_if_present(&marker)?;
+        }
         let path = self.final_path();
         match digest_of(&path) {
             Ok((size, digest)) if size == self.size && digest == self.sha256 => {
@@ -307,6 +310,11 @@ impl Destination {
         }
         remove_if_present(&self.partial_path())?;
         sync_dir(&self.dir).map_err(io("syncing the directory"))
+    }
+
+    /// What the marker holds: `<sha256>  NAME` and a newline (the `sha256sum` format).
+    fn marker_text(&self) -> String {
+        format!("{}  {}\n", self.sha256, self.name)
     }
 
     fn published(&self, marker: Option<PathBuf>) -> Published {
@@ -324,7 +332,7 @@ impl Destination {
             return Ok(None);
         }
         let marker = self.marker_path();
-        let text = format!("{}  {}\n", self.sha256, self.name);
+        let text = self.marker_text();
         if fs::read_to_string(&marker).is_ok_and(|t| t == text) {
             return Ok(Some(marker));
         }

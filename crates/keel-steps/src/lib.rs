@@ -17,3 +17,4 @@
 
 pub mod aws;
 pub mod files;
+pub mod s3;

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use keel_engine::{crash, Ctx, Engine, RunStatus, Workflow, WorkflowError};
 use keel_steps::files::{digest_of, sha256_hex, Publish, Published, Source, PARTIAL_SUFFIX};
+use keel_steps::s3::{DownloadToFile, S3Client};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::moto::TestAccount;
 use rand::{Rng, RngCore, SeedableRng};
 
 /// Publishes its files one after the other.
@@ -363,4 +365,188 @@ fn killed_at_each_publication_crash_point_no_final_name_ever_holds_a_partial_fil
         });
     }
     assert!(kills >= crash::STEP_LIBRARY_POINTS.len(), "{kills} kills");
+}
+
+/// Downloads its objects one after the other.
+struct DownloadAll;
+
+impl Workflow for DownloadAll {
+    const NAME: &'static str = "test.download-all";
+    type Input = Vec<DownloadToFile>;
+    type Output = Vec<Published>;
+
+    async fn run(
+        ctx: &mut Ctx,
+        files: Vec<DownloadToFile>,
+    ) -> Result<Vec<Published>, WorkflowError> {
+        let mut done = Vec::new();
+        for file in files {
+            done.push(ctx.step(file).await?);
+        }
+        Ok(done)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_objects_land_only_complete_verified_by_etag_or_given_digest() {
+    keel_testkit::init_tracing();
+    let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
+    let sdk = account.sdk_config().await;
+    let s3 = S3Client::new(&sdk).0;
+    s3.create_bucket().bucket("drop").send().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("outbox");
+    std::fs::create_dir_all(&dest).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x0073_3364);
+    let expected: Expected = Arc::default();
+
+    // One object in a single part (ETag = MD5), one uploaded in two parts (multipart ETag).
+    let mut single = vec![0u8; 6 << 20];
+    rng.fill_bytes(&mut single);
+    s3.put_object()
+        .bucket("drop")
+        .key("single")
+        .body(single.clone().into())
+        .send()
+        .await
+        .unwrap();
+    let mut multi = vec![0u8; 11 << 20];
+    rng.fill_bytes(&mut multi);
+    let upload = s3
+        .create_multipart_upload()
+        .bucket("drop")
+        .key("multi")
+        .send()
+        .await
+        .unwrap();
+    let upload_id = upload.upload_id().unwrap();
+    let mut completed = Vec::new();
+    for (n, chunk) in multi.chunks(6 << 20).enumerate() {
+        let part = s3
+            .upload_part()
+            .bucket("drop")
+            .key("multi")
+            .upload_id(upload_id)
+            .part_number(n as i32 + 1)
+            .body(chunk.to_vec().into())
+            .send()
+            .await
+            .unwrap();
+        completed.push(
+            aws_sdk_s3::types::CompletedPart::builder()
+                .part_number(n as i32 + 1)
+                .e_tag(part.e_tag().unwrap())
+                .build(),
+        );
+    }
+    // moto 5.2 answers CompleteMultipartUpload with a root element the SDK does not accept
+    // (`...Response` for `...Result`); the upload is complete all the same, as HEAD shows.
+    let _ = s3
+        .complete_multipart_upload()
+        .bucket("drop")
+        .key("multi")
+        .upload_id(upload_id)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .set_parts(Some(completed))
+                .build(),
+        )
+        .send()
+        .await;
+    let head = s3
+        .head_object()
+        .bucket("drop")
+        .key("multi")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        head.e_tag().unwrap().ends_with("-2\""),
+        "{:?}",
+        head.e_tag()
+    );
+    for (name, bytes) in [("single.bin", &single), ("multi.bin", &multi)] {
+        expected
+            .lock()
+            .unwrap()
+            .insert(name.into(), (bytes.len() as u64, sha256_hex(bytes)));
+    }
+
+    let engine = Engine::builder(dir.path().join("data"))
+        .workflow::<DownloadAll>()
+        .step::<DownloadToFile>()
+        .resource(S3Client::new(&sdk))
+        .open()
+        .await
+        .unwrap();
+    let download = |key: &str, name: &str, sha256: Option<String>| DownloadToFile {
+        bucket: "drop".into(),
+        key: key.into(),
+        dir: dest.clone(),
+        name: name.into(),
+        parts: 4,
+        marker: true,
+        sha256,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (d, e, s) = (dest.clone(), expected.clone(), stop.clone());
+        std::thread::spawn(move || watch(d, e, s))
+    };
+    // A multipart object without a digest to check against is refused, and nothing lands.
+    let refused = engine
+        .start::<DownloadAll>("unverifiable", vec![download("multi", "multi.bin", None)])
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("give sha256"), "{refused}");
+    assert!(!dest.join("multi.bin").exists());
+    // The single-part object by its ETag, the multipart one by the given digest.
+    let files = vec![
+        download("single", "single.bin", None),
+        download("multi", "multi.bin", Some(sha256_hex(&multi))),
+    ];
+    let done = engine
+        .start::<DownloadAll>("both", files.clone())
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    assert_eq!(done[0].sha256, sha256_hex(&single));
+    assert_eq!(std::fs::read(dest.join("multi.bin")).unwrap(), multi);
+    // A wrong digest: refused for good, and the final name never shows the content.
+    let wrong = engine
+        .start::<DownloadAll>(
+            "wrong",
+            vec![download("single", "other.bin", Some("ab".repeat(32)))],
+        )
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(wrong.contains("expected abab"), "{wrong}");
+    stop.store(true, Ordering::SeqCst);
+    let violations = watcher.join().unwrap();
+    assert!(violations.is_empty(), "{violations:#?}");
+    let mut names: Vec<String> = std::fs::read_dir(&dest)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "multi.bin",
+            "multi.bin.sha256",
+            "single.bin",
+            "single.bin.sha256"
+        ]
+    );
+    engine.shutdown().await;
 }
