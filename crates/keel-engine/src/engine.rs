@@ -365,10 +365,16 @@ impl Engine {
         self.inner.drivers.send_modify(|n| *n += 1);
         let guard = DriverGuard(self.inner.drivers.clone());
         let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let _guard = guard;
-            executor::drive(inner, cell).await;
-        });
+        // Every log line of the run (steps, waits, compensation) carries its id and workflow.
+        let span =
+            tracing::info_span!("run", run_id = %cell.id, workflow = %cell.record().workflow);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _guard = guard;
+                executor::drive(inner, cell).await;
+            },
+            span,
+        ));
     }
 
     /// Starts a run of `W` with id `id`, or returns the existing run if one with the same id,
