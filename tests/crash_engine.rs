@@ -33,11 +33,7 @@ fn run_id(i: u32) -> String {
 fn child_main() {
     let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
     let log = std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let engine = Engine::builder(&dir)
             .workflow::<EffectFlow>()

@@ -130,11 +130,7 @@ fn second_process_gets_locked_error() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let log = dir.path().join("effects.jsonl");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     let engine = runtime.block_on(open(&data));
     let input = EffectFlowInput {
         steps: 2,

@@ -187,11 +187,7 @@ async fn width_zero_and_too_many_branches_suspend_the_run_naming_the_bound() {
 fn child_main() {
     let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
     let log = std::path::PathBuf::from(std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let engine = engine(Path::new(&dir)).await;
         let mut runs = Vec::new();

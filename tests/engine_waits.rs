@@ -155,11 +155,7 @@ const KILLED_WAIT_TIMEOUT_MS: u64 = 4_000;
 
 fn killed_wait_child() {
     let dir = std::env::var("KEEL_DATA_DIR").unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let engine = open(Path::new(&dir)).await;
         // Never ready: only the deadline ends it.

@@ -444,11 +444,7 @@ fn child_env(dir: &Path) -> Vec<(String, String)> {
 fn plan_child(steps: Vec<Planned>) {
     let data = std::env::var("KEEL_DATA_DIR").unwrap();
     let log = std::env::var("KEEL_EFFECT_LOG").unwrap();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let engine = open(Path::new(&data)).await;
         let run = engine
@@ -537,11 +533,7 @@ fn compensation_resumes_from_the_journal_alone() {
     };
     let armed = [("KEEL_CRASH_AT", "saga.after_undo_started".to_string())];
     assert_eq!(spec.run(&armed, Duration::from_secs(60)), Ending::Killed);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let engine = Engine::builder(dir.path().join("data"))
             .step::<EffectStep>()
@@ -577,11 +569,7 @@ fn saga_kills_at_random_moments() {
     if is_child() {
         let data = std::env::var("KEEL_DATA_DIR").unwrap();
         let log = std::env::var("KEEL_EFFECT_LOG").unwrap();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let runtime = keel_testkit::crash::runtime();
         return runtime.block_on(async {
             let engine = Engine::builder(&data)
                 .workflow::<EffectFlow>()

@@ -43,11 +43,7 @@ const DOOMED: &str = "doomed";
 /// which returns the existing runs) and waits until each has ended.
 fn child_main() {
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let sdk = TestAccount::child_sdk_config().await;
         let engine = Engine::builder(var("KEEL_DATA_DIR"))
@@ -213,11 +209,7 @@ fn killed_at_random_moments_completed_runs_own_their_resources_once_and_compensa
         return child_main();
     }
     keel_testkit::init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b65_656c);
     let mut kills = 0;
     let mut scenario = 0;

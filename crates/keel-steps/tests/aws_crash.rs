@@ -134,11 +134,7 @@ fn input(run: &str) -> CoreInput {
 fn child_main() {
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}"));
     let dir = var("KEEL_DATA_DIR");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let sdk = TestAccount::child_sdk_config().await;
         let engine = Engine::builder(&dir)
@@ -232,11 +228,7 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
         return child_main();
     }
     keel_testkit::init_tracing();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x0061_7773);
     let mut kills = 0;
     // No sleeps and no child runs in the flow: the timer and child points are not reached.

@@ -246,11 +246,7 @@ fn crash_inputs(sources: &Path, dest: &Path) -> (Vec<Publish>, Vec<Publish>) {
 
 fn crash_child() {
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}"));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
         let engine = Engine::builder(var("KEEL_DATA_DIR"))
             .workflow::<PublishAll>()

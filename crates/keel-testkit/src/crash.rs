@@ -161,3 +161,13 @@ fn stderr_of(child: &mut Child) -> String {
 pub fn path_env(dir: &Path, name: &str) -> String {
     dir.join(name).to_string_lossy().into_owned()
 }
+
+/// The runtime crash tests use, in the parent and in the child: two worker threads (the CI
+/// machine's cores), timers and I/O enabled.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building a tokio runtime")
+}
