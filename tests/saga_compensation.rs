@@ -167,7 +167,7 @@ async fn fourth_step_failure_undoes_three_two_one() {
     let engine = open(&f.data).await;
     let steps = vec![
         Planned::Effect(Fault::None),
-        Planned::Effect(Fault::None),
+        Planned::Effect(Fault::LostResponseOnce),
         Planned::Effect(Fault::None),
         Planned::Effect(Fault::Permanent),
         Planned::Effect(Fault::None),
@@ -210,6 +210,10 @@ async fn fourth_step_failure_undoes_three_two_one() {
         )),
         "step 5 never ran"
     );
+    // The metrics' counters saw the three undos and the one retry (of the lost response; the
+    // permanent failure is not retried).
+    let counters = engine.counters();
+    assert_eq!((counters.compensations, counters.retries), (3, 1));
     engine.shutdown().await;
 }
 
