@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::aws::error::AwsFailure;
-use crate::files::{Destination, Published};
+use crate::files::{blocking, hex, Destination, Published};
 
 /// Most parallel ranges.
 pub const PARTS_MAX: u32 = 16;
@@ -349,18 +349,6 @@ async fn digests(path: &Path) -> Result<(String, String), StepError> {
         }
     })
     .await
-}
-
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StepError> + Send + 'static,
-) -> Result<T, StepError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| StepError::retryable(format!("file task ended: {e}")))?
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A well-formed digest that matches no content: for staging and for "nothing of ours".

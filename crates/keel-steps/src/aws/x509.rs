@@ -12,6 +12,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::files::hex;
 use keel_engine::{IdempotencyKey, StepContext, StepError};
 use sha2::{Digest, Sha256};
 
@@ -193,10 +194,6 @@ pub(crate) fn base64_decode(s: &str) -> Option<Vec<u8>> {
         }
     }
     (!out.is_empty()).then_some(out)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
