@@ -20,6 +20,7 @@ pub const POINTS: &[&str] = &[
     "child.after_created",
     "child.after_ended",
     "commit.before_sync",
+    "store.after_transition_entry",
     "run.before_terminal",
     "run.after_terminal",
     "saga.after_compensation_started",

@@ -85,8 +85,9 @@ impl std::fmt::Display for RunStatus {
     }
 }
 
-/// The stored description of one run. Rewritten only on status changes, always in the same
-/// atomic write as the journal entry that records the change.
+/// The stored description of one run. Changed only by status transitions: the journal entry
+/// that records a transition carries the record's new state and is the one atomic write;
+/// the stored record is rewritten right after it and repaired from the journal at open.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     /// The run id (the caller's idempotency key).

@@ -53,6 +53,11 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(24 * 3600);
 /// one error, plus a few fields.
 pub const ENTRY_BYTES_MAX: usize = max(STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTES_MAX) + 8 * 1024;
 
+/// Largest encoded journal entry of a status transition: the entry and the run record's new
+/// state (output and error; see `store/sled.rs`).
+pub const TRANSITION_ENTRY_BYTES_MAX: usize =
+    ENTRY_BYTES_MAX + OUTPUT_BYTES_MAX + ERROR_MESSAGE_BYTES_MAX + 1024;
+
 /// Largest encoded run record: input, output and error, plus a few fields.
 pub const RUN_RECORD_BYTES_MAX: usize =
     INPUT_BYTES_MAX + OUTPUT_BYTES_MAX + ERROR_MESSAGE_BYTES_MAX + 8 * 1024;
@@ -86,6 +91,7 @@ const fn max(a: usize, b: usize) -> usize {
 }
 
 const _: () = assert!(ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
+const _: () = assert!(TRANSITION_ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(RUN_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(STATS_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX < STEP_OUTPUT_BYTES_MAX);

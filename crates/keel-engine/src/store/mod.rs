@@ -33,7 +33,9 @@ pub trait JournalStore: Send + Sync + 'static {
     /// The journal of `id`, checked to be dense from index 0.
     fn journal(&self, id: &RunId) -> Result<Vec<Entry>>;
 
-    /// Writes entry `index` of `id`'s journal and, if given, the new run record, atomically.
+    /// Writes entry `index` of `id`'s journal and, if given, the new run record, atomically:
+    /// after a crash, either the entry and the record are both as written, or neither is, as
+    /// the next open of the store sees them.
     fn append(
         &self,
         id: &RunId,
