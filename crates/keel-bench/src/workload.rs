@@ -169,9 +169,17 @@ where
 /// Waits until every run `prefix-0` .. `prefix-{runs-1}` has settled, and checks that each
 /// one completed.
 pub async fn wait_all_completed(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
+    // All at once: `Engine::wait` syncs before it answers, so waiting for one run after
+    // another would add a sync per run after they all finished, and time the observer.
+    let mut waiters = tokio::task::JoinSet::new();
     for n in 0..runs {
         let id = run_id(prefix, n);
-        let record = engine.wait(&id).await?;
+        let engine = engine.clone();
+        waiters.spawn(async move { (engine.wait(&id).await, id) });
+    }
+    while let Some(joined) = waiters.join_next().await {
+        let (record, id) = joined?;
+        let record = record?;
         if record.status != RunStatus::Completed {
             bail!(
                 "run {id} ended {} ({})",
