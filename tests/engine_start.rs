@@ -398,6 +398,60 @@ async fn fifty_concurrent_starts_create_one_run() {
     engine.shutdown().await;
 }
 
+/// Garbage collection deletes many runs in chunks: more runs than one write takes are all
+/// collected, each with its journal, and runs still within the retention stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
+    const RETENTION: Duration = Duration::from_millis(300);
+    const EXPIRED: usize = 600;
+    let f = fixture();
+    let engine = Engine::builder(&f.data)
+        .workflow::<PlainFlow>()
+        .step::<EffectStep>()
+        .retention(RETENTION)
+        .gc_interval(Duration::from_secs(3600))
+        .open()
+        .await
+        .unwrap();
+    let mut handles = Vec::new();
+    for n in 0..EXPIRED {
+        handles.push(
+            engine
+                .start::<PlainFlow>(&format!("old-{n}"), f.input(1))
+                .await
+                .unwrap(),
+        );
+    }
+    for handle in handles {
+        handle.result().await.unwrap();
+    }
+    let horizon = now_ms() + RETENTION.as_millis() as u64;
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    while now_ms() <= horizon {
+        assert!(Instant::now() < deadline, "the wall clock stands still");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let kept = engine
+        .start::<PlainFlow>("recent", f.input(1))
+        .await
+        .unwrap();
+    kept.result().await.unwrap();
+
+    assert_eq!(engine.collect_garbage().unwrap(), EXPIRED);
+    let left = engine.list().await.unwrap();
+    assert_eq!(left.len(), 1, "only the recent run is left");
+    assert_eq!(left[0].id.as_str(), "recent");
+    for n in [0, 255, 256, EXPIRED - 1] {
+        let err = engine.history(&format!("old-{n}")).await.unwrap_err();
+        assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
+    }
+    assert_eq!(
+        engine.history("recent").await.unwrap().run.status,
+        RunStatus::Completed
+    );
+    engine.shutdown().await;
+}
+
 /// Once a finished run is older than the retention, garbage collection deletes it (and says
 /// so), its id is unknown, and starting the id again runs the workflow anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

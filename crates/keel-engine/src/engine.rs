@@ -600,9 +600,15 @@ impl Engine {
     }
 
     /// Deletes runs that finished longer ago than the retention; returns how many.
+    ///
+    /// Blocking (it scans every record); the engine's own pass runs it off the runtime's
+    /// threads. Runs are deleted `GC_RUNS_PER_WRITE` to one atomic write: sled 0.34's atomic
+    /// multi-key write waits out any sync in progress (see `store/sled.rs`), so one per run
+    /// would stall the store once per run.
     pub fn collect_garbage(&self) -> Result<usize> {
+        const GC_RUNS_PER_WRITE: usize = 256;
         let horizon = now_ms().saturating_sub(self.inner.retention.as_millis() as u64);
-        let mut collected = 0;
+        let mut expired_ids = Vec::new();
         for record in self.records()? {
             let expired = record.status.is_terminal()
                 && record.finished_at_ms.is_some_and(|at| at <= horizon);
@@ -619,9 +625,13 @@ impl Engine {
                 .expect("cells lock")
                 .contains_key(&record.id);
             if expired && !loaded {
-                self.inner.store.delete_run(&record.id)?;
-                collected += 1;
+                expired_ids.push(record.id);
             }
+        }
+        let mut collected = 0;
+        for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
+            self.inner.store.delete_runs(chunk)?;
+            collected += chunk.len();
         }
         if collected > 0 {
             tracing::info!(collected, "finished runs collected");
@@ -637,8 +647,11 @@ impl Engine {
                 let Some(inner) = engine.upgrade() else {
                     return;
                 };
-                if let Err(error) = (Engine { inner }).collect_garbage() {
-                    tracing::warn!(%error, "garbage collection failed");
+                let engine = Engine { inner };
+                match tokio::task::spawn_blocking(move || engine.collect_garbage()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "garbage collection failed"),
+                    Err(error) => tracing::error!(%error, "garbage collection panicked"),
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}

@@ -44,8 +44,8 @@ pub trait JournalStore: Send + Sync + 'static {
         record: Option<&RunRecord>,
     ) -> Result<()>;
 
-    /// Deletes a run record and its journal, atomically.
-    fn delete_run(&self, id: &RunId) -> Result<()>;
+    /// Deletes the run records and journals of `ids`, atomically.
+    fn delete_runs(&self, ids: &[RunId]) -> Result<()>;
 
     /// Writes the latency statistics of `operation` (an opaque record), replacing the old.
     fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()>;
