@@ -377,7 +377,10 @@ async fn role_and_certificate_lag_is_waited_out_without_sleeping() {
             flap_found_probability: 0.3,
             include_deletes: false,
         });
-    rules.assume_role.propagation = Dist::Fixed { ms: 1500 };
+    // Propagation runs from CreateRole; the wait starts only after the two role steps that
+    // follow it, which the IAM lag above (and their retries) can stretch past 1.5 s on a
+    // busy machine: 4 s keeps the role unassumable when the wait begins.
+    rules.assume_role.propagation = Dist::Fixed { ms: 4000 };
     let env = Env::new(rules, register).await;
     let run = "lagging";
     let (result, status) = env
