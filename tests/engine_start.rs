@@ -398,6 +398,30 @@ async fn fifty_concurrent_starts_create_one_run() {
     engine.shutdown().await;
 }
 
+/// An engine for the collection tests: `retention` should be a few hundred ms rather than
+/// zero, so the background pass the engine makes at open (before the runs finish) cannot be
+/// the one that collects them; the background interval is long, so it makes no other pass
+/// during a test.
+async fn open_collecting(data: &Path, retention: Duration) -> Engine {
+    Engine::builder(data)
+        .workflow::<PlainFlow>()
+        .step::<EffectStep>()
+        .retention(retention)
+        .gc_interval(Duration::from_secs(3600))
+        .open()
+        .await
+        .unwrap()
+}
+
+/// Waits until the wall clock is past `at_ms`.
+async fn wait_past(at_ms: u64) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    while now_ms() <= at_ms {
+        assert!(Instant::now() < deadline, "the wall clock stands still");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Garbage collection deletes many runs in chunks: more runs than one write takes are all
 /// collected, each with its journal, and runs still within the retention stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -405,14 +429,7 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
     const RETENTION: Duration = Duration::from_millis(300);
     const EXPIRED: usize = 600;
     let f = fixture();
-    let engine = Engine::builder(&f.data)
-        .workflow::<PlainFlow>()
-        .step::<EffectStep>()
-        .retention(RETENTION)
-        .gc_interval(Duration::from_secs(3600))
-        .open()
-        .await
-        .unwrap();
+    let engine = open_collecting(&f.data, RETENTION).await;
     let mut handles = Vec::new();
     for n in 0..EXPIRED {
         handles.push(
@@ -425,12 +442,7 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
     for handle in handles {
         handle.result().await.unwrap();
     }
-    let horizon = now_ms() + RETENTION.as_millis() as u64;
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while now_ms() <= horizon {
-        assert!(Instant::now() < deadline, "the wall clock stands still");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_past(now_ms() + RETENTION.as_millis() as u64).await;
     let kept = engine
         .start::<PlainFlow>("recent", f.input(1))
         .await
@@ -456,19 +468,9 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
 /// so), its id is unknown, and starting the id again runs the workflow anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collected_id_starts_a_new_run() {
-    // A retention of a few hundred ms rather than zero, so the background pass the engine
-    // makes at open (before the run finishes) cannot be the one that collects it; the
-    // background interval is long, so it makes no other pass during the test.
     const RETENTION: Duration = Duration::from_millis(300);
     let f = fixture();
-    let engine = Engine::builder(&f.data)
-        .workflow::<PlainFlow>()
-        .step::<EffectStep>()
-        .retention(RETENTION)
-        .gc_interval(Duration::from_secs(3600))
-        .open()
-        .await
-        .unwrap();
+    let engine = open_collecting(&f.data, RETENTION).await;
     let output = engine
         .start::<PlainFlow>("order-4", f.input(2))
         .await
@@ -479,11 +481,7 @@ async fn collected_id_starts_a_new_run() {
     assert_eq!(output, sum_of(2));
     let first = engine.status("order-4").await.unwrap();
     let finished_at_ms = first.finished_at_ms.expect("a completed run has finished");
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while now_ms() <= finished_at_ms + RETENTION.as_millis() as u64 {
-        assert!(Instant::now() < deadline, "the wall clock stands still");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_past(finished_at_ms + RETENTION.as_millis() as u64).await;
 
     assert_eq!(engine.collect_garbage().unwrap(), 1, "the run is collected");
     let err = engine.status("order-4").await.unwrap_err();
