@@ -261,8 +261,17 @@ async fn a_step_out_of_retries_pauses_the_run_and_resume_gives_it_a_new_round() 
     );
 
     // Cancelled while paused: it compensates at once.
+    // `cancel` answers with the record as it stands once the cancellation is durable; the
+    // compensation (one undo) may already have finished by then.
     let record = engine.cancel("given-up").await.unwrap();
-    assert_eq!(record.status, RunStatus::Compensating);
+    assert!(
+        matches!(
+            record.status,
+            RunStatus::Compensating | RunStatus::Compensated
+        ),
+        "{:?}",
+        record.status
+    );
     let record = engine.wait("given-up").await.unwrap();
     assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
     let history = engine.history("given-up").await.unwrap();
