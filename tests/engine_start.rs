@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use keel::testing::TestClock;
 use keel::{
     Ctx, Engine, EngineBuilder, EngineError, Event, RunHistory, RunStatus, Step, StepContext,
     StepError, Workflow, WorkflowError,
@@ -202,13 +203,6 @@ fn step_starts(history: &RunHistory) -> usize {
         .count()
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// Starting an id again with the same workflow and input returns the existing run, both while
 /// it runs and after it finished: every step ran once, and every handle's result is the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,38 +392,32 @@ async fn fifty_concurrent_starts_create_one_run() {
     engine.shutdown().await;
 }
 
-/// An engine for the collection tests: `retention` should be a few hundred ms rather than
-/// zero, so the background pass the engine makes at open (before the runs finish) cannot be
-/// the one that collects them; the background interval is long, so it makes no other pass
-/// during a test.
-async fn open_collecting(data: &Path, retention: Duration) -> Engine {
+/// The retention of the collection tests: a day, on a test clock that the tests move.
+const RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// An engine for the collection tests, on `clock`: the background pass the engine makes at
+/// open sees nothing expired (the clock has not moved), and the background interval is long,
+/// so it makes no other pass during a test.
+async fn open_collecting(data: &Path, clock: &TestClock) -> Engine {
     Engine::builder(data)
+        .clock(clock.clone())
         .workflow::<PlainFlow>()
         .step::<EffectStep>()
-        .retention(retention)
+        .retention(RETENTION)
         .gc_interval(Duration::from_secs(3600))
         .open()
         .await
         .unwrap()
 }
 
-/// Waits until the wall clock is past `at_ms`.
-async fn wait_past(at_ms: u64) {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while now_ms() <= at_ms {
-        assert!(Instant::now() < deadline, "the wall clock stands still");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
 /// Garbage collection deletes many runs in chunks: more runs than one write takes are all
 /// collected, each with its journal, and runs still within the retention stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
-    const RETENTION: Duration = Duration::from_millis(300);
     const EXPIRED: usize = 600;
     let f = fixture();
-    let engine = open_collecting(&f.data, RETENTION).await;
+    let clock = TestClock::new();
+    let engine = open_collecting(&f.data, &clock).await;
     let mut handles = Vec::new();
     for n in 0..EXPIRED {
         handles.push(
@@ -442,12 +430,13 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
     for handle in handles {
         handle.result().await.unwrap();
     }
-    wait_past(now_ms() + RETENTION.as_millis() as u64).await;
+    clock.advance(RETENTION);
     let kept = engine
         .start::<PlainFlow>("recent", f.input(1))
         .await
         .unwrap();
     kept.result().await.unwrap();
+    clock.advance(Duration::from_millis(1));
 
     assert_eq!(engine.collect_garbage().unwrap(), EXPIRED);
     let left = engine.list().await.unwrap();
@@ -468,9 +457,9 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
 /// so), its id is unknown, and starting the id again runs the workflow anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collected_id_starts_a_new_run() {
-    const RETENTION: Duration = Duration::from_millis(300);
     let f = fixture();
-    let engine = open_collecting(&f.data, RETENTION).await;
+    let clock = TestClock::new();
+    let engine = open_collecting(&f.data, &clock).await;
     let output = engine
         .start::<PlainFlow>("order-4", f.input(2))
         .await
@@ -481,7 +470,13 @@ async fn collected_id_starts_a_new_run() {
     assert_eq!(output, sum_of(2));
     let first = engine.status("order-4").await.unwrap();
     let finished_at_ms = first.finished_at_ms.expect("a completed run has finished");
-    wait_past(finished_at_ms + RETENTION.as_millis() as u64).await;
+    clock.advance(RETENTION - Duration::from_millis(1));
+    assert_eq!(
+        engine.collect_garbage().unwrap(),
+        0,
+        "kept for the retention"
+    );
+    clock.advance(Duration::from_millis(1));
 
     assert_eq!(engine.collect_garbage().unwrap(), 1, "the run is collected");
     let err = engine.status("order-4").await.unwrap_err();
@@ -502,9 +497,10 @@ async fn collected_id_starts_a_new_run() {
     assert_eq!(again.result().await.unwrap(), output);
     let second = engine.history("order-4").await.unwrap();
     assert_eq!(second.run.status, RunStatus::Completed);
-    assert!(
-        second.run.created_at_ms >= finished_at_ms,
-        "a new run, created after the old one finished"
+    assert_eq!(
+        second.run.created_at_ms,
+        finished_at_ms + RETENTION.as_millis() as u64,
+        "a new run, created when the old one was collected"
     );
     assert_eq!(
         second

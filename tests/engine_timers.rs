@@ -1,41 +1,29 @@
 //! Durable timers and retry times across real restarts (shutdown, then open again on the same
-//! directory): both are journaled as absolute times, so a restart neither shortens nor extends
-//! them, and attempt numbers go on where they stopped. Also: a step that keeps failing
-//! retryably stops after its policy's attempts and, being in doubt, is compensated.
+//! directory), on a test clock that moves only when the test moves it: both are journaled as
+//! absolute times, so a restart neither shortens nor extends them (to the millisecond), and
+//! attempt numbers go on where they stopped. Also: a step that keeps failing retryably stops
+//! after its policy's attempts and, being in doubt, is compensated.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use keel::testing::TestClock;
 use keel::{
-    Attempt, Ctx, Engine, EngineBuilder, Event, RetryPolicy, RunHistory, RunStatus, Step,
-    StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
+    Attempt, Ctx, Engine, Event, RetryPolicy, RunHistory, RunStatus, Step, StepContext, StepError,
+    StepIndex, Undo, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 
-/// How long any polled condition may take before the test fails.
-const CONDITION_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long (real time) the engine may take to fall asleep on the test clock.
+const ASLEEP_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How far a journaled instant may be from the instant it was derived from: `wake_at_ms` is
-/// computed just before its entry is stamped, so the two differ by the time between two clock
-/// reads.
-const CLOCK_SLACK_MS: u64 = 5;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
-/// Polls the wall clock until it reads `at_ms` or later (bounded).
-async fn until_wall_clock(at_ms: u64) {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    while now_ms() < at_ms {
-        assert!(Instant::now() < deadline, "the wall clock stands still");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+/// The wake time of the engine's next sleep, once it sleeps (bounded).
+async fn asleep(clock: &TestClock) -> u64 {
+    tokio::time::timeout(ASLEEP_TIMEOUT, clock.next_wake())
+        .await
+        .expect("the engine never slept on the test clock")
 }
 
 /// Whether the journal holds an entry for which `predicate` holds.
@@ -80,40 +68,49 @@ fn timer_times(history: &RunHistory) -> (u64, u64, u64) {
     (set_at_ms, wake_at_ms, fired[0].0)
 }
 
-async fn open_sleep(data: &Path) -> Engine {
-    open_when_unlocked(|| Engine::builder(data).workflow::<SleepFlow>()).await
+async fn open_sleep(data: &Path, clock: &TestClock) -> Engine {
+    Engine::builder(data)
+        .clock(clock.clone())
+        .workflow::<SleepFlow>()
+        .open()
+        .await
+        .expect("opening the engine")
 }
 
-/// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
-/// process just closed is still releasing).
-async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
-    builder().open().await.expect("opening the engine")
-}
-
-/// A 1500 ms durable timer interrupted by a restart 300 ms into its sleep fires at its
-/// journaled wake time, which is the set time plus 1500 ms: the restart neither shortened it
-/// (fired at or after the wake time) nor extended it (no new timer, fired soon after it).
+/// A 1500 ms durable timer interrupted by a restart 300 ms into its sleep, after 300 ms of
+/// downtime, sleeps until its journaled wake time (the set time plus 1500 ms) and fires at
+/// exactly that time: the restart neither shortened nor extended it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timer_keeps_its_wake_time_across_restart() {
     const SLEEP_MS: u64 = 1500;
     let dir = tempfile::tempdir().unwrap();
-    let engine = open_sleep(dir.path()).await;
+    let clock = TestClock::new();
+    let engine = open_sleep(dir.path(), &clock).await;
+    let started_at_ms = clock.now_ms();
     engine.start::<SleepFlow>("nap", SLEEP_MS).await.unwrap();
-    until(&engine, "nap", |h| {
-        has(h, |e| matches!(e, Event::TimerSet { .. }))
-    })
-    .await;
+    let wake_at_ms = asleep(&clock).await;
+    assert_eq!(wake_at_ms, started_at_ms + SLEEP_MS);
+    clock.advance(Duration::from_millis(300));
     engine.shutdown().await;
     let down = engine.history("nap").await.unwrap();
     assert_eq!(down.run.status, RunStatus::Running);
     assert!(!has(&down, |e| matches!(e, Event::TimerFired { .. })));
     drop(engine);
 
-    // The engine is down for about 300 ms of the sleep.
-    let set_at_ms = down.entries.last().unwrap().at_ms;
-    until_wall_clock(set_at_ms + 300).await;
-    let engine = open_sleep(dir.path()).await;
-    let reopened_at_ms = now_ms();
+    // The engine is down for 300 ms of the sleep.
+    clock.advance(Duration::from_millis(300));
+    let engine = open_sleep(dir.path(), &clock).await;
+    assert_eq!(
+        asleep(&clock).await,
+        wake_at_ms,
+        "the reopened run sleeps until the journaled wake time"
+    );
+    clock.advance_to(wake_at_ms - 1);
+    assert_eq!(
+        engine.status("nap").await.unwrap().status,
+        RunStatus::Running
+    );
+    clock.advance_to(wake_at_ms);
     let record = engine.wait("nap").await.unwrap();
     assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
     assert_eq!(record.output, Some(serde_json::json!(SLEEP_MS)));
@@ -124,63 +121,43 @@ async fn timer_keeps_its_wake_time_across_restart() {
         down.entries[..],
         "the journal before the restart is unchanged"
     );
-    let (set_at_ms, wake_at_ms, fired_at_ms) = timer_times(&history);
-    assert!(
-        wake_at_ms + CLOCK_SLACK_MS >= set_at_ms + SLEEP_MS && wake_at_ms <= set_at_ms + SLEEP_MS,
-        "wake time {wake_at_ms} is the set time {set_at_ms} + {SLEEP_MS} ms"
-    );
-    assert!(
-        reopened_at_ms < wake_at_ms,
-        "the restart happened while the timer was pending"
-    );
-    assert!(
-        fired_at_ms >= wake_at_ms,
-        "the timer fired {} ms early",
-        wake_at_ms - fired_at_ms
-    );
-    assert!(
-        fired_at_ms < wake_at_ms + 500,
-        "the timer fired {} ms late: the restart extended it",
-        fired_at_ms - wake_at_ms
+    assert_eq!(
+        timer_times(&history),
+        (
+            started_at_ms,
+            started_at_ms + SLEEP_MS,
+            started_at_ms + SLEEP_MS
+        ),
+        "set at the start, wake time and firing time exactly the start plus the sleep"
     );
     engine.shutdown().await;
 }
 
 /// A timer whose wake time passed while the engine was down fires as soon as the engine is
-/// open again: the sleep is not restarted from the reopen.
+/// open again, without the clock moving: the sleep is not restarted from the reopen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timer_due_during_downtime_fires_at_reopen() {
     const SLEEP_MS: u64 = 800;
     let dir = tempfile::tempdir().unwrap();
-    let engine = open_sleep(dir.path()).await;
+    let clock = TestClock::new();
+    let engine = open_sleep(dir.path(), &clock).await;
     engine
         .start::<SleepFlow>("overslept", SLEEP_MS)
         .await
         .unwrap();
-    until(&engine, "overslept", |h| {
-        has(h, |e| matches!(e, Event::TimerSet { .. }))
-    })
-    .await;
+    let wake_at_ms = asleep(&clock).await;
     engine.shutdown().await;
-    let down = engine.history("overslept").await.unwrap();
     drop(engine);
-    let Event::TimerSet { wake_at_ms, .. } = down.entries.last().unwrap().event else {
-        panic!("{down:?}")
-    };
 
-    until_wall_clock(wake_at_ms + 200).await;
-    let reopened_at_ms = now_ms();
-    let engine = open_sleep(dir.path()).await;
+    clock.advance_to(wake_at_ms + 200);
+    let reopened_at_ms = clock.now_ms();
+    let engine = open_sleep(dir.path(), &clock).await;
     let record = engine.wait("overslept").await.unwrap();
     assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
     let (_, journaled_wake_at_ms, fired_at_ms) =
         timer_times(&engine.history("overslept").await.unwrap());
     assert_eq!(journaled_wake_at_ms, wake_at_ms);
-    assert!(
-        fired_at_ms < reopened_at_ms + SLEEP_MS / 2,
-        "fired {} ms after the reopen: the sleep started over",
-        fired_at_ms - reopened_at_ms
-    );
+    assert_eq!(fired_at_ms, reopened_at_ms, "fired at the reopen, at once");
     engine.shutdown().await;
 }
 
@@ -224,20 +201,23 @@ impl Workflow for ThrottledFlow {
     }
 }
 
-/// A retry time journaled before a restart holds after it: attempt 2 starts no sooner than the
-/// failure's `retry_at_ms` (which honours the 1.5 s hint), it is numbered 2 (the count goes on,
-/// it does not restart at 1), and it runs with the same idempotency key.
+/// A retry time journaled before a restart holds after it: attempt 2 starts exactly at the
+/// failure's `retry_at_ms` (which honours the 1.5 s hint), it is numbered 2 (the count goes
+/// on, it does not restart at 1), and it runs with the same idempotency key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_time_and_attempt_count_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let log: PathBuf = dir.path().join("effects.jsonl");
-    let open = || {
-        open_when_unlocked(|| {
-            Engine::builder(&data)
-                .workflow::<ThrottledFlow>()
-                .step::<Throttled>()
-        })
+    let clock = TestClock::new();
+    let open = || async {
+        Engine::builder(&data)
+            .clock(clock.clone())
+            .workflow::<ThrottledFlow>()
+            .step::<Throttled>()
+            .open()
+            .await
+            .expect("opening the engine")
     };
     let engine = open().await;
     engine
@@ -264,11 +244,12 @@ async fn retry_time_and_attempt_count_survive_restart() {
         unreachable!()
     };
     assert_eq!(attempt, Attempt(1));
-    let retry_at_ms = retry_at_ms.expect("a retryable failure with attempts left is retried");
-    assert!(
-        retry_at_ms + CLOCK_SLACK_MS >= failed_at_ms + 1500,
-        "the retry time {retry_at_ms} honours the 1500 ms hint from {failed_at_ms}"
+    assert_eq!(
+        retry_at_ms,
+        Some(failed_at_ms + 1500),
+        "the retry time honours the 1500 ms hint, the backoff being far below it"
     );
+    let retry_at_ms = retry_at_ms.unwrap();
     assert!(
         !has(
             &down,
@@ -277,12 +258,15 @@ async fn retry_time_and_attempt_count_survive_restart() {
         "shut down before attempt 2 began"
     );
 
+    // Down for 500 ms of the backoff.
+    clock.advance(Duration::from_millis(500));
     let engine = open().await;
-    let reopened_at_ms = now_ms();
-    assert!(
-        reopened_at_ms < retry_at_ms,
-        "the restart happened during the backoff"
+    assert_eq!(
+        asleep(&clock).await,
+        retry_at_ms,
+        "the backoff is not restarted"
     );
+    clock.advance_to(retry_at_ms);
     let record = engine.wait("throttled").await.unwrap();
     assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
     assert_eq!(
@@ -305,16 +289,9 @@ async fn retry_time_and_attempt_count_survive_restart() {
         vec![1, 2],
         "attempt numbers go on after the restart"
     );
-    let second_started_at_ms = starts[1].0;
-    assert!(
-        second_started_at_ms >= retry_at_ms,
-        "attempt 2 started {} ms before its journaled retry time",
-        retry_at_ms - second_started_at_ms
-    );
-    assert!(
-        second_started_at_ms < retry_at_ms + 500,
-        "attempt 2 started {} ms after its retry time: the restart extended the backoff",
-        second_started_at_ms - retry_at_ms
+    assert_eq!(
+        starts[1].0, retry_at_ms,
+        "attempt 2 started at its retry time"
     );
 
     let ran = effects::read(&log);
@@ -383,18 +360,21 @@ impl Workflow for FlakyFlow {
 async fn retries_stop_at_the_policy_and_the_run_compensates() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("effects.jsonl");
+    let clock = TestClock::new();
     let engine = Engine::builder(dir.path().join("data"))
+        .clock(clock.clone())
         .workflow::<FlakyFlow>()
         .step::<Flaky>()
         .open()
         .await
         .unwrap();
-    let handle = engine
+    engine
         .start::<FlakyFlow>("flaky", log.to_string_lossy().into_owned())
         .await
         .unwrap();
-    let err = handle.result().await.unwrap_err();
-    assert!(err.to_string().contains("response lost"), "{err}");
+    let record = clock.skip_until_settled(&engine, "flaky").await.unwrap();
+    let error = record.error.unwrap_or_default();
+    assert!(error.contains("response lost"), "{error}");
     let history = engine.history("flaky").await.unwrap();
     assert_eq!(
         history.run.status,
@@ -509,20 +489,23 @@ impl Workflow for SlowUndoFlow {
 async fn undo_retry_within_its_elapsed_bound_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("effects.jsonl");
+    let clock = TestClock::new();
     let engine = Engine::builder(dir.path().join("data"))
+        .clock(clock.clone())
         .workflow::<SlowUndoFlow>()
         .step::<SlowUndo>()
         .step::<Refused>()
         .open()
         .await
         .unwrap();
-    let record = {
-        engine
-            .start::<SlowUndoFlow>("slow-undo", log.to_string_lossy().into_owned())
-            .await
-            .unwrap();
-        engine.wait("slow-undo").await.unwrap()
-    };
+    engine
+        .start::<SlowUndoFlow>("slow-undo", log.to_string_lossy().into_owned())
+        .await
+        .unwrap();
+    let record = clock
+        .skip_until_settled(&engine, "slow-undo")
+        .await
+        .unwrap();
     let history = engine.history("slow-undo").await.unwrap();
     let undo_failures = entries(&history, |e| {
         matches!(e, Event::StepCompensationFailed { .. })

@@ -1,11 +1,13 @@
 //! Durable waits and latency statistics: a flapping probe needs k confirmations in a row; only
 //! a wait's start and end are journaled; a wait killed with SIGKILL resumes with its original
 //! deadline; statistics survive a restart and match a known sample set exactly; a learned
-//! policy takes its schedule from them.
+//! policy takes its schedule from them. In-process runs use a test clock (time skipping), so
+//! every journaled time is exact; the SIGKILL test runs on the wall clock across processes.
 
 use std::path::Path;
 use std::time::Duration;
 
+use keel::testing::TestClock;
 use keel::{Ctx, Engine, Event, RunHistory, Workflow, WorkflowError};
 use keel::{RunStatus, WaitOutcome, WaitPolicy};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
@@ -67,6 +69,7 @@ fn input(pattern: &[bool], confirmations: u32, timeout_ms: u64) -> WaitInput {
     }
 }
 
+/// An engine on the wall clock (for the SIGKILL test, whose child and parent are processes).
 async fn open(dir: &Path) -> Engine {
     Engine::builder(dir)
         .workflow::<WaitFlow>()
@@ -75,14 +78,28 @@ async fn open(dir: &Path) -> Engine {
         .unwrap()
 }
 
-async fn run_to_end(engine: &Engine, id: &str, input: WaitInput) -> (Option<u32>, RunHistory) {
-    let output = engine
-        .start::<WaitFlow>(id, input)
+/// An engine on `clock`.
+async fn open_on(dir: &Path, clock: &TestClock) -> Engine {
+    Engine::builder(dir)
+        .clock(clock.clone())
+        .workflow::<WaitFlow>()
+        .open()
         .await
         .unwrap()
-        .result()
-        .await
-        .unwrap();
+}
+
+/// Starts run `id` and waits for it, skipping `clock` to every wake time (time skipping).
+async fn run_to_end(
+    engine: &Engine,
+    clock: &TestClock,
+    id: &str,
+    input: WaitInput,
+) -> (Option<u32>, RunHistory) {
+    engine.start::<WaitFlow>(id, input).await.unwrap();
+    let record = clock.skip_until_settled(engine, id).await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    // A `None` output is stored as null, which reads back as no output.
+    let output = serde_json::from_value(record.output.unwrap_or_default()).unwrap();
     (output, engine.history(id).await.unwrap())
 }
 
@@ -99,17 +116,18 @@ fn wait_events(history: &RunHistory) -> Vec<(u64, Event)> {
 async fn a_flapping_probe_needs_k_confirmations_in_a_row() {
     keel_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path()).await;
+    let clock = TestClock::new();
+    let engine = open_on(dir.path(), &clock).await;
     let flapping = [true, false, true, true, false];
     // k = 1: the first "yes" will do.
     assert_eq!(
-        run_to_end(&engine, "k1", input(&flapping, 1, 10_000))
+        run_to_end(&engine, &clock, "k1", input(&flapping, 1, 10_000))
             .await
             .0,
         Some(1)
     );
     // k = 2: polls 3 and 4 are the first two "yes" in a row.
-    let (output, history) = run_to_end(&engine, "k2", input(&flapping, 2, 10_000)).await;
+    let (output, history) = run_to_end(&engine, &clock, "k2", input(&flapping, 2, 10_000)).await;
     assert_eq!(output, Some(4));
     // Only the start and the end are journaled, whatever the number of polls.
     let events = wait_events(&history);
@@ -122,15 +140,16 @@ async fn a_flapping_probe_needs_k_confirmations_in_a_row() {
         other => panic!("{other:?}"),
     }
     // k = 3 never happens with this pattern: the wait times out and the body goes on.
-    let (output, history) = run_to_end(&engine, "k3", input(&flapping, 3, 300)).await;
+    let (output, history) = run_to_end(&engine, &clock, "k3", input(&flapping, 3, 300)).await;
     assert_eq!(output, None);
     let events = wait_events(&history);
     assert!(
         matches!(events[1].1, Event::WaitEnded { outcome: WaitOutcome::TimedOut { polls }, .. } if polls > 10)
     );
-    assert!(
-        events[1].0 >= events[0].0 + 300,
-        "not before the deadline: {events:?}"
+    assert_eq!(
+        events[1].0,
+        events[0].0 + 300,
+        "timed out at the deadline, not before or after: {events:?}"
     );
     engine.shutdown().await;
 }
@@ -139,12 +158,24 @@ async fn a_flapping_probe_needs_k_confirmations_in_a_row() {
 async fn a_replayed_wait_answers_from_the_journal_without_polling() {
     keel_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path()).await;
-    let (first, _) = run_to_end(&engine, "once", input(&[false, true, true], 2, 10_000)).await;
+    let clock = TestClock::new();
+    let engine = open_on(dir.path(), &clock).await;
+    let (first, _) = run_to_end(
+        &engine,
+        &clock,
+        "once",
+        input(&[false, true, true], 2, 10_000),
+    )
+    .await;
     // Starting the same run again answers from the record; the journal is unchanged.
     let entries = engine.history("once").await.unwrap().entries.len();
-    let (again, history) =
-        run_to_end(&engine, "once", input(&[false, true, true], 2, 10_000)).await;
+    let (again, history) = run_to_end(
+        &engine,
+        &clock,
+        "once",
+        input(&[false, true, true], 2, 10_000),
+    )
+    .await;
     assert_eq!((first, again), (Some(3), Some(3)));
     assert_eq!(history.entries.len(), entries);
     assert_eq!(history.run.status, RunStatus::Completed);
@@ -222,15 +253,16 @@ fn a_wait_killed_halfway_keeps_its_deadline() {
 async fn statistics_survive_a_restart_and_match_a_known_sample_set() {
     keel_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path()).await;
+    let clock = TestClock::new();
+    let engine = open_on(dir.path(), &clock).await;
     for ms in 1..=100 {
         engine.record_duration("wait:test.known", Duration::from_millis(ms));
     }
-    run_to_end(&engine, "measured", input(&[true], 1, 10_000)).await;
+    run_to_end(&engine, &clock, "measured", input(&[true], 1, 10_000)).await;
     engine.shutdown().await;
     drop(engine);
 
-    let engine = open(dir.path()).await;
+    let engine = open_on(dir.path(), &clock).await;
     let s = engine
         .operation_stats("wait:test.known")
         .expect("survived the restart");
@@ -268,8 +300,9 @@ async fn a_learned_policy_takes_its_schedule_from_the_statistics() {
     learned.learned = true;
     // Too few samples: the explicit policy.
     let fresh = tempfile::tempdir().unwrap();
-    let engine = open(fresh.path()).await;
-    let (_, history) = run_to_end(&engine, "before", learned.clone()).await;
+    let clock = TestClock::new();
+    let engine = open_on(fresh.path(), &clock).await;
+    let (_, history) = run_to_end(&engine, &clock, "before", learned.clone()).await;
     let Event::WaitStarted { schedule, .. } = &wait_events(&history)[0].1 else {
         unreachable!()
     };
@@ -278,13 +311,13 @@ async fn a_learned_policy_takes_its_schedule_from_the_statistics() {
     engine.shutdown().await;
 
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path()).await;
+    let engine = open_on(dir.path(), &clock).await;
     // Enough samples (20..=119 ms): no probe before 95% of the fastest, dense probing every
     // mean/8 until p99, a deadline at twice p99.9.
     for ms in 20..120 {
         engine.record_duration("wait:test.flapping", Duration::from_millis(ms));
     }
-    let (_, history) = run_to_end(&engine, "after", learned).await;
+    let (_, history) = run_to_end(&engine, &clock, "after", learned).await;
     let (started_at, Event::WaitStarted { schedule, .. }) = &wait_events(&history)[0] else {
         unreachable!()
     };
@@ -292,11 +325,12 @@ async fn a_learned_policy_takes_its_schedule_from_the_statistics() {
     assert_eq!(schedule.initial_delay_ms, 19);
     assert_eq!(schedule.dense_interval_ms, 69 / 8);
     assert_eq!(schedule.dense_until_ms, 118);
-    assert!((started_at + 2 * 119).abs_diff(schedule.deadline_ms) <= 5);
+    assert_eq!(schedule.deadline_ms, started_at + 2 * 119);
     let ended = &wait_events(&history)[1];
-    assert!(
-        ended.0 >= started_at + 19,
-        "no poll before the initial delay"
+    assert_eq!(
+        ended.0,
+        started_at + 19,
+        "the first poll, at the initial delay and not before, is ready"
     );
     engine.shutdown().await;
 }

@@ -8,20 +8,13 @@ use std::sync::Mutex;
 
 use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, Event, RunRecord, RunStatus};
 use crate::limits::JOURNAL_ENTRIES_PER_RUN_MAX;
 use crate::replay::RunState;
 use crate::store::JournalStore;
-
-/// Milliseconds since the Unix epoch, the time base of every journaled instant.
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 struct Loaded {
     record: RunRecord,
@@ -32,8 +25,32 @@ struct Loaded {
     detached: bool,
 }
 
+/// Why a loaded run stopped being driven before it settled; its waiters are told.
+#[derive(Clone, Debug)]
+pub(crate) enum Stop {
+    /// The engine shut down; the run resumes at the next open.
+    ShutDown,
+    /// The driver stopped on an engine error (or a bug); the run resumes at the next open.
+    Error(String),
+}
+
+impl Stop {
+    /// What a waiter of run `id` is answered.
+    pub(crate) fn error(&self, id: &RunId) -> EngineError {
+        match self {
+            Stop::ShutDown => EngineError::ShutDown,
+            Stop::Error(reason) => EngineError::RunStopped {
+                id: id.clone(),
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
 pub(crate) struct RunCell {
     pub(crate) id: RunId,
+    /// Stamps every entry and record change.
+    clock: Clock,
     loaded: Mutex<Loaded>,
     /// Set (durably journaled first) when an operator cancels the run.
     pub(crate) cancel: watch::Sender<bool>,
@@ -41,15 +58,20 @@ pub(crate) struct RunCell {
     pub(crate) pause: watch::Sender<bool>,
     /// The latest durable status; waiters watch it.
     pub(crate) status: watch::Sender<RunStatus>,
+    /// Set when the cell is unloaded before its run settled; waiters watch it too, so no
+    /// waiter is left pending by a driver that stopped.
+    pub(crate) stopped: watch::Sender<Option<Stop>>,
 }
 
 impl RunCell {
-    pub(crate) fn new(record: RunRecord, state: RunState) -> RunCell {
+    pub(crate) fn new(record: RunRecord, state: RunState, clock: Clock) -> RunCell {
         let (cancel, _) = watch::channel(state.cancel_requested);
         let (pause, _) = watch::channel(state.pause_requested);
         let (status, _) = watch::channel(record.status);
+        let (stopped, _) = watch::channel(None);
         RunCell {
             id: record.id.clone(),
+            clock,
             loaded: Mutex::new(Loaded {
                 record,
                 state,
@@ -59,6 +81,7 @@ impl RunCell {
             cancel,
             pause,
             status,
+            stopped,
         }
     }
 
@@ -67,12 +90,21 @@ impl RunCell {
         f(&self.loaded.lock().expect("cell lock").state)
     }
 
-    /// Detaches the cell if `settled` holds for it (always, when `settled` ignores its
-    /// arguments); returns whether it did.
-    pub(crate) fn detach_if(&self, settled: impl FnOnce(&RunRecord, bool) -> bool) -> bool {
+    /// Detaches the cell if `unload` gives a reason for it (from the record and whether a
+    /// storage error poisoned the cell): `Some(None)` when the run settled, `Some(Some(stop))`
+    /// when it stops unsettled, whose waiters are then told why. Returns whether it did.
+    pub(crate) fn detach_if(
+        &self,
+        unload: impl FnOnce(&RunRecord, bool) -> Option<Option<Stop>>,
+    ) -> bool {
         let mut loaded = self.loaded.lock().expect("cell lock");
-        if settled(&loaded.record, loaded.poisoned) {
+        if let Some(stop) = unload(&loaded.record, loaded.poisoned) {
             loaded.detached = true;
+            if let Some(stop) = stop {
+                if loaded.record.status.is_drivable() {
+                    self.stopped.send_replace(Some(stop));
+                }
+            }
         }
         loaded.detached
     }
@@ -136,7 +168,7 @@ impl RunCell {
             guard,
             Some(|record: &mut RunRecord| {
                 record.status = status;
-                record.updated_at_ms = now_ms();
+                record.updated_at_ms = self.clock.now_ms();
                 if status.is_terminal() {
                     record.finished_at_ms = Some(record.updated_at_ms);
                 }
@@ -177,7 +209,7 @@ impl RunCell {
         }
         let index = JournalIndex(loaded.state.len);
         let entry = Entry {
-            at_ms: now_ms(),
+            at_ms: self.clock.now_ms(),
             event,
         };
         // Checked when written as when read: an entry the state machine rejects is a bug in

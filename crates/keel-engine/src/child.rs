@@ -246,15 +246,21 @@ async fn run_child(
     }
     crate::crash::point("child.after_created");
     let record = loop {
-        let record = tokio::select! {
-            record = engine.wait(child.as_str()) => record.map_err(Interrupt::Engine)?,
+        let waited = tokio::select! {
+            waited = engine.wait(child.as_str()) => waited,
             cause = lane.interrupted() => return Err(cause),
         };
-        if record.status.is_terminal() {
-            break record;
-        }
-        if record.status != RunStatus::Running && record.status != RunStatus::Compensating {
-            tracing::debug!(run_id = %parent, child = %child, status = %record.status, "child parked for an operator");
+        match waited {
+            Ok(record) if record.status.is_terminal() => break record,
+            Ok(record) => {
+                tracing::debug!(run_id = %parent, child = %child, status = %record.status, "child parked for an operator");
+            }
+            // The child's driver stopped (it resumes at the next open): look again later.
+            Err(EngineError::RunStopped { reason, .. }) => {
+                tracing::warn!(run_id = %parent, child = %child, %reason, "child not driven");
+            }
+            Err(EngineError::ShutDown) => return Err(Interrupt::ShutDown),
+            Err(e) => return Err(Interrupt::Engine(e)),
         }
         tokio::select! {
             _ = tokio::time::sleep(PARKED_CHILD_POLL) => {}

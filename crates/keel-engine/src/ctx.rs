@@ -7,7 +7,8 @@ use std::time::Duration;
 use rand::Rng;
 use serde_json::Value;
 
-use crate::cell::{now_ms, RunCell};
+use crate::cell::RunCell;
+use crate::contain::contained;
 use crate::engine::Inner;
 use crate::error::{EngineError, Result};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
@@ -59,6 +60,11 @@ impl Ctx {
     /// The id of the run.
     pub fn run_id(&self) -> &RunId {
         &self.lane.cell.id
+    }
+
+    /// The engine clock's time (ms since the Unix epoch).
+    fn now_ms(&self) -> u64 {
+        self.lane.inner.clock.now_ms()
     }
 
     /// How many operations the body has asked for so far.
@@ -233,7 +239,7 @@ impl Ctx {
         let (wake_at_ms, fired) = match journaled {
             Ok(Some(timer)) => timer,
             Ok(None) => {
-                let wake_at_ms = now_ms().saturating_add(duration.as_millis() as u64);
+                let wake_at_ms = self.now_ms().saturating_add(duration.as_millis() as u64);
                 self.journal(Event::TimerSet {
                     step: index,
                     wake_at_ms,
@@ -288,7 +294,7 @@ impl Ctx {
             Ok(Some((_, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
             Ok(Some((schedule, started_at_ms, None))) => (schedule, started_at_ms),
             Ok(None) => {
-                let started_at_ms = now_ms();
+                let started_at_ms = self.now_ms();
                 let stats = self.lane.inner.stats.summary(&format!("wait:{}", P::KIND));
                 let schedule = policy.resolve(started_at_ms, stats.as_ref());
                 tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
@@ -339,7 +345,7 @@ impl Ctx {
                 next_at_ms.min(schedule.deadline_ms)
             };
             self.sleep_until(wake_at_ms).await?;
-            if now_ms() >= schedule.deadline_ms && streak == 0 && polls > 0 {
+            if self.now_ms() >= schedule.deadline_ms && streak == 0 && polls > 0 {
                 tracing::info!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, polls, "wait timed out");
                 return Ok(WaitOutcome::TimedOut { polls });
             }
@@ -353,10 +359,16 @@ impl Ctx {
             };
             let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = polls);
             let call = tracing::Instrument::instrument(probe.probe(&ctx), span);
+            // A panicking poll is a failed poll, as a retryable error is.
+            let call = async {
+                contained(call)
+                    .await
+                    .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
+            };
             match rate_limited(&self.lane.inner, probe.rate_limit(), call).await {
                 Ok(Some(output)) => {
                     if streak == 0 {
-                        ready_since_ms = now_ms();
+                        ready_since_ms = self.now_ms();
                     }
                     streak += 1;
                     if streak >= schedule.confirmations {
@@ -379,7 +391,7 @@ impl Ctx {
                             &format!("wait:{}", P::KIND),
                             waited,
                             self.lane.cell.id.as_str(),
-                            now_ms(),
+                            self.now_ms(),
                         );
                         return Ok(WaitOutcome::Ready { output, polls });
                     }
@@ -397,7 +409,7 @@ impl Ctx {
                     streak = 0;
                 }
             }
-            let offset_ms = now_ms().saturating_sub(started_at_ms);
+            let offset_ms = self.now_ms().saturating_sub(started_at_ms);
             let (next_offset_ms, carried_ms) =
                 schedule.next_poll(offset_ms, interval_ms, streak, self.lane.rng.gen());
             interval_ms = carried_ms;

@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde_json::Value;
 use tokio::sync::{watch, Semaphore};
 
-use crate::cell::{now_ms, RunCell};
+use crate::cell::{RunCell, Stop};
+use crate::clock::Clock;
+use crate::contain::contained;
 use crate::error::{EngineError, Result};
 use crate::executor;
 use crate::ids::RunId;
@@ -42,6 +44,7 @@ pub struct EngineBuilder {
     registry_error: Option<EngineError>,
     rate_limits: HashMap<String, RateLimit>,
     resources: Resources,
+    clock: Clock,
 }
 
 impl EngineBuilder {
@@ -72,6 +75,15 @@ impl EngineBuilder {
             self.registry_error.get_or_insert(e);
         }
         self
+    }
+
+    /// The clock every journaled time comes from and every timer sleeps on (default: the
+    /// system's wall clock). Tests pass a [`crate::testing::TestClock`].
+    pub fn clock(self, clock: impl Into<Clock>) -> Self {
+        EngineBuilder {
+            clock: clock.into(),
+            ..self
+        }
     }
 
     /// What a durable write survives (default: power loss).
@@ -131,6 +143,7 @@ impl EngineBuilder {
             shutdown,
             drivers,
             retention: self.retention,
+            clock: self.clock,
         });
         let engine = Engine { inner };
         engine.resume_all()?;
@@ -154,6 +167,7 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     drivers: watch::Sender<usize>,
     retention: Duration,
+    pub(crate) clock: Clock,
 }
 
 impl Inner {
@@ -174,9 +188,15 @@ impl Inner {
         let mut cells = self.cells.lock().expect("cells lock");
         let shutting_down = *self.shutdown.borrow();
         let detached = cell.detach_if(|record, poisoned| {
-            poisoned
-                || shutting_down
-                || !matches!(record.status, RunStatus::Running | RunStatus::Compensating)
+            if shutting_down {
+                Some(Some(Stop::ShutDown))
+            } else if poisoned {
+                Some(Some(Stop::Error("a write to its journal failed".into())))
+            } else if !record.status.is_drivable() {
+                Some(None)
+            } else {
+                None
+            }
         });
         if detached && cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             cells.remove(&cell.id);
@@ -184,10 +204,11 @@ impl Inner {
         detached
     }
 
-    /// Unloads `cell` whatever its status.
-    pub(crate) fn unload(&self, cell: &Arc<RunCell>) {
+    /// Unloads `cell` whatever its status; if the run has not settled, its waiters are told
+    /// `stop`.
+    pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
         let mut cells = self.cells.lock().expect("cells lock");
-        cell.detach_if(|_, _| true);
+        cell.detach_if(|_, _| Some(Some(stop)));
         if cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             cells.remove(&cell.id);
         }
@@ -261,6 +282,7 @@ impl Engine {
             registry_error: None,
             rate_limits: HashMap::new(),
             resources: Resources::default(),
+            clock: Clock::system(),
         }
     }
 
@@ -311,8 +333,9 @@ impl Engine {
                 Ok(cell)
             }
             Loaded::Fresh(cell) => {
-                // Settled meanwhile: nothing to drive.
-                self.inner.unload(&cell);
+                // Settled meanwhile: nothing to drive (and no waiter to tell: the stop reason
+                // is only announced for a run that has not settled).
+                self.inner.unload(&cell, Stop::Error("settled".into()));
                 Ok(cell)
             }
             Loaded::Existing(cell) => Ok(cell),
@@ -322,7 +345,11 @@ impl Engine {
     /// Loads a run this engine just created (its journal is empty: nothing to read) and
     /// spawns its driver.
     fn load_new(&self, record: RunRecord) {
-        let cell = Arc::new(RunCell::new(record, RunState::default()));
+        let cell = Arc::new(RunCell::new(
+            record,
+            RunState::default(),
+            self.inner.clock.clone(),
+        ));
         let fresh = {
             let mut cells = self.inner.cells.lock().expect("cells lock");
             let fresh = !cells.contains_key(&cell.id);
@@ -356,7 +383,7 @@ impl Engine {
             key: format!("journal of run {}", record.id),
             detail,
         })?;
-        let cell = Arc::new(RunCell::new(record, state));
+        let cell = Arc::new(RunCell::new(record, state, self.inner.clock.clone()));
         cells.insert(cell.id.clone(), Arc::clone(&cell));
         Ok(Loaded::Fresh(cell))
     }
@@ -371,7 +398,13 @@ impl Engine {
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let _guard = guard;
-                executor::drive(inner, cell).await;
+                let driven = contained(executor::drive(Arc::clone(&inner), Arc::clone(&cell)));
+                if let Err(panic) = driven.await {
+                    // User code is contained where it is called: this is a bug of the engine.
+                    // The run is left as its journal says and resumes at the next open.
+                    tracing::error!(run_id = %cell.id, %panic, "the run's driver panicked");
+                    inner.unload(&cell, Stop::Error(format!("its driver panicked: {panic}")));
+                }
             },
             span,
         ));
@@ -467,7 +500,7 @@ impl Engine {
             field: e.field,
             reason: e.reason,
         })?;
-        let now = now_ms();
+        let now = self.inner.clock.now_ms();
         let record = RunRecord {
             id: id.clone(),
             workflow: workflow.into(),
@@ -577,26 +610,70 @@ impl Engine {
     }
 
     /// Waits until run `id` settles (any status but running or compensating) and returns its
-    /// record. A run that is not being driven (its workflow is not registered here) is
-    /// returned as it is.
+    /// record. Every way a run can stop being driven answers: [`EngineError::ShutDown`] when
+    /// the engine shuts down under the run, [`EngineError::RunStopped`] when its driver
+    /// stopped on an engine error or nobody here drives it (its workflow is not registered).
     pub async fn wait(&self, id: &str) -> Result<RunRecord> {
         let run_id = RunId::new(id)?;
-        let cell = self
-            .inner
+        loop {
+            let cell = self.loaded(&run_id);
+            if let Some(cell) = &cell {
+                let mut status = cell.status.subscribe();
+                let mut stopped = cell.stopped.subscribe();
+                tokio::select! {
+                    _ = status.wait_for(|s| !s.is_drivable()) => {}
+                    stop = stopped.wait_for(Option::is_some) => {
+                        if let Some(stop) = stop.ok().and_then(|stop| stop.clone()) {
+                            return Err(stop.error(&run_id));
+                        }
+                    }
+                }
+            }
+            let record = self.status(id).await?;
+            if !record.status.is_drivable() {
+                return Ok(record);
+            }
+            // Taken up again (an operator resumed it) by the same or a fresh cell: wait on.
+            if self.loaded(&run_id).is_some() {
+                continue;
+            }
+            if *self.inner.shutdown.borrow() {
+                return Err(EngineError::ShutDown);
+            }
+            let reason = self.undriven_reason(&record);
+            return Err(EngineError::RunStopped { id: run_id, reason });
+        }
+    }
+
+    /// Why a running or compensating run that is not loaded is not driven here.
+    fn undriven_reason(&self, record: &RunRecord) -> String {
+        if record.status == RunStatus::Running
+            && self.inner.registry.workflow(&record.workflow).is_none()
+        {
+            return format!(
+                "its workflow {:?} is not registered with this engine",
+                record.workflow
+            );
+        }
+        match self.inner.store.journal(&record.id) {
+            Err(error) => format!("its journal cannot be read: {error}"),
+            Ok(entries) => match RunState::from_entries(&entries) {
+                Err(detail) => format!("its journal is corrupt: {detail}"),
+                Ok(_) => {
+                    "its driver stopped on an engine error; it resumes at the next open".into()
+                }
+            },
+        }
+    }
+
+    /// The loaded cell of `id`, if any.
+    fn loaded(&self, id: &RunId) -> Option<Arc<RunCell>> {
+        self.inner
             .cells
             .lock()
             .expect("cells lock")
-            .get(&run_id)
-            .cloned();
-        if let Some(cell) = cell {
-            let mut status = cell.status.subscribe();
-            // Ends when the status settles, or when the driver stops (shutdown) and the cell is
-            // dropped.
-            let _ = status
-                .wait_for(|s| !matches!(s, RunStatus::Running | RunStatus::Compensating))
-                .await;
-        }
-        self.status(id).await
+            .get(id)
+            .cloned()
     }
 
     /// Deletes runs that finished longer ago than the retention; returns how many.
@@ -607,7 +684,11 @@ impl Engine {
     /// would stall the store once per run.
     pub fn collect_garbage(&self) -> Result<usize> {
         const GC_RUNS_PER_WRITE: usize = 256;
-        let horizon = now_ms().saturating_sub(self.inner.retention.as_millis() as u64);
+        let horizon = self
+            .inner
+            .clock
+            .now_ms()
+            .saturating_sub(self.inner.retention.as_millis() as u64);
         let mut expired_ids = Vec::new();
         for record in self.records()? {
             let expired = record.status.is_terminal()
@@ -698,7 +779,9 @@ impl Engine {
     /// Records a duration for `operation` as if an execution had taken it: for importing
     /// history from elsewhere (or seeding a learned wait policy).
     pub fn record_duration(&self, operation: &str, duration: Duration) {
-        self.inner.stats.record(operation, duration, "", now_ms());
+        self.inner
+            .stats
+            .record(operation, duration, "", self.inner.clock.now_ms());
     }
 
     /// Writes the statistics changed since the last write and waits until they are durable.

@@ -166,6 +166,15 @@ pub enum EngineError {
         /// The recorded reason.
         error: String,
     },
+    /// Nobody drives the run any more although it has not settled: its driver stopped on an
+    /// engine error (it resumes at the next open), or this engine cannot drive it.
+    #[error("run {id} is not being driven: {reason}")]
+    RunStopped {
+        /// The run id.
+        id: RunId,
+        /// Why.
+        reason: String,
+    },
     /// Internal: a write went to a run cell that was unloaded meanwhile; the caller retries
     /// with a fresh load.
     #[error("run {id} was unloaded during the call; try again")]

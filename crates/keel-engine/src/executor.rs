@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use crate::cell::RunCell;
+use crate::cell::{RunCell, Stop};
 use crate::ctx::{Ctx, Interrupt};
 use crate::engine::Inner;
 use crate::error::{EngineError, Result};
@@ -27,6 +27,7 @@ use crate::limits::OUTPUT_BYTES_MAX;
 use crate::registry::BodyError;
 use crate::replay::RunState;
 use crate::saga;
+use crate::step::truncate;
 
 /// What the drive loop does after one phase.
 pub(crate) enum Next {
@@ -42,38 +43,40 @@ pub(crate) async fn drive(inner: Arc<Inner>, cell: Arc<RunCell>) {
         permit = Arc::clone(&inner.permits).acquire_owned() => permit.ok(),
         _ = wait_shutdown(&inner) => None,
     };
-    if _permit.is_some() {
-        loop {
-            let result = match cell.record().status {
-                RunStatus::Running | RunStatus::Suspended
-                    if cell.with_state(|s| s.cancel_requested) =>
-                {
-                    saga::begin(&inner, &cell, "cancelled by operator".into()).await
-                }
-                RunStatus::Running => run_forward(&inner, &cell).await,
-                RunStatus::Compensating => saga::compensate(&inner, &cell).await,
-                RunStatus::Suspended
-                | RunStatus::Paused
-                | RunStatus::CompensationFailed
-                | RunStatus::Completed
-                | RunStatus::Failed
-                | RunStatus::Compensated
-                | RunStatus::Resolved => Ok(Next::Stop),
-            };
-            match result {
-                Ok(Next::Continue) => continue,
-                // An operator call may have made the run drivable again since the phase
-                // ended; then this driver goes on.
-                Ok(Next::Stop) if inner.unload_if_settled(&cell) => return,
-                Ok(Next::Stop) => continue,
-                Err(error) => {
-                    tracing::error!(run_id = %cell.id, %error, "run stopped on an engine error; it resumes at the next open");
-                    break;
-                }
+    if _permit.is_none() {
+        inner.unload(&cell, Stop::ShutDown);
+        return;
+    }
+    loop {
+        let result = match cell.record().status {
+            RunStatus::Running | RunStatus::Suspended
+                if cell.with_state(|s| s.cancel_requested) =>
+            {
+                saga::begin(&inner, &cell, "cancelled by operator".into()).await
+            }
+            RunStatus::Running => run_forward(&inner, &cell).await,
+            RunStatus::Compensating => saga::compensate(&inner, &cell).await,
+            RunStatus::Suspended
+            | RunStatus::Paused
+            | RunStatus::CompensationFailed
+            | RunStatus::Completed
+            | RunStatus::Failed
+            | RunStatus::Compensated
+            | RunStatus::Resolved => Ok(Next::Stop),
+        };
+        match result {
+            Ok(Next::Continue) => continue,
+            // An operator call may have made the run drivable again since the phase
+            // ended; then this driver goes on.
+            Ok(Next::Stop) if inner.unload_if_settled(&cell) => return,
+            Ok(Next::Stop) => continue,
+            Err(error) => {
+                tracing::error!(run_id = %cell.id, %error, "run stopped on an engine error; it resumes at the next open");
+                inner.unload(&cell, Stop::Error(format!("its driver stopped on an engine error (it resumes at the next open): {error}")));
+                return;
             }
         }
     }
-    inner.unload(&cell);
 }
 
 async fn wait_shutdown(inner: &Inner) {
@@ -84,8 +87,12 @@ async fn wait_shutdown(inner: &Inner) {
 async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
     let record = cell.record();
     let Some(workflow) = inner.registry.workflow(&record.workflow) else {
-        tracing::warn!(run_id = %cell.id, workflow = %record.workflow, "workflow not registered: run left as it is");
-        return Ok(Next::Stop);
+        // Only an engine opened with `allow_unregistered` holds such runs, and it does not
+        // drive them; reaching here is a run an operator call made drivable.
+        return Err(EngineError::UnknownWorkflow {
+            name: record.workflow,
+            registered: inner.registry.workflow_names(),
+        });
     };
     if workflow.version != record.version {
         tracing::info!(run_id = %cell.id, from = record.version, to = workflow.version, "resuming run under another workflow version");
@@ -171,6 +178,9 @@ async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
             )
             .await
         }
+        Err(BodyError::Panicked(message)) => {
+            suspend(inner, cell, format!("workflow body panicked: {message}")).await
+        }
         Err(BodyError::Input(error)) => {
             suspend(
                 inner,
@@ -184,6 +194,7 @@ async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
 
 /// The body failed: compensate what took effect, or fail outright if nothing did.
 async fn fail(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+    let reason = truncate(reason);
     if cell.with_state(|s| s.has_effects()) {
         return saga::begin(inner, cell, reason).await;
     }
@@ -199,6 +210,7 @@ async fn fail(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result
 }
 
 async fn suspend(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+    let reason = truncate(reason);
     tracing::error!(run_id = %cell.id, %reason, "run suspended");
     let error = reason.clone();
     cell.transition(
@@ -218,6 +230,7 @@ async fn pause(
     reason: String,
     exhausted: bool,
 ) -> Result<Next> {
+    let reason = truncate(reason);
     let still_wanted = |_: &RunRecord, state: &RunState| {
         if exhausted || state.pause_requested {
             Ok(())

@@ -63,6 +63,11 @@ impl RunStatus {
         }
     }
 
+    /// Whether a driver takes the run on (runs its body or its saga).
+    pub fn is_drivable(self) -> bool {
+        matches!(self, RunStatus::Running | RunStatus::Compensating)
+    }
+
     /// The status as a lowercase word.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -218,6 +223,17 @@ pub enum Event {
         /// When the next attempt may start (absolute), if there is one.
         retry_at_ms: Option<u64>,
     },
+    /// An attempt succeeded but its output cannot be kept: over the output bound, or not
+    /// serialisable. The effect exists, so the step failed for good in doubt: the saga
+    /// undoes it without an output (the compensation finds the effect by its key).
+    StepOutputRejected {
+        /// The operation number.
+        step: StepIndex,
+        /// The attempt whose output was rejected.
+        attempt: Attempt,
+        /// Why the output cannot be kept (a permanent error: retrying makes the same output).
+        error: ErrorRecord,
+    },
     /// A durable timer was set.
     TimerSet {
         /// The operation number.
@@ -343,6 +359,7 @@ impl Event {
             | Event::ChildEnded { step, .. }
             | Event::StepCompleted { step, .. }
             | Event::StepFailed { step, .. }
+            | Event::StepOutputRejected { step, .. }
             | Event::TimerSet { step, .. }
             | Event::TimerFired { step }
             | Event::WaitStarted { step, .. }

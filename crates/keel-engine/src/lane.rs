@@ -4,14 +4,14 @@
 //! while every journal write still goes through the run's one cell.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::sync::watch;
 
-use crate::cell::{now_ms, RunCell};
+use crate::cell::RunCell;
+use crate::contain::{contained, contained_sync};
 use crate::ctx::{rate_limited, Interrupt};
 use crate::engine::Inner;
 use crate::ids::{Attempt, IdempotencyKey, StepIndex};
@@ -140,16 +140,11 @@ impl Lane {
 
     /// Sleeps until the absolute time `at_ms`, waking early for an interrupt.
     pub(crate) async fn sleep_until(&mut self, at_ms: u64) -> Result<(), Interrupt> {
-        loop {
-            self.check()?;
-            let now = now_ms();
-            if now >= at_ms {
-                return Ok(());
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(at_ms - now)) => {}
-                cause = self.interrupted() => return Err(cause),
-            }
+        self.check()?;
+        let clock = self.inner.clock.clone();
+        tokio::select! {
+            _ = clock.sleep_until(at_ms) => Ok(()),
+            cause = self.interrupted() => Err(cause),
         }
     }
 
@@ -205,28 +200,21 @@ impl Lane {
                 resources: Arc::clone(&self.inner.resources),
             };
             let started = std::time::Instant::now();
-            let call = tracing::Instrument::instrument(step.execute(&ctx), span);
+            // Boxed: the attempt's future (the user's, wrapped) is not nested in the body's,
+            // which keeps the type of a long workflow body within the compiler's limits.
+            let call = Box::pin(attempt_contained(tracing::Instrument::instrument(
+                step.execute(&ctx),
+                span,
+            )));
             let result = rate_limited(&self.inner, step.rate_limit(), call).await;
             crate::crash::point("step.after_effect");
-            let result = result.and_then(|output| {
-                let value = serde_json::to_value(&output)
-                    .map_err(|e| StepError::permanent(format!("output of {} does not serialise: {e}", S::KIND)))?;
-                let bytes = value.to_string().len();
-                if bytes > STEP_OUTPUT_BYTES_MAX {
-                    return Err(StepError::permanent(format!(
-                        "output of {} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes",
-                        S::KIND
-                    )));
-                }
-                Ok((output, value))
-            });
-            match result {
-                Ok((output, value)) => {
+            match result.map(|output| (kept_output::<S>(&output), output)) {
+                Ok((Ok(value), output)) => {
                     self.inner.stats.record(
                         &format!("step:{}", S::KIND),
                         started.elapsed(),
                         self.cell.id.as_str(),
-                        now_ms(),
+                        self.inner.clock.now_ms(),
                     );
                     tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = started.elapsed().as_millis() as u64, "step completed");
                     // Not synced here: the next step's start record, or the run's terminal
@@ -239,6 +227,23 @@ impl Lane {
                     crate::crash::point("step.after_outcome");
                     return Ok(Ok(output));
                 }
+                Ok((Err(reason), _)) => {
+                    // The effect happened; only its output is lost. In doubt, not "no
+                    // effect": the saga undoes it, found by key.
+                    let record = ErrorRecord {
+                        class: ErrorClass::Permanent,
+                        message: crate::step::truncate(reason),
+                    };
+                    tracing::warn!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, "step output rejected; the effect will be undone");
+                    self.journal(Event::StepOutputRejected {
+                        step: index,
+                        attempt,
+                        error: record.clone(),
+                    })?;
+                    self.durable().await?;
+                    crate::crash::point("step.after_failure");
+                    return self.failed_for_good(index, S::KIND, record).map(Err);
+                }
                 Err(error) => {
                     let record = error.to_record();
                     let retry_at_ms = match error.class() {
@@ -250,12 +255,12 @@ impl Lane {
                                     s.step(index)
                                         .map(|op| (op.first_started_at_ms, op.round_base))
                                 })
-                                .unwrap_or_else(|| (now_ms(), 0));
+                                .unwrap_or_else(|| (self.inner.clock.now_ms(), 0));
                             let jitter: f64 = self.rng.gen();
                             policy.next_attempt_at_ms(
                                 Attempt(attempt.0 - round_base),
                                 first_started,
-                                now_ms(),
+                                self.inner.clock.now_ms(),
                                 error.retry_after(),
                                 jitter,
                             )
@@ -286,4 +291,30 @@ impl Lane {
             }
         }
     }
+}
+
+/// Runs one attempt's call; a panic in it is a failed attempt (retryable: the attempt may
+/// have taken effect before it panicked, so it is in doubt like a lost response).
+async fn attempt_contained<T>(
+    call: impl std::future::Future<Output = Result<T, StepError>>,
+) -> Result<T, StepError> {
+    contained(call)
+        .await
+        .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
+}
+
+/// The journaled form of a step's output, or why it cannot be kept (not serialisable, or
+/// over [`STEP_OUTPUT_BYTES_MAX`]).
+fn kept_output<S: Step>(output: &S::Output) -> Result<Value, String> {
+    let value = contained_sync(|| serde_json::to_value(output))
+        .map_err(|panic| format!("serialising the output of {} panicked: {panic}", S::KIND))?
+        .map_err(|e| format!("output of {} does not serialise: {e}", S::KIND))?;
+    let bytes = value.to_string().len();
+    if bytes > STEP_OUTPUT_BYTES_MAX {
+        return Err(format!(
+            "output of {} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes",
+            S::KIND
+        ));
+    }
+    Ok(value)
 }

@@ -73,6 +73,8 @@
 
 mod cell;
 mod child;
+mod clock;
+mod contain;
 pub mod crash;
 mod ctx;
 mod engine;
@@ -92,10 +94,12 @@ mod saga;
 mod stats;
 mod step;
 pub mod store;
+pub mod testing;
 mod wait;
 mod workflow;
 
 pub use child::child_id;
+pub use clock::Clock;
 pub use ctx::{Created, Ctx};
 pub use engine::{Engine, EngineBuilder, RunHandle, RETENTION_DEFAULT};
 pub use error::{EngineError, Result};

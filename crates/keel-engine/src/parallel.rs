@@ -365,6 +365,9 @@ pub(crate) async fn run_branches<T, F, Fut>(
     let mut tasks = tasks.into_iter();
     let mut running = JoinSet::new();
     let mut more = true;
+    // User code cannot panic a branch (its calls are contained); a panic here is the
+    // engine's. It is raised again once every other branch has ended and been recorded.
+    let mut panicked = None;
     loop {
         while more && running.len() < width {
             let Some((i, task)) = tasks.next() else {
@@ -378,9 +381,16 @@ pub(crate) async fn run_branches<T, F, Fut>(
         };
         let (i, result) = match joined {
             Ok(done) => done,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) if e.is_panic() => {
+                panicked.get_or_insert(e.into_panic());
+                more = false;
+                continue;
+            }
             Err(e) => panic!("a fan-out branch was cancelled: {e}"),
         };
         more &= on_end(i, result);
+    }
+    if let Some(payload) = panicked {
+        std::panic::resume_unwind(payload);
     }
 }

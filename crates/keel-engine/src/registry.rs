@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::Value;
 
+use crate::contain::{contained, contained_sync};
 use crate::ctx::Ctx;
 use crate::error::{EngineError, Result};
 use crate::retry::RetryPolicy;
@@ -26,6 +27,9 @@ pub(crate) enum BodyError {
     Input(serde_json::Error),
     /// The output does not serialise.
     Output(serde_json::Error),
+    /// The body (or the decoding of its input, or the encoding of its output) panicked,
+    /// with this message.
+    Panicked(String),
 }
 
 /// Why an input does not decode as a workflow's input type, and where.
@@ -72,32 +76,57 @@ impl Registry {
             on_retries_exhausted: W::ON_RETRIES_EXHAUSTED,
             run: Box::new(|mut ctx: Ctx, input: Value| {
                 Box::pin(async move {
-                    let result = match serde_json::from_value::<W::Input>(input) {
-                        Err(e) => Err(BodyError::Input(e)),
-                        Ok(input) => match W::run(&mut ctx, input).await {
-                            Ok(output) => serde_json::to_value(output).map_err(BodyError::Output),
-                            Err(e) => Err(BodyError::Workflow(e)),
-                        },
+                    // The body borrows `ctx`, so a panic leaves `ctx` (and the interrupt it
+                    // may hold) to the executor.
+                    let body = async {
+                        match serde_json::from_value::<W::Input>(input) {
+                            Err(e) => Err(BodyError::Input(e)),
+                            Ok(input) => match W::run(&mut ctx, input).await {
+                                Ok(output) => {
+                                    serde_json::to_value(output).map_err(BodyError::Output)
+                                }
+                                Err(e) => Err(BodyError::Workflow(e)),
+                            },
+                        }
                     };
+                    let result = contained(body)
+                        .await
+                        .unwrap_or_else(|panic| Err(BodyError::Panicked(panic)));
                     (ctx, result)
                 })
             }),
-            validate: Box::new(|input: &Value| match W::Input::deserialize(input) {
-                Ok(typed) => W::validate(&typed),
-                Err(e) => Err(InvalidInput::new("(the input itself)", e.to_string())),
+            validate: Box::new(|input: &Value| {
+                let checked = contained_sync(|| match W::Input::deserialize(input) {
+                    Ok(typed) => W::validate(&typed),
+                    Err(e) => Err(InvalidInput::new("(the input itself)", e.to_string())),
+                });
+                checked.unwrap_or_else(|panic| {
+                    Err(InvalidInput::new(
+                        "(the input itself)",
+                        format!("the workflow's validate panicked: {panic}"),
+                    ))
+                })
             }),
             normalise_input: Box::new(|input: &Value| {
-                let typed: W::Input =
-                    serde_path_to_error::deserialize(input).map_err(|e| InputError {
-                        field: match e.path().to_string() {
-                            path if path == "." => "(the input itself)".to_string(),
-                            path => path,
-                        },
-                        source: e.into_inner(),
-                    })?;
-                serde_json::to_value(typed).map_err(|source| InputError {
-                    field: "(re-encoding)".into(),
-                    source,
+                let normalised = contained_sync(|| {
+                    let typed: W::Input =
+                        serde_path_to_error::deserialize(input).map_err(|e| InputError {
+                            field: match e.path().to_string() {
+                                path if path == "." => "(the input itself)".to_string(),
+                                path => path,
+                            },
+                            source: e.into_inner(),
+                        })?;
+                    serde_json::to_value(typed).map_err(|source| InputError {
+                        field: "(re-encoding)".into(),
+                        source,
+                    })
+                });
+                normalised.unwrap_or_else(|panic| {
+                    Err(InputError {
+                        field: "(the input itself)".into(),
+                        source: serde::de::Error::custom(format!("decoding panicked: {panic}")),
+                    })
                 })
             }),
         };

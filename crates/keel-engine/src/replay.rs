@@ -10,6 +10,7 @@
 //! | InFlight       | `StepCompleted`               | Completed       |
 //! | InFlight       | `StepFailed{retry_at: Some}`  | RetryScheduled  |
 //! | InFlight       | `StepFailed{retry_at: None}`  | GaveUp / FailedPermanently |
+//! | InFlight       | `StepOutputRejected`          | OutputRejected  |
 //! | InFlight       | `StepStarted{attempt: n+1}`   | InFlight (the attempt was cut off by a crash) |
 //! | RetryScheduled | `StepStarted{attempt: n+1}`   | InFlight        |
 //!
@@ -67,6 +68,12 @@ pub enum StepOutcome {
     /// failed permanently after its first attempt is in doubt for the saga.
     FailedPermanently {
         /// The error.
+        error: ErrorRecord,
+    },
+    /// An attempt succeeded but its output could not be kept (too large, not serialisable):
+    /// the effect exists without a recorded output, so the saga undoes it in doubt.
+    OutputRejected {
+        /// Why the output was rejected.
         error: ErrorRecord,
     },
 }
@@ -380,6 +387,17 @@ impl RunState {
                 };
                 Ok(())
             }
+            Event::StepOutputRejected {
+                step,
+                attempt,
+                error,
+            } => {
+                let op = self.in_flight_step(*step, *attempt)?;
+                op.outcome = StepOutcome::OutputRejected {
+                    error: error.clone(),
+                };
+                Ok(())
+            }
             Event::TimerSet { step, wake_at_ms } => {
                 if step.0 as usize != self.ops.len() {
                     return Err(format!(
@@ -680,9 +698,9 @@ pub fn step_action(op: Option<&StepOp>) -> StepAction {
             not_before_ms: Some(*at_ms),
         },
         StepOutcome::Completed { output } => StepAction::Replay(output.clone()),
-        StepOutcome::GaveUp { error } | StepOutcome::FailedPermanently { error } => {
-            StepAction::Fail(error.clone())
-        }
+        StepOutcome::GaveUp { error }
+        | StepOutcome::FailedPermanently { error }
+        | StepOutcome::OutputRejected { error } => StepAction::Fail(error.clone()),
     }
 }
 
@@ -706,9 +724,10 @@ pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> 
     let op = state.step(index)?;
     match &op.outcome {
         StepOutcome::Completed { output } => Some(Some(output)),
-        StepOutcome::InFlight | StepOutcome::RetryScheduled { .. } | StepOutcome::GaveUp { .. } => {
-            Some(None)
-        }
+        StepOutcome::InFlight
+        | StepOutcome::RetryScheduled { .. }
+        | StepOutcome::GaveUp { .. }
+        | StepOutcome::OutputRejected { .. } => Some(None),
         StepOutcome::FailedPermanently { .. } if op.attempt == Attempt::FIRST => None,
         StepOutcome::FailedPermanently { .. } => Some(None),
     }

@@ -17,7 +17,8 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use crate::cell::{now_ms, RunCell};
+use crate::cell::RunCell;
+use crate::contain::contained;
 use crate::engine::Engine;
 use crate::engine::Inner;
 use crate::error::{EngineError, Result};
@@ -31,6 +32,7 @@ use crate::step::{StepContext, StepError, Undo};
 
 /// Moves a failed or cancelled run into compensation.
 pub(crate) async fn begin(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+    let reason = crate::step::truncate(reason);
     tracing::info!(run_id = %cell.id, %reason, "compensation begins");
     let error = reason.clone();
     cell.transition(
@@ -74,10 +76,9 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
                 not_before_ms,
             } => {
                 if let Some(at_ms) = not_before_ms {
-                    let now = now_ms();
-                    if at_ms > now {
+                    if at_ms > inner.clock.now_ms() {
                         tokio::select! {
-                            _ = tokio::time::sleep(std::time::Duration::from_millis(at_ms - now)) => {}
+                            _ = inner.clock.sleep_until(at_ms) => {}
                             _ = shutdown.changed() => {}
                         }
                         continue;
@@ -154,8 +155,11 @@ pub(crate) async fn undo_attempt(
         resources: Arc::clone(&inner.resources),
     };
     let span = tracing::info_span!("compensation", run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0);
-    let result =
-        tracing::Instrument::instrument((entry.undo)(argument.clone(), output, ctx), span).await;
+    let undo = tracing::Instrument::instrument((entry.undo)(argument.clone(), output, ctx), span);
+    // A panicking undo is a failed undo attempt, retried like any other.
+    let result = contained(undo)
+        .await
+        .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
     crate::crash::point("saga.after_undo");
     let policy = (entry.undo_policy)(&argument);
     let attempt = UndoAttempt {
@@ -261,11 +265,11 @@ async fn record_undo(
                 ErrorClass::Retryable => {
                     let round_started_at_ms = cell
                         .with_state(|s| s.undo_round_started_at_ms.get(&step).copied())
-                        .unwrap_or_else(now_ms);
+                        .unwrap_or_else(|| inner.clock.now_ms());
                     policy.next_attempt_at_ms(
                         Attempt(undo.round_attempts + 1),
                         round_started_at_ms,
-                        now_ms(),
+                        inner.clock.now_ms(),
                         error.retry_after(),
                         rand::thread_rng().gen(),
                     )
@@ -295,7 +299,7 @@ async fn stuck(
     message: String,
 ) -> Result<Next> {
     tracing::error!(run_id = %cell.id, step = step.0, error = %message, "compensation failed; an operator must retry or resolve");
-    let error = format!("compensation of step {step} failed: {message}");
+    let error = crate::step::truncate(format!("compensation of step {step} failed: {message}"));
     let stored = error.clone();
     cell.transition(
         &*inner.store,

@@ -62,6 +62,11 @@ pub fn rows(history: &RunHistory) -> Vec<Row> {
                     r.duration_ms = Some(at.saturating_sub(r.started_ms));
                 }
             }
+            Event::StepOutputRejected { step, error, .. } => {
+                let r = row(&mut rows, *step, "step", at);
+                r.outcome = format!("output rejected: {}", error.message);
+                r.duration_ms = Some(at.saturating_sub(r.started_ms));
+            }
             Event::WaitStarted { step, kind, .. } => {
                 let r = row(&mut rows, *step, "wait", at);
                 r.kind = kind.clone();

@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
-use crate::cell::RunCell;
+use crate::cell::{RunCell, Stop};
 use crate::engine::{Engine, Loaded};
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
 use crate::journal::{Event, RunRecord, RunStatus};
+use crate::limits::ERROR_MESSAGE_BYTES_MAX;
 use crate::replay::RunState;
 
 fn admits(record: &RunRecord, operation: &'static str, statuses: &[RunStatus]) -> Result<()> {
@@ -163,6 +164,13 @@ impl Engine {
 
     /// Marks a run in `CompensationFailed` as settled by an operator (terminal `Resolved`).
     pub async fn resolve(&self, id: &str, note: &str) -> Result<RunRecord> {
+        if note.len() > ERROR_MESSAGE_BYTES_MAX {
+            return Err(EngineError::TooLarge {
+                what: format!("resolution note of run {id}"),
+                bytes: note.len(),
+                limit: ERROR_MESSAGE_BYTES_MAX,
+            });
+        }
         let event = Event::RunResolved { note: note.into() };
         self.transition_settled(id, "resolve", event, RunStatus::Resolved)
             .await
@@ -299,7 +307,8 @@ impl Engine {
                 if drivable && wrote.is_ok() {
                     self.spawn_driver(Arc::clone(cell));
                 } else {
-                    self.inner.unload(cell);
+                    self.inner
+                        .unload(cell, Stop::Error("an operator call failed".into()));
                 }
             }
             match wrote {
