@@ -13,18 +13,8 @@ use keel::{
     StepIndex, Undo, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
-use keel_testkit::poll::until;
+use keel_testkit::poll::{asleep, until};
 use serde::{Deserialize, Serialize};
-
-/// How long (real time) the engine may take to fall asleep on the test clock.
-const ASLEEP_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// The wake time of the engine's next sleep, once it sleeps (bounded).
-async fn asleep(clock: &TestClock) -> u64 {
-    tokio::time::timeout(ASLEEP_TIMEOUT, clock.next_wake())
-        .await
-        .expect("the engine never slept on the test clock")
-}
 
 /// Whether the journal holds an entry for which `predicate` holds.
 fn has(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> bool {

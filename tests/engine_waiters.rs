@@ -133,7 +133,12 @@ async fn a_failure_with_a_huge_message_is_recorded_cut_and_heard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspension_with_a_huge_reason_is_recorded_cut_and_heard() {
     let dir = tempfile::tempdir().unwrap();
-    let open = || Engine::builder(dir.path()).workflow::<Changing>().open();
+    let open = || {
+        Engine::builder(dir.path())
+            .workflow::<Changing>()
+            .step::<Echo>()
+            .open()
+    };
     let engine = open().await.unwrap();
     engine.start::<Changing>("changing", ()).await.unwrap();
     keel_testkit::poll::until(&engine, "changing", |h| h.entries.len() == 3).await;

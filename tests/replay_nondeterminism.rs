@@ -253,7 +253,13 @@ async fn park(runs: &[(&str, u64)]) -> Parked {
         journals: BTreeMap::new(),
         _dir: dir,
     };
-    let engine = open_when_unlocked(|| Engine::builder(&parked.data).workflow::<Original>()).await;
+    let engine = open_when_unlocked(|| {
+        Engine::builder(&parked.data)
+            .workflow::<Original>()
+            .step::<StepX>()
+            .step::<StepY>()
+    })
+    .await;
     for (id, sleep_ms) in runs {
         engine
             .start::<Original>(id, parked.input(*sleep_ms))
@@ -282,7 +288,14 @@ async fn park(runs: &[(&str, u64)]) -> Parked {
 /// that it is Suspended, that its journal only gained the suspension (whose reason is the
 /// run's error), and that nothing ran. Returns the error.
 async fn suspended_under<W: Workflow>(parked: &Parked, id: &str) -> String {
-    let engine = open_when_unlocked(|| Engine::builder(&parked.data).workflow::<W>()).await;
+    // The new code's engine registers every step kind its runs may have to undo.
+    let engine = open_when_unlocked(|| {
+        Engine::builder(&parked.data)
+            .workflow::<W>()
+            .step::<StepX>()
+            .step::<StepY>()
+    })
+    .await;
     let record = engine.wait(id).await.unwrap();
     assert_eq!(record.status, RunStatus::Suspended, "{:?}", record.error);
     assert_eq!(record.output, None);
@@ -324,7 +337,13 @@ async fn other_step_kind_suspends_and_fixed_code_resumes() {
     );
     assert!(error.contains("step #0"), "and the operation: {error}");
 
-    let engine = open_when_unlocked(|| Engine::builder(&parked.data).workflow::<Original>()).await;
+    let engine = open_when_unlocked(|| {
+        Engine::builder(&parked.data)
+            .workflow::<Original>()
+            .step::<StepX>()
+            .step::<StepY>()
+    })
+    .await;
     let fixable = engine.status("fixable").await.unwrap();
     assert_eq!(fixable.status, RunStatus::Suspended, "{:?}", fixable.error);
     assert!(fixable.error.unwrap().contains("\"test.y\""));
@@ -490,6 +509,7 @@ fn completed_fixture_folds_to_its_state() {
                 kind: "fixture.add".into(),
                 argument: json!({"n": 1}),
                 attempt: Attempt(1),
+                compensable: true,
                 first_started_at_ms: 1_700_000_000_000,
                 round_base: 0,
                 outcome: completed(json!(10)),
@@ -498,6 +518,7 @@ fn completed_fixture_folds_to_its_state() {
                 kind: "fixture.add".into(),
                 argument: json!({"n": 2}),
                 attempt: Attempt(2),
+                compensable: true,
                 first_started_at_ms: 1_700_000_000_013,
                 round_base: 0,
                 outcome: completed(json!(20)),
@@ -510,6 +531,7 @@ fn completed_fixture_folds_to_its_state() {
                 kind: "fixture.notify".into(),
                 argument: json!({"to": "ops", "message": "total 30"}),
                 attempt: Attempt(1),
+                compensable: true,
                 first_started_at_ms: 1_700_000_001_423,
                 round_base: 0,
                 outcome: completed(json!("sent")),
@@ -556,6 +578,7 @@ fn compensated_fixture_folds_to_its_state() {
             kind: "fixture.add".into(),
             argument: json!({"n": 2}),
             attempt: Attempt(2),
+            compensable: true,
             first_started_at_ms: 1_700_000_100_031,
             round_base: 0,
             outcome: StepOutcome::FailedPermanently {
@@ -855,6 +878,7 @@ fn journal(description: &str) -> Vec<Entry> {
                     kind: SYNTHETIC_KIND.into(),
                     argument: json!({"n": n}),
                     attempt: Attempt(*next),
+                    compensable: true,
                 }
             }
             "c" => Event::StepCompleted {

@@ -234,6 +234,7 @@ fn killed_at_random_moments_completed_runs_own_their_resources_once_and_compensa
             match spec.run_and_kill_after(delay, CHILD_TIMEOUT) {
                 Ending::Killed => in_scenario += 1,
                 Ending::Finished => finished = true,
+                Ending::Aborted => panic!("the worker child aborted"),
             }
         }
         if !finished {

@@ -4,6 +4,7 @@
 //! drives it; the engine's cell map enforces both. Operator calls (cancel, retry) append
 //! through the same cell, under the same lock, so journal indexes never collide.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::watch;
@@ -47,8 +48,16 @@ impl Stop {
     }
 }
 
+/// Where a loaded run stands with its load count (`poison.rs`): not counted yet, counted and
+/// not yet shown to survive, or shown to survive (the count forgotten).
+const LOAD_UNCOUNTED: u8 = 0;
+const LOAD_COUNTED: u8 = 1;
+const LOAD_SURVIVED: u8 = 2;
+
 pub(crate) struct RunCell {
     pub(crate) id: RunId,
+    /// `LOAD_UNCOUNTED`, `LOAD_COUNTED` or `LOAD_SURVIVED`.
+    load: AtomicU8,
     /// Stamps every entry and record change.
     clock: Clock,
     loaded: Mutex<Loaded>,
@@ -71,6 +80,7 @@ impl RunCell {
         let (stopped, _) = watch::channel(None);
         RunCell {
             id: record.id.clone(),
+            load: AtomicU8::new(LOAD_UNCOUNTED),
             clock,
             loaded: Mutex::new(Loaded {
                 record,
@@ -82,6 +92,35 @@ impl RunCell {
             pause,
             status,
             stopped,
+        }
+    }
+
+    /// Whether this load of the run was counted (by its driver, or by the start that made
+    /// it).
+    pub(crate) fn load_counted(&self) -> bool {
+        self.load.load(Ordering::Acquire) != LOAD_UNCOUNTED
+    }
+
+    /// Notes that this load is counted in the store.
+    pub(crate) fn mark_load_counted(&self) {
+        self.load.store(LOAD_COUNTED, Ordering::Release);
+    }
+
+    /// The run showed that it survives being driven (a call of its code returned, or it
+    /// parked, or its driver stopped): its load count is forgotten, durably with the next
+    /// sync, which is asked for without waiting (a crash before it counts one load too many).
+    pub(crate) fn survived(&self, store: &dyn JournalStore) {
+        let counted = self.load.compare_exchange(
+            LOAD_COUNTED,
+            LOAD_SURVIVED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        if counted.is_ok() {
+            if let Err(error) = store.set_load_count(&self.id, 0) {
+                tracing::warn!(run_id = %self.id, %error, "load count not forgotten");
+            }
+            drop(store.sync());
         }
     }
 

@@ -115,7 +115,9 @@ impl Ctx {
         index: StepIndex,
         input: &W::Input,
     ) -> Result<Value, WorkflowError> {
-        self.lane.inner.registry.add_workflow::<W>();
+        if let Err(e) = self.lane.inner.registry.add_workflow::<W>() {
+            return Err(self.interrupt(Interrupt::Engine(e)));
+        }
         self.argument(index, "child run", W::NAME, input)
     }
 
@@ -245,6 +247,8 @@ async fn run_child(
         Err(e) => return Err(Interrupt::Engine(e)),
     }
     crate::crash::point("child.after_created");
+    // Parked while the child runs.
+    lane.cell.survived(&*lane.inner.store);
     let record = loop {
         let waited = tokio::select! {
             waited = engine.wait(child.as_str()) => waited,

@@ -365,7 +365,9 @@ impl Ctx {
                     .await
                     .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
             };
-            match rate_limited(&self.lane.inner, probe.rate_limit(), call).await {
+            let polled = rate_limited(&self.lane.inner, probe.rate_limit(), call).await;
+            self.lane.cell.survived(&*self.lane.inner.store);
+            match polled {
                 Ok(Some(output)) => {
                     if streak == 0 {
                         ready_since_ms = self.now_ms();

@@ -19,16 +19,17 @@ use crate::ids::RunId;
 use crate::journal::{digest, RunHistory, RunRecord, RunStatus};
 use crate::limiter::{RateLimit, RateLimiter};
 use crate::limits::{CONCURRENT_RUNS_MAX, INPUT_BYTES_MAX, STATS_FLUSH_INTERVAL};
-use crate::registry::Registry;
+use crate::registry::{Registry, StepType};
 use crate::replay::RunState;
 use crate::resources::Resources;
 use crate::stats::{OperationStats, StatsBook};
 use crate::step::Step;
-use crate::store::sled::SledStore;
+use crate::store::sled::{LostData, SledOptions, SledStore};
 use crate::store::{Durability, JournalStore};
 use crate::workflow::Workflow;
 
 mod operator;
+mod resume;
 
 /// How long finished runs are kept by default.
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -38,10 +39,13 @@ pub struct EngineBuilder {
     path: PathBuf,
     durability: Durability,
     runs_concurrent_max: usize,
+    poison_after_loads: u32,
     retention: Duration,
     gc_interval: Duration,
     registry: Registry,
     registry_error: Option<EngineError>,
+    allow_unregistered: bool,
+    lost_data: LostData,
     rate_limits: HashMap<String, RateLimit>,
     resources: Resources,
     clock: Clock,
@@ -62,14 +66,18 @@ impl EngineBuilder {
         self
     }
 
-    /// Registers a workflow type, so its unfinished runs resume at open.
-    pub fn workflow<W: Workflow>(self) -> Self {
-        self.registry.add_workflow::<W>();
+    /// Registers a workflow type, so its unfinished runs resume at open. A second type with
+    /// the same name makes [`EngineBuilder::open`] fail.
+    pub fn workflow<W: Workflow>(mut self) -> Self {
+        if let Err(e) = self.registry.add_workflow::<W>() {
+            self.registry_error.get_or_insert(e);
+        }
         self
     }
 
     /// Registers a step type, so compensation can undo it from the journal even when no run
-    /// has executed it since the engine opened.
+    /// has executed it since the engine opened. A second type with the same kind makes
+    /// [`EngineBuilder::open`] fail.
     pub fn step<S: Step>(mut self) -> Self {
         if let Err(e) = self.registry.add_step::<S>() {
             self.registry_error.get_or_insert(e);
@@ -77,11 +85,44 @@ impl EngineBuilder {
         self
     }
 
+    /// Registers every step type of a set (a step library's `STEPS`).
+    pub fn steps(mut self, set: &[StepType]) -> Self {
+        for step in set {
+            if let Err(e) = step.register(&self.registry) {
+                self.registry_error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// Opens a store whose unfinished runs need workflows or step kinds that are not
+    /// registered, instead of refusing it ([`EngineError::Unregistered`]): those runs are
+    /// left as they are, undriven (their waiters hear why), until an engine that registers
+    /// the types opens the store.
+    pub fn allow_unregistered(self) -> Self {
+        EngineBuilder {
+            allow_unregistered: true,
+            ..self
+        }
+    }
+
     /// The clock every journaled time comes from and every timer sleeps on (default: the
     /// system's wall clock). Tests pass a [`crate::testing::TestClock`].
     pub fn clock(self, clock: impl Into<Clock>) -> Self {
         EngineBuilder {
             clock: clock.into(),
+            ..self
+        }
+    }
+
+    /// Opens a store that lost data it had acknowledged ([`EngineError::LostData`]: sled's
+    /// log holds less than the store's high-water mark) with what is left, instead of
+    /// refusing it. Runs that finished or moved on after the loss point may be gone or rolled
+    /// back; rolled-back runs run their lost steps again, with the same idempotency keys.
+    /// For an operator who knows of the loss and accepts it.
+    pub fn accept_data_loss(self) -> Self {
+        EngineBuilder {
+            lost_data: LostData::Accept,
             ..self
         }
     }
@@ -95,6 +136,17 @@ impl EngineBuilder {
     pub fn runs_concurrent_max(self, runs: usize) -> Self {
         EngineBuilder {
             runs_concurrent_max: runs.clamp(1, CONCURRENT_RUNS_MAX),
+            ..self
+        }
+    }
+
+    /// How many loads in a row, each ended by the process dying before the run showed that
+    /// it survives being driven, make a run poisoned: not driven again until an operator
+    /// resumes it (see the crate docs on crash loops). Default
+    /// [`crate::limits::POISON_LOADS_DEFAULT`]; at least 1.
+    pub fn poison_after_loads(self, loads: u32) -> Self {
+        EngineBuilder {
+            poison_after_loads: loads.max(1),
             ..self
         }
     }
@@ -119,8 +171,11 @@ impl EngineBuilder {
             return Err(e);
         }
         let path = self.path.clone();
-        let durability = self.durability;
-        let store = tokio::task::spawn_blocking(move || SledStore::open(&path, durability))
+        let options = SledOptions {
+            durability: self.durability,
+            lost_data: self.lost_data,
+        };
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&path, options))
             .await
             .map_err(|e| EngineError::Storage {
                 path: self.path.clone(),
@@ -143,10 +198,12 @@ impl EngineBuilder {
             shutdown,
             drivers,
             retention: self.retention,
+            poison_after_loads: self.poison_after_loads,
             clock: self.clock,
+            undriven: Mutex::new(HashMap::new()),
         });
         let engine = Engine { inner };
-        engine.resume_all()?;
+        engine.resume_all(self.allow_unregistered)?;
         engine.spawn_gc(self.gc_interval);
         engine.spawn_stats_flush();
         Ok(engine)
@@ -167,7 +224,11 @@ pub(crate) struct Inner {
     pub(crate) shutdown: watch::Sender<bool>,
     drivers: watch::Sender<usize>,
     retention: Duration,
+    /// Loads without survival after which a run is poisoned (`poison.rs`).
+    pub(crate) poison_after_loads: u32,
     pub(crate) clock: Clock,
+    /// Unfinished runs left undriven at open for want of registered types, with the reason.
+    undriven: Mutex<HashMap<RunId, String>>,
 }
 
 impl Inner {
@@ -187,6 +248,7 @@ impl Inner {
     pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
         let mut cells = self.cells.lock().expect("cells lock");
         let shutting_down = *self.shutdown.borrow();
+        cell.survived(&*self.store);
         let detached = cell.detach_if(|record, poisoned| {
             if shutting_down {
                 Some(Some(Stop::ShutDown))
@@ -207,6 +269,7 @@ impl Inner {
     /// Unloads `cell` whatever its status; if the run has not settled, its waiters are told
     /// `stop`.
     pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
+        cell.survived(&*self.store);
         let mut cells = self.cells.lock().expect("cells lock");
         cell.detach_if(|_, _| Some(Some(stop)));
         if cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
@@ -276,10 +339,13 @@ impl Engine {
             path: path.as_ref().to_owned(),
             durability: Durability::default(),
             runs_concurrent_max: 10_000,
+            poison_after_loads: crate::limits::POISON_LOADS_DEFAULT,
             retention: RETENTION_DEFAULT,
             gc_interval: Duration::from_secs(600),
             registry: Registry::default(),
             registry_error: None,
+            allow_unregistered: false,
+            lost_data: LostData::Refuse,
             rate_limits: HashMap::new(),
             resources: Resources::default(),
             clock: Clock::system(),
@@ -289,35 +355,6 @@ impl Engine {
     /// The data directory.
     pub fn path(&self) -> &Path {
         &self.inner.path
-    }
-
-    fn resume_all(&self) -> Result<()> {
-        let mut resumed = 0usize;
-        for record in self.inner.store.runs()? {
-            let record = match record {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::error!(%error, "run record unreadable: left as it is");
-                    continue;
-                }
-            };
-            let drivable = matches!(record.status, RunStatus::Running | RunStatus::Compensating);
-            if !drivable {
-                continue;
-            }
-            if record.status == RunStatus::Running
-                && self.inner.registry.workflow(&record.workflow).is_none()
-            {
-                tracing::warn!(run_id = %record.id, workflow = %record.workflow, "unfinished run of an unregistered workflow: left as it is");
-                continue;
-            }
-            match self.load(record) {
-                Ok(_) => resumed += 1,
-                Err(error) => tracing::error!(%error, "run not resumed"),
-            }
-        }
-        tracing::info!(resumed, "engine open");
-        Ok(())
     }
 
     /// Loads `record` into a cell and spawns its driver, unless it is loaded already.
@@ -350,6 +387,8 @@ impl Engine {
             RunState::default(),
             self.inner.clock.clone(),
         ));
+        // `start` wrote its first load count with the record.
+        cell.mark_load_counted();
         let fresh = {
             let mut cells = self.inner.cells.lock().expect("cells lock");
             let fresh = !cells.contains_key(&cell.id);
@@ -378,17 +417,18 @@ impl Engine {
             .store
             .run(&id)?
             .ok_or(EngineError::RunNotFound { id })?;
-        let entries = self.inner.store.journal(&record.id)?;
-        let state = RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
-            key: format!("journal of run {}", record.id),
-            detail,
-        })?;
+        let state = self.read_state(&record.id)?;
         let cell = Arc::new(RunCell::new(record, state, self.inner.clock.clone()));
         cells.insert(cell.id.clone(), Arc::clone(&cell));
         Ok(Loaded::Fresh(cell))
     }
 
     fn spawn_driver(&self, cell: Arc<RunCell>) {
+        self.inner
+            .undriven
+            .lock()
+            .expect("undriven lock")
+            .remove(&cell.id);
         self.inner.drivers.send_modify(|n| *n += 1);
         let guard = DriverGuard(self.inner.drivers.clone());
         let inner = Arc::clone(&self.inner);
@@ -413,7 +453,7 @@ impl Engine {
     /// Starts a run of `W` with id `id`, or returns the existing run if one with the same id,
     /// workflow and input exists (running or finished). The run is durable when this returns.
     pub async fn start<W: Workflow>(&self, id: &str, input: W::Input) -> Result<RunHandle<W>> {
-        self.inner.registry.add_workflow::<W>();
+        self.inner.registry.add_workflow::<W>()?;
         let input = serde_json::to_value(input).map_err(|source| EngineError::Serialise {
             what: format!("input of {}", W::NAME),
             source,
@@ -516,6 +556,8 @@ impl Engine {
         };
         match self.inner.store.create_run(&record)? {
             None => {
+                // Its first load, counted with the record (no sync of its own: `poison.rs`).
+                self.inner.store.set_load_count(&id, 1)?;
                 crate::crash::point("start.after_create");
                 self.inner.store.sync().wait().await?;
                 crate::crash::point("start.after_sync");
@@ -647,6 +689,15 @@ impl Engine {
 
     /// Why a running or compensating run that is not loaded is not driven here.
     fn undriven_reason(&self, record: &RunRecord) -> String {
+        if let Some(reason) = self
+            .inner
+            .undriven
+            .lock()
+            .expect("undriven lock")
+            .get(&record.id)
+        {
+            return reason.clone();
+        }
         if record.status == RunStatus::Running
             && self.inner.registry.workflow(&record.workflow).is_none()
         {

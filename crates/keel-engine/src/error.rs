@@ -5,6 +5,26 @@ use std::path::PathBuf;
 
 use crate::ids::{RunId, StepIndex};
 
+/// What a store's log holds, for [`EngineError::LostData`].
+fn held_text(held: u64, held_at: &str) -> String {
+    if held == 0 {
+        "no commit at all".into()
+    } else {
+        format!("the commits up to #{held} (the last made {held_at})")
+    }
+}
+
+/// Where the damaged log was kept, for [`EngineError::LostData`].
+fn kept_text(kept: &Option<PathBuf>) -> String {
+    match kept {
+        Some(path) => format!(
+            "; sled's recovery rewrote what it could not read, and the log as found is kept in {}",
+            path.display()
+        ),
+        None => String::new(),
+    }
+}
+
 /// A `Result` with [`EngineError`].
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
@@ -35,6 +55,33 @@ pub enum EngineError {
         /// The underlying error.
         #[source]
         source: std::io::Error,
+    },
+    /// The store holds less than its high-water mark says it acknowledged: sled lost
+    /// acknowledged writes (a file cut short or damaged).
+    #[error("store {path} lost data it had acknowledged: sled's log holds {}, but keel.mark records commit #{marked} (made {marked_at}) as durable, so the work acknowledged after what the log holds is missing (finished runs may be gone, others rolled back){}; restore the data directory from a backup, or open it with accept_data_loss (keel worker --accept-data-loss) to go on with what is left", held_text(*.held, .held_at), kept_text(.kept))]
+    LostData {
+        /// The data directory.
+        path: PathBuf,
+        /// The last commit the store holds.
+        held: u64,
+        /// When it was made.
+        held_at: String,
+        /// The last commit the mark says was durable.
+        marked: u64,
+        /// When it was made.
+        marked_at: String,
+        /// Where `db` was copied, as found, before sled's recovery rewrote it, if it was.
+        kept: Option<PathBuf>,
+    },
+    /// A file of the store cannot be read at all.
+    #[error("store file {file} is damaged: {detail}; {advice}")]
+    StoreDamaged {
+        /// The damaged file.
+        file: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+        /// What an operator can do.
+        advice: String,
     },
     /// A stored record could not be decoded or breaks an invariant.
     #[error("corrupt record {key}: {detail}")]
@@ -155,6 +202,23 @@ pub enum EngineError {
     DuplicateStepKind {
         /// The kind.
         kind: String,
+    },
+    /// Two workflow types were registered under one name.
+    #[error("workflow {name:?} registered twice, by two different types")]
+    DuplicateWorkflow {
+        /// The name.
+        name: String,
+    },
+    /// The store holds unfinished runs that need workflow types or step kinds this engine
+    /// has not registered (see `EngineBuilder::allow_unregistered`).
+    #[error("the store holds {runs} unfinished runs that need types this engine has not registered: {missing}; register them, or open with allow_unregistered to leave those runs as they are (first runs: {examples})")]
+    Unregistered {
+        /// How many runs need them.
+        runs: usize,
+        /// Every missing workflow and step kind, e.g. `workflows "a", "b"; step kinds "x"`.
+        missing: String,
+        /// The first few of those runs.
+        examples: String,
     },
     /// The run settled without an output.
     #[error("run {id} ended {status}: {error}")]

@@ -47,6 +47,14 @@ pub(crate) async fn drive(inner: Arc<Inner>, cell: Arc<RunCell>) {
         inner.unload(&cell, Stop::ShutDown);
         return;
     }
+    if let Err(error) = crate::poison::count_load(&inner, &cell).await {
+        tracing::error!(run_id = %cell.id, %error, "run not driven: its load could not be counted");
+        inner.unload(
+            &cell,
+            Stop::Error(format!("its load could not be counted: {error}")),
+        );
+        return;
+    }
     loop {
         let result = match cell.record().status {
             RunStatus::Running | RunStatus::Suspended
@@ -105,7 +113,10 @@ async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
             // A bound the code went past, or a meaningless request: a defect of the workflow
             // code, which an operator fixes as for non-determinism.
             Interrupt::Engine(
-                error @ (EngineError::LimitReached { .. } | EngineError::InvalidRequest(_)),
+                error @ (EngineError::LimitReached { .. }
+                | EngineError::InvalidRequest(_)
+                | EngineError::DuplicateWorkflow { .. }
+                | EngineError::DuplicateStepKind { .. }),
             ) => suspend(inner, cell, error.to_string()).await,
             Interrupt::Engine(error) => Err(error),
             Interrupt::Cancelled => saga::begin(inner, cell, "cancelled by operator".into()).await,
@@ -209,7 +220,11 @@ async fn fail(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result
     settle(inner, cell, RunStatus::Failed).await
 }
 
-async fn suspend(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+pub(crate) async fn suspend(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    reason: String,
+) -> Result<Next> {
     let reason = truncate(reason);
     tracing::error!(run_id = %cell.id, %reason, "run suspended");
     let error = reason.clone();

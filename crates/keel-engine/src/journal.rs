@@ -163,6 +163,14 @@ pub enum Event {
         argument: Value,
         /// The attempt number.
         attempt: Attempt,
+        /// Whether the step's kind has a compensation ([`crate::Step::COMPENSABLE`]). A step
+        /// without one is passed over by the saga, which then needs no registration of its
+        /// kind. Journals written before this field existed read as `true`.
+        #[serde(
+            default = "compensable_default",
+            skip_serializing_if = "is_compensable"
+        )]
+        compensable: bool,
     },
     /// A parallel fan-out begins: operation `step` is the fork, and the `branches` operations
     /// after it are its branches, one step each, numbered in the order the code listed them.
@@ -384,6 +392,14 @@ impl Event {
     }
 }
 
+fn compensable_default() -> bool {
+    true
+}
+
+fn is_compensable(compensable: &bool) -> bool {
+    *compensable
+}
+
 /// A run record with its journal, as loaded for inspection (`history`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunHistory {
@@ -419,6 +435,7 @@ mod tests {
                 kind: "test.add".into(),
                 argument: serde_json::json!({"n": 1}),
                 attempt: Attempt(1),
+                compensable: true,
             },
         };
         let text = serde_json::to_string(&entry).unwrap();
@@ -428,5 +445,32 @@ mod tests {
         );
         let back: Entry = serde_json::from_str(&text).unwrap();
         assert_eq!(back, entry);
+        // A step without compensation says so; one that has one (the default, and every
+        // step of journals written before the field existed) does not need to.
+        let read_only = Entry {
+            event: match entry.event {
+                Event::StepStarted {
+                    step,
+                    kind,
+                    argument,
+                    attempt,
+                    ..
+                } => Event::StepStarted {
+                    step,
+                    kind,
+                    argument,
+                    attempt,
+                    compensable: false,
+                },
+                _ => unreachable!(),
+            },
+            ..entry
+        };
+        let text = serde_json::to_string(&read_only).unwrap();
+        assert!(
+            text.ends_with(r#""attempt":1,"compensable":false}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Entry>(&text).unwrap(), read_only);
     }
 }

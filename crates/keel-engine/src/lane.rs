@@ -142,6 +142,10 @@ impl Lane {
     pub(crate) async fn sleep_until(&mut self, at_ms: u64) -> Result<(), Interrupt> {
         self.check()?;
         let clock = self.inner.clock.clone();
+        if at_ms > clock.now_ms() {
+            // Parked: whatever killed the process before, this run got this far.
+            self.cell.survived(&*self.inner.store);
+        }
         tokio::select! {
             _ = clock.sleep_until(at_ms) => Ok(()),
             cause = self.interrupted() => Err(cause),
@@ -186,6 +190,7 @@ impl Lane {
                 kind: S::KIND.into(),
                 argument: argument.clone(),
                 attempt,
+                compensable: S::COMPENSABLE,
             })?;
             // The start record (and the previous step's outcome with it) is durable before
             // the side effect begins: one sync per step.
@@ -207,6 +212,7 @@ impl Lane {
                 span,
             )));
             let result = rate_limited(&self.inner, step.rate_limit(), call).await;
+            self.cell.survived(&*self.inner.store);
             crate::crash::point("step.after_effect");
             match result.map(|output| (kept_output::<S>(&output), output)) {
                 Ok((Ok(value), output)) => {

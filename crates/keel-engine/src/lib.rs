@@ -4,11 +4,21 @@
 //!
 //! A [`Workflow`] is ordinary async Rust that takes its side effects through a [`Ctx`]:
 //! [`Ctx::step`] runs a [`Step`] and [`Ctx::sleep`] sets a durable timer. Every step is
-//! journaled with a stable [`IdempotencyKey`] before it runs, and its outcome is durable
-//! before the workflow goes on. If the process dies, opening the [`Engine`] again replays each
-//! unfinished run: recorded steps return their recorded output without running, the step that
-//! was in flight runs again with the same key, and a run that cannot finish is compensated:
-//! its completed (and in-doubt) steps are undone, newest first, from the journal alone.
+//! journaled with a stable [`IdempotencyKey`], durably, before its side effect begins, and its
+//! outcome is durable before the run's next side effect begins or its end is reported (the
+//! outcome and the next step's start share one sync). If the process dies, opening the
+//! [`Engine`] again replays each unfinished run: recorded steps return their recorded output
+//! without running, the step that was in flight runs again with the same key, and a run that
+//! cannot finish is compensated: its completed (and in-doubt) steps are undone, newest first,
+//! from the journal alone.
+//!
+//! The engine survives its users' faults: a panic in a step, a compensation, a probe or a
+//! workflow body is that call's failure, never a hung run; a run whose driving kills the
+//! whole process at every load is suspended as poisoned after
+//! [`limits::POISON_LOADS_DEFAULT`] loads; an output that cannot be kept is undone, not
+//! leaked; a store whose unfinished runs need unregistered types, or whose log lost what it
+//! had acknowledged, refuses to open and says why. Timers of hours or days are tested in
+//! milliseconds on a [`testing::TestClock`].
 //!
 //! ```
 //! use keel_engine::{Ctx, Engine, Step, StepContext, StepError, Undo, Workflow, WorkflowError};
@@ -65,7 +75,9 @@
 //! - [`journal`]: what is stored (run records and journal entries).
 //! - [`replay`]: the pure fold of a journal into a run's state, and the decisions taken on it.
 //! - `executor` and `saga`: the only code that performs actions and appends their results.
-//! - [`store`]: the storage trait and its sled implementation, with group commit.
+//! - [`store`]: the storage trait and its sled implementation, with group commit and the
+//!   high-water mark.
+//! - [`testing`]: the test clock.
 //! - [`limits`]: every hard limit.
 //!
 //! Durability, the commit protocol and what a crash at each point leaves behind are described
@@ -86,6 +98,7 @@ mod lane;
 mod limiter;
 pub mod limits;
 mod parallel;
+mod poison;
 mod registry;
 pub mod replay;
 mod resources;
@@ -106,6 +119,7 @@ pub use error::{EngineError, Result};
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
 pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};
 pub use limiter::{Permit, RateLimit, RateLimiter};
+pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use stats::{Counters, LatencyStats, OperationStats, Outlier};
 pub use step::{Step, StepContext, StepError, Undo};

@@ -42,6 +42,10 @@ pub const ATTEMPTS_MAX: u32 = 10_000;
 /// Most runs one engine drives at once (the configurable limit may be lower).
 pub const CONCURRENT_RUNS_MAX: usize = 1_000_000;
 
+/// Loads in a row, each ended by the process dying before the run showed it survives being
+/// driven, after which a run is poisoned (suspended) instead of driven again (`poison.rs`).
+pub const POISON_LOADS_DEFAULT: u32 = 5;
+
 /// Longest time opening a store waits for a lock that a closing engine is still releasing,
 /// before reporting the directory locked by another process.
 pub const OPEN_LOCK_WAIT_MAX: Duration = Duration::from_secs(1);

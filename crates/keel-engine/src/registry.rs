@@ -46,6 +46,7 @@ type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
 type ValidateFn = dyn Fn(&Value) -> std::result::Result<(), InvalidInput> + Send + Sync;
 
 pub(crate) struct WorkflowEntry {
+    type_id: TypeId,
     pub(crate) version: u32,
     pub(crate) on_retries_exhausted: OnRetriesExhausted,
     pub(crate) run: Box<RunFn>,
@@ -70,8 +71,16 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub(crate) fn add_workflow<W: Workflow>(&self) {
+    /// Registers `W`; a second type under the same name is refused (a run's name must
+    /// lead to exactly one body).
+    pub(crate) fn add_workflow<W: Workflow>(&self) -> Result<()> {
+        if let Some(existing) = self.workflows.read().expect("registry lock").get(W::NAME) {
+            return check_same::<W>(existing.type_id, || EngineError::DuplicateWorkflow {
+                name: W::NAME.into(),
+            });
+        }
         let entry = WorkflowEntry {
+            type_id: TypeId::of::<W>(),
             version: W::VERSION,
             on_retries_exhausted: W::ON_RETRIES_EXHAUSTED,
             run: Box::new(|mut ctx: Ctx, input: Value| {
@@ -130,11 +139,11 @@ impl Registry {
                 })
             }),
         };
-        self.workflows
-            .write()
-            .expect("registry lock")
-            .entry(W::NAME)
-            .or_insert_with(|| Arc::new(entry));
+        let mut workflows = self.workflows.write().expect("registry lock");
+        let entry = workflows.entry(W::NAME).or_insert_with(|| Arc::new(entry));
+        check_same::<W>(entry.type_id, || EngineError::DuplicateWorkflow {
+            name: W::NAME.into(),
+        })
     }
 
     pub(crate) fn workflow(&self, name: &str) -> Option<Arc<WorkflowEntry>> {
@@ -157,15 +166,13 @@ impl Registry {
         names.join(", ")
     }
 
+    /// Registers `S`; a second type under the same kind is refused.
     pub(crate) fn add_step<S: Step>(&self) -> Result<()> {
+        let duplicate = || EngineError::DuplicateStepKind {
+            kind: S::KIND.into(),
+        };
         if let Some(existing) = self.steps.read().expect("registry lock").get(S::KIND) {
-            return if existing.type_id == TypeId::of::<S>() {
-                Ok(())
-            } else {
-                Err(EngineError::DuplicateStepKind {
-                    kind: S::KIND.into(),
-                })
-            };
+            return check_same::<S>(existing.type_id, duplicate);
         }
         let entry = StepEntry {
             type_id: TypeId::of::<S>(),
@@ -195,15 +202,65 @@ impl Registry {
                     .unwrap_or_else(|_| RetryPolicy::no_retry())
             }),
         };
-        self.steps
-            .write()
-            .expect("registry lock")
-            .entry(S::KIND)
-            .or_insert_with(|| Arc::new(entry));
-        Ok(())
+        let mut steps = self.steps.write().expect("registry lock");
+        let entry = steps.entry(S::KIND).or_insert_with(|| Arc::new(entry));
+        check_same::<S>(entry.type_id, duplicate)
     }
 
     pub(crate) fn step(&self, kind: &str) -> Option<Arc<StepEntry>> {
         self.steps.read().expect("registry lock").get(kind).cloned()
+    }
+}
+
+/// `Ok` if the type registered under a name is `T` itself, else the duplicate's error.
+fn check_same<T: 'static>(
+    registered: TypeId,
+    duplicate: impl FnOnce() -> EngineError,
+) -> Result<()> {
+    if registered == TypeId::of::<T>() {
+        Ok(())
+    } else {
+        Err(duplicate())
+    }
+}
+
+/// A step type, for registering whole sets of them at once: a step library exports
+/// `pub const STEPS: &[StepType] = &[StepType::of::<CreateRole>(), ...]` and an engine takes
+/// it with [`crate::EngineBuilder::steps`].
+#[derive(Clone, Copy)]
+pub struct StepType {
+    kind: &'static str,
+    type_name: fn() -> &'static str,
+    register: fn(&Registry) -> Result<()>,
+}
+
+impl StepType {
+    /// The step type `S`.
+    pub const fn of<S: Step>() -> StepType {
+        StepType {
+            kind: S::KIND,
+            type_name: std::any::type_name::<S>,
+            register: Registry::add_step::<S>,
+        }
+    }
+
+    /// Its kind ([`Step::KIND`]).
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    /// Its Rust type's path, e.g. `keel_steps::aws::iam::CreateRole`.
+    pub fn type_name(&self) -> &'static str {
+        (self.type_name)()
+    }
+
+    pub(crate) fn register(&self, registry: &Registry) -> Result<()> {
+        (self.register)(registry)
+    }
+}
+
+impl std::fmt::Debug for StepType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StepType({} = {})", self.kind, self.type_name())
     }
 }

@@ -32,6 +32,8 @@ pub struct StepOp {
     pub argument: Value,
     /// The last attempt that started.
     pub attempt: Attempt,
+    /// Whether the step's kind has a compensation (journaled with each start).
+    pub compensable: bool,
     /// When the first attempt of the current round started (the origin of the retry
     /// policy's elapsed-time bound).
     pub first_started_at_ms: u64,
@@ -176,6 +178,14 @@ pub enum UndoState {
     Skipped,
 }
 
+/// What a `StepStarted` entry says of an attempt.
+struct StepStart<'a> {
+    kind: &'a str,
+    argument: &'a Value,
+    attempt: Attempt,
+    compensable: bool,
+}
+
 /// Everything replay knows of a run.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunState {
@@ -288,7 +298,17 @@ impl RunState {
                 kind,
                 argument,
                 attempt,
-            } => self.step_started(*step, kind, argument, *attempt, at_ms),
+                compensable,
+            } => self.step_started(
+                *step,
+                StepStart {
+                    kind,
+                    argument,
+                    attempt: *attempt,
+                    compensable: *compensable,
+                },
+                at_ms,
+            ),
             Event::ForkStarted { step, branches } => {
                 if step.0 as usize != self.ops.len() {
                     return Err(format!(
@@ -544,36 +564,37 @@ impl RunState {
     fn step_started(
         &mut self,
         step: StepIndex,
-        kind: &str,
-        argument: &Value,
-        attempt: Attempt,
+        start: StepStart<'_>,
         at_ms: u64,
     ) -> Result<(), String> {
+        let StepStart {
+            kind,
+            argument,
+            attempt,
+            compensable,
+        } = start;
+        let first = || {
+            Op::Step(StepOp {
+                kind: kind.to_owned(),
+                argument: argument.clone(),
+                attempt,
+                compensable,
+                first_started_at_ms: at_ms,
+                round_base: 0,
+                outcome: StepOutcome::InFlight,
+            })
+        };
         let index = step.0 as usize;
         if index == self.ops.len() {
             if attempt != Attempt::FIRST {
                 return Err(format!("step {step} first seen at attempt {attempt}"));
             }
-            self.ops.push(Op::Step(StepOp {
-                kind: kind.to_owned(),
-                argument: argument.clone(),
-                attempt,
-                first_started_at_ms: at_ms,
-                round_base: 0,
-                outcome: StepOutcome::InFlight,
-            }));
+            self.ops.push(first());
             return Ok(());
         }
         match self.ops.get_mut(index) {
             Some(slot @ Op::Branch) if attempt == Attempt::FIRST => {
-                *slot = Op::Step(StepOp {
-                    kind: kind.to_owned(),
-                    argument: argument.clone(),
-                    attempt,
-                    first_started_at_ms: at_ms,
-                    round_base: 0,
-                    outcome: StepOutcome::InFlight,
-                });
+                *slot = first();
                 Ok(())
             }
             Some(Op::Step(op))
@@ -584,6 +605,7 @@ impl RunState {
                     && op.kind == kind =>
             {
                 op.attempt = attempt;
+                op.compensable = compensable;
                 op.outcome = StepOutcome::InFlight;
                 Ok(())
             }
@@ -705,8 +727,9 @@ pub fn step_action(op: Option<&StepOp>) -> StepAction {
 }
 
 /// How step `index` is to be undone: `Some(Some(output))` for a completed step,
-/// `Some(None)` for a step in doubt, `None` for nothing to undo (not a step, or a permanent
-/// failure of the first attempt, which by contract had no effect).
+/// `Some(None)` for a step in doubt, `None` for nothing to undo (not a step, a step without
+/// compensation, or a permanent failure of the first attempt, which by contract had no
+/// effect).
 ///
 /// A child run is undone by its own saga: when it completed (`Some(Some(output))`) or may
 /// still be running (`Some(None)`); a child that failed or compensated itself left nothing.
@@ -722,6 +745,10 @@ pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> 
         };
     }
     let op = state.step(index)?;
+    if !op.compensable {
+        // Nothing to undo, whatever happened.
+        return None;
+    }
     match &op.outcome {
         StepOutcome::Completed { output } => Some(Some(output)),
         StepOutcome::InFlight
@@ -793,6 +820,7 @@ mod tests {
             kind: "k".into(),
             argument: json!(step),
             attempt: Attempt(attempt),
+            compensable: true,
         })
     }
     fn completed(step: u32, attempt: u32) -> Entry {

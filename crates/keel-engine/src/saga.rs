@@ -77,6 +77,7 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
             } => {
                 if let Some(at_ms) = not_before_ms {
                     if at_ms > inner.clock.now_ms() {
+                        cell.survived(&*inner.store);
                         tokio::select! {
                             _ = inner.clock.sleep_until(at_ms) => {}
                             _ = shutdown.changed() => {}
@@ -160,6 +161,7 @@ pub(crate) async fn undo_attempt(
     let result = contained(undo)
         .await
         .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
+    cell.survived(&*inner.store);
     crate::crash::point("saga.after_undo");
     let policy = (entry.undo_policy)(&argument);
     let attempt = UndoAttempt {
@@ -181,6 +183,8 @@ async fn undo_child(
     round_attempts: u32,
 ) -> Result<()> {
     begin_undo(inner, cell, step, attempt).await?;
+    // Parked while the child compensates.
+    cell.survived(&*inner.store);
     let result = Engine::from_inner(inner)
         .compensate_child(child, &cell.id)
         .await;
@@ -292,7 +296,7 @@ async fn record_undo(
     Ok(())
 }
 
-async fn stuck(
+pub(crate) async fn stuck(
     inner: &Arc<Inner>,
     cell: &Arc<RunCell>,
     step: StepIndex,

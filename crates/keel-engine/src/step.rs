@@ -27,6 +27,13 @@ pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// What the step returns; journaled when it succeeds.
     type Output: Serialize + DeserializeOwned + Send + 'static;
 
+    /// Whether [`Step::compensate`] undoes anything. A step that only reads sets it to
+    /// `false`: each start record says so, and the saga passes over the step without calling
+    /// `compensate` and without needing its kind registered, so a run that compensates after
+    /// a restart never fails for want of a read-only step's code. (With `false`, an
+    /// overridden `compensate` is never called.)
+    const COMPENSABLE: bool = true;
+
     /// Performs the side effect. Must be idempotent under `ctx.key()`: an attempt after a
     /// lost response or a crash has to find and adopt what an earlier attempt did.
     fn execute(

@@ -82,6 +82,9 @@ pub struct Published {
     pub marker: Option<PathBuf>,
 }
 
+/// The steps of this module, for `EngineBuilder::steps`.
+pub const STEPS: &[keel_engine::StepType] = &[keel_engine::StepType::of::<Publish>()];
+
 impl Step for Publish {
     const KIND: &'static str = "files.publish";
     type Output = Published;

@@ -84,6 +84,9 @@ struct Object {
     reference: Reference,
 }
 
+/// The steps of this module, for `EngineBuilder::steps`.
+pub const STEPS: &[keel_engine::StepType] = &[keel_engine::StepType::of::<DownloadToFile>()];
+
 impl Step for DownloadToFile {
     const KIND: &'static str = "s3.download-to-file";
     type Output = Published;

@@ -22,6 +22,8 @@ pub enum Ending {
     Finished,
     /// It was killed by SIGKILL (by itself at a crash point, or by the harness).
     Killed,
+    /// It aborted (SIGABRT: `std::process::abort`, a stack overflow, a double panic).
+    Aborted,
 }
 
 /// A child run of the current test binary.
@@ -108,6 +110,7 @@ impl ChildSpec<'_> {
             match self.run_and_kill_after(delay(), timeout) {
                 Ending::Killed => killed += 1,
                 Ending::Finished => fresh_start(),
+                Ending::Aborted => panic!("crash-test child aborted"),
             }
         }
         panic!(
@@ -136,8 +139,10 @@ fn wait_bounded(mut child: Child, timeout: Duration) -> Ending {
 
 fn classify(status: ExitStatus, child: &mut Child) -> Ending {
     use std::os::unix::process::ExitStatusExt;
-    if status.signal() == Some(9) {
-        return Ending::Killed;
+    match status.signal() {
+        Some(libc_signal::KILL) => return Ending::Killed,
+        Some(libc_signal::ABRT) => return Ending::Aborted,
+        _ => {}
     }
     if status.success() {
         return Ending::Finished;
@@ -155,6 +160,12 @@ fn stderr_of(child: &mut Child) -> String {
         let _ = stderr.read_to_string(&mut text);
     }
     text
+}
+
+/// The signal numbers the harness tells apart (Linux).
+mod libc_signal {
+    pub const KILL: i32 = 9;
+    pub const ABRT: i32 = 6;
 }
 
 /// Path helper: `dir/name` as a string for the child's environment.

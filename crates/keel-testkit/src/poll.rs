@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use keel_engine::testing::TestClock;
 use keel_engine::{Engine, RunHistory};
 
 /// How long a polled condition may take before the test fails.
@@ -22,4 +23,12 @@ pub async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) ->
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+}
+
+/// The wake time of the next sleep on `clock`, once the engine sleeps on it; panics after
+/// [`CONDITION_TIMEOUT`] (real time) if nothing does.
+pub async fn asleep(clock: &TestClock) -> u64 {
+    tokio::time::timeout(CONDITION_TIMEOUT, clock.next_wake())
+        .await
+        .expect("the engine never slept on the test clock")
 }

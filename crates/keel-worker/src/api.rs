@@ -66,6 +66,7 @@ impl From<EngineError> for ApiError {
             E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::LimitReached { .. } => (StatusCode::TOO_MANY_REQUESTS, "limit_reached"),
             E::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            E::RunStopped { .. } => (StatusCode::CONFLICT, "not_driven"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

@@ -155,6 +155,17 @@ pub struct WorkerArgs {
     /// Log format.
     #[arg(long, env = "KEEL_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Open a store whose unfinished runs need workflows or step kinds this worker does not
+    /// have, leaving those runs as they are. Without it the worker refuses to start and
+    /// names every missing type.
+    #[arg(long, env = "KEEL_ALLOW_UNREGISTERED")]
+    pub allow_unregistered: bool,
+    /// Open a store that lost data it had acknowledged (sled's log holds less than its
+    /// high-water mark, `journal/keel.mark`) and go on with what is left. Without it the
+    /// worker refuses to start and names the loss: restore the data directory from a backup
+    /// first if you have one.
+    #[arg(long, env = "KEEL_ACCEPT_DATA_LOSS")]
+    pub accept_data_loss: bool,
 }
 
 fn main() -> ExitCode {

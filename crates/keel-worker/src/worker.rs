@@ -111,13 +111,18 @@ async fn serve(args: WorkerArgs, token: Option<String>) -> Result<(), WorkerErro
         aws = aws.endpoint_url(endpoint);
     }
     let sdk = aws.load().await;
-    let engine = Engine::builder(args.data_dir.join("journal"))
+    let mut builder = Engine::builder(args.data_dir.join("journal"))
         .provisioning_workflows()
         .runs_concurrent_max(args.max_concurrent)
         .resource(AwsClients::new(&sdk))
-        .resource(KeyStore::new(args.data_dir.join("keys")))
-        .open()
-        .await?;
+        .resource(KeyStore::new(args.data_dir.join("keys")));
+    if args.allow_unregistered {
+        builder = builder.allow_unregistered();
+    }
+    if args.accept_data_loss {
+        builder = builder.accept_data_loss();
+    }
+    let engine = builder.open().await?;
     let unfinished = engine
         .list()
         .await?

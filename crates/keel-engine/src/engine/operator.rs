@@ -114,6 +114,18 @@ impl Engine {
     /// of attempts), withdraws a pause request the run has not reached yet, or takes up a
     /// `Suspended` run after its workflow code was fixed.
     pub async fn resume(&self, id: &str) -> Result<RunRecord> {
+        let record = self.record(id)?;
+        if self.inner.registry.workflow(&record.workflow).is_none() {
+            // Resumed, nobody here could run its body.
+            return Err(EngineError::InvalidState {
+                id: record.id,
+                status: format!(
+                    "{} and its workflow {:?} is not registered with this engine",
+                    record.status, record.workflow
+                ),
+                operation: "resume",
+            });
+        }
         let outcome = self
             .operate(id, "resume", |cell| {
                 if cell.record().status == RunStatus::Running {
@@ -305,6 +317,9 @@ impl Engine {
                     RunStatus::Running | RunStatus::Compensating
                 );
                 if drivable && wrote.is_ok() {
+                    // An operator took the run up again: earlier loads that died no longer
+                    // count against it.
+                    self.inner.store.set_load_count(&cell.id, 0)?;
                     self.spawn_driver(Arc::clone(cell));
                 } else {
                     self.inner

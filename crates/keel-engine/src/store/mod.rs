@@ -10,6 +10,7 @@
 //!   record: it waits for a ticket before any side effect and before telling anyone).
 
 mod commit;
+mod mark;
 pub mod sled;
 
 use crate::error::Result;
@@ -44,8 +45,15 @@ pub trait JournalStore: Send + Sync + 'static {
         record: Option<&RunRecord>,
     ) -> Result<()>;
 
-    /// Deletes the run records and journals of `ids`, atomically.
+    /// Deletes the run records, journals and load counts of `ids`, atomically.
     fn delete_runs(&self, ids: &[RunId]) -> Result<()>;
+
+    /// How many times in a row run `id` was loaded to be driven without showing that it
+    /// survives being driven (`poison.rs`); 0 when none is recorded.
+    fn load_count(&self, id: &RunId) -> Result<u32>;
+
+    /// Records `loads` for run `id`; 0 forgets the count. Durable with the next sync.
+    fn set_load_count(&self, id: &RunId, loads: u32) -> Result<()>;
 
     /// Writes the latency statistics of `operation` (an opaque record), replacing the old.
     fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()>;

@@ -2,7 +2,14 @@
 //!
 //! Key encoding (one tree, so that a record and an entry can change in one atomic batch):
 //! - `r` + run id: the run record (JSON);
-//! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (JSON).
+//! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (JSON);
+//! - `l` + run id: the run's load count (u32, big-endian; absent when 0), `poison.rs`;
+//! - `s` + operation: latency statistics;
+//! - `m`: the commit sequence, written by every sync (`store/mark.rs`).
+//!
+//! Beside sled's files, `keel.mark` holds the high-water mark: the last commit known durable,
+//! so that a store whose log lost acknowledged writes is refused at open instead of silently
+//! rolled back (`store/mark.rs`).
 //!
 //! Run ids never contain `0x00` (see `ids.rs`), so one run's journal prefix is never a prefix
 //! of another's, and big-endian indexes keep a journal in order under sled's byte ordering.
@@ -27,6 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::contain::contained_sync;
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
@@ -35,29 +43,82 @@ use crate::limits::{
     TRANSITION_ENTRY_BYTES_MAX,
 };
 use crate::store::commit::{Committer, Durability, SyncTicket};
+use crate::store::mark::{self, Commit, Mark, MarkHandle, Marked, Marker};
 use crate::store::JournalStore;
 
 const RUN_PREFIX: u8 = b'r';
 const JOURNAL_PREFIX: u8 = b'j';
 const STATS_PREFIX: u8 = b's';
+const LOADS_PREFIX: u8 = b'l';
+
+/// What opening a store that lost acknowledged data does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LostData {
+    /// Refuse it ([`EngineError::LostData`]), changing nothing. The default.
+    #[default]
+    Refuse,
+    /// Open it with what is left, and move the high-water mark back to it: for an operator
+    /// who knows of the loss and accepts it.
+    Accept,
+}
+
+/// How a [`SledStore`] is opened.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SledOptions {
+    /// What a durable write survives.
+    pub durability: Durability,
+    /// Whether a store that lost acknowledged data is opened.
+    pub lost_data: LostData,
+}
 
 /// A [`JournalStore`] on sled 0.34.
 pub struct SledStore {
     path: PathBuf,
     db: sled::Db,
+    // Dropped in this order: the committer's last sync hands its commit to the marker,
+    // which marks it before it ends.
     committer: Committer,
+    _marker: Marker,
 }
 
 impl SledStore {
-    /// Opens (creating with owner-only permissions if needed) the store in `path`.
-    pub fn open(path: &Path, durability: Durability) -> Result<SledStore> {
+    /// Opens (creating with owner-only permissions if needed) the store in `path`. A store
+    /// whose log holds less than its high-water mark says it acknowledged is refused (see
+    /// [`LostData`]), and so is one sled cannot recover, each with an error naming the file
+    /// and what to do.
+    pub fn open(path: &Path, options: SledOptions) -> Result<SledStore> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
             .map_err(|e| storage(path, sled::Error::Io(e)))?;
-        let db = open_db(path)?;
-        let mut sync = sync_fn(path, db.clone(), durability).map_err(|e| sync_error(path, e))?;
+        let marked = mark::read(path).map_err(|e| storage(path, sled::Error::Io(e)))?;
+        let kept = keep_if_shorter(path, &marked)?;
+        let db = open_db(path).map_err(|e| with_kept(e, kept.as_deref()))?;
+        let held = held_commit(path, &db)?;
+        match (
+            loss(path, &db, held, marked, kept.as_deref()),
+            options.lost_data,
+        ) {
+            (None, _) => {
+                if let Some(copy) = &kept {
+                    // The store is whole: sled shrank its own file after the last mark.
+                    std::fs::remove_file(copy).map_err(|e| storage(path, sled::Error::Io(e)))?;
+                }
+            }
+            (Some(refusal), LostData::Refuse) => return Err(refusal),
+            (Some(refusal), LostData::Accept) => {
+                tracing::error!(error = %refusal, "opening anyway: the operator accepted the loss");
+            }
+        }
+        let start = Mark {
+            commit: held,
+            db_bytes: db_bytes(path),
+        };
+        let (marker, mark) = Marker::start(path, options.durability, start)
+            .map_err(|e| sync_error(&path.join(mark::MARK_FILE), e))?;
+        let mut sync = sync_fn(path, db.clone(), options.durability, held, mark)
+            .map_err(|e| sync_error(path, e))?;
         if repair_records(path, &db)? > 0 {
             // Durable before anyone reads the repaired records.
             sync().map_err(|e| sync_error(path, e))?;
@@ -67,6 +128,7 @@ impl SledStore {
             path: path.to_owned(),
             db,
             committer,
+            _marker: marker,
         })
     }
 
@@ -97,11 +159,16 @@ fn open_db(path: &Path) -> Result<sled::Db> {
     remove_torn_snapshots(path)?;
     let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
     loop {
-        match sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| open_error(path, e))
-        {
+        // sled 0.34 panics on some damaged logs (a `db` file cut short, say) instead of
+        // returning an error.
+        let opened = contained_sync(|| sled::Config::new().path(path).open()).map_err(|panic| {
+            EngineError::StoreDamaged {
+                file: path.join("db"),
+                detail: format!("sled cannot recover its log from it (sled panicked: {panic})"),
+                advice: RESTORE_ADVICE.into(),
+            }
+        })?;
+        match opened.map_err(|e| open_error(path, e)) {
             Err(EngineError::Locked { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
@@ -165,26 +232,142 @@ fn open_error(path: &Path, error: sled::Error) -> EngineError {
                 path: path.to_owned(),
             }
         }
+        sled::Error::Corruption { .. } => EngineError::StoreDamaged {
+            file: path.join("db"),
+            detail: format!("sled reports {error}"),
+            advice: RESTORE_ADVICE.into(),
+        },
         _ => storage(path, error),
     }
+}
+
+/// What to do about a store sled cannot read.
+const RESTORE_ADVICE: &str = "restore the data directory from a backup (a store that opens with what is left would silently miss acknowledged work)";
+
+/// The commit sequence the store holds: the last sync whose writes are all in it.
+fn held_commit(path: &Path, db: &sled::Db) -> Result<Commit> {
+    let bytes = db.get(mark::SEQUENCE_KEY).map_err(|e| storage(path, e))?;
+    match bytes {
+        None => Ok(Commit::default()),
+        Some(bytes) => Commit::from_bytes(&bytes).ok_or_else(|| EngineError::Corrupt {
+            key: readable_key(mark::SEQUENCE_KEY),
+            detail: format!("commit sequence of {} bytes, not 16", bytes.len()),
+        }),
+    }
+}
+
+/// The length of the store's `db` file (0 if it has none).
+fn db_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path.join("db")).map_or(0, |m| m.len())
+}
+
+/// Copies `db`, as found, aside when it is shorter than at the last mark, before sled's
+/// recovery rewrites it (`store/mark.rs`); returns the copy's path.
+fn keep_if_shorter(path: &Path, marked: &Marked) -> Result<Option<PathBuf>> {
+    let Marked::At(mark) = marked else {
+        return Ok(None);
+    };
+    let found = db_bytes(path);
+    if found >= mark.db_bytes {
+        return Ok(None);
+    }
+    let copy = path.join(format!("db.as-found-{}", wall_clock_ms()));
+    tracing::warn!(found, marked = mark.db_bytes, copy = %copy.display(), "the store's log is shorter than at its last mark: keeping it as found before sled opens it");
+    std::fs::copy(path.join("db"), &copy).map_err(|e| storage(path, sled::Error::Io(e)))?;
+    Ok(Some(copy))
+}
+
+/// `error`, telling where the damaged log was kept, if it was.
+fn with_kept(error: EngineError, kept: Option<&Path>) -> EngineError {
+    match (error, kept) {
+        (
+            EngineError::StoreDamaged {
+                file,
+                detail,
+                advice,
+            },
+            Some(kept),
+        ) => EngineError::StoreDamaged {
+            file,
+            detail,
+            advice: format!("{advice}; the log as found is kept in {}", kept.display()),
+        },
+        (error, _) => error,
+    }
+}
+
+/// What is wrong, if the store holds less than its high-water mark says it acknowledged
+/// (or the mark cannot be read).
+fn loss(
+    path: &Path,
+    db: &sled::Db,
+    held: Commit,
+    marked: Marked,
+    kept: Option<&Path>,
+) -> Option<EngineError> {
+    match marked {
+        Marked::Absent => {
+            if !db.is_empty() {
+                tracing::warn!(file = %path.join(mark::MARK_FILE).display(), "the store has no high-water mark (written before marks existed, or the file was removed): starting one");
+            }
+            None
+        }
+        Marked::At(marked) if marked.commit.sequence <= held.sequence => None,
+        Marked::At(marked) => Some(EngineError::LostData {
+            path: path.to_owned(),
+            held: held.sequence,
+            held_at: time_text(held.at_ms),
+            marked: marked.commit.sequence,
+            marked_at: time_text(marked.commit.at_ms),
+            kept: kept.map(Path::to_owned),
+        }),
+        Marked::Unreadable => Some(EngineError::StoreDamaged {
+            file: path.join(mark::MARK_FILE),
+            detail: "it holds no whole high-water mark, so whether the store lost acknowledged data cannot be told".into(),
+            advice: "restore the data directory from a backup, or open it with accept_data_loss to trust what sled holds".into(),
+        }),
+    }
+}
+
+/// An instant (ms since the Unix epoch) as RFC 3339 text, or "never" for 0.
+fn time_text(at_ms: u64) -> String {
+    if at_ms == 0 {
+        return "never".into();
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 /// The sync the committer runs. sled's `flush` writes its buffers and, on Linux, calls
 /// `sync_file_range`; for power-loss durability the log file is then `fdatasync`ed, and so is
 /// every blob file sled has created since (sled writes blobs without syncing them).
+///
+/// Each sync first writes its commit sequence (`store/mark.rs`), then hands the commit to
+/// the marker once it is durable.
 fn sync_fn(
     path: &Path,
     db: sled::Db,
     durability: Durability,
+    held: Commit,
+    mark: MarkHandle,
 ) -> std::io::Result<impl FnMut() -> std::io::Result<()> + Send + 'static> {
     let log = File::open(path.join("db"))?;
     let blobs_dir = path.join("blobs");
     // The directory entries of the store's files must be durable too.
     File::open(path)?.sync_all()?;
     let mut synced_blobs: HashSet<std::ffi::OsString> = HashSet::new();
+    let mut sequence = held.sequence;
     Ok(move || {
+        sequence += 1;
+        let commit = Commit {
+            sequence,
+            at_ms: wall_clock_ms(),
+        };
+        db.insert(mark::SEQUENCE_KEY, &commit.to_bytes())
+            .map_err(std::io::Error::other)?;
         db.flush().map_err(std::io::Error::other)?;
         if durability == Durability::ProcessCrash {
+            mark.durable(commit, log.metadata()?.len());
             return Ok(());
         }
         log.sync_data()?;
@@ -201,8 +384,18 @@ fn sync_fn(
         if new_blob {
             File::open(&blobs_dir)?.sync_all()?;
         }
+        mark.durable(commit, log.metadata()?.len());
         Ok(())
     })
+}
+
+/// The system's time, for the commit sequence (which says when a sync happened, for
+/// operators; not the engine's clock, which the store does not know).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The part of a run record a status transition changes, as stored in the transition's
@@ -297,6 +490,13 @@ fn repair_records(path: &Path, db: &sled::Db) -> Result<usize> {
 fn run_key(id: &RunId) -> Vec<u8> {
     let mut key = Vec::with_capacity(1 + id.as_str().len());
     key.push(RUN_PREFIX);
+    key.extend_from_slice(id.as_str().as_bytes());
+    key
+}
+
+fn loads_key(id: &RunId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + id.as_str().len());
+    key.push(LOADS_PREFIX);
     key.extend_from_slice(id.as_str().as_bytes());
     key
 }
@@ -445,8 +645,39 @@ impl JournalStore for SledStore {
                 batch.remove(item.map_err(|e| self.storage(e))?);
             }
             batch.remove(run_key(id));
+            batch.remove(loads_key(id));
         }
         self.db.apply_batch(batch).map_err(|e| self.storage(e))
+    }
+
+    fn load_count(&self, id: &RunId) -> Result<u32> {
+        let key = loads_key(id);
+        match self.db.get(&key).map_err(|e| self.storage(e))? {
+            None => Ok(0),
+            Some(bytes) => {
+                let bytes: [u8; 4] =
+                    bytes
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| EngineError::Corrupt {
+                            key: readable_key(&key),
+                            detail: format!("load count of {} bytes, not 4", bytes.len()),
+                        })?;
+                Ok(u32::from_be_bytes(bytes))
+            }
+        }
+    }
+
+    fn set_load_count(&self, id: &RunId, loads: u32) -> Result<()> {
+        let key = loads_key(id);
+        if loads == 0 {
+            self.db.remove(key).map_err(|e| self.storage(e))?;
+        } else {
+            self.db
+                .insert(key, &loads.to_be_bytes())
+                .map_err(|e| self.storage(e))?;
+        }
+        Ok(())
     }
 
     fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
@@ -503,6 +734,11 @@ mod tests {
     use crate::ids::{Attempt, StepIndex};
     use crate::journal::Event;
 
+    const PROCESS_CRASH: SledOptions = SledOptions {
+        durability: Durability::ProcessCrash,
+        lost_data: LostData::Refuse,
+    };
+
     fn running(id: &str) -> RunRecord {
         RunRecord {
             id: RunId::new(id).unwrap(),
@@ -538,6 +774,7 @@ mod tests {
                     kind: "test.add".into(),
                     argument: serde_json::json!({"n": 1}),
                     attempt: Attempt(1),
+                    compensable: true,
                 },
             },
             Entry {
@@ -565,7 +802,7 @@ mod tests {
     #[test]
     fn a_transition_is_one_entry_carrying_the_record_state() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+        let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
         write_completed_run(&store, "a");
         let id = RunId::new("a").unwrap();
         assert_eq!(store.journal(&id).unwrap(), entries().to_vec());
@@ -584,7 +821,7 @@ mod tests {
     #[test]
     fn open_repairs_a_record_left_behind_its_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+        let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
         write_completed_run(&store, "behind");
         write_completed_run(&store, "current");
         let running_only = running("running");
@@ -606,7 +843,7 @@ mod tests {
         store.db.flush().unwrap();
         drop(store);
 
-        let store = SledStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+        let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
         assert_eq!(store.run(&behind).unwrap(), Some(completed("behind")));
         let current = RunId::new("current").unwrap();
         assert_eq!(store.run(&current).unwrap(), Some(completed("current")));
@@ -619,7 +856,7 @@ mod tests {
     #[test]
     fn delete_runs_removes_records_and_journals_of_those_runs_only() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+        let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
         for id in ["a", "b", "c"] {
             write_completed_run(&store, id);
         }
@@ -643,7 +880,7 @@ mod tests {
     #[test]
     fn an_oversized_transition_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), Durability::ProcessCrash).unwrap();
+        let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
         let record = running("big");
         assert_eq!(store.create_run(&record).unwrap(), None);
         let huge = "x".repeat(crate::limits::RUN_RECORD_BYTES_MAX);

@@ -22,7 +22,7 @@ pub mod x509;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_engine::{RetryPolicy, StepContext, StepError};
+use keel_engine::{RetryPolicy, StepContext, StepError, StepType};
 
 /// The tag (IAM) under which a resource carries the key of the step that made it.
 pub const KEY_TAG: &str = "keel:key";
@@ -55,9 +55,29 @@ impl AwsClients {
     }
 }
 
-/// Registers every AWS step kind with an engine, so a run that resumes in compensation
-/// after a restart (its body does not run again) can undo them from the journal:
-/// `Engine::builder(dir).aws_steps()`.
+/// Every step of [`iam`], [`iot`] and [`greengrass`], for `EngineBuilder::steps`, so a run
+/// that resumes in compensation after a restart (its body does not run again) can undo them
+/// from the journal. A test checks that every `impl Step` of this crate is in a set.
+pub const STEPS: &[StepType] = &[
+    StepType::of::<iam::CreateRole>(),
+    StepType::of::<iam::AttachRolePolicy>(),
+    StepType::of::<iam::PutRolePolicy>(),
+    StepType::of::<iot::CreateThing>(),
+    StepType::of::<iot::CreatePolicy>(),
+    StepType::of::<iot::RegisterCertificate>(),
+    StepType::of::<iot::ActivateCertificate>(),
+    StepType::of::<iot::AttachPolicy>(),
+    StepType::of::<iot::AttachThingPrincipal>(),
+    StepType::of::<iot::DescribeDataEndpoint>(),
+    StepType::of::<greengrass::CreateCoreDefinition>(),
+    StepType::of::<greengrass::CreateDeviceDefinition>(),
+    StepType::of::<greengrass::CreateGroup>(),
+    StepType::of::<greengrass::AssociateRole>(),
+    StepType::of::<greengrass::CreateGroupVersion>(),
+    StepType::of::<greengrass::CreateDeployment>(),
+];
+
+/// Registers [`STEPS`]: `Engine::builder(dir).aws_steps()`.
 pub trait AwsSteps {
     /// Registers every step of [`iam`], [`iot`] and [`greengrass`].
     fn aws_steps(self) -> Self;
@@ -65,22 +85,7 @@ pub trait AwsSteps {
 
 impl AwsSteps for keel_engine::EngineBuilder {
     fn aws_steps(self) -> Self {
-        self.step::<iam::CreateRole>()
-            .step::<iam::AttachRolePolicy>()
-            .step::<iam::PutRolePolicy>()
-            .step::<iot::CreateThing>()
-            .step::<iot::CreatePolicy>()
-            .step::<iot::RegisterCertificate>()
-            .step::<iot::ActivateCertificate>()
-            .step::<iot::AttachPolicy>()
-            .step::<iot::AttachThingPrincipal>()
-            .step::<iot::DescribeDataEndpoint>()
-            .step::<greengrass::CreateCoreDefinition>()
-            .step::<greengrass::CreateDeviceDefinition>()
-            .step::<greengrass::CreateGroup>()
-            .step::<greengrass::AssociateRole>()
-            .step::<greengrass::CreateGroupVersion>()
-            .step::<greengrass::CreateDeployment>()
+        self.steps(STEPS)
     }
 }
 

@@ -315,6 +315,9 @@ impl CreateGroupVersion {
 impl Step for CreateGroupVersion {
     const KIND: &'static str = "aws.greengrass.create-group-version";
     type Output = GroupVersion;
+    // A group version lives and dies with its group (`CreateGroup`'s compensation deletes
+    // both): nothing of its own to undo.
+    const COMPENSABLE: bool = false;
 
     async fn execute(&self, ctx: &StepContext) -> Result<GroupVersion, StepError> {
         let gg = &clients(ctx)?.greengrass;

@@ -14,6 +14,7 @@ pub struct DescribeDataEndpoint {}
 impl Step for DescribeDataEndpoint {
     const KIND: &'static str = "aws.iot.describe-data-endpoint";
     type Output = String;
+    const COMPENSABLE: bool = false;
 
     async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
         let iot = &clients(ctx)?.iot;

@@ -1,0 +1,176 @@
+//! Resuming at open: every unfinished run is read and folded once; the engine refuses to open,
+//! naming every missing type, when a run needs a workflow or a step kind that is not
+//! registered (unless the operator allows it, and then those runs are left as they are); then
+//! every running or compensating run gets its driver.
+//!
+//! What a run needs registered:
+//! - its workflow, while the body may still run: `running`, `suspended`, `paused`;
+//! - the kind of every step its saga may still have to undo (completed or in doubt, not yet
+//!   undone, with a compensation: [`crate::Step::COMPENSABLE`] steps): every unfinished run,
+//!   and a completed child whose parent is unfinished (the parent may compensate it).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use crate::cell::RunCell;
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::ids::{RunId, StepIndex};
+use crate::journal::{RunRecord, RunStatus};
+use crate::registry::Registry;
+use crate::replay::{step_undo_action, RunState, UndoAction};
+
+/// How many of the runs that need missing types an error names.
+const EXAMPLES_NAMED: usize = 5;
+
+/// The runs that need types this engine lacks, and those types.
+#[derive(Default)]
+pub(super) struct Unregistered {
+    /// Each run, with what it lacks.
+    pub(super) runs: BTreeMap<RunId, String>,
+    workflows: BTreeSet<String>,
+    step_kinds: BTreeSet<String>,
+}
+
+impl Unregistered {
+    /// Notes what `record` (folded into `state`) needs that `registry` lacks.
+    fn check(&mut self, registry: &Registry, record: &RunRecord, state: &RunState) {
+        let mut lacks = Vec::new();
+        let body_may_run = matches!(
+            record.status,
+            RunStatus::Running | RunStatus::Suspended | RunStatus::Paused
+        );
+        if body_may_run && registry.workflow(&record.workflow).is_none() {
+            lacks.push(format!("workflow {:?}", record.workflow));
+            self.workflows.insert(record.workflow.clone());
+        }
+        for index in 0..state.ops.len() {
+            let index = StepIndex(index as u32);
+            let Some(op) = state.step(index) else {
+                continue;
+            };
+            let must_undo = matches!(
+                step_undo_action(state, index),
+                Some(UndoAction::Undo { .. } | UndoAction::Stuck { .. })
+            );
+            if must_undo && registry.step(&op.kind).is_none() {
+                lacks.push(format!("step kind {:?} (step {index})", op.kind));
+                self.step_kinds.insert(op.kind.clone());
+            }
+        }
+        if !lacks.is_empty() {
+            self.runs.insert(record.id.clone(), lacks.join(", "));
+        }
+    }
+
+    fn error(&self) -> EngineError {
+        let quoted = |names: &BTreeSet<String>| {
+            names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut missing = Vec::new();
+        if !self.workflows.is_empty() {
+            missing.push(format!("workflows {}", quoted(&self.workflows)));
+        }
+        if !self.step_kinds.is_empty() {
+            missing.push(format!("step kinds {}", quoted(&self.step_kinds)));
+        }
+        let examples = self
+            .runs
+            .keys()
+            .take(EXAMPLES_NAMED)
+            .map(RunId::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        EngineError::Unregistered {
+            runs: self.runs.len(),
+            missing: missing.join("; "),
+            examples,
+        }
+    }
+}
+
+impl Engine {
+    /// Reads every run, checks registrations, and drives every running or compensating run
+    /// (see the module doc). Nothing is driven when the check refuses the store.
+    pub(super) fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
+        let records: Vec<RunRecord> = self
+            .inner
+            .store
+            .runs()?
+            .into_iter()
+            .filter_map(|record| match record {
+                Ok(record) => Some(record),
+                Err(error) => {
+                    tracing::error!(%error, "run record unreadable: left as it is");
+                    None
+                }
+            })
+            .collect();
+        let statuses: HashMap<&RunId, RunStatus> =
+            records.iter().map(|r| (&r.id, r.status)).collect();
+        let mut unregistered = Unregistered::default();
+        let mut drivable = Vec::new();
+        for record in &records {
+            let parent_unfinished = record
+                .parent
+                .as_ref()
+                .and_then(|parent| statuses.get(parent))
+                .is_some_and(|status| !status.is_terminal());
+            let may_act = !record.status.is_terminal()
+                || (record.status == RunStatus::Completed && parent_unfinished);
+            if !may_act {
+                continue;
+            }
+            let state = match self.read_state(&record.id) {
+                Ok(state) => state,
+                Err(error) => {
+                    // Reported, and left as it is (`Engine::wait` says why it is not driven).
+                    tracing::error!(run_id = %record.id, %error, "run not resumed");
+                    continue;
+                }
+            };
+            unregistered.check(&self.inner.registry, record, &state);
+            if record.status.is_drivable() && !unregistered.runs.contains_key(&record.id) {
+                drivable.push((record.clone(), state));
+            }
+        }
+        if !unregistered.runs.is_empty() {
+            if !allow_unregistered {
+                return Err(unregistered.error());
+            }
+            for (id, lacks) in &unregistered.runs {
+                tracing::warn!(run_id = %id, lacks = %lacks, "run needs unregistered types: left as it is");
+            }
+            *self.inner.undriven.lock().expect("undriven lock") = unregistered
+                .runs
+                .into_iter()
+                .map(|(id, lacks)| (id, format!("it needs {lacks}, not registered here")))
+                .collect();
+        }
+        let resumed = drivable.len();
+        for (record, state) in drivable {
+            let cell = Arc::new(RunCell::new(record, state, self.inner.clock.clone()));
+            let fresh = {
+                let mut cells = self.inner.cells.lock().expect("cells lock");
+                cells.insert(cell.id.clone(), Arc::clone(&cell)).is_none()
+            };
+            assert!(fresh, "bug: run {} loaded twice at open", cell.id);
+            self.spawn_driver(cell);
+        }
+        tracing::info!(resumed, "engine open");
+        Ok(())
+    }
+
+    /// The journal of `id`, folded.
+    pub(super) fn read_state(&self, id: &RunId) -> Result<RunState> {
+        let entries = self.inner.store.journal(id)?;
+        RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
+            key: format!("journal of run {id}"),
+            detail,
+        })
+    }
+}

@@ -1,0 +1,341 @@
+//! The high-water mark: how the sled store notices that it lost data it had acknowledged.
+//!
+//! sled 0.34 recovers a prefix of its log. When its `db` file is cut short or damaged, it
+//! opens with whatever prefix it can read, silently: on a store of 3,000 finished runs cut
+//! anywhere from 10% to 90%, every run was gone (measured, 2026-12); on a small one, finished
+//! runs rolled back and ran their last steps against AWS again. So the store keeps two
+//! numbers, one inside sled's log and one outside it:
+//!
+//! 1. Every sync of the committer first writes its sequence number (and the time) under the
+//!    key `m` in sled, then makes everything durable. A sync covers every write made before
+//!    it began, and those precede the `m` write in sled's log; so a store whose recovered
+//!    `m` is `n` holds every write acknowledged by syncs up to `n`.
+//! 2. After a sync, the number is written to `keel.mark` beside sled's files (its own file,
+//!    so that damage to sled's log cannot take it along), by a thread of its own, so no
+//!    writer waits for it: the mark trails the last sync by the time of one mark write.
+//!
+//! At open, a store whose `m` is below the mark lost acknowledged data: it is refused, naming
+//! the commits and the time span that are missing, unless the operator accepts the loss
+//! (`EngineBuilder::accept_data_loss`), and then the mark is moved back to what is left.
+//! What the mark does not cover: the writes of the last syncs before a crash, which the mark
+//! had not reached yet (at most a few milliseconds of work); sled's prefix recovery is all
+//! that protects those. A clean shutdown writes the mark of the very last sync.
+//!
+//! sled's recovery rewrites what it cannot read of its log when it opens, so opening a
+//! damaged store destroys the evidence of the damage. Each mark also records the length of
+//! `db` at that sync; a `db` found shorter at open (cut short, say; sled also shrinks it
+//! itself now and then, so this is a hint, not a verdict) is copied aside, as found, before
+//! sled opens it, and the copy is removed again if the store turns out whole.
+//!
+//! The file holds two 40-byte slots, written alternately, each `KEELMARK`, the sequence
+//! number, the time (ms since the Unix epoch), the length of `db` (all big-endian) and a CRC-32
+//! of the 32 bytes before it: a write torn by a crash spoils one slot and leaves the other,
+//! older, whole.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use crate::store::commit::Durability;
+
+/// The name of the mark file in the store's directory.
+pub(crate) const MARK_FILE: &str = "keel.mark";
+
+/// The sled key of the commit sequence.
+pub(crate) const SEQUENCE_KEY: &[u8] = b"m";
+
+const MAGIC: &[u8; 8] = b"KEELMARK";
+const SLOT_BYTES: usize = 40;
+
+/// A commit sequence number and when its sync began.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Commit {
+    pub(crate) sequence: u64,
+    pub(crate) at_ms: u64,
+}
+
+impl Commit {
+    /// The 16 bytes stored under [`SEQUENCE_KEY`].
+    pub(crate) fn to_bytes(self) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..8].copy_from_slice(&self.sequence.to_be_bytes());
+        bytes[8..].copy_from_slice(&self.at_ms.to_be_bytes());
+        bytes
+    }
+
+    /// Reads the bytes stored under [`SEQUENCE_KEY`].
+    pub(crate) fn from_bytes(bytes: &[u8]) -> Option<Commit> {
+        let bytes: [u8; 16] = bytes.try_into().ok()?;
+        Some(Commit {
+            sequence: u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")),
+            at_ms: u64::from_be_bytes(bytes[8..].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+/// One mark: a durable commit and the length of sled's `db` file after its sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Mark {
+    pub(crate) commit: Commit,
+    pub(crate) db_bytes: u64,
+}
+
+impl Mark {
+    fn slot(self) -> [u8; SLOT_BYTES] {
+        let mut slot = [0; SLOT_BYTES];
+        slot[..8].copy_from_slice(MAGIC);
+        slot[8..24].copy_from_slice(&self.commit.to_bytes());
+        slot[24..32].copy_from_slice(&self.db_bytes.to_be_bytes());
+        let crc = crc32fast::hash(&slot[..32]);
+        slot[32..36].copy_from_slice(&crc.to_be_bytes());
+        slot
+    }
+
+    fn from_slot(slot: &[u8]) -> Option<Mark> {
+        if slot.len() < SLOT_BYTES || &slot[..8] != MAGIC {
+            return None;
+        }
+        let crc = u32::from_be_bytes(slot[32..36].try_into().expect("4 bytes"));
+        if crc32fast::hash(&slot[..32]) != crc {
+            return None;
+        }
+        Some(Mark {
+            commit: Commit::from_bytes(&slot[8..24])?,
+            db_bytes: u64::from_be_bytes(slot[24..32].try_into().expect("8 bytes")),
+        })
+    }
+}
+
+/// What the mark file holds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Marked {
+    /// No mark file: a new store, or one written before marks existed.
+    Absent,
+    /// The newest whole slot.
+    At(Mark),
+    /// A mark file with no whole slot.
+    Unreadable,
+}
+
+/// Reads the mark file of the store in `dir`.
+pub(crate) fn read(dir: &Path) -> std::io::Result<Marked> {
+    let bytes = match std::fs::read(dir.join(MARK_FILE)) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Marked::Absent),
+        Err(e) => return Err(e),
+    };
+    let newest = bytes
+        .chunks(SLOT_BYTES)
+        .take(2)
+        .filter_map(Mark::from_slot)
+        .max_by_key(|mark| mark.commit);
+    Ok(newest.map_or(Marked::Unreadable, Marked::At))
+}
+
+/// The mark file, open for writing.
+struct MarkFile {
+    file: File,
+    durability: Durability,
+    /// The slot the next write goes to.
+    next_slot: u64,
+}
+
+impl MarkFile {
+    fn open(dir: &Path, durability: Durability) -> std::io::Result<MarkFile> {
+        let path = dir.join(MARK_FILE);
+        let created = !path.exists();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        if created {
+            // The file's name must survive a power loss as its content does.
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(MarkFile {
+            file,
+            durability,
+            next_slot: 0,
+        })
+    }
+
+    fn write(&mut self, mark: Mark) -> std::io::Result<()> {
+        let offset = (self.next_slot % 2) * SLOT_BYTES as u64;
+        self.file.write_all_at(&mark.slot(), offset)?;
+        if self.durability == Durability::PowerLoss {
+            self.file.sync_data()?;
+        }
+        self.next_slot += 1;
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Pending {
+    /// The newest durable commit not yet marked.
+    mark: Option<Mark>,
+    stop: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    wake: Condvar,
+}
+
+/// The thread that writes durable commits to the mark file, newest first, coalescing.
+pub(crate) struct Marker {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Hands durable commits to the [`Marker`]; cheap to call after every sync.
+#[derive(Clone)]
+pub(crate) struct MarkHandle {
+    shared: Arc<Shared>,
+}
+
+impl MarkHandle {
+    /// `commit` is durable in sled, whose `db` file is `db_bytes` long: mark it (soon,
+    /// without waiting).
+    pub(crate) fn durable(&self, commit: Commit, db_bytes: u64) {
+        let mut pending = self.shared.pending.lock().expect("marker lock");
+        if pending.mark.is_none_or(|m| m.commit < commit) {
+            pending.mark = Some(Mark { commit, db_bytes });
+        }
+        drop(pending);
+        self.shared.wake.notify_one();
+    }
+}
+
+impl Marker {
+    /// Starts the marker of the store in `dir`, first writing `start` (what the store holds
+    /// now) so the file exists and agrees with the store.
+    pub(crate) fn start(
+        dir: &Path,
+        durability: Durability,
+        start: Mark,
+    ) -> std::io::Result<(Marker, MarkHandle)> {
+        let mut file = MarkFile::open(dir, durability)?;
+        file.write(start)?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(Pending::default()),
+            wake: Condvar::new(),
+        });
+        let thread_shared = Arc::clone(&shared);
+        let path = dir.join(MARK_FILE);
+        let thread = std::thread::Builder::new()
+            .name("keel-marker".into())
+            .spawn(move || mark(&thread_shared, file, &path))?;
+        let handle = MarkHandle {
+            shared: Arc::clone(&shared),
+        };
+        Ok((
+            Marker {
+                shared,
+                thread: Some(thread),
+            },
+            handle,
+        ))
+    }
+}
+
+impl Drop for Marker {
+    fn drop(&mut self) {
+        self.shared.pending.lock().expect("marker lock").stop = true;
+        self.shared.wake.notify_one();
+        if let Some(thread) = self.thread.take() {
+            // The thread writes the newest pending commit before it ends.
+            let _ = thread.join();
+        }
+    }
+}
+
+fn mark(shared: &Shared, mut file: MarkFile, path: &Path) {
+    loop {
+        let (mark, stop) = {
+            let mut pending = shared.pending.lock().expect("marker lock");
+            while pending.mark.is_none() && !pending.stop {
+                pending = shared.wake.wait(pending).expect("marker lock");
+            }
+            (pending.mark.take(), pending.stop)
+        };
+        if let Some(mark) = mark {
+            if let Err(error) = file.write(mark) {
+                // The store goes on; only the detection of a later loss is weaker until a
+                // write succeeds again.
+                tracing::error!(file = %path.display(), %error, "the high-water mark could not be written");
+            }
+        }
+        if stop {
+            let last = shared.pending.lock().expect("marker lock").mark.take();
+            if let Some(mark) = last {
+                let _ = file.write(mark);
+            }
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The newest whole slot is the mark; a torn slot leaves the other; a file with no whole
+    /// slot is unreadable, and no file is absent.
+    #[test]
+    fn the_newest_whole_slot_is_the_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marked::Absent);
+        let commit = |sequence| Mark {
+            commit: Commit {
+                sequence,
+                at_ms: 1_000 + sequence,
+            },
+            db_bytes: 4_096 * sequence,
+        };
+        let mut file = MarkFile::open(dir.path(), Durability::PowerLoss).unwrap();
+        file.write(commit(1)).unwrap();
+        file.write(commit(2)).unwrap();
+        file.write(commit(3)).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marked::At(commit(3)));
+        // Tear the newest slot (slot 0, written third): the older one is the mark.
+        file.file.write_all_at(b"garbage!", 8).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marked::At(commit(2)));
+        file.file.write_all_at(b"garbage!", 48).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marked::Unreadable);
+    }
+
+    /// The marker writes what it is handed, and the newest pending commit when it stops.
+    #[test]
+    fn the_marker_writes_the_newest_commit_by_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = Mark {
+            commit: Commit {
+                sequence: 5,
+                at_ms: 9,
+            },
+            db_bytes: 1,
+        };
+        let (marker, handle) = Marker::start(dir.path(), Durability::PowerLoss, start).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marked::At(start));
+        let commit = |sequence| Commit {
+            sequence,
+            at_ms: 9 + sequence,
+        };
+        for sequence in 6..=40 {
+            handle.durable(commit(sequence), sequence);
+        }
+        drop(marker);
+        assert_eq!(
+            read(dir.path()).unwrap(),
+            Marked::At(Mark {
+                commit: commit(40),
+                db_bytes: 40
+            })
+        );
+    }
+}

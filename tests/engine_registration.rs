@@ -1,0 +1,296 @@
+//! Registration is checked, not hoped for: a second workflow type under a taken name is
+//! refused; opening a store whose unfinished runs need unregistered workflows or compensable
+//! step kinds is refused with one error naming all of them (and changes nothing), unless the
+//! operator allows it, and then those runs are left undriven and their waiters told why; a
+//! step without compensation needs no registration for its run to compensate after a restart.
+
+use std::path::Path;
+use std::time::Duration;
+
+use keel::testing::TestClock;
+use keel::{
+    Ctx, Engine, EngineError, Event, RetryPolicy, RunHistory, RunStatus, Step, StepContext,
+    StepError, Undo, Workflow, WorkflowError,
+};
+use keel_testkit::effects::{self, Action};
+use keel_testkit::poll::asleep;
+use serde::{Deserialize, Serialize};
+
+/// Records its effect; its undo fails permanently while `<log>.refuse` exists and retryably
+/// (retried an hour later) while `<log>.down` exists.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Effect {
+    log: String,
+}
+
+impl Step for Effect {
+    const KIND: &'static str = "test.reg-effect";
+    type Output = ();
+
+    async fn execute(&self, ctx: &StepContext) -> Result<(), StepError> {
+        effects::record(&self.log, Action::Do, ctx)
+    }
+
+    async fn compensate(&self, ctx: &StepContext, _: Option<()>) -> Result<Undo, StepError> {
+        if Path::new(&format!("{}.refuse", self.log)).exists() {
+            return Err(StepError::permanent("undo refused"));
+        }
+        if Path::new(&format!("{}.down", self.log)).exists() {
+            return Err(StepError::retryable("undo target down")
+                .with_retry_after(Duration::from_secs(3600)));
+        }
+        effects::record(&self.log, Action::Undo, ctx)?;
+        Ok(Undo::Done)
+    }
+
+    fn compensation_retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default().with_attempts_max(5)
+    }
+}
+
+/// Reads; nothing to undo.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ReadOnly;
+
+impl Step for ReadOnly {
+    const KIND: &'static str = "test.reg-read-only";
+    type Output = u32;
+    const COMPENSABLE: bool = false;
+
+    async fn execute(&self, _: &StepContext) -> Result<u32, StepError> {
+        Ok(7)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Input {
+    log: String,
+    /// Sleep an hour after the steps instead of failing.
+    sleep: bool,
+}
+
+/// A read-only step, an effect, then an hour's sleep or a failure (so the run compensates).
+struct Flow;
+
+impl Workflow for Flow {
+    const NAME: &'static str = "test.reg-flow";
+    type Input = Input;
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, input: Input) -> Result<(), WorkflowError> {
+        ctx.step(ReadOnly).await?;
+        ctx.step(Effect { log: input.log }).await?;
+        if input.sleep {
+            return ctx.sleep(Duration::from_secs(3600)).await;
+        }
+        Err(WorkflowError::failed("failing on purpose"))
+    }
+}
+
+/// Another workflow type under [`Flow`]'s name.
+struct Impostor;
+
+impl Workflow for Impostor {
+    const NAME: &'static str = "test.reg-flow";
+    type Input = ();
+    type Output = ();
+
+    async fn run(_: &mut Ctx, _: ()) -> Result<(), WorkflowError> {
+        Ok(())
+    }
+}
+
+async fn histories(engine: &Engine) -> Vec<RunHistory> {
+    let mut all = Vec::new();
+    for record in engine.list().await.unwrap() {
+        all.push(engine.history(record.id.as_str()).await.unwrap());
+    }
+    all
+}
+
+/// A second workflow type under a name already taken is refused: at build time (open fails,
+/// naming the name) and at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_workflow_type_under_a_taken_name_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Engine::builder(dir.path())
+        .workflow::<Flow>()
+        .workflow::<Impostor>()
+        .open()
+        .await
+        .err()
+        .expect("two types under one name must be refused");
+    assert!(
+        matches!(&err, EngineError::DuplicateWorkflow { name } if name == Flow::NAME),
+        "{err}"
+    );
+    let engine = Engine::builder(dir.path())
+        .workflow::<Flow>()
+        .open()
+        .await
+        .unwrap();
+    let err = engine
+        .start::<Impostor>("impostor", ())
+        .await
+        .err()
+        .expect("a start of the other type must be refused");
+    assert!(
+        matches!(err, EngineError::DuplicateWorkflow { .. }),
+        "{err}"
+    );
+    assert!(engine.list().await.unwrap().is_empty(), "nothing stored");
+    engine.shutdown().await;
+}
+
+/// A store with a sleeping run (needs its workflow and its effect's kind) and a run whose
+/// compensation failed (needs the effect's kind) is refused by an engine that registers
+/// neither, with one error naming both types and counting both runs; nothing stored changes.
+/// Allowed, the engine opens and leaves them undriven, and a waiter hears why; an engine
+/// that registers both drives them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir
+        .path()
+        .join("effects.jsonl")
+        .to_string_lossy()
+        .into_owned();
+    let clock = TestClock::new();
+    let registered = || {
+        Engine::builder(&data)
+            .clock(clock.clone())
+            .workflow::<Flow>()
+            .step::<Effect>()
+    };
+    let engine = registered().open().await.unwrap();
+    std::fs::write(format!("{log}.refuse"), "").unwrap();
+    let input = |sleep| Input {
+        log: log.clone(),
+        sleep,
+    };
+    engine.start::<Flow>("stuck", input(false)).await.unwrap();
+    let stuck = engine.wait("stuck").await.unwrap();
+    assert_eq!(stuck.status, RunStatus::CompensationFailed);
+    engine.start::<Flow>("asleep", input(true)).await.unwrap();
+    asleep(&clock).await;
+    let before = histories(&engine).await;
+    engine.shutdown().await;
+    drop(engine);
+
+    let err = Engine::builder(&data)
+        .clock(clock.clone())
+        .open()
+        .await
+        .err()
+        .expect("unregistered types must be refused");
+    let text = err.to_string();
+    match &err {
+        EngineError::Unregistered { runs, .. } => assert_eq!(*runs, 2, "{text}"),
+        other => panic!("expected Unregistered, got {other}"),
+    }
+    for name in [Flow::NAME, Effect::KIND, "asleep", "stuck"] {
+        assert!(text.contains(name), "{name} is not named: {text}");
+    }
+    assert!(
+        !text.contains(ReadOnly::KIND),
+        "a step without compensation needs no registration: {text}"
+    );
+
+    let engine = Engine::builder(&data)
+        .clock(clock.clone())
+        .allow_unregistered()
+        .open()
+        .await
+        .unwrap();
+    match engine.wait("asleep").await {
+        Err(EngineError::RunStopped { reason, .. }) => {
+            assert!(reason.contains(Flow::NAME), "{reason}")
+        }
+        other => panic!("expected RunStopped, got {other:?}"),
+    }
+    let err = engine.resume("stuck").await.unwrap_err();
+    assert!(matches!(err, EngineError::InvalidState { .. }), "{err}");
+    assert_eq!(histories(&engine).await, before, "nothing stored changed");
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = registered().open().await.unwrap();
+    assert_eq!(
+        asleep(&clock).await,
+        before[0].entries[0].at_ms + 3_600_000,
+        "the sleeping run is driven again"
+    );
+    engine.shutdown().await;
+}
+
+/// A run compensating across a restart passes over a step without compensation, although
+/// the restarted engine never registered that step's kind: it ends Compensated, with the
+/// effect undone, instead of CompensationFailed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_without_compensation_needs_no_registration_to_be_passed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir
+        .path()
+        .join("effects.jsonl")
+        .to_string_lossy()
+        .into_owned();
+    let clock = TestClock::new();
+    std::fs::write(format!("{log}.down"), "").unwrap();
+    let engine = Engine::builder(&data)
+        .clock(clock.clone())
+        .workflow::<Flow>()
+        .step::<Effect>()
+        .step::<ReadOnly>()
+        .open()
+        .await
+        .unwrap();
+    engine
+        .start::<Flow>(
+            "compensating",
+            Input {
+                log: log.clone(),
+                sleep: false,
+            },
+        )
+        .await
+        .unwrap();
+    // The undo failed once and waits an hour for its retry.
+    asleep(&clock).await;
+    assert_eq!(
+        engine.status("compensating").await.unwrap().status,
+        RunStatus::Compensating
+    );
+    engine.shutdown().await;
+    drop(engine);
+
+    std::fs::remove_file(format!("{log}.down")).unwrap();
+    let engine = Engine::builder(&data)
+        .clock(clock.clone())
+        .workflow::<Flow>()
+        .step::<Effect>()
+        .open()
+        .await
+        .unwrap();
+    let record = clock
+        .skip_until_settled(&engine, "compensating")
+        .await
+        .unwrap();
+    assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
+    let history = engine.history("compensating").await.unwrap();
+    let touched_read_only = history.entries.iter().any(|e| {
+        matches!(
+            e.event,
+            Event::StepCompensationStarted { step, .. } | Event::StepCompensationSkipped { step, .. }
+                if step.0 == 0
+        )
+    });
+    assert!(!touched_read_only, "the read-only step is passed over");
+    let undos = effects::read(Path::new(&log))
+        .iter()
+        .filter(|e| e.action == Action::Undo)
+        .count();
+    assert_eq!(undos, 1, "the effect is undone");
+    engine.shutdown().await;
+}
