@@ -5,6 +5,7 @@
 
 /// Every crash point, in the order a run meets them. Crash tests iterate over this list.
 pub const POINTS: &[&str] = &[
+    "open.before_mark_rename",
     "start.after_create",
     "start.after_sync",
     "step.before_started",

@@ -143,17 +143,27 @@ struct MarkFile {
 }
 
 impl MarkFile {
-    fn open(dir: &Path, durability: Durability) -> std::io::Result<MarkFile> {
+    /// Writes a fresh mark file holding `start` in both slots, in a temporary file renamed
+    /// over the old one, so that the mark file is whole from the moment it exists: a crash
+    /// before the rename leaves the old file (or none), never an empty or half-written one.
+    fn create(dir: &Path, durability: Durability, start: Mark) -> std::io::Result<MarkFile> {
         let path = dir.join(MARK_FILE);
-        let created = !path.exists();
+        let temporary = dir.join(format!("{MARK_FILE}.new"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(false)
-            .open(&path)?;
-        if created {
-            // The file's name must survive a power loss as its content does.
+            .truncate(true)
+            .open(&temporary)?;
+        let slot = start.slot();
+        file.write_all_at(&[slot, slot].concat(), 0)?;
+        if durability == Durability::PowerLoss {
+            file.sync_data()?;
+        }
+        crate::crash::point("open.before_mark_rename");
+        std::fs::rename(&temporary, &path)?;
+        if durability == Durability::PowerLoss {
+            // The rename must survive a power loss as the content does.
             File::open(dir)?.sync_all()?;
         }
         Ok(MarkFile {
@@ -212,15 +222,14 @@ impl MarkHandle {
 }
 
 impl Marker {
-    /// Starts the marker of the store in `dir`, first writing `start` (what the store holds
-    /// now) so the file exists and agrees with the store.
+    /// Starts the marker of the store in `dir`, first making the mark file anew with `start`
+    /// (what the store holds now), so the file exists, is whole and agrees with the store.
     pub(crate) fn start(
         dir: &Path,
         durability: Durability,
         start: Mark,
     ) -> std::io::Result<(Marker, MarkHandle)> {
-        let mut file = MarkFile::open(dir, durability)?;
-        file.write(start)?;
+        let file = MarkFile::create(dir, durability, start)?;
         let shared = Arc::new(Shared {
             pending: Mutex::new(Pending::default()),
             wake: Condvar::new(),
@@ -284,8 +293,9 @@ fn mark(shared: &Shared, mut file: MarkFile, path: &Path) {
 mod tests {
     use super::*;
 
-    /// The newest whole slot is the mark; a torn slot leaves the other; a file with no whole
-    /// slot is unreadable, and no file is absent.
+    /// A new mark file holds its first mark in both slots; the newest whole slot is the
+    /// mark; a torn slot leaves the other; a file with no whole slot is unreadable, and no
+    /// file is absent.
     #[test]
     fn the_newest_whole_slot_is_the_mark() {
         let dir = tempfile::tempdir().unwrap();
@@ -297,15 +307,15 @@ mod tests {
             },
             db_bytes: 4_096 * sequence,
         };
-        let mut file = MarkFile::open(dir.path(), Durability::PowerLoss).unwrap();
-        file.write(commit(1)).unwrap();
+        let mut file = MarkFile::create(dir.path(), Durability::PowerLoss, commit(1)).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marked::At(commit(1)));
         file.write(commit(2)).unwrap();
         file.write(commit(3)).unwrap();
         assert_eq!(read(dir.path()).unwrap(), Marked::At(commit(3)));
-        // Tear the newest slot (slot 0, written third): the older one is the mark.
-        file.file.write_all_at(b"garbage!", 8).unwrap();
-        assert_eq!(read(dir.path()).unwrap(), Marked::At(commit(2)));
+        // Slot 0 holds 2, slot 1 holds 3. Tear the newest: the older one is the mark.
         file.file.write_all_at(b"garbage!", 48).unwrap();
+        assert_eq!(read(dir.path()).unwrap(), Marked::At(commit(2)));
+        file.file.write_all_at(b"garbage!", 8).unwrap();
         assert_eq!(read(dir.path()).unwrap(), Marked::Unreadable);
     }
 
