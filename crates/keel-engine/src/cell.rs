@@ -20,7 +20,9 @@ use crate::store::JournalStore;
 struct Loaded {
     record: RunRecord,
     state: RunState,
-    poisoned: bool,
+    /// Set when a write to the store failed: memory is ahead of the store, so the cell
+    /// accepts no more writes.
+    write_failed: bool,
     /// Set when the cell leaves the engine's map; a detached cell accepts no writes, so a
     /// run never has two writers.
     detached: bool,
@@ -85,7 +87,7 @@ impl RunCell {
             loaded: Mutex::new(Loaded {
                 record,
                 state,
-                poisoned: false,
+                write_failed: false,
                 detached: false,
             }),
             cancel,
@@ -130,14 +132,14 @@ impl RunCell {
     }
 
     /// Detaches the cell if `unload` gives a reason for it (from the record and whether a
-    /// storage error poisoned the cell): `Some(None)` when the run settled, `Some(Some(stop))`
+    /// storage write failed in the cell): `Some(None)` when the run settled, `Some(Some(stop))`
     /// when it stops unsettled, whose waiters are then told why. Returns whether it did.
     pub(crate) fn detach_if(
         &self,
         unload: impl FnOnce(&RunRecord, bool) -> Option<Option<Stop>>,
     ) -> bool {
         let mut loaded = self.loaded.lock().expect("cell lock");
-        if let Some(stop) = unload(&loaded.record, loaded.poisoned) {
+        if let Some(stop) = unload(&loaded.record, loaded.write_failed) {
             loaded.detached = true;
             if let Some(stop) = stop {
                 if loaded.record.status.is_drivable() {
@@ -239,7 +241,7 @@ impl RunCell {
                 limit: u64::from(JOURNAL_ENTRIES_PER_RUN_MAX),
             });
         }
-        if loaded.poisoned {
+        if loaded.write_failed {
             return Err(EngineError::InvalidState {
                 id: self.id.clone(),
                 status: "unloaded after a storage error".into(),
@@ -267,7 +269,7 @@ impl RunCell {
         if let Err(e) = store.append(&self.id, index, &entry, record.as_ref()) {
             // Memory is now ahead of the store: the cell must not be used again. Its driver
             // stops; the run is reloaded from the store by the next open.
-            loaded.poisoned = true;
+            loaded.write_failed = true;
             return Err(e);
         }
         if let Some(record) = record {

@@ -16,7 +16,7 @@ use crate::ctx::{Ctx, Interrupt};
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::ids::{IdempotencyKey, RunId, StepIndex};
-use crate::journal::{Event, RunStatus};
+use crate::journal::{Event, RunRecord, RunStatus};
 use crate::lane::Lane;
 use crate::limits::CHILDREN_PER_RUN_MAX;
 use crate::parallel::run_all;
@@ -249,13 +249,31 @@ async fn run_child(
     crate::crash::point("child.after_created");
     // Parked while the child runs.
     lane.cell.survived(&*lane.inner.store);
-    let record = loop {
+    let record = await_child(lane, &engine, &child).await?;
+    let end = ChildEnd {
+        status: record.status,
+        output: record.output,
+        error: record.error,
+    };
+    end_child(lane, index, end)
+}
+
+/// Waits until child run `child` ends (a terminal status), looking again now and then at a
+/// child parked for an operator or not driven for now; an interrupt of the parent stops the
+/// wait, not the child.
+async fn await_child(
+    lane: &mut Lane,
+    engine: &Engine,
+    child: &RunId,
+) -> Result<RunRecord, Interrupt> {
+    loop {
         let waited = tokio::select! {
             waited = engine.wait(child.as_str()) => waited,
             cause = lane.interrupted() => return Err(cause),
         };
+        let parent = &lane.cell.id;
         match waited {
-            Ok(record) if record.status.is_terminal() => break record,
+            Ok(record) if record.status.is_terminal() => return Ok(record),
             Ok(record) => {
                 tracing::debug!(run_id = %parent, child = %child, status = %record.status, "child parked for an operator");
             }
@@ -270,13 +288,7 @@ async fn run_child(
             _ = tokio::time::sleep(PARKED_CHILD_POLL) => {}
             cause = lane.interrupted() => return Err(cause),
         }
-    };
-    let end = ChildEnd {
-        status: record.status,
-        output: record.output,
-        error: record.error,
-    };
-    end_child(lane, index, end)
+    }
 }
 
 /// Journals how the child at `index` ended.

@@ -8,7 +8,7 @@ use rand::Rng;
 use serde_json::Value;
 
 use crate::cell::RunCell;
-use crate::contain::contained;
+use crate::contain::{contained, contained_sync};
 use crate::engine::Inner;
 use crate::error::{EngineError, Result};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
@@ -329,7 +329,6 @@ impl Ctx {
         schedule: &WaitSchedule,
         started_at_ms: u64,
     ) -> Result<WaitOutcome, WorkflowError> {
-        let key = IdempotencyKey::for_step(&self.lane.cell.id, index);
         let mut polls = 0u32;
         let mut streak = 0u32;
         let mut ready_since_ms = 0;
@@ -350,52 +349,15 @@ impl Ctx {
                 return Ok(WaitOutcome::TimedOut { polls });
             }
             polls += 1;
-            let ctx = StepContext {
-                run_id: self.lane.cell.id.clone(),
-                step: index,
-                key,
-                attempt: Attempt(polls),
-                resources: Arc::clone(&self.lane.inner.resources),
-            };
-            let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = polls);
-            let call = tracing::Instrument::instrument(probe.probe(&ctx), span);
-            // A panicking poll is a failed poll, as a retryable error is.
-            let call = async {
-                contained(call)
-                    .await
-                    .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
-            };
-            let polled = rate_limited(&self.lane.inner, probe.rate_limit(), call).await;
-            self.lane.cell.survived(&*self.lane.inner.store);
-            match polled {
+            match self.poll_once(index, probe, Attempt(polls)).await {
                 Ok(Some(output)) => {
                     if streak == 0 {
                         ready_since_ms = self.now_ms();
                     }
                     streak += 1;
                     if streak >= schedule.confirmations {
-                        let output = match serde_json::to_value(&output) {
-                            Ok(v) => v,
-                            Err(e) => {
-                                let error = StepError::permanent(format!(
-                                    "output of probe {} does not serialise: {e}",
-                                    P::KIND
-                                ));
-                                return Ok(WaitOutcome::Failed {
-                                    error: error.to_record(),
-                                    polls,
-                                });
-                            }
-                        };
-                        let waited =
-                            Duration::from_millis(ready_since_ms.saturating_sub(started_at_ms));
-                        self.lane.inner.stats.record(
-                            &format!("wait:{}", P::KIND),
-                            waited,
-                            self.lane.cell.id.as_str(),
-                            self.now_ms(),
-                        );
-                        return Ok(WaitOutcome::Ready { output, polls });
+                        let waited = ready_since_ms.saturating_sub(started_at_ms);
+                        return Ok(self.ready::<P>(output, polls, waited));
                     }
                 }
                 Ok(None) => streak = 0,
@@ -417,6 +379,62 @@ impl Ctx {
             interval_ms = carried_ms;
             next_at_ms = started_at_ms.saturating_add(next_offset_ms);
         }
+    }
+
+    /// One poll of `probe` (number `poll`), in a slot of its service's limiter. A panicking
+    /// poll is a failed poll, as a retryable error is.
+    async fn poll_once<P: Probe>(
+        &mut self,
+        index: StepIndex,
+        probe: &P,
+        poll: Attempt,
+    ) -> Result<Option<P::Output>, StepError> {
+        let ctx = StepContext {
+            run_id: self.lane.cell.id.clone(),
+            step: index,
+            key: IdempotencyKey::for_step(&self.lane.cell.id, index),
+            attempt: poll,
+            resources: Arc::clone(&self.lane.inner.resources),
+        };
+        let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = poll.0);
+        let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
+        let call = async {
+            contained(call)
+                .await
+                .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
+        };
+        let service = contained_sync(|| probe.rate_limit().map(str::to_owned))
+            .ok()
+            .flatten();
+        let polled = rate_limited(&self.lane.inner, service.as_deref(), call).await;
+        // Polls are not journaled: a poll that returned is what shows the run survives them.
+        self.lane.cell.survived(&*self.lane.inner.store);
+        polled
+    }
+
+    /// The outcome of a wait whose probe held: its last output, and the time to readiness
+    /// (`waited_ms` from the wait's start) recorded under `wait:<kind>`.
+    fn ready<P: Probe>(&mut self, output: P::Output, polls: u32, waited_ms: u64) -> WaitOutcome {
+        let output = match serde_json::to_value(&output) {
+            Ok(v) => v,
+            Err(e) => {
+                let error = StepError::permanent(format!(
+                    "output of probe {} does not serialise: {e}",
+                    P::KIND
+                ));
+                return WaitOutcome::Failed {
+                    error: error.to_record(),
+                    polls,
+                };
+            }
+        };
+        self.lane.inner.stats.record(
+            &format!("wait:{}", P::KIND),
+            Duration::from_millis(waited_ms),
+            self.lane.cell.id.as_str(),
+            self.now_ms(),
+        );
+        WaitOutcome::Ready { output, polls }
     }
 
     /// Creates a resource with the step `create(generation)` and waits for it with the probe
@@ -561,10 +579,6 @@ pub(crate) async fn rate_limited<T>(
     };
     let permit = limiter.acquire().await;
     let result = call.await;
-    match &result {
-        Ok(_) => limiter.succeeded(permit),
-        Err(e) if e.is_throttled() => limiter.throttled(permit),
-        Err(_) => limiter.released(permit),
-    }
+    crate::lane::report(&limiter, permit, &result);
     result
 }

@@ -18,6 +18,8 @@
 
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use crate::cell::{RunCell, Stop};
 use crate::ctx::{Ctx, Interrupt};
 use crate::engine::Inner;
@@ -107,99 +109,102 @@ async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
     }
     let ctx = Ctx::new(Arc::clone(cell), Arc::clone(inner));
     let (mut ctx, result) = (workflow.run)(ctx, record.input.clone()).await;
+    // The engine's reason to stop the body comes first, whatever the body returned (a body
+    // that panics on the `Interrupted` error it was given is still just interrupted).
     if let Some(interrupt) = ctx.interrupt.take() {
-        return match interrupt {
-            Interrupt::ShutDown => Ok(Next::Stop),
-            // A bound the code went past, or a meaningless request: a defect of the workflow
-            // code, which an operator fixes as for non-determinism.
-            Interrupt::Engine(
-                error @ (EngineError::LimitReached { .. }
-                | EngineError::InvalidRequest(_)
-                | EngineError::DuplicateWorkflow { .. }
-                | EngineError::DuplicateStepKind { .. }),
-            ) => suspend(inner, cell, error.to_string()).await,
-            Interrupt::Engine(error) => Err(error),
-            Interrupt::Cancelled => saga::begin(inner, cell, "cancelled by operator".into()).await,
-            Interrupt::Paused { reason, exhausted } => pause(inner, cell, reason, exhausted).await,
-            Interrupt::Stopped => unreachable!("only select branches stop, and select absorbs it"),
-            Interrupt::NonDeterminism { index, detail } => {
-                suspend(
-                    inner,
-                    cell,
-                    format!("non-determinism at step {index}: {detail}"),
-                )
-                .await
-            }
-        };
+        return interrupted(inner, cell, interrupt).await;
     }
     let journaled_ops = cell.with_state(|s| s.ops.len() as u32);
     match result {
-        Ok(output) if ctx.operations() < journaled_ops => {
-            let _ = output;
+        Ok(_) if ctx.operations() < journaled_ops => {
             let detail = format!(
                 "workflow returned after {} operations but the journal holds {journaled_ops}",
                 ctx.operations()
             );
             suspend(inner, cell, format!("non-determinism: {detail}")).await
         }
-        Ok(output) => {
-            let bytes = output.to_string().len();
-            if bytes > OUTPUT_BYTES_MAX {
-                let reason = format!(
-                    "workflow output is {bytes} bytes, over the limit of {OUTPUT_BYTES_MAX} bytes"
-                );
-                return fail(inner, cell, reason).await;
-            }
-            crate::crash::point("run.before_terminal");
-            let not_cancelled = |_: &RunRecord, state: &RunState| {
-                if state.cancel_requested {
-                    Err(EngineError::InvalidState {
-                        id: cell.id.clone(),
-                        status: "cancelled".into(),
-                        operation: "complete",
-                    })
-                } else {
-                    Ok(())
-                }
-            };
-            let event = Event::RunCompleted {
-                output: output.clone(),
-            };
-            match cell.transition_if(
-                &*inner.store,
-                event,
-                not_cancelled,
-                RunStatus::Completed,
-                |r| r.output = Some(output),
-            ) {
-                Ok(()) => settle(inner, cell, RunStatus::Completed).await,
-                // A cancel became durable while the body finished: the run must not complete.
-                Err(EngineError::InvalidState { .. }) => {
-                    saga::begin(inner, cell, "cancelled by operator".into()).await
-                }
-                Err(error) => Err(error),
-            }
-        }
+        Ok(output) => complete(inner, cell, output).await,
         Err(BodyError::Workflow(error)) => fail(inner, cell, error.to_string()).await,
         Err(BodyError::Output(error)) => {
-            fail(
-                inner,
-                cell,
-                format!("workflow output does not serialise: {error}"),
-            )
-            .await
+            let reason = format!("workflow output does not serialise: {error}");
+            fail(inner, cell, reason).await
         }
         Err(BodyError::Panicked(message)) => {
             suspend(inner, cell, format!("workflow body panicked: {message}")).await
         }
         Err(BodyError::Input(error)) => {
-            suspend(
-                inner,
-                cell,
-                format!("stored input does not decode as the workflow's input type: {error}"),
-            )
-            .await
+            let reason =
+                format!("stored input does not decode as the workflow's input type: {error}");
+            suspend(inner, cell, reason).await
         }
+    }
+}
+
+/// Acts on why the engine stopped the body.
+async fn interrupted(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    interrupt: Interrupt,
+) -> Result<Next> {
+    match interrupt {
+        Interrupt::ShutDown => Ok(Next::Stop),
+        // A bound the code went past, or a meaningless request: a defect of the workflow
+        // code, which an operator fixes as for non-determinism.
+        Interrupt::Engine(
+            error @ (EngineError::LimitReached { .. }
+            | EngineError::InvalidRequest(_)
+            | EngineError::DuplicateWorkflow { .. }
+            | EngineError::DuplicateStepKind { .. }),
+        ) => suspend(inner, cell, error.to_string()).await,
+        Interrupt::Engine(error) => Err(error),
+        Interrupt::Cancelled => saga::begin(inner, cell, "cancelled by operator".into()).await,
+        Interrupt::Paused { reason, exhausted } => pause(inner, cell, reason, exhausted).await,
+        Interrupt::Stopped => unreachable!("only select branches stop, and select absorbs it"),
+        Interrupt::NonDeterminism { index, detail } => {
+            let reason = format!("non-determinism at step {index}: {detail}");
+            suspend(inner, cell, reason).await
+        }
+    }
+}
+
+/// The body returned its output: the run completes, unless the output is too large (the
+/// run fails) or a cancel became durable meanwhile (the run compensates).
+async fn complete(inner: &Arc<Inner>, cell: &Arc<RunCell>, output: Value) -> Result<Next> {
+    let bytes = output.to_string().len();
+    if bytes > OUTPUT_BYTES_MAX {
+        let reason =
+            format!("workflow output is {bytes} bytes, over the limit of {OUTPUT_BYTES_MAX} bytes");
+        return fail(inner, cell, reason).await;
+    }
+    crate::crash::point("run.before_terminal");
+    let not_cancelled = |_: &RunRecord, state: &RunState| {
+        if state.cancel_requested {
+            Err(EngineError::InvalidState {
+                id: cell.id.clone(),
+                status: "cancelled".into(),
+                operation: "complete",
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let event = Event::RunCompleted {
+        output: output.clone(),
+    };
+    let completed = cell.transition_if(
+        &*inner.store,
+        event,
+        not_cancelled,
+        RunStatus::Completed,
+        |r| r.output = Some(output),
+    );
+    match completed {
+        Ok(()) => settle(inner, cell, RunStatus::Completed).await,
+        // A cancel became durable while the body finished: the run must not complete.
+        Err(EngineError::InvalidState { .. }) => {
+            saga::begin(inner, cell, "cancelled by operator".into()).await
+        }
+        Err(error) => Err(error),
     }
 }
 

@@ -12,11 +12,13 @@ use tokio::sync::watch;
 
 use crate::cell::RunCell;
 use crate::contain::{contained, contained_sync};
-use crate::ctx::{rate_limited, Interrupt};
+use crate::ctx::Interrupt;
 use crate::engine::Inner;
 use crate::ids::{Attempt, IdempotencyKey, StepIndex};
 use crate::journal::{ErrorClass, ErrorRecord, Event};
+use crate::limiter::{Permit, RateLimiter};
 use crate::limits::STEP_OUTPUT_BYTES_MAX;
+use crate::retry::RetryPolicy;
 use crate::stats::EventCounters;
 use crate::step::{Step, StepContext, StepError};
 use crate::workflow::{OnRetriesExhausted, WorkflowError};
@@ -177,125 +179,213 @@ impl Lane {
         mut attempt: Attempt,
         mut not_before_ms: Option<u64>,
     ) -> Result<Result<S::Output, WorkflowError>, Interrupt> {
-        let policy = step.retry_policy();
-        let key = IdempotencyKey::for_step(&self.cell.id, index);
+        // The step's own settings are user code too: a panic there is a bug of the step,
+        // which then gets one attempt and no limiter rather than stopping the run.
+        let policy = contained_sync(|| step.retry_policy()).unwrap_or_else(|panic| {
+            tracing::error!(run_id = %self.cell.id, step = index.0, kind = S::KIND, %panic, "the step's retry_policy panicked: one attempt, no retry");
+            RetryPolicy::no_retry()
+        });
+        let limiter = contained_sync(|| step.rate_limit().map(|name| self.inner.limiter(name)))
+            .unwrap_or_else(|panic| {
+                tracing::error!(run_id = %self.cell.id, step = index.0, kind = S::KIND, %panic, "the step's rate_limit panicked: no limiter");
+                None
+            });
+        let attempts = Attempts {
+            index,
+            argument: &argument,
+            policy: &policy,
+            limiter: limiter.as_deref(),
+        };
         loop {
             if let Some(at_ms) = not_before_ms {
                 self.sleep_until(at_ms).await?;
             }
-            self.check()?;
-            crate::crash::point("step.before_started");
-            self.journal(Event::StepStarted {
-                step: index,
-                kind: S::KIND.into(),
-                argument: argument.clone(),
-                attempt,
-                compensable: S::COMPENSABLE,
-            })?;
-            // The start record (and the previous step's outcome with it) is durable before
-            // the side effect begins: one sync per step.
-            self.durable().await?;
-            crate::crash::point("step.after_started");
-            let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0);
-            let ctx = StepContext {
-                run_id: self.cell.id.clone(),
-                step: index,
-                key,
-                attempt,
-                resources: Arc::clone(&self.inner.resources),
-            };
-            let started = std::time::Instant::now();
-            // Boxed: the attempt's future (the user's, wrapped) is not nested in the body's,
-            // which keeps the type of a long workflow body within the compiler's limits.
-            let call = Box::pin(attempt_contained(tracing::Instrument::instrument(
-                step.execute(&ctx),
-                span,
-            )));
-            let result = rate_limited(&self.inner, step.rate_limit(), call).await;
-            self.cell.survived(&*self.inner.store);
-            crate::crash::point("step.after_effect");
-            match result.map(|output| (kept_output::<S>(&output), output)) {
-                Ok((Ok(value), output)) => {
-                    self.inner.stats.record(
-                        &format!("step:{}", S::KIND),
-                        started.elapsed(),
-                        self.cell.id.as_str(),
-                        self.inner.clock.now_ms(),
-                    );
-                    tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = started.elapsed().as_millis() as u64, "step completed");
-                    // Not synced here: the next step's start record, or the run's terminal
-                    // record, shares this entry's sync.
-                    self.journal(Event::StepCompleted {
-                        step: index,
-                        attempt,
-                        output: value,
-                    })?;
-                    crate::crash::point("step.after_outcome");
-                    return Ok(Ok(output));
+            match self.attempt(step, &attempts, attempt).await? {
+                Ended::Completed(output) => return Ok(Ok(output)),
+                Ended::FailedForGood(record) => {
+                    return self.failed_for_good(index, S::KIND, record).map(Err)
                 }
-                Ok((Err(reason), _)) => {
-                    // The effect happened; only its output is lost. In doubt, not "no
-                    // effect": the saga undoes it, found by key.
-                    let record = ErrorRecord {
-                        class: ErrorClass::Permanent,
-                        message: crate::step::truncate(reason),
-                    };
-                    tracing::warn!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, "step output rejected; the effect will be undone");
-                    self.journal(Event::StepOutputRejected {
-                        step: index,
-                        attempt,
-                        error: record.clone(),
-                    })?;
-                    self.durable().await?;
-                    crate::crash::point("step.after_failure");
-                    return self.failed_for_good(index, S::KIND, record).map(Err);
-                }
-                Err(error) => {
-                    let record = error.to_record();
-                    let retry_at_ms = match error.class() {
-                        ErrorClass::Permanent => None,
-                        ErrorClass::Retryable => {
-                            let (first_started, round_base) = self
-                                .cell
-                                .with_state(|s| {
-                                    s.step(index)
-                                        .map(|op| (op.first_started_at_ms, op.round_base))
-                                })
-                                .unwrap_or_else(|| (self.inner.clock.now_ms(), 0));
-                            let jitter: f64 = self.rng.gen();
-                            policy.next_attempt_at_ms(
-                                Attempt(attempt.0 - round_base),
-                                first_started,
-                                self.inner.clock.now_ms(),
-                                error.retry_after(),
-                                jitter,
-                            )
-                        }
-                    };
-                    tracing::info!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, ?retry_at_ms, "step attempt failed");
-                    self.journal(Event::StepFailed {
-                        step: index,
-                        attempt,
-                        error: record.clone(),
-                        retry_at_ms,
-                    })?;
-                    if retry_at_ms.is_some() {
-                        EventCounters::bump(&self.inner.counters.retries);
-                    }
-                    // Synced so that a restart neither resets the attempt count nor shortens
-                    // the backoff.
-                    self.durable().await?;
-                    crate::crash::point("step.after_failure");
-                    match retry_at_ms {
-                        Some(at_ms) => {
-                            attempt = attempt.next();
-                            not_before_ms = Some(at_ms);
-                        }
-                        None => return self.failed_for_good(index, S::KIND, record).map(Err),
-                    }
+                Ended::RetryAt(at_ms) => {
+                    attempt = attempt.next();
+                    not_before_ms = Some(at_ms);
                 }
             }
         }
+    }
+
+    /// One attempt: its slot of the service's limiter, its start record (durable before the
+    /// call), the call, and its outcome, journaled.
+    async fn attempt<S: Step>(
+        &mut self,
+        step: &S,
+        attempts: &Attempts<'_>,
+        attempt: Attempt,
+    ) -> Result<Ended<S::Output>, Interrupt> {
+        let index = attempts.index;
+        self.check()?;
+        // The run got past its replay and body code to here; a death from now on belongs to
+        // this attempt, which its start record tells (`poison.rs`). Waiting for the
+        // limiter's slot comes before that record, so time queued never looks like a call.
+        self.cell.survived(&*self.inner.store);
+        let permit = match attempts.limiter {
+            Some(limiter) => Some(limiter.acquire().await),
+            None => None,
+        };
+        self.check()?;
+        crate::crash::point("step.before_started");
+        self.journal(Event::StepStarted {
+            step: index,
+            kind: S::KIND.into(),
+            argument: attempts.argument.clone(),
+            attempt,
+            compensable: S::COMPENSABLE,
+        })?;
+        // The start record (and the previous step's outcome with it) is durable before
+        // the side effect begins: one sync per step.
+        self.durable().await?;
+        crate::crash::point("step.after_started");
+        let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0);
+        let ctx = StepContext {
+            run_id: self.cell.id.clone(),
+            step: index,
+            key: IdempotencyKey::for_step(&self.cell.id, index),
+            attempt,
+            resources: Arc::clone(&self.inner.resources),
+        };
+        let started = std::time::Instant::now();
+        // Boxed: the attempt's future (the user's, wrapped) is not nested in the body's,
+        // which keeps the type of a long workflow body within the compiler's limits.
+        let call = async { step.execute(&ctx).await };
+        let result = Box::pin(attempt_contained(tracing::Instrument::instrument(
+            call, span,
+        )))
+        .await;
+        if let (Some(limiter), Some(permit)) = (attempts.limiter, permit) {
+            report(limiter, permit, &result);
+        }
+        crate::crash::point("step.after_effect");
+        match result.map(|output| (kept_output::<S>(&output), output)) {
+            Ok((Ok(value), output)) => {
+                let elapsed = started.elapsed();
+                let now = self.inner.clock.now_ms();
+                let operation = format!("step:{}", S::KIND);
+                self.inner
+                    .stats
+                    .record(&operation, elapsed, self.cell.id.as_str(), now);
+                tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = elapsed.as_millis() as u64, "step completed");
+                // Not synced here: the next step's start record, or the run's terminal
+                // record, shares this entry's sync.
+                self.journal(Event::StepCompleted {
+                    step: index,
+                    attempt,
+                    output: value,
+                })?;
+                crate::crash::point("step.after_outcome");
+                Ok(Ended::Completed(output))
+            }
+            Ok((Err(reason), _)) => self.reject_output::<S>(index, attempt, reason).await,
+            Err(error) => self.record_failure::<S>(attempts, attempt, error).await,
+        }
+    }
+
+    /// Journals an attempt that succeeded with an output that cannot be kept. The effect
+    /// happened; only its output is lost: in doubt, not "no effect", so the saga undoes it,
+    /// found by key.
+    async fn reject_output<S: Step>(
+        &mut self,
+        index: StepIndex,
+        attempt: Attempt,
+        reason: String,
+    ) -> Result<Ended<S::Output>, Interrupt> {
+        let record = ErrorRecord {
+            class: ErrorClass::Permanent,
+            message: crate::step::truncate(reason),
+        };
+        tracing::warn!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, "step output rejected; the effect will be undone");
+        self.journal(Event::StepOutputRejected {
+            step: index,
+            attempt,
+            error: record.clone(),
+        })?;
+        self.durable().await?;
+        crate::crash::point("step.after_failure");
+        Ok(Ended::FailedForGood(record))
+    }
+
+    /// Journals a failed attempt, with the next attempt's time if the policy allows one,
+    /// and makes it durable (so a restart neither resets the attempt count nor shortens
+    /// the backoff).
+    async fn record_failure<S: Step>(
+        &mut self,
+        attempts: &Attempts<'_>,
+        attempt: Attempt,
+        error: StepError,
+    ) -> Result<Ended<S::Output>, Interrupt> {
+        let index = attempts.index;
+        let record = error.to_record();
+        let retry_at_ms = match error.class() {
+            ErrorClass::Permanent => None,
+            ErrorClass::Retryable => {
+                let now = self.inner.clock.now_ms();
+                let (first_started, round_base) = self
+                    .cell
+                    .with_state(|s| {
+                        s.step(index)
+                            .map(|op| (op.first_started_at_ms, op.round_base))
+                    })
+                    .unwrap_or((now, 0));
+                let jitter: f64 = self.rng.gen();
+                attempts.policy.next_attempt_at_ms(
+                    Attempt(attempt.0 - round_base),
+                    first_started,
+                    now,
+                    error.retry_after(),
+                    jitter,
+                )
+            }
+        };
+        tracing::info!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, ?retry_at_ms, "step attempt failed");
+        self.journal(Event::StepFailed {
+            step: index,
+            attempt,
+            error: record.clone(),
+            retry_at_ms,
+        })?;
+        if retry_at_ms.is_some() {
+            EventCounters::bump(&self.inner.counters.retries);
+        }
+        self.durable().await?;
+        crate::crash::point("step.after_failure");
+        Ok(match retry_at_ms {
+            Some(at_ms) => Ended::RetryAt(at_ms),
+            None => Ended::FailedForGood(record),
+        })
+    }
+}
+
+/// What every attempt of one step shares.
+struct Attempts<'a> {
+    index: StepIndex,
+    argument: &'a Value,
+    policy: &'a RetryPolicy,
+    limiter: Option<&'a RateLimiter>,
+}
+
+/// How one attempt ended, as journaled.
+enum Ended<T> {
+    Completed(T),
+    /// A permanent error, an output that cannot be kept, or the policy's last attempt.
+    FailedForGood(ErrorRecord),
+    /// Retryable: the next attempt may start at this time.
+    RetryAt(u64),
+}
+
+/// Reports a call's outcome to its limiter: success, throttling, or neither.
+pub(crate) fn report<T>(limiter: &RateLimiter, permit: Permit, result: &Result<T, StepError>) {
+    match result {
+        Ok(_) => limiter.succeeded(permit),
+        Err(e) if e.is_throttled() => limiter.throttled(permit),
+        Err(_) => limiter.released(permit),
     }
 }
 

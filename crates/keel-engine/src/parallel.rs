@@ -365,8 +365,9 @@ pub(crate) async fn run_branches<T, F, Fut>(
     let mut tasks = tasks.into_iter();
     let mut running = JoinSet::new();
     let mut more = true;
-    // User code cannot panic a branch (its calls are contained); a panic here is the
-    // engine's. It is raised again once every other branch has ended and been recorded.
+    // User code cannot panic a branch (its calls, and the step's settings, are contained);
+    // a panic here is the engine's. It is raised again once every other branch has ended
+    // and been recorded.
     let mut panicked = None;
     loop {
         while more && running.len() < width {

@@ -1,46 +1,78 @@
 //! Crash loops. A run whose driving kills the whole process (an abort, a stack overflow, an
 //! out-of-memory kill: nothing a panic handler sees) would be loaded and driven into the same
-//! death at every start, taking every other run down with it each time.
+//! death at every start, taking every other run down with it each time. Two records tell
+//! which run it is, and at its next load a run found at
+//! [`crate::EngineBuilder::poison_after_loads`] (default
+//! [`crate::limits::POISON_LOADS_DEFAULT`]) by either is not driven again:
 //!
-//! So every load of a run to be driven is counted durably before any of its code runs (a
-//! start writes the first count with the run), and the count is forgotten as soon as the run
-//! shows that it survives being driven: one of its calls of user code (a step attempt, a
-//! compensation, a probe) returns, or it parks (sleeps on a timer or a backoff, waits for a
-//! child), or its driver stops (settled, paused, suspended, shut down). A run found at its
-//! load with [`crate::EngineBuilder::poison_after_loads`] counted loads (default
-//! [`crate::limits::POISON_LOADS_DEFAULT`]) is not driven again: a running run is suspended
-//! as poisoned, a compensating one goes to `compensation_failed`, each with a reason naming
-//! the count. Operators find it with `keel list --status suspended`; `resume` (or cancel, or
-//! retry-compensation) forgets the count.
+//! - **Deaths inside a journaled call.** Every step attempt and undo attempt is journaled,
+//!   durably, before its code runs, and its outcome after. An attempt followed by the next
+//!   attempt's start without an outcome of its own was cut off by the process dying; the
+//!   journal folds into each step's run of such attempts (`StepOp::cut_off`,
+//!   `RunState::undo_cut_off`), so a fan-out's branches are judged each by its own, and a
+//!   rate limiter's queue (waited in before the start record) never counts.
+//! - **Deaths outside one** (replaying the body, the body's own code, a wait's polls, which
+//!   are not journaled). Every load of a run to be driven is counted durably before any of
+//!   its code runs (a start counts its first load in its own sync), and the count is
+//!   forgotten once the run gets past that code: it reaches a step or undo attempt (whose
+//!   start record takes over), a poll returns, it parks (a timer, a backoff, a child), or
+//!   its driver stops.
 //!
-//! What it cannot tell apart: a process killed for another reason (an operator's SIGKILL, a
-//! crash of another run) while this run was between its load and its first survival counts
-//! too. Five such deaths in a row, each inside that window (usually milliseconds), are needed
-//! to suspend an innocent run.
+//! A poisoned running run is suspended, a compensating one goes to `compensation_failed`,
+//! each with a reason starting `poisoned:` that names the step (or the loads). Operators find
+//! it with `keel list --status suspended`; `resume` (or cancel, or retry-compensation) clears
+//! both records.
 //!
-//! | load count at load | status       | what happens                                  |
-//! |--------------------|--------------|-----------------------------------------------|
-//! | below the bound    | any drivable | count + 1 written and synced, then driven     |
-//! | at the bound       | Running      | Suspended ("poisoned: ...")                   |
-//! | at the bound       | Compensating | CompensationFailed ("poisoned: ...")          |
+//! What it cannot tell apart: a process that dies for another reason (an operator's
+//! SIGKILL, another run's crash) while this run's step is in flight, or while this run
+//! replays, counts too. An innocent run is poisoned only if that happens at each of 5 loads
+//! in a row; `resume` takes it up again.
+//!
+//! | at load                                   | status       | what happens                  |
+//! |-------------------------------------------|--------------|-------------------------------|
+//! | a step's attempts cut off at the bound    | Running      | Suspended ("poisoned: ...")   |
+//! | an undo's attempts cut off at the bound   | Compensating | CompensationFailed            |
+//! | the load count at the bound               | Running      | Suspended                     |
+//! | the load count at the bound               | Compensating | CompensationFailed            |
+//! | neither                                   | drivable     | load count + 1, synced, driven |
 
 use std::sync::Arc;
 
 use crate::cell::RunCell;
 use crate::engine::Inner;
 use crate::error::Result;
+use crate::ids::StepIndex;
 use crate::journal::RunStatus;
-use crate::replay::{undo_action, UndoAction};
+use crate::replay::{most_cut_off, undo_action, UndoAction};
 
-/// Counts this load of `cell`'s run before it is driven, or, at the bound, parks the run as
-/// poisoned (its status then says so, and the driver stops on it).
+/// Counts this load of `cell`'s run before it is driven, or, when either record is at the
+/// bound, parks the run as poisoned (its status then says so, and the driver stops on it).
 pub(crate) async fn count_load(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<()> {
+    let bound = inner.poison_after_loads;
+    let status = cell.record().status;
+    let cut_off = cell
+        .with_state(most_cut_off)
+        .filter(|cut| cut.undo == (status == RunStatus::Compensating) && cut.attempts >= bound);
+    if let Some(cut) = cut_off {
+        let what = if cut.undo { "to undo step" } else { "of step" };
+        let reason = format!(
+            "poisoned: the process died during (or right after) each of the last {} attempts {what} {} ({}): an abort, a stack overflow or an out-of-memory kill in its code; fix the cause, then {}",
+            cut.attempts,
+            cut.step,
+            cut.kind,
+            if cut.undo { "retry the compensation" } else { "resume the run" },
+        );
+        return poisoned(inner, cell, Some(cut.step), reason).await;
+    }
     if cell.load_counted() {
         return Ok(());
     }
     let loads = inner.store.load_count(&cell.id)?;
-    if loads >= inner.poison_after_loads {
-        return poisoned(inner, cell, loads).await;
+    if loads >= bound {
+        let reason = format!(
+            "poisoned: the process died while driving this run's code outside its steps (replaying its workflow, its body's own code, or a wait's polls) after each of its last {loads} loads: an abort, a stack overflow or an out-of-memory kill; fix the cause, then resume the run"
+        );
+        return poisoned(inner, cell, None, reason).await;
     }
     inner.store.set_load_count(&cell.id, loads + 1)?;
     // Durable before any of the run's code runs: a death from here on counts.
@@ -49,23 +81,30 @@ pub(crate) async fn count_load(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
     Ok(())
 }
 
-async fn poisoned(inner: &Arc<Inner>, cell: &Arc<RunCell>, loads: u32) -> Result<()> {
-    let reason = format!(
-        "poisoned: the process died while driving this run after each of its last {loads} loads (an abort, a stack overflow or an out-of-memory kill in its code); fix the cause, then resume it"
-    );
-    tracing::error!(run_id = %cell.id, loads, "run poisoned: not driven again");
+/// Parks the run for an operator: a running one suspended, a compensating one failed at
+/// `step` (or at the undo it stands at).
+async fn poisoned(
+    inner: &Arc<Inner>,
+    cell: &Arc<RunCell>,
+    step: Option<StepIndex>,
+    reason: String,
+) -> Result<()> {
+    tracing::error!(run_id = %cell.id, %reason, "run poisoned: not driven again");
     match cell.record().status {
         RunStatus::Running => {
             crate::executor::suspend(inner, cell, reason).await?;
         }
-        RunStatus::Compensating => match cell.with_state(undo_action) {
-            UndoAction::Undo { step, .. } | UndoAction::Stuck { step, .. } => {
+        RunStatus::Compensating => {
+            let step = step.or_else(|| match cell.with_state(undo_action) {
+                UndoAction::Undo { step, .. } | UndoAction::Stuck { step, .. } => Some(step),
+                UndoAction::Finished => None,
+            });
+            // With nothing left to undo, the run only has to write its end, which is no
+            // crash loop of its code: it is driven.
+            if let Some(step) = step {
                 crate::saga::stuck(inner, cell, step, reason).await?;
             }
-            // Nothing left to undo: the run only has to write its end, which is no crash loop
-            // of user code; drive it.
-            UndoAction::Finished => {}
-        },
+        }
         RunStatus::Suspended
         | RunStatus::Paused
         | RunStatus::CompensationFailed

@@ -83,61 +83,9 @@ impl Registry {
             type_id: TypeId::of::<W>(),
             version: W::VERSION,
             on_retries_exhausted: W::ON_RETRIES_EXHAUSTED,
-            run: Box::new(|mut ctx: Ctx, input: Value| {
-                Box::pin(async move {
-                    // The body borrows `ctx`, so a panic leaves `ctx` (and the interrupt it
-                    // may hold) to the executor.
-                    let body = async {
-                        match serde_json::from_value::<W::Input>(input) {
-                            Err(e) => Err(BodyError::Input(e)),
-                            Ok(input) => match W::run(&mut ctx, input).await {
-                                Ok(output) => {
-                                    serde_json::to_value(output).map_err(BodyError::Output)
-                                }
-                                Err(e) => Err(BodyError::Workflow(e)),
-                            },
-                        }
-                    };
-                    let result = contained(body)
-                        .await
-                        .unwrap_or_else(|panic| Err(BodyError::Panicked(panic)));
-                    (ctx, result)
-                })
-            }),
-            validate: Box::new(|input: &Value| {
-                let checked = contained_sync(|| match W::Input::deserialize(input) {
-                    Ok(typed) => W::validate(&typed),
-                    Err(e) => Err(InvalidInput::new("(the input itself)", e.to_string())),
-                });
-                checked.unwrap_or_else(|panic| {
-                    Err(InvalidInput::new(
-                        "(the input itself)",
-                        format!("the workflow's validate panicked: {panic}"),
-                    ))
-                })
-            }),
-            normalise_input: Box::new(|input: &Value| {
-                let normalised = contained_sync(|| {
-                    let typed: W::Input =
-                        serde_path_to_error::deserialize(input).map_err(|e| InputError {
-                            field: match e.path().to_string() {
-                                path if path == "." => "(the input itself)".to_string(),
-                                path => path,
-                            },
-                            source: e.into_inner(),
-                        })?;
-                    serde_json::to_value(typed).map_err(|source| InputError {
-                        field: "(re-encoding)".into(),
-                        source,
-                    })
-                });
-                normalised.unwrap_or_else(|panic| {
-                    Err(InputError {
-                        field: "(the input itself)".into(),
-                        source: serde::de::Error::custom(format!("decoding panicked: {panic}")),
-                    })
-                })
-            }),
+            run: Box::new(run_body::<W>),
+            validate: Box::new(validate_input::<W>),
+            normalise_input: Box::new(normalise_input::<W>),
         };
         let mut workflows = self.workflows.write().expect("registry lock");
         let entry = workflows.entry(W::NAME).or_insert_with(|| Arc::new(entry));
@@ -210,6 +158,65 @@ impl Registry {
     pub(crate) fn step(&self, kind: &str) -> Option<Arc<StepEntry>> {
         self.steps.read().expect("registry lock").get(kind).cloned()
     }
+}
+
+/// Runs `W`'s body on a stored input: decodes the input, runs the body, encodes the output,
+/// any of which may panic (contained). The body borrows `ctx`, so a panic leaves `ctx` (and
+/// the interrupt it may hold) to the executor.
+fn run_body<W: Workflow>(mut ctx: Ctx, input: Value) -> BoxFuture<(Ctx, Result<Value, BodyError>)> {
+    Box::pin(async move {
+        let body = async {
+            match serde_json::from_value::<W::Input>(input) {
+                Err(e) => Err(BodyError::Input(e)),
+                Ok(input) => match W::run(&mut ctx, input).await {
+                    Ok(output) => serde_json::to_value(output).map_err(BodyError::Output),
+                    Err(e) => Err(BodyError::Workflow(e)),
+                },
+            }
+        };
+        let result = contained(body)
+            .await
+            .unwrap_or_else(|panic| Err(BodyError::Panicked(panic)));
+        (ctx, result)
+    })
+}
+
+/// Runs `W`'s own input checks on a stored-form input; a panicking check refuses it.
+fn validate_input<W: Workflow>(input: &Value) -> std::result::Result<(), InvalidInput> {
+    let checked = contained_sync(|| match W::Input::deserialize(input) {
+        Ok(typed) => W::validate(&typed),
+        Err(e) => Err(InvalidInput::new("(the input itself)", e.to_string())),
+    });
+    checked.unwrap_or_else(|panic| {
+        Err(InvalidInput::new(
+            "(the input itself)",
+            format!("the workflow's validate panicked: {panic}"),
+        ))
+    })
+}
+
+/// Decodes an input as `W`'s input type, naming the field that does not, and encodes it
+/// again (the stored form).
+fn normalise_input<W: Workflow>(input: &Value) -> std::result::Result<Value, InputError> {
+    let normalised = contained_sync(|| {
+        let typed: W::Input = serde_path_to_error::deserialize(input).map_err(|e| InputError {
+            field: match e.path().to_string() {
+                path if path == "." => "(the input itself)".to_string(),
+                path => path,
+            },
+            source: e.into_inner(),
+        })?;
+        serde_json::to_value(typed).map_err(|source| InputError {
+            field: "(re-encoding)".into(),
+            source,
+        })
+    });
+    normalised.unwrap_or_else(|panic| {
+        Err(InputError {
+            field: "(the input itself)".into(),
+            source: serde::de::Error::custom(format!("decoding panicked: {panic}")),
+        })
+    })
 }
 
 /// `Ok` if the type registered under a name is `T` itself, else the duplicate's error.

@@ -34,6 +34,11 @@ pub struct StepOp {
     pub attempt: Attempt,
     /// Whether the step's kind has a compensation (journaled with each start).
     pub compensable: bool,
+    /// Attempts in a row, the latest included, that started and recorded no outcome: each
+    /// but the latest was cut off by the process dying (a new attempt started instead), and
+    /// the latest is in flight. 0 once an attempt records an outcome or an operator resumes
+    /// the run. A run loaded with this at the crash-loop bound is poisoned (`poison.rs`).
+    pub cut_off: u32,
     /// When the first attempt of the current round started (the origin of the retry
     /// policy's elapsed-time bound).
     pub first_started_at_ms: u64,
@@ -209,6 +214,23 @@ pub struct RunState {
     /// When the current round of undo attempts of a step began (its first attempt, or the
     /// first after an operator retry): the origin of the compensation's elapsed-time bound.
     pub undo_round_started_at_ms: BTreeMap<StepIndex, u64>,
+    /// Per step, undo attempts in a row that started and recorded no outcome (as
+    /// [`StepOp::cut_off`]); cleared by an outcome and by an operator's retry.
+    pub undo_cut_off: BTreeMap<StepIndex, u32>,
+}
+
+/// The journaled call (a step attempt or an undo attempt) that the process died during most
+/// often in a row, as the journal tells it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CutOff {
+    /// The operation.
+    pub step: StepIndex,
+    /// Its step kind.
+    pub kind: String,
+    /// Whether it was the step's undo, not the step.
+    pub undo: bool,
+    /// Attempts in a row without an outcome.
+    pub attempts: u32,
 }
 
 impl Op {
@@ -480,6 +502,12 @@ impl RunState {
             }
             Event::RunResumed => {
                 self.pause_requested = false;
+                // An operator took the run up: deaths before count no more (`poison.rs`).
+                for op in &mut self.ops {
+                    if let Op::Step(op) = op {
+                        op.cut_off = 0;
+                    }
+                }
                 if std::mem::take(&mut self.paused_exhausted) {
                     // A new round of attempts, timed from the resume.
                     for op in &mut self.ops {
@@ -499,7 +527,14 @@ impl RunState {
                 Ok(())
             }
             Event::StepCompensationStarted { step, attempt } => {
+                let cut_off = match self.undo.get(step) {
+                    Some(UndoState::InFlight { .. }) => {
+                        self.undo_cut_off.get(step).map_or(1, |n| n + 1)
+                    }
+                    _ => 1,
+                };
                 self.undo_started(*step, *attempt)?;
+                self.undo_cut_off.insert(*step, cut_off);
                 if let Some(UndoState::InFlight {
                     round_attempts: 1, ..
                 }) = self.undo.get(step)
@@ -508,8 +543,12 @@ impl RunState {
                 }
                 Ok(())
             }
-            Event::StepCompensated { step } => self.undo_finished(*step, UndoState::Done),
+            Event::StepCompensated { step } => {
+                self.undo_cut_off.remove(step);
+                self.undo_finished(*step, UndoState::Done)
+            }
             Event::StepCompensationSkipped { step, .. } => {
+                self.undo_cut_off.remove(step);
                 self.undo_finished(*step, UndoState::Skipped)
             }
             Event::StepCompensationFailed {
@@ -538,9 +577,11 @@ impl RunState {
                     }
                 };
                 self.undo.insert(*step, next);
+                self.undo_cut_off.remove(step);
                 Ok(())
             }
             Event::CompensationRetried => {
+                self.undo_cut_off.clear();
                 for state in self.undo.values_mut() {
                     if let UndoState::Failed { attempt, .. } = state {
                         *state = UndoState::RetryScheduled {
@@ -579,6 +620,7 @@ impl RunState {
                 argument: argument.clone(),
                 attempt,
                 compensable,
+                cut_off: 1,
                 first_started_at_ms: at_ms,
                 round_base: 0,
                 outcome: StepOutcome::InFlight,
@@ -604,6 +646,11 @@ impl RunState {
                 ) && attempt == op.attempt.next()
                     && op.kind == kind =>
             {
+                // The attempt before was cut off by a crash if it never recorded an outcome.
+                op.cut_off = match op.outcome {
+                    StepOutcome::InFlight => op.cut_off + 1,
+                    _ => 1,
+                };
                 op.attempt = attempt;
                 op.compensable = compensable;
                 op.outcome = StepOutcome::InFlight;
@@ -615,10 +662,13 @@ impl RunState {
         }
     }
 
+    /// The step whose attempt `attempt` is in flight, for its outcome (which ends its run of
+    /// attempts cut off by crashes).
     fn in_flight_step(&mut self, step: StepIndex, attempt: Attempt) -> Result<&mut StepOp, String> {
         match self.ops.get_mut(step.0 as usize) {
             Some(Op::Step(op)) => {
                 if op.outcome == StepOutcome::InFlight && op.attempt == attempt {
+                    op.cut_off = 0;
                     Ok(op)
                 } else {
                     Err(format!(
@@ -700,6 +750,30 @@ impl RunState {
     pub fn has_effects(&self) -> bool {
         (0..self.ops.len()).any(|i| undo_input(self, StepIndex(i as u32)).is_some())
     }
+}
+
+/// The journaled call the process died during most often in a row (see
+/// [`StepOp::cut_off`]), if any attempt is in flight.
+pub fn most_cut_off(state: &RunState) -> Option<CutOff> {
+    let steps = state.ops.iter().enumerate().filter_map(|(i, op)| match op {
+        Op::Step(op) if op.cut_off > 0 => Some(CutOff {
+            step: StepIndex(i as u32),
+            kind: op.kind.clone(),
+            undo: false,
+            attempts: op.cut_off,
+        }),
+        _ => None,
+    });
+    let undos = state.undo_cut_off.iter().filter_map(|(step, attempts)| {
+        let op = state.step(*step)?;
+        Some(CutOff {
+            step: *step,
+            kind: op.kind.clone(),
+            undo: true,
+            attempts: *attempts,
+        })
+    });
+    steps.chain(undos).max_by_key(|cut| cut.attempts)
 }
 
 /// What a request for step `index` must do, given what the journal holds for it.

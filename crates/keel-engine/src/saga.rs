@@ -18,7 +18,7 @@ use std::sync::Arc;
 use rand::Rng;
 
 use crate::cell::RunCell;
-use crate::contain::contained;
+use crate::contain::{contained, contained_sync};
 use crate::engine::Engine;
 use crate::engine::Inner;
 use crate::error::{EngineError, Result};
@@ -161,9 +161,18 @@ pub(crate) async fn undo_attempt(
     let result = contained(undo)
         .await
         .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
-    cell.survived(&*inner.store);
     crate::crash::point("saga.after_undo");
-    let policy = (entry.undo_policy)(&argument);
+    // The compensation's retry policy is the step's code too: one that panics makes the
+    // undo fail for good (an operator retries it once the step is fixed).
+    let (policy, result) = match contained_sync(|| (entry.undo_policy)(&argument)) {
+        Ok(policy) => (policy, result),
+        Err(panic) => (
+            RetryPolicy::no_retry(),
+            Err(StepError::permanent(format!(
+                "the step's compensation_retry_policy panicked: {panic}"
+            ))),
+        ),
+    };
     let attempt = UndoAttempt {
         step,
         attempt,
@@ -232,6 +241,9 @@ async fn begin_undo(
         Event::StepCompensationStarted { step, attempt },
     )?;
     inner.store.sync().wait().await?;
+    // A death from here on belongs to this undo attempt, which its start record tells
+    // (`poison.rs`).
+    cell.survived(&*inner.store);
     crate::crash::point("saga.after_undo_started");
     Ok(())
 }

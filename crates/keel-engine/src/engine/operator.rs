@@ -308,18 +308,19 @@ impl Engine {
             let cell = match &loaded {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };
-            let wrote = write(&cell);
+            let mut wrote = write(&cell);
+            if matches!(wrote, Ok(true)) && cell.record().status.is_drivable() {
+                // An operator took the run up (resumed, cancelled, retried): the deaths of
+                // earlier loads no longer count against it (`poison.rs`), whether this call
+                // loaded it or its driver still holds it.
+                if let Err(error) = self.inner.store.set_load_count(&cell.id, 0) {
+                    wrote = Err(error);
+                }
+            }
             if let Loaded::Fresh(cell) = &loaded {
                 // This call loaded the run: drive it if the write made it drivable, else
                 // unload it again.
-                let drivable = matches!(
-                    cell.record().status,
-                    RunStatus::Running | RunStatus::Compensating
-                );
-                if drivable && wrote.is_ok() {
-                    // An operator took the run up again: earlier loads that died no longer
-                    // count against it.
-                    self.inner.store.set_load_count(&cell.id, 0)?;
+                if cell.record().status.is_drivable() && wrote.is_ok() {
                     self.spawn_driver(Arc::clone(cell));
                 } else {
                     self.inner

@@ -7,7 +7,8 @@
 //! - its workflow, while the body may still run: `running`, `suspended`, `paused`;
 //! - the kind of every step its saga may still have to undo (completed or in doubt, not yet
 //!   undone, with a compensation: [`crate::Step::COMPENSABLE`] steps): every unfinished run,
-//!   and a completed child whose parent is unfinished (the parent may compensate it).
+//!   and a completed child run with an unfinished ancestor reached through completed runs
+//!   (that ancestor may compensate it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -93,6 +94,24 @@ impl Unregistered {
     }
 }
 
+/// Whether a completed run may still be compensated: an ancestor reached through completed
+/// runs only is unfinished (a compensating run compensates its completed children, which
+/// compensate theirs).
+fn may_be_compensated(record: &RunRecord, by_id: &HashMap<&RunId, &RunRecord>) -> bool {
+    let mut run = record;
+    // Bounded by the number of runs: an ancestor chain cannot be longer, even a corrupt one.
+    for _ in 0..by_id.len() {
+        if run.status != RunStatus::Completed {
+            return !run.status.is_terminal();
+        }
+        match run.parent.as_ref().and_then(|parent| by_id.get(parent)) {
+            Some(parent) => run = parent,
+            None => return false,
+        }
+    }
+    false
+}
+
 impl Engine {
     /// Reads every run, checks registrations, and drives every running or compensating run
     /// (see the module doc). Nothing is driven when the check refuses the store.
@@ -110,18 +129,11 @@ impl Engine {
                 }
             })
             .collect();
-        let statuses: HashMap<&RunId, RunStatus> =
-            records.iter().map(|r| (&r.id, r.status)).collect();
+        let by_id: HashMap<&RunId, &RunRecord> = records.iter().map(|r| (&r.id, r)).collect();
         let mut unregistered = Unregistered::default();
         let mut drivable = Vec::new();
         for record in &records {
-            let parent_unfinished = record
-                .parent
-                .as_ref()
-                .and_then(|parent| statuses.get(parent))
-                .is_some_and(|status| !status.is_terminal());
-            let may_act = !record.status.is_terminal()
-                || (record.status == RunStatus::Completed && parent_unfinished);
+            let may_act = !record.status.is_terminal() || may_be_compensated(record, &by_id);
             if !may_act {
                 continue;
             }

@@ -1,0 +1,220 @@
+//! Configuring and opening an engine: registrations, resources, limits, the clock, and what
+//! opening a damaged or foreign store does.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{watch, Semaphore};
+
+use crate::clock::Clock;
+use crate::engine::{Engine, Inner, RETENTION_DEFAULT};
+use crate::error::{EngineError, Result};
+use crate::limiter::RateLimit;
+use crate::limits::CONCURRENT_RUNS_MAX;
+use crate::registry::{Registry, StepType};
+use crate::resources::Resources;
+use crate::stats::StatsBook;
+use crate::step::Step;
+use crate::store::sled::{LostData, SledOptions, SledStore};
+use crate::store::Durability;
+use crate::workflow::Workflow;
+
+/// Options and registrations for [`Engine::open`].
+pub struct EngineBuilder {
+    path: PathBuf,
+    durability: Durability,
+    runs_concurrent_max: usize,
+    poison_after_loads: u32,
+    retention: Duration,
+    gc_interval: Duration,
+    registry: Registry,
+    registry_error: Option<EngineError>,
+    allow_unregistered: bool,
+    lost_data: LostData,
+    rate_limits: HashMap<String, RateLimit>,
+    resources: Resources,
+    clock: Clock,
+}
+
+impl EngineBuilder {
+    /// Registers a resource steps read with [`crate::StepContext::resource`] (an SDK client,
+    /// say); one per type, a later one replacing an earlier.
+    pub fn resource<T: Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.resources.insert(value);
+        self
+    }
+
+    /// Sets the rate limit of the service `name` (steps name it in [`Step::rate_limit`]).
+    /// Services without one get [`RateLimit::default`].
+    pub fn rate_limit(mut self, name: &str, limit: RateLimit) -> Self {
+        self.rate_limits.insert(name.to_string(), limit);
+        self
+    }
+
+    /// Registers a workflow type, so its unfinished runs resume at open. A second type with
+    /// the same name makes [`EngineBuilder::open`] fail.
+    pub fn workflow<W: Workflow>(mut self) -> Self {
+        if let Err(e) = self.registry.add_workflow::<W>() {
+            self.registry_error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// Registers a step type, so compensation can undo it from the journal even when no run
+    /// has executed it since the engine opened. A second type with the same kind makes
+    /// [`EngineBuilder::open`] fail.
+    pub fn step<S: Step>(mut self) -> Self {
+        if let Err(e) = self.registry.add_step::<S>() {
+            self.registry_error.get_or_insert(e);
+        }
+        self
+    }
+
+    /// Registers every step type of a set (a step library's `STEPS`).
+    pub fn steps(mut self, set: &[StepType]) -> Self {
+        for step in set {
+            if let Err(e) = step.register(&self.registry) {
+                self.registry_error.get_or_insert(e);
+            }
+        }
+        self
+    }
+
+    /// Opens a store whose unfinished runs need workflows or step kinds that are not
+    /// registered, instead of refusing it ([`EngineError::Unregistered`]): those runs are
+    /// left as they are, undriven (their waiters hear why), until an engine that registers
+    /// the types opens the store.
+    pub fn allow_unregistered(self) -> Self {
+        EngineBuilder {
+            allow_unregistered: true,
+            ..self
+        }
+    }
+
+    /// The clock every journaled time comes from and every timer sleeps on (default: the
+    /// system's wall clock). Tests pass a [`crate::testing::TestClock`].
+    pub fn clock(self, clock: impl Into<Clock>) -> Self {
+        EngineBuilder {
+            clock: clock.into(),
+            ..self
+        }
+    }
+
+    /// Opens a store that lost data it had acknowledged ([`EngineError::LostData`]: sled's
+    /// log holds less than the store's high-water mark) with what is left, instead of
+    /// refusing it. Runs that finished or moved on after the loss point may be gone or rolled
+    /// back; rolled-back runs run their lost steps again, with the same idempotency keys.
+    /// For an operator who knows of the loss and accepts it.
+    pub fn accept_data_loss(self) -> Self {
+        EngineBuilder {
+            lost_data: LostData::Accept,
+            ..self
+        }
+    }
+
+    /// What a durable write survives (default: power loss).
+    pub fn durability(self, durability: Durability) -> Self {
+        EngineBuilder { durability, ..self }
+    }
+
+    /// How many runs are driven at once (default 10,000); more wait for a slot.
+    pub fn runs_concurrent_max(self, runs: usize) -> Self {
+        EngineBuilder {
+            runs_concurrent_max: runs.clamp(1, CONCURRENT_RUNS_MAX),
+            ..self
+        }
+    }
+
+    /// How many loads in a row, each ended by the process dying before the run showed that
+    /// it survives being driven, make a run poisoned: not driven again until an operator
+    /// resumes it (see the crate docs on crash loops). Default
+    /// [`crate::limits::POISON_LOADS_DEFAULT`]; at least 1.
+    pub fn poison_after_loads(self, loads: u32) -> Self {
+        EngineBuilder {
+            poison_after_loads: loads.max(1),
+            ..self
+        }
+    }
+
+    /// How long finished runs are kept before garbage collection (default 7 days).
+    pub fn retention(self, retention: Duration) -> Self {
+        EngineBuilder { retention, ..self }
+    }
+
+    /// How often garbage collection runs in the background (default 10 minutes).
+    pub fn gc_interval(self, interval: Duration) -> Self {
+        EngineBuilder {
+            gc_interval: interval.max(Duration::from_secs(1)),
+            ..self
+        }
+    }
+
+    /// Opens the store and resumes every unfinished run of a registered workflow. Must be
+    /// called inside a tokio runtime.
+    pub async fn open(self) -> Result<Engine> {
+        if let Some(e) = self.registry_error {
+            return Err(e);
+        }
+        let path = self.path.clone();
+        let options = SledOptions {
+            durability: self.durability,
+            lost_data: self.lost_data,
+        };
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&path, options))
+            .await
+            .map_err(|e| EngineError::Storage {
+                path: self.path.clone(),
+                source: sled::Error::ReportableBug(e.to_string()),
+            })??;
+        let stats = StatsBook::load(&store)?;
+        let (shutdown, _) = watch::channel(false);
+        let (drivers, _) = watch::channel(0usize);
+        let inner = Arc::new(Inner {
+            stats,
+            counters: Default::default(),
+            path: self.path,
+            store: Arc::new(store),
+            registry: self.registry,
+            limiters: Mutex::new(HashMap::new()),
+            rate_limits: self.rate_limits,
+            resources: Arc::new(self.resources),
+            cells: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(self.runs_concurrent_max)),
+            shutdown,
+            drivers,
+            retention: self.retention,
+            poison_after_loads: self.poison_after_loads,
+            clock: self.clock,
+            undriven: Mutex::new(HashMap::new()),
+        });
+        let engine = Engine { inner };
+        engine.resume_all(self.allow_unregistered)?;
+        engine.spawn_gc(self.gc_interval);
+        engine.spawn_stats_flush();
+        Ok(engine)
+    }
+}
+
+impl Engine {
+    /// Starts configuring an engine whose data lives in `path` (created if missing, with
+    /// owner-only permissions).
+    pub fn builder(path: impl AsRef<Path>) -> EngineBuilder {
+        EngineBuilder {
+            path: path.as_ref().to_owned(),
+            durability: Durability::default(),
+            runs_concurrent_max: 10_000,
+            poison_after_loads: crate::limits::POISON_LOADS_DEFAULT,
+            retention: RETENTION_DEFAULT,
+            gc_interval: Duration::from_secs(600),
+            registry: Registry::default(),
+            registry_error: None,
+            allow_unregistered: false,
+            lost_data: LostData::Refuse,
+            rate_limits: HashMap::new(),
+            resources: Resources::default(),
+            clock: Clock::system(),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Garbage collection: deleting runs finished longer ago than the retention.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::Engine;
+use crate::error::Result;
+
+impl Engine {
+    /// Deletes runs that finished longer ago than the retention; returns how many.
+    ///
+    /// Blocking (it scans every record); the engine's own pass runs it off the runtime's
+    /// threads. Runs are deleted `GC_RUNS_PER_WRITE` to one atomic write: sled 0.34's atomic
+    /// multi-key write waits out any sync in progress (see `store/sled.rs`), so one per run
+    /// would stall the store once per run.
+    pub fn collect_garbage(&self) -> Result<usize> {
+        const GC_RUNS_PER_WRITE: usize = 256;
+        let horizon = self
+            .inner
+            .clock
+            .now_ms()
+            .saturating_sub(self.inner.retention.as_millis() as u64);
+        let mut expired_ids = Vec::new();
+        for record in self.records()? {
+            let expired = record.status.is_terminal()
+                && record.finished_at_ms.is_some_and(|at| at <= horizon);
+            // A child is kept while its parent is, which may still compensate it.
+            let parent_kept = match &record.parent {
+                Some(parent) => self.inner.store.run(parent)?.is_some(),
+                None => false,
+            };
+            let expired = expired && !parent_kept;
+            let loaded = self
+                .inner
+                .cells
+                .lock()
+                .expect("cells lock")
+                .contains_key(&record.id);
+            if expired && !loaded {
+                expired_ids.push(record.id);
+            }
+        }
+        let mut collected = 0;
+        for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
+            self.inner.store.delete_runs(chunk)?;
+            collected += chunk.len();
+        }
+        if collected > 0 {
+            tracing::info!(collected, "finished runs collected");
+        }
+        Ok(collected)
+    }
+
+    pub(super) fn spawn_gc(&self, interval: Duration) {
+        let engine = Arc::downgrade(&self.inner);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = engine.upgrade() else {
+                    return;
+                };
+                let engine = Engine { inner };
+                match tokio::task::spawn_blocking(move || engine.collect_garbage()).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(error)) => tracing::warn!(%error, "garbage collection failed"),
+                    Err(error) => tracing::error!(%error, "garbage collection panicked"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,69 @@
+//! What the engine measures: event counters, rate limiters and latency statistics.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::engine::Engine;
+use crate::error::Result;
+use crate::limiter::RateLimiter;
+use crate::limits::STATS_FLUSH_INTERVAL;
+use crate::stats::OperationStats;
+
+impl Engine {
+    /// Counts of retries, step compensations and ended waits since the engine opened.
+    pub fn counters(&self) -> crate::stats::Counters {
+        self.inner.counters.read()
+    }
+
+    /// The rate limiter of the service `name`, shared by every workflow of this engine
+    /// (steps use it through [`Step::rate_limit`]; other code may too).
+    pub fn rate_limiter(&self, name: &str) -> Arc<RateLimiter> {
+        self.inner.limiter(name)
+    }
+
+    /// Latency statistics of every operation (`step:<kind>`, `wait:<kind>`) recorded in this
+    /// data directory, sorted by operation.
+    pub fn stats(&self) -> Vec<OperationStats> {
+        self.inner.stats.all()
+    }
+
+    /// Latency statistics of one operation, if it has any.
+    pub fn operation_stats(&self, operation: &str) -> Option<OperationStats> {
+        self.inner.stats.summary(operation)
+    }
+
+    /// Records a duration for `operation` as if an execution had taken it: for importing
+    /// history from elsewhere (or seeding a learned wait policy).
+    pub fn record_duration(&self, operation: &str, duration: Duration) {
+        self.inner
+            .stats
+            .record(operation, duration, "", self.inner.clock.now_ms());
+    }
+
+    /// Writes the statistics changed since the last write and waits until they are durable.
+    /// The engine does this every second and at shutdown; a crash loses at most the last
+    /// second's samples.
+    pub async fn flush_stats(&self) -> Result<()> {
+        self.inner.stats.flush(&*self.inner.store)?;
+        self.inner.store.sync().wait().await
+    }
+
+    pub(super) fn spawn_stats_flush(&self) {
+        let engine = Arc::downgrade(&self.inner);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(STATS_FLUSH_INTERVAL) => {}
+                    _ = shutdown.changed() => return,
+                }
+                let Some(inner) = engine.upgrade() else {
+                    return;
+                };
+                if let Err(error) = inner.stats.flush(&*inner.store) {
+                    tracing::warn!(%error, "latency statistics could not be written");
+                }
+            }
+        });
+    }
+}

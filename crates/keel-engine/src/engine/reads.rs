@@ -1,0 +1,137 @@
+//! Reading runs: records, journals and lists (each durable when returned), and waiting for a
+//! run to settle, with every way a run can stop being driven answered.
+
+use std::sync::Arc;
+
+use crate::cell::RunCell;
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::ids::RunId;
+use crate::journal::{RunHistory, RunRecord, RunStatus};
+use crate::replay::RunState;
+
+impl Engine {
+    /// The run record of `id`.
+    ///
+    /// Durable when returned: the read is followed by a sync, so a status (say, `completed`)
+    /// is never reported before it would survive a crash. Group commit makes that sync cheap.
+    pub async fn status(&self, id: &str) -> Result<RunRecord> {
+        let record = self.record(id)?;
+        self.inner.store.sync().wait().await?;
+        Ok(record)
+    }
+
+    /// The run record and every journal entry of `id`, durable when returned (see
+    /// [`Engine::status`]).
+    pub async fn history(&self, id: &str) -> Result<RunHistory> {
+        let run = self.record(id)?;
+        let entries = self.inner.store.journal(&run.id)?;
+        self.inner.store.sync().wait().await?;
+        Ok(RunHistory { run, entries })
+    }
+
+    /// Every readable run record (unreadable ones are logged and left out), durable when
+    /// returned (see [`Engine::status`]).
+    pub async fn list(&self) -> Result<Vec<RunRecord>> {
+        let runs = self.records()?;
+        self.inner.store.sync().wait().await?;
+        Ok(runs)
+    }
+
+    /// The stored record of `id`, durable or not: for the engine's own decisions only.
+    pub(super) fn record(&self, id: &str) -> Result<RunRecord> {
+        let id = RunId::new(id)?;
+        self.inner
+            .store
+            .run(&id)?
+            .ok_or(EngineError::RunNotFound { id })
+    }
+
+    /// Every readable stored record, durable or not: for the engine's own decisions only.
+    pub(super) fn records(&self) -> Result<Vec<RunRecord>> {
+        let mut runs = Vec::new();
+        for record in self.inner.store.runs()? {
+            match record {
+                Ok(record) => runs.push(record),
+                Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
+            }
+        }
+        Ok(runs)
+    }
+
+    /// Waits until run `id` settles (any status but running or compensating) and returns its
+    /// record. Every way a run can stop being driven answers: [`EngineError::ShutDown`] when
+    /// the engine shuts down under the run, [`EngineError::RunStopped`] when its driver
+    /// stopped on an engine error or nobody here drives it (its workflow is not registered).
+    pub async fn wait(&self, id: &str) -> Result<RunRecord> {
+        let run_id = RunId::new(id)?;
+        loop {
+            let cell = self.loaded(&run_id);
+            if let Some(cell) = &cell {
+                let mut status = cell.status.subscribe();
+                let mut stopped = cell.stopped.subscribe();
+                tokio::select! {
+                    _ = status.wait_for(|s| !s.is_drivable()) => {}
+                    stop = stopped.wait_for(Option::is_some) => {
+                        if let Some(stop) = stop.ok().and_then(|stop| stop.clone()) {
+                            return Err(stop.error(&run_id));
+                        }
+                    }
+                }
+            }
+            let record = self.status(id).await?;
+            if !record.status.is_drivable() {
+                return Ok(record);
+            }
+            // Taken up again (an operator resumed it) by the same or a fresh cell: wait on.
+            if self.loaded(&run_id).is_some() {
+                continue;
+            }
+            if *self.inner.shutdown.borrow() {
+                return Err(EngineError::ShutDown);
+            }
+            let reason = self.undriven_reason(&record);
+            return Err(EngineError::RunStopped { id: run_id, reason });
+        }
+    }
+
+    /// Why a running or compensating run that is not loaded is not driven here.
+    fn undriven_reason(&self, record: &RunRecord) -> String {
+        if let Some(reason) = self
+            .inner
+            .undriven
+            .lock()
+            .expect("undriven lock")
+            .get(&record.id)
+        {
+            return reason.clone();
+        }
+        if record.status == RunStatus::Running
+            && self.inner.registry.workflow(&record.workflow).is_none()
+        {
+            return format!(
+                "its workflow {:?} is not registered with this engine",
+                record.workflow
+            );
+        }
+        match self.inner.store.journal(&record.id) {
+            Err(error) => format!("its journal cannot be read: {error}"),
+            Ok(entries) => match RunState::from_entries(&entries) {
+                Err(detail) => format!("its journal is corrupt: {detail}"),
+                Ok(_) => {
+                    "its driver stopped on an engine error; it resumes at the next open".into()
+                }
+            },
+        }
+    }
+
+    /// The loaded cell of `id`, if any.
+    pub(super) fn loaded(&self, id: &RunId) -> Option<Arc<RunCell>> {
+        self.inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .get(id)
+            .cloned()
+    }
+}

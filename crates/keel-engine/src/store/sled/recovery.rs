@@ -1,0 +1,246 @@
+//! Opening the sled store: sled's own recovery (contained, its errors in Keel's words), the
+//! torn snapshots a crash can leave, the high-water mark's verdict (`store/mark.rs`), and run
+//! records a crash left behind their journals.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use super::sync::wall_clock_ms;
+use super::{
+    decode_record, encode, journal_prefix, readable_key, storage, sync_error, RecordState,
+    StoredRecordState, RUN_PREFIX,
+};
+use crate::contain::contained_sync;
+use crate::error::{EngineError, Result};
+use crate::limits::{OPEN_LOCK_WAIT_MAX, RUN_RECORD_BYTES_MAX};
+use crate::store::mark::{self, Commit, Marked};
+
+/// Opens sled, waiting up to `OPEN_LOCK_WAIT_MAX` for the lock: sled 0.34 releases its file
+/// lock on background threads after its last handle is dropped, so an engine reopened in the
+/// same process right after a shutdown can find the lock still held for a moment (about 1.5%
+/// of immediate reopens here). A lock held longer is another process's.
+pub(super) fn open_db(path: &Path) -> Result<sled::Db> {
+    remove_torn_snapshots(path)?;
+    let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
+    loop {
+        // sled 0.34 panics on some damaged logs (a `db` file cut short, say) instead of
+        // returning an error.
+        let opened = contained_sync(|| sled::Config::new().path(path).open()).map_err(|panic| {
+            EngineError::StoreDamaged {
+                file: path.join("db"),
+                detail: format!("sled cannot recover its log from it (sled panicked: {panic})"),
+                advice: RESTORE_ADVICE.into(),
+            }
+        })?;
+        match opened.map_err(|e| open_error(path, e)) {
+            Err(EngineError::Locked { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Removes snapshot files that sled 0.34.7 would choose at recovery and then reject.
+///
+/// sled writes a snapshot to `snap.<lsn>.generating`, syncs it, and renames it to
+/// `snap.<lsn>`: the rename is the commit point. But its recovery lists `.generating` files as
+/// candidates too, and picks the one sorting last, so a process killed while writing a
+/// snapshot leaves a torn file that makes every later open fail with `Corruption` (sled issues
+/// #1166, #1527, #1533; our crash tests met it about once in a thousand kills). A
+/// `.generating` file that fails the length and CRC check sled applies could never be used, so
+/// removing it returns the store to its last committed snapshot plus the log, which is what
+/// sled's write protocol intends. A `.generating` file that passes the check is left alone.
+fn remove_torn_snapshots(path: &Path) -> Result<()> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(storage(path, sled::Error::Io(e))),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| storage(path, sled::Error::Io(e)))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("snap.") && name.ends_with(".generating")) {
+            continue;
+        }
+        let bytes = std::fs::read(entry.path()).map_err(|e| storage(path, sled::Error::Io(e)))?;
+        if snapshot_is_whole(&bytes) {
+            continue;
+        }
+        tracing::warn!(file = %entry.path().display(), bytes = bytes.len(), "removing a torn sled snapshot left by a crash");
+        std::fs::remove_file(entry.path()).map_err(|e| storage(path, sled::Error::Io(e)))?;
+        File::open(path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| sync_error(path, e))?;
+    }
+    Ok(())
+}
+
+/// sled's snapshot layout: body, 8-byte length, 4-byte little-endian CRC-32 of the body.
+fn snapshot_is_whole(bytes: &[u8]) -> bool {
+    if bytes.len() <= 12 {
+        return false;
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - 12);
+    let crc = u32::from_le_bytes(trailer[8..].try_into().expect("4 bytes"));
+    crc32fast::hash(body) == crc
+}
+
+/// sled reports a held lock as an `Other` I/O error whose text says so; there is no typed
+/// variant in 0.34.
+fn open_error(path: &Path, error: sled::Error) -> EngineError {
+    match &error {
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+            EngineError::Locked {
+                path: path.to_owned(),
+            }
+        }
+        sled::Error::Corruption { .. } => EngineError::StoreDamaged {
+            file: path.join("db"),
+            detail: format!("sled reports {error}"),
+            advice: RESTORE_ADVICE.into(),
+        },
+        _ => storage(path, error),
+    }
+}
+
+/// What to do about a store sled cannot read.
+const RESTORE_ADVICE: &str = "restore the data directory from a backup (a store that opens with what is left would silently miss acknowledged work)";
+
+/// The commit sequence the store holds: the last sync whose writes are all in it.
+pub(super) fn held_commit(path: &Path, db: &sled::Db) -> Result<Commit> {
+    let bytes = db.get(mark::SEQUENCE_KEY).map_err(|e| storage(path, e))?;
+    match bytes {
+        None => Ok(Commit::default()),
+        Some(bytes) => Commit::from_bytes(&bytes).ok_or_else(|| EngineError::Corrupt {
+            key: readable_key(mark::SEQUENCE_KEY),
+            detail: format!("commit sequence of {} bytes, not 16", bytes.len()),
+        }),
+    }
+}
+
+/// The length of the store's `db` file (0 if it has none).
+pub(super) fn db_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path.join("db")).map_or(0, |m| m.len())
+}
+
+/// Copies `db`, as found, aside when it is shorter than at the last mark, before sled's
+/// recovery rewrites it (`store/mark.rs`); returns the copy's path.
+pub(super) fn keep_if_shorter(path: &Path, marked: &Marked) -> Option<PathBuf> {
+    let Marked::At(mark) = marked else {
+        return None;
+    };
+    let found = db_bytes(path);
+    if found >= mark.db_bytes {
+        return None;
+    }
+    let copy = path.join(format!("db.as-found-{}", wall_clock_ms()));
+    tracing::warn!(found, marked = mark.db_bytes, copy = %copy.display(), "the store's log is shorter than at its last mark: keeping it as found before sled opens it");
+    match std::fs::copy(path.join("db"), &copy) {
+        Ok(_) => Some(copy),
+        // Evidence kept when possible; a store sled merely shrank must open all the same.
+        Err(error) => {
+            tracing::error!(copy = %copy.display(), %error, "the log could not be kept as found");
+            let _ = std::fs::remove_file(&copy);
+            None
+        }
+    }
+}
+
+/// `error`, telling where the damaged log was kept, if it was.
+pub(super) fn with_kept(error: EngineError, kept: Option<&Path>) -> EngineError {
+    match (error, kept) {
+        (
+            EngineError::StoreDamaged {
+                file,
+                detail,
+                advice,
+            },
+            Some(kept),
+        ) => EngineError::StoreDamaged {
+            file,
+            detail,
+            advice: format!("{advice}; the log as found is kept in {}", kept.display()),
+        },
+        (error, _) => error,
+    }
+}
+
+/// What is wrong, if the store holds less than its high-water mark says it acknowledged
+/// (or the mark cannot be read).
+pub(super) fn loss(
+    path: &Path,
+    db: &sled::Db,
+    held: Commit,
+    marked: Marked,
+    kept: Option<&Path>,
+) -> Option<EngineError> {
+    match marked {
+        Marked::Absent => {
+            if !db.is_empty() {
+                tracing::warn!(file = %path.join(mark::MARK_FILE).display(), "the store has no high-water mark (written before marks existed, or the file was removed): starting one");
+            }
+            None
+        }
+        Marked::At(marked) if marked.commit.sequence <= held.sequence => None,
+        Marked::At(marked) => Some(EngineError::LostData {
+            path: path.to_owned(),
+            held: held.sequence,
+            held_at: time_text(held.at_ms),
+            marked: marked.commit.sequence,
+            marked_at: time_text(marked.commit.at_ms),
+            kept: kept.map(Path::to_owned),
+        }),
+        Marked::Unreadable => Some(EngineError::StoreDamaged {
+            file: path.join(mark::MARK_FILE),
+            detail: "it holds no whole high-water mark, so whether the store lost acknowledged data cannot be told".into(),
+            advice: "restore the data directory from a backup, or open it with accept_data_loss to trust what sled holds".into(),
+        }),
+    }
+}
+
+/// An instant (ms since the Unix epoch) as RFC 3339 text, or "never" for 0.
+fn time_text(at_ms: u64) -> String {
+    if at_ms == 0 {
+        return "never".into();
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at_ms);
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
+/// Brings every run record up to the state its journal's last entry gives it, where a crash
+/// came between a transition's entry and the record's rewrite. Only the last entry can be
+/// ahead: a run writes its record before its next entry, and sled recovers a prefix of its
+/// log. Records or entries that do not decode are left for the engine to report. Returns how
+/// many records were rewritten.
+pub(super) fn repair_records(path: &Path, db: &sled::Db) -> Result<usize> {
+    let mut repaired = 0;
+    for item in db.scan_prefix([RUN_PREFIX]) {
+        let (key, bytes) = item.map_err(|e| storage(path, e))?;
+        let Ok(mut record) = decode_record(&key, &bytes) else {
+            continue;
+        };
+        let last = db
+            .scan_prefix(journal_prefix(&record.id))
+            .next_back()
+            .transpose()
+            .map_err(|e| storage(path, e))?;
+        let Some((_, entry)) = last else { continue };
+        let Ok(StoredRecordState {
+            record: Some(state),
+        }) = serde_json::from_slice(&entry)
+        else {
+            continue;
+        };
+        if state == RecordState::of(&record) {
+            continue;
+        }
+        tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
+        state.apply_to(&mut record);
+        db.insert(&key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
+            .map_err(|e| storage(path, e))?;
+        repaired += 1;
+    }
+    Ok(repaired)
+}

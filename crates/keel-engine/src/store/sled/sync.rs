@@ -1,0 +1,100 @@
+//! The sync the committer runs for the sled store.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::store::commit::Durability;
+use crate::store::mark::{self, Commit, MarkHandle};
+
+/// The sync the committer runs. sled's `flush` writes its buffers and, on Linux, calls
+/// `sync_file_range`; for power-loss durability the log file is then `fdatasync`ed, and so is
+/// every blob file sled has created since (sled writes blobs without syncing them).
+///
+/// Each sync first writes its commit sequence (`store/mark.rs`), then hands the commit to
+/// the marker once it is durable. A sync with nothing to do returns at once: the store
+/// counts its writes (`written`), and when the count has not moved since the last sync
+/// began, every write made before this sync was made before that one began and is durable
+/// by its end. (Reads ask for syncs too, so that nothing they report can be undone by a
+/// crash; they cost no disk write this way.)
+pub(super) fn sync_fn(
+    path: &Path,
+    db: sled::Db,
+    durability: Durability,
+    held: Commit,
+    mark: MarkHandle,
+    written: Arc<AtomicU64>,
+) -> std::io::Result<impl FnMut() -> std::io::Result<()> + Send + 'static> {
+    let log = File::open(path.join("db"))?;
+    let blobs_dir = path.join("blobs");
+    // The directory entries of the store's files must be durable too.
+    File::open(path)?.sync_all()?;
+    let mut synced_blobs: HashSet<std::ffi::OsString> = HashSet::new();
+    let mut sequence = held.sequence;
+    let mut synced_writes = written.load(Ordering::SeqCst);
+    Ok(move || {
+        let writes = written.load(Ordering::SeqCst);
+        if writes == synced_writes {
+            return Ok(());
+        }
+        synced_writes = writes;
+        sequence += 1;
+        let commit = Commit {
+            sequence,
+            at_ms: wall_clock_ms(),
+        };
+        db.insert(mark::SEQUENCE_KEY, &commit.to_bytes())
+            .map_err(std::io::Error::other)?;
+        db.flush().map_err(std::io::Error::other)?;
+        if durability == Durability::ProcessCrash {
+            mark.durable(commit, log.metadata()?.len());
+            return Ok(());
+        }
+        log.sync_data()?;
+        let mut new_blob = false;
+        if let Ok(entries) = std::fs::read_dir(&blobs_dir) {
+            for entry in entries {
+                let entry = entry?;
+                if synced_blobs.insert(entry.file_name()) {
+                    File::open(entry.path())?.sync_all()?;
+                    new_blob = true;
+                }
+            }
+        }
+        if new_blob {
+            File::open(&blobs_dir)?.sync_all()?;
+        }
+        mark.durable(commit, log.metadata()?.len());
+        Ok(())
+    })
+}
+
+/// Makes everything sled holds durable (at `PowerLoss`: its log and blob files), before
+/// the store's first mark claims it: what sled recovered at open may be in the page cache
+/// only (the process died after a flush and before its `fdatasync`).
+pub(super) fn sync_all(path: &Path, db: &sled::Db, durability: Durability) -> std::io::Result<()> {
+    db.flush().map_err(std::io::Error::other)?;
+    if durability == Durability::ProcessCrash {
+        return Ok(());
+    }
+    File::open(path.join("db"))?.sync_data()?;
+    let blobs_dir = path.join("blobs");
+    if let Ok(entries) = std::fs::read_dir(&blobs_dir) {
+        for entry in entries {
+            File::open(entry?.path())?.sync_all()?;
+        }
+        File::open(&blobs_dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The system's time, for the commit sequence (which says when a sync happened, for
+/// operators; not the engine's clock, which the store does not know).
+pub(super) fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,172 @@
+//! Unit tests of the sled store: transitions, repair, deletion, bounds.
+
+use super::*;
+use crate::ids::{Attempt, StepIndex};
+use crate::journal::Event;
+
+const PROCESS_CRASH: SledOptions = SledOptions {
+    durability: Durability::ProcessCrash,
+    lost_data: LostData::Refuse,
+};
+
+fn running(id: &str) -> RunRecord {
+    RunRecord {
+        id: RunId::new(id).unwrap(),
+        workflow: "test.flow".into(),
+        version: 1,
+        input: serde_json::json!({"n": 1}),
+        status: RunStatus::Running,
+        created_at_ms: 10,
+        updated_at_ms: 10,
+        finished_at_ms: None,
+        output: None,
+        error: None,
+        parent: None,
+    }
+}
+
+fn completed(id: &str) -> RunRecord {
+    RunRecord {
+        status: RunStatus::Completed,
+        updated_at_ms: 20,
+        finished_at_ms: Some(20),
+        output: Some(serde_json::json!({"sum": 3})),
+        ..running(id)
+    }
+}
+
+fn entries() -> [Entry; 2] {
+    [
+        Entry {
+            at_ms: 11,
+            event: Event::StepStarted {
+                step: StepIndex(0),
+                kind: "test.add".into(),
+                argument: serde_json::json!({"n": 1}),
+                attempt: Attempt(1),
+                compensable: true,
+            },
+        },
+        Entry {
+            at_ms: 20,
+            event: Event::RunCompleted {
+                output: serde_json::json!({"sum": 3}),
+            },
+        },
+    ]
+}
+
+/// Writes run `id` with a step entry and a completing transition.
+fn write_completed_run(store: &SledStore, id: &str) {
+    let [started, done] = entries();
+    let run = RunId::new(id).unwrap();
+    assert_eq!(store.create_run(&running(id)).unwrap(), None);
+    store.append(&run, JournalIndex(0), &started, None).unwrap();
+    store
+        .append(&run, JournalIndex(1), &done, Some(&completed(id)))
+        .unwrap();
+}
+
+/// A transition is one key: the journal entry carries the record's new state, reads give
+/// back the entry as written, and the record view matches.
+#[test]
+fn a_transition_is_one_entry_carrying_the_record_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    write_completed_run(&store, "a");
+    let id = RunId::new("a").unwrap();
+    assert_eq!(store.journal(&id).unwrap(), entries().to_vec());
+    assert_eq!(store.run(&id).unwrap(), Some(completed("a")));
+    let raw = store
+        .db
+        .get(journal_key(&id, JournalIndex(1)))
+        .unwrap()
+        .unwrap();
+    let stored: StoredRecordState = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(stored.record, Some(RecordState::of(&completed("a"))));
+}
+
+/// A crash between a transition's entry and the record's rewrite leaves the record behind;
+/// the next open brings it up to the journal, and leaves other runs as they are.
+#[test]
+fn open_repairs_a_record_left_behind_its_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    write_completed_run(&store, "behind");
+    write_completed_run(&store, "current");
+    let running_only = running("running");
+    assert_eq!(store.create_run(&running_only).unwrap(), None);
+    let [started, _] = entries();
+    store
+        .append(&running_only.id, JournalIndex(0), &started, None)
+        .unwrap();
+    // What a crash before the record's rewrite leaves: the old record.
+    let behind = RunId::new("behind").unwrap();
+    store
+        .db
+        .insert(
+            run_key(&behind),
+            serde_json::to_vec(&running("behind")).unwrap(),
+        )
+        .unwrap();
+    assert_eq!(store.run(&behind).unwrap(), Some(running("behind")));
+    store.db.flush().unwrap();
+    drop(store);
+
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(store.run(&behind).unwrap(), Some(completed("behind")));
+    let current = RunId::new("current").unwrap();
+    assert_eq!(store.run(&current).unwrap(), Some(completed("current")));
+    assert_eq!(store.run(&running_only.id).unwrap(), Some(running_only));
+    assert_eq!(store.journal(&behind).unwrap(), entries().to_vec());
+}
+
+/// `delete_runs` removes the given runs' records and every journal entry, and nothing of
+/// any other run.
+#[test]
+fn delete_runs_removes_records_and_journals_of_those_runs_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    for id in ["a", "b", "c"] {
+        write_completed_run(&store, id);
+    }
+    let ids = ["a", "c"].map(|id| RunId::new(id).unwrap());
+    store.delete_runs(&ids).unwrap();
+    for id in &ids {
+        assert_eq!(store.run(id).unwrap(), None);
+        assert_eq!(store.journal(id).unwrap(), Vec::<Entry>::new());
+    }
+    let b = RunId::new("b").unwrap();
+    assert_eq!(store.run(&b).unwrap(), Some(completed("b")));
+    assert_eq!(store.journal(&b).unwrap(), entries().to_vec());
+    assert_eq!(
+        store.db.len(),
+        3,
+        "b's record and two entries are all that is left"
+    );
+}
+
+/// A transition whose record state would not fit is refused before anything is written.
+#[test]
+fn an_oversized_transition_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let record = running("big");
+    assert_eq!(store.create_run(&record).unwrap(), None);
+    let huge = "x".repeat(crate::limits::RUN_RECORD_BYTES_MAX);
+    let failed = RunRecord {
+        status: RunStatus::Failed,
+        error: Some(huge.clone()),
+        ..running("big")
+    };
+    let entry = Entry {
+        at_ms: 30,
+        event: Event::RunFailed { error: huge },
+    };
+    let err = store
+        .append(&record.id, JournalIndex(0), &entry, Some(&failed))
+        .unwrap_err();
+    assert!(matches!(err, EngineError::TooLarge { .. }), "{err}");
+    assert_eq!(store.journal(&record.id).unwrap(), Vec::<Entry>::new());
+    assert_eq!(store.run(&record.id).unwrap(), Some(record));
+}
