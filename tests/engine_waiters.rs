@@ -1,12 +1,14 @@
 //! Waiters always hear the end: every path that stops driving a run (shutdown, a failure or
-//! a suspension whose reason is huge, a run nobody drives) answers `RunHandle::result` and
-//! `Engine::wait` within a bound, with the run's status or the reason it is not driven.
+//! a suspension whose reason is huge, a write or sync that fails because the disk is full) answers
+//! `RunHandle::result` and `Engine::wait` within a bound, with the run's status or the reason
+//! it is not driven.
 
 use std::time::Duration;
 
 use keel::{
     Ctx, Engine, EngineError, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
 };
+use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use serde::{Deserialize, Serialize};
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -157,4 +159,86 @@ async fn a_suspension_with_a_huge_reason_is_recorded_cut_and_heard() {
         reason.len()
     );
     engine.shutdown().await;
+}
+
+/// Forty steps each returning 40 KB: about 1.6 MB of journal, more than the 64 KB the disk
+/// has room for in the test below.
+struct Large;
+
+impl Workflow for Large {
+    const NAME: &'static str = "test.large";
+    type Input = ();
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, _: ()) -> Result<(), WorkflowError> {
+        for n in 0..40u32 {
+            ctx.step(Echo(format!("{n}-{}", "x".repeat(40 * 1024))))
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Makes every file this process writes stop growing `room` bytes past their size now (as a
+/// full disk would), with the write failing (`EFBIG`) instead of the process being killed.
+#[allow(unsafe_code)]
+fn fill_the_disk(room: u64) {
+    // SAFETY: setrlimit and signal are called with valid arguments, before any other thread
+    // of this process writes files; ignoring SIGXFSZ makes an oversized write return an error.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+        let limit = libc::rlimit {
+            rlim_cur: room,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+    }
+}
+
+fn full_disk_child() {
+    let dir = std::path::PathBuf::from(std::env::var("KEEL_DATA_DIR").unwrap());
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = Engine::builder(&dir)
+            .workflow::<Large>()
+            .step::<Echo>()
+            .open()
+            .await
+            .unwrap();
+        let db = std::fs::metadata(dir.join("db")).unwrap().len();
+        fill_the_disk(db + 64 * 1024);
+        let handle = engine.start::<Large>("large", ()).await.unwrap();
+        let err = answered("result", handle.result()).await.unwrap_err();
+        // sled fails the write that needs the file to grow (or the sync after it): the
+        // waiter hears that error, whichever it was.
+        let text = err.to_string();
+        assert!(
+            matches!(
+                err,
+                EngineError::RunStopped { .. }
+                    | EngineError::Storage { .. }
+                    | EngineError::Sync { .. }
+            ) && text.contains("File too large"),
+            "{text}"
+        );
+        // The store accepts no more writes, and says so.
+        let err = engine.start::<Large>("another", ()).await.err().unwrap();
+        assert!(err.to_string().contains("File too large"), "{err}");
+    });
+}
+
+/// A full disk (files cannot grow: the store's write or sync fails) stops every driver,
+/// whose waiters hear the error at once instead of waiting forever; the run is left for
+/// the next open. Run in a child process, whose file-size limit plays the full disk.
+#[test]
+fn a_full_disk_answers_the_waiters_with_the_error() {
+    const NAME: &str = "a_full_disk_answers_the_waiters_with_the_error";
+    if is_child() {
+        return full_disk_child();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChildSpec {
+        test_name: NAME,
+        env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
+    };
+    assert_eq!(spec.run(&[], ANSWER_TIMEOUT * 2), Ending::Finished);
 }
