@@ -58,7 +58,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(24 * 3600);
 pub const ENTRY_BYTES_MAX: usize = max(STEP_ARGUMENT_BYTES_MAX, STEP_OUTPUT_BYTES_MAX) + 8 * 1024;
 
 /// Largest encoded journal entry of a status transition: the entry and the run record's new
-/// state (output and error; see `store/sled.rs`).
+/// state (output and error; see `store/sled/mod.rs`).
 pub const TRANSITION_ENTRY_BYTES_MAX: usize =
     ENTRY_BYTES_MAX + OUTPUT_BYTES_MAX + ERROR_MESSAGE_BYTES_MAX + 1024;
 

@@ -11,7 +11,7 @@ impl Engine {
     ///
     /// Blocking (it scans every record); the engine's own pass runs it off the runtime's
     /// threads. Runs are deleted `GC_RUNS_PER_WRITE` to one atomic write: sled 0.34's atomic
-    /// multi-key write waits out any sync in progress (see `store/sled.rs`), so one per run
+    /// multi-key write waits out any sync in progress (see `store/sled/mod.rs`), so one per run
     /// would stall the store once per run.
     pub fn collect_garbage(&self) -> Result<usize> {
         const GC_RUNS_PER_WRITE: usize = 256;

@@ -1,5 +1,5 @@
 //! The storage API. Everything above this module talks to a [`JournalStore`]; only
-//! `store/sled.rs` knows about sled trees and key encodings, so a server-backed store can be
+//! `store/sled/mod.rs` knows about sled trees and key encodings, so a server-backed store can be
 //! added without touching replay or saga code.
 //!
 //! Contract:
