@@ -397,15 +397,15 @@ impl Ctx {
             resources: Arc::clone(&self.lane.inner.resources),
         };
         let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = poll.0);
-        let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
-        let call = async {
+        let service = contained_sync(|| probe.rate_limit().map(str::to_owned))
+            .ok()
+            .flatten();
+        let call = || async {
+            let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
             contained(call)
                 .await
                 .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
         };
-        let service = contained_sync(|| probe.rate_limit().map(str::to_owned))
-            .ok()
-            .flatten();
         let polled = rate_limited(&self.lane.inner, service.as_deref(), call).await;
         // Polls are not journaled: a poll that returned is what shows the run survives them.
         self.lane.cell.survived(&*self.lane.inner.store);
@@ -567,18 +567,22 @@ pub struct Created<R, P> {
     pub generation: u32,
 }
 
-/// Runs `call` in a slot of the limiter of `service` (if any) and reports its outcome back:
-/// success, throttling, or neither.
-pub(crate) async fn rate_limited<T>(
+/// Makes `call` in a slot of the limiter of `service` (if any) and reports its outcome back:
+/// success, throttling, or neither. `call` makes the call's future, so that future is
+/// stored once, inside this one (a future passed in would be stored twice: `contain.rs`).
+pub(crate) async fn rate_limited<T, F>(
     inner: &Inner,
     service: Option<&str>,
-    call: impl std::future::Future<Output = Result<T, StepError>>,
-) -> Result<T, StepError> {
+    call: impl FnOnce() -> F,
+) -> Result<T, StepError>
+where
+    F: std::future::Future<Output = Result<T, StepError>>,
+{
     let Some(limiter) = service.map(|name| inner.limiter(name)) else {
-        return call.await;
+        return call().await;
     };
     let permit = limiter.acquire().await;
-    let result = call.await;
+    let result = call().await;
     crate::lane::report(&limiter, permit, &result);
     result
 }

@@ -22,6 +22,7 @@ use crate::retry::RetryPolicy;
 use crate::stats::EventCounters;
 use crate::step::{Step, StepContext, StepError};
 use crate::workflow::{OnRetriesExhausted, WorkflowError};
+use futures_util::FutureExt;
 
 /// Resolves when `signal` changes; never, when there is none or its sender is gone.
 async fn changed(signal: Option<&mut watch::Receiver<bool>>) {
@@ -390,13 +391,14 @@ pub(crate) fn report<T>(limiter: &RateLimiter, permit: Permit, result: &Result<T
 }
 
 /// Runs one attempt's call; a panic in it is a failed attempt (retryable: the attempt may
-/// have taken effect before it panicked, so it is in doubt like a lost response).
-async fn attempt_contained<T>(
+/// have taken effect before it panicked, so it is in doubt like a lost response). Not an
+/// `async fn`, which would store `call` twice (see `contain.rs`).
+fn attempt_contained<T>(
     call: impl std::future::Future<Output = Result<T, StepError>>,
-) -> Result<T, StepError> {
-    contained(call)
-        .await
-        .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
+) -> impl std::future::Future<Output = Result<T, StepError>> {
+    contained(call).map(|caught| {
+        caught.unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
+    })
 }
 
 /// The journaled form of a step's output, or why it cannot be kept (not serialisable, or

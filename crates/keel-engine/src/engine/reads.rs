@@ -68,15 +68,14 @@ impl Engine {
         loop {
             let cell = self.loaded(&run_id);
             if let Some(cell) = &cell {
-                let mut status = cell.status.subscribe();
-                let mut stopped = cell.stopped.subscribe();
-                tokio::select! {
-                    _ = status.wait_for(|s| !s.is_drivable()) => {}
-                    stop = stopped.wait_for(Option::is_some) => {
-                        if let Some(stop) = stop.ok().and_then(|stop| stop.clone()) {
-                            return Err(stop.error(&run_id));
-                        }
-                    }
+                let mut watched = cell.watched.subscribe();
+                let stopped = match watched.wait_for(|w| w.answered()).await {
+                    Ok(watched) => watched.stopped.clone(),
+                    // The cell is gone: the store answers below.
+                    Err(_) => None,
+                };
+                if let Some(stop) = stopped {
+                    return Err(stop.error(&run_id));
                 }
             }
             let record = self.status(id).await?;
