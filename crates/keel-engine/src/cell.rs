@@ -50,15 +50,16 @@ impl Stop {
     }
 }
 
-/// Where a loaded run stands with its load count (`poison.rs`): not counted yet, counted and
-/// not yet shown to survive, or shown to survive (the count forgotten).
+/// Where a loaded run stands with its load count (`poison.rs`): not counted yet, counted
+/// (written) and not yet shown to survive, or nothing to forget (it survived, or it was
+/// loaded by its start, which writes no count).
 const LOAD_UNCOUNTED: u8 = 0;
 const LOAD_COUNTED: u8 = 1;
-const LOAD_SURVIVED: u8 = 2;
+const LOAD_CLEAR: u8 = 2;
 
 pub(crate) struct RunCell {
     pub(crate) id: RunId,
-    /// `LOAD_UNCOUNTED`, `LOAD_COUNTED` or `LOAD_SURVIVED`.
+    /// `LOAD_UNCOUNTED`, `LOAD_COUNTED` or `LOAD_CLEAR`.
     load: AtomicU8,
     /// Stamps every entry and record change.
     clock: Clock,
@@ -113,8 +114,8 @@ impl RunCell {
         }
     }
 
-    /// Whether this load of the run was counted (by its driver, or by the start that made
-    /// it).
+    /// Whether this load of the run needs no counting any more: counted already (at open,
+    /// or by its driver), or made by the run's start.
     pub(crate) fn load_counted(&self) -> bool {
         self.load.load(Ordering::Acquire) != LOAD_UNCOUNTED
     }
@@ -124,13 +125,19 @@ impl RunCell {
         self.load.store(LOAD_COUNTED, Ordering::Release);
     }
 
+    /// Notes that this load is the run's first, made by its start: nothing is written (a
+    /// death during it is inferred at the next load from the journal being empty).
+    pub(crate) fn mark_started(&self) {
+        self.load.store(LOAD_CLEAR, Ordering::Release);
+    }
+
     /// The run showed that it survives being driven (a call of its code returned, or it
     /// parked, or its driver stopped): its load count is forgotten, durably with the next
     /// sync, which is asked for without waiting (a crash before it counts one load too many).
     pub(crate) fn survived(&self, store: &dyn JournalStore) {
         let counted = self.load.compare_exchange(
             LOAD_COUNTED,
-            LOAD_SURVIVED,
+            LOAD_CLEAR,
             Ordering::AcqRel,
             Ordering::Acquire,
         );

@@ -79,7 +79,6 @@ impl Inner {
     pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
         let mut cells = self.cells.lock().expect("cells lock");
         let shutting_down = *self.shutdown.borrow();
-        cell.survived(&*self.store);
         let detached = cell.detach_if(|record, write_failed| {
             if shutting_down {
                 Some(Some(Stop::ShutDown))
@@ -94,18 +93,32 @@ impl Inner {
         if detached && cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             cells.remove(&cell.id);
         }
+        drop(cells);
+        if detached {
+            self.stopped_alive(cell);
+        }
         detached
+    }
+
+    /// A driver stopped while the process lives: if the run has not settled, this load does
+    /// not count against it (`poison.rs`). A settled run's count is left: only an operator
+    /// call, which clears it, drives such a run again.
+    fn stopped_alive(&self, cell: &RunCell) {
+        if cell.record().status.is_drivable() {
+            cell.survived(&*self.store);
+        }
     }
 
     /// Unloads `cell` whatever its status; if the run has not settled, its waiters are told
     /// `stop`.
     pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
-        cell.survived(&*self.store);
         let mut cells = self.cells.lock().expect("cells lock");
         cell.detach_if(|_, _| Some(Some(stop)));
         if cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             cells.remove(&cell.id);
         }
+        drop(cells);
+        self.stopped_alive(cell);
     }
 }
 
@@ -198,8 +211,8 @@ impl Engine {
             RunState::default(),
             self.inner.clock.clone(),
         ));
-        // `start` wrote its first load count with the record.
-        cell.mark_load_counted();
+        // The run's first load: `poison.rs` counts it without a write.
+        cell.mark_started();
         let fresh = {
             let mut cells = self.inner.cells.lock().expect("cells lock");
             let fresh = !cells.contains_key(&cell.id);
@@ -367,8 +380,6 @@ impl Engine {
         };
         match self.inner.store.create_run(&record)? {
             None => {
-                // Its first load, counted with the record (no sync of its own: `poison.rs`).
-                self.inner.store.set_load_count(&id, 1)?;
                 crate::crash::point("start.after_create");
                 self.inner.store.sync().wait().await?;
                 crate::crash::point("start.after_sync");

@@ -13,10 +13,12 @@
 //!   rate limiter's queue (waited in before the start record) never counts.
 //! - **Deaths outside one** (replaying the body, the body's own code, a wait's polls, which
 //!   are not journaled). Every load of a run to be driven is counted durably before any of
-//!   its code runs (a start counts its first load in its own sync), and the count is
-//!   forgotten once the run gets past that code: it reaches a step or undo attempt (whose
-//!   start record takes over), a poll returns, it parks (a timer, a backoff, a child), or
-//!   its driver stops.
+//!   its code runs, and the count is forgotten once the run gets past that code: it reaches
+//!   a step or undo attempt (whose start record takes over), a poll returns, it parks (a
+//!   timer, a backoff, a child), or its driver stops with the run unsettled. A run's first
+//!   load, by its start, writes nothing: a run found with no count and an empty journal died
+//!   in it. (A settled run's count is left; only an operator call, which clears it, drives
+//!   such a run again.) Opening a store counts every resumed run in one write and sync.
 //!
 //! A poisoned running run is suspended, a compensating one goes to `compensation_failed`,
 //! each with a reason starting `poisoned:` that names the step (or the loads). Operators find
@@ -67,7 +69,7 @@ pub(crate) async fn count_load(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
     if cell.load_counted() {
         return Ok(());
     }
-    let loads = inner.store.load_count(&cell.id)?;
+    let loads = loads_before(inner, cell)?;
     if loads >= bound {
         let reason = format!(
             "poisoned: the process died while driving this run's code outside its steps (replaying its workflow, its body's own code, or a wait's polls) after each of its last {loads} loads: an abort, a stack overflow or an out-of-memory kill; fix the cause, then resume the run"
@@ -79,6 +81,15 @@ pub(crate) async fn count_load(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
     inner.store.sync().wait().await?;
     cell.mark_load_counted();
     Ok(())
+}
+
+/// How many loads of the run died before this one: the stored count, or, with none stored
+/// and nothing journaled yet, 1 (its start's load wrote nothing and died before the run's
+/// first entry; `start` writes no count, to keep a start at one write and one sync).
+pub(crate) fn loads_before(inner: &Inner, cell: &RunCell) -> Result<u32> {
+    let stored = inner.store.load_count(&cell.id)?;
+    let fresh = cell.with_state(|s| s.len == 0);
+    Ok(if stored == 0 && fresh { 1 } else { stored })
 }
 
 /// Parks the run for an operator: a running one suspended, a compensating one failed at

@@ -190,7 +190,7 @@ impl EngineBuilder {
             undriven: Mutex::new(HashMap::new()),
         });
         let engine = Engine { inner };
-        engine.resume_all(self.allow_unregistered)?;
+        engine.resume_all(self.allow_unregistered).await?;
         engine.spawn_gc(self.gc_interval);
         engine.spawn_stats_flush();
         Ok(engine)

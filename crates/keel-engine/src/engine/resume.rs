@@ -115,7 +115,7 @@ fn may_be_compensated(record: &RunRecord, by_id: &HashMap<&RunId, &RunRecord>) -
 impl Engine {
     /// Reads every run, checks registrations, and drives every running or compensating run
     /// (see the module doc). Nothing is driven when the check refuses the store.
-    pub(super) fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
+    pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
         let records: Vec<RunRecord> = self
             .inner
             .store
@@ -164,16 +164,39 @@ impl Engine {
                 .collect();
         }
         let resumed = drivable.len();
-        for (record, state) in drivable {
-            let cell = Arc::new(RunCell::new(record, state, self.inner.clock.clone()));
+        let cells: Vec<Arc<RunCell>> = drivable
+            .into_iter()
+            .map(|(record, state)| Arc::new(RunCell::new(record, state, self.inner.clock.clone())))
+            .collect();
+        self.count_loads(&cells).await?;
+        for cell in cells {
             let fresh = {
-                let mut cells = self.inner.cells.lock().expect("cells lock");
-                cells.insert(cell.id.clone(), Arc::clone(&cell)).is_none()
+                let mut map = self.inner.cells.lock().expect("cells lock");
+                map.insert(cell.id.clone(), Arc::clone(&cell)).is_none()
             };
             assert!(fresh, "bug: run {} loaded twice at open", cell.id);
             self.spawn_driver(cell);
         }
         tracing::info!(resumed, "engine open");
+        Ok(())
+    }
+
+    /// Counts this load of every run resumed at open in one write each and one sync for all
+    /// (`poison.rs`; a driver would otherwise wait for a sync of its own). A run whose count
+    /// is at the bound is left uncounted: its driver poisons it.
+    async fn count_loads(&self, cells: &[Arc<RunCell>]) -> Result<()> {
+        let mut counted = Vec::new();
+        for cell in cells {
+            let loads = crate::poison::loads_before(&self.inner, cell)?;
+            if loads < self.inner.poison_after_loads {
+                self.inner.store.set_load_count(&cell.id, loads + 1)?;
+                counted.push(cell);
+            }
+        }
+        self.inner.store.sync().wait().await?;
+        for cell in counted {
+            cell.mark_load_counted();
+        }
         Ok(())
     }
 
