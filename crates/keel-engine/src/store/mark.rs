@@ -50,9 +50,8 @@ pub(crate) const SEQUENCE_KEY: &[u8] = b"m";
 const MAGIC: &[u8; 8] = b"KEELMARK";
 
 /// The least time between two writes of the mark file: each is an `fdatasync` of its own,
-/// which, after every sync of a busy store, competed with the store's own syncs for the disk
-/// (a sequential run lost about 15% of its steps per second). So the mark trails the last
-/// sync by at most this much plus one write.
+/// which after every sync of a busy store would compete with the store's own syncs for the
+/// disk. So the mark trails the last sync by at most this much plus one write.
 const MARK_INTERVAL_MIN: std::time::Duration = std::time::Duration::from_millis(100);
 const SLOT_BYTES: usize = 40;
 
@@ -194,7 +193,7 @@ impl MarkFile {
 #[derive(Default)]
 struct Pending {
     /// The newest durable commit not yet marked.
-    mark: Option<Mark>,
+    commit: Option<Commit>,
     stop: bool,
 }
 
@@ -216,15 +215,23 @@ pub(crate) struct MarkHandle {
 }
 
 impl MarkHandle {
-    /// `commit` is durable in sled, whose `db` file is `db_bytes` long: mark it (soon,
-    /// without waiting).
-    pub(crate) fn durable(&self, commit: Commit, db_bytes: u64) {
+    /// `commit` is durable in sled: mark it (soon, without waiting). Called by the
+    /// committer after every sync, so it does as little as it can: every microsecond here
+    /// delays every writer waiting for that sync (an `fstat` of `db` here cost a sequential
+    /// run about 8% of its steps per second; the marker reads the length itself).
+    pub(crate) fn durable(&self, commit: Commit) {
         let mut pending = self.shared.pending.lock().expect("marker lock");
-        if pending.mark.is_none_or(|m| m.commit < commit) {
-            pending.mark = Some(Mark { commit, db_bytes });
+        // A marker with a commit pending is writing or waiting out its interval, and takes
+        // the newest when it gets to it: waking it for each sync would only cost a switch
+        // of threads per sync.
+        let idle = pending.commit.is_none();
+        if pending.commit.is_none_or(|c| c < commit) {
+            pending.commit = Some(commit);
         }
         drop(pending);
-        self.shared.wake.notify_one();
+        if idle {
+            self.shared.wake.notify_one();
+        }
     }
 }
 
@@ -242,10 +249,10 @@ impl Marker {
             wake: Condvar::new(),
         });
         let thread_shared = Arc::clone(&shared);
-        let path = dir.join(MARK_FILE);
+        let dir = dir.to_owned();
         let thread = std::thread::Builder::new()
             .name("keel-marker".into())
-            .spawn(move || mark(&thread_shared, file, &path))?;
+            .spawn(move || mark(&thread_shared, file, &dir))?;
         let handle = MarkHandle {
             shared: Arc::clone(&shared),
         };
@@ -270,12 +277,19 @@ impl Drop for Marker {
     }
 }
 
-/// The marker's loop: writes the newest pending mark, at most once per
-/// [`MARK_INTERVAL_MIN`] (the last one at once when the store closes).
-fn mark(shared: &Shared, mut file: MarkFile, path: &Path) {
+/// The marker's loop: writes the newest pending commit, with the length `db` has then, at
+/// most once per [`MARK_INTERVAL_MIN`] (the last one at once when the store closes). The
+/// length may include growth after that commit's sync: it is only a hint (`store/mark.rs`).
+fn mark(shared: &Shared, mut file: MarkFile, dir: &Path) {
+    let path = dir.join(MARK_FILE);
+    let db = dir.join("db");
+    let mark_of = |commit| Mark {
+        commit,
+        db_bytes: std::fs::metadata(&db).map_or(0, |m| m.len()),
+    };
     let mut last_write: Option<std::time::Instant> = None;
     loop {
-        let (mark, stop) = {
+        let (commit, stop) = {
             let mut pending = shared.pending.lock().expect("marker lock");
             loop {
                 if pending.stop {
@@ -283,10 +297,10 @@ fn mark(shared: &Shared, mut file: MarkFile, path: &Path) {
                 }
                 let now = std::time::Instant::now();
                 let due = last_write.map_or(now, |at| at + MARK_INTERVAL_MIN);
-                if pending.mark.is_some() && now >= due {
+                if pending.commit.is_some() && now >= due {
                     break;
                 }
-                pending = match pending.mark {
+                pending = match pending.commit {
                     // Something to mark, not yet due: wait out the interval (or a stop).
                     Some(_) => {
                         let wait = due.saturating_duration_since(now);
@@ -299,20 +313,20 @@ fn mark(shared: &Shared, mut file: MarkFile, path: &Path) {
                     None => shared.wake.wait(pending).expect("marker lock"),
                 };
             }
-            (pending.mark.take(), pending.stop)
+            (pending.commit.take(), pending.stop)
         };
         last_write = Some(std::time::Instant::now());
-        if let Some(mark) = mark {
-            if let Err(error) = file.write(mark) {
+        if let Some(commit) = commit {
+            if let Err(error) = file.write(mark_of(commit)) {
                 // The store goes on; only the detection of a later loss is weaker until a
                 // write succeeds again.
                 tracing::error!(file = %path.display(), %error, "the high-water mark could not be written");
             }
         }
         if stop {
-            let last = shared.pending.lock().expect("marker lock").mark.take();
-            if let Some(mark) = last {
-                let _ = file.write(mark);
+            let last = shared.pending.lock().expect("marker lock").commit.take();
+            if let Some(commit) = last {
+                let _ = file.write(mark_of(commit));
             }
             return;
         }
@@ -349,10 +363,12 @@ mod tests {
         assert_eq!(read(dir.path()).unwrap(), Marked::Unreadable);
     }
 
-    /// The marker writes what it is handed, and the newest pending commit when it stops.
+    /// The marker writes what it is handed, and the newest pending commit when it stops,
+    /// with the length of `db` as it finds it.
     #[test]
     fn the_marker_writes_the_newest_commit_by_its_end() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db"), [0; 40]).unwrap();
         let start = Mark {
             commit: Commit {
                 sequence: 5,
@@ -367,7 +383,7 @@ mod tests {
             at_ms: 9 + sequence,
         };
         for sequence in 6..=40 {
-            handle.durable(commit(sequence), sequence);
+            handle.durable(commit(sequence));
         }
         drop(marker);
         assert_eq!(

@@ -49,7 +49,7 @@ pub(super) fn sync_fn(
             .map_err(std::io::Error::other)?;
         db.flush().map_err(std::io::Error::other)?;
         if durability == Durability::ProcessCrash {
-            mark.durable(commit, log.metadata()?.len());
+            mark.durable(commit);
             return Ok(());
         }
         log.sync_data()?;
@@ -66,7 +66,7 @@ pub(super) fn sync_fn(
         if new_blob {
             File::open(&blobs_dir)?.sync_all()?;
         }
-        mark.durable(commit, log.metadata()?.len());
+        mark.durable(commit);
         Ok(())
     })
 }
