@@ -97,20 +97,24 @@ impl Unregistered {
 /// Whether a completed run may still be compensated: an ancestor reached through completed
 /// runs only is unfinished (a compensating run compensates its completed children, which
 /// compensate theirs).
-fn may_be_compensated(record: &RunRecord, by_id: &HashMap<&RunId, &RunRecord>) -> bool {
-    let mut run = record;
+fn may_be_compensated(record: &RunRecord, lineage: &Lineage) -> bool {
+    let (mut status, mut parent) = (record.status, record.parent.clone());
     // Bounded by the number of runs: an ancestor chain cannot be longer, even a corrupt one.
-    for _ in 0..by_id.len() {
-        if run.status != RunStatus::Completed {
-            return !run.status.is_terminal();
+    for _ in 0..lineage.len() {
+        if status != RunStatus::Completed {
+            return !status.is_terminal();
         }
-        match run.parent.as_ref().and_then(|parent| by_id.get(parent)) {
-            Some(parent) => run = parent,
+        match parent.as_ref().and_then(|parent| lineage.get(parent)) {
+            Some((s, p)) => (status, parent) = (*s, p.clone()),
             None => return false,
         }
     }
     false
 }
+
+/// Every run's status and parent, by id: what the check of completed children needs, kept
+/// while the records themselves are consumed one by one.
+type Lineage = HashMap<RunId, (RunStatus, Option<RunId>)>;
 
 impl Engine {
     /// Reads every run, checks registrations, and drives every running or compensating run
@@ -129,11 +133,14 @@ impl Engine {
                 }
             })
             .collect();
-        let by_id: HashMap<&RunId, &RunRecord> = records.iter().map(|r| (&r.id, r)).collect();
+        let lineage: Lineage = records
+            .iter()
+            .map(|r| (r.id.clone(), (r.status, r.parent.clone())))
+            .collect();
         let mut unregistered = Unregistered::default();
         let mut drivable = Vec::new();
-        for record in &records {
-            let may_act = !record.status.is_terminal() || may_be_compensated(record, &by_id);
+        for record in records {
+            let may_act = !record.status.is_terminal() || may_be_compensated(&record, &lineage);
             if !may_act {
                 continue;
             }
@@ -145,9 +152,9 @@ impl Engine {
                     continue;
                 }
             };
-            unregistered.check(&self.inner.registry, record, &state);
+            unregistered.check(&self.inner.registry, &record, &state);
             if record.status.is_drivable() && !unregistered.runs.contains_key(&record.id) {
-                drivable.push((record.clone(), state));
+                drivable.push((record, state));
             }
         }
         if !unregistered.runs.is_empty() {

@@ -7,7 +7,7 @@
 //! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (JSON);
 //! - `l` + run id: the run's load count (u32, big-endian; absent when 0), `poison.rs`;
 //! - `s` + operation: latency statistics;
-//! - `m`: the commit sequence, written by every sync (`store/mark.rs`).
+//! - in the tree `commit`, `m`: the commit sequence, written by every sync (`store/mark.rs`).
 //!
 //! Beside sled's files, `keel.mark` holds the high-water mark: the last commit known durable,
 //! so that a store whose log lost acknowledged writes is refused at open instead of silently
@@ -103,7 +103,10 @@ impl SledStore {
         let marked = mark::read(path).map_err(|e| storage(path, sled::Error::Io(e)))?;
         let kept = keep_if_shorter(path, &marked);
         let db = open_db(path).map_err(|e| with_kept(e, kept.as_deref()))?;
-        let held = held_commit(path, &db)?;
+        let sequence_tree = db
+            .open_tree(mark::SEQUENCE_TREE)
+            .map_err(|e| storage(path, e))?;
+        let held = held_commit(path, &sequence_tree)?;
         match (
             loss(path, &db, held, marked, kept.as_deref()),
             options.lost_data,
@@ -135,6 +138,7 @@ impl SledStore {
         let sync = sync_fn(
             path,
             db.clone(),
+            sequence_tree,
             options.durability,
             held,
             mark,

@@ -109,12 +109,14 @@ fn open_error(path: &Path, error: sled::Error) -> EngineError {
 const RESTORE_ADVICE: &str = "restore the data directory from a backup (a store that opens with what is left would silently miss acknowledged work)";
 
 /// The commit sequence the store holds: the last sync whose writes are all in it.
-pub(super) fn held_commit(path: &Path, db: &sled::Db) -> Result<Commit> {
-    let bytes = db.get(mark::SEQUENCE_KEY).map_err(|e| storage(path, e))?;
+pub(super) fn held_commit(path: &Path, sequence_tree: &sled::Tree) -> Result<Commit> {
+    let bytes = sequence_tree
+        .get(mark::SEQUENCE_KEY)
+        .map_err(|e| storage(path, e))?;
     match bytes {
         None => Ok(Commit::default()),
         Some(bytes) => Commit::from_bytes(&bytes).ok_or_else(|| EngineError::Corrupt {
-            key: readable_key(mark::SEQUENCE_KEY),
+            key: format!("commit/{}", readable_key(mark::SEQUENCE_KEY)),
             detail: format!("commit sequence of {} bytes, not 16", bytes.len()),
         }),
     }

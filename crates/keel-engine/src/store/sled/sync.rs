@@ -22,6 +22,7 @@ use crate::store::mark::{self, Commit, MarkHandle};
 pub(super) fn sync_fn(
     path: &Path,
     db: sled::Db,
+    sequence_tree: sled::Tree,
     durability: Durability,
     held: Commit,
     mark: MarkHandle,
@@ -45,7 +46,8 @@ pub(super) fn sync_fn(
             sequence,
             at_ms: wall_clock_ms(),
         };
-        db.insert(mark::SEQUENCE_KEY, &commit.to_bytes())
+        sequence_tree
+            .insert(mark::SEQUENCE_KEY, &commit.to_bytes())
             .map_err(std::io::Error::other)?;
         db.flush().map_err(std::io::Error::other)?;
         if durability == Durability::ProcessCrash {
