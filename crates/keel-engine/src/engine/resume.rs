@@ -176,12 +176,17 @@ impl Engine {
             .map(|(record, state)| Arc::new(RunCell::new(record, state, self.inner.clock.clone())))
             .collect();
         self.count_loads(&cells).await?;
+        // Every resumed run is in the map before any driver starts: a parent's driver may
+        // look for its child at once (to start or await it), and must find the child's cell,
+        // not load a second one.
+        {
+            let mut map = self.inner.cells.lock().expect("cells lock");
+            for cell in &cells {
+                let fresh = map.insert(cell.id.clone(), Arc::clone(cell)).is_none();
+                assert!(fresh, "bug: run {} loaded twice at open", cell.id);
+            }
+        }
         for cell in cells {
-            let fresh = {
-                let mut map = self.inner.cells.lock().expect("cells lock");
-                map.insert(cell.id.clone(), Arc::clone(&cell)).is_none()
-            };
-            assert!(fresh, "bug: run {} loaded twice at open", cell.id);
             self.spawn_driver(cell);
         }
         tracing::info!(resumed, "engine open");
