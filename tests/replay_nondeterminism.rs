@@ -513,6 +513,7 @@ fn completed_fixture_folds_to_its_state() {
                 cut_off: 0,
                 first_started_at_ms: 1_700_000_000_000,
                 round_base: 0,
+                last_at_ms: 1_700_000_000_012,
                 outcome: completed(json!(10)),
             }),
             Op::Step(StepOp {
@@ -523,6 +524,7 @@ fn completed_fixture_folds_to_its_state() {
                 cut_off: 0,
                 first_started_at_ms: 1_700_000_000_013,
                 round_base: 0,
+                last_at_ms: 1_700_000_000_420,
                 outcome: completed(json!(20)),
             }),
             Op::Timer {
@@ -537,6 +539,7 @@ fn completed_fixture_folds_to_its_state() {
                 cut_off: 0,
                 first_started_at_ms: 1_700_000_001_423,
                 round_base: 0,
+                last_at_ms: 1_700_000_001_440,
                 outcome: completed(json!("sent")),
             }),
         ]
@@ -585,6 +588,7 @@ fn compensated_fixture_folds_to_its_state() {
             cut_off: 0,
             first_started_at_ms: 1_700_000_100_031,
             round_base: 0,
+            last_at_ms: 1_700_000_100_170,
             outcome: StepOutcome::FailedPermanently {
                 error: ErrorRecord {
                     class: ErrorClass::Permanent,

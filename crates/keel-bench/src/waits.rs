@@ -3,10 +3,11 @@
 //!
 //! Every strategy is a [`WaitPolicy`] resolved by the engine's own code
 //! ([`WaitPolicy::resolve`]) into a [`WaitSchedule`] and stepped with the engine's own
-//! [`WaitSchedule::next_poll`], under the same rules as the engine's poll loop (no poll after
-//! the deadline unless a run of confirmations is under way). The learned policy learns from
-//! the engine's own [`LatencyStats`], fed with the detection times of a warm-up under 1 ms
-//! polling. What is simulated is only the clock: probes take no time and a probe answers
+//! [`WaitSchedule::next_poll`], under the same rules as the engine's poll loop (a "not ready"
+//! to a poll sent at or after the deadline ends the wait; a run of confirmations under way is
+//! finished). The learned policy learns from the engine's own [`LatencyStats`], fed with the
+//! detection times of a warm-up under 1 ms polling. What is simulated is only the clock:
+//! probes take no time and a probe answers
 //! "ready" exactly when the drawn readiness time has passed.
 
 use std::time::Duration;
@@ -76,15 +77,16 @@ fn wait(schedule: &WaitSchedule, ready_ms: f64, rng: &mut StdRng) -> Ended {
     let deadline = schedule.deadline_ms;
     let mut next = schedule.initial_delay_ms;
     let (mut probes, mut streak, mut interval) = (0u32, 0u32, 0u64);
+    let mut last_sent: Option<u64> = None;
     loop {
-        let at = if streak > 0 { next } else { next.min(deadline) };
-        if at >= deadline && streak == 0 && probes > 0 {
-            return Ended::TimedOut {
-                at_ms: deadline,
-                probes,
-            };
-        }
+        // A poll is sent at the deadline (once) unless a run of confirmations is under way.
+        let at = if streak == 0 && last_sent.is_none_or(|t| t < deadline) {
+            next.min(deadline)
+        } else {
+            next
+        };
         probes += 1;
+        last_sent = Some(at);
         if at as f64 >= ready_ms {
             streak += 1;
             if streak >= schedule.confirmations {
@@ -92,6 +94,10 @@ fn wait(schedule: &WaitSchedule, ready_ms: f64, rng: &mut StdRng) -> Ended {
             }
         } else {
             streak = 0;
+            // A "not ready" sent at or after the deadline, with k answers, judges it.
+            if at >= deadline && probes >= schedule.confirmations {
+                return Ended::TimedOut { at_ms: at, probes };
+            }
         }
         (next, interval) = schedule.next_poll(at, interval, streak, rng.gen());
     }

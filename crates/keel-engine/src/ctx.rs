@@ -14,10 +14,11 @@ use crate::error::{EngineError, Result};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event};
 use crate::lane::Lane;
+use crate::limiter::Priority;
 use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX};
 use crate::replay::{step_action, step_undo_action, Op, StepAction, UndoAction};
 use crate::step::{Step, StepContext, StepError};
-use crate::wait::{Probe, WaitOutcome, WaitPolicy, WaitSchedule};
+use crate::wait::{Probe, WaitOutcome, WaitPolicy, WaitSchedule, UNANSWERED_POLLS_MAX};
 use crate::workflow::WorkflowError;
 
 /// Why the engine stopped a workflow body. Once set, every later `ctx` call returns
@@ -259,15 +260,27 @@ impl Ctx {
     }
 
     /// Polls `probe` under `policy` until it holds `policy.confirmations` times in a row
-    /// (returning the last poll's output) or the deadline passes
+    /// (returning the last poll's output) or waiting is judged hopeless
     /// ([`WorkflowError::WaitTimedOut`], which the body may catch to recreate the resource).
     ///
     /// Only the start (with the resolved schedule and absolute deadline) and the end are
-    /// journaled. After a restart the wait resumes polling under the journaled schedule, with
-    /// the original deadline; a run of confirmations starts over. The wait times out at the
-    /// first "not ready" at or past the deadline: it polls at least once after every
-    /// (re)start, and a run of confirmations under way at the deadline is finished. The time to readiness is
-    /// recorded in the statistics of `wait:<kind>`, which [`WaitPolicy::learned`] reads.
+    /// journaled. The wait is judged by what the resource answered, not by what the engine
+    /// did (docs/waits.md):
+    /// - it times out only on a "not ready" answer to a poll *sent* at or after the deadline,
+    ///   and only once it has had `confirmations` answers since it (re)started, so a deadline
+    ///   that passed while the worker was down, or while polls queued at the rate limiter,
+    ///   costs no resource its chance;
+    /// - the deadline moves later by the time this process's polls spent queued at the
+    ///   service's limiter;
+    /// - a throttled or failed poll is no answer: it neither counts as a confirmation nor
+    ///   breaks a run of them. Past the deadline, [`UNANSWERED_POLLS_MAX`] of them in a row end
+    ///   the wait as failed, with the last error;
+    /// - after a restart a run of confirmations starts over (polls are not journaled), so a
+    ///   resource is never granted with fewer than `confirmations` polls in a row.
+    ///
+    /// The time to readiness is recorded in the statistics of `wait:<kind>`, which
+    /// [`WaitPolicy::learned`] reads, only when it measures the resource: see
+    /// [`crate::stats`] and docs/waits.md.
     pub async fn wait<P: Probe>(
         &mut self,
         probe: P,
@@ -290,9 +303,13 @@ impl Ctx {
             )),
             Some(other) => Err(format!("journal holds {}, code asks for wait {:?}", other.describe(), P::KIND)),
         });
-        let (schedule, started_at_ms) = match journaled {
+        let started = match journaled {
             Ok(Some((_, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
-            Ok(Some((schedule, started_at_ms, None))) => (schedule, started_at_ms),
+            Ok(Some((schedule, started_at_ms, None))) => WaitStart {
+                schedule,
+                started_at_ms,
+                here: false,
+            },
             Ok(None) => {
                 let started_at_ms = self.now_ms();
                 let stats = self.lane.inner.stats.summary(&format!("wait:{}", P::KIND));
@@ -306,11 +323,15 @@ impl Ctx {
                 })?;
                 self.durable().await?;
                 crate::crash::point("wait.after_started");
-                (schedule, started_at_ms)
+                WaitStart {
+                    schedule,
+                    started_at_ms,
+                    here: true,
+                }
             }
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
         };
-        let outcome = self.poll(index, &probe, &schedule, started_at_ms).await?;
+        let outcome = self.poll(index, &probe, &started).await?;
         self.journal(Event::WaitEnded {
             step: index,
             outcome: outcome.clone(),
@@ -326,95 +347,142 @@ impl Ctx {
         &mut self,
         index: StepIndex,
         probe: &P,
-        schedule: &WaitSchedule,
-        started_at_ms: u64,
+        start: &WaitStart,
     ) -> Result<WaitOutcome, WorkflowError> {
-        let mut polls = 0u32;
-        let mut streak = 0u32;
-        let mut ready_since_ms = 0;
+        let schedule = &start.schedule;
+        let mut polls = PollCount {
+            last_sent_ms: start.started_at_ms,
+            ..PollCount::default()
+        };
         let mut interval_ms = 0;
-        let mut next_at_ms = started_at_ms.saturating_add(schedule.initial_delay_ms);
+        let mut next_at_ms = start
+            .started_at_ms
+            .saturating_add(schedule.initial_delay_ms);
         loop {
-            // Past the deadline, a poll is made only to finish a run of confirmations, or as
-            // the first poll after a (re)start: a wait whose deadline passed while the engine
-            // was down still looks once before it judges the resource hopeless.
-            let wake_at_ms = if streak > 0 {
-                next_at_ms
+            let deadline_ms = schedule.deadline_ms.saturating_add(polls.queued_ms);
+            // With no run of confirmations under way, a poll is sent at the deadline (once),
+            // so that it is a poll sent there that judges the resource.
+            let wake_at_ms = if polls.streak == 0 && polls.last_sent_ms < deadline_ms {
+                next_at_ms.min(deadline_ms)
             } else {
-                next_at_ms.min(schedule.deadline_ms)
+                next_at_ms
             };
             self.sleep_until(wake_at_ms).await?;
-            if self.now_ms() >= schedule.deadline_ms && streak == 0 && polls > 0 {
-                tracing::info!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, polls, "wait timed out");
-                return Ok(WaitOutcome::TimedOut { polls });
-            }
-            polls += 1;
-            match self.poll_once(index, probe, Attempt(polls)).await {
+            let scheduled_ms = self.now_ms();
+            let (answer, sent_ms) = self.poll_once(index, probe, Attempt(polls.sent + 1)).await;
+            let queued_ms = sent_ms.saturating_sub(scheduled_ms);
+            let gap_ms = wake_at_ms.saturating_sub(polls.last_sent_ms);
+            polls.sent += 1;
+            polls.queued_ms += queued_ms;
+            polls.last_sent_ms = sent_ms;
+            let deadline_ms = schedule.deadline_ms.saturating_add(polls.queued_ms);
+            let past_deadline = sent_ms >= deadline_ms;
+            match answer {
                 Ok(Some(output)) => {
-                    if streak == 0 {
-                        ready_since_ms = self.now_ms();
+                    if polls.streak == 0 {
+                        polls.streak_started_ms = sent_ms;
+                        polls.first_ready_queued_ms = queued_ms;
+                        polls.first_ready_gap_ms = gap_ms;
                     }
-                    streak += 1;
-                    if streak >= schedule.confirmations {
-                        let waited = ready_since_ms.saturating_sub(started_at_ms);
-                        return Ok(self.ready::<P>(output, polls, waited));
+                    polls.streak += 1;
+                    polls.answered();
+                    if polls.streak >= schedule.confirmations {
+                        return Ok(self.ready::<P>(output, start, &polls));
                     }
                 }
-                Ok(None) => streak = 0,
+                Ok(None) => {
+                    polls.streak = 0;
+                    polls.answered();
+                    if past_deadline && polls.answers >= schedule.confirmations {
+                        tracing::info!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, polls = polls.sent, "wait timed out");
+                        return Ok(WaitOutcome::TimedOut { polls: polls.sent });
+                    }
+                }
                 Err(error) if error.class() == ErrorClass::Permanent => {
                     tracing::info!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, %error, "probe failed permanently");
                     return Ok(WaitOutcome::Failed {
                         error: error.to_record(),
-                        polls,
+                        polls: polls.sent,
                     });
                 }
                 Err(error) => {
-                    tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, %error, "probe failed; counts as not ready");
-                    streak = 0;
+                    // No answer: the streak neither grows nor breaks.
+                    polls.unanswered = if past_deadline {
+                        polls.unanswered + 1
+                    } else {
+                        0
+                    };
+                    tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, %error, unanswered = polls.unanswered, "probe failed; no answer");
+                    if polls.unanswered >= UNANSWERED_POLLS_MAX {
+                        let error = StepError::retryable(format!(
+                            "{UNANSWERED_POLLS_MAX} polls in a row past the deadline got no answer; the last: {error}"
+                        ));
+                        return Ok(WaitOutcome::Failed {
+                            error: error.to_record(),
+                            polls: polls.sent,
+                        });
+                    }
                 }
             }
-            let offset_ms = self.now_ms().saturating_sub(started_at_ms);
+            let offset_ms = self.now_ms().saturating_sub(start.started_at_ms);
             let (next_offset_ms, carried_ms) =
-                schedule.next_poll(offset_ms, interval_ms, streak, self.lane.rng.gen());
+                schedule.next_poll(offset_ms, interval_ms, polls.streak, self.lane.rng.gen());
             interval_ms = carried_ms;
-            next_at_ms = started_at_ms.saturating_add(next_offset_ms);
+            next_at_ms = start.started_at_ms.saturating_add(next_offset_ms);
         }
     }
 
-    /// One poll of `probe` (number `poll`), in a slot of its service's limiter. A panicking
-    /// poll is a failed poll, as a retryable error is.
+    /// One poll of `probe` (number `poll`), in a slot of its service's limiter, and the engine
+    /// clock's time when it was sent (after its slot). A panicking poll is a failed poll, as
+    /// a retryable error is.
     async fn poll_once<P: Probe>(
         &mut self,
         index: StepIndex,
         probe: &P,
         poll: Attempt,
-    ) -> Result<Option<P::Output>, StepError> {
+    ) -> (Result<Option<P::Output>, StepError>, u64) {
         let ctx = StepContext {
             run_id: self.lane.cell.id.clone(),
             step: index,
             key: IdempotencyKey::for_step(&self.lane.cell.id, index),
             attempt: poll,
             resources: Arc::clone(&self.lane.inner.resources),
+            clock: self.lane.inner.clock.clone(),
+            effect_by_ms: None,
         };
         let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = poll.0);
         let service = contained_sync(|| probe.rate_limit().map(str::to_owned))
             .ok()
             .flatten();
-        let call = || async {
-            let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
-            contained(call)
-                .await
-                .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))))
+        let limiter = service.map(|name| self.lane.inner.limiter(&name));
+        let permit = match &limiter {
+            Some(limiter) => Some(limiter.acquire_as(Priority::Probe).await),
+            None => None,
         };
-        let polled = rate_limited(&self.lane.inner, service.as_deref(), call).await;
+        let sent_ms = self.now_ms();
+        let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
+        let polled = contained(call)
+            .await
+            .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
+        if let (Some(limiter), Some(permit)) = (limiter, permit) {
+            crate::lane::report(&limiter, permit, &polled);
+        }
         // Polls are not journaled: a poll that returned is what shows the run survives them.
         self.lane.cell.survived(&*self.lane.inner.store);
-        polled
+        (polled, sent_ms)
     }
 
-    /// The outcome of a wait whose probe held: its last output, and the time to readiness
-    /// (`waited_ms` from the wait's start) recorded under `wait:<kind>`.
-    fn ready<P: Probe>(&mut self, output: P::Output, polls: u32, waited_ms: u64) -> WaitOutcome {
+    /// The outcome of a wait whose probe held: its last output. The time to readiness (from
+    /// the wait's start to the sending of the poll that first saw it ready) is recorded under
+    /// `wait:<kind>` when it measures the resource: the wait started in this drive of the run
+    /// (no restart or suspension inside it), and that poll was not held at the limiter for
+    /// longer than the interval it was scheduled after.
+    fn ready<P: Probe>(
+        &mut self,
+        output: P::Output,
+        start: &WaitStart,
+        polls: &PollCount,
+    ) -> WaitOutcome {
         let output = match serde_json::to_value(&output) {
             Ok(v) => v,
             Err(e) => {
@@ -424,17 +492,28 @@ impl Ctx {
                 ));
                 return WaitOutcome::Failed {
                     error: error.to_record(),
-                    polls,
+                    polls: polls.sent,
                 };
             }
         };
-        self.lane.inner.stats.record(
-            &format!("wait:{}", P::KIND),
-            Duration::from_millis(waited_ms),
-            self.lane.cell.id.as_str(),
-            self.now_ms(),
-        );
-        WaitOutcome::Ready { output, polls }
+        let held_ms = polls
+            .first_ready_gap_ms
+            .max(start.schedule.dense_interval_ms);
+        if start.here && polls.first_ready_queued_ms <= held_ms {
+            let waited_ms = polls.streak_started_ms.saturating_sub(start.started_at_ms);
+            self.lane.inner.stats.record(
+                &format!("wait:{}", P::KIND),
+                Duration::from_millis(waited_ms),
+                self.lane.cell.id.as_str(),
+                self.now_ms(),
+            );
+        } else {
+            tracing::debug!(run_id = %self.lane.cell.id, kind = P::KIND, here = start.here, queued_ms = polls.first_ready_queued_ms, "time to readiness not recorded: it would measure the engine, not the resource");
+        }
+        WaitOutcome::Ready {
+            output,
+            polls: polls.sent,
+        }
     }
 
     /// Creates a resource with the step `create(generation)` and waits for it with the probe
@@ -567,22 +646,41 @@ pub struct Created<R, P> {
     pub generation: u32,
 }
 
-/// Makes `call` in a slot of the limiter of `service` (if any) and reports its outcome back:
-/// success, throttling, or neither. `call` makes the call's future, so that future is
-/// stored once, inside this one (a future passed in would be stored twice: `contain.rs`).
-pub(crate) async fn rate_limited<T, F>(
-    inner: &Inner,
-    service: Option<&str>,
-    call: impl FnOnce() -> F,
-) -> Result<T, StepError>
-where
-    F: std::future::Future<Output = Result<T, StepError>>,
-{
-    let Some(limiter) = service.map(|name| inner.limiter(name)) else {
-        return call().await;
-    };
-    let permit = limiter.acquire().await;
-    let result = call().await;
-    crate::lane::report(&limiter, permit, &result);
-    result
+/// A wait's journaled start, and whether it was journaled by this drive of the run.
+struct WaitStart {
+    schedule: WaitSchedule,
+    started_at_ms: u64,
+    /// Started in this drive of the run: no restart or suspension since.
+    here: bool,
+}
+
+/// What a wait's polls have seen since it (re)started.
+#[derive(Default)]
+struct PollCount {
+    /// Polls sent.
+    sent: u32,
+    /// Polls answered (ready or not ready).
+    answers: u32,
+    /// Ready answers in a row.
+    streak: u32,
+    /// When the poll that began the current run of ready answers was sent.
+    streak_started_ms: u64,
+    /// When the last poll was sent (the wait's start before the first).
+    last_sent_ms: u64,
+    /// Polls past the deadline in a row that got no answer.
+    unanswered: u32,
+    /// Time polls spent queued at the limiter.
+    queued_ms: u64,
+    /// Of the poll that began the run of ready answers: time queued, and the interval it was
+    /// scheduled after.
+    first_ready_queued_ms: u64,
+    first_ready_gap_ms: u64,
+}
+
+impl PollCount {
+    /// A poll got an answer, ready or not.
+    fn answered(&mut self) {
+        self.answers += 1;
+        self.unanswered = 0;
+    }
 }

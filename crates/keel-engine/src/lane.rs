@@ -252,6 +252,8 @@ impl Lane {
             key: IdempotencyKey::for_step(&self.cell.id, index),
             attempt,
             resources: Arc::clone(&self.inner.resources),
+            clock: self.inner.clock.clone(),
+            effect_by_ms: None,
         };
         let started = std::time::Instant::now();
         // Boxed: the attempt's future (the user's, wrapped) is not nested in the body's,

@@ -3,7 +3,9 @@
 //! # A tour
 //!
 //! A [`Workflow`] is ordinary async Rust that takes its side effects through a [`Ctx`]:
-//! [`Ctx::step`] runs a [`Step`] and [`Ctx::sleep`] sets a durable timer. Every step is
+//! [`Ctx::step`] runs a [`Step`], [`Ctx::sleep`] sets a durable timer and [`Ctx::wait`] polls
+//! a [`Probe`] until what a step made is usable (k confirmations in a row, a deadline judged
+//! by what the resource answered, not by the engine's queueing: `docs/waits.md`). Every step is
 //! journaled with a stable [`IdempotencyKey`], durably, before its side effect begins, and its
 //! outcome is durable before the run's next side effect begins or its end is reported (the
 //! outcome and the next step's start share one sync). If the process dies, opening the
@@ -21,7 +23,9 @@
 //! milliseconds on a [`testing::TestClock`].
 //!
 //! ```
-//! use keel_engine::{Ctx, Engine, Step, StepContext, StepError, Undo, Workflow, WorkflowError};
+//! use std::time::Duration;
+//! use keel_engine::{Ctx, Engine, Probe, Step, StepContext, StepError, Undo, WaitPolicy};
+//! use keel_engine::{Workflow, WorkflowError};
 //! use serde::{Deserialize, Serialize};
 //!
 //! /// Reserves `amount` from a (pretend) account; undone by releasing it.
@@ -42,6 +46,21 @@
 //!     }
 //! }
 //!
+//! /// Whether a reservation is confirmed by the (pretend) account: here, at the second read.
+//! #[derive(Serialize, Deserialize)]
+//! struct Confirmed {
+//!     reservation: String,
+//! }
+//!
+//! impl Probe for Confirmed {
+//!     const KIND: &'static str = "doc.confirmed";
+//!     type Output = String;
+//!     async fn probe(&self, ctx: &StepContext) -> Result<Option<String>, StepError> {
+//!         // Ok(None): not yet. A throttled read (StepError::throttled) is no answer.
+//!         Ok((ctx.attempt().0 >= 2).then(|| self.reservation.clone()))
+//!     }
+//! }
+//!
 //! struct Checkout;
 //!
 //! impl Workflow for Checkout {
@@ -50,7 +69,11 @@
 //!     type Output = Vec<String>;
 //!     async fn run(ctx: &mut Ctx, amount: u64) -> Result<Vec<String>, WorkflowError> {
 //!         let first = ctx.step(Reserve { amount }).await?;
-//!         ctx.sleep(std::time::Duration::from_millis(1)).await?;
+//!         // Poll every 5 ms until it reads "confirmed" twice in a row; hopeless after 10 s.
+//!         let policy = WaitPolicy::every(Duration::from_millis(5), Duration::from_secs(10))
+//!             .confirmations(2);
+//!         ctx.wait(Confirmed { reservation: first.clone() }, policy).await?;
+//!         ctx.sleep(Duration::from_millis(1)).await?;
 //!         let second = ctx.step(Reserve { amount: amount * 2 }).await?;
 //!         Ok(vec![first, second])
 //!     }
@@ -118,7 +141,7 @@ pub use engine::{Engine, EngineBuilder, RunHandle, RETENTION_DEFAULT};
 pub use error::{EngineError, Result};
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
 pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};
-pub use limiter::{Permit, RateLimit, RateLimiter};
+pub use limiter::{Permit, Priority, RateLimit, RateLimiter};
 pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use stats::{Counters, LatencyStats, OperationStats, Outlier};

@@ -43,6 +43,7 @@ type NormaliseFn = dyn Fn(&Value) -> Result<Value, InputError> + Send + Sync;
 type UndoFn =
     dyn Fn(Value, Option<Value>, StepContext) -> BoxFuture<Result<Undo, StepError>> + Send + Sync;
 type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
+type ServiceFn = dyn Fn(&Value) -> Option<String> + Send + Sync;
 type ValidateFn = dyn Fn(&Value) -> std::result::Result<(), InvalidInput> + Send + Sync;
 
 pub(crate) struct WorkflowEntry {
@@ -61,6 +62,8 @@ pub(crate) struct StepEntry {
     type_id: TypeId,
     pub(crate) undo: Box<UndoFn>,
     pub(crate) undo_policy: Box<PolicyFn>,
+    /// The service whose limiter the step's calls (and its compensation's) go through.
+    pub(crate) rate_limit: Box<ServiceFn>,
 }
 
 /// Workflow types by name and step types by kind.
@@ -148,6 +151,11 @@ impl Registry {
                 serde_json::from_value::<S>(argument.clone())
                     .map(|s| s.compensation_retry_policy())
                     .unwrap_or_else(|_| RetryPolicy::no_retry())
+            }),
+            rate_limit: Box::new(|argument: &Value| {
+                serde_json::from_value::<S>(argument.clone())
+                    .ok()
+                    .and_then(|s| s.rate_limit().map(str::to_owned))
             }),
         };
         let mut steps = self.steps.write().expect("registry lock");

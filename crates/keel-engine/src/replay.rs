@@ -45,6 +45,9 @@ pub struct StepOp {
     /// Attempts made before the current round: a step that ran out of retries in a workflow
     /// that pauses then gets a new round when an operator resumes the run.
     pub round_base: u32,
+    /// When its latest attempt started or recorded its outcome, whichever came last: with
+    /// an outcome recorded, the latest time its effect can have been made.
+    pub last_at_ms: u64,
     /// Where it stands.
     pub outcome: StepOutcome,
 }
@@ -405,7 +408,7 @@ impl RunState {
                 attempt,
                 output,
             } => {
-                let op = self.in_flight_step(*step, *attempt)?;
+                let op = self.in_flight_step(*step, *attempt, at_ms)?;
                 op.outcome = StepOutcome::Completed {
                     output: output.clone(),
                 };
@@ -417,7 +420,7 @@ impl RunState {
                 error,
                 retry_at_ms,
             } => {
-                let op = self.in_flight_step(*step, *attempt)?;
+                let op = self.in_flight_step(*step, *attempt, at_ms)?;
                 op.outcome = match (retry_at_ms, error.class) {
                     (Some(at_ms), _) => StepOutcome::RetryScheduled { at_ms: *at_ms },
                     (None, ErrorClass::Retryable) => StepOutcome::GaveUp {
@@ -434,7 +437,7 @@ impl RunState {
                 attempt,
                 error,
             } => {
-                let op = self.in_flight_step(*step, *attempt)?;
+                let op = self.in_flight_step(*step, *attempt, at_ms)?;
                 op.outcome = StepOutcome::OutputRejected {
                     error: error.clone(),
                 };
@@ -623,6 +626,7 @@ impl RunState {
                 cut_off: 1,
                 first_started_at_ms: at_ms,
                 round_base: 0,
+                last_at_ms: at_ms,
                 outcome: StepOutcome::InFlight,
             })
         };
@@ -653,6 +657,7 @@ impl RunState {
                 };
                 op.attempt = attempt;
                 op.compensable = compensable;
+                op.last_at_ms = at_ms;
                 op.outcome = StepOutcome::InFlight;
                 Ok(())
             }
@@ -664,11 +669,17 @@ impl RunState {
 
     /// The step whose attempt `attempt` is in flight, for its outcome (which ends its run of
     /// attempts cut off by crashes).
-    fn in_flight_step(&mut self, step: StepIndex, attempt: Attempt) -> Result<&mut StepOp, String> {
+    fn in_flight_step(
+        &mut self,
+        step: StepIndex,
+        attempt: Attempt,
+        at_ms: u64,
+    ) -> Result<&mut StepOp, String> {
         match self.ops.get_mut(step.0 as usize) {
             Some(Op::Step(op)) => {
                 if op.outcome == StepOutcome::InFlight && op.attempt == attempt {
                     op.cut_off = 0;
+                    op.last_at_ms = at_ms;
                     Ok(op)
                 } else {
                     Err(format!(

@@ -25,8 +25,9 @@ use crate::error::{EngineError, Result};
 use crate::executor::{settle, Next};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event, RunStatus};
+use crate::limiter::Priority;
 use crate::registry::StepEntry;
-use crate::replay::{undo_action, undo_input, Op, UndoAction};
+use crate::replay::{undo_action, undo_input, Op, StepOutcome, UndoAction};
 use crate::retry::RetryPolicy;
 use crate::step::{StepContext, StepError, Undo};
 
@@ -147,13 +148,33 @@ pub(crate) async fn undo_attempt(
             undo_input(s, step).flatten().cloned(),
         )
     });
+    // The service's limiter, ahead of its other calls; the slot comes before the start
+    // record, so time queued never looks like an undo attempt. The step's `rate_limit` is
+    // its code: a panic there means no limiter, not a stopped compensation.
+    let limiter = contained_sync(|| (entry.rate_limit)(&argument))
+        .ok()
+        .flatten()
+        .map(|name| inner.limiter(&name));
+    let permit = match &limiter {
+        Some(limiter) => Some(limiter.acquire_as(Priority::Compensation).await),
+        None => None,
+    };
     begin_undo(inner, cell, step, attempt).await?;
+    let effect_by_ms = cell.with_state(|s| match s.step(step) {
+        Some(op) if op.outcome == StepOutcome::InFlight => {
+            s.undo_round_started_at_ms.get(&step).copied()
+        }
+        Some(op) => Some(op.last_at_ms),
+        None => None,
+    });
     let ctx = StepContext {
         run_id: cell.id.clone(),
         step,
         key: IdempotencyKey::for_step(&cell.id, step),
         attempt,
         resources: Arc::clone(&inner.resources),
+        clock: inner.clock.clone(),
+        effect_by_ms,
     };
     let span = tracing::info_span!("compensation", run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0);
     let undo = tracing::Instrument::instrument((entry.undo)(argument.clone(), output, ctx), span);
@@ -161,6 +182,9 @@ pub(crate) async fn undo_attempt(
     let result = contained(undo)
         .await
         .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
+    if let (Some(limiter), Some(permit)) = (limiter, permit) {
+        crate::lane::report(&limiter, permit, &result);
+    }
     crate::crash::point("saga.after_undo");
     // The compensation's retry policy is the step's code too: one that panics makes the
     // undo fail for good (an operator retries it once the step is fixed).

@@ -91,6 +91,9 @@ pub struct StepContext {
     pub(crate) key: IdempotencyKey,
     pub(crate) attempt: Attempt,
     pub(crate) resources: Arc<Resources>,
+    pub(crate) clock: crate::clock::Clock,
+    /// For a compensation: by when the step's effect was made, if it was.
+    pub(crate) effect_by_ms: Option<u64>,
 }
 
 impl StepContext {
@@ -119,6 +122,21 @@ impl StepContext {
     /// The attempt number, from 1 (for a compensation: the compensation's attempt).
     pub fn attempt(&self) -> Attempt {
         self.attempt
+    }
+
+    /// The engine clock's time (ms since the Unix epoch): the clock journal times are in.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// For a compensation: the latest time at which the step's effect can have been made, if
+    /// it was. When the step's last attempt recorded an outcome, that record's time; when the
+    /// outcome is in doubt (the process died during the attempt), the time compensation of
+    /// the step began. A resource made by then is visible to reads once the service's
+    /// visibility lag has passed after it, so "not found" only means "absent" from
+    /// `effect_by_ms + lag` on. `None` for a step's own attempts and for probes.
+    pub fn effect_by_ms(&self) -> Option<u64> {
+        self.effect_by_ms
     }
 }
 

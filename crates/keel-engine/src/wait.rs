@@ -17,7 +17,8 @@ use crate::stats::OperationStats;
 use crate::step::{StepContext, StepError};
 
 /// A read that tells whether something is ready: `Ok(Some(output))` when it is, `Ok(None)`
-/// when not yet. A retryable error counts as "not yet" (and breaks a run of confirmations); a
+/// when not yet. A retryable error (throttling, a timeout, a 5xx) is no answer: it neither
+/// counts as a confirmation nor breaks a run of them (see [`UNANSWERED_POLLS_MAX`]); a
 /// permanent error ends the wait as failed.
 pub trait Probe: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The wait kind, e.g. `iam.role-assumable`. Groups the wait's statistics.
@@ -54,7 +55,8 @@ pub struct WaitPolicy {
     pub jitter: f64,
     /// Consecutive successful polls needed (for reads that flap).
     pub confirmations: u32,
-    /// The wait is judged hopeless this long after it starts.
+    /// The wait is judged hopeless by a "not ready" answer to a poll sent this long after it
+    /// starts or later (plus the time its polls queued at the rate limiter).
     pub timeout: Duration,
     /// Derive the schedule from the wait kind's statistics once this many samples exist.
     pub learn_after: Option<u64>,
@@ -212,6 +214,10 @@ impl WaitPolicy {
         }
     }
 }
+
+/// Past its deadline, a wait whose polls got this many errors in a row (no answer either way)
+/// ends as failed with the last error, so a probe that always fails cannot wait forever.
+pub const UNANSWERED_POLLS_MAX: u32 = 10;
 
 /// Samples a learned policy needs by default.
 pub const LEARN_AFTER_DEFAULT: u64 = 50;
