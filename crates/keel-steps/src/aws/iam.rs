@@ -7,7 +7,9 @@ use keel_engine::{Probe, RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::error::{conflict, AwsFailure};
-use super::{clients, confirm_absence, retry_policy, same_json, undo_retry_policy, KEY_TAG};
+use super::{
+    clients, confirm_absence, gone_after_lag, retry_policy, same_json, undo_retry_policy, KEY_TAG,
+};
 
 const NO_SUCH_ENTITY: &str = "NoSuchEntity";
 
@@ -154,7 +156,7 @@ impl Step for CreateRole {
         let key = ctx.key().to_string();
         match Self::key_of(iam, &self.name).await {
             Err(e) if e.is(NO_SUCH_ENTITY) => {
-                confirm_absence(ctx, "IAM role")?;
+                confirm_absence(ctx, "iam", "IAM role")?;
                 return Ok(Undo::Done);
             }
             Err(e) => return Err(e.into()),
@@ -189,7 +191,8 @@ impl Step for CreateRole {
             Err(e) => {
                 let f = AwsFailure::new("iam:DeleteRole", &e);
                 if f.is(NO_SUCH_ENTITY) {
-                    Ok(Undo::Done)
+                    // Gone, unless it is not visible yet.
+                    gone_after_lag(ctx, "iam", f, true).map(|()| Undo::Done)
                 } else if f.is("DeleteConflict") {
                     // A policy attached or put after the listing: list again.
                     Err(f.as_lag("a policy is still attached").into())

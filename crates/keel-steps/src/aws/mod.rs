@@ -41,6 +41,8 @@ pub struct AwsClients {
     pub iot: aws_sdk_iot::Client,
     /// Greengrass (V1).
     pub greengrass: aws_sdk_greengrass::Client,
+    /// How long each service's reads may miss a resource after it was made.
+    pub visibility_lag: VisibilityLag,
 }
 
 impl AwsClients {
@@ -51,7 +53,56 @@ impl AwsClients {
             sts: aws_sdk_sts::Client::new(config),
             iot: aws_sdk_iot::Client::new(config),
             greengrass: aws_sdk_greengrass::Client::new(config),
+            visibility_lag: VisibilityLag::default(),
         }
+    }
+
+    /// The same clients, with `lag` as the visibility lag of `service` (`iam`, `iot`,
+    /// `greengrass`).
+    pub fn with_visibility_lag(mut self, service: &str, lag: Duration) -> AwsClients {
+        self.visibility_lag.set(service, lag);
+        self
+    }
+}
+
+/// How long, per service, a resource may read as missing after the call that made it
+/// returned: AWS's control planes are eventually consistent. A compensation that finds
+/// nothing concludes "absent" only once this much time has passed since the step's effect
+/// can have been made (`StepContext::effect_by_ms`); until then "not found" is lag, retried.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VisibilityLag {
+    lags: Vec<(String, Duration)>,
+}
+
+impl Default for VisibilityLag {
+    /// IAM 10 s (its documented propagation takes seconds), IoT 5 s, Greengrass 5 s; 5 s for
+    /// any other service. Floors, set above what the services are seen to take: a slower
+    /// compensation costs seconds, a wrong "absent" leaks the resource.
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Self {
+            lags: vec![
+                ("iam".into(), s(10)),
+                ("iot".into(), s(5)),
+                ("greengrass".into(), s(5)),
+            ],
+        }
+    }
+}
+
+impl VisibilityLag {
+    /// The lag of `service`.
+    pub fn of(&self, service: &str) -> Duration {
+        self.lags
+            .iter()
+            .find(|(name, _)| name == service)
+            .map_or(Duration::from_secs(5), |(_, lag)| *lag)
+    }
+
+    /// Sets the lag of `service`.
+    pub fn set(&mut self, service: &str, lag: Duration) {
+        self.lags.retain(|(name, _)| name != service);
+        self.lags.push((service.into(), lag));
     }
 }
 
@@ -114,21 +165,48 @@ pub(crate) fn undo_retry_policy() -> RetryPolicy {
         .with_backoff(Duration::from_millis(100), Duration::from_secs(15))
 }
 
-/// How many compensation attempts must see a resource missing before an in-doubt undo
-/// concludes that it never existed (a resource made moments ago may not be readable yet).
-pub(crate) const ABSENCE_CONFIRMATIONS: u32 = 3;
-
-/// For an in-doubt compensation that found nothing: `Ok` once absence is confirmed, a
-/// retryable error before.
-pub(crate) fn confirm_absence(ctx: &StepContext, what: &str) -> Result<(), StepError> {
-    if ctx.attempt().0 >= ABSENCE_CONFIRMATIONS {
-        Ok(())
-    } else {
-        Err(StepError::retryable(format!(
-            "{what} not found; confirming its absence ({} of {ABSENCE_CONFIRMATIONS}) in case it is not visible yet",
-            ctx.attempt().0
-        )))
+/// For a compensation that found no `what` of `service`: `Ok` (absent) once the service's
+/// visibility lag has passed since the step's effect can have been made
+/// (`StepContext::effect_by_ms`), a retryable error before, retried when the lag is over. A
+/// resource whose output is journaled did exist: a "not found" inside the lag is its
+/// invisibility, never its absence, however many reads say so.
+pub(crate) fn confirm_absence(
+    ctx: &StepContext,
+    service: &str,
+    what: &str,
+) -> Result<(), StepError> {
+    let lag = clients(ctx)?.visibility_lag.of(service);
+    let now = ctx.now_ms();
+    let made_by = ctx.effect_by_ms().unwrap_or(now);
+    let absent_from = made_by.saturating_add(lag.as_millis() as u64);
+    if now >= absent_from {
+        return Ok(());
     }
+    Err(StepError::retryable(format!(
+        "{what} not found {} ms after it may have been made; {service} reads may miss a resource for {} ms, so its absence is confirmed from then on",
+        now.saturating_sub(made_by),
+        lag.as_millis()
+    ))
+    .with_retry_after(Duration::from_millis(absent_from - now)))
+}
+
+/// `failure`, from a call in a compensation: when `missing` (it said "not found"), absence
+/// once confirmed ([`confirm_absence`]), lag before; otherwise the failure.
+pub(crate) fn gone_after_lag(
+    ctx: &StepContext,
+    service: &str,
+    failure: error::AwsFailure,
+    missing: bool,
+) -> Result<(), StepError> {
+    if !missing {
+        return Err(failure.into());
+    }
+    let what = format!(
+        "the resource ({} answered {})",
+        failure.operation,
+        failure.code.as_deref().unwrap_or("not found")
+    );
+    confirm_absence(ctx, service, &what)
 }
 
 /// Whether two JSON documents are equal as values (whitespace and key order aside).

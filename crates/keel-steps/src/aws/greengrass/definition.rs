@@ -8,8 +8,10 @@ use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
-use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_TAG};
-use super::{all_pages, keyed_name, lag_if_missing, missing_ok, single_attempt};
+use super::super::{
+    clients, confirm_absence, gone_after_lag, retry_policy, undo_retry_policy, KEY_TAG,
+};
+use super::{all_pages, is_missing, keyed_name, lag_if_missing, single_attempt};
 
 /// A core or client device in a definition: its thing and certificate.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -250,7 +252,14 @@ impl Kind {
         })
     }
 
-    async fn delete(self, gg: &aws_sdk_greengrass::Client, id: &str) -> Result<(), StepError> {
+    /// Deletes definition `id`; one already gone is done once Greengrass's visibility lag
+    /// is over (a read that flaps is lag).
+    async fn delete(
+        self,
+        ctx: &StepContext,
+        gg: &aws_sdk_greengrass::Client,
+        id: &str,
+    ) -> Result<(), StepError> {
         let result = match self {
             Kind::Cores => gg
                 .delete_core_definition()
@@ -267,7 +276,10 @@ impl Kind {
                 .map(drop)
                 .map_err(|e| AwsFailure::new("greengrass:DeleteDeviceDefinition", &e)),
         };
-        result.or_else(missing_ok)
+        result.or_else(|f| {
+            let missing = is_missing(&f);
+            gone_after_lag(ctx, "greengrass", f, missing)
+        })
     }
 
     /// The definitions named `name`, each with whether it holds `members` (sorted).
@@ -335,12 +347,12 @@ impl Kind {
         members.sort();
         let found = self.named(gg, &name, &members).await?;
         if found.is_empty() {
-            confirm_absence(ctx, self.what())?;
+            confirm_absence(ctx, "greengrass", self.what())?;
             return Ok(Undo::Done);
         }
         for (definition, same) in found {
             if same {
-                self.delete(gg, &definition.id).await?;
+                self.delete(ctx, gg, &definition.id).await?;
             } else {
                 tracing::warn!(definition = %definition.id, "the definition holds other members: not this step's; left alone");
             }

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
 use super::super::iam::Attached;
-use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_TAG};
+use super::super::{
+    clients, confirm_absence, gone_after_lag, retry_policy, undo_retry_policy, KEY_TAG,
+};
 use super::{
     all_pages, is_missing, keyed_name, lag_if_missing, missing_ok, reset_if_deployed,
     single_attempt,
@@ -119,14 +121,16 @@ impl Step for CreateGroup {
         let name = keyed_name(&self.prefix, &ctx.key());
         let found = groups_named(gg, &name).await?;
         if found.is_empty() {
-            confirm_absence(ctx, "Greengrass group")?;
+            confirm_absence(ctx, "greengrass", "Greengrass group")?;
             return Ok(Undo::Done);
         }
         for group in found {
             let id = group.id().unwrap_or_default();
             reset_if_deployed(gg, id).await?;
             if let Err(e) = gg.delete_group().group_id(id).send().await {
-                missing_ok(AwsFailure::new("greengrass:DeleteGroup", &e))?;
+                let f = AwsFailure::new("greengrass:DeleteGroup", &e);
+                let missing = is_missing(&f);
+                gone_after_lag(ctx, "greengrass", f, missing)?;
             }
         }
         Ok(Undo::Done)

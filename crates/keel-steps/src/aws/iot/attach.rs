@@ -69,7 +69,7 @@ impl Step for AttachPolicy {
         if output.is_some_and(|o| !o.by_this_step) {
             return Ok(Undo::Done);
         }
-        detach_policy(&clients(ctx)?.iot, &self.policy_name, &self.target).await?;
+        detach_policy(ctx, &clients(ctx)?.iot, &self.policy_name, &self.target).await?;
         Ok(Undo::Done)
     }
 
@@ -134,7 +134,7 @@ impl Step for AttachThingPrincipal {
         if output.is_some_and(|o| !o.by_this_step) {
             return Ok(Undo::Done);
         }
-        detach_thing_principal(&clients(ctx)?.iot, &self.thing, &self.principal).await?;
+        detach_thing_principal(ctx, &clients(ctx)?.iot, &self.thing, &self.principal).await?;
         Ok(Undo::Done)
     }
 

@@ -124,31 +124,36 @@ impl Step for RegisterCertificate {
             Err(e) => {
                 let f = AwsFailure::new("iot:DescribeCertificate", &e);
                 if f.is(NOT_FOUND) {
-                    confirm_absence(ctx, "IoT certificate")?;
+                    confirm_absence(ctx, "iot", "IoT certificate")?;
                     store.remove(&key)?;
                     return Ok(Undo::Done);
                 }
                 return Err(f.into());
             }
         };
-        let things = iot
-            .list_principal_things()
-            .principal(&arn)
-            .send()
-            .await
-            .map_err(|e| AwsFailure::new("iot:ListPrincipalThings", &e))?;
+        // A read that flaps (found, then not found) is lag, not a failure.
+        let things = match iot.list_principal_things().principal(&arn).send().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                missing_ok(ctx, AwsFailure::new("iot:ListPrincipalThings", &e))?;
+                store.remove(&key)?;
+                return Ok(Undo::Done);
+            }
+        };
         for thing in things.things() {
-            detach_thing_principal(iot, thing, &arn).await?;
+            detach_thing_principal(ctx, iot, thing, &arn).await?;
         }
-        let policies = iot
-            .list_attached_policies()
-            .target(&arn)
-            .send()
-            .await
-            .map_err(|e| AwsFailure::new("iot:ListAttachedPolicies", &e))?;
+        let policies = match iot.list_attached_policies().target(&arn).send().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                missing_ok(ctx, AwsFailure::new("iot:ListAttachedPolicies", &e))?;
+                store.remove(&key)?;
+                return Ok(Undo::Done);
+            }
+        };
         for policy in policies.policies() {
             if let Some(name) = policy.policy_name() {
-                detach_policy(iot, name, &arn).await?;
+                detach_policy(ctx, iot, name, &arn).await?;
             }
         }
         if let Err(e) = iot
@@ -158,7 +163,7 @@ impl Step for RegisterCertificate {
             .send()
             .await
         {
-            missing_ok(AwsFailure::new("iot:UpdateCertificate", &e))?;
+            missing_ok(ctx, AwsFailure::new("iot:UpdateCertificate", &e))?;
         }
         if let Err(e) = iot.delete_certificate().certificate_id(&id).send().await {
             let f = AwsFailure::new("iot:DeleteCertificate", &e);
@@ -167,7 +172,7 @@ impl Step for RegisterCertificate {
                     .as_lag("an attachment or the status change is not visible yet")
                     .into());
             }
-            missing_ok(f)?;
+            missing_ok(ctx, f)?;
         }
         store.remove(&key)?;
         Ok(Undo::Done)
@@ -228,7 +233,7 @@ impl Step for ActivateCertificate {
             .await?
         {
             Ok(()) => Ok(Undo::Done),
-            Err(f) => missing_ok(f).map(|()| Undo::Done),
+            Err(f) => missing_ok(ctx, f).map(|()| Undo::Done),
         }
     }
 

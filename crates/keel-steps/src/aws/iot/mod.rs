@@ -22,19 +22,19 @@ pub use thing::{CreateThing, Thing};
 /// Whether an attachment step made its change; `false` when it was there before.
 pub use super::iam::Attached;
 
-use keel_engine::StepError;
+use keel_engine::{StepContext, StepError};
 
 use super::error::AwsFailure;
+use super::gone_after_lag;
 
 const NOT_FOUND: &str = "ResourceNotFoundException";
 const ALREADY_EXISTS: &str = "ResourceAlreadyExistsException";
 
-fn missing_ok(f: AwsFailure) -> Result<(), StepError> {
-    if f.is(NOT_FOUND) {
-        Ok(())
-    } else {
-        Err(f.into())
-    }
+/// In a compensation: a "not found" from `f` is absence once IoT's visibility lag has
+/// passed since the step's effect, lag before.
+fn missing_ok(ctx: &StepContext, f: AwsFailure) -> Result<(), StepError> {
+    let missing = f.is(NOT_FOUND);
+    gone_after_lag(ctx, "iot", f, missing)
 }
 
 fn lag_if_missing(f: AwsFailure) -> AwsFailure {
@@ -45,8 +45,10 @@ fn lag_if_missing(f: AwsFailure) -> AwsFailure {
     }
 }
 
-/// Detaches `principal` from `thing`; an attachment already gone is done.
+/// Detaches `principal` from `thing`; an attachment already gone is done (once IoT's
+/// visibility lag is over).
 async fn detach_thing_principal(
+    ctx: &StepContext,
     iot: &aws_sdk_iot::Client,
     thing: &str,
     principal: &str,
@@ -59,12 +61,14 @@ async fn detach_thing_principal(
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) => missing_ok(AwsFailure::new("iot:DetachThingPrincipal", &e)),
+        Err(e) => missing_ok(ctx, AwsFailure::new("iot:DetachThingPrincipal", &e)),
     }
 }
 
-/// Detaches `policy` from `target`; an attachment already gone is done.
+/// Detaches `policy` from `target`; an attachment already gone is done (once IoT's
+/// visibility lag is over).
 async fn detach_policy(
+    ctx: &StepContext,
     iot: &aws_sdk_iot::Client,
     policy: &str,
     target: &str,
@@ -77,6 +81,6 @@ async fn detach_policy(
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) => missing_ok(AwsFailure::new("iot:DetachPolicy", &e)),
+        Err(e) => missing_ok(ctx, AwsFailure::new("iot:DetachPolicy", &e)),
     }
 }

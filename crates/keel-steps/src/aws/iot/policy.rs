@@ -113,7 +113,7 @@ impl Step for CreatePolicy {
             Err(e) => {
                 let f = AwsFailure::new("iot:GetPolicy", &e);
                 if f.is(NOT_FOUND) {
-                    confirm_absence(ctx, "IoT policy")?;
+                    confirm_absence(ctx, "iot", "IoT policy")?;
                     return Ok(Undo::Done);
                 }
                 return Err(f.into());
@@ -129,14 +129,14 @@ impl Step for CreatePolicy {
             Err(e) => {
                 let f = AwsFailure::new("iot:ListTargetsForPolicy", &e);
                 if f.is(NOT_FOUND) {
-                    confirm_absence(ctx, "IoT policy")?;
+                    confirm_absence(ctx, "iot", "IoT policy")?;
                     return Ok(Undo::Done);
                 }
                 return Err(f.into());
             }
         };
         for target in targets {
-            detach_policy(iot, &name, &target).await?;
+            detach_policy(ctx, iot, &name, &target).await?;
         }
         match iot.delete_policy().policy_name(&name).send().await {
             Ok(_) => Ok(Undo::Done),
@@ -147,7 +147,7 @@ impl Step for CreatePolicy {
                         .as_lag("detached moments ago; AWS allows up to five minutes")
                         .into());
                 }
-                missing_ok(f)?;
+                missing_ok(ctx, f)?;
                 Ok(Undo::Done)
             }
         }

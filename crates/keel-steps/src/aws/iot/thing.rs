@@ -125,7 +125,7 @@ impl Step for CreateThing {
         let key = ctx.key().to_string();
         match describe_thing(iot, &self.name).await? {
             None => {
-                confirm_absence(ctx, "IoT thing")?;
+                confirm_absence(ctx, "iot", "IoT thing")?;
                 return Ok(Undo::Done);
             }
             Some((_, found)) if found.as_deref() != Some(key.as_str()) => {
@@ -134,19 +134,27 @@ impl Step for CreateThing {
             }
             Some(_) => {}
         }
-        let principals = iot
+        // A read that flaps (found, then not found) is lag, not a failure: absent only
+        // once the lag is over.
+        let principals = match iot
             .list_thing_principals()
             .thing_name(&self.name)
             .send()
             .await
-            .map_err(|e| AwsFailure::new("iot:ListThingPrincipals", &e))?;
+        {
+            Ok(listed) => listed,
+            Err(e) => {
+                missing_ok(ctx, AwsFailure::new("iot:ListThingPrincipals", &e))?;
+                return Ok(Undo::Done);
+            }
+        };
         for principal in principals.principals() {
-            detach_thing_principal(iot, &self.name, principal).await?;
+            detach_thing_principal(ctx, iot, &self.name, principal).await?;
         }
         match iot.delete_thing().thing_name(&self.name).send().await {
             Ok(_) => Ok(Undo::Done),
             Err(e) => {
-                missing_ok(AwsFailure::new("iot:DeleteThing", &e))?;
+                missing_ok(ctx, AwsFailure::new("iot:DeleteThing", &e))?;
                 Ok(Undo::Done)
             }
         }
