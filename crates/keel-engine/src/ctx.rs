@@ -428,7 +428,13 @@ impl Ctx {
             let (next_offset_ms, carried_ms) =
                 schedule.next_poll(offset_ms, interval_ms, polls.streak, self.lane.rng.gen());
             interval_ms = carried_ms;
-            next_at_ms = start.started_at_ms.saturating_add(next_offset_ms);
+            // No more often than the limiter serves polls: after one that queued `queued_ms`,
+            // the next waits at least as long, so densely polling waits leave the service's
+            // budget to the calls that make progress.
+            next_at_ms = start
+                .started_at_ms
+                .saturating_add(next_offset_ms)
+                .max(sent_ms.saturating_add(queued_ms));
         }
     }
 

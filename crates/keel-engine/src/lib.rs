@@ -141,7 +141,9 @@ pub use engine::{Engine, EngineBuilder, RunHandle, RETENTION_DEFAULT};
 pub use error::{EngineError, Result};
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
 pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};
-pub use limiter::{Permit, Priority, RateLimit, RateLimiter};
+pub use limiter::{
+    Permit, Priority, RateLimit, RateLimiter, PROBES_IN_A_ROW_MAX, SLOW_START_EXIT_SHARE,
+};
 pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use stats::{Counters, LatencyStats, OperationStats, Outlier};

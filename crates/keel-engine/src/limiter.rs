@@ -17,11 +17,17 @@
 //!
 //! **Priorities.** Calls of one service queue by [`Priority`]: compensations, then probes,
 //! then other calls. A mass compensation gets the service's budget before new creates, and
-//! waits keep observing resources while creates queue. Within a priority, calls go first come,
-//! first served. Each call takes a [`Permit`]; calls are spaced `1/rate` apart.
+//! waits keep observing resources while creates queue; but probes take at most
+//! [`PROBES_IN_A_ROW_MAX`] slots in a row while other calls wait, so a hundred waits polling
+//! densely cannot starve the creates and attaches that end them. Within a priority, calls go
+//! first come, first served. Each call takes a [`Permit`]; calls are spaced `1/rate` apart.
 //!
-//! Each success adds `increase_per_s / rate` to the rate: about `increase_per_s` more per
-//! second of calls.
+//! **Slow start.** A new limiter (at every engine start) doubles its rate per second of
+//! successful calls, as TCP does, until a window is throttled at [`SLOW_START_EXIT_SHARE`] or
+//! more (overload, not the random few percent); from then on each success adds
+//! `increase_per_s / rate`: about `increase_per_s` more per second of calls. A restarted
+//! worker is back at its service's capacity within seconds, not minutes. The rate grows only
+//! while calls queue for the limiter: a rate nobody uses is not known to be safe.
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -33,6 +39,13 @@ use tokio::time::Instant;
 
 /// Outcomes are judged over windows at least this long.
 const WINDOW: Duration = Duration::from_secs(1);
+
+/// Slots in a row probes may take while other calls ([`Priority::Call`]) wait.
+pub const PROBES_IN_A_ROW_MAX: u32 = 2;
+
+/// A window throttled at this share or more ends slow start: the service is past its
+/// capacity, not merely throttling at random.
+pub const SLOW_START_EXIT_SHARE: f64 = 0.2;
 
 /// The settings of one limiter.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -152,6 +165,35 @@ struct State {
     window: Window,
     throttles: u64,
     granted: u64,
+    /// Slots given to probes in a row while other calls waited.
+    probes_in_a_row: u32,
+    slow_start: bool,
+}
+
+impl State {
+    /// The call whose turn it is: the first by priority and arrival, except that a call
+    /// ([`Priority::Call`]) goes before probes that have had their slots in a row.
+    fn head(&self) -> Option<(Priority, u64)> {
+        let first = *self.queue.first()?;
+        if first.0 == Priority::Probe && self.probes_in_a_row >= PROBES_IN_A_ROW_MAX {
+            if let Some(call) = self.queue.range((Priority::Call, 0)..).next() {
+                return Some(*call);
+            }
+        }
+        Some(first)
+    }
+
+    /// `key` got a slot.
+    fn granted(&mut self, key: (Priority, u64)) {
+        self.queue.remove(&key);
+        self.granted += 1;
+        let calls_wait = self.queue.range((Priority::Call, 0)..).next().is_some();
+        match key.0 {
+            Priority::Probe if calls_wait => self.probes_in_a_row += 1,
+            Priority::Probe | Priority::Call => self.probes_in_a_row = 0,
+            Priority::Compensation => {}
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -182,7 +224,7 @@ impl Drop for Ticket<'_> {
         if let Some(key) = self.key.take() {
             let head = {
                 let mut state = self.limiter.state.lock().expect("limiter lock");
-                let head = state.queue.first() == Some(&key);
+                let head = state.head() == Some(key);
                 state.queue.remove(&key);
                 head
             };
@@ -209,6 +251,8 @@ impl RateLimiter {
                 window: Window::new(now),
                 throttles: 0,
                 granted: 0,
+                probes_in_a_row: 0,
+                slow_start: true,
             }),
             limit,
             turn: Notify::new(),
@@ -240,7 +284,7 @@ impl RateLimiter {
             turn.as_mut().enable();
             let slot = {
                 let mut state = self.state.lock().expect("limiter lock");
-                if state.queue.first() != Some(&key) {
+                if state.head() != Some(key) {
                     None
                 } else {
                     let now = Instant::now();
@@ -254,8 +298,7 @@ impl RateLimiter {
                             .next_slot
                             .max(now.checked_sub(interval).unwrap_or(now));
                         state.next_slot = slot + interval;
-                        state.queue.remove(&key);
-                        state.granted += 1;
+                        state.granted(key);
                         let epoch = state.epoch;
                         drop(state);
                         ticket.key = None;
@@ -298,9 +341,15 @@ impl RateLimiter {
         let mut state = self.state.lock().expect("limiter lock");
         if throttled {
             state.throttles += 1;
-        } else {
-            state.rate =
-                (state.rate + self.limit.increase_per_s / state.rate).min(self.limit.max_per_s);
+        } else if !state.queue.is_empty() {
+            // Grows only while calls queue for it: a rate the callers do not use says nothing
+            // about the service, and would be a burst when they come.
+            let increase = if state.slow_start {
+                1.0
+            } else {
+                self.limit.increase_per_s / state.rate
+            };
+            state.rate = (state.rate + increase).min(self.limit.max_per_s);
         }
         if permit.epoch != state.epoch {
             // Sent at a rate already decreased from: says nothing about the current one.
@@ -321,6 +370,9 @@ impl RateLimiter {
             return;
         }
         let share = f64::from(throttled) / f64::from(outcomes);
+        if share >= SLOW_START_EXIT_SHARE {
+            state.slow_start = false;
+        }
         let before = state.rate;
         let factor = 1.0 - (1.0 - self.limit.decrease_factor) * share;
         state.rate = (state.rate * factor).max(self.limit.min_per_s);
@@ -359,6 +411,25 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    /// A limiter past slow start: each success adds `increase_per_s / rate`.
+    fn additive(limit: RateLimit) -> RateLimiter {
+        let limiter = busy(limit);
+        limiter.state.lock().unwrap().slow_start = false;
+        limiter
+    }
+
+    /// A limiter with a call queued for it (the rate grows only then).
+    fn busy(limit: RateLimit) -> RateLimiter {
+        let limiter = RateLimiter::new("svc", limit);
+        limiter
+            .state
+            .lock()
+            .unwrap()
+            .queue
+            .insert((Priority::Call, u64::MAX));
+        limiter
+    }
+
     fn limit(initial: f64) -> RateLimit {
         RateLimit {
             initial_per_s: initial,
@@ -391,13 +462,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_small_throttled_share_costs_a_small_decrease() {
-        let limiter = RateLimiter::new(
-            "svc",
-            RateLimit {
-                increase_per_s: 0.0,
-                ..limit(20.0)
-            },
-        );
+        let limiter = additive(RateLimit {
+            increase_per_s: 0.0,
+            ..limit(20.0)
+        });
         // 1 throttled of 20 within the window: nothing changes until the window is over.
         limiter.throttled(Permit { epoch: 0 });
         for _ in 0..19 {
@@ -417,7 +485,7 @@ mod tests {
 
     #[tokio::test]
     async fn successes_recover_the_rate_additively_up_to_the_cap() {
-        let limiter = RateLimiter::new("svc", limit(10.0));
+        let limiter = additive(limit(10.0));
         // rate' = rate + 10 / rate per success: 10 -> 11 -> 11.9 -> ...
         limiter.succeeded(Permit { epoch: 0 });
         assert_eq!(limiter.rate(), 11.0);
@@ -433,6 +501,85 @@ mod tests {
             limiter.succeeded(Permit { epoch: 0 });
         }
         assert_eq!(limiter.rate(), 1_000.0);
+    }
+
+    #[tokio::test]
+    async fn in_slow_start_each_success_adds_one_call_per_second_until_an_overloaded_window() {
+        let limiter = busy(limit(10.0));
+        for _ in 0..10 {
+            limiter.succeeded(Permit { epoch: 0 });
+        }
+        assert_eq!(
+            limiter.rate(),
+            20.0,
+            "doubled by a second's worth of successes"
+        );
+        // A window throttled at 10%: a small decrease, still in slow start.
+        {
+            let mut state = limiter.state.lock().unwrap();
+            state.window.started -= WINDOW;
+            state.window.outcomes = 9;
+        }
+        limiter.throttled(Permit { epoch: 0 });
+        assert!((limiter.rate() - 19.0).abs() < 1e-9, "{}", limiter.rate());
+        assert!(limiter.state.lock().unwrap().slow_start);
+        // A window throttled at 50%: overload, slow start is over.
+        {
+            let mut state = limiter.state.lock().unwrap();
+            state.window.started -= WINDOW;
+            state.window.outcomes = 1;
+            state.window.throttled = 0;
+        }
+        limiter.throttled(Permit { epoch: 1 });
+        assert!((limiter.rate() - 14.25).abs() < 1e-9, "{}", limiter.rate());
+        limiter.succeeded(Permit { epoch: 2 });
+        assert!((limiter.rate() - (14.25 + 10.0 / 14.25)).abs() < 1e-9);
+    }
+
+    #[tokio::test]
+    async fn the_rate_grows_only_while_calls_queue() {
+        let limiter = RateLimiter::new("svc", limit(10.0));
+        for _ in 0..100 {
+            limiter.succeeded(Permit { epoch: 0 });
+        }
+        assert_eq!(limiter.rate(), 10.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn probes_take_at_most_two_slots_in_a_row_while_calls_wait() {
+        let limiter = std::sync::Arc::new(RateLimiter::new("svc", limit(10.0)));
+        limiter.released(limiter.acquire().await);
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        let arrivals = [
+            ("probe-1", Priority::Probe),
+            ("probe-2", Priority::Probe),
+            ("probe-3", Priority::Probe),
+            ("create-1", Priority::Call),
+            ("probe-4", Priority::Probe),
+            ("probe-5", Priority::Probe),
+            ("create-2", Priority::Call),
+            ("probe-6", Priority::Probe),
+        ];
+        for (name, priority) in arrivals {
+            let (limiter, order) = (limiter.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let p = limiter.acquire_as(priority).await;
+                order.lock().unwrap().push(name);
+                limiter.released(p);
+            }));
+            tokio::task::yield_now().await;
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            *order.lock().unwrap(),
+            [
+                "probe-1", "probe-2", "create-1", "probe-3", "probe-4", "create-2", "probe-5",
+                "probe-6"
+            ]
+        );
     }
 
     #[tokio::test(start_paused = true)]
