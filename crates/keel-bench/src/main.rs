@@ -14,7 +14,8 @@
 //! 7. the baseline (second time); then the peak RSS of the whole run.
 //!
 //! Subcommands measure apart from the engine core: `waits` simulates wait strategies,
-//! `fleet` onboards a fleet of devices against moto through a throttling proxy.
+//! `fleet` onboards a fleet of devices against moto through a throttling proxy, `load` runs
+//! concurrent BOSH-like runs against a simulated cloud while killing the engine's process.
 
 // The binary's output is its report: printing it to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -23,6 +24,7 @@
 #![allow(clippy::print_stderr)]
 
 mod fleet;
+mod load;
 mod measure;
 mod report;
 mod resume;
@@ -101,6 +103,51 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Runs many concurrent BOSH-like runs (create an instance, wait until it runs, create a
+    /// volume, wait until it is available, attach) against a simulated EC2-like cloud
+    /// (heavy-tailed readiness with a median of 2 s, lying reads, random throttling, a
+    /// capacity), with the engine in a child process SIGKILLed at random moments and
+    /// restarted until every run settles. Reports healthy resources recreated, healthy runs
+    /// compensated, the cloud's accepted calls/s while busy against its capacity, time to a
+    /// usable machine and probes per resource.
+    Load {
+        /// Concurrent runs.
+        #[arg(long, default_value_t = 100)]
+        runs: u32,
+        /// Multiplies every time constant (readiness, polling, deadlines, lives and downtime
+        /// of the engine's process); 1.0 is EC2-like.
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// SIGKILLs of the engine's process, each after 5-20 s (scaled) of life.
+        #[arg(long, default_value_t = 3)]
+        kills: u32,
+        /// How long the engine stays down after each kill [default: 5000 x time-scale].
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// The cloud's capacity in calls/s (a token bucket of as many calls).
+        #[arg(long, default_value_t = 25.0)]
+        capacity: f64,
+        /// Fraction of every call the cloud throttles at random (0 to 1).
+        #[arg(long, default_value_t = 0.05)]
+        throttle: f64,
+        /// Samples of a wait kind before its waits learn their schedule (0: never)
+        /// [default: half the runs].
+        #[arg(long)]
+        learn_after: Option<u64>,
+        /// Fix the engine's limiter at this many calls/s instead of its AIMD defaults (to
+        /// tell the waits' defects from the limiter's).
+        #[arg(long)]
+        fixed_rate: Option<f64>,
+        /// Seed of the cloud's draws and of the kill moments.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Keep the engine's store and the children's logs, and print where.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// The engine's process of `load`, configured by its environment.
+    #[command(hide = true)]
+    LoadChild,
     /// The child of the resume measurement: fills a store with sleeping runs, prints `ready`
     /// and waits to be killed.
     #[command(hide = true)]
@@ -192,6 +239,48 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.table());
+            }
+            Ok(())
+        }
+        Some(Command::LoadChild) => load::child().await,
+        Some(Command::Load {
+            runs,
+            time_scale,
+            kills,
+            downtime_ms,
+            capacity,
+            throttle,
+            learn_after,
+            fixed_rate,
+            seed,
+            keep,
+        }) => {
+            if !(0.0..=1.0).contains(&throttle) {
+                bail!("--throttle must be between 0 and 1, not {throttle}");
+            }
+            if runs == 0 || time_scale <= 0.0 || capacity <= 0.0 {
+                bail!("--runs, --time-scale and --capacity must be positive");
+            }
+            let knobs = load::LoadKnobs {
+                runs,
+                time_scale,
+                kills,
+                downtime_ms,
+                capacity,
+                throttle,
+                learn_after,
+                fixed_rate,
+                seed,
+                keep,
+            };
+            let (report, kept) = load::run(&cli.dir, &knobs).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.table());
+            }
+            if let Some(dir) = kept {
+                eprintln!("store and logs kept in {}", dir.display());
             }
             Ok(())
         }

@@ -1,0 +1,59 @@
+//! Attaching a volume to an instance; undone by detaching it. The cloud refuses an attach
+//! while either resource is not really ready (a wait may have been fooled by a lying read):
+//! that refusal is retryable, as EC2's `IncorrectState` is.
+
+use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use serde::{Deserialize, Serialize};
+
+use super::client::SimClient;
+use super::create::call_retry_policy;
+use super::wire::{Reply, Request};
+use super::SERVICE;
+
+/// Attaches `volume` to `instance`; idempotent (attaching again what is attached succeeds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachVolume {
+    /// The instance id.
+    pub instance: String,
+    /// The volume id.
+    pub volume: String,
+}
+
+impl Step for AttachVolume {
+    const KIND: &'static str = "sim.attach-volume";
+    type Output = ();
+
+    async fn execute(&self, ctx: &StepContext) -> Result<(), StepError> {
+        let request = Request::Attach {
+            volume: self.volume.clone(),
+            instance: self.instance.clone(),
+        };
+        match SimClient::of(ctx)?.call(&request).await? {
+            Reply::Done => Ok(()),
+            other => {
+                Err(other.into_error(&format!("attaching {} to {}", self.volume, self.instance)))
+            }
+        }
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        call_retry_policy()
+    }
+
+    fn rate_limit(&self) -> Option<&str> {
+        Some(SERVICE)
+    }
+
+    async fn compensate(&self, ctx: &StepContext, _output: Option<()>) -> Result<Undo, StepError> {
+        let request = Request::Detach {
+            volume: self.volume.clone(),
+            instance: self.instance.clone(),
+        };
+        match SimClient::of(ctx)?.call(&request).await? {
+            Reply::Done | Reply::NotFound { .. } => Ok(Undo::Done),
+            other => {
+                Err(other.into_error(&format!("detaching {} from {}", self.volume, self.instance)))
+            }
+        }
+    }
+}
