@@ -4,48 +4,15 @@
 //! deployment that fails compensates the whole chain, child runs included, to nothing; bad
 //! inputs are refused naming the field, before anything exists.
 
-use keel_engine::{Engine, EngineError, RunStatus};
-use keel_steps::aws::x509::KeyStore;
-use keel_steps::aws::AwsClients;
-use keel_testkit::aws::SdkOptions;
+mod common;
+
+use common::env;
+use keel_engine::{EngineError, RunStatus};
 use keel_testkit::inventory::Inventory;
-use keel_testkit::moto::TestAccount;
-use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
+use keel_testkit::proxy::{Fault, FaultRule, Rules};
 use keel_workflows::fleet::OnboardFleet;
 use keel_workflows::greengrass::ProvisionCore;
 use keel_workflows::sample::{core, fleet};
-use keel_workflows::KeelWorkflows;
-
-struct Env {
-    _proxy: FaultProxy,
-    direct: aws_config::SdkConfig,
-    engine: Engine,
-    _dir: tempfile::TempDir,
-}
-
-async fn env(rules: Rules) -> Env {
-    keel_testkit::init_tracing();
-    let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
-    let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
-    let via = account
-        .sdk_config_via(&proxy.endpoint(), SdkOptions::default())
-        .await;
-    let direct = account.sdk_config().await;
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::builder(dir.path().join("data"))
-        .provisioning_workflows()
-        .resource(AwsClients::new(&via))
-        .resource(KeyStore::new(dir.path().join("keys")))
-        .open()
-        .await
-        .unwrap();
-    Env {
-        _proxy: proxy,
-        direct,
-        engine,
-        _dir: dir,
-    }
-}
 
 fn hostile(seed: u64) -> Rules {
     Rules::seeded(seed)

@@ -12,19 +12,17 @@
 //!
 //! `KEEL_LAG_CANCEL_REPEATS` sets the runs per variant (default [`REPEATS_DEFAULT`]).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use keel_engine::{Engine, Entry, Event, RunHistory, RunStatus, Step, StepIndex};
+use common::env;
+use keel_engine::{Entry, Event, RunHistory, RunStatus, Step, StepIndex};
 use keel_steps::aws::iot::{CreatePolicy, CreateThing, RegisterCertificate};
-use keel_steps::aws::x509::KeyStore;
-use keel_steps::aws::AwsClients;
-use keel_testkit::aws::SdkOptions;
 use keel_testkit::inventory::Inventory;
-use keel_testkit::moto::TestAccount;
-use keel_testkit::proxy::{Dist, FaultProxy, LagRule, Rules};
+use keel_testkit::proxy::{Dist, LagRule, Rules};
 use keel_workflows::iot::OnboardDevice;
 use keel_workflows::sample::device;
-use keel_workflows::KeelWorkflows;
 
 /// How long a new IoT resource reads as missing through the proxy.
 const LAG_MS: u64 = 1_500;
@@ -67,39 +65,6 @@ impl Variant {
             include_deletes: self.include_deletes,
             ..LagRule::after_create("iot", LAG_MS)
         })
-    }
-}
-
-/// A fresh moto account, a proxy in front of it, and an engine whose AWS clients go through
-/// the proxy; moto is read directly (`direct`) for the ground truth.
-struct Env {
-    _proxy: FaultProxy,
-    direct: aws_config::SdkConfig,
-    engine: Engine,
-    _dir: tempfile::TempDir,
-}
-
-async fn env(rules: Rules) -> Env {
-    keel_testkit::init_tracing();
-    let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
-    let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
-    let via = account
-        .sdk_config_via(&proxy.endpoint(), SdkOptions::default())
-        .await;
-    let direct = account.sdk_config().await;
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::builder(dir.path().join("data"))
-        .provisioning_workflows()
-        .resource(AwsClients::new(&via))
-        .resource(KeyStore::new(dir.path().join("keys")))
-        .open()
-        .await
-        .unwrap();
-    Env {
-        _proxy: proxy,
-        direct,
-        engine,
-        _dir: dir,
     }
 }
 
