@@ -14,7 +14,7 @@ use crate::error::{EngineError, Result};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event};
 use crate::lane::Lane;
-use crate::limiter::Priority;
+use crate::limiter::{Priority, Slot};
 use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX};
 use crate::replay::{step_action, step_undo_action, Op, StepAction, UndoAction};
 use crate::step::{Step, StepContext, StepError};
@@ -461,18 +461,13 @@ impl Ctx {
             .ok()
             .flatten();
         let limiter = service.map(|name| self.lane.inner.limiter(&name));
-        let permit = match &limiter {
-            Some(limiter) => Some(limiter.acquire_as(Priority::Probe).await),
-            None => None,
-        };
+        let slot = Slot::take(limiter.as_deref(), Priority::Probe).await;
         let sent_ms = self.now_ms();
         let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
         let polled = contained(call)
             .await
             .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
-        if let (Some(limiter), Some(permit)) = (limiter, permit) {
-            crate::lane::report(&limiter, permit, &polled);
-        }
+        slot.report(&polled);
         // Polls are not journaled: a poll that returned is what shows the run survives them.
         self.lane.cell.survived(&*self.lane.inner.store);
         (polled, sent_ms)

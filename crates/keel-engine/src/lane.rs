@@ -16,7 +16,7 @@ use crate::ctx::Interrupt;
 use crate::engine::Inner;
 use crate::ids::{Attempt, IdempotencyKey, StepIndex};
 use crate::journal::{ErrorClass, ErrorRecord, Event};
-use crate::limiter::{Permit, RateLimiter};
+use crate::limiter::{Priority, RateLimiter, Slot};
 use crate::limits::STEP_OUTPUT_BYTES_MAX;
 use crate::retry::RetryPolicy;
 use crate::stats::EventCounters;
@@ -228,10 +228,7 @@ impl Lane {
         // this attempt, which its start record tells (`poison.rs`). Waiting for the
         // limiter's slot comes before that record, so time queued never looks like a call.
         self.cell.survived(&*self.inner.store);
-        let permit = match attempts.limiter {
-            Some(limiter) => Some(limiter.acquire().await),
-            None => None,
-        };
+        let slot = Slot::take(attempts.limiter, Priority::Call).await;
         self.check()?;
         crate::crash::point("step.before_started");
         self.journal(Event::StepStarted {
@@ -263,9 +260,7 @@ impl Lane {
             call, span,
         )))
         .await;
-        if let (Some(limiter), Some(permit)) = (attempts.limiter, permit) {
-            report(limiter, permit, &result);
-        }
+        slot.report(&result);
         crate::crash::point("step.after_effect");
         match result.map(|output| (kept_output::<S>(&output), output)) {
             Ok((Ok(value), output)) => {
@@ -381,15 +376,6 @@ enum Ended<T> {
     FailedForGood(ErrorRecord),
     /// Retryable: the next attempt may start at this time.
     RetryAt(u64),
-}
-
-/// Reports a call's outcome to its limiter: success, throttling, or neither.
-pub(crate) fn report<T>(limiter: &RateLimiter, permit: Permit, result: &Result<T, StepError>) {
-    match result {
-        Ok(_) => limiter.succeeded(permit),
-        Err(e) if e.is_throttled() => limiter.throttled(permit),
-        Err(_) => limiter.released(permit),
-    }
 }
 
 /// Runs one attempt's call; a panic in it is a failed attempt (retryable: the attempt may

@@ -407,6 +407,33 @@ impl RateLimiter {
     }
 }
 
+/// A slot of a service's limiter, held for one call, or no slot when the call names no
+/// service: what step attempts, polls and undo attempts take before their call and give back
+/// with the call's outcome.
+pub(crate) struct Slot<'a>(Option<(&'a RateLimiter, Permit)>);
+
+impl<'a> Slot<'a> {
+    /// Waits for a slot of `limiter` (if any) as `priority`.
+    pub(crate) async fn take(limiter: Option<&'a RateLimiter>, priority: Priority) -> Slot<'a> {
+        match limiter {
+            Some(limiter) => Slot(Some((limiter, limiter.acquire_as(priority).await))),
+            None => Slot(None),
+        }
+    }
+
+    /// Reports the call's outcome: success, throttling, or neither.
+    pub(crate) fn report<T>(self, result: &Result<T, crate::step::StepError>) {
+        let Some((limiter, permit)) = self.0 else {
+            return;
+        };
+        match result {
+            Ok(_) => limiter.succeeded(permit),
+            Err(e) if e.is_throttled() => limiter.throttled(permit),
+            Err(_) => limiter.released(permit),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -811,6 +811,17 @@ pub fn step_action(op: Option<&StepOp>) -> StepAction {
     }
 }
 
+/// The latest time step `index`'s effect can have been made, for its compensation
+/// (`StepContext::effect_by_ms`): when its last attempt recorded an outcome, that record's
+/// time; in doubt (no outcome), when the current round of its undo attempts began.
+pub fn effect_by_ms(state: &RunState, index: StepIndex) -> Option<u64> {
+    let op = state.step(index)?;
+    match op.outcome {
+        StepOutcome::InFlight => state.undo_round_started_at_ms.get(&index).copied(),
+        _ => Some(op.last_at_ms),
+    }
+}
+
 /// How step `index` is to be undone: `Some(Some(output))` for a completed step,
 /// `Some(None)` for a step in doubt, `None` for nothing to undo (not a step, a step without
 /// compensation, or a permanent failure of the first attempt, which by contract had no

@@ -25,9 +25,9 @@ use crate::error::{EngineError, Result};
 use crate::executor::{settle, Next};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event, RunStatus};
-use crate::limiter::Priority;
+use crate::limiter::{Priority, Slot};
 use crate::registry::StepEntry;
-use crate::replay::{undo_action, undo_input, Op, StepOutcome, UndoAction};
+use crate::replay::{effect_by_ms, undo_action, undo_input, Op, UndoAction};
 use crate::retry::RetryPolicy;
 use crate::step::{StepContext, StepError, Undo};
 
@@ -155,18 +155,9 @@ pub(crate) async fn undo_attempt(
         .ok()
         .flatten()
         .map(|name| inner.limiter(&name));
-    let permit = match &limiter {
-        Some(limiter) => Some(limiter.acquire_as(Priority::Compensation).await),
-        None => None,
-    };
+    let slot = Slot::take(limiter.as_deref(), Priority::Compensation).await;
     begin_undo(inner, cell, step, attempt).await?;
-    let effect_by_ms = cell.with_state(|s| match s.step(step) {
-        Some(op) if op.outcome == StepOutcome::InFlight => {
-            s.undo_round_started_at_ms.get(&step).copied()
-        }
-        Some(op) => Some(op.last_at_ms),
-        None => None,
-    });
+    let effect_by_ms = cell.with_state(|s| effect_by_ms(s, step));
     let ctx = StepContext {
         run_id: cell.id.clone(),
         step,
@@ -182,9 +173,7 @@ pub(crate) async fn undo_attempt(
     let result = contained(undo)
         .await
         .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
-    if let (Some(limiter), Some(permit)) = (limiter, permit) {
-        crate::lane::report(&limiter, permit, &result);
-    }
+    slot.report(&result);
     crate::crash::point("saga.after_undo");
     // The compensation's retry policy is the step's code too: one that panics makes the
     // undo fail for good (an operator retries it once the step is fixed).
