@@ -37,6 +37,7 @@ mod reads;
 mod resume;
 
 pub use builder::EngineBuilder;
+pub use reads::{RunsPage, RunsQuery, RUNS_PAGE_MAX};
 
 /// How long finished runs are kept by default.
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -23,7 +23,7 @@ use crate::ids::{Attempt, RunId, StepIndex};
 /// | `Failed`             | yes      | (failed with nothing to undo)                     |
 /// | `Compensated`        | yes      |                                                   |
 /// | `Resolved`           | yes      | (an operator settled a failed compensation)       |
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunStatus {
     /// The workflow code is being run (or waits to be).

@@ -137,7 +137,9 @@ mod workflow;
 pub use child::child_id;
 pub use clock::Clock;
 pub use ctx::{Created, Ctx};
-pub use engine::{Engine, EngineBuilder, RunHandle, RETENTION_DEFAULT};
+pub use engine::{
+    Engine, EngineBuilder, RunHandle, RunsPage, RunsQuery, RETENTION_DEFAULT, RUNS_PAGE_MAX,
+};
 pub use error::{EngineError, Result};
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
 pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};

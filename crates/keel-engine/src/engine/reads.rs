@@ -1,7 +1,11 @@
 //! Reading runs: records, journals and lists (each durable when returned), and waiting for a
 //! run to settle, with every way a run can stop being driven answered.
 
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
 
 use crate::cell::RunCell;
 use crate::engine::Engine;
@@ -9,6 +13,29 @@ use crate::error::{EngineError, Result};
 use crate::ids::RunId;
 use crate::journal::{RunHistory, RunRecord, RunStatus};
 use crate::replay::RunState;
+
+/// Most run records in one page of [`Engine::list_page`].
+pub const RUNS_PAGE_MAX: usize = 1000;
+
+/// Which runs [`Engine::list_page`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunsQuery {
+    /// Only runs in this status; every status when `None`.
+    pub status: Option<RunStatus>,
+    /// Start after this run id (the previous page's `next`); from the first when `None`.
+    pub after: Option<String>,
+    /// Most records in the page, 1 to [`RUNS_PAGE_MAX`].
+    pub limit: usize,
+}
+
+/// One page of run records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunsPage {
+    /// The records, in id order.
+    pub runs: Vec<RunRecord>,
+    /// The `after` of the next page; `None` when this is the last.
+    pub next: Option<RunId>,
+}
 
 impl Engine {
     /// The run record of `id`.
@@ -36,6 +63,61 @@ impl Engine {
         let runs = self.records()?;
         self.inner.store.sync().wait().await?;
         Ok(runs)
+    }
+
+    /// One page of the run records in id order: those after `query.after` with
+    /// `query.status` (any when `None`), at most `query.limit` (1 to [`RUNS_PAGE_MAX`]). The
+    /// page's `next` is the id to pass as `after` for the following page, `None` on the last.
+    /// A page reads the store from `after` until it is full, so its cost is bounded by what it
+    /// skips and holds, not by the store. Durable when returned (see [`Engine::status`]).
+    pub async fn list_page(&self, query: &RunsQuery) -> Result<RunsPage> {
+        if query.limit == 0 || query.limit > RUNS_PAGE_MAX {
+            return Err(EngineError::InvalidRequest(format!(
+                "limit {} is out of range (1..={RUNS_PAGE_MAX})",
+                query.limit
+            )));
+        }
+        let after = query.after.as_deref().map(RunId::new).transpose()?;
+        let mut runs = Vec::new();
+        let mut more = false;
+        self.inner.store.scan_runs(after.as_ref(), &mut |record| {
+            let record = match record {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(%error, "run record unreadable: not listed");
+                    return ControlFlow::Continue(());
+                }
+            };
+            if query.status.is_some_and(|s| s != record.status) {
+                return ControlFlow::Continue(());
+            }
+            if runs.len() == query.limit {
+                more = true;
+                return ControlFlow::Break(());
+            }
+            runs.push(record);
+            ControlFlow::Continue(())
+        })?;
+        self.inner.store.sync().wait().await?;
+        let next = if more {
+            runs.last().map(|r| r.id.clone())
+        } else {
+            None
+        };
+        Ok(RunsPage { runs, next })
+    }
+
+    /// How many runs the store holds in each status (statuses with none are left out),
+    /// counted without holding the records.
+    pub fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
+        let mut counts = BTreeMap::new();
+        self.inner.store.scan_runs(None, &mut |record| {
+            if let Ok(record) = record {
+                *counts.entry(record.status).or_default() += 1;
+            }
+            ControlFlow::Continue(())
+        })?;
+        Ok(counts)
     }
 
     /// The stored record of `id`, durable or not: for the engine's own decisions only.

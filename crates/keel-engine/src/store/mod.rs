@@ -31,6 +31,15 @@ pub trait JournalStore: Send + Sync + 'static {
     /// corrupt record cannot hide the others.
     fn runs(&self) -> Result<Vec<Result<RunRecord>>>;
 
+    /// Visits run records in id order, starting after `after` (or at the first), until
+    /// `visit` says stop: a page of a listing costs what the page holds, not the store. A
+    /// record that does not decode is passed as its error.
+    fn scan_runs(
+        &self,
+        after: Option<&RunId>,
+        visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
+    ) -> Result<()>;
+
     /// The journal of `id`, checked to be dense from index 0.
     fn journal(&self, id: &RunId) -> Result<Vec<Entry>>;
 

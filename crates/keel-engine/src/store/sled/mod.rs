@@ -326,6 +326,28 @@ impl JournalStore for SledStore {
         Ok(records)
     }
 
+    fn scan_runs(
+        &self,
+        after: Option<&RunId>,
+        visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
+    ) -> Result<()> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(id) => Bound::Excluded(run_key(id)),
+            None => Bound::Included(vec![RUN_PREFIX]),
+        };
+        for item in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+            let (key, bytes) = item.map_err(|e| self.storage(e))?;
+            if key.first() != Some(&RUN_PREFIX) {
+                break;
+            }
+            if visit(decode_record(&key, &bytes)).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn journal(&self, id: &RunId) -> Result<Vec<Entry>> {
         let prefix = journal_prefix(id);
         let mut entries = Vec::new();
