@@ -1,0 +1,119 @@
+//! Listing runs a page at a time: pages in id order that together hold every run once, a
+//! status filter applied before the page is cut, a `next` cursor that is `None` exactly on the
+//! last page, and counts by status that agree with the records.
+
+use std::collections::BTreeMap;
+
+use keel::{
+    Ctx, Engine, EngineError, RunStatus, RunsQuery, Workflow, WorkflowError, RUNS_PAGE_MAX,
+};
+
+/// Completes with its input, or fails (with nothing to undo) when the input is odd.
+struct EvenFlow;
+
+impl Workflow for EvenFlow {
+    const NAME: &'static str = "test.even";
+    type Input = u32;
+    type Output = u32;
+
+    async fn run(_ctx: &mut Ctx, input: u32) -> Result<u32, WorkflowError> {
+        if input % 2 == 1 {
+            return Err(WorkflowError::Failed(format!("{input} is odd")));
+        }
+        Ok(input)
+    }
+}
+
+async fn pages(engine: &Engine, status: Option<RunStatus>, limit: usize) -> Vec<Vec<String>> {
+    let mut pages = Vec::new();
+    let mut after = None;
+    loop {
+        let page = engine
+            .list_page(&RunsQuery {
+                status,
+                after: after.clone(),
+                limit,
+            })
+            .await
+            .unwrap();
+        assert!(page.runs.len() <= limit);
+        pages.push(page.runs.iter().map(|r| r.id.to_string()).collect());
+        match page.next {
+            Some(next) => {
+                assert_eq!(Some(&next), page.runs.last().map(|r| &r.id));
+                after = Some(next.to_string());
+            }
+            None => return pages,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path().join("data"))
+        .workflow::<EvenFlow>()
+        .open()
+        .await
+        .unwrap();
+    for n in 0..11u32 {
+        let id = format!("run-{n:02}");
+        let _ = engine
+            .start::<EvenFlow>(&id, n)
+            .await
+            .unwrap()
+            .result()
+            .await;
+    }
+    let all: Vec<String> = (0..11).map(|n| format!("run-{n:02}")).collect();
+    for limit in [1, 3, 11, 12, RUNS_PAGE_MAX] {
+        let pages = pages(&engine, None, limit).await;
+        assert_eq!(pages.concat(), all, "limit {limit}");
+        assert_eq!(pages.len(), 11usize.div_ceil(limit).max(1), "limit {limit}");
+    }
+    let records = engine.list().await.unwrap();
+    let mut expected: BTreeMap<RunStatus, u64> = BTreeMap::new();
+    for record in &records {
+        *expected.entry(record.status).or_default() += 1;
+    }
+    assert_eq!(engine.run_counts().unwrap(), expected);
+    assert_eq!(
+        expected.len(),
+        2,
+        "some completed, some failed: {expected:?}"
+    );
+    for (status, count) in expected {
+        let pages = pages(&engine, Some(status), 2).await;
+        let ids = pages.concat();
+        assert_eq!(ids.len() as u64, count, "{status}");
+        let wanted: Vec<String> = records
+            .iter()
+            .filter(|r| r.status == status)
+            .map(|r| r.id.to_string())
+            .collect();
+        assert_eq!(ids, wanted);
+    }
+    // Out of range: refused, naming the limit.
+    for limit in [0, RUNS_PAGE_MAX + 1] {
+        let error = engine
+            .list_page(&RunsQuery {
+                status: None,
+                after: None,
+                limit,
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(error, EngineError::InvalidRequest(_)), "{error}");
+        assert!(error.to_string().contains(&limit.to_string()), "{error}");
+    }
+    // After the last id: an empty last page.
+    let page = engine
+        .list_page(&RunsQuery {
+            status: None,
+            after: Some("run-99".into()),
+            limit: 5,
+        })
+        .await
+        .unwrap();
+    assert!(page.runs.is_empty() && page.next.is_none());
+}
