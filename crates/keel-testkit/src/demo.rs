@@ -54,12 +54,14 @@ pub struct Worker {
     pub child: Child,
     /// Its API's base URL.
     pub api: String,
+    /// Its data directory (where the CLI finds the API token).
+    pub data: PathBuf,
 }
 
 impl Worker {
-    /// Spawns `command` (a [`worker_command`], perhaps changed) and waits for its
+    /// Spawns `command` (a [`worker_command`] on `data`, perhaps changed) and waits for its
     /// "listening" line.
-    pub fn start(mut command: Command) -> Result<Worker, DemoError> {
+    pub fn start(mut command: Command, data: &Path) -> Result<Worker, DemoError> {
         let mut child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -72,12 +74,37 @@ impl Worker {
             .strip_prefix("keel worker listening on ")
             .ok_or_else(|| failed(format!("the worker did not start (said {line:?})")))?
             .to_string();
-        Ok(Worker { child, api })
+        Ok(Worker {
+            child,
+            api,
+            data: data.to_path_buf(),
+        })
+    }
+
+    /// `keel` (the binary `keel`) pointed at this worker: its API and its data directory, from
+    /// which the CLI reads the API token.
+    pub fn keel(&self, keel: &Path) -> Command {
+        let mut command = Command::new(keel);
+        command
+            .arg("--api")
+            .arg(&self.api)
+            .arg("--data-dir")
+            .arg(&self.data)
+            .env_remove("KEEL_API_TOKEN")
+            .env_remove("KEEL_API_TOKEN_FILE");
+        command
+    }
+
+    /// The API token the worker made in its data directory.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("api-token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
     }
 }
 
 /// `keel worker` on `data`, listening on `listen`, reaching AWS at `endpoint` as `account`,
-/// logging warnings only, without an API token.
+/// logging warnings only, with the API token it keeps in `data`.
 pub fn worker_command(
     keel: &Path,
     data: &Path,
@@ -97,6 +124,8 @@ pub fn worker_command(
         )
         .env_remove("AWS_SESSION_TOKEN")
         .env_remove("KEEL_API_TOKEN")
+        .env_remove("KEEL_API_TOKEN_FILE")
+        .env_remove("KEEL_NO_AUTH")
         .env("RUST_LOG", "warn");
     command
 }
@@ -209,9 +238,8 @@ impl Demo<'_> {
 
         writeln!(self.out, "\n== starting the worker")?;
         let mut worker = self.worker(&data)?;
-        let api = worker.api.clone();
         self.keel(
-            &api,
+            &worker,
             &[
                 "start",
                 "greengrass.provision-core",
@@ -223,7 +251,7 @@ impl Demo<'_> {
             0,
         )?;
         self.keel(
-            &api,
+            &worker,
             &[
                 "start",
                 "iot.onboard-fleet",
@@ -238,7 +266,7 @@ impl Demo<'_> {
         // Kill the worker midway: once some devices are onboarded, before the runs are done.
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let runs = self.runs(&api)?;
+            let runs = self.runs(&worker)?;
             let done = runs
                 .iter()
                 .filter(|r| r["workflow"] == "iot.onboard-device" && r["status"] == "completed")
@@ -249,7 +277,7 @@ impl Demo<'_> {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        self.keel(&api, &["list", "--status", "running"], 0)?;
+        self.keel(&worker, &["list", "--status", "running"], 0)?;
         writeln!(
             self.out,
             "\n== SIGKILL the worker (pid {}) in the middle of it",
@@ -264,13 +292,12 @@ impl Demo<'_> {
             "\n== restarting the worker: it resumes every unfinished run"
         )?;
         let worker = self.worker(&data)?;
-        let api = worker.api.clone();
         writeln!(
             self.out,
             "(starting the same ids again returns the same runs; --wait follows them)"
         )?;
         self.keel(
-            &api,
+            &worker,
             &[
                 "start",
                 "greengrass.provision-core",
@@ -283,7 +310,7 @@ impl Demo<'_> {
             0,
         )?;
         self.keel(
-            &api,
+            &worker,
             &[
                 "start",
                 "iot.onboard-fleet",
@@ -301,7 +328,7 @@ impl Demo<'_> {
             "\n== a core whose deployment fails late: everything it made is undone"
         )?;
         self.keel(
-            &api,
+            &worker,
             &[
                 "start",
                 "greengrass.provision-core",
@@ -313,11 +340,11 @@ impl Demo<'_> {
             ],
             1,
         )?;
-        self.keel(&api, &["history", DOOMED], 0)?;
-        self.keel(&api, &["list"], 0)?;
+        self.keel(&worker, &["history", DOOMED], 0)?;
+        self.keel(&worker, &["list"], 0)?;
         writeln!(self.out, "\n== latency per operation")?;
-        self.keel(&api, &["stats"], 0)?;
-        self.verify(&api)?;
+        self.keel(&worker, &["stats"], 0)?;
+        self.verify(&worker)?;
         writeln!(
             self.out,
             "\n== stopping the worker (SIGTERM: drain, then exit)"
@@ -344,25 +371,24 @@ impl Demo<'_> {
             &self.proxy_endpoint,
             "127.0.0.1:0",
         );
-        let worker = Worker::start(command)?;
+        let worker = Worker::start(command, data)?;
         writeln!(
             self.out,
-            "$ keel worker --data-dir {} --aws-endpoint {}   # {}",
+            "$ keel worker --data-dir {} --aws-endpoint {}   # {}\n\
+             (the worker keeps its API token in {}/api-token; `keel --data-dir {}` reads it)",
             data.display(),
             self.proxy_endpoint,
-            worker.api
+            worker.api,
+            data.display(),
+            data.display()
         )?;
         Ok(worker)
     }
 
     /// Runs `keel` with `args`, shows the command and its output, and checks its exit code.
-    fn keel(&mut self, api: &str, args: &[&str], expect: i32) -> Result<String, DemoError> {
+    fn keel(&mut self, worker: &Worker, args: &[&str], expect: i32) -> Result<String, DemoError> {
         writeln!(self.out, "\n$ keel {}", args.join(" "))?;
-        let output = Command::new(&self.options.keel)
-            .args(["--api", api])
-            .args(args)
-            .env_remove("KEEL_API_TOKEN")
-            .output()?;
+        let output = worker.keel(&self.options.keel).args(args).output()?;
         let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&output.stderr);
         self.out.write_all(stdout.as_bytes())?;
@@ -380,15 +406,21 @@ impl Demo<'_> {
         Ok(stdout)
     }
 
-    fn runs(&mut self, api: &str) -> Result<Vec<serde_json::Value>, DemoError> {
-        let output = Command::new(&self.options.keel)
-            .args(["--api", api, "--json", "list"])
+    fn runs(&mut self, worker: &Worker) -> Result<Vec<serde_json::Value>, DemoError> {
+        let output = worker
+            .keel(&self.options.keel)
+            .args(["--json", "list", "--limit", "1000"])
             .output()?;
-        serde_json::from_slice(&output.stdout).map_err(|e| failed(format!("keel list --json: {e}")))
+        let mut page: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .map_err(|e| failed(format!("keel list --json: {e}")))?;
+        match page["runs"].take() {
+            serde_json::Value::Array(runs) => Ok(runs),
+            other => Err(failed(format!("keel list --json: no runs in {other}"))),
+        }
     }
 
     /// The ground truth, read straight from moto (not through the proxy).
-    fn verify(&mut self, api: &str) -> Result<(), DemoError> {
+    fn verify(&mut self, worker: &Worker) -> Result<(), DemoError> {
         writeln!(
             self.out,
             "\n== checking through the AWS API (moto, directly)"
@@ -399,7 +431,7 @@ impl Demo<'_> {
         let truth = runtime
             .block_on(async { Inventory::read(&self.account.sdk_config().await).await })
             .map_err(|e| failed(format!("reading moto: {e}")))?;
-        let runs = self.runs(api)?;
+        let runs = self.runs(worker)?;
         let mut problems = Vec::new();
         let status = |id: &str| {
             runs.iter()

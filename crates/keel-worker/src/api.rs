@@ -1,19 +1,22 @@
-//! The HTTP JSON API (docs/api.md): the engine's operations, `/metrics`, a token check and
-//! body limits. Every error is `{"error": "<one line>", "kind": "<machine word>"}` with a
-//! status that says whose fault it is (4xx: the request's; 5xx: the worker's).
+//! The HTTP JSON API (docs/api.md): the engine's operations, `/metrics`, and the request
+//! checks of docs/api.md "Safety" (the `Host` and `Origin` a request names, the token, JSON
+//! bodies on every state change). Every error is `{"error": "<one line>", "kind": "<machine
+//! word>"}` with a status that says whose fault it is (4xx: the request's; 5xx: the worker's).
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use keel_engine::limits::INPUT_BYTES_MAX;
-use keel_engine::{Engine, EngineError, RunStatus};
+use keel_engine::{Engine, EngineError, RunStatus, RunsPage, RunsQuery, RUNS_PAGE_MAX};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Largest request body: an input at its limit, with room for the envelope.
@@ -22,12 +25,71 @@ pub const BODY_BYTES_MAX: usize = INPUT_BYTES_MAX + 16 * 1024;
 /// The services whose rate limiters `/metrics` reports.
 pub const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
 
+/// Runs in a page of `GET /v1/runs` when the request does not say.
+pub const RUNS_PAGE_DEFAULT: usize = 100;
+
 /// What every handler shares.
 pub struct AppState {
     /// The engine.
     pub engine: Engine,
-    /// The API token every request must carry, if set.
+    /// The API token every request but `/v1/health` must carry; `None` only with `--no-auth`.
     pub token: Option<String>,
+    /// The `Host` names requests may use.
+    pub hosts: AllowedHosts,
+}
+
+/// The `Host` a request may name: the address the API listens on (any IP address when it
+/// listens on all of them), `localhost` when it listens on loopback, and configured names.
+/// A name a client resolved through DNS that the operator did not configure is refused: a
+/// web page that rebinds its own name to 127.0.0.1 cannot read or start runs.
+#[derive(Clone, Debug)]
+pub struct AllowedHosts {
+    /// The bound address.
+    pub listen: SocketAddr,
+    /// Names (lowercase, without port) allowed on any port, e.g. a proxy's.
+    pub names: Vec<String>,
+}
+
+impl AllowedHosts {
+    /// Whether a request naming `host` (a `Host` header's value) is for this worker.
+    pub fn allow(&self, host: &str) -> bool {
+        let Some((name, port)) = split_host(host) else {
+            return false;
+        };
+        let port_ok = port.map_or(self.listen.port() == 80, |p| p == self.listen.port());
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            return port_ok && (ip == self.listen.ip() || self.listen.ip().is_unspecified());
+        }
+        let name = name.to_ascii_lowercase();
+        if name == "localhost" && self.listen.ip().is_loopback() {
+            return port_ok;
+        }
+        self.names.contains(&name)
+    }
+}
+
+/// `name[:port]` or `[v6]:port` into the name (brackets removed) and the port.
+fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let (name, after) = rest.split_once(']')?;
+        match after {
+            "" => (name, None),
+            _ => (name, Some(after.strip_prefix(':')?)),
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
+    };
+    if name.is_empty() {
+        return None;
+    }
+    let port = match port {
+        Some(p) => Some(p.parse::<u16>().ok()?),
+        None => None,
+    };
+    Some((name, port))
 }
 
 /// An error answer.
@@ -42,7 +104,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, kind: &str, error: impl Into<String>) -> ApiError {
+    /// An error answer of `status`.
+    pub fn new(status: StatusCode, kind: &str, error: impl Into<String>) -> ApiError {
         ApiError {
             error: error.into(),
             kind: kind.into(),
@@ -84,7 +147,7 @@ impl IntoResponse for ApiError {
 
 type Answer<T> = Result<Json<T>, ApiError>;
 
-/// The router, with the token check and the body limit.
+/// The router, with the request checks, the body limit and JSON errors throughout.
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
@@ -95,29 +158,123 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such API path") })
+        .method_not_allowed_fallback(|method: Method| async move {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on this path"),
+            )
+        })
         .layer(DefaultBodyLimit::max(BODY_BYTES_MAX))
-        .layer(middleware::from_fn_with_state(state.clone(), authorise))
+        .layer(middleware::from_fn_with_state(state.clone(), check))
+        .layer(middleware::from_fn(json_errors))
         .with_state(state)
 }
 
-/// Refuses a request without the worker's token (when it has one).
-async fn authorise(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let given = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorised",
-                "missing or wrong API token (Authorization: Bearer <token>)",
-            )
-            .into_response();
+/// The checks every request passes before a handler sees it, in this order: it names this
+/// worker in `Host` (421), comes from no other web origin (403), carries the token (401, all
+/// but `/v1/health`), and a state change carries JSON (415).
+async fn check(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    match refusal(
+        &state,
+        request.method(),
+        request.uri().path(),
+        request.headers(),
+    ) {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
+    }
+}
+
+fn refusal(state: &AppState, method: &Method, path: &str, headers: &HeaderMap) -> Option<ApiError> {
+    let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+    let host = text(header::HOST).unwrap_or_default();
+    if !state.hosts.allow(host) {
+        return Some(ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "wrong_host",
+            format!(
+                "Host {host:?} is not this worker's address ({}); add the name with \
+                 --allowed-host if a proxy or DNS name is meant to reach it",
+                state.hosts.listen
+            ),
+        ));
+    }
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let same = origin.to_str().ok().is_some_and(|o| {
+            ["http://", "https://"].iter().any(|scheme| {
+                o.strip_prefix(scheme)
+                    .is_some_and(|h| h.eq_ignore_ascii_case(host))
+            })
+        });
+        if !same {
+            return Some(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "cross_origin",
+                format!("requests from another web origin ({origin:?}) are refused"),
+            ));
         }
     }
-    next.run(request).await
+    if text(header::HeaderName::from_static("sec-fetch-site")) == Some("cross-site") {
+        return Some(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross_origin",
+            "cross-site requests are refused",
+        ));
+    }
+    if let Some(token) = &state.token {
+        let given = text(header::AUTHORIZATION).and_then(|v| {
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+        if path != "/v1/health" && !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+            return Some(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorised",
+                "missing or wrong API token (Authorization: Bearer <token>; the worker keeps \
+                 it in DATA_DIR/api-token, which the CLI reads with --data-dir)",
+            ));
+        }
+    }
+    if *method != Method::GET && *method != Method::HEAD {
+        let json = text(header::CONTENT_TYPE).is_some_and(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"))
+        });
+        if !json {
+            return Some(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "a request that changes state must be Content-Type: application/json",
+            ));
+        }
+    }
+    None
+}
+
+/// Turns every error answer that is not yet `{error, kind}` (axum's own rejections, say) into
+/// one, keeping its status and its text.
+async fn json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let line = text.lines().next().unwrap_or_default().trim();
+    let reason = status.canonical_reason().unwrap_or("error");
+    let kind = reason.to_ascii_lowercase().replace([' ', '-'], "_");
+    let error = if line.is_empty() { reason } else { line };
+    ApiError::new(status, &kind, error).into_response()
 }
 
 /// Compares in time that depends only on the lengths.
@@ -131,6 +288,7 @@ async fn health() -> Json<serde_json::Value> {
 
 /// `POST /v1/runs` body.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct StartRequest {
     /// The workflow name.
     pub workflow: String,
@@ -140,10 +298,12 @@ pub struct StartRequest {
     pub input: serde_json::Value,
 }
 
-async fn start(
-    State(state): State<Arc<AppState>>,
+/// A request body decoded as `T`: `malformed_request` when it is not JSON, `invalid_input`
+/// naming the field when a field is unknown, missing or of the wrong type.
+fn decode<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
-) -> Answer<keel_engine::RunRecord> {
+    shape: &str,
+) -> Result<T, ApiError> {
     let body = body.map_err(|e| {
         ApiError::new(
             e.status(),
@@ -154,13 +314,43 @@ async fn start(
             ),
         )
     })?;
-    let request: StartRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
+    let mut decoder = serde_json::Deserializer::from_slice(&body);
+    let decoded: Result<T, _> = serde_path_to_error::deserialize(&mut decoder);
+    let decoded = match decoded {
+        Ok(value) => value,
+        Err(e) => return Err(decode_error(e.path().to_string(), e.into_inner(), shape)),
+    };
+    decoder
+        .end()
+        .map_err(|e| decode_error(".".into(), e, shape))?;
+    Ok(decoded)
+}
+
+fn decode_error(path: String, inner: serde_json::Error, shape: &str) -> ApiError {
+    if !inner.is_data() {
+        return ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_request",
-            format!("request body is not {{\"workflow\", \"id\", \"input\"}}: {e}"),
-        )
-    })?;
+            format!("request body is not JSON {shape}: {inner}"),
+        );
+    }
+    let at = if path == "." {
+        String::new()
+    } else {
+        format!("field {path}: ")
+    };
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_input",
+        format!("request body: {at}{inner} (expected {shape})"),
+    )
+}
+
+async fn start(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<keel_engine::RunRecord> {
+    let request: StartRequest = decode(body, r#"{"workflow", "id", "input"}"#)?;
     let record = state
         .engine
         .start_json(&request.workflow, &request.id, request.input)
@@ -170,21 +360,45 @@ async fn start(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     status: Option<String>,
+    after: Option<String>,
+    limit: Option<usize>,
 }
 
 async fn list(
     State(state): State<Arc<AppState>>,
-    Query(query): Query<ListQuery>,
-) -> Answer<Vec<keel_engine::RunRecord>> {
-    let wanted = match query.status.as_deref() {
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer<RunsPage> {
+    let Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{} (the query takes status, after, limit)", e.body_text()),
+        )
+    })?;
+    let status = match query.status.as_deref() {
         None => None,
         Some(word) => Some(parse_status(word)?),
     };
-    let mut runs = state.engine.list().await?;
-    runs.retain(|r| wanted.is_none_or(|s| r.status == s));
-    Ok(Json(runs))
+    let limit = query.limit.unwrap_or(RUNS_PAGE_DEFAULT);
+    if limit == 0 || limit > RUNS_PAGE_MAX {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("limit {limit} is out of range (1..={RUNS_PAGE_MAX})"),
+        ));
+    }
+    let page = state
+        .engine
+        .list_page(&RunsQuery {
+            status,
+            after: query.after,
+            limit,
+        })
+        .await?;
+    Ok(Json(page))
 }
 
 /// A status from its word, or an error listing the words.
@@ -217,10 +431,16 @@ async fn history(
 
 /// `POST /v1/runs/{id}/resolve` body.
 #[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ResolveRequest {
     /// What the operator did.
     pub note: String,
 }
+
+/// The body of every other operation: `{}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyRequest {}
 
 async fn operate(
     State(state): State<Arc<AppState>>,
@@ -228,20 +448,26 @@ async fn operate(
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<keel_engine::RunRecord> {
     let engine = &state.engine;
+    let empty = |body| decode::<EmptyRequest>(body, "{}");
     let record = match operation.as_str() {
-        "cancel" => engine.cancel(&id).await?,
-        "pause" => engine.pause(&id).await?,
-        "resume" => engine.resume(&id).await?,
-        "retry-compensation" => engine.retry_compensation(&id).await?,
+        "cancel" => {
+            empty(body)?;
+            engine.cancel(&id).await?
+        }
+        "pause" => {
+            empty(body)?;
+            engine.pause(&id).await?
+        }
+        "resume" => {
+            empty(body)?;
+            engine.resume(&id).await?
+        }
+        "retry-compensation" => {
+            empty(body)?;
+            engine.retry_compensation(&id).await?
+        }
         "resolve" => {
-            let body = body.map_err(|e| ApiError::new(e.status(), "bad_body", e.body_text()))?;
-            let request: ResolveRequest = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "malformed_request",
-                    format!("request body is not {{\"note\"}}: {e}"),
-                )
-            })?;
+            let request: ResolveRequest = decode(body, r#"{"note"}"#)?;
             engine.resolve(&id, &request.note).await?
         }
         other => {
@@ -264,8 +490,8 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<Vec<keel_engine::Oper
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let runs = state.engine.list().await?;
-    let text = crate::metrics::render(&runs, &state.engine.stats(), &state.engine);
+    let counts = state.engine.run_counts()?;
+    let text = crate::metrics::render(&counts, &state.engine.stats(), &state.engine);
     Ok((
         [(
             header::CONTENT_TYPE,

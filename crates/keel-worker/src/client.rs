@@ -11,7 +11,11 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::api::{ApiError, ResolveRequest, StartRequest};
+use keel_engine::limits::INPUT_BYTES_MAX;
+use keel_engine::RunsPage;
+
+use crate::api::{ApiError, EmptyRequest, ResolveRequest, StartRequest};
+use crate::worker::{read_token_file, TOKEN_FILE};
 
 /// A failed verb.
 #[derive(Debug, thiserror::Error)]
@@ -53,21 +57,30 @@ impl ClientError {
 
 type Result<T> = std::result::Result<T, ClientError>;
 
-/// The token from `file` (trimmed), else from `KEEL_API_TOKEN`, else none.
+/// The token from `file` (trimmed; the file must be owner-only), else from `KEEL_API_TOKEN`,
+/// else none.
 pub fn token(file: Option<&Path>) -> std::result::Result<Option<String>, String> {
-    let token = match file {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read the API token file {}: {e}", path.display()))?,
-        None => match std::env::var("KEEL_API_TOKEN") {
-            Ok(token) => token,
-            Err(_) => return Ok(None),
-        },
-    };
-    let token = token.trim().to_string();
-    if token.is_empty() {
-        return Err("the API token is empty".into());
+    if let Some(path) = file {
+        return read_token_file(path, true)
+            .map(Some)
+            .map_err(|e| format!("API token file {}: {e}", path.display()));
     }
-    Ok(Some(token))
+    match std::env::var("KEEL_API_TOKEN") {
+        Ok(token) if token.trim().is_empty() => Err("KEEL_API_TOKEN is empty".into()),
+        Ok(token) => Ok(Some(token.trim().to_string())),
+        Err(_) => Ok(None),
+    }
+}
+
+/// The token the worker keeps in `data_dir`, if the file exists.
+pub fn data_dir_token(data_dir: &Path) -> std::result::Result<Option<String>, String> {
+    let path = data_dir.join(TOKEN_FILE);
+    if std::fs::symlink_metadata(&path).is_err() {
+        return Ok(None);
+    }
+    read_token_file(&path, false)
+        .map(Some)
+        .map_err(|e| format!("API token file {}: {e}", path.display()))
 }
 
 /// A connection to one worker's API.
@@ -143,18 +156,17 @@ impl Client {
 
     /// `keel start`.
     pub fn start(&self, workflow: &str, id: &str, input: &str, wait: bool) -> Result<()> {
-        let text = if input == "-" {
-            let mut text = String::new();
-            std::io::stdin().read_to_string(&mut text).map_err(|e| {
-                ClientError::Local(format!("cannot read the input from stdin: {e}"))
-            })?;
-            text
-        } else {
-            std::fs::read_to_string(input).map_err(|e| {
-                ClientError::Usage(format!("cannot read the input file {input}: {e}"))
-            })?
-        };
         let from = if input == "-" { "stdin" } else { input };
+        let text = if input == "-" {
+            read_bounded(std::io::stdin().lock(), from)
+                .map_err(|e| ClientError::Local(format!("cannot read the input from stdin: {e}")))?
+        } else {
+            std::fs::File::open(input)
+                .and_then(|file| read_bounded(file, from))
+                .map_err(|e| {
+                    ClientError::Usage(format!("cannot read the input file {input}: {e}"))
+                })?
+        };
         let input: Value = serde_json::from_str(&text)
             .map_err(|e| ClientError::Usage(format!("the input in {from} is not JSON: {e}")))?;
         let request = StartRequest {
@@ -216,14 +228,20 @@ impl Client {
         Ok(())
     }
 
-    /// `keel list`.
-    pub fn list(&self, status: Option<&str>) -> Result<()> {
-        let path = match status {
-            Some(s) => format!("/v1/runs?status={}", encode(s)),
-            None => "/v1/runs".into(),
-        };
-        let runs: Vec<RunRecord> = self.get(&path)?;
-        self.print(&runs, || record_table(&runs));
+    /// `keel list`: one page; where more follow, stderr says how to get the next.
+    pub fn list(&self, status: Option<&str>, after: Option<&str>, limit: usize) -> Result<()> {
+        let mut path = format!("/v1/runs?limit={limit}");
+        if let Some(status) = status {
+            path += &format!("&status={}", encode(status));
+        }
+        if let Some(after) = after {
+            path += &format!("&after={}", encode(after));
+        }
+        let page: RunsPage = self.get(&path)?;
+        self.print(&page, || record_table(&page.runs));
+        if let Some(next) = &page.next {
+            eprintln!("more runs follow: keel list --after {next}");
+        }
         Ok(())
     }
 
@@ -244,11 +262,11 @@ impl Client {
 
     /// `keel cancel|pause|resume|retry-compensation|resolve`.
     pub fn operate(&self, id: &str, operation: &str, note: Option<String>) -> Result<()> {
-        let body = ResolveRequest {
-            note: note.unwrap_or_default(),
+        let path = format!("/v1/runs/{}/{operation}", encode(id));
+        let record: RunRecord = match note {
+            Some(note) => self.post(&path, &ResolveRequest { note })?,
+            None => self.post(&path, &EmptyRequest {})?,
         };
-        let record: RunRecord =
-            self.post(&format!("/v1/runs/{}/{operation}", encode(id)), &body)?;
         self.print(&record, || record_table(std::slice::from_ref(&record)));
         Ok(())
     }
@@ -259,6 +277,23 @@ impl Client {
         self.print(&stats, || stats_table(&stats));
         Ok(())
     }
+}
+
+/// All of `source` as text, refused once it is over the input limit (a run's input is at most
+/// [`INPUT_BYTES_MAX`] bytes of JSON), without reading further.
+fn read_bounded(source: impl Read, from: &str) -> std::io::Result<String> {
+    let mut bytes = Vec::new();
+    source
+        .take(INPUT_BYTES_MAX as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() > INPUT_BYTES_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{from} holds more than the {INPUT_BYTES_MAX}-byte limit of an input"),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))
 }
 
 /// A path segment with everything but letters and digits percent-encoded (run ids of child

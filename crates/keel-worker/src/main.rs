@@ -9,7 +9,8 @@
 //! ```
 //!
 //! Exit codes: 0 success; 1 failure (the worker failed, is unreachable, or a waited-for run
-//! did not complete); 2 refused (bad usage, bad input, a conflicting or unknown id).
+//! did not complete); 2 refused (bad usage, bad input, a conflicting or unknown id); 3 the
+//! worker stopped before its drain finished.
 
 // The CLI's output is its job: tables and JSON on stdout, errors and progress on stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -18,6 +19,7 @@ mod api;
 mod client;
 mod history;
 mod metrics;
+mod server;
 mod worker;
 
 use std::net::SocketAddr;
@@ -31,9 +33,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(
     name = "keel",
     version,
-    after_help = "Exit codes: 0 success; 1 failure (the worker failed or is unreachable, or a \
-                  waited-for run did not complete); 2 refused (bad usage, bad input, a \
-                  conflicting or unknown id)."
+    after_help = "Exit codes: 0 success (for the worker: it drained); 1 failure (the worker \
+                  failed or is unreachable, or a waited-for run did not complete); 2 refused \
+                  (bad usage, bad input, a conflicting or unknown id); 3 the worker stopped \
+                  before its drain finished."
 )]
 struct Cli {
     /// The worker's API (for every verb but `worker`).
@@ -44,8 +47,18 @@ struct Cli {
         default_value = "http://127.0.0.1:7878"
     )]
     api: String,
-    /// A file holding the API token (else `KEEL_API_TOKEN`). The worker requires it on every
-    /// request when it has one; it must have one to listen beyond loopback.
+    /// The worker's data directory: its journal, device keys and API token. The worker
+    /// makes the token (`api-token`, mode 0600) at its first start; the CLI reads it from
+    /// there unless `--token-file` or `KEEL_API_TOKEN` gives one.
+    #[arg(
+        long,
+        env = "KEEL_DATA_DIR",
+        global = true,
+        default_value = "./keel-data"
+    )]
+    data_dir: PathBuf,
+    /// A file holding the API token (owner-only), instead of the data directory's; else
+    /// `KEEL_API_TOKEN`.
     #[arg(long, env = "KEEL_API_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
     /// Print JSON instead of a table.
@@ -78,12 +91,18 @@ enum Command {
         /// The run id.
         id: String,
     },
-    /// Every run, or those with one status.
+    /// Runs in id order, a page at a time: every status, or one.
     List {
         /// running, suspended, paused, completed, failed, compensating, compensated,
         /// compensation_failed, ...
         #[arg(long)]
         status: Option<String>,
+        /// Start after this run id (the `next` a previous page named).
+        #[arg(long)]
+        after: Option<String>,
+        /// Most runs shown (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
     /// A run's journal as a table: step, kind, attempts, duration, outcome, compensation.
     History {
@@ -131,17 +150,29 @@ pub enum LogFormat {
     Json,
 }
 
-/// `keel worker`.
+/// `keel worker` (its data directory is the global `--data-dir`, created owner-only if
+/// missing).
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
-    /// The data directory (created owner-only if missing): the journal and device keys.
-    #[arg(long, env = "KEEL_DATA_DIR", default_value = "./keel-data")]
-    pub data_dir: PathBuf,
-    /// Where the API listens. Beyond loopback, an API token is required.
+    /// Where the API listens.
     #[arg(long, env = "KEEL_LISTEN", default_value = "127.0.0.1:7878")]
     pub listen: SocketAddr,
-    /// The AWS endpoint (moto, a proxy); default: the real AWS endpoints.
-    #[arg(long, env = "KEEL_AWS_ENDPOINT")]
+    /// Serve the API without a token. Loopback only; for tests and embedding: any local user
+    /// (and any process of theirs) can then start runs.
+    #[arg(long, env = "KEEL_NO_AUTH")]
+    pub no_auth: bool,
+    /// Another name requests may give in `Host` (a proxy's or a DNS name of this machine),
+    /// beyond the listen address and, on loopback, `localhost`. Repeatable.
+    #[arg(long, env = "KEEL_ALLOWED_HOSTS", value_delimiter = ',', value_parser = host_name)]
+    pub allowed_host: Vec<String>,
+    /// Most open API connections; at the cap a new one evicts the oldest idle one.
+    #[arg(long, env = "KEEL_CONNECTIONS_MAX", default_value_t = 256, value_parser = clap::value_parser!(u16).range(1..))]
+    pub connections_max: u16,
+    /// Seconds a client has to send a request's head, and then its body.
+    #[arg(long, env = "KEEL_READ_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub read_timeout_s: u64,
+    /// The AWS endpoint URL (moto, a proxy); default: the real AWS endpoints.
+    #[arg(long, env = "KEEL_AWS_ENDPOINT", value_parser = endpoint_url)]
     pub aws_endpoint: Option<String>,
     /// The AWS region.
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
@@ -149,8 +180,9 @@ pub struct WorkerArgs {
     /// Most runs driven at once.
     #[arg(long, env = "KEEL_MAX_CONCURRENT", default_value_t = 1000)]
     pub max_concurrent: usize,
-    /// On SIGTERM or SIGINT, how long in-flight steps get to finish (seconds).
-    #[arg(long, env = "KEEL_GRACE_S", default_value_t = 30)]
+    /// On SIGTERM or SIGINT, how long in-flight steps get to finish (seconds); a second
+    /// signal exits at once.
+    #[arg(long, env = "KEEL_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub grace_s: u64,
     /// Log format.
     #[arg(long, env = "KEEL_LOG_FORMAT", value_enum, default_value = "text")]
@@ -168,6 +200,35 @@ pub struct WorkerArgs {
     pub accept_data_loss: bool,
 }
 
+/// An `--aws-endpoint`: an absolute `http` or `https` URL with a host.
+fn endpoint_url(text: &str) -> Result<String, String> {
+    let uri: axum::http::Uri = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
+    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || uri.host().is_none_or(str::is_empty) {
+        return Err(format!(
+            "{text:?} is not an http(s) URL with a host (e.g. http://127.0.0.1:4566)"
+        ));
+    }
+    Ok(text.to_string())
+}
+
+/// An `--allowed-host` name: letters, digits, `.` and `-`, lowercased.
+fn host_name(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 253
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    if !ok {
+        return Err(format!(
+            "{text:?} is not a host name (letters, digits, . and -; no port)"
+        ));
+    }
+    Ok(text.to_ascii_lowercase())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let token = match client::token(cli.token_file.as_deref()) {
@@ -178,14 +239,34 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Worker(args) = cli.command {
-        return match worker::run(args, token) {
-            Ok(()) => ExitCode::SUCCESS,
+        let auth = match (args.no_auth, token) {
+            (true, Some(_)) => {
+                eprintln!("keel worker: --no-auth and an API token exclude each other");
+                return ExitCode::from(2);
+            }
+            (true, None) => worker::Auth::None,
+            (false, Some(token)) => worker::Auth::Token(token),
+            (false, None) => worker::Auth::DataDir,
+        };
+        return match worker::run(args, cli.data_dir, auth) {
+            Ok(worker::Stopped::Drained) => ExitCode::SUCCESS,
+            Ok(worker::Stopped::NotDrained) => ExitCode::from(worker::EXIT_NOT_DRAINED),
             Err(error) => {
                 eprintln!("keel worker: {error}");
                 ExitCode::from(error.exit_code())
             }
         };
     }
+    let token = match token {
+        Some(token) => Some(token),
+        None => match client::data_dir_token(&cli.data_dir) {
+            Ok(token) => token,
+            Err(message) => {
+                eprintln!("keel: {message}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let client = client::Client::new(&cli.api, token, cli.json);
     let result = match cli.command {
         Command::Worker(_) => unreachable!("handled above"),
@@ -196,7 +277,11 @@ fn main() -> ExitCode {
             wait,
         } => client.start(&workflow, &id, &input, wait),
         Command::Status { id } => client.status(&id),
-        Command::List { status } => client.list(status.as_deref()),
+        Command::List {
+            status,
+            after,
+            limit,
+        } => client.list(status.as_deref(), after.as_deref(), limit),
         Command::History { id } => client.history(&id),
         Command::Cancel { id } => client.operate(&id, "cancel", None),
         Command::Pause { id } => client.operate(&id, "pause", None),

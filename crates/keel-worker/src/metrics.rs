@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use keel_engine::{Engine, OperationStats, RunRecord, RunStatus};
+use keel_engine::{Engine, OperationStats, RunStatus};
 
 use crate::api::SERVICES;
 
@@ -30,11 +30,15 @@ const STATUSES: [RunStatus; 9] = [
 ];
 
 /// The metrics page.
-pub fn render(runs: &[RunRecord], stats: &[OperationStats], engine: &Engine) -> String {
+pub fn render(
+    counts: &BTreeMap<RunStatus, u64>,
+    stats: &[OperationStats],
+    engine: &Engine,
+) -> String {
     let mut out = String::new();
-    let mut by_status: BTreeMap<&str, usize> = STATUSES.iter().map(|s| (s.as_str(), 0)).collect();
-    for run in runs {
-        *by_status.entry(run.status.as_str()).or_default() += 1;
+    let mut by_status: BTreeMap<&str, u64> = STATUSES.iter().map(|s| (s.as_str(), 0)).collect();
+    for (status, n) in counts {
+        *by_status.entry(status.as_str()).or_default() += n;
     }
     out += "# HELP keel_runs Runs in the store, by status.\n# TYPE keel_runs gauge\n";
     for (status, n) in &by_status {

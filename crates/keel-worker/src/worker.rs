@@ -1,10 +1,14 @@
-//! `keel worker`: opens the store (resuming every unfinished run), registers the provisioning
-//! workflows, serves the API, and drains on SIGTERM or SIGINT.
+//! `keel worker`: checks its data directory, takes its port, opens the store (resuming every
+//! unfinished run), registers the provisioning workflows, serves the API, and drains on
+//! SIGTERM or SIGINT.
 //!
-//! Data directory layout: `journal/` (the sled store) and `keys/` (device private keys,
-//! owner-only), under a directory created with mode 0700.
+//! Data directory layout, under a directory owned by the worker's user and writable by no one
+//! else (created with mode 0700): `journal/` (the sled store), `keys/` (device private keys,
+//! owner-only) and `api-token` (the API token, mode 0600, made at the first start).
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,19 +17,59 @@ use keel_engine::{Engine, EngineError};
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::AwsClients;
 use keel_workflows::KeelWorkflows;
+use rand::RngCore;
 
-use crate::api::{self, AppState};
+use crate::api::{self, AllowedHosts, AppState};
+use crate::server::{self, Limits};
 use crate::{LogFormat, WorkerArgs};
+
+/// The token file's name in the data directory.
+pub const TOKEN_FILE: &str = "api-token";
+
+/// Exit code of a worker stopped before its drain finished (the grace ran out, or a second
+/// signal came): what was in flight runs again, with the same keys, at the next start.
+pub const EXIT_NOT_DRAINED: u8 = 3;
+
+/// Longest that open API connections get to finish after the stop signal.
+const CONNECTION_GRACE_MAX: Duration = Duration::from_secs(5);
+
+/// How the API authenticates requests.
+#[derive(Debug)]
+pub enum Auth {
+    /// With this token (from `--token-file` or `KEEL_API_TOKEN`).
+    Token(String),
+    /// With the token in the data directory, made at the first start.
+    DataDir,
+    /// Not at all (`--no-auth`: loopback only, for tests and embedding).
+    None,
+}
+
+/// How the worker stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every in-flight step finished and was recorded.
+    Drained,
+    /// The grace ran out first.
+    NotDrained,
+}
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// Listening beyond loopback without a token.
+    /// `--no-auth` beyond loopback.
     #[error(
-        "refusing to listen on {0} without an API token: set KEEL_API_TOKEN or --token-file, \
-         or listen on loopback (127.0.0.1)"
+        "refusing to listen on {0} without an API token: --no-auth is for loopback \
+         (127.0.0.1) only"
     )]
     TokenRequired(SocketAddr),
+    /// The API token could not be made, read, or is not kept safe.
+    #[error("API token file {path}: {detail}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// The data directory could not be made or is not a directory.
     #[error("data directory {path}: {detail}")]
     DataDir {
@@ -54,23 +98,35 @@ impl WorkerError {
     /// The process exit code: 2 for a refused configuration, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            WorkerError::TokenRequired(_) => 2,
+            WorkerError::TokenRequired(_)
+            | WorkerError::DataDir { .. }
+            | WorkerError::Token { .. } => 2,
             _ => 1,
         }
     }
 }
 
-/// Runs the worker until SIGTERM or SIGINT.
-pub fn run(args: WorkerArgs, token: Option<String>) -> Result<(), WorkerError> {
-    if !args.listen.ip().is_loopback() && token.is_none() {
+/// Runs the worker until SIGTERM or SIGINT; says whether the drain finished.
+pub fn run(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Stopped, WorkerError> {
+    if !args.listen.ip().is_loopback() && matches!(auth, Auth::None) {
         return Err(WorkerError::TokenRequired(args.listen));
     }
     init_tracing(args.log_format);
-    make_data_dir(&args.data_dir)?;
+    make_data_dir(&data_dir)?;
+    owner_only(&data_dir.join("keys"), 0o077, "keys directory")?;
+    let token = match auth {
+        Auth::Token(token) => Some(token),
+        Auth::DataDir => Some(data_dir_token(&data_dir)?),
+        Auth::None => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(serve(args, token))
+    let stopped = runtime.block_on(serve(args, data_dir, token));
+    // Steps still in flight after the grace are abandoned here; they run again at the next
+    // start with the same idempotency keys.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    stopped
 }
 
 fn init_tracing(format: LogFormat) {
@@ -85,50 +141,152 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Creates `path` (and parents) owner-only if missing; refuses a path that is not a directory.
+/// Creates `path` (and parents) owner-only if missing; refuses a path that is not a
+/// directory, or one that another user owns or may write to (they could plant keys, links or
+/// a token of their own).
 fn make_data_dir(path: &Path) -> Result<(), WorkerError> {
     use std::os::unix::fs::DirBuilderExt;
-    let error = |detail: String| WorkerError::DataDir {
-        path: path.to_path_buf(),
-        detail,
-    };
     match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => Ok(()),
-        Ok(_) => Err(error("exists and is not a directory".into())),
+        Ok(_) => owner_only(path, 0o022, "data directory"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
-            .map_err(|e| error(format!("cannot create it: {e}"))),
-        Err(e) => Err(error(e.to_string())),
+            .map_err(|e| WorkerError::DataDir {
+                path: path.to_path_buf(),
+                detail: format!("cannot create it: {e}"),
+            }),
+        Err(e) => Err(WorkerError::DataDir {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }),
     }
 }
 
-async fn serve(args: WorkerArgs, token: Option<String>) -> Result<(), WorkerError> {
-    let mut aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(args.aws_region.clone()));
-    if let Some(endpoint) = &args.aws_endpoint {
-        aws = aws.endpoint_url(endpoint);
+/// Refuses an existing directory at `path` that is not a directory, is owned by another user,
+/// or has any of the permission bits in `forbidden`; a missing one is fine.
+fn owner_only(path: &Path, forbidden: u32, what: &str) -> Result<(), WorkerError> {
+    let error = |detail: String| WorkerError::DataDir {
+        path: path.to_path_buf(),
+        detail: format!("{what}: {detail}"),
+    };
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(error(e.to_string())),
+    };
+    // The data directory itself may be reached through a link; what it points at is checked.
+    let meta = if meta.file_type().is_symlink() && forbidden == 0o022 {
+        std::fs::metadata(path).map_err(|e| error(e.to_string()))?
+    } else {
+        meta
+    };
+    if !meta.is_dir() {
+        return Err(error("is not a directory".into()));
     }
-    let sdk = aws.load().await;
-    let mut builder = Engine::builder(args.data_dir.join("journal"))
-        .provisioning_workflows()
-        .runs_concurrent_max(args.max_concurrent)
-        .resource(AwsClients::new(&sdk))
-        .resource(KeyStore::new(args.data_dir.join("keys")));
-    if args.allow_unregistered {
-        builder = builder.allow_unregistered();
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(error(format!(
+            "owned by uid {}, not by this worker's user (uid {me})",
+            meta.uid()
+        )));
     }
-    if args.accept_data_loss {
-        builder = builder.accept_data_loss();
+    let mode = meta.mode() & 0o7777;
+    if mode & forbidden != 0 {
+        let allowed = 0o777 & !forbidden;
+        return Err(error(format!(
+            "mode {mode:04o} lets other users in: make it at most {allowed:04o} \
+             (chmod {allowed:o} {})",
+            path.display()
+        )));
     }
-    let engine = builder.open().await?;
-    let unfinished = engine
-        .list()
-        .await?
-        .iter()
-        .filter(|r| !r.status.is_terminal())
-        .count();
+    Ok(())
+}
+
+/// The API token kept in the data directory, made (32 random bytes, hex, mode 0600) at the
+/// first start.
+fn data_dir_token(data_dir: &Path) -> Result<String, WorkerError> {
+    let path = data_dir.join(TOKEN_FILE);
+    let error = |detail: String| WorkerError::Token {
+        path: path.clone(),
+        detail,
+    };
+    let created = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o600)
+        .open(&path);
+    match created {
+        Ok(mut file) => {
+            let mut bytes = [0u8; 32];
+            rand::rngs::OsRng.fill_bytes(&mut bytes);
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            file.write_all(format!("{token}\n").as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|e| error(format!("cannot write it: {e}")))?;
+            std::fs::File::open(data_dir)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| error(format!("cannot sync its directory: {e}")))?;
+            tracing::info!(path = %path.display(), "made the API token");
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read_token_file(&path, false).map_err(error)
+        }
+        Err(e) => Err(error(format!("cannot create it: {e}"))),
+    }
+}
+
+/// The token in `path`, trimmed: refused when the file is not a regular file owned by this
+/// user that no one else may read, or is empty. `follow` lets `path` be a link (a file named
+/// on the command line); the data directory's own file never is one.
+pub fn read_token_file(path: &Path, follow: bool) -> Result<String, String> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    if !follow {
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    let file = options
+        .open(path)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    if !meta.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(format!(
+            "owned by uid {}, not by this user (uid {me})",
+            meta.uid()
+        ));
+    }
+    let mode = meta.mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "mode {mode:04o} lets other users read it: make it owner-only (chmod 600 {})",
+            path.display()
+        ));
+    }
+    let mut text = String::new();
+    file.take(4096)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read it: {e}"))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err("is empty".into());
+    }
+    Ok(token.to_string())
+}
+
+async fn serve(
+    args: WorkerArgs,
+    data_dir: PathBuf,
+    token: Option<String>,
+) -> Result<Stopped, WorkerError> {
+    // The port first: a worker that cannot serve must not resume runs and call AWS.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .map_err(|source| WorkerError::Listen {
@@ -136,12 +294,37 @@ async fn serve(args: WorkerArgs, token: Option<String>) -> Result<(), WorkerErro
             source,
         })?;
     let addr = listener.local_addr()?;
+    let mut signals = Signals::install()?;
+    let mut aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(args.aws_region.clone()));
+    if let Some(endpoint) = &args.aws_endpoint {
+        aws = aws.endpoint_url(endpoint);
+    }
+    let sdk = aws.load().await;
+    let mut builder = Engine::builder(data_dir.join("journal"))
+        .provisioning_workflows()
+        .runs_concurrent_max(args.max_concurrent)
+        .resource(AwsClients::new(&sdk))
+        .resource(KeyStore::new(data_dir.join("keys")));
+    if args.allow_unregistered {
+        builder = builder.allow_unregistered();
+    }
+    if args.accept_data_loss {
+        builder = builder.accept_data_loss();
+    }
+    let engine = builder.open().await?;
+    let unfinished: u64 = engine
+        .run_counts()?
+        .iter()
+        .filter(|(status, _)| !status.is_terminal())
+        .map(|(_, n)| n)
+        .sum();
     tracing::info!(
         %addr,
-        data_dir = %args.data_dir.display(),
+        data_dir = %data_dir.display(),
         aws_endpoint = args.aws_endpoint.as_deref().unwrap_or("AWS"),
         unfinished,
-        token = token.is_some(),
+        auth = token.is_some(),
         "worker ready"
     );
     // The first line on stdout is the API's address (port 0 picks a free one), for scripts.
@@ -149,36 +332,77 @@ async fn serve(args: WorkerArgs, token: Option<String>) -> Result<(), WorkerErro
     let state = Arc::new(AppState {
         engine: engine.clone(),
         token,
+        hosts: AllowedHosts {
+            listen: addr,
+            names: args.allowed_host.clone(),
+        },
     });
-    let served = axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(signalled())
-        .await;
-    if let Err(error) = served {
-        tracing::error!(%error, "the API server failed");
-    }
     let grace = Duration::from_secs(args.grace_s);
+    let limits = Limits {
+        connections_max: args.connections_max.into(),
+        read_timeout: Duration::from_secs(args.read_timeout_s),
+        body_bytes_max: api::BODY_BYTES_MAX,
+        grace: grace.min(CONNECTION_GRACE_MAX),
+    };
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(server::serve(
+        listener,
+        api::router(state),
+        limits,
+        stopping,
+    ));
+    signals.next().await;
+    tokio::spawn(async move {
+        signals.next().await;
+        tracing::warn!(
+            "second signal: exiting now; unfinished steps run again, with the same \
+             idempotency keys, at the next start"
+        );
+        std::process::exit(EXIT_NOT_DRAINED.into());
+    });
+    let _ = stop.send(true);
     tracing::info!(
         ?grace,
-        "draining: no new steps start; in-flight steps may finish"
+        "draining: the API stopped accepting, no new steps start, in-flight steps may finish"
     );
-    match tokio::time::timeout(grace, engine.shutdown()).await {
-        Ok(()) => tracing::info!("drained; unfinished runs resume at the next start"),
-        Err(_) => tracing::warn!(
+    let drained = tokio::time::timeout(grace, engine.shutdown()).await.is_ok();
+    if drained {
+        tracing::info!("drained; unfinished runs resume at the next start");
+    } else {
+        tracing::warn!(
             ?grace,
             "in-flight steps did not finish within the grace period; they run again, with \
              the same idempotency keys, at the next start"
-        ),
+        );
     }
-    Ok(())
+    let _ = server.await;
+    Ok(if drained {
+        Stopped::Drained
+    } else {
+        Stopped::NotDrained
+    })
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn signalled() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM"),
-        _ = int.recv() => tracing::info!("SIGINT"),
+/// SIGTERM and SIGINT, installed before anything runs so that none is lost.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT.
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM"),
+            _ = self.int.recv() => tracing::info!("SIGINT"),
+        }
     }
 }

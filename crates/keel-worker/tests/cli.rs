@@ -23,14 +23,17 @@ fn worker_command(dir: &Path, account: &TestAccount, endpoint: &str, listen: &st
 fn worker(dir: &Path, account: &TestAccount, endpoint: &str, extra: &[(&str, &str)]) -> Worker {
     let mut command = worker_command(dir, account, endpoint, "127.0.0.1:0");
     command.envs(extra.iter().copied());
-    Worker::start(command).expect("keel worker starts")
+    Worker::start(command, dir).expect("keel worker starts")
 }
 
-fn keel(api: &str, args: &[&str]) -> Output {
-    Command::new(KEEL)
-        .args(["--api", api])
+fn keel_command(w: &Worker) -> Command {
+    w.keel(Path::new(KEEL))
+}
+
+/// `keel ARGS` against `w`, with the token from its data directory.
+fn keel(w: &Worker, args: &[&str]) -> Output {
+    w.keel(Path::new(KEEL))
         .args(args)
-        .env_remove("KEEL_API_TOKEN")
         .output()
         .expect("running keel")
 }
@@ -78,7 +81,7 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
 
     let input = write(dir.path(), "d1.json", &device("cli-1"));
     let first = ok_json(keel(
-        api,
+        &w,
         &[
             "--json",
             "start",
@@ -93,7 +96,7 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     assert_eq!(first["status"], "completed", "{first}");
     // The same id and input: the same run, nothing new.
     let again = ok_json(keel(
-        api,
+        &w,
         &[
             "--json",
             "start",
@@ -109,7 +112,7 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     // The same id, another input: refused, exit 2, one clear line.
     let other = write(dir.path(), "d2.json", &device("cli-2"));
     let out = keel(
-        api,
+        &w,
         &[
             "start",
             "iot.onboard-device",
@@ -124,7 +127,7 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     let broken = dir.path().join("broken.json");
     std::fs::write(&broken, "{ not json").unwrap();
     let out = keel(
-        api,
+        &w,
         &[
             "start",
             "iot.onboard-device",
@@ -136,7 +139,7 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     );
     refused(&out, 2, "is not JSON");
     let out = keel(
-        api,
+        &w,
         &["start", "no.such-flow", "--id", "x", "--input", &input],
     );
     refused(&out, 2, "unknown workflow \"no.such-flow\"");
@@ -144,20 +147,20 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     bad["thing_name"] = "has space".into();
     let bad = write(dir.path(), "bad.json", &bad);
     let out = keel(
-        api,
+        &w,
         &["start", "iot.onboard-device", "--id", "x", "--input", &bad],
     );
     refused(&out, 2, "field thing_name");
-    let out = keel(api, &["status", "nobody"]);
+    let out = keel(&w, &["status", "nobody"]);
     refused(&out, 2, "no run with id nobody");
-    let out = keel(api, &["list", "--status", "sideways"]);
+    let out = keel(&w, &["list", "--status", "sideways"]);
     refused(&out, 2, "unknown status \"sideways\"");
     // None of that stored anything.
-    let runs = ok_json(keel(api, &["--json", "list"]));
-    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    let runs = ok_json(keel(&w, &["--json", "list"]));
+    assert_eq!(runs["runs"].as_array().unwrap().len(), 1, "{runs}");
 
     // History: one row per step, each completed once.
-    let out = keel(api, &["history", "d1"]);
+    let out = keel(&w, &["history", "d1"]);
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
     for kind in [
@@ -167,12 +170,12 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     ] {
         assert!(table.contains(kind), "{kind} in\n{table}");
     }
-    let history = ok_json(keel(api, &["--json", "history", "d1"]));
+    let history = ok_json(keel(&w, &["--json", "history", "d1"]));
     let operations = history["operations"].as_array().unwrap();
     assert_eq!(operations.len(), 7, "{history}");
     assert!(operations.iter().all(|o| o["outcome"] == "completed"));
     // Stats: every step kind with its count.
-    let stats = ok_json(keel(api, &["--json", "stats"]));
+    let stats = ok_json(keel(&w, &["--json", "stats"]));
     let create = stats
         .as_array()
         .unwrap()
@@ -180,10 +183,11 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
         .find(|s| s["operation"] == "step:aws.iot.create-thing")
         .expect("CreateThing's stats");
     assert_eq!(create["count"], 1);
-    let out = keel(api, &["stats"]);
+    let out = keel(&w, &["stats"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("p99 ms"));
     // Metrics in Prometheus text.
     let metrics = ureq::get(&format!("{api}/metrics"))
+        .set("Authorization", &format!("Bearer {}", w.token()))
         .call()
         .unwrap()
         .into_string()
@@ -203,8 +207,9 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     refused(&out, 1, "locked by another process");
 
     // An unreachable worker says so.
+    let mut unreachable = keel_command(&w);
     drop(w);
-    let out = keel(api, &["status", "d1"]);
+    let out = unreachable.args(["status", "d1"]).output().unwrap();
     refused(&out, 1, "cannot reach the worker");
 }
 
@@ -226,7 +231,7 @@ fn a_waiting_run_is_cancelled_and_compensated_and_sigterm_drains_then_the_run_re
     let w = worker(&data, &account, &proxy.endpoint(), &[]);
     let doomed = write(dir.path(), "doomed.json", &role("doomed-role"));
     ok_json(keel(
-        &w.api,
+        &w,
         &[
             "--json",
             "start",
@@ -238,12 +243,12 @@ fn a_waiting_run_is_cancelled_and_compensated_and_sigterm_drains_then_the_run_re
         ],
     ));
     // The cancellation is durable when the verb returns; the run compensates after.
-    let cancelled = ok_json(keel(&w.api, &["--json", "cancel", "doomed"]));
+    let cancelled = ok_json(keel(&w, &["--json", "cancel", "doomed"]));
     assert_eq!(cancelled["id"], "doomed");
     // Another role run, interrupted by SIGTERM while it waits: the worker drains and exits 0.
     let kept = write(dir.path(), "kept.json", &role("kept-role"));
     ok_json(keel(
-        &w.api,
+        &w,
         &[
             "--json",
             "start",
@@ -261,7 +266,7 @@ fn a_waiting_run_is_cancelled_and_compensated_and_sigterm_drains_then_the_run_re
     // Restarted, it resumes the run, which completes; the cancelled one left nothing.
     let w = worker(&data, &account, &proxy.endpoint(), &[]);
     let out = keel(
-        &w.api,
+        &w,
         &[
             "--json",
             "start",
@@ -275,7 +280,7 @@ fn a_waiting_run_is_cancelled_and_compensated_and_sigterm_drains_then_the_run_re
     );
     let kept = ok_json(out);
     assert_eq!(kept["status"], "completed", "{kept}");
-    let doomed = ok_json(keel(&w.api, &["--json", "status", "doomed"]));
+    let doomed = ok_json(keel(&w, &["--json", "status", "doomed"]));
     assert_eq!(doomed["status"], "compensated", "{doomed}");
     let truth = tokio::runtime::Runtime::new()
         .unwrap()
@@ -291,47 +296,4 @@ fn unsafe_free_sigterm(pid: u32) {
         .status()
         .unwrap();
     assert!(status.success());
-}
-
-#[test]
-fn beyond_loopback_a_token_is_required_and_checked() {
-    let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
-    let dir = tempfile::tempdir().unwrap();
-    let out = worker_command(
-        &dir.path().join("data"),
-        &account,
-        &account.endpoint,
-        "0.0.0.0:0",
-    )
-    .output()
-    .unwrap();
-    refused(&out, 2, "without an API token");
-    assert!(!dir.path().join("data").exists(), "nothing made");
-
-    let w = worker(
-        &dir.path().join("data"),
-        &account,
-        &account.endpoint,
-        &[("KEEL_API_TOKEN", "s3cret-token")],
-    );
-    let out = keel(&w.api, &["list"]);
-    refused(&out, 2, "missing or wrong API token");
-    let out = Command::new(KEEL)
-        .args(["--api", &w.api, "--json", "list"])
-        .env("KEEL_API_TOKEN", "s3cret-token")
-        .output()
-        .unwrap();
-    assert_eq!(ok_json(out), Value::Array(vec![]));
-    // An oversized body is refused with the limit named.
-    let big = "x".repeat(keel_engine::limits::INPUT_BYTES_MAX + 20 * 1024);
-    let answer = ureq::post(&format!("{}/v1/runs", w.api))
-        .set("Authorization", "Bearer s3cret-token")
-        .send_string(&big);
-    match answer {
-        Err(ureq::Error::Status(413, response)) => {
-            let text = response.into_string().unwrap();
-            assert!(text.contains("limit"), "{text}");
-        }
-        other => panic!("{other:?}"),
-    }
 }
