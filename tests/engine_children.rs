@@ -203,12 +203,15 @@ async fn an_input_the_workflow_refuses_names_the_field_and_stores_nothing() {
     engine.shutdown().await;
 }
 
+/// A run under a child's id that is not that parent's child suspends the parent, naming
+/// both. A caller can no longer make such a run (`/` is reserved for child runs'
+/// ids: `tests/engine_run_ids.rs`), but a store from before that rule may hold one, so the
+/// squatter is made here as such a store holds it: a run renamed in the closed store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_child_id_taken_by_another_run_suspends_the_parent_naming_it() {
     keel_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("effects.jsonl");
-    let engine = engine(dir.path()).await;
     // Operation 0 is the fork, so the first child is "squatted/1"; a run of the same
     // workflow and input exists there already, but not as a child of "squatted".
     let parent = input(2, &[], 0, &log);
@@ -218,13 +221,30 @@ async fn a_child_id_taken_by_another_run_suspends_the_parent_naming_it() {
         jitter_ms: 5,
         log: parent.log.clone(),
     };
-    engine
-        .start::<ChildFlow>("squatted/1", squatter)
-        .await
-        .unwrap()
-        .result()
-        .await
-        .unwrap();
+    {
+        let engine = engine(dir.path()).await;
+        let refused = engine
+            .start::<ChildFlow>("squatted/1", squatter.clone())
+            .await
+            .err()
+            .expect("a caller cannot start a run under a child's id");
+        assert!(
+            matches!(refused, keel::EngineError::InvalidRunId { .. }),
+            "{refused}"
+        );
+        engine
+            .start::<ChildFlow>("squatter", squatter)
+            .await
+            .unwrap()
+            .result()
+            .await
+            .unwrap();
+        engine.shutdown().await;
+    }
+    let db = keel_testkit::raw::open(&dir.path().join("data"));
+    assert!(keel_testkit::raw::rename(&db, "squatter", "squatted/1") > 0);
+    drop(db);
+    let engine = engine(dir.path()).await;
     let error = engine
         .start::<ParentFlow>("squatted", parent)
         .await

@@ -453,6 +453,29 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
     engine.shutdown().await;
 }
 
+/// A retention too long to count in milliseconds keeps every run (as good as forever)
+/// instead of wrapping to a few hundred milliseconds and collecting runs a second old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retention_past_what_milliseconds_count_keeps_every_run() {
+    let f = fixture();
+    let clock = TestClock::new();
+    let engine = Engine::builder(&f.data)
+        .clock(clock.clone())
+        .workflow::<PlainFlow>()
+        .step::<EffectStep>()
+        .retention(Duration::from_secs(18_446_744_073_709_552))
+        .gc_interval(Duration::from_secs(3600))
+        .open()
+        .await
+        .unwrap();
+    let run = engine.start::<PlainFlow>("kept", f.input(1)).await.unwrap();
+    run.result().await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(engine.collect_garbage().unwrap(), 0, "nothing expired");
+    assert_eq!(engine.list().await.unwrap().len(), 1);
+    engine.shutdown().await;
+}
+
 /// Once a finished run is older than the retention, garbage collection deletes it (and says
 /// so), its id is unknown, and starting the id again runs the workflow anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -616,6 +639,90 @@ async fn malformed_input_error_names_the_bad_field() {
         "the message names the field of the wrong type: {message}"
     );
     assert!(engine.list().await.unwrap().is_empty(), "nothing stored");
+    engine.shutdown().await;
+}
+
+/// Input of [`StrictFlow`]: unknown fields are refused, here and in the nested role.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictInput {
+    role: StrictRole,
+    #[serde(default)]
+    note: Option<String>,
+}
+
+/// The nested part of [`StrictInput`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StrictRole {
+    name: String,
+    #[serde(default)]
+    managed_policy_arns: Vec<String>,
+}
+
+/// A workflow whose input refuses unknown fields; it does nothing.
+struct StrictFlow;
+
+impl Workflow for StrictFlow {
+    const NAME: &'static str = "test.strict";
+    type Input = StrictInput;
+    type Output = ();
+
+    async fn run(_ctx: &mut Ctx, _input: StrictInput) -> Result<(), WorkflowError> {
+        Ok(())
+    }
+}
+
+/// A field the input type does not know (a typo of a real one, nested or at the top) is
+/// refused by `start_json` as `InvalidInput` naming its path and the fields expected there,
+/// in one line, and nothing is stored; a field of the wrong type is still `MalformedInput`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_input_fields_are_refused_naming_their_path() {
+    let f = fixture();
+    let engine = open_when_unlocked(|| Engine::builder(&f.data).workflow::<StrictFlow>()).await;
+    let typo = serde_json::json!({"role": {"name": "r", "managed_policy_arn": ["arn"]}});
+    let err = engine
+        .start_json("test.strict", "typo", typo)
+        .await
+        .unwrap_err();
+    match &err {
+        EngineError::InvalidInput { field, reason, .. } => {
+            assert_eq!(field, "role.managed_policy_arn");
+            assert_eq!(
+                reason,
+                "unknown field (expected `name` or `managed_policy_arns`)"
+            );
+        }
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    assert_eq!(
+        err.to_string(),
+        "invalid input for workflow \"test.strict\": field role.managed_policy_arn: unknown \
+         field (expected `name` or `managed_policy_arns`)"
+    );
+    let top = serde_json::json!({"role": {"name": "r"}, "colour": "red"});
+    let err = engine
+        .start_json("test.strict", "top", top)
+        .await
+        .unwrap_err();
+    match &err {
+        EngineError::InvalidInput { field, reason, .. } => {
+            assert_eq!(field, "colour");
+            assert_eq!(reason, "unknown field (expected `role` or `note`)");
+        }
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    let wrong_type = serde_json::json!({"role": {"name": 7}});
+    let err = engine
+        .start_json("test.strict", "wrong", wrong_type)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::MalformedInput { .. }), "{err}");
+    assert!(engine.list().await.unwrap().is_empty(), "nothing stored");
+
+    let known = serde_json::json!({"role": {"name": "r", "managed_policy_arns": ["arn"]}});
+    let record = engine.start_json("test.strict", "ok", known).await.unwrap();
+    assert_eq!(record.input["role"]["managed_policy_arns"][0], "arn");
     engine.shutdown().await;
 }
 

@@ -45,6 +45,20 @@ impl Workflow for SleepFlow {
     }
 }
 
+/// Sleeps on a durable timer for the input's seconds.
+struct SleepSecondsFlow;
+
+impl Workflow for SleepSecondsFlow {
+    const NAME: &'static str = "test.sleep-seconds";
+    type Input = u64;
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, sleep_s: u64) -> Result<(), WorkflowError> {
+        ctx.sleep(Duration::from_secs(sleep_s)).await?;
+        Ok(())
+    }
+}
+
 /// The (set, fired) timestamps and the journaled wake time of the run's only timer.
 fn timer_times(history: &RunHistory) -> (u64, u64, u64) {
     let set = entries(history, |e| matches!(e, Event::TimerSet { .. }));
@@ -119,6 +133,47 @@ async fn timer_keeps_its_wake_time_across_restart() {
             started_at_ms + SLEEP_MS
         ),
         "set at the start, wake time and firing time exactly the start plus the sleep"
+    );
+    engine.shutdown().await;
+}
+
+/// A sleep longer than milliseconds since the epoch can count (18446744073709552 s, whose
+/// milliseconds are 2^64 + 384) wakes at the end of time, not 384 ms after it was set: the
+/// wake time saturates instead of wrapping, and the run sleeps on past a day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_past_what_milliseconds_count_never_wakes_early() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let engine = Engine::builder(dir.path())
+        .clock(clock.clone())
+        .workflow::<SleepSecondsFlow>()
+        .open()
+        .await
+        .expect("opening the engine");
+    engine
+        .start::<SleepSecondsFlow>("forever", 18_446_744_073_709_552)
+        .await
+        .unwrap();
+    assert_eq!(asleep(&clock).await, u64::MAX, "the wake time saturates");
+    let history = engine.history("forever").await.unwrap();
+    let set = entries(&history, |e| matches!(e, Event::TimerSet { .. }));
+    assert!(
+        matches!(
+            set[..],
+            [(
+                _,
+                Event::TimerSet {
+                    wake_at_ms: u64::MAX,
+                    ..
+                }
+            )]
+        ),
+        "{set:?}"
+    );
+    clock.advance(Duration::from_secs(24 * 3600));
+    assert_eq!(
+        engine.status("forever").await.unwrap().status,
+        RunStatus::Running
     );
     engine.shutdown().await;
 }

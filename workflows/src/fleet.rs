@@ -22,8 +22,10 @@ pub const FLEET_ERRORS_KEPT: usize = 20;
 /// Longest error text per failure in the fleet's output.
 pub const FLEET_ERROR_BYTES_MAX: usize = 500;
 
-/// Input of [`OnboardFleet`]: many devices that share a policy and attributes.
+/// Input of [`OnboardFleet`]: many devices that share a policy and attributes. A field it
+/// does not know is refused (a typo is not dropped).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FleetInput {
     /// The IoT policy document attached to every device's certificate.
     pub policy_document: String,

@@ -17,8 +17,13 @@ use crate::validate;
 /// Most client devices of one core (Greengrass V1 allows 200 per group).
 pub const CLIENT_DEVICES_MAX: usize = 200;
 
-/// Input of [`ProvisionCore`].
+/// Longest wait for a deployment to succeed, `deployment_timeout_s` (seconds: 7 days).
+pub const DEPLOYMENT_TIMEOUT_S_MAX: u64 = 7 * 24 * 3600;
+
+/// Input of [`ProvisionCore`]. A field it does not know, here or in the role or the core
+/// device, is refused (a typo is not dropped).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CoreInput {
     /// The prefix of the group's and definitions' names (1 to 64 of letters, digits, `:_-`).
     pub name: String,
@@ -35,7 +40,8 @@ pub struct CoreInput {
     pub client_policy_document: String,
     /// How many client devices are onboarded at once (1 to 64).
     pub concurrency: u32,
-    /// How long to wait for the deployment to succeed (seconds; default 300).
+    /// How long to wait for the deployment to succeed (seconds; default 300, 1 to
+    /// [`DEPLOYMENT_TIMEOUT_S_MAX`]).
     #[serde(default)]
     pub deployment_timeout_s: Option<u64>,
 }
@@ -97,13 +103,11 @@ impl Workflow for ProvisionCore {
                 ));
             }
         }
-        if input.deployment_timeout_s == Some(0) {
-            return Err(InvalidInput::new(
-                "deployment_timeout_s",
-                "must be at least 1",
-            ));
-        }
-        Ok(())
+        validate::timeout_s(
+            "deployment_timeout_s",
+            input.deployment_timeout_s,
+            DEPLOYMENT_TIMEOUT_S_MAX,
+        )
     }
 
     async fn run(ctx: &mut Ctx, input: CoreInput) -> Result<CoreOutput, WorkflowError> {

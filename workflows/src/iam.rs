@@ -9,8 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::validate;
 
-/// Input of [`ServiceRole`].
+/// Longest wait for STS to accept a role, `assume_timeout_s` (seconds: 7 days).
+pub const ASSUME_TIMEOUT_S_MAX: u64 = 7 * 24 * 3600;
+
+/// Input of [`ServiceRole`]. A field it does not know is refused (a typo is not dropped).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServiceRoleInput {
     /// The role name (1 to 64 of letters, digits and `+=,.@_-`).
     pub name: String,
@@ -23,7 +27,8 @@ pub struct ServiceRoleInput {
     /// Inline policies to put, by name.
     #[serde(default)]
     pub inline_policies: BTreeMap<String, String>,
-    /// How long to wait for STS to accept the role (seconds; default 120).
+    /// How long to wait for STS to accept the role (seconds; default 120, 1 to
+    /// [`ASSUME_TIMEOUT_S_MAX`]).
     #[serde(default)]
     pub assume_timeout_s: Option<u64>,
 }
@@ -67,10 +72,11 @@ impl Workflow for ServiceRole {
             validate::role_name(&format!("inline_policies.{name}"), name, 128)?;
             validate::policy_document(&format!("inline_policies.{name}"), document)?;
         }
-        if input.assume_timeout_s == Some(0) {
-            return Err(InvalidInput::new("assume_timeout_s", "must be at least 1"));
-        }
-        Ok(())
+        validate::timeout_s(
+            "assume_timeout_s",
+            input.assume_timeout_s,
+            ASSUME_TIMEOUT_S_MAX,
+        )
     }
 
     async fn run(

@@ -19,6 +19,27 @@ pub(crate) fn thing_name(field: &str, name: &str, max: usize) -> Result<(), Inva
     })
 }
 
+/// An optional timeout in seconds: when given, 1 to `max`. The bound keeps a wait's deadline
+/// meaningful, and far from what a deadline in milliseconds can hold.
+pub(crate) fn timeout_s(field: &str, seconds: Option<u64>, max: u64) -> Result<(), InvalidInput> {
+    match seconds {
+        Some(0) => Err(InvalidInput::new(field, "must be at least 1")),
+        Some(seconds) if seconds > max => Err(InvalidInput::new(
+            field,
+            format!("{seconds} is more than {max} ({})", days(max)),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `seconds` as days, for messages: "7 days".
+fn days(seconds: u64) -> String {
+    match seconds / (24 * 3600) {
+        1 => "1 day".into(),
+        n => format!("{n} days"),
+    }
+}
+
 fn named(
     field: &str,
     name: &str,
@@ -101,5 +122,20 @@ mod tests {
         let e = policy_document("policy", r#"{"Statement":[{"Effect":"Maybe"}]}"#).unwrap_err();
         assert_eq!(e.field, "policy.Statement[0]");
         assert!(count("devices", 0, 1, 1000).is_err());
+    }
+
+    #[test]
+    fn timeouts_are_bounded_on_both_sides_when_given() {
+        assert!(timeout_s("t", None, 60).is_ok());
+        assert!(timeout_s("t", Some(1), 86_400).is_ok());
+        assert!(timeout_s("t", Some(86_400), 86_400).is_ok());
+        assert_eq!(
+            timeout_s("t", Some(0), 60).unwrap_err(),
+            InvalidInput::new("t", "must be at least 1")
+        );
+        assert_eq!(
+            timeout_s("t", Some(86_401), 86_400).unwrap_err(),
+            InvalidInput::new("t", "86401 is more than 86400 (1 day)")
+        );
     }
 }

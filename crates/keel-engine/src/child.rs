@@ -28,9 +28,14 @@ use crate::workflow::{Workflow, WorkflowError};
 const PARKED_CHILD_POLL: Duration = Duration::from_secs(1);
 
 /// The id of the child run started at operation `index` of run `parent`: `<parent>/<index>`,
-/// or `child-<uuid>` (the operation's idempotency key) when that would be too long.
+/// or `child-<uuid>` (the operation's idempotency key) when that would be too long. Only
+/// the engine makes ids with `/`: a caller's id may not hold one ([`RunId::new_top_level`]),
+/// so no caller can take a child's id.
 pub fn child_id(parent: &RunId, index: StepIndex) -> RunId {
-    RunId::new(format!("{parent}/{}", index.0)).unwrap_or_else(|_| {
+    // Taken as `existing`, not checked as `new`: a parent stored under earlier id rules (say
+    // `.x`) must derive the very id its journal's child was made under (`.x/3`), not another.
+    // A parent made now obeys `new`'s rules, and `<parent>/<index>` then does too.
+    RunId::existing(format!("{parent}/{}", index.0)).unwrap_or_else(|_| {
         RunId::new(format!("child-{}", IdempotencyKey::for_step(parent, index)))
             .expect("a uuid makes a valid run id")
     })

@@ -16,6 +16,15 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+/// `duration` in whole milliseconds, saturating at `u64::MAX` (some 584 million years: the
+/// end of time for a clock counting milliseconds since the epoch). `as_millis() as u64` would
+/// keep the low 64 bits, so that 2^64 + 384 ms (18446744073709552 s) became 384 ms: a timeout
+/// or sleep that long must never become a short one. Every duration the engine turns into
+/// journaled milliseconds goes through this.
+pub(crate) fn millis_saturating(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// Where the engine reads the time (ms since the Unix epoch) and sleeps until an instant.
 /// [`Clock::system`] by default; [`crate::EngineBuilder::clock`] sets a [`TestClock`].
 #[derive(Clone, Debug)]
@@ -142,7 +151,7 @@ impl TestClock {
 
     /// Moves the time forward by `by`, waking every sleep that is due.
     pub fn advance(&self, by: Duration) {
-        let by_ms = by.as_millis() as u64;
+        let by_ms = millis_saturating(by);
         self.shared
             .now_ms
             .send_modify(|now| *now = now.saturating_add(by_ms));
@@ -267,5 +276,14 @@ mod tests {
         assert_eq!(clock.now_ms(), 5_000, "never backward");
         // A sleep already due does not wait.
         engine_clock.sleep_until(5_000).await;
+    }
+
+    /// Advancing a test clock by more than milliseconds can count (18446744073709552 s is
+    /// 2^64 + 384 ms) takes it to the end of time, not 384 ms further.
+    #[test]
+    fn a_test_clock_advanced_past_what_milliseconds_count_saturates() {
+        let clock = TestClock::starting_at(1_000);
+        clock.advance(Duration::from_secs(18_446_744_073_709_552));
+        assert_eq!(clock.now_ms(), u64::MAX);
     }
 }

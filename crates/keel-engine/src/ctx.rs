@@ -8,6 +8,7 @@ use rand::Rng;
 use serde_json::Value;
 
 use crate::cell::RunCell;
+use crate::clock::millis_saturating;
 use crate::contain::{contained, contained_sync};
 use crate::engine::Inner;
 use crate::error::{EngineError, Result};
@@ -240,7 +241,7 @@ impl Ctx {
         let (wake_at_ms, fired) = match journaled {
             Ok(Some(timer)) => timer,
             Ok(None) => {
-                let wake_at_ms = self.now_ms().saturating_add(duration.as_millis() as u64);
+                let wake_at_ms = self.now_ms().saturating_add(millis_saturating(duration));
                 self.journal(Event::TimerSet {
                     step: index,
                     wake_at_ms,

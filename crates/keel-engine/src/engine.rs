@@ -277,7 +277,10 @@ impl Engine {
 
     /// Starts a run of `W` with id `id`, or returns the existing run if one with the same id,
     /// workflow and input exists (running or finished). The run is durable when this returns.
+    /// The id must obey [`RunId::new_top_level`]: no `/` (child runs' ids), no leading `-` or
+    /// `.`, no `..`.
     pub async fn start<W: Workflow>(&self, id: &str, input: W::Input) -> Result<RunHandle<W>> {
+        let id = RunId::new_top_level(id)?;
         self.inner.registry.add_workflow::<W>()?;
         let input = serde_json::to_value(input).map_err(|source| EngineError::Serialise {
             what: format!("input of {}", W::NAME),
@@ -292,8 +295,12 @@ impl Engine {
     }
 
     /// Starts a run of the registered workflow `workflow` with a JSON input (for the CLI and
-    /// the HTTP API). The input is checked against the workflow's input type first.
+    /// the HTTP API). The id is checked as [`Engine::start`]'s, and the input against the
+    /// workflow's input type: a field of the wrong type is [`EngineError::MalformedInput`], a
+    /// field the type does not know (where it refuses unknown fields) or a value its checks
+    /// refuse is [`EngineError::InvalidInput`], each naming the field's path.
     pub async fn start_json(&self, workflow: &str, id: &str, input: Value) -> Result<RunRecord> {
+        let id = RunId::new_top_level(id)?;
         let entry =
             self.inner
                 .registry
@@ -304,11 +311,7 @@ impl Engine {
                 })?;
         // Stored in its typed form, so that a later typed `start` of the same value (which
         // writes omitted optional fields as null, say) is recognised as the same input.
-        let input = (entry.normalise_input)(&input).map_err(|e| EngineError::MalformedInput {
-            workflow: workflow.into(),
-            field: e.field,
-            source: e.source,
-        })?;
+        let input = (entry.normalise_input)(&input).map_err(|e| e.into_engine_error(workflow))?;
         self.start_value(workflow, id, input, None).await
     }
 
@@ -328,22 +331,23 @@ impl Engine {
         input: Value,
         parent: &RunId,
     ) -> Result<()> {
-        self.start_value(workflow, child.as_str(), input, Some(parent.clone()))
+        self.start_value(workflow, child.clone(), input, Some(parent.clone()))
             .await
             .map(|_| ())
     }
 
+    /// Starts (or finds) run `id`, checked by the caller: a caller's id as
+    /// [`RunId::new_top_level`], a child's made by [`crate::child_id`].
     async fn start_value(
         &self,
         workflow: &str,
-        id: &str,
+        id: RunId,
         input: Value,
         parent: Option<RunId>,
     ) -> Result<RunRecord> {
         if *self.inner.shutdown.borrow() {
             return Err(EngineError::ShutDown);
         }
-        let id = RunId::new(id)?;
         let bytes = input.to_string().len();
         if bytes > INPUT_BYTES_MAX {
             return Err(EngineError::TooLarge {

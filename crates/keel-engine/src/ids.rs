@@ -11,16 +11,68 @@ use uuid::Uuid;
 use crate::error::{EngineError, Result};
 use crate::limits::RUN_ID_LEN_MAX;
 
-/// The caller's idempotency key for a whole workflow run.
+/// A run's id: the caller's idempotency key of a run it starts, or `<parent>/<operation>` for
+/// a child run (see [`crate::child_id`]).
 ///
-/// 1 to [`RUN_ID_LEN_MAX`] bytes of ASCII letters, digits and `. _ - : / @`.
+/// Every id is 1 to [`RUN_ID_LEN_MAX`] bytes of ASCII letters, digits and `. _ - : / @` (so
+/// never a NUL byte, which the store's key encoding relies on). Three constructors, one per
+/// way an id enters:
+///
+/// - [`RunId::new_top_level`], an id a caller gives to start a run: also holds no `/`, which
+///   is reserved for child runs' ids, so a caller can never take a child's id;
+/// - [`RunId::new`], any id a run is made under now (the caller's, or a child's): also does
+///   not begin with `-` or `.` and holds no `..`, so that it never reads as a command-line
+///   flag (`keel status -rf`) or a path (`../x`, `.x`) wherever it is passed on;
+/// - [`RunId::existing`], an id that names a run which may already exist (reads, operator
+///   calls, the store's own records): only the alphabet and the length, so that runs made
+///   under earlier rules (a user's `.x` or `p/1`) still load and can be read and operated.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct RunId(String);
 
+/// Why a caller's id holding `/` is refused.
+const SLASH_RESERVED: &str = "`/` is reserved for child runs' ids (parent/N)";
+
 impl RunId {
-    /// Validates `id` and wraps it.
+    /// An id for a run made now: [`RunId::existing`]'s rules, and no leading `-` or `.` and no
+    /// `..`. Child ids made from such a parent obey them too (`<parent>/<n>` adds neither).
     pub fn new(id: impl Into<String>) -> Result<Self> {
+        let id = Self::existing(id)?;
+        let reason = if id.0.starts_with('-') {
+            "must not begin with `-` (it would read as a command-line flag)"
+        } else if id.0.starts_with('.') {
+            "must not begin with `.` (it would read as a hidden file or a relative path)"
+        } else if id.0.contains("..") {
+            "must not contain `..` (it would read as a parent directory)"
+        } else {
+            return Ok(id);
+        };
+        Err(EngineError::InvalidRunId {
+            id: id.0,
+            reason: reason.into(),
+        })
+    }
+
+    /// The id a caller gives to start a run ([`crate::Engine::start`],
+    /// [`crate::Engine::start_json`]): [`RunId::new`]'s rules, and no `/`, since only the
+    /// engine makes ids with `/` (its child runs', `<parent>/<operation>`).
+    pub fn new_top_level(id: impl Into<String>) -> Result<Self> {
+        let id = Self::new(id)?;
+        if id.0.contains('/') {
+            return Err(EngineError::InvalidRunId {
+                id: id.0,
+                reason: SLASH_RESERVED.into(),
+            });
+        }
+        Ok(id)
+    }
+
+    /// An id that names a run which may exist: 1 to [`RUN_ID_LEN_MAX`] bytes of the alphabet
+    /// above, and nothing more, so that every id an earlier version made still names its
+    /// run. Reads, operator calls and the store's records take ids this way, and so does
+    /// [`crate::child_id`], so that a parent stored under earlier rules derives the child ids
+    /// it journaled then; never use it for an id a caller gives.
+    pub fn existing(id: impl Into<String>) -> Result<Self> {
         let id = id.into();
         if id.is_empty() || id.len() > RUN_ID_LEN_MAX {
             return Err(EngineError::InvalidRunId {
@@ -49,10 +101,12 @@ fn is_run_id_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '/' | '@')
 }
 
+/// Decoding (a stored record or entry, a request) takes the id as [`RunId::existing`]: a store
+/// written under earlier id rules must still open.
 impl TryFrom<String> for RunId {
     type Error = EngineError;
     fn try_from(s: String) -> Result<Self> {
-        Self::new(s)
+        Self::existing(s)
     }
 }
 
@@ -144,6 +198,29 @@ mod tests {
         let err = RunId::new("a\u{0}b").unwrap_err().to_string();
         assert!(err.contains("not allowed"), "{err}");
         assert!(RunId::new("x".repeat(RUN_ID_LEN_MAX + 1)).is_err());
+    }
+
+    /// An id made now never reads as a flag or a path, a caller's never holds `/`, and an
+    /// existing id is taken as earlier versions made it (decoding included).
+    #[test]
+    fn made_ids_are_stricter_than_existing_ones() {
+        for id in ["-rf", ".x", "..", "a..b", "../../etc/passwd"] {
+            assert!(RunId::new(id).is_err(), "{id}");
+            assert!(RunId::new_top_level(id).is_err(), "{id}");
+            assert_eq!(RunId::existing(id).unwrap().as_str(), id);
+            let decoded: RunId = serde_json::from_value(serde_json::json!(id)).unwrap();
+            assert_eq!(decoded.as_str(), id);
+        }
+        assert!(RunId::new("p/1").is_ok());
+        let err = RunId::new_top_level("p/1").unwrap_err().to_string();
+        assert_eq!(err, format!("invalid run id \"p/1\": {SLASH_RESERVED}"));
+        for id in ["CON", "a.b", "x.", "a-", "v1.2-rc:3@eu_x"] {
+            assert!(RunId::new_top_level(id).is_ok(), "{id}");
+        }
+        // The store's key encoding needs ids without NUL, however they are taken.
+        assert!(RunId::existing("a\u{0}b").is_err());
+        assert!(serde_json::from_value::<RunId>(serde_json::json!("a\u{0}b")).is_err());
+        assert!(RunId::existing("x".repeat(RUN_ID_LEN_MAX + 1)).is_err());
     }
 
     /// Keys are stable across calls and differ between steps and between runs.

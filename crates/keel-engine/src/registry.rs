@@ -38,6 +38,58 @@ pub(crate) struct InputError {
     pub(crate) source: serde_json::Error,
 }
 
+impl InputError {
+    /// The engine's error for this input of `workflow`. A field the input type does not know
+    /// (`#[serde(deny_unknown_fields)]`) is [`EngineError::InvalidInput`], like a value the
+    /// workflow's checks refuse: the JSON is well formed, but it asks for something the
+    /// workflow does not do (a typo of a real field would otherwise be dropped in silence).
+    /// Anything else is [`EngineError::MalformedInput`].
+    pub(crate) fn into_engine_error(self, workflow: &str) -> EngineError {
+        match unknown_field_reason(&self.source.to_string()) {
+            Some(reason) => EngineError::InvalidInput {
+                workflow: workflow.into(),
+                field: self.field,
+                reason,
+            },
+            None => EngineError::MalformedInput {
+                workflow: workflow.into(),
+                field: self.field,
+                source: self.source,
+            },
+        }
+    }
+}
+
+/// serde's message for an unknown field (``unknown field `x`, expected one of `a`, `b` `` or
+/// ``unknown field `x`, there are no fields``) as a reason beside the field's path, which
+/// names `x` already: ``unknown field (expected one of `a`, `b`)``. serde_json's errors have
+/// no finer kind than "data", so the message is what tells them apart.
+fn unknown_field_reason(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown field `")?;
+    if rest.ends_with("`, there are no fields") {
+        return Some("unknown field (there are no fields)".into());
+    }
+    let at = rest.find("`, expected ")?;
+    Some(format!("unknown field ({})", &rest[at + "`, ".len()..]))
+}
+
+/// `path` with control characters escaped, so that an error naming a field keeps to one line
+/// whatever keys the caller's JSON holds.
+fn one_line(path: String) -> String {
+    if !path.chars().any(char::is_control) {
+        return path;
+    }
+    path.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 type RunFn = dyn Fn(Ctx, Value) -> BoxFuture<(Ctx, Result<Value, BodyError>)> + Send + Sync;
 type NormaliseFn = dyn Fn(&Value) -> Result<Value, InputError> + Send + Sync;
 type UndoFn =
@@ -210,7 +262,7 @@ fn normalise_input<W: Workflow>(input: &Value) -> std::result::Result<Value, Inp
         let typed: W::Input = serde_path_to_error::deserialize(input).map_err(|e| InputError {
             field: match e.path().to_string() {
                 path if path == "." => "(the input itself)".to_string(),
-                path => path,
+                path => one_line(path),
             },
             source: e.into_inner(),
         })?;
@@ -277,5 +329,81 @@ impl StepType {
 impl std::fmt::Debug for StepType {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "StepType({} = {})", self.kind, self.type_name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Inner {
+        name: String,
+    }
+
+    #[derive(Debug, serde::Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Outer {
+        inner: Inner,
+        #[serde(default)]
+        count: u32,
+        #[serde(default)]
+        tags: Vec<String>,
+    }
+
+    #[derive(Debug, serde::Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Nothing {}
+
+    struct Strict;
+
+    impl Workflow for Strict {
+        const NAME: &'static str = "test.strict";
+        type Input = Outer;
+        type Output = ();
+        async fn run(_ctx: &mut Ctx, _input: Outer) -> Result<(), WorkflowError> {
+            Ok(())
+        }
+    }
+
+    fn error(input: serde_json::Value) -> String {
+        match normalise_input::<Strict>(&input) {
+            Ok(value) => panic!("accepted {value}"),
+            Err(e) => e.into_engine_error(Strict::NAME).to_string(),
+        }
+    }
+
+    /// An unknown field is InvalidInput naming its path and what was expected, in one line
+    /// whatever the key holds; a field of the wrong type stays MalformedInput.
+    #[test]
+    fn unknown_fields_are_invalid_input_naming_their_path() {
+        assert_eq!(
+            error(serde_json::json!({"inner": {"name": "n"}, "cuont": 1})),
+            "invalid input for workflow \"test.strict\": field cuont: unknown field (expected \
+             one of `inner`, `count`, `tags`)"
+        );
+        assert_eq!(
+            error(serde_json::json!({"inner": {"name": "n", "nmae": 1}})),
+            "invalid input for workflow \"test.strict\": field inner.nmae: unknown field \
+             (expected `name`)"
+        );
+        let message = error(serde_json::json!({"inner": {"name": "n", "a\nb\u{1b}": 1}}));
+        assert!(
+            !message.contains('\n') && !message.contains('\u{1b}'),
+            "{message}"
+        );
+        assert!(
+            message.contains("field inner.a\\nb\\u{1b}: unknown field"),
+            "{message}"
+        );
+        assert!(error(serde_json::json!({"inner": {"name": 1}})).starts_with("malformed input"));
+        assert_eq!(
+            unknown_field_reason("unknown field `x`, there are no fields").as_deref(),
+            Some("unknown field (there are no fields)")
+        );
+        let none = serde_json::from_value::<Nothing>(serde_json::json!({"x": 1})).unwrap_err();
+        assert!(unknown_field_reason(&none.to_string()).is_some(), "{none}");
+        assert_eq!(unknown_field_reason("invalid type: string \"x\""), None);
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::clock::millis_saturating;
 use crate::ids::Attempt;
 use crate::limits::{ATTEMPTS_MAX, BACKOFF_MAX};
 
@@ -72,8 +73,7 @@ impl RetryPolicy {
     /// The backoff ceiling after attempt `failed` failed: `initial * 2^(failed-1)`, capped.
     pub fn backoff_ceiling(&self, failed: Attempt) -> Duration {
         let doublings = failed.0.saturating_sub(1).min(62);
-        let ceiling_ms =
-            (self.backoff_initial.as_millis() as u64).saturating_mul(1u64 << doublings);
+        let ceiling_ms = millis_saturating(self.backoff_initial).saturating_mul(1u64 << doublings);
         Duration::from_millis(ceiling_ms)
             .min(self.backoff_max)
             .min(BACKOFF_MAX)
@@ -97,11 +97,11 @@ impl RetryPolicy {
         let ceiling_ms = self.backoff_ceiling(failed).as_millis() as f64;
         let mut delay_ms = (jitter.clamp(0.0, 1.0) * ceiling_ms) as u64;
         if let Some(hint) = retry_after {
-            delay_ms = delay_ms.max(hint.min(BACKOFF_MAX).as_millis() as u64);
+            delay_ms = delay_ms.max(millis_saturating(hint.min(BACKOFF_MAX)));
         }
         let at_ms = now_ms.saturating_add(delay_ms);
         if let Some(elapsed_max) = self.elapsed_max {
-            if at_ms.saturating_sub(first_started_at_ms) > elapsed_max.as_millis() as u64 {
+            if at_ms.saturating_sub(first_started_at_ms) > millis_saturating(elapsed_max) {
                 return None;
             }
         }
@@ -147,5 +147,25 @@ mod tests {
             Some(1000)
         );
         assert_eq!(p.next_attempt_at_ms(Attempt(2), 0, 1000, None, 0.9), None);
+    }
+
+    /// Durations longer than milliseconds can count (18446744073709552 s is 2^64 + 384 ms)
+    /// saturate instead of wrapping: such a backoff is capped at `BACKOFF_MAX`, not 384 ms,
+    /// and such an elapsed bound never ends the retries.
+    #[test]
+    fn durations_past_what_milliseconds_count_saturate() {
+        let huge = Duration::from_secs(18_446_744_073_709_552);
+        let p = RetryPolicy {
+            backoff_initial: huge,
+            backoff_max: huge,
+            attempts_max: 3,
+            elapsed_max: Some(huge),
+        };
+        assert_eq!(p.backoff_ceiling(Attempt(1)), BACKOFF_MAX);
+        let day_ms = BACKOFF_MAX.as_millis() as u64;
+        assert_eq!(
+            p.next_attempt_at_ms(Attempt(1), 0, 1000, None, 0.5),
+            Some(1000 + day_ms / 2)
+        );
     }
 }

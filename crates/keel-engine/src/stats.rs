@@ -52,7 +52,9 @@ mod micros {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_micros() as u64)
+        // Saturating, not wrapping: a duration past 2^64 us (only a caller's
+        // `Engine::record_duration` can make one) is kept as the longest there is.
+        s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {

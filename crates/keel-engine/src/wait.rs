@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::clock::millis_saturating;
 use crate::stats::OperationStats;
 use crate::step::{StepContext, StepError};
 
@@ -166,7 +167,7 @@ impl WaitPolicy {
     /// Resolves the policy into the schedule of a wait starting at `start_ms`, from `stats`
     /// (the wait kind's statistics) when the policy learns and enough samples exist.
     pub fn resolve(&self, start_ms: u64, stats: Option<&OperationStats>) -> WaitSchedule {
-        let ms = |d: Duration| d.as_millis() as u64;
+        let ms = millis_saturating;
         let learned = match (self.learn_after, stats) {
             (Some(n), Some(s)) if s.count >= n => Some(s),
             _ => None,
@@ -191,20 +192,23 @@ impl WaitPolicy {
                 let mean = ms(s.mean).max(1);
                 let dense = (mean / 8).max(1);
                 let timeout = match self.learned_deadline {
-                    LearnedDeadline::FarTail => {
-                        ms(s.p999).saturating_mul(2).max(ms(s.max) + ms(s.max) / 5)
-                    }
-                    LearnedDeadline::UsualTail => {
-                        ms(s.p90).saturating_mul(2).max(ms(s.min) + ms(s.min) / 5)
-                    }
+                    LearnedDeadline::FarTail => ms(s.p999)
+                        .saturating_mul(2)
+                        .max(ms(s.max).saturating_add(ms(s.max) / 5)),
+                    LearnedDeadline::UsualTail => ms(s.p90)
+                        .saturating_mul(2)
+                        .max(ms(s.min).saturating_add(ms(s.min) / 5)),
                 }
                 .max(1);
                 WaitSchedule {
-                    initial_delay_ms: ms(s.min) * 95 / 100,
+                    initial_delay_ms: ms(s.min).saturating_mul(95) / 100,
                     dense_interval_ms: dense,
                     dense_until_ms: ms(s.p99),
                     growth: 1.5,
-                    interval_max_ms: (dense * 16).min(ms(self.interval_max).max(1)).max(dense),
+                    interval_max_ms: dense
+                        .saturating_mul(16)
+                        .min(ms(self.interval_max).max(1))
+                        .max(dense),
                     jitter: 0.0,
                     confirmations: self.confirmations.max(1),
                     deadline_ms: start_ms.saturating_add(timeout),
@@ -372,6 +376,18 @@ mod tests {
         let mut s = stats(16, 30, 60, 300, 400);
         s.p90 = Duration::from_millis(43);
         assert_eq!(p.resolve(1_000, Some(&s)).deadline_ms, 1_086);
+    }
+
+    /// A timeout or interval longer than milliseconds can count (18446744073709552 s is
+    /// 2^64 + 384 ms) saturates to the end of time instead of wrapping to 384 ms.
+    #[test]
+    fn durations_past_what_milliseconds_count_saturate() {
+        let huge = Duration::from_secs(18_446_744_073_709_552);
+        let s = WaitPolicy::every(huge, huge).resolve(1_000, None);
+        assert_eq!(s.deadline_ms, u64::MAX);
+        assert_eq!(s.dense_interval_ms, u64::MAX);
+        let s = WaitPolicy::every(Duration::from_millis(250), Duration::MAX).resolve(1_000, None);
+        assert_eq!(s.deadline_ms, u64::MAX);
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   eventual-consistency lag, and the AWS behaviour moto lacks).
 //! - [`aws`]: the one SDK configuration helper, for tests and the demo.
 //! - [`inventory`]: what exists in moto, the ground truth of the AWS tests.
+//! - [`raw`]: the raw sled store of a closed engine, to make a store as damage or an earlier
+//!   version of Keel would have left it.
 //! - [`simcloud`]: a simulated EC2-like cloud on a loopback port (heavy-tailed readiness,
 //!   lying reads, throttling, a capacity), its steps, probes and workflow, and the load
 //!   scenario that kills the engine's process under it.
@@ -24,6 +26,7 @@ pub mod inventory;
 pub mod moto;
 pub mod poll;
 pub mod proxy;
+pub mod raw;
 pub mod simcloud;
 
 /// Installs a `tracing` subscriber that writes to the test's captured output (once).

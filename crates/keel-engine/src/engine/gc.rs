@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::clock::millis_saturating;
 use crate::engine::Engine;
 use crate::error::Result;
 
@@ -19,7 +20,7 @@ impl Engine {
             .inner
             .clock
             .now_ms()
-            .saturating_sub(self.inner.retention.as_millis() as u64);
+            .saturating_sub(millis_saturating(self.inner.retention));
         let mut expired_ids = Vec::new();
         for record in self.records()? {
             let expired = record.status.is_terminal()

@@ -338,7 +338,7 @@ impl Engine {
             }
         }
         Err(EngineError::InvalidState {
-            id: RunId::new(id)?,
+            id: RunId::existing(id)?,
             status: "being loaded and unloaded concurrently".into(),
             operation,
         })

@@ -77,7 +77,7 @@ impl Engine {
                 query.limit
             )));
         }
-        let after = query.after.as_deref().map(RunId::new).transpose()?;
+        let after = query.after.as_deref().map(RunId::existing).transpose()?;
         let mut runs = Vec::new();
         let mut more = false;
         self.inner.store.scan_runs(after.as_ref(), &mut |record| {
@@ -122,7 +122,8 @@ impl Engine {
 
     /// The stored record of `id`, durable or not: for the engine's own decisions only.
     pub(super) fn record(&self, id: &str) -> Result<RunRecord> {
-        let id = RunId::new(id)?;
+        // Any id a run may have been made under, a child's or one of earlier rules.
+        let id = RunId::existing(id)?;
         self.inner
             .store
             .run(&id)?
@@ -146,7 +147,7 @@ impl Engine {
     /// the engine shuts down under the run, [`EngineError::RunStopped`] when its driver
     /// stopped on an engine error or nobody here drives it (its workflow is not registered).
     pub async fn wait(&self, id: &str) -> Result<RunRecord> {
-        let run_id = RunId::new(id)?;
+        let run_id = RunId::existing(id)?;
         loop {
             let cell = self.loaded(&run_id);
             if let Some(cell) = &cell {
