@@ -5,15 +5,16 @@ use std::path::PathBuf;
 
 use keel_engine::{Ctx, InvalidInput, Workflow, WorkflowError};
 use keel_steps::aws::iot::{
-    ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreatePolicy, CreateThing,
-    DescribeDataEndpoint, RegisterCertificate,
+    ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreateKeyMaterial, CreatePolicy,
+    CreateThing, DescribeDataEndpoint, RegisterCertificate,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::validate;
 
-/// Input of [`OnboardDevice`].
+/// Input of [`OnboardDevice`]. A field it does not know is refused (a typo is not dropped).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeviceInput {
     /// The thing name (1 to 128 of letters, digits and `:_-`).
     pub thing_name: String,
@@ -41,9 +42,10 @@ pub struct DeviceOutput {
     pub data_endpoint: String,
 }
 
-/// Thing, certificate (its key written to the engine's key store), policy, policy on the
-/// certificate, certificate on the thing, activation, and the data endpoint the device
-/// connects to. Compensation detaches, deactivates and deletes, newest first.
+/// Thing, key material (the key written to the engine's key store, its path and fingerprint
+/// journaled), certificate, policy, policy on the certificate, certificate on the thing,
+/// activation, and the data endpoint the device connects to. Compensation detaches,
+/// deactivates and deletes, newest first, and removes the key files.
 pub struct OnboardDevice;
 
 impl OnboardDevice {
@@ -56,6 +58,9 @@ impl OnboardDevice {
 
 impl Workflow for OnboardDevice {
     const NAME: &'static str = "iot.onboard-device";
+    /// 2: key material became a step of its own (`CreateKeyMaterial`) before the
+    /// certificate's registration.
+    const VERSION: u32 = 2;
     type Input = DeviceInput;
     type Output = DeviceOutput;
 
@@ -70,9 +75,14 @@ impl Workflow for OnboardDevice {
                 attributes: input.attributes.clone(),
             })
             .await?;
+        let material = ctx
+            .step(CreateKeyMaterial {
+                subject: thing.name.clone(),
+            })
+            .await?;
         let certificate = ctx
             .step(RegisterCertificate {
-                subject: thing.name.clone(),
+                certificate_pem: material.certificate_pem,
             })
             .await?;
         let policy = ctx
@@ -101,7 +111,7 @@ impl Workflow for OnboardDevice {
             thing_arn: thing.arn,
             certificate_id: certificate.id,
             certificate_arn: certificate.arn,
-            key_file: certificate.key_path,
+            key_file: material.key_path,
             data_endpoint,
         })
     }

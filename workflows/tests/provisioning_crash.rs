@@ -170,7 +170,8 @@ async fn verify(scenario: u64, dir: &Path, direct: &aws_config::SdkConfig) {
         assert_eq!(certificate.status, "ACTIVE", "{run}");
         assert_eq!(certificate.policies.len(), 1, "{run}: {summary}");
         let policy = &certificate.policies[0];
-        assert!(policy.ends_with(&key(run, 2)), "{run}: policy {policy}");
+        // Steps: 0 thing, 1 key material, 2 certificate, 3 policy.
+        assert!(policy.ends_with(&key(run, 3)), "{run}: policy {policy}");
         assert!(device.key_file.exists(), "{run}: {:?}", device.key_file);
     }
     // Key material: a key and a certificate file per completed device, nothing else.

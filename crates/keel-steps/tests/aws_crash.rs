@@ -13,7 +13,9 @@ use keel_steps::aws::greengrass::{
     DeploymentSucceeded, Member,
 };
 use keel_steps::aws::iam::CreateRole;
-use keel_steps::aws::iot::{AttachThingPrincipal, CreateThing, RegisterCertificate};
+use keel_steps::aws::iot::{
+    AttachThingPrincipal, CreateKeyMaterial, CreateThing, RegisterCertificate,
+};
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::{AwsClients, AwsSteps, KEY_ATTRIBUTE, KEY_TAG};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
@@ -38,8 +40,8 @@ struct CoreInput {
 }
 
 /// A Greengrass core's provisioning, one step of each kind that makes something:
-/// 0 role, 1 thing, 2 certificate, 3 certificate on thing, 4 core definition, 5 group,
-/// 6 role on group, 7 group version, 8 deployment, 9 wait for the deployment.
+/// 0 role, 1 thing, 2 key material, 3 certificate, 4 certificate on thing, 5 core definition,
+/// 6 group, 7 role on group, 8 group version, 9 deployment, 10 wait for the deployment.
 struct CoreFlow;
 
 impl Workflow for CoreFlow {
@@ -62,9 +64,14 @@ impl Workflow for CoreFlow {
                 attributes: Default::default(),
             })
             .await?;
+        let material = ctx
+            .step(CreateKeyMaterial {
+                subject: thing.name.clone(),
+            })
+            .await?;
         let cert = ctx
             .step(RegisterCertificate {
-                subject: thing.name.clone(),
+                certificate_pem: material.certificate_pem,
             })
             .await?;
         ctx.step(AttachThingPrincipal {
@@ -190,7 +197,7 @@ async fn verify(point: &str, dir: &Path, direct: &aws_config::SdkConfig) {
     assert_eq!(truth.device_definitions.len(), 0, "{point}: {summary}");
     assert_eq!(truth.groups.len(), 1, "{point}: {summary}");
     let group = &truth.groups[0];
-    assert_eq!(group.name, format!("{KEPT}-{}", key(KEPT, 5)));
+    assert_eq!(group.name, format!("{KEPT}-{}", key(KEPT, 6)));
     assert_eq!(group.role_arn.as_deref(), Some(truth.roles[0].arn.as_str()));
     let gg = aws_sdk_greengrass::Client::new(direct);
     let deployments = gg
@@ -282,4 +289,149 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
         });
     }
     assert!(kills >= crash::POINTS.len() - 2, "{kills} kills");
+}
+
+/// The run of [`KeyFlow`].
+const KEY_RUN: &str = "device-key";
+
+/// A device's certificate alone: 0 key material, 1 certificate.
+struct KeyFlow;
+
+impl Workflow for KeyFlow {
+    const NAME: &'static str = "test.device-key";
+    type Input = String;
+    type Output = String;
+
+    async fn run(ctx: &mut Ctx, subject: String) -> Result<String, WorkflowError> {
+        let material = ctx.step(CreateKeyMaterial { subject }).await?;
+        let cert = ctx
+            .step(RegisterCertificate {
+                certificate_pem: material.certificate_pem,
+            })
+            .await?;
+        Ok(cert.id)
+    }
+}
+
+/// The child of [`a_key_left_by_a_killed_attempt_is_replaced_not_adopted`]: runs [`KEY_RUN`]
+/// to its end.
+fn key_child_main() {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name}"));
+    let runtime = keel_testkit::crash::runtime();
+    runtime.block_on(async {
+        let sdk = TestAccount::child_sdk_config().await;
+        let engine = Engine::builder(var("KEEL_DATA_DIR"))
+            .workflow::<KeyFlow>()
+            .aws_steps()
+            .resource(AwsClients::new(&sdk))
+            .resource(KeyStore::new(var("KEEL_TEST_KEYS")))
+            .open()
+            .await
+            .unwrap();
+        let run = engine
+            .start::<KeyFlow>(KEY_RUN, "sensor".into())
+            .await
+            .unwrap();
+        let _ = run.result().await;
+        engine.shutdown().await;
+    });
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The SubjectPublicKeyInfo (DER) of the private key in `path`.
+fn public_key_of(path: &Path) -> Vec<u8> {
+    let pem = std::fs::read_to_string(path).unwrap();
+    rcgen::KeyPair::from_pem(&pem).unwrap().public_key_der()
+}
+
+/// Key files written by an attempt that was killed before its outcome was journaled are never
+/// adopted: the next attempt makes a new key and removes them, and moto ends holding one
+/// certificate, of the new key.
+#[test]
+fn a_key_left_by_a_killed_attempt_is_replaced_not_adopted() {
+    const NAME: &str = "a_key_left_by_a_killed_attempt_is_replaced_not_adopted";
+    if is_child() {
+        return key_child_main();
+    }
+    keel_testkit::init_tracing();
+    let runtime = keel_testkit::crash::runtime();
+    let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = vec![
+        ("KEEL_DATA_DIR".into(), path_env(dir.path(), "data")),
+        ("KEEL_TEST_KEYS".into(), path_env(dir.path(), "keys")),
+    ];
+    env.extend(account.child_env(&account.endpoint));
+    let spec = ChildSpec {
+        test_name: NAME,
+        env,
+    };
+    // Killed right after the first step's effect: the key files are written and synced, the
+    // step's outcome is not journaled.
+    let ending = spec.run(
+        &[("KEEL_CRASH_AT", "step.after_effect".to_string())],
+        CHILD_TIMEOUT,
+    );
+    assert_eq!(ending, Ending::Killed);
+    let keys = dir.path().join("keys");
+    let leftovers: Vec<String> = std::fs::read_dir(&keys)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+    let leftover_key = leftovers.iter().find(|n| n.ends_with(".key.pem")).unwrap();
+    let leftover_spki = public_key_of(&keys.join(leftover_key));
+
+    spec.run_until_finished(CHILD_TIMEOUT);
+    runtime.block_on(async {
+        let engine = Engine::builder(dir.path().join("data"))
+            .open()
+            .await
+            .unwrap();
+        let history = engine.history(KEY_RUN).await.unwrap();
+        engine.shutdown().await;
+        assert_eq!(history.run.status, RunStatus::Completed);
+        let material = history
+            .entries
+            .iter()
+            .find_map(|entry| match &entry.event {
+                keel_engine::Event::StepCompleted { step, output, .. } if step.0 == 0 => {
+                    Some(output.clone())
+                }
+                _ => None,
+            })
+            .expect("the key material's output");
+        let key_path = Path::new(material["key_path"].as_str().unwrap());
+        let spki = public_key_of(key_path);
+        assert_ne!(spki, leftover_spki, "the killed attempt's key was adopted");
+        assert_eq!(material["key_fingerprint"], sha256_hex(&spki));
+        for name in &leftovers {
+            assert!(!keys.join(name).exists(), "{name} was left behind");
+        }
+        let truth = Inventory::read(&account.sdk_config().await).await.unwrap();
+        assert_eq!(truth.certificates.len(), 1, "{}", truth.summary());
+        let iot = aws_sdk_iot::Client::new(&account.sdk_config().await);
+        let described = iot
+            .describe_certificate()
+            .certificate_id(&truth.certificates[0].id)
+            .send()
+            .await
+            .unwrap();
+        let pem = described
+            .certificate_description()
+            .and_then(|d| d.certificate_pem())
+            .unwrap();
+        let der = pem::parse(pem).unwrap().into_contents();
+        assert!(
+            der.windows(spki.len()).any(|w| w == spki),
+            "moto's certificate is not of the journaled key"
+        );
+    });
 }

@@ -1,13 +1,14 @@
 //! The AWS steps, run by the real engine (sled on disk) through the fault proxy against
 //! moto's server, with moto's own state read directly as the ground truth.
 
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::time::Duration;
 
-use keel_engine::{Ctx, EngineBuilder, RunStatus, WaitPolicy, Workflow, WorkflowError};
+use keel_engine::{Ctx, EngineBuilder, Event, RunStatus, WaitPolicy, Workflow, WorkflowError};
 use keel_steps::aws::iam::{AttachRolePolicy, CreateRole, PutRolePolicy, RoleAssumable};
 use keel_steps::aws::iot::{
-    ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreatePolicy, CreateThing,
-    RegisterCertificate,
+    ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreateKeyMaterial, CreatePolicy,
+    CreateThing, RegisterCertificate,
 };
 use keel_steps::aws::{KEY_ATTRIBUTE, KEY_TAG};
 use keel_testkit::inventory::Inventory;
@@ -33,8 +34,8 @@ struct DeviceInput {
 }
 
 /// Every AWS step of the library, in the order a device flow uses them:
-/// 0 role, 1 attach managed policy, 2 inline policy, [3 wait], thing, policy, certificate,
-/// attach policy to certificate, attach certificate to thing, activate.
+/// 0 role, 1 attach managed policy, 2 inline policy, [3 wait], thing, policy, key material,
+/// certificate, attach policy to certificate, attach certificate to thing, activate.
 struct DeviceFlow;
 
 fn register(builder: EngineBuilder) -> EngineBuilder {
@@ -88,9 +89,14 @@ impl Workflow for DeviceFlow {
                 document: IOT_POLICY.into(),
             })
             .await?;
+        let material = ctx
+            .step(CreateKeyMaterial {
+                subject: input.name.clone(),
+            })
+            .await?;
         let cert = ctx
             .step(RegisterCertificate {
-                subject: input.name.clone(),
+                certificate_pem: material.certificate_pem,
             })
             .await?;
         ctx.step(AttachPolicy {
@@ -184,10 +190,10 @@ async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throt
                 .filter(|op| op.starts_with("Create") || op.starts_with("Register")),
         );
         // The private key is in a file of mode 0600, and not in the journal.
-        let key_path = env.keys.join(format!("{}.key.pem", key(&run, 5)));
-        let pem = std::fs::read_to_string(&key_path).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&key_path).unwrap().permissions().mode() & 0o777;
+        let material = journaled_output(&env, &run, 5).await;
+        let key_path = material["key_path"].as_str().unwrap();
+        let pem = std::fs::read_to_string(key_path).unwrap();
+        let mode = std::fs::metadata(key_path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let journal = serde_json::to_string(&env.engine.history(&run).await.unwrap()).unwrap();
         let secret = pem.lines().nth(1).unwrap();
@@ -398,5 +404,129 @@ async fn role_and_certificate_lag_is_waited_out_without_sleeping() {
     // STS refused the role at first, and the wait polled until it did not.
     let assume = env.proxy.requests_for("AssumeRole");
     assert!(assume.len() >= 2, "{} AssumeRole calls", assume.len());
+    env.engine.shutdown().await;
+}
+
+/// The output the journal of `run` holds for step `step`.
+async fn journaled_output(env: &Env, run: &str, step: u32) -> serde_json::Value {
+    let history = env.engine.history(run).await.unwrap();
+    history
+        .entries
+        .iter()
+        .find_map(|entry| match &entry.event {
+            Event::StepCompleted {
+                step: s, output, ..
+            } if s.0 == step => Some(output.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no output of step {step} in {run}'s journal"))
+}
+
+/// A key pair and a certificate of it, as PEM: (key, certificate, certificate id).
+fn key_and_certificate(subject: &str) -> (rcgen::KeyPair, String, String) {
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, subject);
+    let cert = params.self_signed(&pair).unwrap();
+    let id = sha256_hex(cert.der());
+    (pair, cert.pem(), id)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_files_planted_in_the_keys_directory_are_never_adopted() {
+    // Key and certificate files planted under the names a device's key material takes (the
+    // predictable name, and a name of the form an attempt that was killed before its outcome
+    // was journaled leaves) are never adopted: moto holds a certificate of a key the run made,
+    // and the key file the journal names holds that key.
+    let env = Env::new(Rules::seeded(51), register).await;
+    let run = "planted";
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&env.keys)
+        .unwrap();
+    let (planted, planted_pem, planted_id) = key_and_certificate("planted");
+    let prefix = key(run, 5);
+    for stem in [prefix.clone(), format!("{prefix}.00112233aabbccdd")] {
+        std::fs::write(
+            env.keys.join(format!("{stem}.key.pem")),
+            planted.serialize_pem(),
+        )
+        .unwrap();
+        std::fs::write(env.keys.join(format!("{stem}.cert.pem")), &planted_pem).unwrap();
+    }
+    let (result, status) = env.run::<DeviceFlow>(run, input("planted")).await;
+    let cert_id = result.unwrap();
+    assert_eq!(status, RunStatus::Completed);
+    assert_ne!(
+        cert_id, planted_id,
+        "the planted certificate was registered"
+    );
+    let truth = env.truth().await;
+    assert_eq!(truth.certificates.len(), 1, "{}", truth.summary());
+    assert_eq!(truth.certificates[0].id, cert_id);
+
+    // The key file the journal names holds the journaled key, which is not the planted one,
+    // and moto's certificate is of that key (its DER holds the key's SubjectPublicKeyInfo).
+    let material = journaled_output(&env, run, 5).await;
+    let key_path = material["key_path"].as_str().unwrap();
+    let pair = rcgen::KeyPair::from_pem(&std::fs::read_to_string(key_path).unwrap()).unwrap();
+    let spki = pair.public_key_der();
+    assert_eq!(material["key_fingerprint"], sha256_hex(&spki));
+    assert_ne!(
+        spki,
+        planted.public_key_der(),
+        "the planted key was adopted"
+    );
+    let iot = aws_sdk_iot::Client::new(&env.direct);
+    let described = iot
+        .describe_certificate()
+        .certificate_id(&cert_id)
+        .send()
+        .await
+        .unwrap();
+    let registered = described
+        .certificate_description()
+        .and_then(|d| d.certificate_pem())
+        .unwrap();
+    let der = pem::parse(registered).unwrap().into_contents();
+    assert!(
+        der.windows(spki.len()).any(|w| w == spki),
+        "moto's certificate is not of the key in {key_path}"
+    );
+    env.engine.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_directory_open_to_others_fails_the_run_naming_path_and_mode() {
+    // A keys directory with mode 0755 is refused before any key is written or any
+    // certificate registered: the run fails with an error naming the directory and its mode,
+    // compensates what it made, and moto ends empty.
+    let env = Env::new(Rules::seeded(52), register).await;
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(&env.keys)
+        .unwrap();
+    std::fs::set_permissions(&env.keys, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (result, status) = env.run::<DeviceFlow>("open-keys", input("open")).await;
+    let error = result.unwrap_err().to_string();
+    let path = env.keys.display().to_string();
+    assert!(
+        error.contains(&format!("keys directory {path} has mode 0755")),
+        "{error}"
+    );
+    assert_eq!(status, RunStatus::Compensated);
+    let truth = env.truth().await;
+    assert!(truth.is_empty(), "{}", truth.summary());
+    assert_eq!(std::fs::read_dir(&env.keys).unwrap().count(), 0);
     env.engine.shutdown().await;
 }

@@ -5,8 +5,10 @@
 //! from its `StepContext`. Every step names its service's rate limiter (`iam`, `sts`, `iot`, `greengrass`).
 //!
 //! Ownership: every resource a create step makes carries the step's idempotency key (an IAM
-//! tag, an IoT thing attribute, a name derived from the key, or for certificates the key
-//! material itself), and a step adopts an existing resource only after reading that mark.
+//! tag, an IoT thing attribute, a name derived from the key, or for certificates the
+//! certificate itself, made and journaled by the run before it is registered), and a step
+//! adopts an existing resource only after reading that mark. Key files are never adopted
+//! ([`x509`]).
 
 /// SDK error classification.
 pub mod error;
@@ -115,7 +117,9 @@ pub const STEPS: &[StepType] = &[
     StepType::of::<iam::PutRolePolicy>(),
     StepType::of::<iot::CreateThing>(),
     StepType::of::<iot::CreatePolicy>(),
+    StepType::of::<iot::CreateKeyMaterial>(),
     StepType::of::<iot::RegisterCertificate>(),
+    StepType::of::<iot::LegacyRegisterCertificate>(),
     StepType::of::<iot::ActivateCertificate>(),
     StepType::of::<iot::AttachPolicy>(),
     StepType::of::<iot::AttachThingPrincipal>(),

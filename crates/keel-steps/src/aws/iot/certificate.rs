@@ -1,16 +1,16 @@
-//! `RegisterCertificate` (key material made locally) and `ActivateCertificate`.
-
-use std::path::PathBuf;
+//! `RegisterCertificate` (of key material made by `CreateKeyMaterial`), its predecessor kept
+//! for old journals, and `ActivateCertificate`.
 
 use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
-use super::super::x509::KeyStore;
+use super::super::x509::{certificate_id, KeyStore};
 use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy};
 use super::{
     detach_policy, detach_thing_principal, lag_if_missing, missing_ok, ALREADY_EXISTS, NOT_FOUND,
 };
+use crate::files::blocking;
 
 /// A registered certificate. The private key stays in its file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,46 +21,54 @@ pub struct Certificate {
     pub arn: String,
     /// The certificate (public).
     pub pem: String,
-    /// The private key's file (mode 0600).
-    pub key_path: PathBuf,
-    /// SHA-256 of the public key.
-    pub key_fingerprint: String,
 }
 
-/// Makes a key pair and a self-signed certificate locally (files named by the step's key,
-/// see [`super::x509`]) and registers the certificate with RegisterCertificateWithoutCA,
-/// inactive. Its id is known before the call, so a retry that meets
-/// `ResourceAlreadyExistsException` adopts it: only the holder of the key file could have
-/// registered that certificate.
+/// Registers a certificate that [`super::CreateKeyMaterial`] made (its
+/// `certificate_pem`) with RegisterCertificateWithoutCA, inactive. The certificate's id, the
+/// SHA-256 of its DER, follows from the PEM, so a retry registers the same certificate and
+/// adopts it when IoT answers `ResourceAlreadyExistsException`: only the holder of its
+/// private key could have made it, and the journaled key material says this run holds it.
+/// The step never reads a key file.
 ///
-/// Compensation: detaches it from things, detaches its policies, deactivates it, deletes it,
-/// and removes the key files.
+/// Compensation: detaches it from things, detaches its policies, deactivates it, deletes it.
+/// In doubt, the id comes from the step's own argument. The key files are the key material
+/// step's to remove.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RegisterCertificate {
-    /// The certificate's common name (the device).
-    pub subject: String,
+    /// The certificate (PEM), as the key material step returned it.
+    pub certificate_pem: String,
+}
+
+impl RegisterCertificate {
+    /// The certificate's IoT id, or `None` when the PEM holds no certificate.
+    fn certificate_id(&self) -> Option<String> {
+        certificate_id(&self.certificate_pem)
+    }
 }
 
 impl Step for RegisterCertificate {
-    const KIND: &'static str = "aws.iot.register-certificate";
+    const KIND: &'static str = "aws.iot.register-certificate-pem";
     type Output = Certificate;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Certificate, StepError> {
         let iot = &clients(ctx)?.iot;
-        let material = KeyStore::of(ctx)?.material(&ctx.key(), &self.subject)?;
+        let id = self.certificate_id().ok_or_else(|| {
+            StepError::permanent(
+                "the certificate_pem given to RegisterCertificate holds no PEM certificate",
+            )
+        })?;
         let arn = match iot
             .register_certificate_without_ca()
-            .certificate_pem(&material.certificate_pem)
+            .certificate_pem(&self.certificate_pem)
             .status(aws_sdk_iot::types::CertificateStatus::Inactive)
             .send()
             .await
         {
             Ok(out) => {
-                let id = out.certificate_id().unwrap_or_default();
-                if id != material.certificate_id {
+                let registered = out.certificate_id().unwrap_or_default();
+                if registered != id {
                     return Err(StepError::permanent(format!(
-                        "IoT registered the certificate as {id}, expected {} (SHA-256 of its DER)",
-                        material.certificate_id
+                        "IoT registered the certificate as {registered}, expected {id} (SHA-256 of its DER)"
                     )));
                 }
                 out.certificate_arn().unwrap_or_default().to_string()
@@ -72,7 +80,7 @@ impl Step for RegisterCertificate {
                 }
                 let described = iot
                     .describe_certificate()
-                    .certificate_id(&material.certificate_id)
+                    .certificate_id(&id)
                     .send()
                     .await
                     .map_err(|e| lag_if_missing(AwsFailure::new("iot:DescribeCertificate", &e)))?;
@@ -84,11 +92,9 @@ impl Step for RegisterCertificate {
             }
         };
         Ok(Certificate {
-            id: material.certificate_id,
+            id,
             arn,
-            pem: material.certificate_pem,
-            key_path: material.key_path,
-            key_fingerprint: material.key_fingerprint,
+            pem: self.certificate_pem.clone(),
         })
     }
 
@@ -105,82 +111,132 @@ impl Step for RegisterCertificate {
         ctx: &StepContext,
         output: Option<Certificate>,
     ) -> Result<Undo, StepError> {
-        let iot = &clients(ctx)?.iot;
-        let store = KeyStore::of(ctx)?;
-        let key = ctx.key();
-        // In doubt, the key files say which certificate it would be; without them nothing
-        // was registered (the files are written before the call).
-        let id = match output {
-            Some(c) => c.id,
-            None if !store.cert_path(&key).exists() => return Ok(Undo::Done),
-            None => store.material(&key, &self.subject)?.certificate_id,
+        // A PEM without a certificate was refused before any call: nothing to undo.
+        let Some(id) = output.map(|c| c.id).or_else(|| self.certificate_id()) else {
+            return Ok(Undo::Done);
         };
-        let arn = match iot.describe_certificate().certificate_id(&id).send().await {
-            Ok(d) => d
-                .certificate_description()
-                .and_then(|d| d.certificate_arn())
-                .unwrap_or_default()
-                .to_string(),
-            Err(e) => {
-                let f = AwsFailure::new("iot:DescribeCertificate", &e);
-                if f.is(NOT_FOUND) {
-                    confirm_absence(ctx, "iot", "IoT certificate")?;
-                    store.remove(&key)?;
-                    return Ok(Undo::Done);
-                }
-                return Err(f.into());
-            }
-        };
-        // A read that flaps (found, then not found) is lag, not a failure.
-        let things = match iot.list_principal_things().principal(&arn).send().await {
-            Ok(listed) => listed,
-            Err(e) => {
-                missing_ok(ctx, AwsFailure::new("iot:ListPrincipalThings", &e))?;
-                store.remove(&key)?;
-                return Ok(Undo::Done);
-            }
-        };
-        for thing in things.things() {
-            detach_thing_principal(ctx, iot, thing, &arn).await?;
-        }
-        let policies = match iot.list_attached_policies().target(&arn).send().await {
-            Ok(listed) => listed,
-            Err(e) => {
-                missing_ok(ctx, AwsFailure::new("iot:ListAttachedPolicies", &e))?;
-                store.remove(&key)?;
-                return Ok(Undo::Done);
-            }
-        };
-        for policy in policies.policies() {
-            if let Some(name) = policy.policy_name() {
-                detach_policy(ctx, iot, name, &arn).await?;
-            }
-        }
-        if let Err(e) = iot
-            .update_certificate()
-            .certificate_id(&id)
-            .new_status(aws_sdk_iot::types::CertificateStatus::Inactive)
-            .send()
-            .await
-        {
-            missing_ok(ctx, AwsFailure::new("iot:UpdateCertificate", &e))?;
-        }
-        if let Err(e) = iot.delete_certificate().certificate_id(&id).send().await {
-            let f = AwsFailure::new("iot:DeleteCertificate", &e);
-            if f.is("CertificateStateException") || f.is("DeleteConflictException") {
-                return Err(f
-                    .as_lag("an attachment or the status change is not visible yet")
-                    .into());
-            }
-            missing_ok(ctx, f)?;
-        }
-        store.remove(&key)?;
+        remove_certificate(ctx, &id).await?;
         Ok(Undo::Done)
     }
 
     fn compensation_retry_policy(&self) -> RetryPolicy {
         undo_retry_policy()
     }
+}
+
+/// The step of kind `aws.iot.register-certificate`, which made key material (under the
+/// predictable names `<key>.key.pem` and `<key>.cert.pem`, reused when found) and registered
+/// it in one step. Kept only so that runs journaled before [`super::CreateKeyMaterial`]
+/// existed can still be compensated; executing it is refused.
+///
+/// Compensation: as [`RegisterCertificate`]'s; in doubt, the certificate id comes from the
+/// `<key>.cert.pem` file such a run wrote (in a directory that passes [`KeyStore::check`],
+/// read without following a link), and no file means nothing was registered. Then removes
+/// the step's key files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyRegisterCertificate {
+    /// The certificate's common name (the device).
+    pub subject: String,
+}
+
+impl Step for LegacyRegisterCertificate {
+    const KIND: &'static str = "aws.iot.register-certificate";
+    type Output = Certificate;
+
+    async fn execute(&self, _ctx: &StepContext) -> Result<Certificate, StepError> {
+        Err(StepError::permanent(format!(
+            "{} is kept only to compensate old runs: make key material with {} and register it with {}",
+            Self::KIND,
+            super::CreateKeyMaterial::KIND,
+            RegisterCertificate::KIND
+        )))
+    }
+
+    fn rate_limit(&self) -> Option<&str> {
+        Some("iot")
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        output: Option<Certificate>,
+    ) -> Result<Undo, StepError> {
+        let store = KeyStore::of(ctx)?;
+        let key = ctx.key();
+        let id = match output {
+            Some(c) => Some(c.id),
+            None => {
+                let store = std::sync::Arc::clone(&store);
+                blocking(move || Ok(store.legacy_certificate_id(&key)?)).await?
+            }
+        };
+        if let Some(id) = id {
+            remove_certificate(ctx, &id).await?;
+        }
+        blocking(move || Ok(store.remove(&key)?)).await?;
+        Ok(Undo::Done)
+    }
+
+    fn compensation_retry_policy(&self) -> RetryPolicy {
+        undo_retry_policy()
+    }
+}
+
+/// Removes certificate `id` the way AWS requires: detaches it from things, detaches its
+/// policies, deactivates it, deletes it. A certificate not found is gone once IoT's
+/// visibility lag is over.
+async fn remove_certificate(ctx: &StepContext, id: &str) -> Result<(), StepError> {
+    let iot = &clients(ctx)?.iot;
+    let arn = match iot.describe_certificate().certificate_id(id).send().await {
+        Ok(d) => d
+            .certificate_description()
+            .and_then(|d| d.certificate_arn())
+            .unwrap_or_default()
+            .to_string(),
+        Err(e) => {
+            let f = AwsFailure::new("iot:DescribeCertificate", &e);
+            if f.is(NOT_FOUND) {
+                return confirm_absence(ctx, "iot", "IoT certificate");
+            }
+            return Err(f.into());
+        }
+    };
+    // A read that flaps (found, then not found) is lag, not a failure.
+    let things = match iot.list_principal_things().principal(&arn).send().await {
+        Ok(listed) => listed,
+        Err(e) => return missing_ok(ctx, AwsFailure::new("iot:ListPrincipalThings", &e)),
+    };
+    for thing in things.things() {
+        detach_thing_principal(ctx, iot, thing, &arn).await?;
+    }
+    let policies = match iot.list_attached_policies().target(&arn).send().await {
+        Ok(listed) => listed,
+        Err(e) => return missing_ok(ctx, AwsFailure::new("iot:ListAttachedPolicies", &e)),
+    };
+    for policy in policies.policies() {
+        if let Some(name) = policy.policy_name() {
+            detach_policy(ctx, iot, name, &arn).await?;
+        }
+    }
+    if let Err(e) = iot
+        .update_certificate()
+        .certificate_id(id)
+        .new_status(aws_sdk_iot::types::CertificateStatus::Inactive)
+        .send()
+        .await
+    {
+        missing_ok(ctx, AwsFailure::new("iot:UpdateCertificate", &e))?;
+    }
+    if let Err(e) = iot.delete_certificate().certificate_id(id).send().await {
+        let f = AwsFailure::new("iot:DeleteCertificate", &e);
+        if f.is("CertificateStateException") || f.is("DeleteConflictException") {
+            return Err(f
+                .as_lag("an attachment or the status change is not visible yet")
+                .into());
+        }
+        missing_ok(ctx, f)?;
+    }
+    Ok(())
 }
 
 /// Sets a certificate ACTIVE. Compensation sets it INACTIVE (a missing certificate is done).

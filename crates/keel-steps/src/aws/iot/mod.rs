@@ -1,5 +1,6 @@
 //! IoT steps: things (carrying the key as an attribute), policies (named from the key),
-//! certificates (made locally, registered without a CA), attachments and activation.
+//! certificates (key material made locally as a step of its own, then registered without a
+//! CA), attachments and activation.
 //!
 //! AWS ordering for removal: detach the certificate from things, detach its policies,
 //! deactivate it, delete it, delete the thing, delete the policy. Compensation runs newest
@@ -10,12 +11,16 @@
 mod attach;
 mod certificate;
 mod endpoint;
+mod key_material;
 mod policy;
 mod thing;
 
 pub use attach::{AttachPolicy, AttachThingPrincipal};
-pub use certificate::{ActivateCertificate, Certificate, RegisterCertificate};
+pub use certificate::{
+    ActivateCertificate, Certificate, LegacyRegisterCertificate, RegisterCertificate,
+};
 pub use endpoint::DescribeDataEndpoint;
+pub use key_material::CreateKeyMaterial;
 pub use policy::{CreatePolicy, Policy};
 pub use thing::{CreateThing, Thing};
 
