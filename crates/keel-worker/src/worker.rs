@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keel_engine::{Engine, EngineError};
-use keel_steps::aws::x509::KeyStore;
+use keel_steps::aws::x509::{KeyStore, KeyStoreError};
 use keel_steps::aws::AwsClients;
 use keel_workflows::KeelWorkflows;
 use rand::RngCore;
@@ -78,6 +78,9 @@ pub enum WorkerError {
         /// What is wrong.
         detail: String,
     },
+    /// The device keys' directory is not the worker's own.
+    #[error("{0}")]
+    Keys(#[from] KeyStoreError),
     /// The engine did not open (locked by another process, corrupt, ...).
     #[error("{0}")]
     Engine(#[from] EngineError),
@@ -100,7 +103,8 @@ impl WorkerError {
         match self {
             WorkerError::TokenRequired(_)
             | WorkerError::DataDir { .. }
-            | WorkerError::Token { .. } => 2,
+            | WorkerError::Token { .. }
+            | WorkerError::Keys(_) => 2,
             _ => 1,
         }
     }
@@ -113,7 +117,7 @@ pub fn run(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Stopped, W
     }
     init_tracing(args.log_format);
     make_data_dir(&data_dir)?;
-    owner_only(&data_dir.join("keys"), 0o077, "keys directory")?;
+    KeyStore::new(data_dir.join("keys")).check()?;
     let token = match auth {
         Auth::Token(token) => Some(token),
         Auth::DataDir => Some(data_dir_token(&data_dir)?),
@@ -147,7 +151,7 @@ fn init_tracing(format: LogFormat) {
 fn make_data_dir(path: &Path) -> Result<(), WorkerError> {
     use std::os::unix::fs::DirBuilderExt;
     match std::fs::metadata(path) {
-        Ok(_) => owner_only(path, 0o022, "data directory"),
+        Ok(_) => owner_only(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -163,40 +167,28 @@ fn make_data_dir(path: &Path) -> Result<(), WorkerError> {
     }
 }
 
-/// Refuses an existing directory at `path` that is not a directory, is owned by another user,
-/// or has any of the permission bits in `forbidden`; a missing one is fine.
-fn owner_only(path: &Path, forbidden: u32, what: &str) -> Result<(), WorkerError> {
+/// Refuses a data directory that is not a directory, is owned by another user, or that group
+/// or others may write to (it may be reached through a link: what it points at is checked).
+fn owner_only(path: &Path) -> Result<(), WorkerError> {
     let error = |detail: String| WorkerError::DataDir {
         path: path.to_path_buf(),
-        detail: format!("{what}: {detail}"),
+        detail,
     };
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(error(e.to_string())),
-    };
-    // The data directory itself may be reached through a link; what it points at is checked.
-    let meta = if meta.file_type().is_symlink() && forbidden == 0o022 {
-        std::fs::metadata(path).map_err(|e| error(e.to_string()))?
-    } else {
-        meta
-    };
+    let meta = std::fs::metadata(path).map_err(|e| error(e.to_string()))?;
     if !meta.is_dir() {
-        return Err(error("is not a directory".into()));
+        return Err(error("exists and is not a directory".into()));
     }
     let me = rustix::process::geteuid().as_raw();
     if meta.uid() != me {
         return Err(error(format!(
-            "owned by uid {}, not by this worker's user (uid {me})",
+            "owned by uid {}, not by this worker's user (uid {me}): it must be the worker's own",
             meta.uid()
         )));
     }
     let mode = meta.mode() & 0o7777;
-    if mode & forbidden != 0 {
-        let allowed = 0o777 & !forbidden;
+    if mode & 0o022 != 0 {
         return Err(error(format!(
-            "mode {mode:04o} lets other users in: make it at most {allowed:04o} \
-             (chmod {allowed:o} {})",
+            "mode {mode:04o} lets other users write to it: make it owner-only (chmod 700 {})",
             path.display()
         )));
     }

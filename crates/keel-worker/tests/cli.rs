@@ -165,14 +165,15 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     let table = String::from_utf8_lossy(&out.stdout);
     for kind in [
         "aws.iot.create-thing",
-        "aws.iot.register-certificate",
+        "aws.iot.create-key-material",
+        "aws.iot.register-certificate-pem",
         "aws.iot.activate-certificate",
     ] {
         assert!(table.contains(kind), "{kind} in\n{table}");
     }
     let history = ok_json(keel(&w, &["--json", "history", "d1"]));
     let operations = history["operations"].as_array().unwrap();
-    assert_eq!(operations.len(), 7, "{history}");
+    assert_eq!(operations.len(), 8, "{history}");
     assert!(operations.iter().all(|o| o["outcome"] == "completed"));
     // Stats: every step kind with its count.
     let stats = ok_json(keel(&w, &["--json", "stats"]));
