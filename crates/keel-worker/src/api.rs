@@ -57,10 +57,11 @@ impl AllowedHosts {
             return false;
         };
         let port_ok = port.map_or(self.listen.port() == 80, |p| p == self.listen.port());
-        if let Ok(ip) = name.parse::<IpAddr>() {
-            return port_ok && (ip == self.listen.ip() || self.listen.ip().is_unspecified());
-        }
         let name = name.to_ascii_lowercase();
+        if let Ok(ip) = name.parse::<IpAddr>() {
+            let listened = port_ok && (ip == self.listen.ip() || self.listen.ip().is_unspecified());
+            return listened || self.names.contains(&name);
+        }
         if name == "localhost" && self.listen.ip().is_loopback() {
             return port_ok;
         }
@@ -189,7 +190,8 @@ async fn check(State(state): State<Arc<AppState>>, request: Request, next: Next)
 fn refusal(state: &AppState, method: &Method, path: &str, headers: &HeaderMap) -> Option<ApiError> {
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let host = text(header::HOST).unwrap_or_default();
-    if !state.hosts.allow(host) {
+    // One Host only: a proxy in front may read another one than this check would.
+    if headers.get_all(header::HOST).iter().count() > 1 || !state.hosts.allow(host) {
         return Some(ApiError::new(
             StatusCode::MISDIRECTED_REQUEST,
             "wrong_host",

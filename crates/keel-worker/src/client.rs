@@ -15,7 +15,7 @@ use keel_engine::limits::INPUT_BYTES_MAX;
 use keel_engine::RunsPage;
 
 use crate::api::{ApiError, EmptyRequest, ResolveRequest, StartRequest};
-use crate::worker::{read_token_file, TOKEN_FILE};
+use crate::worker::{check_token, read_token_file, TOKEN_FILE};
 
 /// A failed verb.
 #[derive(Debug, thiserror::Error)]
@@ -66,8 +66,10 @@ pub fn token(file: Option<&Path>) -> std::result::Result<Option<String>, String>
             .map_err(|e| format!("API token file {}: {e}", path.display()));
     }
     match std::env::var("KEEL_API_TOKEN") {
-        Ok(token) if token.trim().is_empty() => Err("KEEL_API_TOKEN is empty".into()),
-        Ok(token) => Ok(Some(token.trim().to_string())),
+        Ok(token) => {
+            check_token(token.trim()).map_err(|e| format!("KEEL_API_TOKEN: {e}"))?;
+            Ok(Some(token.trim().to_string()))
+        }
         Err(_) => Ok(None),
     }
 }
@@ -75,12 +77,69 @@ pub fn token(file: Option<&Path>) -> std::result::Result<Option<String>, String>
 /// The token the worker keeps in `data_dir`, if the file exists.
 pub fn data_dir_token(data_dir: &Path) -> std::result::Result<Option<String>, String> {
     let path = data_dir.join(TOKEN_FILE);
-    if std::fs::symlink_metadata(&path).is_err() {
-        return Ok(None);
+    match std::fs::symlink_metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("API token file {}: {e}", path.display())),
     }
     read_token_file(&path, false)
         .map(Some)
         .map_err(|e| format!("API token file {}: {e}", path.display()))
+}
+
+/// Refuses to send the token to a loopback port another user listens on: when the worker is
+/// down, any local user can take its port and wait for a CLI to send its token there. The
+/// owners of listening sockets come from `/proc/net/tcp` and `/proc/net/tcp6`; an API that is
+/// not on loopback, or a port nobody listens on, passes (the request then fails to connect).
+pub fn check_listener(api: &str) -> std::result::Result<(), String> {
+    let Ok(uri) = api.parse::<axum::http::Uri>() else {
+        return Ok(());
+    };
+    let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    if !loopback {
+        return Ok(());
+    }
+    let me = rustix::process::geteuid().as_raw();
+    let port_hex = format!(":{port:04X}");
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+            let (Some(local), Some(state), Some(uid)) =
+                (fields.get(1), fields.get(3), fields.get(7))
+            else {
+                continue;
+            };
+            if *state != "0A" || !local.ends_with(&port_hex) {
+                continue;
+            }
+            match uid.parse::<u32>() {
+                Ok(uid) if uid != me => {
+                    return Err(format!(
+                        "the API's port {port} is held by another user (uid {uid}, you are uid \
+                         {me}): not sending the API token there (is the worker running, as \
+                         you?)"
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A connection to one worker's API.

@@ -267,6 +267,12 @@ fn main() -> ExitCode {
             }
         },
     };
+    if token.is_some() {
+        if let Err(message) = client::check_listener(&cli.api) {
+            eprintln!("keel: {message}");
+            return ExitCode::from(1);
+        }
+    }
     let client = client::Client::new(&cli.api, token, cli.json);
     let result = match cli.command {
         Command::Worker(_) => unreachable!("handled above"),

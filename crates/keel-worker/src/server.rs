@@ -3,16 +3,17 @@
 //!
 //! - A client has [`Limits::read_timeout`] to send a request's head once the server waits for
 //!   it (after connecting, and between keep-alive requests), and again to send its body; a
-//!   body over [`Limits::body_bytes_max`] is refused without reading the rest.
+//!   body declared or found to be over [`Limits::body_bytes_max`] is refused without reading
+//!   the rest.
 //! - At most [`Limits::connections_max`] connections are open. A connection counts as *busy*
-//!   only once its request has fully arrived and is being answered; when the cap is reached,
+//!   only from when its request has fully arrived until its answer is sent; when the cap is reached,
 //!   a new connection evicts the oldest connection that is not busy (an idle one, or one that
 //!   trickles its head or body). Idle connections therefore never keep a real request out,
 //!   and a request that arrived is never cut off. Only when every connection is busy is a
 //!   new one answered `503` and closed.
-//! - On [`stop`](Server::serve)'s signal the listener closes at once; each connection
-//!   finishes the request it is answering and closes; whatever is still open when the grace
-//!   runs out is dropped.
+//! - On the stop signal ([`serve`]) the listener closes at once; a connection with no request
+//!   in hand closes at once, one answering a request finishes that answer and closes;
+//!   whatever is still open when the grace runs out is dropped.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -134,6 +135,8 @@ pub async fn serve(
             }
         };
         next_id += 1;
+        // Reap finished connections so the set stays as large as what is open.
+        while tasks.try_join_next().is_some() {}
         let Some(connection) = connections.admit(next_id, limits.connections_max) else {
             tracing::warn!(%peer, "every connection is busy: refusing one");
             tasks.spawn(refuse(stream));
@@ -145,8 +148,6 @@ pub async fn serve(
             connection_life(stream, router, limits, &connection, stop).await;
             connections.close(id);
         });
-        // Reap finished connections so the set stays as large as what is open.
-        while tasks.try_join_next().is_some() {}
     }
     drop(listener);
     tracing::info!(
@@ -188,16 +189,17 @@ async fn connection_life(
     tokio::pin!(served);
     tokio::select! {
         _ = served.as_mut() => return,
-        _ = connection.evict.notified() => {
-            if connection.busy.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            // It became busy since it was picked: let it answer, then close.
-            served.as_mut().graceful_shutdown();
-        }
-        _ = stop.wait_for(|stop| *stop) => served.as_mut().graceful_shutdown(),
+        _ = connection.evict.notified() => {}
+        _ = stop.wait_for(|stop| *stop) => {}
     }
-    let _ = served.await;
+    // Evicted or stopping: a connection with no request in hand closes now; one answering a
+    // request finishes that answer (bounded: a client that never reads it is dropped), then
+    // closes.
+    if connection.busy.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    served.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(limits.read_timeout.max(limits.grace), served).await;
 }
 
 /// Reads the whole body within the read timeout and the size limit, then hands the request
@@ -209,18 +211,19 @@ async fn answer(
     busy: Arc<AtomicUsize>,
 ) -> Result<Response<Body>, Infallible> {
     let (parts, body) = request.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.body_bytes_max as u64) {
+        return Ok(closing(too_large(limits)));
+    }
     let read = Limited::new(body, limits.body_bytes_max).collect();
     let bytes = match tokio::time::timeout(limits.read_timeout, read).await {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
-            return Ok(closing(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!(
-                    "the request body is over the limit of {} bytes",
-                    limits.body_bytes_max
-                ),
-            )));
+            return Ok(closing(too_large(limits)));
         }
         Ok(Err(error)) => {
             return Ok(closing(ApiError::new(
@@ -240,9 +243,49 @@ async fn answer(
             )));
         }
     };
-    let _busy = Busy::new(&busy);
+    // Busy from here until the answer's last byte is handed to the connection: a request
+    // that arrived is never evicted, nor is its answer cut off.
+    let busy = Busy::new(&busy);
     let request = Request::from_parts(parts, Body::from(bytes));
-    Ok(router.oneshot(request).await.unwrap_or_else(|e| match e {}))
+    let response = router.oneshot(request).await.unwrap_or_else(|e| match e {});
+    Ok(response.map(|body| Body::new(WhileBusy { body, _busy: busy })))
+}
+
+/// An answer's body that keeps its connection marked busy until it is sent or dropped.
+struct WhileBusy {
+    body: Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for WhileBusy {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+fn too_large(limits: Limits) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "the request body is over the limit of {} bytes",
+            limits.body_bytes_max
+        ),
+    )
 }
 
 /// An error answer after which the connection closes (its body was not read to the end).

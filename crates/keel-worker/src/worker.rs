@@ -116,6 +116,7 @@ pub fn run(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Stopped, W
         return Err(WorkerError::TokenRequired(args.listen));
     }
     init_tracing(args.log_format);
+    descriptors_for(args.connections_max.into());
     make_data_dir(&data_dir)?;
     KeyStore::new(data_dir.join("keys")).check()?;
     let token = match auth {
@@ -151,7 +152,7 @@ fn init_tracing(format: LogFormat) {
 fn make_data_dir(path: &Path) -> Result<(), WorkerError> {
     use std::os::unix::fs::DirBuilderExt;
     match std::fs::metadata(path) {
-        Ok(_) => owner_only(path),
+        Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -159,11 +160,41 @@ fn make_data_dir(path: &Path) -> Result<(), WorkerError> {
             .map_err(|e| WorkerError::DataDir {
                 path: path.to_path_buf(),
                 detail: format!("cannot create it: {e}"),
-            }),
-        Err(e) => Err(WorkerError::DataDir {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        }),
+            })?,
+        Err(e) => {
+            return Err(WorkerError::DataDir {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            })
+        }
+    }
+    // Checked after creating too: someone may have made it in between.
+    owner_only(path)
+}
+
+/// Raises the soft limit on open files to the hard one: the API's connections and the AWS
+/// clients' share it, and a worker out of descriptors cannot even accept a health check.
+/// Warns when the connection cap leaves too few for the rest.
+fn descriptors_for(connections_max: u64) {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    if limit.current != limit.maximum {
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(%error, "could not raise the open-file limit");
+        }
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < connections_max.saturating_add(256) {
+        tracing::warn!(
+            open_files = now,
+            connections_max,
+            "the open-file limit leaves little room beyond --connections-max for the store \
+             and AWS; lower --connections-max or raise the limit"
+        );
     }
 }
 
@@ -195,34 +226,43 @@ fn owner_only(path: &Path) -> Result<(), WorkerError> {
     Ok(())
 }
 
-/// The API token kept in the data directory, made (32 random bytes, hex, mode 0600) at the
-/// first start.
+/// The API token kept in the data directory, made at the first start: 32 random bytes in hex,
+/// written whole to a new owner-only file that is then linked into place, so a crash leaves
+/// either no token file or a complete one.
 fn data_dir_token(data_dir: &Path) -> Result<String, WorkerError> {
     let path = data_dir.join(TOKEN_FILE);
     let error = |detail: String| WorkerError::Token {
         path: path.clone(),
         detail,
     };
-    let created = std::fs::OpenOptions::new()
+    if std::fs::symlink_metadata(&path).is_ok() {
+        return read_token_file(&path, false).map_err(error);
+    }
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let temporary = data_dir.join(format!(".{TOKEN_FILE}.{:016x}", rand::random::<u64>()));
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_NOFOLLOW)
         .mode(0o600)
-        .open(&path);
-    match created {
-        Ok(mut file) => {
-            let mut bytes = [0u8; 32];
-            rand::rngs::OsRng.fill_bytes(&mut bytes);
-            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            file.write_all(format!("{token}\n").as_bytes())
-                .and_then(|()| file.sync_all())
-                .map_err(|e| error(format!("cannot write it: {e}")))?;
+        .open(&temporary)
+        .and_then(|mut file| {
+            file.write_all(format!("{token}\n").as_bytes())?;
+            file.sync_all()
+        });
+    let linked = written.and_then(|()| std::fs::hard_link(&temporary, &path));
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {
             std::fs::File::open(data_dir)
                 .and_then(|dir| dir.sync_all())
                 .map_err(|e| error(format!("cannot sync its directory: {e}")))?;
             tracing::info!(path = %path.display(), "made the API token");
             Ok(token)
         }
+        // Another process made it first: use theirs, after the same checks.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             read_token_file(&path, false).map_err(error)
         }
@@ -230,15 +270,20 @@ fn data_dir_token(data_dir: &Path) -> Result<String, WorkerError> {
     }
 }
 
+/// Fewest characters of a token.
+const TOKEN_CHARS_MIN: usize = 16;
+
 /// The token in `path`, trimmed: refused when the file is not a regular file owned by this
 /// user that no one else may read, or is empty. `follow` lets `path` be a link (a file named
 /// on the command line); the data directory's own file never is one.
 pub fn read_token_file(path: &Path, follow: bool) -> Result<String, String> {
     let mut options = std::fs::OpenOptions::new();
-    options.read(true);
+    // Non-blocking, so that a FIFO planted or named as the token file cannot hang the open.
+    let mut flags = libc::O_NONBLOCK;
     if !follow {
-        options.custom_flags(libc::O_NOFOLLOW);
+        flags |= libc::O_NOFOLLOW;
     }
+    options.read(true).custom_flags(flags);
     let file = options
         .open(path)
         .map_err(|e| format!("cannot read it: {e}"))?;
@@ -266,11 +311,19 @@ pub fn read_token_file(path: &Path, follow: bool) -> Result<String, String> {
     file.take(4096)
         .read_to_string(&mut text)
         .map_err(|e| format!("cannot read it: {e}"))?;
-    let token = text.trim();
-    if token.is_empty() {
-        return Err("is empty".into());
+    check_token(text.trim())?;
+    Ok(text.trim().to_string())
+}
+
+/// A token is at least [`TOKEN_CHARS_MIN`] visible ASCII characters, without spaces.
+pub fn check_token(token: &str) -> Result<(), String> {
+    if token.len() < TOKEN_CHARS_MIN || !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "the token must be at least {TOKEN_CHARS_MIN} visible ASCII characters without \
+             spaces"
+        ));
     }
-    Ok(token.to_string())
+    Ok(())
 }
 
 async fn serve(
@@ -305,6 +358,17 @@ async fn serve(
         builder = builder.accept_data_loss();
     }
     let engine = builder.open().await?;
+    if futures_util::FutureExt::now_or_never(signals.next()).is_some() {
+        // Stopped while the store opened: drain what the open resumed, serve nothing.
+        let drained = tokio::time::timeout(Duration::from_secs(args.grace_s), engine.shutdown())
+            .await
+            .is_ok();
+        return Ok(if drained {
+            Stopped::Drained
+        } else {
+            Stopped::NotDrained
+        });
+    }
     let unfinished: u64 = engine
         .run_counts()?
         .iter()
