@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel::store::sled::raw;
 use keel::{Engine, EngineBuilder, EngineError, Event, JournalIndex, RunHistory, RunId, RunStatus};
@@ -26,7 +26,7 @@ const GARBAGE: &[u8] = b"\xff\xfe{\"not\": json";
 type RawSnapshot = BTreeMap<Vec<u8>, Vec<u8>>;
 
 fn raw_snapshot(data: &Path) -> RawSnapshot {
-    let db = open_raw(data);
+    let db = keel_testkit::raw::open(data);
     let snapshot = db
         .iter()
         .map(|item| {
@@ -41,7 +41,7 @@ fn raw_snapshot(data: &Path) -> RawSnapshot {
 
 /// Overwrites `key` with [`GARBAGE`] in the closed store at `data`.
 fn corrupt(data: &Path, key: &[u8]) {
-    let db = open_raw(data);
+    let db = keel_testkit::raw::open(data);
     let old = db.insert(key, GARBAGE).unwrap();
     assert!(old.is_some(), "corrupting a record that exists");
     db.flush().unwrap();
@@ -60,24 +60,6 @@ async fn open(data: &Path) -> Engine {
 /// process just closed is still releasing).
 async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
     builder().open().await.expect("opening the engine")
-}
-
-/// Opens the raw sled store at `data`, waiting (bounded) while the lock of a store this
-/// process has just closed is still held (see [`open_when_unlocked`]).
-fn open_raw(data: &Path) -> sled::Db {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        match sled::open(data) {
-            Ok(db) => return db,
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("opening {} raw: {e}", data.display()),
-        }
-    }
 }
 
 /// The child of [`second_process_gets_locked_error`]: opens the data directory and expects
@@ -364,7 +346,7 @@ async fn corrupt_journal_of_unfinished_run(damage: impl FnOnce(&sled::Db, &[u8])
     };
     let key = raw::journal_key_of(&id(ASLEEP), JournalIndex(1));
     {
-        let db = open_raw(&store.data);
+        let db = keel_testkit::raw::open(&store.data);
         damage(&db, &key);
         db.flush().unwrap();
     }

@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel::replay::{
     step_action, undo_action, undo_input, Op, RunState, StepAction, StepOp, StepOutcome,
@@ -30,31 +30,10 @@ use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-/// How long any polled condition may take before the test fails.
-const CONDITION_TIMEOUT: Duration = Duration::from_secs(20);
-
 /// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
 /// process just closed is still releasing).
 async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
     builder().open().await.expect("opening the engine")
-}
-
-/// Opens the raw sled store at `data`, waiting (bounded) while the lock of a store this
-/// process has just closed is still held (see [`open_when_unlocked`]).
-fn open_raw(data: &Path) -> sled::Db {
-    let deadline = Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        match sled::open(data) {
-            Ok(db) => return db,
-            Err(sled::Error::Io(e))
-                if e.to_string().contains("could not acquire lock")
-                    && Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("opening {} raw: {e}", data.display()),
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -714,7 +693,7 @@ impl Workflow for FixtureFlow {
 /// Writes a run record and `entries` as its journal into a fresh, closed store at `data`,
 /// as the engine would have left them.
 fn install_run(data: &Path, record: &RunRecord, entries: &[Entry]) {
-    let db = open_raw(data);
+    let db = keel_testkit::raw::open(data);
     db.insert(
         raw::run_key_of(&record.id),
         serde_json::to_vec(record).unwrap(),
