@@ -8,14 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel::store::sled::raw;
-use keel::{Engine, EngineBuilder, EngineError, Event, JournalIndex, RunHistory, RunId, RunStatus};
+use keel::{Engine, EngineError, Event, JournalIndex, RunHistory, RunId, RunStatus};
 use keel_testkit::crash::{is_child, ChildSpec, Ending};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
-use keel_testkit::poll::until;
-
-/// How long any polled condition may take before the test fails.
-const CONDITION_TIMEOUT: Duration = Duration::from_secs(20);
+use keel_testkit::poll::{until, CONDITION_TIMEOUT};
 
 /// Not valid JSON, nor valid UTF-8.
 const GARBAGE: &[u8] = b"\xff\xfe{\"not\": json";
@@ -48,18 +45,12 @@ fn corrupt(data: &Path, key: &[u8]) {
 }
 
 async fn open(data: &Path) -> Engine {
-    open_when_unlocked(|| {
+    keel_testkit::open_engine(|| {
         Engine::builder(data)
             .workflow::<EffectFlow>()
             .step::<EffectStep>()
     })
     .await
-}
-
-/// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
-/// process just closed is still releasing).
-async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
-    builder().open().await.expect("opening the engine")
 }
 
 /// The child of [`second_process_gets_locked_error`]: opens the data directory and expects
@@ -91,8 +82,8 @@ fn locked_child() {
             },
             "open" => {
                 // The parent's store may take a few milliseconds to let go of its lock after
-                // the parent dropped it (see `open_when_unlocked`).
-                let engine = open_when_unlocked(|| Engine::builder(&dir)).await;
+                // the parent dropped it (see `keel_testkit::open_engine`).
+                let engine = keel_testkit::open_engine(|| Engine::builder(&dir)).await;
                 let record = engine.status("before-lock").await.unwrap();
                 assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
                 engine.shutdown().await;

@@ -11,16 +11,13 @@ use std::time::{Duration, Instant};
 
 use keel::testing::TestClock;
 use keel::{
-    Ctx, Engine, EngineBuilder, EngineError, Event, RunHistory, RunStatus, Step, StepContext,
-    StepError, Workflow, WorkflowError,
+    Ctx, Engine, EngineError, Event, RunHistory, RunStatus, Step, StepContext, StepError, Workflow,
+    WorkflowError,
 };
 use keel_testkit::effects::{self, Action, Effect};
 use keel_testkit::flows::{EffectFlow, EffectStep, Fault};
-use keel_testkit::poll::until;
+use keel_testkit::poll::{until, CONDITION_TIMEOUT};
 use serde::{Deserialize, Serialize};
-
-/// How long any polled condition may take before the test fails.
-const CONDITION_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Input of [`PlainFlow`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,7 +150,7 @@ impl Fixture {
 }
 
 async fn open(data: &Path) -> Engine {
-    open_when_unlocked(|| {
+    keel_testkit::open_engine(|| {
         Engine::builder(data)
             .workflow::<PlainFlow>()
             .workflow::<EffectFlow>()
@@ -161,12 +158,6 @@ async fn open(data: &Path) -> Engine {
             .step::<Gate>()
     })
     .await
-}
-
-/// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
-/// process just closed is still releasing).
-async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
-    builder().open().await.expect("opening the engine")
 }
 
 /// Each of the effect steps `0..steps` ran exactly once, keyed by operation number (a gate
@@ -679,7 +670,8 @@ impl Workflow for StrictFlow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_input_fields_are_refused_naming_their_path() {
     let f = fixture();
-    let engine = open_when_unlocked(|| Engine::builder(&f.data).workflow::<StrictFlow>()).await;
+    let engine =
+        keel_testkit::open_engine(|| Engine::builder(&f.data).workflow::<StrictFlow>()).await;
     let typo = serde_json::json!({"role": {"name": "r", "managed_policy_arn": ["arn"]}});
     let err = engine
         .start_json("test.strict", "typo", typo)

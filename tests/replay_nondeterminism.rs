@@ -21,20 +21,13 @@ use keel::replay::{
 };
 use keel::store::sled::raw;
 use keel::{
-    Attempt, Ctx, Engine, EngineBuilder, Entry, ErrorClass, ErrorRecord, Event, JournalIndex,
-    RunId, RunRecord, RunStatus, Step, StepContext, StepError, StepIndex, Undo, Workflow,
-    WorkflowError,
+    Attempt, Ctx, Engine, Entry, ErrorClass, ErrorRecord, Event, JournalIndex, RunId, RunRecord,
+    RunStatus, Step, StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action, Effect};
 use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-
-/// Opens an engine from `builder` (the engine itself waits for a lock that an engine this
-/// process just closed is still releasing).
-async fn open_when_unlocked(builder: impl Fn() -> EngineBuilder) -> Engine {
-    builder().open().await.expect("opening the engine")
-}
 
 // ---------------------------------------------------------------------------------------------
 // Non-determinism
@@ -232,7 +225,7 @@ async fn park(runs: &[(&str, u64)]) -> Parked {
         journals: BTreeMap::new(),
         _dir: dir,
     };
-    let engine = open_when_unlocked(|| {
+    let engine = keel_testkit::open_engine(|| {
         Engine::builder(&parked.data)
             .workflow::<Original>()
             .step::<StepX>()
@@ -268,7 +261,7 @@ async fn park(runs: &[(&str, u64)]) -> Parked {
 /// run's error), and that nothing ran. Returns the error.
 async fn suspended_under<W: Workflow>(parked: &Parked, id: &str) -> String {
     // The new code's engine registers every step kind its runs may have to undo.
-    let engine = open_when_unlocked(|| {
+    let engine = keel_testkit::open_engine(|| {
         Engine::builder(&parked.data)
             .workflow::<W>()
             .step::<StepX>()
@@ -316,7 +309,7 @@ async fn other_step_kind_suspends_and_fixed_code_resumes() {
     );
     assert!(error.contains("step #0"), "and the operation: {error}");
 
-    let engine = open_when_unlocked(|| {
+    let engine = keel_testkit::open_engine(|| {
         Engine::builder(&parked.data)
             .workflow::<Original>()
             .step::<StepX>()
@@ -743,7 +736,7 @@ async fn engine_takes_up_the_completed_fixture_cut_short() {
     let record = record_of(ID, FixtureFlow::NAME, json!(1000), RunStatus::Running);
     install_run(dir.path(), &record, &fixture[..CUT]);
 
-    let engine = open_when_unlocked(|| {
+    let engine = keel_testkit::open_engine(|| {
         Engine::builder(dir.path())
             .workflow::<FixtureFlow>()
             .step::<Add>()
@@ -787,7 +780,8 @@ async fn engine_takes_up_the_compensated_fixture_cut_short() {
     install_run(dir.path(), &record, &fixture[..CUT]);
 
     let engine =
-        open_when_unlocked(|| Engine::builder(dir.path()).step::<Add>().step::<Notify>()).await;
+        keel_testkit::open_engine(|| Engine::builder(dir.path()).step::<Add>().step::<Notify>())
+            .await;
     let settled = engine.wait(ID).await.unwrap();
     assert_eq!(
         settled.status,

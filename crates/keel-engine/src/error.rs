@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::ids::{RunId, StepIndex};
+use crate::ids::RunId;
 
 /// What a store's log holds, for [`EngineError::LostData`].
 fn held_text(held: u64, held_at: &str) -> String {
@@ -37,14 +37,15 @@ pub enum EngineError {
         /// The data directory.
         path: PathBuf,
     },
-    /// The store could not be read or written.
+    /// The store could not be read or written. The underlying error is the storage
+    /// engine's own, kept as a source so that this type names no storage crate.
     #[error("storage error at {path}: {source}")]
     Storage {
         /// The data directory.
         path: PathBuf,
         /// The underlying error.
         #[source]
-        source: sled::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Syncing the store's files to disk failed. Writes after this point are not durable, so
     /// the engine stops accepting work.
@@ -165,16 +166,6 @@ pub enum EngineError {
         /// The run id.
         id: RunId,
     },
-    /// The run is of another workflow type than the caller expects.
-    #[error("run {id} is a {actual:?} run, not {expected:?}")]
-    WrongWorkflow {
-        /// The run id.
-        id: RunId,
-        /// The workflow the caller expected.
-        expected: String,
-        /// The workflow of the run.
-        actual: String,
-    },
     /// The operation does not apply to a run in this state.
     #[error("run {id} is {status}: cannot {operation}")]
     InvalidState {
@@ -245,15 +236,5 @@ pub enum EngineError {
     Detached {
         /// The run id.
         id: RunId,
-    },
-    /// Internal: the run stopped because of a replay mismatch (see the run's status).
-    #[error("non-determinism in run {id} at step {index}: {detail}")]
-    NonDeterminism {
-        /// The run id.
-        id: RunId,
-        /// The operation whose replay did not match.
-        index: StepIndex,
-        /// What the journal holds and what the code asked for.
-        detail: String,
     },
 }

@@ -38,3 +38,12 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// Opens the engine `builder` makes, failing the test with the error if it does not open. The
+/// engine itself waits for the lock an engine this process has just closed is still
+/// releasing, so a test can close and reopen a store back to back.
+pub async fn open_engine(
+    builder: impl FnOnce() -> keel_engine::EngineBuilder,
+) -> keel_engine::Engine {
+    builder().open().await.expect("opening the engine")
+}

@@ -166,7 +166,7 @@ impl EngineBuilder {
             .await
             .map_err(|e| EngineError::Storage {
                 path: self.path.clone(),
-                source: sled::Error::ReportableBug(e.to_string()),
+                source: format!("the store's opening thread failed: {e}").into(),
             })??;
         let stats = StatsBook::load(&store)?;
         let (shutdown, _) = watch::channel(false);

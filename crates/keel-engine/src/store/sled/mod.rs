@@ -169,7 +169,7 @@ impl SledStore {
 fn storage(path: &Path, source: sled::Error) -> EngineError {
     EngineError::Storage {
         path: path.to_owned(),
-        source,
+        source: Box::new(source),
     }
 }
 
