@@ -1,6 +1,66 @@
 //! Keel: durable workflows with saga compensation.
 //!
-//! This crate is the public face of the workspace; it re-exports the engine
-//! ([`keel_engine`]). See `docs/ARCHITECTURE.md` for the map of the code.
+//! This crate is the public face of the workspace: what a user of the engine needs, by name.
+//! The engine's internals (the replay fold, the store's implementation and key encodings, the
+//! crash points, the limiter's permits, the raw latency reservoirs) are not part of it; the
+//! workspace's own tests reach them through `keel_engine`. See `docs/ARCHITECTURE.md` for the
+//! map of the code.
 
-pub use keel_engine::*;
+pub use keel_engine::{
+    // The engine and its runs.
+    child_id,
+    // Ids, records and the journal as operators read it.
+    Attempt,
+    Clock,
+    // Rate limits and statistics.
+    Counters,
+    // Workflows, steps, waits and their context.
+    Created,
+    Ctx,
+    Durability,
+    Engine,
+    EngineBuilder,
+    EngineError,
+    Entry,
+    ErrorClass,
+    ErrorRecord,
+    Event,
+    IdempotencyKey,
+    InvalidInput,
+    JournalIndex,
+    LearnedDeadline,
+    OnRetriesExhausted,
+    OperationStats,
+    Outlier,
+    Priority,
+    Probe,
+    RateLimit,
+    RateLimiter,
+    Result,
+    RetryPolicy,
+    RunHandle,
+    RunHistory,
+    RunId,
+    RunRecord,
+    RunStatus,
+    RunsPage,
+    RunsQuery,
+    Step,
+    StepContext,
+    StepError,
+    StepIndex,
+    Undo,
+    WaitOutcome,
+    WaitPolicy,
+    WaitSchedule,
+    Workflow,
+    WorkflowError,
+    LEARN_AFTER_DEFAULT,
+    RETENTION_DEFAULT,
+    RUNS_PAGE_MAX,
+};
+
+/// Every hard limit of the engine.
+pub use keel_engine::limits;
+/// The test clock, to drive a workflow's timers and waits in tests.
+pub use keel_engine::testing;

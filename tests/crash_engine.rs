@@ -5,7 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel::{crash, Engine};
+use keel::Engine;
+use keel_engine::crash;
 use keel_testkit::check::{check_run, effects_at, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};

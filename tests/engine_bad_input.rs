@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keel::store::sled::raw;
 use keel::{Engine, EngineError, Event, JournalIndex, RunHistory, RunId, RunStatus};
+use keel_engine::store::sled::raw;
 use keel_testkit::crash::{is_child, ChildSpec, Ending};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};

@@ -15,15 +15,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use keel::replay::{
-    step_action, undo_action, undo_input, Op, RunState, StepAction, StepOp, StepOutcome,
-    UndoAction, UndoState,
-};
-use keel::store::sled::raw;
 use keel::{
     Attempt, Ctx, Engine, Entry, ErrorClass, ErrorRecord, Event, JournalIndex, RunId, RunRecord,
     RunStatus, Step, StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
 };
+use keel_engine::replay::{
+    step_action, undo_action, undo_input, Op, RunState, StepAction, StepOp, StepOutcome,
+    UndoAction, UndoState,
+};
+use keel_engine::store::sled::raw;
 use keel_testkit::effects::{self, Action, Effect};
 use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
