@@ -97,7 +97,9 @@
 //! # Where things are
 //! - [`journal`]: what is stored (run records and journal entries).
 //! - [`replay`]: the pure fold of a journal into a run's state, and the decisions taken on it.
-//! - `executor` and `saga`: the only code that performs actions and appends their results.
+//! - Every journal write goes through the run's cell (`cell.rs`, under its lock): the lane
+//!   (`lane.rs`) writes what the body's operations do, the saga (`saga.rs`) what compensation
+//!   does, and `engine/operator.rs` what operators ask; `executor` drives a run through them.
 //! - [`store`]: the storage trait and its sled implementation, with group commit and the
 //!   high-water mark.
 //! - [`testing`]: the test clock.

@@ -40,8 +40,7 @@ use tokio::time::Instant;
 /// Outcomes are judged over windows at least this long.
 const WINDOW: Duration = Duration::from_secs(1);
 
-/// Slots in a row probes may take while other calls ([`Priority::Call`]) wait.
-pub const PROBES_IN_A_ROW_MAX: u32 = 2;
+pub use crate::limits::PROBES_IN_A_ROW_MAX;
 
 /// A window throttled at this share or more ends slow start: the service is past its
 /// capacity, not merely throttling at random.

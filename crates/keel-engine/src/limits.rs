@@ -81,6 +81,17 @@ pub const STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 pub const STATS_RECORD_BYTES_MAX: usize =
     LATENCY_SAMPLES_KEPT * 21 + LATENCY_OUTLIERS_KEPT * (RUN_ID_LEN_MAX + 64) + 1024;
 
+/// Most run records in one page of [`crate::Engine::list_page`].
+pub const RUNS_PAGE_MAX: usize = 1000;
+
+/// Slots in a row a rate limiter gives probes ([`crate::Priority::Probe`]) while calls
+/// ([`crate::Priority::Call`]) wait.
+pub const PROBES_IN_A_ROW_MAX: u32 = 2;
+
+/// Past its deadline, a wait whose polls got this many errors in a row (no answer either way)
+/// ends as failed with the last error, so a probe that always fails cannot wait forever.
+pub const UNANSWERED_POLLS_MAX: u32 = 10;
+
 /// sled moves a page larger than a quarter of its 512 KiB segment into a separate blob
 /// file. Records stay below it so that they normally live in sled's log (the committer syncs
 /// blob files too, for the pages that grow past it anyway).

@@ -219,9 +219,7 @@ impl WaitPolicy {
     }
 }
 
-/// Past its deadline, a wait whose polls got this many errors in a row (no answer either way)
-/// ends as failed with the last error, so a probe that always fails cannot wait forever.
-pub const UNANSWERED_POLLS_MAX: u32 = 10;
+pub use crate::limits::UNANSWERED_POLLS_MAX;
 
 /// Samples a learned policy needs by default.
 pub const LEARN_AFTER_DEFAULT: u64 = 50;

@@ -14,8 +14,7 @@ use crate::ids::RunId;
 use crate::journal::{RunHistory, RunRecord, RunStatus};
 use crate::replay::RunState;
 
-/// Most run records in one page of [`Engine::list_page`].
-pub const RUNS_PAGE_MAX: usize = 1000;
+pub use crate::limits::RUNS_PAGE_MAX;
 
 /// Which runs [`Engine::list_page`] returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
