@@ -28,6 +28,9 @@ struct Book {
 impl Step for Book {
     const KIND: &'static str = "trip.book";
     type Output = String;
+    const RETRY_POLICY: RetryPolicy = RetryPolicy::DEFAULT
+        .with_attempts_max(3)
+        .with_backoff(Duration::from_millis(50), Duration::from_secs(1));
 
     async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
         if self.refuse {
@@ -36,12 +39,6 @@ impl Step for Book {
         // A real step sends ctx.key() as the API's client token.
         tracing::info!(what = %self.what, key = %ctx.key(), "booked");
         Ok(format!("{}-{}", self.what, &ctx.key().to_string()[..8]))
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::default()
-            .with_attempts_max(3)
-            .with_backoff(Duration::from_millis(50), Duration::from_secs(1))
     }
 
     async fn compensate(

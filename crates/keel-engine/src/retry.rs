@@ -25,45 +25,67 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(30),
-            attempts_max: 8,
-            elapsed_max: None,
-        }
+        RetryPolicy::DEFAULT
+    }
+}
+
+/// The shorter of two durations, in a `const` context.
+const fn shorter(a: Duration, b: Duration) -> Duration {
+    if a.as_nanos() < b.as_nanos() {
+        a
+    } else {
+        b
     }
 }
 
 impl RetryPolicy {
+    /// 8 attempts, backoff ceilings from 100 ms doubling up to 30 s, no bound on elapsed time.
+    pub const DEFAULT: RetryPolicy = RetryPolicy {
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(30),
+        attempts_max: 8,
+        elapsed_max: None,
+    };
+
+    /// The default of a step's compensation ([`crate::Step::COMPENSATION_RETRY_POLICY`]): 10
+    /// attempts, backoff ceilings from 200 ms doubling up to 60 s.
+    pub const COMPENSATION_DEFAULT: RetryPolicy = RetryPolicy::DEFAULT
+        .with_attempts_max(10)
+        .with_backoff(Duration::from_millis(200), Duration::from_secs(60));
+
     /// One attempt, no retries.
-    pub fn no_retry() -> Self {
-        RetryPolicy {
-            attempts_max: 1,
-            ..RetryPolicy::default()
-        }
+    pub const fn no_retry() -> Self {
+        RetryPolicy::DEFAULT.with_attempts_max(1)
     }
 
     /// This policy with `attempts_max` attempts in all (clamped to `1..=ATTEMPTS_MAX`).
-    pub fn with_attempts_max(self, attempts_max: u32) -> Self {
+    pub const fn with_attempts_max(self, attempts_max: u32) -> Self {
+        let attempts_max = if attempts_max < 1 {
+            1
+        } else if attempts_max > ATTEMPTS_MAX {
+            ATTEMPTS_MAX
+        } else {
+            attempts_max
+        };
         RetryPolicy {
-            attempts_max: attempts_max.clamp(1, ATTEMPTS_MAX),
+            attempts_max,
             ..self
         }
     }
 
     /// This policy with backoff ceilings from `initial` doubling up to `max` (clamped to
     /// `BACKOFF_MAX`).
-    pub fn with_backoff(self, initial: Duration, max: Duration) -> Self {
-        let max = max.min(BACKOFF_MAX);
+    pub const fn with_backoff(self, initial: Duration, max: Duration) -> Self {
+        let max = shorter(max, BACKOFF_MAX);
         RetryPolicy {
-            backoff_initial: initial.min(max),
+            backoff_initial: shorter(initial, max),
             backoff_max: max,
             ..self
         }
     }
 
     /// This policy with a bound on the time from the first attempt to the start of the last.
-    pub fn with_elapsed_max(self, elapsed_max: Duration) -> Self {
+    pub const fn with_elapsed_max(self, elapsed_max: Duration) -> Self {
         RetryPolicy {
             elapsed_max: Some(elapsed_max),
             ..self
@@ -112,6 +134,28 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The builders clamp the same way in a `const` (a step's `RETRY_POLICY`) as at run time.
+    #[test]
+    fn const_policies_are_clamped_like_built_ones() {
+        const NONE: RetryPolicy = RetryPolicy::DEFAULT.with_attempts_max(0);
+        const HUGE: RetryPolicy = RetryPolicy::DEFAULT
+            .with_attempts_max(u32::MAX)
+            .with_backoff(
+                Duration::from_secs(7 * 86_400),
+                Duration::from_secs(30 * 86_400),
+            );
+        assert_eq!(NONE.attempts_max, 1);
+        assert_eq!(HUGE.attempts_max, ATTEMPTS_MAX);
+        assert_eq!(HUGE.backoff_max, BACKOFF_MAX);
+        assert_eq!(HUGE.backoff_initial, BACKOFF_MAX);
+        assert_eq!(RetryPolicy::default(), RetryPolicy::DEFAULT);
+        assert_eq!(RetryPolicy::no_retry().attempts_max, 1);
+        let compensation = RetryPolicy::COMPENSATION_DEFAULT;
+        assert_eq!(compensation.attempts_max, 10);
+        assert_eq!(compensation.backoff_initial, Duration::from_millis(200));
+        assert_eq!(compensation.backoff_max, Duration::from_secs(60));
+    }
 
     /// Ceilings double from the initial backoff and stop at the cap.
     #[test]

@@ -34,6 +34,18 @@ pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// overridden `compensate` is never called.)
     const COMPENSABLE: bool = true;
 
+    /// How failed attempts are retried; [`Step::retry_policy`] returns it unless a step
+    /// overrides that method to choose per value.
+    const RETRY_POLICY: RetryPolicy = RetryPolicy::DEFAULT;
+
+    /// The rate-limited service this step calls (`"iam"`, `"iot"`, ...), if any;
+    /// [`Step::rate_limit`] returns it unless overridden.
+    const RATE_LIMIT: Option<&'static str> = None;
+
+    /// How failed compensation attempts are retried; [`Step::compensation_retry_policy`]
+    /// returns it unless overridden.
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = RetryPolicy::COMPENSATION_DEFAULT;
+
     /// Performs the side effect. Must be idempotent under `ctx.key()`: an attempt after a
     /// lost response or a crash has to find and adopt what an earlier attempt did.
     fn execute(
@@ -41,16 +53,16 @@ pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
         ctx: &StepContext,
     ) -> impl Future<Output = Result<Self::Output, StepError>> + Send;
 
-    /// How failed attempts are retried.
+    /// How failed attempts of this value are retried: [`Step::RETRY_POLICY`] by default.
     fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::default()
+        Self::RETRY_POLICY
     }
 
-    /// The rate-limited service this step calls (`"iam"`, `"iot"`, ...), if any: each attempt
-    /// then waits for a slot of the engine's limiter of that name, and reports throttling
-    /// ([`StepError::throttled`]) or success back to it.
+    /// The rate-limited service this value calls, if any ([`Step::RATE_LIMIT`] by default):
+    /// each attempt then waits for a slot of the engine's limiter of that name, and reports
+    /// throttling ([`StepError::throttled`]) or success back to it.
     fn rate_limit(&self) -> Option<&str> {
-        None
+        Self::RATE_LIMIT
     }
 
     /// Undoes the step. `output` is the recorded output, or `None` when the step's outcome is
@@ -66,11 +78,10 @@ pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
         async { Ok(Undo::NotCompensable) }
     }
 
-    /// How failed compensation attempts are retried.
+    /// How failed compensation attempts of this value are retried:
+    /// [`Step::COMPENSATION_RETRY_POLICY`] by default.
     fn compensation_retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::default()
-            .with_attempts_max(10)
-            .with_backoff(Duration::from_millis(200), Duration::from_secs(60))
+        Self::COMPENSATION_RETRY_POLICY
     }
 }
 

@@ -90,10 +90,7 @@ pub const STEPS: &[keel_engine::StepType] = &[keel_engine::StepType::of::<Downlo
 impl Step for DownloadToFile {
     const KIND: &'static str = "s3.download-to-file";
     type Output = Published;
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("s3")
-    }
+    const RATE_LIMIT: Option<&'static str> = Some("s3");
 
     async fn execute(&self, ctx: &StepContext) -> Result<Published, StepError> {
         if !(1..=PARTS_MAX).contains(&self.parts) {

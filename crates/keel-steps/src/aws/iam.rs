@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{conflict, AwsFailure};
 use super::{
-    clients, confirm_absence, gone_after_lag, retry_policy, same_json, undo_retry_policy, KEY_TAG,
+    clients, confirm_absence, gone_after_lag, same_json, AWS_COMPENSATION_RETRY_POLICY,
+    AWS_RETRY_POLICY, KEY_TAG,
 };
 
 const NO_SUCH_ENTITY: &str = "NoSuchEntity";
@@ -105,6 +106,9 @@ impl CreateRole {
 impl Step for CreateRole {
     const KIND: &'static str = "aws.iam.create-role";
     type Output = Role;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iam");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Role, StepError> {
         let iam = &clients(ctx)?.iam;
@@ -137,14 +141,6 @@ impl Step for CreateRole {
                 }
             }
         }
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iam")
     }
 
     async fn compensate(
@@ -201,10 +197,6 @@ impl Step for CreateRole {
                 }
             }
         }
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 
@@ -281,6 +273,9 @@ pub struct AttachRolePolicy {
 impl Step for AttachRolePolicy {
     const KIND: &'static str = "aws.iam.attach-role-policy";
     type Output = Attached;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iam");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Attached, StepError> {
         let iam = &clients(ctx)?.iam;
@@ -310,14 +305,6 @@ impl Step for AttachRolePolicy {
         Ok(Attached { by_this_step: true })
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iam")
-    }
-
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -328,10 +315,6 @@ impl Step for AttachRolePolicy {
         }
         detach(&clients(ctx)?.iam, &self.role, &self.policy_arn).await?;
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 
@@ -353,6 +336,9 @@ pub struct PutRolePolicy {
 impl Step for PutRolePolicy {
     const KIND: &'static str = "aws.iam.put-role-policy";
     type Output = Attached;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iam");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Attached, StepError> {
         let iam = &clients(ctx)?.iam;
@@ -396,14 +382,6 @@ impl Step for PutRolePolicy {
         Ok(Attached { by_this_step: true })
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iam")
-    }
-
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -414,10 +392,6 @@ impl Step for PutRolePolicy {
         }
         delete_inline(&clients(ctx)?.iam, &self.role, &self.policy_name).await?;
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 

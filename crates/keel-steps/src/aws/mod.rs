@@ -156,18 +156,15 @@ pub(crate) fn clients(ctx: &StepContext) -> Result<Arc<AwsClients>, StepError> {
 /// The retry policy of AWS steps: enough attempts and time to ride out throttling and the
 /// eventual-consistency window after this workflow's own creates (IAM documents seconds,
 /// IoT policy deletion up to five minutes after a detach).
-pub(crate) fn retry_policy() -> RetryPolicy {
-    RetryPolicy::default()
-        .with_attempts_max(12)
-        .with_backoff(Duration::from_millis(100), Duration::from_secs(10))
-}
+pub(crate) const AWS_RETRY_POLICY: RetryPolicy = RetryPolicy::DEFAULT
+    .with_attempts_max(12)
+    .with_backoff(Duration::from_millis(100), Duration::from_secs(10));
 
-/// Compensations may wait out a detached IoT policy's five-minute delete window.
-pub(crate) fn undo_retry_policy() -> RetryPolicy {
-    RetryPolicy::default()
-        .with_attempts_max(40)
-        .with_backoff(Duration::from_millis(100), Duration::from_secs(15))
-}
+/// The compensation retry policy of AWS steps: it may wait out a detached IoT policy's
+/// five-minute delete window.
+pub(crate) const AWS_COMPENSATION_RETRY_POLICY: RetryPolicy = RetryPolicy::DEFAULT
+    .with_attempts_max(40)
+    .with_backoff(Duration::from_millis(100), Duration::from_secs(15));
 
 /// For a compensation that found no `what` of `service`: `Ok` (absent) once the service's
 /// visibility lag has passed since the step's effect can have been made

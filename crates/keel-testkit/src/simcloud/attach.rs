@@ -6,7 +6,7 @@ use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::client::SimClient;
-use super::create::call_retry_policy;
+use super::create::CALL_RETRY_POLICY;
 use super::wire::{Reply, Request};
 use super::SERVICE;
 
@@ -22,6 +22,8 @@ pub struct AttachVolume {
 impl Step for AttachVolume {
     const KIND: &'static str = "sim.attach-volume";
     type Output = ();
+    const RETRY_POLICY: RetryPolicy = CALL_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some(SERVICE);
 
     async fn execute(&self, ctx: &StepContext) -> Result<(), StepError> {
         let request = Request::Attach {
@@ -34,14 +36,6 @@ impl Step for AttachVolume {
                 Err(other.into_error(&format!("attaching {} to {}", self.volume, self.instance)))
             }
         }
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        call_retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some(SERVICE)
     }
 
     async fn compensate(&self, ctx: &StepContext, _output: Option<()>) -> Result<Undo, StepError> {

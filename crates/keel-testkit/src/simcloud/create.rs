@@ -13,11 +13,9 @@ use super::SERVICE;
 
 /// The retry policy of every simulated-cloud call: generous, so that only a limiter that keeps
 /// the caller throttled can exhaust it (12 attempts, backoff ceilings 100 ms doubling to 10 s).
-pub fn call_retry_policy() -> RetryPolicy {
-    RetryPolicy::default()
-        .with_attempts_max(12)
-        .with_backoff(Duration::from_millis(100), Duration::from_secs(10))
-}
+pub const CALL_RETRY_POLICY: RetryPolicy = RetryPolicy::DEFAULT
+    .with_attempts_max(12)
+    .with_backoff(Duration::from_millis(100), Duration::from_secs(10));
 
 /// Creates an instance; its output is the instance id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,17 +27,11 @@ pub struct CreateInstance {
 impl Step for CreateInstance {
     const KIND: &'static str = "sim.create-instance";
     type Output = String;
+    const RETRY_POLICY: RetryPolicy = CALL_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some(SERVICE);
 
     async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
         create(ctx, Kind::Instance, self.generation).await
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        call_retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some(SERVICE)
     }
 
     async fn compensate(
@@ -61,17 +53,11 @@ pub struct CreateVolume {
 impl Step for CreateVolume {
     const KIND: &'static str = "sim.create-volume";
     type Output = String;
+    const RETRY_POLICY: RetryPolicy = CALL_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some(SERVICE);
 
     async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
         create(ctx, Kind::Volume, self.generation).await
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        call_retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some(SERVICE)
     }
 
     async fn compensate(

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
 use super::super::{
-    clients, confirm_absence, gone_after_lag, retry_policy, undo_retry_policy, KEY_TAG,
+    clients, confirm_absence, gone_after_lag, AWS_COMPENSATION_RETRY_POLICY, AWS_RETRY_POLICY,
+    KEY_TAG,
 };
 use super::{all_pages, is_missing, keyed_name, lag_if_missing, single_attempt};
 
@@ -382,17 +383,12 @@ fn owned(s: Option<&str>) -> String {
 impl Step for CreateCoreDefinition {
     const KIND: &'static str = "aws.greengrass.create-core-definition";
     type Output = Definition;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("greengrass");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Definition, StepError> {
         Kind::Cores.execute(ctx, &self.prefix, &self.cores).await
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("greengrass")
     }
 
     async fn compensate(
@@ -402,28 +398,19 @@ impl Step for CreateCoreDefinition {
     ) -> Result<Undo, StepError> {
         Kind::Cores.compensate(ctx, &self.prefix, &self.cores).await
     }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
-    }
 }
 
 impl Step for CreateDeviceDefinition {
     const KIND: &'static str = "aws.greengrass.create-device-definition";
     type Output = Definition;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("greengrass");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Definition, StepError> {
         Kind::Devices
             .execute(ctx, &self.prefix, &self.devices)
             .await
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("greengrass")
     }
 
     async fn compensate(
@@ -434,9 +421,5 @@ impl Step for CreateDeviceDefinition {
         Kind::Devices
             .compensate(ctx, &self.prefix, &self.devices)
             .await
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }

@@ -5,7 +5,7 @@ use keel_engine::{Probe, RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
-use super::super::{clients, retry_policy, undo_retry_policy};
+use super::super::{clients, AWS_COMPENSATION_RETRY_POLICY, AWS_RETRY_POLICY};
 use super::{deployments_of, is_reset, lag_if_missing, reset_if_deployed, single_attempt};
 
 /// A deployment as created or adopted.
@@ -36,6 +36,9 @@ pub struct CreateDeployment {
 impl Step for CreateDeployment {
     const KIND: &'static str = "aws.greengrass.create-deployment";
     type Output = Deployment;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("greengrass");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Deployment, StepError> {
         let gg = &clients(ctx)?.greengrass;
@@ -74,14 +77,6 @@ impl Step for CreateDeployment {
         })
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("greengrass")
-    }
-
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -89,10 +84,6 @@ impl Step for CreateDeployment {
     ) -> Result<Undo, StepError> {
         reset_if_deployed(&clients(ctx)?.greengrass, &self.group_id).await?;
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 use super::super::error::AwsFailure;
 use super::super::iam::Attached;
 use super::super::{
-    clients, confirm_absence, gone_after_lag, retry_policy, undo_retry_policy, KEY_TAG,
+    clients, confirm_absence, gone_after_lag, AWS_COMPENSATION_RETRY_POLICY, AWS_RETRY_POLICY,
+    KEY_TAG,
 };
 use super::{
     all_pages, is_missing, keyed_name, lag_if_missing, missing_ok, reset_if_deployed,
@@ -67,6 +68,9 @@ async fn groups_named(
 impl Step for CreateGroup {
     const KIND: &'static str = "aws.greengrass.create-group";
     type Output = Group;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("greengrass");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Group, StepError> {
         let gg = &clients(ctx)?.greengrass;
@@ -104,14 +108,6 @@ impl Step for CreateGroup {
         })
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("greengrass")
-    }
-
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -134,10 +130,6 @@ impl Step for CreateGroup {
             }
         }
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 
@@ -176,6 +168,9 @@ async fn associated_role(
 impl Step for AssociateRole {
     const KIND: &'static str = "aws.greengrass.associate-role";
     type Output = Attached;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("greengrass");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Attached, StepError> {
         let gg = &clients(ctx)?.greengrass;
@@ -193,14 +188,6 @@ impl Step for AssociateRole {
             .await
             .map_err(|e| lag_if_missing(AwsFailure::new("greengrass:AssociateRoleToGroup", &e)))?;
         Ok(Attached { by_this_step: true })
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("greengrass")
     }
 
     async fn compensate(
@@ -229,10 +216,6 @@ impl Step for AssociateRole {
             None => {}
         }
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 
@@ -319,6 +302,8 @@ impl CreateGroupVersion {
 impl Step for CreateGroupVersion {
     const KIND: &'static str = "aws.greengrass.create-group-version";
     type Output = GroupVersion;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("greengrass");
     // A group version lives and dies with its group (`CreateGroup`'s compensation deletes
     // both): nothing of its own to undo.
     const COMPENSABLE: bool = false;
@@ -344,13 +329,5 @@ impl Step for CreateGroupVersion {
             version_id: out.version().unwrap_or_default().to_string(),
             arn: out.arn().unwrap_or_default().to_string(),
         })
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("greengrass")
     }
 }

@@ -4,7 +4,7 @@ use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
-use super::super::{clients, retry_policy, undo_retry_policy};
+use super::super::{clients, AWS_COMPENSATION_RETRY_POLICY, AWS_RETRY_POLICY};
 use super::{detach_policy, detach_thing_principal, lag_if_missing, Attached};
 
 /// Attaches a policy to a target (a certificate ARN). Idempotent in IoT; its first attempt
@@ -24,6 +24,9 @@ pub struct AttachPolicy {
 impl Step for AttachPolicy {
     const KIND: &'static str = "aws.iot.attach-policy";
     type Output = Attached;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Attached, StepError> {
         let iot = &clients(ctx)?.iot;
@@ -53,14 +56,6 @@ impl Step for AttachPolicy {
         Ok(Attached { by_this_step: true })
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
-    }
-
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -71,10 +66,6 @@ impl Step for AttachPolicy {
         }
         detach_policy(ctx, &clients(ctx)?.iot, &self.policy_name, &self.target).await?;
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 
@@ -93,6 +84,9 @@ pub struct AttachThingPrincipal {
 impl Step for AttachThingPrincipal {
     const KIND: &'static str = "aws.iot.attach-thing-principal";
     type Output = Attached;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Attached, StepError> {
         let iot = &clients(ctx)?.iot;
@@ -118,14 +112,6 @@ impl Step for AttachThingPrincipal {
         Ok(Attached { by_this_step: true })
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
-    }
-
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -136,9 +122,5 @@ impl Step for AttachThingPrincipal {
         }
         detach_thing_principal(ctx, &clients(ctx)?.iot, &self.thing, &self.principal).await?;
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }

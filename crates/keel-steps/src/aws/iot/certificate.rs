@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
 use super::super::x509::{certificate_id, KeyStore};
-use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy};
+use super::super::{clients, confirm_absence, AWS_COMPENSATION_RETRY_POLICY, AWS_RETRY_POLICY};
 use super::{
     detach_policy, detach_thing_principal, lag_if_missing, missing_ok, ALREADY_EXISTS, NOT_FOUND,
 };
@@ -49,6 +49,9 @@ impl RegisterCertificate {
 impl Step for RegisterCertificate {
     const KIND: &'static str = "aws.iot.register-certificate-pem";
     type Output = Certificate;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Certificate, StepError> {
         let iot = &clients(ctx)?.iot;
@@ -98,14 +101,6 @@ impl Step for RegisterCertificate {
         })
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
-    }
-
     async fn compensate(
         &self,
         ctx: &StepContext,
@@ -117,10 +112,6 @@ impl Step for RegisterCertificate {
         };
         remove_certificate(ctx, &id).await?;
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 
@@ -142,6 +133,8 @@ pub struct LegacyRegisterCertificate {
 impl Step for LegacyRegisterCertificate {
     const KIND: &'static str = "aws.iot.register-certificate";
     type Output = Certificate;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, _ctx: &StepContext) -> Result<Certificate, StepError> {
         Err(StepError::permanent(format!(
@@ -150,10 +143,6 @@ impl Step for LegacyRegisterCertificate {
             super::CreateKeyMaterial::KIND,
             RegisterCertificate::KIND
         )))
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
     }
 
     async fn compensate(
@@ -175,10 +164,6 @@ impl Step for LegacyRegisterCertificate {
         }
         blocking(move || Ok(store.remove(&key)?)).await?;
         Ok(Undo::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
 
@@ -267,19 +252,14 @@ impl ActivateCertificate {
 impl Step for ActivateCertificate {
     const KIND: &'static str = "aws.iot.activate-certificate";
     type Output = ();
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<(), StepError> {
         self.set(ctx, aws_sdk_iot::types::CertificateStatus::Active)
             .await?
             .map_err(|f| lag_if_missing(f).into())
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
     }
 
     async fn compensate(&self, ctx: &StepContext, _output: Option<()>) -> Result<Undo, StepError> {
@@ -291,9 +271,5 @@ impl Step for ActivateCertificate {
             Ok(()) => Ok(Undo::Done),
             Err(f) => missing_ok(ctx, f).map(|()| Undo::Done),
         }
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }

@@ -4,7 +4,7 @@ use keel_engine::{RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
-use super::super::{clients, retry_policy};
+use super::super::{clients, AWS_RETRY_POLICY};
 
 /// Reads the account's IoT data endpoint (`iot:Data-ATS`). It only reads, so there is
 /// nothing to undo.
@@ -14,6 +14,8 @@ pub struct DescribeDataEndpoint {}
 impl Step for DescribeDataEndpoint {
     const KIND: &'static str = "aws.iot.describe-data-endpoint";
     type Output = String;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
     const COMPENSABLE: bool = false;
 
     async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
@@ -28,13 +30,5 @@ impl Step for DescribeDataEndpoint {
             .endpoint_address
             .filter(|address| !address.is_empty())
             .ok_or_else(|| StepError::permanent("iot:DescribeEndpoint returned no address"))
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
     }
 }

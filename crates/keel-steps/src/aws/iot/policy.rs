@@ -4,7 +4,9 @@ use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
-use super::super::{clients, confirm_absence, retry_policy, same_json, undo_retry_policy};
+use super::super::{
+    clients, confirm_absence, same_json, AWS_COMPENSATION_RETRY_POLICY, AWS_RETRY_POLICY,
+};
 use super::{detach_policy, lag_if_missing, missing_ok, ALREADY_EXISTS, NOT_FOUND};
 
 /// A policy as created or adopted.
@@ -42,6 +44,9 @@ impl CreatePolicy {
 impl Step for CreatePolicy {
     const KIND: &'static str = "aws.iot.create-policy";
     type Output = Policy;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Policy, StepError> {
         let iot = &clients(ctx)?.iot;
@@ -80,14 +85,6 @@ impl Step for CreatePolicy {
                 })
             }
         }
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
     }
 
     async fn compensate(
@@ -151,9 +148,5 @@ impl Step for CreatePolicy {
                 Ok(Undo::Done)
             }
         }
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }

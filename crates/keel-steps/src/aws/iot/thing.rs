@@ -6,7 +6,9 @@ use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::{conflict, AwsFailure};
-use super::super::{clients, confirm_absence, retry_policy, undo_retry_policy, KEY_ATTRIBUTE};
+use super::super::{
+    clients, confirm_absence, AWS_COMPENSATION_RETRY_POLICY, AWS_RETRY_POLICY, KEY_ATTRIBUTE,
+};
 use super::{detach_thing_principal, missing_ok, ALREADY_EXISTS, NOT_FOUND};
 
 /// A thing as created or adopted.
@@ -65,6 +67,9 @@ async fn describe_thing(
 impl Step for CreateThing {
     const KIND: &'static str = "aws.iot.create-thing";
     type Output = Thing;
+    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
+    const RATE_LIMIT: Option<&'static str> = Some("iot");
+    const COMPENSATION_RETRY_POLICY: RetryPolicy = AWS_COMPENSATION_RETRY_POLICY;
 
     async fn execute(&self, ctx: &StepContext) -> Result<Thing, StepError> {
         let iot = &clients(ctx)?.iot;
@@ -106,14 +111,6 @@ impl Step for CreateThing {
                 }
             }
         }
-    }
-
-    fn retry_policy(&self) -> RetryPolicy {
-        retry_policy()
-    }
-
-    fn rate_limit(&self) -> Option<&str> {
-        Some("iot")
     }
 
     async fn compensate(
@@ -158,9 +155,5 @@ impl Step for CreateThing {
                 Ok(Undo::Done)
             }
         }
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        undo_retry_policy()
     }
 }
