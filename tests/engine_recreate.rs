@@ -1,5 +1,5 @@
-//! Recreate instead of waiting: a resource whose wait times out is abandoned (its create step
-//! compensated while the run goes on) and created again under a new idempotency key, up to N
+//! Recreate instead of waiting: a resource whose wait times out is compensated (its create
+//! step's compensation runs while the run goes on) and created again under a new idempotency key, up to N
 //! generations. Ground truth is the effect log; the journal must say the same.
 
 use std::path::Path;
@@ -149,7 +149,7 @@ async fn when_every_generation_is_stuck_the_run_compensates_each_resource_once()
             .contains("wait #3 (test.threshold) timed out"),
         "{error}"
     );
-    // The first generation was abandoned by the recreation, the second by the saga; the
+    // The first generation was compensated by the recreation, the second by the saga; the
     // saga did not undo the first again.
     assert_eq!(
         effect_trace(&log),

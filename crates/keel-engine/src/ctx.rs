@@ -519,14 +519,14 @@ impl Ctx {
     }
 
     /// Creates a resource with the step `create(generation)` and waits for it with the probe
-    /// `probe(&output)`; when the wait times out, abandons the stuck resource (runs the create
+    /// `probe(&output)`; when the wait times out, compensates the stuck resource (runs the create
     /// step's compensation once, journaled, without waiting for the deletion to take effect)
     /// and creates it again, up to `generations` creations in all.
     ///
     /// Each generation is a new step, so it gets a new idempotency key: a retry of the new
     /// create cannot adopt the stuck resource. The last generation's timeout is returned as
     /// [`WorkflowError::WaitTimedOut`]; a compensation that fails for good ends the recreation
-    /// with [`WorkflowError::UndoFailed`] (propagated, the run compensates and stops at that
+    /// with [`WorkflowError::CompensationFailed`] (propagated, the run compensates and stops at that
     /// step for an operator). Replay is deterministic: generations, waits and undos are all
     /// journaled operations or journaled states of them.
     pub async fn create_and_wait<S, P>(
@@ -554,8 +554,8 @@ impl Ctx {
                     })
                 }
                 Err(WorkflowError::WaitTimedOut { polls, .. }) if generation + 1 < generations => {
-                    tracing::info!(run_id = %self.lane.cell.id, step, kind = S::KIND, generation, polls, "resource not ready by the deadline; abandoning it and creating another");
-                    self.abandon::<S>(StepIndex(step)).await?;
+                    tracing::info!(run_id = %self.lane.cell.id, step, kind = S::KIND, generation, polls, "resource not ready by the deadline; compensating it and creating another (recreate)");
+                    self.compensate_for_recreate::<S>(StepIndex(step)).await?;
                     generation += 1;
                 }
                 Err(e) => return Err(e),
@@ -566,7 +566,10 @@ impl Ctx {
     /// Undoes completed step `step` now, while the run goes on, with the saga's journaled
     /// undo attempts and the step's compensation retry policy. Idempotent across replays:
     /// a recorded undo is not run again, an undo cut off by a crash runs again.
-    pub(crate) async fn abandon<S: Step>(&mut self, step: StepIndex) -> Result<(), WorkflowError> {
+    pub(crate) async fn compensate_for_recreate<S: Step>(
+        &mut self,
+        step: StepIndex,
+    ) -> Result<(), WorkflowError> {
         // `Ctx::step` registered the kind before it ran or replayed the step.
         let entry = self
             .lane
@@ -579,7 +582,7 @@ impl Ctx {
             match self.lane.cell.with_state(|s| step_undo_action(s, step)) {
                 None | Some(UndoAction::Finished) => return Ok(()),
                 Some(UndoAction::Stuck { error, .. }) => {
-                    return Err(WorkflowError::UndoFailed {
+                    return Err(WorkflowError::CompensationFailed {
                         step,
                         kind: S::KIND.into(),
                         error,
@@ -644,7 +647,7 @@ pub struct Created<R, P> {
     pub resource: R,
     /// The probe's output when the resource was ready.
     pub ready: P,
-    /// The generation that became ready; earlier ones were abandoned.
+    /// The generation that became ready; earlier ones were compensated and recreated.
     pub generation: u32,
 }
 

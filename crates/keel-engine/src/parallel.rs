@@ -279,7 +279,7 @@ impl Ctx {
             })?;
         }
         for i in (0..count).rev().filter(|i| *i != winner) {
-            self.abandon::<S>(fork.branch(i)).await?;
+            self.compensate_for_recreate::<S>(fork.branch(i)).await?;
         }
         let output = outputs[winner].take().ok_or_else(|| {
             let detail = format!("the journal selects branch {winner}, which did not complete");

@@ -102,10 +102,10 @@ pub enum WorkflowError {
         /// Polls made since the wait (or its last resumption) began.
         polls: u32,
     },
-    /// The compensation of a step the run abandoned while going on (see
+    /// The compensation of a resource the run recreated while going on (see
     /// [`crate::Ctx::create_and_wait`]) failed for good.
-    #[error("undo of step {step} ({kind}) failed: {}", error.message)]
-    UndoFailed {
+    #[error("compensation of step {step} ({kind}) failed: {}", error.message)]
+    CompensationFailed {
         /// The operation number.
         step: StepIndex,
         /// The step kind.

@@ -178,8 +178,13 @@ pub struct WorkerArgs {
     #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
     pub aws_region: String,
     /// Most runs driven at once.
-    #[arg(long, env = "KEEL_MAX_CONCURRENT", default_value_t = 1000)]
-    pub max_concurrent: usize,
+    #[arg(
+        long,
+        alias = "max-concurrent",
+        env = "KEEL_RUNS_CONCURRENT_MAX",
+        default_value_t = 1000
+    )]
+    pub runs_concurrent_max: usize,
     /// On SIGTERM or SIGINT, how long in-flight steps get to finish (seconds); a second
     /// signal exits at once.
     #[arg(long, env = "KEEL_GRACE_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]

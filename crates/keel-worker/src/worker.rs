@@ -348,7 +348,7 @@ async fn serve(
     let sdk = aws.load().await;
     let mut builder = Engine::builder(data_dir.join("journal"))
         .provisioning_workflows()
-        .runs_concurrent_max(args.max_concurrent)
+        .runs_concurrent_max(args.runs_concurrent_max)
         .resource(AwsClients::new(&sdk))
         .resource(KeyStore::new(data_dir.join("keys")));
     if args.allow_unregistered {

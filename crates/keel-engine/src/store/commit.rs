@@ -1,7 +1,7 @@
-//! Group commit: one flusher thread makes writes durable for every waiting writer at once.
+//! Group commit: one committer thread makes writes durable for every waiting writer at once.
 //!
 //! Writers apply their change to sled (in memory), then ask for a [`SyncTicket`] and await it.
-//! The flusher takes the newest ticket number, syncs once, and resolves every ticket up to that
+//! The committer takes the newest ticket number, syncs once, and resolves every ticket up to that
 //! number: a sync started after a write was made covers that write. Because exactly one thread
 //! ever syncs, and it syncs with blocking calls outside the async runtime, writers cannot pile
 //! up inside sled's `flush_async` (eight concurrent `flush_async` callers on a 2-worker runtime
@@ -74,14 +74,14 @@ impl SyncTicket {
     }
 }
 
-/// The flusher thread and its queue of tickets.
+/// The committer thread and its queue of tickets.
 pub(crate) struct Committer {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Committer {
-    /// Starts the flusher; `sync` makes everything written so far durable.
+    /// Starts the committer; `sync` makes everything written so far durable.
     pub(crate) fn start(sync: impl FnMut() -> std::io::Result<()> + Send + 'static) -> Committer {
         let shared = Arc::new(Shared {
             requests: Mutex::new(Requests::default()),
@@ -90,7 +90,7 @@ impl Committer {
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("keel-committer".into())
-            .spawn(move || flusher(&thread_shared, sync))
+            .spawn(move || committer(&thread_shared, sync))
             .expect("spawning the committer thread");
         Committer {
             shared,
@@ -120,13 +120,13 @@ impl Drop for Committer {
         self.shared.requests.lock().expect("committer lock").stop = true;
         self.shared.wake.notify_one();
         if let Some(thread) = self.thread.take() {
-            // The flusher finishes the sync in progress and answers every issued ticket.
+            // The committer finishes the sync in progress and answers every issued ticket.
             let _ = thread.join();
         }
     }
 }
 
-fn flusher(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
+fn committer(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
     let mut done: u64 = 0;
     loop {
         let target = {
