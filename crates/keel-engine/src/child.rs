@@ -8,14 +8,16 @@
 //! starting the child's own compensation, and cancels a child it never saw end; a child
 //! that failed or compensated itself is left alone (`saga.rs`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::ctx::{Ctx, Interrupt};
-use crate::engine::Engine;
+use crate::ctx::Ctx;
+use crate::env::Runs;
 use crate::error::EngineError;
-use crate::ids::{IdempotencyKey, RunId, StepIndex};
+use crate::ids::{child_id, RunId, StepIndex};
+use crate::interrupt::Interrupt;
 use crate::journal::{Event, RunRecord, RunStatus};
 use crate::lane::Lane;
 use crate::limits::CHILDREN_PER_RUN_MAX;
@@ -26,20 +28,6 @@ use crate::workflow::{Workflow, WorkflowError};
 /// How often a parent looks again at a child parked for an operator (suspended, paused, or
 /// with a failed compensation); a child being driven is awaited, not polled.
 const PARKED_CHILD_POLL: Duration = Duration::from_secs(1);
-
-/// The id of the child run started at operation `index` of run `parent`: `<parent>/<index>`,
-/// or `child-<uuid>` (the operation's idempotency key) when that would be too long. Only
-/// the engine makes ids with `/`: a caller's id may not hold one ([`RunId::new_top_level`]),
-/// so no caller can take a child's id.
-pub fn child_id(parent: &RunId, index: StepIndex) -> RunId {
-    // Taken as `existing`, not checked as `new`: a parent stored under earlier id rules (say
-    // `.x`) must derive the very id its journal's child was made under (`.x/3`), not another.
-    // A parent made now obeys `new`'s rules, and `<parent>/<index>` then does too.
-    RunId::existing(format!("{parent}/{}", index.0)).unwrap_or_else(|_| {
-        RunId::new(format!("child-{}", IdempotencyKey::for_step(parent, index)))
-            .expect("a uuid makes a valid run id")
-    })
-}
 
 /// What one child of a fan-out needs to do, decided from the journal.
 enum Plan {
@@ -120,7 +108,7 @@ impl Ctx {
         index: StepIndex,
         input: &W::Input,
     ) -> Result<Value, WorkflowError> {
-        if let Err(e) = self.lane.inner.registry.add_workflow::<W>() {
+        if let Err(e) = self.workflows.add::<W>() {
             return Err(self.interrupt(Interrupt::Engine(e)));
         }
         self.argument(index, "child run", W::NAME, input)
@@ -229,8 +217,11 @@ async fn run_child(
         lane.durable().await?;
         crate::crash::point("child.after_started");
     }
-    let engine = Engine::from_inner(&lane.inner);
-    match engine.start_child(workflow, &child, input, &parent).await {
+    let runs = lane.env.runs().map_err(|_| Interrupt::ShutDown)?;
+    let started = Arc::clone(&runs)
+        .start_child(workflow.into(), child.clone(), input, parent.clone())
+        .await;
+    match started {
         Ok(()) => {}
         // The child's own checks refuse its input: it fails without ever existing, and only
         // it (the parent's other children go on).
@@ -253,8 +244,8 @@ async fn run_child(
     }
     crate::crash::point("child.after_created");
     // Parked while the child runs.
-    lane.cell.survived(&*lane.inner.store);
-    let record = await_child(lane, &engine, &child).await?;
+    lane.cell.survived(&*lane.env.store);
+    let record = await_child(lane, &runs, &child).await?;
     let end = ChildEnd {
         status: record.status,
         output: record.output,
@@ -268,12 +259,12 @@ async fn run_child(
 /// wait, not the child.
 async fn await_child(
     lane: &mut Lane,
-    engine: &Engine,
+    runs: &Arc<dyn Runs>,
     child: &RunId,
 ) -> Result<RunRecord, Interrupt> {
     loop {
         let waited = tokio::select! {
-            waited = engine.wait(child.as_str()) => waited,
+            waited = Arc::clone(runs).wait(child.clone()) => waited,
             cause = lane.interrupted() => return Err(cause),
         };
         let parent = &lane.cell.id;

@@ -10,50 +10,42 @@ use serde_json::Value;
 use crate::cell::RunCell;
 use crate::clock::millis_saturating;
 use crate::contain::{contained, contained_sync};
-use crate::engine::Inner;
+use crate::env::RunEnv;
 use crate::error::{EngineError, Result};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
+use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, Event};
+use crate::journal::{WaitOutcome, WaitSchedule};
 use crate::lane::Lane;
 use crate::limiter::{Priority, Slot};
+use crate::limits::UNANSWERED_POLLS_MAX;
 use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX};
 use crate::replay::{step_action, step_undo_action, Op, StepAction, UndoAction};
 use crate::step::{Step, StepContext, StepError};
-use crate::wait::{Probe, WaitOutcome, WaitPolicy, WaitSchedule, UNANSWERED_POLLS_MAX};
-use crate::workflow::WorkflowError;
-
-/// Why the engine stopped a workflow body. Once set, every later `ctx` call returns
-/// [`WorkflowError::Interrupted`] and the executor acts on this cause, whatever the body
-/// returns.
-#[derive(Debug)]
-pub(crate) enum Interrupt {
-    Cancelled,
-    ShutDown,
-    /// An operator paused the run, or a step ran out of retries (`exhausted`).
-    Paused {
-        reason: String,
-        exhausted: bool,
-    },
-    /// A `select` branch stopped because another branch won; never leaves the select.
-    Stopped,
-    NonDeterminism {
-        index: StepIndex,
-        detail: String,
-    },
-    Engine(EngineError),
-}
+use crate::wait::{Probe, WaitPolicy};
+use crate::workflow::{WorkflowError, Workflows};
 
 /// The context a workflow body runs in.
 pub struct Ctx {
     pub(crate) lane: Lane,
+    /// The engine's workflow types, where a child run's type is registered.
+    pub(crate) workflows: Arc<Workflows>,
     pub(crate) next: u32,
     pub(crate) interrupt: Option<Interrupt>,
 }
 
 impl Ctx {
-    pub(crate) fn new(cell: Arc<RunCell>, inner: Arc<Inner>) -> Ctx {
+    /// The context of a body of the run in `cell`; `pause_on_exhausted` is the workflow's
+    /// [`crate::OnRetriesExhausted`] setting.
+    pub(crate) fn new(
+        cell: Arc<RunCell>,
+        env: Arc<RunEnv>,
+        workflows: Arc<Workflows>,
+        pause_on_exhausted: bool,
+    ) -> Ctx {
         Ctx {
-            lane: Lane::new(cell, inner),
+            lane: Lane::new(cell, env, pause_on_exhausted),
+            workflows,
             next: 0,
             interrupt: None,
         }
@@ -66,7 +58,7 @@ impl Ctx {
 
     /// The engine clock's time (ms since the Unix epoch).
     fn now_ms(&self) -> u64 {
-        self.lane.inner.clock.now_ms()
+        self.lane.env.clock.now_ms()
     }
 
     /// How many operations the body has asked for so far.
@@ -162,7 +154,7 @@ impl Ctx {
         self.check()?;
         let index = self.next_index()?;
         let argument = self.argument(index, "step", S::KIND, &step)?;
-        if let Err(e) = self.lane.inner.registry.add_step::<S>() {
+        if let Err(e) = self.lane.env.registry.add_step::<S>() {
             return Err(self.interrupt(Interrupt::Engine(e)));
         }
         let action = self
@@ -313,7 +305,7 @@ impl Ctx {
             },
             Ok(None) => {
                 let started_at_ms = self.now_ms();
-                let stats = self.lane.inner.stats.summary(&format!("wait:{}", P::KIND));
+                let stats = self.lane.env.stats.summary(&format!("wait:{}", P::KIND));
                 let schedule = policy.resolve(started_at_ms, stats.as_ref());
                 tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
                 self.journal(Event::WaitStarted {
@@ -337,7 +329,7 @@ impl Ctx {
             step: index,
             outcome: outcome.clone(),
         })?;
-        crate::stats::EventCounters::bump(&self.lane.inner.counters.waits);
+        crate::stats::EventCounters::bump(&self.lane.env.counters.waits);
         // Not synced here: the next step's start record, or the run's terminal record, shares
         // this entry's sync, as for a step's outcome.
         crate::crash::point("wait.after_ended");
@@ -453,15 +445,15 @@ impl Ctx {
             step: index,
             key: IdempotencyKey::for_step(&self.lane.cell.id, index),
             attempt: poll,
-            resources: Arc::clone(&self.lane.inner.resources),
-            clock: self.lane.inner.clock.clone(),
+            resources: Arc::clone(&self.lane.env.resources),
+            clock: self.lane.env.clock.clone(),
             effect_by_ms: None,
         };
         let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = poll.0);
         let service = contained_sync(|| probe.rate_limit().map(str::to_owned))
             .ok()
             .flatten();
-        let limiter = service.map(|name| self.lane.inner.limiter(&name));
+        let limiter = service.map(|name| self.lane.env.limiters.get(&name));
         let slot = Slot::take(limiter.as_deref(), Priority::Probe).await;
         let sent_ms = self.now_ms();
         let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
@@ -470,7 +462,7 @@ impl Ctx {
             .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
         slot.report(&polled);
         // Polls are not journaled: a poll that returned is what shows the run survives them.
-        self.lane.cell.survived(&*self.lane.inner.store);
+        self.lane.cell.survived(&*self.lane.env.store);
         (polled, sent_ms)
     }
 
@@ -503,7 +495,7 @@ impl Ctx {
             .max(start.schedule.dense_interval_ms);
         if start.here && polls.first_ready_queued_ms <= held_ms {
             let waited_ms = polls.streak_started_ms.saturating_sub(start.started_at_ms);
-            self.lane.inner.stats.record(
+            self.lane.env.stats.record(
                 &format!("wait:{}", P::KIND),
                 Duration::from_millis(waited_ms),
                 self.lane.cell.id.as_str(),
@@ -573,7 +565,7 @@ impl Ctx {
         // `Ctx::step` registered the kind before it ran or replayed the step.
         let entry = self
             .lane
-            .inner
+            .env
             .registry
             .step(S::KIND)
             .expect("a step that ran is registered");
@@ -599,7 +591,7 @@ impl Ctx {
                         self.check()?;
                     }
                     let result = crate::saga::undo_attempt(
-                        &self.lane.inner,
+                        &self.lane.env,
                         &self.lane.cell,
                         &entry,
                         step,

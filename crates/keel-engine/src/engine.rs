@@ -10,24 +10,20 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use serde_json::Value;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::cell::{RunCell, Stop};
-use crate::clock::Clock;
 use crate::contain::contained;
+use crate::env::{RunEnv, Runs};
 use crate::error::{EngineError, Result};
 use crate::executor;
 use crate::ids::RunId;
 use crate::journal::{digest, RunRecord, RunStatus};
-use crate::limiter::{RateLimit, RateLimiter};
 use crate::limits::INPUT_BYTES_MAX;
-use crate::registry::Registry;
 use crate::replay::RunState;
-use crate::resources::Resources;
-use crate::stats::StatsBook;
-use crate::store::JournalStore;
-use crate::workflow::Workflow;
+use crate::workflow::{Workflow, Workflows};
 
 mod builder;
 mod gc;
@@ -43,43 +39,25 @@ pub use reads::{RunsPage, RunsQuery, RUNS_PAGE_MAX};
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 pub(crate) struct Inner {
+    /// What the runs' code is given (`env.rs`).
+    pub(crate) env: Arc<RunEnv>,
+    pub(crate) workflows: Arc<Workflows>,
     path: PathBuf,
-    pub(crate) stats: StatsBook,
-    pub(crate) counters: crate::stats::EventCounters,
-    limiters: Mutex<HashMap<String, Arc<RateLimiter>>>,
-    rate_limits: HashMap<String, RateLimit>,
-    pub(crate) resources: Arc<Resources>,
-    pub(crate) store: Arc<dyn JournalStore>,
-    pub(crate) registry: Registry,
     cells: Mutex<HashMap<RunId, Arc<RunCell>>>,
-    pub(crate) permits: Arc<Semaphore>,
-    pub(crate) shutdown: watch::Sender<bool>,
     drivers: watch::Sender<usize>,
     retention: Duration,
-    /// Loads without survival after which a run is poisoned (`poison.rs`).
-    pub(crate) poison_after_loads: u32,
-    pub(crate) clock: Clock,
     /// Unfinished runs left undriven at open for want of registered types, with the reason.
     undriven: Mutex<HashMap<RunId, String>>,
 }
 
 impl Inner {
-    /// The limiter of the service `name`, created on first use.
-    pub(crate) fn limiter(&self, name: &str) -> Arc<RateLimiter> {
-        let mut limiters = self.limiters.lock().expect("limiters lock");
-        Arc::clone(limiters.entry(name.to_string()).or_insert_with(|| {
-            let limit = self.rate_limits.get(name).cloned().unwrap_or_default();
-            Arc::new(RateLimiter::new(name, limit))
-        }))
-    }
-
     /// Unloads `cell` unless it must still be driven: its status is running or compensating
     /// (an operator call may have just made it so), the engine is up and no storage write
     /// failed in it. Returns whether it was unloaded. Decided under the map lock, so an operator
     /// call either sees the cell loaded (and its driver goes on) or loads it afresh.
     pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
         let mut cells = self.cells.lock().expect("cells lock");
-        let shutting_down = *self.shutdown.borrow();
+        let shutting_down = self.env.shutting_down();
         let detached = cell.detach_if(|record, write_failed| {
             if shutting_down {
                 Some(Some(Stop::ShutDown))
@@ -106,7 +84,7 @@ impl Inner {
     /// call, which clears it, drives such a run again.
     fn stopped_alive(&self, cell: &RunCell) {
         if cell.record().status.is_drivable() {
-            cell.survived(&*self.store);
+            cell.survived(&*self.env.store);
         }
     }
 
@@ -210,7 +188,7 @@ impl Engine {
         let cell = Arc::new(RunCell::new(
             record,
             RunState::default(),
-            self.inner.clock.clone(),
+            self.inner.env.clock.clone(),
         ));
         // The run's first load: `poison.rs` counts it without a write.
         cell.mark_started();
@@ -239,11 +217,12 @@ impl Engine {
         let id = record.id;
         let record = self
             .inner
+            .env
             .store
             .run(&id)?
             .ok_or(EngineError::RunNotFound { id })?;
         let state = self.read_state(&record.id)?;
-        let cell = Arc::new(RunCell::new(record, state, self.inner.clock.clone()));
+        let cell = Arc::new(RunCell::new(record, state, self.inner.env.clock.clone()));
         cells.insert(cell.id.clone(), Arc::clone(&cell));
         Ok(Loaded::Fresh(cell))
     }
@@ -257,13 +236,16 @@ impl Engine {
         self.inner.drivers.send_modify(|n| *n += 1);
         let guard = DriverGuard(self.inner.drivers.clone());
         let inner = Arc::clone(&self.inner);
+        let env = Arc::clone(&inner.env);
+        let workflows = Arc::clone(&inner.workflows);
+        let runs: Arc<dyn Runs> = Arc::clone(&inner) as Arc<dyn Runs>;
         // Every log line of the run (steps, waits, compensation) carries its id and workflow.
         let span =
             tracing::info_span!("run", run_id = %cell.id, workflow = %cell.record().workflow);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let _guard = guard;
-                let driven = contained(executor::drive(Arc::clone(&inner), Arc::clone(&cell)));
+                let driven = contained(executor::drive(env, workflows, runs, Arc::clone(&cell)));
                 if let Err(panic) = driven.await {
                     // User code is contained where it is called: this is a bug of the engine.
                     // The run is left as its journal says and resumes at the next open.
@@ -281,7 +263,7 @@ impl Engine {
     /// `.`, no `..`.
     pub async fn start<W: Workflow>(&self, id: &str, input: W::Input) -> Result<RunHandle<W>> {
         let id = RunId::new_top_level(id)?;
-        self.inner.registry.add_workflow::<W>()?;
+        self.inner.workflows.add::<W>()?;
         let input = serde_json::to_value(input).map_err(|source| EngineError::Serialise {
             what: format!("input of {}", W::NAME),
             source,
@@ -303,23 +285,16 @@ impl Engine {
         let id = RunId::new_top_level(id)?;
         let entry =
             self.inner
-                .registry
-                .workflow(workflow)
+                .workflows
+                .get(workflow)
                 .ok_or_else(|| EngineError::UnknownWorkflow {
                     name: workflow.into(),
-                    registered: self.inner.registry.workflow_names(),
+                    registered: self.inner.workflows.names(),
                 })?;
         // Stored in its typed form, so that a later typed `start` of the same value (which
         // writes omitted optional fields as null, say) is recognised as the same input.
         let input = (entry.normalise_input)(&input).map_err(|e| e.into_engine_error(workflow))?;
         self.start_value(workflow, id, input, None).await
-    }
-
-    /// An engine handle on `inner`, for the engine's own parts (child runs).
-    pub(crate) fn from_inner(inner: &Arc<Inner>) -> Engine {
-        Engine {
-            inner: Arc::clone(inner),
-        }
     }
 
     /// Starts (or finds) child run `child` of run `parent`; the child is durable and driven
@@ -345,7 +320,7 @@ impl Engine {
         input: Value,
         parent: Option<RunId>,
     ) -> Result<RunRecord> {
-        if *self.inner.shutdown.borrow() {
+        if *self.inner.env.shutdown.borrow() {
             return Err(EngineError::ShutDown);
         }
         let bytes = input.to_string().len();
@@ -358,18 +333,18 @@ impl Engine {
         }
         let entry =
             self.inner
-                .registry
-                .workflow(workflow)
+                .workflows
+                .get(workflow)
                 .ok_or_else(|| EngineError::UnknownWorkflow {
                     name: workflow.into(),
-                    registered: self.inner.registry.workflow_names(),
+                    registered: self.inner.workflows.names(),
                 })?;
         (entry.validate)(&input).map_err(|e| EngineError::InvalidInput {
             workflow: workflow.into(),
             field: e.field,
             reason: e.reason,
         })?;
-        let now = self.inner.clock.now_ms();
+        let now = self.inner.env.clock.now_ms();
         let record = RunRecord {
             id: id.clone(),
             workflow: workflow.into(),
@@ -383,10 +358,10 @@ impl Engine {
             error: None,
             parent,
         };
-        match self.inner.store.create_run(&record)? {
+        match self.inner.env.store.create_run(&record)? {
             None => {
                 crate::crash::point("start.after_create");
-                self.inner.store.sync().wait().await?;
+                self.inner.env.store.sync().wait().await?;
                 crate::crash::point("start.after_sync");
                 tracing::info!(run_id = %id, workflow, "run started");
                 self.load_new(record.clone());
@@ -427,7 +402,7 @@ impl Engine {
         }
         // The run may have been created by a concurrent call whose sync is still in flight:
         // nobody learns of a run before it is durable.
-        self.inner.store.sync().wait().await?;
+        self.inner.env.store.sync().wait().await?;
         // That call may not have loaded it yet either; whoever loads first drives it (the
         // cell map admits one), so a caller never waits on an undriven run. A run left
         // undriven at open for want of registered types stays so (its waiters hear why).
@@ -446,12 +421,53 @@ impl Engine {
     /// Stops the engine: no new step or timer starts, in-flight steps finish and are
     /// recorded, then every driver ends. Unfinished runs resume at the next open.
     pub async fn shutdown(&self) {
-        self.inner.shutdown.send_replace(true);
+        self.inner.env.shutdown.send_replace(true);
         let mut drivers = self.inner.drivers.subscribe();
         let _ = drivers.wait_for(|n| *n == 0).await;
-        if let Err(error) = self.inner.stats.flush(&*self.inner.store) {
+        if let Err(error) = self.inner.env.stats.flush(&*self.inner.env.store) {
             tracing::warn!(%error, "latency statistics could not be written");
         }
-        let _ = self.inner.store.sync().wait().await;
+        let _ = self.inner.env.store.sync().wait().await;
+    }
+}
+
+/// The engine as the runs' code asks for it (`env.rs`).
+impl Runs for Inner {
+    fn start_child(
+        self: Arc<Self>,
+        workflow: String,
+        child: RunId,
+        input: Value,
+        parent: RunId,
+    ) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move {
+            Engine { inner: self }
+                .start_child(&workflow, &child, input, &parent)
+                .await
+        })
+    }
+
+    fn wait(self: Arc<Self>, id: RunId) -> BoxFuture<'static, Result<RunRecord>> {
+        Box::pin(async move { Engine { inner: self }.wait(id.as_str()).await })
+    }
+
+    fn compensate_child(
+        self: Arc<Self>,
+        child: RunId,
+        parent: RunId,
+    ) -> BoxFuture<'static, Result<Option<RunRecord>>> {
+        Box::pin(async move {
+            Engine { inner: self }
+                .compensate_child(&child, &parent)
+                .await
+        })
+    }
+
+    fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
+        Inner::unload_if_settled(self, cell)
+    }
+
+    fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
+        Inner::unload(self, cell, stop)
     }
 }

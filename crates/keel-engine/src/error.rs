@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use crate::ids::RunId;
+use crate::ids::{RunId, StepIndex};
+use crate::journal::{ErrorRecord, RunStatus};
 
 /// What a store's log holds, for [`EngineError::LostData`].
 fn held_text(held: u64, held_at: &str) -> String {
@@ -217,7 +218,7 @@ pub enum EngineError {
         /// The run id.
         id: RunId,
         /// Its status.
-        status: crate::journal::RunStatus,
+        status: RunStatus,
         /// The recorded reason.
         error: String,
     },
@@ -237,4 +238,89 @@ pub enum EngineError {
         /// The run id.
         id: RunId,
     },
+}
+
+/// Why a workflow body returned without an output.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError {
+    /// A step failed for good (permanent error, or its retry policy ran out). Workflow code
+    /// may catch this and take another path; propagated, it makes the run compensate.
+    #[error("step {step} ({kind}) failed: {}", error.message)]
+    Step {
+        /// The operation number.
+        step: StepIndex,
+        /// The step kind.
+        kind: String,
+        /// The recorded error.
+        error: ErrorRecord,
+    },
+    /// A wait's deadline passed before its probe held. Workflow code may catch this (say, to
+    /// recreate the resource); propagated, it makes the run compensate.
+    #[error("wait {step} ({kind}) timed out after {polls} polls")]
+    WaitTimedOut {
+        /// The operation number.
+        step: StepIndex,
+        /// The wait kind.
+        kind: String,
+        /// Polls made since the wait (or its last resumption) began.
+        polls: u32,
+    },
+    /// The compensation of a resource the run recreated while going on (see
+    /// [`crate::Ctx::create_and_wait`]) failed for good.
+    #[error("compensation of step {step} ({kind}) failed: {}", error.message)]
+    CompensationFailed {
+        /// The operation number.
+        step: StepIndex,
+        /// The step kind.
+        kind: String,
+        /// The recorded error.
+        error: ErrorRecord,
+    },
+    /// A child run did not complete: it failed, compensated itself, or was resolved by an
+    /// operator. Its own saga undid what it did.
+    #[error("child run {child} ({workflow}) ended {status}: {error}")]
+    Child {
+        /// The parent's operation number.
+        step: StepIndex,
+        /// The child's workflow.
+        workflow: String,
+        /// The child's run id.
+        child: RunId,
+        /// How it ended.
+        status: RunStatus,
+        /// Why.
+        error: String,
+    },
+    /// No branch of a `select` succeeded.
+    #[error("no branch of select {fork} succeeded: {}", errors.join("; "))]
+    NoneSucceeded {
+        /// The fork's operation number.
+        fork: StepIndex,
+        /// Each branch's error, in list order.
+        errors: Vec<String>,
+    },
+    /// The workflow decided to fail (business logic).
+    #[error("{0}")]
+    Failed(String),
+    /// The engine stopped the run (cancellation, shutdown, non-determinism, storage failure).
+    /// Workflow code should propagate it; the engine acts on the cause whatever is returned.
+    #[error("run interrupted by the engine")]
+    Interrupted,
+}
+
+impl WorkflowError {
+    /// A business failure with this message.
+    pub fn failed(message: impl Into<String>) -> Self {
+        WorkflowError::Failed(message.into())
+    }
+}
+
+/// An id refused where it entered the engine.
+impl From<crate::ids::InvalidRunId> for EngineError {
+    fn from(e: crate::ids::InvalidRunId) -> Self {
+        EngineError::InvalidRunId {
+            id: e.id,
+            reason: e.reason,
+        }
+    }
 }

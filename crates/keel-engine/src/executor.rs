@@ -21,37 +21,37 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::cell::{RunCell, Stop};
-use crate::ctx::{Ctx, Interrupt};
-use crate::engine::Inner;
+use crate::ctx::Ctx;
+use crate::env::{RunEnv, Runs};
 use crate::error::{EngineError, Result};
+use crate::interrupt::Interrupt;
 use crate::journal::{Event, RunRecord, RunStatus};
 use crate::limits::OUTPUT_BYTES_MAX;
-use crate::registry::BodyError;
 use crate::replay::RunState;
 use crate::saga;
 use crate::step::truncate;
+use crate::transition::{settle, suspend, Next};
+use crate::workflow::{BodyError, OnRetriesExhausted, Workflows};
 
-/// What the drive loop does after one phase.
-pub(crate) enum Next {
-    /// Look at the status again (a phase moved the run on).
-    Continue,
-    /// Stop driving: the run is settled, or must wait for the next open.
-    Stop,
-}
-
-/// Drives `cell` until it settles or the engine shuts down, then unloads it.
-pub(crate) async fn drive(inner: Arc<Inner>, cell: Arc<RunCell>) {
+/// Drives `cell` until it settles or the engine shuts down, then unloads it. `runs` is the
+/// engine, held for as long as the run is driven.
+pub(crate) async fn drive(
+    env: Arc<RunEnv>,
+    workflows: Arc<Workflows>,
+    runs: Arc<dyn Runs>,
+    cell: Arc<RunCell>,
+) {
     let _permit = tokio::select! {
-        permit = Arc::clone(&inner.permits).acquire_owned() => permit.ok(),
-        _ = wait_shutdown(&inner) => None,
+        permit = Arc::clone(&env.permits).acquire_owned() => permit.ok(),
+        _ = wait_shutdown(&env) => None,
     };
     if _permit.is_none() {
-        inner.unload(&cell, Stop::ShutDown);
+        runs.unload(&cell, Stop::ShutDown);
         return;
     }
-    if let Err(error) = crate::poison::count_load(&inner, &cell).await {
+    if let Err(error) = crate::poison::count_load(&env, &cell).await {
         tracing::error!(run_id = %cell.id, %error, "run not driven: its load could not be counted");
-        inner.unload(
+        runs.unload(
             &cell,
             Stop::Error(format!("its load could not be counted: {error}")),
         );
@@ -62,10 +62,10 @@ pub(crate) async fn drive(inner: Arc<Inner>, cell: Arc<RunCell>) {
             RunStatus::Running | RunStatus::Suspended
                 if cell.with_state(|s| s.cancel_requested) =>
             {
-                saga::begin(&inner, &cell, "cancelled by operator".into()).await
+                saga::begin(&env, &cell, "cancelled by operator".into()).await
             }
-            RunStatus::Running => run_forward(&inner, &cell).await,
-            RunStatus::Compensating => saga::compensate(&inner, &cell).await,
+            RunStatus::Running => run_forward(&env, &workflows, &cell).await,
+            RunStatus::Compensating => saga::compensate(&env, &cell).await,
             RunStatus::Suspended
             | RunStatus::Paused
             | RunStatus::CompensationFailed
@@ -78,41 +78,51 @@ pub(crate) async fn drive(inner: Arc<Inner>, cell: Arc<RunCell>) {
             Ok(Next::Continue) => continue,
             // An operator call may have made the run drivable again since the phase
             // ended; then this driver goes on.
-            Ok(Next::Stop) if inner.unload_if_settled(&cell) => return,
+            Ok(Next::Stop) if runs.unload_if_settled(&cell) => return,
             Ok(Next::Stop) => continue,
             Err(error) => {
                 tracing::error!(run_id = %cell.id, %error, "run stopped on an engine error; it resumes at the next open");
-                inner.unload(&cell, Stop::Error(format!("its driver stopped on an engine error (it resumes at the next open): {error}")));
+                runs.unload(&cell, Stop::Error(format!("its driver stopped on an engine error (it resumes at the next open): {error}")));
                 return;
             }
         }
     }
 }
 
-async fn wait_shutdown(inner: &Inner) {
-    let mut shutdown = inner.shutdown.subscribe();
+async fn wait_shutdown(env: &RunEnv) {
+    let mut shutdown = env.shutdown.subscribe();
     let _ = shutdown.wait_for(|down| *down).await;
 }
 
-async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
+async fn run_forward(
+    env: &Arc<RunEnv>,
+    workflows: &Arc<Workflows>,
+    cell: &Arc<RunCell>,
+) -> Result<Next> {
     let record = cell.record();
-    let Some(workflow) = inner.registry.workflow(&record.workflow) else {
+    let Some(workflow) = workflows.get(&record.workflow) else {
         // Only an engine opened with `allow_unregistered` holds such runs, and it does not
         // drive them; reaching here is a run an operator call made drivable.
         return Err(EngineError::UnknownWorkflow {
             name: record.workflow,
-            registered: inner.registry.workflow_names(),
+            registered: workflows.names(),
         });
     };
     if workflow.version != record.version {
         tracing::info!(run_id = %cell.id, from = record.version, to = workflow.version, "resuming run under another workflow version");
     }
-    let ctx = Ctx::new(Arc::clone(cell), Arc::clone(inner));
+    let pause_on_exhausted = workflow.on_retries_exhausted == OnRetriesExhausted::Pause;
+    let ctx = Ctx::new(
+        Arc::clone(cell),
+        Arc::clone(env),
+        Arc::clone(workflows),
+        pause_on_exhausted,
+    );
     let (mut ctx, result) = (workflow.run)(ctx, record.input.clone()).await;
     // The engine's reason to stop the body comes first, whatever the body returned (a body
     // that panics on the `Interrupted` error it was given is still just interrupted).
     if let Some(interrupt) = ctx.interrupt.take() {
-        return interrupted(inner, cell, interrupt).await;
+        return interrupted(env, cell, interrupt).await;
     }
     let journaled_ops = cell.with_state(|s| s.ops.len() as u32);
     match result {
@@ -121,31 +131,27 @@ async fn run_forward(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
                 "workflow returned after {} operations but the journal holds {journaled_ops}",
                 ctx.operations()
             );
-            suspend(inner, cell, format!("non-determinism: {detail}")).await
+            suspend(env, cell, format!("non-determinism: {detail}")).await
         }
-        Ok(output) => complete(inner, cell, output).await,
-        Err(BodyError::Workflow(error)) => fail(inner, cell, error.to_string()).await,
+        Ok(output) => complete(env, cell, output).await,
+        Err(BodyError::Workflow(error)) => fail(env, cell, error.to_string()).await,
         Err(BodyError::Output(error)) => {
             let reason = format!("workflow output does not serialise: {error}");
-            fail(inner, cell, reason).await
+            fail(env, cell, reason).await
         }
         Err(BodyError::Panicked(message)) => {
-            suspend(inner, cell, format!("workflow body panicked: {message}")).await
+            suspend(env, cell, format!("workflow body panicked: {message}")).await
         }
         Err(BodyError::Input(error)) => {
             let reason =
                 format!("stored input does not decode as the workflow's input type: {error}");
-            suspend(inner, cell, reason).await
+            suspend(env, cell, reason).await
         }
     }
 }
 
 /// Acts on why the engine stopped the body.
-async fn interrupted(
-    inner: &Arc<Inner>,
-    cell: &Arc<RunCell>,
-    interrupt: Interrupt,
-) -> Result<Next> {
+async fn interrupted(env: &Arc<RunEnv>, cell: &Arc<RunCell>, interrupt: Interrupt) -> Result<Next> {
     match interrupt {
         Interrupt::ShutDown => Ok(Next::Stop),
         // A bound the code went past, or a meaningless request: a defect of the workflow
@@ -155,26 +161,26 @@ async fn interrupted(
             | EngineError::InvalidRequest(_)
             | EngineError::DuplicateWorkflow { .. }
             | EngineError::DuplicateStepKind { .. }),
-        ) => suspend(inner, cell, error.to_string()).await,
+        ) => suspend(env, cell, error.to_string()).await,
         Interrupt::Engine(error) => Err(error),
-        Interrupt::Cancelled => saga::begin(inner, cell, "cancelled by operator".into()).await,
-        Interrupt::Paused { reason, exhausted } => pause(inner, cell, reason, exhausted).await,
+        Interrupt::Cancelled => saga::begin(env, cell, "cancelled by operator".into()).await,
+        Interrupt::Paused { reason, exhausted } => pause(env, cell, reason, exhausted).await,
         Interrupt::Stopped => unreachable!("only select branches stop, and select absorbs it"),
         Interrupt::NonDeterminism { index, detail } => {
             let reason = format!("non-determinism at step {index}: {detail}");
-            suspend(inner, cell, reason).await
+            suspend(env, cell, reason).await
         }
     }
 }
 
 /// The body returned its output: the run completes, unless the output is too large (the
 /// run fails) or a cancel became durable meanwhile (the run compensates).
-async fn complete(inner: &Arc<Inner>, cell: &Arc<RunCell>, output: Value) -> Result<Next> {
+async fn complete(env: &Arc<RunEnv>, cell: &Arc<RunCell>, output: Value) -> Result<Next> {
     let bytes = output.to_string().len();
     if bytes > OUTPUT_BYTES_MAX {
         let reason =
             format!("workflow output is {bytes} bytes, over the limit of {OUTPUT_BYTES_MAX} bytes");
-        return fail(inner, cell, reason).await;
+        return fail(env, cell, reason).await;
     }
     crate::crash::point("run.before_terminal");
     let not_cancelled = |_: &RunRecord, state: &RunState| {
@@ -192,60 +198,43 @@ async fn complete(inner: &Arc<Inner>, cell: &Arc<RunCell>, output: Value) -> Res
         output: output.clone(),
     };
     let completed = cell.transition_if(
-        &*inner.store,
+        &*env.store,
         event,
         not_cancelled,
         RunStatus::Completed,
         |r| r.output = Some(output),
     );
     match completed {
-        Ok(()) => settle(inner, cell, RunStatus::Completed).await,
+        Ok(()) => settle(env, cell, RunStatus::Completed).await,
         // A cancel became durable while the body finished: the run must not complete.
         Err(EngineError::InvalidState { .. }) => {
-            saga::begin(inner, cell, "cancelled by operator".into()).await
+            saga::begin(env, cell, "cancelled by operator".into()).await
         }
         Err(error) => Err(error),
     }
 }
 
 /// The body failed: compensate what took effect, or fail outright if nothing did.
-async fn fail(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+async fn fail(env: &Arc<RunEnv>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
     let reason = truncate(reason);
     if cell.with_state(|s| s.has_effects()) {
-        return saga::begin(inner, cell, reason).await;
+        return saga::begin(env, cell, reason).await;
     }
     crate::crash::point("run.before_terminal");
     let error = reason.clone();
     cell.transition(
-        &*inner.store,
+        &*env.store,
         Event::RunFailed { error: reason },
         RunStatus::Failed,
         |r| r.error = Some(error),
     )?;
-    settle(inner, cell, RunStatus::Failed).await
-}
-
-pub(crate) async fn suspend(
-    inner: &Arc<Inner>,
-    cell: &Arc<RunCell>,
-    reason: String,
-) -> Result<Next> {
-    let reason = truncate(reason);
-    tracing::error!(run_id = %cell.id, %reason, "run suspended");
-    let error = reason.clone();
-    cell.transition(
-        &*inner.store,
-        Event::RunSuspended { reason },
-        RunStatus::Suspended,
-        |r| r.error = Some(error),
-    )?;
-    settle(inner, cell, RunStatus::Suspended).await
+    settle(env, cell, RunStatus::Failed).await
 }
 
 /// Stops the run for an operator. An operator's pause must still stand (a resume may have
 /// withdrawn it while in-flight steps ended); then the run goes on instead.
 async fn pause(
-    inner: &Arc<Inner>,
+    env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     reason: String,
     exhausted: bool,
@@ -264,7 +253,7 @@ async fn pause(
     };
     let error = reason.clone();
     match cell.transition_if(
-        &*inner.store,
+        &*env.store,
         Event::RunPaused { reason, exhausted },
         still_wanted,
         RunStatus::Paused,
@@ -272,19 +261,9 @@ async fn pause(
     ) {
         Ok(()) => {
             tracing::warn!(run_id = %cell.id, reason = %cell.record().error.unwrap_or_default(), "run paused");
-            settle(inner, cell, RunStatus::Paused).await
+            settle(env, cell, RunStatus::Paused).await
         }
         Err(EngineError::InvalidState { .. }) => Ok(Next::Continue),
         Err(error) => Err(error),
     }
-}
-
-/// Makes a transition durable, then tells waiters: nobody hears of a status before it is
-/// durable.
-pub(crate) async fn settle(inner: &Inner, cell: &RunCell, status: RunStatus) -> Result<Next> {
-    inner.store.sync().wait().await?;
-    crate::crash::point("run.after_terminal");
-    tracing::info!(run_id = %cell.id, %status, "run settled");
-    cell.publish();
-    Ok(Next::Stop)
 }

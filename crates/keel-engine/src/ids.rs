@@ -8,7 +8,6 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::error::{EngineError, Result};
 use crate::limits::RUN_ID_LEN_MAX;
 
 /// A run's id: the caller's idempotency key of a run it starts, or `<parent>/<operation>` for
@@ -30,13 +29,24 @@ use crate::limits::RUN_ID_LEN_MAX;
 #[serde(try_from = "String", into = "String")]
 pub struct RunId(String);
 
+/// Why an id is not a run id: the id and the rule it breaks. Becomes
+/// [`crate::EngineError::InvalidRunId`] at the engine's boundary.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid run id {id:?}: {reason}")]
+pub struct InvalidRunId {
+    /// The rejected id.
+    pub id: String,
+    /// Why it was rejected.
+    pub reason: String,
+}
+
 /// Why a caller's id holding `/` is refused.
 const SLASH_RESERVED: &str = "`/` is reserved for child runs' ids (parent/N)";
 
 impl RunId {
     /// An id for a run made now: [`RunId::existing`]'s rules, and no leading `-` or `.` and no
     /// `..`. Child ids made from such a parent obey them too (`<parent>/<n>` adds neither).
-    pub fn new(id: impl Into<String>) -> Result<Self> {
+    pub fn new(id: impl Into<String>) -> Result<Self, InvalidRunId> {
         let id = Self::existing(id)?;
         let reason = if id.0.starts_with('-') {
             "must not begin with `-` (it would read as a command-line flag)"
@@ -47,7 +57,7 @@ impl RunId {
         } else {
             return Ok(id);
         };
-        Err(EngineError::InvalidRunId {
+        Err(InvalidRunId {
             id: id.0,
             reason: reason.into(),
         })
@@ -56,10 +66,10 @@ impl RunId {
     /// The id a caller gives to start a run ([`crate::Engine::start`],
     /// [`crate::Engine::start_json`]): [`RunId::new`]'s rules, and no `/`, since only the
     /// engine makes ids with `/` (its child runs', `<parent>/<operation>`).
-    pub fn new_top_level(id: impl Into<String>) -> Result<Self> {
+    pub fn new_top_level(id: impl Into<String>) -> Result<Self, InvalidRunId> {
         let id = Self::new(id)?;
         if id.0.contains('/') {
-            return Err(EngineError::InvalidRunId {
+            return Err(InvalidRunId {
                 id: id.0,
                 reason: SLASH_RESERVED.into(),
             });
@@ -72,16 +82,16 @@ impl RunId {
     /// run. Reads, operator calls and the store's records take ids this way, and so does
     /// [`crate::child_id`], so that a parent stored under earlier rules derives the child ids
     /// it journaled then; never use it for an id a caller gives.
-    pub fn existing(id: impl Into<String>) -> Result<Self> {
+    pub fn existing(id: impl Into<String>) -> Result<Self, InvalidRunId> {
         let id = id.into();
         if id.is_empty() || id.len() > RUN_ID_LEN_MAX {
-            return Err(EngineError::InvalidRunId {
+            return Err(InvalidRunId {
                 id,
                 reason: format!("length must be 1..={RUN_ID_LEN_MAX} bytes"),
             });
         }
         if let Some(c) = id.chars().find(|c| !is_run_id_char(*c)) {
-            return Err(EngineError::InvalidRunId {
+            return Err(InvalidRunId {
                 reason: format!(
                     "character {c:?} is not allowed (use letters, digits and . _ - : / @)"
                 ),
@@ -104,8 +114,8 @@ fn is_run_id_char(c: char) -> bool {
 /// Decoding (a stored record or entry, a request) takes the id as [`RunId::existing`]: a store
 /// written under earlier id rules must still open.
 impl TryFrom<String> for RunId {
-    type Error = EngineError;
-    fn try_from(s: String) -> Result<Self> {
+    type Error = InvalidRunId;
+    fn try_from(s: String) -> Result<Self, InvalidRunId> {
         Self::existing(s)
     }
 }
@@ -181,6 +191,20 @@ impl fmt::Display for IdempotencyKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
     }
+}
+
+/// The id of the child run started at operation `index` of run `parent`: `<parent>/<index>`,
+/// or `child-<uuid>` (the operation's idempotency key) when that would be too long. Only
+/// the engine makes ids with `/`: a caller's id may not hold one ([`RunId::new_top_level`]),
+/// so no caller can take a child's id.
+pub fn child_id(parent: &RunId, index: StepIndex) -> RunId {
+    // Taken as `existing`, not checked as `new`: a parent stored under earlier id rules (say
+    // `.x`) must derive the very id its journal's child was made under (`.x/3`), not another.
+    // A parent made now obeys `new`'s rules, and `<parent>/<index>` then does too.
+    RunId::existing(format!("{parent}/{}", index.0)).unwrap_or_else(|_| {
+        RunId::new(format!("child-{}", IdempotencyKey::for_step(parent, index)))
+            .expect("a uuid makes a valid run id")
+    })
 }
 
 #[cfg(test)]

@@ -264,14 +264,14 @@ pub enum Event {
         /// The probe's argument (the probe value itself).
         argument: Value,
         /// The schedule every resumption follows.
-        schedule: crate::wait::WaitSchedule,
+        schedule: WaitSchedule,
     },
     /// A wait ended.
     WaitEnded {
         /// The operation number.
         step: StepIndex,
         /// How.
-        outcome: crate::wait::WaitOutcome,
+        outcome: WaitOutcome,
     },
     /// The workflow returned its output. Written with the `Completed` status.
     RunCompleted {
@@ -419,6 +419,89 @@ pub fn digest(value: &Value) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}")
+}
+
+/// A resolved wait schedule, journaled when the wait starts. Offsets count from the start.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WaitSchedule {
+    /// First poll no sooner than this offset.
+    pub initial_delay_ms: u64,
+    /// Interval while the offset is below `dense_until_ms` (and the first interval after).
+    pub dense_interval_ms: u64,
+    /// Offset until which polls stay dense.
+    pub dense_until_ms: u64,
+    /// Growth of the interval past `dense_until_ms`.
+    pub growth: f64,
+    /// Largest interval.
+    pub interval_max_ms: u64,
+    /// Jitter fraction.
+    pub jitter: f64,
+    /// Consecutive successes needed.
+    pub confirmations: u32,
+    /// Absolute deadline (ms since the Unix epoch).
+    pub deadline_ms: u64,
+    /// Whether the schedule came from statistics.
+    pub learned: bool,
+}
+
+impl WaitSchedule {
+    /// The interval after a poll at `offset_ms` whose previous interval was `previous_ms`
+    /// (0 for the first poll), before jitter.
+    pub fn interval_after(&self, offset_ms: u64, previous_ms: u64) -> u64 {
+        if offset_ms < self.dense_until_ms || previous_ms == 0 {
+            return self.dense_interval_ms;
+        }
+        (((previous_ms as f64) * self.growth).round() as u64).clamp(1, self.interval_max_ms.max(1))
+    }
+
+    /// When to poll next, after a poll at `offset_ms` (from the wait's start) that left a run
+    /// of `streak` confirmations, when the previous growing interval was `previous_ms` (0
+    /// before the first). Returns the next poll's offset and the growing interval to carry
+    /// on. A run of confirmations is checked at the dense interval; `u` (uniform in [0, 1))
+    /// draws the jitter.
+    pub fn next_poll(&self, offset_ms: u64, previous_ms: u64, streak: u32, u: f64) -> (u64, u64) {
+        let (step_ms, carried_ms) = if streak > 0 {
+            (self.dense_interval_ms, previous_ms)
+        } else {
+            let interval = self.interval_after(offset_ms, previous_ms);
+            (interval, interval)
+        };
+        (
+            offset_ms.saturating_add(self.jittered(step_ms, u)),
+            carried_ms,
+        )
+    }
+
+    /// Applies jitter: `u` is uniform in [0, 1).
+    pub fn jittered(&self, interval_ms: u64, u: f64) -> u64 {
+        let factor = 1.0 + self.jitter * (2.0 * u - 1.0);
+        ((interval_ms as f64) * factor).round().max(1.0) as u64
+    }
+}
+
+/// How a wait ended.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum WaitOutcome {
+    /// The probe held `confirmations` times in a row.
+    Ready {
+        /// The last poll's output.
+        output: serde_json::Value,
+        /// Polls made (since the wait or its last resumption began).
+        polls: u32,
+    },
+    /// The deadline passed first.
+    TimedOut {
+        /// Polls made (since the wait or its last resumption began).
+        polls: u32,
+    },
+    /// The probe failed permanently.
+    Failed {
+        /// The error.
+        error: ErrorRecord,
+        /// Polls made (since the wait or its last resumption began).
+        polls: u32,
+    },
 }
 
 #[cfg(test)]

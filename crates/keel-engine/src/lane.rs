@@ -12,16 +12,16 @@ use tokio::sync::watch;
 
 use crate::cell::RunCell;
 use crate::contain::{contained, contained_sync};
-use crate::ctx::Interrupt;
-use crate::engine::Inner;
+use crate::env::RunEnv;
+use crate::error::WorkflowError;
 use crate::ids::{Attempt, IdempotencyKey, StepIndex};
+use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, ErrorRecord, Event};
 use crate::limiter::{Priority, RateLimiter, Slot};
 use crate::limits::STEP_OUTPUT_BYTES_MAX;
 use crate::retry::RetryPolicy;
 use crate::stats::EventCounters;
 use crate::step::{Step, StepContext, StepError};
-use crate::workflow::{OnRetriesExhausted, WorkflowError};
 use futures_util::FutureExt;
 
 /// Resolves when `signal` changes; never, when there is none or its sender is gone.
@@ -36,7 +36,7 @@ async fn changed(signal: Option<&mut watch::Receiver<bool>>) {
 
 pub(crate) struct Lane {
     pub(crate) cell: Arc<RunCell>,
-    pub(crate) inner: Arc<Inner>,
+    pub(crate) env: Arc<RunEnv>,
     cancel: watch::Receiver<bool>,
     pause: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
@@ -48,17 +48,13 @@ pub(crate) struct Lane {
 }
 
 impl Lane {
-    pub(crate) fn new(cell: Arc<RunCell>, inner: Arc<Inner>) -> Lane {
+    pub(crate) fn new(cell: Arc<RunCell>, env: Arc<RunEnv>, pause_on_exhausted: bool) -> Lane {
         let cancel = cell.cancel.subscribe();
         let pause = cell.pause.subscribe();
-        let shutdown = inner.shutdown.subscribe();
-        let pause_on_exhausted = inner
-            .registry
-            .workflow(&cell.record().workflow)
-            .is_some_and(|w| w.on_retries_exhausted == OnRetriesExhausted::Pause);
+        let shutdown = env.shutdown.subscribe();
         Lane {
             cell,
-            inner,
+            env,
             cancel,
             pause,
             shutdown,
@@ -72,7 +68,7 @@ impl Lane {
     pub(crate) fn branch(&mut self, stop: Option<watch::Receiver<bool>>) -> Lane {
         Lane {
             cell: Arc::clone(&self.cell),
-            inner: Arc::clone(&self.inner),
+            env: Arc::clone(&self.env),
             cancel: self.cancel.clone(),
             pause: self.pause.clone(),
             shutdown: self.shutdown.clone(),
@@ -128,12 +124,12 @@ impl Lane {
 
     pub(crate) fn journal(&self, event: Event) -> Result<(), Interrupt> {
         self.cell
-            .append(&*self.inner.store, event)
+            .append(&*self.env.store, event)
             .map_err(Interrupt::Engine)
     }
 
     pub(crate) async fn durable(&self) -> Result<(), Interrupt> {
-        self.inner
+        self.env
             .store
             .sync()
             .wait()
@@ -144,10 +140,10 @@ impl Lane {
     /// Sleeps until the absolute time `at_ms`, waking early for an interrupt.
     pub(crate) async fn sleep_until(&mut self, at_ms: u64) -> Result<(), Interrupt> {
         self.check()?;
-        let clock = self.inner.clock.clone();
+        let clock = self.env.clock.clone();
         if at_ms > clock.now_ms() {
             // Parked: whatever killed the process before, this run got this far.
-            self.cell.survived(&*self.inner.store);
+            self.cell.survived(&*self.env.store);
         }
         tokio::select! {
             _ = clock.sleep_until(at_ms) => Ok(()),
@@ -171,7 +167,7 @@ impl Lane {
     }
 
     /// Runs attempts of `step` from `attempt` on, retrying per its policy. The outer error is
-    /// an interrupt (the run stops); the inner one the step's failure for good.
+    /// an interrupt (the run stops); the env one the step's failure for good.
     pub(crate) async fn run_attempts<S: Step>(
         &mut self,
         index: StepIndex,
@@ -186,7 +182,7 @@ impl Lane {
             tracing::error!(run_id = %self.cell.id, step = index.0, kind = S::KIND, %panic, "the step's retry_policy panicked: one attempt, no retry");
             RetryPolicy::no_retry()
         });
-        let limiter = contained_sync(|| step.rate_limit().map(|name| self.inner.limiter(name)))
+        let limiter = contained_sync(|| step.rate_limit().map(|name| self.env.limiters.get(name)))
             .unwrap_or_else(|panic| {
                 tracing::error!(run_id = %self.cell.id, step = index.0, kind = S::KIND, %panic, "the step's rate_limit panicked: no limiter");
                 None
@@ -227,7 +223,7 @@ impl Lane {
         // The run got past its replay and body code to here; a death from now on belongs to
         // this attempt, which its start record tells (`poison.rs`). Waiting for the
         // limiter's slot comes before that record, so time queued never looks like a call.
-        self.cell.survived(&*self.inner.store);
+        self.cell.survived(&*self.env.store);
         let slot = Slot::take(attempts.limiter, Priority::Call).await;
         self.check()?;
         crate::crash::point("step.before_started");
@@ -248,8 +244,8 @@ impl Lane {
             step: index,
             key: IdempotencyKey::for_step(&self.cell.id, index),
             attempt,
-            resources: Arc::clone(&self.inner.resources),
-            clock: self.inner.clock.clone(),
+            resources: Arc::clone(&self.env.resources),
+            clock: self.env.clock.clone(),
             effect_by_ms: None,
         };
         let started = std::time::Instant::now();
@@ -265,9 +261,9 @@ impl Lane {
         match result.map(|output| (kept_output::<S>(&output), output)) {
             Ok((Ok(value), output)) => {
                 let elapsed = started.elapsed();
-                let now = self.inner.clock.now_ms();
+                let now = self.env.clock.now_ms();
                 let operation = format!("step:{}", S::KIND);
-                self.inner
+                self.env
                     .stats
                     .record(&operation, elapsed, self.cell.id.as_str(), now);
                 tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = elapsed.as_millis() as u64, "step completed");
@@ -324,7 +320,7 @@ impl Lane {
         let retry_at_ms = match error.class() {
             ErrorClass::Permanent => None,
             ErrorClass::Retryable => {
-                let now = self.inner.clock.now_ms();
+                let now = self.env.clock.now_ms();
                 let (first_started, round_base) = self
                     .cell
                     .with_state(|s| {
@@ -350,7 +346,7 @@ impl Lane {
             retry_at_ms,
         })?;
         if retry_at_ms.is_some() {
-            EventCounters::bump(&self.inner.counters.retries);
+            EventCounters::bump(&self.env.counters.retries);
         }
         self.durable().await?;
         crate::crash::point("step.after_failure");

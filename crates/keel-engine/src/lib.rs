@@ -115,9 +115,11 @@ mod contain;
 pub mod crash;
 mod ctx;
 mod engine;
+mod env;
 mod error;
 mod executor;
 mod ids;
+mod interrupt;
 pub mod journal;
 mod lane;
 mod limiter;
@@ -133,18 +135,22 @@ mod stats;
 mod step;
 pub mod store;
 pub mod testing;
+mod transition;
 mod wait;
 mod workflow;
 
-pub use child::child_id;
 pub use clock::Clock;
 pub use ctx::{Created, Ctx};
 pub use engine::{
     Engine, EngineBuilder, RunHandle, RunsPage, RunsQuery, RETENTION_DEFAULT, RUNS_PAGE_MAX,
 };
 pub use error::{EngineError, Result};
+pub use ids::child_id;
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
-pub use journal::{Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus};
+pub use journal::{
+    Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus, WaitOutcome,
+    WaitSchedule,
+};
 pub use limiter::{
     Permit, Priority, RateLimit, RateLimiter, PROBES_IN_A_ROW_MAX, SLOW_START_EXIT_SHARE,
 };
@@ -153,7 +159,5 @@ pub use retry::RetryPolicy;
 pub use stats::{Counters, LatencyStats, OperationStats, Outlier};
 pub use step::{Step, StepContext, StepError, Undo};
 pub use store::Durability;
-pub use wait::{
-    LearnedDeadline, Probe, WaitOutcome, WaitPolicy, WaitSchedule, LEARN_AFTER_DEFAULT,
-};
+pub use wait::{LearnedDeadline, Probe, WaitPolicy, LEARN_AFTER_DEFAULT};
 pub use workflow::{InvalidInput, OnRetriesExhausted, Workflow, WorkflowError};

@@ -14,9 +14,10 @@ use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::ctx::{Ctx, Interrupt};
+use crate::ctx::Ctx;
 use crate::error::EngineError;
 use crate::ids::{Attempt, StepIndex};
+use crate::interrupt::Interrupt;
 use crate::journal::Event;
 use crate::lane::Lane;
 use crate::limits::{FAN_OUT_MAX, STEPS_PER_RUN_MAX};
@@ -119,7 +120,7 @@ impl Ctx {
 
     /// Decides, from the journal, what each step branch of `fork` must do.
     fn plan<S: Step>(&mut self, fork: &Fork, steps: Vec<S>) -> Result<Vec<Plan<S>>, WorkflowError> {
-        if let Err(e) = self.lane.inner.registry.add_step::<S>() {
+        if let Err(e) = self.lane.env.registry.add_step::<S>() {
             return Err(self.interrupt(Interrupt::Engine(e)));
         }
         let mut plans = Vec::with_capacity(steps.len());

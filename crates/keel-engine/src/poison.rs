@@ -41,7 +41,7 @@
 use std::sync::Arc;
 
 use crate::cell::RunCell;
-use crate::engine::Inner;
+use crate::env::RunEnv;
 use crate::error::Result;
 use crate::ids::StepIndex;
 use crate::journal::RunStatus;
@@ -49,8 +49,8 @@ use crate::replay::{most_cut_off, undo_action, UndoAction};
 
 /// Counts this load of `cell`'s run before it is driven, or, when either record is at the
 /// bound, parks the run as poisoned (its status then says so, and the driver stops on it).
-pub(crate) async fn count_load(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<()> {
-    let bound = inner.poison_after_loads;
+pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result<()> {
+    let bound = env.poison_after_loads;
     let status = cell.record().status;
     let cut_off = cell
         .with_state(most_cut_off)
@@ -64,21 +64,21 @@ pub(crate) async fn count_load(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
             cut.kind,
             if cut.undo { "retry the compensation" } else { "resume the run" },
         );
-        return poisoned(inner, cell, Some(cut.step), reason).await;
+        return poisoned(env, cell, Some(cut.step), reason).await;
     }
     if cell.load_counted() {
         return Ok(());
     }
-    let loads = loads_before(inner, cell)?;
+    let loads = loads_before(env, cell)?;
     if loads >= bound {
         let reason = format!(
             "poisoned: the process died while driving this run's code outside its steps (replaying its workflow, its body's own code, or a wait's polls) after each of its last {loads} loads: an abort, a stack overflow or an out-of-memory kill; fix the cause, then resume the run"
         );
-        return poisoned(inner, cell, None, reason).await;
+        return poisoned(env, cell, None, reason).await;
     }
-    inner.store.set_load_count(&cell.id, loads + 1)?;
+    env.store.set_load_count(&cell.id, loads + 1)?;
     // Durable before any of the run's code runs: a death from here on counts.
-    inner.store.sync().wait().await?;
+    env.store.sync().wait().await?;
     cell.mark_load_counted();
     Ok(())
 }
@@ -86,8 +86,8 @@ pub(crate) async fn count_load(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
 /// How many loads of the run died before this one: the stored count, or, with none stored
 /// and nothing journaled yet, 1 (its start's load wrote nothing and died before the run's
 /// first entry; `start` writes no count, to keep a start at one write and one sync).
-pub(crate) fn loads_before(inner: &Inner, cell: &RunCell) -> Result<u32> {
-    let stored = inner.store.load_count(&cell.id)?;
+pub(crate) fn loads_before(env: &RunEnv, cell: &RunCell) -> Result<u32> {
+    let stored = env.store.load_count(&cell.id)?;
     let fresh = cell.with_state(|s| s.len == 0);
     Ok(if stored == 0 && fresh { 1 } else { stored })
 }
@@ -95,7 +95,7 @@ pub(crate) fn loads_before(inner: &Inner, cell: &RunCell) -> Result<u32> {
 /// Parks the run for an operator: a running one suspended, a compensating one failed at
 /// `step` (or at the undo it stands at).
 async fn poisoned(
-    inner: &Arc<Inner>,
+    env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     step: Option<StepIndex>,
     reason: String,
@@ -103,7 +103,7 @@ async fn poisoned(
     tracing::error!(run_id = %cell.id, %reason, "run poisoned: not driven again");
     match cell.record().status {
         RunStatus::Running => {
-            crate::executor::suspend(inner, cell, reason).await?;
+            crate::transition::suspend(env, cell, reason).await?;
         }
         RunStatus::Compensating => {
             let step = step.or_else(|| match cell.with_state(undo_action) {
@@ -113,7 +113,7 @@ async fn poisoned(
             // With nothing left to undo, the run only has to write its end, which is no
             // crash loop of its code: it is driven.
             if let Some(step) = step {
-                crate::saga::stuck(inner, cell, step, reason).await?;
+                crate::transition::stuck(env, cell, step, reason).await?;
             }
         }
         RunStatus::Suspended

@@ -125,9 +125,9 @@ pub struct WaitOp {
     /// When it started.
     pub started_at_ms: u64,
     /// Its schedule.
-    pub schedule: crate::wait::WaitSchedule,
+    pub schedule: crate::journal::WaitSchedule,
     /// How it ended, if it did.
-    pub outcome: Option<crate::wait::WaitOutcome>,
+    pub outcome: Option<crate::journal::WaitOutcome>,
 }
 
 /// A child run as the parent's journal tells it.

@@ -19,10 +19,8 @@ use rand::Rng;
 
 use crate::cell::RunCell;
 use crate::contain::{contained, contained_sync};
-use crate::engine::Engine;
-use crate::engine::Inner;
+use crate::env::RunEnv;
 use crate::error::{EngineError, Result};
-use crate::executor::{settle, Next};
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, Event, RunStatus};
 use crate::limiter::{Priority, Slot};
@@ -30,28 +28,29 @@ use crate::registry::StepEntry;
 use crate::replay::{effect_by_ms, undo_action, undo_input, Op, UndoAction};
 use crate::retry::RetryPolicy;
 use crate::step::{StepContext, StepError, Undo};
+use crate::transition::{settle, stuck, Next};
 
 /// Moves a failed or cancelled run into compensation.
-pub(crate) async fn begin(inner: &Arc<Inner>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
+pub(crate) async fn begin(env: &Arc<RunEnv>, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
     let reason = crate::step::truncate(reason);
     tracing::info!(run_id = %cell.id, %reason, "compensation begins");
     let error = reason.clone();
     cell.transition(
-        &*inner.store,
+        &*env.store,
         Event::CompensationStarted { reason },
         RunStatus::Compensating,
         |r| r.error = Some(error),
     )?;
     crate::crash::point("saga.after_compensation_started");
     // Waiters of a cancelled run hear "compensating" only once it is durable.
-    inner.store.sync().wait().await?;
+    env.store.sync().wait().await?;
     cell.publish();
     Ok(Next::Continue)
 }
 
 /// Undoes steps until none is left, one fails for good, or the engine shuts down.
-pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Result<Next> {
-    let mut shutdown = inner.shutdown.subscribe();
+pub(crate) async fn compensate(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result<Next> {
+    let mut shutdown = env.shutdown.subscribe();
     loop {
         if *shutdown.borrow() {
             return Ok(Next::Stop);
@@ -60,15 +59,15 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
             UndoAction::Finished => {
                 crate::crash::point("run.before_terminal");
                 cell.transition(
-                    &*inner.store,
+                    &*env.store,
                     Event::RunCompensated,
                     RunStatus::Compensated,
                     |_| {},
                 )?;
-                return settle(inner, cell, RunStatus::Compensated).await;
+                return settle(env, cell, RunStatus::Compensated).await;
             }
             UndoAction::Stuck { step, error } => {
-                return stuck(inner, cell, step, error.message).await
+                return stuck(env, cell, step, error.message).await
             }
             UndoAction::Undo {
                 step,
@@ -77,10 +76,10 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
                 not_before_ms,
             } => {
                 if let Some(at_ms) = not_before_ms {
-                    if at_ms > inner.clock.now_ms() {
-                        cell.survived(&*inner.store);
+                    if at_ms > env.clock.now_ms() {
+                        cell.survived(&*env.store);
                         tokio::select! {
-                            _ = inner.clock.sleep_until(at_ms) => {}
+                            _ = env.clock.sleep_until(at_ms) => {}
                             _ = shutdown.changed() => {}
                         }
                         continue;
@@ -91,7 +90,7 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
                     _ => None,
                 });
                 if let Some(child) = child {
-                    undo_child(inner, cell, step, &child, attempt, round_attempts).await?;
+                    undo_child(env, cell, step, &child, attempt, round_attempts).await?;
                     continue;
                 }
                 let kind = cell.with_state(|s| {
@@ -100,11 +99,11 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
                         .kind
                         .clone()
                 });
-                match inner.registry.step(&kind) {
+                match env.registry.step(&kind) {
                     Some(entry) => {
-                        undo_attempt(inner, cell, &entry, step, attempt, round_attempts).await?
+                        undo_attempt(env, cell, &entry, step, attempt, round_attempts).await?
                     }
-                    None => return unregistered(inner, cell, step, &kind).await,
+                    None => return unregistered(env, cell, step, &kind).await,
                 }
             }
         }
@@ -112,7 +111,7 @@ pub(crate) async fn compensate(inner: &Arc<Inner>, cell: &Arc<RunCell>) -> Resul
 }
 
 async fn unregistered(
-    inner: &Arc<Inner>,
+    env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     step: StepIndex,
     kind: &str,
@@ -122,18 +121,18 @@ async fn unregistered(
     let error = format!("step kind {kind:?} is not registered with this engine (register it with EngineBuilder::step)");
     let message = error.clone();
     cell.transition(
-        &*inner.store,
+        &*env.store,
         Event::RunCompensationFailed { step, error },
         RunStatus::CompensationFailed,
         |r| r.error = Some(message),
     )?;
-    settle(inner, cell, RunStatus::CompensationFailed).await
+    settle(env, cell, RunStatus::CompensationFailed).await
 }
 
 /// Runs one journaled undo attempt of `step`: `StepCompensationStarted` durable before the
 /// undo, then its outcome. Used by the saga and by a run that recreates a stuck resource.
 pub(crate) async fn undo_attempt(
-    inner: &Arc<Inner>,
+    env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     entry: &StepEntry,
     step: StepIndex,
@@ -154,17 +153,17 @@ pub(crate) async fn undo_attempt(
     let limiter = contained_sync(|| (entry.rate_limit)(&argument))
         .ok()
         .flatten()
-        .map(|name| inner.limiter(&name));
+        .map(|name| env.limiters.get(&name));
     let slot = Slot::take(limiter.as_deref(), Priority::Compensation).await;
-    begin_undo(inner, cell, step, attempt).await?;
+    begin_undo(env, cell, step, attempt).await?;
     let effect_by_ms = cell.with_state(|s| effect_by_ms(s, step));
     let ctx = StepContext {
         run_id: cell.id.clone(),
         step,
         key: IdempotencyKey::for_step(&cell.id, step),
         attempt,
-        resources: Arc::clone(&inner.resources),
-        clock: inner.clock.clone(),
+        resources: Arc::clone(&env.resources),
+        clock: env.clock.clone(),
         effect_by_ms,
     };
     let span = tracing::info_span!("compensation", run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0);
@@ -191,25 +190,26 @@ pub(crate) async fn undo_attempt(
         attempt,
         round_attempts,
     };
-    record_undo(inner, cell, attempt, &kind, result, policy).await
+    record_undo(env, cell, attempt, &kind, result, policy).await
 }
 
 /// Runs one journaled undo attempt of child run `child` (operation `step`): the child's
-/// own saga, started and awaited by [`Engine::compensate_child`].
+/// own saga, started and awaited by the engine (`Runs::compensate_child`).
 async fn undo_child(
-    inner: &Arc<Inner>,
+    env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     step: StepIndex,
     child: &RunId,
     attempt: Attempt,
     round_attempts: u32,
 ) -> Result<()> {
-    begin_undo(inner, cell, step, attempt).await?;
+    begin_undo(env, cell, step, attempt).await?;
     // Parked while the child compensates.
-    cell.survived(&*inner.store);
-    let result = Engine::from_inner(inner)
-        .compensate_child(child, &cell.id)
-        .await;
+    cell.survived(&*env.store);
+    let result = match env.runs() {
+        Ok(runs) => runs.compensate_child(child.clone(), cell.id.clone()).await,
+        Err(e) => Err(e),
+    };
     crate::crash::point("saga.after_undo");
     let result = match result {
         Ok(Some(record)) if record.status == RunStatus::CompensationFailed => {
@@ -231,7 +231,7 @@ async fn undo_child(
         round_attempts,
     };
     let what = format!("child run {child}");
-    record_undo(inner, cell, attempt, &what, result, RetryPolicy::default()).await
+    record_undo(env, cell, attempt, &what, result, RetryPolicy::default()).await
 }
 
 /// Which undo attempt an outcome belongs to.
@@ -244,19 +244,19 @@ struct UndoAttempt {
 
 /// Journals the start of an undo attempt and makes it durable before the undo runs.
 async fn begin_undo(
-    inner: &Arc<Inner>,
+    env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     step: StepIndex,
     attempt: Attempt,
 ) -> Result<()> {
     cell.append(
-        &*inner.store,
+        &*env.store,
         Event::StepCompensationStarted { step, attempt },
     )?;
-    inner.store.sync().wait().await?;
+    env.store.sync().wait().await?;
     // A death from here on belongs to this undo attempt, which its start record tells
     // (`poison.rs`).
-    cell.survived(&*inner.store);
+    cell.survived(&*env.store);
     crate::crash::point("saga.after_undo_started");
     Ok(())
 }
@@ -264,7 +264,7 @@ async fn begin_undo(
 /// Journals how an undo attempt of `what` ended; a failure also gets its next attempt's
 /// time under `policy` (elapsed time counted from the round's first undo attempt), synced.
 async fn record_undo(
-    inner: &Arc<Inner>,
+    env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     undo: UndoAttempt,
     what: &str,
@@ -275,12 +275,12 @@ async fn record_undo(
     match result {
         Ok(Undo::Done) => {
             // Not synced here: the next undo's start, or the terminal record, shares the sync.
-            cell.append(&*inner.store, Event::StepCompensated { step })?;
-            crate::stats::EventCounters::bump(&inner.counters.compensations);
+            cell.append(&*env.store, Event::StepCompensated { step })?;
+            crate::stats::EventCounters::bump(&env.counters.compensations);
         }
         Ok(Undo::NotCompensable) => {
             cell.append(
-                &*inner.store,
+                &*env.store,
                 Event::StepCompensationSkipped {
                     step,
                     reason: "step has no compensation".into(),
@@ -294,11 +294,11 @@ async fn record_undo(
                 ErrorClass::Retryable => {
                     let round_started_at_ms = cell
                         .with_state(|s| s.undo_round_started_at_ms.get(&step).copied())
-                        .unwrap_or_else(|| inner.clock.now_ms());
+                        .unwrap_or_else(|| env.clock.now_ms());
                     policy.next_attempt_at_ms(
                         Attempt(undo.round_attempts + 1),
                         round_started_at_ms,
-                        inner.clock.now_ms(),
+                        env.clock.now_ms(),
                         error.retry_after(),
                         rand::thread_rng().gen(),
                     )
@@ -306,7 +306,7 @@ async fn record_undo(
             };
             tracing::warn!(run_id = %cell.id, step = step.0, what, attempt = undo.attempt.0, error = %record.message, ?retry_at_ms, "compensation attempt failed");
             cell.append(
-                &*inner.store,
+                &*env.store,
                 Event::StepCompensationFailed {
                     step,
                     attempt: undo.attempt,
@@ -314,27 +314,9 @@ async fn record_undo(
                     retry_at_ms,
                 },
             )?;
-            inner.store.sync().wait().await?;
+            env.store.sync().wait().await?;
         }
     }
     crate::crash::point("saga.after_undo_recorded");
     Ok(())
-}
-
-pub(crate) async fn stuck(
-    inner: &Arc<Inner>,
-    cell: &Arc<RunCell>,
-    step: StepIndex,
-    message: String,
-) -> Result<Next> {
-    tracing::error!(run_id = %cell.id, step = step.0, error = %message, "compensation failed; an operator must retry or resolve");
-    let error = crate::step::truncate(format!("compensation of step {step} failed: {message}"));
-    let stored = error.clone();
-    cell.transition(
-        &*inner.store,
-        Event::RunCompensationFailed { step, error },
-        RunStatus::CompensationFailed,
-        |r| r.error = Some(stored),
-    )?;
-    settle(inner, cell, RunStatus::CompensationFailed).await
 }

@@ -14,12 +14,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::millis_saturating;
+use crate::journal::WaitSchedule;
 use crate::stats::OperationStats;
 use crate::step::{StepContext, StepError};
 
 /// A read that tells whether something is ready: `Ok(Some(output))` when it is, `Ok(None)`
 /// when not yet. A retryable error (throttling, a timeout, a 5xx) is no answer: it neither
-/// counts as a confirmation nor breaks a run of them (see [`UNANSWERED_POLLS_MAX`]); a
+/// counts as a confirmation nor breaks a run of them (see [`crate::limits::UNANSWERED_POLLS_MAX`]); a
 /// permanent error ends the wait as failed.
 pub trait Probe: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The wait kind, e.g. `iam.role-assumable`. Groups the wait's statistics.
@@ -219,93 +220,8 @@ impl WaitPolicy {
     }
 }
 
-pub use crate::limits::UNANSWERED_POLLS_MAX;
-
 /// Samples a learned policy needs by default.
 pub const LEARN_AFTER_DEFAULT: u64 = 50;
-
-/// A resolved wait schedule, journaled when the wait starts. Offsets count from the start.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct WaitSchedule {
-    /// First poll no sooner than this offset.
-    pub initial_delay_ms: u64,
-    /// Interval while the offset is below `dense_until_ms` (and the first interval after).
-    pub dense_interval_ms: u64,
-    /// Offset until which polls stay dense.
-    pub dense_until_ms: u64,
-    /// Growth of the interval past `dense_until_ms`.
-    pub growth: f64,
-    /// Largest interval.
-    pub interval_max_ms: u64,
-    /// Jitter fraction.
-    pub jitter: f64,
-    /// Consecutive successes needed.
-    pub confirmations: u32,
-    /// Absolute deadline (ms since the Unix epoch).
-    pub deadline_ms: u64,
-    /// Whether the schedule came from statistics.
-    pub learned: bool,
-}
-
-impl WaitSchedule {
-    /// The interval after a poll at `offset_ms` whose previous interval was `previous_ms`
-    /// (0 for the first poll), before jitter.
-    pub fn interval_after(&self, offset_ms: u64, previous_ms: u64) -> u64 {
-        if offset_ms < self.dense_until_ms || previous_ms == 0 {
-            return self.dense_interval_ms;
-        }
-        (((previous_ms as f64) * self.growth).round() as u64).clamp(1, self.interval_max_ms.max(1))
-    }
-
-    /// When to poll next, after a poll at `offset_ms` (from the wait's start) that left a run
-    /// of `streak` confirmations, when the previous growing interval was `previous_ms` (0
-    /// before the first). Returns the next poll's offset and the growing interval to carry
-    /// on. A run of confirmations is checked at the dense interval; `u` (uniform in [0, 1))
-    /// draws the jitter.
-    pub fn next_poll(&self, offset_ms: u64, previous_ms: u64, streak: u32, u: f64) -> (u64, u64) {
-        let (step_ms, carried_ms) = if streak > 0 {
-            (self.dense_interval_ms, previous_ms)
-        } else {
-            let interval = self.interval_after(offset_ms, previous_ms);
-            (interval, interval)
-        };
-        (
-            offset_ms.saturating_add(self.jittered(step_ms, u)),
-            carried_ms,
-        )
-    }
-
-    /// Applies jitter: `u` is uniform in [0, 1).
-    pub fn jittered(&self, interval_ms: u64, u: f64) -> u64 {
-        let factor = 1.0 + self.jitter * (2.0 * u - 1.0);
-        ((interval_ms as f64) * factor).round().max(1.0) as u64
-    }
-}
-
-/// How a wait ended.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "outcome", rename_all = "snake_case")]
-pub enum WaitOutcome {
-    /// The probe held `confirmations` times in a row.
-    Ready {
-        /// The last poll's output.
-        output: serde_json::Value,
-        /// Polls made (since the wait or its last resumption began).
-        polls: u32,
-    },
-    /// The deadline passed first.
-    TimedOut {
-        /// Polls made (since the wait or its last resumption began).
-        polls: u32,
-    },
-    /// The probe failed permanently.
-    Failed {
-        /// The error.
-        error: crate::journal::ErrorRecord,
-        /// Polls made (since the wait or its last resumption began).
-        polls: u32,
-    },
-}
 
 #[cfg(test)]
 mod tests {

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{watch, Semaphore};
 
 use crate::clock::Clock;
 use crate::engine::{Engine, Inner, RETENTION_DEFAULT};
+use crate::env::{Limiters, RunEnv};
 use crate::error::{EngineError, Result};
 use crate::limiter::RateLimit;
 use crate::limits::CONCURRENT_RUNS_MAX;
@@ -19,7 +20,7 @@ use crate::stats::StatsBook;
 use crate::step::Step;
 use crate::store::sled::{LostData, SledOptions, SledStore};
 use crate::store::Durability;
-use crate::workflow::Workflow;
+use crate::workflow::{Workflow, Workflows};
 
 /// Options and registrations for [`Engine::open`].
 pub struct EngineBuilder {
@@ -29,6 +30,7 @@ pub struct EngineBuilder {
     poison_after_loads: u32,
     retention: Duration,
     gc_interval: Duration,
+    workflows: Workflows,
     registry: Registry,
     registry_error: Option<EngineError>,
     allow_unregistered: bool,
@@ -56,7 +58,7 @@ impl EngineBuilder {
     /// Registers a workflow type, so its unfinished runs resume at open. A second type with
     /// the same name makes [`EngineBuilder::open`] fail.
     pub fn workflow<W: Workflow>(mut self) -> Self {
-        if let Err(e) = self.registry.add_workflow::<W>() {
+        if let Err(e) = self.workflows.add::<W>() {
             self.registry_error.get_or_insert(e);
         }
         self
@@ -171,22 +173,30 @@ impl EngineBuilder {
         let stats = StatsBook::load(&store)?;
         let (shutdown, _) = watch::channel(false);
         let (drivers, _) = watch::channel(0usize);
-        let inner = Arc::new(Inner {
-            stats,
-            counters: Default::default(),
-            path: self.path,
+        let env = RunEnv {
             store: Arc::new(store),
             registry: self.registry,
-            limiters: Mutex::new(HashMap::new()),
-            rate_limits: self.rate_limits,
             resources: Arc::new(self.resources),
-            cells: Mutex::new(HashMap::new()),
+            limiters: Limiters::new(self.rate_limits),
+            stats,
+            counters: Default::default(),
+            clock: self.clock,
             permits: Arc::new(Semaphore::new(self.runs_concurrent_max)),
             shutdown,
+            poison_after_loads: self.poison_after_loads,
+            runs: Weak::<Inner>::new(),
+        };
+        // The environment holds the engine weakly (the engine owns it).
+        let inner = Arc::new_cyclic(|inner: &Weak<Inner>| Inner {
+            env: Arc::new(RunEnv {
+                runs: inner.clone(),
+                ..env
+            }),
+            workflows: Arc::new(self.workflows),
+            path: self.path,
+            cells: Mutex::new(HashMap::new()),
             drivers,
             retention: self.retention,
-            poison_after_loads: self.poison_after_loads,
-            clock: self.clock,
             undriven: Mutex::new(HashMap::new()),
         });
         let engine = Engine { inner };
@@ -208,6 +218,7 @@ impl Engine {
             poison_after_loads: crate::limits::POISON_LOADS_DEFAULT,
             retention: RETENTION_DEFAULT,
             gc_interval: Duration::from_secs(600),
+            workflows: Workflows::default(),
             registry: Registry::default(),
             registry_error: None,
             allow_unregistered: false,

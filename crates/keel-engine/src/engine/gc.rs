@@ -18,6 +18,7 @@ impl Engine {
         const GC_RUNS_PER_WRITE: usize = 256;
         let horizon = self
             .inner
+            .env
             .clock
             .now_ms()
             .saturating_sub(millis_saturating(self.inner.retention));
@@ -27,7 +28,7 @@ impl Engine {
                 && record.finished_at_ms.is_some_and(|at| at <= horizon);
             // A child is kept while its parent is, which may still compensate it.
             let parent_kept = match &record.parent {
-                Some(parent) => self.inner.store.run(parent)?.is_some(),
+                Some(parent) => self.inner.env.store.run(parent)?.is_some(),
                 None => false,
             };
             let expired = expired && !parent_kept;
@@ -43,7 +44,7 @@ impl Engine {
         }
         let mut collected = 0;
         for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
-            self.inner.store.delete_runs(chunk)?;
+            self.inner.env.store.delete_runs(chunk)?;
             collected += chunk.len();
         }
         if collected > 0 {
@@ -54,7 +55,7 @@ impl Engine {
 
     pub(super) fn spawn_gc(&self, interval: Duration) {
         let engine = Arc::downgrade(&self.inner);
-        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut shutdown = self.inner.env.shutdown.subscribe();
         tokio::spawn(async move {
             loop {
                 let Some(inner) = engine.upgrade() else {

@@ -12,45 +12,46 @@ use crate::stats::OperationStats;
 impl Engine {
     /// Counts of retries, step compensations and ended waits since the engine opened.
     pub fn counters(&self) -> crate::stats::Counters {
-        self.inner.counters.read()
+        self.inner.env.counters.read()
     }
 
     /// The rate limiter of the service `name`, shared by every workflow of this engine
     /// (steps use it through [`Step::rate_limit`]; other code may too).
     pub fn rate_limiter(&self, name: &str) -> Arc<RateLimiter> {
-        self.inner.limiter(name)
+        self.inner.env.limiters.get(name)
     }
 
     /// Latency statistics of every operation (`step:<kind>`, `wait:<kind>`) recorded in this
     /// data directory, sorted by operation.
     pub fn stats(&self) -> Vec<OperationStats> {
-        self.inner.stats.all()
+        self.inner.env.stats.all()
     }
 
     /// Latency statistics of one operation, if it has any.
     pub fn operation_stats(&self, operation: &str) -> Option<OperationStats> {
-        self.inner.stats.summary(operation)
+        self.inner.env.stats.summary(operation)
     }
 
     /// Records a duration for `operation` as if an execution had taken it: for importing
     /// history from elsewhere (or seeding a learned wait policy).
     pub fn record_duration(&self, operation: &str, duration: Duration) {
         self.inner
+            .env
             .stats
-            .record(operation, duration, "", self.inner.clock.now_ms());
+            .record(operation, duration, "", self.inner.env.clock.now_ms());
     }
 
     /// Writes the statistics changed since the last write and waits until they are durable.
     /// The engine does this every second and at shutdown; a crash loses at most the last
     /// second's samples.
     pub async fn flush_stats(&self) -> Result<()> {
-        self.inner.stats.flush(&*self.inner.store)?;
-        self.inner.store.sync().wait().await
+        self.inner.env.stats.flush(&*self.inner.env.store)?;
+        self.inner.env.store.sync().wait().await
     }
 
     pub(super) fn spawn_stats_flush(&self) {
         let engine = Arc::downgrade(&self.inner);
-        let mut shutdown = self.inner.shutdown.subscribe();
+        let mut shutdown = self.inner.env.shutdown.subscribe();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -60,7 +61,7 @@ impl Engine {
                 let Some(inner) = engine.upgrade() else {
                     return;
                 };
-                if let Err(error) = inner.stats.flush(&*inner.store) {
+                if let Err(error) = inner.env.stats.flush(&*inner.env.store) {
                     tracing::warn!(%error, "latency statistics could not be written");
                 }
             }

@@ -50,7 +50,7 @@ impl Engine {
                         reason: REASON.into(),
                     };
                     cell.transition_if(
-                        &*self.inner.store,
+                        &*self.inner.env.store,
                         event,
                         guard,
                         RunStatus::Compensating,
@@ -58,9 +58,11 @@ impl Engine {
                     )?;
                     return Ok(true);
                 }
-                cell.append_if(&*self.inner.store, Event::CancelRequested, |record, _| {
-                    admits(record, "cancel", &[RunStatus::Running])
-                })?;
+                cell.append_if(
+                    &*self.inner.env.store,
+                    Event::CancelRequested,
+                    |record, _| admits(record, "cancel", &[RunStatus::Running]),
+                )?;
                 Ok(true)
             })
             .await?;
@@ -86,7 +88,7 @@ impl Engine {
                     return Ok(false);
                 }
                 cell.append_if(
-                    &*self.inner.store,
+                    &*self.inner.env.store,
                     Event::PauseRequested,
                     |record, state| {
                         admits(record, "pause", &[RunStatus::Running])?;
@@ -115,7 +117,7 @@ impl Engine {
     /// `Suspended` run after its workflow code was fixed.
     pub async fn resume(&self, id: &str) -> Result<RunRecord> {
         let record = self.record(id)?;
-        if self.inner.registry.workflow(&record.workflow).is_none() {
+        if self.inner.workflows.get(&record.workflow).is_none() {
             // Resumed, nobody here could run its body.
             return Err(EngineError::InvalidState {
                 id: record.id,
@@ -129,24 +131,28 @@ impl Engine {
         let outcome = self
             .operate(id, "resume", |cell| {
                 if cell.record().status == RunStatus::Running {
-                    cell.append_if(&*self.inner.store, Event::RunResumed, |record, state| {
-                        admits(record, "resume", &[RunStatus::Running])?;
-                        if !state.pause_requested {
-                            return Err(EngineError::InvalidState {
-                                id: record.id.clone(),
-                                status: "running and not paused".into(),
-                                operation: "resume",
-                            });
-                        }
-                        Ok(())
-                    })?;
+                    cell.append_if(
+                        &*self.inner.env.store,
+                        Event::RunResumed,
+                        |record, state| {
+                            admits(record, "resume", &[RunStatus::Running])?;
+                            if !state.pause_requested {
+                                return Err(EngineError::InvalidState {
+                                    id: record.id.clone(),
+                                    status: "running and not paused".into(),
+                                    operation: "resume",
+                                });
+                            }
+                            Ok(())
+                        },
+                    )?;
                     return Ok(true);
                 }
                 let guard = |record: &RunRecord, _: &RunState| {
                     admits(record, "resume", &[RunStatus::Suspended, RunStatus::Paused])
                 };
                 cell.transition_if(
-                    &*self.inner.store,
+                    &*self.inner.env.store,
                     Event::RunResumed,
                     guard,
                     RunStatus::Running,
@@ -201,7 +207,7 @@ impl Engine {
                 let guard = |record: &RunRecord, _: &RunState| {
                     admits(record, operation, &[RunStatus::CompensationFailed])
                 };
-                cell.transition_if(&*self.inner.store, event.clone(), guard, to, |_| {})?;
+                cell.transition_if(&*self.inner.env.store, event.clone(), guard, to, |_| {})?;
                 Ok(true)
             })
             .await?;
@@ -224,10 +230,10 @@ impl Engine {
         let reason = format!("parent run {parent} compensates");
         let mut retried = false;
         for _ in 0..8 {
-            if *self.inner.shutdown.borrow() {
+            if *self.inner.env.shutdown.borrow() {
                 return Err(EngineError::ShutDown);
             }
-            let Some(record) = self.inner.store.run(child)? else {
+            let Some(record) = self.inner.env.store.run(child)? else {
                 return Ok(None);
             };
             let asked = match record.status {
@@ -240,7 +246,7 @@ impl Engine {
                             reason: reason.clone(),
                         };
                         cell.transition_if(
-                            &*self.inner.store,
+                            &*self.inner.env.store,
                             event,
                             guard,
                             RunStatus::Compensating,
@@ -313,7 +319,7 @@ impl Engine {
                 // An operator took the run up (resumed, cancelled, retried): the deaths of
                 // earlier loads no longer count against it (`poison.rs`), whether this call
                 // loaded it or its driver still holds it.
-                if let Err(error) = self.inner.store.set_load_count(&cell.id, 0) {
+                if let Err(error) = self.inner.env.store.set_load_count(&cell.id, 0) {
                     wrote = Err(error);
                 }
             }
@@ -329,7 +335,7 @@ impl Engine {
             }
             match wrote {
                 Ok(true) => {
-                    self.inner.store.sync().wait().await?;
+                    self.inner.env.store.sync().wait().await?;
                     return Ok(Some(cell));
                 }
                 Ok(false) => return Ok(None),

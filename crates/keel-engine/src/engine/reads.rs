@@ -43,7 +43,7 @@ impl Engine {
     /// is never reported before it would survive a crash. Group commit makes that sync cheap.
     pub async fn status(&self, id: &str) -> Result<RunRecord> {
         let record = self.record(id)?;
-        self.inner.store.sync().wait().await?;
+        self.inner.env.store.sync().wait().await?;
         Ok(record)
     }
 
@@ -51,8 +51,8 @@ impl Engine {
     /// [`Engine::status`]).
     pub async fn history(&self, id: &str) -> Result<RunHistory> {
         let run = self.record(id)?;
-        let entries = self.inner.store.journal(&run.id)?;
-        self.inner.store.sync().wait().await?;
+        let entries = self.inner.env.store.journal(&run.id)?;
+        self.inner.env.store.sync().wait().await?;
         Ok(RunHistory { run, entries })
     }
 
@@ -60,7 +60,7 @@ impl Engine {
     /// returned (see [`Engine::status`]).
     pub async fn list(&self) -> Result<Vec<RunRecord>> {
         let runs = self.records()?;
-        self.inner.store.sync().wait().await?;
+        self.inner.env.store.sync().wait().await?;
         Ok(runs)
     }
 
@@ -79,25 +79,28 @@ impl Engine {
         let after = query.after.as_deref().map(RunId::existing).transpose()?;
         let mut runs = Vec::new();
         let mut more = false;
-        self.inner.store.scan_runs(after.as_ref(), &mut |record| {
-            let record = match record {
-                Ok(record) => record,
-                Err(error) => {
-                    tracing::error!(%error, "run record unreadable: not listed");
+        self.inner
+            .env
+            .store
+            .scan_runs(after.as_ref(), &mut |record| {
+                let record = match record {
+                    Ok(record) => record,
+                    Err(error) => {
+                        tracing::error!(%error, "run record unreadable: not listed");
+                        return ControlFlow::Continue(());
+                    }
+                };
+                if query.status.is_some_and(|s| s != record.status) {
                     return ControlFlow::Continue(());
                 }
-            };
-            if query.status.is_some_and(|s| s != record.status) {
-                return ControlFlow::Continue(());
-            }
-            if runs.len() == query.limit {
-                more = true;
-                return ControlFlow::Break(());
-            }
-            runs.push(record);
-            ControlFlow::Continue(())
-        })?;
-        self.inner.store.sync().wait().await?;
+                if runs.len() == query.limit {
+                    more = true;
+                    return ControlFlow::Break(());
+                }
+                runs.push(record);
+                ControlFlow::Continue(())
+            })?;
+        self.inner.env.store.sync().wait().await?;
         let next = if more {
             runs.last().map(|r| r.id.clone())
         } else {
@@ -110,7 +113,7 @@ impl Engine {
     /// counted without holding the records.
     pub fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
         let mut counts = BTreeMap::new();
-        self.inner.store.scan_runs(None, &mut |record| {
+        self.inner.env.store.scan_runs(None, &mut |record| {
             if let Ok(record) = record {
                 *counts.entry(record.status).or_default() += 1;
             }
@@ -124,6 +127,7 @@ impl Engine {
         // Any id a run may have been made under, a child's or one of earlier rules.
         let id = RunId::existing(id)?;
         self.inner
+            .env
             .store
             .run(&id)?
             .ok_or(EngineError::RunNotFound { id })
@@ -132,7 +136,7 @@ impl Engine {
     /// Every readable stored record, durable or not: for the engine's own decisions only.
     pub(super) fn records(&self) -> Result<Vec<RunRecord>> {
         let mut runs = Vec::new();
-        for record in self.inner.store.runs()? {
+        for record in self.inner.env.store.runs()? {
             match record {
                 Ok(record) => runs.push(record),
                 Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
@@ -168,7 +172,7 @@ impl Engine {
             if self.loaded(&run_id).is_some() {
                 continue;
             }
-            if *self.inner.shutdown.borrow() {
+            if *self.inner.env.shutdown.borrow() {
                 return Err(EngineError::ShutDown);
             }
             let reason = self.undriven_reason(&record);
@@ -188,14 +192,14 @@ impl Engine {
             return reason.clone();
         }
         if record.status == RunStatus::Running
-            && self.inner.registry.workflow(&record.workflow).is_none()
+            && self.inner.workflows.get(&record.workflow).is_none()
         {
             return format!(
                 "its workflow {:?} is not registered with this engine",
                 record.workflow
             );
         }
-        match self.inner.store.journal(&record.id) {
+        match self.inner.env.store.journal(&record.id) {
             Err(error) => format!("its journal cannot be read: {error}"),
             Ok(entries) => match RunState::from_entries(&entries) {
                 Err(detail) => format!("its journal is corrupt: {detail}"),

@@ -20,6 +20,7 @@ use crate::ids::{RunId, StepIndex};
 use crate::journal::{RunRecord, RunStatus};
 use crate::registry::Registry;
 use crate::replay::{step_undo_action, RunState, UndoAction};
+use crate::workflow::Workflows;
 
 /// How many of the runs that need missing types an error names.
 const EXAMPLES_NAMED: usize = 5;
@@ -35,13 +36,19 @@ pub(super) struct Unregistered {
 
 impl Unregistered {
     /// Notes what `record` (folded into `state`) needs that `registry` lacks.
-    fn check(&mut self, registry: &Registry, record: &RunRecord, state: &RunState) {
+    fn check(
+        &mut self,
+        workflows: &Workflows,
+        registry: &Registry,
+        record: &RunRecord,
+        state: &RunState,
+    ) {
         let mut lacks = Vec::new();
         let body_may_run = matches!(
             record.status,
             RunStatus::Running | RunStatus::Suspended | RunStatus::Paused
         );
-        if body_may_run && registry.workflow(&record.workflow).is_none() {
+        if body_may_run && workflows.get(&record.workflow).is_none() {
             lacks.push(format!("workflow {:?}", record.workflow));
             self.workflows.insert(record.workflow.clone());
         }
@@ -122,6 +129,7 @@ impl Engine {
     pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
         let records: Vec<RunRecord> = self
             .inner
+            .env
             .store
             .runs()?
             .into_iter()
@@ -152,7 +160,12 @@ impl Engine {
                     continue;
                 }
             };
-            unregistered.check(&self.inner.registry, &record, &state);
+            unregistered.check(
+                &self.inner.workflows,
+                &self.inner.env.registry,
+                &record,
+                &state,
+            );
             if record.status.is_drivable() && !unregistered.runs.contains_key(&record.id) {
                 drivable.push((record, state));
             }
@@ -173,7 +186,9 @@ impl Engine {
         let resumed = drivable.len();
         let cells: Vec<Arc<RunCell>> = drivable
             .into_iter()
-            .map(|(record, state)| Arc::new(RunCell::new(record, state, self.inner.clock.clone())))
+            .map(|(record, state)| {
+                Arc::new(RunCell::new(record, state, self.inner.env.clock.clone()))
+            })
             .collect();
         self.count_loads(&cells).await?;
         // Every resumed run is in the map before any driver starts: a parent's driver may
@@ -199,13 +214,13 @@ impl Engine {
     async fn count_loads(&self, cells: &[Arc<RunCell>]) -> Result<()> {
         let mut counted = Vec::new();
         for cell in cells {
-            let loads = crate::poison::loads_before(&self.inner, cell)?;
-            if loads < self.inner.poison_after_loads {
-                self.inner.store.set_load_count(&cell.id, loads + 1)?;
+            let loads = crate::poison::loads_before(&self.inner.env, cell)?;
+            if loads < self.inner.env.poison_after_loads {
+                self.inner.env.store.set_load_count(&cell.id, loads + 1)?;
                 counted.push(cell);
             }
         }
-        self.inner.store.sync().wait().await?;
+        self.inner.env.store.sync().wait().await?;
         for cell in counted {
             cell.mark_load_counted();
         }
@@ -214,7 +229,7 @@ impl Engine {
 
     /// The journal of `id`, folded.
     pub(super) fn read_state(&self, id: &RunId) -> Result<RunState> {
-        let entries = self.inner.store.journal(id)?;
+        let entries = self.inner.env.store.journal(id)?;
         RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
             key: format!("journal of run {id}"),
             detail,

@@ -1,0 +1,27 @@
+//! Why the engine stops a workflow body: the cause an interrupted `ctx` call leaves for the
+//! executor. Its own module so that the body's context, its lanes and the executor share it
+//! without depending on each other for it.
+
+use crate::error::EngineError;
+use crate::ids::StepIndex;
+
+/// Why the engine stopped a workflow body. Once set, every later `ctx` call returns
+/// [`WorkflowError::Interrupted`] and the executor acts on this cause, whatever the body
+/// returns.
+#[derive(Debug)]
+pub(crate) enum Interrupt {
+    Cancelled,
+    ShutDown,
+    /// An operator paused the run, or a step ran out of retries (`exhausted`).
+    Paused {
+        reason: String,
+        exhausted: bool,
+    },
+    /// A `select` branch stopped because another branch won; never leaves the select.
+    Stopped,
+    NonDeterminism {
+        index: StepIndex,
+        detail: String,
+    },
+    Engine(EngineError),
+}
