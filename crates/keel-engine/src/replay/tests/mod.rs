@@ -2,10 +2,13 @@
 //! journals are JSONL fixtures under `../fixtures/` (one entry per line, as the store writes
 //! them), cut where a test needs a crash; the oldest tests build small journals in code.
 
+mod children;
 mod compensation;
 mod corruption;
+mod forks;
 mod steps;
 mod timers;
+mod waits;
 
 use serde_json::json;
 
@@ -42,6 +45,50 @@ fn undo(step: u32, attempt: u32, round_attempts: u32, not_before_ms: Option<u64>
         round_attempts,
         not_before_ms,
     }
+}
+
+/// Folds `entries` one by one and returns what compensation decided before each entry that
+/// carries a decision out, having checked that the entry does: an undo attempt's start is
+/// the attempt decided for its step (and, once the run compensates, for the newest step
+/// left), a failed compensation names the stuck step, and the end comes when nothing is left.
+fn undo_decisions(entries: &[Entry]) -> Vec<UndoAction> {
+    let mut state = RunState::default();
+    let mut decisions = Vec::new();
+    for (i, entry) in entries.iter().enumerate() {
+        let decided = match &entry.event {
+            Event::StepCompensationStarted { step, attempt } => {
+                let decided = step_undo_action(&state, *step);
+                match &decided {
+                    Some(UndoAction::Undo {
+                        step: s,
+                        attempt: a,
+                        ..
+                    }) => assert_eq!((s, a), (step, attempt), "entry {i}"),
+                    other => panic!("entry {i}: undo of {step} started, {other:?} decided"),
+                }
+                if state.compensating {
+                    assert_eq!(Some(undo_action(&state)), decided, "entry {i}");
+                }
+                decided
+            }
+            Event::RunCompensationFailed { step, .. } => {
+                let decided = undo_action(&state);
+                assert!(
+                    matches!(decided, UndoAction::Stuck { step: s, .. } if s == *step),
+                    "entry {i}: {decided:?}"
+                );
+                Some(decided)
+            }
+            Event::RunCompensated => {
+                assert_eq!(undo_action(&state), UndoAction::Finished, "entry {i}");
+                Some(UndoAction::Finished)
+            }
+            _ => None,
+        };
+        decisions.extend(decided);
+        state.apply(entry).unwrap_or_else(|e| panic!("{e}"));
+    }
+    decisions
 }
 
 /// The operations compensation undoes from `state`, in order, when every undo succeeds at
