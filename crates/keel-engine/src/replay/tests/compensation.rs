@@ -1,10 +1,14 @@
 //! Compensation: which steps are undone, in what order, and how undo attempts that fail,
 //! are cut off by crashes, or are retried by an operator are folded.
 
-use super::{completed, e, failed, started, undo};
+use std::collections::BTreeMap;
+
+use super::{completed, e, failed, fold, journal, started, undo, undo_decisions};
 use crate::ids::{Attempt, StepIndex};
 use crate::journal::{Entry, ErrorClass, ErrorRecord, Event};
-use crate::replay::{undo_action, undo_input, RunState, UndoAction};
+use crate::replay::{
+    effect_by_ms, most_cut_off, undo_action, undo_input, CutOff, RunState, UndoAction, UndoState,
+};
 
 /// The journal of the two tests below: a completed step, a timer, a completed step, a step
 /// that failed permanently at its first attempt, and a step in flight.
@@ -107,4 +111,103 @@ fn undo_order_newest_first() {
     assert_eq!(undo_action(&s), UndoAction::Finished);
     // An undo recorded as done is never started again.
     assert!(s.apply(&e(undo_started(0, 3))).is_err());
+}
+
+/// A failed run is undone newest first: the step that gave up, in doubt, whose first undo
+/// a crash cut off; the charge, whose undo failed, then failed for good, and was retried by
+/// an operator in a new round; the audit, skipped; the step without compensation passed
+/// over; and the reservation.
+#[test]
+fn compensation_goes_newest_first_through_every_undo_outcome() {
+    // A run whose last step gave up after a crash, compensated through every undo outcome.
+    let entries = journal(include_str!("../fixtures/compensation.jsonl"));
+    let refund = ErrorRecord {
+        class: ErrorClass::Permanent,
+        message: "refund window closed".into(),
+    };
+    assert_eq!(
+        undo_decisions(&entries),
+        vec![
+            undo(4, 1, 0, None),
+            undo(4, 2, 1, None),
+            undo(3, 1, 0, None),
+            undo(3, 2, 1, Some(1_700_000_708_700)),
+            UndoAction::Stuck {
+                step: StepIndex(3),
+                error: refund
+            },
+            undo(3, 3, 0, Some(0)),
+            undo(2, 1, 0, None),
+            undo(0, 1, 0, None),
+            UndoAction::Finished,
+        ]
+    );
+    let done = fold(&entries);
+    assert_eq!(
+        done.undo,
+        BTreeMap::from([
+            (StepIndex(0), UndoState::Done),
+            (StepIndex(2), UndoState::Skipped),
+            (StepIndex(3), UndoState::Done),
+            (StepIndex(4), UndoState::Done),
+        ])
+    );
+    assert!(done.undo_cut_off.is_empty());
+    assert_eq!(most_cut_off(&done), None);
+}
+
+/// Folded up to a crash, compensation knows the undo cut off (for the crash-loop bound) and
+/// its round's start; stuck, the undo that failed for good; retried by an operator, a new
+/// round of attempts timed from its first.
+#[test]
+fn compensation_cut_stuck_and_retried() {
+    // The compensation fixture, cut at three points.
+    let entries = journal(include_str!("../fixtures/compensation.jsonl"));
+
+    // Cut with the ship's first undo cut off and its second in flight.
+    let cut = fold(&entries[..14]);
+    assert_eq!(
+        most_cut_off(&cut),
+        Some(CutOff {
+            step: StepIndex(4),
+            kind: "fixture.ship".into(),
+            undo: true,
+            attempts: 2,
+        })
+    );
+    assert_eq!(
+        cut.undo_round_started_at_ms.get(&StepIndex(4)),
+        Some(&1_700_000_705_402)
+    );
+    // It gave up: its effect was made by its last outcome at latest.
+    assert_eq!(effect_by_ms(&cut, StepIndex(4)), Some(1_700_000_705_400));
+    assert_eq!(undo_input(&cut, StepIndex(1)), None, "no compensation");
+
+    // Stuck on the charge until an operator acts.
+    let stuck = fold(&entries[..20]);
+    assert_eq!(
+        stuck.undo.get(&StepIndex(3)),
+        Some(&UndoState::Failed {
+            attempt: Attempt(2),
+            error: ErrorRecord {
+                class: ErrorClass::Permanent,
+                message: "refund window closed".into(),
+            }
+        })
+    );
+    assert!(stuck.undo_cut_off.is_empty());
+
+    // The operator's retry begins a new round, timed from its first attempt.
+    let retried = fold(&entries[..22]);
+    assert_eq!(
+        retried.undo.get(&StepIndex(3)),
+        Some(&UndoState::InFlight {
+            attempt: Attempt(3),
+            round_attempts: 1
+        })
+    );
+    assert_eq!(
+        retried.undo_round_started_at_ms.get(&StepIndex(3)),
+        Some(&1_700_000_900_001)
+    );
 }
