@@ -1,0 +1,65 @@
+//! Durable waits as the journal tells them: the start, with the schedule and deadline every
+//! resumption follows, and the end. Polls are not journaled, so the fold sees none.
+
+use serde_json::Value;
+
+use super::{Op, RunState};
+use crate::ids::StepIndex;
+use crate::journal::{WaitOutcome, WaitSchedule};
+
+/// A wait as the journal tells it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WaitOp {
+    /// The wait kind.
+    pub kind: String,
+    /// The probe's argument.
+    pub argument: Value,
+    /// When it started.
+    pub started_at_ms: u64,
+    /// Its schedule.
+    pub schedule: WaitSchedule,
+    /// How it ended, if it did.
+    pub outcome: Option<WaitOutcome>,
+}
+
+impl RunState {
+    /// `WaitStarted`: a wait takes the next operation number.
+    pub(super) fn wait_started(
+        &mut self,
+        step: StepIndex,
+        kind: &str,
+        argument: &Value,
+        schedule: &WaitSchedule,
+        at_ms: u64,
+    ) -> Result<(), String> {
+        if step.0 as usize != self.ops.len() {
+            return Err(format!(
+                "wait {step} started out of order (next is #{})",
+                self.ops.len()
+            ));
+        }
+        self.ops.push(Op::Wait(WaitOp {
+            kind: kind.to_owned(),
+            argument: argument.clone(),
+            started_at_ms: at_ms,
+            schedule: schedule.clone(),
+            outcome: None,
+        }));
+        Ok(())
+    }
+
+    /// `WaitEnded`: a started wait ended, once.
+    pub(super) fn wait_ended(
+        &mut self,
+        step: StepIndex,
+        outcome: &WaitOutcome,
+    ) -> Result<(), String> {
+        match self.ops.get_mut(step.0 as usize) {
+            Some(Op::Wait(op)) if op.outcome.is_none() => {
+                op.outcome = Some(outcome.clone());
+                Ok(())
+            }
+            other => Err(format!("wait_ended for {step} in state {other:?}")),
+        }
+    }
+}
