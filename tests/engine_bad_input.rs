@@ -276,8 +276,7 @@ async fn corrupt_run_record_is_reported_and_left_alone() {
     let err = engine
         .start::<EffectFlow>(DONE_2, input(&store.log, 1))
         .await
-        .err()
-        .expect("starting over a corrupt record must fail");
+        .expect_err("starting over a corrupt record must fail");
     assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
     let err = engine.cancel(DONE_2).await.unwrap_err();
     assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
@@ -367,8 +366,7 @@ async fn corrupt_journal_of_unfinished_run(damage: impl FnOnce(&sled::Db, &[u8])
     let err = engine
         .start::<EffectFlow>(ASLEEP, input(&store.log, 3_600_000))
         .await
-        .err()
-        .expect("starting a run whose journal is corrupt must fail");
+        .expect_err("starting a run whose journal is corrupt must fail");
     assert!(matches!(err, EngineError::Corrupt { .. }), "{err}");
 
     assert_eq!(listed(&engine).await, vec![ASLEEP, DONE_1, DONE_2]);

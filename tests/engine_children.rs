@@ -226,8 +226,7 @@ async fn a_child_id_taken_by_another_run_suspends_the_parent_naming_it() {
         let refused = engine
             .start::<ChildFlow>("squatted/1", squatter.clone())
             .await
-            .err()
-            .expect("a caller cannot start a run under a child's id");
+            .expect_err("a caller cannot start a run under a child's id");
         assert!(
             matches!(refused, keel::EngineError::InvalidRunId { .. }),
             "{refused}"

@@ -118,8 +118,7 @@ async fn a_second_workflow_type_under_a_taken_name_is_refused() {
         .workflow::<Impostor>()
         .open()
         .await
-        .err()
-        .expect("two types under one name must be refused");
+        .expect_err("two types under one name must be refused");
     assert!(
         matches!(&err, EngineError::DuplicateWorkflow { name } if name == Flow::NAME),
         "{err}"
@@ -132,8 +131,7 @@ async fn a_second_workflow_type_under_a_taken_name_is_refused() {
     let err = engine
         .start::<Impostor>("impostor", ())
         .await
-        .err()
-        .expect("a start of the other type must be refused");
+        .expect_err("a start of the other type must be refused");
     assert!(
         matches!(err, EngineError::DuplicateWorkflow { .. }),
         "{err}"
@@ -182,8 +180,7 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
         .clock(clock.clone())
         .open()
         .await
-        .err()
-        .expect("unregistered types must be refused");
+        .expect_err("unregistered types must be refused");
     let text = err.to_string();
     match &err {
         EngineError::Unregistered { runs, .. } => assert_eq!(*runs, 2, "{text}"),

@@ -180,8 +180,7 @@ async fn every_cut_is_refused(dir: &Path, what: &str) {
         );
         let again = open(&copy)
             .await
-            .err()
-            .expect("a second open is refused too");
+            .expect_err("a second open is refused too");
         assert!(
             matches!(
                 again,

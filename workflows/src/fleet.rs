@@ -76,6 +76,7 @@ pub struct FleetOutput {
 /// Onboards every device as its own `iot.onboard-device` child run, `concurrency` at a
 /// time: a device that fails compensates itself alone, and the fleet completes listing it.
 /// Compensating the fleet (cancelling it) compensates every onboarded device.
+#[derive(Debug)]
 pub struct OnboardFleet;
 
 impl Workflow for OnboardFleet {

@@ -69,6 +69,7 @@ pub struct CoreOutput {
 /// definitions, the group with its role, a group version, a deployment, and a wait until
 /// the deployment succeeds. Any failure (a device, the deployment) compensates the whole
 /// chain, children included, newest first.
+#[derive(Debug)]
 pub struct ProvisionCore;
 
 impl Workflow for ProvisionCore {

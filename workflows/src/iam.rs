@@ -44,6 +44,7 @@ pub struct ServiceRoleOutput {
 
 /// Creates the role, attaches and puts its policies, then waits (polling STS, never a fixed
 /// sleep) until the role can be assumed. Compensation deletes what it made, newest first.
+#[derive(Debug)]
 pub struct ServiceRole;
 
 impl Workflow for ServiceRole {

@@ -46,6 +46,7 @@ pub struct DeviceOutput {
 /// journaled), certificate, policy, policy on the certificate, certificate on the thing,
 /// activation, and the data endpoint the device connects to. Compensation detaches,
 /// deactivates and deletes, newest first, and removes the key files.
+#[derive(Debug)]
 pub struct OnboardDevice;
 
 impl OnboardDevice {

@@ -29,7 +29,7 @@ use crate::report::Baseline;
 
 /// What to run.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub struct FleetParams {
+pub(crate) struct FleetParams {
     /// Devices in the fleet.
     pub devices: usize,
     /// Devices onboarded at once.
@@ -42,7 +42,7 @@ pub struct FleetParams {
 
 /// Calls of one operation.
 #[derive(Clone, Debug, Serialize)]
-pub struct OperationCalls {
+pub(crate) struct OperationCalls {
     /// `service:Operation`.
     pub operation: String,
     /// Requests that reached the proxy.
@@ -53,7 +53,7 @@ pub struct OperationCalls {
 
 /// The measurement.
 #[derive(Clone, Debug, Serialize)]
-pub struct FleetReport {
+pub(crate) struct FleetReport {
     /// What ran.
     pub params: FleetParams,
     /// From `start` to the fleet's result.
@@ -75,7 +75,7 @@ pub struct FleetReport {
 }
 
 /// Runs the fleet in a fresh data directory under `dir` and checks moto's state.
-pub async fn run(dir: &Path, params: FleetParams) -> anyhow::Result<FleetReport> {
+pub(crate) async fn run(dir: &Path, params: FleetParams) -> anyhow::Result<FleetReport> {
     let before = measure::baseline(dir, "fleet-baseline-before")?;
     let account = TestAccount::fresh().context("starting moto's server (see docs/testing.md)")?;
     let rules = Rules::seeded(params.seed)
@@ -153,7 +153,7 @@ pub async fn run(dir: &Path, params: FleetParams) -> anyhow::Result<FleetReport>
 
 impl FleetReport {
     /// The report as a table.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let p = &self.params;
         let mut out = format!(
             "iot.onboard-fleet: {} devices, {} at a time, {:.0}% of calls throttled (seed {})\n\n",

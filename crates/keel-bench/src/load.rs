@@ -18,7 +18,7 @@ use keel_testkit::simcloud::LoadReport;
 
 /// The knobs of `keel-bench load` (see `main.rs` for their help).
 #[derive(Clone, Debug)]
-pub struct LoadKnobs {
+pub(crate) struct LoadKnobs {
     /// Concurrent runs.
     pub runs: u32,
     /// Every time constant of the scenario multiplied by this.
@@ -65,7 +65,7 @@ impl LoadKnobs {
 
 /// Runs the scenario in a fresh directory under `parent`; returns the report and, with
 /// `keep`, where the store and logs are.
-pub async fn run(
+pub(crate) async fn run(
     parent: &Path,
     knobs: &LoadKnobs,
 ) -> anyhow::Result<(LoadReport, Option<PathBuf>)> {
@@ -91,7 +91,7 @@ pub async fn run(
 }
 
 /// The engine's process: runs the child of the scenario, configured by its environment.
-pub async fn child() -> anyhow::Result<()> {
+pub(crate) async fn child() -> anyhow::Result<()> {
     let config = load::child_config()?;
     load::init_child_tracing();
     load::run_child(&config).await?;

@@ -18,7 +18,7 @@ use crate::workload::{
 /// The baseline: 200-byte appends to a file, each followed by one `fdatasync`
 /// (`File::sync_data`), for about 3 s or 2,000 appends, whichever comes first. Returns
 /// appends/s: what the disk does with nothing but syncs in the way.
-pub fn baseline(dir: &Path, name: &str) -> anyhow::Result<f64> {
+pub(crate) fn baseline(dir: &Path, name: &str) -> anyhow::Result<f64> {
     const DURATION: Duration = Duration::from_secs(3);
     const APPENDS_MAX: u32 = 2_000;
     let path = dir.join(name);
@@ -43,7 +43,7 @@ pub fn baseline(dir: &Path, name: &str) -> anyhow::Result<f64> {
 
 /// One run of `steps` no-op steps, timed from `start` until its result is available: journaled
 /// steps/s of a single sequential workflow (one sync per step, none to share).
-pub async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
+pub(crate) async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
     let engine = open(&dir.join("sequential")).await?;
     let started = Instant::now();
     engine
@@ -58,7 +58,7 @@ pub async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
 
 /// One run fanning out `branches` no-op steps, all at once: journaled steps/s of parallel
 /// branches of one workflow, which share syncs (group commit) as concurrent runs do.
-pub async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
+pub(crate) async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
     let engine = open(&dir.join("fan-out")).await?;
     let started = Instant::now();
     let input = FanOutInput {
@@ -78,7 +78,7 @@ pub async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
 /// `runs` concurrent runs of 10 no-op steps each: all are started (from
 /// [`workload::CALLERS`] concurrent tasks, as a service would), then every result is awaited.
 /// Returns journaled steps/s across all runs, from the first start until the last result.
-pub async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<f64> {
+pub(crate) async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<f64> {
     const STEPS: u32 = 10;
     let engine = open(&dir.join("concurrent")).await?;
     let started = Instant::now();
@@ -93,7 +93,7 @@ pub async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<f64> {
 /// of a workflow with no steps. Returns starts/s, timed until every `start` call returned
 /// (each returns once its run is durable). The started runs complete meanwhile, so their
 /// terminal records compete with the starts for syncs, as they would in a service.
-pub async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
+pub(crate) async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
     let engine = open(&dir.join("starts")).await?;
     let started = Instant::now();
     start_concurrently::<Steps>(&engine, "start", total, &StepsInput { steps: 0 }).await?;
@@ -109,7 +109,7 @@ pub async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
 /// The figure is only honest in a process whose allocator has not yet grown and freed a
 /// bigger heap (freed memory is reused without raising RSS), so call this before the other
 /// engine measurements.
-pub async fn memory(dir: &Path, runs: u32) -> anyhow::Result<f64> {
+pub(crate) async fn memory(dir: &Path, runs: u32) -> anyhow::Result<f64> {
     const SLEEP: Duration = Duration::from_secs(3600);
     let page_bytes = system::page_bytes();
     let engine: Engine = open(&dir.join("memory")).await?;

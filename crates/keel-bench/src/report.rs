@@ -7,7 +7,7 @@ use crate::system::Filesystem;
 
 /// The baseline: 200-byte appends with one `fdatasync` each, per second.
 #[derive(Clone, Copy, Debug, Serialize)]
-pub struct Baseline {
+pub(crate) struct Baseline {
     /// Measured first.
     pub before_per_s: f64,
     /// Measured last.
@@ -21,7 +21,7 @@ pub struct Baseline {
 
 impl Baseline {
     /// The baseline from its two measurements.
-    pub fn new(before_per_s: f64, after_per_s: f64) -> Baseline {
+    pub(crate) fn new(before_per_s: f64, after_per_s: f64) -> Baseline {
         let mean_per_s = (before_per_s + after_per_s) / 2.0;
         Baseline {
             before_per_s,
@@ -37,7 +37,7 @@ const SPREAD_WARNING: f64 = 0.25;
 
 /// One line of the report.
 #[derive(Clone, Debug, Serialize)]
-pub struct Figure {
+pub(crate) struct Figure {
     /// What was measured.
     pub name: String,
     /// The measured value, in `unit`.
@@ -67,7 +67,7 @@ enum Kind {
 
 impl Figure {
     /// A rate, compared with the baseline by division; `ratio_min` is its target, if any.
-    pub fn rate(
+    pub(crate) fn rate(
         name: impl Into<String>,
         value: f64,
         unit: &'static str,
@@ -89,7 +89,7 @@ impl Figure {
 
     /// A duration in seconds, expressed in baseline appends; `seconds_max` is its target
     /// (strictly below), if any.
-    pub fn duration(
+    pub(crate) fn duration(
         name: impl Into<String>,
         seconds: f64,
         baseline: &Baseline,
@@ -109,7 +109,7 @@ impl Figure {
 
     /// A size in `unit` (bytes or MiB), which the disk does not influence; `max` is its
     /// target (strictly below), if any.
-    pub fn size(
+    pub(crate) fn size(
         name: impl Into<String>,
         value: f64,
         unit: &'static str,
@@ -138,7 +138,7 @@ impl Figure {
 
 /// Everything one run of the benchmark found.
 #[derive(Clone, Debug, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     /// The directory the data lived in (removed at the end).
     pub dir: String,
     /// The filesystem holding it.
@@ -155,7 +155,7 @@ pub struct Report {
 
 impl Report {
     /// The report as an aligned Markdown table, preceded by what it was measured on.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!("data: {} on {}\n", self.dir, self.filesystem));
         out.push_str(&format!("durability: {}\n", self.durability));

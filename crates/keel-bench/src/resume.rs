@@ -33,7 +33,7 @@ const ATTEMPTS_MAX: u32 = 3;
 
 /// The timings of one resume.
 #[derive(Clone, Copy, Debug)]
-pub struct Resume {
+pub(crate) struct Resume {
     /// From calling `open` until it returned: the store recovered, every unfinished run
     /// loaded from its journal and its driver spawned.
     pub opened: Duration,
@@ -52,7 +52,7 @@ enum Populated {
 /// Populates `runs` sleeping runs in a child, SIGKILLs it, waits for their wake time, then
 /// reopens the store and times `open()` and the completion of every run. `starts_per_s` (the
 /// measured durable start rate) sizes the first wake-time margin.
-pub async fn resume(dir: &Path, runs: u32, starts_per_s: f64) -> anyhow::Result<Resume> {
+pub(crate) async fn resume(dir: &Path, runs: u32, starts_per_s: f64) -> anyhow::Result<Resume> {
     // Each populated run costs three syncs (its start, its step, its timer), but group commit
     // shares them across runs, so populating takes about as long as starting the same number
     // of runs did (1.2 s for 10,000 runs against 2.6 s at the measured start rate, in one
@@ -143,7 +143,7 @@ fn populate_in_child(data: &Path, runs: u32, wake_at_ms: u64) -> anyhow::Result<
 /// take one no-op step and then sleep until `wake_at_ms`, waits until every run has journaled
 /// its timer and that is durable, then prints `ready` and waits to be killed. Prints `late`
 /// and returns instead if the wake time is too close.
-pub async fn populate(dir: &Path, runs: u32, wake_at_ms: u64) -> anyhow::Result<()> {
+pub(crate) async fn populate(dir: &Path, runs: u32, wake_at_ms: u64) -> anyhow::Result<()> {
     let started = Instant::now();
     let engine = open(dir).await?;
     let input = SleepInput {

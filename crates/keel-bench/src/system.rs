@@ -10,7 +10,7 @@ use serde::Serialize;
 
 /// The filesystem that holds a directory, as `df` reports it.
 #[derive(Clone, Debug, Serialize)]
-pub struct Filesystem {
+pub(crate) struct Filesystem {
     /// The device (or `tmpfs`, `overlay`...).
     pub source: String,
     /// The filesystem type, e.g. `ext4`.
@@ -21,7 +21,7 @@ pub struct Filesystem {
 
 impl Filesystem {
     /// Whether the filesystem lives in memory, so that a sync never reaches a disk.
-    pub fn in_memory(&self) -> bool {
+    pub(crate) fn in_memory(&self) -> bool {
         matches!(self.kind.as_str(), "tmpfs" | "ramfs")
     }
 }
@@ -33,7 +33,7 @@ impl std::fmt::Display for Filesystem {
 }
 
 /// Runs `df -P -T` on `dir` and reads the filesystem's source, type and mount point.
-pub fn filesystem(dir: &Path) -> anyhow::Result<Filesystem> {
+pub(crate) fn filesystem(dir: &Path) -> anyhow::Result<Filesystem> {
     let output = Command::new("df")
         .args(["-P", "-T"])
         .arg(dir)
@@ -61,7 +61,7 @@ pub fn filesystem(dir: &Path) -> anyhow::Result<Filesystem> {
 }
 
 /// The size of a memory page, from `getconf PAGESIZE` (4096 if that fails).
-pub fn page_bytes() -> u64 {
+pub(crate) fn page_bytes() -> u64 {
     Command::new("getconf")
         .arg("PAGESIZE")
         .output()
@@ -72,7 +72,7 @@ pub fn page_bytes() -> u64 {
 }
 
 /// This process's resident set size, from the second field of `/proc/self/statm` (pages).
-pub fn rss_bytes(page_bytes: u64) -> anyhow::Result<u64> {
+pub(crate) fn rss_bytes(page_bytes: u64) -> anyhow::Result<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
     let pages: u64 = statm
         .split_whitespace()
@@ -83,7 +83,7 @@ pub fn rss_bytes(page_bytes: u64) -> anyhow::Result<u64> {
 }
 
 /// This process's peak resident set size so far, from `VmHWM` in `/proc/self/status`.
-pub fn peak_rss_bytes() -> anyhow::Result<u64> {
+pub(crate) fn peak_rss_bytes() -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let kib: u64 = status

@@ -21,7 +21,7 @@ use serde::Serialize;
 /// redrawn below `min_ms`, plus a fraction of outliers uniform between `outlier_low` and
 /// `outlier_high` times the mean. In milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Readiness {
+pub(crate) struct Readiness {
     pub mean_ms: f64,
     pub sigma_ms: f64,
     pub min_ms: f64,
@@ -32,7 +32,7 @@ pub struct Readiness {
 
 impl Readiness {
     /// The distribution: mean 30, sigma 10, minimum 16.5, 1% outliers at 3-12x.
-    pub const DEFAULT: Readiness = Readiness {
+    pub(crate) const DEFAULT: Readiness = Readiness {
         mean_ms: 30.0,
         sigma_ms: 10.0,
         min_ms: 16.5,
@@ -105,7 +105,7 @@ fn wait(schedule: &WaitSchedule, ready_ms: f64, rng: &mut StdRng) -> Ended {
 
 /// One strategy's figures over every resource.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct StrategyReport {
+pub(crate) struct StrategyReport {
     pub strategy: String,
     /// The schedule it resolved to (offsets in ms; the deadline relative to the start).
     pub schedule: String,
@@ -136,7 +136,7 @@ pub struct StrategyReport {
 
 /// The whole simulation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct WaitsReport {
+pub(crate) struct WaitsReport {
     pub seed: u64,
     pub resources: u32,
     pub warm_up: u32,
@@ -157,7 +157,7 @@ const GENERATIONS: u32 = 3;
 const SCRIPT_TIMEOUT: Duration = Duration::from_millis(120);
 
 /// Runs the simulation for `resources` resources after a warm-up of `warm_up` samples.
-pub fn simulate(readiness: Readiness, seed: u64, resources: u32, warm_up: u32) -> WaitsReport {
+pub(crate) fn simulate(readiness: Readiness, seed: u64, resources: u32, warm_up: u32) -> WaitsReport {
     let mut rng = StdRng::seed_from_u64(seed);
 
     // The warm-up: what the engine would have recorded for `warm_up` earlier waits polled
@@ -330,7 +330,7 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
 
 impl WaitsReport {
     /// The report as text: one block per strategy and the targets.
-    pub fn table(&self) -> String {
+    pub(crate) fn table(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
         let r = &self.readiness;

@@ -13,12 +13,12 @@ use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 /// How many tokio tasks start runs at once wherever the benchmark starts many runs.
-pub const CALLERS: u32 = 100;
+pub(crate) const CALLERS: u32 = 100;
 
 /// A step with no side effect; its argument is its operation number, so that every journal
 /// entry is small and distinct.
 #[derive(Serialize, Deserialize)]
-pub struct Noop(pub u32);
+pub(crate) struct Noop(pub u32);
 
 impl Step for Noop {
     const KIND: &'static str = "bench.noop";
@@ -30,11 +30,11 @@ impl Step for Noop {
 
 /// `steps` no-op steps, one after the other. With zero steps, a run that starts and
 /// completes at once.
-pub struct Steps;
+pub(crate) struct Steps;
 
 /// The input of [`Steps`].
 #[derive(Clone, Serialize, Deserialize)]
-pub struct StepsInput {
+pub(crate) struct StepsInput {
     /// How many no-op steps the run takes.
     pub steps: u32,
 }
@@ -52,11 +52,11 @@ impl Workflow for Steps {
 }
 
 /// One parallel fan-out of `branches` no-op steps, `width` at a time (`Ctx::join`).
-pub struct FanOut;
+pub(crate) struct FanOut;
 
 /// The input of [`FanOut`].
 #[derive(Clone, Serialize, Deserialize)]
-pub struct FanOutInput {
+pub(crate) struct FanOutInput {
     /// How many branches.
     pub branches: u32,
     /// How many run at once.
@@ -82,11 +82,11 @@ impl Workflow for FanOut {
 /// moment. Reading the clock in a workflow body is safe here: the duration only matters the
 /// first time the sleep is reached, when the engine journals it as an absolute wake time; on
 /// replay the journaled time is used and the duration is ignored.
-pub struct StepsThenSleep;
+pub(crate) struct StepsThenSleep;
 
 /// The input of [`StepsThenSleep`].
 #[derive(Clone, Serialize, Deserialize)]
-pub struct SleepInput {
+pub(crate) struct SleepInput {
     /// How many no-op steps come before the sleep.
     pub steps: u32,
     /// When the sleep ends, in ms since the Unix epoch.
@@ -108,7 +108,7 @@ impl Workflow for StepsThenSleep {
 }
 
 /// Milliseconds since the Unix epoch: the engine's time base for durable timers.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -116,7 +116,7 @@ pub fn now_ms() -> u64 {
 
 /// Opens an engine on `path` at the default durability, with the benchmark's workflows and
 /// step registered (so that unfinished runs resume at open).
-pub async fn open(path: &Path) -> anyhow::Result<Engine> {
+pub(crate) async fn open(path: &Path) -> anyhow::Result<Engine> {
     Engine::builder(path)
         .workflow::<Steps>()
         .workflow::<StepsThenSleep>()
@@ -128,13 +128,13 @@ pub async fn open(path: &Path) -> anyhow::Result<Engine> {
 }
 
 /// The id of run number `n` of a batch whose ids start with `prefix`.
-pub fn run_id(prefix: &str, n: u32) -> String {
+pub(crate) fn run_id(prefix: &str, n: u32) -> String {
     format!("{prefix}-{n}")
 }
 
 /// Starts runs `prefix-0` .. `prefix-{runs-1}` of `W`, all with `input`, from [`CALLERS`]
 /// concurrent tasks; returns once every `start` call has returned (every run is durable).
-pub async fn start_concurrently<W>(
+pub(crate) async fn start_concurrently<W>(
     engine: &Engine,
     prefix: &str,
     runs: u32,
@@ -168,7 +168,7 @@ where
 
 /// Waits until every run `prefix-0` .. `prefix-{runs-1}` has settled, and checks that each
 /// one completed.
-pub async fn wait_all_completed(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
+pub(crate) async fn wait_all_completed(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
     // All at once: `Engine::wait` syncs before it answers, so waiting for one run after
     // another would add a sync per run after they all finished, and time the observer.
     let mut waiters = tokio::task::JoinSet::new();
@@ -196,7 +196,7 @@ pub async fn wait_all_completed(engine: &Engine, prefix: &str, runs: u32) -> any
 ///
 /// A journaled entry seen through `history` is not necessarily durable yet; callers that need
 /// durability follow this with [`sync_barrier`].
-pub async fn wait_all_asleep(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
+pub(crate) async fn wait_all_asleep(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
     const PATIENCE: Duration = Duration::from_secs(300);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     for n in 0..runs {
@@ -227,7 +227,7 @@ pub async fn wait_all_asleep(engine: &Engine, prefix: &str, runs: u32) -> anyhow
 /// The engine has no public call for that, but `start` returns only after a sync issued after
 /// its own write, and a sync covers every write made before it was issued: so starting one
 /// run with no steps is a barrier.
-pub async fn sync_barrier(engine: &Engine, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn sync_barrier(engine: &Engine, id: &str) -> anyhow::Result<()> {
     engine
         .start::<Steps>(id, StepsInput { steps: 0 })
         .await

@@ -34,6 +34,15 @@ pub struct Ctx {
     pub(crate) interrupt: Option<Interrupt>,
 }
 
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("run_id", &self.lane.cell.id)
+            .field("next_operation", &self.next)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Ctx {
     /// The context of a body of the run in `cell`; `pause_on_exhausted` is the workflow's
     /// [`crate::OnRetriesExhausted`] setting.

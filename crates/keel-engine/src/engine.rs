@@ -146,6 +146,23 @@ impl<W: Workflow> RunHandle<W> {
     }
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Workflow> std::fmt::Debug for RunHandle<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunHandle")
+            .field("id", &self.id)
+            .field("workflow", &W::NAME)
+            .finish()
+    }
+}
+
 struct DriverGuard(watch::Sender<usize>);
 
 impl Drop for DriverGuard {

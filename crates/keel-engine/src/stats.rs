@@ -51,13 +51,13 @@ mod micros {
 
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
         // Saturating, not wrapping: a duration past 2^64 us (only a caller's
         // `Engine::record_duration` can make one) is kept as the longest there is.
         s.serialize_u64(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_micros(u64::deserialize(d)?))
     }
 }

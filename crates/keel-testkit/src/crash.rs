@@ -27,6 +27,7 @@ pub enum Ending {
 }
 
 /// A child run of the current test binary.
+#[derive(Debug)]
 pub struct ChildSpec<'a> {
     /// The exact name of the test function to run in the child (it must check [`is_child`]).
     pub test_name: &'a str,
@@ -164,8 +165,8 @@ fn stderr_of(child: &mut Child) -> String {
 
 /// The signal numbers the harness tells apart (Linux).
 mod libc_signal {
-    pub const KILL: i32 = 9;
-    pub const ABRT: i32 = 6;
+    pub(super) const KILL: i32 = 9;
+    pub(super) const ABRT: i32 = 6;
 }
 
 /// Path helper: `dir/name` as a string for the child's environment.

@@ -49,6 +49,7 @@ const FLEET: &str = "fleet";
 const DOOMED: &str = "doomed";
 
 /// A running `keel worker` process; killed when dropped.
+#[derive(Debug)]
 pub struct Worker {
     /// The process.
     pub child: Child,

@@ -142,6 +142,7 @@ pub struct EffectFlowInput {
 /// `steps` effect steps with a durable sleep and a recreated resource halfway (its first
 /// generation times out and is abandoned); every third step loses its first response; step
 /// `fail_at` fails permanently. Output: the sum of the step outputs and the resource's.
+#[derive(Debug)]
 pub struct EffectFlow;
 
 impl Workflow for EffectFlow {
@@ -279,6 +280,7 @@ pub struct FanOutInput {
 /// One effect step, then `branches` effect steps in parallel (`width` at a time; every third
 /// loses its first response; branch `fail_at` fails permanently, and the run compensates
 /// once every branch has ended), then a last step. Output: the sum of the outputs.
+#[derive(Debug)]
 pub struct FanOutFlow;
 
 impl FanOutFlow {
@@ -336,6 +338,7 @@ pub struct ChildInput {
 
 /// Two effect steps; the second fails permanently when asked to. Output: the sum of the
 /// step outputs.
+#[derive(Debug)]
 pub struct ChildFlow;
 
 impl Workflow for ChildFlow {
@@ -396,6 +399,7 @@ pub struct ParentOutput {
 
 /// One child run per child, `width` at a time; a failing child does not fail the parent,
 /// whose output lists both kinds. Then an optional durable sleep.
+#[derive(Debug)]
 pub struct ParentFlow;
 
 impl ParentFlow {

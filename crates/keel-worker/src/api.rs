@@ -20,16 +20,16 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Largest request body: an input at its limit, with room for the envelope.
-pub const BODY_BYTES_MAX: usize = INPUT_BYTES_MAX + 16 * 1024;
+pub(crate) const BODY_BYTES_MAX: usize = INPUT_BYTES_MAX + 16 * 1024;
 
 /// The services whose rate limiters `/metrics` reports.
-pub const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
+pub(crate) const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
 
 /// Runs in a page of `GET /v1/runs` when the request does not say.
-pub const RUNS_PAGE_DEFAULT: usize = 100;
+pub(crate) const RUNS_PAGE_DEFAULT: usize = 100;
 
 /// What every handler shares.
-pub struct AppState {
+pub(crate) struct AppState {
     /// The engine.
     pub engine: Engine,
     /// The API token every request but `/v1/health` must carry; `None` only with `--no-auth`.
@@ -43,7 +43,7 @@ pub struct AppState {
 /// A name a client resolved through DNS that the operator did not configure is refused: a
 /// web page that rebinds its own name to 127.0.0.1 cannot read or start runs.
 #[derive(Clone, Debug)]
-pub struct AllowedHosts {
+pub(crate) struct AllowedHosts {
     /// The bound address.
     pub listen: SocketAddr,
     /// Names (lowercase, without port) allowed on any port, e.g. a proxy's.
@@ -52,7 +52,7 @@ pub struct AllowedHosts {
 
 impl AllowedHosts {
     /// Whether a request naming `host` (a `Host` header's value) is for this worker.
-    pub fn allow(&self, host: &str) -> bool {
+    pub(crate) fn allow(&self, host: &str) -> bool {
         let Some((name, port)) = split_host(host) else {
             return false;
         };
@@ -95,7 +95,7 @@ fn split_host(host: &str) -> Option<(&str, Option<u16>)> {
 
 /// An error answer.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     /// One line that names the problem.
     pub error: String,
     /// A machine word: `not_found`, `idempotency_mismatch`, `invalid_input`, ...
@@ -106,7 +106,7 @@ pub struct ApiError {
 
 impl ApiError {
     /// An error answer of `status`.
-    pub fn new(status: StatusCode, kind: &str, error: impl Into<String>) -> ApiError {
+    pub(crate) fn new(status: StatusCode, kind: &str, error: impl Into<String>) -> ApiError {
         ApiError {
             error: error.into(),
             kind: kind.into(),
@@ -149,7 +149,7 @@ impl IntoResponse for ApiError {
 type Answer<T> = Result<Json<T>, ApiError>;
 
 /// The router, with the request checks, the body limit and JSON errors throughout.
-pub fn router(state: Arc<AppState>) -> Router {
+pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/runs", post(start).get(list))
@@ -291,7 +291,7 @@ async fn health() -> Json<serde_json::Value> {
 /// `POST /v1/runs` body.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StartRequest {
+pub(crate) struct StartRequest {
     /// The workflow name.
     pub workflow: String,
     /// The run id.
@@ -404,7 +404,7 @@ async fn list(
 }
 
 /// A status from its word, or an error listing the words.
-pub fn parse_status(word: &str) -> Result<RunStatus, ApiError> {
+pub(crate) fn parse_status(word: &str) -> Result<RunStatus, ApiError> {
     serde_json::from_value(serde_json::Value::String(word.into())).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -434,7 +434,7 @@ async fn history(
 /// `POST /v1/runs/{id}/resolve` body.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ResolveRequest {
+pub(crate) struct ResolveRequest {
     /// What the operator did.
     pub note: String,
 }
@@ -442,7 +442,7 @@ pub struct ResolveRequest {
 /// The body of every other operation: `{}`.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct EmptyRequest {}
+pub(crate) struct EmptyRequest {}
 
 async fn operate(
     State(state): State<Arc<AppState>>,

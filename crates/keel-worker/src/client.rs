@@ -19,7 +19,7 @@ use crate::worker::{check_token, read_token_file, TOKEN_FILE};
 
 /// A failed verb.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
+pub(crate) enum ClientError {
     /// The worker answered with an error.
     #[error("{message}")]
     Refused {
@@ -46,7 +46,7 @@ pub enum ClientError {
 
 impl ClientError {
     /// The process exit code.
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             ClientError::Refused { status, .. } if (400..500).contains(status) => 2,
             ClientError::Usage(_) => 2,
@@ -59,7 +59,7 @@ type Result<T> = std::result::Result<T, ClientError>;
 
 /// The token from `file` (trimmed; the file must be owner-only), else from `KEEL_API_TOKEN`,
 /// else none.
-pub fn token(file: Option<&Path>) -> std::result::Result<Option<String>, String> {
+pub(crate) fn token(file: Option<&Path>) -> std::result::Result<Option<String>, String> {
     if let Some(path) = file {
         return read_token_file(path, true)
             .map(Some)
@@ -75,7 +75,7 @@ pub fn token(file: Option<&Path>) -> std::result::Result<Option<String>, String>
 }
 
 /// The token the worker keeps in `data_dir`, if the file exists.
-pub fn data_dir_token(data_dir: &Path) -> std::result::Result<Option<String>, String> {
+pub(crate) fn data_dir_token(data_dir: &Path) -> std::result::Result<Option<String>, String> {
     let path = data_dir.join(TOKEN_FILE);
     match std::fs::symlink_metadata(&path) {
         Ok(_) => {}
@@ -91,7 +91,7 @@ pub fn data_dir_token(data_dir: &Path) -> std::result::Result<Option<String>, St
 /// down, any local user can take its port and wait for a CLI to send its token there. The
 /// owners of listening sockets come from `/proc/net/tcp` and `/proc/net/tcp6`; an API that is
 /// not on loopback, or a port nobody listens on, passes (the request then fails to connect).
-pub fn check_listener(api: &str) -> std::result::Result<(), String> {
+pub(crate) fn check_listener(api: &str) -> std::result::Result<(), String> {
     let Ok(uri) = api.parse::<axum::http::Uri>() else {
         return Ok(());
     };
@@ -143,7 +143,7 @@ pub fn check_listener(api: &str) -> std::result::Result<(), String> {
 }
 
 /// A connection to one worker's API.
-pub struct Client {
+pub(crate) struct Client {
     api: String,
     token: Option<String>,
     json: bool,
@@ -152,7 +152,7 @@ pub struct Client {
 
 impl Client {
     /// A client of the API at `api`.
-    pub fn new(api: &str, token: Option<String>, json: bool) -> Client {
+    pub(crate) fn new(api: &str, token: Option<String>, json: bool) -> Client {
         Client {
             api: api.trim_end_matches('/').to_string(),
             token,
@@ -214,7 +214,7 @@ impl Client {
     }
 
     /// `keel start`.
-    pub fn start(&self, workflow: &str, id: &str, input: &str, wait: bool) -> Result<()> {
+    pub(crate) fn start(&self, workflow: &str, id: &str, input: &str, wait: bool) -> Result<()> {
         let from = if input == "-" { "stdin" } else { input };
         let text = if input == "-" {
             read_bounded(std::io::stdin().lock(), from)
@@ -281,14 +281,14 @@ impl Client {
     }
 
     /// `keel status`.
-    pub fn status(&self, id: &str) -> Result<()> {
+    pub(crate) fn status(&self, id: &str) -> Result<()> {
         let record: RunRecord = self.get(&format!("/v1/runs/{}", encode(id)))?;
         self.print(&record, || record_table(std::slice::from_ref(&record)));
         Ok(())
     }
 
     /// `keel list`: one page; where more follow, stderr says how to get the next.
-    pub fn list(&self, status: Option<&str>, after: Option<&str>, limit: usize) -> Result<()> {
+    pub(crate) fn list(&self, status: Option<&str>, after: Option<&str>, limit: usize) -> Result<()> {
         let mut path = format!("/v1/runs?limit={limit}");
         if let Some(status) = status {
             path += &format!("&status={}", encode(status));
@@ -305,7 +305,7 @@ impl Client {
     }
 
     /// `keel history`.
-    pub fn history(&self, id: &str) -> Result<()> {
+    pub(crate) fn history(&self, id: &str) -> Result<()> {
         let history: RunHistory = self.get(&format!("/v1/runs/{}/history", encode(id)))?;
         if self.json {
             let rows = crate::history::rows(&history);
@@ -320,7 +320,7 @@ impl Client {
     }
 
     /// `keel cancel|pause|resume|retry-compensation|resolve`.
-    pub fn operate(&self, id: &str, operation: &str, note: Option<String>) -> Result<()> {
+    pub(crate) fn operate(&self, id: &str, operation: &str, note: Option<String>) -> Result<()> {
         let path = format!("/v1/runs/{}/{operation}", encode(id));
         let record: RunRecord = match note {
             Some(note) => self.post(&path, &ResolveRequest { note })?,
@@ -331,7 +331,7 @@ impl Client {
     }
 
     /// `keel stats`.
-    pub fn stats(&self) -> Result<()> {
+    pub(crate) fn stats(&self) -> Result<()> {
         let stats: Vec<OperationStats> = self.get("/v1/stats")?;
         self.print(&stats, || stats_table(&stats));
         Ok(())
@@ -477,7 +477,7 @@ fn stats_table(stats: &[OperationStats]) -> String {
 }
 
 /// Columns padded to their widest cell.
-pub fn align<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+pub(crate) fn align<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     let mut widths = header.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

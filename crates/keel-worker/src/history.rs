@@ -7,7 +7,7 @@ use serde::Serialize;
 
 /// One operation of a run: a step, a wait, a timer, a child run or a fan-out.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     /// Its index in the run.
     pub step: u32,
     /// `step`, `wait`, `timer`, `child` or `fork`.
@@ -27,7 +27,7 @@ pub struct Row {
 }
 
 /// The rows of `history`, in operation order.
-pub fn rows(history: &RunHistory) -> Vec<Row> {
+pub(crate) fn rows(history: &RunHistory) -> Vec<Row> {
     let mut rows: BTreeMap<u32, Row> = BTreeMap::new();
     for entry in &history.entries {
         let at = entry.at_ms;
@@ -167,7 +167,7 @@ fn row<'a>(
 }
 
 /// The rows as an aligned table; long texts are cut to keep one line per operation.
-pub fn table(history: &RunHistory) -> String {
+pub(crate) fn table(history: &RunHistory) -> String {
     let run = &history.run;
     let mut out = format!(
         "run {} ({} v{}): {}",

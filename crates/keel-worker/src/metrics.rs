@@ -30,7 +30,7 @@ const STATUSES: [RunStatus; 9] = [
 ];
 
 /// The metrics page.
-pub fn render(
+pub(crate) fn render(
     counts: &BTreeMap<RunStatus, u64>,
     stats: &[OperationStats],
     engine: &Engine,

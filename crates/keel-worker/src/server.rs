@@ -36,7 +36,7 @@ use crate::api::ApiError;
 
 /// What the server allows a client.
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Most open connections.
     pub connections_max: usize,
     /// How long a client may take to send a request's head, and then its body.
@@ -111,7 +111,7 @@ impl Drop for Busy {
 
 /// Serves `router` on `listener` until `stop` turns true, then lets open connections finish
 /// within the grace. Returns once every connection is closed or dropped.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,

@@ -24,18 +24,18 @@ use crate::server::{self, Limits};
 use crate::{LogFormat, WorkerArgs};
 
 /// The token file's name in the data directory.
-pub const TOKEN_FILE: &str = "api-token";
+pub(crate) const TOKEN_FILE: &str = "api-token";
 
 /// Exit code of a worker stopped before its drain finished (the grace ran out, or a second
 /// signal came): what was in flight runs again, with the same keys, at the next start.
-pub const EXIT_NOT_DRAINED: u8 = 3;
+pub(crate) const EXIT_NOT_DRAINED: u8 = 3;
 
 /// Longest that open API connections get to finish after the stop signal.
 const CONNECTION_GRACE_MAX: Duration = Duration::from_secs(5);
 
 /// How the API authenticates requests.
 #[derive(Debug)]
-pub enum Auth {
+pub(crate) enum Auth {
     /// With this token (from `--token-file` or `KEEL_API_TOKEN`).
     Token(String),
     /// With the token in the data directory, made at the first start.
@@ -46,7 +46,7 @@ pub enum Auth {
 
 /// How the worker stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stopped {
+pub(crate) enum Stopped {
     /// Every in-flight step finished and was recorded.
     Drained,
     /// The grace ran out first.
@@ -55,7 +55,7 @@ pub enum Stopped {
 
 /// Why the worker could not run.
 #[derive(Debug, thiserror::Error)]
-pub enum WorkerError {
+pub(crate) enum WorkerError {
     /// `--no-auth` beyond loopback.
     #[error(
         "refusing to listen on {0} without an API token: --no-auth is for loopback \
@@ -99,7 +99,7 @@ pub enum WorkerError {
 
 impl WorkerError {
     /// The process exit code: 2 for a refused configuration, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             WorkerError::TokenRequired(_)
             | WorkerError::DataDir { .. }
@@ -111,7 +111,7 @@ impl WorkerError {
 }
 
 /// Runs the worker until SIGTERM or SIGINT; says whether the drain finished.
-pub fn run(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Stopped, WorkerError> {
+pub(crate) fn run(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Stopped, WorkerError> {
     if !args.listen.ip().is_loopback() && matches!(auth, Auth::None) {
         return Err(WorkerError::TokenRequired(args.listen));
     }
@@ -276,7 +276,7 @@ const TOKEN_CHARS_MIN: usize = 16;
 /// The token in `path`, trimmed: refused when the file is not a regular file owned by this
 /// user that no one else may read, or is empty. `follow` lets `path` be a link (a file named
 /// on the command line); the data directory's own file never is one.
-pub fn read_token_file(path: &Path, follow: bool) -> Result<String, String> {
+pub(crate) fn read_token_file(path: &Path, follow: bool) -> Result<String, String> {
     let mut options = std::fs::OpenOptions::new();
     // Non-blocking, so that a FIFO planted or named as the token file cannot hang the open.
     let mut flags = libc::O_NONBLOCK;
@@ -316,7 +316,7 @@ pub fn read_token_file(path: &Path, follow: bool) -> Result<String, String> {
 }
 
 /// A token is at least [`TOKEN_CHARS_MIN`] visible ASCII characters, without spaces.
-pub fn check_token(token: &str) -> Result<(), String> {
+pub(crate) fn check_token(token: &str) -> Result<(), String> {
     if token.len() < TOKEN_CHARS_MIN || !token.chars().all(|c| c.is_ascii_graphic()) {
         return Err(format!(
             "the token must be at least {TOKEN_CHARS_MIN} visible ASCII characters without \

@@ -10,7 +10,7 @@ use keel_testkit::moto::TestAccount;
 use keel_testkit::proxy::{FaultProxy, Rules};
 use keel_workflows::KeelWorkflows;
 
-pub struct Env {
+pub(crate) struct Env {
     _proxy: FaultProxy,
     pub direct: aws_config::SdkConfig,
     pub engine: Engine,
@@ -18,7 +18,7 @@ pub struct Env {
 }
 
 /// An engine behind a proxy playing `rules`, on a fresh account.
-pub async fn env(rules: Rules) -> Env {
+pub(crate) async fn env(rules: Rules) -> Env {
     keel_testkit::init_tracing();
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
     let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");

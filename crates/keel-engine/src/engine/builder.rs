@@ -40,6 +40,21 @@ pub struct EngineBuilder {
     clock: Clock,
 }
 
+impl std::fmt::Debug for EngineBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineBuilder")
+            .field("path", &self.path)
+            .field("durability", &self.durability)
+            .field("runs_concurrent_max", &self.runs_concurrent_max)
+            .field("poison_after_loads", &self.poison_after_loads)
+            .field("retention", &self.retention)
+            .field("gc_interval", &self.gc_interval)
+            .field("allow_unregistered", &self.allow_unregistered)
+            .field("rate_limits", &self.rate_limits)
+            .finish_non_exhaustive()
+    }
+}
+
 impl EngineBuilder {
     /// Registers a resource steps read with [`crate::StepContext::resource`] (an SDK client,
     /// say); one per type, a later one replacing an earlier.

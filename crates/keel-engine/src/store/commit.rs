@@ -55,6 +55,7 @@ struct Shared {
 
 /// Waits for the durability of the writes made before it was issued.
 #[must_use = "a write is not durable until its ticket resolves"]
+#[derive(Debug)]
 pub struct SyncTicket {
     answer: oneshot::Receiver<Answer>,
 }

@@ -12,7 +12,7 @@ use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
 use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
 
-pub struct Env {
+pub(crate) struct Env {
     pub proxy: FaultProxy,
     pub direct: SdkConfig,
     pub engine: Engine,
@@ -22,7 +22,7 @@ pub struct Env {
 
 impl Env {
     /// An engine with the workflows `register` adds, behind a proxy playing `rules`.
-    pub async fn new(rules: Rules, register: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Env {
+    pub(crate) async fn new(rules: Rules, register: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Env {
         keel_testkit::init_tracing();
         let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
         let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");
@@ -50,7 +50,7 @@ impl Env {
 
     /// Waits (at most 60 s, polling) until the proxy has seen `n` requests for `operation`:
     /// a bounded wait on a condition that the steps' retry backoff decides.
-    pub async fn await_requests(&self, operation: &str, n: usize) {
+    pub(crate) async fn await_requests(&self, operation: &str, n: usize) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while self.proxy.requests_for(operation).len() < n {
             assert!(
@@ -61,12 +61,12 @@ impl Env {
         }
     }
 
-    pub async fn truth(&self) -> Inventory {
+    pub(crate) async fn truth(&self) -> Inventory {
         Inventory::read(&self.direct).await.expect("inventory")
     }
 
     /// Runs `W` to its end: its result and final status.
-    pub async fn run<W: Workflow>(
+    pub(crate) async fn run<W: Workflow>(
         &self,
         id: &str,
         input: W::Input,
@@ -84,12 +84,12 @@ impl Env {
 }
 
 /// The idempotency key of step `step` of run `run`.
-pub fn key(run: &str, step: u32) -> String {
+pub(crate) fn key(run: &str, step: u32) -> String {
     IdempotencyKey::for_step(&RunId::new(run).unwrap(), StepIndex(step)).to_string()
 }
 
 /// 30% of responses lost after the request took effect, 20% throttled, on every call.
-pub fn hostile(seed: u64) -> Rules {
+pub(crate) fn hostile(seed: u64) -> Rules {
     Rules::seeded(seed)
         .fault(FaultRule::new(Fault::LostResponse).probability(0.3))
         .fault(FaultRule::new(Fault::Throttle).probability(0.2))
@@ -97,7 +97,7 @@ pub fn hostile(seed: u64) -> Rules {
 
 /// `rules` with the first call of each of `operations` losing its response, so every create
 /// step goes through adoption at least once.
-pub fn first_response_lost(mut rules: Rules, operations: &[&str]) -> Rules {
+pub(crate) fn first_response_lost(mut rules: Rules, operations: &[&str]) -> Rules {
     for op in operations {
         rules.faults.insert(
             0,

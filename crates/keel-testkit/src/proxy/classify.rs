@@ -37,22 +37,22 @@ pub(crate) struct Call {
 
 impl Call {
     /// A create of a new resource (as opposed to a read, a use, or a delete).
-    pub fn is_create(&self) -> bool {
+    pub(super) fn is_create(&self) -> bool {
         self.operation.starts_with("Create") || self.operation.starts_with("Register")
     }
 
     /// A delete of a resource.
-    pub fn is_delete(&self) -> bool {
+    pub(super) fn is_delete(&self) -> bool {
         self.operation.starts_with("Delete")
     }
 
     /// A read that returns a resource's description (answerable from a cached answer).
-    pub fn is_read(&self) -> bool {
+    pub(super) fn is_read(&self) -> bool {
         self.operation.starts_with("Get") || self.operation.starts_with("Describe")
     }
 
     /// The value of a form or query parameter.
-    pub fn param(&self, name: &str) -> Option<&str> {
+    pub(super) fn param(&self, name: &str) -> Option<&str> {
         self.params
             .iter()
             .find(|(k, _)| k == name)
@@ -60,7 +60,7 @@ impl Call {
     }
 
     /// The value of a path label.
-    pub fn label(&self, name: &str) -> Option<&str> {
+    pub(super) fn label(&self, name: &str) -> Option<&str> {
         self.labels
             .iter()
             .find(|(k, _)| k == name)

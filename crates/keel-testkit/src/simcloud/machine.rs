@@ -65,6 +65,7 @@ pub struct Machine {
 
 /// Creates an instance and waits until it runs, creates a volume and waits until it is
 /// available (each recreated when its wait times out, up to `generations`), attaches them.
+#[derive(Debug)]
 pub struct ProvisionMachine;
 
 impl Workflow for ProvisionMachine {

@@ -21,6 +21,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// A running simulated cloud. Dropping it stops accepting connections.
+#[derive(Debug)]
 pub struct CloudServer {
     addr: SocketAddr,
     cloud: Arc<Mutex<Cloud>>,

@@ -89,6 +89,15 @@ pub struct SledStore {
     _marker: Marker,
 }
 
+impl std::fmt::Debug for SledStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SledStore")
+            .field("path", &self.path)
+            .field("written", &self.written.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
 impl SledStore {
     /// Opens (creating with owner-only permissions if needed) the store in `path`. A store
     /// whose log holds less than its high-water mark says it acknowledged is refused (see
