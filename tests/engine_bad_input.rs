@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel::{Engine, EngineError, Event, JournalIndex, RunHistory, RunId, RunStatus};
-use keel_engine::store::sled::raw;
+use keel_engine::test_utilities::raw;
 use keel_testkit::crash::{is_child, ChildSpec, Ending};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};

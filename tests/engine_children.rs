@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel::{child_id, Engine, RunId, RunStatus, StepIndex};
-use keel_engine::journal::{Event, RunHistory};
-use keel_engine::replay::{Op, RunState};
+use keel_engine::test_utilities::replay::{Op, RunState};
+use keel_engine::{Event, RunHistory};
 use keel_testkit::check::{check_run, effects_at, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{ChildFlow, EffectStep, ParentFlow, ParentInput};

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel::{Engine, RunStatus, StepIndex};
-use keel_engine::journal::{Event, RunHistory};
 use keel_engine::limits::FAN_OUT_MAX;
-use keel_engine::replay::{Op, RunState, StepOutcome};
+use keel_engine::test_utilities::replay::{Op, RunState, StepOutcome};
+use keel_engine::{Event, RunHistory};
 use keel_testkit::check::{check_run, effects_at, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{EffectStep, FanOutFlow, FanOutInput};

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel::{Ctx, Engine, EngineError, OnRetriesExhausted, RunStatus, Workflow, WorkflowError};
-use keel_engine::journal::{Event, RunHistory};
+use keel_engine::{Event, RunHistory};
 use keel_testkit::check::{check_run, effects_at, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec};
 use keel_testkit::flows::{EffectStep, FanOutFlow, FanOutInput, Fault};

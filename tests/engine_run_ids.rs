@@ -9,7 +9,7 @@ use keel::{
     Ctx, Engine, EngineError, Event, JournalIndex, RunHistory, RunId, RunStatus, Workflow,
     WorkflowError,
 };
-use keel_engine::store::sled::raw::{journal_key_of, run_key_of};
+use keel_engine::test_utilities::raw::{journal_key_of, run_key_of};
 use keel_testkit::effects;
 use keel_testkit::flows::{ChildFlow, ChildInput, EffectStep, ParentFlow, ParentInput};
 use keel_testkit::poll::until;

@@ -302,8 +302,8 @@ async fn check_refusals(
     let digest_in = serde_json::to_value(input).unwrap();
     let digest_other = serde_json::to_value(other_input).unwrap();
     assert!(
-        message.contains(&keel_engine::journal::digest(&digest_in))
-            && message.contains(&keel_engine::journal::digest(&digest_other)),
+        message.contains(&keel_engine::test_utilities::digest(&digest_in))
+            && message.contains(&keel_engine::test_utilities::digest(&digest_other)),
         "{phase}: the message names both inputs' digests: {message}"
     );
 

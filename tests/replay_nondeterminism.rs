@@ -19,11 +19,11 @@ use keel::{
     Attempt, Ctx, Engine, Entry, ErrorClass, ErrorRecord, Event, JournalIndex, RunId, RunRecord,
     RunStatus, Step, StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
 };
-use keel_engine::replay::{
+use keel_engine::test_utilities::raw;
+use keel_engine::test_utilities::replay::{
     step_action, undo_action, undo_input, Op, RunState, StepAction, StepOp, StepOutcome,
     UndoAction, UndoState,
 };
-use keel_engine::store::sled::raw;
 use keel_testkit::effects::{self, Action, Effect};
 use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};

@@ -178,9 +178,7 @@ async fn every_cut_is_refused(dir: &Path, what: &str) {
             names(&before),
             names(&after)
         );
-        let again = open(&copy)
-            .await
-            .expect_err("a second open is refused too");
+        let again = open(&copy).await.expect_err("a second open is refused too");
         assert!(
             matches!(
                 again,

@@ -12,7 +12,8 @@
 
 use std::time::Duration;
 
-use keel_engine::{LatencyStats, LearnedDeadline, WaitPolicy, WaitSchedule};
+use keel_engine::test_utilities::LatencyStats;
+use keel_engine::{LearnedDeadline, WaitPolicy, WaitSchedule};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -157,7 +158,12 @@ const GENERATIONS: u32 = 3;
 const SCRIPT_TIMEOUT: Duration = Duration::from_millis(120);
 
 /// Runs the simulation for `resources` resources after a warm-up of `warm_up` samples.
-pub(crate) fn simulate(readiness: Readiness, seed: u64, resources: u32, warm_up: u32) -> WaitsReport {
+pub(crate) fn simulate(
+    readiness: Readiness,
+    seed: u64,
+    resources: u32,
+    warm_up: u32,
+) -> WaitsReport {
     let mut rng = StdRng::seed_from_u64(seed);
 
     // The warm-up: what the engine would have recorded for `warm_up` earlier waits polled

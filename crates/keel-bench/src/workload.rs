@@ -168,7 +168,11 @@ where
 
 /// Waits until every run `prefix-0` .. `prefix-{runs-1}` has settled, and checks that each
 /// one completed.
-pub(crate) async fn wait_all_completed(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
+pub(crate) async fn wait_all_completed(
+    engine: &Engine,
+    prefix: &str,
+    runs: u32,
+) -> anyhow::Result<()> {
     // All at once: `Engine::wait` syncs before it answers, so waiting for one run after
     // another would add a sync per run after they all finished, and time the observer.
     let mut waiters = tokio::task::JoinSet::new();
@@ -196,7 +200,11 @@ pub(crate) async fn wait_all_completed(engine: &Engine, prefix: &str, runs: u32)
 ///
 /// A journaled entry seen through `history` is not necessarily durable yet; callers that need
 /// durability follow this with [`sync_barrier`].
-pub(crate) async fn wait_all_asleep(engine: &Engine, prefix: &str, runs: u32) -> anyhow::Result<()> {
+pub(crate) async fn wait_all_asleep(
+    engine: &Engine,
+    prefix: &str,
+    runs: u32,
+) -> anyhow::Result<()> {
     const PATIENCE: Duration = Duration::from_secs(300);
     let deadline = tokio::time::Instant::now() + PATIENCE;
     for n in 0..runs {

@@ -411,6 +411,7 @@ pub struct RunHistory {
 
 /// Helper for messages: a short, stable digest of a JSON value (FNV-1a over its canonical
 /// text), so errors can say "input 3f2a..." without printing 64 KiB.
+#[cfg_attr(not(feature = "test-utilities"), allow(unreachable_pub))]
 pub fn digest(value: &Value) -> String {
     let text = value.to_string();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

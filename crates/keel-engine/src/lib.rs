@@ -95,15 +95,23 @@
 //! ```
 //!
 //! # Where things are
-//! - [`journal`]: what is stored (run records and journal entries).
-//! - [`replay`]: the pure fold of a journal into a run's state, and the decisions taken on it.
+//! The public surface is the names re-exported here, [`testing`] (the test clock) and
+//! [`limits`] (every hard limit). The engine's internals, described in
+//! `docs/ARCHITECTURE.md`, are private:
+//! - `journal.rs`: what is stored (run records and journal entries; [`Entry`], [`Event`],
+//!   [`RunRecord`] are re-exported).
+//! - `replay/`: the pure fold of a journal into a run's state, and the decisions taken on it.
 //! - Every journal write goes through the run's cell (`cell.rs`, under its lock): the lane
 //!   (`lane.rs`) writes what the body's operations do, the saga (`saga.rs`) what compensation
 //!   does, and `engine/operator.rs` what operators ask; `executor` drives a run through them.
-//! - [`store`]: the storage trait and its sled implementation, with group commit and the
+//! - `store/`: the storage trait and its sled implementation, with group commit and the
 //!   high-water mark.
-//! - [`testing`]: the test clock.
-//! - [`limits`]: every hard limit.
+//!
+//! The workspace's own tests and benchmarks reach some internals (the replay fold, the
+//! store's raw keys) through `test_utilities`, behind the `test-utilities` feature: it is not
+//! API and carries no stability promise. `crash` (named crash points, compiled to nothing
+//! without the `crash-points` feature) is public only for the workspace's step library and
+//! crash tests, and hidden from these docs.
 //!
 //! Durability, the commit protocol and what a crash at each point leaves behind are described
 //! in `docs/guarantees.md`.
@@ -112,6 +120,7 @@ mod cell;
 mod child;
 mod clock;
 mod contain;
+#[doc(hidden)]
 pub mod crash;
 mod ctx;
 mod engine;
@@ -120,20 +129,20 @@ mod error;
 mod executor;
 mod ids;
 mod interrupt;
-pub mod journal;
+mod journal;
 mod lane;
 mod limiter;
 pub mod limits;
 mod parallel;
 mod poison;
 mod registry;
-pub mod replay;
+mod replay;
 mod resources;
 mod retry;
 mod saga;
 mod stats;
 mod step;
-pub mod store;
+mod store;
 pub mod testing;
 mod transition;
 mod wait;
@@ -156,8 +165,21 @@ pub use limiter::{
 };
 pub use registry::StepType;
 pub use retry::RetryPolicy;
-pub use stats::{Counters, LatencyStats, OperationStats, Outlier};
+pub use stats::{Counters, OperationStats, Outlier};
 pub use step::{Step, StepContext, StepError, Undo};
 pub use store::Durability;
 pub use wait::{LearnedDeadline, Probe, WaitPolicy, LEARN_AFTER_DEFAULT};
 pub use workflow::{InvalidInput, OnRetriesExhausted, Workflow, WorkflowError};
+
+/// Internals the workspace's own tests and benchmarks look into (feature `test-utilities`):
+/// not API, no stability promise.
+#[cfg(feature = "test-utilities")]
+pub mod test_utilities {
+    /// The pure fold of a journal into a run's state.
+    pub mod replay {
+        pub use crate::replay::*;
+    }
+    pub use crate::journal::digest;
+    pub use crate::stats::LatencyStats;
+    pub use crate::store::sled::raw;
+}

@@ -17,8 +17,9 @@ use crate::error::Result;
 use crate::limits::{LATENCY_OUTLIERS_KEPT, LATENCY_SAMPLES_KEPT};
 use crate::store::JournalStore;
 
-/// The statistics of one operation, as persisted. Public so that tools (the wait-policy
-/// simulation of `keel-bench`) can compute the same summaries the engine does.
+/// The statistics of one operation, as persisted. Reached through `crate::test_utilities` by
+/// the wait-policy simulation of `keel-bench`, which computes the same summaries.
+#[cfg_attr(not(feature = "test-utilities"), allow(unreachable_pub))]
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct LatencyStats {
     count: u64,
@@ -91,6 +92,7 @@ pub struct OperationStats {
     pub outliers: Vec<Outlier>,
 }
 
+#[cfg_attr(not(feature = "test-utilities"), allow(unreachable_pub))]
 impl LatencyStats {
     /// Records one successful execution of `run_id` that took `duration`, ending at `at_ms`.
     pub fn record(&mut self, duration: Duration, run_id: &str, at_ms: u64) {

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use keel_engine::replay::{RunState, StepOutcome};
+use keel_engine::test_utilities::replay::{RunState, StepOutcome};
 use keel_engine::{Event, IdempotencyKey, RunHistory, RunId, RunStatus, StepIndex};
 
 use crate::effects::{self, Action, Effect};

@@ -288,7 +288,12 @@ impl Client {
     }
 
     /// `keel list`: one page; where more follow, stderr says how to get the next.
-    pub(crate) fn list(&self, status: Option<&str>, after: Option<&str>, limit: usize) -> Result<()> {
+    pub(crate) fn list(
+        &self,
+        status: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<()> {
         let mut path = format!("/v1/runs?limit={limit}");
         if let Some(status) = status {
             path += &format!("&status={}", encode(status));

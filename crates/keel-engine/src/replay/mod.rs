@@ -9,6 +9,8 @@
 //! requests and pauses) and `compensation.rs` (the saga's undo state and what it undoes
 //! next). Every function rejects an event its state does not allow: the journal is corrupt
 //! or foreign.
+// Public items, reached through `crate::test_utilities` by the workspace's tests.
+#![cfg_attr(not(feature = "test-utilities"), allow(unreachable_pub))]
 
 mod child;
 mod compensation;
@@ -30,7 +32,9 @@ pub use child::{ChildEnd, ChildOp};
 pub use compensation::{
     effect_by_ms, step_undo_action, undo_action, undo_input, UndoAction, UndoState,
 };
-pub use step::{step_action, StepAction, StepOp, StepOutcome};
+#[cfg(any(test, feature = "test-utilities"))]
+pub use step::StepOutcome;
+pub use step::{step_action, StepAction, StepOp};
 pub use wait::WaitOp;
 
 /// A journaled operation: a step, a wait, a fan-out and its branches, a child run or a timer.

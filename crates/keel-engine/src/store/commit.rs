@@ -56,13 +56,13 @@ struct Shared {
 /// Waits for the durability of the writes made before it was issued.
 #[must_use = "a write is not durable until its ticket resolves"]
 #[derive(Debug)]
-pub struct SyncTicket {
+pub(crate) struct SyncTicket {
     answer: oneshot::Receiver<Answer>,
 }
 
 impl SyncTicket {
     /// Resolves once the writes before this ticket are durable.
-    pub async fn wait(self) -> Result<()> {
+    pub(crate) async fn wait(self) -> Result<()> {
         match self.answer.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(failure)) => Err(EngineError::Sync {

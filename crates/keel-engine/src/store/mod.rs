@@ -11,16 +11,17 @@
 
 mod commit;
 mod mark;
-pub mod sled;
+pub(crate) mod sled;
 
 use crate::error::Result;
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord};
 
-pub use commit::{Durability, SyncTicket};
+pub use commit::Durability;
+pub(crate) use commit::SyncTicket;
 
 /// Persistent home of run records and journals.
-pub trait JournalStore: Send + Sync + 'static {
+pub(crate) trait JournalStore: Send + Sync + 'static {
     /// Inserts `record` unless a run with its id exists; returns the existing record if so.
     fn create_run(&self, record: &RunRecord) -> Result<Option<RunRecord>>;
 

@@ -22,7 +22,10 @@ pub(crate) struct Env {
 
 impl Env {
     /// An engine with the workflows `register` adds, behind a proxy playing `rules`.
-    pub(crate) async fn new(rules: Rules, register: impl FnOnce(EngineBuilder) -> EngineBuilder) -> Env {
+    pub(crate) async fn new(
+        rules: Rules,
+        register: impl FnOnce(EngineBuilder) -> EngineBuilder,
+    ) -> Env {
         keel_testkit::init_tracing();
         let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
         let proxy = FaultProxy::start(&account.endpoint, rules).expect("proxy starts");

@@ -59,7 +59,7 @@ const LOADS_PREFIX: u8 = b'l';
 
 /// What opening a store that lost acknowledged data does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum LostData {
+pub(crate) enum LostData {
     /// Refuse it ([`EngineError::LostData`]), changing nothing. The default.
     #[default]
     Refuse,
@@ -70,7 +70,7 @@ pub enum LostData {
 
 /// How a [`SledStore`] is opened.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SledOptions {
+pub(crate) struct SledOptions {
     /// What a durable write survives.
     pub durability: Durability,
     /// Whether a store that lost acknowledged data is opened.
@@ -78,7 +78,7 @@ pub struct SledOptions {
 }
 
 /// A [`JournalStore`] on sled 0.34.
-pub struct SledStore {
+pub(crate) struct SledStore {
     path: PathBuf,
     db: sled::Db,
     /// Writes made so far.
@@ -103,7 +103,7 @@ impl SledStore {
     /// whose log holds less than its high-water mark says it acknowledged is refused (see
     /// [`LostData`]), and so is one sled cannot recover, each with an error naming the file
     /// and what to do.
-    pub fn open(path: &Path, options: SledOptions) -> Result<SledStore> {
+    pub(crate) fn open(path: &Path, options: SledOptions) -> Result<SledStore> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -498,7 +498,8 @@ impl JournalStore for SledStore {
 
 /// Test and tooling access to raw records, for corrupting a store on purpose and for reading
 /// one that an engine must not open.
-#[doc(hidden)]
+// Reached through `crate::test_utilities` only.
+#[cfg_attr(not(feature = "test-utilities"), allow(unreachable_pub, dead_code))]
 pub mod raw {
     use super::*;
 
