@@ -94,6 +94,92 @@
 //! # }
 //! ```
 //!
+//! ## Child runs, fan-outs, and testing with the test clock
+//!
+//! A workflow starts another workflow as a child run with [`Ctx::child`] (awaited; the
+//! child has its own journal and saga, and is compensated with its parent), or many at once
+//! with [`Ctx::children`]; [`Ctx::join`] runs steps concurrently, a bounded number at a time.
+//! Each branch's result comes back in order, so the body decides what a failure means. A test
+//! opens the engine on a [`testing::TestClock`], which moves only when the test moves it:
+//! here a day's sleep in each child passes at once.
+//!
+//! ```
+//! use std::time::Duration;
+//! use keel_engine::testing::TestClock;
+//! use keel_engine::{Ctx, Engine, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError};
+//! use serde::{Deserialize, Serialize};
+//!
+//! /// Registers one device (pretend); a device has nothing to undo here.
+//! #[derive(Serialize, Deserialize)]
+//! struct Register {
+//!     device: String,
+//! }
+//!
+//! impl Step for Register {
+//!     const KIND: &'static str = "doc.register";
+//!     const COMPENSABLE: bool = false;
+//!     type Output = String;
+//!     async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
+//!         Ok(format!("{}@{}", self.device, ctx.key()))
+//!     }
+//! }
+//!
+//! /// One device: register it, then let it settle for a day.
+//! struct Device;
+//!
+//! impl Workflow for Device {
+//!     const NAME: &'static str = "doc.device";
+//!     type Input = String;
+//!     type Output = String;
+//!     async fn run(ctx: &mut Ctx, device: String) -> Result<String, WorkflowError> {
+//!         let registered = ctx.step(Register { device }).await?;
+//!         ctx.sleep(Duration::from_secs(24 * 3600)).await?;
+//!         Ok(registered)
+//!     }
+//! }
+//!
+//! /// A fleet: one child run per device, two at a time, then a final check of them all.
+//! struct Fleet;
+//!
+//! impl Workflow for Fleet {
+//!     const NAME: &'static str = "doc.fleet";
+//!     type Input = Vec<String>;
+//!     type Output = usize;
+//!     async fn run(ctx: &mut Ctx, devices: Vec<String>) -> Result<usize, WorkflowError> {
+//!         let mut done = Vec::new();
+//!         for result in ctx.children::<Device>(devices, 2).await? {
+//!             done.push(result?);
+//!         }
+//!         let checks = done.iter().map(|d| Register { device: format!("check-{d}") });
+//!         let checked = ctx.join(checks.collect(), 4).await?;
+//!         Ok(checked.into_iter().filter(Result::is_ok).count())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let clock = TestClock::new();
+//! let engine = Engine::builder(dir.path())
+//!     .clock(clock.clone())
+//!     .workflow::<Fleet>()
+//!     .workflow::<Device>()
+//!     .open()
+//!     .await?;
+//! let devices = vec!["a".to_string(), "b".to_string(), "c".to_string()];
+//! engine.start::<Fleet>("fleet-1", devices).await?;
+//! // Moves the clock to each wake time as soon as everything sleeps: days pass at once.
+//! let record = clock.skip_until_settled(&engine, "fleet-1").await?;
+//! assert_eq!(record.status, RunStatus::Completed);
+//! assert_eq!(record.output, Some(serde_json::json!(3)));
+//! // Each child is a run of its own, under an id derived from its parent's.
+//! let children = engine.list().await?.into_iter().filter(|r| r.parent.is_some()).count();
+//! assert_eq!(children, 3);
+//! engine.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Where things are
 //! The public surface is the names re-exported here, [`testing`] (the test clock) and
 //! [`limits`] (every hard limit). The engine's internals, described in
