@@ -9,7 +9,7 @@ use keel::{Engine, RunStatus, StepIndex};
 use keel_engine::journal::{Event, RunHistory};
 use keel_engine::limits::FAN_OUT_MAX;
 use keel_engine::replay::{Op, RunState, StepOutcome};
-use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{EffectStep, FanOutFlow, FanOutInput};
 use rand::{Rng, SeedableRng};
@@ -222,12 +222,7 @@ fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
 fn verify(dir: &Path) -> Tally {
     let log = dir.join("effects.jsonl");
     let effects = effects_at(&log);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.join("data")).open().await.unwrap();
+    read_store_blocking(&dir.join("data"), async |engine| {
         let mut tally = Tally::default();
         for (id, fail_at) in RUNS {
             let history = engine.history(id).await.unwrap();
@@ -243,7 +238,6 @@ fn verify(dir: &Path) -> Tally {
                 assert!(widest(&history) <= 8);
             }
         }
-        engine.shutdown().await;
         tally
     })
 }

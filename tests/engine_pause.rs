@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keel::{Ctx, Engine, EngineError, OnRetriesExhausted, RunStatus, Workflow, WorkflowError};
 use keel_engine::journal::{Event, RunHistory};
-use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec};
 use keel_testkit::flows::{EffectStep, FanOutFlow, FanOutInput, Fault};
 use serde::{Deserialize, Serialize};
@@ -118,15 +118,7 @@ fn pause_during_a_fan_out_survives_sigkill_and_resume_finishes_every_step_once()
     assert!(resume.success(), "the resuming child failed: {resume}");
 
     let log = dir.path().join("effects.jsonl");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.path().join("data"))
-            .open()
-            .await
-            .unwrap();
+    read_store_blocking(&dir.path().join("data"), async |engine| {
         let history = engine.history("long").await.unwrap();
         let mut tally = Tally::default();
         let expected = FanOutFlow::expected_output(&fan_out(&log));
@@ -158,7 +150,6 @@ fn pause_during_a_fan_out_survives_sigkill_and_resume_finishes_every_step_once()
         );
         assert_eq!(tally.steps_rerun, 33);
         assert_eq!(tally.effects, 102 + 33);
-        engine.shutdown().await;
     });
 }
 

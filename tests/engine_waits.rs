@@ -10,6 +10,7 @@ use std::time::Duration;
 use keel::testing::TestClock;
 use keel::{Ctx, Engine, Event, RunHistory, Workflow, WorkflowError};
 use keel::{RunStatus, WaitOutcome, WaitPolicy};
+use keel_testkit::check::read_store_blocking;
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::FlappingProbe;
 use serde::{Deserialize, Serialize};
@@ -222,15 +223,7 @@ fn a_wait_killed_halfway_keeps_its_deadline() {
     );
     assert_eq!(spec.run(&[], bound), Ending::Finished);
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.path().join("data"))
-            .open()
-            .await
-            .unwrap();
+    read_store_blocking(&dir.path().join("data"), async |engine| {
         let history = engine.history("never").await.unwrap();
         let events = wait_events(&history);
         assert_eq!(events.len(), 2, "started once, ended once: {events:?}");
@@ -247,10 +240,12 @@ fn a_wait_killed_halfway_keeps_its_deadline() {
             "ended {} ms after the journaled deadline",
             ended_at - schedule.deadline_ms
         );
-        engine.shutdown().await;
     });
 }
 
+/// Latency statistics survive a restart and match a known sample set exactly (count, min,
+/// max, mean, percentiles, standard deviation, outliers); a run's real wait is recorded under
+/// its kind.
 #[tokio::test]
 async fn statistics_survive_a_restart_and_match_a_known_sample_set() {
     keel_testkit::init_tracing();

@@ -15,6 +15,7 @@ use std::time::Duration;
 use keel_engine::{crash, Ctx, Engine, RunStatus, Workflow, WorkflowError};
 use keel_steps::files::{digest_of, sha256_hex, Publish, Published, Source, PARTIAL_SUFFIX};
 use keel_steps::s3::{DownloadToFile, S3Client};
+use keel_testkit::check::read_store_blocking;
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::moto::TestAccount;
 use rand::{Rng, RngCore, SeedableRng};
@@ -343,12 +344,7 @@ fn killed_at_each_publication_crash_point_no_final_name_ever_holds_a_partial_fil
             ],
             "{point}: the kept files and markers, nothing of the undone run, no temporary file"
         );
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async {
-            let engine = Engine::builder(dir.path().join("data"))
-                .open()
-                .await
-                .unwrap();
+        read_store_blocking(&dir.path().join("data"), async |engine| {
             assert_eq!(
                 engine.status(KEPT).await.unwrap().status,
                 RunStatus::Completed
@@ -357,7 +353,6 @@ fn killed_at_each_publication_crash_point_no_final_name_ever_holds_a_partial_fil
                 engine.status(UNDONE).await.unwrap().status,
                 RunStatus::Compensated
             );
-            engine.shutdown().await;
         });
     }
     assert!(kills >= crash::STEP_LIBRARY_POINTS.len(), "{kills} kills");
