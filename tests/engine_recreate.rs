@@ -8,6 +8,7 @@ use std::time::Duration;
 use keel::{Ctx, Engine, Event, RunStatus, StepIndex, WaitPolicy, Workflow, WorkflowError};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectStep, Fault, ThresholdProbe};
+use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -192,14 +193,11 @@ async fn a_refused_undo_stops_the_recreation_and_the_run_waits_for_an_operator()
     // run ends compensated.
     std::fs::remove_file(format!("{log}.refuse-undo")).unwrap();
     engine.retry_compensation("refused").await.unwrap();
-    let mut status = engine.history("refused").await.unwrap().run.status;
-    for _ in 0..3000 {
-        if status.is_terminal() && status != RunStatus::CompensationFailed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        status = engine.history("refused").await.unwrap().run.status;
-    }
+    until(&engine, "refused", |h| {
+        h.run.status.is_terminal() && h.run.status != RunStatus::CompensationFailed
+    })
+    .await;
+    let status = engine.history("refused").await.unwrap().run.status;
     assert_eq!(status, RunStatus::Compensated);
     assert_eq!(effect_trace(&log), vec![(0, Action::Do), (0, Action::Undo)]);
     engine.shutdown().await;
