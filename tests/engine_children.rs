@@ -178,6 +178,8 @@ async fn fifty_children_three_fail_then_cancelling_the_parent_compensates_the_ot
     engine.shutdown().await;
 }
 
+/// An input the workflow's own check refuses is refused by the typed and the JSON start
+/// alike, with the same message naming the field, and stores no run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_input_the_workflow_refuses_names_the_field_and_stores_nothing() {
     keel_testkit::init_tracing();

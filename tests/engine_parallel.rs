@@ -70,6 +70,8 @@ fn folded(history: &RunHistory) -> Vec<Option<(u64, Option<serde_json::Value>)>>
         .collect()
 }
 
+/// A 24-branch fan-out 4 wide never has more than 4 branches in flight, gives branch n
+/// operation n + 1 whatever order they end in, and returns the results in list order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branches_run_at_most_width_at_once_and_join_in_list_order() {
     keel_testkit::init_tracing();
@@ -118,6 +120,8 @@ async fn branches_run_at_most_width_at_once_and_join_in_list_order() {
     engine.shutdown().await;
 }
 
+/// A branch that fails permanently lets every other branch finish before compensation
+/// begins, and then every step that took effect (step 0 and the 11 other branches) is undone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_branch_lets_the_others_finish_then_every_branch_is_undone() {
     keel_testkit::init_tracing();
@@ -154,6 +158,8 @@ async fn a_failing_branch_lets_the_others_finish_then_every_branch_is_undone() {
     engine.shutdown().await;
 }
 
+/// A fan-out of width 0, or of more branches than `FAN_OUT_MAX`, suspends the run with an
+/// error naming the bound, and journals nothing of the fan-out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn width_zero_and_too_many_branches_suspend_the_run_naming_the_bound() {
     keel_testkit::init_tracing();
@@ -352,6 +358,9 @@ impl keel::Workflow for SelectFlow {
     }
 }
 
+/// `select` returns the output of the branch journaled as the winner, which is never the
+/// failing one, and undoes every losing branch that took effect; when no branch succeeds, the
+/// body gets every error and the run compensates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn select_returns_the_first_success_and_undoes_every_loser_that_took_effect() {
     keel_testkit::init_tracing();

@@ -80,6 +80,9 @@ fn child_main() {
     });
 }
 
+/// A run paused in the middle of a 100-branch fan-out starts no step while paused, stays
+/// paused across a SIGKILL and a restart, and once resumed completes with every step's effect
+/// run once (but for the branches that lose their first response by design).
 #[test]
 fn pause_during_a_fan_out_survives_sigkill_and_resume_finishes_every_step_once() {
     const NAME: &str =
@@ -192,6 +195,10 @@ async fn pausing_engine(dir: &Path) -> Engine {
         .unwrap()
 }
 
+/// A workflow configured to pause when a step runs out of retries pauses instead of
+/// compensating, stays paused across a restart, and once resumed gives the step a new round of
+/// attempts and completes; a paused run that is cancelled compensates; and only running runs
+/// pause and only paused ones resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_out_of_retries_pauses_the_run_and_resume_gives_it_a_new_round() {
     keel_testkit::init_tracing();
@@ -286,6 +293,8 @@ async fn a_step_out_of_retries_pauses_the_run_and_resume_gives_it_a_new_round() 
     engine.shutdown().await;
 }
 
+/// A pause followed at once by a resume, whether or not the run reached the pause first,
+/// leaves the run to complete with one resume journaled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_withdrawn_before_the_run_reached_it_changes_nothing() {
     keel_testkit::init_tracing();

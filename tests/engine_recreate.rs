@@ -81,6 +81,9 @@ fn effect_trace(log: &str) -> Vec<(u32, Action)> {
         .collect()
 }
 
+/// A resource whose wait times out is undone and created again under a new key, until a
+/// generation becomes ready: the run completes with the last generation in place and the
+/// earlier ones undone, as the effect log and the journal both say.
 #[tokio::test]
 async fn a_stuck_resource_is_compensated_and_the_next_generation_succeeds() {
     keel_testkit::init_tracing();
@@ -130,6 +133,8 @@ async fn a_stuck_resource_is_compensated_and_the_next_generation_succeeds() {
     engine.shutdown().await;
 }
 
+/// When every generation's wait times out, the run compensates, and each generation is
+/// undone exactly once: the saga does not undo again what the recreation already undid.
 #[tokio::test]
 async fn when_every_generation_is_stuck_the_run_compensates_each_resource_once() {
     keel_testkit::init_tracing();
@@ -166,6 +171,9 @@ async fn when_every_generation_is_stuck_the_run_compensates_each_resource_once()
     engine.shutdown().await;
 }
 
+/// An undo refused during a recreation stops it: no next generation is created, the run ends
+/// `CompensationFailed`, and once the operator lets the undo through and retries the
+/// compensation, the stuck resource is removed and the run ends compensated.
 #[tokio::test]
 async fn a_refused_undo_stops_the_recreation_and_the_run_waits_for_an_operator() {
     keel_testkit::init_tracing();

@@ -113,6 +113,9 @@ fn wait_events(history: &RunHistory) -> Vec<(u64, Event)> {
         .collect()
 }
 
+/// A wait on a flapping probe ends ready only after k "ready" answers in a row, journals only
+/// its start and its end whatever the number of polls, and times out at the first "not ready"
+/// answer from the deadline on.
 #[tokio::test]
 async fn a_flapping_probe_needs_k_confirmations_in_a_row() {
     keel_testkit::init_tracing();
@@ -157,6 +160,8 @@ async fn a_flapping_probe_needs_k_confirmations_in_a_row() {
     engine.shutdown().await;
 }
 
+/// Starting a finished run with a wait again answers from its record without polling: the
+/// same output, and nothing added to the journal.
 #[tokio::test]
 async fn a_replayed_wait_answers_from_the_journal_without_polling() {
     keel_testkit::init_tracing();
@@ -290,6 +295,9 @@ async fn statistics_survive_a_restart_and_match_a_known_sample_set() {
     engine.shutdown().await;
 }
 
+/// A learned wait policy keeps the explicit schedule while samples are too few, and with
+/// enough samples takes its initial delay, dense interval, dense span and deadline from the
+/// statistics.
 #[tokio::test]
 async fn a_learned_policy_takes_its_schedule_from_the_statistics() {
     keel_testkit::init_tracing();

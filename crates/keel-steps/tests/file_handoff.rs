@@ -118,6 +118,8 @@ fn naive_parallel_write(source: &Path, dest: &Path, ranges: u64) {
     }
 }
 
+/// A consumer polling the destination every millisecond catches a naive parallel writer
+/// showing a partial file, and never sees one from `files.publish` over many seeded runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_catches_a_naive_writer_and_never_a_published_file() {
     keel_testkit::init_tracing();
@@ -282,6 +284,9 @@ fn only_complete_files(dest: &Path, sources: &Path, point: &str) {
     }
 }
 
+/// Killed at each of the publication's crash points, the destination never holds a partial
+/// file under a final name, and after restarts it holds the kept run's complete files and
+/// markers, nothing of the undone run, and no temporary file.
 #[test]
 fn killed_at_each_publication_crash_point_no_final_name_ever_holds_a_partial_file() {
     const NAME: &str =
@@ -378,6 +383,9 @@ impl Workflow for DownloadAll {
     }
 }
 
+/// S3 objects are downloaded to their final names only complete and verified, a single-part
+/// object by its ETag and a multipart one by the digest given; a multipart object without a
+/// digest and a wrong digest are refused, and a watcher never sees a partial file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_objects_land_only_complete_verified_by_etag_or_given_digest() {
     keel_testkit::init_tracing();
