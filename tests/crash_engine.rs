@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keel::Engine;
 use keel_engine::crash;
-use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
 use rand::{Rng, SeedableRng};
@@ -73,13 +73,7 @@ fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
 fn verify(dir: &Path) -> Tally {
     let log = path_env(dir, "effects.jsonl");
     let effects = effects_at(Path::new(&log));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        // No workflow registered: this engine only reads.
-        let engine = Engine::builder(dir.join("data")).open().await.unwrap();
+    read_store_blocking(&dir.join("data"), async |engine| {
         let mut tally = Tally::default();
         for i in 0..RUNS {
             let history = engine.history(&run_id(i)).await.unwrap();
@@ -96,7 +90,6 @@ fn verify(dir: &Path) -> Tally {
             RUNS as usize,
             "a run was created twice or lost"
         );
-        engine.shutdown().await;
         tally
     })
 }

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use keel::{Engine, EngineError, Event, JournalIndex, RunHistory, RunId, RunStatus};
 use keel_engine::test_utilities::raw;
@@ -562,14 +561,7 @@ async fn torn_sled_snapshot_left_by_a_crash_does_not_lose_the_store() {
         std::fs::copy(p, &copy).unwrap();
         copy
     });
-    let refused = loop {
-        match sled::open(&data) {
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            other => break other,
-        }
-    };
+    let refused = keel_testkit::raw::try_open(&data);
     assert!(
         matches!(refused, Err(sled::Error::Corruption { .. })),
         "plain sled must refuse the store: {refused:?}"

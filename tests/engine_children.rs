@@ -5,14 +5,15 @@
 //! moments never creates a child twice or loses one.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keel::{child_id, Engine, RunId, RunStatus, StepIndex};
 use keel_engine::test_utilities::replay::{Op, RunState};
 use keel_engine::{Event, RunHistory};
-use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{ChildFlow, EffectStep, ParentFlow, ParentInput};
+use keel_testkit::poll::CONDITION_TIMEOUT;
 use rand::{Rng, SeedableRng};
 
 const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
@@ -101,8 +102,10 @@ async fn verify(engine: &Engine, id: &str, input: &ParentInput, log: &Path, undo
     tally
 }
 
-/// Waits until every child of `id` has ended (the parent then holds on its timer).
+/// Waits until every child of `id` has ended (the parent then holds on its timer), or the
+/// parent is no longer running; panics after [`CONDITION_TIMEOUT`].
 async fn children_ended(engine: &Engine, id: &str, children: usize) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
     loop {
         let history = engine.history(id).await.unwrap();
         let ended = history
@@ -113,10 +116,17 @@ async fn children_ended(engine: &Engine, id: &str, children: usize) {
         if ended == children || history.run.status != RunStatus::Running {
             return;
         }
+        assert!(
+            Instant::now() < deadline,
+            "{ended} of the {children} children of {id} ended within {CONDITION_TIMEOUT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
+/// Of fifty children three fail and compensate themselves while the parent completes with the
+/// other 47; a parent held after the same children ended and then cancelled compensates the 47
+/// completed children (both steps each) and leaves the self-compensated three alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_children_three_fail_then_cancelling_the_parent_compensates_the_other_47() {
     keel_testkit::init_tracing();
@@ -168,6 +178,8 @@ async fn fifty_children_three_fail_then_cancelling_the_parent_compensates_the_ot
     engine.shutdown().await;
 }
 
+/// An input the workflow's own check refuses is refused by the typed and the JSON start
+/// alike, with the same message naming the field, and stores no run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_input_the_workflow_refuses_names_the_field_and_stores_nothing() {
     keel_testkit::init_tracing();
@@ -291,17 +303,14 @@ fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
     }
 }
 
+/// Checks both parents and their children against the effect log: "done" completed, "undone"
+/// compensated with every child.
 fn verify_both(dir: &Path) -> Tally {
     let log = dir.join("effects.jsonl");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.join("data")).open().await.unwrap();
-        let mut tally = verify(&engine, "done", &input(20, &[4, 13], 0, &log), &log, false).await;
+    read_store_blocking(&dir.join("data"), async |engine| {
+        let mut tally = verify(engine, "done", &input(20, &[4, 13], 0, &log), &log, false).await;
         let undone = verify(
-            &engine,
+            engine,
             "undone",
             &input(20, &[9], HOLD_MS, &log),
             &log,
@@ -310,7 +319,6 @@ fn verify_both(dir: &Path) -> Tally {
         .await;
         tally.steps_rerun += undone.steps_rerun;
         tally.undos += undone.undos;
-        engine.shutdown().await;
         tally
     })
 }

@@ -48,6 +48,9 @@ async fn pages(engine: &Engine, status: Option<RunStatus>, limit: usize) -> Vec<
     }
 }
 
+/// Listing by pages returns every run once, in id order, for any page size; a status filter
+/// applies before the page is cut, the counts by status match the listing, an out-of-range
+/// page size is refused naming the limit, and a page after the last id is empty and last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut() {
     let dir = tempfile::tempdir().unwrap();

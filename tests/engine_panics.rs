@@ -11,11 +11,8 @@ use keel::{
     RunStatus, Step, StepContext, StepError, Undo, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
+use keel_testkit::poll::CONDITION_TIMEOUT;
 use serde::{Deserialize, Serialize};
-
-/// How long a waiter may take to hear the end of a run before the test fails: far above what
-/// any of these runs needs, so only a waiter that is never answered trips it.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Records its effect, then panics on the attempts up to `panics_until` (and, when
 /// `undo_panics`, in every compensation); later attempts return the attempt number.
@@ -215,7 +212,7 @@ async fn open(data: &Path) -> Engine {
 
 /// The run's record once it settled, failing the test if no answer comes within the bound.
 async fn settled(engine: &Engine, id: &str) -> keel::RunRecord {
-    tokio::time::timeout(ANSWER_TIMEOUT, engine.wait(id))
+    tokio::time::timeout(CONDITION_TIMEOUT, engine.wait(id))
         .await
         .unwrap_or_else(|_| panic!("the waiter of run {id} was never answered"))
         .unwrap()
@@ -383,7 +380,7 @@ async fn a_panicking_body_suspends_its_run_until_resumed() {
         .start::<PanickingBody>("body", s.log.clone())
         .await
         .unwrap();
-    let err = tokio::time::timeout(ANSWER_TIMEOUT, handle.result())
+    let err = tokio::time::timeout(CONDITION_TIMEOUT, handle.result())
         .await
         .expect("the waiter of a run whose body panicked was never answered")
         .unwrap_err();

@@ -9,7 +9,7 @@ use keel::{Engine, RunStatus, StepIndex};
 use keel_engine::limits::FAN_OUT_MAX;
 use keel_engine::test_utilities::replay::{Op, RunState, StepOutcome};
 use keel_engine::{Event, RunHistory};
-use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{EffectStep, FanOutFlow, FanOutInput};
 use rand::{Rng, SeedableRng};
@@ -70,6 +70,8 @@ fn folded(history: &RunHistory) -> Vec<Option<(u64, Option<serde_json::Value>)>>
         .collect()
 }
 
+/// A 24-branch fan-out 4 wide never has more than 4 branches in flight, gives branch n
+/// operation n + 1 whatever order they end in, and returns the results in list order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn branches_run_at_most_width_at_once_and_join_in_list_order() {
     keel_testkit::init_tracing();
@@ -118,6 +120,8 @@ async fn branches_run_at_most_width_at_once_and_join_in_list_order() {
     engine.shutdown().await;
 }
 
+/// A branch that fails permanently lets every other branch finish before compensation
+/// begins, and then every step that took effect (step 0 and the 11 other branches) is undone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_branch_lets_the_others_finish_then_every_branch_is_undone() {
     keel_testkit::init_tracing();
@@ -154,6 +158,8 @@ async fn a_failing_branch_lets_the_others_finish_then_every_branch_is_undone() {
     engine.shutdown().await;
 }
 
+/// A fan-out of width 0, or of more branches than `FAN_OUT_MAX`, suspends the run with an
+/// error naming the bound, and journals nothing of the fan-out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn width_zero_and_too_many_branches_suspend_the_run_naming_the_bound() {
     keel_testkit::init_tracing();
@@ -222,12 +228,7 @@ fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
 fn verify(dir: &Path) -> Tally {
     let log = dir.join("effects.jsonl");
     let effects = effects_at(&log);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.join("data")).open().await.unwrap();
+    read_store_blocking(&dir.join("data"), async |engine| {
         let mut tally = Tally::default();
         for (id, fail_at) in RUNS {
             let history = engine.history(id).await.unwrap();
@@ -243,7 +244,6 @@ fn verify(dir: &Path) -> Tally {
                 assert!(widest(&history) <= 8);
             }
         }
-        engine.shutdown().await;
         tally
     })
 }
@@ -358,6 +358,9 @@ impl keel::Workflow for SelectFlow {
     }
 }
 
+/// `select` returns the output of the branch journaled as the winner, which is never the
+/// failing one, and undoes every losing branch that took effect; when no branch succeeds, the
+/// body gets every error and the run compensates.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn select_returns_the_first_success_and_undoes_every_loser_that_took_effect() {
     keel_testkit::init_tracing();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use keel::{Ctx, Engine, EngineError, OnRetriesExhausted, RunStatus, Workflow, WorkflowError};
 use keel_engine::{Event, RunHistory};
-use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec};
 use keel_testkit::flows::{EffectStep, FanOutFlow, FanOutInput, Fault};
 use serde::{Deserialize, Serialize};
@@ -80,6 +80,9 @@ fn child_main() {
     });
 }
 
+/// A run paused in the middle of a 100-branch fan-out starts no step while paused, stays
+/// paused across a SIGKILL and a restart, and once resumed completes with every step's effect
+/// run once (but for the branches that lose their first response by design).
 #[test]
 fn pause_during_a_fan_out_survives_sigkill_and_resume_finishes_every_step_once() {
     const NAME: &str =
@@ -118,15 +121,7 @@ fn pause_during_a_fan_out_survives_sigkill_and_resume_finishes_every_step_once()
     assert!(resume.success(), "the resuming child failed: {resume}");
 
     let log = dir.path().join("effects.jsonl");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.path().join("data"))
-            .open()
-            .await
-            .unwrap();
+    read_store_blocking(&dir.path().join("data"), async |engine| {
         let history = engine.history("long").await.unwrap();
         let mut tally = Tally::default();
         let expected = FanOutFlow::expected_output(&fan_out(&log));
@@ -158,7 +153,6 @@ fn pause_during_a_fan_out_survives_sigkill_and_resume_finishes_every_step_once()
         );
         assert_eq!(tally.steps_rerun, 33);
         assert_eq!(tally.effects, 102 + 33);
-        engine.shutdown().await;
     });
 }
 
@@ -201,6 +195,10 @@ async fn pausing_engine(dir: &Path) -> Engine {
         .unwrap()
 }
 
+/// A workflow configured to pause when a step runs out of retries pauses instead of
+/// compensating, stays paused across a restart, and once resumed gives the step a new round of
+/// attempts and completes; a paused run that is cancelled compensates; and only running runs
+/// pause and only paused ones resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_out_of_retries_pauses_the_run_and_resume_gives_it_a_new_round() {
     keel_testkit::init_tracing();
@@ -295,6 +293,8 @@ async fn a_step_out_of_retries_pauses_the_run_and_resume_gives_it_a_new_round() 
     engine.shutdown().await;
 }
 
+/// A pause followed at once by a resume, whether or not the run reached the pause first,
+/// leaves the run to complete with one resume journaled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pause_withdrawn_before_the_run_reached_it_changes_nothing() {
     keel_testkit::init_tracing();

@@ -81,6 +81,8 @@ async fn open(dir: &std::path::Path) -> Engine {
         .unwrap()
 }
 
+/// Each attempt of a step takes a slot of its service's limiter and a throttled attempt is
+/// reported to it; another service name gets a limiter of its own, with the defaults.
 #[tokio::test]
 async fn throttled_attempts_are_reported_to_the_service_limiter() {
     keel_testkit::init_tracing();

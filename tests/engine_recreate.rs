@@ -8,6 +8,7 @@ use std::time::Duration;
 use keel::{Ctx, Engine, Event, RunStatus, StepIndex, WaitPolicy, Workflow, WorkflowError};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectStep, Fault, ThresholdProbe};
+use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,6 +81,9 @@ fn effect_trace(log: &str) -> Vec<(u32, Action)> {
         .collect()
 }
 
+/// A resource whose wait times out is undone and created again under a new key, until a
+/// generation becomes ready: the run completes with the last generation in place and the
+/// earlier ones undone, as the effect log and the journal both say.
 #[tokio::test]
 async fn a_stuck_resource_is_compensated_and_the_next_generation_succeeds() {
     keel_testkit::init_tracing();
@@ -129,6 +133,8 @@ async fn a_stuck_resource_is_compensated_and_the_next_generation_succeeds() {
     engine.shutdown().await;
 }
 
+/// When every generation's wait times out, the run compensates, and each generation is
+/// undone exactly once: the saga does not undo again what the recreation already undid.
 #[tokio::test]
 async fn when_every_generation_is_stuck_the_run_compensates_each_resource_once() {
     keel_testkit::init_tracing();
@@ -165,6 +171,9 @@ async fn when_every_generation_is_stuck_the_run_compensates_each_resource_once()
     engine.shutdown().await;
 }
 
+/// An undo refused during a recreation stops it: no next generation is created, the run ends
+/// `CompensationFailed`, and once the operator lets the undo through and retries the
+/// compensation, the stuck resource is removed and the run ends compensated.
 #[tokio::test]
 async fn a_refused_undo_stops_the_recreation_and_the_run_waits_for_an_operator() {
     keel_testkit::init_tracing();
@@ -192,14 +201,11 @@ async fn a_refused_undo_stops_the_recreation_and_the_run_waits_for_an_operator()
     // run ends compensated.
     std::fs::remove_file(format!("{log}.refuse-undo")).unwrap();
     engine.retry_compensation("refused").await.unwrap();
-    let mut status = engine.history("refused").await.unwrap().run.status;
-    for _ in 0..3000 {
-        if status.is_terminal() && status != RunStatus::CompensationFailed {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        status = engine.history("refused").await.unwrap().run.status;
-    }
+    until(&engine, "refused", |h| {
+        h.run.status.is_terminal() && h.run.status != RunStatus::CompensationFailed
+    })
+    .await;
+    let status = engine.history("refused").await.unwrap().run.status;
     assert_eq!(status, RunStatus::Compensated);
     assert_eq!(effect_trace(&log), vec![(0, Action::Do), (0, Action::Undo)]);
     engine.shutdown().await;

@@ -9,9 +9,8 @@ use keel::{
     Ctx, Engine, EngineError, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::poll::CONDITION_TIMEOUT;
 use serde::{Deserialize, Serialize};
-
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sleeps an hour.
 struct Sleeper;
@@ -70,7 +69,7 @@ impl Workflow for Changing {
 }
 
 async fn answered<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(ANSWER_TIMEOUT, future)
+    tokio::time::timeout(CONDITION_TIMEOUT, future)
         .await
         .unwrap_or_else(|_| panic!("{what}: the waiter was never answered"))
 }
@@ -240,5 +239,5 @@ fn a_full_disk_answers_the_waiters_with_the_error() {
         test_name: NAME,
         env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
     };
-    assert_eq!(spec.run(&[], ANSWER_TIMEOUT * 2), Ending::Finished);
+    assert_eq!(spec.run(&[], CONDITION_TIMEOUT * 2), Ending::Finished);
 }

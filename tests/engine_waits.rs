@@ -10,6 +10,7 @@ use std::time::Duration;
 use keel::testing::TestClock;
 use keel::{Ctx, Engine, Event, RunHistory, Workflow, WorkflowError};
 use keel::{RunStatus, WaitOutcome, WaitPolicy};
+use keel_testkit::check::read_store_blocking;
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::FlappingProbe;
 use serde::{Deserialize, Serialize};
@@ -112,6 +113,9 @@ fn wait_events(history: &RunHistory) -> Vec<(u64, Event)> {
         .collect()
 }
 
+/// A wait on a flapping probe ends ready only after k "ready" answers in a row, journals only
+/// its start and its end whatever the number of polls, and times out at the first "not ready"
+/// answer from the deadline on.
 #[tokio::test]
 async fn a_flapping_probe_needs_k_confirmations_in_a_row() {
     keel_testkit::init_tracing();
@@ -156,6 +160,8 @@ async fn a_flapping_probe_needs_k_confirmations_in_a_row() {
     engine.shutdown().await;
 }
 
+/// Starting a finished run with a wait again answers from its record without polling: the
+/// same output, and nothing added to the journal.
 #[tokio::test]
 async fn a_replayed_wait_answers_from_the_journal_without_polling() {
     keel_testkit::init_tracing();
@@ -222,15 +228,7 @@ fn a_wait_killed_halfway_keeps_its_deadline() {
     );
     assert_eq!(spec.run(&[], bound), Ending::Finished);
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.path().join("data"))
-            .open()
-            .await
-            .unwrap();
+    read_store_blocking(&dir.path().join("data"), async |engine| {
         let history = engine.history("never").await.unwrap();
         let events = wait_events(&history);
         assert_eq!(events.len(), 2, "started once, ended once: {events:?}");
@@ -247,10 +245,12 @@ fn a_wait_killed_halfway_keeps_its_deadline() {
             "ended {} ms after the journaled deadline",
             ended_at - schedule.deadline_ms
         );
-        engine.shutdown().await;
     });
 }
 
+/// Latency statistics survive a restart and match a known sample set exactly (count, min,
+/// max, mean, percentiles, standard deviation, outliers); a run's real wait is recorded under
+/// its kind.
 #[tokio::test]
 async fn statistics_survive_a_restart_and_match_a_known_sample_set() {
     keel_testkit::init_tracing();
@@ -295,6 +295,9 @@ async fn statistics_survive_a_restart_and_match_a_known_sample_set() {
     engine.shutdown().await;
 }
 
+/// A learned wait policy keeps the explicit schedule while samples are too few, and with
+/// enough samples takes its initial delay, dense interval, dense span and deadline from the
+/// statistics.
 #[tokio::test]
 async fn a_learned_policy_takes_its_schedule_from_the_statistics() {
     keel_testkit::init_tracing();

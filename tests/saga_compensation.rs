@@ -8,7 +8,7 @@ use keel::{
     Ctx, Engine, EngineError, Event, RunHistory, RunStatus, Step, StepContext, StepError,
     StepIndex, Undo, Workflow, WorkflowError,
 };
-use keel_testkit::check::{check_run, effects_at, Expect, Tally};
+use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep, Fault};
@@ -484,15 +484,7 @@ fn in_doubt_step_is_found_by_key_and_undone() {
     ];
     assert_eq!(spec.run(&armed, Duration::from_secs(60)), Ending::Killed);
     assert_eq!(spec.run(&[], Duration::from_secs(60)), Ending::Finished);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let engine = Engine::builder(dir.path().join("data"))
-            .open()
-            .await
-            .unwrap();
+    read_store_blocking(&dir.path().join("data"), async |engine| {
         let history = engine.history("child-run").await.unwrap();
         assert_eq!(history.run.status, RunStatus::Compensated);
         assert!(
@@ -514,7 +506,6 @@ fn in_doubt_step_is_found_by_key_and_undone() {
             &effects_at(Path::new(&log)),
             &mut tally,
         );
-        engine.shutdown().await;
     });
 }
 
@@ -616,15 +607,7 @@ fn saga_kills_at_random_moments() {
         spec.run_until_finished(Duration::from_secs(60));
         let log = path_env(dir.path(), "effects.jsonl");
         let effects = effects_at(Path::new(&log));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let engine = Engine::builder(dir.path().join("data"))
-                .open()
-                .await
-                .unwrap();
+        read_store_blocking(&dir.path().join("data"), async |engine| {
             let mut tally = Tally::default();
             for i in 0..SAGA_RUNS {
                 check_run(
@@ -635,7 +618,6 @@ fn saga_kills_at_random_moments() {
                 );
             }
             assert!(tally.undos >= (SAGA_RUNS * 5) as usize);
-            engine.shutdown().await;
         });
     }
 }

@@ -4,15 +4,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
 
 use keel::{
     Ctx, Engine, Event, RunStatus, Step, StepContext, StepError, Undo, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
+use keel_testkit::poll::CONDITION_TIMEOUT;
 use serde::{Deserialize, Serialize};
-
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Records its effect, then returns an output the engine cannot keep: 1 MiB of bytes, or a
 /// map with non-string keys (which JSON cannot hold).
@@ -85,7 +83,7 @@ async fn run(too_large: bool) {
         too_large,
     };
     engine.start::<UnkeepableFlow>("big", step).await.unwrap();
-    let record = tokio::time::timeout(ANSWER_TIMEOUT, engine.wait("big"))
+    let record = tokio::time::timeout(CONDITION_TIMEOUT, engine.wait("big"))
         .await
         .expect("never answered")
         .unwrap();

@@ -20,6 +20,8 @@ fn hostile(seed: u64) -> Rules {
         .fault(FaultRule::new(Fault::Throttle).probability(0.1))
 }
 
+/// Under lost responses and throttling, a Greengrass core with three clients and a fleet of
+/// six complete with every resource existing once in moto, and every child run completed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_with_clients_and_a_fleet_complete_with_every_resource_once() {
     let env = env(hostile(3)).await;
@@ -70,6 +72,8 @@ async fn a_core_with_clients_and_a_fleet_complete_with_every_resource_once() {
     env.engine.shutdown().await;
 }
 
+/// A core whose deployment fails compensates the whole chain, child runs included, and moto
+/// ends empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_deployment_compensates_the_whole_chain_children_included() {
     let mut rules = hostile(5);
@@ -99,6 +103,8 @@ async fn a_failed_deployment_compensates_the_whole_chain_children_included() {
     env.engine.shutdown().await;
 }
 
+/// Bad core and fleet inputs are refused at start naming the field, before any run is stored
+/// or any resource exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_refused_naming_the_field_before_anything_exists() {
     let env = env(Rules::seeded(1)).await;

@@ -14,6 +14,7 @@ use keel_engine::Engine;
 use keel_engine::{IdempotencyKey, RunId, RunRecord, RunStatus, StepIndex};
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::{AwsClients, KEY_ATTRIBUTE, KEY_TAG};
+use keel_testkit::check::read_store;
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
@@ -116,9 +117,10 @@ fn completed<T: serde::de::DeserializeOwned>(
 /// The ground truth: the runs' outcomes from the journal, the resources from moto, the key
 /// files on disk.
 async fn verify(scenario: u64, dir: &Path, direct: &aws_config::SdkConfig) {
-    let engine = Engine::builder(dir.join("data")).open().await.unwrap();
-    let runs = engine.list().await.unwrap();
-    engine.shutdown().await;
+    let runs = read_store(&dir.join("data"), async |engine| {
+        engine.list().await.unwrap()
+    })
+    .await;
     let listing: Vec<String> = runs
         .iter()
         .map(|r| format!("{} {} {:?} {:?}", r.id, r.workflow, r.status, r.error))

@@ -18,6 +18,7 @@ use keel_steps::aws::iot::{
 };
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::{AwsClients, AwsSteps, KEY_ATTRIBUTE, KEY_TAG};
+use keel_testkit::check::read_store;
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
@@ -166,10 +167,11 @@ fn child_main() {
 
 /// The ground truth: the journal's outcomes, moto's resources, the key files.
 async fn verify(point: &str, dir: &Path, direct: &aws_config::SdkConfig) {
-    let engine = Engine::builder(dir.join("data")).open().await.unwrap();
-    let kept = engine.history(KEPT).await.unwrap();
-    let undone = engine.history(UNDONE).await.unwrap();
-    engine.shutdown().await;
+    let (kept, undone) = read_store(&dir.join("data"), async |engine| {
+        let kept = engine.history(KEPT).await.unwrap();
+        (kept, engine.history(UNDONE).await.unwrap())
+    })
+    .await;
     let journal = |h: &keel_engine::RunHistory| serde_json::to_string_pretty(&h.entries).unwrap();
     assert_eq!(
         kept.run.status,
@@ -391,12 +393,10 @@ fn a_key_left_by_a_killed_attempt_is_replaced_not_adopted() {
 
     spec.run_until_finished(CHILD_TIMEOUT);
     runtime.block_on(async {
-        let engine = Engine::builder(dir.path().join("data"))
-            .open()
-            .await
-            .unwrap();
-        let history = engine.history(KEY_RUN).await.unwrap();
-        engine.shutdown().await;
+        let history = read_store(&dir.path().join("data"), async |engine| {
+            engine.history(KEY_RUN).await.unwrap()
+        })
+        .await;
         assert_eq!(history.run.status, RunStatus::Completed);
         let material = history
             .entries

@@ -162,6 +162,9 @@ fn assert_one_device(truth: &Inventory, run: &str, name: &str, offset: u32) {
     assert_eq!(thing.principals, vec![cert.arn.clone()]);
 }
 
+/// Under random lost responses and throttling, and the first response of every create lost,
+/// a device's run completes with each of its resources existing exactly once (every create
+/// adopted, not repeated), its private key in a 0600 file and not in the journal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throttling() {
     let mut lost_creates = std::collections::BTreeSet::new();
@@ -208,6 +211,10 @@ async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throt
     assert_eq!(lost_creates, all);
 }
 
+/// A resource of the name a step derives that belongs to another owner (a role without the
+/// run's key, a thing with another run's key, an IoT policy with another document) fails the
+/// run as a conflict naming it, and is left unchanged while the run's own resources are
+/// compensated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchanged() {
     let env = Env::new(hostile(11), register).await;
@@ -287,6 +294,8 @@ async fn a_same_named_resource_of_another_owner_is_a_conflict_and_is_left_unchan
     env.engine.shutdown().await;
 }
 
+/// A device run that fails after all its steps succeeded compensates to nothing in moto and
+/// no key file, even when deletes lose their responses and run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compensation_after_success_and_under_lost_responses_leaves_nothing() {
     for seed in [21, 22] {
@@ -325,6 +334,8 @@ async fn compensation_after_success_and_under_lost_responses_leaves_nothing() {
     }
 }
 
+/// A create whose every response is lost stays in doubt while moto holds the resource; once
+/// the run is cancelled, the resource is found by its key and compensated, leaving nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_in_doubt_are_found_by_key_and_compensated() {
     // Every create's response is lost: each create step stays in doubt, retrying.
@@ -360,6 +371,9 @@ async fn steps_in_doubt_are_found_by_key_and_compensated() {
     env.engine.shutdown().await;
 }
 
+/// Under IAM and IoT create lag and a role that STS refuses until it has propagated, a device
+/// run completes with every resource once, its wait polling AssumeRole until the role is
+/// assumable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn role_and_certificate_lag_is_waited_out_without_sleeping() {
     let mut rules = Rules::seeded(41)
@@ -442,12 +456,12 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .collect()
 }
 
+/// Key and certificate files planted under the names a device's key material takes (the
+/// predictable name, and a name of the form an attempt that was killed before its outcome was
+/// journaled leaves) are never adopted: moto holds a certificate of a key the run made, and the
+/// key file the journal names holds that key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_files_planted_in_the_keys_directory_are_never_adopted() {
-    // Key and certificate files planted under the names a device's key material takes (the
-    // predictable name, and a name of the form an attempt that was killed before its outcome
-    // was journaled leaves) are never adopted: moto holds a certificate of a key the run made,
-    // and the key file the journal names holds that key.
     let env = Env::new(Rules::seeded(51), register).await;
     let run = "planted";
     std::fs::DirBuilder::new()
@@ -506,11 +520,11 @@ async fn key_files_planted_in_the_keys_directory_are_never_adopted() {
     env.engine.shutdown().await;
 }
 
+/// A keys directory with mode 0755 is refused before any key is written or any certificate
+/// registered: the run fails with an error naming the directory and its mode, compensates what
+/// it made, and moto ends empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keys_directory_open_to_others_fails_the_run_naming_path_and_mode() {
-    // A keys directory with mode 0755 is refused before any key is written or any
-    // certificate registered: the run fails with an error naming the directory and its mode,
-    // compensates what it made, and moto ends empty.
     let env = Env::new(Rules::seeded(52), register).await;
     std::fs::DirBuilder::new()
         .mode(0o755)

@@ -174,6 +174,9 @@ async fn versions_with_core(env: &Env, group_id: &str) -> Vec<String> {
     found
 }
 
+/// Under random lost responses and throttling, and the first response of every create lost,
+/// a Greengrass group's run completes with each resource existing exactly once (every create
+/// adopted, not repeated), one deployment, and the wait ended on the deployment's `Success`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throttling() {
     for seed in [1, 2] {
@@ -237,6 +240,8 @@ async fn every_create_leaves_exactly_one_resource_under_lost_responses_and_throt
     }
 }
 
+/// A core definition of the name the step derives but with other members fails the run as a
+/// conflict, is left unchanged, and the run's own resources are compensated.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_definition_of_the_step_name_with_other_members_is_a_conflict_and_is_left_unchanged() {
     let env = Env::new(hostile(11), register).await;
@@ -289,6 +294,8 @@ async fn a_definition_of_the_step_name_with_other_members_is_a_conflict_and_is_l
     env.engine.shutdown().await;
 }
 
+/// A Greengrass run that fails after its deployment compensates to nothing under lost
+/// responses, resetting the deployment before the group is deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compensation_resets_the_deployment_and_removes_everything_under_lost_responses() {
     for seed in [21, 22] {
@@ -315,6 +322,8 @@ async fn compensation_resets_the_deployment_and_removes_everything_under_lost_re
     }
 }
 
+/// A deployment that ends in `Failure` fails the wait with an error saying so, and the run
+/// compensates to nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_deployment_fails_the_wait_and_the_run_compensates() {
     let mut rules = Rules::seeded(51);
@@ -332,6 +341,9 @@ async fn a_failed_deployment_fails_the_wait_and_the_run_compensates() {
     env.engine.shutdown().await;
 }
 
+/// A group whose create and finding listings lose their responses stays in doubt while moto
+/// holds it; once the run is cancelled, the group is found by its name and compensated,
+/// leaving nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_in_doubt_is_found_by_name_and_compensated() {
     // CreateGroup's answer is lost, and so are the listings of every retry that would find

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use keel_engine::test_utilities::replay::{RunState, StepOutcome};
-use keel_engine::{Event, IdempotencyKey, RunHistory, RunId, RunStatus, StepIndex};
+use keel_engine::{Engine, Event, IdempotencyKey, RunHistory, RunId, RunStatus, StepIndex};
 
 use crate::effects::{self, Action, Effect};
 
@@ -241,4 +241,25 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
 /// Reads the effect log at `log`.
 pub fn effects_at(log: &Path) -> Vec<Effect> {
     effects::read(log)
+}
+
+/// Opens the closed store at `data` to read it, hands the engine to `read`, shuts the engine
+/// down and returns what `read` returned. No workflow or step kind is registered and the
+/// engine is opened with `allow_unregistered`: it drives no run, so what a test reads is what
+/// the store held. Waits (bounded) for the lock of an engine this process has just closed.
+pub async fn read_store<T>(data: &Path, read: impl AsyncFnOnce(&Engine) -> T) -> T {
+    let engine = crate::open_engine(|| Engine::builder(data).allow_unregistered()).await;
+    let out = read(&engine).await;
+    engine.shutdown().await;
+    out
+}
+
+/// [`read_store`] on a current-thread runtime of its own, for code that runs outside any
+/// runtime (a crash test's parent, between its children).
+pub fn read_store_blocking<T>(data: &Path, read: impl AsyncFnOnce(&Engine) -> T) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime to read the store on")
+        .block_on(read_store(data, read))
 }

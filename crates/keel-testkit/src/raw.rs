@@ -10,17 +10,23 @@ use crate::poll::CONDITION_TIMEOUT;
 /// lock of a store this process has just closed is still held: sled's background threads let
 /// go of it a moment after the engine is dropped.
 pub fn open(data: &Path) -> sled::Db {
+    try_open(data).unwrap_or_else(|e| panic!("opening {} raw: {e}", data.display()))
+}
+
+/// What plain sled says of the store at `data` ([`open`] without the panic, for a test that
+/// expects sled to refuse the store): waits, bounded by [`CONDITION_TIMEOUT`], while the lock
+/// of a store this process has just closed is still held, then returns sled's answer.
+pub fn try_open(data: &Path) -> sled::Result<sled::Db> {
     let deadline = Instant::now() + CONDITION_TIMEOUT;
     loop {
         match sled::open(data) {
-            Ok(db) => return db,
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock")
                     && Instant::now() < deadline =>
             {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            Err(e) => panic!("opening {} raw: {e}", data.display()),
+            other => return other,
         }
     }
 }

@@ -112,6 +112,9 @@ fn roles(account: &TestAccount) -> Vec<String> {
     truth.roles.iter().map(|r| r.name.clone()).collect()
 }
 
+/// What a web page can send (no JSON type, no token or a wrong one, a foreign or null origin,
+/// a rebound host name) cannot start, cancel or read a run, even on loopback, and creates
+/// nothing; the worker's own page with the token can.
 #[test]
 fn a_web_page_cannot_start_cancel_or_read_runs_and_even_loopback_needs_the_token() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
@@ -449,6 +452,9 @@ fn signal(w: &Worker, name: &str) {
     assert!(status.success());
 }
 
+/// SIGTERM stops the API at once and the worker exits drained (0) despite a client holding a
+/// request half-sent; a step that hangs past the grace makes the exit code 3, and a second
+/// signal exits at once, also with 3.
 #[test]
 fn sigterm_drains_within_the_grace_whatever_clients_do_and_a_second_signal_exits_at_once() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
@@ -577,6 +583,9 @@ fn wait_for_attempts(w: &Worker, id: &str, kind: &str, n: usize) {
     std::thread::sleep(Duration::from_millis(300));
 }
 
+/// More idle, trickling and half-sent connections than the worker has file descriptors do not
+/// keep out health checks or the CLI, and slow clients are cut off after the read timeout
+/// (408 for one stopped mid-body).
 #[test]
 fn idle_and_slow_connections_do_not_keep_a_request_out() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
@@ -659,6 +668,9 @@ fn idle_and_slow_connections_do_not_keep_a_request_out() {
     drop(held);
 }
 
+/// A data directory others can write to, a keys directory others can read, and a token
+/// planted as a link are refused before any store is opened, naming what is wrong; fixed, the
+/// worker starts.
 #[test]
 fn a_data_directory_others_can_write_to_is_refused_before_anything_runs() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
@@ -701,6 +713,9 @@ fn a_data_directory_others_can_write_to_is_refused_before_anything_runs() {
     );
 }
 
+/// Run ids that clash with child ids or look like paths or flags, misspelt or unknown fields,
+/// and a timeout that overflows a duration are refused naming what is wrong, and nothing is
+/// stored or created; a fleet's children keep their ids, and listings come in pages.
 #[test]
 fn ids_that_clash_with_children_or_look_like_paths_or_flags_and_unknown_fields_are_refused() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
@@ -834,6 +849,9 @@ fn ok_json(output: Output) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON on stdout")
 }
 
+/// Inputs over the limit (large or endless) are refused naming the limit, every error is
+/// `{error, kind}` JSON, and a worker that cannot take its port exits before resuming any run:
+/// no AWS call.
 #[test]
 fn inputs_are_bounded_every_error_is_json_and_a_worker_that_cannot_listen_calls_no_one() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");

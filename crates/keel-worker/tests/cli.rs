@@ -65,6 +65,10 @@ fn device(name: &str) -> Value {
     serde_json::to_value(keel_workflows::sample::device(name)).unwrap()
 }
 
+/// The CLI starts a run idempotently (same id and input, same run; another input refused),
+/// refuses bad requests with one clear line and stores nothing for them, and shows history,
+/// stats and metrics; a second worker on the same data directory and an unreachable worker are
+/// reported plainly.
 #[test]
 fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats() {
     keel_testkit::init_tracing();
@@ -214,6 +218,9 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
     refused(&out, 1, "cannot reach the worker");
 }
 
+/// A run waiting on STS is cancelled and compensated; another, interrupted by SIGTERM while
+/// it waits, is drained (exit 0) and resumed to completion by the restarted worker, leaving
+/// only its role in moto.
 #[test]
 fn a_waiting_run_is_cancelled_and_compensated_and_sigterm_drains_then_the_run_resumes() {
     keel_testkit::init_tracing();

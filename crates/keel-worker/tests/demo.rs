@@ -1,6 +1,8 @@
 //! The README's demo end to end (smaller counts): moto, the fault proxy, a real worker
 //! process SIGKILLed midway, a late failure compensated, the AWS API checked.
 
+/// The README's demo runs end to end (a worker SIGKILLed midway, a late failure compensated)
+/// and its own check of the AWS API passes.
 #[test]
 fn the_demo_runs_end_to_end_and_verifies_itself() {
     keel_testkit::init_tracing();

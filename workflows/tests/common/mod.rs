@@ -12,8 +12,8 @@ use keel_workflows::KeelWorkflows;
 
 pub(crate) struct Env {
     _proxy: FaultProxy,
-    pub direct: aws_config::SdkConfig,
-    pub engine: Engine,
+    pub(crate) direct: aws_config::SdkConfig,
+    pub(crate) engine: Engine,
     _dir: tempfile::TempDir,
 }
 

@@ -13,10 +13,10 @@ use keel_testkit::moto::TestAccount;
 use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
 
 pub(crate) struct Env {
-    pub proxy: FaultProxy,
-    pub direct: SdkConfig,
-    pub engine: Engine,
-    pub keys: std::path::PathBuf,
+    pub(crate) proxy: FaultProxy,
+    pub(crate) direct: SdkConfig,
+    pub(crate) engine: Engine,
+    pub(crate) keys: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 

@@ -1,0 +1,381 @@
+//! The AWS behaviour the fault proxy adds to moto, observed through the real AWS SDK for
+//! Rust: eventual consistency after creates and deletes (lag, flapping reads), IAM role
+//! propagation before STS AssumeRole, and the Greengrass deployment lifecycle.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{create_role, service_error, Env};
+use keel_testkit::poll::CONDITION_TIMEOUT;
+use keel_testkit::proxy::{Applied, Dist, LagRule, Rules};
+
+/// Polls `read` until it succeeds (at most [`CONDITION_TIMEOUT`]), returning how many failures
+/// came first.
+async fn failures_until_found<F, Fut, T, E>(mut read: F) -> usize
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Debug,
+{
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    let mut failures = 0;
+    loop {
+        match read().await {
+            Ok(_) => return failures,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(?e, "not yet");
+                failures += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("still failing after {CONDITION_TIMEOUT:?}: {e:?}"),
+        }
+    }
+}
+
+/// During the create lag, a new role, thing and group read as not found in their service's
+/// shape, also where another operation names them, and read as found once the lag is over.
+#[tokio::test]
+async fn new_resources_read_as_not_found_during_the_create_lag() {
+    let rules = Rules::seeded(7)
+        .lag(LagRule::after_create("iam", 300))
+        .lag(LagRule::after_create("iot", 300))
+        .lag(LagRule::after_create("greengrass", 300));
+    let env = Env::new(rules).await;
+
+    let arn = create_role(&env.iam(), "lagging-role").await.unwrap();
+    let e = env
+        .iam()
+        .get_role()
+        .role_name("lagging-role")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        e.as_service_error().unwrap().is_no_such_entity_exception(),
+        "{e:?}"
+    );
+    assert_eq!(service_error(&e).1, 404);
+
+    env.iot()
+        .create_thing()
+        .thing_name("lagging-thing")
+        .send()
+        .await
+        .unwrap();
+    let e = env
+        .iot()
+        .describe_thing()
+        .thing_name("lagging-thing")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(
+        e.as_service_error()
+            .unwrap()
+            .is_resource_not_found_exception(),
+        "{e:?}"
+    );
+
+    let group = env
+        .greengrass()
+        .create_group()
+        .name("g")
+        .send()
+        .await
+        .unwrap();
+    let id = group.id().unwrap().to_string();
+    let e = env
+        .greengrass()
+        .get_group()
+        .group_id(&id)
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(service_error(&e), ("IdNotFoundException".into(), 404));
+
+    // Uses by ARN lag too, and everything appears once the lag is over.
+    let e = env
+        .iam()
+        .list_role_tags()
+        .role_name("lagging-role")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(e.as_service_error().unwrap().is_no_such_entity_exception());
+    failures_until_found(|| env.iam().get_role().role_name("lagging-role").send()).await;
+    failures_until_found(|| {
+        env.iot()
+            .describe_thing()
+            .thing_name("lagging-thing")
+            .send()
+    })
+    .await;
+    failures_until_found(|| env.greengrass().get_group().group_id(&id).send()).await;
+    assert!(arn.ends_with(":role/lagging-role"));
+    let lagged = env
+        .proxy
+        .faults()
+        .iter()
+        .filter(|(_, f)| *f == Applied::LagNotFound)
+        .count();
+    assert!(lagged >= 4, "{lagged} lagged reads");
+}
+
+/// During the delete lag, a deleted thing that was read before its delete still reads as
+/// present though moto has deleted it; after the lag it is gone.
+#[tokio::test]
+async fn deleted_resources_read_as_present_during_the_delete_lag() {
+    let mut lag = LagRule::after_create("iot", 0);
+    lag.after_create = None;
+    lag.after_delete = Some(Dist::fixed(400));
+    let env = Env::new(Rules::seeded(8).lag(lag)).await;
+    env.iot()
+        .create_thing()
+        .thing_name("going")
+        .send()
+        .await
+        .unwrap();
+    env.iot()
+        .describe_thing()
+        .thing_name("going")
+        .send()
+        .await
+        .unwrap();
+    env.iot()
+        .delete_thing()
+        .thing_name("going")
+        .send()
+        .await
+        .unwrap();
+
+    let still = env
+        .iot()
+        .describe_thing()
+        .thing_name("going")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(still.thing_name(), Some("going"));
+    assert!(env.truth().await.things.is_empty(), "moto deleted it");
+    assert_eq!(
+        env.proxy.faults().last().unwrap().1,
+        Applied::DeletedStillPresent
+    );
+    // After the lag, it is gone for everyone.
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        match env.iot().describe_thing().thing_name("going").send().await {
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_resource_not_found_exception()) =>
+            {
+                break
+            }
+            other => assert!(
+                Instant::now() < deadline,
+                "still present after the delete lag, {CONDITION_TIMEOUT:?} on: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// found (true) / not found (false) for 40 reads of a thing during a long, flapping lag.
+async fn flapping_reads(seed: u64) -> Vec<bool> {
+    let mut lag = LagRule::after_create("iot", 60_000);
+    lag.flap_found_probability = 0.5;
+    let env = Env::new(Rules::seeded(seed).lag(lag)).await;
+    env.iot()
+        .create_thing()
+        .thing_name("flapper")
+        .send()
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..40 {
+        seen.push(
+            env.iot()
+                .describe_thing()
+                .thing_name("flapper")
+                .send()
+                .await
+                .is_ok(),
+        );
+    }
+    seen
+}
+
+/// During a flapping create lag, reads of a new thing alternate between found and not found,
+/// in the same sequence for the same seed and in another for another seed.
+#[tokio::test]
+async fn flapping_reads_alternate_and_repeat_with_the_seed() {
+    let first = flapping_reads(9).await;
+    assert!(first.contains(&true) && first.contains(&false), "{first:?}");
+    let turns = first.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(turns >= 5, "found and not found alternate: {first:?}");
+    assert_eq!(flapping_reads(9).await, first, "same seed, same reads");
+    assert_ne!(flapping_reads(10).await, first, "another seed, other reads");
+}
+
+/// STS AssumeRole is denied (AccessDenied, 403) for a role that does not exist, and for a
+/// role created through the proxy until its propagation has passed; a role created around the
+/// proxy is assumable at once, and a deleted one is denied again.
+#[tokio::test]
+async fn assume_role_is_denied_until_the_role_exists_and_has_propagated() {
+    let mut rules = Rules::seeded(11);
+    rules.assume_role.propagation = Dist::fixed(400);
+    let env = Env::new(rules).await;
+    let sts = env.sts();
+    let assume = |arn: String| {
+        let sts = sts.clone();
+        async move {
+            sts.assume_role()
+                .role_arn(arn)
+                .role_session_name("s")
+                .send()
+                .await
+        }
+    };
+    let caller = env.sts().get_caller_identity().send().await.unwrap();
+    let account_id = caller.account().unwrap().to_string();
+
+    let e = assume(format!("arn:aws:iam::{account_id}:role/nobody"))
+        .await
+        .unwrap_err();
+    assert_eq!(service_error(&e), ("AccessDenied".into(), 403));
+
+    let arn = create_role(&env.iam(), "fresh").await.unwrap();
+    let e = assume(arn.clone()).await.unwrap_err();
+    assert_eq!(service_error(&e).0, "AccessDenied", "not propagated yet");
+    let denials = failures_until_found(|| assume(arn.clone())).await;
+    tracing::info!(denials, "assumable after propagation");
+
+    // A role that exists in moto but was created around the proxy is assumable at once.
+    create_role(&aws_sdk_iam::Client::new(&env.direct), "direct")
+        .await
+        .unwrap();
+    assume(format!("arn:aws:iam::{account_id}:role/direct"))
+        .await
+        .unwrap();
+    // A deleted role is denied again.
+    env.iam()
+        .delete_role()
+        .role_name("fresh")
+        .send()
+        .await
+        .unwrap();
+    let e = assume(arn).await.unwrap_err();
+    assert_eq!(service_error(&e).0, "AccessDenied");
+}
+
+/// A group with a core, a version, and a deployment; returns (group id, deployment id).
+async fn deploy(gg: &aws_sdk_greengrass::Client, name: &str) -> (String, String) {
+    use aws_sdk_greengrass::types::{Core, CoreDefinitionVersion, DeploymentType};
+    let core = Core::builder()
+        .id("core-1")
+        .thing_arn("arn:aws:iot:us-east-1:123456789012:thing/core-1")
+        .certificate_arn("arn:aws:iot:us-east-1:123456789012:cert/abc")
+        .sync_shadow(false)
+        .build();
+    let definition = gg
+        .create_core_definition()
+        .name("cores")
+        .initial_version(CoreDefinitionVersion::builder().cores(core).build())
+        .send()
+        .await
+        .unwrap();
+    let group = gg.create_group().name(name).send().await.unwrap();
+    let group_id = group.id().unwrap().to_string();
+    let version = gg
+        .create_group_version()
+        .group_id(&group_id)
+        .core_definition_version_arn(definition.latest_version_arn().unwrap())
+        .send()
+        .await
+        .unwrap();
+    let deployment = gg
+        .create_deployment()
+        .group_id(&group_id)
+        .group_version_id(version.version().unwrap())
+        .deployment_type(DeploymentType::NewDeployment)
+        .send()
+        .await
+        .unwrap();
+    (group_id, deployment.deployment_id().unwrap().to_string())
+}
+
+/// The statuses deployment `deployment` of `group` reads as, each once, until it ends
+/// (bounded by [`CONDITION_TIMEOUT`]), and its error message.
+async fn statuses_until_done(
+    gg: &aws_sdk_greengrass::Client,
+    group: &str,
+    deployment: &str,
+) -> (Vec<String>, Option<String>) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    let mut seen: Vec<String> = Vec::new();
+    loop {
+        let status = gg
+            .get_deployment_status()
+            .group_id(group)
+            .deployment_id(deployment)
+            .send()
+            .await
+            .unwrap();
+        let s = status.deployment_status().unwrap().to_string();
+        if seen.last() != Some(&s) {
+            seen.push(s.clone());
+        }
+        if s == "Success" || s == "Failure" {
+            return (seen, status.error_message().map(str::to_string));
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deployment {deployment} never finished within {CONDITION_TIMEOUT:?}: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Greengrass deployment created through the proxy reads `Building`, `InProgress`, then
+/// `Success`, or `Failure` with an error message under a failure probability or for a group
+/// named to fail; ResetDeployments reaches moto through the launcher's route fix.
+#[tokio::test]
+async fn deployments_go_through_building_and_in_progress_to_an_outcome() {
+    let mut rules = Rules::seeded(12);
+    rules.deployments.building = Dist::fixed(150);
+    rules.deployments.in_progress = Dist::fixed(150);
+    let env = Env::new(rules.clone()).await;
+    let gg = env.greengrass();
+    let (group, deployment) = deploy(&gg, "group").await;
+    let (seen, error) = statuses_until_done(&gg, &group, &deployment).await;
+    assert_eq!(seen, ["Building", "InProgress", "Success"]);
+    assert_eq!(error, None);
+
+    rules.deployments.failure_probability = 1.0;
+    env.proxy.set_rules(rules.clone()).unwrap();
+    let (group, deployment) = deploy(&gg, "group").await;
+    let (seen, error) = statuses_until_done(&gg, &group, &deployment).await;
+    assert_eq!(seen.last().map(String::as_str), Some("Failure"));
+    assert!(error.unwrap().contains("deployment failed"));
+
+    // Failure by group name: the named group's deployment fails, another's succeeds.
+    rules.deployments.failure_probability = 0.0;
+    rules.deployments.fail_groups_named = vec!["doomed".into()];
+    env.proxy.set_rules(rules).unwrap();
+    let (doomed, deployment) = deploy(&gg, "doomed-1").await;
+    let (seen, _) = statuses_until_done(&gg, &doomed, &deployment).await;
+    assert_eq!(seen.last().map(String::as_str), Some("Failure"));
+    let (fine, deployment) = deploy(&gg, "fine-1").await;
+    let (seen, _) = statuses_until_done(&gg, &fine, &deployment).await;
+    assert_eq!(seen.last().map(String::as_str), Some("Success"));
+
+    // moto's ResetDeployments route works through the launcher's fix (`$reset`).
+    gg.reset_deployments()
+        .group_id(&group)
+        .force(true)
+        .send()
+        .await
+        .expect("ResetDeployments is routed");
+    assert_eq!(env.truth().await.groups.len(), 4);
+}
