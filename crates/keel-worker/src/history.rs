@@ -30,125 +30,144 @@ pub(crate) struct Row {
 pub(crate) fn rows(history: &RunHistory) -> Vec<Row> {
     let mut rows: BTreeMap<u32, Row> = BTreeMap::new();
     for entry in &history.entries {
-        let at = entry.at_ms;
-        match &entry.event {
-            Event::StepStarted {
-                step,
-                kind,
-                attempt,
-                ..
-            } => {
-                let r = row(&mut rows, *step, "step", at);
-                r.kind = kind.clone();
-                r.attempts = r.attempts.max(attempt.0);
-                r.outcome = "in flight".into();
-            }
-            Event::StepCompleted { step, .. } => {
-                let r = row(&mut rows, *step, "step", at);
-                r.outcome = "completed".into();
-                r.duration_ms = Some(at.saturating_sub(r.started_ms));
-            }
-            Event::StepFailed {
-                step,
-                error,
-                retry_at_ms,
-                ..
-            } => {
-                let r = row(&mut rows, *step, "step", at);
-                if retry_at_ms.is_some() {
-                    r.outcome = format!("retrying: {}", error.message);
-                } else {
-                    r.outcome = format!("failed: {}", error.message);
-                    r.duration_ms = Some(at.saturating_sub(r.started_ms));
-                }
-            }
-            Event::StepOutputRejected { step, error, .. } => {
-                let r = row(&mut rows, *step, "step", at);
-                r.outcome = format!("output rejected: {}", error.message);
-                r.duration_ms = Some(at.saturating_sub(r.started_ms));
-            }
-            Event::WaitStarted { step, kind, .. } => {
-                let r = row(&mut rows, *step, "wait", at);
-                r.kind = kind.clone();
-                r.outcome = "waiting".into();
-            }
-            Event::WaitEnded { step, outcome } => {
-                let r = row(&mut rows, *step, "wait", at);
-                r.outcome = match outcome {
-                    WaitOutcome::Ready { polls, .. } => format!("ready after {polls} polls"),
-                    WaitOutcome::TimedOut { polls } => format!("timed out after {polls} polls"),
-                    WaitOutcome::Failed { error, .. } => format!("failed: {}", error.message),
-                };
-                r.duration_ms = Some(at.saturating_sub(r.started_ms));
-            }
-            Event::TimerSet { step, wake_at_ms } => {
-                let r = row(&mut rows, *step, "timer", at);
-                r.kind = "sleep".into();
-                r.outcome = format!("until {wake_at_ms} ms");
-            }
-            Event::TimerFired { step } => {
-                let r = row(&mut rows, *step, "timer", at);
-                r.outcome = "fired".into();
-                r.duration_ms = Some(at.saturating_sub(r.started_ms));
-            }
-            Event::ChildStarted {
-                step,
-                workflow,
-                child,
-                ..
-            } => {
-                let r = row(&mut rows, *step, "child", at);
-                r.kind = format!("{workflow} {child}");
-                r.outcome = "running".into();
-            }
-            Event::ChildEnded {
-                step,
-                status,
-                error,
-                ..
-            } => {
-                let r = row(&mut rows, *step, "child", at);
-                r.outcome = match error {
-                    Some(error) => format!("{status}: {error}"),
-                    None => status.to_string(),
-                };
-                r.duration_ms = Some(at.saturating_sub(r.started_ms));
-            }
-            Event::ForkStarted { step, branches } => {
-                let r = row(&mut rows, *step, "fork", at);
-                r.kind = format!("{branches} branches");
-                r.outcome = "started".into();
-            }
-            Event::ForkSelected { step, branch } => {
-                row(&mut rows, *step, "fork", at).outcome = format!("branch {branch} won");
-            }
-            Event::StepCompensationStarted { step, .. } => {
-                row(&mut rows, *step, "step", at).compensation = "compensating".into();
-            }
-            Event::StepCompensated { step } => {
-                row(&mut rows, *step, "step", at).compensation = "compensated".into();
-            }
-            Event::StepCompensationSkipped { step, reason } => {
-                row(&mut rows, *step, "step", at).compensation = format!("skipped: {reason}");
-            }
-            Event::StepCompensationFailed {
-                step,
-                error,
-                retry_at_ms,
-                ..
-            } => {
-                let word = if retry_at_ms.is_some() {
-                    "retrying"
-                } else {
-                    "failed"
-                };
-                row(&mut rows, *step, "step", at).compensation =
-                    format!("{word}: {}", error.message);
-            }
-            _ => {}
-        }
+        step_event(&mut rows, &entry.event, entry.at_ms);
+        operation_event(&mut rows, &entry.event, entry.at_ms);
+        compensation_event(&mut rows, &entry.event, entry.at_ms);
     }
     rows.into_values().collect()
+}
+
+/// Folds a step's start or outcome into its row.
+fn step_event(rows: &mut BTreeMap<u32, Row>, event: &Event, at: u64) {
+    match event {
+        Event::StepStarted {
+            step,
+            kind,
+            attempt,
+            ..
+        } => {
+            let r = row(rows, *step, "step", at);
+            r.kind = kind.clone();
+            r.attempts = r.attempts.max(attempt.0);
+            r.outcome = "in flight".into();
+        }
+        Event::StepCompleted { step, .. } => {
+            let r = row(rows, *step, "step", at);
+            r.outcome = "completed".into();
+            r.duration_ms = Some(at.saturating_sub(r.started_ms));
+        }
+        Event::StepFailed {
+            step,
+            error,
+            retry_at_ms,
+            ..
+        } => {
+            let r = row(rows, *step, "step", at);
+            if retry_at_ms.is_some() {
+                r.outcome = format!("retrying: {}", error.message);
+            } else {
+                r.outcome = format!("failed: {}", error.message);
+                r.duration_ms = Some(at.saturating_sub(r.started_ms));
+            }
+        }
+        Event::StepOutputRejected { step, error, .. } => {
+            let r = row(rows, *step, "step", at);
+            r.outcome = format!("output rejected: {}", error.message);
+            r.duration_ms = Some(at.saturating_sub(r.started_ms));
+        }
+        _ => {}
+    }
+}
+
+/// Folds a wait's, a timer's, a child run's or a fan-out's entry into its row.
+fn operation_event(rows: &mut BTreeMap<u32, Row>, event: &Event, at: u64) {
+    match event {
+        Event::WaitStarted { step, kind, .. } => {
+            let r = row(rows, *step, "wait", at);
+            r.kind = kind.clone();
+            r.outcome = "waiting".into();
+        }
+        Event::WaitEnded { step, outcome } => {
+            let r = row(rows, *step, "wait", at);
+            r.outcome = match outcome {
+                WaitOutcome::Ready { polls, .. } => format!("ready after {polls} polls"),
+                WaitOutcome::TimedOut { polls } => format!("timed out after {polls} polls"),
+                WaitOutcome::Failed { error, .. } => format!("failed: {}", error.message),
+            };
+            r.duration_ms = Some(at.saturating_sub(r.started_ms));
+        }
+        Event::TimerSet { step, wake_at_ms } => {
+            let r = row(rows, *step, "timer", at);
+            r.kind = "sleep".into();
+            r.outcome = format!("until {wake_at_ms} ms");
+        }
+        Event::TimerFired { step } => {
+            let r = row(rows, *step, "timer", at);
+            r.outcome = "fired".into();
+            r.duration_ms = Some(at.saturating_sub(r.started_ms));
+        }
+        Event::ChildStarted {
+            step,
+            workflow,
+            child,
+            ..
+        } => {
+            let r = row(rows, *step, "child", at);
+            r.kind = format!("{workflow} {child}");
+            r.outcome = "running".into();
+        }
+        Event::ChildEnded {
+            step,
+            status,
+            error,
+            ..
+        } => {
+            let r = row(rows, *step, "child", at);
+            r.outcome = match error {
+                Some(error) => format!("{status}: {error}"),
+                None => status.to_string(),
+            };
+            r.duration_ms = Some(at.saturating_sub(r.started_ms));
+        }
+        Event::ForkStarted { step, branches } => {
+            let r = row(rows, *step, "fork", at);
+            r.kind = format!("{branches} branches");
+            r.outcome = "started".into();
+        }
+        Event::ForkSelected { step, branch } => {
+            row(rows, *step, "fork", at).outcome = format!("branch {branch} won");
+        }
+        _ => {}
+    }
+}
+
+/// Folds a compensation's entry into its step's row.
+fn compensation_event(rows: &mut BTreeMap<u32, Row>, event: &Event, at: u64) {
+    match event {
+        Event::StepCompensationStarted { step, .. } => {
+            row(rows, *step, "step", at).compensation = "compensating".into();
+        }
+        Event::StepCompensated { step } => {
+            row(rows, *step, "step", at).compensation = "compensated".into();
+        }
+        Event::StepCompensationSkipped { step, reason } => {
+            row(rows, *step, "step", at).compensation = format!("skipped: {reason}");
+        }
+        Event::StepCompensationFailed {
+            step,
+            error,
+            retry_at_ms,
+            ..
+        } => {
+            let word = if retry_at_ms.is_some() {
+                "retrying"
+            } else {
+                "failed"
+            };
+            row(rows, *step, "step", at).compensation = format!("{word}: {}", error.message);
+        }
+        _ => {}
+    }
 }
 
 /// The row of operation `step`, made at its first entry.

@@ -340,34 +340,11 @@ async fn serve(
         })?;
     let addr = listener.local_addr()?;
     let mut signals = Signals::install()?;
-    let mut aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .region(aws_config::Region::new(args.aws_region.clone()));
-    if let Some(endpoint) = &args.aws_endpoint {
-        aws = aws.endpoint_url(endpoint);
-    }
-    let sdk = aws.load().await;
-    let mut builder = Engine::builder(data_dir.join("journal"))
-        .provisioning_workflows()
-        .runs_concurrent_max(args.runs_concurrent_max)
-        .resource(AwsClients::new(&sdk))
-        .resource(KeyStore::new(data_dir.join("keys")));
-    if args.allow_unregistered {
-        builder = builder.allow_unregistered();
-    }
-    if args.accept_data_loss {
-        builder = builder.accept_data_loss();
-    }
-    let engine = builder.open().await?;
+    let engine = open_engine(&args, &data_dir).await?;
+    let grace = Duration::from_secs(args.grace_s);
     if futures_util::FutureExt::now_or_never(signals.next()).is_some() {
         // Stopped while the store opened: drain what the open resumed, serve nothing.
-        let drained = tokio::time::timeout(Duration::from_secs(args.grace_s), engine.shutdown())
-            .await
-            .is_ok();
-        return Ok(if drained {
-            Stopped::Drained
-        } else {
-            Stopped::NotDrained
-        });
+        return Ok(drain(&engine, grace).await);
     }
     let unfinished: u64 = engine
         .run_counts()?
@@ -393,7 +370,6 @@ async fn serve(
             names: args.allowed_host.clone(),
         },
     });
-    let grace = Duration::from_secs(args.grace_s);
     let limits = Limits {
         connections_max: args.connections_max.into(),
         read_timeout: Duration::from_secs(args.read_timeout_s),
@@ -421,22 +397,48 @@ async fn serve(
         ?grace,
         "draining: the API stopped accepting, no new steps start, in-flight steps may finish"
     );
-    let drained = tokio::time::timeout(grace, engine.shutdown()).await.is_ok();
-    if drained {
+    let stopped = drain(&engine, grace).await;
+    let _ = server.await;
+    Ok(stopped)
+}
+
+/// Opens the engine on the data directory's journal, with the provisioning workflows and
+/// the AWS clients and key store their steps use.
+async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, WorkerError> {
+    let mut aws = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .region(aws_config::Region::new(args.aws_region.clone()));
+    if let Some(endpoint) = &args.aws_endpoint {
+        aws = aws.endpoint_url(endpoint);
+    }
+    let sdk = aws.load().await;
+    let mut builder = Engine::builder(data_dir.join("journal"))
+        .provisioning_workflows()
+        .runs_concurrent_max(args.runs_concurrent_max)
+        .resource(AwsClients::new(&sdk))
+        .resource(KeyStore::new(data_dir.join("keys")));
+    if args.allow_unregistered {
+        builder = builder.allow_unregistered();
+    }
+    if args.accept_data_loss {
+        builder = builder.accept_data_loss();
+    }
+    Ok(builder.open().await?)
+}
+
+/// Shuts the engine down within `grace`: whether in-flight steps finished (those that did
+/// not run again, with the same keys, at the next start).
+async fn drain(engine: &Engine, grace: Duration) -> Stopped {
+    if tokio::time::timeout(grace, engine.shutdown()).await.is_ok() {
         tracing::info!("drained; unfinished runs resume at the next start");
+        Stopped::Drained
     } else {
         tracing::warn!(
             ?grace,
             "in-flight steps did not finish within the grace period; they run again, with \
              the same idempotency keys, at the next start"
         );
-    }
-    let _ = server.await;
-    Ok(if drained {
-        Stopped::Drained
-    } else {
         Stopped::NotDrained
-    })
+    }
 }
 
 /// SIGTERM and SIGINT, installed before anything runs so that none is lost.

@@ -217,6 +217,36 @@ impl Engine {
         self.status(id).await
     }
 
+    /// Moves completed child run `child` into compensation (its own saga), for `reason`.
+    async fn compensate_completed(&self, child: &RunId, reason: &str) -> Result<()> {
+        let cell = self
+            .operate(child.as_str(), "compensate for its parent", |cell| {
+                let guard = |record: &RunRecord, _: &RunState| {
+                    admits(record, "compensate", &[RunStatus::Completed])
+                };
+                let event = Event::CompensationStarted {
+                    reason: reason.into(),
+                };
+                cell.transition_if(
+                    &*self.inner.env.store,
+                    event,
+                    guard,
+                    RunStatus::Compensating,
+                    |r| {
+                        r.error = Some(reason.into());
+                        r.output = None;
+                        r.finished_at_ms = None;
+                    },
+                )?;
+                Ok(true)
+            })
+            .await?;
+        if let Some(cell) = cell {
+            cell.publish();
+        }
+        Ok(())
+    }
+
     /// Undoes child run `child` for its parent's saga and waits until the child settled: a
     /// completed child compensates (its own saga), a running, suspended or paused one is
     /// cancelled, one whose compensation had already failed is retried once. Returns the child's final
@@ -237,33 +267,7 @@ impl Engine {
                 return Ok(None);
             };
             let asked = match record.status {
-                RunStatus::Completed => self
-                    .operate(child.as_str(), "compensate for its parent", |cell| {
-                        let guard = |record: &RunRecord, _: &RunState| {
-                            admits(record, "compensate", &[RunStatus::Completed])
-                        };
-                        let event = Event::CompensationStarted {
-                            reason: reason.clone(),
-                        };
-                        cell.transition_if(
-                            &*self.inner.env.store,
-                            event,
-                            guard,
-                            RunStatus::Compensating,
-                            |r| {
-                                r.error = Some(reason.clone());
-                                r.output = None;
-                                r.finished_at_ms = None;
-                            },
-                        )?;
-                        Ok(true)
-                    })
-                    .await
-                    .map(|cell| {
-                        if let Some(cell) = cell {
-                            cell.publish();
-                        }
-                    }),
+                RunStatus::Completed => self.compensate_completed(child, &reason).await,
                 RunStatus::Running | RunStatus::Suspended | RunStatus::Paused => {
                     self.cancel(child.as_str()).await.map(|_| ())
                 }

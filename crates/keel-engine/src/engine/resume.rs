@@ -127,6 +127,23 @@ impl Engine {
     /// Reads every run, checks registrations, and drives every running or compensating run
     /// (see the module doc). Nothing is driven when the check refuses the store.
     pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
+        let (drivable, unregistered) = self.check_runs()?;
+        if !unregistered.runs.is_empty() {
+            if !allow_unregistered {
+                return Err(unregistered.error());
+            }
+            self.leave_undriven(unregistered);
+        }
+        let resumed = drivable.len();
+        self.drive_all(drivable).await?;
+        tracing::info!(resumed, "engine open");
+        Ok(())
+    }
+
+    /// Every run that may act (unfinished, or a completed child its parent may compensate),
+    /// folded, and checked against the registrations: the drivable ones with their state, and
+    /// what the others lack.
+    fn check_runs(&self) -> Result<(Vec<(RunRecord, RunState)>, Unregistered)> {
         let records: Vec<RunRecord> = self
             .inner
             .env
@@ -160,30 +177,30 @@ impl Engine {
                     continue;
                 }
             };
-            unregistered.check(
-                &self.inner.workflows,
-                &self.inner.env.registry,
-                &record,
-                &state,
-            );
+            let (workflows, steps) = (&self.inner.workflows, &self.inner.env.registry);
+            unregistered.check(workflows, steps, &record, &state);
             if record.status.is_drivable() && !unregistered.runs.contains_key(&record.id) {
                 drivable.push((record, state));
             }
         }
-        if !unregistered.runs.is_empty() {
-            if !allow_unregistered {
-                return Err(unregistered.error());
-            }
-            for (id, lacks) in &unregistered.runs {
-                tracing::warn!(run_id = %id, lacks = %lacks, "run needs unregistered types: left as it is");
-            }
-            *self.inner.undriven.lock().expect("undriven lock") = unregistered
-                .runs
-                .into_iter()
-                .map(|(id, lacks)| (id, format!("it needs {lacks}, not registered here")))
-                .collect();
+        Ok((drivable, unregistered))
+    }
+
+    /// Leaves the runs that need unregistered types as they are, remembering why (their
+    /// waiters are told).
+    fn leave_undriven(&self, unregistered: Unregistered) {
+        for (id, lacks) in &unregistered.runs {
+            tracing::warn!(run_id = %id, lacks = %lacks, "run needs unregistered types: left as it is");
         }
-        let resumed = drivable.len();
+        *self.inner.undriven.lock().expect("undriven lock") = unregistered
+            .runs
+            .into_iter()
+            .map(|(id, lacks)| (id, format!("it needs {lacks}, not registered here")))
+            .collect();
+    }
+
+    /// Loads every drivable run, counts its load, and starts its driver.
+    async fn drive_all(&self, drivable: Vec<(RunRecord, RunState)>) -> Result<()> {
         let cells: Vec<Arc<RunCell>> = drivable
             .into_iter()
             .map(|(record, state)| {
@@ -204,7 +221,6 @@ impl Engine {
         for cell in cells {
             self.spawn_driver(cell);
         }
-        tracing::info!(resumed, "engine open");
         Ok(())
     }
 
