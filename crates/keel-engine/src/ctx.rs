@@ -1,5 +1,6 @@
-//! The workflow context: what a workflow body calls to take steps and sleep. Every call gets
-//! the next operation number; replay answers it from the journal when the journal has it.
+//! The workflow context: what a workflow body calls to take steps and sleep (effects, steps
+//! written as closures, are in `effect.rs`). Every call gets the next operation number;
+//! replay answers it from the journal when the journal has it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -163,8 +164,8 @@ impl Ctx {
             .await
     }
 
-    /// Replays the step at `index` from the journal, or runs its attempts (`call`): the path
-    /// of [`Ctx::step`], whatever made the step. Whatever the journal holds at `index` must
+    /// Replays the step at `index` from the journal, or runs its attempts (`call`): the one
+    /// path of [`Ctx::step`] and [`Ctx::effect`]. Whatever the journal holds at `index` must
     /// be a step of the same kind and `argument`, or the run is suspended as non-deterministic.
     pub(crate) async fn attempted<'a, T>(
         &mut self,

@@ -377,9 +377,9 @@ impl Lane {
     }
 }
 
-/// One step's attempts, with what made the step erased (a [`Step`] value: [`StepAttempts`]).
-/// The attempt loop ([`Lane::run_attempts`]) sees only this, so whatever implements it is
-/// journaled, retried, rate-limited, contained and measured as a step.
+/// One step's attempts, with what made the step erased: a [`Step`] value ([`StepAttempts`])
+/// or an effect's closure (`effect.rs`). The attempt loop ([`Lane::run_attempts`]) sees
+/// only this, so both are journaled, retried, rate-limited, contained and measured alike.
 pub(crate) trait Attempted<'a, T>: Send {
     /// The step kind.
     fn kind(&self) -> &'static str;
