@@ -18,6 +18,7 @@ pub use keel_engine::{
     Created,
     Ctx,
     Durability,
+    EffectOptions,
     Engine,
     EngineBuilder,
     EngineError,

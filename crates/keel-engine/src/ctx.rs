@@ -1,10 +1,13 @@
-//! The workflow context: what a workflow body calls to take steps and sleep. Every call gets
-//! the next operation number; replay answers it from the journal when the journal has it.
+//! The workflow context: what a workflow body calls to take steps and sleep (effects, steps
+//! written as closures, are in `effect.rs`). Every call gets the next operation number;
+//! replay answers it from the journal when the journal has it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::cell::RunCell;
@@ -16,7 +19,7 @@ use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, Event};
 use crate::journal::{WaitOutcome, WaitSchedule};
-use crate::lane::Lane;
+use crate::lane::{Attempted, Lane, StepAttempts};
 use crate::limiter::{Priority, Slot};
 use crate::limits::UNANSWERED_POLLS_MAX;
 use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX};
@@ -166,27 +169,40 @@ impl Ctx {
         if let Err(e) = self.lane.env.registry.add_step::<S>() {
             return Err(self.interrupt(Interrupt::Engine(e)));
         }
+        self.attempted(index, argument, &mut StepAttempts(&step))
+            .await
+    }
+
+    /// Replays the step at `index` from the journal, or runs its attempts (`call`): the one
+    /// path of [`Ctx::step`] and [`Ctx::effect`]. Whatever the journal holds at `index` must
+    /// be a step of the same kind and `argument`, or the run is suspended as non-deterministic.
+    pub(crate) async fn attempted<'a, T>(
+        &mut self,
+        index: StepIndex,
+        argument: Value,
+        call: &mut dyn Attempted<'a, T>,
+    ) -> Result<T, WorkflowError>
+    where
+        T: Serialize + DeserializeOwned + Send,
+    {
+        let kind = call.kind();
         let action = self
             .lane
             .cell
             .with_state(|state| match state.ops.get(index.0 as usize) {
                 None => Ok(step_action(None)),
-                Some(Op::Step(op)) if op.kind != S::KIND => Err(format!(
-                    "journal holds step kind {:?}, code asks for {:?}",
-                    op.kind,
-                    S::KIND
+                Some(Op::Step(op)) if op.kind != kind => Err(format!(
+                    "journal holds step kind {:?}, code asks for {kind:?}",
+                    op.kind
                 )),
                 Some(Op::Step(op)) if op.argument != argument => Err(format!(
-                    "journal holds {} with argument {}, code asks for argument {}",
-                    S::KIND,
-                    op.argument,
-                    argument
+                    "journal holds {kind} with argument {}, code asks for argument {argument}",
+                    op.argument
                 )),
                 Some(Op::Step(op)) => Ok(step_action(Some(op))),
                 Some(other) => Err(format!(
-                    "journal holds {}, code asks for step {:?}",
-                    other.describe(),
-                    S::KIND
+                    "journal holds {}, code asks for step {kind:?}",
+                    other.describe()
                 )),
             });
         let action = match action {
@@ -194,8 +210,8 @@ impl Ctx {
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
         };
         match action {
-            StepAction::Replay(output) => self.decode_output::<S>(index, output),
-            StepAction::Fail(error) => match self.lane.failed_for_good(index, S::KIND, error) {
+            StepAction::Replay(output) => self.decode_output(index, kind, output),
+            StepAction::Fail(error) => match self.lane.failed_for_good(index, kind, error) {
                 Ok(error) => Err(error),
                 Err(cause) => Err(self.interrupt(cause)),
             },
@@ -205,20 +221,23 @@ impl Ctx {
             } => {
                 let result = self
                     .lane
-                    .run_attempts(index, &step, argument, attempt, not_before_ms)
+                    .run_attempts(index, call, argument, attempt, not_before_ms)
                     .await;
                 result.unwrap_or_else(|cause| Err(self.interrupt(cause)))
             }
         }
     }
 
-    pub(crate) fn decode_output<S: Step>(
+    /// A recorded output of a step of `kind`, decoded; one that does not decode is
+    /// non-determinism (the code's output type changed).
+    pub(crate) fn decode_output<T: DeserializeOwned>(
         &mut self,
         index: StepIndex,
+        kind: &str,
         output: Value,
-    ) -> Result<S::Output, WorkflowError> {
+    ) -> Result<T, WorkflowError> {
         serde_json::from_value(output).map_err(|e| {
-            let detail = format!("recorded output of {} does not decode: {e}", S::KIND);
+            let detail = format!("recorded output of {kind} does not decode: {e}");
             self.interrupt(Interrupt::NonDeterminism { index, detail })
         })
     }

@@ -1,12 +1,15 @@
 //! A lane of a workflow body: what one sequence of operations needs to run steps (the run's
-//! journal, its cancellation and the engine's shutdown, a jitter source). The body's `Ctx`
+//! journal, its cancellation and the engine's shutdown, a jitter source), and the step
+//! attempt loop, which runs a step's attempts through [`Attempted`], whatever made the step. The body's `Ctx`
 //! has one; each branch of a parallel fan-out gets its own, so branches run concurrently
 //! while every journal write still goes through the run's one cell.
 
 use std::sync::Arc;
 
+use futures_util::future::BoxFuture;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
+use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -166,29 +169,32 @@ impl Lane {
         }
     }
 
-    /// Runs attempts of `step` from `attempt` on, retrying per its policy. The outer error is
-    /// an interrupt (the run stops); the env one the step's failure for good.
-    pub(crate) async fn run_attempts<S: Step>(
+    /// Runs attempts of `call` from `attempt` on, retrying per its policy. The outer error is
+    /// an interrupt (the run stops); the inner one the step's failure for good.
+    pub(crate) async fn run_attempts<'a, T: Serialize + Send>(
         &mut self,
         index: StepIndex,
-        step: &S,
+        call: &mut dyn Attempted<'a, T>,
         argument: Value,
         mut attempt: Attempt,
         mut not_before_ms: Option<u64>,
-    ) -> Result<Result<S::Output, WorkflowError>, Interrupt> {
-        // The step's own settings are user code too: a panic there is a bug of the step,
-        // which then gets one attempt and no limiter rather than stopping the run.
-        let policy = contained_sync(|| step.retry_policy()).unwrap_or_else(|panic| {
-            tracing::error!(run_id = %self.cell.id, step = index.0, kind = S::KIND, %panic, "the step's retry_policy panicked: one attempt, no retry");
+    ) -> Result<Result<T, WorkflowError>, Interrupt> {
+        let kind = call.kind();
+        // A step's settings are user code too: a panic there is a bug of the step, which
+        // then gets one attempt and no limiter rather than stopping the run.
+        let policy = contained_sync(|| call.retry_policy()).unwrap_or_else(|panic| {
+            tracing::error!(run_id = %self.cell.id, step = index.0, kind, %panic, "the step's retry_policy panicked: one attempt, no retry");
             RetryPolicy::no_retry()
         });
-        let limiter = contained_sync(|| step.rate_limit().map(|name| self.env.limiters.get(name)))
+        let limiter = contained_sync(|| call.rate_limit().map(|name| self.env.limiters.get(name)))
             .unwrap_or_else(|panic| {
-                tracing::error!(run_id = %self.cell.id, step = index.0, kind = S::KIND, %panic, "the step's rate_limit panicked: no limiter");
+                tracing::error!(run_id = %self.cell.id, step = index.0, kind, %panic, "the step's rate_limit panicked: no limiter");
                 None
             });
         let attempts = Attempts {
             index,
+            kind,
+            compensable: call.compensable(),
             argument: &argument,
             policy: &policy,
             limiter: limiter.as_deref(),
@@ -197,10 +203,10 @@ impl Lane {
             if let Some(at_ms) = not_before_ms {
                 self.sleep_until(at_ms).await?;
             }
-            match self.attempt(step, &attempts, attempt).await? {
+            match self.attempt(call, &attempts, attempt).await? {
                 Ended::Completed(output) => return Ok(Ok(output)),
                 Ended::FailedForGood(record) => {
-                    return self.failed_for_good(index, S::KIND, record).map(Err)
+                    return self.failed_for_good(index, kind, record).map(Err)
                 }
                 Ended::RetryAt(at_ms) => {
                     attempt = attempt.next();
@@ -212,13 +218,13 @@ impl Lane {
 
     /// One attempt: its slot of the service's limiter, its start record (durable before the
     /// call), the call, and its outcome, journaled.
-    async fn attempt<S: Step>(
+    async fn attempt<'a, T: Serialize + Send>(
         &mut self,
-        step: &S,
+        call: &mut dyn Attempted<'a, T>,
         attempts: &Attempts<'_>,
         attempt: Attempt,
-    ) -> Result<Ended<S::Output>, Interrupt> {
-        let index = attempts.index;
+    ) -> Result<Ended<T>, Interrupt> {
+        let (index, kind) = (attempts.index, attempts.kind);
         self.check()?;
         // The run got past its replay and body code to here; a death from now on belongs to
         // this attempt, which its start record tells (`poison.rs`). Waiting for the
@@ -229,16 +235,16 @@ impl Lane {
         crate::crash::point("step.before_started");
         self.journal(Event::StepStarted {
             step: index,
-            kind: S::KIND.into(),
+            kind: kind.into(),
             argument: attempts.argument.clone(),
             attempt,
-            compensable: S::COMPENSABLE,
+            compensable: attempts.compensable,
         })?;
         // The start record (and the previous step's outcome with it) is durable before
         // the side effect begins: one sync per step.
         self.durable().await?;
         crate::crash::point("step.after_started");
-        let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0);
+        let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind, attempt = attempt.0);
         let ctx = StepContext {
             run_id: self.cell.id.clone(),
             step: index,
@@ -250,52 +256,66 @@ impl Lane {
         };
         let started = std::time::Instant::now();
         // Boxed: the attempt's future (the user's, wrapped) is not nested in the body's,
-        // which keeps the type of a long workflow body within the compiler's limits.
-        let call = async { step.execute(&ctx).await };
+        // which keeps the type of a long workflow body within the compiler's limits. The
+        // call is made inside the contained future, so a panic making it is contained too.
+        let call = async { call.call(ctx).await };
         let result = Box::pin(attempt_contained(tracing::Instrument::instrument(
             call, span,
         )))
         .await;
         slot.report(&result);
         crate::crash::point("step.after_effect");
-        match result.map(|output| (kept_output::<S>(&output), output)) {
+        match result.map(|output| (kept_output(kind, &output), output)) {
             Ok((Ok(value), output)) => {
-                let elapsed = started.elapsed();
-                let now = self.env.clock.now_ms();
-                let operation = format!("step:{}", S::KIND);
-                self.env
-                    .stats
-                    .record(&operation, elapsed, self.cell.id.as_str(), now);
-                tracing::debug!(run_id = %self.cell.id, step = index.0, kind = S::KIND, elapsed_ms = elapsed.as_millis() as u64, "step completed");
-                // Not synced here: the next step's start record, or the run's terminal
-                // record, shares this entry's sync.
-                self.journal(Event::StepCompleted {
-                    step: index,
-                    attempt,
-                    output: value,
-                })?;
-                crate::crash::point("step.after_outcome");
+                self.record_success(attempts, attempt, started.elapsed(), value)?;
                 Ok(Ended::Completed(output))
             }
-            Ok((Err(reason), _)) => self.reject_output::<S>(index, attempt, reason).await,
-            Err(error) => self.record_failure::<S>(attempts, attempt, error).await,
+            Ok((Err(reason), _)) => self.reject_output(attempts, attempt, reason).await,
+            Err(error) => self.record_failure(attempts, attempt, error).await,
         }
+    }
+
+    /// Journals an attempt's output and records its duration under `step:<kind>`.
+    fn record_success(
+        &mut self,
+        attempts: &Attempts<'_>,
+        attempt: Attempt,
+        elapsed: std::time::Duration,
+        output: Value,
+    ) -> Result<(), Interrupt> {
+        let (index, kind) = (attempts.index, attempts.kind);
+        let now = self.env.clock.now_ms();
+        let operation = format!("step:{kind}");
+        self.env
+            .stats
+            .record(&operation, elapsed, self.cell.id.as_str(), now);
+        tracing::debug!(run_id = %self.cell.id, step = index.0, kind, elapsed_ms = elapsed.as_millis() as u64, "step completed");
+        // Not synced here: the next step's start record, or the run's terminal record,
+        // shares this entry's sync.
+        self.journal(Event::StepCompleted {
+            step: index,
+            attempt,
+            output,
+        })?;
+        crate::crash::point("step.after_outcome");
+        Ok(())
     }
 
     /// Journals an attempt that succeeded with an output that cannot be kept. The effect
     /// happened; only its output is lost: in doubt, not "no effect", so the saga undoes it,
     /// found by key.
-    async fn reject_output<S: Step>(
+    async fn reject_output<T>(
         &mut self,
-        index: StepIndex,
+        attempts: &Attempts<'_>,
         attempt: Attempt,
         reason: String,
-    ) -> Result<Ended<S::Output>, Interrupt> {
+    ) -> Result<Ended<T>, Interrupt> {
+        let (index, kind) = (attempts.index, attempts.kind);
         let record = ErrorRecord {
             class: ErrorClass::Permanent,
             message: crate::step::truncate(reason),
         };
-        tracing::warn!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, "step output rejected; the effect will be undone");
+        tracing::warn!(run_id = %self.cell.id, step = index.0, kind, attempt = attempt.0, error = %record.message, "step output rejected; the effect will be undone");
         self.journal(Event::StepOutputRejected {
             step: index,
             attempt,
@@ -309,12 +329,12 @@ impl Lane {
     /// Journals a failed attempt, with the next attempt's time if the policy allows one,
     /// and makes it durable (so a restart neither resets the attempt count nor shortens
     /// the backoff).
-    async fn record_failure<S: Step>(
+    async fn record_failure<T>(
         &mut self,
         attempts: &Attempts<'_>,
         attempt: Attempt,
         error: StepError,
-    ) -> Result<Ended<S::Output>, Interrupt> {
+    ) -> Result<Ended<T>, Interrupt> {
         let index = attempts.index;
         let record = error.to_record();
         let retry_at_ms = match error.class() {
@@ -338,7 +358,7 @@ impl Lane {
                 )
             }
         };
-        tracing::info!(run_id = %self.cell.id, step = index.0, kind = S::KIND, attempt = attempt.0, error = %record.message, ?retry_at_ms, "step attempt failed");
+        tracing::info!(run_id = %self.cell.id, step = index.0, kind = attempts.kind, attempt = attempt.0, error = %record.message, ?retry_at_ms, "step attempt failed");
         self.journal(Event::StepFailed {
             step: index,
             attempt,
@@ -357,9 +377,53 @@ impl Lane {
     }
 }
 
+/// One step's attempts, with what made the step erased: a [`Step`] value ([`StepAttempts`])
+/// or an effect's closure (`effect.rs`). The attempt loop ([`Lane::run_attempts`]) sees
+/// only this, so both are journaled, retried, rate-limited, contained and measured alike.
+pub(crate) trait Attempted<'a, T>: Send {
+    /// The step kind.
+    fn kind(&self) -> &'static str;
+    /// Whether the kind has a compensation (journaled with every start).
+    fn compensable(&self) -> bool;
+    /// How failed attempts are retried (a step's code: the loop contains its panics).
+    fn retry_policy(&self) -> RetryPolicy;
+    /// The rate-limited service each attempt calls, if any (contained as well).
+    fn rate_limit(&self) -> Option<&str>;
+    /// One attempt's call, given its context.
+    fn call(&mut self, ctx: StepContext) -> BoxFuture<'a, Result<T, StepError>>;
+}
+
+/// The attempts of a [`Step`] value.
+pub(crate) struct StepAttempts<'a, S>(pub(crate) &'a S);
+
+impl<'a, S: Step> Attempted<'a, S::Output> for StepAttempts<'a, S> {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+
+    fn compensable(&self) -> bool {
+        S::COMPENSABLE
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        self.0.retry_policy()
+    }
+
+    fn rate_limit(&self) -> Option<&str> {
+        self.0.rate_limit()
+    }
+
+    fn call(&mut self, ctx: StepContext) -> BoxFuture<'a, Result<S::Output, StepError>> {
+        let step = self.0;
+        Box::pin(async move { step.execute(&ctx).await })
+    }
+}
+
 /// What every attempt of one step shares.
 struct Attempts<'a> {
     index: StepIndex,
+    kind: &'static str,
+    compensable: bool,
     argument: &'a Value,
     policy: &'a RetryPolicy,
     limiter: Option<&'a RateLimiter>,
@@ -387,15 +451,14 @@ fn attempt_contained<T>(
 
 /// The journaled form of a step's output, or why it cannot be kept (not serialisable, or
 /// over [`STEP_OUTPUT_BYTES_MAX`]).
-fn kept_output<S: Step>(output: &S::Output) -> Result<Value, String> {
+fn kept_output<T: Serialize>(kind: &str, output: &T) -> Result<Value, String> {
     let value = contained_sync(|| serde_json::to_value(output))
-        .map_err(|panic| format!("serialising the output of {} panicked: {panic}", S::KIND))?
-        .map_err(|e| format!("output of {} does not serialise: {e}", S::KIND))?;
+        .map_err(|panic| format!("serialising the output of {kind} panicked: {panic}"))?
+        .map_err(|e| format!("output of {kind} does not serialise: {e}"))?;
     let bytes = value.to_string().len();
     if bytes > STEP_OUTPUT_BYTES_MAX {
         return Err(format!(
-            "output of {} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes",
-            S::KIND
+            "output of {kind} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes"
         ));
     }
     Ok(value)

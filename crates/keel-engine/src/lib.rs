@@ -14,6 +14,15 @@
 //! cannot finish is compensated: its completed (and in-doubt) steps are undone, newest first,
 //! from the journal alone.
 //!
+//! A side effect with nothing to undo (a lookup, a read) needs no type: [`Ctx::effect`] runs
+//! a closure as a step whose `COMPENSABLE` is false, with its settings in [`EffectOptions`]
+//! (retry policy, rate limit, and the argument it is journaled with), and journals, retries,
+//! contains and replays it exactly as such a step; the saga passes over it, and nothing is
+//! registered for it. A step that must be undone stays a [`Step`], a serialisable value plus
+//! a trait impl registered by kind, because compensation must run from the journal alone,
+//! after a restart, without the workflow's code or its closures: the saga finds the step's
+//! code by its journaled kind and hands it the journaled value.
+//!
 //! The engine survives its users' faults: a panic in a step, a compensation, a probe or a
 //! workflow body is that call's failure, never a hung run; a run whose driving kills the
 //! whole process at every load is suspended as poisoned after
@@ -209,6 +218,7 @@ mod contain;
 #[doc(hidden)]
 pub mod crash;
 mod ctx;
+mod effect;
 mod engine;
 mod env;
 mod error;
@@ -252,7 +262,7 @@ pub use limiter::{
 pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use stats::{Counters, OperationStats, Outlier};
-pub use step::{Step, StepContext, StepError, Undo};
+pub use step::{EffectOptions, Step, StepContext, StepError, Undo};
 pub use store::Durability;
 pub use wait::{LearnedDeadline, Probe, WaitPolicy, LEARN_AFTER_DEFAULT};
 pub use workflow::{InvalidInput, OnRetriesExhausted, Workflow, WorkflowError};

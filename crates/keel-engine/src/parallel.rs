@@ -19,7 +19,7 @@ use crate::error::EngineError;
 use crate::ids::{Attempt, StepIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::Event;
-use crate::lane::Lane;
+use crate::lane::{Lane, StepAttempts};
 use crate::limits::{FAN_OUT_MAX, STEPS_PER_RUN_MAX};
 use crate::replay::{step_action, Op, StepAction};
 use crate::step::Step;
@@ -147,7 +147,9 @@ impl Ctx {
                 }
             };
             plans.push(match action {
-                StepAction::Replay(output) => Plan::Done(self.decode_output::<S>(index, output)),
+                StepAction::Replay(output) => {
+                    Plan::Done(self.decode_output(index, S::KIND, output))
+                }
                 StepAction::Fail(error) => match self.lane.failed_for_good(index, S::KIND, error) {
                     Ok(error) => Plan::Done(Err(error)),
                     Err(cause) => return Err(self.interrupt(cause)),
@@ -311,8 +313,14 @@ fn run_plan<S: Step>(
             else {
                 unreachable!("only branches that must run get a task")
             };
-            lane.run_attempts(index, &step, argument, attempt, not_before_ms)
-                .await
+            lane.run_attempts(
+                index,
+                &mut StepAttempts(&step),
+                argument,
+                attempt,
+                not_before_ms,
+            )
+            .await
         })
     }
 }

@@ -76,15 +76,41 @@ impl Registry {
                     .and_then(|s| s.rate_limit().map(str::to_owned))
             }),
         };
+        self.insert::<S>(S::KIND, entry, duplicate)
+    }
+
+    /// Registers `kind` as an effect's ([`crate::Ctx::effect`]): its undo has nothing to do.
+    /// A step type under the same kind is refused, as a second type is.
+    pub(crate) fn add_effect(&self, kind: &'static str) -> Result<()> {
+        let entry = StepEntry {
+            type_id: TypeId::of::<NothingToUndo>(),
+            undo: Box::new(|_, _, _| Box::pin(async { Ok(Undo::NotCompensable) })),
+            undo_policy: Box::new(|_| RetryPolicy::COMPENSATION_DEFAULT),
+            rate_limit: Box::new(|_| None),
+        };
+        let duplicate = || EngineError::DuplicateStepKind { kind: kind.into() };
+        self.insert::<NothingToUndo>(kind, entry, duplicate)
+    }
+
+    /// Inserts `entry` of type `T` under `kind`, unless another type holds the kind.
+    fn insert<T: 'static>(
+        &self,
+        kind: &'static str,
+        entry: StepEntry,
+        duplicate: impl FnOnce() -> EngineError,
+    ) -> Result<()> {
         let mut steps = self.steps.write().expect("registry lock");
-        let entry = steps.entry(S::KIND).or_insert_with(|| Arc::new(entry));
-        check_same::<S>(entry.type_id, duplicate)
+        let entry = steps.entry(kind).or_insert_with(|| Arc::new(entry));
+        check_same::<T>(entry.type_id, duplicate)
     }
 
     pub(crate) fn step(&self, kind: &str) -> Option<Arc<StepEntry>> {
         self.steps.read().expect("registry lock").get(kind).cloned()
     }
 }
+
+/// The type an effect's kind is registered as.
+struct NothingToUndo;
 
 /// `Ok` if the type registered under a name is `T` itself, else the duplicate's error.
 pub(crate) fn check_same<T: 'static>(
@@ -105,7 +131,7 @@ pub(crate) fn check_same<T: 'static>(
 pub struct StepType {
     kind: &'static str,
     type_name: fn() -> &'static str,
-    register: fn(&Registry) -> Result<()>,
+    register: fn(&Registry, &'static str) -> Result<()>,
 }
 
 impl StepType {
@@ -114,7 +140,21 @@ impl StepType {
         StepType {
             kind: S::KIND,
             type_name: std::any::type_name::<S>,
-            register: Registry::add_step::<S>,
+            register: register_step::<S>,
+        }
+    }
+
+    /// The kind of an effect ([`crate::Ctx::effect`]), which has nothing to undo. A run
+    /// needs it registered only when its journal was written before start records said
+    /// whether a step has a compensation: there any step reads as compensable, and the
+    /// saga, finding no code for the kind, would stop the run in `compensation_failed` (and
+    /// open would refuse the store); registered, the saga skips the step. So a library that
+    /// turns a [`Step`] into an effect keeps the old kind in its set this way.
+    pub const fn effect(kind: &'static str) -> StepType {
+        StepType {
+            kind,
+            type_name: effect_type_name,
+            register: Registry::add_effect,
         }
     }
 
@@ -123,14 +163,23 @@ impl StepType {
         self.kind
     }
 
-    /// Its Rust type's path, e.g. `keel_steps::aws::iam::CreateRole`.
+    /// Its Rust type's path, e.g. `keel_steps::aws::iam::CreateRole`; `effect` for an
+    /// effect's kind.
     pub fn type_name(&self) -> &'static str {
         (self.type_name)()
     }
 
     pub(crate) fn register(&self, registry: &Registry) -> Result<()> {
-        (self.register)(registry)
+        (self.register)(registry, self.kind)
     }
+}
+
+fn effect_type_name() -> &'static str {
+    "effect"
+}
+
+fn register_step<S: Step>(registry: &Registry, _kind: &'static str) -> Result<()> {
+    registry.add_step::<S>()
 }
 
 impl std::fmt::Debug for StepType {

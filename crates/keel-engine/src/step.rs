@@ -1,5 +1,6 @@
 //! Steps: one side effect each, with a serialisable argument (the step value), an output, a
-//! retry policy and optionally a compensation.
+//! retry policy and optionally a compensation; and the settings of an effect
+//! ([`EffectOptions`]), a step written as a closure, with nothing to undo.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
 use crate::journal::{ErrorClass, ErrorRecord};
@@ -82,6 +84,66 @@ pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// [`Step::COMPENSATION_RETRY_POLICY`] by default.
     fn compensation_retry_policy(&self) -> RetryPolicy {
         Self::COMPENSATION_RETRY_POLICY
+    }
+}
+
+/// How [`crate::Ctx::effect`] runs an effect, a side effect with nothing to undo written as a
+/// closure: the settings a [`Step`] has as constants, and the argument a step value would be.
+///
+/// Built like a step's constants, so a `const` can hold them (the argument, a JSON value, is
+/// then `null`):
+///
+/// ```
+/// use std::time::Duration;
+/// use keel_engine::{EffectOptions, RetryPolicy};
+///
+/// const LOOKUP: EffectOptions = EffectOptions::DEFAULT
+///     .rate_limit("iot")
+///     .retry_policy(RetryPolicy::DEFAULT.with_attempts_max(4));
+/// let options = LOOKUP.argument(serde_json::json!({ "region": "eu-west-1" }));
+/// # let _ = options;
+/// ```
+#[derive(Clone, Debug, PartialEq)]
+pub struct EffectOptions {
+    pub(crate) retry_policy: RetryPolicy,
+    pub(crate) rate_limit: Option<&'static str>,
+    pub(crate) argument: Value,
+}
+
+impl EffectOptions {
+    /// [`RetryPolicy::DEFAULT`], no rate limit, the argument `null`.
+    pub const DEFAULT: EffectOptions = EffectOptions {
+        retry_policy: RetryPolicy::DEFAULT,
+        rate_limit: None,
+        argument: Value::Null,
+    };
+
+    /// These options with failed attempts retried under `policy` (as [`Step::RETRY_POLICY`]).
+    pub const fn retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry_policy = policy;
+        self
+    }
+
+    /// These options with each attempt in a slot of the engine's limiter of `service`
+    /// (`"iam"`, `"iot"`, ...), reporting throttling ([`StepError::throttled`]) or success back
+    /// to it (as [`Step::RATE_LIMIT`]).
+    pub const fn rate_limit(mut self, service: &'static str) -> Self {
+        self.rate_limit = Some(service);
+        self
+    }
+
+    /// These options with the effect journaled with `argument` (`null` by default): what it
+    /// depends on, so that replay tells changed code from the journal, as it compares a step's
+    /// value. A step turned into an effect passes the JSON its value serialised to, and its
+    /// runs journaled before replay as they did.
+    pub fn argument(self, argument: Value) -> Self {
+        EffectOptions { argument, ..self }
+    }
+}
+
+impl Default for EffectOptions {
+    fn default() -> Self {
+        EffectOptions::DEFAULT
     }
 }
 
