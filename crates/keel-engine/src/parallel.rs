@@ -204,6 +204,55 @@ impl Ctx {
             .collect())
     }
 
+    /// Runs the branches `tasks` of a select until one succeeds (the others then stop before
+    /// their next attempt), recording each branch's output or error; the winner, if any.
+    async fn race<T, F>(
+        &mut self,
+        count: usize,
+        tasks: Vec<(usize, F)>,
+        outputs: &mut [Option<T>],
+        errors: &mut [String],
+    ) -> Result<Option<usize>, WorkflowError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Lane) -> BranchFuture<Result<T, WorkflowError>>,
+    {
+        let (stop, stopped) = watch::channel(false);
+        let mut winner = None;
+        let mut interrupt = None;
+        run_branches(
+            &mut self.lane,
+            count,
+            tasks,
+            Some(stopped),
+            |i, result| match result {
+                Ok(Ok(output)) => {
+                    outputs[i] = Some(output);
+                    if winner.is_none() {
+                        winner = Some(i);
+                        stop.send_replace(true);
+                    }
+                    true
+                }
+                Ok(Err(error)) => {
+                    errors[i] = error.to_string();
+                    true
+                }
+                // A loser stopped before its next attempt.
+                Err(Interrupt::Stopped) => true,
+                Err(cause) => {
+                    interrupt.get_or_insert(cause);
+                    false
+                }
+            },
+        )
+        .await;
+        match interrupt {
+            Some(cause) => Err(self.interrupt(cause)),
+            None => Ok(winner),
+        }
+    }
+
     /// Runs `steps` concurrently and returns the first to succeed, with its position in the
     /// list. Once one succeeds, no other branch starts a new attempt; those in flight finish
     /// and are recorded; then every other branch that took effect (or may have) is undone at
@@ -236,38 +285,7 @@ impl Ctx {
             .map(|w| w as usize)
             .or_else(|| outputs.iter().position(Option::is_some));
         if winner.is_none() {
-            let (stop, stopped) = watch::channel(false);
-            let mut interrupt = None;
-            run_branches(
-                &mut self.lane,
-                count,
-                tasks,
-                Some(stopped),
-                |i, result| match result {
-                    Ok(Ok(output)) => {
-                        outputs[i] = Some(output);
-                        if winner.is_none() {
-                            winner = Some(i);
-                            stop.send_replace(true);
-                        }
-                        true
-                    }
-                    Ok(Err(error)) => {
-                        errors[i] = error.to_string();
-                        true
-                    }
-                    // A loser stopped before its next attempt.
-                    Err(Interrupt::Stopped) => true,
-                    Err(cause) => {
-                        interrupt.get_or_insert(cause);
-                        false
-                    }
-                },
-            )
-            .await;
-            if let Some(cause) = interrupt {
-                return Err(self.interrupt(cause));
-            }
+            winner = self.race(count, tasks, &mut outputs, &mut errors).await?;
         }
         let Some(winner) = winner else {
             return Err(WorkflowError::NoneSucceeded {

@@ -1,0 +1,386 @@
+//! Waits: polling a probe until the resource it reads is usable, judged by the answers of
+//! polls sent (docs/waits.md). Only the start and the end are journaled.
+
+use crate::contain::{contained, contained_sync};
+use crate::error::Result;
+use crate::ids::{Attempt, IdempotencyKey, StepIndex};
+use crate::interrupt::Interrupt;
+use crate::journal::{ErrorClass, Event};
+use crate::journal::{WaitOutcome, WaitSchedule};
+use crate::limiter::{Priority, Slot};
+use crate::limits::UNANSWERED_POLLS_MAX;
+use crate::replay::Op;
+use crate::step::{StepContext, StepError};
+use crate::wait::{Probe, WaitPolicy};
+use crate::workflow::WorkflowError;
+use rand::Rng;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::Ctx;
+
+impl Ctx {
+    /// Polls `probe` under `policy` until it holds `policy.confirmations` times in a row
+    /// (returning the last poll's output) or waiting is judged hopeless
+    /// ([`WorkflowError::WaitTimedOut`], which the body may catch to recreate the resource).
+    ///
+    /// Only the start (with the resolved schedule and absolute deadline) and the end are
+    /// journaled. The wait is judged by what the resource answered, not by what the engine
+    /// did (docs/waits.md):
+    /// - it times out only on a "not ready" answer to a poll *sent* at or after the deadline,
+    ///   and only once it has had `confirmations` answers since it (re)started, so a deadline
+    ///   that passed while the worker was down, or while polls queued at the rate limiter,
+    ///   costs no resource its chance;
+    /// - the deadline moves later by the time this process's polls spent queued at the
+    ///   service's limiter;
+    /// - a throttled or failed poll is no answer: it neither counts as a confirmation nor
+    ///   breaks a run of them. Past the deadline, [`UNANSWERED_POLLS_MAX`] of them in a row end
+    ///   the wait as failed, with the last error;
+    /// - after a restart a run of confirmations starts over (polls are not journaled), so a
+    ///   resource is never granted with fewer than `confirmations` polls in a row.
+    ///
+    /// The time to readiness is recorded in the statistics of `wait:<kind>`, which
+    /// [`WaitPolicy::learned`] reads, only when it measures the resource: see
+    /// [`crate::stats`] and docs/waits.md.
+    pub async fn wait<P: Probe>(
+        &mut self,
+        probe: P,
+        policy: WaitPolicy,
+    ) -> Result<P::Output, WorkflowError> {
+        self.check()?;
+        let index = self.next_index()?;
+        let argument = self.argument(index, "wait", P::KIND, &probe)?;
+        let journaled = self.lane.cell.with_state(|state| match state.ops.get(index.0 as usize) {
+            None => Ok(None),
+            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == argument => {
+                Ok(Some((op.schedule.clone(), op.started_at_ms, op.outcome.clone())))
+            }
+            Some(Op::Wait(op)) => Err(format!(
+                "journal holds wait {:?} with argument {}, code asks for wait {:?} with argument {}",
+                op.kind,
+                op.argument,
+                P::KIND,
+                argument
+            )),
+            Some(other) => Err(format!("journal holds {}, code asks for wait {:?}", other.describe(), P::KIND)),
+        });
+        let started = match journaled {
+            Ok(Some((_, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
+            Ok(Some((schedule, started_at_ms, None))) => WaitStart {
+                schedule,
+                started_at_ms,
+                here: false,
+            },
+            Ok(None) => {
+                let started_at_ms = self.now_ms();
+                let stats = self.lane.env.stats.summary(&format!("wait:{}", P::KIND));
+                let schedule = policy.resolve(started_at_ms, stats.as_ref());
+                tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
+                self.journal(Event::WaitStarted {
+                    step: index,
+                    kind: P::KIND.into(),
+                    argument,
+                    schedule: schedule.clone(),
+                })?;
+                self.durable().await?;
+                crate::crash::point("wait.after_started");
+                WaitStart {
+                    schedule,
+                    started_at_ms,
+                    here: true,
+                }
+            }
+            Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
+        };
+        let outcome = self.poll(index, &probe, &started).await?;
+        self.journal(Event::WaitEnded {
+            step: index,
+            outcome: outcome.clone(),
+        })?;
+        crate::stats::EventCounters::bump(&self.lane.env.counters.waits);
+        // Not synced here: the next step's start record, or the run's terminal record, shares
+        // this entry's sync, as for a step's outcome.
+        crate::crash::point("wait.after_ended");
+        self.wait_result::<P>(index, outcome)
+    }
+
+    async fn poll<P: Probe>(
+        &mut self,
+        index: StepIndex,
+        probe: &P,
+        start: &WaitStart,
+    ) -> Result<WaitOutcome, WorkflowError> {
+        let schedule = &start.schedule;
+        let mut polls = PollCount {
+            last_sent_ms: start.started_at_ms,
+            ..PollCount::default()
+        };
+        let mut interval_ms = 0;
+        let mut next_at_ms = start
+            .started_at_ms
+            .saturating_add(schedule.initial_delay_ms);
+        loop {
+            let deadline_ms = schedule.deadline_ms.saturating_add(polls.queued_ms);
+            // With no run of confirmations under way, a poll is sent at the deadline (once),
+            // so that it is a poll sent there that judges the resource.
+            let wake_at_ms = if polls.streak == 0 && polls.last_sent_ms < deadline_ms {
+                next_at_ms.min(deadline_ms)
+            } else {
+                next_at_ms
+            };
+            self.sleep_until(wake_at_ms).await?;
+            let scheduled_ms = self.now_ms();
+            let (answer, sent_ms) = self.poll_once(index, probe, Attempt(polls.sent + 1)).await;
+            let queued_ms = sent_ms.saturating_sub(scheduled_ms);
+            let gap_ms = wake_at_ms.saturating_sub(polls.last_sent_ms);
+            polls.sent += 1;
+            polls.queued_ms += queued_ms;
+            polls.last_sent_ms = sent_ms;
+            let deadline_ms = schedule.deadline_ms.saturating_add(polls.queued_ms);
+            let sent = SentPoll {
+                sent_ms,
+                queued_ms,
+                gap_ms,
+                past_deadline: sent_ms >= deadline_ms,
+            };
+            let kind = P::KIND;
+            match polls.judge(answer, &sent, schedule.confirmations) {
+                Verdict::Ready(output) => return Ok(self.ready::<P>(output, start, &polls)),
+                Verdict::Ended(outcome) => {
+                    tracing::info!(run_id = %self.lane.cell.id, step = index.0, kind, polls = polls.sent, ?outcome, "wait ended without the resource ready");
+                    return Ok(outcome);
+                }
+                Verdict::Again => {}
+            }
+            let offset_ms = self.now_ms().saturating_sub(start.started_at_ms);
+            let (next_offset_ms, carried_ms) =
+                schedule.next_poll(offset_ms, interval_ms, polls.streak, self.lane.rng.gen());
+            interval_ms = carried_ms;
+            // No more often than the limiter serves polls: after one that queued `queued_ms`,
+            // the next waits at least as long, so densely polling waits leave the service's
+            // budget to the calls that make progress.
+            next_at_ms = start
+                .started_at_ms
+                .saturating_add(next_offset_ms)
+                .max(sent_ms.saturating_add(queued_ms));
+        }
+    }
+
+    /// One poll of `probe` (number `poll`), in a slot of its service's limiter, and the engine
+    /// clock's time when it was sent (after its slot). A panicking poll is a failed poll, as
+    /// a retryable error is.
+    async fn poll_once<P: Probe>(
+        &mut self,
+        index: StepIndex,
+        probe: &P,
+        poll: Attempt,
+    ) -> (Result<Option<P::Output>, StepError>, u64) {
+        let ctx = StepContext {
+            run_id: self.lane.cell.id.clone(),
+            step: index,
+            key: IdempotencyKey::for_step(&self.lane.cell.id, index),
+            attempt: poll,
+            resources: Arc::clone(&self.lane.env.resources),
+            clock: self.lane.env.clock.clone(),
+            effect_by_ms: None,
+        };
+        let span = tracing::debug_span!("probe", run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, poll = poll.0);
+        let service = contained_sync(|| probe.rate_limit().map(str::to_owned))
+            .ok()
+            .flatten();
+        let limiter = service.map(|name| self.lane.env.limiters.get(&name));
+        let slot = Slot::take(limiter.as_deref(), Priority::Probe).await;
+        let sent_ms = self.now_ms();
+        let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
+        let polled = contained(call)
+            .await
+            .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
+        slot.report(&polled);
+        // Polls are not journaled: a poll that returned is what shows the run survives them.
+        self.lane.cell.survived(&*self.lane.env.store);
+        (polled, sent_ms)
+    }
+
+    /// The outcome of a wait whose probe held: its last output. The time to readiness (from
+    /// the wait's start to the sending of the poll that first saw it ready) is recorded under
+    /// `wait:<kind>` when it measures the resource: the wait started in this drive of the run
+    /// (no restart or suspension inside it), and that poll was not held at the limiter for
+    /// longer than the interval it was scheduled after.
+    fn ready<P: Probe>(
+        &mut self,
+        output: P::Output,
+        start: &WaitStart,
+        polls: &PollCount,
+    ) -> WaitOutcome {
+        let output = match serde_json::to_value(&output) {
+            Ok(v) => v,
+            Err(e) => {
+                let error = StepError::permanent(format!(
+                    "output of probe {} does not serialise: {e}",
+                    P::KIND
+                ));
+                return WaitOutcome::Failed {
+                    error: error.to_record(),
+                    polls: polls.sent,
+                };
+            }
+        };
+        let held_ms = polls
+            .first_ready_gap_ms
+            .max(start.schedule.dense_interval_ms);
+        if start.here && polls.first_ready_queued_ms <= held_ms {
+            let waited_ms = polls.streak_started_ms.saturating_sub(start.started_at_ms);
+            self.lane.env.stats.record(
+                &format!("wait:{}", P::KIND),
+                Duration::from_millis(waited_ms),
+                self.lane.cell.id.as_str(),
+                self.now_ms(),
+            );
+        } else {
+            tracing::debug!(run_id = %self.lane.cell.id, kind = P::KIND, here = start.here, queued_ms = polls.first_ready_queued_ms, "time to readiness not recorded: it would measure the engine, not the resource");
+        }
+        WaitOutcome::Ready {
+            output,
+            polls: polls.sent,
+        }
+    }
+
+    fn wait_result<P: Probe>(
+        &mut self,
+        index: StepIndex,
+        outcome: WaitOutcome,
+    ) -> Result<P::Output, WorkflowError> {
+        match outcome {
+            WaitOutcome::Ready { output, .. } => serde_json::from_value(output).map_err(|e| {
+                let detail = format!("recorded output of wait {} does not decode: {e}", P::KIND);
+                self.interrupt(Interrupt::NonDeterminism { index, detail })
+            }),
+            WaitOutcome::TimedOut { polls } => Err(WorkflowError::WaitTimedOut {
+                step: index,
+                kind: P::KIND.into(),
+                polls,
+            }),
+            WaitOutcome::Failed { error, .. } => Err(WorkflowError::Step {
+                step: index,
+                kind: P::KIND.into(),
+                error,
+            }),
+        }
+    }
+}
+
+/// A wait's journaled start, and whether it was journaled by this drive of the run.
+struct WaitStart {
+    schedule: WaitSchedule,
+    started_at_ms: u64,
+    /// Started in this drive of the run: no restart or suspension since.
+    here: bool,
+}
+
+/// What a wait's polls have seen since it (re)started.
+#[derive(Default)]
+struct PollCount {
+    /// Polls sent.
+    sent: u32,
+    /// Polls answered (ready or not ready).
+    answers: u32,
+    /// Ready answers in a row.
+    streak: u32,
+    /// When the poll that began the current run of ready answers was sent.
+    streak_started_ms: u64,
+    /// When the last poll was sent (the wait's start before the first).
+    last_sent_ms: u64,
+    /// Polls past the deadline in a row that got no answer.
+    unanswered: u32,
+    /// Time polls spent queued at the limiter.
+    queued_ms: u64,
+    /// Of the poll that began the run of ready answers: time queued, and the interval it was
+    /// scheduled after.
+    first_ready_queued_ms: u64,
+    first_ready_gap_ms: u64,
+}
+
+/// One poll as sent: when, how long it queued at the limiter, the interval it was scheduled
+/// after, and whether it was sent past the (queue-extended) deadline.
+struct SentPoll {
+    sent_ms: u64,
+    queued_ms: u64,
+    gap_ms: u64,
+    past_deadline: bool,
+}
+
+/// What one poll's answer does to a wait.
+enum Verdict<T> {
+    /// Ready `confirmations` times in a row: the wait ends ready with this output.
+    Ready(T),
+    /// The wait ends otherwise (timed out, or failed).
+    Ended(WaitOutcome),
+    /// Poll again.
+    Again,
+}
+
+impl PollCount {
+    /// A poll got an answer, ready or not.
+    fn answered(&mut self) {
+        self.answers += 1;
+        self.unanswered = 0;
+    }
+
+    /// Counts `answer` to the poll `sent` and judges the wait by it: ready answers in a row
+    /// up to `confirmations`; a "not ready" past the deadline (after at least
+    /// `confirmations` answers) times it out; a permanent error fails it; no answer neither
+    /// grows nor breaks the streak, and [`UNANSWERED_POLLS_MAX`] of them in a row past the
+    /// deadline fail it.
+    fn judge<T>(
+        &mut self,
+        answer: Result<Option<T>, StepError>,
+        sent: &SentPoll,
+        confirmations: u32,
+    ) -> Verdict<T> {
+        match answer {
+            Ok(Some(output)) => {
+                if self.streak == 0 {
+                    self.streak_started_ms = sent.sent_ms;
+                    self.first_ready_queued_ms = sent.queued_ms;
+                    self.first_ready_gap_ms = sent.gap_ms;
+                }
+                self.streak += 1;
+                self.answered();
+                if self.streak >= confirmations {
+                    return Verdict::Ready(output);
+                }
+            }
+            Ok(None) => {
+                self.streak = 0;
+                self.answered();
+                if sent.past_deadline && self.answers >= confirmations {
+                    return Verdict::Ended(WaitOutcome::TimedOut { polls: self.sent });
+                }
+            }
+            Err(error) if error.class() == ErrorClass::Permanent => {
+                return Verdict::Ended(WaitOutcome::Failed {
+                    error: error.to_record(),
+                    polls: self.sent,
+                });
+            }
+            Err(error) => {
+                self.unanswered = if sent.past_deadline {
+                    self.unanswered + 1
+                } else {
+                    0
+                };
+                tracing::debug!(%error, unanswered = self.unanswered, "probe failed; no answer");
+                if self.unanswered >= UNANSWERED_POLLS_MAX {
+                    let error = StepError::retryable(format!(
+                        "{UNANSWERED_POLLS_MAX} polls in a row past the deadline got no answer; the last: {error}"
+                    ));
+                    return Verdict::Ended(WaitOutcome::Failed {
+                        error: error.to_record(),
+                        polls: self.sent,
+                    });
+                }
+            }
+        }
+        Verdict::Again
+    }
+}
