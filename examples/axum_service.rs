@@ -19,7 +19,9 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use keel::{Ctx, Engine, EngineError, Step, StepContext, StepError, Undo, Workflow, WorkflowError};
+use keel::{
+    Compensation, Ctx, Engine, EngineError, Step, StepContext, StepError, Workflow, WorkflowError,
+};
 use serde::{Deserialize, Serialize};
 
 /// Reserves stock; undone by releasing it.
@@ -43,8 +45,12 @@ impl Step for Reserve {
         ))
     }
 
-    async fn compensate(&self, _: &StepContext, _: Option<String>) -> Result<Undo, StepError> {
-        Ok(Undo::Done)
+    async fn compensate(
+        &self,
+        _: &StepContext,
+        _: Option<String>,
+    ) -> Result<Compensation, StepError> {
+        Ok(Compensation::Done)
     }
 }
 

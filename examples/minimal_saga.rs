@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use keel::{
-    Ctx, Engine, Event, RetryPolicy, Step, StepContext, StepError, Undo, Workflow, WorkflowError,
+    Compensation, Ctx, Engine, Event, RetryPolicy, Step, StepContext, StepError, Workflow,
+    WorkflowError,
 };
 use serde::{Deserialize, Serialize};
 
@@ -45,9 +46,9 @@ impl Step for Book {
         &self,
         ctx: &StepContext,
         booking: Option<String>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         tracing::info!(what = %self.what, key = %ctx.key(), ?booking, "booking cancelled");
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

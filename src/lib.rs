@@ -12,6 +12,7 @@ pub use keel_engine::{
     // Ids, records and the journal as operators read it.
     Attempt,
     Clock,
+    Compensation,
     // Rate limits and statistics.
     Counters,
     // Workflows, steps, waits and their context.
@@ -31,6 +32,7 @@ pub use keel_engine::{
     JournalIndex,
     LearnedDeadline,
     OnRetriesExhausted,
+    OperationIndex,
     OperationStats,
     Outlier,
     Priority,
@@ -49,8 +51,6 @@ pub use keel_engine::{
     Step,
     StepContext,
     StepError,
-    StepIndex,
-    Undo,
     WaitOutcome,
     WaitPolicy,
     WaitSchedule,

@@ -425,7 +425,7 @@ async fn journal_entry_breaking_the_state_machine_is_left_alone() {
         let entry = keel::Entry {
             at_ms: 1,
             event: Event::StepCompleted {
-                step: keel::StepIndex(5),
+                step: keel::OperationIndex(5),
                 attempt: keel::Attempt(1),
                 output: serde_json::json!(0),
             },

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keel::{child_id, Engine, RunId, RunStatus, StepIndex};
+use keel::{child_id, Engine, OperationIndex, RunId, RunStatus};
 use keel_engine::test_utilities::replay::{Op, RunState};
 use keel_engine::{Event, RunHistory};
 use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
@@ -148,7 +148,7 @@ async fn fifty_children_three_fail_then_cancelling_the_parent_compensates_the_ot
     assert_eq!(output.failed, failing);
     verify(&engine, "fleet", &done, &log, false).await;
     assert_eq!(
-        child_id(&RunId::new("fleet").unwrap(), StepIndex(8)).as_str(),
+        child_id(&RunId::new("fleet").unwrap(), OperationIndex(8)).as_str(),
         "fleet/8"
     );
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use keel::testing::TestClock;
 use keel::{
-    Ctx, EffectOptions, Engine, EngineError, ErrorClass, Event, RetryPolicy, RunHistory, RunStatus,
-    Step, StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
+    Compensation, Ctx, EffectOptions, Engine, EngineError, ErrorClass, Event, OperationIndex,
+    RetryPolicy, RunHistory, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_engine::StepType;
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
@@ -65,7 +65,7 @@ fn entries_of(history: &RunHistory, step: u32) -> Vec<&Event> {
         .entries
         .iter()
         .map(|e| &e.event)
-        .filter(|e| e.step() == Some(StepIndex(step)))
+        .filter(|e| e.step() == Some(OperationIndex(step)))
         .collect()
 }
 
@@ -322,12 +322,16 @@ impl Step for Undoable {
         effects::record(&self.log, Action::Do, ctx)
     }
 
-    async fn compensate(&self, ctx: &StepContext, _: Option<()>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _: Option<()>,
+    ) -> Result<Compensation, StepError> {
         if Path::new(&format!("{}.down", self.log)).exists() {
             return Err(StepError::retryable("undo target down").with_retry_after(HOUR));
         }
         effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

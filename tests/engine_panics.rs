@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel::{
-    Ctx, Engine, EngineError, ErrorClass, Event, OnRetriesExhausted, RetryPolicy, RunHistory,
-    RunStatus, Step, StepContext, StepError, Undo, Workflow, WorkflowError,
+    Compensation, Ctx, Engine, EngineError, ErrorClass, Event, OnRetriesExhausted, RetryPolicy,
+    RunHistory, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::CONDITION_TIMEOUT;
@@ -42,7 +42,11 @@ impl Step for Panicky {
             .with_backoff(Duration::from_millis(1), Duration::from_millis(5))
     }
 
-    async fn compensate(&self, ctx: &StepContext, output: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        output: Option<u32>,
+    ) -> Result<Compensation, StepError> {
         if self.undo_panics {
             panic!("undo boom at attempt {}", ctx.attempt());
         }
@@ -53,11 +57,11 @@ impl Step for Panicky {
                 .iter()
                 .any(|e| e.action == Action::Do && e.key == key);
             if !done {
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
         }
         effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 
     fn compensation_retry_policy(&self) -> RetryPolicy {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel::{Engine, RunStatus, StepIndex};
+use keel::{Engine, OperationIndex, RunStatus};
 use keel_engine::limits::FAN_OUT_MAX;
 use keel_engine::test_utilities::replay::{Op, RunState, StepOutcome};
 use keel_engine::{Event, RunHistory};
@@ -59,7 +59,7 @@ fn folded(history: &RunHistory) -> Vec<Option<(u64, Option<serde_json::Value>)>>
     let state = RunState::from_entries(&history.entries).unwrap();
     (0..state.ops.len())
         .map(|i| {
-            state.step(StepIndex(i as u32)).map(|op| {
+            state.step(OperationIndex(i as u32)).map(|op| {
                 let output = match &op.outcome {
                     StepOutcome::Completed { output } => Some(output.clone()),
                     _ => None,

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel::{
-    Ctx, Engine, RateLimit, RateLimiter, RetryPolicy, RunStatus, Step, StepContext, StepError,
-    Undo, Workflow, WorkflowError,
+    Compensation, Ctx, Engine, RateLimit, RateLimiter, RetryPolicy, RunStatus, Step, StepContext,
+    StepError, Workflow, WorkflowError,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -40,12 +40,16 @@ impl Step for ThrottledOnce {
     }
 
     /// Throttled on its first undo attempt, done on the next.
-    async fn compensate(&self, ctx: &StepContext, _: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _: Option<u32>,
+    ) -> Result<Compensation, StepError> {
         UNDO_ATTEMPTS.fetch_add(1, Ordering::SeqCst);
         if ctx.attempt().0 == 1 {
             return Err(StepError::throttled("Rate exceeded"));
         }
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 
     fn compensation_retry_policy(&self) -> RetryPolicy {

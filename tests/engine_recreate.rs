@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel::{Ctx, Engine, Event, RunStatus, StepIndex, WaitPolicy, Workflow, WorkflowError};
+use keel::{Ctx, Engine, Event, OperationIndex, RunStatus, WaitPolicy, Workflow, WorkflowError};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectStep, Fault, ThresholdProbe};
 use keel_testkit::poll::until;
@@ -121,7 +121,7 @@ async fn a_stuck_resource_is_compensated_and_the_next_generation_succeeds() {
     assert_eq!(keys.len(), 3);
     let history = engine.history("stuck").await.unwrap();
     assert_eq!(history.run.status, RunStatus::Completed);
-    let undone: Vec<StepIndex> = history
+    let undone: Vec<OperationIndex> = history
         .entries
         .iter()
         .filter_map(|e| match e.event {
@@ -129,7 +129,7 @@ async fn a_stuck_resource_is_compensated_and_the_next_generation_succeeds() {
             _ => None,
         })
         .collect();
-    assert_eq!(undone, vec![StepIndex(0), StepIndex(2)]);
+    assert_eq!(undone, vec![OperationIndex(0), OperationIndex(2)]);
     engine.shutdown().await;
 }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use keel::testing::TestClock;
 use keel::{
-    Ctx, Engine, EngineError, Event, RetryPolicy, RunHistory, RunStatus, Step, StepContext,
-    StepError, Undo, Workflow, WorkflowError,
+    Compensation, Ctx, Engine, EngineError, Event, RetryPolicy, RunHistory, RunStatus, Step,
+    StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::asleep;
@@ -31,7 +31,11 @@ impl Step for Effect {
         effects::record(&self.log, Action::Do, ctx)
     }
 
-    async fn compensate(&self, ctx: &StepContext, _: Option<()>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _: Option<()>,
+    ) -> Result<Compensation, StepError> {
         if Path::new(&format!("{}.refuse", self.log)).exists() {
             return Err(StepError::permanent("undo refused"));
         }
@@ -40,7 +44,7 @@ impl Step for Effect {
                 .with_retry_after(Duration::from_secs(3600)));
         }
         effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 
     fn compensation_retry_policy(&self) -> RetryPolicy {

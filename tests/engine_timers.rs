@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use keel::testing::TestClock;
 use keel::{
-    Attempt, Ctx, Engine, Event, RetryPolicy, RunHistory, RunStatus, Step, StepContext, StepError,
-    StepIndex, Undo, Workflow, WorkflowError,
+    Attempt, Compensation, Ctx, Engine, Event, OperationIndex, RetryPolicy, RunHistory, RunStatus,
+    Step, StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::{asleep, until};
@@ -66,7 +66,7 @@ fn timer_times(history: &RunHistory) -> (u64, u64, u64) {
     let (set_at_ms, Event::TimerSet { wake_at_ms, step }) = set[0].clone() else {
         unreachable!()
     };
-    assert_eq!(step, StepIndex(0));
+    assert_eq!(step, OperationIndex(0));
     let fired = entries(history, |e| matches!(e, Event::TimerFired { .. }));
     assert_eq!(fired.len(), 1, "the timer fired once: {fired:?}");
     (set_at_ms, wake_at_ms, fired[0].0)
@@ -373,7 +373,11 @@ impl Step for Flaky {
             .with_backoff(Duration::from_millis(1), Duration::from_millis(5))
     }
 
-    async fn compensate(&self, ctx: &StepContext, output: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        output: Option<u32>,
+    ) -> Result<Compensation, StepError> {
         if let Some(output) = output {
             // Fails the compensation, and with it the test's status check.
             return Err(StepError::permanent(format!(
@@ -381,7 +385,7 @@ impl Step for Flaky {
             )));
         }
         effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -452,7 +456,7 @@ async fn retries_stop_at_the_policy_and_the_run_compensates() {
     );
     assert!(has(&history, |e| matches!(
         e,
-        Event::StepCompensated { step } if *step == StepIndex(0)
+        Event::StepCompensated { step } if *step == OperationIndex(0)
     )));
     assert!(has(&history, |e| matches!(e, Event::RunCompensated)));
 
@@ -484,12 +488,16 @@ impl Step for SlowUndo {
         Ok(1)
     }
 
-    async fn compensate(&self, ctx: &StepContext, _output: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _output: Option<u32>,
+    ) -> Result<Compensation, StepError> {
         if ctx.attempt() == Attempt::FIRST {
             return Err(StepError::retryable("undo throttled"));
         }
         effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 
     fn compensation_retry_policy(&self) -> RetryPolicy {

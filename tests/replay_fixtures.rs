@@ -9,13 +9,14 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use keel::{
-    Attempt, Ctx, Engine, Entry, ErrorClass, ErrorRecord, Event, JournalIndex, RunId, RunRecord,
-    RunStatus, Step, StepContext, StepError, StepIndex, Undo, Workflow, WorkflowError,
+    Attempt, Compensation, Ctx, Engine, Entry, ErrorClass, ErrorRecord, Event, JournalIndex,
+    OperationIndex, RunId, RunRecord, RunStatus, Step, StepContext, StepError, Workflow,
+    WorkflowError,
 };
 use keel_engine::test_utilities::raw;
 use keel_engine::test_utilities::replay::{
-    step_action, undo_action, undo_input, Op, RunState, StepAction, StepOp, StepOutcome,
-    UndoAction, UndoState,
+    step_action, undo_action, undo_input, CompensationAction, CompensationState, Op, RunState,
+    StepAction, StepOp, StepOutcome,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -110,7 +111,7 @@ fn completed_fixture_folds_to_its_state() {
     assert!(state.undo.is_empty(), "{:?}", state.undo);
     for (i, output) in [(0, json!(10)), (1, json!(20)), (3, json!("sent"))] {
         assert_eq!(
-            step_action(state.step(StepIndex(i))),
+            step_action(state.step(OperationIndex(i))),
             StepAction::Replay(output)
         );
     }
@@ -118,8 +119,8 @@ fn completed_fixture_folds_to_its_state() {
     // shows where a compensation would begin: the newest step, first attempt.
     assert_eq!(
         undo_action(&state),
-        UndoAction::Undo {
-            step: StepIndex(3),
+        CompensationAction::Compensate {
+            step: OperationIndex(3),
             attempt: Attempt(1),
             round_attempts: 0,
             not_before_ms: None,
@@ -159,31 +160,34 @@ fn compensated_fixture_folds_to_its_state() {
         })
     );
     assert_eq!(
-        state.step(StepIndex(0)).unwrap().outcome,
+        state.step(OperationIndex(0)).unwrap().outcome,
         completed(json!(10))
     );
     assert_eq!(
-        state.step(StepIndex(1)).unwrap().outcome,
+        state.step(OperationIndex(1)).unwrap().outcome,
         completed(json!("sent"))
     );
     assert_eq!(
-        undo_input(&state, StepIndex(2)),
+        undo_input(&state, OperationIndex(2)),
         Some(None),
         "a permanent failure after a retry is in doubt: undone without an output"
     );
-    assert_eq!(undo_input(&state, StepIndex(0)), Some(Some(&json!(10))));
+    assert_eq!(
+        undo_input(&state, OperationIndex(0)),
+        Some(Some(&json!(10)))
+    );
     assert!(state.compensating);
     assert_eq!(
         state.undo,
         BTreeMap::from([
-            (StepIndex(0), UndoState::Done),
-            (StepIndex(1), UndoState::Skipped),
-            (StepIndex(2), UndoState::Done),
+            (OperationIndex(0), CompensationState::Done),
+            (OperationIndex(1), CompensationState::Skipped),
+            (OperationIndex(2), CompensationState::Done),
         ])
     );
-    assert_eq!(undo_action(&state), UndoAction::Finished);
+    assert_eq!(undo_action(&state), CompensationAction::Finished);
     assert_eq!(
-        step_action(state.step(StepIndex(2))),
+        step_action(state.step(OperationIndex(2))),
         StepAction::Fail(ErrorRecord {
             class: ErrorClass::Permanent,
             message: "quota exceeded".into(),
@@ -228,9 +232,13 @@ impl Step for Add {
         Ok(self.n * 10)
     }
 
-    async fn compensate(&self, ctx: &StepContext, _output: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _output: Option<u32>,
+    ) -> Result<Compensation, StepError> {
         fixture_effect(ctx, "undo add");
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

@@ -3,9 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use keel::{Attempt, Entry, ErrorClass, ErrorRecord, Event, StepIndex};
+use keel::{Attempt, Entry, ErrorClass, ErrorRecord, Event, OperationIndex};
 use keel_engine::test_utilities::replay::{
-    step_action, undo_action, undo_input, RunState, StepAction, StepOutcome, UndoAction, UndoState,
+    step_action, undo_action, undo_input, CompensationAction, CompensationState, RunState,
+    StepAction, StepOutcome,
 };
 use serde_json::json;
 
@@ -48,7 +49,7 @@ fn journal(description: &str) -> Vec<Entry> {
                 .parse()
                 .unwrap_or_else(|_| panic!("token {token:?}: bad step number")),
         };
-        let step = StepIndex(n);
+        let step = OperationIndex(n);
         let attempt = Attempt(attempts.get(&n).copied().unwrap_or(0));
         let undo_attempt = Attempt(undo_attempts.get(&n).copied().unwrap_or(0));
         let error = |class, message: &str| ErrorRecord {
@@ -147,15 +148,19 @@ fn synthetic_journals_fold_as_described() {
     let cut_off = journal("s0 c0 s1 r1 s1 g1 X u1 d1 u0");
     let state = RunState::from_entries(&cut_off).unwrap();
     assert!(matches!(
-        &state.step(StepIndex(1)).unwrap().outcome,
+        &state.step(OperationIndex(1)).unwrap().outcome,
         StepOutcome::GaveUp { .. }
     ));
-    assert_eq!(state.step(StepIndex(1)).unwrap().attempt, Attempt(2));
-    assert_eq!(undo_input(&state, StepIndex(1)), Some(None), "in doubt");
+    assert_eq!(state.step(OperationIndex(1)).unwrap().attempt, Attempt(2));
+    assert_eq!(
+        undo_input(&state, OperationIndex(1)),
+        Some(None),
+        "in doubt"
+    );
     assert_eq!(
         undo_action(&state),
-        UndoAction::Undo {
-            step: StepIndex(0),
+        CompensationAction::Compensate {
+            step: OperationIndex(0),
             attempt: Attempt(2),
             round_attempts: 1,
             not_before_ms: None,
@@ -163,12 +168,12 @@ fn synthetic_journals_fold_as_described() {
     );
     let finished = journal("s0 c0 s1 r1 s1 g1 X u1 d1 u0 u0 d0 $");
     let state = RunState::from_entries(&finished).unwrap();
-    assert_eq!(undo_action(&state), UndoAction::Finished);
+    assert_eq!(undo_action(&state), CompensationAction::Finished);
     assert_eq!(
         state.undo,
         BTreeMap::from([
-            (StepIndex(0), UndoState::Done),
-            (StepIndex(1), UndoState::Done)
+            (OperationIndex(0), CompensationState::Done),
+            (OperationIndex(1), CompensationState::Done)
         ])
     );
 
@@ -176,8 +181,8 @@ fn synthetic_journals_fold_as_described() {
     // step 0 needs undoing, and its retry keeps its journaled time.
     let retrying = journal("s0 c0 t1 f1 s2 p2 X u0 q0");
     let state = RunState::from_entries(&retrying).unwrap();
-    assert_eq!(undo_input(&state, StepIndex(2)), None);
-    assert_eq!(undo_input(&state, StepIndex(1)), None);
+    assert_eq!(undo_input(&state, OperationIndex(2)), None);
+    assert_eq!(undo_input(&state, OperationIndex(1)), None);
     let Event::StepCompensationFailed {
         retry_at_ms: Some(retry_at_ms),
         ..
@@ -187,8 +192,8 @@ fn synthetic_journals_fold_as_described() {
     };
     assert_eq!(
         undo_action(&state),
-        UndoAction::Undo {
-            step: StepIndex(0),
+        CompensationAction::Compensate {
+            step: OperationIndex(0),
             attempt: Attempt(2),
             round_attempts: 1,
             not_before_ms: Some(retry_at_ms),
@@ -197,8 +202,8 @@ fn synthetic_journals_fold_as_described() {
     let stuck = RunState::from_entries(&journal("s0 c0 t1 f1 s2 p2 X u0 e0")).unwrap();
     assert!(matches!(
         undo_action(&stuck),
-        UndoAction::Stuck {
-            step: StepIndex(0),
+        CompensationAction::Stuck {
+            step: OperationIndex(0),
             ..
         }
     ));
@@ -208,7 +213,7 @@ fn synthetic_journals_fold_as_described() {
     assert!(cancelled.cancel_requested);
     assert!(cancelled.has_effects());
     assert_eq!(
-        step_action(cancelled.step(StepIndex(1))),
+        step_action(cancelled.step(OperationIndex(1))),
         StepAction::Run {
             attempt: Attempt(2),
             not_before_ms: None,
@@ -216,8 +221,8 @@ fn synthetic_journals_fold_as_described() {
     );
     assert!(matches!(
         undo_action(&cancelled),
-        UndoAction::Undo {
-            step: StepIndex(1),
+        CompensationAction::Compensate {
+            step: OperationIndex(1),
             attempt: Attempt(1),
             ..
         }

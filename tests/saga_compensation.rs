@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use keel::{
-    Ctx, Engine, EngineError, Event, RunHistory, RunStatus, Step, StepContext, StepError,
-    StepIndex, Undo, Workflow, WorkflowError,
+    Compensation, Ctx, Engine, EngineError, Event, OperationIndex, RunHistory, RunStatus, Step,
+    StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
@@ -104,9 +104,13 @@ impl Step for SlowStep {
         Ok(self.n * 10)
     }
 
-    async fn compensate(&self, ctx: &StepContext, _output: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _output: Option<u32>,
+    ) -> Result<Compensation, StepError> {
         effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -204,7 +208,7 @@ async fn fourth_step_failure_undoes_three_two_one() {
         !has(&history, |e| matches!(
             e,
             Event::StepStarted {
-                step: StepIndex(4),
+                step: OperationIndex(4),
                 ..
             }
         )),
@@ -264,7 +268,7 @@ async fn cancel_running_step_finishes_then_compensates() {
             matches!(
                 e,
                 Event::StepStarted {
-                    step: StepIndex(1),
+                    step: OperationIndex(1),
                     ..
                 }
             )
@@ -285,7 +289,7 @@ async fn cancel_running_step_finishes_then_compensates() {
         has(&history, |e| matches!(
             e,
             Event::StepCompleted {
-                step: StepIndex(1),
+                step: OperationIndex(1),
                 ..
             }
         )),
@@ -295,7 +299,7 @@ async fn cancel_running_step_finishes_then_compensates() {
         !has(&history, |e| matches!(
             e,
             Event::StepStarted {
-                step: StepIndex(2),
+                step: OperationIndex(2),
                 ..
             }
         )),
@@ -491,7 +495,7 @@ fn in_doubt_step_is_found_by_key_and_undone() {
             has(&history, |e| matches!(
                 e,
                 Event::StepCompensationStarted {
-                    step: StepIndex(1),
+                    step: OperationIndex(1),
                     ..
                 }
             )),

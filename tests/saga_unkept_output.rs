@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use keel::{
-    Ctx, Engine, Event, RunStatus, Step, StepContext, StepError, Undo, Workflow, WorkflowError,
+    Compensation, Ctx, Engine, Event, RunStatus, Step, StepContext, StepError, Workflow,
+    WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::CONDITION_TIMEOUT;
@@ -43,7 +44,7 @@ impl Step for Unkeepable {
         &self,
         ctx: &StepContext,
         output: Option<Output>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         assert!(output.is_none(), "an unkept output cannot be handed back");
         let key = ctx.key().to_string();
         let done = effects::read(Path::new(&self.log))
@@ -52,7 +53,7 @@ impl Step for Unkeepable {
         if done {
             effects::record(&self.log, Action::Undo, ctx)?;
         }
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

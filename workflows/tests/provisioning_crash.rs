@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel_engine::Engine;
-use keel_engine::{IdempotencyKey, RunId, RunRecord, RunStatus, StepIndex};
+use keel_engine::{IdempotencyKey, OperationIndex, RunId, RunRecord, RunStatus};
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::{AwsClients, KEY_ATTRIBUTE, KEY_TAG};
 use keel_testkit::check::read_store;
@@ -97,7 +97,7 @@ fn rules(seed: u64) -> Rules {
 }
 
 fn key(run: &RunId, step: u32) -> String {
-    IdempotencyKey::for_step(run, StepIndex(step)).to_string()
+    IdempotencyKey::for_step(run, OperationIndex(step)).to_string()
 }
 
 /// The completed runs of `workflow`, with their outputs.

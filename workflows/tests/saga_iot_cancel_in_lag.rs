@@ -17,7 +17,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::env;
-use keel_engine::{Entry, Event, RunHistory, RunStatus, Step, StepIndex};
+use keel_engine::{Entry, Event, OperationIndex, RunHistory, RunStatus, Step};
 use keel_steps::aws::iot::{CreatePolicy, CreateThing, RegisterCertificate};
 use keel_testkit::inventory::Inventory;
 use keel_testkit::proxy::{Dist, LagRule, Rules};
@@ -155,7 +155,7 @@ fn creates_journaled(history: &RunHistory) -> bool {
 }
 
 /// The step index the journal gives the step of `kind`.
-fn step_of(history: &RunHistory, kind: &str) -> Option<StepIndex> {
+fn step_of(history: &RunHistory, kind: &str) -> Option<OperationIndex> {
     history.entries.iter().find_map(|entry| match &entry.event {
         Event::StepStarted { step, kind: k, .. } if k == kind => Some(*step),
         _ => None,

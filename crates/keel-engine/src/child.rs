@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::ctx::Ctx;
 use crate::env::Runs;
 use crate::error::EngineError;
-use crate::ids::{child_id, RunId, StepIndex};
+use crate::ids::{child_id, OperationIndex, RunId};
 use crate::interrupt::Interrupt;
 use crate::journal::{Event, RunRecord, RunStatus};
 use crate::lane::Lane;
@@ -105,7 +105,7 @@ impl Ctx {
 
     fn child_input<W: Workflow>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         input: &W::Input,
     ) -> Result<Value, WorkflowError> {
         if let Err(e) = self.workflows.add::<W>() {
@@ -118,8 +118,8 @@ impl Ctx {
     /// branch of, if any).
     fn child_plan<W: Workflow>(
         &mut self,
-        index: StepIndex,
-        fork: Option<StepIndex>,
+        index: OperationIndex,
+        fork: Option<OperationIndex>,
         input: Value,
     ) -> Result<Plan, WorkflowError> {
         let plan = self
@@ -157,7 +157,7 @@ impl Ctx {
 
     fn child_result<W: Workflow>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         end: ChildEnd,
     ) -> Result<W::Output, WorkflowError> {
         if end.status != RunStatus::Completed {
@@ -190,7 +190,7 @@ impl Ctx {
 /// journals its end.
 async fn run_child(
     lane: &mut Lane,
-    index: StepIndex,
+    index: OperationIndex,
     workflow: &'static str,
     input: Value,
     started: bool,
@@ -288,7 +288,7 @@ async fn await_child(
 }
 
 /// Journals how the child at `index` ended.
-fn end_child(lane: &mut Lane, index: StepIndex, end: ChildEnd) -> Result<ChildEnd, Interrupt> {
+fn end_child(lane: &mut Lane, index: OperationIndex, end: ChildEnd) -> Result<ChildEnd, Interrupt> {
     lane.journal(Event::ChildEnded {
         step: index,
         status: end.status,

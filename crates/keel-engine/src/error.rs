@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::ids::{RunId, StepIndex};
+use crate::ids::{OperationIndex, RunId};
 use crate::journal::{ErrorRecord, RunStatus};
 
 /// What a store's log holds, for [`EngineError::LostData`].
@@ -248,7 +248,7 @@ pub enum WorkflowError {
     #[error("step {step} ({kind}) failed: {}", error.message)]
     Step {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The step kind.
         kind: String,
         /// The recorded error.
@@ -259,7 +259,7 @@ pub enum WorkflowError {
     #[error("wait {step} ({kind}) timed out after {polls} polls")]
     WaitTimedOut {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The wait kind.
         kind: String,
         /// Polls made since the wait (or its last resumption) began.
@@ -270,7 +270,7 @@ pub enum WorkflowError {
     #[error("compensation of step {step} ({kind}) failed: {}", error.message)]
     CompensationFailed {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The step kind.
         kind: String,
         /// The recorded error.
@@ -281,7 +281,7 @@ pub enum WorkflowError {
     #[error("child run {child} ({workflow}) ended {status}: {error}")]
     Child {
         /// The parent's operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The child's workflow.
         workflow: String,
         /// The child's run id.
@@ -295,7 +295,7 @@ pub enum WorkflowError {
     #[error("no branch of select {fork} succeeded: {}", errors.join("; "))]
     NoneSucceeded {
         /// The fork's operation number.
-        fork: StepIndex,
+        fork: OperationIndex,
         /// Each branch's error, in list order.
         errors: Vec<String>,
     },

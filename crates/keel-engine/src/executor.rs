@@ -167,7 +167,7 @@ async fn interrupted(env: &Arc<RunEnv>, cell: &Arc<RunCell>, interrupt: Interrup
         Interrupt::Paused { reason, exhausted } => pause(env, cell, reason, exhausted).await,
         Interrupt::Stopped => unreachable!("only select branches stop, and select absorbs it"),
         Interrupt::NonDeterminism { index, detail } => {
-            let reason = format!("non-determinism at step {index}: {detail}");
+            let reason = format!("non-determinism at operation {index}: {detail}");
             suspend(env, cell, reason).await
         }
     }

@@ -132,13 +132,18 @@ impl fmt::Display for RunId {
     }
 }
 
-/// The sequence number of an operation (step, timer) within a run, in the order the workflow
-/// code asked for them. Replay matches operations by this number.
+/// The sequence number of an operation (a step, an effect, a timer, a wait, a child run, a
+/// fan-out and its branches) within a run, in the order the workflow code asked for them.
+/// Replay matches operations by this number. Shown as `#3`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct StepIndex(pub u32);
+pub struct OperationIndex(pub u32);
 
-impl fmt::Display for StepIndex {
+/// The old name of [`OperationIndex`]: it numbers every operation, not only steps.
+#[deprecated(note = "renamed OperationIndex: it numbers every operation, not only steps")]
+pub type StepIndex = OperationIndex;
+
+impl fmt::Display for OperationIndex {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "#{}", self.0)
     }
@@ -181,7 +186,7 @@ const KEY_NAMESPACE: Uuid = Uuid::from_u128(0x6b65_656c_2d73_7465_702d_6b65_7973
 
 impl IdempotencyKey {
     /// The key of step `index` of run `run`.
-    pub fn for_step(run: &RunId, index: StepIndex) -> Self {
+    pub fn for_step(run: &RunId, index: OperationIndex) -> Self {
         let name = format!("{}\u{0}{}", run.as_str(), index.0);
         IdempotencyKey(Uuid::new_v5(&KEY_NAMESPACE, name.as_bytes()))
     }
@@ -197,7 +202,7 @@ impl fmt::Display for IdempotencyKey {
 /// or `child-<uuid>` (the operation's idempotency key) when that would be too long. Only
 /// the engine makes ids with `/`: a caller's id may not hold one ([`RunId::new_top_level`]),
 /// so no caller can take a child's id.
-pub fn child_id(parent: &RunId, index: StepIndex) -> RunId {
+pub fn child_id(parent: &RunId, index: OperationIndex) -> RunId {
     // Taken as `existing`, not checked as `new`: a parent stored under earlier id rules (say
     // `.x`) must derive the very id its journal's child was made under (`.x/3`), not another.
     // A parent made now obeys `new`'s rules, and `<parent>/<index>` then does too.
@@ -252,14 +257,16 @@ mod tests {
     fn idempotency_keys_are_stable_and_distinct() {
         let a = RunId::new("a").unwrap();
         let b = RunId::new("b").unwrap();
-        let k = IdempotencyKey::for_step(&a, StepIndex(0));
-        assert_eq!(k, IdempotencyKey::for_step(&a, StepIndex(0)));
-        assert_ne!(k, IdempotencyKey::for_step(&a, StepIndex(1)));
-        assert_ne!(k, IdempotencyKey::for_step(&b, StepIndex(0)));
+        let k = IdempotencyKey::for_step(&a, OperationIndex(0));
+        assert_eq!(k, IdempotencyKey::for_step(&a, OperationIndex(0)));
+        assert_ne!(k, IdempotencyKey::for_step(&a, OperationIndex(1)));
+        assert_ne!(k, IdempotencyKey::for_step(&b, OperationIndex(0)));
         // Pinned: a changed derivation would orphan every resource made before it.
         assert_eq!(
             k.to_string(),
-            IdempotencyKey::for_step(&a, StepIndex(0)).0.to_string()
+            IdempotencyKey::for_step(&a, OperationIndex(0))
+                .0
+                .to_string()
         );
         assert_eq!(k.0.get_version_num(), 5);
     }

@@ -3,7 +3,7 @@
 //! without depending on each other for it.
 
 use crate::error::EngineError;
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 
 /// Why the engine stopped a workflow body. Once set, every later `ctx` call returns
 /// [`WorkflowError::Interrupted`] and the executor acts on this cause, whatever the body
@@ -20,7 +20,7 @@ pub(crate) enum Interrupt {
     /// A `select` branch stopped because another branch won; never leaves the select.
     Stopped,
     NonDeterminism {
-        index: StepIndex,
+        index: OperationIndex,
         detail: String,
     },
     Engine(EngineError),

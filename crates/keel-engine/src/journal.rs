@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ids::{Attempt, RunId, StepIndex};
+use crate::ids::{Attempt, OperationIndex, RunId};
 
 /// Where a run stands.
 ///
@@ -156,7 +156,7 @@ pub enum Event {
     /// An attempt of a step begins. Durable before the step's side effect starts.
     StepStarted {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The step kind.
         kind: String,
         /// The step's argument (the step value itself).
@@ -176,7 +176,7 @@ pub enum Event {
     /// after it are its branches, one step each, numbered in the order the code listed them.
     ForkStarted {
         /// The fork's operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// How many branches follow it.
         branches: u32,
     },
@@ -184,14 +184,14 @@ pub enum Event {
     /// gets. Journaled before the losers are undone.
     ForkSelected {
         /// The fork's operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The winning branch (0-based, in list order).
         branch: u32,
     },
     /// A child run is about to be created with this id. Durable before the child exists.
     ChildStarted {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The child's workflow.
         workflow: String,
         /// The child's run id.
@@ -202,7 +202,7 @@ pub enum Event {
     /// The child run settled.
     ChildEnded {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// Its status: completed, failed, compensated or resolved.
         status: RunStatus,
         /// Its output, if it completed.
@@ -213,7 +213,7 @@ pub enum Event {
     /// The step succeeded; its output is final.
     StepCompleted {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The attempt that succeeded.
         attempt: Attempt,
         /// The step's output.
@@ -223,7 +223,7 @@ pub enum Event {
     /// for good (permanent error, or attempts or elapsed time exhausted).
     StepFailed {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The attempt that failed.
         attempt: Attempt,
         /// The error.
@@ -236,7 +236,7 @@ pub enum Event {
     /// undoes it without an output (the compensation finds the effect by its key).
     StepOutputRejected {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The attempt whose output was rejected.
         attempt: Attempt,
         /// Why the output cannot be kept (a permanent error: retrying makes the same output).
@@ -245,20 +245,20 @@ pub enum Event {
     /// A durable timer was set.
     TimerSet {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// When it fires (absolute).
         wake_at_ms: u64,
     },
     /// A timer fired and the workflow went on.
     TimerFired {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
     },
     /// A wait began, with its resolved schedule and absolute deadline. Polls are not
     /// journaled.
     WaitStarted {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// The wait kind.
         kind: String,
         /// The probe's argument (the probe value itself).
@@ -269,7 +269,7 @@ pub enum Event {
     /// A wait ended.
     WaitEnded {
         /// The operation number.
-        step: StepIndex,
+        step: OperationIndex,
         /// How.
         outcome: WaitOutcome,
     },
@@ -311,26 +311,26 @@ pub enum Event {
     /// An attempt to undo a step begins.
     StepCompensationStarted {
         /// The step being undone.
-        step: StepIndex,
+        step: OperationIndex,
         /// The compensation attempt.
         attempt: Attempt,
     },
     /// The step was undone.
     StepCompensated {
         /// The step.
-        step: StepIndex,
+        step: OperationIndex,
     },
     /// The step has no compensation, so nothing was undone.
     StepCompensationSkipped {
         /// The step.
-        step: StepIndex,
+        step: OperationIndex,
         /// Why.
         reason: String,
     },
     /// An attempt to undo a step failed; with `retry_at_ms` it runs again then.
     StepCompensationFailed {
         /// The step.
-        step: StepIndex,
+        step: OperationIndex,
         /// The compensation attempt.
         attempt: Attempt,
         /// The error.
@@ -343,7 +343,7 @@ pub enum Event {
     /// A compensation failed for good. Written with the `CompensationFailed` status.
     RunCompensationFailed {
         /// The step whose undo failed.
-        step: StepIndex,
+        step: OperationIndex,
         /// The error.
         error: String,
     },
@@ -358,7 +358,7 @@ pub enum Event {
 
 impl Event {
     /// The step this entry is about, if any.
-    pub fn step(&self) -> Option<StepIndex> {
+    pub fn step(&self) -> Option<OperationIndex> {
         match self {
             Event::StepStarted { step, .. }
             | Event::ForkStarted { step, .. }
@@ -515,7 +515,7 @@ mod tests {
         let entry = Entry {
             at_ms: 5,
             event: Event::StepStarted {
-                step: StepIndex(2),
+                step: OperationIndex(2),
                 kind: "test.add".into(),
                 argument: serde_json::json!({"n": 1}),
                 attempt: Attempt(1),

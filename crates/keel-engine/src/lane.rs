@@ -17,7 +17,7 @@ use crate::cell::RunCell;
 use crate::contain::{contained, contained_sync};
 use crate::env::RunEnv;
 use crate::error::WorkflowError;
-use crate::ids::{Attempt, IdempotencyKey, StepIndex};
+use crate::ids::{Attempt, IdempotencyKey, OperationIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, ErrorRecord, Event};
 use crate::limiter::{Priority, RateLimiter, Slot};
@@ -105,7 +105,7 @@ impl Lane {
     /// past the policy, in a workflow that pauses then) a pause of the run.
     pub(crate) fn failed_for_good(
         &self,
-        index: StepIndex,
+        index: OperationIndex,
         kind: &str,
         error: ErrorRecord,
     ) -> Result<WorkflowError, Interrupt> {
@@ -173,7 +173,7 @@ impl Lane {
     /// an interrupt (the run stops); the inner one the step's failure for good.
     pub(crate) async fn run_attempts<'a, T: Serialize + Send>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         call: &mut dyn Attempted<'a, T>,
         argument: Value,
         mut attempt: Attempt,
@@ -421,7 +421,7 @@ impl<'a, S: Step> Attempted<'a, S::Output> for StepAttempts<'a, S> {
 
 /// What every attempt of one step shares.
 struct Attempts<'a> {
-    index: StepIndex,
+    index: OperationIndex,
     kind: &'static str,
     compensable: bool,
     argument: &'a Value,

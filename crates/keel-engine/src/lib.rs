@@ -33,7 +33,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use keel_engine::{Ctx, Engine, Probe, Step, StepContext, StepError, Undo, WaitPolicy};
+//! use keel_engine::{Ctx, Engine, Probe, Step, StepContext, StepError, Compensation, WaitPolicy};
 //! use keel_engine::{Workflow, WorkflowError};
 //! use serde::{Deserialize, Serialize};
 //!
@@ -50,8 +50,8 @@
 //!         // A real step passes ctx.key() to the API as its client token.
 //!         Ok(format!("reservation-{}", ctx.key()))
 //!     }
-//!     async fn compensate(&self, _ctx: &StepContext, _output: Option<String>) -> Result<Undo, StepError> {
-//!         Ok(Undo::Done)
+//!     async fn compensate(&self, _ctx: &StepContext, _output: Option<String>) -> Result<Compensation, StepError> {
+//!         Ok(Compensation::Done)
 //!     }
 //! }
 //!
@@ -251,7 +251,9 @@ pub use engine::{
 };
 pub use error::{EngineError, Result};
 pub use ids::child_id;
-pub use ids::{Attempt, IdempotencyKey, JournalIndex, RunId, StepIndex};
+#[allow(deprecated)]
+pub use ids::StepIndex;
+pub use ids::{Attempt, IdempotencyKey, JournalIndex, OperationIndex, RunId};
 pub use journal::{
     Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus, WaitOutcome,
     WaitSchedule,
@@ -262,7 +264,7 @@ pub use limiter::{
 pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use stats::{Counters, OperationStats, Outlier};
-pub use step::{EffectOptions, Step, StepContext, StepError, Undo};
+pub use step::{Compensation, EffectOptions, Step, StepContext, StepError};
 pub use store::Durability;
 pub use wait::{LearnedDeadline, Probe, WaitPolicy, LEARN_AFTER_DEFAULT};
 pub use workflow::{InvalidInput, OnRetriesExhausted, Workflow, WorkflowError};

@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::ctx::Ctx;
 use crate::error::EngineError;
-use crate::ids::{Attempt, StepIndex};
+use crate::ids::{Attempt, OperationIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::Event;
 use crate::lane::{Lane, StepAttempts};
@@ -39,15 +39,15 @@ enum Plan<S: Step> {
 /// A fork as journaled: its operation number, its first branch's, and (for a select) the
 /// winner once chosen.
 pub(crate) struct Fork {
-    pub(crate) index: StepIndex,
+    pub(crate) index: OperationIndex,
     pub(crate) first: u32,
     pub(crate) selected: Option<u32>,
 }
 
 impl Fork {
     /// The operation number of branch `i`.
-    pub(crate) fn branch(&self, i: usize) -> StepIndex {
-        StepIndex(self.first + i as u32)
+    pub(crate) fn branch(&self, i: usize) -> OperationIndex {
+        OperationIndex(self.first + i as u32)
     }
 }
 
@@ -317,7 +317,7 @@ type BranchFuture<T> = std::pin::Pin<Box<dyn Future<Output = Result<T, Interrupt
 
 /// The task of a branch that must run: its attempts, on the lane it is given.
 fn run_plan<S: Step>(
-    index: StepIndex,
+    index: OperationIndex,
     plan: Plan<S>,
 ) -> impl FnOnce(Lane) -> BranchFuture<Result<S::Output, WorkflowError>> {
     move |mut lane: Lane| {

@@ -43,9 +43,9 @@ use std::sync::Arc;
 use crate::cell::RunCell;
 use crate::env::RunEnv;
 use crate::error::Result;
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 use crate::journal::RunStatus;
-use crate::replay::{most_cut_off, undo_action, UndoAction};
+use crate::replay::{most_cut_off, undo_action, CompensationAction};
 
 /// Counts this load of `cell`'s run before it is driven, or, when either record is at the
 /// bound, parks the run as poisoned (its status then says so, and the driver stops on it).
@@ -97,7 +97,7 @@ pub(crate) fn loads_before(env: &RunEnv, cell: &RunCell) -> Result<u32> {
 async fn poisoned(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
-    step: Option<StepIndex>,
+    step: Option<OperationIndex>,
     reason: String,
 ) -> Result<()> {
     tracing::error!(run_id = %cell.id, %reason, "run poisoned: not driven again");
@@ -107,8 +107,9 @@ async fn poisoned(
         }
         RunStatus::Compensating => {
             let step = step.or_else(|| match cell.with_state(undo_action) {
-                UndoAction::Undo { step, .. } | UndoAction::Stuck { step, .. } => Some(step),
-                UndoAction::Finished => None,
+                CompensationAction::Compensate { step, .. }
+                | CompensationAction::Stuck { step, .. } => Some(step),
+                CompensationAction::Finished => None,
             });
             // With nothing left to undo, the run only has to write its end, which is no
             // crash loop of its code: it is driven.

@@ -11,12 +11,13 @@ use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::retry::RetryPolicy;
-use crate::step::{Step, StepContext, StepError, Undo};
+use crate::step::{Compensation, Step, StepContext, StepError};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-type UndoFn =
-    dyn Fn(Value, Option<Value>, StepContext) -> BoxFuture<Result<Undo, StepError>> + Send + Sync;
+type UndoFn = dyn Fn(Value, Option<Value>, StepContext) -> BoxFuture<Result<Compensation, StepError>>
+    + Send
+    + Sync;
 type PolicyFn = dyn Fn(&Value) -> RetryPolicy + Send + Sync;
 type ServiceFn = dyn Fn(&Value) -> Option<String> + Send + Sync;
 
@@ -84,7 +85,7 @@ impl Registry {
     pub(crate) fn add_effect(&self, kind: &'static str) -> Result<()> {
         let entry = StepEntry {
             type_id: TypeId::of::<NothingToUndo>(),
-            undo: Box::new(|_, _, _| Box::pin(async { Ok(Undo::NotCompensable) })),
+            undo: Box::new(|_, _, _| Box::pin(async { Ok(Compensation::NotCompensable) })),
             undo_policy: Box::new(|_| RetryPolicy::COMPENSATION_DEFAULT),
             rate_limit: Box::new(|_| None),
         };

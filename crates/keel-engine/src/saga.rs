@@ -21,13 +21,13 @@ use crate::cell::RunCell;
 use crate::contain::{contained, contained_sync};
 use crate::env::RunEnv;
 use crate::error::{EngineError, Result};
-use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
+use crate::ids::{Attempt, IdempotencyKey, OperationIndex, RunId};
 use crate::journal::{ErrorClass, Event, RunStatus};
 use crate::limiter::{Priority, Slot};
 use crate::registry::StepEntry;
-use crate::replay::{effect_by_ms, undo_action, undo_input, Op, UndoAction};
+use crate::replay::{effect_by_ms, undo_action, undo_input, CompensationAction, Op};
 use crate::retry::RetryPolicy;
-use crate::step::{StepContext, StepError, Undo};
+use crate::step::{Compensation, StepContext, StepError};
 use crate::transition::{settle, stuck, Next};
 
 /// Moves a failed or cancelled run into compensation.
@@ -56,7 +56,7 @@ pub(crate) async fn compensate(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
             return Ok(Next::Stop);
         }
         match cell.with_state(undo_action) {
-            UndoAction::Finished => {
+            CompensationAction::Finished => {
                 crate::crash::point("run.before_terminal");
                 cell.transition(
                     &*env.store,
@@ -66,10 +66,10 @@ pub(crate) async fn compensate(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
                 )?;
                 return settle(env, cell, RunStatus::Compensated).await;
             }
-            UndoAction::Stuck { step, error } => {
+            CompensationAction::Stuck { step, error } => {
                 return stuck(env, cell, step, error.message).await
             }
-            UndoAction::Undo {
+            CompensationAction::Compensate {
                 step,
                 attempt,
                 round_attempts,
@@ -113,7 +113,7 @@ pub(crate) async fn compensate(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
 async fn unregistered(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
-    step: StepIndex,
+    step: OperationIndex,
     kind: &str,
 ) -> Result<Next> {
     // Without the step's code nothing can be undone; an operator registers the kind and
@@ -135,7 +135,7 @@ pub(crate) async fn undo_attempt(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     entry: &StepEntry,
-    step: StepIndex,
+    step: OperationIndex,
     attempt: Attempt,
     round_attempts: u32,
 ) -> Result<()> {
@@ -185,7 +185,7 @@ pub(crate) async fn undo_attempt(
             ))),
         ),
     };
-    let attempt = UndoAttempt {
+    let attempt = CompensationAttempt {
         step,
         attempt,
         round_attempts,
@@ -198,7 +198,7 @@ pub(crate) async fn undo_attempt(
 async fn undo_child(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
-    step: StepIndex,
+    step: OperationIndex,
     child: &RunId,
     attempt: Attempt,
     round_attempts: u32,
@@ -218,14 +218,14 @@ async fn undo_child(
                 record.error.unwrap_or_default()
             )))
         }
-        Ok(_) => Ok(Undo::Done),
+        Ok(_) => Ok(Compensation::Done),
         // The undo stays in flight; the next open runs it again.
         Err(EngineError::ShutDown) => return Ok(()),
         Err(e) => Err(StepError::retryable(format!(
             "compensation of child run {child}: {e}"
         ))),
     };
-    let attempt = UndoAttempt {
+    let attempt = CompensationAttempt {
         step,
         attempt,
         round_attempts,
@@ -235,8 +235,8 @@ async fn undo_child(
 }
 
 /// Which undo attempt an outcome belongs to.
-struct UndoAttempt {
-    step: StepIndex,
+struct CompensationAttempt {
+    step: OperationIndex,
     attempt: Attempt,
     /// Attempts since compensation (re)started, this one excluded.
     round_attempts: u32,
@@ -246,7 +246,7 @@ struct UndoAttempt {
 async fn begin_undo(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
-    step: StepIndex,
+    step: OperationIndex,
     attempt: Attempt,
 ) -> Result<()> {
     cell.append(
@@ -266,19 +266,19 @@ async fn begin_undo(
 async fn record_undo(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
-    undo: UndoAttempt,
+    undo: CompensationAttempt,
     what: &str,
-    result: std::result::Result<Undo, StepError>,
+    result: std::result::Result<Compensation, StepError>,
     policy: RetryPolicy,
 ) -> Result<()> {
     let step = undo.step;
     match result {
-        Ok(Undo::Done) => {
+        Ok(Compensation::Done) => {
             // Not synced here: the next undo's start, or the terminal record, shares the sync.
             cell.append(&*env.store, Event::StepCompensated { step })?;
             crate::stats::EventCounters::bump(&env.counters.compensations);
         }
-        Ok(Undo::NotCompensable) => {
+        Ok(Compensation::NotCompensable) => {
             cell.append(
                 &*env.store,
                 Event::StepCompensationSkipped {

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::ids::{Attempt, IdempotencyKey, RunId, StepIndex};
+use crate::ids::{Attempt, IdempotencyKey, OperationIndex, RunId};
 use crate::journal::{ErrorClass, ErrorRecord};
 use crate::limits::ERROR_MESSAGE_BYTES_MAX;
 use crate::resources::Resources;
@@ -70,14 +70,14 @@ pub trait Step: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// Undoes the step. `output` is the recorded output, or `None` when the step's outcome is
     /// in doubt (an attempt started and nothing was recorded): then the compensation must find
     /// out, by `ctx.key()`, whether the effect happened, and undo it if so. Must be
-    /// idempotent. The default has nothing to undo and returns [`Undo::NotCompensable`].
+    /// idempotent. The default has nothing to undo and returns [`Compensation::NotCompensable`].
     fn compensate(
         &self,
         ctx: &StepContext,
         output: Option<Self::Output>,
-    ) -> impl Future<Output = Result<Undo, StepError>> + Send {
+    ) -> impl Future<Output = Result<Compensation, StepError>> + Send {
         let _ = (ctx, output);
-        async { Ok(Undo::NotCompensable) }
+        async { Ok(Compensation::NotCompensable) }
     }
 
     /// How failed compensation attempts of this value are retried:
@@ -149,7 +149,7 @@ impl Default for EffectOptions {
 
 /// What a compensation did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Undo {
+pub enum Compensation {
     /// The effect is gone (or never happened).
     Done,
     /// The step has no compensation; journaled as skipped.
@@ -160,7 +160,7 @@ pub enum Undo {
 #[derive(Clone, Debug)]
 pub struct StepContext {
     pub(crate) run_id: RunId,
-    pub(crate) step: StepIndex,
+    pub(crate) step: OperationIndex,
     pub(crate) key: IdempotencyKey,
     pub(crate) attempt: Attempt,
     pub(crate) resources: Arc<Resources>,
@@ -182,7 +182,7 @@ impl StepContext {
     }
 
     /// The step's operation number within the run.
-    pub fn step(&self) -> StepIndex {
+    pub fn step(&self) -> OperationIndex {
         self.step
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::cell::RunCell;
 use crate::env::RunEnv;
 use crate::error::Result;
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 use crate::journal::{Event, RunStatus};
 use crate::step::truncate;
 
@@ -37,7 +37,7 @@ pub(crate) async fn suspend(env: &RunEnv, cell: &Arc<RunCell>, reason: String) -
 pub(crate) async fn stuck(
     env: &RunEnv,
     cell: &Arc<RunCell>,
-    step: StepIndex,
+    step: OperationIndex,
     message: String,
 ) -> Result<Next> {
     tracing::error!(run_id = %cell.id, step = step.0, error = %message, "compensation failed; an operator must retry or resolve");

@@ -22,7 +22,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use keel_engine::{crash, IdempotencyKey, Step, StepContext, StepError, Undo};
+use keel_engine::{crash, Compensation, IdempotencyKey, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -107,10 +107,14 @@ impl Step for Publish {
         .await
     }
 
-    async fn compensate(&self, ctx: &StepContext, _: Option<Published>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _: Option<Published>,
+    ) -> Result<Compensation, StepError> {
         let this = self.clone();
         let key = ctx.key();
-        blocking(move || this.destination(key)?.remove().map(|()| Undo::Done)).await
+        blocking(move || this.destination(key)?.remove().map(|()| Compensation::Done)).await
     }
 }
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use aws_sdk_s3::types::ChecksumMode;
-use keel_engine::{IdempotencyKey, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, IdempotencyKey, Step, StepContext, StepError};
 use md5::{Digest, Md5};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
@@ -145,7 +145,7 @@ impl Step for DownloadToFile {
         &self,
         ctx: &StepContext,
         output: Option<Published>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let sha256 = match output {
             Some(published) => published.sha256,
             // In doubt: what is under the final name is ours if it matches the object.
@@ -171,7 +171,7 @@ impl Step for DownloadToFile {
         let size = std::fs::metadata(self.dir.join(&self.name)).map_or(0, |m| m.len());
         let destination = self.destination(ctx.key(), size, &sha256)?;
         blocking(move || destination.remove()).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use keel_engine::test_utilities::replay::{RunState, StepOutcome};
-use keel_engine::{Engine, Event, IdempotencyKey, RunHistory, RunId, RunStatus, StepIndex};
+use keel_engine::{Engine, Event, IdempotencyKey, OperationIndex, RunHistory, RunId, RunStatus};
 
 use crate::effects::{self, Action, Effect};
 
@@ -107,7 +107,7 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
     let mut undo_attempts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     let mut undo_order: Vec<u32> = Vec::new();
     for effect in &mine {
-        let key = IdempotencyKey::for_step(&run_id, StepIndex(effect.step)).to_string();
+        let key = IdempotencyKey::for_step(&run_id, OperationIndex(effect.step)).to_string();
         assert_eq!(
             effect.key, key,
             "run {id} step {}: effect ran with another key",
@@ -157,7 +157,7 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
             "run {id} step {step}: an attempt number ran twice: {attempts:?}"
         );
         let op = state
-            .step(StepIndex(*step))
+            .step(OperationIndex(*step))
             .unwrap_or_else(|| panic!("run {id}: step {step} ran but is not journaled"));
         if let StepOutcome::Completed { .. } = op.outcome {
             // The outcome was recorded at op.attempt; a run of a later attempt would mean the
@@ -179,7 +179,7 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
         let recorded = history.entries.iter().any(|e| {
             e.event
                 == Event::StepCompensated {
-                    step: StepIndex(*step),
+                    step: OperationIndex(*step),
                 }
         });
         assert!(
@@ -221,7 +221,7 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
             let journaled: BTreeSet<u32> = (0..state.ops.len() as u32)
                 .filter(|s| {
                     state
-                        .step(StepIndex(*s))
+                        .step(OperationIndex(*s))
                         .is_some_and(|op| matches!(op.outcome, StepOutcome::Completed { .. }))
                         && !abandoned.contains(s)
                 })

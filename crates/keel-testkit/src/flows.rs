@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use keel_engine::{
-    Ctx, InvalidInput, Probe, RetryPolicy, Step, StepContext, StepError, Undo, WaitPolicy,
+    Compensation, Ctx, InvalidInput, Probe, RetryPolicy, Step, StepContext, StepError, WaitPolicy,
     Workflow, WorkflowError,
 };
 use serde::{Deserialize, Serialize};
@@ -97,7 +97,11 @@ impl Step for EffectStep {
             .with_backoff(Duration::from_millis(2), Duration::from_millis(40))
     }
 
-    async fn compensate(&self, ctx: &StepContext, output: Option<u32>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        output: Option<u32>,
+    ) -> Result<Compensation, StepError> {
         if self.fault == Fault::UndoRefused
             && Path::new(&format!("{}.refuse-undo", self.log)).exists()
         {
@@ -114,11 +118,11 @@ impl Step for EffectStep {
                 .iter()
                 .any(|e| e.action == Action::Do && e.key == key);
             if !exists {
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
         }
         effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 
     fn compensation_retry_policy(&self) -> RetryPolicy {

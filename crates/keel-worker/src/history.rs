@@ -173,7 +173,7 @@ fn compensation_event(rows: &mut BTreeMap<u32, Row>, event: &Event, at: u64) {
 /// The row of operation `step`, made at its first entry.
 fn row<'a>(
     rows: &'a mut BTreeMap<u32, Row>,
-    step: keel_engine::StepIndex,
+    step: keel_engine::OperationIndex,
     what: &'static str,
     at: u64,
 ) -> &'a mut Row {

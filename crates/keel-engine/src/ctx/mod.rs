@@ -14,12 +14,12 @@ use crate::cell::RunCell;
 use crate::clock::millis_saturating;
 use crate::env::RunEnv;
 use crate::error::{EngineError, Result};
-use crate::ids::{RunId, StepIndex};
+use crate::ids::{OperationIndex, RunId};
 use crate::interrupt::Interrupt;
 use crate::journal::Event;
 use crate::lane::{Attempted, Lane, StepAttempts};
 use crate::limits::{STEPS_PER_RUN_MAX, STEP_ARGUMENT_BYTES_MAX};
-use crate::replay::{step_action, step_undo_action, Op, StepAction, UndoAction};
+use crate::replay::{step_action, step_undo_action, CompensationAction, Op, StepAction};
 use crate::step::Step;
 use crate::wait::{Probe, WaitPolicy};
 use crate::workflow::{WorkflowError, Workflows};
@@ -92,7 +92,7 @@ impl Ctx {
         self.lane.check().map_err(|cause| self.interrupt(cause))
     }
 
-    pub(crate) fn next_index(&mut self) -> Result<StepIndex, WorkflowError> {
+    pub(crate) fn next_index(&mut self) -> Result<OperationIndex, WorkflowError> {
         if self.next >= STEPS_PER_RUN_MAX {
             let limit = EngineError::LimitReached {
                 what: format!("operations of run {}", self.lane.cell.id),
@@ -100,7 +100,7 @@ impl Ctx {
             };
             return Err(self.interrupt(Interrupt::Engine(limit)));
         }
-        let index = StepIndex(self.next);
+        let index = OperationIndex(self.next);
         self.next += 1;
         Ok(index)
     }
@@ -129,7 +129,7 @@ impl Ctx {
     /// argument size limit.
     pub(crate) fn argument<T: serde::Serialize>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         what: &str,
         kind: &str,
         value: &T,
@@ -176,7 +176,7 @@ impl Ctx {
     /// be a step of the same kind and `argument`, or the run is suspended as non-deterministic.
     pub(crate) async fn attempted<'a, T>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         argument: Value,
         call: &mut dyn Attempted<'a, T>,
     ) -> Result<T, WorkflowError>
@@ -230,7 +230,7 @@ impl Ctx {
     /// non-determinism (the code's output type changed).
     pub(crate) fn decode_output<T: DeserializeOwned>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         kind: &str,
         output: Value,
     ) -> Result<T, WorkflowError> {
@@ -315,7 +315,8 @@ impl Ctx {
                 }
                 Err(WorkflowError::WaitTimedOut { polls, .. }) if generation + 1 < generations => {
                     tracing::info!(run_id = %self.lane.cell.id, step, kind = S::KIND, generation, polls, "resource not ready by the deadline; compensating it and creating another (recreate)");
-                    self.compensate_for_recreate::<S>(StepIndex(step)).await?;
+                    self.compensate_for_recreate::<S>(OperationIndex(step))
+                        .await?;
                     generation += 1;
                 }
                 Err(e) => return Err(e),
@@ -328,7 +329,7 @@ impl Ctx {
     /// a recorded undo is not run again, an undo cut off by a crash runs again.
     pub(crate) async fn compensate_for_recreate<S: Step>(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
     ) -> Result<(), WorkflowError> {
         // `Ctx::step` registered the kind before it ran or replayed the step.
         let entry = self
@@ -340,15 +341,15 @@ impl Ctx {
         loop {
             self.check()?;
             match self.lane.cell.with_state(|s| step_undo_action(s, step)) {
-                None | Some(UndoAction::Finished) => return Ok(()),
-                Some(UndoAction::Stuck { error, .. }) => {
+                None | Some(CompensationAction::Finished) => return Ok(()),
+                Some(CompensationAction::Stuck { error, .. }) => {
                     return Err(WorkflowError::CompensationFailed {
                         step,
                         kind: S::KIND.into(),
                         error,
                     })
                 }
-                Some(UndoAction::Undo {
+                Some(CompensationAction::Compensate {
                     attempt,
                     round_attempts,
                     not_before_ms,

@@ -3,7 +3,7 @@
 
 use crate::contain::{contained, contained_sync};
 use crate::error::Result;
-use crate::ids::{Attempt, IdempotencyKey, StepIndex};
+use crate::ids::{Attempt, IdempotencyKey, OperationIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, Event};
 use crate::journal::{WaitOutcome, WaitSchedule};
@@ -106,7 +106,7 @@ impl Ctx {
 
     async fn poll<P: Probe>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         probe: &P,
         start: &WaitStart,
     ) -> Result<WaitOutcome, WorkflowError> {
@@ -171,7 +171,7 @@ impl Ctx {
     /// a retryable error is.
     async fn poll_once<P: Probe>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         probe: &P,
         poll: Attempt,
     ) -> (Result<Option<P::Output>, StepError>, u64) {
@@ -247,7 +247,7 @@ impl Ctx {
 
     fn wait_result<P: Probe>(
         &mut self,
-        index: StepIndex,
+        index: OperationIndex,
         outcome: WaitOutcome,
     ) -> Result<P::Output, WorkflowError> {
         match outcome {

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use crate::cell::RunCell;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
-use crate::ids::{RunId, StepIndex};
+use crate::ids::{OperationIndex, RunId};
 use crate::journal::{RunRecord, RunStatus};
 use crate::registry::Registry;
-use crate::replay::{step_undo_action, RunState, UndoAction};
+use crate::replay::{step_undo_action, CompensationAction, RunState};
 use crate::workflow::Workflows;
 
 /// How many of the runs that need missing types an error names.
@@ -53,13 +53,13 @@ impl Unregistered {
             self.workflows.insert(record.workflow.clone());
         }
         for index in 0..state.ops.len() {
-            let index = StepIndex(index as u32);
+            let index = OperationIndex(index as u32);
             let Some(op) = state.step(index) else {
                 continue;
             };
             let must_undo = matches!(
                 step_undo_action(state, index),
-                Some(UndoAction::Undo { .. } | UndoAction::Stuck { .. })
+                Some(CompensationAction::Compensate { .. } | CompensationAction::Stuck { .. })
             );
             if must_undo && registry.step(&op.kind).is_none() {
                 lacks.push(format!("step kind {:?} (step {index})", op.kind));

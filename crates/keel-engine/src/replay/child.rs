@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use super::{Op, RunState};
-use crate::ids::{RunId, StepIndex};
+use crate::ids::{OperationIndex, RunId};
 use crate::journal::RunStatus;
 
 /// A child run as the parent's journal tells it.
@@ -36,7 +36,7 @@ impl RunState {
     /// `ChildStarted`: a child run takes the next operation number, or a fan-out's branch.
     pub(super) fn child_started(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         workflow: &str,
         child: &RunId,
         input: &Value,
@@ -65,7 +65,7 @@ impl RunState {
     /// `ChildEnded`: a started child run settled, once.
     pub(super) fn child_ended(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         status: RunStatus,
         output: &Option<Value>,
         error: &Option<String>,

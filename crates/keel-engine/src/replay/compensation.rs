@@ -1,6 +1,6 @@
 //! Compensation: the saga's undo state per step, and what it must undo next.
 //!
-//! Undo state machine (per step or child run), driven by journal entries:
+//! Compensation state machine (per step or child run), driven by journal entries:
 //!
 //! | state          | event                                      | next state     |
 //! |----------------|--------------------------------------------|----------------|
@@ -20,12 +20,12 @@ use serde_json::Value;
 
 use super::step::StepOutcome;
 use super::{Op, RunState};
-use crate::ids::{Attempt, StepIndex};
+use crate::ids::{Attempt, OperationIndex};
 use crate::journal::{ErrorRecord, RunStatus};
 
 /// The compensation state of one step.
 #[derive(Clone, Debug, PartialEq)]
-pub enum UndoState {
+pub enum CompensationState {
     /// An undo attempt started, no outcome recorded.
     InFlight {
         /// The last attempt.
@@ -57,11 +57,11 @@ pub enum UndoState {
 
 /// What compensation must do next.
 #[derive(Clone, Debug, PartialEq)]
-pub enum UndoAction {
-    /// Undo step `step` (with its recorded output, or `None` when in doubt).
-    Undo {
+pub enum CompensationAction {
+    /// Compensate step `step` (with its recorded output, or `None` when in doubt).
+    Compensate {
         /// The step.
-        step: StepIndex,
+        step: OperationIndex,
         /// The attempt to run.
         attempt: Attempt,
         /// Attempts since compensation (re)started, this one excluded.
@@ -74,7 +74,7 @@ pub enum UndoAction {
     /// A compensation failed for good.
     Stuck {
         /// The step.
-        step: StepIndex,
+        step: OperationIndex,
         /// The error.
         error: ErrorRecord,
     },
@@ -90,17 +90,19 @@ impl RunState {
     /// `StepCompensationStarted`: an undo attempt of a step or child run begins.
     pub(super) fn step_compensation_started(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         attempt: Attempt,
         at_ms: u64,
     ) -> Result<(), String> {
         let cut_off = match self.undo.get(&step) {
-            Some(UndoState::InFlight { .. }) => self.undo_cut_off.get(&step).map_or(1, |n| n + 1),
+            Some(CompensationState::InFlight { .. }) => {
+                self.undo_cut_off.get(&step).map_or(1, |n| n + 1)
+            }
             _ => 1,
         };
         self.undo_started(step, attempt)?;
         self.undo_cut_off.insert(step, cut_off);
-        if let Some(UndoState::InFlight {
+        if let Some(CompensationState::InFlight {
             round_attempts: 1, ..
         }) = self.undo.get(&step)
         {
@@ -110,37 +112,37 @@ impl RunState {
     }
 
     /// `StepCompensated`: the undo attempt in flight undid the step.
-    pub(super) fn step_compensated(&mut self, step: StepIndex) -> Result<(), String> {
+    pub(super) fn step_compensated(&mut self, step: OperationIndex) -> Result<(), String> {
         self.undo_cut_off.remove(&step);
-        self.undo_finished(step, UndoState::Done)
+        self.undo_finished(step, CompensationState::Done)
     }
 
     /// `StepCompensationSkipped`: the step had nothing to undo.
-    pub(super) fn step_compensation_skipped(&mut self, step: StepIndex) -> Result<(), String> {
+    pub(super) fn step_compensation_skipped(&mut self, step: OperationIndex) -> Result<(), String> {
         self.undo_cut_off.remove(&step);
-        self.undo_finished(step, UndoState::Skipped)
+        self.undo_finished(step, CompensationState::Skipped)
     }
 
     /// `StepCompensationFailed`: the undo attempt in flight failed, with a retry scheduled or
     /// for good.
     pub(super) fn step_compensation_failed(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         attempt: Attempt,
         error: &ErrorRecord,
         retry_at_ms: Option<u64>,
     ) -> Result<(), String> {
         let next = match self.undo.get(&step) {
-            Some(UndoState::InFlight {
+            Some(CompensationState::InFlight {
                 attempt: a,
                 round_attempts,
             }) if *a == attempt => match retry_at_ms {
-                Some(at_ms) => UndoState::RetryScheduled {
+                Some(at_ms) => CompensationState::RetryScheduled {
                     attempt: *a,
                     round_attempts: *round_attempts,
                     at_ms,
                 },
-                None => UndoState::Failed {
+                None => CompensationState::Failed {
                     attempt: *a,
                     error: error.clone(),
                 },
@@ -157,8 +159,8 @@ impl RunState {
     pub(super) fn compensation_retried(&mut self) -> Result<(), String> {
         self.undo_cut_off.clear();
         for state in self.undo.values_mut() {
-            if let UndoState::Failed { attempt, .. } = state {
-                *state = UndoState::RetryScheduled {
+            if let CompensationState::Failed { attempt, .. } = state {
+                *state = CompensationState::RetryScheduled {
                     attempt: *attempt,
                     round_attempts: 0,
                     at_ms: 0,
@@ -170,7 +172,7 @@ impl RunState {
 
     /// Records undo attempt `attempt` of `step` as in flight: the first, or the one after an
     /// attempt in flight (cut off by a crash) or waiting for its retry.
-    fn undo_started(&mut self, step: StepIndex, attempt: Attempt) -> Result<(), String> {
+    fn undo_started(&mut self, step: OperationIndex, attempt: Attempt) -> Result<(), String> {
         if !matches!(
             self.ops.get(step.0 as usize),
             Some(Op::Step(_) | Op::Child(_))
@@ -181,11 +183,11 @@ impl RunState {
         }
         let round_attempts = match self.undo.get(&step) {
             None if attempt == Attempt::FIRST => 1,
-            Some(UndoState::InFlight {
+            Some(CompensationState::InFlight {
                 attempt: a,
                 round_attempts,
             })
-            | Some(UndoState::RetryScheduled {
+            | Some(CompensationState::RetryScheduled {
                 attempt: a,
                 round_attempts,
                 ..
@@ -198,7 +200,7 @@ impl RunState {
         };
         self.undo.insert(
             step,
-            UndoState::InFlight {
+            CompensationState::InFlight {
                 attempt,
                 round_attempts,
             },
@@ -208,14 +210,18 @@ impl RunState {
 
     /// Records how the undo of `step` ended: from an attempt in flight, or skipped without
     /// one.
-    fn undo_finished(&mut self, step: StepIndex, end: UndoState) -> Result<(), String> {
+    fn undo_finished(
+        &mut self,
+        step: OperationIndex,
+        end: CompensationState,
+    ) -> Result<(), String> {
         match self.undo.get(&step) {
-            Some(UndoState::InFlight { .. }) => {
+            Some(CompensationState::InFlight { .. }) => {
                 self.undo.insert(step, end);
                 Ok(())
             }
             // A step without compensation is skipped without an attempt.
-            None if end == UndoState::Skipped => {
+            None if end == CompensationState::Skipped => {
                 self.undo.insert(step, end);
                 Ok(())
             }
@@ -229,7 +235,7 @@ impl RunState {
 /// The latest time step `index`'s effect can have been made, for its compensation
 /// (`StepContext::effect_by_ms`): when its last attempt recorded an outcome, that record's
 /// time; in doubt (no outcome), when the current round of its undo attempts began.
-pub fn effect_by_ms(state: &RunState, index: StepIndex) -> Option<u64> {
+pub fn effect_by_ms(state: &RunState, index: OperationIndex) -> Option<u64> {
     let op = state.step(index)?;
     match op.outcome {
         StepOutcome::InFlight => state.undo_round_started_at_ms.get(&index).copied(),
@@ -244,7 +250,7 @@ pub fn effect_by_ms(state: &RunState, index: StepIndex) -> Option<u64> {
 ///
 /// A child run is undone by its own saga: when it completed (`Some(Some(output))`) or may
 /// still be running (`Some(None)`); a child that failed or compensated itself left nothing.
-pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> {
+pub fn undo_input(state: &RunState, index: OperationIndex) -> Option<Option<&Value>> {
     static NULL: Value = Value::Null;
     if let Some(Op::Child(child)) = state.ops.get(index.0 as usize) {
         return match &child.end {
@@ -272,47 +278,47 @@ pub fn undo_input(state: &RunState, index: StepIndex) -> Option<Option<&Value>> 
 }
 
 /// The next compensation action: the newest step that still needs undoing.
-pub fn undo_action(state: &RunState) -> UndoAction {
+pub fn undo_action(state: &RunState) -> CompensationAction {
     (0..state.ops.len())
         .rev()
-        .find_map(|i| step_undo_action(state, StepIndex(i as u32)))
-        .unwrap_or(UndoAction::Finished)
+        .find_map(|i| step_undo_action(state, OperationIndex(i as u32)))
+        .unwrap_or(CompensationAction::Finished)
 }
 
 /// What undoing step `step` needs next: `None` when nothing (not a step, nothing took effect,
 /// or already undone or skipped).
-pub fn step_undo_action(state: &RunState, step: StepIndex) -> Option<UndoAction> {
+pub fn step_undo_action(state: &RunState, step: OperationIndex) -> Option<CompensationAction> {
     undo_input(state, step)?;
     match state.undo.get(&step) {
-        None => Some(UndoAction::Undo {
+        None => Some(CompensationAction::Compensate {
             step,
             attempt: Attempt::FIRST,
             round_attempts: 0,
             not_before_ms: None,
         }),
-        Some(UndoState::InFlight {
+        Some(CompensationState::InFlight {
             attempt,
             round_attempts,
-        }) => Some(UndoAction::Undo {
+        }) => Some(CompensationAction::Compensate {
             step,
             attempt: attempt.next(),
             round_attempts: *round_attempts,
             not_before_ms: None,
         }),
-        Some(UndoState::RetryScheduled {
+        Some(CompensationState::RetryScheduled {
             attempt,
             round_attempts,
             at_ms,
-        }) => Some(UndoAction::Undo {
+        }) => Some(CompensationAction::Compensate {
             step,
             attempt: attempt.next(),
             round_attempts: *round_attempts,
             not_before_ms: Some(*at_ms),
         }),
-        Some(UndoState::Failed { error, .. }) => Some(UndoAction::Stuck {
+        Some(CompensationState::Failed { error, .. }) => Some(CompensationAction::Stuck {
             step,
             error: error.clone(),
         }),
-        Some(UndoState::Done) | Some(UndoState::Skipped) => None,
+        Some(CompensationState::Done) | Some(CompensationState::Skipped) => None,
     }
 }

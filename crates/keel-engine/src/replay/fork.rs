@@ -4,11 +4,15 @@
 //! its first attempt starts (`step.rs`, `child.rs`).
 
 use super::{Op, RunState};
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 
 impl RunState {
     /// `ForkStarted`: the fork takes the next operation number, its branches the ones after.
-    pub(super) fn fork_started(&mut self, step: StepIndex, branches: u32) -> Result<(), String> {
+    pub(super) fn fork_started(
+        &mut self,
+        step: OperationIndex,
+        branches: u32,
+    ) -> Result<(), String> {
         if step.0 as usize != self.ops.len() {
             return Err(format!(
                 "fork {step} started where operation {} was expected",
@@ -25,7 +29,11 @@ impl RunState {
     }
 
     /// `ForkSelected`: the winner of a `select`, chosen once and among the fork's branches.
-    pub(super) fn fork_selected(&mut self, step: StepIndex, branch: u32) -> Result<(), String> {
+    pub(super) fn fork_selected(
+        &mut self,
+        step: OperationIndex,
+        branch: u32,
+    ) -> Result<(), String> {
         match self.ops.get_mut(step.0 as usize) {
             Some(Op::Fork {
                 branches,

@@ -25,12 +25,12 @@ mod tests;
 
 use std::collections::BTreeMap;
 
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 use crate::journal::{Entry, Event};
 
 pub use child::{ChildEnd, ChildOp};
 pub use compensation::{
-    effect_by_ms, step_undo_action, undo_action, undo_input, UndoAction, UndoState,
+    effect_by_ms, step_undo_action, undo_action, undo_input, CompensationAction, CompensationState,
 };
 #[cfg(any(test, feature = "test-utilities"))]
 pub use step::StepOutcome;
@@ -83,13 +83,13 @@ pub struct RunState {
     /// Whether compensation has begun.
     pub compensating: bool,
     /// Per-step compensation state.
-    pub undo: BTreeMap<StepIndex, UndoState>,
+    pub undo: BTreeMap<OperationIndex, CompensationState>,
     /// When the current round of undo attempts of a step began (its first attempt, or the
     /// first after an operator retry): the origin of the compensation's elapsed-time bound.
-    pub undo_round_started_at_ms: BTreeMap<StepIndex, u64>,
+    pub undo_round_started_at_ms: BTreeMap<OperationIndex, u64>,
     /// Per step, undo attempts in a row that started and recorded no outcome (as
     /// [`StepOp::cut_off`]); cleared by an outcome and by an operator's retry.
-    pub undo_cut_off: BTreeMap<StepIndex, u32>,
+    pub undo_cut_off: BTreeMap<OperationIndex, u32>,
 }
 
 /// The journaled call (a step attempt or an undo attempt) that the process died during most
@@ -97,7 +97,7 @@ pub struct RunState {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CutOff {
     /// The operation.
-    pub step: StepIndex,
+    pub step: OperationIndex,
     /// Its step kind.
     pub kind: String,
     /// Whether it was the step's undo, not the step.
@@ -223,7 +223,7 @@ impl RunState {
 
     /// Whether any step took effect or may have: if not, a failing run has nothing to undo.
     pub fn has_effects(&self) -> bool {
-        (0..self.ops.len()).any(|i| undo_input(self, StepIndex(i as u32)).is_some())
+        (0..self.ops.len()).any(|i| undo_input(self, OperationIndex(i as u32)).is_some())
     }
 }
 
@@ -232,7 +232,7 @@ impl RunState {
 pub fn most_cut_off(state: &RunState) -> Option<CutOff> {
     let steps = state.ops.iter().enumerate().filter_map(|(i, op)| match op {
         Op::Step(op) if op.cut_off > 0 => Some(CutOff {
-            step: StepIndex(i as u32),
+            step: OperationIndex(i as u32),
             kind: op.kind.clone(),
             undo: false,
             attempts: op.cut_off,

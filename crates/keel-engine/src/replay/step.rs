@@ -17,7 +17,7 @@
 use serde_json::Value;
 
 use super::{Op, RunState};
-use crate::ids::{Attempt, StepIndex};
+use crate::ids::{Attempt, OperationIndex};
 use crate::journal::{ErrorClass, ErrorRecord};
 
 /// What is known of one step from the journal.
@@ -118,7 +118,7 @@ impl RunState {
     /// next attempt of a step.
     pub(super) fn step_started(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         kind: &str,
         argument: &Value,
         attempt: Attempt,
@@ -172,7 +172,7 @@ impl RunState {
     /// `StepCompleted`: the attempt in flight succeeded.
     pub(super) fn step_completed(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         attempt: Attempt,
         output: &Value,
         at_ms: u64,
@@ -187,7 +187,7 @@ impl RunState {
     /// `StepFailed`: the attempt in flight failed, with a retry scheduled or for good.
     pub(super) fn step_failed(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         attempt: Attempt,
         error: &ErrorRecord,
         retry_at_ms: Option<u64>,
@@ -210,7 +210,7 @@ impl RunState {
     /// kept.
     pub(super) fn step_output_rejected(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         attempt: Attempt,
         error: &ErrorRecord,
         at_ms: u64,
@@ -226,7 +226,7 @@ impl RunState {
     /// attempts cut off by crashes).
     fn in_flight_step(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         attempt: Attempt,
         at_ms: u64,
     ) -> Result<&mut StepOp, String> {
@@ -252,7 +252,7 @@ impl RunState {
     }
 
     /// The step at `index`, if that operation is a step.
-    pub fn step(&self, index: StepIndex) -> Option<&StepOp> {
+    pub fn step(&self, index: OperationIndex) -> Option<&StepOp> {
         match self.ops.get(index.0 as usize) {
             Some(Op::Step(op)) => Some(op),
             Some(_) | None => None,

@@ -2,11 +2,15 @@
 //! the timer is marked fired once the workflow went past it.
 
 use super::{Op, RunState};
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 
 impl RunState {
     /// `TimerSet`: a timer takes the next operation number.
-    pub(super) fn timer_set(&mut self, step: StepIndex, wake_at_ms: u64) -> Result<(), String> {
+    pub(super) fn timer_set(
+        &mut self,
+        step: OperationIndex,
+        wake_at_ms: u64,
+    ) -> Result<(), String> {
         if step.0 as usize != self.ops.len() {
             return Err(format!(
                 "timer {step} set out of order (next is #{})",
@@ -21,7 +25,7 @@ impl RunState {
     }
 
     /// `TimerFired`: the workflow went past a timer.
-    pub(super) fn timer_fired(&mut self, step: StepIndex) -> Result<(), String> {
+    pub(super) fn timer_fired(&mut self, step: OperationIndex) -> Result<(), String> {
         match self.ops.get_mut(step.0 as usize) {
             Some(Op::Timer { fired, .. }) => {
                 *fired = true;

@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 use super::{Op, RunState};
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 use crate::journal::{WaitOutcome, WaitSchedule};
 
 /// A wait as the journal tells it.
@@ -26,7 +26,7 @@ impl RunState {
     /// `WaitStarted`: a wait takes the next operation number.
     pub(super) fn wait_started(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         kind: &str,
         argument: &Value,
         schedule: &WaitSchedule,
@@ -51,7 +51,7 @@ impl RunState {
     /// `WaitEnded`: a started wait ended, once.
     pub(super) fn wait_ended(
         &mut self,
-        step: StepIndex,
+        step: OperationIndex,
         outcome: &WaitOutcome,
     ) -> Result<(), String> {
         match self.ops.get_mut(step.0 as usize) {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use keel_engine::{Probe, RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, Probe, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::error::{conflict, AwsFailure};
@@ -147,18 +147,18 @@ impl Step for CreateRole {
         &self,
         ctx: &StepContext,
         _output: Option<Role>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let iam = &clients(ctx)?.iam;
         let key = ctx.key().to_string();
         match Self::key_of(iam, &self.name).await {
             Err(e) if e.is(NO_SUCH_ENTITY) => {
                 confirm_absence(ctx, "iam", "IAM role")?;
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
             Err(e) => return Err(e.into()),
             Ok(found) if found.as_deref() != Some(key.as_str()) => {
                 tracing::warn!(role = %self.name, ?found, "the role is not this step's; left alone");
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
             Ok(_) => {}
         }
@@ -183,12 +183,12 @@ impl Step for CreateRole {
             delete_inline(iam, &self.name, name).await?;
         }
         match iam.delete_role().role_name(&self.name).send().await {
-            Ok(_) => Ok(Undo::Done),
+            Ok(_) => Ok(Compensation::Done),
             Err(e) => {
                 let f = AwsFailure::new("iam:DeleteRole", &e);
                 if f.is(NO_SUCH_ENTITY) {
                     // Gone, unless it is not visible yet.
-                    gone_after_lag(ctx, "iam", f, true).map(|()| Undo::Done)
+                    gone_after_lag(ctx, "iam", f, true).map(|()| Compensation::Done)
                 } else if f.is("DeleteConflict") {
                     // A policy attached or put after the listing: list again.
                     Err(f.as_lag("a policy is still attached").into())
@@ -309,12 +309,12 @@ impl Step for AttachRolePolicy {
         &self,
         ctx: &StepContext,
         output: Option<Attached>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         if output.is_some_and(|o| !o.by_this_step) {
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         }
         detach(&clients(ctx)?.iam, &self.role, &self.policy_arn).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -386,12 +386,12 @@ impl Step for PutRolePolicy {
         &self,
         ctx: &StepContext,
         output: Option<Attached>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         if output.is_some_and(|o| !o.by_this_step) {
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         }
         delete_inline(&clients(ctx)?.iam, &self.role, &self.policy_name).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

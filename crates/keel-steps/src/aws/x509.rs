@@ -443,7 +443,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = KeyStore::new(dir.path().join("keys"));
         let run = keel_engine::RunId::new("r").unwrap();
-        let key = IdempotencyKey::for_step(&run, keel_engine::StepIndex(3));
+        let key = IdempotencyKey::for_step(&run, keel_engine::OperationIndex(3));
         store.check().unwrap();
         let dir_mode = fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
         assert_eq!(dir_mode, 0o700);
@@ -489,7 +489,7 @@ mod tests {
         fs::create_dir(dir.path().join("outside")).unwrap();
         let store = KeyStore::new(dir.path().join("keys"));
         let run = keel_engine::RunId::new("r").unwrap();
-        let key = IdempotencyKey::for_step(&run, keel_engine::StepIndex(3));
+        let key = IdempotencyKey::for_step(&run, keel_engine::OperationIndex(3));
         (dir, store, key)
     }
 

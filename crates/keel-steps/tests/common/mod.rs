@@ -4,7 +4,9 @@
 #![allow(dead_code)]
 
 use aws_config::SdkConfig;
-use keel_engine::{Engine, EngineBuilder, IdempotencyKey, RunId, RunStatus, StepIndex, Workflow};
+use keel_engine::{
+    Engine, EngineBuilder, IdempotencyKey, OperationIndex, RunId, RunStatus, Workflow,
+};
 use keel_steps::aws::x509::KeyStore;
 use keel_steps::aws::{AwsClients, AwsSteps};
 use keel_testkit::aws::SdkOptions;
@@ -88,7 +90,7 @@ impl Env {
 
 /// The idempotency key of step `step` of run `run`.
 pub(crate) fn key(run: &str, step: u32) -> String {
-    IdempotencyKey::for_step(&RunId::new(run).unwrap(), StepIndex(step)).to_string()
+    IdempotencyKey::for_step(&RunId::new(run).unwrap(), OperationIndex(step)).to_string()
 }
 
 /// 30% of responses lost after the request took effect, 20% throttled, on every call.

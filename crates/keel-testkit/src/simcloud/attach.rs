@@ -2,7 +2,7 @@
 //! while either resource is not really ready (a wait may have been fooled by a lying read):
 //! that refusal is retryable, as EC2's `IncorrectState` is.
 
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::client::SimClient;
@@ -38,13 +38,17 @@ impl Step for AttachVolume {
         }
     }
 
-    async fn compensate(&self, ctx: &StepContext, _output: Option<()>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _output: Option<()>,
+    ) -> Result<Compensation, StepError> {
         let request = Request::Detach {
             volume: self.volume.clone(),
             instance: self.instance.clone(),
         };
         match SimClient::of(ctx)?.call(&request).await? {
-            Reply::Done | Reply::NotFound { .. } => Ok(Undo::Done),
+            Reply::Done | Reply::NotFound { .. } => Ok(Compensation::Done),
             other => {
                 Err(other.into_error(&format!("detaching {} from {}", self.volume, self.instance)))
             }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::client::SimClient;
@@ -38,7 +38,7 @@ impl Step for CreateInstance {
         &self,
         ctx: &StepContext,
         output: Option<String>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         delete(ctx, Kind::Instance, output).await
     }
 }
@@ -64,7 +64,7 @@ impl Step for CreateVolume {
         &self,
         ctx: &StepContext,
         output: Option<String>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         delete(ctx, Kind::Volume, output).await
     }
 }
@@ -83,7 +83,11 @@ async fn create(ctx: &StepContext, kind: Kind, generation: u32) -> Result<String
 }
 
 /// Deletes the resource `output` names, or (in doubt) the one created with the step's key.
-async fn delete(ctx: &StepContext, kind: Kind, output: Option<String>) -> Result<Undo, StepError> {
+async fn delete(
+    ctx: &StepContext,
+    kind: Kind,
+    output: Option<String>,
+) -> Result<Compensation, StepError> {
     let client = SimClient::of(ctx)?;
     let id = match output {
         Some(id) => id,
@@ -95,7 +99,7 @@ async fn delete(ctx: &StepContext, kind: Kind, output: Option<String>) -> Result
             match client.call(&find).await? {
                 Reply::Found { id: Some(id) } => id,
                 // The create never took effect: nothing to undo.
-                Reply::Found { id: None } => return Ok(Undo::Done),
+                Reply::Found { id: None } => return Ok(Compensation::Done),
                 other => return Err(other.into_error(&format!("finding the {kind} by token"))),
             }
         }
@@ -107,7 +111,7 @@ async fn delete(ctx: &StepContext, kind: Kind, output: Option<String>) -> Result
         })
         .await?
     {
-        Reply::Done | Reply::NotFound { .. } => Ok(Undo::Done),
+        Reply::Done | Reply::NotFound { .. } => Ok(Compensation::Done),
         other => Err(other.into_error(&format!("deleting {kind} {id}"))),
     }
 }

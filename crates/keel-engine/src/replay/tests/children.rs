@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use super::{fold, journal, undo, undo_decisions};
-use crate::ids::{RunId, StepIndex};
+use crate::ids::{OperationIndex, RunId};
 use crate::journal::RunStatus;
-use crate::replay::{undo_input, ChildEnd, ChildOp, Op, UndoAction, UndoState};
+use crate::replay::{undo_input, ChildEnd, ChildOp, CompensationAction, CompensationState, Op};
 
 /// Child runs take operation numbers as steps do, also as a fork's branches; a cancelled
 /// parent undoes, newest first, the child never seen to end (in doubt) and the one that
@@ -52,11 +52,15 @@ fn children_started_ended_and_compensated() {
         cancelled.ops[4].describe(),
         r#"child run "order-7/4" of workflow "fixture.ship""#
     );
-    assert_eq!(cancelled.step(StepIndex(1)), None, "a child is no step");
-    assert_eq!(undo_input(&cancelled, StepIndex(4)), None);
-    assert_eq!(undo_input(&cancelled, StepIndex(3)), Some(None));
     assert_eq!(
-        undo_input(&cancelled, StepIndex(1)),
+        cancelled.step(OperationIndex(1)),
+        None,
+        "a child is no step"
+    );
+    assert_eq!(undo_input(&cancelled, OperationIndex(4)), None);
+    assert_eq!(undo_input(&cancelled, OperationIndex(3)), Some(None));
+    assert_eq!(
+        undo_input(&cancelled, OperationIndex(1)),
         Some(Some(&json!({"tracking": "T1"})))
     );
 
@@ -66,16 +70,16 @@ fn children_started_ended_and_compensated() {
             undo(3, 1, 0, None),
             undo(1, 1, 0, None),
             undo(0, 1, 0, None),
-            UndoAction::Finished
+            CompensationAction::Finished
         ]
     );
     let done = fold(&entries);
     assert_eq!(
         done.undo,
         BTreeMap::from([
-            (StepIndex(0), UndoState::Done),
-            (StepIndex(1), UndoState::Done),
-            (StepIndex(3), UndoState::Done),
+            (OperationIndex(0), CompensationState::Done),
+            (OperationIndex(1), CompensationState::Done),
+            (OperationIndex(3), CompensationState::Done),
         ])
     );
 }

@@ -4,10 +4,11 @@
 use std::collections::BTreeMap;
 
 use super::{completed, e, failed, fold, journal, started, undo, undo_decisions};
-use crate::ids::{Attempt, StepIndex};
+use crate::ids::{Attempt, OperationIndex};
 use crate::journal::{Entry, ErrorClass, ErrorRecord, Event};
 use crate::replay::{
-    effect_by_ms, most_cut_off, undo_action, undo_input, CutOff, RunState, UndoAction, UndoState,
+    effect_by_ms, most_cut_off, undo_action, undo_input, CompensationAction, CompensationState,
+    CutOff, RunState,
 };
 
 /// The journal of the two tests below: a completed step, a timer, a completed step, a step
@@ -17,10 +18,12 @@ fn steps_and_a_timer() -> Vec<Entry> {
         started(0, 1),
         completed(0, 1),
         e(Event::TimerSet {
-            step: StepIndex(1),
+            step: OperationIndex(1),
             wake_at_ms: 5,
         }),
-        e(Event::TimerFired { step: StepIndex(1) }),
+        e(Event::TimerFired {
+            step: OperationIndex(1),
+        }),
         started(2, 1),
         completed(2, 1),
         started(3, 1),
@@ -34,9 +37,9 @@ fn steps_and_a_timer() -> Vec<Entry> {
 #[test]
 fn undo_input_follows_what_may_have_taken_effect() {
     let s = RunState::from_entries(&steps_and_a_timer()).unwrap();
-    assert_eq!(undo_input(&s, StepIndex(4)), Some(None), "in doubt");
+    assert_eq!(undo_input(&s, OperationIndex(4)), Some(None), "in doubt");
     assert_eq!(
-        undo_input(&s, StepIndex(3)),
+        undo_input(&s, OperationIndex(3)),
         None,
         "permanent failure of a first attempt had no effect"
     );
@@ -48,7 +51,7 @@ fn undo_input_follows_what_may_have_taken_effect() {
     ])
     .unwrap();
     assert_eq!(
-        undo_input(&retried, StepIndex(0)),
+        undo_input(&retried, OperationIndex(0)),
         Some(None),
         "an earlier attempt may have taken effect"
     );
@@ -60,14 +63,14 @@ fn undo_input_follows_what_may_have_taken_effect() {
 fn undo_order_newest_first() {
     let mut s = RunState::from_entries(&steps_and_a_timer()).unwrap();
     let undo_started = |step, attempt| Event::StepCompensationStarted {
-        step: StepIndex(step),
+        step: OperationIndex(step),
         attempt: Attempt(attempt),
     };
     let undone = |step| Event::StepCompensated {
-        step: StepIndex(step),
+        step: OperationIndex(step),
     };
     let next = |s: &RunState| match undo_action(s) {
-        UndoAction::Undo { step, .. } => Some(step.0),
+        CompensationAction::Compensate { step, .. } => Some(step.0),
         _ => None,
     };
     assert_eq!(next(&s), Some(4));
@@ -80,7 +83,7 @@ fn undo_order_newest_first() {
         "permanent failure of #3 and timer #1 are skipped"
     );
     s.apply(&e(Event::StepCompensationSkipped {
-        step: StepIndex(2),
+        step: OperationIndex(2),
         reason: "none".into(),
     }))
     .unwrap();
@@ -91,7 +94,7 @@ fn undo_order_newest_first() {
         message: "no".into(),
     };
     s.apply(&e(Event::StepCompensationFailed {
-        step: StepIndex(0),
+        step: OperationIndex(0),
         attempt: Attempt(1),
         error: error.clone(),
         retry_at_ms: None,
@@ -99,8 +102,8 @@ fn undo_order_newest_first() {
     .unwrap();
     assert_eq!(
         undo_action(&s),
-        UndoAction::Stuck {
-            step: StepIndex(0),
+        CompensationAction::Stuck {
+            step: OperationIndex(0),
             error
         }
     );
@@ -108,7 +111,7 @@ fn undo_order_newest_first() {
     assert_eq!(undo_action(&s), undo(0, 2, 0, Some(0)));
     s.apply(&e(undo_started(0, 2))).unwrap();
     s.apply(&e(undone(0))).unwrap();
-    assert_eq!(undo_action(&s), UndoAction::Finished);
+    assert_eq!(undo_action(&s), CompensationAction::Finished);
     // An undo recorded as done is never started again.
     assert!(s.apply(&e(undo_started(0, 3))).is_err());
 }
@@ -132,24 +135,24 @@ fn compensation_goes_newest_first_through_every_undo_outcome() {
             undo(4, 2, 1, None),
             undo(3, 1, 0, None),
             undo(3, 2, 1, Some(1_700_000_708_700)),
-            UndoAction::Stuck {
-                step: StepIndex(3),
+            CompensationAction::Stuck {
+                step: OperationIndex(3),
                 error: refund
             },
             undo(3, 3, 0, Some(0)),
             undo(2, 1, 0, None),
             undo(0, 1, 0, None),
-            UndoAction::Finished,
+            CompensationAction::Finished,
         ]
     );
     let done = fold(&entries);
     assert_eq!(
         done.undo,
         BTreeMap::from([
-            (StepIndex(0), UndoState::Done),
-            (StepIndex(2), UndoState::Skipped),
-            (StepIndex(3), UndoState::Done),
-            (StepIndex(4), UndoState::Done),
+            (OperationIndex(0), CompensationState::Done),
+            (OperationIndex(2), CompensationState::Skipped),
+            (OperationIndex(3), CompensationState::Done),
+            (OperationIndex(4), CompensationState::Done),
         ])
     );
     assert!(done.undo_cut_off.is_empty());
@@ -169,25 +172,28 @@ fn compensation_cut_stuck_and_retried() {
     assert_eq!(
         most_cut_off(&cut),
         Some(CutOff {
-            step: StepIndex(4),
+            step: OperationIndex(4),
             kind: "fixture.ship".into(),
             undo: true,
             attempts: 2,
         })
     );
     assert_eq!(
-        cut.undo_round_started_at_ms.get(&StepIndex(4)),
+        cut.undo_round_started_at_ms.get(&OperationIndex(4)),
         Some(&1_700_000_705_402)
     );
     // It gave up: its effect was made by its last outcome at latest.
-    assert_eq!(effect_by_ms(&cut, StepIndex(4)), Some(1_700_000_705_400));
-    assert_eq!(undo_input(&cut, StepIndex(1)), None, "no compensation");
+    assert_eq!(
+        effect_by_ms(&cut, OperationIndex(4)),
+        Some(1_700_000_705_400)
+    );
+    assert_eq!(undo_input(&cut, OperationIndex(1)), None, "no compensation");
 
     // Stuck on the charge until an operator acts.
     let stuck = fold(&entries[..20]);
     assert_eq!(
-        stuck.undo.get(&StepIndex(3)),
-        Some(&UndoState::Failed {
+        stuck.undo.get(&OperationIndex(3)),
+        Some(&CompensationState::Failed {
             attempt: Attempt(2),
             error: ErrorRecord {
                 class: ErrorClass::Permanent,
@@ -200,14 +206,14 @@ fn compensation_cut_stuck_and_retried() {
     // The operator's retry begins a new round, timed from its first attempt.
     let retried = fold(&entries[..22]);
     assert_eq!(
-        retried.undo.get(&StepIndex(3)),
-        Some(&UndoState::InFlight {
+        retried.undo.get(&OperationIndex(3)),
+        Some(&CompensationState::InFlight {
             attempt: Attempt(3),
             round_attempts: 1
         })
     );
     assert_eq!(
-        retried.undo_round_started_at_ms.get(&StepIndex(3)),
+        retried.undo_round_started_at_ms.get(&OperationIndex(3)),
         Some(&1_700_000_900_001)
     );
 }

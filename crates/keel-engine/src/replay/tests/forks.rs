@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use super::{fold, journal, undo, undo_decisions, undo_order};
-use crate::ids::{Attempt, StepIndex};
+use crate::ids::{Attempt, OperationIndex};
 use crate::journal::{Entry, Event};
 use crate::replay::{
-    effect_by_ms, step_action, step_undo_action, undo_input, Op, StepAction, UndoState,
+    effect_by_ms, step_action, step_undo_action, undo_input, CompensationState, Op, StepAction,
 };
 
 /// A fork reserves its branches' numbers, so the operation after it comes past them; at a
@@ -35,37 +35,37 @@ fn join_cut_with_branches_in_every_state() {
             Op::Branch
         ]
     );
-    assert_eq!(forked.step(StepIndex(2)), None);
+    assert_eq!(forked.step(OperationIndex(2)), None);
     assert_eq!(forked.ops[2].describe(), "a branch of a parallel fan-out");
 
     let s = fold(&entries);
     assert_eq!(s.ops.len(), 5);
     assert_eq!(
-        step_action(s.step(StepIndex(2))),
+        step_action(s.step(OperationIndex(2))),
         StepAction::Run {
             attempt: Attempt(2),
             not_before_ms: Some(1_700_000_200_250)
         }
     );
     assert_eq!(
-        step_action(s.step(StepIndex(3))),
+        step_action(s.step(OperationIndex(3))),
         StepAction::Replay(json!(30))
     );
     assert_eq!(
-        step_action(s.step(StepIndex(4))),
+        step_action(s.step(OperationIndex(4))),
         StepAction::Run {
             attempt: Attempt(2),
             not_before_ms: None
         }
     );
-    assert_eq!(s.step(StepIndex(4)).unwrap().cut_off, 1);
+    assert_eq!(s.step(OperationIndex(4)).unwrap().cut_off, 1);
 
     // The next operation is numbered past the branches, whatever it is.
     let mut next = s.clone();
     let timer = |step| Entry {
         at_ms: 1_700_000_200_300,
         event: Event::TimerSet {
-            step: StepIndex(step),
+            step: OperationIndex(step),
             wake_at_ms: 1_700_000_300_000,
         },
     };
@@ -84,10 +84,10 @@ fn join_branches_are_undone_newest_first() {
     // flight.
     let s = fold(&journal(include_str!("../fixtures/fork_join.jsonl")));
 
-    assert_eq!(undo_input(&s, StepIndex(1)), None);
-    assert_eq!(undo_input(&s, StepIndex(2)), Some(None));
-    assert_eq!(undo_input(&s, StepIndex(3)), Some(Some(&json!(30))));
-    assert_eq!(undo_input(&s, StepIndex(4)), Some(None));
+    assert_eq!(undo_input(&s, OperationIndex(1)), None);
+    assert_eq!(undo_input(&s, OperationIndex(2)), Some(None));
+    assert_eq!(undo_input(&s, OperationIndex(3)), Some(Some(&json!(30))));
+    assert_eq!(undo_input(&s, OperationIndex(4)), Some(None));
     assert_eq!(undo_order(&s), vec![4, 3, 2, 0]);
 
     // In doubt, the branch in flight's effect was made by its undo round's start at latest;
@@ -103,7 +103,7 @@ fn join_branches_are_undone_newest_first() {
         (
             1_700_000_200_401,
             Event::StepCompensationStarted {
-                step: StepIndex(4),
+                step: OperationIndex(4),
                 attempt: Attempt(1),
             },
         ),
@@ -111,15 +111,15 @@ fn join_branches_are_undone_newest_first() {
         compensating.apply(&Entry { at_ms, event }).unwrap();
     }
     assert_eq!(
-        effect_by_ms(&compensating, StepIndex(4)),
+        effect_by_ms(&compensating, OperationIndex(4)),
         Some(1_700_000_200_401)
     );
     assert_eq!(
-        effect_by_ms(&compensating, StepIndex(3)),
+        effect_by_ms(&compensating, OperationIndex(3)),
         Some(1_700_000_200_030)
     );
     assert_eq!(
-        step_undo_action(&compensating, StepIndex(4)),
+        step_undo_action(&compensating, OperationIndex(4)),
         Some(undo(4, 2, 1, None))
     );
 }
@@ -143,10 +143,13 @@ fn select_keeps_its_winner_and_undoes_the_losers() {
         }
     );
     assert!(!s.compensating);
-    assert_eq!(s.undo, BTreeMap::from([(StepIndex(1), UndoState::Done)]));
-    assert_eq!(step_undo_action(&s, StepIndex(3)), None);
     assert_eq!(
-        step_action(s.step(StepIndex(2))),
+        s.undo,
+        BTreeMap::from([(OperationIndex(1), CompensationState::Done)])
+    );
+    assert_eq!(step_undo_action(&s, OperationIndex(3)), None);
+    assert_eq!(
+        step_action(s.step(OperationIndex(2))),
         StepAction::Replay(json!("us-1"))
     );
     assert_eq!(undo_order(&s), vec![2]);

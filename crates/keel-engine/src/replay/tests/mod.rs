@@ -38,9 +38,14 @@ fn fold(entries: &[Entry]) -> RunState {
 }
 
 /// Undo attempt `attempt` of step `step`, as compensation decides it.
-fn undo(step: u32, attempt: u32, round_attempts: u32, not_before_ms: Option<u64>) -> UndoAction {
-    UndoAction::Undo {
-        step: StepIndex(step),
+fn undo(
+    step: u32,
+    attempt: u32,
+    round_attempts: u32,
+    not_before_ms: Option<u64>,
+) -> CompensationAction {
+    CompensationAction::Compensate {
+        step: OperationIndex(step),
         attempt: Attempt(attempt),
         round_attempts,
         not_before_ms,
@@ -51,7 +56,7 @@ fn undo(step: u32, attempt: u32, round_attempts: u32, not_before_ms: Option<u64>
 /// carries a decision out, having checked that the entry does: an undo attempt's start is
 /// the attempt decided for its step (and, once the run compensates, for the newest step
 /// left), a failed compensation names the stuck step, and the end comes when nothing is left.
-fn undo_decisions(entries: &[Entry]) -> Vec<UndoAction> {
+fn undo_decisions(entries: &[Entry]) -> Vec<CompensationAction> {
     let mut state = RunState::default();
     let mut decisions = Vec::new();
     for (i, entry) in entries.iter().enumerate() {
@@ -59,7 +64,7 @@ fn undo_decisions(entries: &[Entry]) -> Vec<UndoAction> {
             Event::StepCompensationStarted { step, attempt } => {
                 let decided = step_undo_action(&state, *step);
                 match &decided {
-                    Some(UndoAction::Undo {
+                    Some(CompensationAction::Compensate {
                         step: s,
                         attempt: a,
                         ..
@@ -74,14 +79,18 @@ fn undo_decisions(entries: &[Entry]) -> Vec<UndoAction> {
             Event::RunCompensationFailed { step, .. } => {
                 let decided = undo_action(&state);
                 assert!(
-                    matches!(decided, UndoAction::Stuck { step: s, .. } if s == *step),
+                    matches!(decided, CompensationAction::Stuck { step: s, .. } if s == *step),
                     "entry {i}: {decided:?}"
                 );
                 Some(decided)
             }
             Event::RunCompensated => {
-                assert_eq!(undo_action(&state), UndoAction::Finished, "entry {i}");
-                Some(UndoAction::Finished)
+                assert_eq!(
+                    undo_action(&state),
+                    CompensationAction::Finished,
+                    "entry {i}"
+                );
+                Some(CompensationAction::Finished)
             }
             _ => None,
         };
@@ -99,8 +108,8 @@ fn undo_order(state: &RunState) -> Vec<u32> {
     // Each operation is undone at most once, so more turns than operations is a loop.
     for _ in 0..=state.ops.len() {
         let step = match undo_action(&state) {
-            UndoAction::Finished => return order,
-            UndoAction::Undo { step, attempt, .. } => {
+            CompensationAction::Finished => return order,
+            CompensationAction::Compensate { step, attempt, .. } => {
                 let started = Event::StepCompensationStarted { step, attempt };
                 state.apply(&e(started)).unwrap();
                 state.apply(&e(Event::StepCompensated { step })).unwrap();
@@ -120,7 +129,7 @@ fn e(event: Event) -> Entry {
 }
 fn started(step: u32, attempt: u32) -> Entry {
     e(Event::StepStarted {
-        step: StepIndex(step),
+        step: OperationIndex(step),
         kind: "k".into(),
         argument: json!(step),
         attempt: Attempt(attempt),
@@ -129,14 +138,14 @@ fn started(step: u32, attempt: u32) -> Entry {
 }
 fn completed(step: u32, attempt: u32) -> Entry {
     e(Event::StepCompleted {
-        step: StepIndex(step),
+        step: OperationIndex(step),
         attempt: Attempt(attempt),
         output: json!(step * 10),
     })
 }
 fn failed(step: u32, attempt: u32, class: ErrorClass, retry_at_ms: Option<u64>) -> Entry {
     e(Event::StepFailed {
-        step: StepIndex(step),
+        step: OperationIndex(step),
         attempt: Attempt(attempt),
         error: ErrorRecord {
             class,

@@ -4,7 +4,7 @@
 use serde_json::json;
 
 use super::{completed, failed, fold, journal, started};
-use crate::ids::{Attempt, StepIndex};
+use crate::ids::{Attempt, OperationIndex};
 use crate::journal::{Entry, ErrorClass, ErrorRecord, Event};
 use crate::replay::{
     effect_by_ms, most_cut_off, step_action, undo_input, CutOff, RunState, StepAction, StepOutcome,
@@ -25,25 +25,25 @@ fn step_actions_follow_the_journal() {
     // assume sequential code (parallel branches will rely on that).
     let s = s.unwrap();
     assert_eq!(
-        step_action(s.step(StepIndex(0))),
+        step_action(s.step(OperationIndex(0))),
         StepAction::Replay(json!(0))
     );
     assert_eq!(
-        step_action(s.step(StepIndex(1))),
+        step_action(s.step(OperationIndex(1))),
         StepAction::Run {
             attempt: Attempt(2),
             not_before_ms: Some(500)
         }
     );
     assert_eq!(
-        step_action(s.step(StepIndex(2))),
+        step_action(s.step(OperationIndex(2))),
         StepAction::Run {
             attempt: Attempt(2),
             not_before_ms: None
         }
     );
     assert_eq!(
-        step_action(s.step(StepIndex(3))),
+        step_action(s.step(OperationIndex(3))),
         StepAction::Run {
             attempt: Attempt(1),
             not_before_ms: None
@@ -61,7 +61,7 @@ fn retries_cut_offs_and_a_rejected_output() {
 
     // Cut with the third attempt in flight: two deaths in a row, and a fourth attempt next.
     let cut = fold(&entries[..7]);
-    let export = cut.step(StepIndex(1)).unwrap();
+    let export = cut.step(OperationIndex(1)).unwrap();
     assert_eq!(export.outcome, StepOutcome::InFlight);
     assert_eq!(
         (
@@ -75,7 +75,7 @@ fn retries_cut_offs_and_a_rejected_output() {
     assert_eq!(
         most_cut_off(&cut),
         Some(CutOff {
-            step: StepIndex(1),
+            step: OperationIndex(1),
             kind: "fixture.export".into(),
             undo: false,
             attempts: 3,
@@ -91,7 +91,7 @@ fn retries_cut_offs_and_a_rejected_output() {
 
     let s = fold(&entries);
     assert_eq!(s.len, 8);
-    let add = s.step(StepIndex(0)).unwrap();
+    let add = s.step(OperationIndex(0)).unwrap();
     assert_eq!(
         (
             add.attempt,
@@ -106,7 +106,7 @@ fn retries_cut_offs_and_a_rejected_output() {
         class: ErrorClass::Permanent,
         message: "output of fixture.export is 70000 bytes, over the limit of 49152 bytes".into(),
     };
-    let export = s.step(StepIndex(1)).unwrap();
+    let export = s.step(OperationIndex(1)).unwrap();
     assert_eq!(
         export.outcome,
         StepOutcome::OutputRejected {
@@ -117,8 +117,8 @@ fn retries_cut_offs_and_a_rejected_output() {
     assert_eq!(most_cut_off(&s), None);
     assert_eq!(step_action(Some(export)), StepAction::Fail(error));
     // The effect exists without its output: undone in doubt, made by the rejection at latest.
-    assert_eq!(undo_input(&s, StepIndex(1)), Some(None));
-    assert_eq!(effect_by_ms(&s, StepIndex(1)), Some(1_700_001_018_900));
+    assert_eq!(undo_input(&s, OperationIndex(1)), Some(None));
+    assert_eq!(effect_by_ms(&s, OperationIndex(1)), Some(1_700_001_018_900));
     assert!(s.has_effects());
 }
 
@@ -132,7 +132,7 @@ fn resume_after_exhausted_retries_starts_a_new_round() {
     let paused = fold(&entries[..5]);
     assert!(paused.paused_exhausted);
     assert_eq!(
-        step_action(paused.step(StepIndex(0))),
+        step_action(paused.step(OperationIndex(0))),
         StepAction::Fail(ErrorRecord {
             class: ErrorClass::Retryable,
             message: "throttled".into(),
@@ -141,7 +141,7 @@ fn resume_after_exhausted_retries_starts_a_new_round() {
 
     let resumed = fold(&entries[..6]);
     assert!(!resumed.paused_exhausted);
-    let op = resumed.step(StepIndex(0)).unwrap();
+    let op = resumed.step(OperationIndex(0)).unwrap();
     assert_eq!(op.outcome, StepOutcome::RetryScheduled { at_ms: 0 });
     assert_eq!(
         (op.round_base, op.first_started_at_ms),
@@ -156,7 +156,7 @@ fn resume_after_exhausted_retries_starts_a_new_round() {
     );
 
     let done = fold(&entries);
-    let op = done.step(StepIndex(0)).unwrap();
+    let op = done.step(OperationIndex(0)).unwrap();
     assert_eq!((op.attempt, op.round_base), (Attempt(3), 2));
     assert_eq!(step_action(Some(op)), StepAction::Replay(json!(10)));
 }
@@ -185,7 +185,7 @@ fn resume_withdraws_a_pause_and_forgets_cut_offs() {
     entries.push(at(1_700_001_100_000, Event::RunResumed));
     let resumed = fold(&entries);
     assert!(!resumed.pause_requested);
-    let export = resumed.step(StepIndex(1)).unwrap();
+    let export = resumed.step(OperationIndex(1)).unwrap();
     assert_eq!(
         (export.cut_off, export.outcome.clone()),
         (0, StepOutcome::InFlight)

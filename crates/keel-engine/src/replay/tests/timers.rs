@@ -1,7 +1,7 @@
 //! Durable timers: an absolute wake time, and whether the workflow went past it.
 
 use super::{fold, journal, undo_order};
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 use crate::replay::{undo_input, Op};
 
 /// A timer keeps its journaled wake time and whether it fired; it is no step, and
@@ -25,7 +25,7 @@ fn timers_keep_their_wake_time_and_firing() {
         }
     );
     assert_eq!(s.ops[2].describe(), "a timer");
-    assert_eq!(s.step(StepIndex(0)), None);
-    assert_eq!(undo_input(&s, StepIndex(2)), None);
+    assert_eq!(s.step(OperationIndex(0)), None);
+    assert_eq!(undo_input(&s, OperationIndex(2)), None);
     assert_eq!(undo_order(&s), vec![1]);
 }

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use super::{fold, journal, undo, undo_decisions, undo_order};
-use crate::ids::StepIndex;
+use crate::ids::OperationIndex;
 use crate::journal::{ErrorClass, ErrorRecord};
 use crate::journal::{WaitOutcome, WaitSchedule};
-use crate::replay::{undo_input, Op, RunState, UndoState, WaitOp};
+use crate::replay::{undo_input, CompensationState, Op, RunState, WaitOp};
 
 /// The wait at operation `index` of `state`.
 fn wait(state: &RunState, index: usize) -> &WaitOp {
@@ -82,7 +82,10 @@ fn waits_keep_their_schedule_deadline_and_result() {
 
     assert_eq!(undo_decisions(&entries), vec![undo(0, 1, 0, None)]);
     assert!(!s.compensating);
-    assert_eq!(s.undo, BTreeMap::from([(StepIndex(0), UndoState::Done)]));
-    assert_eq!(undo_input(&s, StepIndex(3)), None);
+    assert_eq!(
+        s.undo,
+        BTreeMap::from([(OperationIndex(0), CompensationState::Done)])
+    );
+    assert_eq!(undo_input(&s, OperationIndex(3)), None);
     assert_eq!(undo_order(&s), vec![2]);
 }

@@ -1,7 +1,7 @@
 //! Unit tests of the sled store: transitions, repair, deletion, bounds.
 
 use super::*;
-use crate::ids::{Attempt, StepIndex};
+use crate::ids::{Attempt, OperationIndex};
 use crate::journal::Event;
 
 const PROCESS_CRASH: SledOptions = SledOptions {
@@ -40,7 +40,7 @@ fn entries() -> [Entry; 2] {
         Entry {
             at_ms: 11,
             event: Event::StepStarted {
-                step: StepIndex(0),
+                step: OperationIndex(0),
                 kind: "test.add".into(),
                 argument: serde_json::json!({"n": 1}),
                 attempt: Attempt(1),

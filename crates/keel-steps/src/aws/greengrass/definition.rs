@@ -4,7 +4,7 @@
 use aws_sdk_greengrass::types::{
     Core, CoreDefinitionVersion, DefinitionInformation, Device, DeviceDefinitionVersion,
 };
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
@@ -341,7 +341,7 @@ impl Kind {
         ctx: &StepContext,
         prefix: &str,
         members: &[Member],
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let gg = &clients(ctx)?.greengrass;
         let name = keyed_name(prefix, &ctx.key());
         let mut members = members.to_vec();
@@ -349,7 +349,7 @@ impl Kind {
         let found = self.named(gg, &name, &members).await?;
         if found.is_empty() {
             confirm_absence(ctx, "greengrass", self.what())?;
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         }
         for (definition, same) in found {
             if same {
@@ -358,7 +358,7 @@ impl Kind {
                 tracing::warn!(definition = %definition.id, "the definition holds other members: not this step's; left alone");
             }
         }
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -395,7 +395,7 @@ impl Step for CreateCoreDefinition {
         &self,
         ctx: &StepContext,
         _output: Option<Definition>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         Kind::Cores.compensate(ctx, &self.prefix, &self.cores).await
     }
 }
@@ -417,7 +417,7 @@ impl Step for CreateDeviceDefinition {
         &self,
         ctx: &StepContext,
         _output: Option<Definition>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         Kind::Devices
             .compensate(ctx, &self.prefix, &self.devices)
             .await

@@ -1,7 +1,7 @@
 //! `CreateDeployment` and the `DeploymentSucceeded` probe.
 
 use aws_sdk_greengrass::types::DeploymentType;
-use keel_engine::{Probe, RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, Probe, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
@@ -81,9 +81,9 @@ impl Step for CreateDeployment {
         &self,
         ctx: &StepContext,
         _output: Option<Deployment>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         reset_if_deployed(&clients(ctx)?.greengrass, &self.group_id).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use aws_sdk_greengrass::types::GroupInformation;
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
@@ -112,13 +112,13 @@ impl Step for CreateGroup {
         &self,
         ctx: &StepContext,
         _output: Option<Group>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let gg = &clients(ctx)?.greengrass;
         let name = keyed_name(&self.prefix, &ctx.key());
         let found = groups_named(gg, &name).await?;
         if found.is_empty() {
             confirm_absence(ctx, "greengrass", "Greengrass group")?;
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         }
         for group in found {
             let id = group.id().unwrap_or_default();
@@ -129,7 +129,7 @@ impl Step for CreateGroup {
                 gone_after_lag(ctx, "greengrass", f, missing)?;
             }
         }
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -194,9 +194,9 @@ impl Step for AssociateRole {
         &self,
         ctx: &StepContext,
         output: Option<Attached>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         if output.is_some_and(|o| !o.by_this_step) {
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         }
         let gg = &clients(ctx)?.greengrass;
         match associated_role(gg, &self.group_id).await? {
@@ -215,7 +215,7 @@ impl Step for AssociateRole {
             }
             None => {}
         }
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Attachments: a policy to a certificate, a certificate to a thing.
 
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
@@ -60,12 +60,12 @@ impl Step for AttachPolicy {
         &self,
         ctx: &StepContext,
         output: Option<Attached>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         if output.is_some_and(|o| !o.by_this_step) {
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         }
         detach_policy(ctx, &clients(ctx)?.iot, &self.policy_name, &self.target).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -116,11 +116,11 @@ impl Step for AttachThingPrincipal {
         &self,
         ctx: &StepContext,
         output: Option<Attached>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         if output.is_some_and(|o| !o.by_this_step) {
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         }
         detach_thing_principal(ctx, &clients(ctx)?.iot, &self.thing, &self.principal).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }

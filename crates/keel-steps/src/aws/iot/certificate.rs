@@ -1,7 +1,7 @@
 //! `RegisterCertificate` (of key material made by `CreateKeyMaterial`), its predecessor kept
 //! for old journals, and `ActivateCertificate`.
 
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
@@ -105,13 +105,13 @@ impl Step for RegisterCertificate {
         &self,
         ctx: &StepContext,
         output: Option<Certificate>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         // A PEM without a certificate was refused before any call: nothing to undo.
         let Some(id) = output.map(|c| c.id).or_else(|| self.certificate_id()) else {
-            return Ok(Undo::Done);
+            return Ok(Compensation::Done);
         };
         remove_certificate(ctx, &id).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -149,7 +149,7 @@ impl Step for LegacyRegisterCertificate {
         &self,
         ctx: &StepContext,
         output: Option<Certificate>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let store = KeyStore::of(ctx)?;
         let key = ctx.key();
         let id = match output {
@@ -163,7 +163,7 @@ impl Step for LegacyRegisterCertificate {
             remove_certificate(ctx, &id).await?;
         }
         blocking(move || Ok(store.remove(&key)?)).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }
 
@@ -262,14 +262,18 @@ impl Step for ActivateCertificate {
             .map_err(|f| lag_if_missing(f).into())
     }
 
-    async fn compensate(&self, ctx: &StepContext, _output: Option<()>) -> Result<Undo, StepError> {
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        _output: Option<()>,
+    ) -> Result<Compensation, StepError> {
         // Gone (deleted by its own compensation): nothing to deactivate.
         match self
             .set(ctx, aws_sdk_iot::types::CertificateStatus::Inactive)
             .await?
         {
-            Ok(()) => Ok(Undo::Done),
-            Err(f) => missing_ok(ctx, f).map(|()| Undo::Done),
+            Ok(()) => Ok(Compensation::Done),
+            Err(f) => missing_ok(ctx, f).map(|()| Compensation::Done),
         }
     }
 }

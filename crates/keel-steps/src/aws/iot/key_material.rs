@@ -1,6 +1,6 @@
 //! `CreateKeyMaterial`: a device's key pair and self-signed certificate, made locally.
 
-use keel_engine::{Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::x509::{KeyStore, Material};
@@ -37,7 +37,7 @@ impl Step for CreateKeyMaterial {
         &self,
         ctx: &StepContext,
         output: Option<Material>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let store = KeyStore::of(ctx)?;
         if let Some(material) = &output {
             // The files are found by the step's key in the store's directory; a store moved
@@ -52,6 +52,6 @@ impl Step for CreateKeyMaterial {
         }
         let key = ctx.key();
         crate::files::blocking(move || Ok(store.remove(&key)?)).await?;
-        Ok(Undo::Done)
+        Ok(Compensation::Done)
     }
 }

@@ -1,6 +1,6 @@
 //! `CreatePolicy`: an IoT policy named from the step's key.
 
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::AwsFailure;
@@ -91,7 +91,7 @@ impl Step for CreatePolicy {
         &self,
         ctx: &StepContext,
         _output: Option<Policy>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let iot = &clients(ctx)?.iot;
         let name = self.name(&ctx.key());
         // The name is derived from the key, so a policy of that name with this document is
@@ -104,14 +104,14 @@ impl Step for CreatePolicy {
                 ) =>
             {
                 tracing::warn!(policy = %name, "the policy has another document: not this step's; left alone");
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
             Ok(_) => {}
             Err(e) => {
                 let f = AwsFailure::new("iot:GetPolicy", &e);
                 if f.is(NOT_FOUND) {
                     confirm_absence(ctx, "iot", "IoT policy")?;
-                    return Ok(Undo::Done);
+                    return Ok(Compensation::Done);
                 }
                 return Err(f.into());
             }
@@ -127,7 +127,7 @@ impl Step for CreatePolicy {
                 let f = AwsFailure::new("iot:ListTargetsForPolicy", &e);
                 if f.is(NOT_FOUND) {
                     confirm_absence(ctx, "iot", "IoT policy")?;
-                    return Ok(Undo::Done);
+                    return Ok(Compensation::Done);
                 }
                 return Err(f.into());
             }
@@ -136,7 +136,7 @@ impl Step for CreatePolicy {
             detach_policy(ctx, iot, &name, &target).await?;
         }
         match iot.delete_policy().policy_name(&name).send().await {
-            Ok(_) => Ok(Undo::Done),
+            Ok(_) => Ok(Compensation::Done),
             Err(e) => {
                 let f = AwsFailure::new("iot:DeletePolicy", &e);
                 if f.is("DeleteConflictException") {
@@ -145,7 +145,7 @@ impl Step for CreatePolicy {
                         .into());
                 }
                 missing_ok(ctx, f)?;
-                Ok(Undo::Done)
+                Ok(Compensation::Done)
             }
         }
     }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use keel_engine::{RetryPolicy, Step, StepContext, StepError, Undo};
+use keel_engine::{Compensation, RetryPolicy, Step, StepContext, StepError};
 use serde::{Deserialize, Serialize};
 
 use super::super::error::{conflict, AwsFailure};
@@ -117,17 +117,17 @@ impl Step for CreateThing {
         &self,
         ctx: &StepContext,
         _output: Option<Thing>,
-    ) -> Result<Undo, StepError> {
+    ) -> Result<Compensation, StepError> {
         let iot = &clients(ctx)?.iot;
         let key = ctx.key().to_string();
         match describe_thing(iot, &self.name).await? {
             None => {
                 confirm_absence(ctx, "iot", "IoT thing")?;
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
             Some((_, found)) if found.as_deref() != Some(key.as_str()) => {
                 tracing::warn!(thing = %self.name, ?found, "the thing is not this step's; left alone");
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
             Some(_) => {}
         }
@@ -142,17 +142,17 @@ impl Step for CreateThing {
             Ok(listed) => listed,
             Err(e) => {
                 missing_ok(ctx, AwsFailure::new("iot:ListThingPrincipals", &e))?;
-                return Ok(Undo::Done);
+                return Ok(Compensation::Done);
             }
         };
         for principal in principals.principals() {
             detach_thing_principal(ctx, iot, &self.name, principal).await?;
         }
         match iot.delete_thing().thing_name(&self.name).send().await {
-            Ok(_) => Ok(Undo::Done),
+            Ok(_) => Ok(Compensation::Done),
             Err(e) => {
                 missing_ok(ctx, AwsFailure::new("iot:DeleteThing", &e))?;
-                Ok(Undo::Done)
+                Ok(Compensation::Done)
             }
         }
     }
