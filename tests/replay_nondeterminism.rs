@@ -278,7 +278,7 @@ async fn other_step_kind_suspends_and_fixed_code_resumes() {
         error.contains("\"test.x\"") && error.contains("\"test.y\""),
         "the error names both kinds: {error}"
     );
-    assert!(error.contains("step #0"), "and the operation: {error}");
+    assert!(error.contains("operation #0"), "and the operation: {error}");
 
     let engine = keel_testkit::open_engine(|| {
         Engine::builder(&parked.data)
