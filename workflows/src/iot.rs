@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use keel_engine::{Ctx, InvalidInput, Workflow, WorkflowError};
 use keel_steps::aws::iot::{
-    ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreateKeyMaterial, CreatePolicy,
-    CreateThing, DescribeDataEndpoint, RegisterCertificate,
+    self, ActivateCertificate, AttachPolicy, AttachThingPrincipal, CreateKeyMaterial, CreatePolicy,
+    CreateThing, RegisterCertificate,
 };
 use serde::{Deserialize, Serialize};
 
@@ -106,7 +106,7 @@ impl Workflow for OnboardDevice {
             certificate_id: certificate.id.clone(),
         })
         .await?;
-        let data_endpoint = ctx.step(DescribeDataEndpoint {}).await?;
+        let data_endpoint = iot::data_endpoint(ctx).await?;
         Ok(DeviceOutput {
             thing_name: thing.name,
             thing_arn: thing.arn,

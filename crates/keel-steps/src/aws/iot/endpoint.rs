@@ -1,26 +1,25 @@
-//! The account's IoT data endpoint, which devices connect to.
+//! The account's IoT data endpoint, which devices connect to: a read with nothing to undo, so
+//! an effect ([`Ctx::effect`]), not a step type.
 
-use keel_engine::{RetryPolicy, Step, StepContext, StepError};
-use serde::{Deserialize, Serialize};
+use keel_engine::{Ctx, EffectOptions, StepError, WorkflowError};
 
 use super::super::error::AwsFailure;
 use super::super::{clients, AWS_RETRY_POLICY};
 
-/// Reads the account's IoT data endpoint (`iot:Data-ATS`). It only reads, so there is
-/// nothing to undo.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DescribeDataEndpoint {}
+/// The kind of [`data_endpoint`]'s effect: the kind of the `DescribeDataEndpoint` step it
+/// was before, so runs journaled by that step replay.
+pub const DATA_ENDPOINT: &str = "aws.iot.describe-data-endpoint";
 
-impl Step for DescribeDataEndpoint {
-    const KIND: &'static str = "aws.iot.describe-data-endpoint";
-    type Output = String;
-    const RETRY_POLICY: RetryPolicy = AWS_RETRY_POLICY;
-    const RATE_LIMIT: Option<&'static str> = Some("iot");
-    const COMPENSABLE: bool = false;
-
-    async fn execute(&self, ctx: &StepContext) -> Result<String, StepError> {
-        let iot = &clients(ctx)?.iot;
-        let answer = iot
+/// Reads the account's IoT data endpoint (`iot:Data-ATS`), as an effect of the run.
+pub async fn data_endpoint(ctx: &mut Ctx) -> Result<String, WorkflowError> {
+    // `{}`: what the `DescribeDataEndpoint {}` step value was journaled as.
+    let options = EffectOptions::DEFAULT
+        .retry_policy(AWS_RETRY_POLICY)
+        .rate_limit("iot")
+        .argument(serde_json::json!({}));
+    ctx.effect(DATA_ENDPOINT, options, |sctx| async move {
+        let answer = clients(&sctx)?
+            .iot
             .describe_endpoint()
             .endpoint_type("iot:Data-ATS")
             .send()
@@ -30,5 +29,6 @@ impl Step for DescribeDataEndpoint {
             .endpoint_address
             .filter(|address| !address.is_empty())
             .ok_or_else(|| StepError::permanent("iot:DescribeEndpoint returned no address"))
-    }
+    })
+    .await
 }

@@ -1,6 +1,6 @@
 //! IoT steps: things (carrying the key as an attribute), policies (named from the key),
 //! certificates (key material made locally as a step of its own, then registered without a
-//! CA), attachments and activation.
+//! CA), attachments and activation; and the account's data endpoint, an effect.
 //!
 //! AWS ordering for removal: detach the certificate from things, detach its policies,
 //! deactivate it, delete it, delete the thing, delete the policy. Compensation runs newest
@@ -19,7 +19,7 @@ pub use attach::{AttachPolicy, AttachThingPrincipal};
 pub use certificate::{
     ActivateCertificate, Certificate, LegacyRegisterCertificate, RegisterCertificate,
 };
-pub use endpoint::DescribeDataEndpoint;
+pub use endpoint::{data_endpoint, DATA_ENDPOINT};
 pub use key_material::CreateKeyMaterial;
 pub use policy::{CreatePolicy, Policy};
 pub use thing::{CreateThing, Thing};
