@@ -61,7 +61,9 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
     assert_eq!(
         terminal.len(),
         1,
-        "run {id}: expected exactly one terminal entry, found {terminal:?}"
+        "run {id}: expected exactly one terminal entry, found {terminal:?} (status {}, error {:?})",
+        run.status,
+        run.error
     );
     match expect {
         Expect::Completed(output) => {
