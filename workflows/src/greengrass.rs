@@ -6,7 +6,7 @@ use std::time::Duration;
 use keel_engine::{Ctx, InvalidInput, WaitPolicy, Workflow, WorkflowError};
 use keel_steps::aws::greengrass::{
     AssociateRole, CreateCoreDefinition, CreateDeployment, CreateDeviceDefinition, CreateGroup,
-    CreateGroupVersion, DeploymentSucceeded, Member,
+    CreateGroupVersion, Definition, DeploymentSucceeded, Member,
 };
 use serde::{Deserialize, Serialize};
 
@@ -114,47 +114,8 @@ impl Workflow for ProvisionCore {
     async fn run(ctx: &mut Ctx, input: CoreInput) -> Result<CoreOutput, WorkflowError> {
         let role = ctx.child::<ServiceRole>(input.role.clone()).await?;
         let core = ctx.child::<OnboardDevice>(input.core.clone()).await?;
-        let mut client_devices = Vec::new();
-        if !input.client_devices.is_empty() {
-            let inputs = input
-                .client_devices
-                .iter()
-                .map(|name| DeviceInput {
-                    thing_name: name.clone(),
-                    policy_document: input.client_policy_document.clone(),
-                    attributes: BTreeMap::new(),
-                })
-                .collect();
-            let results = ctx
-                .children::<OnboardDevice>(inputs, input.concurrency as usize)
-                .await?;
-            for result in results {
-                client_devices.push(result?);
-            }
-        }
-        let member = |device: &DeviceOutput| Member {
-            id: device.thing_name.clone(),
-            thing_arn: device.thing_arn.clone(),
-            certificate_arn: device.certificate_arn.clone(),
-            sync_shadow: false,
-        };
-        let cores = ctx
-            .step(CreateCoreDefinition {
-                prefix: format!("{}-cores", input.name),
-                cores: vec![member(&core)],
-            })
-            .await?;
-        let devices = if client_devices.is_empty() {
-            None
-        } else {
-            Some(
-                ctx.step(CreateDeviceDefinition {
-                    prefix: format!("{}-devices", input.name),
-                    devices: client_devices.iter().map(member).collect(),
-                })
-                .await?,
-            )
-        };
+        let client_devices = onboard_clients(ctx, &input).await?;
+        let (cores, devices) = define(ctx, &input.name, &core, &client_devices).await?;
         let group = ctx
             .step(CreateGroup {
                 prefix: input.name.clone(),
@@ -197,6 +158,63 @@ impl Workflow for ProvisionCore {
             client_devices: client_devices.into_iter().map(|d| d.thing_name).collect(),
         })
     }
+}
+
+/// Onboards the group's client devices as child runs, `concurrency` at a time; the first
+/// that did not complete fails the group.
+async fn onboard_clients(
+    ctx: &mut Ctx,
+    input: &CoreInput,
+) -> Result<Vec<DeviceOutput>, WorkflowError> {
+    if input.client_devices.is_empty() {
+        return Ok(Vec::new());
+    }
+    let inputs = input
+        .client_devices
+        .iter()
+        .map(|name| DeviceInput {
+            thing_name: name.clone(),
+            policy_document: input.client_policy_document.clone(),
+            attributes: BTreeMap::new(),
+        })
+        .collect();
+    let results = ctx
+        .children::<OnboardDevice>(inputs, input.concurrency as usize)
+        .await?;
+    results.into_iter().collect()
+}
+
+/// The group's core definition and, when it has client devices, its device definition.
+async fn define(
+    ctx: &mut Ctx,
+    name: &str,
+    core: &DeviceOutput,
+    client_devices: &[DeviceOutput],
+) -> Result<(Definition, Option<Definition>), WorkflowError> {
+    let member = |device: &DeviceOutput| Member {
+        id: device.thing_name.clone(),
+        thing_arn: device.thing_arn.clone(),
+        certificate_arn: device.certificate_arn.clone(),
+        sync_shadow: false,
+    };
+    let cores = ctx
+        .step(CreateCoreDefinition {
+            prefix: format!("{name}-cores"),
+            cores: vec![member(core)],
+        })
+        .await?;
+    let devices = if client_devices.is_empty() {
+        None
+    } else {
+        Some(
+            ctx.step(CreateDeviceDefinition {
+                prefix: format!("{name}-devices"),
+                devices: client_devices.iter().map(member).collect(),
+            })
+            .await?,
+        )
+    };
+    Ok((cores, devices))
 }
 
 #[cfg(test)]

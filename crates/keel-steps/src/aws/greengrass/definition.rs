@@ -178,70 +178,8 @@ impl Kind {
         members: &[Member],
     ) -> Result<Definition, AwsFailure> {
         let fields = match self {
-            Kind::Cores => {
-                let cores = members.iter().map(|m| {
-                    Core::builder()
-                        .id(&m.id)
-                        .thing_arn(&m.thing_arn)
-                        .certificate_arn(&m.certificate_arn)
-                        .sync_shadow(m.sync_shadow)
-                        .build()
-                });
-                let out = gg
-                    .create_core_definition()
-                    .name(name)
-                    .amzn_client_token(key)
-                    .tags(KEY_TAG, key)
-                    .initial_version(
-                        CoreDefinitionVersion::builder()
-                            .set_cores(Some(cores.collect()))
-                            .build(),
-                    )
-                    .customize()
-                    .config_override(single_attempt())
-                    .send()
-                    .await
-                    .map_err(|e| AwsFailure::new("greengrass:CreateCoreDefinition", &e))?;
-                [
-                    out.id(),
-                    out.arn(),
-                    out.latest_version(),
-                    out.latest_version_arn(),
-                ]
-                .map(owned)
-            }
-            Kind::Devices => {
-                let devices = members.iter().map(|m| {
-                    Device::builder()
-                        .id(&m.id)
-                        .thing_arn(&m.thing_arn)
-                        .certificate_arn(&m.certificate_arn)
-                        .sync_shadow(m.sync_shadow)
-                        .build()
-                });
-                let out = gg
-                    .create_device_definition()
-                    .name(name)
-                    .amzn_client_token(key)
-                    .tags(KEY_TAG, key)
-                    .initial_version(
-                        DeviceDefinitionVersion::builder()
-                            .set_devices(Some(devices.collect()))
-                            .build(),
-                    )
-                    .customize()
-                    .config_override(single_attempt())
-                    .send()
-                    .await
-                    .map_err(|e| AwsFailure::new("greengrass:CreateDeviceDefinition", &e))?;
-                [
-                    out.id(),
-                    out.arn(),
-                    out.latest_version(),
-                    out.latest_version_arn(),
-                ]
-                .map(owned)
-            }
+            Kind::Cores => create_cores(gg, name, key, members).await?,
+            Kind::Devices => create_devices(gg, name, key, members).await?,
         };
         let [id, arn, version_id, version_arn] = fields;
         Ok(Definition {
@@ -422,4 +360,83 @@ impl Step for CreateDeviceDefinition {
             .compensate(ctx, &self.prefix, &self.devices)
             .await
     }
+}
+
+/// Creates a core definition under the client token `key` (tagged with it), its first
+/// version holding `members`: its id, ARN, version id and version ARN.
+async fn create_cores(
+    gg: &aws_sdk_greengrass::Client,
+    name: &str,
+    key: &str,
+    members: &[Member],
+) -> Result<[String; 4], AwsFailure> {
+    let cores = members.iter().map(|m| {
+        Core::builder()
+            .id(&m.id)
+            .thing_arn(&m.thing_arn)
+            .certificate_arn(&m.certificate_arn)
+            .sync_shadow(m.sync_shadow)
+            .build()
+    });
+    let out = gg
+        .create_core_definition()
+        .name(name)
+        .amzn_client_token(key)
+        .tags(KEY_TAG, key)
+        .initial_version(
+            CoreDefinitionVersion::builder()
+                .set_cores(Some(cores.collect()))
+                .build(),
+        )
+        .customize()
+        .config_override(single_attempt())
+        .send()
+        .await
+        .map_err(|e| AwsFailure::new("greengrass:CreateCoreDefinition", &e))?;
+    Ok([
+        out.id(),
+        out.arn(),
+        out.latest_version(),
+        out.latest_version_arn(),
+    ]
+    .map(owned))
+}
+
+/// Creates a device definition the same way as [`create_cores`].
+async fn create_devices(
+    gg: &aws_sdk_greengrass::Client,
+    name: &str,
+    key: &str,
+    members: &[Member],
+) -> Result<[String; 4], AwsFailure> {
+    let devices = members.iter().map(|m| {
+        Device::builder()
+            .id(&m.id)
+            .thing_arn(&m.thing_arn)
+            .certificate_arn(&m.certificate_arn)
+            .sync_shadow(m.sync_shadow)
+            .build()
+    });
+    let out = gg
+        .create_device_definition()
+        .name(name)
+        .amzn_client_token(key)
+        .tags(KEY_TAG, key)
+        .initial_version(
+            DeviceDefinitionVersion::builder()
+                .set_devices(Some(devices.collect()))
+                .build(),
+        )
+        .customize()
+        .config_override(single_attempt())
+        .send()
+        .await
+        .map_err(|e| AwsFailure::new("greengrass:CreateDeviceDefinition", &e))?;
+    Ok([
+        out.id(),
+        out.arn(),
+        out.latest_version(),
+        out.latest_version_arn(),
+    ]
+    .map(owned))
 }
