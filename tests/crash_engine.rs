@@ -38,6 +38,9 @@ fn child_main() {
     runtime.block_on(async {
         let engine = Engine::builder(&dir)
             .workflow::<EffectFlow>()
+            // The test's kills, not the run's code, end these loads: none may poison a run
+            // (tests/crash_poison.rs tests poisoning).
+            .poison_after_loads(u32::MAX)
             .step::<EffectStep>()
             .open()
             .await

@@ -33,6 +33,9 @@ fn input(children: u32, fail: &[u32], hold_ms: u64, log: &Path) -> ParentInput {
 async fn engine(dir: &Path) -> Engine {
     Engine::builder(dir.join("data"))
         .workflow::<ParentFlow>()
+        // The test's kills, not the run's code, end these loads: none may poison a run
+        // (tests/crash_poison.rs tests poisoning).
+        .poison_after_loads(u32::MAX)
         .workflow::<ChildFlow>()
         .step::<EffectStep>()
         .open()

@@ -29,6 +29,9 @@ fn input(branches: u32, width: u32, fail_at: Option<u32>, log: &Path) -> FanOutI
 async fn engine(dir: &Path) -> Engine {
     Engine::builder(dir.join("data"))
         .workflow::<FanOutFlow>()
+        // The test's kills, not the run's code, end these loads: none may poison a run
+        // (tests/crash_poison.rs tests poisoning).
+        .poison_after_loads(u32::MAX)
         .step::<EffectStep>()
         .open()
         .await

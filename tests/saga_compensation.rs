@@ -572,6 +572,9 @@ fn saga_kills_at_random_moments() {
         return runtime.block_on(async {
             let engine = Engine::builder(&data)
                 .workflow::<EffectFlow>()
+                // The test's kills, not the run's code, end these loads: none may poison a run
+                // (tests/crash_poison.rs tests poisoning).
+                .poison_after_loads(u32::MAX)
                 .step::<EffectStep>()
                 .open()
                 .await

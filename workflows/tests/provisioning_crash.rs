@@ -49,6 +49,9 @@ fn child_main() {
         let sdk = TestAccount::child_sdk_config().await;
         let engine = Engine::builder(var("KEEL_DATA_DIR"))
             .provisioning_workflows()
+            // The test's kills, not the run's code, end these loads: none may poison a run
+            // (tests/crash_poison.rs tests poisoning).
+            .poison_after_loads(u32::MAX)
             .resource(AwsClients::new(&sdk))
             .resource(KeyStore::new(var("KEEL_TEST_KEYS")))
             .open()
