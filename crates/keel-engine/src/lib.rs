@@ -33,8 +33,8 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use keel_engine::{Ctx, Engine, Probe, Step, StepContext, StepError, Compensation, WaitPolicy};
-//! use keel_engine::{Workflow, WorkflowError};
+//! use keel_engine::{Compensation, Ctx, EffectOptions, Engine, Probe, Step, StepContext};
+//! use keel_engine::{StepError, WaitPolicy, Workflow, WorkflowError};
 //! use serde::{Deserialize, Serialize};
 //!
 //! /// Reserves `amount` from a (pretend) account; undone by releasing it.
@@ -76,7 +76,13 @@
 //!     const NAME: &'static str = "doc.checkout";
 //!     type Input = u64;
 //!     type Output = Vec<String>;
-//!     async fn run(ctx: &mut Ctx, amount: u64) -> Result<Vec<String>, WorkflowError> {
+//!     async fn run(ctx: &mut Ctx, items: u64) -> Result<Vec<String>, WorkflowError> {
+//!         // A lookup with nothing to undo is an effect: journaled, retried and replayed like
+//!         // a step, with no type and nothing registered. The argument is journaled too.
+//!         let options = EffectOptions::DEFAULT.argument(serde_json::json!({ "items": items }));
+//!         let amount: u64 = ctx
+//!             .effect("doc.price", options, |_sctx| async move { Ok::<_, StepError>(items * 7) })
+//!             .await?;
 //!         let first = ctx.step(Reserve { amount }).await?;
 //!         // Poll every 5 ms until it reads "confirmed" twice in a row; hopeless after 10 s.
 //!         let policy = WaitPolicy::every(Duration::from_millis(5), Duration::from_secs(10))
