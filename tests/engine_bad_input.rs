@@ -294,7 +294,7 @@ async fn corrupt_run_record_is_reported_and_left_alone() {
         RunStatus::Running,
         "the healthy unfinished run sleeps on"
     );
-    assert_eq!(engine.collect_garbage().unwrap(), 0);
+    assert_eq!(engine.collect_garbage().await.unwrap(), 0);
     engine.shutdown().await;
     drop(engine);
 
@@ -377,7 +377,7 @@ async fn corrupt_journal_of_unfinished_run(damage: impl FnOnce(&sled::Db, &[u8])
             history.run.id
         );
     }
-    assert_eq!(engine.collect_garbage().unwrap(), 0);
+    assert_eq!(engine.collect_garbage().await.unwrap(), 0);
     engine.shutdown().await;
     drop(engine);
 

@@ -79,7 +79,7 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
     for record in &records {
         *expected.entry(record.status).or_default() += 1;
     }
-    assert_eq!(engine.run_counts().unwrap(), expected);
+    assert_eq!(engine.run_counts().await.unwrap(), expected);
     assert_eq!(
         expected.len(),
         2,

@@ -429,7 +429,7 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
     kept.result().await.unwrap();
     clock.advance(Duration::from_millis(1));
 
-    assert_eq!(engine.collect_garbage().unwrap(), EXPIRED);
+    assert_eq!(engine.collect_garbage().await.unwrap(), EXPIRED);
     let left = engine.list().await.unwrap();
     assert_eq!(left.len(), 1, "only the recent run is left");
     assert_eq!(left[0].id.as_str(), "recent");
@@ -462,7 +462,7 @@ async fn a_retention_past_what_milliseconds_count_keeps_every_run() {
     let run = engine.start::<PlainFlow>("kept", f.input(1)).await.unwrap();
     run.result().await.unwrap();
     clock.advance(Duration::from_secs(1));
-    assert_eq!(engine.collect_garbage().unwrap(), 0, "nothing expired");
+    assert_eq!(engine.collect_garbage().await.unwrap(), 0, "nothing expired");
     assert_eq!(engine.list().await.unwrap().len(), 1);
     engine.shutdown().await;
 }
@@ -491,20 +491,20 @@ async fn collected_id_starts_a_new_run() {
     let engine = open_collecting(&f.data, &clock).await;
     clock.advance(RETENTION - Duration::from_millis(1));
     assert_eq!(
-        engine.collect_garbage().unwrap(),
+        engine.collect_garbage().await.unwrap(),
         0,
         "kept for the retention"
     );
     clock.advance(Duration::from_millis(1));
 
-    assert_eq!(engine.collect_garbage().unwrap(), 1, "the run is collected");
+    assert_eq!(engine.collect_garbage().await.unwrap(), 1, "the run is collected");
     let err = engine.status("order-4").await.unwrap_err();
     assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
     let err = engine.history("order-4").await.unwrap_err();
     assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
     assert!(engine.list().await.unwrap().is_empty());
     assert_eq!(
-        engine.collect_garbage().unwrap(),
+        engine.collect_garbage().await.unwrap(),
         0,
         "nothing left to collect"
     );

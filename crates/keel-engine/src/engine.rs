@@ -44,6 +44,8 @@ pub(crate) struct Inner {
     pub(crate) workflows: Arc<Workflows>,
     path: PathBuf,
     cells: Mutex<HashMap<RunId, Arc<RunCell>>>,
+    /// Held while a run is loaded from the store (`Engine::load_cell`).
+    loading: tokio::sync::Mutex<()>,
     drivers: watch::Sender<usize>,
     retention: Duration,
     /// Unfinished runs left undriven at open for want of registered types, with the reason.
@@ -178,8 +180,8 @@ impl Engine {
     }
 
     /// Loads `record` into a cell and spawns its driver, unless it is loaded already.
-    fn load(&self, record: RunRecord) -> Result<Arc<RunCell>> {
-        match self.load_cell(record)? {
+    async fn load(&self, record: RunRecord) -> Result<Arc<RunCell>> {
+        match self.load_cell(record).await? {
             Loaded::Fresh(cell)
                 if matches!(
                     cell.record().status,
@@ -223,23 +225,31 @@ impl Engine {
     }
 
     /// Loads `record` and its journal into a cell in the map, unless one is there already.
-    fn load_cell(&self, record: RunRecord) -> Result<Loaded> {
-        let mut cells = self.inner.cells.lock().expect("cells lock");
-        if let Some(cell) = cells.get(&record.id) {
-            return Ok(Loaded::Existing(Arc::clone(cell)));
+    async fn load_cell(&self, record: RunRecord) -> Result<Loaded> {
+        // One load at a time: while no cell of the run is in the map and no other load can
+        // put one there, nothing in this engine writes the run, so what is read below stays
+        // current until the cell is in the map. (A new run's first cell, `load_new`, is
+        // only made by the start that created its record.)
+        let _loading = self.inner.loading.lock().await;
+        if let Some(cell) = self.loaded(&record.id) {
+            return Ok(Loaded::Existing(cell));
         }
         // The caller's copy may be stale (the run may have settled and been unloaded since it
-        // was read); cells are unloaded only under this lock, so the stored record read here
-        // is current.
+        // was read): the stored record is read again.
         let id = record.id;
         let record = self
             .inner
             .env
             .store
-            .run(&id)?
+            .run(&id)
+            .await?
             .ok_or(EngineError::RunNotFound { id })?;
-        let state = self.read_state(&record.id)?;
+        let state = self.read_state(&record.id).await?;
         let cell = Arc::new(RunCell::new(record, state, self.inner.env.clock.clone()));
+        let mut cells = self.inner.cells.lock().expect("cells lock");
+        if let Some(existing) = cells.get(&cell.id) {
+            return Ok(Loaded::Existing(Arc::clone(existing)));
+        }
         cells.insert(cell.id.clone(), Arc::clone(&cell));
         Ok(Loaded::Fresh(cell))
     }
@@ -375,7 +385,7 @@ impl Engine {
             error: None,
             parent,
         };
-        match self.inner.env.store.create_run(&record)? {
+        match self.inner.env.store.create_run(&record).await? {
             None => {
                 crate::crash::point("start.after_create");
                 self.inner.env.store.sync().wait().await?;
@@ -430,7 +440,7 @@ impl Engine {
             .expect("undriven lock")
             .contains_key(&existing.id);
         if existing.status.is_drivable() && !undriven {
-            self.load(existing.clone())?;
+            self.load(existing.clone()).await?;
         }
         Ok(existing)
     }

@@ -69,7 +69,7 @@ pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
     if cell.load_counted() {
         return Ok(());
     }
-    let loads = loads_before(env, cell)?;
+    let loads = loads_before(env, cell).await?;
     if loads >= bound {
         let reason = format!(
             "poisoned: the process died while driving this run's code outside its steps (replaying its workflow, its body's own code, or a wait's polls) after each of its last {loads} loads: an abort, a stack overflow or an out-of-memory kill; fix the cause, then resume the run"
@@ -86,8 +86,8 @@ pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
 /// How many loads of the run died before this one: the stored count, or, with none stored
 /// and nothing journaled yet, 1 (its start's load wrote nothing and died before the run's
 /// first entry; `start` writes no count, to keep a start at one write and one sync).
-pub(crate) fn loads_before(env: &RunEnv, cell: &RunCell) -> Result<u32> {
-    let stored = env.store.load_count(&cell.id)?;
+pub(crate) async fn loads_before(env: &RunEnv, cell: &RunCell) -> Result<u32> {
+    let stored = env.store.load_count(&cell.id).await?;
     let fresh = cell.with_state(|s| s.len == 0);
     Ok(if stored == 0 && fresh { 1 } else { stored })
 }

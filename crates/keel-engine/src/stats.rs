@@ -185,9 +185,9 @@ struct Book {
 impl StatsBook {
     /// Loads what the store holds. A record that does not decode is reported and started
     /// afresh: statistics are advisory, and losing one operation's must not stop the engine.
-    pub(crate) fn load(store: &dyn JournalStore) -> Result<StatsBook> {
+    pub(crate) async fn load(store: &dyn JournalStore) -> Result<StatsBook> {
         let mut book = Book::default();
-        for (operation, bytes) in store.stats()? {
+        for (operation, bytes) in store.stats().await? {
             match serde_json::from_slice::<LatencyStats>(&bytes) {
                 Ok(stats) => {
                     book.by_operation.insert(operation, stats);

@@ -492,7 +492,7 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<Vec<keel_engine::Oper
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let counts = state.engine.run_counts()?;
+    let counts = state.engine.run_counts().await?;
     let text = crate::metrics::render(&counts, &state.engine.stats(), &state.engine);
     Ok((
         [(

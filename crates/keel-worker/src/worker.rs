@@ -347,7 +347,8 @@ async fn serve(
         return Ok(drain(&engine, grace).await);
     }
     let unfinished: u64 = engine
-        .run_counts()?
+        .run_counts()
+        .await?
         .iter()
         .filter(|(status, _)| !status.is_terminal())
         .map(|(_, n)| n)

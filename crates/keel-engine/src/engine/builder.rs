@@ -185,7 +185,7 @@ impl EngineBuilder {
                 path: self.path.clone(),
                 source: format!("the store's opening thread failed: {e}").into(),
             })??;
-        let stats = StatsBook::load(&store)?;
+        let stats = StatsBook::load(&store).await?;
         let (shutdown, _) = watch::channel(false);
         let (drivers, _) = watch::channel(0usize);
         let env = RunEnv {
@@ -210,6 +210,7 @@ impl EngineBuilder {
             workflows: Arc::new(self.workflows),
             path: self.path,
             cells: Mutex::new(HashMap::new()),
+            loading: tokio::sync::Mutex::new(()),
             drivers,
             retention: self.retention,
             undriven: Mutex::new(HashMap::new()),

@@ -8,13 +8,13 @@ use crate::engine::Engine;
 use crate::error::Result;
 
 impl Engine {
-    /// Deletes runs that finished longer ago than the retention; returns how many.
+    /// Deletes runs that finished longer ago than the retention; returns how many, once their
+    /// deletion is durable.
     ///
-    /// Blocking (it scans every record); the engine's own pass runs it off the runtime's
-    /// threads. Runs are deleted `GC_RUNS_PER_WRITE` to one atomic write: sled 0.34's atomic
-    /// multi-key write waits out any sync in progress (see `store/sled/mod.rs`), so one per run
-    /// would stall the store once per run.
-    pub fn collect_garbage(&self) -> Result<usize> {
+    /// Runs are deleted `GC_RUNS_PER_WRITE` to one atomic write: sled 0.34's atomic multi-key
+    /// write waits out any sync in progress (see `store/sled/mod.rs`), so one per run would
+    /// stall the store once per run.
+    pub async fn collect_garbage(&self) -> Result<usize> {
         const GC_RUNS_PER_WRITE: usize = 256;
         let horizon = self
             .inner
@@ -23,12 +23,12 @@ impl Engine {
             .now_ms()
             .saturating_sub(millis_saturating(self.inner.retention));
         let mut expired_ids = Vec::new();
-        for record in self.records()? {
+        for record in self.records().await? {
             let expired = record.status.is_terminal()
                 && record.finished_at_ms.is_some_and(|at| at <= horizon);
             // A child is kept while its parent is, which may still compensate it.
             let parent_kept = match &record.parent {
-                Some(parent) => self.inner.env.store.run(parent)?.is_some(),
+                Some(parent) => self.inner.env.store.run(parent).await?.is_some(),
                 None => false,
             };
             let expired = expired && !parent_kept;
@@ -44,10 +44,11 @@ impl Engine {
         }
         let mut collected = 0;
         for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
-            self.inner.env.store.delete_runs(chunk)?;
+            self.inner.env.store.delete_runs(chunk).await?;
             collected += chunk.len();
         }
         if collected > 0 {
+            self.inner.env.store.sync().wait().await?;
             tracing::info!(collected, "finished runs collected");
         }
         Ok(collected)
@@ -62,11 +63,10 @@ impl Engine {
                     return;
                 };
                 let engine = Engine { inner };
-                match tokio::task::spawn_blocking(move || engine.collect_garbage()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(error)) => tracing::warn!(%error, "garbage collection failed"),
-                    Err(error) => tracing::error!(%error, "garbage collection panicked"),
+                if let Err(error) = engine.collect_garbage().await {
+                    tracing::warn!(%error, "garbage collection failed");
                 }
+                drop(engine);
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}
                     _ = shutdown.changed() => return,

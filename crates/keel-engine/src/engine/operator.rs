@@ -116,7 +116,7 @@ impl Engine {
     /// of attempts), withdraws a pause request the run has not reached yet, or takes up a
     /// `Suspended` run after its workflow code was fixed.
     pub async fn resume(&self, id: &str) -> Result<RunRecord> {
-        let record = self.record(id)?;
+        let record = self.record(id).await?;
         if self.inner.workflows.get(&record.workflow).is_none() {
             // Resumed, nobody here could run its body.
             return Err(EngineError::InvalidState {
@@ -263,7 +263,7 @@ impl Engine {
             if *self.inner.env.shutdown.borrow() {
                 return Err(EngineError::ShutDown);
             }
-            let Some(record) = self.inner.env.store.run(child)? else {
+            let Some(record) = self.inner.env.store.run(child).await? else {
                 return Ok(None);
             };
             let asked = match record.status {
@@ -313,8 +313,8 @@ impl Engine {
         write: impl Fn(&Arc<RunCell>) -> Result<bool>,
     ) -> Result<Option<Arc<RunCell>>> {
         for _ in 0..8 {
-            let record = self.record(id)?;
-            let loaded = self.load_cell(record)?;
+            let record = self.record(id).await?;
+            let loaded = self.load_cell(record).await?;
             let cell = match &loaded {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };

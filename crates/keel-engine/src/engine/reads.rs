@@ -2,7 +2,6 @@
 //! run to settle, with every way a run can stop being driven answered.
 
 use std::collections::BTreeMap;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +12,7 @@ use crate::error::{EngineError, Result};
 use crate::ids::RunId;
 use crate::journal::{RunHistory, RunRecord, RunStatus};
 use crate::replay::RunState;
+use crate::store::RunsScan;
 
 pub use crate::limits::RUNS_PAGE_MAX;
 
@@ -42,7 +42,7 @@ impl Engine {
     /// Durable when returned: the read is followed by a sync, so a status (say, `completed`)
     /// is never reported before it would survive a crash. Group commit makes that sync cheap.
     pub async fn status(&self, id: &str) -> Result<RunRecord> {
-        let record = self.record(id)?;
+        let record = self.record(id).await?;
         self.inner.env.store.sync().wait().await?;
         Ok(record)
     }
@@ -50,8 +50,8 @@ impl Engine {
     /// The run record and every journal entry of `id`, durable when returned (see
     /// [`Engine::status`]).
     pub async fn history(&self, id: &str) -> Result<RunHistory> {
-        let run = self.record(id)?;
-        let entries = self.inner.env.store.journal(&run.id)?;
+        let run = self.record(id).await?;
+        let entries = self.inner.env.store.journal(&run.id).await?;
         self.inner.env.store.sync().wait().await?;
         Ok(RunHistory { run, entries })
     }
@@ -59,7 +59,7 @@ impl Engine {
     /// Every readable run record (unreadable ones are logged and left out), durable when
     /// returned (see [`Engine::status`]).
     pub async fn list(&self) -> Result<Vec<RunRecord>> {
-        let runs = self.records()?;
+        let runs = self.records().await?;
         self.inner.env.store.sync().wait().await?;
         Ok(runs)
     }
@@ -76,32 +76,21 @@ impl Engine {
                 query.limit
             )));
         }
-        let after = query.after.as_deref().map(RunId::existing).transpose()?;
-        let mut runs = Vec::new();
-        let mut more = false;
-        self.inner
-            .env
-            .store
-            .scan_runs(after.as_ref(), &mut |record| {
-                let record = match record {
-                    Ok(record) => record,
-                    Err(error) => {
-                        tracing::error!(%error, "run record unreadable: not listed");
-                        return ControlFlow::Continue(());
-                    }
-                };
-                if query.status.is_some_and(|s| s != record.status) {
-                    return ControlFlow::Continue(());
-                }
-                if runs.len() == query.limit {
-                    more = true;
-                    return ControlFlow::Break(());
-                }
-                runs.push(record);
-                ControlFlow::Continue(())
-            })?;
+        let scan = RunsScan {
+            after: query.after.as_deref().map(RunId::existing).transpose()?,
+            status: query.status,
+            limit: query.limit,
+        };
+        let page = self.inner.env.store.runs_page(&scan).await?;
         self.inner.env.store.sync().wait().await?;
-        let next = if more {
+        let mut runs = Vec::with_capacity(page.records.len());
+        for record in page.records {
+            match record {
+                Ok(record) => runs.push(record),
+                Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
+            }
+        }
+        let next = if page.more {
             runs.last().map(|r| r.id.clone())
         } else {
             None
@@ -111,32 +100,26 @@ impl Engine {
 
     /// How many runs the store holds in each status (statuses with none are left out),
     /// counted without holding the records.
-    pub fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
-        let mut counts = BTreeMap::new();
-        self.inner.env.store.scan_runs(None, &mut |record| {
-            if let Ok(record) = record {
-                *counts.entry(record.status).or_default() += 1;
-            }
-            ControlFlow::Continue(())
-        })?;
-        Ok(counts)
+    pub async fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
+        self.inner.env.store.run_counts().await
     }
 
     /// The stored record of `id`, durable or not: for the engine's own decisions only.
-    pub(super) fn record(&self, id: &str) -> Result<RunRecord> {
+    pub(super) async fn record(&self, id: &str) -> Result<RunRecord> {
         // Any id a run may have been made under, a child's or one of earlier rules.
         let id = RunId::existing(id)?;
         self.inner
             .env
             .store
-            .run(&id)?
+            .run(&id)
+            .await?
             .ok_or(EngineError::RunNotFound { id })
     }
 
     /// Every readable stored record, durable or not: for the engine's own decisions only.
-    pub(super) fn records(&self) -> Result<Vec<RunRecord>> {
+    pub(super) async fn records(&self) -> Result<Vec<RunRecord>> {
         let mut runs = Vec::new();
-        for record in self.inner.env.store.runs()? {
+        for record in self.inner.env.store.runs().await? {
             match record {
                 Ok(record) => runs.push(record),
                 Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
@@ -175,13 +158,13 @@ impl Engine {
             if *self.inner.env.shutdown.borrow() {
                 return Err(EngineError::ShutDown);
             }
-            let reason = self.undriven_reason(&record);
+            let reason = self.undriven_reason(&record).await;
             return Err(EngineError::RunStopped { id: run_id, reason });
         }
     }
 
     /// Why a running or compensating run that is not loaded is not driven here.
-    fn undriven_reason(&self, record: &RunRecord) -> String {
+    async fn undriven_reason(&self, record: &RunRecord) -> String {
         if let Some(reason) = self
             .inner
             .undriven
@@ -199,7 +182,7 @@ impl Engine {
                 record.workflow
             );
         }
-        match self.inner.env.store.journal(&record.id) {
+        match self.inner.env.store.journal(&record.id).await {
             Err(error) => format!("its journal cannot be read: {error}"),
             Ok(entries) => match RunState::from_entries(&entries) {
                 Err(detail) => format!("its journal is corrupt: {detail}"),

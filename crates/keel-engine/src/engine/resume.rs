@@ -127,7 +127,7 @@ impl Engine {
     /// Reads every run, checks registrations, and drives every running or compensating run
     /// (see the module doc). Nothing is driven when the check refuses the store.
     pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
-        let (drivable, unregistered) = self.check_runs()?;
+        let (drivable, unregistered) = self.check_runs().await?;
         if !unregistered.runs.is_empty() {
             if !allow_unregistered {
                 return Err(unregistered.error());
@@ -143,12 +143,13 @@ impl Engine {
     /// Every run that may act (unfinished, or a completed child its parent may compensate),
     /// folded, and checked against the registrations: the drivable ones with their state, and
     /// what the others lack.
-    fn check_runs(&self) -> Result<(Vec<(RunRecord, RunState)>, Unregistered)> {
+    async fn check_runs(&self) -> Result<(Vec<(RunRecord, RunState)>, Unregistered)> {
         let records: Vec<RunRecord> = self
             .inner
             .env
             .store
-            .runs()?
+            .runs()
+            .await?
             .into_iter()
             .filter_map(|record| match record {
                 Ok(record) => Some(record),
@@ -169,7 +170,7 @@ impl Engine {
             if !may_act {
                 continue;
             }
-            let state = match self.read_state(&record.id) {
+            let state = match self.read_state(&record.id).await {
                 Ok(state) => state,
                 Err(error) => {
                     // Reported, and left as it is (`Engine::wait` says why it is not driven).
@@ -230,7 +231,7 @@ impl Engine {
     async fn count_loads(&self, cells: &[Arc<RunCell>]) -> Result<()> {
         let mut counted = Vec::new();
         for cell in cells {
-            let loads = crate::poison::loads_before(&self.inner.env, cell)?;
+            let loads = crate::poison::loads_before(&self.inner.env, cell).await?;
             if loads < self.inner.env.poison_after_loads {
                 self.inner.env.store.set_load_count(&cell.id, loads + 1)?;
                 counted.push(cell);
@@ -244,8 +245,8 @@ impl Engine {
     }
 
     /// The journal of `id`, folded.
-    pub(super) fn read_state(&self, id: &RunId) -> Result<RunState> {
-        let entries = self.inner.env.store.journal(id)?;
+    pub(super) async fn read_state(&self, id: &RunId) -> Result<RunState> {
+        let entries = self.inner.env.store.journal(id).await?;
         RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
             key: format!("journal of run {id}"),
             detail,

@@ -13,36 +13,68 @@ mod commit;
 mod mark;
 pub(crate) mod sled;
 
+use std::collections::BTreeMap;
+
+use futures_util::future::BoxFuture;
+
 use crate::error::Result;
 use crate::ids::{JournalIndex, RunId};
-use crate::journal::{Entry, RunRecord};
+use crate::journal::{Entry, RunRecord, RunStatus};
 
 pub use commit::Durability;
 pub(crate) use commit::SyncTicket;
 
+/// What a store's read returns: a future, so that a store on a server does not hold a
+/// runtime thread while it waits; the embedded store answers before the first poll returns.
+pub(crate) type Read<'a, T> = BoxFuture<'a, Result<T>>;
+
+/// Which run records [`JournalStore::runs_page`] visits.
+#[derive(Clone, Debug)]
+pub(crate) struct RunsScan {
+    /// Start after this id; at the first when `None`.
+    pub(crate) after: Option<RunId>,
+    /// Only records in this status; every status when `None`.
+    pub(crate) status: Option<RunStatus>,
+    /// Most records returned (records that do not decode are returned beside them, as their
+    /// errors, and not counted).
+    pub(crate) limit: usize,
+}
+
+/// A page of run records in id order.
+#[derive(Debug, Default)]
+pub(crate) struct ScannedRuns {
+    /// The records; a record that does not decode is its error, so one corrupt record cannot
+    /// hide the others.
+    pub(crate) records: Vec<Result<RunRecord>>,
+    /// Whether more records match after the last one returned.
+    pub(crate) more: bool,
+}
+
 /// Persistent home of run records and journals.
-pub(crate) trait JournalStore: Send + Sync + 'static {
+///
+/// Reads are futures; writes are made at once (to the store, or to what it will write with
+/// the next sync) and are durable when a [`SyncTicket`] asked for after them resolves.
+pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `record` unless a run with its id exists; returns the existing record if so.
-    fn create_run(&self, record: &RunRecord) -> Result<Option<RunRecord>>;
+    /// Durable with the next sync.
+    fn create_run<'a>(&'a self, record: &'a RunRecord) -> Read<'a, Option<RunRecord>>;
 
     /// The run record of `id`, if any.
-    fn run(&self, id: &RunId) -> Result<Option<RunRecord>>;
+    fn run<'a>(&'a self, id: &'a RunId) -> Read<'a, Option<RunRecord>>;
 
     /// Every run record; a record that does not decode is returned as its error, so one
     /// corrupt record cannot hide the others.
-    fn runs(&self) -> Result<Vec<Result<RunRecord>>>;
+    fn runs(&self) -> Read<'_, Vec<Result<RunRecord>>>;
 
-    /// Visits run records in id order, starting after `after` (or at the first), until
-    /// `visit` says stop: a page of a listing costs what the page holds, not the store. A
-    /// record that does not decode is passed as its error.
-    fn scan_runs(
-        &self,
-        after: Option<&RunId>,
-        visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
-    ) -> Result<()>;
+    /// One page of run records in id order, as `scan` asks: a page costs what it skips and
+    /// holds, not the store.
+    fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns>;
+
+    /// How many readable run records there are in each status (statuses with none left out).
+    fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>>;
 
     /// The journal of `id`, checked to be dense from index 0.
-    fn journal(&self, id: &RunId) -> Result<Vec<Entry>>;
+    fn journal<'a>(&'a self, id: &'a RunId) -> Read<'a, Vec<Entry>>;
 
     /// Writes entry `index` of `id`'s journal and, if given, the new run record, atomically:
     /// after a crash, either the entry and the record are both as written, or neither is, as
@@ -55,12 +87,13 @@ pub(crate) trait JournalStore: Send + Sync + 'static {
         record: Option<&RunRecord>,
     ) -> Result<()>;
 
-    /// Deletes the run records, journals and load counts of `ids`, atomically.
-    fn delete_runs(&self, ids: &[RunId]) -> Result<()>;
+    /// Deletes the run records, journals and load counts of `ids`, atomically. Durable with
+    /// the next sync.
+    fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()>;
 
     /// How many times in a row run `id` was loaded to be driven without showing that it
     /// survives being driven (`poison.rs`); 0 when none is recorded.
-    fn load_count(&self, id: &RunId) -> Result<u32>;
+    fn load_count<'a>(&'a self, id: &'a RunId) -> Read<'a, u32>;
 
     /// Records `loads` for run `id`; 0 forgets the count. Durable with the next sync.
     fn set_load_count(&self, id: &RunId, loads: u32) -> Result<()>;
@@ -69,7 +102,7 @@ pub(crate) trait JournalStore: Send + Sync + 'static {
     fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()>;
 
     /// Every operation's statistics record.
-    fn stats(&self) -> Result<Vec<(String, Vec<u8>)>>;
+    fn stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>>;
 
     /// A ticket that resolves once every write made before this call is durable.
     fn sync(&self) -> SyncTicket;

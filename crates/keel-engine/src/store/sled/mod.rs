@@ -28,6 +28,8 @@
 //! Only garbage collection still applies a batch, one per many runs (`delete_runs`), off the
 //! runtime's threads.
 
+use std::collections::BTreeMap;
+use std::ops::ControlFlow;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +46,7 @@ use crate::limits::{
 };
 use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::mark::{self, Mark, Marker};
-use crate::store::JournalStore;
+use crate::store::{JournalStore, Read, RunsScan, ScannedRuns};
 
 mod recovery;
 mod sync;
@@ -296,8 +298,9 @@ fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -> Result<Ve
     Ok(bytes)
 }
 
-impl JournalStore for SledStore {
-    fn create_run(&self, record: &RunRecord) -> Result<Option<RunRecord>> {
+/// The store's operations, answered on the calling thread (the trait's futures are ready).
+impl SledStore {
+    fn insert_run(&self, record: &RunRecord) -> Result<Option<RunRecord>> {
         let key = run_key(&record.id);
         let bytes = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
         match self
@@ -318,7 +321,7 @@ impl JournalStore for SledStore {
         }
     }
 
-    fn run(&self, id: &RunId) -> Result<Option<RunRecord>> {
+    fn read_run(&self, id: &RunId) -> Result<Option<RunRecord>> {
         let key = run_key(id);
         match self.db.get(&key).map_err(|e| self.storage(e))? {
             Some(bytes) => decode_record(&key, &bytes).map(Some),
@@ -326,16 +329,7 @@ impl JournalStore for SledStore {
         }
     }
 
-    fn runs(&self) -> Result<Vec<Result<RunRecord>>> {
-        let mut records = Vec::new();
-        for item in self.db.scan_prefix([RUN_PREFIX]) {
-            let (key, bytes) = item.map_err(|e| self.storage(e))?;
-            records.push(decode_record(&key, &bytes));
-        }
-        Ok(records)
-    }
-
-    fn scan_runs(
+    fn visit_runs(
         &self,
         after: Option<&RunId>,
         visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
@@ -357,7 +351,7 @@ impl JournalStore for SledStore {
         Ok(())
     }
 
-    fn journal(&self, id: &RunId) -> Result<Vec<Entry>> {
+    fn read_journal(&self, id: &RunId) -> Result<Vec<Entry>> {
         let prefix = journal_prefix(id);
         let mut entries = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
@@ -386,7 +380,7 @@ impl JournalStore for SledStore {
         Ok(entries)
     }
 
-    fn append(
+    fn write_entry(
         &self,
         id: &RunId,
         index: JournalIndex,
@@ -419,21 +413,7 @@ impl JournalStore for SledStore {
         Ok(())
     }
 
-    fn delete_runs(&self, ids: &[RunId]) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for id in ids {
-            for item in self.db.scan_prefix(journal_prefix(id)).keys() {
-                batch.remove(item.map_err(|e| self.storage(e))?);
-            }
-            batch.remove(run_key(id));
-            batch.remove(loads_key(id));
-        }
-        self.db.apply_batch(batch).map_err(|e| self.storage(e))?;
-        self.wrote();
-        Ok(())
-    }
-
-    fn load_count(&self, id: &RunId) -> Result<u32> {
+    fn read_load_count(&self, id: &RunId) -> Result<u32> {
         let key = loads_key(id);
         match self.db.get(&key).map_err(|e| self.storage(e))? {
             None => Ok(0),
@@ -451,7 +431,7 @@ impl JournalStore for SledStore {
         }
     }
 
-    fn set_load_count(&self, id: &RunId, loads: u32) -> Result<()> {
+    fn write_load_count(&self, id: &RunId, loads: u32) -> Result<()> {
         let key = loads_key(id);
         if loads == 0 {
             self.db.remove(key).map_err(|e| self.storage(e))?;
@@ -464,7 +444,7 @@ impl JournalStore for SledStore {
         Ok(())
     }
 
-    fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
+    fn write_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
         if record.len() > STATS_RECORD_BYTES_MAX {
             return Err(EngineError::TooLarge {
                 what: format!("latency statistics of {operation}"),
@@ -479,7 +459,7 @@ impl JournalStore for SledStore {
         Ok(())
     }
 
-    fn stats(&self) -> Result<Vec<(String, Vec<u8>)>> {
+    fn read_stats(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
         for item in self.db.scan_prefix([STATS_PREFIX]) {
             let (key, bytes) = item.map_err(|e| self.storage(e))?;
@@ -490,10 +470,140 @@ impl JournalStore for SledStore {
         }
         Ok(out)
     }
+}
+
+impl JournalStore for SledStore {
+    fn create_run<'a>(&'a self, record: &'a RunRecord) -> Read<'a, Option<RunRecord>> {
+        ready(self.insert_run(record))
+    }
+
+    fn run<'a>(&'a self, id: &'a RunId) -> Read<'a, Option<RunRecord>> {
+        ready(self.read_run(id))
+    }
+
+    fn runs(&self) -> Read<'_, Vec<Result<RunRecord>>> {
+        // Every record: off the runtime's threads, which a large store would hold up.
+        let (path, db) = (self.path.clone(), self.db.clone());
+        Box::pin(async move {
+            let thread_path = path.clone();
+            tokio::task::spawn_blocking(move || read_runs(&thread_path, &db))
+                .await
+                .map_err(|e| EngineError::Storage {
+                    path,
+                    source: format!("the reading thread failed: {e}").into(),
+                })?
+        })
+    }
+
+    fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns> {
+        let (mut page, mut held) = (ScannedRuns::default(), 0);
+        let visited = self.visit_runs(scan.after.as_ref(), &mut |record| {
+            if let Ok(record) = &record {
+                if scan.status.is_some_and(|s| s != record.status) {
+                    return ControlFlow::Continue(());
+                }
+                if held == scan.limit {
+                    page.more = true;
+                    return ControlFlow::Break(());
+                }
+                held += 1;
+            }
+            page.records.push(record);
+            ControlFlow::Continue(())
+        });
+        ready(visited.map(|()| page))
+    }
+
+    fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>> {
+        let mut counts = BTreeMap::new();
+        let visited = self.visit_runs(None, &mut |record| {
+            if let Ok(record) = record {
+                *counts.entry(record.status).or_default() += 1;
+            }
+            ControlFlow::Continue(())
+        });
+        ready(visited.map(|()| counts))
+    }
+
+    fn journal<'a>(&'a self, id: &'a RunId) -> Read<'a, Vec<Entry>> {
+        ready(self.read_journal(id))
+    }
+
+    fn append(
+        &self,
+        id: &RunId,
+        index: JournalIndex,
+        entry: &Entry,
+        record: Option<&RunRecord>,
+    ) -> Result<()> {
+        self.write_entry(id, index, entry, record)
+    }
+
+    fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()> {
+        // sled 0.34's batch waits out any sync in progress (see the module doc): off the
+        // runtime's threads.
+        let (path, db) = (self.path.clone(), self.db.clone());
+        let (written, ids) = (Arc::clone(&self.written), ids.to_vec());
+        Box::pin(async move {
+            let thread_path = path.clone();
+            tokio::task::spawn_blocking(move || remove_runs(&thread_path, &db, &written, &ids))
+                .await
+                .map_err(|e| EngineError::Storage {
+                    path,
+                    source: format!("the deleting thread failed: {e}").into(),
+                })?
+        })
+    }
+
+    fn load_count<'a>(&'a self, id: &'a RunId) -> Read<'a, u32> {
+        ready(self.read_load_count(id))
+    }
+
+    fn set_load_count(&self, id: &RunId, loads: u32) -> Result<()> {
+        self.write_load_count(id, loads)
+    }
+
+    fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
+        self.write_stats(operation, record)
+    }
+
+    fn stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>> {
+        ready(self.read_stats())
+    }
 
     fn sync(&self) -> SyncTicket {
         self.committer.ticket()
     }
+}
+
+/// Every run record (see [`JournalStore::runs`]); blocking.
+fn read_runs(path: &Path, db: &sled::Db) -> Result<Vec<Result<RunRecord>>> {
+    let mut records = Vec::new();
+    for item in db.scan_prefix([RUN_PREFIX]) {
+        let (key, bytes) = item.map_err(|e| storage(path, e))?;
+        records.push(decode_record(&key, &bytes));
+    }
+    Ok(records)
+}
+
+/// Deletes the runs `ids` in one batch (see [`JournalStore::delete_runs`]); blocking.
+fn remove_runs(path: &Path, db: &sled::Db, written: &AtomicU64, ids: &[RunId]) -> Result<()> {
+    let mut batch = sled::Batch::default();
+    for id in ids {
+        for item in db.scan_prefix(journal_prefix(id)).keys() {
+            batch.remove(item.map_err(|e| storage(path, e))?);
+        }
+        batch.remove(run_key(id));
+        batch.remove(loads_key(id));
+    }
+    db.apply_batch(batch).map_err(|e| storage(path, e))?;
+    written.fetch_add(1, Ordering::SeqCst);
+    Ok(())
+}
+
+/// A read answered already.
+fn ready<'a, T: Send + 'a>(answer: Result<T>) -> Read<'a, T> {
+    Box::pin(std::future::ready(answer))
 }
 
 /// Test and tooling access to raw records, for corrupting a store on purpose and for reading

@@ -60,7 +60,7 @@ fn entries() -> [Entry; 2] {
 fn write_completed_run(store: &SledStore, id: &str) {
     let [started, done] = entries();
     let run = RunId::new(id).unwrap();
-    assert_eq!(store.create_run(&running(id)).unwrap(), None);
+    assert_eq!(store.insert_run(&running(id)).unwrap(), None);
     store.append(&run, JournalIndex(0), &started, None).unwrap();
     store
         .append(&run, JournalIndex(1), &done, Some(&completed(id)))
@@ -75,8 +75,8 @@ fn a_transition_is_one_entry_carrying_the_record_state() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     write_completed_run(&store, "a");
     let id = RunId::new("a").unwrap();
-    assert_eq!(store.journal(&id).unwrap(), entries().to_vec());
-    assert_eq!(store.run(&id).unwrap(), Some(completed("a")));
+    assert_eq!(store.read_journal(&id).unwrap(), entries().to_vec());
+    assert_eq!(store.read_run(&id).unwrap(), Some(completed("a")));
     let raw = store
         .db
         .get(journal_key(&id, JournalIndex(1)))
@@ -95,7 +95,7 @@ fn open_repairs_a_record_left_behind_its_journal() {
     write_completed_run(&store, "behind");
     write_completed_run(&store, "current");
     let running_only = running("running");
-    assert_eq!(store.create_run(&running_only).unwrap(), None);
+    assert_eq!(store.insert_run(&running_only).unwrap(), None);
     let [started, _] = entries();
     store
         .append(&running_only.id, JournalIndex(0), &started, None)
@@ -109,16 +109,16 @@ fn open_repairs_a_record_left_behind_its_journal() {
             serde_json::to_vec(&running("behind")).unwrap(),
         )
         .unwrap();
-    assert_eq!(store.run(&behind).unwrap(), Some(running("behind")));
+    assert_eq!(store.read_run(&behind).unwrap(), Some(running("behind")));
     store.db.flush().unwrap();
     drop(store);
 
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    assert_eq!(store.run(&behind).unwrap(), Some(completed("behind")));
+    assert_eq!(store.read_run(&behind).unwrap(), Some(completed("behind")));
     let current = RunId::new("current").unwrap();
-    assert_eq!(store.run(&current).unwrap(), Some(completed("current")));
-    assert_eq!(store.run(&running_only.id).unwrap(), Some(running_only));
-    assert_eq!(store.journal(&behind).unwrap(), entries().to_vec());
+    assert_eq!(store.read_run(&current).unwrap(), Some(completed("current")));
+    assert_eq!(store.read_run(&running_only.id).unwrap(), Some(running_only));
+    assert_eq!(store.read_journal(&behind).unwrap(), entries().to_vec());
 }
 
 /// `delete_runs` removes the given runs' records and every journal entry, and nothing of
@@ -131,14 +131,14 @@ fn delete_runs_removes_records_and_journals_of_those_runs_only() {
         write_completed_run(&store, id);
     }
     let ids = ["a", "c"].map(|id| RunId::new(id).unwrap());
-    store.delete_runs(&ids).unwrap();
+    remove_runs(&store.path, &store.db, &store.written, &ids).unwrap();
     for id in &ids {
-        assert_eq!(store.run(id).unwrap(), None);
-        assert_eq!(store.journal(id).unwrap(), Vec::<Entry>::new());
+        assert_eq!(store.read_run(id).unwrap(), None);
+        assert_eq!(store.read_journal(id).unwrap(), Vec::<Entry>::new());
     }
     let b = RunId::new("b").unwrap();
-    assert_eq!(store.run(&b).unwrap(), Some(completed("b")));
-    assert_eq!(store.journal(&b).unwrap(), entries().to_vec());
+    assert_eq!(store.read_run(&b).unwrap(), Some(completed("b")));
+    assert_eq!(store.read_journal(&b).unwrap(), entries().to_vec());
     assert_eq!(
         store.db.len(),
         3,
@@ -152,7 +152,7 @@ fn an_oversized_transition_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     let record = running("big");
-    assert_eq!(store.create_run(&record).unwrap(), None);
+    assert_eq!(store.insert_run(&record).unwrap(), None);
     let huge = "x".repeat(crate::limits::RUN_RECORD_BYTES_MAX);
     let failed = RunRecord {
         status: RunStatus::Failed,
@@ -167,6 +167,6 @@ fn an_oversized_transition_writes_nothing() {
         .append(&record.id, JournalIndex(0), &entry, Some(&failed))
         .unwrap_err();
     assert!(matches!(err, EngineError::TooLarge { .. }), "{err}");
-    assert_eq!(store.journal(&record.id).unwrap(), Vec::<Entry>::new());
-    assert_eq!(store.run(&record.id).unwrap(), Some(record));
+    assert_eq!(store.read_journal(&record.id).unwrap(), Vec::<Entry>::new());
+    assert_eq!(store.read_run(&record.id).unwrap(), Some(record));
 }
