@@ -3,6 +3,9 @@
 # summary line over all test binaries ("tests: N passed, N failed").
 # Needs cargo and Python 3 with pip; installs moto's server (the AWS emulator the AWS tests
 # run against, from PyPI) when it is missing. The tests start and stop moto themselves.
+# Starts a throwaway PostgreSQL cluster (Debian's postgresql, installed when missing) for the
+# tests of the PostgreSQL store, and stops it at the end; KEEL_TEST_POSTGRES_URL names an
+# existing database to use instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "test: cargo is required (https://rustup.rs)" >&2; exit 1; }
@@ -13,7 +16,19 @@ if ! "$python" -c 'import moto.server, flask, flask_cors' 2>/dev/null; then
   "$python" -m pip install --quiet 'moto[server]==5.2.1'
 fi
 out=$(mktemp)
-trap 'rm -f "$out"' EXIT
+pg_dir=""
+cleanup() {
+  rm -f "$out"
+  if [ -n "$pg_dir" ]; then scripts/postgres-stop "$pg_dir/cluster"; rm -rf "$pg_dir"; fi
+}
+trap cleanup EXIT
+if [ -z "${KEEL_TEST_POSTGRES_URL:-}" ]; then
+  pg_dir=$(mktemp -d /tmp/keel-test-pg.XXXXXX)
+  chmod 0755 "$pg_dir" # the cluster's unprivileged owner passes through it
+  KEEL_TEST_POSTGRES_URL=$(scripts/postgres-start "$pg_dir/cluster") \
+    || { echo "test: PostgreSQL could not be started for the tests (see above)" >&2; exit 1; }
+  export KEEL_TEST_POSTGRES_URL
+fi
 status=0
 { cargo test --workspace --all-targets && cargo test --workspace --doc; } 2>&1 | tee "$out" || status=$?
 passed=$(grep -Eo '[0-9]+ passed' "$out" | awk '{s+=$1} END {print s+0}')

@@ -462,7 +462,11 @@ async fn a_retention_past_what_milliseconds_count_keeps_every_run() {
     let run = engine.start::<PlainFlow>("kept", f.input(1)).await.unwrap();
     run.result().await.unwrap();
     clock.advance(Duration::from_secs(1));
-    assert_eq!(engine.collect_garbage().await.unwrap(), 0, "nothing expired");
+    assert_eq!(
+        engine.collect_garbage().await.unwrap(),
+        0,
+        "nothing expired"
+    );
     assert_eq!(engine.list().await.unwrap().len(), 1);
     engine.shutdown().await;
 }
@@ -497,7 +501,11 @@ async fn collected_id_starts_a_new_run() {
     );
     clock.advance(Duration::from_millis(1));
 
-    assert_eq!(engine.collect_garbage().await.unwrap(), 1, "the run is collected");
+    assert_eq!(
+        engine.collect_garbage().await.unwrap(),
+        1,
+        "the run is collected"
+    );
     let err = engine.status("order-4").await.unwrap_err();
     assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
     let err = engine.history("order-4").await.unwrap_err();

@@ -446,7 +446,8 @@ impl Engine {
     }
 
     /// Stops the engine: no new step or timer starts, in-flight steps finish and are
-    /// recorded, then every driver ends. Unfinished runs resume at the next open.
+    /// recorded, then every driver ends. Unfinished runs resume at the next open. A
+    /// PostgreSQL store is then released for another engine; reads go on, writes fail.
     pub async fn shutdown(&self) {
         self.inner.env.shutdown.send_replace(true);
         let mut drivers = self.inner.drivers.subscribe();
@@ -454,7 +455,13 @@ impl Engine {
         if let Err(error) = self.inner.env.stats.flush(&*self.inner.env.store) {
             tracing::warn!(%error, "latency statistics could not be written");
         }
-        let _ = self.inner.env.store.sync().wait().await;
+        if let Err(error) = self.inner.env.store.sync().wait().await {
+            tracing::error!(%error, "the store's last sync failed");
+            return;
+        }
+        if let Err(error) = self.inner.env.store.release().await {
+            tracing::warn!(%error, "the store could not be released");
+        }
     }
 }
 

@@ -48,6 +48,27 @@ pub enum EngineError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The PostgreSQL store could not be reached, read or written. The underlying error is
+    /// kept as a source so that this type names no database crate.
+    #[error("database error at {database}: {source}")]
+    Database {
+        /// The database, as its URL without the password.
+        database: String,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The database's schema is newer than this binary knows: written by a newer Keel.
+    /// Nothing is changed.
+    #[error("database {database} has schema version {found}, newer than this binary's {supported}: run a Keel release that knows it")]
+    SchemaNewer {
+        /// The database, as its URL without the password.
+        database: String,
+        /// The version the database is at.
+        found: u32,
+        /// The newest version this binary knows.
+        supported: u32,
+    },
     /// Syncing the store's files to disk failed. Writes after this point are not durable, so
     /// the engine stops accepting work.
     #[error("sync of {path} failed: {source}")]

@@ -10,6 +10,7 @@
 //!   eventual-consistency lag, and the AWS behaviour moto lacks).
 //! - [`aws`]: the one SDK configuration helper, for tests and the demo.
 //! - [`inventory`]: what exists in moto, the ground truth of the AWS tests.
+//! - [`postgres`]: a fresh database per test on the PostgreSQL server `scripts/test.sh` starts.
 //! - [`raw`]: the raw sled store of a closed engine, to make a store as damage or an earlier
 //!   version of Keel would have left it.
 //! - [`simcloud`]: a simulated EC2-like cloud on a loopback port (heavy-tailed readiness,
@@ -25,6 +26,7 @@ pub mod flows;
 pub mod inventory;
 pub mod moto;
 pub mod poll;
+pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod simcloud;

@@ -203,6 +203,32 @@ pub struct WorkerArgs {
     /// first if you have one.
     #[arg(long, env = "KEEL_ACCEPT_DATA_LOSS")]
     pub accept_data_loss: bool,
+    /// Where runs are kept: `sled` (an embedded store in DATA_DIR/journal, the default) or a
+    /// PostgreSQL URL, `postgres://user:password@host:port/database` (pass it in KEEL_STORE
+    /// rather than on the command line, where other users can read the password). The
+    /// worker creates or migrates the database's schema. One worker per database for now.
+    #[arg(long, env = "KEEL_STORE", default_value = "sled", value_parser = store_choice, hide_env_values = true)]
+    pub store: StoreChoice,
+}
+
+/// Where a worker keeps its runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreChoice {
+    /// The embedded sled store in the data directory.
+    Sled,
+    /// A PostgreSQL database, by URL.
+    Postgres(String),
+}
+
+/// A `--store`: `sled` or a `postgres://` (or `postgresql://`) URL.
+fn store_choice(text: &str) -> Result<StoreChoice, String> {
+    if text == "sled" {
+        return Ok(StoreChoice::Sled);
+    }
+    if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+        return Ok(StoreChoice::Postgres(text.to_string()));
+    }
+    Err("expected `sled` or a PostgreSQL URL (postgres://user:password@host:port/database)".into())
 }
 
 /// An `--aws-endpoint`: an absolute `http` or `https` URL with a host.

@@ -21,7 +21,7 @@ use rand::RngCore;
 
 use crate::api::{self, AllowedHosts, AppState};
 use crate::server::{self, Limits};
-use crate::{LogFormat, WorkerArgs};
+use crate::{LogFormat, StoreChoice, WorkerArgs};
 
 /// The token file's name in the data directory.
 pub(crate) const TOKEN_FILE: &str = "api-token";
@@ -422,6 +422,9 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
     }
     if args.accept_data_loss {
         builder = builder.accept_data_loss();
+    }
+    if let StoreChoice::Postgres(url) = &args.store {
+        builder = builder.postgres(url);
     }
     Ok(builder.open().await?)
 }

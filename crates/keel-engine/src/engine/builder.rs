@@ -18,8 +18,9 @@ use crate::registry::{Registry, StepType};
 use crate::resources::Resources;
 use crate::stats::StatsBook;
 use crate::step::Step;
+use crate::store::postgres::PostgresStore;
 use crate::store::sled::{LostData, SledOptions, SledStore};
-use crate::store::Durability;
+use crate::store::{Durability, JournalStore};
 use crate::workflow::{Workflow, Workflows};
 
 /// Options and registrations for [`Engine::open`].
@@ -35,6 +36,8 @@ pub struct EngineBuilder {
     registry_error: Option<EngineError>,
     allow_unregistered: bool,
     lost_data: LostData,
+    /// The PostgreSQL database to keep runs in instead of a sled store in `path`.
+    postgres: Option<String>,
     rate_limits: HashMap<String, RateLimit>,
     resources: Resources,
     clock: Clock,
@@ -51,6 +54,13 @@ impl std::fmt::Debug for EngineBuilder {
             .field("gc_interval", &self.gc_interval)
             .field("allow_unregistered", &self.allow_unregistered)
             .field("rate_limits", &self.rate_limits)
+            .field(
+                "postgres",
+                &self
+                    .postgres
+                    .as_deref()
+                    .map(crate::store::postgres::redacted),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +141,21 @@ impl EngineBuilder {
         }
     }
 
+    /// Keeps runs in the PostgreSQL database at `url` (`postgres://user:password@host/db`)
+    /// instead of a sled store in the builder's directory, which still holds the worker's own
+    /// files. Opening creates or migrates the schema, and refuses a database whose schema is
+    /// newer than this binary's ([`EngineError::SchemaNewer`]), or that another engine uses.
+    /// A write is durable when its transaction commits: the database's `synchronous_commit`
+    /// must be `on` (its default) for the durability [`Durability::PowerLoss`] promises;
+    /// [`EngineBuilder::durability`] and [`EngineBuilder::accept_data_loss`] are the sled
+    /// store's and change nothing here.
+    pub fn postgres(self, url: impl Into<String>) -> Self {
+        EngineBuilder {
+            postgres: Some(url.into()),
+            ..self
+        }
+    }
+
     /// What a durable write survives (default: power loss).
     pub fn durability(self, durability: Durability) -> Self {
         EngineBuilder { durability, ..self }
@@ -174,22 +199,12 @@ impl EngineBuilder {
         if let Some(e) = self.registry_error {
             return Err(e);
         }
-        let path = self.path.clone();
-        let options = SledOptions {
-            durability: self.durability,
-            lost_data: self.lost_data,
-        };
-        let store = tokio::task::spawn_blocking(move || SledStore::open(&path, options))
-            .await
-            .map_err(|e| EngineError::Storage {
-                path: self.path.clone(),
-                source: format!("the store's opening thread failed: {e}").into(),
-            })??;
-        let stats = StatsBook::load(&store).await?;
+        let store = self.open_store().await?;
+        let stats = StatsBook::load(&*store).await?;
         let (shutdown, _) = watch::channel(false);
         let (drivers, _) = watch::channel(0usize);
         let env = RunEnv {
-            store: Arc::new(store),
+            store,
             registry: self.registry,
             resources: Arc::new(self.resources),
             limiters: Limiters::new(self.rate_limits),
@@ -223,6 +238,28 @@ impl EngineBuilder {
     }
 }
 
+impl EngineBuilder {
+    /// Opens the store the builder names: the PostgreSQL database, or the sled store in
+    /// the directory.
+    async fn open_store(&self) -> Result<Arc<dyn JournalStore>> {
+        if let Some(url) = &self.postgres {
+            return Ok(Arc::new(PostgresStore::open(url).await?));
+        }
+        let path = self.path.clone();
+        let options = SledOptions {
+            durability: self.durability,
+            lost_data: self.lost_data,
+        };
+        let store = tokio::task::spawn_blocking(move || SledStore::open(&path, options))
+            .await
+            .map_err(|e| EngineError::Storage {
+                path: self.path.clone(),
+                source: format!("the store's opening thread failed: {e}").into(),
+            })??;
+        Ok(Arc::new(store))
+    }
+}
+
 impl Engine {
     /// Starts configuring an engine whose data lives in `path` (created if missing, with
     /// owner-only permissions).
@@ -239,6 +276,7 @@ impl Engine {
             registry_error: None,
             allow_unregistered: false,
             lost_data: LostData::Refuse,
+            postgres: None,
             rate_limits: HashMap::new(),
             resources: Resources::default(),
             clock: Clock::system(),

@@ -11,6 +11,7 @@
 
 mod commit;
 mod mark;
+pub(crate) mod postgres;
 pub(crate) mod sled;
 
 use std::collections::BTreeMap;
@@ -106,4 +107,9 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// A ticket that resolves once every write made before this call is durable.
     fn sync(&self) -> SyncTicket;
+
+    /// Called once the engine has shut down and every write it acknowledged is durable: a
+    /// store another engine may open while this one lives (PostgreSQL) lets it; later writes
+    /// fail, reads go on. The sled store is released when it is dropped.
+    fn release(&self) -> Read<'_, ()>;
 }

@@ -574,6 +574,10 @@ impl JournalStore for SledStore {
     fn sync(&self) -> SyncTicket {
         self.committer.ticket()
     }
+
+    fn release(&self) -> Read<'_, ()> {
+        ready(Ok(()))
+    }
 }
 
 /// Every run record (see [`JournalStore::runs`]); blocking.

@@ -116,8 +116,14 @@ fn open_repairs_a_record_left_behind_its_journal() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert_eq!(store.read_run(&behind).unwrap(), Some(completed("behind")));
     let current = RunId::new("current").unwrap();
-    assert_eq!(store.read_run(&current).unwrap(), Some(completed("current")));
-    assert_eq!(store.read_run(&running_only.id).unwrap(), Some(running_only));
+    assert_eq!(
+        store.read_run(&current).unwrap(),
+        Some(completed("current"))
+    );
+    assert_eq!(
+        store.read_run(&running_only.id).unwrap(),
+        Some(running_only)
+    );
     assert_eq!(store.read_journal(&behind).unwrap(), entries().to_vec());
 }
 

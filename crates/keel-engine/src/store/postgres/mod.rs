@@ -1,0 +1,297 @@
+//! The PostgreSQL store: run records and journals in tables, every write of the engine made
+//! on one connection inside an open transaction that the committer commits (group commit:
+//! every write made before a ticket shares the commit that answers it).
+//!
+//! Schema (`schema.rs`, versioned migrations): `keel_runs` (one row per run: the record as
+//! JSON text, its status and parent for listing), `keel_journal` (one row per entry, keyed by
+//! run and index), `keel_load_counts`, `keel_stats`, and `keel_schema` (the schema version).
+//!
+//! **One connection, one transaction at a time.** Reads go through the same connection as
+//! writes, so they see the engine's own writes before they are durable, as the store contract
+//! asks; a status transition writes its entry and its record in that transaction, so both
+//! commit or neither does (no view to repair, unlike sled). A statement that fails aborts the
+//! transaction, so the commit that follows fails, and, as on sled, a failed sync is final:
+//! the engine stops driving runs and the next open reads what was committed.
+//!
+//! **One engine per database, for now.** The connection holds a session advisory lock for
+//! its life; a second engine on the same database is refused at open (the way a second
+//! process is refused a sled directory), until runs carry leases.
+
+mod schema;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{EngineError, Result};
+use crate::ids::{JournalIndex, RunId};
+use crate::journal::{Entry, RunRecord, RunStatus};
+use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX, STATS_RECORD_BYTES_MAX};
+use crate::store::commit::{Committer, SyncTicket};
+use crate::store::{JournalStore, Read, RunsScan, ScannedRuns};
+
+use writer::{Request, Writer};
+
+/// How long opening waits for the database to answer before it gives up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A [`JournalStore`] on PostgreSQL.
+pub(crate) struct PostgresStore {
+    /// The database, as named in errors (the URL without its password).
+    database: String,
+    requests: mpsc::UnboundedSender<Request>,
+    committer: Committer,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("database", &self.database)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url`, takes the engine's lock on it, and creates or
+    /// migrates its schema. Refused, with an error naming the database, when it cannot be
+    /// reached, when another engine holds it, or when its schema is newer than this binary's.
+    pub(crate) async fn open(url: &str) -> Result<PostgresStore> {
+        let database = redacted(url);
+        let failed = |source: Box<dyn std::error::Error + Send + Sync>| EngineError::Database {
+            database: database.clone(),
+            source,
+        };
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| failed(format!("not a PostgreSQL URL: {e}").into()))?;
+        let mut config = config;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("keel");
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| failed(Box::new(e)))?;
+        let connection_name = database.clone();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::error!(database = %connection_name, %error, "database connection lost");
+            }
+        });
+        schema::lock_engine(&client, &database).await?;
+        schema::migrate(&client, &database).await?;
+        let (requests, receiver) = mpsc::unbounded_channel();
+        let writer = Writer::new(client, database.clone()).await?;
+        tokio::spawn(writer.serve(receiver));
+        let commits = requests.clone();
+        let committer = Committer::start(move || {
+            let (reply, answer) = oneshot::channel();
+            commits
+                .send(Request::Commit { reply })
+                .map_err(|_| std::io::Error::other("the database writer has stopped"))?;
+            answer
+                .blocking_recv()
+                .map_err(|_| std::io::Error::other("the database writer has stopped"))?
+                .map_err(std::io::Error::other)
+        });
+        Ok(PostgresStore {
+            database,
+            requests,
+            committer,
+        })
+    }
+
+    /// Sends `request` to the writer; an error when the writer has stopped.
+    fn send(&self, request: Request) -> Result<()> {
+        self.requests
+            .send(request)
+            .map_err(|_| self.failed("the database writer has stopped".into()))
+    }
+
+    /// Sends a request that answers, and awaits its answer.
+    fn ask<'a, T: Send + 'a>(
+        &'a self,
+        request: impl FnOnce(oneshot::Sender<Result<T>>) -> Request,
+    ) -> Read<'a, T> {
+        let (reply, answer) = oneshot::channel();
+        let sent = self.send(request(reply));
+        Box::pin(async move {
+            sent?;
+            answer
+                .await
+                .map_err(|_| self.failed("the database writer stopped before it answered".into()))?
+        })
+    }
+
+    fn failed(&self, source: Box<dyn std::error::Error + Send + Sync>) -> EngineError {
+        EngineError::Database {
+            database: self.database.clone(),
+            source,
+        }
+    }
+}
+
+/// `url` without its password, to name the database in logs and errors.
+pub(crate) fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<a database URL that does not parse>".into();
+    };
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let host = match authority.rsplit_once('@') {
+        Some((user, host)) => {
+            let user = user.split_once(':').map_or(user, |(user, _)| user);
+            format!("{user}@{host}")
+        }
+        None => authority.to_string(),
+    };
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    format!("{scheme}://{host}/{path}")
+}
+
+/// `value` as JSON text, refused when longer than `limit`.
+fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -> Result<String> {
+    let text = serde_json::to_string(value).map_err(|source| EngineError::Serialise {
+        what: what.into(),
+        source,
+    })?;
+    if text.len() > limit {
+        return Err(EngineError::TooLarge {
+            what: what.into(),
+            bytes: text.len(),
+            limit,
+        });
+    }
+    Ok(text)
+}
+
+impl JournalStore for PostgresStore {
+    fn create_run<'a>(&'a self, record: &'a RunRecord) -> Read<'a, Option<RunRecord>> {
+        match encode("run record", record, RUN_RECORD_BYTES_MAX) {
+            Ok(text) => self.ask(|reply| Request::CreateRun {
+                record: writer::RecordRow::of(record, text),
+                reply,
+            }),
+            Err(error) => Box::pin(std::future::ready(Err(error))),
+        }
+    }
+
+    fn run<'a>(&'a self, id: &'a RunId) -> Read<'a, Option<RunRecord>> {
+        self.ask(|reply| Request::Run {
+            id: id.clone(),
+            reply,
+        })
+    }
+
+    fn runs(&self) -> Read<'_, Vec<Result<RunRecord>>> {
+        self.ask(|reply| Request::Runs { reply })
+    }
+
+    fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns> {
+        self.ask(|reply| Request::RunsPage {
+            scan: scan.clone(),
+            reply,
+        })
+    }
+
+    fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>> {
+        self.ask(|reply| Request::RunCounts { reply })
+    }
+
+    fn journal<'a>(&'a self, id: &'a RunId) -> Read<'a, Vec<Entry>> {
+        self.ask(|reply| Request::Journal {
+            id: id.clone(),
+            reply,
+        })
+    }
+
+    fn append(
+        &self,
+        id: &RunId,
+        index: JournalIndex,
+        entry: &Entry,
+        record: Option<&RunRecord>,
+    ) -> Result<()> {
+        // Both encoded (and checked) before either is sent.
+        let entry_text = encode("journal entry", entry, ENTRY_BYTES_MAX)?;
+        let record = match record {
+            Some(record) => {
+                let text = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
+                Some(writer::RecordRow::of(record, text))
+            }
+            None => None,
+        };
+        self.send(Request::Append {
+            id: id.clone(),
+            index,
+            entry: entry_text,
+            record,
+        })
+    }
+
+    fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()> {
+        self.ask(|reply| Request::DeleteRuns {
+            ids: ids.to_vec(),
+            reply,
+        })
+    }
+
+    fn load_count<'a>(&'a self, id: &'a RunId) -> Read<'a, u32> {
+        self.ask(|reply| Request::LoadCount {
+            id: id.clone(),
+            reply,
+        })
+    }
+
+    fn set_load_count(&self, id: &RunId, loads: u32) -> Result<()> {
+        self.send(Request::SetLoadCount {
+            id: id.clone(),
+            loads,
+        })
+    }
+
+    fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
+        if record.len() > STATS_RECORD_BYTES_MAX {
+            return Err(EngineError::TooLarge {
+                what: format!("latency statistics of {operation}"),
+                bytes: record.len(),
+                limit: STATS_RECORD_BYTES_MAX,
+            });
+        }
+        self.send(Request::PutStats {
+            operation: operation.to_string(),
+            record: record.to_vec(),
+        })
+    }
+
+    fn stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>> {
+        self.ask(|reply| Request::Stats { reply })
+    }
+
+    fn sync(&self) -> SyncTicket {
+        self.committer.ticket()
+    }
+
+    fn release(&self) -> Read<'_, ()> {
+        self.ask(|reply| Request::Release { reply })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted;
+
+    /// A database URL is named in errors and logs without its password or parameters.
+    #[test]
+    fn the_password_never_reaches_a_message() {
+        assert_eq!(
+            redacted("postgres://keel:secret@db.example:5432/keel?sslmode=disable"),
+            "postgres://keel@db.example:5432/keel"
+        );
+        assert_eq!(
+            redacted("postgresql://127.0.0.1/postgres"),
+            "postgresql://127.0.0.1/postgres"
+        );
+        assert!(!redacted("not a url with secret").contains("secret"));
+    }
+}

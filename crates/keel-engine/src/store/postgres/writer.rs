@@ -1,0 +1,555 @@
+//! The writer: the one task that owns the store's connection. Requests arrive in order on one
+//! channel; a write opens a transaction if none is open, a commit request ends it, and reads
+//! run inside it when one is open (so they see the engine's own writes).
+
+use std::collections::BTreeMap;
+
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, Statement};
+
+use crate::error::{EngineError, Result};
+use crate::ids::{JournalIndex, RunId};
+use crate::journal::{Entry, RunRecord, RunStatus};
+use crate::store::{RunsScan, ScannedRuns};
+
+/// A run record as its row holds it.
+#[derive(Debug)]
+pub(super) struct RecordRow {
+    id: String,
+    status: &'static str,
+    parent: Option<String>,
+    /// The record as JSON.
+    text: String,
+}
+
+impl RecordRow {
+    /// The row of `record`, encoded as `text`.
+    pub(super) fn of(record: &RunRecord, text: String) -> RecordRow {
+        RecordRow {
+            id: record.id.as_str().to_string(),
+            status: record.status.as_str(),
+            parent: record.parent.as_ref().map(|p| p.as_str().to_string()),
+            text,
+        }
+    }
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// What the store asks of the writer.
+#[derive(Debug)]
+pub(super) enum Request {
+    CreateRun {
+        record: RecordRow,
+        reply: Reply<Option<RunRecord>>,
+    },
+    Run {
+        id: RunId,
+        reply: Reply<Option<RunRecord>>,
+    },
+    Runs {
+        reply: Reply<Vec<Result<RunRecord>>>,
+    },
+    RunsPage {
+        scan: RunsScan,
+        reply: Reply<ScannedRuns>,
+    },
+    RunCounts {
+        reply: Reply<BTreeMap<RunStatus, u64>>,
+    },
+    Journal {
+        id: RunId,
+        reply: Reply<Vec<Entry>>,
+    },
+    Append {
+        id: RunId,
+        index: JournalIndex,
+        entry: String,
+        record: Option<RecordRow>,
+    },
+    DeleteRuns {
+        ids: Vec<RunId>,
+        reply: Reply<()>,
+    },
+    LoadCount {
+        id: RunId,
+        reply: Reply<u32>,
+    },
+    SetLoadCount {
+        id: RunId,
+        loads: u32,
+    },
+    PutStats {
+        operation: String,
+        record: Vec<u8>,
+    },
+    Stats {
+        reply: Reply<Vec<(String, Vec<u8>)>>,
+    },
+    /// Give the database up to another engine: unacknowledged writes are rolled back, the
+    /// engine lock released, later writes refused.
+    Release {
+        reply: Reply<()>,
+    },
+    /// Commit what was written; answered with the failure that made it impossible, if any.
+    Commit {
+        reply: oneshot::Sender<std::result::Result<(), String>>,
+    },
+}
+
+/// The hot statements, prepared once.
+struct Statements {
+    append: Statement,
+    update_record: Statement,
+    run: Statement,
+    journal: Statement,
+}
+
+/// The owner of the connection.
+pub(super) struct Writer {
+    client: Client,
+    database: String,
+    statements: Statements,
+    /// Whether a transaction is open.
+    open: bool,
+    /// Why the open transaction cannot commit; final, as a failed sync is on sled.
+    failure: Option<String>,
+}
+
+impl Writer {
+    /// Prepares the writer's statements on `client`.
+    pub(super) async fn new(client: Client, database: String) -> Result<Writer> {
+        let prepare = |sql: &'static str| {
+            let client = &client;
+            let database = &database;
+            async move {
+                client
+                    .prepare(sql)
+                    .await
+                    .map_err(|e| EngineError::Database {
+                        database: database.clone(),
+                        source: Box::new(e),
+                    })
+            }
+        };
+        let statements = Statements {
+            append: prepare(
+                "INSERT INTO keel_journal (run_id, position, entry) VALUES ($1, $2, $3) \
+                 ON CONFLICT (run_id, position) DO UPDATE SET entry = EXCLUDED.entry",
+            )
+            .await?,
+            update_record: prepare(
+                "UPDATE keel_runs SET status = $2, parent = $3, record = $4 WHERE id = $1",
+            )
+            .await?,
+            run: prepare("SELECT record FROM keel_runs WHERE id = $1").await?,
+            journal: prepare(
+                "SELECT position, entry FROM keel_journal WHERE run_id = $1 ORDER BY position",
+            )
+            .await?,
+        };
+        Ok(Writer {
+            client,
+            database,
+            statements,
+            open: false,
+            failure: None,
+        })
+    }
+
+    /// Answers requests until every sender is gone.
+    pub(super) async fn serve(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+        while let Some(request) = requests.recv().await {
+            self.handle(request).await;
+        }
+        if self.open {
+            // Nobody waits for these writes: they were never acknowledged.
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+    }
+
+    async fn handle(&mut self, request: Request) {
+        match request {
+            Request::Commit { reply } => {
+                let _ = reply.send(self.commit().await);
+            }
+            Request::Release { reply } => {
+                let _ = reply.send(self.release().await);
+            }
+            Request::CreateRun { record, reply } => {
+                let answer = self.write(|w| Box::pin(w.create_run(record))).await;
+                let _ = reply.send(answer);
+            }
+            Request::Append {
+                id,
+                index,
+                entry,
+                record,
+            } => {
+                let _ = self
+                    .write(|w| Box::pin(w.append(id, index, entry, record)))
+                    .await;
+            }
+            Request::DeleteRuns { ids, reply } => {
+                let _ = reply.send(self.write(|w| Box::pin(w.delete_runs(ids))).await);
+            }
+            Request::SetLoadCount { id, loads } => {
+                let _ = self.write(|w| Box::pin(w.set_load_count(id, loads))).await;
+            }
+            Request::PutStats { operation, record } => {
+                let _ = self
+                    .write(|w| Box::pin(w.put_stats(operation, record)))
+                    .await;
+            }
+            Request::Run { id, reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.run(id))).await);
+            }
+            Request::Runs { reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.runs())).await);
+            }
+            Request::RunsPage { scan, reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.runs_page(scan))).await);
+            }
+            Request::RunCounts { reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.run_counts())).await);
+            }
+            Request::Journal { id, reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.journal(id))).await);
+            }
+            Request::LoadCount { id, reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.load_count(id))).await);
+            }
+            Request::Stats { reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.stats())).await);
+            }
+        }
+    }
+
+    /// Runs a write inside the open transaction (opening one if needed). A failure is kept:
+    /// the transaction is lost, so its commit must fail.
+    async fn write<T>(
+        &mut self,
+        write: impl for<'a> FnOnce(&'a Writer) -> BoxFuture<'a, Result<T>>,
+    ) -> Result<T> {
+        if let Some(failure) = &self.failure {
+            return Err(self.error(failure.clone().into()));
+        }
+        if !self.open {
+            if let Err(e) = self.client.batch_execute("BEGIN").await {
+                self.failure = Some(format!("opening a transaction failed: {e}"));
+                return Err(self.db(e));
+            }
+            self.open = true;
+        }
+        let outcome = write(self).await;
+        self.keep_failure(&outcome);
+        outcome
+    }
+
+    /// Runs a read, inside the open transaction if there is one. A read that fails inside a
+    /// transaction aborts it, so its failure is kept as a write's is.
+    async fn read<T>(
+        &mut self,
+        read: impl for<'a> FnOnce(&'a Writer) -> BoxFuture<'a, Result<T>>,
+    ) -> Result<T> {
+        let outcome = read(self).await;
+        if self.open {
+            self.keep_failure(&outcome);
+        }
+        outcome
+    }
+
+    fn keep_failure<T>(&mut self, outcome: &Result<T>) {
+        if let Err(error) = outcome {
+            let failure =
+                format!("a statement failed, so the transaction holding it is lost: {error}");
+            tracing::error!(database = %self.database, %failure, "store write failed");
+            self.failure.get_or_insert(failure);
+        }
+    }
+
+    /// Rolls back what no sync covered, releases the engine lock, and refuses later writes.
+    async fn release(&mut self) -> Result<()> {
+        if self.open {
+            self.open = false;
+            self.client
+                .batch_execute("ROLLBACK")
+                .await
+                .map_err(|e| self.db(e))?;
+        }
+        self.failure
+            .get_or_insert_with(|| "the engine shut down: writes are refused".into());
+        super::schema::unlock_engine(&self.client, &self.database).await
+    }
+
+    /// Commits the open transaction, if any.
+    async fn commit(&mut self) -> std::result::Result<(), String> {
+        if let Some(failure) = &self.failure {
+            return Err(failure.clone());
+        }
+        if !self.open {
+            return Ok(());
+        }
+        match self.client.batch_execute("COMMIT").await {
+            Ok(()) => {
+                self.open = false;
+                Ok(())
+            }
+            Err(e) => {
+                let failure = format!("commit failed: {e}");
+                self.failure = Some(failure.clone());
+                Err(failure)
+            }
+        }
+    }
+
+    fn error(&self, source: Box<dyn std::error::Error + Send + Sync>) -> EngineError {
+        EngineError::Database {
+            database: self.database.clone(),
+            source,
+        }
+    }
+
+    fn db(&self, error: tokio_postgres::Error) -> EngineError {
+        self.error(Box::new(error))
+    }
+
+    fn corrupt(&self, what: String, detail: String) -> EngineError {
+        EngineError::Corrupt {
+            key: format!("{} in {}", what, self.database),
+            detail,
+        }
+    }
+
+    fn decode_record(&self, id: &str, text: &str) -> Result<RunRecord> {
+        serde_json::from_str(text)
+            .map_err(|e| self.corrupt(format!("run record {id}"), format!("run record: {e}")))
+    }
+
+    async fn create_run(&self, record: RecordRow) -> Result<Option<RunRecord>> {
+        let inserted = self
+            .client
+            .execute(
+                "INSERT INTO keel_runs (id, status, parent, record) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (id) DO NOTHING",
+                &[&record.id, &record.status, &record.parent, &record.text],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        if inserted == 1 {
+            return Ok(None);
+        }
+        let row = self
+            .client
+            .query_one(&self.statements.run, &[&record.id])
+            .await
+            .map_err(|e| self.db(e))?;
+        self.decode_record(&record.id, row.get(0)).map(Some)
+    }
+
+    async fn append(
+        &self,
+        id: RunId,
+        index: JournalIndex,
+        entry: String,
+        record: Option<RecordRow>,
+    ) -> Result<()> {
+        let position = i32::try_from(index.0).map_err(|_| {
+            self.corrupt(
+                format!("journal of run {id}"),
+                format!("index {} is past what the database holds", index.0),
+            )
+        })?;
+        self.client
+            .execute(&self.statements.append, &[&id.as_str(), &position, &entry])
+            .await
+            .map_err(|e| self.db(e))?;
+        if let Some(record) = record {
+            let updated = self
+                .client
+                .execute(
+                    &self.statements.update_record,
+                    &[&record.id, &record.status, &record.parent, &record.text],
+                )
+                .await
+                .map_err(|e| self.db(e))?;
+            if updated != 1 {
+                return Err(self.corrupt(
+                    format!("run record {id}"),
+                    "a status transition found no run record to change".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn delete_runs(&self, ids: Vec<RunId>) -> Result<()> {
+        let ids: Vec<&str> = ids.iter().map(RunId::as_str).collect();
+        for table in [
+            "DELETE FROM keel_journal WHERE run_id = ANY($1)",
+            "DELETE FROM keel_load_counts WHERE run_id = ANY($1)",
+            "DELETE FROM keel_runs WHERE id = ANY($1)",
+        ] {
+            self.client
+                .execute(table, &[&ids])
+                .await
+                .map_err(|e| self.db(e))?;
+        }
+        Ok(())
+    }
+
+    async fn set_load_count(&self, id: RunId, loads: u32) -> Result<()> {
+        if loads == 0 {
+            self.client
+                .execute(
+                    "DELETE FROM keel_load_counts WHERE run_id = $1",
+                    &[&id.as_str()],
+                )
+                .await
+                .map_err(|e| self.db(e))?;
+            return Ok(());
+        }
+        let loads = i32::try_from(loads).unwrap_or(i32::MAX);
+        self.client
+            .execute(
+                "INSERT INTO keel_load_counts (run_id, loads) VALUES ($1, $2) \
+                 ON CONFLICT (run_id) DO UPDATE SET loads = EXCLUDED.loads",
+                &[&id.as_str(), &loads],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    async fn put_stats(&self, operation: String, record: Vec<u8>) -> Result<()> {
+        self.client
+            .execute(
+                "INSERT INTO keel_stats (operation, record) VALUES ($1, $2) \
+                 ON CONFLICT (operation) DO UPDATE SET record = EXCLUDED.record",
+                &[&operation, &record],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    async fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
+        let row = self
+            .client
+            .query_opt(&self.statements.run, &[&id.as_str()])
+            .await
+            .map_err(|e| self.db(e))?;
+        match row {
+            Some(row) => self.decode_record(id.as_str(), row.get(0)).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    async fn runs(&self) -> Result<Vec<Result<RunRecord>>> {
+        let rows = self
+            .client
+            .query("SELECT id, record FROM keel_runs ORDER BY id", &[])
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(rows
+            .iter()
+            .map(|row| self.decode_record(row.get(0), row.get(1)))
+            .collect())
+    }
+
+    async fn runs_page(&self, scan: RunsScan) -> Result<ScannedRuns> {
+        let after = scan.after.as_ref().map(RunId::as_str);
+        let status = scan.status.map(RunStatus::as_str);
+        // One more than asked: whether another page follows.
+        let limit = i64::try_from(scan.limit).unwrap_or(i64::MAX - 1) + 1;
+        let rows = self
+            .client
+            .query(
+                "SELECT id, record FROM keel_runs \
+                 WHERE ($1::text IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2) \
+                 ORDER BY id LIMIT $3",
+                &[&after, &status, &limit],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        let more = rows.len() > scan.limit;
+        let records = rows
+            .iter()
+            .take(scan.limit)
+            .map(|row| self.decode_record(row.get(0), row.get(1)))
+            .collect();
+        Ok(ScannedRuns { records, more })
+    }
+
+    async fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT status, count(*) FROM keel_runs GROUP BY status",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        let mut counts = BTreeMap::new();
+        for row in rows {
+            let status: &str = row.get(0);
+            let count: i64 = row.get(1);
+            let status: RunStatus = serde_json::from_value(status.into()).map_err(|e| {
+                self.corrupt("the runs' statuses".into(), format!("{status:?}: {e}"))
+            })?;
+            counts.insert(status, count as u64);
+        }
+        Ok(counts)
+    }
+
+    async fn journal(&self, id: RunId) -> Result<Vec<Entry>> {
+        let rows = self
+            .client
+            .query(&self.statements.journal, &[&id.as_str()])
+            .await
+            .map_err(|e| self.db(e))?;
+        let mut entries = Vec::with_capacity(rows.len());
+        for row in rows {
+            let position: i32 = row.get(0);
+            let corrupt = |detail: String| self.corrupt(format!("journal of run {id}"), detail);
+            if position as usize != entries.len() {
+                return Err(corrupt(format!(
+                    "journal index {position} follows {} entries: gap",
+                    entries.len()
+                )));
+            }
+            let entry: Entry = serde_json::from_str(row.get(1))
+                .map_err(|e| corrupt(format!("journal entry {position}: {e}")))?;
+            entries.push(entry);
+        }
+        Ok(entries)
+    }
+
+    async fn load_count(&self, id: RunId) -> Result<u32> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT loads FROM keel_load_counts WHERE run_id = $1",
+                &[&id.as_str()],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(row.map_or(0, |row| row.get::<_, i32>(0).max(0) as u32))
+    }
+
+    async fn stats(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT operation, record FROM keel_stats ORDER BY operation",
+                &[],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
+    }
+}

@@ -1,0 +1,109 @@
+//! A fresh PostgreSQL database per test, on the server `scripts/test.sh` starts (its URL in
+//! `KEEL_TEST_POSTGRES_URL`), so that tests on the PostgreSQL store never share state.
+
+use tokio_postgres::NoTls;
+
+/// The variable that names the tests' PostgreSQL server.
+pub const URL_VARIABLE: &str = "KEEL_TEST_POSTGRES_URL";
+
+/// Creates an empty database on the tests' server and returns its URL.
+///
+/// # Panics
+/// When `KEEL_TEST_POSTGRES_URL` is not set (run the tests through `scripts/test.sh`, which
+/// starts a server, or point it at one), or the server cannot create the database: the
+/// PostgreSQL store's tests never pass by skipping.
+pub async fn fresh_database() -> String {
+    let url = std::env::var(URL_VARIABLE).unwrap_or_else(|_| {
+        panic!(
+            "{URL_VARIABLE} is not set: run the tests with scripts/test.sh, which starts a \
+             throwaway PostgreSQL, or set it to a server's URL (postgres://user@127.0.0.1:PORT/postgres)"
+        )
+    });
+    let (client, connection) = tokio_postgres::connect(&url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("the tests' PostgreSQL at {URL_VARIABLE} does not answer: {e}"));
+    let connection = tokio::spawn(connection);
+    let name = format!("keel_test_{}", uuid::Uuid::new_v4().simple());
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+    drop(client);
+    let _ = connection.await;
+    with_database(&url, &name)
+}
+
+/// Runs `sql` (one or more statements) on the database at `url`: to look at or damage what a
+/// store holds, from outside the engine.
+///
+/// # Panics
+/// When the database does not answer or a statement fails.
+pub async fn execute(url: &str, sql: &str) {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    drop(client);
+    let _ = connection.await;
+}
+
+/// The first column of every row `sql` returns, as text (`sql` casts what it selects).
+///
+/// # Panics
+/// When the database does not answer or the query fails.
+pub async fn query_texts(url: &str, sql: &str) -> Vec<String> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    let connection = tokio::spawn(connection);
+    let rows = client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    drop(client);
+    let _ = connection.await;
+    rows.iter().map(|row| row.get::<_, String>(0)).collect()
+}
+
+/// `url` with its database replaced by `name`.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let server = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{server}/{name}?{query}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    /// The database of a URL is replaced, with or without one, keeping its parameters.
+    #[test]
+    fn a_url_gets_another_database() {
+        assert_eq!(
+            with_database("postgres://keel@127.0.0.1:5432/postgres", "t1"),
+            "postgres://keel@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://keel@127.0.0.1:5432", "t1"),
+            "postgres://keel@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://k@h/db?sslmode=disable", "t1"),
+            "postgres://k@h/t1?sslmode=disable"
+        );
+    }
+}

@@ -1,0 +1,173 @@
+//! The PostgreSQL store: runs complete, compensate and read back across engines on one
+//! database; the schema is versioned; a second engine on the same database is refused.
+//! Needs the server `scripts/test.sh` starts (`KEEL_TEST_POSTGRES_URL`).
+
+use std::path::Path;
+
+use keel::{Engine, EngineError, RunStatus};
+use keel_testkit::effects::{self, Action};
+use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
+use keel_testkit::postgres::{execute, fresh_database, query_texts};
+
+async fn open(dir: &Path, url: &str) -> Result<Engine, EngineError> {
+    Engine::builder(dir)
+        .postgres(url)
+        .workflow::<EffectFlow>()
+        .step::<EffectStep>()
+        .open()
+        .await
+}
+
+fn input(log: &Path, fail_at: Option<u32>) -> EffectFlowInput {
+    EffectFlowInput {
+        steps: 6,
+        fail_at,
+        sleep_ms: 5,
+        log: log.display().to_string(),
+    }
+}
+
+/// A run completes on PostgreSQL with each step's effect made under one key, and a second engine on the
+/// database reads it back: its record, its journal, and an idempotent start of it.
+#[tokio::test]
+async fn a_run_completes_and_reads_back_from_another_engine() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let engine = open(dir.path(), &url).await.unwrap();
+    let run = engine
+        .start::<EffectFlow>("pg-1", input(&log, None))
+        .await
+        .unwrap();
+    let output = run.result().await.unwrap();
+    let history = engine.history("pg-1").await.unwrap();
+    engine.shutdown().await;
+    drop(engine);
+
+    // Each step's effect was made under one key (a lost response is retried with the same
+    // key), and only once the run is done.
+    let done = effects::read(&log);
+    let mut keys = std::collections::BTreeMap::new();
+    for effect in done.iter().filter(|e| e.action == Action::Do) {
+        let key = keys.entry(effect.step).or_insert(effect.key.as_str());
+        assert_eq!(
+            *key, effect.key,
+            "step {} made under two keys: {done:?}",
+            effect.step
+        );
+    }
+    assert!(keys.len() >= 6, "every step made its effect: {done:?}");
+
+    let engine = open(dir.path(), &url).await.unwrap();
+    let record = engine.status("pg-1").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed);
+    assert_eq!(record.output, Some(serde_json::json!(output)));
+    assert_eq!(engine.history("pg-1").await.unwrap(), history);
+    let again = engine
+        .start::<EffectFlow>("pg-1", input(&log, None))
+        .await
+        .unwrap();
+    assert_eq!(again.result().await.unwrap(), output);
+    let other = engine
+        .start::<EffectFlow>("pg-1", input(&log, Some(1)))
+        .await;
+    assert!(
+        matches!(other, Err(EngineError::IdempotencyMismatch { .. })),
+        "another input under the same id is refused: {other:?}"
+    );
+    let rows = query_texts(
+        &url,
+        "SELECT count(*)::text FROM keel_journal WHERE run_id = 'pg-1'",
+    )
+    .await;
+    assert_eq!(rows, vec![history.entries.len().to_string()]);
+    engine.shutdown().await;
+}
+
+/// A run whose step fails for good is compensated on PostgreSQL: every effect it made is
+/// undone, newest first, and the run ends compensated.
+#[tokio::test]
+async fn a_failed_run_is_compensated() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let engine = open(dir.path(), &url).await.unwrap();
+    let run = engine
+        .start::<EffectFlow>("pg-fail", input(&log, Some(4)))
+        .await
+        .unwrap();
+    assert!(run.result().await.is_err());
+    let record = engine.status("pg-fail").await.unwrap();
+    assert_eq!(record.status, RunStatus::Compensated, "{record:?}");
+    engine.shutdown().await;
+    let entries = effects::read(&log);
+    let undone: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.action == Action::Undo)
+        .map(|e| e.key.as_str())
+        .collect();
+    let done: Vec<&str> = entries
+        .iter()
+        .filter(|e| e.action == Action::Do)
+        .map(|e| e.key.as_str())
+        .collect();
+    for key in &done {
+        assert!(
+            undone.contains(key),
+            "effect {key} was left behind: {entries:?}"
+        );
+    }
+}
+
+/// A second engine on a database another engine uses is refused with an error that says
+/// so, and the first goes on.
+#[tokio::test]
+async fn a_second_engine_on_the_database_is_refused() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let first = open(dir.path(), &url).await.unwrap();
+    let second = open(dir.path(), &url).await;
+    let error = second.expect_err("a second engine is refused").to_string();
+    assert!(
+        error.contains("another Keel engine is using this database"),
+        "{error}"
+    );
+    assert!(!error.contains("password"), "{error}");
+    let run = first
+        .start::<EffectFlow>("pg-first", input(&log, None))
+        .await
+        .unwrap();
+    run.result().await.unwrap();
+    first.shutdown().await;
+}
+
+/// A database whose schema a newer Keel wrote is refused, naming both versions, and left
+/// as it was; a database that cannot be reached is refused naming it without its password.
+#[tokio::test]
+async fn a_newer_schema_or_an_unreachable_database_is_refused() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    open(dir.path(), &url).await.unwrap().shutdown().await;
+    execute(&url, "UPDATE keel_schema SET version = 99").await;
+    let error = open(dir.path(), &url)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        error.contains("schema version 99, newer than this binary's 1"),
+        "{error}"
+    );
+    let version = query_texts(&url, "SELECT version::text FROM keel_schema").await;
+    assert_eq!(
+        version,
+        vec!["99".to_string()],
+        "the database is left as it was"
+    );
+
+    let error = open(dir.path(), "postgres://keel:hunter2@127.0.0.1:1/nothing")
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        error.contains("postgres://keel@127.0.0.1:1/nothing"),
+        "{error}"
+    );
+    assert!(!error.contains("hunter2"), "{error}");
+}
