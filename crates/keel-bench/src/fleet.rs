@@ -18,7 +18,7 @@ use keel_steps::aws::AwsClients;
 use keel_testkit::aws::SdkOptions;
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
-use keel_testkit::proxy::{Applied, Fault, FaultProxy, FaultRule, Rules};
+use keel_testkit::proxy::{Applied, Fault, FaultProxy, FaultRule, RequestRecord, Rules};
 use keel_workflows::fleet::OnboardFleet;
 use keel_workflows::sample;
 use keel_workflows::KeelWorkflows;
@@ -104,23 +104,51 @@ pub(crate) async fn run(dir: &Path, params: FleetParams) -> anyhow::Result<Fleet
     let duration = started.elapsed().as_secs_f64();
     engine.shutdown().await;
 
+    check_moto(&account, fleet.onboarded.len()).await?;
+    let requests = proxy.requests();
+    let by_operation = calls_by_operation(&requests);
+    let after = measure::baseline(dir, "fleet-baseline-after")?;
+    let baseline = Baseline::new(before, after);
+    Ok(FleetReport {
+        params,
+        duration_s: duration,
+        onboarded: fleet.onboarded.len(),
+        failed: fleet.failed.len(),
+        api_calls: requests.len(),
+        throttled: requests.iter().filter(|r| is_throttled(r)).count(),
+        by_operation,
+        duration_in_baseline_appends: duration * baseline.mean_per_s,
+        baseline,
+    })
+}
+
+/// Checks moto's ground truth: one thing and one active certificate per onboarded device.
+async fn check_moto(account: &TestAccount, onboarded: usize) -> anyhow::Result<()> {
     let truth = Inventory::read(&account.sdk_config().await).await?;
     let active = truth
         .certificates
         .iter()
         .filter(|c| c.status == "ACTIVE")
         .count();
-    if truth.things.len() != fleet.onboarded.len() || active != fleet.onboarded.len() {
+    if truth.things.len() != onboarded || active != onboarded {
         bail!(
             "moto holds {} things and {active} active certificates for {} onboarded devices",
             truth.things.len(),
-            fleet.onboarded.len()
+            onboarded
         );
     }
-    let requests = proxy.requests();
-    let is_throttled = |r: &keel_testkit::proxy::RequestRecord| r.fault == Some(Applied::Throttled);
+    Ok(())
+}
+
+/// Whether the proxy answered the request with a throttling error.
+fn is_throttled(r: &RequestRecord) -> bool {
+    r.fault == Some(Applied::Throttled)
+}
+
+/// The requests' calls and throttles by operation, most calls first (ties by name).
+fn calls_by_operation(requests: &[RequestRecord]) -> Vec<OperationCalls> {
     let mut by_operation: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    for r in &requests {
+    for r in requests {
         let entry = by_operation
             .entry(format!("{}:{}", r.service, r.operation))
             .or_default();
@@ -136,19 +164,7 @@ pub(crate) async fn run(dir: &Path, params: FleetParams) -> anyhow::Result<Fleet
         })
         .collect();
     by_operation.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.operation.cmp(&b.operation)));
-    let after = measure::baseline(dir, "fleet-baseline-after")?;
-    let baseline = Baseline::new(before, after);
-    Ok(FleetReport {
-        params,
-        duration_s: duration,
-        onboarded: fleet.onboarded.len(),
-        failed: fleet.failed.len(),
-        api_calls: requests.len(),
-        throttled: requests.iter().filter(|r| is_throttled(r)).count(),
-        by_operation,
-        duration_in_baseline_appends: duration * baseline.mean_per_s,
-        baseline,
-    })
+    by_operation
 }
 
 impl FleetReport {

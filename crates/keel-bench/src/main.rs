@@ -211,6 +211,11 @@ enum Output {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let output = if cli.json {
+        Output::Json
+    } else {
+        Output::Table
+    };
     match cli.command {
         Some(Command::Populate {
             dir,
@@ -223,24 +228,13 @@ async fn main() -> anyhow::Result<()> {
             throttle,
             seed,
         }) => {
-            if !(0.0..=1.0).contains(&throttle) {
-                bail!("--throttle must be between 0 and 1, not {throttle}");
-            }
-            std::fs::create_dir_all(&cli.dir)
-                .with_context(|| format!("creating {}", cli.dir.display()))?;
             let params = fleet::FleetParams {
                 devices,
                 concurrency,
                 throttle,
                 seed,
             };
-            let report = fleet::run(&cli.dir, params).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
+            run_fleet(&cli.dir, params, output).await
         }
         Some(Command::LoadChild) => load::child().await,
         Some(Command::Load {
@@ -255,12 +249,6 @@ async fn main() -> anyhow::Result<()> {
             seed,
             keep,
         }) => {
-            if !(0.0..=1.0).contains(&throttle) {
-                bail!("--throttle must be between 0 and 1, not {throttle}");
-            }
-            if runs == 0 || time_scale <= 0.0 || capacity <= 0.0 {
-                bail!("--runs, --time-scale and --capacity must be positive");
-            }
             let knobs = load::LoadKnobs {
                 runs,
                 time_scale,
@@ -273,53 +261,83 @@ async fn main() -> anyhow::Result<()> {
                 seed,
                 keep,
             };
-            let (report, kept) = load::run(&cli.dir, &knobs).await?;
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            if let Some(dir) = kept {
-                eprintln!("store and logs kept in {}", dir.display());
-            }
-            Ok(())
+            run_load(&cli.dir, &knobs, output).await
         }
         Some(Command::Waits {
             seed,
             resources,
             warm_up,
             outlier_rate,
-        }) => {
-            if !(0.0..=1.0).contains(&outlier_rate) {
-                bail!("--outlier-rate must be between 0 and 1, not {outlier_rate}");
-            }
-            let readiness = waits::Readiness {
-                outlier_rate,
-                ..waits::Readiness::DEFAULT
-            };
-            let report = waits::simulate(readiness, seed, resources, warm_up);
-            if cli.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.table());
-            }
-            Ok(())
-        }
+        }) => run_waits(seed, resources, warm_up, outlier_rate, output),
         None => {
             let sizes = if cli.quick { Sizes::QUICK } else { Sizes::FULL };
-            let output = if cli.json {
-                Output::Json
-            } else {
-                Output::Table
-            };
             let report = bench(&cli.dir, sizes).await?;
-            match output {
-                Output::Table => print!("{}", report.table()),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-            }
-            Ok(())
+            print_report(output, &report, Report::table)
         }
     }
+}
+
+/// Prints a report as the user asked: its table, or one JSON object.
+fn print_report<R: serde::Serialize>(
+    output: Output,
+    report: &R,
+    table: impl FnOnce(&R) -> String,
+) -> anyhow::Result<()> {
+    match output {
+        Output::Table => print!("{}", table(report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
+    }
+    Ok(())
+}
+
+/// `keel-bench fleet`: checks the throttle fraction, onboards the fleet under `dir` and
+/// prints the report.
+async fn run_fleet(dir: &Path, params: fleet::FleetParams, output: Output) -> anyhow::Result<()> {
+    let throttle = params.throttle;
+    if !(0.0..=1.0).contains(&throttle) {
+        bail!("--throttle must be between 0 and 1, not {throttle}");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let report = fleet::run(dir, params).await?;
+    print_report(output, &report, fleet::FleetReport::table)
+}
+
+/// `keel-bench load`: checks the knobs, runs the load under `dir`, prints the report and
+/// says where the store and logs were kept, if they were.
+async fn run_load(dir: &Path, knobs: &load::LoadKnobs, output: Output) -> anyhow::Result<()> {
+    let throttle = knobs.throttle;
+    if !(0.0..=1.0).contains(&throttle) {
+        bail!("--throttle must be between 0 and 1, not {throttle}");
+    }
+    if knobs.runs == 0 || knobs.time_scale <= 0.0 || knobs.capacity <= 0.0 {
+        bail!("--runs, --time-scale and --capacity must be positive");
+    }
+    let (report, kept) = load::run(dir, knobs).await?;
+    print_report(output, &report, keel_testkit::simcloud::LoadReport::table)?;
+    if let Some(dir) = kept {
+        eprintln!("store and logs kept in {}", dir.display());
+    }
+    Ok(())
+}
+
+/// `keel-bench waits`: checks the outlier rate, simulates the wait strategies and prints the
+/// report.
+fn run_waits(
+    seed: u64,
+    resources: u32,
+    warm_up: u32,
+    outlier_rate: f64,
+    output: Output,
+) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&outlier_rate) {
+        bail!("--outlier-rate must be between 0 and 1, not {outlier_rate}");
+    }
+    let readiness = waits::Readiness {
+        outlier_rate,
+        ..waits::Readiness::DEFAULT
+    };
+    let report = waits::simulate(readiness, seed, resources, warm_up);
+    print_report(output, &report, waits::WaitsReport::table)
 }
 
 /// Runs every measurement in a fresh directory under `parent` (removed at the end) and builds
@@ -420,8 +438,15 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
 
 /// The report's lines, with their targets (set for the full sizes).
 fn figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
-    let base = &m.baseline;
-    let resume_runs = thousands(sizes.resume_runs);
+    let mut figures = baseline_figures(&m.baseline);
+    figures.extend(rate_figures(m, sizes));
+    figures.extend(resume_figures(m, sizes));
+    figures.extend(memory_figures(m, sizes));
+    figures
+}
+
+/// The disk's raw append rate, before and after: the yardstick of every other figure.
+fn baseline_figures(base: &Baseline) -> Vec<Figure> {
     vec![
         Figure::rate(
             "baseline, before",
@@ -431,6 +456,13 @@ fn figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
             None,
         ),
         Figure::rate("baseline, after", base.after_per_s, "appends/s", base, None),
+    ]
+}
+
+/// The engine's rates: steps of one run, of a fan-out, of concurrent runs, and starts.
+fn rate_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
+    let base = &m.baseline;
+    vec![
         Figure::rate(
             format!(
                 "one run of {} no-op steps",
@@ -471,6 +503,14 @@ fn figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
             base,
             Some(3.0),
         ),
+    ]
+}
+
+/// How long resume after SIGKILL took: until `open()` returned, and until every run completed.
+fn resume_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
+    let base = &m.baseline;
+    let resume_runs = thousands(sizes.resume_runs);
+    vec![
         Figure::duration(
             format!("resume of {resume_runs} runs after SIGKILL: open() returned"),
             m.resumed.opened.as_secs_f64(),
@@ -483,6 +523,12 @@ fn figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
             base,
             Some(2.0),
         ),
+    ]
+}
+
+/// Memory: per sleeping run, and the whole run's peak.
+fn memory_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
+    vec![
         Figure::size(
             format!(
                 "memory per sleeping run ({} runs)",

@@ -156,6 +156,19 @@ pub(crate) struct Report {
 impl Report {
     /// The report as an aligned Markdown table, preceded by what it was measured on.
     pub(crate) fn table(&self) -> String {
+        let mut out = self.preamble();
+        out.push('\n');
+        out.push_str(&self.figure_table());
+        out.push_str(
+            "\nratio to baseline: a rate divided by the baseline rate; a duration times the \
+             baseline rate (how many baseline appends the disk did meanwhile).\n",
+        );
+        out
+    }
+
+    /// What the figures were measured on: the data's filesystem, the durability, the baseline
+    /// (with a warning when it moved), and whether the sizes were the quick ones.
+    fn preamble(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!("data: {} on {}\n", self.dir, self.filesystem));
         out.push_str(&format!("durability: {}\n", self.durability));
@@ -173,7 +186,11 @@ impl Report {
         if self.quick {
             out.push_str("quick sizes: the targets are set for the full sizes\n");
         }
-        out.push('\n');
+        out
+    }
+
+    /// The figures as a Markdown table, each column as wide as its widest cell.
+    fn figure_table(&self) -> String {
         let header = [
             "figure",
             "value",
@@ -182,23 +199,7 @@ impl Report {
             "target",
             "met",
         ];
-        let rows: Vec<[String; 6]> = self
-            .figures
-            .iter()
-            .map(|f| {
-                [
-                    f.name.clone(),
-                    format!("{:.*}", f.decimals, f.value),
-                    f.unit.to_owned(),
-                    f.ratio_text(),
-                    f.target.clone().unwrap_or_default(),
-                    f.met
-                        .map(|met| if met { "yes" } else { "NO" })
-                        .unwrap_or_default()
-                        .to_owned(),
-                ]
-            })
-            .collect();
+        let rows: Vec<[String; 6]> = self.figures.iter().map(Figure::cells).collect();
         let mut widths = header.map(str::len);
         for row in &rows {
             for (width, cell) in widths.iter_mut().zip(row) {
@@ -218,17 +219,30 @@ impl Report {
                 .collect();
             format!("| {} |\n", padded.join(" | "))
         };
-        out.push_str(&line(&header.map(str::to_owned)));
+        let mut out = line(&header.map(str::to_owned));
         let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
         out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
         for row in &rows {
             out.push_str(&line(row));
         }
-        out.push_str(
-            "\nratio to baseline: a rate divided by the baseline rate; a duration times the \
-             baseline rate (how many baseline appends the disk did meanwhile).\n",
-        );
         out
+    }
+}
+
+impl Figure {
+    /// The figure's row of the table: name, value, unit, ratio, target and whether it is met.
+    fn cells(&self) -> [String; 6] {
+        [
+            self.name.clone(),
+            format!("{:.*}", self.decimals, self.value),
+            self.unit.to_owned(),
+            self.ratio_text(),
+            self.target.clone().unwrap_or_default(),
+            self.met
+                .map(|met| if met { "yes" } else { "NO" })
+                .unwrap_or_default()
+                .to_owned(),
+        ]
     }
 }
 

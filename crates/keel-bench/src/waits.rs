@@ -10,10 +10,11 @@
 //! probes take no time and a probe answers
 //! "ready" exactly when the drawn readiness time has passed.
 
+use std::fmt::Write;
 use std::time::Duration;
 
 use keel_engine::test_utilities::LatencyStats;
-use keel_engine::{LearnedDeadline, WaitPolicy, WaitSchedule};
+use keel_engine::{LearnedDeadline, OperationStats, WaitPolicy, WaitSchedule};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -165,28 +166,64 @@ pub(crate) fn simulate(
     warm_up: u32,
 ) -> WaitsReport {
     let mut rng = StdRng::seed_from_u64(seed);
-
-    // The warm-up: what the engine would have recorded for `warm_up` earlier waits polled
-    // every millisecond (the detection time, which includes up to 1 ms of overshoot).
-    let polling = WaitPolicy::every(Duration::from_millis(1), Duration::from_secs(3600))
-        .growth(1.0)
-        .jitter(0.0);
-    let mut stats = LatencyStats::default();
-    for _ in 0..warm_up {
-        let ready = readiness.draw(&mut rng);
-        if let Ended::Ready { at_ms, .. } = wait(&polling.resolve(0, None), ready, &mut rng) {
-            stats.record(Duration::from_millis(at_ms), "warm-up", 0);
-        }
-    }
-    let learned_stats = stats.summary("wait:simulated");
+    let learned_stats = warm_up_stats(&readiness, warm_up, &mut rng);
 
     // Every resource's readiness, per generation, drawn once and shared by all strategies.
     let draws: Vec<[f64; GENERATIONS as usize]> = (0..resources)
         .map(|_| std::array::from_fn(|_| readiness.draw(&mut rng)))
         .collect();
 
+    let first: Vec<f64> = draws.iter().map(|d| d[0]).collect();
+    let mut sorted_first = first.clone();
+    sorted_first.sort_by(f64::total_cmp);
+    let outliers = first
+        .iter()
+        .filter(|r| **r >= readiness.mean_ms * readiness.outlier_low)
+        .count() as u32;
+
+    let strategies = strategies(warm_up)
+        .into_iter()
+        .map(|(name, policy)| {
+            let schedule = policy.resolve(0, Some(&learned_stats));
+            strategy(name, &schedule, &draws, readiness.mean_ms, &mut rng)
+        })
+        .collect();
+
+    WaitsReport {
+        seed,
+        resources,
+        warm_up,
+        readiness,
+        readiness_mean_ms: first.iter().sum::<f64>() / first.len().max(1) as f64,
+        readiness_p50_ms: quantile(&sorted_first, 0.5),
+        readiness_p99_ms: quantile(&sorted_first, 0.99),
+        readiness_max_ms: sorted_first.last().copied().unwrap_or(0.0),
+        outliers,
+        strategies,
+    }
+}
+
+/// The warm-up: what the engine would have recorded for `warm_up` earlier waits polled
+/// every millisecond (the detection time, which includes up to 1 ms of overshoot).
+fn warm_up_stats(readiness: &Readiness, warm_up: u32, rng: &mut StdRng) -> OperationStats {
+    let polling = WaitPolicy::every(Duration::from_millis(1), Duration::from_secs(3600))
+        .growth(1.0)
+        .jitter(0.0);
+    let mut stats = LatencyStats::default();
+    for _ in 0..warm_up {
+        let ready = readiness.draw(rng);
+        if let Ended::Ready { at_ms, .. } = wait(&polling.resolve(0, None), ready, rng) {
+            stats.record(Duration::from_millis(at_ms), "warm-up", 0);
+        }
+    }
+    stats.summary("wait:simulated")
+}
+
+/// The strategies compared, by name: what a script would do (without jitter), and the
+/// learned policy after `warm_up` samples.
+fn strategies(warm_up: u32) -> Vec<(&'static str, WaitPolicy)> {
     let script = |p: WaitPolicy| p.jitter(0.0);
-    let strategies: Vec<(&str, WaitPolicy)> = vec![
+    vec![
         (
             "fixed sleep 100 ms",
             script(
@@ -209,38 +246,70 @@ pub(crate) fn simulate(
                 .learn_after(u64::from(warm_up.max(1)))
                 .learned_deadline(LearnedDeadline::UsualTail),
         ),
-    ];
+    ]
+}
 
-    let first: Vec<f64> = draws.iter().map(|d| d[0]).collect();
-    let mut sorted_first = first.clone();
-    sorted_first.sort_by(f64::total_cmp);
-    let outliers = first
-        .iter()
-        .filter(|r| **r >= readiness.mean_ms * readiness.outlier_low)
-        .count() as u32;
+/// What one strategy's waits measured, over the resources simulated so far.
+#[derive(Default)]
+struct Outcomes {
+    /// Waiting each resource out: time between ready and noticed (ms).
+    overshoot: Vec<f64>,
+    /// Waiting each resource out: time to noticed readiness (ms).
+    wait_ready: Vec<f64>,
+    /// Waiting each resource out: probes.
+    probes: u64,
+    /// Recreating on the deadline: time from the first create to noticed readiness (ms).
+    recreate_ready: Vec<f64>,
+    /// Recreating on the deadline: probes.
+    recreate_probes: u64,
+    /// Recreating on the deadline: generations abandoned.
+    recreations: u32,
+}
 
-    let strategies = strategies
-        .into_iter()
-        .map(|(name, policy)| {
-            let schedule = policy.resolve(0, Some(&learned_stats));
-            strategy(name, &schedule, &draws, readiness.mean_ms, &mut rng)
-        })
-        .collect();
+impl Outcomes {
+    /// Waits the first generation out, with no deadline.
+    fn wait_out(&mut self, unbounded: &WaitSchedule, ready: f64, rng: &mut StdRng) {
+        match wait(unbounded, ready, rng) {
+            Ended::Ready { at_ms, probes } => {
+                self.overshoot.push(at_ms as f64 - ready);
+                self.wait_ready.push(at_ms as f64);
+                self.probes += u64::from(probes);
+            }
+            Ended::TimedOut { .. } => unreachable!("no deadline"),
+        }
+    }
 
-    WaitsReport {
-        seed,
-        resources,
-        warm_up,
-        readiness,
-        readiness_mean_ms: first.iter().sum::<f64>() / first.len().max(1) as f64,
-        readiness_p50_ms: quantile(&sorted_first, 0.5),
-        readiness_p99_ms: quantile(&sorted_first, 0.99),
-        readiness_max_ms: sorted_first.last().copied().unwrap_or(0.0),
-        outliers,
-        strategies,
+    /// Recreates on the deadline: each abandoned generation costs its deadline; the last
+    /// generation is waited out.
+    fn recreate(
+        &mut self,
+        schedule: &WaitSchedule,
+        unbounded: &WaitSchedule,
+        draw: &[f64],
+        rng: &mut StdRng,
+    ) {
+        let mut elapsed = 0.0;
+        for (generation, ready) in draw.iter().enumerate() {
+            let last = generation + 1 == draw.len();
+            let schedule = if last { unbounded } else { schedule };
+            match wait(schedule, *ready, rng) {
+                Ended::Ready { at_ms, probes } => {
+                    self.recreate_probes += u64::from(probes);
+                    self.recreate_ready.push(elapsed + at_ms as f64);
+                    break;
+                }
+                Ended::TimedOut { at_ms, probes } => {
+                    self.recreate_probes += u64::from(probes);
+                    self.recreations += 1;
+                    elapsed += at_ms as f64;
+                }
+            }
+        }
     }
 }
 
+/// Simulates one strategy over every resource, waiting each out and recreating on its
+/// deadline, and sums it up.
 fn strategy(
     name: &str,
     schedule: &WaitSchedule,
@@ -252,77 +321,52 @@ fn strategy(
         deadline_ms: u64::MAX,
         ..schedule.clone()
     };
-    let mut overshoot = Vec::new();
-    let mut wait_ready = Vec::new();
-    let mut probes = 0u64;
-    let mut recreate_ready = Vec::new();
-    let mut recreate_probes = 0u64;
-    let mut recreations = 0;
+    let mut o = Outcomes::default();
     for draw in draws {
-        // Waiting it out.
-        match wait(&unbounded, draw[0], rng) {
-            Ended::Ready { at_ms, probes: p } => {
-                overshoot.push(at_ms as f64 - draw[0]);
-                wait_ready.push(at_ms as f64);
-                probes += u64::from(p);
-            }
-            Ended::TimedOut { .. } => unreachable!("no deadline"),
-        }
-        // Recreating on the deadline: each abandoned generation costs its deadline.
-        let mut elapsed = 0.0;
-        for (generation, ready) in draw.iter().enumerate() {
-            let last = generation + 1 == draw.len();
-            let schedule = if last { &unbounded } else { schedule };
-            match wait(schedule, *ready, rng) {
-                Ended::Ready { at_ms, probes: p } => {
-                    recreate_probes += u64::from(p);
-                    recreate_ready.push(elapsed + at_ms as f64);
-                    break;
-                }
-                Ended::TimedOut { at_ms, probes: p } => {
-                    recreate_probes += u64::from(p);
-                    recreations += 1;
-                    elapsed += at_ms as f64;
-                }
-            }
-        }
+        o.wait_out(&unbounded, draw[0], rng);
+        o.recreate(schedule, &unbounded, draw, rng);
     }
     let n = draws.len().max(1) as f64;
-    for v in [&mut overshoot, &mut wait_ready, &mut recreate_ready] {
+    for v in [&mut o.overshoot, &mut o.wait_ready, &mut o.recreate_ready] {
         v.sort_by(f64::total_cmp);
     }
     StrategyReport {
         strategy: name.into(),
-        schedule: format!(
-            "first poll {} ms, every {} ms{}, x{} up to {} ms, deadline {} ms",
-            schedule.initial_delay_ms,
-            schedule.dense_interval_ms,
-            if schedule.dense_until_ms > 0 {
-                format!(" until {} ms", schedule.dense_until_ms)
-            } else {
-                String::new()
-            },
-            schedule.growth,
-            schedule.interval_max_ms,
-            schedule.deadline_ms
-        ),
-        overshoot_p50_ms: quantile(&overshoot, 0.5),
-        overshoot_p99_ms: quantile(&overshoot, 0.99),
-        overshoot_p50_of_mean: quantile(&overshoot, 0.5) / mean_ms,
-        probes_per_resource: probes as f64 / n,
-        recreate_time_to_ready_p50_ms: quantile(&recreate_ready, 0.5),
-        recreate_time_to_ready_p99_ms: quantile(&recreate_ready, 0.99),
-        recreate_time_to_ready_p999_ms: quantile(&recreate_ready, 0.999),
-        recreate_time_to_ready_max_ms: recreate_ready.last().copied().unwrap_or(0.0),
-        recreate_total_sequential_ms: recreate_ready.iter().sum(),
-        recreate_total_parallel_ms: recreate_ready.last().copied().unwrap_or(0.0),
-        recreate_probes_per_resource: recreate_probes as f64 / n,
-        recreations,
-        wait_time_to_ready_p99_ms: quantile(&wait_ready, 0.99),
-        wait_time_to_ready_p999_ms: quantile(&wait_ready, 0.999),
-        wait_total_sequential_ms: wait_ready.iter().sum(),
-        wait_total_parallel_ms: wait_ready.last().copied().unwrap_or(0.0),
+        schedule: describe(schedule),
+        overshoot_p50_ms: quantile(&o.overshoot, 0.5),
+        overshoot_p99_ms: quantile(&o.overshoot, 0.99),
+        overshoot_p50_of_mean: quantile(&o.overshoot, 0.5) / mean_ms,
+        probes_per_resource: o.probes as f64 / n,
+        recreate_time_to_ready_p50_ms: quantile(&o.recreate_ready, 0.5),
+        recreate_time_to_ready_p99_ms: quantile(&o.recreate_ready, 0.99),
+        recreate_time_to_ready_p999_ms: quantile(&o.recreate_ready, 0.999),
+        recreate_time_to_ready_max_ms: o.recreate_ready.last().copied().unwrap_or(0.0),
+        recreate_total_sequential_ms: o.recreate_ready.iter().sum(),
+        recreate_total_parallel_ms: o.recreate_ready.last().copied().unwrap_or(0.0),
+        recreate_probes_per_resource: o.recreate_probes as f64 / n,
+        recreations: o.recreations,
+        wait_time_to_ready_p99_ms: quantile(&o.wait_ready, 0.99),
+        wait_time_to_ready_p999_ms: quantile(&o.wait_ready, 0.999),
+        wait_total_sequential_ms: o.wait_ready.iter().sum(),
+        wait_total_parallel_ms: o.wait_ready.last().copied().unwrap_or(0.0),
     }
+}
+
+/// A schedule in a line: first poll, interval (dense, then growing), cap and deadline.
+fn describe(schedule: &WaitSchedule) -> String {
+    format!(
+        "first poll {} ms, every {} ms{}, x{} up to {} ms, deadline {} ms",
+        schedule.initial_delay_ms,
+        schedule.dense_interval_ms,
+        if schedule.dense_until_ms > 0 {
+            format!(" until {} ms", schedule.dense_until_ms)
+        } else {
+            String::new()
+        },
+        schedule.growth,
+        schedule.interval_max_ms,
+        schedule.deadline_ms
+    )
 }
 
 /// Nearest-rank quantile of sorted values.
@@ -337,8 +381,16 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
 impl WaitsReport {
     /// The report as text: one block per strategy and the targets.
     pub(crate) fn table(&self) -> String {
-        use std::fmt::Write;
         let mut out = String::new();
+        self.write_readiness(&mut out);
+        self.write_strategies(&mut out);
+        self.write_legend(&mut out);
+        self.write_targets(&mut out);
+        out
+    }
+
+    /// What was simulated: the readiness distribution, and what was drawn from it.
+    fn write_readiness(&self, out: &mut String) {
         let r = &self.readiness;
         let _ = writeln!(
             out,
@@ -364,6 +416,10 @@ impl WaitsReport {
             self.readiness_max_ms,
             self.outliers
         );
+    }
+
+    /// The table proper: a header and one row per strategy.
+    fn write_strategies(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "{:<28} {:>9} {:>9} {:>7} {:>8} | {:>9} {:>9} {:>9} {:>10} {:>7} {:>7}",
@@ -396,6 +452,10 @@ impl WaitsReport {
                 s.recreate_probes_per_resource,
             );
         }
+    }
+
+    /// What the table's two halves mean, and each strategy's resolved schedule.
+    fn write_legend(&self, out: &mut String) {
         let _ = writeln!(
             out,
             "\nleft: waiting each resource out (overshoot = noticed - ready; p50/mu = median overshoot / mean readiness)"
@@ -407,44 +467,48 @@ impl WaitsReport {
         for s in &self.strategies {
             let _ = writeln!(out, "  {}: {}", s.strategy, s.schedule);
         }
-        if let (Some(learned), Some(polling)) = (
+    }
+
+    /// The learned policy against its targets, next to 1 ms polling (when both were run).
+    fn write_targets(&self, out: &mut String) {
+        let (Some(learned), Some(polling)) = (
             self.strategies
                 .iter()
                 .find(|s| s.strategy.starts_with("learned")),
             self.strategies
                 .iter()
                 .find(|s| s.strategy.starts_with("fixed polling")),
-        ) {
-            let probe_ratio = learned.probes_per_resource / polling.probes_per_resource;
-            let p99_ratio =
-                learned.recreate_time_to_ready_p99_ms / learned.wait_time_to_ready_p99_ms;
-            let p999_ratio =
-                learned.recreate_time_to_ready_p999_ms / learned.wait_time_to_ready_p999_ms;
-            let _ = writeln!(out, "\ntargets (learned policy):");
-            let _ = writeln!(
-                out,
-                "  median overshoot {:.1}% of the mean readiness (target <= 10%): {}",
-                learned.overshoot_p50_of_mean * 100.0,
-                verdict(learned.overshoot_p50_of_mean <= 0.10)
-            );
-            let _ = writeln!(
-                out,
-                "  probes {:.2}x those of 1 ms polling (target <= 0.33x): {}",
-                probe_ratio,
-                verdict(probe_ratio <= 1.0 / 3.0)
-            );
-            let _ = writeln!(
-                out,
-                "  recreate p99 time to ready {:.2}x waiting it out (target <= 0.5x): {}; p99.9 {:.2}x",
-                p99_ratio,
-                verdict(p99_ratio <= 0.5),
-                p999_ratio
-            );
-        }
-        out
+        ) else {
+            return;
+        };
+        let probe_ratio = learned.probes_per_resource / polling.probes_per_resource;
+        let p99_ratio = learned.recreate_time_to_ready_p99_ms / learned.wait_time_to_ready_p99_ms;
+        let p999_ratio =
+            learned.recreate_time_to_ready_p999_ms / learned.wait_time_to_ready_p999_ms;
+        let _ = writeln!(out, "\ntargets (learned policy):");
+        let _ = writeln!(
+            out,
+            "  median overshoot {:.1}% of the mean readiness (target <= 10%): {}",
+            learned.overshoot_p50_of_mean * 100.0,
+            verdict(learned.overshoot_p50_of_mean <= 0.10)
+        );
+        let _ = writeln!(
+            out,
+            "  probes {:.2}x those of 1 ms polling (target <= 0.33x): {}",
+            probe_ratio,
+            verdict(probe_ratio <= 1.0 / 3.0)
+        );
+        let _ = writeln!(
+            out,
+            "  recreate p99 time to ready {:.2}x waiting it out (target <= 0.5x): {}; p99.9 {:.2}x",
+            p99_ratio,
+            verdict(p99_ratio <= 0.5),
+            p999_ratio
+        );
     }
 }
 
+/// How a target reads in the report.
 fn verdict(met: bool) -> &'static str {
     if met {
         "met"

@@ -37,6 +37,26 @@ pub struct Tally {
 pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally: &mut Tally) {
     let run = &history.run;
     let id = run.id.as_str();
+    check_one_terminal(history, expect);
+    check_status(history, expect);
+    let state = RunState::from_entries(&history.entries)
+        .unwrap_or_else(|e| panic!("run {id}: journal: {e}"));
+    let mine: Vec<&Effect> = effects.iter().filter(|e| e.run == id).collect();
+    let run_id = RunId::new(id).expect("valid id");
+
+    let abandoned = abandoned_steps(history);
+    tally.abandoned += abandoned.len();
+    let attempts = Attempts::of_effects(&run_id, &mine, &abandoned);
+    check_done_attempts(id, &state, &attempts.done, tally);
+    check_undo_attempts(history, &attempts.undo, tally);
+    check_effects_left(history, expect, &state, &attempts, &abandoned);
+}
+
+/// Checks that the run has exactly one terminal entry; a completed child of a compensated
+/// run has a second one, its compensation, which is the one that counts.
+fn check_one_terminal(history: &RunHistory, expect: Expect) {
+    let run = &history.run;
+    let id = run.id.as_str();
     let mut terminal: Vec<&Event> = history
         .entries
         .iter()
@@ -65,6 +85,12 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
         run.status,
         run.error
     );
+}
+
+/// Checks that the run ended with the status (and output) expected of it.
+fn check_status(history: &RunHistory, expect: Expect) {
+    let run = &history.run;
+    let id = run.id.as_str();
     match expect {
         Expect::Completed(output) => {
             assert_eq!(
@@ -86,14 +112,12 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
             run.error
         ),
     }
-    let state = RunState::from_entries(&history.entries)
-        .unwrap_or_else(|e| panic!("run {id}: journal: {e}"));
-    let mine: Vec<&Effect> = effects.iter().filter(|e| e.run == id).collect();
-    let run_id = RunId::new(id).expect("valid id");
+}
 
-    // Steps the run undid while going on (a recreated resource): their undo started before
-    // compensation began, if it did.
-    let abandoned: BTreeSet<u32> = history
+/// Steps the run undid while going on (a recreated resource): their undo started before
+/// compensation began, if it did.
+fn abandoned_steps(history: &RunHistory) -> BTreeSet<u32> {
+    history
         .entries
         .iter()
         .map(|e| &e.event)
@@ -102,52 +126,71 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
             Event::StepCompensationStarted { step, .. } => Some(step.0),
             _ => None,
         })
-        .collect();
-    tally.abandoned += abandoned.len();
+        .collect()
+}
 
-    let mut done_attempts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    let mut undo_attempts: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-    let mut undo_order: Vec<u32> = Vec::new();
-    for effect in &mine {
-        let key = IdempotencyKey::for_step(&run_id, OperationIndex(effect.step)).to_string();
-        assert_eq!(
-            effect.key, key,
-            "run {id} step {}: effect ran with another key",
-            effect.step
-        );
-        match effect.action {
-            Action::Do => {
-                assert!(
-                    undo_order.is_empty(),
-                    "run {id}: step {} ran after compensation began",
-                    effect.step
-                );
-                done_attempts
-                    .entry(effect.step)
-                    .or_default()
-                    .push(effect.attempt);
-            }
-            Action::Undo => {
-                undo_attempts
-                    .entry(effect.step)
-                    .or_default()
-                    .push(effect.attempt);
-                if abandoned.contains(&effect.step) {
-                    continue;
-                }
-                if let Some(last) = undo_order.last() {
+/// The attempts of each step's effect and undo that ran, from the effect log.
+struct Attempts {
+    /// Attempt numbers of each step's effect, in the order they ran.
+    done: BTreeMap<u32, Vec<u32>>,
+    /// Attempt numbers of each step's undo, in the order they ran.
+    undo: BTreeMap<u32, Vec<u32>>,
+}
+
+impl Attempts {
+    /// Collects a run's effects by step, checking on the way that each ran with its step's
+    /// idempotency key, that no step ran after compensation began and that compensation undid
+    /// steps newest first, each once (undos of abandoned steps aside).
+    fn of_effects(run_id: &RunId, mine: &[&Effect], abandoned: &BTreeSet<u32>) -> Self {
+        let id = run_id.as_str();
+        let mut done: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        let mut undo: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        let mut undo_order: Vec<u32> = Vec::new();
+        for effect in mine {
+            let key = IdempotencyKey::for_step(run_id, OperationIndex(effect.step)).to_string();
+            assert_eq!(
+                effect.key, key,
+                "run {id} step {}: effect ran with another key",
+                effect.step
+            );
+            match effect.action {
+                Action::Do => {
                     assert!(
-                        effect.step <= *last,
-                        "run {id}: undo of step {} after undo of older step {last}: not newest first, or undone again",
+                        undo_order.is_empty(),
+                        "run {id}: step {} ran after compensation began",
                         effect.step
                     );
+                    done.entry(effect.step).or_default().push(effect.attempt);
                 }
-                undo_order.push(effect.step);
+                Action::Undo => {
+                    undo.entry(effect.step).or_default().push(effect.attempt);
+                    if abandoned.contains(&effect.step) {
+                        continue;
+                    }
+                    if let Some(last) = undo_order.last() {
+                        assert!(
+                            effect.step <= *last,
+                            "run {id}: undo of step {} after undo of older step {last}: not newest first, or undone again",
+                            effect.step
+                        );
+                    }
+                    undo_order.push(effect.step);
+                }
             }
         }
+        Attempts { done, undo }
     }
+}
 
-    for (step, attempts) in &done_attempts {
+/// Checks each step's effect attempts against the journal: no attempt number twice, and a
+/// completed step ran at its recorded attempt and never after it.
+fn check_done_attempts(
+    id: &str,
+    state: &RunState,
+    done: &BTreeMap<u32, Vec<u32>>,
+    tally: &mut Tally,
+) {
+    for (step, attempts) in done {
         tally.effects += attempts.len();
         if attempts.len() > 1 {
             tally.steps_rerun += 1;
@@ -176,7 +219,13 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
             );
         }
     }
-    for (step, attempts) in &undo_attempts {
+}
+
+/// Checks each step's undo attempts against the journal: the undo is journaled, and no undo
+/// ran at an attempt the journal had not started.
+fn check_undo_attempts(history: &RunHistory, undo: &BTreeMap<u32, Vec<u32>>, tally: &mut Tally) {
+    let id = history.run.id.as_str();
+    for (step, attempts) in undo {
         tally.undos += attempts.len();
         let recorded = history.entries.iter().any(|e| {
             e.event
@@ -204,18 +253,30 @@ pub fn check_run(history: &RunHistory, expect: Expect, effects: &[Effect], tally
             "run {id} step {step}: undo ran at attempts {attempts:?}, journal started at most {last_started}"
         );
     }
+}
 
+/// Checks the external state the run left: a completed run's effects are exactly its
+/// journaled completed steps (abandoned ones aside); a compensated run left nothing.
+fn check_effects_left(
+    history: &RunHistory,
+    expect: Expect,
+    state: &RunState,
+    attempts: &Attempts,
+    abandoned: &BTreeSet<u32>,
+) {
+    let id = history.run.id.as_str();
     // The external state: an effect exists if it ran and no undo ran after it.
-    let left: BTreeSet<u32> = done_attempts
+    let left: BTreeSet<u32> = attempts
+        .done
         .keys()
         .copied()
-        .filter(|s| !undo_attempts.contains_key(s))
+        .filter(|s| !attempts.undo.contains_key(s))
         .collect();
     match expect {
         Expect::Completed(_) => {
-            let undone: BTreeSet<u32> = undo_attempts.keys().copied().collect();
+            let undone: BTreeSet<u32> = attempts.undo.keys().copied().collect();
             assert!(
-                undone.is_subset(&abandoned),
+                undone.is_subset(abandoned),
                 "run {id}: completed run undid steps {undone:?}, of which it abandoned only {abandoned:?}"
             );
             // A step the body got a failure of (a losing select branch, a caught failure)

@@ -208,76 +208,131 @@ fn rules(seed: u64) -> Rules {
     rules
 }
 
+/// The inputs of the demo's runs, written as JSON files; each field is a file's path.
+struct Inputs {
+    /// The Greengrass core that completes.
+    plant: String,
+    /// The fleet of devices.
+    fleet: String,
+    /// The Greengrass core whose deployment fails, so it is compensated.
+    doomed: String,
+}
+
+/// The input of `greengrass.provision-core` for a core `name` with `clients` client devices.
+fn core_input(name: &str, clients: usize) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "role": {
+            "name": format!("{name}-role"),
+            "trust_policy": GREENGRASS_TRUST,
+            "managed_policy_arns": ["arn:aws:iam::aws:policy/service-role/AWSGreengrassResourceAccessRolePolicy"],
+            "assume_timeout_s": 120
+        },
+        "core": {"thing_name": format!("{name}-core"), "policy_document": CONNECT_ONLY},
+        "client_devices": (0..clients).map(|i| format!("{name}-client-{i}")).collect::<Vec<_>>(),
+        "client_policy_document": CONNECT_ONLY,
+        "concurrency": 4,
+        "deployment_timeout_s": 120
+    })
+}
+
+/// The input of `iot.onboard-fleet` for `devices` devices.
+fn fleet_input(devices: usize) -> serde_json::Value {
+    serde_json::json!({
+        "policy_document": CONNECT_ONLY,
+        "thing_names": (0..devices).map(|i| format!("fleet-{i}")).collect::<Vec<_>>(),
+        "concurrency": 8
+    })
+}
+
 impl Demo<'_> {
+    /// The demo's phases in order: start the runs, kill the worker midway, restart it and
+    /// follow the runs to the end, compensate a doomed core, verify, and stop the worker.
     fn script(&mut self) -> Result<(), DemoError> {
-        let dir = self.options.dir.clone();
-        let core = |name: &str, clients: usize| {
-            serde_json::json!({
-                "name": name,
-                "role": {
-                    "name": format!("{name}-role"),
-                    "trust_policy": GREENGRASS_TRUST,
-                    "managed_policy_arns": ["arn:aws:iam::aws:policy/service-role/AWSGreengrassResourceAccessRolePolicy"],
-                    "assume_timeout_s": 120
-                },
-                "core": {"thing_name": format!("{name}-core"), "policy_document": CONNECT_ONLY},
-                "client_devices": (0..clients).map(|i| format!("{name}-client-{i}")).collect::<Vec<_>>(),
-                "client_policy_document": CONNECT_ONLY,
-                "concurrency": 4,
-                "deployment_timeout_s": 120
-            })
-        };
-        let fleet = serde_json::json!({
-            "policy_document": CONNECT_ONLY,
-            "thing_names": (0..self.options.fleet).map(|i| format!("fleet-{i}")).collect::<Vec<_>>(),
-            "concurrency": 8
-        });
-        let plant_input = write_json(&dir.join("plant.json"), &core(PLANT, self.options.clients))?;
-        let fleet_input = write_json(&dir.join("fleet.json"), &fleet)?;
-        let doomed_input = write_json(&dir.join("doomed.json"), &core(DOOMED, 2))?;
-        let data = dir.join("keel-data");
+        let inputs = self.write_inputs()?;
+        let data = self.options.dir.join("keel-data");
 
         writeln!(self.out, "\n== starting the worker")?;
-        let mut worker = self.worker(&data)?;
+        let worker = self.worker(&data)?;
+        self.start_runs(&worker, &inputs)?;
+        self.wait_for_some_devices(&worker)?;
+        self.kill_midway(worker)?;
+
+        writeln!(
+            self.out,
+            "\n== restarting the worker: it resumes every unfinished run"
+        )?;
+        let worker = self.worker(&data)?;
+        self.follow_runs(&worker, &inputs)?;
+        self.compensate_doomed(&worker, &inputs)?;
+        writeln!(self.out, "\n== latency per operation")?;
+        self.keel(&worker, &["stats"], 0)?;
+        self.verify(&worker)?;
+        self.stop(worker)
+    }
+
+    /// Writes the runs' inputs into the demo's directory.
+    fn write_inputs(&self) -> Result<Inputs, DemoError> {
+        let dir = &self.options.dir;
+        Ok(Inputs {
+            plant: write_json(
+                &dir.join("plant.json"),
+                &core_input(PLANT, self.options.clients),
+            )?,
+            fleet: write_json(&dir.join("fleet.json"), &fleet_input(self.options.fleet))?,
+            doomed: write_json(&dir.join("doomed.json"), &core_input(DOOMED, 2))?,
+        })
+    }
+
+    /// Starts the core and the fleet without waiting for them.
+    fn start_runs(&mut self, worker: &Worker, inputs: &Inputs) -> Result<(), DemoError> {
         self.keel(
-            &worker,
+            worker,
             &[
                 "start",
                 "greengrass.provision-core",
                 "--id",
                 PLANT,
                 "--input",
-                &plant_input,
+                &inputs.plant,
             ],
             0,
         )?;
         self.keel(
-            &worker,
+            worker,
             &[
                 "start",
                 "iot.onboard-fleet",
                 "--id",
                 FLEET,
                 "--input",
-                &fleet_input,
+                &inputs.fleet,
             ],
             0,
         )?;
+        Ok(())
+    }
 
-        // Kill the worker midway: once some devices are onboarded, before the runs are done.
+    /// Waits (at most 120 s) until some devices are onboarded, so the kill lands midway:
+    /// after some of the work, before the runs are done.
+    fn wait_for_some_devices(&mut self, worker: &Worker) -> Result<(), DemoError> {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let runs = self.runs(&worker)?;
+            let runs = self.runs(worker)?;
             let done = runs
                 .iter()
                 .filter(|r| r["workflow"] == "iot.onboard-device" && r["status"] == "completed")
                 .count();
             if done >= 3 || Instant::now() > deadline {
                 writeln!(self.out, "\n{done} devices onboarded so far")?;
-                break;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Shows the running runs, then SIGKILLs the worker in the middle of them.
+    fn kill_midway(&mut self, mut worker: Worker) -> Result<(), DemoError> {
         self.keel(&worker, &["list", "--status", "running"], 0)?;
         writeln!(
             self.out,
@@ -286,66 +341,71 @@ impl Demo<'_> {
         )?;
         worker.child.kill()?;
         worker.child.wait()?;
-        drop(worker);
+        Ok(())
+    }
 
-        writeln!(
-            self.out,
-            "\n== restarting the worker: it resumes every unfinished run"
-        )?;
-        let worker = self.worker(&data)?;
+    /// Starts the same ids again on the restarted worker, which returns the same runs, and
+    /// follows them to the end.
+    fn follow_runs(&mut self, worker: &Worker, inputs: &Inputs) -> Result<(), DemoError> {
         writeln!(
             self.out,
             "(starting the same ids again returns the same runs; --wait follows them)"
         )?;
         self.keel(
-            &worker,
+            worker,
             &[
                 "start",
                 "greengrass.provision-core",
                 "--id",
                 PLANT,
                 "--input",
-                &plant_input,
+                &inputs.plant,
                 "--wait",
             ],
             0,
         )?;
         self.keel(
-            &worker,
+            worker,
             &[
                 "start",
                 "iot.onboard-fleet",
                 "--id",
                 FLEET,
                 "--input",
-                &fleet_input,
+                &inputs.fleet,
                 "--wait",
             ],
             0,
         )?;
+        Ok(())
+    }
 
+    /// Runs the core whose deployment fails late (exit 1) and shows its compensation.
+    fn compensate_doomed(&mut self, worker: &Worker, inputs: &Inputs) -> Result<(), DemoError> {
         writeln!(
             self.out,
             "\n== a core whose deployment fails late: everything it made is undone"
         )?;
         self.keel(
-            &worker,
+            worker,
             &[
                 "start",
                 "greengrass.provision-core",
                 "--id",
                 DOOMED,
                 "--input",
-                &doomed_input,
+                &inputs.doomed,
                 "--wait",
             ],
             1,
         )?;
-        self.keel(&worker, &["history", DOOMED], 0)?;
-        self.keel(&worker, &["list"], 0)?;
-        writeln!(self.out, "\n== latency per operation")?;
-        self.keel(&worker, &["stats"], 0)?;
-        self.verify(&worker)?;
+        self.keel(worker, &["history", DOOMED], 0)?;
+        self.keel(worker, &["list"], 0)?;
+        Ok(())
+    }
+
+    /// Stops the worker with SIGTERM and checks that it drained and exited cleanly.
+    fn stop(&mut self, mut worker: Worker) -> Result<(), DemoError> {
         writeln!(
             self.out,
             "\n== stopping the worker (SIGTERM: drain, then exit)"
@@ -356,7 +416,6 @@ impl Demo<'_> {
         if !status.success() {
             return Err(failed("kill -TERM failed"));
         }
-        let mut worker = worker;
         let exit = worker.child.wait()?;
         if !exit.success() {
             return Err(failed(format!("the worker exited with {exit}")));
@@ -433,69 +492,9 @@ impl Demo<'_> {
             .block_on(async { Inventory::read(&self.account.sdk_config().await).await })
             .map_err(|e| failed(format!("reading moto: {e}")))?;
         let runs = self.runs(worker)?;
-        let mut problems = Vec::new();
-        let status = |id: &str| {
-            runs.iter()
-                .find(|r| r["id"] == id)
-                .map(|r| r["status"].as_str().unwrap_or_default().to_string())
-                .unwrap_or_default()
-        };
-        for (id, want) in [
-            (PLANT, "completed"),
-            (FLEET, "completed"),
-            (DOOMED, "compensated"),
-        ] {
-            if status(id) != want {
-                problems.push(format!("run {id} is {:?}, not {want}", status(id)));
-            }
-        }
-        let devices = 1 + self.options.clients + self.options.fleet;
-        let mut expected: Vec<String> = (0..self.options.clients)
-            .map(|i| format!("{PLANT}-client-{i}"))
-            .chain((0..self.options.fleet).map(|i| format!("fleet-{i}")))
-            .chain([format!("{PLANT}-core")])
-            .collect();
-        expected.sort();
-        let mut things: Vec<String> = truth.things.iter().map(|t| t.name.clone()).collect();
-        things.sort();
-        if things != expected {
-            problems.push(format!("things {things:?}, expected {expected:?}"));
-        }
-        let active = truth
-            .certificates
-            .iter()
-            .filter(|c| c.status == "ACTIVE")
-            .count();
-        if truth.certificates.len() != devices || active != devices {
-            problems.push(format!(
-                "{} certificates ({active} active), expected {devices}",
-                truth.certificates.len()
-            ));
-        }
-        if truth.things.iter().any(|t| t.principals.len() != 1) {
-            problems.push("a thing without exactly one certificate".into());
-        }
-        if truth.iot_policies.len() != devices {
-            problems.push(format!(
-                "{} IoT policies, expected {devices}",
-                truth.iot_policies.len()
-            ));
-        }
-        let roles: Vec<&str> = truth.roles.iter().map(|r| r.name.as_str()).collect();
-        if roles != [format!("{PLANT}-role")] {
-            problems.push(format!("roles {roles:?}, expected [\"{PLANT}-role\"]"));
-        }
-        if truth.groups.len() != 1
-            || truth.core_definitions.len() != 1
-            || truth.device_definitions.len() != 1
-        {
-            problems.push(format!(
-                "{} groups, {} core and {} device definitions, expected 1 each",
-                truth.groups.len(),
-                truth.core_definitions.len(),
-                truth.device_definitions.len()
-            ));
-        }
+        let mut problems = status_problems(&runs);
+        problems.extend(device_problems(self.options, &truth));
+        problems.extend(greengrass_problems(&truth));
         if !problems.is_empty() {
             return Err(failed(format!(
                 "{}\n{}",
@@ -503,6 +502,7 @@ impl Demo<'_> {
                 truth.summary()
             )));
         }
+        let devices = device_count(self.options);
         writeln!(
             self.out,
             "ok: {devices} things, each with one active certificate and one policy; 1 role, \
@@ -510,6 +510,93 @@ impl Demo<'_> {
         )?;
         Ok(())
     }
+}
+
+/// The devices the demo onboards: the plant's core, its client devices and the fleet.
+fn device_count(options: &DemoOptions) -> usize {
+    1 + options.clients + options.fleet
+}
+
+/// What is wrong with the ends of the demo's runs (from `keel list --json`).
+fn status_problems(runs: &[serde_json::Value]) -> Vec<String> {
+    let status = |id: &str| {
+        runs.iter()
+            .find(|r| r["id"] == id)
+            .map(|r| r["status"].as_str().unwrap_or_default().to_string())
+            .unwrap_or_default()
+    };
+    let mut problems = Vec::new();
+    for (id, want) in [
+        (PLANT, "completed"),
+        (FLEET, "completed"),
+        (DOOMED, "compensated"),
+    ] {
+        if status(id) != want {
+            problems.push(format!("run {id} is {:?}, not {want}", status(id)));
+        }
+    }
+    problems
+}
+
+/// What is wrong with the IoT things, certificates and policies moto holds: one of each per
+/// device of the plant and the fleet, and nothing of the doomed core.
+fn device_problems(options: &DemoOptions, truth: &Inventory) -> Vec<String> {
+    let devices = device_count(options);
+    let mut problems = Vec::new();
+    let mut expected: Vec<String> = (0..options.clients)
+        .map(|i| format!("{PLANT}-client-{i}"))
+        .chain((0..options.fleet).map(|i| format!("fleet-{i}")))
+        .chain([format!("{PLANT}-core")])
+        .collect();
+    expected.sort();
+    let mut things: Vec<String> = truth.things.iter().map(|t| t.name.clone()).collect();
+    things.sort();
+    if things != expected {
+        problems.push(format!("things {things:?}, expected {expected:?}"));
+    }
+    let active = truth
+        .certificates
+        .iter()
+        .filter(|c| c.status == "ACTIVE")
+        .count();
+    if truth.certificates.len() != devices || active != devices {
+        problems.push(format!(
+            "{} certificates ({active} active), expected {devices}",
+            truth.certificates.len()
+        ));
+    }
+    if truth.things.iter().any(|t| t.principals.len() != 1) {
+        problems.push("a thing without exactly one certificate".into());
+    }
+    if truth.iot_policies.len() != devices {
+        problems.push(format!(
+            "{} IoT policies, expected {devices}",
+            truth.iot_policies.len()
+        ));
+    }
+    problems
+}
+
+/// What is wrong with the IAM role and the Greengrass group and definitions moto holds: the
+/// plant's, once each, and nothing of the doomed core.
+fn greengrass_problems(truth: &Inventory) -> Vec<String> {
+    let mut problems = Vec::new();
+    let roles: Vec<&str> = truth.roles.iter().map(|r| r.name.as_str()).collect();
+    if roles != [format!("{PLANT}-role")] {
+        problems.push(format!("roles {roles:?}, expected [\"{PLANT}-role\"]"));
+    }
+    if truth.groups.len() != 1
+        || truth.core_definitions.len() != 1
+        || truth.device_definitions.len() != 1
+    {
+        problems.push(format!(
+            "{} groups, {} core and {} device definitions, expected 1 each",
+            truth.groups.len(),
+            truth.core_definitions.len(),
+            truth.device_definitions.len()
+        ));
+    }
+    problems
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<String, DemoError> {

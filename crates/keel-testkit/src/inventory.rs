@@ -208,8 +208,21 @@ async fn read_iam(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
     Ok(())
 }
 
+/// Reads the IoT things, certificates and policies into `inventory`.
 async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), InventoryError> {
     let iot = aws_sdk_iot::Client::new(config);
+    inventory.things.extend(read_things(&iot).await?);
+    inventory
+        .certificates
+        .extend(read_certificates(&iot).await?);
+    inventory
+        .iot_policies
+        .extend(read_iot_policies(&iot).await?);
+    Ok(())
+}
+
+/// Every IoT thing, with its attributes and the principals attached to it.
+async fn read_things(iot: &aws_sdk_iot::Client) -> Result<Vec<Thing>, InventoryError> {
     let things: Vec<_> = iot
         .list_things()
         .into_paginator()
@@ -218,6 +231,7 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
         .collect::<Result<_, _>>()
         .await
         .map_err(failed("iot:ListThings"))?;
+    let mut read = Vec::with_capacity(things.len());
     for thing in &things {
         let name = thing.thing_name().unwrap_or_default().to_string();
         let principals = iot
@@ -228,7 +242,7 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
             .map_err(failed("iot:ListThingPrincipals"))?
             .principals()
             .to_vec();
-        inventory.things.push(Thing {
+        read.push(Thing {
             arn: thing.thing_arn().unwrap_or_default().to_string(),
             attributes: thing
                 .attributes()
@@ -238,6 +252,11 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
             principals,
         });
     }
+    Ok(read)
+}
+
+/// Every IoT certificate, with its status and the policies attached to it.
+async fn read_certificates(iot: &aws_sdk_iot::Client) -> Result<Vec<Certificate>, InventoryError> {
     let certificates: Vec<_> = iot
         .list_certificates()
         .into_paginator()
@@ -246,6 +265,7 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
         .collect::<Result<_, _>>()
         .await
         .map_err(failed("iot:ListCertificates"))?;
+    let mut read = Vec::with_capacity(certificates.len());
     for certificate in &certificates {
         let arn = certificate
             .certificate_arn()
@@ -261,7 +281,7 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
             .iter()
             .filter_map(|p| p.policy_name().map(str::to_string))
             .collect();
-        inventory.certificates.push(Certificate {
+        read.push(Certificate {
             id: certificate.certificate_id().unwrap_or_default().to_string(),
             arn,
             status: certificate
@@ -271,6 +291,11 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
             policies,
         });
     }
+    Ok(read)
+}
+
+/// Every IoT policy, with the targets it is attached to.
+async fn read_iot_policies(iot: &aws_sdk_iot::Client) -> Result<Vec<IotPolicy>, InventoryError> {
     let policies: Vec<_> = iot
         .list_policies()
         .into_paginator()
@@ -279,6 +304,7 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
         .collect::<Result<_, _>>()
         .await
         .map_err(failed("iot:ListPolicies"))?;
+    let mut read = Vec::with_capacity(policies.len());
     for policy in &policies {
         let name = policy.policy_name().unwrap_or_default().to_string();
         let targets = iot
@@ -289,9 +315,9 @@ async fn read_iot(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), I
             .map_err(failed("iot:ListTargetsForPolicy"))?
             .targets()
             .to_vec();
-        inventory.iot_policies.push(IotPolicy { name, targets });
+        read.push(IotPolicy { name, targets });
     }
-    Ok(())
+    Ok(read)
 }
 
 async fn read_greengrass(

@@ -270,24 +270,36 @@ fn main() -> ExitCode {
         }
     };
     if let Command::Worker(args) = cli.command {
-        let auth = match (args.no_auth, token) {
-            (true, Some(_)) => {
-                eprintln!("keel worker: --no-auth and an API token exclude each other");
-                return ExitCode::from(2);
-            }
-            (true, None) => worker::Auth::None,
-            (false, Some(token)) => worker::Auth::Token(token),
-            (false, None) => worker::Auth::DataDir,
-        };
-        return match worker::run(args, cli.data_dir, auth) {
-            Ok(worker::Stopped::Drained) => ExitCode::SUCCESS,
-            Ok(worker::Stopped::NotDrained) => ExitCode::from(worker::EXIT_NOT_DRAINED),
-            Err(error) => {
-                eprintln!("keel worker: {error}");
-                ExitCode::from(error.exit_code())
-            }
-        };
+        return run_worker(args, cli.data_dir, token);
     }
+    run_client(cli, token)
+}
+
+/// `keel worker`: decides how the API authenticates, runs the worker and maps how it
+/// stopped to the exit code.
+fn run_worker(args: WorkerArgs, data_dir: PathBuf, token: Option<String>) -> ExitCode {
+    let auth = match (args.no_auth, token) {
+        (true, Some(_)) => {
+            eprintln!("keel worker: --no-auth and an API token exclude each other");
+            return ExitCode::from(2);
+        }
+        (true, None) => worker::Auth::None,
+        (false, Some(token)) => worker::Auth::Token(token),
+        (false, None) => worker::Auth::DataDir,
+    };
+    match worker::run(args, data_dir, auth) {
+        Ok(worker::Stopped::Drained) => ExitCode::SUCCESS,
+        Ok(worker::Stopped::NotDrained) => ExitCode::from(worker::EXIT_NOT_DRAINED),
+        Err(error) => {
+            eprintln!("keel worker: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// Every verb but `worker`: finds the API token (given, or the data directory's), checks
+/// that a token goes only to the worker's own listener, and runs the verb.
+fn run_client(cli: Cli, token: Option<String>) -> ExitCode {
     let token = match token {
         Some(token) => Some(token),
         None => match client::data_dir_token(&cli.data_dir) {
@@ -305,8 +317,19 @@ fn main() -> ExitCode {
         }
     }
     let client = client::Client::new(&cli.api, token, cli.json);
-    let result = match cli.command {
-        Command::Worker(_) => unreachable!("handled above"),
+    match run_verb(&client, cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+/// Runs one of the client's verbs against the worker.
+fn run_verb(client: &client::Client, command: Command) -> Result<(), client::ClientError> {
+    match command {
+        Command::Worker(_) => unreachable!("handled in main"),
         Command::Start {
             workflow,
             id,
@@ -326,12 +349,5 @@ fn main() -> ExitCode {
         Command::RetryCompensation { id } => client.operate(&id, "retry-compensation", None),
         Command::Resolve { id, note } => client.operate(&id, "resolve", Some(note)),
         Command::Stats => client.stats(),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("keel: {error}");
-            ExitCode::from(error.exit_code())
-        }
     }
 }

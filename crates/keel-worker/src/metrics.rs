@@ -36,16 +36,29 @@ pub(crate) fn render(
     engine: &Engine,
 ) -> String {
     let mut out = String::new();
+    write_runs(&mut out, counts);
+    write_operations(&mut out, stats);
+    write_limiters(&mut out, engine);
+    write_counters(&mut out, engine);
+    out
+}
+
+/// `keel_runs`: runs by status, every status listed even at 0.
+fn write_runs(out: &mut String, counts: &BTreeMap<RunStatus, u64>) {
     let mut by_status: BTreeMap<&str, u64> = STATUSES.iter().map(|s| (s.as_str(), 0)).collect();
     for (status, n) in counts {
         *by_status.entry(status.as_str()).or_default() += n;
     }
-    out += "# HELP keel_runs Runs in the store, by status.\n# TYPE keel_runs gauge\n";
+    *out += "# HELP keel_runs Runs in the store, by status.\n# TYPE keel_runs gauge\n";
     for (status, n) in &by_status {
         let _ = writeln!(out, "keel_runs{{status=\"{status}\"}} {n}");
     }
-    out += "# HELP keel_operation_seconds Latency of successful step and wait executions.\n";
-    out += "# TYPE keel_operation_seconds summary\n";
+}
+
+/// `keel_operation_seconds`: each operation's latency as a summary (quantiles, sum, count).
+fn write_operations(out: &mut String, stats: &[OperationStats]) {
+    *out += "# HELP keel_operation_seconds Latency of successful step and wait executions.\n";
+    *out += "# TYPE keel_operation_seconds summary\n";
     for s in stats {
         let op = escape(&s.operation);
         for (q, d) in [
@@ -71,8 +84,12 @@ pub(crate) fn render(
             s.count
         );
     }
-    out += "# HELP keel_throttles_total Calls answered with throttling, per service.\n";
-    out += "# TYPE keel_throttles_total counter\n";
+}
+
+/// `keel_throttles_total` and `keel_rate_limit_per_second`: each service's limiter.
+fn write_limiters(out: &mut String, engine: &Engine) {
+    *out += "# HELP keel_throttles_total Calls answered with throttling, per service.\n";
+    *out += "# TYPE keel_throttles_total counter\n";
     for service in SERVICES {
         let _ = writeln!(
             out,
@@ -80,8 +97,8 @@ pub(crate) fn render(
             engine.rate_limiter(service).throttles()
         );
     }
-    out += "# HELP keel_rate_limit_per_second The rate each service's limiter admits now.\n";
-    out += "# TYPE keel_rate_limit_per_second gauge\n";
+    *out += "# HELP keel_rate_limit_per_second The rate each service's limiter admits now.\n";
+    *out += "# TYPE keel_rate_limit_per_second gauge\n";
     for service in SERVICES {
         let _ = writeln!(
             out,
@@ -89,21 +106,24 @@ pub(crate) fn render(
             engine.rate_limiter(service).rate()
         );
     }
+}
+
+/// The engine's counters since the worker started: retries, compensations and waits.
+fn write_counters(out: &mut String, engine: &Engine) {
     let counters = engine.counters();
-    out += "# HELP keel_retries_total Step attempts that failed and were retried, since start.\n";
-    out += "# TYPE keel_retries_total counter\n";
+    *out += "# HELP keel_retries_total Step attempts that failed and were retried, since start.\n";
+    *out += "# TYPE keel_retries_total counter\n";
     let _ = writeln!(out, "keel_retries_total {}", counters.retries);
-    out += "# HELP keel_step_compensations_total Steps undone, since start.\n";
-    out += "# TYPE keel_step_compensations_total counter\n";
+    *out += "# HELP keel_step_compensations_total Steps undone, since start.\n";
+    *out += "# TYPE keel_step_compensations_total counter\n";
     let _ = writeln!(
         out,
         "keel_step_compensations_total {}",
         counters.compensations
     );
-    out += "# HELP keel_waits_total Waits that ended, since start.\n";
-    out += "# TYPE keel_waits_total counter\n";
+    *out += "# HELP keel_waits_total Waits that ended, since start.\n";
+    *out += "# TYPE keel_waits_total counter\n";
     let _ = writeln!(out, "keel_waits_total {}", counters.waits);
-    out
 }
 
 /// A label value with `\`, `"` and newlines escaped.

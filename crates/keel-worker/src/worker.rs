@@ -326,6 +326,7 @@ pub(crate) fn check_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Takes the port, opens the engine, serves the API until SIGTERM or SIGINT, then drains.
 async fn serve(
     args: WorkerArgs,
     data_dir: PathBuf,
@@ -346,6 +347,44 @@ async fn serve(
         // Stopped while the store opened: drain what the open resumed, serve nothing.
         return Ok(drain(&engine, grace).await);
     }
+    announce_ready(&engine, addr, &args, &data_dir, token.as_deref())?;
+    let state = Arc::new(AppState {
+        engine: engine.clone(),
+        token,
+        hosts: AllowedHosts {
+            listen: addr,
+            names: args.allowed_host.clone(),
+        },
+    });
+    let limits = api_limits(&args, grace);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(server::serve(
+        listener,
+        api::router(state),
+        limits,
+        stopping,
+    ));
+    signals.next().await;
+    exit_on_second_signal(signals);
+    let _ = stop.send(true);
+    tracing::info!(
+        ?grace,
+        "draining: the API stopped accepting, no new steps start, in-flight steps may finish"
+    );
+    let stopped = drain(&engine, grace).await;
+    let _ = server.await;
+    Ok(stopped)
+}
+
+/// Logs that the worker is ready, with how many runs it resumed, and prints the API's
+/// address as the first line on stdout.
+fn announce_ready(
+    engine: &Engine,
+    addr: SocketAddr,
+    args: &WorkerArgs,
+    data_dir: &Path,
+    token: Option<&str>,
+) -> Result<(), WorkerError> {
     let unfinished: u64 = engine
         .run_counts()
         .await?
@@ -363,28 +402,22 @@ async fn serve(
     );
     // The first line on stdout is the API's address (port 0 picks a free one), for scripts.
     println!("keel worker listening on http://{addr}");
-    let state = Arc::new(AppState {
-        engine: engine.clone(),
-        token,
-        hosts: AllowedHosts {
-            listen: addr,
-            names: args.allowed_host.clone(),
-        },
-    });
-    let limits = Limits {
+    Ok(())
+}
+
+/// The API server's limits from the worker's arguments; open connections get at most
+/// [`CONNECTION_GRACE_MAX`] of the drain's grace.
+fn api_limits(args: &WorkerArgs, grace: Duration) -> Limits {
+    Limits {
         connections_max: args.connections_max.into(),
         read_timeout: Duration::from_secs(args.read_timeout_s),
         body_bytes_max: api::BODY_BYTES_MAX,
         grace: grace.min(CONNECTION_GRACE_MAX),
-    };
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(server::serve(
-        listener,
-        api::router(state),
-        limits,
-        stopping,
-    ));
-    signals.next().await;
+    }
+}
+
+/// Exits at once, not drained, on a second stop signal during the drain.
+fn exit_on_second_signal(mut signals: Signals) {
     tokio::spawn(async move {
         signals.next().await;
         tracing::warn!(
@@ -393,14 +426,6 @@ async fn serve(
         );
         std::process::exit(EXIT_NOT_DRAINED.into());
     });
-    let _ = stop.send(true);
-    tracing::info!(
-        ?grace,
-        "draining: the API stopped accepting, no new steps start, in-flight steps may finish"
-    );
-    let stopped = drain(&engine, grace).await;
-    let _ = server.await;
-    Ok(stopped)
 }
 
 /// Opens the engine on the data directory's journal, with the provisioning workflows and

@@ -263,107 +263,134 @@ impl State {
             return;
         }
         let now = Instant::now();
-        let service = call.service.clone();
-        let rule = self.lag_rule(&service).cloned();
         if call.is_create() {
-            let mut keys = identifiers_in_answer(call.protocol, &upstream.body);
-            // A create under a parent (a group's version) names the parent in its path and
-            // answer; the parent is not new.
-            keys.retain(|k| !call.labels.iter().any(|(_, v)| v == k));
-            if call.names_resource_in_path {
-                keys.extend(call.labels.last().map(|(_, v)| v.clone()));
-            }
-            if call.protocol == Protocol::Query {
-                keys.extend(
-                    call.params
-                        .iter()
-                        .filter(|(k, _)| k.ends_with("Name") && k != "RoleSessionName")
-                        .map(|(_, v)| v.clone()),
-                );
-            }
-            if let Some(lag) = rule.as_ref().and_then(|r| r.after_create.clone()) {
-                let until = now + self.sample(&format!("create-lag/{service}"), &lag);
-                for key in &keys {
-                    self.created
-                        .insert((service.clone(), key.clone()), Lagging { until, reads: 0 });
-                }
-            }
-            for key in &keys {
-                self.deleted.remove(&(service.clone(), key.clone()));
-            }
-            if service == "iam" && call.operation == "CreateRole" {
-                let propagation = self.rules.assume_role.propagation.clone();
-                let assumable_at = now + self.sample("assume-role", &propagation);
-                for arn in keys.iter().filter(|k| k.starts_with("arn:")) {
-                    self.roles.insert(arn.clone(), assumable_at);
-                }
-            }
-            if service == "greengrass" && call.operation == "CreateGroup" {
-                let answer = serde_json::from_slice::<serde_json::Value>(&upstream.body).ok();
-                if let Some(answer) = answer {
-                    if let (Some(id), Some(name)) = (answer["Id"].as_str(), answer["Name"].as_str())
-                    {
-                        self.group_names.insert(id.into(), name.into());
-                    }
-                }
-            }
-            if service == "greengrass" && call.operation == "CreateDeployment" {
-                let id = serde_json::from_slice::<serde_json::Value>(&upstream.body)
-                    .ok()
-                    .and_then(|v| v["DeploymentId"].as_str().map(str::to_string));
-                if let Some(id) = id {
-                    let rule = self.rules.deployments.clone();
-                    let building = self.sample("deployment-building", &rule.building);
-                    let in_progress = self.sample("deployment-in-progress", &rule.in_progress);
-                    let n = self.ordinal("deployment-outcome");
-                    let named = call
-                        .labels
-                        .iter()
-                        .find(|(label, _)| label == "GroupId")
-                        .and_then(|(_, group)| self.group_names.get(group))
-                        .is_some_and(|name| {
-                            rule.fail_groups_named.iter().any(|p| name.starts_with(p))
-                        });
-                    let fails = named
-                        || draw(self.rules.seed, stream_of("deployment-outcome"), n)
-                            < rule.failure_probability;
-                    self.deployments.insert(
-                        id,
-                        Deployment {
-                            created: now,
-                            building,
-                            in_progress,
-                            fails,
-                        },
-                    );
-                }
-            }
+            self.observe_create(call, upstream, now);
         } else if call.is_delete() {
-            let delete_lag = rule.as_ref().and_then(|r| r.after_delete.clone());
-            let until = delete_lag.map(|d| now + self.sample(&format!("delete-lag/{service}"), &d));
-            for r in &call.refs {
-                let key = (service.clone(), r.clone());
-                self.created.remove(&key);
-                if let Some(until) = until {
-                    self.deleted.insert(key, until);
-                }
-            }
-            if service == "iam" && call.operation == "DeleteRole" {
-                if let Some(name) = call.param("RoleName") {
-                    let suffix = format!("/{name}");
-                    self.roles.retain(|arn, _| !arn.ends_with(&suffix));
-                }
-            }
+            self.observe_delete(call, now);
         } else if call.is_read() {
-            if self.cache.len() >= CACHE_MAX {
-                self.cache.clear();
+            self.observe_read(call, upstream);
+        }
+    }
+
+    /// A create: its new resources start their create lag and end any delete lag; a new role
+    /// starts propagating, a new group's name is kept, a new deployment gets its lifecycle.
+    fn observe_create(&mut self, call: &Call, upstream: &Upstream, now: Instant) {
+        let service = call.service.clone();
+        let keys = created_keys(call, upstream);
+        let lag = self.lag_rule(&service).and_then(|r| r.after_create.clone());
+        if let Some(lag) = lag {
+            let until = now + self.sample(&format!("create-lag/{service}"), &lag);
+            for key in &keys {
+                self.created
+                    .insert((service.clone(), key.clone()), Lagging { until, reads: 0 });
             }
-            for r in &call.refs {
-                self.cache.insert(
-                    (service.clone(), call.operation.clone(), r.clone()),
-                    upstream.clone(),
-                );
+        }
+        for key in &keys {
+            self.deleted.remove(&(service.clone(), key.clone()));
+        }
+        if service == "iam" && call.operation == "CreateRole" {
+            let propagation = self.rules.assume_role.propagation.clone();
+            let assumable_at = now + self.sample("assume-role", &propagation);
+            for arn in keys.iter().filter(|k| k.starts_with("arn:")) {
+                self.roles.insert(arn.clone(), assumable_at);
+            }
+        }
+        if service == "greengrass" && call.operation == "CreateGroup" {
+            let answer = serde_json::from_slice::<serde_json::Value>(&upstream.body).ok();
+            if let Some(answer) = answer {
+                if let (Some(id), Some(name)) = (answer["Id"].as_str(), answer["Name"].as_str()) {
+                    self.group_names.insert(id.into(), name.into());
+                }
+            }
+        }
+        if service == "greengrass" && call.operation == "CreateDeployment" {
+            let id = serde_json::from_slice::<serde_json::Value>(&upstream.body)
+                .ok()
+                .and_then(|v| v["DeploymentId"].as_str().map(str::to_string));
+            if let Some(id) = id {
+                self.observe_deployment(call, id, now);
             }
         }
     }
+
+    /// A new deployment: draws how long it builds and runs, and whether it fails (always, for
+    /// a group whose name the rules doom).
+    fn observe_deployment(&mut self, call: &Call, id: String, now: Instant) {
+        let rule = self.rules.deployments.clone();
+        let building = self.sample("deployment-building", &rule.building);
+        let in_progress = self.sample("deployment-in-progress", &rule.in_progress);
+        let n = self.ordinal("deployment-outcome");
+        let named = call
+            .labels
+            .iter()
+            .find(|(label, _)| label == "GroupId")
+            .and_then(|(_, group)| self.group_names.get(group))
+            .is_some_and(|name| rule.fail_groups_named.iter().any(|p| name.starts_with(p)));
+        let fails = named
+            || draw(self.rules.seed, stream_of("deployment-outcome"), n) < rule.failure_probability;
+        self.deployments.insert(
+            id,
+            Deployment {
+                created: now,
+                building,
+                in_progress,
+                fails,
+            },
+        );
+    }
+
+    /// A delete: the resources leave their create lag and start their delete lag; a deleted
+    /// role no longer propagates.
+    fn observe_delete(&mut self, call: &Call, now: Instant) {
+        let service = call.service.clone();
+        let delete_lag = self.lag_rule(&service).and_then(|r| r.after_delete.clone());
+        let until = delete_lag.map(|d| now + self.sample(&format!("delete-lag/{service}"), &d));
+        for r in &call.refs {
+            let key = (service.clone(), r.clone());
+            self.created.remove(&key);
+            if let Some(until) = until {
+                self.deleted.insert(key, until);
+            }
+        }
+        if service == "iam" && call.operation == "DeleteRole" {
+            if let Some(name) = call.param("RoleName") {
+                let suffix = format!("/{name}");
+                self.roles.retain(|arn, _| !arn.ends_with(&suffix));
+            }
+        }
+    }
+
+    /// A read: its answer is cached (the cache cleared when full) to replay during delete lag.
+    fn observe_read(&mut self, call: &Call, upstream: &Upstream) {
+        if self.cache.len() >= CACHE_MAX {
+            self.cache.clear();
+        }
+        for r in &call.refs {
+            self.cache.insert(
+                (call.service.clone(), call.operation.clone(), r.clone()),
+                upstream.clone(),
+            );
+        }
+    }
+}
+
+/// The resources a successful create made, by the identifiers in its answer, path and
+/// parameters.
+fn created_keys(call: &Call, upstream: &Upstream) -> Vec<String> {
+    let mut keys = identifiers_in_answer(call.protocol, &upstream.body);
+    // A create under a parent (a group's version) names the parent in its path and
+    // answer; the parent is not new.
+    keys.retain(|k| !call.labels.iter().any(|(_, v)| v == k));
+    if call.names_resource_in_path {
+        keys.extend(call.labels.last().map(|(_, v)| v.clone()));
+    }
+    if call.protocol == Protocol::Query {
+        keys.extend(
+            call.params
+                .iter()
+                .filter(|(k, _)| k.ends_with("Name") && k != "RoleSessionName")
+                .map(|(_, v)| v.clone()),
+        );
+    }
+    keys
 }

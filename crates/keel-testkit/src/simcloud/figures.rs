@@ -178,13 +178,7 @@ impl Throughput {
         let interval_s = params.machine.poll_interval_ms as f64 / 1000.0;
         let busy_runs_min = ((2.0 * params.cloud.capacity_per_s * interval_s).ceil() as u32)
             .clamp(1, (params.runs / 2).max(1));
-        let mut done = usable_at_ms.to_vec();
-        done.sort_unstable();
-        let busy_end_ms = done
-            .get(done.len().saturating_sub(busy_runs_min as usize))
-            .copied()
-            .unwrap_or(last_ms)
-            .clamp(first_ms + 1, last_ms);
+        let busy_end_ms = busy_end_ms(usable_at_ms, busy_runs_min, first_ms, last_ms);
         let busy_downtime_ms = overlap(&downtime, first_ms, busy_end_ms);
         let busy_ms = (busy_end_ms - first_ms)
             .saturating_sub(busy_downtime_ms)
@@ -198,14 +192,8 @@ impl Throughput {
         let all_ms = (last_ms - first_ms)
             .saturating_sub(overlap(&downtime, first_ms, last_ms))
             .max(1);
-        let mut accepted_per_10s = vec![0; ((last_ms - first_ms) / 10_000 + 1) as usize];
-        for call in &accepted {
-            accepted_per_10s[((call.at_ms - first_ms) / 10_000) as usize] += 1;
-        }
-        let mut calls_by_op = BTreeMap::new();
-        for call in calls {
-            *calls_by_op.entry(op_name(call.op).to_string()).or_insert(0) += 1;
-        }
+        let accepted_per_10s = accepted_per_10s(&accepted, first_ms, last_ms);
+        let calls_by_op = calls_by_op(calls);
         let throttled = |cause| {
             calls
                 .iter()
@@ -236,6 +224,35 @@ impl Throughput {
             limiter_rate_max: rates.last().copied().unwrap_or(0.0),
         }
     }
+}
+
+/// When the busy phase ends: when no more than `busy_runs_min` runs are left without a
+/// usable machine, kept within the calls' span.
+fn busy_end_ms(usable_at_ms: &[u64], busy_runs_min: u32, first_ms: u64, last_ms: u64) -> u64 {
+    let mut done = usable_at_ms.to_vec();
+    done.sort_unstable();
+    done.get(done.len().saturating_sub(busy_runs_min as usize))
+        .copied()
+        .unwrap_or(last_ms)
+        .clamp(first_ms + 1, last_ms)
+}
+
+/// Accepted calls in each 10 s from `first_ms` to `last_ms`.
+fn accepted_per_10s(accepted: &[&Call], first_ms: u64, last_ms: u64) -> Vec<u32> {
+    let mut per_10s = vec![0; ((last_ms - first_ms) / 10_000 + 1) as usize];
+    for call in accepted {
+        per_10s[((call.at_ms - first_ms) / 10_000) as usize] += 1;
+    }
+    per_10s
+}
+
+/// Calls per operation name, whatever their outcome.
+fn calls_by_op(calls: &[Call]) -> BTreeMap<String, u32> {
+    let mut by_op = BTreeMap::new();
+    for call in calls {
+        *by_op.entry(op_name(call.op).to_string()).or_insert(0) += 1;
+    }
+    by_op
 }
 
 /// How long runs took to a usable machine, and how many probes each resource cost.

@@ -189,9 +189,18 @@ impl LoadReport {
         out
     }
 
+    /// The table's rows (label, value): the goals first, then throughput, latency and counts.
     fn rows(&self) -> Vec<(&'static str, String)> {
-        let (h, t, l) = (&self.health, &self.throughput, &self.latency);
-        let goal = |met: bool| if met { "met" } else { "MISSED" };
+        let mut rows = self.goal_rows();
+        rows.extend(self.throughput_rows());
+        rows.extend(self.latency_rows());
+        rows.extend(self.count_rows());
+        rows
+    }
+
+    /// The duration, the runs' ends and the goals, each marked met or missed.
+    fn goal_rows(&self) -> Vec<(&'static str, String)> {
+        let (h, t) = (&self.health, &self.throughput);
         vec![
             (
                 "duration (first call to last run settled)",
@@ -223,6 +232,13 @@ impl LoadReport {
                     goal(t.busy_fraction_of_capacity >= 0.8)
                 ),
             ),
+        ]
+    }
+
+    /// The busy phase, the engine limiter's rate and the accepted calls over time.
+    fn throughput_rows(&self) -> Vec<(&'static str, String)> {
+        let t = &self.throughput;
+        vec![
             (
                 "busy phase",
                 format!(
@@ -245,6 +261,13 @@ impl LoadReport {
                 "accepted calls per 10 s",
                 format!("{:?}", t.accepted_per_10s),
             ),
+        ]
+    }
+
+    /// How long runs took to a usable machine and how many probes their waits made.
+    fn latency_rows(&self) -> Vec<(&'static str, String)> {
+        let l = &self.latency;
+        vec![
             (
                 "time to a usable machine p50 / p99 / max",
                 format!(
@@ -266,6 +289,13 @@ impl LoadReport {
                     l.probes_answered_per_resource_mean
                 ),
             ),
+        ]
+    }
+
+    /// Counts of resources (created, recreated, destroyed, leaked) and of calls.
+    fn count_rows(&self) -> Vec<(&'static str, String)> {
+        let (h, t) = (&self.health, &self.throughput);
+        vec![
             (
                 "instances / volumes created, recreations, wait timeouts",
                 format!(
@@ -287,5 +317,14 @@ impl LoadReport {
             ),
             ("calls by operation", format!("{:?}", t.calls_by_op)),
         ]
+    }
+}
+
+/// How a goal reads in the table.
+fn goal(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "MISSED"
     }
 }
