@@ -5,8 +5,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel::Engine;
-use keel_engine::crash;
 use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
@@ -36,7 +34,7 @@ fn child_main() {
     let log = std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG");
     let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
-        let engine = Engine::builder(&dir)
+        let engine = keel_testkit::store::builder(&dir)
             .workflow::<EffectFlow>()
             // The test's kills, not the run's code, end these loads: none may poison a run
             // (tests/crash_poison.rs tests poisoning).
@@ -110,9 +108,8 @@ fn crash_at_every_named_point() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6b65_656c);
     let mut kills = 0;
     // Child-run points are met by parents only: tests/engine_children.rs kills there.
-    let points: Vec<&str> = crash::POINTS
-        .iter()
-        .copied()
+    let points: Vec<&str> = keel_testkit::store::crash_points()
+        .into_iter()
         .filter(|p| !p.starts_with("child."))
         .collect();
     for point in &points {
@@ -183,7 +180,7 @@ fn crash_at_random_moments() {
             // It finished: start over with a fresh store so the kills keep landing mid-work.
             || {
                 verify(dir.path());
-                std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+                keel_testkit::store::wipe(&dir.path().join("data"));
                 std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
             },
         );

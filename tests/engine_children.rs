@@ -31,7 +31,7 @@ fn input(children: u32, fail: &[u32], hold_ms: u64, log: &Path) -> ParentInput {
 }
 
 async fn engine(dir: &Path) -> Engine {
-    Engine::builder(dir.join("data"))
+    keel_testkit::store::builder(dir.join("data"))
         .workflow::<ParentFlow>()
         // The test's kills, not the run's code, end these loads: none may poison a run
         // (tests/crash_poison.rs tests poisoning).
@@ -255,9 +255,7 @@ async fn a_child_id_taken_by_another_run_suspends_the_parent_naming_it() {
             .unwrap();
         engine.shutdown().await;
     }
-    let db = keel_testkit::raw::open(&dir.path().join("data"));
-    assert!(keel_testkit::raw::rename(&db, "squatter", "squatted/1") > 0);
-    drop(db);
+    assert!(keel_testkit::store::rename(&dir.path().join("data"), "squatter", "squatted/1") > 0);
     let engine = engine(dir.path()).await;
     let error = engine
         .start::<ParentFlow>("squatted", parent)
@@ -371,7 +369,7 @@ fn sigkill_while_parents_start_await_and_compensate_children() {
         CHILD_TIMEOUT,
         || {
             verify_both(dir.path());
-            std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+            keel_testkit::store::wipe(&dir.path().join("data"));
             std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
         },
     );

@@ -54,7 +54,7 @@ async fn pages(engine: &Engine, status: Option<RunStatus>, limit: usize) -> Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::builder(dir.path().join("data"))
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
         .workflow::<EvenFlow>()
         .open()
         .await

@@ -202,7 +202,7 @@ fn setup() -> Setup {
 }
 
 async fn open(data: &Path) -> Engine {
-    Engine::builder(data)
+    keel_testkit::store::builder(data)
         .workflow::<PanickyFlow>()
         .workflow::<PausingPanickyFlow>()
         .workflow::<PanickingBody>()

@@ -27,7 +27,7 @@ fn input(branches: u32, width: u32, fail_at: Option<u32>, log: &Path) -> FanOutI
 }
 
 async fn engine(dir: &Path) -> Engine {
-    Engine::builder(dir.join("data"))
+    keel_testkit::store::builder(dir.join("data"))
         .workflow::<FanOutFlow>()
         // The test's kills, not the run's code, end these loads: none may poison a run
         // (tests/crash_poison.rs tests poisoning).
@@ -272,7 +272,7 @@ fn sigkill_at_random_moments_during_a_100_branch_fan_out() {
             CHILD_TIMEOUT,
             || {
                 verify(dir.path());
-                std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+                keel_testkit::store::wipe(&dir.path().join("data"));
                 std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
             },
         );
@@ -369,7 +369,7 @@ async fn select_returns_the_first_success_and_undoes_every_loser_that_took_effec
     keel_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("effects.jsonl");
-    let engine = Engine::builder(dir.path().join("data"))
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
         .workflow::<SelectFlow>()
         .step::<EffectStep>()
         .open()

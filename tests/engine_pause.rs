@@ -41,7 +41,7 @@ fn child_main() {
     let log = std::path::PathBuf::from(std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG"));
     let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
-        let engine = Engine::builder(Path::new(&dir).join("data"))
+        let engine = keel_testkit::store::builder(Path::new(&dir).join("data"))
             .workflow::<FanOutFlow>()
             .step::<EffectStep>()
             .open()
@@ -187,7 +187,7 @@ impl Workflow for PausingFlow {
 }
 
 async fn pausing_engine(dir: &Path) -> Engine {
-    Engine::builder(dir.join("data"))
+    keel_testkit::store::builder(dir.join("data"))
         .workflow::<PausingFlow>()
         .step::<EffectStep>()
         .open()

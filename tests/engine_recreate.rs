@@ -56,7 +56,7 @@ impl Workflow for RecreateFlow {
 }
 
 async fn open(dir: &Path) -> Engine {
-    Engine::builder(dir.join("data"))
+    keel_testkit::store::builder(dir.join("data"))
         .workflow::<RecreateFlow>()
         .step::<EffectStep>()
         .open()

@@ -73,7 +73,7 @@ fn timer_times(history: &RunHistory) -> (u64, u64, u64) {
 }
 
 async fn open_sleep(data: &Path, clock: &TestClock) -> Engine {
-    Engine::builder(data)
+    keel_testkit::store::builder(data)
         .clock(clock.clone())
         .workflow::<SleepFlow>()
         .open()
@@ -144,7 +144,7 @@ async fn timer_keeps_its_wake_time_across_restart() {
 async fn a_timer_past_what_milliseconds_count_never_wakes_early() {
     let dir = tempfile::tempdir().unwrap();
     let clock = TestClock::new();
-    let engine = Engine::builder(dir.path())
+    let engine = keel_testkit::store::builder(dir.path())
         .clock(clock.clone())
         .workflow::<SleepSecondsFlow>()
         .open()
@@ -256,7 +256,7 @@ async fn retry_time_and_attempt_count_survive_restart() {
     let log: PathBuf = dir.path().join("effects.jsonl");
     let clock = TestClock::new();
     let open = || async {
-        Engine::builder(&data)
+        keel_testkit::store::builder(&data)
             .clock(clock.clone())
             .workflow::<ThrottledFlow>()
             .step::<Throttled>()
@@ -410,7 +410,7 @@ async fn retries_stop_at_the_policy_and_the_run_compensates() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("effects.jsonl");
     let clock = TestClock::new();
-    let engine = Engine::builder(dir.path().join("data"))
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
         .clock(clock.clone())
         .workflow::<FlakyFlow>()
         .step::<Flaky>()
@@ -543,7 +543,7 @@ async fn undo_retry_within_its_elapsed_bound_is_retried() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("effects.jsonl");
     let clock = TestClock::new();
-    let engine = Engine::builder(dir.path().join("data"))
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
         .clock(clock.clone())
         .workflow::<SlowUndoFlow>()
         .step::<SlowUndo>()

@@ -72,7 +72,7 @@ fn input(pattern: &[bool], confirmations: u32, timeout_ms: u64) -> WaitInput {
 
 /// An engine on the wall clock (for the SIGKILL test, whose child and parent are processes).
 async fn open(dir: &Path) -> Engine {
-    Engine::builder(dir)
+    keel_testkit::store::builder(dir)
         .workflow::<WaitFlow>()
         .open()
         .await
@@ -81,7 +81,7 @@ async fn open(dir: &Path) -> Engine {
 
 /// An engine on `clock`.
 async fn open_on(dir: &Path, clock: &TestClock) -> Engine {
-    Engine::builder(dir)
+    keel_testkit::store::builder(dir)
         .clock(clock.clone())
         .workflow::<WaitFlow>()
         .open()

@@ -133,7 +133,7 @@ fn fixture() -> Fixture {
 }
 
 async fn open(data: &Path) -> Engine {
-    Engine::builder(data)
+    keel_testkit::store::builder(data)
         .workflow::<PlanFlow>()
         .step::<EffectStep>()
         .step::<SlowStep>()
@@ -534,7 +534,7 @@ fn compensation_resumes_from_the_journal_alone() {
     assert_eq!(spec.run(&armed, Duration::from_secs(60)), Ending::Killed);
     let runtime = keel_testkit::crash::runtime();
     runtime.block_on(async {
-        let engine = Engine::builder(dir.path().join("data"))
+        let engine = keel_testkit::store::builder(dir.path().join("data"))
             .step::<EffectStep>()
             .open()
             .await
@@ -570,7 +570,7 @@ fn saga_kills_at_random_moments() {
         let log = std::env::var("KEEL_EFFECT_LOG").unwrap();
         let runtime = keel_testkit::crash::runtime();
         return runtime.block_on(async {
-            let engine = Engine::builder(&data)
+            let engine = keel_testkit::store::builder(&data)
                 .workflow::<EffectFlow>()
                 // The test's kills, not the run's code, end these loads: none may poison a run
                 // (tests/crash_poison.rs tests poisoning).
@@ -607,7 +607,7 @@ fn saga_kills_at_random_moments() {
             || Duration::from_millis(rng.gen_range(1..120)),
             Duration::from_secs(60),
             || {
-                std::fs::remove_dir_all(dir.path().join("data")).unwrap();
+                keel_testkit::store::wipe(&dir.path().join("data"));
                 let _ = std::fs::remove_file(dir.path().join("effects.jsonl"));
             },
         );

@@ -22,6 +22,7 @@ pub const POINTS: &[&str] = &[
     "child.after_ended",
     "commit.before_sync",
     "store.after_transition_entry",
+    "postgres.after_commit",
     "run.before_terminal",
     "run.after_terminal",
     "saga.after_compensation_started",
@@ -29,6 +30,12 @@ pub const POINTS: &[&str] = &[
     "saga.after_undo",
     "saga.after_undo_recorded",
 ];
+
+/// The points only a sled store meets (its opening and its two-write transitions).
+pub const SLED_POINTS: &[&str] = &["open.before_mark_rename", "store.after_transition_entry"];
+
+/// The points only a PostgreSQL store meets.
+pub const POSTGRES_POINTS: &[&str] = &["postgres.after_commit"];
 
 /// The step library's crash points (keel-steps' file publication), met only by runs that
 /// use those steps; their crash tests iterate over this list.

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use aws_sdk_greengrass::types::DeploymentType;
-use keel_engine::{crash, Ctx, Engine, RunStatus, WaitPolicy, Workflow, WorkflowError};
+use keel_engine::{Ctx, Engine, RunStatus, WaitPolicy, Workflow, WorkflowError};
 use keel_steps::aws::greengrass::{
     AssociateRole, CreateCoreDefinition, CreateDeployment, CreateGroup, CreateGroupVersion,
     DeploymentSucceeded, Member,
@@ -241,7 +241,8 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x0061_7773);
     let mut kills = 0;
     // No sleeps and no child runs in the flow: the timer and child points are not reached.
-    for (i, point) in crash::POINTS
+    let points = keel_testkit::store::crash_points();
+    for (i, point) in points
         .iter()
         .filter(|p| !p.starts_with("timer.") && !p.starts_with("child."))
         .enumerate()
@@ -290,7 +291,7 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
             verify(point, dir.path(), &account.sdk_config().await).await;
         });
     }
-    assert!(kills >= crash::POINTS.len() - 2, "{kills} kills");
+    assert!(kills >= points.len() - 2, "{kills} kills");
 }
 
 /// The run of [`KeyFlow`].

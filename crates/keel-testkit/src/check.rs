@@ -311,7 +311,7 @@ pub fn effects_at(log: &Path) -> Vec<Effect> {
 /// engine is opened with `allow_unregistered`: it drives no run, so what a test reads is what
 /// the store held. Waits (bounded) for the lock of an engine this process has just closed.
 pub async fn read_store<T>(data: &Path, read: impl AsyncFnOnce(&Engine) -> T) -> T {
-    let engine = crate::open_engine(|| Engine::builder(data).allow_unregistered()).await;
+    let engine = crate::open_engine(|| crate::store::builder(data).allow_unregistered()).await;
     let out = read(&engine).await;
     engine.shutdown().await;
     out

@@ -40,8 +40,9 @@ impl ChildSpec<'_> {
     pub fn spawn(&self, extra_env: &[(&str, String)]) -> Child {
         let exe = std::env::current_exe().expect("current test binary");
         let mut command = Command::new(exe);
+        let test = crate::store::test_path(self.test_name);
         command
-            .args([self.test_name, "--exact", "--nocapture", "--test-threads=1"])
+            .args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, "1")
             .env_remove("KEEL_CRASH_AT")
             .env_remove("KEEL_CRASH_SKIP")

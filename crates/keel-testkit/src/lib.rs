@@ -13,6 +13,7 @@
 //! - [`postgres`]: a fresh database per test on the PostgreSQL server `scripts/test.sh` starts.
 //! - [`raw`]: the raw sled store of a closed engine, to make a store as damage or an earlier
 //!   version of Keel would have left it.
+//! - [`store`]: which store a test's engines open (sled, or PostgreSQL in `pg_*` binaries).
 //! - [`simcloud`]: a simulated EC2-like cloud on a loopback port (heavy-tailed readiness,
 //!   lying reads, throttling, a capacity), its steps, probes and workflow, and the load
 //!   scenario that kills the engine's process under it.
@@ -30,6 +31,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod simcloud;
+pub mod store;
 
 /// Installs a `tracing` subscriber that writes to the test's captured output (once).
 pub fn init_tracing() {

@@ -13,24 +13,95 @@ pub const URL_VARIABLE: &str = "KEEL_TEST_POSTGRES_URL";
 /// starts a server, or point it at one), or the server cannot create the database: the
 /// PostgreSQL store's tests never pass by skipping.
 pub async fn fresh_database() -> String {
-    let url = std::env::var(URL_VARIABLE).unwrap_or_else(|_| {
-        panic!(
-            "{URL_VARIABLE} is not set: run the tests with scripts/test.sh, which starts a \
-             throwaway PostgreSQL, or set it to a server's URL (postgres://user@127.0.0.1:PORT/postgres)"
-        )
-    });
+    database_named(&format!("keel_test_{}", uuid::Uuid::new_v4().simple())).await
+}
+
+/// The URL of the database `name` on the tests' server, created when it does not exist.
+///
+/// # Panics
+/// As [`fresh_database`].
+pub async fn database_named(name: &str) -> String {
+    let url = server_url();
     let (client, connection) = tokio_postgres::connect(&url, NoTls)
         .await
         .unwrap_or_else(|e| panic!("the tests' PostgreSQL at {URL_VARIABLE} does not answer: {e}"));
     let connection = tokio::spawn(connection);
-    let name = format!("keel_test_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await
-        .unwrap_or_else(|e| panic!("creating database {name}: {e}"));
+        .unwrap_or_else(|e| panic!("looking for database {name}: {e}"))
+        .is_some();
+    if !exists {
+        if let Err(e) = client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+        {
+            // Created meanwhile by another process of the test (a crash-test child): a create
+            // that loses the race is refused as a duplicate name or, mid-way, as a duplicate
+            // catalogue key.
+            use tokio_postgres::error::SqlState;
+            let duplicate = matches!(
+                e.code(),
+                Some(&SqlState::DUPLICATE_DATABASE | &SqlState::UNIQUE_VIOLATION)
+            );
+            assert!(duplicate, "creating database {name}: {e:?}");
+        }
+    }
     drop(client);
     let _ = connection.await;
-    with_database(&url, &name)
+    with_database(&url, name)
+}
+
+/// Drops the database `name` on the tests' server, if it exists, closing its connections.
+///
+/// # Panics
+/// When the server does not answer or refuses.
+pub async fn drop_database(name: &str) {
+    let server = server_url();
+    execute(
+        &server,
+        &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+    )
+    .await;
+}
+
+/// Renames `from` to `to` in every run id, record, journal entry and load count of the
+/// database at `url`; returns how many rows changed their key.
+///
+/// # Panics
+/// When the database does not answer or a statement fails.
+pub async fn rename(url: &str, from: &str, to: &str) -> usize {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    let connection = tokio::spawn(connection);
+    let mut renamed = 0;
+    for sql in [
+        "UPDATE keel_runs SET id = replace(id, $1, $2), parent = replace(parent, $1, $2), \
+         record = replace(record, $1, $2) WHERE id LIKE '%' || $1 || '%'",
+        "UPDATE keel_journal SET run_id = replace(run_id, $1, $2), entry = replace(entry, $1, $2) \
+         WHERE run_id LIKE '%' || $1 || '%'",
+        "UPDATE keel_load_counts SET run_id = replace(run_id, $1, $2) \
+         WHERE run_id LIKE '%' || $1 || '%'",
+    ] {
+        renamed += client
+            .execute(sql, &[&from, &to])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}")) as usize;
+    }
+    drop(client);
+    let _ = connection.await;
+    renamed
+}
+
+/// The tests' server, from `KEEL_TEST_POSTGRES_URL`.
+fn server_url() -> String {
+    std::env::var(URL_VARIABLE).unwrap_or_else(|_| {
+        panic!(
+            "{URL_VARIABLE} is not set: run the tests with scripts/test.sh, which starts a \
+             throwaway PostgreSQL, or set it to a server's URL (postgres://user@127.0.0.1:PORT/postgres)"
+        )
+    })
 }
 
 /// Runs `sql` (one or more statements) on the database at `url`: to look at or damage what a

@@ -347,7 +347,7 @@ async fn serve(
         // Stopped while the store opened: drain what the open resumed, serve nothing.
         return Ok(drain(&engine, grace).await);
     }
-    announce_ready(&engine, addr, &args, &data_dir, token.as_deref())?;
+    announce_ready(&engine, addr, &args, &data_dir, token.as_deref()).await?;
     let state = Arc::new(AppState {
         engine: engine.clone(),
         token,
@@ -378,7 +378,7 @@ async fn serve(
 
 /// Logs that the worker is ready, with how many runs it resumed, and prints the API's
 /// address as the first line on stdout.
-fn announce_ready(
+async fn announce_ready(
     engine: &Engine,
     addr: SocketAddr,
     args: &WorkerArgs,

@@ -6,9 +6,12 @@
 //! a transaction advisory lock so that two engines opening at once migrate once; a database
 //! at a newer version than this binary knows is refused and left unchanged.
 
+use std::time::Duration;
+
 use tokio_postgres::Client;
 
 use crate::error::{EngineError, Result};
+use crate::limits::OPEN_LOCK_WAIT_MAX;
 
 /// The advisory lock key every Keel engine on a database takes for its connection's life
 /// ("keel" in ASCII, then 1): one engine per database until runs carry leases.
@@ -54,20 +57,27 @@ fn database_error(database: &str, source: tokio_postgres::Error) -> EngineError 
     }
 }
 
-/// Takes the engine's lock on the database for the connection's life; refused when another
-/// engine holds it.
+/// Takes the engine's lock on the database for the connection's life, waiting up to
+/// [`OPEN_LOCK_WAIT_MAX`] (as the sled store waits for its file lock: an engine this process
+/// has just dropped may still be closing its connection); refused when another engine holds
+/// it.
 pub(super) async fn lock_engine(client: &Client, database: &str) -> Result<()> {
-    let row = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&ENGINE_LOCK])
-        .await
-        .map_err(|e| database_error(database, e))?;
-    if row.get::<_, bool>(0) {
-        Ok(())
-    } else {
-        Err(EngineError::Database {
-            database: database.to_string(),
-            source: "another Keel engine is using this database (one engine per database: stop the other worker first)".into(),
-        })
+    let deadline = tokio::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
+    loop {
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&ENGINE_LOCK])
+            .await
+            .map_err(|e| database_error(database, e))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(EngineError::Database {
+                database: database.to_string(),
+                source: "another Keel engine is using this database (one engine per database: stop the other worker first)".into(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -115,6 +115,8 @@ pub(super) struct Writer {
     open: bool,
     /// Why the open transaction cannot commit; final, as a failed sync is on sled.
     failure: Option<String>,
+    /// Whether the engine gave the database up (`Request::Release`): writes are refused.
+    released: bool,
 }
 
 impl Writer {
@@ -155,6 +157,7 @@ impl Writer {
             statements,
             open: false,
             failure: None,
+            released: false,
         })
     }
 
@@ -235,6 +238,9 @@ impl Writer {
         if let Some(failure) = &self.failure {
             return Err(self.error(failure.clone().into()));
         }
+        if self.released {
+            return Err(self.error("the engine shut down: writes are refused".into()));
+        }
         if !self.open {
             if let Err(e) = self.client.batch_execute("BEGIN").await {
                 self.failure = Some(format!("opening a transaction failed: {e}"));
@@ -278,8 +284,7 @@ impl Writer {
                 .await
                 .map_err(|e| self.db(e))?;
         }
-        self.failure
-            .get_or_insert_with(|| "the engine shut down: writes are refused".into());
+        self.released = true;
         super::schema::unlock_engine(&self.client, &self.database).await
     }
 
@@ -293,6 +298,8 @@ impl Writer {
         }
         match self.client.batch_execute("COMMIT").await {
             Ok(()) => {
+                // Committed, and nobody told yet.
+                crate::crash::point("postgres.after_commit");
                 self.open = false;
                 Ok(())
             }
