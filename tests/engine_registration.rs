@@ -4,53 +4,17 @@
 //! operator allows it, and then those runs are left undriven and their waiters told why; a
 //! step without compensation needs no registration for its run to compensate after a restart.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use keel::testing::TestClock;
+use common::{compensation_touched, Scratch, Undoable};
 use keel::{
-    Compensation, Ctx, Engine, EngineError, Event, RetryPolicy, RunHistory, RunStatus, Step,
-    StepContext, StepError, Workflow, WorkflowError,
+    Ctx, Engine, EngineError, RunHistory, RunStatus, Step, StepContext, StepError, Workflow,
+    WorkflowError,
 };
-use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::asleep;
 use serde::{Deserialize, Serialize};
-
-/// Records its effect; its undo fails permanently while `<log>.refuse` exists and retryably
-/// (retried an hour later) while `<log>.down` exists.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Effect {
-    log: String,
-}
-
-impl Step for Effect {
-    const KIND: &'static str = "test.reg-effect";
-    type Output = ();
-
-    async fn execute(&self, ctx: &StepContext) -> Result<(), StepError> {
-        effects::record(&self.log, Action::Do, ctx)
-    }
-
-    async fn compensate(
-        &self,
-        ctx: &StepContext,
-        _: Option<()>,
-    ) -> Result<Compensation, StepError> {
-        if Path::new(&format!("{}.refuse", self.log)).exists() {
-            return Err(StepError::permanent("undo refused"));
-        }
-        if Path::new(&format!("{}.down", self.log)).exists() {
-            return Err(StepError::retryable("undo target down")
-                .with_retry_after(Duration::from_secs(3600)));
-        }
-        effects::record(&self.log, Action::Undo, ctx)?;
-        Ok(Compensation::Done)
-    }
-
-    fn compensation_retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::default().with_attempts_max(5)
-    }
-}
 
 /// Reads; nothing to undo.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,6 +30,7 @@ impl Step for ReadOnly {
     }
 }
 
+/// Input of [`Flow`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Input {
     log: String,
@@ -73,7 +38,7 @@ struct Input {
     sleep: bool,
 }
 
-/// A read-only step, an effect, then an hour's sleep or a failure (so the run compensates).
+/// A read-only step, an undoable one, then an hour's sleep or a failure (so the run compensates).
 struct Flow;
 
 impl Workflow for Flow {
@@ -83,7 +48,7 @@ impl Workflow for Flow {
 
     async fn run(ctx: &mut Ctx, input: Input) -> Result<(), WorkflowError> {
         ctx.step(ReadOnly).await?;
-        ctx.step(Effect { log: input.log }).await?;
+        ctx.step(Undoable { log: input.log }).await?;
         if input.sleep {
             return ctx.sleep(Duration::from_secs(3600)).await;
         }
@@ -104,6 +69,7 @@ impl Workflow for Impostor {
     }
 }
 
+/// The history of every run the engine holds.
 async fn histories(engine: &Engine) -> Vec<RunHistory> {
     let mut all = Vec::new();
     for record in engine.list().await.unwrap() {
@@ -151,37 +117,30 @@ async fn a_second_workflow_type_under_a_taken_name_is_refused() {
 /// that registers both drives them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let log = dir
-        .path()
-        .join("effects.jsonl")
-        .to_string_lossy()
-        .into_owned();
-    let clock = TestClock::new();
+    let s = Scratch::new();
     let registered = || {
-        Engine::builder(&data)
-            .clock(clock.clone())
+        Engine::builder(&s.data)
+            .clock(s.clock.clone())
             .workflow::<Flow>()
-            .step::<Effect>()
+            .step::<Undoable>()
     };
     let engine = registered().open().await.unwrap();
-    std::fs::write(format!("{log}.refuse"), "").unwrap();
+    s.refuse_undo();
     let input = |sleep| Input {
-        log: log.clone(),
+        log: s.log.clone(),
         sleep,
     };
     engine.start::<Flow>("stuck", input(false)).await.unwrap();
     let stuck = engine.wait("stuck").await.unwrap();
     assert_eq!(stuck.status, RunStatus::CompensationFailed);
     engine.start::<Flow>("asleep", input(true)).await.unwrap();
-    asleep(&clock).await;
+    asleep(&s.clock).await;
     let before = histories(&engine).await;
     engine.shutdown().await;
     drop(engine);
 
-    let err = Engine::builder(&data)
-        .clock(clock.clone())
+    let err = Engine::builder(&s.data)
+        .clock(s.clock.clone())
         .open()
         .await
         .expect_err("unregistered types must be refused");
@@ -190,7 +149,7 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
         EngineError::Unregistered { runs, .. } => assert_eq!(*runs, 2, "{text}"),
         other => panic!("expected Unregistered, got {other}"),
     }
-    for name in [Flow::NAME, Effect::KIND, "asleep", "stuck"] {
+    for name in [Flow::NAME, Undoable::KIND, "asleep", "stuck"] {
         assert!(text.contains(name), "{name} is not named: {text}");
     }
     assert!(
@@ -198,8 +157,8 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
         "a step without compensation needs no registration: {text}"
     );
 
-    let engine = Engine::builder(&data)
-        .clock(clock.clone())
+    let engine = Engine::builder(&s.data)
+        .clock(s.clock.clone())
         .allow_unregistered()
         .open()
         .await
@@ -218,7 +177,7 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
 
     let engine = registered().open().await.unwrap();
     assert_eq!(
-        asleep(&clock).await,
+        asleep(&s.clock).await,
         before[0].entries[0].at_ms + 3_600_000,
         "the sleeping run is driven again"
     );
@@ -230,19 +189,12 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
 /// effect undone, instead of CompensationFailed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_without_compensation_needs_no_registration_to_be_passed_over() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let log = dir
-        .path()
-        .join("effects.jsonl")
-        .to_string_lossy()
-        .into_owned();
-    let clock = TestClock::new();
-    std::fs::write(format!("{log}.down"), "").unwrap();
-    let engine = Engine::builder(&data)
-        .clock(clock.clone())
+    let s = Scratch::new();
+    s.take_undo_down();
+    let engine = Engine::builder(&s.data)
+        .clock(s.clock.clone())
         .workflow::<Flow>()
-        .step::<Effect>()
+        .step::<Undoable>()
         .step::<ReadOnly>()
         .open()
         .await
@@ -251,14 +203,14 @@ async fn a_step_without_compensation_needs_no_registration_to_be_passed_over() {
         .start::<Flow>(
             "compensating",
             Input {
-                log: log.clone(),
+                log: s.log.clone(),
                 sleep: false,
             },
         )
         .await
         .unwrap();
     // The undo failed once and waits an hour for its retry.
-    asleep(&clock).await;
+    asleep(&s.clock).await;
     assert_eq!(
         engine.status("compensating").await.unwrap().status,
         RunStatus::Compensating
@@ -266,32 +218,25 @@ async fn a_step_without_compensation_needs_no_registration_to_be_passed_over() {
     engine.shutdown().await;
     drop(engine);
 
-    std::fs::remove_file(format!("{log}.down")).unwrap();
-    let engine = Engine::builder(&data)
-        .clock(clock.clone())
+    s.bring_undo_up();
+    let engine = Engine::builder(&s.data)
+        .clock(s.clock.clone())
         .workflow::<Flow>()
-        .step::<Effect>()
+        .step::<Undoable>()
         .open()
         .await
         .unwrap();
-    let record = clock
+    let record = s
+        .clock
         .skip_until_settled(&engine, "compensating")
         .await
         .unwrap();
     assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
     let history = engine.history("compensating").await.unwrap();
-    let touched_read_only = history.entries.iter().any(|e| {
-        matches!(
-            e.event,
-            Event::StepCompensationStarted { step, .. } | Event::StepCompensationSkipped { step, .. }
-                if step.0 == 0
-        )
-    });
-    assert!(!touched_read_only, "the read-only step is passed over");
-    let undos = effects::read(Path::new(&log))
-        .iter()
-        .filter(|e| e.action == Action::Undo)
-        .count();
-    assert_eq!(undos, 1, "the effect is undone");
+    assert!(
+        !compensation_touched(&history, 0),
+        "the read-only step is passed over"
+    );
+    assert_eq!(s.undone().len(), 1, "the effect is undone");
     engine.shutdown().await;
 }

@@ -24,32 +24,29 @@ fn is_connection_failure<E, R>(error: &SdkError<E, R>) -> bool {
     )
 }
 
+/// Rules seeded with `seed` under which each of `rules` fires once (on the first request it
+/// selects) and then lets requests through.
+fn once_each(seed: u64, rules: impl IntoIterator<Item = FaultRule>) -> Rules {
+    rules
+        .into_iter()
+        .fold(Rules::seeded(seed), |all, rule| all.fault(rule.limit(1)))
+}
+
 /// A throttle rule answers in each service's own shape (IAM and STS `Throttling` 400, IoT
 /// `ThrottlingException` 429, Greengrass `TooManyRequestsException` 429), whose code the SDK
 /// counts as throttling; a rule with a limit fires that often and no more.
 #[tokio::test]
 async fn throttling_is_classified_as_throttling_by_the_sdk_in_every_service() {
-    let rules = Rules::seeded(1)
-        .fault(
-            FaultRule::new(Fault::Throttle)
-                .operation("CreateRole")
-                .limit(1),
-        )
-        .fault(
-            FaultRule::new(Fault::Throttle)
-                .operation("GetCallerIdentity")
-                .limit(1),
-        )
-        .fault(
-            FaultRule::new(Fault::Throttle)
-                .operation("CreateThing")
-                .limit(1),
-        )
-        .fault(
-            FaultRule::new(Fault::Throttle)
-                .operation("CreateGroup")
-                .limit(1),
-        );
+    let operations = [
+        "CreateRole",
+        "GetCallerIdentity",
+        "CreateThing",
+        "CreateGroup",
+    ];
+    let rules = once_each(
+        1,
+        operations.map(|operation| FaultRule::new(Fault::Throttle).operation(operation)),
+    );
     let env = Env::new(rules).await;
 
     let e = env
@@ -105,32 +102,18 @@ async fn throttling_is_classified_as_throttling_by_the_sdk_in_every_service() {
     let truth = env.truth().await;
     assert_eq!((truth.roles.len(), truth.things.len()), (1, 1));
     let throttled: Vec<_> = env.proxy.faults().into_iter().map(|(op, _)| op).collect();
-    assert_eq!(
-        throttled,
-        [
-            "CreateRole",
-            "GetCallerIdentity",
-            "CreateThing",
-            "CreateGroup"
-        ]
-    );
+    assert_eq!(throttled, operations);
 }
 
 /// With its standard retry strategy, the SDK retries through a throttle and a 503 and succeeds
 /// at the third attempt; the proxy records each attempt's fault.
 #[tokio::test]
 async fn the_sdk_retries_through_throttling_and_server_errors() {
-    let rules = Rules::seeded(2)
-        .fault(
-            FaultRule::new(Fault::Throttle)
-                .operation("CreateThing")
-                .limit(1),
-        )
-        .fault(
-            FaultRule::new(Fault::ServerError { status: 503 })
-                .operation("CreateThing")
-                .limit(1),
-        );
+    let rules = once_each(
+        2,
+        [Fault::Throttle, Fault::ServerError { status: 503 }]
+            .map(|fault| FaultRule::new(fault).operation("CreateThing")),
+    );
     let mut options = SdkOptions::default();
     options.retry = options.retry.with_initial_backoff(Duration::from_millis(5));
     let env = Env::with_options(rules, options).await;
@@ -161,43 +144,21 @@ async fn the_sdk_retries_through_throttling_and_server_errors() {
 /// `InternalServerErrorException` 500); past the rules' limits, moto answers for itself.
 #[tokio::test]
 async fn server_errors_answer_in_each_service_shape() {
-    let rules = Rules::seeded(3)
-        .fault(
-            FaultRule::new(Fault::ServerError { status: 500 })
-                .service("iam")
-                .limit(1),
-        )
-        .fault(
-            FaultRule::new(Fault::ServerError { status: 503 })
-                .service("iam")
-                .limit(1),
-        )
-        .fault(
-            FaultRule::new(Fault::ServerError { status: 500 })
-                .service("iot")
-                .limit(1),
-        )
-        .fault(
-            FaultRule::new(Fault::ServerError { status: 500 })
-                .service("greengrass")
-                .limit(1),
-        );
+    let rules = once_each(
+        3,
+        [
+            (500, "iam"),
+            (503, "iam"),
+            (500, "iot"),
+            (500, "greengrass"),
+        ]
+        .map(|(status, service)| FaultRule::new(Fault::ServerError { status }).service(service)),
+    );
     let env = Env::new(rules).await;
-    let e = env
-        .iam()
-        .get_role()
-        .role_name("x")
-        .send()
-        .await
-        .unwrap_err();
+    let get_role = || env.iam().get_role().role_name("x").send();
+    let e = get_role().await.unwrap_err();
     assert_eq!(service_error(&e), ("InternalFailure".into(), 500));
-    let e = env
-        .iam()
-        .get_role()
-        .role_name("x")
-        .send()
-        .await
-        .unwrap_err();
+    let e = get_role().await.unwrap_err();
     assert_eq!(service_error(&e), ("ServiceUnavailable".into(), 503));
     let e = env
         .iot()
@@ -223,13 +184,7 @@ async fn server_errors_answer_in_each_service_shape() {
         ("InternalServerErrorException".into(), 500)
     );
     // Past the limits, moto answers for itself: the role does not exist.
-    let e = env
-        .iam()
-        .get_role()
-        .role_name("x")
-        .send()
-        .await
-        .unwrap_err();
+    let e = get_role().await.unwrap_err();
     assert!(e.as_service_error().unwrap().is_no_such_entity_exception());
 }
 
