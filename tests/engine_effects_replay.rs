@@ -12,8 +12,7 @@ use common::effects::{effects_done, lookup, ENDPOINT, HOUR, LOOKUP};
 use common::{entries_of, log_in};
 use keel::testing::TestClock;
 use keel::{
-    Ctx, EffectOptions, Engine, Event, RunStatus, Step, StepContext, StepError, Workflow,
-    WorkflowError,
+    Ctx, EffectOptions, Event, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::effects::{self, Action};
@@ -53,7 +52,7 @@ fn lookup_child() {
     let data = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
     let log = std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG");
     keel_testkit::crash::runtime().block_on(async {
-        let engine = open_engine(|| Engine::builder(&data).workflow::<Lookup>()).await;
+        let engine = open_engine(|| keel_testkit::store::builder(&data).workflow::<Lookup>()).await;
         let input = LookupInput { log, sleep_ms: 20 };
         let run = engine.start::<Lookup>("crashed", input).await.unwrap();
         run.result().await.unwrap();
@@ -91,7 +90,7 @@ fn an_effects_output_is_replayed_after_a_crash_without_running_it() {
     assert_eq!(done.len(), 1, "the effect ran once: {done:?}");
     keel_testkit::crash::runtime().block_on(async {
         // No workflow registered: this engine only reads.
-        let engine = open_engine(|| Engine::builder(dir.path().join("data"))).await;
+        let engine = open_engine(|| keel_testkit::store::builder(dir.path().join("data"))).await;
         let history = engine.history("crashed").await.unwrap();
         assert_eq!(history.run.status, RunStatus::Completed);
         let recorded = format!("looked up by {}", done[0].pid);
@@ -172,7 +171,7 @@ async fn replayed_under<W: Workflow<Input = String>>(dir: &Path) -> Option<Strin
     let log = log_in(dir);
     let clock = TestClock::new();
     let engine = open_engine(|| {
-        Engine::builder(&data)
+        keel_testkit::store::builder(&data)
             .clock(clock.clone())
             .workflow::<Drift>()
     })
@@ -182,7 +181,12 @@ async fn replayed_under<W: Workflow<Input = String>>(dir: &Path) -> Option<Strin
     engine.shutdown().await;
     drop(engine);
 
-    let engine = open_engine(|| Engine::builder(&data).clock(clock.clone()).workflow::<W>()).await;
+    let engine = open_engine(|| {
+        keel_testkit::store::builder(&data)
+            .clock(clock.clone())
+            .workflow::<W>()
+    })
+    .await;
     let record = engine.wait("drift").await.unwrap();
     assert_eq!(record.status, RunStatus::Suspended, "{:?}", record.error);
     assert_eq!(effects_done(&log).len(), 1, "nothing ran on replay");
@@ -275,7 +279,7 @@ async fn a_run_journaled_by_a_step_replays_once_the_step_is_an_effect() {
     let region = path_env(dir.path(), "region");
     let clock = TestClock::new();
     let engine = open_engine(|| {
-        Engine::builder(&data)
+        keel_testkit::store::builder(&data)
             .clock(clock.clone())
             .workflow::<Unported>()
             .step::<DescribeEndpoint>()
@@ -290,7 +294,7 @@ async fn a_run_journaled_by_a_step_replays_once_the_step_is_an_effect() {
     drop(engine);
 
     let engine = open_engine(|| {
-        Engine::builder(&data)
+        keel_testkit::store::builder(&data)
             .clock(clock.clone())
             .workflow::<Ported>()
     })

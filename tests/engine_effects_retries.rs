@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::effects::effects_done;
 use common::{entries_of, log_in};
 use keel::{
-    Ctx, EffectOptions, Engine, ErrorClass, Event, RetryPolicy, RunHistory, RunStatus, StepError,
-    Workflow, WorkflowError,
+    Ctx, EffectOptions, ErrorClass, Event, RetryPolicy, RunHistory, RunStatus, StepError, Workflow,
+    WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
 use keel_testkit::open_engine;
@@ -91,7 +91,9 @@ fn failures(history: &RunHistory) -> Vec<(ErrorClass, String, Option<u64>)> {
 async fn a_retryable_error_is_retried_under_the_options_policy() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_in(dir.path());
-    let engine = open_engine(|| Engine::builder(dir.path().join("data")).workflow::<Flaky>()).await;
+    let engine =
+        open_engine(|| keel_testkit::store::builder(dir.path().join("data")).workflow::<Flaky>())
+            .await;
     let input = |attempts_max| FlakyInput {
         log: log.clone(),
         misbehaviour: Misbehaviour::Retryable,
@@ -150,7 +152,9 @@ async fn a_retryable_error_is_retried_under_the_options_policy() {
 async fn a_panic_in_the_effect_is_a_failed_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let log = log_in(dir.path());
-    let engine = open_engine(|| Engine::builder(dir.path().join("data")).workflow::<Flaky>()).await;
+    let engine =
+        open_engine(|| keel_testkit::store::builder(dir.path().join("data")).workflow::<Flaky>())
+            .await;
     let input = FlakyInput {
         log: log.clone(),
         misbehaviour: Misbehaviour::Panic,

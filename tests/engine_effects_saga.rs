@@ -7,8 +7,8 @@ mod common;
 use common::effects::{lookup, ENDPOINT};
 use common::{compensation_touched, entries_of, Scratch, Undoable};
 use keel::{
-    Ctx, EffectOptions, Engine, EngineError, Event, RunStatus, Step, StepContext, StepError,
-    Workflow, WorkflowError,
+    Ctx, EffectOptions, EngineError, Event, RunStatus, Step, StepContext, StepError, Workflow,
+    WorkflowError,
 };
 use keel_engine::StepType;
 use keel_testkit::open_engine;
@@ -48,7 +48,7 @@ impl Workflow for EffectThenFail {
 async fn a_failed_run_passes_over_its_effect_with_nothing_registered() {
     let s = Scratch::new();
     let builder = || {
-        Engine::builder(&s.data)
+        keel_testkit::store::builder(&s.data)
             .clock(s.clock.clone())
             .workflow::<EffectThenFail>()
             .step::<Undoable>()
@@ -149,7 +149,7 @@ async fn an_effects_kind_registered_as_such_is_skipped_in_older_journals() {
     let s = Scratch::new();
     s.take_undo_down();
     let engine = open_engine(|| {
-        Engine::builder(&s.data)
+        keel_testkit::store::builder(&s.data)
             .clock(s.clock.clone())
             .workflow::<Older>()
             .step::<OlderDescribeEndpoint>()
@@ -170,7 +170,7 @@ async fn an_effects_kind_registered_as_such_is_skipped_in_older_journals() {
     drop(engine);
 
     let without = || {
-        Engine::builder(&s.data)
+        keel_testkit::store::builder(&s.data)
             .clock(s.clock.clone())
             .step::<Undoable>()
     };

@@ -83,7 +83,7 @@ async fn histories(engine: &Engine) -> Vec<RunHistory> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_workflow_type_under_a_taken_name_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Engine::builder(dir.path())
+    let err = keel_testkit::store::builder(dir.path())
         .workflow::<Flow>()
         .workflow::<Impostor>()
         .open()
@@ -93,7 +93,7 @@ async fn a_second_workflow_type_under_a_taken_name_is_refused() {
         matches!(&err, EngineError::DuplicateWorkflow { name } if name == Flow::NAME),
         "{err}"
     );
-    let engine = Engine::builder(dir.path())
+    let engine = keel_testkit::store::builder(dir.path())
         .workflow::<Flow>()
         .open()
         .await
@@ -119,7 +119,7 @@ async fn a_second_workflow_type_under_a_taken_name_is_refused() {
 async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
     let s = Scratch::new();
     let registered = || {
-        Engine::builder(&s.data)
+        keel_testkit::store::builder(&s.data)
             .clock(s.clock.clone())
             .workflow::<Flow>()
             .step::<Undoable>()
@@ -139,7 +139,7 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
     engine.shutdown().await;
     drop(engine);
 
-    let err = Engine::builder(&s.data)
+    let err = keel_testkit::store::builder(&s.data)
         .clock(s.clock.clone())
         .open()
         .await
@@ -157,7 +157,7 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
         "a step without compensation needs no registration: {text}"
     );
 
-    let engine = Engine::builder(&s.data)
+    let engine = keel_testkit::store::builder(&s.data)
         .clock(s.clock.clone())
         .allow_unregistered()
         .open()
@@ -191,7 +191,7 @@ async fn open_refuses_unfinished_runs_of_unregistered_types_naming_all() {
 async fn a_step_without_compensation_needs_no_registration_to_be_passed_over() {
     let s = Scratch::new();
     s.take_undo_down();
-    let engine = Engine::builder(&s.data)
+    let engine = keel_testkit::store::builder(&s.data)
         .clock(s.clock.clone())
         .workflow::<Flow>()
         .step::<Undoable>()
@@ -219,7 +219,7 @@ async fn a_step_without_compensation_needs_no_registration_to_be_passed_over() {
     drop(engine);
 
     s.bring_undo_up();
-    let engine = Engine::builder(&s.data)
+    let engine = keel_testkit::store::builder(&s.data)
         .clock(s.clock.clone())
         .workflow::<Flow>()
         .step::<Undoable>()

@@ -5,7 +5,7 @@
 mod common;
 
 use common::start::{fixture, open};
-use keel::{Ctx, Engine, EngineError, Workflow, WorkflowError};
+use keel::{Ctx, EngineError, Workflow, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 /// `start_json` refuses a malformed input, an unknown workflow (listing the registered ones)
@@ -140,8 +140,10 @@ impl Workflow for StrictFlow {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_input_fields_are_refused_naming_their_path() {
     let f = fixture();
-    let engine =
-        keel_testkit::open_engine(|| Engine::builder(&f.data).workflow::<StrictFlow>()).await;
+    let engine = keel_testkit::open_engine(|| {
+        keel_testkit::store::builder(&f.data).workflow::<StrictFlow>()
+    })
+    .await;
     let typo = serde_json::json!({"role": {"name": "r", "managed_policy_arn": ["arn"]}});
     let err = engine
         .start_json("test.strict", "typo", typo)
@@ -205,7 +207,7 @@ impl keel::Workflow for UnitFlow {
 #[tokio::test]
 async fn unit_output_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = keel::Engine::builder(dir.path())
+    let engine = keel_testkit::store::builder(dir.path())
         .workflow::<UnitFlow>()
         .open()
         .await

@@ -19,7 +19,7 @@ const RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// open sees nothing expired (the clock has not moved), and the background interval is long,
 /// so it makes no other pass during a test.
 async fn open_collecting(data: &Path, clock: &TestClock) -> Engine {
-    Engine::builder(data)
+    keel_testkit::store::builder(data)
         .clock(clock.clone())
         .workflow::<PlainFlow>()
         .step::<EffectStep>()
@@ -58,7 +58,7 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
     kept.result().await.unwrap();
     clock.advance(Duration::from_millis(1));
 
-    assert_eq!(engine.collect_garbage().unwrap(), EXPIRED);
+    assert_eq!(engine.collect_garbage().await.unwrap(), EXPIRED);
     let left = engine.list().await.unwrap();
     assert_eq!(left.len(), 1, "only the recent run is left");
     assert_eq!(left[0].id.as_str(), "recent");
@@ -79,7 +79,7 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
 async fn a_retention_past_what_milliseconds_count_keeps_every_run() {
     let f = fixture();
     let clock = TestClock::new();
-    let engine = Engine::builder(&f.data)
+    let engine = keel_testkit::store::builder(&f.data)
         .clock(clock.clone())
         .workflow::<PlainFlow>()
         .step::<EffectStep>()
@@ -91,7 +91,11 @@ async fn a_retention_past_what_milliseconds_count_keeps_every_run() {
     let run = engine.start::<PlainFlow>("kept", f.input(1)).await.unwrap();
     run.result().await.unwrap();
     clock.advance(Duration::from_secs(1));
-    assert_eq!(engine.collect_garbage().unwrap(), 0, "nothing expired");
+    assert_eq!(
+        engine.collect_garbage().await.unwrap(),
+        0,
+        "nothing expired"
+    );
     assert_eq!(engine.list().await.unwrap().len(), 1);
     engine.shutdown().await;
 }
@@ -120,20 +124,24 @@ async fn collected_id_starts_a_new_run() {
     let engine = open_collecting(&f.data, &clock).await;
     clock.advance(RETENTION - Duration::from_millis(1));
     assert_eq!(
-        engine.collect_garbage().unwrap(),
+        engine.collect_garbage().await.unwrap(),
         0,
         "kept for the retention"
     );
     clock.advance(Duration::from_millis(1));
 
-    assert_eq!(engine.collect_garbage().unwrap(), 1, "the run is collected");
+    assert_eq!(
+        engine.collect_garbage().await.unwrap(),
+        1,
+        "the run is collected"
+    );
     let err = engine.status("order-4").await.unwrap_err();
     assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
     let err = engine.history("order-4").await.unwrap_err();
     assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
     assert!(engine.list().await.unwrap().is_empty());
     assert_eq!(
-        engine.collect_garbage().unwrap(),
+        engine.collect_garbage().await.unwrap(),
         0,
         "nothing left to collect"
     );

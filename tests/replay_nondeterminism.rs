@@ -10,9 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keel::{
-    Ctx, Engine, Entry, Event, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
-};
+use keel::{Ctx, Entry, Event, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::until;
 use serde::{Deserialize, Serialize};
@@ -197,7 +195,7 @@ async fn park(runs: &[(&str, u64)]) -> Parked {
         _dir: dir,
     };
     let engine = keel_testkit::open_engine(|| {
-        Engine::builder(&parked.data)
+        keel_testkit::store::builder(&parked.data)
             .workflow::<Original>()
             .step::<StepX>()
             .step::<StepY>()
@@ -233,7 +231,7 @@ async fn park(runs: &[(&str, u64)]) -> Parked {
 async fn suspended_under<W: Workflow>(parked: &Parked, id: &str) -> String {
     // The new code's engine registers every step kind its runs may have to undo.
     let engine = keel_testkit::open_engine(|| {
-        Engine::builder(&parked.data)
+        keel_testkit::store::builder(&parked.data)
             .workflow::<W>()
             .step::<StepX>()
             .step::<StepY>()
@@ -281,7 +279,7 @@ async fn other_step_kind_suspends_and_fixed_code_resumes() {
     assert!(error.contains("operation #0"), "and the operation: {error}");
 
     let engine = keel_testkit::open_engine(|| {
-        Engine::builder(&parked.data)
+        keel_testkit::store::builder(&parked.data)
             .workflow::<Original>()
             .step::<StepX>()
             .step::<StepY>()

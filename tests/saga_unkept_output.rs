@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use keel::{
-    Compensation, Ctx, Engine, Event, RunStatus, Step, StepContext, StepError, Workflow,
-    WorkflowError,
+    Compensation, Ctx, Event, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self, Action};
 use keel_testkit::poll::CONDITION_TIMEOUT;
@@ -73,7 +72,7 @@ impl Workflow for UnkeepableFlow {
 async fn run(too_large: bool) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("effects.jsonl");
-    let engine = Engine::builder(dir.path().join("data"))
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
         .workflow::<UnkeepableFlow>()
         .step::<Unkeepable>()
         .open()

@@ -139,7 +139,7 @@ impl Fixture {
 /// An engine on `data` that knows [`PlainFlow`], [`EffectFlow`] and their steps.
 pub(crate) async fn open(data: &Path) -> Engine {
     keel_testkit::open_engine(|| {
-        Engine::builder(data)
+        keel_testkit::store::builder(data)
             .workflow::<PlainFlow>()
             .workflow::<EffectFlow>()
             .step::<EffectStep>()
