@@ -63,6 +63,13 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
 
+    /// Measure the PostgreSQL store on this server instead of sled
+    /// (`postgres://user:password@host:port/db`; the benchmark creates databases of its own
+    /// on it): every figure is then a ratio to the server's rate of single-row INSERT + COMMIT
+    /// from one connection, measured in the same run.
+    #[arg(long, global = true, env = "KEEL_BENCH_STORE", hide_env_values = true)]
+    store: Option<String>,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -211,6 +218,16 @@ enum Output {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(store) = &cli.store {
+        if !(store.starts_with("postgres://") || store.starts_with("postgresql://")) {
+            eprintln!(
+                "keel-bench: --store: expected a PostgreSQL URL (postgres://user@host:port/db)"
+            );
+            std::process::exit(2);
+        }
+        // Children (the resume measurement's) measure the same store.
+        std::env::set_var(workload::STORE_ENV, store);
+    }
     let output = if cli.json {
         Output::Json
     } else {
@@ -361,7 +378,20 @@ async fn bench(parent: &Path, sizes: Sizes) -> anyhow::Result<Report> {
     Ok(Report {
         dir: dir.display().to_string(),
         filesystem,
-        durability: "PowerLoss (default)",
+        store: match workload::postgres_server() {
+            // The server without its credentials.
+            Some(server) => format!(
+                "PostgreSQL at {}",
+                server
+                    .rsplit_once('@')
+                    .map_or("the given server", |(_, host)| host)
+            ),
+            None => "sled (embedded)".into(),
+        },
+        durability: match workload::postgres_server() {
+            Some(_) => "a committed transaction (the server's synchronous_commit, on by default)",
+            None => "PowerLoss (default)",
+        },
         quick: sizes.quick,
         baseline: measured.baseline,
         figures: figures(&measured, sizes),
@@ -383,8 +413,7 @@ struct Measured {
 /// Runs the measurements in order (see the crate docs for why this order), logging progress.
 async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
     eprintln!("[1/8] baseline, before...");
-    let before = blocking_baseline(dir, "baseline-before").await?;
-    eprintln!("  {before:.0} appends/s");
+    let before = baseline(dir, "baseline-before").await?;
 
     let n = sizes.sleeping_runs;
     eprintln!("[2/8] memory of {n} runs asleep on a 1-hour timer...");
@@ -421,11 +450,14 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
     );
 
     eprintln!("[8/8] baseline, after...");
-    let after = blocking_baseline(dir, "baseline-after").await?;
-    eprintln!("  {after:.0} appends/s");
+    let after = baseline(dir, "baseline-after").await?;
+    let baseline = match workload::postgres_server() {
+        Some(_) => Baseline::database(before, after),
+        None => Baseline::new(before, after),
+    };
 
     Ok(Measured {
-        baseline: Baseline::new(before, after),
+        baseline,
         memory_per_run_bytes,
         sequential_steps_per_s,
         fan_out_steps_per_s,
@@ -451,11 +483,17 @@ fn baseline_figures(base: &Baseline) -> Vec<Figure> {
         Figure::rate(
             "baseline, before",
             base.before_per_s,
-            "appends/s",
+            base.unit_per_s,
             base,
             None,
         ),
-        Figure::rate("baseline, after", base.after_per_s, "appends/s", base, None),
+        Figure::rate(
+            "baseline, after",
+            base.after_per_s,
+            base.unit_per_s,
+            base,
+            None,
+        ),
     ]
 }
 
@@ -545,6 +583,23 @@ fn memory_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
             None,
         ),
     ]
+}
+
+/// The baseline of the store measured: the disk's append rate, or the database's commit rate.
+async fn baseline(dir: &Path, name: &'static str) -> anyhow::Result<f64> {
+    let rate = match workload::postgres_server() {
+        Some(server) => {
+            let rate = measure::baseline_postgres(&server, dir, name).await?;
+            eprintln!("  {rate:.0} commits/s");
+            rate
+        }
+        None => {
+            let rate = blocking_baseline(dir, name).await?;
+            eprintln!("  {rate:.0} appends/s");
+            rate
+        }
+    };
+    Ok(rate)
 }
 
 /// Runs [`measure::baseline`] off the async workers: it blocks in `fdatasync`.

@@ -41,6 +41,37 @@ pub(crate) fn baseline(dir: &Path, name: &str) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// The database's baseline: single-row INSERTs of 200 bytes from one connection, each its
+/// own transaction (one COMMIT each), for about 3 s or 2,000 rows, whichever comes first, in
+/// a fresh database named after `dir` and `name`. Returns commits/s: what the database does
+/// with nothing but commits in the way.
+pub(crate) async fn baseline_postgres(server: &str, dir: &Path, name: &str) -> anyhow::Result<f64> {
+    const DURATION: Duration = Duration::from_secs(3);
+    const ROWS_MAX: u32 = 2_000;
+    let url = workload::database_of(server, &dir.join(name)).await;
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .context("connecting for the baseline")?;
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TABLE IF NOT EXISTS baseline (row text NOT NULL)")
+        .await?;
+    let insert = client
+        .prepare("INSERT INTO baseline (row) VALUES ($1)")
+        .await?;
+    let row = "x".repeat(200);
+    let started = Instant::now();
+    let mut rows = 0u32;
+    while rows < ROWS_MAX && started.elapsed() < DURATION {
+        client.execute(&insert, &[&row]).await?;
+        rows += 1;
+    }
+    let rate = f64::from(rows) / started.elapsed().as_secs_f64();
+    drop(client);
+    let _ = connection.await;
+    Ok(rate)
+}
+
 /// One run of `steps` no-op steps, timed from `start` until its result is available: journaled
 /// steps/s of a single sequential workflow (one sync per step, none to share).
 pub(crate) async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {

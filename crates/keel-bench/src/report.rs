@@ -5,9 +5,16 @@ use serde::Serialize;
 
 use crate::system::Filesystem;
 
-/// The baseline: 200-byte appends with one `fdatasync` each, per second.
+/// The baseline: 200-byte appends with one `fdatasync` each, per second (sled), or
+/// single-row INSERTs with one COMMIT each (PostgreSQL).
 #[derive(Clone, Copy, Debug, Serialize)]
 pub(crate) struct Baseline {
+    /// What one baseline operation is.
+    pub what: &'static str,
+    /// The baseline operations' name, plural ("appends", "commits").
+    pub unit: &'static str,
+    /// Their rate's unit ("appends/s", "commits/s").
+    pub unit_per_s: &'static str,
     /// Measured first.
     pub before_per_s: f64,
     /// Measured last.
@@ -24,10 +31,23 @@ impl Baseline {
     pub(crate) fn new(before_per_s: f64, after_per_s: f64) -> Baseline {
         let mean_per_s = (before_per_s + after_per_s) / 2.0;
         Baseline {
+            what: "200 bytes + fdatasync each",
+            unit: "appends",
+            unit_per_s: "appends/s",
             before_per_s,
             after_per_s,
             mean_per_s,
             spread: (before_per_s - after_per_s).abs() / mean_per_s,
+        }
+    }
+
+    /// The database's baseline from its two measurements.
+    pub(crate) fn database(before_per_s: f64, after_per_s: f64) -> Baseline {
+        Baseline {
+            what: "a 200-byte single-row INSERT + COMMIT each, one connection",
+            unit: "commits",
+            unit_per_s: "commits/s",
+            ..Baseline::new(before_per_s, after_per_s)
         }
     }
 }
@@ -61,7 +81,8 @@ pub(crate) struct Figure {
 #[derive(Clone, Copy, Debug)]
 enum Kind {
     Rate,
-    Duration,
+    /// A duration, with the baseline's unit it is expressed in.
+    Duration(&'static str),
     Size,
 }
 
@@ -103,7 +124,7 @@ impl Figure {
             target: seconds_max.map(|max| format!("< {max} s")),
             met: seconds_max.map(|max| seconds < max),
             decimals: 3,
-            kind: Kind::Duration,
+            kind: Kind::Duration(baseline.unit),
         }
     }
 
@@ -130,8 +151,8 @@ impl Figure {
     fn ratio_text(&self) -> String {
         match (self.kind, self.ratio_to_baseline) {
             (Kind::Rate, Some(ratio)) => format!("{ratio:.2}x"),
-            (Kind::Duration, Some(appends)) => format!("{appends:.0} appends"),
-            (Kind::Rate | Kind::Duration | Kind::Size, _) => String::new(),
+            (Kind::Duration(unit), Some(count)) => format!("{count:.0} {unit}"),
+            (Kind::Rate | Kind::Duration(_) | Kind::Size, _) => String::new(),
         }
     }
 }
@@ -143,6 +164,8 @@ pub(crate) struct Report {
     pub dir: String,
     /// The filesystem holding it.
     pub filesystem: Filesystem,
+    /// The store measured: sled, or PostgreSQL on a named server.
+    pub store: String,
     /// The durability every engine ran at.
     pub durability: &'static str,
     /// Whether the reduced `--quick` sizes were used (the targets are set for the full ones).
@@ -161,7 +184,7 @@ impl Report {
         out.push_str(&self.figure_table());
         out.push_str(
             "\nratio to baseline: a rate divided by the baseline rate; a duration times the \
-             baseline rate (how many baseline appends the disk did meanwhile).\n",
+             baseline rate (how many baseline operations were done meanwhile).\n",
         );
         out
     }
@@ -171,10 +194,15 @@ impl Report {
     fn preamble(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!("data: {} on {}\n", self.dir, self.filesystem));
+        out.push_str(&format!("store: {}\n", self.store));
         out.push_str(&format!("durability: {}\n", self.durability));
         out.push_str(&format!(
-            "baseline: {:.0} appends/s (before {:.0}, after {:.0}), 200 bytes + fdatasync each\n",
-            self.baseline.mean_per_s, self.baseline.before_per_s, self.baseline.after_per_s
+            "baseline: {:.0} {}/s (before {:.0}, after {:.0}), {}\n",
+            self.baseline.mean_per_s,
+            self.baseline.unit,
+            self.baseline.before_per_s,
+            self.baseline.after_per_s,
+            self.baseline.what
         ));
         if self.baseline.spread > SPREAD_WARNING {
             out.push_str(&format!(
@@ -259,6 +287,7 @@ mod tests {
                 kind: "ext4".into(),
                 mounted_on: "/".into(),
             },
+            store: "sled (embedded)".into(),
             durability: "PowerLoss (default)",
             quick: false,
             baseline,
@@ -294,5 +323,18 @@ mod tests {
     fn spread_baselines_warn() {
         let table = report(1000.0, 2000.0).table();
         assert!(table.contains("differ by 67%"), "{table}");
+    }
+
+    /// A database's baseline is counted in commits, in its line and in every duration.
+    #[test]
+    fn a_database_baseline_counts_commits() {
+        let baseline = Baseline::database(400.0, 400.0);
+        let mut report = report(400.0, 400.0);
+        report.baseline = baseline;
+        report.figures = vec![Figure::duration("open", 0.5, &baseline, None)];
+        let table = report.table();
+        assert!(table.contains("baseline: 400 commits/s"), "{table}");
+        assert!(table.contains("INSERT + COMMIT"), "{table}");
+        assert!(table.contains("200 commits"), "{table}");
     }
 }

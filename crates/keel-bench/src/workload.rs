@@ -114,10 +114,42 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Opens an engine on `path` at the default durability, with the benchmark's workflows and
-/// step registered (so that unfinished runs resume at open).
+/// The environment variable that names the PostgreSQL server the benchmark measures instead
+/// of sled (`--store`; children inherit it).
+pub(crate) const STORE_ENV: &str = "KEEL_BENCH_STORE";
+
+/// The PostgreSQL server this run measures, if any.
+pub(crate) fn postgres_server() -> Option<String> {
+    std::env::var(STORE_ENV).ok().filter(|url| !url.is_empty())
+}
+
+/// The database that stands for the data directory `path` on `server`, created when
+/// missing: named after the run's directory and `path`'s own name, so that a child process
+/// opening the same path meets the same runs, and each benchmark run has fresh databases.
+pub(crate) async fn database_of(server: &str, path: &Path) -> String {
+    let leaf = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .map(|n| n.to_string_lossy().to_lowercase())
+            .unwrap_or_default()
+    };
+    let raw = format!("keel_bench_{}_{}", leaf(path.parent()), leaf(Some(path)));
+    let name: String = raw
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .take(63)
+        .collect();
+    keel_testkit::postgres::create_database(server, &name).await
+}
+
+/// Opens an engine on `path` at the default durability (or on its PostgreSQL database, with
+/// `--store`), with the benchmark's workflows and step registered (so that unfinished runs
+/// resume at open).
 pub(crate) async fn open(path: &Path) -> anyhow::Result<Engine> {
-    Engine::builder(path)
+    let mut builder = Engine::builder(path);
+    if let Some(server) = postgres_server() {
+        builder = builder.postgres(database_of(&server, path).await);
+    }
+    builder
         .workflow::<Steps>()
         .workflow::<StepsThenSleep>()
         .workflow::<FanOut>()

@@ -21,10 +21,18 @@ pub async fn fresh_database() -> String {
 /// # Panics
 /// As [`fresh_database`].
 pub async fn database_named(name: &str) -> String {
-    let url = server_url();
-    let (client, connection) = tokio_postgres::connect(&url, NoTls)
+    create_database(&server_url(), name).await
+}
+
+/// The URL of the database `name` on the server at `server` (any database's URL on it),
+/// created when it does not exist: for the tests and the benchmark.
+///
+/// # Panics
+/// When the server does not answer or cannot create the database.
+pub async fn create_database(server: &str, name: &str) -> String {
+    let (client, connection) = tokio_postgres::connect(server, NoTls)
         .await
-        .unwrap_or_else(|e| panic!("the tests' PostgreSQL at {URL_VARIABLE} does not answer: {e}"));
+        .unwrap_or_else(|e| panic!("the PostgreSQL server does not answer: {e}"));
     let connection = tokio::spawn(connection);
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
@@ -49,7 +57,7 @@ pub async fn database_named(name: &str) -> String {
     }
     drop(client);
     let _ = connection.await;
-    with_database(&url, name)
+    with_database(server, name)
 }
 
 /// Drops the database `name` on the tests' server, if it exists, closing its connections.
