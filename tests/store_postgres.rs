@@ -171,3 +171,34 @@ async fn a_newer_schema_or_an_unreachable_database_is_refused() {
     );
     assert!(!error.contains("hunter2"), "{error}");
 }
+
+/// Writes that no sync follows (the latency statistics, written every second) are committed
+/// once the engine is idle, instead of holding a transaction open that the server would end.
+#[tokio::test]
+async fn an_idle_engine_holds_no_transaction_open() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let engine = open(dir.path(), &url).await.unwrap();
+    engine
+        .start::<EffectFlow>("pg-idle", input(&log, None))
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    // The statistics are flushed within a second, and nothing syncs after that: seen from
+    // another connection only once they are committed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let rows = query_texts(&url, "SELECT count(*)::text FROM keel_stats").await;
+        if rows != vec!["0".to_string()] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the statistics were never committed within 10 s: a transaction stayed open"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    engine.shutdown().await;
+}

@@ -13,6 +13,9 @@ use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::store::{RunsScan, ScannedRuns};
 
+/// How long a transaction may stay open with nothing asked of the writer.
+const IDLE_COMMIT: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// A run record as its row holds it.
 #[derive(Debug)]
 pub(super) struct RecordRow {
@@ -162,8 +165,28 @@ impl Writer {
     }
 
     /// Answers requests until every sender is gone.
+    ///
+    /// A transaction left open with no request for [`IDLE_COMMIT`] is committed: writes that
+    /// no sync follows soon (the latency statistics, written every second) must not hold a
+    /// transaction open on an idle engine, where the server's
+    /// `idle_in_transaction_session_timeout` would end the connection. Committing early is
+    /// harmless: a write may become durable before its sync, never after.
     pub(super) async fn serve(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
-        while let Some(request) = requests.recv().await {
+        loop {
+            let request = if self.open {
+                match tokio::time::timeout(IDLE_COMMIT, requests.recv()).await {
+                    Ok(request) => request,
+                    Err(_idle) => {
+                        self.end_idle_transaction().await;
+                        continue;
+                    }
+                }
+            } else {
+                requests.recv().await
+            };
+            let Some(request) = request else {
+                break;
+            };
             self.handle(request).await;
         }
         if self.open {
@@ -288,6 +311,19 @@ impl Writer {
         super::schema::unlock_engine(&self.client, &self.database).await
     }
 
+    /// Ends a transaction nothing was asked of for [`IDLE_COMMIT`]: commits it, or rolls it
+    /// back when a failed statement aborted it (its failure stays, final).
+    async fn end_idle_transaction(&mut self) {
+        if self.failure.is_some() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            self.open = false;
+            return;
+        }
+        if let Err(failure) = self.commit().await {
+            tracing::error!(database = %self.database, %failure, "committing an idle transaction failed");
+        }
+    }
+
     /// Commits the open transaction, if any.
     async fn commit(&mut self) -> std::result::Result<(), String> {
         if let Some(failure) = &self.failure {
@@ -304,7 +340,9 @@ impl Writer {
                 Ok(())
             }
             Err(e) => {
+                // The transaction has ended, committed or not: nobody can tell which.
                 let failure = format!("commit failed: {e}");
+                self.open = false;
                 self.failure = Some(failure.clone());
                 Err(failure)
             }
