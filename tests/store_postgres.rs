@@ -202,3 +202,77 @@ async fn an_idle_engine_holds_no_transaction_open() {
     }
     engine.shutdown().await;
 }
+
+/// A write made after the engine released the database at shutdown (an operator's cancel
+/// on its way in) is refused and reported as failed, never as durable; the run is left as
+/// the database holds it.
+#[tokio::test]
+async fn a_write_after_shutdown_is_refused_not_reported_durable() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let engine = open(dir.path(), &url).await.unwrap();
+    let mut asleep = input(&log, None);
+    asleep.sleep_ms = 3_600_000;
+    engine
+        .start::<EffectFlow>("pg-late", asleep.clone())
+        .await
+        .unwrap();
+    keel_testkit::poll::until(&engine, "pg-late", |h| {
+        h.entries
+            .iter()
+            .any(|e| matches!(e.event, keel::Event::TimerSet { .. }))
+    })
+    .await;
+    engine.shutdown().await;
+    let late = engine.cancel("pg-late").await;
+    assert!(
+        late.is_err(),
+        "a cancel after shutdown was reported done: {late:?}"
+    );
+    let engine = open(dir.path(), &url).await.unwrap();
+    let record = engine.status("pg-late").await.unwrap();
+    assert_eq!(record.status, RunStatus::Running, "{record:?}");
+    engine.shutdown().await;
+}
+
+/// A run record that does not decode neither ends a paged listing early nor hides the
+/// runs after it: every readable run is listed once, a page at a time.
+#[tokio::test]
+async fn a_corrupt_record_hides_no_other_run_from_a_listing() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let engine = open(dir.path(), &url).await.unwrap();
+    for id in ["list-a", "list-b", "list-c", "list-d"] {
+        let mut quick = input(&log, None);
+        quick.steps = 1;
+        let run = engine.start::<EffectFlow>(id, quick).await.unwrap();
+        run.result().await.unwrap();
+    }
+    engine.shutdown().await;
+    drop(engine);
+    execute(
+        &url,
+        "UPDATE keel_runs SET record = '{' WHERE id IN ('list-a', 'list-b')",
+    )
+    .await;
+    let engine = open(dir.path(), &url).await.unwrap();
+    let mut listed = Vec::new();
+    let mut after = None;
+    for _ in 0..10 {
+        let page = engine
+            .list_page(&keel::RunsQuery {
+                status: None,
+                after: after.clone(),
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        listed.extend(page.runs.iter().map(|r| r.id.to_string()));
+        match page.next {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(listed, vec!["list-c".to_string(), "list-d".to_string()]);
+    engine.shutdown().await;
+}

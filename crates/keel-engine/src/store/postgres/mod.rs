@@ -21,6 +21,8 @@ mod schema;
 mod writer;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -42,7 +44,43 @@ pub(crate) struct PostgresStore {
     /// The database, as named in errors (the URL without its password).
     database: String,
     requests: mpsc::UnboundedSender<Request>,
+    /// Set when the store is dropped: the committer stops waiting for the writer.
+    closing: Arc<AtomicBool>,
     committer: Committer,
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        // Before the committer is dropped and joined: a store dropped on a runtime thread
+        // while a commit is in flight would otherwise wait for a writer task that this very
+        // thread must poll.
+        self.closing.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The committer's sync: asks the writer to commit, and waits for its answer, in slices, so
+/// that a store being dropped ends the wait (the commit's outcome is then unknown: a
+/// failure, final).
+fn commit(requests: &mpsc::UnboundedSender<Request>, closing: &AtomicBool) -> std::io::Result<()> {
+    const SLICE: Duration = Duration::from_millis(50);
+    let stopped = || std::io::Error::other("the database writer has stopped");
+    let (reply, answer) = std::sync::mpsc::sync_channel(1);
+    requests
+        .send(Request::Commit { reply })
+        .map_err(|_| stopped())?;
+    loop {
+        match answer.recv_timeout(SLICE) {
+            Ok(outcome) => return outcome.map_err(std::io::Error::other),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Err(stopped()),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if closing.load(Ordering::SeqCst) {
+                    return Err(std::io::Error::other(
+                        "the store was dropped while a commit was in flight",
+                    ));
+                }
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -85,19 +123,13 @@ impl PostgresStore {
         let writer = Writer::new(client, database.clone()).await?;
         tokio::spawn(writer.serve(receiver));
         let commits = requests.clone();
-        let committer = Committer::start(move || {
-            let (reply, answer) = oneshot::channel();
-            commits
-                .send(Request::Commit { reply })
-                .map_err(|_| std::io::Error::other("the database writer has stopped"))?;
-            answer
-                .blocking_recv()
-                .map_err(|_| std::io::Error::other("the database writer has stopped"))?
-                .map_err(std::io::Error::other)
-        });
+        let closing = Arc::new(AtomicBool::new(false));
+        let committer_closing = Arc::clone(&closing);
+        let committer = Committer::start(move || commit(&commits, &committer_closing));
         Ok(PostgresStore {
             database,
             requests,
+            closing,
             committer,
         })
     }

@@ -96,8 +96,9 @@ pub(super) enum Request {
         reply: Reply<()>,
     },
     /// Commit what was written; answered with the failure that made it impossible, if any.
+    /// (A std channel: the committer's thread waits for it with a timeout.)
     Commit {
-        reply: oneshot::Sender<std::result::Result<(), String>>,
+        reply: std::sync::mpsc::SyncSender<std::result::Result<(), String>>,
     },
 }
 
@@ -252,8 +253,10 @@ impl Writer {
         }
     }
 
-    /// Runs a write inside the open transaction (opening one if needed). A failure is kept:
-    /// the transaction is lost, so its commit must fail.
+    /// Runs a write inside the open transaction (opening one if needed). A failure is kept
+    /// and final: the write is lost, so the commit that would have covered it must fail. A
+    /// write after the engine released the database is refused the same way, so that no
+    /// ticket asked for after it reports it durable.
     async fn write<T>(
         &mut self,
         write: impl for<'a> FnOnce(&'a Writer) -> BoxFuture<'a, Result<T>>,
@@ -262,7 +265,9 @@ impl Writer {
             return Err(self.error(failure.clone().into()));
         }
         if self.released {
-            return Err(self.error("the engine shut down: writes are refused".into()));
+            let refused = "the engine shut down: a write made after it was refused";
+            self.failure = Some(refused.into());
+            return Err(self.error(refused.into()));
         }
         if !self.open {
             if let Err(e) = self.client.batch_execute("BEGIN").await {
@@ -272,40 +277,50 @@ impl Writer {
             self.open = true;
         }
         let outcome = write(self).await;
-        self.keep_failure(&outcome);
+        if let Err(error) = &outcome {
+            self.lose_transaction(format!("a write failed: {error}"))
+                .await;
+        }
         outcome
     }
 
-    /// Runs a read, inside the open transaction if there is one. A read that fails inside a
-    /// transaction aborts it, so its failure is kept as a write's is.
+    /// Runs a read, inside the open transaction if there is one. A statement that fails
+    /// inside a transaction aborts it, so a database error loses the transaction as a
+    /// failed write does; a record that does not decode fails only this read.
     async fn read<T>(
         &mut self,
         read: impl for<'a> FnOnce(&'a Writer) -> BoxFuture<'a, Result<T>>,
     ) -> Result<T> {
         let outcome = read(self).await;
-        if self.open {
-            self.keep_failure(&outcome);
+        if let Err(error @ EngineError::Database { .. }) = &outcome {
+            if self.open {
+                let why = format!("a read failed inside it: {error}");
+                self.lose_transaction(why).await;
+            }
         }
         outcome
     }
 
-    fn keep_failure<T>(&mut self, outcome: &Result<T>) {
-        if let Err(error) = outcome {
-            let failure =
-                format!("a statement failed, so the transaction holding it is lost: {error}");
-            tracing::error!(database = %self.database, %failure, "store write failed");
-            self.failure.get_or_insert(failure);
+    /// Gives up the open transaction after a failure: the failure is kept (final: its
+    /// commit and every later one fail, as a failed sync does on sled), and the transaction
+    /// is rolled back at once, so that reads go on outside it.
+    async fn lose_transaction(&mut self, why: String) {
+        let failure = format!("the transaction holding the engine's writes is lost: {why}");
+        tracing::error!(database = %self.database, %failure, "store write failed");
+        self.failure.get_or_insert(failure);
+        if self.open {
+            self.open = false;
+            let _ = self.client.batch_execute("ROLLBACK").await;
         }
     }
 
-    /// Rolls back what no sync covered, releases the engine lock, and refuses later writes.
+    /// Releases the engine lock and refuses later writes. Writes no sync covered yet are
+    /// rolled back and kept as a failure, so the commit asked for after them fails instead
+    /// of reporting them durable.
     async fn release(&mut self) -> Result<()> {
         if self.open {
-            self.open = false;
-            self.client
-                .batch_execute("ROLLBACK")
-                .await
-                .map_err(|e| self.db(e))?;
+            let why = "the engine shut down before they were synced".to_string();
+            self.lose_transaction(why).await;
         }
         self.released = true;
         super::schema::unlock_engine(&self.client, &self.database).await
@@ -315,7 +330,7 @@ impl Writer {
     /// back when a failed statement aborted it (its failure stays, final).
     async fn end_idle_transaction(&mut self) {
         if self.failure.is_some() {
-            let _ = self.client.batch_execute("ROLLBACK").await;
+            // Rolled back when the failure was kept; nothing is open.
             self.open = false;
             return;
         }
@@ -503,28 +518,42 @@ impl Writer {
             .collect())
     }
 
+    /// As sled's: records that do not decode are returned beside the page's records and do
+    /// not count towards its limit, so a corrupt row can neither end a listing early nor
+    /// hide the runs after it.
     async fn runs_page(&self, scan: RunsScan) -> Result<ScannedRuns> {
-        let after = scan.after.as_ref().map(RunId::as_str);
         let status = scan.status.map(RunStatus::as_str);
-        // One more than asked: whether another page follows.
-        let limit = i64::try_from(scan.limit).unwrap_or(i64::MAX - 1) + 1;
-        let rows = self
-            .client
-            .query(
-                "SELECT id, record FROM keel_runs \
-                 WHERE ($1::text IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2) \
-                 ORDER BY id LIMIT $3",
-                &[&after, &status, &limit],
-            )
-            .await
-            .map_err(|e| self.db(e))?;
-        let more = rows.len() > scan.limit;
-        let records = rows
-            .iter()
-            .take(scan.limit)
-            .map(|row| self.decode_record(row.get(0), row.get(1)))
-            .collect();
-        Ok(ScannedRuns { records, more })
+        // Rows are read in chunks of one more than asked: whether another page follows.
+        let chunk = i64::try_from(scan.limit).unwrap_or(i64::MAX - 1) + 1;
+        let mut after = scan.after.as_ref().map(|id| id.as_str().to_string());
+        let (mut page, mut held) = (ScannedRuns::default(), 0);
+        loop {
+            let rows = self
+                .client
+                .query(
+                    "SELECT id, record FROM keel_runs \
+                     WHERE ($1::text IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2) \
+                     ORDER BY id LIMIT $3",
+                    &[&after, &status, &chunk],
+                )
+                .await
+                .map_err(|e| self.db(e))?;
+            for row in &rows {
+                let record = self.decode_record(row.get(0), row.get(1));
+                if record.is_ok() {
+                    if held == scan.limit {
+                        page.more = true;
+                        return Ok(page);
+                    }
+                    held += 1;
+                }
+                page.records.push(record);
+            }
+            if (rows.len() as i64) < chunk {
+                return Ok(page);
+            }
+            after = rows.last().map(|row| row.get::<_, String>(0));
+        }
     }
 
     async fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
