@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use futures_util::future::BoxFuture;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
 
@@ -112,4 +112,34 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// store another engine may open while this one lives (PostgreSQL) lets it; later writes
     /// fail, reads go on. The sled store is released when it is dropped.
     fn release(&self) -> Read<'_, ()>;
+}
+
+/// `value` as JSON, refused when longer than `limit` bytes: every store checks what it
+/// writes against the limits of `limits.rs` the same way.
+pub(crate) fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -> Result<String> {
+    let text = serde_json::to_string(value).map_err(|source| EngineError::Serialise {
+        what: what.into(),
+        source,
+    })?;
+    if text.len() > limit {
+        return Err(EngineError::TooLarge {
+            what: what.into(),
+            bytes: text.len(),
+            limit,
+        });
+    }
+    Ok(text)
+}
+
+/// Refuses a statistics record longer than [`crate::limits::STATS_RECORD_BYTES_MAX`].
+pub(crate) fn check_stats_size(operation: &str, record: &[u8]) -> Result<()> {
+    let limit = crate::limits::STATS_RECORD_BYTES_MAX;
+    if record.len() > limit {
+        return Err(EngineError::TooLarge {
+            what: format!("latency statistics of {operation}"),
+            bytes: record.len(),
+            limit,
+        });
+    }
+    Ok(())
 }

@@ -30,9 +30,9 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
-use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX, STATS_RECORD_BYTES_MAX};
+use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX};
 use crate::store::commit::{Committer, SyncTicket};
-use crate::store::{JournalStore, Read, RunsScan, ScannedRuns};
+use crate::store::{check_stats_size, encode, JournalStore, Read, RunsScan, ScannedRuns};
 
 use writer::{Request, Writer};
 
@@ -181,22 +181,6 @@ pub(crate) fn redacted(url: &str) -> String {
     format!("{scheme}://{host}/{path}")
 }
 
-/// `value` as JSON text, refused when longer than `limit`.
-fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -> Result<String> {
-    let text = serde_json::to_string(value).map_err(|source| EngineError::Serialise {
-        what: what.into(),
-        source,
-    })?;
-    if text.len() > limit {
-        return Err(EngineError::TooLarge {
-            what: what.into(),
-            bytes: text.len(),
-            limit,
-        });
-    }
-    Ok(text)
-}
-
 impl JournalStore for PostgresStore {
     fn create_run<'a>(&'a self, record: &'a RunRecord) -> Read<'a, Option<RunRecord>> {
         match encode("run record", record, RUN_RECORD_BYTES_MAX) {
@@ -283,13 +267,7 @@ impl JournalStore for PostgresStore {
     }
 
     fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
-        if record.len() > STATS_RECORD_BYTES_MAX {
-            return Err(EngineError::TooLarge {
-                what: format!("latency statistics of {operation}"),
-                bytes: record.len(),
-                limit: STATS_RECORD_BYTES_MAX,
-            });
-        }
+        check_stats_size(operation, record)?;
         self.send(Request::PutStats {
             operation: operation.to_string(),
             record: record.to_vec(),

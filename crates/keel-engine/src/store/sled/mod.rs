@@ -41,9 +41,7 @@ use serde_json::Value;
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
-use crate::limits::{
-    ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX, STATS_RECORD_BYTES_MAX, TRANSITION_ENTRY_BYTES_MAX,
-};
+use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX, TRANSITION_ENTRY_BYTES_MAX};
 use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::mark::{self, Mark, Marker};
 use crate::store::{JournalStore, Read, RunsScan, ScannedRuns};
@@ -283,19 +281,9 @@ fn decode_record(key: &[u8], bytes: &[u8]) -> Result<RunRecord> {
     })
 }
 
+/// `value` as JSON bytes, refused when longer than `limit` (see [`crate::store::encode`]).
 fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -> Result<Vec<u8>> {
-    let bytes = serde_json::to_vec(value).map_err(|source| EngineError::Serialise {
-        what: what.into(),
-        source,
-    })?;
-    if bytes.len() > limit {
-        return Err(EngineError::TooLarge {
-            what: what.into(),
-            bytes: bytes.len(),
-            limit,
-        });
-    }
-    Ok(bytes)
+    crate::store::encode(what, value, limit).map(String::into_bytes)
 }
 
 /// The store's operations, answered on the calling thread (the trait's futures are ready).
@@ -445,13 +433,7 @@ impl SledStore {
     }
 
     fn write_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
-        if record.len() > STATS_RECORD_BYTES_MAX {
-            return Err(EngineError::TooLarge {
-                what: format!("latency statistics of {operation}"),
-                bytes: record.len(),
-                limit: STATS_RECORD_BYTES_MAX,
-            });
-        }
+        crate::store::check_stats_size(operation, record)?;
         let mut key = vec![STATS_PREFIX];
         key.extend_from_slice(operation.as_bytes());
         self.db.insert(key, record).map_err(|e| self.storage(e))?;
@@ -483,16 +465,8 @@ impl JournalStore for SledStore {
 
     fn runs(&self) -> Read<'_, Vec<Result<RunRecord>>> {
         // Every record: off the runtime's threads, which a large store would hold up.
-        let (path, db) = (self.path.clone(), self.db.clone());
-        Box::pin(async move {
-            let thread_path = path.clone();
-            tokio::task::spawn_blocking(move || read_runs(&thread_path, &db))
-                .await
-                .map_err(|e| EngineError::Storage {
-                    path,
-                    source: format!("the reading thread failed: {e}").into(),
-                })?
-        })
+        let db = self.db.clone();
+        off_runtime(self.path.clone(), move |path| read_runs(path, &db))
     }
 
     fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns> {
@@ -542,16 +516,9 @@ impl JournalStore for SledStore {
     fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()> {
         // sled 0.34's batch waits out any sync in progress (see the module doc): off the
         // runtime's threads.
-        let (path, db) = (self.path.clone(), self.db.clone());
-        let (written, ids) = (Arc::clone(&self.written), ids.to_vec());
-        Box::pin(async move {
-            let thread_path = path.clone();
-            tokio::task::spawn_blocking(move || remove_runs(&thread_path, &db, &written, &ids))
-                .await
-                .map_err(|e| EngineError::Storage {
-                    path,
-                    source: format!("the deleting thread failed: {e}").into(),
-                })?
+        let (db, written, ids) = (self.db.clone(), Arc::clone(&self.written), ids.to_vec());
+        off_runtime(self.path.clone(), move |path| {
+            remove_runs(path, &db, &written, &ids)
         })
     }
 
@@ -603,6 +570,22 @@ fn remove_runs(path: &Path, db: &sled::Db, written: &AtomicU64, ids: &[RunId]) -
     db.apply_batch(batch).map_err(|e| storage(path, e))?;
     written.fetch_add(1, Ordering::SeqCst);
     Ok(())
+}
+
+/// Runs the blocking `work` on the store at `path` off the runtime's threads.
+fn off_runtime<T: Send + 'static>(
+    path: PathBuf,
+    work: impl FnOnce(&Path) -> Result<T> + Send + 'static,
+) -> Read<'static, T> {
+    Box::pin(async move {
+        let thread_path = path.clone();
+        tokio::task::spawn_blocking(move || work(&thread_path))
+            .await
+            .map_err(|e| EngineError::Storage {
+                path,
+                source: format!("the store's blocking thread failed: {e}").into(),
+            })?
+    })
 }
 
 /// A read answered already.
