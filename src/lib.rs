@@ -31,6 +31,7 @@ pub use keel_engine::{
     InvalidInput,
     JournalIndex,
     LearnedDeadline,
+    Leases,
     OnRetriesExhausted,
     OperationIndex,
     OperationStats,

@@ -15,7 +15,7 @@ use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, Event, RunRecord, RunStatus};
 use crate::limits::JOURNAL_ENTRIES_PER_RUN_MAX;
 use crate::replay::RunState;
-use crate::store::JournalStore;
+use crate::store::{JournalStore, Token};
 
 struct Loaded {
     record: RunRecord,
@@ -35,6 +35,8 @@ pub(crate) enum Stop {
     ShutDown,
     /// The driver stopped on an engine error (or a bug); the run resumes at the next open.
     Error(String),
+    /// Another engine sharing the store took the run over; it drives it now.
+    Moved,
 }
 
 impl Stop {
@@ -42,6 +44,7 @@ impl Stop {
     pub(crate) fn error(&self, id: &RunId) -> EngineError {
         match self {
             Stop::ShutDown => EngineError::ShutDown,
+            Stop::Moved => EngineError::Fenced { id: id.clone() },
             Stop::Error(reason) => EngineError::RunStopped {
                 id: id.clone(),
                 reason: reason.clone(),
@@ -63,6 +66,8 @@ pub(crate) struct RunCell {
     load: AtomicU8,
     /// Stamps every entry and record change.
     clock: Clock,
+    /// What the store checks this cell's writes against (`store/mod.rs`).
+    token: Token,
     loaded: Mutex<Loaded>,
     /// Set (durably journaled first) when an operator cancels the run.
     pub(crate) cancel: watch::Sender<bool>,
@@ -91,7 +96,7 @@ impl Watched {
 }
 
 impl RunCell {
-    pub(crate) fn new(record: RunRecord, state: RunState, clock: Clock) -> RunCell {
+    pub(crate) fn new(record: RunRecord, state: RunState, clock: Clock, token: Token) -> RunCell {
         let (cancel, _) = watch::channel(state.cancel_requested);
         let (pause, _) = watch::channel(state.pause_requested);
         let (watched, _) = watch::channel(Watched {
@@ -102,6 +107,7 @@ impl RunCell {
             id: record.id.clone(),
             load: AtomicU8::new(LOAD_UNCOUNTED),
             clock,
+            token,
             loaded: Mutex::new(Loaded {
                 record,
                 state,
@@ -147,6 +153,20 @@ impl RunCell {
             }
             drop(store.sync());
         }
+    }
+
+    /// Waits until this cell's writes so far are durable. Fails with
+    /// [`EngineError::Fenced`] when one of them was dropped because another engine took the
+    /// run over: the caller must then act on nothing it wrote, and stop driving the run.
+    pub(crate) async fn durable(&self, store: &dyn JournalStore) -> Result<()> {
+        store.sync().wait().await?;
+        if store.fenced(&self.id, self.token) {
+            self.loaded.lock().expect("cell lock").write_failed = true;
+            return Err(EngineError::Fenced {
+                id: self.id.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Reads the run state.
@@ -290,7 +310,7 @@ impl RunCell {
             change(&mut record);
             record
         });
-        if let Err(e) = store.append(&self.id, index, &entry, record.as_ref()) {
+        if let Err(e) = store.append(&self.id, index, &entry, record.as_ref(), self.token) {
             // Memory is now ahead of the store: the cell must not be used again. Its driver
             // stops; the run is reloaded from the store by the next open.
             loaded.write_failed = true;

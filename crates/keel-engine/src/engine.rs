@@ -23,6 +23,7 @@ use crate::ids::RunId;
 use crate::journal::{digest, RunRecord, RunStatus};
 use crate::limits::INPUT_BYTES_MAX;
 use crate::replay::RunState;
+use crate::store::{Takeover, Token};
 use crate::workflow::{Workflow, Workflows};
 
 mod builder;
@@ -179,26 +180,29 @@ impl Engine {
         &self.inner.path
     }
 
-    /// Loads `record` into a cell and spawns its driver, unless it is loaded already.
-    async fn load(&self, record: RunRecord) -> Result<Arc<RunCell>> {
-        match self.load_cell(record).await? {
+    /// Loads `record` into a cell and spawns its driver, unless it is loaded already or
+    /// another engine sharing the store holds it (then it drives it).
+    async fn load(&self, record: RunRecord) -> Result<()> {
+        let Some(loaded) = self.load_cell(record, Takeover::IfFree).await? else {
+            return Ok(());
+        };
+        match loaded {
             Loaded::Fresh(cell)
                 if matches!(
                     cell.record().status,
                     RunStatus::Running | RunStatus::Compensating
                 ) =>
             {
-                self.spawn_driver(Arc::clone(&cell));
-                Ok(cell)
+                self.spawn_driver(cell);
             }
             Loaded::Fresh(cell) => {
                 // Settled meanwhile: nothing to drive (and no waiter to tell: the stop reason
                 // is only announced for a run that has not settled).
                 self.inner.unload(&cell, Stop::Error("settled".into()));
-                Ok(cell)
             }
-            Loaded::Existing(cell) => Ok(cell),
+            Loaded::Existing(_) => {}
         }
+        Ok(())
     }
 
     /// Loads a run this engine just created (its journal is empty: nothing to read) and
@@ -208,6 +212,7 @@ impl Engine {
             record,
             RunState::default(),
             self.inner.env.clock.clone(),
+            Token::CREATED,
         ));
         // The run's first load: `poison.rs` counts it without a write.
         cell.mark_started();
@@ -224,19 +229,25 @@ impl Engine {
         }
     }
 
-    /// Loads `record` and its journal into a cell in the map, unless one is there already.
-    async fn load_cell(&self, record: RunRecord) -> Result<Loaded> {
+    /// Loads `record` and its journal into a cell in the map, unless one is there already;
+    /// on a shared store, takes the run first as `takeover` allows (`None`: another engine
+    /// keeps it).
+    async fn load_cell(&self, record: RunRecord, takeover: Takeover) -> Result<Option<Loaded>> {
         // One load at a time: while no cell of the run is in the map and no other load can
         // put one there, nothing in this engine writes the run, so what is read below stays
         // current until the cell is in the map. (A new run's first cell, `load_new`, is
         // only made by the start that created its record.)
         let _loading = self.inner.loading.lock().await;
         if let Some(cell) = self.loaded(&record.id) {
-            return Ok(Loaded::Existing(cell));
+            return Ok(Some(Loaded::Existing(cell)));
         }
-        // The caller's copy may be stale (the run may have settled and been unloaded since it
-        // was read): the stored record is read again.
         let id = record.id;
+        let Some(token) = self.inner.env.store.take(&id, takeover).await? else {
+            return Ok(None);
+        };
+        // The caller's copy may be stale (the run may have settled and been unloaded since it
+        // was read, or moved on at another engine): the stored record is read again, after
+        // the run was taken.
         let record = self
             .inner
             .env
@@ -245,13 +256,14 @@ impl Engine {
             .await?
             .ok_or(EngineError::RunNotFound { id })?;
         let state = self.read_state(&record.id).await?;
-        let cell = Arc::new(RunCell::new(record, state, self.inner.env.clock.clone()));
+        let clock = self.inner.env.clock.clone();
+        let cell = Arc::new(RunCell::new(record, state, clock, token));
         let mut cells = self.inner.cells.lock().expect("cells lock");
         if let Some(existing) = cells.get(&cell.id) {
-            return Ok(Loaded::Existing(Arc::clone(existing)));
+            return Ok(Some(Loaded::Existing(Arc::clone(existing))));
         }
         cells.insert(cell.id.clone(), Arc::clone(&cell));
-        Ok(Loaded::Fresh(cell))
+        Ok(Some(Loaded::Fresh(cell)))
     }
 
     fn spawn_driver(&self, cell: Arc<RunCell>) {
@@ -443,6 +455,20 @@ impl Engine {
             self.load(existing.clone()).await?;
         }
         Ok(existing)
+    }
+
+    /// Resolves, with the reason, once the store can make nothing durable any more: a sync
+    /// failed, or (on PostgreSQL) this engine's lease was lost and other engines may own its
+    /// runs now. No run moves on in this engine after that; a worker exits so that its
+    /// supervisor starts a fresh one.
+    pub async fn broken(&self) -> String {
+        let mut broken = self.inner.env.store.broken();
+        let reason = match broken.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone().unwrap_or_default(),
+            // The store outlives every engine handle: not reached while `self` lives.
+            Err(_) => std::future::pending().await,
+        };
+        reason
     }
 
     /// Stops the engine: no new step or timer starts, in-flight steps finish and are

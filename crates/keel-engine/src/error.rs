@@ -259,6 +259,14 @@ pub enum EngineError {
         /// The run id.
         id: RunId,
     },
+    /// Another engine sharing the PostgreSQL store took run `id` over (its owner's lease ran
+    /// out, or an operator call on that engine): this engine's writes to it were refused and
+    /// it no longer drives it. The run goes on there; ask any engine for it.
+    #[error("run {id} was taken over by another worker: this worker no longer drives it (the run goes on there)")]
+    Fenced {
+        /// The run id.
+        id: RunId,
+    },
 }
 
 /// Why a workflow body returned without an output.

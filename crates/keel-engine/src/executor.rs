@@ -80,6 +80,11 @@ pub(crate) async fn drive(
             // ended; then this driver goes on.
             Ok(Next::Stop) if runs.unload_if_settled(&cell) => return,
             Ok(Next::Stop) => continue,
+            Err(EngineError::Fenced { .. }) => {
+                tracing::warn!(run_id = %cell.id, "run taken over by another worker: no longer driven here");
+                runs.unload(&cell, Stop::Moved);
+                return;
+            }
             Err(error) => {
                 tracing::error!(run_id = %cell.id, %error, "run stopped on an engine error; it resumes at the next open");
                 runs.unload(&cell, Stop::Error(format!("its driver stopped on an engine error (it resumes at the next open): {error}")));

@@ -132,10 +132,8 @@ impl Lane {
     }
 
     pub(crate) async fn durable(&self) -> Result<(), Interrupt> {
-        self.env
-            .store
-            .sync()
-            .wait()
+        self.cell
+            .durable(&*self.env.store)
             .await
             .map_err(Interrupt::Engine)
     }

@@ -271,7 +271,7 @@ pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use stats::{Counters, OperationStats, Outlier};
 pub use step::{Compensation, EffectOptions, Step, StepContext, StepError};
-pub use store::Durability;
+pub use store::{Durability, Leases};
 pub use wait::{LearnedDeadline, Probe, WaitPolicy, LEARN_AFTER_DEFAULT};
 pub use workflow::{InvalidInput, OnRetriesExhausted, Workflow, WorkflowError};
 

@@ -78,7 +78,7 @@ pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
     }
     env.store.set_load_count(&cell.id, loads + 1)?;
     // Durable before any of the run's code runs: a death from here on counts.
-    env.store.sync().wait().await?;
+    cell.durable(&*env.store).await?;
     cell.mark_load_counted();
     Ok(())
 }

@@ -43,7 +43,7 @@ pub(crate) async fn begin(env: &Arc<RunEnv>, cell: &Arc<RunCell>, reason: String
     )?;
     crate::crash::point("saga.after_compensation_started");
     // Waiters of a cancelled run hear "compensating" only once it is durable.
-    env.store.sync().wait().await?;
+    cell.durable(&*env.store).await?;
     cell.publish();
     Ok(Next::Continue)
 }
@@ -253,7 +253,7 @@ async fn begin_undo(
         &*env.store,
         Event::StepCompensationStarted { step, attempt },
     )?;
-    env.store.sync().wait().await?;
+    cell.durable(&*env.store).await?;
     // A death from here on belongs to this undo attempt, which its start record tells
     // (`poison.rs`).
     cell.survived(&*env.store);
@@ -314,7 +314,7 @@ async fn record_undo(
                     retry_at_ms,
                 },
             )?;
-            env.store.sync().wait().await?;
+            cell.durable(&*env.store).await?;
         }
     }
     crate::crash::point("saga.after_undo_recorded");

@@ -55,7 +55,7 @@ pub(crate) async fn stuck(
 /// Makes a transition durable, then tells waiters: nobody hears of a status before it is
 /// durable.
 pub(crate) async fn settle(env: &RunEnv, cell: &RunCell, status: RunStatus) -> Result<Next> {
-    env.store.sync().wait().await?;
+    cell.durable(&*env.store).await?;
     crate::crash::point("run.after_terminal");
     tracing::info!(run_id = %cell.id, %status, "run settled");
     cell.publish();

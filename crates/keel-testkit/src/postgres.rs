@@ -186,3 +186,37 @@ mod tests {
         );
     }
 }
+
+/// Every breach of the lease and fencing protocol the database shows (empty when none), each
+/// as a sentence naming the run and the rows: a journal row of epoch 2 or more written by
+/// another worker than the one that claimed that epoch; a run whose rows' epochs go back
+/// down; a row written after its run was claimed away at the next epoch; a row written after
+/// its writer's lease expired (for workers whose row is still there: killed or stopped ones,
+/// not those that shut down and gave their runs up).
+pub async fn fencing_breaches(url: &str) -> Vec<String> {
+    const CHECKS: [&str; 4] = [
+        "SELECT format('run %s row %s of epoch %s written by %s, but %s claimed that epoch', \
+                j.run_id, j.position, j.epoch, j.written_by, c.worker) \
+         FROM keel_journal j JOIN keel_claims c ON c.run_id = j.run_id AND c.epoch = j.epoch \
+         WHERE j.epoch >= 2 AND j.written_by IS DISTINCT FROM c.worker",
+        "SELECT format('run %s row %s has epoch %s after a row of epoch %s', \
+                run_id, position, epoch, before) \
+         FROM (SELECT run_id, position, epoch, \
+                      max(epoch) OVER (PARTITION BY run_id ORDER BY position \
+                                       ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before \
+               FROM keel_journal) rows WHERE epoch < before",
+        "SELECT format('run %s row %s of epoch %s written at %s, after epoch %s was claimed at %s', \
+                j.run_id, j.position, j.epoch, j.written_at, c.epoch, c.claimed_at) \
+         FROM keel_journal j JOIN keel_claims c ON c.run_id = j.run_id AND c.epoch = j.epoch + 1 \
+         WHERE j.written_at >= c.claimed_at",
+        "SELECT format('run %s row %s written by %s at %s, after its lease ended at %s', \
+                j.run_id, j.position, j.written_by, j.written_at, w.lease_until) \
+         FROM keel_journal j JOIN keel_workers w ON w.id = j.written_by \
+         WHERE j.written_at >= w.lease_until",
+    ];
+    let mut breaches = Vec::new();
+    for check in CHECKS {
+        breaches.extend(query_texts(url, check).await);
+    }
+    breaches
+}

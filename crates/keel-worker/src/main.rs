@@ -206,9 +206,16 @@ pub struct WorkerArgs {
     /// Where runs are kept: `sled` (an embedded store in DATA_DIR/journal, the default) or a
     /// PostgreSQL URL, `postgres://user:password@host:port/database` (pass it in KEEL_STORE
     /// rather than on the command line, where other users can read the password). The
-    /// worker creates or migrates the database's schema. One worker per database for now.
+    /// worker creates or migrates the database's schema. Several workers may share one
+    /// database: each drives the runs it owns and takes over those of a worker whose lease
+    /// ran out.
     #[arg(long, env = "KEEL_STORE", default_value = "sled", value_parser = store_choice, hide_env_values = true)]
     pub store: StoreChoice,
+    /// With a PostgreSQL store: how long this worker's runs stay its own without a renewal
+    /// (milliseconds); another worker takes them over after that. The lease is renewed, and
+    /// runs of gone workers looked for, every fifth of it.
+    #[arg(long, env = "KEEL_LEASE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub lease_ms: u64,
 }
 
 /// Where a worker keeps its runs.

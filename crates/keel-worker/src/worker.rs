@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_engine::{Engine, EngineError};
+use keel_engine::{Engine, EngineError, Leases};
 use keel_steps::aws::x509::{KeyStore, KeyStoreError};
 use keel_steps::aws::AwsClients;
 use keel_workflows::KeelWorkflows;
@@ -92,6 +92,10 @@ pub(crate) enum WorkerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The store can make nothing durable any more (a failed sync, a lost lease): the
+    /// worker exits so that its supervisor starts a fresh one.
+    #[error("the store can make nothing durable any more ({0}): exiting so that a fresh worker takes over")]
+    StoreBroken(String),
     /// Anything else of the runtime.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -364,7 +368,14 @@ async fn serve(
         limits,
         stopping,
     ));
-    signals.next().await;
+    tokio::select! {
+        _ = signals.next() => {}
+        reason = engine.broken() => {
+            let _ = stop.send(true);
+            let _ = server.await;
+            return Err(WorkerError::StoreBroken(reason));
+        }
+    }
     exit_on_second_signal(signals);
     let _ = stop.send(true);
     tracing::info!(
@@ -449,7 +460,12 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
         builder = builder.accept_data_loss();
     }
     if let StoreChoice::Postgres(url) = &args.store {
-        builder = builder.postgres(url);
+        let lease = Duration::from_millis(args.lease_ms);
+        builder = builder.postgres(url).leases(Leases {
+            length: lease,
+            renew_every: lease / 5,
+            claim_every: lease / 5,
+        });
     }
     Ok(builder.open().await?)
 }

@@ -20,7 +20,7 @@ use crate::stats::StatsBook;
 use crate::step::Step;
 use crate::store::postgres::PostgresStore;
 use crate::store::sled::{LostData, SledOptions, SledStore};
-use crate::store::{Durability, JournalStore};
+use crate::store::{Durability, JournalStore, Leases};
 use crate::workflow::{Workflow, Workflows};
 
 /// Options and registrations for [`Engine::open`].
@@ -38,6 +38,7 @@ pub struct EngineBuilder {
     lost_data: LostData,
     /// The PostgreSQL database to keep runs in instead of a sled store in `path`.
     postgres: Option<String>,
+    leases: Leases,
     rate_limits: HashMap<String, RateLimit>,
     resources: Resources,
     clock: Clock,
@@ -54,6 +55,7 @@ impl std::fmt::Debug for EngineBuilder {
             .field("gc_interval", &self.gc_interval)
             .field("allow_unregistered", &self.allow_unregistered)
             .field("rate_limits", &self.rate_limits)
+            .field("leases", &self.leases)
             .field(
                 "postgres",
                 &self
@@ -144,7 +146,9 @@ impl EngineBuilder {
     /// Keeps runs in the PostgreSQL database at `url` (`postgres://user:password@host/db`)
     /// instead of a sled store in the builder's directory, which still holds the worker's own
     /// files. Opening creates or migrates the schema, and refuses a database whose schema is
-    /// newer than this binary's ([`EngineError::SchemaNewer`]), or that another engine uses.
+    /// newer than this binary's ([`EngineError::SchemaNewer`]). Several engines may share the
+    /// database: each drives the runs it owns, and takes over those of an engine whose lease
+    /// ran out ([`EngineBuilder::leases`]).
     /// A write is durable when its transaction commits: the database's `synchronous_commit`
     /// must be `on` (its default) for the durability [`Durability::PowerLoss`] promises;
     /// [`EngineBuilder::durability`] and [`EngineBuilder::accept_data_loss`] are the sled
@@ -154,6 +158,13 @@ impl EngineBuilder {
             postgres: Some(url.into()),
             ..self
         }
+    }
+
+    /// How an engine on PostgreSQL holds its runs: the lease length, how often it is renewed,
+    /// and how often the engine looks for runs whose owner is gone (default
+    /// [`Leases::default`]). Opening refuses a renewal longer than a third of the lease.
+    pub fn leases(self, leases: Leases) -> Self {
+        EngineBuilder { leases, ..self }
     }
 
     /// What a durable write survives (default: power loss).
@@ -232,6 +243,7 @@ impl EngineBuilder {
         });
         let engine = Engine { inner };
         engine.resume_all(self.allow_unregistered).await?;
+        engine.spawn_claims();
         engine.spawn_gc(self.gc_interval);
         engine.spawn_stats_flush();
         Ok(engine)
@@ -243,7 +255,11 @@ impl EngineBuilder {
     /// the directory.
     async fn open_store(&self) -> Result<Arc<dyn JournalStore>> {
         if let Some(url) = &self.postgres {
-            return Ok(Arc::new(PostgresStore::open(url).await?));
+            // The worker's name: its directory, so that an engine reopened on the same
+            // directory after a crash takes its runs back at once (`lease.rs`).
+            let name = self.path.display().to_string();
+            let store = PostgresStore::open(url, self.leases, &name).await?;
+            return Ok(Arc::new(store));
         }
         let path = self.path.clone();
         let options = SledOptions {
@@ -277,6 +293,7 @@ impl Engine {
             allow_unregistered: false,
             lost_data: LostData::Refuse,
             postgres: None,
+            leases: Leases::default(),
             rate_limits: HashMap::new(),
             resources: Resources::default(),
             clock: Clock::system(),

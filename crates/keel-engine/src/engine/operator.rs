@@ -12,6 +12,7 @@ use crate::ids::RunId;
 use crate::journal::{Event, RunRecord, RunStatus};
 use crate::limits::ERROR_MESSAGE_BYTES_MAX;
 use crate::replay::RunState;
+use crate::store::Takeover;
 
 fn admits(record: &RunRecord, operation: &'static str, statuses: &[RunStatus]) -> Result<()> {
     if statuses.contains(&record.status) {
@@ -314,7 +315,11 @@ impl Engine {
     ) -> Result<Option<Arc<RunCell>>> {
         for _ in 0..8 {
             let record = self.record(id).await?;
-            let loaded = self.load_cell(record).await?;
+            let run_id = record.id.clone();
+            let loaded = self
+                .load_cell(record, Takeover::Always)
+                .await?
+                .ok_or(EngineError::RunNotFound { id: run_id })?;
             let cell = match &loaded {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };
@@ -339,7 +344,7 @@ impl Engine {
             }
             match wrote {
                 Ok(true) => {
-                    self.inner.env.store.sync().wait().await?;
+                    cell.durable(&*self.inner.env.store).await?;
                     return Ok(Some(cell));
                 }
                 Ok(false) => return Ok(None),

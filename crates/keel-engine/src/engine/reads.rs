@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cell::RunCell;
+use crate::cell::{RunCell, Stop};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
@@ -15,6 +15,10 @@ use crate::replay::RunState;
 use crate::store::RunsScan;
 
 pub use crate::limits::RUNS_PAGE_MAX;
+
+/// How often [`Engine::wait`] first reads a run another engine drives, and at most.
+const POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
+const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Which runs [`Engine::list_page`] returns.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,8 +136,11 @@ impl Engine {
     /// record. Every way a run can stop being driven answers: [`EngineError::ShutDown`] when
     /// the engine shuts down under the run, [`EngineError::RunStopped`] when its driver
     /// stopped on an engine error or nobody here drives it (its workflow is not registered).
+    /// On a store several engines share, a run another engine drives is watched in the
+    /// store until it settles.
     pub async fn wait(&self, id: &str) -> Result<RunRecord> {
         let run_id = RunId::existing(id)?;
+        let mut poll = POLL_FIRST;
         loop {
             let cell = self.loaded(&run_id);
             if let Some(cell) = &cell {
@@ -143,8 +150,10 @@ impl Engine {
                     // The cell is gone: the store answers below.
                     Err(_) => None,
                 };
-                if let Some(stop) = stopped {
-                    return Err(stop.error(&run_id));
+                match stopped {
+                    // Driven elsewhere now: watched in the store below.
+                    Some(Stop::Moved) | None => {}
+                    Some(stop) => return Err(stop.error(&run_id)),
                 }
             }
             let record = self.status(id).await?;
@@ -158,9 +167,30 @@ impl Engine {
             if *self.inner.env.shutdown.borrow() {
                 return Err(EngineError::ShutDown);
             }
+            if self.driven_elsewhere(&record.id) {
+                let mut shutdown = self.inner.env.shutdown.subscribe();
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.wait_for(|down| *down) => {}
+                }
+                poll = (poll * 2).min(POLL_MAX);
+                continue;
+            }
             let reason = self.undriven_reason(&record).await;
             return Err(EngineError::RunStopped { id: run_id, reason });
         }
+    }
+
+    /// Whether a running or compensating run not loaded here is another engine's to drive:
+    /// the store is shared and this engine did not leave it undriven.
+    fn driven_elsewhere(&self, id: &RunId) -> bool {
+        self.inner.env.store.claim_every().is_some()
+            && !self
+                .inner
+                .undriven
+                .lock()
+                .expect("undriven lock")
+                .contains_key(id)
     }
 
     /// Why a running or compensating run that is not loaded is not driven here.

@@ -1,7 +1,9 @@
 //! Resuming at open: every unfinished run is read and folded once; the engine refuses to open,
 //! naming every missing type, when a run needs a workflow or a step kind that is not
 //! registered (unless the operator allows it, and then those runs are left as they are); then
-//! every running or compensating run gets its driver.
+//! every running or compensating run gets its driver. On a store several engines share, "every
+//! run" is every run this engine claimed (`store/postgres/lease.rs`), at open and then every
+//! claim interval: a run whose owner died is adopted the same way.
 //!
 //! What a run needs registered:
 //! - its workflow, while the body may still run: `running`, `suspended`, `paused`;
@@ -20,6 +22,7 @@ use crate::ids::{OperationIndex, RunId};
 use crate::journal::{RunRecord, RunStatus};
 use crate::registry::Registry;
 use crate::replay::{step_undo_action, CompensationAction, RunState};
+use crate::store::{Claimed, Token};
 use crate::workflow::Workflows;
 
 /// How many of the runs that need missing types an error names.
@@ -119,6 +122,9 @@ fn may_be_compensated(record: &RunRecord, lineage: &Lineage) -> bool {
     false
 }
 
+/// A run to drive: its record, its folded journal, and the token to write it with.
+type Drivable = (RunRecord, RunState, Token);
+
 /// Every run's status and parent, by id: what the check of completed children needs, kept
 /// while the records themselves are consumed one by one.
 type Lineage = HashMap<RunId, (RunStatus, Option<RunId>)>;
@@ -127,7 +133,16 @@ impl Engine {
     /// Reads every run, checks registrations, and drives every running or compensating run
     /// (see the module doc). Nothing is driven when the check refuses the store.
     pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
-        let (drivable, unregistered) = self.check_runs().await?;
+        let claimed = self.inner.env.store.claim().await?;
+        // Every run in the store is checked, also those other engines own: engines sharing a
+        // store must all be able to drive all of its runs, since any of them may take any
+        // run over. Only the runs this engine claimed are driven.
+        let records = self.records().await?;
+        let tokens = match claimed {
+            Claimed::Everything => None,
+            Claimed::Runs(claimed) => Some(claimed.into_iter().collect()),
+        };
+        let (drivable, unregistered) = self.check_runs(records, tokens).await?;
         if !unregistered.runs.is_empty() {
             if !allow_unregistered {
                 return Err(unregistered.error());
@@ -140,25 +155,15 @@ impl Engine {
         Ok(())
     }
 
-    /// Every run that may act (unfinished, or a completed child its parent may compensate),
-    /// folded, and checked against the registrations: the drivable ones with their state, and
-    /// what the others lack.
-    async fn check_runs(&self) -> Result<(Vec<(RunRecord, RunState)>, Unregistered)> {
-        let records: Vec<RunRecord> = self
-            .inner
-            .env
-            .store
-            .runs()
-            .await?
-            .into_iter()
-            .filter_map(|record| match record {
-                Ok(record) => Some(record),
-                Err(error) => {
-                    tracing::error!(%error, "run record unreadable: left as it is");
-                    None
-                }
-            })
-            .collect();
+    /// Every run of `records` that may act (unfinished, or a completed child its parent may
+    /// compensate), folded, and checked against the registrations: the drivable ones with
+    /// their state and token (those in `tokens`, or all when `None`), and what the others
+    /// lack.
+    async fn check_runs(
+        &self,
+        records: Vec<RunRecord>,
+        tokens: Option<HashMap<RunId, Token>>,
+    ) -> Result<(Vec<Drivable>, Unregistered)> {
         let lineage: Lineage = records
             .iter()
             .map(|r| (r.id.clone(), (r.status, r.parent.clone())))
@@ -180,8 +185,13 @@ impl Engine {
             };
             let (workflows, steps) = (&self.inner.workflows, &self.inner.env.registry);
             unregistered.check(workflows, steps, &record, &state);
-            if record.status.is_drivable() && !unregistered.runs.contains_key(&record.id) {
-                drivable.push((record, state));
+            let token = match &tokens {
+                None => Some(Token::CREATED),
+                Some(tokens) => tokens.get(&record.id).copied(),
+            };
+            let registered = !unregistered.runs.contains_key(&record.id);
+            if let (true, true, Some(token)) = (record.status.is_drivable(), registered, token) {
+                drivable.push((record, state, token));
             }
         }
         Ok((drivable, unregistered))
@@ -200,12 +210,47 @@ impl Engine {
             .collect();
     }
 
+    /// Runs claimed after open: each is read, checked and driven as at open. A run that
+    /// needs types not registered here is left as it is (logged), as is one whose journal
+    /// cannot be read. A cell of the run still loaded from before another engine took it
+    /// is stale: it is unloaded first.
+    pub(super) async fn adopt(&self, claimed: Claimed) -> Result<()> {
+        let Claimed::Runs(claimed) = claimed else {
+            return Ok(());
+        };
+        let _loading = self.inner.loading.lock().await;
+        let mut records = Vec::new();
+        for (id, _) in &claimed {
+            match self.inner.env.store.run(id).await {
+                Ok(record) => records.extend(record),
+                Err(error) => tracing::error!(%error, "run record unreadable: left as it is"),
+            }
+        }
+        let tokens = Some(claimed.into_iter().collect());
+        let (drivable, unregistered) = self.check_runs(records, tokens).await?;
+        for (id, lacks) in &unregistered.runs {
+            tracing::error!(run_id = %id, lacks = %lacks, "claimed run needs unregistered types: left as it is");
+        }
+        for (record, _, _) in &drivable {
+            if let Some(stale) = self.loaded(&record.id) {
+                self.inner.unload(&stale, crate::cell::Stop::Moved);
+            }
+        }
+        let adopted = drivable.len();
+        self.drive_all(drivable).await?;
+        if adopted > 0 {
+            tracing::info!(adopted, "runs taken over from workers that are gone");
+        }
+        Ok(())
+    }
+
     /// Loads every drivable run, counts its load, and starts its driver.
-    async fn drive_all(&self, drivable: Vec<(RunRecord, RunState)>) -> Result<()> {
+    async fn drive_all(&self, drivable: Vec<Drivable>) -> Result<()> {
         let cells: Vec<Arc<RunCell>> = drivable
             .into_iter()
-            .map(|(record, state)| {
-                Arc::new(RunCell::new(record, state, self.inner.env.clock.clone()))
+            .map(|(record, state, token)| {
+                let clock = self.inner.env.clock.clone();
+                Arc::new(RunCell::new(record, state, clock, token))
             })
             .collect();
         self.count_loads(&cells).await?;
@@ -216,7 +261,7 @@ impl Engine {
             let mut map = self.inner.cells.lock().expect("cells lock");
             for cell in &cells {
                 let fresh = map.insert(cell.id.clone(), Arc::clone(cell)).is_none();
-                assert!(fresh, "bug: run {} loaded twice at open", cell.id);
+                assert!(fresh, "bug: run {} loaded twice", cell.id);
             }
         }
         for cell in cells {
@@ -251,5 +296,39 @@ impl Engine {
             key: format!("journal of run {id}"),
             detail,
         })
+    }
+}
+
+impl Engine {
+    /// On a store several engines share, claims and adopts the runs whose owner is gone,
+    /// every claim interval, until the engine shuts down or the store breaks.
+    pub(super) fn spawn_claims(&self) {
+        let Some(every) = self.inner.env.store.claim_every() else {
+            return;
+        };
+        let engine = Arc::downgrade(&self.inner);
+        let mut shutdown = self.inner.env.shutdown.subscribe();
+        let mut broken = self.inner.env.store.broken();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = shutdown.wait_for(|down| *down) => return,
+                    _ = broken.wait_for(Option::is_some) => return,
+                }
+                let Some(inner) = engine.upgrade() else {
+                    return;
+                };
+                let engine = Engine { inner };
+                match engine.inner.env.store.claim().await {
+                    Ok(claimed) => {
+                        if let Err(error) = engine.adopt(claimed).await {
+                            tracing::error!(%error, "claimed runs could not be adopted");
+                        }
+                    }
+                    Err(error) => tracing::warn!(%error, "claiming runs failed"),
+                }
+            }
+        });
     }
 }

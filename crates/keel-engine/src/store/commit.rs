@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::error::{EngineError, Result};
 
@@ -51,6 +51,8 @@ struct Requests {
 struct Shared {
     requests: Mutex<Requests>,
     wake: Condvar,
+    /// Set, with the reason, once the store can make nothing durable any more.
+    broken: watch::Sender<Option<String>>,
 }
 
 /// Waits for the durability of the writes made before it was issued.
@@ -87,6 +89,7 @@ impl Committer {
         let shared = Arc::new(Shared {
             requests: Mutex::new(Requests::default()),
             wake: Condvar::new(),
+            broken: watch::Sender::new(None),
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -96,6 +99,27 @@ impl Committer {
         Committer {
             shared,
             thread: Some(thread),
+        }
+    }
+
+    /// The store's health: `Some(reason)` once a sync failed (final), or once
+    /// [`Committer::break_with`] was called.
+    pub(crate) fn broken(&self) -> watch::Receiver<Option<String>> {
+        self.shared.broken.subscribe()
+    }
+
+    /// Marks the store broken for `reason` (a lease lost, say) although no sync failed yet:
+    /// whoever watches [`Committer::broken`] stops. The first reason stays.
+    pub(crate) fn break_with(&self) -> impl Fn(String) + Send + Sync + 'static {
+        let broken = self.shared.broken.clone();
+        move |reason| {
+            broken.send_if_modified(|current| {
+                let first = current.is_none();
+                if first {
+                    *current = Some(reason);
+                }
+                first
+            });
         }
     }
 
@@ -152,6 +176,13 @@ fn committer(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
                 // No sync follows a failed one: every ticket still waiting fails too, and
                 // `ticket` fails new ones at once.
                 requests.failure = Some(failure.clone());
+                shared.broken.send_if_modified(|current| {
+                    let first = current.is_none();
+                    if first {
+                        *current = Some(format!("a sync failed: {failure}"));
+                    }
+                    first
+                });
                 done = requests.issued;
                 requests.waiting.drain(..).collect()
             } else {

@@ -7,7 +7,11 @@
 //! - writes become durable only when a [`SyncTicket`] requested after them resolves; a store
 //!   batches every waiting ticket into one sync (group commit);
 //! - reads return what was written, durable or not (the executor never acts on an undurable
-//!   record: it waits for a ticket before any side effect and before telling anyone).
+//!   record: it waits for a ticket before any side effect and before telling anyone);
+//! - a store several engines share (PostgreSQL) hands each run to one of them at a time, with
+//!   a [`Token`] its writes carry; a write whose token is no longer the run's is dropped,
+//!   and [`JournalStore::fenced`] says so once the sync after it resolved. The sled store
+//!   belongs to one engine: every run is its own, and tokens are ignored.
 
 mod commit;
 mod mark;
@@ -17,6 +21,7 @@ pub(crate) mod sled;
 use std::collections::BTreeMap;
 
 use futures_util::future::BoxFuture;
+use tokio::sync::watch;
 
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
@@ -24,10 +29,39 @@ use crate::journal::{Entry, RunRecord, RunStatus};
 
 pub use commit::Durability;
 pub(crate) use commit::SyncTicket;
+pub use postgres::Leases;
 
 /// What a store's read returns: a future, so that a store on a server does not hold a
 /// runtime thread while it waits; the embedded store answers before the first poll returns.
 pub(crate) type Read<'a, T> = BoxFuture<'a, Result<T>>;
+
+/// The right to write one run, as the store handed it to this engine: on a shared store, the
+/// run's epoch when this engine took it (`store/postgres/lease.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Token(pub(crate) i64);
+
+impl Token {
+    /// The token of a run this engine created.
+    pub(crate) const CREATED: Token = Token(1);
+}
+
+/// Whether [`JournalStore::take`] takes a run from a live owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Takeover {
+    /// Only a run nobody holds (no owner, or an owner whose lease expired).
+    IfFree,
+    /// From any owner (an operator call on the run).
+    Always,
+}
+
+/// The runs an engine may drive, as [`JournalStore::claim`] answers.
+#[derive(Debug)]
+pub(crate) enum Claimed {
+    /// Every run in the store (the store belongs to this engine).
+    Everything,
+    /// These runs, newly this engine's, with their tokens.
+    Runs(Vec<(RunId, Token)>),
+}
 
 /// Which run records [`JournalStore::runs_page`] visits.
 #[derive(Clone, Debug)]
@@ -79,13 +113,15 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Writes entry `index` of `id`'s journal and, if given, the new run record, atomically:
     /// after a crash, either the entry and the record are both as written, or neither is, as
-    /// the next open of the store sees them.
+    /// the next open of the store sees them. On a shared store, written only while `token`
+    /// is still the run's (else dropped: see [`JournalStore::fenced`]).
     fn append(
         &self,
         id: &RunId,
         index: JournalIndex,
         entry: &Entry,
         record: Option<&RunRecord>,
+        token: Token,
     ) -> Result<()>;
 
     /// Deletes the run records, journals and load counts of `ids`, atomically. Durable with
@@ -104,6 +140,27 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every operation's statistics record.
     fn stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>>;
+
+    /// Takes the runs this engine should drive and nobody does: on a shared store, running
+    /// and compensating runs whose owner is gone (at open, and then every
+    /// [`JournalStore::claim_every`]); [`Claimed::Everything`] on a store of its own.
+    fn claim(&self) -> Read<'_, Claimed>;
+
+    /// How often a shared store wants [`JournalStore::claim`] called; `None` for a store of
+    /// its own (everything is claimed at open).
+    fn claim_every(&self) -> Option<std::time::Duration>;
+
+    /// The token to write run `id` with, taking the run over as `takeover` allows; `None`
+    /// when another engine keeps it, or the run does not exist.
+    fn take<'a>(&'a self, id: &'a RunId, takeover: Takeover) -> Read<'a, Option<Token>>;
+
+    /// Whether a write of run `id` made with `token` was dropped because another engine
+    /// took the run over. Known once a sync asked for after the write resolved.
+    fn fenced(&self, id: &RunId, token: Token) -> bool;
+
+    /// `Some(reason)` once the store can make nothing durable any more (a failed sync, a
+    /// lost lease): the engine stops.
+    fn broken(&self) -> watch::Receiver<Option<String>>;
 
     /// A ticket that resolves once every write made before this call is durable.
     fn sync(&self) -> SyncTicket;

@@ -13,10 +13,11 @@
 //! transaction, so the commit that follows fails, and, as on sled, a failed sync is final:
 //! the engine stops driving runs and the next open reads what was committed.
 //!
-//! **One engine per database, for now.** The connection holds a session advisory lock for
-//! its life; a second engine on the same database is refused at open (the way a second
-//! process is refused a sled directory), until runs carry leases.
+//! **Several engines per database.** Each is a worker with a lease, and each run has one owner
+//! at a time; every write is checked against the run's owner and epoch in the database
+//! (`lease.rs` has the protocol).
 
+mod lease;
 mod schema;
 mod writer;
 
@@ -25,16 +26,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::Client;
 
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX};
 use crate::store::commit::{Committer, SyncTicket};
-use crate::store::{check_stats_size, encode, JournalStore, Read, RunsScan, ScannedRuns};
+use crate::store::{
+    check_stats_size, encode, Claimed, JournalStore, Read, RunsScan, ScannedRuns, Takeover, Token,
+};
 
-use writer::{Request, Writer};
+use lease::Lease;
+pub use lease::Leases;
+use writer::{Fenced, Request, Writer};
+
+/// How many runs one claim takes at most.
+const CLAIM_BATCH: i64 = 500;
 
 /// How long opening waits for the database to answer before it gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +56,9 @@ pub(crate) struct PostgresStore {
     /// Set when the store is dropped: the committer stops waiting for the writer.
     closing: Arc<AtomicBool>,
     committer: Committer,
+    lease: Lease,
+    leases: Leases,
+    fenced: Fenced,
 }
 
 impl Drop for PostgresStore {
@@ -91,46 +103,93 @@ impl std::fmt::Debug for PostgresStore {
     }
 }
 
+/// Connects to the database at `url` as `role` (the connection's application name says
+/// which of the worker's connections it is), with `options` set for the session.
+async fn connect(url: &str, database: &str, role: &str, options: &str) -> Result<Client> {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| EngineError::Database {
+        database: database.to_string(),
+        source,
+    };
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| failed(format!("not a PostgreSQL URL: {e}").into()))?;
+    config.connect_timeout(CONNECT_TIMEOUT);
+    config.application_name(format!("keel {role}"));
+    config.options(options);
+    let (client, connection) = config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| failed(Box::new(e)))?;
+    let name = database.to_string();
+    let role = role.to_string();
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::error!(database = %name, connection = %role, %error, "database connection lost");
+        }
+    });
+    Ok(client)
+}
+
 impl PostgresStore {
-    /// Connects to the database at `url`, takes the engine's lock on it, and creates or
-    /// migrates its schema. Refused, with an error naming the database, when it cannot be
-    /// reached, when another engine holds it, or when its schema is newer than this binary's.
-    pub(crate) async fn open(url: &str) -> Result<PostgresStore> {
+    /// Connects to the database at `url`, creates or migrates its schema, and registers this
+    /// engine as a worker named `name` (with the host) holding its runs as `leases` says. Refused, with an error naming
+    /// the database, when it cannot be reached or its schema is newer than this binary's.
+    pub(crate) async fn open(url: &str, leases: Leases, name: &str) -> Result<PostgresStore> {
         let database = redacted(url);
-        let failed = |source: Box<dyn std::error::Error + Send + Sync>| EngineError::Database {
+        leases.check().map_err(|why| EngineError::Database {
             database: database.clone(),
-            source,
-        };
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| failed(format!("not a PostgreSQL URL: {e}").into()))?;
-        let mut config = config;
-        config.connect_timeout(CONNECT_TIMEOUT);
-        config.application_name("keel");
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| failed(Box::new(e)))?;
-        let connection_name = database.clone();
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::error!(database = %connection_name, %error, "database connection lost");
-            }
-        });
-        schema::lock_engine(&client, &database).await?;
-        schema::migrate(&client, &database).await?;
+            source: why.into(),
+        })?;
+        // A worker stopped inside a transaction (SIGSTOP, a partition) holds its runs' rows
+        // locked: the server ends such a session after a lease, so that a takeover waits no
+        // longer than that. (The writer's own transactions idle 200 ms at most.)
+        let lease_ms = leases.length.as_millis();
+        let writes = connect(
+            url,
+            &database,
+            "writer",
+            &format!("-c idle_in_transaction_session_timeout={lease_ms}"),
+        )
+        .await?;
+        schema::migrate(&writes, &database).await?;
+        let renewals = connect(url, &database, "lease", "").await?;
+        let control = connect(
+            url,
+            &database,
+            "claims",
+            &format!("-c lock_timeout={}", lease_ms * 2),
+        )
+        .await?;
         let (requests, receiver) = mpsc::unbounded_channel();
-        let writer = Writer::new(client, database.clone()).await?;
-        tokio::spawn(writer.serve(receiver));
         let commits = requests.clone();
         let closing = Arc::new(AtomicBool::new(false));
         let committer_closing = Arc::clone(&closing);
         let committer = Committer::start(move || commit(&commits, &committer_closing));
+        let broken = committer.break_with();
+        let losing = requests.clone();
+        let lost = move |why: String| {
+            let _ = losing.send(Request::Lose { why: why.clone() });
+            broken(format!("the lease was lost: {why}"));
+        };
+        let connections = [renewals, control];
+        let lease = Lease::start(connections, database.clone(), leases, name, lost).await?;
+        let fenced = Fenced::default();
+        let writer = Writer::new(
+            writes,
+            database.clone(),
+            lease.worker.clone(),
+            Arc::clone(&fenced),
+        )
+        .await?;
+        tokio::spawn(writer.serve(receiver));
         Ok(PostgresStore {
             database,
             requests,
             closing,
             committer,
+            lease,
+            leases,
+            fenced,
         })
     }
 
@@ -227,6 +286,7 @@ impl JournalStore for PostgresStore {
         index: JournalIndex,
         entry: &Entry,
         record: Option<&RunRecord>,
+        token: Token,
     ) -> Result<()> {
         // Both encoded (and checked) before either is sent.
         let entry_text = encode("journal entry", entry, ENTRY_BYTES_MAX)?;
@@ -242,6 +302,7 @@ impl JournalStore for PostgresStore {
             index,
             entry: entry_text,
             record,
+            token,
         })
     }
 
@@ -283,7 +344,42 @@ impl JournalStore for PostgresStore {
     }
 
     fn release(&self) -> Read<'_, ()> {
+        self.lease.stop();
         self.ask(|reply| Request::Release { reply })
+    }
+
+    fn claim(&self) -> Read<'_, Claimed> {
+        Box::pin(async move { Ok(Claimed::Runs(self.lease.claim(CLAIM_BATCH).await?)) })
+    }
+
+    fn claim_every(&self) -> Option<Duration> {
+        Some(self.leases.claim_every)
+    }
+
+    fn take<'a>(&'a self, id: &'a RunId, takeover: Takeover) -> Read<'a, Option<Token>> {
+        Box::pin(async move {
+            let token = self.lease.take(id, takeover).await?;
+            if let Some(token) = token {
+                // A fresh token: whatever an earlier load of the run had is forgotten.
+                self.fenced
+                    .lock()
+                    .expect("fenced lock")
+                    .retain(|(fenced, _)| fenced != id);
+                return Ok(Some(token));
+            }
+            Ok(None)
+        })
+    }
+
+    fn fenced(&self, id: &RunId, token: Token) -> bool {
+        self.fenced
+            .lock()
+            .expect("fenced lock")
+            .contains(&(id.clone(), token))
+    }
+
+    fn broken(&self) -> watch::Receiver<Option<String>> {
+        self.committer.broken()
     }
 }
 

@@ -1,22 +1,15 @@
-//! The schema's versions and the migrations between them, and the engine's lock on the
-//! database.
+//! The schema's versions and the migrations between them.
 //!
 //! `MIGRATIONS[i]` takes the schema from version `i` to `i + 1`; the version a database is at
 //! is the one row of `keel_schema`. Opening applies what is missing in one transaction, under
 //! a transaction advisory lock so that two engines opening at once migrate once; a database
 //! at a newer version than this binary knows is refused and left unchanged.
 
-use std::time::Duration;
-
 use tokio_postgres::Client;
 
 use crate::error::{EngineError, Result};
-use crate::limits::OPEN_LOCK_WAIT_MAX;
 
-/// The advisory lock key every Keel engine on a database takes for its connection's life
-/// ("keel" in ASCII, then 1): one engine per database until runs carry leases.
-const ENGINE_LOCK: i64 = 0x6b65_656c_0000_0001;
-/// The advisory lock key migrations take for their transaction.
+/// The advisory lock key migrations take for their transaction ("keel" in ASCII, then 2).
 const MIGRATION_LOCK: i64 = 0x6b65_656c_0000_0002;
 
 /// Every migration, in order: `MIGRATIONS[i]` takes version `i` to `i + 1`.
@@ -45,6 +38,35 @@ const MIGRATIONS: &[&str] = &[
         record bytea NOT NULL
     );
     "#,
+    // 2: leases. Each engine is a worker with a lease it renews; each run has the worker that
+    // owns it and an epoch that every claim of it increments, the token its writes are
+    // checked against. Journal rows say who wrote them under which epoch, and every claim is
+    // kept, so that fencing can be audited from the database alone.
+    r#"
+    CREATE TABLE keel_workers (
+        id text PRIMARY KEY COLLATE "C",
+        name text NOT NULL,
+        host text NOT NULL,
+        pid integer NOT NULL,
+        started_at timestamptz NOT NULL,
+        lease_until timestamptz NOT NULL
+    );
+    ALTER TABLE keel_runs ADD COLUMN owner text COLLATE "C";
+    ALTER TABLE keel_runs ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
+    CREATE INDEX keel_runs_drivable ON keel_runs (id)
+        WHERE status IN ('running', 'compensating');
+    CREATE INDEX keel_runs_by_owner ON keel_runs (owner);
+    ALTER TABLE keel_journal ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
+    ALTER TABLE keel_journal ADD COLUMN written_by text;
+    ALTER TABLE keel_journal ADD COLUMN written_at timestamptz NOT NULL DEFAULT clock_timestamp();
+    CREATE TABLE keel_claims (
+        run_id text NOT NULL COLLATE "C",
+        epoch bigint NOT NULL,
+        worker text NOT NULL,
+        claimed_at timestamptz NOT NULL,
+        PRIMARY KEY (run_id, epoch)
+    );
+    "#,
 ];
 
 /// The schema version this binary writes.
@@ -55,39 +77,6 @@ fn database_error(database: &str, source: tokio_postgres::Error) -> EngineError 
         database: database.to_string(),
         source: Box::new(source),
     }
-}
-
-/// Takes the engine's lock on the database for the connection's life, waiting up to
-/// [`OPEN_LOCK_WAIT_MAX`] (as the sled store waits for its file lock: an engine this process
-/// has just dropped may still be closing its connection); refused when another engine holds
-/// it.
-pub(super) async fn lock_engine(client: &Client, database: &str) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
-    loop {
-        let row = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&ENGINE_LOCK])
-            .await
-            .map_err(|e| database_error(database, e))?;
-        if row.get::<_, bool>(0) {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(EngineError::Database {
-                database: database.to_string(),
-                source: "another Keel engine is using this database (one engine per database: stop the other worker first)".into(),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Releases the engine's lock on the database.
-pub(super) async fn unlock_engine(client: &Client, database: &str) -> Result<()> {
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&ENGINE_LOCK])
-        .await
-        .map_err(|e| database_error(database, e))?;
-    Ok(())
 }
 
 /// Creates the schema, or migrates it to [`SCHEMA_VERSION`]; refuses a newer one.

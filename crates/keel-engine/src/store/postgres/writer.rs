@@ -2,7 +2,8 @@
 //! channel; a write opens a transaction if none is open, a commit request ends it, and reads
 //! run inside it when one is open (so they see the engine's own writes).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, Mutex};
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
@@ -11,7 +12,7 @@ use tokio_postgres::{Client, Statement};
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
-use crate::store::{RunsScan, ScannedRuns};
+use crate::store::{RunsScan, ScannedRuns, Token};
 
 /// How long a transaction may stay open with nothing asked of the writer.
 const IDLE_COMMIT: std::time::Duration = std::time::Duration::from_millis(200);
@@ -70,6 +71,7 @@ pub(super) enum Request {
         index: JournalIndex,
         entry: String,
         record: Option<RecordRow>,
+        token: Token,
     },
     DeleteRuns {
         ids: Vec<RunId>,
@@ -90,10 +92,14 @@ pub(super) enum Request {
     Stats {
         reply: Reply<Vec<(String, Vec<u8>)>>,
     },
-    /// Give the database up to another engine: unacknowledged writes are rolled back, the
-    /// engine lock released, later writes refused.
+    /// Give the database up to the other workers: unacknowledged writes are rolled back,
+    /// every run this worker owns given up, its worker row deleted, later writes refused.
     Release {
         reply: Reply<()>,
+    },
+    /// The lease is lost: the open transaction is rolled back and every later commit fails.
+    Lose {
+        why: String,
     },
     /// Commit what was written; answered with the failure that made it impossible, if any.
     /// (A std channel: the committer's thread waits for it with a timeout.)
@@ -101,6 +107,11 @@ pub(super) enum Request {
         reply: std::sync::mpsc::SyncSender<std::result::Result<(), String>>,
     },
 }
+
+/// The runs whose writes were refused because another worker took them over, each with the
+/// token the refused write carried; shared with the store, which answers the engine's
+/// question whether a run was fenced.
+pub(super) type Fenced = Arc<Mutex<HashSet<(RunId, Token)>>>;
 
 /// The hot statements, prepared once.
 struct Statements {
@@ -114,6 +125,9 @@ struct Statements {
 pub(super) struct Writer {
     client: Client,
     database: String,
+    /// This worker, as the runs' `owner` names it.
+    worker: String,
+    fenced: Fenced,
     statements: Statements,
     /// Whether a transaction is open.
     open: bool,
@@ -125,7 +139,12 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Prepares the writer's statements on `client`.
-    pub(super) async fn new(client: Client, database: String) -> Result<Writer> {
+    pub(super) async fn new(
+        client: Client,
+        database: String,
+        worker: String,
+        fenced: Fenced,
+    ) -> Result<Writer> {
         let prepare = |sql: &'static str| {
             let client = &client;
             let database = &database;
@@ -140,13 +159,25 @@ impl Writer {
             }
         };
         let statements = Statements {
+            // Written only while the run's owner and epoch are the writer's (its row read
+            // `FOR SHARE`: a claim waits for this transaction, and this waits for a claim's)
+            // and the writer's lease has not expired at the very time the row says it was
+            // written (a lease that expired is never renewed).
             append: prepare(
-                "INSERT INTO keel_journal (run_id, position, entry) VALUES ($1, $2, $3) \
-                 ON CONFLICT (run_id, position) DO UPDATE SET entry = EXCLUDED.entry",
+                "INSERT INTO keel_journal (run_id, position, entry, epoch, written_by, written_at) \
+                 SELECT $1, $2, $3, $4, $5, now.at \
+                 FROM (SELECT clock_timestamp() AS at) now, keel_runs r, keel_workers w \
+                 WHERE r.id = $1 AND r.owner = $5 AND r.epoch = $4 \
+                   AND w.id = $5 AND w.lease_until > now.at \
+                 FOR SHARE OF r \
+                 ON CONFLICT (run_id, position) DO UPDATE SET entry = EXCLUDED.entry, \
+                   epoch = EXCLUDED.epoch, written_by = EXCLUDED.written_by, \
+                   written_at = EXCLUDED.written_at",
             )
             .await?,
             update_record: prepare(
-                "UPDATE keel_runs SET status = $2, parent = $3, record = $4 WHERE id = $1",
+                "UPDATE keel_runs SET status = $2, parent = $3, record = $4 \
+                 WHERE id = $1 AND owner = $6 AND epoch = $5",
             )
             .await?,
             run: prepare("SELECT record FROM keel_runs WHERE id = $1").await?,
@@ -158,6 +189,8 @@ impl Writer {
         Ok(Writer {
             client,
             database,
+            worker,
+            fenced,
             statements,
             open: false,
             failure: None,
@@ -204,6 +237,9 @@ impl Writer {
             Request::Release { reply } => {
                 let _ = reply.send(self.release().await);
             }
+            Request::Lose { why } => {
+                self.lose_transaction(why).await;
+            }
             Request::CreateRun { record, reply } => {
                 let answer = self.write(|w| Box::pin(w.create_run(record))).await;
                 let _ = reply.send(answer);
@@ -213,9 +249,10 @@ impl Writer {
                 index,
                 entry,
                 record,
+                token,
             } => {
                 let _ = self
-                    .write(|w| Box::pin(w.append(id, index, entry, record)))
+                    .write(|w| Box::pin(w.append(id, index, entry, record, token)))
                     .await;
             }
             Request::DeleteRuns { ids, reply } => {
@@ -314,16 +351,33 @@ impl Writer {
         }
     }
 
-    /// Releases the engine lock and refuses later writes. Writes no sync covered yet are
-    /// rolled back and kept as a failure, so the commit asked for after them fails instead
-    /// of reporting them durable.
+    /// Gives every run this worker owns up, deletes its worker row, and refuses later
+    /// writes. Writes no sync covered yet are rolled back and kept as a failure, so the
+    /// commit asked for after them fails instead of reporting them durable (and nothing is
+    /// given up: the lease then simply expires).
     async fn release(&mut self) -> Result<()> {
         if self.open {
             let why = "the engine shut down before they were synced".to_string();
             self.lose_transaction(why).await;
         }
         self.released = true;
-        super::schema::unlock_engine(&self.client, &self.database).await
+        if let Some(failure) = &self.failure {
+            return Err(self.error(format!("runs not given up: {failure}").into()));
+        }
+        let give_up = async {
+            self.client.batch_execute("BEGIN").await?;
+            self.client
+                .execute(
+                    "UPDATE keel_runs SET owner = NULL WHERE owner = $1",
+                    &[&self.worker],
+                )
+                .await?;
+            self.client
+                .execute("DELETE FROM keel_workers WHERE id = $1", &[&self.worker])
+                .await?;
+            self.client.batch_execute("COMMIT").await
+        };
+        give_up.await.map_err(|e| self.db(e))
     }
 
     /// Ends a transaction nothing was asked of for [`IDLE_COMMIT`]: commits it, or rolls it
@@ -387,13 +441,21 @@ impl Writer {
             .map_err(|e| self.corrupt(format!("run record {id}"), format!("run record: {e}")))
     }
 
+    /// Inserts the run owned by this worker at epoch 1 ([`Token::CREATED`]).
     async fn create_run(&self, record: RecordRow) -> Result<Option<RunRecord>> {
         let inserted = self
             .client
             .execute(
-                "INSERT INTO keel_runs (id, status, parent, record) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (id) DO NOTHING",
-                &[&record.id, &record.status, &record.parent, &record.text],
+                "INSERT INTO keel_runs (id, status, parent, record, owner, epoch) \
+                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &record.id,
+                    &record.status,
+                    &record.parent,
+                    &record.text,
+                    &self.worker,
+                    &Token::CREATED.0,
+                ],
             )
             .await
             .map_err(|e| self.db(e))?;
@@ -408,12 +470,16 @@ impl Writer {
         self.decode_record(&record.id, row.get(0)).map(Some)
     }
 
+    /// Writes the entry and the record if the run is still this worker's at `token`; else
+    /// writes nothing and notes the run fenced (not an error: the transaction holds other
+    /// runs' writes, which still commit).
     async fn append(
         &self,
         id: RunId,
         index: JournalIndex,
         entry: String,
         record: Option<RecordRow>,
+        token: Token,
     ) -> Result<()> {
         let position = i32::try_from(index.0).map_err(|_| {
             self.corrupt(
@@ -421,16 +487,32 @@ impl Writer {
                 format!("index {} is past what the database holds", index.0),
             )
         })?;
-        self.client
-            .execute(&self.statements.append, &[&id.as_str(), &position, &entry])
+        let written = self
+            .client
+            .execute(
+                &self.statements.append,
+                &[&id.as_str(), &position, &entry, &token.0, &self.worker],
+            )
             .await
             .map_err(|e| self.db(e))?;
+        if written == 0 {
+            tracing::warn!(run_id = %id, epoch = token.0, worker = %self.worker, "write refused: the run was taken over, or this worker's lease expired");
+            self.fenced.lock().expect("fenced lock").insert((id, token));
+            return Ok(());
+        }
         if let Some(record) = record {
             let updated = self
                 .client
                 .execute(
                     &self.statements.update_record,
-                    &[&record.id, &record.status, &record.parent, &record.text],
+                    &[
+                        &record.id,
+                        &record.status,
+                        &record.parent,
+                        &record.text,
+                        &token.0,
+                        &self.worker,
+                    ],
                 )
                 .await
                 .map_err(|e| self.db(e))?;

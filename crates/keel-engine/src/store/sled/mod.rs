@@ -44,7 +44,7 @@ use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX, TRANSITION_ENTRY_BYTES_MAX};
 use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::mark::{self, Mark, Marker};
-use crate::store::{JournalStore, Read, RunsScan, ScannedRuns};
+use crate::store::{Claimed, JournalStore, Read, RunsScan, ScannedRuns, Takeover, Token};
 
 mod recovery;
 mod sync;
@@ -509,7 +509,9 @@ impl JournalStore for SledStore {
         index: JournalIndex,
         entry: &Entry,
         record: Option<&RunRecord>,
+        _token: Token,
     ) -> Result<()> {
+        // One engine owns a sled store: every run is its own, whatever the token.
         self.write_entry(id, index, entry, record)
     }
 
@@ -544,6 +546,26 @@ impl JournalStore for SledStore {
 
     fn release(&self) -> Read<'_, ()> {
         ready(Ok(()))
+    }
+
+    fn claim(&self) -> Read<'_, Claimed> {
+        ready(Ok(Claimed::Everything))
+    }
+
+    fn claim_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    fn take<'a>(&'a self, id: &'a RunId, _takeover: Takeover) -> Read<'a, Option<Token>> {
+        ready(self.read_run(id).map(|run| run.map(|_| Token::CREATED)))
+    }
+
+    fn fenced(&self, _id: &RunId, _token: Token) -> bool {
+        false
+    }
+
+    fn broken(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.committer.broken()
     }
 }
 

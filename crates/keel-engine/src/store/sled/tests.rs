@@ -61,9 +61,17 @@ fn write_completed_run(store: &SledStore, id: &str) {
     let [started, done] = entries();
     let run = RunId::new(id).unwrap();
     assert_eq!(store.insert_run(&running(id)).unwrap(), None);
-    store.append(&run, JournalIndex(0), &started, None).unwrap();
     store
-        .append(&run, JournalIndex(1), &done, Some(&completed(id)))
+        .append(&run, JournalIndex(0), &started, None, Token::CREATED)
+        .unwrap();
+    store
+        .append(
+            &run,
+            JournalIndex(1),
+            &done,
+            Some(&completed(id)),
+            Token::CREATED,
+        )
         .unwrap();
 }
 
@@ -98,7 +106,13 @@ fn open_repairs_a_record_left_behind_its_journal() {
     assert_eq!(store.insert_run(&running_only).unwrap(), None);
     let [started, _] = entries();
     store
-        .append(&running_only.id, JournalIndex(0), &started, None)
+        .append(
+            &running_only.id,
+            JournalIndex(0),
+            &started,
+            None,
+            Token::CREATED,
+        )
         .unwrap();
     // What a crash before the record's rewrite leaves: the old record.
     let behind = RunId::new("behind").unwrap();
@@ -170,7 +184,13 @@ fn an_oversized_transition_writes_nothing() {
         event: Event::RunFailed { error: huge },
     };
     let err = store
-        .append(&record.id, JournalIndex(0), &entry, Some(&failed))
+        .append(
+            &record.id,
+            JournalIndex(0),
+            &entry,
+            Some(&failed),
+            Token::CREATED,
+        )
         .unwrap_err();
     assert!(matches!(err, EngineError::TooLarge { .. }), "{err}");
     assert_eq!(store.read_journal(&record.id).unwrap(), Vec::<Entry>::new());

@@ -1,0 +1,258 @@
+//! Several engines on one PostgreSQL database: each run is driven by one of them at a time;
+//! any of them reads and operates any run; a run moves to another engine when its owner
+//! shuts down, when an operator calls another engine about it, and when its owner's lease
+//! expires, and the old owner's writes are then refused by the database. Ground truth: the
+//! effect log (each step's effect under one key, compensations complete) and the database's
+//! own record of who wrote what under which epoch (`fencing_breaches`).
+//!
+//! In-process, with short leases; `pg_failover.rs` does the same with worker processes
+//! killed and stopped for real. Needs the server `scripts/test.sh` starts.
+
+use std::path::Path;
+use std::time::Duration;
+
+use keel::{Engine, EngineError, Leases, RunStatus};
+use keel_testkit::effects::{self, Action};
+use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
+use keel_testkit::postgres::{execute, fencing_breaches, fresh_database, query_texts};
+
+/// Short leases, so that a takeover after an expiry happens within the test.
+const LEASES: Leases = Leases {
+    length: Duration::from_millis(1_000),
+    renew_every: Duration::from_millis(200),
+    claim_every: Duration::from_millis(100),
+};
+
+async fn open(dir: &Path, url: &str) -> Engine {
+    Engine::builder(dir)
+        .postgres(url)
+        .leases(LEASES)
+        .workflow::<EffectFlow>()
+        .step::<EffectStep>()
+        .open()
+        .await
+        .unwrap()
+}
+
+fn input(log: &Path, steps: u32, sleep_ms: u64) -> EffectFlowInput {
+    EffectFlowInput {
+        steps,
+        fail_at: None,
+        sleep_ms,
+        log: log.display().to_string(),
+    }
+}
+
+/// The workers registered on the database, oldest first.
+async fn workers(url: &str) -> Vec<String> {
+    query_texts(url, "SELECT id FROM keel_workers ORDER BY started_at").await
+}
+
+/// Who wrote run `id`'s journal rows, in order, one name per run of rows.
+async fn writers(url: &str, id: &str) -> Vec<String> {
+    let rows = query_texts(
+        url,
+        &format!(
+            "SELECT coalesce(written_by, '?') FROM keel_journal \
+             WHERE run_id = '{id}' ORDER BY position"
+        ),
+    )
+    .await;
+    let mut runs: Vec<String> = Vec::new();
+    for writer in rows {
+        if runs.last() != Some(&writer) {
+            runs.push(writer);
+        }
+    }
+    runs
+}
+
+/// How many journal entries run `id` has.
+async fn entries(url: &str, id: &str) -> usize {
+    let count = query_texts(
+        url,
+        &format!("SELECT count(*)::text FROM keel_journal WHERE run_id = '{id}'"),
+    )
+    .await;
+    count[0].parse().unwrap()
+}
+
+/// Waits until run `id` has at least `n` journal entries.
+async fn until_entries(url: &str, id: &str, n: usize) {
+    for _ in 0..500 {
+        if entries(url, id).await >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("run {id} never reached {n} journal entries");
+}
+
+/// Each step's effect was made under one key, and every step made it.
+fn one_key_per_step(log: &Path, run: &str, steps: u32) {
+    let made = effects::read(log);
+    let mut keys = std::collections::BTreeMap::new();
+    for effect in made
+        .iter()
+        .filter(|e| e.run == run && e.action == Action::Do)
+    {
+        let key = keys.entry(effect.step).or_insert(effect.key.clone());
+        assert_eq!(
+            *key, effect.key,
+            "run {run} step {} under two keys",
+            effect.step
+        );
+    }
+    // (The flow makes a step of its own on either side of the `steps` asked for.)
+    assert!(
+        keys.len() as u32 >= steps,
+        "run {run}: every step made its effect"
+    );
+}
+
+/// A run started on one engine is read, listed and awaited on another, which does not
+/// drive it: every row of its journal was written by the engine that started it.
+#[tokio::test]
+async fn engines_share_a_database_and_one_drives_each_run() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let a = open(&dir.path().join("a"), &url).await;
+    let b = open(&dir.path().join("b"), &url).await;
+    assert_eq!(workers(&url).await.len(), 2, "both engines are registered");
+    a.start::<EffectFlow>("shared-1", input(&log, 4, 20))
+        .await
+        .unwrap();
+    // The same start at the other engine returns the run; it does not take it over.
+    b.start::<EffectFlow>("shared-1", input(&log, 4, 20))
+        .await
+        .unwrap();
+    let record = b.wait("shared-1").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+    assert_eq!(b.status("shared-1").await.unwrap(), record);
+    assert!(b
+        .list()
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.id.as_str() == "shared-1"));
+    let first = workers(&url).await[0].clone();
+    assert_eq!(writers(&url, "shared-1").await, vec![first]);
+    one_key_per_step(&log, "shared-1", 4);
+    a.shutdown().await;
+    b.shutdown().await;
+    assert!(workers(&url).await.is_empty(), "both gave their leases up");
+}
+
+/// An engine that shuts down gives its runs up, and another engine takes them over at its
+/// next claim and finishes them (their durable timers fire there), each step's effect under
+/// one key.
+#[tokio::test]
+async fn runs_of_an_engine_that_shuts_down_move_to_another() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let a = open(&dir.path().join("a"), &url).await;
+    let ids: Vec<String> = (0..4).map(|i| format!("moving-{i}")).collect();
+    for id in &ids {
+        a.start::<EffectFlow>(id, input(&log, 8, 1_500))
+            .await
+            .unwrap();
+    }
+    // Asleep on their durable timers, which fire on the engine that takes them over.
+    until_entries(&url, &ids[3], 6).await;
+    a.shutdown().await;
+    let b = open(&dir.path().join("b"), &url).await;
+    let b_id = workers(&url).await[0].clone();
+    for id in &ids {
+        let record = b.wait(id).await.unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+        let by = writers(&url, id).await;
+        assert_eq!(by.last(), Some(&b_id), "run {id} was finished by b: {by:?}");
+        one_key_per_step(&log, id, 8);
+    }
+    assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
+    b.shutdown().await;
+}
+
+/// An operator call at one engine on a run another engine drives takes the run over: the
+/// old owner's next write is refused by the database and it stops driving the run; the run
+/// is compensated once, by the engine that was called, and both engines see its end.
+#[tokio::test]
+async fn an_operator_call_takes_a_run_over_and_fences_its_old_owner() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let a = open(&dir.path().join("a"), &url).await;
+    let b = open(&dir.path().join("b"), &url).await;
+    let ids = workers(&url).await;
+    let (a_id, b_id) = (ids[0].clone(), ids[1].clone());
+    a.start::<EffectFlow>("taken", input(&log, 10, 100))
+        .await
+        .unwrap();
+    until_entries(&url, "taken", 4).await;
+    b.cancel("taken").await.unwrap();
+    let record = b.wait("taken").await.unwrap();
+    assert_eq!(record.status, RunStatus::Compensated, "{record:?}");
+    assert_eq!(
+        a.wait("taken").await.unwrap().status,
+        RunStatus::Compensated
+    );
+    assert_eq!(writers(&url, "taken").await, vec![a_id, b_id]);
+    let made = effects::read(&log);
+    for done in made.iter().filter(|e| e.action == Action::Do) {
+        assert!(
+            made.iter()
+                .any(|e| e.action == Action::Undo && e.key == done.key),
+            "effect {} was left behind: {made:?}",
+            done.key
+        );
+    }
+    assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
+    // The old owner goes on with its other runs.
+    a.start::<EffectFlow>("after", input(&log, 2, 1))
+        .await
+        .unwrap();
+    assert_eq!(a.wait("after").await.unwrap().status, RunStatus::Completed);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// An engine whose lease expired (as if it had been paused past it) is refused every write
+/// from the expiry on, stops (`Engine::broken`), and its runs move to the other engine,
+/// which finishes them: no row written after the lease ended, each effect under one key.
+#[tokio::test]
+async fn an_engine_whose_lease_expired_is_fenced_and_stops() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let a = open(&dir.path().join("a"), &url).await;
+    let a_id = workers(&url).await[0].clone();
+    // Busy runs: the engine is writing when its lease ends.
+    let ids: Vec<String> = (0..4).map(|i| format!("expiring-{i}")).collect();
+    for id in &ids {
+        a.start::<EffectFlow>(id, input(&log, 150, 1))
+            .await
+            .unwrap();
+    }
+    let b = open(&dir.path().join("b"), &url).await;
+    until_entries(&url, &ids[3], 20).await;
+    execute(
+        &url,
+        &format!("UPDATE keel_workers SET lease_until = clock_timestamp() WHERE id = '{a_id}'"),
+    )
+    .await;
+    let reason = tokio::time::timeout(Duration::from_secs(10), a.broken())
+        .await
+        .expect("the engine notices its lease is gone");
+    assert!(reason.contains("lease"), "{reason}");
+    for id in &ids {
+        let record = b.wait(id).await.unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+        one_key_per_step(&log, id, 150);
+    }
+    assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
+    let after = a.start::<EffectFlow>("refused", input(&log, 1, 1)).await;
+    assert!(after.is_err(), "a broken engine starts nothing: {after:?}");
+    assert!(
+        !matches!(after, Err(EngineError::IdempotencyMismatch { .. })),
+        "{after:?}"
+    );
+    b.shutdown().await;
+}
