@@ -256,3 +256,39 @@ async fn an_engine_whose_lease_expired_is_fenced_and_stops() {
     );
     b.shutdown().await;
 }
+
+/// Latency statistics are shared: each engine reports the samples of every engine on the
+/// database, merged (each writes its own, under its name, and reads the others').
+#[tokio::test]
+async fn engines_report_each_others_latency_statistics() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let a = open(&dir.path().join("a"), &url).await;
+    let b = open(&dir.path().join("b"), &url).await;
+    for ms in 1..=30 {
+        a.record_duration("step:shared", Duration::from_millis(ms));
+    }
+    for ms in 31..=40 {
+        b.record_duration("step:shared", Duration::from_millis(ms));
+    }
+    a.flush_stats().await.unwrap();
+    b.flush_stats().await.unwrap();
+    // Each engine reads the others' every second.
+    for engine in [&a, &b] {
+        let mut seen = None;
+        for _ in 0..100 {
+            seen = engine.operation_stats("step:shared");
+            if seen.as_ref().is_some_and(|s| s.count == 40) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seen = seen.expect("statistics");
+        assert_eq!(seen.count, 40, "{seen:?}");
+        assert_eq!(
+            (seen.min, seen.max),
+            (Duration::from_millis(1), Duration::from_millis(40))
+        );
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

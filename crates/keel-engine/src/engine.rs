@@ -473,7 +473,8 @@ impl Engine {
 
     /// Stops the engine: no new step or timer starts, in-flight steps finish and are
     /// recorded, then every driver ends. Unfinished runs resume at the next open. A
-    /// PostgreSQL store is then released for another engine; reads go on, writes fail.
+    /// PostgreSQL store then gives every run this engine owns up to the other engines sharing
+    /// the database; reads go on, writes fail.
     pub async fn shutdown(&self) {
         self.inner.env.shutdown.send_replace(true);
         let mut drivers = self.inner.drivers.subscribe();

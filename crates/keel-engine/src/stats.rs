@@ -129,6 +129,48 @@ impl LatencyStats {
         }
     }
 
+    /// These statistics and `other`'s (another worker's, of the same operation) as one:
+    /// counts, sums and extremes add up exactly; the kept samples are drawn from each side in
+    /// proportion to its count (a fair sample of the union when both sides are fair); the
+    /// worst samples are the worst of both.
+    pub fn merged(&self, other: &LatencyStats) -> LatencyStats {
+        let count = self.count + other.count;
+        let mut samples = Vec::with_capacity(LATENCY_SAMPLES_KEPT);
+        if self.samples.len() + other.samples.len() <= LATENCY_SAMPLES_KEPT {
+            samples.extend(&self.samples);
+            samples.extend(&other.samples);
+        } else {
+            for side in [self, other] {
+                let share = (LATENCY_SAMPLES_KEPT as u128 * u128::from(side.count)
+                    / u128::from(count.max(1))) as usize;
+                let share = share.min(side.samples.len());
+                // Evenly spaced over a reservoir, which is in no particular order.
+                samples.extend(
+                    (0..share).map(|i| side.samples[i * side.samples.len() / share.max(1)]),
+                );
+            }
+        }
+        let mut worst: Vec<Outlier> = self.worst.iter().chain(&other.worst).cloned().collect();
+        worst.sort_by(|a, b| b.duration.cmp(&a.duration));
+        worst.truncate(LATENCY_OUTLIERS_KEPT);
+        let extreme =
+            |mine: u64, theirs: u64, pick: fn(u64, u64) -> u64| match (self.count, other.count) {
+                (0, _) => theirs,
+                (_, 0) => mine,
+                _ => pick(mine, theirs),
+            };
+        LatencyStats {
+            count,
+            sum_us: self.sum_us + other.sum_us,
+            sum_sq_us: self.sum_sq_us + other.sum_sq_us,
+            min_us: extreme(self.min_us, other.min_us, u64::min),
+            max_us: extreme(self.max_us, other.max_us, u64::max),
+            samples,
+            worst,
+            rng: self.rng,
+        }
+    }
+
     /// The summary `Engine::stats` reports, under the name `operation`.
     pub fn summary(&self, operation: &str) -> OperationStats {
         let n = self.count.max(1) as u128;
@@ -178,8 +220,23 @@ pub(crate) struct StatsBook {
 
 #[derive(Default)]
 struct Book {
+    /// This engine's own statistics: what it records and writes.
     by_operation: BTreeMap<String, LatencyStats>,
     dirty: BTreeSet<String>,
+    /// The other engines' sharing the store, as last read (`StatsBook::refresh_others`):
+    /// reported merged with this engine's own.
+    others: BTreeMap<String, LatencyStats>,
+}
+
+impl Book {
+    /// This engine's statistics of `operation` merged with the other engines'.
+    fn shared(&self, operation: &str) -> Option<LatencyStats> {
+        match (self.by_operation.get(operation), self.others.get(operation)) {
+            (Some(mine), Some(theirs)) => Some(mine.merged(theirs)),
+            (Some(one), None) | (None, Some(one)) => Some(one.clone()),
+            (None, None) => None,
+        }
+    }
 }
 
 impl StatsBook {
@@ -211,19 +268,40 @@ impl StatsBook {
         book.dirty.insert(operation.to_string());
     }
 
+    /// The statistics of `operation`, this engine's merged with those of the other engines
+    /// sharing the store.
     pub(crate) fn summary(&self, operation: &str) -> Option<OperationStats> {
         let book = self.inner.lock().expect("stats lock");
-        book.by_operation
-            .get(operation)
-            .map(|s| s.summary(operation))
+        book.shared(operation).map(|s| s.summary(operation))
     }
 
+    /// Every operation's statistics, as [`StatsBook::summary`].
     pub(crate) fn all(&self) -> Vec<OperationStats> {
         let book = self.inner.lock().expect("stats lock");
-        book.by_operation
-            .iter()
-            .map(|(op, s)| s.summary(op))
+        let operations: BTreeSet<&String> =
+            book.by_operation.keys().chain(book.others.keys()).collect();
+        operations
+            .into_iter()
+            .filter_map(|op| book.shared(op).map(|s| s.summary(op)))
             .collect()
+    }
+
+    /// Reads the statistics the other engines sharing the store wrote, each operation's
+    /// merged over them, for [`StatsBook::summary`]. Records that do not decode are skipped.
+    pub(crate) async fn refresh_others(&self, store: &dyn JournalStore) -> Result<()> {
+        let mut others: BTreeMap<String, LatencyStats> = BTreeMap::new();
+        for (operation, bytes) in store.others_stats().await? {
+            let Ok(stats) = serde_json::from_slice::<LatencyStats>(&bytes) else {
+                continue;
+            };
+            let merged = match others.get(&operation) {
+                Some(so_far) => so_far.merged(&stats),
+                None => stats,
+            };
+            others.insert(operation, merged);
+        }
+        self.inner.lock().expect("stats lock").others = others;
+        Ok(())
     }
 
     /// Writes every operation changed since the last flush (durable with the store's next
@@ -276,6 +354,45 @@ mod tests {
         let worst: Vec<_> = o.outliers.iter().map(|w| w.duration).collect();
         assert_eq!(worst, (991..=1000).rev().map(ms).collect::<Vec<_>>());
         assert!(o.exact);
+    }
+
+    /// Two workers' statistics merge exactly while every sample is kept (the merge of 1..=500
+    /// and 501..=1000 ms is 1..=1000 ms), and past that, totals stay exact and the kept
+    /// samples come from each side in proportion to its count.
+    #[test]
+    fn two_workers_statistics_merge_into_those_of_all_their_samples() {
+        let (mut low, mut high) = (LatencyStats::default(), LatencyStats::default());
+        for v in 1..=500u64 {
+            low.record(ms(v), "low", v);
+            high.record(ms(v + 500), "high", v);
+        }
+        let both = low.merged(&high).summary("step:x");
+        let mut all = LatencyStats::default();
+        for v in 1..=1000u64 {
+            all.record(ms(v), "r", v);
+        }
+        let expected = all.summary("step:x");
+        assert_eq!(
+            (both.count, both.min, both.max, both.mean, both.std_dev),
+            (1000, ms(1), ms(1000), expected.mean, expected.std_dev)
+        );
+        assert_eq!((both.p50, both.p90, both.p99), (ms(500), ms(900), ms(990)));
+        assert!(both.outliers.iter().all(|o| o.run_id == "high"));
+        assert_eq!(LatencyStats::default().merged(&low).summary("x").min, ms(1));
+
+        let (mut fast, mut slow) = (LatencyStats::default(), LatencyStats::default());
+        let n = LATENCY_SAMPLES_KEPT as u64 * 3;
+        for v in 0..n {
+            fast.record(ms(1), "fast", v);
+        }
+        for v in 0..n / 3 {
+            slow.record(ms(100), "slow", v);
+        }
+        let merged = fast.merged(&slow);
+        assert_eq!(merged.count, n + n / 3);
+        let slow_kept = merged.samples.iter().filter(|&&us| us == 100_000).count();
+        let share = slow_kept as f64 / merged.samples.len() as f64;
+        assert!((0.24..=0.26).contains(&share), "slow share {share}");
     }
 
     #[test]

@@ -64,6 +64,9 @@ impl Engine {
                 if let Err(error) = inner.env.stats.flush(&*inner.env.store) {
                     tracing::warn!(%error, "latency statistics could not be written");
                 }
+                if let Err(error) = inner.env.stats.refresh_others(&*inner.env.store).await {
+                    tracing::warn!(%error, "other workers' latency statistics could not be read");
+                }
             }
         });
     }

@@ -138,8 +138,12 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// Writes the latency statistics of `operation` (an opaque record), replacing the old.
     fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()>;
 
-    /// Every operation's statistics record.
+    /// Every operation's statistics record, as this engine wrote them.
     fn stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>>;
+
+    /// The statistics records the other engines sharing the store wrote (operation, record;
+    /// an operation once per engine); none on a store of its own.
+    fn others_stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>>;
 
     /// Takes the runs this engine should drive and nobody does: on a shared store, running
     /// and compensating runs whose owner is gone (at open, and then every

@@ -129,6 +129,8 @@ enum Ask {
 pub(crate) struct Lease {
     /// The worker's id: unique to this open of the engine.
     pub(crate) worker: String,
+    /// The worker's name: the host and the engine's directory, the same across restarts.
+    pub(crate) name: String,
     asks: mpsc::UnboundedSender<Ask>,
     /// Set to stop renewing (the engine shut down).
     stop: watch::Sender<bool>,
@@ -214,6 +216,7 @@ impl Lease {
         ));
         Ok(Lease {
             worker,
+            name,
             asks,
             stop,
             database,

@@ -177,7 +177,7 @@ impl PostgresStore {
         let writer = Writer::new(
             writes,
             database.clone(),
-            lease.worker.clone(),
+            [lease.worker.clone(), lease.name.clone()],
             Arc::clone(&fenced),
         )
         .await?;
@@ -336,7 +336,11 @@ impl JournalStore for PostgresStore {
     }
 
     fn stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>> {
-        self.ask(|reply| Request::Stats { reply })
+        self.ask(|reply| Request::Stats { mine: true, reply })
+    }
+
+    fn others_stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>> {
+        self.ask(|reply| Request::Stats { mine: false, reply })
     }
 
     fn sync(&self) -> SyncTicket {

@@ -41,7 +41,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: leases. Each engine is a worker with a lease it renews; each run has the worker that
     // owns it and an epoch that every claim of it increments, the token its writes are
     // checked against. Journal rows say who wrote them under which epoch, and every claim is
-    // kept, so that fencing can be audited from the database alone.
+    // kept, so that fencing can be audited from the database alone. Statistics are kept
+    // per worker name and merged when read.
     r#"
     CREATE TABLE keel_workers (
         id text PRIMARY KEY COLLATE "C",
@@ -59,6 +60,9 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE keel_journal ADD COLUMN epoch bigint NOT NULL DEFAULT 0;
     ALTER TABLE keel_journal ADD COLUMN written_by text;
     ALTER TABLE keel_journal ADD COLUMN written_at timestamptz NOT NULL DEFAULT clock_timestamp();
+    ALTER TABLE keel_stats ADD COLUMN worker text NOT NULL DEFAULT '';
+    ALTER TABLE keel_stats DROP CONSTRAINT keel_stats_pkey;
+    ALTER TABLE keel_stats ADD PRIMARY KEY (worker, operation);
     CREATE TABLE keel_claims (
         run_id text NOT NULL COLLATE "C",
         epoch bigint NOT NULL,

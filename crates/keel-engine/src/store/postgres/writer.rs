@@ -89,7 +89,9 @@ pub(super) enum Request {
         operation: String,
         record: Vec<u8>,
     },
+    /// This worker's statistics records (`mine`), or the other workers'.
     Stats {
+        mine: bool,
         reply: Reply<Vec<(String, Vec<u8>)>>,
     },
     /// Give the database up to the other workers: unacknowledged writes are rolled back,
@@ -127,6 +129,8 @@ pub(super) struct Writer {
     database: String,
     /// This worker, as the runs' `owner` names it.
     worker: String,
+    /// This worker's name, the same across its restarts: its statistics' key.
+    name: String,
     fenced: Fenced,
     statements: Statements,
     /// Whether a transaction is open.
@@ -142,7 +146,7 @@ impl Writer {
     pub(super) async fn new(
         client: Client,
         database: String,
-        worker: String,
+        [worker, name]: [String; 2],
         fenced: Fenced,
     ) -> Result<Writer> {
         let prepare = |sql: &'static str| {
@@ -190,6 +194,7 @@ impl Writer {
             client,
             database,
             worker,
+            name,
             fenced,
             statements,
             open: false,
@@ -284,8 +289,8 @@ impl Writer {
             Request::LoadCount { id, reply } => {
                 let _ = reply.send(self.read(|w| Box::pin(w.load_count(id))).await);
             }
-            Request::Stats { reply } => {
-                let _ = reply.send(self.read(|w| Box::pin(w.stats())).await);
+            Request::Stats { mine, reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.stats(mine))).await);
             }
         }
     }
@@ -567,9 +572,9 @@ impl Writer {
     async fn put_stats(&self, operation: String, record: Vec<u8>) -> Result<()> {
         self.client
             .execute(
-                "INSERT INTO keel_stats (operation, record) VALUES ($1, $2) \
-                 ON CONFLICT (operation) DO UPDATE SET record = EXCLUDED.record",
-                &[&operation, &record],
+                "INSERT INTO keel_stats (worker, operation, record) VALUES ($1, $2, $3) \
+                 ON CONFLICT (worker, operation) DO UPDATE SET record = EXCLUDED.record",
+                &[&self.name, &operation, &record],
             )
             .await
             .map_err(|e| self.db(e))?;
@@ -694,12 +699,13 @@ impl Writer {
         Ok(row.map_or(0, |row| row.get::<_, i32>(0).max(0) as u32))
     }
 
-    async fn stats(&self) -> Result<Vec<(String, Vec<u8>)>> {
+    async fn stats(&self, mine: bool) -> Result<Vec<(String, Vec<u8>)>> {
         let rows = self
             .client
             .query(
-                "SELECT operation, record FROM keel_stats ORDER BY operation",
-                &[],
+                "SELECT operation, record FROM keel_stats \
+                 WHERE (worker = $1) = $2 ORDER BY operation, worker",
+                &[&self.name, &mine],
             )
             .await
             .map_err(|e| self.db(e))?;
