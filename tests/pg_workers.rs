@@ -11,10 +11,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use keel::{Engine, EngineError, Leases, RunStatus};
+use keel::{
+    Ctx, Engine, EngineError, Leases, RunStatus, Step, StepContext, StepError, Workflow,
+    WorkflowError,
+};
 use keel_testkit::effects::{self, Action};
 use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
 use keel_testkit::postgres::{execute, fencing_breaches, fresh_database, query_texts};
+use serde::{Deserialize, Serialize};
 
 /// Short leases, so that a takeover after an expiry happens within the test.
 const LEASES: Leases = Leases {
@@ -29,9 +33,43 @@ async fn open(dir: &Path, url: &str) -> Engine {
         .leases(LEASES)
         .workflow::<EffectFlow>()
         .step::<EffectStep>()
+        .workflow::<SlowFlow>()
+        .step::<SlowEffect>()
         .open()
         .await
         .unwrap()
+}
+
+/// A step that takes `ms` before it makes its effect (in the ground-truth log at `log`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct SlowEffect {
+    ms: u64,
+    log: String,
+}
+
+impl Step for SlowEffect {
+    const KIND: &'static str = "test.slow-effect";
+    type Output = u32;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+        tokio::time::sleep(Duration::from_millis(self.ms)).await;
+        effects::record(&self.log, Action::Do, ctx)?;
+        Ok(1)
+    }
+}
+
+/// One [`SlowEffect`].
+#[derive(Debug)]
+struct SlowFlow;
+
+impl Workflow for SlowFlow {
+    const NAME: &'static str = "test.slow-flow";
+    type Input = SlowEffect;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, input: SlowEffect) -> Result<u32, WorkflowError> {
+        ctx.step(input).await
+    }
 }
 
 fn input(log: &Path, steps: u32, sleep_ms: u64) -> EffectFlowInput {
@@ -290,5 +328,44 @@ async fn engines_report_each_others_latency_statistics() {
         );
     }
     a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A step in flight when its engine's lease ends makes no effect: the engine stops it before
+/// its next poll (here, the end of its sleep), so that the engine taking the run over, which
+/// runs the step again under the same key, is the only one to make it.
+#[tokio::test]
+async fn a_step_in_flight_when_the_lease_ends_makes_no_effect() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let a = open(&dir.path().join("a"), &url).await;
+    let a_id = workers(&url).await[0].clone();
+    let slow = SlowEffect {
+        ms: 1_500,
+        log: log.display().to_string(),
+    };
+    a.start::<SlowFlow>("slow", slow).await.unwrap();
+    // The step's start is durable: its attempt is asleep before its effect.
+    until_entries(&url, "slow", 1).await;
+    let b = open(&dir.path().join("b"), &url).await;
+    execute(
+        &url,
+        &format!("UPDATE keel_workers SET lease_until = clock_timestamp() WHERE id = '{a_id}'"),
+    )
+    .await;
+    assert_eq!(b.wait("slow").await.unwrap().status, RunStatus::Completed);
+    // Past the end of the first attempt's sleep, had it gone on.
+    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    let made: Vec<_> = effects::read(&log)
+        .into_iter()
+        .filter(|e| e.run == "slow" && e.action == Action::Do)
+        .collect();
+    assert_eq!(
+        made.len(),
+        1,
+        "one effect, by the engine that took over: {made:?}"
+    );
+    let b_id = workers(&url).await[1].clone();
+    assert_eq!(writers(&url, "slow").await, vec![a_id, b_id]);
     b.shutdown().await;
 }

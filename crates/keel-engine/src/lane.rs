@@ -25,6 +25,7 @@ use crate::limits::STEP_OUTPUT_BYTES_MAX;
 use crate::retry::RetryPolicy;
 use crate::stats::EventCounters;
 use crate::step::{Step, StepContext, StepError};
+use crate::store::while_leased;
 use futures_util::FutureExt;
 
 /// Resolves when `signal` changes; never, when there is none or its sender is gone.
@@ -122,6 +123,15 @@ impl Lane {
             step: index,
             kind: kind.into(),
             error,
+        })
+    }
+
+    /// What a step stopped because this engine's lease ended becomes: the run is another
+    /// engine's now (or will be), and this one stops driving it.
+    fn lease_ended(&self) -> Interrupt {
+        tracing::warn!(run_id = %self.cell.id, "step stopped: this worker's lease ended");
+        Interrupt::Engine(crate::error::EngineError::Fenced {
+            id: self.cell.id.clone(),
         })
     }
 
@@ -257,10 +267,10 @@ impl Lane {
         // which keeps the type of a long workflow body within the compiler's limits. The
         // call is made inside the contained future, so a panic making it is contained too.
         let call = async { call.call(ctx).await };
-        let result = Box::pin(attempt_contained(tracing::Instrument::instrument(
-            call, span,
-        )))
-        .await;
+        let call = attempt_contained(tracing::Instrument::instrument(call, span));
+        let Some(result) = while_leased(&*self.env.store, Box::pin(call)).await else {
+            return Err(self.lease_ended());
+        };
         slot.report(&result);
         crate::crash::point("step.after_effect");
         match result.map(|output| (kept_output(kind, &output), output)) {

@@ -28,6 +28,7 @@ use crate::registry::StepEntry;
 use crate::replay::{effect_by_ms, undo_action, undo_input, CompensationAction, Op};
 use crate::retry::RetryPolicy;
 use crate::step::{Compensation, StepContext, StepError};
+use crate::store::while_leased;
 use crate::transition::{settle, stuck, Next};
 
 /// Moves a failed or cancelled run into compensation.
@@ -169,9 +170,14 @@ pub(crate) async fn undo_attempt(
     let span = tracing::info_span!("compensation", run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0);
     let undo = tracing::Instrument::instrument((entry.undo)(argument.clone(), output, ctx), span);
     // A panicking undo is a failed undo attempt, retried like any other.
-    let result = contained(undo)
-        .await
-        .unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
+    let Some(result) = while_leased(&*env.store, contained(undo)).await else {
+        tracing::warn!(run_id = %cell.id, step = step.0, "compensation stopped: this worker's lease ended");
+        return Err(EngineError::Fenced {
+            id: cell.id.clone(),
+        });
+    };
+    let result =
+        result.unwrap_or_else(|panic| Err(StepError::retryable(format!("panicked: {panic}"))));
     slot.report(&result);
     crate::crash::point("saga.after_undo");
     // The compensation's retry policy is the step's code too: one that panics makes the

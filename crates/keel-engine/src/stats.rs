@@ -151,7 +151,7 @@ impl LatencyStats {
             }
         }
         let mut worst: Vec<Outlier> = self.worst.iter().chain(&other.worst).cloned().collect();
-        worst.sort_by(|a, b| b.duration.cmp(&a.duration));
+        worst.sort_by_key(|w| std::cmp::Reverse(w.duration));
         worst.truncate(LATENCY_OUTLIERS_KEPT);
         let extreme =
             |mine: u64, theirs: u64, pick: fn(u64, u64) -> u64| match (self.count, other.count) {

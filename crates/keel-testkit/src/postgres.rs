@@ -165,28 +165,6 @@ pub fn with_database(url: &str, name: &str) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::with_database;
-
-    /// The database of a URL is replaced, with or without one, keeping its parameters.
-    #[test]
-    fn a_url_gets_another_database() {
-        assert_eq!(
-            with_database("postgres://keel@127.0.0.1:5432/postgres", "t1"),
-            "postgres://keel@127.0.0.1:5432/t1"
-        );
-        assert_eq!(
-            with_database("postgres://keel@127.0.0.1:5432", "t1"),
-            "postgres://keel@127.0.0.1:5432/t1"
-        );
-        assert_eq!(
-            with_database("postgres://k@h/db?sslmode=disable", "t1"),
-            "postgres://k@h/t1?sslmode=disable"
-        );
-    }
-}
-
 /// Every breach of the lease and fencing protocol the database shows (empty when none), each
 /// as a sentence naming the run and the rows: a journal row of epoch 2 or more written by
 /// another worker than the one that claimed that epoch; a run whose rows' epochs go back
@@ -219,4 +197,26 @@ pub async fn fencing_breaches(url: &str) -> Vec<String> {
         breaches.extend(query_texts(url, check).await);
     }
     breaches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    /// The database of a URL is replaced, with or without one, keeping its parameters.
+    #[test]
+    fn a_url_gets_another_database() {
+        assert_eq!(
+            with_database("postgres://keel@127.0.0.1:5432/postgres", "t1"),
+            "postgres://keel@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://keel@127.0.0.1:5432", "t1"),
+            "postgres://keel@127.0.0.1:5432/t1"
+        );
+        assert_eq!(
+            with_database("postgres://k@h/db?sslmode=disable", "t1"),
+            "postgres://k@h/t1?sslmode=disable"
+        );
+    }
 }

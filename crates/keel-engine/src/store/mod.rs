@@ -166,6 +166,12 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// lost lease): the engine stops.
     fn broken(&self) -> watch::Receiver<Option<String>>;
 
+    /// Whether this engine's runs are still its own by its own clock: false from the moment
+    /// its lease on a shared store would have ended without a renewal (checked without
+    /// waiting, so that a process resumed after a pause learns it before anything else);
+    /// always true on a store of its own. See [`while_leased`].
+    fn leased(&self) -> bool;
+
     /// A ticket that resolves once every write made before this call is durable.
     fn sync(&self) -> SyncTicket;
 
@@ -173,6 +179,26 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// store another engine may open while this one lives (PostgreSQL) lets it; later writes
     /// fail, reads go on. The sled store is released when it is dropped.
     fn release(&self) -> Read<'_, ()>;
+}
+
+/// Runs `future` while `store` says this engine's runs are its own ([`JournalStore::leased`]),
+/// checked before every poll: `None`, with the future dropped and never polled again, once
+/// they are not. A step or compensation runs this way, so that a worker paused past its lease
+/// (SIGSTOP, a long GC) makes no effect of it once resumed: by then another worker may have
+/// taken the run over, retried the step, or compensated it. (A request already sent before
+/// the pause cannot be called back; it lands like a lost response.)
+pub(crate) async fn while_leased<F: std::future::Future>(
+    store: &dyn JournalStore,
+    future: F,
+) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        if !store.leased() {
+            return std::task::Poll::Ready(None);
+        }
+        future.as_mut().poll(cx).map(Some)
+    })
+    .await
 }
 
 /// `value` as JSON, refused when longer than `limit` bytes: every store checks what it

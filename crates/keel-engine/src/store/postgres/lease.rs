@@ -29,6 +29,7 @@
 //! 6. Shutting down, once every write is committed, gives every owned run up (owner cleared)
 //!    and deletes the worker's row: the others claim its runs at once.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -135,6 +136,8 @@ pub(crate) struct Lease {
     /// Set to stop renewing (the engine shut down).
     stop: watch::Sender<bool>,
     database: String,
+    /// When the lease ends by this worker's clock (the renewer moves it on).
+    valid_until: Arc<Mutex<Instant>>,
 }
 
 /// The host, and a worker id: the host, the process, and randomness, so that no two opens
@@ -199,12 +202,13 @@ impl Lease {
             .map_err(|e| failed(&database, e))?;
         tracing::info!(%worker, %name, database = %database, lease = ?leases.length, superseded, "worker registered");
         let (stop, stopped) = watch::channel(false);
+        let valid_until = Arc::new(Mutex::new(sent + leases.length));
         let renewer = Renewer {
             client: renewals,
             worker: worker.clone(),
             database: database.clone(),
             leases,
-            valid_until: sent + leases.length,
+            valid_until: Arc::clone(&valid_until),
         };
         tokio::spawn(renewer.serve(stopped, lost));
         let (asks, requests) = mpsc::unbounded_channel();
@@ -220,6 +224,7 @@ impl Lease {
             asks,
             stop,
             database,
+            valid_until,
         })
     }
 
@@ -241,6 +246,12 @@ impl Lease {
             reply,
         })?;
         answer.await.map_err(|_| self.stopped())?
+    }
+
+    /// Whether the lease holds by this worker's clock: it started no later than the database
+    /// started it, so it ends no later either (clocks drift far less than a lease).
+    pub(crate) fn held(&self) -> bool {
+        Instant::now() < *self.valid_until.lock().expect("lease lock")
     }
 
     /// Stops renewing: the engine is shutting down and gives its runs up.
@@ -268,7 +279,7 @@ struct Renewer {
     leases: Leases,
     /// When the lease ends by this worker's clock: the send time of the last renewal that
     /// succeeded, plus the lease (the database's clock started the lease later than that).
-    valid_until: Instant,
+    valid_until: Arc<Mutex<Instant>>,
 }
 
 impl Renewer {
@@ -284,6 +295,8 @@ impl Renewer {
                 if *stopped.borrow() {
                     return;
                 }
+                // Known lost: nothing of this worker's runs goes on from now.
+                *self.valid_until.lock().expect("lease lock") = Instant::now();
                 tracing::error!(worker = %self.worker, database = %self.database, %why, "lease lost: this worker stops driving runs");
                 lost(why);
                 return;
@@ -297,7 +310,8 @@ impl Renewer {
         let length_ms = self.leases.length.as_millis() as i64;
         loop {
             let sent = Instant::now();
-            if sent >= self.valid_until {
+            let valid_until = *self.valid_until.lock().expect("lease lock");
+            if sent >= valid_until {
                 return Err(format!(
                     "the lease of {:?} ended before it could be renewed",
                     self.leases.length
@@ -311,10 +325,10 @@ impl Renewer {
                  WHERE id = $1 AND lease_until > clock_timestamp()",
                 &params,
             );
-            let left = self.valid_until - sent;
+            let left = valid_until - sent;
             match tokio::time::timeout(left, renewal).await {
                 Ok(Ok(1)) => {
-                    self.valid_until = sent + self.leases.length;
+                    *self.valid_until.lock().expect("lease lock") = sent + self.leases.length;
                     return Ok(());
                 }
                 Ok(Ok(_)) => {

@@ -385,6 +385,10 @@ impl JournalStore for PostgresStore {
     fn broken(&self) -> watch::Receiver<Option<String>> {
         self.committer.broken()
     }
+
+    fn leased(&self) -> bool {
+        self.lease.held()
+    }
 }
 
 #[cfg(test)]

@@ -568,6 +568,10 @@ impl JournalStore for SledStore {
         false
     }
 
+    fn leased(&self) -> bool {
+        true
+    }
+
     fn broken(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.committer.broken()
     }
