@@ -369,3 +369,33 @@ async fn a_step_in_flight_when_the_lease_ends_makes_no_effect() {
     assert_eq!(writers(&url, "slow").await, vec![a_id, b_id]);
     b.shutdown().await;
 }
+
+/// An operator call that takes a run from a live engine in the middle of a step waits until
+/// that engine has learned of it: the old owner's step makes no effect after the run was
+/// cancelled elsewhere (it made one, after the cancel, before owners learned of takeovers).
+#[tokio::test]
+async fn a_live_owner_stops_its_step_when_an_operator_call_takes_the_run() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let a = open(&dir.path().join("a"), &url).await;
+    let b = open(&dir.path().join("b"), &url).await;
+    let slow = SlowEffect {
+        ms: 1_500,
+        log: log.display().to_string(),
+    };
+    a.start::<SlowFlow>("taken-mid-step", slow).await.unwrap();
+    until_entries(&url, "taken-mid-step", 1).await;
+    b.cancel("taken-mid-step").await.unwrap();
+    let record = b.wait("taken-mid-step").await.unwrap();
+    assert_eq!(record.status, RunStatus::Compensated, "{record:?}");
+    // Past the end of the first attempt's sleep, had it gone on.
+    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    let made: Vec<_> = effects::read(&log)
+        .into_iter()
+        .filter(|e| e.run == "taken-mid-step")
+        .collect();
+    assert_eq!(made, vec![], "no effect of a cancelled run's step");
+    assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
+    a.shutdown().await;
+    b.shutdown().await;
+}

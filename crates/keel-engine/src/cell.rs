@@ -155,6 +155,12 @@ impl RunCell {
         }
     }
 
+    /// The store's token this cell writes with, and the run's id: what
+    /// [`crate::store::while_leased`] checks an effect of the run against.
+    pub(crate) fn token(&self) -> (&RunId, Token) {
+        (&self.id, self.token)
+    }
+
     /// Waits until this cell's writes so far are durable. Fails with
     /// [`EngineError::Fenced`] when one of them was dropped because another engine took the
     /// run over: the caller must then act on nothing it wrote, and stop driving the run.

@@ -239,7 +239,12 @@ impl Engine {
         // only made by the start that created its record.)
         let _loading = self.inner.loading.lock().await;
         if let Some(cell) = self.loaded(&record.id) {
-            return Ok(Some(Loaded::Existing(cell)));
+            let (id, token) = cell.token();
+            if !self.inner.env.store.fenced(id, token) {
+                return Ok(Some(Loaded::Existing(cell)));
+            }
+            // Another engine took the run over since this cell was loaded: it is stale.
+            self.inner.unload(&cell, Stop::Moved);
         }
         let id = record.id;
         let Some(token) = self.inner.env.store.take(&id, takeover).await? else {

@@ -268,7 +268,8 @@ impl Lane {
         // call is made inside the contained future, so a panic making it is contained too.
         let call = async { call.call(ctx).await };
         let call = attempt_contained(tracing::Instrument::instrument(call, span));
-        let Some(result) = while_leased(&*self.env.store, Box::pin(call)).await else {
+        let Some(result) = while_leased(&*self.env.store, self.cell.token(), Box::pin(call)).await
+        else {
             return Err(self.lease_ended());
         };
         slot.report(&result);

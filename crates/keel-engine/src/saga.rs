@@ -170,7 +170,7 @@ pub(crate) async fn undo_attempt(
     let span = tracing::info_span!("compensation", run_id = %cell.id, step = step.0, kind = %kind, attempt = attempt.0);
     let undo = tracing::Instrument::instrument((entry.undo)(argument.clone(), output, ctx), span);
     // A panicking undo is a failed undo attempt, retried like any other.
-    let Some(result) = while_leased(&*env.store, contained(undo)).await else {
+    let Some(result) = while_leased(&*env.store, cell.token(), contained(undo)).await else {
         tracing::warn!(run_id = %cell.id, step = step.0, "compensation stopped: this worker's lease ended");
         return Err(EngineError::Fenced {
             id: cell.id.clone(),

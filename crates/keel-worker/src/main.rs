@@ -214,7 +214,7 @@ pub struct WorkerArgs {
     /// With a PostgreSQL store: how long this worker's runs stay its own without a renewal
     /// (milliseconds); another worker takes them over after that. The lease is renewed, and
     /// runs of gone workers looked for, every fifth of it.
-    #[arg(long, env = "KEEL_LEASE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    #[arg(long, env = "KEEL_LEASE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
     pub lease_ms: u64,
 }
 

@@ -257,7 +257,8 @@ impl EngineBuilder {
         if let Some(url) = &self.postgres {
             // The worker's name: its directory, so that an engine reopened on the same
             // directory after a crash takes its runs back at once (`lease.rs`).
-            let name = self.path.display().to_string();
+            let path = std::fs::canonicalize(&self.path).unwrap_or_else(|_| self.path.clone());
+            let name = path.display().to_string();
             let store = PostgresStore::open(url, self.leases, &name).await?;
             return Ok(Arc::new(store));
         }

@@ -333,9 +333,14 @@ impl Engine {
                 }
             }
             if let Loaded::Fresh(cell) = &loaded {
-                // This call loaded the run: drive it if the write made it drivable, else
-                // unload it again.
-                if cell.record().status.is_drivable() && wrote.is_ok() {
+                // This call loaded (and, on a shared store, took) the run: drive it if it is
+                // drivable, the write refused or not (nobody else drives it now), else unload
+                // it again.
+                let lost = matches!(
+                    wrote,
+                    Err(EngineError::Detached { .. } | EngineError::Fenced { .. })
+                );
+                if cell.record().status.is_drivable() && !lost {
                     self.spawn_driver(Arc::clone(cell));
                 } else {
                     self.inner

@@ -133,7 +133,8 @@ impl Engine {
     /// Reads every run, checks registrations, and drives every running or compensating run
     /// (see the module doc). Nothing is driven when the check refuses the store.
     pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
-        let claimed = self.inner.env.store.claim().await?;
+        let workflows = self.inner.workflows.name_list();
+        let claimed = self.inner.env.store.claim(&workflows).await?;
         // Every run in the store is checked, also those other engines own: engines sharing a
         // store must all be able to drive all of its runs, since any of them may take any
         // run over. Only the runs this engine claimed are driven.
@@ -228,8 +229,16 @@ impl Engine {
         }
         let tokens = Some(claimed.into_iter().collect());
         let (drivable, unregistered) = self.check_runs(records, tokens).await?;
-        for (id, lacks) in &unregistered.runs {
+        // Claims take only runs of registered workflows; a run whose saga needs a step kind
+        // not registered here stays this engine's, undriven, and says why.
+        for (id, lacks) in unregistered.runs {
             tracing::error!(run_id = %id, lacks = %lacks, "claimed run needs unregistered types: left as it is");
+            let reason = format!("it needs {lacks}, not registered on the worker that claimed it");
+            self.inner
+                .undriven
+                .lock()
+                .expect("undriven lock")
+                .insert(id, reason);
         }
         for (record, _, _) in &drivable {
             if let Some(stale) = self.loaded(&record.id) {
@@ -256,14 +265,24 @@ impl Engine {
         self.count_loads(&cells).await?;
         // Every resumed run is in the map before any driver starts: a parent's driver may
         // look for its child at once (to start or await it), and must find the child's cell,
-        // not load a second one.
-        {
+        // not load a second one. A run loaded meanwhile (a start of this engine's own that a
+        // claim raced) keeps the cell it has.
+        let cells: Vec<Arc<RunCell>> = {
             let mut map = self.inner.cells.lock().expect("cells lock");
-            for cell in &cells {
-                let fresh = map.insert(cell.id.clone(), Arc::clone(cell)).is_none();
-                assert!(fresh, "bug: run {} loaded twice", cell.id);
-            }
-        }
+            cells
+                .into_iter()
+                .filter(|cell| match map.entry(cell.id.clone()) {
+                    std::collections::hash_map::Entry::Occupied(_) => {
+                        tracing::warn!(run_id = %cell.id, "run loaded already: not loaded twice");
+                        false
+                    }
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        slot.insert(Arc::clone(cell));
+                        true
+                    }
+                })
+                .collect()
+        };
         for cell in cells {
             self.spawn_driver(cell);
         }
@@ -320,7 +339,9 @@ impl Engine {
                     return;
                 };
                 let engine = Engine { inner };
-                match engine.inner.env.store.claim().await {
+                engine.unload_stale();
+                let workflows = engine.inner.workflows.name_list();
+                match engine.inner.env.store.claim(&workflows).await {
                     Ok(claimed) => {
                         if let Err(error) = engine.adopt(claimed).await {
                             tracing::error!(%error, "claimed runs could not be adopted");
@@ -330,5 +351,26 @@ impl Engine {
                 }
             }
         });
+    }
+
+    /// Unloads every loaded run another engine took over (`JournalStore::fenced`), whether
+    /// its driver writes or sleeps: its waiters then watch the store, and an operator call
+    /// loads it afresh.
+    fn unload_stale(&self) {
+        let loaded: Vec<Arc<RunCell>> = self
+            .inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .values()
+            .cloned()
+            .collect();
+        for cell in loaded {
+            let (id, token) = cell.token();
+            if self.inner.env.store.fenced(id, token) {
+                tracing::info!(run_id = %id, "run taken over by another worker: unloaded here");
+                self.inner.unload(&cell, crate::cell::Stop::Moved);
+            }
+        }
     }
 }

@@ -146,9 +146,10 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     fn others_stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>>;
 
     /// Takes the runs this engine should drive and nobody does: on a shared store, running
-    /// and compensating runs whose owner is gone (at open, and then every
-    /// [`JournalStore::claim_every`]); [`Claimed::Everything`] on a store of its own.
-    fn claim(&self) -> Read<'_, Claimed>;
+    /// and compensating runs of `workflows` (those it can drive) whose owner is gone (at
+    /// open, and then every [`JournalStore::claim_every`]); [`Claimed::Everything`] on a
+    /// store of its own.
+    fn claim<'a>(&'a self, workflows: &'a [String]) -> Read<'a, Claimed>;
 
     /// How often a shared store wants [`JournalStore::claim`] called; `None` for a store of
     /// its own (everything is claimed at open).
@@ -181,19 +182,21 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     fn release(&self) -> Read<'_, ()>;
 }
 
-/// Runs `future` while `store` says this engine's runs are its own ([`JournalStore::leased`]),
-/// checked before every poll: `None`, with the future dropped and never polled again, once
-/// they are not. A step or compensation runs this way, so that a worker paused past its lease
+/// Runs `future`, an effect of run `id` made by a cell holding `token`, while `store` says
+/// this engine's runs are its own ([`JournalStore::leased`]) and that run is still this
+/// cell's ([`JournalStore::fenced`]), checked before every poll: `None`, with the future
+/// dropped and never polled again, once either is not. A step or compensation runs this way, so that a worker paused past its lease
 /// (SIGSTOP, a long GC) makes no effect of it once resumed: by then another worker may have
 /// taken the run over, retried the step, or compensated it. (A request already sent before
 /// the pause cannot be called back; it lands like a lost response.)
 pub(crate) async fn while_leased<F: std::future::Future>(
     store: &dyn JournalStore,
+    (id, token): (&RunId, Token),
     future: F,
 ) -> Option<F::Output> {
     let mut future = std::pin::pin!(future);
     std::future::poll_fn(|cx| {
-        if !store.leased() {
+        if !store.leased() || store.fenced(id, token) {
             return std::task::Poll::Ready(None);
         }
         future.as_mut().poll(cx).map(Some)

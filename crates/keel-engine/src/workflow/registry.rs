@@ -140,15 +140,20 @@ impl Workflows {
     }
 
     pub(crate) fn names(&self) -> String {
-        let mut names: Vec<&str> = self
+        self.name_list().join(", ")
+    }
+
+    /// Every registered workflow's name, sorted.
+    pub(crate) fn name_list(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
             .entries
             .read()
             .expect("registry lock")
             .keys()
-            .copied()
+            .map(|name| name.to_string())
             .collect();
         names.sort_unstable();
-        names.join(", ")
+        names
     }
 }
 

@@ -23,14 +23,14 @@
 //!    for the owner's open transaction: the owner's next write to it is refused.
 //! 5. Every journal append and record change is made only if the run's owner and epoch are
 //!    still those the writer's cell was loaded with, read `FOR SHARE` in the same transaction
-//!    as the write: a claim waits for that transaction, and a write after a claim finds the
-//!    new epoch and is dropped. The engine learns it at its next sync and stops driving the
+//!    as the write: a claim skips the row while that transaction holds it, a takeover waits
+//!    for it, and a write after either finds the new epoch and is dropped. The engine learns it at its next sync and stops driving the
 //!    run.
 //! 6. Shutting down, once every write is committed, gives every owned run up (owner cleared)
 //!    and deletes the worker's row: the others claim its runs at once.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Client;
@@ -38,6 +38,9 @@ use tokio_postgres::Client;
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
 use crate::store::{Takeover, Token};
+
+use super::renewer::Renewer;
+use super::writer::Fenced;
 
 /// How a worker holds its runs on a shared database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,12 +67,19 @@ impl Default for Leases {
 }
 
 impl Leases {
-    /// Refuses settings that could not keep a lease: each duration at least 10 ms, and a
-    /// renewal at most a third of the lease (a renewal may be late by one interval).
+    /// Refuses settings that could not keep a lease: a lease of at least 1 s (the writer's
+    /// transactions stay open up to 200 ms, and the server ends a session idle in one for a
+    /// lease), renewals and claims at least every 10 ms, and a renewal at most a third of
+    /// the lease (a renewal may be late by one interval).
     pub(crate) fn check(&self) -> std::result::Result<(), String> {
         let floor = Duration::from_millis(10);
-        if self.length < floor || self.renew_every < floor || self.claim_every < floor {
-            return Err(format!("lease durations must be at least 10 ms: {self:?}"));
+        if self.length < Duration::from_secs(1) {
+            return Err(format!("a lease must be at least 1 s: {self:?}"));
+        }
+        if self.renew_every < floor || self.claim_every < floor {
+            return Err(format!(
+                "lease renewals and claims must be at least 10 ms apart: {self:?}"
+            ));
         }
         if self.renew_every * 3 > self.length {
             return Err(format!(
@@ -81,13 +91,19 @@ impl Leases {
     }
 }
 
-/// Claims a run's owner is gone from: running or compensating, owned by nobody or by a
-/// worker whose lease expired. `$1` the worker, `$2` the most runs.
+/// Claims runs whose owner is gone: running or compensating, of a workflow in `$3`, owned by
+/// nobody or by a worker whose lease expired; only while the claimer's own lease holds. `$1`
+/// the worker, `$2` the most runs. (`NOT EXISTS` rather than a join: a row another claim
+/// changed meanwhile is rechecked against its new owner's lease.)
 const CLAIM: &str = "
     WITH due AS (
-        SELECT r.id FROM keel_runs r LEFT JOIN keel_workers w ON w.id = r.owner
+        SELECT r.id FROM keel_runs r
         WHERE r.status IN ('running', 'compensating')
-          AND (w.id IS NULL OR w.lease_until < clock_timestamp())
+          AND (r.record::jsonb ->> 'workflow') = ANY($3)
+          AND NOT EXISTS (SELECT 1 FROM keel_workers w
+                          WHERE w.id = r.owner AND w.lease_until >= clock_timestamp())
+          AND EXISTS (SELECT 1 FROM keel_workers me
+                      WHERE me.id = $1 AND me.lease_until > clock_timestamp())
         ORDER BY r.id LIMIT $2
         FOR UPDATE OF r SKIP LOCKED),
     claimed AS (
@@ -99,31 +115,49 @@ const CLAIM: &str = "
         SELECT id, epoch, $1, clock_timestamp() FROM claimed)
     SELECT id, epoch FROM claimed";
 
-/// Takes run `$2` for worker `$1` if another worker owns it; `$3` whether a live owner
-/// counts (false: only a run nobody holds is taken).
+/// Takes run `$2` for worker `$1` from another owner, waiting for a transaction that holds
+/// it; from a live owner only when `$3`; only while the taker's own lease holds. Returns the
+/// new epoch, and whether the owner it was taken from was live.
 const TAKE: &str = "
-    WITH taken AS (
-        UPDATE keel_runs r SET owner = $1, epoch = r.epoch + 1
+    WITH before AS (
+        SELECT r.id, EXISTS (SELECT 1 FROM keel_workers w
+                             WHERE w.id = r.owner AND w.lease_until >= clock_timestamp()) AS live
+        FROM keel_runs r
         WHERE r.id = $2 AND r.owner IS DISTINCT FROM $1
-          AND ($3 OR NOT EXISTS (SELECT 1 FROM keel_workers w
-                                 WHERE w.id = r.owner AND w.lease_until >= clock_timestamp()))
-        RETURNING r.id, r.epoch),
+          AND EXISTS (SELECT 1 FROM keel_workers me
+                      WHERE me.id = $1 AND me.lease_until > clock_timestamp())
+        FOR UPDATE OF r),
+    taken AS (
+        UPDATE keel_runs r SET owner = $1, epoch = r.epoch + 1
+        FROM before WHERE r.id = before.id AND ($3 OR NOT before.live)
+        RETURNING r.id, r.epoch, before.live),
     logged AS (
         INSERT INTO keel_claims (run_id, epoch, worker, claimed_at)
         SELECT id, epoch, $1, clock_timestamp() FROM taken)
-    SELECT epoch FROM taken";
+    SELECT epoch, live FROM taken";
 
 /// What the control task is asked.
 enum Ask {
     Claim {
         limit: i64,
+        workflows: Vec<String>,
         reply: oneshot::Sender<Result<Vec<(RunId, Token)>>>,
     },
     Take {
         id: RunId,
         takeover: Takeover,
-        reply: oneshot::Sender<Result<Option<Token>>>,
+        reply: oneshot::Sender<Result<Option<Taken>>>,
     },
+}
+
+/// What a takeover found.
+#[derive(Clone, Copy, Debug)]
+struct Taken {
+    token: Token,
+    /// Whether the run was taken now (else this worker owned it already).
+    now: bool,
+    /// Whether it was taken from a worker whose lease held.
+    from_live: bool,
 }
 
 /// This worker's identity and the tasks that keep its lease and claim runs for it.
@@ -138,6 +172,8 @@ pub(crate) struct Lease {
     database: String,
     /// When the lease ends by this worker's clock (the renewer moves it on).
     valid_until: Arc<Mutex<Instant>>,
+    leases: Leases,
+    fences: Fenced,
 }
 
 /// The host, and a worker id: the host, the process, and randomness, so that no two opens
@@ -161,83 +197,147 @@ fn failed(database: &str, source: tokio_postgres::Error) -> EngineError {
     }
 }
 
+/// A worker as registered: its id and name, when the database registered it, and the
+/// processes of live earlier workers of its name on this host whose lease it ended.
+struct Registered {
+    worker: String,
+    name: String,
+    at: SystemTime,
+    live_predecessors: Vec<i32>,
+}
+
+/// Registers a new worker named `name` with a lease of `length`, ending the lease of earlier
+/// workers of the same name (step 1 of the protocol).
+async fn register(
+    client: &Client,
+    database: &str,
+    name: &str,
+    length: Duration,
+) -> Result<Registered> {
+    let (host, worker) = worker_id();
+    let name = format!("{host}:{name}");
+    let row = client
+        .query_one(
+            "INSERT INTO keel_workers (id, name, host, pid, started_at, lease_until) \
+             VALUES ($1, $2, $3, $4, clock_timestamp(), \
+                     clock_timestamp() + $5::bigint * interval '1 millisecond') \
+             RETURNING started_at",
+            &[
+                &worker,
+                &name,
+                &host,
+                &(std::process::id() as i32),
+                &(length.as_millis() as i64),
+            ],
+        )
+        .await
+        .map_err(|e| failed(database, e))?;
+    let superseded = client
+        .query(
+            "UPDATE keel_workers SET lease_until = clock_timestamp() \
+             WHERE name = $1 AND id <> $2 AND lease_until > clock_timestamp() RETURNING pid",
+            &[&name, &worker],
+        )
+        .await
+        .map_err(|e| failed(database, e))?;
+    // A predecessor in this process was dropped by its caller; one in another live process
+    // on this host may still be in a step.
+    let me = std::process::id() as i32;
+    let live_predecessors = superseded
+        .iter()
+        .map(|row| row.get::<_, i32>(0))
+        .filter(|pid| *pid != me && std::path::Path::new(&format!("/proc/{pid}")).exists())
+        .collect();
+    Ok(Registered {
+        worker,
+        name,
+        at: row.get(0),
+        live_predecessors,
+    })
+}
+
 impl Lease {
     /// Registers a new worker on the database with a lease of `leases.length`, and starts
-    /// renewing it on `renewals` and answering claims on `control` (two connections of its
-    /// own). `lost` is called once, with the reason, if the lease is lost.
+    /// renewing it on the first connection and answering claims on the second. `lost` is
+    /// called once, with the reason, if the lease is lost. A live earlier worker of the same
+    /// name (the same directory on this host) loses its lease here; opening then waits two
+    /// renewals, so that it has stopped its steps before this one claims its runs.
     pub(crate) async fn start(
         connections: [Client; 2],
-        database: String,
+        database: &str,
         leases: Leases,
         name: &str,
+        fences: Fenced,
         lost: impl FnOnce(String) + Send + 'static,
     ) -> Result<Lease> {
         let [renewals, control] = connections;
-        let (host, worker) = worker_id();
-        let name = format!("{host}:{name}");
-        let length_ms = leases.length.as_millis() as i64;
         let sent = Instant::now();
-        renewals
-            .execute(
-                "INSERT INTO keel_workers (id, name, host, pid, started_at, lease_until) \
-                 VALUES ($1, $2, $3, $4, clock_timestamp(), \
-                         clock_timestamp() + $5::bigint * interval '1 millisecond')",
-                &[
-                    &worker,
-                    &name,
-                    &host,
-                    &(std::process::id() as i32),
-                    &length_ms,
-                ],
-            )
-            .await
-            .map_err(|e| failed(&database, e))?;
-        let superseded = renewals
-            .execute(
-                "UPDATE keel_workers SET lease_until = clock_timestamp() \
-                 WHERE name = $1 AND id <> $2 AND lease_until > clock_timestamp()",
-                &[&name, &worker],
-            )
-            .await
-            .map_err(|e| failed(&database, e))?;
-        tracing::info!(%worker, %name, database = %database, lease = ?leases.length, superseded, "worker registered");
+        let registered = register(&renewals, database, name, leases.length).await?;
+        let Registered { worker, name, .. } = &registered;
+        tracing::info!(%worker, %name, database, lease = ?leases.length, "worker registered");
+        if !registered.live_predecessors.is_empty() {
+            tracing::warn!(%worker, pids = ?registered.live_predecessors, "an earlier worker of this name is still running: its lease is ended; waiting for it to stop");
+            tokio::time::sleep(leases.renew_every * 2).await;
+        }
         let (stop, stopped) = watch::channel(false);
         let valid_until = Arc::new(Mutex::new(sent + leases.length));
         let renewer = Renewer {
             client: renewals,
-            worker: worker.clone(),
-            database: database.clone(),
+            worker: registered.worker.clone(),
+            database: database.to_string(),
             leases,
             valid_until: Arc::clone(&valid_until),
+            fences: Arc::clone(&fences),
+            since: registered.at,
         };
         tokio::spawn(renewer.serve(stopped, lost));
         let (asks, requests) = mpsc::unbounded_channel();
+        let control_worker = registered.worker.clone();
         tokio::spawn(control_task(
             control,
-            worker.clone(),
-            database.clone(),
+            control_worker,
+            database.to_string(),
             requests,
         ));
         Ok(Lease {
-            worker,
-            name,
+            worker: registered.worker,
+            name: registered.name,
             asks,
             stop,
-            database,
+            database: database.to_string(),
             valid_until,
+            leases,
+            fences,
         })
     }
 
-    /// Claims up to `limit` runs whose owner is gone (step 3 of the protocol).
-    pub(crate) async fn claim(&self, limit: i64) -> Result<Vec<(RunId, Token)>> {
+    /// Claims up to `limit` runs of `workflows` whose owner is gone (step 4 of the
+    /// protocol).
+    pub(crate) async fn claim(
+        &self,
+        limit: i64,
+        workflows: Vec<String>,
+    ) -> Result<Vec<(RunId, Token)>> {
         let (reply, answer) = oneshot::channel();
-        self.ask(Ask::Claim { limit, reply })?;
-        answer.await.map_err(|_| self.stopped())?
+        self.ask(Ask::Claim {
+            limit,
+            workflows,
+            reply,
+        })?;
+        let claimed = answer.await.map_err(|_| self.stopped())??;
+        for (id, token) in &claimed {
+            self.fences.claimed(id.clone(), token.0);
+        }
+        Ok(claimed)
     }
 
     /// The token to write run `id` with: its current one if this worker owns it, a new one
     /// if it took the run over (as `takeover` allows); `None` when another worker keeps it or
     /// the run does not exist.
+    ///
+    /// A run taken from a live worker is returned only after two renewal intervals: that
+    /// worker learns of the claim at its next renewal (`renewer.rs`) and stops its steps of
+    /// the run before then, so that the two never act on the run at once.
     pub(crate) async fn take(&self, id: &RunId, takeover: Takeover) -> Result<Option<Token>> {
         let (reply, answer) = oneshot::channel();
         self.ask(Ask::Take {
@@ -245,7 +345,16 @@ impl Lease {
             takeover,
             reply,
         })?;
-        answer.await.map_err(|_| self.stopped())?
+        let Some(taken) = answer.await.map_err(|_| self.stopped())?? else {
+            return Ok(None);
+        };
+        if taken.now {
+            self.fences.claimed(id.clone(), taken.token.0);
+        }
+        if taken.from_live {
+            tokio::time::sleep(self.leases.renew_every * 2).await;
+        }
+        Ok(Some(taken.token))
     }
 
     /// Whether the lease holds by this worker's clock: it started no later than the database
@@ -271,90 +380,6 @@ impl Lease {
     }
 }
 
-/// Keeps the lease (step 1 of the protocol).
-struct Renewer {
-    client: Client,
-    worker: String,
-    database: String,
-    leases: Leases,
-    /// When the lease ends by this worker's clock: the send time of the last renewal that
-    /// succeeded, plus the lease (the database's clock started the lease later than that).
-    valid_until: Arc<Mutex<Instant>>,
-}
-
-impl Renewer {
-    async fn serve(mut self, mut stopped: watch::Receiver<bool>, lost: impl FnOnce(String)) {
-        let mut tick = tokio::time::interval(self.leases.renew_every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stopped.wait_for(|stop| *stop) => return,
-            }
-            if let Err(why) = self.renew().await {
-                if *stopped.borrow() {
-                    return;
-                }
-                // Known lost: nothing of this worker's runs goes on from now.
-                *self.valid_until.lock().expect("lease lock") = Instant::now();
-                tracing::error!(worker = %self.worker, database = %self.database, %why, "lease lost: this worker stops driving runs");
-                lost(why);
-                return;
-            }
-        }
-    }
-
-    /// Extends the lease, or says why it is lost. A renewal that fails for want of the
-    /// database is retried until the lease would have ended by this worker's clock.
-    async fn renew(&mut self) -> std::result::Result<(), String> {
-        let length_ms = self.leases.length.as_millis() as i64;
-        loop {
-            let sent = Instant::now();
-            let valid_until = *self.valid_until.lock().expect("lease lock");
-            if sent >= valid_until {
-                return Err(format!(
-                    "the lease of {:?} ended before it could be renewed",
-                    self.leases.length
-                ));
-            }
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
-                [&self.worker, &length_ms];
-            let renewal = self.client.execute(
-                "UPDATE keel_workers \
-                 SET lease_until = clock_timestamp() + $2::bigint * interval '1 millisecond' \
-                 WHERE id = $1 AND lease_until > clock_timestamp()",
-                &params,
-            );
-            let left = valid_until - sent;
-            match tokio::time::timeout(left, renewal).await {
-                Ok(Ok(1)) => {
-                    *self.valid_until.lock().expect("lease lock") = sent + self.leases.length;
-                    return Ok(());
-                }
-                Ok(Ok(_)) => {
-                    return Err(
-                        "the database says the lease expired (another worker may own its runs now)"
-                            .into(),
-                    );
-                }
-                Ok(Err(error)) if error.is_closed() => {
-                    return Err(format!("the lease's connection is gone: {error}"));
-                }
-                Ok(Err(error)) => {
-                    tracing::warn!(worker = %self.worker, %error, "lease renewal failed; retrying");
-                    tokio::time::sleep(self.leases.renew_every / 4).await;
-                }
-                Err(_) => {
-                    return Err(format!(
-                        "the database did not answer a renewal before the lease of {:?} ended",
-                        self.leases.length
-                    ));
-                }
-            }
-        }
-    }
-}
-
 /// Answers claims and takeovers, one at a time, on a connection of their own.
 async fn control_task(
     client: Client,
@@ -364,8 +389,12 @@ async fn control_task(
 ) {
     while let Some(ask) = asks.recv().await {
         match ask {
-            Ask::Claim { limit, reply } => {
-                let rows = client.query(CLAIM, &[&worker, &limit]).await;
+            Ask::Claim {
+                limit,
+                workflows,
+                reply,
+            } => {
+                let rows = client.query(CLAIM, &[&worker, &limit, &workflows]).await;
                 let claimed: Result<Vec<(RunId, Token)>> =
                     rows.map_err(|e| failed(&database, e)).and_then(|rows| {
                         rows.iter()
@@ -400,16 +429,20 @@ async fn take(
     database: &str,
     id: &RunId,
     takeover: Takeover,
-) -> Result<Option<Token>> {
+) -> Result<Option<Taken>> {
     let from_live = takeover == Takeover::Always;
     let taken = client
         .query_opt(TAKE, &[&worker, &id.as_str(), &from_live])
         .await
         .map_err(|e| failed(database, e))?;
     if let Some(row) = taken {
-        let epoch: i64 = row.get(0);
-        tracing::info!(run_id = %id, epoch, %worker, ?takeover, "run taken over");
-        return Ok(Some(Token(epoch)));
+        let (epoch, live): (i64, bool) = (row.get(0), row.get(1));
+        tracing::info!(run_id = %id, epoch, %worker, from_live = live, "run taken over");
+        return Ok(Some(Taken {
+            token: Token(epoch),
+            now: true,
+            from_live: live,
+        }));
     }
     let own = client
         .query_opt(
@@ -418,5 +451,9 @@ async fn take(
         )
         .await
         .map_err(|e| failed(database, e))?;
-    Ok(own.map(|row| Token(row.get(0))))
+    Ok(own.map(|row| Taken {
+        token: Token(row.get(0)),
+        now: false,
+        from_live: false,
+    }))
 }

@@ -17,7 +17,9 @@
 //! at a time; every write is checked against the run's owner and epoch in the database
 //! (`lease.rs` has the protocol).
 
+mod fences;
 mod lease;
+mod renewer;
 mod schema;
 mod writer;
 
@@ -172,8 +174,16 @@ impl PostgresStore {
             broken(format!("the lease was lost: {why}"));
         };
         let connections = [renewals, control];
-        let lease = Lease::start(connections, database.clone(), leases, name, lost).await?;
         let fenced = Fenced::default();
+        let lease = Lease::start(
+            connections,
+            &database,
+            leases,
+            name,
+            Arc::clone(&fenced),
+            lost,
+        )
+        .await?;
         let writer = Writer::new(
             writes,
             database.clone(),
@@ -352,8 +362,11 @@ impl JournalStore for PostgresStore {
         self.ask(|reply| Request::Release { reply })
     }
 
-    fn claim(&self) -> Read<'_, Claimed> {
-        Box::pin(async move { Ok(Claimed::Runs(self.lease.claim(CLAIM_BATCH).await?)) })
+    fn claim<'a>(&'a self, workflows: &'a [String]) -> Read<'a, Claimed> {
+        Box::pin(async move {
+            let claimed = self.lease.claim(CLAIM_BATCH, workflows.to_vec()).await?;
+            Ok(Claimed::Runs(claimed))
+        })
     }
 
     fn claim_every(&self) -> Option<Duration> {
@@ -362,24 +375,15 @@ impl JournalStore for PostgresStore {
 
     fn take<'a>(&'a self, id: &'a RunId, takeover: Takeover) -> Read<'a, Option<Token>> {
         Box::pin(async move {
-            let token = self.lease.take(id, takeover).await?;
-            if let Some(token) = token {
-                // A fresh token: whatever an earlier load of the run had is forgotten.
-                self.fenced
-                    .lock()
-                    .expect("fenced lock")
-                    .retain(|(fenced, _)| fenced != id);
-                return Ok(Some(token));
+            if !self.lease.held() {
+                return Err(self.failed("this worker's lease has ended: it takes no run".into()));
             }
-            Ok(None)
+            self.lease.take(id, takeover).await
         })
     }
 
     fn fenced(&self, id: &RunId, token: Token) -> bool {
-        self.fenced
-            .lock()
-            .expect("fenced lock")
-            .contains(&(id.clone(), token))
+        self.fenced.fenced(id, token)
     }
 
     fn broken(&self) -> watch::Receiver<Option<String>> {

@@ -70,6 +70,7 @@ const MIGRATIONS: &[&str] = &[
         claimed_at timestamptz NOT NULL,
         PRIMARY KEY (run_id, epoch)
     );
+    CREATE INDEX keel_claims_by_time ON keel_claims (claimed_at);
     "#,
 ];
 

@@ -2,8 +2,8 @@
 //! channel; a write opens a transaction if none is open, a commit request ends it, and reads
 //! run inside it when one is open (so they see the engine's own writes).
 
-use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
@@ -110,10 +110,8 @@ pub(super) enum Request {
     },
 }
 
-/// The runs whose writes were refused because another worker took them over, each with the
-/// token the refused write carried; shared with the store, which answers the engine's
-/// question whether a run was fenced.
-pub(super) type Fenced = Arc<Mutex<HashSet<(RunId, Token)>>>;
+/// What the worker knows of runs it lost, shared with the store and the lease.
+pub(super) type Fenced = Arc<super::fences::Fences>;
 
 /// The hot statements, prepared once.
 struct Statements {
@@ -502,7 +500,7 @@ impl Writer {
             .map_err(|e| self.db(e))?;
         if written == 0 {
             tracing::warn!(run_id = %id, epoch = token.0, worker = %self.worker, "write refused: the run was taken over, or this worker's lease expired");
-            self.fenced.lock().expect("fenced lock").insert((id, token));
+            self.fenced.refused(id, token);
             return Ok(());
         }
         if let Some(record) = record {
@@ -536,6 +534,7 @@ impl Writer {
         for table in [
             "DELETE FROM keel_journal WHERE run_id = ANY($1)",
             "DELETE FROM keel_load_counts WHERE run_id = ANY($1)",
+            "DELETE FROM keel_claims WHERE run_id = ANY($1)",
             "DELETE FROM keel_runs WHERE id = ANY($1)",
         ] {
             self.client
