@@ -146,7 +146,7 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     fn others_stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>>;
 
     /// Takes the runs this engine should drive and nobody does: on a shared store, running
-    /// and compensating runs of `workflows` (those it can drive) whose owner is gone (at
+    /// runs of `workflows` (those it can drive) and compensating runs, whose owner is gone (at
     /// open, and then every [`JournalStore::claim_every`]); [`Claimed::Everything`] on a
     /// store of its own.
     fn claim<'a>(&'a self, workflows: &'a [String]) -> Read<'a, Claimed>;

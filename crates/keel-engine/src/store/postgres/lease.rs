@@ -91,15 +91,16 @@ impl Leases {
     }
 }
 
-/// Claims runs whose owner is gone: running or compensating, of a workflow in `$3`, owned by
-/// nobody or by a worker whose lease expired; only while the claimer's own lease holds. `$1`
+/// Claims runs whose owner is gone: running ones of a workflow in `$3` and compensating ones
+/// (whose saga needs step kinds, not the workflow), owned by nobody or by a worker whose
+/// lease expired; only while the claimer's own lease holds. `$1`
 /// the worker, `$2` the most runs. (`NOT EXISTS` rather than a join: a row another claim
 /// changed meanwhile is rechecked against its new owner's lease.)
 const CLAIM: &str = "
     WITH due AS (
         SELECT r.id FROM keel_runs r
         WHERE r.status IN ('running', 'compensating')
-          AND (r.record::jsonb ->> 'workflow') = ANY($3)
+          AND (r.status = 'compensating' OR (r.record::jsonb ->> 'workflow') = ANY($3))
           AND NOT EXISTS (SELECT 1 FROM keel_workers w
                           WHERE w.id = r.owner AND w.lease_until >= clock_timestamp())
           AND EXISTS (SELECT 1 FROM keel_workers me
