@@ -81,6 +81,20 @@ fn input(log: &Path, steps: u32, sleep_ms: u64) -> EffectFlowInput {
     }
 }
 
+/// Ends worker `id`'s lease now, as a lease ends when its worker stops renewing it: the row
+/// is locked first, so that the end is stamped after every write the worker made before it
+/// (each holds the row `FOR SHARE` until its transaction ends).
+async fn end_lease(url: &str, id: &str) {
+    execute(
+        url,
+        &format!(
+            "BEGIN; SELECT 1 FROM keel_workers WHERE id = '{id}' FOR UPDATE; \
+             UPDATE keel_workers SET lease_until = clock_timestamp() WHERE id = '{id}'; COMMIT"
+        ),
+    )
+    .await;
+}
+
 /// The workers registered on the database, oldest first.
 async fn workers(url: &str) -> Vec<String> {
     query_texts(url, "SELECT id FROM keel_workers ORDER BY started_at").await
@@ -271,11 +285,7 @@ async fn an_engine_whose_lease_expired_is_fenced_and_stops() {
     }
     let b = open(&dir.path().join("b"), &url).await;
     until_entries(&url, &ids[3], 20).await;
-    execute(
-        &url,
-        &format!("UPDATE keel_workers SET lease_until = clock_timestamp() WHERE id = '{a_id}'"),
-    )
-    .await;
+    end_lease(&url, &a_id).await;
     let reason = tokio::time::timeout(Duration::from_secs(10), a.broken())
         .await
         .expect("the engine notices its lease is gone");
@@ -348,11 +358,7 @@ async fn a_step_in_flight_when_the_lease_ends_makes_no_effect() {
     // The step's start is durable: its attempt is asleep before its effect.
     until_entries(&url, "slow", 1).await;
     let b = open(&dir.path().join("b"), &url).await;
-    execute(
-        &url,
-        &format!("UPDATE keel_workers SET lease_until = clock_timestamp() WHERE id = '{a_id}'"),
-    )
-    .await;
+    end_lease(&url, &a_id).await;
     assert_eq!(b.wait("slow").await.unwrap().status, RunStatus::Completed);
     // Past the end of the first attempt's sleep, had it gone on.
     tokio::time::sleep(Duration::from_millis(1_600)).await;

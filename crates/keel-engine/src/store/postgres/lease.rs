@@ -233,10 +233,14 @@ async fn register(
         )
         .await
         .map_err(|e| failed(database, e))?;
+    // Each earlier worker's row is locked before its lease is ended, so that the end is
+    // stamped after every write that worker made (each holds the row `FOR SHARE`).
     let superseded = client
         .query(
-            "UPDATE keel_workers SET lease_until = clock_timestamp() \
-             WHERE name = $1 AND id <> $2 AND lease_until > clock_timestamp() RETURNING pid",
+            "WITH earlier AS (SELECT id FROM keel_workers \
+                 WHERE name = $1 AND id <> $2 AND lease_until > clock_timestamp() FOR UPDATE) \
+             UPDATE keel_workers w SET lease_until = clock_timestamp() \
+             FROM earlier WHERE w.id = earlier.id RETURNING w.pid",
             &[&name, &worker],
         )
         .await

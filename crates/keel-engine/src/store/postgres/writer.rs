@@ -161,17 +161,18 @@ impl Writer {
             }
         };
         let statements = Statements {
-            // Written only while the run's owner and epoch are the writer's (its row read
-            // `FOR SHARE`: a claim waits for this transaction, and this waits for a claim's)
-            // and the writer's lease has not expired at the very time the row says it was
-            // written (a lease that expired is never renewed).
+            // Written only while the run's owner and epoch are the writer's and the writer's
+            // lease has not expired at the very time the row says it was written (a lease
+            // that expired is never renewed). Both rows are read `FOR SHARE`: a takeover of
+            // the run, or an end put to the lease (a newer worker of the same name), waits
+            // for this transaction, and this waits for theirs and then reads their rows anew.
             append: prepare(
                 "INSERT INTO keel_journal (run_id, position, entry, epoch, written_by, written_at) \
                  SELECT $1, $2, $3, $4, $5, now.at \
                  FROM (SELECT clock_timestamp() AS at) now, keel_runs r, keel_workers w \
                  WHERE r.id = $1 AND r.owner = $5 AND r.epoch = $4 \
                    AND w.id = $5 AND w.lease_until > now.at \
-                 FOR SHARE OF r \
+                 FOR SHARE OF r, w \
                  ON CONFLICT (run_id, position) DO UPDATE SET entry = EXCLUDED.entry, \
                    epoch = EXCLUDED.epoch, written_by = EXCLUDED.written_by, \
                    written_at = EXCLUDED.written_at",
