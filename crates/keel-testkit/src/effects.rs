@@ -35,6 +35,11 @@ pub struct Effect {
     pub attempt: u32,
     /// The process that ran it.
     pub pid: u32,
+    /// When it was recorded, by the wall clock, in microseconds since the Unix epoch (absent
+    /// from logs written before the field existed): to set an effect beside log lines and
+    /// database rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_us: Option<u64>,
 }
 
 /// Appends `effect` to the log at `path` in one write.
@@ -74,6 +79,10 @@ pub fn record(
         key: ctx.key().to_string(),
         attempt: ctx.attempt().0,
         pid: std::process::id(),
+        at_us: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|since| since.as_micros() as u64),
     };
     append(Path::new(log), &effect)
         .map_err(|e| keel_engine::StepError::retryable("effect log not writable").with_source(e))

@@ -5,6 +5,8 @@
 //! - [`effects`]: a ground-truth log of side effects kept outside the child, in a plain file,
 //!   so a test can check what really happened against what the journal says.
 //! - [`flows`]: test workflows whose steps write to that log.
+//! - [`failover`]: worker processes sharing one PostgreSQL database, killed and stopped by a
+//!   schedule, with what the database says about who owned what and how fast runs moved.
 //! - [`moto`]: moto's server (the AWS emulator), one per test process, an account per test.
 //! - [`proxy`]: the fault proxy between the SDK and moto (throttling, 5xx, lost responses,
 //!   eventual-consistency lag, and the AWS behaviour moto lacks).
@@ -23,6 +25,7 @@ pub mod check;
 pub mod crash;
 pub mod demo;
 pub mod effects;
+pub mod failover;
 pub mod flows;
 pub mod inventory;
 pub mod moto;
