@@ -15,7 +15,8 @@
 //!
 //! Subcommands measure apart from the engine core: `waits` simulates wait strategies,
 //! `fleet` onboards a fleet of devices against moto through a throttling proxy, `load` runs
-//! concurrent BOSH-like runs against a simulated cloud while killing the engine's process.
+//! concurrent BOSH-like runs against a simulated cloud while killing the engine's process,
+//! `workers` measures throughput with several engine processes on one PostgreSQL database.
 
 // The binary's output is its report: printing it to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -30,12 +31,13 @@ mod report;
 mod resume;
 mod system;
 mod waits;
+mod workers;
 mod workload;
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use keel_engine::Durability;
 
 use crate::report::{Baseline, Figure, Report};
@@ -155,6 +157,16 @@ enum Command {
     /// The engine's process of `load`, configured by its environment.
     #[command(hide = true)]
     LoadChild,
+    /// Throughput of 1, 2, 3... engines (workers), each in a process of its own, sharing one
+    /// fresh PostgreSQL database per count: concurrent runs of 10 no-op steps shared among
+    /// them, timed from a common start after every engine opened until the last run
+    /// completed. Reports steps/s, its ratio to the server's INSERT + COMMIT rate from one
+    /// connection (measured once, first) and the speed-up over one worker. Needs --store.
+    Workers(workers::WorkersArgs),
+    /// One worker of `workers`: opens an engine on the shared database, says `ready`, waits
+    /// for `go` on stdin, runs its share and says `done <steps>`.
+    #[command(hide = true)]
+    WorkersChild(workers::ChildArgs),
     /// The child of the resume measurement: fills a store with sleeping runs, prints `ready`
     /// and waits to be killed.
     #[command(hide = true)]
@@ -233,6 +245,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         Output::Table
     };
+    dispatch(cli, output).await
+}
+
+/// Runs the subcommand `cli` names (the engine figures when none), reporting as `output`.
+async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Populate {
             dir,
@@ -254,6 +271,10 @@ async fn main() -> anyhow::Result<()> {
             run_fleet(&cli.dir, params, output).await
         }
         Some(Command::LoadChild) => load::child().await,
+        Some(Command::Workers(args)) => {
+            run_workers(&cli.dir, cli.store.as_deref(), cli.quick, args, output).await
+        }
+        Some(Command::WorkersChild(args)) => workers::child(args).await,
         Some(Command::Load {
             runs,
             time_scale,
@@ -337,6 +358,47 @@ async fn run_load(dir: &Path, knobs: &load::LoadKnobs, output: Output) -> anyhow
     Ok(())
 }
 
+/// `keel-bench workers`: refuses to run without a PostgreSQL server, or with fewer runs than
+/// workers (exit 2, as clap does for bad usage), measures and prints the report.
+async fn run_workers(
+    dir: &Path,
+    store: Option<&str>,
+    quick: bool,
+    args: workers::WorkersArgs,
+    output: Output,
+) -> anyhow::Result<()> {
+    let Some(server) = store else {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "`workers` measures engines sharing a PostgreSQL database: give its server \
+                 with --store postgres://user@host:port/db (or KEEL_BENCH_STORE)",
+            )
+            .exit();
+    };
+    let runs = args.runs.unwrap_or(if quick {
+        workers::RUNS_QUICK
+    } else {
+        workers::RUNS_DEFAULT
+    });
+    let most = args.workers.iter().copied().max().unwrap_or(1);
+    if runs < most {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--runs {runs}: fewer runs than the {most} workers to share them"),
+            )
+            .exit();
+    }
+    let params = workers::WorkersParams {
+        counts: args.workers,
+        runs,
+        keep_logs: args.keep_logs,
+    };
+    let report = workers::run(dir, server, &params).await?;
+    print_report(output, &report, workers::WorkersReport::table)
+}
+
 /// `keel-bench waits`: checks the outlier rate, simulates the wait strategies and prints the
 /// report.
 fn run_waits(
@@ -379,17 +441,11 @@ async fn bench(parent: &Path, sizes: Sizes) -> anyhow::Result<Report> {
         dir: dir.display().to_string(),
         filesystem,
         store: match workload::postgres_server() {
-            // The server without its credentials.
-            Some(server) => format!(
-                "PostgreSQL at {}",
-                server
-                    .rsplit_once('@')
-                    .map_or("the given server", |(_, host)| host)
-            ),
+            Some(server) => workload::postgres_store_name(&server),
             None => "sled (embedded)".into(),
         },
         durability: match workload::postgres_server() {
-            Some(_) => "a committed transaction (the server's synchronous_commit, on by default)",
+            Some(_) => workload::POSTGRES_DURABILITY,
             None => "PowerLoss (default)",
         },
         quick: sizes.quick,

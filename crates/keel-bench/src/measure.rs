@@ -106,11 +106,12 @@ pub(crate) async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// `runs` concurrent runs of 10 no-op steps each: all are started (from
-/// [`workload::CALLERS`] concurrent tasks, as a service would), then every result is awaited.
-/// Returns journaled steps/s across all runs, from the first start until the last result.
+/// `runs` concurrent runs of [`workload::CONCURRENT_RUN_STEPS`] (10) no-op steps each: all
+/// are started (from [`workload::CALLERS`] concurrent tasks, as a service would), then every
+/// result is awaited. Returns journaled steps/s across all runs, from the first start until
+/// the last result.
 pub(crate) async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<f64> {
-    const STEPS: u32 = 10;
+    const STEPS: u32 = workload::CONCURRENT_RUN_STEPS;
     let engine = open(&dir.join("concurrent")).await?;
     let started = Instant::now();
     start_concurrently::<Steps>(&engine, "concurrent", runs, &StepsInput { steps: STEPS }).await?;

@@ -44,13 +44,17 @@ impl Baseline {
     /// The database's baseline from its two measurements.
     pub(crate) fn database(before_per_s: f64, after_per_s: f64) -> Baseline {
         Baseline {
-            what: "a 200-byte single-row INSERT + COMMIT each, one connection",
+            what: DATABASE_BASELINE,
             unit: "commits",
             unit_per_s: "commits/s",
             ..Baseline::new(before_per_s, after_per_s)
         }
     }
 }
+
+/// What one operation of the database's baseline is.
+pub(crate) const DATABASE_BASELINE: &str =
+    "a 200-byte single-row INSERT + COMMIT each, one connection";
 
 /// Above this spread between the two baselines the table warns that the ratios are uncertain.
 const SPREAD_WARNING: f64 = 0.25;
@@ -217,7 +221,7 @@ impl Report {
         out
     }
 
-    /// The figures as a Markdown table, each column as wide as its widest cell.
+    /// The figures as a Markdown table.
     fn figure_table(&self) -> String {
         let header = [
             "figure",
@@ -228,33 +232,46 @@ impl Report {
             "met",
         ];
         let rows: Vec<[String; 6]> = self.figures.iter().map(Figure::cells).collect();
-        let mut widths = header.map(str::len);
-        for row in &rows {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.len());
-            }
-        }
-        let line = |cells: &[String]| {
-            let padded: Vec<String> = cells
-                .iter()
-                .zip(widths)
-                .enumerate()
-                // Numbers right-aligned, words left-aligned.
-                .map(|(column, (cell, width))| match column {
-                    1 | 3 => format!("{cell:>width$}"),
-                    _ => format!("{cell:<width$}"),
-                })
-                .collect();
-            format!("| {} |\n", padded.join(" | "))
-        };
-        let mut out = line(&header.map(str::to_owned));
-        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-        out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
-        for row in &rows {
-            out.push_str(&line(row));
-        }
-        out
+        // Numbers right-aligned, words left-aligned.
+        markdown_table(header, &rows, &[1, 3])
     }
+}
+
+/// A Markdown table, each column as wide as its widest cell; the columns numbered in
+/// `right_aligned` (from 0) aligned right, the others left.
+pub(crate) fn markdown_table<const N: usize>(
+    header: [&str; N],
+    rows: &[[String; N]],
+    right_aligned: &[usize],
+) -> String {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .enumerate()
+            .map(|(column, (cell, width))| {
+                if right_aligned.contains(&column) {
+                    format!("{cell:>width$}")
+                } else {
+                    format!("{cell:<width$}")
+                }
+            })
+            .collect();
+        format!("| {} |\n", padded.join(" | "))
+    };
+    let mut out = line(&header.map(str::to_owned));
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    out.push_str(&format!("|-{}-|\n", rule.join("-|-")));
+    for row in rows {
+        out.push_str(&line(row));
+    }
+    out
 }
 
 impl Figure {

@@ -7,13 +7,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use keel_engine::{
-    Ctx, Engine, Event, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
+    Ctx, Engine, EngineBuilder, Event, RunStatus, Step, StepContext, StepError, Workflow,
+    WorkflowError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 
 /// How many tokio tasks start runs at once wherever the benchmark starts many runs.
 pub(crate) const CALLERS: u32 = 100;
+
+/// How many no-op steps each run takes where the benchmark measures many concurrent runs.
+pub(crate) const CONCURRENT_RUN_STEPS: u32 = 10;
 
 /// A step with no side effect; its argument is its operation number, so that every journal
 /// entry is small and distinct.
@@ -127,36 +131,91 @@ pub(crate) fn postgres_server() -> Option<String> {
 /// missing: named after the run's directory and `path`'s own name, so that a child process
 /// opening the same path meets the same runs, and each benchmark run has fresh databases.
 pub(crate) async fn database_of(server: &str, path: &Path) -> String {
+    keel_testkit::postgres::create_database(server, &database_name(path)).await
+}
+
+/// The name of the database that stands for the data directory `path` (see [`database_of`]).
+pub(crate) fn database_name(path: &Path) -> String {
     let leaf = |p: Option<&Path>| {
         p.and_then(Path::file_name)
             .map(|n| n.to_string_lossy().to_lowercase())
             .unwrap_or_default()
     };
     let raw = format!("keel_bench_{}_{}", leaf(path.parent()), leaf(Some(path)));
-    let name: String = raw
-        .chars()
+    raw.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .take(63)
-        .collect();
-    keel_testkit::postgres::create_database(server, &name).await
+        .collect()
 }
 
-/// Opens an engine on `path` at the default durability (or on its PostgreSQL database, with
-/// `--store`), with the benchmark's workflows and step registered (so that unfinished runs
-/// resume at open).
-pub(crate) async fn open(path: &Path) -> anyhow::Result<Engine> {
-    let mut builder = Engine::builder(path);
-    if let Some(server) = postgres_server() {
-        builder = builder.postgres(database_of(&server, path).await);
-    }
-    builder
+/// Drops the database `name` on `server`, closing its connections: for measurements whose
+/// databases are of no use once measured.
+pub(crate) async fn drop_database(server: &str, name: &str) -> anyhow::Result<()> {
+    let (client, connection) = tokio_postgres::connect(server, tokio_postgres::NoTls)
+        .await
+        .context("connecting to drop a database")?;
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .with_context(|| format!("dropping database {name}"))?;
+    drop(client);
+    let _ = connection.await;
+    Ok(())
+}
+
+/// How the report names a PostgreSQL server: its host, port and database, without the
+/// credentials its URL may hold.
+pub(crate) fn postgres_store_name(server: &str) -> String {
+    format!(
+        "PostgreSQL at {}",
+        server
+            .rsplit_once('@')
+            .map_or("the given server", |(_, host)| host)
+    )
+}
+
+/// What a durable write means on the PostgreSQL store.
+pub(crate) const POSTGRES_DURABILITY: &str =
+    "a committed transaction (the server's synchronous_commit, on by default)";
+
+/// The engine builder for the data directory `path`, with the benchmark's workflows and step
+/// registered (so that unfinished runs resume at open).
+fn registered(path: &Path) -> EngineBuilder {
+    Engine::builder(path)
         .workflow::<Steps>()
         .workflow::<StepsThenSleep>()
         .workflow::<FanOut>()
         .step::<Noop>()
+}
+
+/// Opens an engine on `path` at the default durability (or on its PostgreSQL database, with
+/// `--store`), with the benchmark's workflows and step registered.
+pub(crate) async fn open(path: &Path) -> anyhow::Result<Engine> {
+    let mut builder = registered(path);
+    if let Some(server) = postgres_server() {
+        builder = builder.postgres(database_of(&server, path).await);
+    }
+    builder
         .open()
         .await
         .with_context(|| format!("opening an engine in {}", path.display()))
+}
+
+/// Opens an engine with its own files in `path` and its runs in the PostgreSQL database at
+/// `database`, which other engines (workers) may share; the benchmark's workflows and step
+/// registered.
+pub(crate) async fn open_shared(path: &Path, database: &str) -> anyhow::Result<Engine> {
+    registered(path)
+        .postgres(database)
+        .open()
+        .await
+        .with_context(|| {
+            format!(
+                "opening an engine in {} on a shared database",
+                path.display()
+            )
+        })
 }
 
 /// The id of run number `n` of a batch whose ids start with `prefix`.
