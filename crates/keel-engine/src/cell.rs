@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Mutex;
 
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 use crate::clock::Clock;
 use crate::error::{EngineError, Result};
@@ -77,6 +77,9 @@ pub(crate) struct RunCell {
     /// its run settled, so that no waiter is left pending by a driver that stopped. (One
     /// channel for both: a channel costs about 400 bytes per loaded run.)
     pub(crate) watched: watch::Sender<Watched>,
+    /// Woken when an event is delivered to the run or it publishes a value: what a blocked
+    /// receive and a reader waiting for a value listen to (each checks the state again).
+    pub(crate) news: Notify,
 }
 
 /// What a run's waiters watch (see [`RunCell::watched`]).
@@ -117,6 +120,7 @@ impl RunCell {
             cancel,
             pause,
             watched,
+            news: Notify::new(),
         }
     }
 
@@ -220,7 +224,7 @@ impl RunCell {
 
     /// Appends `event` (not yet durable: callers request a sync before acting on it).
     pub(crate) fn append(&self, store: &dyn JournalStore, event: Event) -> Result<()> {
-        self.write(store, event, |_, _| Ok(()), None::<fn(&mut RunRecord)>)
+        self.append_if(store, event, |_, _| Ok(()))
     }
 
     /// Appends `event` if `guard` accepts the run as it is under the cell lock.
@@ -230,7 +234,20 @@ impl RunCell {
         event: Event,
         guard: impl FnOnce(&RunRecord, &RunState) -> Result<()>,
     ) -> Result<()> {
-        self.write(store, event, guard, None::<fn(&mut RunRecord)>)
+        let make =
+            |record: &RunRecord, state: &RunState| guard(record, state).map(|()| Some(event));
+        self.write(store, make, None::<fn(&mut RunRecord)>)
+            .map(|_| ())
+    }
+
+    /// Appends the event `make` decides on from the run as it is under the cell lock, if it
+    /// decides on one; returns it.
+    pub(crate) fn append_made(
+        &self,
+        store: &dyn JournalStore,
+        make: impl FnOnce(&RunRecord, &RunState) -> Result<Option<Event>>,
+    ) -> Result<Option<Event>> {
+        self.write(store, make, None::<fn(&mut RunRecord)>)
     }
 
     /// Appends `event` and changes the run record in one atomic write.
@@ -253,10 +270,11 @@ impl RunCell {
         status: RunStatus,
         change: impl FnOnce(&mut RunRecord),
     ) -> Result<()> {
+        let make =
+            |record: &RunRecord, state: &RunState| guard(record, state).map(|()| Some(event));
         self.write(
             store,
-            event,
-            guard,
+            make,
             Some(|record: &mut RunRecord| {
                 record.status = status;
                 record.updated_at_ms = self.clock.now_ms();
@@ -266,22 +284,26 @@ impl RunCell {
                 change(record);
             }),
         )
+        .map(|_| ())
     }
 
+    /// Writes the event `make` decides on (none: nothing is written), with the record
+    /// changed by `change` if given, in one atomic write.
     fn write(
         &self,
         store: &dyn JournalStore,
-        event: Event,
-        guard: impl FnOnce(&RunRecord, &RunState) -> Result<()>,
+        make: impl FnOnce(&RunRecord, &RunState) -> Result<Option<Event>>,
         change: Option<impl FnOnce(&mut RunRecord)>,
-    ) -> Result<()> {
+    ) -> Result<Option<Event>> {
         let mut loaded = self.loaded.lock().expect("cell lock");
         if loaded.detached {
             return Err(EngineError::Detached {
                 id: self.id.clone(),
             });
         }
-        guard(&loaded.record, &loaded.state)?;
+        let Some(event) = make(&loaded.record, &loaded.state)? else {
+            return Ok(None);
+        };
         // Status transitions and undo records go past the bound, so that a run that reached
         // it can still be suspended, cancelled and compensated.
         let bounded = change.is_none() && !loaded.state.compensating;
@@ -325,6 +347,6 @@ impl RunCell {
         if let Some(record) = record {
             loaded.record = record;
         }
-        Ok(())
+        Ok(Some(entry.event))
     }
 }

@@ -27,6 +27,7 @@ use crate::store::{Takeover, Token};
 use crate::workflow::{Workflow, Workflows};
 
 mod builder;
+mod events;
 mod gc;
 mod metrics;
 mod operator;
@@ -34,6 +35,7 @@ mod reads;
 mod resume;
 
 pub use builder::EngineBuilder;
+pub use events::{Delivered, EventIn};
 pub use reads::{RunsPage, RunsQuery, RUNS_PAGE_MAX};
 
 /// How long finished runs are kept by default.
@@ -124,6 +126,14 @@ pub struct RunHandle<W: Workflow> {
 }
 
 impl<W: Workflow> RunHandle<W> {
+    pub(crate) fn new(engine: Engine, id: RunId) -> RunHandle<W> {
+        RunHandle {
+            engine,
+            id,
+            workflow: PhantomData,
+        }
+    }
+
     /// The run id.
     pub fn id(&self) -> &RunId {
         &self.id
@@ -205,12 +215,12 @@ impl Engine {
         Ok(())
     }
 
-    /// Loads a run this engine just created (its journal is empty: nothing to read) and
-    /// spawns its driver.
-    fn load_new(&self, record: RunRecord) {
+    /// Loads a run this engine just created, whose journal `state` folds (nothing to read),
+    /// and spawns its driver.
+    fn load_new(&self, record: RunRecord, state: RunState) {
         let cell = Arc::new(RunCell::new(
             record,
-            RunState::default(),
+            state,
             self.inner.env.clock.clone(),
             Token::CREATED,
         ));
@@ -312,12 +322,8 @@ impl Engine {
             what: format!("input of {}", W::NAME),
             source,
         })?;
-        let record = self.start_value(W::NAME, id, input, None).await?;
-        Ok(RunHandle {
-            engine: self.clone(),
-            id: record.id,
-            workflow: PhantomData,
-        })
+        let record = self.start_value(W::NAME, id, input, None, None).await?;
+        Ok(RunHandle::new(self.clone(), record.id))
     }
 
     /// Starts a run of the registered workflow `workflow` with a JSON input (for the CLI and
@@ -326,6 +332,12 @@ impl Engine {
     /// field the type does not know (where it refuses unknown fields) or a value its checks
     /// refuse is [`EngineError::InvalidInput`], each naming the field's path.
     pub async fn start_json(&self, workflow: &str, id: &str, input: Value) -> Result<RunRecord> {
+        let (id, input) = self.checked_json_start(workflow, id, input)?;
+        self.start_value(workflow, id, input, None, None).await
+    }
+
+    /// The id and the normalised input of a JSON start of `workflow`, checked.
+    fn checked_json_start(&self, workflow: &str, id: &str, input: Value) -> Result<(RunId, Value)> {
         let id = RunId::new_top_level(id)?;
         let entry =
             self.inner
@@ -338,7 +350,7 @@ impl Engine {
         // Stored in its typed form, so that a later typed `start` of the same value (which
         // writes omitted optional fields as null, say) is recognised as the same input.
         let input = (entry.normalise_input)(&input).map_err(|e| e.into_engine_error(workflow))?;
-        self.start_value(workflow, id, input, None).await
+        Ok((id, input))
     }
 
     /// Starts (or finds) child run `child` of run `parent`; the child is durable and driven
@@ -350,19 +362,21 @@ impl Engine {
         input: Value,
         parent: &RunId,
     ) -> Result<()> {
-        self.start_value(workflow, child.clone(), input, Some(parent.clone()))
+        self.start_value(workflow, child.clone(), input, Some(parent.clone()), None)
             .await
             .map(|_| ())
     }
 
     /// Starts (or finds) run `id`, checked by the caller: a caller's id as
-    /// [`RunId::new_top_level`], a child's made by [`crate::child_id`].
+    /// [`RunId::new_top_level`], a child's made by [`crate::child_id`]. With `event`, the run
+    /// is started with that event in its mailbox (durable with it), or a run found is sent it.
     async fn start_value(
         &self,
         workflow: &str,
         id: RunId,
         input: Value,
         parent: Option<RunId>,
+        event: Option<&EventIn>,
     ) -> Result<RunRecord> {
         if *self.inner.env.shutdown.borrow() {
             return Err(EngineError::ShutDown);
@@ -405,13 +419,23 @@ impl Engine {
         match self.inner.env.store.create_run(&record).await? {
             None => {
                 crate::crash::point("start.after_create");
+                let state = match event {
+                    Some(event) => self.deliver_first(&record, event)?,
+                    None => RunState::default(),
+                };
                 self.inner.env.store.sync().wait().await?;
                 crate::crash::point("start.after_sync");
                 tracing::info!(run_id = %id, workflow, "run started");
-                self.load_new(record.clone());
+                self.load_new(record.clone(), state);
                 Ok(record)
             }
-            Some(existing) => self.found_existing(existing, &record).await,
+            Some(existing) => {
+                let record = self.found_existing(existing, &record).await?;
+                if let Some(event) = event {
+                    self.send_checked(&record.id, event).await?;
+                }
+                Ok(record)
+            }
         }
     }
 

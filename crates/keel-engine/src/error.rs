@@ -182,6 +182,18 @@ pub enum EngineError {
         /// What this call asked for.
         requested: String,
     },
+    /// An event id was sent to the run before with another name or payload.
+    #[error("event {event_id:?} was sent to run {id} before with {existing}, not {requested}")]
+    EventMismatch {
+        /// The run.
+        id: RunId,
+        /// The event id.
+        event_id: String,
+        /// What the first send carried (name and payload digest).
+        existing: String,
+        /// What this send carries.
+        requested: String,
+    },
     /// No run has this id.
     #[error("no run with id {id}")]
     RunNotFound {
@@ -293,6 +305,32 @@ pub enum WorkflowError {
         kind: String,
         /// Polls made since the wait (or its last resumption) began.
         polls: u32,
+    },
+    /// A receive's deadline passed with no event of its names delivered before it. Workflow
+    /// code may catch this (say, to go on without an approval); propagated, it makes the run
+    /// compensate.
+    #[error("receive {step} of {} timed out: no such event was delivered before its deadline", names.join(" or "))]
+    EventTimedOut {
+        /// The operation number.
+        step: OperationIndex,
+        /// The names it waited for.
+        names: Vec<String>,
+    },
+    /// A received event's payload does not decode into the type the body asked for. The
+    /// event is consumed (replay gives this error again); the body may catch it and receive
+    /// another.
+    #[error(
+        "receive {step} took event {event_id:?} ({name}), whose payload does not decode: {error}"
+    )]
+    EventMalformed {
+        /// The operation number.
+        step: OperationIndex,
+        /// The event's name.
+        name: String,
+        /// The event's id.
+        event_id: String,
+        /// Why it does not decode.
+        error: String,
     },
     /// The compensation of a resource the run recreated while going on (see
     /// [`crate::Ctx::create_and_wait`]) failed for good.

@@ -273,6 +273,49 @@ pub enum Event {
         /// How.
         outcome: WaitOutcome,
     },
+    /// An event was sent to the run from outside ([`crate::Engine::send`]) and waits in its
+    /// mailbox until a receive takes it. Durable before the send returns. Deliveries are
+    /// kept in arrival order, which is the order receives take them in, per name.
+    EventDelivered {
+        /// The event's name.
+        name: String,
+        /// The sender's idempotency key: a second delivery with this id is the same event.
+        event_id: String,
+        /// The event's payload.
+        payload: Value,
+    },
+    /// The body began to receive one event of `names`; with `deadline_ms`, it gives up then.
+    ReceiveStarted {
+        /// The operation number.
+        step: OperationIndex,
+        /// The names it takes an event of.
+        names: Vec<String>,
+        /// When it stops waiting (absolute), if it does.
+        deadline_ms: Option<u64>,
+    },
+    /// The receive took event `event_id` out of the mailbox: it is consumed, and replay
+    /// returns it again.
+    EventReceived {
+        /// The receive's operation number.
+        step: OperationIndex,
+        /// The event taken.
+        event_id: String,
+    },
+    /// The receive's deadline passed with no event of its names delivered before it.
+    ReceiveTimedOut {
+        /// The receive's operation number.
+        step: OperationIndex,
+    },
+    /// The body published a value under `name` (the latest one per name is what readers
+    /// get, [`crate::Engine::published`]).
+    ValuePublished {
+        /// The operation number.
+        step: OperationIndex,
+        /// The value's name.
+        name: String,
+        /// The value.
+        value: Value,
+    },
     /// The workflow returned its output. Written with the `Completed` status.
     RunCompleted {
         /// The output.
@@ -372,12 +415,17 @@ impl Event {
             | Event::TimerFired { step }
             | Event::WaitStarted { step, .. }
             | Event::WaitEnded { step, .. }
+            | Event::ReceiveStarted { step, .. }
+            | Event::EventReceived { step, .. }
+            | Event::ReceiveTimedOut { step }
+            | Event::ValuePublished { step, .. }
             | Event::StepCompensationStarted { step, .. }
             | Event::StepCompensated { step }
             | Event::StepCompensationSkipped { step, .. }
             | Event::StepCompensationFailed { step, .. }
             | Event::RunCompensationFailed { step, .. } => Some(*step),
-            Event::RunCompleted { .. }
+            Event::EventDelivered { .. }
+            | Event::RunCompleted { .. }
             | Event::RunFailed { .. }
             | Event::RunSuspended { .. }
             | Event::RunResumed
@@ -407,6 +455,18 @@ pub struct RunHistory {
     pub run: RunRecord,
     /// Every journal entry, in order.
     pub entries: Vec<Entry>,
+}
+
+/// A value a run published ([`crate::Ctx::publish`]), as readers get it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Published {
+    /// The value.
+    pub value: Value,
+    /// Its version: larger for a later publish of the same run (the journal index of its
+    /// entry), so a reader can wait for a value newer than the one it has.
+    pub version: u64,
+    /// When it was published (ms since the Unix epoch).
+    pub at_ms: u64,
 }
 
 /// Helper for messages: a short, stable digest of a JSON value (FNV-1a over its canonical

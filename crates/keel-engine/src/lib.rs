@@ -251,9 +251,10 @@ mod wait;
 mod workflow;
 
 pub use clock::Clock;
-pub use ctx::{Created, Ctx};
+pub use ctx::{Created, Ctx, Received};
 pub use engine::{
-    Engine, EngineBuilder, RunHandle, RunsPage, RunsQuery, RETENTION_DEFAULT, RUNS_PAGE_MAX,
+    Delivered, Engine, EngineBuilder, EventIn, RunHandle, RunsPage, RunsQuery, RETENTION_DEFAULT,
+    RUNS_PAGE_MAX,
 };
 pub use error::{EngineError, Result};
 pub use ids::child_id;
@@ -261,8 +262,8 @@ pub use ids::child_id;
 pub use ids::StepIndex;
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, OperationIndex, RunId};
 pub use journal::{
-    Entry, ErrorClass, ErrorRecord, Event, RunHistory, RunRecord, RunStatus, WaitOutcome,
-    WaitSchedule,
+    Entry, ErrorClass, ErrorRecord, Event, Published, RunHistory, RunRecord, RunStatus,
+    WaitOutcome, WaitSchedule,
 };
 pub use limiter::{
     Permit, Priority, RateLimit, RateLimiter, PROBES_IN_A_ROW_MAX, SLOW_START_EXIT_SHARE,

@@ -22,6 +22,23 @@ pub const STEP_OUTPUT_BYTES_MAX: usize = 48 * 1024;
 /// boundary and marked, because an error text is diagnostic, not data).
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 4 * 1024;
 
+/// Largest serialised event payload ([`crate::Engine::send`]) or published value
+/// ([`crate::Ctx::publish`]), in bytes.
+pub const EVENT_PAYLOAD_BYTES_MAX: usize = 48 * 1024;
+
+/// Most events waiting in one run's mailbox (delivered, not yet received); a send past it
+/// is refused, and nothing is stored.
+pub const MAILBOX_EVENTS_MAX: u32 = 1000;
+
+/// Longest event or published value name, in bytes (ASCII letters, digits, `.`, `_`, `-`).
+pub const EVENT_NAME_LEN_MAX: usize = 64;
+
+/// Longest event id, in bytes (printable ASCII, no spaces).
+pub const EVENT_ID_LEN_MAX: usize = 128;
+
+/// Most names one receive takes an event of.
+pub const RECEIVE_NAMES_MAX: usize = 16;
+
 /// Most operations (steps, timers) one run may perform.
 pub const STEPS_PER_RUN_MAX: u32 = 100_000;
 
@@ -106,6 +123,8 @@ const fn max(a: usize, b: usize) -> usize {
 }
 
 const _: () = assert!(ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
+const _: () =
+    assert!(EVENT_PAYLOAD_BYTES_MAX + EVENT_NAME_LEN_MAX + EVENT_ID_LEN_MAX < ENTRY_BYTES_MAX);
 const _: () = assert!(TRANSITION_ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(RUN_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(STATS_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);

@@ -24,7 +24,10 @@ use crate::step::Step;
 use crate::wait::{Probe, WaitPolicy};
 use crate::workflow::{WorkflowError, Workflows};
 
+mod events;
 mod wait;
+
+pub use events::Received;
 
 /// The context a workflow body runs in.
 pub struct Ctx {

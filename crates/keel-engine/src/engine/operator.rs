@@ -307,7 +307,7 @@ impl Engine {
     /// Runs an operator `write` against run `id`'s cell, makes it durable, and leaves the run
     /// driven if it must be. `write` returns whether it wrote; the written cell is returned.
     /// A cell unloaded during the call is loaded again and the write retried.
-    async fn operate(
+    pub(super) async fn operate(
         &self,
         id: &str,
         operation: &'static str,

@@ -14,6 +14,7 @@
 
 mod child;
 mod compensation;
+mod event;
 mod fork;
 mod run;
 mod step;
@@ -26,12 +27,13 @@ mod tests;
 use std::collections::BTreeMap;
 
 use crate::ids::OperationIndex;
-use crate::journal::{Entry, Event};
+use crate::journal::{Entry, Event, Published};
 
 pub use child::{ChildEnd, ChildOp};
 pub use compensation::{
     effect_by_ms, step_undo_action, undo_action, undo_input, CompensationAction, CompensationState,
 };
+pub use event::{latest_published, receive_action, Mailbox, ReceiveAction, ReceiveOp};
 #[cfg(any(test, feature = "test-utilities"))]
 pub use step::StepOutcome;
 pub use step::{step_action, StepAction, StepOp};
@@ -62,6 +64,15 @@ pub enum Op {
         /// Whether the workflow went past it.
         fired: bool,
     },
+    /// A receive of one event.
+    Receive(ReceiveOp),
+    /// A published value.
+    Publish {
+        /// Its name.
+        name: String,
+        /// A digest of the value, which replay compares with what the code publishes.
+        digest: String,
+    },
 }
 
 /// Everything replay knows of a run.
@@ -90,6 +101,10 @@ pub struct RunState {
     /// Per step, undo attempts in a row that started and recorded no outcome (as
     /// [`StepOp::cut_off`]); cleared by an outcome and by an operator's retry.
     pub undo_cut_off: BTreeMap<OperationIndex, u32>,
+    /// Events delivered to the run, consumed or not.
+    pub mailbox: Mailbox,
+    /// The latest value published under each name.
+    pub published: BTreeMap<String, Published>,
 }
 
 /// The journaled call (a step attempt or an undo attempt) that the process died during most
@@ -120,6 +135,8 @@ impl Op {
                 op.workflow
             ),
             Op::Branch => "a branch of a parallel fan-out".into(),
+            Op::Receive(op) => format!("a receive of {:?}", op.names),
+            Op::Publish { name, .. } => format!("a publish of {name:?}"),
         }
     }
 }
@@ -195,6 +212,21 @@ impl RunState {
                 schedule,
             } => self.wait_started(*step, kind, argument, schedule, at_ms),
             Event::WaitEnded { step, outcome } => self.wait_ended(*step, outcome),
+            Event::EventDelivered {
+                name,
+                event_id,
+                payload,
+            } => self.event_delivered(name, event_id, payload, at_ms),
+            Event::ReceiveStarted {
+                step,
+                names,
+                deadline_ms,
+            } => self.receive_started(*step, names, *deadline_ms),
+            Event::EventReceived { step, event_id } => self.event_received(*step, event_id),
+            Event::ReceiveTimedOut { step } => self.receive_timed_out(*step),
+            Event::ValuePublished { step, name, value } => {
+                self.value_published(*step, name, value, at_ms)
+            }
             Event::CancelRequested => self.request_cancel(),
             Event::PauseRequested => self.request_pause(),
             Event::RunPaused { exhausted, .. } => self.run_paused(*exhausted),
