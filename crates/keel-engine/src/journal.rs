@@ -291,6 +291,7 @@ pub enum Event {
         /// The names it takes an event of.
         names: Vec<String>,
         /// When it stops waiting (absolute), if it does.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         deadline_ms: Option<u64>,
     },
     /// The receive took event `event_id` out of the mailbox: it is consumed, and replay

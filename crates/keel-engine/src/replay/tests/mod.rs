@@ -5,6 +5,7 @@
 mod children;
 mod compensation;
 mod corruption;
+mod events;
 mod forks;
 mod steps;
 mod timers;
