@@ -646,3 +646,89 @@ async fn a_thousand_events_from_fifty_tasks_to_twenty_runs() {
     let engine = Arc::try_unwrap(engine).expect("the senders are done");
     engine.shutdown().await;
 }
+
+/// Publishes a value of the input's size under the input's name; with the name `step`, takes
+/// a step whose argument is that size instead.
+struct Publisher;
+
+impl Workflow for Publisher {
+    const NAME: &'static str = "test.publisher";
+    type Input = (String, usize);
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, (name, bytes): (String, usize)) -> Result<(), WorkflowError> {
+        if name == "step" {
+            return ctx.step(Sized("a".repeat(bytes))).await;
+        }
+        ctx.publish(&name, &"v".repeat(bytes)).await
+    }
+}
+
+/// A step with nothing to do but an argument of the size given.
+#[derive(Serialize, Deserialize)]
+struct Sized(String);
+
+impl keel::Step for Sized {
+    const KIND: &'static str = "test.sized";
+    type Output = ();
+    async fn execute(&self, _ctx: &keel::StepContext) -> Result<(), keel::StepError> {
+        Ok(())
+    }
+}
+
+/// A body that publishes a value past the bound, or under a bad name, or receives under a bad
+/// name, or takes a step whose argument is past its bound, is a defect of its code: its run
+/// is suspended with the reason, and nothing of the operation is journaled. (Before, a value
+/// past its bound stopped the run's driver, "to resume at the next open", where it stopped
+/// again: the run was never settled.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_past_the_bounds_is_suspended() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_testkit::store::builder(dir.path())
+        .workflow::<Inbox>()
+        .workflow::<Publisher>()
+        .open()
+        .await
+        .unwrap();
+    let big = keel::limits::EVENT_PAYLOAD_BYTES_MAX;
+    engine
+        .start::<Publisher>("too-big", ("progress".into(), big))
+        .await
+        .unwrap();
+    engine
+        .start::<Publisher>("bad-name", ("no spaces".into(), 1))
+        .await
+        .unwrap();
+    engine
+        .start::<Publisher>("big-step", ("step".into(), big))
+        .await
+        .unwrap();
+    let input = InboxInput {
+        plan: vec![vec!["fine".into(), "fine".into()]],
+        ..Default::default()
+    };
+    engine.start::<Inbox>("names-twice", input).await.unwrap();
+    for (id, says) in [
+        ("too-big", "published value \"progress\" is"),
+        ("bad-name", "published value name \"no spaces\""),
+        ("names-twice", "names event \"fine\" twice"),
+        ("big-step", "argument of step #0 (test.sized) is"),
+    ] {
+        let record = engine.wait(id).await.unwrap();
+        assert_eq!(record.status, RunStatus::Suspended, "{id}: {record:?}");
+        let error = record.error.unwrap_or_default();
+        assert!(error.contains(says), "{id}: {error:?} should say {says:?}");
+        let history = engine.history(id).await.unwrap();
+        assert_eq!(
+            count(&history, |e| matches!(
+                e,
+                Event::ValuePublished { .. }
+                    | Event::ReceiveStarted { .. }
+                    | Event::StepStarted { .. }
+            )),
+            0,
+            "{id}: nothing of the operation journaled"
+        );
+    }
+    engine.shutdown().await;
+}

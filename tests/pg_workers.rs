@@ -35,6 +35,7 @@ async fn open(dir: &Path, url: &str) -> Engine {
         .step::<EffectStep>()
         .workflow::<SlowFlow>()
         .step::<SlowEffect>()
+        .workflow::<Waiter>()
         .open()
         .await
         .unwrap()
@@ -69,6 +70,22 @@ impl Workflow for SlowFlow {
 
     async fn run(ctx: &mut Ctx, input: SlowEffect) -> Result<u32, WorkflowError> {
         ctx.step(input).await
+    }
+}
+
+/// Takes one event `go`, publishes its payload as `got` and returns it.
+#[derive(Debug)]
+struct Waiter;
+
+impl Workflow for Waiter {
+    const NAME: &'static str = "test.waiter";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<u32, WorkflowError> {
+        let got: u32 = ctx.receive("go").await?;
+        ctx.publish("got", &got).await?;
+        Ok(got)
     }
 }
 
@@ -401,6 +418,52 @@ async fn a_live_owner_stops_its_step_when_an_operator_call_takes_the_run() {
         .filter(|e| e.run == "taken-mid-step")
         .collect();
     assert_eq!(made, vec![], "no effect of a cancelled run's step");
+    assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// An event sent through an engine that does not drive the run takes the run over (as an
+/// operator's call does) and the run takes it there; the value it publishes is read, and
+/// waited for, through either engine; the database records no write out of turn.
+#[tokio::test]
+async fn an_event_sent_through_another_engine_reaches_its_run() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let a = open(&dir.path().join("a"), &url).await;
+    let b = open(&dir.path().join("b"), &url).await;
+    a.start::<Waiter>("waiting", ()).await.unwrap();
+    until_entries(&url, "waiting", 1).await;
+    let reader = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.published_wait("waiting", "got", None, Duration::from_secs(30))
+                .await
+        })
+    };
+    let sent = b.send("waiting", "go", &7u32, "go-1").await.unwrap();
+    assert!(!sent.duplicate);
+    assert!(
+        b.send("waiting", "go", &7u32, "go-1")
+            .await
+            .unwrap()
+            .duplicate
+    );
+    let record = b.wait("waiting").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+    assert_eq!(record.output, Some(serde_json::json!(7)));
+    let published = reader
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a value, seen through a");
+    assert_eq!(published.value, serde_json::json!(7));
+    assert_eq!(
+        a.published("waiting", "got")
+            .await
+            .unwrap()
+            .map(|p| p.value),
+        Some(serde_json::json!(7))
+    );
     assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
     a.shutdown().await;
     b.shutdown().await;

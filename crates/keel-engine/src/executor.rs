@@ -159,10 +159,14 @@ async fn run_forward(
 async fn interrupted(env: &Arc<RunEnv>, cell: &Arc<RunCell>, interrupt: Interrupt) -> Result<Next> {
     match interrupt {
         Interrupt::ShutDown => Ok(Next::Stop),
-        // A bound the code went past, or a meaningless request: a defect of the workflow
-        // code, which an operator fixes as for non-determinism.
+        // A bound the code went past (a value too large for the journal, one that does not
+        // serialise), or a meaningless request: a defect of the workflow code, which an
+        // operator fixes as for non-determinism. (The context checks values before it writes
+        // anything, so the run's cell still takes the suspension.)
         Interrupt::Engine(
             error @ (EngineError::LimitReached { .. }
+            | EngineError::TooLarge { .. }
+            | EngineError::Serialise { .. }
             | EngineError::InvalidRequest(_)
             | EngineError::DuplicateWorkflow { .. }
             | EngineError::DuplicateStepKind { .. }),
