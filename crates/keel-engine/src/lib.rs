@@ -195,6 +195,51 @@
 //! # }
 //! ```
 //!
+//! # Talking to a run
+//! A run can wait for events from outside and publish values for outside readers.
+//! [`Engine::send`] puts an event (a name, the sender's event id as its idempotency key, a
+//! payload) durably in the run's mailbox; [`Ctx::receive`], [`Ctx::receive_until`] and
+//! [`Ctx::receive_event`] take the earliest pending event of a name, each event once, in the
+//! order they arrived, and replay takes the same one again. [`Ctx::publish`] records a value
+//! (the last one per name wins) that [`Engine::published`] reads and
+//! [`Engine::published_wait`] waits for.
+//!
+//! ```
+//! use std::time::Duration;
+//! use keel_engine::{Ctx, Engine, RunStatus, Workflow, WorkflowError};
+//!
+//! /// Waits up to an hour for an approval of `size` devices.
+//! struct Approval;
+//!
+//! impl Workflow for Approval {
+//!     const NAME: &'static str = "doc.approval";
+//!     type Input = u32;
+//!     type Output = String;
+//!     async fn run(ctx: &mut Ctx, size: u32) -> Result<String, WorkflowError> {
+//!         ctx.publish("status", &format!("{size} devices await approval")).await?;
+//!         let by: String = ctx.receive_until("approve", Duration::from_secs(3600)).await?;
+//!         ctx.publish("status", &"approved").await?;
+//!         Ok(by)
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> keel_engine::Result<()> {
+//! # let dir = tempfile::tempdir().unwrap();
+//! let engine = Engine::builder(dir.path()).workflow::<Approval>().open().await?;
+//! engine.start::<Approval>("fleet-9", 250).await?;
+//! // Durable when it returns; the same event id again is the same event.
+//! engine.send("fleet-9", "approve", "operator-7", "ticket-4711").await?;
+//! assert!(engine.send("fleet-9", "approve", "operator-7", "ticket-4711").await?.duplicate);
+//! let record = engine.wait("fleet-9").await?;
+//! assert_eq!(record.status, RunStatus::Completed);
+//! let status = engine.published("fleet-9", "status").await?.expect("published");
+//! assert_eq!(status.value, serde_json::json!("approved"));
+//! engine.shutdown().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Where things are
 //! The public surface is the names re-exported here, [`testing`] (the test clock) and
 //! [`limits`] (every hard limit). The engine's internals, described in
