@@ -1,8 +1,9 @@
-//! `iot.onboard-fleet`: many devices, one child run each.
+//! `iot.onboard-fleet`: many devices, one child run each; a fleet above the size its input
+//! names waits for an operator's `approve` or `reject` event before it creates anything.
 
 use std::collections::BTreeMap;
 
-use keel_engine::{Ctx, InvalidInput, Workflow, WorkflowError};
+use keel_engine::{Ctx, InvalidInput, Received, Workflow, WorkflowError};
 use serde::{Deserialize, Serialize};
 
 use crate::iot::{DeviceInput, OnboardDevice};
@@ -22,6 +23,17 @@ pub const FLEET_ERRORS_KEPT: usize = 20;
 /// Longest error text per failure in the fleet's output.
 pub const FLEET_ERROR_BYTES_MAX: usize = 500;
 
+/// The event that lets a fleet waiting for approval go on (any payload).
+pub const APPROVE_EVENT: &str = "approve";
+
+/// The event that ends a fleet waiting for approval, with nothing made; its payload may give
+/// the reason, as `{"reason": "..."}` or a JSON string.
+pub const REJECT_EVENT: &str = "reject";
+
+/// The name under which the fleet publishes its progress, a sentence (`Engine::published`,
+/// `keel get ID progress`).
+pub const PROGRESS: &str = "progress";
+
 /// Input of [`OnboardFleet`]: many devices that share a policy and attributes. A field it
 /// does not know is refused (a typo is not dropped).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +49,11 @@ pub struct FleetInput {
     pub attributes: BTreeMap<String, String>,
     /// How many devices are onboarded at once (1 to 64).
     pub concurrency: u32,
+    /// Above how many devices the fleet waits, before it creates anything, for an operator's
+    /// [`APPROVE_EVENT`] (it goes on) or [`REJECT_EVENT`] (it fails, nothing made); 0 to
+    /// [`FLEET_DEVICES_MAX`] - 1. None: it never waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_above: Option<usize>,
 }
 
 impl FleetInput {
@@ -71,11 +88,19 @@ pub struct FleetOutput {
     pub failed: Vec<String>,
     /// The first [`FLEET_ERRORS_KEPT`] failures with their errors.
     pub errors: Vec<FleetFailure>,
+    /// The id of the [`APPROVE_EVENT`] the fleet waited for, when it was above
+    /// `approval_above`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval_event_id: Option<String>,
 }
 
 /// Onboards every device as its own `iot.onboard-device` child run, `concurrency` at a
 /// time: a device that fails compensates itself alone, and the fleet completes listing it.
 /// Compensating the fleet (cancelling it) compensates every onboarded device.
+///
+/// Progress is published under [`PROGRESS`]: while it awaits approval, once approved, and
+/// when every device has ended ("N of M devices onboarded"). The devices run as one fan-out,
+/// so the body hears of them only once they have all ended.
 #[derive(Debug)]
 pub struct OnboardFleet;
 
@@ -109,10 +134,19 @@ impl Workflow for OnboardFleet {
                 ));
             }
         }
+        if let Some(above) = input.approval_above {
+            // A bound of FLEET_DEVICES_MAX or more could never ask: it is a mistake.
+            validate::count("approval_above", above, 0, FLEET_DEVICES_MAX - 1)?;
+        }
         Ok(())
     }
 
     async fn run(ctx: &mut Ctx, input: FleetInput) -> Result<FleetOutput, WorkflowError> {
+        let count = input.thing_names.len();
+        let approval_event_id = match input.approval_above {
+            Some(above) if count > above => Some(approval(ctx, count, above).await?),
+            _ => None,
+        };
         let devices = (0..input.thing_names.len())
             .map(|i| input.device(i))
             .collect();
@@ -123,6 +157,7 @@ impl Workflow for OnboardFleet {
             onboarded: Vec::new(),
             failed: Vec::new(),
             errors: Vec::new(),
+            approval_event_id,
         };
         for (name, result) in input.thing_names.iter().zip(results) {
             match result {
@@ -139,8 +174,62 @@ impl Workflow for OnboardFleet {
                 Err(error) => return Err(error),
             }
         }
+        let mut progress = format!("{} of {count} devices onboarded", output.onboarded.len());
+        if !output.failed.is_empty() {
+            progress += &format!(", {} failed and undone", output.failed.len());
+        }
+        ctx.publish(PROGRESS, &progress).await?;
         Ok(output)
     }
+}
+
+/// Publishes that the fleet of `count` devices (more than `above`) awaits approval, and waits
+/// for the first [`APPROVE_EVENT`] or [`REJECT_EVENT`]: the approval's event id, or the
+/// rejection as [`WorkflowError::Failed`] (nothing has been made, so the run ends `failed`).
+async fn approval(ctx: &mut Ctx, count: usize, above: usize) -> Result<String, WorkflowError> {
+    ctx.publish(
+        PROGRESS,
+        &format!(
+            "awaiting approval: {count} devices, more than approval_above ({above}); send \
+             {APPROVE_EVENT:?} or {REJECT_EVENT:?}"
+        ),
+    )
+    .await?;
+    // Any JSON is an answer, so a payload never fails to decode.
+    let answer: Received<serde_json::Value> = ctx
+        .receive_event(&[APPROVE_EVENT, REJECT_EVENT], None)
+        .await?;
+    if answer.name == REJECT_EVENT {
+        let mut error = format!(
+            "fleet of {count} devices rejected (event {:?})",
+            answer.event_id
+        );
+        match rejection_reason(&answer.payload) {
+            Some(reason) => error += &format!(": {}", cut(reason.into(), FLEET_ERROR_BYTES_MAX)),
+            None => error += ", no reason given",
+        }
+        ctx.publish(PROGRESS, &error).await?;
+        return Err(WorkflowError::failed(error));
+    }
+    ctx.publish(
+        PROGRESS,
+        &format!(
+            "approved (event {:?}); onboarding {count} devices",
+            answer.event_id
+        ),
+    )
+    .await?;
+    Ok(answer.event_id)
+}
+
+/// The reason a rejection's payload gives: `{"reason": "..."}` or a JSON string, not empty.
+fn rejection_reason(payload: &serde_json::Value) -> Option<&str> {
+    let reason = match payload {
+        serde_json::Value::String(reason) => reason,
+        serde_json::Value::Object(fields) => fields.get("reason")?.as_str()?,
+        _ => return None,
+    };
+    Some(reason.trim()).filter(|r| !r.is_empty())
 }
 
 /// `text` cut to at most `max` bytes, at a char boundary, marked when cut.
@@ -175,6 +264,7 @@ mod tests {
             thing_names: names.clone(),
             attributes: BTreeMap::from([("a".repeat(128), "b".repeat(800))]),
             concurrency: 64,
+            approval_above: Some(FLEET_DEVICES_MAX - 1),
         };
         assert!(OnboardFleet::validate(&input).is_ok());
         assert!(serde_json::to_vec(&input).unwrap().len() <= INPUT_BYTES_MAX);
@@ -189,10 +279,27 @@ mod tests {
                     error: cut("é".repeat(4096), FLEET_ERROR_BYTES_MAX),
                 })
                 .collect(),
+            approval_event_id: Some("e".repeat(keel_engine::limits::EVENT_ID_LEN_MAX)),
         };
         assert!(output.errors[0].error.len() <= FLEET_ERROR_BYTES_MAX);
         assert!(output.errors[0].error.ends_with("..."));
         let bytes = serde_json::to_vec(&output).unwrap().len();
         assert!(bytes <= OUTPUT_BYTES_MAX, "{bytes}");
+    }
+
+    /// A rejection's reason is read from `{"reason": ...}` or a bare string; anything else,
+    /// or a blank reason, gives none.
+    #[test]
+    fn a_rejection_reason_is_an_object_field_or_a_string() {
+        use serde_json::json;
+        assert_eq!(
+            rejection_reason(&json!({"reason": " too big "})),
+            Some("too big")
+        );
+        assert_eq!(rejection_reason(&json!("not today")), Some("not today"));
+        assert_eq!(rejection_reason(&json!({"reason": 3})), None);
+        assert_eq!(rejection_reason(&json!({"why": "x"})), None);
+        assert_eq!(rejection_reason(&json!("  ")), None);
+        assert_eq!(rejection_reason(&json!(null)), None);
     }
 }

@@ -1,9 +1,11 @@
-//! `greengrass.provision-core`: a Greengrass (V1) core with its client devices, deployed.
+//! `greengrass.provision-core`: a Greengrass (V1) core with its client devices, deployed,
+//! and, when asked, checked in: the run waits for the `core-checked-in` event the core (or
+//! whatever watches it) sends, and undoes everything if none comes in time.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keel_engine::{Ctx, InvalidInput, WaitPolicy, Workflow, WorkflowError};
+use keel_engine::{Ctx, InvalidInput, Received, WaitPolicy, Workflow, WorkflowError};
 use keel_steps::aws::greengrass::{
     AssociateRole, CreateCoreDefinition, CreateDeployment, CreateDeviceDefinition, CreateGroup,
     CreateGroupVersion, Definition, DeploymentSucceeded, Member,
@@ -19,6 +21,21 @@ pub const CLIENT_DEVICES_MAX: usize = 200;
 
 /// Longest wait for a deployment to succeed, `deployment_timeout_s` (seconds: 7 days).
 pub const DEPLOYMENT_TIMEOUT_S_MAX: u64 = 7 * 24 * 3600;
+
+/// Longest wait for the core to check in, `wait_for_check_in.within_s` (seconds: 7 days).
+pub const CHECK_IN_WITHIN_S_MAX: u64 = 7 * 24 * 3600;
+
+/// The event a core's check-in is sent as (`Engine::send`, `keel send ID core-checked-in`).
+pub const CHECK_IN_EVENT: &str = "core-checked-in";
+
+/// The name under which the run publishes its progress, a sentence (`Engine::published`,
+/// `keel get ID progress`).
+pub const PROGRESS: &str = "progress";
+
+/// Largest check-in payload the output keeps (its JSON, in bytes). A larger one is left out
+/// of the output (null) and stays in the run's history: the output's bound leaves no room
+/// for the engine's largest event payload next to 200 client devices.
+pub const CHECK_IN_PAYLOAD_BYTES_MAX: usize = 4 * 1024;
 
 /// Input of [`ProvisionCore`]. A field it does not know, here or in the role or the core
 /// device, is refused (a typo is not dropped).
@@ -44,6 +61,31 @@ pub struct CoreInput {
     /// [`DEPLOYMENT_TIMEOUT_S_MAX`]).
     #[serde(default)]
     pub deployment_timeout_s: Option<u64>,
+    /// Once deployed, wait for the core's check-in (the [`CHECK_IN_EVENT`] event); none:
+    /// the run completes when the deployment succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wait_for_check_in: Option<CheckInWait>,
+}
+
+/// How long a deployed core has to check in. A field it does not know is refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckInWait {
+    /// Seconds from the deployment's success (1 to [`CHECK_IN_WITHIN_S_MAX`]). The deadline
+    /// is journaled as an absolute time: a restart of the worker neither shortens nor
+    /// extends it. When it passes with no check-in, the run fails and compensates
+    /// everything it made.
+    pub within_s: u64,
+}
+
+/// The check-in a run waited for, as its output records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckedIn {
+    /// The check-in event's id (its sender's idempotency key).
+    pub event_id: String,
+    /// The event's payload, any JSON; null when its JSON is longer than
+    /// [`CHECK_IN_PAYLOAD_BYTES_MAX`] (the run's history keeps it whole).
+    pub payload: serde_json::Value,
 }
 
 /// What [`ProvisionCore`] returns.
@@ -62,13 +104,21 @@ pub struct CoreOutput {
     /// The client devices' thing names, in input order. Each one's certificate and key file
     /// are the output of its own `iot.onboard-device` child run (whose parent is this run).
     pub client_devices: Vec<String>,
+    /// The core's check-in, when the input asked to wait for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_in: Option<CheckedIn>,
 }
 
 /// The service role (an `iam.service-role` child run), the core device and the client
 /// devices (`iot.onboard-device` child runs, the clients concurrently), the core and device
 /// definitions, the group with its role, a group version, a deployment, and a wait until
-/// the deployment succeeds. Any failure (a device, the deployment) compensates the whole
-/// chain, children included, newest first.
+/// the deployment succeeds; then, if the input asks, a wait for the core's check-in event.
+/// Any failure (a device, the deployment, no check-in in time) compensates the whole chain,
+/// children included, newest first.
+///
+/// Progress is published under [`PROGRESS`] once the deployment succeeded (and again when
+/// the core checked in); earlier publishes would change the journal of runs already under
+/// way when this version was deployed.
 #[derive(Debug)]
 pub struct ProvisionCore;
 
@@ -108,7 +158,15 @@ impl Workflow for ProvisionCore {
             "deployment_timeout_s",
             input.deployment_timeout_s,
             DEPLOYMENT_TIMEOUT_S_MAX,
-        )
+        )?;
+        if let Some(wait) = &input.wait_for_check_in {
+            validate::timeout_s(
+                "wait_for_check_in.within_s",
+                Some(wait.within_s),
+                CHECK_IN_WITHIN_S_MAX,
+            )?;
+        }
+        Ok(())
     }
 
     async fn run(ctx: &mut Ctx, input: CoreInput) -> Result<CoreOutput, WorkflowError> {
@@ -149,6 +207,13 @@ impl Workflow for ProvisionCore {
             WaitPolicy::every(Duration::from_millis(250), timeout),
         )
         .await?;
+        let checked_in = match &input.wait_for_check_in {
+            Some(wait) => Some(check_in(ctx, &core.thing_name, wait).await?),
+            None => {
+                ctx.publish(PROGRESS, &"deployed").await?;
+                None
+            }
+        };
         Ok(CoreOutput {
             group_id: group.id,
             group_arn: group.arn,
@@ -156,8 +221,54 @@ impl Workflow for ProvisionCore {
             role_arn: role.arn,
             core,
             client_devices: client_devices.into_iter().map(|d| d.thing_name).collect(),
+            checked_in,
         })
     }
+}
+
+/// Waits up to `wait.within_s` for the deployed core `thing_name` to check in. No check-in
+/// in time is a permanent failure: the run compensates, since a core that never came up is
+/// not worth keeping half-made.
+async fn check_in(
+    ctx: &mut Ctx,
+    thing_name: &str,
+    wait: &CheckInWait,
+) -> Result<CheckedIn, WorkflowError> {
+    let within_s = wait.within_s;
+    ctx.publish(
+        PROGRESS,
+        &format!("deployed; waiting for check-in of {thing_name} (up to {within_s} s)"),
+    )
+    .await?;
+    // Any JSON is a check-in, so a payload never fails to decode; only its size matters.
+    let received: Received<serde_json::Value> = match ctx
+        .receive_event(&[CHECK_IN_EVENT], Some(Duration::from_secs(within_s)))
+        .await
+    {
+        Ok(received) => received,
+        Err(WorkflowError::EventTimedOut { .. }) => {
+            return Err(WorkflowError::failed(format!(
+                "core {thing_name} never checked in: no {CHECK_IN_EVENT:?} event within \
+                 {within_s} s of its deployment"
+            )))
+        }
+        Err(other) => return Err(other),
+    };
+    ctx.publish(
+        PROGRESS,
+        &format!("checked in ({thing_name}, event {:?})", received.event_id),
+    )
+    .await?;
+    let bytes = received.payload.to_string().len();
+    let payload = if bytes <= CHECK_IN_PAYLOAD_BYTES_MAX {
+        received.payload
+    } else {
+        serde_json::Value::Null
+    };
+    Ok(CheckedIn {
+        event_id: received.event_id,
+        payload,
+    })
 }
 
 /// Onboards the group's client devices as child runs, `concurrency` at a time; the first
@@ -222,11 +333,14 @@ mod tests {
     use super::*;
     use keel_engine::limits::{INPUT_BYTES_MAX, OUTPUT_BYTES_MAX};
 
-    /// A core with the most client devices, every name at its longest, fits the engine's
-    /// input and output bounds.
+    /// A core with the most client devices, every name at its longest, and the largest
+    /// check-in its output keeps, fits the engine's input and output bounds.
     #[test]
     fn the_largest_core_fits_the_engines_bounds() {
         let mut input = crate::sample::core("c", CLIENT_DEVICES_MAX);
+        input.wait_for_check_in = Some(CheckInWait {
+            within_s: CHECK_IN_WITHIN_S_MAX,
+        });
         for (i, name) in input.client_devices.iter_mut().enumerate() {
             *name = format!("{i:0>128}");
         }
@@ -247,6 +361,10 @@ mod tests {
                 data_endpoint: long,
             },
             client_devices: input.client_devices,
+            checked_in: Some(CheckedIn {
+                event_id: "e".repeat(keel_engine::limits::EVENT_ID_LEN_MAX),
+                payload: serde_json::Value::String("p".repeat(CHECK_IN_PAYLOAD_BYTES_MAX - 2)),
+            }),
         };
         let bytes = serde_json::to_vec(&output).unwrap().len();
         assert!(bytes <= OUTPUT_BYTES_MAX, "{bytes}");

@@ -1,8 +1,8 @@
 //! Inputs that cannot hurt: every workflow refuses a field it does not know (a typo such as
 //! `managed_policy_arn` would otherwise be dropped and the role made without its policy), and
-//! a timeout past its documented maximum (seven days), each as `InvalidInput` naming the
-//! field's path, before anything is stored or created. No AWS is involved: the engine refuses
-//! these starts before any step runs.
+//! a timeout past its documented maximum (seven days), or a check-in wait or approval bound
+//! out of range, each as `InvalidInput` naming the field's path, before anything is stored
+//! or created. No AWS is involved: the engine refuses these starts before any step runs.
 
 use keel_engine::{Engine, EngineError, Workflow};
 use keel_workflows::fleet::OnboardFleet;
@@ -168,5 +168,96 @@ async fn timeouts_past_their_maximum_are_refused_naming_the_field() {
     core.deployment_timeout_s = Some(TIMEOUT_S_MAX);
     assert_eq!(ProvisionCore::validate(&core), Ok(()));
     assert_eq!(ServiceRole::validate(&core.role), Ok(()));
+    engine.shutdown().await;
+}
+
+/// The check-in wait of a core and the approval bound of a fleet are checked naming the
+/// field: `wait_for_check_in.within_s` is 1 to seven days, and `approval_above` below the
+/// largest fleet (a bound a fleet can never pass is a mistake); an unknown field inside the
+/// check-in wait or a negative bound is refused with its path. Inputs without either field
+/// (as stored by earlier versions) still decode, and are written back without them. Nothing
+/// is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_in_wait_and_the_approval_bound_are_checked_naming_the_field() {
+    use keel_workflows::greengrass::{CheckInWait, CHECK_IN_WITHIN_S_MAX};
+
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path()).await;
+    assert_eq!(CHECK_IN_WITHIN_S_MAX, TIMEOUT_S_MAX);
+    let cases = [
+        (0, "must be at least 1".to_string()),
+        (
+            TIMEOUT_S_MAX + 1,
+            format!("{} is more than 604800 (7 days)", TIMEOUT_S_MAX + 1),
+        ),
+        (
+            WRAPPING_S,
+            format!("{WRAPPING_S} is more than 604800 (7 days)"),
+        ),
+    ];
+    for (within_s, expected) in cases {
+        let mut core = sample::core("c", 1);
+        core.wait_for_check_in = Some(CheckInWait { within_s });
+        let (field, reason) = invalid(
+            engine
+                .start::<ProvisionCore>("core", core)
+                .await
+                .map(|h| h.id().clone()),
+        );
+        assert_eq!(field, "wait_for_check_in.within_s");
+        assert_eq!(reason, expected);
+    }
+    let mut core = sample::core("c", 1);
+    core.wait_for_check_in = Some(CheckInWait {
+        within_s: TIMEOUT_S_MAX,
+    });
+    assert_eq!(ProvisionCore::validate(&core), Ok(()));
+    let json = serde_json::to_value(&core).unwrap();
+    let (field, reason) = invalid(
+        engine
+            .start_json(
+                ProvisionCore::NAME,
+                "core",
+                with(json, &["wait_for_check_in"], json!({"within": 60})),
+            )
+            .await,
+    );
+    assert_eq!(field, "wait_for_check_in.within");
+    assert!(reason.starts_with("unknown field (expected "), "{reason}");
+
+    let mut fleet = sample::fleet("f", 2, 1);
+    fleet.approval_above = Some(1000);
+    let (field, reason) = invalid(
+        engine
+            .start::<OnboardFleet>("fleet", fleet.clone())
+            .await
+            .map(|h| h.id().clone()),
+    );
+    assert_eq!(field, "approval_above");
+    assert_eq!(reason, "1000 is outside 0..=999");
+    for above in [0, 999] {
+        fleet.approval_above = Some(above);
+        assert_eq!(OnboardFleet::validate(&fleet), Ok(()), "{above}");
+    }
+    let json = serde_json::to_value(&fleet).unwrap();
+    match engine
+        .start_json(
+            OnboardFleet::NAME,
+            "fleet",
+            with(json, &["approval_above"], json!(-1)),
+        )
+        .await
+    {
+        Err(EngineError::MalformedInput { field, .. }) => assert_eq!(field, "approval_above"),
+        other => panic!("expected MalformedInput, got {other:?}"),
+    }
+    assert!(engine.list().await.unwrap().is_empty(), "nothing stored");
+
+    // Absent, the fields are left out when written, so an input stored before they existed
+    // is the same input after.
+    let core = serde_json::to_value(sample::core("c", 1)).unwrap();
+    let fleet = serde_json::to_value(sample::fleet("f", 2, 1)).unwrap();
+    assert!(core.get("wait_for_check_in").is_none(), "{core}");
+    assert!(fleet.get("approval_above").is_none(), "{fleet}");
     engine.shutdown().await;
 }

@@ -1,6 +1,7 @@
 //! The demo (README's first command, `keel-demo`): moto's server and the fault proxy, a real
-//! `keel worker` process driven by the real CLI, a SIGKILL midway, and a check through the
-//! AWS API that every resource exists exactly once and the compensated run left nothing.
+//! `keel worker` process driven by the real CLI, a SIGKILL midway, a core that waits for its
+//! check-in until the demo sends it (`keel get`, `keel send`), and a check through the AWS
+//! API that every resource exists exactly once and the compensated run left nothing.
 //!
 //! The narration (each command and its output) goes to the writer the caller gives; the
 //! demo's own test passes a buffer, the `keel-demo` program its standard output.
@@ -47,6 +48,15 @@ fn failed(what: impl Into<String>) -> DemoError {
 const PLANT: &str = "plant";
 const FLEET: &str = "fleet";
 const DOOMED: &str = "doomed";
+
+/// How long the plant's core has to check in once deployed (seconds).
+const CHECK_IN_WITHIN_S: u64 = 600;
+
+/// The id the demo sends the plant's check-in under.
+const CHECK_IN_ID: &str = "plant-core-boot-1";
+
+/// How long the plant may take to get deployed and wait for its check-in.
+const CHECK_IN_WAIT_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// A running `keel worker` process; killed when dropped.
 #[derive(Debug)]
@@ -216,11 +226,14 @@ struct Inputs {
     fleet: String,
     /// The Greengrass core whose deployment fails, so it is compensated.
     doomed: String,
+    /// The payload of the plant's check-in event.
+    check_in: String,
 }
 
-/// The input of `greengrass.provision-core` for a core `name` with `clients` client devices.
-fn core_input(name: &str, clients: usize) -> serde_json::Value {
-    serde_json::json!({
+/// The input of `greengrass.provision-core` for a core `name` with `clients` client devices,
+/// waiting `check_in_within_s` for its check-in once deployed, if given.
+fn core_input(name: &str, clients: usize, check_in_within_s: Option<u64>) -> serde_json::Value {
+    let mut input = serde_json::json!({
         "name": name,
         "role": {
             "name": format!("{name}-role"),
@@ -233,7 +246,11 @@ fn core_input(name: &str, clients: usize) -> serde_json::Value {
         "client_policy_document": CONNECT_ONLY,
         "concurrency": 4,
         "deployment_timeout_s": 120
-    })
+    });
+    if let Some(within_s) = check_in_within_s {
+        input["wait_for_check_in"] = serde_json::json!({ "within_s": within_s });
+    }
+    input
 }
 
 /// The input of `iot.onboard-fleet` for `devices` devices.
@@ -246,8 +263,9 @@ fn fleet_input(devices: usize) -> serde_json::Value {
 }
 
 impl Demo<'_> {
-    /// The demo's phases in order: start the runs, kill the worker midway, restart it and
-    /// follow the runs to the end, compensate a doomed core, verify, and stop the worker.
+    /// The demo's phases in order: start the runs, kill the worker midway, restart it, send
+    /// the plant's check-in once it waits for it, follow the runs to the end, compensate a
+    /// doomed core, verify, and stop the worker.
     fn script(&mut self) -> Result<(), DemoError> {
         let inputs = self.write_inputs()?;
         let data = self.options.dir.join("keel-data");
@@ -263,6 +281,7 @@ impl Demo<'_> {
             "\n== restarting the worker: it resumes every unfinished run"
         )?;
         let worker = self.worker(&data)?;
+        self.check_in(&worker, &inputs)?;
         self.follow_runs(&worker, &inputs)?;
         self.compensate_doomed(&worker, &inputs)?;
         writeln!(self.out, "\n== latency per operation")?;
@@ -277,10 +296,14 @@ impl Demo<'_> {
         Ok(Inputs {
             plant: write_json(
                 &dir.join("plant.json"),
-                &core_input(PLANT, self.options.clients),
+                &core_input(PLANT, self.options.clients, Some(CHECK_IN_WITHIN_S)),
             )?,
             fleet: write_json(&dir.join("fleet.json"), &fleet_input(self.options.fleet))?,
-            doomed: write_json(&dir.join("doomed.json"), &core_input(DOOMED, 2))?,
+            doomed: write_json(&dir.join("doomed.json"), &core_input(DOOMED, 2, None))?,
+            check_in: write_json(
+                &dir.join("check-in.json"),
+                &serde_json::json!({"greengrass_version": "1.11.6", "ip": "10.0.0.7"}),
+            )?,
         })
     }
 
@@ -341,6 +364,50 @@ impl Demo<'_> {
         )?;
         worker.child.kill()?;
         worker.child.wait()?;
+        Ok(())
+    }
+
+    /// Waits (at most [`CHECK_IN_WAIT_TIMEOUT`]) until the plant, deployed, publishes that it
+    /// waits for its core's check-in, then sends the check-in as the core would.
+    fn check_in(&mut self, worker: &Worker, inputs: &Inputs) -> Result<(), DemoError> {
+        writeln!(
+            self.out,
+            "\n== the plant's core, once deployed, waits up to {CHECK_IN_WITHIN_S} s for its \
+             check-in (else everything is undone)"
+        )?;
+        let deadline = Instant::now() + CHECK_IN_WAIT_TIMEOUT;
+        loop {
+            let output = worker
+                .keel(&self.options.keel)
+                .args(["get", PLANT, "progress"])
+                .output()?;
+            let said = String::from_utf8_lossy(&output.stdout);
+            if said.contains("waiting for check-in") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(failed(format!(
+                    "run {PLANT} did not wait for its check-in within {CHECK_IN_WAIT_TIMEOUT:?}: \
+                     `keel get {PLANT} progress` said {said:?} ({})",
+                    String::from_utf8_lossy(&output.stderr).trim()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        self.keel(worker, &["get", PLANT, "progress"], 0)?;
+        self.keel(
+            worker,
+            &[
+                "send",
+                PLANT,
+                CHECK_IN_EVENT,
+                "--data",
+                &inputs.check_in,
+                "--event-id",
+                CHECK_IN_ID,
+            ],
+            0,
+        )?;
         Ok(())
     }
 
@@ -493,6 +560,7 @@ impl Demo<'_> {
             .map_err(|e| failed(format!("reading moto: {e}")))?;
         let runs = self.runs(worker)?;
         let mut problems = status_problems(&runs);
+        problems.extend(check_in_problems(&runs));
         problems.extend(device_problems(self.options, &truth));
         problems.extend(greengrass_problems(&truth));
         if !problems.is_empty() {
@@ -506,7 +574,8 @@ impl Demo<'_> {
         writeln!(
             self.out,
             "ok: {devices} things, each with one active certificate and one policy; 1 role, \
-             1 group, 1 core and 1 device definition; nothing of run {DOOMED} is left"
+             1 group, 1 core and 1 device definition; run {PLANT} recorded check-in \
+             {CHECK_IN_ID}; nothing of run {DOOMED} is left"
         )?;
         Ok(())
     }
@@ -536,6 +605,23 @@ fn status_problems(runs: &[serde_json::Value]) -> Vec<String> {
         }
     }
     problems
+}
+
+/// What is wrong with the check-in the plant's output records: it must be the one the demo
+/// sent.
+fn check_in_problems(runs: &[serde_json::Value]) -> Vec<String> {
+    let recorded = runs
+        .iter()
+        .find(|r| r["id"] == PLANT)
+        .map(|r| r["output"]["checked_in"]["event_id"].clone())
+        .unwrap_or_default();
+    if recorded == CHECK_IN_ID {
+        Vec::new()
+    } else {
+        vec![format!(
+            "run {PLANT} recorded check-in {recorded}, not {CHECK_IN_ID:?}"
+        )]
+    }
 }
 
 /// What is wrong with the IoT things, certificates and policies moto holds: one of each per
@@ -603,6 +689,10 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<String, DemoErro
     std::fs::write(path, serde_json::to_vec_pretty(value).expect("JSON"))?;
     Ok(path.to_string_lossy().into_owned())
 }
+
+/// The event a core's check-in is sent as (`keel_workflows::greengrass::CHECK_IN_EVENT`;
+/// the testkit does not depend on the workflows).
+const CHECK_IN_EVENT: &str = "core-checked-in";
 
 const GREENGRASS_TRUST: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"greengrass.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#;
 const CONNECT_ONLY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"iot:Connect","Resource":"*"}]}"#;
