@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use keel_engine::limits::INPUT_BYTES_MAX;
-use keel_engine::{Engine, EngineError, RunStatus, RunsPage, RunsQuery, RUNS_PAGE_MAX};
+use keel_engine::{Engine, EngineError, EventIn, RunStatus, RunsPage, RunsQuery, RUNS_PAGE_MAX};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +27,11 @@ pub(crate) const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
 
 /// Runs in a page of `GET /v1/runs` when the request does not say.
 pub(crate) const RUNS_PAGE_DEFAULT: usize = 100;
+
+mod events;
+
+pub(crate) use events::{parse_wait, uuid_v4, EVENT_ID_HEADER, PUBLISHED_WAIT_MAX};
+use events::{published, send};
 
 /// What every handler shares.
 pub(crate) struct AppState {
@@ -121,6 +126,7 @@ impl From<EngineError> for ApiError {
         let (status, kind) = match &error {
             E::RunNotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             E::IdempotencyMismatch { .. } => (StatusCode::CONFLICT, "idempotency_mismatch"),
+            E::EventMismatch { .. } => (StatusCode::CONFLICT, "event_mismatch"),
             E::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
             E::UnknownWorkflow { .. } => (StatusCode::BAD_REQUEST, "unknown_workflow"),
             E::MalformedInput { .. } => (StatusCode::BAD_REQUEST, "malformed_input"),
@@ -146,7 +152,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type Answer<T> = Result<Json<T>, ApiError>;
+pub(crate) type Answer<T> = Result<Json<T>, ApiError>;
 
 /// The router, with the request checks, the body limit and JSON errors throughout.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
@@ -156,6 +162,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/runs/{id}", get(status))
         .route("/v1/runs/{id}/history", get(history))
         .route("/v1/runs/{id}/{operation}", post(operate))
+        .route("/v1/runs/{id}/events/{name}", post(send))
+        .route("/v1/runs/{id}/published/{name}", get(published))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such API path") })
@@ -298,11 +306,28 @@ pub(crate) struct StartRequest {
     pub id: String,
     /// The input.
     pub input: serde_json::Value,
+    /// An event to put in the run's mailbox as the run is made (durable with it); for a run
+    /// that exists, it is sent to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<StartEvent>,
+}
+
+/// The `event` of a `POST /v1/runs` body. Its id is required: the start is idempotent by run
+/// id, and a retried start must not deliver a second event.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartEvent {
+    /// The event's name.
+    pub name: String,
+    /// The event's id (its idempotency key).
+    pub event_id: String,
+    /// The payload.
+    pub payload: serde_json::Value,
 }
 
 /// A request body decoded as `T`: `malformed_request` when it is not JSON, `invalid_input`
 /// naming the field when a field is unknown, missing or of the wrong type.
-fn decode<T: DeserializeOwned>(
+pub(crate) fn decode<T: DeserializeOwned>(
     body: Result<Bytes, BytesRejection>,
     shape: &str,
 ) -> Result<T, ApiError> {
@@ -352,11 +377,25 @@ async fn start(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Answer<keel_engine::RunRecord> {
-    let request: StartRequest = decode(body, r#"{"workflow", "id", "input"}"#)?;
-    let record = state
-        .engine
-        .start_json(&request.workflow, &request.id, request.input)
-        .await?;
+    let request: StartRequest = decode(body, r#"{"workflow", "id", "input"[, "event"]}"#)?;
+    let engine = &state.engine;
+    let record = match request.event {
+        None => {
+            engine
+                .start_json(&request.workflow, &request.id, request.input)
+                .await?
+        }
+        Some(event) => {
+            let event = EventIn {
+                name: event.name,
+                event_id: event.event_id,
+                payload: event.payload,
+            };
+            engine
+                .start_json_with_event(&request.workflow, &request.id, request.input, event)
+                .await?
+        }
+    };
     tracing::info!(run = %record.id, workflow = %record.workflow, "started");
     Ok(Json(record))
 }

@@ -1,20 +1,24 @@
 //! The CLI verbs: each is one or a few requests to a running worker's API, printed as a table
 //! (or JSON with `--json`). Errors are one line with an exit code: 2 when the worker refused
-//! the request (4xx) or the command line is wrong, 1 otherwise.
+//! the request (4xx) or the command line is wrong, 4 when `keel get` found nothing (newer)
+//! published, 1 otherwise.
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keel_engine::{Event, OperationStats, RunHistory, RunRecord};
+use keel_engine::{Delivered, Event, OperationStats, Published, RunHistory, RunRecord};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use keel_engine::limits::INPUT_BYTES_MAX;
+use keel_engine::limits::{EVENT_PAYLOAD_BYTES_MAX, INPUT_BYTES_MAX};
 use keel_engine::RunsPage;
 
-use crate::api::{ApiError, EmptyRequest, ResolveRequest, StartRequest};
+use crate::api::{
+    uuid_v4, ApiError, EmptyRequest, ResolveRequest, StartRequest, EVENT_ID_HEADER,
+    PUBLISHED_WAIT_MAX,
+};
 use crate::worker::{check_token, read_token_file, TOKEN_FILE};
 
 /// A failed verb.
@@ -25,6 +29,8 @@ pub(crate) enum ClientError {
     Refused {
         /// HTTP status.
         status: u16,
+        /// The error's machine word (`not_found`, ...), empty if the answer had none.
+        kind: String,
         /// The worker's one line.
         message: String,
     },
@@ -42,7 +48,13 @@ pub(crate) enum ClientError {
     /// The command line asked for something impossible.
     #[error("{0}")]
     Usage(String),
+    /// `keel get`: the run has published no value of the name (newer than `--after`).
+    #[error("{0}")]
+    NothingPublished(String),
 }
+
+/// Exit code of `keel get` when nothing (newer than `--after`) was published.
+pub(crate) const EXIT_NOTHING_PUBLISHED: u8 = 4;
 
 impl ClientError {
     /// The process exit code.
@@ -50,6 +62,7 @@ impl ClientError {
         match self {
             ClientError::Refused { status, .. } if (400..500).contains(status) => 2,
             ClientError::Usage(_) => 2,
+            ClientError::NothingPublished(_) => EXIT_NOTHING_PUBLISHED,
             _ => 1,
         }
     }
@@ -182,10 +195,14 @@ impl Client {
                 .map_err(|e| ClientError::Local(format!("unreadable answer from the worker: {e}"))),
             Err(ureq::Error::Status(status, response)) => {
                 let text = response.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<ApiError>(&text)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| format!("HTTP {status}: {}", text.trim()));
-                Err(ClientError::Refused { status, message })
+                let (kind, message) = serde_json::from_str::<ApiError>(&text)
+                    .map(|e| (e.kind, e.error))
+                    .unwrap_or_else(|_| (String::new(), format!("HTTP {status}: {}", text.trim())));
+                Err(ClientError::Refused {
+                    status,
+                    kind,
+                    message,
+                })
             }
             Err(ureq::Error::Transport(t)) => Err(ClientError::Unreachable {
                 api: self.api.clone(),
@@ -215,23 +232,12 @@ impl Client {
 
     /// `keel start`.
     pub(crate) fn start(&self, workflow: &str, id: &str, input: &str, wait: bool) -> Result<()> {
-        let from = if input == "-" { "stdin" } else { input };
-        let text = if input == "-" {
-            read_bounded(std::io::stdin().lock(), from)
-                .map_err(|e| ClientError::Local(format!("cannot read the input from stdin: {e}")))?
-        } else {
-            std::fs::File::open(input)
-                .and_then(|file| read_bounded(file, from))
-                .map_err(|e| {
-                    ClientError::Usage(format!("cannot read the input file {input}: {e}"))
-                })?
-        };
-        let input: Value = serde_json::from_str(&text)
-            .map_err(|e| ClientError::Usage(format!("the input in {from} is not JSON: {e}")))?;
+        let input = read_json(input, "input", INPUT_BYTES_MAX)?;
         let request = StartRequest {
             workflow: workflow.into(),
             id: id.into(),
             input,
+            event: None,
         };
         let record: RunRecord = self.post("/v1/runs", &request)?;
         if !wait {
@@ -314,8 +320,9 @@ impl Client {
         let history: RunHistory = self.get(&format!("/v1/runs/{}/history", encode(id)))?;
         if self.json {
             let rows = crate::history::rows(&history);
+            let events = crate::history::deliveries(&history);
             self.print(
-                &serde_json::json!({"run": history.run, "operations": rows}),
+                &serde_json::json!({"run": history.run, "operations": rows, "events": events}),
                 String::new,
             );
         } else {
@@ -341,19 +348,129 @@ impl Client {
         self.print(&stats, || stats_table(&stats));
         Ok(())
     }
+
+    /// `keel send`: the payload from `data` (a file, or `-` for stdin) as event `name` to run
+    /// `id`, with `event_id` or a new one, which stderr names first so that a send whose
+    /// answer got lost can be retried as the same event.
+    pub(crate) fn send(
+        &self,
+        id: &str,
+        name: &str,
+        data: &str,
+        event_id: Option<String>,
+    ) -> Result<()> {
+        let payload = read_json(data, "event payload", EVENT_PAYLOAD_BYTES_MAX)?;
+        let event_id = match event_id {
+            Some(event_id) => event_id,
+            None => {
+                let made = uuid_v4();
+                eprintln!(
+                    "event id {made} (to retry this send as the same event: --event-id {made})"
+                );
+                made
+            }
+        };
+        let path = format!("/v1/runs/{}/events/{}", encode(id), encode(name));
+        let request = self.request("POST", &path).set(EVENT_ID_HEADER, &event_id);
+        let delivered: Delivered = self.answer(request.send_json(&payload))?;
+        self.print(&delivered, || {
+            let Delivered {
+                run_id,
+                name,
+                event_id,
+                duplicate,
+            } = &delivered;
+            if *duplicate {
+                format!(
+                    "event {event_id} ({name}) was delivered to run {run_id} before: nothing \
+                     changed\n"
+                )
+            } else {
+                format!("delivered event {event_id} ({name}) to run {run_id}\n")
+            }
+        });
+        Ok(())
+    }
+
+    /// `keel get`: the latest value run `id` published under `name`, waiting up to `wait`
+    /// for one (newer than version `after`, if given).
+    pub(crate) fn get_published(
+        &self,
+        id: &str,
+        name: &str,
+        wait: Option<Duration>,
+        after: Option<u64>,
+    ) -> Result<()> {
+        let mut path = format!("/v1/runs/{}/published/{}", encode(id), encode(name));
+        let mut query = Vec::new();
+        if let Some(wait) = wait {
+            query.push(format!("wait={}ms", wait.as_millis()));
+        }
+        if let Some(after) = after {
+            query.push(format!("after={after}"));
+        }
+        if !query.is_empty() {
+            path += &format!("?{}", query.join("&"));
+        }
+        // The answer may take the whole wait: the agent's own timeout would cut it short.
+        let timeout = wait.unwrap_or_default().min(PUBLISHED_WAIT_MAX) + Duration::from_secs(30);
+        let answer = self.answer(self.request("GET", &path).timeout(timeout).call());
+        let published: Published = match answer {
+            Err(ClientError::Refused { kind, message, .. }) if kind == "not_published" => {
+                return Err(ClientError::NothingPublished(message))
+            }
+            other => other?,
+        };
+        if let Some(after) = after.filter(|after| published.version <= *after) {
+            return Err(ClientError::NothingPublished(format!(
+                "run {id} has published no value named {name:?} newer than version {after} \
+                 (the latest is version {})",
+                published.version
+            )));
+        }
+        self.print(&published, || {
+            let value = serde_json::to_string_pretty(&published.value)
+                .expect("JSON of a value read as JSON");
+            format!(
+                "{name} of run {id}: version {}, published {} UTC\n{value}\n",
+                published.version,
+                utc_time(published.at_ms)
+            )
+        });
+        Ok(())
+    }
 }
 
-/// All of `source` as text, refused once it is over the input limit (a run's input is at most
-/// [`INPUT_BYTES_MAX`] bytes of JSON), without reading further.
-fn read_bounded(source: impl Read, from: &str) -> std::io::Result<String> {
+/// The JSON in `source` (a file, or `-` for stdin), at most `bytes_max` bytes; `what` names
+/// it in errors (`input`, `event payload`).
+fn read_json(source: &str, what: &str, bytes_max: usize) -> Result<Value> {
+    let from = if source == "-" { "stdin" } else { source };
+    let text = if source == "-" {
+        read_bounded(std::io::stdin().lock(), from, what, bytes_max)
+            .map_err(|e| ClientError::Local(format!("cannot read the {what} from stdin: {e}")))?
+    } else {
+        std::fs::File::open(source)
+            .and_then(|file| read_bounded(file, from, what, bytes_max))
+            .map_err(|e| ClientError::Usage(format!("cannot read the {what} file {source}: {e}")))?
+    };
+    serde_json::from_str(&text)
+        .map_err(|e| ClientError::Usage(format!("the {what} in {from} is not JSON: {e}")))
+}
+
+/// All of `source` as text, refused once it is over `bytes_max` (the limit of the `what` it
+/// holds: a run's input, an event's payload), without reading further.
+fn read_bounded(
+    source: impl Read,
+    from: &str,
+    what: &str,
+    bytes_max: usize,
+) -> std::io::Result<String> {
     let mut bytes = Vec::new();
-    source
-        .take(INPUT_BYTES_MAX as u64 + 1)
-        .read_to_end(&mut bytes)?;
-    if bytes.len() > INPUT_BYTES_MAX {
+    source.take(bytes_max as u64 + 1).read_to_end(&mut bytes)?;
+    if bytes.len() > bytes_max {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("{from} holds more than the {INPUT_BYTES_MAX}-byte limit of an input"),
+            format!("{from} holds more than the {bytes_max}-byte limit of the {what}"),
         ));
     }
     String::from_utf8(bytes)
@@ -375,10 +492,14 @@ fn progress(history: &RunHistory, elapsed: Duration) -> String {
             Event::StepCompleted { .. }
             | Event::WaitEnded { .. }
             | Event::TimerFired { .. }
-            | Event::ChildEnded { .. } => done += 1,
+            | Event::ChildEnded { .. }
+            | Event::EventReceived { .. }
+            | Event::ReceiveTimedOut { .. }
+            | Event::ValuePublished { .. } => done += 1,
             Event::StepStarted { kind, .. } | Event::WaitStarted { kind, .. } => {
                 current = kind.clone()
             }
+            Event::ReceiveStarted { names, .. } => current = format!("receive {}", names.join("|")),
             Event::ChildStarted { workflow, .. } => current = format!("child {workflow}"),
             Event::StepCompensationStarted { step, .. } => current = format!("undoing #{}", step.0),
             _ => {}
@@ -421,7 +542,7 @@ fn record_table(runs: &[RunRecord]) -> String {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of a time in ms since the Unix epoch.
-fn utc_time(ms: u64) -> String {
+pub(crate) fn utc_time(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rest) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

@@ -6,11 +6,13 @@
 //! keel start greengrass.provision-core --id plant --input core.json --wait
 //! keel status plant | keel list --status running | keel history plant | keel stats
 //! keel cancel|pause|resume|retry-compensation ID, keel resolve ID --note TEXT
+//! keel send ID NAME --data FILE|- [--event-id X], keel get ID NAME [--wait 30s] [--after N]
 //! ```
 //!
 //! Exit codes: 0 success; 1 failure (the worker failed, is unreachable, or a waited-for run
 //! did not complete); 2 refused (bad usage, bad input, a conflicting or unknown id); 3 the
-//! worker stopped before its drain finished.
+//! worker stopped before its drain finished; 4 `keel get` found no value (newer than
+//! `--after`).
 
 // The CLI's output is its job: tables and JSON on stdout, errors and progress on stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
@@ -25,6 +27,7 @@ mod worker;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -36,7 +39,7 @@ use clap::{Parser, Subcommand, ValueEnum};
     after_help = "Exit codes: 0 success (for the worker: it drained); 1 failure (the worker \
                   failed or is unreachable, or a waited-for run did not complete); 2 refused \
                   (bad usage, bad input, a conflicting or unknown id); 3 the worker stopped \
-                  before its drain finished."
+                  before its drain finished; 4 `keel get` found no value (newer than --after)."
 )]
 struct Cli {
     /// The worker's API (for every verb but `worker`).
@@ -139,6 +142,37 @@ enum Command {
     },
     /// Latency per operation: count, min, mean, max, sigma, p50, p99 and the worst outliers.
     Stats,
+    /// Sends an event to a run; a receive of NAME in the run takes it. Idempotent by event
+    /// id: the same id again is the same event.
+    Send {
+        /// The run id.
+        id: String,
+        /// The event's name (1 to 64 of ASCII letters, digits, `.`, `_` and `-`).
+        name: String,
+        /// The payload: a JSON file, or `-` for standard input.
+        #[arg(long)]
+        data: String,
+        /// The event's id (1 to 128 printable ASCII characters, no spaces). Without it, a new
+        /// one is made and printed on stderr: retry a send whose answer got lost with it, or
+        /// the retry is a second event.
+        #[arg(long)]
+        event_id: Option<String>,
+    },
+    /// The latest value a run published under NAME, with its version. Exits 4 when there is
+    /// none (or none newer than --after).
+    Get {
+        /// The run id.
+        id: String,
+        /// The value's name.
+        name: String,
+        /// Wait up to this long for a value (newer than --after): 500ms, 30s, 1m or plain
+        /// seconds; at most 60 s. It ends early when the run can publish nothing more.
+        #[arg(long, value_parser = api::parse_wait)]
+        wait: Option<Duration>,
+        /// The version already seen: only a newer value counts.
+        #[arg(long)]
+        after: Option<u64>,
+    },
 }
 
 /// How the worker logs.
@@ -356,5 +390,17 @@ fn run_verb(client: &client::Client, command: Command) -> Result<(), client::Cli
         Command::RetryCompensation { id } => client.operate(&id, "retry-compensation", None),
         Command::Resolve { id, note } => client.operate(&id, "resolve", Some(note)),
         Command::Stats => client.stats(),
+        Command::Send {
+            id,
+            name,
+            data,
+            event_id,
+        } => client.send(&id, &name, &data, event_id),
+        Command::Get {
+            id,
+            name,
+            wait,
+            after,
+        } => client.get_published(&id, &name, wait, after),
     }
 }

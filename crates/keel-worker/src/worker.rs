@@ -450,6 +450,8 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
     let sdk = aws.load().await;
     let mut builder = Engine::builder(data_dir.join("journal"))
         .provisioning_workflows()
+        // Calls no AWS API: for trying the events API (`keel send`, `keel get`).
+        .workflow::<keel_workflows::sample::Inbox>()
         .runs_concurrent_max(args.runs_concurrent_max)
         .resource(AwsClients::new(&sdk))
         .resource(KeyStore::new(data_dir.join("keys")));

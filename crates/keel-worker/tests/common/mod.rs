@@ -160,3 +160,49 @@ pub(crate) fn wait_for_attempts(w: &Worker, id: &str, kind: &str, n: usize) {
     }
     std::thread::sleep(Duration::from_millis(300));
 }
+
+/// The JSON a successful CLI call printed; fails the test on any other exit.
+pub(crate) fn ok_json(output: Output) -> Value {
+    assert!(
+        output.status.success(),
+        "exit {:?}: {}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+}
+
+/// The head of an API request to worker `w` (`method` and `path`), with its `Host`, its token,
+/// `Content-Type: application/json` and the `extra` header lines.
+pub(crate) fn head(w: &Worker, method: &str, path: &str, extra: &[&str]) -> String {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json",
+        addr(w),
+        w.token()
+    );
+    for line in extra {
+        head += "\r\n";
+        head += line;
+    }
+    head
+}
+
+/// Waits until run `id` is finished (a terminal status) and returns its record, as
+/// `keel status` shows it; fails the test after a minute, naming the status it saw.
+pub(crate) fn finished(w: &Worker, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let record = ok_json(keel(w, &["--json", "status", id]));
+        let status = record["status"].as_str().unwrap_or_default().to_string();
+        let running = ["running", "suspended", "paused", "compensating"];
+        if !running.contains(&status.as_str()) {
+            return record;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "run {id} did not finish within a minute: {record}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
