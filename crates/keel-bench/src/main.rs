@@ -10,8 +10,9 @@
 //! 3. one run of many sequential no-op steps: journaled steps/s;
 //! 4. many concurrent runs of 10 no-op steps: steps/s;
 //! 5. durable starts from 100 concurrent callers: starts/s;
-//! 6. resume after SIGKILL: `open()` time and time until every run completed;
-//! 7. the baseline (second time); then the peak RSS of the whole run.
+//! 6. events sent from 100 callers to runs that receive them: events delivered and taken/s;
+//! 7. resume after SIGKILL: `open()` time and time until every run completed;
+//! 8. the baseline (second time); then the peak RSS of the whole run.
 //!
 //! Subcommands measure apart from the engine core: `waits` simulates wait strategies,
 //! `fleet` onboards a fleet of devices against moto through a throttling proxy, `load` runs
@@ -192,6 +193,9 @@ struct Sizes {
     fan_out_branches: u32,
     concurrent_runs: u32,
     starts: u32,
+    /// Runs that take events, and events each takes.
+    event_runs: u32,
+    events_per_run: u32,
     resume_runs: u32,
     sleeping_runs: u32,
 }
@@ -204,6 +208,8 @@ impl Sizes {
         fan_out_branches: 1_000,
         concurrent_runs: 1_000,
         starts: 5_000,
+        event_runs: 100,
+        events_per_run: 50,
         resume_runs: 10_000,
         sleeping_runs: 10_000,
     };
@@ -215,6 +221,8 @@ impl Sizes {
         fan_out_branches: 1_000,
         concurrent_runs: 200,
         starts: 1_000,
+        event_runs: 100,
+        events_per_run: 10,
         resume_runs: 2_000,
         sleeping_runs: 2_000,
     };
@@ -462,42 +470,48 @@ struct Measured {
     fan_out_steps_per_s: f64,
     concurrent_steps_per_s: f64,
     starts_per_s: f64,
+    events_per_s: f64,
     resumed: resume::Resume,
     peak_rss_bytes: u64,
 }
 
 /// Runs the measurements in order (see the crate docs for why this order), logging progress.
 async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
-    eprintln!("[1/8] baseline, before...");
+    eprintln!("[1/9] baseline, before...");
     let before = baseline(dir, "baseline-before").await?;
 
     let n = sizes.sleeping_runs;
-    eprintln!("[2/8] memory of {n} runs asleep on a 1-hour timer...");
+    eprintln!("[2/9] memory of {n} runs asleep on a 1-hour timer...");
     let memory_per_run_bytes = measure::memory(dir, n).await?;
     eprintln!("  {memory_per_run_bytes:.0} bytes per run");
 
     let n = sizes.sequential_steps;
-    eprintln!("[3/8] one run of {n} no-op steps...");
+    eprintln!("[3/9] one run of {n} no-op steps...");
     let sequential_steps_per_s = measure::sequential(dir, n).await?;
     eprintln!("  {sequential_steps_per_s:.0} steps/s");
 
     let n = sizes.fan_out_branches;
-    eprintln!("[4/8] one run fanning out {n} parallel no-op steps...");
+    eprintln!("[4/9] one run fanning out {n} parallel no-op steps...");
     let fan_out_steps_per_s = measure::fan_out(dir, n).await?;
     eprintln!("  {fan_out_steps_per_s:.0} steps/s");
 
     let n = sizes.concurrent_runs;
-    eprintln!("[5/8] {n} concurrent runs of 10 no-op steps...");
+    eprintln!("[5/9] {n} concurrent runs of 10 no-op steps...");
     let concurrent_steps_per_s = measure::concurrent(dir, n).await?;
     eprintln!("  {concurrent_steps_per_s:.0} steps/s");
 
     let n = sizes.starts;
-    eprintln!("[6/8] {n} durable starts from 100 callers...");
+    eprintln!("[6/9] {n} durable starts from 100 callers...");
     let starts_per_s = measure::starts(dir, n).await?;
     eprintln!("  {starts_per_s:.0} starts/s");
 
+    let (runs, per_run) = (sizes.event_runs, sizes.events_per_run);
+    eprintln!("[7/9] {per_run} events to each of {runs} runs, from 100 callers...");
+    let events_per_s = measure::events(dir, runs, per_run).await?;
+    eprintln!("  {events_per_s:.0} events/s");
+
     let n = sizes.resume_runs;
-    eprintln!("[7/8] resume of {n} sleeping runs after SIGKILL...");
+    eprintln!("[8/9] resume of {n} sleeping runs after SIGKILL...");
     let resumed = resume::resume(dir, n, starts_per_s).await?;
     eprintln!(
         "  open() {:.3} s, all completed {:.3} s",
@@ -505,7 +519,7 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
         resumed.completed.as_secs_f64()
     );
 
-    eprintln!("[8/8] baseline, after...");
+    eprintln!("[9/9] baseline, after...");
     let after = baseline(dir, "baseline-after").await?;
     let baseline = match workload::postgres_server() {
         Some(_) => Baseline::database(before, after),
@@ -519,6 +533,7 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
         fan_out_steps_per_s,
         concurrent_steps_per_s,
         starts_per_s,
+        events_per_s,
         resumed,
         peak_rss_bytes: system::peak_rss_bytes()?,
     })
@@ -596,6 +611,17 @@ fn rate_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
             "starts/s",
             base,
             Some(3.0),
+        ),
+        Figure::rate(
+            format!(
+                "events sent and received, 100 callers, {} runs x {}",
+                thousands(sizes.event_runs),
+                sizes.events_per_run
+            ),
+            m.events_per_s,
+            "events/s",
+            base,
+            Some(1.0),
         ),
     ]
 }

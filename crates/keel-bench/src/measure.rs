@@ -12,7 +12,7 @@ use keel_engine::Engine;
 use crate::system;
 use crate::workload::{
     self, open, start_concurrently, wait_all_asleep, wait_all_completed, FanOut, FanOutInput,
-    SleepInput, Steps, StepsInput, StepsThenSleep,
+    Inbox, SleepInput, Steps, StepsInput, StepsThenSleep,
 };
 
 /// The baseline: 200-byte appends to a file, each followed by one `fdatasync`
@@ -130,6 +130,40 @@ pub(crate) async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
     let started = Instant::now();
     start_concurrently::<Steps>(&engine, "start", total, &StepsInput { steps: 0 }).await?;
     let rate = f64::from(total) / started.elapsed().as_secs_f64();
+    engine.shutdown().await;
+    Ok(rate)
+}
+
+/// Events: `runs` runs each take `per_run` events, sent from [`workload::CALLERS`] concurrent
+/// tasks (each sending to its share of the runs, one event after the other). Returns events/s,
+/// timed from the first send until every run completed: each event is delivered durably
+/// before its send returns and then taken by its run's receive, so group commit decides the
+/// rate.
+pub(crate) async fn events(dir: &Path, runs: u32, per_run: u32) -> anyhow::Result<f64> {
+    let engine = open(&dir.join("events")).await?;
+    start_concurrently::<Inbox>(&engine, "inbox", runs, &per_run).await?;
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for caller in 0..workload::CALLERS.min(runs) {
+        let engine = engine.clone();
+        senders.spawn(async move {
+            for n in 0..per_run {
+                for run in (caller..runs).step_by(workload::CALLERS as usize) {
+                    let id = workload::run_id("inbox", run);
+                    engine
+                        .send(&id, "item", &n, &format!("{id}-{n}"))
+                        .await
+                        .with_context(|| format!("sending event {n} to {id}"))?;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(sender) = senders.join_next().await {
+        sender.context("a sending task panicked")??;
+    }
+    wait_all_completed(&engine, "inbox", runs).await?;
+    let rate = f64::from(runs * per_run) / started.elapsed().as_secs_f64();
     engine.shutdown().await;
     Ok(rate)
 }

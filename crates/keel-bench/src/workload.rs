@@ -111,6 +111,22 @@ impl Workflow for StepsThenSleep {
     }
 }
 
+/// Takes `events` events named `item`, one after the other, and nothing else: each costs
+/// the engine a delivery (durable before its send returns) and a receive.
+pub(crate) struct Inbox;
+
+impl Workflow for Inbox {
+    const NAME: &'static str = "bench.inbox";
+    type Input = u32;
+    type Output = ();
+    async fn run(ctx: &mut Ctx, events: u32) -> Result<(), WorkflowError> {
+        for _ in 0..events {
+            ctx.receive::<u32>("item").await?;
+        }
+        Ok(())
+    }
+}
+
 /// Milliseconds since the Unix epoch: the engine's time base for durable timers.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -186,6 +202,7 @@ fn registered(path: &Path) -> EngineBuilder {
         .workflow::<Steps>()
         .workflow::<StepsThenSleep>()
         .workflow::<FanOut>()
+        .workflow::<Inbox>()
         .step::<Noop>()
 }
 
