@@ -29,6 +29,7 @@ pub use keel_engine::{
     ErrorRecord,
     Event,
     EventIn,
+    FanOutProgress,
     IdempotencyKey,
     InvalidInput,
     JournalIndex,

@@ -732,3 +732,95 @@ async fn a_body_past_the_bounds_is_suspended() {
     }
     engine.shutdown().await;
 }
+
+/// Starts one [`Inbox`] child per input plan, two at a time, reporting "N of M" under
+/// `progress` as each child ends.
+struct Fan;
+
+impl Workflow for Fan {
+    const NAME: &'static str = "test.fan";
+    type Input = Vec<InboxInput>;
+    type Output = usize;
+
+    async fn run(ctx: &mut Ctx, inputs: Vec<InboxInput>) -> Result<usize, WorkflowError> {
+        let results = ctx
+            .children_reporting::<Inbox, _>(inputs, 2, "progress", |p| {
+                format!("{} of {} ({} ended)", p.completed, p.total, p.ended)
+            })
+            .await?;
+        Ok(results.iter().filter(|r| r.is_ok()).count())
+    }
+}
+
+/// A fan-out of children reports its progress as each child ends, readable (and waited for)
+/// while it goes on; the reports are not operations, so a restart mid-fan-out replays the
+/// body without them and goes on reporting from where the children are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_reports_progress_as_children_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let open_fan = |dir: std::path::PathBuf| async move {
+        keel_testkit::store::builder(dir)
+            .workflow::<Inbox>()
+            .workflow::<Fan>()
+            .open()
+            .await
+            .unwrap()
+    };
+    let engine = open_fan(dir.path().to_owned()).await;
+    let child = InboxInput {
+        plan: plan(&["go"]),
+        ..Default::default()
+    };
+    engine.start::<Fan>("fan", vec![child; 4]).await.unwrap();
+    assert_eq!(engine.published("fan", "progress").await.unwrap(), None);
+    // The fork is operation 0; its branches, the children, are operations 1 to 4.
+    let mut seen = None;
+    for (n, child) in ["fan/1", "fan/2"].into_iter().enumerate() {
+        until(&engine, child, |h| {
+            count(h, |e| matches!(e, Event::ReceiveStarted { .. })) == 1
+        })
+        .await;
+        engine
+            .send(child, "go", &n, &format!("{child}-go"))
+            .await
+            .unwrap();
+        let report = engine
+            .published_wait("fan", "progress", seen, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("a report");
+        assert_eq!(
+            report.value,
+            json!(format!("{} of 4 ({} ended)", n + 1, n + 1))
+        );
+        seen = Some(report.version);
+    }
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = open_fan(dir.path().to_owned()).await;
+    for (n, child) in ["fan/3", "fan/4"].into_iter().enumerate() {
+        until(&engine, child, |h| {
+            count(h, |e| matches!(e, Event::ReceiveStarted { .. })) == 1
+        })
+        .await;
+        engine
+            .send(child, "go", &n, &format!("{child}-go"))
+            .await
+            .unwrap();
+        let done = n + 3;
+        until(&engine, "fan", |h| {
+            h.entries.iter().any(|e| {
+                matches!(&e.event, Event::ProgressPublished { value, .. }
+                    if *value == json!(format!("{done} of 4 ({done} ended)")))
+            })
+        })
+        .await;
+    }
+    let record = engine.wait("fan").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    assert_eq!(record.output, Some(json!(4)));
+    let last = engine.published("fan", "progress").await.unwrap().unwrap();
+    assert_eq!(last.value, json!("4 of 4 (4 ended)"));
+    engine.shutdown().await;
+}

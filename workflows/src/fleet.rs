@@ -98,9 +98,9 @@ pub struct FleetOutput {
 /// time: a device that fails compensates itself alone, and the fleet completes listing it.
 /// Compensating the fleet (cancelling it) compensates every onboarded device.
 ///
-/// Progress is published under [`PROGRESS`]: while it awaits approval, once approved, and
-/// when every device has ended ("N of M devices onboarded"). The devices run as one fan-out,
-/// so the body hears of them only once they have all ended.
+/// Progress is published under [`PROGRESS`]: while it awaits approval, once approved, as
+/// each device ends ("12 of 200 devices onboarded", reported by the fan-out,
+/// [`Ctx::children_reporting`]), and when every device has ended.
 #[derive(Debug)]
 pub struct OnboardFleet;
 
@@ -151,7 +151,22 @@ impl Workflow for OnboardFleet {
             .map(|i| input.device(i))
             .collect();
         let results = ctx
-            .children::<OnboardDevice>(devices, input.concurrency as usize)
+            .children_reporting::<OnboardDevice, _>(
+                devices,
+                input.concurrency as usize,
+                PROGRESS,
+                |progress| {
+                    let failed = progress.ended - progress.completed;
+                    let mut text = format!(
+                        "{} of {} devices onboarded",
+                        progress.completed, progress.total
+                    );
+                    if failed > 0 {
+                        text += &format!(", {failed} failed and undone");
+                    }
+                    text
+                },
+            )
             .await?;
         let mut output = FleetOutput {
             onboarded: Vec::new(),

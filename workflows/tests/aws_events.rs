@@ -239,6 +239,18 @@ async fn fleets_above_the_bound_wait_for_approve_or_reject() {
         progress(&env.engine, "small").await,
         "3 of 3 devices onboarded"
     );
+    // The fan-out reported each device as it ended, before the final count.
+    let history = env.engine.history("small").await.unwrap();
+    let reports: Vec<&Value> = history
+        .entries
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ProgressPublished { value, .. } => Some(value),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports.len(), 3, "one report per device: {reports:?}");
+    assert_eq!(*reports[0], json!("1 of 3 devices onboarded"));
     let truth = Inventory::read(&env.direct).await.unwrap();
     assert!(things(&truth, "rejected").is_empty(), "{}", truth.summary());
     assert!(things(&truth, "approved").is_empty(), "{}", truth.summary());

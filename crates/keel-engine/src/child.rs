@@ -11,23 +11,78 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::Value;
 
+use crate::cell::RunCell;
 use crate::ctx::Ctx;
 use crate::env::Runs;
 use crate::error::EngineError;
-use crate::ids::{child_id, OperationIndex, RunId};
+use crate::ids::{check_event_name, child_id, OperationIndex, RunId};
 use crate::interrupt::Interrupt;
 use crate::journal::{Event, RunRecord, RunStatus};
 use crate::lane::Lane;
-use crate::limits::CHILDREN_PER_RUN_MAX;
-use crate::parallel::run_all;
+use crate::limits::{CHILDREN_PER_RUN_MAX, EVENT_PAYLOAD_BYTES_MAX};
+use crate::parallel::run_all_observed;
 use crate::replay::{ChildEnd, Op};
+use crate::store::JournalStore;
 use crate::workflow::{Workflow, WorkflowError};
 
 /// How often a parent looks again at a child parked for an operator (suspended, paused, or
 /// with a failed compensation); a child being driven is awaited, not polled.
 const PARKED_CHILD_POLL: Duration = Duration::from_secs(1);
+
+/// How far a fan-out of child runs is ([`Ctx::children_reporting`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FanOutProgress {
+    /// Children that ended, however they ended.
+    pub ended: usize,
+    /// Children that completed.
+    pub completed: usize,
+    /// Children of the fan-out.
+    pub total: usize,
+}
+
+impl FanOutProgress {
+    fn count(&mut self, end: &ChildEnd) {
+        self.ended += 1;
+        if end.status == RunStatus::Completed {
+            self.completed += 1;
+        }
+    }
+}
+
+/// A fan-out's report, as [`Ctx::children_reporting`] was given it, serialised.
+type Report<'a> = dyn FnMut(&FanOutProgress) -> serde_json::Result<Value> + Send + 'a;
+
+/// Publishes a fan-out's progress report `value` under `name` in `cell` (advisory: a report
+/// that cannot be kept is logged and left out).
+fn publish_progress(
+    cell: &RunCell,
+    store: &dyn JournalStore,
+    name: &str,
+    value: serde_json::Result<Value>,
+) {
+    let value = match value {
+        Ok(value) if value.to_string().len() <= EVENT_PAYLOAD_BYTES_MAX => value,
+        Ok(_) => {
+            tracing::warn!(run_id = %cell.id, name, "a progress report over the size bound is left out");
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(run_id = %cell.id, name, %error, "a progress report that does not serialise is left out");
+            return;
+        }
+    };
+    let event = Event::ProgressPublished {
+        name: name.into(),
+        value,
+    };
+    match cell.append(store, event) {
+        Ok(()) => cell.news.notify_waiters(),
+        Err(error) => tracing::warn!(run_id = %cell.id, name, %error, "progress not published"),
+    }
+}
 
 /// What one child of a fan-out needs to do, decided from the journal.
 enum Plan {
@@ -72,6 +127,41 @@ impl Ctx {
         inputs: Vec<W::Input>,
         width: usize,
     ) -> Result<Vec<Result<W::Output, WorkflowError>>, WorkflowError> {
+        self.fan_out_children::<W>(inputs, width, None).await
+    }
+
+    /// [`Ctx::children`], publishing `report(progress)` under `name` each time a child ends
+    /// (readers get it with [`crate::Engine::published`], as a value of [`Ctx::publish`]):
+    /// "12 of 200 devices onboarded" while the fan-out goes on. The reports are no operations
+    /// of the body: replay neither checks nor repeats them, and a fan-out taken up again after
+    /// a restart reports again, counting the children that had ended before. A report that
+    /// does not serialise or is past [`EVENT_PAYLOAD_BYTES_MAX`] is left out (and logged).
+    pub async fn children_reporting<W, T>(
+        &mut self,
+        inputs: Vec<W::Input>,
+        width: usize,
+        name: &str,
+        mut report: impl FnMut(&FanOutProgress) -> T + Send,
+    ) -> Result<Vec<Result<W::Output, WorkflowError>>, WorkflowError>
+    where
+        W: Workflow,
+        T: Serialize,
+    {
+        if let Err(detail) = check_event_name("progress value name", name) {
+            let e = EngineError::InvalidRequest(detail);
+            return Err(self.interrupt(Interrupt::Engine(e)));
+        }
+        let mut report = |progress: &FanOutProgress| serde_json::to_value(report(progress));
+        self.fan_out_children::<W>(inputs, width, Some((name, &mut report)))
+            .await
+    }
+
+    async fn fan_out_children<W: Workflow>(
+        &mut self,
+        inputs: Vec<W::Input>,
+        width: usize,
+        mut report: Option<(&str, &mut Report<'_>)>,
+    ) -> Result<Vec<Result<W::Output, WorkflowError>>, WorkflowError> {
         let count = inputs.len();
         let fork = self.fork(count, width, &format!("{} child runs", W::NAME))?;
         let mut ends: Vec<Option<ChildEnd>> = (0..count).map(|_| None).collect();
@@ -89,7 +179,23 @@ impl Ctx {
                 }
             }
         }
-        match run_all(&mut self.lane, width, tasks).await {
+        let mut progress = FanOutProgress {
+            ended: 0,
+            completed: 0,
+            total: count,
+        };
+        for end in ends.iter().flatten() {
+            progress.count(end);
+        }
+        let cell = Arc::clone(&self.lane.cell);
+        let store = Arc::clone(&self.lane.env.store);
+        let observe = |end: &ChildEnd| {
+            if let Some((name, report)) = report.as_mut() {
+                progress.count(end);
+                publish_progress(&cell, &*store, name, report(&progress));
+            }
+        };
+        match run_all_observed(&mut self.lane, width, tasks, observe).await {
             Ok(done) => done.into_iter().for_each(|(i, end)| ends[i] = Some(end)),
             Err(cause) => return Err(self.interrupt(cause)),
         }

@@ -317,6 +317,16 @@ pub enum Event {
         /// The value.
         value: Value,
     },
+    /// A fan-out of child runs reported its progress under `name` as a child ended
+    /// ([`crate::Ctx::children_reporting`]): a published value that is no operation of the
+    /// body, so replay neither checks nor repeats it (a replayed fan-out reports again as
+    /// its remaining children end).
+    ProgressPublished {
+        /// The value's name.
+        name: String,
+        /// The value.
+        value: Value,
+    },
     /// The workflow returned its output. Written with the `Completed` status.
     RunCompleted {
         /// The output.
@@ -426,6 +436,7 @@ impl Event {
             | Event::StepCompensationFailed { step, .. }
             | Event::RunCompensationFailed { step, .. } => Some(*step),
             Event::EventDelivered { .. }
+            | Event::ProgressPublished { .. }
             | Event::RunCompleted { .. }
             | Event::RunFailed { .. }
             | Event::RunSuspended { .. }

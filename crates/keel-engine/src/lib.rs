@@ -295,6 +295,7 @@ mod transition;
 mod wait;
 mod workflow;
 
+pub use child::FanOutProgress;
 pub use clock::Clock;
 pub use ctx::{Created, Ctx, Received};
 pub use engine::{

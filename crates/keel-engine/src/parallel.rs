@@ -355,10 +355,26 @@ where
     F: FnOnce(Lane) -> Fut,
     Fut: Future<Output = Result<T, Interrupt>> + Send + 'static,
 {
+    run_all_observed(lane, width, tasks, |_| {}).await
+}
+
+/// [`run_all`], handing each result to `observe` as it comes.
+pub(crate) async fn run_all_observed<T, F, Fut>(
+    lane: &mut Lane,
+    width: usize,
+    tasks: Vec<(usize, F)>,
+    mut observe: impl FnMut(&T),
+) -> Result<Vec<(usize, T)>, Interrupt>
+where
+    T: Send + 'static,
+    F: FnOnce(Lane) -> Fut,
+    Fut: Future<Output = Result<T, Interrupt>> + Send + 'static,
+{
     let mut done = Vec::with_capacity(tasks.len());
     let mut interrupt = None;
     run_branches(lane, width, tasks, None, |i, result| match result {
         Ok(result) => {
+            observe(&result);
             done.push((i, result));
             true
         }

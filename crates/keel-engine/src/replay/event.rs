@@ -244,6 +244,13 @@ impl RunState {
             name: name.to_owned(),
             digest: digest(value),
         });
+        self.progress_published(name, value, at_ms);
+        Ok(())
+    }
+
+    /// `ProgressPublished` (and the value of a `ValuePublished`): the value replaces the
+    /// name's last one.
+    pub(super) fn progress_published(&mut self, name: &str, value: &Value, at_ms: u64) {
         // The entry's journal index (`len` is advanced after this fold) orders versions.
         let version = u64::from(self.len);
         self.published.insert(
@@ -254,7 +261,6 @@ impl RunState {
                 at_ms,
             },
         );
-        Ok(())
     }
 }
 
@@ -270,6 +276,10 @@ pub fn latest_published(entries: &[crate::journal::Entry], name: &str) -> Option
                 name: published,
                 value,
                 ..
+            }
+            | crate::journal::Event::ProgressPublished {
+                name: published,
+                value,
             } if published == name => Some(Published {
                 value: value.clone(),
                 version: index as u64,

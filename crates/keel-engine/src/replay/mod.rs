@@ -227,6 +227,10 @@ impl RunState {
             Event::ValuePublished { step, name, value } => {
                 self.value_published(*step, name, value, at_ms)
             }
+            Event::ProgressPublished { name, value } => {
+                self.progress_published(name, value, at_ms);
+                Ok(())
+            }
             Event::CancelRequested => self.request_cancel(),
             Event::PauseRequested => self.request_pause(),
             Event::RunPaused { exhausted, .. } => self.run_paused(*exhausted),
