@@ -442,8 +442,13 @@ async fn published_values_last_wins_and_long_polls_wake() {
                 .await
         })
     };
+    let sent_at = std::time::Instant::now();
     engine.send("progress", "go", &1, "g-1").await.unwrap();
     let first = waiter.await.unwrap().unwrap().expect("a value");
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(20),
+        "the publish woke the long poll (it did not wait out its 30 s)"
+    );
     assert_eq!(first.value, json!("1 of 3"));
 
     let waiter = {
@@ -455,8 +460,13 @@ async fn published_values_last_wins_and_long_polls_wake() {
                 .await
         })
     };
+    let sent_at = std::time::Instant::now();
     engine.send("progress", "go", &2, "g-2").await.unwrap();
     let second = waiter.await.unwrap().unwrap().expect("a value");
+    assert!(
+        sent_at.elapsed() < Duration::from_secs(20),
+        "woken by the change"
+    );
     assert_eq!(second.value, json!("2 of 3"));
     assert!(second.version > first.version);
 
@@ -482,7 +492,13 @@ async fn published_values_last_wins_and_long_polls_wake() {
     .await
     .expect("a finished run's wait answers at once")
     .unwrap();
-    assert_eq!(at_once, Some(last));
+    assert_eq!(at_once, Some(last.clone()));
+    // A wait too long to count is the end of time, not a panic.
+    let forever = engine
+        .published_wait("progress", "progress", Some(last.version), Duration::MAX)
+        .await
+        .unwrap();
+    assert_eq!(forever, Some(last));
     let bad = engine.published("progress", "no spaces").await.unwrap_err();
     assert!(matches!(bad, EngineError::InvalidRequest(_)), "{bad}");
     engine.shutdown().await;

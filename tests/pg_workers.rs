@@ -440,6 +440,30 @@ async fn an_event_sent_through_another_engine_reaches_its_run() {
                 .await
         })
     };
+    // A send with nothing to write (a duplicate, a mismatch) through the engine that does
+    // not drive the run is answered from the store, and takes nothing over.
+    let claims_sql = "SELECT epoch::text FROM keel_claims WHERE run_id = 'waiting'";
+    a.send("waiting", "aside", &1u32, "aside-1").await.unwrap();
+    let claims = query_texts(&url, claims_sql).await;
+    assert!(
+        b.send("waiting", "aside", &1u32, "aside-1")
+            .await
+            .unwrap()
+            .duplicate
+    );
+    let mismatch = b
+        .send("waiting", "aside", &2u32, "aside-1")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(mismatch, EngineError::EventMismatch { .. }),
+        "{mismatch}"
+    );
+    assert_eq!(
+        query_texts(&url, claims_sql).await,
+        claims,
+        "nothing taken over"
+    );
     let sent = b.send("waiting", "go", &7u32, "go-1").await.unwrap();
     assert!(!sent.duplicate);
     assert!(

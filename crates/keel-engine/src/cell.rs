@@ -179,6 +179,12 @@ impl RunCell {
         Ok(())
     }
 
+    /// Whether what this cell holds may be ahead of the store: one of its writes failed, or
+    /// was dropped because another engine took the run over. Reads must go to the store.
+    pub(crate) fn stale(&self, store: &dyn JournalStore) -> bool {
+        self.loaded.lock().expect("cell lock").write_failed || store.fenced(&self.id, self.token)
+    }
+
     /// Reads the run state.
     pub(crate) fn with_state<R>(&self, f: impl FnOnce(&RunState) -> R) -> R {
         f(&self.loaded.lock().expect("cell lock").state)
@@ -301,6 +307,15 @@ impl RunCell {
                 id: self.id.clone(),
             });
         }
+        if loaded.write_failed {
+            return Err(EngineError::InvalidState {
+                id: self.id.clone(),
+                status: "unloaded after a storage error".into(),
+                operation: "append to its journal",
+            });
+        }
+        // What memory holds is what the store holds (or will, at the next sync): decisions
+        // on it stand.
         let Some(event) = make(&loaded.record, &loaded.state)? else {
             return Ok(None);
         };
@@ -311,13 +326,6 @@ impl RunCell {
             return Err(EngineError::LimitReached {
                 what: format!("journal entries of run {}", self.id),
                 limit: u64::from(JOURNAL_ENTRIES_PER_RUN_MAX),
-            });
-        }
-        if loaded.write_failed {
-            return Err(EngineError::InvalidState {
-                id: self.id.clone(),
-                status: "unloaded after a storage error".into(),
-                operation: "append to its journal",
             });
         }
         let index = JournalIndex(loaded.state.len);

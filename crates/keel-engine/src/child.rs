@@ -189,6 +189,12 @@ impl Ctx {
         }
         let cell = Arc::clone(&self.lane.cell);
         let store = Arc::clone(&self.lane.env.store);
+        if let Some((name, report)) = report.as_mut() {
+            if progress.ended > 0 {
+                // Taken up again: the last report before may not have been kept.
+                publish_progress(&cell, &*store, name, report(&progress));
+            }
+        }
         let observe = |end: &ChildEnd| {
             if let Some((name, report)) = report.as_mut() {
                 progress.count(end);

@@ -416,6 +416,13 @@ impl Engine {
             error: None,
             parent,
         };
+        // With an event, no load of the run (a concurrent send's, an operator's) may come
+        // between its record and its first entry: the loads' lock is held until its cell is
+        // in the map.
+        let loading = match event {
+            Some(_) => Some(self.inner.loading.lock().await),
+            None => None,
+        };
         match self.inner.env.store.create_run(&record).await? {
             None => {
                 crate::crash::point("start.after_create");
@@ -424,12 +431,17 @@ impl Engine {
                     None => RunState::default(),
                 };
                 self.inner.env.store.sync().wait().await?;
+                if self.inner.env.store.fenced(&id, Token::CREATED) {
+                    return Err(EngineError::Fenced { id });
+                }
                 crate::crash::point("start.after_sync");
                 tracing::info!(run_id = %id, workflow, "run started");
                 self.load_new(record.clone(), state);
+                drop(loading);
                 Ok(record)
             }
             Some(existing) => {
+                drop(loading);
                 let record = self.found_existing(existing, &record).await?;
                 if let Some(event) = event {
                     self.send_checked(&record.id, event).await?;

@@ -84,11 +84,12 @@ pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
 }
 
 /// How many loads of the run died before this one: the stored count, or, with none stored
-/// and nothing journaled yet, 1 (its start's load wrote nothing and died before the run's
+/// and nothing journaled yet but events sent to it, 1 (its start's load wrote nothing and died before the run's
 /// first entry; `start` writes no count, to keep a start at one write and one sync).
 pub(crate) async fn loads_before(env: &RunEnv, cell: &RunCell) -> Result<u32> {
     let stored = env.store.load_count(&cell.id).await?;
-    let fresh = cell.with_state(|s| s.len == 0);
+    // Events sent to the run (one by a start with an event) are no sign that it ran.
+    let fresh = cell.with_state(|s| s.len as usize == s.mailbox.deliveries.len());
     Ok(if stored == 0 && fresh { 1 } else { stored })
 }
 

@@ -14,13 +14,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use keel_engine::limits::INPUT_BYTES_MAX;
+use keel_engine::limits::{EVENT_PAYLOAD_BYTES_MAX, INPUT_BYTES_MAX};
 use keel_engine::{Engine, EngineError, EventIn, RunStatus, RunsPage, RunsQuery, RUNS_PAGE_MAX};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-/// Largest request body: an input at its limit, with room for the envelope.
-pub(crate) const BODY_BYTES_MAX: usize = INPUT_BYTES_MAX + 16 * 1024;
+/// Largest request body: an input and an event payload at their limits (a start with an
+/// event), with room for the envelope.
+pub(crate) const BODY_BYTES_MAX: usize = INPUT_BYTES_MAX + EVENT_PAYLOAD_BYTES_MAX + 16 * 1024;
 
 /// The services whose rate limiters `/metrics` reports.
 pub(crate) const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
@@ -137,6 +138,8 @@ impl From<EngineError> for ApiError {
             E::LimitReached { .. } => (StatusCode::TOO_MANY_REQUESTS, "limit_reached"),
             E::ShutDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
             E::RunStopped { .. } => (StatusCode::CONFLICT, "not_driven"),
+            // Another worker took the run over meanwhile: the same call, again, goes there.
+            E::Fenced { .. } => (StatusCode::SERVICE_UNAVAILABLE, "moved"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {

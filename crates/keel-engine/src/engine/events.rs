@@ -2,11 +2,13 @@
 //! before the send returns, idempotent by event id), starting a run with an event, and
 //! reading, or waiting for, the values a run published.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::cell::RunCell;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::ids::{check_event_id, check_event_name, JournalIndex, RunId};
@@ -123,6 +125,29 @@ fn takes_events(record: &RunRecord, state: Option<&RunState>) -> Result<()> {
     }
 }
 
+/// What a send of `event` to run `id` (as `record` and `state` have it) writes: the delivery,
+/// or nothing for an event delivered before (the same one; another under its id is a
+/// mismatch), or a refusal (the run takes no events, its mailbox is full).
+fn delivery(
+    id: &RunId,
+    record: &RunRecord,
+    state: &RunState,
+    event: &EventIn,
+) -> Result<Option<Event>> {
+    if let Some(before) = state.mailbox.get(&event.event_id) {
+        event.same_as(id, &before.name, &before.digest)?;
+        return Ok(None);
+    }
+    takes_events(record, Some(state))?;
+    if state.mailbox.pending >= MAILBOX_EVENTS_MAX {
+        return Err(EngineError::LimitReached {
+            what: format!("events waiting in the mailbox of run {id}"),
+            limit: u64::from(MAILBOX_EVENTS_MAX),
+        });
+    }
+    Ok(Some(event.delivered()))
+}
+
 /// Whether run `record` may still publish a value (its body may run again).
 fn may_publish(record: &RunRecord) -> bool {
     matches!(
@@ -166,41 +191,32 @@ impl Engine {
             event_id: event.event_id.clone(),
             duplicate,
         };
-        let record = self.record(id.as_str()).await?;
-        if takes_events(&record, None).is_err() {
-            // Not loaded to be refused: a retried send of an event it had is still answered.
-            let entries = self.inner.env.store.journal(&record.id).await?;
-            let before = entries.iter().find_map(|entry| match &entry.event {
-                Event::EventDelivered {
-                    name,
-                    event_id,
-                    payload,
-                } if *event_id == event.event_id => Some((name, digest(payload))),
-                _ => None,
-            });
-            if let Some((name, payload_digest)) = before {
-                event.same_as(id, name, &payload_digest)?;
-                self.inner.env.store.sync().wait().await?;
+        let store = &*self.inner.env.store;
+        if self.loaded(id).is_none() {
+            // Not driven here: a send with nothing to write (a duplicate, or a refusal) is
+            // answered from the stored journal, so that it takes no run over (on a shared
+            // store) and loads none.
+            let record = self.record(id.as_str()).await?;
+            let entries = store.journal(&record.id).await?;
+            let state =
+                RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
+                    key: format!("journal of run {id}"),
+                    detail,
+                })?;
+            if delivery(id, &record, &state, event)?.is_none() {
+                store.sync().wait().await?;
                 return Ok(answer(true));
             }
-            takes_events(&record, None)?;
         }
+        // The cell that found the event delivered before, if one did.
+        let found: std::sync::Mutex<Option<Arc<RunCell>>> = std::sync::Mutex::new(None);
         let written = self
-            .operate(id.as_str(), "receive an event", |cell| {
-                let made = cell.append_made(&*self.inner.env.store, |record, state| {
-                    if let Some(before) = state.mailbox.get(&event.event_id) {
-                        event.same_as(id, &before.name, &before.digest)?;
-                        return Ok(None);
-                    }
-                    takes_events(record, Some(state))?;
-                    if state.mailbox.pending >= MAILBOX_EVENTS_MAX {
-                        return Err(EngineError::LimitReached {
-                            what: format!("events waiting in the mailbox of run {id}"),
-                            limit: u64::from(MAILBOX_EVENTS_MAX),
-                        });
-                    }
-                    Ok(Some(event.delivered()))
-                })?;
+            .operate_with(id.as_str(), "receive an event", false, |cell| {
+                let made =
+                    cell.append_made(store, |record, state| delivery(id, record, state, event))?;
+                if made.is_none() {
+                    *found.lock().expect("found lock") = Some(Arc::clone(cell));
+                }
                 Ok(made.is_some())
             })
             .await?;
@@ -212,17 +228,24 @@ impl Engine {
                 Ok(answer(false))
             }
             None => {
-                // Delivered before, perhaps by a concurrent send whose sync is in flight.
-                self.inner.env.store.sync().wait().await?;
+                // Delivered before, perhaps by a concurrent send whose write is not durable
+                // yet: acknowledged once it is durable and was not dropped.
+                let cell = found
+                    .into_inner()
+                    .expect("found lock")
+                    .expect("a cell found the event");
+                cell.durable(store).await?;
                 Ok(answer(true))
             }
         }
     }
 
-    /// Starts a run of `W` with id `id` and `event` in its mailbox, in one durable step: when
-    /// this returns, the run and the event are durable. If the run exists (same workflow
-    /// and input, as for [`Engine::start`]), the event is sent to it (as [`Engine::send`],
-    /// idempotent by its id).
+    /// Starts a run of `W` with id `id` and `event` in its mailbox: when this returns, the run
+    /// and the event are durable, and the event is the run's first journal entry (no load of
+    /// the run comes between). If the run exists (same workflow and input, as for
+    /// [`Engine::start`]), the event is sent to it (as [`Engine::send`], idempotent by its
+    /// id), so a call that failed is simply made again: a crash before it returned may have
+    /// kept the run without its event, and the same call then delivers it.
     pub async fn start_with_event<W: Workflow>(
         &self,
         id: &str,
@@ -301,15 +324,21 @@ impl Engine {
     ) -> Result<Option<Published>> {
         let id = RunId::existing(id)?;
         check_event_name("published value name", name).map_err(EngineError::InvalidRequest)?;
-        let until = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        // A wait too long to count ends at the end of time (a century will do).
+        let until = now
+            .checked_add(timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
         let mut poll = POLL_FIRST;
         loop {
             let cell = self.loaded(&id);
+            // Listening before looking: a publish or an end after the look wakes the wait.
             let news = cell.as_ref().map(|cell| cell.news.notified());
             tokio::pin!(news);
             if let Some(news) = news.as_mut().as_pin_mut() {
                 news.enable();
             }
+            let mut watched = cell.as_ref().map(|cell| cell.watched.subscribe());
             let (value, record) = self.published_now(&id, name).await?;
             let newer = match (&value, newer_than) {
                 (Some(value), Some(seen)) => value.version > seen,
@@ -321,9 +350,8 @@ impl Engine {
                 return Ok(value);
             }
             let mut shutdown = self.inner.env.shutdown.subscribe();
-            match (&cell, news.as_mut().as_pin_mut()) {
-                (Some(cell), Some(news)) => {
-                    let mut watched = cell.watched.subscribe();
+            match (watched.as_mut(), news.as_mut().as_pin_mut()) {
+                (Some(watched), Some(news)) => {
                     tokio::select! {
                         _ = news => {}
                         _ = watched.changed() => {}
@@ -352,8 +380,10 @@ impl Engine {
         name: &str,
     ) -> Result<(Option<Published>, RunRecord)> {
         if let Some(cell) = self.loaded(id) {
-            let value = cell.with_state(|state| state.published.get(name).cloned());
-            return Ok((value, cell.record()));
+            if !cell.stale(&*self.inner.env.store) {
+                let value = cell.with_state(|state| state.published.get(name).cloned());
+                return Ok((value, cell.record()));
+            }
         }
         let record = self.record(id.as_str()).await?;
         let entries = self.inner.env.store.journal(id).await?;

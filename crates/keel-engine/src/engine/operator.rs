@@ -307,10 +307,22 @@ impl Engine {
     /// Runs an operator `write` against run `id`'s cell, makes it durable, and leaves the run
     /// driven if it must be. `write` returns whether it wrote; the written cell is returned.
     /// A cell unloaded during the call is loaded again and the write retried.
-    pub(super) async fn operate(
+    async fn operate(
         &self,
         id: &str,
         operation: &'static str,
+        write: impl Fn(&Arc<RunCell>) -> Result<bool>,
+    ) -> Result<Option<Arc<RunCell>>> {
+        self.operate_with(id, operation, true, write).await
+    }
+
+    /// [`Engine::operate`]; with `takes_up` false, the write does not count as an operator
+    /// taking the run up (an event sent to it), so its crash-loop count stands (`poison.rs`).
+    pub(super) async fn operate_with(
+        &self,
+        id: &str,
+        operation: &'static str,
+        takes_up: bool,
         write: impl Fn(&Arc<RunCell>) -> Result<bool>,
     ) -> Result<Option<Arc<RunCell>>> {
         for _ in 0..8 {
@@ -324,7 +336,7 @@ impl Engine {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };
             let mut wrote = write(&cell);
-            if matches!(wrote, Ok(true)) && cell.record().status.is_drivable() {
+            if takes_up && matches!(wrote, Ok(true)) && cell.record().status.is_drivable() {
                 // An operator took the run up (resumed, cancelled, retried): the deaths of
                 // earlier loads no longer count against it (`poison.rs`), whether this call
                 // loaded it or its driver still holds it.

@@ -93,8 +93,9 @@ pub enum ReceiveAction {
 /// What the receive at `step` does next at time `now_ms`; `None` if `step` is no receive.
 ///
 /// A pending event of the receive's names is taken if it was delivered before the deadline,
-/// even when the run gets to it only after (the worker was down, say). One delivered after
-/// the deadline stays in the mailbox for a later receive.
+/// even when the run gets to it only after (the worker was down, say). One delivered at the
+/// deadline or after stays in the mailbox for a later receive (the receive times out at its
+/// deadline, and a delivery stamped with it may come after that decision).
 pub fn receive_action(
     state: &RunState,
     step: OperationIndex,
@@ -109,7 +110,7 @@ pub fn receive_action(
         None => {
             let deadline = op.deadline_ms.unwrap_or(u64::MAX);
             match state.mailbox.first_of(&op.names) {
-                Some(delivery) if delivery.at_ms <= deadline => {
+                Some(delivery) if delivery.at_ms < deadline => {
                     ReceiveAction::Take(delivery.event_id.clone())
                 }
                 _ if now_ms >= deadline => ReceiveAction::TimeOut,

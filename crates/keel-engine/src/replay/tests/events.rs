@@ -114,6 +114,14 @@ fn a_receive_takes_what_arrived_before_its_deadline_and_times_out_after() {
         receive_action(&s, OperationIndex(0), deadline + 60_000),
         Some(ReceiveAction::Take("early".into()))
     );
+    let at_deadline =
+        r#"{"at_ms":1000000,"type":"event_delivered","name":"x","event_id":"on-time","payload":3}"#;
+    let s = fold(&[entry(&receive), entry(at_deadline)]);
+    assert_eq!(
+        receive_action(&s, OperationIndex(0), deadline),
+        Some(ReceiveAction::TimeOut),
+        "an event stamped with the deadline may come after the timeout: it is not taken"
+    );
     let s = fold(&[entry(&receive), entry(after)]);
     assert_eq!(
         receive_action(&s, OperationIndex(0), deadline + 1),
