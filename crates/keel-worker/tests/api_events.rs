@@ -137,7 +137,7 @@ fn events_are_delivered_once_per_id_and_refusals_say_why_and_store_nothing() {
         "{}",
     );
     error(two_ids, 400, "invalid_request");
-    // Over the payload's 48 KiB but within the body's 64 KiB: the engine's limit; past the
+    // Over the payload's 48 KiB but within the body's 112 KiB: the engine's limit; past the
     // body's, the server's. Both are 413.
     let big = json!("x".repeat(50_000)).to_string();
     let line = error(
@@ -146,7 +146,7 @@ fn events_are_delivered_once_per_id_and_refusals_say_why_and_store_nothing() {
         "too_large",
     );
     assert!(line.contains("49152"), "{line}");
-    let huge = json!("x".repeat(70_000)).to_string();
+    let huge = json!("x".repeat(120_000)).to_string();
     error(
         post(&w, "/v1/runs/inbox/events/go", &["Event-Id: huge"], &huge),
         413,

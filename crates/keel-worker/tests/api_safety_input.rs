@@ -234,7 +234,13 @@ fn inputs_are_bounded_every_error_is_json_and_a_worker_that_cannot_listen_calls_
     let (status, _) = http(&at, &format!("GET /metrics HTTP/1.1\r\nHost: {at}"), "");
     assert_eq!(status, 401);
     // A body over the limit is refused with the limit named.
-    let big_body = "x".repeat(keel_engine::limits::INPUT_BYTES_MAX + 20 * 1024);
+    // (The limit holds an input and an event payload at their bounds, for a start with an
+    // event.)
+    let big_body = "x".repeat(
+        keel_engine::limits::INPUT_BYTES_MAX
+            + keel_engine::limits::EVENT_PAYLOAD_BYTES_MAX
+            + 20 * 1024,
+    );
     let head = format!("POST /v1/runs HTTP/1.1\r\n{auth}\r\nContent-Type: application/json");
     let line = error(http(&at, &head, &big_body), 413, "too_large");
     assert!(line.contains("limit"), "{line}");
