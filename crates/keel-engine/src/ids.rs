@@ -212,6 +212,43 @@ pub fn child_id(parent: &RunId, index: OperationIndex) -> RunId {
     })
 }
 
+/// Checks the name of an event or a published value (`what` says which, for the error): 1 to
+/// [`crate::limits::EVENT_NAME_LEN_MAX`] bytes of ASCII letters, digits, `.`, `_` and `-`.
+pub(crate) fn check_event_name(what: &str, name: &str) -> Result<(), String> {
+    use crate::limits::EVENT_NAME_LEN_MAX;
+    if name.is_empty() || name.len() > EVENT_NAME_LEN_MAX {
+        return Err(format!(
+            "{what} {name:?} must be 1 to {EVENT_NAME_LEN_MAX} bytes long"
+        ));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{what} {name:?} holds {c:?}: only ASCII letters, digits, '.', '_' and '-' are allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an event id: 1 to [`crate::limits::EVENT_ID_LEN_MAX`] bytes of printable ASCII, no
+/// spaces.
+pub(crate) fn check_event_id(event_id: &str) -> Result<(), String> {
+    use crate::limits::EVENT_ID_LEN_MAX;
+    if event_id.is_empty() || event_id.len() > EVENT_ID_LEN_MAX {
+        return Err(format!(
+            "event id {event_id:?} must be 1 to {EVENT_ID_LEN_MAX} bytes long"
+        ));
+    }
+    if let Some(c) = event_id.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "event id {event_id:?} holds {c:?}: only printable ASCII without spaces is allowed"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,41 +307,4 @@ mod tests {
         );
         assert_eq!(k.0.get_version_num(), 5);
     }
-}
-
-/// Checks the name of an event or a published value (`what` says which, for the error): 1 to
-/// [`crate::limits::EVENT_NAME_LEN_MAX`] bytes of ASCII letters, digits, `.`, `_` and `-`.
-pub(crate) fn check_event_name(what: &str, name: &str) -> Result<(), String> {
-    use crate::limits::EVENT_NAME_LEN_MAX;
-    if name.is_empty() || name.len() > EVENT_NAME_LEN_MAX {
-        return Err(format!(
-            "{what} {name:?} must be 1 to {EVENT_NAME_LEN_MAX} bytes long"
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{what} {name:?} holds {c:?}: only ASCII letters, digits, '.', '_' and '-' are allowed"
-        ));
-    }
-    Ok(())
-}
-
-/// Checks an event id: 1 to [`crate::limits::EVENT_ID_LEN_MAX`] bytes of printable ASCII, no
-/// spaces.
-pub(crate) fn check_event_id(event_id: &str) -> Result<(), String> {
-    use crate::limits::EVENT_ID_LEN_MAX;
-    if event_id.is_empty() || event_id.len() > EVENT_ID_LEN_MAX {
-        return Err(format!(
-            "event id {event_id:?} must be 1 to {EVENT_ID_LEN_MAX} bytes long"
-        ));
-    }
-    if let Some(c) = event_id.chars().find(|c| !c.is_ascii_graphic()) {
-        return Err(format!(
-            "event id {event_id:?} holds {c:?}: only printable ASCII without spaces is allowed"
-        ));
-    }
-    Ok(())
 }
