@@ -109,6 +109,10 @@ pub const PROBES_IN_A_ROW_MAX: u32 = 2;
 /// ends as failed with the last error, so a probe that always fails cannot wait forever.
 pub const UNANSWERED_POLLS_MAX: u32 = 10;
 
+/// Largest keyed record a store keeps beside runs (a schedule with its input, a pending
+/// notification).
+pub const KEYED_RECORD_BYTES_MAX: usize = INPUT_BYTES_MAX + 16 * 1024;
+
 /// sled moves a page larger than a quarter of its 512 KiB segment into a separate blob
 /// file. Records stay below it so that they normally live in sled's log (the committer syncs
 /// blob files too, for the pages that grow past it anyway).
@@ -128,6 +132,7 @@ const _: () =
 const _: () = assert!(TRANSITION_ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(RUN_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(STATS_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
+const _: () = assert!(KEYED_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX < STEP_OUTPUT_BYTES_MAX);
 const _: () = assert!(STEPS_PER_RUN_MAX < JOURNAL_ENTRIES_PER_RUN_MAX);
 const _: () = assert!(RUN_ID_LEN_MAX < 256);

@@ -85,6 +85,29 @@ pub(crate) struct ScannedRuns {
     pub(crate) more: bool,
 }
 
+/// The kinds of small keyed records a store keeps beside runs ([`JournalStore::put_keyed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Space {
+    /// A schedule's definition, by schedule name (`schedule.rs`).
+    Schedule,
+    /// How far a schedule has fired, by schedule name: written by the engines that fire it,
+    /// apart from the definition an operator writes, so that neither overwrites the other.
+    ScheduleFired,
+    /// A notification not yet delivered everywhere, by its event id (`notice.rs`).
+    Notice,
+}
+
+impl Space {
+    /// The space's name, as stores key it.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Space::Schedule => "schedule",
+            Space::ScheduleFired => "schedule-fired",
+            Space::Notice => "notice",
+        }
+    }
+}
+
 /// Persistent home of run records and journals.
 ///
 /// Reads are futures; writes are made at once (to the store, or to what it will write with
@@ -144,6 +167,17 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// The statistics records the other engines sharing the store wrote (operation, record;
     /// an operation once per engine); none on a store of its own.
     fn others_stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>>;
+
+    /// Writes the record `key` of `space` (JSON text, at most
+    /// [`crate::limits::KEYED_RECORD_BYTES_MAX`] bytes), replacing the old. Durable with the
+    /// next sync; on a shared store, the last write of a key wins.
+    fn put_keyed(&self, space: Space, key: &str, value: &str) -> Result<()>;
+
+    /// Deletes the record `key` of `space`, if any. Durable with the next sync.
+    fn delete_keyed(&self, space: Space, key: &str) -> Result<()>;
+
+    /// Every record of `space`, in key order.
+    fn keyed(&self, space: Space) -> Read<'_, Vec<(String, String)>>;
 
     /// Takes the runs this engine should drive and nobody does: on a shared store, running
     /// runs of `workflows` (those it can drive) and compensating runs, whose owner is gone (at
@@ -219,6 +253,26 @@ pub(crate) fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -
         });
     }
     Ok(text)
+}
+
+/// Refuses a keyed record longer than [`crate::limits::KEYED_RECORD_BYTES_MAX`], or a key
+/// that is empty, longer than 256 bytes or holds a NUL byte.
+pub(crate) fn check_keyed(space: Space, key: &str, value: &str) -> Result<()> {
+    if key.is_empty() || key.len() > 256 || key.contains('\0') {
+        return Err(EngineError::InvalidRequest(format!(
+            "{} key {key:?}: must be 1 to 256 bytes without NUL",
+            space.as_str()
+        )));
+    }
+    let limit = crate::limits::KEYED_RECORD_BYTES_MAX;
+    if value.len() > limit {
+        return Err(EngineError::TooLarge {
+            what: format!("{} record {key}", space.as_str()),
+            bytes: value.len(),
+            limit,
+        });
+    }
+    Ok(())
 }
 
 /// Refuses a statistics record longer than [`crate::limits::STATS_RECORD_BYTES_MAX`].

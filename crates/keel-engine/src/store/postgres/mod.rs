@@ -37,7 +37,8 @@ use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX};
 use crate::store::commit::{Committer, SyncTicket};
 use crate::store::{
-    check_stats_size, encode, Claimed, JournalStore, Read, RunsScan, ScannedRuns, Takeover, Token,
+    check_keyed, check_stats_size, encode, Claimed, JournalStore, Read, RunsScan, ScannedRuns,
+    Space, Takeover, Token,
 };
 
 use lease::Lease;
@@ -351,6 +352,26 @@ impl JournalStore for PostgresStore {
 
     fn others_stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>> {
         self.ask(|reply| Request::Stats { mine: false, reply })
+    }
+
+    fn put_keyed(&self, space: Space, key: &str, value: &str) -> Result<()> {
+        check_keyed(space, key, value)?;
+        self.send(Request::PutKeyed {
+            space,
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
+
+    fn delete_keyed(&self, space: Space, key: &str) -> Result<()> {
+        self.send(Request::DeleteKeyed {
+            space,
+            key: key.to_string(),
+        })
+    }
+
+    fn keyed(&self, space: Space) -> Read<'_, Vec<(String, String)>> {
+        self.ask(|reply| Request::Keyed { space, reply })
     }
 
     fn sync(&self) -> SyncTicket {

@@ -72,6 +72,16 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX keel_claims_by_time ON keel_claims (claimed_at);
     "#,
+    // 3: keyed records beside the runs: schedules, how far they fired, notifications not yet
+    // delivered.
+    r#"
+    CREATE TABLE keel_keyed (
+        space text NOT NULL,
+        key text NOT NULL COLLATE "C",
+        value text NOT NULL,
+        PRIMARY KEY (space, key)
+    );
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -12,7 +12,7 @@ use tokio_postgres::{Client, Statement};
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
-use crate::store::{RunsScan, ScannedRuns, Token};
+use crate::store::{RunsScan, ScannedRuns, Space, Token};
 
 mod queries;
 
@@ -90,6 +90,19 @@ pub(super) enum Request {
     PutStats {
         operation: String,
         record: Vec<u8>,
+    },
+    PutKeyed {
+        space: Space,
+        key: String,
+        value: String,
+    },
+    DeleteKeyed {
+        space: Space,
+        key: String,
+    },
+    Keyed {
+        space: Space,
+        reply: Reply<Vec<(String, String)>>,
     },
     /// This worker's statistics records (`mine`), or the other workers'.
     Stats {
@@ -271,6 +284,17 @@ impl Writer {
                 let _ = self
                     .write(|w| Box::pin(w.put_stats(operation, record)))
                     .await;
+            }
+            Request::PutKeyed { space, key, value } => {
+                let _ = self
+                    .write(|w| Box::pin(w.put_keyed(space, key, value)))
+                    .await;
+            }
+            Request::DeleteKeyed { space, key } => {
+                let _ = self.write(|w| Box::pin(w.delete_keyed(space, key))).await;
+            }
+            Request::Keyed { space, reply } => {
+                let _ = reply.send(self.read(|w| Box::pin(w.keyed(space))).await);
             }
             Request::Run { id, reply } => {
                 let _ = reply.send(self.read(|w| Box::pin(w.run(id))).await);

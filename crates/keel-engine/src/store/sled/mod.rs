@@ -7,6 +7,7 @@
 //! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (JSON);
 //! - `l` + run id: the run's load count (u32, big-endian; absent when 0), `poison.rs`;
 //! - `s` + operation: latency statistics;
+//! - `k` + space + `0x00` + key: a keyed record beside the runs (a schedule, a notification);
 //! - in the tree `commit`, `m`: the commit sequence, written by every sync (`store/mark.rs`).
 //!
 //! Beside sled's files, `keel.mark` holds the high-water mark: the last commit known durable,
@@ -44,7 +45,9 @@ use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX, TRANSITION_ENTRY_BYTES_MAX};
 use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::mark::{self, Mark, Marker};
-use crate::store::{Claimed, JournalStore, Read, RunsScan, ScannedRuns, Takeover, Token};
+use crate::store::{
+    check_keyed, Claimed, JournalStore, Read, RunsScan, ScannedRuns, Space, Takeover, Token,
+};
 
 mod recovery;
 mod sync;
@@ -56,6 +59,14 @@ const RUN_PREFIX: u8 = b'r';
 const JOURNAL_PREFIX: u8 = b'j';
 const STATS_PREFIX: u8 = b's';
 const LOADS_PREFIX: u8 = b'l';
+const KEYED_PREFIX: u8 = b'k';
+
+fn keyed_prefix(space: Space) -> Vec<u8> {
+    let mut key = vec![KEYED_PREFIX];
+    key.extend_from_slice(space.as_str().as_bytes());
+    key.push(0);
+    key
+}
 
 /// What opening a store that lost acknowledged data does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -538,6 +549,47 @@ impl JournalStore for SledStore {
 
     fn stats(&self) -> Read<'_, Vec<(String, Vec<u8>)>> {
         ready(self.read_stats())
+    }
+
+    fn put_keyed(&self, space: Space, key: &str, value: &str) -> Result<()> {
+        check_keyed(space, key, value)?;
+        let mut full = keyed_prefix(space);
+        full.extend_from_slice(key.as_bytes());
+        self.db
+            .insert(full, value.as_bytes())
+            .map_err(|e| self.storage(e))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn delete_keyed(&self, space: Space, key: &str) -> Result<()> {
+        let mut full = keyed_prefix(space);
+        full.extend_from_slice(key.as_bytes());
+        self.db.remove(full).map_err(|e| self.storage(e))?;
+        self.wrote();
+        Ok(())
+    }
+
+    fn keyed(&self, space: Space) -> Read<'_, Vec<(String, String)>> {
+        let prefix = keyed_prefix(space);
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(&prefix) {
+            let (key, value) = match item {
+                Ok(kv) => kv,
+                Err(e) => return ready(Err(self.storage(e))),
+            };
+            let text = |bytes: &[u8]| {
+                String::from_utf8(bytes.to_vec()).map_err(|_| EngineError::Corrupt {
+                    key: readable_key(&key),
+                    detail: "a keyed record that is not UTF-8".into(),
+                })
+            };
+            match (text(&key[prefix.len()..]), text(&value)) {
+                (Ok(k), Ok(v)) => out.push((k, v)),
+                (Err(e), _) | (_, Err(e)) => return ready(Err(e)),
+            }
+        }
+        ready(Ok(out))
     }
 
     fn sync(&self) -> SyncTicket {

@@ -196,3 +196,52 @@ fn an_oversized_transition_writes_nothing() {
     assert_eq!(store.read_journal(&record.id).unwrap(), Vec::<Entry>::new());
     assert_eq!(store.read_run(&record.id).unwrap(), Some(record));
 }
+
+/// Keyed records: one space never shows another's, a put replaces, a delete removes, an
+/// oversized record or a bad key is refused with nothing written, and what was synced
+/// survives a reopen.
+#[test]
+fn keyed_records_are_kept_per_space_and_survive_a_reopen() {
+    let block = |read: Read<'_, Vec<(String, String)>>| {
+        futures_util::FutureExt::now_or_never(read)
+            .unwrap()
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    store
+        .put_keyed(Space::Schedule, "nightly", "{\"a\":1}")
+        .unwrap();
+    store
+        .put_keyed(Space::Schedule, "nightly", "{\"a\":2}")
+        .unwrap();
+    store.put_keyed(Space::Schedule, "yearly", "{}").unwrap();
+    store
+        .put_keyed(Space::ScheduleFired, "nightly", "{\"at\":5}")
+        .unwrap();
+    store.put_keyed(Space::Notice, "gone", "{}").unwrap();
+    store.delete_keyed(Space::Notice, "gone").unwrap();
+    let too_large = "x".repeat(crate::limits::KEYED_RECORD_BYTES_MAX + 1);
+    assert!(matches!(
+        store.put_keyed(Space::Notice, "big", &too_large),
+        Err(EngineError::TooLarge { .. })
+    ));
+    assert!(store.put_keyed(Space::Notice, "", "{}").is_err());
+    assert!(store.put_keyed(Space::Notice, "a\0b", "{}").is_err());
+    store.db.flush().unwrap();
+    drop(store);
+
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(
+        block(store.keyed(Space::Schedule)),
+        vec![
+            ("nightly".to_string(), "{\"a\":2}".to_string()),
+            ("yearly".to_string(), "{}".to_string())
+        ]
+    );
+    assert_eq!(
+        block(store.keyed(Space::ScheduleFired)),
+        vec![("nightly".to_string(), "{\"at\":5}".to_string())]
+    );
+    assert_eq!(block(store.keyed(Space::Notice)), vec![]);
+}

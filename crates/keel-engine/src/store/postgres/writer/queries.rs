@@ -8,7 +8,7 @@ use super::{RecordRow, Writer};
 use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
-use crate::store::{RunsScan, ScannedRuns, Token};
+use crate::store::{RunsScan, ScannedRuns, Space, Token};
 
 impl Writer {
     pub(super) fn error(&self, source: Box<dyn std::error::Error + Send + Sync>) -> EngineError {
@@ -168,6 +168,44 @@ impl Writer {
             .await
             .map_err(|e| self.db(e))?;
         Ok(())
+    }
+
+    pub(super) async fn put_keyed(&self, space: Space, key: String, value: String) -> Result<()> {
+        self.client
+            .execute(
+                "INSERT INTO keel_keyed (space, key, value) VALUES ($1, $2, $3) \
+                 ON CONFLICT (space, key) DO UPDATE SET value = EXCLUDED.value",
+                &[&space.as_str(), &key, &value],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    pub(super) async fn delete_keyed(&self, space: Space, key: String) -> Result<()> {
+        self.client
+            .execute(
+                "DELETE FROM keel_keyed WHERE space = $1 AND key = $2",
+                &[&space.as_str(), &key],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
+    pub(super) async fn keyed(&self, space: Space) -> Result<Vec<(String, String)>> {
+        let rows = self
+            .client
+            .query(
+                "SELECT key, value FROM keel_keyed WHERE space = $1 ORDER BY key",
+                &[&space.as_str()],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect())
     }
 
     pub(super) async fn run(&self, id: RunId) -> Result<Option<RunRecord>> {
