@@ -71,3 +71,5 @@ pub use keel_engine::{
 pub use keel_engine::limits;
 /// The test clock, to drive a workflow's timers and waits in tests.
 pub use keel_engine::testing;
+/// Operating runs at fleet scale: batches by filter, reruns, purges.
+pub use keel_engine::{Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, Rerun, RunFilter};

@@ -30,6 +30,7 @@ async fn pages(engine: &Engine, status: Option<RunStatus>, limit: usize) -> Vec<
     loop {
         let page = engine
             .list_page(&RunsQuery {
+                prefix: None,
                 status,
                 after: after.clone(),
                 limit,
@@ -100,6 +101,7 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
     for limit in [0, RUNS_PAGE_MAX + 1] {
         let error = engine
             .list_page(&RunsQuery {
+                prefix: None,
                 status: None,
                 after: None,
                 limit,
@@ -112,6 +114,7 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
     // After the last id: an empty last page.
     let page = engine
         .list_page(&RunsQuery {
+            prefix: None,
             status: None,
             after: Some("run-99".into()),
             limit: 5,

@@ -312,6 +312,7 @@ fn record_of(id: &str, workflow: &str, input: serde_json::Value, status: RunStat
         output: None,
         error: None,
         parent: None,
+        rerun_of: None,
     }
 }
 

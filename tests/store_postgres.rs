@@ -239,6 +239,7 @@ async fn a_corrupt_record_hides_no_other_run_from_a_listing() {
     for _ in 0..10 {
         let page = engine
             .list_page(&keel::RunsQuery {
+                prefix: None,
                 status: None,
                 after: after.clone(),
                 limit: 1,

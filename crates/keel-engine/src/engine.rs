@@ -26,17 +26,32 @@ use crate::replay::RunState;
 use crate::store::{Takeover, Token};
 use crate::workflow::{Workflow, Workflows};
 
+mod batch;
 mod builder;
 mod events;
 mod gc;
 mod metrics;
 mod operator;
 mod reads;
+mod rerun;
 mod resume;
 
+pub use batch::{
+    Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, RunFilter, BATCH_RUNS_MAX,
+};
 pub use builder::EngineBuilder;
 pub use events::{Delivered, EventIn};
 pub use reads::{RunsPage, RunsQuery, RUNS_PAGE_MAX};
+pub use rerun::Rerun;
+
+/// Where a run being started comes from, stored in its record.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Lineage {
+    /// The run that starts it as a child.
+    pub(crate) parent: Option<RunId>,
+    /// The finished run it reruns.
+    pub(crate) rerun_of: Option<RunId>,
+}
 
 /// How long finished runs are kept by default.
 pub const RETENTION_DEFAULT: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -51,6 +66,8 @@ pub(crate) struct Inner {
     loading: tokio::sync::Mutex<()>,
     drivers: watch::Sender<usize>,
     retention: Duration,
+    /// Retentions an operator set per workflow, over the engine's and the workflow's own.
+    retention_for: HashMap<String, Duration>,
     /// Unfinished runs left undriven at open for want of registered types, with the reason.
     undriven: Mutex<HashMap<RunId, String>>,
 }
@@ -322,7 +339,9 @@ impl Engine {
             what: format!("input of {}", W::NAME),
             source,
         })?;
-        let record = self.start_value(W::NAME, id, input, None, None).await?;
+        let record = self
+            .start_value(W::NAME, id, input, Lineage::default(), None)
+            .await?;
         Ok(RunHandle::new(self.clone(), record.id))
     }
 
@@ -333,7 +352,8 @@ impl Engine {
     /// refuse is [`EngineError::InvalidInput`], each naming the field's path.
     pub async fn start_json(&self, workflow: &str, id: &str, input: Value) -> Result<RunRecord> {
         let (id, input) = self.checked_json_start(workflow, id, input)?;
-        self.start_value(workflow, id, input, None, None).await
+        self.start_value(workflow, id, input, Lineage::default(), None)
+            .await
     }
 
     /// The id and the normalised input of a JSON start of `workflow`, checked.
@@ -362,9 +382,18 @@ impl Engine {
         input: Value,
         parent: &RunId,
     ) -> Result<()> {
-        self.start_value(workflow, child.clone(), input, Some(parent.clone()), None)
-            .await
-            .map(|_| ())
+        self.start_value(
+            workflow,
+            child.clone(),
+            input,
+            Lineage {
+                parent: Some(parent.clone()),
+                rerun_of: None,
+            },
+            None,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Starts (or finds) run `id`, checked by the caller: a caller's id as
@@ -375,7 +404,7 @@ impl Engine {
         workflow: &str,
         id: RunId,
         input: Value,
-        parent: Option<RunId>,
+        lineage: Lineage,
         event: Option<&EventIn>,
     ) -> Result<RunRecord> {
         if *self.inner.env.shutdown.borrow() {
@@ -414,7 +443,8 @@ impl Engine {
             finished_at_ms: None,
             output: None,
             error: None,
-            parent,
+            parent: lineage.parent,
+            rerun_of: lineage.rerun_of,
         };
         // With an event, no load of the run (a concurrent send's, an operator's) may come
         // between its record and its first entry: the loads' lock is held until its cell is
@@ -462,14 +492,19 @@ impl Engine {
         if existing.workflow != requested.workflow
             || existing.input != requested.input
             || existing.parent != requested.parent
+            || existing.rerun_of != requested.rerun_of
         {
             let describe = |r: &RunRecord| {
                 let parent = match &r.parent {
                     Some(parent) => format!(" as a child of run {parent}"),
                     None => String::new(),
                 };
+                let rerun = match &r.rerun_of {
+                    Some(rerun) => format!(" as a rerun of run {rerun}"),
+                    None => String::new(),
+                };
                 format!(
-                    "workflow {:?} and input {}{parent}",
+                    "workflow {:?} and input {}{parent}{rerun}",
                     r.workflow,
                     digest(&r.input)
                 )

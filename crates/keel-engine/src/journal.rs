@@ -118,6 +118,10 @@ pub struct RunRecord {
     /// The run that started this one as a child, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<RunId>,
+    /// The finished run this one reruns ([`crate::Engine::rerun`]), if any; that run's
+    /// journal names this one in a `rerun_started` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun_of: Option<RunId>,
 }
 
 /// How a step error is classified; the class drives retries and the saga.
@@ -327,6 +331,13 @@ pub enum Event {
         /// The value.
         value: Value,
     },
+    /// An operator reran this finished run as run `run` ([`crate::Engine::rerun`]): a note
+    /// in the journal of the run rerun, which the new run's record names in `rerun_of`. No
+    /// operation of the body, and no change of state.
+    RerunStarted {
+        /// The new run.
+        run: RunId,
+    },
     /// The workflow returned its output. Written with the `Completed` status.
     RunCompleted {
         /// The output.
@@ -437,6 +448,7 @@ impl Event {
             | Event::RunCompensationFailed { step, .. } => Some(*step),
             Event::EventDelivered { .. }
             | Event::ProgressPublished { .. }
+            | Event::RerunStarted { .. }
             | Event::RunCompleted { .. }
             | Event::RunFailed { .. }
             | Event::RunSuspended { .. }

@@ -299,7 +299,8 @@ pub use child::FanOutProgress;
 pub use clock::Clock;
 pub use ctx::{Created, Ctx, Received};
 pub use engine::{
-    Delivered, Engine, EngineBuilder, EventIn, RunHandle, RunsPage, RunsQuery, RETENTION_DEFAULT,
+    Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, Delivered, Engine, EngineBuilder,
+    EventIn, Rerun, RunFilter, RunHandle, RunsPage, RunsQuery, BATCH_RUNS_MAX, RETENTION_DEFAULT,
     RUNS_PAGE_MAX,
 };
 pub use error::{EngineError, Result};

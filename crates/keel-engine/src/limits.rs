@@ -101,6 +101,10 @@ pub const STATS_RECORD_BYTES_MAX: usize =
 /// Most run records in one page of [`crate::Engine::list_page`].
 pub const RUNS_PAGE_MAX: usize = 1000;
 
+/// Most runs one batch call acts on (`Engine::batch`); a larger batch goes on with the
+/// call's continuation.
+pub const BATCH_RUNS_MAX: usize = 1000;
+
 /// Slots in a row a rate limiter gives probes ([`crate::Priority::Probe`]) while calls
 /// ([`crate::Priority::Call`]) wait.
 pub const PROBES_IN_A_ROW_MAX: u32 = 2;

@@ -408,6 +408,7 @@ async fn start(
 struct ListQuery {
     status: Option<String>,
     after: Option<String>,
+    prefix: Option<String>,
     limit: Option<usize>,
 }
 
@@ -439,6 +440,7 @@ async fn list(
         .list_page(&RunsQuery {
             status,
             after: query.after,
+            prefix: query.prefix,
             limit,
         })
         .await?;

@@ -30,6 +30,7 @@ pub struct EngineBuilder {
     runs_concurrent_max: usize,
     poison_after_loads: u32,
     retention: Duration,
+    retention_for: HashMap<String, Duration>,
     gc_interval: Duration,
     workflows: Workflows,
     registry: Registry,
@@ -52,6 +53,7 @@ impl std::fmt::Debug for EngineBuilder {
             .field("runs_concurrent_max", &self.runs_concurrent_max)
             .field("poison_after_loads", &self.poison_after_loads)
             .field("retention", &self.retention)
+            .field("retention_for", &self.retention_for)
             .field("gc_interval", &self.gc_interval)
             .field("allow_unregistered", &self.allow_unregistered)
             .field("rate_limits", &self.rate_limits)
@@ -196,6 +198,13 @@ impl EngineBuilder {
         EngineBuilder { retention, ..self }
     }
 
+    /// How long finished runs of `workflow` are kept, overriding the engine's retention and
+    /// the workflow's own ([`crate::Workflow::RETENTION`]).
+    pub fn retention_for(mut self, workflow: &str, retention: Duration) -> Self {
+        self.retention_for.insert(workflow.to_string(), retention);
+        self
+    }
+
     /// How often garbage collection runs in the background (default 10 minutes).
     pub fn gc_interval(self, interval: Duration) -> Self {
         EngineBuilder {
@@ -239,6 +248,7 @@ impl EngineBuilder {
             loading: tokio::sync::Mutex::new(()),
             drivers,
             retention: self.retention,
+            retention_for: self.retention_for,
             undriven: Mutex::new(HashMap::new()),
         });
         let engine = Engine { inner };
@@ -287,6 +297,7 @@ impl Engine {
             runs_concurrent_max: 10_000,
             poison_after_loads: crate::limits::POISON_LOADS_DEFAULT,
             retention: RETENTION_DEFAULT,
+            retention_for: HashMap::new(),
             gc_interval: Duration::from_secs(600),
             workflows: Workflows::default(),
             registry: Registry::default(),

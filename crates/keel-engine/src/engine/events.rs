@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::cell::RunCell;
-use crate::engine::Engine;
+use crate::engine::{Engine, Lineage};
 use crate::error::{EngineError, Result};
 use crate::ids::{check_event_id, check_event_name, JournalIndex, RunId};
 use crate::journal::{digest, Entry, Event, Published, RunRecord, RunStatus};
@@ -260,7 +260,7 @@ impl Engine {
             source,
         })?;
         let record = self
-            .start_value(W::NAME, id, input, None, Some(&event))
+            .start_value(W::NAME, id, input, Lineage::default(), Some(&event))
             .await?;
         Ok(RunHandle::new(self.clone(), record.id))
     }
@@ -276,7 +276,7 @@ impl Engine {
     ) -> Result<RunRecord> {
         event.check()?;
         let (id, input) = self.checked_json_start(workflow, id, input)?;
-        self.start_value(workflow, id, input, None, Some(&event))
+        self.start_value(workflow, id, input, Lineage::default(), Some(&event))
             .await
     }
 

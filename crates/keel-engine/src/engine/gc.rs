@@ -8,7 +8,9 @@ use crate::engine::Engine;
 use crate::error::Result;
 
 impl Engine {
-    /// Deletes runs that finished longer ago than the retention; returns how many, once their
+    /// Deletes runs that finished longer ago than their workflow's retention (an operator's
+    /// [`crate::EngineBuilder::retention_for`], else the workflow's own
+    /// [`crate::Workflow::RETENTION`], else the engine's); returns how many, once their
     /// deletion is durable.
     ///
     /// Runs are deleted `GC_RUNS_PER_WRITE` to one atomic write: sled 0.34's atomic multi-key
@@ -16,14 +18,11 @@ impl Engine {
     /// stall the store once per run.
     pub async fn collect_garbage(&self) -> Result<usize> {
         const GC_RUNS_PER_WRITE: usize = 256;
-        let horizon = self
-            .inner
-            .env
-            .clock
-            .now_ms()
-            .saturating_sub(millis_saturating(self.inner.retention));
+        let now = self.inner.env.clock.now_ms();
         let mut expired_ids = Vec::new();
         for record in self.records().await? {
+            let horizon =
+                now.saturating_sub(millis_saturating(self.retention_of(&record.workflow)));
             let expired = record.status.is_terminal()
                 && record.finished_at_ms.is_some_and(|at| at <= horizon);
             // A child is kept while its parent is, which may still compensate it.
@@ -52,6 +51,18 @@ impl Engine {
             tracing::info!(collected, "finished runs collected");
         }
         Ok(collected)
+    }
+
+    /// How long finished runs of `workflow` are kept.
+    pub fn retention_of(&self, workflow: &str) -> Duration {
+        if let Some(retention) = self.inner.retention_for.get(workflow) {
+            return *retention;
+        }
+        self.inner
+            .workflows
+            .get(workflow)
+            .and_then(|entry| entry.retention)
+            .unwrap_or(self.inner.retention)
     }
 
     pub(super) fn spawn_gc(&self, interval: Duration) {

@@ -27,6 +27,8 @@ pub struct RunsQuery {
     pub status: Option<RunStatus>,
     /// Start after this run id (the previous page's `next`); from the first when `None`.
     pub after: Option<String>,
+    /// Only runs whose id begins with this (a fleet's children: `fleet-7/`); any when `None`.
+    pub prefix: Option<String>,
     /// Most records in the page, 1 to [`RUNS_PAGE_MAX`].
     pub limit: usize,
 }
@@ -83,6 +85,7 @@ impl Engine {
         let scan = RunsScan {
             after: query.after.as_deref().map(RunId::existing).transpose()?,
             status: query.status,
+            prefix: query.prefix.clone(),
             limit: query.limit,
         };
         let page = self.inner.env.store.runs_page(&scan).await?;

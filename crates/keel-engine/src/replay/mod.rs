@@ -231,6 +231,8 @@ impl RunState {
                 self.progress_published(name, value, at_ms);
                 Ok(())
             }
+            // A note for operators: the run's state is unchanged.
+            Event::RerunStarted { .. } => Ok(()),
             Event::CancelRequested => self.request_cancel(),
             Event::PauseRequested => self.request_pause(),
             Event::RunPaused { exhausted, .. } => self.run_paused(*exhausted),

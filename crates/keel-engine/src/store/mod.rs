@@ -70,9 +70,25 @@ pub(crate) struct RunsScan {
     pub(crate) after: Option<RunId>,
     /// Only records in this status; every status when `None`.
     pub(crate) status: Option<RunStatus>,
+    /// Only runs whose id begins with this; the scan starts at the first such id and ends
+    /// after the last, so a page costs what the prefix holds, not the store.
+    pub(crate) prefix: Option<String>,
     /// Most records returned (records that do not decode are returned beside them, as their
     /// errors, and not counted).
     pub(crate) limit: usize,
+}
+
+/// The first string after every string that begins with `prefix` (non-empty ASCII), in
+/// byte order: `prefix` with its last byte incremented; `None` when there is none.
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
+    let mut bytes = prefix.as_bytes().to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < 0x7f {
+            bytes.push(last + 1);
+            return String::from_utf8(bytes).ok();
+        }
+    }
+    None
 }
 
 /// A page of run records in id order.

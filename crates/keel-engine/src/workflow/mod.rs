@@ -27,6 +27,11 @@ pub trait Workflow: Send + Sync + 'static {
     /// policy: hand the failure to the body (default), or pause for an operator.
     const ON_RETRIES_EXHAUSTED: OnRetriesExhausted = OnRetriesExhausted::Fail;
 
+    /// How long finished runs of this workflow are kept before garbage collection, when not
+    /// the engine's retention ([`crate::EngineBuilder::retention`]); an operator's
+    /// [`crate::EngineBuilder::retention_for`] overrides both.
+    const RETENTION: Option<std::time::Duration> = None;
+
     /// The input, journaled by `start`.
     type Input: Serialize + DeserializeOwned + Send + 'static;
 

@@ -93,6 +93,8 @@ pub(crate) struct WorkflowEntry {
     type_id: TypeId,
     pub(crate) version: u32,
     pub(crate) on_retries_exhausted: OnRetriesExhausted,
+    /// The workflow's own retention of finished runs, if it has one.
+    pub(crate) retention: Option<std::time::Duration>,
     pub(crate) run: Box<RunFn>,
     /// Decodes an input as the workflow's input type and encodes it again, so the stored
     /// input is the same whether it came as JSON or as a typed value.
@@ -120,6 +122,7 @@ impl Workflows {
             type_id: TypeId::of::<W>(),
             version: W::VERSION,
             on_retries_exhausted: W::ON_RETRIES_EXHAUSTED,
+            retention: W::RETENTION,
             run: Box::new(run_body::<W>),
             validate: Box::new(validate_input::<W>),
             normalise_input: Box::new(normalise_input::<W>),

@@ -328,19 +328,23 @@ impl SledStore {
         }
     }
 
+    /// Visits the run records after `after` whose ids begin with `prefix`, in id order.
     fn visit_runs(
         &self,
         after: Option<&RunId>,
+        prefix: Option<&str>,
         visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
     ) -> Result<()> {
         use std::ops::Bound;
+        let mut first = vec![RUN_PREFIX];
+        first.extend_from_slice(prefix.unwrap_or("").as_bytes());
         let start = match after {
-            Some(id) => Bound::Excluded(run_key(id)),
-            None => Bound::Included(vec![RUN_PREFIX]),
+            Some(id) if run_key(id) >= first => Bound::Excluded(run_key(id)),
+            _ => Bound::Included(first.clone()),
         };
         for item in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
             let (key, bytes) = item.map_err(|e| self.storage(e))?;
-            if key.first() != Some(&RUN_PREFIX) {
+            if !key.starts_with(&first) {
                 break;
             }
             if visit(decode_record(&key, &bytes)).is_break() {
@@ -482,7 +486,7 @@ impl JournalStore for SledStore {
 
     fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns> {
         let (mut page, mut held) = (ScannedRuns::default(), 0);
-        let visited = self.visit_runs(scan.after.as_ref(), &mut |record| {
+        let visited = self.visit_runs(scan.after.as_ref(), scan.prefix.as_deref(), &mut |record| {
             if let Ok(record) = &record {
                 if scan.status.is_some_and(|s| s != record.status) {
                     return ControlFlow::Continue(());
@@ -501,7 +505,7 @@ impl JournalStore for SledStore {
 
     fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>> {
         let mut counts = BTreeMap::new();
-        let visited = self.visit_runs(None, &mut |record| {
+        let visited = self.visit_runs(None, None, &mut |record| {
             if let Ok(record) = record {
                 *counts.entry(record.status).or_default() += 1;
             }

@@ -22,6 +22,7 @@ fn running(id: &str) -> RunRecord {
         output: None,
         error: None,
         parent: None,
+        rerun_of: None,
     }
 }
 

@@ -240,6 +240,8 @@ impl Writer {
         // Rows are read in chunks of one more than asked: whether another page follows.
         let chunk = i64::try_from(scan.limit).unwrap_or(i64::MAX - 1) + 1;
         let mut after = scan.after.as_ref().map(|id| id.as_str().to_string());
+        let prefix = scan.prefix.clone();
+        let prefix_end = scan.prefix.as_deref().and_then(crate::store::prefix_end);
         let (mut page, mut held) = (ScannedRuns::default(), 0);
         loop {
             let rows = self
@@ -247,8 +249,9 @@ impl Writer {
                 .query(
                     "SELECT id, record FROM keel_runs \
                      WHERE ($1::text IS NULL OR id > $1) AND ($2::text IS NULL OR status = $2) \
+                     AND ($4::text IS NULL OR id >= $4) AND ($5::text IS NULL OR id < $5) \
                      ORDER BY id LIMIT $3",
-                    &[&after, &status, &chunk],
+                    &[&after, &status, &chunk, &prefix, &prefix_end],
                 )
                 .await
                 .map_err(|e| self.db(e))?;

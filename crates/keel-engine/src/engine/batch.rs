@@ -1,0 +1,533 @@
+//! Operator actions over every run a filter matches: cancel, pause, resume, retry a failed
+//! compensation, resolve, rerun, purge. A call acts on at most [`BATCH_RUNS_MAX`] runs and
+//! says where the next call goes on (a continuation token: the last run id it looked at), so
+//! a fleet's thousand runs are acted on in bounded steps that each report, per run, what was
+//! done or why it was skipped. Each run's action is the engine's own operator call, durable
+//! when it is reported; a batch cut short by a crash is repeated from its last token, and
+//! every run whose action took effect is skipped the second time (its status no longer
+//! admits it, or, for a rerun, it was rerun already).
+
+use futures_util::stream::{self, StreamExt};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::rerun::Rerun;
+use crate::engine::Engine;
+use crate::error::{EngineError, Result};
+use crate::ids::RunId;
+use crate::journal::{RunRecord, RunStatus};
+use crate::store::RunsScan;
+
+pub use crate::limits::BATCH_RUNS_MAX;
+
+/// Run records read per store page while a batch scans.
+const SCAN_PAGE: usize = 1000;
+
+/// Most records one call reads past before it returns a continuation, whatever it matched:
+/// a filter that matches little in a large store costs each call this much, not the store.
+const SCAN_RECORDS_MAX: usize = 50_000;
+
+/// Runs acted on at once within a call: their writes share the store's group commits.
+const ACTIONS_CONCURRENT: usize = 16;
+
+/// Which runs a batch (or a purge) applies to. Every field given must hold; at least one
+/// must be given, so that no batch acts on every run by omission.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunFilter {
+    /// Runs in any of these statuses; any status when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statuses: Vec<RunStatus>,
+    /// Runs of this workflow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    /// Runs whose id begins with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id_prefix: Option<String>,
+    /// Child runs of this run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Runs created at or after this time (ms since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_after_ms: Option<u64>,
+    /// Runs created before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_before_ms: Option<u64>,
+    /// Runs that finished before this time (finished runs only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_before_ms: Option<u64>,
+}
+
+impl RunFilter {
+    /// Whether the filter names no criterion at all.
+    pub fn is_empty(&self) -> bool {
+        self == &RunFilter::default()
+    }
+
+    /// Whether `record` matches.
+    pub fn matches(&self, record: &RunRecord) -> bool {
+        let parent = self.parent.as_deref();
+        (self.statuses.is_empty() || self.statuses.contains(&record.status))
+            && self.workflow.as_ref().is_none_or(|w| *w == record.workflow)
+            && self
+                .id_prefix
+                .as_ref()
+                .is_none_or(|p| record.id.as_str().starts_with(p.as_str()))
+            && parent.is_none_or(|p| record.parent.as_ref().is_some_and(|rp| rp.as_str() == p))
+            && self
+                .created_after_ms
+                .is_none_or(|at| record.created_at_ms >= at)
+            && self
+                .created_before_ms
+                .is_none_or(|at| record.created_at_ms < at)
+            && self
+                .finished_before_ms
+                .is_none_or(|at| record.finished_at_ms.is_some_and(|f| f < at))
+    }
+
+    /// The store scan that visits every record this filter can match (and few more): by id
+    /// prefix (a parent's children share `parent/`), and by status when there is one.
+    fn scan(&self, after: Option<RunId>, limit: usize) -> RunsScan {
+        let children = self.parent.as_ref().map(|p| format!("{p}/"));
+        // Both prefixes must hold: the longer one implies the other, or nothing matches.
+        let prefix = match (self.id_prefix.clone(), children) {
+            (Some(a), Some(b)) => Some(if a.len() >= b.len() { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        RunsScan {
+            after,
+            status: match self.statuses.as_slice() {
+                [one] => Some(*one),
+                _ => None,
+            },
+            prefix,
+            limit,
+        }
+    }
+}
+
+/// What a batch does to each run it matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum BatchAction {
+    /// [`Engine::cancel`]: running, suspended and paused runs compensate.
+    Cancel,
+    /// [`Engine::pause`]: running runs.
+    Pause,
+    /// [`Engine::resume`]: paused and suspended runs.
+    Resume,
+    /// [`Engine::retry_compensation`]: runs whose compensation failed.
+    RetryCompensation,
+    /// [`Engine::resolve`] with this note: runs whose compensation failed.
+    Resolve {
+        /// What the operator did.
+        note: String,
+    },
+    /// [`Engine::rerun`] with the same input under the default id: finished runs not rerun
+    /// before.
+    Rerun,
+    /// Deletes finished runs (and their finished children) with their journals.
+    Purge,
+}
+
+impl BatchAction {
+    /// The action's name, as the API spells it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BatchAction::Cancel => "cancel",
+            BatchAction::Pause => "pause",
+            BatchAction::Resume => "resume",
+            BatchAction::RetryCompensation => "retry_compensation",
+            BatchAction::Resolve { .. } => "resolve",
+            BatchAction::Rerun => "rerun",
+            BatchAction::Purge => "purge",
+        }
+    }
+
+    /// The statuses a run must be in for the action to apply.
+    fn admits(&self) -> &'static [RunStatus] {
+        use RunStatus::*;
+        match self {
+            BatchAction::Cancel => &[Running, Suspended, Paused],
+            BatchAction::Pause => &[Running],
+            BatchAction::Resume => &[Paused, Suspended],
+            BatchAction::RetryCompensation | BatchAction::Resolve { .. } => &[CompensationFailed],
+            BatchAction::Rerun | BatchAction::Purge => &[Completed, Failed, Compensated, Resolved],
+        }
+    }
+}
+
+/// A batch: an action, the runs it applies to, and where this call starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// What to do.
+    #[serde(flatten)]
+    pub action: BatchAction,
+    /// To which runs.
+    pub filter: RunFilter,
+    /// Only count the matches and list the first `limit`, with what would be done to each.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// The previous call's `next`: go on after this run id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// Most runs acted on (or listed, in a dry run), 1 to [`BATCH_RUNS_MAX`].
+    pub limit: usize,
+}
+
+/// What a batch did (or, in a dry run, would do) to one run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BatchOutcome {
+    /// The action took effect (durable).
+    Done,
+    /// The run's state does not admit the action; `reason` says why.
+    Skipped,
+    /// The action failed; `reason` has the error. The next run is still acted on.
+    Failed,
+    /// Dry run: the action would apply.
+    WouldAct,
+    /// Dry run: the run would be skipped; `reason` says why.
+    WouldSkip,
+}
+
+/// One run of a batch's report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchRun {
+    /// The run.
+    pub id: RunId,
+    /// Its workflow.
+    pub workflow: String,
+    /// Its status when the batch found it.
+    pub status: RunStatus,
+    /// What happened.
+    pub outcome: BatchOutcome,
+    /// Its status after the action (when it was done and the run is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub now: Option<RunStatus>,
+    /// Why it was skipped or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The rerun started (a rerun batch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<RunId>,
+}
+
+/// What one batch call did.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BatchReport {
+    /// The action.
+    pub action: String,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// Runs matched by this call (a dry run: every match after `after`).
+    pub matched: u64,
+    /// Runs the action took effect on (a dry run: would take effect on).
+    pub done: u64,
+    /// Runs skipped for their state.
+    pub skipped: u64,
+    /// Runs whose action failed.
+    pub failed: u64,
+    /// Per run, in id order (a dry run: the first `limit` matches).
+    pub runs: Vec<BatchRun>,
+    /// Where the next call goes on (pass it as `after`); `None` when every match was seen.
+    pub next: Option<String>,
+}
+
+impl Engine {
+    /// Applies `batch.action` to the runs `batch.filter` matches after `batch.after`, at most
+    /// `batch.limit` of them, and reports per run what happened; or, with `dry_run`, counts
+    /// every match, lists the first `limit` and changes nothing.
+    ///
+    /// Each run's action is the engine's own operator call and is durable when reported.
+    /// A run whose status does not admit the action is skipped with the reason; a run whose
+    /// action fails is reported as failed and the batch goes on. The report's `next` is where
+    /// a following call goes on; `None` once every match was seen. Repeating a call (its
+    /// answer lost) acts on nothing twice: a run acted on no longer admits the action (a
+    /// rerun batch skips runs rerun before).
+    pub async fn batch(&self, batch: &Batch) -> Result<BatchReport> {
+        self.check_batch(batch)?;
+        let mut report = BatchReport {
+            action: batch.action.name().into(),
+            dry_run: batch.dry_run,
+            matched: 0,
+            done: 0,
+            skipped: 0,
+            failed: 0,
+            runs: Vec::new(),
+            next: None,
+        };
+        let mut matched = Vec::new();
+        let mut after = batch.after.as_deref().map(RunId::existing).transpose()?;
+        let mut scanned = 0;
+        'scan: loop {
+            let scan = batch.filter.scan(after.clone(), SCAN_PAGE);
+            let page = self.inner.env.store.runs_page(&scan).await?;
+            for record in page.records {
+                let record = match record {
+                    Ok(record) => record,
+                    Err(error) => {
+                        tracing::error!(%error, "run record unreadable: left out of the batch");
+                        continue;
+                    }
+                };
+                scanned += 1;
+                after = Some(record.id.clone());
+                if !batch.filter.matches(&record) {
+                    continue;
+                }
+                if batch.dry_run {
+                    report.matched += 1;
+                    let skip = self.skip_reason(&batch.action, &record).await?;
+                    if skip.is_none() {
+                        report.done += 1;
+                    } else {
+                        report.skipped += 1;
+                    }
+                    if report.runs.len() < batch.limit {
+                        report.runs.push(planned(record, skip));
+                    }
+                    continue;
+                }
+                matched.push(record);
+                if matched.len() == batch.limit || scanned >= SCAN_RECORDS_MAX {
+                    report.next = after.as_ref().map(|id| id.to_string());
+                    break 'scan;
+                }
+            }
+            if !page.more {
+                break;
+            }
+            if !batch.dry_run && scanned >= SCAN_RECORDS_MAX {
+                report.next = after.as_ref().map(|id| id.to_string());
+                break;
+            }
+        }
+        if batch.dry_run {
+            self.inner.env.store.sync().wait().await?;
+            return Ok(report);
+        }
+        report.matched = matched.len() as u64;
+        let runs: Vec<BatchRun> = stream::iter(matched)
+            .map(|record| self.act(&batch.action, record))
+            .buffered(ACTIONS_CONCURRENT)
+            .collect()
+            .await;
+        for run in &runs {
+            match run.outcome {
+                BatchOutcome::Done => report.done += 1,
+                BatchOutcome::Failed => report.failed += 1,
+                _ => report.skipped += 1,
+            }
+        }
+        report.runs = runs;
+        if report.next.is_some() && report.matched < batch.limit as u64 {
+            // Cut by the scan bound: say how far it got.
+            tracing::info!(scanned, "batch scanned its bound; the next call goes on");
+        }
+        tracing::info!(
+            action = batch.action.name(),
+            done = report.done,
+            skipped = report.skipped,
+            failed = report.failed,
+            "batch acted"
+        );
+        Ok(report)
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        if batch.limit == 0 || batch.limit > BATCH_RUNS_MAX {
+            return Err(EngineError::InvalidRequest(format!(
+                "limit {} is out of range (1..={BATCH_RUNS_MAX})",
+                batch.limit
+            )));
+        }
+        let filter = &batch.filter;
+        if filter.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "a batch needs a filter: give at least one of statuses, workflow, id_prefix, \
+                 parent, created_after, created_before, finished_before"
+                    .into(),
+            ));
+        }
+        if let (Some(from), Some(to)) = (filter.created_after_ms, filter.created_before_ms) {
+            if from >= to {
+                return Err(EngineError::InvalidRequest(format!(
+                    "created_after ({from} ms) is not before created_before ({to} ms): \
+                     nothing can match"
+                )));
+            }
+        }
+        if let Some(parent) = &filter.parent {
+            RunId::existing(parent.as_str())?;
+        }
+        if matches!(batch.action, BatchAction::Purge) {
+            if filter.finished_before_ms.is_none() {
+                return Err(EngineError::InvalidRequest(
+                    "a purge needs finished_before: only runs that finished before it are \
+                     deleted"
+                        .into(),
+                ));
+            }
+            if let Some(status) = filter.statuses.iter().find(|s| !s.is_terminal()) {
+                return Err(EngineError::InvalidRequest(format!(
+                    "a purge deletes finished runs only: status {status} is not finished \
+                     (completed, failed, compensated, resolved)"
+                )));
+            }
+        }
+        if let BatchAction::Resolve { note } = &batch.action {
+            if note.trim().is_empty() {
+                return Err(EngineError::InvalidRequest(
+                    "a resolve needs a note saying what the operator did".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Why `record` would be skipped by `action`, or `None` if the action applies.
+    async fn skip_reason(
+        &self,
+        action: &BatchAction,
+        record: &RunRecord,
+    ) -> Result<Option<String>> {
+        let admits = action.admits();
+        if !admits.contains(&record.status) {
+            let words: Vec<&str> = admits.iter().map(|s| s.as_str()).collect();
+            return Ok(Some(format!(
+                "is {}: {} needs {}",
+                record.status,
+                action.name(),
+                words.join(" or ")
+            )));
+        }
+        match action {
+            BatchAction::Rerun => Ok(self
+                .reruns_of(&record.id)
+                .await?
+                .last()
+                .map(|rerun| format!("was rerun already, as {rerun}"))),
+            BatchAction::Purge => {
+                if let Some(parent) = &record.parent {
+                    if self.inner.env.store.run(parent).await?.is_some() {
+                        return Ok(Some(format!(
+                            "its parent {parent} is kept (it is deleted with it)"
+                        )));
+                    }
+                }
+                if self.loaded(&record.id).is_some() {
+                    return Ok(Some("is loaded (a waiter is reading it)".into()));
+                }
+                Ok(None)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Applies `action` to `record`'s run and says what happened.
+    async fn act(&self, action: &BatchAction, record: RunRecord) -> BatchRun {
+        let mut run = planned(record, None);
+        let outcome = self.act_on(action, &mut run).await;
+        match outcome {
+            Ok(Some(reason)) => {
+                run.outcome = BatchOutcome::Skipped;
+                run.reason = Some(reason);
+            }
+            Ok(None) => run.outcome = BatchOutcome::Done,
+            Err(EngineError::InvalidState { status, .. }) => {
+                // The run moved on between the check and the action.
+                run.outcome = BatchOutcome::Skipped;
+                run.reason = Some(format!("is {status}: cannot {}", action.name()));
+            }
+            Err(EngineError::RunNotFound { .. }) => {
+                run.outcome = BatchOutcome::Skipped;
+                run.reason = Some("no longer exists".into());
+            }
+            Err(error) => {
+                tracing::warn!(run_id = %run.id, action = action.name(), %error, "batch action failed");
+                run.outcome = BatchOutcome::Failed;
+                run.reason = Some(error.to_string());
+            }
+        }
+        run
+    }
+
+    /// The action on `run`: `Some(reason)` when skipped, else done (with `run.now` and
+    /// `run.rerun` filled in).
+    async fn act_on(&self, action: &BatchAction, run: &mut BatchRun) -> Result<Option<String>> {
+        let id = run.id.to_string();
+        // The scan's copy may be stale: the check is made on the record as stored now.
+        let record = self.record(&id).await?;
+        if let Some(reason) = self.skip_reason(action, &record).await? {
+            return Ok(Some(reason));
+        }
+        let now = match action {
+            BatchAction::Cancel => self.cancel(&id).await?,
+            BatchAction::Pause => self.pause(&id).await?,
+            BatchAction::Resume => self.resume(&id).await?,
+            BatchAction::RetryCompensation => self.retry_compensation(&id).await?,
+            BatchAction::Resolve { note } => self.resolve(&id, note).await?,
+            BatchAction::Rerun => {
+                run.rerun = Some(self.rerun(&id, &Rerun::default()).await?.id);
+                record
+            }
+            BatchAction::Purge => {
+                self.purge_one(&run.id).await?;
+                return Ok(None);
+            }
+        };
+        run.now = Some(now.status);
+        Ok(None)
+    }
+
+    /// Deletes finished run `id` and its children (finished: a child of a finished parent
+    /// has settled) in one atomic write, durable when this returns.
+    async fn purge_one(&self, id: &RunId) -> Result<()> {
+        let mut ids = vec![id.clone()];
+        let mut after = None;
+        loop {
+            let scan = RunsScan {
+                after,
+                status: None,
+                prefix: Some(format!("{id}/")),
+                limit: SCAN_PAGE,
+            };
+            let page = self.inner.env.store.runs_page(&scan).await?;
+            for child in page.records.into_iter().flatten() {
+                if !child.status.is_terminal() {
+                    return Err(EngineError::InvalidState {
+                        id: id.clone(),
+                        status: format!("finished but its child {} is {}", child.id, child.status),
+                        operation: "purge",
+                    });
+                }
+                ids.push(child.id);
+            }
+            if !page.more {
+                break;
+            }
+            after = ids.last().cloned();
+        }
+        self.inner.env.store.delete_runs(&ids).await?;
+        self.inner.env.store.sync().wait().await?;
+        tracing::info!(run_id = %id, runs = ids.len(), "run purged");
+        Ok(())
+    }
+}
+
+/// A report line for `record` before anything is done: what a dry run says of it.
+fn planned(record: RunRecord, skip: Option<String>) -> BatchRun {
+    BatchRun {
+        id: record.id,
+        workflow: record.workflow,
+        status: record.status,
+        outcome: if skip.is_some() {
+            BatchOutcome::WouldSkip
+        } else {
+            BatchOutcome::WouldAct
+        },
+        now: None,
+        reason: skip,
+        rerun: None,
+    }
+}
