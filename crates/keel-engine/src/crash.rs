@@ -40,6 +40,10 @@ pub const SLED_POINTS: &[&str] = &["open.before_mark_rename", "store.after_trans
 /// The points only a PostgreSQL store meets.
 pub const POSTGRES_POINTS: &[&str] = &["postgres.after_commit"];
 
+/// The points of operator calls over many runs (`engine/batch.rs`), met only by batches;
+/// their crash tests iterate over this list.
+pub const OPERATOR_POINTS: &[&str] = &["batch.after_action"];
+
 /// The step library's crash points (keel-steps' file publication), met only by runs that
 /// use those steps; their crash tests iterate over this list.
 pub const STEP_LIBRARY_POINTS: &[&str] = &[
@@ -58,7 +62,9 @@ pub fn point(name: &'static str) {
     static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
     debug_assert!(
-        POINTS.contains(&name) || STEP_LIBRARY_POINTS.contains(&name),
+        POINTS.contains(&name)
+            || STEP_LIBRARY_POINTS.contains(&name)
+            || OPERATOR_POINTS.contains(&name),
         "crash point {name} is not listed in POINTS"
     );
     let armed = ARMED.get_or_init(|| {

@@ -473,9 +473,11 @@ impl Engine {
             }
             BatchAction::Purge => {
                 self.purge_one(&run.id).await?;
+                crate::crash::point("batch.after_action");
                 return Ok(None);
             }
         };
+        crate::crash::point("batch.after_action");
         run.now = Some(now.status);
         Ok(None)
     }
