@@ -97,6 +97,45 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
             .collect();
         assert_eq!(ids, wanted);
     }
+    // An id prefix: the page holds only ids that begin with it, and goes on after `after`
+    // within it; ids before and after the prefix's range are never returned.
+    let prefixed = |prefix: &str, after: Option<&str>| {
+        let engine = engine.clone();
+        let query = RunsQuery {
+            prefix: Some(prefix.to_string()),
+            status: None,
+            after: after.map(str::to_string),
+            limit: 4,
+        };
+        async move {
+            let page = engine.list_page(&query).await.unwrap();
+            let ids: Vec<String> = page.runs.iter().map(|r| r.id.to_string()).collect();
+            (ids, page.next.map(|n| n.to_string()))
+        }
+    };
+    assert_eq!(
+        prefixed("run-0", None).await,
+        (
+            vec!["run-00", "run-01", "run-02", "run-03"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            Some("run-03".to_string())
+        )
+    );
+    assert_eq!(
+        prefixed("run-0", Some("run-07")).await,
+        (vec!["run-08".to_string(), "run-09".to_string()], None)
+    );
+    assert_eq!(
+        prefixed("run-1", None).await,
+        (vec!["run-10".to_string()], None)
+    );
+    assert_eq!(
+        prefixed("run-1", Some("a")).await,
+        (vec!["run-10".to_string()], None)
+    );
+    assert_eq!(prefixed("zzz", None).await, (vec![], None));
     // Out of range: refused, naming the limit.
     for limit in [0, RUNS_PAGE_MAX + 1] {
         let error = engine

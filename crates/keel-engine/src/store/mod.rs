@@ -303,3 +303,20 @@ pub(crate) fn check_stats_size(operation: &str, record: &[u8]) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_its_last_byte_incremented() {
+        assert_eq!(prefix_end("fleet-7/").as_deref(), Some("fleet-70"));
+        assert_eq!(prefix_end("a\u{7f}").as_deref(), Some("b"));
+        assert_eq!(prefix_end("\u{7f}"), None);
+        let (prefix, end) = ("run-1", prefix_end("run-1").unwrap());
+        for id in ["run-1", "run-10", "run-1z", "run-1~~"] {
+            assert!(id >= prefix && id < end.as_str(), "{id}");
+        }
+        assert!("run-2" >= end.as_str());
+    }
+}
