@@ -49,6 +49,14 @@ pub const STEP_LIBRARY_POINTS: &[&str] = &[
     "publish.after_marker",
 ];
 
+/// The points of a schedule's fire (`engine/schedules.rs`), met only by engines with
+/// schedules; their crash tests iterate over this list.
+pub const SCHEDULE_POINTS: &[&str] = &[
+    "schedule.before_start",
+    "schedule.after_start",
+    "schedule.after_fired",
+];
+
 /// Kills the process if `name` is the armed crash point.
 #[cfg(feature = "crash-points")]
 pub fn point(name: &'static str) {
@@ -58,7 +66,9 @@ pub fn point(name: &'static str) {
     static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
     debug_assert!(
-        POINTS.contains(&name) || STEP_LIBRARY_POINTS.contains(&name),
+        POINTS.contains(&name)
+            || STEP_LIBRARY_POINTS.contains(&name)
+            || SCHEDULE_POINTS.contains(&name),
         "crash point {name} is not listed in POINTS"
     );
     let armed = ARMED.get_or_init(|| {
