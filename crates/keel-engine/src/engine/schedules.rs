@@ -309,10 +309,11 @@ impl Engine {
         if self.inner.env.shutting_down() {
             return Ok(None);
         }
-        let definitions = self.definitions().await?;
+        // Fired-states first: one is written only while its definition exists, so a
+        // fired-state with no definition read after it belongs to a deleted schedule (a loop
+        // wrote it after the delete), and goes with the next sync.
         let mut fired = self.fired().await?;
-        // A fired-state whose schedule was deleted (a loop wrote it after the delete): gone
-        // with the next sync.
+        let definitions = self.definitions().await?;
         for name in fired.keys().filter(|n| !definitions.contains_key(*n)) {
             self.inner
                 .env

@@ -25,8 +25,8 @@ pub(super) async fn create(
         r#"{"name", "workflow", "input", "every"[, "catch_up", "overlap"]}"#,
     )?;
     let created = state.engine.create_schedule_outcome(&spec).await?;
+    // The engine logs the creation, the pause, the resume and the deletion itself.
     let status = if created.new {
-        tracing::info!(schedule = %spec.name, "schedule created");
         StatusCode::CREATED
     } else {
         StatusCode::OK
@@ -70,7 +70,6 @@ pub(super) async fn operate(
             ))
         }
     };
-    tracing::info!(schedule = %name, %operation, "schedule operator request");
     Ok(Json(schedule))
 }
 
@@ -88,7 +87,5 @@ pub(super) async fn delete(
         }
     });
     decode::<EmptyRequest>(body, "{}")?;
-    let schedule = state.engine.delete_schedule(&name).await?;
-    tracing::info!(schedule = %name, "schedule deleted");
-    Ok(Json(schedule))
+    Ok(Json(state.engine.delete_schedule(&name).await?))
 }
