@@ -11,12 +11,15 @@ pub use keel_engine::{
     child_id,
     // Ids, records and the journal as operators read it.
     Attempt,
+    // Schedules.
+    CatchUp,
     Clock,
     Compensation,
     // Rate limits and statistics.
     Counters,
     // Workflows, steps, waits and their context.
     Created,
+    CreatedSchedule,
     Ctx,
     Delivered,
     Durability,
@@ -29,6 +32,7 @@ pub use keel_engine::{
     ErrorRecord,
     Event,
     EventIn,
+    Every,
     FanOutProgress,
     IdempotencyKey,
     InvalidInput,
@@ -39,6 +43,7 @@ pub use keel_engine::{
     OperationIndex,
     OperationStats,
     Outlier,
+    Overlap,
     Priority,
     Probe,
     Published,
@@ -54,6 +59,8 @@ pub use keel_engine::{
     RunStatus,
     RunsPage,
     RunsQuery,
+    Schedule,
+    ScheduleSpec,
     Step,
     StepContext,
     StepError,

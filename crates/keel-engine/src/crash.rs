@@ -53,6 +53,14 @@ pub const STEP_LIBRARY_POINTS: &[&str] = &[
     "publish.after_marker",
 ];
 
+/// The points of a schedule's fire (`engine/schedules.rs`), met only by engines with
+/// schedules; their crash tests iterate over this list.
+pub const SCHEDULE_POINTS: &[&str] = &[
+    "schedule.before_start",
+    "schedule.after_start",
+    "schedule.after_fired",
+];
+
 /// Kills the process if `name` is the armed crash point.
 #[cfg(feature = "crash-points")]
 pub fn point(name: &'static str) {
@@ -64,7 +72,8 @@ pub fn point(name: &'static str) {
     debug_assert!(
         POINTS.contains(&name)
             || STEP_LIBRARY_POINTS.contains(&name)
-            || OPERATOR_POINTS.contains(&name),
+            || OPERATOR_POINTS.contains(&name)
+            || SCHEDULE_POINTS.contains(&name),
         "crash point {name} is not listed in POINTS"
     );
     let armed = ARMED.get_or_init(|| {

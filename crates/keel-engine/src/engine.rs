@@ -2,7 +2,7 @@
 //! Its other parts: `builder.rs` (configuring and opening), `resume.rs` (resuming at open,
 //! with the registration check), `reads.rs` (records, journals, waits), `operator.rs`
 //! (operator calls), `gc.rs` (garbage collection), `metrics.rs` (counters, limiters,
-//! statistics).
+//! statistics), `schedules.rs` (schedules and their firing loop).
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -35,6 +35,7 @@ mod operator;
 mod reads;
 mod rerun;
 mod resume;
+mod schedules;
 
 pub use batch::{
     Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, RunFilter, BATCH_RUNS_MAX,
@@ -42,6 +43,7 @@ pub use batch::{
 pub use builder::EngineBuilder;
 pub use events::{Delivered, EventIn};
 pub use reads::{RunsPage, RunsQuery, RUNS_PAGE_MAX};
+pub use schedules::CreatedSchedule;
 pub use rerun::Rerun;
 
 /// Where a run being started comes from, stored in its record.
@@ -70,6 +72,8 @@ pub(crate) struct Inner {
     retention_for: HashMap<String, Duration>,
     /// Unfinished runs left undriven at open for want of registered types, with the reason.
     undriven: Mutex<HashMap<RunId, String>>,
+    /// The schedules' firing loop: its wake-up and its pass (`schedules.rs`).
+    schedules: schedules::Firing,
 }
 
 impl Inner {
@@ -553,6 +557,7 @@ impl Engine {
     /// the database; reads go on, writes fail.
     pub async fn shutdown(&self) {
         self.inner.env.shutdown.send_replace(true);
+        self.schedules_stopped().await;
         let mut drivers = self.inner.drivers.subscribe();
         let _ = drivers.wait_for(|n| *n == 0).await;
         if let Err(error) = self.inner.env.stats.flush(&*self.inner.env.store) {

@@ -194,6 +194,18 @@ pub enum EngineError {
         /// What this send carries.
         requested: String,
     },
+    /// A schedule of this name exists with another definition.
+    #[error("schedule {name:?} exists with another definition; delete it first to replace it")]
+    ScheduleExists {
+        /// The schedule's name.
+        name: String,
+    },
+    /// No schedule has this name.
+    #[error("no schedule named {name:?}")]
+    ScheduleNotFound {
+        /// The schedule's name.
+        name: String,
+    },
     /// No run has this id.
     #[error("no run with id {id}")]
     RunNotFound {

@@ -287,6 +287,7 @@ mod replay;
 mod resources;
 mod retry;
 mod saga;
+mod schedule;
 mod stats;
 mod step;
 mod store;
@@ -299,9 +300,9 @@ pub use child::FanOutProgress;
 pub use clock::Clock;
 pub use ctx::{Created, Ctx, Received};
 pub use engine::{
-    Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, Delivered, Engine, EngineBuilder,
-    EventIn, Rerun, RunFilter, RunHandle, RunsPage, RunsQuery, BATCH_RUNS_MAX, RETENTION_DEFAULT,
-    RUNS_PAGE_MAX,
+    Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, CreatedSchedule, Delivered, Engine,
+    EngineBuilder, EventIn, Rerun, RunFilter, RunHandle, RunsPage, RunsQuery, BATCH_RUNS_MAX,
+    RETENTION_DEFAULT, RUNS_PAGE_MAX,
 };
 pub use error::{EngineError, Result};
 pub use ids::child_id;
@@ -317,6 +318,7 @@ pub use limiter::{
 };
 pub use registry::StepType;
 pub use retry::RetryPolicy;
+pub use schedule::{CatchUp, Every, Overlap, Schedule, ScheduleSpec};
 pub use stats::{Counters, OperationStats, Outlier};
 pub use step::{Compensation, EffectOptions, Step, StepContext, StepError};
 pub use store::{Durability, Leases};

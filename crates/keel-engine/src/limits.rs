@@ -140,3 +140,25 @@ const _: () = assert!(KEYED_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX < STEP_OUTPUT_BYTES_MAX);
 const _: () = assert!(STEPS_PER_RUN_MAX < JOURNAL_ENTRIES_PER_RUN_MAX);
 const _: () = assert!(RUN_ID_LEN_MAX < 256);
+
+/// Longest schedule name (`schedule.rs`): a fire's run id is the name, `@` and the fire time
+/// (16 bytes), which must fit [`RUN_ID_LEN_MAX`].
+pub const SCHEDULE_NAME_LEN_MAX: usize = 64;
+
+/// Most missed fires an `all` catch-up of a schedule starts after a downtime.
+pub const SCHEDULE_CATCH_UP_MAX: u32 = 1000;
+
+/// Longest interval of an interval schedule: ten years of seconds, so that fire times stay
+/// far from overflowing milliseconds.
+pub const SCHEDULE_INTERVAL_SECONDS_MAX: u64 = 10 * 366 * 24 * 3600;
+
+/// Most fire times of a cron schedule enumerated to decide one catch-up: past it, the older
+/// missed fires are neither enumerated nor counted (an interval schedule counts them exactly,
+/// by arithmetic), so a per-minute schedule after a year's downtime costs a bounded pass.
+pub const SCHEDULE_FIRES_ENUMERATED_MAX: usize = 10_000;
+
+/// How late a fire may start and still count as on time under `catch_up: skip`.
+pub const SCHEDULE_GRACE_MS: u64 = 60_000;
+
+const _: () = assert!(SCHEDULE_NAME_LEN_MAX + 1 + 16 <= RUN_ID_LEN_MAX);
+const _: () = assert!(SCHEDULE_CATCH_UP_MAX as usize <= SCHEDULE_FIRES_ENUMERATED_MAX);

@@ -30,6 +30,7 @@ pub(crate) const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
 pub(crate) const RUNS_PAGE_DEFAULT: usize = 100;
 
 mod events;
+mod schedules;
 
 pub(crate) use events::{parse_wait, uuid_v4, EVENT_ID_HEADER, PUBLISHED_WAIT_MAX};
 use events::{published, send};
@@ -126,6 +127,8 @@ impl From<EngineError> for ApiError {
         use EngineError as E;
         let (status, kind) = match &error {
             E::RunNotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            E::ScheduleNotFound { .. } => (StatusCode::NOT_FOUND, "schedule_not_found"),
+            E::ScheduleExists { .. } => (StatusCode::CONFLICT, "schedule_exists"),
             E::IdempotencyMismatch { .. } => (StatusCode::CONFLICT, "idempotency_mismatch"),
             E::EventMismatch { .. } => (StatusCode::CONFLICT, "event_mismatch"),
             E::InvalidState { .. } => (StatusCode::CONFLICT, "invalid_state"),
@@ -167,6 +170,15 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/runs/{id}/{operation}", post(operate))
         .route("/v1/runs/{id}/events/{name}", post(send))
         .route("/v1/runs/{id}/published/{name}", get(published))
+        .route(
+            "/v1/schedules",
+            post(schedules::create).get(schedules::list),
+        )
+        .route(
+            "/v1/schedules/{name}",
+            get(schedules::show).delete(schedules::delete),
+        )
+        .route("/v1/schedules/{name}/{operation}", post(schedules::operate))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such API path") })

@@ -21,6 +21,8 @@ use crate::api::{
 };
 use crate::worker::{check_token, read_token_file, TOKEN_FILE};
 
+pub(crate) mod schedules;
+
 /// A failed verb.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ClientError {

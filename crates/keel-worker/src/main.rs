@@ -7,6 +7,7 @@
 //! keel status plant | keel list --status running | keel history plant | keel stats
 //! keel cancel|pause|resume|retry-compensation ID, keel resolve ID --note TEXT
 //! keel send ID NAME --data FILE|- [--event-id X], keel get ID NAME [--wait 30s] [--after N]
+//! keel schedule create NAME (--cron EXPR | --every 1h) --workflow W --input FILE|- | list | show|pause|resume|delete NAME
 //! ```
 //!
 //! Exit codes: 0 success; 1 failure (the worker failed, is unreachable, or a waited-for run
@@ -139,6 +140,11 @@ enum Command {
         /// What the operator did.
         #[arg(long)]
         note: String,
+    },
+    /// Schedules: workflows started on a cron expression (UTC) or an interval.
+    Schedule {
+        #[command(subcommand)]
+        command: client::schedules::ScheduleCommand,
     },
     /// Latency per operation: count, min, mean, max, sigma, p50, p99 and the worst outliers.
     Stats,
@@ -390,6 +396,7 @@ fn run_verb(client: &client::Client, command: Command) -> Result<(), client::Cli
         Command::RetryCompensation { id } => client.operate(&id, "retry-compensation", None),
         Command::Resolve { id, note } => client.operate(&id, "resolve", Some(note)),
         Command::Stats => client.stats(),
+        Command::Schedule { command } => client.schedule(command),
         Command::Send {
             id,
             name,

@@ -250,12 +250,14 @@ impl EngineBuilder {
             retention: self.retention,
             retention_for: self.retention_for,
             undriven: Mutex::new(HashMap::new()),
+            schedules: Default::default(),
         });
         let engine = Engine { inner };
         engine.resume_all(self.allow_unregistered).await?;
         engine.spawn_claims();
         engine.spawn_gc(self.gc_interval);
         engine.spawn_stats_flush();
+        engine.spawn_schedules();
         Ok(engine)
     }
 }
