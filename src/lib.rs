@@ -39,6 +39,7 @@ pub use keel_engine::{
     JournalIndex,
     LearnedDeadline,
     Leases,
+    Notice,
     OnRetriesExhausted,
     OperationIndex,
     OperationStats,

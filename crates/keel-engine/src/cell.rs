@@ -5,7 +5,7 @@
 //! through the same cell, under the same lock, so journal indexes never collide.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify};
 
@@ -14,8 +14,9 @@ use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, Event, RunRecord, RunStatus};
 use crate::limits::JOURNAL_ENTRIES_PER_RUN_MAX;
+use crate::notice::Outbox;
 use crate::replay::RunState;
-use crate::store::{JournalStore, Token};
+use crate::store::{JournalStore, Space, Token};
 
 struct Loaded {
     record: RunRecord,
@@ -68,6 +69,8 @@ pub(crate) struct RunCell {
     clock: Clock,
     /// What the store checks this cell's writes against (`store/mod.rs`).
     token: Token,
+    /// Which transitions write a notice, shared by the engine's cells (`notice.rs`).
+    outbox: Arc<Outbox>,
     loaded: Mutex<Loaded>,
     /// Set (durably journaled first) when an operator cancels the run.
     pub(crate) cancel: watch::Sender<bool>,
@@ -99,7 +102,13 @@ impl Watched {
 }
 
 impl RunCell {
-    pub(crate) fn new(record: RunRecord, state: RunState, clock: Clock, token: Token) -> RunCell {
+    pub(crate) fn new(
+        record: RunRecord,
+        state: RunState,
+        clock: Clock,
+        token: Token,
+        outbox: Arc<Outbox>,
+    ) -> RunCell {
         let (cancel, _) = watch::channel(state.cancel_requested);
         let (pause, _) = watch::channel(state.pause_requested);
         let (watched, _) = watch::channel(Watched {
@@ -111,6 +120,7 @@ impl RunCell {
             load: AtomicU8::new(LOAD_UNCOUNTED),
             clock,
             token,
+            outbox,
             loaded: Mutex::new(Loaded {
                 record,
                 state,
@@ -346,14 +356,35 @@ impl RunCell {
             change(&mut record);
             record
         });
+        // A transition someone wants to hear of writes its notice first: writes become
+        // durable in the order they were made, so the transition is never durable without
+        // its notice (`notice.rs` says how a notice without its transition is told apart).
+        let notice = record
+            .as_ref()
+            .and_then(|after| self.outbox.notice(&loaded.record, after, index, &entry));
+        if let Some(notice) = &notice {
+            if let Err(e) = notice.put(store) {
+                // Memory (the state) is ahead of the store already: as for a failed append.
+                // The transition is not made, so none is left without its notice.
+                loaded.write_failed = true;
+                return Err(e);
+            }
+        }
         if let Err(e) = store.append(&self.id, index, &entry, record.as_ref(), self.token) {
             // Memory is now ahead of the store: the cell must not be used again. Its driver
             // stops; the run is reloaded from the store by the next open.
             loaded.write_failed = true;
+            if let Some(notice) = &notice {
+                // Never handed out without its entry anyway; this only tidies up.
+                let _ = store.delete_keyed(Space::Notice, &notice.event_id);
+            }
             return Err(e);
         }
         if let Some(record) = record {
             loaded.record = record;
+        }
+        if notice.is_some() {
+            self.outbox.wrote();
         }
         Ok(Some(entry.event))
     }

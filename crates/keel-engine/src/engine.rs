@@ -22,6 +22,7 @@ use crate::executor;
 use crate::ids::RunId;
 use crate::journal::{digest, RunRecord, RunStatus};
 use crate::limits::INPUT_BYTES_MAX;
+use crate::notice::Outbox;
 use crate::replay::RunState;
 use crate::store::{Takeover, Token};
 use crate::workflow::{Workflow, Workflows};
@@ -31,6 +32,7 @@ mod builder;
 mod events;
 mod gc;
 mod metrics;
+mod notices;
 mod operator;
 mod reads;
 mod rerun;
@@ -74,6 +76,8 @@ pub(crate) struct Inner {
     undriven: Mutex<HashMap<RunId, String>>,
     /// The schedules' firing loop: its wake-up and its pass (`schedules.rs`).
     schedules: schedules::Firing,
+    /// Which transitions write notices, shared with every cell (`notice.rs`).
+    pub(crate) outbox: Arc<Outbox>,
 }
 
 impl Inner {
@@ -244,6 +248,7 @@ impl Engine {
             state,
             self.inner.env.clock.clone(),
             Token::CREATED,
+            Arc::clone(&self.inner.outbox),
         ));
         // The run's first load: `poison.rs` counts it without a write.
         cell.mark_started();
@@ -293,7 +298,8 @@ impl Engine {
             .ok_or(EngineError::RunNotFound { id })?;
         let state = self.read_state(&record.id).await?;
         let clock = self.inner.env.clock.clone();
-        let cell = Arc::new(RunCell::new(record, state, clock, token));
+        let outbox = Arc::clone(&self.inner.outbox);
+        let cell = Arc::new(RunCell::new(record, state, clock, token, outbox));
         let mut cells = self.inner.cells.lock().expect("cells lock");
         if let Some(existing) = cells.get(&cell.id) {
             return Ok(Some(Loaded::Existing(Arc::clone(existing))));

@@ -280,6 +280,7 @@ mod journal;
 mod lane;
 mod limiter;
 pub mod limits;
+mod notice;
 mod parallel;
 mod poison;
 mod registry;
@@ -316,6 +317,7 @@ pub use journal::{
 pub use limiter::{
     Permit, Priority, RateLimit, RateLimiter, PROBES_IN_A_ROW_MAX, SLOW_START_EXIT_SHARE,
 };
+pub use notice::Notice;
 pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use schedule::{CatchUp, Every, Overlap, Schedule, ScheduleSpec};

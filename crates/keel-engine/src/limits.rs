@@ -117,6 +117,13 @@ pub const UNANSWERED_POLLS_MAX: u32 = 10;
 /// notification).
 pub const KEYED_RECORD_BYTES_MAX: usize = INPUT_BYTES_MAX + 16 * 1024;
 
+/// Longest name of a target a notice was delivered to ([`crate::Engine::notice_delivered`]:
+/// a URL, say), in bytes.
+pub const NOTICE_TARGET_BYTES_MAX: usize = 2048;
+
+/// Most targets one notice records as delivered to.
+pub const NOTICE_TARGETS_MAX: usize = 16;
+
 /// sled moves a page larger than a quarter of its 512 KiB segment into a separate blob
 /// file. Records stay below it so that they normally live in sled's log (the committer syncs
 /// blob files too, for the pages that grow past it anyway).
@@ -138,6 +145,14 @@ const _: () = assert!(RUN_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(STATS_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(KEYED_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX < STEP_OUTPUT_BYTES_MAX);
+// A notice: its targets, its error (cut), run ids and a workflow name fit in a keyed record.
+const _: () = assert!(
+    NOTICE_TARGETS_MAX * (NOTICE_TARGET_BYTES_MAX + 8)
+        + ERROR_MESSAGE_BYTES_MAX
+        + 4 * RUN_ID_LEN_MAX
+        + 4096
+        < KEYED_RECORD_BYTES_MAX
+);
 const _: () = assert!(STEPS_PER_RUN_MAX < JOURNAL_ENTRIES_PER_RUN_MAX);
 const _: () = assert!(RUN_ID_LEN_MAX < 256);
 

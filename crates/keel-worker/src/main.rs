@@ -22,6 +22,7 @@ mod api;
 mod client;
 mod history;
 mod metrics;
+mod notify;
 mod server;
 mod worker;
 
@@ -256,6 +257,18 @@ pub struct WorkerArgs {
     /// runs of gone workers looked for, every fifth of it.
     #[arg(long, env = "KEEL_LEASE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
     pub lease_ms: u64,
+    /// POST a JSON event to this http(s) URL whenever a run enters a status of --notify-on,
+    /// retried with backoff until it answers 2xx; at least once, with an event id to drop
+    /// duplicates by (docs/notifications.md). Repeatable; in the environment, comma-separated.
+    #[arg(long, env = "KEEL_NOTIFY_URL", value_delimiter = ',', value_parser = notify::notify_url)]
+    pub notify_url: Vec<String>,
+    /// A file (owner-only) holding the key that signs every notification:
+    /// `Keel-Signature: sha256=<hex HMAC-SHA256 of "<Keel-Timestamp>.<body>">`.
+    #[arg(long, env = "KEEL_NOTIFY_SECRET_FILE")]
+    pub notify_secret_file: Option<PathBuf>,
+    /// The statuses whose entry is notified, comma-separated (any run status).
+    #[arg(long, env = "KEEL_NOTIFY_ON", value_delimiter = ',', default_value = notify::NOTIFY_ON_DEFAULT, value_parser = notify::status_word)]
+    pub notify_on: Vec<keel_engine::RunStatus>,
 }
 
 /// Where a worker keeps its runs.

@@ -96,6 +96,9 @@ pub(crate) enum WorkerError {
     /// worker exits so that its supervisor starts a fresh one.
     #[error("the store can make nothing durable any more ({0}): exiting so that a fresh worker takes over")]
     StoreBroken(String),
+    /// The notification settings cannot be used (the secret file, https roots).
+    #[error("{0}")]
+    Notify(#[from] crate::notify::NotifyError),
     /// Anything else of the runtime.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -108,7 +111,8 @@ impl WorkerError {
             WorkerError::TokenRequired(_)
             | WorkerError::DataDir { .. }
             | WorkerError::Token { .. }
-            | WorkerError::Keys(_) => 2,
+            | WorkerError::Keys(_)
+            | WorkerError::Notify(_) => 2,
             _ => 1,
         }
     }
@@ -345,6 +349,9 @@ async fn serve(
         })?;
     let addr = listener.local_addr()?;
     let mut signals = Signals::install()?;
+    // Checked before the store opens, like the port: a worker that cannot notify must not
+    // make transitions nobody hears of.
+    let sender = notice_sender(&args)?;
     let engine = open_engine(&args, &data_dir).await?;
     let grace = Duration::from_secs(args.grace_s);
     if futures_util::FutureExt::now_or_never(signals.next()).is_some() {
@@ -362,6 +369,7 @@ async fn serve(
     });
     let limits = api_limits(&args, grace);
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let notices = sender.map(|sender| tokio::spawn(sender.run(engine.clone(), stopping.clone())));
     let server = tokio::spawn(server::serve(
         listener,
         api::router(state),
@@ -382,6 +390,14 @@ async fn serve(
         ?grace,
         "draining: the API stopped accepting, no new steps start, in-flight steps may finish"
     );
+    if let Some(mut notices) = notices {
+        // The sender finishes and records a delivery under way (the stop was sent above);
+        // one cut off here is sent again at the next start: at least once.
+        let within = grace.min(crate::notify::REQUEST_TIMEOUT + Duration::from_secs(1));
+        if tokio::time::timeout(within, &mut notices).await.is_err() {
+            notices.abort();
+        }
+    }
     let stopped = drain(&engine, grace).await;
     let _ = server.await;
     Ok(stopped)
@@ -458,6 +474,10 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
     if args.allow_unregistered {
         builder = builder.allow_unregistered();
     }
+    if !args.notify_url.is_empty() {
+        // Without a URL no notice is written: nobody would ever take it out of the store.
+        builder = builder.notify_on(&args.notify_on);
+    }
     if args.accept_data_loss {
         builder = builder.accept_data_loss();
     }
@@ -470,6 +490,23 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
         });
     }
     Ok(builder.open().await?)
+}
+
+/// The notice sender the arguments ask for, if any: its secret read and checked.
+fn notice_sender(args: &WorkerArgs) -> Result<Option<crate::notify::Sender>, WorkerError> {
+    if args.notify_url.is_empty() {
+        if args.notify_secret_file.is_some() {
+            tracing::warn!("--notify-secret-file without --notify-url: nothing is notified");
+        }
+        return Ok(None);
+    }
+    let secret = match &args.notify_secret_file {
+        Some(path) => Some(crate::notify::read_secret(path)?),
+        None => None,
+    };
+    let sender = crate::notify::Sender::new(args.notify_url.clone(), secret)?;
+    tracing::info!(urls = ?args.notify_url, on = ?args.notify_on, "notifying");
+    Ok(Some(sender))
 }
 
 /// Shuts the engine down within `grace`: whether in-flight steps finished (those that did

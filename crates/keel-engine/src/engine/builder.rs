@@ -12,8 +12,10 @@ use crate::clock::Clock;
 use crate::engine::{Engine, Inner, RETENTION_DEFAULT};
 use crate::env::{Limiters, RunEnv};
 use crate::error::{EngineError, Result};
+use crate::journal::RunStatus;
 use crate::limiter::RateLimit;
 use crate::limits::CONCURRENT_RUNS_MAX;
+use crate::notice::Outbox;
 use crate::registry::{Registry, StepType};
 use crate::resources::Resources;
 use crate::stats::StatsBook;
@@ -43,6 +45,8 @@ pub struct EngineBuilder {
     rate_limits: HashMap<String, RateLimit>,
     resources: Resources,
     clock: Clock,
+    /// Transitions into these statuses write notices (`notice.rs`).
+    notify_on: Vec<RunStatus>,
 }
 
 impl std::fmt::Debug for EngineBuilder {
@@ -58,6 +62,7 @@ impl std::fmt::Debug for EngineBuilder {
             .field("allow_unregistered", &self.allow_unregistered)
             .field("rate_limits", &self.rate_limits)
             .field("leases", &self.leases)
+            .field("notify_on", &self.notify_on)
             .field(
                 "postgres",
                 &self
@@ -169,6 +174,17 @@ impl EngineBuilder {
         EngineBuilder { leases, ..self }
     }
 
+    /// Writes a [`crate::Notice`] for every transition of a run into one of `statuses`
+    /// (default: none, and no cost), durable with the transition, for a sender to deliver
+    /// ([`Engine::notices`]). Notices exist from the transition on: a run found in one of
+    /// the statuses at open, entered before they were asked for, gets none.
+    pub fn notify_on(self, statuses: &[RunStatus]) -> Self {
+        EngineBuilder {
+            notify_on: statuses.to_vec(),
+            ..self
+        }
+    }
+
     /// What a durable write survives (default: power loss).
     pub fn durability(self, durability: Durability) -> Self {
         EngineBuilder { durability, ..self }
@@ -251,6 +267,7 @@ impl EngineBuilder {
             retention_for: self.retention_for,
             undriven: Mutex::new(HashMap::new()),
             schedules: Default::default(),
+            outbox: Arc::new(Outbox::new(&self.notify_on)),
         });
         let engine = Engine { inner };
         engine.resume_all(self.allow_unregistered).await?;
@@ -311,6 +328,7 @@ impl Engine {
             rate_limits: HashMap::new(),
             resources: Resources::default(),
             clock: Clock::system(),
+            notify_on: Vec::new(),
         }
     }
 }

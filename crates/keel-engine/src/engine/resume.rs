@@ -259,7 +259,8 @@ impl Engine {
             .into_iter()
             .map(|(record, state, token)| {
                 let clock = self.inner.env.clock.clone();
-                Arc::new(RunCell::new(record, state, clock, token))
+                let outbox = Arc::clone(&self.inner.outbox);
+                Arc::new(RunCell::new(record, state, clock, token, outbox))
             })
             .collect();
         self.count_loads(&cells).await?;
