@@ -21,6 +21,10 @@ use crate::api::{
 };
 use crate::worker::{check_token, read_token_file, TOKEN_FILE};
 
+mod batch;
+
+pub(crate) use batch::BatchOptions;
+
 /// A failed verb.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ClientError {
@@ -289,7 +293,7 @@ impl Client {
     /// `keel status`.
     pub(crate) fn status(&self, id: &str) -> Result<()> {
         let record: RunRecord = self.get(&format!("/v1/runs/{}", encode(id)))?;
-        self.print(&record, || record_table(std::slice::from_ref(&record)));
+        self.print(&record, || record_details(&record));
         Ok(())
     }
 
@@ -321,8 +325,11 @@ impl Client {
         if self.json {
             let rows = crate::history::rows(&history);
             let events = crate::history::deliveries(&history);
+            let reruns = crate::history::reruns(&history);
             self.print(
-                &serde_json::json!({"run": history.run, "operations": rows, "events": events}),
+                &serde_json::json!({
+                    "run": history.run, "operations": rows, "events": events, "reruns": reruns
+                }),
                 String::new,
             );
         } else {
@@ -512,6 +519,15 @@ fn progress(history: &RunHistory, elapsed: Duration) -> String {
         if current.is_empty() { "-" } else { &current },
         elapsed.as_secs_f64()
     )
+}
+
+/// One run's table, and under it the run it reruns, if it is a rerun.
+fn record_details(record: &RunRecord) -> String {
+    let mut out = record_table(std::slice::from_ref(record));
+    if let Some(of) = &record.rerun_of {
+        out += &format!("rerun of {of}\n");
+    }
+    out
 }
 
 fn record_table(runs: &[RunRecord]) -> String {
