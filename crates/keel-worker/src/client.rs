@@ -302,6 +302,7 @@ impl Client {
         &self,
         status: Option<&str>,
         after: Option<&str>,
+        prefix: Option<&str>,
         limit: usize,
     ) -> Result<()> {
         let mut path = format!("/v1/runs?limit={limit}");
@@ -311,10 +312,14 @@ impl Client {
         if let Some(after) = after {
             path += &format!("&after={}", encode(after));
         }
+        if let Some(prefix) = prefix {
+            path += &format!("&prefix={}", encode(prefix));
+        }
         let page: RunsPage = self.get(&path)?;
         self.print(&page, || record_table(&page.runs));
         if let Some(next) = &page.next {
-            eprintln!("more runs follow: keel list --after {next}");
+            let prefix = prefix.map(|p| format!(" --prefix {p}")).unwrap_or_default();
+            eprintln!("more runs follow: keel list{prefix} --after {next}");
         }
         Ok(())
     }

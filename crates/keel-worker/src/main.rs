@@ -108,6 +108,9 @@ enum Command {
         /// Start after this run id (the `next` a previous page named).
         #[arg(long)]
         after: Option<String>,
+        /// Only runs whose id begins with this.
+        #[arg(long)]
+        prefix: Option<String>,
         /// Most runs shown (1 to 1000).
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -551,8 +554,14 @@ fn run_verb(client: &client::Client, command: Command) -> Result<(), client::Cli
         Command::List {
             status,
             after,
+            prefix,
             limit,
-        } => client.list(status.as_deref(), after.as_deref(), limit),
+        } => client.list(
+            status.as_deref(),
+            after.as_deref(),
+            prefix.as_deref(),
+            limit,
+        ),
         Command::History { id } => client.history(&id),
         Command::Cancel { id } => client.operate(&id, "cancel", None),
         Command::Pause { id } => client.operate(&id, "pause", None),
