@@ -45,8 +45,8 @@ pub use batch::{
 pub use builder::EngineBuilder;
 pub use events::{Delivered, EventIn};
 pub use reads::{RunsPage, RunsQuery, RUNS_PAGE_MAX};
-pub use schedules::CreatedSchedule;
 pub use rerun::Rerun;
+pub use schedules::CreatedSchedule;
 
 /// Where a run being started comes from, stored in its record.
 #[derive(Clone, Debug, Default)]

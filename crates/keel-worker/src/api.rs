@@ -29,9 +29,11 @@ pub(crate) const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
 /// Runs in a page of `GET /v1/runs` when the request does not say.
 pub(crate) const RUNS_PAGE_DEFAULT: usize = 100;
 
+mod batch;
 mod events;
 mod schedules;
 
+pub(crate) use batch::{parse_time_ms, BatchRequest, FilterRequest, BATCH_LIMIT_DEFAULT};
 pub(crate) use events::{parse_wait, uuid_v4, EVENT_ID_HEADER, PUBLISHED_WAIT_MAX};
 use events::{published, send};
 
@@ -165,9 +167,12 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/runs", post(start).get(list))
+        // A literal colon mid-segment is no capture in axum 0.8 (captures are `{name}`).
+        .route("/v1/runs:batch", post(batch::batch))
         .route("/v1/runs/{id}", get(status))
         .route("/v1/runs/{id}/history", get(history))
         .route("/v1/runs/{id}/{operation}", post(operate))
+        .route("/v1/runs/{id}/rerun", post(batch::rerun))
         .route("/v1/runs/{id}/events/{name}", post(send))
         .route("/v1/runs/{id}/published/{name}", get(published))
         .route(
@@ -432,7 +437,10 @@ async fn list(
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_request",
-            format!("{} (the query takes status, after, limit)", e.body_text()),
+            format!(
+                "{} (the query takes status, after, prefix, limit)",
+                e.body_text()
+            ),
         )
     })?;
     let status = match query.status.as_deref() {

@@ -21,7 +21,10 @@ use crate::api::{
 };
 use crate::worker::{check_token, read_token_file, TOKEN_FILE};
 
+mod batch;
 pub(crate) mod schedules;
+
+pub(crate) use batch::BatchOptions;
 
 /// A failed verb.
 #[derive(Debug, thiserror::Error)]
@@ -291,7 +294,7 @@ impl Client {
     /// `keel status`.
     pub(crate) fn status(&self, id: &str) -> Result<()> {
         let record: RunRecord = self.get(&format!("/v1/runs/{}", encode(id)))?;
-        self.print(&record, || record_table(std::slice::from_ref(&record)));
+        self.print(&record, || record_details(&record));
         Ok(())
     }
 
@@ -300,6 +303,7 @@ impl Client {
         &self,
         status: Option<&str>,
         after: Option<&str>,
+        prefix: Option<&str>,
         limit: usize,
     ) -> Result<()> {
         let mut path = format!("/v1/runs?limit={limit}");
@@ -309,10 +313,14 @@ impl Client {
         if let Some(after) = after {
             path += &format!("&after={}", encode(after));
         }
+        if let Some(prefix) = prefix {
+            path += &format!("&prefix={}", encode(prefix));
+        }
         let page: RunsPage = self.get(&path)?;
         self.print(&page, || record_table(&page.runs));
         if let Some(next) = &page.next {
-            eprintln!("more runs follow: keel list --after {next}");
+            let prefix = prefix.map(|p| format!(" --prefix {p}")).unwrap_or_default();
+            eprintln!("more runs follow: keel list{prefix} --after {next}");
         }
         Ok(())
     }
@@ -323,8 +331,11 @@ impl Client {
         if self.json {
             let rows = crate::history::rows(&history);
             let events = crate::history::deliveries(&history);
+            let reruns = crate::history::reruns(&history);
             self.print(
-                &serde_json::json!({"run": history.run, "operations": rows, "events": events}),
+                &serde_json::json!({
+                    "run": history.run, "operations": rows, "events": events, "reruns": reruns
+                }),
                 String::new,
             );
         } else {
@@ -514,6 +525,15 @@ fn progress(history: &RunHistory, elapsed: Duration) -> String {
         if current.is_empty() { "-" } else { &current },
         elapsed.as_secs_f64()
     )
+}
+
+/// One run's table, and under it the run it reruns, if it is a rerun.
+fn record_details(record: &RunRecord) -> String {
+    let mut out = record_table(std::slice::from_ref(record));
+    if let Some(of) = &record.rerun_of {
+        out += &format!("rerun of {of}\n");
+    }
+    out
 }
 
 fn record_table(runs: &[RunRecord]) -> String {

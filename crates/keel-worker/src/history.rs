@@ -1,5 +1,5 @@
-//! A run's journal folded into one row per operation, for `keel history`, and the events
-//! delivered to it, each with the receive that took it.
+//! A run's journal folded into one row per operation, for `keel history`, the events
+//! delivered to it, each with the receive that took it, and the runs it was rerun as.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +43,30 @@ pub(crate) struct Delivery {
     pub event_id: String,
     /// The receive that took it, if one did.
     pub taken_by: Option<u32>,
+}
+
+/// A rerun of a run: an operator started it again as another run.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub(crate) struct RerunRow {
+    /// When the rerun was started (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// The new run.
+    pub run: String,
+}
+
+/// The runs the run of `history` was rerun as, oldest first.
+pub(crate) fn reruns(history: &RunHistory) -> Vec<RerunRow> {
+    history
+        .entries
+        .iter()
+        .filter_map(|entry| match &entry.event {
+            Event::RerunStarted { run } => Some(RerunRow {
+                at_ms: entry.at_ms,
+                run: run.to_string(),
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The rows of `history`, in operation order.
@@ -284,6 +308,9 @@ pub(crate) fn table(history: &RunHistory) -> String {
     if let Some(error) = &run.error {
         out += &format!(": {}", cut(error, 160));
     }
+    if let Some(of) = &run.rerun_of {
+        out += &format!("\nrerun of {of}");
+    }
     out += "\n\n";
     let header = [
         "#",
@@ -313,6 +340,16 @@ pub(crate) fn table(history: &RunHistory) -> String {
         })
         .collect();
     out += &crate::client::align(&header, &body);
+    let reruns = reruns(history);
+    if !reruns.is_empty() {
+        out += "\nrerun as:\n";
+        let header = ["started (UTC)", "run"];
+        let body: Vec<[String; 2]> = reruns
+            .into_iter()
+            .map(|r| [utc_time(r.at_ms), r.run])
+            .collect();
+        out += &crate::client::align(&header, &body);
+    }
     let deliveries = deliveries(history);
     if deliveries.is_empty() {
         return out;

@@ -8,6 +8,10 @@
 //! keel cancel|pause|resume|retry-compensation ID, keel resolve ID --note TEXT
 //! keel send ID NAME --data FILE|- [--event-id X], keel get ID NAME [--wait 30s] [--after N]
 //! keel schedule create NAME (--cron EXPR | --every 1h) --workflow W --input FILE|- | list | show|pause|resume|delete NAME
+//! keel batch pause --status running --prefix plant- [--dry-run] [--yes]   (cancel, pause,
+//!   resume, retry-compensation, resolve --note TEXT, rerun; by status, workflow, prefix,
+//!   parent, creation time)
+//! keel rerun ID [--as NEW_ID] [--input FILE|-], keel purge --before 2026-11-01 [--dry-run]
 //! ```
 //!
 //! Exit codes: 0 success; 1 failure (the worker failed, is unreachable, or a waited-for run
@@ -31,6 +35,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// Runs Keel's provisioning workflows (`keel worker`) and drives a running worker.
@@ -105,6 +110,9 @@ enum Command {
         /// Start after this run id (the `next` a previous page named).
         #[arg(long)]
         after: Option<String>,
+        /// Only runs whose id begins with this.
+        #[arg(long)]
+        prefix: Option<String>,
         /// Most runs shown (1 to 1000).
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -180,6 +188,140 @@ enum Command {
         #[arg(long)]
         after: Option<u64>,
     },
+    /// Acts on every run a filter matches: a dry run first, a question on the terminal when
+    /// more than one run matches (a script says --yes), then calls of up to --limit runs
+    /// until every match was seen, each run's outcome printed. Exits 1 when the action
+    /// failed on some run.
+    Batch {
+        /// What to do to each run.
+        action: BatchVerb,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Runs created at or after this time (RFC 3339 in UTC, or a date: 2026-11-01).
+        #[arg(long, value_parser = cli_time)]
+        created_after: Option<String>,
+        /// Runs created before this time (RFC 3339 in UTC, or a date).
+        #[arg(long, value_parser = cli_time)]
+        created_before: Option<String>,
+        /// What the operator did (resolve only).
+        #[arg(long)]
+        note: Option<String>,
+        #[command(flatten)]
+        options: BatchArgs,
+    },
+    /// Starts a finished run again as a new run (same workflow; its input, or another),
+    /// linked both ways: the new run's record says `rerun of`, the old run's history the
+    /// rerun.
+    Rerun {
+        /// The finished run.
+        id: String,
+        /// The new run's id; default `ID.rerun-N`.
+        #[arg(long = "as", value_name = "NEW_ID")]
+        as_id: Option<String>,
+        /// Another input: a JSON file, or `-` for standard input; default the run's own.
+        #[arg(long)]
+        input: Option<String>,
+    },
+    /// Deletes finished runs (with their journals and finished children) that finished
+    /// before a time, and says how many; asks as `keel batch` does.
+    Purge {
+        /// Runs that finished before this time (RFC 3339 in UTC, or a date: 2026-11-01).
+        #[arg(long, value_parser = cli_time)]
+        before: String,
+        /// Only runs in this status (completed, failed, compensated, resolved); repeatable.
+        #[arg(long = "status")]
+        statuses: Vec<String>,
+        /// Only runs of this workflow.
+        #[arg(long)]
+        workflow: Option<String>,
+        #[command(flatten)]
+        options: BatchArgs,
+    },
+}
+
+/// The action of `keel batch`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BatchVerb {
+    /// Cancel running, suspended and paused runs: they compensate.
+    Cancel,
+    /// Pause running runs.
+    Pause,
+    /// Resume paused and suspended runs.
+    Resume,
+    /// Retry the compensation of runs whose compensation failed.
+    RetryCompensation,
+    /// Mark runs whose compensation failed as resolved (needs --note).
+    Resolve,
+    /// Start finished runs again, each under `ID.rerun-N`, with its own input.
+    Rerun,
+}
+
+impl BatchVerb {
+    /// The API's word.
+    fn word(self) -> &'static str {
+        match self {
+            BatchVerb::Cancel => "cancel",
+            BatchVerb::Pause => "pause",
+            BatchVerb::Resume => "resume",
+            BatchVerb::RetryCompensation => "retry_compensation",
+            BatchVerb::Resolve => "resolve",
+            BatchVerb::Rerun => "rerun",
+        }
+    }
+}
+
+/// Which runs `keel batch` acts on: every option given must hold; give at least one.
+#[derive(clap::Args, Debug)]
+struct FilterArgs {
+    /// Runs in this status (running, paused, suspended, compensation_failed, completed,
+    /// ...); repeatable: any of them.
+    #[arg(long = "status")]
+    statuses: Vec<String>,
+    /// Runs of this workflow.
+    #[arg(long)]
+    workflow: Option<String>,
+    /// Runs whose id begins with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Child runs of this run.
+    #[arg(long)]
+    parent: Option<String>,
+}
+
+/// How `keel batch` and `keel purge` go about it.
+#[derive(clap::Args, Debug)]
+struct BatchArgs {
+    /// Most runs per call (1 to 1000); the calls go on until every match was seen.
+    #[arg(long, default_value_t = api::BATCH_LIMIT_DEFAULT, value_parser = clap::value_parser!(u16).range(1..=1000).map(usize::from))]
+    limit: usize,
+    /// Only show which runs match and what would be done to each.
+    #[arg(long)]
+    dry_run: bool,
+    /// Act on more than one run without asking.
+    #[arg(long)]
+    yes: bool,
+}
+
+impl BatchArgs {
+    fn options(&self) -> client::BatchOptions {
+        client::BatchOptions {
+            dry_run: self.dry_run,
+            yes: self.yes,
+        }
+    }
+}
+
+/// A time on the command line: RFC 3339 in UTC (`2026-11-01T12:00:00Z`) or a date
+/// (`2026-11-01`, its midnight UTC), as the API's RFC 3339 text.
+fn cli_time(text: &str) -> Result<String, String> {
+    let is_date = text.len() == 10 && text.as_bytes()[4] == b'-' && text.as_bytes()[7] == b'-';
+    let full = if is_date {
+        format!("{text}T00:00:00Z")
+    } else {
+        text.to_string()
+    };
+    api::parse_time_ms(&full)?;
+    Ok(full)
 }
 
 /// How the worker logs.
@@ -269,6 +411,37 @@ pub struct WorkerArgs {
     /// The statuses whose entry is notified, comma-separated (any run status).
     #[arg(long, env = "KEEL_NOTIFY_ON", value_delimiter = ',', default_value = notify::NOTIFY_ON_DEFAULT, value_parser = notify::status_word)]
     pub notify_on: Vec<keel_engine::RunStatus>,
+    /// How long finished runs are kept before they are deleted (30d, 12h, ...), unless their
+    /// workflow says otherwise or --retention-for does.
+    #[arg(long, env = "KEEL_RETENTION", default_value = "7d", value_parser = retention)]
+    pub retention: Duration,
+    /// How long finished runs of one workflow are kept: WORKFLOW=DURATION (e.g.
+    /// `sample.inbox=12h`); repeatable. An unregistered workflow is refused at start.
+    #[arg(long, env = "KEEL_RETENTION_FOR", value_delimiter = ',', value_parser = retention_for)]
+    pub retention_for: Vec<(String, Duration)>,
+}
+
+/// A retention: a `humantime` duration (`30d`, `12h`, `90m`) of at least a second.
+fn retention(text: &str) -> Result<Duration, String> {
+    let kept = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?} is not a duration such as 30d, 12h or 90m: {e}"))?;
+    if kept < Duration::from_secs(1) {
+        return Err(format!("{text:?} is under a second"));
+    }
+    Ok(kept)
+}
+
+/// A `--retention-for`: `WORKFLOW=DURATION`.
+fn retention_for(text: &str) -> Result<(String, Duration), String> {
+    let Some((workflow, kept)) = text.split_once('=') else {
+        return Err(format!(
+            "{text:?} is not WORKFLOW=DURATION (e.g. sample.inbox=12h)"
+        ));
+    };
+    if workflow.is_empty() {
+        return Err(format!("{text:?} names no workflow"));
+    }
+    Ok((workflow.to_string(), retention(kept)?))
 }
 
 /// Where a worker keeps its runs.
@@ -400,8 +573,14 @@ fn run_verb(client: &client::Client, command: Command) -> Result<(), client::Cli
         Command::List {
             status,
             after,
+            prefix,
             limit,
-        } => client.list(status.as_deref(), after.as_deref(), limit),
+        } => client.list(
+            status.as_deref(),
+            after.as_deref(),
+            prefix.as_deref(),
+            limit,
+        ),
         Command::History { id } => client.history(&id),
         Command::Cancel { id } => client.operate(&id, "cancel", None),
         Command::Pause { id } => client.operate(&id, "pause", None),
@@ -422,5 +601,53 @@ fn run_verb(client: &client::Client, command: Command) -> Result<(), client::Cli
             wait,
             after,
         } => client.get_published(&id, &name, wait, after),
+        Command::Batch {
+            action,
+            filter,
+            created_after,
+            created_before,
+            note,
+            options,
+        } => {
+            let request = api::BatchRequest {
+                action: action.word().into(),
+                filter: api::FilterRequest {
+                    statuses: filter.statuses,
+                    workflow: filter.workflow,
+                    id_prefix: filter.prefix,
+                    parent: filter.parent,
+                    created_after,
+                    created_before,
+                    finished_before: None,
+                },
+                dry_run: false,
+                after: None,
+                limit: Some(options.limit),
+                note,
+            };
+            client.batch(request, options.options())
+        }
+        Command::Rerun { id, as_id, input } => client.rerun(&id, as_id, input.as_deref()),
+        Command::Purge {
+            before,
+            statuses,
+            workflow,
+            options,
+        } => {
+            let request = api::BatchRequest {
+                action: "purge".into(),
+                filter: api::FilterRequest {
+                    statuses,
+                    workflow,
+                    finished_before: Some(before),
+                    ..api::FilterRequest::default()
+                },
+                dry_run: false,
+                after: None,
+                limit: Some(options.limit),
+                note: None,
+            };
+            client.purge(request, options.options())
+        }
     }
 }

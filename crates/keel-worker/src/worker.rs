@@ -92,6 +92,14 @@ pub(crate) enum WorkerError {
         /// Why.
         source: std::io::Error,
     },
+    /// `--retention-for` names a workflow this worker does not register.
+    #[error("--retention-for {name}: no such workflow (registered: {registered})")]
+    UnknownWorkflow {
+        /// The name given.
+        name: String,
+        /// The registered workflows' names.
+        registered: String,
+    },
     /// The store can make nothing durable any more (a failed sync, a lost lease): the
     /// worker exits so that its supervisor starts a fresh one.
     #[error("the store can make nothing durable any more ({0}): exiting so that a fresh worker takes over")]
@@ -113,6 +121,7 @@ impl WorkerError {
             | WorkerError::Token { .. }
             | WorkerError::Keys(_)
             | WorkerError::Notify(_) => 2,
+            WorkerError::UnknownWorkflow { .. } => 2,
             _ => 1,
         }
     }
@@ -469,8 +478,20 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
         // Calls no AWS API: for trying the events API (`keel send`, `keel get`).
         .workflow::<keel_workflows::sample::Inbox>()
         .runs_concurrent_max(args.runs_concurrent_max)
+        .retention(args.retention)
         .resource(AwsClients::new(&sdk))
         .resource(KeyStore::new(data_dir.join("keys")));
+    // Checked before the store opens: a typo would silently keep runs for the default time.
+    let registered = builder.workflow_names();
+    for (workflow, kept) in &args.retention_for {
+        if !registered.contains(workflow) {
+            return Err(WorkerError::UnknownWorkflow {
+                name: workflow.clone(),
+                registered: registered.join(", "),
+            });
+        }
+        builder = builder.retention_for(workflow, *kept);
+    }
     if args.allow_unregistered {
         builder = builder.allow_unregistered();
     }

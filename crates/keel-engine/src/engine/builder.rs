@@ -221,6 +221,12 @@ impl EngineBuilder {
         self
     }
 
+    /// The names of the workflows registered so far, sorted: for checking an operator's
+    /// per-workflow settings ([`EngineBuilder::retention_for`]) before the engine opens.
+    pub fn workflow_names(&self) -> Vec<String> {
+        self.workflows.name_list()
+    }
+
     /// How often garbage collection runs in the background (default 10 minutes).
     pub fn gc_interval(self, interval: Duration) -> Self {
         EngineBuilder {

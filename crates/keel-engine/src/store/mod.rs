@@ -102,8 +102,6 @@ pub(crate) struct ScannedRuns {
 }
 
 /// The kinds of small keyed records a store keeps beside runs ([`JournalStore::put_keyed`]).
-// The schedule spaces are reserved for schedules, built on another branch.
-#[allow(dead_code)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Space {
     /// A schedule's definition, by schedule name (`schedule.rs`).
