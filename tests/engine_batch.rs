@@ -482,6 +482,7 @@ async fn a_rerun_links_both_runs_and_a_bulk_rerun_skips_runs_rerun_before() {
     // Repeated once the reruns failed in turn (the same input): no run is rerun twice, and
     // the reruns are rerun in their turn.
     settle(&engine, &made).await;
+    scratch.clock.advance(Duration::from_millis(1));
     let again = engine
         .batch(&batch(BatchAction::Rerun, failed(), 100))
         .await
@@ -496,6 +497,54 @@ async fn a_rerun_links_both_runs_and_a_bulk_rerun_skips_runs_rerun_before() {
     );
     let second = engine.rerun("bad-1", &Rerun::default()).await.unwrap();
     assert_eq!(second.id.as_str(), "bad-1.rerun-2");
+
+    // A rerun batch over several calls never reruns its own reruns: each sorts right after
+    // its original and has failed in turn by the next call, but it was started after the
+    // batch began.
+    for n in 0..3 {
+        let id = format!("c-{n}");
+        engine
+            .start_json(Hold::NAME, &id, failing.clone())
+            .await
+            .unwrap();
+        engine.wait(&id).await.unwrap();
+    }
+    let mut request = batch(
+        BatchAction::Rerun,
+        RunFilter {
+            statuses: vec![RunStatus::Failed],
+            id_prefix: Some("c-".into()),
+            ..RunFilter::default()
+        },
+        1,
+    );
+    let mut acted = Vec::new();
+    for call in 0.. {
+        assert!(call < 10, "the batch never ended");
+        let report = engine.batch(&request).await.unwrap();
+        let made: Vec<String> = report
+            .runs
+            .iter()
+            .filter_map(|r| r.rerun.as_ref().map(|id| id.to_string()))
+            .collect();
+        settle(&engine, &made).await;
+        acted.extend(ids_of(&report, BatchOutcome::Done));
+        // The first call's rerun shares its millisecond; the later ones come after it.
+        scratch
+            .clock
+            .advance(Duration::from_millis(u64::from(call % 2 == 0)));
+        match report.next {
+            Some(next) => request.after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(acted, vec!["c-0", "c-1", "c-2"]);
+    // A token that is not one a batch returned is refused.
+    request.after = Some("c-1".into());
+    assert!(matches!(
+        engine.batch(&request).await,
+        Err(EngineError::InvalidRequest(m)) if m.contains("is not one a batch returned")
+    ));
     engine.shutdown().await;
 }
 

@@ -1,6 +1,7 @@
 //! Operator actions over every run a filter matches: cancel, pause, resume, retry a failed
 //! compensation, resolve, rerun, purge. A call acts on at most [`BATCH_RUNS_MAX`] runs and
-//! says where the next call goes on (a continuation token: the last run id it looked at), so
+//! says where the next call goes on (a continuation token: when the batch began and the last
+//! run id it looked at), so
 //! a fleet's thousand runs are acted on in bounded steps that each report, per run, what was
 //! done or why it was skipped. Each run's action is the engine's own operator call, durable
 //! when it is reported; a batch cut short by a crash is repeated from its last token, and
@@ -167,7 +168,7 @@ pub struct Batch {
     /// Only count the matches and list the first `limit`, with what would be done to each.
     #[serde(default)]
     pub dry_run: bool,
-    /// The previous call's `next`: go on after this run id.
+    /// The previous call's `next` (opaque): go on where it stopped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub after: Option<String>,
     /// Most runs acted on (or listed, in a dry run), 1 to [`BATCH_RUNS_MAX`].
@@ -257,7 +258,15 @@ impl Engine {
             next: None,
         };
         let mut matched = Vec::new();
-        let mut after = batch.after.as_deref().map(RunId::existing).transpose()?;
+        // A batch acts on the runs that existed when its first call began: a run started
+        // since (a rerun this batch made, whose id sorts after its original's) is never
+        // matched by a later call.
+        let (began_ms, mut after) = match batch.after.as_deref() {
+            Some(token) => Continuation::parse(token)?,
+            None => (self.inner.env.clock.now_ms(), None),
+        };
+        let token =
+            |after: &Option<RunId>| after.as_ref().map(|id| Continuation::format(began_ms, id));
         let mut scanned = 0;
         'scan: loop {
             let scan = batch.filter.scan(after.clone(), SCAN_PAGE);
@@ -272,7 +281,7 @@ impl Engine {
                 };
                 scanned += 1;
                 after = Some(record.id.clone());
-                if !batch.filter.matches(&record) {
+                if !batch.filter.matches(&record) || started_since(&record, began_ms) {
                     continue;
                 }
                 if batch.dry_run {
@@ -290,7 +299,7 @@ impl Engine {
                 }
                 matched.push(record);
                 if matched.len() == batch.limit || scanned >= SCAN_RECORDS_MAX {
-                    report.next = after.as_ref().map(|id| id.to_string());
+                    report.next = token(&after);
                     break 'scan;
                 }
             }
@@ -298,7 +307,7 @@ impl Engine {
                 break;
             }
             if !batch.dry_run && scanned >= SCAN_RECORDS_MAX {
-                report.next = after.as_ref().map(|id| id.to_string());
+                report.next = token(&after);
                 break;
             }
         }
@@ -514,6 +523,35 @@ impl Engine {
         self.inner.env.store.sync().wait().await?;
         tracing::info!(run_id = %id, runs = ids.len(), "run purged");
         Ok(())
+    }
+}
+
+/// Whether `record`'s run was started after a batch that began at `began_ms`: later, or a
+/// rerun in the same millisecond (the clock's grain; a run the batch reruns is older).
+fn started_since(record: &RunRecord, began_ms: u64) -> bool {
+    record.created_at_ms > began_ms
+        || (record.rerun_of.is_some() && record.created_at_ms == began_ms)
+}
+
+/// A batch's continuation token: `<ms the batch began>~<last run id read>` (`~` is no
+/// run-id character).
+struct Continuation;
+
+impl Continuation {
+    fn format(began_ms: u64, last: &RunId) -> String {
+        format!("{began_ms}~{last}")
+    }
+
+    fn parse(token: &str) -> Result<(u64, Option<RunId>)> {
+        let bad = || {
+            EngineError::InvalidRequest(format!(
+                "continuation {token:?} is not one a batch returned (pass its `next` as is)"
+            ))
+        };
+        let (began, last) = token.split_once('~').ok_or_else(bad)?;
+        let began = began.parse().map_err(|_| bad())?;
+        let last = RunId::existing(last).map_err(|_| bad())?;
+        Ok((began, Some(last)))
     }
 }
 
