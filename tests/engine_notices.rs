@@ -306,3 +306,41 @@ async fn a_notice_survives_reopens_until_it_is_done() {
     assert_eq!(next[0].event_id, last_entry_event_id(&engine, "run").await);
     engine.shutdown().await;
 }
+
+/// A run deleted (here by a purge) before its notice went out still has its notice handed
+/// out: its transition was durable, and it is not lost for want of the journal to check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notice_outlives_its_purged_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), &NEEDS_A_HUMAN).await;
+    engine.start::<Inbox>("gone", ()).await.unwrap();
+    engine.pause("gone").await.unwrap();
+    assert_eq!(settled(&engine, "gone").await.status, RunStatus::Paused);
+    let event_id = last_entry_event_id(&engine, "gone").await;
+    engine.cancel("gone").await.unwrap();
+    settled(&engine, "gone").await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let purge = keel::Batch {
+        action: keel::BatchAction::Purge,
+        filter: keel::RunFilter {
+            finished_before_ms: Some(now_ms + 60_000),
+            ..keel::RunFilter::default()
+        },
+        dry_run: false,
+        after: None,
+        limit: 10,
+    };
+    assert_eq!(engine.batch(&purge).await.unwrap().done, 1);
+    assert!(engine.status("gone").await.is_err(), "purged");
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = open(dir.path(), &NEEDS_A_HUMAN).await;
+    let pending = engine.notices().await.unwrap();
+    let ids: Vec<&str> = pending.iter().map(|n| n.event_id.as_str()).collect();
+    assert_eq!(ids, vec![event_id.as_str()]);
+    engine.shutdown().await;
+}

@@ -560,3 +560,43 @@ async fn creation_is_idempotent_and_refuses_another_definition() {
     assert_eq!(engine.schedules().await.unwrap(), vec![replaced.schedule]);
     engine.shutdown().await;
 }
+
+/// An engine that does not register a schedule's workflow leaves its fires to the engines
+/// that do (on a shared store, another worker): it neither starts nor decides them, so none
+/// is lost as failed.
+#[tokio::test]
+async fn an_engine_without_the_workflow_leaves_the_fires_to_one_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = TestClock::new();
+    let engine = open(dir.path(), &clock).await;
+    engine
+        .create_schedule(&every_minute("w", CatchUp::Latest))
+        .await
+        .unwrap();
+    engine.shutdown().await;
+    drop(engine);
+
+    // Three fire times pass under an engine that registers only `Hold`.
+    let clock = TestClock::starting_at(T0 + 3 * MINUTE + 10_000);
+    let without = keel_testkit::store::builder(dir.path())
+        .clock(clock.clone())
+        .workflow::<Hold>()
+        .open()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let schedule = without.schedule("w").await.unwrap();
+    assert_eq!(
+        (schedule.fires, schedule.skipped, schedule.failed),
+        (0, 0, 0),
+        "{schedule:?}"
+    );
+    without.shutdown().await;
+    drop(without);
+
+    // The engine that registers it catches the latest fire up.
+    let engine = open(dir.path(), &clock).await;
+    until_schedule(&engine, "w", "the catch-up", |s| s.fires == 1).await;
+    assert_eq!(runs_of(&engine, "w").await, vec![fire_id("w", 3 * MINUTE)]);
+    engine.shutdown().await;
+}

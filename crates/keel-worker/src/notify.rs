@@ -249,7 +249,7 @@ impl Sender {
                         retries.remove(&key);
                         if let Err(error) = engine.notice_delivered(&notice.event_id, url).await {
                             // Sent again at the next pass: at least once.
-                            tracing::warn!(%url, event_id = %notice.event_id, %error,
+                            tracing::warn!(url = %shown(url), event_id = %notice.event_id, %error,
                                 "a delivered notice could not be recorded");
                             missing += 1;
                         }
@@ -265,7 +265,7 @@ impl Sender {
                         wake = Some(wake.map_or(retry.next, |w| w.min(retry.next)));
                         missing += 1;
                         tracing::warn!(
-                            %url,
+                            url = %shown(url),
                             event_id = %notice.event_id,
                             error = %reason,
                             failures = retry.failures,
@@ -387,5 +387,32 @@ mod tests {
         );
         let error = status_word("stalled").unwrap_err();
         assert!(error.contains("\"stalled\""), "{error}");
+    }
+}
+
+/// `url` as logs show it: scheme, host and port, the path and query left out, since a
+/// webhook's URL often carries its secret there.
+pub(crate) fn shown(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(uri) => match (uri.scheme_str(), uri.authority()) {
+            (Some(scheme), Some(authority)) => format!("{scheme}://{authority}/..."),
+            _ => "(a URL)".into(),
+        },
+        Err(_) => "(a URL)".into(),
+    }
+}
+
+#[cfg(test)]
+mod shown_tests {
+    #[test]
+    fn a_url_is_logged_without_its_path_or_query() {
+        assert_eq!(
+            super::shown("https://hooks.example.com/services/T0/B0/secret?token=x"),
+            "https://hooks.example.com/..."
+        );
+        assert_eq!(
+            super::shown("http://127.0.0.1:9099/hook"),
+            "http://127.0.0.1:9099/..."
+        );
     }
 }

@@ -526,7 +526,12 @@ fn notice_sender(args: &WorkerArgs) -> Result<Option<crate::notify::Sender>, Wor
         None => None,
     };
     let sender = crate::notify::Sender::new(args.notify_url.clone(), secret)?;
-    tracing::info!(urls = ?args.notify_url, on = ?args.notify_on, "notifying");
+    let shown: Vec<String> = args
+        .notify_url
+        .iter()
+        .map(|u| crate::notify::shown(u))
+        .collect();
+    tracing::info!(urls = ?shown, on = ?args.notify_on, "notifying");
     Ok(Some(sender))
 }
 

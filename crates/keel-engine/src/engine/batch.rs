@@ -85,8 +85,8 @@ impl RunFilter {
                 .is_none_or(|at| record.finished_at_ms.is_some_and(|f| f < at))
     }
 
-    /// The store scan that visits every record this filter can match (and few more): by id
-    /// prefix (a parent's children share `parent/`), and by status when there is one.
+    /// The store scan that visits every record this filter can match: by id prefix (a
+    /// parent's children share `parent/`).
     fn scan(&self, after: Option<RunId>, limit: usize) -> RunsScan {
         let children = self.parent.as_ref().map(|p| format!("{p}/"));
         // Both prefixes must hold: the longer one implies the other, or nothing matches.
@@ -96,10 +96,9 @@ impl RunFilter {
         };
         RunsScan {
             after,
-            status: match self.statuses.as_slice() {
-                [one] => Some(*one),
-                _ => None,
-            },
+            // Statuses are matched here, not by the store: a page then reads at most `limit`
+            // records, so a call's bound on records read holds whatever the filter.
+            status: None,
             prefix,
             limit,
         }
@@ -220,7 +219,8 @@ pub struct BatchReport {
     pub action: String,
     /// Whether nothing was changed.
     pub dry_run: bool,
-    /// Runs matched by this call (a dry run: every match after `after`).
+    /// Runs matched by this call (a dry run: every match after `after` among the records it
+    /// read; `next` is set when it stopped at its bound of records read).
     pub matched: u64,
     /// Runs the action took effect on (a dry run: would take effect on).
     pub done: u64,
@@ -237,7 +237,8 @@ pub struct BatchReport {
 impl Engine {
     /// Applies `batch.action` to the runs `batch.filter` matches after `batch.after`, at most
     /// `batch.limit` of them, and reports per run what happened; or, with `dry_run`, counts
-    /// every match, lists the first `limit` and changes nothing.
+    /// the matches, lists the first `limit` and changes nothing. Either reads at most 50,000
+    /// records and then says where to go on (`next`).
     ///
     /// Each run's action is the engine's own operator call and is durable when reported.
     /// A run whose status does not admit the action is skipped with the reason; a run whose
@@ -306,7 +307,7 @@ impl Engine {
             if !page.more {
                 break;
             }
-            if !batch.dry_run && scanned >= SCAN_RECORDS_MAX {
+            if scanned >= SCAN_RECORDS_MAX {
                 report.next = token(&after);
                 break;
             }

@@ -83,7 +83,11 @@ impl Engine {
         match journal.get(index.0 as usize) {
             Some(entry) if notice.made_by(entry) => Ok(Standing::Made),
             Some(_) => Ok(Standing::Never),
-            None if store.run(&notice.run_id).await?.is_none() => Ok(Standing::Never),
+            // The run was deleted (purged, collected) before its notice went out: its journal
+            // is gone, so the transition cannot be checked. It is sent: a notice is never lost
+            // for a transition that was durable, and one undone by a crash as well as deleted
+            // is the rarer error (at least once).
+            None if store.run(&notice.run_id).await?.is_none() => Ok(Standing::Made),
             None => Ok(Standing::NotYet),
         }
     }

@@ -116,6 +116,9 @@ impl Engine {
     /// Pauses schedule `name`, durably: it starts nothing until resumed. Pausing a paused
     /// schedule changes nothing.
     pub async fn pause_schedule(&self, name: &str) -> Result<Schedule> {
+        // Not inside a pass of this engine's loop, which may have read the definition before
+        // the pause: once this returns, this engine starts nothing more of it.
+        let _pass = self.inner.schedules.pass.lock().await;
         let mut definition = self.definition(name).await?;
         if !definition.paused {
             definition.paused = true;
@@ -143,6 +146,7 @@ impl Engine {
     /// Deletes schedule `name` and how far it fired, durably; returns it as it was. Runs it
     /// started are untouched.
     pub async fn delete_schedule(&self, name: &str) -> Result<Schedule> {
+        let _pass = self.inner.schedules.pass.lock().await;
         let definition = self.definition(name).await?;
         let schedule = self.view_of(&definition).await?;
         let store = &self.inner.env.store;
@@ -347,6 +351,12 @@ impl Engine {
     /// Carries out the plan of one schedule now; returns its next fire time.
     async fn fire_one(&self, definition: &Definition, mut fired: Fired) -> Result<Option<u64>> {
         let spec = &definition.spec;
+        if self.inner.workflows.get(&spec.workflow).is_none() {
+            // Another engine sharing the store registers it and fires it; deciding its fires
+            // here would record them as failed and lose them there.
+            tracing::debug!(schedule = %spec.name, workflow = %spec.workflow, "schedule of a workflow not registered here: left to the engines that register it");
+            return Ok(None);
+        }
         let times = FireTimes::new(&spec.every, definition.created_at_ms).map_err(|reason| {
             EngineError::Corrupt {
                 key: format!("schedule {}", spec.name),
@@ -400,10 +410,20 @@ impl Engine {
                     tracing::info!(schedule = %spec.name, run_id = %id, "schedule fire found its run started before");
                 }
                 Err(EngineError::ShutDown) => return Ok(None),
-                Err(error) => {
+                Err(
+                    error @ (EngineError::InvalidInput { .. }
+                    | EngineError::MalformedInput { .. }
+                    | EngineError::TooLarge { .. }
+                    | EngineError::InvalidRunId { .. }),
+                ) => {
+                    // The fire can never start (the workflow's new version refuses the
+                    // input, say): counted as failed, and the schedule goes on.
                     fired.failed += 1;
                     tracing::warn!(schedule = %spec.name, run_id = %id, %error, "schedule fire failed to start");
                 }
+                // Anything else may pass (the store, a lease): the fire stays undecided and
+                // the next pass tries it again.
+                Err(error) => return Err(error),
             }
             crate::crash::point("schedule.after_start");
             fired.decided_through_ms = Some(fire_ms);

@@ -94,7 +94,8 @@ impl Client {
         if options.dry_run {
             self.print(&plan, || outcome_table(&plan.runs, true));
             eprintln!(
-                "dry run: {} runs match; {} would be acted on, {} skipped{}",
+                "dry run: {}{} runs match; {} would be acted on, {} skipped{}",
+                at_least(&plan),
                 plan.matched,
                 plan.done,
                 plan.skipped,
@@ -237,6 +238,15 @@ fn worth_retrying(error: &ClientError) -> bool {
     }
 }
 
+/// "at least " when a dry run stopped at its bound of records read before the last match.
+fn at_least(plan: &BatchReport) -> &'static str {
+    if plan.next.is_some() {
+        "at least "
+    } else {
+        ""
+    }
+}
+
 /// Asks on the terminal whether to act on the runs `plan` matched; refuses without asking
 /// when stdin is no terminal (a script must say `--yes`).
 fn confirm(plan: &BatchReport) -> Result<()> {
@@ -254,8 +264,10 @@ fn confirm(plan: &BatchReport) -> Result<()> {
         eprintln!("... and {} more", n as usize - shown.len());
     }
     eprint!(
-        "{}: {n} runs match ({} would be skipped). Act on {n} runs? [y/N] ",
-        plan.action, plan.skipped
+        "{}: {}{n} runs match ({} would be skipped). Act on {n} runs? [y/N] ",
+        plan.action,
+        at_least(plan),
+        plan.skipped
     );
     let _ = std::io::stderr().flush();
     let mut answer = String::new();
