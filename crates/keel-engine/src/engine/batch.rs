@@ -263,7 +263,10 @@ impl Engine {
         // since (a rerun this batch made, whose id sorts after its original's) is never
         // matched by a later call.
         let (began_ms, mut after) = match batch.after.as_deref() {
-            Some(token) => Continuation::parse(token)?,
+            Some(token) => {
+                let (began_ms, last) = Continuation::parse(token)?;
+                (began_ms, Some(last))
+            }
             None => (self.inner.env.clock.now_ms(), None),
         };
         let token =
@@ -543,7 +546,7 @@ impl Continuation {
         format!("{began_ms}~{last}")
     }
 
-    fn parse(token: &str) -> Result<(u64, Option<RunId>)> {
+    fn parse(token: &str) -> Result<(u64, RunId)> {
         let bad = || {
             EngineError::InvalidRequest(format!(
                 "continuation {token:?} is not one a batch returned (pass its `next` as is)"
@@ -552,7 +555,7 @@ impl Continuation {
         let (began, last) = token.split_once('~').ok_or_else(bad)?;
         let began = began.parse().map_err(|_| bad())?;
         let last = RunId::existing(last).map_err(|_| bad())?;
-        Ok((began, Some(last)))
+        Ok((began, last))
     }
 }
 

@@ -45,10 +45,9 @@ use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX, TRANSITION_ENTRY_BYTES_MAX};
 use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::mark::{self, Mark, Marker};
-use crate::store::{
-    check_keyed, Claimed, JournalStore, Read, RunsScan, ScannedRuns, Space, Takeover, Token,
-};
+use crate::store::{Claimed, JournalStore, Read, RunsScan, ScannedRuns, Space, Takeover, Token};
 
+mod keyed;
 mod recovery;
 mod sync;
 
@@ -59,14 +58,6 @@ const RUN_PREFIX: u8 = b'r';
 const JOURNAL_PREFIX: u8 = b'j';
 const STATS_PREFIX: u8 = b's';
 const LOADS_PREFIX: u8 = b'l';
-const KEYED_PREFIX: u8 = b'k';
-
-fn keyed_prefix(space: Space) -> Vec<u8> {
-    let mut key = vec![KEYED_PREFIX];
-    key.extend_from_slice(space.as_str().as_bytes());
-    key.push(0);
-    key
-}
 
 /// What opening a store that lost acknowledged data does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -556,44 +547,15 @@ impl JournalStore for SledStore {
     }
 
     fn put_keyed(&self, space: Space, key: &str, value: &str) -> Result<()> {
-        check_keyed(space, key, value)?;
-        let mut full = keyed_prefix(space);
-        full.extend_from_slice(key.as_bytes());
-        self.db
-            .insert(full, value.as_bytes())
-            .map_err(|e| self.storage(e))?;
-        self.wrote();
-        Ok(())
+        self.write_keyed(space, key, value)
     }
 
     fn delete_keyed(&self, space: Space, key: &str) -> Result<()> {
-        let mut full = keyed_prefix(space);
-        full.extend_from_slice(key.as_bytes());
-        self.db.remove(full).map_err(|e| self.storage(e))?;
-        self.wrote();
-        Ok(())
+        self.remove_keyed(space, key)
     }
 
     fn keyed(&self, space: Space) -> Read<'_, Vec<(String, String)>> {
-        let prefix = keyed_prefix(space);
-        let mut out = Vec::new();
-        for item in self.db.scan_prefix(&prefix) {
-            let (key, value) = match item {
-                Ok(kv) => kv,
-                Err(e) => return ready(Err(self.storage(e))),
-            };
-            let text = |bytes: &[u8]| {
-                String::from_utf8(bytes.to_vec()).map_err(|_| EngineError::Corrupt {
-                    key: readable_key(&key),
-                    detail: "a keyed record that is not UTF-8".into(),
-                })
-            };
-            match (text(&key[prefix.len()..]), text(&value)) {
-                (Ok(k), Ok(v)) => out.push((k, v)),
-                (Err(e), _) | (_, Err(e)) => return ready(Err(e)),
-            }
-        }
-        ready(Ok(out))
+        ready(self.read_keyed(space))
     }
 
     fn sync(&self) -> SyncTicket {
