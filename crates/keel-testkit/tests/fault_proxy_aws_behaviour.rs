@@ -37,10 +37,12 @@ where
 /// shape, also where another operation names them, and read as found once the lag is over.
 #[tokio::test]
 async fn new_resources_read_as_not_found_during_the_create_lag() {
+    // The lag is long enough that the reads below fall inside it on a loaded 2-core machine:
+    // 300 ms was not (CI once read the role's tags after its lag had ended).
     let rules = Rules::seeded(7)
-        .lag(LagRule::after_create("iam", 300))
-        .lag(LagRule::after_create("iot", 300))
-        .lag(LagRule::after_create("greengrass", 300));
+        .lag(LagRule::after_create("iam", 3_000))
+        .lag(LagRule::after_create("iot", 3_000))
+        .lag(LagRule::after_create("greengrass", 3_000));
     let env = Env::new(rules).await;
 
     let arn = create_role(&env.iam(), "lagging-role").await.unwrap();
@@ -56,6 +58,15 @@ async fn new_resources_read_as_not_found_during_the_create_lag() {
         "{e:?}"
     );
     assert_eq!(service_error(&e).1, 404);
+    // Uses by name in another operation lag too.
+    let e = env
+        .iam()
+        .list_role_tags()
+        .role_name("lagging-role")
+        .send()
+        .await
+        .unwrap_err();
+    assert!(e.as_service_error().unwrap().is_no_such_entity_exception());
 
     env.iot()
         .create_thing()
@@ -94,15 +105,7 @@ async fn new_resources_read_as_not_found_during_the_create_lag() {
         .unwrap_err();
     assert_eq!(service_error(&e), ("IdNotFoundException".into(), 404));
 
-    // Uses by ARN lag too, and everything appears once the lag is over.
-    let e = env
-        .iam()
-        .list_role_tags()
-        .role_name("lagging-role")
-        .send()
-        .await
-        .unwrap_err();
-    assert!(e.as_service_error().unwrap().is_no_such_entity_exception());
+    // Everything appears once the lag is over.
     failures_until_found(|| env.iam().get_role().role_name("lagging-role").send()).await;
     failures_until_found(|| {
         env.iot()
@@ -128,7 +131,7 @@ async fn new_resources_read_as_not_found_during_the_create_lag() {
 async fn deleted_resources_read_as_present_during_the_delete_lag() {
     let mut lag = LagRule::after_create("iot", 0);
     lag.after_create = None;
-    lag.after_delete = Some(Dist::fixed(400));
+    lag.after_delete = Some(Dist::fixed(3_000));
     let env = Env::new(Rules::seeded(8).lag(lag)).await;
     env.iot()
         .create_thing()
