@@ -18,7 +18,7 @@ fi
 out=$(mktemp)
 pg_dir=""
 cleanup() {
-  rm -f "$out"
+  rm -f "$out" "$out.aws"
   if [ -n "$pg_dir" ]; then scripts/postgres-stop "$pg_dir/cluster"; rm -rf "$pg_dir"; fi
 }
 trap cleanup EXIT
@@ -29,8 +29,35 @@ if [ -z "${KEEL_TEST_POSTGRES_URL:-}" ]; then
     || { echo "test: PostgreSQL could not be started for the tests (see above)" >&2; exit 1; }
   export KEEL_TEST_POSTGRES_URL
 fi
+# Two lanes at once: the AWS-heavy packages' test binaries (keel-steps, keel-workflows) beside
+# all the others. Most tests wait on moto, timers, fsync or child processes, so one lane per
+# core halves the wall time. Each lane selects with --workspace and --test, so features unify
+# as in one build: nothing is built twice. The build comes first, alone.
+lanes=$(cargo metadata --no-deps --format-version 1 | "$python" -c '
+import json, sys
+aws = {"keel-steps", "keel-workflows"}
+tests = [(p["name"], t["name"]) for p in json.load(sys.stdin)["packages"]
+         for t in p["targets"] if "test" in t["kind"]]
+b = sorted({t for p, t in tests if p in aws})
+a = sorted({t for p, t in tests if t not in b})
+print(" ".join("--test " + t for t in a))
+print(" ".join("--test " + t for t in b))')
+lane_a=$(sed -n 1p <<<"$lanes")
+lane_b=$(sed -n 2p <<<"$lanes")
+lane_b_out="$out.aws"
 status=0
-{ cargo test --workspace --all-targets && cargo test --workspace --doc; } 2>&1 | tee "$out" || status=$?
+cargo test --workspace --all-targets --no-run 2>&1 | tee "$out" || status=$?
+if [ "$status" = 0 ]; then
+  # shellcheck disable=SC2086 # the lanes are lists of arguments
+  cargo test --workspace --no-fail-fast $lane_b >"$lane_b_out" 2>&1 &
+  lane_b_pid=$!
+  # shellcheck disable=SC2086
+  cargo test --workspace --no-fail-fast --lib --bins --examples $lane_a 2>&1 | tee -a "$out" || status=$?
+  wait "$lane_b_pid" || status=$?
+  echo "test: the AWS lane (keel-steps, keel-workflows), run beside the above:"
+  tee -a "$out" <"$lane_b_out"
+  cargo test --workspace --doc 2>&1 | tee -a "$out" || status=$?
+fi
 passed=$(grep -Eo '[0-9]+ passed' "$out" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "$out" | awk '{s+=$1} END {print s+0}')
 echo "tests: ${passed} passed, ${failed} failed"
