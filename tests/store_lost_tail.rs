@@ -1,7 +1,9 @@
 //! A store that lost data it had acknowledged says so: with sled's `db` file cut to 10%,
 //! 20%, ... 90% of its length, on a small store (5 finished runs) and on a large one (a few
-//! MB, thousands of runs), opening is refused every time, with an error naming the loss and
-//! what to do; an operator can accept the loss knowingly and go on with what is left.
+//! MB, thousands of runs), opening is refused every time the cut lost acknowledged data, with
+//! an error naming the loss and what to do (a cut that removed only the never-filled end of
+//! sled's log opens, whole); an operator can accept the loss knowingly and go on with what is
+//! left.
 //!
 //! Before the high-water mark, every one of those cuts opened without an error: on the small
 //! store finished runs vanished or rolled back and ran their last steps again; on the large
@@ -117,10 +119,26 @@ fn kept_copies(dir: &Path) -> Vec<PathBuf> {
 /// `db` when it opens, so before it does, the cut `db` (shorter than at the last mark) is
 /// copied aside byte for byte; nothing else of the store changes (but for a snapshot sled
 /// may write of what it recovered), and a second open is refused again.
-async fn every_cut_is_refused(dir: &Path, what: &str) {
+/// Whether `engine` holds every one of the `runs` runs of `steps` steps, completed with its
+/// sum: what a cut that only removed the unused tail of sled's log leaves.
+async fn whole(engine: &Engine, runs: usize, steps: u32) -> bool {
+    let held = engine.list().await.unwrap();
+    let sum = serde_json::json!((0..steps).sum::<u32>());
+    held.len() == runs
+        && held
+            .iter()
+            .all(|r| r.status == RunStatus::Completed && r.output.as_ref() == Some(&sum))
+}
+
+/// Cuts `dir`'s `db` at 10%, 20%, ... 90%. Each cut that lost acknowledged data is refused,
+/// twice. sled's log can end in space it allocated but never filled (how much depends on
+/// when its flusher ran): a cut there loses nothing, and such a store opens, whole; at least
+/// five of the nine cuts must reach the data and be refused.
+async fn every_cut_is_refused(dir: &Path, what: &str, runs: usize, steps: u32) {
     keel_testkit::init_tracing();
     let cuts = tempfile::tempdir().unwrap();
     let db_bytes = std::fs::metadata(dir.join("db")).unwrap().len();
+    let mut refused = 0;
     for percent in (10..=90).step_by(10) {
         let copy: PathBuf = cuts.path().join(format!("cut-{percent}"));
         cut_copy(dir, &copy, percent);
@@ -131,8 +149,14 @@ async fn every_cut_is_refused(dir: &Path, what: &str) {
         }
         let first = match opened {
             Ok(engine) => {
-                let runs = engine.list().await.unwrap().len();
-                panic!("{what} ({db_bytes} bytes) cut to {percent}% opened, holding {runs} runs");
+                let held = engine.list().await.unwrap().len();
+                assert!(
+                    whole(&engine, runs, steps).await,
+                    "{what} ({db_bytes} bytes) cut to {percent}% opened, holding {held} runs"
+                );
+                tracing::info!(what, percent, "the cut lost nothing: opened whole");
+                engine.shutdown().await;
+                continue;
             }
             Err(error @ (EngineError::LostData { .. } | EngineError::StoreDamaged { .. })) => {
                 let text = error.to_string();
@@ -178,15 +202,28 @@ async fn every_cut_is_refused(dir: &Path, what: &str) {
             names(&before),
             names(&after)
         );
-        let again = open(&copy).await.expect_err("a second open is refused too");
-        assert!(
-            matches!(
-                again,
-                EngineError::LostData { .. } | EngineError::StoreDamaged { .. }
+        refused += 1;
+        match open(&copy).await {
+            // sled's first recovery of a torn log can be more pessimistic than its second:
+            // the second may open only a store that lost nothing.
+            Ok(engine) => assert!(
+                whole(&engine, runs, steps).await,
+                "{what} cut to {percent}%: a second open opened what the first refused \
+                 ({first}), and runs are missing"
             ),
-            "{what} cut to {percent}%: second open: {again} (first: {first})"
-        );
+            Err(again) => assert!(
+                matches!(
+                    again,
+                    EngineError::LostData { .. } | EngineError::StoreDamaged { .. }
+                ),
+                "{what} cut to {percent}%: second open: {again} (first: {first})"
+            ),
+        }
     }
+    assert!(
+        refused >= 5,
+        "{what}: only {refused} of 9 cuts were refused"
+    );
 }
 
 /// A small store (5 finished runs, no sled snapshot): every cut is refused.
@@ -194,7 +231,7 @@ async fn every_cut_is_refused(dir: &Path, what: &str) {
 async fn a_small_store_cut_short_is_refused_at_every_cut() {
     let dir = tempfile::tempdir().unwrap();
     store(dir.path(), 5, 3).await;
-    every_cut_is_refused(dir.path(), "a store of 5 runs").await;
+    every_cut_is_refused(dir.path(), "a store of 5 runs", 5, 3).await;
 }
 
 /// A large store (thousands of runs over several sled segments): every cut is refused.
@@ -204,7 +241,7 @@ async fn a_large_store_cut_short_is_refused_at_every_cut() {
     store(dir.path(), 2_000, 4).await;
     let db_bytes = std::fs::metadata(dir.path().join("db")).unwrap().len();
     assert!(db_bytes > 4 << 20, "a large store: {db_bytes} bytes");
-    every_cut_is_refused(dir.path(), "a store of 2,000 runs").await;
+    every_cut_is_refused(dir.path(), "a store of 2,000 runs", 2_000, 4).await;
 }
 
 /// An operator who accepts the loss opens the cut store with what is left: the runs that
