@@ -5,7 +5,8 @@
 # run against, from PyPI) when it is missing. The tests start and stop moto themselves.
 # Starts a throwaway PostgreSQL cluster (Debian's postgresql, installed when missing) for the
 # tests of the PostgreSQL store, and stops it at the end; KEEL_TEST_POSTGRES_URL names an
-# existing database to use instead.
+# existing database to use instead. Installs Debian's chromium and chromium-driver when missing,
+# for the web console's browser tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "test: cargo is required (https://rustup.rs)" >&2; exit 1; }
@@ -14,6 +15,15 @@ command -v "$python" >/dev/null || { echo "test: $python is required (Python 3 w
 if ! "$python" -c 'import moto.server, flask, flask_cors' 2>/dev/null; then
   echo "test: installing moto's server from PyPI" >&2
   "$python" -m pip install --quiet 'moto[server]==5.2.1'
+fi
+# The console's browser tests drive Debian's chromium through chromedriver.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test: chromium and chromedriver are missing and only root can install them (apt-get install chromium chromium-driver)" >&2
+    exit 1
+  fi
+  echo "test: installing chromium and chromium-driver (Debian) for the console's browser tests" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >&2
 fi
 out=$(mktemp)
 pg_dir=""
@@ -29,13 +39,14 @@ if [ -z "${KEEL_TEST_POSTGRES_URL:-}" ]; then
     || { echo "test: PostgreSQL could not be started for the tests (see above)" >&2; exit 1; }
   export KEEL_TEST_POSTGRES_URL
 fi
-# Two lanes at once: the AWS-heavy packages' test binaries (keel-steps, keel-workflows) beside
+# Two lanes at once: the AWS-heavy packages' test binaries (keel-steps, keel-workflows,
+# keel-testkit) beside
 # all the others. Most tests wait on moto, timers, fsync or child processes, so one lane per
 # core halves the wall time. Each lane selects with --workspace and --test, so features unify
 # as in one build: nothing is built twice. The build comes first, alone.
 lanes=$(cargo metadata --no-deps --format-version 1 | "$python" -c '
 import json, sys
-aws = {"keel-steps", "keel-workflows"}
+aws = {"keel-steps", "keel-workflows", "keel-testkit"}
 tests = [(p["name"], t["name"]) for p in json.load(sys.stdin)["packages"]
          for t in p["targets"] if "test" in t["kind"]]
 b = sorted({t for p, t in tests if p in aws})
@@ -54,7 +65,7 @@ if [ "$status" = 0 ]; then
   # shellcheck disable=SC2086
   cargo test --workspace --no-fail-fast --lib --bins --examples $lane_a 2>&1 | tee -a "$out" || status=$?
   wait "$lane_b_pid" || status=$?
-  echo "test: the AWS lane (keel-steps, keel-workflows), run beside the above:"
+  echo "test: the AWS lane (keel-steps, keel-workflows, keel-testkit), run beside the above:"
   tee -a "$out" <"$lane_b_out"
   cargo test --workspace --doc 2>&1 | tee -a "$out" || status=$?
 fi

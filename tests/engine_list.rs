@@ -34,6 +34,7 @@ async fn pages(engine: &Engine, status: Option<RunStatus>, limit: usize) -> Vec<
                 status,
                 after: after.clone(),
                 limit,
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -106,6 +107,7 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
             status: None,
             after: after.map(str::to_string),
             limit: 4,
+            ..Default::default()
         };
         async move {
             let page = engine.list_page(&query).await.unwrap();
@@ -144,6 +146,7 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
                 status: None,
                 after: None,
                 limit,
+                ..Default::default()
             })
             .await
             .unwrap_err();
@@ -157,6 +160,7 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
             status: None,
             after: Some("run-99".into()),
             limit: 5,
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -243,6 +243,7 @@ async fn a_corrupt_record_hides_no_other_run_from_a_listing() {
                 status: None,
                 after: after.clone(),
                 limit: 1,
+                ..Default::default()
             })
             .await
             .unwrap();

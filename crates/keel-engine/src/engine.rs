@@ -44,7 +44,7 @@ pub use batch::{
 };
 pub use builder::EngineBuilder;
 pub use events::{Delivered, EventIn};
-pub use reads::{RunsPage, RunsQuery, RUNS_PAGE_MAX};
+pub use reads::{RunsPage, RunsQuery, LIST_SCAN_RECORDS_MAX, RUNS_PAGE_MAX};
 pub use rerun::Rerun;
 pub use schedules::CreatedSchedule;
 

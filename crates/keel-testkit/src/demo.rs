@@ -232,7 +232,7 @@ struct Inputs {
 
 /// The input of `greengrass.provision-core` for a core `name` with `clients` client devices,
 /// waiting `check_in_within_s` for its check-in once deployed, if given.
-fn core_input(name: &str, clients: usize, check_in_within_s: Option<u64>) -> serde_json::Value {
+pub fn core_input(name: &str, clients: usize, check_in_within_s: Option<u64>) -> serde_json::Value {
     let mut input = serde_json::json!({
         "name": name,
         "role": {
@@ -502,11 +502,14 @@ impl Demo<'_> {
         writeln!(
             self.out,
             "$ keel worker --data-dir {} --aws-endpoint {}   # {}\n\
-             (the worker keeps its API token in {}/api-token; `keel --data-dir {}` reads it)",
+             (the worker keeps its API token in {}/api-token; `keel --data-dir {}` reads it)\n\
+             console: {}/ui/ (sign in with the token in {}/api-token)",
             data.display(),
             self.proxy_endpoint,
             worker.api,
             data.display(),
+            data.display(),
+            worker.api,
             data.display()
         )?;
         Ok(worker)

@@ -169,6 +169,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/runs", post(start).get(list))
         // A literal colon mid-segment is no capture in axum 0.8 (captures are `{name}`).
         .route("/v1/runs:batch", post(batch::batch))
+        .route("/v1/runs:counts", get(counts))
         .route("/v1/runs/{id}", get(status))
         .route("/v1/runs/{id}/history", get(history))
         .route("/v1/runs/{id}/{operation}", post(operate))
@@ -186,6 +187,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/v1/schedules/{name}/{operation}", post(schedules::operate))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(metrics))
+        .route("/ui", get(crate::ui::redirect))
+        .route("/ui/", get(crate::ui::asset))
+        .route("/ui/{file}", get(crate::ui::asset))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no_route", "no such API path") })
         .method_not_allowed_fallback(|method: Method| async move {
             ApiError::new(
@@ -257,7 +261,10 @@ fn refusal(state: &AppState, method: &Method, path: &str, headers: &HeaderMap) -
             let (scheme, rest) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
         });
-        if path != "/v1/health" && !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
+        // The console's own files hold no data: the page asks for the token and sends it
+        // with each API call (docs/ui.md).
+        let open = path == "/v1/health" || crate::ui::is_asset(method, path);
+        if !open && !given.is_some_and(|g| same(g.as_bytes(), token.as_bytes())) {
             return Some(ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "unauthorised",
@@ -427,6 +434,10 @@ struct ListQuery {
     after: Option<String>,
     prefix: Option<String>,
     limit: Option<usize>,
+    workflow: Option<String>,
+    parent: Option<String>,
+    created_after: Option<String>,
+    created_before: Option<String>,
 }
 
 async fn list(
@@ -438,7 +449,8 @@ async fn list(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             format!(
-                "{} (the query takes status, after, prefix, limit)",
+                "{} (the query takes status, after, prefix, limit, workflow, parent, \
+                 created_after, created_before)",
                 e.body_text()
             ),
         )
@@ -455,6 +467,18 @@ async fn list(
             format!("limit {limit} is out of range (1..={RUNS_PAGE_MAX})"),
         ));
     }
+    let time = |field: &str, text: Option<&str>| -> Result<Option<u64>, ApiError> {
+        text.map(|t| {
+            parse_time_ms(t).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    format!("{field}: {e}"),
+                )
+            })
+        })
+        .transpose()
+    };
     let page = state
         .engine
         .list_page(&RunsQuery {
@@ -462,9 +486,28 @@ async fn list(
             after: query.after,
             prefix: query.prefix,
             limit,
+            workflow: query.workflow,
+            parent: query.parent,
+            created_after_ms: time("created_after", query.created_after.as_deref())?,
+            created_before_ms: time("created_before", query.created_before.as_deref())?,
         })
         .await?;
     Ok(Json(page))
+}
+
+/// `GET /v1/runs:counts`: how many runs the store holds in each status (every status named,
+/// at 0 when there are none), and in all.
+async fn counts(State(state): State<Arc<AppState>>) -> Answer<serde_json::Value> {
+    let counts = state.engine.run_counts().await?;
+    let mut by_status = serde_json::Map::new();
+    for status in crate::metrics::STATUSES {
+        let n = counts.get(&status).copied().unwrap_or(0);
+        by_status.insert(status.as_str().into(), n.into());
+    }
+    let total: u64 = counts.values().sum();
+    Ok(Json(
+        serde_json::json!({"counts": by_status, "total": total}),
+    ))
 }
 
 /// A status from its word, or an error listing the words.

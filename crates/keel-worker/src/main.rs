@@ -28,6 +28,7 @@ mod history;
 mod metrics;
 mod notify;
 mod server;
+mod ui;
 mod worker;
 
 use std::net::SocketAddr;

@@ -17,7 +17,8 @@ use keel_engine::{Engine, OperationStats, RunStatus};
 
 use crate::api::SERVICES;
 
-const STATUSES: [RunStatus; 9] = [
+/// Every status, in the order the console and `/metrics` list them.
+pub(crate) const STATUSES: [RunStatus; 9] = [
     RunStatus::Running,
     RunStatus::Suspended,
     RunStatus::Paused,

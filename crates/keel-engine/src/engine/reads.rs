@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::cell::{RunCell, Stop};
-use crate::engine::Engine;
+use crate::engine::{Engine, RunFilter};
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
 use crate::journal::{RunHistory, RunRecord, RunStatus};
@@ -20,8 +20,13 @@ pub use crate::limits::RUNS_PAGE_MAX;
 const POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
 const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
+/// Most records one [`Engine::list_page`] call reads when the query filters on more than
+/// the status and the id prefix (which the store applies itself): the page then holds the
+/// matches among them, possibly fewer than the limit, with `next` to read on.
+pub const LIST_SCAN_RECORDS_MAX: usize = 10_000;
+
 /// Which runs [`Engine::list_page`] returns.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RunsQuery {
     /// Only runs in this status; every status when `None`.
     pub status: Option<RunStatus>,
@@ -31,6 +36,29 @@ pub struct RunsQuery {
     pub prefix: Option<String>,
     /// Most records in the page, 1 to [`RUNS_PAGE_MAX`].
     pub limit: usize,
+    /// Only runs of this workflow.
+    pub workflow: Option<String>,
+    /// Only child runs of this run.
+    pub parent: Option<String>,
+    /// Only runs created at or after this time (ms since the Unix epoch).
+    pub created_after_ms: Option<u64>,
+    /// Only runs created before this time (ms since the Unix epoch).
+    pub created_before_ms: Option<u64>,
+}
+
+impl RunsQuery {
+    /// The criteria the store does not apply itself, as a batch filter; `None` when there
+    /// are none.
+    fn beyond_the_store(&self) -> Option<RunFilter> {
+        let filter = RunFilter {
+            workflow: self.workflow.clone(),
+            parent: self.parent.clone(),
+            created_after_ms: self.created_after_ms,
+            created_before_ms: self.created_before_ms,
+            ..RunFilter::default()
+        };
+        (!filter.is_empty()).then_some(filter)
+    }
 }
 
 /// One page of run records.
@@ -82,8 +110,12 @@ impl Engine {
                 query.limit
             )));
         }
+        let after = query.after.as_deref().map(RunId::existing).transpose()?;
+        if let Some(filter) = query.beyond_the_store() {
+            return self.list_filtered(query, &filter, after).await;
+        }
         let scan = RunsScan {
-            after: query.after.as_deref().map(RunId::existing).transpose()?,
+            after,
             status: query.status,
             prefix: query.prefix.clone(),
             limit: query.limit,
@@ -102,6 +134,62 @@ impl Engine {
         } else {
             None
         };
+        Ok(RunsPage { runs, next })
+    }
+
+    /// A page of the runs that match `filter` besides the store's own criteria: the store
+    /// reads pages by status and id prefix (a parent's children share `parent/`), this keeps
+    /// the matches, and stops at `query.limit` matches or [`LIST_SCAN_RECORDS_MAX`] records
+    /// read, whichever comes first.
+    async fn list_filtered(
+        &self,
+        query: &RunsQuery,
+        filter: &RunFilter,
+        mut after: Option<RunId>,
+    ) -> Result<RunsPage> {
+        let children = query.parent.as_ref().map(|p| format!("{p}/"));
+        // Both prefixes must hold: the longer one implies the other, or nothing matches.
+        let prefix = match (query.prefix.clone(), children) {
+            (Some(a), Some(b)) => Some(if a.len() >= b.len() { a } else { b }),
+            (a, b) => a.or(b),
+        };
+        let (mut runs, mut read) = (Vec::new(), 0);
+        let next = loop {
+            let scan = RunsScan {
+                after: after.clone(),
+                status: query.status,
+                prefix: prefix.clone(),
+                limit: (LIST_SCAN_RECORDS_MAX - read).min(1_000),
+            };
+            let page = self.inner.env.store.runs_page(&scan).await?;
+            let mut full = None;
+            for record in page.records {
+                read += 1;
+                match record {
+                    Ok(record) => {
+                        after = Some(record.id.clone());
+                        if filter.matches(&record) {
+                            runs.push(record);
+                            if runs.len() == query.limit {
+                                full = after.clone();
+                                break;
+                            }
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
+                }
+            }
+            if let Some(last) = full {
+                break Some(last);
+            }
+            if !page.more {
+                break None;
+            }
+            if read >= LIST_SCAN_RECORDS_MAX {
+                break after;
+            }
+        };
+        self.inner.env.store.sync().wait().await?;
         Ok(RunsPage { runs, next })
     }
 
