@@ -166,3 +166,141 @@ async fn pages_hold_every_run_once_in_id_order_and_filters_apply_before_the_cut(
         .unwrap();
     assert!(page.runs.is_empty() && page.next.is_none());
 }
+
+/// Starts one `EvenFlow` child per input, then completes with their sum.
+struct Parent;
+
+impl Workflow for Parent {
+    const NAME: &'static str = "test.parent";
+    type Input = Vec<u32>;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, inputs: Vec<u32>) -> Result<u32, WorkflowError> {
+        let mut sum = 0;
+        for n in inputs {
+            sum += ctx.child::<EvenFlow>(n).await?;
+        }
+        Ok(sum)
+    }
+}
+
+/// Every page of `query`, concatenated.
+async fn every(engine: &Engine, query: RunsQuery) -> Vec<String> {
+    let (mut ids, mut query) = (Vec::new(), query);
+    loop {
+        let page = engine.list_page(&query).await.unwrap();
+        assert!(page.runs.len() <= query.limit);
+        ids.extend(page.runs.iter().map(|r| r.id.to_string()));
+        match page.next {
+            Some(next) => query.after = Some(next.to_string()),
+            None => return ids,
+        }
+    }
+}
+
+/// The filters beyond status and prefix (workflow, parent, creation time) select exactly
+/// the matching runs, across pages, and combine with the status filter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_parent_and_time_filters_select_exactly_their_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .workflow::<EvenFlow>()
+        .workflow::<Parent>()
+        .open()
+        .await
+        .unwrap();
+    for n in 0..4u32 {
+        let _ = engine
+            .start::<EvenFlow>(&format!("a-{n}"), n)
+            .await
+            .unwrap()
+            .result()
+            .await;
+    }
+    for p in ["p-1", "p-2"] {
+        engine
+            .start::<Parent>(p, vec![2, 4, 6])
+            .await
+            .unwrap()
+            .result()
+            .await
+            .unwrap();
+    }
+    let records = engine.list().await.unwrap();
+    let ids = |keep: &dyn Fn(&keel::RunRecord) -> bool| -> Vec<String> {
+        records
+            .iter()
+            .filter(|r| keep(r))
+            .map(|r| r.id.to_string())
+            .collect()
+    };
+    let query = |limit| RunsQuery {
+        limit,
+        ..Default::default()
+    };
+    for limit in [1, 2, 100] {
+        let by_workflow = every(
+            &engine,
+            RunsQuery {
+                workflow: Some("test.parent".into()),
+                ..query(limit)
+            },
+        )
+        .await;
+        assert_eq!(by_workflow, vec!["p-1", "p-2"], "limit {limit}");
+        let children = every(
+            &engine,
+            RunsQuery {
+                parent: Some("p-1".into()),
+                ..query(limit)
+            },
+        )
+        .await;
+        assert_eq!(children, vec!["p-1/0", "p-1/1", "p-1/2"], "limit {limit}");
+        let failed_evens = every(
+            &engine,
+            RunsQuery {
+                workflow: Some("test.even".into()),
+                status: Some(RunStatus::Failed),
+                ..query(limit)
+            },
+        )
+        .await;
+        assert_eq!(failed_evens, vec!["a-1", "a-3"], "limit {limit}");
+    }
+    // Creation time: a cut between the first runs and the parents.
+    let parents_at = records
+        .iter()
+        .find(|r| r.id.as_str() == "p-1")
+        .unwrap()
+        .created_at_ms;
+    let before = every(
+        &engine,
+        RunsQuery {
+            created_before_ms: Some(parents_at),
+            ..query(3)
+        },
+    )
+    .await;
+    assert_eq!(before, ids(&|r| r.created_at_ms < parents_at));
+    assert!(before.iter().all(|id| id.starts_with("a-")), "{before:?}");
+    let after = every(
+        &engine,
+        RunsQuery {
+            created_after_ms: Some(parents_at),
+            ..query(3)
+        },
+    )
+    .await;
+    assert_eq!(after, ids(&|r| r.created_at_ms >= parents_at));
+    assert_eq!(before.len() + after.len(), records.len());
+    // A parent with no children, and a workflow no run has: empty, and the last page.
+    let none = engine
+        .list_page(&RunsQuery {
+            parent: Some("a-0".into()),
+            ..query(5)
+        })
+        .await
+        .unwrap();
+    assert!(none.runs.is_empty() && none.next.is_none());
+}
