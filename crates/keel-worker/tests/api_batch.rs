@@ -195,6 +195,35 @@ fn batches_act_in_bounded_calls_skip_with_reasons_and_refuse_bad_requests() {
     }
     assert_eq!(statuses(&w), before, "refusals change nothing");
 
+    // The list's filters beyond status and prefix (the console's), and the counts.
+    let late = ok(get(
+        &w,
+        &format!(
+            "/v1/runs?workflow=sample.inbox&created_after={}",
+            rfc3339(boundary)
+        ),
+    ));
+    let late: Vec<&str> = late["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(late, ["late-1", "late-2"]);
+    let line = error(
+        get(&w, "/v1/runs?created_before=yesterday"),
+        400,
+        "invalid_request",
+    );
+    assert!(line.contains("created_before"), "{line}");
+    let counts = ok(get(&w, "/v1/runs:counts"));
+    assert_eq!(counts["total"], before.len());
+    for (status, n) in counts["counts"].as_object().unwrap() {
+        let held = before.iter().filter(|(_, s)| s == status).count();
+        assert_eq!(n, held, "{status}");
+    }
+    assert_eq!(counts["counts"]["running"], 6, "{counts}");
+
     // A dry run counts every match, lists the first `limit`, and changes nothing.
     let pause =
         json!({"action": "pause", "filter": {"statuses": ["running"], "id_prefix": "fleet-"}});
