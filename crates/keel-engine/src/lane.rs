@@ -192,14 +192,12 @@ impl Lane {
         not_before_ms: Option<u64>,
     ) -> Result<Result<T, WorkflowError>, Interrupt> {
         let key = IdempotencyKey::for_step(&self.cell.id, index);
-        let mut key_text = uuid::Uuid::encode_buffer();
-        let key_text: &str = key.0.hyphenated().encode_lower(&mut key_text);
         let span = tracing::info_span!(
             "step",
             run_id = self.cell.id.as_str(),
             step = index.0,
             kind = call.kind(),
-            idempotency_key = key_text,
+            idempotency_key = %key,
             outcome = tracing::field::Empty,
         );
         let ran = tracing::Instrument::instrument(
@@ -294,17 +292,16 @@ impl Lane {
         // the side effect begins: one sync per step.
         self.durable().await?;
         crate::crash::point("step.after_started");
-        let mut key_text = uuid::Uuid::encode_buffer();
-        let key_text: &str = attempts.key.0.hyphenated().encode_lower(&mut key_text);
-        // A child of the operation's `step` span (the caller's current span). Ids are
-        // recorded as `&str`, so nothing is formatted unless a subscriber wants the span.
+        // A child of the operation's `step` span (the caller's current span). The run id
+        // goes in as `&str` and the key as a lazy `Display`: nothing is formatted unless a
+        // subscriber wants the span.
         let span = tracing::info_span!(
             "attempt",
             run_id = self.cell.id.as_str(),
             step = index.0,
             kind,
             attempt = attempt.0,
-            idempotency_key = key_text,
+            idempotency_key = %attempts.key,
             outcome = tracing::field::Empty,
         );
         let ctx = StepContext {

@@ -114,14 +114,12 @@ impl Ctx {
         start: &WaitStart,
     ) -> Result<WaitOutcome, WorkflowError> {
         let key = IdempotencyKey::for_step(&self.lane.cell.id, index);
-        let mut key_text = uuid::Uuid::encode_buffer();
-        let key_text: &str = key.0.hyphenated().encode_lower(&mut key_text);
         let span = tracing::info_span!(
             "wait",
             run_id = self.lane.cell.id.as_str(),
             step = index.0,
             kind = P::KIND,
-            idempotency_key = key_text,
+            idempotency_key = %key,
             outcome = tracing::field::Empty,
         );
         let polled =
