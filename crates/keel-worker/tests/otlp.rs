@@ -313,8 +313,8 @@ fn a_bad_endpoint_is_refused_at_start_naming_the_flag() {
 }
 
 /// A collector that is not there (a closed loopback port) does not hold a run, nor the
-/// worker's stop: the run completes, SIGTERM exits drained within a few seconds (the flush
-/// is bounded), and the failed export is logged once at warn, not once per span.
+/// worker's stop: the runs complete, SIGTERM exits drained within a few seconds (the flush
+/// is bounded), and the failed export is logged at warn once, not once per span or export.
 #[test]
 fn an_unreachable_collector_neither_holds_a_run_nor_the_stop() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
@@ -350,6 +350,11 @@ fn an_unreachable_collector_neither_holds_a_run_nor_the_stop() {
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
-    let warnings = stderr.matches("OTLP trace export failed").count();
-    assert_eq!(warnings, 1, "one warning of the failed exports: {stderr}");
+    // At most one warning of failed exports within the minute, whatever the number of
+    // spans and exports; and the loss is told, by that warning or (should the last export
+    // still be trying when the flush's bound ends) by the flush's own.
+    let failed = stderr.matches("OTLP trace export failed").count();
+    let unflushed = stderr.matches("the last spans were not flushed").count();
+    assert!(failed <= 1, "one warning of the failed exports: {stderr}");
+    assert!(failed + unflushed >= 1, "the lost spans are told: {stderr}");
 }
