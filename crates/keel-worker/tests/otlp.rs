@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::{keel, refused, refused_start, role, worker, KEEL};
 use keel_testkit::demo::Worker;
 use keel_testkit::moto::TestAccount;
+use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
@@ -166,18 +167,27 @@ fn stop(w: &mut Worker, within: Duration) -> (i32, Duration) {
 /// A worker with `--otlp-endpoint` exports a completed run as one trace: a `run` span with
 /// `keel.run_id`, operation spans (`step`, `wait`) that are its children with
 /// `keel.idempotency_key` and `keel.operation`, and `attempt` spans that are children of
-/// their step with the same key, `keel.attempt` and an ok status; flushed at the graceful
-/// stop, which exits 0.
+/// their step with the same key and `keel.attempt` (a failed attempt with an error status,
+/// the last one ok); flushed at the graceful stop, which exits 0.
 #[test]
 fn a_run_its_operations_and_their_attempts_arrive_as_one_trace() {
     let account = TestAccount::fresh().expect("moto's server (see docs/testing.md)");
     let (receiver, url) = Receiver::start();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
+    // The role's creation fails with a 503 three times (the SDK's own retries included), so
+    // the step has a failed attempt before the one that succeeds.
+    let mut rules = Rules::seeded(26);
+    rules.faults.push(
+        FaultRule::new(Fault::ServerError { status: 503 })
+            .operation("CreateRole")
+            .limit(3),
+    );
+    let proxy = FaultProxy::start(&account.endpoint, rules).unwrap();
     let mut w = worker(
         &data,
         &account,
-        &account.endpoint,
+        &proxy.endpoint(),
         &["--otlp-endpoint", &url],
     );
     run_to_completion(&w, dir.path(), "traced");
@@ -246,33 +256,45 @@ fn a_run_its_operations_and_their_attempts_arrive_as_one_trace() {
         "the role's creation"
     );
 
-    // Attempts: children of their step, with its key, numbered, and ok.
+    // Attempts: children of their step, with its key, numbered from 1; every attempt but
+    // the last failed retryably (an error status), the last is ok.
     let attempts: Vec<&Span> = spans.iter().filter(|s| s.name == "attempt").collect();
     for step in &steps {
-        let mine: Vec<&&Span> = attempts
+        let mut mine: Vec<&Span> = attempts
             .iter()
+            .copied()
             .filter(|a| a.parent_span_id == step.span_id)
             .collect();
-        assert_eq!(
-            mine.len(),
-            1,
-            "one attempt of each step (moto answers at once)"
-        );
-        let attempt = mine[0];
-        assert_eq!(&attempt.trace_id, trace);
-        assert_eq!(attribute(attempt, "keel.run_id").as_deref(), Some("traced"));
-        assert_eq!(attribute(attempt, "keel.attempt").as_deref(), Some("1"));
-        assert_eq!(
-            attribute(attempt, "keel.idempotency_key").as_ref(),
-            keys.get(&step.span_id)
-        );
-        assert_eq!(attribute(attempt, "keel.outcome").as_deref(), Some("ok"));
-        assert_eq!(
-            attempt.status.as_ref().map(|s| s.code),
-            Some(StatusCode::Ok as i32)
-        );
-        assert!(attempt.start_time_unix_nano >= step.start_time_unix_nano);
-        assert!(attempt.end_time_unix_nano <= step.end_time_unix_nano);
+        mine.sort_by_key(|a| a.start_time_unix_nano);
+        let kind = attribute(step, "keel.kind").unwrap();
+        assert!(!mine.is_empty(), "no attempt of {kind}");
+        if kind == "aws.iam.create-role" {
+            assert!(
+                mine.len() >= 2,
+                "a failed attempt of {kind}, then one that worked"
+            );
+        }
+        for (i, attempt) in mine.iter().enumerate() {
+            assert_eq!(&attempt.trace_id, trace);
+            assert_eq!(attribute(attempt, "keel.run_id").as_deref(), Some("traced"));
+            assert_eq!(
+                attribute(attempt, "keel.attempt"),
+                Some((i + 1).to_string())
+            );
+            assert_eq!(
+                attribute(attempt, "keel.idempotency_key").as_ref(),
+                keys.get(&step.span_id)
+            );
+            let (outcome, status) = if i + 1 == mine.len() {
+                ("ok", StatusCode::Ok)
+            } else {
+                ("retryable", StatusCode::Error)
+            };
+            assert_eq!(attribute(attempt, "keel.outcome").as_deref(), Some(outcome));
+            assert_eq!(attempt.status.as_ref().map(|s| s.code), Some(status as i32));
+            assert!(attempt.start_time_unix_nano >= step.start_time_unix_nano);
+            assert!(attempt.end_time_unix_nano <= step.end_time_unix_nano);
+        }
     }
     assert!(
         attempts
