@@ -110,7 +110,16 @@ impl Ctx {
         let end = match plan {
             Plan::Done(end) => end,
             Plan::Run { input, started } => {
-                let result = run_child(&mut self.lane, index, W::NAME, input, started).await;
+                // The child run has a trace of its own (its driver's `run` span); this span
+                // is the parent's wait for it.
+                let span = tracing::info_span!(
+                    "child",
+                    run_id = self.lane.cell.id.as_str(),
+                    step = index.0,
+                    kind = W::NAME,
+                );
+                let running = run_child(&mut self.lane, index, W::NAME, input, started);
+                let result = tracing::Instrument::instrument(running, span).await;
                 result.map_err(|cause| self.interrupt(cause))?
             }
         };

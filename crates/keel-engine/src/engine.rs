@@ -321,8 +321,16 @@ impl Engine {
         let workflows = Arc::clone(&inner.workflows);
         let runs: Arc<dyn Runs> = Arc::clone(&inner) as Arc<dyn Runs>;
         // Every log line of the run (steps, waits, compensation) carries its id and workflow.
-        let span =
-            tracing::info_span!("run", run_id = %cell.id, workflow = %cell.record().workflow);
+        // The span is a root: each run is a trace of its own whoever drives it (a parent's
+        // `child` operation, an API call, the resume at open), and the span current here,
+        // if any, is only linked to it.
+        let span = tracing::info_span!(
+            parent: None,
+            "run",
+            run_id = cell.id.as_str(),
+            workflow = %cell.record().workflow
+        );
+        span.follows_from(tracing::Span::current());
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let _guard = guard;

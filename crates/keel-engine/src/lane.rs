@@ -179,9 +179,48 @@ impl Lane {
 
     /// Runs attempts of `call` from `attempt` on, retrying per its policy. The outer error is
     /// an interrupt (the run stops); the inner one the step's failure for good.
+    ///
+    /// The whole operation (every attempt and the backoff between them) runs in one `step`
+    /// span, the parent of each attempt's `attempt` span; its `outcome` field says how the
+    /// operation ended (`ok`, `failed` or `interrupted`).
     pub(crate) async fn run_attempts<'a, T: Serialize + Send>(
         &mut self,
         index: OperationIndex,
+        call: &mut dyn Attempted<'a, T>,
+        argument: Value,
+        attempt: Attempt,
+        not_before_ms: Option<u64>,
+    ) -> Result<Result<T, WorkflowError>, Interrupt> {
+        let key = IdempotencyKey::for_step(&self.cell.id, index);
+        let span = tracing::info_span!(
+            "step",
+            run_id = self.cell.id.as_str(),
+            step = index.0,
+            kind = call.kind(),
+            idempotency_key = %key,
+            outcome = tracing::field::Empty,
+        );
+        let ran = tracing::Instrument::instrument(
+            self.attempts_of(index, key, call, argument, attempt, not_before_ms),
+            span.clone(),
+        )
+        .await;
+        span.record(
+            "outcome",
+            match &ran {
+                Ok(Ok(_)) => "ok",
+                Ok(Err(_)) => "failed",
+                Err(_) => "interrupted",
+            },
+        );
+        ran
+    }
+
+    /// The attempt loop of [`Lane::run_attempts`], inside its operation's span.
+    async fn attempts_of<'a, T: Serialize + Send>(
+        &mut self,
+        index: OperationIndex,
+        key: IdempotencyKey,
         call: &mut dyn Attempted<'a, T>,
         argument: Value,
         mut attempt: Attempt,
@@ -201,6 +240,7 @@ impl Lane {
             });
         let attempts = Attempts {
             index,
+            key,
             kind,
             compensable: call.compensable(),
             argument: &argument,
@@ -252,11 +292,22 @@ impl Lane {
         // the side effect begins: one sync per step.
         self.durable().await?;
         crate::crash::point("step.after_started");
-        let span = tracing::info_span!("step", run_id = %self.cell.id, step = index.0, kind, attempt = attempt.0);
+        // A child of the operation's `step` span (the caller's current span). The run id
+        // goes in as `&str` and the key as a lazy `Display`: nothing is formatted unless a
+        // subscriber wants the span.
+        let span = tracing::info_span!(
+            "attempt",
+            run_id = self.cell.id.as_str(),
+            step = index.0,
+            kind,
+            attempt = attempt.0,
+            idempotency_key = %attempts.key,
+            outcome = tracing::field::Empty,
+        );
         let ctx = StepContext {
             run_id: self.cell.id.clone(),
             step: index,
-            key: IdempotencyKey::for_step(&self.cell.id, index),
+            key: attempts.key,
             attempt,
             resources: Arc::clone(&self.env.resources),
             clock: self.env.clock.clone(),
@@ -267,14 +318,28 @@ impl Lane {
         // which keeps the type of a long workflow body within the compiler's limits. The
         // call is made inside the contained future, so a panic making it is contained too.
         let call = async { call.call(ctx).await };
-        let call = attempt_contained(tracing::Instrument::instrument(call, span));
+        let call = attempt_contained(tracing::Instrument::instrument(call, span.clone()));
         let Some(result) = while_leased(&*self.env.store, self.cell.token(), Box::pin(call)).await
         else {
+            span.record("outcome", "interrupted");
             return Err(self.lease_ended());
         };
         slot.report(&result);
         crate::crash::point("step.after_effect");
-        match result.map(|output| (kept_output(kind, &output), output)) {
+        let kept = result.map(|output| (kept_output(kind, &output), output));
+        span.record(
+            "outcome",
+            match &kept {
+                Ok((Ok(_), _)) => "ok",
+                // An output that cannot be kept fails the step for good.
+                Ok((Err(_), _)) => "permanent",
+                Err(error) => match error.class() {
+                    ErrorClass::Retryable => "retryable",
+                    ErrorClass::Permanent => "permanent",
+                },
+            },
+        );
+        match kept {
             Ok((Ok(value), output)) => {
                 self.record_success(attempts, attempt, started.elapsed(), value)?;
                 Ok(Ended::Completed(output))
@@ -431,6 +496,8 @@ impl<'a, S: Step> Attempted<'a, S::Output> for StepAttempts<'a, S> {
 /// What every attempt of one step shares.
 struct Attempts<'a> {
     index: OperationIndex,
+    /// The step's idempotency key, the same for every attempt.
+    key: IdempotencyKey,
     kind: &'static str,
     compensable: bool,
     argument: &'a Value,

@@ -418,7 +418,10 @@ pub(crate) async fn run_branches<T, F, Fut>(
                 break;
             };
             let branch = task(lane.branch(stop.clone()));
-            running.spawn(async move { (i, branch.await) });
+            // In the body's current span, so that each branch's operation spans stay in the
+            // run's trace although the branch is a task of its own.
+            let branch = tracing::Instrument::in_current_span(async move { (i, branch.await) });
+            running.spawn(branch);
         }
         let Some(joined) = running.join_next().await else {
             break;

@@ -27,6 +27,7 @@ mod client;
 mod history;
 mod metrics;
 mod notify;
+mod otlp;
 mod server;
 mod ui;
 mod worker;
@@ -420,6 +421,11 @@ pub struct WorkerArgs {
     /// `sample.inbox=12h`); repeatable. An unregistered workflow is refused at start.
     #[arg(long, env = "KEEL_RETENTION_FOR", value_delimiter = ',', value_parser = retention_for)]
     pub retention_for: Vec<(String, Duration)>,
+    /// Export traces over OTLP (HTTP/protobuf) to the collector at this http(s) base URL,
+    /// e.g. http://127.0.0.1:4318 (`/v1/traces` is added): a span per run, per operation
+    /// and per attempt (docs/observability.md). Without it nothing is exported.
+    #[arg(long, env = "KEEL_OTLP_ENDPOINT", value_name = "URL", value_parser = otlp::otlp_endpoint)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A retention: a `humantime` duration (`30d`, `12h`, `90m`) of at least a second.

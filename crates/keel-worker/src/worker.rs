@@ -107,6 +107,9 @@ pub(crate) enum WorkerError {
     /// The notification settings cannot be used (the secret file, https roots).
     #[error("{0}")]
     Notify(#[from] crate::notify::NotifyError),
+    /// The trace export (`--otlp-endpoint`) cannot be set up.
+    #[error("{0}")]
+    Otlp(#[from] crate::otlp::OtlpError),
     /// Anything else of the runtime.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -120,7 +123,8 @@ impl WorkerError {
             | WorkerError::DataDir { .. }
             | WorkerError::Token { .. }
             | WorkerError::Keys(_)
-            | WorkerError::Notify(_) => 2,
+            | WorkerError::Notify(_)
+            | WorkerError::Otlp(_) => 2,
             WorkerError::UnknownWorkflow { .. } => 2,
             _ => 1,
         }
@@ -132,7 +136,17 @@ pub(crate) fn run(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Sto
     if !args.listen.ip().is_loopback() && matches!(auth, Auth::None) {
         return Err(WorkerError::TokenRequired(args.listen));
     }
-    init_tracing(args.log_format);
+    let export = init_tracing(args.log_format, args.otlp_endpoint.as_deref())?;
+    let stopped = run_traced(args, data_dir, auth);
+    // After the runtime stopped, so that the spans its last tasks ended are sent too.
+    if let Some(export) = export {
+        export.shutdown();
+    }
+    stopped
+}
+
+/// [`run`] once its logging (and trace export) is set up.
+fn run_traced(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Stopped, WorkerError> {
     descriptors_for(args.connections_max.into());
     make_data_dir(&data_dir)?;
     KeyStore::new(data_dir.join("keys")).check()?;
@@ -151,16 +165,36 @@ pub(crate) fn run(args: WorkerArgs, data_dir: PathBuf, auth: Auth) -> Result<Sto
     stopped
 }
 
-fn init_tracing(format: LogFormat) {
+/// Logs to stderr and, given an OTLP endpoint, exports the engine's spans there too
+/// (returned, to be flushed at exit).
+fn init_tracing(
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Result<Option<crate::otlp::TraceExport>, WorkerError> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,aws_config=warn,aws_smithy_runtime=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    let Some(endpoint) = otlp_endpoint else {
+        let builder = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr);
+        match format {
+            LogFormat::Text => builder.init(),
+            LogFormat::Json => builder.json().init(),
+        }
+        return Ok(None);
+    };
+    use tracing_subscriber::prelude::*;
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs.with_filter(filter).boxed(),
+        LogFormat::Json => logs.json().with_filter(filter).boxed(),
+    };
+    let (export, spans) = crate::otlp::TraceExport::start(endpoint)?;
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(spans.with_filter(crate::otlp::exported_spans()))
+        .init();
+    Ok(Some(export))
 }
 
 /// Creates `path` (and parents) owner-only if missing; refuses a path that is not a

@@ -274,7 +274,9 @@ impl Ctx {
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
         };
         if !fired {
-            self.sleep_until(wake_at_ms).await?;
+            let span =
+                tracing::info_span!("timer", run_id = self.lane.cell.id.as_str(), step = index.0);
+            tracing::Instrument::instrument(self.sleep_until(wake_at_ms), span).await?;
             self.journal(Event::TimerFired { step: index })?;
             crate::crash::point("timer.after_fired");
         }

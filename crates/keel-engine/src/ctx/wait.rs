@@ -92,7 +92,7 @@ impl Ctx {
             }
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
         };
-        let outcome = self.poll(index, &probe, &started).await?;
+        let outcome = self.poll_in_span(index, &probe, &started).await?;
         self.journal(Event::WaitEnded {
             step: index,
             outcome: outcome.clone(),
@@ -102,6 +102,38 @@ impl Ctx {
         // this entry's sync, as for a step's outcome.
         crate::crash::point("wait.after_ended");
         self.wait_result::<P>(index, outcome)
+    }
+
+    /// [`Ctx::poll`] in the operation's `wait` span (the parent of each poll's `probe` span),
+    /// whose `outcome` field says how the wait ended: `ready`, `timed_out`, another ending,
+    /// or `interrupted`.
+    async fn poll_in_span<P: Probe>(
+        &mut self,
+        index: OperationIndex,
+        probe: &P,
+        start: &WaitStart,
+    ) -> Result<WaitOutcome, WorkflowError> {
+        let key = IdempotencyKey::for_step(&self.lane.cell.id, index);
+        let span = tracing::info_span!(
+            "wait",
+            run_id = self.lane.cell.id.as_str(),
+            step = index.0,
+            kind = P::KIND,
+            idempotency_key = %key,
+            outcome = tracing::field::Empty,
+        );
+        let polled =
+            tracing::Instrument::instrument(self.poll(index, probe, start), span.clone()).await;
+        span.record(
+            "outcome",
+            match &polled {
+                Ok(WaitOutcome::Ready { .. }) => "ready",
+                Ok(WaitOutcome::TimedOut { .. }) => "timed_out",
+                Ok(_) => "ended",
+                Err(_) => "interrupted",
+            },
+        );
+        polled
     }
 
     async fn poll<P: Probe>(
