@@ -122,3 +122,50 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The history keeps each service's last hour of samples, oldest first, each with the
+    /// limiter's rate and throttles at the time; a throttled call shows in the next sample.
+    #[tokio::test]
+    async fn the_history_keeps_the_last_hour_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::builder(dir.path().join("journal"))
+            .open()
+            .await
+            .unwrap();
+        let history = LimiterHistory::default();
+        let kept = SAMPLES_KEPT as u64;
+        for i in 0..kept + 4 {
+            history.sample(&engine, i * 5_000);
+        }
+        let iot = engine.rate_limiter("iot");
+        let before = iot.rate();
+        iot.throttled(iot.acquire().await);
+        history.sample(&engine, (kept + 4) * 5_000);
+
+        let views = history.views(&engine);
+        let services: Vec<&str> = views.iter().map(|v| v.service.as_str()).collect();
+        assert_eq!(services, SERVICES);
+        for view in &views {
+            let times: Vec<u64> = view.history.iter().map(|s| s.at_ms).collect();
+            let expected: Vec<u64> = (5..kept + 5).map(|i| i * 5_000).collect();
+            assert_eq!(times, expected, "{}", view.service);
+            let limiter = engine.rate_limiter(&view.service);
+            assert_eq!(
+                (view.rate, view.throttles),
+                (limiter.rate(), limiter.throttles())
+            );
+        }
+        let iot = &views[2];
+        let last = iot.history[SAMPLES_KEPT - 1];
+        let previous = iot.history[SAMPLES_KEPT - 2];
+        assert_eq!((previous.rate, previous.throttles), (before, 0));
+        assert_eq!(last.throttles, 1);
+        // The rate changes only when the limiter's window closes: as the limiter says now.
+        assert_eq!(last.rate, engine.rate_limiter("iot").rate());
+        engine.shutdown().await;
+    }
+}
