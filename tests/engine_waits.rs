@@ -273,17 +273,21 @@ async fn statistics_survive_a_restart_and_match_a_known_sample_set() {
         (s.count, s.min, s.max, s.mean),
         (100, ms(1), ms(100), Duration::from_micros(50_500))
     );
-    assert_eq!(
-        (s.p50, s.p90, s.p99, s.p999),
-        (ms(50), ms(90), ms(99), ms(100))
-    );
+    // Percentiles come from the HDR histogram: at or above the sample at that rank (the
+    // highest duration of its bucket) and within 0.1% of it.
+    for (got, want) in [(s.p50, 50), (s.p90, 90), (s.p99, 99), (s.p999, 100)] {
+        assert!(
+            got >= ms(want) && got <= ms(want) + ms(want) / 1000,
+            "{got:?} for {want} ms"
+        );
+    }
     // Population sigma of 1..=100 ms: sqrt((100^2 - 1) / 12) ms.
     assert_eq!(s.std_dev, Duration::from_micros(28_866));
     assert_eq!(
         s.outliers.iter().map(|o| o.duration).collect::<Vec<_>>(),
         (91..=100).rev().map(ms).collect::<Vec<_>>()
     );
-    assert!(s.exact);
+    assert!(s.distribution.iter().map(|b| b.count).sum::<u64>() == 100);
     // The real wait of the run was recorded under its kind.
     let flapping = engine
         .operation_stats("wait:test.flapping")

@@ -321,7 +321,7 @@ pub use notice::Notice;
 pub use registry::StepType;
 pub use retry::RetryPolicy;
 pub use schedule::{CatchUp, Every, Overlap, Schedule, ScheduleSpec};
-pub use stats::{Counters, OperationStats, Outlier};
+pub use stats::{Bucket, Counters, OperationStats, Outlier, DISTRIBUTION_FIRST_US};
 pub use step::{Compensation, EffectOptions, Step, StepContext, StepError};
 pub use store::{Durability, Leases};
 pub use wait::{LearnedDeadline, Probe, WaitPolicy, LEARN_AFTER_DEFAULT};

@@ -83,9 +83,28 @@ pub const TRANSITION_ENTRY_BYTES_MAX: usize =
 pub const RUN_RECORD_BYTES_MAX: usize =
     INPUT_BYTES_MAX + OUTPUT_BYTES_MAX + ERROR_MESSAGE_BYTES_MAX + 8 * 1024;
 
-/// Latency samples kept per operation: percentiles are exact up to this many samples, and
-/// estimated from a uniform reservoir of this size past it.
-pub const LATENCY_SAMPLES_KEPT: usize = 4096;
+/// Significant figures of the latency histogram of each operation: its percentiles are within
+/// 0.1% (a bucket is at most 1/1024 of its values wide).
+pub const LATENCY_SIGNIFICANT_FIGURES: u8 = 3;
+
+/// Longest duration the latency histogram tells apart, in microseconds (one day): a longer one
+/// is counted as this long there (the exact max is kept beside it).
+pub const LATENCY_TRACKED_US_MAX: u64 = 86_400 * 1_000_000;
+
+/// Counters of the latency histogram, as `hdrhistogram` lays them out for 1 us ..=
+/// [`LATENCY_TRACKED_US_MAX`] at [`LATENCY_SIGNIFICANT_FIGURES`]: half-buckets of 1,024
+/// counters (2,048 values at unit resolution make 3 significant figures), one more than the
+/// doublings of 2,048 it takes to pass the max (27). A unit test checks it against the crate.
+pub const LATENCY_HISTOGRAM_COUNTERS: usize = {
+    let sub_buckets: u64 = 2048;
+    let mut buckets = 1;
+    let mut smallest_untracked = sub_buckets;
+    while smallest_untracked <= LATENCY_TRACKED_US_MAX {
+        smallest_untracked <<= 1;
+        buckets += 1;
+    }
+    (buckets + 1) * (sub_buckets as usize / 2)
+};
 
 /// Worst samples kept per operation, with their run.
 pub const LATENCY_OUTLIERS_KEPT: usize = 10;
@@ -93,10 +112,16 @@ pub const LATENCY_OUTLIERS_KEPT: usize = 10;
 /// How often changed latency statistics are written (a crash loses at most this much).
 pub const STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Largest encoded statistics record of one operation: the samples (at most 20 digits and a
-/// comma each), the outliers (a run id and two numbers each), and a few fields.
-pub const STATS_RECORD_BYTES_MAX: usize =
-    LATENCY_SAMPLES_KEPT * 21 + LATENCY_OUTLIERS_KEPT * (RUN_ID_LEN_MAX + 64) + 1024;
+/// Largest encoded statistics record of one operation: the histogram's V2 encoding (a 40-byte
+/// header and at most 9 bytes per counter, a count's zigzag LEB128) in base64, the outliers (a
+/// run id and two numbers each), and a few fields (two u128 sums of at most 39 digits among
+/// them). That is 344,120 bytes for the histogram, past sled's blob threshold: a record gets
+/// past it only when most of its 28,672 counters hold more than 2^20 executions each (four
+/// bytes or more; a record of a few thousand distinct durations is a few kilobytes), and sled
+/// keeps such a record in a blob file, which the committer syncs too.
+pub const STATS_RECORD_BYTES_MAX: usize = (40 + LATENCY_HISTOGRAM_COUNTERS * 9).div_ceil(3) * 4
+    + LATENCY_OUTLIERS_KEPT * (RUN_ID_LEN_MAX + 64)
+    + 1024;
 
 /// Most run records in one page of [`crate::Engine::list_page`].
 pub const RUNS_PAGE_MAX: usize = 1000;
@@ -142,7 +167,10 @@ const _: () =
     assert!(EVENT_PAYLOAD_BYTES_MAX + EVENT_NAME_LEN_MAX + EVENT_ID_LEN_MAX < ENTRY_BYTES_MAX);
 const _: () = assert!(TRANSITION_ENTRY_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(RUN_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
-const _: () = assert!(STATS_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
+// The statistics record is the one record that may pass it (see STATS_RECORD_BYTES_MAX); it
+// stays well below a megabyte.
+const _: () = assert!(STATS_RECORD_BYTES_MAX < 1024 * 1024);
+const _: () = assert!(LATENCY_HISTOGRAM_COUNTERS == 28 * 1024);
 const _: () = assert!(KEYED_RECORD_BYTES_MAX < SLED_BLOB_THRESHOLD_BYTES);
 const _: () = assert!(ERROR_MESSAGE_BYTES_MAX < STEP_OUTPUT_BYTES_MAX);
 // A notice: its targets, its error (cut), run ids and a workflow name fit in a keyed record.

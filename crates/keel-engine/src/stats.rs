@@ -1,38 +1,162 @@
 //! Latency statistics per operation (`step:<kind>` and `wait:<kind>`): every successful
-//! execution's duration, kept across restarts. The raw material of learned wait policies and
-//! of the `keel stats` table.
+//! execution's duration, kept across restarts. The raw material of learned wait policies, of
+//! the `keel stats` table, of `/metrics` and of the console's distribution plot.
 //!
-//! Count, min, max, sum and sum of squares are exact over every sample ever recorded. The
-//! percentiles come from the samples kept: all of them up to [`LATENCY_SAMPLES_KEPT`] (then
-//! they are exact), past that a uniform reservoir sample (then they are estimates, and
-//! [`OperationStats::exact`] says so). The ten worst samples are kept with their run.
+//! Count, min, max, sum and sum of squares (so the mean and standard deviation) are exact over
+//! every execution ever recorded. The distribution is an HDR histogram (the `hdrhistogram`
+//! crate) of microseconds at [`LATENCY_SIGNIFICANT_FIGURES`] significant figures, bounded to
+//! 1 us ..= [`LATENCY_TRACKED_US_MAX`] (one day): a longer duration is counted as one day in
+//! the histogram (saturation, not a resize, so the stored record has a fixed bound) while the
+//! exact max still says how long it took. Percentiles come from the histogram, so they are
+//! within 0.1% of a true sample's value (3 significant figures: a bucket is at most 1/1024 of
+//! its values wide), clamped to the exact min and max. The ten worst executions are kept with
+//! their run.
+//!
+//! The stored record is JSON with the histogram in its V2 encoding, base64. Records written
+//! before the histogram (a reservoir of at most 4,096 `samples`) still load: their samples are
+//! recorded into a histogram, each standing for its share of the exact count.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
+use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::limits::{LATENCY_OUTLIERS_KEPT, LATENCY_SAMPLES_KEPT};
+use crate::limits::{LATENCY_OUTLIERS_KEPT, LATENCY_SIGNIFICANT_FIGURES, LATENCY_TRACKED_US_MAX};
 use crate::store::JournalStore;
 
 /// The statistics of one operation, as persisted. Reached through `crate::test_utilities` by
 /// the wait-policy simulation of `keel-bench`, which computes the same summaries.
 #[cfg_attr(not(feature = "test-utilities"), allow(unreachable_pub))]
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "StoredStats", into = "StoredStats")]
 pub struct LatencyStats {
     count: u64,
     sum_us: u128,
     sum_sq_us: u128,
     min_us: u64,
     max_us: u64,
-    /// All samples while `count <= LATENCY_SAMPLES_KEPT`; a uniform reservoir after.
-    samples: Vec<u64>,
-    /// The worst samples, largest first.
+    /// Every execution's duration in microseconds, saturated at [`LATENCY_TRACKED_US_MAX`].
+    histogram: Histogram<u64>,
+    /// The worst executions, largest first.
     worst: Vec<Outlier>,
-    /// State of the reservoir's generator (deterministic, so a restart continues it).
-    rng: u64,
+}
+
+impl Default for LatencyStats {
+    fn default() -> Self {
+        LatencyStats {
+            count: 0,
+            sum_us: 0,
+            sum_sq_us: 0,
+            min_us: 0,
+            max_us: 0,
+            histogram: empty_histogram(),
+            worst: Vec::new(),
+        }
+    }
+}
+
+/// A histogram with the engine's bounds and precision, empty.
+fn empty_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_TRACKED_US_MAX, LATENCY_SIGNIFICANT_FIGURES)
+        .expect("the latency histogram's bounds are valid")
+}
+
+/// A [`LatencyStats`] as stored: the histogram as base64 of its V2 encoding. `samples` is the
+/// reservoir of records written before the histogram, read (never written) to fill one.
+#[derive(Serialize, Deserialize)]
+struct StoredStats {
+    count: u64,
+    sum_us: u128,
+    sum_sq_us: u128,
+    min_us: u64,
+    max_us: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    histogram_v2: Option<String>,
+    #[serde(default, skip_serializing)]
+    samples: Vec<u64>,
+    worst: Vec<Outlier>,
+}
+
+/// Why a stored record does not make statistics.
+#[derive(Debug, thiserror::Error)]
+enum StoredStatsError {
+    #[error("latency histogram is not base64: {0}")]
+    Base64(#[source] base64::DecodeError),
+    #[error("latency histogram does not decode: {0}")]
+    Histogram(#[source] hdrhistogram::serialization::DeserializeError),
+    #[error("latency histogram does not fit the engine's bounds: {0}")]
+    Bounds(#[source] hdrhistogram::AdditionError),
+}
+
+impl TryFrom<StoredStats> for LatencyStats {
+    type Error = StoredStatsError;
+
+    fn try_from(stored: StoredStats) -> std::result::Result<Self, Self::Error> {
+        let mut histogram = empty_histogram();
+        match &stored.histogram_v2 {
+            Some(text) => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(text)
+                    .map_err(StoredStatsError::Base64)?;
+                let decoded: Histogram<u64> = Deserializer::new()
+                    .deserialize(&mut bytes.as_slice())
+                    .map_err(StoredStatsError::Histogram)?;
+                // Into the engine's own bounds, so that merging never meets two layouts.
+                histogram.add(&decoded).map_err(StoredStatsError::Bounds)?;
+            }
+            None => record_old_samples(&mut histogram, &stored.samples, stored.count),
+        }
+        Ok(LatencyStats {
+            count: stored.count,
+            sum_us: stored.sum_us,
+            sum_sq_us: stored.sum_sq_us,
+            min_us: stored.min_us,
+            max_us: stored.max_us,
+            histogram,
+            worst: stored.worst,
+        })
+    }
+}
+
+/// Records an old record's kept samples, each standing for an equal share of `count` (the
+/// first `count % len` one more), so the histogram's count is the exact count: all samples
+/// were kept up to 4,096, a uniform reservoir of them past it.
+fn record_old_samples(histogram: &mut Histogram<u64>, samples: &[u64], count: u64) {
+    let Some(len) = u64::try_from(samples.len()).ok().filter(|&n| n > 0) else {
+        return;
+    };
+    let count = count.max(len);
+    for (i, &us) in (0u64..).zip(samples) {
+        let weight = count / len + u64::from(i < count % len);
+        let us = us.clamp(1, LATENCY_TRACKED_US_MAX);
+        histogram
+            .record_n(us, weight)
+            .expect("a clamped value is within the histogram's bounds");
+    }
+}
+
+impl From<LatencyStats> for StoredStats {
+    fn from(stats: LatencyStats) -> Self {
+        let mut bytes = Vec::new();
+        V2Serializer::new()
+            .serialize(&stats.histogram, &mut bytes)
+            .expect("a histogram serialises into memory");
+        StoredStats {
+            count: stats.count,
+            sum_us: stats.sum_us,
+            sum_sq_us: stats.sum_sq_us,
+            min_us: stats.min_us,
+            max_us: stats.max_us,
+            histogram_v2: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+            samples: Vec::new(),
+            worst: stats.worst,
+        }
+    }
 }
 
 /// One of the worst samples of an operation.
@@ -64,6 +188,11 @@ mod micros {
 }
 
 /// What `Engine::stats` reports for one operation.
+///
+/// Count, min, mean, max and standard deviation are exact. The percentiles come from an HDR
+/// histogram at 3 significant figures: each is within 0.1% of the duration of an execution at
+/// that rank (the highest duration its histogram bucket stands for, never below the min or
+/// above the max), at any count; durations past one day count as one day there.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OperationStats {
     /// `step:<kind>` or `wait:<kind>`.
@@ -86,10 +215,37 @@ pub struct OperationStats {
     pub p99: Duration,
     /// 99.9th percentile.
     pub p999: Duration,
-    /// Whether the percentiles are exact (every sample kept) or estimated from a reservoir.
-    pub exact: bool,
     /// The worst samples, largest first.
     pub outliers: Vec<Outlier>,
+    /// The executions by duration, for a plot: see [`Bucket`]. Empty when there are none.
+    #[serde(default)]
+    pub distribution: Vec<Bucket>,
+}
+
+/// One bucket of [`OperationStats::distribution`]: how many executions took at most `le_us`
+/// microseconds and more than the previous bucket's bound (not cumulative). The bounds grow by
+/// a factor of sqrt(2) from 100 us ([`DISTRIBUTION_FIRST_US`]: the first bucket holds every
+/// execution up to 100 us) to the first bound at or past the max, with no bucket left out, so
+/// a plot has a continuous logarithmic axis. Counts are the histogram's, whose buckets are
+/// within 0.1% of a duration, so an execution within 0.1% of a bound may be counted on either
+/// side of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Upper bound, in microseconds, inclusive.
+    pub le_us: u64,
+    /// Executions in this bucket.
+    pub count: u64,
+}
+
+/// The upper bound of the first bucket of [`OperationStats::distribution`], in microseconds.
+pub const DISTRIBUTION_FIRST_US: u64 = 100;
+
+/// The upper bound of bucket `index` of a distribution: 100 us times sqrt(2) to the `index`,
+/// rounded to the microsecond, saturating.
+fn distribution_bound_us(index: u32) -> u64 {
+    let bound = DISTRIBUTION_FIRST_US as f64 * std::f64::consts::SQRT_2.powi(index as i32);
+    // `as` saturates a float past u64::MAX.
+    bound.round() as u64
 }
 
 #[cfg_attr(not(feature = "test-utilities"), allow(unreachable_pub))]
@@ -104,16 +260,8 @@ impl LatencyStats {
         self.count += 1;
         self.sum_us += u128::from(us);
         self.sum_sq_us += u128::from(us) * u128::from(us);
-        if self.samples.len() < LATENCY_SAMPLES_KEPT {
-            self.samples.push(us);
-        } else {
-            // Algorithm R: the n-th sample replaces a kept one with probability kept/n.
-            self.rng = splitmix(self.rng);
-            let slot = self.rng % self.count;
-            if (slot as usize) < LATENCY_SAMPLES_KEPT {
-                self.samples[slot as usize] = us;
-            }
-        }
+        // Saturating at one day keeps the histogram (and its record) within its bound.
+        self.histogram.saturating_record(us);
         let worst_kept = self.worst.len() >= LATENCY_OUTLIERS_KEPT;
         if !worst_kept || self.worst.last().is_some_and(|w| w.duration < duration) {
             let at = self.worst.partition_point(|w| w.duration >= duration);
@@ -130,26 +278,14 @@ impl LatencyStats {
     }
 
     /// These statistics and `other`'s (another worker's, of the same operation) as one:
-    /// counts, sums and extremes add up exactly; the kept samples are drawn from each side in
-    /// proportion to its count (a fair sample of the union when both sides are fair); the
-    /// worst samples are the worst of both.
+    /// counts, sums and extremes add up exactly, the histograms add bucket by bucket (so the
+    /// percentiles are those of the union, within the histogram's precision), and the worst
+    /// samples are the worst of both.
     pub fn merged(&self, other: &LatencyStats) -> LatencyStats {
-        let count = self.count + other.count;
-        let mut samples = Vec::with_capacity(LATENCY_SAMPLES_KEPT);
-        if self.samples.len() + other.samples.len() <= LATENCY_SAMPLES_KEPT {
-            samples.extend(&self.samples);
-            samples.extend(&other.samples);
-        } else {
-            for side in [self, other] {
-                let share = (LATENCY_SAMPLES_KEPT as u128 * u128::from(side.count)
-                    / u128::from(count.max(1))) as usize;
-                let share = share.min(side.samples.len());
-                // Evenly spaced over a reservoir, which is in no particular order.
-                samples.extend(
-                    (0..share).map(|i| side.samples[i * side.samples.len() / share.max(1)]),
-                );
-            }
-        }
+        let mut histogram = self.histogram.clone();
+        histogram
+            .add(&other.histogram)
+            .expect("every latency histogram has the engine's bounds");
         let mut worst: Vec<Outlier> = self.worst.iter().chain(&other.worst).cloned().collect();
         worst.sort_by_key(|w| std::cmp::Reverse(w.duration));
         worst.truncate(LATENCY_OUTLIERS_KEPT);
@@ -160,14 +296,13 @@ impl LatencyStats {
                 _ => pick(mine, theirs),
             };
         LatencyStats {
-            count,
+            count: self.count + other.count,
             sum_us: self.sum_us + other.sum_us,
             sum_sq_us: self.sum_sq_us + other.sum_sq_us,
             min_us: extreme(self.min_us, other.min_us, u64::min),
             max_us: extreme(self.max_us, other.max_us, u64::max),
-            samples,
+            histogram,
             worst,
-            rng: self.rng,
         }
     }
 
@@ -178,15 +313,12 @@ impl LatencyStats {
         // Var = E[x^2] - E[x]^2, in exact integers before the square root.
         let variance =
             (self.sum_sq_us * n).saturating_sub(self.sum_us * self.sum_us) as f64 / (n * n) as f64;
-        let mut sorted = self.samples.clone();
-        sorted.sort_unstable();
-        let rank = |p: f64| -> Duration {
-            if sorted.is_empty() {
+        let rank = |q: f64| -> Duration {
+            if self.count == 0 {
                 return Duration::ZERO;
             }
-            // Nearest rank: the smallest sample with at least p of all samples at or below it.
-            let r = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-            Duration::from_micros(sorted[r - 1])
+            let us = self.histogram.value_at_quantile(q);
+            Duration::from_micros(us.clamp(self.min_us, self.max_us))
         };
         OperationStats {
             operation: operation.to_string(),
@@ -199,17 +331,53 @@ impl LatencyStats {
             p90: rank(0.9),
             p99: rank(0.99),
             p999: rank(0.999),
-            exact: self.count as usize <= LATENCY_SAMPLES_KEPT,
             outliers: self.worst.clone(),
+            distribution: self.distribution(),
         }
     }
-}
 
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    /// The executions in sqrt(2)-spaced buckets from 100 us to the one holding the max.
+    fn distribution(&self) -> Vec<Bucket> {
+        if self.count == 0 {
+            return Vec::new();
+        }
+        let mut buckets: Vec<Bucket> = (0u32..)
+            .map(|index| Bucket {
+                le_us: distribution_bound_us(index),
+                count: 0,
+            })
+            .take_while(|b| b.le_us < self.max_us)
+            .collect();
+        buckets.push(Bucket {
+            le_us: distribution_bound_us(buckets.len() as u32),
+            count: 0,
+        });
+        for value in self.histogram.iter_recorded() {
+            // The value a histogram bucket stands for, as its percentiles report it; past the
+            // last bound only through that rounding, so it belongs to the last bucket.
+            let us = value.value_iterated_to();
+            let at = buckets
+                .partition_point(|b| b.le_us < us)
+                .min(buckets.len() - 1);
+            buckets[at].count += value.count_at_value();
+        }
+        buckets
+    }
+
+    /// How many executions took at most each of `bounds_us` (cumulative, for a Prometheus
+    /// histogram), within the histogram's precision; past one day, all of them.
+    pub fn counts_at_or_below(&self, bounds_us: &[u64]) -> Vec<u64> {
+        bounds_us
+            .iter()
+            .map(|&bound| {
+                if bound >= LATENCY_TRACKED_US_MAX {
+                    self.histogram.len()
+                } else {
+                    self.histogram.count_between(0, bound)
+                }
+            })
+            .collect()
+    }
 }
 
 /// All operations' statistics, in memory, with the set changed since the last flush.
@@ -275,6 +443,18 @@ impl StatsBook {
         book.shared(operation).map(|s| s.summary(operation))
     }
 
+    /// How many executions of `operation` (this engine's and the other engines') took at
+    /// most each of `bounds_us`, as [`LatencyStats::counts_at_or_below`].
+    pub(crate) fn counts_at_or_below(
+        &self,
+        operation: &str,
+        bounds_us: &[u64],
+    ) -> Option<Vec<u64>> {
+        let book = self.inner.lock().expect("stats lock");
+        book.shared(operation)
+            .map(|s| s.counts_at_or_below(bounds_us))
+    }
+
     /// Every operation's statistics, as [`StatsBook::summary`].
     pub(crate) fn all(&self) -> Vec<OperationStats> {
         let book = self.inner.lock().expect("stats lock");
@@ -329,13 +509,25 @@ impl StatsBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::{
+        LATENCY_HISTOGRAM_COUNTERS, LATENCY_TRACKED_US_MAX, STATS_RECORD_BYTES_MAX,
+    };
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
 
+    /// Asserts `got` is within the histogram's 0.1% of `want`.
+    fn close(got: Duration, want: Duration) {
+        let (g, w) = (got.as_micros() as f64, want.as_micros() as f64);
+        assert!(
+            (g - w).abs() <= w / 1000.0,
+            "{got:?} is not within 0.1% of {want:?}"
+        );
+    }
+
     #[test]
-    fn a_known_sample_set_gives_exact_figures() {
+    fn a_known_sample_set_gives_exact_totals_and_percentiles_within_a_thousandth() {
         let mut s = LatencyStats::default();
         for v in 1..=1000u64 {
             s.record(ms(v), "r", v);
@@ -345,20 +537,36 @@ mod tests {
             (o.count, o.min, o.max, o.mean),
             (1000, ms(1), ms(1000), Duration::from_micros(500_500))
         );
-        assert_eq!(
-            (o.p50, o.p90, o.p99, o.p999),
-            (ms(500), ms(900), ms(990), ms(999))
-        );
+        for (got, want) in [(o.p50, 500), (o.p90, 900), (o.p99, 990), (o.p999, 999)] {
+            close(got, ms(want));
+        }
         // Population sigma of 1..=1000 ms: sqrt((1000^2 - 1) / 12) ms = 288.6749 ms.
         assert_eq!(o.std_dev, Duration::from_micros(288_675));
         let worst: Vec<_> = o.outliers.iter().map(|w| w.duration).collect();
         assert_eq!(worst, (991..=1000).rev().map(ms).collect::<Vec<_>>());
-        assert!(o.exact);
     }
 
-    /// Two workers' statistics merge exactly while every sample is kept (the merge of 1..=500
-    /// and 501..=1000 ms is 1..=1000 ms), and past that, totals stay exact and the kept
-    /// samples come from each side in proportion to its count.
+    /// Durations below 2,048 us are their own histogram buckets, so their percentiles are
+    /// exact; and no percentile passes the exact max.
+    #[test]
+    fn short_durations_have_exact_percentiles_clamped_to_the_extremes() {
+        let mut s = LatencyStats::default();
+        for v in 1..=1000u64 {
+            s.record(Duration::from_micros(v), "r", v);
+        }
+        let o = s.summary("step:x");
+        let us = Duration::from_micros;
+        assert_eq!(
+            (o.p50, o.p90, o.p99, o.p999),
+            (us(500), us(900), us(990), us(999))
+        );
+        let mut long = LatencyStats::default();
+        long.record(ms(123_457), "r", 0);
+        assert_eq!(long.summary("x").p999, ms(123_457));
+    }
+
+    /// Two workers' statistics merge into those of all their samples: the merge of 1..=500
+    /// and 501..=1000 ms has the same totals and percentiles as 1..=1000 ms.
     #[test]
     fn two_workers_statistics_merge_into_those_of_all_their_samples() {
         let (mut low, mut high) = (LatencyStats::default(), LatencyStats::default());
@@ -371,46 +579,24 @@ mod tests {
         for v in 1..=1000u64 {
             all.record(ms(v), "r", v);
         }
-        let expected = all.summary("step:x");
-        assert_eq!(
-            (both.count, both.min, both.max, both.mean, both.std_dev),
-            (1000, ms(1), ms(1000), expected.mean, expected.std_dev)
-        );
-        assert_eq!((both.p50, both.p90, both.p99), (ms(500), ms(900), ms(990)));
+        let mut expected = all.summary("step:x");
+        expected.outliers = both.outliers.clone();
+        assert_eq!(both, expected);
         assert!(both.outliers.iter().all(|o| o.run_id == "high"));
         assert_eq!(LatencyStats::default().merged(&low).summary("x").min, ms(1));
-
-        let (mut fast, mut slow) = (LatencyStats::default(), LatencyStats::default());
-        let n = LATENCY_SAMPLES_KEPT as u64 * 3;
-        for v in 0..n {
-            fast.record(ms(1), "fast", v);
-        }
-        for v in 0..n / 3 {
-            slow.record(ms(100), "slow", v);
-        }
-        let merged = fast.merged(&slow);
-        assert_eq!(merged.count, n + n / 3);
-        let slow_kept = merged.samples.iter().filter(|&&us| us == 100_000).count();
-        let share = slow_kept as f64 / merged.samples.len() as f64;
-        assert!((0.24..=0.26).contains(&share), "slow share {share}");
     }
 
     #[test]
-    fn past_the_kept_samples_percentiles_are_estimates_and_totals_stay_exact() {
+    fn many_samples_keep_exact_totals_and_close_percentiles() {
         let mut s = LatencyStats::default();
-        let n = LATENCY_SAMPLES_KEPT as u64 * 4;
-        for v in 0..n {
-            s.record(Duration::from_micros(v), "r", 0);
+        let n = 100_000u64;
+        for v in 1..=n {
+            s.record(Duration::from_micros(v * 10), "r", 0);
         }
         let o = s.summary("step:x");
-        assert_eq!(o.count, n);
-        assert!(!o.exact);
-        assert_eq!(o.max, Duration::from_micros(n - 1));
-        let p50 = o.p50.as_micros() as f64;
-        assert!(
-            (p50 / (n as f64 / 2.0) - 1.0).abs() < 0.05,
-            "p50 {p50} of 0..{n}"
-        );
+        assert_eq!((o.count, o.max), (n, Duration::from_micros(n * 10)));
+        close(o.p50, Duration::from_micros(n * 5));
+        close(o.p99, Duration::from_micros(n * 10 * 99 / 100));
     }
 
     #[test]
@@ -419,8 +605,120 @@ mod tests {
         for v in [5, 3, 9, 1] {
             s.record(ms(v), "run-1", 7);
         }
+        s.record(Duration::from_secs(3 * 86_400), "run-2", 8);
         let back: LatencyStats = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back, s);
+        assert_eq!(back.summary("x").max, Duration::from_secs(3 * 86_400));
+    }
+
+    /// A record written before the histogram (exact totals and a reservoir of `samples`) loads
+    /// with its totals, its outliers, and its samples in the histogram, each standing for its
+    /// share of the count.
+    #[test]
+    fn an_old_record_with_a_reservoir_of_samples_loads_into_a_histogram() {
+        let old = r#"{"count":8,"sum_us":10000,"sum_sq_us":30000000,"min_us":500,"max_us":2000,
+            "samples":[500,1000,2000,1500],
+            "worst":[{"duration":2000,"run_id":"r-9","at_ms":42}],"rng":12345}"#;
+        let stats: LatencyStats = serde_json::from_str(old).expect("an old record loads");
+        let o = stats.summary("step:x");
+        assert_eq!(
+            (o.count, o.min, o.max, o.mean),
+            (
+                8,
+                ms(0) + Duration::from_micros(500),
+                ms(2),
+                Duration::from_micros(1250)
+            )
+        );
+        assert_eq!(stats.histogram.len(), 8);
+        assert_eq!(o.p50, ms(1));
+        close(o.p999, ms(2));
+        assert_eq!(o.outliers[0].run_id, "r-9");
+        // Written back, it is the new format, and reads back the same.
+        let written = serde_json::to_string(&stats).unwrap();
+        assert!(written.contains("histogram_v2") && !written.contains("samples"));
+        let back: LatencyStats = serde_json::from_str(&written).unwrap();
+        assert_eq!(back, stats);
+    }
+
+    /// The distribution starts at 100 us, grows by sqrt(2), leaves no bucket out, ends with
+    /// the bucket holding the max, and counts every execution once.
+    #[test]
+    fn the_distribution_covers_100_us_to_the_max_in_sqrt_2_steps() {
+        let mut s = LatencyStats::default();
+        for us in [50, 100, 101, 150, 1_000, 1_000, 1_000_000] {
+            s.record(Duration::from_micros(us), "r", 0);
+        }
+        let d = s.summary("x").distribution;
+        assert_eq!(
+            d[0],
+            Bucket {
+                le_us: 100,
+                count: 2
+            }
+        );
+        assert_eq!(
+            d[1],
+            Bucket {
+                le_us: 141,
+                count: 1
+            }
+        );
+        assert_eq!(
+            d[2],
+            Bucket {
+                le_us: 200,
+                count: 1
+            }
+        );
+        assert_eq!((d[6].le_us, d[7].le_us, d[7].count), (800, 1131, 2));
+        let last = d.last().unwrap();
+        assert!(last.le_us >= 1_000_000 && d[d.len() - 2].le_us < 1_000_000);
+        assert_eq!(last.count, 1);
+        assert_eq!(d.iter().map(|b| b.count).sum::<u64>(), 7);
+        assert!(d.windows(2).all(|w| {
+            let ratio = w[1].le_us as f64 / w[0].le_us as f64;
+            (ratio - std::f64::consts::SQRT_2).abs() < 0.01
+        }));
+        assert!(LatencyStats::default().summary("x").distribution.is_empty());
+    }
+
+    #[test]
+    fn cumulative_counts_at_fixed_bounds_come_from_the_histogram() {
+        let mut s = LatencyStats::default();
+        for v in 1..=100u64 {
+            s.record(ms(v), "r", 0);
+        }
+        s.record(Duration::from_secs(2 * 86_400), "r", 0);
+        let bounds = [1_000, 10_000, 50_000, 100_000, 1_000_000, u64::MAX];
+        assert_eq!(s.counts_at_or_below(&bounds), [1, 10, 50, 100, 100, 101]);
+    }
+
+    /// The record bound in limits.rs holds: the histogram has the counters it counts, and a
+    /// record with every counter at 2^48 (eight bytes each) fits.
+    #[test]
+    fn a_full_record_fits_its_bound() {
+        let mut s = LatencyStats::default();
+        assert_eq!(s.histogram.distinct_values(), LATENCY_HISTOGRAM_COUNTERS);
+        let mut value = 0;
+        while value <= LATENCY_TRACKED_US_MAX {
+            s.histogram.record_n(value, 1 << 48).unwrap();
+            value = s.histogram.next_non_equivalent(value);
+        }
+        for i in 0..10 {
+            s.record(ms(i), &"r".repeat(crate::limits::RUN_ID_LEN_MAX), u64::MAX);
+        }
+        let bytes = serde_json::to_vec(&s).unwrap();
+        assert!(
+            bytes.len() <= STATS_RECORD_BYTES_MAX,
+            "{} bytes",
+            bytes.len()
+        );
+        assert!(
+            bytes.len() > STATS_RECORD_BYTES_MAX * 8 / 10,
+            "{} bytes",
+            bytes.len()
+        );
     }
 }
 

@@ -240,8 +240,8 @@ mod tests {
             p90: d(mean),
             p99: d(p99),
             p999: d(p999),
-            exact: true,
             outliers: vec![],
+            distribution: vec![],
         }
     }
 

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 /// event), with room for the envelope.
 pub(crate) const BODY_BYTES_MAX: usize = INPUT_BYTES_MAX + EVENT_PAYLOAD_BYTES_MAX + 16 * 1024;
 
-/// The services whose rate limiters `/metrics` reports.
+/// The services whose rate limiters `/metrics` and `/v1/limiters` report.
 pub(crate) const SERVICES: [&str; 4] = ["iam", "sts", "iot", "greengrass"];
 
 /// Runs in a page of `GET /v1/runs` when the request does not say.
@@ -45,6 +45,8 @@ pub(crate) struct AppState {
     pub token: Option<String>,
     /// The `Host` names requests may use.
     pub hosts: AllowedHosts,
+    /// The limiters' samples since the worker started, for `GET /v1/limiters`.
+    pub limiters: Arc<crate::limiters::LimiterHistory>,
 }
 
 /// The `Host` a request may name: the address the API listens on (any IP address when it
@@ -186,6 +188,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/schedules/{name}/{operation}", post(schedules::operate))
         .route("/v1/stats", get(stats))
+        .route("/v1/limiters", get(limiters))
         .route("/metrics", get(metrics))
         .route("/ui", get(crate::ui::redirect))
         .route("/ui/", get(crate::ui::asset))
@@ -598,15 +601,13 @@ async fn stats(State(state): State<Arc<AppState>>) -> Json<Vec<keel_engine::Oper
     Json(state.engine.stats())
 }
 
+/// Each service's rate limiter now, with its samples of the last hour (oldest first).
+async fn limiters(State(state): State<Arc<AppState>>) -> Json<Vec<crate::limiters::LimiterView>> {
+    Json(state.limiters.views(&state.engine))
+}
+
 async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let counts = state.engine.run_counts().await?;
     let text = crate::metrics::render(&counts, &state.engine.stats(), &state.engine);
-    Ok((
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
+    Ok(([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
 }

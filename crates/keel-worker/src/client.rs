@@ -624,31 +624,50 @@ fn stats_table(stats: &[OperationStats]) -> String {
     align(&header, &rows)
 }
 
-/// Columns padded to their widest cell.
+/// A table as the CLI prints its data: the header, then a line per row, columns padded to
+/// their widest cell and two spaces apart, no borders or rules (so a line greps as a row),
+/// and no trailing spaces. Laid out by `comfy-table` (its `NOTHING` preset: no box drawing).
 pub(crate) fn align<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
-    let mut widths = header.map(str::len);
+    let mut table = comfy_table::Table::new();
+    table
+        .load_preset(comfy_table::presets::NOTHING)
+        .set_header(header.to_vec());
     for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
+        table.add_row(row.to_vec());
     }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        padded.join("  ").trim_end().to_string() + "\n"
-    };
-    let mut out = line(header.to_vec());
-    for row in rows {
-        out += &line(row.iter().map(String::as_str).collect());
+    for (i, column) in table.column_iter_mut().enumerate() {
+        let gap = if i + 1 < N { 2 } else { 0 };
+        column.set_padding((0, gap));
     }
-    out
+    table
+        .lines()
+        .map(|line| line.trim_end().to_string() + "\n")
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
+    /// A table is its header and rows, columns two spaces apart at their widest cell, with
+    /// no borders and no trailing spaces.
+    #[test]
+    fn tables_are_plain_aligned_columns() {
+        let rows = [
+            ["run-1".to_string(), "completed".into(), String::new()],
+            [
+                "a-longer-id".to_string(),
+                "failed".into(),
+                "no such role".into(),
+            ],
+        ];
+        assert_eq!(
+            super::align(&["id", "status", "error"], &rows),
+            "id           status     error\n\
+             run-1        completed\n\
+             a-longer-id  failed     no such role\n"
+        );
+        assert_eq!(super::align(&["id", "status"], &[]), "id  status\n");
+    }
+
     #[test]
     fn times_are_shown_as_utc_dates() {
         assert_eq!(super::utc_time(0), "1970-01-01 00:00:00");

@@ -25,6 +25,7 @@
 mod api;
 mod client;
 mod history;
+mod limiters;
 mod metrics;
 mod notify;
 mod otlp;

@@ -20,6 +20,7 @@ use keel_workflows::KeelWorkflows;
 use rand::RngCore;
 
 use crate::api::{self, AllowedHosts, AppState};
+use crate::limiters::LimiterHistory;
 use crate::server::{self, Limits};
 use crate::{LogFormat, StoreChoice, WorkerArgs};
 
@@ -402,6 +403,7 @@ async fn serve(
         return Ok(drain(&engine, grace).await);
     }
     announce_ready(&engine, addr, &args, &data_dir, token.as_deref()).await?;
+    let limiters = Arc::new(LimiterHistory::default());
     let state = Arc::new(AppState {
         engine: engine.clone(),
         token,
@@ -409,9 +411,11 @@ async fn serve(
             listen: addr,
             names: args.allowed_host.clone(),
         },
+        limiters: limiters.clone(),
     });
     let limits = api_limits(&args, grace);
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    tokio::spawn(limiters.run(engine.clone(), stopping.clone()));
     let notices = sender.map(|sender| tokio::spawn(sender.run(engine.clone(), stopping.clone())));
     let server = tokio::spawn(server::serve(
         listener,

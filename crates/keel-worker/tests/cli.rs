@@ -201,9 +201,34 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
         metrics.contains("keel_runs{status=\"completed\"} 1"),
         "{metrics}"
     );
+    // Latency as a histogram: one execution, so every bucket from its duration up, and
+    // `+Inf` last, count it once.
+    let create = "operation=\"step:aws.iot.create-thing\"";
     assert!(
-        metrics.contains("keel_operation_seconds_count{operation=\"step:aws.iot.create-thing\"} 1")
+        metrics.contains(&format!("keel_operation_seconds_count{{{create}}} 1")),
+        "{metrics}"
     );
+    assert!(metrics.contains(&format!("keel_operation_seconds_sum{{{create}}} ")));
+    let buckets: Vec<&str> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("keel_operation_seconds_bucket{le=")
+                && l.contains(&format!(",{create}}}"))
+        })
+        .collect();
+    assert_eq!(buckets.len(), 19, "{metrics}");
+    assert!(buckets[18].starts_with("keel_operation_seconds_bucket{le=\"+Inf\","));
+    assert!(buckets[18].ends_with(" 1"), "{metrics}");
+    let counts: Vec<&str> = buckets
+        .iter()
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    let first_one = counts
+        .iter()
+        .position(|&c| c == "1")
+        .expect("a bucket holds it");
+    assert!(counts[..first_one].iter().all(|&c| c == "0"), "{buckets:?}");
+    assert!(counts[first_one..].iter().all(|&c| c == "1"), "{buckets:?}");
 
     // A second worker on the same data directory: one clear line, exit 1.
     let out = worker_command(&data, &account, &proxy.endpoint(), "127.0.0.1:0")

@@ -32,6 +32,25 @@ impl Engine {
         self.inner.env.stats.summary(operation)
     }
 
+    /// How many successful executions of `operation` took at most each of `bounds` (cumulative
+    /// counts, for a histogram of fixed buckets such as Prometheus'), counted from its HDR
+    /// histogram: within 0.1% of each bound, an execution may be counted on either side of it.
+    /// `None` if the operation has no statistics.
+    pub fn operation_counts_at_or_below(
+        &self,
+        operation: &str,
+        bounds: &[Duration],
+    ) -> Option<Vec<u64>> {
+        let bounds_us: Vec<u64> = bounds
+            .iter()
+            .map(|b| u64::try_from(b.as_micros()).unwrap_or(u64::MAX))
+            .collect();
+        self.inner
+            .env
+            .stats
+            .counts_at_or_below(operation, &bounds_us)
+    }
+
     /// Records a duration for `operation` as if an execution had taken it: for importing
     /// history from elsewhere (or seeding a learned wait policy).
     pub fn record_duration(&self, operation: &str, duration: Duration) {
