@@ -321,8 +321,38 @@ fn the_console_shows_the_demo_and_cancels_a_running_run() {
         // Latency: one distribution per operation the API reports.
         let stats = api(&w, "/v1/stats");
         client.goto(&format!("{}/ui/#/latency", w.api)).await.unwrap();
-        let plotted = until(&client, "the latency plots", "const n = document.querySelectorAll('#plots [data-operation]').length; return n ? n : null;").await;
+        let plotted = until(&client, "the latency plots", "const n = document.querySelectorAll('#plots [data-operation] svg.distribution').length; return n ? n : null;").await;
         assert_eq!(plotted.as_u64().unwrap() as usize, stats.as_array().unwrap().len());
+        // Each plot's bars add up to its operation's count.
+        for op in stats.as_array().unwrap() {
+            let name = op["operation"].as_str().unwrap();
+            let bars = client
+                .execute(
+                    "const card = [...document.querySelectorAll('#plots [data-operation]')].find(c => c.dataset.operation === arguments[0]);
+                     return [...card.querySelectorAll('rect.bar title')].map(t => Number(t.textContent.split(': ').pop())).reduce((a, b) => a + b, 0);",
+                    vec![json!(name)],
+                )
+                .await
+                .unwrap();
+            assert_eq!(bars, op["count"], "{name}");
+        }
+        let limiters = until(&client, "the limiters", "const n = document.querySelectorAll('#limiters svg').length; return n ? n : null;").await;
+        assert_eq!(limiters, 4, "one plot per service");
+        // The screenshot shows the operation with the most executions.
+        let busiest = stats
+            .as_array()
+            .unwrap()
+            .iter()
+            .max_by_key(|op| op["count"].as_u64())
+            .unwrap()["operation"]
+            .clone();
+        client
+            .execute(
+                "[...document.querySelectorAll('#plots [data-operation]')].find(c => c.dataset.operation === arguments[0]).scrollIntoView();",
+                vec![busiest],
+            )
+            .await
+            .unwrap();
         shot(&client, "latency").await;
 
         // Cancel from the page: a core waiting for its check-in is compensated.
