@@ -29,6 +29,7 @@ mod limiters;
 mod metrics;
 mod notify;
 mod otlp;
+mod outbound;
 mod server;
 mod ui;
 mod worker;

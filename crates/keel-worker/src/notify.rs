@@ -18,13 +18,14 @@ use std::time::{Duration, Instant, SystemTime};
 use hmac::{Hmac, KeyInit, Mac};
 use http_body_util::Full;
 use hyper::body::Bytes;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use keel_engine::{Engine, Notice, RunStatus};
 use serde::Serialize;
 use sha2::Sha256;
 use tokio::sync::watch;
+
+use crate::outbound::HttpsConnector;
 
 /// Longest a delivery may take, from connecting to the response's head.
 pub(crate) const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -60,20 +61,11 @@ pub(crate) enum NotifyError {
 /// A `--notify-url`: an absolute `http` or `https` URL with a host, without credentials or
 /// a fragment.
 pub(crate) fn notify_url(text: &str) -> Result<String, String> {
-    let uri: hyper::Uri = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-    if !scheme_ok || uri.host().is_none_or(str::is_empty) {
-        return Err(format!(
-            "{text:?} is not an http(s) URL with a host (e.g. https://hooks.example.com/keel)"
-        ));
-    }
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!(
-            "{text:?} carries credentials: put a shared secret in --notify-secret-file instead"
-        ));
-    }
+    crate::outbound::http_url(
+        text,
+        "https://hooks.example.com/keel",
+        "put a shared secret in --notify-secret-file instead",
+    )?;
     Ok(text.to_string())
 }
 
@@ -143,8 +135,6 @@ pub(crate) fn signature(secret: &[u8], timestamp: u64, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
-
 /// The sender's settings and HTTP client.
 pub(crate) struct Sender {
     urls: Vec<String>,
@@ -171,18 +161,8 @@ impl Sender {
     /// A sender to `urls`, signing with `secret` if given. The system's trusted roots are
     /// loaded only when a URL is https.
     pub(crate) fn new(urls: Vec<String>, secret: Option<Vec<u8>>) -> Result<Sender, NotifyError> {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = if urls.iter().any(|u| u.starts_with("https:")) {
-            builder.with_native_roots().map_err(NotifyError::Roots)?
-        } else {
-            // No https URL: an empty trust store, which no https request gets through.
-            builder.with_tls_config(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-        };
-        let connector = builder.https_or_http().enable_http1().build();
+        let connector = crate::outbound::connector(urls.iter().any(|u| u.starts_with("https:")))
+            .map_err(NotifyError::Roots)?;
         let client = Client::builder(TokioExecutor::new()).build(connector);
         Ok(Sender {
             urls,

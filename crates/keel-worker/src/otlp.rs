@@ -21,7 +21,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use opentelemetry::trace::{Status, TracerProvider as _};
@@ -33,6 +32,8 @@ use opentelemetry_sdk::trace::{
     BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter,
 };
 use opentelemetry_sdk::Resource;
+
+use crate::outbound::HttpsConnector;
 
 /// Longest one export may take, from connecting to the collector's answer, retries included.
 pub(crate) const EXPORT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -76,20 +77,7 @@ pub(crate) enum OtlpError {
 /// An `--otlp-endpoint`: an absolute `http` or `https` URL with a host and without
 /// credentials, query or fragment: the collector's base URL, to which `/v1/traces` is added.
 pub(crate) fn otlp_endpoint(text: &str) -> Result<String, String> {
-    let uri: hyper::Uri = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a URL: {e}"))?;
-    let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
-    if !scheme_ok || uri.host().is_none_or(str::is_empty) {
-        return Err(format!(
-            "{text:?} is not an http(s) URL with a host (e.g. http://127.0.0.1:4318)"
-        ));
-    }
-    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
-        return Err(format!(
-            "{text:?} carries credentials, which are not supported"
-        ));
-    }
+    let uri = crate::outbound::http_url(text, "http://127.0.0.1:4318", "they are not supported")?;
     if uri.query().is_some() || text.contains('#') {
         return Err(format!(
             "{text:?} has a query or fragment: give the collector's base URL (e.g. http://127.0.0.1:4318)"
@@ -291,8 +279,6 @@ fn keel_span(span: &mut SpanData) {
     };
 }
 
-type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
-
 /// The exporter's HTTP client: hyper (with rustls for https), driven by a runtime of its own
 /// on the batch processor's export thread, so that an export never takes a thread of the
 /// worker's runtime and needs no HTTP crate the worker does not already build.
@@ -311,18 +297,7 @@ impl HyperOtlpClient {
     /// A client for http, and for https too when `https` (the system's trusted roots are
     /// loaded only then).
     fn new(https: bool) -> Result<HyperOtlpClient, OtlpError> {
-        let builder = hyper_rustls::HttpsConnectorBuilder::new();
-        let builder = if https {
-            builder.with_native_roots().map_err(OtlpError::Roots)?
-        } else {
-            // No https endpoint: an empty trust store, which no https request gets through.
-            builder.with_tls_config(
-                rustls::ClientConfig::builder()
-                    .with_root_certificates(rustls::RootCertStore::empty())
-                    .with_no_client_auth(),
-            )
-        };
-        let connector = builder.https_or_http().enable_http1().build();
+        let connector = crate::outbound::connector(https).map_err(OtlpError::Roots)?;
         // No idle connections kept: between exports (seconds apart) nothing drives them.
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(0)

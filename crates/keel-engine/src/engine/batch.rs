@@ -85,15 +85,20 @@ impl RunFilter {
                 .is_none_or(|at| record.finished_at_ms.is_some_and(|f| f < at))
     }
 
-    /// The store scan that visits every record this filter can match: by id prefix (a
-    /// parent's children share `parent/`).
-    fn scan(&self, after: Option<RunId>, limit: usize) -> RunsScan {
+    /// The id prefix every record this filter can match begins with: its own, or its
+    /// parent's children's (`parent/`); the longer when both (it implies the other, or
+    /// nothing matches).
+    pub(super) fn id_prefix_to_scan(&self) -> Option<String> {
         let children = self.parent.as_ref().map(|p| format!("{p}/"));
-        // Both prefixes must hold: the longer one implies the other, or nothing matches.
-        let prefix = match (self.id_prefix.clone(), children) {
+        match (self.id_prefix.clone(), children) {
             (Some(a), Some(b)) => Some(if a.len() >= b.len() { a } else { b }),
             (a, b) => a.or(b),
-        };
+        }
+    }
+
+    /// The store scan that visits every record this filter can match.
+    fn scan(&self, after: Option<RunId>, limit: usize) -> RunsScan {
+        let prefix = self.id_prefix_to_scan();
         RunsScan {
             after,
             // Statuses are matched here, not by the store: a page then reads at most `limit`

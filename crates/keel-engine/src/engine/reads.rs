@@ -147,12 +147,11 @@ impl Engine {
         filter: &RunFilter,
         mut after: Option<RunId>,
     ) -> Result<RunsPage> {
-        let children = query.parent.as_ref().map(|p| format!("{p}/"));
-        // Both prefixes must hold: the longer one implies the other, or nothing matches.
-        let prefix = match (query.prefix.clone(), children) {
-            (Some(a), Some(b)) => Some(if a.len() >= b.len() { a } else { b }),
-            (a, b) => a.or(b),
-        };
+        let prefix = RunFilter {
+            id_prefix: query.prefix.clone(),
+            ..filter.clone()
+        }
+        .id_prefix_to_scan();
         let (mut runs, mut read) = (Vec::new(), 0);
         let next = loop {
             let scan = RunsScan {
