@@ -110,17 +110,9 @@ impl Ctx {
         let end = match plan {
             Plan::Done(end) => end,
             Plan::Run { input, started } => {
-                // The child run has a trace of its own (its driver's `run` span); this span
-                // is the parent's wait for it.
-                let span = tracing::info_span!(
-                    "child",
-                    run_id = self.lane.cell.id.as_str(),
-                    step = index.0,
-                    kind = W::NAME,
-                );
-                let running = run_child(&mut self.lane, index, W::NAME, input, started);
-                let result = tracing::Instrument::instrument(running, span).await;
-                result.map_err(|cause| self.interrupt(cause))?
+                run_child(&mut self.lane, index, W::NAME, input, started)
+                    .await
+                    .map_err(|cause| self.interrupt(cause))?
             }
         };
         self.child_result::<W>(index, end)
@@ -210,7 +202,8 @@ impl Ctx {
                 publish_progress(&cell, &*store, name, report(&progress));
             }
         };
-        match run_all_observed(&mut self.lane, width, tasks, observe).await {
+        let ran = run_all_observed(&mut self.lane, width, tasks, observe);
+        match tracing::Instrument::instrument(ran, fork.span.clone()).await {
             Ok(done) => done.into_iter().for_each(|(i, end)| ends[i] = Some(end)),
             Err(cause) => return Err(self.interrupt(cause)),
         }
@@ -310,6 +303,27 @@ impl Ctx {
 /// Starts (unless `started`, journaled) and awaits the child run at operation `index`, and
 /// journals its end.
 async fn run_child(
+    lane: &mut Lane,
+    index: OperationIndex,
+    workflow: &'static str,
+    input: Value,
+    started: bool,
+) -> Result<ChildEnd, Interrupt> {
+    // The child run has a trace of its own (its driver's `run` span, linked to this one);
+    // this span is the parent's operation: starting the child and waiting for its end.
+    let span = tracing::info_span!(
+        "child",
+        run_id = lane.cell.id.as_str(),
+        step = index.0,
+        kind = workflow,
+        child = %child_id(&lane.cell.id, index),
+    );
+    tracing::Instrument::instrument(start_and_await(lane, index, workflow, input, started), span)
+        .await
+}
+
+/// [`run_child`] in its span.
+async fn start_and_await(
     lane: &mut Lane,
     index: OperationIndex,
     workflow: &'static str,

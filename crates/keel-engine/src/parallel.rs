@@ -42,6 +42,8 @@ pub(crate) struct Fork {
     pub(crate) index: OperationIndex,
     pub(crate) first: u32,
     pub(crate) selected: Option<u32>,
+    /// The fork's span: its branches' operations (and their attempts) are its children.
+    pub(crate) span: tracing::Span,
 }
 
 impl Fork {
@@ -111,10 +113,18 @@ impl Ctx {
             }
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
         };
+        let span = tracing::info_span!(
+            "fork",
+            run_id = self.lane.cell.id.as_str(),
+            step = index.0,
+            branches,
+            width,
+        );
         Ok(Fork {
             index,
             first,
             selected,
+            span,
         })
     }
 
@@ -194,7 +204,11 @@ impl Ctx {
                 Plan::Run { .. } => tasks.push((i, run_plan(fork.branch(i), plan))),
             }
         }
-        match run_all(&mut self.lane, width, tasks).await {
+        let ran = tracing::Instrument::instrument(
+            run_all(&mut self.lane, width, tasks),
+            fork.span.clone(),
+        );
+        match ran.await {
             Ok(done) => done.into_iter().for_each(|(i, r)| results[i] = Some(r)),
             Err(cause) => return Err(self.interrupt(cause)),
         }
@@ -285,7 +299,8 @@ impl Ctx {
             .map(|w| w as usize)
             .or_else(|| outputs.iter().position(Option::is_some));
         if winner.is_none() {
-            winner = self.race(count, tasks, &mut outputs, &mut errors).await?;
+            let raced = self.race(count, tasks, &mut outputs, &mut errors);
+            winner = tracing::Instrument::instrument(raced, fork.span.clone()).await?;
         }
         let Some(winner) = winner else {
             return Err(WorkflowError::NoneSucceeded {

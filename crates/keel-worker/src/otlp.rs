@@ -229,7 +229,7 @@ impl SpanExporter for KeelExporter {
 }
 
 /// The engine's span fields and their OpenTelemetry attribute names.
-const KEEL_ATTRIBUTES: [(&str, &str); 8] = [
+const KEEL_ATTRIBUTES: [(&str, &str); 12] = [
     ("run_id", "keel.run_id"),
     ("workflow", "keel.workflow"),
     ("step", "keel.step"),
@@ -238,6 +238,10 @@ const KEEL_ATTRIBUTES: [(&str, &str); 8] = [
     ("idempotency_key", "keel.idempotency_key"),
     ("outcome", "keel.outcome"),
     ("poll", "keel.poll"),
+    ("child", "keel.child_run_id"),
+    ("branches", "keel.branches"),
+    ("width", "keel.width"),
+    ("names", "keel.event_names"),
 ];
 
 /// Spans of operations: their `keel.operation` is `<name>:<kind>`, as in the statistics.

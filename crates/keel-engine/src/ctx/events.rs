@@ -12,7 +12,7 @@ use serde::Serialize;
 use super::Ctx;
 use crate::clock::millis_saturating;
 use crate::error::EngineError;
-use crate::ids::check_event_name;
+use crate::ids::{check_event_name, OperationIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::{digest, Event};
 use crate::limits::{EVENT_PAYLOAD_BYTES_MAX, RECEIVE_NAMES_MAX};
@@ -96,6 +96,22 @@ impl Ctx {
             }
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
         }
+        let span = tracing::info_span!(
+            "receive",
+            run_id = self.lane.cell.id.as_str(),
+            step = index.0,
+            names = ?names,
+        );
+        tracing::Instrument::instrument(self.received(index, names), span).await
+    }
+
+    /// The receive at `index` (journaled) once an event of `names` is taken, or its deadline
+    /// passed.
+    async fn received<T: DeserializeOwned>(
+        &mut self,
+        index: OperationIndex,
+        names: Vec<String>,
+    ) -> Result<Received<T>, WorkflowError> {
         loop {
             self.check()?;
             let cell = Arc::clone(&self.lane.cell);
