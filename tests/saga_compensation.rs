@@ -384,6 +384,33 @@ async fn cancel_finished_run_is_an_error() {
     engine.shutdown().await;
 }
 
+/// Cancelling a run that was cancelled and has since compensated is an error too (the run is
+/// finished), not a repeat of the first cancel: an operator who cancels a run another one
+/// cancelled is told it has ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_after_a_cancelled_run_compensated_is_an_error() {
+    let f = fixture();
+    let engine = open(&f.data).await;
+    let sleeping = vec![Planned::Effect(Fault::None), Planned::Sleep(60_000)];
+    engine
+        .start::<PlanFlow>("cancelled", plan(&f.log, sleeping))
+        .await
+        .unwrap();
+    until(&engine, "cancelled", |h| {
+        has(h, |e| matches!(e, Event::TimerSet { .. }))
+    })
+    .await;
+    engine.cancel("cancelled").await.unwrap();
+    let record = engine.wait("cancelled").await.unwrap();
+    assert_eq!(record.status, RunStatus::Compensated);
+    let before = engine.history("cancelled").await.unwrap();
+    let err = engine.cancel("cancelled").await.unwrap_err();
+    assert!(matches!(err, EngineError::InvalidState { .. }), "{err}");
+    assert_eq!(err.to_string(), "run cancelled is compensated: cannot cancel");
+    assert_eq!(engine.history("cancelled").await.unwrap(), before);
+    engine.shutdown().await;
+}
+
 /// A compensation that fails permanently leaves the run CompensationFailed, naming the step;
 /// an operator retry (after the cause is fixed) compensates it; another such run can be
 /// resolved instead, which is terminal.

@@ -37,8 +37,10 @@ impl Engine {
         let outcome = self
             .operate(id, "cancel", |cell| {
                 let status = cell.record().status;
-                let already =
-                    cell.with_state(|s| s.cancel_requested) || status == RunStatus::Compensating;
+                // A run that was cancelled and has since ended is finished like any other.
+                let already = !status.is_terminal()
+                    && (cell.with_state(|s| s.cancel_requested)
+                        || status == RunStatus::Compensating);
                 if already {
                     return Ok(false);
                 }
