@@ -630,7 +630,8 @@ async fn purge_deletes_finished_runs_before_the_date_and_retention_is_per_workfl
         .await
         .unwrap();
     assert_eq!(engine.retention_of(Hold::NAME), Duration::from_secs(60));
-    assert_eq!(engine.collect_garbage().await.unwrap(), 1);
+    // The engine's own collection runs at open, and may have taken the run first.
+    assert!(engine.collect_garbage().await.unwrap() <= 1);
     let left: Vec<String> = statuses(&engine).await.into_keys().collect();
     assert_eq!(left, vec!["held"]);
     engine.shutdown().await;
