@@ -106,6 +106,7 @@ impl RunFilter {
             status: None,
             prefix,
             limit,
+            examine_max: None,
         }
     }
 }
@@ -511,6 +512,7 @@ impl Engine {
                 status: None,
                 prefix: Some(format!("{id}/")),
                 limit: SCAN_PAGE,
+                examine_max: None,
             };
             let page = self.inner.env.store.runs_page(&scan).await?;
             for child in page.records.into_iter().flatten() {

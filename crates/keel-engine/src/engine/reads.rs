@@ -21,7 +21,8 @@ const POLL_FIRST: std::time::Duration = std::time::Duration::from_millis(20);
 const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Most records one [`Engine::list_page`] call reads when the query filters on more than
-/// the status and the id prefix (which the store applies itself): the page then holds the
+/// the id prefix (which the store applies itself by where it starts and stops reading; the
+/// status too on a store with an index by status, PostgreSQL): the page then holds the
 /// matches among them, possibly fewer than the limit, with `next` to read on.
 pub const LIST_SCAN_RECORDS_MAX: usize = 10_000;
 
@@ -101,8 +102,11 @@ impl Engine {
     /// One page of the run records in id order: those after `query.after` with
     /// `query.status` (any when `None`), at most `query.limit` (1 to [`RUNS_PAGE_MAX`]). The
     /// page's `next` is the id to pass as `after` for the following page, `None` on the last.
-    /// A page reads the store from `after` until it is full, so its cost is bounded by what it
-    /// skips and holds, not by the store. Durable when returned (see [`Engine::status`]).
+    /// A page reads the store from `after` until it is full or has read
+    /// [`LIST_SCAN_RECORDS_MAX`] records (a status few runs are in, on a store without an index
+    /// by status), so its cost is bounded whatever the store holds; a page cut short holds
+    /// fewer runs than the limit, or none, and its `next` reads on. Durable when returned (see
+    /// [`Engine::status`]).
     pub async fn list_page(&self, query: &RunsQuery) -> Result<RunsPage> {
         if query.limit == 0 || query.limit > RUNS_PAGE_MAX {
             return Err(EngineError::InvalidRequest(format!(
@@ -119,6 +123,7 @@ impl Engine {
             status: query.status,
             prefix: query.prefix.clone(),
             limit: query.limit,
+            examine_max: Some(LIST_SCAN_RECORDS_MAX),
         };
         let page = self.inner.env.store.runs_page(&scan).await?;
         self.inner.env.store.sync().wait().await?;
@@ -129,10 +134,10 @@ impl Engine {
                 Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
             }
         }
-        let next = if page.more {
-            runs.last().map(|r| r.id.clone())
-        } else {
-            None
+        let next = match (page.more, page.resume_after) {
+            (false, _) => None,
+            (true, Some(read_to)) => Some(read_to),
+            (true, None) => runs.last().map(|r| r.id.clone()),
         };
         Ok(RunsPage { runs, next })
     }
@@ -154,16 +159,19 @@ impl Engine {
         .id_prefix_to_scan();
         let (mut runs, mut read) = (Vec::new(), 0);
         let next = loop {
+            let chunk = (LIST_SCAN_RECORDS_MAX - read).min(1_000);
             let scan = RunsScan {
                 after: after.clone(),
                 status: query.status,
                 prefix: prefix.clone(),
-                limit: (LIST_SCAN_RECORDS_MAX - read).min(1_000),
+                limit: chunk,
+                examine_max: Some(chunk),
             };
             let page = self.inner.env.store.runs_page(&scan).await?;
+            // The store read at most `chunk` records (of other statuses, too) for this page.
+            read += chunk;
             let mut full = None;
             for record in page.records {
-                read += 1;
                 match record {
                     Ok(record) => {
                         after = Some(record.id.clone());
@@ -184,6 +192,9 @@ impl Engine {
             if !page.more {
                 break None;
             }
+            if let Some(read_to) = page.resume_after {
+                after = Some(read_to);
+            }
             if read >= LIST_SCAN_RECORDS_MAX {
                 break after;
             }
@@ -192,8 +203,9 @@ impl Engine {
         Ok(RunsPage { runs, next })
     }
 
-    /// How many runs the store holds in each status (statuses with none are left out),
-    /// counted without holding the records.
+    /// How many runs the store holds in each status (statuses with none are left out): kept
+    /// by the sled store as it writes records (counted once at open), counted by PostgreSQL
+    /// from its index by status.
     pub async fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
         self.inner.env.store.run_counts().await
     }

@@ -76,6 +76,10 @@ pub(crate) struct RunsScan {
     /// Most records returned (records that do not decode are returned beside them, as their
     /// errors, and not counted).
     pub(crate) limit: usize,
+    /// With `status`: most records a store that cannot look runs up by status (sled) reads
+    /// before it ends the page, full or not, with `resume_after`; unbounded when `None`. A
+    /// store with an index by status (PostgreSQL) reads only matches and ignores it.
+    pub(crate) examine_max: Option<usize>,
 }
 
 /// The first string after every string that begins with `prefix` (non-empty ASCII), in
@@ -99,6 +103,9 @@ pub(crate) struct ScannedRuns {
     pub(crate) records: Vec<Result<RunRecord>>,
     /// Whether more records match after the last one returned.
     pub(crate) more: bool,
+    /// Set when the scan stopped at `examine_max` records read: the last id read, after which
+    /// the next page goes on (`more` is then true).
+    pub(crate) resume_after: Option<RunId>,
 }
 
 /// The kinds of small keyed records a store keeps beside runs ([`JournalStore::put_keyed`]).

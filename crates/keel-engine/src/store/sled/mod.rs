@@ -47,10 +47,12 @@ use crate::store::commit::{Committer, Durability, SyncTicket};
 use crate::store::mark::{self, Mark, Marker};
 use crate::store::{Claimed, JournalStore, Read, RunsScan, ScannedRuns, Space, Takeover, Token};
 
+mod counts;
 mod keyed;
 mod recovery;
 mod sync;
 
+use counts::{status_of, StatusCounts};
 use recovery::{db_bytes, held_commit, keep_if_shorter, loss, open_db, repair_records, with_kept};
 use sync::{sync_all, sync_fn};
 
@@ -85,6 +87,8 @@ pub(crate) struct SledStore {
     db: sled::Db,
     /// Writes made so far.
     written: Arc<AtomicU64>,
+    /// Runs in each status (`counts.rs`).
+    counts: Arc<StatusCounts>,
     // Dropped in this order: the committer's last sync hands its commit to the marker,
     // which marks it before it ends.
     committer: Committer,
@@ -135,7 +139,7 @@ impl SledStore {
                 tracing::error!(error = %refusal, "opening anyway: the operator accepted the loss");
             }
         }
-        repair_records(path, &db)?;
+        let (_, counts) = repair_records(path, &db)?;
         // Durable before anyone reads a repaired record, and before the mark claims what
         // sled recovered.
         sync_all(path, &db, options.durability).map_err(|e| sync_error(path, e))?;
@@ -161,6 +165,7 @@ impl SledStore {
             path: path.to_owned(),
             db,
             written,
+            counts: Arc::new(StatusCounts::new(counts)),
             committer,
             _marker: marker,
         })
@@ -299,6 +304,7 @@ impl SledStore {
         {
             Ok(Ok(())) => {
                 self.wrote();
+                self.counts.moved(None, Some(record.status));
                 Ok(None)
             }
             Ok(Err(cas)) => {
@@ -398,9 +404,12 @@ impl SledStore {
                     .map_err(|e| self.storage(e))?;
                 crate::crash::point("store.after_transition_entry");
                 // The view; `repair_records` redoes it if a crash comes first.
-                self.db
+                let before = self
+                    .db
                     .insert(run_key(id), record_bytes)
                     .map_err(|e| self.storage(e))?;
+                let from = before.as_deref().and_then(status_of);
+                self.counts.moved(from, Some(record.status));
             }
         }
         self.wrote();
@@ -476,10 +485,19 @@ impl JournalStore for SledStore {
     }
 
     fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns> {
-        let (mut page, mut held) = (ScannedRuns::default(), 0);
+        let (mut page, mut held, mut examined) = (ScannedRuns::default(), 0, 0);
+        let examine_max = scan.status.and(scan.examine_max).unwrap_or(usize::MAX);
         let visited = self.visit_runs(scan.after.as_ref(), scan.prefix.as_deref(), &mut |record| {
             if let Ok(record) = &record {
+                if examined == examine_max {
+                    page.more = true;
+                    return ControlFlow::Break(());
+                }
+                examined += 1;
                 if scan.status.is_some_and(|s| s != record.status) {
+                    if examined == examine_max {
+                        page.resume_after = Some(record.id.clone());
+                    }
                     return ControlFlow::Continue(());
                 }
                 if held == scan.limit {
@@ -495,14 +513,7 @@ impl JournalStore for SledStore {
     }
 
     fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>> {
-        let mut counts = BTreeMap::new();
-        let visited = self.visit_runs(None, None, &mut |record| {
-            if let Ok(record) = record {
-                *counts.entry(record.status).or_default() += 1;
-            }
-            ControlFlow::Continue(())
-        });
-        ready(visited.map(|()| counts))
+        ready(Ok(self.counts.now()))
     }
 
     fn journal<'a>(&'a self, id: &'a RunId) -> Read<'a, Vec<Entry>> {
@@ -525,8 +536,9 @@ impl JournalStore for SledStore {
         // sled 0.34's batch waits out any sync in progress (see the module doc): off the
         // runtime's threads.
         let (db, written, ids) = (self.db.clone(), Arc::clone(&self.written), ids.to_vec());
+        let counts = Arc::clone(&self.counts);
         off_runtime(self.path.clone(), move |path| {
-            remove_runs(path, &db, &written, &ids)
+            remove_runs(path, &db, &written, &counts, &ids)
         })
     }
 
@@ -606,17 +618,29 @@ fn read_runs(path: &Path, db: &sled::Db) -> Result<Vec<Result<RunRecord>>> {
 }
 
 /// Deletes the runs `ids` in one batch (see [`JournalStore::delete_runs`]); blocking.
-fn remove_runs(path: &Path, db: &sled::Db, written: &AtomicU64, ids: &[RunId]) -> Result<()> {
+fn remove_runs(
+    path: &Path,
+    db: &sled::Db,
+    written: &AtomicU64,
+    counts: &StatusCounts,
+    ids: &[RunId],
+) -> Result<()> {
     let mut batch = sled::Batch::default();
+    let mut removed = Vec::with_capacity(ids.len());
     for id in ids {
         for item in db.scan_prefix(journal_prefix(id)).keys() {
             batch.remove(item.map_err(|e| storage(path, e))?);
         }
+        let record = db.get(run_key(id)).map_err(|e| storage(path, e))?;
+        removed.push(record.as_deref().and_then(status_of));
         batch.remove(run_key(id));
         batch.remove(loads_key(id));
     }
     db.apply_batch(batch).map_err(|e| storage(path, e))?;
     written.fetch_add(1, Ordering::SeqCst);
+    for status in removed {
+        counts.moved(status, None);
+    }
     Ok(())
 }
 

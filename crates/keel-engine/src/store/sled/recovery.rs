@@ -2,6 +2,7 @@
 //! torn snapshots a crash can leave, the high-water mark's verdict (`store/mark.rs`), and run
 //! records a crash left behind their journals.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,7 @@ use super::{
 };
 use crate::contain::contained_sync;
 use crate::error::{EngineError, Result};
+use crate::journal::{RunRecord, RunStatus};
 use crate::limits::{OPEN_LOCK_WAIT_MAX, RUN_RECORD_BYTES_MAX};
 use crate::store::mark::{self, Commit, Marked};
 
@@ -215,34 +217,45 @@ fn time_text(at_ms: u64) -> String {
 /// came between a transition's entry and the record's rewrite. Only the last entry can be
 /// ahead: a run writes its record before its next entry, and sled recovers a prefix of its
 /// log. Records or entries that do not decode are left for the engine to report. Returns how
-/// many records were rewritten.
-pub(super) fn repair_records(path: &Path, db: &sled::Db) -> Result<usize> {
-    let mut repaired = 0;
+/// many records were rewritten, and how many readable records there are in each status
+/// (this pass reads every record anyway: the store keeps the counts from here on).
+pub(super) fn repair_records(
+    path: &Path,
+    db: &sled::Db,
+) -> Result<(usize, BTreeMap<RunStatus, u64>)> {
+    let (mut repaired, mut counts) = (0, BTreeMap::new());
     for item in db.scan_prefix([RUN_PREFIX]) {
         let (key, bytes) = item.map_err(|e| storage(path, e))?;
         let Ok(mut record) = decode_record(&key, &bytes) else {
             continue;
         };
-        let last = db
-            .scan_prefix(journal_prefix(&record.id))
-            .next_back()
-            .transpose()
-            .map_err(|e| storage(path, e))?;
-        let Some((_, entry)) = last else { continue };
-        let Ok(StoredRecordState {
-            record: Some(state),
-        }) = serde_json::from_slice(&entry)
-        else {
-            continue;
-        };
-        if state == RecordState::of(&record) {
-            continue;
+        if let Some(state) = ahead_of(path, db, &record)? {
+            tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
+            state.apply_to(&mut record);
+            db.insert(&key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
+                .map_err(|e| storage(path, e))?;
+            repaired += 1;
         }
-        tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
-        state.apply_to(&mut record);
-        db.insert(&key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
-            .map_err(|e| storage(path, e))?;
-        repaired += 1;
+        *counts.entry(record.status).or_default() += 1;
     }
-    Ok(repaired)
+    Ok((repaired, counts))
+}
+
+/// The record state of `record`'s last journal entry, if it has one that differs from it.
+fn ahead_of(path: &Path, db: &sled::Db, record: &RunRecord) -> Result<Option<RecordState>> {
+    let last = db
+        .scan_prefix(journal_prefix(&record.id))
+        .next_back()
+        .transpose()
+        .map_err(|e| storage(path, e))?;
+    let Some((_, entry)) = last else {
+        return Ok(None);
+    };
+    let Ok(StoredRecordState {
+        record: Some(state),
+    }) = serde_json::from_slice(&entry)
+    else {
+        return Ok(None);
+    };
+    Ok((state != RecordState::of(record)).then_some(state))
 }

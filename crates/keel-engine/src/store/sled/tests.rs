@@ -152,7 +152,7 @@ fn delete_runs_removes_records_and_journals_of_those_runs_only() {
         write_completed_run(&store, id);
     }
     let ids = ["a", "c"].map(|id| RunId::new(id).unwrap());
-    remove_runs(&store.path, &store.db, &store.written, &ids).unwrap();
+    remove_runs(&store.path, &store.db, &store.written, &store.counts, &ids).unwrap();
     for id in &ids {
         assert_eq!(store.read_run(id).unwrap(), None);
         assert_eq!(store.read_journal(id).unwrap(), Vec::<Entry>::new());
@@ -245,4 +245,124 @@ fn keyed_records_are_kept_per_space_and_survive_a_reopen() {
         vec![("nightly".to_string(), "{\"at\":5}".to_string())]
     );
     assert_eq!(block(store.keyed(Space::Notice)), vec![]);
+}
+
+/// The counts a scan of every record gives.
+fn scanned_counts(store: &SledStore) -> BTreeMap<RunStatus, u64> {
+    let mut counts = BTreeMap::new();
+    store
+        .visit_runs(None, None, &mut |record| {
+            if let Ok(record) = record {
+                *counts.entry(record.status).or_default() += 1;
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    counts
+}
+
+/// The kept counts per status are what a scan of every record says: after creations,
+/// transitions, deletions, an unreadable record, and a reopen that repairs a record a crash
+/// left behind its journal.
+#[test]
+fn kept_counts_match_a_scan_of_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert!(store.counts.now().is_empty());
+    for id in ["a", "b", "c", "d"] {
+        write_completed_run(&store, id);
+    }
+    for id in ["r1", "r2"] {
+        assert_eq!(store.insert_run(&running(id)).unwrap(), None);
+    }
+    // Creating an existing run changes nothing.
+    assert!(store.insert_run(&running("a")).unwrap().is_some());
+    let expected = BTreeMap::from([(RunStatus::Completed, 4), (RunStatus::Running, 2)]);
+    assert_eq!(store.counts.now(), expected);
+    assert_eq!(scanned_counts(&store), expected);
+
+    let ids = ["b", "r2", "gone"].map(|id| RunId::new(id).unwrap());
+    remove_runs(&store.path, &store.db, &store.written, &store.counts, &ids).unwrap();
+    let expected = BTreeMap::from([(RunStatus::Completed, 3), (RunStatus::Running, 1)]);
+    assert_eq!(store.counts.now(), expected);
+    assert_eq!(scanned_counts(&store), expected);
+
+    // A crash between "c"'s completing entry and its record's rewrite, and a record that no
+    // longer decodes: the reopen repairs the one and leaves the other out.
+    let c = RunId::new("c").unwrap();
+    store
+        .db
+        .insert(run_key(&c), serde_json::to_vec(&running("c")).unwrap())
+        .unwrap();
+    let d = RunId::new("d").unwrap();
+    store.db.insert(run_key(&d), b"{not json".to_vec()).unwrap();
+    store.db.flush().unwrap();
+    drop(store);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let expected = BTreeMap::from([(RunStatus::Completed, 2), (RunStatus::Running, 1)]);
+    assert_eq!(store.counts.now(), expected);
+    assert_eq!(scanned_counts(&store), expected);
+
+    // A transition moves one run from its status to the next.
+    let [started, done] = entries();
+    let r1 = RunId::new("r1").unwrap();
+    store
+        .append(&r1, JournalIndex(0), &started, None, Token::CREATED)
+        .unwrap();
+    store
+        .append(
+            &r1,
+            JournalIndex(1),
+            &done,
+            Some(&completed("r1")),
+            Token::CREATED,
+        )
+        .unwrap();
+    let expected = BTreeMap::from([(RunStatus::Completed, 3)]);
+    assert_eq!(store.counts.now(), expected);
+    assert_eq!(scanned_counts(&store), expected);
+}
+
+/// A page by status reads at most `examine_max` records, matching or not: a status no run is
+/// in costs a bounded read, and the page says where the next one goes on.
+#[test]
+fn a_page_by_status_reads_at_most_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    for n in 0..10 {
+        let id = format!("r{n}");
+        if n == 7 {
+            write_completed_run(&store, &id);
+        } else {
+            assert_eq!(store.insert_run(&running(&id)).unwrap(), None);
+        }
+    }
+    let page = |after: Option<&str>, limit, examine_max| {
+        let scan = RunsScan {
+            after: after.map(|a| RunId::new(a).unwrap()),
+            status: Some(RunStatus::Completed),
+            prefix: None,
+            limit,
+            examine_max,
+        };
+        let page = futures_util::FutureExt::now_or_never(store.runs_page(&scan))
+            .unwrap()
+            .unwrap();
+        let ids: Vec<String> = page
+            .records
+            .into_iter()
+            .map(|r| r.unwrap().id.to_string())
+            .collect();
+        (ids, page.more, page.resume_after.map(|id| id.to_string()))
+    };
+    // Four records read, none completed: an empty page that goes on after the fourth.
+    assert_eq!(page(None, 5, Some(4)), (vec![], true, Some("r3".into())));
+    assert_eq!(
+        page(Some("r3"), 5, Some(4)),
+        (vec!["r7".into()], true, None)
+    );
+    // The last records: nothing more.
+    assert_eq!(page(Some("r7"), 5, Some(4)), (vec![], false, None));
+    // Unbounded, the page reads on to the match.
+    assert_eq!(page(None, 5, None), (vec!["r7".into()], false, None));
 }
