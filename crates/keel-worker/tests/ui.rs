@@ -355,53 +355,55 @@ fn the_console_shows_the_demo_and_cancels_a_running_run() {
             .unwrap();
         shot(&client, "latency").await;
 
-        // Cancel from the page: a core waiting for its check-in is compensated.
-        let core = "ui-cancel-core";
-        post(
-            &w,
-            "/v1/runs",
-            json!({"workflow": "greengrass.provision-core", "id": core,
-                   "input": demo::core_input(core, 1, Some(3_600))}),
-        );
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let history = api(&w, &format!("/v1/runs/{core}/history"));
-            let entries = history["entries"].as_array().unwrap();
-            if entries.iter().any(|e| e["type"] == "receive_started") {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the core never waited for its check-in: {} after {:?}",
-                history["run"]["status"],
-                entries.iter().rev().take(3).collect::<Vec<_>>()
+        // Cancel from the page: a core waiting for its check-in is compensated. A second
+        // core is cancelled by someone else while the page asks for confirmation: the
+        // page's cancel is then refused, and the page says why.
+        let (core, raced) = ("ui-cancel-core", "ui-refused-core");
+        for id in [core, raced] {
+            post(
+                &w,
+                "/v1/runs",
+                json!({"workflow": "greengrass.provision-core", "id": id,
+                       "input": demo::core_input(id, 1, Some(3_600))}),
             );
-            std::thread::sleep(Duration::from_millis(250));
+        }
+        for id in [core, raced] {
+            waits_for_check_in(&w, id);
         }
         client.goto(&format!("{}/ui/#/run/{core}", w.api)).await.unwrap();
         until(&client, "an enabled cancel", "const b = document.getElementById('action-cancel'); return b && !b.disabled ? true : null;").await;
         client.find(Locator::Id("action-cancel")).await.unwrap().click().await.unwrap();
         client.wait().for_element(Locator::Id("confirm-yes")).await.unwrap().click().await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let status = api(&w, &format!("/v1/runs/{core}"))["status"].clone();
-            if status == "compensated" {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the cancelled core is {status}");
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        wait_for_status(&w, core, "compensated");
         until(&client, "the compensated status", "const b = document.querySelector('#run [data-status]'); return b && b.dataset.status === 'compensated' ? true : null;").await;
-        // The account is the worker's own: the core was all it made.
+        shot(&client, "cancelled").await;
+
+        client.goto(&format!("{}/ui/#/run/{raced}", w.api)).await.unwrap();
+        until(&client, "an enabled cancel", "const b = document.getElementById('action-cancel'); return b && !b.disabled ? true : null;").await;
+        client.find(Locator::Id("action-cancel")).await.unwrap().click().await.unwrap();
+        client.wait().for_element(Locator::Id("confirm-yes")).await.unwrap();
+        // While the confirmation is open, another operator cancels the run and it ends.
+        post(&w, &format!("/v1/runs/{raced}/cancel"), json!({}));
+        wait_for_status(&w, raced, "compensated");
+        client.find(Locator::Id("confirm-yes")).await.unwrap().click().await.unwrap();
+        let refused = until(&client, "the refusal's line", "const p = document.getElementById('action-error'); return p && p.textContent ? p.textContent : null;").await;
+        let refused = refused.as_str().unwrap();
+        assert!(
+            refused.starts_with("Cancel refused: ") && refused.contains("compensated"),
+            "the page's line: {refused:?}"
+        );
+        // The page shows the run as it is now, beside the refusal.
+        until(&client, "the compensated status", "const b = document.querySelector('#run [data-status]'); return b && b.dataset.status === 'compensated' ? true : null;").await;
+        shot(&client, "refused").await;
+        // The account is the worker's own: the cores were all it made.
         let truth = keel_testkit::inventory::Inventory::read(&account.sdk_config().await)
             .await
             .unwrap();
         assert!(
             truth.is_empty(),
-            "the cancelled core left this in moto: {}",
+            "the cancelled cores left this in moto: {}",
             truth.summary()
         );
-        shot(&client, "cancelled").await;
 
         // A narrow screen still shows the list.
         let narrow_profile = tempfile::tempdir().unwrap();
@@ -437,6 +439,41 @@ fn the_console_shows_the_demo_and_cancels_a_running_run() {
         narrow.close().await.unwrap();
         client.close().await.unwrap();
     });
+}
+
+/// Waits until the core run `id` waits for its device's check-in.
+fn waits_for_check_in(w: &Worker, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let history = api(w, &format!("/v1/runs/{id}/history"));
+        let entries = history["entries"].as_array().unwrap();
+        if entries.iter().any(|e| e["type"] == "receive_started") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the core {id} never waited for its check-in: {} after {:?}",
+            history["run"]["status"],
+            entries.iter().rev().take(3).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Waits until the run `id` is in `status`.
+fn wait_for_status(w: &Worker, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let now = api(w, &format!("/v1/runs/{id}"))["status"].clone();
+        if now == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run {id} is {now}, not {status}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// The demo's compensated core (its doomed deployment).

@@ -227,7 +227,10 @@ function runsView(params) {
       h("td", {}, badge(r.status)),
       h("td", { class: "hide-narrow" }, time(r.created_at_ms)),
       h("td", { class: "hide-narrow" }, time(r.updated_at_ms)))));
-    if (page.runs.length === 0) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, "No runs match.")));
+    // A page reads a bounded number of runs: an empty one with a next page read only part of
+    // the store.
+    const none = page.next ? "No match among the runs read so far: Next reads on." : "No runs match.";
+    if (page.runs.length === 0) body.append(h("tr", {}, h("td", { colspan: 5, class: "muted" }, none)));
     window.scrollTo(0, y);
     $("view-error").textContent = "";
     const prev = back.length ? link(back.at(-1) === "-" ? "" : back.at(-1), back.slice(0, -1)) : null;
@@ -393,6 +396,9 @@ function runView(id) {
     } catch (error) {
       if (error instanceof SignedOut) throw error;
       line.textContent = `${action.label} refused: ${error.message}`;
+      // The refusal says the run moved on: show where it is now.
+      last = null;
+      await show(0);
     } finally {
       busy = false;
     }
