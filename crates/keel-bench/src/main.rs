@@ -17,7 +17,8 @@
 //! Subcommands measure apart from the engine core: `waits` simulates wait strategies,
 //! `fleet` onboards a fleet of devices against moto through a throttling proxy, `load` runs
 //! concurrent BOSH-like runs against a simulated cloud while killing the engine's process,
-//! `workers` measures throughput with several engine processes on one PostgreSQL database.
+//! `workers` measures throughput with several engine processes on one PostgreSQL database,
+//! `console` times the web console's requests against a worker with many runs.
 
 // The binary's output is its report: printing it to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -25,6 +26,7 @@
 // the report.
 #![allow(clippy::print_stderr)]
 
+mod console;
 mod figures;
 mod fleet;
 mod load;
@@ -94,9 +96,15 @@ enum Command {
         /// Samples the learned policy learns from first.
         #[arg(long, default_value_t = 200)]
         warm_up: u32,
-        /// Fraction of resources that are outliers (3-12x the mean readiness time).
+        /// Fraction of resources that are outliers (3-12x the mean readiness time), in the
+        /// synthetic distribution.
         #[arg(long, default_value_t = 0.01)]
         outlier_rate: f64,
+        /// Instead of the synthetic distribution, each operation the BOSH AWS CPI's operators
+        /// published (create instance, delete instance, create volume, attach volume), fitted
+        /// as a heavy-tailed distribution with the published outliers.
+        #[arg(long, conflicts_with = "outlier_rate")]
+        cpi: bool,
     },
     /// Onboards a fleet (`iot.onboard-fleet`) against moto's server through the fault proxy,
     /// which throttles a fraction of every call; reports duration and API calls. Needs
@@ -156,6 +164,18 @@ enum Command {
         /// Keep the engine's store and the children's logs, and print where.
         #[arg(long)]
         keep: bool,
+    },
+    /// What the web console asks of a worker whose store holds many runs: fills a sled store
+    /// (most runs completed; compensated, failed, asleep, paused and parents with children
+    /// among them), starts `keel worker` on it (the binary beside this one) and times each
+    /// request the console makes: pages, every filter, the counts per status, a history.
+    Console {
+        /// Runs in the store, children included.
+        #[arg(long, default_value_t = 100_000)]
+        runs: u32,
+        /// Times each request is made.
+        #[arg(long, default_value_t = 10)]
+        repeats: u32,
     },
     /// The engine's process of `load`, configured by its environment.
     #[command(hide = true)]
@@ -281,6 +301,16 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             run_fleet(&cli.dir, params, output).await
         }
         Some(Command::LoadChild) => load::child().await,
+        Some(Command::Console { runs, repeats }) => {
+            if runs < 1_000 || repeats == 0 {
+                bail!("--runs must be at least 1000 and --repeats at least 1");
+            }
+            std::fs::create_dir_all(&cli.dir)
+                .with_context(|| format!("creating {}", cli.dir.display()))?;
+            let params = console::ConsoleParams { runs, repeats };
+            let report = console::run(&cli.dir, params).await?;
+            print_report(output, &report, console::ConsoleReport::table)
+        }
         Some(Command::Workers(args)) => {
             run_workers(&cli.dir, cli.store.as_deref(), cli.quick, args, output).await
         }
@@ -316,7 +346,22 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             resources,
             warm_up,
             outlier_rate,
-        }) => run_waits(seed, resources, warm_up, outlier_rate, output),
+            cpi,
+        }) => {
+            if cpi {
+                let reports: Vec<_> = waits::CPI
+                    .iter()
+                    .map(|p| waits::simulate_published(p, seed, resources, warm_up))
+                    .collect();
+                print_report(output, &reports, |reports| {
+                    let tables: Vec<String> =
+                        reports.iter().map(waits::WaitsReport::table).collect();
+                    tables.join("\n")
+                })
+            } else {
+                run_waits(seed, resources, warm_up, outlier_rate, output)
+            }
+        }
         None => {
             let sizes = if cli.quick { Sizes::QUICK } else { Sizes::FULL };
             let report = bench(&cli.dir, sizes).await?;
@@ -421,10 +466,7 @@ fn run_waits(
     if !(0.0..=1.0).contains(&outlier_rate) {
         bail!("--outlier-rate must be between 0 and 1, not {outlier_rate}");
     }
-    let readiness = waits::Readiness {
-        outlier_rate,
-        ..waits::Readiness::DEFAULT
-    };
+    let readiness = waits::Readiness::with_outlier_rate(outlier_rate);
     let report = waits::simulate(readiness, seed, resources, warm_up);
     print_report(output, &report, waits::WaitsReport::table)
 }

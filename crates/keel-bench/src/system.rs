@@ -86,11 +86,27 @@ pub(crate) fn rss_bytes(page_bytes: u64) -> anyhow::Result<u64> {
 pub(crate) fn peak_rss_bytes() -> anyhow::Result<u64> {
     let status =
         std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
-    let kib: u64 = status
+    Ok(vm_kib(&status, "VmHWM:")? * 1024)
+}
+
+/// The KiB of the line starting `field` (`VmRSS:`, `VmHWM:`) in a `/proc/PID/status` text.
+pub(crate) fn vm_kib(status: &str, field: &str) -> anyhow::Result<u64> {
+    status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|field| field.parse().ok())
-        .context("no VmHWM line in /proc/self/status")?;
-    Ok(kib * 1024)
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("no {field} line in /proc/PID/status"))
+}
+
+/// Clock ticks per second of `/proc`'s CPU times, from `getconf CLK_TCK` (100 if that fails).
+pub(crate) fn clock_ticks_per_s() -> u64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .and_then(|text| text.trim().parse().ok())
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100)
 }

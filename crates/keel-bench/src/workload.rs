@@ -203,6 +203,7 @@ fn registered(path: &Path) -> EngineBuilder {
         .workflow::<StepsThenSleep>()
         .workflow::<FanOut>()
         .workflow::<Inbox>()
+        .workflow::<crate::console::Listed>()
         .step::<Noop>()
 }
 
