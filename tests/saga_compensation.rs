@@ -406,7 +406,10 @@ async fn cancel_after_a_cancelled_run_compensated_is_an_error() {
     let before = engine.history("cancelled").await.unwrap();
     let err = engine.cancel("cancelled").await.unwrap_err();
     assert!(matches!(err, EngineError::InvalidState { .. }), "{err}");
-    assert_eq!(err.to_string(), "run cancelled is compensated: cannot cancel");
+    assert_eq!(
+        err.to_string(),
+        "run cancelled is compensated: cannot cancel"
+    );
     assert_eq!(engine.history("cancelled").await.unwrap(), before);
     engine.shutdown().await;
 }
