@@ -6,9 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{create_role, service_error, Env};
+use common::{create_role, ec2_call, instance_ids, service_error, Env};
+use keel_testkit::moto::TestAccount;
 use keel_testkit::poll::CONDITION_TIMEOUT;
-use keel_testkit::proxy::{Applied, Dist, LagRule, Rules};
+use keel_testkit::proxy::{Applied, Dist, Ec2Rule, FaultProxy, LagRule, Rules};
 
 /// Polls `read` until it succeeds (at most [`CONDITION_TIMEOUT`]), returning how many failures
 /// came first.
@@ -381,4 +382,152 @@ async fn deployments_go_through_building_and_in_progress_to_an_outcome() {
         .await
         .expect("ResetDeployments is routed");
     assert_eq!(env.truth().await.groups.len(), 4);
+}
+
+/// The state of each instance in an EC2 `DescribeInstances` answer, by id.
+fn instance_states(body: &str) -> Vec<(String, String)> {
+    body.split("<instanceId>")
+        .skip(1)
+        .filter_map(|rest| {
+            let id = rest.split("</instanceId>").next()?;
+            let state = rest.split("<instanceState>").nth(1)?;
+            let name = state.split("<name>").nth(1)?.split("</name>").next()?;
+            Some((id.to_string(), name.to_string()))
+        })
+        .collect()
+}
+
+/// EC2 instances as EC2 shows them and moto does not: a new instance reads `pending` for a
+/// while, one launched with a stuck tag reads `pending` for ever (moto says both run), and
+/// one that has read `running` flaps (running, missing, running) when read by id; a volume
+/// read or attached right after its creation is `InvalidVolume.NotFound` during the create
+/// lag. Errors come in EC2's shape.
+#[test]
+fn ec2_instances_start_late_get_stuck_and_flap_and_new_volumes_lag() {
+    const PENDING: Duration = Duration::from_millis(5_000);
+    const VOLUME_LAG: Duration = Duration::from_millis(4_000);
+    let account = TestAccount::fresh().expect("moto's server");
+    let key = account.credentials.access_key_id.clone();
+    // moto sets an account's EC2 up at its first call (seconds): not inside the window.
+    let (status, body) = ec2_call(&account.endpoint, &key, "DescribeInstances", &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let rules = Rules::seeded(9)
+        .ec2(Ec2Rule {
+            pending: Dist::fixed(PENDING.as_millis() as u64),
+            stuck_tagged: vec!["stuck/".into()],
+            flap_missing_probability: 0.5,
+            flap_for: Dist::fixed(600_000),
+        })
+        .lag(LagRule::after_create("ec2", VOLUME_LAG.as_millis() as u64));
+    let proxy = FaultProxy::start(&account.endpoint, rules).unwrap();
+    let via = |action: &str, params: &[(&str, &str)]| {
+        ec2_call(&proxy.endpoint(), &key, action, params).expect("an answer")
+    };
+    let launch = |tag: &str| {
+        let (status, body) = via(
+            "RunInstances",
+            &[
+                ("ImageId", "ami-760aaa0f"),
+                ("InstanceType", "t3.micro"),
+                ("MinCount", "1"),
+                ("MaxCount", "1"),
+                ("TagSpecification.1.ResourceType", "instance"),
+                ("TagSpecification.1.Tag.1.Key", "keel:key"),
+                ("TagSpecification.1.Tag.1.Value", tag),
+            ],
+        );
+        assert_eq!(status, 200, "{body}");
+        instance_ids(&body).remove(0)
+    };
+    let started = Instant::now();
+    let (usual, stuck) = (launch("run/1"), launch("stuck/1"));
+    let read = |id: &str| via("DescribeInstances", &[("InstanceId.1", id)]);
+
+    // Both read pending at first; moto says both run.
+    let (_, everything) = via("DescribeInstances", &[]);
+    let states = instance_states(&everything);
+    assert!(
+        started.elapsed() < PENDING,
+        "too slow to see the pending window"
+    );
+    assert_eq!(
+        states,
+        [
+            (usual.clone(), "pending".into()),
+            (stuck.clone(), "pending".into())
+        ]
+    );
+    let (_, direct) = ec2_call(&account.endpoint, &key, "DescribeInstances", &[]).unwrap();
+    assert!(
+        instance_states(&direct).iter().all(|(_, s)| s == "running"),
+        "{direct}"
+    );
+
+    // A volume right after its creation: not found, in EC2's shape, until the lag is over.
+    let (status, body) = via(
+        "CreateVolume",
+        &[("AvailabilityZone", "us-east-1a"), ("Size", "8")],
+    );
+    assert_eq!(status, 200, "{body}");
+    let volume_made = Instant::now();
+    let volume = body
+        .split("<volumeId>")
+        .nth(1)
+        .and_then(|rest| rest.split("</volumeId>").next())
+        .unwrap()
+        .to_string();
+    let attach = [
+        ("VolumeId", volume.as_str()),
+        ("InstanceId", usual.as_str()),
+        ("Device", "/dev/sdf"),
+    ];
+    let (status, body) = via("AttachVolume", &attach);
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("<Response><Errors><Error><Code>InvalidVolume.NotFound</Code>"),
+        "{body}"
+    );
+
+    // After the pending window: the usual instance runs, the stuck one never does.
+    let margin = Duration::from_millis(100);
+    std::thread::sleep((PENDING + margin).saturating_sub(started.elapsed()));
+    std::thread::sleep((VOLUME_LAG + margin).saturating_sub(volume_made.elapsed()));
+    assert_eq!(
+        instance_states(&read(&stuck).1),
+        [(stuck.clone(), "pending".into())]
+    );
+    let (status, body) = via("AttachVolume", &attach);
+    assert_eq!(status, 200, "the volume's lag is over: {body}");
+
+    // Read by id from its first running read on, the usual instance flaps: some reads miss
+    // it (InvalidInstanceID.NotFound), the others find it running.
+    let (mut found, mut missing) = (0, 0);
+    for _ in 0..40 {
+        let (status, body) = read(&usual);
+        match status {
+            200 => {
+                assert_eq!(instance_states(&body), [(usual.clone(), "running".into())]);
+                found += 1;
+            }
+            400 => {
+                assert!(
+                    body.contains("<Code>InvalidInstanceID.NotFound</Code>"),
+                    "{body}"
+                );
+                missing += 1;
+            }
+            other => panic!("{other}: {body}"),
+        }
+    }
+    assert!(found > 5 && missing > 5, "found {found}, missing {missing}");
+    let records = proxy.requests();
+    let count = |applied: Applied| {
+        records
+            .iter()
+            .filter(|r| r.fault == Some(applied.clone()))
+            .count()
+    };
+    assert_eq!(count(Applied::InstanceMissing), missing);
+    assert!(count(Applied::InstancePending) >= 2);
+    assert_eq!(count(Applied::LagNotFound), 1);
 }

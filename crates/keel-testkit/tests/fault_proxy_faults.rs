@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use aws_runtime::retries::classifiers::THROTTLING_ERRORS;
 use aws_sdk_iam::error::SdkError;
-use common::{create_role, service_error, Env, TRUST};
+use common::{create_role, ec2_call, instance_ids, service_error, Env, TRUST};
 use keel_testkit::aws::SdkOptions;
 use keel_testkit::proxy::{Applied, Dist, Fault, FaultRule, Rules};
 
@@ -350,6 +350,117 @@ async fn every_request_is_classified_by_service_and_operation() {
             "iot:CreateThing",
             "iot:ListThingPrincipals",
             "greengrass:ListGroups"
+        ]
+    );
+}
+
+/// EC2 as the proxy plays it where moto does not: a client token makes a repeated
+/// RunInstances return the first instance (moto 5.2 would launch another), also when the
+/// first answer was lost after moto launched it; the same token with other parameters is
+/// `IdempotentParameterMismatch`; a throttle is `RequestLimitExceeded` 503, which the SDK
+/// classes as throttling; every error is in EC2's own XML shape.
+#[test]
+fn ec2_client_tokens_and_throttling_are_played_as_ec2_does() {
+    let account = keel_testkit::moto::TestAccount::fresh().expect("moto's server");
+    let rules = Rules::seeded(3)
+        .fault(
+            FaultRule::new(Fault::LostResponse)
+                .service("ec2")
+                .operation("RunInstances")
+                .limit(1),
+        )
+        .fault(
+            FaultRule::new(Fault::Throttle)
+                .service("ec2")
+                .operation("DescribeInstances")
+                .limit(1),
+        );
+    let proxy = keel_testkit::proxy::FaultProxy::start(&account.endpoint, rules).unwrap();
+    let key = account.credentials.access_key_id.clone();
+    let via =
+        |action: &str, params: &[(&str, &str)]| ec2_call(&proxy.endpoint(), &key, action, params);
+    let tagged = |value: &'static str| {
+        [
+            ("TagSpecification.1.ResourceType", "instance"),
+            ("TagSpecification.1.Tag.1.Key", "keel:key"),
+            ("TagSpecification.1.Tag.1.Value", value),
+        ]
+    };
+    let run = |token: &'static str, instance_type: &'static str| {
+        let mut params = vec![
+            ("ImageId", "ami-760aaa0f"),
+            ("InstanceType", instance_type),
+            ("MinCount", "1"),
+            ("MaxCount", "1"),
+            ("ClientToken", token),
+        ];
+        params.extend(tagged("run/1"));
+        via("RunInstances", &params)
+    };
+    // What moto holds, asked around the proxy.
+    let in_moto = || {
+        let filter = [
+            ("Filter.1.Name", "tag:keel:key"),
+            ("Filter.1.Value.1", "run/1"),
+        ];
+        let (status, body) =
+            ec2_call(&account.endpoint, &key, "DescribeInstances", &filter).unwrap();
+        assert_eq!(status, 200, "{body}");
+        instance_ids(&body)
+    };
+
+    // The first launch's answer is lost after moto launched it.
+    assert_eq!(run("token-a", "t3.micro"), None);
+    let launched = in_moto();
+    assert_eq!(launched.len(), 1, "{launched:?}");
+    // Sent again with its token: the same instance, and nothing new in moto.
+    let (status, body) = run("token-a", "t3.micro").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(instance_ids(&body), launched);
+    assert_eq!(in_moto(), launched);
+    // The same token with another instance type: refused, in EC2's shape.
+    let (status, body) = run("token-a", "t3.small").unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("<Response><Errors><Error><Code>IdempotentParameterMismatch</Code>"),
+        "{body}"
+    );
+    assert_eq!(in_moto(), launched);
+    // Another token is another launch.
+    let (status, body) = run("token-b", "t3.small").unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(in_moto().len(), 2);
+
+    // A throttle: 503 RequestLimitExceeded in EC2's shape, a code the SDK counts as
+    // throttling; the next call goes through.
+    let (status, body) = via("DescribeInstances", &[]).unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("<Code>RequestLimitExceeded</Code>"), "{body}");
+    assert!(THROTTLING_ERRORS.contains(&"RequestLimitExceeded"));
+    let (status, body) = via("DescribeInstances", &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(instance_ids(&body).len(), 2);
+
+    let applied: Vec<(String, Option<Applied>)> = proxy
+        .requests()
+        .into_iter()
+        .map(|r| (r.operation, r.fault))
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            ("RunInstances".to_string(), Some(Applied::LostResponse)),
+            (
+                "RunInstances".to_string(),
+                Some(Applied::ClientTokenReplayed)
+            ),
+            (
+                "RunInstances".to_string(),
+                Some(Applied::ClientTokenMismatch)
+            ),
+            ("RunInstances".to_string(), None),
+            ("DescribeInstances".to_string(), Some(Applied::Throttled)),
+            ("DescribeInstances".to_string(), None),
         ]
     );
 }

@@ -11,6 +11,9 @@ use super::operations::REST_OPERATIONS;
 pub(crate) enum Protocol {
     /// IAM and STS: a form body with `Action=...`, XML answers.
     Query,
+    /// EC2: a form body with `Action=...` as for IAM, XML answers, and errors in EC2's own
+    /// shape (`<Response><Errors><Error>`).
+    Ec2Query,
     /// IoT and Greengrass: method and path name the operation, JSON answers.
     RestJson,
 }
@@ -18,8 +21,10 @@ pub(crate) enum Protocol {
 /// One classified request.
 #[derive(Debug, Clone)]
 pub(crate) struct Call {
-    /// The SigV4 signing name: `iam`, `sts`, `iot`, `greengrass` (or `unknown`).
+    /// The SigV4 signing name: `iam`, `sts`, `iot`, `greengrass`, `ec2` (or `unknown`).
     pub service: String,
+    /// The access key id the request was signed with: which account it acts in.
+    pub access_key: String,
     /// The operation, for example `CreateRole` (or `Unknown`).
     pub operation: String,
     pub protocol: Protocol,
@@ -70,12 +75,17 @@ impl Call {
 
 /// Classifies a request from its head and body.
 pub(crate) fn classify(parts: &http::request::Parts, body: &[u8]) -> Call {
-    let service = parts
+    let authorization = parts
         .headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.to_str().ok());
+    let service = authorization
         .and_then(signing_service)
         .unwrap_or("unknown")
+        .to_string();
+    let access_key = authorization
+        .and_then(|a| credential_scope(a).split('/').next())
+        .unwrap_or("")
         .to_string();
     let mut params: Vec<(String, String)> = parts
         .uri
@@ -85,12 +95,13 @@ pub(crate) fn classify(parts: &http::request::Parts, body: &[u8]) -> Call {
     let mut refs = BTreeSet::new();
     let protocol = match service.as_str() {
         "iam" | "sts" => Protocol::Query,
+        "ec2" => Protocol::Ec2Query,
         _ => Protocol::RestJson,
     };
     let mut labels = Vec::new();
     let mut names_resource_in_path = false;
     let operation = match protocol {
-        Protocol::Query => {
+        Protocol::Query | Protocol::Ec2Query => {
             params.extend(form_urlencoded::parse(body).into_owned());
             params
                 .iter()
@@ -130,6 +141,7 @@ pub(crate) fn classify(parts: &http::request::Parts, body: &[u8]) -> Call {
     refs.retain(|r| !r.is_empty());
     Call {
         service,
+        access_key,
         operation,
         protocol,
         params,
@@ -141,10 +153,17 @@ pub(crate) fn classify(parts: &http::request::Parts, body: &[u8]) -> Call {
 
 /// The service of a SigV4 `Authorization` header: `Credential=AKID/DATE/REGION/SERVICE/aws4_request`.
 fn signing_service(authorization: &str) -> Option<&str> {
-    let credential = authorization.split("Credential=").nth(1)?;
-    let scope = credential.split([',', ' ']).next()?;
-    let mut parts = scope.split('/');
-    parts.nth(3)
+    credential_scope(authorization).split('/').nth(3)
+}
+
+/// The `AKID/DATE/REGION/SERVICE/aws4_request` of a SigV4 `Authorization` header (empty
+/// when it has none).
+fn credential_scope(authorization: &str) -> &str {
+    authorization
+        .split("Credential=")
+        .nth(1)
+        .and_then(|credential| credential.split([',', ' ']).next())
+        .unwrap_or("")
 }
 
 /// Finds the REST operation whose method and URI template match; among several, the one with
@@ -252,7 +271,7 @@ pub(crate) fn identifiers_in_answer(protocol: Protocol, body: &[u8]) -> Vec<Stri
                 }
             }
         }
-        Protocol::Query => {
+        Protocol::Query | Protocol::Ec2Query => {
             let text = String::from_utf8_lossy(body);
             let mut rest = text.as_ref();
             while let Some(open) = rest.find('<') {

@@ -37,12 +37,13 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 
 pub use rules::{
-    AssumeRoleRule, DeploymentRule, Dist, Fault, FaultRule, LagRule, Rules, RulesError, SERVICES,
+    AssumeRoleRule, DeploymentRule, Dist, Ec2Rule, Fault, FaultRule, LagRule, Rules, RulesError,
+    SERVICES,
 };
 
 use classify::{classify, Call};
 use shapes::ErrorKind;
-use state::{RuleCount, State, Upstream};
+use state::{ClientToken, RuleCount, State, Upstream};
 
 /// Largest request body the proxy reads (AWS's own limits are far below).
 const BODY_MAX: usize = 16 << 20;
@@ -99,6 +100,16 @@ pub enum Applied {
         /// The status it reported.
         status: String,
     },
+    /// EC2: a create with a client token used before, with the same parameters, answered with
+    /// the first create's answer (moto was not asked: it would create again).
+    ClientTokenReplayed,
+    /// EC2: a create with a client token used before with other parameters, answered with
+    /// `IdempotentParameterMismatch`.
+    ClientTokenMismatch,
+    /// EC2: instances moto says are running read `pending` (not started yet, or stuck).
+    InstancePending,
+    /// EC2: an instance read by id answered as missing (flapping).
+    InstanceMissing,
 }
 
 /// One request the proxy handled.
@@ -392,22 +403,43 @@ impl Shared {
                 record.fault = Some(Applied::ResetBeforeForward);
                 return Err(Dropped("reset before forwarding"));
             }
-            Some(Fault::LostResponse) => {
-                record.fault = Some(Applied::LostResponse);
-                if let Ok(upstream) = self.forward(parts, body, record).await {
-                    self.observe(call, &upstream);
+            _ => {}
+        }
+        // EC2's client tokens, which moto ignores: after the faults that stop a request
+        // before it reaches EC2, before those that let it through.
+        match self.lock().client_token(call) {
+            Some(ClientToken::Replay(first)) => {
+                record.fault = Some(Applied::ClientTokenReplayed);
+                if matches!(fault, Some(Fault::LostResponse)) {
+                    return Err(Dropped("lost response"));
                 }
-                return Err(Dropped("lost response"));
+                return Ok(first.to_response());
             }
-            Some(Fault::Latency { .. }) | None => {}
+            Some(ClientToken::Mismatch) => {
+                record.fault = Some(Applied::ClientTokenMismatch);
+                return Ok(shapes::error(
+                    call,
+                    ErrorKind::IdempotentParameterMismatch,
+                    "Arguments on this idempotent request are inconsistent with arguments used in previous request(s).",
+                ));
+            }
+            None => {}
+        }
+        if let Some(Fault::LostResponse) = fault {
+            record.fault = Some(Applied::LostResponse);
+            if let Ok(upstream) = self.forward(parts, body, record).await {
+                self.observe(call, &upstream);
+            }
+            return Err(Dropped("lost response"));
         }
         if let Some(response) = self.play(call, parts, record).await {
             return Ok(response);
         }
         match self.forward(parts, body, record).await {
-            Ok(upstream) => {
+            Ok(mut upstream) => {
                 self.observe(call, &upstream);
-                Ok(upstream.to_response())
+                let missing = self.lock().ec2_instances_read(call, &mut upstream, record);
+                Ok(missing.unwrap_or_else(|| upstream.to_response()))
             }
             Err(e) => Ok(plain(
                 502,

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The services the proxy knows the error shapes of.
-pub const SERVICES: &[&str] = &["iam", "sts", "iot", "greengrass"];
+pub const SERVICES: &[&str] = &["iam", "sts", "iot", "greengrass", "ec2"];
 
 /// All rules of one proxy.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -24,6 +24,8 @@ pub struct Rules {
     pub assume_role: AssumeRoleRule,
     /// The Greengrass deployment lifecycle (moto leaves deployments `InProgress` forever).
     pub deployments: DeploymentRule,
+    /// EC2 instances as EC2 shows them (moto's are `running` at once, and never flap).
+    pub ec2: Ec2Rule,
 }
 
 /// A rule that injects one kind of fault into matching requests.
@@ -259,6 +261,35 @@ impl Default for DeploymentRule {
     }
 }
 
+/// EC2 instances launched through the proxy, as EC2 shows them to `DescribeInstances`: moto's
+/// are `running` the moment they exist, and a read never misses them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ec2Rule {
+    /// How long a new instance reads `pending` before moto's state shows through.
+    pub pending: Dist,
+    /// Instances launched with a tag value that starts with one of these read `pending` for
+    /// ever: instances that never start, for recreation.
+    pub stuck_tagged: Vec<String>,
+    /// Flapping: once an instance has read `running`, each `DescribeInstances` that names it
+    /// by id answers `InvalidInstanceID.NotFound` with this probability, during `flap_for`
+    /// (running, missing, running: the CPI's field report).
+    pub flap_missing_probability: f64,
+    /// How long after its first `running` read an instance may flap.
+    pub flap_for: Dist,
+}
+
+impl Default for Ec2Rule {
+    fn default() -> Self {
+        Self {
+            pending: Dist::fixed(0),
+            stuck_tagged: Vec::new(),
+            flap_missing_probability: 0.0,
+            flap_for: Dist::fixed(0),
+        }
+    }
+}
+
 /// Rules that make no sense, with what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid fault proxy rules: {0}")]
@@ -282,6 +313,12 @@ impl Rules {
     /// Adds a lag rule.
     pub fn lag(mut self, rule: LagRule) -> Self {
         self.lag.push(rule);
+        self
+    }
+
+    /// Sets how EC2 instances read.
+    pub fn ec2(mut self, rule: Ec2Rule) -> Self {
+        self.ec2 = rule;
         self
     }
 
@@ -339,7 +376,10 @@ impl Rules {
         self.deployments
             .in_progress
             .validate("deployments.in_progress")?;
-        probability_ok("deployments", self.deployments.failure_probability)
+        probability_ok("deployments", self.deployments.failure_probability)?;
+        self.ec2.pending.validate("ec2.pending")?;
+        self.ec2.flap_for.validate("ec2.flap_for")?;
+        probability_ok("ec2", self.ec2.flap_missing_probability)
     }
 }
 

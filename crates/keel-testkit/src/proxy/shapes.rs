@@ -13,6 +13,8 @@ pub(crate) enum ErrorKind {
     Server(u16),
     NotFound,
     AccessDenied,
+    /// EC2: a client token used again with other parameters.
+    IdempotentParameterMismatch,
 }
 
 /// The error answer of `kind` for the service of `call`.
@@ -33,6 +35,14 @@ pub(crate) fn error(call: &Call, kind: ErrorKind, message: &str) -> Response<Ful
             );
             respond(status, "text/xml", code, body)
         }
+        Protocol::Ec2Query => {
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code>\
+                 <Message>{}</Message></Error></Errors><RequestID>keel-fault-proxy</RequestID></Response>",
+                xml_escape(message)
+            );
+            respond(status, "text/xml;charset=UTF-8", code, body)
+        }
         Protocol::RestJson => {
             let body = serde_json::json!({ "message": message, "__type": code }).to_string();
             respond(status, "application/json", code, body)
@@ -44,6 +54,20 @@ pub(crate) fn error(call: &Call, kind: ErrorKind, message: &str) -> Response<Ful
 fn code(call: &Call, kind: ErrorKind) -> (u16, &'static str) {
     let service = call.service.as_str();
     match (kind, service) {
+        // EC2 throttles with a 503 of its own code, which the SDK classes as throttling.
+        (ErrorKind::Throttle, "ec2") => (503, "RequestLimitExceeded"),
+        (ErrorKind::Server(503), "ec2") => (503, "Unavailable"),
+        (ErrorKind::Server(s), "ec2") => (s, "InternalError"),
+        (ErrorKind::NotFound, "ec2") => {
+            let volume = call.refs.iter().any(|r| r.starts_with("vol-"));
+            if volume {
+                (400, "InvalidVolume.NotFound")
+            } else {
+                (400, "InvalidInstanceID.NotFound")
+            }
+        }
+        (ErrorKind::AccessDenied, "ec2") => (403, "UnauthorizedOperation"),
+        (ErrorKind::IdempotentParameterMismatch, _) => (400, "IdempotentParameterMismatch"),
         (ErrorKind::Throttle, "iam" | "sts") => (400, "Throttling"),
         (ErrorKind::Throttle, "greengrass") => (429, "TooManyRequestsException"),
         (ErrorKind::Throttle, _) => (429, "ThrottlingException"),

@@ -78,6 +78,63 @@ pub(super) struct State {
     group_names: HashMap<String, String>,
     /// Ordinals for seeded draws: creates per service, deployments, roles.
     ordinals: HashMap<String, u64>,
+    /// EC2 client tokens: (access key id, token) -> the create that first used it.
+    client_tokens: HashMap<(String, String), TokenUse>,
+    /// EC2 instance id -> how it reads, for instances launched through the proxy.
+    instances: HashMap<String, Ec2Instance>,
+}
+
+/// How an EC2 instance launched through the proxy reads ([`crate::proxy::Ec2Rule`]).
+#[derive(Debug, Clone, Copy)]
+struct Ec2Instance {
+    /// It reads `pending` until then.
+    pending_until: Instant,
+    /// It reads `pending` for ever.
+    stuck: bool,
+    /// Set at its first `running` read: it may flap until then.
+    flaps_until: Option<Instant>,
+    /// Reads by id so far (the flapping draws' ordinal).
+    reads: u64,
+}
+
+/// The EC2 create that first used a client token: its parameters, and moto's answer.
+#[derive(Debug)]
+struct TokenUse {
+    params: Vec<(String, String)>,
+    answer: Upstream,
+}
+
+/// What EC2 does with a create that carries a client token used before.
+pub(super) enum ClientToken {
+    /// The same parameters: the first create's answer, and nothing created.
+    Replay(Upstream),
+    /// Other parameters: `IdempotentParameterMismatch`.
+    Mismatch,
+}
+
+/// The EC2 operations whose `ClientToken` makes a repeated call return the first one's result.
+const CLIENT_TOKEN_OPERATIONS: [&str; 2] = ["RunInstances", "CreateVolume"];
+
+/// The parameters of an EC2 create that its client token vouches for: all but the action,
+/// the API version and the token itself, in order.
+fn token_parameters(call: &Call) -> Vec<(String, String)> {
+    let mut params: Vec<(String, String)> = call
+        .params
+        .iter()
+        .filter(|(k, _)| !matches!(k.as_str(), "Action" | "Version" | "ClientToken"))
+        .cloned()
+        .collect();
+    params.sort();
+    params
+}
+
+/// The key of an EC2 create's client token, when it is one EC2 honours.
+fn client_token_key(call: &Call) -> Option<(String, String)> {
+    if call.service != "ec2" || !CLIENT_TOKEN_OPERATIONS.contains(&call.operation.as_str()) {
+        return None;
+    }
+    let token = call.param("ClientToken")?;
+    Some((call.access_key.clone(), token.to_string()))
 }
 
 impl State {
@@ -93,6 +150,8 @@ impl State {
             roles: HashMap::new(),
             deployments: HashMap::new(),
             group_names: HashMap::new(),
+            client_tokens: HashMap::new(),
+            instances: HashMap::new(),
             ordinals: HashMap::new(),
         }
     }
@@ -258,11 +317,127 @@ impl State {
 
     /// Learns from moto's successful answers: new resources (lag, roles, deployments), deleted
     /// ones (delete lag), and read answers to replay during delete lag.
+    /// What EC2 would answer to `call` for its client token, when it used one before (moto
+    /// ignores client tokens and would create again); `None` to go on.
+    pub(super) fn client_token(&self, call: &Call) -> Option<ClientToken> {
+        let first = self.client_tokens.get(&client_token_key(call)?)?;
+        Some(if first.params == token_parameters(call) {
+            ClientToken::Replay(first.answer.clone())
+        } else {
+            ClientToken::Mismatch
+        })
+    }
+
+    /// Instances launched: each reads `pending` for a drawn time, or for ever when a tag
+    /// value of the launch marks it stuck.
+    fn observe_launch(&mut self, call: &Call, upstream: &Upstream, now: Instant) {
+        let rule = self.rules.ec2.clone();
+        let stuck = call.params.iter().any(|(k, v)| {
+            k.starts_with("TagSpecification.")
+                && k.ends_with(".Value")
+                && rule.stuck_tagged.iter().any(|prefix| v.starts_with(prefix))
+        });
+        for id in xml_values(&upstream.body, "instanceId") {
+            let pending_until = now + self.sample("ec2-pending", &rule.pending);
+            let instance = Ec2Instance {
+                pending_until,
+                stuck,
+                flaps_until: None,
+                reads: 0,
+            };
+            self.instances.entry(id).or_insert(instance);
+        }
+    }
+
+    /// Makes a `DescribeInstances` answer what EC2 would give: instances launched through the
+    /// proxy that have not started (or never will) read `pending`; one named by id that flaps
+    /// reads as missing (the error answer to send instead, returned).
+    pub(super) fn ec2_instances_read(
+        &mut self,
+        call: &Call,
+        upstream: &mut Upstream,
+        record: &mut RequestRecord,
+    ) -> Option<Response<Full<Bytes>>> {
+        if call.service != "ec2"
+            || call.operation != "DescribeInstances"
+            || !upstream.status.is_success()
+        {
+            return None;
+        }
+        let now = Instant::now();
+        let rule = self.rules.ec2.clone();
+        let seed = self.rules.seed;
+        let named: Vec<String> = call
+            .params
+            .iter()
+            .filter(|(k, _)| k.starts_with("InstanceId."))
+            .map(|(_, v)| v.clone())
+            .collect();
+        let mut text = String::from_utf8_lossy(&upstream.body).into_owned();
+        let mut pending = false;
+        for id in xml_values(&upstream.body, "instanceId") {
+            let first_running_read = self
+                .instances
+                .get(&id)
+                .is_some_and(|i| !i.stuck && now >= i.pending_until && i.flaps_until.is_none())
+                && named.contains(&id);
+            let flap_for = if first_running_read {
+                self.sample("ec2-flap", &rule.flap_for)
+            } else {
+                Duration::ZERO
+            };
+            let Some(instance) = self.instances.get_mut(&id) else {
+                continue;
+            };
+            if instance.stuck || now < instance.pending_until {
+                text = with_state_pending(&text, &id);
+                pending = true;
+                continue;
+            }
+            if !named.contains(&id) {
+                continue;
+            }
+            let n = instance.reads;
+            instance.reads += 1;
+            match instance.flaps_until {
+                None => instance.flaps_until = Some(now + flap_for),
+                Some(until)
+                    if now < until
+                        && draw(seed, stream_of(&id), n) < rule.flap_missing_probability =>
+                {
+                    record.fault = Some(Applied::InstanceMissing);
+                    return Some(shapes::error(
+                        call,
+                        ErrorKind::NotFound,
+                        &format!("The instance ID '{id}' does not exist"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        if pending {
+            record.fault = Some(Applied::InstancePending);
+            upstream.body = Bytes::from(text);
+            upstream.headers.remove(http::header::CONTENT_LENGTH);
+        }
+        None
+    }
+
     pub(super) fn observe(&mut self, call: &Call, upstream: &Upstream) {
         if !upstream.status.is_success() {
             return;
         }
+        if let Some(key) = client_token_key(call) {
+            let first = TokenUse {
+                params: token_parameters(call),
+                answer: upstream.clone(),
+            };
+            self.client_tokens.entry(key).or_insert(first);
+        }
         let now = Instant::now();
+        if call.service == "ec2" && call.operation == "RunInstances" {
+            self.observe_launch(call, upstream, now);
+        }
         if call.is_create() {
             self.observe_create(call, upstream, now);
         } else if call.is_delete() {
@@ -393,4 +568,35 @@ fn created_keys(call: &Call, upstream: &Upstream) -> Vec<String> {
         );
     }
     keys
+}
+
+/// The text of every `<name>` element of an XML answer, in order.
+fn xml_values(body: &[u8], name: &str) -> Vec<String> {
+    let text = String::from_utf8_lossy(body);
+    let open = format!("<{name}>");
+    let close = format!("</{name}>");
+    text.split(open.as_str())
+        .skip(1)
+        .filter_map(|rest| rest.split(close.as_str()).next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// `text` with the state of instance `id` (the first `<instanceState>` after its
+/// `<instanceId>`, as moto and EC2 order an instance's fields) made `pending`.
+fn with_state_pending(text: &str, id: &str) -> String {
+    const PENDING: &str = "<instanceState><code>0</code><name>pending</name></instanceState>";
+    let Some(at) = text.find(&format!("<instanceId>{id}</instanceId>")) else {
+        return text.to_string();
+    };
+    let Some(start) = text[at..].find("<instanceState>").map(|s| at + s) else {
+        return text.to_string();
+    };
+    let Some(end) = text[start..]
+        .find("</instanceState>")
+        .map(|e| start + e + "</instanceState>".len())
+    else {
+        return text.to_string();
+    };
+    format!("{}{PENDING}{}", &text[..start], &text[end..])
 }

@@ -84,3 +84,40 @@ pub(crate) fn service_error<E: ProvideErrorMetadata + std::fmt::Debug>(
         other => panic!("expected a service error, got {other:?}"),
     }
 }
+
+/// One EC2 query call (`Action` and its parameters as a form, signed only as far as moto and
+/// the proxy read: the access key and the service in the credential scope), as the SDK would
+/// send it; the answer's status and body, or `None` when the connection closed unanswered.
+pub(crate) fn ec2_call(
+    endpoint: &str,
+    access_key: &str,
+    action: &str,
+    params: &[(&str, &str)],
+) -> Option<(u16, String)> {
+    let authorization = format!(
+        "AWS4-HMAC-SHA256 Credential={access_key}/20261202/us-east-1/ec2/aws4_request, \
+         SignedHeaders=host, Signature=0"
+    );
+    let mut form = vec![("Action", action), ("Version", "2016-11-15")];
+    form.extend_from_slice(params);
+    let answer = ureq::post(endpoint)
+        .set("Authorization", &authorization)
+        .timeout(std::time::Duration::from_secs(30))
+        .send_form(&form);
+    match answer {
+        Ok(response) => Some((response.status(), response.into_string().unwrap())),
+        Err(ureq::Error::Status(status, response)) => {
+            Some((status, response.into_string().unwrap()))
+        }
+        Err(ureq::Error::Transport(_)) => None,
+    }
+}
+
+/// Every `<instanceId>` of an EC2 answer.
+pub(crate) fn instance_ids(body: &str) -> Vec<String> {
+    body.split("<instanceId>")
+        .skip(1)
+        .filter_map(|rest| rest.split("</instanceId>").next())
+        .map(str::to_string)
+        .collect()
+}
