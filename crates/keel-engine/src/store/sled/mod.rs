@@ -325,32 +325,6 @@ impl SledStore {
         }
     }
 
-    /// Visits the run records after `after` whose ids begin with `prefix`, in id order.
-    fn visit_runs(
-        &self,
-        after: Option<&RunId>,
-        prefix: Option<&str>,
-        visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
-    ) -> Result<()> {
-        use std::ops::Bound;
-        let mut first = vec![RUN_PREFIX];
-        first.extend_from_slice(prefix.unwrap_or("").as_bytes());
-        let start = match after {
-            Some(id) if run_key(id) >= first => Bound::Excluded(run_key(id)),
-            _ => Bound::Included(first.clone()),
-        };
-        for item in self.db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
-            let (key, bytes) = item.map_err(|e| self.storage(e))?;
-            if !key.starts_with(&first) {
-                break;
-            }
-            if visit(decode_record(&key, &bytes)).is_break() {
-                break;
-            }
-        }
-        Ok(())
-    }
-
     fn read_journal(&self, id: &RunId) -> Result<Vec<Entry>> {
         let prefix = journal_prefix(id);
         let mut entries = Vec::new();
@@ -485,31 +459,14 @@ impl JournalStore for SledStore {
     }
 
     fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns> {
-        let (mut page, mut held, mut examined) = (ScannedRuns::default(), 0, 0);
-        let examine_max = scan.status.and(scan.examine_max).unwrap_or(usize::MAX);
-        let visited = self.visit_runs(scan.after.as_ref(), scan.prefix.as_deref(), &mut |record| {
-            if let Ok(record) = &record {
-                if examined == examine_max {
-                    page.more = true;
-                    return ControlFlow::Break(());
-                }
-                examined += 1;
-                if scan.status.is_some_and(|s| s != record.status) {
-                    if examined == examine_max {
-                        page.resume_after = Some(record.id.clone());
-                    }
-                    return ControlFlow::Continue(());
-                }
-                if held == scan.limit {
-                    page.more = true;
-                    return ControlFlow::Break(());
-                }
-                held += 1;
-            }
-            page.records.push(record);
-            ControlFlow::Continue(())
-        });
-        ready(visited.map(|()| page))
+        if scan.status.is_none() {
+            // At most `limit` records and one more: answered here.
+            return ready(runs_page(&self.path, &self.db, scan));
+        }
+        // Up to `examine_max` records of other statuses (milliseconds of decoding): off the
+        // runtime's threads, so that a console asking every second never stalls runs.
+        let (db, scan) = (self.db.clone(), scan.clone());
+        off_runtime(self.path.clone(), move |path| runs_page(path, &db, &scan))
     }
 
     fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>> {
@@ -605,6 +562,68 @@ impl JournalStore for SledStore {
     fn broken(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.committer.broken()
     }
+}
+
+/// Visits the run records after `after` whose ids begin with `prefix`, in id order; blocking.
+fn visit_runs(
+    path: &Path,
+    db: &sled::Db,
+    after: Option<&RunId>,
+    prefix: Option<&str>,
+    visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
+) -> Result<()> {
+    use std::ops::Bound;
+    let mut first = vec![RUN_PREFIX];
+    first.extend_from_slice(prefix.unwrap_or("").as_bytes());
+    let start = match after {
+        Some(id) if run_key(id) >= first => Bound::Excluded(run_key(id)),
+        _ => Bound::Included(first.clone()),
+    };
+    for item in db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
+        let (key, bytes) = item.map_err(|e| storage(path, e))?;
+        if !key.starts_with(&first) {
+            break;
+        }
+        if visit(decode_record(&key, &bytes)).is_break() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// One page of run records (see [`JournalStore::runs_page`]); blocking.
+fn runs_page(path: &Path, db: &sled::Db, scan: &RunsScan) -> Result<ScannedRuns> {
+    let (mut page, mut held, mut examined) = (ScannedRuns::default(), 0, 0);
+    let examine_max = scan.status.and(scan.examine_max).unwrap_or(usize::MAX);
+    visit_runs(
+        path,
+        db,
+        scan.after.as_ref(),
+        scan.prefix.as_deref(),
+        &mut |record| {
+            if let Ok(record) = &record {
+                if examined == examine_max {
+                    page.more = true;
+                    return ControlFlow::Break(());
+                }
+                examined += 1;
+                if scan.status.is_some_and(|s| s != record.status) {
+                    if examined == examine_max {
+                        page.resume_after = Some(record.id.clone());
+                    }
+                    return ControlFlow::Continue(());
+                }
+                if held == scan.limit {
+                    page.more = true;
+                    return ControlFlow::Break(());
+                }
+                held += 1;
+            }
+            page.records.push(record);
+            ControlFlow::Continue(())
+        },
+    )?;
+    Ok(page)
 }
 
 /// Every run record (see [`JournalStore::runs`]); blocking.

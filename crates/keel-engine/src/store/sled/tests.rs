@@ -250,14 +250,13 @@ fn keyed_records_are_kept_per_space_and_survive_a_reopen() {
 /// The counts a scan of every record gives.
 fn scanned_counts(store: &SledStore) -> BTreeMap<RunStatus, u64> {
     let mut counts = BTreeMap::new();
-    store
-        .visit_runs(None, None, &mut |record| {
-            if let Ok(record) = record {
-                *counts.entry(record.status).or_default() += 1;
-            }
-            ControlFlow::Continue(())
-        })
-        .unwrap();
+    visit_runs(&store.path, &store.db, None, None, &mut |record| {
+        if let Ok(record) = record {
+            *counts.entry(record.status).or_default() += 1;
+        }
+        ControlFlow::Continue(())
+    })
+    .unwrap();
     counts
 }
 
@@ -345,9 +344,7 @@ fn a_page_by_status_reads_at_most_its_bound() {
             limit,
             examine_max,
         };
-        let page = futures_util::FutureExt::now_or_never(store.runs_page(&scan))
-            .unwrap()
-            .unwrap();
+        let page = runs_page(&store.path, &store.db, &scan).unwrap();
         let ids: Vec<String> = page
             .records
             .into_iter()
