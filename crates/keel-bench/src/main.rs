@@ -27,6 +27,7 @@
 #![allow(clippy::print_stderr)]
 
 mod console;
+mod cpi;
 mod figures;
 mod fleet;
 mod load;

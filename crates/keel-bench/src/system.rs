@@ -62,13 +62,18 @@ pub(crate) fn filesystem(dir: &Path) -> anyhow::Result<Filesystem> {
 
 /// The size of a memory page, from `getconf PAGESIZE` (4096 if that fails).
 pub(crate) fn page_bytes() -> u64 {
+    getconf("PAGESIZE").unwrap_or(4096)
+}
+
+/// A positive system variable, from `getconf NAME`.
+fn getconf(name: &str) -> Option<u64> {
     Command::new("getconf")
-        .arg("PAGESIZE")
+        .arg(name)
         .output()
         .ok()
         .and_then(|output| String::from_utf8(output.stdout).ok())
         .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(4096)
+        .filter(|&value| value > 0)
 }
 
 /// This process's resident set size, from the second field of `/proc/self/statm` (pages).
@@ -101,12 +106,5 @@ pub(crate) fn vm_kib(status: &str, field: &str) -> anyhow::Result<u64> {
 
 /// Clock ticks per second of `/proc`'s CPU times, from `getconf CLK_TCK` (100 if that fails).
 pub(crate) fn clock_ticks_per_s() -> u64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|output| String::from_utf8(output.stdout).ok())
-        .and_then(|text| text.trim().parse().ok())
-        .filter(|&hz| hz > 0)
-        .unwrap_or(100)
+    getconf("CLK_TCK").unwrap_or(100)
 }

@@ -19,6 +19,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
+pub(crate) use crate::cpi::{Published, CPI};
+
 /// The readiness-time distribution: a log-normal body with this mean and standard
 /// deviation, redrawn below `min_ms`, and outliers beside it. In milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -70,7 +72,7 @@ impl Readiness {
         }
     }
 
-    fn draw(&self, rng: &mut StdRng) -> f64 {
+    pub(crate) fn draw(&self, rng: &mut StdRng) -> f64 {
         match self.outliers {
             Outliers::Relative { rate, low, high } => {
                 if rng.gen::<f64>() < rate {
@@ -100,103 +102,6 @@ impl Readiness {
         match self.outliers {
             Outliers::Relative { low, .. } => ready_ms >= self.mean_ms * low,
             Outliers::Published { values_ms, .. } => values_ms.contains(&ready_ms),
-        }
-    }
-}
-
-/// An operation's latency as the Cloud Foundry BOSH AWS CPI's operators published it: count,
-/// min, mean, max and standard deviation over every sample, and the worst outliers.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub(crate) struct Published {
-    pub operation: &'static str,
-    pub count: u32,
-    pub min_s: f64,
-    pub mean_s: f64,
-    pub max_s: f64,
-    pub sigma_s: f64,
-    /// The worst outliers, in milliseconds.
-    pub outliers_ms: &'static [f64],
-    /// Where the CPI's lesson stops waiting and creates anew, if it names a deadline.
-    pub recreate_at_s: Option<f64>,
-}
-
-/// The CPI's published figures (seconds; outliers in ms).
-pub(crate) const CPI: [Published; 4] = [
-    Published {
-        operation: "create instance (to running)",
-        count: 2_599,
-        min_s: 16.6,
-        mean_s: 29.9,
-        max_s: 348.9,
-        sigma_s: 9.85,
-        outliers_ms: &[
-            84_000.0, 86_000.0, 87_000.0, 88_000.0, 91_000.0, 101_000.0, 102_000.0, 102_000.0,
-            197_000.0, 348_900.0,
-        ],
-        recreate_at_s: Some(60.0),
-    },
-    Published {
-        operation: "delete instance",
-        count: 2_597,
-        min_s: 31.3,
-        mean_s: 49.2,
-        max_s: 173.0,
-        sigma_s: 13.6,
-        outliers_ms: &[
-            154_000.0, 154_000.0, 154_000.0, 154_000.0, 154_000.0, 156_000.0, 156_000.0, 157_000.0,
-            160_000.0, 173_000.0,
-        ],
-        recreate_at_s: None,
-    },
-    Published {
-        operation: "create volume (to available)",
-        count: 1_015,
-        min_s: 0.09,
-        mean_s: 2.02,
-        max_s: 158.1,
-        sigma_s: 8.73,
-        outliers_ms: &[156_000.0, 156_000.0, 158_100.0],
-        recreate_at_s: Some(10.0),
-    },
-    Published {
-        operation: "attach volume",
-        count: 1_015,
-        min_s: 8.7,
-        mean_s: 13.6,
-        max_s: 1_583.6,
-        sigma_s: 51.1,
-        outliers_ms: &[65_000.0, 81_000.0, 101_000.0, 419_000.0, 1_583_600.0],
-        recreate_at_s: None,
-    },
-];
-
-impl Published {
-    /// The published figures fitted as a heavy-tailed distribution: the outliers as
-    /// published, at their own rate, and a log-normal body above the minimum whose mean and
-    /// standard deviation are what the published ones leave once the outliers' share of the
-    /// sums is taken out (so that body and outliers together have the published mean and
-    /// sigma). A body sigma that would come out below 2% of its mean is held there.
-    pub(crate) fn fitted(&self) -> Readiness {
-        let n = f64::from(self.count);
-        let k = self.outliers_ms.len() as f64;
-        let (mean, sigma) = (self.mean_s * 1000.0, self.sigma_s * 1000.0);
-        let sum: f64 = self.outliers_ms.iter().sum();
-        let squares: f64 = self.outliers_ms.iter().map(|x| x * x).sum();
-        let body_mean = (n * mean - sum) / (n - k);
-        let body_square = (n * (sigma * sigma + mean * mean) - squares) / (n - k);
-        let body_sigma = (body_square - body_mean * body_mean)
-            .max(0.0)
-            .sqrt()
-            .max(body_mean * 0.02);
-        Readiness {
-            what: self.operation,
-            mean_ms: body_mean,
-            sigma_ms: body_sigma,
-            min_ms: self.min_s * 1000.0,
-            outliers: Outliers::Published {
-                values_ms: self.outliers_ms,
-                count: self.count,
-            },
         }
     }
 }
@@ -783,21 +688,22 @@ fn verdict(met: bool) -> &'static str {
 mod tests {
     use super::*;
 
+    /// The report's strategy whose name starts with `prefix`.
+    fn by_name<'a>(report: &'a WaitsReport, prefix: &str) -> &'a StrategyReport {
+        report
+            .strategies
+            .iter()
+            .find(|s| s.strategy.starts_with(prefix))
+            .unwrap()
+    }
+
     /// Virtual time makes the simulation deterministic: the learned policy's figures for a
     /// fixed seed are a regression check of the engine's schedule code, not a timing.
     #[test]
     fn the_learned_policy_notices_readiness_soon_with_few_probes() {
         let report = simulate(Readiness::DEFAULT, 7, 1000, 200);
-        let by_name = |prefix: &str| {
-            report
-                .strategies
-                .iter()
-                .find(|s| s.strategy.starts_with(prefix))
-                .unwrap()
-                .clone()
-        };
-        let learned = by_name("learned");
-        let polling = by_name("fixed polling");
+        let learned = by_name(&report, "learned");
+        let polling = by_name(&report, "fixed polling");
         assert!(learned.overshoot_p50_of_mean <= 0.10, "{learned:?}");
         assert!(
             learned.probes_per_resource * 3.0 <= polling.probes_per_resource,
@@ -806,30 +712,6 @@ mod tests {
         // Recreating never makes the deep tail worse than waiting it out.
         assert!(learned.recreate_time_to_ready_p999_ms < learned.wait_time_to_ready_p999_ms);
         assert_eq!(report, simulate(Readiness::DEFAULT, 7, 1000, 200));
-    }
-
-    /// Each published operation's fit draws what was published: no time below the minimum,
-    /// the published worst as its maximum, and the published mean and sigma (body and
-    /// outliers together).
-    #[test]
-    fn the_fitted_cpi_distributions_have_the_published_figures() {
-        let mut rng = StdRng::seed_from_u64(11);
-        for published in &CPI {
-            let fitted = published.fitted();
-            let draws: Vec<f64> = (0..400_000).map(|_| fitted.draw(&mut rng)).collect();
-            let n = draws.len() as f64;
-            let mean = draws.iter().sum::<f64>() / n;
-            let sigma = (draws.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / n).sqrt();
-            let min = draws.iter().copied().fold(f64::MAX, f64::min);
-            let max = draws.iter().copied().fold(0.0, f64::max);
-            let what = published.operation;
-            assert!(min >= published.min_s * 1000.0, "{what}: min {min}");
-            assert_eq!(max, published.max_s * 1000.0, "{what}");
-            let mean_error = (mean / (published.mean_s * 1000.0) - 1.0).abs();
-            let sigma_error = (sigma / (published.sigma_s * 1000.0) - 1.0).abs();
-            assert!(mean_error < 0.03, "{what}: mean {mean} ms");
-            assert!(sigma_error < 0.15, "{what}: sigma {sigma} ms");
-        }
     }
 
     /// On the CPI's published operations the learned policy notices readiness within 10% of
@@ -841,16 +723,8 @@ mod tests {
     fn on_the_cpi_operations_the_learned_policy_probes_less_and_recreation_cuts_the_volume_tail() {
         for (n, published) in CPI.iter().enumerate() {
             let report = simulate_published(published, 5, 2_000, 200);
-            let by_name = |prefix: &str| {
-                report
-                    .strategies
-                    .iter()
-                    .find(|s| s.strategy.starts_with(prefix))
-                    .unwrap()
-                    .clone()
-            };
-            let learned = by_name("learned");
-            let polling = by_name("fixed polling");
+            let learned = by_name(&report, "learned");
+            let polling = by_name(&report, "fixed polling");
             let what = published.operation;
             assert!(learned.overshoot_p50_of_mean <= 0.10, "{what}: {learned:?}");
             assert!(

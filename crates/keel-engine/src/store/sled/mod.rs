@@ -30,7 +30,6 @@
 //! runtime's threads.
 
 use std::collections::BTreeMap;
-use std::ops::ControlFlow;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,10 +49,12 @@ use crate::store::{Claimed, JournalStore, Read, RunsScan, ScannedRuns, Space, Ta
 mod counts;
 mod keyed;
 mod recovery;
+mod scan;
 mod sync;
 
 use counts::{status_of, StatusCounts};
 use recovery::{db_bytes, held_commit, keep_if_shorter, loss, open_db, repair_records, with_kept};
+use scan::runs_page;
 use sync::{sync_all, sync_fn};
 
 const RUN_PREFIX: u8 = b'r';
@@ -139,7 +140,7 @@ impl SledStore {
                 tracing::error!(error = %refusal, "opening anyway: the operator accepted the loss");
             }
         }
-        let (_, counts) = repair_records(path, &db)?;
+        let counts = repair_records(path, &db)?;
         // Durable before anyone reads a repaired record, and before the mark claims what
         // sled recovered.
         sync_all(path, &db, options.durability).map_err(|e| sync_error(path, e))?;
@@ -562,68 +563,6 @@ impl JournalStore for SledStore {
     fn broken(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.committer.broken()
     }
-}
-
-/// Visits the run records after `after` whose ids begin with `prefix`, in id order; blocking.
-fn visit_runs(
-    path: &Path,
-    db: &sled::Db,
-    after: Option<&RunId>,
-    prefix: Option<&str>,
-    visit: &mut dyn FnMut(Result<RunRecord>) -> std::ops::ControlFlow<()>,
-) -> Result<()> {
-    use std::ops::Bound;
-    let mut first = vec![RUN_PREFIX];
-    first.extend_from_slice(prefix.unwrap_or("").as_bytes());
-    let start = match after {
-        Some(id) if run_key(id) >= first => Bound::Excluded(run_key(id)),
-        _ => Bound::Included(first.clone()),
-    };
-    for item in db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
-        let (key, bytes) = item.map_err(|e| storage(path, e))?;
-        if !key.starts_with(&first) {
-            break;
-        }
-        if visit(decode_record(&key, &bytes)).is_break() {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// One page of run records (see [`JournalStore::runs_page`]); blocking.
-fn runs_page(path: &Path, db: &sled::Db, scan: &RunsScan) -> Result<ScannedRuns> {
-    let (mut page, mut held, mut examined) = (ScannedRuns::default(), 0, 0);
-    let examine_max = scan.status.and(scan.examine_max).unwrap_or(usize::MAX);
-    visit_runs(
-        path,
-        db,
-        scan.after.as_ref(),
-        scan.prefix.as_deref(),
-        &mut |record| {
-            if let Ok(record) = &record {
-                if examined == examine_max {
-                    page.more = true;
-                    return ControlFlow::Break(());
-                }
-                examined += 1;
-                if scan.status.is_some_and(|s| s != record.status) {
-                    if examined == examine_max {
-                        page.resume_after = Some(record.id.clone());
-                    }
-                    return ControlFlow::Continue(());
-                }
-                if held == scan.limit {
-                    page.more = true;
-                    return ControlFlow::Break(());
-                }
-                held += 1;
-            }
-            page.records.push(record);
-            ControlFlow::Continue(())
-        },
-    )?;
-    Ok(page)
 }
 
 /// Every run record (see [`JournalStore::runs`]); blocking.

@@ -217,13 +217,10 @@ fn time_text(at_ms: u64) -> String {
 /// came between a transition's entry and the record's rewrite. Only the last entry can be
 /// ahead: a run writes its record before its next entry, and sled recovers a prefix of its
 /// log. Records or entries that do not decode are left for the engine to report. Returns how
-/// many records were rewritten, and how many readable records there are in each status
-/// (this pass reads every record anyway: the store keeps the counts from here on).
-pub(super) fn repair_records(
-    path: &Path,
-    db: &sled::Db,
-) -> Result<(usize, BTreeMap<RunStatus, u64>)> {
-    let (mut repaired, mut counts) = (0, BTreeMap::new());
+/// many readable records there are in each status (this pass reads every record anyway: the
+/// store keeps the counts from here on).
+pub(super) fn repair_records(path: &Path, db: &sled::Db) -> Result<BTreeMap<RunStatus, u64>> {
+    let mut counts = BTreeMap::new();
     for item in db.scan_prefix([RUN_PREFIX]) {
         let (key, bytes) = item.map_err(|e| storage(path, e))?;
         let Ok(mut record) = decode_record(&key, &bytes) else {
@@ -234,11 +231,10 @@ pub(super) fn repair_records(
             state.apply_to(&mut record);
             db.insert(&key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
                 .map_err(|e| storage(path, e))?;
-            repaired += 1;
         }
         *counts.entry(record.status).or_default() += 1;
     }
-    Ok((repaired, counts))
+    Ok(counts)
 }
 
 /// The record state of `record`'s last journal entry, if it has one that differs from it.

@@ -1,5 +1,8 @@
 //! Unit tests of the sled store: transitions, repair, deletion, bounds.
 
+use std::ops::ControlFlow;
+
+use super::scan::visit_runs;
 use super::*;
 use crate::ids::{Attempt, OperationIndex};
 use crate::journal::Event;
