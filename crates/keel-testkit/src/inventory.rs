@@ -24,6 +24,43 @@ pub struct Inventory {
     pub core_definitions: Vec<String>,
     /// Greengrass device definition ids.
     pub device_definitions: Vec<String>,
+    /// EC2 instances short of `terminated`.
+    pub instances: Vec<Instance>,
+    /// EC2 instances that are terminated (moto keeps them for ever, EC2 for about an hour):
+    /// not counted by [`Inventory::is_empty`].
+    pub terminated_instances: Vec<Instance>,
+    /// EC2 volumes, the instances' root volumes among them.
+    pub volumes: Vec<Volume>,
+}
+
+/// An EC2 instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Instance {
+    /// Id.
+    pub id: String,
+    /// State name (`pending`, `running`, ...).
+    pub state: String,
+    /// Image.
+    pub image_id: String,
+    /// Type.
+    pub instance_type: String,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+}
+
+/// An EC2 volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Volume {
+    /// Id.
+    pub id: String,
+    /// State (`available`, `in-use`, ...).
+    pub state: String,
+    /// Size (GiB).
+    pub size_gib: i32,
+    /// The instances it is attached to, with the device.
+    pub attached_to: Vec<(String, String)>,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
 }
 
 /// An IAM role and what hangs off it.
@@ -113,12 +150,28 @@ impl Inventory {
         read_iam(config, &mut inventory).await?;
         read_iot(config, &mut inventory).await?;
         read_greengrass(config, &mut inventory).await?;
+        read_ec2(config, &mut inventory).await?;
         Ok(inventory)
     }
 
-    /// Nothing at all: what a compensated workflow must leave.
+    /// Nothing at all (terminated instances aside): what a compensated workflow must leave.
     pub fn is_empty(&self) -> bool {
-        *self == Inventory::default()
+        Inventory {
+            terminated_instances: Vec::new(),
+            ..self.clone()
+        } == Inventory::default()
+    }
+
+    /// The live instances whose tag `key` has the value `value`.
+    pub fn instances_tagged(&self, key: &str, value: &str) -> Vec<&Instance> {
+        let tagged = |i: &&Instance| i.tags.get(key).map(String::as_str) == Some(value);
+        self.instances.iter().filter(tagged).collect()
+    }
+
+    /// The volumes whose tag `key` has the value `value`.
+    pub fn volumes_tagged(&self, key: &str, value: &str) -> Vec<&Volume> {
+        let tagged = |v: &&Volume| v.tags.get(key).map(String::as_str) == Some(value);
+        self.volumes.iter().filter(tagged).collect()
     }
 
     /// The role named `name`.
@@ -134,7 +187,7 @@ impl Inventory {
     /// A one-line count of each kind, for assertion messages.
     pub fn summary(&self) -> String {
         format!(
-            "{} roles, {} IAM policies, {} things, {} certificates, {} IoT policies, {} groups, {} core definitions, {} device definitions",
+            "{} roles, {} IAM policies, {} things, {} certificates, {} IoT policies, {} groups, {} core definitions, {} device definitions, {} instances ({} terminated), {} volumes",
             self.roles.len(),
             self.iam_policies.len(),
             self.things.len(),
@@ -142,7 +195,10 @@ impl Inventory {
             self.iot_policies.len(),
             self.groups.len(),
             self.core_definitions.len(),
-            self.device_definitions.len()
+            self.device_definitions.len(),
+            self.instances.len(),
+            self.terminated_instances.len(),
+            self.volumes.len()
         )
     }
 }
@@ -375,5 +431,71 @@ async fn read_greengrass(
         .iter()
         .filter_map(|d| d.id().map(str::to_string))
         .collect();
+    Ok(())
+}
+
+fn ec2_tags(tags: &[aws_sdk_ec2::types::Tag]) -> BTreeMap<String, String> {
+    tags.iter()
+        .map(|t| {
+            (
+                t.key().unwrap_or_default().to_string(),
+                t.value().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+async fn read_ec2(config: &SdkConfig, inventory: &mut Inventory) -> Result<(), InventoryError> {
+    let ec2 = aws_sdk_ec2::Client::new(config);
+    let mut pages = ec2.describe_instances().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(failed("ec2:DescribeInstances"))?;
+        for found in page.reservations().iter().flat_map(|r| r.instances()) {
+            let instance = Instance {
+                id: found.instance_id().unwrap_or_default().to_string(),
+                state: found
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string())
+                    .unwrap_or_default(),
+                image_id: found.image_id().unwrap_or_default().to_string(),
+                instance_type: found
+                    .instance_type()
+                    .map(|t| t.as_str().to_string())
+                    .unwrap_or_default(),
+                tags: ec2_tags(found.tags()),
+            };
+            if instance.state == "terminated" {
+                inventory.terminated_instances.push(instance);
+            } else {
+                inventory.instances.push(instance);
+            }
+        }
+    }
+    let mut pages = ec2.describe_volumes().into_paginator().send();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(failed("ec2:DescribeVolumes"))?;
+        for found in page.volumes() {
+            inventory.volumes.push(Volume {
+                id: found.volume_id().unwrap_or_default().to_string(),
+                state: found
+                    .state()
+                    .map(|s| s.as_str().to_string())
+                    .unwrap_or_default(),
+                size_gib: found.size().unwrap_or_default(),
+                attached_to: found
+                    .attachments()
+                    .iter()
+                    .map(|a| {
+                        (
+                            a.instance_id().unwrap_or_default().to_string(),
+                            a.device().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect(),
+                tags: ec2_tags(found.tags()),
+            });
+        }
+    }
     Ok(())
 }

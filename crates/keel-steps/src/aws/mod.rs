@@ -1,15 +1,19 @@
-//! AWS steps: IAM/STS, IoT and Greengrass (V1), each idempotent by its step's key and undoable.
+//! AWS steps: IAM/STS, IoT, Greengrass (V1) and EC2, each idempotent by its step's key and
+//! undoable.
 //!
 //! Steps are journaled values, so they cannot hold SDK clients: the clients are an engine
 //! resource ([`AwsClients`], registered with `EngineBuilder::resource`) that every step reads
-//! from its `StepContext`. Every step names its service's rate limiter (`iam`, `sts`, `iot`, `greengrass`).
+//! from its `StepContext`. Every step names its service's rate limiter (`iam`, `sts`, `iot`,
+//! `greengrass`, `ec2`).
 //!
 //! Ownership: every resource a create step makes carries the step's idempotency key (an IAM
-//! tag, an IoT thing attribute, a name derived from the key, or for certificates the
+//! or EC2 tag, an IoT thing attribute, a name derived from the key, or for certificates the
 //! certificate itself, made and journaled by the run before it is registered), and a step
 //! adopts an existing resource only after reading that mark. Key files are never adopted
 //! ([`x509`]).
 
+/// EC2 steps.
+pub mod ec2;
 /// SDK error classification.
 pub mod error;
 /// Greengrass (V1) steps.
@@ -43,6 +47,8 @@ pub struct AwsClients {
     pub iot: aws_sdk_iot::Client,
     /// Greengrass (V1).
     pub greengrass: aws_sdk_greengrass::Client,
+    /// EC2.
+    pub ec2: aws_sdk_ec2::Client,
     /// How long each service's reads may miss a resource after it was made.
     pub visibility_lag: VisibilityLag,
 }
@@ -55,6 +61,7 @@ impl AwsClients {
             sts: aws_sdk_sts::Client::new(config),
             iot: aws_sdk_iot::Client::new(config),
             greengrass: aws_sdk_greengrass::Client::new(config),
+            ec2: aws_sdk_ec2::Client::new(config),
             visibility_lag: VisibilityLag::default(),
         }
     }
@@ -77,8 +84,8 @@ pub struct VisibilityLag {
 }
 
 impl Default for VisibilityLag {
-    /// IAM 10 s (its documented propagation takes seconds), IoT 5 s, Greengrass 5 s; 5 s for
-    /// any other service. Floors, set above what the services are seen to take: a slower
+    /// IAM 10 s (its documented propagation takes seconds), IoT 5 s, Greengrass 5 s, EC2 5 s
+    /// (a volume reads "not found" for a moment after its create); 5 s for any other service. Floors, set above what the services are seen to take: a slower
     /// compensation costs seconds, a wrong "absent" leaks the resource.
     fn default() -> Self {
         let s = Duration::from_secs;
@@ -87,6 +94,7 @@ impl Default for VisibilityLag {
                 ("iam".into(), s(10)),
                 ("iot".into(), s(5)),
                 ("greengrass".into(), s(5)),
+                ("ec2".into(), s(5)),
             ],
         }
     }
@@ -108,7 +116,7 @@ impl VisibilityLag {
     }
 }
 
-/// Every step of [`iam`], [`iot`] and [`greengrass`], for `EngineBuilder::steps`, so a run
+/// Every step of [`iam`], [`iot`], [`greengrass`] and [`ec2`], for `EngineBuilder::steps`, so a run
 /// that resumes in compensation after a restart (its body does not run again) can undo them
 /// from the journal. A test checks that every `impl Step` of this crate is in a set.
 pub const STEPS: &[StepType] = &[
@@ -132,11 +140,16 @@ pub const STEPS: &[StepType] = &[
     StepType::of::<greengrass::AssociateRole>(),
     StepType::of::<greengrass::CreateGroupVersion>(),
     StepType::of::<greengrass::CreateDeployment>(),
+    StepType::of::<ec2::RunInstance>(),
+    StepType::of::<ec2::CreateVolume>(),
+    StepType::of::<ec2::AttachVolume>(),
+    StepType::of::<ec2::DetachVolume>(),
+    StepType::of::<ec2::SweepInstances>(),
 ];
 
 /// Registers [`STEPS`]: `Engine::builder(dir).aws_steps()`.
 pub trait AwsSteps {
-    /// Registers every step of [`iam`], [`iot`] and [`greengrass`].
+    /// Registers every step of [`iam`], [`iot`], [`greengrass`] and [`ec2`].
     fn aws_steps(self) -> Self;
 }
 

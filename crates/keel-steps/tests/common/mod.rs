@@ -16,6 +16,8 @@ use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
 
 pub(crate) struct Env {
     pub(crate) proxy: FaultProxy,
+    /// The SDK's configuration through the proxy.
+    pub(crate) via: SdkConfig,
     pub(crate) direct: SdkConfig,
     pub(crate) engine: Engine,
     pub(crate) keys: std::path::PathBuf,
@@ -46,6 +48,7 @@ impl Env {
             .unwrap();
         Env {
             proxy,
+            via,
             direct,
             engine,
             keys,
@@ -64,6 +67,22 @@ impl Env {
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+
+    /// Another engine, with its own store in `dir`, calling AWS through the same proxy (and so
+    /// the same moto account): a second installation that may reuse run ids.
+    pub(crate) async fn another_engine(
+        &self,
+        dir: &std::path::Path,
+        register: impl FnOnce(EngineBuilder) -> EngineBuilder,
+    ) -> Engine {
+        register(Engine::builder(dir.join("data")))
+            .aws_steps()
+            .resource(AwsClients::new(&self.via))
+            .resource(KeyStore::new(dir.join("keys")))
+            .open()
+            .await
+            .unwrap()
     }
 
     pub(crate) async fn truth(&self) -> Inventory {
