@@ -7,11 +7,14 @@
 //! | [`iot::OnboardDevice`] (`iot.onboard-device`) | a thing, a certificate (key file written locally), a policy, the attachments, the activation |
 //! | [`fleet::OnboardFleet`] (`iot.onboard-fleet`) | one `iot.onboard-device` child run per device, with bounded concurrency |
 //! | [`greengrass::ProvisionCore`] (`greengrass.provision-core`) | a service role, a core device, client devices, definitions, a group, a deployment, waited for |
+//! | [`ec2::MachineWithDisk`] (`ec2.machine-with-disk`) | an instance that runs, a volume in its zone, attached (each replaced when its wait passes the learned deadline) |
+//! | [`ec2::Sweep`] (`ec2.sweep`) | nothing: it finishes the terminations compensation asked for and did not wait for |
 //!
 //! Every input is checked by [`keel_engine::Workflow::validate`] before anything is stored
 //! or created, with errors that name the field. Register them all with
 //! [`KeelWorkflows::provisioning_workflows`].
 
+pub mod ec2;
 pub mod fleet;
 pub mod greengrass;
 pub mod iam;
@@ -35,5 +38,7 @@ impl KeelWorkflows for keel_engine::EngineBuilder {
             .workflow::<iot::OnboardDevice>()
             .workflow::<fleet::OnboardFleet>()
             .workflow::<greengrass::ProvisionCore>()
+            .workflow::<ec2::MachineWithDisk>()
+            .workflow::<ec2::Sweep>()
     }
 }

@@ -1,7 +1,7 @@
 //! Sample inputs, shared by the tests, the fleet benchmark and the demo: devices with a
-//! connect-only policy, a core whose service role Greengrass can assume, a fleet. And one
-//! sample workflow, [`Inbox`] (`sample.inbox`), that receives events and publishes values
-//! without calling AWS, for trying the events API.
+//! connect-only policy, a core whose service role Greengrass can assume, a fleet, a machine
+//! with a disk. And one sample workflow, [`Inbox`] (`sample.inbox`), that receives events and
+//! publishes values without calling AWS, for trying the events API.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -11,6 +11,7 @@ use keel_engine::{Ctx, InvalidInput, Workflow, WorkflowError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::ec2::MachineInput;
 use crate::fleet::FleetInput;
 use crate::greengrass::CoreInput;
 use crate::iam::ServiceRoleInput;
@@ -25,6 +26,26 @@ pub const CONNECT_ONLY: &str = r#"{"Version":"2012-10-17","Statement":[{"Effect"
 /// The managed policy Greengrass groups' roles usually carry.
 pub const GREENGRASS_RESOURCE_ACCESS: &str =
     "arn:aws:iam::aws:policy/service-role/AWSGreengrassResourceAccessRolePolicy";
+
+/// An image moto knows (Amazon Linux, x86_64).
+pub const MACHINE_IMAGE: &str = "ami-760aaa0f";
+
+/// A `t3.micro` named `name` with an 8 GiB `gp3` disk, every other field at its default.
+pub fn machine(name: &str) -> MachineInput {
+    MachineInput {
+        name: name.into(),
+        image_id: MACHINE_IMAGE.into(),
+        instance_type: "t3.micro".into(),
+        availability_zone: None,
+        disk_size_gib: 8,
+        disk_type: Some("gp3".into()),
+        device: None,
+        generations: None,
+        instance_wait_s: None,
+        volume_wait_s: None,
+        attach_wait_s: None,
+    }
+}
 
 /// A device named `name` with the [`CONNECT_ONLY`] policy.
 pub fn device(name: &str) -> DeviceInput {

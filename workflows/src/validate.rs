@@ -40,6 +40,70 @@ fn days(seconds: u64) -> String {
     }
 }
 
+/// An EC2 `Name` for a machine: 1 to 128 of letters, digits and `._-`.
+pub(crate) fn ec2_name(field: &str, name: &str) -> Result<(), InvalidInput> {
+    named(field, name, 128, "letters, digits and ._-", |c| {
+        c.is_ascii_alphanumeric() || "._-".contains(c)
+    })
+}
+
+/// An AMI id: `ami-` and 8 or 17 lower-case hex digits.
+pub(crate) fn image_id(field: &str, id: &str) -> Result<(), InvalidInput> {
+    let hex = id.strip_prefix("ami-").unwrap_or("");
+    let ok = (hex.len() == 8 || hex.len() == 17)
+        && hex
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidInput::new(
+            field,
+            format!("{id:?} is not an AMI id (ami- and 8 or 17 lower-case hex digits)"),
+        ))
+    }
+}
+
+/// An instance type: a family and a size joined by one dot, each of lower-case letters,
+/// digits and `-` (`t3.micro`, `m5d.2xlarge`).
+pub(crate) fn instance_type(field: &str, kind: &str) -> Result<(), InvalidInput> {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    };
+    match kind.split_once('.') {
+        Some((family, size)) if kind.len() <= 32 && part(family) && part(size) => Ok(()),
+        _ => Err(InvalidInput::new(
+            field,
+            format!("{kind:?} is not an instance type (family.size, e.g. t3.micro)"),
+        )),
+    }
+}
+
+/// An availability zone: 1 to 32 of lower-case letters, digits and `-` (`us-east-1a`).
+pub(crate) fn availability_zone(field: &str, zone: &str) -> Result<(), InvalidInput> {
+    named(field, zone, 32, "lower-case letters, digits and -", |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+    })
+}
+
+/// A device name for a data volume: `/dev/sd[f-p]` or `/dev/xvd[f-p]`.
+pub(crate) fn device(field: &str, device: &str) -> Result<(), InvalidInput> {
+    let letter = device
+        .strip_prefix("/dev/sd")
+        .or_else(|| device.strip_prefix("/dev/xvd"));
+    match letter {
+        Some(l) if l.len() == 1 && ('f'..='p').contains(&l.chars().next().unwrap_or('a')) => {
+            Ok(())
+        }
+        _ => Err(InvalidInput::new(
+            field,
+            format!("{device:?} is not a data volume's device (/dev/sdf to /dev/sdp, or /dev/xvdf to /dev/xvdp)"),
+        )),
+    }
+}
+
 fn named(
     field: &str,
     name: &str,
@@ -122,6 +186,30 @@ mod tests {
         let e = policy_document("policy", r#"{"Statement":[{"Effect":"Maybe"}]}"#).unwrap_err();
         assert_eq!(e.field, "policy.Statement[0]");
         assert!(count("devices", 0, 1, 1000).is_err());
+    }
+
+    #[test]
+    fn ec2_fields_are_checked_with_the_field_named() {
+        assert!(image_id("image_id", "ami-760aaa0f").is_ok());
+        assert!(image_id("image_id", "ami-04681a1dbd79675a5").is_ok());
+        for bad in ["ami-760AAA0F", "760aaa0f", "ami-760aaa0", "ami-"] {
+            let e = image_id("image_id", bad).unwrap_err();
+            assert_eq!(e.field, "image_id", "{bad}");
+        }
+        assert!(instance_type("t", "t3.micro").is_ok());
+        assert!(instance_type("t", "m5d.2xlarge").is_ok());
+        for bad in ["t3", "t3.", ".micro", "T3.micro", "t3.micro.x"] {
+            assert!(instance_type("t", bad).is_err(), "{bad}");
+        }
+        assert!(device("d", "/dev/sdf").is_ok());
+        assert!(device("d", "/dev/xvdp").is_ok());
+        for bad in ["/dev/sda", "/dev/sdq", "/dev/sdff", "sdf"] {
+            assert!(device("d", bad).is_err(), "{bad}");
+        }
+        assert!(availability_zone("z", "us-east-1a").is_ok());
+        assert!(availability_zone("z", "US-EAST-1A").is_err());
+        assert!(ec2_name("name", "web-1.a_b").is_ok());
+        assert!(ec2_name("name", "web 1").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! or created. No AWS is involved: the engine refuses these starts before any step runs.
 
 use keel_engine::{Engine, EngineError, Workflow};
+use keel_workflows::ec2::{MachineWithDisk, Sweep};
 use keel_workflows::fleet::OnboardFleet;
 use keel_workflows::greengrass::ProvisionCore;
 use keel_workflows::iam::ServiceRole;
@@ -259,5 +260,89 @@ async fn the_check_in_wait_and_the_approval_bound_are_checked_naming_the_field()
     let fleet = serde_json::to_value(sample::fleet("f", 2, 1)).unwrap();
     assert!(core.get("wait_for_check_in").is_none(), "{core}");
     assert!(fleet.get("approval_above").is_none(), "{fleet}");
+    engine.shutdown().await;
+}
+
+/// A machine's input is checked field by field, naming the field: an unknown field, the
+/// name, the image id, the instance type, the zone, the disk's size and type, the device, the
+/// generations and the three waits; the sweep's wait too. Nothing is stored; the sample
+/// machine and the bounds themselves are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_input_is_checked_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path()).await;
+    let machine = serde_json::to_value(sample::machine("web-1")).unwrap();
+    let cases = [
+        ("disk_size", json!(8), "disk_size", "unknown field"),
+        ("name", json!("web 1"), "name", "holds ' '"),
+        ("image_id", json!("ami-XYZ"), "image_id", "is not an AMI id"),
+        (
+            "instance_type",
+            json!("t3"),
+            "instance_type",
+            "is not an instance type",
+        ),
+        (
+            "availability_zone",
+            json!("Zone A"),
+            "availability_zone",
+            "holds",
+        ),
+        (
+            "disk_size_gib",
+            json!(0),
+            "disk_size_gib",
+            "outside 1..=16384",
+        ),
+        (
+            "disk_size_gib",
+            json!(16_385),
+            "disk_size_gib",
+            "outside 1..=16384",
+        ),
+        ("disk_type", json!("gp9"), "disk_type", "is not one of"),
+        (
+            "device",
+            json!("/dev/sda"),
+            "device",
+            "is not a data volume's device",
+        ),
+        ("generations", json!(0), "generations", "outside 1..=10"),
+        ("generations", json!(11), "generations", "outside 1..=10"),
+        ("instance_wait_s", json!(0), "instance_wait_s", "at least 1"),
+        (
+            "volume_wait_s",
+            json!(TIMEOUT_S_MAX + 1),
+            "volume_wait_s",
+            "more than",
+        ),
+        (
+            "attach_wait_s",
+            json!(WRAPPING_S),
+            "attach_wait_s",
+            "more than",
+        ),
+    ];
+    for (key, value, path, why) in cases {
+        let input = with(machine.clone(), &[key], value);
+        let (field, reason) = invalid(engine.start_json(MachineWithDisk::NAME, "m", input).await);
+        assert_eq!(field, path, "{key}");
+        assert!(reason.contains(why), "{key}: {reason}");
+    }
+    let (field, _) = invalid(
+        engine
+            .start_json(Sweep::NAME, "sweep", json!({"wait_s": 0}))
+            .await,
+    );
+    assert_eq!(field, "wait_s");
+    assert!(engine.list().await.unwrap().is_empty(), "nothing stored");
+
+    let mut input = sample::machine("web-1");
+    input.disk_size_gib = keel_workflows::ec2::DISK_GIB_MAX;
+    input.generations = Some(keel_workflows::ec2::GENERATIONS_MAX);
+    input.instance_wait_s = Some(TIMEOUT_S_MAX);
+    input.device = Some("/dev/xvdp".into());
+    assert_eq!(MachineWithDisk::validate(&input), Ok(()));
+    assert_eq!(keel_workflows::ec2::WAIT_S_MAX, TIMEOUT_S_MAX);
     engine.shutdown().await;
 }

@@ -11,7 +11,9 @@ use keel_testkit::proxy::{FaultProxy, Rules};
 use keel_workflows::KeelWorkflows;
 
 pub(crate) struct Env {
-    _proxy: FaultProxy,
+    /// Read by the tests that look at what the proxy did; the others only keep it running.
+    #[allow(dead_code)]
+    pub(crate) proxy: FaultProxy,
     pub(crate) direct: aws_config::SdkConfig,
     pub(crate) engine: Engine,
     _dir: tempfile::TempDir,
@@ -35,7 +37,7 @@ pub(crate) async fn env(rules: Rules) -> Env {
         .await
         .unwrap();
     Env {
-        _proxy: proxy,
+        proxy,
         direct,
         engine,
         _dir: dir,
