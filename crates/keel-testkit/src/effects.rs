@@ -1,8 +1,12 @@
 //! A ground-truth log of side effects, outside the process under test.
 //!
 //! Each side effect appends one line with a single `write(2)` to a file opened with
-//! `O_APPEND`; a SIGKILL cannot tear such a line, and the page cache keeps it when the process
-//! dies, so after the child is gone the file says exactly which effects ran.
+//! `O_APPEND`, and the page cache keeps it when the process dies, so after the child is gone
+//! the file says which effects ran. One write can still be torn: Linux copies a write page by
+//! page and stops at a pending SIGKILL, so a line that spans a page boundary may end at it,
+//! with the next process's line glued on. [`read`] takes such a record as the effect in
+//! flight at the kill: kept when what was written names it (its fields up to the pid: the
+//! optional time comes last), dropped when the kill came before that.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -50,19 +54,49 @@ pub fn append(path: &Path, effect: &Effect) -> std::io::Result<()> {
     file.write_all(&line)
 }
 
-/// Reads every line of the log (an absent log is empty).
+/// Reads every record of the log (an absent log is empty); a record torn by a kill counts as
+/// described in the module's documentation.
 pub fn read(path: &Path) -> Vec<Effect> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text
-            .lines()
-            .map(|line| {
-                serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("torn effect line {line:?}: {e}"))
-            })
-            .collect(),
+        Ok(text) => text.lines().flat_map(records).collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => panic!("reading effect log {}: {e}", path.display()),
     }
+}
+
+/// The records of one line: one, or, after a torn write, the torn record (if it names its
+/// effect) and the whole one glued to it.
+fn records(line: &str) -> Vec<Effect> {
+    if let Ok(effect) = serde_json::from_str(line) {
+        return vec![effect];
+    }
+    let starts: Vec<usize> = line.match_indices("{\"action\":").map(|(i, _)| i).collect();
+    let mut out = Vec::new();
+    for (n, start) in starts.iter().enumerate() {
+        let end = starts.get(n + 1).copied().unwrap_or(line.len());
+        let piece = &line[*start..end];
+        match serde_json::from_str(piece) {
+            Ok(effect) => out.push(effect),
+            Err(_) => out.extend(torn(piece)),
+        }
+    }
+    assert!(
+        starts.first() == Some(&0),
+        "effect line {line:?} is neither a record nor a torn one"
+    );
+    out
+}
+
+/// A torn record cut back to its last whole field, if that names the effect.
+fn torn(piece: &str) -> Option<Effect> {
+    let mut cut = piece;
+    while let Some(comma) = cut.rfind(',') {
+        cut = &cut[..comma];
+        if let Ok(effect) = serde_json::from_str(&format!("{cut}}}")) {
+            return Some(effect);
+        }
+    }
+    None
 }
 
 /// Records that a step (or its compensation) ran `action` in the attempt described by `ctx`,
@@ -86,4 +120,40 @@ pub fn record(
     };
     append(Path::new(log), &effect)
         .map_err(|e| keel_engine::StepError::retryable("effect log not writable").with_source(e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn effect(attempt: u32, at_us: Option<u64>) -> Effect {
+        Effect {
+            action: Action::Undo,
+            run: "r".into(),
+            step: 59,
+            key: "k".into(),
+            attempt,
+            pid: 7,
+            at_us,
+        }
+    }
+
+    /// A record torn by a kill (as seen under CI: cut inside its time, the next process's
+    /// record glued on) is kept when it names its effect; one cut before its pid is dropped.
+    #[test]
+    fn a_torn_record_is_kept_when_it_names_its_effect() {
+        let whole = serde_json::to_string(&effect(2, Some(5))).unwrap();
+        let first = serde_json::to_string(&effect(1, Some(123_456))).unwrap();
+        let cut = &first[..first.find("\"at_us\":").unwrap() + 5];
+        assert_eq!(
+            records(&format!("{cut}{whole}")),
+            vec![effect(1, None), effect(2, Some(5))]
+        );
+        let early = &first[..first.find("\"pid\"").unwrap() + 3];
+        assert_eq!(
+            records(&format!("{early}{whole}")),
+            vec![effect(2, Some(5))]
+        );
+        assert_eq!(records(&whole), vec![effect(2, Some(5))]);
+    }
 }
