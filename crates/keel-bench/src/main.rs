@@ -18,6 +18,7 @@
 //! `fleet` onboards a fleet of devices against moto through a throttling proxy, `load` runs
 //! concurrent BOSH-like runs against a simulated cloud while killing the engine's process,
 //! `workers` measures throughput with several engine processes on one PostgreSQL database,
+//! `machines` provisions machines with disks against moto playing the CPI's latencies,
 //! `console` times the web console's requests against a worker with many runs.
 
 // The binary's output is its report: printing it to stdout is its job.
@@ -31,6 +32,7 @@ mod cpi;
 mod figures;
 mod fleet;
 mod load;
+mod machines;
 mod measure;
 mod report;
 mod resume;
@@ -121,6 +123,30 @@ enum Command {
         #[arg(long, default_value_t = 0.2)]
         throttle: f64,
         /// Seed of the proxy's draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Provisions machines with disks (`ec2.machine-with-disk`) against moto's server through
+    /// the fault proxy, which plays the BOSH AWS CPI's published latencies (scaled) for
+    /// instances and volumes; reports the engine's statistics in the CPI's table, time to a
+    /// usable machine and recreations, and checks moto. Needs Python 3 with `moto[server]`.
+    Machines {
+        /// Machines in all.
+        #[arg(long, default_value_t = 100)]
+        machines: usize,
+        /// Waves they start in (later waves wait by the schedule learned from earlier ones).
+        #[arg(long, default_value_t = 5)]
+        waves: usize,
+        /// The CPI's durations times this (at least 0.1).
+        #[arg(long, default_value_t = 0.1)]
+        scale: f64,
+        /// Fraction of EC2 calls throttled.
+        #[arg(long, default_value_t = 0.05)]
+        throttle: f64,
+        /// Fraction of EC2 calls whose answer is lost after they took effect.
+        #[arg(long, default_value_t = 0.05)]
+        lost: f64,
+        /// Seed of the draws.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -300,6 +326,27 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
                 seed,
             };
             run_fleet(&cli.dir, params, output).await
+        }
+        Some(Command::Machines {
+            machines,
+            waves,
+            scale,
+            throttle,
+            lost,
+            seed,
+        }) => {
+            let params = machines::MachineParams {
+                machines,
+                waves,
+                scale,
+                throttle,
+                lost,
+                seed,
+            };
+            std::fs::create_dir_all(&cli.dir)
+                .with_context(|| format!("creating {}", cli.dir.display()))?;
+            let report = machines::run(&cli.dir, params).await?;
+            print_report(output, &report, machines::MachinesReport::table)
         }
         Some(Command::LoadChild) => load::child().await,
         Some(Command::Console { runs, repeats }) => {

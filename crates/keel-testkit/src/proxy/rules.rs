@@ -145,6 +145,12 @@ pub enum Dist {
         /// The shape; 1.0 puts about 1% of samples past 10x the median.
         sigma: f64,
     },
+    /// One of `ms`, each as likely: an empirical distribution (draws from a fitted one, or
+    /// measured durations).
+    Choice {
+        /// The durations, in milliseconds; at least one.
+        ms: Vec<u64>,
+    },
 }
 
 impl Dist {
@@ -156,6 +162,10 @@ impl Dist {
     /// A sample, from two uniform draws in [0, 1).
     pub fn sample(&self, u1: f64, u2: f64) -> u64 {
         match *self {
+            Dist::Choice { ref ms } => {
+                let i = ((ms.len() as f64 * u1) as usize).min(ms.len().saturating_sub(1));
+                ms.get(i).copied().unwrap_or(0)
+            }
             Dist::Fixed { ms } => ms,
             Dist::Uniform { min_ms, max_ms } => min_ms + ((max_ms - min_ms + 1) as f64 * u1) as u64,
             Dist::LogNormal { median_ms, sigma } => {
@@ -174,6 +184,9 @@ impl Dist {
             Dist::LogNormal { sigma, .. } if !(0.0..=5.0).contains(&sigma) => Err(RulesError(
                 format!("{what}: sigma {sigma} is outside 0..=5"),
             )),
+            Dist::Choice { ref ms } if ms.is_empty() => Err(RulesError(format!(
+                "{what}: a choice needs at least one duration"
+            ))),
             _ => Ok(()),
         }
     }
@@ -456,6 +469,26 @@ mod tests {
         assert_eq!(rules.faults[0].limit, Some(2));
         assert!(rules.assume_role.deny_unknown_roles);
         rules.validate().unwrap();
+    }
+
+    #[test]
+    fn a_choice_draws_each_of_its_durations_and_an_empty_one_is_refused() {
+        let d = Dist::Choice {
+            ms: vec![5, 50, 500],
+        };
+        let mut seen: Vec<u64> = (0..300).map(|n| d.sample(draw(3, 0, n), 0.0)).collect();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen, vec![5, 50, 500]);
+        assert_eq!(d.sample(0.999_999_999, 0.0), 500);
+        let empty = Rules::seeded(1).ec2(Ec2Rule {
+            pending: Dist::Choice { ms: vec![] },
+            ..Ec2Rule::default()
+        });
+        assert_eq!(
+            empty.validate().unwrap_err().0,
+            "ec2.pending: a choice needs at least one duration"
+        );
     }
 
     #[test]
