@@ -237,6 +237,10 @@ pub struct SweepInput {
 pub struct SweepOutput {
     /// The instances it asked EC2 to terminate, all terminated by its end.
     pub terminated: Vec<String>,
+    /// The instances EC2 refused to terminate (termination protection, a deny), with its
+    /// answer: for an operator.
+    #[serde(default)]
+    pub refused: Vec<(String, String)>,
 }
 
 /// Finishes the fast path's terminations: terminates every instance tagged
@@ -268,6 +272,7 @@ impl Workflow for Sweep {
         .await?;
         Ok(SweepOutput {
             terminated: swept.instance_ids,
+            refused: swept.refused,
         })
     }
 }

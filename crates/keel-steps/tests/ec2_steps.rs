@@ -121,8 +121,10 @@ fn register(builder: EngineBuilder) -> EngineBuilder {
 }
 
 /// EC2's `ClientToken` contract through the steps: two installations that reuse a run id
-/// (so the step key and the token) get one instance when they ask for the same thing, and the
-/// second is refused, naming both, when it asks for another type; moto holds one instance.
+/// (so the step key and the token) get one instance when they ask for the same thing, and a
+/// third is refused, naming both, when it asks for another type; a fourth that meets the
+/// conflict on a retry (by tag) is refused too, and its compensation in doubt leaves the
+/// instance alone; moto holds one instance, never tagged to be deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_key_adopts_the_same_instance_and_other_parameters_are_refused_naming_both() {
     let env = Env::new(Rules::seeded(1), register).await;
@@ -168,9 +170,46 @@ async fn the_same_key_adopts_the_same_instance_and_other_parameters_are_refused_
     );
     other.shutdown().await;
 
+    // A fourth, whose first attempt is throttled past the SDK's tries: its second attempt
+    // finds the key's instance by tag with the other type, refuses it, and its compensation
+    // (in doubt: no output) leaves that instance alone, since it is not what it would make.
+    env.proxy
+        .set_rules(
+            Rules::seeded(1).fault(
+                FaultRule::new(Fault::Throttle)
+                    .operation("RunInstances")
+                    .limit(3),
+            ),
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fourth = env.another_engine(dir.path(), register).await;
+    let refused = fourth
+        .start::<Launch>(
+            "shared",
+            LaunchInput {
+                instance_type: "t3.small".into(),
+            },
+        )
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("conflict"), "{refused}");
+    let history = fourth.history("shared").await.unwrap();
+    assert_eq!(history.run.status, RunStatus::Compensated, "{refused}");
+    fourth.shutdown().await;
+
     let truth = env.truth().await;
     assert_eq!(truth.instances.len(), 1, "{}", truth.summary());
     assert_eq!(truth.instances[0].id, first);
+    assert!(
+        !truth.instances[0].tags.contains_key(TO_BE_DELETED_TAG),
+        "{:?}",
+        truth.instances[0].tags
+    );
     assert_eq!(
         truth.instances[0].tags.get(KEY_TAG),
         Some(&key("shared", 0))
@@ -350,14 +389,14 @@ fn child_main() {
     });
 }
 
-/// Kills the child with SIGKILL at every named crash point the flow reaches (its first hit;
-/// with `KEEL_CRASH_HITS=2` a seeded later one too), under 10% lost responses and 10% throttling; after it finishes,
+/// Kills the child with SIGKILL at every named crash point the flow reaches (its first hit,
+/// then a seeded later one), under 10% lost responses and 10% throttling; after it finishes,
 /// the completed run has one instance and one disk attached to it, and the compensated run
 /// left nothing live (its instance terminated, tagged by its own step).
 #[test]
 fn killed_at_every_crash_point_each_instance_and_disk_exists_once_or_not_at_all() {
     use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
-    use rand::SeedableRng;
+    use rand::{Rng, SeedableRng};
     const NAME: &str =
         "killed_at_every_crash_point_each_instance_and_disk_exists_once_or_not_at_all";
     if is_child() {
@@ -401,10 +440,7 @@ fn killed_at_every_crash_point_each_instance_and_disk_exists_once_or_not_at_all(
             test_name: NAME,
             env,
         };
-        for (n, skip) in keel_testkit::crash::skips_to_kill(&mut rng)
-            .into_iter()
-            .enumerate()
-        {
+        for (n, skip) in [0, rng.gen_range(1..6u32)].into_iter().enumerate() {
             let env = [
                 ("KEEL_CRASH_AT", point.to_string()),
                 ("KEEL_CRASH_SKIP", skip.to_string()),
@@ -466,5 +502,6 @@ fn killed_at_every_crash_point_each_instance_and_disk_exists_once_or_not_at_all(
             );
         });
     }
-    assert!(kills >= points.len(), "{kills} kills");
+    // Every point killed at its first hit (asserted above), and most at a later one too.
+    assert!(kills > points.len(), "{kills} kills");
 }

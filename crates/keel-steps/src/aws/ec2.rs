@@ -136,6 +136,16 @@ impl RunInstance {
         })
     }
 
+    /// Whether `found` is what this step asks for: its image, type and (when given) zone.
+    fn matches(&self, found: &Instance) -> bool {
+        found.image_id == self.image_id
+            && found.instance_type == self.instance_type
+            && self
+                .availability_zone
+                .as_ref()
+                .is_none_or(|az| *az == found.availability_zone)
+    }
+
     /// The conflict when the key already launched an instance with other parameters.
     fn mismatch(&self, key: &str, existing: Option<&Instance>) -> StepError {
         let existing = match existing {
@@ -165,7 +175,7 @@ impl Step for RunInstance {
         if ctx.attempt().0 > 1 {
             if let Some(found) = instance_by_key(ec2, &key, LIVE_STATES).await? {
                 let found = self.instance_of(&found)?;
-                if found.image_id != self.image_id || found.instance_type != self.instance_type {
+                if !self.matches(&found) {
                     return Err(self.mismatch(&key, Some(&found)));
                 }
                 tracing::info!(instance = %found.instance_id, "adopted the instance an earlier attempt launched");
@@ -219,7 +229,17 @@ impl Step for RunInstance {
         let id = match output {
             Some(instance) => instance.instance_id,
             None => match instance_by_key(ec2, &key, LIVE_STATES).await? {
-                Some(found) => found.instance_id().unwrap_or_default().to_string(),
+                // In doubt, only what this step would have made is its own: an instance of
+                // the key with other parameters belongs to whoever made it with that key (a
+                // conflict this step refused), and is left alone.
+                Some(found) => {
+                    let found = self.instance_of(&found)?;
+                    if !self.matches(&found) {
+                        tracing::warn!(instance = %found.instance_id, "the key's instance has other parameters: not this step's; left alone");
+                        return Ok(Compensation::Done);
+                    }
+                    found.instance_id
+                }
                 None => {
                     confirm_absence(ctx, "ec2", "EC2 instance")?;
                     return Ok(Compensation::Done);
@@ -242,8 +262,12 @@ async fn terminate_fast(ctx: &StepContext, id: &str, key: &str) -> Result<(), St
         .await;
     if let Err(e) = tagged {
         let f = AwsFailure::new("ec2:CreateTags", &e);
-        let missing = f.is(INSTANCE_NOT_FOUND);
-        return gone_after_lag(ctx, "ec2", f, missing);
+        // Throttled or transient: try again. Anything else (a read that flapped to "not
+        // found", a tag limit, a tag-only deny) must not keep the terminate from being asked.
+        if f.class != super::error::Class::Permanent {
+            return Err(f.into());
+        }
+        tracing::warn!(instance = %id, error = %f, "could not tag the instance to be deleted; terminating it anyway");
     }
     match ec2.terminate_instances().instance_ids(id).send().await {
         Ok(_) => {
@@ -252,10 +276,40 @@ async fn terminate_fast(ctx: &StepContext, id: &str, key: &str) -> Result<(), St
         }
         Err(e) => {
             let f = AwsFailure::new("ec2:TerminateInstances", &e);
-            let missing = f.is(INSTANCE_NOT_FOUND);
-            gone_after_lag(ctx, "ec2", f, missing)
+            if !f.is(INSTANCE_NOT_FOUND) {
+                return Err(f.into());
+            }
+            // EC2 keeps a terminated instance visible for about an hour, so "not found" for
+            // an id it gave is lag or a flapping read: absent only when, past the lag, a read
+            // by filter (which never fails for a missing id) does not show it live.
+            gone_after_lag(ctx, "ec2", f, true)?;
+            let live = ec2
+                .describe_instances()
+                .filters(Filter::builder().name("instance-id").values(id).build())
+                .filters(state_filter(LIVE_STATES))
+                .send()
+                .await
+                .map_err(|e| AwsFailure::new("ec2:DescribeInstances", &e))?
+                .reservations()
+                .iter()
+                .any(|r| !r.instances().is_empty());
+            if live {
+                return Err(StepError::retryable(format!(
+                    "ec2:TerminateInstances answered {INSTANCE_NOT_FOUND} for {id}, which still reads live: a flapping read; retried"
+                )));
+            }
+            Ok(())
         }
     }
+}
+
+/// A filter on the instance state names `states`.
+fn state_filter(states: &[&str]) -> Filter {
+    let mut filter = Filter::builder().name("instance-state-name");
+    for state in states {
+        filter = filter.values(*state);
+    }
+    filter.build()
 }
 
 /// The instance carrying `key` in its `keel:key` tag, in one of `states` (any state when
@@ -272,11 +326,7 @@ async fn instance_by_key(
             .build(),
     );
     if !states.is_empty() {
-        let mut filter = Filter::builder().name("instance-state-name");
-        for state in states {
-            filter = filter.values(*state);
-        }
-        request = request.filters(filter.build());
+        request = request.filters(state_filter(states));
     }
     let out = request
         .send()
@@ -322,6 +372,11 @@ pub struct CreateVolume {
 }
 
 impl CreateVolume {
+    /// Whether `found` is what this step asks for: its zone and size.
+    fn matches(&self, found: &Volume) -> bool {
+        found.availability_zone == self.availability_zone && found.size_gib == self.size_gib
+    }
+
     fn mismatch(&self, key: &str, existing: Option<&Volume>) -> StepError {
         let existing = match existing {
             Some(v) => format!(
@@ -361,9 +416,7 @@ impl Step for CreateVolume {
         if ctx.attempt().0 > 1 {
             if let Some(found) = volume_by_key(ec2, &key).await? {
                 let found = volume_of(&found)?;
-                if found.availability_zone != self.availability_zone
-                    || found.size_gib != self.size_gib
-                {
+                if !self.matches(&found) {
                     return Err(self.mismatch(&key, Some(&found)));
                 }
                 tracing::info!(volume = %found.volume_id, "adopted the volume an earlier attempt created");
@@ -417,7 +470,16 @@ impl Step for CreateVolume {
         let id = match output {
             Some(volume) => volume.volume_id,
             None => match volume_by_key(ec2, &ctx.key().to_string()).await? {
-                Some(found) => found.volume_id().unwrap_or_default().to_string(),
+                // In doubt, only a volume this step would have made is its own (as for an
+                // instance).
+                Some(found) => {
+                    let found = volume_of(&found)?;
+                    if !self.matches(&found) {
+                        tracing::warn!(volume = %found.volume_id, "the key's volume has other parameters: not this step's; left alone");
+                        return Ok(Compensation::Done);
+                    }
+                    found.volume_id
+                }
                 None => {
                     confirm_absence(ctx, "ec2", "EC2 volume")?;
                     return Ok(Compensation::Done);
@@ -520,21 +582,30 @@ pub struct AttachVolume {
 }
 
 impl AttachVolume {
-    /// Where the volume is attached now: `Ok(Some(true))` to this instance, `Ok(Some(false))`
-    /// nowhere, a conflict if to another instance; `Ok(None)` when the volume is not visible.
+    /// Where the volume is attached now: `Ok(Some(true))` to this instance (attaching or
+    /// attached), `Ok(Some(false))` nowhere, a conflict if attached to another instance, a
+    /// retryable error while an attachment is being detached; `Ok(None)` when the volume is
+    /// not visible.
     async fn attached_here(&self, ec2: &aws_sdk_ec2::Client) -> Result<Option<bool>, StepError> {
         let Some(found) = volume(ec2, &self.volume_id).await? else {
             return Ok(None);
         };
         for (instance, device, state) in attachments(&found) {
-            if instance == self.instance_id {
-                return Ok(Some(true));
-            }
-            if state != "detached" {
-                return Err(StepError::permanent(format!(
-                    "conflict: volume {} is attached to instance {instance} at {device}, not to {}; nothing was changed",
-                    self.volume_id, self.instance_id
-                )));
+            match state.as_str() {
+                "detached" => {}
+                "detaching" => {
+                    return Err(StepError::retryable(format!(
+                        "volume {} is being detached from instance {instance}; retried",
+                        self.volume_id
+                    )))
+                }
+                _ if instance == self.instance_id => return Ok(Some(true)),
+                _ => {
+                    return Err(StepError::permanent(format!(
+                        "conflict: volume {} is attached to instance {instance} at {device}, not to {}; nothing was changed",
+                        self.volume_id, self.instance_id
+                    )))
+                }
             }
         }
         Ok(Some(false))
@@ -585,11 +656,13 @@ impl Step for AttachVolume {
                         .as_lag("the instance or the volume is not ready yet")
                         .into())
                 } else if f.is("VolumeInUse") {
-                    // Attached meanwhile: by a lost earlier attempt of this step (ours), or
-                    // elsewhere (a conflict, from attached_here).
+                    // Attached meanwhile: by a lost earlier try of this step (ours), or
+                    // elsewhere (a conflict, from attached_here); not visible yet is lag.
                     match self.attached_here(ec2).await? {
                         Some(true) => Ok(Attachment { by_this_step: true }),
-                        _ => Err(f.as_permanent().into()),
+                        _ => Err(f
+                            .as_lag("in use, but its attachment is not visible yet")
+                            .into()),
                     }
                 } else {
                     Err(f.into())
@@ -629,10 +702,32 @@ async fn detach(
         Ok(_) => Ok(()),
         Err(e) => {
             let f = AwsFailure::new("ec2:DetachVolume", &e);
+            if f.is("IncorrectState") {
+                // EC2's answer to a detach of a volume detaching or detached already (a
+                // retry after a lost answer): done unless it still reads attached here.
+                return match still_attached(ec2, volume_id, instance_id).await? {
+                    false => Ok(()),
+                    true => Err(f.as_lag("the volume still reads attached").into()),
+                };
+            }
             let missing = f.is_any(&[ATTACHMENT_NOT_FOUND, VOLUME_NOT_FOUND, INSTANCE_NOT_FOUND]);
             gone_after_lag(ctx, "ec2", f, missing)
         }
     }
+}
+
+/// Whether the volume reads attaching or attached to the instance (a volume not visible does
+/// not).
+async fn still_attached(
+    ec2: &aws_sdk_ec2::Client,
+    volume_id: &str,
+    instance_id: &str,
+) -> Result<bool, AwsFailure> {
+    Ok(volume(ec2, volume_id).await?.is_some_and(|found| {
+        attachments(&found)
+            .iter()
+            .any(|(i, _, state)| i == instance_id && (state == "attaching" || state == "attached"))
+    }))
 }
 
 /// Detaches a volume from an instance. On its first attempt it looks first: a volume not
@@ -659,13 +754,13 @@ impl Step for DetachVolume {
     async fn execute(&self, ctx: &StepContext) -> Result<Attachment, StepError> {
         let ec2 = &clients(ctx)?.ec2;
         let first = ctx.attempt().0 == 1;
-        let found = volume(ec2, &self.volume_id).await?.ok_or_else(|| {
-            StepError::permanent(format!("volume {} does not exist", self.volume_id))
-        })?;
-        let here = attachments(&found)
-            .into_iter()
-            .any(|(instance, _, state)| instance == self.instance_id && state != "detached");
-        if !here {
+        if volume(ec2, &self.volume_id).await?.is_none() {
+            return Err(StepError::retryable(format!(
+                "volume {} is not visible (lag after its creation, or it does not exist); retried",
+                self.volume_id
+            )));
+        }
+        if !still_attached(ec2, &self.volume_id, &self.instance_id).await? {
             return Ok(Attachment {
                 by_this_step: !first,
             });
@@ -681,8 +776,8 @@ impl Step for DetachVolume {
             Ok(_) => Ok(Attachment { by_this_step: true }),
             Err(e) => {
                 let f = AwsFailure::new("ec2:DetachVolume", &e);
-                if f.is(ATTACHMENT_NOT_FOUND) {
-                    // Detached meanwhile, by a lost earlier attempt.
+                if f.is_any(&[ATTACHMENT_NOT_FOUND, "IncorrectState"]) {
+                    // Detaching or detached meanwhile, by a lost earlier try of this step.
                     Ok(Attachment { by_this_step: true })
                 } else {
                     Err(f.into())
@@ -729,8 +824,9 @@ pub struct Running {
 }
 
 /// Holds when the instance reads `running`. "Not found" (lag right after the launch, or a
-/// flapping read) and `pending` are "not yet"; `shutting-down`, `terminated`, `stopping` and
-/// `stopped` end the wait as failed: the instance will not run.
+/// flapping read) and `pending` are "not yet"; so are `shutting-down` and `terminated` (gone
+/// at launch: the wait's deadline lets `Ctx::create_and_wait` make another); `stopping` and
+/// `stopped` end the wait as failed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceRunning {
     /// The instance.
@@ -773,6 +869,12 @@ impl Probe for InstanceRunning {
                 private_ip: found.private_ip_address().map(str::to_string),
             })),
             Some(InstanceStateName::Pending) | None => Ok(None),
+            // Gone at launch (capacity, a volume limit): it will never run, and the wait's
+            // deadline lets `create_and_wait` make another.
+            Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated) => {
+                tracing::warn!(instance = %self.instance_id, "terminated before it ran; waiting out the deadline so that another can be made");
+                Ok(None)
+            }
             Some(other) => Err(StepError::permanent(format!(
                 "instance {} is {}: it will not run",
                 self.instance_id,
@@ -859,6 +961,10 @@ impl Probe for VolumeAttached {
 pub struct Swept {
     /// The instances it asked EC2 to terminate (again).
     pub instance_ids: Vec<String>,
+    /// The instances EC2 refused to terminate for good (termination protection, a deny),
+    /// with its answer: left for an operator; the sweep goes on with the others.
+    #[serde(default)]
+    pub refused: Vec<(String, String)>,
 }
 
 /// Finishes the fast path's terminations: asks EC2 to terminate every instance tagged
@@ -879,32 +985,50 @@ impl Step for SweepInstances {
     async fn execute(&self, ctx: &StepContext) -> Result<Swept, StepError> {
         let ec2 = &clients(ctx)?.ec2;
         let ids = to_be_deleted(ec2).await?;
+        let mut refused = Vec::new();
         for batch in ids.chunks(TERMINATE_BATCH) {
-            match ec2
+            let Err(e) = ec2
                 .terminate_instances()
                 .set_instance_ids(Some(batch.to_vec()))
                 .send()
                 .await
-            {
-                Ok(_) => {}
-                // One of them gone since the listing: terminate the rest one by one.
-                Err(e) if AwsFailure::new("ec2:TerminateInstances", &e).is(INSTANCE_NOT_FOUND) => {
-                    for id in batch {
-                        if let Err(e) = ec2.terminate_instances().instance_ids(id).send().await {
-                            let f = AwsFailure::new("ec2:TerminateInstances", &e);
-                            if !f.is(INSTANCE_NOT_FOUND) {
-                                return Err(f.into());
-                            }
-                        }
+            else {
+                continue;
+            };
+            let f = AwsFailure::new("ec2:TerminateInstances", &e);
+            if f.class != super::error::Class::Permanent {
+                return Err(f.into());
+            }
+            // One of them gone since the listing, or protected: one by one, so one instance
+            // never holds back the others.
+            for id in batch {
+                if let Err(e) = ec2.terminate_instances().instance_ids(id).send().await {
+                    let f = AwsFailure::new("ec2:TerminateInstances", &e);
+                    if f.class != super::error::Class::Permanent {
+                        return Err(f.into());
+                    }
+                    if !f.is(INSTANCE_NOT_FOUND) {
+                        tracing::warn!(instance = %id, error = %f, "sweep: EC2 refused to terminate it");
+                        refused.push((id.clone(), f.to_string()));
                     }
                 }
-                Err(e) => return Err(AwsFailure::new("ec2:TerminateInstances", &e).into()),
             }
         }
         if !ids.is_empty() {
-            tracing::info!(instances = ids.len(), "sweep: termination requested");
+            tracing::info!(
+                instances = ids.len(),
+                refused = refused.len(),
+                "sweep: termination requested"
+            );
         }
-        Ok(Swept { instance_ids: ids })
+        let instance_ids = ids
+            .into_iter()
+            .filter(|id| !refused.iter().any(|(r, _)| r == id))
+            .collect();
+        Ok(Swept {
+            instance_ids,
+            refused,
+        })
     }
 
     async fn compensate(
