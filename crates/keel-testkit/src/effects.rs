@@ -5,8 +5,9 @@
 //! the file says which effects ran. One write can still be torn: Linux copies a write page by
 //! page and stops at a pending SIGKILL, so a line that spans a page boundary may end at it,
 //! with the next process's line glued on. [`read`] takes such a record as the effect in
-//! flight at the kill: kept when what was written names it (its fields up to the pid: the
-//! optional time comes last), dropped when the kill came before that.
+//! flight at the kill: kept when what was written names it (action, run, step and key, the
+//! first four fields), with attempt and pid 0 ("unknown") when the cut came before them, so a
+//! checker still counts it; a record cut before its key names nothing and is dropped.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -87,13 +88,33 @@ fn records(line: &str) -> Vec<Effect> {
     out
 }
 
-/// A torn record cut back to its last whole field, if that names the effect.
+/// What a torn record may hold: the fields up to the key always, the rest perhaps.
+#[derive(Deserialize)]
+struct Torn {
+    action: Action,
+    run: String,
+    step: u32,
+    key: String,
+    attempt: Option<u32>,
+    pid: Option<u32>,
+}
+
+/// A torn record cut back to its last whole field, if that names the effect (attempt and
+/// pid 0 when they were cut off, the time absent).
 fn torn(piece: &str) -> Option<Effect> {
     let mut cut = piece;
     while let Some(comma) = cut.rfind(',') {
         cut = &cut[..comma];
-        if let Ok(effect) = serde_json::from_str(&format!("{cut}}}")) {
-            return Some(effect);
+        if let Ok(t) = serde_json::from_str::<Torn>(&format!("{cut}}}")) {
+            return Some(Effect {
+                action: t.action,
+                run: t.run,
+                step: t.step,
+                key: t.key,
+                attempt: t.attempt.unwrap_or(0),
+                pid: t.pid.unwrap_or(0),
+                at_us: None,
+            });
         }
     }
     None
@@ -139,7 +160,8 @@ mod tests {
     }
 
     /// A record torn by a kill (as seen under CI: cut inside its time, the next process's
-    /// record glued on) is kept when it names its effect; one cut before its pid is dropped.
+    /// record glued on) is kept when it names its effect, with what was cut off unknown; one
+    /// cut before its key is dropped.
     #[test]
     fn a_torn_record_is_kept_when_it_names_its_effect() {
         let whole = serde_json::to_string(&effect(2, Some(5))).unwrap();
@@ -149,9 +171,19 @@ mod tests {
             records(&format!("{cut}{whole}")),
             vec![effect(1, None), effect(2, Some(5))]
         );
-        let early = &first[..first.find("\"pid\"").unwrap() + 3];
+        let before_attempt = &first[..first.find("\"attempt\"").unwrap() + 3];
+        let unknown = Effect {
+            attempt: 0,
+            pid: 0,
+            ..effect(1, None)
+        };
         assert_eq!(
-            records(&format!("{early}{whole}")),
+            records(&format!("{before_attempt}{whole}")),
+            vec![unknown, effect(2, Some(5))]
+        );
+        let before_key = &first[..first.find("\"key\"").unwrap() + 3];
+        assert_eq!(
+            records(&format!("{before_key}{whole}")),
             vec![effect(2, Some(5))]
         );
         assert_eq!(records(&whole), vec![effect(2, Some(5))]);
