@@ -23,7 +23,7 @@ use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
 use keel_testkit::inventory::Inventory;
 use keel_testkit::moto::TestAccount;
 use keel_testkit::proxy::{Fault, FaultProxy, FaultRule, Rules};
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 mod common;
@@ -227,8 +227,8 @@ async fn verify(point: &str, dir: &Path, direct: &aws_config::SdkConfig) {
     );
 }
 
-/// Kills the child at every named crash point the scenario reaches (at its first hit; with
-/// `KEEL_CRASH_HITS=2` at a seeded later one too), under 10% lost responses and 10% throttling; after it finishes, the kept run's
+/// Kills the child at every named crash point the scenario reaches (at its first hit, then
+/// at a seeded later one), under 10% lost responses and 10% throttling; after it finishes, the kept run's
 /// resources exist exactly once and the compensated run left nothing.
 #[test]
 fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
@@ -270,9 +270,9 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
             env,
         };
         // The first kill at the point's first hit (some points are met once per child: the one
-        // compensation's start); with KEEL_CRASH_HITS=2, the second at a seeded later hit, if
-        // the restarted child meets the point that often.
-        let skips = keel_testkit::crash::skips_to_kill(&mut rng);
+        // compensation's start), the second at a seeded later hit, if the restarted child
+        // meets the point that often.
+        let skips = [0, rng.gen_range(1..6u32)];
         for (n, skip) in skips.into_iter().enumerate() {
             let env = [
                 ("KEEL_CRASH_AT", point.to_string()),
@@ -295,8 +295,8 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
             verify(point, dir.path(), &account.sdk_config().await).await;
         });
     }
-    // Every point killed at its first hit (asserted above), and some at a later one.
-    assert!(kills >= points.len(), "{kills} kills");
+    // Every point killed at its first hit (asserted above), and most at a later one too.
+    assert!(kills > points.len(), "{kills} kills");
 }
 
 /// The run of [`KeyFlow`].

@@ -184,22 +184,3 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .build()
         .expect("building a tokio runtime")
 }
-
-/// The environment variable that sets how many hits of each crash point the crash suites
-/// kill at: 1 (the default, CI's size) kills at the first hit only; 2 also at a seeded later
-/// hit (the 2nd to 6th), when the restarted child meets the point that often.
-pub const HITS_ENV: &str = "KEEL_CRASH_HITS";
-
-/// The skips (`KEEL_CRASH_SKIP`) to kill at for one crash point, per [`HITS_ENV`]. Draws the
-/// later hit from `rng` whatever the setting, so a seed picks the same points either way.
-///
-/// # Panics
-/// When [`HITS_ENV`] is set to anything but 1 or 2.
-pub fn skips_to_kill(rng: &mut impl rand::Rng) -> Vec<u32> {
-    let later = rng.gen_range(1..6u32);
-    match crate::failover::knob(HITS_ENV, 1u32) {
-        1 => vec![0],
-        2 => vec![0, later],
-        other => panic!("{HITS_ENV}={other}: 1 or 2"),
-    }
-}
