@@ -6,7 +6,7 @@
 # Starts a throwaway PostgreSQL cluster (Debian's postgresql, installed when missing) for the
 # tests of the PostgreSQL store, and stops it at the end; KEEL_TEST_POSTGRES_URL names an
 # existing database to use instead. Installs Debian's chromium and chromium-driver when missing,
-# for the web console's browser tests.
+# for the web console's browser tests, and Debian's openssh-server for the SFTP tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "test: cargo is required (https://rustup.rs)" >&2; exit 1; }
@@ -24,6 +24,15 @@ if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
   fi
   echo "test: installing chromium and chromium-driver (Debian) for the console's browser tests" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } >&2
+fi
+# The SFTP tests start Debian's OpenSSH server on a loopback port with throwaway keys.
+if [ ! -x /usr/sbin/sshd ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test: sshd is missing and only root can install it (apt-get install openssh-server)" >&2
+    exit 1
+  fi
+  echo "test: installing openssh-server (Debian) for the SFTP tests" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server; } >&2
 fi
 out=$(mktemp)
 pg_dir=""

@@ -19,6 +19,7 @@
 //! - [`simcloud`]: a simulated EC2-like cloud on a loopback port (heavy-tailed readiness,
 //!   lying reads, throttling, a capacity), its steps, probes and workflow, and the load
 //!   scenario that kills the engine's process under it.
+//! - [`sshd`]: a throwaway OpenSSH server on a loopback port, for the SFTP tests.
 
 pub mod aws;
 pub mod check;
@@ -34,6 +35,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod simcloud;
+pub mod sshd;
 pub mod store;
 
 /// Installs a `tracing` subscriber that writes to the test's captured output (once).
