@@ -53,6 +53,14 @@ pub const STEP_LIBRARY_POINTS: &[&str] = &[
     "publish.after_marker",
 ];
 
+/// The SFTP upload's crash points (keel-steps' `sftp.upload`), met only by runs that use it;
+/// its crash test iterates over this list.
+pub const SFTP_POINTS: &[&str] = &[
+    "sftp.after_partial_write",
+    "sftp.after_sync",
+    "sftp.after_rename",
+];
+
 /// The points of a schedule's fire (`engine/schedules.rs`), met only by engines with
 /// schedules; their crash tests iterate over this list.
 pub const SCHEDULE_POINTS: &[&str] = &[
@@ -72,6 +80,7 @@ pub fn point(name: &'static str) {
     debug_assert!(
         POINTS.contains(&name)
             || STEP_LIBRARY_POINTS.contains(&name)
+            || SFTP_POINTS.contains(&name)
             || OPERATOR_POINTS.contains(&name)
             || SCHEDULE_POINTS.contains(&name),
         "crash point {name} is not listed in POINTS"

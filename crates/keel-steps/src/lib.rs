@@ -18,3 +18,4 @@
 pub mod aws;
 pub mod files;
 pub mod s3;
+pub mod sftp;
