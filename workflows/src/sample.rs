@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ec2::MachineInput;
+use crate::files::DeliveryInput;
 use crate::fleet::FleetInput;
 use crate::greengrass::CoreInput;
 use crate::iam::ServiceRoleInput;
@@ -44,6 +45,30 @@ pub fn machine(name: &str) -> MachineInput {
         instance_wait_s: None,
         volume_wait_s: None,
         attach_wait_s: None,
+    }
+}
+
+/// The object `s3://bucket/key` delivered to `port` on the local host as `user`, staged in
+/// `/var/lib/keel/staging` and written to `/srv/inbox`, with the key and known-hosts files
+/// under `/etc/keel/sftp`.
+pub fn delivery(bucket: &str, key: &str, port: u16, user: &str) -> DeliveryInput {
+    DeliveryInput {
+        bucket: bucket.into(),
+        key: key.into(),
+        sha256: None,
+        staging_dir: "/var/lib/keel/staging".into(),
+        server: keel_steps::sftp::Server {
+            host: "127.0.0.1".into(),
+            port,
+            user: user.into(),
+            known_hosts: "/etc/keel/sftp/known_hosts".into(),
+            credential: keel_steps::sftp::Credential::KeyFile {
+                path: "/etc/keel/sftp/id_ed25519".into(),
+            },
+        },
+        remote_dir: "/srv/inbox".into(),
+        name: None,
+        parts: None,
     }
 }
 

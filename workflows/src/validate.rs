@@ -166,6 +166,74 @@ pub(crate) fn count(field: &str, n: usize, min: usize, max: usize) -> Result<(),
     Ok(())
 }
 
+/// An S3 bucket name: 3 to 63 of lowercase letters, digits, `.` and `-`, starting and
+/// ending with a letter or digit.
+pub(crate) fn bucket(field: &str, name: &str) -> Result<(), InvalidInput> {
+    let edges = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let ok = (3..=63).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-".contains(c))
+        && edges(name.chars().next())
+        && edges(name.chars().last());
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidInput::new(
+            field,
+            format!(
+                "{name:?} is not a bucket name: 3 to 63 of lowercase letters, digits, . and -, \
+                 starting and ending with a letter or digit"
+            ),
+        ))
+    }
+}
+
+/// A SHA-256 in hex: 64 hex digits.
+pub(crate) fn sha256(field: &str, digest: &str) -> Result<(), InvalidInput> {
+    if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(())
+    } else {
+        Err(InvalidInput::new(
+            field,
+            format!("{digest:?} is not 64 hex digits"),
+        ))
+    }
+}
+
+/// An absolute local path.
+pub(crate) fn absolute_path(field: &str, path: &std::path::Path) -> Result<(), InvalidInput> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(InvalidInput::new(
+            field,
+            format!("{} must be an absolute path", path.display()),
+        ))
+    }
+}
+
+/// A file name: 1 to 255 bytes, no `/` or NUL, not starting with `.` (dotfiles are the
+/// temporary names of the file hand-off) and not ending with `.sha256` (its markers).
+pub(crate) fn file_name(field: &str, name: &str) -> Result<(), InvalidInput> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && !name.contains(['/', '\0'])
+        && !name.ends_with(keel_steps::files::MARKER_SUFFIX);
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidInput::new(
+            field,
+            format!(
+                "{name:?} is not a file name: 1 to 255 bytes, without / or NUL, not starting \
+                 with . and not ending with .sha256"
+            ),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

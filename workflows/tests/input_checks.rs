@@ -6,6 +6,7 @@
 
 use keel_engine::{Engine, EngineError, Workflow};
 use keel_workflows::ec2::{MachineWithDisk, Sweep};
+use keel_workflows::files::S3ToSftp;
 use keel_workflows::fleet::OnboardFleet;
 use keel_workflows::greengrass::ProvisionCore;
 use keel_workflows::iam::ServiceRole;
@@ -22,6 +23,7 @@ const WRAPPING_S: u64 = 18_446_744_073_709_552;
 async fn engine(dir: &std::path::Path) -> Engine {
     Engine::builder(dir)
         .provisioning_workflows()
+        .delivery_workflows()
         .open()
         .await
         .expect("opening the engine")
@@ -344,5 +346,97 @@ async fn a_machine_input_is_checked_naming_the_field() {
     input.device = Some("/dev/xvdp".into());
     assert_eq!(MachineWithDisk::validate(&input), Ok(()));
     assert_eq!(keel_workflows::ec2::WAIT_S_MAX, TIMEOUT_S_MAX);
+    engine.shutdown().await;
+}
+
+/// A delivery's input is checked field by field, naming the field (nested ones by their
+/// path): the bucket, the key, the digest, the staging directory, the name (or the key's last
+/// segment standing for it), the server's host, port, user, known-hosts and credential paths,
+/// the remote directory and the parts. Nothing is stored; the sample is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_input_is_checked_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine(dir.path()).await;
+    let delivery =
+        serde_json::to_value(sample::delivery("drop", "in/report.csv", 22, "keel")).unwrap();
+    let cases: [(&[&str], Value, &str, &str); 16] = [
+        (&["bucket"], json!("Drop"), "bucket", "not a bucket name"),
+        (&["bucket"], json!("d"), "bucket", "not a bucket name"),
+        (&["key"], json!(""), "key", "1 to 1024 bytes"),
+        (&["key"], json!("in/"), "key", "not a file name"),
+        (&["key"], json!("in/.hidden"), "key", "not a file name"),
+        (&["sha256"], json!("abc"), "sha256", "not 64 hex digits"),
+        (
+            &["staging_dir"],
+            json!("staging"),
+            "staging_dir",
+            "absolute path",
+        ),
+        (&["name"], json!("a/b"), "name", "not a file name"),
+        (
+            &["name"],
+            json!("report.csv.sha256"),
+            "name",
+            "not a file name",
+        ),
+        (
+            &["server", "host"],
+            json!(""),
+            "server.host",
+            "1 to 253 bytes",
+        ),
+        (
+            &["server", "port"],
+            json!(0),
+            "server.port",
+            "must not be 0",
+        ),
+        (
+            &["server", "user"],
+            json!(""),
+            "server.user",
+            "1 to 256 bytes",
+        ),
+        (
+            &["server", "known_hosts"],
+            json!("known_hosts"),
+            "server.known_hosts",
+            "absolute path",
+        ),
+        (
+            &["server", "credential", "path"],
+            json!("id"),
+            "server.credential.path",
+            "absolute path",
+        ),
+        (
+            &["remote_dir"],
+            json!("inbox"),
+            "remote_dir",
+            "absolute path",
+        ),
+        (&["parts"], json!(17), "parts", "outside 1..=16"),
+    ];
+    for (path, value, want, why) in cases {
+        let input = with(delivery.clone(), path, value);
+        let (field, reason) = invalid(engine.start_json(S3ToSftp::NAME, "d", input).await);
+        assert_eq!(field, want, "{path:?}");
+        assert!(reason.contains(why), "{path:?}: {reason}");
+    }
+    let (field, _) = invalid(
+        engine
+            .start_json(
+                S3ToSftp::NAME,
+                "d",
+                with(delivery.clone(), &["server", "password"], json!("x")),
+            )
+            .await,
+    );
+    assert_eq!(field, "server.password");
+    assert!(engine.list().await.unwrap().is_empty(), "nothing stored");
+    assert_eq!(
+        S3ToSftp::validate(&sample::delivery("drop", "report.csv", 2222, "keel")),
+        Ok(())
+    );
     engine.shutdown().await;
 }
