@@ -95,6 +95,9 @@ struct Ec2Instance {
     flaps_until: Option<Instant>,
     /// Reads by id so far (the flapping draws' ordinal).
     reads: u64,
+    /// Its launch's ordinal through the proxy: the flapping draws' stream. Not its id, which
+    /// moto draws at random, so a seed plays the same flaps in every run.
+    launch: u64,
 }
 
 /// The EC2 create that first used a client token: its parameters, and moto's answer.
@@ -339,11 +342,13 @@ impl State {
         });
         for id in xml_values(&upstream.body, "instanceId") {
             let pending_until = now + self.sample("ec2-pending", &rule.pending);
+            let launch = self.ordinal("ec2-launch");
             let instance = Ec2Instance {
                 pending_until,
                 stuck,
                 flaps_until: None,
                 reads: 0,
+                launch,
             };
             self.instances.entry(id).or_insert(instance);
         }
@@ -403,7 +408,8 @@ impl State {
                 None => instance.flaps_until = Some(now + flap_for),
                 Some(until)
                     if now < until
-                        && draw(seed, stream_of(&id), n) < rule.flap_missing_probability =>
+                        && draw(seed, stream_of(&format!("ec2-flap-{}", instance.launch)), n)
+                            < rule.flap_missing_probability =>
                 {
                     record.fault = Some(Applied::InstanceMissing);
                     return Some(shapes::error(
