@@ -1,5 +1,5 @@
 //! Every `impl Step` of this crate is in one of its step sets (`aws::STEPS`, `files::STEPS`,
-//! `s3::STEPS`), so an engine that registers the sets can undo every step this crate makes,
+//! `s3::STEPS`, `sftp::STEPS`), so an engine that registers the sets can undo every step this crate makes,
 //! even after a restart in compensation: a step added without its set entry fails here.
 
 use std::collections::BTreeSet;
@@ -12,6 +12,7 @@ const SETS: &[&[StepType]] = &[
     keel_steps::aws::STEPS,
     keel_steps::files::STEPS,
     keel_steps::s3::STEPS,
+    keel_steps::sftp::STEPS,
 ];
 
 /// The type names after `impl Step for` (or `impl keel_engine::Step for`) in `dir`'s sources.
