@@ -213,11 +213,12 @@ pub(crate) fn absolute_path(field: &str, path: &std::path::Path) -> Result<(), I
     }
 }
 
-/// A file name: 1 to 255 bytes, no `/` or NUL, not starting with `.` (dotfiles are the
-/// temporary names of the file hand-off) and not ending with `.sha256` (its markers).
+/// A file name: 1 to 200 bytes (the hand-off's temporary name adds the step's key), no `/`
+/// or NUL, not starting with `.` (dotfiles are the temporary names of the file hand-off) and
+/// not ending with `.sha256` (its markers).
 pub(crate) fn file_name(field: &str, name: &str) -> Result<(), InvalidInput> {
     let ok = !name.is_empty()
-        && name.len() <= 255
+        && name.len() <= keel_steps::sftp::NAME_LEN_MAX
         && !name.starts_with('.')
         && !name.contains(['/', '\0'])
         && !name.ends_with(keel_steps::files::MARKER_SUFFIX);
@@ -227,8 +228,9 @@ pub(crate) fn file_name(field: &str, name: &str) -> Result<(), InvalidInput> {
         Err(InvalidInput::new(
             field,
             format!(
-                "{name:?} is not a file name: 1 to 255 bytes, without / or NUL, not starting \
-                 with . and not ending with .sha256"
+                "{name:?} is not a file name: 1 to {} bytes, without / or NUL, not starting \
+                 with . and not ending with .sha256",
+                keel_steps::sftp::NAME_LEN_MAX
             ),
         ))
     }

@@ -21,13 +21,14 @@
 //! and a changed key are permanent errors. The credential is a private key file or a
 //! password file: the step's argument (journaled) holds its path, never the secret.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use keel_engine::{crash, Compensation, IdempotencyKey, Step, StepContext, StepError};
-use russh::keys::{Algorithm, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
+use russh::keys::{Algorithm, PrivateKeyWithHashAlg, PublicKey, PublicKeyOrCertificate};
 use russh_sftp::client::error::Error as SftpError;
 use russh_sftp::client::RawSftpSession;
 use russh_sftp::protocol::{FileAttributes, OpenFlags, StatusCode};
@@ -48,6 +49,13 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long one SFTP request may wait for its answer (seconds).
 pub const REQUEST_TIMEOUT_S: u64 = 60;
+
+/// Longest file name: the temporary name adds a dot, the step's key and `.partial`, and
+/// must stay within the usual 255 bytes.
+pub const NAME_LEN_MAX: usize = 200;
+
+/// How long the server may take to sync the temporary file (seconds).
+pub const SYNC_TIMEOUT_S: u64 = 600;
 
 /// An SFTP server and how to log in to it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,27 +134,6 @@ impl Step for Upload {
 
     async fn execute(&self, ctx: &StepContext) -> Result<Uploaded, StepError> {
         self.check()?;
-        let source = self.source.clone();
-        let (size, sha256) = blocking(move || {
-            digest_of(&source).map_err(|e| {
-                let message = format!("cannot read the source {}: {e}", source.display());
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    StepError::permanent(message)
-                } else {
-                    StepError::retryable(message)
-                }
-            })
-        })
-        .await?;
-        if size != self.size || sha256 != self.sha256 {
-            return Err(StepError::permanent(format!(
-                "the source {} is {size} bytes with sha256 {sha256}; expected {} bytes with \
-                 sha256 {}: not uploaded",
-                self.source.display(),
-                self.size,
-                self.sha256
-            )));
-        }
         let remote = Connection::open(&self.server).await?;
         let result = self.upload(&remote, ctx.key()).await;
         remote.close().await;
@@ -170,9 +157,15 @@ impl Upload {
     /// The argument's own checks: they fail before any connection.
     fn check(&self) -> Result<(), StepError> {
         let name = &self.name;
-        if name.is_empty() || name.starts_with('.') || name.contains('/') || name.contains('\0') {
+        if name.is_empty()
+            || name.len() > NAME_LEN_MAX
+            || name.starts_with('.')
+            || name.contains('/')
+            || name.contains('\0')
+        {
             return Err(StepError::permanent(format!(
-                "file name {name:?}: must be non-empty, without '/', and not start with '.'"
+                "file name {name:?}: must be 1 to {NAME_LEN_MAX} bytes, without '/', and not \
+                 start with '.'"
             )));
         }
         if !self.dir.starts_with('/') || self.dir.contains('\0') {
@@ -223,31 +216,55 @@ impl Upload {
         key: IdempotencyKey,
     ) -> Result<Uploaded, StepError> {
         let (target, partial) = (self.final_path(), self.partial_path(key));
-        if self.holds_ours(remote, &target).await? {
-            remote.remove_if_present(&partial).await?;
-            tracing::debug!(path = %target, "found uploaded by an earlier attempt");
-            return Ok(self.uploaded());
+        match self.found(remote, &target).await? {
+            Found::Ours => {
+                remote.remove_if_present(&partial).await?;
+                tracing::debug!(path = %target, "found uploaded by an earlier attempt");
+                return Ok(self.uploaded());
+            }
+            Found::Other(conflict) => return Err(conflict),
+            Found::Absent => {}
         }
+        self.check_source().await?;
         remote.remove_if_present(&partial).await?;
-        remote.write(&partial, &self.source, &self.dir).await?;
+        let sent = self.send(remote, &partial, &target).await;
+        if sent.is_err() {
+            // No attempt leaves its temporary file behind: a permanent failure is not undone
+            // by a compensation, since the step never succeeded.
+            if let Err(e) = remote.remove_if_present(&partial).await {
+                tracing::warn!(path = %partial, error = %e, "temporary file left");
+            }
+        }
+        sent
+    }
+
+    /// Writes, verifies and renames into place; the caller removes the temporary file if
+    /// this fails.
+    async fn send(
+        &self,
+        remote: &Connection,
+        partial: &str,
+        target: &str,
+    ) -> Result<Uploaded, StepError> {
+        remote.write(partial, &self.source, &self.dir).await?;
         crash::point("sftp.after_sync");
-        let (size, sha256) = remote.digest(&partial).await?;
+        let (size, sha256) = remote.digest(partial).await?;
         if size != self.size || sha256 != self.sha256 {
-            remote.remove_if_present(&partial).await?;
             return Err(StepError::retryable(format!(
                 "{partial} read back as {size} bytes with sha256 {sha256}; sent {} bytes with \
                  sha256 {}: removed, to be sent again",
                 self.size, self.sha256
             )));
         }
-        if let Err(e) = remote.sftp.rename(partial.as_str(), target.as_str()).await {
-            // Refused because the target exists (or the server failed): what is there decides.
-            let ours = self.holds_ours(remote, &target).await;
-            remote.remove_if_present(&partial).await?;
-            return match ours {
-                Ok(true) => Ok(self.uploaded()),
-                Ok(false) => Err(remote.failure("renaming into place", &target, e)),
-                Err(conflict) => Err(conflict),
+        if let Err(e) = remote.sftp.rename(partial, target).await {
+            // Refused because the target exists, or failed: what is there decides.
+            return match self.found(remote, target).await? {
+                Found::Ours => Ok(self.uploaded()),
+                Found::Other(conflict) => Err(conflict),
+                Found::Absent => Err(StepError::retryable(format!(
+                    "sftp {}: renaming {partial} to {target}: {e}",
+                    remote.label
+                ))),
             };
         }
         crash::point("sftp.after_rename");
@@ -255,40 +272,65 @@ impl Upload {
         Ok(self.uploaded())
     }
 
-    /// Whether `target` holds the expected content: `false` when it does not exist, a
-    /// permanent conflict when it holds other content.
-    async fn holds_ours(&self, remote: &Connection, target: &str) -> Result<bool, StepError> {
-        let Some(size) = remote.size_of(target).await? else {
-            return Ok(false);
-        };
-        let sha256 = if size == self.size {
-            remote.digest(target).await?.1
-        } else {
-            String::new()
-        };
+    /// The local source must be what the caller said: a mismatch is permanent.
+    async fn check_source(&self) -> Result<(), StepError> {
+        let source = self.source.clone();
+        let (size, sha256) = blocking(move || {
+            digest_of(&source).map_err(|e| {
+                let message = format!("cannot read the source {}: {e}", source.display());
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    StepError::permanent(message)
+                } else {
+                    StepError::retryable(message)
+                }
+            })
+        })
+        .await?;
         if size != self.size || sha256 != self.sha256 {
             return Err(StepError::permanent(format!(
-                "{target} on {} exists with other content ({size} bytes{}); expected {} bytes, \
-                 sha256 {}: not overwritten",
-                self.server.host,
-                if sha256.is_empty() {
-                    String::new()
-                } else {
-                    format!(", sha256 {sha256}")
-                },
+                "the source {} is {size} bytes with sha256 {sha256}; expected {} bytes with \
+                 sha256 {}: not uploaded",
+                self.source.display(),
                 self.size,
                 self.sha256
             )));
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// What is under `target`: nothing, the expected content in a regular file, or something
+    /// else (a permanent conflict, never overwritten). Failing to find out is an error.
+    async fn found(&self, remote: &Connection, target: &str) -> Result<Found, StepError> {
+        let Some(attrs) = remote.attributes(target).await? else {
+            return Ok(Found::Absent);
+        };
+        let size = attrs.size.unwrap_or(0);
+        let regular = attrs
+            .permissions
+            .is_some_and(|mode| mode & FILE_TYPE_MASK == REGULAR_FILE);
+        let what = if !regular {
+            "something that is not a regular file".to_string()
+        } else if size != self.size {
+            format!("other content ({size} bytes)")
+        } else {
+            let sha256 = remote.digest(target).await?.1;
+            if sha256 == self.sha256 {
+                return Ok(Found::Ours);
+            }
+            format!("other content ({size} bytes, sha256 {sha256})")
+        };
+        Ok(Found::Other(StepError::permanent(format!(
+            "{target} on {} holds {what}; expected {} bytes, sha256 {}: not overwritten",
+            self.server.host, self.size, self.sha256
+        ))))
     }
 
     async fn remove(&self, remote: &Connection, key: IdempotencyKey) -> Result<(), StepError> {
         let target = self.final_path();
-        match self.holds_ours(remote, &target).await {
-            Ok(true) => remote.remove_if_present(&target).await?,
-            Ok(false) => {}
-            Err(_) => tracing::warn!(
+        match self.found(remote, &target).await? {
+            Found::Ours => remote.remove_if_present(&target).await?,
+            Found::Absent => {}
+            Found::Other(_) => tracing::warn!(
                 path = %target,
                 "left in place: it holds other content than this step uploaded"
             ),
@@ -297,26 +339,41 @@ impl Upload {
     }
 }
 
+/// The file type bits of a mode, and a regular file's.
+const FILE_TYPE_MASK: u32 = 0o170_000;
+const REGULAR_FILE: u32 = 0o100_000;
+
+/// What a final name holds.
+enum Found {
+    Absent,
+    Ours,
+    Other(StepError),
+}
+
 /// Why a connection failed before SFTP started.
 #[derive(Debug, thiserror::Error)]
 enum ConnectError {
     #[error(transparent)]
     Ssh(#[from] russh::Error),
-    #[error("its host key is not the one line {line} of {known_hosts} records: refused")]
-    HostKeyChanged { line: usize, known_hosts: String },
+    #[error(
+        "its {algorithm} host key is not the one recorded at line {line} of {known_hosts}: refused"
+    )]
+    HostKeyChanged {
+        algorithm: String,
+        line: usize,
+        known_hosts: String,
+    },
     #[error("its host key ({algorithm}) is not in {known_hosts}: refused")]
     HostKeyUnknown {
         algorithm: String,
         known_hosts: String,
     },
-    #[error("cannot read {known_hosts}: {reason}")]
-    KnownHosts { known_hosts: String, reason: String },
 }
 
-/// Checks the server's key against the known-hosts file.
+/// Checks the server's key against the keys the known-hosts file records for it.
 struct HostCheck {
-    host: String,
-    port: u16,
+    /// (line, key) of every entry for the server.
+    recorded: Vec<(usize, PublicKey)>,
     known_hosts: PathBuf,
 }
 
@@ -328,19 +385,30 @@ impl russh::client::Handler for HostCheck {
         key: &PublicKeyOrCertificate,
     ) -> Result<bool, ConnectError> {
         let key = key.public_key();
+        // Any recorded key accepts the server (several keys of one type during a rotation);
+        // a recorded key of its type that is not it means the key changed.
+        if self
+            .recorded
+            .iter()
+            .any(|(_, r)| r.key_data() == key.key_data())
+        {
+            return Ok(true);
+        }
         let known_hosts = self.known_hosts.display().to_string();
-        match russh::keys::check_known_hosts_path(&self.host, self.port, &key, &self.known_hosts) {
-            Ok(true) => Ok(true),
-            Ok(false) => Err(ConnectError::HostKeyUnknown {
-                algorithm: key.algorithm().to_string(),
+        let algorithm = key.algorithm();
+        match self
+            .recorded
+            .iter()
+            .find(|(_, r)| same_key_type(&r.algorithm(), &algorithm))
+        {
+            Some((line, _)) => Err(ConnectError::HostKeyChanged {
+                algorithm: algorithm.to_string(),
+                line: *line,
                 known_hosts,
             }),
-            Err(russh::keys::Error::KeyChanged { line }) => {
-                Err(ConnectError::HostKeyChanged { line, known_hosts })
-            }
-            Err(e) => Err(ConnectError::KnownHosts {
+            None => Err(ConnectError::HostKeyUnknown {
+                algorithm: algorithm.to_string(),
                 known_hosts,
-                reason: e.to_string(),
             }),
         }
     }
@@ -379,27 +447,25 @@ impl Connection {
 
     async fn connect_within(server: &Server, label: &str) -> Result<Connection, StepError> {
         let known_hosts = &server.known_hosts;
-        let recorded = known_host_algorithms(server)?;
+        let recorded = recorded_keys(server)?;
         let mut config = russh::client::Config {
             nodelay: true,
             inactivity_timeout: Some(Duration::from_secs(REQUEST_TIMEOUT_S * 2)),
             ..Default::default()
         };
-        // Offer only the host key types the file records, as OpenSSH does, so a server with
-        // several keys shows one that can be checked.
-        let preferred: Vec<Algorithm> = config
-            .preferred
-            .key
-            .iter()
-            .filter(|a| recorded.iter().any(|r| same_key_type(a, r)))
-            .cloned()
-            .collect();
-        if !preferred.is_empty() {
-            config.preferred.key = preferred.into();
-        }
+        // Ask first for the host key types the file records, as OpenSSH does, so a server with
+        // several keys shows one that can be checked; the others stay, so a server with none
+        // of them is refused as unknown rather than failing to negotiate.
+        let (mut preferred, others): (Vec<Algorithm>, Vec<Algorithm>) =
+            config.preferred.key.iter().cloned().partition(|a| {
+                recorded
+                    .iter()
+                    .any(|(_, r)| same_key_type(a, &r.algorithm()))
+            });
+        preferred.extend(others);
+        config.preferred.key = preferred.into();
         let check = HostCheck {
-            host: server.host.clone(),
-            port: server.port,
+            recorded,
             known_hosts: known_hosts.clone(),
         };
         let mut ssh =
@@ -508,10 +574,10 @@ impl Connection {
         }
     }
 
-    /// The size of `path`, or `None` if it does not exist.
-    async fn size_of(&self, path: &str) -> Result<Option<u64>, StepError> {
+    /// The attributes of `path` (not following a link), or `None` if it does not exist.
+    async fn attributes(&self, path: &str) -> Result<Option<FileAttributes>, StepError> {
         match self.sftp.lstat(path).await {
-            Ok(attrs) => Ok(Some(attrs.attrs.size.unwrap_or(0))),
+            Ok(attrs) => Ok(Some(attrs.attrs)),
             Err(SftpError::Status(s)) if s.status_code == StatusCode::NoSuchFile => Ok(None),
             Err(e) => Err(self.failure("reading the attributes of", path, e)),
         }
@@ -543,12 +609,15 @@ impl Connection {
         };
         let written = self.write_all(&handle, path, source).await;
         let synced = match written {
-            Ok(()) if self.extensions.contains_key("fsync@openssh.com") => self
-                .sftp
-                .fsync(handle.as_str())
-                .await
-                .map(drop)
-                .map_err(|e| self.failure("syncing", path, e)),
+            Ok(()) if self.extensions.contains_key("fsync@openssh.com") => {
+                // A large file on slow storage may take longer to sync than a request.
+                self.sftp.set_timeout(SYNC_TIMEOUT_S);
+                let synced = self.sftp.fsync(handle.as_str()).await;
+                self.sftp.set_timeout(REQUEST_TIMEOUT_S);
+                synced
+                    .map(drop)
+                    .map_err(|e| self.failure("syncing", path, e))
+            }
             other => other,
         };
         let closed = self
@@ -563,8 +632,9 @@ impl Connection {
         let mut file = tokio::fs::File::open(source).await.map_err(|e| {
             StepError::retryable(format!("cannot open the source {}: {e}", source.display()))
         })?;
-        let mut in_flight = VecDeque::new();
-        let mut offset = 0u64;
+        // Not spawned: the requests in flight end with the step, never after it.
+        let mut in_flight = FuturesOrdered::new();
+        let (mut offset, mut done) = (0u64, 0usize);
         loop {
             let mut chunk = vec![0u8; REQUEST_BYTES];
             let n = read_full(&mut file, &mut chunk).await.map_err(|e| {
@@ -574,35 +644,35 @@ impl Connection {
                 break;
             }
             chunk.truncate(n);
-            let (sftp, handle) = (Arc::clone(&self.sftp), handle.to_string());
-            let at = offset;
-            in_flight.push_back(tokio::spawn(
-                async move { sftp.write(handle, at, chunk).await },
-            ));
-            if offset == 0 {
-                crash::point("sftp.after_partial_write");
-            }
+            in_flight.push_back(self.sftp.write(handle, offset, chunk));
             offset += n as u64;
             if in_flight.len() >= IN_FLIGHT {
-                self.written(in_flight.pop_front(), path).await?;
+                self.written(in_flight.next().await, path, &mut done)
+                    .await?;
             }
         }
-        while let Some(task) = in_flight.pop_front() {
-            self.written(Some(task), path).await?;
+        while !in_flight.is_empty() {
+            self.written(in_flight.next().await, path, &mut done)
+                .await?;
         }
         Ok(())
     }
 
+    /// One write's answer; the first one written is a crash point (a temporary file on the
+    /// server holds part of the content).
     async fn written(
         &self,
-        task: Option<tokio::task::JoinHandle<Result<russh_sftp::protocol::Status, SftpError>>>,
+        answer: Option<Result<russh_sftp::protocol::Status, SftpError>>,
         path: &str,
+        done: &mut usize,
     ) -> Result<(), StepError> {
-        let Some(task) = task else { return Ok(()) };
-        task.await
-            .map_err(|e| StepError::retryable(format!("sftp write task ended: {e}")))?
-            .map(drop)
-            .map_err(|e| self.failure("writing", path, e))
+        let Some(answer) = answer else { return Ok(()) };
+        answer.map_err(|e| self.failure("writing", path, e))?;
+        *done += 1;
+        if *done == 1 {
+            crash::point("sftp.after_partial_write");
+        }
+        Ok(())
     }
 
     /// The size and SHA-256 of `path` as the server returns it, read with up to
@@ -623,26 +693,18 @@ impl Connection {
 
     async fn digest_open(&self, handle: &str, path: &str) -> Result<(u64, String), StepError> {
         let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut next = 0u64;
-        let mut in_flight = VecDeque::new();
+        let (mut size, mut next) = (0u64, 0u64);
+        let mut in_flight = FuturesOrdered::new();
         let mut ended = false;
         loop {
             while !ended && in_flight.len() < IN_FLIGHT {
-                let (sftp, handle) = (Arc::clone(&self.sftp), handle.to_string());
-                let at = next;
-                in_flight.push_back(tokio::spawn(
-                    async move { read_range(&sftp, &handle, at).await },
-                ));
+                in_flight.push_back(read_range(&self.sftp, handle, next));
                 next += REQUEST_BYTES as u64;
             }
-            let Some(task) = in_flight.pop_front() else {
+            let Some(bytes) = in_flight.next().await else {
                 break;
             };
-            let bytes = task
-                .await
-                .map_err(|e| StepError::retryable(format!("sftp read task ended: {e}")))?
-                .map_err(|e| self.failure("reading back", path, e))?;
+            let bytes = bytes.map_err(|e| self.failure("reading back", path, e))?;
             if ended {
                 continue; // a range asked for past the end
             }
@@ -687,9 +749,10 @@ async fn read_full(file: &mut tokio::fs::File, buffer: &mut [u8]) -> std::io::Re
     Ok(filled)
 }
 
-/// The key types the known-hosts file records for the server: a missing file or one without
-/// the server is refused before connecting, naming the file and the entry it needs.
-fn known_host_algorithms(server: &Server) -> Result<Vec<Algorithm>, StepError> {
+/// The keys the known-hosts file records for the server, with their lines: a missing file or
+/// one without the server is refused before connecting, naming the file and the entry it
+/// needs.
+fn recorded_keys(server: &Server) -> Result<Vec<(usize, PublicKey)>, StepError> {
     let path = &server.known_hosts;
     let label = format!("{}@{}:{}", server.user, server.host, server.port);
     if !path.is_file() {
@@ -717,10 +780,7 @@ fn known_host_algorithms(server: &Server) -> Result<Vec<Algorithm>, StepError> {
             path.display()
         )));
     }
-    Ok(recorded
-        .into_iter()
-        .map(|(_, key)| key.algorithm())
-        .collect())
+    Ok(recorded)
 }
 
 /// RSA keys sign with several hashes; every other type is itself.
