@@ -4,6 +4,9 @@
 //! its single-part ETag), then delivered over SFTP (`sftp.upload`: a temporary name, read
 //! back and checked, renamed into place). The run completes only once the remote file is
 //! complete and verified; a run that cannot finish removes what it delivered and staged.
+//! After a delivery the verified copy stays in the staging directory (the output names it):
+//! remove it when it is no longer needed. Names are staged as they are delivered, so two
+//! deliveries of different objects under one name need different staging directories.
 //!
 //! Not among [`crate::KeelWorkflows::provisioning_workflows`]: its input names local paths
 //! (the staging directory, the known-hosts file, the credential file), so it belongs to
