@@ -111,7 +111,8 @@ fn resume_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
     ]
 }
 
-/// Memory: per sleeping run, and the whole run's peak.
+/// What the disk does not decide: memory per sleeping run, CPU per step, the whole run's
+/// peak memory.
 fn memory_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
     vec![
         Figure::size(
@@ -122,6 +123,15 @@ fn memory_figures(m: &Measured, sizes: Sizes) -> Vec<Figure> {
             m.memory_per_run_bytes,
             "bytes",
             Some(10_240.0),
+        ),
+        Figure::size(
+            format!(
+                "CPU per step, {} concurrent runs x 10 (user + system, every thread)",
+                thousands(sizes.concurrent_runs)
+            ),
+            m.concurrent_cpu_us_per_step,
+            "us",
+            Some(25.0),
         ),
         Figure::size(
             "peak RSS of the whole run (VmHWM)",

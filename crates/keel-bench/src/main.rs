@@ -561,6 +561,7 @@ struct Measured {
     sequential_steps_per_s: f64,
     fan_out_steps_per_s: f64,
     concurrent_steps_per_s: f64,
+    concurrent_cpu_us_per_step: f64,
     starts_per_s: f64,
     events_per_s: f64,
     resumed: resume::Resume,
@@ -589,8 +590,12 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
 
     let n = sizes.concurrent_runs;
     eprintln!("[5/9] {n} concurrent runs of 10 no-op steps...");
-    let concurrent_steps_per_s = measure::concurrent(dir, n).await?;
-    eprintln!("  {concurrent_steps_per_s:.0} steps/s");
+    let concurrent = measure::concurrent(dir, n).await?;
+    let concurrent_steps_per_s = concurrent.steps_per_s;
+    eprintln!(
+        "  {concurrent_steps_per_s:.0} steps/s, {:.1} us of CPU per step",
+        concurrent.cpu_us_per_step
+    );
 
     let n = sizes.starts;
     eprintln!("[6/9] {n} durable starts from 100 callers...");
@@ -624,6 +629,7 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
         sequential_steps_per_s,
         fan_out_steps_per_s,
         concurrent_steps_per_s,
+        concurrent_cpu_us_per_step: concurrent.cpu_us_per_step,
         starts_per_s,
         events_per_s,
         resumed,

@@ -109,16 +109,31 @@ pub(crate) async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
 /// `runs` concurrent runs of [`workload::CONCURRENT_RUN_STEPS`] (10) no-op steps each: all
 /// are started (from [`workload::CALLERS`] concurrent tasks, as a service would), then every
 /// result is awaited. Returns journaled steps/s across all runs, from the first start until
-/// the last result.
-pub(crate) async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<f64> {
+/// the last result, and the CPU the process spent meanwhile per step.
+pub(crate) async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<Concurrent> {
     const STEPS: u32 = workload::CONCURRENT_RUN_STEPS;
     let engine = open(&dir.join("concurrent")).await?;
+    let cpu_before = system::cpu_seconds()?;
     let started = Instant::now();
     start_concurrently::<Steps>(&engine, "concurrent", runs, &StepsInput { steps: STEPS }).await?;
     wait_all_completed(&engine, "concurrent", runs).await?;
-    let rate = f64::from(runs * STEPS) / started.elapsed().as_secs_f64();
+    let steps = f64::from(runs * STEPS);
+    let rate = steps / started.elapsed().as_secs_f64();
+    let cpu = system::cpu_seconds()? - cpu_before;
     engine.shutdown().await;
-    Ok(rate)
+    Ok(Concurrent {
+        steps_per_s: rate,
+        cpu_us_per_step: cpu * 1e6 / steps,
+    })
+}
+
+/// What [`concurrent`] measured.
+pub(crate) struct Concurrent {
+    /// Steps completed per second.
+    pub steps_per_s: f64,
+    /// The process's CPU time (every thread: the runs, the committer, sled's flusher, and the
+    /// benchmark's own starts and waits, which are a small part) per step, in microseconds.
+    pub cpu_us_per_step: f64,
 }
 
 /// Durable starts: [`workload::CALLERS`] concurrent tasks start `total` runs (distinct ids)

@@ -132,8 +132,8 @@ impl Figure {
         }
     }
 
-    /// A size in `unit` (bytes or MiB), which the disk does not influence; `max` is its
-    /// target (strictly below), if any.
+    /// A size in `unit` (bytes or MiB), or a CPU cost (us), which the disk does not
+    /// influence; `max` is its target (strictly below), if any.
     pub(crate) fn size(
         name: impl Into<String>,
         value: f64,

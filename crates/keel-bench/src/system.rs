@@ -87,6 +87,27 @@ pub(crate) fn rss_bytes(page_bytes: u64) -> anyhow::Result<u64> {
     Ok(pages * page_bytes)
 }
 
+/// CPU time this process has used so far (user and system, every thread), in seconds, from
+/// fields 14 and 15 of `/proc/self/stat` (in USER_HZ ticks: 100 per second on Linux, so a
+/// reading is good to 10 ms).
+pub(crate) fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Field 2, the command, is in parentheses and may hold spaces: count after its end, where
+    // field 3 comes first.
+    let after_command = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .with_context(|| format!("no command field in /proc/self/stat: {stat:?}"))?;
+    let fields: Vec<&str> = after_command.split_whitespace().collect();
+    let ticks = |n: usize| -> anyhow::Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|field| field.parse().ok())
+            .with_context(|| format!("no field {n} in /proc/self/stat: {stat:?}"))
+    };
+    Ok((ticks(14)? + ticks(15)?) as f64 / 100.0)
+}
+
 /// This process's peak resident set size so far, from `VmHWM` in `/proc/self/status`.
 pub(crate) fn peak_rss_bytes() -> anyhow::Result<u64> {
     let status =
