@@ -272,24 +272,8 @@ fn killed_at_every_crash_point_each_resource_exists_once_or_not_at_all() {
         // The first kill at the point's first hit (some points are met once per child: the one
         // compensation's start), the second at a seeded later hit, if the restarted child
         // meets the point that often.
-        let skips = [0, rng.gen_range(1..6u32)];
-        for (n, skip) in skips.into_iter().enumerate() {
-            let env = [
-                ("KEEL_CRASH_AT", point.to_string()),
-                ("KEEL_CRASH_SKIP", skip.to_string()),
-            ];
-            let ending = spec.run(&env, CHILD_TIMEOUT);
-            if n == 0 {
-                assert_eq!(
-                    ending,
-                    Ending::Killed,
-                    "{point} (skip {skip}) was never reached"
-                );
-            }
-            if ending == Ending::Killed {
-                kills += 1;
-            }
-        }
+        kills +=
+            spec.kill_at_first_and_later_hit(point, rng.gen_range(1..6u32), CHILD_TIMEOUT, || {});
         spec.run_until_finished(CHILD_TIMEOUT);
         runtime.block_on(async {
             verify(point, dir.path(), &account.sdk_config().await).await;

@@ -395,7 +395,7 @@ fn child_main() {
 /// left nothing live (its instance terminated, tagged by its own step).
 #[test]
 fn killed_at_every_crash_point_each_instance_and_disk_exists_once_or_not_at_all() {
-    use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+    use keel_testkit::crash::{is_child, path_env, ChildSpec};
     use rand::{Rng, SeedableRng};
     const NAME: &str =
         "killed_at_every_crash_point_each_instance_and_disk_exists_once_or_not_at_all";
@@ -440,23 +440,8 @@ fn killed_at_every_crash_point_each_instance_and_disk_exists_once_or_not_at_all(
             test_name: NAME,
             env,
         };
-        for (n, skip) in [0, rng.gen_range(1..6u32)].into_iter().enumerate() {
-            let env = [
-                ("KEEL_CRASH_AT", point.to_string()),
-                ("KEEL_CRASH_SKIP", skip.to_string()),
-            ];
-            let ending = spec.run(&env, CHILD_TIMEOUT);
-            if n == 0 {
-                assert_eq!(
-                    ending,
-                    Ending::Killed,
-                    "{point} (skip {skip}) was never reached"
-                );
-            }
-            if ending == Ending::Killed {
-                kills += 1;
-            }
-        }
+        kills +=
+            spec.kill_at_first_and_later_hit(point, rng.gen_range(1..6u32), CHILD_TIMEOUT, || {});
         spec.run_until_finished(CHILD_TIMEOUT);
         runtime.block_on(async {
             let (kept, undone) =

@@ -16,7 +16,7 @@ use keel_engine::{crash, Ctx, Engine, RunStatus, Workflow, WorkflowError};
 use keel_steps::files::{digest_of, sha256_hex, Publish, Published, Source, PARTIAL_SUFFIX};
 use keel_steps::s3::{DownloadToFile, S3Client};
 use keel_testkit::check::read_store_blocking;
-use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::crash::{is_child, path_env, ChildSpec};
 use keel_testkit::moto::TestAccount;
 use rand::{Rng, RngCore, SeedableRng};
 
@@ -317,20 +317,12 @@ fn killed_at_each_publication_crash_point_no_final_name_ever_holds_a_partial_fil
             ],
         };
         // At the point's first hit, then at a seeded later one if the restart meets it again.
-        for (n, skip) in [0, rng.gen_range(1..4u32)].into_iter().enumerate() {
-            let env = [
-                ("KEEL_CRASH_AT", point.to_string()),
-                ("KEEL_CRASH_SKIP", skip.to_string()),
-            ];
-            let ending = spec.run(&env, Duration::from_secs(120));
-            if n == 0 {
-                assert_eq!(ending, Ending::Killed, "{point} was never reached");
-            }
-            if ending == Ending::Killed {
-                kills += 1;
-                only_complete_files(&dest, &sources, point);
-            }
-        }
+        kills += spec.kill_at_first_and_later_hit(
+            point,
+            rng.gen_range(1..4u32),
+            Duration::from_secs(120),
+            || only_complete_files(&dest, &sources, point),
+        );
         spec.run_until_finished(Duration::from_secs(120));
         only_complete_files(&dest, &sources, point);
         let mut names: Vec<String> = std::fs::read_dir(&dest)

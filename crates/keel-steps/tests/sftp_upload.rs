@@ -18,7 +18,7 @@ use keel_engine::{
 use keel_steps::files::{digest_of, sha256_hex, PARTIAL_SUFFIX};
 use keel_steps::sftp::{Connection, Credential, Server, Upload, Uploaded};
 use keel_testkit::check::read_store_blocking;
-use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::crash::{is_child, path_env, ChildSpec};
 use keel_testkit::sshd::Sshd;
 use rand::{Rng, RngCore, SeedableRng};
 use russh_sftp::protocol::{FileAttributes, OpenFlags};
@@ -552,21 +552,14 @@ fn killed_at_each_upload_crash_point_no_final_name_ever_holds_a_partial_file() {
             ],
         };
         // At the point's first hit, then at a seeded later one if the restart meets it again.
-        for (n, skip) in [0, rng.gen_range(1..4u32)].into_iter().enumerate() {
-            let env = [
-                ("KEEL_CRASH_AT", point.to_string()),
-                ("KEEL_CRASH_SKIP", skip.to_string()),
-            ];
-            let ending = spec.run(&env, Duration::from_secs(120));
-            if n == 0 {
-                assert_eq!(ending, Ending::Killed, "{point} was never reached");
-            }
-            if ending == Ending::Killed {
-                kills += 1;
-                later_kills += n;
-                only_complete_files(&site.outbox, &site.sources, point);
-            }
-        }
+        let killed = spec.kill_at_first_and_later_hit(
+            point,
+            rng.gen_range(1..4u32),
+            Duration::from_secs(120),
+            || only_complete_files(&site.outbox, &site.sources, point),
+        );
+        kills += killed;
+        later_kills += killed - 1;
         spec.run_until_finished(Duration::from_secs(120));
         only_complete_files(&site.outbox, &site.sources, point);
         assert_eq!(

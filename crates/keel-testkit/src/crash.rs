@@ -82,6 +82,39 @@ impl ChildSpec<'_> {
 }
 
 impl ChildSpec<'_> {
+    /// Kills the child at `point`'s first hit, then, restarted, at its hit number
+    /// `later + 1` if it meets the point that often (`KEEL_CRASH_SKIP`), calling `after_kill`
+    /// after each kill (to check ground truth). Returns the kills: 1, or 2 when the later hit
+    /// was met. Panics if the first hit is never reached.
+    pub fn kill_at_first_and_later_hit(
+        &self,
+        point: &str,
+        later: u32,
+        timeout: Duration,
+        mut after_kill: impl FnMut(),
+    ) -> usize {
+        let mut kills = 0;
+        for (n, skip) in [0, later].into_iter().enumerate() {
+            let env = [
+                ("KEEL_CRASH_AT", point.to_string()),
+                ("KEEL_CRASH_SKIP", skip.to_string()),
+            ];
+            let ending = self.run(&env, timeout);
+            if n == 0 {
+                assert_eq!(
+                    ending,
+                    Ending::Killed,
+                    "{point} (skip {skip}) was never reached"
+                );
+            }
+            if ending == Ending::Killed {
+                kills += 1;
+                after_kill();
+            }
+        }
+        kills
+    }
+
     /// Restarts the child, unarmed, until it finishes; returns how many starts it took.
     /// Panics after 10 starts that all ended killed.
     pub fn run_until_finished(&self, timeout: Duration) -> u32 {
