@@ -209,8 +209,17 @@ pub fn path_env(dir: &Path, name: &str) -> String {
 }
 
 /// The runtime crash tests use, in the parent and in the child: two worker threads (the CI
-/// machine's cores), timers and I/O enabled.
+/// machine's cores), timers and I/O enabled. In a child it also sends what sled and the
+/// store's recovery say about damage to stderr, which the parent prints when the child fails:
+/// a store that cannot open after a kill then says which of sled's checks refused it.
 pub fn runtime() -> tokio::runtime::Runtime {
+    if is_child() {
+        // Few lines by design: the parent reads the child's stderr only once it has exited.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("sled=warn,keel_engine::store::sled::recovery=warn")
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
