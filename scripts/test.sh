@@ -34,6 +34,15 @@ if [ ! -x /usr/sbin/sshd ]; then
   echo "test: installing openssh-server (Debian) for the SFTP tests" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openssh-server; } >&2
 fi
+# tests/store_syncs.rs counts the store's syncs with strace.
+if ! command -v strace >/dev/null; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "test: strace is missing and only root can install it (apt-get install strace)" >&2
+    exit 1
+  fi
+  echo "test: installing strace (Debian) for the store's sync count" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends strace; } >&2
+fi
 out=$(mktemp)
 pg_dir=""
 cleanup() {

@@ -202,6 +202,8 @@ pub struct Inner {
     #[doc(hidden)]
     pub temporary: bool,
     #[doc(hidden)]
+    pub sync_data_on_write: bool,
+    #[doc(hidden)]
     pub use_compression: bool,
     #[doc(hidden)]
     pub compression_factor: i32,
@@ -230,6 +232,7 @@ impl Default for Inner {
             use_compression: false,
             compression_factor: 5,
             temporary: false,
+            sync_data_on_write: false,
             version: crate_version(),
 
             // useful in testing
@@ -510,6 +513,11 @@ impl Config {
             create_new,
             bool,
             "attempts to exclusively open the database, failing if it already exists"
+        ),
+        (
+            sync_data_on_write,
+            bool,
+            "(Keel's patch) make each log write durable with `fdatasync` (data, file size and the device cache) instead of Linux's `sync_file_range`, which waits for the device but flushes neither its cache nor the file's size: a flush then costs one device round trip and leaves nothing for the caller to sync"
         ),
         (
             print_profile_on_drop,

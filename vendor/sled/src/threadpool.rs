@@ -68,7 +68,9 @@ impl Queue {
         // with the notify below.
         drop(queue);
 
-        self.cv.notify_all();
+        // Keel's patch: one piece of work needs one thread; `notify_all` woke every idle IO
+        // thread (7 or more) for each write only for all but one to find the queue empty.
+        self.cv.notify_one();
 
         len
     }

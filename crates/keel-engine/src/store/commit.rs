@@ -22,8 +22,9 @@ use crate::error::{EngineError, Result};
 /// What a durable write survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// Survives power loss: sled's flush, then `fdatasync` of its log file and of any new
-    /// blob file. The default.
+    /// Survives power loss: sled's flush, each of whose log writes ends in `fdatasync`
+    /// (Keel's patched sled, `vendor/sled/KEEL-PATCHES.md`), then a sync of any new blob
+    /// file. The default.
     #[default]
     PowerLoss,
     /// Survives a crash of the process, not of the machine: sled's flush only (on Linux it

@@ -118,7 +118,7 @@ impl SledStore {
             .map_err(|e| storage(path, sled::Error::Io(e)))?;
         let marked = mark::read(path).map_err(|e| storage(path, sled::Error::Io(e)))?;
         let kept = keep_if_shorter(path, &marked);
-        let db = open_db(path).map_err(|e| with_kept(e, kept.as_deref()))?;
+        let db = open_db(path, options.durability).map_err(|e| with_kept(e, kept.as_deref()))?;
         let sequence_tree = db
             .open_tree(mark::SEQUENCE_TREE)
             .map_err(|e| storage(path, e))?;

@@ -15,24 +15,33 @@ use crate::contain::contained_sync;
 use crate::error::{EngineError, Result};
 use crate::journal::{RunRecord, RunStatus};
 use crate::limits::{OPEN_LOCK_WAIT_MAX, RUN_RECORD_BYTES_MAX};
+use crate::store::commit::Durability;
 use crate::store::mark::{self, Commit, Marked};
 
 /// Opens sled, waiting up to `OPEN_LOCK_WAIT_MAX` for the lock: sled 0.34 releases its file
 /// lock on background threads after its last handle is dropped, so an engine reopened in the
 /// same process right after a shutdown can find the lock still held for a moment (about 1.5%
 /// of immediate reopens here). A lock held longer is another process's.
-pub(super) fn open_db(path: &Path) -> Result<sled::Db> {
+///
+/// At `PowerLoss` sled makes each of its log writes durable itself (`sync_data_on_write`, a
+/// patch Keel carries in `vendor/sled`): one `fdatasync` in place of sled's waited
+/// `sync_file_range` followed by the committer's own `fdatasync`.
+pub(super) fn open_db(path: &Path, durability: Durability) -> Result<sled::Db> {
     remove_torn_snapshots(path)?;
     let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
     loop {
         // sled 0.34 panics on some damaged logs (a `db` file cut short, say) instead of
         // returning an error.
-        let opened = contained_sync(|| sled::Config::new().path(path).open()).map_err(|panic| {
-            EngineError::StoreDamaged {
-                file: path.join("db"),
-                detail: format!("sled cannot recover its log from it (sled panicked: {panic})"),
-                advice: RESTORE_ADVICE.into(),
-            }
+        let opened = contained_sync(|| {
+            sled::Config::new()
+                .path(path)
+                .sync_data_on_write(durability == Durability::PowerLoss)
+                .open()
+        })
+        .map_err(|panic| EngineError::StoreDamaged {
+            file: path.join("db"),
+            detail: format!("sled cannot recover its log from it (sled panicked: {panic})"),
+            advice: RESTORE_ADVICE.into(),
         })?;
         match opened.map_err(|e| open_error(path, e)) {
             Err(EngineError::Locked { .. }) if std::time::Instant::now() < deadline => {

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use crate::store::commit::Durability;
 use crate::store::mark::{self, Commit, MarkHandle};
 
-/// The sync the committer runs. sled's `flush` writes its buffers and, on Linux, calls
-/// `sync_file_range`; for power-loss durability the log file is then `fdatasync`ed, and so is
-/// every blob file sled has created since (sled writes blobs without syncing them).
+/// The sync the committer runs. sled's `flush` writes its buffers; at `PowerLoss` sled was
+/// opened with `sync_data_on_write` (`recovery::open_db`), so each buffer write ends in an
+/// `fdatasync` of the log and the flush returns with the log durable: one device round trip.
+/// Every blob file sled has created since is then synced here (sled writes blobs without
+/// syncing them). At `ProcessCrash` sled's flush ends in `sync_file_range` and nothing more.
 ///
 /// Each sync first writes its commit sequence (`store/mark.rs`), then hands the commit to
 /// the marker once it is durable. A sync with nothing to do returns at once: the store
@@ -28,7 +30,6 @@ pub(super) fn sync_fn(
     mark: MarkHandle,
     written: Arc<AtomicU64>,
 ) -> std::io::Result<impl FnMut() -> std::io::Result<()> + Send + 'static> {
-    let log = File::open(path.join("db"))?;
     let blobs_dir = path.join("blobs");
     // The directory entries of the store's files must be durable too.
     File::open(path)?.sync_all()?;
@@ -54,7 +55,6 @@ pub(super) fn sync_fn(
             mark.durable(commit);
             return Ok(());
         }
-        log.sync_data()?;
         let mut new_blob = false;
         if let Ok(entries) = std::fs::read_dir(&blobs_dir) {
             for entry in entries {

@@ -1,0 +1,154 @@
+//! What a commit asks of the disk on the sled store, counted by `strace` around a child
+//! process that runs one workflow of sequential steps (each step's start is made durable
+//! before the step runs, so each is at least one commit):
+//!
+//! - at `PowerLoss`, every commit is one `fdatasync` of sled's log, ended by sled's own write
+//!   (Keel's patched sled, `vendor/sled/KEEL-PATCHES.md`), and there is no
+//!   `sync_file_range`: one device round trip per commit. With the published sled 0.34.7
+//!   each commit was a waited `sync_file_range` and then the committer's `fdatasync`;
+//! - at `ProcessCrash`, commits are `sync_file_range` only, and the log is never
+//!   `fdatasync`ed.
+//!
+//! Needs `strace` (scripts/test.sh installs Debian's when it is missing).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use keel::{Ctx, Durability, Engine, Step, StepContext, StepError, Workflow, WorkflowError};
+use keel_testkit::crash::{is_child, path_env};
+use serde::{Deserialize, Serialize};
+
+const STEPS: u32 = 40;
+
+/// Does nothing; its argument makes every journal entry distinct.
+#[derive(Serialize, Deserialize)]
+struct Nothing(u32);
+
+impl Step for Nothing {
+    const KIND: &'static str = "test.nothing";
+    type Output = ();
+    const COMPENSABLE: bool = false;
+
+    async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// `n` steps, one after the other.
+struct Sequential;
+
+impl Workflow for Sequential {
+    const NAME: &'static str = "test.sequential";
+    type Input = u32;
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, n: u32) -> Result<(), WorkflowError> {
+        for i in 0..n {
+            ctx.step(Nothing(i)).await?;
+        }
+        Ok(())
+    }
+}
+
+fn durability_named(name: &str) -> Durability {
+    match name {
+        "PowerLoss" => Durability::PowerLoss,
+        "ProcessCrash" => Durability::ProcessCrash,
+        other => panic!("unknown durability {other}"),
+    }
+}
+
+/// The child: one run of `STEPS` steps to its end, on a fresh store.
+fn child_main() {
+    let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
+    let durability = durability_named(&std::env::var("KEEL_DURABILITY").expect("KEEL_DURABILITY"));
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = Engine::builder(&dir)
+            .durability(durability)
+            .workflow::<Sequential>()
+            .step::<Nothing>()
+            .open()
+            .await
+            .expect("opening the store");
+        engine
+            .start::<Sequential>("sequential", STEPS)
+            .await
+            .expect("starting")
+            .result()
+            .await
+            .expect("the run completes");
+        engine.shutdown().await;
+    });
+}
+
+/// How many calls of each sync the child made, on any file.
+#[derive(Debug)]
+struct Syncs {
+    fdatasync: usize,
+    sync_file_range: usize,
+}
+
+/// Runs the child under `strace` at `durability` and counts its syncs.
+fn traced(test_name: &str, dir: &Path, durability: &str) -> Syncs {
+    let trace = dir.join(format!("{durability}.strace"));
+    let exe = std::env::current_exe().expect("current test binary");
+    let status = Command::new("strace")
+        .args([
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fdatasync,fsync,sync_file_range",
+            "-o",
+        ])
+        .arg(&trace)
+        .arg(exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(keel_testkit::crash::CHILD_ENV, "1")
+        .env("KEEL_DATA_DIR", path_env(dir, durability))
+        .env("KEEL_DURABILITY", durability)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("strace runs (scripts/test.sh installs it: apt-get install strace)");
+    assert!(status.success(), "the traced child failed: {status}");
+    let text = std::fs::read_to_string(&trace).expect("strace's output");
+    Syncs {
+        fdatasync: text.matches("fdatasync(").count(),
+        sync_file_range: text.matches("sync_file_range(").count(),
+    }
+}
+
+#[test]
+fn a_power_loss_commit_is_one_fdatasync_and_a_process_crash_commit_none() {
+    const NAME: &str = "a_power_loss_commit_is_one_fdatasync_and_a_process_crash_commit_none";
+    if is_child() {
+        return child_main();
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    let power_loss = traced(NAME, dir.path(), "PowerLoss");
+    assert_eq!(
+        power_loss.sync_file_range, 0,
+        "at PowerLoss sled's log writes must end in fdatasync, not sync_file_range: {power_loss:?}"
+    );
+    // Each step's start is its own commit; the mark file, the store's directory and the run's
+    // start and end add a few more.
+    assert!(
+        power_loss.fdatasync >= STEPS as usize,
+        "fewer fdatasyncs than commits: a step was not made durable ({power_loss:?})"
+    );
+    assert!(
+        power_loss.fdatasync < 2 * STEPS as usize,
+        "more than one fdatasync per commit ({power_loss:?})"
+    );
+
+    let process_crash = traced(NAME, dir.path(), "ProcessCrash");
+    assert!(
+        process_crash.sync_file_range >= STEPS as usize,
+        "at ProcessCrash each commit is sled's sync_file_range: {process_crash:?}"
+    );
+    assert!(
+        process_crash.fdatasync < STEPS as usize / 2,
+        "at ProcessCrash the log is not fdatasynced per commit: {process_crash:?}"
+    );
+}
