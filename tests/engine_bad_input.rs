@@ -574,3 +574,74 @@ async fn torn_sled_snapshot_left_by_a_crash_does_not_lose_the_store() {
     }
     engine.shutdown().await;
 }
+
+/// The settings sled 0.34.7 writes to `conf` at a store's first open, without the CRC-32 that
+/// its second write appends: what a process killed between the two writes leaves.
+const TORN_CONFIG: &[u8] = b"segment_size: 524288\nuse_compression: false\nversion: 0.34\n";
+
+/// A process killed while sled first writes its configuration file leaves the settings without
+/// their CRC, and plain sled 0.34 refuses every later open of the store with `Corruption` (CI
+/// met it in `crash_at_random_moments`). Such a store holds nothing yet: the engine removes
+/// the torn file, opens, and runs. A torn configuration beside a log that holds data did not
+/// come from a crash: the engine refuses it as damaged, naming the file, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_sled_config_left_by_a_crash_at_first_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("effects.jsonl");
+    let input = EffectFlowInput {
+        steps: 2,
+        fail_at: None,
+        sleep_ms: 1,
+        log: log.to_string_lossy().into_owned(),
+    };
+
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::write(fresh.join("conf"), TORN_CONFIG).unwrap();
+    let refused = keel_testkit::raw::try_open(&fresh);
+    assert!(
+        matches!(refused, Err(sled::Error::Corruption { .. })),
+        "plain sled must refuse the store: {refused:?}"
+    );
+    drop(refused);
+    std::fs::write(fresh.join("conf"), TORN_CONFIG).unwrap();
+    let engine = open(&fresh).await;
+    engine
+        .start::<EffectFlow>("after-the-torn-config", input.clone())
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    engine.shutdown().await;
+    let conf = std::fs::read(fresh.join("conf")).unwrap();
+    assert_ne!(conf, TORN_CONFIG, "sled wrote its configuration again");
+
+    let kept = dir.path().join("kept");
+    {
+        let engine = open(&kept).await;
+        engine
+            .start::<EffectFlow>("kept", input)
+            .await
+            .unwrap()
+            .result()
+            .await
+            .unwrap();
+        engine.shutdown().await;
+    }
+    std::fs::write(kept.join("conf"), TORN_CONFIG).unwrap();
+    let db_before = std::fs::read(kept.join("db")).unwrap();
+    let opened = Engine::builder(&kept)
+        .workflow::<EffectFlow>()
+        .step::<EffectStep>()
+        .open()
+        .await;
+    match opened {
+        Err(EngineError::StoreDamaged { file, detail, .. }) => {
+            assert!(file.ends_with("conf"), "{file:?}: {detail}");
+        }
+        other => panic!("a torn configuration beside data must be refused: {other:?}"),
+    }
+    assert_eq!(std::fs::read(kept.join("conf")).unwrap(), TORN_CONFIG);
+    assert_eq!(std::fs::read(kept.join("db")).unwrap(), db_before);
+}

@@ -681,10 +681,13 @@ impl Config {
         let mut f =
             fs::OpenOptions::new().write(true).create(true).open(path)?;
 
+        // Keel's patch: the settings and their CRC in one write, so that a process killed
+        // here leaves either no settings or all of them (two writes could leave the settings
+        // without their CRC, which every later open then refused as corruption).
+        let mut whole = bytes;
+        whole.extend_from_slice(&crc_arr);
         io_fail!(self, "write_config bytes");
-        f.write_all(&*bytes)?;
-        io_fail!(self, "write_config crc");
-        f.write_all(&crc_arr)?;
+        f.write_all(&whole)?;
         io_fail!(self, "write_config post");
         Ok(())
     }

@@ -27,6 +27,7 @@ use crate::store::mark::{self, Commit, Marked};
 /// patch Keel carries in `vendor/sled`): one `fdatasync` in place of sled's waited
 /// `sync_file_range` followed by the committer's own `fdatasync`.
 pub(super) fn open_db(path: &Path, durability: Durability) -> Result<sled::Db> {
+    remove_torn_config(path)?;
     remove_torn_snapshots(path)?;
     let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
     loop {
@@ -50,6 +51,51 @@ pub(super) fn open_db(path: &Path, durability: Durability) -> Result<sled::Db> {
             other => return other,
         }
     }
+}
+
+/// Removes sled's configuration file `conf` when a crash tore it before the store held
+/// anything.
+///
+/// sled 0.34.7 writes `conf` at the first open of a store, before it creates its log `db`,
+/// with two writes: the settings as text, then their CRC-32 (and no sync). A process killed
+/// between the two leaves the text without its CRC; every later open reads the text's last four
+/// bytes as the CRC, warns that it does not match, parses the rest (`version: 0.`) and fails
+/// with `Corruption` (the crash tests met it once in CI). Such a file can only be left by a
+/// first open that never got as far as the log, so while `db` is absent or empty the store
+/// holds nothing and removing the file lets sled write it again. A torn `conf` beside a log
+/// that holds data did not come from a crash: the store is refused, naming the file, and
+/// nothing is changed. Files of 8 bytes or less sled rewrites itself.
+fn remove_torn_config(path: &Path) -> Result<()> {
+    let conf = path.join("conf");
+    let bytes = match std::fs::read(&conf) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(storage(path, sled::Error::Io(e))),
+    };
+    if bytes.len() <= 8 || config_is_whole(&bytes) {
+        return Ok(());
+    }
+    if db_bytes(path) > 0 {
+        return Err(EngineError::StoreDamaged {
+            file: conf,
+            detail: format!(
+                "sled's configuration file ({} bytes) fails its checksum, beside a log that holds data",
+                bytes.len()
+            ),
+            advice: RESTORE_ADVICE.into(),
+        });
+    }
+    tracing::warn!(file = %conf.display(), bytes = bytes.len(), "removing sled's configuration file, torn by a crash during the store's first open");
+    std::fs::remove_file(&conf).map_err(|e| storage(path, sled::Error::Io(e)))?;
+    File::open(path)
+        .and_then(|dir| dir.sync_all())
+        .map_err(|e| sync_error(path, e))
+}
+
+/// sled's configuration layout: the settings, then a 4-byte little-endian CRC-32 of them.
+fn config_is_whole(bytes: &[u8]) -> bool {
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    crc32fast::hash(body) == u32::from_le_bytes(crc.try_into().expect("4 bytes"))
 }
 
 /// Removes snapshot files that sled 0.34.7 would choose at recovery and then reject.

@@ -73,14 +73,16 @@ pub(super) fn sync_fn(
     })
 }
 
-/// Makes everything sled holds durable (at `PowerLoss`: its log and blob files), before
-/// the store's first mark claims it: what sled recovered at open may be in the page cache
-/// only (the process died after a flush and before its `fdatasync`).
+/// Makes everything sled holds durable (at `PowerLoss`: its configuration, log and blob
+/// files), before the store's first mark claims it: what sled recovered at open may be in the
+/// page cache only (the process died after a flush and before its `fdatasync`), and sled
+/// never syncs the configuration file it writes at a store's first open.
 pub(super) fn sync_all(path: &Path, db: &sled::Db, durability: Durability) -> std::io::Result<()> {
     db.flush().map_err(std::io::Error::other)?;
     if durability == Durability::ProcessCrash {
         return Ok(());
     }
+    File::open(path.join("conf"))?.sync_all()?;
     File::open(path.join("db"))?.sync_data()?;
     let blobs_dir = path.join("blobs");
     if let Ok(entries) = std::fs::read_dir(&blobs_dir) {
