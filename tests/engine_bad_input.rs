@@ -52,6 +52,22 @@ async fn open(data: &Path) -> Engine {
     .await
 }
 
+/// Runs `id` to its end on the store at `data`, closes the engine and returns the run's
+/// history.
+async fn finished_run(data: &Path, id: &str, input: EffectFlowInput) -> RunHistory {
+    let engine = open(data).await;
+    engine
+        .start::<EffectFlow>(id, input)
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    let history = engine.history(id).await.unwrap();
+    engine.shutdown().await;
+    history
+}
+
 /// The child of [`second_process_gets_locked_error`]: opens the data directory and expects
 /// what `KEEL_EXPECT` says ("locked", or "open" once the parent let go); exits 0 if so and
 /// panics otherwise.
@@ -529,19 +545,7 @@ async fn torn_sled_snapshot_left_by_a_crash_does_not_lose_the_store() {
         sleep_ms: 1,
         log: log.to_string_lossy().into_owned(),
     };
-    let before = {
-        let engine = open(&data).await;
-        engine
-            .start::<EffectFlow>("kept", input)
-            .await
-            .unwrap()
-            .result()
-            .await
-            .unwrap();
-        let history = engine.history("kept").await.unwrap();
-        engine.shutdown().await;
-        history
-    };
+    let before = finished_run(&data, "kept", input).await;
     // What a SIGKILL in the middle of sled's snapshot write leaves: a truncated file under the
     // temporary name, sorting after every committed snapshot.
     let torn = data.join("snap.FFFFFFFFFFFFFFFF.generating");
@@ -605,30 +609,12 @@ async fn torn_sled_config_left_by_a_crash_at_first_open() {
     );
     drop(refused);
     std::fs::write(fresh.join("conf"), TORN_CONFIG).unwrap();
-    let engine = open(&fresh).await;
-    engine
-        .start::<EffectFlow>("after-the-torn-config", input.clone())
-        .await
-        .unwrap()
-        .result()
-        .await
-        .unwrap();
-    engine.shutdown().await;
+    finished_run(&fresh, "after-the-torn-config", input.clone()).await;
     let conf = std::fs::read(fresh.join("conf")).unwrap();
     assert_ne!(conf, TORN_CONFIG, "sled wrote its configuration again");
 
     let kept = dir.path().join("kept");
-    {
-        let engine = open(&kept).await;
-        engine
-            .start::<EffectFlow>("kept", input)
-            .await
-            .unwrap()
-            .result()
-            .await
-            .unwrap();
-        engine.shutdown().await;
-    }
+    finished_run(&kept, "kept", input).await;
     std::fs::write(kept.join("conf"), TORN_CONFIG).unwrap();
     let db_before = std::fs::read(kept.join("db")).unwrap();
     let opened = Engine::builder(&kept)
