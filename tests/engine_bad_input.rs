@@ -599,8 +599,10 @@ async fn torn_sled_config_left_by_a_crash_at_first_open() {
         log: log.to_string_lossy().into_owned(),
     };
 
+    // What sled's first open leaves when killed between its two writes: `blobs/`, and
+    // `conf` without its CRC; no log yet.
     let fresh = dir.path().join("fresh");
-    std::fs::create_dir_all(&fresh).unwrap();
+    std::fs::create_dir_all(fresh.join("blobs")).unwrap();
     std::fs::write(fresh.join("conf"), TORN_CONFIG).unwrap();
     let refused = keel_testkit::raw::try_open(&fresh);
     assert!(

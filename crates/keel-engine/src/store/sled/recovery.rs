@@ -59,7 +59,7 @@ pub(super) fn open_db(path: &Path, durability: Durability) -> Result<sled::Db> {
 /// sled 0.34.7 writes `conf` at the first open of a store, before it creates its log `db`,
 /// with two writes: the settings as text, then their CRC-32 (and no sync). A process killed
 /// between the two leaves the text without its CRC; every later open reads the text's last four
-/// bytes as the CRC, warns that it does not match, parses the rest (`version: 0.`) and fails
+/// bytes as the CRC, warns that it does not match, parses the rest (`version: 0`) and fails
 /// with `Corruption` (the crash tests met it once in CI). Such a file can only be left by a
 /// first open that never got as far as the log, so while `db` is absent or empty the store
 /// holds nothing and removing the file lets sled write it again. A torn `conf` beside a log
