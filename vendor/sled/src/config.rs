@@ -352,7 +352,11 @@ impl Config {
         let file = config.open_file()?;
 
         // seal config in a Config
-        let config = RunningConfig { inner: config, file: Arc::new(file) };
+        let config = RunningConfig {
+            inner: config,
+            file: Arc::new(file),
+            log_sync: Arc::default(),
+        };
 
         Db::start_inner(config)
     }
@@ -442,7 +446,7 @@ impl Config {
         });
 
         // seal config in a Config
-        RunningConfig { inner: self, file: Arc::new(file) }
+        RunningConfig { inner: self, file: Arc::new(file), log_sync: Arc::default() }
     }
 
     fn gen_temp_path() -> PathBuf {
@@ -796,6 +800,8 @@ impl Config {
 pub struct RunningConfig {
     inner: Config,
     pub(crate) file: Arc<File>,
+    /// Keel's patch: serialises the syncs of `file` (`sync_log`).
+    log_sync: Arc<parking_lot::Mutex<()>>,
 }
 
 #[allow(unsafe_code)]
@@ -829,6 +835,24 @@ impl Drop for Inner {
 }
 
 impl RunningConfig {
+    /// Keel's patch: syncs the log file (`fdatasync`, or `fsync` when `all`) and records a
+    /// failure as the global error, so that every later flush fails too. Linux reports a
+    /// write-back error once per open file, and every sled thread shares this one: so the
+    /// syncs are serialised and the global error is checked after each, or a sync returning
+    /// success could slip between another's consuming the error and its recording it, and a
+    /// flush would report durable what the disk failed to write.
+    pub(crate) fn sync_log(&self, all: bool) -> Result<()> {
+        let _serial = self.log_sync.lock();
+        let synced =
+            if all { self.file.sync_all() } else { self.file.sync_data() };
+        if let Err(error) = synced {
+            let error = Error::from(error);
+            self.set_global_error(error.clone());
+            return Err(error);
+        }
+        self.global_error()
+    }
+
     // returns the snapshot file paths for this system
     #[doc(hidden)]
     pub fn get_snapshot_files(&self) -> io::Result<Vec<PathBuf>> {

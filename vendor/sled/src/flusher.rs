@@ -134,7 +134,15 @@ fn run(
                 && before.elapsed() < flush_every / 2
         } {}
 
-        if let Err(e) = pagecache.config.file.sync_all() {
+        // Keel's patch: with `sync_data_on_write`, through `sync_log`, which makes a failure
+        // the global error instead of only logging it (it may be the only sync that hears of
+        // a failed write-back).
+        let synced = if pagecache.config.sync_data_on_write {
+            pagecache.config.sync_log(true)
+        } else {
+            pagecache.config.file.sync_all().map_err(Error::from)
+        };
+        if let Err(e) = synced {
             error!("failed to fsync from periodic flush thread: {}", e);
         }
 

@@ -731,7 +731,7 @@ impl IoBufs {
             if self.config.sync_data_on_write {
                 // Keel's patch: one call that writes the range out, the file's size, and
                 // flushes the device cache.
-                f.sync_data()?;
+                self.config.sync_log(false)?;
             } else if !self.config.temporary {
                 #[cfg(target_os = "linux")]
                 {

@@ -1097,11 +1097,14 @@ impl SegmentAccountant {
         io_fail!(&config, "file truncation");
         threadpool::spawn(move || {
             debug!("truncating file to length {}", at);
-            let res = config
-                .file
-                .set_len(at)
-                .and_then(|_| config.file.sync_all())
-                .map_err(|e| e.into());
+            // Keel's patch: with `sync_data_on_write`, the sync goes through `sync_log`.
+            let res = config.file.set_len(at).map_err(Error::from).and_then(|_| {
+                if config.sync_data_on_write {
+                    config.sync_log(true)
+                } else {
+                    config.file.sync_all().map_err(Error::from)
+                }
+            });
             completer.fill(res);
         })?;
 
