@@ -20,9 +20,12 @@ use keel_testkit::flows::{EffectFlow, EffectFlowInput, EffectStep};
 use keel_testkit::postgres::{execute, fencing_breaches, fresh_database, query_texts};
 use serde::{Deserialize, Serialize};
 
-/// Short leases, so that a takeover after an expiry happens within the test.
+/// Short leases, so that a takeover after an expiry happens within the test. The tests end
+/// leases with SQL (`end_lease`) where they need an expiry, so the length only has to outlast
+/// a renewal's round trip: 1 s was too little on the 2-core CI machine with the other test lane
+/// syncing the same disk (a clean CI run lost a lease to one late renewal), 3 s is not.
 const LEASES: Leases = Leases {
-    length: Duration::from_millis(1_000),
+    length: Duration::from_millis(3_000),
     renew_every: Duration::from_millis(200),
     claim_every: Duration::from_millis(100),
 };

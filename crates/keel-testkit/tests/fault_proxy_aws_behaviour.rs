@@ -440,7 +440,12 @@ fn ec2_instances_start_late_get_stuck_and_flap_and_new_volumes_lag() {
         instance_ids(&body).remove(0)
     };
     let started = Instant::now();
-    let (usual, stuck) = (launch("run/1"), launch("stuck/1"));
+    let usual = launch("run/1");
+    // The proxy starts an instance's pending window when it passes the launch on, which is
+    // before `launch` returns: waiting out the window is counted from here, not from
+    // `started` (under load the launch itself can take much of the window).
+    let usual_launched = Instant::now();
+    let stuck = launch("stuck/1");
     let read = |id: &str| via("DescribeInstances", &[("InstanceId.1", id)]);
 
     // Both read pending at first; moto says both run.
@@ -490,7 +495,7 @@ fn ec2_instances_start_late_get_stuck_and_flap_and_new_volumes_lag() {
 
     // After the pending window: the usual instance runs, the stuck one never does.
     let margin = Duration::from_millis(100);
-    std::thread::sleep((PENDING + margin).saturating_sub(started.elapsed()));
+    std::thread::sleep((PENDING + margin).saturating_sub(usual_launched.elapsed()));
     std::thread::sleep((VOLUME_LAG + margin).saturating_sub(volume_made.elapsed()));
     assert_eq!(
         instance_states(&read(&stuck).1),
