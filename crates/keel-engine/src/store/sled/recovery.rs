@@ -94,8 +94,17 @@ fn remove_torn_config(path: &Path) -> Result<()> {
 
 /// sled's configuration layout: the settings, then a 4-byte little-endian CRC-32 of them.
 fn config_is_whole(bytes: &[u8]) -> bool {
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    crc32fast::hash(body) == u32::from_le_bytes(crc.try_into().expect("4 bytes"))
+    ends_in_crc_of_body(bytes, 0)
+}
+
+/// Whether `bytes` end in a little-endian CRC-32 of everything before the last
+/// `between + 4` bytes (sled's trailers: `between` bytes of other fields, then the CRC).
+fn ends_in_crc_of_body(bytes: &[u8], between: usize) -> bool {
+    let Some(body_len) = bytes.len().checked_sub(between + 4) else {
+        return false;
+    };
+    let crc = &bytes[bytes.len() - 4..];
+    crc32fast::hash(&bytes[..body_len]) == u32::from_le_bytes(crc.try_into().expect("4 bytes"))
 }
 
 /// Removes snapshot files that sled 0.34.7 would choose at recovery and then reject.
@@ -136,12 +145,7 @@ fn remove_torn_snapshots(path: &Path) -> Result<()> {
 
 /// sled's snapshot layout: body, 8-byte length, 4-byte little-endian CRC-32 of the body.
 fn snapshot_is_whole(bytes: &[u8]) -> bool {
-    if bytes.len() <= 12 {
-        return false;
-    }
-    let (body, trailer) = bytes.split_at(bytes.len() - 12);
-    let crc = u32::from_le_bytes(trailer[8..].try_into().expect("4 bytes"));
-    crc32fast::hash(body) == crc
+    bytes.len() > 12 && ends_in_crc_of_body(bytes, 8)
 }
 
 /// sled reports a held lock as an `Other` I/O error whose text says so; there is no typed
