@@ -19,7 +19,8 @@
 //! concurrent BOSH-like runs against a simulated cloud while killing the engine's process,
 //! `workers` measures throughput with several engine processes on one PostgreSQL database,
 //! `machines` provisions machines with disks against moto playing the CPI's latencies,
-//! `console` times the web console's requests against a worker with many runs.
+//! `console` times the web console's requests against a worker with many runs, `cpu` splits
+//! the CPU of a step by thread over repeated concurrent phases.
 
 // The binary's output is its report: printing it to stdout is its job.
 #![allow(clippy::print_stdout)]
@@ -29,6 +30,7 @@
 
 mod console;
 mod cpi;
+mod cpu;
 mod figures;
 mod fleet;
 mod load;
@@ -204,6 +206,21 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         repeats: u32,
     },
+    /// Where a step's CPU goes: the concurrent phase of the main benchmark (runs of 10 no-op
+    /// steps started from 100 callers), repeated in one process on fresh stores, with the CPU
+    /// per step of the whole process and of each group of threads (tokio workers, committer,
+    /// sled's IO threads, the rest). `--durability process-crash` takes the device's waits out.
+    Cpu {
+        /// Concurrent runs in each repeat.
+        #[arg(long, default_value_t = 1000)]
+        runs: u32,
+        /// Repeats, each on a fresh store.
+        #[arg(long, default_value_t = 5)]
+        repeats: u32,
+        /// `power-loss` (the default durability) or `process-crash`.
+        #[arg(long, default_value = "power-loss", value_parser = parse_durability)]
+        durability: Durability,
+    },
     /// The engine's process of `load`, configured by its environment.
     #[command(hide = true)]
     LoadChild,
@@ -349,6 +366,22 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             print_report(output, &report, machines::MachinesReport::table)
         }
         Some(Command::LoadChild) => load::child().await,
+        Some(Command::Cpu {
+            runs,
+            repeats,
+            durability,
+        }) => {
+            if workload::postgres_server().is_some() {
+                bail!("cpu measures the sled store; it takes no --store");
+            }
+            let params = cpu::CpuParams {
+                runs,
+                repeats,
+                durability,
+            };
+            let report = cpu::run(&cli.dir, &params).await?;
+            print_report(output, &report, cpu::CpuReport::table)
+        }
         Some(Command::Console { runs, repeats }) => {
             if runs < 1_000 || repeats == 0 {
                 bail!("--runs must be at least 1000 and --repeats at least 1");
@@ -415,6 +448,17 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             let report = bench(&cli.dir, sizes).await?;
             print_report(output, &report, Report::table)
         }
+    }
+}
+
+/// `--durability`'s value.
+fn parse_durability(value: &str) -> Result<Durability, String> {
+    match value {
+        "power-loss" => Ok(Durability::PowerLoss),
+        "process-crash" => Ok(Durability::ProcessCrash),
+        _ => Err(format!(
+            "{value:?} is not a durability: say power-loss or process-crash"
+        )),
     }
 }
 

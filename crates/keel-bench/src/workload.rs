@@ -197,7 +197,7 @@ pub(crate) const POSTGRES_DURABILITY: &str =
 
 /// The engine builder for the data directory `path`, with the benchmark's workflows and step
 /// registered (so that unfinished runs resume at open).
-fn registered(path: &Path) -> EngineBuilder {
+pub(crate) fn registered(path: &Path) -> EngineBuilder {
     Engine::builder(path)
         .workflow::<Steps>()
         .workflow::<StepsThenSleep>()

@@ -1,0 +1,190 @@
+//! `keel-bench cpu`: where a step's CPU goes. Runs the main benchmark's concurrent phase
+//! (runs of 10 no-op steps started from 100 callers) several times in one process, each on a
+//! fresh store, and reports for every repeat the steps/s and the CPU per step, split by
+//! thread: the tokio workers (the runs' own code), the committer (group commit and its
+//! syncs), sled's threads, and the rest. At `process-crash` durability the syncs wait for no
+//! device, which separates the engine's CPU from the disk's waits.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use keel_engine::Durability;
+use serde::Serialize;
+
+use crate::workload::{self, Steps, StepsInput};
+
+/// What `cpu` is asked to do.
+pub(crate) struct CpuParams {
+    pub runs: u32,
+    pub repeats: u32,
+    pub durability: Durability,
+}
+
+/// One repeat's figures.
+#[derive(Serialize)]
+pub(crate) struct Repeat {
+    pub steps_per_s: f64,
+    /// CPU per step of the whole process, in microseconds.
+    pub cpu_us_per_step: f64,
+    /// CPU per step of each group of threads, in microseconds.
+    pub by_thread_us_per_step: BTreeMap<&'static str, f64>,
+}
+
+/// The report of `cpu`.
+#[derive(Serialize)]
+pub(crate) struct CpuReport {
+    pub runs: u32,
+    pub steps_per_run: u32,
+    pub durability: String,
+    pub repeats: Vec<Repeat>,
+}
+
+impl CpuReport {
+    /// The report as a table: one line per repeat, then the median.
+    pub(crate) fn table(&self) -> String {
+        let groups: Vec<&str> = GROUPS.iter().map(|(name, _)| *name).collect();
+        let mut out = format!(
+            "{} runs x {} no-op steps at {}; CPU in us per step (user + system)\n\n",
+            self.runs, self.steps_per_run, self.durability
+        );
+        out.push_str("| repeat | steps/s | CPU/step |");
+        for group in &groups {
+            out.push_str(&format!(" {group} |"));
+        }
+        out.push_str("\n|---|---|---|");
+        out.push_str(&"---|".repeat(groups.len()));
+        out.push('\n');
+        for (n, repeat) in self.repeats.iter().enumerate() {
+            out.push_str(&format!(
+                "| {} | {:.0} | {:.1} |",
+                n + 1,
+                repeat.steps_per_s,
+                repeat.cpu_us_per_step
+            ));
+            for group in &groups {
+                out.push_str(&format!(
+                    " {:.1} |",
+                    repeat
+                        .by_thread_us_per_step
+                        .get(group)
+                        .copied()
+                        .unwrap_or(0.0)
+                ));
+            }
+            out.push('\n');
+        }
+        let mut cpu: Vec<f64> = self.repeats.iter().map(|r| r.cpu_us_per_step).collect();
+        cpu.sort_by(f64::total_cmp);
+        out.push_str(&format!(
+            "\nCPU per step: median {:.1} us, from {:.1} to {:.1} us\n",
+            cpu[cpu.len() / 2],
+            cpu[0],
+            cpu[cpu.len() - 1]
+        ));
+        out
+    }
+}
+
+/// Thread groups by the start of the thread's name, in the order reported; a thread that
+/// matches none is `other` (the benchmark's main thread, sled's flusher, the marker).
+const GROUPS: [(&str, &str); 4] = [
+    ("tokio", "tokio-rt-worker"),
+    ("committer", "keel-committer"),
+    ("sled-io", "sled-io"),
+    ("other", ""),
+];
+
+/// Runs the measurement.
+pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<CpuReport> {
+    if params.runs == 0 || params.repeats == 0 {
+        bail!("--runs and --repeats must be at least 1");
+    }
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let data = tempfile::Builder::new()
+        .prefix("cpu-")
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a data directory in {}", parent.display()))?;
+    let mut repeats = Vec::new();
+    for n in 0..params.repeats {
+        let path = data.path().join(format!("repeat-{n}"));
+        let engine = workload::registered(&path)
+            .durability(params.durability)
+            .open()
+            .await
+            .with_context(|| format!("opening an engine in {}", path.display()))?;
+        let before = thread_ticks()?;
+        let started = Instant::now();
+        let input = StepsInput {
+            steps: workload::CONCURRENT_RUN_STEPS,
+        };
+        workload::start_concurrently::<Steps>(&engine, "cpu", params.runs, &input).await?;
+        workload::wait_all_completed(&engine, "cpu", params.runs).await?;
+        let elapsed = started.elapsed().as_secs_f64();
+        let after = thread_ticks()?;
+        engine.shutdown().await;
+        let steps = f64::from(params.runs * workload::CONCURRENT_RUN_STEPS);
+        let us_per_tick = 1e6 / crate::system::clock_ticks_per_s() as f64;
+        let mut by_thread: BTreeMap<&'static str, f64> = BTreeMap::new();
+        for (tid, (group, ticks)) in &after {
+            let earlier = before.get(tid).map_or(0, |(_, ticks)| *ticks);
+            *by_thread.entry(group).or_default() +=
+                ticks.saturating_sub(earlier) as f64 * us_per_tick / steps;
+        }
+        let repeat = Repeat {
+            steps_per_s: steps / elapsed,
+            cpu_us_per_step: by_thread.values().sum(),
+            by_thread_us_per_step: by_thread,
+        };
+        eprintln!(
+            "[{}/{}] {:.0} steps/s, {:.1} us of CPU per step",
+            n + 1,
+            params.repeats,
+            repeat.steps_per_s,
+            repeat.cpu_us_per_step
+        );
+        repeats.push(repeat);
+    }
+    Ok(CpuReport {
+        runs: params.runs,
+        steps_per_run: workload::CONCURRENT_RUN_STEPS,
+        durability: format!("{:?}", params.durability),
+        repeats,
+    })
+}
+
+/// Every live thread of this process: its id, its group and its CPU ticks so far (user and
+/// system, fields 14 and 15 of `/proc/self/task/TID/stat`). A thread that ended between two
+/// readings takes its ticks with it, so only threads that live through a repeat are counted
+/// in full; the engine's threads live as long as the engine.
+fn thread_ticks() -> anyhow::Result<BTreeMap<u64, (&'static str, u64)>> {
+    let mut threads = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc/self/task").context("listing /proc/self/task")? {
+        let entry = entry?;
+        let Ok(tid) = entry.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        // A thread may end between the listing and the read.
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (name, rest) = stat
+            .split_once('(')
+            .and_then(|(_, rest)| rest.rsplit_once(')'))
+            .with_context(|| format!("no command field in {stat:?}"))?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |n: usize| -> anyhow::Result<u64> {
+            fields
+                .get(n - 3)
+                .and_then(|field| field.parse().ok())
+                .with_context(|| format!("no field {n} in {stat:?}"))
+        };
+        let group = GROUPS
+            .iter()
+            .find(|(_, prefix)| name.starts_with(prefix))
+            .map_or("other", |(group, _)| group);
+        threads.insert(tid, (group, ticks(14)? + ticks(15)?));
+    }
+    Ok(threads)
+}
