@@ -106,6 +106,31 @@ impl Node {
         }
     }
 
+    /// Keel: a copy of this node for `link` to be applied to, with room for the one entry a
+    /// `Set` may add. A derived clone has no spare capacity, so the insert that follows it
+    /// reallocated (and copied) both of a leaf's vectors on every link.
+    pub(crate) fn clone_for(&self, link: &Link) -> Node {
+        let data = match (&self.data, link) {
+            (Data::Leaf(leaf), Link::Set(..)) => {
+                let mut keys = Vec::with_capacity(leaf.keys.len() + 1);
+                keys.extend_from_slice(&leaf.keys);
+                let mut values = Vec::with_capacity(leaf.values.len() + 1);
+                values.extend_from_slice(&leaf.values);
+                Data::Leaf(Leaf { keys, values })
+            }
+            (data, _) => data.clone(),
+        };
+        Node {
+            prefix_len: self.prefix_len,
+            next: self.next,
+            merging_child: self.merging_child,
+            merging: self.merging,
+            lo: self.lo.clone(),
+            hi: self.hi.clone(),
+            data,
+        }
+    }
+
     pub(crate) fn set_leaf(&mut self, key: IVec, val: IVec) {
         if !self.hi.is_empty() {
             assert!(*key < self.hi[self.prefix_len as usize..]);

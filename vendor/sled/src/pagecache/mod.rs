@@ -1032,7 +1032,7 @@ impl PageCache {
             }
         }
 
-        let mut node: Node = old.as_node().clone();
+        let mut node: Node = old.as_node().clone_for(&new);
         node.apply(&new);
 
         // see if we should short-circuit replace
