@@ -110,15 +110,29 @@ impl Node {
     /// `Set` may add. A derived clone has no spare capacity, so the insert that follows it
     /// reallocated (and copied) both of a leaf's vectors on every link.
     pub(crate) fn clone_for(&self, link: &Link) -> Node {
-        let data = match (&self.data, link) {
-            (Data::Leaf(leaf), Link::Set(..)) => {
-                let mut keys = Vec::with_capacity(leaf.keys.len() + 1);
-                keys.extend_from_slice(&leaf.keys);
-                let mut values = Vec::with_capacity(leaf.values.len() + 1);
-                values.extend_from_slice(&leaf.values);
-                Data::Leaf(Leaf { keys, values })
-            }
-            (data, _) => data.clone(),
+        match link {
+            Link::Set(..) => self.clone_with_room(),
+            _ => self.clone(),
+        }
+    }
+
+    /// Keel: a copy of this node whose vectors have room for one more entry: a leaf's key and
+    /// value, or an index's separator and child (`parent_split`).
+    pub(crate) fn clone_with_room(&self) -> Node {
+        fn with_room<T: Clone>(items: &[T]) -> Vec<T> {
+            let mut copy = Vec::with_capacity(items.len() + 1);
+            copy.extend_from_slice(items);
+            copy
+        }
+        let data = match &self.data {
+            Data::Leaf(leaf) => Data::Leaf(Leaf {
+                keys: with_room(&leaf.keys),
+                values: with_room(&leaf.values),
+            }),
+            Data::Index(index) => Data::Index(Index {
+                keys: with_room(&index.keys),
+                pointers: with_room(&index.pointers),
+            }),
         };
         Node {
             prefix_len: self.prefix_len,
@@ -625,7 +639,7 @@ impl Node {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             2
         } else if self.data.is_index() {
-            256
+            64
         } else {
             16
         };
@@ -640,7 +654,7 @@ impl Node {
         let threshold = if cfg!(any(test, feature = "lock_free_delays")) {
             1
         } else if self.data.is_index() {
-            64
+            16
         } else {
             4
         };
