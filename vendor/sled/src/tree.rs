@@ -1701,7 +1701,7 @@ impl Tree {
             } else if let Some(unsplit_parent) = unsplit_parent.take() {
                 // we have found the proper page for
                 // our cooperative parent split
-                let mut parent: Node = unsplit_parent.deref().clone();
+                let mut parent: Node = unsplit_parent.deref().clone_with_room();
                 let split_applied =
                     parent.parent_split(view.lo.as_ref(), cursor);
 
