@@ -101,11 +101,7 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
     if params.runs == 0 || params.repeats == 0 {
         bail!("--runs and --repeats must be at least 1");
     }
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let data = tempfile::Builder::new()
-        .prefix("cpu-")
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a data directory in {}", parent.display()))?;
+    let data = crate::system::fresh_data_dir(parent, "cpu-")?;
     let mut repeats = Vec::new();
     for n in 0..params.repeats {
         let path = data.path().join(format!("repeat-{n}"));
@@ -169,22 +165,12 @@ fn thread_ticks() -> anyhow::Result<BTreeMap<u64, (&'static str, u64)>> {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
             continue;
         };
-        let (name, rest) = stat
-            .split_once('(')
-            .and_then(|(_, rest)| rest.rsplit_once(')'))
-            .with_context(|| format!("no command field in {stat:?}"))?;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |n: usize| -> anyhow::Result<u64> {
-            fields
-                .get(n - 3)
-                .and_then(|field| field.parse().ok())
-                .with_context(|| format!("no field {n} in {stat:?}"))
-        };
+        let (name, ticks) = crate::system::stat_cpu_ticks(&stat)?;
         let group = GROUPS
             .iter()
             .find(|(_, prefix)| name.starts_with(prefix))
             .map_or("other", |(group, _)| group);
-        threads.insert(tid, (group, ticks(14)? + ticks(15)?));
+        threads.insert(tid, (group, ticks));
     }
     Ok(threads)
 }

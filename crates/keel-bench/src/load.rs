@@ -69,11 +69,7 @@ pub(crate) async fn run(
     parent: &Path,
     knobs: &LoadKnobs,
 ) -> anyhow::Result<(LoadReport, Option<PathBuf>)> {
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let dir = tempfile::Builder::new()
-        .prefix("load-")
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a directory in {}", parent.display()))?;
+    let dir = crate::system::fresh_data_dir(parent, "load-")?;
     let program = ChildProgram::Program {
         path: std::env::current_exe().context("finding keel-bench's own executable")?,
         args: vec!["load-child".into()],

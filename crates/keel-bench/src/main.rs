@@ -569,11 +569,7 @@ async fn bench(parent: &Path, sizes: Sizes) -> anyhow::Result<Report> {
     if Durability::default() != Durability::PowerLoss {
         bail!("the engine's default durability is no longer PowerLoss: the targets assume it");
     }
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let data = tempfile::Builder::new()
-        .prefix("run-")
-        .tempdir_in(parent)
-        .with_context(|| format!("creating a data directory in {}", parent.display()))?;
+    let data = system::fresh_data_dir(parent, "run-")?;
     let dir = data.path().canonicalize()?;
     let filesystem = system::filesystem(&dir)?;
     eprintln!("keel-bench: data in {} on {filesystem}", dir.display());

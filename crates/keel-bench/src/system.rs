@@ -88,24 +88,41 @@ pub(crate) fn rss_bytes(page_bytes: u64) -> anyhow::Result<u64> {
 }
 
 /// CPU time this process has used so far (user and system, every thread), in seconds, from
-/// fields 14 and 15 of `/proc/self/stat` (in USER_HZ ticks: 100 per second on Linux, so a
-/// reading is good to 10 ms).
+/// `/proc/self/stat` (in USER_HZ ticks: 100 per second on Linux, so a reading is good to
+/// 10 ms).
 pub(crate) fn cpu_seconds() -> anyhow::Result<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
-    // Field 2, the command, is in parentheses and may hold spaces: count after its end, where
-    // field 3 comes first.
-    let after_command = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .with_context(|| format!("no command field in /proc/self/stat: {stat:?}"))?;
+    let (_, ticks) = stat_cpu_ticks(&stat)?;
+    Ok(ticks as f64 / 100.0)
+}
+
+/// The command name and the CPU ticks (user and system: fields 14 and 15) of a
+/// `/proc/PID/stat` or `/proc/PID/task/TID/stat` line.
+pub(crate) fn stat_cpu_ticks(stat: &str) -> anyhow::Result<(&str, u64)> {
+    // Field 2, the command, is in parentheses and may hold spaces and parentheses: count
+    // after its last `)`, where field 3 comes first.
+    let (name, after_command) = stat
+        .split_once('(')
+        .and_then(|(_, rest)| rest.rsplit_once(')'))
+        .with_context(|| format!("no command field in the stat line {stat:?}"))?;
     let fields: Vec<&str> = after_command.split_whitespace().collect();
     let ticks = |n: usize| -> anyhow::Result<u64> {
         fields
             .get(n - 3)
             .and_then(|field| field.parse().ok())
-            .with_context(|| format!("no field {n} in /proc/self/stat: {stat:?}"))
+            .with_context(|| format!("no field {n} in the stat line {stat:?}"))
     };
-    Ok((ticks(14)? + ticks(15)?) as f64 / 100.0)
+    Ok((name, ticks(14)? + ticks(15)?))
+}
+
+/// A fresh data directory in `parent` (created if missing), named `prefix` and a random
+/// suffix, removed when dropped.
+pub(crate) fn fresh_data_dir(parent: &Path, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a data directory in {}", parent.display()))
 }
 
 /// This process's peak resident set size so far, from `VmHWM` in `/proc/self/status`.
@@ -128,4 +145,26 @@ pub(crate) fn vm_kib(status: &str, field: &str) -> anyhow::Result<u64> {
 /// Clock ticks per second of `/proc`'s CPU times, from `getconf CLK_TCK` (100 if that fails).
 pub(crate) fn clock_ticks_per_s() -> u64 {
     getconf("CLK_TCK").unwrap_or(100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread's name may hold spaces and parentheses: the ticks are counted after the last
+    /// `)`, and a line without the fields is refused, quoting it.
+    #[test]
+    fn stat_cpu_ticks_reads_the_name_and_user_plus_system_ticks() {
+        let line = "4242 (log (flusher) 2) S 1 4242 4242 0 -1 4194368 120 0 0 0 \
+                    37 5 0 0 20 0 9 0 1234 5678 90 18446744073709551615";
+        assert_eq!(stat_cpu_ticks(line).unwrap(), ("log (flusher) 2", 42));
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let (name, _) = stat_cpu_ticks(&own).unwrap();
+        assert!(!name.is_empty());
+        let error = stat_cpu_ticks("4242 (short) S 1 2")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no field 14"), "{error}");
+        assert!(error.contains("(short)"), "{error}");
+    }
 }
