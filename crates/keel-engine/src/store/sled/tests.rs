@@ -492,7 +492,10 @@ fn a_store_through_many_index_splits_and_merges_reads_back_what_it_holds() {
     assert!(grown.index_levels[1].len() >= 2, "{:?}", grown.index_levels);
     assert!(grown.widest_index() <= 66, "{:?}", grown.index_levels);
 
-    let deleted: Vec<RunId> = (0..RUNS).filter(|n| !n.is_multiple_of(10)).map(id).collect();
+    let deleted: Vec<RunId> = (0..RUNS)
+        .filter(|n| !n.is_multiple_of(10))
+        .map(id)
+        .collect();
     remove_runs(
         &store.path,
         &store.db,
