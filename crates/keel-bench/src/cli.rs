@@ -1,0 +1,217 @@
+//! keel-bench's command line: the options and the subcommands, as clap parses them.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use keel_engine::Durability;
+
+use crate::workers;
+
+/// Measures Keel's engine (journaled steps/s, durable starts/s, resume after SIGKILL, memory
+/// per sleeping run) at the default durability, each figure next to the disk's raw
+/// append+fdatasync rate measured in the same run.
+#[derive(Parser)]
+#[command(
+    name = "keel-bench",
+    version,
+    after_help = "Exit codes: 0 measured (whether or not targets are met), 1 failure, 2 bad usage."
+)]
+pub(crate) struct Cli {
+    /// Directory in which a fresh data directory is created (and removed at the end). It
+    /// decides which disk is measured: pick one on that disk, not a tmpfs.
+    #[arg(long, env = "KEEL_BENCH_DIR", default_value = "target/bench-data")]
+    pub(crate) dir: PathBuf,
+
+    /// Smaller sizes for a quick look (the targets are set for the full sizes).
+    #[arg(long)]
+    pub(crate) quick: bool,
+
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+
+    /// Measure the PostgreSQL store on this server instead of sled
+    /// (`postgres://user:password@host:port/db`; the benchmark creates databases of its own
+    /// on it): every figure is then a ratio to the server's rate of single-row INSERT + COMMIT
+    /// from one connection, measured in the same run.
+    #[arg(long, global = true, env = "KEEL_BENCH_STORE", hide_env_values = true)]
+    pub(crate) store: Option<String>,
+
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Simulates (virtual time, no network, no disk) waiting for resources with a heavy-tailed
+    /// readiness time: fixed sleep, fixed polling, exponential backoff and the learned policy,
+    /// each waiting it out and recreating on its deadline.
+    Waits {
+        /// Seed of the readiness draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Resources waited for.
+        #[arg(long, default_value_t = 1000)]
+        resources: u32,
+        /// Samples the learned policy learns from first.
+        #[arg(long, default_value_t = 200)]
+        warm_up: u32,
+        /// Fraction of resources that are outliers (3-12x the mean readiness time), in the
+        /// synthetic distribution.
+        #[arg(long, default_value_t = 0.01)]
+        outlier_rate: f64,
+        /// Instead of the synthetic distribution, each operation the BOSH AWS CPI's operators
+        /// published (create instance, delete instance, create volume, attach volume), fitted
+        /// as a heavy-tailed distribution with the published outliers.
+        #[arg(long, conflicts_with = "outlier_rate")]
+        cpi: bool,
+    },
+    /// Onboards a fleet (`iot.onboard-fleet`) against moto's server through the fault proxy,
+    /// which throttles a fraction of every call; reports duration and API calls. Needs
+    /// Python 3 with `moto[server]` (see docs/testing.md).
+    Fleet {
+        /// Devices in the fleet.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// Devices onboarded at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        /// Fraction of calls throttled (0 to 1).
+        #[arg(long, default_value_t = 0.2)]
+        throttle: f64,
+        /// Seed of the proxy's draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Provisions machines with disks (`ec2.machine-with-disk`) against moto's server through
+    /// the fault proxy, which plays the BOSH AWS CPI's published latencies (scaled) for
+    /// instances and volumes; reports the engine's statistics in the CPI's table, time to a
+    /// usable machine and recreations, and checks moto. Needs Python 3 with `moto[server]`.
+    Machines {
+        /// Machines in all.
+        #[arg(long, default_value_t = 100)]
+        machines: usize,
+        /// Waves they start in (later waves wait by the schedule learned from earlier ones).
+        #[arg(long, default_value_t = 5)]
+        waves: usize,
+        /// The CPI's durations times this (at least 0.1).
+        #[arg(long, default_value_t = 0.1)]
+        scale: f64,
+        /// Fraction of EC2 calls throttled.
+        #[arg(long, default_value_t = 0.05)]
+        throttle: f64,
+        /// Fraction of EC2 calls whose answer is lost after they took effect.
+        #[arg(long, default_value_t = 0.05)]
+        lost: f64,
+        /// Seed of the draws.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Runs many concurrent BOSH-like runs (create an instance, wait until it runs, create a
+    /// volume, wait until it is available, attach) against a simulated EC2-like cloud
+    /// (heavy-tailed readiness with a median of 2 s, lying reads, random throttling, a
+    /// capacity), with the engine in a child process SIGKILLed at random moments and
+    /// restarted until every run settles. Reports healthy resources recreated, healthy runs
+    /// compensated, the cloud's accepted calls/s while busy against its capacity, time to a
+    /// usable machine and probes per resource.
+    Load {
+        /// Concurrent runs.
+        #[arg(long, default_value_t = 100)]
+        runs: u32,
+        /// Multiplies every time constant (readiness, polling, deadlines, lives and downtime
+        /// of the engine's process); 1.0 is EC2-like.
+        #[arg(long, default_value_t = 1.0)]
+        time_scale: f64,
+        /// SIGKILLs of the engine's process, each after 5-20 s (scaled) of life.
+        #[arg(long, default_value_t = 3)]
+        kills: u32,
+        /// How long the engine stays down after each kill [default: 5000 x time-scale].
+        #[arg(long)]
+        downtime_ms: Option<u64>,
+        /// The cloud's capacity in calls/s (a token bucket of as many calls).
+        #[arg(long, default_value_t = 25.0)]
+        capacity: f64,
+        /// Fraction of every call the cloud throttles at random (0 to 1).
+        #[arg(long, default_value_t = 0.05)]
+        throttle: f64,
+        /// Samples of a wait kind before its waits learn their schedule (0: never)
+        /// [default: half the runs].
+        #[arg(long)]
+        learn_after: Option<u64>,
+        /// Fix the engine's limiter at this many calls/s instead of its AIMD defaults (to
+        /// tell the waits' defects from the limiter's).
+        #[arg(long)]
+        fixed_rate: Option<f64>,
+        /// Seed of the cloud's draws and of the kill moments.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Keep the engine's store and the children's logs, and print where.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// What the web console asks of a worker whose store holds many runs: fills a sled store
+    /// (most runs completed; compensated, failed, asleep, paused and parents with children
+    /// among them), starts `keel worker` on it (the binary beside this one) and times each
+    /// request the console makes: pages, every filter, the counts per status, a history.
+    Console {
+        /// Runs in the store, children included.
+        #[arg(long, default_value_t = 100_000)]
+        runs: u32,
+        /// Times each request is made.
+        #[arg(long, default_value_t = 10)]
+        repeats: u32,
+    },
+    /// Where a step's CPU goes: the concurrent phase of the main benchmark (runs of 10 no-op
+    /// steps started from 100 callers), repeated in one process on fresh stores, with the CPU
+    /// per step of the whole process and of each group of threads (tokio workers, committer,
+    /// sled's IO threads, the rest). `--durability process-crash` takes the device's waits out.
+    Cpu {
+        /// Concurrent runs in each repeat.
+        #[arg(long, default_value_t = 1000)]
+        runs: u32,
+        /// Repeats, each on a fresh store.
+        #[arg(long, default_value_t = 5)]
+        repeats: u32,
+        /// `power-loss` (the default durability) or `process-crash`.
+        #[arg(long, default_value = "power-loss", value_parser = parse_durability)]
+        durability: Durability,
+    },
+    /// The engine's process of `load`, configured by its environment.
+    #[command(hide = true)]
+    LoadChild,
+    /// Throughput of 1, 2, 3... engines (workers), each in a process of its own, sharing one
+    /// fresh PostgreSQL database per count: concurrent runs of 10 no-op steps shared among
+    /// them, timed from a common start after every engine opened until the last run
+    /// completed. Reports steps/s, its ratio to the server's INSERT + COMMIT rate from one
+    /// connection (measured once, first) and the speed-up over one worker. Needs --store.
+    Workers(workers::WorkersArgs),
+    /// One worker of `workers`: opens an engine on the shared database, says `ready`, waits
+    /// for `go` on stdin, runs its share and says `done <steps>`.
+    #[command(hide = true)]
+    WorkersChild(workers::ChildArgs),
+    /// The child of the resume measurement: fills a store with sleeping runs, prints `ready`
+    /// and waits to be killed.
+    #[command(hide = true)]
+    Populate {
+        /// The engine's data directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// How many runs to start.
+        #[arg(long)]
+        runs: u32,
+        /// When every run's timer expires, in ms since the Unix epoch.
+        #[arg(long)]
+        wake_at_ms: u64,
+    },
+}
+
+/// `--durability`'s value.
+pub(crate) fn parse_durability(value: &str) -> Result<Durability, String> {
+    match value {
+        "power-loss" => Ok(Durability::PowerLoss),
+        "process-crash" => Ok(Durability::ProcessCrash),
+        _ => Err(format!(
+            "{value:?} is not a durability: say power-loss or process-crash"
+        )),
+    }
+}
