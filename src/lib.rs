@@ -51,6 +51,7 @@ pub use keel_engine::{
     RateLimit,
     RateLimiter,
     Received,
+    Resident,
     Result,
     RetryPolicy,
     RunHandle,
@@ -71,6 +72,7 @@ pub use keel_engine::{
     Workflow,
     WorkflowError,
     LEARN_AFTER_DEFAULT,
+    PARK_AFTER_DEFAULT,
     RETENTION_DEFAULT,
     RUNS_PAGE_MAX,
 };

@@ -176,6 +176,20 @@ pub(crate) enum Command {
         #[arg(long, default_value = "power-loss", value_parser = parse_durability)]
         durability: Durability,
     },
+    /// What runs that wait cost in memory: RSS before open, open and idle, and with every
+    /// run waiting (on a 1-hour timer or for an event never sent), with the runs loaded and
+    /// parked. Measures the sled store.
+    Memory {
+        /// Runs that wait.
+        #[arg(long, default_value_t = 10_000)]
+        runs: u32,
+        /// What they wait for.
+        #[arg(long, value_enum, default_value = "timer")]
+        wait: crate::memory::WaitKind,
+        /// Runs never park (every waiting run keeps its cell and driver).
+        #[arg(long)]
+        no_park: bool,
+    },
     /// The engine's process of `load`, configured by its environment.
     #[command(hide = true)]
     LoadChild,

@@ -37,6 +37,7 @@ mod fleet;
 mod load;
 mod machines;
 mod measure;
+mod memory;
 mod report;
 mod resume;
 mod system;
@@ -185,6 +186,25 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             };
             let report = cpu::run(&cli.dir, &params).await?;
             print_report(output, &report, cpu::CpuReport::table)
+        }
+        Some(Command::Memory {
+            runs,
+            wait,
+            no_park,
+        }) => {
+            if workload::postgres_server().is_some() {
+                bail!("memory measures the sled store; it takes no --store");
+            }
+            if runs == 0 {
+                bail!("--runs must be at least 1");
+            }
+            let params = memory::MemoryParams {
+                runs,
+                wait,
+                park_after: (!no_park).then_some(keel_engine::PARK_AFTER_DEFAULT),
+            };
+            let report = memory::run(&cli.dir, &params).await?;
+            print_report(output, &report, memory::MemoryReport::table)
         }
         Some(Command::Console { runs, repeats }) => {
             if runs < 1_000 || repeats == 0 {

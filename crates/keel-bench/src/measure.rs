@@ -201,6 +201,7 @@ pub(crate) async fn memory(dir: &Path, runs: u32) -> anyhow::Result<f64> {
     };
     start_concurrently::<StepsThenSleep>(&engine, "sleeper", runs, &input).await?;
     wait_all_asleep(&engine, "sleeper", runs).await?;
+    workload::wait_all_parked(&engine, runs).await?;
     let after = system::rss_bytes(page_bytes)?;
     engine.shutdown().await;
     Ok(after.saturating_sub(before) as f64 / f64::from(runs))

@@ -339,6 +339,23 @@ pub(crate) async fn wait_all_asleep(
     Ok(())
 }
 
+/// Waits until the engine holds `runs` runs parked and none loaded (the runs asleep on
+/// timers long enough to park, `EngineBuilder::park_after`).
+pub(crate) async fn wait_all_parked(engine: &Engine, runs: u32) -> anyhow::Result<()> {
+    const PATIENCE: Duration = Duration::from_secs(300);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let resident = engine.resident();
+        if resident.loaded == 0 && resident.parked == runs as usize {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("{resident:?} after {PATIENCE:?}, not {runs} runs parked");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Makes every write made so far durable.
 ///
 /// The engine has no public call for that, but `start` returns only after a sync issued after

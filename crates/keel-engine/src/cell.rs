@@ -38,6 +38,8 @@ pub(crate) enum Stop {
     Error(String),
     /// Another engine sharing the store took the run over; it drives it now.
     Moved,
+    /// The run parked (`engine/parking.rs`): nothing ended, a waiter looks again.
+    Parked,
 }
 
 impl Stop {
@@ -46,6 +48,11 @@ impl Stop {
         match self {
             Stop::ShutDown => EngineError::ShutDown,
             Stop::Moved => EngineError::Fenced { id: id.clone() },
+            // Waiters look again rather than answer (`Engine::wait`).
+            Stop::Parked => EngineError::RunStopped {
+                id: id.clone(),
+                reason: "it parked".into(),
+            },
             Stop::Error(reason) => EngineError::RunStopped {
                 id: id.clone(),
                 reason: reason.clone(),
@@ -218,6 +225,20 @@ impl RunCell {
             }
         }
         loaded.detached
+    }
+
+    /// Detaches the cell to park its run if `may` accepts the run as it is under the cell
+    /// lock, and no write failed in it; its waiters are told to look again. Returns whether
+    /// this call detached it (a cell detached before is never parked).
+    pub(crate) fn park_if(&self, may: impl FnOnce(&RunRecord, &RunState) -> bool) -> bool {
+        let mut loaded = self.loaded.lock().expect("cell lock");
+        if loaded.detached || loaded.write_failed || !may(&loaded.record, &loaded.state) {
+            return false;
+        }
+        loaded.detached = true;
+        self.watched
+            .send_modify(|watched| watched.stopped = Some(Stop::Parked));
+        true
     }
 
     /// Tells waiters the run's current status. Called after the caller's transition is

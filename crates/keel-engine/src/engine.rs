@@ -34,6 +34,7 @@ mod gc;
 mod metrics;
 mod notices;
 mod operator;
+mod parking;
 mod reads;
 mod rerun;
 mod resume;
@@ -44,6 +45,7 @@ pub use batch::{
 };
 pub use builder::EngineBuilder;
 pub use events::{Delivered, EventIn};
+pub use parking::{Resident, PARK_AFTER_DEFAULT};
 pub use reads::{RunsPage, RunsQuery, LIST_SCAN_RECORDS_MAX, RUNS_PAGE_MAX};
 pub use rerun::Rerun;
 pub use schedules::CreatedSchedule;
@@ -65,7 +67,10 @@ pub(crate) struct Inner {
     pub(crate) env: Arc<RunEnv>,
     pub(crate) workflows: Arc<Workflows>,
     path: PathBuf,
-    cells: Mutex<HashMap<RunId, Arc<RunCell>>>,
+    /// The runs loaded and the runs parked (`parking.rs`).
+    cells: Mutex<parking::Cells>,
+    /// Wakes the parked runs' wake loop when a run parks with a wake time before its next.
+    wakes: Arc<tokio::sync::Notify>,
     /// Held while a run is loaded from the store (`Engine::load_cell`).
     loading: tokio::sync::Mutex<()>,
     drivers: watch::Sender<usize>,
@@ -99,8 +104,8 @@ impl Inner {
                 None
             }
         });
-        if detached && cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
-            cells.remove(&cell.id);
+        if detached {
+            cells.remove(cell);
         }
         drop(cells);
         if detached {
@@ -123,9 +128,7 @@ impl Inner {
     pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
         let mut cells = self.cells.lock().expect("cells lock");
         cell.detach_if(|_, _| Some(Some(stop)));
-        if cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
-            cells.remove(&cell.id);
-        }
+        cells.remove(cell);
         drop(cells);
         self.stopped_alive(cell);
     }
@@ -254,11 +257,7 @@ impl Engine {
         cell.mark_started();
         let fresh = {
             let mut cells = self.inner.cells.lock().expect("cells lock");
-            let fresh = !cells.contains_key(&cell.id);
-            if fresh {
-                cells.insert(cell.id.clone(), Arc::clone(&cell));
-            }
-            fresh
+            cells.insert(&cell).is_none()
         };
         if fresh {
             self.spawn_driver(cell);
@@ -301,10 +300,9 @@ impl Engine {
         let outbox = Arc::clone(&self.inner.outbox);
         let cell = Arc::new(RunCell::new(record, state, clock, token, outbox));
         let mut cells = self.inner.cells.lock().expect("cells lock");
-        if let Some(existing) = cells.get(&cell.id) {
-            return Ok(Some(Loaded::Existing(Arc::clone(existing))));
+        if let Some(existing) = cells.insert(&cell) {
+            return Ok(Some(Loaded::Existing(existing)));
         }
-        cells.insert(cell.id.clone(), Arc::clone(&cell));
         Ok(Some(Loaded::Fresh(cell)))
     }
 
@@ -625,5 +623,14 @@ impl Runs for Inner {
 
     fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
         Inner::unload(self, cell, stop)
+    }
+
+    fn park(
+        &self,
+        cell: &Arc<RunCell>,
+        wake_at_ms: Option<u64>,
+        ready: &(dyn Fn(&RunState) -> bool + Sync),
+    ) -> bool {
+        Inner::park(self, cell, wake_at_ms, ready)
     }
 }

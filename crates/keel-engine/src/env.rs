@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use serde_json::Value;
@@ -18,6 +19,7 @@ use crate::ids::RunId;
 use crate::journal::RunRecord;
 use crate::limiter::{RateLimit, RateLimiter};
 use crate::registry::Registry;
+use crate::replay::RunState;
 use crate::resources::Resources;
 use crate::stats::{EventCounters, StatsBook};
 use crate::store::JournalStore;
@@ -50,6 +52,15 @@ pub(crate) trait Runs: Send + Sync {
 
     /// Unloads `cell` whatever its status, telling its waiters `stop`.
     fn unload(&self, cell: &Arc<RunCell>, stop: Stop);
+
+    /// Parks the run of `cell` until `wake_at_ms` (or until something arrives for it) if
+    /// it may, and `ready` accepts its state; whether it parked (`engine/parking.rs`).
+    fn park(
+        &self,
+        cell: &Arc<RunCell>,
+        wake_at_ms: Option<u64>,
+        ready: &(dyn Fn(&RunState) -> bool + Sync),
+    ) -> bool;
 }
 
 /// The limiter of each service, made on first use from the configured rate limits.
@@ -92,6 +103,9 @@ pub(crate) struct RunEnv {
     pub(crate) shutdown: watch::Sender<bool>,
     /// Loads without survival after which a run is poisoned (`poison.rs`).
     pub(crate) poison_after_loads: u32,
+    /// How long a wait of a run's body must be for the run to park (`engine/parking.rs`);
+    /// `None`: runs never park.
+    pub(crate) park_after: Option<Duration>,
     /// The engine, held weakly: it owns this environment.
     pub(crate) runs: Weak<dyn Runs>,
 }
@@ -100,6 +114,12 @@ impl RunEnv {
     /// The engine, unless it is gone (then the run's code stops as at shutdown).
     pub(crate) fn runs(&self) -> Result<Arc<dyn Runs>> {
         self.runs.upgrade().ok_or(EngineError::ShutDown)
+    }
+
+    /// Whether a wait from `now_ms` until `at_ms` is long enough to park the run.
+    pub(crate) fn parks_for(&self, now_ms: u64, at_ms: u64) -> bool {
+        self.park_after
+            .is_some_and(|after| at_ms.saturating_sub(now_ms) >= after.as_millis() as u64)
     }
 
     /// Whether the engine is shutting down.

@@ -13,6 +13,7 @@
 //! | Suspended, Paused | cancelled (operator call)       | Compensating  |
 //! | Suspended, Paused | resumed (operator call)         | Running       |
 //! | Running   | shutdown, storage error                 | (unchanged; resumes at next open) |
+//! | Running   | parked (a long wait, `engine/parking.rs`) | (unchanged; loaded at its wake) |
 //!
 //! Compensating runs are handed to `saga.rs`.
 
@@ -76,6 +77,7 @@ pub(crate) async fn drive(
         };
         match result {
             Ok(Next::Continue) => continue,
+            Ok(Next::Parked) => return,
             // An operator call may have made the run drivable again since the phase
             // ended; then this driver goes on.
             Ok(Next::Stop) if runs.unload_if_settled(&cell) => return,
@@ -159,6 +161,7 @@ async fn run_forward(
 async fn interrupted(env: &Arc<RunEnv>, cell: &Arc<RunCell>, interrupt: Interrupt) -> Result<Next> {
     match interrupt {
         Interrupt::ShutDown => Ok(Next::Stop),
+        Interrupt::Parked => Ok(Next::Parked),
         // A bound the code went past (a value too large for the journal, one that does not
         // serialise), or a meaningless request: a defect of the workflow code, which an
         // operator fixes as for non-determinism. (The context checks values before it writes

@@ -12,6 +12,9 @@ use crate::ids::OperationIndex;
 pub(crate) enum Interrupt {
     Cancelled,
     ShutDown,
+    /// The run parked while its body waited (`engine/parking.rs`): its cell is detached
+    /// already, and it is loaded again when its wait ends.
+    Parked,
     /// An operator paused the run, or a step ran out of retries (`exhausted`).
     Paused {
         reason: String,

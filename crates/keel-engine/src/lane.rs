@@ -22,6 +22,7 @@ use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, ErrorRecord, Event};
 use crate::limiter::{Priority, RateLimiter, Slot};
 use crate::limits::STEP_OUTPUT_BYTES_MAX;
+use crate::replay::RunState;
 use crate::retry::RetryPolicy;
 use crate::stats::EventCounters;
 use crate::step::{Step, StepContext, StepError};
@@ -48,6 +49,9 @@ pub(crate) struct Lane {
     stop: Option<watch::Receiver<bool>>,
     /// Whether a step that runs out of retries pauses the run (the workflow's setting).
     pause_on_exhausted: bool,
+    /// Whether this is the body's main lane, the only one that may park the run (a branch
+    /// of a fan-out never does: its siblings would be unwound with it).
+    main: bool,
     pub(crate) rng: SmallRng,
 }
 
@@ -64,6 +68,7 @@ impl Lane {
             shutdown,
             stop: None,
             pause_on_exhausted,
+            main: true,
             rng: SmallRng::from_entropy(),
         }
     }
@@ -78,6 +83,7 @@ impl Lane {
             shutdown: self.shutdown.clone(),
             stop,
             pause_on_exhausted: self.pause_on_exhausted,
+            main: false,
             rng: SmallRng::seed_from_u64(self.rng.gen()),
         }
     }
@@ -148,18 +154,45 @@ impl Lane {
             .map_err(Interrupt::Engine)
     }
 
-    /// Sleeps until the absolute time `at_ms`, waking early for an interrupt.
-    pub(crate) async fn sleep_until(&mut self, at_ms: u64) -> Result<(), Interrupt> {
+    /// Sleeps until the absolute time `at_ms`, waking early for an interrupt. With `parks`
+    /// (what the run waits for is all in its journal), a wait long enough parks the run
+    /// instead: [`Interrupt::Parked`].
+    pub(crate) async fn sleep_until(&mut self, at_ms: u64, parks: bool) -> Result<(), Interrupt> {
         self.check()?;
         let clock = self.env.clock.clone();
-        if at_ms > clock.now_ms() {
-            // Parked: whatever killed the process before, this run got this far.
+        let now_ms = clock.now_ms();
+        if at_ms > now_ms {
+            // Waiting: whatever killed the process before, this run got this far.
             self.cell.survived(&*self.env.store);
+        }
+        if parks && self.env.parks_for(now_ms, at_ms) && self.park(Some(at_ms), &|_| true).await? {
+            return Err(Interrupt::Parked);
         }
         tokio::select! {
             _ = clock.sleep_until(at_ms) => Ok(()),
             cause = self.interrupted() => Err(cause),
         }
+    }
+
+    /// Parks the run until `wake_at_ms` (or until something arrives for it, when `None`) if
+    /// this is the main lane and the engine lets it (`ready` accepts the run's state under
+    /// its lock); whether it parked. Then the caller returns [`Interrupt::Parked`].
+    ///
+    /// The run's writes are made durable first: whoever loads it next reads its journal from
+    /// the store, which (PostgreSQL's) holds only what was synced.
+    pub(crate) async fn park(
+        &self,
+        wake_at_ms: Option<u64>,
+        ready: &(dyn Fn(&RunState) -> bool + Sync),
+    ) -> Result<bool, Interrupt> {
+        if !self.main {
+            return Ok(false);
+        }
+        let Ok(runs) = self.env.runs() else {
+            return Ok(false);
+        };
+        self.durable().await?;
+        Ok(runs.park(&self.cell, wake_at_ms, ready))
     }
 
     /// Resolves when the lane is interrupted (see [`Lane::check`]), with the cause.
@@ -249,7 +282,8 @@ impl Lane {
         };
         loop {
             if let Some(at_ms) = not_before_ms {
-                self.sleep_until(at_ms).await?;
+                // The failed attempt and its retry time are journaled: the backoff may park.
+                self.sleep_until(at_ms, true).await?;
             }
             match self.attempt(call, &attempts, attempt).await? {
                 Ended::Completed(output) => return Ok(Ok(output)),

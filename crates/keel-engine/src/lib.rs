@@ -302,8 +302,8 @@ pub use clock::Clock;
 pub use ctx::{Created, Ctx, Received};
 pub use engine::{
     Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, CreatedSchedule, Delivered, Engine,
-    EngineBuilder, EventIn, Rerun, RunFilter, RunHandle, RunsPage, RunsQuery, BATCH_RUNS_MAX,
-    LIST_SCAN_RECORDS_MAX, RETENTION_DEFAULT, RUNS_PAGE_MAX,
+    EngineBuilder, EventIn, Rerun, Resident, RunFilter, RunHandle, RunsPage, RunsQuery,
+    BATCH_RUNS_MAX, LIST_SCAN_RECORDS_MAX, PARK_AFTER_DEFAULT, RETENTION_DEFAULT, RUNS_PAGE_MAX,
 };
 pub use error::{EngineError, Result};
 pub use ids::child_id;

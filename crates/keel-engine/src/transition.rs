@@ -17,6 +17,8 @@ pub(crate) enum Next {
     Continue,
     /// Stop driving: the run is settled, or must wait for the next open.
     Stop,
+    /// Stop driving: the run parked (its cell is detached and out of the map already).
+    Parked,
 }
 
 /// Parks a running run for an operator: suspended, with `reason` as its error.

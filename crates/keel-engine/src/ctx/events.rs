@@ -16,7 +16,7 @@ use crate::ids::{check_event_name, OperationIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::{digest, Event};
 use crate::limits::{EVENT_PAYLOAD_BYTES_MAX, RECEIVE_NAMES_MAX};
-use crate::replay::{receive_action, Op, ReceiveAction};
+use crate::replay::{receive_action, Op, ReceiveAction, RunState};
 use crate::workflow::WorkflowError;
 
 /// An event a receive took: its name and id (the sender's), and its payload.
@@ -165,8 +165,27 @@ impl Ctx {
                 }
                 (_, deadline_ms) => deadline_ms,
             };
-            // Parked: whatever killed the process before, this run got this far.
+            // Waiting: whatever killed the process before, this run got this far.
             cell.survived(&*self.lane.env.store);
+            let parks = match deadline_ms {
+                Some(at_ms) => self.lane.env.parks_for(now_ms, at_ms),
+                None => self.lane.env.park_after.is_some(),
+            };
+            if parks {
+                // Parked only if nothing was delivered since the look above (decided under
+                // the cell lock, where deliveries are written).
+                let waits = |state: &RunState| {
+                    matches!(
+                        receive_action(state, index, now_ms),
+                        Some(ReceiveAction::Wait)
+                    )
+                };
+                match self.lane.park(deadline_ms, &waits).await {
+                    Ok(false) => {}
+                    Ok(true) => return Err(self.interrupt(Interrupt::Parked)),
+                    Err(cause) => return Err(self.interrupt(cause)),
+                }
+            }
             let clock = self.lane.env.clock.clone();
             let deadline = async {
                 match deadline_ms {

@@ -119,12 +119,13 @@ impl Ctx {
         result.map_err(|cause| self.interrupt(cause))
     }
 
-    /// Sleeps until the absolute time `at_ms`, waking early for cancellation and shutdown.
-    async fn sleep_until(&mut self, at_ms: u64) -> Result<(), WorkflowError> {
+    /// Sleeps until the absolute time `at_ms`, waking early for cancellation and shutdown;
+    /// with `parks`, a long enough sleep parks the run (see [`Lane::sleep_until`]).
+    async fn sleep_until(&mut self, at_ms: u64, parks: bool) -> Result<(), WorkflowError> {
         if self.interrupt.is_some() {
             return Err(WorkflowError::Interrupted);
         }
-        let result = self.lane.sleep_until(at_ms).await;
+        let result = self.lane.sleep_until(at_ms, parks).await;
         result.map_err(|cause| self.interrupt(cause))
     }
 
@@ -276,7 +277,8 @@ impl Ctx {
         if !fired {
             let span =
                 tracing::info_span!("timer", run_id = self.lane.cell.id.as_str(), step = index.0);
-            tracing::Instrument::instrument(self.sleep_until(wake_at_ms), span).await?;
+            // The wake time is durable: the sleep may park the run.
+            tracing::Instrument::instrument(self.sleep_until(wake_at_ms, true), span).await?;
             self.journal(Event::TimerFired { step: index })?;
             crate::crash::point("timer.after_fired");
         }
@@ -361,7 +363,7 @@ impl Ctx {
                     ..
                 }) => {
                     if let Some(at_ms) = not_before_ms {
-                        self.sleep_until(at_ms).await?;
+                        self.sleep_until(at_ms, false).await?;
                         self.check()?;
                     }
                     let result = crate::saga::undo_attempt(

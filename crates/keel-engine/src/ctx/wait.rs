@@ -160,7 +160,8 @@ impl Ctx {
             } else {
                 next_at_ms
             };
-            self.sleep_until(wake_at_ms).await?;
+            // A wait's poll count is in memory only: it never parks.
+            self.sleep_until(wake_at_ms, false).await?;
             let scheduled_ms = self.now_ms();
             let (answer, sent_ms) = self.poll_once(index, probe, Attempt(polls.sent + 1)).await;
             let queued_ms = sent_ms.saturating_sub(scheduled_ms);

@@ -31,6 +31,7 @@ pub struct EngineBuilder {
     durability: Durability,
     runs_concurrent_max: usize,
     poison_after_loads: u32,
+    park_after: Option<Duration>,
     retention: Duration,
     retention_for: HashMap<String, Duration>,
     gc_interval: Duration,
@@ -56,6 +57,7 @@ impl std::fmt::Debug for EngineBuilder {
             .field("durability", &self.durability)
             .field("runs_concurrent_max", &self.runs_concurrent_max)
             .field("poison_after_loads", &self.poison_after_loads)
+            .field("park_after", &self.park_after)
             .field("retention", &self.retention)
             .field("retention_for", &self.retention_for)
             .field("gc_interval", &self.gc_interval)
@@ -209,6 +211,19 @@ impl EngineBuilder {
         }
     }
 
+    /// How long a wait of a run's body must be for the run to park: to be unloaded while it
+    /// waits, holding no memory but a small entry, and loaded again (its body replayed from
+    /// its journal) when its time comes or something arrives for it. Parks: a durable timer
+    /// ([`crate::Ctx::sleep`]), a step's backoff before its next attempt, a receive of events
+    /// (its deadline, or none). Only the body's main sequence parks, never a branch of a
+    /// fan-out. Default [`crate::PARK_AFTER_DEFAULT`]; `None`: runs never park.
+    ///
+    /// A parked run's body code outside its operations runs again at every wake, as after a
+    /// restart.
+    pub fn park_after(self, park_after: Option<Duration>) -> Self {
+        EngineBuilder { park_after, ..self }
+    }
+
     /// How long finished runs are kept before garbage collection (default 7 days).
     pub fn retention(self, retention: Duration) -> Self {
         EngineBuilder { retention, ..self }
@@ -256,6 +271,7 @@ impl EngineBuilder {
             permits: Arc::new(Semaphore::new(self.runs_concurrent_max)),
             shutdown,
             poison_after_loads: self.poison_after_loads,
+            park_after: self.park_after,
             runs: Weak::<Inner>::new(),
         };
         // The environment holds the engine weakly (the engine owns it).
@@ -266,7 +282,8 @@ impl EngineBuilder {
             }),
             workflows: Arc::new(self.workflows),
             path: self.path,
-            cells: Mutex::new(HashMap::new()),
+            cells: Mutex::default(),
+            wakes: Default::default(),
             loading: tokio::sync::Mutex::new(()),
             drivers,
             retention: self.retention,
@@ -276,6 +293,7 @@ impl EngineBuilder {
             outbox: Arc::new(Outbox::new(&self.notify_on)),
         });
         let engine = Engine { inner };
+        engine.spawn_wakes();
         engine.resume_all(self.allow_unregistered).await?;
         engine.spawn_claims();
         engine.spawn_gc(self.gc_interval);
@@ -321,6 +339,7 @@ impl Engine {
             durability: Durability::default(),
             runs_concurrent_max: 10_000,
             poison_after_loads: crate::limits::POISON_LOADS_DEFAULT,
+            park_after: Some(crate::engine::PARK_AFTER_DEFAULT),
             retention: RETENTION_DEFAULT,
             retention_for: HashMap::new(),
             gc_interval: Duration::from_secs(600),

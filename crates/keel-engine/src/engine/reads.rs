@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::cell::{RunCell, Stop};
+use crate::engine::parking::InMemory;
 use crate::engine::{Engine, RunFilter};
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
@@ -235,7 +236,8 @@ impl Engine {
     }
 
     /// Waits until run `id` settles (any status but running or compensating) and returns its
-    /// record. Every way a run can stop being driven answers: [`EngineError::ShutDown`] when
+    /// record, through any number of parks of the run. Every way a run can stop being driven
+    /// answers: [`EngineError::ShutDown`] when
     /// the engine shuts down under the run, [`EngineError::RunStopped`] when its driver
     /// stopped on an engine error or nobody here drives it (its workflow is not registered).
     /// On a store several engines share, a run another engine drives is watched in the
@@ -253,8 +255,8 @@ impl Engine {
                     Err(_) => None,
                 };
                 match stopped {
-                    // Driven elsewhere now: watched in the store below.
-                    Some(Stop::Moved) | None => {}
+                    // Driven elsewhere now, or parked: looked at again below.
+                    Some(Stop::Moved | Stop::Parked) | None => {}
                     Some(stop) => return Err(stop.error(&run_id)),
                 }
             }
@@ -262,12 +264,25 @@ impl Engine {
             if !record.status.is_drivable() {
                 return Ok(record);
             }
-            // Taken up again (an operator resumed it) by the same or a fresh cell: wait on.
-            if self.loaded(&run_id).is_some() {
-                continue;
-            }
             if *self.inner.env.shutdown.borrow() {
                 return Err(EngineError::ShutDown);
+            }
+            let in_memory = self
+                .inner
+                .cells
+                .lock()
+                .expect("cells lock")
+                .state_of(&run_id);
+            match in_memory {
+                // Taken up again (an operator resumed it) by the same or a fresh cell: wait on.
+                InMemory::Loaded => continue,
+                // Parked: waited for until it is loaded again, then watched as above.
+                InMemory::Parked(unparked) => {
+                    self.unparked(unparked, poll).await;
+                    poll = (poll * 2).min(POLL_MAX);
+                    continue;
+                }
+                InMemory::Absent => {}
             }
             if self.driven_elsewhere(&record.id) {
                 let mut shutdown = self.inner.env.shutdown.subscribe();

@@ -272,15 +272,12 @@ impl Engine {
             let mut map = self.inner.cells.lock().expect("cells lock");
             cells
                 .into_iter()
-                .filter(|cell| match map.entry(cell.id.clone()) {
-                    std::collections::hash_map::Entry::Occupied(_) => {
+                .filter(|cell| match map.insert(cell) {
+                    Some(_) => {
                         tracing::warn!(run_id = %cell.id, "run loaded already: not loaded twice");
                         false
                     }
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        slot.insert(Arc::clone(cell));
-                        true
-                    }
+                    None => true,
                 })
                 .collect()
         };

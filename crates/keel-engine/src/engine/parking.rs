@@ -1,0 +1,330 @@
+//! Parked runs: a run whose body waits long enough (a durable timer, a step's retry backoff,
+//! an event) is unloaded while it waits, so that an idle run costs a few hundred bytes
+//! instead of its cell, its driver and its body's future.
+//!
+//! A run parks only from its body's main lane (never from a branch of a fan-out), only at a
+//! point where everything it waits on is in its journal (the timer's wake time, the failed
+//! attempt's retry time, the receive), and only when the wait is at least the engine's
+//! `park_after`. Parking detaches its cell under the map lock and the cell lock (so a send or
+//! an operator call either wrote before, and the run does not park, or finds the cell gone
+//! and loads the run afresh), then unwinds the body as a shutdown does. Waking is a load, as
+//! at open: the body replays from the journal to where it waited.
+//!
+//! What a parked run leaves in memory is an entry in [`Cells::parked`] and, for a wait with a
+//! time, one in the timer set the wake loop ([`Engine::spawn_wakes`]) sleeps on. These are
+//! not durable: at open, every unfinished run is loaded, replays to its wait and parks again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::cell::RunCell;
+use crate::engine::{Engine, Inner};
+use crate::error::Result;
+use crate::ids::RunId;
+use crate::journal::RunStatus;
+use crate::replay::RunState;
+
+/// How long a run's wait must be for it to park, by default.
+pub const PARK_AFTER_DEFAULT: Duration = Duration::from_secs(5);
+
+/// How long the wake loop waits before it tries again to load a run whose load failed.
+const WAKE_RETRY: Duration = Duration::from_secs(1);
+
+/// The engine's runs in memory: those loaded (a cell, driven or being settled) and those
+/// parked. A run is in at most one of the two maps; both change under one lock.
+#[derive(Default)]
+pub(crate) struct Cells {
+    loaded: HashMap<RunId, Arc<RunCell>>,
+    parked: HashMap<RunId, Parked>,
+    /// `(wake time, run)` of each parked run with a wake time (stale pairs are skipped).
+    timers: BTreeSet<(u64, RunId)>,
+}
+
+/// A parked run.
+struct Parked {
+    /// When the run must be loaded again; `None`: only when something arrives for it.
+    wake_at_ms: Option<u64>,
+    /// Told when the run is loaded again; made only when somebody waits for the run.
+    unparked: Option<Arc<Notify>>,
+}
+
+/// How many runs an engine holds in memory, by how ([`Engine::resident`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Resident {
+    /// Runs loaded: a cell, and a driver unless it is settling.
+    pub loaded: usize,
+    /// Runs parked while their body waits: an entry of a few hundred bytes each.
+    pub parked: usize,
+}
+
+/// What [`Cells::state_of`] found of a run.
+pub(crate) enum InMemory {
+    Loaded,
+    /// Parked: the notification comes when the run is loaded again. It was made under the
+    /// map lock, so a load after this call is never missed (see [`Notify::notify_waiters`]).
+    Parked(tokio::sync::futures::OwnedNotified),
+    Absent,
+}
+
+impl Cells {
+    /// The loaded cell of `id`, if any.
+    pub(crate) fn get(&self, id: &RunId) -> Option<&Arc<RunCell>> {
+        self.loaded.get(id)
+    }
+
+    /// Whether run `id` is loaded.
+    pub(crate) fn contains_key(&self, id: &RunId) -> bool {
+        self.loaded.contains_key(id)
+    }
+
+    /// Every loaded cell.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Arc<RunCell>> {
+        self.loaded.values()
+    }
+
+    /// Puts `cell` in the map, unless a cell of its run is there already (then that cell is
+    /// returned). A parked run is parked no more: whoever waits for it is told.
+    pub(crate) fn insert(&mut self, cell: &Arc<RunCell>) -> Option<Arc<RunCell>> {
+        if let Some(existing) = self.loaded.get(&cell.id) {
+            return Some(Arc::clone(existing));
+        }
+        self.loaded.insert(cell.id.clone(), Arc::clone(cell));
+        self.forget(&cell.id);
+        None
+    }
+
+    /// Takes `cell` out of the map if it is the one there.
+    pub(crate) fn remove(&mut self, cell: &Arc<RunCell>) {
+        if self
+            .loaded
+            .get(&cell.id)
+            .is_some_and(|c| Arc::ptr_eq(c, cell))
+        {
+            self.loaded.remove(&cell.id);
+        }
+    }
+
+    /// Whether run `id` is parked.
+    pub(crate) fn is_parked(&self, id: &RunId) -> bool {
+        self.parked.contains_key(id)
+    }
+
+    /// Whether run `id` is loaded or parked, and for a parked one, the notification of its
+    /// next load.
+    pub(crate) fn state_of(&mut self, id: &RunId) -> InMemory {
+        if self.loaded.contains_key(id) {
+            return InMemory::Loaded;
+        }
+        match self.parked.get_mut(id) {
+            Some(parked) => {
+                let unparked = parked.unparked.get_or_insert_with(Default::default);
+                InMemory::Parked(Arc::clone(unparked).notified_owned())
+            }
+            None => InMemory::Absent,
+        }
+    }
+
+    /// How many runs are loaded and how many parked.
+    pub(crate) fn counts(&self) -> Resident {
+        Resident {
+            loaded: self.loaded.len(),
+            parked: self.parked.len(),
+        }
+    }
+
+    /// Takes out the parked runs whose wake time is at or before `now_ms` (they stay parked
+    /// until loaded); returns them and the next wake time after.
+    fn due(&mut self, now_ms: u64) -> (Vec<RunId>, Option<u64>) {
+        let mut due = Vec::new();
+        while let Some((at_ms, id)) = self.timers.first().cloned() {
+            if at_ms > now_ms {
+                return (due, Some(at_ms));
+            }
+            self.timers.pop_first();
+            // A pair left by an earlier park of the run (it was loaded and parked again).
+            let current = self
+                .parked
+                .get(&id)
+                .is_some_and(|p| p.wake_at_ms == Some(at_ms));
+            if current {
+                due.push(id);
+            }
+        }
+        (due, None)
+    }
+
+    /// Forgets parked run `id` (another engine holds it); whoever waits for it is told.
+    fn forget(&mut self, id: &RunId) {
+        if let Some(parked) = self.parked.remove(id) {
+            if let Some(at_ms) = parked.wake_at_ms {
+                self.timers.remove(&(at_ms, id.clone()));
+            }
+            if let Some(unparked) = parked.unparked {
+                unparked.notify_waiters();
+            }
+        }
+    }
+
+    /// Sets parked run `id` to wake at `at_ms` (a retry of a failed load).
+    fn rewake(&mut self, id: &RunId, at_ms: u64) {
+        if let Some(parked) = self.parked.get_mut(id) {
+            if let Some(old) = parked.wake_at_ms.replace(at_ms) {
+                self.timers.remove(&(old, id.clone()));
+            }
+            self.timers.insert((at_ms, id.clone()));
+        }
+    }
+}
+
+impl Inner {
+    /// Parks the run of `cell`, waiting until `wake_at_ms` (or for something to arrive, when
+    /// `None`), if it may: the engine is up, no write failed in the cell, the run is running
+    /// with no cancel or pause requested, and `ready` accepts its state (nothing it waits for
+    /// has arrived). Decided under the map lock and the cell lock. Returns whether it parked:
+    /// then the cell is detached and out of the map, and its body must unwind
+    /// ([`crate::interrupt::Interrupt::Parked`]).
+    pub(crate) fn park(
+        &self,
+        cell: &Arc<RunCell>,
+        wake_at_ms: Option<u64>,
+        ready: &(dyn Fn(&RunState) -> bool + Sync),
+    ) -> bool {
+        let mut cells = self.cells.lock().expect("cells lock");
+        if self.env.shutting_down() {
+            return false;
+        }
+        if !cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            return false;
+        }
+        let parked = cell.park_if(|record, state| {
+            record.status == RunStatus::Running
+                && !state.cancel_requested
+                && !state.pause_requested
+                && ready(state)
+        });
+        if !parked {
+            return false;
+        }
+        cells.loaded.remove(&cell.id);
+        cells.parked.insert(
+            cell.id.clone(),
+            Parked {
+                wake_at_ms,
+                unparked: None,
+            },
+        );
+        let earliest = match wake_at_ms {
+            Some(at_ms) => {
+                let earliest = cells.timers.first().is_none_or(|(first, _)| at_ms < *first);
+                cells.timers.insert((at_ms, cell.id.clone()));
+                earliest
+            }
+            None => false,
+        };
+        drop(cells);
+        if earliest {
+            self.wakes.notify_one();
+        }
+        tracing::debug!(run_id = %cell.id, wake_at_ms, "run parked");
+        true
+    }
+}
+
+impl Engine {
+    /// How many runs this engine holds in memory: loaded, and parked.
+    pub fn resident(&self) -> Resident {
+        self.inner.cells.lock().expect("cells lock").counts()
+    }
+
+    /// Starts the loop that loads parked runs when their wake time comes, until shutdown.
+    pub(super) fn spawn_wakes(&self) {
+        let engine = Arc::downgrade(&self.inner);
+        let wakes = Arc::clone(&self.inner.wakes);
+        let mut shutdown = self.inner.env.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let Some(inner) = engine.upgrade() else {
+                    return;
+                };
+                if *shutdown.borrow() {
+                    return;
+                }
+                let engine = Engine { inner };
+                let next_ms = engine.wake_due().await;
+                let clock = engine.inner.env.clock.clone();
+                drop(engine);
+                let next = async {
+                    match next_ms {
+                        Some(at_ms) => clock.sleep_until(at_ms).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = next => {}
+                    _ = wakes.notified() => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Loads every parked run whose wake time came; returns the next wake time.
+    async fn wake_due(&self) -> Option<u64> {
+        let now_ms = self.inner.env.clock.now_ms();
+        let (due, mut next_ms) = self.inner.cells.lock().expect("cells lock").due(now_ms);
+        for id in due {
+            if let Err(error) = self.wake(&id).await {
+                tracing::warn!(run_id = %id, %error, "parked run could not be loaded: trying again");
+                let at_ms = now_ms.saturating_add(WAKE_RETRY.as_millis() as u64);
+                self.inner
+                    .cells
+                    .lock()
+                    .expect("cells lock")
+                    .rewake(&id, at_ms);
+                next_ms = Some(next_ms.map_or(at_ms, |next| next.min(at_ms)));
+            }
+        }
+        next_ms
+    }
+
+    /// Loads parked run `id` and drives it, unless it was loaded meanwhile.
+    async fn wake(&self, id: &RunId) -> Result<()> {
+        if !self.inner.cells.lock().expect("cells lock").is_parked(id) {
+            return Ok(());
+        }
+        let record = self.record(id.as_str()).await?;
+        tracing::debug!(run_id = %id, "parked run woken");
+        self.load(record).await?;
+        // Not loaded: another engine sharing the store holds the run now. It is not this
+        // engine's to wake; its waiters watch the store.
+        self.inner.cells.lock().expect("cells lock").forget(id);
+        Ok(())
+    }
+
+    /// Waits until parked run `id` is loaded again (`unparked`), the engine shuts down, or,
+    /// on a store several engines share, a poll interval passed (another engine may have
+    /// taken the run over).
+    pub(super) async fn unparked(
+        &self,
+        unparked: tokio::sync::futures::OwnedNotified,
+        poll: Duration,
+    ) {
+        let mut shutdown = self.inner.env.shutdown.subscribe();
+        let shared = self.inner.env.store.claim_every().is_some();
+        let poll = async {
+            if shared {
+                tokio::time::sleep(poll).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            _ = unparked => {}
+            _ = shutdown.wait_for(|down| *down) => {}
+            _ = poll => {}
+        }
+    }
+}

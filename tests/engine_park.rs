@@ -1,0 +1,499 @@
+//! Parked runs: a run whose body waits long enough (a durable timer, a step's retry backoff,
+//! a receive) is unloaded while it waits and loaded again when its time comes or an event or
+//! an operator call arrives for it. Checked here: what the engine holds in memory
+//! (`Engine::resident`), that waiters hear the end through any number of parks, that every
+//! step's effect runs once (the ground-truth log), that attempts keep their retry times, that
+//! sends, cancels and pauses reach a parked run, and that parked runs park again after a
+//! restart and wake on time.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Scratch, Undoable};
+use keel::testing::TestClock;
+use keel::{
+    Ctx, Engine, EngineError, Event, Resident, RetryPolicy, RunHistory, RunStatus, Step,
+    StepContext, StepError, Workflow, WorkflowError,
+};
+use keel_testkit::effects::{self as ground_truth, Action};
+use keel_testkit::poll::CONDITION_TIMEOUT;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+/// A step's effect, a sleep, another step's effect.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct NapInput {
+    log: String,
+    sleep_ms: u64,
+}
+
+struct Nap;
+
+impl Workflow for Nap {
+    const NAME: &'static str = "test.nap";
+    type Input = NapInput;
+    type Output = u64;
+
+    async fn run(ctx: &mut Ctx, input: NapInput) -> Result<u64, WorkflowError> {
+        let log = input.log.clone();
+        ctx.step(Undoable { log: log.clone() }).await?;
+        ctx.sleep(Duration::from_millis(input.sleep_ms)).await?;
+        ctx.step(Undoable { log }).await?;
+        Ok(input.sleep_ms)
+    }
+}
+
+/// Records each attempt; its first two fail retryably, to be retried a minute later.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Flaky {
+    log: String,
+}
+
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+impl Step for Flaky {
+    const KIND: &'static str = "test.flaky";
+    const COMPENSABLE: bool = false;
+    const RETRY_POLICY: RetryPolicy = RetryPolicy::DEFAULT
+        .with_attempts_max(5)
+        .with_backoff(Duration::from_millis(1), Duration::from_millis(1));
+    type Output = u32;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+        ground_truth::record(&self.log, Action::Do, ctx)?;
+        if ctx.attempt().0 <= 2 {
+            return Err(StepError::retryable("not yet").with_retry_after(RETRY_AFTER));
+        }
+        Ok(ctx.attempt().0)
+    }
+}
+
+struct Retries;
+
+impl Workflow for Retries {
+    const NAME: &'static str = "test.retries";
+    type Input = String;
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, log: String) -> Result<u32, WorkflowError> {
+        ctx.step(Flaky { log }).await
+    }
+}
+
+/// Takes an event of each name in turn (within `within_ms` when set; `None` for one that
+/// timed out).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct InboxInput {
+    names: Vec<String>,
+    within_ms: Option<u64>,
+}
+
+struct Inbox;
+
+impl Workflow for Inbox {
+    const NAME: &'static str = "test.park-inbox";
+    type Input = InboxInput;
+    type Output = Vec<Option<Value>>;
+
+    async fn run(ctx: &mut Ctx, input: InboxInput) -> Result<Vec<Option<Value>>, WorkflowError> {
+        let within = input.within_ms.map(Duration::from_millis);
+        let mut got = Vec::new();
+        for name in &input.names {
+            match ctx.receive_event::<Value>(&[name], within).await {
+                Ok(event) => got.push(Some(event.payload)),
+                Err(WorkflowError::EventTimedOut { .. }) => got.push(None),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    }
+}
+
+async fn open(scratch: &Scratch, park_after: Option<Duration>) -> Engine {
+    open_at(&scratch.data, &scratch.clock, park_after).await
+}
+
+async fn open_at(
+    data: &std::path::Path,
+    clock: &TestClock,
+    park_after: Option<Duration>,
+) -> Engine {
+    keel_testkit::store::builder(data)
+        .clock(clock.clone())
+        .park_after(park_after)
+        .workflow::<Nap>()
+        .workflow::<Retries>()
+        .workflow::<Inbox>()
+        .step::<Undoable>()
+        .step::<Flaky>()
+        .open()
+        .await
+        .expect("opening the engine")
+}
+
+/// Waits until the engine holds exactly `resident` (real time, bounded).
+async fn resident(engine: &Engine, want: Resident) {
+    let deadline = std::time::Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        let now = engine.resident();
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the engine holds {now:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn parked(parked: usize) -> Resident {
+    Resident { loaded: 0, parked }
+}
+
+fn count(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> usize {
+    history
+        .entries
+        .iter()
+        .filter(|e| predicate(&e.event))
+        .count()
+}
+
+/// The effects of run `run` in the ground-truth log: (action, step, attempt).
+fn effects_of(scratch: &Scratch, run: &str) -> Vec<(Action, u32, u32)> {
+    ground_truth::read(std::path::Path::new(&scratch.log))
+        .into_iter()
+        .filter(|e| e.run == run)
+        .map(|e| (e.action, e.step, e.attempt))
+        .collect()
+}
+
+const HOUR_MS: u64 = 3_600_000;
+
+/// A run sleeping an hour parks (nothing of it is loaded), a waiter from before the park and
+/// one from during it both get its output when the clock reaches the wake time (not a
+/// millisecond before), and each step's effect ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_sleep_parks_the_run_and_its_waiters_hear_the_end() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let input = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: HOUR_MS,
+    };
+    let started_at_ms = scratch.clock.now_ms();
+    let handle = engine.start::<Nap>("nap", input).await.unwrap();
+    let early = tokio::spawn(async move { handle.result().await });
+    resident(&engine, parked(1)).await;
+    let during = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.wait("nap").await }
+    });
+
+    scratch.clock.advance_to(started_at_ms + HOUR_MS - 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(engine.resident(), parked(1), "not woken before its time");
+    assert!(!early.is_finished() && !during.is_finished());
+
+    scratch.clock.advance_to(started_at_ms + HOUR_MS);
+    assert_eq!(early.await.unwrap().unwrap(), HOUR_MS);
+    let record = during.await.unwrap().unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    resident(&engine, Resident::default()).await;
+    assert_eq!(
+        effects_of(&scratch, "nap"),
+        [(Action::Do, 0, 1), (Action::Do, 2, 1)],
+        "each step's effect once"
+    );
+    let history = engine.history("nap").await.unwrap();
+    assert_eq!(count(&history, |e| matches!(e, Event::TimerSet { .. })), 1);
+    assert_eq!(
+        count(&history, |e| matches!(e, Event::TimerFired { .. })),
+        1
+    );
+    engine.shutdown().await;
+}
+
+/// A sleep shorter than `park_after` keeps the run loaded, as does any sleep on an engine
+/// whose runs never park; both complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_sleep_or_an_engine_that_never_parks_keeps_the_run_loaded() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(Duration::from_secs(5))).await;
+    let short = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: 4_999,
+    };
+    engine.start::<Nap>("short", short).await.unwrap();
+    keel_testkit::poll::asleep(&scratch.clock).await;
+    assert_eq!(
+        engine.resident(),
+        Resident {
+            loaded: 1,
+            parked: 0
+        }
+    );
+    scratch.clock.advance(Duration::from_millis(4_999));
+    assert_eq!(
+        engine.wait("short").await.unwrap().status,
+        RunStatus::Completed
+    );
+    engine.shutdown().await;
+    drop(engine);
+
+    let engine = open(&scratch, None).await;
+    let long = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: HOUR_MS,
+    };
+    engine.start::<Nap>("long", long).await.unwrap();
+    keel_testkit::poll::asleep(&scratch.clock).await;
+    assert_eq!(
+        engine.resident(),
+        Resident {
+            loaded: 1,
+            parked: 0
+        }
+    );
+    scratch.clock.advance(Duration::from_millis(HOUR_MS));
+    assert_eq!(
+        engine.wait("long").await.unwrap().status,
+        RunStatus::Completed
+    );
+    engine.shutdown().await;
+}
+
+/// A step's backoff before its next attempt parks the run; each attempt runs once, none
+/// before its journaled retry time, and the third succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_backoff_parks_and_each_attempt_runs_once_at_its_time() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let handle = engine
+        .start::<Retries>("flaky", scratch.log.clone())
+        .await
+        .unwrap();
+    for attempt in 1..=2usize {
+        // The attempt ran and failed, and the run parked for its backoff.
+        keel_testkit::poll::until(&engine, "flaky", |h| {
+            count(h, |e| matches!(e, Event::StepFailed { .. })) == attempt
+        })
+        .await;
+        resident(&engine, parked(1)).await;
+        assert_eq!(effects_of(&scratch, "flaky").len(), attempt);
+        let history = engine.history("flaky").await.unwrap();
+        let retry_at_ms = history
+            .entries
+            .iter()
+            .rev()
+            .find_map(|e| match &e.event {
+                Event::StepFailed { retry_at_ms, .. } => *retry_at_ms,
+                _ => None,
+            })
+            .expect("a retry time");
+        scratch.clock.advance_to(retry_at_ms - 1);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            effects_of(&scratch, "flaky").len(),
+            attempt,
+            "no attempt before its retry time"
+        );
+        scratch.clock.advance_to(retry_at_ms);
+    }
+    assert_eq!(handle.result().await.unwrap(), 3);
+    assert_eq!(
+        effects_of(&scratch, "flaky"),
+        [(Action::Do, 0, 1), (Action::Do, 0, 2), (Action::Do, 0, 3)]
+    );
+    engine.shutdown().await;
+}
+
+/// A receive with no deadline parks; a send wakes the run, which takes the event and parks
+/// again for the next; a duplicate send to the parked run is answered without loading it; a
+/// receive with a deadline parks until the deadline and then times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_parks_until_its_event_or_its_deadline() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let input = InboxInput {
+        names: vec!["a".into(), "b".into()],
+        within_ms: None,
+    };
+    let handle = engine.start::<Inbox>("inbox", input).await.unwrap();
+    resident(&engine, parked(1)).await;
+    let sent = engine.send("inbox", "a", &json!(1), "a-1").await.unwrap();
+    assert!(!sent.duplicate);
+    keel_testkit::poll::until(&engine, "inbox", |h| {
+        count(h, |e| matches!(e, Event::EventReceived { .. })) == 1
+    })
+    .await;
+    resident(&engine, parked(1)).await;
+    let again = engine.send("inbox", "a", &json!(1), "a-1").await.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(engine.resident(), parked(1), "a duplicate loads nothing");
+    engine.send("inbox", "b", &json!(2), "b-1").await.unwrap();
+    assert_eq!(
+        handle.result().await.unwrap(),
+        vec![Some(json!(1)), Some(json!(2))]
+    );
+    let history = engine.history("inbox").await.unwrap();
+    assert_eq!(
+        count(&history, |e| matches!(e, Event::EventDelivered { .. })),
+        2
+    );
+    assert_eq!(
+        count(&history, |e| matches!(e, Event::EventReceived { .. })),
+        2
+    );
+
+    let started_at_ms = scratch.clock.now_ms();
+    let input = InboxInput {
+        names: vec!["never".into()],
+        within_ms: Some(HOUR_MS),
+    };
+    let handle = engine.start::<Inbox>("deadline", input).await.unwrap();
+    resident(&engine, parked(1)).await;
+    scratch.clock.advance_to(started_at_ms + HOUR_MS);
+    assert_eq!(handle.result().await.unwrap(), vec![None]);
+    engine.shutdown().await;
+}
+
+/// Operator calls reach a parked run: a pause makes it paused, a resume takes it up (it
+/// parks again in its sleep), a cancel makes it compensate the step it took before the
+/// sleep; its waiter hears `compensated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_calls_reach_a_parked_run() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let input = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: HOUR_MS,
+    };
+    engine.start::<Nap>("nap", input).await.unwrap();
+    resident(&engine, parked(1)).await;
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.wait("nap").await }
+    });
+
+    engine.pause("nap").await.unwrap();
+    let paused = engine.wait("nap").await.unwrap();
+    assert_eq!(paused.status, RunStatus::Paused);
+    let waited = waiter.await.unwrap().unwrap();
+    assert_eq!(
+        waited.status,
+        RunStatus::Paused,
+        "the waiter hears the pause"
+    );
+    engine.resume("nap").await.unwrap();
+    resident(&engine, parked(1)).await;
+
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.wait("nap").await }
+    });
+    engine.cancel("nap").await.unwrap();
+    let record = waiter.await.unwrap().unwrap();
+    assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
+    assert_eq!(
+        effects_of(&scratch, "nap"),
+        [(Action::Do, 0, 1), (Action::Undo, 0, 1)]
+    );
+    resident(&engine, Resident::default()).await;
+    engine.shutdown().await;
+}
+
+/// Runs parked at shutdown (their waiters hear the shutdown) park again after the reopen,
+/// and wake on time; every step's effect ran once per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
+    const RUNS: usize = 40;
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let started_at_ms = scratch.clock.now_ms();
+    for i in 0..RUNS {
+        let input = NapInput {
+            log: scratch.log.clone(),
+            sleep_ms: HOUR_MS + i as u64,
+        };
+        engine
+            .start::<Nap>(&format!("nap-{i}"), input)
+            .await
+            .unwrap();
+    }
+    resident(&engine, parked(RUNS)).await;
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.wait("nap-0").await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    engine.shutdown().await;
+    assert!(matches!(waiter.await.unwrap(), Err(EngineError::ShutDown)));
+    drop(engine);
+
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    resident(&engine, parked(RUNS)).await;
+    scratch
+        .clock
+        .advance_to(started_at_ms + HOUR_MS + RUNS as u64);
+    for i in 0..RUNS {
+        let record = engine.wait(&format!("nap-{i}")).await.unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+        assert_eq!(
+            effects_of(&scratch, &format!("nap-{i}")),
+            [(Action::Do, 0, 1), (Action::Do, 2, 1)]
+        );
+        let history = engine.history(&format!("nap-{i}")).await.unwrap();
+        assert_eq!(
+            history.entries.iter().find_map(|e| match e.event {
+                Event::TimerFired { .. } => Some(e.at_ms),
+                _ => None,
+            }),
+            Some(started_at_ms + HOUR_MS + RUNS as u64),
+            "fired when the clock reached its wake time"
+        );
+    }
+    resident(&engine, Resident::default()).await;
+    engine.shutdown().await;
+}
+
+/// Sends racing runs that are parking lose no event and load no run twice: every run takes
+/// its one event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sends_racing_parks_lose_no_event() {
+    const RUNS: usize = 150;
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let mut sends = Vec::new();
+    for i in 0..RUNS {
+        let input = InboxInput {
+            names: vec!["go".into()],
+            within_ms: None,
+        };
+        let id = format!("race-{i}");
+        engine.start::<Inbox>(&id, input).await.unwrap();
+        let engine = engine.clone();
+        // Some sends land before the run parks, some while it parks, some after.
+        sends.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_micros((i % 7) as u64 * 300)).await;
+            engine.send(&id, "go", &json!(i), "go-1").await
+        }));
+    }
+    for send in sends {
+        assert!(!send.await.unwrap().unwrap().duplicate);
+    }
+    for i in 0..RUNS {
+        let id = format!("race-{i}");
+        let record = engine.wait(&id).await.unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+        assert_eq!(record.output, Some(json!([i])));
+        let history = engine.history(&id).await.unwrap();
+        assert_eq!(
+            count(&history, |e| matches!(e, Event::EventReceived { .. })),
+            1
+        );
+    }
+    resident(&engine, Resident::default()).await;
+    engine.shutdown().await;
+}
