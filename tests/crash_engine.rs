@@ -33,8 +33,14 @@ fn child_main() {
     let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
     let log = std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG");
     let runtime = keel_testkit::crash::runtime();
+    // `KEEL_PARK_AFTER_MS`: runs park at their sleep (`crash_while_parking`).
+    let park_after = match std::env::var("KEEL_PARK_AFTER_MS") {
+        Ok(ms) => Some(Duration::from_millis(ms.parse().expect("milliseconds"))),
+        Err(_) => Some(keel::PARK_AFTER_DEFAULT),
+    };
     runtime.block_on(async {
         let engine = keel_testkit::store::builder(&dir)
+            .park_after(park_after)
             .workflow::<EffectFlow>()
             // The test's kills, not the run's code, end these loads: none may poison a run
             // (tests/crash_poison.rs tests poisoning).
@@ -68,6 +74,13 @@ fn spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
             ("KEEL_EFFECT_LOG".into(), path_env(dir, "effects.jsonl")),
         ],
     }
+}
+
+/// The child of [`spec`] with runs that park at their 15 ms sleep (after 5 ms).
+fn parking_spec<'a>(test_name: &'a str, dir: &Path) -> ChildSpec<'a> {
+    let mut spec = spec(test_name, dir);
+    spec.env.push(("KEEL_PARK_AFTER_MS".into(), "5".into()));
+    spec
 }
 
 /// Checks every run against the effect log and returns the tally.
@@ -198,4 +211,52 @@ fn crash_at_random_moments() {
         rerun > 0,
         "no step was ever re-run: the kills never landed mid-step"
     );
+}
+
+/// With runs parking at their sleep: killing the child at each point of the wake index and
+/// of parking (`keel_engine::crash::PARK_POINTS`: after a new run's index entry, before its
+/// record; after a parking run's entry; after a waking run's entry, before its cell), twice
+/// at seeded hit counts, then at 50 seeded random moments, leaves every run finishing exactly
+/// once, no recorded step re-run and every compensated run without effects: no run is lost
+/// from the index, none driven twice.
+#[test]
+fn crash_while_parking() {
+    const NAME: &str = "crash_while_parking";
+    if is_child() {
+        return child_main();
+    }
+    keel_testkit::init_tracing();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7061_726b);
+    for point in keel_engine::crash::PARK_POINTS {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = parking_spec(NAME, dir.path());
+        let mut killed = 0;
+        for _ in 0..2 {
+            let skip = rng.gen_range(0..3u32);
+            let env = [
+                ("KEEL_CRASH_AT", point.to_string()),
+                ("KEEL_CRASH_SKIP", skip.to_string()),
+            ];
+            if spec.run(&env, CHILD_TIMEOUT) == Ending::Killed {
+                killed += 1;
+            }
+        }
+        assert!(killed > 0, "crash point {point} was never reached");
+        spec.run_until_finished(CHILD_TIMEOUT);
+        verify(dir.path());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = parking_spec(NAME, dir.path());
+    spec.kill_repeatedly(
+        50,
+        || Duration::from_millis(rng.gen_range(1..150)),
+        CHILD_TIMEOUT,
+        || {
+            verify(dir.path());
+            keel_testkit::store::wipe(&dir.path().join("data"));
+            std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
+        },
+    );
+    spec.run_until_finished(CHILD_TIMEOUT);
+    verify(dir.path());
 }

@@ -43,9 +43,13 @@ fn corrupt(data: &Path, key: &[u8]) {
     db.flush().unwrap();
 }
 
+/// Runs stay loaded while they sleep (they never park), so that every open reads the
+/// unfinished ones: a parked run's journal is read when it wakes, and what a damaged one does
+/// then is in `engine_park.rs`.
 async fn open(data: &Path) -> Engine {
     keel_testkit::open_engine(|| {
         Engine::builder(data)
+            .park_after(None)
             .workflow::<EffectFlow>()
             .step::<EffectStep>()
     })

@@ -75,7 +75,8 @@ fn hold(scratch: &Scratch) -> serde_json::Value {
     .unwrap()
 }
 
-/// Starts held runs `ids` and waits until each took its effect and sleeps.
+/// Starts held runs `ids` and waits until each took its effect and sleeps (its timer is
+/// journaled: the run sleeps loaded, or parked).
 async fn start_held(engine: &Engine, scratch: &Scratch, ids: &[String]) {
     for id in ids {
         engine
@@ -83,13 +84,15 @@ async fn start_held(engine: &Engine, scratch: &Scratch, ids: &[String]) {
             .await
             .unwrap();
     }
-    for _ in 0..2000 {
-        if scratch.clock.sleepers() >= ids.len() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    for id in ids {
+        keel_testkit::poll::until(engine, id, |history| {
+            history
+                .entries
+                .iter()
+                .any(|e| matches!(e.event, keel::Event::TimerSet { .. }))
+        })
+        .await;
     }
-    panic!("the held runs never all slept");
 }
 
 fn filter(statuses: &[RunStatus]) -> RunFilter {

@@ -164,8 +164,8 @@ impl Workflow for DriftArgument {
 }
 
 /// Journals a [`Drift`] run up to its sleep in a fresh store under `dir`, then replays it
-/// with the code `W`; returns the settled run's error, checking that the effect never ran
-/// again.
+/// with the code `W` (when it wakes: a parked run's body replays when it is loaded); returns
+/// the settled run's error, checking that the effect never ran again.
 async fn replayed_under<W: Workflow<Input = String>>(dir: &Path) -> Option<String> {
     let data = dir.join("data");
     let log = log_in(dir);
@@ -187,6 +187,7 @@ async fn replayed_under<W: Workflow<Input = String>>(dir: &Path) -> Option<Strin
             .workflow::<W>()
     })
     .await;
+    clock.advance(HOUR);
     let record = engine.wait("drift").await.unwrap();
     assert_eq!(record.status, RunStatus::Suspended, "{:?}", record.error);
     assert_eq!(effects_done(&log).len(), 1, "nothing ran on replay");

@@ -8,6 +8,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use common::{Scratch, Undoable};
@@ -18,6 +20,7 @@ use keel::{
 };
 use keel_testkit::effects::{self as ground_truth, Action};
 use keel_testkit::poll::CONDITION_TIMEOUT;
+use keel_testkit::store::{test_store, TestStore};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -41,6 +44,36 @@ impl Workflow for Nap {
         ctx.sleep(Duration::from_millis(input.sleep_ms)).await?;
         ctx.step(Undoable { log }).await?;
         Ok(input.sleep_ms)
+    }
+}
+
+/// [`Nap`], counting its body's runs per run ([`bodies`]): a body runs at every load.
+struct Counted;
+
+static COUNTED_BODIES: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
+
+/// How many times the bodies of the [`Counted`] runs whose id starts with `prefix` ran.
+fn bodies(prefix: &str) -> usize {
+    let counted = COUNTED_BODIES.lock().unwrap();
+    counted
+        .iter()
+        .filter(|(id, _)| id.starts_with(prefix))
+        .map(|(_, n)| n)
+        .sum()
+}
+
+impl Workflow for Counted {
+    const NAME: &'static str = "test.counted-nap";
+    type Input = NapInput;
+    type Output = u64;
+
+    async fn run(ctx: &mut Ctx, input: NapInput) -> Result<u64, WorkflowError> {
+        *COUNTED_BODIES
+            .lock()
+            .unwrap()
+            .entry(ctx.run_id().to_string())
+            .or_default() += 1;
+        Nap::run(ctx, input).await
     }
 }
 
@@ -123,6 +156,7 @@ async fn open_at(
         .clock(clock.clone())
         .park_after(park_after)
         .workflow::<Nap>()
+        .workflow::<Counted>()
         .workflow::<Retries>()
         .workflow::<Inbox>()
         .step::<Undoable>()
@@ -404,8 +438,9 @@ async fn operator_calls_reach_a_parked_run() {
     engine.shutdown().await;
 }
 
-/// Runs parked at shutdown (their waiters hear the shutdown) park again after the reopen,
-/// and wake on time; every step's effect ran once per run.
+/// Runs parked at shutdown (their waiters hear the shutdown) are parked again by the reopen
+/// (on sled, from the wake index, without being read: their bodies do not run), and wake on
+/// time; every step's effect ran once per run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
     const RUNS: usize = 40;
@@ -418,7 +453,7 @@ async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
             sleep_ms: HOUR_MS + i as u64,
         };
         engine
-            .start::<Nap>(&format!("nap-{i}"), input)
+            .start::<Counted>(&format!("nap-{i}"), input)
             .await
             .unwrap();
     }
@@ -432,8 +467,19 @@ async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
     assert!(matches!(waiter.await.unwrap(), Err(EngineError::ShutDown)));
     drop(engine);
 
+    let before = bodies("nap-");
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    if test_store() == TestStore::Sled {
+        assert_eq!(engine.resident(), parked(RUNS), "parked by the open itself");
+    }
     resident(&engine, parked(RUNS)).await;
+    if test_store() == TestStore::Sled {
+        assert_eq!(
+            bodies("nap-"),
+            before,
+            "no body ran: no parked run was loaded"
+        );
+    }
     scratch
         .clock
         .advance_to(started_at_ms + HOUR_MS + RUNS as u64);
@@ -496,4 +542,155 @@ async fn sends_racing_parks_lose_no_event() {
     }
     resident(&engine, Resident::default()).await;
     engine.shutdown().await;
+}
+
+/// A store whose wake index is gone (as one written before Keel kept it) is read in full at
+/// the next open: every unfinished run is loaded, replays and parks again, and the index is
+/// built, so that the open after reads none of them. (sled: PostgreSQL keeps no index.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_without_the_wake_index_is_read_in_full_once_and_indexed() {
+    const RUNS: usize = 12;
+    if test_store() != TestStore::Sled {
+        return;
+    }
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    for i in 0..RUNS {
+        let input = NapInput {
+            log: scratch.log.clone(),
+            sleep_ms: HOUR_MS,
+        };
+        engine
+            .start::<Counted>(&format!("old-{i}"), input)
+            .await
+            .unwrap();
+    }
+    resident(&engine, parked(RUNS)).await;
+    engine.shutdown().await;
+    drop(engine);
+    let db = keel_testkit::raw::open(&scratch.data);
+    assert!(keel_testkit::raw::forget_wake_index(&db) > RUNS);
+    drop(db);
+
+    let before = bodies("old-");
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    resident(&engine, parked(RUNS)).await;
+    assert!(
+        bodies("old-") >= before + RUNS,
+        "every run was loaded and ran its body to its sleep"
+    );
+    engine.shutdown().await;
+    drop(engine);
+
+    let before = bodies("old-");
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    assert_eq!(engine.resident(), parked(RUNS), "parked from the index");
+    scratch.clock.advance(Duration::from_millis(HOUR_MS));
+    for i in 0..RUNS {
+        let record = engine.wait(&format!("old-{i}")).await.unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+        assert_eq!(
+            effects_of(&scratch, &format!("old-{i}")),
+            [(Action::Do, 0, 1), (Action::Do, 2, 1)]
+        );
+    }
+    assert_eq!(
+        bodies("old-"),
+        before + RUNS,
+        "each body ran once more: at its wake"
+    );
+    engine.shutdown().await;
+}
+
+/// An engine that lacks the workflow of a parked run refuses to open, naming the run, as for
+/// a loaded one: the open finds the type among those the runs use, and then reads every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_workflow_of_a_parked_run_refuses_the_open() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let input = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: HOUR_MS,
+    };
+    engine.start::<Nap>("orphan", input).await.unwrap();
+    resident(&engine, parked(1)).await;
+    engine.shutdown().await;
+    drop(engine);
+
+    let refused = keel_testkit::store::builder(&scratch.data)
+        .clock(scratch.clock.clone())
+        .workflow::<Retries>()
+        .step::<Undoable>()
+        .open()
+        .await;
+    match refused {
+        Err(EngineError::Unregistered {
+            runs,
+            missing,
+            examples,
+        }) => {
+            assert_eq!(runs, 1);
+            assert!(missing.contains("test.nap"), "{missing}");
+            assert!(examples.contains("orphan"), "{examples}");
+        }
+        other => panic!("expected Unregistered, got {other:?}"),
+    }
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    resident(&engine, parked(1)).await;
+    engine.shutdown().await;
+}
+
+/// A parked run whose journal was damaged at rest is not read by the open (it is parked from
+/// the index); at its wake time it is found unreadable, left as it is and not retried, and
+/// its waiter hears why; the damaged entry is as the damage left it. (sled: the damage is
+/// made to its raw keys.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_run_with_a_damaged_journal_is_reported_at_its_wake() {
+    if test_store() != TestStore::Sled {
+        return;
+    }
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let input = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: HOUR_MS,
+    };
+    let started_at_ms = scratch.clock.now_ms();
+    engine.start::<Nap>("damaged", input).await.unwrap();
+    resident(&engine, parked(1)).await;
+    engine.shutdown().await;
+    drop(engine);
+    let id = keel::RunId::existing("damaged").unwrap();
+    let key = keel_engine::test_utilities::raw::journal_key_of(&id, keel::JournalIndex(1));
+    let db = keel_testkit::raw::open(&scratch.data);
+    db.insert(&key, &b"\xff not json"[..]).unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    assert_eq!(engine.resident(), parked(1));
+    let waiter = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.wait("damaged").await }
+    });
+    scratch.clock.advance_to(started_at_ms + HOUR_MS);
+    match waiter.await.unwrap() {
+        Err(EngineError::RunStopped { reason, .. }) => {
+            assert!(reason.contains("journal"), "{reason}")
+        }
+        other => panic!("expected RunStopped, got {other:?}"),
+    }
+    assert_eq!(engine.resident(), Resident::default(), "left as it is");
+    assert_eq!(
+        engine.status("damaged").await.unwrap().status,
+        RunStatus::Running
+    );
+    engine.shutdown().await;
+    drop(engine);
+    let db = keel_testkit::raw::open(&scratch.data);
+    assert_eq!(
+        db.get(&key).unwrap().as_deref(),
+        Some(&b"\xff not json"[..]),
+        "the damaged entry is as it was"
+    );
 }

@@ -131,7 +131,10 @@ async fn every_operation_and_attempt_is_a_span_under_its_run() {
     tracing::subscriber::set_global_default(tracing_subscriber::registry().with(recorder.clone()))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
+    // The run stays loaded at its receive (it never parks): one driver, one `run` span. (A
+    // run that parks gets a `run` span per load, each a root.)
     let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .park_after(None)
         .workflow::<Everything>()
         .workflow::<Leaf>()
         .step::<Flaky>()

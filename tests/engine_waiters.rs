@@ -134,8 +134,10 @@ async fn a_failure_with_a_huge_message_is_recorded_cut_and_heard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_suspension_with_a_huge_reason_is_recorded_cut_and_heard() {
     let dir = tempfile::tempdir().unwrap();
+    // The run sleeps loaded (it never parks), so the reopen replays it at once.
     let open = || {
         Engine::builder(dir.path())
+            .park_after(None)
             .workflow::<Changing>()
             .step::<Echo>()
             .open()

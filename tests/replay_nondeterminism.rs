@@ -185,7 +185,9 @@ impl Parked {
 }
 
 /// Runs the [`Original`] code for each `(id, sleep_ms)` until its timer is set (step
-/// `test.x` done, sleeping), then shuts the engine down.
+/// `test.x` done, sleeping), then shuts the engine down. The runs sleep loaded (they never
+/// park), so the next open replays them at once: a parked run replays under the new code when
+/// it wakes (`tests/engine_effects_replay.rs`).
 async fn park(runs: &[(&str, u64)]) -> Parked {
     let dir = tempfile::tempdir().unwrap();
     let mut parked = Parked {
@@ -196,6 +198,7 @@ async fn park(runs: &[(&str, u64)]) -> Parked {
     };
     let engine = keel_testkit::open_engine(|| {
         keel_testkit::store::builder(&parked.data)
+            .park_after(None)
             .workflow::<Original>()
             .step::<StepX>()
             .step::<StepY>()

@@ -189,6 +189,10 @@ pub(crate) enum Command {
         /// Runs never park (every waiting run keeps its cell and driver).
         #[arg(long)]
         no_park: bool,
+        /// Then shut the engine down, open it again on the same store and time it until
+        /// every run waits again.
+        #[arg(long)]
+        reopen: bool,
     },
     /// The engine's process of `load`, configured by its environment.
     #[command(hide = true)]

@@ -191,6 +191,7 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             runs,
             wait,
             no_park,
+            reopen,
         }) => {
             if workload::postgres_server().is_some() {
                 bail!("memory measures the sled store; it takes no --store");
@@ -202,6 +203,7 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
                 runs,
                 wait,
                 park_after: (!no_park).then_some(keel_engine::PARK_AFTER_DEFAULT),
+                reopen,
             };
             let report = memory::run(&cli.dir, &params).await?;
             print_report(output, &report, memory::MemoryReport::table)

@@ -30,6 +30,8 @@ pub(crate) struct MemoryParams {
     pub wait: WaitKind,
     /// The engine's `park_after`; `None`: runs never park.
     pub park_after: Option<Duration>,
+    /// Whether to open the engine again once every run waits, and time it.
+    pub reopen: bool,
 }
 
 /// The report of `memory`.
@@ -50,6 +52,22 @@ pub(crate) struct MemoryReport {
     pub resident: Resident,
     /// Seconds from the first start until every run waited.
     pub seconds_to_wait: f64,
+    /// With `--reopen`: the engine opened again on the same store.
+    pub reopened: Option<Reopened>,
+}
+
+/// The engine opened again on the store of the waiting runs.
+#[derive(Serialize)]
+pub(crate) struct Reopened {
+    /// Seconds `open()` took.
+    pub open_seconds: f64,
+    /// Seconds from the start of `open()` until every run waited again (parked, with
+    /// parking on).
+    pub waiting_seconds: f64,
+    /// RSS once every run waited again, in bytes.
+    pub rss: u64,
+    /// What the engine held then.
+    pub resident: Resident,
 }
 
 impl MemoryReport {
@@ -63,7 +81,7 @@ impl MemoryReport {
              | RSS with every run waiting | {:.1} MiB |\n\
              | memory per waiting run | {:.0} bytes |\n\
              | runs loaded / parked | {} / {} |\n\
-             | every run waiting after | {:.1} s |\n",
+             | every run waiting after | {:.1} s |\n{}",
             self.runs,
             self.wait,
             if self.parks { "on" } else { "off" },
@@ -74,6 +92,20 @@ impl MemoryReport {
             self.resident.loaded,
             self.resident.parked,
             self.seconds_to_wait,
+            match &self.reopened {
+                None => String::new(),
+                Some(r) => format!(
+                    "| reopened: open() | {:.2} s |\n\
+                     | reopened: every run waiting again | {:.2} s |\n\
+                     | reopened: RSS | {:.1} MiB |\n\
+                     | reopened: runs loaded / parked | {} / {} |\n",
+                    r.open_seconds,
+                    r.waiting_seconds,
+                    mib(r.rss),
+                    r.resident.loaded,
+                    r.resident.parked
+                ),
+            }
         )
     }
 }
@@ -106,6 +138,11 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
     let seconds_to_wait = started.elapsed().as_secs_f64();
     let rss_waiting = system::rss_bytes(page_bytes)?;
     engine.shutdown().await;
+    drop(engine);
+    let reopened = match params.reopen {
+        true => Some(reopen(data.path(), params, page_bytes).await?),
+        false => None,
+    };
     Ok(MemoryReport {
         runs: params.runs,
         wait: params.wait,
@@ -116,6 +153,27 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
         bytes_per_run: rss_waiting.saturating_sub(rss_idle) as f64 / f64::from(params.runs),
         resident,
         seconds_to_wait,
+        reopened,
+    })
+}
+
+/// Opens the engine again on `path` and times it until every run waits again.
+async fn reopen(path: &Path, params: &MemoryParams, page_bytes: u64) -> anyhow::Result<Reopened> {
+    let started = Instant::now();
+    let engine = workload::registered(path)
+        .park_after(params.park_after)
+        .open()
+        .await?;
+    let open_seconds = started.elapsed().as_secs_f64();
+    let resident = all_waiting(&engine, params).await?;
+    let waiting_seconds = started.elapsed().as_secs_f64();
+    let rss = system::rss_bytes(page_bytes)?;
+    engine.shutdown().await;
+    Ok(Reopened {
+        open_seconds,
+        waiting_seconds,
+        rss,
+        resident,
     })
 }
 

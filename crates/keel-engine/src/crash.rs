@@ -40,6 +40,14 @@ pub const SLED_POINTS: &[&str] = &["open.before_mark_rename", "store.after_trans
 /// The points only a PostgreSQL store meets.
 pub const POSTGRES_POINTS: &[&str] = &["postgres.after_commit"];
 
+/// The points of the wake index and of parking (`engine/parking.rs`), met in full only by
+/// runs that park; their crash tests iterate over this list.
+pub const PARK_POINTS: &[&str] = &[
+    "start.after_wake_entry",
+    "park.after_index",
+    "wake.after_index",
+];
+
 /// The points of operator calls over many runs (`engine/batch.rs`), met only by batches;
 /// their crash tests iterate over this list.
 pub const OPERATOR_POINTS: &[&str] = &["batch.after_action"];
@@ -82,7 +90,8 @@ pub fn point(name: &'static str) {
             || STEP_LIBRARY_POINTS.contains(&name)
             || SFTP_POINTS.contains(&name)
             || OPERATOR_POINTS.contains(&name)
-            || SCHEDULE_POINTS.contains(&name),
+            || SCHEDULE_POINTS.contains(&name)
+            || PARK_POINTS.contains(&name),
         "crash point {name} is not listed in POINTS"
     );
     let armed = ARMED.get_or_init(|| {

@@ -106,12 +106,26 @@ impl Inner {
         });
         if detached {
             cells.remove(cell);
+            self.settled_out(cell);
         }
         drop(cells);
         if detached {
             self.stopped_alive(cell);
         }
         detached
+    }
+
+    /// A cell just unloaded (under the map lock, so no new cell of the run is loaded yet):
+    /// if its run settled, its wake index entry goes (the settling write comes before it in
+    /// the store's order); an unsettled run keeps its entry, and the next open drives it.
+    fn settled_out(&self, cell: &RunCell) {
+        if cell.record().status.is_drivable() {
+            return;
+        }
+        if let Err(error) = self.env.store.clear_wake(&cell.id) {
+            // Left stale: the next open reads the run, finds it settled and drops it.
+            tracing::warn!(run_id = %cell.id, %error, "wake index entry not removed");
+        }
     }
 
     /// A driver stopped while the process lives: if the run has not settled, this load does
@@ -129,6 +143,7 @@ impl Inner {
         let mut cells = self.cells.lock().expect("cells lock");
         cell.detach_if(|_, _| Some(Some(stop)));
         cells.remove(cell);
+        self.settled_out(cell);
         drop(cells);
         self.stopped_alive(cell);
     }
@@ -296,6 +311,11 @@ impl Engine {
             .await?
             .ok_or(EngineError::RunNotFound { id })?;
         let state = self.read_state(&record.id).await?;
+        // Loaded from now on, whatever its wake index entry said (a parked run's wake time):
+        // if the process dies while the run is loaded, the next open drives it. Written
+        // before anything the run's cell writes.
+        self.inner.env.store.set_wake(&record.id, 0)?;
+        crate::crash::point("wake.after_index");
         let clock = self.inner.env.clock.clone();
         let outbox = Arc::clone(&self.inner.outbox);
         let cell = Arc::new(RunCell::new(record, state, clock, token, outbox));
@@ -469,6 +489,18 @@ impl Engine {
             Some(_) => Some(self.inner.loading.lock().await),
             None => None,
         };
+        // Before a new record, in the store's write order: the workflow among the types the
+        // runs use, and the run's wake index entry (loaded now), which a crash before the
+        // record leaves stale (dropped at the next open), never missing. A start that finds
+        // the run (or a record it cannot read) writes nothing.
+        if self.inner.env.store.run(&id).await?.is_none() {
+            self.inner
+                .env
+                .types
+                .workflow(&*self.inner.env.store, workflow)?;
+            self.inner.env.store.set_wake(&id, 0)?;
+            crate::crash::point("start.after_wake_entry");
+        }
         match self.inner.env.store.create_run(&record).await? {
             None => {
                 crate::crash::point("start.after_create");

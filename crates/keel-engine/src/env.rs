@@ -23,6 +23,7 @@ use crate::replay::RunState;
 use crate::resources::Resources;
 use crate::stats::{EventCounters, StatsBook};
 use crate::store::JournalStore;
+use crate::types_used::TypesUsed;
 
 /// What a run's code asks of the engine about runs: child runs, and letting go of its own
 /// cell. Implemented by the engine.
@@ -106,6 +107,8 @@ pub(crate) struct RunEnv {
     /// How long a wait of a run's body must be for the run to park (`engine/parking.rs`);
     /// `None`: runs never park.
     pub(crate) park_after: Option<Duration>,
+    /// The types the store's runs use (`types_used.rs`).
+    pub(crate) types: TypesUsed,
     /// The engine, held weakly: it owns this environment.
     pub(crate) runs: Weak<dyn Runs>,
 }

@@ -315,6 +315,13 @@ impl Lane {
         let slot = Slot::take(attempts.limiter, Priority::Call).await;
         self.check()?;
         crate::crash::point("step.before_started");
+        if attempts.compensable {
+            // Among the types the runs use before a start that may have to be undone.
+            self.env
+                .types
+                .step_kind(&*self.env.store, kind)
+                .map_err(Interrupt::Engine)?;
+        }
         self.journal(Event::StepStarted {
             step: index,
             kind: kind.into(),

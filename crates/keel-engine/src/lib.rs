@@ -294,6 +294,7 @@ mod step;
 mod store;
 pub mod testing;
 mod transition;
+mod types_used;
 mod wait;
 mod workflow;
 

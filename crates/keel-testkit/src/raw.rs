@@ -57,6 +57,28 @@ pub fn rename(db: &sled::Db, from: &str, to: &str) -> usize {
     renamed
 }
 
+/// Removes the store's wake index (keys `w`, `v` and `W`: `keel-engine`'s
+/// `store/sled/wakes.rs`) and flushes, as in a store written before Keel kept one: the next
+/// open reads every run and builds it again. Returns how many keys went.
+pub fn forget_wake_index(db: &sled::Db) -> usize {
+    let mut keys: Vec<sled::IVec> = vec![sled::IVec::from(&b"W"[..])];
+    for prefix in [b'w', b'v'] {
+        keys.extend(
+            db.scan_prefix([prefix])
+                .keys()
+                .map(|k| k.expect("reading the store")),
+        );
+    }
+    let mut removed = 0;
+    for key in keys {
+        if db.remove(&key).expect("removing a key").is_some() {
+            removed += 1;
+        }
+    }
+    db.flush().expect("flushing the store");
+    removed
+}
+
 fn replaced(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut rest = bytes;

@@ -23,6 +23,7 @@ use crate::step::Step;
 use crate::store::postgres::PostgresStore;
 use crate::store::sled::{LostData, SledOptions, SledStore};
 use crate::store::{Durability, JournalStore, Leases};
+use crate::types_used::TypesUsed;
 use crate::workflow::{Workflow, Workflows};
 
 /// Options and registrations for [`Engine::open`].
@@ -258,6 +259,7 @@ impl EngineBuilder {
         }
         let store = self.open_store().await?;
         let stats = StatsBook::load(&*store).await?;
+        let types = TypesUsed::load(&*store).await?;
         let (shutdown, _) = watch::channel(false);
         let (drivers, _) = watch::channel(0usize);
         let env = RunEnv {
@@ -272,6 +274,7 @@ impl EngineBuilder {
             shutdown,
             poison_after_loads: self.poison_after_loads,
             park_after: self.park_after,
+            types,
             runs: Weak::<Inner>::new(),
         };
         // The environment holds the engine weakly (the engine owns it).

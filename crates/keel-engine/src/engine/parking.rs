@@ -30,9 +30,6 @@ use crate::replay::RunState;
 /// How long a run's wait must be for it to park, by default.
 pub const PARK_AFTER_DEFAULT: Duration = Duration::from_secs(5);
 
-/// How long the wake loop waits before it tries again to load a run whose load failed.
-const WAKE_RETRY: Duration = Duration::from_secs(1);
-
 /// The engine's runs in memory: those loaded (a cell, driven or being settled) and those
 /// parked. A run is in at most one of the two maps; both change under one lock.
 #[derive(Default)]
@@ -168,13 +165,21 @@ impl Cells {
         }
     }
 
-    /// Sets parked run `id` to wake at `at_ms` (a retry of a failed load).
-    fn rewake(&mut self, id: &RunId, at_ms: u64) {
-        if let Some(parked) = self.parked.get_mut(id) {
-            if let Some(old) = parked.wake_at_ms.replace(at_ms) {
-                self.timers.remove(&(old, id.clone()));
+    /// Parks runs that were never loaded (an open from the wake index), each until its wake
+    /// time (`u64::MAX`: until something arrives for it).
+    pub(crate) fn park_unread(&mut self, runs: impl Iterator<Item = (u64, RunId)>) {
+        for (wake_ms, id) in runs {
+            let wake_at_ms = (wake_ms != u64::MAX).then_some(wake_ms);
+            if let Some(at_ms) = wake_at_ms {
+                self.timers.insert((at_ms, id.clone()));
             }
-            self.timers.insert((at_ms, id.clone()));
+            self.parked.insert(
+                id,
+                Parked {
+                    wake_at_ms,
+                    unparked: None,
+                },
+            );
         }
     }
 }
@@ -224,6 +229,16 @@ impl Inner {
             }
             None => false,
         };
+        // The run's wake index entry, after everything the run wrote (made durable before
+        // this call): until it is durable, the entry says "loaded", and an open drives it.
+        if let Err(error) = self
+            .env
+            .store
+            .set_wake(&cell.id, wake_at_ms.unwrap_or(u64::MAX))
+        {
+            tracing::warn!(run_id = %cell.id, %error, "wake index entry not written: the next open loads the run");
+        }
+        crate::crash::point("park.after_index");
         drop(cells);
         if earliest {
             self.wakes.notify_one();
@@ -271,20 +286,22 @@ impl Engine {
         });
     }
 
-    /// Loads every parked run whose wake time came; returns the next wake time.
+    /// Loads every parked run whose wake time came; returns the next wake time. A run that
+    /// cannot be loaded (its record or journal does not read) is left as it is, undriven
+    /// until the next open, and its waiters are told why.
     async fn wake_due(&self) -> Option<u64> {
         let now_ms = self.inner.env.clock.now_ms();
-        let (due, mut next_ms) = self.inner.cells.lock().expect("cells lock").due(now_ms);
+        let (due, next_ms) = self.inner.cells.lock().expect("cells lock").due(now_ms);
         for id in due {
             if let Err(error) = self.wake(&id).await {
-                tracing::warn!(run_id = %id, %error, "parked run could not be loaded: trying again");
-                let at_ms = now_ms.saturating_add(WAKE_RETRY.as_millis() as u64);
+                tracing::error!(run_id = %id, %error, "parked run could not be loaded: left as it is until the next open");
+                let reason = format!("it could not be loaded at its wake time: {error}");
                 self.inner
-                    .cells
+                    .undriven
                     .lock()
-                    .expect("cells lock")
-                    .rewake(&id, at_ms);
-                next_ms = Some(next_ms.map_or(at_ms, |next| next.min(at_ms)));
+                    .expect("undriven lock")
+                    .insert(id.clone(), reason);
+                self.inner.cells.lock().expect("cells lock").forget(&id);
             }
         }
         next_ms

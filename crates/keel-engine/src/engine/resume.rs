@@ -5,6 +5,11 @@
 //! run" is every run this engine claimed (`store/postgres/lease.rs`), at open and then every
 //! claim interval: a run whose owner died is adopted the same way.
 //!
+//! A store with a wake index (sled) is read that way only when the index is not built yet or
+//! a type its runs use (`types_used.rs`) is not registered here; then the read builds the
+//! index. Otherwise the open reads the index: the runs due are read, checked and driven as
+//! above, and the others are parked without being read (`parking.rs`).
+//!
 //! What a run needs registered:
 //! - its workflow, while the body may still run: `running`, `suspended`, `paused`;
 //! - the kind of every step its saga may still have to undo (completed or in doubt, not yet
@@ -23,6 +28,7 @@ use crate::journal::{RunRecord, RunStatus};
 use crate::registry::Registry;
 use crate::replay::{step_undo_action, CompensationAction, RunState};
 use crate::store::{Claimed, Token};
+use crate::types_used::Types;
 use crate::workflow::Workflows;
 
 /// How many of the runs that need missing types an error names.
@@ -35,6 +41,8 @@ pub(super) struct Unregistered {
     pub(super) runs: BTreeMap<RunId, String>,
     workflows: BTreeSet<String>,
     step_kinds: BTreeSet<String>,
+    /// Every type the runs checked need, registered or not (`types_used.rs`).
+    needed: Types,
 }
 
 impl Unregistered {
@@ -51,6 +59,9 @@ impl Unregistered {
             record.status,
             RunStatus::Running | RunStatus::Suspended | RunStatus::Paused
         );
+        if body_may_run {
+            self.needed.workflows.insert(record.workflow.clone());
+        }
         if body_may_run && workflows.get(&record.workflow).is_none() {
             lacks.push(format!("workflow {:?}", record.workflow));
             self.workflows.insert(record.workflow.clone());
@@ -64,6 +75,9 @@ impl Unregistered {
                 step_undo_action(state, index),
                 Some(CompensationAction::Compensate { .. } | CompensationAction::Stuck { .. })
             );
+            if must_undo {
+                self.needed.step_kinds.insert(op.kind.clone());
+            }
             if must_undo && registry.step(&op.kind).is_none() {
                 lacks.push(format!("step kind {:?} (step {index})", op.kind));
                 self.step_kinds.insert(op.kind.clone());
@@ -130,29 +144,92 @@ type Drivable = (RunRecord, RunState, Token);
 type Lineage = HashMap<RunId, (RunStatus, Option<RunId>)>;
 
 impl Engine {
-    /// Reads every run, checks registrations, and drives every running or compensating run
-    /// (see the module doc). Nothing is driven when the check refuses the store.
+    /// Resumes from the wake index when the store keeps one and every type its runs use is
+    /// registered; else reads every run, checks registrations, drives every running or
+    /// compensating run and builds the index (see the module doc). Nothing is driven, and
+    /// nothing written, when the check refuses the store.
     pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
+        let env = &self.inner.env;
+        let workflow = |name: &str| self.inner.workflows.get(name).is_some();
+        let step_kind = |kind: &str| env.registry.step(kind).is_some();
+        if env.types.all_registered(workflow, step_kind) {
+            if let Some(wakes) = env.store.wakes().await? {
+                return self.resume_from_wakes(wakes).await;
+            }
+        }
         let workflows = self.inner.workflows.name_list();
-        let claimed = self.inner.env.store.claim(&workflows).await?;
+        let claimed = env.store.claim(&workflows).await?;
         // Every run in the store is checked, also those other engines own: engines sharing a
         // store must all be able to drive all of its runs, since any of them may take any
         // run over. Only the runs this engine claimed are driven.
         let records = self.records().await?;
+        let unsettled: Vec<RunId> = records
+            .iter()
+            .filter(|r| r.status.is_drivable())
+            .map(|r| r.id.clone())
+            .collect();
         let tokens = match claimed {
             Claimed::Everything => None,
             Claimed::Runs(claimed) => Some(claimed.into_iter().collect()),
         };
-        let (drivable, unregistered) = self.check_runs(records, tokens).await?;
-        if !unregistered.runs.is_empty() {
-            if !allow_unregistered {
-                return Err(unregistered.error());
+        let (drivable, mut unregistered) = self.check_runs(records, tokens).await?;
+        if !unregistered.runs.is_empty() && !allow_unregistered {
+            return Err(unregistered.error());
+        }
+        if env.store.keeps_wakes() {
+            // The index, built (again) from what was read: every unsettled run is loaded at
+            // this open (or left undriven, and then read again by the next), so each gets
+            // the entry "loaded"; the mark that the index is whole comes after them all.
+            for id in &unsettled {
+                env.store.set_wake(id, 0)?;
             }
+            env.types
+                .replace(&*env.store, std::mem::take(&mut unregistered.needed))?;
+            env.store.wakes_built()?;
+        }
+        if !unregistered.runs.is_empty() {
             self.leave_undriven(unregistered);
         }
         let resumed = drivable.len();
         self.drive_all(drivable).await?;
         tracing::info!(resumed, "engine open");
+        Ok(())
+    }
+
+    /// Resumes from the wake index, every type the runs use being registered: the runs due
+    /// (loaded when the engine stopped, or whose wake time passed) are read and driven; the
+    /// others are parked without being read, to be loaded at their wake time or when
+    /// something arrives for them. An entry whose run is gone or settled is dropped.
+    async fn resume_from_wakes(&self, wakes: Vec<(u64, RunId)>) -> Result<()> {
+        let env = &self.inner.env;
+        let now_ms = env.clock.now_ms();
+        let split = wakes.partition_point(|(wake_ms, _)| *wake_ms <= now_ms);
+        let mut records = Vec::with_capacity(split);
+        for (_, id) in &wakes[..split] {
+            match env.store.run(id).await {
+                Ok(Some(record)) if record.status.is_drivable() => records.push(record),
+                Ok(_) => env.store.clear_wake(id)?,
+                Err(error) => {
+                    tracing::error!(run_id = %id, %error, "run record unreadable: not resumed")
+                }
+            }
+        }
+        let parked = wakes.len() - split;
+        self.inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .park_unread(wakes.into_iter().skip(split));
+        self.inner.wakes.notify_one();
+        let (drivable, unregistered) = self.check_runs(records, None).await?;
+        if !unregistered.runs.is_empty() {
+            // Not reached while the types the runs use are all registered; if it is, these
+            // runs say why they are not driven, as with `allow_unregistered`.
+            self.leave_undriven(unregistered);
+        }
+        let resumed = drivable.len();
+        self.drive_all(drivable).await?;
+        tracing::info!(resumed, parked, "engine open (from the wake index)");
         Ok(())
     }
 

@@ -118,6 +118,9 @@ pub(crate) enum Space {
     ScheduleFired,
     /// A notification not yet delivered everywhere, by its event id (`notice.rs`).
     Notice,
+    /// The workflows and compensable step kinds the store's runs use (`types_used.rs`),
+    /// under one key.
+    TypesUsed,
 }
 
 impl Space {
@@ -127,6 +130,7 @@ impl Space {
             Space::Schedule => "schedule",
             Space::ScheduleFired => "schedule-fired",
             Space::Notice => "notice",
+            Space::TypesUsed => "types-used",
         }
     }
 }
@@ -201,6 +205,39 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// Every record of `space`, in key order.
     fn keyed(&self, space: Space) -> Read<'_, Vec<(String, String)>>;
+
+    /// Whether this store keeps a durable wake index (`engine/parking.rs`): when each
+    /// drivable run must be driven next, so that an open loads only what is due. The sled
+    /// store does; PostgreSQL resumes by claims, and its index methods do nothing.
+    fn keeps_wakes(&self) -> bool {
+        false
+    }
+
+    /// Records that run `id` must be driven at `wake_ms` at the latest (0: it is loaded, and
+    /// must be at the next open; `u64::MAX`: when something arrives for it), replacing its
+    /// entry: the new entry is written before the old one is removed, so a crash leaves one
+    /// or both, never neither. Durable with the next sync, in order with the store's other
+    /// writes.
+    fn set_wake(&self, _id: &RunId, _wake_ms: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Removes run `id`'s entry (the run settled). Durable with the next sync.
+    fn clear_wake(&self, _id: &RunId) -> Result<()> {
+        Ok(())
+    }
+
+    /// Every entry of the wake index in wake-time order, once it was built
+    /// ([`JournalStore::wakes_built`]); `None` before, or on a store that keeps none.
+    fn wakes(&self) -> Read<'_, Option<Vec<(u64, RunId)>>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    /// Records that every drivable run has an entry in the wake index. Durable with the next
+    /// sync.
+    fn wakes_built(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Takes the runs this engine should drive and nobody does: on a shared store, running
     /// runs of `workflows` (those it can drive) and compensating runs, whose owner is gone (at

@@ -8,6 +8,7 @@
 //! - `l` + run id: the run's load count (u32, big-endian; absent when 0), `poison.rs`;
 //! - `s` + operation: latency statistics;
 //! - `k` + space + `0x00` + key: a keyed record beside the runs (a schedule, a notification);
+//! - `w` + wake time + run id, `v` + run id, `W`: the wake index (`wakes.rs`);
 //! - in the tree `commit`, `m`: the commit sequence, written by every sync (`store/mark.rs`).
 //!
 //! Beside sled's files, `keel.mark` holds the high-water mark: the last commit known durable,
@@ -51,6 +52,7 @@ mod keyed;
 mod recovery;
 mod scan;
 mod sync;
+mod wakes;
 
 use counts::{status_of, StatusCounts};
 use recovery::{db_bytes, held_commit, keep_if_shorter, loss, open_db, repair_records, with_kept};
@@ -90,6 +92,8 @@ pub(crate) struct SledStore {
     written: Arc<AtomicU64>,
     /// Runs in each status (`counts.rs`).
     counts: Arc<StatusCounts>,
+    /// Held while a run's wake index entry changes (`wakes.rs`).
+    wakes_lock: std::sync::Mutex<()>,
     // Dropped in this order: the committer's last sync hands its commit to the marker,
     // which marks it before it ends.
     committer: Committer,
@@ -167,6 +171,7 @@ impl SledStore {
             db,
             written,
             counts: Arc::new(StatusCounts::new(counts)),
+            wakes_lock: std::sync::Mutex::new(()),
             committer,
             _marker: marker,
         })
@@ -540,6 +545,26 @@ impl JournalStore for SledStore {
         ready(Ok(Vec::new()))
     }
 
+    fn keeps_wakes(&self) -> bool {
+        true
+    }
+
+    fn set_wake(&self, id: &RunId, wake_ms: u64) -> Result<()> {
+        self.write_wake(id, wake_ms)
+    }
+
+    fn clear_wake(&self, id: &RunId) -> Result<()> {
+        self.remove_wake(id)
+    }
+
+    fn wakes(&self) -> Read<'_, Option<Vec<(u64, RunId)>>> {
+        ready(self.read_wakes())
+    }
+
+    fn wakes_built(&self) -> Result<()> {
+        self.write_wakes_built()
+    }
+
     fn claim<'a>(&'a self, _workflows: &'a [String]) -> Read<'a, Claimed> {
         ready(Ok(Claimed::Everything))
     }
@@ -593,6 +618,9 @@ fn remove_runs(
         removed.push(record.as_deref().and_then(status_of));
         batch.remove(run_key(id));
         batch.remove(loads_key(id));
+        for key in wakes::keys_of(db, id).map_err(|e| storage(path, e))? {
+            batch.remove(key);
+        }
     }
     db.apply_batch(batch).map_err(|e| storage(path, e))?;
     written.fetch_add(1, Ordering::SeqCst);
