@@ -2,6 +2,8 @@
 //! Prometheus project's own client (`prometheus-client`) from a snapshot taken at the scrape.
 //!
 //! - `keel_runs{status}`: runs by status (gauge).
+//! - `keel_runs_in_memory{state}`: runs this worker holds, `loaded` (a cell and a driver) or
+//!   `parked` (waiting, a small entry: `EngineBuilder::park_after`) (gauge).
 //! - `keel_operation_seconds{operation}`: latency of every step and wait kind, as a histogram
 //!   (`_bucket{le}`, `_sum`, `_count`) with the fixed bounds of [`BUCKET_BOUNDS_S`]. The
 //!   cumulative counts come from the engine's HDR histogram of the operation (3 significant
@@ -72,6 +74,7 @@ struct Snapshot {
     /// Per service: throttles so far, rate now.
     limiters: Vec<(&'static str, u64, f64)>,
     counters: keel_engine::Counters,
+    resident: keel_engine::Resident,
 }
 
 /// One operation's latency as a histogram.
@@ -131,6 +134,7 @@ impl Snapshot {
             operations,
             limiters,
             counters: engine.counters(),
+            resident: engine.resident(),
         }
     }
 }
@@ -145,6 +149,18 @@ impl Collector for Snapshot {
         )?;
         for (status, n) in &self.runs {
             ConstGauge::new(*n).encode(family.encode_family(&[("status", *status)])?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "keel_runs_in_memory",
+            "Runs this worker holds: loaded (driven), or parked while they wait.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in [
+            ("loaded", self.resident.loaded),
+            ("parked", self.resident.parked),
+        ] {
+            ConstGauge::new(n as u64).encode(family.encode_family(&[("state", state)])?)?;
         }
         let mut family = encoder.encode_descriptor(
             "keel_operation_seconds",

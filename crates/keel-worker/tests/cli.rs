@@ -201,6 +201,13 @@ fn the_cli_starts_idempotently_refuses_bad_requests_and_shows_history_and_stats(
         metrics.contains("keel_runs{status=\"completed\"} 1"),
         "{metrics}"
     );
+    // The run completed: the worker holds nothing of it.
+    for state in ["loaded", "parked"] {
+        assert!(
+            metrics.contains(&format!("keel_runs_in_memory{{state=\"{state}\"}} 0")),
+            "{metrics}"
+        );
+    }
     // Latency as a histogram: one execution, so every bucket from its duration up, and
     // `+Inf` last, count it once.
     let create = "operation=\"step:aws.iot.create-thing\"";
