@@ -186,6 +186,23 @@ fn parked(parked: usize) -> Resident {
     Resident { loaded: 0, parked }
 }
 
+/// Starts a [`Nap`] run `id` of an hour and waits until it is the engine's one parked run.
+async fn start_parked_nap(engine: &Engine, scratch: &Scratch, id: &str) -> keel::RunHandle<Nap> {
+    let input = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: HOUR_MS,
+    };
+    let handle = engine.start::<Nap>(id, input).await.unwrap();
+    resident(engine, parked(1)).await;
+    handle
+}
+
+/// A task waiting for run `id` to settle.
+fn waiter(engine: &Engine, id: &str) -> tokio::task::JoinHandle<keel::Result<keel::RunRecord>> {
+    let (engine, id) = (engine.clone(), id.to_string());
+    tokio::spawn(async move { engine.wait(&id).await })
+}
+
 fn count(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> usize {
     history
         .entries
@@ -220,10 +237,7 @@ async fn a_long_sleep_parks_the_run_and_its_waiters_hear_the_end() {
     let handle = engine.start::<Nap>("nap", input).await.unwrap();
     let early = tokio::spawn(async move { handle.result().await });
     resident(&engine, parked(1)).await;
-    let during = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.wait("nap").await }
-    });
+    let during = waiter(&engine, "nap");
 
     scratch.clock.advance_to(started_at_ms + HOUR_MS - 1);
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -400,21 +414,13 @@ async fn a_receive_parks_until_its_event_or_its_deadline() {
 async fn operator_calls_reach_a_parked_run() {
     let scratch = Scratch::new();
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
-    let input = NapInput {
-        log: scratch.log.clone(),
-        sleep_ms: HOUR_MS,
-    };
-    engine.start::<Nap>("nap", input).await.unwrap();
-    resident(&engine, parked(1)).await;
-    let waiter = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.wait("nap").await }
-    });
+    start_parked_nap(&engine, &scratch, "nap").await;
+    let before_pause = waiter(&engine, "nap");
 
     engine.pause("nap").await.unwrap();
     let paused = engine.wait("nap").await.unwrap();
     assert_eq!(paused.status, RunStatus::Paused);
-    let waited = waiter.await.unwrap().unwrap();
+    let waited = before_pause.await.unwrap().unwrap();
     assert_eq!(
         waited.status,
         RunStatus::Paused,
@@ -423,12 +429,9 @@ async fn operator_calls_reach_a_parked_run() {
     engine.resume("nap").await.unwrap();
     resident(&engine, parked(1)).await;
 
-    let waiter = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.wait("nap").await }
-    });
+    let before_cancel = waiter(&engine, "nap");
     engine.cancel("nap").await.unwrap();
-    let record = waiter.await.unwrap().unwrap();
+    let record = before_cancel.await.unwrap().unwrap();
     assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
     assert_eq!(
         effects_of(&scratch, "nap"),
@@ -458,13 +461,10 @@ async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
             .unwrap();
     }
     resident(&engine, parked(RUNS)).await;
-    let waiter = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.wait("nap-0").await }
-    });
+    let waiting = waiter(&engine, "nap-0");
     tokio::time::sleep(Duration::from_millis(20)).await;
     engine.shutdown().await;
-    assert!(matches!(waiter.await.unwrap(), Err(EngineError::ShutDown)));
+    assert!(matches!(waiting.await.unwrap(), Err(EngineError::ShutDown)));
     drop(engine);
 
     let before = bodies("nap-");
@@ -608,12 +608,7 @@ async fn a_store_without_the_wake_index_is_read_in_full_once_and_indexed() {
 async fn an_unregistered_workflow_of_a_parked_run_refuses_the_open() {
     let scratch = Scratch::new();
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
-    let input = NapInput {
-        log: scratch.log.clone(),
-        sleep_ms: HOUR_MS,
-    };
-    engine.start::<Nap>("orphan", input).await.unwrap();
-    resident(&engine, parked(1)).await;
+    start_parked_nap(&engine, &scratch, "orphan").await;
     engine.shutdown().await;
     drop(engine);
 
@@ -651,13 +646,8 @@ async fn a_parked_run_with_a_damaged_journal_is_reported_at_its_wake() {
     }
     let scratch = Scratch::new();
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
-    let input = NapInput {
-        log: scratch.log.clone(),
-        sleep_ms: HOUR_MS,
-    };
     let started_at_ms = scratch.clock.now_ms();
-    engine.start::<Nap>("damaged", input).await.unwrap();
-    resident(&engine, parked(1)).await;
+    start_parked_nap(&engine, &scratch, "damaged").await;
     engine.shutdown().await;
     drop(engine);
     let id = keel::RunId::existing("damaged").unwrap();
@@ -669,12 +659,9 @@ async fn a_parked_run_with_a_damaged_journal_is_reported_at_its_wake() {
 
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
     assert_eq!(engine.resident(), parked(1));
-    let waiter = tokio::spawn({
-        let engine = engine.clone();
-        async move { engine.wait("damaged").await }
-    });
+    let waiting = waiter(&engine, "damaged");
     scratch.clock.advance_to(started_at_ms + HOUR_MS);
-    match waiter.await.unwrap() {
+    match waiting.await.unwrap() {
         Err(EngineError::RunStopped { reason, .. }) => {
             assert!(reason.contains("journal"), "{reason}")
         }
