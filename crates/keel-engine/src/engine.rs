@@ -285,8 +285,8 @@ impl Engine {
     async fn load_cell(&self, record: RunRecord, takeover: Takeover) -> Result<Option<Loaded>> {
         // One load at a time: while no cell of the run is in the map and no other load can
         // put one there, nothing in this engine writes the run, so what is read below stays
-        // current until the cell is in the map. (A new run's first cell, `load_new`, is
-        // only made by the start that created its record.)
+        // current until the cell is in the map. (A new run's first cell, `load_new`, is put in
+        // under the same lock by the start that created its record.)
         let _loading = self.inner.loading.lock().await;
         if let Some(cell) = self.loaded(&record.id) {
             let (id, token) = cell.token();
@@ -514,6 +514,14 @@ impl Engine {
                 }
                 crate::crash::point("start.after_sync");
                 tracing::info!(run_id = %id, workflow, "run started");
+                // The first cell goes in under the loads' lock: a send or an operator call
+                // that found the new record and is loading it either put its cell in first
+                // (this start then adds none) or finds this one, never a second cell made
+                // from a journal read before this one wrote.
+                let loading = match loading {
+                    Some(held) => held,
+                    None => self.inner.loading.lock().await,
+                };
                 self.load_new(record.clone(), state);
                 drop(loading);
                 Ok(record)

@@ -11,8 +11,10 @@
 //! at open: the body replays from the journal to where it waited.
 //!
 //! What a parked run leaves in memory is an entry in [`Cells::parked`] and, for a wait with a
-//! time, one in the timer set the wake loop ([`Engine::spawn_wakes`]) sleeps on. These are
-//! not durable: at open, every unfinished run is loaded, replays to its wait and parks again.
+//! time, one in the timer set the wake loop ([`Engine::spawn_wakes`]) sleeps on. What is
+//! durable is the store's wake index (sled's `store/sled/wakes.rs`; PostgreSQL keeps none):
+//! an open parks the runs it lists as waiting without reading them (`resume.rs`); without an
+//! index, every unfinished run is loaded, replays to its wait and parks again.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;

@@ -225,14 +225,19 @@ impl Engine {
 
     /// Every readable stored record, durable or not: for the engine's own decisions only.
     pub(super) async fn records(&self) -> Result<Vec<RunRecord>> {
+        Ok(self.records_of(self.inner.env.store.runs().await?))
+    }
+
+    /// The readable records of `stored` (the others are logged and left out).
+    pub(super) fn records_of(&self, stored: Vec<Result<RunRecord>>) -> Vec<RunRecord> {
         let mut runs = Vec::new();
-        for record in self.inner.env.store.runs().await? {
+        for record in stored {
             match record {
                 Ok(record) => runs.push(record),
                 Err(error) => tracing::error!(%error, "run record unreadable: not listed"),
             }
         }
-        Ok(runs)
+        runs
     }
 
     /// Waits until run `id` settles (any status but running or compensating) and returns its
@@ -282,7 +287,20 @@ impl Engine {
                     poll = (poll * 2).min(POLL_MAX);
                     continue;
                 }
-                InMemory::Absent => {}
+                InMemory::Absent => {
+                    // Loaded, settled and unloaded since the status was read (a wake or a send
+                    // took it up): the record says so now, or it is loaded again.
+                    let record = self.record(id).await?;
+                    let in_memory = self
+                        .inner
+                        .cells
+                        .lock()
+                        .expect("cells lock")
+                        .state_of(&run_id);
+                    if !record.status.is_drivable() || !matches!(in_memory, InMemory::Absent) {
+                        continue;
+                    }
+                }
             }
             if self.driven_elsewhere(&record.id) {
                 let mut shutdown = self.inner.env.shutdown.subscribe();

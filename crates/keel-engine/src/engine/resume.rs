@@ -43,6 +43,8 @@ pub(super) struct Unregistered {
     step_kinds: BTreeSet<String>,
     /// Every type the runs checked need, registered or not (`types_used.rs`).
     needed: Types,
+    /// Runs that could not be read (their journal), and so were not checked.
+    unread: usize,
 }
 
 impl Unregistered {
@@ -162,7 +164,9 @@ impl Engine {
         // Every run in the store is checked, also those other engines own: engines sharing a
         // store must all be able to drive all of its runs, since any of them may take any
         // run over. Only the runs this engine claimed are driven.
-        let records = self.records().await?;
+        let stored = env.store.runs().await?;
+        let unreadable = stored.iter().filter(|r| r.is_err()).count();
+        let records = self.records_of(stored);
         let unsettled: Vec<RunId> = records
             .iter()
             .filter(|r| r.status.is_drivable())
@@ -183,9 +187,19 @@ impl Engine {
             for id in &unsettled {
                 env.store.set_wake(id, 0)?;
             }
-            env.types
-                .replace(&*env.store, std::mem::take(&mut unregistered.needed))?;
-            env.store.wakes_built()?;
+            if unreadable + unregistered.unread == 0 {
+                env.types
+                    .replace(&*env.store, std::mem::take(&mut unregistered.needed))?;
+                env.store.wakes_built()?;
+            } else {
+                // What could not be read was not checked and has no entry: the next open
+                // reads every run again.
+                tracing::warn!(
+                    unreadable,
+                    unread = unregistered.unread,
+                    "runs could not be read: the wake index is not built, and the next open reads every run"
+                );
+            }
         }
         if !unregistered.runs.is_empty() {
             self.leave_undriven(unregistered);
@@ -258,6 +272,7 @@ impl Engine {
                 Err(error) => {
                     // Reported, and left as it is (`Engine::wait` says why it is not driven).
                     tracing::error!(run_id = %record.id, %error, "run not resumed");
+                    unregistered.unread += 1;
                     continue;
                 }
             };
