@@ -181,6 +181,73 @@ async fn fifty_children_three_fail_then_cancelling_the_parent_compensates_the_ot
     engine.shutdown().await;
 }
 
+/// More parents than the engine drives at once (`runs_concurrent_max`), each awaiting its
+/// children, with no parking: a parent gives its slot up while it awaits a child, so the
+/// children run and every parent completes; cancelled, as many parents as slots compensate
+/// their children. (Before: the parents held every slot and their children waited for one
+/// for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parents_filling_every_run_slot_still_get_their_children_run() {
+    keel_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("effects.jsonl");
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .workflow::<ParentFlow>()
+        .workflow::<ChildFlow>()
+        .step::<EffectStep>()
+        .runs_concurrent_max(2)
+        .park_after(None)
+        .open()
+        .await
+        .unwrap();
+    let parents: Vec<String> = (0..4).map(|i| format!("parent-{i}")).collect();
+    let mut inputs = Vec::new();
+    for id in &parents {
+        let mut parent = input(3, &[], 0, &log);
+        parent.width = 2;
+        engine
+            .start::<ParentFlow>(id, parent.clone())
+            .await
+            .unwrap();
+        inputs.push(parent);
+    }
+    for (id, parent) in parents.iter().zip(&inputs) {
+        let record = tokio::time::timeout(CONDITION_TIMEOUT, engine.wait(id))
+            .await
+            .unwrap_or_else(|_| panic!("{id} never ended: its children got no run slot"))
+            .unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+        verify(&engine, id, parent, &log, false).await;
+    }
+
+    // As many parents as slots, held after their children ended, then cancelled: each
+    // compensates its children (their own sagas), which need slots too.
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let id = format!("held-{i}");
+        let mut parent = input(3, &[], HOLD_MS, &log);
+        parent.width = 2;
+        engine
+            .start::<ParentFlow>(&id, parent.clone())
+            .await
+            .unwrap();
+        children_ended(&engine, &id, 3).await;
+        held.push((id, parent));
+    }
+    for (id, _) in &held {
+        engine.cancel(id).await.unwrap();
+    }
+    for (id, parent) in &held {
+        let record = tokio::time::timeout(CONDITION_TIMEOUT, engine.wait(id))
+            .await
+            .unwrap_or_else(|_| panic!("{id} never compensated: its children got no run slot"))
+            .unwrap();
+        assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
+        verify(&engine, id, parent, &log, true).await;
+    }
+    engine.shutdown().await;
+}
+
 /// An input the workflow's own check refuses is refused by the typed and the JSON start
 /// alike, with the same message naming the field, and stores no run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

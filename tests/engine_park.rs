@@ -19,7 +19,7 @@ use keel::{
     StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self as ground_truth, Action};
-use keel_testkit::poll::CONDITION_TIMEOUT;
+use keel_testkit::poll::{resident, CONDITION_TIMEOUT};
 use keel_testkit::store::{test_store, TestStore};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -164,22 +164,6 @@ async fn open_at(
         .open()
         .await
         .expect("opening the engine")
-}
-
-/// Waits until the engine holds exactly `resident` (real time, bounded).
-async fn resident(engine: &Engine, want: Resident) {
-    let deadline = std::time::Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        let now = engine.resident();
-        if now == want {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the engine holds {now:?}, not {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 fn parked(parked: usize) -> Resident {
@@ -544,9 +528,20 @@ async fn sends_racing_parks_lose_no_event() {
     engine.shutdown().await;
 }
 
+/// Opens the store of `runs` parked `old-` runs, checks that every one was loaded (its body
+/// ran again to its sleep: `why`) and parked again, and shuts the engine down.
+async fn open_reading_every_run(scratch: &Scratch, runs: usize, why: &str) {
+    let before = bodies("old-");
+    let engine = open(scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    resident(&engine, parked(runs)).await;
+    assert!(bodies("old-") >= before + runs, "{why}");
+    engine.shutdown().await;
+}
+
 /// A store whose wake index is gone (as one written before Keel kept it) is read in full at
 /// the next open: every unfinished run is loaded, replays and parks again, and the index is
-/// built, so that the open after reads none of them. (sled: PostgreSQL keeps no index.)
+/// built, so that the open after reads none of them; so is a store whose index an older
+/// version marked built (`W`, not `W2`). (sled: PostgreSQL keeps no index.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_without_the_wake_index_is_read_in_full_once_and_indexed() {
     const RUNS: usize = 12;
@@ -572,15 +567,29 @@ async fn a_store_without_the_wake_index_is_read_in_full_once_and_indexed() {
     assert!(keel_testkit::raw::forget_wake_index(&db) > RUNS);
     drop(db);
 
-    let before = bodies("old-");
-    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
-    resident(&engine, parked(RUNS)).await;
-    assert!(
-        bodies("old-") >= before + RUNS,
-        "every run was loaded and ran its body to its sleep"
-    );
-    engine.shutdown().await;
-    drop(engine);
+    open_reading_every_run(
+        &scratch,
+        RUNS,
+        "every run was loaded and ran its body to its sleep",
+    )
+    .await;
+
+    // An older version opened the store since and built the index by its rules (its mark
+    // is `W`; children did not set their parents' entries then): read in full again.
+    let db = keel_testkit::raw::open(&scratch.data);
+    db.insert(b"W", &[1u8]).unwrap();
+    db.flush().unwrap();
+    drop(db);
+    open_reading_every_run(
+        &scratch,
+        RUNS,
+        "an index an older version marked is not trusted",
+    )
+    .await;
+    let db = keel_testkit::raw::open(&scratch.data);
+    assert_eq!(db.get(b"W").unwrap(), None, "the older mark is gone");
+    assert!(db.get(b"W2").unwrap().is_some(), "the index is built again");
+    drop(db);
 
     let before = bodies("old-");
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
@@ -680,4 +689,147 @@ async fn a_parked_run_with_a_damaged_journal_is_reported_at_its_wake() {
         Some(&b"\xff not json"[..]),
         "the damaged entry is as it was"
     );
+}
+
+/// A full read that cannot read some run leaves the wake index unbuilt: that run has no entry,
+/// so an index marked built would never load it again. The open after therefore reads every
+/// run again, and the readable ones park as before. (sled: the damage is made to raw keys.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_read_that_cannot_read_a_run_leaves_the_index_unbuilt() {
+    const RUNS: usize = 3;
+    if test_store() != TestStore::Sled {
+        return;
+    }
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    for i in 0..RUNS {
+        let input = NapInput {
+            log: scratch.log.clone(),
+            sleep_ms: HOUR_MS,
+        };
+        engine
+            .start::<Counted>(&format!("unbuilt-{i}"), input)
+            .await
+            .unwrap();
+    }
+    resident(&engine, parked(RUNS)).await;
+    engine.shutdown().await;
+    drop(engine);
+    let id = keel::RunId::existing("unbuilt-0").unwrap();
+    let key = keel_engine::test_utilities::raw::journal_key_of(&id, keel::JournalIndex(1));
+    let db = keel_testkit::raw::open(&scratch.data);
+    assert!(keel_testkit::raw::forget_wake_index(&db) > RUNS);
+    db.insert(&key, &b"\xff not json"[..]).unwrap();
+    db.flush().unwrap();
+    drop(db);
+
+    for open_number in 0..2 {
+        let before = bodies("unbuilt-");
+        let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+        resident(&engine, parked(RUNS - 1)).await;
+        assert_eq!(
+            bodies("unbuilt-"),
+            before + RUNS - 1,
+            "open {open_number}: every readable run was read and ran to its sleep"
+        );
+        match engine.wait("unbuilt-0").await {
+            Err(EngineError::RunStopped { reason, .. }) => {
+                assert!(reason.contains("journal"), "{reason}")
+            }
+            other => panic!("expected RunStopped, got {other:?}"),
+        }
+        engine.shutdown().await;
+        drop(engine);
+        let db = keel_testkit::raw::open(&scratch.data);
+        assert_eq!(
+            db.get(b"W2").unwrap(),
+            None,
+            "open {open_number}: the index is not marked built"
+        );
+        drop(db);
+    }
+}
+
+/// The times of run `id`'s entries in the store's wake index (sled's raw keys `w` + wake
+/// time + run id).
+fn wake_entries(db: &sled::Db, id: &str) -> Vec<u64> {
+    db.scan_prefix(b"w")
+        .keys()
+        .map(|key| key.unwrap())
+        .filter(|key| &key[9..] == id.as_bytes())
+        .map(|key| u64::from_be_bytes(key[1..9].try_into().unwrap()))
+        .collect()
+}
+
+/// A run whose wake time passed while the engine was down is driven by the open, and its
+/// index entry is 0 before it writes (rule 27): an open after a crash checks only the runs
+/// whose entry is 0 for a record left behind its journal. (sled: PostgreSQL keeps no index.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_due_at_the_open_is_indexed_as_loaded_before_it_writes() {
+    if test_store() != TestStore::Sled {
+        return;
+    }
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    engine
+        .start::<Retries>("due", scratch.log.clone())
+        .await
+        .unwrap();
+    resident(&engine, parked(1)).await;
+    engine.shutdown().await;
+    drop(engine);
+    let db = keel_testkit::raw::open(&scratch.data);
+    let parked_until = wake_entries(&db, "due");
+    assert_eq!(parked_until.len(), 1);
+    assert!(
+        parked_until[0] > 0,
+        "parked in its backoff: {parked_until:?}"
+    );
+    drop(db);
+
+    // Due at the open; kept loaded through its next backoff.
+    scratch.clock.advance(RETRY_AFTER);
+    let engine = open(&scratch, None).await;
+    let deadline = std::time::Instant::now() + CONDITION_TIMEOUT;
+    while effects_of(&scratch, "due").len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second attempt never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        engine.resident(),
+        Resident {
+            loaded: 1,
+            parked: 0
+        }
+    );
+    engine.shutdown().await;
+    drop(engine);
+    let db = keel_testkit::raw::open(&scratch.data);
+    assert_eq!(wake_entries(&db, "due"), [0], "loaded: its entry is 0");
+}
+
+/// An engine shut down and dropped leaves the runs per status (sled's key `C`) for the next
+/// open, which then reads no record; that open takes them. (sled only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_leaves_the_counts_for_the_next_open() {
+    if test_store() != TestStore::Sled {
+        return;
+    }
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    start_parked_nap(&engine, &scratch, "counted").await;
+    engine.shutdown().await;
+    drop(engine);
+    let db = keel_testkit::raw::try_open(&scratch.data).unwrap();
+    assert!(db.contains_key(b"C").unwrap(), "left by the clean close");
+    drop(db);
+
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    assert_eq!(engine.resident(), parked(1));
+    let counts = engine.run_counts().await.unwrap();
+    assert_eq!(counts.get(&RunStatus::Running), Some(&1), "{counts:?}");
+    engine.shutdown().await;
 }

@@ -30,11 +30,12 @@ async fn open_collecting(data: &Path, clock: &TestClock) -> Engine {
         .unwrap()
 }
 
-/// Garbage collection deletes many runs in chunks: more runs than one write takes are all
-/// collected, each with its journal, and runs still within the retention stay.
+/// Garbage collection reads runs a page at a time and deletes them in chunks: more runs than
+/// one page holds (1,000) and one write takes (256) are all collected, each with its
+/// journal, and runs still within the retention stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
-    const EXPIRED: usize = 600;
+    const EXPIRED: usize = 1_100;
     let f = fixture();
     let clock = TestClock::new();
     let engine = open_collecting(&f.data, &clock).await;
@@ -62,7 +63,7 @@ async fn collection_deletes_every_expired_run_and_keeps_the_rest() {
     let left = engine.list().await.unwrap();
     assert_eq!(left.len(), 1, "only the recent run is left");
     assert_eq!(left[0].id.as_str(), "recent");
-    for n in [0, 255, 256, EXPIRED - 1] {
+    for n in [0, 255, 256, 999, 1_000, EXPIRED - 1] {
         let err = engine.history(&format!("old-{n}")).await.unwrap_err();
         assert!(matches!(err, EngineError::RunNotFound { .. }), "{err}");
     }

@@ -200,7 +200,7 @@ fn child_main() {
     let slot: usize = var(SLOT_ENV).parse().expect("a slot number");
     let knobs = Knobs::from_env();
     keel_testkit::crash::runtime().block_on(async {
-        let engine = Engine::builder(&dir)
+        let opened = Engine::builder(&dir)
             .postgres(&url)
             .leases(knobs.leases)
             .workflow::<EffectFlow>()
@@ -209,8 +209,12 @@ fn child_main() {
             // The test's kills, not the runs' code, end these loads: none may poison a run.
             .poison_after_loads(u32::MAX)
             .open()
-            .await
-            .expect("opening the worker's engine");
+            .await;
+        let engine = match opened {
+            // Stopped while it opened, past its lease.
+            Err(EngineError::BrokeWhileOpening { reason, .. }) => exit_broken(&reason),
+            opened => opened.expect("opening the worker's engine"),
+        };
         let released = released_from_stdin();
         let started = tokio::select! {
             reason = engine.broken() => exit_broken(&reason),

@@ -495,3 +495,78 @@ async fn an_event_sent_through_another_engine_reaches_its_run() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// The child's database and data directory, for the paused open below.
+const PAUSED_URL_ENV: &str = "KEEL_TEST_PAUSED_URL";
+const PAUSED_DIR_ENV: &str = "KEEL_TEST_PAUSED_DIR";
+
+/// A worker paused (SIGSTOP, as a stopped machine is) in its open, after it claimed a run
+/// and before it loaded it, past its lease: its open fails, saying the store broke under it
+/// (a worker exits so that its supervisor starts a fresh one), and writes nothing after its
+/// lease ended; the run goes on at the next engine. A CI run of the failover torture had the
+/// open fail with a bare sync error, which its worker could not tell from a broken store.
+#[tokio::test]
+async fn an_engine_that_loses_its_lease_while_opening_says_so() {
+    if keel_testkit::crash::is_child() {
+        let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
+        let opened = Engine::builder(var(PAUSED_DIR_ENV))
+            .postgres(var(PAUSED_URL_ENV))
+            .leases(LEASES)
+            .workflow::<Waiter>()
+            .open()
+            .await;
+        match opened {
+            Err(EngineError::BrokeWhileOpening { reason, .. }) => {
+                assert!(reason.contains("lease"), "{reason}");
+            }
+            Err(other) => panic!("the open failed, not saying the store broke: {other:?}"),
+            Ok(_) => panic!("the open succeeded although its lease ended during it"),
+        }
+        return;
+    }
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let a = open(&dir.path().join("a"), &url).await;
+    a.start::<Waiter>("paused-open", ()).await.unwrap();
+    until_entries(&url, "paused-open", 1).await;
+    // Given up: the next engine to open claims it.
+    a.shutdown().await;
+    let spec = keel_testkit::crash::ChildSpec {
+        test_name: "an_engine_that_loses_its_lease_while_opening_says_so",
+        env: vec![
+            (PAUSED_URL_ENV.into(), url.clone()),
+            (
+                PAUSED_DIR_ENV.into(),
+                dir.path().join("b").display().to_string(),
+            ),
+        ],
+    };
+    let mut child = spec.spawn_exact(
+        spec.test_name,
+        &[
+            ("KEEL_CRASH_AT", "open.after_claim".into()),
+            ("KEEL_CRASH_SIGNAL", "STOP".into()),
+        ],
+    );
+    keel_testkit::crash::until_stopped(&mut child, Duration::from_secs(60));
+    let paused = workers(&url)
+        .await
+        .last()
+        .cloned()
+        .expect("the child registered");
+    let claims_sql = "SELECT owner FROM keel_runs WHERE id = 'paused-open'";
+    assert_eq!(query_texts(&url, claims_sql).await, vec![paused.clone()]);
+    // The open's load count of the run is written after the claim: not once the lease ended.
+    let loads_sql = "SELECT loads::text FROM keel_load_counts WHERE run_id = 'paused-open'";
+    let loads = query_texts(&url, loads_sql).await;
+    // Its lease ends while it is stopped, by its clock and by the database's.
+    tokio::time::sleep(LEASES.length + Duration::from_millis(500)).await;
+    let ending = keel_testkit::crash::continue_to_end(child, Duration::from_secs(60));
+    assert_eq!(ending, keel_testkit::crash::Ending::Finished);
+    assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
+    assert_eq!(query_texts(&url, loads_sql).await, loads, "no load counted");
+    let c = open(&dir.path().join("c"), &url).await;
+    c.send("paused-open", "go", &3u32, "go-1").await.unwrap();
+    let record = c.wait("paused-open").await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+    c.shutdown().await;
+}

@@ -16,6 +16,7 @@ use crate::journal::{Entry, Event, RunRecord, RunStatus};
 use crate::limits::JOURNAL_ENTRIES_PER_RUN_MAX;
 use crate::notice::Outbox;
 use crate::replay::RunState;
+use crate::run_slot::RunSlot;
 use crate::store::{JournalStore, Space, Token};
 
 struct Loaded {
@@ -90,6 +91,8 @@ pub(crate) struct RunCell {
     /// Woken when an event is delivered to the run or it publishes a value: what a blocked
     /// receive and a reader waiting for a value listen to (each checks the state again).
     pub(crate) news: Notify,
+    /// The run's slot among the runs driven at once, while its driver holds it.
+    pub(crate) slot: RunSlot,
 }
 
 /// What a run's waiters watch (see [`RunCell::watched`]).
@@ -138,6 +141,7 @@ impl RunCell {
             pause,
             watched,
             news: Notify::new(),
+            slot: RunSlot::default(),
         }
     }
 
@@ -239,6 +243,20 @@ impl RunCell {
         self.watched
             .send_modify(|watched| watched.stopped = Some(Stop::Parked));
         true
+    }
+
+    /// Runs `f` under the cell lock if the run is unsettled (drivable) and the cell in use:
+    /// no settling write of this cell can come before `f` returns (a parent parking until
+    /// this child settles, `engine/parking.rs`). `None` if the run settled or the cell is
+    /// detached.
+    pub(crate) fn while_unsettled<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let loaded = self.loaded.lock().expect("cell lock");
+        if loaded.detached || loaded.write_failed || !loaded.record.status.is_drivable() {
+            return None;
+        }
+        let made = f();
+        drop(loaded);
+        Some(made)
     }
 
     /// Tells waiters the run's current status. Called after the caller's transition is
@@ -377,6 +395,22 @@ impl RunCell {
             change(&mut record);
             record
         });
+        // A child run settling: its parent may be parked until it does (`child.rs`). The
+        // parent's wake index entry says "loaded" before the child's record says settled, so
+        // an open after a crash between the two drives the parent, which reads the child.
+        // Written before the notice, so that a failure here leaves no notice to tidy up.
+        let parent = record.as_ref().and_then(|after| {
+            (loaded.record.status.is_drivable() && !after.status.is_drivable())
+                .then_some(after.parent.as_ref())
+                .flatten()
+        });
+        if let Some(parent) = parent {
+            if let Err(e) = store.wake_if_indexed(parent) {
+                // Memory (the state) is ahead of the store already: as for a failed append.
+                loaded.write_failed = true;
+                return Err(e);
+            }
+        }
         // A transition someone wants to hear of writes its notice first: writes become
         // durable in the order they were made, so the transition is never durable without
         // its notice (`notice.rs` says how a notice without its transition is told apart).

@@ -98,7 +98,12 @@ impl Ctx {
     ///
     /// A child parked for an operator (suspended, paused, compensation failed) is waited for
     /// until an operator settles it. While the parent waits, cancelling, pausing or shutting
-    /// down the parent stops the wait, not the child.
+    /// down the parent stops the wait, not the child. On the sled store a parent that has
+    /// waited [`crate::EngineBuilder::park_after`] on its main lane (not in a branch of
+    /// [`Ctx::children`]) parks until the child settles: its memory is freed, and it is
+    /// loaded again and replays when the child settles (ends, or stops for an operator; then
+    /// it waits loaded, looking again every second). While it waits for the child, loaded or
+    /// parked, it holds no slot of [`crate::EngineBuilder::runs_concurrent_max`].
     pub async fn child<W: Workflow>(
         &mut self,
         input: W::Input,
@@ -380,7 +385,21 @@ async fn start_and_await(
     crate::crash::point("child.after_created");
     // Parked while the child runs.
     lane.cell.survived(&*lane.env.store);
-    let record = await_child(lane, &runs, &child).await?;
+    // The run's slot goes to the children while it waits (`run_slot.rs`): parents filling
+    // every slot would otherwise wait for ever for children that never get one.
+    lane.cell.slot.give_up();
+    let awaited = await_child(lane, &runs, &child).await;
+    let driven_on = !matches!(awaited, Err(Interrupt::Parked | Interrupt::ShutDown));
+    if driven_on
+        && !lane
+            .cell
+            .slot
+            .take_back(&lane.env.permits, &lane.env.shutdown)
+            .await
+    {
+        return Err(Interrupt::ShutDown);
+    }
+    let record = awaited?;
     let end = ChildEnd {
         status: record.status,
         output: record.output,
@@ -397,16 +416,47 @@ async fn await_child(
     runs: &Arc<dyn Runs>,
     child: &RunId,
 ) -> Result<RunRecord, Interrupt> {
+    // After `park_after` of waiting the parent parks until the child settles
+    // (`engine/parking.rs`), on a store with a wake index that no other engine shares: a
+    // child settling at another engine could not wake it.
+    let store = &lane.env.store;
+    let parks_after = lane
+        .env
+        .park_after
+        .filter(|_| store.keeps_wakes() && store.claim_every().is_none());
+    let mut park_after = parks_after;
     loop {
+        let clock = lane.env.clock.clone();
+        let parking = async {
+            match park_after {
+                Some(after) => {
+                    let at_ms = clock.now_ms().saturating_add(after.as_millis() as u64);
+                    clock.sleep_until(at_ms).await
+                }
+                None => std::future::pending().await,
+            }
+        };
         let waited = tokio::select! {
-            waited = Arc::clone(runs).wait(child.clone()) => waited,
+            waited = Arc::clone(runs).wait(child.clone()) => Some(waited),
+            () = parking => None,
             cause = lane.interrupted() => return Err(cause),
+        };
+        let Some(waited) = waited else {
+            if lane.park(None, &|_| true, Some(child)).await? {
+                return Err(Interrupt::Parked);
+            }
+            // The child settled meanwhile, or is not driven here: waited for in memory.
+            park_after = None;
+            continue;
         };
         let parent = &lane.cell.id;
         match waited {
             Ok(record) if record.status.is_terminal() => return Ok(record),
             Ok(record) => {
                 tracing::debug!(run_id = %parent, child = %child, status = %record.status, "child parked for an operator");
+                // Taken up again later, the child may be parked or loaded: a park is tried
+                // again then.
+                park_after = parks_after;
             }
             // The child's driver stopped (it resumes at the next open): look again later.
             Err(EngineError::RunStopped { reason, .. }) => {

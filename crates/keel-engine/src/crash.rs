@@ -1,7 +1,9 @@
 //! Named crash points, for crash tests in the manner of sled's: a test runs a child process
 //! with `KEEL_CRASH_AT=<point>` (and optionally `KEEL_CRASH_SKIP=<n>` to pass the point `n`
-//! times first), and the child kills itself with SIGKILL when it reaches the point. Without
-//! the `crash-points` feature every point compiles to nothing.
+//! times first), and the child kills itself with SIGKILL when it reaches the point. With
+//! `KEEL_CRASH_SIGNAL=STOP` it stops itself with SIGSTOP instead, as a paused machine does,
+//! until the test continues it. Without the `crash-points` feature every point compiles to
+//! nothing.
 
 /// Every crash point, in the order a run meets them. Crash tests iterate over this list.
 pub const POINTS: &[&str] = &[
@@ -39,6 +41,10 @@ pub const SLED_POINTS: &[&str] = &["open.before_mark_rename", "store.after_trans
 
 /// The points only a PostgreSQL store meets.
 pub const POSTGRES_POINTS: &[&str] = &["postgres.after_commit"];
+
+/// The points of an engine's open (`engine/resume.rs`): a worker stopped there loses its
+/// lease while it opens.
+pub const OPEN_POINTS: &[&str] = &["open.after_claim"];
 
 /// The points of the wake index and of parking (`engine/parking.rs`), met in full only by
 /// runs that park; their crash tests iterate over this list.
@@ -83,7 +89,7 @@ pub fn point(name: &'static str) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
 
-    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    static ARMED: OnceLock<Option<(String, u64, bool)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
     debug_assert!(
         POINTS.contains(&name)
@@ -91,7 +97,8 @@ pub fn point(name: &'static str) {
             || SFTP_POINTS.contains(&name)
             || OPERATOR_POINTS.contains(&name)
             || SCHEDULE_POINTS.contains(&name)
-            || PARK_POINTS.contains(&name),
+            || PARK_POINTS.contains(&name)
+            || OPEN_POINTS.contains(&name),
         "crash point {name} is not listed in POINTS"
     );
     let armed = ARMED.get_or_init(|| {
@@ -100,25 +107,33 @@ pub fn point(name: &'static str) {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        Some((at, skip))
+        let stop = std::env::var("KEEL_CRASH_SIGNAL").is_ok_and(|s| s == "STOP");
+        Some((at, skip, stop))
     });
-    if let Some((at, skip)) = armed {
+    if let Some((at, skip, stop)) = armed {
         if at == name && HITS.fetch_add(1, Ordering::SeqCst) == *skip {
-            tracing::warn!(point = name, "crash point reached: SIGKILL");
-            kill_self();
+            if *stop {
+                tracing::warn!(point = name, "crash point reached: SIGSTOP");
+                raise(libc::SIGSTOP);
+                tracing::warn!(point = name, "continued after SIGSTOP");
+            } else {
+                tracing::warn!(point = name, "crash point reached: SIGKILL");
+                raise(libc::SIGKILL);
+                unreachable!("SIGKILL returned");
+            }
         }
     }
 }
 
 #[cfg(feature = "crash-points")]
 #[allow(unsafe_code)]
-fn kill_self() -> ! {
-    // SAFETY: raise(2) has no memory-safety preconditions; SIGKILL cannot be caught, so the
-    // process ends here exactly as if another process had killed it.
+fn raise(signal: libc::c_int) {
+    // SAFETY: raise(2) has no memory-safety preconditions. SIGKILL cannot be caught, so the
+    // process ends here exactly as if another process had killed it; SIGSTOP stops every
+    // thread until a SIGCONT, as if the machine had paused.
     unsafe {
-        libc::raise(libc::SIGKILL);
+        libc::raise(signal);
     }
-    unreachable!("SIGKILL returned")
 }
 
 /// Does nothing: crash points are compiled out without the `crash-points` feature.

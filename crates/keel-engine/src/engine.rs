@@ -106,7 +106,7 @@ impl Inner {
         });
         if detached {
             cells.remove(cell);
-            self.settled_out(cell);
+            self.settled_out(&mut cells, cell);
         }
         drop(cells);
         if detached {
@@ -117,10 +117,17 @@ impl Inner {
 
     /// A cell just unloaded (under the map lock, so no new cell of the run is loaded yet):
     /// if its run settled, its wake index entry goes (the settling write comes before it in
-    /// the store's order); an unsettled run keeps its entry, and the next open drives it.
-    fn settled_out(&self, cell: &RunCell) {
-        if cell.record().status.is_drivable() {
+    /// the store's order), and a parent parked until it settled is due now; an unsettled run
+    /// keeps its entry, and the next open drives it.
+    fn settled_out(&self, cells: &mut parking::Cells, cell: &RunCell) {
+        let record = cell.record();
+        if record.status.is_drivable() {
             return;
+        }
+        if let Some(parent) = &record.parent {
+            if cells.make_due(parent) {
+                self.wakes.notify_one();
+            }
         }
         if let Err(error) = self.env.store.clear_wake(&cell.id) {
             // Left stale: the next open reads the run, finds it settled and drops it.
@@ -143,7 +150,7 @@ impl Inner {
         let mut cells = self.cells.lock().expect("cells lock");
         cell.detach_if(|_, _| Some(Some(stop)));
         cells.remove(cell);
-        self.settled_out(cell);
+        self.settled_out(&mut cells, cell);
         drop(cells);
         self.stopped_alive(cell);
     }
@@ -670,7 +677,8 @@ impl Runs for Inner {
         cell: &Arc<RunCell>,
         wake_at_ms: Option<u64>,
         ready: &(dyn Fn(&RunState) -> bool + Sync),
+        awaiting: Option<&RunId>,
     ) -> bool {
-        Inner::park(self, cell, wake_at_ms, ready)
+        Inner::park(self, cell, wake_at_ms, ready, awaiting)
     }
 }

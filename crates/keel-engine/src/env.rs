@@ -55,12 +55,14 @@ pub(crate) trait Runs: Send + Sync {
     fn unload(&self, cell: &Arc<RunCell>, stop: Stop);
 
     /// Parks the run of `cell` until `wake_at_ms` (or until something arrives for it) if
-    /// it may, and `ready` accepts its state; whether it parked (`engine/parking.rs`).
+    /// it may, and `ready` accepts its state; with `awaiting`, until that child run settles
+    /// too. Whether it parked (`engine/parking.rs`).
     fn park(
         &self,
         cell: &Arc<RunCell>,
         wake_at_ms: Option<u64>,
         ready: &(dyn Fn(&RunState) -> bool + Sync),
+        awaiting: Option<&RunId>,
     ) -> bool;
 }
 

@@ -79,6 +79,20 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// The store broke while the engine opened: a sync failed, or (on PostgreSQL) this
+    /// engine's lease ended, as it does for a worker paused past it, and other engines may
+    /// own its runs now. The open's writes from the break on are not durable; what failed
+    /// is kept as the source. Open the store again (a worker exits so that its supervisor
+    /// starts a fresh one). A break after the open's last write is not this error: the open
+    /// succeeds and [`crate::Engine::broken`] resolves.
+    #[error("the store broke while the engine opened ({reason}): open it again")]
+    BrokeWhileOpening {
+        /// Why the store can make nothing durable any more.
+        reason: String,
+        /// What the open was doing when it failed.
+        #[source]
+        source: Box<EngineError>,
+    },
     /// The store holds less than its high-water mark says it acknowledged: sled lost
     /// acknowledged writes (a file cut short or damaged).
     #[error("store {path} lost data it had acknowledged: sled's log holds {}, but keel.mark records commit #{marked} (made {marked_at}) as durable, so the work acknowledged after what the log holds is missing (finished runs may be gone, others rolled back){}; restore the data directory from a backup, or open it with accept_data_loss (keel worker --accept-data-loss) to go on with what is left", held_text(*.held, .held_at), kept_text(.kept))]

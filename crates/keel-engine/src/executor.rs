@@ -42,14 +42,18 @@ pub(crate) async fn drive(
     runs: Arc<dyn Runs>,
     cell: Arc<RunCell>,
 ) {
-    let _permit = tokio::select! {
+    let permit = tokio::select! {
         permit = Arc::clone(&env.permits).acquire_owned() => permit.ok(),
         _ = wait_shutdown(&env) => None,
     };
-    if _permit.is_none() {
+    let Some(permit) = permit else {
         runs.unload(&cell, Stop::ShutDown);
         return;
-    }
+    };
+    // Held in the cell, so that the run can give it up while it awaits a child run
+    // (`run_slot.rs`); released whichever way this driver stops.
+    cell.slot.hold(permit);
+    let _slot = ReleaseSlot(&cell);
     if let Err(error) = crate::poison::count_load(&env, &cell).await {
         tracing::error!(run_id = %cell.id, %error, "run not driven: its load could not be counted");
         runs.unload(
@@ -93,6 +97,15 @@ pub(crate) async fn drive(
                 return;
             }
         }
+    }
+}
+
+/// Gives the run's slot back when its driver stops.
+struct ReleaseSlot<'a>(&'a RunCell);
+
+impl Drop for ReleaseSlot<'_> {
+    fn drop(&mut self) {
+        self.0.slot.release();
     }
 }
 

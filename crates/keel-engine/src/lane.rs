@@ -17,7 +17,7 @@ use crate::cell::RunCell;
 use crate::contain::{contained, contained_sync};
 use crate::env::RunEnv;
 use crate::error::WorkflowError;
-use crate::ids::{Attempt, IdempotencyKey, OperationIndex};
+use crate::ids::{Attempt, IdempotencyKey, OperationIndex, RunId};
 use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, ErrorRecord, Event};
 use crate::limiter::{Priority, RateLimiter, Slot};
@@ -165,7 +165,10 @@ impl Lane {
             // Waiting: whatever killed the process before, this run got this far.
             self.cell.survived(&*self.env.store);
         }
-        if parks && self.env.parks_for(now_ms, at_ms) && self.park(Some(at_ms), &|_| true).await? {
+        if parks
+            && self.env.parks_for(now_ms, at_ms)
+            && self.park(Some(at_ms), &|_| true, None).await?
+        {
             return Err(Interrupt::Parked);
         }
         tokio::select! {
@@ -174,9 +177,10 @@ impl Lane {
         }
     }
 
-    /// Parks the run until `wake_at_ms` (or until something arrives for it, when `None`) if
-    /// this is the main lane and the engine lets it (`ready` accepts the run's state under
-    /// its lock); whether it parked. Then the caller returns [`Interrupt::Parked`].
+    /// Parks the run until `wake_at_ms` (or until something arrives for it, when `None`;
+    /// with `awaiting`, until that child run settles) if this is the main lane and the engine
+    /// lets it (`ready` accepts the run's state under its lock); whether it parked. Then the
+    /// caller returns [`Interrupt::Parked`].
     ///
     /// The run's writes are made durable first: whoever loads it next reads its journal from
     /// the store, which (PostgreSQL's) holds only what was synced.
@@ -184,6 +188,7 @@ impl Lane {
         &self,
         wake_at_ms: Option<u64>,
         ready: &(dyn Fn(&RunState) -> bool + Sync),
+        awaiting: Option<&RunId>,
     ) -> Result<bool, Interrupt> {
         if !self.main {
             return Ok(false);
@@ -192,7 +197,7 @@ impl Lane {
             return Ok(false);
         };
         self.durable().await?;
-        Ok(runs.park(&self.cell, wake_at_ms, ready))
+        Ok(runs.park(&self.cell, wake_at_ms, ready, awaiting))
     }
 
     /// Resolves when the lane is interrupted (see [`Lane::check`]), with the cause.

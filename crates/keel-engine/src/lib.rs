@@ -287,6 +287,7 @@ mod registry;
 mod replay;
 mod resources;
 mod retry;
+mod run_slot;
 mod saga;
 mod schedule;
 mod stats;

@@ -59,6 +59,11 @@ pub const ATTEMPTS_MAX: u32 = 10_000;
 /// Most runs one engine drives at once (the configurable limit may be lower).
 pub const CONCURRENT_RUNS_MAX: usize = 1_000_000;
 
+/// The least memory `EngineBuilder::sled_cache_bytes` gives sled's cache (a smaller bound is
+/// raised to it): below a few pages per run loaded at once, every step reads its pages
+/// from the log again.
+pub const SLED_CACHE_BYTES_MIN: u64 = 8 * 1024 * 1024;
+
 /// Loads in a row, each ended by the process dying before the run showed it survives being
 /// driven, after which a run is poisoned (suspended) instead of driven again (`poison.rs`).
 pub const POISON_LOADS_DEFAULT: u32 = 5;
@@ -134,9 +139,15 @@ pub const BATCH_RUNS_MAX: usize = 1000;
 /// ([`crate::Priority::Call`]) wait.
 pub const PROBES_IN_A_ROW_MAX: u32 = 2;
 
-/// Past its deadline, a wait whose polls got this many errors in a row (no answer either way)
-/// ends as failed with the last error, so a probe that always fails cannot wait forever.
+/// Past its deadline, a wait whose polls got this many errors in a row (no answer either way),
+/// over at least [`UNANSWERED_SPAN_MIN`], ends as failed with the last error, so a probe that
+/// always fails cannot wait forever.
 pub const UNANSWERED_POLLS_MAX: u32 = 10;
+
+/// The least time from the first to the last of [`UNANSWERED_POLLS_MAX`] unanswered polls
+/// that fail a wait: a burst of throttling (under load, mostly the engine's own calls) or a
+/// short outage of a service's reads is outlasted, not taken for a probe that never answers.
+pub const UNANSWERED_SPAN_MIN: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Largest keyed record a store keeps beside runs (a schedule with its input, a pending
 /// notification).

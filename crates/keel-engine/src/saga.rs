@@ -210,12 +210,17 @@ async fn undo_child(
     round_attempts: u32,
 ) -> Result<()> {
     begin_undo(env, cell, step, attempt).await?;
-    // Parked while the child compensates.
+    // Parked while the child compensates, its run slot given to the child (`run_slot.rs`).
     cell.survived(&*env.store);
+    cell.slot.give_up();
     let result = match env.runs() {
         Ok(runs) => runs.compensate_child(child.clone(), cell.id.clone()).await,
         Err(e) => Err(e),
     };
+    if !cell.slot.take_back(&env.permits, &env.shutdown).await {
+        // The undo stays in flight; the next open runs it again.
+        return Ok(());
+    }
     crate::crash::point("saga.after_undo");
     let result = match result {
         Ok(Some(record)) if record.status == RunStatus::CompensationFailed => {

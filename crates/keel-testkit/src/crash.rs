@@ -36,16 +36,23 @@ pub struct ChildSpec<'a> {
 }
 
 impl ChildSpec<'_> {
-    /// Spawns the child: the current test binary, filtered to the one test.
+    /// Spawns the child: the current test binary, filtered to the one test (in a `pg_*`
+    /// binary, the shared suite's: [`crate::store::test_path`]).
     pub fn spawn(&self, extra_env: &[(&str, String)]) -> Child {
+        self.spawn_exact(&crate::store::test_path(self.test_name), extra_env)
+    }
+
+    /// Spawns the child: the current test binary, filtered to the test whose full path in
+    /// the binary is `test` (for a test of a `pg_*` binary's own, outside its suite).
+    pub fn spawn_exact(&self, test: &str, extra_env: &[(&str, String)]) -> Child {
         let exe = std::env::current_exe().expect("current test binary");
         let mut command = Command::new(exe);
-        let test = crate::store::test_path(self.test_name);
         command
-            .args([test.as_str(), "--exact", "--nocapture", "--test-threads=1"])
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, "1")
             .env_remove("KEEL_CRASH_AT")
             .env_remove("KEEL_CRASH_SKIP")
+            .env_remove("KEEL_CRASH_SIGNAL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -195,6 +202,44 @@ fn stderr_of(child: &mut Child) -> String {
         let _ = stderr.read_to_string(&mut text);
     }
     text
+}
+
+/// Waits until `child` has stopped itself at its armed point (`KEEL_CRASH_SIGNAL=STOP`), as
+/// `/proc` shows it. Panics, with the child's stderr, if it exits first or `timeout` passes.
+pub fn until_stopped(child: &mut Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let stat = format!("/proc/{}/stat", child.id());
+    loop {
+        if let Some(status) = child.try_wait().expect("polling the child") {
+            panic!(
+                "crash-test child exited ({status}) before it stopped at its point: {}",
+                stderr_of(child)
+            );
+        }
+        // `pid (comm) state ...`: the state follows the last parenthesis.
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        let state = text
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim().chars().next());
+        if state == Some('T') {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "crash-test child did not stop at its point within {timeout:?} (state {state:?})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Continues a child stopped at its point (SIGCONT) and waits, bounded by `timeout`, for
+/// its end. A child that fails (other than by SIGKILL or SIGABRT) fails the test, with its
+/// stderr.
+pub fn continue_to_end(child: Child, timeout: Duration) -> Ending {
+    use rustix::process::{kill_process, Pid, Signal};
+    let pid = Pid::from_raw(child.id() as i32).expect("a child's pid is positive");
+    kill_process(pid, Signal::CONT).expect("SIGCONT to the crash-test child");
+    wait_bounded(child, timeout)
 }
 
 /// The signal numbers the harness tells apart (Linux).

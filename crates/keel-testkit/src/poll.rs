@@ -32,3 +32,20 @@ pub async fn asleep(clock: &TestClock) -> u64 {
         .await
         .expect("the engine never slept on the test clock")
 }
+
+/// Waits until `engine` holds exactly `want` in memory ([`Engine::resident`]: runs loaded and
+/// parked), polling in real time for at most [`CONDITION_TIMEOUT`].
+pub async fn resident(engine: &Engine, want: keel_engine::Resident) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        let now = engine.resident();
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine holds {now:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

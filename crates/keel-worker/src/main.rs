@@ -403,6 +403,12 @@ pub struct WorkerArgs {
     /// runs of gone workers looked for, every fifth of it.
     #[arg(long, env = "KEEL_LEASE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
     pub lease_ms: u64,
+    /// With the sled store: the most memory its cache of the store's pages takes, in MiB
+    /// (default: sled's, 1 GiB). Pages read or written stay in it, so a worker that wrote a
+    /// million runs holds about a gigabyte by default, however few are loaded; a smaller
+    /// cache reads evicted pages from disk again when a run is loaded.
+    #[arg(long, env = "KEEL_SLED_CACHE_MIB", value_parser = clap::value_parser!(u64).range(8..=1_048_576))]
+    pub sled_cache_mib: Option<u64>,
     /// POST a JSON event to this http(s) URL whenever a run enters a status of --notify-on,
     /// retried with backoff until it answers 2xx; at least once, with an event id to drop
     /// duplicates by (docs/notifications.md). Repeatable; in the environment, comma-separated.

@@ -540,6 +540,14 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
     if args.accept_data_loss {
         builder = builder.accept_data_loss();
     }
+    if let Some(mib) = args.sled_cache_mib {
+        match &args.store {
+            StoreChoice::Postgres(_) => {
+                tracing::warn!("--sled-cache-mib with a PostgreSQL store: it has no effect")
+            }
+            StoreChoice::Sled => builder = builder.sled_cache_bytes(mib * 1024 * 1024),
+        }
+    }
     if let StoreChoice::Postgres(url) = &args.store {
         let lease = Duration::from_millis(args.lease_ms);
         builder = builder.postgres(url).leases(Leases {
@@ -548,7 +556,14 @@ async fn open_engine(args: &WorkerArgs, data_dir: &Path) -> Result<Engine, Worke
             claim_every: lease / 5,
         });
     }
-    Ok(builder.open().await?)
+    match builder.open().await {
+        // Its lease ended while it opened (a paused worker): as after any break, a fresh
+        // worker takes over.
+        Err(EngineError::BrokeWhileOpening { reason, source }) => Err(WorkerError::StoreBroken(
+            format!("{reason}; the open failed on: {source}"),
+        )),
+        opened => Ok(opened?),
+    }
 }
 
 /// The notice sender the arguments ask for, if any: its secret read and checked.

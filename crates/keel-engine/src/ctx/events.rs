@@ -180,7 +180,7 @@ impl Ctx {
                         Some(ReceiveAction::Wait)
                     )
                 };
-                match self.lane.park(deadline_ms, &waits).await {
+                match self.lane.park(deadline_ms, &waits, None).await {
                     Ok(false) => {}
                     Ok(true) => return Err(self.interrupt(Interrupt::Parked)),
                     Err(cause) => return Err(self.interrupt(cause)),

@@ -8,7 +8,7 @@ use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, Event};
 use crate::journal::{WaitOutcome, WaitSchedule};
 use crate::limiter::{Priority, Slot};
-use crate::limits::UNANSWERED_POLLS_MAX;
+use crate::limits::{UNANSWERED_POLLS_MAX, UNANSWERED_SPAN_MIN};
 use crate::replay::Op;
 use crate::step::{StepContext, StepError};
 use crate::wait::{Probe, WaitPolicy};
@@ -34,8 +34,8 @@ impl Ctx {
     /// - the deadline moves later by the time this process's polls spent queued at the
     ///   service's limiter;
     /// - a throttled or failed poll is no answer: it neither counts as a confirmation nor
-    ///   breaks a run of them. Past the deadline, [`UNANSWERED_POLLS_MAX`] of them in a row end
-    ///   the wait as failed, with the last error;
+    ///   breaks a run of them. Past the deadline, [`UNANSWERED_POLLS_MAX`] of them in a row,
+    ///   over at least [`UNANSWERED_SPAN_MIN`], end the wait as failed, with the last error;
     /// - after a restart a run of confirmations starts over (polls are not journaled), so a
     ///   resource is never granted with fewer than `confirmations` polls in a row.
     ///
@@ -325,6 +325,8 @@ struct PollCount {
     last_sent_ms: u64,
     /// Polls past the deadline in a row that got no answer.
     unanswered: u32,
+    /// When the first of them was sent.
+    unanswered_since_ms: u64,
     /// Time polls spent queued at the limiter.
     queued_ms: u64,
     /// Of the poll that began the run of ready answers: time queued, and the interval it was
@@ -363,7 +365,7 @@ impl PollCount {
     /// up to `confirmations`; a "not ready" past the deadline (after at least
     /// `confirmations` answers) times it out; a permanent error fails it; no answer neither
     /// grows nor breaks the streak, and [`UNANSWERED_POLLS_MAX`] of them in a row past the
-    /// deadline fail it.
+    /// deadline, spanning at least [`UNANSWERED_SPAN_MIN`], fail it.
     fn judge<T>(
         &mut self,
         answer: Result<Option<T>, StepError>,
@@ -397,15 +399,23 @@ impl PollCount {
                 });
             }
             Err(error) => {
-                self.unanswered = if sent.past_deadline {
-                    self.unanswered + 1
+                if !sent.past_deadline {
+                    self.unanswered = 0;
                 } else {
-                    0
-                };
+                    if self.unanswered == 0 {
+                        self.unanswered_since_ms = sent.sent_ms;
+                    }
+                    self.unanswered += 1;
+                }
                 tracing::debug!(%error, unanswered = self.unanswered, "probe failed; no answer");
-                if self.unanswered >= UNANSWERED_POLLS_MAX {
+                let span_ms = sent.sent_ms.saturating_sub(self.unanswered_since_ms);
+                if self.unanswered >= UNANSWERED_POLLS_MAX
+                    && span_ms >= UNANSWERED_SPAN_MIN.as_millis() as u64
+                {
                     let error = StepError::retryable(format!(
-                        "{UNANSWERED_POLLS_MAX} polls in a row past the deadline got no answer; the last: {error}"
+                        "{} polls in a row past the deadline, over {:.1} s, got no answer; the last: {error}",
+                        self.unanswered,
+                        span_ms as f64 / 1000.0
                     ));
                     return Verdict::Ended(WaitOutcome::Failed {
                         error: error.to_record(),

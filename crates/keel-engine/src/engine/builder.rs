@@ -41,6 +41,8 @@ pub struct EngineBuilder {
     registry_error: Option<EngineError>,
     allow_unregistered: bool,
     lost_data: LostData,
+    /// The bound on sled's cache; sled's default when `None`.
+    sled_cache_bytes: Option<u64>,
     /// The PostgreSQL database to keep runs in instead of a sled store in `path`.
     postgres: Option<String>,
     leases: Leases,
@@ -188,6 +190,18 @@ impl EngineBuilder {
         }
     }
 
+    /// The most memory sled's cache of the store's pages takes (default: sled's, 1 GiB; at
+    /// least [`crate::limits::SLED_CACHE_BYTES_MIN`]). Pages read or written stay in it, so
+    /// an engine that wrote a million runs holds about a gigabyte by default, however few of
+    /// them are loaded; a smaller cache reads evicted pages from the log again when a run is
+    /// loaded. No effect with a PostgreSQL store.
+    pub fn sled_cache_bytes(self, bytes: u64) -> Self {
+        EngineBuilder {
+            sled_cache_bytes: Some(bytes.max(crate::limits::SLED_CACHE_BYTES_MIN)),
+            ..self
+        }
+    }
+
     /// What a durable write survives (default: power loss).
     pub fn durability(self, durability: Durability) -> Self {
         EngineBuilder { durability, ..self }
@@ -297,12 +311,36 @@ impl EngineBuilder {
         });
         let engine = Engine { inner };
         engine.spawn_wakes();
-        engine.resume_all(self.allow_unregistered).await?;
+        if let Err(error) = engine.resume_all(self.allow_unregistered).await {
+            return Err(engine.open_failed(error));
+        }
         engine.spawn_claims();
         engine.spawn_gc(self.gc_interval);
         engine.spawn_stats_flush();
         engine.spawn_schedules();
         Ok(engine)
+    }
+}
+
+impl Engine {
+    /// Stops what a failed open started (the wake loop, drivers of runs it parked or drove):
+    /// the caller gets an error, not an engine. A store that broke under the open (its lease
+    /// ended while the worker was paused, say) is said so, [`EngineError::BrokeWhileOpening`]:
+    /// the caller opens again, as after any break. The lease is checked by the clock too: a
+    /// step of the open may have failed on it before the renewer marked the store broken.
+    fn open_failed(&self, error: EngineError) -> EngineError {
+        self.inner.env.shutdown.send_replace(true);
+        let store = &self.inner.env.store;
+        let broken = store.broken().borrow().clone().or_else(|| {
+            (!store.leased()).then(|| "the lease ended by this worker's clock".to_string())
+        });
+        match broken {
+            Some(reason) => EngineError::BrokeWhileOpening {
+                reason,
+                source: Box::new(error),
+            },
+            None => error,
+        }
     }
 }
 
@@ -322,6 +360,7 @@ impl EngineBuilder {
         let options = SledOptions {
             durability: self.durability,
             lost_data: self.lost_data,
+            cache_bytes: self.sled_cache_bytes,
         };
         let store = tokio::task::spawn_blocking(move || SledStore::open(&path, options))
             .await
@@ -351,6 +390,7 @@ impl Engine {
             registry_error: None,
             allow_unregistered: false,
             lost_data: LostData::Refuse,
+            sled_cache_bytes: None,
             postgres: None,
             leases: Leases::default(),
             rate_limits: HashMap::new(),

@@ -6,6 +6,11 @@ use std::time::Duration;
 use crate::clock::millis_saturating;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::journal::RunRecord;
+use crate::store::RunsScan;
+
+/// Run records garbage collection reads at a time.
+const GC_RUNS_PER_PAGE: usize = 1_000;
 
 impl Engine {
     /// Deletes runs that finished longer ago than their workflow's retention (an operator's
@@ -20,26 +25,28 @@ impl Engine {
         const GC_RUNS_PER_WRITE: usize = 256;
         let now = self.inner.env.clock.now_ms();
         let mut expired_ids = Vec::new();
-        for record in self.records().await? {
-            let horizon =
-                now.saturating_sub(millis_saturating(self.retention_of(&record.workflow)));
-            let expired = record.status.is_terminal()
-                && record.finished_at_ms.is_some_and(|at| at <= horizon);
-            // A child is kept while its parent is, which may still compensate it.
-            let parent_kept = match &record.parent {
-                Some(parent) => self.inner.env.store.run(parent).await?.is_some(),
-                None => false,
-            };
-            let expired = expired && !parent_kept;
-            let loaded = self
-                .inner
-                .cells
-                .lock()
-                .expect("cells lock")
-                .contains_key(&record.id);
-            if expired && !loaded {
-                expired_ids.push(record.id);
+        // A page at a time, so that a store of a million runs is never all in memory (the
+        // ids of the expired ones are).
+        let mut scan = RunsScan {
+            after: None,
+            status: None,
+            prefix: None,
+            limit: GC_RUNS_PER_PAGE,
+            examine_max: None,
+        };
+        loop {
+            let page = self.inner.env.store.runs_page(&scan).await?;
+            for record in page.records.into_iter().flatten() {
+                scan.after = Some(record.id.clone());
+                if self.expired(&record, now).await? {
+                    expired_ids.push(record.id);
+                }
             }
+            if !page.more {
+                break;
+            }
+            // A page is read on the runtime's thread: let the runs' tasks in between.
+            tokio::task::yield_now().await;
         }
         let mut collected = 0;
         for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
@@ -51,6 +58,30 @@ impl Engine {
             tracing::info!(collected, "finished runs collected");
         }
         Ok(collected)
+    }
+
+    /// Whether `record`'s run finished longer ago than its retention, at `now` (ms), and may
+    /// go: no parent that may still compensate it is kept, and it is not loaded.
+    async fn expired(&self, record: &RunRecord, now: u64) -> Result<bool> {
+        let horizon = now.saturating_sub(millis_saturating(self.retention_of(&record.workflow)));
+        let expired =
+            record.status.is_terminal() && record.finished_at_ms.is_some_and(|at| at <= horizon);
+        if !expired {
+            return Ok(false);
+        }
+        // A child is kept while its parent is, which may still compensate it.
+        if let Some(parent) = &record.parent {
+            if self.inner.env.store.run(parent).await?.is_some() {
+                return Ok(false);
+            }
+        }
+        let loaded = self
+            .inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .contains_key(&record.id);
+        Ok(!loaded)
     }
 
     /// How long finished runs of `workflow` are kept.

@@ -155,6 +155,22 @@ impl Cells {
         (due, None)
     }
 
+    /// Makes parked run `id` due now, because a child of it settled: the wake loop loads it.
+    /// Only a run parked with no wake time (waiting for something to arrive) can be waiting
+    /// for its child; one parked on its own timer is left to it. Returns whether it was made
+    /// due.
+    pub(crate) fn make_due(&mut self, id: &RunId) -> bool {
+        let Some(parked) = self.parked.get_mut(id) else {
+            return false;
+        };
+        if parked.wake_at_ms.is_some() {
+            return false;
+        }
+        parked.wake_at_ms = Some(0);
+        self.timers.insert((0, id.clone()));
+        true
+    }
+
     /// Forgets parked run `id` (another engine holds it); whoever waits for it is told.
     fn forget(&mut self, id: &RunId) {
         if let Some(parked) = self.parked.remove(id) {
@@ -168,13 +184,22 @@ impl Cells {
     }
 
     /// Parks runs that were never loaded (an open from the wake index), each until its wake
-    /// time (`u64::MAX`: until something arrives for it).
-    pub(crate) fn park_unread(&mut self, runs: impl Iterator<Item = (u64, RunId)>) {
+    /// time (`u64::MAX`: until something arrives for it). `runs` come in wake-time order, as
+    /// the index holds them, so the timers of an engine that has none yet are built in one
+    /// pass (a million parked runs at open).
+    pub(crate) fn park_unread(&mut self, runs: Vec<(u64, RunId)>) {
+        self.parked.reserve(runs.len());
+        let timed = runs
+            .iter()
+            .filter(|(wake_ms, _)| *wake_ms != u64::MAX)
+            .map(|(wake_ms, id)| (*wake_ms, id.clone()));
+        if self.timers.is_empty() {
+            self.timers = timed.collect();
+        } else {
+            self.timers.extend(timed);
+        }
         for (wake_ms, id) in runs {
             let wake_at_ms = (wake_ms != u64::MAX).then_some(wake_ms);
-            if let Some(at_ms) = wake_at_ms {
-                self.timers.insert((at_ms, id.clone()));
-            }
             self.parked.insert(
                 id,
                 Parked {
@@ -193,11 +218,18 @@ impl Inner {
     /// has arrived). Decided under the map lock and the cell lock. Returns whether it parked:
     /// then the cell is detached and out of the map, and its body must unwind
     /// ([`crate::interrupt::Interrupt::Parked`]).
+    ///
+    /// With `awaiting`, the run waits for that child run to settle, and parks only if the
+    /// child is parked, or loaded and unsettled: then the child's cell lock is held until the
+    /// run's index entry is written, so the child's settling write (which sets the entry to
+    /// "loaded" first, `cell.rs`) comes after it, and its unload finds the run parked
+    /// ([`Cells::make_due`]). A child in neither map may have settled: the run does not park.
     pub(crate) fn park(
         &self,
         cell: &Arc<RunCell>,
         wake_at_ms: Option<u64>,
         ready: &(dyn Fn(&RunState) -> bool + Sync),
+        awaiting: Option<&RunId>,
     ) -> bool {
         let mut cells = self.cells.lock().expect("cells lock");
         if self.env.shutting_down() {
@@ -206,6 +238,28 @@ impl Inner {
         if !cells.get(&cell.id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             return false;
         }
+        let Some(child) = awaiting else {
+            return self.park_locked(&mut cells, cell, wake_at_ms, ready);
+        };
+        if cells.is_parked(child) {
+            return self.park_locked(&mut cells, cell, wake_at_ms, ready);
+        }
+        let Some(child_cell) = cells.get(child).cloned() else {
+            return false;
+        };
+        child_cell
+            .while_unsettled(|| self.park_locked(&mut cells, cell, wake_at_ms, ready))
+            .unwrap_or(false)
+    }
+
+    /// [`Inner::park`] under the map lock.
+    fn park_locked(
+        &self,
+        cells: &mut Cells,
+        cell: &Arc<RunCell>,
+        wake_at_ms: Option<u64>,
+        ready: &(dyn Fn(&RunState) -> bool + Sync),
+    ) -> bool {
         let parked = cell.park_if(|record, state| {
             record.status == RunStatus::Running
                 && !state.cancel_requested
@@ -241,7 +295,6 @@ impl Inner {
             tracing::warn!(run_id = %cell.id, %error, "wake index entry not written: the next open loads the run");
         }
         crate::crash::point("park.after_index");
-        drop(cells);
         if earliest {
             self.wakes.notify_one();
         }
@@ -345,5 +398,89 @@ impl Engine {
             _ = shutdown.wait_for(|down| *down) => {}
             _ = poll => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::testing::TestClock;
+    use crate::{Ctx, Workflow, WorkflowError};
+
+    /// Takes one event named `go`.
+    struct Receiver;
+
+    impl Workflow for Receiver {
+        const NAME: &'static str = "test.receiver";
+        type Input = ();
+        type Output = ();
+
+        async fn run(ctx: &mut Ctx, (): ()) -> std::result::Result<(), WorkflowError> {
+            ctx.receive_event::<serde_json::Value>(&["go"], None)
+                .await?;
+            Ok(())
+        }
+    }
+
+    async fn loaded_count(engine: &Engine, loaded: usize) {
+        for _ in 0..5_000 {
+            if engine.resident().loaded == loaded {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        panic!("the engine holds {:?}", engine.resident());
+    }
+
+    /// A run parks awaiting another only while that one may still settle here: loaded and
+    /// unsettled (or parked). One in neither map may have settled already (its unload, which
+    /// wakes a parked parent, has passed), so parking then could be for ever.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_parks_awaiting_another_only_while_that_one_is_unsettled_here() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing parks by itself: every run stays loaded in its receive.
+        let engine = Engine::builder(dir.path())
+            .clock(TestClock::new())
+            .park_after(None)
+            .workflow::<Receiver>()
+            .open()
+            .await
+            .unwrap();
+        for id in ["waiter", "ended", "running"] {
+            engine.start::<Receiver>(id, ()).await.unwrap();
+        }
+        loaded_count(&engine, 3).await;
+        let id = |s: &str| RunId::new(s).unwrap();
+        let waiter = engine.loaded(&id("waiter")).expect("loaded");
+        let park = |awaiting: &str| {
+            engine
+                .inner
+                .park(&waiter, None, &|_| true, Some(&id(awaiting)))
+        };
+
+        assert!(!park("nobody"), "a run this engine does not hold");
+        engine.send("ended", "go", &1, "go-1").await.unwrap();
+        engine.wait("ended").await.unwrap();
+        loaded_count(&engine, 2).await;
+        assert!(!park("ended"), "a run that settled and was unloaded");
+        assert_eq!(
+            engine.resident(),
+            Resident {
+                loaded: 2,
+                parked: 0
+            }
+        );
+
+        assert!(park("running"), "a loaded, unsettled run");
+        assert_eq!(
+            engine.resident(),
+            Resident {
+                loaded: 1,
+                parked: 1
+            }
+        );
+        engine.shutdown().await;
     }
 }

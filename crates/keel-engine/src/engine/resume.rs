@@ -155,12 +155,19 @@ impl Engine {
         let workflow = |name: &str| self.inner.workflows.get(name).is_some();
         let step_kind = |kind: &str| env.registry.step(kind).is_some();
         if env.types.all_registered(workflow, step_kind) {
+            let reading = std::time::Instant::now();
             if let Some(wakes) = env.store.wakes().await? {
+                tracing::info!(
+                    entries = wakes.len(),
+                    read_ms = reading.elapsed().as_millis(),
+                    "wake index read"
+                );
                 return self.resume_from_wakes(wakes).await;
             }
         }
         let workflows = self.inner.workflows.name_list();
         let claimed = env.store.claim(&workflows).await?;
+        crate::crash::point("open.after_claim");
         // Every run in the store is checked, also those other engines own: engines sharing a
         // store must all be able to drive all of its runs, since any of them may take any
         // run over. Only the runs this engine claimed are driven.
@@ -214,15 +221,22 @@ impl Engine {
     /// (loaded when the engine stopped, or whose wake time passed) are read and driven; the
     /// others are parked without being read, to be loaded at their wake time or when
     /// something arrives for them. An entry whose run is gone or settled is dropped.
-    async fn resume_from_wakes(&self, wakes: Vec<(u64, RunId)>) -> Result<()> {
+    async fn resume_from_wakes(&self, mut wakes: Vec<(u64, RunId)>) -> Result<()> {
         let env = &self.inner.env;
         let now_ms = env.clock.now_ms();
         let split = wakes.partition_point(|(wake_ms, _)| *wake_ms <= now_ms);
         let mut records = Vec::with_capacity(split);
-        for (_, id) in &wakes[..split] {
+        for (wake_ms, id) in &wakes[..split] {
             match env.store.run(id).await {
-                Ok(Some(record)) if record.status.is_drivable() => records.push(record),
-                Ok(_) => env.store.clear_wake(id)?,
+                Ok(Some(record)) if record.status.is_drivable() => {
+                    // Rule 27: a run's entry is 0 before it is loaded to write (the open's
+                    // repair after a crash checks only those).
+                    if *wake_ms != 0 {
+                        env.store.set_wake(id, 0)?;
+                    }
+                    records.push(record)
+                }
+                Ok(_) => env.store.clear_wake_at(id, *wake_ms)?,
                 Err(error) => {
                     tracing::error!(run_id = %id, %error, "run record unreadable: not resumed")
                 }
@@ -233,7 +247,7 @@ impl Engine {
             .cells
             .lock()
             .expect("cells lock")
-            .park_unread(wakes.into_iter().skip(split));
+            .park_unread(wakes.split_off(split));
         self.inner.wakes.notify_one();
         let (drivable, unregistered) = self.check_runs(records, None).await?;
         if !unregistered.runs.is_empty() {

@@ -222,8 +222,22 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
         Ok(())
     }
 
+    /// Sets run `id`'s entry to 0 (loaded: the next open drives it) if it has one, because
+    /// something it may be parked for arrived: a child of it settled. A run with no entry
+    /// (settled, or on a store that keeps no index) is left without one. Durable with the
+    /// next sync, in order with the store's other writes.
+    fn wake_if_indexed(&self, _id: &RunId) -> Result<()> {
+        Ok(())
+    }
+
     /// Removes run `id`'s entry (the run settled). Durable with the next sync.
     fn clear_wake(&self, _id: &RunId) -> Result<()> {
+        Ok(())
+    }
+
+    /// Removes run `id`'s index entry at `wake_ms` as read by [`JournalStore::wakes`] (a run
+    /// gone or settled), with what else of the index names it.
+    fn clear_wake_at(&self, _id: &RunId, _wake_ms: u64) -> Result<()> {
         Ok(())
     }
 

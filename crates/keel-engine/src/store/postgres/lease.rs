@@ -191,6 +191,11 @@ fn worker_id() -> (String, String) {
     (host, id)
 }
 
+/// Whether a lease that ends at `valid_until` (by this worker's clock) still holds.
+pub(super) fn held(valid_until: &Mutex<Instant>) -> bool {
+    Instant::now() < *valid_until.lock().expect("lease lock")
+}
+
 fn failed(database: &str, source: tokio_postgres::Error) -> EngineError {
     EngineError::Database {
         database: database.to_string(),
@@ -365,7 +370,13 @@ impl Lease {
     /// Whether the lease holds by this worker's clock: it started no later than the database
     /// started it, so it ends no later either (clocks drift far less than a lease).
     pub(crate) fn held(&self) -> bool {
-        Instant::now() < *self.valid_until.lock().expect("lease lock")
+        held(&self.valid_until)
+    }
+
+    /// When the lease ends by this worker's clock, as the renewer moves it on: the writer
+    /// checks it before each COMMIT.
+    pub(crate) fn valid_until(&self) -> Arc<Mutex<Instant>> {
+        Arc::clone(&self.valid_until)
     }
 
     /// Stops renewing: the engine is shutting down and gives its runs up.

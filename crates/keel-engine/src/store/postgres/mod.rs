@@ -190,6 +190,7 @@ impl PostgresStore {
             database.clone(),
             [lease.worker.clone(), lease.name.clone()],
             Arc::clone(&fenced),
+            lease.valid_until(),
         )
         .await?;
         tokio::spawn(writer.serve(receiver));

@@ -84,6 +84,14 @@ impl Renewer {
                 &params,
             );
             match tokio::time::timeout(valid_until - sent, renewal).await {
+                // A renewal heard of only once the lease had ended by this worker's clock
+                // counts as lost: the writer may already have refused a commit for it.
+                Ok(Ok(1)) if Instant::now() >= valid_until => {
+                    return Err(format!(
+                        "the lease of {:?} ended before its renewal was answered",
+                        self.leases.length
+                    ));
+                }
                 Ok(Ok(1)) => {
                     *self.valid_until.lock().expect("lease lock") = sent + self.leases.length;
                     return Ok(());

@@ -145,6 +145,8 @@ pub(super) struct Writer {
     /// This worker's name, the same across its restarts: its statistics' key.
     name: String,
     fenced: Fenced,
+    /// When this worker's lease ends by its own clock (`Lease::valid_until`).
+    lease_until: Arc<std::sync::Mutex<std::time::Instant>>,
     statements: Statements,
     /// Whether a transaction is open.
     open: bool,
@@ -161,6 +163,7 @@ impl Writer {
         database: String,
         [worker, name]: [String; 2],
         fenced: Fenced,
+        lease_until: Arc<std::sync::Mutex<std::time::Instant>>,
     ) -> Result<Writer> {
         let prepare = |sql: &'static str| {
             let client = &client;
@@ -210,6 +213,7 @@ impl Writer {
             worker,
             name,
             fenced,
+            lease_until,
             statements,
             open: false,
             failure: None,
@@ -430,6 +434,16 @@ impl Writer {
         }
         if !self.open {
             return Ok(());
+        }
+        // A worker paused past its lease (SIGSTOP, a stalled VM) sends no COMMIT once it runs
+        // again, whether or not its renewer has noticed yet: its runs may be another's now.
+        // The journal's rows check the lease in the database too; the other rows do not, so
+        // a pause between this check and the COMMIT can still land them (load counts,
+        // statistics), unless the server has ended the idle transaction meanwhile.
+        if !super::lease::held(&self.lease_until) {
+            let why = "the lease ended (by this worker's clock) before the commit".to_string();
+            self.lose_transaction(why).await;
+            return Err(self.failure.clone().unwrap_or_default());
         }
         match self.client.batch_execute("COMMIT").await {
             Ok(()) => {

@@ -9,6 +9,7 @@
 //! - `s` + operation: latency statistics;
 //! - `k` + space + `0x00` + key: a keyed record beside the runs (a schedule, a notification);
 //! - `w` + wake time + run id, `v` + run id, `W`: the wake index (`wakes.rs`);
+//! - `C`: the runs per status, left by a clean close for the next open (`recovery.rs`);
 //! - in the tree `commit`, `m`: the commit sequence, written by every sync (`store/mark.rs`).
 //!
 //! Beside sled's files, `keel.mark` holds the high-water mark: the last commit known durable,
@@ -82,6 +83,9 @@ pub(crate) struct SledOptions {
     pub durability: Durability,
     /// Whether a store that lost acknowledged data is opened.
     pub lost_data: LostData,
+    /// The most bytes sled's cache of the store's pages holds; sled's default (1 GiB) when
+    /// `None`.
+    pub cache_bytes: Option<u64>,
 }
 
 /// A [`JournalStore`] on sled 0.34.
@@ -92,12 +96,50 @@ pub(crate) struct SledStore {
     written: Arc<AtomicU64>,
     /// Runs in each status (`counts.rs`).
     counts: Arc<StatusCounts>,
+    /// `written` when the engine released the store after a clean shutdown (`u64::MAX`: not
+    /// released): a store dropped with no write since leaves its counts for the next open.
+    released_at: AtomicU64,
+    /// Set when the store is dropped; held while runs are deleted (`remove_runs`).
+    closed: Arc<std::sync::Mutex<bool>>,
+    /// Transitions between their entry and their record's rewrite, or that failed between
+    /// them (a record behind its journal without a crash): none, for a clean close.
+    transitions_open: AtomicU64,
     /// Held while a run's wake index entry changes (`wakes.rs`).
     wakes_lock: std::sync::Mutex<()>,
     // Dropped in this order: the committer's last sync hands its commit to the marker,
     // which marks it before it ends.
     committer: Committer,
     _marker: Marker,
+}
+
+impl Drop for SledStore {
+    /// After a clean shutdown with nothing written since, leaves the counts per status for
+    /// the next open, which then reads no record (`recovery.rs`, `repair_records`). Best
+    /// effort: a store without them is counted in full.
+    fn drop(&mut self) {
+        let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
+        *closed = true;
+        if self.released_at.load(Ordering::SeqCst) != self.written.load(Ordering::SeqCst)
+            || self.transitions_open.load(Ordering::SeqCst) != 0
+        {
+            return;
+        }
+        let left = (|| {
+            let sequence_tree = self
+                .db
+                .open_tree(mark::SEQUENCE_TREE)
+                .map_err(|e| e.to_string())?;
+            let held = held_commit(&self.path, &sequence_tree).map_err(|e| e.to_string())?;
+            let bytes = recovery::CleanClose::bytes(held, self.counts.now())?;
+            self.db
+                .insert(recovery::CLEAN_CLOSE_KEY, bytes)
+                .and_then(|_| self.db.flush())
+                .map_err(|e| e.to_string())
+        })();
+        if let Err(error) = left {
+            tracing::warn!(%error, "the run counts could not be left for the next open: it counts every run");
+        }
+    }
 }
 
 impl std::fmt::Debug for SledStore {
@@ -122,7 +164,10 @@ impl SledStore {
             .map_err(|e| storage(path, sled::Error::Io(e)))?;
         let marked = mark::read(path).map_err(|e| storage(path, sled::Error::Io(e)))?;
         let kept = keep_if_shorter(path, &marked);
-        let db = open_db(path, options.durability).map_err(|e| with_kept(e, kept.as_deref()))?;
+        let opening = std::time::Instant::now();
+        let db = open_db(path, options.durability, options.cache_bytes)
+            .map_err(|e| with_kept(e, kept.as_deref()))?;
+        let recovered_ms = opening.elapsed().as_millis();
         let sequence_tree = db
             .open_tree(mark::SEQUENCE_TREE)
             .map_err(|e| storage(path, e))?;
@@ -144,7 +189,18 @@ impl SledStore {
                 tracing::error!(error = %refusal, "opening anyway: the operator accepted the loss");
             }
         }
-        let counts = repair_records(path, &db)?;
+        let repairing = std::time::Instant::now();
+        let (counts, repaired) = repair_records(path, &db, held)?;
+        tracing::info!(
+            path = %path.display(),
+            db_bytes = db_bytes(path),
+            recovered_ms,
+            ?repaired,
+            repaired_ms = repairing.elapsed().as_millis(),
+            runs = counts.values().sum::<u64>(),
+            cache_bytes = options.cache_bytes,
+            "sled store open"
+        );
         // Durable before anyone reads a repaired record, and before the mark claims what
         // sled recovered.
         sync_all(path, &db, options.durability).map_err(|e| sync_error(path, e))?;
@@ -171,6 +227,9 @@ impl SledStore {
             db,
             written,
             counts: Arc::new(StatusCounts::new(counts)),
+            released_at: AtomicU64::new(u64::MAX),
+            closed: Default::default(),
+            transitions_open: AtomicU64::new(0),
             wakes_lock: std::sync::Mutex::new(()),
             committer,
             _marker: marker,
@@ -378,6 +437,8 @@ impl SledStore {
                 // Both encoded (and checked) before either is written.
                 let record_bytes = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
                 let transition = encode_transition(entry, record)?;
+                // Until the view is rewritten, the store may not be closed cleanly.
+                self.transitions_open.fetch_add(1, Ordering::SeqCst);
                 // The commit point: the entry with the record's new state.
                 self.db
                     .insert(journal_key(id, index), transition)
@@ -390,6 +451,7 @@ impl SledStore {
                     .map_err(|e| self.storage(e))?;
                 let from = before.as_deref().and_then(status_of);
                 self.counts.moved(from, Some(record.status));
+                self.transitions_open.fetch_sub(1, Ordering::SeqCst);
             }
         }
         self.wrote();
@@ -499,9 +561,9 @@ impl JournalStore for SledStore {
         // sled 0.34's batch waits out any sync in progress (see the module doc): off the
         // runtime's threads.
         let (db, written, ids) = (self.db.clone(), Arc::clone(&self.written), ids.to_vec());
-        let counts = Arc::clone(&self.counts);
+        let (counts, closed) = (Arc::clone(&self.counts), Arc::clone(&self.closed));
         off_runtime(self.path.clone(), move |path| {
-            remove_runs(path, &db, &written, &counts, &ids)
+            remove_runs(path, &db, &written, &counts, &closed, &ids)
         })
     }
 
@@ -538,6 +600,8 @@ impl JournalStore for SledStore {
     }
 
     fn release(&self) -> Read<'_, ()> {
+        self.released_at
+            .store(self.written.load(Ordering::SeqCst), Ordering::SeqCst);
         ready(Ok(()))
     }
 
@@ -553,8 +617,16 @@ impl JournalStore for SledStore {
         self.write_wake(id, wake_ms)
     }
 
+    fn wake_if_indexed(&self, id: &RunId) -> Result<()> {
+        self.write_wake_if_indexed(id, 0)
+    }
+
     fn clear_wake(&self, id: &RunId) -> Result<()> {
         self.remove_wake(id)
+    }
+
+    fn clear_wake_at(&self, id: &RunId, wake_ms: u64) -> Result<()> {
+        self.remove_wake_at(id, wake_ms)
     }
 
     fn wakes(&self) -> Read<'_, Option<Vec<(u64, RunId)>>> {
@@ -606,8 +678,16 @@ fn remove_runs(
     db: &sled::Db,
     written: &AtomicU64,
     counts: &StatusCounts,
+    closed: &std::sync::Mutex<bool>,
     ids: &[RunId],
 ) -> Result<()> {
+    // One deletion at a time, each read and applied whole before the store is dropped (which
+    // may leave the counts: see `Drop`), and never after: a deletion racing another of the
+    // same run, or the drop, would move the counts wrongly.
+    let closed = closed.lock().unwrap_or_else(|p| p.into_inner());
+    if *closed {
+        return Err(EngineError::ShutDown);
+    }
     let mut batch = sled::Batch::default();
     let mut removed = Vec::with_capacity(ids.len());
     for id in ids {
@@ -666,6 +746,16 @@ pub mod raw {
     /// The raw key of a journal entry.
     pub fn journal_key_of(id: &RunId, index: JournalIndex) -> Vec<u8> {
         journal_key(id, index)
+    }
+
+    /// The length of `db` at the newest high-water mark of the store in `dir`: what its
+    /// acknowledged writes span (a clean close writes its run counts after it). `None`
+    /// without a readable mark.
+    pub fn marked_db_bytes(dir: &Path) -> Option<u64> {
+        match mark::read(dir) {
+            Ok(mark::Marked::At(mark)) => Some(mark.db_bytes),
+            _ => None,
+        }
     }
 }
 

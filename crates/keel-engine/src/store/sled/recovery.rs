@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use super::counts::status_of;
 use super::sync::wall_clock_ms;
 use super::{
     decode_record, encode, journal_prefix, readable_key, storage, sync_error, RecordState,
@@ -26,7 +27,13 @@ use crate::store::mark::{self, Commit, Marked};
 /// At `PowerLoss` sled makes each of its log writes durable itself (`sync_data_on_write`, a
 /// patch Keel carries in `vendor/sled`): one `fdatasync` in place of sled's waited
 /// `sync_file_range` followed by the committer's own `fdatasync`.
-pub(super) fn open_db(path: &Path, durability: Durability) -> Result<sled::Db> {
+///
+/// `cache_bytes` bounds sled's cache of pages (its default, 1 GiB, when `None`).
+pub(super) fn open_db(
+    path: &Path,
+    durability: Durability,
+    cache_bytes: Option<u64>,
+) -> Result<sled::Db> {
     remove_torn_config(path)?;
     remove_torn_snapshots(path)?;
     let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
@@ -34,10 +41,14 @@ pub(super) fn open_db(path: &Path, durability: Durability) -> Result<sled::Db> {
         // sled 0.34 panics on some damaged logs (a `db` file cut short, say) instead of
         // returning an error.
         let opened = contained_sync(|| {
-            sled::Config::new()
+            let config = sled::Config::new()
                 .path(path)
-                .sync_data_on_write(durability == Durability::PowerLoss)
-                .open()
+                .sync_data_on_write(durability == Durability::PowerLoss);
+            match cache_bytes {
+                Some(bytes) => config.cache_capacity(bytes),
+                None => config,
+            }
+            .open()
         })
         .map_err(|panic| EngineError::StoreDamaged {
             file: path.join("db"),
@@ -272,28 +283,118 @@ fn time_text(at_ms: u64) -> String {
     humantime::format_rfc3339_millis(at).to_string()
 }
 
-/// Brings every run record up to the state its journal's last entry gives it, where a crash
-/// came between a transition's entry and the record's rewrite. Only the last entry can be
-/// ahead: a run writes its record before its next entry, and sled recovers a prefix of its
-/// log. Records or entries that do not decode are left for the engine to report. Returns how
-/// many readable records there are in each status (this pass reads every record anyway: the
-/// store keeps the counts from here on).
-pub(super) fn repair_records(path: &Path, db: &sled::Db) -> Result<BTreeMap<RunStatus, u64>> {
+/// What a clean close left (`SledStore`'s `Drop`): the last thing it wrote, after every
+/// run's writes ended, so a store that still holds it at the commit it names was not written
+/// since (by any version: every sync moves the commit on).
+pub(super) const CLEAN_CLOSE_KEY: &[u8] = b"C";
+
+/// The value under [`CLEAN_CLOSE_KEY`].
+#[derive(serde::Serialize, serde::Deserialize)]
+pub(super) struct CleanClose {
+    /// The commit sequence the store held when it was closed.
+    sequence: u64,
+    /// The runs per status then.
+    counts: BTreeMap<RunStatus, u64>,
+}
+
+impl CleanClose {
+    pub(super) fn bytes(
+        held: Commit,
+        counts: BTreeMap<RunStatus, u64>,
+    ) -> std::result::Result<Vec<u8>, String> {
+        let close = CleanClose {
+            sequence: held.sequence,
+            counts,
+        };
+        serde_json::to_vec(&close).map_err(|e| e.to_string())
+    }
+}
+
+/// How the open brought the run records up to their journals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Repaired {
+    /// Nothing to repair: the store was closed cleanly, and its counts were kept.
+    Clean,
+    /// The runs the wake index has as loaded (the only ones that can have written since
+    /// their last park; how many records were checked), then every record counted.
+    Loaded(u64),
+    /// Every record (a store without a built wake index).
+    Every,
+}
+
+/// Brings run records up to the state their journals' last entries give them, where a crash
+/// came between a transition's entry and the record's rewrite, and counts the readable
+/// records in each status (the store keeps the counts from here on: `counts.rs`). Only a run
+/// that wrote since its last park can be behind: it writes its record right after the
+/// entry, within one store call, so a clean close leaves none behind, and a parked run's
+/// writes were all durable before its wake index entry left 0 (`wakes.rs`). So:
+/// - after a clean close: nothing is read, and the counts it left are taken (and removed,
+///   durable with the open's sync, before anything else is written);
+/// - with the wake index built: the runs whose entry is 0 are repaired, then every record is
+///   counted by its status alone;
+/// - else every record is read and repaired.
+///
+/// Records or entries that do not decode are left for the engine to report.
+pub(super) fn repair_records(
+    path: &Path,
+    db: &sled::Db,
+    held: Commit,
+) -> Result<(BTreeMap<RunStatus, u64>, Repaired)> {
+    if let Some(bytes) = db.remove(CLEAN_CLOSE_KEY).map_err(|e| storage(path, e))? {
+        match serde_json::from_slice::<CleanClose>(&bytes) {
+            Ok(close) if close.sequence == held.sequence => {
+                return Ok((close.counts, Repaired::Clean))
+            }
+            Ok(close) => tracing::warn!(
+                closed_at = close.sequence,
+                held = held.sequence,
+                "the store was written after its clean close: counting every run"
+            ),
+            Err(error) => {
+                tracing::warn!(%error, "what a clean close left does not decode: counting every run")
+            }
+        }
+    }
+    if let Some(loaded) = super::wakes::loaded_runs(db).map_err(|e| storage(path, e))? {
+        let mut repaired = 0;
+        for id in &loaded {
+            let key = super::run_key(id);
+            if let Some(bytes) = db.get(&key).map_err(|e| storage(path, e))? {
+                repair_one(path, db, &key, &bytes)?;
+                repaired += 1;
+            }
+        }
+        let mut counts = BTreeMap::new();
+        for item in db.scan_prefix([RUN_PREFIX]).values() {
+            if let Some(status) = status_of(&item.map_err(|e| storage(path, e))?) {
+                *counts.entry(status).or_default() += 1;
+            }
+        }
+        return Ok((counts, Repaired::Loaded(repaired)));
+    }
     let mut counts = BTreeMap::new();
     for item in db.scan_prefix([RUN_PREFIX]) {
         let (key, bytes) = item.map_err(|e| storage(path, e))?;
-        let Ok(mut record) = decode_record(&key, &bytes) else {
-            continue;
-        };
-        if let Some(state) = ahead_of(path, db, &record)? {
-            tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
-            state.apply_to(&mut record);
-            db.insert(&key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
-                .map_err(|e| storage(path, e))?;
+        if let Some(status) = repair_one(path, db, &key, &bytes)? {
+            *counts.entry(status).or_default() += 1;
         }
-        *counts.entry(record.status).or_default() += 1;
     }
-    Ok(counts)
+    Ok((counts, Repaired::Every))
+}
+
+/// Repairs the record stored as `bytes` under `key` if its journal is ahead of it; returns
+/// its status, `None` if it does not decode.
+fn repair_one(path: &Path, db: &sled::Db, key: &[u8], bytes: &[u8]) -> Result<Option<RunStatus>> {
+    let Ok(mut record) = decode_record(key, bytes) else {
+        return Ok(None);
+    };
+    if let Some(state) = ahead_of(path, db, &record)? {
+        tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
+        state.apply_to(&mut record);
+        db.insert(key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
+            .map_err(|e| storage(path, e))?;
+    }
+    Ok(Some(record.status))
 }
 
 /// The record state of `record`'s last journal entry, if it has one that differs from it.

@@ -10,6 +10,7 @@ use crate::journal::Event;
 const PROCESS_CRASH: SledOptions = SledOptions {
     durability: Durability::ProcessCrash,
     lost_data: LostData::Refuse,
+    cache_bytes: None,
 };
 
 fn running(id: &str) -> RunRecord {
@@ -155,7 +156,15 @@ fn delete_runs_removes_records_and_journals_of_those_runs_only() {
         write_completed_run(&store, id);
     }
     let ids = ["a", "c"].map(|id| RunId::new(id).unwrap());
-    remove_runs(&store.path, &store.db, &store.written, &store.counts, &ids).unwrap();
+    remove_runs(
+        &store.path,
+        &store.db,
+        &store.written,
+        &store.counts,
+        &store.closed,
+        &ids,
+    )
+    .unwrap();
     for id in &ids {
         assert_eq!(store.read_run(id).unwrap(), None);
         assert_eq!(store.read_journal(id).unwrap(), Vec::<Entry>::new());
@@ -284,7 +293,15 @@ fn kept_counts_match_a_scan_of_every_record() {
     assert_eq!(scanned_counts(&store), expected);
 
     let ids = ["b", "r2", "gone"].map(|id| RunId::new(id).unwrap());
-    remove_runs(&store.path, &store.db, &store.written, &store.counts, &ids).unwrap();
+    remove_runs(
+        &store.path,
+        &store.db,
+        &store.written,
+        &store.counts,
+        &store.closed,
+        &ids,
+    )
+    .unwrap();
     let expected = BTreeMap::from([(RunStatus::Completed, 3), (RunStatus::Running, 1)]);
     assert_eq!(store.counts.now(), expected);
     assert_eq!(scanned_counts(&store), expected);
@@ -501,6 +518,7 @@ fn a_store_through_many_index_splits_and_merges_reads_back_what_it_holds() {
         &store.db,
         &store.written,
         &store.counts,
+        &store.closed,
         &deleted,
     )
     .unwrap();
@@ -532,4 +550,121 @@ fn a_store_through_many_index_splits_and_merges_reads_back_what_it_holds() {
     check(&store, &kept, RUNS + RUNS / 2);
     let reopened = shape(&store.db);
     assert!(reopened.widest_index() <= 66, "{:?}", reopened.index_levels);
+}
+
+/// Releases `store` as the engine's clean shutdown does, then drops it.
+fn close_cleanly(store: SledStore) {
+    futures_util::FutureExt::now_or_never(store.release())
+        .unwrap()
+        .unwrap();
+    drop(store);
+}
+
+/// Makes run `id`'s record what a crash between its completing entry and the record's
+/// rewrite leaves (the record still running), behind the store's counts.
+fn leave_behind(store: &SledStore, id: &str) {
+    let id = RunId::new(id).unwrap();
+    store
+        .db
+        .insert(
+            run_key(&id),
+            serde_json::to_vec(&running(id.as_str())).unwrap(),
+        )
+        .unwrap();
+    store.db.flush().unwrap();
+}
+
+/// A clean close leaves the counts per status, and the next open takes them (reading no
+/// record: a record changed behind the store's back is not repaired) and removes them before
+/// anything else is written; a store dropped without a release, or written after it, leaves
+/// none, and its next open counts (and repairs) every record.
+#[test]
+fn a_clean_close_leaves_its_counts_for_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    for id in ["a", "b", "c"] {
+        write_completed_run(&store, id);
+    }
+    assert_eq!(store.insert_run(&running("r")).unwrap(), None);
+    let expected = BTreeMap::from([(RunStatus::Completed, 3), (RunStatus::Running, 1)]);
+    // Changed behind the store's back (not through a write of its own): the counts a clean
+    // close leaves are the store's, not this record's.
+    leave_behind(&store, "a");
+    close_cleanly(store);
+
+    let (counts, repaired) = {
+        let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
+        assert!(db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap());
+        let path = dir.path().to_owned();
+        let held = held_commit(&path, &db.open_tree(mark::SEQUENCE_TREE).unwrap()).unwrap();
+        let counts = repair_records(&path, &db, held).unwrap();
+        assert!(
+            !db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap(),
+            "taken"
+        );
+        drop(db);
+        counts
+    };
+    assert_eq!(repaired, recovery::Repaired::Clean);
+    assert_eq!(counts, expected);
+
+    // Taken once: this open (the clean close's key is gone) counts and repairs every record.
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(
+        store.read_run(&RunId::new("a").unwrap()).unwrap(),
+        Some(completed("a"))
+    );
+    assert_eq!(store.counts.now(), expected);
+    drop(store);
+
+    // A write after the release leaves no counts: they would be stale.
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    futures_util::FutureExt::now_or_never(store.release())
+        .unwrap()
+        .unwrap();
+    write_completed_run(&store, "late");
+    drop(store);
+    let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
+    assert!(!db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap());
+    drop(db);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let expected = BTreeMap::from([(RunStatus::Completed, 4), (RunStatus::Running, 1)]);
+    assert_eq!(store.counts.now(), expected);
+    assert_eq!(scanned_counts(&store), expected);
+}
+
+/// With the wake index built, an open after a crash repairs the runs whose entry is 0 (the
+/// loaded ones, the only ones that wrote since their last park) and counts every record.
+#[test]
+fn with_the_wake_index_an_open_repairs_the_loaded_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    for id in ["loaded", "done"] {
+        store.write_wake(&RunId::new(id).unwrap(), 0).unwrap();
+        write_completed_run(&store, id);
+    }
+    store.remove_wake(&RunId::new("done").unwrap()).unwrap();
+    assert_eq!(store.insert_run(&running("parked")).unwrap(), None);
+    store
+        .write_wake(&RunId::new("parked").unwrap(), 5_000)
+        .unwrap();
+    store.write_wakes_built().unwrap();
+    leave_behind(&store, "loaded");
+    drop(store);
+
+    let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
+    let held = held_commit(dir.path(), &db.open_tree(mark::SEQUENCE_TREE).unwrap()).unwrap();
+    let (counts, repaired) = repair_records(dir.path(), &db, held).unwrap();
+    assert_eq!(repaired, recovery::Repaired::Loaded(1));
+    assert_eq!(
+        counts,
+        BTreeMap::from([(RunStatus::Completed, 2), (RunStatus::Running, 1)])
+    );
+    drop(db);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(
+        store.read_run(&RunId::new("loaded").unwrap()).unwrap(),
+        Some(completed("loaded"))
+    );
+    assert_eq!(scanned_counts(&store), store.counts.now());
 }
