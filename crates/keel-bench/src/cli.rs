@@ -161,6 +161,21 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 10)]
         repeats: u32,
     },
+    /// The resident memory of an idle `keel worker` (the binary beside this one): started on
+    /// an empty store, then on a store of `--runs` runs filled as `console` fills it (most
+    /// settled, some asleep and parked, some paused), each `--repeats` times; measured
+    /// `--settle-s` after its API first answers.
+    Idle {
+        /// Runs in the second store, children included (0: the empty store only).
+        #[arg(long, default_value_t = 10_000)]
+        runs: u32,
+        /// Workers started on each store.
+        #[arg(long, default_value_t = 3)]
+        repeats: u32,
+        /// Seconds between the API's first answer and the measurement.
+        #[arg(long, default_value_t = 10)]
+        settle_s: u64,
+    },
     /// Where a step's CPU goes: the concurrent phase of the main benchmark (runs of 10 no-op
     /// steps started from 100 callers), repeated in one process on fresh stores, with the CPU
     /// per step of the whole process and of each group of threads (tokio workers, committer,
@@ -177,8 +192,8 @@ pub(crate) enum Command {
         durability: Durability,
     },
     /// What runs that wait cost in memory: RSS before open, open and idle, and with every
-    /// run waiting (on a 1-hour timer or for an event never sent), with the runs loaded and
-    /// parked. Measures the sled store.
+    /// run waiting (on a 1-day timer, for an event never sent, or for a child run that waits
+    /// for one), with the runs loaded and parked. Measures the sled store.
     Memory {
         /// Runs that wait.
         #[arg(long, default_value_t = 10_000)]
@@ -193,6 +208,26 @@ pub(crate) enum Command {
         /// every run waits again.
         #[arg(long)]
         reopen: bool,
+        /// Keep the store (its path is in the report), to be opened again with
+        /// `--reopen-only`.
+        #[arg(long)]
+        keep: bool,
+        /// Bound sled's cache to this many MiB (`EngineBuilder::sled_cache_bytes`); sled's
+        /// default (1 GiB) otherwise.
+        #[arg(long, value_name = "MIB")]
+        cache_mib: Option<u64>,
+        /// Start nothing: open the store a `--keep` run left in this directory (of `--runs`
+        /// waiting runs) and time it until every run waits again.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["keep", "reopen", "no_park"])]
+        reopen_only: Option<std::path::PathBuf>,
+        /// With `--reopen-only`: open the store as after a crash (without the run counts a
+        /// clean close leaves), so that the open counts every run.
+        #[arg(long, requires = "reopen_only")]
+        after_crash: bool,
+        /// After a reopen, keep the engine open this many seconds more (its garbage
+        /// collection reads every record at open) and report RSS then.
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        linger: u64,
     },
     /// The engine's process of `load`, configured by its environment.
     #[command(hide = true)]

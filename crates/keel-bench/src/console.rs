@@ -275,7 +275,7 @@ fn rfc3339(ms: u64) -> String {
 }
 
 /// The `keel` binary built beside this one.
-fn keel_binary() -> anyhow::Result<PathBuf> {
+pub(crate) fn keel_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("finding this binary")?;
     let keel = exe.with_file_name("keel");
     if !keel.exists() {
@@ -289,7 +289,7 @@ fn keel_binary() -> anyhow::Result<PathBuf> {
 
 /// Starts the store's runs from [`CALLERS`] tasks, waits until each has settled (the asleep
 /// ones asleep, the paused ones paused) and shuts the engine down.
-async fn populate(store: &Path, runs: u32) -> anyhow::Result<()> {
+pub(crate) async fn populate(store: &Path, runs: u32) -> anyhow::Result<()> {
     let engine = workload::open(store).await?;
     let top = top_level(runs);
     let runs = with_children(top);
@@ -368,7 +368,7 @@ async fn settle(
 }
 
 /// A `keel worker` child on the store, killed on drop.
-struct Worker {
+pub(crate) struct Worker {
     child: Child,
     base: String,
     token: String,
@@ -377,7 +377,7 @@ struct Worker {
 impl Worker {
     /// Starts the worker on its data directory `data` on a free loopback port and waits
     /// until its API answers.
-    fn start(keel: &Path, data: &Path) -> anyhow::Result<Worker> {
+    pub(crate) fn start(keel: &Path, data: &Path) -> anyhow::Result<Worker> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -478,9 +478,16 @@ impl Worker {
     }
 
     /// The worker's resident memory, from `/proc/PID/status`.
-    fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        system::vm_kib(&status, "VmRSS:").map(|kib| kib * 1024)
+    pub(crate) fn rss_bytes(&self) -> anyhow::Result<u64> {
+        system::vm_kib(&self.status()?, "VmRSS:").map(|kib| kib * 1024)
+    }
+
+    /// The worker's `/proc/PID/status`.
+    pub(crate) fn status(&self) -> anyhow::Result<String> {
+        Ok(std::fs::read_to_string(format!(
+            "/proc/{}/status",
+            self.child.id()
+        ))?)
     }
 }
 

@@ -34,6 +34,7 @@ mod cpi;
 mod cpu;
 mod figures;
 mod fleet;
+mod idle;
 mod load;
 mod machines;
 mod measure;
@@ -109,6 +110,13 @@ enum Output {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The engine's logs (the store's open phases, say), on stderr, only when asked.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Some(store) = &cli.store {
         if !(store.starts_with("postgres://") || store.starts_with("postgresql://")) {
             eprintln!(
@@ -192,6 +200,11 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             wait,
             no_park,
             reopen,
+            keep,
+            reopen_only,
+            after_crash,
+            cache_mib,
+            linger,
         }) => {
             if workload::postgres_server().is_some() {
                 bail!("memory measures the sled store; it takes no --store");
@@ -204,7 +217,14 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
                 wait,
                 park_after: (!no_park).then_some(keel_engine::PARK_AFTER_DEFAULT),
                 reopen,
+                keep,
+                cache_bytes: cache_mib.map(|mib| mib * 1024 * 1024),
+                linger: std::time::Duration::from_secs(linger),
             };
+            if let Some(data) = reopen_only {
+                let report = memory::reopen_only(&data, &params, after_crash).await?;
+                return print_report(output, &report, memory::Reopened::table);
+            }
             let report = memory::run(&cli.dir, &params).await?;
             print_report(output, &report, memory::MemoryReport::table)
         }
@@ -217,6 +237,24 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             let params = console::ConsoleParams { runs, repeats };
             let report = console::run(&cli.dir, params).await?;
             print_report(output, &report, console::ConsoleReport::table)
+        }
+        Some(Command::Idle {
+            runs,
+            repeats,
+            settle_s,
+        }) => {
+            if (runs != 0 && runs < 1_000) || repeats == 0 {
+                bail!("--runs must be 0 or at least 1000, and --repeats at least 1");
+            }
+            std::fs::create_dir_all(&cli.dir)
+                .with_context(|| format!("creating {}", cli.dir.display()))?;
+            let params = idle::IdleParams {
+                runs,
+                repeats,
+                settle: std::time::Duration::from_secs(settle_s),
+            };
+            let report = idle::run(&cli.dir, params).await?;
+            print_report(output, &report, idle::IdleReport::table)
         }
         Some(Command::Workers(args)) => {
             run_workers(&cli.dir, cli.store.as_deref(), cli.quick, args, output).await

@@ -1,6 +1,6 @@
 //! `keel-bench memory`: what runs that wait cost in memory. Opens an engine on a fresh sled
-//! store, starts runs that each wait (on a 1-hour durable timer, or for an event that never
-//! comes), and reports the process's RSS before the engine opened, once it is open and idle,
+//! store, starts runs that each wait (on a 1-day durable timer, for an event that never
+//! comes, or for a child run that waits for one), and reports the process's RSS before the engine opened, once it is open and idle,
 //! and once every run waits, with what the engine holds (`Engine::resident`: runs loaded,
 //! runs parked). With parking off, every waiting run keeps its cell and its driver.
 
@@ -12,16 +12,29 @@ use keel_engine::{Engine, Resident};
 use serde::Serialize;
 
 use crate::system;
-use crate::workload::{self, Inbox, SleepInput, StepsThenSleep};
+use crate::workload::{self, AwaitsInbox, Inbox, SleepInput, StepsThenSleep};
 
 /// What the runs wait for.
 #[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum WaitKind {
-    /// A 1-hour durable timer.
+    /// A 1-day durable timer (a store kept with `--keep` holds sleeping runs for a day).
     Timer,
     /// An event no one sends (a receive with no deadline).
     Event,
+    /// A child run that waits for an event no one sends: each run started is a parent, and
+    /// with its child two runs wait.
+    Child,
+}
+
+impl WaitKind {
+    /// Runs that wait when `started` runs were started.
+    fn waiting(self, started: u32) -> u32 {
+        match self {
+            WaitKind::Child => started * 2,
+            WaitKind::Timer | WaitKind::Event => started,
+        }
+    }
 }
 
 /// What `memory` is asked to do.
@@ -32,6 +45,23 @@ pub(crate) struct MemoryParams {
     pub park_after: Option<Duration>,
     /// Whether to open the engine again once every run waits, and time it.
     pub reopen: bool,
+    /// Whether to keep the store (see `MemoryReport::kept`).
+    pub keep: bool,
+    /// The bound on sled's cache; sled's default when `None`.
+    pub cache_bytes: Option<u64>,
+    /// How long a reopened engine stays open after every run waits again.
+    pub linger: Duration,
+}
+
+impl MemoryParams {
+    /// The engine these runs are measured in, on the store in `path`.
+    fn builder(&self, path: &Path) -> keel_engine::EngineBuilder {
+        let builder = workload::registered(path).park_after(self.park_after);
+        match self.cache_bytes {
+            Some(bytes) => builder.sled_cache_bytes(bytes),
+            None => builder,
+        }
+    }
 }
 
 /// The report of `memory`.
@@ -40,13 +70,15 @@ pub(crate) struct MemoryReport {
     pub runs: u32,
     pub wait: WaitKind,
     pub parks: bool,
+    /// The bound on sled's cache, in bytes; `None`: sled's default (1 GiB).
+    pub sled_cache_bytes: Option<u64>,
     /// RSS before the engine opened, in bytes.
     pub rss_before_open: u64,
     /// RSS with the engine open and no run, in bytes.
     pub rss_idle: u64,
     /// RSS once every run waits, in bytes.
     pub rss_waiting: u64,
-    /// (waiting - idle) / runs, in bytes.
+    /// (waiting - idle) / waiting runs (with `--wait child`, parents and children), in bytes.
     pub bytes_per_run: f64,
     /// What the engine held once every run waited.
     pub resident: Resident,
@@ -54,11 +86,15 @@ pub(crate) struct MemoryReport {
     pub seconds_to_wait: f64,
     /// With `--reopen`: the engine opened again on the same store.
     pub reopened: Option<Reopened>,
+    /// With `--keep`: the store's directory, left in place.
+    pub kept: Option<std::path::PathBuf>,
 }
 
 /// The engine opened again on the store of the waiting runs.
 #[derive(Serialize)]
 pub(crate) struct Reopened {
+    /// RSS before `open()`, in bytes.
+    pub rss_before: u64,
     /// Seconds `open()` took.
     pub open_seconds: f64,
     /// Seconds from the start of `open()` until every run waited again (parked, with
@@ -66,6 +102,10 @@ pub(crate) struct Reopened {
     pub waiting_seconds: f64,
     /// RSS once every run waited again, in bytes.
     pub rss: u64,
+    /// The process's peak RSS by then, in bytes (with `--reopen`, the runs' starts count).
+    pub rss_peak: u64,
+    /// With `--linger`: RSS at its end, in bytes.
+    pub rss_lingered: Option<u64>,
     /// What the engine held then.
     pub resident: Resident,
 }
@@ -74,7 +114,7 @@ impl MemoryReport {
     pub(crate) fn table(&self) -> String {
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         format!(
-            "{} runs waiting for {:?}, parking {}\n\n\
+            "{} runs waiting for {:?}, parking {}, sled's cache {}\n\n\
              | figure | value |\n|---|---|\n\
              | RSS before open | {:.1} MiB |\n\
              | RSS open, idle | {:.1} MiB |\n\
@@ -85,6 +125,11 @@ impl MemoryReport {
             self.runs,
             self.wait,
             if self.parks { "on" } else { "off" },
+            self.sled_cache_bytes
+                .map_or("1 GiB (default)".to_string(), |b| format!(
+                    "{:.0} MiB",
+                    mib(b)
+                )),
             mib(self.rss_before_open),
             mib(self.rss_idle),
             mib(self.rss_waiting),
@@ -106,6 +151,34 @@ impl MemoryReport {
                     r.resident.parked
                 ),
             }
+        ) + &self.kept.as_ref().map_or(String::new(), |d| {
+            format!("\nstore kept in {}\n", d.display())
+        })
+    }
+}
+
+impl Reopened {
+    pub(crate) fn table(&self) -> String {
+        let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
+        format!(
+            "| figure | value |\n|---|---|\n\
+             | RSS before open | {:.1} MiB |\n\
+             | open() | {:.2} s |\n\
+             | every run waiting again | {:.2} s |\n\
+             | RSS then | {:.1} MiB |\n\
+             | peak RSS | {:.1} MiB |\n\
+             | runs loaded / parked | {} / {} |\n{}",
+            mib(self.rss_before),
+            self.open_seconds,
+            self.waiting_seconds,
+            mib(self.rss),
+            mib(self.rss_peak),
+            self.resident.loaded,
+            self.resident.parked,
+            self.rss_lingered.map_or(String::new(), |rss| format!(
+                "| RSS after lingering | {:.1} MiB |\n",
+                mib(rss)
+            ))
         )
     }
 }
@@ -115,23 +188,23 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
     let data = system::fresh_data_dir(dir, "keel-bench-memory-")?;
     let page_bytes = system::page_bytes();
     let rss_before_open = system::rss_bytes(page_bytes)?;
-    let engine = workload::registered(data.path())
-        .park_after(params.park_after)
-        .open()
-        .await?;
+    let engine = params.builder(data.path()).open().await?;
     let rss_idle = system::rss_bytes(page_bytes)?;
     let started = Instant::now();
     match params.wait {
         WaitKind::Timer => {
             let input = SleepInput {
                 steps: 0,
-                wake_at_ms: workload::now_ms() + 3_600_000,
+                wake_at_ms: workload::now_ms() + 86_400_000,
             };
             workload::start_concurrently::<StepsThenSleep>(&engine, "waiter", params.runs, &input)
                 .await?;
         }
         WaitKind::Event => {
             workload::start_concurrently::<Inbox>(&engine, "waiter", params.runs, &1).await?;
+        }
+        WaitKind::Child => {
+            workload::start_concurrently::<AwaitsInbox>(&engine, "waiter", params.runs, &1).await?;
         }
     }
     let resident = all_waiting(&engine, params).await?;
@@ -143,36 +216,69 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
         true => Some(reopen(data.path(), params, page_bytes).await?),
         false => None,
     };
+    let kept = params.keep.then(|| data.keep());
     Ok(MemoryReport {
         runs: params.runs,
         wait: params.wait,
         parks: params.park_after.is_some(),
+        sled_cache_bytes: params.cache_bytes,
         rss_before_open,
         rss_idle,
         rss_waiting,
-        bytes_per_run: rss_waiting.saturating_sub(rss_idle) as f64 / f64::from(params.runs),
+        bytes_per_run: rss_waiting.saturating_sub(rss_idle) as f64
+            / f64::from(params.wait.waiting(params.runs)),
         resident,
         seconds_to_wait,
         reopened,
+        kept,
     })
+}
+
+/// Opens the store a `--keep` run left in `path` and times it until every run waits again;
+/// with `after_crash`, first removes what a clean close leaves (the run counts), so that the
+/// open reads the store as after a crash.
+pub(crate) async fn reopen_only(
+    path: &Path,
+    params: &MemoryParams,
+    after_crash: bool,
+) -> anyhow::Result<Reopened> {
+    if !path.join("db").is_file() {
+        bail!(
+            "{}: no sled store there (keep one with --keep)",
+            path.display()
+        );
+    }
+    if after_crash {
+        drop(keel_testkit::raw::open(path));
+    }
+    reopen(path, params, system::page_bytes()).await
 }
 
 /// Opens the engine again on `path` and times it until every run waits again.
 async fn reopen(path: &Path, params: &MemoryParams, page_bytes: u64) -> anyhow::Result<Reopened> {
+    let rss_before = system::rss_bytes(page_bytes)?;
     let started = Instant::now();
-    let engine = workload::registered(path)
-        .park_after(params.park_after)
-        .open()
-        .await?;
+    let engine = params.builder(path).open().await?;
     let open_seconds = started.elapsed().as_secs_f64();
     let resident = all_waiting(&engine, params).await?;
     let waiting_seconds = started.elapsed().as_secs_f64();
     let rss = system::rss_bytes(page_bytes)?;
+    let rss_peak = system::peak_rss_bytes()?;
+    let rss_lingered = match params.linger.is_zero() {
+        true => None,
+        false => {
+            tokio::time::sleep(params.linger).await;
+            Some(system::rss_bytes(page_bytes)?)
+        }
+    };
     engine.shutdown().await;
     Ok(Reopened {
+        rss_before,
         open_seconds,
         waiting_seconds,
         rss,
+        rss_peak,
+        rss_lingered,
         resident,
     })
 }
@@ -180,14 +286,23 @@ async fn reopen(path: &Path, params: &MemoryParams, page_bytes: u64) -> anyhow::
 /// Waits until every run waits: parked, with parking on; with it off, journaled its wait.
 async fn all_waiting(engine: &Engine, params: &MemoryParams) -> anyhow::Result<Resident> {
     if params.park_after.is_some() {
-        workload::wait_all_parked(engine, params.runs).await?;
+        workload::wait_all_parked(engine, params.wait.waiting(params.runs)).await?;
         return Ok(engine.resident());
     }
     match params.wait {
         WaitKind::Timer => workload::wait_all_asleep(engine, "waiter", params.runs).await?,
-        WaitKind::Event => {
+        WaitKind::Event | WaitKind::Child => {
             for n in 0..params.runs {
                 let id = workload::run_id("waiter", n);
+                // A parent's child is the one that receives.
+                let id = match params.wait {
+                    WaitKind::Child => keel_engine::child_id(
+                        &keel_engine::RunId::new(id)?,
+                        keel_engine::OperationIndex(0),
+                    )
+                    .to_string(),
+                    _ => id,
+                };
                 let deadline = Instant::now() + Duration::from_secs(300);
                 while !engine
                     .history(&id)

@@ -127,6 +127,18 @@ impl Workflow for Inbox {
     }
 }
 
+/// Awaits one child [`Inbox`] run taking `events` events: a parent that waits for its child.
+pub(crate) struct AwaitsInbox;
+
+impl Workflow for AwaitsInbox {
+    const NAME: &'static str = "bench.awaits-inbox";
+    type Input = u32;
+    type Output = ();
+    async fn run(ctx: &mut Ctx, events: u32) -> Result<(), WorkflowError> {
+        ctx.child::<Inbox>(events).await
+    }
+}
+
 /// Milliseconds since the Unix epoch: the engine's time base for durable timers.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -203,6 +215,7 @@ pub(crate) fn registered(path: &Path) -> EngineBuilder {
         .workflow::<StepsThenSleep>()
         .workflow::<FanOut>()
         .workflow::<Inbox>()
+        .workflow::<AwaitsInbox>()
         .workflow::<crate::console::Listed>()
         .step::<Noop>()
 }
