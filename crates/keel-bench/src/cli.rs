@@ -176,6 +176,14 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 10)]
         settle_s: u64,
     },
+    /// What a commit could cost if its log never grew: 200-byte appends + `fdatasync` (the
+    /// baseline) against 200-byte writes into space written beforehand + `fdatasync`,
+    /// alternating, `--rounds` times on the same disk (issue 28, item 4's ceiling).
+    Disk {
+        /// Rounds, each measuring both.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+    },
     /// Where a step's CPU goes: the concurrent phase of the main benchmark (runs of 10 no-op
     /// steps started from 100 callers), repeated in one process on fresh stores, with the CPU
     /// per step of the whole process and of each group of threads (tokio workers, committer,

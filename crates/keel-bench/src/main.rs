@@ -32,6 +32,7 @@ mod cli;
 mod console;
 mod cpi;
 mod cpu;
+mod disk;
 mod figures;
 mod fleet;
 mod idle;
@@ -255,6 +256,15 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             };
             let report = idle::run(&cli.dir, params).await?;
             print_report(output, &report, idle::IdleReport::table)
+        }
+        Some(Command::Disk { rounds }) => {
+            if rounds == 0 {
+                bail!("--rounds must be at least 1");
+            }
+            std::fs::create_dir_all(&cli.dir)
+                .with_context(|| format!("creating {}", cli.dir.display()))?;
+            let report = disk::run(&cli.dir, rounds)?;
+            print_report(output, &report, disk::DiskReport::table)
         }
         Some(Command::Workers(args)) => {
             run_workers(&cli.dir, cli.store.as_deref(), cli.quick, args, output).await
