@@ -9,6 +9,10 @@
 //! - at `ProcessCrash`, commits are `sync_file_range` only, and the log is never
 //!   `fdatasync`ed.
 //!
+//! - at `PowerLoss`, the commits' writes land in space the log file already has (sled
+//!   allocates each segment that grows the file before writing into it, `zero_new_segments`),
+//!   so their `fdatasync`s write no new file size.
+//!
 //! Needs `strace` (scripts/test.sh installs Debian's when it is missing).
 
 use std::path::Path;
@@ -158,5 +162,79 @@ fn a_power_loss_commit_is_one_fdatasync_and_a_process_crash_commit_none() {
     assert_eq!(
         process_crash.fdatasync, 0,
         "at ProcessCrash the log is never fdatasynced: {process_crash:?}"
+    );
+}
+
+/// sled's segment size (its default, which Keel keeps).
+const SEGMENT_BYTES: u64 = 512 * 1024;
+
+/// The length of sled's log file, as each step saw it: each step runs after its start was
+/// made durable, so each length is the file's after a commit.
+static LOG_LENGTHS: std::sync::Mutex<Vec<u64>> = std::sync::Mutex::new(Vec::new());
+
+/// Records the length of `db` in the directory its argument names.
+#[derive(Serialize, Deserialize)]
+struct LogLength(String, u32);
+
+impl Step for LogLength {
+    const KIND: &'static str = "test.log_length";
+    type Output = ();
+    const COMPENSABLE: bool = false;
+
+    async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
+        let length = std::fs::metadata(Path::new(&self.0).join("db"))
+            .map_err(|e| StepError::permanent(e.to_string()))?
+            .len();
+        LOG_LENGTHS.lock().unwrap().push(length);
+        Ok(())
+    }
+}
+
+/// `STEPS` steps recording the log's length.
+struct Lengths;
+
+impl Workflow for Lengths {
+    const NAME: &'static str = "test.lengths";
+    type Input = String;
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, dir: String) -> Result<(), WorkflowError> {
+        for i in 0..STEPS {
+            ctx.step(LogLength(dir.clone(), i)).await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_power_loss_commit_writes_into_space_the_log_already_has() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::builder(dir.path())
+        .workflow::<Lengths>()
+        .step::<LogLength>()
+        .open()
+        .await
+        .unwrap();
+    let path = dir.path().to_str().unwrap().to_owned();
+    engine
+        .start::<Lengths>("lengths", path)
+        .await
+        .unwrap()
+        .result()
+        .await
+        .unwrap();
+    engine.shutdown().await;
+    let lengths = LOG_LENGTHS.lock().unwrap().clone();
+    assert_eq!(lengths.len(), STEPS as usize);
+    assert!(
+        lengths.iter().all(|length| length % SEGMENT_BYTES == 0),
+        "the log ends inside a segment after a commit, so commits grow the file: {lengths:?}"
+    );
+    let mut distinct = lengths.clone();
+    distinct.dedup();
+    assert!(
+        distinct.len() <= 2,
+        "the log grew during {} of {STEPS} commits: {lengths:?}",
+        distinct.len() - 1
     );
 }

@@ -204,6 +204,8 @@ pub struct Inner {
     #[doc(hidden)]
     pub sync_data_on_write: bool,
     #[doc(hidden)]
+    pub zero_new_segments: bool,
+    #[doc(hidden)]
     pub use_compression: bool,
     #[doc(hidden)]
     pub compression_factor: i32,
@@ -233,6 +235,7 @@ impl Default for Inner {
             compression_factor: 5,
             temporary: false,
             sync_data_on_write: false,
+            zero_new_segments: false,
             version: crate_version(),
 
             // useful in testing
@@ -522,6 +525,11 @@ impl Config {
             sync_data_on_write,
             bool,
             "(Keel's patch) make each log write durable with `fdatasync` (data, file size and the device cache) instead of Linux's `sync_file_range`, which waits for the device but flushes neither its cache nor the file's size: a flush then costs one device round trip and leaves nothing for the caller to sync"
+        ),
+        (
+            zero_new_segments,
+            bool,
+            "(Keel's patch) write a segment that grows the log file with zeros before handing it out, so that the log's writes land in space the file already has and a sync of them does not also write a new file size"
         ),
         (
             print_profile_on_drop,

@@ -1000,6 +1000,28 @@ impl SegmentAccountant {
         Ok(lid)
     }
 
+    /// Keel's patch (`zero_new_segments`, KEEL-PATCHES.md 8): the part of the segment at
+    /// `lid` that lies past the end of the log file is given to the file, reading as zeros,
+    /// before anything is written into the segment. The log's later writes into it then
+    /// change no file size, and the `fdatasync` that makes each of them durable does not
+    /// also write the inode. Only space past the end is touched, so no pending write of an
+    /// earlier segment is overwritten. A crash leaves a file that ends in zeros, and
+    /// recovery skips a segment whose header fails its check (`read_segment_header`) as it
+    /// skips one sled zeroed itself.
+    fn zero_if_past_end(&mut self, lid: LogOffset) -> Result<()> {
+        if !self.config.zero_new_segments {
+            return Ok(());
+        }
+        let end = lid + self.config.segment_size as LogOffset;
+        let len = self.config.file.metadata()?.len();
+        if len >= end {
+            return Ok(());
+        }
+        let from = std::cmp::max(len, lid);
+        io_fail!(self.config, "zero new segment");
+        allocate_zeroed(&self.config.file, from, end - from)
+    }
+
     /// Returns the next offset to write a new segment in.
     pub(super) fn next(&mut self, lsn: Lsn) -> Result<LogOffset> {
         let _measure = Measure::new(&M.accountant_next);
@@ -1019,7 +1041,9 @@ impl SegmentAccountant {
             self.free.remove(&next);
             next
         } else {
-            self.bump_tip()?
+            let lid = self.bump_tip()?;
+            self.zero_if_past_end(lid)?;
+            lid
         };
 
         // pin lsn to this segment
@@ -1130,4 +1154,32 @@ impl SegmentAccountant {
 
         idx
     }
+}
+
+/// Keel's patch: gives `file` the range `[from, from + len)`, reading as zeros. On Linux,
+/// `fallocate` reserves the blocks without writing them (no data goes to the device now, and
+/// none is written twice); elsewhere, or on a file system without `fallocate`, the zeros are
+/// written.
+fn allocate_zeroed(file: &std::fs::File, from: LogOffset, len: LogOffset) -> Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::io::AsRawFd;
+        let ret = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                0,
+                libc::off_t::try_from(from).unwrap(),
+                libc::off_t::try_from(len).unwrap(),
+            )
+        };
+        if ret == 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(error.into());
+        }
+    }
+    pwrite_all(file, &*vec![MessageKind::Corrupted.into(); assert_usize(len)], from)?;
+    Ok(())
 }

@@ -26,7 +26,10 @@ use crate::store::mark::{self, Commit, Marked};
 ///
 /// At `PowerLoss` sled makes each of its log writes durable itself (`sync_data_on_write`, a
 /// patch Keel carries in `vendor/sled`): one `fdatasync` in place of sled's waited
-/// `sync_file_range` followed by the committer's own `fdatasync`.
+/// `sync_file_range` followed by the committer's own `fdatasync`. It also allocates each segment
+/// that grows the log file before writing into it (`zero_new_segments`, same patches), so
+/// that those `fdatasync`s write no new file size (docs/benchmarks.md, "A log that does not
+/// grow with each commit").
 ///
 /// `cache_bytes` bounds sled's cache of pages (its default, 1 GiB, when `None`).
 pub(super) fn open_db(
@@ -43,7 +46,8 @@ pub(super) fn open_db(
         let opened = contained_sync(|| {
             let config = sled::Config::new()
                 .path(path)
-                .sync_data_on_write(durability == Durability::PowerLoss);
+                .sync_data_on_write(durability == Durability::PowerLoss)
+                .zero_new_segments(durability == Durability::PowerLoss);
             match cache_bytes {
                 Some(bytes) => config.cache_capacity(bytes),
                 None => config,
