@@ -1,5 +1,5 @@
 //! A store that lost data it had acknowledged says so: with sled's `db` file cut to 10%,
-//! 20%, ... 90% of its length, on a small store (5 finished runs) and on a large one (a few
+//! 20%, ... 90% of what its log's data spans (`cut_copy`), on a small store (5 finished runs) and on a large one (a few
 //! MB, thousands of runs), opening is refused every time the cut lost acknowledged data, with
 //! an error naming the loss and what to do (a cut that removed only the never-filled end of
 //! sled's log opens, whole); an operator can accept the loss knowingly and go on with what is
@@ -80,8 +80,10 @@ async fn store(dir: &Path, runs: usize, steps: u32) {
 /// run counts after the mark, and a cut of the file's whole length could keep every
 /// acknowledged write), and no further than the log's last byte that is not zero (at
 /// `PowerLoss` sled allocates each segment that grows the file before it writes into it, so
-/// the file, and the length the mark records, end in up to a segment of zeros, 512 KiB,
-/// which a cut can remove without losing anything).
+/// the file, and the length the mark records, end in up to about two segments of zeros,
+/// which a cut can remove without losing anything; the mark's length, rounded up to a
+/// segment, then rarely bounds the cut, and the run counts a clean close writes after the
+/// mark may be cut too, which the refusals below allow for).
 fn cut_copy(from: &Path, to: &Path, percent: usize) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -529,7 +529,7 @@ impl Config {
         (
             zero_new_segments,
             bool,
-            "(Keel's patch) write a segment that grows the log file with zeros before handing it out, so that the log's writes land in space the file already has and a sync of them does not also write a new file size"
+            "(Keel's patch) give the log file the space of a segment that lies past its end before handing the segment out (`fallocate` on Linux, written zeros where that is not possible), so that the log's writes land in space the file already has and their syncs write no new file size"
         ),
         (
             print_profile_on_drop,

@@ -1003,11 +1003,11 @@ impl SegmentAccountant {
     /// Keel's patch (`zero_new_segments`, KEEL-PATCHES.md 8): the part of the segment at
     /// `lid` that lies past the end of the log file is given to the file, reading as zeros,
     /// before anything is written into the segment. The log's later writes into it then
-    /// change no file size, and the `fdatasync` that makes each of them durable does not
-    /// also write the inode. Only space past the end is touched, so no pending write of an
-    /// earlier segment is overwritten. A crash leaves a file that ends in zeros, and
-    /// recovery skips a segment whose header fails its check (`read_segment_header`) as it
-    /// skips one sled zeroed itself.
+    /// change no file size, so the `fdatasync` that makes each of them durable writes no new
+    /// size (the first one after this still does). Only space past the end is touched, so
+    /// no pending write of an earlier segment is overwritten. A crash leaves a file that
+    /// ends in zeros, and recovery drops a segment whose header fails its CRC check as it
+    /// drops one sled zeroed itself.
     fn zero_if_past_end(&mut self, lid: LogOffset) -> Result<()> {
         if !self.config.zero_new_segments {
             return Ok(());
@@ -1158,26 +1158,28 @@ impl SegmentAccountant {
 
 /// Keel's patch: gives `file` the range `[from, from + len)`, reading as zeros. On Linux,
 /// `fallocate` reserves the blocks without writing them (no data goes to the device now, and
-/// none is written twice); elsewhere, or on a file system without `fallocate`, the zeros are
-/// written.
+/// none is written twice); where it cannot (no `fallocate` in the file system or the
+/// kernel, or offsets beyond `off_t`), the zeros are written.
 fn allocate_zeroed(file: &std::fs::File, from: LogOffset, len: LogOffset) -> Result<()> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::io::AsRawFd;
-        let ret = unsafe {
-            libc::fallocate(
-                file.as_raw_fd(),
-                0,
-                libc::off_t::try_from(from).unwrap(),
-                libc::off_t::try_from(len).unwrap(),
-            )
-        };
-        if ret == 0 {
-            return Ok(());
-        }
-        let error = std::io::Error::last_os_error();
-        if error.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(error.into());
+        if let (Ok(offset), Ok(length)) =
+            (libc::off_t::try_from(from), libc::off_t::try_from(len))
+        {
+            loop {
+                let ret =
+                    unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, length) };
+                if ret == 0 {
+                    return Ok(());
+                }
+                let error = std::io::Error::last_os_error();
+                match error.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) => break,
+                    _ => return Err(error.into()),
+                }
+            }
         }
     }
     pwrite_all(file, &*vec![MessageKind::Corrupted.into(); assert_usize(len)], from)?;
