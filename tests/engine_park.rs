@@ -181,6 +181,22 @@ async fn start_parked_nap(engine: &Engine, scratch: &Scratch, id: &str) -> keel:
     handle
 }
 
+/// Starts `runs` [`Counted`] runs `{prefix}-{i}` of an hour each and waits until all of them
+/// are parked.
+async fn start_parked_counted(engine: &Engine, scratch: &Scratch, prefix: &str, runs: usize) {
+    for i in 0..runs {
+        let input = NapInput {
+            log: scratch.log.clone(),
+            sleep_ms: HOUR_MS,
+        };
+        engine
+            .start::<Counted>(&format!("{prefix}-{i}"), input)
+            .await
+            .unwrap();
+    }
+    resident(engine, parked(runs)).await;
+}
+
 /// A task waiting for run `id` to settle.
 fn waiter(engine: &Engine, id: &str) -> tokio::task::JoinHandle<keel::Result<keel::RunRecord>> {
     let (engine, id) = (engine.clone(), id.to_string());
@@ -550,17 +566,7 @@ async fn a_store_without_the_wake_index_is_read_in_full_once_and_indexed() {
     }
     let scratch = Scratch::new();
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
-    for i in 0..RUNS {
-        let input = NapInput {
-            log: scratch.log.clone(),
-            sleep_ms: HOUR_MS,
-        };
-        engine
-            .start::<Counted>(&format!("old-{i}"), input)
-            .await
-            .unwrap();
-    }
-    resident(&engine, parked(RUNS)).await;
+    start_parked_counted(&engine, &scratch, "old", RUNS).await;
     engine.shutdown().await;
     drop(engine);
     let db = keel_testkit::raw::open(&scratch.data);
@@ -702,17 +708,7 @@ async fn a_full_read_that_cannot_read_a_run_leaves_the_index_unbuilt() {
     }
     let scratch = Scratch::new();
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
-    for i in 0..RUNS {
-        let input = NapInput {
-            log: scratch.log.clone(),
-            sleep_ms: HOUR_MS,
-        };
-        engine
-            .start::<Counted>(&format!("unbuilt-{i}"), input)
-            .await
-            .unwrap();
-    }
-    resident(&engine, parked(RUNS)).await;
+    start_parked_counted(&engine, &scratch, "unbuilt", RUNS).await;
     engine.shutdown().await;
     drop(engine);
     let id = keel::RunId::existing("unbuilt-0").unwrap();
