@@ -457,12 +457,15 @@ async fn journal_entry_breaking_the_state_machine_is_left_alone() {
     .await;
 }
 
-/// The unfinished run's journal missing an entry in the middle: `history` is `Corrupt`
-/// naming the gap, the run is not taken up, and the common checks hold.
+/// The unfinished run's journal missing an entry before others: `history` is `Corrupt`
+/// naming the gap, the run is not taken up, and the common checks hold. (Its first entry is
+/// removed: the step's completion and the timer after it share the value at index 1, so
+/// removing that one would leave a shorter journal, as a crash may, not a gap.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn journal_with_a_gap_is_reported_and_left_alone() {
-    let damaged = corrupt_journal_of_unfinished_run(|db, key| {
-        db.remove(key).unwrap().expect("entry 1 exists");
+    let damaged = corrupt_journal_of_unfinished_run(|db, _| {
+        let first = raw::journal_key_of(&id(ASLEEP), JournalIndex(0));
+        db.remove(first).unwrap().expect("entry 0 exists");
     })
     .await;
     match damaged.history {

@@ -260,3 +260,151 @@ async fn a_power_loss_commit_writes_into_space_the_log_already_has() {
         "the log grew during {growths} of {LENGTH_STEPS} commits: {lengths:?}"
     );
 }
+
+/// Each run of [`CountedStep`], by its argument, over the test's engines.
+static HELD_STEPS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The [`Held`] runs whose first step has returned to their code (again after a restart).
+static HELD_PAST: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Lets every [`Held`] run go on after its first step, once true.
+fn held_release() -> &'static tokio::sync::watch::Sender<bool> {
+    static RELEASE: std::sync::OnceLock<tokio::sync::watch::Sender<bool>> =
+        std::sync::OnceLock::new();
+    RELEASE.get_or_init(|| tokio::sync::watch::channel(false).0)
+}
+
+/// Notes its run in [`HELD_STEPS`].
+#[derive(Serialize, Deserialize)]
+struct CountedStep(String);
+
+impl Step for CountedStep {
+    const KIND: &'static str = "test.counted";
+    type Output = ();
+    const COMPENSABLE: bool = false;
+
+    async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
+        HELD_STEPS.lock().unwrap().push(self.0.clone());
+        Ok(())
+    }
+}
+
+/// A step, then a wait on something outside the journal ([`held_release`]), then another
+/// step: after the first step the run writes nothing for as long as it is held.
+struct Held;
+
+impl Workflow for Held {
+    const NAME: &'static str = "test.held";
+    type Input = String;
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, name: String) -> Result<(), WorkflowError> {
+        ctx.step(CountedStep(name.clone())).await?;
+        HELD_PAST.lock().unwrap().push(name);
+        let mut release = held_release().subscribe();
+        release
+            .wait_for(|go| *go)
+            .await
+            .expect("the sender is static");
+        ctx.step(Nothing(1)).await?;
+        Ok(())
+    }
+}
+
+/// Waits until run `name` of [`Held`] is past its first step `times` times.
+async fn held_past(name: &str, times: usize) {
+    let past = || {
+        HELD_PAST
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == name)
+            .count()
+    };
+    for _ in 0..2_000 {
+        if past() >= times {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    panic!("run {name} did not get past its first step {times} time(s)");
+}
+
+/// How many raw journal values run `id` has in the sled store at `dir` (no engine open).
+fn journal_values(dir: &Path, id: &str) -> usize {
+    let key = keel_engine::test_utilities::raw::journal_key_of(
+        &keel::RunId::new(id).unwrap(),
+        keel::JournalIndex(0),
+    );
+    let prefix = &key[..key.len() - 4];
+    let db = keel_testkit::raw::open(dir);
+    db.scan_prefix(prefix).count()
+}
+
+/// A step's completion is not written on its own: the store gets it with the run's next
+/// entry, as one sled value (`cell.rs`, `append_deferred`), so a sequential run of n steps
+/// has n fewer journal values than entries. A completion nothing follows yet is read by
+/// `Engine::history`, and written when the engine shuts down: reopened, the run does not
+/// run the step again.
+#[tokio::test]
+async fn a_steps_completion_is_written_with_the_next_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let open = || {
+        Engine::builder(dir.path())
+            .workflow::<Sequential>()
+            .workflow::<Held>()
+            .step::<Nothing>()
+            .step::<CountedStep>()
+            .open()
+    };
+    let engine = open().await.unwrap();
+    let sequential = engine.start::<Sequential>("sequential", 10).await.unwrap();
+    sequential.result().await.unwrap();
+    drop(sequential); // it holds the engine, and so the store
+    let entries = engine.history("sequential").await.unwrap().entries.len();
+    assert_eq!(entries, 21, "10 steps' starts and completions, and the end");
+
+    for name in ["held-read", "held-shut"] {
+        engine.start::<Held>(name, name.to_owned()).await.unwrap();
+        held_past(name, 1).await;
+    }
+    // Its completion is the run's last entry, not yet handed to the store.
+    let read = engine.history("held-read").await.unwrap();
+    assert!(
+        matches!(
+            read.entries.last().map(|entry| &entry.event),
+            Some(keel::Event::StepCompleted { .. })
+        ),
+        "{read:?}"
+    );
+    // The held runs' code awaits something the engine cannot interrupt, so the shutdown
+    // starts first and the runs are let go after: each stops at its next step, and its
+    // cell, unloaded, writes the completion it holds.
+    tokio::join!(engine.shutdown(), async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        held_release().send_replace(true);
+    });
+    drop(engine);
+    assert_eq!(
+        journal_values(dir.path(), "sequential"),
+        entries - 10,
+        "each completion shares its value with the next entry"
+    );
+
+    let engine = open().await.unwrap();
+    for name in ["held-read", "held-shut"] {
+        let record = engine.wait(name).await.unwrap();
+        assert_eq!(record.status, keel::RunStatus::Completed, "{record:?}");
+        let ran = HELD_STEPS
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == name)
+            .count();
+        assert_eq!(
+            ran, 1,
+            "run {name}'s first step ran again: its completion was lost"
+        );
+    }
+    engine.shutdown().await;
+}

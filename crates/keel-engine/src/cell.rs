@@ -28,6 +28,11 @@ struct Loaded {
     /// Set when the cell leaves the engine's map; a detached cell accepts no writes, so a
     /// run never has two writers.
     detached: bool,
+    /// An entry in `state` not yet handed to the store: a step's completion, which nothing
+    /// waits on before the run's next entry, and which the store writes together with that
+    /// entry, saving a write (`RunCell::append_deferred`). Handed over alone before anything
+    /// waits for the cell's writes to be durable, and before the cell is detached.
+    deferred: Option<(JournalIndex, Entry)>,
 }
 
 /// Why a loaded run stopped being driven before it settled; its waiters are told.
@@ -136,6 +141,7 @@ impl RunCell {
                 state,
                 write_failed: false,
                 detached: false,
+                deferred: None,
             }),
             cancel,
             pause,
@@ -190,6 +196,7 @@ impl RunCell {
     /// [`EngineError::Fenced`] when one of them was dropped because another engine took the
     /// run over: the caller must then act on nothing it wrote, and stop driving the run.
     pub(crate) async fn durable(&self, store: &dyn JournalStore) -> Result<()> {
+        self.flush(store)?;
         store.sync().wait().await?;
         if store.fenced(&self.id, self.token) {
             self.loaded.lock().expect("cell lock").write_failed = true;
@@ -216,9 +223,12 @@ impl RunCell {
     /// when it stops unsettled, whose waiters are then told why. Returns whether it did.
     pub(crate) fn detach_if(
         &self,
+        store: &dyn JournalStore,
         unload: impl FnOnce(&RunRecord, bool) -> Option<Option<Stop>>,
     ) -> bool {
         let mut loaded = self.loaded.lock().expect("cell lock");
+        // A failure leaves `write_failed` set, which `unload` hears of.
+        let _ = self.flush_locked(&mut loaded, store);
         if let Some(stop) = unload(&loaded.record, loaded.write_failed) {
             loaded.detached = true;
             if let Some(stop) = stop {
@@ -234,8 +244,15 @@ impl RunCell {
     /// Detaches the cell to park its run if `may` accepts the run as it is under the cell
     /// lock, and no write failed in it; its waiters are told to look again. Returns whether
     /// this call detached it (a cell detached before is never parked).
-    pub(crate) fn park_if(&self, may: impl FnOnce(&RunRecord, &RunState) -> bool) -> bool {
+    pub(crate) fn park_if(
+        &self,
+        store: &dyn JournalStore,
+        may: impl FnOnce(&RunRecord, &RunState) -> bool,
+    ) -> bool {
         let mut loaded = self.loaded.lock().expect("cell lock");
+        if loaded.detached || self.flush_locked(&mut loaded, store).is_err() {
+            return false;
+        }
         if loaded.detached || loaded.write_failed || !may(&loaded.record, &loaded.state) {
             return false;
         }
@@ -280,6 +297,46 @@ impl RunCell {
     /// Appends `event` (not yet durable: callers request a sync before acting on it).
     pub(crate) fn append(&self, store: &dyn JournalStore, event: Event) -> Result<()> {
         self.append_if(store, event, |_, _| Ok(()))
+    }
+
+    /// Appends `event`, a step's completion, but hands it to the store only with the next
+    /// entry, or alone when something first waits for the cell's writes to be durable
+    /// ([`RunCell::durable`], [`RunCell::flush`]) or the cell is detached: one store write
+    /// fewer per step. Until then a crash loses it as it may lose any write not yet synced,
+    /// and the step runs again with the same key. A write that fails is reported by the call
+    /// that hands the entry over.
+    pub(crate) fn append_deferred(&self, store: &dyn JournalStore, event: Event) -> Result<()> {
+        self.write_as(
+            store,
+            |_, _| Ok(Some(event)),
+            None::<fn(&mut RunRecord)>,
+            true,
+        )
+        .map(|_| ())
+    }
+
+    /// Hands the deferred entry, if any, to the store ([`RunCell::append_deferred`]).
+    pub(crate) fn flush(&self, store: &dyn JournalStore) -> Result<()> {
+        let mut loaded = self.loaded.lock().expect("cell lock");
+        self.flush_locked(&mut loaded, store)
+    }
+
+    fn flush_locked(&self, loaded: &mut Loaded, store: &dyn JournalStore) -> Result<()> {
+        let Some((index, entry)) = loaded.deferred.take() else {
+            return Ok(());
+        };
+        if let Err(e) = store.append(
+            &self.id,
+            index,
+            std::slice::from_ref(&entry),
+            None,
+            self.token,
+        ) {
+            // Memory is ahead of the store: as for a failed append.
+            loaded.write_failed = true;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Appends `event` if `guard` accepts the run as it is under the cell lock.
@@ -343,12 +400,24 @@ impl RunCell {
     }
 
     /// Writes the event `make` decides on (none: nothing is written), with the record
-    /// changed by `change` if given, in one atomic write.
+    /// changed by `change` if given, in one atomic write (after the deferred entry, if any).
     fn write(
         &self,
         store: &dyn JournalStore,
         make: impl FnOnce(&RunRecord, &RunState) -> Result<Option<Event>>,
         change: Option<impl FnOnce(&mut RunRecord)>,
+    ) -> Result<Option<Event>> {
+        self.write_as(store, make, change, false)
+    }
+
+    /// [`RunCell::write`]; with `defer`, an entry without a record change is kept as the
+    /// deferred entry if there is none yet (and `None` returned).
+    fn write_as(
+        &self,
+        store: &dyn JournalStore,
+        make: impl FnOnce(&RunRecord, &RunState) -> Result<Option<Event>>,
+        change: Option<impl FnOnce(&mut RunRecord)>,
+        defer: bool,
     ) -> Result<Option<Event>> {
         let mut loaded = self.loaded.lock().expect("cell lock");
         if loaded.detached {
@@ -390,6 +459,10 @@ impl RunCell {
                 self.id
             );
         }
+        if defer && change.is_none() && loaded.deferred.is_none() {
+            loaded.deferred = Some((index, entry));
+            return Ok(None);
+        }
         let record = change.map(|change| {
             let mut record = loaded.record.clone();
             change(&mut record);
@@ -425,7 +498,12 @@ impl RunCell {
                 return Err(e);
             }
         }
-        if let Err(e) = store.append(&self.id, index, &entry, record.as_ref(), self.token) {
+        // The deferred entry goes first, in the same write.
+        let (first, mut entries) = match loaded.deferred.take() {
+            Some((deferred_index, deferred)) => (deferred_index, vec![deferred, entry]),
+            None => (index, vec![entry]),
+        };
+        if let Err(e) = store.append(&self.id, first, &entries, record.as_ref(), self.token) {
             // Memory is now ahead of the store: the cell must not be used again. Its driver
             // stops; the run is reloaded from the store by the next open.
             loaded.write_failed = true;
@@ -441,6 +519,6 @@ impl RunCell {
         if notice.is_some() {
             self.outbox.wrote();
         }
-        Ok(Some(entry.event))
+        Ok(entries.pop().map(|entry| entry.event))
     }
 }

@@ -93,7 +93,7 @@ impl Inner {
     pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
         let mut cells = self.cells.lock().expect("cells lock");
         let shutting_down = self.env.shutting_down();
-        let detached = cell.detach_if(|record, write_failed| {
+        let detached = cell.detach_if(&*self.env.store, |record, write_failed| {
             if shutting_down {
                 Some(Some(Stop::ShutDown))
             } else if write_failed {
@@ -148,7 +148,7 @@ impl Inner {
     /// `stop`.
     pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
         let mut cells = self.cells.lock().expect("cells lock");
-        cell.detach_if(|_, _| Some(Some(stop)));
+        cell.detach_if(&*self.env.store, |_, _| Some(Some(stop)));
         cells.remove(cell);
         self.settled_out(&mut cells, cell);
         drop(cells);

@@ -410,13 +410,18 @@ impl Lane {
             .stats
             .record(&operation, elapsed, self.cell.id.as_str(), now);
         tracing::debug!(run_id = %self.cell.id, step = index.0, kind, elapsed_ms = elapsed.as_millis() as u64, "step completed");
-        // Not synced here: the next step's start record, or the run's terminal record,
-        // shares this entry's sync.
-        self.journal(Event::StepCompleted {
-            step: index,
-            attempt,
-            output,
-        })?;
+        // Neither written nor synced here: the store gets it with the run's next entry (the
+        // next step's start, or the run's end), in one write and one sync.
+        self.cell
+            .append_deferred(
+                &*self.env.store,
+                Event::StepCompleted {
+                    step: index,
+                    attempt,
+                    output,
+                },
+            )
+            .map_err(Interrupt::Engine)?;
         crate::crash::point("step.after_outcome");
         Ok(())
     }

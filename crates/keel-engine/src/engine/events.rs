@@ -287,10 +287,13 @@ impl Engine {
             at_ms: self.inner.env.clock.now_ms(),
             event: event.delivered(),
         };
-        self.inner
-            .env
-            .store
-            .append(&record.id, JournalIndex(0), &entry, None, Token::CREATED)?;
+        self.inner.env.store.append(
+            &record.id,
+            JournalIndex(0),
+            std::slice::from_ref(&entry),
+            None,
+            Token::CREATED,
+        )?;
         let state = RunState::from_entries(std::slice::from_ref(&entry)).map_err(|detail| {
             EngineError::Corrupt {
                 key: format!("run {}", record.id),

@@ -161,15 +161,19 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// The journal of `id`, checked to be dense from index 0.
     fn journal<'a>(&'a self, id: &'a RunId) -> Read<'a, Vec<Entry>>;
 
-    /// Writes entry `index` of `id`'s journal and, if given, the new run record, atomically:
-    /// after a crash, either the entry and the record are both as written, or neither is, as
-    /// the next open of the store sees them. On a shared store, written only while `token`
-    /// is still the run's (else dropped: see [`JournalStore::fenced`]).
+    /// Writes `entries` (at least one) as entries `index`, `index + 1`, ... of `id`'s journal
+    /// and, if given, the new run record with the last of them, atomically: after a crash,
+    /// either the last entry and the record are both as written, or neither is, as the next
+    /// open of the store sees them. The entries are written in order, and a crash may keep a
+    /// prefix of them (as it would of the same entries appended one by one); the sled store
+    /// writes two small ones as one value, so that a step's completion costs no write of its
+    /// own (`cell.rs`). On a shared store, written only while `token` is still the run's
+    /// (else dropped: see [`JournalStore::fenced`]).
     fn append(
         &self,
         id: &RunId,
         index: JournalIndex,
-        entry: &Entry,
+        entries: &[Entry],
         record: Option<&RunRecord>,
         token: Token,
     ) -> Result<()>;

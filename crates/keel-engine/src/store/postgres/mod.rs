@@ -296,26 +296,34 @@ impl JournalStore for PostgresStore {
         &self,
         id: &RunId,
         index: JournalIndex,
-        entry: &Entry,
+        entries: &[Entry],
         record: Option<&RunRecord>,
         token: Token,
     ) -> Result<()> {
-        // Both encoded (and checked) before either is sent.
-        let entry_text = encode("journal entry", entry, ENTRY_BYTES_MAX)?;
-        let record = match record {
+        // All encoded (and checked) before any is sent.
+        let texts = entries
+            .iter()
+            .map(|entry| encode("journal entry", entry, ENTRY_BYTES_MAX))
+            .collect::<Result<Vec<_>>>()?;
+        let mut record = match record {
             Some(record) => {
                 let text = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
                 Some(writer::RecordRow::of(record, text))
             }
             None => None,
         };
-        self.send(Request::Append {
-            id: id.clone(),
-            index,
-            entry: entry_text,
-            record,
-            token,
-        })
+        let last = texts.len().saturating_sub(1);
+        for (offset, entry) in texts.into_iter().enumerate() {
+            // One row per entry, in order; the record goes with the last.
+            self.send(Request::Append {
+                id: id.clone(),
+                index: JournalIndex(index.0 + offset as u32),
+                entry,
+                record: if offset == last { record.take() } else { None },
+                token,
+            })?;
+        }
+        Ok(())
     }
 
     fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()> {

@@ -4,7 +4,9 @@
 //!
 //! Key encoding (one tree, so that a record and an entry can change in one atomic batch):
 //! - `r` + run id: the run record (JSON);
-//! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (JSON);
+//! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (a JSON object),
+//!   or entries written together, from that index on (a JSON array of two or more: a
+//!   step's completion and the entry after it, see [`group`]);
 //! - `l` + run id: the run's load count (u32, big-endian; absent when 0), `poison.rs`;
 //! - `s` + operation: latency statistics;
 //! - `k` + space + `0x00` + key: a keyed record beside the runs (a schedule, a notification);
@@ -342,6 +344,46 @@ fn journal_key(id: &RunId, index: JournalIndex) -> Vec<u8> {
     key
 }
 
+/// Largest value that holds several journal entries (see [`group`]): no larger than one
+/// transition's entry, so that grouping moves no value into a blob file.
+const GROUP_BYTES_MAX: usize = TRANSITION_ENTRY_BYTES_MAX;
+
+/// The keyed values that store the encoded journal entries `values`, the first at `index`:
+/// consecutive entries whose encodings fit in [`GROUP_BYTES_MAX`] together share one value,
+/// a JSON array of them keyed by the first one's index, so that they cost one sled insert
+/// (a step's completion and the next entry, `cell.rs`); any other entry is a value of its
+/// own, a JSON object. The journal stays dense: a group of n entries at index i is followed
+/// by index i + n.
+fn group(index: JournalIndex, values: Vec<Vec<u8>>) -> Vec<(JournalIndex, Vec<u8>)> {
+    let mut keyed: Vec<(JournalIndex, Vec<u8>, usize)> = Vec::with_capacity(values.len());
+    for (offset, value) in values.into_iter().enumerate() {
+        let at = JournalIndex(index.0 + offset as u32);
+        match keyed.last_mut() {
+            Some((_, group, count)) if group.len() + value.len() + 3 <= GROUP_BYTES_MAX => {
+                if *count == 1 {
+                    group.insert(0, b'[');
+                } else {
+                    group.pop();
+                }
+                group.push(b',');
+                group.extend_from_slice(&value);
+                group.push(b']');
+                *count += 1;
+            }
+            _ => keyed.push((at, value, 1)),
+        }
+    }
+    keyed
+        .into_iter()
+        .map(|(index, value, _)| (index, value))
+        .collect()
+}
+
+/// Whether a stored journal value holds several entries (a JSON array), not one (an object).
+fn is_group(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&b'[')
+}
+
 fn readable_key(key: &[u8]) -> String {
     String::from_utf8_lossy(key).replace('\u{0}', "/")
 }
@@ -412,36 +454,64 @@ impl SledStore {
                     entries.len()
                 )));
             }
-            let entry: Entry = serde_json::from_slice(&bytes)
-                .map_err(|e| corrupt(format!("journal entry: {e}")))?;
-            entries.push(entry);
+            if is_group(&bytes) {
+                let group: Vec<Entry> = serde_json::from_slice(&bytes)
+                    .map_err(|e| corrupt(format!("journal entries: {e}")))?;
+                if group.len() < 2 {
+                    return Err(corrupt(format!(
+                        "a group of {} journal entries, not 2 or more",
+                        group.len()
+                    )));
+                }
+                entries.extend(group);
+            } else {
+                let entry: Entry = serde_json::from_slice(&bytes)
+                    .map_err(|e| corrupt(format!("journal entry: {e}")))?;
+                entries.push(entry);
+            }
         }
         Ok(entries)
     }
 
-    fn write_entry(
+    fn write_entries(
         &self,
         id: &RunId,
         index: JournalIndex,
-        entry: &Entry,
+        entries: &[Entry],
         record: Option<&RunRecord>,
     ) -> Result<()> {
-        let entry_bytes = encode("journal entry", entry, ENTRY_BYTES_MAX)?;
-        match record {
+        let Some((last, before)) = entries.split_last() else {
+            return Ok(());
+        };
+        // Everything encoded (and checked) before anything is written.
+        let mut values = before
+            .iter()
+            .map(|entry| encode("journal entry", entry, ENTRY_BYTES_MAX))
+            .collect::<Result<Vec<_>>>()?;
+        let record_bytes = match record {
             None => {
-                self.db
-                    .insert(journal_key(id, index), entry_bytes)
-                    .map_err(|e| self.storage(e))?;
+                values.push(encode("journal entry", last, ENTRY_BYTES_MAX)?);
+                None
             }
             Some(record) => {
-                // Both encoded (and checked) before either is written.
-                let record_bytes = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
-                let transition = encode_transition(entry, record)?;
+                values.push(encode_transition(last, record)?);
+                Some(encode("run record", record, RUN_RECORD_BYTES_MAX)?)
+            }
+        };
+        let mut keyed = group(index, values);
+        let (last_index, last_value) = keyed.pop().expect("one entry at least");
+        for (index, value) in keyed {
+            self.db
+                .insert(journal_key(id, index), value)
+                .map_err(|e| self.storage(e))?;
+        }
+        match (record, record_bytes) {
+            (Some(record), Some(record_bytes)) => {
                 // Until the view is rewritten, the store may not be closed cleanly.
                 self.transitions_open.fetch_add(1, Ordering::SeqCst);
                 // The commit point: the entry with the record's new state.
                 self.db
-                    .insert(journal_key(id, index), transition)
+                    .insert(journal_key(id, last_index), last_value)
                     .map_err(|e| self.storage(e))?;
                 crate::crash::point("store.after_transition_entry");
                 // The view; `repair_records` redoes it if a crash comes first.
@@ -452,6 +522,11 @@ impl SledStore {
                 let from = before.as_deref().and_then(status_of);
                 self.counts.moved(from, Some(record.status));
                 self.transitions_open.fetch_sub(1, Ordering::SeqCst);
+            }
+            _ => {
+                self.db
+                    .insert(journal_key(id, last_index), last_value)
+                    .map_err(|e| self.storage(e))?;
             }
         }
         self.wrote();
@@ -549,12 +624,12 @@ impl JournalStore for SledStore {
         &self,
         id: &RunId,
         index: JournalIndex,
-        entry: &Entry,
+        entries: &[Entry],
         record: Option<&RunRecord>,
         _token: Token,
     ) -> Result<()> {
         // One engine owns a sled store: every run is its own, whatever the token.
-        self.write_entry(id, index, entry, record)
+        self.write_entries(id, index, entries, record)
     }
 
     fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()> {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use super::counts::status_of;
 use super::sync::wall_clock_ms;
 use super::{
-    decode_record, encode, journal_prefix, readable_key, storage, sync_error, RecordState,
-    StoredRecordState, RUN_PREFIX,
+    decode_record, encode, is_group, journal_prefix, readable_key, storage, sync_error,
+    RecordState, StoredRecordState, RUN_PREFIX,
 };
 use crate::contain::contained_sync;
 use crate::error::{EngineError, Result};
@@ -411,9 +411,16 @@ fn ahead_of(path: &Path, db: &sled::Db, record: &RunRecord) -> Result<Option<Rec
     let Some((_, entry)) = last else {
         return Ok(None);
     };
-    let Ok(StoredRecordState {
+    // The last entry of a group (`group` in mod.rs) is the last of the journal.
+    let last = if is_group(&entry) {
+        serde_json::from_slice::<Vec<StoredRecordState>>(&entry)
+            .map(|group| group.into_iter().last())
+    } else {
+        serde_json::from_slice::<StoredRecordState>(&entry).map(Some)
+    };
+    let Ok(Some(StoredRecordState {
         record: Some(state),
-    }) = serde_json::from_slice(&entry)
+    })) = last
     else {
         return Ok(None);
     };
