@@ -261,22 +261,33 @@ async fn a_power_loss_commit_writes_into_space_the_log_already_has() {
     );
 }
 
-/// Each run of [`CountedStep`], by its argument, over the test's engines.
+/// Each call of [`CountedStep`], by its run's name, over the test's engines.
 static HELD_STEPS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// The [`Held`] runs whose first step has returned to their code (again after a restart).
+/// The [`Held`] runs whose first step has returned to their code.
 static HELD_PAST: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 
-/// Lets every [`Held`] run go on after its first step, once true.
+/// Lets every [`Held`] run go on, once true.
 fn held_release() -> &'static tokio::sync::watch::Sender<bool> {
     static RELEASE: std::sync::OnceLock<tokio::sync::watch::Sender<bool>> =
         std::sync::OnceLock::new();
     RELEASE.get_or_init(|| tokio::sync::watch::channel(false).0)
 }
 
-/// Notes its run in [`HELD_STEPS`].
+async fn released() {
+    let mut release = held_release().subscribe();
+    release
+        .wait_for(|go| *go)
+        .await
+        .expect("the sender is static");
+}
+
+/// Notes its call in [`HELD_STEPS`]; with `held`, then waits for [`held_release`].
 #[derive(Serialize, Deserialize)]
-struct CountedStep(String);
+struct CountedStep {
+    name: String,
+    held: bool,
+}
 
 impl Step for CountedStep {
     const KIND: &'static str = "test.counted";
@@ -284,50 +295,48 @@ impl Step for CountedStep {
     const COMPENSABLE: bool = false;
 
     async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
-        HELD_STEPS.lock().unwrap().push(self.0.clone());
+        HELD_STEPS.lock().unwrap().push(self.name.clone());
+        if self.held {
+            released().await;
+        }
         Ok(())
     }
 }
 
-/// A step, then a wait on something outside the journal ([`held_release`]), then another
-/// step: after the first step the run writes nothing for as long as it is held.
+/// A counted step, then another step. Held in the step (input `true`), or after it in the
+/// run's code (`false`), on something outside the journal ([`held_release`]).
 struct Held;
 
 impl Workflow for Held {
     const NAME: &'static str = "test.held";
-    type Input = String;
+    type Input = bool;
     type Output = ();
 
-    async fn run(ctx: &mut Ctx, name: String) -> Result<(), WorkflowError> {
-        ctx.step(CountedStep(name.clone())).await?;
+    async fn run(ctx: &mut Ctx, in_step: bool) -> Result<(), WorkflowError> {
+        let name = ctx.run_id().as_str().to_owned();
+        ctx.step(CountedStep {
+            name: name.clone(),
+            held: in_step,
+        })
+        .await?;
         HELD_PAST.lock().unwrap().push(name);
-        let mut release = held_release().subscribe();
-        release
-            .wait_for(|go| *go)
-            .await
-            .expect("the sender is static");
+        if !in_step {
+            released().await;
+        }
         ctx.step(Nothing(1)).await?;
         Ok(())
     }
 }
 
-/// Waits until run `name` of [`Held`] is past its first step `times` times.
-async fn held_past(name: &str, times: usize) {
-    let past = || {
-        HELD_PAST
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|n| *n == name)
-            .count()
-    };
+/// Waits until `list` names `name`.
+async fn listed(list: &std::sync::Mutex<Vec<String>>, name: &str) {
     for _ in 0..2_000 {
-        if past() >= times {
+        if list.lock().unwrap().iter().any(|n| n == name) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    panic!("run {name} did not get past its first step {times} time(s)");
+    panic!("{name} never got there");
 }
 
 /// How many raw journal values run `id` has in the sled store at `dir` (no engine open).
@@ -343,9 +352,10 @@ fn journal_values(dir: &Path, id: &str) -> usize {
 
 /// A step's completion is not written on its own: the store gets it with the run's next
 /// entry, as one sled value (`cell.rs`, `append_deferred`), so a sequential run of n steps
-/// has n fewer journal values than entries. A completion nothing follows yet is read by
-/// `Engine::history`, and written when the engine shuts down: reopened, the run does not
-/// run the step again.
+/// has n fewer journal values than entries. But it waits for no more than that: a run whose
+/// code waits on something else after a step has the completion in the store meanwhile, and
+/// a run stopped by a shutdown right after a step writes it as its cell is unloaded (reopened,
+/// it does not run the step again).
 #[tokio::test]
 async fn a_steps_completion_is_written_with_the_next_entry() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,12 +374,12 @@ async fn a_steps_completion_is_written_with_the_next_entry() {
     let entries = engine.history("sequential").await.unwrap().entries.len();
     assert_eq!(entries, 21, "10 steps' starts and completions, and the end");
 
-    for name in ["held-read", "held-shut"] {
-        engine.start::<Held>(name, name.to_owned()).await.unwrap();
-        held_past(name, 1).await;
-    }
-    // Its completion is the run's last entry, not yet handed to the store.
-    let read = engine.history("held-read").await.unwrap();
+    engine.start::<Held>("held-code", false).await.unwrap();
+    engine.start::<Held>("held-step", true).await.unwrap();
+    listed(&HELD_PAST, "held-code").await;
+    listed(&HELD_STEPS, "held-step").await;
+    // The run's code waits after the step: its completion is in the store.
+    let read = engine.history("held-code").await.unwrap();
     assert!(
         matches!(
             read.entries.last().map(|entry| &entry.event),
@@ -377,9 +387,9 @@ async fn a_steps_completion_is_written_with_the_next_entry() {
         ),
         "{read:?}"
     );
-    // The held runs' code awaits something the engine cannot interrupt, so the shutdown
-    // starts first and the runs are let go after: each stops at its next step, and its
-    // cell, unloaded, writes the completion it holds.
+    // Both runs wait on something the engine cannot interrupt, so the shutdown starts first
+    // and they are let go after. `held-step`'s step then completes, and its next step stops
+    // the run at once: the completion is written as its cell is unloaded.
     tokio::join!(engine.shutdown(), async {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         held_release().send_replace(true);
@@ -392,7 +402,7 @@ async fn a_steps_completion_is_written_with_the_next_entry() {
     );
 
     let engine = open().await.unwrap();
-    for name in ["held-read", "held-shut"] {
+    for name in ["held-code", "held-step"] {
         let record = engine.wait(name).await.unwrap();
         assert_eq!(record.status, keel::RunStatus::Completed, "{record:?}");
         let ran = HELD_STEPS

@@ -30,8 +30,9 @@ struct Loaded {
     detached: bool,
     /// An entry in `state` not yet handed to the store: a step's completion, which nothing
     /// waits on before the run's next entry, and which the store writes together with that
-    /// entry, saving a write (`RunCell::append_deferred`). Handed over alone before anything
-    /// waits for the cell's writes to be durable, and before the cell is detached.
+    /// entry, saving a write (`RunCell::append_deferred`). Handed over alone when the run's
+    /// code waits first, before anything waits for the cell's writes to be durable, and
+    /// before the cell is detached.
     deferred: Option<(JournalIndex, Entry)>,
 }
 
@@ -244,13 +245,12 @@ impl RunCell {
     /// Detaches the cell to park its run if `may` accepts the run as it is under the cell
     /// lock, and no write failed in it; its waiters are told to look again. Returns whether
     /// this call detached it (a cell detached before is never parked).
-    pub(crate) fn park_if(
-        &self,
-        store: &dyn JournalStore,
-        may: impl FnOnce(&RunRecord, &RunState) -> bool,
-    ) -> bool {
+    pub(crate) fn park_if(&self, may: impl FnOnce(&RunRecord, &RunState) -> bool) -> bool {
         let mut loaded = self.loaded.lock().expect("cell lock");
-        if loaded.detached || self.flush_locked(&mut loaded, store).is_err() {
+        // Parking follows a sync of everything the run wrote (its wake index entry is written
+        // after, `engine/parking.rs`); an entry deferred since (a branch's completion, which
+        // never parks) keeps the run loaded.
+        if loaded.deferred.is_some() {
             return false;
         }
         if loaded.detached || loaded.write_failed || !may(&loaded.record, &loaded.state) {
@@ -300,11 +300,11 @@ impl RunCell {
     }
 
     /// Appends `event`, a step's completion, but hands it to the store only with the next
-    /// entry, or alone when something first waits for the cell's writes to be durable
-    /// ([`RunCell::durable`], [`RunCell::flush`]) or the cell is detached: one store write
-    /// fewer per step. Until then a crash loses it as it may lose any write not yet synced,
-    /// and the step runs again with the same key. A write that fails is reported by the call
-    /// that hands the entry over.
+    /// entry, or alone when the run's code waits first ([`RunCell::flushing_when_idle`]),
+    /// something waits for the cell's writes to be durable ([`RunCell::durable`]) or the
+    /// cell is detached: one store write fewer per step. Until then a crash loses it as it
+    /// may lose any write not yet synced, and the step runs again with the same key. A write
+    /// that fails is reported by the call that hands the entry over.
     pub(crate) fn append_deferred(&self, store: &dyn JournalStore, event: Event) -> Result<()> {
         self.write_as(
             store,
@@ -315,8 +315,33 @@ impl RunCell {
         .map(|_| ())
     }
 
+    /// Runs `body` (the run's workflow code), handing the deferred entry, if any, to the store
+    /// whenever it waits (a poll that returns pending): so an entry is deferred only while the
+    /// run goes straight on to its next entry (a no-op step's completion and the next step's
+    /// start are written together), never across a wait of the run (a rate limit's queue, a
+    /// branch's long step, code awaiting something else), after which it reaches the store
+    /// as soon as it would have before. A failed write is logged here, and reported by the
+    /// cell's next write ([`RunCell::write`] refuses once one failed).
+    pub(crate) async fn flushing_when_idle<F: std::future::Future>(
+        &self,
+        store: &dyn JournalStore,
+        body: F,
+    ) -> F::Output {
+        let mut body = std::pin::pin!(body);
+        std::future::poll_fn(|cx| {
+            let polled = body.as_mut().poll(cx);
+            if polled.is_pending() {
+                if let Err(error) = self.flush(store) {
+                    tracing::error!(run_id = %self.id, %error, "a step's completion could not be written");
+                }
+            }
+            polled
+        })
+        .await
+    }
+
     /// Hands the deferred entry, if any, to the store ([`RunCell::append_deferred`]).
-    pub(crate) fn flush(&self, store: &dyn JournalStore) -> Result<()> {
+    fn flush(&self, store: &dyn JournalStore) -> Result<()> {
         let mut loaded = self.loaded.lock().expect("cell lock");
         self.flush_locked(&mut loaded, store)
     }

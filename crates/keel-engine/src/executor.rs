@@ -138,7 +138,8 @@ async fn run_forward(
         Arc::clone(workflows),
         pause_on_exhausted,
     );
-    let (mut ctx, result) = (workflow.run)(ctx, record.input.clone()).await;
+    let body = (workflow.run)(ctx, record.input.clone());
+    let (mut ctx, result) = cell.flushing_when_idle(&*env.store, body).await;
     // The engine's reason to stop the body comes first, whatever the body returned (a body
     // that panics on the `Interrupted` error it was given is still just interrupted).
     if let Some(interrupt) = ctx.interrupt.take() {

@@ -260,7 +260,7 @@ impl Inner {
         wake_at_ms: Option<u64>,
         ready: &(dyn Fn(&RunState) -> bool + Sync),
     ) -> bool {
-        let parked = cell.park_if(&*self.env.store, |record, state| {
+        let parked = cell.park_if(|record, state| {
             record.status == RunStatus::Running
                 && !state.cancel_requested
                 && !state.pause_requested

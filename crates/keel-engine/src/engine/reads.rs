@@ -87,10 +87,6 @@ impl Engine {
     /// [`Engine::status`]).
     pub async fn history(&self, id: &str) -> Result<RunHistory> {
         let run = self.record(id).await?;
-        if let Some(cell) = self.loaded(&run.id) {
-            // A step's completion it has not handed to the store yet.
-            cell.flush(&*self.inner.env.store)?;
-        }
         let entries = self.inner.env.store.journal(&run.id).await?;
         self.inner.env.store.sync().wait().await?;
         Ok(RunHistory { run, entries })

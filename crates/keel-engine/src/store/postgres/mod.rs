@@ -300,6 +300,7 @@ impl JournalStore for PostgresStore {
         record: Option<&RunRecord>,
         token: Token,
     ) -> Result<()> {
+        debug_assert!(!entries.is_empty(), "an append writes one entry at least");
         // All encoded (and checked) before any is sent.
         let texts = entries
             .iter()

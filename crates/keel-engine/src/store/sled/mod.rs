@@ -449,8 +449,13 @@ impl SledStore {
             })?;
             let index = u32::from_be_bytes(index_bytes);
             if index as usize != entries.len() {
+                let what = if (index as usize) < entries.len() {
+                    "overlap"
+                } else {
+                    "gap"
+                };
                 return Err(corrupt(format!(
-                    "journal index {index} follows {} entries: gap",
+                    "journal index {index} follows {} entries: {what}",
                     entries.len()
                 )));
             }
