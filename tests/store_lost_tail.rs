@@ -265,7 +265,9 @@ async fn an_accepted_loss_opens_with_what_is_left() {
     let dir = tempfile::tempdir().unwrap();
     store(dir.path(), 5, 3).await;
     let cut = tempfile::tempdir().unwrap();
-    cut_copy(dir.path(), cut.path(), 70);
+    // Well inside the runs' writes: the latency statistics the shutdown writes last fill
+    // about a third of this small log, and a cut there loses no run.
+    cut_copy(dir.path(), cut.path(), 40);
     assert!(matches!(
         open(cut.path()).await,
         Err(EngineError::LostData { .. })
