@@ -320,8 +320,8 @@ impl RunCell {
     /// run goes straight on to its next entry (a no-op step's completion and the next step's
     /// start are written together), never across a wait of the run (a rate limit's queue, a
     /// branch's long step, code awaiting something else), after which it reaches the store
-    /// as soon as it would have before. A failed write is logged here, and reported by the
-    /// cell's next write ([`RunCell::write`] refuses once one failed).
+    /// as soon as it would have before. A failed write is logged here, and the cell's next
+    /// write fails with [`EngineError::RunStopped`], which stops the driver.
     pub(crate) async fn flushing_when_idle<F: std::future::Future>(
         &self,
         store: &dyn JournalStore,
@@ -451,10 +451,11 @@ impl RunCell {
             });
         }
         if loaded.write_failed {
-            return Err(EngineError::InvalidState {
+            // Not `InvalidState`, which callers read as a race with an operator's call and
+            // retry: the driver must stop (the run resumes at the next open).
+            return Err(EngineError::RunStopped {
                 id: self.id.clone(),
-                status: "unloaded after a storage error".into(),
-                operation: "append to its journal",
+                reason: "a write to its journal failed; it resumes at the next open".into(),
             });
         }
         // What memory holds is what the store holds (or will, at the next sync): decisions
@@ -545,5 +546,79 @@ impl RunCell {
             self.outbox.wrote();
         }
         Ok(entries.pop().map(|entry| entry.event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{Attempt, OperationIndex};
+    use crate::store::sled::{LostData, SledOptions, SledStore};
+    use crate::store::Durability;
+
+    /// A deferred completion whose write fails when the run's code waits (here: one too large
+    /// to encode) stops the run at its next write with `RunStopped`, which its driver acts
+    /// on, and not `InvalidState`, which the executor reads as a race with an operator's call
+    /// and retries (a paused run's driver spun on it); the store holds nothing of it.
+    #[tokio::test]
+    async fn a_failed_deferred_write_stops_the_run_at_its_next_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SledOptions {
+            durability: Durability::ProcessCrash,
+            lost_data: LostData::Refuse,
+            cache_bytes: None,
+        };
+        let store = SledStore::open(dir.path(), options).unwrap();
+        let record = RunRecord {
+            id: RunId::new("failing").unwrap(),
+            workflow: "test.flow".into(),
+            version: 1,
+            input: serde_json::json!(null),
+            status: RunStatus::Running,
+            created_at_ms: 1,
+            updated_at_ms: 1,
+            finished_at_ms: None,
+            output: None,
+            error: None,
+            parent: None,
+            rerun_of: None,
+        };
+        assert!(store.create_run(&record).await.unwrap().is_none());
+        let id = record.id.clone();
+        let cell = RunCell::new(
+            record,
+            RunState::default(),
+            Clock::system(),
+            Token::CREATED,
+            Arc::new(Outbox::new(&[])),
+        );
+        let started = |step: u32| Event::StepStarted {
+            step: OperationIndex(step),
+            kind: "test.step".into(),
+            argument: serde_json::json!(null),
+            attempt: Attempt(1),
+            compensable: false,
+        };
+        cell.append(&store, started(0)).unwrap();
+        let too_large = "x".repeat(crate::limits::ENTRY_BYTES_MAX);
+        cell.append_deferred(
+            &store,
+            Event::StepCompleted {
+                step: OperationIndex(0),
+                attempt: Attempt(1),
+                output: serde_json::json!(too_large),
+            },
+        )
+        .unwrap();
+        // The run's code waits once: the completion is written then, and fails.
+        cell.flushing_when_idle(&store, tokio::task::yield_now())
+            .await;
+        match cell.append(&store, started(1)) {
+            Err(EngineError::RunStopped { reason, .. }) => {
+                assert!(reason.contains("write to its journal failed"), "{reason}")
+            }
+            other => panic!("expected RunStopped, got {other:?}"),
+        }
+        assert_eq!(store.journal(&id).await.unwrap().len(), 1, "the start only");
     }
 }
