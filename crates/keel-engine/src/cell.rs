@@ -524,12 +524,26 @@ impl RunCell {
                 return Err(e);
             }
         }
-        // The deferred entry goes first, in the same write.
-        let (first, mut entries) = match loaded.deferred.take() {
-            Some((deferred_index, deferred)) => (deferred_index, vec![deferred, entry]),
-            None => (index, vec![entry]),
+        // The deferred entry goes first, in the same write (no allocation for either).
+        let (written, entry) = match loaded.deferred.take() {
+            Some((first, deferred)) => {
+                let pair = [deferred, entry];
+                let written = store.append(&self.id, first, &pair, record.as_ref(), self.token);
+                let [_, entry] = pair;
+                (written, entry)
+            }
+            None => (
+                store.append(
+                    &self.id,
+                    index,
+                    std::slice::from_ref(&entry),
+                    record.as_ref(),
+                    self.token,
+                ),
+                entry,
+            ),
         };
-        if let Err(e) = store.append(&self.id, first, &entries, record.as_ref(), self.token) {
+        if let Err(e) = written {
             // Memory is now ahead of the store: the cell must not be used again. Its driver
             // stops; the run is reloaded from the store by the next open.
             loaded.write_failed = true;
@@ -545,7 +559,7 @@ impl RunCell {
         if notice.is_some() {
             self.outbox.wrote();
         }
-        Ok(entries.pop().map(|entry| entry.event))
+        Ok(Some(entry.event))
     }
 }
 

@@ -355,27 +355,32 @@ const GROUP_BYTES_MAX: usize = TRANSITION_ENTRY_BYTES_MAX;
 /// own, a JSON object. The journal stays dense: a group of n entries at index i is followed
 /// by index i + n.
 fn group(index: JournalIndex, values: Vec<Vec<u8>>) -> Vec<(JournalIndex, Vec<u8>)> {
-    let mut keyed: Vec<(JournalIndex, Vec<u8>, usize)> = Vec::with_capacity(values.len());
+    // Each group: its first index, its values, and their bytes with a separator each.
+    let mut groups: Vec<(JournalIndex, Vec<Vec<u8>>, usize)> = Vec::new();
     for (offset, value) in values.into_iter().enumerate() {
-        let at = JournalIndex(index.0 + offset as u32);
-        match keyed.last_mut() {
-            Some((_, group, count)) if group.len() + value.len() + 3 <= GROUP_BYTES_MAX => {
-                if *count == 1 {
-                    group.insert(0, b'[');
-                } else {
-                    group.pop();
-                }
-                group.push(b',');
-                group.extend_from_slice(&value);
-                group.push(b']');
-                *count += 1;
+        match groups.last_mut() {
+            // `[`, the values, a `,` between two, `]`.
+            Some((_, group, bytes)) if *bytes + value.len() + 2 <= GROUP_BYTES_MAX => {
+                *bytes += value.len() + 1;
+                group.push(value);
             }
-            _ => keyed.push((at, value, 1)),
+            _ => {
+                let bytes = value.len() + 1;
+                groups.push((JournalIndex(index.0 + offset as u32), vec![value], bytes));
+            }
         }
     }
-    keyed
+    groups
         .into_iter()
-        .map(|(index, value, _)| (index, value))
+        .map(|(index, mut group, _)| match group.len() {
+            1 => (index, group.pop().expect("one value")),
+            _ => {
+                let mut joined = b"[".to_vec();
+                joined.extend_from_slice(&group.join(&b","[..]));
+                joined.push(b']');
+                (index, joined)
+            }
+        })
         .collect()
 }
 
@@ -493,14 +498,15 @@ impl SledStore {
             .iter()
             .map(|entry| encode("journal entry", entry, ENTRY_BYTES_MAX))
             .collect::<Result<Vec<_>>>()?;
-        let record_bytes = match record {
+        // The run record's view, with its bytes, when a transition changes it.
+        let view = match record {
             None => {
                 values.push(encode("journal entry", last, ENTRY_BYTES_MAX)?);
                 None
             }
             Some(record) => {
                 values.push(encode_transition(last, record)?);
-                Some(encode("run record", record, RUN_RECORD_BYTES_MAX)?)
+                Some((record, encode("run record", record, RUN_RECORD_BYTES_MAX)?))
             }
         };
         let mut keyed = group(index, values);
@@ -510,30 +516,28 @@ impl SledStore {
                 .insert(journal_key(id, index), value)
                 .map_err(|e| self.storage(e))?;
         }
-        match (record, record_bytes) {
-            (Some(record), Some(record_bytes)) => {
-                // Until the view is rewritten, the store may not be closed cleanly.
-                self.transitions_open.fetch_add(1, Ordering::SeqCst);
-                // The commit point: the entry with the record's new state.
-                self.db
-                    .insert(journal_key(id, last_index), last_value)
-                    .map_err(|e| self.storage(e))?;
-                crate::crash::point("store.after_transition_entry");
-                // The view; `repair_records` redoes it if a crash comes first.
-                let before = self
-                    .db
-                    .insert(run_key(id), record_bytes)
-                    .map_err(|e| self.storage(e))?;
-                let from = before.as_deref().and_then(status_of);
-                self.counts.moved(from, Some(record.status));
-                self.transitions_open.fetch_sub(1, Ordering::SeqCst);
-            }
-            _ => {
-                self.db
-                    .insert(journal_key(id, last_index), last_value)
-                    .map_err(|e| self.storage(e))?;
-            }
-        }
+        let Some((record, record_bytes)) = view else {
+            self.db
+                .insert(journal_key(id, last_index), last_value)
+                .map_err(|e| self.storage(e))?;
+            self.wrote();
+            return Ok(());
+        };
+        // Until the view is rewritten, the store may not be closed cleanly.
+        self.transitions_open.fetch_add(1, Ordering::SeqCst);
+        // The commit point: the entry with the record's new state.
+        self.db
+            .insert(journal_key(id, last_index), last_value)
+            .map_err(|e| self.storage(e))?;
+        crate::crash::point("store.after_transition_entry");
+        // The view; `repair_records` redoes it if a crash comes first.
+        let before = self
+            .db
+            .insert(run_key(id), record_bytes)
+            .map_err(|e| self.storage(e))?;
+        let from = before.as_deref().and_then(status_of);
+        self.counts.moved(from, Some(record.status));
+        self.transitions_open.fetch_sub(1, Ordering::SeqCst);
         self.wrote();
         Ok(())
     }
