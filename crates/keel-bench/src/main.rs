@@ -28,6 +28,10 @@
 // the report.
 #![allow(clippy::print_stderr)]
 
+/// The allocator the `keel` worker uses, so that the figures are the worker's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod cli;
 mod console;
 mod cpi;

@@ -22,6 +22,12 @@
 // The CLI's output is its job: tables and JSON on stdout, errors and progress on stderr.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+/// mimalloc rather than glibc's malloc: a step's path allocates and frees on several threads
+/// (sled copies a leaf per insert), and glibc's arena locks cost about a quarter of its CPU
+/// (docs/benchmarks.md, "mimalloc as the binaries' allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod api;
 mod client;
 mod history;
