@@ -7,11 +7,9 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::counts::status_of;
+use super::journal::{is_group, journal_prefix, RecordState, StoredRecordState};
 use super::sync::wall_clock_ms;
-use super::{
-    decode_record, encode, is_group, journal_prefix, readable_key, storage, sync_error,
-    RecordState, StoredRecordState, RUN_PREFIX,
-};
+use super::{decode_record, encode, readable_key, storage, sync_error, RUN_PREFIX};
 use crate::contain::contained_sync;
 use crate::error::{EngineError, Result};
 use crate::journal::{RunRecord, RunStatus};

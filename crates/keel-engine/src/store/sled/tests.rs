@@ -2,6 +2,7 @@
 
 use std::ops::ControlFlow;
 
+use super::journal::{is_group, RecordState, StoredRecordState, GROUP_BYTES_MAX};
 use super::scan::visit_runs;
 use super::*;
 use crate::ids::{Attempt, OperationIndex};
