@@ -5,7 +5,10 @@
 //! - `w` + wake time (u64, big-endian) + run id: an entry (empty value). Wake time 0: the run
 //!   is loaded (or must be at the next open); `u64::MAX`: it waits only for something to
 //!   arrive (an event, an operator call);
-//! - `v` + run id: the run's current wake time (u64, big-endian), to find its entry;
+//! - `v` + run id: the run's current wake time (u64, big-endian), to find its entry, when it
+//!   is not 0: a run without `v` has its entry at 0, if it has one. So a run that is started,
+//!   driven and settled without ever parking writes one key of the index and removes it
+//!   (its `v` was two more writes, about a fifth of a short run's sled writes);
 //! - `W2`: present once every drivable run has an entry (the index was built) by a version
 //!   whose children set their parent's entry when they settle. `W` was the mark of the
 //!   versions before: a store holding it was last indexed by one of them (perhaps after
@@ -56,12 +59,13 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// The index keys of run `id` in `db` (its entry and its `v` key), for deleting the run.
+/// The index keys run `id` may have in `db` (its entry and its `v` key), for deleting the
+/// run: without `v`, the entry at 0 (removing a key that is absent writes nothing).
 pub(super) fn keys_of(db: &sled::Db, id: &RunId) -> sled::Result<Vec<Vec<u8>>> {
     let of = wake_of_key(id);
     Ok(match db.get(&of)?.as_deref().and_then(be_u64) {
         Some(wake_ms) => vec![wake_key(wake_ms, id), of],
-        None => Vec::new(),
+        None => vec![wake_key(0, id)],
     })
 }
 
@@ -90,7 +94,8 @@ impl SledStore {
         self.write_wake_locked(&one_at_a_time, id, wake_ms, true)
     }
 
-    /// [`SledStore::write_wake`] for a run that has an entry (its `v` key) only.
+    /// [`SledStore::write_wake`] for a run whose entry is not at 0 only (its `v` key): a run
+    /// without `v` is due already, or not indexed.
     pub(super) fn write_wake_if_indexed(&self, id: &RunId, wake_ms: u64) -> Result<()> {
         let one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
         self.write_wake_locked(&one_at_a_time, id, wake_ms, false)
@@ -110,25 +115,37 @@ impl SledStore {
             .map_err(|e| self.storage(e))?
             .as_deref()
             .and_then(be_u64);
+        // Without `v`, the run's entry is at 0 or it has none: a run with an entry at 0 is
+        // due already, and one with none is not indexed.
         if old.is_none() && !or_new {
             return Ok(());
         }
-        // Unchanged, unless a crash inside `remove_wake` left `v` without its entry.
-        if old == Some(wake_ms)
-            && self
-                .db
-                .contains_key(wake_key(wake_ms, id))
-                .map_err(|e| self.storage(e))?
-        {
+        // The new entry first, then `v`, then the old entry: a crash between leaves two
+        // entries (or an entry and a `v` at the other), and the earlier wins at the next
+        // open (`read_wakes`).
+        let had_entry = self
+            .db
+            .insert(wake_key(wake_ms, id), &[])
+            .map_err(|e| self.storage(e))?
+            .is_some();
+        let at = if wake_ms == 0 { None } else { Some(wake_ms) };
+        if had_entry && old == at {
+            // Unchanged (sled writes nothing for a key set to the value it has).
             return Ok(());
         }
-        self.db
-            .insert(wake_key(wake_ms, id), &[])
-            .map_err(|e| self.storage(e))?;
-        self.db
-            .insert(of, &wake_ms.to_be_bytes())
-            .map_err(|e| self.storage(e))?;
-        if let Some(old) = old.filter(|old| *old != wake_ms) {
+        if wake_ms == 0 {
+            if old.is_some() {
+                self.db.remove(&of).map_err(|e| self.storage(e))?;
+            }
+        } else if old != Some(wake_ms) {
+            self.db
+                .insert(of, &wake_ms.to_be_bytes())
+                .map_err(|e| self.storage(e))?;
+        }
+        let old = old.unwrap_or(0);
+        if old != wake_ms {
+            // Without `v`, a blind removal of the entry at 0 (which writes nothing when the
+            // run had none).
             self.db
                 .remove(wake_key(old, id))
                 .map_err(|e| self.storage(e))?;
@@ -137,16 +154,24 @@ impl SledStore {
         Ok(())
     }
 
+    /// Removes run `id`'s `v` and then its entry: a crash between leaves an entry without
+    /// `v`, for a settled run, which the next open drops.
     pub(super) fn remove_wake(&self, id: &RunId) -> Result<()> {
         let _one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
-        let keys = keys_of(&self.db, id).map_err(|e| self.storage(e))?;
-        if keys.is_empty() {
-            return Ok(());
+        let old = self
+            .db
+            .remove(wake_of_key(id))
+            .map_err(|e| self.storage(e))?;
+        let wake_ms = old.as_deref().and_then(be_u64).unwrap_or(0);
+        if self
+            .db
+            .remove(wake_key(wake_ms, id))
+            .map_err(|e| self.storage(e))?
+            .is_some()
+            || old.is_some()
+        {
+            self.wrote();
         }
-        for key in keys {
-            self.db.remove(key).map_err(|e| self.storage(e))?;
-        }
-        self.wrote();
         Ok(())
     }
 
@@ -184,13 +209,20 @@ impl SledStore {
             if let Some(&at) = first.get(id) {
                 // An entry a crash left beside the run's earlier one (the new one is written
                 // before the old one is removed, and `v` between): the earliest stands, and
-                // `v` is set to it, so that the next change of the entry removes it. A run
-                // with one entry has `v` at it, or none (a crash after its first entry), in
-                // which case its next change leaves this entry, to be found here next time.
+                // `v` is set to it (none for 0), so that the next change of the entry removes
+                // it. A run with one entry has `v` at it, or none: at 0, or after a crash
+                // between a first entry elsewhere and its `v`, in which case its next change
+                // leaves this entry, to be found here next time.
                 let (earliest, id): &(u64, RunId) = &wakes[at];
-                self.db
-                    .insert(wake_of_key(id), &earliest.to_be_bytes())
-                    .map_err(|e| self.storage(e))?;
+                if *earliest == 0 {
+                    self.db
+                        .remove(wake_of_key(id))
+                        .map_err(|e| self.storage(e))?;
+                } else {
+                    self.db
+                        .insert(wake_of_key(id), &earliest.to_be_bytes())
+                        .map_err(|e| self.storage(e))?;
+                }
                 self.db.remove(&key).map_err(|e| self.storage(e))?;
                 continue;
             }
@@ -215,5 +247,182 @@ impl SledStore {
         self.db.remove(OLD_BUILT_KEY).map_err(|e| self.storage(e))?;
         self.wrote();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::commit::Durability;
+    use crate::store::sled::{LostData, SledOptions};
+    use std::sync::atomic::Ordering;
+
+    fn open(dir: &std::path::Path) -> SledStore {
+        let options = SledOptions {
+            durability: Durability::ProcessCrash,
+            lost_data: LostData::Refuse,
+            cache_bytes: None,
+        };
+        SledStore::open(dir, options).unwrap()
+    }
+
+    fn run(id: &str) -> RunId {
+        RunId::new(id).unwrap()
+    }
+
+    /// What the index holds: its entries (wake time, run) and its `v` keys (run, wake time).
+    type Held = (Vec<(u64, String)>, Vec<(String, u64)>);
+
+    fn held(store: &SledStore) -> Held {
+        let entries = store
+            .db
+            .scan_prefix([WAKE_PREFIX])
+            .keys()
+            .map(|key| {
+                let key = key.unwrap();
+                let wake_ms = be_u64(&key[1..9]).unwrap();
+                (wake_ms, String::from_utf8(key[9..].to_vec()).unwrap())
+            })
+            .collect();
+        let ofs = store
+            .db
+            .scan_prefix([WAKE_OF_PREFIX])
+            .map(|item| {
+                let (key, value) = item.unwrap();
+                let id = String::from_utf8(key[1..].to_vec()).unwrap();
+                (id, be_u64(&value).unwrap())
+            })
+            .collect();
+        (entries, ofs)
+    }
+
+    fn entry(wake_ms: u64, id: &str) -> (u64, String) {
+        (wake_ms, id.to_string())
+    }
+
+    /// A run that is started and settles without parking writes one key of the index and
+    /// removes it; one that parks gets `v` while it is parked, and loses it when it is due.
+    #[test]
+    fn a_run_at_0_has_no_v_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let writes = |store: &SledStore| store.written.load(Ordering::SeqCst);
+
+        store.write_wake(&run("short"), 0).unwrap();
+        assert_eq!(held(&store), (vec![entry(0, "short")], vec![]));
+        let before = writes(&store);
+        store.write_wake(&run("short"), 0).unwrap();
+        assert_eq!(writes(&store), before, "an unchanged entry is no write");
+        store.remove_wake(&run("short")).unwrap();
+        assert_eq!(held(&store), (vec![], vec![]));
+
+        store.write_wake(&run("parks"), 0).unwrap();
+        store.write_wake(&run("parks"), 5_000).unwrap();
+        assert_eq!(
+            held(&store),
+            (vec![entry(5_000, "parks")], vec![("parks".into(), 5_000)])
+        );
+        store.write_wake(&run("parks"), 7_000).unwrap();
+        assert_eq!(
+            held(&store),
+            (vec![entry(7_000, "parks")], vec![("parks".into(), 7_000)])
+        );
+        // A child's settling makes its parked parent due; a parent at 0 or unindexed is left.
+        store.write_wake_if_indexed(&run("parks"), 0).unwrap();
+        assert_eq!(held(&store), (vec![entry(0, "parks")], vec![]));
+        store.write_wake_if_indexed(&run("unindexed"), 0).unwrap();
+        assert_eq!(held(&store), (vec![entry(0, "parks")], vec![]));
+        store.write_wake(&run("parks"), u64::MAX).unwrap();
+        store.remove_wake(&run("parks")).unwrap();
+        assert_eq!(held(&store), (vec![], vec![]));
+        assert_eq!(
+            keys_of(&store.db, &run("parks")).unwrap(),
+            vec![wake_key(0, &run("parks"))]
+        );
+    }
+
+    /// A store written by the versions that kept `v` at 0 too: the run's next change drops it.
+    #[test]
+    fn a_v_key_at_0_is_dropped_by_the_next_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let id = run("old");
+        store.db.insert(wake_key(0, &id), &[]).unwrap();
+        store
+            .db
+            .insert(wake_of_key(&id), &0u64.to_be_bytes())
+            .unwrap();
+        store.write_wake(&id, 0).unwrap();
+        assert_eq!(held(&store), (vec![entry(0, "old")], vec![]));
+
+        store
+            .db
+            .insert(wake_of_key(&id), &0u64.to_be_bytes())
+            .unwrap();
+        store.write_wake(&id, 9_000).unwrap();
+        assert_eq!(
+            held(&store),
+            (vec![entry(9_000, "old")], vec![("old".into(), 9_000)])
+        );
+        store.db.insert(wake_key(0, &id), &[]).unwrap();
+        store
+            .db
+            .insert(wake_of_key(&id), &0u64.to_be_bytes())
+            .unwrap();
+        store.db.remove(wake_key(9_000, &id)).unwrap();
+        store.remove_wake(&id).unwrap();
+        assert_eq!(held(&store), (vec![], vec![]));
+    }
+
+    /// What a crash leaves between the writes of a change: the earlier entry wins at the next
+    /// open, and the index is left as that entry's change would have left it.
+    #[test]
+    fn an_open_repairs_what_a_crash_left_between_the_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        store.write_wakes_built().unwrap();
+        // Parking from 0, cut after the new entry: no `v` yet.
+        store.db.insert(wake_key(0, &run("a")), &[]).unwrap();
+        store.db.insert(wake_key(5_000, &run("a")), &[]).unwrap();
+        // Parking from 0, cut after `v`.
+        store.db.insert(wake_key(0, &run("b")), &[]).unwrap();
+        store.db.insert(wake_key(6_000, &run("b")), &[]).unwrap();
+        store
+            .db
+            .insert(wake_of_key(&run("b")), &6_000u64.to_be_bytes())
+            .unwrap();
+        // Made due from 6,000, cut after the new entry (`v` still at 6,000) or after `v`.
+        for (id, with_v) in [("c", true), ("d", false)] {
+            store.db.insert(wake_key(0, &run(id)), &[]).unwrap();
+            store.db.insert(wake_key(6_000, &run(id)), &[]).unwrap();
+            if with_v {
+                store
+                    .db
+                    .insert(wake_of_key(&run(id)), &6_000u64.to_be_bytes())
+                    .unwrap();
+            }
+        }
+        // Moved from 8,000 to 7,000, cut after `v`.
+        store.db.insert(wake_key(7_000, &run("e")), &[]).unwrap();
+        store.db.insert(wake_key(8_000, &run("e")), &[]).unwrap();
+        store
+            .db
+            .insert(wake_of_key(&run("e")), &7_000u64.to_be_bytes())
+            .unwrap();
+
+        let wakes = store.read_wakes().unwrap().unwrap();
+        let due: Vec<(u64, String)> = wakes
+            .iter()
+            .map(|(at, id)| (*at, id.as_str().to_string()))
+            .collect();
+        let expected = vec![
+            entry(0, "a"),
+            entry(0, "b"),
+            entry(0, "c"),
+            entry(0, "d"),
+            entry(7_000, "e"),
+        ];
+        assert_eq!(due, expected);
+        assert_eq!(held(&store), (expected, vec![("e".into(), 7_000)]));
     }
 }
