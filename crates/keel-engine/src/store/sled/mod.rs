@@ -11,7 +11,8 @@
 //! - `l` + run id: the run's load count (u32, big-endian; absent when 0), `poison.rs`;
 //! - `s` + operation: latency statistics;
 //! - `k` + space + `0x00` + key: a keyed record beside the runs (a schedule, a notification);
-//! - `w` + wake time + run id, `v` + run id, `W`: the wake index (`wakes.rs`);
+//! - `w` + wake time + run id, `v` + run id (for an entry not at 0), `W2`: the wake index
+//!   (`wakes.rs`);
 //! - `C`: the runs per status, left by a clean close for the next open (`recovery.rs`);
 //! - in the tree `commit`, `m`: the commit sequence, written by every sync (`store/mark.rs`).
 //!
