@@ -1,0 +1,190 @@
+//! Unit tests of the journal's encoding (`journal.rs`): transitions, groups, bounds.
+
+use super::super::journal::{is_group, RecordState, StoredRecordState, GROUP_BYTES_MAX};
+use super::*;
+
+/// A transition is one key: the journal entry carries the record's new state, reads give
+/// back the entry as written, and the record view matches.
+#[test]
+fn a_transition_is_one_entry_carrying_the_record_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    write_completed_run(&store, "a");
+    let id = RunId::new("a").unwrap();
+    assert_eq!(store.read_journal(&id).unwrap(), entries().to_vec());
+    assert_eq!(store.read_run(&id).unwrap(), Some(completed("a")));
+    let raw = store
+        .db
+        .get(journal_key(&id, JournalIndex(1)))
+        .unwrap()
+        .unwrap();
+    let stored: StoredRecordState = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(stored.record, Some(RecordState::of(&completed("a"))));
+}
+
+/// Entries appended together share one value (a step's completion and the next entry), keyed
+/// by the first's index: reads give back each entry, the journal stays dense, and a transition
+/// last in a group is what an open repairs a record from.
+#[test]
+fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let run = running("grouped");
+    assert_eq!(store.insert_run(&run).unwrap(), None);
+    let [started, done] = entries();
+    let completion = Entry {
+        at_ms: 12,
+        event: Event::StepCompleted {
+            step: OperationIndex(0),
+            attempt: Attempt(1),
+            output: serde_json::json!(3),
+        },
+    };
+    let token = Token::CREATED;
+    store
+        .append(
+            &run.id,
+            JournalIndex(0),
+            std::slice::from_ref(&started),
+            None,
+            token,
+        )
+        .unwrap();
+    store
+        .append(
+            &run.id,
+            JournalIndex(1),
+            &[completion.clone(), done.clone()],
+            Some(&completed("grouped")),
+            token,
+        )
+        .unwrap();
+    let keys: Vec<_> = store
+        .db
+        .scan_prefix(journal_prefix(&run.id))
+        .keys()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        keys,
+        [0, 1].map(|i| journal_key(&run.id, JournalIndex(i))),
+        "two keys for three entries"
+    );
+    let journal = vec![started.clone(), completion.clone(), done.clone()];
+    assert_eq!(store.read_journal(&run.id).unwrap(), journal);
+    assert_eq!(store.read_run(&run.id).unwrap(), Some(completed("grouped")));
+
+    // A crash before the record's rewrite: the open repairs it from the group's last entry.
+    store
+        .db
+        .insert(run_key(&run.id), serde_json::to_vec(&run).unwrap())
+        .unwrap();
+    store.db.flush().unwrap();
+    drop(store);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(store.read_run(&run.id).unwrap(), Some(completed("grouped")));
+    assert_eq!(store.read_journal(&run.id).unwrap(), journal);
+
+    // The next entry's key follows the group's last index; a gap is still refused.
+    let next = Entry {
+        at_ms: 30,
+        event: Event::RunCompleted {
+            output: serde_json::json!(null),
+        },
+    };
+    store
+        .append(
+            &run.id,
+            JournalIndex(4),
+            std::slice::from_ref(&next),
+            None,
+            token,
+        )
+        .unwrap();
+    let error = store.read_journal(&run.id).unwrap_err().to_string();
+    assert!(
+        error.contains("journal index 4 follows 3 entries: gap"),
+        "{error}"
+    );
+}
+
+/// A group ends before it would pass a transition entry's bound (so that grouping moves no
+/// value into a blob file); the entries after it start a value of their own. A stored group
+/// of fewer than two entries is refused as corrupt.
+#[test]
+fn a_group_ends_at_its_bound_and_a_group_of_one_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let run = running("large");
+    assert_eq!(store.insert_run(&run).unwrap(), None);
+    let large = |step: u32| Entry {
+        at_ms: 1,
+        event: Event::StepCompleted {
+            step: OperationIndex(step),
+            attempt: Attempt(1),
+            output: serde_json::json!("x".repeat(crate::limits::STEP_OUTPUT_BYTES_MAX - 2)),
+        },
+    };
+    let three = [large(0), large(1), large(2)];
+    store
+        .append(&run.id, JournalIndex(0), &three, None, Token::CREATED)
+        .unwrap();
+    let values: Vec<_> = store
+        .db
+        .scan_prefix(journal_prefix(&run.id))
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        values.len(),
+        2,
+        "two entries fit in a group, the third does not"
+    );
+    assert!(is_group(&values[0].1) && !is_group(&values[1].1));
+    assert!(
+        values[0].1.len() <= GROUP_BYTES_MAX,
+        "{}",
+        values[0].1.len()
+    );
+    assert_eq!(values[1].0, journal_key(&run.id, JournalIndex(2)));
+    assert_eq!(store.read_journal(&run.id).unwrap(), three.to_vec());
+
+    let [started, _] = entries();
+    let one = format!("[{}]", serde_json::to_string(&started).unwrap());
+    store
+        .db
+        .insert(journal_key(&run.id, JournalIndex(3)), one.as_bytes())
+        .unwrap();
+    let error = store.read_journal(&run.id).unwrap_err().to_string();
+    assert!(error.contains("a group of 1 journal entries"), "{error}");
+}
+
+/// A transition whose record state would not fit is refused before anything is written.
+#[test]
+fn an_oversized_transition_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let record = running("big");
+    assert_eq!(store.insert_run(&record).unwrap(), None);
+    let huge = "x".repeat(crate::limits::RUN_RECORD_BYTES_MAX);
+    let failed = RunRecord {
+        status: RunStatus::Failed,
+        error: Some(huge.clone()),
+        ..running("big")
+    };
+    let entry = Entry {
+        at_ms: 30,
+        event: Event::RunFailed { error: huge },
+    };
+    let err = store
+        .append(
+            &record.id,
+            JournalIndex(0),
+            std::slice::from_ref(&entry),
+            Some(&failed),
+            Token::CREATED,
+        )
+        .unwrap_err();
+    assert!(matches!(err, EngineError::TooLarge { .. }), "{err}");
+    assert_eq!(store.read_journal(&record.id).unwrap(), Vec::<Entry>::new());
+    assert_eq!(store.read_run(&record.id).unwrap(), Some(record));
+}
