@@ -110,7 +110,7 @@ impl SledStore {
         or_new: bool,
     ) -> Result<()> {
         let of = wake_of_key(id);
-        let old = self
+        let v = self
             .db
             .get(&of)
             .map_err(|e| self.storage(e))?
@@ -118,9 +118,11 @@ impl SledStore {
             .and_then(be_u64);
         // Without `v`, the run's entry is at 0 or it has none: a run with an entry at 0 is
         // due already, and one with none is not indexed.
-        if old.is_none() && !or_new {
+        if v.is_none() && !or_new {
             return Ok(());
         }
+        let old = v.unwrap_or(0);
+        let new_v = (wake_ms != 0).then_some(wake_ms);
         // The new entry first, then `v`, then the old entry: a crash between leaves two
         // entries (or an entry and a `v` at the other), and the earlier wins at the next
         // open (`read_wakes`).
@@ -129,24 +131,24 @@ impl SledStore {
             .insert(wake_key(wake_ms, id), &[])
             .map_err(|e| self.storage(e))?
             .is_some();
-        let at = if wake_ms == 0 { None } else { Some(wake_ms) };
-        if had_entry && old == at {
+        if had_entry && v == new_v {
             // Unchanged (sled writes nothing for a key set to the value it has).
             return Ok(());
         }
-        if wake_ms == 0 {
-            if old.is_some() {
+        match new_v {
+            Some(at) if v != new_v => {
+                self.db
+                    .insert(of, &at.to_be_bytes())
+                    .map_err(|e| self.storage(e))?;
+            }
+            None if v.is_some() => {
                 self.db.remove(&of).map_err(|e| self.storage(e))?;
             }
-        } else if old != Some(wake_ms) {
-            self.db
-                .insert(of, &wake_ms.to_be_bytes())
-                .map_err(|e| self.storage(e))?;
+            _ => {}
         }
-        let old = old.unwrap_or(0);
         if old != wake_ms {
-            // Without `v`, a blind removal of the entry at 0 (which writes nothing when the
-            // run had none).
+            // Without `v`, the entry at 0, which may be absent (its removal then writes
+            // nothing).
             self.db
                 .remove(wake_key(old, id))
                 .map_err(|e| self.storage(e))?;
@@ -349,35 +351,36 @@ mod tests {
         );
     }
 
+    /// Writes run `id`'s index keys as a version before this one or a crash left them:
+    /// entries at `entries`, and `v` at `v`.
+    fn leave(store: &SledStore, id: &str, entries: &[u64], v: Option<u64>) {
+        for &wake_ms in entries {
+            store.db.insert(wake_key(wake_ms, &run(id)), &[]).unwrap();
+        }
+        if let Some(wake_ms) = v {
+            let value = wake_ms.to_be_bytes();
+            store.db.insert(wake_of_key(&run(id)), &value).unwrap();
+        }
+    }
+
     /// A store written by the versions that kept `v` at 0 too: the run's next change drops it.
     #[test]
     fn a_v_key_at_0_is_dropped_by_the_next_change() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let id = run("old");
-        store.db.insert(wake_key(0, &id), &[]).unwrap();
-        store
-            .db
-            .insert(wake_of_key(&id), &0u64.to_be_bytes())
-            .unwrap();
+        leave(&store, "old", &[0], Some(0));
         store.write_wake(&id, 0).unwrap();
         assert_eq!(held(&store), (vec![entry(0, "old")], vec![]));
 
-        store
-            .db
-            .insert(wake_of_key(&id), &0u64.to_be_bytes())
-            .unwrap();
+        leave(&store, "old", &[], Some(0));
         store.write_wake(&id, 9_000).unwrap();
         assert_eq!(
             held(&store),
             (vec![entry(9_000, "old")], vec![("old".into(), 9_000)])
         );
-        store.db.insert(wake_key(0, &id), &[]).unwrap();
-        store
-            .db
-            .insert(wake_of_key(&id), &0u64.to_be_bytes())
-            .unwrap();
         store.db.remove(wake_key(9_000, &id)).unwrap();
+        leave(&store, "old", &[0], Some(0));
         store.remove_wake(&id).unwrap();
         assert_eq!(held(&store), (vec![], vec![]));
     }
@@ -390,24 +393,13 @@ mod tests {
         let store = open(dir.path());
         store.write_wakes_built().unwrap();
         // Parking from 0, cut after the new entry: no `v` yet.
-        store.db.insert(wake_key(0, &run("a")), &[]).unwrap();
-        store.db.insert(wake_key(5_000, &run("a")), &[]).unwrap();
+        leave(&store, "a", &[0, 5_000], None);
         // Parking from 0, cut after `v`.
-        store.db.insert(wake_key(0, &run("b")), &[]).unwrap();
-        store.db.insert(wake_key(6_000, &run("b")), &[]).unwrap();
-        store
-            .db
-            .insert(wake_of_key(&run("b")), &6_000u64.to_be_bytes())
-            .unwrap();
+        leave(&store, "b", &[0, 6_000], Some(6_000));
         // (Made due from 6,000 and cut after its new entry leaves b's state, after `v`'s
         // removal a's.)
         // Moved from 7,000 to 8,000, cut after `v`: the earlier entry stands, `v` back at it.
-        store.db.insert(wake_key(7_000, &run("c")), &[]).unwrap();
-        store.db.insert(wake_key(8_000, &run("c")), &[]).unwrap();
-        store
-            .db
-            .insert(wake_of_key(&run("c")), &8_000u64.to_be_bytes())
-            .unwrap();
+        leave(&store, "c", &[7_000, 8_000], Some(8_000));
 
         let wakes = store.read_wakes().unwrap().unwrap();
         let due: Vec<(u64, String)> = wakes
