@@ -192,6 +192,10 @@ pub(crate) enum Command {
         /// Concurrent runs in each repeat.
         #[arg(long, default_value_t = 1000)]
         runs: u32,
+        /// No-op steps of each run. With 0 the runs only start and settle, and every figure
+        /// is per run (what a durable start costs) instead of per step.
+        #[arg(long, default_value_t = 10)]
+        steps: u32,
         /// Repeats, each on a fresh store.
         #[arg(long, default_value_t = 5)]
         repeats: u32,

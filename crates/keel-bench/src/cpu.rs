@@ -3,7 +3,8 @@
 //! fresh store, and reports for every repeat the steps/s and the CPU per step, split by
 //! thread: the tokio workers (the runs' own code), the committer (group commit and its
 //! syncs), sled's threads, and the rest. At `process-crash` durability the syncs wait for no
-//! device, which separates the engine's CPU from the disk's waits.
+//! device, which separates the engine's CPU from the disk's waits. With `--steps 0` the runs
+//! only start and settle, and the figures are per run: what a durable start costs.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,6 +19,8 @@ use crate::workload::{self, Steps, StepsInput};
 /// What `cpu` is asked to do.
 pub(crate) struct CpuParams {
     pub runs: u32,
+    /// No-op steps of each run; 0 measures starts (the figures are then per run).
+    pub steps: u32,
     pub repeats: u32,
     pub durability: Durability,
 }
@@ -25,10 +28,11 @@ pub(crate) struct CpuParams {
 /// One repeat's figures.
 #[derive(Serialize)]
 pub(crate) struct Repeat {
+    /// Steps (runs, with `--steps 0`) completed per second.
     pub steps_per_s: f64,
-    /// CPU per step of the whole process, in microseconds.
+    /// CPU per step (per run, with `--steps 0`) of the whole process, in microseconds.
     pub cpu_us_per_step: f64,
-    /// CPU per step of each group of threads, in microseconds.
+    /// The same, for each group of threads.
     pub by_thread_us_per_step: BTreeMap<&'static str, f64>,
 }
 
@@ -37,6 +41,8 @@ pub(crate) struct Repeat {
 pub(crate) struct CpuReport {
     pub runs: u32,
     pub steps_per_run: u32,
+    /// What the figures are per: `step`, or `run` when the runs take no steps.
+    pub unit: &'static str,
     pub durability: String,
     pub repeats: Vec<Repeat>,
 }
@@ -45,11 +51,12 @@ impl CpuReport {
     /// The report as a table: one line per repeat, then the median.
     pub(crate) fn table(&self) -> String {
         let groups: Vec<&str> = GROUPS.iter().map(|(name, _)| *name).collect();
+        let unit = self.unit;
         let mut out = format!(
-            "{} runs x {} no-op steps at {}; CPU in us per step (user + system)\n\n",
+            "{} runs x {} no-op steps at {}; CPU in us per {unit} (user + system)\n\n",
             self.runs, self.steps_per_run, self.durability
         );
-        out.push_str("| repeat | steps/s | CPU/step |");
+        out.push_str(&format!("| repeat | {unit}s/s | CPU/{unit} |"));
         for group in &groups {
             out.push_str(&format!(" {group} |"));
         }
@@ -78,7 +85,7 @@ impl CpuReport {
         let mut cpu: Vec<f64> = self.repeats.iter().map(|r| r.cpu_us_per_step).collect();
         cpu.sort_by(f64::total_cmp);
         out.push_str(&format!(
-            "\nCPU per step: median {:.1} us, from {:.1} to {:.1} us\n",
+            "\nCPU per {unit}: median {:.1} us, from {:.1} to {:.1} us\n",
             cpu[cpu.len() / 2],
             cpu[0],
             cpu[cpu.len() - 1]
@@ -101,6 +108,7 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
     if params.runs == 0 || params.repeats == 0 {
         bail!("--runs and --repeats must be at least 1");
     }
+    let unit = if params.steps == 0 { "run" } else { "step" };
     let data = crate::system::fresh_data_dir(parent, "cpu-")?;
     let mut repeats = Vec::new();
     for n in 0..params.repeats {
@@ -113,14 +121,14 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
         let before = thread_ticks()?;
         let started = Instant::now();
         let input = StepsInput {
-            steps: workload::CONCURRENT_RUN_STEPS,
+            steps: params.steps,
         };
         workload::start_concurrently::<Steps>(&engine, "cpu", params.runs, &input).await?;
         workload::wait_all_completed(&engine, "cpu", params.runs).await?;
         let elapsed = started.elapsed().as_secs_f64();
         let after = thread_ticks()?;
         engine.shutdown().await;
-        let steps = f64::from(params.runs * workload::CONCURRENT_RUN_STEPS);
+        let steps = f64::from(params.runs * params.steps.max(1));
         let us_per_tick = 1e6 / crate::system::clock_ticks_per_s() as f64;
         let mut by_thread: BTreeMap<&'static str, f64> = BTreeMap::new();
         for (tid, (group, ticks)) in &after {
@@ -134,7 +142,7 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
             by_thread_us_per_step: by_thread,
         };
         eprintln!(
-            "[{}/{}] {:.0} steps/s, {:.1} us of CPU per step",
+            "[{}/{}] {:.0} {unit}s/s, {:.1} us of CPU per {unit}",
             n + 1,
             params.repeats,
             repeat.steps_per_s,
@@ -144,7 +152,8 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
     }
     Ok(CpuReport {
         runs: params.runs,
-        steps_per_run: workload::CONCURRENT_RUN_STEPS,
+        steps_per_run: params.steps,
+        unit,
         durability: format!("{:?}", params.durability),
         repeats,
     })

@@ -186,6 +186,7 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
         Some(Command::LoadChild) => load::child().await,
         Some(Command::Cpu {
             runs,
+            steps,
             repeats,
             durability,
         }) => {
@@ -194,6 +195,7 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             }
             let params = cpu::CpuParams {
                 runs,
+                steps,
                 repeats,
                 durability,
             };
