@@ -47,6 +47,10 @@ struct Requests {
     /// Set once a sync failed; final.
     failure: Option<String>,
     stop: bool,
+    /// Whether the committer waits on the condition variable for a ticket: only then does
+    /// a new ticket signal it (a signal is a system call even with nobody waiting). A busy
+    /// committer takes every ticket issued meanwhile when its sync ends.
+    asleep: bool,
 }
 
 struct Shared {
@@ -135,8 +139,13 @@ impl Committer {
         requests.issued += 1;
         let ticket = requests.issued;
         requests.waiting.push_back((ticket, sender));
+        // The first ticket after the committer fell asleep wakes it; later ones find it
+        // awake (or about to be) and need not.
+        let wake = std::mem::take(&mut requests.asleep);
         drop(requests);
-        self.shared.wake.notify_one();
+        if wake {
+            self.shared.wake.notify_one();
+        }
         SyncTicket { answer }
     }
 }
@@ -158,8 +167,10 @@ fn committer(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
         let target = {
             let mut requests = shared.requests.lock().expect("committer lock");
             while requests.issued == done && !requests.stop {
+                requests.asleep = true;
                 requests = shared.wake.wait(requests).expect("committer lock");
             }
+            requests.asleep = false;
             if requests.issued == done {
                 return; // stop requested and every ticket answered
             }
@@ -232,6 +243,24 @@ mod tests {
         }
         let syncs = syncs.load(Ordering::SeqCst);
         assert!(syncs < 640, "640 tickets took {syncs} syncs: no batching");
+    }
+
+    /// A ticket issued while the committer sleeps wakes it, each time it fell asleep (it is
+    /// signalled only then).
+    #[tokio::test]
+    async fn tickets_wake_a_sleeping_committer() {
+        let committer = Committer::start(|| Ok(()));
+        for _ in 0..3 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let answered = tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                committer.ticket().wait(),
+            );
+            answered
+                .await
+                .expect("a sleeping committer answers")
+                .unwrap();
+        }
     }
 
     /// After a failed sync every ticket fails, including ones issued later.
