@@ -157,31 +157,33 @@ impl SledStore {
         Ok(())
     }
 
-    /// Removes run `id`'s entry and then its `v`, if it has one: a crash between leaves a
-    /// `v` without its entry, which no open reads (the next change of the run's entry, or the
-    /// run's deletion, removes it). A run settles loaded, so its entry is at 0 and found by
-    /// its removal, with no read first.
+    /// Removes run `id`'s entry, and then its `v` if the entry was not at 0: a crash between
+    /// leaves a `v` without its entry, which no open reads (the next change of the run's
+    /// entry, or the run's deletion, removes it). A run settles loaded, so its entry is at 0
+    /// and found by its removal, with nothing read first and nothing more to remove: no `v`
+    /// is written beside an entry at 0, and the open (`read_wakes`) removes one a crash
+    /// left there. Only a `v` at 0 written by a version before this one may stay, harmless
+    /// as any `v` without its entry.
     pub(super) fn remove_wake(&self, id: &RunId) -> Result<()> {
         let _one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
-        let of = wake_of_key(id);
-        let removed = |key: Vec<u8>| -> Result<bool> {
+        let removed = |key: &[u8]| -> Result<bool> {
             let old = self.db.remove(key).map_err(|e| self.storage(e))?;
             Ok(old.is_some())
         };
-        let mut wrote = removed(wake_key(0, id))?;
-        if !wrote {
-            // An entry elsewhere, found through `v`.
-            let old = self.db.get(&of).map_err(|e| self.storage(e))?;
-            if let Some(wake_ms) = old.as_deref().and_then(be_u64) {
-                wrote |= removed(wake_key(wake_ms, id))?;
-            }
-        }
-        // A `v` beside an entry at 0 is at 0 (written by a version before this one), or at a
-        // later entry a crash left (repaired by the open before any run settles).
-        wrote |= removed(of)?;
-        if wrote {
+        if removed(&wake_key(0, id))? {
             self.wrote();
+            return Ok(());
         }
+        // An entry elsewhere, found through `v`, or none.
+        let of = wake_of_key(id);
+        let Some(v) = self.db.get(&of).map_err(|e| self.storage(e))? else {
+            return Ok(());
+        };
+        if let Some(wake_ms) = be_u64(&v) {
+            removed(&wake_key(wake_ms, id))?;
+        }
+        removed(&of)?;
+        self.wrote();
         Ok(())
     }
 
@@ -363,7 +365,9 @@ mod tests {
         }
     }
 
-    /// A store written by the versions that kept `v` at 0 too: the run's next change drops it.
+    /// A store written by the versions that kept `v` at 0 too: the run's next change of its
+    /// entry drops it. Its settling does not (it removes the entry at 0 and reads nothing):
+    /// that `v` stays until the run is deleted, read by no open.
     #[test]
     fn a_v_key_at_0_is_dropped_by_the_next_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -382,7 +386,12 @@ mod tests {
         store.db.remove(wake_key(9_000, &id)).unwrap();
         leave(&store, "old", &[0], Some(0));
         store.remove_wake(&id).unwrap();
-        assert_eq!(held(&store), (vec![], vec![]));
+        assert_eq!(held(&store), (vec![], vec![("old".into(), 0)]));
+        assert_eq!(
+            keys_of(&store.db, &id).unwrap(),
+            vec![wake_key(0, &id), wake_of_key(&id)],
+            "the run's deletion removes that v"
+        );
     }
 
     /// What a crash leaves between the writes of a change: the earlier entry wins at the next
