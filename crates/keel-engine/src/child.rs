@@ -64,7 +64,7 @@ fn publish_progress(
     value: serde_json::Result<Value>,
 ) {
     let value = match value {
-        Ok(value) if value.to_string().len() <= EVENT_PAYLOAD_BYTES_MAX => value,
+        Ok(value) if crate::limits::json_bytes(&value) <= EVENT_PAYLOAD_BYTES_MAX => value,
         Ok(_) => {
             tracing::warn!(run_id = %cell.id, name, "a progress report over the size bound is left out");
             return;

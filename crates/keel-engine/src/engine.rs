@@ -453,7 +453,7 @@ impl Engine {
         if *self.inner.env.shutdown.borrow() {
             return Err(EngineError::ShutDown);
         }
-        let bytes = input.to_string().len();
+        let bytes = crate::limits::json_bytes(&input);
         if bytes > INPUT_BYTES_MAX {
             return Err(EngineError::TooLarge {
                 what: format!("input of run {id}"),

@@ -202,7 +202,7 @@ async fn interrupted(env: &Arc<RunEnv>, cell: &Arc<RunCell>, interrupt: Interrup
 /// The body returned its output: the run completes, unless the output is too large (the
 /// run fails) or a cancel became durable meanwhile (the run compensates).
 async fn complete(env: &Arc<RunEnv>, cell: &Arc<RunCell>, output: Value) -> Result<Next> {
-    let bytes = output.to_string().len();
+    let bytes = crate::limits::json_bytes(&output);
     if bytes > OUTPUT_BYTES_MAX {
         let reason =
             format!("workflow output is {bytes} bytes, over the limit of {OUTPUT_BYTES_MAX} bytes");

@@ -584,7 +584,7 @@ fn kept_output<T: Serialize>(kind: &str, output: &T) -> Result<Value, String> {
     let value = contained_sync(|| serde_json::to_value(output))
         .map_err(|panic| format!("serialising the output of {kind} panicked: {panic}"))?
         .map_err(|e| format!("output of {kind} does not serialise: {e}"))?;
-    let bytes = value.to_string().len();
+    let bytes = crate::limits::json_bytes(&value);
     if bytes > STEP_OUTPUT_BYTES_MAX {
         return Err(format!(
             "output of {kind} is {bytes} bytes, over the limit of {STEP_OUTPUT_BYTES_MAX} bytes"

@@ -128,6 +128,25 @@ pub const STATS_RECORD_BYTES_MAX: usize = (40 + LATENCY_HISTOGRAM_COUNTERS * 9).
     + LATENCY_OUTLIERS_KEPT * (RUN_ID_LEN_MAX + 64)
     + 1024;
 
+/// The length in bytes of `value`'s JSON text (compact, as stored), which the limits above
+/// bound: counted as it is written, without building the text.
+pub(crate) fn json_bytes(value: &serde_json::Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // A `Value` always serialises (its map keys are strings), and the counter never fails.
+    serde_json::to_writer(&mut counter, value).expect("a JSON value serialises");
+    counter.0
+}
+
 /// Most run records in one page of [`crate::Engine::list_page`].
 pub const RUNS_PAGE_MAX: usize = 1000;
 
@@ -216,3 +235,33 @@ pub const SCHEDULE_GRACE_MS: u64 = 60_000;
 
 const _: () = assert!(SCHEDULE_NAME_LEN_MAX + 1 + 16 <= RUN_ID_LEN_MAX);
 const _: () = assert!(SCHEDULE_CATCH_UP_MAX as usize <= SCHEDULE_FIRES_ENUMERATED_MAX);
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// `json_bytes` counts what `to_string` writes: escapes, multi-byte characters, nesting.
+    #[test]
+    fn json_bytes_is_the_length_of_the_text() {
+        let values = [
+            json!(null),
+            json!(""),
+            json!("quote \" backslash \\ tab \t nul \u{0} é 雪 🦀"),
+            json!({"a": [1, 2.5, -3, true, false, null], "b": {"c": "d"}, "": {}}),
+            json!([
+                [],
+                {},
+                18446744073709551615u64,
+                -9223372036854775808i64,
+                1e300
+            ]),
+        ];
+        for value in values {
+            assert_eq!(
+                super::json_bytes(&value),
+                value.to_string().len(),
+                "{value}"
+            );
+        }
+    }
+}

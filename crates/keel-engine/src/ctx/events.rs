@@ -223,7 +223,7 @@ impl Ctx {
             Ok(value) => value,
             Err(e) => return Err(self.interrupt(Interrupt::Engine(e))),
         };
-        let bytes = value.to_string().len();
+        let bytes = crate::limits::json_bytes(&value);
         if bytes > EVENT_PAYLOAD_BYTES_MAX {
             let e = EngineError::TooLarge {
                 what: format!("published value {name:?}"),

@@ -148,7 +148,7 @@ impl Ctx {
                 return Err(self.interrupt(Interrupt::Engine(e)));
             }
         };
-        let bytes = argument.to_string().len();
+        let bytes = crate::limits::json_bytes(&argument);
         if bytes > STEP_ARGUMENT_BYTES_MAX {
             let e = EngineError::TooLarge {
                 what: format!("argument of {what} {index} ({kind})"),

@@ -55,7 +55,7 @@ impl EventIn {
     fn check(&self) -> Result<()> {
         check_event_name("event name", &self.name).map_err(EngineError::InvalidRequest)?;
         check_event_id(&self.event_id).map_err(EngineError::InvalidRequest)?;
-        let bytes = self.payload.to_string().len();
+        let bytes = crate::limits::json_bytes(&self.payload);
         if bytes > EVENT_PAYLOAD_BYTES_MAX {
             return Err(EngineError::TooLarge {
                 what: format!("payload of event {:?}", self.name),

@@ -171,7 +171,7 @@ impl Engine {
         // within the size limit, accepted by the workflow's own checks.
         let id = fire_run_id(&spec.name, now_ms);
         let (_, input) = self.checked_json_start(&spec.workflow, &id, spec.input.clone())?;
-        let bytes = input.to_string().len();
+        let bytes = crate::limits::json_bytes(&input);
         if bytes > INPUT_BYTES_MAX {
             return Err(EngineError::TooLarge {
                 what: format!("input of schedule {}", spec.name),
