@@ -497,16 +497,13 @@ impl Engine {
             None => None,
         };
         // Before a new record, in the store's write order: the workflow among the types the
-        // runs use, and the run's wake index entry (loaded now), which a crash before the
-        // record leaves stale (dropped at the next open), never missing. A start that finds
-        // the run (or a record it cannot read) writes nothing.
+        // runs use (the run's wake index entry comes with its record, from `create_run`). A
+        // start that finds the run (or a record it cannot read) writes nothing.
         if self.inner.env.store.run(&id).await?.is_none() {
             self.inner
                 .env
                 .types
                 .workflow(&*self.inner.env.store, workflow)?;
-            self.inner.env.store.set_wake(&id, 0)?;
-            crate::crash::point("start.after_wake_entry");
         }
         match self.inner.env.store.create_run(&record).await? {
             None => {

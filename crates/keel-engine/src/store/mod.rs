@@ -141,7 +141,9 @@ impl Space {
 /// the next sync) and are durable when a [`SyncTicket`] asked for after them resolves.
 pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// Inserts `record` unless a run with its id exists; returns the existing record if so.
-    /// Durable with the next sync.
+    /// A store that keeps a wake index ([`JournalStore::keeps_wakes`]) gives a new run its
+    /// entry at 0 (it is loaded), written before the record, and leaves a found run's index
+    /// as it was. Durable with the next sync.
     fn create_run<'a>(&'a self, record: &'a RunRecord) -> Read<'a, Option<RunRecord>>;
 
     /// The run record of `id`, if any.

@@ -296,12 +296,23 @@ fn encode<T: serde::Serialize>(what: &str, value: &T, limit: usize) -> Result<Ve
 
 /// The store's operations, answered on the calling thread (the trait's futures are ready).
 impl SledStore {
+    /// Creates `record`'s run, with its wake index entry at 0 (written first), unless the
+    /// run exists: then its record is returned, and the store holds what it held.
     fn insert_run(&self, record: &RunRecord) -> Result<Option<RunRecord>> {
         let key = run_key(&record.id);
         let bytes = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
+        self.create_with_entry(&record.id, || self.insert_record(&key, record, bytes))
+    }
+
+    fn insert_record(
+        &self,
+        key: &[u8],
+        record: &RunRecord,
+        bytes: Vec<u8>,
+    ) -> Result<Option<RunRecord>> {
         match self
             .db
-            .compare_and_swap(&key, None as Option<&[u8]>, Some(bytes))
+            .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))
         {
             Ok(Ok(())) => {
                 self.wrote();
@@ -312,7 +323,7 @@ impl SledStore {
                 let current = cas
                     .current
                     .expect("compare_and_swap from None fails only on an existing value");
-                decode_record(&key, &current).map(Some)
+                decode_record(key, &current).map(Some)
             }
             Err(e) => Err(self.storage(e)),
         }

@@ -157,6 +157,38 @@ impl SledStore {
         Ok(())
     }
 
+    /// Creates run `id` with `create` (which writes its record, or finds one and writes
+    /// nothing), the run's entry at 0 written first: it is loaded from then on, and a crash
+    /// between the two leaves a stale entry (dropped at the next open), never a record
+    /// without its entry. A run without a record has no `v` (a version before this one may
+    /// have left one at 0, which is harmless), so nothing is read first. If `create` found
+    /// the run (or failed), its index is left as it was: the entry is removed again unless
+    /// the run had it already. Under the index's lock, so that no change of the found run's
+    /// entry comes between.
+    pub(super) fn create_with_entry<T>(
+        &self,
+        id: &RunId,
+        create: impl FnOnce() -> Result<Option<T>>,
+    ) -> Result<Option<T>> {
+        let _one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
+        let key = wake_key(0, id);
+        let had_entry = self
+            .db
+            .insert(&key, &[])
+            .map_err(|e| self.storage(e))?
+            .is_some();
+        if !had_entry {
+            self.wrote();
+        }
+        crate::crash::point("start.after_wake_entry");
+        let found = create();
+        if !had_entry && !matches!(found, Ok(None)) {
+            self.db.remove(&key).map_err(|e| self.storage(e))?;
+            self.wrote();
+        }
+        found
+    }
+
     /// Removes run `id`'s entry, and then its `v` if the entry was not at 0: a crash between
     /// leaves a `v` without its entry, which no open reads (the next change of the run's
     /// entry, or the run's deletion, removes it). A run settles loaded, so its entry is at 0
@@ -351,6 +383,31 @@ mod tests {
             keys_of(&store.db, &run("parks")).unwrap(),
             vec![wake_key(0, &run("parks"))]
         );
+    }
+
+    /// A run created gets its entry at 0; a start that finds its run (or fails) leaves the
+    /// index as it was, whether the run was loaded, parked or settled.
+    #[test]
+    fn a_start_that_finds_its_run_leaves_the_index_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let created = store.create_with_entry(&run("new"), || Ok(None::<()>));
+        assert!(created.unwrap().is_none());
+        assert_eq!(held(&store), (vec![entry(0, "new")], vec![]));
+
+        leave(&store, "parked", &[5_000], Some(5_000));
+        leave(&store, "loaded", &[0], None);
+        let before = held(&store);
+        for id in ["new", "parked", "loaded", "settled"] {
+            let found = store.create_with_entry(&run(id), || Ok(Some(())));
+            assert!(found.unwrap().is_some());
+            assert_eq!(held(&store), before, "after finding {id}");
+        }
+        let failed = store.create_with_entry(&run("unreadable"), || {
+            Err::<Option<()>, _>(crate::error::EngineError::ShutDown)
+        });
+        assert!(failed.is_err());
+        assert_eq!(held(&store), before, "after a failed create");
     }
 
     /// Writes run `id`'s index keys as a version before this one or a crash left them:
