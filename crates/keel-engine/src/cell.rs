@@ -281,7 +281,7 @@ impl RunCell {
     /// hear the newer status, never a stale one. (`Engine::wait` syncs before it answers, so
     /// nobody outside hears of a status before it is durable.)
     pub(crate) fn publish(&self) {
-        let current = self.record().status;
+        let current = self.status();
         self.watched.send_if_modified(|watched| {
             let changed = watched.status != current;
             watched.status = current;
@@ -292,6 +292,16 @@ impl RunCell {
     /// A copy of the run record.
     pub(crate) fn record(&self) -> RunRecord {
         self.loaded.lock().expect("cell lock").record.clone()
+    }
+
+    /// The run's status, without copying its record (whose input may be large).
+    pub(crate) fn status(&self) -> RunStatus {
+        self.loaded.lock().expect("cell lock").record.status
+    }
+
+    /// What `read` takes from the run record, under the cell's lock (keep it short).
+    pub(crate) fn with_record<T>(&self, read: impl FnOnce(&RunRecord) -> T) -> T {
+        read(&self.loaded.lock().expect("cell lock").record)
     }
 
     /// Appends `event` (not yet durable: callers request a sync before acting on it).

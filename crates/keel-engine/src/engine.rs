@@ -120,11 +120,11 @@ impl Inner {
     /// the store's order), and a parent parked until it settled is due now; an unsettled run
     /// keeps its entry, and the next open drives it.
     fn settled_out(&self, cells: &mut parking::Cells, cell: &RunCell) {
-        let record = cell.record();
-        if record.status.is_drivable() {
+        let (status, parent) = cell.with_record(|r| (r.status, r.parent.clone()));
+        if status.is_drivable() {
             return;
         }
-        if let Some(parent) = &record.parent {
+        if let Some(parent) = &parent {
             if cells.make_due(parent) {
                 self.wakes.notify_one();
             }
@@ -139,7 +139,7 @@ impl Inner {
     /// not count against it (`poison.rs`). A settled run's count is left: only an operator
     /// call, which clears it, drives such a run again.
     fn stopped_alive(&self, cell: &RunCell) {
-        if cell.record().status.is_drivable() {
+        if cell.status().is_drivable() {
             cell.survived(&*self.env.store);
         }
     }
@@ -248,10 +248,7 @@ impl Engine {
         };
         match loaded {
             Loaded::Fresh(cell)
-                if matches!(
-                    cell.record().status,
-                    RunStatus::Running | RunStatus::Compensating
-                ) =>
+                if matches!(cell.status(), RunStatus::Running | RunStatus::Compensating) =>
             {
                 self.spawn_driver(cell);
             }
@@ -353,7 +350,7 @@ impl Engine {
             parent: None,
             "run",
             run_id = cell.id.as_str(),
-            workflow = %cell.record().workflow
+            workflow = %cell.with_record(|r| r.workflow.clone())
         );
         span.follows_from(tracing::Span::current());
         tokio::spawn(tracing::Instrument::instrument(

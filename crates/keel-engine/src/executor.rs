@@ -63,7 +63,7 @@ pub(crate) async fn drive(
         return;
     }
     loop {
-        let result = match cell.record().status {
+        let result = match cell.status() {
             RunStatus::Running | RunStatus::Suspended
                 if cell.with_state(|s| s.cancel_requested) =>
             {
@@ -119,17 +119,19 @@ async fn run_forward(
     workflows: &Arc<Workflows>,
     cell: &Arc<RunCell>,
 ) -> Result<Next> {
-    let record = cell.record();
-    let Some(workflow) = workflows.get(&record.workflow) else {
+    // What the run needs of its record, copied once (the input for the body).
+    let (name, version, input) =
+        cell.with_record(|r| (r.workflow.clone(), r.version, r.input.clone()));
+    let Some(workflow) = workflows.get(&name) else {
         // Only an engine opened with `allow_unregistered` holds such runs, and it does not
         // drive them; reaching here is a run an operator call made drivable.
         return Err(EngineError::UnknownWorkflow {
-            name: record.workflow,
+            name,
             registered: workflows.names(),
         });
     };
-    if workflow.version != record.version {
-        tracing::info!(run_id = %cell.id, from = record.version, to = workflow.version, "resuming run under another workflow version");
+    if workflow.version != version {
+        tracing::info!(run_id = %cell.id, from = version, to = workflow.version, "resuming run under another workflow version");
     }
     let pause_on_exhausted = workflow.on_retries_exhausted == OnRetriesExhausted::Pause;
     let ctx = Ctx::new(
@@ -138,7 +140,7 @@ async fn run_forward(
         Arc::clone(workflows),
         pause_on_exhausted,
     );
-    let body = (workflow.run)(ctx, record.input.clone());
+    let body = (workflow.run)(ctx, input);
     let (mut ctx, result) = cell.flushing_when_idle(&*env.store, body).await;
     // The engine's reason to stop the body comes first, whatever the body returned (a body
     // that panics on the `Interrupted` error it was given is still just interrupted).

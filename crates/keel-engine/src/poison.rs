@@ -51,7 +51,7 @@ use crate::replay::{most_cut_off, undo_action, CompensationAction};
 /// bound, parks the run as poisoned (its status then says so, and the driver stops on it).
 pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result<()> {
     let bound = env.poison_after_loads;
-    let status = cell.record().status;
+    let status = cell.status();
     let cut_off = cell
         .with_state(most_cut_off)
         .filter(|cut| cut.undo == (status == RunStatus::Compensating) && cut.attempts >= bound);
@@ -102,7 +102,7 @@ async fn poisoned(
     reason: String,
 ) -> Result<()> {
     tracing::error!(run_id = %cell.id, %reason, "run poisoned: not driven again");
-    match cell.record().status {
+    match cell.status() {
         RunStatus::Running => {
             crate::transition::suspend(env, cell, reason).await?;
         }

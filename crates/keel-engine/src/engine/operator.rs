@@ -36,7 +36,7 @@ impl Engine {
         const REASON: &str = "cancelled by operator";
         let outcome = self
             .operate(id, "cancel", |cell| {
-                let status = cell.record().status;
+                let status = cell.status();
                 // A run that was cancelled and has since ended is finished like any other.
                 let already = !status.is_terminal()
                     && (cell.with_state(|s| s.cancel_requested)
@@ -85,8 +85,8 @@ impl Engine {
     pub async fn pause(&self, id: &str) -> Result<RunRecord> {
         let outcome = self
             .operate(id, "pause", |cell| {
-                let already = cell.with_state(|s| s.pause_requested)
-                    || cell.record().status == RunStatus::Paused;
+                let already =
+                    cell.with_state(|s| s.pause_requested) || cell.status() == RunStatus::Paused;
                 if already {
                     return Ok(false);
                 }
@@ -133,7 +133,7 @@ impl Engine {
         }
         let outcome = self
             .operate(id, "resume", |cell| {
-                if cell.record().status == RunStatus::Running {
+                if cell.status() == RunStatus::Running {
                     cell.append_if(
                         &*self.inner.env.store,
                         Event::RunResumed,
@@ -338,7 +338,7 @@ impl Engine {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };
             let mut wrote = write(&cell);
-            if takes_up && matches!(wrote, Ok(true)) && cell.record().status.is_drivable() {
+            if takes_up && matches!(wrote, Ok(true)) && cell.status().is_drivable() {
                 // An operator took the run up (resumed, cancelled, retried): the deaths of
                 // earlier loads no longer count against it (`poison.rs`), whether this call
                 // loaded it or its driver still holds it.
@@ -354,7 +354,7 @@ impl Engine {
                     wrote,
                     Err(EngineError::Detached { .. } | EngineError::Fenced { .. })
                 );
-                if cell.record().status.is_drivable() && !lost {
+                if cell.status().is_drivable() && !lost {
                     self.spawn_driver(Arc::clone(cell));
                 } else {
                     self.inner
