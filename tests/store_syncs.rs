@@ -62,63 +62,85 @@ fn durability_named(name: &str) -> Durability {
     }
 }
 
-/// The child: one run of `STEPS` steps to its end, on a fresh store.
+/// Does nothing; its padding makes the journal large enough for sled to write blob files
+/// (a leaf of several such entries is past sled's 128 KiB threshold when it is rewritten
+/// whole).
+#[derive(Serialize, Deserialize)]
+struct Padded(String);
+
+impl Step for Padded {
+    const KIND: &'static str = "test.padded";
+    type Output = ();
+    const COMPENSABLE: bool = false;
+
+    async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
+        Ok(())
+    }
+}
+
+/// `n` steps of 40 KiB each, one after the other.
+struct Large;
+
+impl Workflow for Large {
+    const NAME: &'static str = "test.large";
+    type Input = u32;
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, n: u32) -> Result<(), WorkflowError> {
+        for i in 0..n {
+            ctx.step(Padded(format!("{i:08}").repeat(5 * 1024))).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The child: one run of `STEPS` steps to its end, on a fresh store (of [`Large`] steps
+/// with `KEEL_LARGE_STEPS` set).
 fn child_main() {
     let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
     let durability = durability_named(&std::env::var("KEEL_DURABILITY").expect("KEEL_DURABILITY"));
+    let large = std::env::var_os("KEEL_LARGE_STEPS").is_some();
     keel_testkit::crash::runtime().block_on(async {
         let engine = Engine::builder(&dir)
             .durability(durability)
             .workflow::<Sequential>()
+            .workflow::<Large>()
             .step::<Nothing>()
+            .step::<Padded>()
             .open()
             .await
             .expect("opening the store");
-        engine
-            .start::<Sequential>("sequential", STEPS)
-            .await
-            .expect("starting")
-            .result()
-            .await
-            .expect("the run completes");
+        let result = if large {
+            let handle = engine.start::<Large>("large", STEPS).await;
+            handle.expect("starting").result().await
+        } else {
+            let handle = engine.start::<Sequential>("sequential", STEPS).await;
+            handle.expect("starting").result().await
+        };
+        result.expect("the run completes");
         engine.shutdown().await;
     });
 }
 
 /// How many calls of each sync the child made on sled's log file `db` (the mark file's
-/// syncs, which follow the commits at most every 100 ms, are left out).
+/// syncs, which follow the commits at most every 100 ms, are left out), and how often it
+/// listed sled's blob directory.
 #[derive(Debug)]
 struct Syncs {
     fdatasync: usize,
     sync_file_range: usize,
+    blob_listings: usize,
 }
 
 /// Runs the child under `strace` at `durability` and counts its syncs.
 fn traced(test_name: &str, dir: &Path, durability: &str) -> Syncs {
-    let trace = dir.join(format!("{durability}.strace"));
-    let exe = std::env::current_exe().expect("current test binary");
-    let status = Command::new("strace")
-        // `-y` prints each descriptor's path: `fdatasync(9</tmp/.../db>)`.
-        .args([
-            "-f",
-            "-qq",
-            "-y",
-            "-e",
-            "trace=fdatasync,sync_file_range",
-            "-o",
-        ])
-        .arg(&trace)
-        .arg(exe)
-        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
-        .env(keel_testkit::crash::CHILD_ENV, "1")
-        .env("KEEL_DATA_DIR", path_env(dir, durability))
-        .env("KEEL_DURABILITY", durability)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .status()
-        .expect("strace runs (scripts/test.sh installs it: apt-get install strace)");
-    assert!(status.success(), "the traced child failed: {status}");
-    let text = std::fs::read_to_string(&trace).expect("strace's output");
+    let text = strace(
+        test_name,
+        dir,
+        durability,
+        "fdatasync,sync_file_range,openat",
+        &[],
+    );
     let on_log = |call: &str| {
         text.lines()
             .filter(|line| line.contains(&format!("{call}(")) && line.contains("/db>"))
@@ -127,7 +149,46 @@ fn traced(test_name: &str, dir: &Path, durability: &str) -> Syncs {
     Syncs {
         fdatasync: on_log("fdatasync"),
         sync_file_range: on_log("sync_file_range"),
+        blob_listings: text
+            .lines()
+            .filter(|line| {
+                line.contains("openat(")
+                    && line.contains("O_DIRECTORY")
+                    && line.contains("/blobs\"")
+            })
+            .count(),
     }
+}
+
+/// Runs the child under `strace -e trace=calls` at `durability` in the data directory
+/// `dir/durability`, with `env` set too, and returns the trace.
+fn strace(
+    test_name: &str,
+    dir: &Path,
+    durability: &str,
+    calls: &str,
+    env: &[(&str, &str)],
+) -> String {
+    let trace = dir.join(format!("{durability}.strace"));
+    let exe = std::env::current_exe().expect("current test binary");
+    let status = Command::new("strace")
+        // `-y` prints each descriptor's path: `fdatasync(9</tmp/.../db>)`.
+        .args(["-f", "-qq", "-y", "-e"])
+        .arg(format!("trace={calls}"))
+        .arg("-o")
+        .arg(&trace)
+        .arg(exe)
+        .args([test_name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(keel_testkit::crash::CHILD_ENV, "1")
+        .env("KEEL_DATA_DIR", path_env(dir, durability))
+        .env("KEEL_DURABILITY", durability)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("strace runs (scripts/test.sh installs it: apt-get install strace)");
+    assert!(status.success(), "the traced child failed: {status}");
+    std::fs::read_to_string(&trace).expect("strace's output")
 }
 
 #[test]
@@ -153,6 +214,12 @@ fn a_power_loss_commit_is_one_fdatasync_and_a_process_crash_commit_none() {
         power_loss.fdatasync < 2 * STEPS as usize,
         "more than one fdatasync per commit ({power_loss:?})"
     );
+    // The blob directory is listed (for blob files to sync) only when sled wrote a blob:
+    // here never, past the open's sync and the first commit's.
+    assert!(
+        power_loss.blob_listings <= 2,
+        "the blob directory was listed at commits that wrote no blob: {power_loss:?}"
+    );
 
     let process_crash = traced(NAME, dir.path(), "ProcessCrash");
     assert!(
@@ -163,6 +230,55 @@ fn a_power_loss_commit_is_one_fdatasync_and_a_process_crash_commit_none() {
         process_crash.fdatasync, 0,
         "at ProcessCrash the log is never fdatasynced: {process_crash:?}"
     );
+}
+
+/// At `PowerLoss` every blob file sled writes is `fsync`ed (with the directory that holds it)
+/// by the commit that makes the log point at it: a run of large steps, whose leaves sled
+/// rewrites into blob files, under `strace`. The blob directory is listed only at commits
+/// after sled wrote a blob, so this checks that none is missed by that.
+#[test]
+fn a_power_loss_commit_syncs_every_blob_sled_wrote() {
+    const NAME: &str = "a_power_loss_commit_syncs_every_blob_sled_wrote";
+    if is_child() {
+        return child_main();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("KEEL_LARGE_STEPS", "1")];
+    let text = strace(NAME, dir.path(), "PowerLoss", "openat,fsync", &env);
+    // `openat(..., "/.../blobs/N", O_WRONLY|O_CREAT|O_EXCL...) = 9</.../blobs/N>`, then
+    // `fsync(10</.../blobs/N>)` from the committer's own descriptor.
+    let blob_of = |line: &str| -> Option<String> {
+        let start = line.find("/blobs/")? + "/blobs/".len();
+        let name: String = line[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect();
+        (!name.is_empty()).then_some(name)
+    };
+    let created: Vec<String> = text
+        .lines()
+        .filter(|line| line.contains("openat(") && line.contains("O_CREAT"))
+        .filter_map(blob_of)
+        .collect();
+    let synced: std::collections::HashSet<String> = text
+        .lines()
+        .filter(|line| line.starts_with(|c: char| c.is_ascii_digit()) && line.contains(" fsync("))
+        .filter_map(blob_of)
+        .collect();
+    assert!(
+        !created.is_empty(),
+        "sled wrote no blob file, so the test tests nothing: make the steps larger"
+    );
+    let unsynced: Vec<&String> = created.iter().filter(|b| !synced.contains(*b)).collect();
+    assert!(
+        unsynced.is_empty(),
+        "blob files written and never fsynced: {unsynced:?} (of {created:?})"
+    );
+    let dir_syncs = text
+        .lines()
+        .filter(|line| line.contains(" fsync(") && line.contains("/blobs>"))
+        .count();
+    assert!(dir_syncs > 0, "the blob directory was never fsynced");
 }
 
 /// sled's segment size (its default, which Keel keeps).

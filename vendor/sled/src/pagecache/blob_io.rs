@@ -90,12 +90,13 @@ pub(crate) fn write_blob<T: Serialize>(
     io_fail!(config, "write_blob write kind_byte");
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
-    f.write_all(&data)
-        .map(|r| {
-            trace!("successfully wrote blob at {:?}", path);
-            r
-        })
-        .map_err(|e| e.into())
+    f.write_all(&data)?;
+    trace!("successfully wrote blob at {:?}", path);
+    // Keel's patch (KEEL-PATCHES.md 9): counted once written, which is before the log message
+    // that points at the blob is reserved, so before any flush that makes that message
+    // durable returns.
+    config.blobs_written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
 }
 
 pub(crate) fn gc_blobs(config: &Config, stable_lsn: Lsn) -> Result<()> {
