@@ -24,9 +24,10 @@ use serde::{Deserialize, Serialize};
 
 const STEPS: u32 = 40;
 
-/// Does nothing; its argument makes every journal entry distinct.
+/// Does nothing; its number makes every journal entry distinct, and its padding (empty
+/// unless a test asks) makes the journal as large as a test needs.
 #[derive(Serialize, Deserialize)]
-struct Nothing(u32);
+struct Nothing(u32, String);
 
 impl Step for Nothing {
     const KIND: &'static str = "test.nothing";
@@ -38,17 +39,18 @@ impl Step for Nothing {
     }
 }
 
-/// `n` steps, one after the other.
+/// `n` steps, one after the other, each padded with `padding` bytes.
 struct Sequential;
 
 impl Workflow for Sequential {
     const NAME: &'static str = "test.sequential";
-    type Input = u32;
+    type Input = (u32, usize);
     type Output = ();
 
-    async fn run(ctx: &mut Ctx, n: u32) -> Result<(), WorkflowError> {
+    async fn run(ctx: &mut Ctx, (n, padding): (u32, usize)) -> Result<(), WorkflowError> {
         for i in 0..n {
-            ctx.step(Nothing(i)).await?;
+            let padding = format!("{i:08}").repeat(padding / 8);
+            ctx.step(Nothing(i, padding)).await?;
         }
         Ok(())
     }
@@ -62,62 +64,30 @@ fn durability_named(name: &str) -> Durability {
     }
 }
 
-/// Does nothing; its padding makes the journal large enough for sled to write blob files
-/// (a leaf of several such entries is past sled's 128 KiB threshold when it is rewritten
-/// whole).
-#[derive(Serialize, Deserialize)]
-struct Padded(String);
-
-impl Step for Padded {
-    const KIND: &'static str = "test.padded";
-    type Output = ();
-    const COMPENSABLE: bool = false;
-
-    async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
-        Ok(())
-    }
-}
-
-/// `n` steps of 40 KiB each, one after the other.
-struct Large;
-
-impl Workflow for Large {
-    const NAME: &'static str = "test.large";
-    type Input = u32;
-    type Output = ();
-
-    async fn run(ctx: &mut Ctx, n: u32) -> Result<(), WorkflowError> {
-        for i in 0..n {
-            ctx.step(Padded(format!("{i:08}").repeat(5 * 1024))).await?;
-        }
-        Ok(())
-    }
-}
-
-/// The child: one run of `STEPS` steps to its end, on a fresh store (of [`Large`] steps
-/// with `KEEL_LARGE_STEPS` set).
+/// The child: one run of `STEPS` steps to its end, on a fresh store (steps of 40 KiB with
+/// `KEEL_LARGE_STEPS` set: sled rewrites leaves of several of them into blob files).
 fn child_main() {
     let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
     let durability = durability_named(&std::env::var("KEEL_DURABILITY").expect("KEEL_DURABILITY"));
-    let large = std::env::var_os("KEEL_LARGE_STEPS").is_some();
+    let padding = match std::env::var_os("KEEL_LARGE_STEPS") {
+        Some(_) => 40 * 1024,
+        None => 0,
+    };
     keel_testkit::crash::runtime().block_on(async {
         let engine = Engine::builder(&dir)
             .durability(durability)
             .workflow::<Sequential>()
-            .workflow::<Large>()
             .step::<Nothing>()
-            .step::<Padded>()
             .open()
             .await
             .expect("opening the store");
-        let result = if large {
-            let handle = engine.start::<Large>("large", STEPS).await;
-            handle.expect("starting").result().await
-        } else {
-            let handle = engine.start::<Sequential>("sequential", STEPS).await;
-            handle.expect("starting").result().await
-        };
-        result.expect("the run completes");
+        engine
+            .start::<Sequential>("sequential", (STEPS, padding))
+            .await
+            .expect("starting")
+            .result()
+            .await
+            .expect("the run completes");
         engine.shutdown().await;
     });
 }
@@ -439,7 +409,7 @@ impl Workflow for Held {
         if !in_step {
             released().await;
         }
-        ctx.step(Nothing(1)).await?;
+        ctx.step(Nothing(1, String::new())).await?;
         Ok(())
     }
 }
@@ -484,7 +454,10 @@ async fn a_steps_completion_is_written_with_the_next_entry() {
             .open()
     };
     let engine = open().await.unwrap();
-    let sequential = engine.start::<Sequential>("sequential", 10).await.unwrap();
+    let sequential = engine
+        .start::<Sequential>("sequential", (10, 0))
+        .await
+        .unwrap();
     sequential.result().await.unwrap();
     drop(sequential); // it holds the engine, and so the store
     let entries = engine.history("sequential").await.unwrap().entries.len();
