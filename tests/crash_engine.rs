@@ -215,7 +215,7 @@ fn crash_at_random_moments() {
 
 /// With runs parking at their sleep: killing the child at each point of the wake index and
 /// of parking (`keel_engine::crash::PARK_POINTS`: after a new run's index entry, before its
-/// record; after a parking run's entry; after a waking run's entry, before its cell), twice
+/// record, on sled only; after a parking run's entry; after a waking run's entry, before its cell), twice
 /// at seeded hit counts, then at 50 seeded random moments, leaves every run finishing exactly
 /// once, no recorded step re-run and every compensated run without effects: no run is lost
 /// from the index, none driven twice.
@@ -227,7 +227,7 @@ fn crash_while_parking() {
     }
     keel_testkit::init_tracing();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7061_726b);
-    for point in keel_engine::crash::PARK_POINTS {
+    for point in keel_testkit::store::park_points() {
         let dir = tempfile::tempdir().unwrap();
         let spec = parking_spec(NAME, dir.path());
         let mut killed = 0;

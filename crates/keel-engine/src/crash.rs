@@ -36,8 +36,13 @@ pub const POINTS: &[&str] = &[
     "saga.after_undo_recorded",
 ];
 
-/// The points only a sled store meets (its opening and its two-write transitions).
-pub const SLED_POINTS: &[&str] = &["open.before_mark_rename", "store.after_transition_entry"];
+/// The points only a sled store meets (its opening, its two-write transitions, and a new
+/// run's wake index entry, which only it keeps; that one is listed in [`PARK_POINTS`]).
+pub const SLED_POINTS: &[&str] = &[
+    "open.before_mark_rename",
+    "store.after_transition_entry",
+    "start.after_wake_entry",
+];
 
 /// The points only a PostgreSQL store meets.
 pub const POSTGRES_POINTS: &[&str] = &["postgres.after_commit"];
@@ -47,7 +52,8 @@ pub const POSTGRES_POINTS: &[&str] = &["postgres.after_commit"];
 pub const OPEN_POINTS: &[&str] = &["open.after_claim"];
 
 /// The points of the wake index and of parking (`engine/parking.rs`), met in full only by
-/// runs that park; their crash tests iterate over this list.
+/// runs that park; their crash tests iterate over this list (on PostgreSQL, which keeps no
+/// wake index, without `start.after_wake_entry`: see [`SLED_POINTS`]).
 pub const PARK_POINTS: &[&str] = &[
     "start.after_wake_entry",
     "park.after_index",

@@ -71,12 +71,23 @@ fn database_of(data: &Path) -> String {
 /// The engine's crash points this binary's store meets: [`keel_engine::crash::POINTS`]
 /// without the other store's own.
 pub fn crash_points() -> Vec<&'static str> {
-    use keel_engine::crash::{POINTS, POSTGRES_POINTS, SLED_POINTS};
+    without_other_stores(keel_engine::crash::POINTS)
+}
+
+/// The parking crash points this binary's store meets: [`keel_engine::crash::PARK_POINTS`]
+/// without the other store's own.
+pub fn park_points() -> Vec<&'static str> {
+    without_other_stores(keel_engine::crash::PARK_POINTS)
+}
+
+/// `points` without those only the other store meets.
+fn without_other_stores(points: &[&'static str]) -> Vec<&'static str> {
+    use keel_engine::crash::{POSTGRES_POINTS, SLED_POINTS};
     let other = match test_store() {
         TestStore::Sled => POSTGRES_POINTS,
         TestStore::Postgres => SLED_POINTS,
     };
-    POINTS
+    points
         .iter()
         .copied()
         .filter(|p| !other.contains(p))
