@@ -65,6 +65,12 @@ fn entries() -> [Entry; 2] {
     ]
 }
 
+/// Deletes runs `ids` as `JournalStore::delete_runs` does, on the calling thread.
+fn delete(store: &SledStore, ids: &[RunId]) {
+    let (path, db, written) = (&store.path, &store.db, &store.written);
+    remove_runs(path, db, written, &store.counts, &store.closed, ids).unwrap();
+}
+
 /// Writes run `id` with a step entry and a completing transition. Its wake index entry at 0,
 /// which its creation wrote, stays (the engine removes it when the run's cell goes).
 fn write_completed_run(store: &SledStore, id: &str) {
@@ -103,15 +109,7 @@ fn delete_runs_removes_records_and_journals_of_those_runs_only() {
         store.remove_wake(&RunId::new(id).unwrap()).unwrap();
     }
     let ids = ["a", "c"].map(|id| RunId::new(id).unwrap());
-    remove_runs(
-        &store.path,
-        &store.db,
-        &store.written,
-        &store.counts,
-        &store.closed,
-        &ids,
-    )
-    .unwrap();
+    delete(&store, &ids);
     for id in &ids {
         assert_eq!(store.read_run(id).unwrap(), None);
         assert_eq!(store.read_journal(id).unwrap(), Vec::<Entry>::new());
@@ -352,15 +350,7 @@ fn a_store_through_many_index_splits_and_merges_reads_back_what_it_holds() {
         .filter(|n| !n.is_multiple_of(10))
         .map(id)
         .collect();
-    remove_runs(
-        &store.path,
-        &store.db,
-        &store.written,
-        &store.counts,
-        &store.closed,
-        &deleted,
-    )
-    .unwrap();
+    delete(&store, &deleted);
     let kept = |n: usize| n.is_multiple_of(10) || n >= RUNS;
     // Lookups merge what deletions emptied: read twice, so that merges started by the first
     // pass have completed.

@@ -69,15 +69,7 @@ fn kept_counts_match_a_scan_of_every_record() {
     assert_eq!(scanned_counts(&store), expected);
 
     let ids = ["b", "r2", "gone"].map(|id| RunId::new(id).unwrap());
-    remove_runs(
-        &store.path,
-        &store.db,
-        &store.written,
-        &store.counts,
-        &store.closed,
-        &ids,
-    )
-    .unwrap();
+    delete(&store, &ids);
     let expected = BTreeMap::from([(RunStatus::Completed, 3), (RunStatus::Running, 1)]);
     assert_eq!(store.counts.now(), expected);
     assert_eq!(scanned_counts(&store), expected);
