@@ -107,8 +107,8 @@ pub(crate) struct SledStore {
     /// Transitions between their entry and their record's rewrite, or that failed between
     /// them (a record behind its journal without a crash): none, for a clean close.
     transitions_open: AtomicU64,
-    /// Held while a run's wake index entry changes (`wakes.rs`).
-    wakes_lock: std::sync::Mutex<()>,
+    /// One of them held while a run's wake index entry changes (`wakes.rs`).
+    wakes_locks: wakes::IndexLocks,
     // Dropped in this order: the committer's last sync hands its commit to the marker,
     // which marks it before it ends.
     committer: Committer,
@@ -233,7 +233,7 @@ impl SledStore {
             released_at: AtomicU64::new(u64::MAX),
             closed: Default::default(),
             transitions_open: AtomicU64::new(0),
-            wakes_lock: std::sync::Mutex::new(()),
+            wakes_locks: wakes::IndexLocks::new(),
             committer,
             _marker: marker,
         })

@@ -31,6 +31,43 @@ const BUILT_KEY: &[u8] = b"W2";
 /// The mark of the index as versions before `BUILT_KEY` built it.
 const OLD_BUILT_KEY: &[u8] = b"W";
 
+/// Locks of the index, each over the runs whose ids hash to it (a fixed number of them).
+const LOCKS: usize = 64;
+
+/// The index's locks: a change of one run's keys holds its run's lock, so that no other
+/// change of the same run comes between its reads and writes, while runs of other locks
+/// change meanwhile (one lock for the whole index made the runtime's threads wait for each
+/// other's starts and settles); the open's read of the whole index holds every lock.
+pub(super) struct IndexLocks([std::sync::Mutex<()>; LOCKS]);
+
+impl IndexLocks {
+    pub(super) fn new() -> IndexLocks {
+        IndexLocks(std::array::from_fn(|_| std::sync::Mutex::new(())))
+    }
+
+    /// The lock of run `id`'s keys.
+    fn of(&self, id: &RunId) -> std::sync::MutexGuard<'_, ()> {
+        self.0[IndexLocks::index(id)]
+            .lock()
+            .expect("wake index lock")
+    }
+
+    fn index(id: &RunId) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        id.as_str().hash(&mut hasher);
+        hasher.finish() as usize % LOCKS
+    }
+
+    /// Every lock, always taken in the same order.
+    fn all(&self) -> Vec<std::sync::MutexGuard<'_, ()>> {
+        self.0
+            .iter()
+            .map(|lock| lock.lock().expect("wake index lock"))
+            .collect()
+    }
+}
+
 /// Whether the index was built, by this version's rules, since any older version built it.
 fn built(db: &sled::Db) -> sled::Result<bool> {
     Ok(db.contains_key(BUILT_KEY)? && !db.contains_key(OLD_BUILT_KEY)?)
@@ -91,14 +128,14 @@ pub(super) fn loaded_runs(db: &sled::Db) -> sled::Result<Option<Vec<RunId>>> {
 
 impl SledStore {
     pub(super) fn write_wake(&self, id: &RunId, wake_ms: u64) -> Result<()> {
-        let one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
+        let one_at_a_time = self.wakes_locks.of(id);
         self.write_wake_locked(&one_at_a_time, id, wake_ms, true)
     }
 
     /// [`SledStore::write_wake`] for a run whose entry is not at 0 only (its `v` key): a run
     /// without `v` is due already, or not indexed.
     pub(super) fn write_wake_if_indexed(&self, id: &RunId, wake_ms: u64) -> Result<()> {
-        let one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
+        let one_at_a_time = self.wakes_locks.of(id);
         self.write_wake_locked(&one_at_a_time, id, wake_ms, false)
     }
 
@@ -163,14 +200,14 @@ impl SledStore {
     /// without its entry. A run without a record has no `v` (a version before this one may
     /// have left one at 0, which is harmless), so nothing is read first. If `create` found
     /// the run (or failed), its index is left as it was: the entry is removed again unless
-    /// the run had it already. Under the index's lock, so that no change of the found run's
-    /// entry comes between.
+    /// the run had it already. Under the run's lock of the index, so that no change of the
+    /// found run's entry comes between.
     pub(super) fn create_with_entry<T>(
         &self,
         id: &RunId,
         create: impl FnOnce() -> Result<Option<T>>,
     ) -> Result<Option<T>> {
-        let _one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
+        let _one_at_a_time = self.wakes_locks.of(id);
         let key = wake_key(0, id);
         let had_entry = self
             .db
@@ -197,7 +234,7 @@ impl SledStore {
     /// left there. Only a `v` at 0 written by a version before this one may stay, harmless
     /// as any `v` without its entry.
     pub(super) fn remove_wake(&self, id: &RunId) -> Result<()> {
-        let _one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
+        let _one_at_a_time = self.wakes_locks.of(id);
         let removed = |key: &[u8]| -> Result<bool> {
             let old = self.db.remove(key).map_err(|e| self.storage(e))?;
             Ok(old.is_some())
@@ -222,7 +259,7 @@ impl SledStore {
     /// Removes run `id`'s entry at `wake_ms` and its `v` key: an entry found by
     /// `read_wakes` whose `v` may be missing (a crash between a first entry and its `v`).
     pub(super) fn remove_wake_at(&self, id: &RunId, wake_ms: u64) -> Result<()> {
-        let _one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
+        let _one_at_a_time = self.wakes_locks.of(id);
         let mut keys = keys_of(&self.db, id).map_err(|e| self.storage(e))?;
         keys.push(wake_key(wake_ms, id));
         for key in keys {
@@ -238,7 +275,7 @@ impl SledStore {
         if !built(&self.db).map_err(|e| self.storage(e))? {
             return Ok(None);
         }
-        let _one_at_a_time = self.wakes_lock.lock().expect("wakes lock");
+        let _every_run = self.wakes_locks.all();
         // Each run's earliest entry (the scan is in wake-time order), by the run's place in
         // `wakes`.
         let mut first: std::collections::HashMap<Vec<u8>, usize> = Default::default();
@@ -408,6 +445,47 @@ mod tests {
         });
         assert!(failed.is_err());
         assert_eq!(held(&store), before, "after a failed create");
+    }
+
+    /// While one run's entry changes (here: a start between its entry and its record), a
+    /// run of another lock changes its own: one lock for the whole index held it until then.
+    #[test]
+    fn runs_of_other_locks_change_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let first = run("first");
+        let other = (0..)
+            .map(|n| run(&format!("other-{n}")))
+            .find(|id| IndexLocks::index(id) != IndexLocks::index(&first))
+            .unwrap();
+        let (done, other_changed) = std::sync::mpsc::channel();
+        let (holding, first_holds) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            let (store, first) = (&store, &first);
+            let created = scope.spawn(move || {
+                store.create_with_entry(first, || {
+                    // The first run's lock is held here.
+                    holding.send(()).unwrap();
+                    let waited = other_changed.recv_timeout(std::time::Duration::from_secs(10));
+                    assert!(
+                        waited.is_ok(),
+                        "the other run's change waited for this lock"
+                    );
+                    Ok(None::<()>)
+                })
+            });
+            first_holds.recv().unwrap();
+            store.write_wake(&other, 5_000).unwrap();
+            done.send(()).unwrap();
+            assert!(created.join().unwrap().unwrap().is_none());
+        });
+        assert_eq!(
+            held(&store),
+            (
+                vec![entry(0, "first"), entry(5_000, other.as_str())],
+                vec![(other.as_str().to_owned(), 5_000)]
+            )
+        );
     }
 
     /// Writes run `id`'s index keys as a version before this one or a crash left them:
