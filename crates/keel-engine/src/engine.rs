@@ -91,7 +91,7 @@ impl Inner {
     /// failed in it. Returns whether it was unloaded. Decided under the map lock, so an operator
     /// call either sees the cell loaded (and its driver goes on) or loads it afresh.
     pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
-        let mut cells = self.cells.lock().expect("cells lock");
+        let cells = self.cells.lock().expect("cells lock");
         let shutting_down = self.env.shutting_down();
         let detached = cell.detach_if(&*self.env.store, |record, write_failed| {
             if shutting_down {
@@ -105,33 +105,39 @@ impl Inner {
             }
         });
         if detached {
-            cells.remove(cell);
-            self.settled_out(&mut cells, cell);
-        }
-        drop(cells);
-        if detached {
+            self.take_out(cells, cell);
             self.stopped_alive(cell);
         }
         detached
     }
 
-    /// A cell just unloaded (under the map lock, so no new cell of the run is loaded yet):
-    /// if its run settled, its wake index entry goes (the settling write comes before it in
-    /// the store's order), and a parent parked until it settled is due now; an unsettled run
+    /// Takes the detached `cell` out of the map and releases the map lock, `cells`. If its
+    /// run settled, its wake index entry goes (the settling write comes before it in the
+    /// store's order), and a parent parked until it settled is due now; an unsettled run
     /// keeps its entry, and the next open drives it.
-    fn settled_out(&self, cells: &mut parking::Cells, cell: &RunCell) {
+    ///
+    /// The entry is removed after the map lock is released: it is a store write, and every
+    /// start's load waited for it under that lock. Meanwhile the run is settling in the map,
+    /// and `Engine::load_cell` waits for it to end, so that no new cell of the run writes
+    /// its entry before this removal.
+    fn take_out(&self, mut cells: std::sync::MutexGuard<'_, parking::Cells>, cell: &Arc<RunCell>) {
+        cells.remove(cell);
         let (status, parent) = cell.with_record(|r| (r.status, r.parent.clone()));
         if status.is_drivable() {
             return;
         }
+        cells.settling(&cell.id);
+        drop(cells);
+        if let Err(error) = self.env.store.clear_wake(&cell.id) {
+            // Left stale: the next open reads the run, finds it settled and drops it.
+            tracing::warn!(run_id = %cell.id, %error, "wake index entry not removed");
+        }
+        let mut cells = self.cells.lock().expect("cells lock");
+        cells.settled(&cell.id);
         if let Some(parent) = &parent {
             if cells.make_due(parent) {
                 self.wakes.notify_one();
             }
-        }
-        if let Err(error) = self.env.store.clear_wake(&cell.id) {
-            // Left stale: the next open reads the run, finds it settled and drops it.
-            tracing::warn!(run_id = %cell.id, %error, "wake index entry not removed");
         }
     }
 
@@ -147,11 +153,9 @@ impl Inner {
     /// Unloads `cell` whatever its status; if the run has not settled, its waiters are told
     /// `stop`.
     pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
-        let mut cells = self.cells.lock().expect("cells lock");
+        let cells = self.cells.lock().expect("cells lock");
         cell.detach_if(&*self.env.store, |_, _| Some(Some(stop)));
-        cells.remove(cell);
-        self.settled_out(&mut cells, cell);
-        drop(cells);
+        self.take_out(cells, cell);
         self.stopped_alive(cell);
     }
 }
@@ -283,6 +287,22 @@ impl Engine {
         }
     }
 
+    /// Waits until run `id` is not settling out of the map (see `Inner::take_out`).
+    async fn settled_out(&self, id: &RunId) {
+        loop {
+            let ends = self
+                .inner
+                .cells
+                .lock()
+                .expect("cells lock")
+                .settling_ends(id);
+            match ends {
+                Some(ends) => ends.await,
+                None => return,
+            }
+        }
+    }
+
     /// Loads `record` and its journal into a cell in the map, unless one is there already;
     /// on a shared store, takes the run first as `takeover` allows (`None`: another engine
     /// keeps it).
@@ -292,6 +312,9 @@ impl Engine {
         // current until the cell is in the map. (A new run's first cell, `load_new`, is put in
         // under the same lock by the start that created its record.)
         let _loading = self.inner.loading.lock().await;
+        // A cell of the run that left the map settled may still be removing its wake index
+        // entry (`Inner::take_out`): this load writes the entry after that removal.
+        self.settled_out(&record.id).await;
         if let Some(cell) = self.loaded(&record.id) {
             let (id, token) = cell.token();
             if !self.inner.env.store.fenced(id, token) {

@@ -40,6 +40,11 @@ pub(crate) struct Cells {
     parked: HashMap<RunId, Parked>,
     /// `(wake time, run)` of each parked run with a wake time (stale pairs are skipped).
     timers: BTreeSet<(u64, RunId)>,
+    /// Runs whose cell left `loaded` settled and whose wake index entry is being removed,
+    /// outside the lock (`Inner::take_out`), with how many such removals are under way.
+    settling: HashMap<RunId, usize>,
+    /// Told whenever a run leaves `settling`.
+    settled: Arc<Notify>,
 }
 
 /// A parked run.
@@ -74,9 +79,35 @@ impl Cells {
         self.loaded.get(id)
     }
 
-    /// Whether run `id` is loaded.
+    /// Whether run `id` is loaded, or its cell is still settling out (its wake index entry
+    /// being removed).
     pub(crate) fn contains_key(&self, id: &RunId) -> bool {
-        self.loaded.contains_key(id)
+        self.loaded.contains_key(id) || self.settling.contains_key(id)
+    }
+
+    /// Marks run `id` settling: its cell left the map settled, and its wake index entry is
+    /// being removed until [`Cells::settled`].
+    pub(crate) fn settling(&mut self, id: &RunId) {
+        *self.settling.entry(id.clone()).or_default() += 1;
+    }
+
+    /// Run `id`'s entry was removed: whoever waits for it to settle out is told.
+    pub(crate) fn settled(&mut self, id: &RunId) {
+        if let Some(under_way) = self.settling.get_mut(id) {
+            *under_way -= 1;
+            if *under_way == 0 {
+                self.settling.remove(id);
+                self.settled.notify_waiters();
+            }
+        }
+    }
+
+    /// While run `id` is settling, the notification of its end (made under the map lock, so
+    /// [`Cells::settled`] after this call is never missed); `None` when it is not settling.
+    pub(crate) fn settling_ends(&self, id: &RunId) -> Option<tokio::sync::futures::OwnedNotified> {
+        self.settling
+            .contains_key(id)
+            .then(|| Arc::clone(&self.settled).notified_owned())
     }
 
     /// Every loaded cell.
@@ -129,7 +160,8 @@ impl Cells {
     /// How many runs are loaded and how many parked.
     pub(crate) fn counts(&self) -> Resident {
         Resident {
-            loaded: self.loaded.len(),
+            // A run settling out still has its cell, until its entry is removed.
+            loaded: self.loaded.len() + self.settling.len(),
             parked: self.parked.len(),
         }
     }
@@ -481,6 +513,56 @@ mod tests {
                 parked: 1
             }
         );
+        engine.shutdown().await;
+    }
+
+    /// A run's cell that left the map settled removes the run's wake index entry after the
+    /// map lock is released; a load of the run meanwhile (an operator call) waits for that,
+    /// so the load's own entry is never the one removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_load_waits_for_the_run_to_settle_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::builder(dir.path())
+            .clock(TestClock::new())
+            .workflow::<Receiver>()
+            .open()
+            .await
+            .unwrap();
+        engine.start::<Receiver>("ended", ()).await.unwrap();
+        engine.send("ended", "go", &1, "go-1").await.unwrap();
+        engine.wait("ended").await.unwrap();
+        loaded_count(&engine, 0).await;
+        let id = RunId::new("ended").unwrap();
+        let entries = || async {
+            let wakes = engine.inner.env.store.wakes().await.unwrap().unwrap();
+            wakes.into_iter().filter(|(_, run)| *run == id).count()
+        };
+        assert_eq!(entries().await, 0, "a settled run keeps no entry");
+
+        // As `Inner::take_out` leaves it between the map and the entry's removal.
+        engine.inner.cells.lock().unwrap().settling(&id);
+        let load = tokio::spawn({
+            let engine = engine.clone();
+            async move { engine.cancel("ended").await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            !load.is_finished(),
+            "the load waited for the run to settle out"
+        );
+        assert_eq!(entries().await, 0, "the waiting load wrote no entry");
+
+        engine.inner.cells.lock().unwrap().settled(&id);
+        let cancelled = tokio::time::timeout(Duration::from_secs(30), load)
+            .await
+            .expect("the load went on once the run settled out")
+            .unwrap();
+        assert!(
+            matches!(cancelled, Err(crate::EngineError::InvalidState { .. })),
+            "{cancelled:?}"
+        );
+        loaded_count(&engine, 0).await;
+        assert_eq!(entries().await, 0, "the load removed its own entry");
         engine.shutdown().await;
     }
 }
