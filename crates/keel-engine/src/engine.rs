@@ -73,6 +73,7 @@ pub(crate) struct Inner {
     wakes: Arc<tokio::sync::Notify>,
     /// Held while a run is loaded from the store (`Engine::load_cell`).
     loading: tokio::sync::Mutex<()>,
+    /// Drivers running, told to its receivers only when it reaches 0 (`Engine::shutdown`).
     drivers: watch::Sender<usize>,
     retention: Duration,
     /// Retentions an operator set per workflow, over the engine's and the workflow's own.
@@ -234,7 +235,12 @@ struct DriverGuard(watch::Sender<usize>);
 
 impl Drop for DriverGuard {
     fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
+        // Only the count's reaching 0 is waited for (`Engine::shutdown`): the waiter is told
+        // of that change alone, not of every driver's end.
+        self.0.send_if_modified(|n| {
+            *n -= 1;
+            *n == 0
+        });
     }
 }
 
@@ -359,7 +365,11 @@ impl Engine {
             .lock()
             .expect("undriven lock")
             .remove(&cell.id);
-        self.inner.drivers.send_modify(|n| *n += 1);
+        // A count that grows is not waited for (see `DriverGuard`'s drop): nobody is told.
+        self.inner.drivers.send_if_modified(|n| {
+            *n += 1;
+            false
+        });
         let guard = DriverGuard(self.inner.drivers.clone());
         let inner = Arc::clone(&self.inner);
         let env = Arc::clone(&inner.env);
