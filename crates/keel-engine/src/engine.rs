@@ -293,19 +293,19 @@ impl Engine {
         }
     }
 
-    /// Waits until run `id` is not settling out of the map (see `Inner::take_out`).
-    async fn settled_out(&self, id: &RunId) {
+    /// Run `id`'s loaded cell, if any, once the run is not settling out of the map (see
+    /// `Inner::take_out`): both looked at under one hold of the map lock, so that a cell
+    /// that leaves the map after the look is not missed while it removes its entry.
+    async fn loaded_settled_out(&self, id: &RunId) -> Option<Arc<RunCell>> {
         loop {
-            let ends = self
-                .inner
-                .cells
-                .lock()
-                .expect("cells lock")
-                .settling_ends(id);
-            match ends {
-                Some(ends) => ends.await,
-                None => return,
-            }
+            let ends = {
+                let cells = self.inner.cells.lock().expect("cells lock");
+                match cells.settling_ends(id) {
+                    Some(ends) => ends,
+                    None => return cells.get(id).cloned(),
+                }
+            };
+            ends.await;
         }
     }
 
@@ -319,14 +319,15 @@ impl Engine {
         // under the same lock by the start that created its record.)
         let _loading = self.inner.loading.lock().await;
         // A cell of the run that left the map settled may still be removing its wake index
-        // entry (`Inner::take_out`): this load writes the entry after that removal.
-        self.settled_out(&record.id).await;
-        if let Some(cell) = self.loaded(&record.id) {
+        // entry (`Inner::take_out`): this load writes the entry after that removal. No other
+        // cell of the run enters the map while `loading` is held, so none settles after.
+        while let Some(cell) = self.loaded_settled_out(&record.id).await {
             let (id, token) = cell.token();
             if !self.inner.env.store.fenced(id, token) {
                 return Ok(Some(Loaded::Existing(cell)));
             }
             // Another engine took the run over since this cell was loaded: it is stale.
+            // (Its driver may be taking it out too: the loop waits for that as well.)
             self.inner.unload(&cell, Stop::Moved);
         }
         let id = record.id;

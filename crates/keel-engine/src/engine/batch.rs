@@ -434,7 +434,15 @@ impl Engine {
                         )));
                     }
                 }
-                if self.loaded(&record.id).is_some() {
+                // A run settling out counts as loaded: its cell is removing its wake index
+                // entry, which a new run of the same id would have.
+                let loaded = self
+                    .inner
+                    .cells
+                    .lock()
+                    .expect("cells lock")
+                    .contains_key(&record.id);
+                if loaded {
                     return Ok(Some("is loaded (a waiter is reading it)".into()));
                 }
                 Ok(None)
