@@ -434,15 +434,7 @@ impl Engine {
                         )));
                     }
                 }
-                // A run settling out counts as loaded: its cell is removing its wake index
-                // entry, which a new run of the same id would have.
-                let loaded = self
-                    .inner
-                    .cells
-                    .lock()
-                    .expect("cells lock")
-                    .contains_key(&record.id);
-                if loaded {
+                if self.held(&record.id) {
                     return Ok(Some("is loaded (a waiter is reading it)".into()));
                 }
                 Ok(None)

@@ -75,13 +75,7 @@ impl Engine {
                 return Ok(false);
             }
         }
-        let loaded = self
-            .inner
-            .cells
-            .lock()
-            .expect("cells lock")
-            .contains_key(&record.id);
-        Ok(!loaded)
+        Ok(!self.held(&record.id))
     }
 
     /// How long finished runs of `workflow` are kept.

@@ -358,6 +358,16 @@ impl Engine {
         }
     }
 
+    /// Whether run `id` is loaded or settling out (its cell removing its wake index entry,
+    /// which a new run of the same id would have): a run neither deletion may touch.
+    pub(super) fn held(&self, id: &RunId) -> bool {
+        self.inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .contains_key(id)
+    }
+
     /// The loaded cell of `id`, if any.
     pub(super) fn loaded(&self, id: &RunId) -> Option<Arc<RunCell>> {
         self.inner
