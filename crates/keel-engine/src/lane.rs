@@ -98,7 +98,12 @@ impl Lane {
         if *self.cancel.borrow() {
             return Err(Interrupt::Cancelled);
         }
-        if *self.pause.borrow() {
+        // The flag is told after a pause request is durable, and told it is withdrawn after
+        // the resume is: between a resume's write and then, the flag is stale, and a run
+        // that took it would stop to pause, find the request withdrawn and take it again,
+        // busy and never yielding. The journal's state, written under the cell lock, says
+        // whether a request stands.
+        if *self.pause.borrow() && self.cell.with_state(|s| s.pause_requested) {
             return Err(Interrupt::Paused {
                 reason: "paused by operator".into(),
                 exhausted: false,
