@@ -86,81 +86,6 @@ pub(crate) struct Inner {
     pub(crate) outbox: Arc<Outbox>,
 }
 
-impl Inner {
-    /// Unloads `cell` unless it must still be driven: its status is running or compensating
-    /// (an operator call may have just made it so), the engine is up and no storage write
-    /// failed in it. Returns whether it was unloaded. Decided under the map lock, so an operator
-    /// call either sees the cell loaded (and its driver goes on) or loads it afresh.
-    pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
-        let cells = self.cells.lock().expect("cells lock");
-        let shutting_down = self.env.shutting_down();
-        let detached = cell.detach_if(&*self.env.store, |record, write_failed| {
-            if shutting_down {
-                Some(Some(Stop::ShutDown))
-            } else if write_failed {
-                Some(Some(Stop::Error("a write to its journal failed".into())))
-            } else if !record.status.is_drivable() {
-                Some(None)
-            } else {
-                None
-            }
-        });
-        if detached {
-            self.take_out(cells, cell);
-            self.stopped_alive(cell);
-        }
-        detached
-    }
-
-    /// Takes the detached `cell` out of the map and releases the map lock, `cells`. If its
-    /// run settled, its wake index entry goes (the settling write comes before it in the
-    /// store's order), and a parent parked until it settled is due now; an unsettled run
-    /// keeps its entry, and the next open drives it.
-    ///
-    /// The entry is removed after the map lock is released: it is a store write, and every
-    /// start's load waited for it under that lock. Meanwhile the run is settling in the map,
-    /// and `Engine::load_cell` waits for it to end, so that no new cell of the run writes
-    /// its entry before this removal.
-    fn take_out(&self, mut cells: std::sync::MutexGuard<'_, parking::Cells>, cell: &Arc<RunCell>) {
-        cells.remove(cell);
-        let (status, parent) = cell.with_record(|r| (r.status, r.parent.clone()));
-        if status.is_drivable() {
-            return;
-        }
-        cells.settling(&cell.id);
-        drop(cells);
-        if let Err(error) = self.env.store.clear_wake(&cell.id) {
-            // Left stale: the next open reads the run, finds it settled and drops it.
-            tracing::warn!(run_id = %cell.id, %error, "wake index entry not removed");
-        }
-        let mut cells = self.cells.lock().expect("cells lock");
-        cells.settled(&cell.id);
-        if let Some(parent) = &parent {
-            if cells.make_due(parent) {
-                self.wakes.notify_one();
-            }
-        }
-    }
-
-    /// A driver stopped while the process lives: if the run has not settled, this load does
-    /// not count against it (`poison.rs`). A settled run's count is left: only an operator
-    /// call, which clears it, drives such a run again.
-    fn stopped_alive(&self, cell: &RunCell) {
-        if cell.status().is_drivable() {
-            cell.survived(&*self.env.store);
-        }
-    }
-
-    /// Unloads `cell` whatever its status; if the run has not settled, its waiters are told
-    /// `stop`.
-    pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
-        let cells = self.cells.lock().expect("cells lock");
-        cell.detach_if(&*self.env.store, |_, _| Some(Some(stop)));
-        self.take_out(cells, cell);
-        self.stopped_alive(cell);
-    }
-}
-
 /// Whether a cell was loaded by the call that asked, or was loaded already.
 enum Loaded {
     Fresh(Arc<RunCell>),
@@ -256,18 +181,12 @@ impl Engine {
         let Some(loaded) = self.load_cell(record, Takeover::IfFree).await? else {
             return Ok(());
         };
-        match loaded {
-            Loaded::Fresh(cell)
-                if matches!(cell.status(), RunStatus::Running | RunStatus::Compensating) =>
-            {
+        // A fresh cell whose run settled meanwhile goes again, decided under its lock: an
+        // operator call that found it loaded may make it drivable at any moment until then.
+        if let Loaded::Fresh(cell) = loaded {
+            if !self.inner.unload_if_settled(&cell) {
                 self.spawn_driver(cell);
             }
-            Loaded::Fresh(cell) => {
-                // Settled meanwhile: nothing to drive (and no waiter to tell: the stop reason
-                // is only announced for a run that has not settled).
-                self.inner.unload(&cell, Stop::Error("settled".into()));
-            }
-            Loaded::Existing(_) => {}
         }
         Ok(())
     }

@@ -349,16 +349,19 @@ impl Engine {
             if let Loaded::Fresh(cell) = &loaded {
                 // This call loaded (and, on a shared store, took) the run: drive it if it is
                 // drivable, the write refused or not (nobody else drives it now), else unload
-                // it again.
+                // it again. Decided under the cell lock (`Inner::unload_if_settled`): another
+                // call that found this cell loaded may resume the run meanwhile, and then
+                // either its write comes first and the run is driven here, or the unload
+                // comes first and that call's write is refused and it loads the run afresh.
                 let lost = matches!(
                     wrote,
                     Err(EngineError::Detached { .. } | EngineError::Fenced { .. })
                 );
-                if cell.status().is_drivable() && !lost {
-                    self.spawn_driver(Arc::clone(cell));
-                } else {
+                if lost {
                     self.inner
                         .unload(cell, Stop::Error("an operator call failed".into()));
+                } else if !self.inner.unload_if_settled(cell) {
+                    self.spawn_driver(Arc::clone(cell));
                 }
             }
             match wrote {

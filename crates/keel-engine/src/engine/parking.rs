@@ -15,14 +15,18 @@
 //! durable is the store's wake index (sled's `store/sled/wakes.rs`; PostgreSQL keeps none):
 //! an open parks the runs it lists as waiting without reading them (`resume.rs`); without an
 //! index, every unfinished run is loaded, replays to its wait and parks again.
+//!
+//! Also here, the other way out of the map: unloading a cell whose run may not be driven
+//! (settled, paused, suspended, or stopped by the engine), and the removal of a settled run's
+//! wake index entry after the map lock is released (`Inner::take_out`).
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::cell::RunCell;
+use crate::cell::{RunCell, Stop};
 use crate::engine::{Engine, Inner};
 use crate::error::Result;
 use crate::ids::RunId;
@@ -239,6 +243,104 @@ impl Cells {
                     unparked: None,
                 },
             );
+        }
+    }
+}
+
+impl Inner {
+    /// Unloads `cell` unless it must still be driven: its status is running or compensating
+    /// (an operator call may have just made it so), the engine is up and no storage write
+    /// failed in it. Returns whether it was unloaded. Decided under the map lock, so an operator
+    /// call either sees the cell loaded (and its driver goes on) or loads it afresh.
+    pub(crate) fn unload_if_settled(&self, cell: &Arc<RunCell>) -> bool {
+        let cells = self.cells.lock().expect("cells lock");
+        let shutting_down = self.env.shutting_down();
+        let detached = cell.detach_if(&*self.env.store, |record, write_failed| {
+            if shutting_down {
+                Some(Some(Stop::ShutDown))
+            } else if write_failed {
+                Some(Some(Stop::Error("a write to its journal failed".into())))
+            } else if !record.status.is_drivable() {
+                Some(None)
+            } else {
+                None
+            }
+        });
+        if detached {
+            self.take_out(cells, cell);
+            self.stopped_alive(cell);
+        }
+        detached
+    }
+
+    /// Takes the detached `cell` out of the map and releases the map lock, `cells`. If its
+    /// run settled, its wake index entry goes (the settling write comes before it in the
+    /// store's order), and a parent parked until it settled is due now; an unsettled run
+    /// keeps its entry, and the next open drives it.
+    ///
+    /// The entry is removed after the map lock is released: it is a store write, and every
+    /// start's load waited for it under that lock. Meanwhile the run is settling in the map,
+    /// and `Engine::load_cell` waits for it to end, so that no new cell of the run writes
+    /// its entry before this removal.
+    fn take_out(&self, mut cells: MutexGuard<'_, Cells>, cell: &Arc<RunCell>) {
+        cells.remove(cell);
+        let (status, parent) = cell.with_record(|r| (r.status, r.parent.clone()));
+        if status.is_drivable() {
+            return;
+        }
+        cells.settling(&cell.id);
+        drop(cells);
+        let _out = SettlingOut {
+            inner: self,
+            id: &cell.id,
+            parent,
+        };
+        if let Err(error) = self.env.store.clear_wake(&cell.id) {
+            // Left stale: the next open reads the run, finds it settled and drops it.
+            tracing::warn!(run_id = %cell.id, %error, "wake index entry not removed");
+        }
+    }
+
+    /// A driver stopped while the process lives: if the run has not settled, this load does
+    /// not count against it (`poison.rs`). A settled run's count is left: only an operator
+    /// call, which clears it, drives such a run again.
+    fn stopped_alive(&self, cell: &RunCell) {
+        if cell.status().is_drivable() {
+            cell.survived(&*self.env.store);
+        }
+    }
+
+    /// Unloads `cell` whatever its status; if the run has not settled, its waiters are told
+    /// `stop`.
+    pub(crate) fn unload(&self, cell: &Arc<RunCell>, stop: Stop) {
+        let cells = self.cells.lock().expect("cells lock");
+        cell.detach_if(&*self.env.store, |_, _| Some(Some(stop)));
+        self.take_out(cells, cell);
+        self.stopped_alive(cell);
+    }
+}
+
+/// A run marked settling in the map while its wake index entry is removed
+/// (`Inner::take_out`). Dropped, the mark goes and a parent parked until the run settled is
+/// due: also when the removal panicked, so that the run's later loads do not wait for ever.
+struct SettlingOut<'a> {
+    inner: &'a Inner,
+    id: &'a RunId,
+    parent: Option<RunId>,
+}
+
+impl Drop for SettlingOut<'_> {
+    fn drop(&mut self) {
+        // Not held across the removal, so not poisoned by a panic in it; if another panic
+        // poisoned it, the engine is broken anyway, and unwinding here must not panic again.
+        let Ok(mut cells) = self.inner.cells.lock() else {
+            return;
+        };
+        cells.settled(self.id);
+        if let Some(parent) = &self.parent {
+            if cells.make_due(parent) {
+                self.inner.wakes.notify_one();
+            }
         }
     }
 }
