@@ -151,6 +151,11 @@ impl Engine {
     /// compensating run and builds the index (see the module doc). Nothing is driven, and
     /// nothing written, when the check refuses the store.
     pub(super) async fn resume_all(&self, allow_unregistered: bool) -> Result<()> {
+        // Held until every run read here is in the map (`drive_all`), as `adopt` holds it: a
+        // load meanwhile (a run the wake loop woke, loading a run it needs) waits, and then
+        // finds the cell built here, never the reverse, a cell built from records read
+        // before that load's run moved on.
+        let _loading = self.inner.loading.lock().await;
         let env = &self.inner.env;
         let workflow = |name: &str| self.inner.workflows.get(name).is_some();
         let step_kind = |kind: &str| env.registry.step(kind).is_some();
@@ -359,7 +364,8 @@ impl Engine {
         Ok(())
     }
 
-    /// Loads every drivable run, counts its load, and starts its driver.
+    /// Loads every drivable run, counts its load, and starts its driver. Called under the
+    /// loads' lock, held since the runs were read.
     async fn drive_all(&self, drivable: Vec<Drivable>) -> Result<()> {
         let cells: Vec<Arc<RunCell>> = drivable
             .into_iter()
