@@ -63,6 +63,9 @@ pub(crate) async fn drive(
         return;
     }
     loop {
+        // Each turn counts against the task's budget, so that a run whose phases keep ending
+        // at once (a defect) yields its thread now and then instead of holding it for ever.
+        tokio::task::coop::consume_budget().await;
         let result = match cell.status() {
             RunStatus::Running | RunStatus::Suspended
                 if cell.with_state(|s| s.cancel_requested) =>
