@@ -421,3 +421,90 @@ async fn a_send_and_a_resume_at_once_leave_the_run_driven() {
     engine.shutdown().await;
     let _ = done.send(());
 }
+
+/// Sleeps 2 ms: a step long enough to be in flight when a pause comes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Nap;
+
+impl keel::Step for Nap {
+    const KIND: &'static str = "test.nap";
+    type Output = ();
+
+    async fn execute(&self, _: &keel::StepContext) -> Result<(), keel::StepError> {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok(())
+    }
+}
+
+/// 200 naps in a row.
+struct Napper;
+
+impl Workflow for Napper {
+    const NAME: &'static str = "test.napper";
+    type Input = ();
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        for _ in 0..200 {
+            ctx.step(Nap).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A resume and a pause of a pausing run made at once: whatever order their writes took,
+/// the run ends as its journal says, paused when a pause request was the last word, else
+/// completed. A resume used to tell the run's lanes that no pause stands once it was
+/// durable, whatever had been written since: a pause written after it, and told first, was
+/// lost, and the run completed with the request standing in its journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_written_after_a_resume_is_not_withdrawn_by_it() {
+    keel_testkit::init_tracing();
+    let races = std::env::var("KEEL_TEST_RACES")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(40, |n| n / 5);
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .workflow::<Napper>()
+        .step::<Nap>()
+        .open()
+        .await
+        .unwrap();
+    let raced: Vec<_> = (0..races)
+        .map(|n| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let id = format!("n{n}");
+                engine.start::<Napper>(&id, ()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                engine.pause(&id).await.unwrap();
+                let (resumed, paused) = tokio::join!(engine.resume(&id), engine.pause(&id));
+                let record = engine.wait(&id).await.unwrap();
+                (id, resumed, paused, record)
+            })
+        })
+        .collect();
+    let mut paused_at_end = 0;
+    for raced in raced {
+        let (id, resumed, paused, record) = raced.await.unwrap();
+        let history = engine.history(&id).await.unwrap();
+        let last =
+            |wanted: fn(&Event) -> bool| history.entries.iter().rposition(|e| wanted(&e.event));
+        let requested = last(|e| matches!(e, Event::PauseRequested));
+        let resumed_at = last(|e| matches!(e, Event::RunResumed));
+        let stands = requested > resumed_at;
+        let expected = if stands {
+            paused_at_end += 1;
+            RunStatus::Paused
+        } else {
+            RunStatus::Completed
+        };
+        assert_eq!(
+            record.status, expected,
+            "{id}: resume {resumed:?}, pause {paused:?}, last request at {requested:?}, last resume at {resumed_at:?}"
+        );
+    }
+    tracing::info!(races, paused_at_end, "pauses that were the last word");
+    engine.shutdown().await;
+}

@@ -88,7 +88,8 @@ pub(crate) struct RunCell {
     loaded: Mutex<Loaded>,
     /// Set (durably journaled first) when an operator cancels the run.
     pub(crate) cancel: watch::Sender<bool>,
-    /// Set (durably journaled first) while an operator's pause request stands.
+    /// Set while an operator's pause request stands, told by [`RunCell::tell_pause`] once
+    /// a pause or a resume is durable.
     pub(crate) pause: watch::Sender<bool>,
     /// What waiters watch: the latest durable status, and why the cell was unloaded before
     /// its run settled, so that no waiter is left pending by a driver that stopped. (One
@@ -212,6 +213,15 @@ impl RunCell {
     /// was dropped because another engine took the run over. Reads must go to the store.
     pub(crate) fn stale(&self, store: &dyn JournalStore) -> bool {
         self.loaded.lock().expect("cell lock").write_failed || store.fenced(&self.id, self.token)
+    }
+
+    /// Tells the run's lanes whether a pause request stands, as the journal's state says
+    /// under the cell lock: a pause and a resume each call it once durable, and whichever
+    /// ends last tells what the state says then, never a value an earlier call read (a
+    /// resume that ended after a later pause would otherwise withdraw that pause).
+    pub(crate) fn tell_pause(&self) {
+        let loaded = self.loaded.lock().expect("cell lock");
+        self.pause.send_replace(loaded.state.pause_requested);
     }
 
     /// Reads the run state.

@@ -99,10 +99,10 @@ impl Lane {
             return Err(Interrupt::Cancelled);
         }
         // The flag is told after a pause request is durable, and told it is withdrawn after
-        // the resume is: between a resume's write and then, the flag is stale, and a run
-        // that took it would stop to pause, find the request withdrawn and take it again,
-        // busy and never yielding. The journal's state, written under the cell lock, says
-        // whether a request stands.
+        // the resume is (`RunCell::tell_pause`): between a resume's write and then, the flag
+        // is stale, and a run that took it would stop to pause, find the request withdrawn
+        // and take it again, busy. The journal's state, written under the cell lock, says
+        // whether a request stands; the flag, only that it is worth reading.
         if *self.pause.borrow() && self.cell.with_state(|s| s.pause_requested) {
             return Err(Interrupt::Paused {
                 reason: "paused by operator".into(),

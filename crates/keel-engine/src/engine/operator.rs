@@ -109,7 +109,7 @@ impl Engine {
             })
             .await?;
         if let Some(cell) = outcome {
-            cell.pause.send_replace(true);
+            cell.tell_pause();
             tracing::info!(run_id = %cell.id, "pause requested");
         }
         self.status(id).await
@@ -165,7 +165,7 @@ impl Engine {
             })
             .await?;
         if let Some(cell) = outcome {
-            cell.pause.send_replace(false);
+            cell.tell_pause();
             cell.publish();
             tracing::info!(run_id = %cell.id, "run resumed");
         }
