@@ -88,8 +88,8 @@ pub(crate) struct RunCell {
     loaded: Mutex<Loaded>,
     /// Set (durably journaled first) when an operator cancels the run.
     pub(crate) cancel: watch::Sender<bool>,
-    /// Set while an operator's pause request stands, told by [`RunCell::tell_pause`] once
-    /// a pause or a resume is durable.
+    /// Set while an operator's pause request stands: from the journal when the cell is
+    /// made, then told by [`RunCell::tell_pause`] once a pause or a resume is durable.
     pub(crate) pause: watch::Sender<bool>,
     /// What waiters watch: the latest durable status, and why the cell was unloaded before
     /// its run settled, so that no waiter is left pending by a driver that stopped. (One

@@ -98,12 +98,13 @@ impl Lane {
         if *self.cancel.borrow() {
             return Err(Interrupt::Cancelled);
         }
-        // The flag is told after a pause request is durable, and told it is withdrawn after
-        // the resume is (`RunCell::tell_pause`): between a resume's write and then, the flag
-        // is stale, and a run that took it would stop to pause, find the request withdrawn
-        // and take it again, busy. The journal's state, written under the cell lock, says
-        // whether a request stands; the flag, only that it is worth reading.
-        if *self.pause.borrow() && self.cell.with_state(|s| s.pause_requested) {
+        // The flag is told once a pause or a resume is durable (`RunCell::tell_pause`); a
+        // fresh cell's starts as its journal says. Between a resume's write and its tell the
+        // flag is stale, and a run that took it would stop to pause, find the request
+        // withdrawn and take it again, busy. The journal's state, written under the cell
+        // lock, says whether a request stands; the flag, only that it is worth reading.
+        let told = *self.pause.borrow();
+        if told && self.cell.with_state(|s| s.pause_requested) {
             return Err(Interrupt::Paused {
                 reason: "paused by operator".into(),
                 exhausted: false,
@@ -152,6 +153,28 @@ impl Lane {
         self.cell
             .append(&*self.env.store, event)
             .map_err(Interrupt::Engine)
+    }
+
+    /// Appends a step's start record unless a cancel or a pause was written since this
+    /// lane's last check (which reads flags told only once those writes are durable, so an
+    /// operator's call could otherwise return before a step that then starts): the
+    /// interrupt the next check would give instead. Decided under the cell lock.
+    fn journal_start(&self, event: Event) -> Result<(), Interrupt> {
+        let mut refused = None;
+        self.cell
+            .append_made(&*self.env.store, |_, state| {
+                if state.cancel_requested {
+                    refused = Some(Interrupt::Cancelled);
+                } else if state.pause_requested {
+                    refused = Some(Interrupt::Paused {
+                        reason: "paused by operator".into(),
+                        exhausted: false,
+                    });
+                }
+                Ok(refused.is_none().then_some(event))
+            })
+            .map_err(Interrupt::Engine)?;
+        refused.map_or(Ok(()), Err)
     }
 
     pub(crate) async fn durable(&self) -> Result<(), Interrupt> {
@@ -334,7 +357,7 @@ impl Lane {
                 .step_kind(&*self.env.store, kind)
                 .map_err(Interrupt::Engine)?;
         }
-        self.journal(Event::StepStarted {
+        self.journal_start(Event::StepStarted {
             step: index,
             kind: kind.into(),
             argument: attempts.argument.clone(),
