@@ -133,35 +133,18 @@ impl Engine {
         }
         let outcome = self
             .operate(id, "resume", |cell| {
-                if cell.status() == RunStatus::Running {
-                    cell.append_if(
-                        &*self.inner.env.store,
-                        Event::RunResumed,
-                        |record, state| {
-                            admits(record, "resume", &[RunStatus::Running])?;
-                            if !state.pause_requested {
-                                return Err(EngineError::InvalidState {
-                                    id: record.id.clone(),
-                                    status: "running and not paused".into(),
-                                    operation: "resume",
-                                });
-                            }
-                            Ok(())
-                        },
-                    )?;
-                    return Ok(true);
+                // Decided on the status read here, checked again under the cell lock: a
+                // pausing run may settle as paused in between, and then the resume is
+                // decided again on that status (once: only an operator call moves a paused
+                // run on), rather than refused as "paused".
+                let mut written = self.resume_as(cell, cell.status());
+                if let Err(EngineError::InvalidState { .. }) = written {
+                    let now = cell.status();
+                    if now == RunStatus::Paused {
+                        written = self.resume_as(cell, now);
+                    }
                 }
-                let guard = |record: &RunRecord, _: &RunState| {
-                    admits(record, "resume", &[RunStatus::Suspended, RunStatus::Paused])
-                };
-                cell.transition_if(
-                    &*self.inner.env.store,
-                    Event::RunResumed,
-                    guard,
-                    RunStatus::Running,
-                    |r| r.error = None,
-                )?;
-                Ok(true)
+                written.map(|()| true)
             })
             .await?;
         if let Some(cell) = outcome {
@@ -170,6 +153,31 @@ impl Engine {
             tracing::info!(run_id = %cell.id, "run resumed");
         }
         self.status(id).await
+    }
+
+    /// `resume`'s write on a run read as `status`: a running run's pause request is
+    /// withdrawn, a suspended or paused run is taken up.
+    fn resume_as(&self, cell: &RunCell, status: RunStatus) -> Result<()> {
+        let store = &*self.inner.env.store;
+        if status == RunStatus::Running {
+            return cell.append_if(store, Event::RunResumed, |record, state| {
+                admits(record, "resume", &[RunStatus::Running])?;
+                if !state.pause_requested {
+                    return Err(EngineError::InvalidState {
+                        id: record.id.clone(),
+                        status: "running and not paused".into(),
+                        operation: "resume",
+                    });
+                }
+                Ok(())
+            });
+        }
+        let guard = |record: &RunRecord, _: &RunState| {
+            admits(record, "resume", &[RunStatus::Suspended, RunStatus::Paused])
+        };
+        cell.transition_if(store, Event::RunResumed, guard, RunStatus::Running, |r| {
+            r.error = None
+        })
     }
 
     /// Retries the compensation of a run in `CompensationFailed`.
