@@ -360,6 +360,8 @@ const RACES_DEFAULT: usize = 200;
 /// resume through it in between left the run running with nothing driving it (not caught in
 /// 9,000 tries: the window is a few instructions wide; fixed by deciding under the cell lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// The watchdog says why it ends the process on stderr: the test's own output dies with it.
+#[allow(clippy::print_stderr)]
 async fn a_send_and_a_resume_at_once_leave_the_run_driven() {
     keel_testkit::init_tracing();
     let races = std::env::var("KEEL_TEST_RACES")
