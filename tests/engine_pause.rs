@@ -527,3 +527,128 @@ async fn a_pause_written_after_a_resume_is_not_withdrawn_by_it() {
     tracing::info!(races, paused_at_end, "pauses that were the last word");
     engine.shutdown().await;
 }
+
+/// A pause and a cancel of a running run made at once: the cancel, once it returned, wins
+/// whatever order the writes took. A run that stopped to pause used to settle as paused
+/// even when a cancel was written meanwhile, and then waited, cancelled, for a resume (a
+/// second cancel took the first as done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_made_while_the_run_stops_to_pause_compensates_it() {
+    keel_testkit::init_tracing();
+    let races = std::env::var("KEEL_TEST_RACES")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(40, |n| (n / 5).max(1));
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .workflow::<Napper>()
+        .step::<Nap>()
+        .open()
+        .await
+        .unwrap();
+    let raced: Vec<_> = (0..races)
+        .map(|n| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let id = format!("c{n}");
+                engine.start::<Napper>(&id, ()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let (paused, cancelled) = tokio::join!(engine.pause(&id), engine.cancel(&id));
+                let record = engine.wait(&id).await.unwrap();
+                (id, paused, cancelled, record)
+            })
+        })
+        .collect();
+    for raced in raced {
+        let (id, paused, cancelled, record) = raced.await.unwrap();
+        let cancelled = cancelled.unwrap_or_else(|e| panic!("{id}: cancel refused: {e}"));
+        assert_eq!(
+            record.status,
+            RunStatus::Compensated,
+            "{id}: pause {paused:?}, cancel {cancelled:?}: {:?}",
+            record.error
+        );
+    }
+    engine.shutdown().await;
+}
+
+/// One nap, as a child run.
+struct Kid;
+
+impl Workflow for Kid {
+    const NAME: &'static str = "test.kid";
+    type Input = ();
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        ctx.step(Nap).await
+    }
+}
+
+/// 100 [`Kid`] runs, one after the other.
+struct Brood;
+
+impl Workflow for Brood {
+    const NAME: &'static str = "test.brood";
+    type Input = ();
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        for _ in 0..100 {
+            ctx.child::<Kid>(()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A run starting child runs one after the other is paused: no child run is started once
+/// the pause request is in its journal, even before the request is durable and told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_child_run_starts_after_a_pause_request() {
+    keel_testkit::init_tracing();
+    let races = std::env::var("KEEL_TEST_RACES")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+        .map_or(20, |n| (n / 10).max(1));
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .workflow::<Brood>()
+        .workflow::<Kid>()
+        .step::<Nap>()
+        .open()
+        .await
+        .unwrap();
+    let raced: Vec<_> = (0..races)
+        .map(|n| {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let id = format!("b{n}");
+                engine.start::<Brood>(&id, ()).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                engine.pause(&id).await.unwrap();
+                let record = engine.wait(&id).await.unwrap();
+                (id, record)
+            })
+        })
+        .collect();
+    for raced in raced {
+        let (id, record) = raced.await.unwrap();
+        assert_eq!(record.status, RunStatus::Paused, "{id}: {:?}", record.error);
+        let history = engine.history(&id).await.unwrap();
+        let requested = history
+            .entries
+            .iter()
+            .position(|e| matches!(e.event, Event::PauseRequested))
+            .expect("a pause request");
+        let after: Vec<_> = history.entries[requested..]
+            .iter()
+            .filter(|e| matches!(e.event, Event::ChildStarted { .. }))
+            .collect();
+        assert!(
+            after.is_empty(),
+            "{id}: child runs started after the pause request: {after:?} in {:#?}",
+            history.entries.iter().map(|e| &e.event).collect::<Vec<_>>()
+        );
+    }
+    engine.shutdown().await;
+}

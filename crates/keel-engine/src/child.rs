@@ -346,7 +346,7 @@ async fn start_and_await(
                 limit: u64::from(CHILDREN_PER_RUN_MAX),
             }));
         }
-        lane.journal(Event::ChildStarted {
+        lane.journal_start(Event::ChildStarted {
             step: index,
             workflow: workflow.into(),
             child: child.clone(),

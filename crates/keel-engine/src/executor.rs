@@ -263,7 +263,8 @@ async fn fail(env: &Arc<RunEnv>, cell: &Arc<RunCell>, reason: String) -> Result<
 }
 
 /// Stops the run for an operator. An operator's pause must still stand (a resume may have
-/// withdrawn it while in-flight steps ended); then the run goes on instead.
+/// withdrawn it while in-flight steps ended), and no cancel: else the run goes on instead
+/// (and compensates, if cancelled).
 async fn pause(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
@@ -271,8 +272,17 @@ async fn pause(
     exhausted: bool,
 ) -> Result<Next> {
     let reason = truncate(reason);
+    // A cancel written since the run stopped to pause wins: the run compensates (the drive
+    // loop's next turn) rather than settling as paused with a cancel standing, which a
+    // second cancel would take as done.
     let still_wanted = |_: &RunRecord, state: &RunState| {
-        if exhausted || state.pause_requested {
+        if state.cancel_requested {
+            Err(EngineError::InvalidState {
+                id: cell.id.clone(),
+                status: "cancelled".into(),
+                operation: "pause",
+            })
+        } else if exhausted || state.pause_requested {
             Ok(())
         } else {
             Err(EngineError::InvalidState {

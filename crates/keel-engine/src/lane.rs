@@ -155,11 +155,12 @@ impl Lane {
             .map_err(Interrupt::Engine)
     }
 
-    /// Appends a step's start record unless a cancel or a pause was written since this
-    /// lane's last check (which reads flags told only once those writes are durable, so an
-    /// operator's call could otherwise return before a step that then starts): the
-    /// interrupt the next check would give instead. Decided under the cell lock.
-    fn journal_start(&self, event: Event) -> Result<(), Interrupt> {
+    /// Appends an operation's start record (a step's, a child run's) unless a cancel or a
+    /// pause was written since this lane's last check (which reads flags told only once
+    /// those writes are durable, so an operator's call could otherwise return before an
+    /// operation that then starts): the interrupt the next check would give instead.
+    /// Decided under the cell lock.
+    pub(crate) fn journal_start(&self, event: Event) -> Result<(), Interrupt> {
         let mut refused = None;
         self.cell
             .append_made(&*self.env.store, |_, state| {
