@@ -652,3 +652,61 @@ async fn no_child_run_starts_after_a_pause_request() {
     }
     engine.shutdown().await;
 }
+
+/// Sleeps 300 ms: in flight while a test cancels its run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Snooze;
+
+impl keel::Step for Snooze {
+    const KIND: &'static str = "test.snooze";
+    type Output = ();
+
+    async fn execute(&self, _: &keel::StepContext) -> Result<(), keel::StepError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(())
+    }
+}
+
+/// One snooze, then a defect: the body panics.
+struct Doomed;
+
+impl Workflow for Doomed {
+    const NAME: &'static str = "test.doomed";
+    type Input = ();
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        ctx.step(Snooze).await?;
+        panic!("the body's own bug, after its step");
+    }
+}
+
+/// A run cancelled while a step is in flight, whose body then fails with a defect of its
+/// code, compensates as the cancel asked. It used to be suspended with the cancel standing,
+/// and a second cancel took the first as done: only a resume moved it on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cancelled_before_a_defect_compensates_instead_of_suspending() {
+    keel_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .workflow::<Doomed>()
+        .step::<Snooze>()
+        .open()
+        .await
+        .unwrap();
+    engine.start::<Doomed>("doomed", ()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    engine.cancel("doomed").await.unwrap();
+    let record = engine.wait("doomed").await.unwrap();
+    assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
+    let history = engine.history("doomed").await.unwrap();
+    assert!(
+        history
+            .entries
+            .iter()
+            .all(|e| !matches!(e.event, Event::RunSuspended { .. })),
+        "{:#?}",
+        history.entries
+    );
+    engine.shutdown().await;
+}

@@ -8,8 +8,8 @@
 //! | Running   | body returned output, journal consumed  | Completed     |
 //! | Running   | body failed, nothing took effect        | Failed        |
 //! | Running   | body failed, or cancelled               | Compensating  |
-//! | Running   | replay mismatch                         | Suspended     |
-//! | Running   | paused (operator, or retries exhausted) | Paused        |
+//! | Running   | replay mismatch, a defect of the code   | Suspended (Compensating if a cancel stands) |
+//! | Running   | paused (operator, or retries exhausted) | Paused (Compensating if a cancel stands) |
 //! | Suspended, Paused | cancelled (operator call)       | Compensating  |
 //! | Suspended, Paused | resumed (operator call)         | Running       |
 //! | Running   | shutdown, storage error                 | (unchanged; resumes at next open) |

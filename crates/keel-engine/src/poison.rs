@@ -37,6 +37,9 @@
 //! | the load count at the bound               | Running      | Suspended                     |
 //! | the load count at the bound               | Compensating | CompensationFailed            |
 //! | neither                                   | drivable     | load count + 1, synced, driven |
+//!
+//! A running run with a cancel standing is not suspended: it compensates, as the cancel asked
+//! (`transition::suspend`), and an undo that dies at every load then fails as above.
 
 use std::sync::Arc;
 

@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use crate::cell::RunCell;
 use crate::env::RunEnv;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::ids::OperationIndex;
-use crate::journal::{Event, RunStatus};
+use crate::journal::{Event, RunRecord, RunStatus};
+use crate::replay::RunState;
 use crate::step::truncate;
 
 /// What the drive loop does after one phase.
@@ -21,18 +22,43 @@ pub(crate) enum Next {
     Parked,
 }
 
-/// Parks a running run for an operator: suspended, with `reason` as its error.
+/// Parks a running run for an operator: suspended, with `reason` as its error. Unless a
+/// cancel stands: then the run compensates instead (the drive loop's next turn), as the
+/// operator asked, rather than waiting suspended with the cancel taken as done.
 pub(crate) async fn suspend(env: &RunEnv, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
     let reason = truncate(reason);
-    tracing::error!(run_id = %cell.id, %reason, "run suspended");
     let error = reason.clone();
-    cell.transition(
+    let not_cancelled = |record: &RunRecord, state: &RunState| {
+        if state.cancel_requested {
+            Err(EngineError::InvalidState {
+                id: record.id.clone(),
+                status: "cancelled".into(),
+                operation: "suspend",
+            })
+        } else {
+            Ok(())
+        }
+    };
+    let suspended = cell.transition_if(
         &*env.store,
-        Event::RunSuspended { reason },
+        Event::RunSuspended {
+            reason: reason.clone(),
+        },
+        not_cancelled,
         RunStatus::Suspended,
         |r| r.error = Some(error),
-    )?;
-    settle(env, cell, RunStatus::Suspended).await
+    );
+    match suspended {
+        Ok(()) => {
+            tracing::error!(run_id = %cell.id, %reason, "run suspended");
+            settle(env, cell, RunStatus::Suspended).await
+        }
+        Err(EngineError::InvalidState { .. }) => {
+            tracing::error!(run_id = %cell.id, %reason, "run cancelled before it was suspended: it compensates");
+            Ok(Next::Continue)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Parks a compensating run for an operator: the compensation of `step` failed for good.

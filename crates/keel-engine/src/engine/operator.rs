@@ -37,10 +37,13 @@ impl Engine {
         let outcome = self
             .operate(id, "cancel", |cell| {
                 let status = cell.status();
-                // A run that was cancelled and has since ended is finished like any other.
-                let already = !status.is_terminal()
-                    && (cell.with_state(|s| s.cancel_requested)
-                        || status == RunStatus::Compensating);
+                // A standing request counts only while the run runs (it compensates at its
+                // next operation). A run that stopped for an operator with one standing (a
+                // journal written before a stop to pause yielded to a cancel) compensates
+                // now; a run that was cancelled and has since ended is finished like any
+                // other.
+                let already = status == RunStatus::Compensating
+                    || (status == RunStatus::Running && cell.with_state(|s| s.cancel_requested));
                 if already {
                     return Ok(false);
                 }
@@ -77,8 +80,9 @@ impl Engine {
         self.status(id).await
     }
 
-    /// Pauses running run `id`: the request is durable when this returns; no new step,
-    /// poll, timer or child starts from then on, in-flight steps finish and are recorded,
+    /// Pauses running run `id`: the request is durable when this returns; no new step or
+    /// child run starts from then on (nor a timer or a poll, once the run hears of it, which
+    /// is when this returns or before), in-flight steps finish and are recorded,
     /// and the run's status becomes `paused` (await it with [`Engine::wait`]). A paused run
     /// stays paused across restarts until [`Engine::resume`] (or is cancelled). Pausing a
     /// run that is paused or pausing changes nothing; only running runs can be paused.
