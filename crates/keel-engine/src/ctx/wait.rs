@@ -163,7 +163,11 @@ impl Ctx {
             // A wait's poll count is in memory only: it never parks.
             self.sleep_until(wake_at_ms, false).await?;
             let scheduled_ms = self.now_ms();
-            let (answer, sent_ms) = self.poll_once(index, probe, Attempt(polls.sent + 1)).await;
+            let (answer, sent_ms) =
+                match self.poll_once(index, probe, Attempt(polls.sent + 1)).await {
+                    Ok(polled) => polled,
+                    Err(cause) => return Err(self.interrupt(cause)),
+                };
             let queued_ms = sent_ms.saturating_sub(scheduled_ms);
             let gap_ms = wake_at_ms.saturating_sub(polls.last_sent_ms);
             polls.sent += 1;
@@ -201,13 +205,14 @@ impl Ctx {
 
     /// One poll of `probe` (number `poll`), in a slot of its service's limiter, and the engine
     /// clock's time when it was sent (after its slot). A panicking poll is a failed poll, as
-    /// a retryable error is.
+    /// a retryable error is. An interrupt heard while the poll queued for its slot (a pause
+    /// or a cancel that returned meanwhile) comes instead, and nothing is sent.
     async fn poll_once<P: Probe>(
         &mut self,
         index: OperationIndex,
         probe: &P,
         poll: Attempt,
-    ) -> (Result<Option<P::Output>, StepError>, u64) {
+    ) -> Result<(Result<Option<P::Output>, StepError>, u64), Interrupt> {
         let ctx = StepContext {
             run_id: self.lane.cell.id.clone(),
             step: index,
@@ -223,6 +228,7 @@ impl Ctx {
             .flatten();
         let limiter = service.map(|name| self.lane.env.limiters.get(&name));
         let slot = Slot::take(limiter.as_deref(), Priority::Probe).await;
+        self.lane.check()?;
         let sent_ms = self.now_ms();
         let call = tracing::Instrument::instrument(async { probe.probe(&ctx).await }, span);
         let polled = contained(call)
@@ -231,7 +237,7 @@ impl Ctx {
         slot.report(&polled);
         // Polls are not journaled: a poll that returned is what shows the run survives them.
         self.lane.cell.survived(&*self.lane.env.store);
-        (polled, sent_ms)
+        Ok((polled, sent_ms))
     }
 
     /// The outcome of a wait whose probe held: its last output. The time to readiness (from
