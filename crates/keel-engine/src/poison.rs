@@ -39,7 +39,8 @@
 //! | neither                                   | drivable     | load count + 1, synced, driven |
 //!
 //! A running run with a cancel standing is not suspended: it compensates, as the cancel asked
-//! (`transition::suspend`), and an undo that dies at every load then fails as above.
+//! (`transition::suspend`), its load count started again from this load, so that an undo
+//! that dies at every load then fails as above, and only then.
 
 use std::sync::Arc;
 
@@ -67,7 +68,7 @@ pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
             cut.kind,
             if cut.undo { "retry the compensation" } else { "resume the run" },
         );
-        return poisoned(env, cell, Some(cut.step), reason).await;
+        return poisoned_unless_cancelled(env, cell, Some(cut.step), reason).await;
     }
     if cell.load_counted() {
         return Ok(());
@@ -77,12 +78,32 @@ pub(crate) async fn count_load(env: &Arc<RunEnv>, cell: &Arc<RunCell>) -> Result
         let reason = format!(
             "poisoned: the process died while driving this run's code outside its steps (replaying its workflow, its body's own code, or a wait's polls) after each of its last {loads} loads: an abort, a stack overflow or an out-of-memory kill; fix the cause, then resume the run"
         );
-        return poisoned(env, cell, None, reason).await;
+        return poisoned_unless_cancelled(env, cell, None, reason).await;
     }
+    count(env, cell, loads).await
+}
+
+/// Counts this load as the one after `loads` that died.
+async fn count(env: &RunEnv, cell: &RunCell, loads: u32) -> Result<()> {
     env.store.set_load_count(&cell.id, loads + 1)?;
     // Durable before any of the run's code runs: a death from here on counts.
     cell.durable(&*env.store).await?;
     cell.mark_load_counted();
+    Ok(())
+}
+
+/// [`poisoned`]; a running run with a cancel standing compensates instead, and then the
+/// deaths of its compensation count from this load, as after an operator's call (the body's
+/// code, which died, does not run again).
+async fn poisoned_unless_cancelled(
+    env: &Arc<RunEnv>,
+    cell: &Arc<RunCell>,
+    step: Option<OperationIndex>,
+    reason: String,
+) -> Result<()> {
+    if poisoned(env, cell, step, reason).await? {
+        count(env, cell, 0).await?;
+    }
     Ok(())
 }
 
@@ -97,17 +118,19 @@ pub(crate) async fn loads_before(env: &RunEnv, cell: &RunCell) -> Result<u32> {
 }
 
 /// Parks the run for an operator: a running one suspended, a compensating one failed at
-/// `step` (or at the undo it stands at).
+/// `step` (or at the undo it stands at). Returns whether a running run compensates instead,
+/// a cancel standing (`transition::suspend`).
 async fn poisoned(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     step: Option<OperationIndex>,
     reason: String,
-) -> Result<()> {
+) -> Result<bool> {
     tracing::error!(run_id = %cell.id, %reason, "run poisoned: not driven again");
     match cell.status() {
         RunStatus::Running => {
             crate::transition::suspend(env, cell, reason).await?;
+            return Ok(cell.status().is_drivable());
         }
         RunStatus::Compensating => {
             let step = step.or_else(|| match cell.with_state(undo_action) {
@@ -129,5 +152,5 @@ async fn poisoned(
         | RunStatus::Compensated
         | RunStatus::Resolved => {}
     }
-    Ok(())
+    Ok(false)
 }

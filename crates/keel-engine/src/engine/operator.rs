@@ -37,13 +37,15 @@ impl Engine {
         let outcome = self
             .operate(id, "cancel", |cell| {
                 let status = cell.status();
-                // A standing request counts only while the run runs (it compensates at its
-                // next operation). A run that stopped for an operator with one standing (a
-                // journal written before a stop to pause yielded to a cancel) compensates
-                // now; a run that was cancelled and has since ended is finished like any
-                // other.
+                // A standing request counts as done unless the run stopped for an operator
+                // with it standing (a journal written before a stop to pause or a suspension
+                // yielded to a cancel): then it compensates now. A run that was cancelled and
+                // has since ended is finished like any other.
+                let stopped = matches!(status, RunStatus::Suspended | RunStatus::Paused);
                 let already = status == RunStatus::Compensating
-                    || (status == RunStatus::Running && cell.with_state(|s| s.cancel_requested));
+                    || (!stopped
+                        && !status.is_terminal()
+                        && cell.with_state(|s| s.cancel_requested));
                 if already {
                     return Ok(false);
                 }
