@@ -74,6 +74,8 @@ enum Bug {
     Branch,
     /// In the body's own code, before any step.
     Body,
+    /// In its one step, 500 ms into each attempt; the run is cancelled during the fifth.
+    Cancelled,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,6 +120,7 @@ impl Workflow for AbortingFlow {
                 }
                 ctx.step(aborting(0)).await
             }
+            Bug::Cancelled => ctx.step(aborting(500)).await,
         }
     }
 }
@@ -170,6 +173,7 @@ fn bug_of(name: &str) -> Bug {
         "step" => Bug::Step,
         "branch" => Bug::Branch,
         "body" => Bug::Body,
+        "cancelled" => Bug::Cancelled,
         other => panic!("unknown bug {other}"),
     }
 }
@@ -186,9 +190,26 @@ fn child_main() {
         keel_testkit::poll::until(&engine, "sleeper", |h| h.entries.len() == 1).await;
         let input = Input { log, bug };
         let aborting = engine.start::<AbortingFlow>("poison", input).await.unwrap();
+        if std::env::var("KEEL_CANCEL").is_ok() {
+            // Cancelled while its fifth attempt is in flight, which then kills the process.
+            let started = |h: &keel::RunHistory| {
+                h.entries
+                    .iter()
+                    .filter(|e| matches!(e.event, keel::Event::StepStarted { .. }))
+                    .count()
+                    == 5
+            };
+            keel_testkit::poll::until(&engine, "poison", started).await;
+            engine.cancel("poison").await.unwrap();
+        }
         let err = aborting.result().await.unwrap_err();
+        // Poisoned, it is suspended; cancelled before, it compensates instead.
+        let ends = match bug {
+            Bug::Cancelled => RunStatus::Compensated,
+            _ => RunStatus::Suspended,
+        };
         assert!(
-            matches!(&err, EngineError::RunEnded { status, .. } if *status == RunStatus::Suspended),
+            matches!(&err, EngineError::RunEnded { status, .. } if *status == ends),
             "{err}"
         );
         engine.shutdown().await;
@@ -289,4 +310,58 @@ fn a_body_that_kills_the_process_outside_its_steps_is_poisoned() {
         reason.contains("outside its steps") && reason.contains("last 5 loads"),
         "{reason}"
     );
+}
+
+/// A step that kills the process at every attempt, cancelled during its fifth: at the next
+/// load the run is at the bound with the cancel standing, and it compensates as the cancel
+/// asked instead of being suspended as poisoned (which took the cancel as done: a second
+/// cancel changed nothing, and only a resume moved it on).
+#[test]
+fn a_poisoned_run_with_a_cancel_standing_compensates() {
+    const NAME: &str = "a_poisoned_run_with_a_cancel_standing_compensates";
+    if is_child() {
+        return child_main();
+    }
+    keel_testkit::init_tracing();
+    let dir = tempfile::tempdir().unwrap();
+    let log = path_env(dir.path(), "effects.jsonl");
+    std::fs::write(format!("{log}.abort"), "").unwrap();
+    let spec = ChildSpec {
+        test_name: NAME,
+        env: vec![
+            ("KEEL_DATA_DIR".into(), path_env(dir.path(), "data")),
+            ("KEEL_EFFECT_LOG".into(), log.clone()),
+            ("KEEL_BUG".into(), "cancelled".into()),
+        ],
+    };
+    let mut endings = Vec::new();
+    for load in 1..=8 {
+        let cancel = [("KEEL_CANCEL", String::new())];
+        let extra: &[(&str, String)] = if load == 5 { &cancel } else { &[] };
+        let ending = spec.run(extra, CHILD_TIMEOUT);
+        endings.push(ending);
+        if ending == Ending::Finished {
+            break;
+        }
+    }
+    assert_eq!(
+        endings,
+        [vec![Ending::Aborted; 5], vec![Ending::Finished]].concat(),
+        "five deaths, the last one cancelled, then the run compensates and the process lives"
+    );
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = open(&dir.path().join("data")).await;
+        let record = engine.status("poison").await.unwrap();
+        assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
+        let history = engine.history("poison").await.unwrap();
+        assert!(
+            history
+                .entries
+                .iter()
+                .all(|e| !matches!(e.event, keel::Event::RunSuspended { .. })),
+            "{:#?}",
+            history.entries
+        );
+        engine.shutdown().await;
+    });
 }

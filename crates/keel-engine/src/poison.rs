@@ -118,15 +118,16 @@ pub(crate) async fn loads_before(env: &RunEnv, cell: &RunCell) -> Result<u32> {
 }
 
 /// Parks the run for an operator: a running one suspended, a compensating one failed at
-/// `step` (or at the undo it stands at). Returns whether a running run compensates instead,
-/// a cancel standing (`transition::suspend`).
+/// `step` (or at the undo it stands at). Returns whether the run is left drivable: a running
+/// run compensates instead when a cancel stands (`transition::suspend`); an operator's call
+/// may also have taken it up while its suspension was made durable.
 async fn poisoned(
     env: &Arc<RunEnv>,
     cell: &Arc<RunCell>,
     step: Option<OperationIndex>,
     reason: String,
 ) -> Result<bool> {
-    tracing::error!(run_id = %cell.id, %reason, "run poisoned: not driven again");
+    tracing::error!(run_id = %cell.id, %reason, "run poisoned: its code is not driven again");
     match cell.status() {
         RunStatus::Running => {
             crate::transition::suspend(env, cell, reason).await?;
