@@ -216,6 +216,26 @@ fn child_main() {
     });
 }
 
+/// Runs the child until it finishes, at most 8 times, the run cancelled in load `cancel_at`
+/// (counted from 1); how each ended.
+fn loads_until_finished(spec: &ChildSpec, cancel_at: Option<usize>) -> Vec<Ending> {
+    let mut endings = Vec::new();
+    for load in 1..=8 {
+        let cancel = [("KEEL_CANCEL", String::new())];
+        let extra: &[(&str, String)] = if cancel_at == Some(load) {
+            &cancel
+        } else {
+            &[]
+        };
+        let ending = spec.run(extra, CHILD_TIMEOUT);
+        endings.push(ending);
+        if ending == Ending::Finished {
+            break;
+        }
+    }
+    endings
+}
+
 /// Runs the crash loop of `bug` to its end and checks it; returns the poisoned run's reason.
 fn crash_loop(test_name: &str, bug: &str) -> String {
     keel_testkit::init_tracing();
@@ -230,14 +250,7 @@ fn crash_loop(test_name: &str, bug: &str) -> String {
             ("KEEL_BUG".into(), bug.into()),
         ],
     };
-    let mut endings = Vec::new();
-    for _ in 0..8 {
-        let ending = spec.run(&[], CHILD_TIMEOUT);
-        endings.push(ending);
-        if ending == Ending::Finished {
-            break;
-        }
-    }
+    let endings = loads_until_finished(&spec, None);
     assert_eq!(
         endings,
         [vec![Ending::Aborted; 5], vec![Ending::Finished]].concat(),
@@ -334,16 +347,7 @@ fn a_poisoned_run_with_a_cancel_standing_compensates() {
             ("KEEL_BUG".into(), "cancelled".into()),
         ],
     };
-    let mut endings = Vec::new();
-    for load in 1..=8 {
-        let cancel = [("KEEL_CANCEL", String::new())];
-        let extra: &[(&str, String)] = if load == 5 { &cancel } else { &[] };
-        let ending = spec.run(extra, CHILD_TIMEOUT);
-        endings.push(ending);
-        if ending == Ending::Finished {
-            break;
-        }
-    }
+    let endings = loads_until_finished(&spec, Some(5));
     assert_eq!(
         endings,
         [vec![Ending::Aborted; 5], vec![Ending::Finished]].concat(),
