@@ -75,12 +75,22 @@ impl TypesUsed {
 
     /// Notes that a run is started under `workflow`, before its record is written.
     pub(crate) fn workflow(&self, store: &dyn JournalStore, workflow: &str) -> Result<()> {
-        self.note(store, |types| types.workflows.insert(workflow.to_owned()))
+        self.note(store, |types| added(&mut types.workflows, workflow))
+    }
+
+    /// Whether [`TypesUsed::workflow`] would write nothing for `workflow`: the record is not
+    /// kept or not known, or lists it already.
+    pub(crate) fn has_workflow(&self, workflow: &str) -> bool {
+        !self.kept
+            || match &*self.known.lock().expect("types lock") {
+                Some(types) => types.workflows.contains(workflow),
+                None => true,
+            }
     }
 
     /// Notes that a compensable step of `kind` starts, before its start is written.
     pub(crate) fn step_kind(&self, store: &dyn JournalStore, kind: &str) -> Result<()> {
-        self.note(store, |types| types.step_kinds.insert(kind.to_owned()))
+        self.note(store, |types| added(&mut types.step_kinds, kind))
     }
 
     /// Replaces the record by `types` (what the store's runs need, found by reading them all).
@@ -128,4 +138,9 @@ impl TypesUsed {
         }
         Ok(())
     }
+}
+
+/// Adds `name` to `names` unless it is there (no copy made then); true if it was added.
+fn added(names: &mut BTreeSet<String>, name: &str) -> bool {
+    !names.contains(name) && names.insert(name.to_owned())
 }
