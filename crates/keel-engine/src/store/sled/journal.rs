@@ -51,20 +51,39 @@ pub(super) struct StoredRecordState {
     pub(super) record: Option<RecordState>,
 }
 
-/// The stored bytes of a transition's journal entry: the entry with the record's new state.
+/// The stored bytes of a transition's journal entry: the entry with the record's new state
+/// (its `"record"` field), serialised in one pass, with nothing copied.
 pub(super) fn encode_transition(entry: &Entry, record: &RunRecord) -> Result<Vec<u8>> {
-    let what = "journal entry with its run record's state";
-    let serialise = |source| EngineError::Serialise {
-        what: what.into(),
-        source,
+    /// [`RecordState`], borrowed from the record.
+    #[derive(Serialize)]
+    struct StateOf<'a> {
+        status: RunStatus,
+        updated_at_ms: u64,
+        finished_at_ms: Option<u64>,
+        output: &'a Option<Value>,
+        error: &'a Option<String>,
+    }
+    #[derive(Serialize)]
+    struct Transition<'a> {
+        #[serde(flatten)]
+        entry: &'a Entry,
+        record: StateOf<'a>,
+    }
+    let transition = Transition {
+        entry,
+        record: StateOf {
+            status: record.status,
+            updated_at_ms: record.updated_at_ms,
+            finished_at_ms: record.finished_at_ms,
+            output: &record.output,
+            error: &record.error,
+        },
     };
-    let mut value = serde_json::to_value(entry).map_err(serialise)?;
-    let state = serde_json::to_value(RecordState::of(record)).map_err(serialise)?;
-    value
-        .as_object_mut()
-        .expect("an entry serialises to a JSON object")
-        .insert("record".into(), state);
-    encode(what, &value, TRANSITION_ENTRY_BYTES_MAX)
+    encode(
+        "journal entry with its run record's state",
+        &transition,
+        TRANSITION_ENTRY_BYTES_MAX,
+    )
 }
 
 pub(super) fn journal_prefix(id: &RunId) -> Vec<u8> {

@@ -22,6 +22,36 @@ fn a_transition_is_one_entry_carrying_the_record_state() {
     assert_eq!(stored.record, Some(RecordState::of(&completed("a"))));
 }
 
+/// A transition's stored bytes hold the same fields as the entry's own with the record's
+/// state added as `"record"` (the shape stores written by earlier versions hold, there built
+/// through a `serde_json::Value`), for a completion and for a failure with its error.
+#[test]
+fn a_transition_entry_is_the_entry_with_the_record_state_added() {
+    let failed = RunRecord {
+        status: RunStatus::Failed,
+        output: None,
+        error: Some("a \"quoted\" reason".into()),
+        ..completed("b")
+    };
+    let failure = Entry {
+        at_ms: 21,
+        event: Event::RunFailed {
+            error: "a \"quoted\" reason".into(),
+        },
+    };
+    for (entry, record) in [(&entries()[1], &completed("a")), (&failure, &failed)] {
+        let bytes = super::super::journal::encode_transition(entry, record).unwrap();
+        let mut expected = serde_json::to_value(entry).unwrap();
+        expected.as_object_mut().unwrap().insert(
+            "record".into(),
+            serde_json::to_value(RecordState::of(record)).unwrap(),
+        );
+        let stored: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(stored, expected);
+        assert_eq!(serde_json::from_slice::<Entry>(&bytes).unwrap(), *entry);
+    }
+}
+
 /// Entries appended together share one value (a step's completion and the next entry), keyed
 /// by the first's index: reads give back each entry, the journal stays dense, and a transition
 /// last in a group is what an open repairs a record from.
