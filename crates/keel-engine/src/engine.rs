@@ -452,7 +452,7 @@ impl Engine {
         // (or a record it cannot read) writes no type. When the type is listed already,
         // which is every start but a workflow's first, a new run costs no read.
         let types = &self.inner.env.types;
-        if !types.has_workflow(workflow) && self.inner.env.store.run(&id).await?.is_none() {
+        if types.would_note_workflow(workflow) && self.inner.env.store.run(&id).await?.is_none() {
             types.workflow(&*self.inner.env.store, workflow)?;
         }
         match self.inner.env.store.create_run(&record).await? {

@@ -78,13 +78,13 @@ impl TypesUsed {
         self.note(store, |types| added(&mut types.workflows, workflow))
     }
 
-    /// Whether [`TypesUsed::workflow`] would write nothing for `workflow`: the record is not
-    /// kept or not known, or lists it already.
-    pub(crate) fn has_workflow(&self, workflow: &str) -> bool {
-        !self.kept
-            || match &*self.known.lock().expect("types lock") {
-                Some(types) => types.workflows.contains(workflow),
-                None => true,
+    /// Whether noting `workflow` ([`TypesUsed::workflow`]) would write the record: it is kept
+    /// and known, and does not list `workflow` yet.
+    pub(crate) fn would_note_workflow(&self, workflow: &str) -> bool {
+        self.kept
+            && match &*self.known.lock().expect("types lock") {
+                Some(types) => !types.workflows.contains(workflow),
+                None => false,
             }
     }
 
