@@ -31,7 +31,7 @@ use crate::limits::OUTPUT_BYTES_MAX;
 use crate::replay::RunState;
 use crate::saga;
 use crate::step::truncate;
-use crate::transition::{settle, suspend, Next};
+use crate::transition::{refuse_if_cancelled, settle, suspend, Next};
 use crate::workflow::{BodyError, OnRetriesExhausted, Workflows};
 
 /// Drives `cell` until it settles or the engine shuts down, then unloads it. `runs` is the
@@ -214,17 +214,8 @@ async fn complete(env: &Arc<RunEnv>, cell: &Arc<RunCell>, output: Value) -> Resu
         return fail(env, cell, reason).await;
     }
     crate::crash::point("run.before_terminal");
-    let not_cancelled = |_: &RunRecord, state: &RunState| {
-        if state.cancel_requested {
-            Err(EngineError::InvalidState {
-                id: cell.id.clone(),
-                status: "cancelled".into(),
-                operation: "complete",
-            })
-        } else {
-            Ok(())
-        }
-    };
+    let not_cancelled =
+        |record: &RunRecord, state: &RunState| refuse_if_cancelled(record, state, "complete");
     let event = Event::RunCompleted {
         output: output.clone(),
     };
@@ -275,22 +266,16 @@ async fn pause(
     // A cancel written since the run stopped to pause wins: the run compensates (the drive
     // loop's next turn) rather than settling as paused with a cancel standing, which a
     // second cancel would take as done.
-    let still_wanted = |_: &RunRecord, state: &RunState| {
-        if state.cancel_requested {
-            Err(EngineError::InvalidState {
-                id: cell.id.clone(),
-                status: "cancelled".into(),
-                operation: "pause",
-            })
-        } else if exhausted || state.pause_requested {
-            Ok(())
-        } else {
-            Err(EngineError::InvalidState {
-                id: cell.id.clone(),
-                status: "resumed".into(),
-                operation: "pause",
-            })
+    let still_wanted = |record: &RunRecord, state: &RunState| {
+        refuse_if_cancelled(record, state, "pause")?;
+        if exhausted || state.pause_requested {
+            return Ok(());
         }
+        Err(EngineError::InvalidState {
+            id: record.id.clone(),
+            status: "resumed".into(),
+            operation: "pause",
+        })
     };
     let error = reason.clone();
     match cell.transition_if(

@@ -22,23 +22,31 @@ pub(crate) enum Next {
     Parked,
 }
 
+/// The guard of a write that a standing cancel must win over (a completion, a pause, a
+/// suspension): refuses `operation` as "cancelled" while the run's cancel request stands.
+pub(crate) fn refuse_if_cancelled(
+    record: &RunRecord,
+    state: &RunState,
+    operation: &'static str,
+) -> Result<()> {
+    if state.cancel_requested {
+        return Err(EngineError::InvalidState {
+            id: record.id.clone(),
+            status: "cancelled".into(),
+            operation,
+        });
+    }
+    Ok(())
+}
+
 /// Parks a running run for an operator: suspended, with `reason` as its error. Unless a
 /// cancel stands: then the run compensates instead (the drive loop's next turn), as the
 /// operator asked, rather than waiting suspended with the cancel taken as done.
 pub(crate) async fn suspend(env: &RunEnv, cell: &Arc<RunCell>, reason: String) -> Result<Next> {
     let reason = truncate(reason);
     let error = reason.clone();
-    let not_cancelled = |record: &RunRecord, state: &RunState| {
-        if state.cancel_requested {
-            Err(EngineError::InvalidState {
-                id: record.id.clone(),
-                status: "cancelled".into(),
-                operation: "suspend",
-            })
-        } else {
-            Ok(())
-        }
-    };
+    let not_cancelled =
+        |record: &RunRecord, state: &RunState| refuse_if_cancelled(record, state, "suspend");
     let suspended = cell.transition_if(
         &*env.store,
         Event::RunSuspended {

@@ -13,6 +13,7 @@ use crate::journal::{Event, RunRecord, RunStatus};
 use crate::limits::ERROR_MESSAGE_BYTES_MAX;
 use crate::replay::RunState;
 use crate::store::Takeover;
+use crate::transition::refuse_if_cancelled;
 
 fn admits(record: &RunRecord, operation: &'static str, statuses: &[RunStatus]) -> Result<()> {
     if statuses.contains(&record.status) {
@@ -101,14 +102,7 @@ impl Engine {
                     Event::PauseRequested,
                     |record, state| {
                         admits(record, "pause", &[RunStatus::Running])?;
-                        if state.cancel_requested {
-                            return Err(EngineError::InvalidState {
-                                id: record.id.clone(),
-                                status: "cancelled".into(),
-                                operation: "pause",
-                            });
-                        }
-                        Ok(())
+                        refuse_if_cancelled(record, state, "pause")
                     },
                 )?;
                 Ok(true)
