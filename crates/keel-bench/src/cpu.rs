@@ -118,7 +118,7 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
             .open()
             .await
             .with_context(|| format!("opening an engine in {}", path.display()))?;
-        let before = thread_ticks()?;
+        let before = thread_cpu_ns()?;
         let started = Instant::now();
         let input = StepsInput {
             steps: params.steps,
@@ -126,15 +126,13 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
         workload::start_concurrently::<Steps>(&engine, "cpu", params.runs, &input).await?;
         workload::wait_all_completed(&engine, "cpu", params.runs).await?;
         let elapsed = started.elapsed().as_secs_f64();
-        let after = thread_ticks()?;
+        let after = thread_cpu_ns()?;
         engine.shutdown().await;
         let steps = f64::from(params.runs * params.steps.max(1));
-        let us_per_tick = 1e6 / crate::system::clock_ticks_per_s() as f64;
         let mut by_thread: BTreeMap<&'static str, f64> = BTreeMap::new();
-        for (tid, (group, ticks)) in &after {
-            let earlier = before.get(tid).map_or(0, |(_, ticks)| *ticks);
-            *by_thread.entry(group).or_default() +=
-                ticks.saturating_sub(earlier) as f64 * us_per_tick / steps;
+        for (tid, (group, ns)) in &after {
+            let earlier = before.get(tid).map_or(0, |(_, ns)| *ns);
+            *by_thread.entry(group).or_default() += ns.saturating_sub(earlier) as f64 / 1e3 / steps;
         }
         let repeat = Repeat {
             steps_per_s: steps / elapsed,
@@ -159,27 +157,32 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
     })
 }
 
-/// Every live thread of this process: its id, its group and its CPU ticks so far (user and
-/// system, fields 14 and 15 of `/proc/self/task/TID/stat`). A thread that ended between two
-/// readings takes its ticks with it, so only threads that live through a repeat are counted
-/// in full; the engine's threads live as long as the engine.
-fn thread_ticks() -> anyhow::Result<BTreeMap<u64, (&'static str, u64)>> {
+/// Every live thread of this process: its id, its group and its CPU time so far in
+/// nanoseconds (user and system: the first field of `/proc/self/task/TID/schedstat`, which
+/// the scheduler keeps in nanoseconds, where `stat`'s ticks are good to 10 ms, a tenth of a
+/// repeat's CPU for a thread that works 100 ms). A thread that ended between two readings
+/// takes its time with it, so only threads that live through a repeat are counted in full;
+/// the engine's threads live as long as the engine.
+fn thread_cpu_ns() -> anyhow::Result<BTreeMap<u64, (&'static str, u64)>> {
     let mut threads = BTreeMap::new();
     for entry in std::fs::read_dir("/proc/self/task").context("listing /proc/self/task")? {
         let entry = entry?;
         let Ok(tid) = entry.file_name().to_string_lossy().parse::<u64>() else {
             continue;
         };
-        // A thread may end between the listing and the read.
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+        // A thread may end between the listing and the reads.
+        let (Ok(name), Ok(schedstat)) = (
+            std::fs::read_to_string(entry.path().join("comm")),
+            std::fs::read_to_string(entry.path().join("schedstat")),
+        ) else {
             continue;
         };
-        let (name, ticks) = crate::system::stat_cpu_ticks(&stat)?;
+        let ns = crate::system::schedstat_run_ns(&schedstat)?;
         let group = GROUPS
             .iter()
             .find(|(_, prefix)| name.starts_with(prefix))
             .map_or("other", |(group, _)| group);
-        threads.insert(tid, (group, ticks));
+        threads.insert(tid, (group, ns));
     }
     Ok(threads)
 }

@@ -96,6 +96,16 @@ pub(crate) fn cpu_seconds() -> anyhow::Result<f64> {
     Ok(ticks as f64 / 100.0)
 }
 
+/// The time a thread has run on a CPU, in nanoseconds: the first field of a
+/// `/proc/PID/task/TID/schedstat` line (run time, wait time, time slices).
+pub(crate) fn schedstat_run_ns(schedstat: &str) -> anyhow::Result<u64> {
+    schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .with_context(|| format!("no run time in the schedstat line {schedstat:?}"))
+}
+
 /// The command name and the CPU ticks (user and system: fields 14 and 15) of a
 /// `/proc/PID/stat` or `/proc/PID/task/TID/stat` line.
 pub(crate) fn stat_cpu_ticks(stat: &str) -> anyhow::Result<(&str, u64)> {
@@ -153,6 +163,28 @@ mod tests {
 
     /// A thread's name may hold spaces and parentheses: the ticks are counted after the last
     /// `)`, and a line without the fields is refused, quoting it.
+    /// A thread's run time is the first field, in nanoseconds; this thread's own grows as
+    /// it works, and a line without a number is refused, quoting it.
+    #[test]
+    fn schedstat_run_ns_reads_the_run_time() {
+        assert_eq!(
+            schedstat_run_ns("255749278 151417729 90\n").unwrap(),
+            255_749_278
+        );
+        let own = || {
+            let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+            schedstat_run_ns(&text).unwrap()
+        };
+        let before = own();
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(30) {
+            std::hint::black_box(started.elapsed());
+        }
+        assert!(own() > before, "30 ms of work did not move the run time");
+        let error = schedstat_run_ns("").unwrap_err().to_string();
+        assert!(error.contains("no run time"), "{error}");
+    }
+
     #[test]
     fn stat_cpu_ticks_reads_the_name_and_user_plus_system_ticks() {
         let line = "4242 (log (flusher) 2) S 1 4242 4242 0 -1 4194368 120 0 0 0 \
