@@ -134,6 +134,10 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
             let earlier = before.get(tid).map_or(0, |(_, ns)| *ns);
             *by_thread.entry(group).or_default() += ns.saturating_sub(earlier) as f64 / 1e3 / steps;
         }
+        if by_thread.values().sum::<f64>() <= 0.0 {
+            // A kernel without scheduler statistics has no `schedstat`, or one of zeros.
+            bail!("no thread's CPU time moved in /proc/self/task/*/schedstat during a repeat: does this kernel keep scheduler statistics (CONFIG_SCHED_INFO)?");
+        }
         let repeat = Repeat {
             steps_per_s: steps / elapsed,
             cpu_us_per_step: by_thread.values().sum(),

@@ -161,8 +161,6 @@ pub(crate) fn clock_ticks_per_s() -> u64 {
 mod tests {
     use super::*;
 
-    /// A thread's name may hold spaces and parentheses: the ticks are counted after the last
-    /// `)`, and a line without the fields is refused, quoting it.
     /// A thread's run time is the first field, in nanoseconds; this thread's own grows as
     /// it works, and a line without a number is refused, quoting it.
     #[test]
@@ -185,6 +183,8 @@ mod tests {
         assert!(error.contains("no run time"), "{error}");
     }
 
+    /// A thread's name may hold spaces and parentheses: the ticks are counted after the last
+    /// `)`, and a line without the fields is refused, quoting it.
     #[test]
     fn stat_cpu_ticks_reads_the_name_and_user_plus_system_ticks() {
         let line = "4242 (log (flusher) 2) S 1 4242 4242 0 -1 4194368 120 0 0 0 \
