@@ -482,21 +482,25 @@ async fn check_runs(dir: &Path, url: &str, knobs: &Knobs, effects: &[Effect]) ->
     tally
 }
 
-/// What the stopped workers did once continued: each logged its lost lease (or the session
-/// the server ended while it was stopped inside a transaction) and exited, and the database
-/// holds no row it wrote from its SIGCONT on (its lease had ended by then).
+/// What the stopped workers did once continued: each logged its lost lease (found by its
+/// renewer, or by its writer before a commit), or the session the server ended while it was
+/// stopped inside a transaction, and exited; and the database holds no row it wrote from its
+/// SIGCONT on (its lease had ended by then).
 /// Returns how many "write refused" lines their logs hold.
 async fn check_zombies(url: &str, stops: &[Stop]) -> usize {
     let mut refused = 0;
     for stop in stops.iter().filter(|s| s.exited_after.is_some()) {
         let cont_at = stop.cont_at.as_ref().expect("a continued stop");
-        // Either it saw its lease lost, or, stopped inside a transaction, the server had
-        // ended that session (`idle_in_transaction_session_timeout` is one lease), so its
-        // first write after SIGCONT found the connection closed: both end the worker, and
-        // the rows checked below show it wrote nothing.
+        // Either its renewer saw its lease lost, or its writer, about to commit, found the
+        // lease ended by the worker's clock (whichever runs first after SIGCONT), or,
+        // stopped inside a transaction, the server had ended that session
+        // (`idle_in_transaction_session_timeout` is one lease), so its first write after
+        // SIGCONT found the connection closed: each ends the worker, and the rows checked
+        // below show it wrote nothing.
         assert!(
             stop.log.lines().any(|l| l.contains("ERROR")
                 && (l.contains("lease lost")
+                    || l.contains("the lease ended (by this worker's clock) before the commit")
                     || (l.contains("database connection lost")
                         && l.contains("connection=writer")))),
             "worker pid {} exited without logging its lease or its session lost:\n{}",
