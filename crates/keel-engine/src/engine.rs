@@ -449,8 +449,8 @@ impl Engine {
         // Before a new record, in the store's write order: the workflow among the types the
         // runs use (the run's wake index entry comes with its record, from `create_run`).
         // The record is read first only when that would write: a start that finds the run
-        // (or a record it cannot read) writes no type. When the type is listed already,
-        // which is every start but a workflow's first, a new run costs no read.
+        // (or a record it cannot read) writes no type. When the type is listed already (on
+        // PostgreSQL, which keeps no list, always), a new run costs no read.
         let types = &self.inner.env.types;
         if types.would_note_workflow(workflow) && self.inner.env.store.run(&id).await?.is_none() {
             types.workflow(&*self.inner.env.store, workflow)?;
