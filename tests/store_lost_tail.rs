@@ -264,34 +264,44 @@ async fn a_large_store_cut_short_is_refused_at_every_cut() {
 async fn an_accepted_loss_opens_with_what_is_left() {
     let dir = tempfile::tempdir().unwrap();
     store(dir.path(), 5, 3).await;
-    let cut = tempfile::tempdir().unwrap();
-    // Well inside the runs' writes: the latency statistics the shutdown writes last fill
-    // about a third of this small log, and a cut there loses no run.
-    cut_copy(dir.path(), cut.path(), 40);
-    assert!(matches!(
-        open(cut.path()).await,
-        Err(EngineError::LostData { .. })
-    ));
-
-    let engine = Engine::builder(cut.path())
-        .workflow::<Sum>()
-        .step::<Add>()
-        .accept_data_loss()
-        .open()
-        .await
-        .unwrap();
-    let left = engine.list().await.unwrap();
-    assert!(left.len() < 5 || left.iter().any(|r| r.status != RunStatus::Completed));
-    for record in &left {
-        let record = engine.wait(record.id.as_str()).await.unwrap();
-        assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    // A cut inside the runs' writes. The latency statistics and run counts the shutdown
+    // writes last fill about a third of this small log, but how many commits the runs'
+    // writes took depends on how the group commit batched them, so a cut at 40% has (about
+    // once in 200 tries) lost only what the shutdown wrote. The first cut, from 40% down,
+    // that lost a run or rolled one back is the one tried.
+    for percent in [40, 30, 20, 10] {
+        let cut = tempfile::tempdir().unwrap();
+        cut_copy(dir.path(), cut.path(), percent);
+        assert!(matches!(
+            open(cut.path()).await,
+            Err(EngineError::LostData { .. })
+        ));
+        let engine = Engine::builder(cut.path())
+            .workflow::<Sum>()
+            .step::<Add>()
+            .accept_data_loss()
+            .open()
+            .await
+            .unwrap();
+        let left = engine.list().await.unwrap();
+        if left.len() == 5 && left.iter().all(|r| r.status == RunStatus::Completed) {
+            // This cut lost only what the shutdown wrote after the runs.
+            engine.shutdown().await;
+            continue;
+        }
+        for record in &left {
+            let record = engine.wait(record.id.as_str()).await.unwrap();
+            assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+        }
+        engine.shutdown().await;
+        drop(engine);
+        let engine = open(cut.path())
+            .await
+            .expect("the accepted state is the new mark");
+        engine.shutdown().await;
+        return;
     }
-    engine.shutdown().await;
-    drop(engine);
-    let engine = open(cut.path())
-        .await
-        .expect("the accepted state is the new mark");
-    engine.shutdown().await;
+    panic!("no cut from 40% down lost a run or rolled one back");
 }
 
 /// A mark file with no whole slot cannot say what the store acknowledged: the store is
