@@ -113,16 +113,19 @@ async fn a_send_and_a_resume_at_once_leave_the_run_driven() {
     let _ = done.send(());
 }
 
-/// Sleeps 2 ms: a step long enough to be in flight when a pause comes.
+/// Sleeps `ms` milliseconds: a step long enough to be in flight when a pause or a cancel
+/// comes.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct Nap;
+struct Nap {
+    ms: u64,
+}
 
 impl keel::Step for Nap {
     const KIND: &'static str = "test.nap";
     type Output = ();
 
     async fn execute(&self, _: &keel::StepContext) -> Result<(), keel::StepError> {
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(Duration::from_millis(self.ms)).await;
         Ok(())
     }
 }
@@ -137,7 +140,7 @@ impl Workflow for Napper {
 
     async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
         for _ in 0..200 {
-            ctx.step(Nap).await?;
+            ctx.step(Nap { ms: 2 }).await?;
         }
         Ok(())
     }
@@ -254,7 +257,7 @@ impl Workflow for Kid {
     type Output = ();
 
     async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
-        ctx.step(Nap).await
+        ctx.step(Nap { ms: 2 }).await
     }
 }
 
@@ -320,21 +323,7 @@ async fn no_child_run_starts_after_a_pause_request() {
     engine.shutdown().await;
 }
 
-/// Sleeps 300 ms: in flight while a test cancels its run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-struct Snooze;
-
-impl keel::Step for Snooze {
-    const KIND: &'static str = "test.snooze";
-    type Output = ();
-
-    async fn execute(&self, _: &keel::StepContext) -> Result<(), keel::StepError> {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        Ok(())
-    }
-}
-
-/// One snooze, then a defect: the body panics.
+/// A 300 ms nap, then a defect: the body panics.
 struct Doomed;
 
 impl Workflow for Doomed {
@@ -343,7 +332,7 @@ impl Workflow for Doomed {
     type Output = ();
 
     async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
-        ctx.step(Snooze).await?;
+        ctx.step(Nap { ms: 300 }).await?;
         panic!("the body's own bug, after its step");
     }
 }
@@ -355,7 +344,7 @@ impl Workflow for Doomed {
 async fn a_run_cancelled_before_a_defect_compensates_instead_of_suspending() {
     keel_testkit::init_tracing();
     let dir = tempfile::tempdir().unwrap();
-    let engine = open(dir.path(), |b| b.workflow::<Doomed>().step::<Snooze>()).await;
+    let engine = open(dir.path(), |b| b.workflow::<Doomed>().step::<Nap>()).await;
     engine.start::<Doomed>("doomed", ()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     engine.cancel("doomed").await.unwrap();
