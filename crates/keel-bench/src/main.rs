@@ -69,9 +69,9 @@ struct Sizes {
     sequential_steps: u32,
     fan_out_branches: u32,
     concurrent_runs: u32,
-    /// Durable starts. The full size takes about half a second on sled, so that one stall
-    /// of the disk or the scheduler does not decide the figure: at 5,000 (about a tenth of
-    /// a second) three calls in one window gave 4.4x, 5.8x and 7.4x the baseline.
+    /// Durable starts. The full size takes half a second to a second on sled, so that one
+    /// stall of the disk or the scheduler does not decide the figure: at 5,000 (about a
+    /// tenth of a second) three calls in one window gave 5.6x, 4.4x and 8.5x the baseline.
     starts: u32,
     /// Runs that take events, and events each takes.
     event_runs: u32,
