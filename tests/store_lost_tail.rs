@@ -264,13 +264,12 @@ async fn a_large_store_cut_short_is_refused_at_every_cut() {
 async fn an_accepted_loss_opens_with_what_is_left() {
     let dir = tempfile::tempdir().unwrap();
     store(dir.path(), 5, 3).await;
-    // A cut inside the runs' writes. The latency statistics and run counts the shutdown
-    // writes last fill about a third of this small log, but how many commits the runs'
-    // writes took depends on how the group commit batched them, so a cut at 40% has (about
-    // once in 200 tries) lost only what the shutdown wrote. The first cut, from 40% down in
-    // steps of 5 (so that it keeps most runs), that lost a run or rolled one back is the
-    // one tried. A cut sled cannot recover from at all (`StoreDamaged`, see
-    // `every_cut_is_refused`) is passed over.
+    // A cut inside the runs' writes. The shutdown writes the latency statistics and run
+    // counts after them, and where the runs' writes end in this small log depends on how
+    // the group commit batched them, so a cut at 40% has (about once in 200 tries) lost only
+    // what the shutdown wrote. The first cut, from 40% down in steps of 5 (so that it keeps
+    // most runs), that lost a run or rolled one back is the one tried. A cut sled cannot
+    // recover from at all (`StoreDamaged`, see `every_cut_is_refused`) is passed over.
     for percent in (10..=40).rev().step_by(5) {
         let cut = tempfile::tempdir().unwrap();
         cut_copy(dir.path(), cut.path(), percent);
