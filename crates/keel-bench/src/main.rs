@@ -69,9 +69,9 @@ struct Sizes {
     sequential_steps: u32,
     fan_out_branches: u32,
     concurrent_runs: u32,
-    /// Durable starts. The full size takes about a tenth of a second on sled; timing 20,000
-    /// instead gave the same median and spread over ten alternated calls (the spread comes
-    /// from the machine's windows, docs/benchmarks.md).
+    /// Durable starts. The full size takes a seventh of a second or so on sled; timing
+    /// 20,000 instead gave no narrower a spread over ten alternated calls (medians 5.19x and
+    /// 5.67x): the spread comes from the machine's windows (docs/benchmarks.md).
     starts: u32,
     /// Runs that take events, and events each takes.
     event_runs: u32,
