@@ -17,6 +17,9 @@ use common::env;
 /// instance and one disk, attached at its device; nothing else lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_machine_and_disk_exists_once_under_lost_responses_and_throttling() {
+    // The pending and lag windows span several polls each (instances poll from 1 s,
+    // volumes from 250 ms), so some unfaulted read falls inside them even on a slow machine,
+    // where a step's sync can take longer than a window of a few hundred ms.
     let rules = Rules::seeded(27)
         .fault(
             FaultRule::new(Fault::LostResponse)
@@ -30,14 +33,14 @@ async fn each_machine_and_disk_exists_once_under_lost_responses_and_throttling()
         )
         .ec2(Ec2Rule {
             pending: Dist::Uniform {
-                min_ms: 200,
-                max_ms: 1_500,
+                min_ms: 2_000,
+                max_ms: 3_000,
             },
             flap_missing_probability: 0.3,
             flap_for: Dist::fixed(2_000),
             ..Ec2Rule::default()
         })
-        .lag(LagRule::after_create("ec2", 500));
+        .lag(LagRule::after_create("ec2", 1_500));
     let env = env(rules).await;
     let names = ["web-0", "web-1", "web-2"];
     let mut runs = Vec::new();
