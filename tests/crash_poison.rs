@@ -47,7 +47,8 @@ impl Step for Aborting {
 }
 
 /// Fails retryably until the marker is gone, asking for its next attempt 2 s later: its
-/// branch parks while the bug is there (the sibling aborts 100 ms into each load).
+/// branch parks while the bug is there (the sibling aborts 1 s into each load, long after
+/// the park is journaled).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Parking {
     log: String,
@@ -74,7 +75,8 @@ enum Bug {
     Branch,
     /// In the body's own code, before any step.
     Body,
-    /// In its one step, 500 ms into each attempt; the run is cancelled during the fifth.
+    /// In its one step, 2 s into each attempt (time for the cancel to reach the log); the
+    /// run is cancelled during the fifth.
     Cancelled,
 }
 
@@ -100,14 +102,14 @@ impl Workflow for AbortingFlow {
         match input.bug {
             Bug::Step => ctx.step(aborting(0)).await,
             Bug::Branch => {
-                // The parking branch parks at once; the other aborts 100 ms into its attempt.
+                // The parking branch parks at once; the other aborts 1 s into its attempt.
                 let results = ctx
                     .join(
                         vec![
                             Either::Park(Parking {
                                 log: input.log.clone(),
                             }),
-                            Either::Abort(aborting(100)),
+                            Either::Abort(aborting(1_000)),
                         ],
                         2,
                     )
@@ -120,7 +122,7 @@ impl Workflow for AbortingFlow {
                 }
                 ctx.step(aborting(0)).await
             }
-            Bug::Cancelled => ctx.step(aborting(500)).await,
+            Bug::Cancelled => ctx.step(aborting(2_000)).await,
         }
     }
 }

@@ -371,7 +371,7 @@ async fn a_step_in_flight_when_the_lease_ends_makes_no_effect() {
     let a = open(&dir.path().join("a"), &url).await;
     let a_id = workers(&url).await[0].clone();
     let slow = SlowEffect {
-        ms: 1_500,
+        ms: 3_000,
         log: log.display().to_string(),
     };
     a.start::<SlowFlow>("slow", slow).await.unwrap();
@@ -381,7 +381,7 @@ async fn a_step_in_flight_when_the_lease_ends_makes_no_effect() {
     end_lease(&url, &a_id).await;
     assert_eq!(b.wait("slow").await.unwrap().status, RunStatus::Completed);
     // Past the end of the first attempt's sleep, had it gone on.
-    tokio::time::sleep(Duration::from_millis(1_600)).await;
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     let made: Vec<_> = effects::read(&log)
         .into_iter()
         .filter(|e| e.run == "slow" && e.action == Action::Do)
@@ -406,7 +406,7 @@ async fn a_live_owner_stops_its_step_when_an_operator_call_takes_the_run() {
     let a = open(&dir.path().join("a"), &url).await;
     let b = open(&dir.path().join("b"), &url).await;
     let slow = SlowEffect {
-        ms: 1_500,
+        ms: 3_000,
         log: log.display().to_string(),
     };
     a.start::<SlowFlow>("taken-mid-step", slow).await.unwrap();
@@ -415,7 +415,7 @@ async fn a_live_owner_stops_its_step_when_an_operator_call_takes_the_run() {
     let record = b.wait("taken-mid-step").await.unwrap();
     assert_eq!(record.status, RunStatus::Compensated, "{record:?}");
     // Past the end of the first attempt's sleep, had it gone on.
-    tokio::time::sleep(Duration::from_millis(1_800)).await;
+    tokio::time::sleep(Duration::from_millis(3_300)).await;
     let made: Vec<_> = effects::read(&log)
         .into_iter()
         .filter(|e| e.run == "taken-mid-step")

@@ -25,7 +25,7 @@ use keel_workflows::iot::OnboardDevice;
 use keel_workflows::sample::device;
 
 /// How long a new IoT resource reads as missing through the proxy.
-const LAG_MS: u64 = 1_500;
+const LAG_MS: u64 = 3_000;
 
 /// The cancel must be journaled at most this long after the last create's output, so the
 /// compensation starts well inside that create's lag.

@@ -228,7 +228,9 @@ async fn flapping_reads_alternate_and_repeat_with_the_seed() {
 #[tokio::test]
 async fn assume_role_is_denied_until_the_role_exists_and_has_propagated() {
     let mut rules = Rules::seeded(11);
-    rules.assume_role.propagation = Dist::fixed(400);
+    // Long enough that the AssumeRole right after the create falls inside it even on a
+    // slow machine; `failures_until_found` then polls until it has passed.
+    rules.assume_role.propagation = Dist::fixed(3_000);
     let env = Env::new(rules).await;
     let sts = env.sts();
     let assume = |arn: String| {
@@ -346,9 +348,12 @@ async fn statuses_until_done(
 /// named to fail; ResetDeployments reaches moto through the launcher's route fix.
 #[tokio::test]
 async fn deployments_go_through_building_and_in_progress_to_an_outcome() {
+    // Each status lasts a second for the deployment whose every status is checked (a read
+    // every 20 ms, with no disk in between, sees each even on a slow machine), then 150 ms
+    // for those whose outcome alone is.
     let mut rules = Rules::seeded(12);
-    rules.deployments.building = Dist::fixed(150);
-    rules.deployments.in_progress = Dist::fixed(150);
+    rules.deployments.building = Dist::fixed(1_000);
+    rules.deployments.in_progress = Dist::fixed(1_000);
     let env = Env::new(rules.clone()).await;
     let gg = env.greengrass();
     let (group, deployment) = deploy(&gg, "group").await;
@@ -356,6 +361,8 @@ async fn deployments_go_through_building_and_in_progress_to_an_outcome() {
     assert_eq!(seen, ["Building", "InProgress", "Success"]);
     assert_eq!(error, None);
 
+    rules.deployments.building = Dist::fixed(150);
+    rules.deployments.in_progress = Dist::fixed(150);
     rules.deployments.failure_probability = 1.0;
     env.proxy.set_rules(rules.clone()).unwrap();
     let (group, deployment) = deploy(&gg, "group").await;
