@@ -235,8 +235,9 @@ fn a_wait_killed_halfway_keeps_its_deadline() {
         let (started_at, Event::WaitStarted { schedule, .. }) = &events[0] else {
             panic!("{events:?}")
         };
-        // The deadline is computed just before the entry is stamped (a deadline restarted
-        // by the restart would be 2 s off; the bound leaves room for a descheduled thread).
+        // The deadline is the wait's start plus its timeout, computed just before the entry
+        // is stamped (the bound leaves room for a descheduled thread). That the restart kept
+        // it is checked by the one WaitStarted above and by the end's time below.
         assert!((started_at + KILLED_WAIT_TIMEOUT_MS).abs_diff(schedule.deadline_ms) <= 500);
         let ended_at = events[1].0;
         assert!(ended_at >= schedule.deadline_ms, "not before the deadline");
