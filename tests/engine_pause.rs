@@ -53,7 +53,15 @@ fn child_main() {
                     .start::<FanOutFlow>("long", fan_out(&log))
                     .await
                     .unwrap();
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Paused mid-fan-out: once a few steps have completed, long before all 100.
+                let some_done = |h: &RunHistory| {
+                    h.entries
+                        .iter()
+                        .filter(|e| matches!(e.event, Event::StepCompleted { .. }))
+                        .count()
+                        >= 4
+                };
+                keel_testkit::poll::until(&engine, "long", some_done).await;
                 engine.pause("long").await.unwrap();
                 let record = engine.wait("long").await.unwrap();
                 assert_eq!(record.status, RunStatus::Paused);

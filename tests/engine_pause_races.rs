@@ -323,7 +323,7 @@ async fn no_child_run_starts_after_a_pause_request() {
     engine.shutdown().await;
 }
 
-/// A 300 ms nap, then a defect: the body panics.
+/// A 1 s nap, then a defect: the body panics.
 struct Doomed;
 
 impl Workflow for Doomed {
@@ -332,7 +332,7 @@ impl Workflow for Doomed {
     type Output = ();
 
     async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
-        ctx.step(Nap { ms: 300 }).await?;
+        ctx.step(Nap { ms: 1_000 }).await?;
         panic!("the body's own bug, after its step");
     }
 }
@@ -346,7 +346,13 @@ async fn a_run_cancelled_before_a_defect_compensates_instead_of_suspending() {
     let dir = tempfile::tempdir().unwrap();
     let engine = open(dir.path(), |b| b.workflow::<Doomed>().step::<Nap>()).await;
     engine.start::<Doomed>("doomed", ()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The cancel lands while the nap is in flight, well before its end.
+    let napping = |h: &keel::RunHistory| {
+        h.entries
+            .iter()
+            .any(|e| matches!(e.event, Event::StepStarted { .. }))
+    };
+    keel_testkit::poll::until(&engine, "doomed", napping).await;
     engine.cancel("doomed").await.unwrap();
     let record = engine.wait("doomed").await.unwrap();
     assert_eq!(record.status, RunStatus::Compensated, "{:?}", record.error);
