@@ -2,8 +2,10 @@
 //! with `KEEL_CRASH_AT=<point>` (and optionally `KEEL_CRASH_SKIP=<n>` to pass the point `n`
 //! times first), and the child kills itself with SIGKILL when it reaches the point. With
 //! `KEEL_CRASH_SIGNAL=STOP` it stops itself with SIGSTOP instead, as a paused machine does,
-//! until the test continues it. Without the `crash-points` feature every point compiles to
-//! nothing.
+//! until the test continues it; with `KEEL_CRASH_SIGNAL=HANG` only the thread that reached
+//! the point stops, for good, as a thread descheduled there would, while the rest of the
+//! process goes on (the test kills it). Without the `crash-points` feature every point
+//! compiles to nothing.
 
 /// Every crash point, in the order a run meets them. Crash tests iterate over this list.
 pub const POINTS: &[&str] = &[
@@ -95,7 +97,7 @@ pub fn point(name: &'static str) {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
 
-    static ARMED: OnceLock<Option<(String, u64, bool)>> = OnceLock::new();
+    static ARMED: OnceLock<Option<(String, u64, Option<String>)>> = OnceLock::new();
     static HITS: AtomicU64 = AtomicU64::new(0);
     debug_assert!(
         POINTS.contains(&name)
@@ -113,19 +115,27 @@ pub fn point(name: &'static str) {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let stop = std::env::var("KEEL_CRASH_SIGNAL").is_ok_and(|s| s == "STOP");
-        Some((at, skip, stop))
+        Some((at, skip, std::env::var("KEEL_CRASH_SIGNAL").ok()))
     });
-    if let Some((at, skip, stop)) = armed {
+    if let Some((at, skip, signal)) = armed {
         if at == name && HITS.fetch_add(1, Ordering::SeqCst) == *skip {
-            if *stop {
-                tracing::warn!(point = name, "crash point reached: SIGSTOP");
-                raise(libc::SIGSTOP);
-                tracing::warn!(point = name, "continued after SIGSTOP");
-            } else {
-                tracing::warn!(point = name, "crash point reached: SIGKILL");
-                raise(libc::SIGKILL);
-                unreachable!("SIGKILL returned");
+            match signal.as_deref() {
+                Some("STOP") => {
+                    tracing::warn!(point = name, "crash point reached: SIGSTOP");
+                    raise(libc::SIGSTOP);
+                    tracing::warn!(point = name, "continued after SIGSTOP");
+                }
+                Some("HANG") => {
+                    tracing::warn!(point = name, "crash point reached: this thread hangs");
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                _ => {
+                    tracing::warn!(point = name, "crash point reached: SIGKILL");
+                    raise(libc::SIGKILL);
+                    unreachable!("SIGKILL returned");
+                }
             }
         }
     }
