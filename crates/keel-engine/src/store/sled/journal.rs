@@ -221,6 +221,7 @@ impl SledStore {
         };
         let mut keyed = group(index, values);
         let (last_index, last_value) = keyed.pop().expect("one entry at least");
+        let _writing = self.writes.begin();
         for (index, value) in keyed {
             self.db
                 .insert(journal_key(id, index), value)
@@ -230,7 +231,6 @@ impl SledStore {
             self.db
                 .insert(journal_key(id, last_index), last_value)
                 .map_err(|e| self.storage(e))?;
-            self.wrote();
             return Ok(());
         };
         // Until the view is rewritten, the store may not be closed cleanly.
@@ -248,7 +248,6 @@ impl SledStore {
         let from = before.as_deref().and_then(status_of);
         self.counts.moved(from, Some(record.status));
         self.transitions_open.fetch_sub(1, Ordering::SeqCst);
-        self.wrote();
         Ok(())
     }
 }

@@ -24,18 +24,18 @@ fn full_key(space: Space, key: &str) -> Vec<u8> {
 impl SledStore {
     pub(super) fn write_keyed(&self, space: Space, key: &str, value: &str) -> Result<()> {
         check_keyed(space, key, value)?;
+        let _writing = self.writes.begin();
         self.db
             .insert(full_key(space, key), value.as_bytes())
             .map_err(|e| self.storage(e))?;
-        self.wrote();
         Ok(())
     }
 
     pub(super) fn remove_keyed(&self, space: Space, key: &str) -> Result<()> {
+        let _writing = self.writes.begin();
         self.db
             .remove(full_key(space, key))
             .map_err(|e| self.storage(e))?;
-        self.wrote();
         Ok(())
     }
 

@@ -61,7 +61,7 @@ use counts::{status_of, StatusCounts};
 use journal::{journal_key, journal_prefix};
 use recovery::{db_bytes, held_commit, keep_if_shorter, loss, open_db, repair_records, with_kept};
 use scan::runs_page;
-use sync::{sync_all, sync_fn};
+use sync::{sync_all, sync_fn, Writes};
 
 const RUN_PREFIX: u8 = b'r';
 const JOURNAL_PREFIX: u8 = b'j';
@@ -95,11 +95,11 @@ pub(crate) struct SledOptions {
 pub(crate) struct SledStore {
     path: PathBuf,
     db: sled::Db,
-    /// Writes made so far.
-    written: Arc<AtomicU64>,
+    /// Writes begun and done so far (`sync.rs`).
+    writes: Arc<Writes>,
     /// Runs in each status (`counts.rs`).
     counts: Arc<StatusCounts>,
-    /// `written` when the engine released the store after a clean shutdown (`u64::MAX`: not
+    /// The writes done when the engine released the store after a clean shutdown (`u64::MAX`: not
     /// released): a store dropped with no write since leaves its counts for the next open.
     released_at: AtomicU64,
     /// Set when the store is dropped; held while runs are deleted (`remove_runs`).
@@ -122,7 +122,7 @@ impl Drop for SledStore {
     fn drop(&mut self) {
         let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
         *closed = true;
-        if self.released_at.load(Ordering::SeqCst) != self.written.load(Ordering::SeqCst)
+        if self.released_at.load(Ordering::SeqCst) != self.writes.done()
             || self.transitions_open.load(Ordering::SeqCst) != 0
         {
             return;
@@ -149,7 +149,7 @@ impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SledStore")
             .field("path", &self.path)
-            .field("written", &self.written.load(Ordering::Relaxed))
+            .field("writes_done", &self.writes.done())
             .finish_non_exhaustive()
     }
 }
@@ -213,7 +213,7 @@ impl SledStore {
         };
         let (marker, mark) = Marker::start(path, options.durability, start)
             .map_err(|e| sync_error(&path.join(mark::MARK_FILE), e))?;
-        let written = Arc::new(AtomicU64::new(0));
+        let writes = Arc::new(Writes::default());
         let sync = sync_fn(
             path,
             db.clone(),
@@ -221,14 +221,14 @@ impl SledStore {
             options.durability,
             held,
             mark,
-            Arc::clone(&written),
+            Arc::clone(&writes),
         )
         .map_err(|e| sync_error(path, e))?;
         let committer = Committer::start(sync);
         Ok(SledStore {
             path: path.to_owned(),
             db,
-            written,
+            writes,
             counts: Arc::new(StatusCounts::new(counts)),
             released_at: AtomicU64::new(u64::MAX),
             closed: Default::default(),
@@ -237,12 +237,6 @@ impl SledStore {
             committer,
             _marker: marker,
         })
-    }
-
-    /// Counts a write, after it is made: a sync that finds the count unchanged has nothing to
-    /// make durable (`sync.rs`).
-    fn wrote(&self) {
-        self.written.fetch_add(1, Ordering::SeqCst);
     }
 
     fn storage(&self, error: sled::Error) -> EngineError {
@@ -310,16 +304,18 @@ impl SledStore {
         record: &RunRecord,
         bytes: Vec<u8>,
     ) -> Result<Option<RunRecord>> {
+        let writing = self.writes.begin();
         match self
             .db
             .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))
         {
             Ok(Ok(())) => {
-                self.wrote();
+                drop(writing);
                 self.counts.moved(None, Some(record.status));
                 Ok(None)
             }
             Ok(Err(cas)) => {
+                writing.changed_nothing();
                 let current = cas
                     .current
                     .expect("compare_and_swap from None fails only on an existing value");
@@ -357,6 +353,7 @@ impl SledStore {
 
     fn write_load_count(&self, id: &RunId, loads: u32) -> Result<()> {
         let key = loads_key(id);
+        let _writing = self.writes.begin();
         if loads == 0 {
             self.db.remove(key).map_err(|e| self.storage(e))?;
         } else {
@@ -364,7 +361,6 @@ impl SledStore {
                 .insert(key, &loads.to_be_bytes())
                 .map_err(|e| self.storage(e))?;
         }
-        self.wrote();
         Ok(())
     }
 
@@ -372,8 +368,8 @@ impl SledStore {
         crate::store::check_stats_size(operation, record)?;
         let mut key = vec![STATS_PREFIX];
         key.extend_from_slice(operation.as_bytes());
+        let _writing = self.writes.begin();
         self.db.insert(key, record).map_err(|e| self.storage(e))?;
-        self.wrote();
         Ok(())
     }
 
@@ -439,10 +435,10 @@ impl JournalStore for SledStore {
     fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()> {
         // sled 0.34's batch waits out any sync in progress (see the module doc): off the
         // runtime's threads.
-        let (db, written, ids) = (self.db.clone(), Arc::clone(&self.written), ids.to_vec());
+        let (db, writes, ids) = (self.db.clone(), Arc::clone(&self.writes), ids.to_vec());
         let (counts, closed) = (Arc::clone(&self.counts), Arc::clone(&self.closed));
         off_runtime(self.path.clone(), move |path| {
-            remove_runs(path, &db, &written, &counts, &closed, &ids)
+            remove_runs(path, &db, &writes, &counts, &closed, &ids)
         })
     }
 
@@ -479,8 +475,7 @@ impl JournalStore for SledStore {
     }
 
     fn release(&self) -> Read<'_, ()> {
-        self.released_at
-            .store(self.written.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.released_at.store(self.writes.done(), Ordering::SeqCst);
         ready(Ok(()))
     }
 
@@ -555,7 +550,7 @@ fn read_runs(path: &Path, db: &sled::Db) -> Result<Vec<Result<RunRecord>>> {
 fn remove_runs(
     path: &Path,
     db: &sled::Db,
-    written: &AtomicU64,
+    writes: &Writes,
     counts: &StatusCounts,
     closed: &std::sync::Mutex<bool>,
     ids: &[RunId],
@@ -581,8 +576,9 @@ fn remove_runs(
             batch.remove(key);
         }
     }
+    let writing = writes.begin();
     db.apply_batch(batch).map_err(|e| storage(path, e))?;
-    written.fetch_add(1, Ordering::SeqCst);
+    drop(writing);
     for status in removed {
         counts.moved(status, None);
     }

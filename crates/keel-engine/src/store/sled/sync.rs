@@ -20,10 +20,10 @@ use crate::store::mark::{self, Commit, MarkHandle};
 ///
 /// Each sync first writes its commit sequence (`store/mark.rs`), then hands the commit to
 /// the marker once it is durable. A sync with nothing to do returns at once: the store
-/// counts its writes (`written`), and when the count has not moved since the last sync
-/// began, every write made before this sync was made before that one began and is durable
-/// by its end. (Reads ask for syncs too, so that nothing they report can be undone by a
-/// crash; they cost no disk write this way.)
+/// counts its writes ([`Writes`]), and when no write has begun beyond those done before
+/// the last sync's flush began, every write sled shows was in that flush. (Reads ask for
+/// syncs too, so that nothing they report can be undone by a crash; they cost no disk write
+/// this way.)
 pub(super) fn sync_fn(
     path: &Path,
     db: sled::Db,
@@ -31,7 +31,7 @@ pub(super) fn sync_fn(
     durability: Durability,
     held: Commit,
     mark: MarkHandle,
-    written: Arc<AtomicU64>,
+    writes: Arc<Writes>,
 ) -> std::io::Result<impl FnMut() -> std::io::Result<()> + Send + 'static> {
     let blobs_dir = path.join("blobs");
     // The directory entries of the store's files must be durable too.
@@ -40,13 +40,16 @@ pub(super) fn sync_fn(
     // sled's count of blobs written at the last listing; none yet, so the first sync lists.
     let mut listed_at: Option<u64> = None;
     let mut sequence = held.sequence;
-    let mut synced_writes = written.load(Ordering::SeqCst);
+    // The writes done before the last flush began: all in it. At open, everything sled holds
+    // was made durable (`sync_all`).
+    let mut covered = writes.done();
     Ok(move || {
-        let writes = written.load(Ordering::SeqCst);
-        if writes == synced_writes {
+        if writes.begun() == covered {
             return Ok(());
         }
-        synced_writes = writes;
+        // Read before the flush: every write done by now is in sled's buffers, and in it.
+        let done = writes.done();
+        covered = done;
         sequence += 1;
         let commit = Commit {
             sequence,
@@ -85,6 +88,54 @@ pub(super) fn sync_fn(
     })
 }
 
+/// The store's writes, counted twice: when one begins (before sled can show it to a read)
+/// and when it is done. Counting only when done let a read see a write that was not counted
+/// yet, ask for a sync, and be answered by one that found the count unchanged and flushed
+/// nothing: the read reported what a crash could still undo.
+#[derive(Debug, Default)]
+pub(super) struct Writes {
+    begun: AtomicU64,
+    done: AtomicU64,
+}
+
+impl Writes {
+    /// Counts a write that begins now; it is counted done when the guard is dropped, after
+    /// its last change to sled (or its failure).
+    pub(super) fn begin(&self) -> Writing<'_> {
+        self.begun.fetch_add(1, Ordering::SeqCst);
+        Writing(self)
+    }
+
+    /// Writes begun so far.
+    pub(super) fn begun(&self) -> u64 {
+        self.begun.load(Ordering::SeqCst)
+    }
+
+    /// Writes done so far.
+    pub(super) fn done(&self) -> u64 {
+        self.done.load(Ordering::SeqCst)
+    }
+}
+
+/// A write in progress ([`Writes::begin`]).
+#[must_use = "the write is counted done when this is dropped"]
+pub(super) struct Writing<'a>(&'a Writes);
+
+impl Writing<'_> {
+    /// The write changed nothing (sled skips a key set to the value it has): it is not
+    /// counted at all, so the next sync may still find nothing to do.
+    pub(super) fn changed_nothing(self) {
+        self.0.begun.fetch_sub(1, Ordering::SeqCst);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        self.0.done.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 /// Makes everything sled holds durable (at `PowerLoss`: its configuration, log and blob
 /// files), before the store's first mark claims it: what sled recovered at open may be in the
 /// page cache only (the process died after a flush and before its `fdatasync`), and sled
@@ -113,4 +164,22 @@ pub(super) fn wall_clock_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Writes;
+
+    /// A write is counted begun before it is made and done once its guard goes; one that
+    /// changed nothing is not counted at all.
+    #[test]
+    fn a_write_is_counted_when_it_begins_and_when_it_is_done() {
+        let writes = Writes::default();
+        let writing = writes.begin();
+        assert_eq!((writes.begun(), writes.done()), (1, 0), "in progress");
+        drop(writing);
+        assert_eq!((writes.begun(), writes.done()), (1, 1));
+        writes.begin().changed_nothing();
+        assert_eq!((writes.begun(), writes.done()), (1, 1), "nothing changed");
+    }
 }

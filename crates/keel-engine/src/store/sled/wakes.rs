@@ -163,6 +163,7 @@ impl SledStore {
         // The new entry first, then `v`, then the old entry: a crash between leaves two
         // entries (or an entry and a `v` at the other), and the earlier wins at the next
         // open (`read_wakes`).
+        let writing = self.writes.begin();
         let had_entry = self
             .db
             .insert(wake_key(wake_ms, id), &[])
@@ -170,6 +171,7 @@ impl SledStore {
             .is_some();
         if had_entry && v == new_v {
             // Unchanged (sled writes nothing for a key set to the value it has).
+            writing.changed_nothing();
             return Ok(());
         }
         match new_v {
@@ -190,7 +192,7 @@ impl SledStore {
                 .remove(wake_key(old, id))
                 .map_err(|e| self.storage(e))?;
         }
-        self.wrote();
+        drop(writing);
         Ok(())
     }
 
@@ -209,19 +211,22 @@ impl SledStore {
     ) -> Result<Option<T>> {
         let _one_at_a_time = self.wakes_locks.of(id);
         let key = wake_key(0, id);
+        let writing = self.writes.begin();
         let had_entry = self
             .db
             .insert(&key, &[])
             .map_err(|e| self.storage(e))?
             .is_some();
-        if !had_entry {
-            self.wrote();
+        if had_entry {
+            writing.changed_nothing();
+        } else {
+            drop(writing);
         }
         crate::crash::point("start.after_wake_entry");
         let found = create();
         if !had_entry && !matches!(found, Ok(None)) {
+            let _writing = self.writes.begin();
             self.db.remove(&key).map_err(|e| self.storage(e))?;
-            self.wrote();
         }
         found
     }
@@ -239,20 +244,21 @@ impl SledStore {
             let old = self.db.remove(key).map_err(|e| self.storage(e))?;
             Ok(old.is_some())
         };
+        let writing = self.writes.begin();
         if removed(&wake_key(0, id))? {
-            self.wrote();
             return Ok(());
         }
         // An entry elsewhere, found through `v`, or none.
         let of = wake_of_key(id);
         let Some(v) = self.db.get(&of).map_err(|e| self.storage(e))? else {
+            writing.changed_nothing();
             return Ok(());
         };
         if let Some(wake_ms) = be_u64(&v) {
             removed(&wake_key(wake_ms, id))?;
         }
         removed(&of)?;
-        self.wrote();
+        drop(writing);
         Ok(())
     }
 
@@ -262,10 +268,10 @@ impl SledStore {
         let _one_at_a_time = self.wakes_locks.of(id);
         let mut keys = keys_of(&self.db, id).map_err(|e| self.storage(e))?;
         keys.push(wake_key(wake_ms, id));
+        let _writing = self.writes.begin();
         for key in keys {
             self.db.remove(key).map_err(|e| self.storage(e))?;
         }
-        self.wrote();
         Ok(())
     }
 
@@ -322,11 +328,11 @@ impl SledStore {
     }
 
     pub(super) fn write_wakes_built(&self) -> Result<()> {
+        let _writing = self.writes.begin();
         self.db
             .insert(BUILT_KEY, &[1u8])
             .map_err(|e| self.storage(e))?;
         self.db.remove(OLD_BUILT_KEY).map_err(|e| self.storage(e))?;
-        self.wrote();
         Ok(())
     }
 }
@@ -336,7 +342,6 @@ mod tests {
     use super::*;
     use crate::store::commit::Durability;
     use crate::store::sled::{LostData, SledOptions};
-    use std::sync::atomic::Ordering;
 
     fn open(dir: &std::path::Path) -> SledStore {
         let options = SledOptions {
@@ -387,7 +392,7 @@ mod tests {
     fn a_run_at_0_has_no_v_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let writes = |store: &SledStore| store.written.load(Ordering::SeqCst);
+        let writes = |store: &SledStore| store.writes.done();
 
         store.write_wake(&run("short"), 0).unwrap();
         assert_eq!(held(&store), (vec![entry(0, "short")], vec![]));

@@ -67,8 +67,8 @@ fn entries() -> [Entry; 2] {
 
 /// Deletes runs `ids` as `JournalStore::delete_runs` does, on the calling thread.
 fn delete(store: &SledStore, ids: &[RunId]) {
-    let (path, db, written) = (&store.path, &store.db, &store.written);
-    remove_runs(path, db, written, &store.counts, &store.closed, ids).unwrap();
+    let (path, db, writes) = (&store.path, &store.db, &store.writes);
+    remove_runs(path, db, writes, &store.counts, &store.closed, ids).unwrap();
 }
 
 /// Writes run `id` with a step entry and a completing transition. Its wake index entry at 0,
