@@ -49,7 +49,6 @@ pub(super) fn sync_fn(
         }
         // Read before the flush: every write done by now is in sled's buffers, and in it.
         let done = writes.done();
-        covered = done;
         sequence += 1;
         let commit = Commit {
             sequence,
@@ -59,6 +58,7 @@ pub(super) fn sync_fn(
             .insert(mark::SEQUENCE_KEY, &commit.to_bytes())
             .map_err(std::io::Error::other)?;
         db.flush().map_err(std::io::Error::other)?;
+        covered = done;
         if durability == Durability::ProcessCrash {
             mark.durable(commit);
             return Ok(());

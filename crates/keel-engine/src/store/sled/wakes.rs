@@ -282,6 +282,9 @@ impl SledStore {
             return Ok(None);
         }
         let _every_run = self.wakes_locks.all();
+        // Its repairs are writes like any other (counted: `sync.rs`), if it makes any.
+        let writing = self.writes.begin();
+        let mut repaired = false;
         // Each run's earliest entry (the scan is in wake-time order), by the run's place in
         // `wakes`.
         let mut first: std::collections::HashMap<Vec<u8>, usize> = Default::default();
@@ -290,6 +293,7 @@ impl SledStore {
             let key = item.map_err(|e| self.storage(e))?;
             let (Some(wake_ms), Some(id)) = (key.get(1..9).and_then(be_u64), key.get(9..)) else {
                 tracing::warn!(key = %super::readable_key(&key), "wake index entry unreadable: dropped");
+                repaired = true;
                 self.db.remove(&key).map_err(|e| self.storage(e))?;
                 continue;
             };
@@ -301,6 +305,7 @@ impl SledStore {
                 // between a first entry elsewhere and its `v`, in which case its next change
                 // leaves this entry, to be found here next time.
                 let (earliest, id): &(u64, RunId) = &wakes[at];
+                repaired = true;
                 if *earliest == 0 {
                     self.db
                         .remove(wake_of_key(id))
@@ -320,9 +325,13 @@ impl SledStore {
                 }
                 _ => {
                     tracing::warn!(key = %super::readable_key(&key), "wake index entry names no run id: dropped");
+                    repaired = true;
                     self.db.remove(&key).map_err(|e| self.storage(e))?;
                 }
             }
+        }
+        if !repaired {
+            writing.changed_nothing();
         }
         Ok(Some(wakes))
     }
@@ -392,7 +401,7 @@ mod tests {
     fn a_run_at_0_has_no_v_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
-        let writes = |store: &SledStore| store.writes.done();
+        let writes = |store: &SledStore| (store.writes.begun(), store.writes.done());
 
         store.write_wake(&run("short"), 0).unwrap();
         assert_eq!(held(&store), (vec![entry(0, "short")], vec![]));
