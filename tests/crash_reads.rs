@@ -7,12 +7,12 @@
 //! commit, so there is nothing to break there.)
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keel::{Ctx, Workflow, WorkflowError};
 use keel_engine::{Event, RunHistory};
 use keel_testkit::check::read_store_blocking;
-use keel_testkit::crash::{is_child, ChildSpec};
+use keel_testkit::crash::{is_child, until_file, ChildSpec};
 
 const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -81,18 +81,8 @@ fn a_read_reports_only_what_a_crash_leaves() {
         ("KEEL_CRASH_AT", "store.after_transition_entry".into()),
         ("KEEL_CRASH_SIGNAL", "HANG".into()),
     ]);
-    let reported = dir.path().join("reported");
-    let started = Instant::now();
-    while !reported.exists() {
-        assert!(
-            started.elapsed() < CHILD_TIMEOUT,
-            "the child never read the run's end"
-        );
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the child exited: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    // Killed as soon as it says it read the run's end.
+    until_file(&mut child, &dir.path().join("reported"), CHILD_TIMEOUT);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 

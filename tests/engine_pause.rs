@@ -8,7 +8,7 @@ use std::time::Duration;
 use keel::{Ctx, Engine, EngineError, OnRetriesExhausted, RunStatus, Workflow, WorkflowError};
 use keel_engine::{Event, RunHistory};
 use keel_testkit::check::{check_run, effects_at, read_store_blocking, Expect, Tally};
-use keel_testkit::crash::{is_child, path_env, ChildSpec};
+use keel_testkit::crash::{is_child, path_env, until_file, ChildSpec};
 use keel_testkit::flows::{EffectStep, FanOutFlow, FanOutInput, Fault};
 use serde::{Deserialize, Serialize};
 
@@ -114,14 +114,8 @@ fn pause_during_a_fan_out_survives_sigkill_and_resume_finishes_every_step_once()
         ],
     };
     let mut child = spec.spawn(&[("PHASE", "pause".into())]);
-    let started = std::time::Instant::now();
-    while !dir.path().join("paused").exists() {
-        assert!(started.elapsed() < CHILD_TIMEOUT, "the run never paused");
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the pausing child exited: {status}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Killed once the run is paused.
+    until_file(&mut child, &dir.path().join("paused"), CHILD_TIMEOUT);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 

@@ -204,6 +204,27 @@ fn stderr_of(child: &mut Child) -> String {
     text
 }
 
+/// Waits until `child` has made the file `path` (a child's way of saying it got somewhere).
+/// Panics, with the child's stderr, if it exits first or `timeout` passes.
+pub fn until_file(child: &mut Child, path: &Path, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if let Some(status) = child.try_wait().expect("polling the child") {
+            panic!(
+                "crash-test child exited ({status}) before it made {}: {}",
+                path.display(),
+                stderr_of(child)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "crash-test child did not make {} within {timeout:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Waits until `child` has stopped itself at its armed point (`KEEL_CRASH_SIGNAL=STOP`), as
 /// `/proc` shows it. Panics, with the child's stderr, if it exits first or `timeout` passes.
 pub fn until_stopped(child: &mut Child, timeout: Duration) {
