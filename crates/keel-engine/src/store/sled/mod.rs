@@ -99,8 +99,9 @@ pub(crate) struct SledStore {
     writes: Arc<Writes>,
     /// Runs in each status (`counts.rs`).
     counts: Arc<StatusCounts>,
-    /// The writes done when the engine released the store after a clean shutdown (`u64::MAX`: not
-    /// released): a store dropped with no write since leaves its counts for the next open.
+    /// The writes done when the engine released the store after a clean shutdown
+    /// (`u64::MAX`: not released): a store dropped with no write since leaves its counts for
+    /// the next open.
     released_at: AtomicU64,
     /// Set when the store is dropped; held while runs are deleted (`remove_runs`).
     closed: Arc<std::sync::Mutex<bool>>,
