@@ -36,11 +36,11 @@ fn ended(history: &RunHistory) -> bool {
         .any(|e| matches!(e.event, Event::RunCompleted { .. }))
 }
 
-/// Starts the run, whose terminal transition stops for good right after its journal entry
-/// (`store.after_transition_entry`, the thread hung): the entry is in sled's memory and
-/// visible, its record's view not written yet. Reads the history until it shows the end,
+/// Starts the run, whose terminal transition stops for good right after its one write (the
+/// run's record holding its last entries; `store.after_transition_entry`, the thread hung):
+/// the write is in sled's memory and visible. Reads the history until it shows the end,
 /// says so in a file, and waits to be killed. (The hung thread holds the run's cell, which
-/// the history read does not take. sled's own flusher, every 500 ms, could save the entry
+/// the history read does not take. sled's own flusher, every 500 ms, could save the write
 /// between the report and the kill: the defect's run then passed, about once in a hundred.)
 fn child_main() {
     let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
@@ -58,7 +58,7 @@ fn child_main() {
     });
 }
 
-/// The history read while the run's terminal entry was being written reported the run's
+/// The history read while the run's terminal write was being made reported the run's
 /// end; killed at once after that report, the store still holds the end. (Before: the
 /// store counted a write only once it was done, so the read's sync found the count
 /// unchanged and flushed nothing, and the kill lost the end the read had reported.)

@@ -38,8 +38,9 @@ pub const POINTS: &[&str] = &[
     "saga.after_undo_recorded",
 ];
 
-/// The points only a sled store meets (its opening, its two-write transitions, and a new
-/// run's wake index entry, which only it keeps; that one is listed in [`PARK_POINTS`]).
+/// The points only a sled store meets (its opening, its transitions' commit point (the
+/// entry, before the record's view; for a settling one its only write, the record), and a
+/// new run's wake index entry, which only it keeps; that one is listed in [`PARK_POINTS`]).
 pub const SLED_POINTS: &[&str] = &[
     "open.before_mark_rename",
     "store.after_transition_entry",

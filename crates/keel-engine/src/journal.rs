@@ -90,9 +90,10 @@ impl std::fmt::Display for RunStatus {
     }
 }
 
-/// The stored description of one run. Changed only by status transitions: the journal entry
-/// that records a transition carries the record's new state and is the one atomic write;
-/// the stored record is rewritten right after it and repaired from the journal at open.
+/// The stored description of one run. Changed only by status transitions, each one atomic
+/// write (on sled: the record itself for a transition that settles the run, else the
+/// journal entry, carrying the record's new state, after which the record is rewritten,
+/// and repaired from the journal at open; docs/guarantees.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
     /// The run id (the caller's idempotency key).

@@ -1,6 +1,7 @@
 //! A run's journal in the sled tree: its keys, values that hold several entries (a step's
-//! completion and the entry after it), the run record's state in a transition's entry, and
-//! the journal's reads and writes.
+//! completion and the entry after it), the run record's state in a transition's entry, a
+//! settled run's record holding the journal's last entries, and the journal's reads and
+//! writes.
 
 use std::sync::atomic::Ordering;
 
@@ -86,6 +87,41 @@ pub(super) fn encode_transition(entry: &Entry, record: &RunRecord) -> Result<Vec
     )
 }
 
+/// The stored bytes of a settled run's record: `record`, with the journal's last entries
+/// (`entries`, encoded, the first at index `from`) in its `"journal_tail"` field. A terminal
+/// transition is this one write (see [`SledStore::write_entries`]): the record is its own
+/// view, and the entries are read back as the journal's (see [`SledStore::read_journal`]).
+fn settled_record(record: &RunRecord, from: JournalIndex, entries: &[Vec<u8>]) -> Result<Vec<u8>> {
+    let mut bytes = encode("run record", record, RUN_RECORD_BYTES_MAX)?;
+    // A struct's JSON object ends with its `}`: the tail goes in as its last field.
+    debug_assert_eq!(bytes.last(), Some(&b'}'));
+    bytes.pop();
+    bytes.extend_from_slice(
+        format!(r#","{TAIL_FIELD}":{{"from":{},"entries":["#, from.0).as_bytes(),
+    );
+    bytes.extend_from_slice(&entries.join(&b","[..]));
+    bytes.extend_from_slice(b"]}}");
+    Ok(bytes)
+}
+
+/// The field of a settled run's stored record that holds the journal's last entries.
+const TAIL_FIELD: &str = "journal_tail";
+
+/// The journal's last entries held in a settled run's stored record.
+#[derive(Deserialize)]
+struct JournalTail {
+    /// The index of the first.
+    from: u32,
+    entries: Vec<Entry>,
+}
+
+/// The [`JournalTail`] field of a stored run record, read without decoding the rest of it
+/// (`None`: the run has not settled, or settled before records held tails).
+#[derive(Deserialize)]
+struct StoredTail {
+    journal_tail: Option<JournalTail>,
+}
+
 pub(super) fn journal_prefix(id: &RunId) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + id.as_str().len() + 4);
     key.push(JOURNAL_PREFIX);
@@ -147,7 +183,11 @@ pub(super) fn is_group(bytes: &[u8]) -> bool {
 
 /// The journal's reads and writes.
 impl SledStore {
+    /// Run `id`'s journal: its keys' entries, in order, with the entries its record holds
+    /// if it settled ([`settled_record`]) in their place (after the keys before them, before
+    /// any written after the run settled, as a rerun's note).
     pub(super) fn read_journal(&self, id: &RunId) -> Result<Vec<Entry>> {
+        let mut tail = self.journal_tail(id)?;
         let prefix = journal_prefix(id);
         let mut entries = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
@@ -163,6 +203,11 @@ impl SledStore {
                 ))
             })?;
             let index = u32::from_be_bytes(index_bytes);
+            if index as usize > entries.len() {
+                if let Some(held) = tail.take_if(|t| t.from as usize == entries.len()) {
+                    entries.extend(held.entries);
+                }
+            }
             if index as usize != entries.len() {
                 let what = if (index as usize) < entries.len() {
                     "overlap"
@@ -190,7 +235,41 @@ impl SledStore {
                 entries.push(entry);
             }
         }
+        match tail {
+            Some(held) if held.from as usize == entries.len() => entries.extend(held.entries),
+            // Moved out to keys before a later transition (`move_tail_out`), which a crash
+            // stopped before it rewrote the record.
+            Some(held)
+                if entries.get(held.from as usize..held.from as usize + held.entries.len())
+                    == Some(&held.entries[..]) => {}
+            Some(held) => {
+                return Err(EngineError::Corrupt {
+                    key: readable_key(&run_key(id)),
+                    detail: format!(
+                        "run record: its journal's last entries begin at index {}, but the \
+                         journal holds {} entries before them",
+                        held.from,
+                        entries.len()
+                    ),
+                })
+            }
+            None => {}
+        }
         Ok(entries)
+    }
+
+    /// The journal's last entries held in run `id`'s record, if it has one that holds any.
+    fn journal_tail(&self, id: &RunId) -> Result<Option<JournalTail>> {
+        let key = run_key(id);
+        let Some(bytes) = self.db.get(&key).map_err(|e| self.storage(e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice::<StoredTail>(&bytes)
+            .map(|stored| stored.journal_tail)
+            .map_err(|e| EngineError::Corrupt {
+                key: readable_key(&key),
+                detail: format!("run record: {e}"),
+            })
     }
 
     pub(super) fn write_entries(
@@ -203,6 +282,9 @@ impl SledStore {
         let Some((last, before)) = entries.split_last() else {
             return Ok(());
         };
+        if let Some(record) = record.filter(|r| r.status.is_terminal()) {
+            return self.settle(id, index, before, last, record);
+        }
         // Everything encoded (and checked) before anything is written.
         let mut values = before
             .iter()
@@ -222,6 +304,9 @@ impl SledStore {
         let mut keyed = group(index, values);
         let (last_index, last_value) = keyed.pop().expect("one entry at least");
         let _writing = self.writes.begin();
+        if view.is_some() {
+            self.move_tail_out(id)?;
+        }
         for (index, value) in keyed {
             self.db
                 .insert(journal_key(id, index), value)
@@ -248,6 +333,62 @@ impl SledStore {
         let from = before.as_deref().and_then(status_of);
         self.counts.moved(from, Some(record.status));
         self.transitions_open.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Before a transition of a run that had settled (a completed child its parent
+    /// compensates), whose record's rewrite drops the entries it holds: writes them as keys,
+    /// where reads then take them from (see [`SledStore::read_journal`]). Nothing when the
+    /// record holds none.
+    pub(super) fn move_tail_out(&self, id: &RunId) -> Result<()> {
+        let Some(tail) = self.journal_tail(id)? else {
+            return Ok(());
+        };
+        let values = tail
+            .entries
+            .iter()
+            .map(|entry| encode("journal entry", entry, TRANSITION_ENTRY_BYTES_MAX))
+            .collect::<Result<Vec<_>>>()?;
+        for (index, value) in group(JournalIndex(tail.from), values) {
+            self.db
+                .insert(journal_key(id, index), value)
+                .map_err(|e| self.storage(e))?;
+        }
+        Ok(())
+    }
+
+    /// A terminal transition, `last` (with the entries `before` it, the first at `index`):
+    /// one write, of the run's record holding them ([`settled_record`]). It is the
+    /// transition's commit point, and leaves no view behind a journal for the open to repair.
+    /// An entry appended later (a rerun's note) is a key of its own, after them; a later
+    /// transition (a completed child its parent compensates) moves them to keys first
+    /// ([`SledStore::move_tail_out`]). The record this one replaces holds no entries: a run
+    /// settles only from a status that is not settled (the table at [`RunStatus`]), whose
+    /// record that move left without them.
+    fn settle(
+        &self,
+        id: &RunId,
+        index: JournalIndex,
+        before: &[Entry],
+        last: &Entry,
+        record: &RunRecord,
+    ) -> Result<()> {
+        // Everything encoded (and checked) before anything is written. The last entry is
+        // held to the bound of a transition's entry, as when it carried the record's state.
+        let mut values = before
+            .iter()
+            .map(|entry| encode("journal entry", entry, ENTRY_BYTES_MAX))
+            .collect::<Result<Vec<_>>>()?;
+        values.push(encode("journal entry", last, TRANSITION_ENTRY_BYTES_MAX)?);
+        let bytes = settled_record(record, index, &values)?;
+        let _writing = self.writes.begin();
+        let before = self
+            .db
+            .insert(run_key(id), bytes)
+            .map_err(|e| self.storage(e))?;
+        crate::crash::point("store.after_transition_entry");
+        let from = before.as_deref().and_then(status_of);
+        self.counts.moved(from, Some(record.status));
         Ok(())
     }
 }

@@ -4,7 +4,8 @@
 //! keys, grouped values, the record's state in a transition's entry, its reads and writes).
 //!
 //! Key encoding (one tree, so that a record and an entry can change in one atomic batch):
-//! - `r` + run id: the run record (JSON);
+//! - `r` + run id: the run record (JSON); once the run settled, with the journal's last
+//!   entries in its field `journal_tail` (`journal.rs`);
 //! - `j` + run id + `0x00` + entry index (u32, big-endian): a journal entry (a JSON object),
 //!   or entries written together, from that index on (a JSON array of two or more: a
 //!   step's completion and the entry after it, see `journal.rs`);
@@ -23,10 +24,12 @@
 //! Run ids never contain `0x00` (see `ids.rs`), so one run's journal prefix is never a prefix
 //! of another's, and big-endian indexes keep a journal in order under sled's byte ordering.
 //!
-//! **Every write is one key.** A status transition changes the journal and the run record;
-//! its journal entry carries the record's new state (a `"record"` field beside the event) and
-//! is the transition's one atomic write. The run record is rewritten right after it, as a
-//! view, and [`SledStore::open`] repairs a view a crash left behind its journal. The store
+//! **Every write is one key.** A status transition changes the journal and the run record.
+//! One that settles the run is one write of the record, which holds the journal's last
+//! entries (moved to keys first if the run changes again). Any other's journal entry carries the record's
+//! new state (a `"record"` field beside the event) and is the transition's one atomic write;
+//! the run record is rewritten right after it, as a view, and [`SledStore::open`] repairs a
+//! view a crash left behind its journal. The store
 //! never uses sled batches or transactions on the hot path: in sled 0.34 both take a
 //! process-wide write lock that `flush` holds in read mode while it waits for the disk, so
 //! every batch stalls until the current sync ends, blocks the runtime thread that applies

@@ -390,7 +390,7 @@ fn repair_one(path: &Path, db: &sled::Db, key: &[u8], bytes: &[u8]) -> Result<Op
     let Ok(mut record) = decode_record(key, bytes) else {
         return Ok(None);
     };
-    if let Some(state) = ahead_of(path, db, &record)? {
+    if let Some(state) = ahead_of(path, db, &record, tail_from(bytes))? {
         tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
         state.apply_to(&mut record);
         db.insert(key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
@@ -399,16 +399,49 @@ fn repair_one(path: &Path, db: &sled::Db, key: &[u8], bytes: &[u8]) -> Result<Op
     Ok(Some(record.status))
 }
 
+/// The index of the first of the journal's last entries a stored run record holds
+/// (`journal.rs`, `settled_record`), if it holds any.
+fn tail_from(bytes: &[u8]) -> Option<u32> {
+    #[derive(serde::Deserialize)]
+    struct Tail {
+        from: u32,
+    }
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        journal_tail: Option<Tail>,
+    }
+    serde_json::from_slice::<Stored>(bytes)
+        .ok()?
+        .journal_tail
+        .map(|tail| tail.from)
+}
+
 /// The record state of `record`'s last journal entry, if it has one that differs from it.
-fn ahead_of(path: &Path, db: &sled::Db, record: &RunRecord) -> Result<Option<RecordState>> {
+///
+/// A record that holds the journal's last entries from index `tail_from` on is newer than
+/// every key before that index: only a key from there on (a transition after the run
+/// settled, a completed child its parent compensates) can be ahead of it.
+fn ahead_of(
+    path: &Path,
+    db: &sled::Db,
+    record: &RunRecord,
+    tail_from: Option<u32>,
+) -> Result<Option<RecordState>> {
+    let prefix = journal_prefix(&record.id);
     let last = db
-        .scan_prefix(journal_prefix(&record.id))
+        .scan_prefix(&prefix)
         .next_back()
         .transpose()
         .map_err(|e| storage(path, e))?;
-    let Some((_, entry)) = last else {
+    let Some((key, entry)) = last else {
         return Ok(None);
     };
+    let index = key[prefix.len()..].try_into().map(u32::from_be_bytes);
+    if let (Some(from), Ok(index)) = (tail_from, index) {
+        if index < from {
+            return Ok(None);
+        }
+    }
     // The last entry of a group (`group` in mod.rs) is the last of the journal.
     let last = if is_group(&entry) {
         serde_json::from_slice::<Vec<StoredRecordState>>(&entry)

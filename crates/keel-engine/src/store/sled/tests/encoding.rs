@@ -3,23 +3,111 @@
 use super::super::journal::{is_group, RecordState, StoredRecordState, GROUP_BYTES_MAX};
 use super::*;
 
-/// A transition is one key: the journal entry carries the record's new state, reads give
-/// back the entry as written, and the record view matches.
+/// A transition that is not terminal is one key: the journal entry carries the record's new
+/// state, reads give back the entry as written, and the record view matches.
 #[test]
 fn a_transition_is_one_entry_carrying_the_record_state() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    write_completed_run(&store, "a");
+    write_compensating_run(&store, "a");
     let id = RunId::new("a").unwrap();
-    assert_eq!(store.read_journal(&id).unwrap(), entries().to_vec());
-    assert_eq!(store.read_run(&id).unwrap(), Some(completed("a")));
+    let [started, _] = entries();
+    assert_eq!(
+        store.read_journal(&id).unwrap(),
+        vec![started, compensation_started()]
+    );
+    assert_eq!(store.read_run(&id).unwrap(), Some(compensating("a")));
     let raw = store
         .db
         .get(journal_key(&id, JournalIndex(1)))
         .unwrap()
         .unwrap();
     let stored: StoredRecordState = serde_json::from_slice(&raw).unwrap();
-    assert_eq!(stored.record, Some(RecordState::of(&completed("a"))));
+    assert_eq!(stored.record, Some(RecordState::of(&compensating("a"))));
+}
+
+/// A terminal transition is one write, of the record: it holds the entries written with it
+/// (a step's completion and the run's end) as the journal's last, no journal key holds them,
+/// and reads give back the journal whole and the record as written.
+#[test]
+fn a_settling_transition_is_one_write_of_the_record_holding_the_last_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let run = running("settles");
+    assert_eq!(store.insert_run(&run).unwrap(), None);
+    let [started, done] = entries();
+    let completion = Entry {
+        at_ms: 12,
+        event: Event::StepCompleted {
+            step: OperationIndex(0),
+            attempt: Attempt(1),
+            output: serde_json::json!(3),
+        },
+    };
+    let token = Token::CREATED;
+    let begun = store.writes.begun();
+    store
+        .append(
+            &run.id,
+            JournalIndex(0),
+            std::slice::from_ref(&started),
+            None,
+            token,
+        )
+        .unwrap();
+    store
+        .append(
+            &run.id,
+            JournalIndex(1),
+            &[completion.clone(), done.clone()],
+            Some(&completed("settles")),
+            token,
+        )
+        .unwrap();
+    assert_eq!(store.writes.begun() - begun, 2, "one write per append");
+    let keys: Vec<_> = store
+        .db
+        .scan_prefix(journal_prefix(&run.id))
+        .keys()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(keys, [journal_key(&run.id, JournalIndex(0))]);
+    let raw = store.db.get(run_key(&run.id)).unwrap().unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(
+        stored["journal_tail"],
+        serde_json::json!({"from": 1, "entries": [completion, done]})
+    );
+    assert_eq!(store.read_run(&run.id).unwrap(), Some(completed("settles")));
+    assert_eq!(
+        store.read_journal(&run.id).unwrap(),
+        vec![started, completion, done]
+    );
+    assert_eq!(store.transitions_open.load(Ordering::SeqCst), 0);
+}
+
+/// A record's last entries that do not follow its journal's keys (a gap, or an overlap) are
+/// refused as corrupt, naming the record.
+#[test]
+fn a_records_last_entries_out_of_place_are_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    write_completed_run(&store, "a");
+    let id = RunId::new("a").unwrap();
+    let raw = store.db.get(run_key(&id)).unwrap().unwrap();
+    let mut stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    for from in [0, 2] {
+        stored["journal_tail"]["from"] = serde_json::json!(from);
+        store
+            .db
+            .insert(run_key(&id), serde_json::to_vec(&stored).unwrap())
+            .unwrap();
+        let error = store.read_journal(&id).unwrap_err().to_string();
+        assert!(
+            error.contains("ra") && error.contains(&format!("begin at index {from}")),
+            "{error}"
+        );
+    }
 }
 
 /// A transition's stored bytes hold the same fields as the entry's own with the record's
@@ -61,7 +149,7 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     let run = running("grouped");
     assert_eq!(store.insert_run(&run).unwrap(), None);
-    let [started, done] = entries();
+    let [started, _] = entries();
     let completion = Entry {
         at_ms: 12,
         event: Event::StepCompleted {
@@ -80,12 +168,13 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
             token,
         )
         .unwrap();
+    let compensation = compensation_started();
     store
         .append(
             &run.id,
             JournalIndex(1),
-            &[completion.clone(), done.clone()],
-            Some(&completed("grouped")),
+            &[completion.clone(), compensation.clone()],
+            Some(&compensating("grouped")),
             token,
         )
         .unwrap();
@@ -100,9 +189,12 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
         [0, 1].map(|i| journal_key(&run.id, JournalIndex(i))),
         "two keys for three entries"
     );
-    let journal = vec![started.clone(), completion.clone(), done.clone()];
+    let journal = vec![started.clone(), completion.clone(), compensation.clone()];
     assert_eq!(store.read_journal(&run.id).unwrap(), journal);
-    assert_eq!(store.read_run(&run.id).unwrap(), Some(completed("grouped")));
+    assert_eq!(
+        store.read_run(&run.id).unwrap(),
+        Some(compensating("grouped"))
+    );
 
     // A crash before the record's rewrite: the open repairs it from the group's last entry.
     store
@@ -112,7 +204,10 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
     store.db.flush().unwrap();
     drop(store);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    assert_eq!(store.read_run(&run.id).unwrap(), Some(completed("grouped")));
+    assert_eq!(
+        store.read_run(&run.id).unwrap(),
+        Some(compensating("grouped"))
+    );
     assert_eq!(store.read_journal(&run.id).unwrap(), journal);
 
     // The next entry's key follows the group's last index; a gap is still refused.

@@ -7,8 +7,9 @@ use super::*;
 fn open_repairs_a_record_left_behind_its_journal() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    write_completed_run(&store, "behind");
-    write_completed_run(&store, "current");
+    write_compensating_run(&store, "behind");
+    write_compensating_run(&store, "current");
+    write_completed_run(&store, "done");
     let running_only = running("running");
     assert_eq!(store.insert_run(&running_only).unwrap(), None);
     let [started, _] = entries();
@@ -23,29 +24,97 @@ fn open_repairs_a_record_left_behind_its_journal() {
         .unwrap();
     // What a crash before the record's rewrite leaves: the old record.
     let behind = RunId::new("behind").unwrap();
-    store
-        .db
-        .insert(
-            run_key(&behind),
-            serde_json::to_vec(&running("behind")).unwrap(),
-        )
-        .unwrap();
+    leave_behind(&store, "behind");
     assert_eq!(store.read_run(&behind).unwrap(), Some(running("behind")));
-    store.db.flush().unwrap();
     drop(store);
 
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    assert_eq!(store.read_run(&behind).unwrap(), Some(completed("behind")));
+    assert_eq!(
+        store.read_run(&behind).unwrap(),
+        Some(compensating("behind"))
+    );
     let current = RunId::new("current").unwrap();
     assert_eq!(
         store.read_run(&current).unwrap(),
-        Some(completed("current"))
+        Some(compensating("current"))
     );
+    let done = RunId::new("done").unwrap();
+    assert_eq!(store.read_run(&done).unwrap(), Some(completed("done")));
     assert_eq!(
         store.read_run(&running_only.id).unwrap(),
         Some(running_only)
     );
-    assert_eq!(store.read_journal(&behind).unwrap(), entries().to_vec());
+    let [started, _] = entries();
+    assert_eq!(
+        store.read_journal(&behind).unwrap(),
+        vec![started, compensation_started()]
+    );
+}
+
+/// A settled run's record holds its last entries and is the transition's one write: the
+/// open never "repairs" it back to an earlier transition's state from the journal's keys
+/// (here the `Compensating` one before its `Compensated`), and reads give back the journal
+/// whole, with an entry appended after it settled (a rerun's note) in its place.
+#[test]
+fn a_settled_record_is_never_repaired_back_to_an_earlier_transition() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    write_compensating_run(&store, "undone");
+    let id = RunId::new("undone").unwrap();
+    let compensated = RunRecord {
+        status: RunStatus::Compensated,
+        updated_at_ms: 30,
+        finished_at_ms: Some(30),
+        ..compensating("undone")
+    };
+    let settled = Entry {
+        at_ms: 30,
+        event: Event::RunCompensated,
+    };
+    let note = Entry {
+        at_ms: 40,
+        event: Event::RerunStarted {
+            run: RunId::new("undone.rerun-1").unwrap(),
+        },
+    };
+    store
+        .append(
+            &id,
+            JournalIndex(2),
+            std::slice::from_ref(&settled),
+            Some(&compensated),
+            Token::CREATED,
+        )
+        .unwrap();
+    let [started, _] = entries();
+    let mut journal = vec![started, compensation_started(), settled];
+    assert_eq!(store.read_journal(&id).unwrap(), journal);
+    // Dropped without a release: the next open reads and repairs every record.
+    drop(store);
+
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(store.read_run(&id).unwrap(), Some(compensated.clone()));
+    assert_eq!(store.read_journal(&id).unwrap(), journal);
+    store
+        .append(
+            &id,
+            JournalIndex(3),
+            std::slice::from_ref(&note),
+            None,
+            Token::CREATED,
+        )
+        .unwrap();
+    journal.push(note);
+    assert_eq!(store.read_journal(&id).unwrap(), journal);
+    drop(store);
+
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(store.read_run(&id).unwrap(), Some(compensated));
+    assert_eq!(store.read_journal(&id).unwrap(), journal);
+    assert_eq!(
+        store.counts.now(),
+        BTreeMap::from([(RunStatus::Compensated, 1)])
+    );
 }
 
 /// The kept counts per status are what a scan of every record says: after creations,
@@ -56,37 +125,46 @@ fn kept_counts_match_a_scan_of_every_record() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert!(store.counts.now().is_empty());
-    for id in ["a", "b", "c", "d"] {
+    for id in ["a", "b", "d"] {
         write_completed_run(&store, id);
     }
+    write_compensating_run(&store, "c");
     for id in ["r1", "r2"] {
         assert_eq!(store.insert_run(&running(id)).unwrap(), None);
     }
     // Creating an existing run changes nothing.
     assert!(store.insert_run(&running("a")).unwrap().is_some());
-    let expected = BTreeMap::from([(RunStatus::Completed, 4), (RunStatus::Running, 2)]);
+    let expected = BTreeMap::from([
+        (RunStatus::Completed, 3),
+        (RunStatus::Compensating, 1),
+        (RunStatus::Running, 2),
+    ]);
     assert_eq!(store.counts.now(), expected);
     assert_eq!(scanned_counts(&store), expected);
 
     let ids = ["b", "r2", "gone"].map(|id| RunId::new(id).unwrap());
     delete(&store, &ids);
-    let expected = BTreeMap::from([(RunStatus::Completed, 3), (RunStatus::Running, 1)]);
+    let expected = BTreeMap::from([
+        (RunStatus::Completed, 2),
+        (RunStatus::Compensating, 1),
+        (RunStatus::Running, 1),
+    ]);
     assert_eq!(store.counts.now(), expected);
     assert_eq!(scanned_counts(&store), expected);
 
-    // A crash between "c"'s completing entry and its record's rewrite, and a record that no
-    // longer decodes: the reopen repairs the one and leaves the other out.
-    let c = RunId::new("c").unwrap();
-    store
-        .db
-        .insert(run_key(&c), serde_json::to_vec(&running("c")).unwrap())
-        .unwrap();
+    // A crash between "c"'s compensating entry and its record's rewrite, and a record that
+    // no longer decodes: the reopen repairs the one and leaves the other out.
+    leave_behind(&store, "c");
     let d = RunId::new("d").unwrap();
     store.db.insert(run_key(&d), b"{not json".to_vec()).unwrap();
     store.db.flush().unwrap();
     drop(store);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    let expected = BTreeMap::from([(RunStatus::Completed, 2), (RunStatus::Running, 1)]);
+    let expected = BTreeMap::from([
+        (RunStatus::Completed, 1),
+        (RunStatus::Compensating, 1),
+        (RunStatus::Running, 1),
+    ]);
     assert_eq!(store.counts.now(), expected);
     assert_eq!(scanned_counts(&store), expected);
 
@@ -111,7 +189,7 @@ fn kept_counts_match_a_scan_of_every_record() {
             Token::CREATED,
         )
         .unwrap();
-    let expected = BTreeMap::from([(RunStatus::Completed, 3)]);
+    let expected = BTreeMap::from([(RunStatus::Completed, 2), (RunStatus::Compensating, 1)]);
     assert_eq!(store.counts.now(), expected);
     assert_eq!(scanned_counts(&store), expected);
 }
@@ -124,20 +202,6 @@ fn close_cleanly(store: SledStore) {
     drop(store);
 }
 
-/// Makes run `id`'s record what a crash between its completing entry and the record's
-/// rewrite leaves (the record still running), behind the store's counts.
-fn leave_behind(store: &SledStore, id: &str) {
-    let id = RunId::new(id).unwrap();
-    store
-        .db
-        .insert(
-            run_key(&id),
-            serde_json::to_vec(&running(id.as_str())).unwrap(),
-        )
-        .unwrap();
-    store.db.flush().unwrap();
-}
-
 /// A clean close leaves the counts per status, and the next open takes them (reading no
 /// record: a record changed behind the store's back is not repaired) and removes them before
 /// anything else is written; a store dropped without a release, or written after it, leaves
@@ -146,11 +210,16 @@ fn leave_behind(store: &SledStore, id: &str) {
 fn a_clean_close_leaves_its_counts_for_the_next_open() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    for id in ["a", "b", "c"] {
+    write_compensating_run(&store, "a");
+    for id in ["b", "c"] {
         write_completed_run(&store, id);
     }
     assert_eq!(store.insert_run(&running("r")).unwrap(), None);
-    let expected = BTreeMap::from([(RunStatus::Completed, 3), (RunStatus::Running, 1)]);
+    let expected = BTreeMap::from([
+        (RunStatus::Completed, 2),
+        (RunStatus::Compensating, 1),
+        (RunStatus::Running, 1),
+    ]);
     // Changed behind the store's back (not through a write of its own): the counts a clean
     // close leaves are the store's, not this record's.
     leave_behind(&store, "a");
@@ -176,7 +245,7 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert_eq!(
         store.read_run(&RunId::new("a").unwrap()).unwrap(),
-        Some(completed("a"))
+        Some(compensating("a"))
     );
     assert_eq!(store.counts.now(), expected);
     drop(store);
@@ -192,7 +261,11 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
     assert!(!db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap());
     drop(db);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    let expected = BTreeMap::from([(RunStatus::Completed, 4), (RunStatus::Running, 1)]);
+    let expected = BTreeMap::from([
+        (RunStatus::Completed, 3),
+        (RunStatus::Compensating, 1),
+        (RunStatus::Running, 1),
+    ]);
     assert_eq!(store.counts.now(), expected);
     assert_eq!(scanned_counts(&store), expected);
 }
@@ -203,10 +276,10 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
 fn with_the_wake_index_an_open_repairs_the_loaded_runs() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    for id in ["loaded", "done"] {
-        store.write_wake(&RunId::new(id).unwrap(), 0).unwrap();
-        write_completed_run(&store, id);
-    }
+    store.write_wake(&RunId::new("loaded").unwrap(), 0).unwrap();
+    write_compensating_run(&store, "loaded");
+    store.write_wake(&RunId::new("done").unwrap(), 0).unwrap();
+    write_completed_run(&store, "done");
     store.remove_wake(&RunId::new("done").unwrap()).unwrap();
     assert_eq!(store.insert_run(&running("parked")).unwrap(), None);
     store
@@ -222,13 +295,110 @@ fn with_the_wake_index_an_open_repairs_the_loaded_runs() {
     assert_eq!(repaired, recovery::Repaired::Loaded(1));
     assert_eq!(
         counts,
-        BTreeMap::from([(RunStatus::Completed, 2), (RunStatus::Running, 1)])
+        BTreeMap::from([
+            (RunStatus::Completed, 1),
+            (RunStatus::Compensating, 1),
+            (RunStatus::Running, 1)
+        ])
     );
     drop(db);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert_eq!(
         store.read_run(&RunId::new("loaded").unwrap()).unwrap(),
-        Some(completed("loaded"))
+        Some(compensating("loaded"))
     );
     assert_eq!(scanned_counts(&store), store.counts.now());
+}
+
+/// A settled run that changes again (a completed child its parent compensates): the
+/// transition first moves the entries its record holds to keys, so that the record's rewrite
+/// loses none. Each state a crash can leave on the way reads back whole: after the move
+/// (the record still holds them too), after the transition's entry (the open repairs the
+/// record from it), and after the rewrite; and the run's next settling holds its own.
+#[test]
+fn a_settled_run_that_changes_again_keeps_every_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let [started, done] = entries();
+    let undoing = RunRecord {
+        status: RunStatus::Compensating,
+        updated_at_ms: 30,
+        error: Some("parent compensates".into()),
+        ..completed("x")
+    };
+    let compensate = Entry {
+        at_ms: 30,
+        event: Event::CompensationStarted {
+            reason: "parent compensates".into(),
+        },
+    };
+    let transition = |store: &SledStore, id: &RunId| {
+        let record = RunRecord {
+            id: id.clone(),
+            ..undoing.clone()
+        };
+        store
+            .append(
+                id,
+                JournalIndex(2),
+                std::slice::from_ref(&compensate),
+                Some(&record),
+                Token::CREATED,
+            )
+            .unwrap();
+    };
+    let [moved, behind, whole] = ["moved", "behind", "whole"].map(|id| RunId::new(id).unwrap());
+    for id in [&moved, &behind, &whole] {
+        write_completed_run(&store, id.as_str());
+    }
+    // Stopped after the move: keys and record both hold the run's end.
+    store.move_tail_out(&moved).unwrap();
+    // Stopped after the transition's entry: the record as it was before.
+    let settled = store.db.get(run_key(&behind)).unwrap().unwrap();
+    transition(&store, &behind);
+    store.db.insert(run_key(&behind), settled).unwrap();
+    transition(&store, &whole);
+    let two = vec![started.clone(), done.clone()];
+    let three = vec![started.clone(), done.clone(), compensate.clone()];
+    assert_eq!(store.read_journal(&moved).unwrap(), two);
+    assert_eq!(store.read_journal(&whole).unwrap(), three);
+    assert_eq!(
+        store.read_run(&whole).unwrap().unwrap().status,
+        RunStatus::Compensating
+    );
+    // Dropped without a release: the next open reads and repairs every record.
+    drop(store);
+
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(store.read_run(&moved).unwrap(), Some(completed("moved")));
+    assert_eq!(store.read_journal(&moved).unwrap(), two);
+    for id in [&behind, &whole] {
+        let record = store.read_run(id).unwrap().unwrap();
+        assert_eq!(record.status, RunStatus::Compensating, "{id}");
+        assert_eq!(store.read_journal(id).unwrap(), three, "{id}");
+    }
+    let compensated = RunRecord {
+        status: RunStatus::Compensated,
+        updated_at_ms: 40,
+        ..store.read_run(&whole).unwrap().unwrap()
+    };
+    let end = Entry {
+        at_ms: 40,
+        event: Event::RunCompensated,
+    };
+    store
+        .append(
+            &whole,
+            JournalIndex(3),
+            std::slice::from_ref(&end),
+            Some(&compensated),
+            Token::CREATED,
+        )
+        .unwrap();
+    let four = vec![started, done, compensate, end];
+    assert_eq!(store.read_journal(&whole).unwrap(), four);
+    drop(store);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(store.read_run(&whole).unwrap(), Some(compensated));
+    assert_eq!(store.read_journal(&whole).unwrap(), four);
 }
