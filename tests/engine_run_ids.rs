@@ -195,7 +195,9 @@ fn has(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> bool {
 
 /// Rewinds completed parent `id` in the open raw store to just after its first child
 /// started: its journal loses the child's end and everything after it, and its record is
-/// running again. What a crash after the child's creation leaves.
+/// running again. What a crash after the child's creation leaves. (The journal's last
+/// entries are in the completed record's `journal_tail`, from index `from` on: those before
+/// the child's end become keys, as a running run's are.)
 fn rewind_to_child_started(db: &sled::Db, id: &str, history: &RunHistory) {
     let run = RunId::new(id).unwrap();
     let ended = history
@@ -203,13 +205,26 @@ fn rewind_to_child_started(db: &sled::Db, id: &str, history: &RunHistory) {
         .iter()
         .position(|e| matches!(e.event, Event::ChildEnded { .. }))
         .expect("the child ended");
-    for index in ended..history.entries.len() {
-        let key = journal_key_of(&run, JournalIndex(index as u32));
-        db.remove(key).unwrap().expect("the entry exists");
-    }
     let key = run_key_of(&run);
     let mut record: serde_json::Value =
         serde_json::from_slice(&db.get(&key).unwrap().expect("the record exists")).unwrap();
+    let tail = record
+        .as_object_mut()
+        .unwrap()
+        .remove("journal_tail")
+        .expect("a completed record holds its journal's last entries");
+    let from = tail["from"].as_u64().unwrap() as usize;
+    assert!(from <= history.entries.len());
+    for index in ended..from {
+        let key = journal_key_of(&run, JournalIndex(index as u32));
+        db.remove(key).unwrap().expect("the entry exists");
+    }
+    for (index, entry) in (from..).zip(tail["entries"].as_array().unwrap()) {
+        if index < ended {
+            let key = journal_key_of(&run, JournalIndex(index as u32));
+            db.insert(key, serde_json::to_vec(entry).unwrap()).unwrap();
+        }
+    }
     record["status"] = serde_json::json!("running");
     for field in ["finished_at_ms", "output", "error"] {
         record[field] = serde_json::Value::Null;
