@@ -438,7 +438,8 @@ fn journal_values(dir: &Path, id: &str) -> usize {
 
 /// A step's completion is not written on its own: the store gets it with the run's next
 /// entry, as one sled value (`cell.rs`, `append_deferred`), so a sequential run of n steps
-/// has n fewer journal values than entries. But it waits for no more than that: a run whose
+/// has n fewer journal values than entries (and one fewer again: the last completion and
+/// the run's end are held in its settled record, `store/sled/journal.rs`). But it waits for no more than that: a run whose
 /// code waits on something else after a step has the completion in the store meanwhile, and
 /// a run stopped by a shutdown right after a step writes it as its cell is unloaded (reopened,
 /// it does not run the step again).
@@ -486,8 +487,8 @@ async fn a_steps_completion_is_written_with_the_next_entry() {
     drop(engine);
     assert_eq!(
         journal_values(dir.path(), "sequential"),
-        entries - 10,
-        "each completion shares its value with the next entry"
+        entries - 11,
+        "each completion shares its value with the next entry, the last two in the record"
     );
 
     let engine = open().await.unwrap();

@@ -122,6 +122,16 @@ struct StoredTail {
     journal_tail: Option<JournalTail>,
 }
 
+/// The journal's last entries held in run `id`'s stored record `bytes`, if it holds any.
+fn journal_tail(id: &RunId, bytes: &[u8]) -> Result<Option<JournalTail>> {
+    serde_json::from_slice::<StoredTail>(bytes)
+        .map(|stored| stored.journal_tail)
+        .map_err(|e| EngineError::Corrupt {
+            key: readable_key(&run_key(id)),
+            detail: format!("run record: {e}"),
+        })
+}
+
 pub(super) fn journal_prefix(id: &RunId) -> Vec<u8> {
     let mut key = Vec::with_capacity(2 + id.as_str().len() + 4);
     key.push(JOURNAL_PREFIX);
@@ -186,8 +196,37 @@ impl SledStore {
     /// Run `id`'s journal: its keys' entries, in order, with the entries its record holds
     /// if it settled ([`settled_record`]) in their place (after the keys before them, before
     /// any written after the run settled, as a rerun's note).
+    ///
+    /// The record and the keys are read one after the other, not at one instant: a read
+    /// that finds them disagreeing while the record changed meanwhile (the run settled and
+    /// was given a note, or was deleted) is made again.
     pub(super) fn read_journal(&self, id: &RunId) -> Result<Vec<Entry>> {
-        let mut tail = self.journal_tail(id)?;
+        /// Reads made while the record keeps changing under them, at most.
+        const TRIES: usize = 3;
+        let key = run_key(id);
+        let get = || self.db.get(&key).map_err(|e| self.storage(e));
+        let mut record = get()?;
+        let mut tries = 1;
+        loop {
+            let read = self.journal_with(id, record.as_deref());
+            if read.is_ok() || tries == TRIES {
+                return read;
+            }
+            let now = get()?;
+            if now == record {
+                return read;
+            }
+            record = now;
+            tries += 1;
+        }
+    }
+
+    /// Run `id`'s journal, its record's bytes being `record`.
+    fn journal_with(&self, id: &RunId, record: Option<&[u8]>) -> Result<Vec<Entry>> {
+        let mut tail = match record {
+            Some(bytes) => journal_tail(id, bytes)?,
+            None => None,
+        };
         let prefix = journal_prefix(id);
         let mut entries = Vec::new();
         for item in self.db.scan_prefix(&prefix) {
@@ -237,11 +276,9 @@ impl SledStore {
         }
         match tail {
             Some(held) if held.from as usize == entries.len() => entries.extend(held.entries),
-            // Moved out to keys before a later transition (`move_tail_out`), which a crash
-            // stopped before it rewrote the record.
-            Some(held)
-                if entries.get(held.from as usize..held.from as usize + held.entries.len())
-                    == Some(&held.entries[..]) => {}
+            // Moved out to a key before a later transition (`move_tail_out`), which a crash
+            // (or this read) met before the record's rewrite.
+            Some(held) if held.from as usize + held.entries.len() <= entries.len() => {}
             Some(held) => {
                 return Err(EngineError::Corrupt {
                     key: readable_key(&run_key(id)),
@@ -258,20 +295,6 @@ impl SledStore {
         Ok(entries)
     }
 
-    /// The journal's last entries held in run `id`'s record, if it has one that holds any.
-    fn journal_tail(&self, id: &RunId) -> Result<Option<JournalTail>> {
-        let key = run_key(id);
-        let Some(bytes) = self.db.get(&key).map_err(|e| self.storage(e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice::<StoredTail>(&bytes)
-            .map(|stored| stored.journal_tail)
-            .map_err(|e| EngineError::Corrupt {
-                key: readable_key(&key),
-                detail: format!("run record: {e}"),
-            })
-    }
-
     pub(super) fn write_entries(
         &self,
         id: &RunId,
@@ -283,7 +306,9 @@ impl SledStore {
             return Ok(());
         };
         if let Some(record) = record.filter(|r| r.status.is_terminal()) {
-            return self.settle(id, index, before, last, record);
+            if self.settle(id, index, before, last, record)? {
+                return Ok(());
+            }
         }
         // Everything encoded (and checked) before anything is written.
         let mut values = before
@@ -337,23 +362,31 @@ impl SledStore {
     }
 
     /// Before a transition of a run that had settled (a completed child its parent
-    /// compensates), whose record's rewrite drops the entries it holds: writes them as keys,
-    /// where reads then take them from (see [`SledStore::read_journal`]). Nothing when the
-    /// record holds none.
+    /// compensates), whose record's rewrite drops the entries it holds: writes them as one
+    /// key (a value of several entries, as [`group`] makes, whatever its size, so that a
+    /// crash leaves all of them or none), where reads then take them from (see
+    /// [`SledStore::read_journal`]). Nothing when the record holds none.
     pub(super) fn move_tail_out(&self, id: &RunId) -> Result<()> {
-        let Some(tail) = self.journal_tail(id)? else {
+        let record = self.db.get(run_key(id)).map_err(|e| self.storage(e))?;
+        let held = match record {
+            Some(bytes) => journal_tail(id, &bytes)?,
+            None => None,
+        };
+        let Some(tail) = held.filter(|t| !t.entries.is_empty()) else {
             return Ok(());
         };
-        let values = tail
+        let mut values = tail
             .entries
             .iter()
             .map(|entry| encode("journal entry", entry, TRANSITION_ENTRY_BYTES_MAX))
             .collect::<Result<Vec<_>>>()?;
-        for (index, value) in group(JournalIndex(tail.from), values) {
-            self.db
-                .insert(journal_key(id, index), value)
-                .map_err(|e| self.storage(e))?;
-        }
+        let value = match values.len() {
+            1 => values.pop().expect("one entry"),
+            _ => [&b"["[..], &values.join(&b","[..]), b"]"].concat(),
+        };
+        self.db
+            .insert(journal_key(id, JournalIndex(tail.from)), value)
+            .map_err(|e| self.storage(e))?;
         Ok(())
     }
 
@@ -365,6 +398,11 @@ impl SledStore {
     /// ([`SledStore::move_tail_out`]). The record this one replaces holds no entries: a run
     /// settles only from a status that is not settled (the table at [`RunStatus`]), whose
     /// record that move left without them.
+    ///
+    /// A record that would pass [`RUN_RECORD_BYTES_MAX`] with them (large input, output and
+    /// entries together) is not written: `false`, and the transition is written as any other
+    /// (its entry, then the record's view), so that no record grows into a blob file of its
+    /// own (`limits.rs`).
     fn settle(
         &self,
         id: &RunId,
@@ -372,7 +410,7 @@ impl SledStore {
         before: &[Entry],
         last: &Entry,
         record: &RunRecord,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // Everything encoded (and checked) before anything is written. The last entry is
         // held to the bound of a transition's entry, as when it carried the record's state.
         let mut values = before
@@ -381,6 +419,9 @@ impl SledStore {
             .collect::<Result<Vec<_>>>()?;
         values.push(encode("journal entry", last, TRANSITION_ENTRY_BYTES_MAX)?);
         let bytes = settled_record(record, index, &values)?;
+        if bytes.len() > RUN_RECORD_BYTES_MAX {
+            return Ok(false);
+        }
         let _writing = self.writes.begin();
         let before = self
             .db
@@ -389,6 +430,6 @@ impl SledStore {
         crate::crash::point("store.after_transition_entry");
         let from = before.as_deref().and_then(status_of);
         self.counts.moved(from, Some(record.status));
-        Ok(())
+        Ok(true)
     }
 }

@@ -86,8 +86,9 @@ fn a_settling_transition_is_one_write_of_the_record_holding_the_last_entries() {
     assert_eq!(store.transitions_open.load(Ordering::SeqCst), 0);
 }
 
-/// A record's last entries that do not follow its journal's keys (a gap, or an overlap) are
-/// refused as corrupt, naming the record.
+/// A record's last entries that do not follow its journal's keys (a gap, or an overlap that
+/// the keys do not cover whole, as a move to keys would) are refused as corrupt, naming the
+/// record.
 #[test]
 fn a_records_last_entries_out_of_place_are_corrupt() {
     let dir = tempfile::tempdir().unwrap();
@@ -96,8 +97,11 @@ fn a_records_last_entries_out_of_place_are_corrupt() {
     let id = RunId::new("a").unwrap();
     let raw = store.db.get(run_key(&id)).unwrap().unwrap();
     let mut stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    for from in [0, 2] {
+    let [_, done] = entries();
+    let two = serde_json::json!([done, done]);
+    for (from, held) in [(0, two), (2, stored["journal_tail"]["entries"].clone())] {
         stored["journal_tail"]["from"] = serde_json::json!(from);
+        stored["journal_tail"]["entries"] = held;
         store
             .db
             .insert(run_key(&id), serde_json::to_vec(&stored).unwrap())
@@ -312,4 +316,58 @@ fn an_oversized_transition_writes_nothing() {
     assert!(matches!(err, EngineError::TooLarge { .. }), "{err}");
     assert_eq!(store.read_journal(&record.id).unwrap(), Vec::<Entry>::new());
     assert_eq!(store.read_run(&record.id).unwrap(), Some(record));
+}
+
+/// A settling transition whose record would pass the record's bound with the entries it
+/// holds is written as the others are: its entry (with the record's state) as a key, then the
+/// record without entries. Reads give back the same journal either way.
+#[test]
+fn a_settled_record_too_large_to_hold_its_entries_is_written_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let large = "x".repeat(crate::limits::OUTPUT_BYTES_MAX - 2);
+    let run = RunRecord {
+        input: serde_json::json!(large),
+        ..running("large")
+    };
+    assert_eq!(store.insert_run(&run).unwrap(), None);
+    let done = Entry {
+        at_ms: 20,
+        event: Event::RunCompleted {
+            output: serde_json::json!(large),
+        },
+    };
+    let settled = RunRecord {
+        status: RunStatus::Completed,
+        updated_at_ms: 20,
+        finished_at_ms: Some(20),
+        output: Some(serde_json::json!(large)),
+        ..run.clone()
+    };
+    store
+        .append(
+            &run.id,
+            JournalIndex(0),
+            std::slice::from_ref(&done),
+            Some(&settled),
+            Token::CREATED,
+        )
+        .unwrap();
+    let raw = store.db.get(run_key(&run.id)).unwrap().unwrap();
+    assert!(
+        raw.len() <= crate::limits::RUN_RECORD_BYTES_MAX,
+        "{}",
+        raw.len()
+    );
+    let stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    assert!(stored.get("journal_tail").is_none());
+    let entry = store
+        .db
+        .get(journal_key(&run.id, JournalIndex(0)))
+        .unwrap()
+        .unwrap();
+    let state: StoredRecordState = serde_json::from_slice(&entry).unwrap();
+    assert_eq!(state.record, Some(RecordState::of(&settled)));
+    assert_eq!(store.read_run(&run.id).unwrap(), Some(settled));
+    assert_eq!(store.read_journal(&run.id).unwrap(), vec![done]);
 }

@@ -351,8 +351,11 @@ fn a_settled_run_that_changes_again_keeps_every_entry() {
     for id in [&moved, &behind, &whole] {
         write_completed_run(&store, id.as_str());
     }
-    // Stopped after the move: keys and record both hold the run's end.
+    // Stopped after the move: keys and record both hold the run's end (one key, written at
+    // once).
     store.move_tail_out(&moved).unwrap();
+    let keys = store.db.scan_prefix(journal_prefix(&moved)).count();
+    assert_eq!(keys, 2, "the first entry's key and the moved one");
     // Stopped after the transition's entry: the record as it was before.
     let settled = store.db.get(run_key(&behind)).unwrap().unwrap();
     transition(&store, &behind);
@@ -401,4 +404,51 @@ fn a_settled_run_that_changes_again_keeps_every_entry() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert_eq!(store.read_run(&whole).unwrap(), Some(compensated));
     assert_eq!(store.read_journal(&whole).unwrap(), four);
+}
+
+/// A completed child given a rerun's note and then compensated by its parent: the note's key
+/// follows the record's entries, the move writes them before it, and the journal reads back
+/// in order before and after a reopen.
+#[test]
+fn a_note_then_a_transition_after_settling_keeps_the_journal_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    write_completed_run(&store, "child");
+    let id = RunId::new("child").unwrap();
+    let note = Entry {
+        at_ms: 25,
+        event: Event::RerunStarted {
+            run: RunId::new("child.rerun-1").unwrap(),
+        },
+    };
+    let undoing = RunRecord {
+        status: RunStatus::Compensating,
+        updated_at_ms: 30,
+        error: Some("parent compensates".into()),
+        ..completed("child")
+    };
+    let compensate = Entry {
+        at_ms: 30,
+        event: Event::CompensationStarted {
+            reason: "parent compensates".into(),
+        },
+    };
+    for (index, entry, record) in [(2, &note, None), (3, &compensate, Some(&undoing))] {
+        store
+            .append(
+                &id,
+                JournalIndex(index),
+                std::slice::from_ref(entry),
+                record,
+                Token::CREATED,
+            )
+            .unwrap();
+    }
+    let [started, done] = entries();
+    let journal = vec![started, done, note, compensate];
+    assert_eq!(store.read_journal(&id).unwrap(), journal);
+    drop(store);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_eq!(store.read_run(&id).unwrap(), Some(undoing));
+    assert_eq!(store.read_journal(&id).unwrap(), journal);
 }
