@@ -36,14 +36,7 @@ fn a_settling_transition_is_one_write_of_the_record_holding_the_last_entries() {
     let run = running("settles");
     assert_eq!(store.insert_run(&run).unwrap(), None);
     let [started, done] = entries();
-    let completion = Entry {
-        at_ms: 12,
-        event: Event::StepCompleted {
-            step: OperationIndex(0),
-            attempt: Attempt(1),
-            output: serde_json::json!(3),
-        },
-    };
+    let completion = completion();
     let token = Token::CREATED;
     let begun = store.writes.begun();
     store
@@ -154,14 +147,7 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
     let run = running("grouped");
     assert_eq!(store.insert_run(&run).unwrap(), None);
     let [started, _] = entries();
-    let completion = Entry {
-        at_ms: 12,
-        event: Event::StepCompleted {
-            step: OperationIndex(0),
-            attempt: Attempt(1),
-            output: serde_json::json!(3),
-        },
-    };
+    let completion = completion();
     let token = Token::CREATED;
     store
         .append(

@@ -64,6 +64,46 @@ fn compensation_started() -> Entry {
     }
 }
 
+/// The completion of the step [`entries`] starts.
+fn completion() -> Entry {
+    Entry {
+        at_ms: 12,
+        event: Event::StepCompleted {
+            step: OperationIndex(0),
+            attempt: Attempt(1),
+            output: serde_json::json!(3),
+        },
+    }
+}
+
+/// Completed run `id` moved into compensation by its parent, and that transition's entry.
+fn undone_by_parent(id: &str) -> (RunRecord, Entry) {
+    let reason = "parent compensates";
+    let record = RunRecord {
+        status: RunStatus::Compensating,
+        updated_at_ms: 30,
+        error: Some(reason.into()),
+        ..completed(id)
+    };
+    let entry = Entry {
+        at_ms: 30,
+        event: Event::CompensationStarted {
+            reason: reason.into(),
+        },
+    };
+    (record, entry)
+}
+
+/// A rerun's note in the journal of run `id`, at `at_ms`.
+fn rerun_note(id: &str, at_ms: u64) -> Entry {
+    Entry {
+        at_ms,
+        event: Event::RerunStarted {
+            run: RunId::new(&format!("{id}.rerun-1")).unwrap(),
+        },
+    }
+}
+
 fn entries() -> [Entry; 2] {
     [
         Entry {

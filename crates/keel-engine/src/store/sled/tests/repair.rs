@@ -71,12 +71,7 @@ fn a_settled_record_is_never_repaired_back_to_an_earlier_transition() {
         at_ms: 30,
         event: Event::RunCompensated,
     };
-    let note = Entry {
-        at_ms: 40,
-        event: Event::RerunStarted {
-            run: RunId::new("undone.rerun-1").unwrap(),
-        },
-    };
+    let note = rerun_note("undone", 40);
     store
         .append(
             &id,
@@ -320,18 +315,7 @@ fn a_settled_run_that_changes_again_keeps_every_entry() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     let [started, done] = entries();
-    let undoing = RunRecord {
-        status: RunStatus::Compensating,
-        updated_at_ms: 30,
-        error: Some("parent compensates".into()),
-        ..completed("x")
-    };
-    let compensate = Entry {
-        at_ms: 30,
-        event: Event::CompensationStarted {
-            reason: "parent compensates".into(),
-        },
-    };
+    let (undoing, compensate) = undone_by_parent("x");
     let transition = |store: &SledStore, id: &RunId| {
         let record = RunRecord {
             id: id.clone(),
@@ -415,24 +399,8 @@ fn a_note_then_a_transition_after_settling_keeps_the_journal_in_order() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     write_completed_run(&store, "child");
     let id = RunId::new("child").unwrap();
-    let note = Entry {
-        at_ms: 25,
-        event: Event::RerunStarted {
-            run: RunId::new("child.rerun-1").unwrap(),
-        },
-    };
-    let undoing = RunRecord {
-        status: RunStatus::Compensating,
-        updated_at_ms: 30,
-        error: Some("parent compensates".into()),
-        ..completed("child")
-    };
-    let compensate = Entry {
-        at_ms: 30,
-        event: Event::CompensationStarted {
-            reason: "parent compensates".into(),
-        },
-    };
+    let note = rerun_note("child", 25);
+    let (undoing, compensate) = undone_by_parent("child");
     for (index, entry, record) in [(2, &note, None), (3, &compensate, Some(&undoing))] {
         store
             .append(
