@@ -26,6 +26,37 @@ fn a_transition_is_one_entry_carrying_the_record_state() {
     assert_eq!(stored.record, Some(RecordState::of(&compensating("a"))));
 }
 
+/// Creates `run`, appends the step's start from [`entries`], then its [`completion`] with
+/// `next`, the transition to `record`; returns the keys of the run's journal.
+fn start_then_transition(
+    store: &SledStore,
+    run: &RunRecord,
+    next: &Entry,
+    record: &RunRecord,
+) -> Vec<sled::IVec> {
+    assert_eq!(store.insert_run(run).unwrap(), None);
+    let [started, _] = entries();
+    let token = Token::CREATED;
+    store
+        .append(&run.id, JournalIndex(0), &[started], None, token)
+        .unwrap();
+    store
+        .append(
+            &run.id,
+            JournalIndex(1),
+            &[completion(), next.clone()],
+            Some(record),
+            token,
+        )
+        .unwrap();
+    store
+        .db
+        .scan_prefix(journal_prefix(&run.id))
+        .keys()
+        .map(Result::unwrap)
+        .collect()
+}
+
 /// A terminal transition is one write, of the record: it holds the entries written with it
 /// (a step's completion and the run's end) as the journal's last, no journal key holds them,
 /// and reads give back the journal whole and the record as written.
@@ -34,36 +65,15 @@ fn a_settling_transition_is_one_write_of_the_record_holding_the_last_entries() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     let run = running("settles");
-    assert_eq!(store.insert_run(&run).unwrap(), None);
     let [started, done] = entries();
     let completion = completion();
-    let token = Token::CREATED;
     let begun = store.writes.begun();
-    store
-        .append(
-            &run.id,
-            JournalIndex(0),
-            std::slice::from_ref(&started),
-            None,
-            token,
-        )
-        .unwrap();
-    store
-        .append(
-            &run.id,
-            JournalIndex(1),
-            &[completion.clone(), done.clone()],
-            Some(&completed("settles")),
-            token,
-        )
-        .unwrap();
-    assert_eq!(store.writes.begun() - begun, 2, "one write per append");
-    let keys: Vec<_> = store
-        .db
-        .scan_prefix(journal_prefix(&run.id))
-        .keys()
-        .map(Result::unwrap)
-        .collect();
+    let keys = start_then_transition(&store, &run, &done, &completed("settles"));
+    assert_eq!(
+        store.writes.begun() - begun,
+        4,
+        "the new run's index entry and record, then one write per append"
+    );
     assert_eq!(keys, [journal_key(&run.id, JournalIndex(0))]);
     let raw = store.db.get(run_key(&run.id)).unwrap().unwrap();
     let stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
@@ -145,35 +155,10 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     let run = running("grouped");
-    assert_eq!(store.insert_run(&run).unwrap(), None);
     let [started, _] = entries();
     let completion = completion();
-    let token = Token::CREATED;
-    store
-        .append(
-            &run.id,
-            JournalIndex(0),
-            std::slice::from_ref(&started),
-            None,
-            token,
-        )
-        .unwrap();
     let compensation = compensation_started();
-    store
-        .append(
-            &run.id,
-            JournalIndex(1),
-            &[completion.clone(), compensation.clone()],
-            Some(&compensating("grouped")),
-            token,
-        )
-        .unwrap();
-    let keys: Vec<_> = store
-        .db
-        .scan_prefix(journal_prefix(&run.id))
-        .keys()
-        .map(Result::unwrap)
-        .collect();
+    let keys = start_then_transition(&store, &run, &compensation, &compensating("grouped"));
     assert_eq!(
         keys,
         [0, 1].map(|i| journal_key(&run.id, JournalIndex(i))),
@@ -213,7 +198,7 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
             JournalIndex(4),
             std::slice::from_ref(&next),
             None,
-            token,
+            Token::CREATED,
         )
         .unwrap();
     let error = store.read_journal(&run.id).unwrap_err().to_string();
