@@ -99,7 +99,7 @@ fn rerun_note(id: &str, at_ms: u64) -> Entry {
     Entry {
         at_ms,
         event: Event::RerunStarted {
-            run: RunId::new(&format!("{id}.rerun-1")).unwrap(),
+            run: RunId::new(format!("{id}.rerun-1")).unwrap(),
         },
     }
 }
