@@ -122,6 +122,24 @@ struct StoredTail {
     journal_tail: Option<JournalTail>,
 }
 
+/// The index of the first of the journal's last entries that the stored run record `bytes`
+/// holds, if it holds any (read without decoding them); `None` also for bytes that do not
+/// decode.
+pub(super) fn tail_from(bytes: &[u8]) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Held {
+        from: u32,
+    }
+    #[derive(Deserialize)]
+    struct Stored {
+        journal_tail: Option<Held>,
+    }
+    serde_json::from_slice::<Stored>(bytes)
+        .ok()?
+        .journal_tail
+        .map(|tail| tail.from)
+}
+
 /// The journal's last entries held in run `id`'s stored record `bytes`, if it holds any.
 fn journal_tail(id: &RunId, bytes: &[u8]) -> Result<Option<JournalTail>> {
     serde_json::from_slice::<StoredTail>(bytes)
@@ -174,16 +192,17 @@ pub(super) fn group(index: JournalIndex, values: Vec<Vec<u8>>) -> Vec<(JournalIn
     }
     groups
         .into_iter()
-        .map(|(index, mut group, _)| match group.len() {
-            1 => (index, group.pop().expect("one value")),
-            _ => {
-                let mut joined = b"[".to_vec();
-                joined.extend_from_slice(&group.join(&b","[..]));
-                joined.push(b']');
-                (index, joined)
-            }
-        })
+        .map(|(index, group, _)| (index, one_value(group)))
         .collect()
+}
+
+/// The stored value of the encoded entries `values` (one at least): the entry itself when
+/// it is alone, else a JSON array of them (see [`group`]).
+fn one_value(mut values: Vec<Vec<u8>>) -> Vec<u8> {
+    match values.len() {
+        1 => values.pop().expect("one value"),
+        _ => [&b"["[..], &values.join(&b","[..]), b"]"].concat(),
+    }
 }
 
 /// Whether a stored journal value holds several entries (a JSON array), not one (an object).
@@ -375,17 +394,13 @@ impl SledStore {
         let Some(tail) = held.filter(|t| !t.entries.is_empty()) else {
             return Ok(());
         };
-        let mut values = tail
+        let values = tail
             .entries
             .iter()
             .map(|entry| encode("journal entry", entry, TRANSITION_ENTRY_BYTES_MAX))
             .collect::<Result<Vec<_>>>()?;
-        let value = match values.len() {
-            1 => values.pop().expect("one entry"),
-            _ => [&b"["[..], &values.join(&b","[..]), b"]"].concat(),
-        };
         self.db
-            .insert(journal_key(id, JournalIndex(tail.from)), value)
+            .insert(journal_key(id, JournalIndex(tail.from)), one_value(values))
             .map_err(|e| self.storage(e))?;
         Ok(())
     }

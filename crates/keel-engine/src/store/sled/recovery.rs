@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::counts::status_of;
-use super::journal::{is_group, journal_prefix, RecordState, StoredRecordState};
+use super::journal::{is_group, journal_prefix, tail_from, RecordState, StoredRecordState};
 use super::sync::wall_clock_ms;
 use super::{decode_record, encode, readable_key, storage, sync_error, RUN_PREFIX};
 use crate::contain::contained_sync;
@@ -397,23 +397,6 @@ fn repair_one(path: &Path, db: &sled::Db, key: &[u8], bytes: &[u8]) -> Result<Op
             .map_err(|e| storage(path, e))?;
     }
     Ok(Some(record.status))
-}
-
-/// The index of the first of the journal's last entries a stored run record holds
-/// (`journal.rs`, `settled_record`), if it holds any.
-fn tail_from(bytes: &[u8]) -> Option<u32> {
-    #[derive(serde::Deserialize)]
-    struct Tail {
-        from: u32,
-    }
-    #[derive(serde::Deserialize)]
-    struct Stored {
-        journal_tail: Option<Tail>,
-    }
-    serde_json::from_slice::<Stored>(bytes)
-        .ok()?
-        .journal_tail
-        .map(|tail| tail.from)
 }
 
 /// The record state of `record`'s last journal entry, if it has one that differs from it.
