@@ -195,8 +195,9 @@ fn child_main() {
 
 /// SIGKILL where a child's end and its parent's wake are apart: after the child's settling
 /// write (its record holding its last entries, before its sync), after it is durable (before
-/// its unload wakes the parent), after a parking run's index entry, after a waking run's. Each time the next life
-/// ends the parent, with the child's output and the child's end journaled once.
+/// its unload wakes the parent), after a parking run's index entry, after a waking run's.
+/// Each time the next life ends the parent, with the child's output and the child's end
+/// journaled once.
 #[test]
 fn sigkill_between_a_childs_end_and_its_parents_wake() {
     const NAME: &str = "sigkill_between_a_childs_end_and_its_parents_wake";

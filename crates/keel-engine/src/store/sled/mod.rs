@@ -26,10 +26,10 @@
 //!
 //! **Every write is one key.** A status transition changes the journal and the run record.
 //! One that settles the run is one write of the record, which holds the journal's last
-//! entries (moved to keys first if the run changes again). Any other's journal entry carries the record's
-//! new state (a `"record"` field beside the event) and is the transition's one atomic write;
-//! the run record is rewritten right after it, as a view, and [`SledStore::open`] repairs a
-//! view a crash left behind its journal. The store
+//! entries (moved to keys first if the run changes again). Any other's journal entry
+//! carries the record's new state (a `"record"` field beside the event) and is the
+//! transition's one atomic write; the run record is rewritten right after it, as a view,
+//! and [`SledStore::open`] repairs a view a crash left behind its journal. The store
 //! never uses sled batches or transactions on the hot path: in sled 0.34 both take a
 //! process-wide write lock that `flush` holds in read mode while it waits for the disk, so
 //! every batch stalls until the current sync ends, blocks the runtime thread that applies
