@@ -68,6 +68,7 @@ pub use keel_engine::{
     StepError,
     WaitOutcome,
     WaitPolicy,
+    WaitPolls,
     WaitSchedule,
     Workflow,
     WorkflowError,

@@ -260,3 +260,171 @@ fn crash_while_parking() {
     spec.run_until_finished(CHILD_TIMEOUT);
     verify(dir.path());
 }
+
+/// Runs of [`ConfirmedWait`] in `crash_while_waits_park`.
+const WAITING_RUNS: u32 = 6;
+
+/// A wait for two ready answers in a row from [`LoggedProbe`], polled every 8 ms: its run
+/// parks between polls (after 5 ms). Outputs the number of the call that confirmed.
+struct ConfirmedWait;
+
+impl keel::Workflow for ConfirmedWait {
+    const NAME: &'static str = "test.confirmed-wait";
+    type Input = String;
+    type Output = u32;
+
+    async fn run(ctx: &mut keel::Ctx, log: String) -> Result<u32, keel::WorkflowError> {
+        let policy = keel::WaitPolicy::every(Duration::from_millis(8), Duration::from_secs(600))
+            .growth(1.0)
+            .jitter(0.0)
+            .confirmations(2);
+        ctx.wait(LoggedProbe { log }, policy).await
+    }
+}
+
+/// Answers by how many times it was called for its run before, across processes (the lines
+/// of its log, the ground truth of the polls sent): ready at calls 2, 4 and 5 of every 5 (so
+/// a lone "ready" comes before a "not ready"). Each call appends `run call ready` to the log.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct LoggedProbe {
+    log: String,
+}
+
+/// The answers [`LoggedProbe`] gave run `id`, in call order.
+fn answers(log: &str, id: &str) -> Vec<bool> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            (fields.next() == Some(id)).then(|| fields.nth(1) == Some("true"))
+        })
+        .collect()
+}
+
+impl keel::Probe for LoggedProbe {
+    const KIND: &'static str = "test.logged";
+    type Output = u32;
+
+    async fn probe(&self, ctx: &keel::StepContext) -> Result<Option<u32>, keel::StepError> {
+        use std::io::Write;
+        let id = ctx.run_id().to_string();
+        let call = answers(&self.log, &id).len() as u32 + 1;
+        let ready = matches!(call % 5, 2 | 4 | 0);
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| keel::StepError::retryable(e.to_string()))?;
+        // One write, so that the appends of runs polled at once do not interleave.
+        log.write_all(format!("{id} {call} {ready}\n").as_bytes())
+            .map_err(|e| keel::StepError::retryable(e.to_string()))?;
+        Ok(ready.then_some(call))
+    }
+}
+
+/// The child of `crash_while_waits_park`: starts every [`ConfirmedWait`] run and waits for
+/// all of them.
+fn waits_child_main() {
+    let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
+    let log = std::env::var("KEEL_EFFECT_LOG").expect("KEEL_EFFECT_LOG");
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = keel_testkit::store::builder(&dir)
+            .park_after(Some(Duration::from_millis(5)))
+            .workflow::<ConfirmedWait>()
+            .poison_after_loads(u32::MAX)
+            .open()
+            .await
+            .unwrap();
+        let mut runs = Vec::new();
+        for i in 0..WAITING_RUNS {
+            runs.push(
+                engine
+                    .start::<ConfirmedWait>(&run_id(i), log.clone())
+                    .await
+                    .unwrap(),
+            );
+        }
+        for run in runs {
+            run.result().await.unwrap();
+        }
+        engine.shutdown().await;
+    });
+}
+
+/// Every wait ended ready on two ready answers in a row: the call it reports and the one
+/// before it, in the probe's own log, both said ready.
+fn verify_waits(dir: &Path) {
+    let log = path_env(dir, "effects.jsonl");
+    read_store_blocking(&dir.join("data"), async |engine| {
+        for i in 0..WAITING_RUNS {
+            let id = run_id(i);
+            let record = engine.status(&id).await.unwrap();
+            assert_eq!(
+                record.status,
+                keel::RunStatus::Completed,
+                "{id}: {:?}",
+                record.error
+            );
+            let call: usize = serde_json::from_value(record.output.unwrap()).unwrap();
+            let answers = answers(&log, &id);
+            assert!(
+                call >= 2 && call <= answers.len(),
+                "{id} confirmed at call {call}, but the probe's log holds {answers:?}"
+            );
+            assert_eq!(
+                &answers[call - 2..call],
+                [true, true],
+                "{id} confirmed at call {call} without two ready answers in a row: {answers:?}"
+            );
+        }
+    });
+}
+
+/// Waits whose runs park between polls, killed with SIGKILL at each of the park and wake
+/// points and right after a poll (`wait.after_poll`), twice each at seeded hit counts, and
+/// then at 20 seeded random moments: every wait still ends on two ready answers in a row, by
+/// the probe's own log. (A wait that went on from its journaled polls after a restart would
+/// count the "ready" of call 2 with that of call 4 when call 3's "not ready" was lost.)
+#[test]
+fn crash_while_waits_park() {
+    const NAME: &str = "crash_while_waits_park";
+    if is_child() {
+        return waits_child_main();
+    }
+    keel_testkit::init_tracing();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x7761_6974);
+    let mut points = keel_testkit::store::park_points();
+    points.push("wait.after_poll");
+    for point in points {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(NAME, dir.path());
+        let mut killed = 0;
+        for _ in 0..2 {
+            let skip = rng.gen_range(0..12u32);
+            let env = [
+                ("KEEL_CRASH_AT", point.to_string()),
+                ("KEEL_CRASH_SKIP", skip.to_string()),
+            ];
+            if spec.run(&env, CHILD_TIMEOUT) == Ending::Killed {
+                killed += 1;
+            }
+        }
+        assert!(killed > 0, "crash point {point} was never reached");
+        spec.run_until_finished(CHILD_TIMEOUT);
+        verify_waits(dir.path());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(NAME, dir.path());
+    spec.kill_repeatedly(
+        20,
+        || Duration::from_millis(rng.gen_range(1..100)),
+        CHILD_TIMEOUT,
+        || {
+            verify_waits(dir.path());
+            keel_testkit::store::wipe(&dir.path().join("data"));
+            std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
+        },
+    );
+    spec.run_until_finished(CHILD_TIMEOUT);
+    verify_waits(dir.path());
+}

@@ -4,7 +4,7 @@
 //! drives it; the engine's cell map enforces both. Operator calls (cancel, retry) append
 //! through the same cell, under the same lock, so journal indexes never collide.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify};
@@ -100,6 +100,9 @@ pub(crate) struct RunCell {
     pub(crate) news: Notify,
     /// The run's slot among the runs driven at once, while its driver holds it.
     pub(crate) slot: RunSlot,
+    /// Set when this cell was loaded from a park its run's driver made in this engine, until
+    /// a wait the run parked in takes it ([`RunCell::take_unparked`]).
+    unparked: AtomicBool,
 }
 
 /// What a run's waiters watch (see [`RunCell::watched`]).
@@ -150,7 +153,21 @@ impl RunCell {
             watched,
             news: Notify::new(),
             slot: RunSlot::default(),
+            unparked: AtomicBool::new(false),
         }
+    }
+
+    /// Notes that this cell is loaded from a park its run's driver made in this engine:
+    /// nothing of the run ran since its journal's last entry. Called before its driver starts.
+    pub(crate) fn mark_unparked(&self) {
+        self.unparked.store(true, Ordering::Release);
+    }
+
+    /// Whether this cell was loaded from a park its run's driver made in this engine, asked
+    /// once: by the wait its run parked in, which then goes on from its polls so far. Any
+    /// other load (an open, a resume after a pause) starts the wait over.
+    pub(crate) fn take_unparked(&self) -> bool {
+        self.unparked.swap(false, Ordering::AcqRel)
     }
 
     /// Whether this load of the run needs no counting any more: counted already (at open,

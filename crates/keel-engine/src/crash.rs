@@ -20,6 +20,7 @@ pub const POINTS: &[&str] = &[
     "timer.after_set",
     "timer.after_fired",
     "wait.after_started",
+    "wait.after_poll",
     "wait.after_ended",
     "event.after_delivered",
     "event.after_received",

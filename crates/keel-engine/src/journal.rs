@@ -278,6 +278,19 @@ pub enum Event {
         /// How.
         outcome: WaitOutcome,
     },
+    /// The run parked between two polls of a wait: what the polls so far saw. When the run
+    /// is loaded again from that park by the engine that parked it, the wait goes on from
+    /// here, as if it had slept in memory; after a restart (or any other load), it starts over
+    /// as a wait whose polls were not journaled does. Durable before the run parks.
+    WaitParked {
+        /// The operation number.
+        step: OperationIndex,
+        /// The polls so far, and when the next is due.
+        polls: WaitPolls,
+        /// Whether the wait started in the drive of the run that parked it (no restart since):
+        /// only then does its time to readiness measure the resource.
+        here: bool,
+    },
     /// An event was sent to the run from outside ([`crate::Engine::send`]) and waits in its
     /// mailbox until a receive takes it. Durable before the send returns. Deliveries are
     /// kept in arrival order, which is the order receives take them in, per name.
@@ -438,6 +451,7 @@ impl Event {
             | Event::TimerFired { step }
             | Event::WaitStarted { step, .. }
             | Event::WaitEnded { step, .. }
+            | Event::WaitParked { step, .. }
             | Event::ReceiveStarted { step, .. }
             | Event::EventReceived { step, .. }
             | Event::ReceiveTimedOut { step }
@@ -565,6 +579,37 @@ impl WaitSchedule {
     }
 }
 
+/// What a wait's polls have seen since it started (or, after a restart, started over), and
+/// when its next poll is due: journaled when its run parks between two polls
+/// ([`Event::WaitParked`]). Times are absolute (ms since the Unix epoch).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitPolls {
+    /// Polls sent.
+    pub sent: u32,
+    /// Polls answered (ready or not ready).
+    pub answers: u32,
+    /// Ready answers in a row.
+    pub streak: u32,
+    /// When the poll that began the current run of ready answers was sent.
+    pub streak_started_ms: u64,
+    /// When the last poll was sent (the wait's start before the first).
+    pub last_sent_ms: u64,
+    /// Polls past the deadline in a row that got no answer.
+    pub unanswered: u32,
+    /// When the first of them was sent.
+    pub unanswered_since_ms: u64,
+    /// Time polls spent queued at the limiter (the deadline moves later by as much).
+    pub queued_ms: u64,
+    /// Of the poll that began the run of ready answers: the time it queued at the limiter.
+    pub first_ready_queued_ms: u64,
+    /// Of the same poll: the interval it was scheduled after.
+    pub first_ready_gap_ms: u64,
+    /// The interval the schedule carries from one poll to the next (as it grows).
+    pub interval_ms: u64,
+    /// When the next poll is due, before the deadline's own poll is considered.
+    pub next_at_ms: u64,
+}
+
 /// How a wait ended.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
@@ -573,19 +618,22 @@ pub enum WaitOutcome {
     Ready {
         /// The last poll's output.
         output: serde_json::Value,
-        /// Polls made (since the wait or its last resumption began).
+        /// Polls made since the wait began, or since it last started over after a restart
+        /// (a load from its own park goes on counting).
         polls: u32,
     },
     /// The deadline passed first.
     TimedOut {
-        /// Polls made (since the wait or its last resumption began).
+        /// Polls made since the wait began, or since it last started over after a restart
+        /// (a load from its own park goes on counting).
         polls: u32,
     },
     /// The probe failed permanently.
     Failed {
         /// The error.
         error: ErrorRecord,
-        /// Polls made (since the wait or its last resumption began).
+        /// Polls made since the wait began, or since it last started over after a restart
+        /// (a load from its own park goes on counting).
         polls: u32,
     },
 }

@@ -196,16 +196,20 @@ impl Lane {
             // Waiting: whatever killed the process before, this run got this far.
             self.cell.survived(&*self.env.store);
         }
-        if parks
-            && self.env.parks_for(now_ms, at_ms)
-            && self.park(Some(at_ms), &|_| true, None).await?
-        {
+        if parks && self.may_park(now_ms, at_ms) && self.park(Some(at_ms), &|_| true, None).await? {
             return Err(Interrupt::Parked);
         }
         tokio::select! {
             _ = clock.sleep_until(at_ms) => Ok(()),
             cause = self.interrupted() => Err(cause),
         }
+    }
+
+    /// Whether a sleep from `now_ms` until `at_ms` may park the run: this is the main lane,
+    /// the engine parks runs, and the sleep is long enough. (The park itself may still be
+    /// refused: [`Lane::park`].)
+    pub(crate) fn may_park(&self, now_ms: u64, at_ms: u64) -> bool {
+        self.main && self.env.parks_for(now_ms, at_ms) && self.env.runs().is_ok()
     }
 
     /// Parks the run until `wake_at_ms` (or until something arrives for it, when `None`;

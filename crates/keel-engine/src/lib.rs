@@ -314,7 +314,7 @@ pub use ids::StepIndex;
 pub use ids::{Attempt, IdempotencyKey, JournalIndex, OperationIndex, RunId};
 pub use journal::{
     Entry, ErrorClass, ErrorRecord, Event, Published, RunHistory, RunRecord, RunStatus,
-    WaitOutcome, WaitSchedule,
+    WaitOutcome, WaitPolls, WaitSchedule,
 };
 pub use limiter::{
     Permit, Priority, RateLimit, RateLimiter, PROBES_IN_A_ROW_MAX, SLOW_START_EXIT_SHARE,

@@ -157,6 +157,13 @@ fn operation_event(rows: &mut BTreeMap<u32, Row>, event: &Event, at: u64) {
             r.kind = kind.clone();
             r.outcome = "waiting".into();
         }
+        Event::WaitParked { step, polls, .. } => {
+            let r = row(rows, *step, "wait", at);
+            r.outcome = format!(
+                "waiting: {} polls so far, parked until {} ms",
+                polls.sent, polls.next_at_ms
+            );
+        }
         Event::WaitEnded { step, outcome } => {
             let r = row(rows, *step, "wait", at);
             r.outcome = match outcome {

@@ -276,6 +276,12 @@ function bars(entries, endMs) {
       case "wait_started":
         start(`w${e.step}`, { label: `#${e.step} wait ${e.kind}`, start: at, cls: "wait", op: e.step });
         break;
+      case "wait_parked": {
+        // The run parked between two polls: the open bar says how far the wait got.
+        const bar = open.get(`w${e.step}`);
+        if (bar) bar.detail = `${e.polls.sent} polls so far; parked until ${time(e.polls.next_at_ms)}`;
+        break;
+      }
       case "wait_ended": {
         const o = e.outcome;
         end(`w${e.step}`, at, o.outcome === "ready" ? "" : "failed", `${o.outcome} after ${o.polls} polls`);

@@ -1,12 +1,13 @@
 //! Waits: polling a probe until the resource it reads is usable, judged by the answers of
-//! polls sent (docs/waits.md). Only the start and the end are journaled.
+//! polls sent (docs/waits.md). The start and the end are journaled, and the polls so far
+//! whenever the run parks between two polls; single polls are not.
 
 use crate::contain::{contained, contained_sync};
 use crate::error::Result;
 use crate::ids::{Attempt, IdempotencyKey, OperationIndex};
 use crate::interrupt::Interrupt;
 use crate::journal::{ErrorClass, Event};
-use crate::journal::{WaitOutcome, WaitSchedule};
+use crate::journal::{WaitOutcome, WaitPolls, WaitSchedule};
 use crate::limiter::{Priority, Slot};
 use crate::limits::{UNANSWERED_POLLS_MAX, UNANSWERED_SPAN_MIN};
 use crate::replay::Op;
@@ -37,7 +38,10 @@ impl Ctx {
     ///   breaks a run of them. Past the deadline, [`UNANSWERED_POLLS_MAX`] of them in a row,
     ///   over at least [`UNANSWERED_SPAN_MIN`], end the wait as failed, with the last error;
     /// - after a restart a run of confirmations starts over (polls are not journaled), so a
-    ///   resource is never granted with fewer than `confirmations` polls in a row.
+    ///   resource is never granted with fewer than `confirmations` polls in a row;
+    /// - a next poll at least the engine's `park_after` away parks the run: the polls so far
+    ///   are journaled (`WaitParked`), and a load from that park by the same engine goes on
+    ///   from them; any other load starts over, as a restart does.
     ///
     /// The time to readiness is recorded in the statistics of `wait:<kind>`, which
     /// [`WaitPolicy::learned`] reads, only when it measures the resource: see
@@ -52,9 +56,12 @@ impl Ctx {
         let argument = self.argument(index, "wait", P::KIND, &probe)?;
         let journaled = self.lane.cell.with_state(|state| match state.ops.get(index.0 as usize) {
             None => Ok(None),
-            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == argument => {
-                Ok(Some((op.schedule.clone(), op.started_at_ms, op.outcome.clone())))
-            }
+            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == argument => Ok(Some((
+                op.schedule.clone(),
+                op.started_at_ms,
+                op.parked.clone(),
+                op.outcome.clone(),
+            ))),
             Some(Op::Wait(op)) => Err(format!(
                 "journal holds wait {:?} with argument {}, code asks for wait {:?} with argument {}",
                 op.kind,
@@ -65,11 +72,24 @@ impl Ctx {
             Some(other) => Err(format!("journal holds {}, code asks for wait {:?}", other.describe(), P::KIND)),
         });
         let started = match journaled {
-            Ok(Some((_, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
-            Ok(Some((schedule, started_at_ms, None))) => WaitStart {
+            Ok(Some((_, _, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
+            // Loaded from the park this wait made (nothing ran since): it goes on from its
+            // polls so far. After any other load, it starts over.
+            Ok(Some((schedule, started_at_ms, Some(parked), None)))
+                if self.lane.cell.take_unparked() =>
+            {
+                WaitStart {
+                    schedule,
+                    started_at_ms,
+                    here: parked.here,
+                    polls: Some(parked.polls),
+                }
+            }
+            Ok(Some((schedule, started_at_ms, _, None))) => WaitStart {
                 schedule,
                 started_at_ms,
                 here: false,
+                polls: None,
             },
             Ok(None) => {
                 let started_at_ms = self.now_ms();
@@ -88,6 +108,7 @@ impl Ctx {
                     schedule,
                     started_at_ms,
                     here: true,
+                    polls: None,
                 }
             }
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
@@ -143,31 +164,42 @@ impl Ctx {
         start: &WaitStart,
     ) -> Result<WaitOutcome, WorkflowError> {
         let schedule = &start.schedule;
-        let mut polls = PollCount {
+        let mut polls = start.polls.clone().unwrap_or_else(|| WaitPolls {
             last_sent_ms: start.started_at_ms,
-            ..PollCount::default()
-        };
-        let mut interval_ms = 0;
-        let mut next_at_ms = start
-            .started_at_ms
-            .saturating_add(schedule.initial_delay_ms);
+            next_at_ms: start
+                .started_at_ms
+                .saturating_add(schedule.initial_delay_ms),
+            ..WaitPolls::default()
+        });
         loop {
             let deadline_ms = schedule.deadline_ms.saturating_add(polls.queued_ms);
             // With no run of confirmations under way, a poll is sent at the deadline (once),
             // so that it is a poll sent there that judges the resource.
             let wake_at_ms = if polls.streak == 0 && polls.last_sent_ms < deadline_ms {
-                next_at_ms.min(deadline_ms)
+                polls.next_at_ms.min(deadline_ms)
             } else {
-                next_at_ms
+                polls.next_at_ms
             };
-            // A wait's poll count is in memory only: it never parks.
-            self.sleep_until(wake_at_ms, false).await?;
+            // A sleep long enough to park the run journals the polls so far first, which the
+            // wait goes on from when the run is loaded from that park.
+            let parks = self.lane.may_park(self.now_ms(), wake_at_ms);
+            if parks {
+                self.journal(Event::WaitParked {
+                    step: index,
+                    polls: polls.clone(),
+                    here: start.here,
+                })?;
+            }
+            self.sleep_until(wake_at_ms, parks).await?;
             let scheduled_ms = self.now_ms();
             let (answer, sent_ms) =
                 match self.poll_once(index, probe, Attempt(polls.sent + 1)).await {
                     Ok(polled) => polled,
                     Err(cause) => return Err(self.interrupt(cause)),
                 };
+            // A poll answered, and nothing of it journaled: a restart from here starts the
+            // wait over, whatever its last `WaitParked` entry says.
+            crate::crash::point("wait.after_poll");
             let queued_ms = sent_ms.saturating_sub(scheduled_ms);
             let gap_ms = wake_at_ms.saturating_sub(polls.last_sent_ms);
             polls.sent += 1;
@@ -190,13 +222,17 @@ impl Ctx {
                 Verdict::Again => {}
             }
             let offset_ms = self.now_ms().saturating_sub(start.started_at_ms);
-            let (next_offset_ms, carried_ms) =
-                schedule.next_poll(offset_ms, interval_ms, polls.streak, self.lane.rng.gen());
-            interval_ms = carried_ms;
+            let (next_offset_ms, carried_ms) = schedule.next_poll(
+                offset_ms,
+                polls.interval_ms,
+                polls.streak,
+                self.lane.rng.gen(),
+            );
+            polls.interval_ms = carried_ms;
             // No more often than the limiter serves polls: after one that queued `queued_ms`,
             // the next waits at least as long, so densely polling waits leave the service's
             // budget to the calls that make progress.
-            next_at_ms = start
+            polls.next_at_ms = start
                 .started_at_ms
                 .saturating_add(next_offset_ms)
                 .max(sent_ms.saturating_add(queued_ms));
@@ -249,7 +285,7 @@ impl Ctx {
         &mut self,
         output: P::Output,
         start: &WaitStart,
-        polls: &PollCount,
+        polls: &WaitPolls,
     ) -> WaitOutcome {
         let output = match serde_json::to_value(&output) {
             Ok(v) => v,
@@ -308,37 +344,17 @@ impl Ctx {
     }
 }
 
-/// A wait's journaled start, and whether it was journaled by this drive of the run.
+/// A wait's journaled start, whether it was journaled by this drive of the run, and the polls
+/// it goes on from.
 struct WaitStart {
     schedule: WaitSchedule,
     started_at_ms: u64,
-    /// Started in this drive of the run: no restart or suspension since.
+    /// Started in this drive of the run, or in the one that parked it and was loaded from
+    /// that park: no restart or suspension since.
     here: bool,
-}
-
-/// What a wait's polls have seen since it (re)started.
-#[derive(Default)]
-struct PollCount {
-    /// Polls sent.
-    sent: u32,
-    /// Polls answered (ready or not ready).
-    answers: u32,
-    /// Ready answers in a row.
-    streak: u32,
-    /// When the poll that began the current run of ready answers was sent.
-    streak_started_ms: u64,
-    /// When the last poll was sent (the wait's start before the first).
-    last_sent_ms: u64,
-    /// Polls past the deadline in a row that got no answer.
-    unanswered: u32,
-    /// When the first of them was sent.
-    unanswered_since_ms: u64,
-    /// Time polls spent queued at the limiter.
-    queued_ms: u64,
-    /// Of the poll that began the run of ready answers: time queued, and the interval it was
-    /// scheduled after.
-    first_ready_queued_ms: u64,
-    first_ready_gap_ms: u64,
+    /// The polls so far, when the run is loaded from the park this wait made; `None`: none
+    /// yet, or the wait starts over.
+    polls: Option<WaitPolls>,
 }
 
 /// One poll as sent: when, how long it queued at the limiter, the interval it was scheduled
@@ -360,7 +376,8 @@ enum Verdict<T> {
     Again,
 }
 
-impl PollCount {
+/// What a wait's polls have seen: [`WaitPolls`], journaled when the run parks between them.
+impl WaitPolls {
     /// A poll got an answer, ready or not.
     fn answered(&mut self) {
         self.answers += 1;

@@ -1,11 +1,14 @@
 //! Parked runs: a run whose body waits long enough (a durable timer, a step's retry backoff,
-//! an event) is unloaded while it waits, so that an idle run costs a few hundred bytes
-//! instead of its cell, its driver and its body's future.
+//! an event, a child run, a wait's next poll) is unloaded while it waits, so that an idle
+//! run costs a few hundred bytes instead of its cell, its driver and its body's future.
 //!
 //! A run parks only from its body's main lane (never from a branch of a fan-out), only at a
 //! point where everything it waits on is in its journal (the timer's wake time, the failed
-//! attempt's retry time, the receive), and only when the wait is at least the engine's
-//! `park_after`. Parking detaches its cell under the map lock and the cell lock (so a send or
+//! attempt's retry time, the receive, a wait's polls so far in a `WaitParked` entry), and
+//! only when the wait is at least the engine's `park_after`. A run loaded from a park its
+//! driver made here is marked so (`RunCell::take_unparked`): nothing of it ran since its
+//! journal's last entry, so a wait goes on from its polls; any other load starts a wait
+//! over. Parking detaches its cell under the map lock and the cell lock (so a send or
 //! an operator call either wrote before, and the run does not park, or finds the cell gone
 //! and loads the run afresh), then unwinds the body as a shutdown does. Waking is a load, as
 //! at open: the body replays from the journal to where it waited.
@@ -57,6 +60,9 @@ struct Parked {
     wake_at_ms: Option<u64>,
     /// Told when the run is loaded again; made only when somebody waits for the run.
     unparked: Option<Arc<Notify>>,
+    /// Parked by its driver in this engine (not from the wake index at open): nothing of the
+    /// run ran since its journal's last entry, which a wait it parked in goes on from.
+    by_driver: bool,
 }
 
 /// How many runs an engine holds in memory, by how ([`Engine::resident`]).
@@ -126,7 +132,9 @@ impl Cells {
             return Some(Arc::clone(existing));
         }
         self.loaded.insert(cell.id.clone(), Arc::clone(cell));
-        self.forget(&cell.id);
+        if self.unpark(&cell.id).is_some_and(|parked| parked.by_driver) {
+            cell.mark_unparked();
+        }
         None
     }
 
@@ -209,14 +217,20 @@ impl Cells {
 
     /// Forgets parked run `id` (another engine holds it); whoever waits for it is told.
     fn forget(&mut self, id: &RunId) {
-        if let Some(parked) = self.parked.remove(id) {
-            if let Some(at_ms) = parked.wake_at_ms {
-                self.timers.remove(&(at_ms, id.clone()));
-            }
-            if let Some(unparked) = parked.unparked {
-                unparked.notify_waiters();
-            }
+        self.unpark(id);
+    }
+
+    /// Takes parked run `id` out of the parked runs, telling whoever waits for it; what it
+    /// was, if it was parked.
+    fn unpark(&mut self, id: &RunId) -> Option<Parked> {
+        let parked = self.parked.remove(id)?;
+        if let Some(at_ms) = parked.wake_at_ms {
+            self.timers.remove(&(at_ms, id.clone()));
         }
+        if let Some(unparked) = &parked.unparked {
+            unparked.notify_waiters();
+        }
+        Some(parked)
     }
 
     /// Parks runs that were never loaded (an open from the wake index), each until its wake
@@ -241,6 +255,7 @@ impl Cells {
                 Parked {
                     wake_at_ms,
                     unparked: None,
+                    by_driver: false,
                 },
             );
         }
@@ -409,6 +424,7 @@ impl Inner {
             Parked {
                 wake_at_ms,
                 unparked: None,
+                by_driver: true,
             },
         );
         let earliest = match wake_at_ms {

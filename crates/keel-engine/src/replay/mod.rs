@@ -38,6 +38,9 @@ pub use event::{latest_published, receive_action, Mailbox, ReceiveAction, Receiv
 pub use step::StepOutcome;
 pub use step::{step_action, StepAction, StepOp};
 pub use wait::WaitOp;
+// Named by tests and the `test-utilities` re-export; the engine reaches it through `WaitOp`.
+#[allow(unused_imports)]
+pub use wait::ParkedWait;
 
 /// A journaled operation: a step, a wait, a fan-out and its branches, a child run or a timer.
 #[derive(Clone, Debug, PartialEq)]
@@ -211,6 +214,7 @@ impl RunState {
                 argument,
                 schedule,
             } => self.wait_started(*step, kind, argument, schedule, at_ms),
+            Event::WaitParked { step, polls, here } => self.wait_parked(*step, polls, *here),
             Event::WaitEnded { step, outcome } => self.wait_ended(*step, outcome),
             Event::EventDelivered {
                 name,

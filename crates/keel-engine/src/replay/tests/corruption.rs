@@ -15,6 +15,8 @@ const SELECT: &str = include_str!("../fixtures/fork_select.jsonl");
 const CHILDREN: &str = include_str!("../fixtures/children.jsonl");
 // Waits timed out, ready and failed, with a resource undone and created again.
 const WAITS: &str = include_str!("../fixtures/waits.jsonl");
+// A wait whose run parked twice between polls, then ended ready.
+const WAIT_PARKED: &str = include_str!("../fixtures/wait_parked.jsonl");
 // A fired timer, a step and a timer not fired yet.
 const TIMERS: &str = include_str!("../fixtures/timers.jsonl");
 // A compensation through every undo outcome.
@@ -78,6 +80,12 @@ fn entries_out_of_order_are_rejected() {
             "entry 2: outcome of step #0 attempt 2 while attempt 1 is RetryScheduled { at_ms: 1700001000300 }",
         ),
         (WAITS, Damage::Swap(2), "entry 2: wait_ended for #1 in state None"),
+        (WAIT_PARKED, Damage::Swap(0), "entry 0: wait_parked for #0 in state None"),
+        (
+            WAIT_PARKED,
+            Damage::Swap(2),
+            "entry 3: wait_parked for #0 in state Some(Wait(WaitOp {",
+        ),
         (TIMERS, Damage::Swap(0), "entry 0: timer_fired for #0, which is not a timer"),
         (CHILDREN, Damage::Swap(2), "entry 2: child_ended for #1 in state None"),
         (

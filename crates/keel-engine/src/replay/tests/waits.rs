@@ -8,8 +8,8 @@ use serde_json::json;
 use super::{fold, journal, undo, undo_decisions, undo_order};
 use crate::ids::OperationIndex;
 use crate::journal::{ErrorClass, ErrorRecord};
-use crate::journal::{WaitOutcome, WaitSchedule};
-use crate::replay::{undo_input, CompensationState, Op, RunState, WaitOp};
+use crate::journal::{WaitOutcome, WaitPolls, WaitSchedule};
+use crate::replay::{undo_input, CompensationState, Op, ParkedWait, RunState, WaitOp};
 
 /// The wait at operation `index` of `state`.
 fn wait(state: &RunState, index: usize) -> &WaitOp {
@@ -88,4 +88,53 @@ fn waits_keep_their_schedule_deadline_and_result() {
     );
     assert_eq!(undo_input(&s, OperationIndex(3)), None);
     assert_eq!(undo_order(&s), vec![2]);
+}
+
+/// A wait whose run parked between polls keeps the polls of its latest park, which a load
+/// from that park goes on from; its end is recorded as any wait's.
+#[test]
+fn a_parked_wait_keeps_the_polls_of_its_latest_park() {
+    let entries = journal(include_str!("../fixtures/wait_parked.jsonl"));
+    assert_eq!(wait(&fold(&entries[..1]), 0).parked, None, "not parked yet");
+
+    let first = ParkedWait {
+        polls: WaitPolls {
+            sent: 1,
+            answers: 1,
+            last_sent_ms: 1_700_000_100_001,
+            interval_ms: 20_000,
+            next_at_ms: 1_700_000_120_000,
+            ..WaitPolls::default()
+        },
+        here: true,
+    };
+    assert_eq!(wait(&fold(&entries[..2]), 0).parked, Some(first));
+
+    let second = ParkedWait {
+        polls: WaitPolls {
+            sent: 2,
+            answers: 2,
+            streak: 1,
+            streak_started_ms: 1_700_000_120_001,
+            last_sent_ms: 1_700_000_120_001,
+            first_ready_gap_ms: 20_000,
+            interval_ms: 20_000,
+            next_at_ms: 1_700_000_140_000,
+            ..WaitPolls::default()
+        },
+        here: true,
+    };
+    let polling = fold(&entries[..3]);
+    assert_eq!(wait(&polling, 0).parked, Some(second.clone()));
+    assert_eq!(wait(&polling, 0).outcome, None);
+
+    let ended = fold(&entries);
+    assert_eq!(
+        wait(&ended, 0).outcome,
+        Some(WaitOutcome::Ready {
+            output: json!({"state": "active"}),
+            polls: 3
+        })
+    );
+    assert_eq!(wait(&ended, 0).parked, Some(second));
 }
