@@ -2,9 +2,10 @@
 //! journals its polls so far (`WaitParked`) and is unloaded until the poll is due. Checked
 //! here: that it parks between every such pair of polls, that a wait loaded from its own
 //! park goes on from its polls so far (confirmations in a row, poll count, deadline, the
-//! time to readiness), that the probe runs once per poll (counted by the probe itself), and
-//! that after a restart a wait starts over as before: a resource is never granted with fewer
-//! than its confirmations in a row.
+//! time to readiness), that the probe runs once per poll (counted by the probe itself), that
+//! an event sent to the run lets the wait go on, and that after a restart, or a pause and a
+//! resume, a wait starts over as before: a resource is never granted with fewer than its
+//! confirmations in a row.
 
 mod common;
 
@@ -17,7 +18,7 @@ use keel::{
     Ctx, Engine, Event, Probe, Resident, RunHistory, RunStatus, StepContext, StepError,
     WaitOutcome, WaitPolicy, WaitPolls, Workflow, WorkflowError,
 };
-use keel_testkit::poll::{resident, until};
+use keel_testkit::poll::{resident, until, CONDITION_TIMEOUT};
 use serde::{Deserialize, Serialize};
 
 /// Answers by how many times it was called for its run, the ground truth of the polls sent
@@ -131,6 +132,21 @@ fn wait_end(history: &RunHistory) -> (u64, WaitOutcome) {
         .expect("the wait ended")
 }
 
+/// `future`'s output; panics if it takes longer than [`CONDITION_TIMEOUT`] (real time), as a
+/// wait that never confirms would.
+async fn bounded<T>(future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CONDITION_TIMEOUT, future)
+        .await
+        .expect("the run did not settle in time")
+}
+
+/// Run `id` once settled, its engine's clock skipped to each wake time meanwhile.
+async fn settled(engine: &Engine, scratch: &Scratch, id: &str) -> keel::RunRecord {
+    bounded(scratch.clock.skip_until_settled(engine, id))
+        .await
+        .unwrap()
+}
+
 /// Waits until run `id` has parked `times` times in all and is parked now, with the probe
 /// called `polls` times.
 async fn parked_after(engine: &Engine, id: &str, times: usize, polls: u32) {
@@ -164,7 +180,7 @@ async fn a_wait_parks_between_polls_and_goes_on_from_its_polls_so_far() {
             .clock
             .advance_to(started_at_ms + poll as u64 * INTERVAL_MS);
     }
-    assert_eq!(result.await.unwrap().unwrap(), Some(5));
+    assert_eq!(bounded(result).await.unwrap().unwrap(), Some(5));
     resident(&engine, Resident::default()).await;
     assert_eq!(calls(id), 5, "one call of the probe per poll");
 
@@ -225,7 +241,7 @@ async fn a_parked_wait_keeps_its_deadline() {
     };
     let started_at_ms = scratch.clock.now_ms();
     engine.start::<Polled>(id, input).await.unwrap();
-    let record = scratch.clock.skip_until_settled(&engine, id).await.unwrap();
+    let record = settled(&engine, &scratch, id).await;
     assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
     assert_eq!(record.output, None, "timed out");
     assert_eq!(calls(id), 5);
@@ -249,6 +265,77 @@ async fn a_parked_wait_keeps_its_deadline() {
     engine.shutdown().await;
 }
 
+/// Starts run `id` waiting for "not ready, ready, ready" with two confirmations, and lets it
+/// poll twice: it is parked after "not ready, ready", one confirmation of two. Returns when
+/// it started.
+async fn parked_with_one_confirmation(engine: &Engine, scratch: &Scratch, id: &str) -> u64 {
+    let input = PolledInput {
+        pattern: vec![false, true, true],
+        confirmations: 2,
+        timeout_ms: 3_600_000,
+    };
+    let started_at_ms = scratch.clock.now_ms();
+    engine.start::<Polled>(id, input).await.unwrap();
+    parked_after(engine, id, 1, 1).await;
+    scratch.clock.advance_to(started_at_ms + INTERVAL_MS);
+    parked_after(engine, id, 2, 2).await;
+    started_at_ms
+}
+
+/// An event sent to a run parked in a wait loads it from that park: the wait goes on from
+/// its polls (parking again until its next poll, with the same polls), so the third call's
+/// "ready" is the second in a row and ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_sent_to_a_parked_wait_lets_it_go_on() {
+    keel_testkit::init_tracing();
+    let scratch = Scratch::new();
+    let engine = open(&scratch).await;
+    let id = "sent-to";
+    let started_at_ms = parked_with_one_confirmation(&engine, &scratch, id).await;
+    engine
+        .send(id, "ping", &serde_json::json!(1), "ping-1")
+        .await
+        .unwrap();
+    parked_after(&engine, id, 3, 2).await;
+    let history = engine.history(id).await.unwrap();
+    let parks = parks(&history);
+    assert_eq!(parks[2], parks[1], "parked again with the same polls");
+    scratch.clock.advance_to(started_at_ms + 2 * INTERVAL_MS);
+    let record = bounded(engine.wait(id)).await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    assert_eq!(record.output, Some(serde_json::json!(3)));
+    assert_eq!(calls(id), 3);
+    engine.shutdown().await;
+}
+
+/// A run parked in a wait and paused is loaded again by its resume, not from its park: the
+/// wait starts over, as after a restart (the pause is not a sleep of the wait), and ends at
+/// the fourth call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_wait_paused_and_resumed_starts_over() {
+    keel_testkit::init_tracing();
+    let scratch = Scratch::new();
+    let engine = open(&scratch).await;
+    let id = "paused";
+    parked_with_one_confirmation(&engine, &scratch, id).await;
+    engine.pause(id).await.unwrap();
+    assert_eq!(engine.wait(id).await.unwrap().status, RunStatus::Paused);
+    engine.resume(id).await.unwrap();
+    let record = settled(&engine, &scratch, id).await;
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    assert_eq!(record.output, Some(serde_json::json!(4)));
+    assert_eq!(calls(id), 4);
+    let (_, outcome) = wait_end(&engine.history(id).await.unwrap());
+    assert_eq!(
+        outcome,
+        WaitOutcome::Ready {
+            output: serde_json::json!(4),
+            polls: 2
+        }
+    );
+    engine.shutdown().await;
+}
+
 /// A wait parked after "not ready, ready" (one confirmation of two) whose engine restarts
 /// starts over, as a wait does after any restart: its journaled polls are not trusted, since
 /// nothing says what happened between them and the reopen. So the third call's "ready" is
@@ -260,21 +347,12 @@ async fn a_parked_wait_starts_over_after_a_restart() {
     let scratch = Scratch::new();
     let engine = open(&scratch).await;
     let id = "restarted";
-    let input = PolledInput {
-        pattern: vec![false, true],
-        confirmations: 2,
-        timeout_ms: 3_600_000,
-    };
-    let started_at_ms = scratch.clock.now_ms();
-    engine.start::<Polled>(id, input).await.unwrap();
-    parked_after(&engine, id, 1, 1).await;
-    scratch.clock.advance_to(started_at_ms + INTERVAL_MS);
-    parked_after(&engine, id, 2, 2).await;
+    parked_with_one_confirmation(&engine, &scratch, id).await;
     engine.shutdown().await;
     drop(engine);
 
     let engine = open(&scratch).await;
-    let record = scratch.clock.skip_until_settled(&engine, id).await.unwrap();
+    let record = settled(&engine, &scratch, id).await;
     assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
     assert_eq!(record.output, Some(serde_json::json!(4)));
     assert_eq!(calls(id), 4);

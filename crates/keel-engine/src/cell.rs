@@ -101,7 +101,7 @@ pub(crate) struct RunCell {
     /// The run's slot among the runs driven at once, while its driver holds it.
     pub(crate) slot: RunSlot,
     /// Set when this cell was loaded from a park its run's driver made in this engine, until
-    /// a wait the run parked in takes it ([`RunCell::take_unparked`]).
+    /// the body's first run in the cell takes it ([`RunCell::take_unparked`]).
     unparked: AtomicBool,
 }
 
@@ -164,8 +164,10 @@ impl RunCell {
     }
 
     /// Whether this cell was loaded from a park its run's driver made in this engine, asked
-    /// once: by the wait its run parked in, which then goes on from its polls so far. Any
-    /// other load (an open, a resume after a pause) starts the wait over.
+    /// once: by the body's first run in the cell ([`crate::lane::Lane::new`]), whose wait
+    /// the run parked in then goes on from its polls so far. A later run of the body in the
+    /// same cell (after a pause that a resume overtook) may follow polls that were never
+    /// journaled: it starts the wait over, as any other load does.
     pub(crate) fn take_unparked(&self) -> bool {
         self.unparked.swap(false, Ordering::AcqRel)
     }

@@ -479,6 +479,10 @@ impl Event {
     }
 }
 
+fn is_zero<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
+}
+
 fn compensable_default() -> bool {
     true
 }
@@ -581,7 +585,9 @@ impl WaitSchedule {
 
 /// What a wait's polls have seen since it started (or, after a restart, started over), and
 /// when its next poll is due: journaled when its run parks between two polls
-/// ([`Event::WaitParked`]). Times are absolute (ms since the Unix epoch).
+/// ([`Event::WaitParked`]). Times are absolute (ms since the Unix epoch). Counts and times
+/// that are zero (no run of confirmations, nothing unanswered or queued) are left out of the
+/// stored entry, which every later load of the run reads.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WaitPolls {
     /// Polls sent.
@@ -589,20 +595,28 @@ pub struct WaitPolls {
     /// Polls answered (ready or not ready).
     pub answers: u32,
     /// Ready answers in a row.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub streak: u32,
     /// When the poll that began the current run of ready answers was sent.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub streak_started_ms: u64,
     /// When the last poll was sent (the wait's start before the first).
     pub last_sent_ms: u64,
     /// Polls past the deadline in a row that got no answer.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub unanswered: u32,
     /// When the first of them was sent.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub unanswered_since_ms: u64,
     /// Time polls spent queued at the limiter (the deadline moves later by as much).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub queued_ms: u64,
-    /// Of the poll that began the run of ready answers: the time it queued at the limiter.
+    /// Of the poll that began the run of ready answers: the time it was held, queued at the
+    /// limiter (and, the first poll after a load from the wait's park, late by that load).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub first_ready_queued_ms: u64,
     /// Of the same poll: the interval it was scheduled after.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub first_ready_gap_ms: u64,
     /// The interval the schedule carries from one poll to the next (as it grows).
     pub interval_ms: u64,

@@ -52,6 +52,10 @@ pub(crate) struct Lane {
     /// Whether this is the body's main lane, the only one that may park the run (a branch
     /// of a fan-out never does: its siblings would be unwound with it).
     main: bool,
+    /// Whether the body's run began where its last park left it (loaded from that park by
+    /// this engine, see [`RunCell::take_unparked`]), until a wait takes it
+    /// ([`Lane::take_unparked`]). Never set on a branch.
+    unparked: bool,
     pub(crate) rng: SmallRng,
 }
 
@@ -60,6 +64,7 @@ impl Lane {
         let cancel = cell.cancel.subscribe();
         let pause = cell.pause.subscribe();
         let shutdown = env.shutdown.subscribe();
+        let unparked = cell.take_unparked();
         Lane {
             cell,
             env,
@@ -69,6 +74,7 @@ impl Lane {
             stop: None,
             pause_on_exhausted,
             main: true,
+            unparked,
             // Seeded from the thread's generator (seeded once per thread from the OS), not
             // from the OS per run: a `getrandom` call per run was about 1% of a short run's CPU.
             rng: SmallRng::seed_from_u64(rand::thread_rng().gen()),
@@ -86,6 +92,7 @@ impl Lane {
             stop,
             pause_on_exhausted: self.pause_on_exhausted,
             main: false,
+            unparked: false,
             rng: SmallRng::seed_from_u64(self.rng.gen()),
         }
     }
@@ -189,20 +196,32 @@ impl Lane {
     /// (what the run waits for is all in its journal), a wait long enough parks the run
     /// instead: [`Interrupt::Parked`].
     pub(crate) async fn sleep_until(&mut self, at_ms: u64, parks: bool) -> Result<(), Interrupt> {
+        let park = parks && self.may_park(self.env.clock.now_ms(), at_ms);
+        self.sleep_or_park(at_ms, park).await
+    }
+
+    /// [`Lane::sleep_until`], with whether to park decided by the caller ([`Lane::may_park`]):
+    /// with `park`, the run parks if the engine lets it ([`Lane::park`]).
+    pub(crate) async fn sleep_or_park(&mut self, at_ms: u64, park: bool) -> Result<(), Interrupt> {
         self.check()?;
         let clock = self.env.clock.clone();
-        let now_ms = clock.now_ms();
-        if at_ms > now_ms {
+        if at_ms > clock.now_ms() {
             // Waiting: whatever killed the process before, this run got this far.
             self.cell.survived(&*self.env.store);
         }
-        if parks && self.may_park(now_ms, at_ms) && self.park(Some(at_ms), &|_| true, None).await? {
+        if park && self.park(Some(at_ms), &|_| true, None).await? {
             return Err(Interrupt::Parked);
         }
         tokio::select! {
             _ = clock.sleep_until(at_ms) => Ok(()),
             cause = self.interrupted() => Err(cause),
         }
+    }
+
+    /// Whether the body's run began where its last park left it, asked once (by the wait
+    /// the run parked in, which then goes on from its journaled polls).
+    pub(crate) fn take_unparked(&mut self) -> bool {
+        std::mem::take(&mut self.unparked)
     }
 
     /// Whether a sleep from `now_ms` until `at_ms` may park the run: this is the main lane,

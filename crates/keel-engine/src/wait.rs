@@ -1,8 +1,8 @@
 //! Durable waits: poll a probe until it holds `k` times in a row or a deadline passes.
 //!
-//! Only the wait's start (with its resolved schedule and absolute deadline) and its end are
-//! journaled, never the polls; a restart resumes polling under the journaled schedule and
-//! deadline. The schedule is resolved once, when the wait starts, from an explicit policy or
+//! The wait's start (with its resolved schedule and absolute deadline) and its end are
+//! journaled, and its polls so far whenever its run parks between two polls, never a single
+//! poll; a restart resumes polling under the journaled schedule and deadline. The schedule is resolved once, when the wait starts, from an explicit policy or
 //! from the recorded latency statistics of the wait's kind ([`WaitPolicy::learned`]), and the
 //! journaled schedule is what replay and resumption use, so later statistics never change a
 //! wait already under way.

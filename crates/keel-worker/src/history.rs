@@ -159,10 +159,7 @@ fn operation_event(rows: &mut BTreeMap<u32, Row>, event: &Event, at: u64) {
         }
         Event::WaitParked { step, polls, .. } => {
             let r = row(rows, *step, "wait", at);
-            r.outcome = format!(
-                "waiting: {} polls so far, parked until {} ms",
-                polls.sent, polls.next_at_ms
-            );
+            r.outcome = format!("waiting: {} polls so far, parked", polls.sent);
         }
         Event::WaitEnded { step, outcome } => {
             let r = row(rows, *step, "wait", at);

@@ -279,7 +279,7 @@ function bars(entries, endMs) {
       case "wait_parked": {
         // The run parked between two polls: the open bar says how far the wait got.
         const bar = open.get(`w${e.step}`);
-        if (bar) bar.detail = `${e.polls.sent} polls so far; parked until ${time(e.polls.next_at_ms)}`;
+        if (bar) bar.detail = `${e.polls.sent} polls so far; parked until the next`;
         break;
       }
       case "wait_ended": {

@@ -25,9 +25,10 @@ impl Ctx {
     /// (returning the last poll's output) or waiting is judged hopeless
     /// ([`WorkflowError::WaitTimedOut`], which the body may catch to recreate the resource).
     ///
-    /// Only the start (with the resolved schedule and absolute deadline) and the end are
-    /// journaled. The wait is judged by what the resource answered, not by what the engine
-    /// did (docs/waits.md):
+    /// The start (with the resolved schedule and absolute deadline) and the end are
+    /// journaled, and the polls so far whenever the run parks between two of them; single
+    /// polls are not. The wait is judged by what the resource answered, not by what the
+    /// engine did (docs/waits.md):
     /// - it times out only on a "not ready" answer to a poll *sent* at or after the deadline,
     ///   and only once it has had `confirmations` answers since it (re)started, so a deadline
     ///   that passed while the worker was down, or while polls queued at the rate limiter,
@@ -37,11 +38,11 @@ impl Ctx {
     /// - a throttled or failed poll is no answer: it neither counts as a confirmation nor
     ///   breaks a run of them. Past the deadline, [`UNANSWERED_POLLS_MAX`] of them in a row,
     ///   over at least [`UNANSWERED_SPAN_MIN`], end the wait as failed, with the last error;
-    /// - after a restart a run of confirmations starts over (polls are not journaled), so a
-    ///   resource is never granted with fewer than `confirmations` polls in a row;
     /// - a next poll at least the engine's `park_after` away parks the run: the polls so far
     ///   are journaled (`WaitParked`), and a load from that park by the same engine goes on
-    ///   from them; any other load starts over, as a restart does.
+    ///   from them;
+    /// - after a restart (or any load but that one) a run of confirmations starts over, so a
+    ///   resource is never granted with fewer than `confirmations` polls in a row.
     ///
     /// The time to readiness is recorded in the statistics of `wait:<kind>`, which
     /// [`WaitPolicy::learned`] reads, only when it measures the resource: see
@@ -54,63 +55,10 @@ impl Ctx {
         self.check()?;
         let index = self.next_index()?;
         let argument = self.argument(index, "wait", P::KIND, &probe)?;
-        let journaled = self.lane.cell.with_state(|state| match state.ops.get(index.0 as usize) {
-            None => Ok(None),
-            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == argument => Ok(Some((
-                op.schedule.clone(),
-                op.started_at_ms,
-                op.parked.clone(),
-                op.outcome.clone(),
-            ))),
-            Some(Op::Wait(op)) => Err(format!(
-                "journal holds wait {:?} with argument {}, code asks for wait {:?} with argument {}",
-                op.kind,
-                op.argument,
-                P::KIND,
-                argument
-            )),
-            Some(other) => Err(format!("journal holds {}, code asks for wait {:?}", other.describe(), P::KIND)),
-        });
-        let started = match journaled {
-            Ok(Some((_, _, _, Some(outcome)))) => return self.wait_result::<P>(index, outcome),
-            // Loaded from the park this wait made (nothing ran since): it goes on from its
-            // polls so far. After any other load, it starts over.
-            Ok(Some((schedule, started_at_ms, Some(parked), None)))
-                if self.lane.cell.take_unparked() =>
-            {
-                WaitStart {
-                    schedule,
-                    started_at_ms,
-                    here: parked.here,
-                    polls: Some(parked.polls),
-                }
-            }
-            Ok(Some((schedule, started_at_ms, _, None))) => WaitStart {
-                schedule,
-                started_at_ms,
-                here: false,
-                polls: None,
-            },
-            Ok(None) => {
-                let started_at_ms = self.now_ms();
-                let stats = self.lane.env.stats.summary(&format!("wait:{}", P::KIND));
-                let schedule = policy.resolve(started_at_ms, stats.as_ref());
-                tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
-                self.journal(Event::WaitStarted {
-                    step: index,
-                    kind: P::KIND.into(),
-                    argument,
-                    schedule: schedule.clone(),
-                })?;
-                self.durable().await?;
-                crate::crash::point("wait.after_started");
-                WaitStart {
-                    schedule,
-                    started_at_ms,
-                    here: true,
-                    polls: None,
-                }
-            }
+        let started = match self.journaled_wait::<P>(index, &argument) {
+            Ok(Some(Journaled::Ended(outcome))) => return self.wait_result::<P>(index, outcome),
+            Ok(Some(Journaled::Under(start))) => start,
+            Ok(None) => self.start_wait::<P>(index, argument, &policy).await?,
             Err(detail) => return Err(self.interrupt(Interrupt::NonDeterminism { index, detail })),
         };
         let outcome = self.poll_in_span(index, &probe, &started).await?;
@@ -123,6 +71,71 @@ impl Ctx {
         // this entry's sync, as for a step's outcome.
         crate::crash::point("wait.after_ended");
         self.wait_result::<P>(index, outcome)
+    }
+
+    /// What the journal holds of wait `index` of `argument`: nothing yet, its end, or its
+    /// start to go on from; an error naming the mismatch if it holds something else there.
+    fn journaled_wait<P: Probe>(
+        &mut self,
+        index: OperationIndex,
+        argument: &serde_json::Value,
+    ) -> Result<Option<Journaled>, String> {
+        let op = self.lane.cell.with_state(|state| match state.ops.get(index.0 as usize) {
+            None => Ok(None),
+            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == *argument => {
+                Ok(Some(op.clone()))
+            }
+            Some(Op::Wait(op)) => Err(format!(
+                "journal holds wait {:?} with argument {}, code asks for wait {:?} with argument {}",
+                op.kind,
+                op.argument,
+                P::KIND,
+                argument
+            )),
+            Some(other) => Err(format!("journal holds {}, code asks for wait {:?}", other.describe(), P::KIND)),
+        })?;
+        let Some(op) = op else {
+            return Ok(None);
+        };
+        if let Some(outcome) = op.outcome {
+            return Ok(Some(Journaled::Ended(outcome)));
+        }
+        // Loaded from the park this wait made (nothing of the run ran since): it goes on from
+        // its polls so far. After any other load, it starts over.
+        let parked = op.parked.filter(|_| self.lane.take_unparked());
+        Ok(Some(Journaled::Under(WaitStart {
+            schedule: op.schedule,
+            started_at_ms: op.started_at_ms,
+            here: parked.as_ref().is_some_and(|p| p.here),
+            polls: parked.map(|p| p.polls),
+        })))
+    }
+
+    /// Starts wait `index`: resolves its schedule and journals it, durably.
+    async fn start_wait<P: Probe>(
+        &mut self,
+        index: OperationIndex,
+        argument: serde_json::Value,
+        policy: &WaitPolicy,
+    ) -> Result<WaitStart, WorkflowError> {
+        let started_at_ms = self.now_ms();
+        let stats = self.lane.env.stats.summary(&format!("wait:{}", P::KIND));
+        let schedule = policy.resolve(started_at_ms, stats.as_ref());
+        tracing::debug!(run_id = %self.lane.cell.id, step = index.0, kind = P::KIND, ?schedule, "wait starts");
+        self.journal(Event::WaitStarted {
+            step: index,
+            kind: P::KIND.into(),
+            argument,
+            schedule: schedule.clone(),
+        })?;
+        self.durable().await?;
+        crate::crash::point("wait.after_started");
+        Ok(WaitStart {
+            schedule,
+            started_at_ms,
+            here: true,
+            polls: None,
+        })
     }
 
     /// [`Ctx::poll`] in the operation's `wait` span (the parent of each poll's `probe` span),
@@ -164,6 +177,7 @@ impl Ctx {
         start: &WaitStart,
     ) -> Result<WaitOutcome, WorkflowError> {
         let schedule = &start.schedule;
+        let mut resumed = start.polls.is_some();
         let mut polls = start.polls.clone().unwrap_or_else(|| WaitPolls {
             last_sent_ms: start.started_at_ms,
             next_at_ms: start
@@ -172,26 +186,17 @@ impl Ctx {
             ..WaitPolls::default()
         });
         loop {
-            let deadline_ms = schedule.deadline_ms.saturating_add(polls.queued_ms);
-            // With no run of confirmations under way, a poll is sent at the deadline (once),
-            // so that it is a poll sent there that judges the resource.
-            let wake_at_ms = if polls.streak == 0 && polls.last_sent_ms < deadline_ms {
-                polls.next_at_ms.min(deadline_ms)
-            } else {
-                polls.next_at_ms
-            };
-            // A sleep long enough to park the run journals the polls so far first, which the
-            // wait goes on from when the run is loaded from that park.
-            let parks = self.lane.may_park(self.now_ms(), wake_at_ms);
-            if parks {
-                self.journal(Event::WaitParked {
-                    step: index,
-                    polls: polls.clone(),
-                    here: start.here,
-                })?;
-            }
-            self.sleep_until(wake_at_ms, parks).await?;
+            let wake_at_ms = polls.wake_at_ms(schedule);
+            self.sleep_to_poll(index, &polls, start.here, wake_at_ms)
+                .await?;
             let scheduled_ms = self.now_ms();
+            // The first poll after a load from the wait's park: how late the load made it
+            // counts as time held, for the time to readiness (not for the deadline, which a
+            // late sleep in memory does not move either).
+            let late_ms = match std::mem::take(&mut resumed) {
+                true => scheduled_ms.saturating_sub(wake_at_ms),
+                false => 0,
+            };
             let (answer, sent_ms) =
                 match self.poll_once(index, probe, Attempt(polls.sent + 1)).await {
                     Ok(polled) => polled,
@@ -208,7 +213,7 @@ impl Ctx {
             let deadline_ms = schedule.deadline_ms.saturating_add(polls.queued_ms);
             let sent = SentPoll {
                 sent_ms,
-                queued_ms,
+                delayed_ms: queued_ms.saturating_add(late_ms),
                 gap_ms,
                 past_deadline: sent_ms >= deadline_ms,
             };
@@ -221,22 +226,59 @@ impl Ctx {
                 }
                 Verdict::Again => {}
             }
-            let offset_ms = self.now_ms().saturating_sub(start.started_at_ms);
-            let (next_offset_ms, carried_ms) = schedule.next_poll(
-                offset_ms,
-                polls.interval_ms,
-                polls.streak,
-                self.lane.rng.gen(),
-            );
-            polls.interval_ms = carried_ms;
-            // No more often than the limiter serves polls: after one that queued `queued_ms`,
-            // the next waits at least as long, so densely polling waits leave the service's
-            // budget to the calls that make progress.
-            polls.next_at_ms = start
-                .started_at_ms
-                .saturating_add(next_offset_ms)
-                .max(sent_ms.saturating_add(queued_ms));
+            self.plan_next_poll(start, &mut polls, sent_ms, queued_ms);
         }
+    }
+
+    /// Sets when the next poll of `polls` is due, after one sent at `sent_ms` that queued
+    /// `queued_ms` at the limiter, and the interval the schedule carries on.
+    fn plan_next_poll(
+        &mut self,
+        start: &WaitStart,
+        polls: &mut WaitPolls,
+        sent_ms: u64,
+        queued_ms: u64,
+    ) {
+        let offset_ms = self.now_ms().saturating_sub(start.started_at_ms);
+        let (next_offset_ms, carried_ms) = start.schedule.next_poll(
+            offset_ms,
+            polls.interval_ms,
+            polls.streak,
+            self.lane.rng.gen(),
+        );
+        polls.interval_ms = carried_ms;
+        // No more often than the limiter serves polls: after one that queued `queued_ms`, the
+        // next waits at least as long, so densely polling waits leave the service's budget to
+        // the calls that make progress.
+        polls.next_at_ms = start
+            .started_at_ms
+            .saturating_add(next_offset_ms)
+            .max(sent_ms.saturating_add(queued_ms));
+    }
+
+    /// Sleeps until `wake_at_ms`, the next poll's time. A sleep long enough to park the run
+    /// journals the polls so far first (`WaitParked`), which the wait goes on from when the
+    /// run is loaded from that park. Whether to park is decided once, here.
+    async fn sleep_to_poll(
+        &mut self,
+        index: OperationIndex,
+        polls: &WaitPolls,
+        here: bool,
+        wake_at_ms: u64,
+    ) -> Result<(), WorkflowError> {
+        let park = self.lane.may_park(self.now_ms(), wake_at_ms);
+        if park {
+            self.journal(Event::WaitParked {
+                step: index,
+                polls: polls.clone(),
+                here,
+            })?;
+        }
+        if self.interrupt.is_some() {
+            return Err(WorkflowError::Interrupted);
+        }
+        let slept = self.lane.sleep_or_park(wake_at_ms, park).await;
+        slept.map_err(|cause| self.interrupt(cause))
     }
 
     /// One poll of `probe` (number `poll`), in a slot of its service's limiter, and the engine
@@ -344,6 +386,14 @@ impl Ctx {
     }
 }
 
+/// What the journal holds of a wait already started.
+enum Journaled {
+    /// It ended so.
+    Ended(WaitOutcome),
+    /// It is under way: its start, and the polls it goes on from.
+    Under(WaitStart),
+}
+
 /// A wait's journaled start, whether it was journaled by this drive of the run, and the polls
 /// it goes on from.
 struct WaitStart {
@@ -357,11 +407,12 @@ struct WaitStart {
     polls: Option<WaitPolls>,
 }
 
-/// One poll as sent: when, how long it queued at the limiter, the interval it was scheduled
-/// after, and whether it was sent past the (queue-extended) deadline.
+/// One poll as sent: when, how long it was delayed (queued at the limiter, and late after a
+/// load from the wait's park), the interval it was scheduled after, and whether it was sent
+/// past the (queue-extended) deadline.
 struct SentPoll {
     sent_ms: u64,
-    queued_ms: u64,
+    delayed_ms: u64,
     gap_ms: u64,
     past_deadline: bool,
 }
@@ -378,6 +429,18 @@ enum Verdict<T> {
 
 /// What a wait's polls have seen: [`WaitPolls`], journaled when the run parks between them.
 impl WaitPolls {
+    /// When the next poll is sent: at its time, or at the deadline (moved later by the time
+    /// polls queued) if that comes first with no run of confirmations under way, so that a
+    /// poll sent there judges the resource (once).
+    fn wake_at_ms(&self, schedule: &WaitSchedule) -> u64 {
+        let deadline_ms = schedule.deadline_ms.saturating_add(self.queued_ms);
+        if self.streak == 0 && self.last_sent_ms < deadline_ms {
+            self.next_at_ms.min(deadline_ms)
+        } else {
+            self.next_at_ms
+        }
+    }
+
     /// A poll got an answer, ready or not.
     fn answered(&mut self) {
         self.answers += 1;
@@ -399,7 +462,7 @@ impl WaitPolls {
             Ok(Some(output)) => {
                 if self.streak == 0 {
                     self.streak_started_ms = sent.sent_ms;
-                    self.first_ready_queued_ms = sent.queued_ms;
+                    self.first_ready_queued_ms = sent.delayed_ms;
                     self.first_ready_gap_ms = sent.gap_ms;
                 }
                 self.streak += 1;

@@ -230,11 +230,13 @@ impl EngineBuilder {
     /// waits, holding no memory but a small entry, and loaded again (its body replayed from
     /// its journal) when its time comes or something arrives for it. Parks: a durable timer
     /// ([`crate::Ctx::sleep`]), a step's backoff before its next attempt, a receive of events
-    /// (its deadline, or none). Only the body's main sequence parks, never a branch of a
-    /// fan-out. Default [`crate::PARK_AFTER_DEFAULT`]; `None`: runs never park.
+    /// (its deadline, or none), a child run awaited (on sled), and a wait's time until its
+    /// next poll ([`crate::Ctx::wait`], which journals its polls so far first). Only the
+    /// body's main sequence parks, never a branch of a fan-out. Default
+    /// [`crate::PARK_AFTER_DEFAULT`]; `None`: runs never park.
     ///
     /// A parked run's body code outside its operations runs again at every wake, as after a
-    /// restart.
+    /// restart: with a wait whose polls are `park_after` or more apart, at every such poll.
     pub fn park_after(self, park_after: Option<Duration>) -> Self {
         EngineBuilder { park_after, ..self }
     }

@@ -6,9 +6,9 @@
 //! point where everything it waits on is in its journal (the timer's wake time, the failed
 //! attempt's retry time, the receive, a wait's polls so far in a `WaitParked` entry), and
 //! only when the wait is at least the engine's `park_after`. A run loaded from a park its
-//! driver made here is marked so (`RunCell::take_unparked`): nothing of it ran since its
-//! journal's last entry, so a wait goes on from its polls; any other load starts a wait
-//! over. Parking detaches its cell under the map lock and the cell lock (so a send or
+//! driver made here, with no other engine's claim of it since (the same token), is marked so
+//! (`RunCell::take_unparked`): nothing of it ran since that park, so a wait goes on from its
+//! polls; any other load starts a wait over. Parking detaches its cell under the map lock and the cell lock (so a send or
 //! an operator call either wrote before, and the run does not park, or finds the cell gone
 //! and loads the run afresh), then unwinds the body as a shutdown does. Waking is a load, as
 //! at open: the body replays from the journal to where it waited.
@@ -35,6 +35,7 @@ use crate::error::Result;
 use crate::ids::RunId;
 use crate::journal::RunStatus;
 use crate::replay::RunState;
+use crate::store::Token;
 
 /// How long a run's wait must be for it to park, by default.
 pub const PARK_AFTER_DEFAULT: Duration = Duration::from_secs(5);
@@ -60,9 +61,11 @@ struct Parked {
     wake_at_ms: Option<u64>,
     /// Told when the run is loaded again; made only when somebody waits for the run.
     unparked: Option<Arc<Notify>>,
-    /// Parked by its driver in this engine (not from the wake index at open): nothing of the
-    /// run ran since its journal's last entry, which a wait it parked in goes on from.
-    by_driver: bool,
+    /// The token of the cell whose driver parked the run in this engine; `None` for a run
+    /// parked from the wake index at open. A load with the same token (no other engine took
+    /// the run since) finds nothing of the run ran since that park: a wait it parked in goes
+    /// on from its polls so far.
+    parked_by: Option<Token>,
 }
 
 /// How many runs an engine holds in memory, by how ([`Engine::resident`]).
@@ -132,7 +135,11 @@ impl Cells {
             return Some(Arc::clone(existing));
         }
         self.loaded.insert(cell.id.clone(), Arc::clone(cell));
-        if self.unpark(&cell.id).is_some_and(|parked| parked.by_driver) {
+        let token = cell.token().1;
+        if self
+            .unpark(&cell.id)
+            .is_some_and(|parked| parked.parked_by == Some(token))
+        {
             cell.mark_unparked();
         }
         None
@@ -255,7 +262,7 @@ impl Cells {
                 Parked {
                     wake_at_ms,
                     unparked: None,
-                    by_driver: false,
+                    parked_by: None,
                 },
             );
         }
@@ -424,7 +431,7 @@ impl Inner {
             Parked {
                 wake_at_ms,
                 unparked: None,
-                by_driver: true,
+                parked_by: Some(cell.token().1),
             },
         );
         let earliest = match wake_at_ms {

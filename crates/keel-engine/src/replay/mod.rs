@@ -39,7 +39,7 @@ pub use step::StepOutcome;
 pub use step::{step_action, StepAction, StepOp};
 pub use wait::WaitOp;
 // Named by tests and the `test-utilities` re-export; the engine reaches it through `WaitOp`.
-#[allow(unused_imports)]
+#[cfg(any(test, feature = "test-utilities"))]
 pub use wait::ParkedWait;
 
 /// A journaled operation: a step, a wait, a fan-out and its branches, a child run or a timer.

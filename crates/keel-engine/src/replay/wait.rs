@@ -70,6 +70,12 @@ impl RunState {
         polls: &WaitPolls,
         here: bool,
     ) -> Result<(), String> {
+        if polls.streak > polls.answers || polls.answers > polls.sent {
+            return Err(format!(
+                "wait_parked for {step} counts {} ready in a row of {} answers to {} polls",
+                polls.streak, polls.answers, polls.sent
+            ));
+        }
         match self.ops.get_mut(step.0 as usize) {
             Some(Op::Wait(op)) if op.outcome.is_none() => {
                 op.parked = Some(ParkedWait {

@@ -86,6 +86,13 @@ fn entries_out_of_order_are_rejected() {
             Damage::Swap(2),
             "entry 3: wait_parked for #0 in state Some(Wait(WaitOp {",
         ),
+        (
+            WAIT_PARKED,
+            Damage::Append(
+                r#"{"at_ms":1700000140003,"type":"wait_parked","step":0,"polls":{"sent":2,"answers":3,"last_sent_ms":1700000120001,"interval_ms":20000,"next_at_ms":1700000140000},"here":true}"#,
+            ),
+            "entry 4: wait_parked for #0 counts 0 ready in a row of 3 answers to 2 polls",
+        ),
         (TIMERS, Damage::Swap(0), "entry 0: timer_fired for #0, which is not a timer"),
         (CHILDREN, Damage::Swap(2), "entry 2: child_ended for #1 in state None"),
         (
