@@ -204,8 +204,9 @@ pub(crate) enum Command {
         durability: Durability,
     },
     /// What runs that wait cost in memory: RSS before open, open and idle, and with every
-    /// run waiting (on a 1-day timer, for an event never sent, or for a child run that waits
-    /// for one), with the runs loaded and parked. Measures the sled store.
+    /// run waiting (on a 1-day timer, for an event never sent, for a child run that waits
+    /// for one, or between two hourly polls of a resource), with the runs loaded and parked.
+    /// Measures the sled store.
     Memory {
         /// Runs that wait.
         #[arg(long, default_value_t = 10_000)]

@@ -1,6 +1,6 @@
 //! `keel-bench memory`: what runs that wait cost in memory. Opens an engine on a fresh sled
 //! store, starts runs that each wait (on a 1-day durable timer, for an event that never
-//! comes, or for a child run that waits for one), and reports the process's RSS before the engine opened, once it is open and idle,
+//! comes, for a child run that waits for one, or for a resource polled every hour), and reports the process's RSS before the engine opened, once it is open and idle,
 //! and once every run waits, with what the engine holds (`Engine::resident`: runs loaded,
 //! runs parked). With parking off, every waiting run keeps its cell and its driver.
 
@@ -12,7 +12,7 @@ use keel_engine::{Engine, Resident};
 use serde::Serialize;
 
 use crate::system;
-use crate::workload::{self, AwaitsInbox, Inbox, SleepInput, StepsThenSleep};
+use crate::workload::{self, AwaitsInbox, Inbox, Polls, SleepInput, StepsThenSleep};
 
 /// What the runs wait for.
 #[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize)]
@@ -25,6 +25,8 @@ pub(crate) enum WaitKind {
     /// A child run that waits for an event no one sends: each run started is a parent, and
     /// with its child two runs wait.
     Child,
+    /// A resource never ready, polled every hour: each run waits for its second poll.
+    Poll,
 }
 
 impl WaitKind {
@@ -32,7 +34,7 @@ impl WaitKind {
     fn waiting(self, started: u32) -> u32 {
         match self {
             WaitKind::Child => started * 2,
-            WaitKind::Timer | WaitKind::Event => started,
+            WaitKind::Timer | WaitKind::Event | WaitKind::Poll => started,
         }
     }
 }
@@ -206,6 +208,9 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
         WaitKind::Child => {
             workload::start_concurrently::<AwaitsInbox>(&engine, "waiter", params.runs, &1).await?;
         }
+        WaitKind::Poll => {
+            workload::start_concurrently::<Polls>(&engine, "waiter", params.runs, &()).await?;
+        }
     }
     let resident = all_waiting(&engine, params).await?;
     let seconds_to_wait = started.elapsed().as_secs_f64();
@@ -291,7 +296,7 @@ async fn all_waiting(engine: &Engine, params: &MemoryParams) -> anyhow::Result<R
     }
     match params.wait {
         WaitKind::Timer => workload::wait_all_asleep(engine, "waiter", params.runs).await?,
-        WaitKind::Event | WaitKind::Child => {
+        WaitKind::Event | WaitKind::Child | WaitKind::Poll => {
             for n in 0..params.runs {
                 let id = workload::run_id("waiter", n);
                 // A parent's child is the one that receives.
@@ -304,15 +309,15 @@ async fn all_waiting(engine: &Engine, params: &MemoryParams) -> anyhow::Result<R
                     _ => id,
                 };
                 let deadline = Instant::now() + Duration::from_secs(300);
-                while !engine
-                    .history(&id)
-                    .await?
-                    .entries
-                    .iter()
-                    .any(|e| matches!(e.event, keel_engine::Event::ReceiveStarted { .. }))
-                {
+                while !engine.history(&id).await?.entries.iter().any(|e| {
+                    matches!(
+                        e.event,
+                        keel_engine::Event::ReceiveStarted { .. }
+                            | keel_engine::Event::WaitStarted { .. }
+                    )
+                }) {
                     if Instant::now() > deadline {
-                        bail!("run {id} did not reach its receive within 300 s");
+                        bail!("run {id} did not reach its receive or wait within 300 s");
                     }
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }

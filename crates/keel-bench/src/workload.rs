@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use keel_engine::{
-    Ctx, Engine, EngineBuilder, Event, RunStatus, Step, StepContext, StepError, Workflow,
-    WorkflowError,
+    Ctx, Engine, EngineBuilder, Event, Probe, RunStatus, Step, StepContext, StepError, WaitPolicy,
+    Workflow, WorkflowError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
@@ -139,6 +139,33 @@ impl Workflow for AwaitsInbox {
     }
 }
 
+/// A resource that is never ready: what a wait polls in `keel-bench memory --wait poll`.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct NeverReady;
+
+impl Probe for NeverReady {
+    const KIND: &'static str = "bench.never-ready";
+    type Output = ();
+    async fn probe(&self, _ctx: &StepContext) -> Result<Option<()>, StepError> {
+        Ok(None)
+    }
+}
+
+/// Waits a day for [`NeverReady`], polling every hour: after its first poll, a run waits an
+/// hour for the next.
+pub(crate) struct Polls;
+
+impl Workflow for Polls {
+    const NAME: &'static str = "bench.polls";
+    type Input = ();
+    type Output = ();
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        let hour = Duration::from_secs(3_600);
+        let policy = WaitPolicy::every(hour, 24 * hour).growth(1.0).jitter(0.0);
+        ctx.wait(NeverReady, policy).await
+    }
+}
+
 /// Milliseconds since the Unix epoch: the engine's time base for durable timers.
 pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -216,6 +243,7 @@ pub(crate) fn registered(path: &Path) -> EngineBuilder {
         .workflow::<FanOut>()
         .workflow::<Inbox>()
         .workflow::<AwaitsInbox>()
+        .workflow::<Polls>()
         .workflow::<crate::console::Listed>()
         .step::<Noop>()
 }
