@@ -227,38 +227,73 @@ fn crash_while_parking() {
     }
     keel_testkit::init_tracing();
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7061_726b);
-    for point in keel_testkit::store::park_points() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = parking_spec(NAME, dir.path());
-        let mut killed = 0;
-        for _ in 0..2 {
-            let skip = rng.gen_range(0..3u32);
-            let env = [
-                ("KEEL_CRASH_AT", point.to_string()),
-                ("KEEL_CRASH_SKIP", skip.to_string()),
-            ];
-            if spec.run(&env, CHILD_TIMEOUT) == Ending::Killed {
-                killed += 1;
+    let kills = Kills {
+        points: keel_testkit::store::park_points(),
+        skips_below: 3,
+        random: 50,
+        random_before_ms: 150,
+    };
+    kills.run(
+        &mut rng,
+        |dir| parking_spec(NAME, dir),
+        |dir| {
+            verify(dir);
+        },
+    );
+}
+
+/// Where a crash test kills its child: at each of `points`, twice, after a seeded number of
+/// its hits below `skips_below`; then at `random` seeded moments before `random_before_ms`.
+struct Kills {
+    points: Vec<&'static str>,
+    skips_below: u32,
+    random: u32,
+    random_before_ms: u64,
+}
+
+impl Kills {
+    /// Kills the child of `spec` (given its scratch directory) as `self` says, each time on a
+    /// fresh directory, restarted until it finishes and then checked by `verify`. A child
+    /// that finishes before a random kill is checked and its directory cleared.
+    fn run<'a>(
+        &self,
+        rng: &mut rand::rngs::StdRng,
+        spec: impl Fn(&Path) -> ChildSpec<'a>,
+        verify: impl Fn(&Path),
+    ) {
+        for point in &self.points {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = spec(dir.path());
+            let mut killed = 0;
+            for _ in 0..2 {
+                let skip = rng.gen_range(0..self.skips_below);
+                let env = [
+                    ("KEEL_CRASH_AT", point.to_string()),
+                    ("KEEL_CRASH_SKIP", skip.to_string()),
+                ];
+                if spec.run(&env, CHILD_TIMEOUT) == Ending::Killed {
+                    killed += 1;
+                }
             }
+            assert!(killed > 0, "crash point {point} was never reached");
+            spec.run_until_finished(CHILD_TIMEOUT);
+            verify(dir.path());
         }
-        assert!(killed > 0, "crash point {point} was never reached");
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec(dir.path());
+        spec.kill_repeatedly(
+            self.random,
+            || Duration::from_millis(rng.gen_range(1..self.random_before_ms)),
+            CHILD_TIMEOUT,
+            || {
+                verify(dir.path());
+                keel_testkit::store::wipe(&dir.path().join("data"));
+                std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
+            },
+        );
         spec.run_until_finished(CHILD_TIMEOUT);
         verify(dir.path());
     }
-    let dir = tempfile::tempdir().unwrap();
-    let spec = parking_spec(NAME, dir.path());
-    spec.kill_repeatedly(
-        50,
-        || Duration::from_millis(rng.gen_range(1..150)),
-        CHILD_TIMEOUT,
-        || {
-            verify(dir.path());
-            keel_testkit::store::wipe(&dir.path().join("data"));
-            std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
-        },
-    );
-    spec.run_until_finished(CHILD_TIMEOUT);
-    verify(dir.path());
 }
 
 /// Runs of [`ConfirmedWait`] in `crash_while_waits_park`.
@@ -395,37 +430,12 @@ fn crash_while_waits_park() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x7761_6974);
     let mut points = keel_testkit::store::park_points();
     points.push("wait.after_poll");
-    for point in points {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = spec(NAME, dir.path());
-        let mut killed = 0;
-        for _ in 0..2 {
-            // At most 5: `start.after_wake_entry` is met once per run.
-            let skip = rng.gen_range(0..WAITING_RUNS);
-            let env = [
-                ("KEEL_CRASH_AT", point.to_string()),
-                ("KEEL_CRASH_SKIP", skip.to_string()),
-            ];
-            if spec.run(&env, CHILD_TIMEOUT) == Ending::Killed {
-                killed += 1;
-            }
-        }
-        assert!(killed > 0, "crash point {point} was never reached");
-        spec.run_until_finished(CHILD_TIMEOUT);
-        verify_waits(dir.path());
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let spec = spec(NAME, dir.path());
-    spec.kill_repeatedly(
-        20,
-        || Duration::from_millis(rng.gen_range(1..100)),
-        CHILD_TIMEOUT,
-        || {
-            verify_waits(dir.path());
-            keel_testkit::store::wipe(&dir.path().join("data"));
-            std::fs::remove_file(dir.path().join("effects.jsonl")).unwrap();
-        },
-    );
-    spec.run_until_finished(CHILD_TIMEOUT);
-    verify_waits(dir.path());
+    let kills = Kills {
+        points,
+        // At most 5: `start.after_wake_entry` is met once per run.
+        skips_below: WAITING_RUNS,
+        random: 20,
+        random_before_ms: 100,
+    };
+    kills.run(&mut rng, |dir| spec(NAME, dir), verify_waits);
 }

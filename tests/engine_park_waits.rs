@@ -282,6 +282,25 @@ async fn parked_with_one_confirmation(engine: &Engine, scratch: &Scratch, id: &s
     started_at_ms
 }
 
+/// Lets run `id` of [`parked_with_one_confirmation`], whose wait started over, settle: its
+/// third call's "ready" is the first of a new run of confirmations, so it ends ready at the
+/// fourth call, after two polls since it started over.
+async fn ended_after_starting_over(engine: &Engine, scratch: &Scratch, id: &str) {
+    let record = settled(engine, scratch, id).await;
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    assert_eq!(record.output, Some(serde_json::json!(4)));
+    assert_eq!(calls(id), 4);
+    let (_, outcome) = wait_end(&engine.history(id).await.unwrap());
+    assert_eq!(
+        outcome,
+        WaitOutcome::Ready {
+            output: serde_json::json!(4),
+            polls: 2
+        },
+        "two polls since the wait started over"
+    );
+}
+
 /// An event sent to a run parked in a wait loads it from that park: the wait goes on from
 /// its polls (parking again until its next poll, with the same polls), so the third call's
 /// "ready" is the second in a row and ends it.
@@ -321,18 +340,7 @@ async fn a_parked_wait_paused_and_resumed_starts_over() {
     engine.pause(id).await.unwrap();
     assert_eq!(engine.wait(id).await.unwrap().status, RunStatus::Paused);
     engine.resume(id).await.unwrap();
-    let record = settled(&engine, &scratch, id).await;
-    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
-    assert_eq!(record.output, Some(serde_json::json!(4)));
-    assert_eq!(calls(id), 4);
-    let (_, outcome) = wait_end(&engine.history(id).await.unwrap());
-    assert_eq!(
-        outcome,
-        WaitOutcome::Ready {
-            output: serde_json::json!(4),
-            polls: 2
-        }
-    );
+    ended_after_starting_over(&engine, &scratch, id).await;
     engine.shutdown().await;
 }
 
@@ -352,19 +360,7 @@ async fn a_parked_wait_starts_over_after_a_restart() {
     drop(engine);
 
     let engine = open(&scratch).await;
-    let record = settled(&engine, &scratch, id).await;
-    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
-    assert_eq!(record.output, Some(serde_json::json!(4)));
-    assert_eq!(calls(id), 4);
-    let (_, outcome) = wait_end(&engine.history(id).await.unwrap());
-    assert_eq!(
-        outcome,
-        WaitOutcome::Ready {
-            output: serde_json::json!(4),
-            polls: 2
-        },
-        "two polls since the wait started over"
-    );
+    ended_after_starting_over(&engine, &scratch, id).await;
     assert!(
         engine
             .operation_stats("wait:test.call-counted")
