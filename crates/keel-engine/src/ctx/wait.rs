@@ -80,11 +80,15 @@ impl Ctx {
         index: OperationIndex,
         argument: &serde_json::Value,
     ) -> Result<Option<Journaled>, String> {
+        // What goes on from the journal, without the argument (up to 48 KiB) it was matched by.
         let op = self.lane.cell.with_state(|state| match state.ops.get(index.0 as usize) {
             None => Ok(None),
-            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == *argument => {
-                Ok(Some(op.clone()))
-            }
+            Some(Op::Wait(op)) if op.kind == P::KIND && op.argument == *argument => Ok(Some((
+                op.schedule.clone(),
+                op.started_at_ms,
+                op.parked.clone(),
+                op.outcome.clone(),
+            ))),
             Some(Op::Wait(op)) => Err(format!(
                 "journal holds wait {:?} with argument {}, code asks for wait {:?} with argument {}",
                 op.kind,
@@ -94,18 +98,18 @@ impl Ctx {
             )),
             Some(other) => Err(format!("journal holds {}, code asks for wait {:?}", other.describe(), P::KIND)),
         })?;
-        let Some(op) = op else {
+        let Some((schedule, started_at_ms, parked, outcome)) = op else {
             return Ok(None);
         };
-        if let Some(outcome) = op.outcome {
+        if let Some(outcome) = outcome {
             return Ok(Some(Journaled::Ended(outcome)));
         }
         // Loaded from the park this wait made (nothing of the run ran since): it goes on from
         // its polls so far. After any other load, it starts over.
-        let parked = op.parked.filter(|_| self.lane.take_unparked());
+        let parked = parked.filter(|_| self.lane.take_unparked());
         Ok(Some(Journaled::Under(WaitStart {
-            schedule: op.schedule,
-            started_at_ms: op.started_at_ms,
+            schedule,
+            started_at_ms,
             here: parked.as_ref().is_some_and(|p| p.here),
             polls: parked.map(|p| p.polls),
         })))

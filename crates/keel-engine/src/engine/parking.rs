@@ -4,14 +4,14 @@
 //!
 //! A run parks only from its body's main lane (never from a branch of a fan-out), only at a
 //! point where everything it waits on is in its journal (the timer's wake time, the failed
-//! attempt's retry time, the receive, a wait's polls so far in a `WaitParked` entry), and
-//! only when the wait is at least the engine's `park_after`. A run loaded from a park its
-//! driver made here, with no other engine's claim of it since (the same token), is marked so
+//! attempt's retry time, the receive, a wait's polls so far in a `WaitParked` entry), and only
+//! when the wait is at least the engine's `park_after`. A run loaded from a park its driver
+//! made here, with no other engine's claim of it since (the same token), is marked so
 //! (`RunCell::take_unparked`): nothing of it ran since that park, so a wait goes on from its
-//! polls; any other load starts a wait over. Parking detaches its cell under the map lock and the cell lock (so a send or
-//! an operator call either wrote before, and the run does not park, or finds the cell gone
-//! and loads the run afresh), then unwinds the body as a shutdown does. Waking is a load, as
-//! at open: the body replays from the journal to where it waited.
+//! polls; any other load starts a wait over. Parking detaches its cell under the map lock and
+//! the cell lock (so a send or an operator call either wrote before, and the run does not park,
+//! or finds the cell gone and loads the run afresh), then unwinds the body as a shutdown does.
+//! Waking is a load, as at open: the body replays from the journal to where it waited.
 //!
 //! What a parked run leaves in memory is an entry in [`Cells::parked`] and, for a wait with a
 //! time, one in the timer set the wake loop ([`Engine::spawn_wakes`]) sleeps on. What is
@@ -222,13 +222,8 @@ impl Cells {
         true
     }
 
-    /// Forgets parked run `id` (another engine holds it); whoever waits for it is told.
-    fn forget(&mut self, id: &RunId) {
-        self.unpark(id);
-    }
-
-    /// Takes parked run `id` out of the parked runs, telling whoever waits for it; what it
-    /// was, if it was parked.
+    /// Takes parked run `id` out of the parked runs (it is loaded, another engine holds it,
+    /// or it cannot be loaded), telling whoever waits for it; what it was, if it was parked.
     fn unpark(&mut self, id: &RunId) -> Option<Parked> {
         let parked = self.parked.remove(id)?;
         if let Some(at_ms) = parked.wake_at_ms {
@@ -513,7 +508,7 @@ impl Engine {
                     .lock()
                     .expect("undriven lock")
                     .insert(id.clone(), reason);
-                self.inner.cells.lock().expect("cells lock").forget(&id);
+                self.inner.cells.lock().expect("cells lock").unpark(&id);
             }
         }
         next_ms
@@ -529,7 +524,7 @@ impl Engine {
         self.load(record).await?;
         // Not loaded: another engine sharing the store holds the run now. It is not this
         // engine's to wake; its waiters watch the store.
-        self.inner.cells.lock().expect("cells lock").forget(id);
+        self.inner.cells.lock().expect("cells lock").unpark(id);
         Ok(())
     }
 
