@@ -244,7 +244,7 @@
 //! The public surface is the names re-exported here, [`testing`] (the test clock) and
 //! [`limits`] (every hard limit). The engine's internals, described in
 //! `docs/ARCHITECTURE.md`, are private:
-//! - `journal.rs`: what is stored (run records and journal entries; [`Entry`], [`Event`],
+//! - `journal/`: what is stored (run records and journal entries; [`Entry`], [`Event`],
 //!   [`RunRecord`] are re-exported).
 //! - `replay/`: the pure fold of a journal into a run's state, and the decisions taken on it.
 //! - Every journal write goes through the run's cell (`cell.rs`, under its lock): the lane

@@ -9,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ids::{Attempt, OperationIndex, RunId};
-pub use crate::wait::{WaitOutcome, WaitPolls, WaitSchedule};
+
+mod wait;
+
+pub use wait::{WaitOutcome, WaitPolls, WaitSchedule};
 
 /// Where a run stands.
 ///
