@@ -525,7 +525,16 @@ async fn an_engine_that_loses_its_lease_while_opening_says_so() {
         return;
     }
     let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
-    let a = open(&dir.path().join("a"), &url).await;
+    // Kept loaded in its receive, never parked (a parked run whose owner is gone stays in
+    // the database until something arrives for it): due, so the next open claims it.
+    let a = Engine::builder(dir.path().join("a"))
+        .postgres(&url)
+        .leases(LEASES)
+        .park_after(None)
+        .workflow::<Waiter>()
+        .open()
+        .await
+        .unwrap();
     a.start::<Waiter>("paused-open", ()).await.unwrap();
     until_entries(&url, "paused-open", 1).await;
     // Given up: the next engine to open claims it.

@@ -129,7 +129,7 @@ async fn a_newer_schema_or_an_unreachable_database_is_refused() {
         .expect_err("refused")
         .to_string();
     assert!(
-        error.contains("schema version 99, newer than this binary's 3"),
+        error.contains("schema version 99, newer than this binary's 4"),
         "{error}"
     );
     let version = query_texts(&url, "SELECT version::text FROM keel_schema").await;

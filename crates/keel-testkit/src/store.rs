@@ -58,6 +58,14 @@ pub fn builder(data: impl AsRef<Path>) -> EngineBuilder {
     }
 }
 
+/// The URL of the PostgreSQL database [`builder`] opens for `data`, created if missing.
+///
+/// # Panics
+/// When the tests' server is not set or cannot create the database.
+pub fn database_url(data: impl AsRef<Path>) -> String {
+    database_of(data.as_ref())
+}
+
 /// The URL of `data`'s database, created if missing (on a thread of its own: callers may be
 /// inside a runtime or outside any).
 fn database_of(data: &Path) -> String {

@@ -3,12 +3,14 @@
 //! registered (unless the operator allows it, and then those runs are left as they are); then
 //! every running or compensating run gets its driver. On a store several engines share, "every
 //! run" is every run this engine claimed (`store/postgres/lease.rs`), at open and then every
-//! claim interval: a run whose owner died is adopted the same way.
+//! claim interval: a run whose owner died is adopted the same way. Claims take only runs that
+//! are due (their wake time, kept in the run's row, has come).
 //!
-//! A store with a wake index (sled) is read that way only when the index is not built yet or
-//! a type its runs use (`types_used.rs`) is not registered here; then the read builds the
-//! index. Otherwise the open reads the index: the runs due are read, checked and driven as
-//! above, and the others are parked without being read (`parking.rs`).
+//! A store is read that way only when a type its runs use (`types_used.rs`) is not listed as
+//! registered here, or, on sled, its wake index is not built yet; then the read builds the
+//! list and the index. Otherwise sled's open reads the index: the runs due are read, checked
+//! and driven as above, and the others are parked without being read (`parking.rs`); and on
+//! a shared store the open reads only the runs it claims.
 //!
 //! What a run needs registered:
 //! - its workflow, while the body may still run: `running`, `suspended`, `paused`;
@@ -159,6 +161,7 @@ impl Engine {
         let env = &self.inner.env;
         let workflow = |name: &str| self.inner.workflows.get(name).is_some();
         let step_kind = |kind: &str| env.registry.step(kind).is_some();
+        let workflows = self.inner.workflows.name_list();
         if env.types.all_registered(workflow, step_kind) {
             let reading = std::time::Instant::now();
             if let Some(wakes) = env.store.wakes().await? {
@@ -169,9 +172,17 @@ impl Engine {
                 );
                 return self.resume_from_wakes(wakes).await;
             }
+            if env.store.claim_every().is_some() {
+                // A shared store whose runs use only types registered here: no run needs
+                // checking, and only the runs claimed (those due) are read.
+                let claimed = env.store.claim(&workflows, env.clock.now_ms()).await?;
+                crate::crash::point("open.after_claim");
+                let resumed = self.adopt_locked(claimed).await?;
+                tracing::info!(resumed, "engine open (by claims of the runs due)");
+                return Ok(());
+            }
         }
-        let workflows = self.inner.workflows.name_list();
-        let claimed = env.store.claim(&workflows).await?;
+        let claimed = env.store.claim(&workflows, env.clock.now_ms()).await?;
         crate::crash::point("open.after_claim");
         // Every run in the store is checked, also those other engines own: engines sharing a
         // store must all be able to drive all of its runs, since any of them may take any
@@ -186,31 +197,35 @@ impl Engine {
             .collect();
         let tokens = match claimed {
             Claimed::Everything => None,
-            Claimed::Runs(claimed) => Some(claimed.into_iter().collect()),
+            Claimed::Runs { runs, .. } => Some(runs.into_iter().collect()),
         };
         let (drivable, mut unregistered) = self.check_runs(records, tokens).await?;
         if !unregistered.runs.is_empty() && !allow_unregistered {
             return Err(unregistered.error());
         }
+        let all_read = unreadable + unregistered.unread == 0;
+        if all_read {
+            // The types the runs use, as read (on a shared store, added to what is listed).
+            env.types
+                .replace(&*env.store, std::mem::take(&mut unregistered.needed))?;
+        } else {
+            // What could not be read was not checked: the next open reads every run again.
+            tracing::warn!(
+                unreadable,
+                unread = unregistered.unread,
+                "runs could not be read: the types they use are not listed, and the next open reads every run"
+            );
+        }
         if env.store.keeps_wakes() {
             // The index, built (again) from what was read: every unsettled run is loaded at
             // this open (or left undriven, and then read again by the next), so each gets
-            // the entry "loaded"; the mark that the index is whole comes after them all.
+            // the entry "loaded"; the mark that the index is whole comes after them all (and
+            // after the types: an index is only read with them).
             for id in &unsettled {
                 env.store.set_wake(id, 0)?;
             }
-            if unreadable + unregistered.unread == 0 {
-                env.types
-                    .replace(&*env.store, std::mem::take(&mut unregistered.needed))?;
+            if all_read {
                 env.store.wakes_built()?;
-            } else {
-                // What could not be read was not checked and has no entry: the next open
-                // reads every run again.
-                tracing::warn!(
-                    unreadable,
-                    unread = unregistered.unread,
-                    "runs could not be read: the wake index is not built, and the next open reads every run"
-                );
             }
         }
         if !unregistered.runs.is_empty() {
@@ -327,10 +342,19 @@ impl Engine {
     /// cannot be read. A cell of the run still loaded from before another engine took it
     /// is stale: it is unloaded first.
     pub(super) async fn adopt(&self, claimed: Claimed) -> Result<()> {
-        let Claimed::Runs(claimed) = claimed else {
-            return Ok(());
-        };
         let _loading = self.inner.loading.lock().await;
+        let adopted = self.adopt_locked(claimed).await?;
+        if adopted > 0 {
+            tracing::info!(adopted, "runs taken over from workers that are gone");
+        }
+        Ok(())
+    }
+
+    /// [`Engine::adopt`] under the loads' lock; returns how many runs it drives.
+    async fn adopt_locked(&self, claimed: Claimed) -> Result<usize> {
+        let Claimed::Runs { runs: claimed, .. } = claimed else {
+            return Ok(0);
+        };
         let mut records = Vec::new();
         for (id, _) in &claimed {
             match self.inner.env.store.run(id).await {
@@ -358,10 +382,7 @@ impl Engine {
         }
         let adopted = drivable.len();
         self.drive_all(drivable).await?;
-        if adopted > 0 {
-            tracing::info!(adopted, "runs taken over from workers that are gone");
-        }
-        Ok(())
+        Ok(adopted)
     }
 
     /// Loads every drivable run, counts its load, and starts its driver. Called under the
@@ -429,19 +450,36 @@ impl Engine {
 }
 
 impl Engine {
-    /// On a store several engines share, claims and adopts the runs whose owner is gone,
-    /// every claim interval, until the engine shuts down or the store breaks.
+    /// On a store several engines share, claims and adopts the runs whose owner is gone and
+    /// that are due: at once (after the open's own claim, the runs past its batch), then every
+    /// claim interval, and when the engine's clock reaches the wake time of the next run
+    /// whose owner is gone, until the engine shuts down or the store breaks.
     pub(super) fn spawn_claims(&self) {
         let Some(every) = self.inner.env.store.claim_every() else {
             return;
         };
         let engine = Arc::downgrade(&self.inner);
+        let clock = self.inner.env.clock.clone();
         let mut shutdown = self.inner.env.shutdown.subscribe();
         let mut broken = self.inner.env.store.broken();
         tokio::spawn(async move {
+            let mut next_wake_ms: Option<u64> = None;
+            let mut first = true;
             loop {
+                let interval = async {
+                    if !std::mem::take(&mut first) {
+                        tokio::time::sleep(every).await
+                    }
+                };
+                let next_wake = async {
+                    match next_wake_ms {
+                        Some(at_ms) => clock.sleep_until(at_ms).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = interval => {}
+                    _ = next_wake => {}
                     _ = shutdown.wait_for(|down| *down) => return,
                     _ = broken.wait_for(Option::is_some) => return,
                 }
@@ -451,8 +489,15 @@ impl Engine {
                 let engine = Engine { inner };
                 engine.unload_stale();
                 let workflows = engine.inner.workflows.name_list();
-                match engine.inner.env.store.claim(&workflows).await {
+                let now_ms = engine.inner.env.clock.now_ms();
+                match engine.inner.env.store.claim(&workflows, now_ms).await {
                     Ok(claimed) => {
+                        if let Claimed::Runs {
+                            next_wake_ms: next, ..
+                        } = &claimed
+                        {
+                            next_wake_ms = *next;
+                        }
                         if let Err(error) = engine.adopt(claimed).await {
                             tracing::error!(%error, "claimed runs could not be adopted");
                         }

@@ -59,8 +59,12 @@ pub(crate) enum Takeover {
 pub(crate) enum Claimed {
     /// Every run in the store (the store belongs to this engine).
     Everything,
-    /// These runs, newly this engine's, with their tokens.
-    Runs(Vec<(RunId, Token)>),
+    /// These runs, newly this engine's, with their tokens, and the earliest wake time after
+    /// the claim's of a run whose owner is gone (the next claim is due then, if not sooner).
+    Runs {
+        runs: Vec<(RunId, Token)>,
+        next_wake_ms: Option<u64>,
+    },
 }
 
 /// Which run records [`JournalStore::runs_page`] visits.
@@ -212,9 +216,11 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// Every record of `space`, in key order.
     fn keyed(&self, space: Space) -> Read<'_, Vec<(String, String)>>;
 
-    /// Whether this store keeps a durable wake index (`engine/parking.rs`): when each
-    /// drivable run must be driven next, so that an open loads only what is due. The sled
-    /// store does; PostgreSQL resumes by claims, and its index methods do nothing.
+    /// Whether this store keeps a durable wake index (`engine/parking.rs`) that an open
+    /// reads: when each drivable run must be driven next, so that an open loads only what is
+    /// due. The sled store does. PostgreSQL keeps each run's wake time in its row instead
+    /// ([`JournalStore::set_wake`]), and resumes by claims, which take only runs that are
+    /// due; its other index methods do nothing.
     fn keeps_wakes(&self) -> bool {
         false
     }
@@ -223,7 +229,8 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// must be at the next open; `u64::MAX`: when something arrives for it), replacing its
     /// entry: the new entry is written before the old one is removed, so a crash leaves one
     /// or both, never neither. Durable with the next sync, in order with the store's other
-    /// writes.
+    /// writes. On PostgreSQL, the run's `wake_at`, written only while this engine owns the
+    /// run (a stale cell of a run another engine took over cannot move its wake time).
     fn set_wake(&self, _id: &RunId, _wake_ms: u64) -> Result<()> {
         Ok(())
     }
@@ -260,10 +267,10 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// Takes the runs this engine should drive and nobody does: on a shared store, running
-    /// runs of `workflows` (those it can drive) and compensating runs, whose owner is gone (at
-    /// open, and then every [`JournalStore::claim_every`]); [`Claimed::Everything`] on a
-    /// store of its own.
-    fn claim<'a>(&'a self, workflows: &'a [String]) -> Read<'a, Claimed>;
+    /// runs of `workflows` (those it can drive) and compensating runs, whose owner is gone and
+    /// whose wake time is at or before `now_ms` (at open, and then every
+    /// [`JournalStore::claim_every`]); [`Claimed::Everything`] on a store of its own.
+    fn claim<'a>(&'a self, workflows: &'a [String], now_ms: u64) -> Read<'a, Claimed>;
 
     /// How often a shared store wants [`JournalStore::claim`] called; `None` for a store of
     /// its own (everything is claimed at open).

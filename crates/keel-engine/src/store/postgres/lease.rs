@@ -16,9 +16,11 @@
 //!    for good (every later sync fails) and the engine stops.
 //! 2. A new run is owned by the worker that created it, at epoch 1.
 //! 3. Every [`Leases::claim_every`], a worker claims running and compensating runs whose owner
-//!    is gone (no owner, or an owner whose lease expired): it sets itself as owner and
+//!    is gone (no owner, or an owner whose lease expired) and that are due (their wake time,
+//!    `keel_runs.wake_at`, has come by the claimer's clock): it sets itself as owner and
 //!    increments the epoch, skipping rows another transaction holds (`FOR UPDATE SKIP
-//!    LOCKED`), and records the claim in `keel_claims`.
+//!    LOCKED`), and records the claim in `keel_claims`. A run parked until later stays with
+//!    its gone owner until its time, or until an operator call or a send takes it over.
 //! 4. An operator call on a run another worker owns takes the run over the same way, waiting
 //!    for the owner's open transaction: the owner's next write to it is refused.
 //! 5. Every journal append and record change is made only if the run's owner and epoch are
@@ -91,21 +93,23 @@ impl Leases {
     }
 }
 
-/// Claims runs whose owner is gone: running ones of a workflow in `$3` and compensating ones
-/// (whose saga needs step kinds, not the workflow), owned by nobody or by a worker whose
-/// lease expired; only while the claimer's own lease holds. `$1`
-/// the worker, `$2` the most runs. (`NOT EXISTS` rather than a join: a row another claim
-/// changed meanwhile is rechecked against its new owner's lease.)
+/// Claims runs whose owner is gone and that are due: running ones of a workflow in `$3` and
+/// compensating ones (whose saga needs step kinds, not the workflow), owned by nobody or by a
+/// worker whose lease expired, whose wake time is at or before `$4` (the claimer's clock, in
+/// ms), the most overdue first; only while the claimer's own lease holds. `$1` the worker,
+/// `$2` the most runs. A run parked until later stays where it is until its time (or until
+/// something arrives for it: a send takes it over). (`NOT EXISTS` rather than a join: a row
+/// another claim changed meanwhile is rechecked against its new owner's lease.)
 const CLAIM: &str = "
     WITH due AS (
         SELECT r.id FROM keel_runs r
-        WHERE r.status IN ('running', 'compensating')
+        WHERE r.status IN ('running', 'compensating') AND r.wake_at <= $4
           AND (r.status = 'compensating' OR (r.record::jsonb ->> 'workflow') = ANY($3))
           AND NOT EXISTS (SELECT 1 FROM keel_workers w
                           WHERE w.id = r.owner AND w.lease_until >= clock_timestamp())
           AND EXISTS (SELECT 1 FROM keel_workers me
                       WHERE me.id = $1 AND me.lease_until > clock_timestamp())
-        ORDER BY r.id LIMIT $2
+        ORDER BY r.wake_at, r.id LIMIT $2
         FOR UPDATE OF r SKIP LOCKED),
     claimed AS (
         UPDATE keel_runs r SET owner = $1, epoch = r.epoch + 1
@@ -115,6 +119,22 @@ const CLAIM: &str = "
         INSERT INTO keel_claims (run_id, epoch, worker, claimed_at)
         SELECT id, epoch, $1, clock_timestamp() FROM claimed)
     SELECT id, epoch FROM claimed";
+
+/// The earliest wake time after `$1` of a running or compensating run whose owner is gone:
+/// owned by nobody, or by a worker whose lease expired (each such worker's earliest, read
+/// from the index on owner and wake time, so that runs parked by live workers cost nothing).
+const NEXT_WAKE: &str = "
+    SELECT min(next.wake_at) FROM (
+        (SELECT r.wake_at FROM keel_runs r
+         WHERE r.owner IS NULL AND r.status IN ('running', 'compensating') AND r.wake_at > $1
+         ORDER BY r.wake_at LIMIT 1)
+        UNION ALL
+        (SELECT first.wake_at FROM keel_workers w,
+            LATERAL (SELECT r.wake_at FROM keel_runs r
+                     WHERE r.owner = w.id AND r.status IN ('running', 'compensating')
+                       AND r.wake_at > $1
+                     ORDER BY r.wake_at LIMIT 1) first
+         WHERE w.lease_until < clock_timestamp())) next";
 
 /// Takes run `$2` for worker `$1` from another owner, waiting for a transaction that holds
 /// it; from a live owner only when `$3`; only while the taker's own lease holds. Returns the
@@ -137,12 +157,17 @@ const TAKE: &str = "
         SELECT id, epoch, $1, clock_timestamp() FROM taken)
     SELECT epoch, live FROM taken";
 
+/// The runs a claim took, with their tokens, and the earliest wake time after the claim's of
+/// a run whose owner is gone.
+type ClaimedRuns = (Vec<(RunId, Token)>, Option<u64>);
+
 /// What the control task is asked.
 enum Ask {
     Claim {
         limit: i64,
         workflows: Vec<String>,
-        reply: oneshot::Sender<Result<Vec<(RunId, Token)>>>,
+        now_ms: i64,
+        reply: oneshot::Sender<Result<ClaimedRuns>>,
     },
     Take {
         id: RunId,
@@ -321,24 +346,27 @@ impl Lease {
         })
     }
 
-    /// Claims up to `limit` runs of `workflows` whose owner is gone (step 4 of the
-    /// protocol).
+    /// Claims up to `limit` runs of `workflows` whose owner is gone and whose wake time is at
+    /// or before `now_ms` (step 3 of the protocol); returns them, and the earliest wake time
+    /// after `now_ms` of a run whose owner is gone.
     pub(crate) async fn claim(
         &self,
         limit: i64,
         workflows: Vec<String>,
-    ) -> Result<Vec<(RunId, Token)>> {
+        now_ms: u64,
+    ) -> Result<ClaimedRuns> {
         let (reply, answer) = oneshot::channel();
         self.ask(Ask::Claim {
             limit,
             workflows,
+            now_ms: super::wake_column(now_ms),
             reply,
         })?;
-        let claimed = answer.await.map_err(|_| self.stopped())??;
+        let (claimed, next_wake_ms) = answer.await.map_err(|_| self.stopped())??;
         for (id, token) in &claimed {
             self.fences.claimed(id.clone(), token.0);
         }
-        Ok(claimed)
+        Ok((claimed, next_wake_ms))
     }
 
     /// The token to write run `id` with: its current one if this worker owns it, a new one
@@ -408,9 +436,12 @@ async fn control_task(
             Ask::Claim {
                 limit,
                 workflows,
+                now_ms,
                 reply,
             } => {
-                let rows = client.query(CLAIM, &[&worker, &limit, &workflows]).await;
+                let rows = client
+                    .query(CLAIM, &[&worker, &limit, &workflows, &now_ms])
+                    .await;
                 let claimed: Result<Vec<(RunId, Token)>> =
                     rows.map_err(|e| failed(&database, e)).and_then(|rows| {
                         rows.iter()
@@ -426,7 +457,19 @@ async fn control_task(
                         tracing::info!(run_id = %id, epoch, %worker, "run claimed: its owner is gone");
                     }
                 }
-                let _ = reply.send(claimed);
+                let next_wake = async {
+                    let row = client
+                        .query_one(NEXT_WAKE, &[&now_ms])
+                        .await
+                        .map_err(|e| failed(&database, e))?;
+                    let next: Option<i64> = row.get(0);
+                    Ok(next.and_then(|ms| u64::try_from(ms).ok()))
+                };
+                let answer = match claimed {
+                    Ok(claimed) => next_wake.await.map(|next| (claimed, next)),
+                    Err(error) => Err(error),
+                };
+                let _ = reply.send(answer);
             }
             Ask::Take {
                 id,

@@ -3,7 +3,8 @@
 //! every write made before a ticket shares the commit that answers it).
 //!
 //! Schema (`schema.rs`, versioned migrations): `keel_runs` (one row per run: the record as
-//! JSON text, its status and parent for listing), `keel_journal` (one row per entry, keyed by
+//! JSON text, its status and parent for listing, its owner and epoch, and its wake time, which
+//! claims go by), `keel_journal` (one row per entry, keyed by
 //! run and index), `keel_load_counts`, `keel_stats`, and `keel_schema` (the schema version).
 //!
 //! **One connection, one transaction at a time.** Reads go through the same connection as
@@ -47,6 +48,12 @@ use writer::{Fenced, Request, Writer};
 
 /// How many runs one claim takes at most.
 const CLAIM_BATCH: i64 = 500;
+
+/// A wake time (ms) as `keel_runs.wake_at` holds it: `u64::MAX` (only when something arrives
+/// for the run) and anything past `i64::MAX` are the largest bigint, which no clock reaches.
+fn wake_column(wake_ms: u64) -> i64 {
+    i64::try_from(wake_ms).unwrap_or(i64::MAX)
+}
 
 /// How long opening waits for the database to answer before it gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -348,6 +355,13 @@ impl JournalStore for PostgresStore {
         })
     }
 
+    fn set_wake(&self, id: &RunId, wake_ms: u64) -> Result<()> {
+        self.send(Request::SetWake {
+            id: id.clone(),
+            wake_ms: wake_column(wake_ms),
+        })
+    }
+
     fn put_stats(&self, operation: &str, record: &[u8]) -> Result<()> {
         check_stats_size(operation, record)?;
         self.send(Request::PutStats {
@@ -393,10 +407,13 @@ impl JournalStore for PostgresStore {
         self.ask(|reply| Request::Release { reply })
     }
 
-    fn claim<'a>(&'a self, workflows: &'a [String]) -> Read<'a, Claimed> {
+    fn claim<'a>(&'a self, workflows: &'a [String], now_ms: u64) -> Read<'a, Claimed> {
         Box::pin(async move {
-            let claimed = self.lease.claim(CLAIM_BATCH, workflows.to_vec()).await?;
-            Ok(Claimed::Runs(claimed))
+            let (runs, next_wake_ms) = self
+                .lease
+                .claim(CLAIM_BATCH, workflows.to_vec(), now_ms)
+                .await?;
+            Ok(Claimed::Runs { runs, next_wake_ms })
         })
     }
 

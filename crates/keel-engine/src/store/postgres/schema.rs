@@ -82,6 +82,17 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (space, key)
     );
     "#,
+    // 4: each run's wake time (ms by the engines' clocks; 0: due, loaded or never parked;
+    // the largest bigint: only when something arrives for it), so that claims take only the
+    // runs that are due, the most overdue first, and leave a sleeping run in the database
+    // until its time. Existing rows are due, as every run was before.
+    r#"
+    ALTER TABLE keel_runs ADD COLUMN wake_at bigint NOT NULL DEFAULT 0;
+    CREATE INDEX keel_runs_due ON keel_runs (wake_at)
+        WHERE status IN ('running', 'compensating');
+    CREATE INDEX keel_runs_parked ON keel_runs (owner, wake_at)
+        WHERE status IN ('running', 'compensating');
+    "#,
 ];
 
 /// The schema version this binary writes.

@@ -87,6 +87,11 @@ pub(super) enum Request {
         id: RunId,
         loads: u32,
     },
+    /// The run's wake time, as `keel_runs.wake_at` holds it.
+    SetWake {
+        id: RunId,
+        wake_ms: i64,
+    },
     PutStats {
         operation: String,
         record: Vec<u8>,
@@ -283,6 +288,9 @@ impl Writer {
             }
             Request::SetLoadCount { id, loads } => {
                 let _ = self.write(|w| Box::pin(w.set_load_count(id, loads))).await;
+            }
+            Request::SetWake { id, wake_ms } => {
+                let _ = self.write(|w| Box::pin(w.set_wake(id, wake_ms))).await;
             }
             Request::PutStats { operation, record } => {
                 let _ = self

@@ -515,7 +515,7 @@ impl JournalStore for SledStore {
         self.write_wakes_built()
     }
 
-    fn claim<'a>(&'a self, _workflows: &'a [String]) -> Read<'a, Claimed> {
+    fn claim<'a>(&'a self, _workflows: &'a [String], _now_ms: u64) -> Read<'a, Claimed> {
         ready(Ok(Claimed::Everything))
     }
 

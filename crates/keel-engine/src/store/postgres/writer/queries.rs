@@ -158,6 +158,20 @@ impl Writer {
         Ok(())
     }
 
+    /// Sets the run's wake time if this worker owns it: a cell left over from before another
+    /// worker took the run over (it learns so at its next sync) must not move the new
+    /// owner's wake time, which claims go by once that owner is gone.
+    pub(super) async fn set_wake(&self, id: RunId, wake_ms: i64) -> Result<()> {
+        self.client
+            .execute(
+                "UPDATE keel_runs SET wake_at = $2 WHERE id = $1 AND owner = $3",
+                &[&id.as_str(), &wake_ms, &self.worker],
+            )
+            .await
+            .map_err(|e| self.db(e))?;
+        Ok(())
+    }
+
     pub(super) async fn put_stats(&self, operation: String, record: Vec<u8>) -> Result<()> {
         self.client
             .execute(
