@@ -216,8 +216,8 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             cache_mib,
             linger,
         }) => {
-            if workload::postgres_server().is_some() {
-                bail!("memory measures the sled store; it takes no --store");
+            if workload::postgres_server().is_some() && (cache_mib.is_some() || after_crash) {
+                bail!("--cache-mib and --after-crash are sled's: not with --store");
             }
             if runs == 0 {
                 bail!("--runs must be at least 1");

@@ -1,5 +1,5 @@
 //! `keel-bench memory`: what runs that wait cost in memory. Opens an engine on a fresh sled
-//! store, starts runs that each wait (on a 1-day durable timer, for an event that never
+//! store (or PostgreSQL database, with `--store`), starts runs that each wait (on a 1-day durable timer, for an event that never
 //! comes, for a child run that waits for one, or for a resource polled every hour), and reports the process's RSS before the engine opened, once it is open and idle,
 //! and once every run waits, with what the engine holds (`Engine::resident`: runs loaded,
 //! runs parked). With parking off, every waiting run keeps its cell and its driver.
@@ -39,6 +39,10 @@ impl WaitKind {
     }
 }
 
+/// How long a reopened engine on PostgreSQL is watched for claims of runs not due (a claim
+/// a second by default).
+const CLAIMS_WATCHED: Duration = Duration::from_millis(2_500);
+
 /// What `memory` is asked to do.
 pub(crate) struct MemoryParams {
     pub runs: u32,
@@ -56,13 +60,17 @@ pub(crate) struct MemoryParams {
 }
 
 impl MemoryParams {
-    /// The engine these runs are measured in, on the store in `path`.
-    fn builder(&self, path: &Path) -> keel_engine::EngineBuilder {
-        let builder = workload::registered(path).park_after(self.park_after);
-        match self.cache_bytes {
-            Some(bytes) => builder.sled_cache_bytes(bytes),
-            None => builder,
+    /// The engine these runs are measured in, on the store in `path` (or its database, with
+    /// `--store`).
+    async fn builder(&self, path: &Path) -> keel_engine::EngineBuilder {
+        let mut builder = workload::registered(path).park_after(self.park_after);
+        if let Some(bytes) = self.cache_bytes {
+            builder = builder.sled_cache_bytes(bytes);
         }
+        if let Some(server) = workload::postgres_server() {
+            builder = builder.postgres(workload::database_of(&server, path).await);
+        }
+        builder
     }
 }
 
@@ -190,7 +198,7 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
     let data = system::fresh_data_dir(dir, "keel-bench-memory-")?;
     let page_bytes = system::page_bytes();
     let rss_before_open = system::rss_bytes(page_bytes)?;
-    let engine = params.builder(data.path()).open().await?;
+    let engine = params.builder(data.path()).await.open().await?;
     let rss_idle = system::rss_bytes(page_bytes)?;
     let started = Instant::now();
     match params.wait {
@@ -247,7 +255,7 @@ pub(crate) async fn reopen_only(
     params: &MemoryParams,
     after_crash: bool,
 ) -> anyhow::Result<Reopened> {
-    if !path.join("db").is_file() {
+    if workload::postgres_server().is_none() && !path.join("db").is_file() {
         bail!(
             "{}: no sled store there (keep one with --keep)",
             path.display()
@@ -259,14 +267,29 @@ pub(crate) async fn reopen_only(
     reopen(path, params, system::page_bytes()).await
 }
 
-/// Opens the engine again on `path` and times it until every run waits again.
+/// Opens the engine again on `path` and times it until every run waits again. On PostgreSQL
+/// the runs wait in the database (claims take only those due): the engine must hold none of
+/// them after a few claims, and they wait from the open's end.
 async fn reopen(path: &Path, params: &MemoryParams, page_bytes: u64) -> anyhow::Result<Reopened> {
+    let builder = params.builder(path).await;
     let rss_before = system::rss_bytes(page_bytes)?;
     let started = Instant::now();
-    let engine = params.builder(path).open().await?;
+    let engine = builder.open().await?;
     let open_seconds = started.elapsed().as_secs_f64();
-    let resident = all_waiting(&engine, params).await?;
-    let waiting_seconds = started.elapsed().as_secs_f64();
+    let (resident, waiting_seconds) = match workload::postgres_server() {
+        Some(_) => {
+            tokio::time::sleep(CLAIMS_WATCHED).await;
+            let held = engine.resident();
+            if held != Resident::default() {
+                bail!("the reopened engine holds {held:?}: it took runs that are not due");
+            }
+            (held, open_seconds)
+        }
+        None => (
+            all_waiting(&engine, params).await?,
+            started.elapsed().as_secs_f64(),
+        ),
+    };
     let rss = system::rss_bytes(page_bytes)?;
     let rss_peak = system::peak_rss_bytes()?;
     let rss_lingered = match params.linger.is_zero() {
