@@ -50,6 +50,19 @@ impl Workflow for Nap {
     }
 }
 
+/// Takes one event `go`, with no deadline: parked, it has no wake time.
+struct Receiver;
+
+impl Workflow for Receiver {
+    const NAME: &'static str = "test.pg-receiver";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<u32, WorkflowError> {
+        ctx.receive("go").await
+    }
+}
+
 /// [`Nap`] under another name: a second workflow type.
 struct OtherNap;
 
@@ -70,6 +83,7 @@ async fn open(scratch: &Scratch, clock: &TestClock) -> Engine {
         .clock(clock.clone())
         .leases(LEASES)
         .workflow::<Nap>()
+        .workflow::<Receiver>()
         .step::<Undoable>()
         .open()
         .await
@@ -133,7 +147,7 @@ async fn parked_runs_wait_in_the_database(scratch: &Scratch, url: &str, second: 
     assert_eq!(
         engine.resident(),
         Resident::default(),
-        "no run read by the open"
+        "nothing loaded or parked by the open"
     );
     assert_eq!(
         count(url, "SELECT count(*)::text FROM keel_claims").await,
@@ -242,6 +256,17 @@ async fn engines_sharing_a_database_keep_each_others_types() {
     };
     a.start::<Nap>("nap", input()).await.unwrap();
     b.start::<OtherNap>("other", input()).await.unwrap();
+    // Each run's compensable step started (and listed its kind) before the shutdowns.
+    for _ in 0..3_000 {
+        let done = ground_truth::read(std::path::Path::new(&scratch.log));
+        if ["nap", "other"]
+            .iter()
+            .all(|run| done.iter().any(|e| e.run == *run))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     a.shutdown().await;
     b.shutdown().await;
     let listed = query_texts(
@@ -274,4 +299,111 @@ async fn engines_sharing_a_database_keep_each_others_types() {
         }
         other => panic!("expected Unregistered, got {other:?}"),
     }
+}
+
+/// A run parked in a receive with no deadline has no wake time: once its engine is gone, no
+/// claim takes it and no claim loop sleeps for it (nothing sleeps on the other engine's
+/// clock); a send through another engine takes it over and it finishes there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receive_whose_engine_is_gone_waits_for_a_send() {
+    let scratch = Scratch::new();
+    let url = url_of(&scratch);
+    let first = open(&scratch, &scratch.clock).await;
+    first.start::<Receiver>("inbox", ()).await.unwrap();
+    keel_testkit::poll::resident(
+        &first,
+        Resident {
+            loaded: 0,
+            parked: 1,
+        },
+    )
+    .await;
+    assert_eq!(wake_times(&url).await, vec![i64::MAX.to_string()]);
+    first.shutdown().await;
+    drop(first);
+
+    let second_clock = TestClock::new();
+    let second = open(&scratch, &second_clock).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(second.resident(), Resident::default());
+    assert_eq!(
+        count(&url, "SELECT count(*)::text FROM keel_claims").await,
+        0,
+        "no run claimed"
+    );
+    assert_eq!(second_clock.next_wake_ms(), None, "nothing sleeps for it");
+    second.send("inbox", "go", &7u32, "go-1").await.unwrap();
+    let record = tokio::time::timeout(keel_testkit::poll::CONDITION_TIMEOUT, second.wait("inbox"))
+        .await
+        .expect("finished once sent to")
+        .unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    assert_eq!(record.output, Some(serde_json::json!(7)));
+    second.shutdown().await;
+}
+
+/// A change of a run's owner made by SQL alone, as a worker of an earlier version claims or
+/// takes a run (it writes no wake times), makes the run due in the database: its new owner
+/// can never leave it parked at a time it did not set. Once that owner is gone, the next
+/// open claims it at once, and it parks again at its own time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_owner_makes_a_run_due() {
+    let scratch = Scratch::new();
+    let url = url_of(&scratch);
+    let first = open(&scratch, &scratch.clock).await;
+    first
+        .start::<Nap>(
+            "nap",
+            NapInput {
+                log: scratch.log.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    keel_testkit::poll::resident(
+        &first,
+        Resident {
+            loaded: 0,
+            parked: 1,
+        },
+    )
+    .await;
+    let wake_ms = TestClock::START_MS + HOUR_MS;
+    assert_eq!(wake_times(&url).await, vec![wake_ms.to_string()]);
+    first.shutdown().await;
+    drop(first);
+
+    execute(
+        &url,
+        "UPDATE keel_runs SET owner = 'an-earlier-worker', epoch = epoch + 1 WHERE id = 'nap'",
+    )
+    .await;
+    assert_eq!(
+        query_texts(&url, "SELECT wake_at::text FROM keel_runs").await,
+        vec!["0".to_string()],
+        "due once its owner changed"
+    );
+    let second_clock = TestClock::new();
+    let second = open(&scratch, &second_clock).await;
+    keel_testkit::poll::resident(
+        &second,
+        Resident {
+            loaded: 0,
+            parked: 1,
+        },
+    )
+    .await;
+    assert_eq!(wake_times(&url).await, vec![wake_ms.to_string()]);
+    second_clock.advance_to(wake_ms);
+    let record = tokio::time::timeout(keel_testkit::poll::CONDITION_TIMEOUT, second.wait("nap"))
+        .await
+        .expect("finished at its wake time")
+        .unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    let done: Vec<(Action, u32, u32)> = ground_truth::read(std::path::Path::new(&scratch.log))
+        .into_iter()
+        .map(|e| (e.action, e.step, e.attempt))
+        .collect();
+    assert_eq!(done, [(Action::Do, 0, 1), (Action::Do, 2, 1)]);
+    second.shutdown().await;
 }

@@ -80,6 +80,8 @@ pub(crate) struct MemoryReport {
     pub runs: u32,
     pub wait: WaitKind,
     pub parks: bool,
+    /// The PostgreSQL server measured (`--store`); `None`: sled.
+    pub store: Option<String>,
     /// The bound on sled's cache, in bytes; `None`: sled's default (1 GiB).
     pub sled_cache_bytes: Option<u64>,
     /// RSS before the engine opened, in bytes.
@@ -124,7 +126,7 @@ impl MemoryReport {
     pub(crate) fn table(&self) -> String {
         let mib = |bytes: u64| bytes as f64 / (1024.0 * 1024.0);
         format!(
-            "{} runs waiting for {:?}, parking {}, sled's cache {}\n\n\
+            "{} runs waiting for {:?}, parking {}, {}\n\n\
              | figure | value |\n|---|---|\n\
              | RSS before open | {:.1} MiB |\n\
              | RSS open, idle | {:.1} MiB |\n\
@@ -135,11 +137,11 @@ impl MemoryReport {
             self.runs,
             self.wait,
             if self.parks { "on" } else { "off" },
-            self.sled_cache_bytes
-                .map_or("1 GiB (default)".to_string(), |b| format!(
-                    "{:.0} MiB",
-                    mib(b)
-                )),
+            match (&self.store, self.sled_cache_bytes) {
+                (Some(store), _) => store.clone(),
+                (None, None) => "sled's cache 1 GiB (default)".to_string(),
+                (None, Some(b)) => format!("sled's cache {:.0} MiB", mib(b)),
+            },
             mib(self.rss_before_open),
             mib(self.rss_idle),
             mib(self.rss_waiting),
@@ -234,6 +236,7 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
         runs: params.runs,
         wait: params.wait,
         parks: params.park_after.is_some(),
+        store: workload::postgres_server().map(|server| workload::postgres_store_name(&server)),
         sled_cache_bytes: params.cache_bytes,
         rss_before_open,
         rss_idle,

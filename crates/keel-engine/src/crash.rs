@@ -56,8 +56,9 @@ pub const POSTGRES_POINTS: &[&str] = &["postgres.after_commit"];
 pub const OPEN_POINTS: &[&str] = &["open.after_claim"];
 
 /// The points of the wake index and of parking (`engine/parking.rs`), met in full only by
-/// runs that park; their crash tests iterate over this list (on PostgreSQL, which keeps no
-/// wake index, without `start.after_wake_entry`: see [`SLED_POINTS`]).
+/// runs that park; their crash tests iterate over this list (on PostgreSQL, which keeps wake
+/// times in the run's row and writes none at a start, without `start.after_wake_entry`: see
+/// [`SLED_POINTS`]).
 pub const PARK_POINTS: &[&str] = &[
     "start.after_wake_entry",
     "park.after_index",

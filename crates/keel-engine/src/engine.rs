@@ -446,14 +446,14 @@ impl Engine {
             Some(_) => Some(self.inner.loading.lock().await),
             None => None,
         };
-        // Before a new record, in the store's write order: the workflow among the types the
-        // runs use (the run's wake index entry comes with its record, from `create_run`).
-        // The record is read first only when that would write: a start that finds the run
-        // (or a record it cannot read) writes no type. When the type is listed already (on
-        // PostgreSQL, which keeps no list, always), a new run costs no read.
+        // Before a new record, in the store's write order (on PostgreSQL, committed before
+        // it): the workflow among the types the runs use (the run's wake index entry comes
+        // with its record, from `create_run`). The record is read first only when that would
+        // write: a start that finds the run (or a record it cannot read) writes no type.
+        // When the type is listed already, a new run costs no read.
         let types = &self.inner.env.types;
         if types.would_note_workflow(workflow) && self.inner.env.store.run(&id).await?.is_none() {
-            types.workflow(&*self.inner.env.store, workflow)?;
+            types.workflow(&*self.inner.env.store, workflow).await?;
         }
         match self.inner.env.store.create_run(&record).await? {
             None => {

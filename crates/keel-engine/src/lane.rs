@@ -379,6 +379,7 @@ impl Lane {
             self.env
                 .types
                 .step_kind(&*self.env.store, kind)
+                .await
                 .map_err(Interrupt::Engine)?;
         }
         self.journal_start(Event::StepStarted {

@@ -15,8 +15,12 @@
 //!   never removed, and `complete` once an open has read every run and written what they
 //!   use. Every engine writes each type it uses whether or not the list is complete, so an
 //!   open that reads the runs while another engine starts one cannot mark the list complete
-//!   without that engine's type. The value is the name; a name too long for a key is keyed
-//!   by its first bytes and two checksums of the whole.
+//!   without that engine's type. Each key is committed on its own (`add_keyed`), outside the
+//!   transaction holding the engine's other writes, so engines adding the same type never
+//!   wait on each other's transactions. The value is the name; a name too long for a key is
+//!   keyed by its first bytes and two checksums of the whole. A type no run uses any more
+//!   stays listed: an engine without it reads every run at each open, until an operator
+//!   deletes its key (`DELETE FROM keel_keyed WHERE space = 'types-used' AND key = 'w:...'`).
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
@@ -142,8 +146,8 @@ impl TypesUsed {
     }
 
     /// Notes that a run is started under `workflow`, before its record is written.
-    pub(crate) fn workflow(&self, store: &dyn JournalStore, workflow: &str) -> Result<()> {
-        self.note(store, Kind::Workflow, workflow)
+    pub(crate) async fn workflow(&self, store: &dyn JournalStore, workflow: &str) -> Result<()> {
+        self.note(store, Kind::Workflow, workflow).await
     }
 
     /// Whether noting `workflow` ([`TypesUsed::workflow`]) would write: the list is kept
@@ -160,18 +164,18 @@ impl TypesUsed {
     }
 
     /// Notes that a compensable step of `kind` starts, before its start is written.
-    pub(crate) fn step_kind(&self, store: &dyn JournalStore, kind: &str) -> Result<()> {
-        self.note(store, Kind::StepKind, kind)
+    pub(crate) async fn step_kind(&self, store: &dyn JournalStore, kind: &str) -> Result<()> {
+        self.note(store, Kind::StepKind, kind).await
     }
 
     /// Makes the list `types` (what the store's runs need, found by reading them all): the
     /// one record is replaced; per type, what is missing is added (nothing is removed: another
     /// engine may have just written a type its new run uses) and the list marked complete.
-    pub(crate) fn replace(&self, store: &dyn JournalStore, types: Types) -> Result<()> {
-        let mut known = self.known.lock().expect("types lock");
+    pub(crate) async fn replace(&self, store: &dyn JournalStore, types: Types) -> Result<()> {
         match self.form {
             Form::None => Ok(()),
             Form::Record => {
+                let mut known = self.known.lock().expect("types lock");
                 *known = Known {
                     types: Some(types),
                     complete: true,
@@ -179,42 +183,59 @@ impl TypesUsed {
                 Self::write(store, &mut known)
             }
             Form::PerType => {
-                let listed = known.types.get_or_insert_with(Types::default);
                 for (kind, names) in [
                     (Kind::Workflow, &types.workflows),
                     (Kind::StepKind, &types.step_kinds),
                 ] {
                     for name in names {
-                        if kind.names(listed).insert(name.clone()) {
-                            store.put_keyed(Space::TypesUsed, &kind.key(name), name)?;
-                        }
+                        self.note(store, kind, name).await?;
                     }
                 }
-                store.put_keyed(Space::TypesUsed, COMPLETE, "")?;
-                known.complete = true;
+                store.add_keyed(Space::TypesUsed, COMPLETE, "").await?;
+                self.known.lock().expect("types lock").complete = true;
                 Ok(())
             }
         }
     }
 
-    /// Adds a type (new to this engine) and writes the list if it changed.
-    fn note(&self, store: &dyn JournalStore, kind: Kind, name: &str) -> Result<()> {
-        if self.form == Form::None {
-            return Ok(());
-        }
-        let mut known = self.known.lock().expect("types lock");
-        let added = match known.types.as_mut() {
-            Some(types) => added(kind.names(types), name),
-            // Not known (one record): nothing to keep up to date until an open reads every
-            // run.
-            None => false,
-        };
-        if !added {
-            return Ok(());
-        }
+    /// Adds a type (new to this engine) and writes the list if it changed. Per type, the
+    /// key is written (committed on its own) before the type counts as listed here, so a
+    /// concurrent use of the same new type writes it too rather than going on before it is
+    /// durable, and a failed write is tried again at the next use.
+    async fn note(&self, store: &dyn JournalStore, kind: Kind, name: &str) -> Result<()> {
         match self.form {
-            Form::PerType => store.put_keyed(Space::TypesUsed, &kind.key(name), name),
-            _ => Self::write(store, &mut known),
+            Form::None => Ok(()),
+            Form::Record => {
+                let mut known = self.known.lock().expect("types lock");
+                let added = match known.types.as_mut() {
+                    Some(types) => added(kind.names(types), name),
+                    // Not known: nothing to keep up to date until an open reads every run.
+                    None => false,
+                };
+                if added {
+                    Self::write(store, &mut known)?;
+                }
+                Ok(())
+            }
+            Form::PerType => {
+                let listed = {
+                    let known = self.known.lock().expect("types lock");
+                    known.types.as_ref().is_some_and(|types| match kind {
+                        Kind::Workflow => types.workflows.contains(name),
+                        Kind::StepKind => types.step_kinds.contains(name),
+                    })
+                };
+                if listed {
+                    return Ok(());
+                }
+                store
+                    .add_keyed(Space::TypesUsed, &kind.key(name), name)
+                    .await?;
+                let mut known = self.known.lock().expect("types lock");
+                let types = known.types.get_or_insert_with(Types::default);
+                added(kind.names(types), name);
+                Ok(())
+            }
         }
     }
 

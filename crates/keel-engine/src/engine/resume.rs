@@ -207,7 +207,8 @@ impl Engine {
         if all_read {
             // The types the runs use, as read (on a shared store, added to what is listed).
             env.types
-                .replace(&*env.store, std::mem::take(&mut unregistered.needed))?;
+                .replace(&*env.store, std::mem::take(&mut unregistered.needed))
+                .await?;
         } else {
             // What could not be read was not checked: the next open reads every run again.
             tracing::warn!(
@@ -452,8 +453,9 @@ impl Engine {
 impl Engine {
     /// On a store several engines share, claims and adopts the runs whose owner is gone and
     /// that are due: at once (after the open's own claim, the runs past its batch), then every
-    /// claim interval, and when the engine's clock reaches the wake time of the next run
-    /// whose owner is gone, until the engine shuts down or the store breaks.
+    /// claim interval, and when the engine's clock reaches the wake time the last claim named
+    /// (the next run whose owner is gone; now, after a full batch) but never sooner than a
+    /// tenth of the interval after it, until the engine shuts down or the store breaks.
     pub(super) fn spawn_claims(&self) {
         let Some(every) = self.inner.env.store.claim_every() else {
             return;
@@ -473,7 +475,10 @@ impl Engine {
                 };
                 let next_wake = async {
                     match next_wake_ms {
-                        Some(at_ms) => clock.sleep_until(at_ms).await,
+                        Some(at_ms) => {
+                            tokio::time::sleep(every / 10).await;
+                            clock.sleep_until(at_ms).await
+                        }
                         None => std::future::pending().await,
                     }
                 };
@@ -490,6 +495,8 @@ impl Engine {
                 engine.unload_stale();
                 let workflows = engine.inner.workflows.name_list();
                 let now_ms = engine.inner.env.clock.now_ms();
+                // Kept only from a claim that answered: after a failure, the interval.
+                next_wake_ms = None;
                 match engine.inner.env.store.claim(&workflows, now_ms).await {
                     Ok(claimed) => {
                         if let Claimed::Runs {

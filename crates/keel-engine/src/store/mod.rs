@@ -210,6 +210,18 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// next sync; on a shared store, the last write of a key wins.
     fn put_keyed(&self, space: Space, key: &str, value: &str) -> Result<()>;
 
+    /// Writes the record `key` of `space` unless one is there, durable when this resolves. On
+    /// a shared store it is written on its own, outside the transaction that holds this
+    /// engine's other writes, so that engines adding the same key never wait on (or
+    /// deadlock with) each other's transactions; on a store of one engine it is written as
+    /// [`JournalStore::put_keyed`] writes, in order with the others, and synced.
+    fn add_keyed<'a>(&'a self, space: Space, key: &'a str, value: &'a str) -> Read<'a, ()> {
+        Box::pin(async move {
+            self.put_keyed(space, key, value)?;
+            self.sync().wait().await
+        })
+    }
+
     /// Deletes the record `key` of `space`, if any. Durable with the next sync.
     fn delete_keyed(&self, space: Space, key: &str) -> Result<()>;
 

@@ -39,7 +39,7 @@ use tokio_postgres::Client;
 
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
-use crate::store::{Takeover, Token};
+use crate::store::{Space, Takeover, Token};
 
 use super::renewer::Renewer;
 use super::writer::Fenced;
@@ -121,18 +121,21 @@ const CLAIM: &str = "
     SELECT id, epoch FROM claimed";
 
 /// The earliest wake time after `$1` of a running or compensating run whose owner is gone:
-/// owned by nobody, or by a worker whose lease expired (each such worker's earliest, read
-/// from the index on owner and wake time, so that runs parked by live workers cost nothing).
+/// owned by nobody (from the index of such runs), or by a worker whose lease expired (each
+/// such worker's earliest, from the index on owner and wake time), so that runs parked by
+/// live workers cost nothing. Runs waiting only for something to arrive (the largest bigint)
+/// have no time.
 const NEXT_WAKE: &str = "
     SELECT min(next.wake_at) FROM (
         (SELECT r.wake_at FROM keel_runs r
-         WHERE r.owner IS NULL AND r.status IN ('running', 'compensating') AND r.wake_at > $1
+         WHERE r.owner IS NULL AND r.status IN ('running', 'compensating')
+           AND r.wake_at > $1 AND r.wake_at < 9223372036854775807
          ORDER BY r.wake_at LIMIT 1)
         UNION ALL
         (SELECT first.wake_at FROM keel_workers w,
             LATERAL (SELECT r.wake_at FROM keel_runs r
                      WHERE r.owner = w.id AND r.status IN ('running', 'compensating')
-                       AND r.wake_at > $1
+                       AND r.wake_at > $1 AND r.wake_at < 9223372036854775807
                      ORDER BY r.wake_at LIMIT 1) first
          WHERE w.lease_until < clock_timestamp())) next";
 
@@ -173,6 +176,13 @@ enum Ask {
         id: RunId,
         takeover: Takeover,
         reply: oneshot::Sender<Result<Option<Taken>>>,
+    },
+    /// A keyed record, unless one is there, committed on its own.
+    AddKeyed {
+        space: Space,
+        key: String,
+        value: String,
+        reply: oneshot::Sender<Result<()>>,
     },
 }
 
@@ -395,6 +405,19 @@ impl Lease {
         Ok(Some(taken.token))
     }
 
+    /// Writes the keyed record `key` of `space` unless one is there, committed on its own
+    /// (see [`crate::store::JournalStore::add_keyed`]).
+    pub(crate) async fn add_keyed(&self, space: Space, key: &str, value: &str) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.ask(Ask::AddKeyed {
+            space,
+            key: key.to_string(),
+            value: value.to_string(),
+            reply,
+        })?;
+        answer.await.map_err(|_| self.stopped())?
+    }
+
     /// Whether the lease holds by this worker's clock: it started no later than the database
     /// started it, so it ends no later either (clocks drift far less than a lease).
     pub(crate) fn held(&self) -> bool {
@@ -424,7 +447,8 @@ impl Lease {
     }
 }
 
-/// Answers claims and takeovers, one at a time, on a connection of their own.
+/// Answers claims, takeovers and the keyed records added on their own (`add_keyed`), one at a
+/// time, on a connection of their own, each statement its own transaction.
 async fn control_task(
     client: Client,
     worker: String,
@@ -457,16 +481,15 @@ async fn control_task(
                         tracing::info!(run_id = %id, epoch, %worker, "run claimed: its owner is gone");
                     }
                 }
-                let next_wake = async {
-                    let row = client
-                        .query_one(NEXT_WAKE, &[&now_ms])
-                        .await
-                        .map_err(|e| failed(&database, e))?;
-                    let next: Option<i64> = row.get(0);
-                    Ok(next.and_then(|ms| u64::try_from(ms).ok()))
-                };
                 let answer = match claimed {
-                    Ok(claimed) => next_wake.await.map(|next| (claimed, next)),
+                    // A full batch: more may be due now.
+                    Ok(claimed) if claimed.len() as i64 >= limit => {
+                        Ok((claimed, u64::try_from(now_ms).ok()))
+                    }
+                    Ok(claimed) => {
+                        let next = next_wake(&client, now_ms).await;
+                        Ok((claimed, next))
+                    }
                     Err(error) => Err(error),
                 };
                 let _ = reply.send(answer);
@@ -478,6 +501,36 @@ async fn control_task(
             } => {
                 let _ = reply.send(take(&client, &worker, &database, &id, takeover).await);
             }
+            Ask::AddKeyed {
+                space,
+                key,
+                value,
+                reply,
+            } => {
+                let added = client
+                    .execute(
+                        "INSERT INTO keel_keyed (space, key, value) VALUES ($1, $2, $3) \
+                         ON CONFLICT (space, key) DO NOTHING",
+                        &[&space.as_str(), &key, &value],
+                    )
+                    .await;
+                let _ = reply.send(added.map(drop).map_err(|e| failed(&database, e)));
+            }
+        }
+    }
+}
+
+/// The earliest wake time after `now_ms` of a run whose owner is gone ([`NEXT_WAKE`]); `None`
+/// when there is none, or when the query failed (logged: the runs claimed before it are this
+/// worker's already, and must still be adopted; claims go on every interval).
+async fn next_wake(client: &Client, now_ms: i64) -> Option<u64> {
+    match client.query_one(NEXT_WAKE, &[&now_ms]).await {
+        Ok(row) => row
+            .get::<_, Option<i64>>(0)
+            .and_then(|ms| u64::try_from(ms).ok()),
+        Err(error) => {
+            tracing::warn!(%error, "the next wake time of the runs whose owner is gone could not be read");
+            None
         }
     }
 }

@@ -387,6 +387,13 @@ impl JournalStore for PostgresStore {
         })
     }
 
+    fn add_keyed<'a>(&'a self, space: Space, key: &'a str, value: &'a str) -> Read<'a, ()> {
+        Box::pin(async move {
+            check_keyed(space, key, value)?;
+            self.lease.add_keyed(space, key, value).await
+        })
+    }
+
     fn delete_keyed(&self, space: Space, key: &str) -> Result<()> {
         self.send(Request::DeleteKeyed {
             space,

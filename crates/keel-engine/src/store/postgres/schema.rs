@@ -85,13 +85,28 @@ const MIGRATIONS: &[&str] = &[
     // 4: each run's wake time (ms by the engines' clocks; 0: due, loaded or never parked;
     // the largest bigint: only when something arrives for it), so that claims take only the
     // runs that are due, the most overdue first, and leave a sleeping run in the database
-    // until its time. Existing rows are due, as every run was before.
+    // until its time. Existing rows are due, as every run was before. Every change of owner
+    // (a claim, a takeover: the epoch moves) makes the run due, in the database itself, so
+    // that a run taken by a worker of an earlier version, which writes no wake times, is
+    // never left parked at a time its new owner did not set. The indexes: due runs, the
+    // most overdue first (claims); each owner's parked runs by time, and those of no owner
+    // (the next wake time of a run whose owner is gone).
     r#"
     ALTER TABLE keel_runs ADD COLUMN wake_at bigint NOT NULL DEFAULT 0;
     CREATE INDEX keel_runs_due ON keel_runs (wake_at)
         WHERE status IN ('running', 'compensating');
     CREATE INDEX keel_runs_parked ON keel_runs (owner, wake_at)
         WHERE status IN ('running', 'compensating');
+    CREATE INDEX keel_runs_unowned ON keel_runs (wake_at)
+        WHERE owner IS NULL AND status IN ('running', 'compensating');
+    CREATE FUNCTION keel_runs_taken() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            NEW.wake_at := 0;
+            RETURN NEW;
+        END $$;
+    CREATE TRIGGER keel_runs_taken BEFORE UPDATE OF epoch ON keel_runs
+        FOR EACH ROW WHEN (NEW.epoch IS DISTINCT FROM OLD.epoch)
+        EXECUTE FUNCTION keel_runs_taken();
     "#,
 ];
 
