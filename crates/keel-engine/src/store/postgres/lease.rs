@@ -98,12 +98,32 @@ impl Leases {
 /// worker whose lease expired, whose wake time is at or before `$4` (the claimer's clock, in
 /// ms), the most overdue first; only while the claimer's own lease holds. `$1` the worker,
 /// `$2` the most runs. A run parked until later stays where it is until its time (or until
-/// something arrives for it: a send takes it over). (`NOT EXISTS` rather than a join: a row
-/// another claim changed meanwhile is rechecked against its new owner's lease.)
+/// something arrives for it: a send takes it over).
+///
+/// The candidates are read per gone owner, from the indexes the next wake time uses (no
+/// owner; each expired worker's runs by time), so that runs of live workers, loaded or
+/// parked, cost a claim nothing. Each is then locked and checked again (`NOT EXISTS` rather
+/// than a join: a row another claim changed meanwhile is rechecked against its new owner's
+/// lease).
 const CLAIM: &str = "
-    WITH due AS (
+    WITH candidates AS (
+        (SELECT r.id FROM keel_runs r
+         WHERE r.owner IS NULL AND r.status IN ('running', 'compensating') AND r.wake_at <= $4
+           AND (r.status = 'compensating' OR (r.record::jsonb ->> 'workflow') = ANY($3))
+         ORDER BY r.wake_at LIMIT $2)
+        UNION ALL
+        (SELECT first.id FROM keel_workers w,
+            LATERAL (SELECT r.id FROM keel_runs r
+                     WHERE r.owner = w.id AND r.status IN ('running', 'compensating')
+                       AND r.wake_at <= $4
+                       AND (r.status = 'compensating'
+                            OR (r.record::jsonb ->> 'workflow') = ANY($3))
+                     ORDER BY r.wake_at LIMIT $2) first
+         WHERE w.lease_until < clock_timestamp())),
+    due AS (
         SELECT r.id FROM keel_runs r
-        WHERE r.status IN ('running', 'compensating') AND r.wake_at <= $4
+        WHERE r.id IN (SELECT id FROM candidates)
+          AND r.status IN ('running', 'compensating') AND r.wake_at <= $4
           AND (r.status = 'compensating' OR (r.record::jsonb ->> 'workflow') = ANY($3))
           AND NOT EXISTS (SELECT 1 FROM keel_workers w
                           WHERE w.id = r.owner AND w.lease_until >= clock_timestamp())

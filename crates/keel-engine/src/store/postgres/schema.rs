@@ -88,13 +88,14 @@ const MIGRATIONS: &[&str] = &[
     // until its time. Existing rows are due, as every run was before. Every change of owner
     // (a claim, a takeover: the epoch moves) makes the run due, in the database itself, so
     // that a run taken by a worker of an earlier version, which writes no wake times, is
-    // never left parked at a time its new owner did not set. The indexes: due runs, the
-    // most overdue first (claims); each owner's parked runs by time, and those of no owner
-    // (the next wake time of a run whose owner is gone).
+    // never left parked at a time its new owner did not set. The indexes, which claims and
+    // the next wake time read per gone owner: each owner's unsettled runs by time, and those
+    // of no owner. They replace the index of unsettled runs by id that claims read before,
+    // so that an update of a wake time touches no more indexes than it must (the row has
+    // indexed columns that change, so every index gets the new version).
     r#"
     ALTER TABLE keel_runs ADD COLUMN wake_at bigint NOT NULL DEFAULT 0;
-    CREATE INDEX keel_runs_due ON keel_runs (wake_at)
-        WHERE status IN ('running', 'compensating');
+    DROP INDEX keel_runs_drivable;
     CREATE INDEX keel_runs_parked ON keel_runs (owner, wake_at)
         WHERE status IN ('running', 'compensating');
     CREATE INDEX keel_runs_unowned ON keel_runs (wake_at)

@@ -134,9 +134,13 @@ pub(super) enum Request {
 pub(super) type Fenced = Arc<super::fences::Fences>;
 
 /// The hot statements, prepared once.
-struct Statements {
+pub(super) struct Statements {
     append: Statement,
     update_record: Statement,
+    /// A run's wake time, set only while this worker owns the run (a cell left over from
+    /// before a takeover must not move the new owner's), and only when it changes (an
+    /// update of the row touches every index on it).
+    pub(super) set_wake: Statement,
     run: Statement,
     journal: Statement,
 }
@@ -204,6 +208,11 @@ impl Writer {
             update_record: prepare(
                 "UPDATE keel_runs SET status = $2, parent = $3, record = $4 \
                  WHERE id = $1 AND owner = $6 AND epoch = $5",
+            )
+            .await?,
+            set_wake: prepare(
+                "UPDATE keel_runs SET wake_at = $2 \
+                 WHERE id = $1 AND owner = $3 AND wake_at <> $2",
             )
             .await?,
             run: prepare("SELECT record FROM keel_runs WHERE id = $1").await?,

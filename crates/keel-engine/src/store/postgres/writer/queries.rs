@@ -164,7 +164,7 @@ impl Writer {
     pub(super) async fn set_wake(&self, id: RunId, wake_ms: i64) -> Result<()> {
         self.client
             .execute(
-                "UPDATE keel_runs SET wake_at = $2 WHERE id = $1 AND owner = $3",
+                &self.statements.set_wake,
                 &[&id.as_str(), &wake_ms, &self.worker],
             )
             .await
