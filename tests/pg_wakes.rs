@@ -99,6 +99,34 @@ async fn count(url: &str, sql: &str) -> usize {
     query_texts(url, sql).await[0].parse().unwrap()
 }
 
+/// Waits until `engine` holds exactly `runs` runs, all parked.
+async fn all_parked(engine: &Engine, runs: usize) {
+    let want = Resident {
+        loaded: 0,
+        parked: runs,
+    };
+    keel_testkit::poll::resident(engine, want).await;
+}
+
+/// Run `id`'s record once it completed on `engine`, within the tests' bound.
+async fn ended(engine: &Engine, id: &str) -> keel::RunRecord {
+    let record = tokio::time::timeout(keel_testkit::poll::CONDITION_TIMEOUT, engine.wait(id))
+        .await
+        .unwrap_or_else(|_| panic!("run {id} did not end"))
+        .unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    record
+}
+
+/// The effects the steps of run `id` made, as the ground-truth log has them.
+fn effects_of(scratch: &Scratch, id: &str) -> Vec<(Action, u32, u32)> {
+    ground_truth::read(std::path::Path::new(&scratch.log))
+        .into_iter()
+        .filter(|e| e.run == id)
+        .map(|e| (e.action, e.step, e.attempt))
+        .collect()
+}
+
 /// Starts [`RUNS`] naps and waits until every one is parked in its sleep.
 async fn start_parked(engine: &Engine, scratch: &Scratch) {
     for i in 0..RUNS {
@@ -110,14 +138,7 @@ async fn start_parked(engine: &Engine, scratch: &Scratch) {
             .await
             .unwrap();
     }
-    keel_testkit::poll::resident(
-        engine,
-        Resident {
-            loaded: 0,
-            parked: RUNS,
-        },
-    )
-    .await;
+    all_parked(engine, RUNS).await;
 }
 
 /// Every run's wake time as the database holds it, once all are written (a park's is
@@ -164,17 +185,12 @@ async fn parked_runs_wait_in_the_database(scratch: &Scratch, url: &str, second: 
     second.advance_to(wake_ms);
     for i in 0..RUNS {
         let id = format!("nap-{i}");
-        let record = tokio::time::timeout(keel_testkit::poll::CONDITION_TIMEOUT, engine.wait(&id))
-            .await
-            .expect("claimed and finished at its wake time")
-            .unwrap();
-        assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
-        let done: Vec<(Action, u32, u32)> = ground_truth::read(std::path::Path::new(&scratch.log))
-            .into_iter()
-            .filter(|e| e.run == id)
-            .map(|e| (e.action, e.step, e.attempt))
-            .collect();
-        assert_eq!(done, [(Action::Do, 0, 1), (Action::Do, 2, 1)], "{id}");
+        ended(&engine, &id).await;
+        assert_eq!(
+            effects_of(scratch, &id),
+            [(Action::Do, 0, 1), (Action::Do, 2, 1)],
+            "{id}"
+        );
     }
     assert_eq!(
         count(url, "SELECT count(*)::text FROM keel_claims").await,
@@ -310,14 +326,7 @@ async fn a_receive_whose_engine_is_gone_waits_for_a_send() {
     let url = url_of(&scratch);
     let first = open(&scratch, &scratch.clock).await;
     first.start::<Receiver>("inbox", ()).await.unwrap();
-    keel_testkit::poll::resident(
-        &first,
-        Resident {
-            loaded: 0,
-            parked: 1,
-        },
-    )
-    .await;
+    all_parked(&first, 1).await;
     assert_eq!(wake_times(&url).await, vec![i64::MAX.to_string()]);
     first.shutdown().await;
     drop(first);
@@ -333,11 +342,7 @@ async fn a_receive_whose_engine_is_gone_waits_for_a_send() {
     );
     assert_eq!(second_clock.next_wake_ms(), None, "nothing sleeps for it");
     second.send("inbox", "go", &7u32, "go-1").await.unwrap();
-    let record = tokio::time::timeout(keel_testkit::poll::CONDITION_TIMEOUT, second.wait("inbox"))
-        .await
-        .expect("finished once sent to")
-        .unwrap();
-    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
+    let record = ended(&second, "inbox").await;
     assert_eq!(record.output, Some(serde_json::json!(7)));
     second.shutdown().await;
 }
@@ -360,22 +365,18 @@ async fn a_change_of_owner_makes_a_run_due() {
         )
         .await
         .unwrap();
-    keel_testkit::poll::resident(
-        &first,
-        Resident {
-            loaded: 0,
-            parked: 1,
-        },
-    )
-    .await;
+    all_parked(&first, 1).await;
     let wake_ms = TestClock::START_MS + HOUR_MS;
     assert_eq!(wake_times(&url).await, vec![wake_ms.to_string()]);
     first.shutdown().await;
     drop(first);
 
+    // A worker of an earlier version, gone since.
     execute(
         &url,
-        "UPDATE keel_runs SET owner = 'an-earlier-worker', epoch = epoch + 1 WHERE id = 'nap'",
+        "INSERT INTO keel_workers (id, name, host, pid, started_at, lease_until) \
+         VALUES ('an-earlier-worker', 'earlier', 'host', 1, now(), now() - interval '1 minute'); \
+         UPDATE keel_runs SET owner = 'an-earlier-worker', epoch = epoch + 1 WHERE id = 'nap'",
     )
     .await;
     assert_eq!(
@@ -385,25 +386,13 @@ async fn a_change_of_owner_makes_a_run_due() {
     );
     let second_clock = TestClock::new();
     let second = open(&scratch, &second_clock).await;
-    keel_testkit::poll::resident(
-        &second,
-        Resident {
-            loaded: 0,
-            parked: 1,
-        },
-    )
-    .await;
+    all_parked(&second, 1).await;
     assert_eq!(wake_times(&url).await, vec![wake_ms.to_string()]);
     second_clock.advance_to(wake_ms);
-    let record = tokio::time::timeout(keel_testkit::poll::CONDITION_TIMEOUT, second.wait("nap"))
-        .await
-        .expect("finished at its wake time")
-        .unwrap();
-    assert_eq!(record.status, RunStatus::Completed, "{:?}", record.error);
-    let done: Vec<(Action, u32, u32)> = ground_truth::read(std::path::Path::new(&scratch.log))
-        .into_iter()
-        .map(|e| (e.action, e.step, e.attempt))
-        .collect();
-    assert_eq!(done, [(Action::Do, 0, 1), (Action::Do, 2, 1)]);
+    ended(&second, "nap").await;
+    assert_eq!(
+        effects_of(&scratch, "nap"),
+        [(Action::Do, 0, 1), (Action::Do, 2, 1)]
+    );
     second.shutdown().await;
 }
