@@ -220,10 +220,10 @@ impl TypesUsed {
             Form::PerType => {
                 let listed = {
                     let known = self.known.lock().expect("types lock");
-                    known.types.as_ref().is_some_and(|types| match kind {
-                        Kind::Workflow => types.workflows.contains(name),
-                        Kind::StepKind => types.step_kinds.contains(name),
-                    })
+                    known
+                        .types
+                        .as_ref()
+                        .is_some_and(|types| kind.lists(types, name))
                 };
                 if listed {
                     return Ok(());
@@ -267,6 +267,14 @@ enum Kind {
 }
 
 impl Kind {
+    /// Whether `types` holds `name` among this kind's.
+    fn lists(self, types: &Types, name: &str) -> bool {
+        match self {
+            Kind::Workflow => types.workflows.contains(name),
+            Kind::StepKind => types.step_kinds.contains(name),
+        }
+    }
+
     fn names(self, types: &mut Types) -> &mut BTreeSet<String> {
         match self {
             Kind::Workflow => &mut types.workflows,
