@@ -41,8 +41,8 @@ pub struct EngineBuilder {
     registry_error: Option<EngineError>,
     allow_unregistered: bool,
     lost_data: LostData,
-    /// The bound on sled's cache; sled's default when `None`.
-    sled_cache_bytes: Option<u64>,
+    /// The bound on sled's cache.
+    sled_cache_bytes: u64,
     /// The PostgreSQL database to keep runs in instead of a sled store in `path`.
     postgres: Option<String>,
     leases: Leases,
@@ -190,14 +190,17 @@ impl EngineBuilder {
         }
     }
 
-    /// The most memory sled's cache of the store's pages takes (default: sled's, 1 GiB; at
-    /// least [`crate::limits::SLED_CACHE_BYTES_MIN`]). Pages read or written stay in it, so
-    /// an engine that wrote a million runs holds about a gigabyte by default, however few of
-    /// them are loaded; a smaller cache reads evicted pages from the log again when a run is
-    /// loaded. No effect with a PostgreSQL store.
+    /// The most memory sled's cache of the store's pages takes (default:
+    /// [`crate::limits::SLED_CACHE_BYTES_DEFAULT`], 32 MiB; at least
+    /// [`crate::limits::SLED_CACHE_BYTES_MIN`]). Pages read or written stay in it until it is
+    /// full: a larger cache keeps more of the runs an engine wrote in memory, however few of
+    /// them are loaded (sled's own default, 1 GiB, held about a gigabyte after a million runs);
+    /// a smaller one reads evicted pages from the log again when a run is loaded. sled counts
+    /// pages by their size on disk, so the memory the cache takes is larger than the bound.
+    /// No effect with a PostgreSQL store.
     pub fn sled_cache_bytes(self, bytes: u64) -> Self {
         EngineBuilder {
-            sled_cache_bytes: Some(bytes.max(crate::limits::SLED_CACHE_BYTES_MIN)),
+            sled_cache_bytes: bytes.max(crate::limits::SLED_CACHE_BYTES_MIN),
             ..self
         }
     }
@@ -362,7 +365,7 @@ impl EngineBuilder {
         let options = SledOptions {
             durability: self.durability,
             lost_data: self.lost_data,
-            cache_bytes: self.sled_cache_bytes,
+            cache_bytes: Some(self.sled_cache_bytes),
         };
         let store = tokio::task::spawn_blocking(move || SledStore::open(&path, options))
             .await
@@ -392,7 +395,7 @@ impl Engine {
             registry_error: None,
             allow_unregistered: false,
             lost_data: LostData::Refuse,
-            sled_cache_bytes: None,
+            sled_cache_bytes: crate::limits::SLED_CACHE_BYTES_DEFAULT,
             postgres: None,
             leases: Leases::default(),
             rate_limits: HashMap::new(),

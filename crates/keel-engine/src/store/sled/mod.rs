@@ -90,7 +90,7 @@ pub(crate) struct SledOptions {
     /// Whether a store that lost acknowledged data is opened.
     pub lost_data: LostData,
     /// The most bytes sled's cache of the store's pages holds; sled's default (1 GiB) when
-    /// `None`.
+    /// `None`. The engine always passes one (`EngineBuilder::sled_cache_bytes`).
     pub cache_bytes: Option<u64>,
 }
 
