@@ -226,8 +226,8 @@ pub(crate) enum Command {
         /// `--reopen-only`.
         #[arg(long)]
         keep: bool,
-        /// Bound sled's cache to this many MiB (`EngineBuilder::sled_cache_bytes`); sled's
-        /// default (1 GiB) otherwise.
+        /// Bound sled's cache to this many MiB (`EngineBuilder::sled_cache_bytes`); the
+        /// engine's default (32 MiB) otherwise, `--cache-mib 1024` for sled's own.
         #[arg(long, value_name = "MIB")]
         cache_mib: Option<u64>,
         /// Start nothing: open the store a `--keep` run left in this directory (of `--runs`

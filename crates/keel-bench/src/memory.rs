@@ -53,7 +53,7 @@ pub(crate) struct MemoryParams {
     pub reopen: bool,
     /// Whether to keep the store (see `MemoryReport::kept`).
     pub keep: bool,
-    /// The bound on sled's cache; sled's default when `None`.
+    /// The bound on sled's cache; the engine's default when `None`.
     pub cache_bytes: Option<u64>,
     /// How long a reopened engine stays open after every run waits again.
     pub linger: Duration,
@@ -82,7 +82,8 @@ pub(crate) struct MemoryReport {
     pub parks: bool,
     /// The PostgreSQL server measured (`--store`); `None`: sled.
     pub store: Option<String>,
-    /// The bound on sled's cache, in bytes; `None`: sled's default (1 GiB).
+    /// The bound on sled's cache, in bytes; `None`: the engine's default
+    /// (`keel_engine::limits::SLED_CACHE_BYTES_DEFAULT`).
     pub sled_cache_bytes: Option<u64>,
     /// RSS before the engine opened, in bytes.
     pub rss_before_open: u64,
@@ -139,7 +140,10 @@ impl MemoryReport {
             if self.parks { "on" } else { "off" },
             match (&self.store, self.sled_cache_bytes) {
                 (Some(store), _) => store.clone(),
-                (None, None) => "sled's cache 1 GiB (default)".to_string(),
+                (None, None) => format!(
+                    "sled's cache {:.0} MiB (default)",
+                    mib(keel_engine::limits::SLED_CACHE_BYTES_DEFAULT)
+                ),
                 (None, Some(b)) => format!("sled's cache {:.0} MiB", mib(b)),
             },
             mib(self.rss_before_open),
