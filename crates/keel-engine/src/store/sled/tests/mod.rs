@@ -378,9 +378,25 @@ impl Shape {
 /// and after a reopen.
 #[test]
 fn a_store_through_many_index_splits_and_merges_reads_back_what_it_holds() {
+    through_splits_and_merges(PROCESS_CRASH);
+}
+
+/// The same, at the default durability and with sled's cache far smaller than what the store
+/// holds (the engine bounds it, `limits::SLED_CACHE_BYTES_DEFAULT`): pages are evicted and
+/// read back from the log all along, through Keel's patches to sled's reads and syncs.
+#[test]
+fn a_store_whose_cache_evicts_its_pages_reads_back_what_it_holds() {
+    through_splits_and_merges(SledOptions {
+        durability: Durability::PowerLoss,
+        lost_data: LostData::Refuse,
+        cache_bytes: Some(64 * 1024),
+    });
+}
+
+fn through_splits_and_merges(options: SledOptions) {
     const RUNS: usize = 4_000;
     let dir = tempfile::tempdir().unwrap();
-    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let store = SledStore::open(dir.path(), options).unwrap();
     let id = |n: usize| RunId::new(format!("run-{n:05}")).unwrap();
     let write_interleaved = |store: &SledStore, runs: std::ops::Range<usize>| {
         let [started, done] = entries();
@@ -471,7 +487,7 @@ fn a_store_through_many_index_splits_and_merges_reads_back_what_it_holds() {
     store.db.flush().unwrap();
     drop(store);
 
-    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let store = SledStore::open(dir.path(), options).unwrap();
     check(&store, &kept, RUNS + RUNS / 2);
     let reopened = shape(&store.db);
     assert!(reopened.widest_index() <= 66, "{:?}", reopened.index_levels);
