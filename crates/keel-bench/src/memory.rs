@@ -82,8 +82,8 @@ pub(crate) struct MemoryReport {
     pub parks: bool,
     /// The PostgreSQL server measured (`--store`); `None`: sled.
     pub store: Option<String>,
-    /// The bound on sled's cache, in bytes; `None`: the engine's default
-    /// (`keel_engine::limits::SLED_CACHE_BYTES_DEFAULT`).
+    /// The bound on sled's cache, in bytes (`--cache-mib`, or the engine's default); `None`
+    /// with `--store`.
     pub sled_cache_bytes: Option<u64>,
     /// RSS before the engine opened, in bytes.
     pub rss_before_open: u64,
@@ -140,11 +140,10 @@ impl MemoryReport {
             if self.parks { "on" } else { "off" },
             match (&self.store, self.sled_cache_bytes) {
                 (Some(store), _) => store.clone(),
-                (None, None) => format!(
-                    "sled's cache {:.0} MiB (default)",
-                    mib(keel_engine::limits::SLED_CACHE_BYTES_DEFAULT)
-                ),
-                (None, Some(b)) => format!("sled's cache {:.0} MiB", mib(b)),
+                (None, Some(b)) if b == keel_engine::limits::SLED_CACHE_BYTES_DEFAULT => {
+                    format!("sled's cache {:.0} MiB (default)", mib(b))
+                }
+                (None, b) => format!("sled's cache {:.0} MiB", mib(b.unwrap_or_default())),
             },
             mib(self.rss_before_open),
             mib(self.rss_idle),
@@ -241,7 +240,14 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
         wait: params.wait,
         parks: params.park_after.is_some(),
         store: workload::postgres_server().map(|server| workload::postgres_store_name(&server)),
-        sled_cache_bytes: params.cache_bytes,
+        sled_cache_bytes: match workload::postgres_server() {
+            Some(_) => None,
+            None => Some(params.cache_bytes.map_or(
+                keel_engine::limits::SLED_CACHE_BYTES_DEFAULT,
+                // As the builder raises it.
+                |bytes| bytes.max(keel_engine::limits::SLED_CACHE_BYTES_MIN),
+            )),
+        },
         rss_before_open,
         rss_idle,
         rss_waiting,

@@ -68,8 +68,9 @@ pub const SLED_CACHE_BYTES_MIN: u64 = 8 * 1024 * 1024;
 /// default (1 GiB) kept every page a run read or wrote, so a parked run's memory was mostly
 /// sled's copy of what it wrote: about 1,230 bytes of RSS per run asleep at 100,000 runs,
 /// 970 - 1,000 with 32 MiB, at the same CPU per step (docs/benchmarks.md, "A parked run's
-/// memory: sled's cache and the allocator"). sled accounts pages by their size on disk,
-/// rounded up to a power of two, so the cache takes more memory than its bound.
+/// memory: sled's cache and the allocator"). The cache takes more memory than its bound:
+/// sled counts a page by its size on disk (a decoded node is larger, and a page stored as a
+/// blob counts a few bytes), and it counts accesses in batches.
 pub const SLED_CACHE_BYTES_DEFAULT: u64 = 32 * 1024 * 1024;
 
 /// Loads in a row, each ended by the process dying before the run showed it survives being

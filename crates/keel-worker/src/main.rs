@@ -409,10 +409,11 @@ pub struct WorkerArgs {
     /// runs of gone workers looked for, every fifth of it.
     #[arg(long, env = "KEEL_LEASE_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
     pub lease_ms: u64,
-    /// With the sled store: the most memory its cache of the store's pages takes, in MiB
-    /// (default: 32). Pages read or written stay in it until it is full; a larger cache keeps
-    /// more of the runs the worker wrote in memory however few are loaded, a smaller one
-    /// reads evicted pages from disk again when a run is loaded.
+    /// With the sled store: the bound on its cache of the store's pages, in MiB (default:
+    /// 32; sled counts a page by its size on disk, so the cache takes more memory). Pages read
+    /// or written stay in it until it is full; a larger cache keeps more of the runs the
+    /// worker wrote in memory however few are loaded, a smaller one reads evicted pages from
+    /// disk again when a run is loaded.
     #[arg(long, env = "KEEL_SLED_CACHE_MIB", value_parser = clap::value_parser!(u64).range(8..=1_048_576))]
     pub sled_cache_mib: Option<u64>,
     /// POST a JSON event to this http(s) URL whenever a run enters a status of --notify-on,

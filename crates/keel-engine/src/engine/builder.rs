@@ -190,13 +190,13 @@ impl EngineBuilder {
         }
     }
 
-    /// The most memory sled's cache of the store's pages takes (default:
+    /// The bound on sled's cache of the store's pages (default:
     /// [`crate::limits::SLED_CACHE_BYTES_DEFAULT`], 32 MiB; at least
     /// [`crate::limits::SLED_CACHE_BYTES_MIN`]). Pages read or written stay in it until it is
     /// full: a larger cache keeps more of the runs an engine wrote in memory, however few of
     /// them are loaded (sled's own default, 1 GiB, held about a gigabyte after a million runs);
     /// a smaller one reads evicted pages from the log again when a run is loaded. sled counts
-    /// pages by their size on disk, so the memory the cache takes is larger than the bound.
+    /// a page by its size on disk, so the memory the cache takes is larger than the bound.
     /// No effect with a PostgreSQL store.
     pub fn sled_cache_bytes(self, bytes: u64) -> Self {
         EngineBuilder {
