@@ -227,8 +227,9 @@ pub(crate) enum Command {
         #[arg(long)]
         keep: bool,
         /// Bound sled's cache to this many MiB (`EngineBuilder::sled_cache_bytes`); the
-        /// engine's default (32 MiB) otherwise, `--cache-mib 1024` for sled's own.
-        #[arg(long, value_name = "MIB")]
+        /// engine's default (32 MiB) otherwise, `--cache-mib 1024` for sled's own. At least
+        /// 8, the engine's least.
+        #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(8..=1_048_576))]
         cache_mib: Option<u64>,
         /// Start nothing: open the store a `--keep` run left in this directory (of `--runs`
         /// waiting runs) and time it until every run waits again.
@@ -280,5 +281,30 @@ pub(crate) fn parse_durability(value: &str) -> Result<Durability, String> {
         _ => Err(format!(
             "{value:?} is not a durability: say power-loss or process-crash"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::{Cli, Command};
+
+    #[test]
+    fn a_cache_under_the_engines_least_is_refused_by_name() {
+        let refused = match Cli::try_parse_from(["keel-bench", "memory", "--cache-mib", "4"]) {
+            Ok(_) => panic!("--cache-mib 4 was taken"),
+            Err(error) => error.to_string(),
+        };
+        assert!(refused.contains("--cache-mib"), "{refused}");
+        assert!(refused.contains("8.."), "{refused}");
+        let taken = Cli::try_parse_from(["keel-bench", "memory", "--cache-mib", "8"]).unwrap();
+        assert!(matches!(
+            taken.command,
+            Some(Command::Memory {
+                cache_mib: Some(8),
+                ..
+            })
+        ));
     }
 }

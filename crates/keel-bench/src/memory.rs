@@ -143,7 +143,8 @@ impl MemoryReport {
                 (None, Some(b)) if b == keel_engine::limits::SLED_CACHE_BYTES_DEFAULT => {
                     format!("sled's cache {:.0} MiB (default)", mib(b))
                 }
-                (None, b) => format!("sled's cache {:.0} MiB", mib(b.unwrap_or_default())),
+                (None, Some(b)) => format!("sled's cache {:.0} MiB", mib(b)),
+                (None, None) => "sled".to_string(),
             },
             mib(self.rss_before_open),
             mib(self.rss_idle),
@@ -242,11 +243,12 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
         store: workload::postgres_server().map(|server| workload::postgres_store_name(&server)),
         sled_cache_bytes: match workload::postgres_server() {
             Some(_) => None,
-            None => Some(params.cache_bytes.map_or(
-                keel_engine::limits::SLED_CACHE_BYTES_DEFAULT,
-                // As the builder raises it.
-                |bytes| bytes.max(keel_engine::limits::SLED_CACHE_BYTES_MIN),
-            )),
+            // `--cache-mib` is at least the engine's least, so the builder takes it as given.
+            None => Some(
+                params
+                    .cache_bytes
+                    .unwrap_or(keel_engine::limits::SLED_CACHE_BYTES_DEFAULT),
+            ),
         },
         rss_before_open,
         rss_idle,
