@@ -229,7 +229,7 @@ pub(crate) enum Command {
         /// Bound sled's cache to this many MiB (`EngineBuilder::sled_cache_bytes`); the
         /// engine's default (32 MiB) otherwise, `--cache-mib 1024` for sled's own. At least
         /// 8, the engine's least.
-        #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(8..=1_048_576))]
+        #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range((keel_engine::limits::SLED_CACHE_BYTES_MIN >> 20)..=1_048_576))]
         cache_mib: Option<u64>,
         /// Start nothing: open the store a `--keep` run left in this directory (of `--runs`
         /// waiting runs) and time it until every run waits again.
