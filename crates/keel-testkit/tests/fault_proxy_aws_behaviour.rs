@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{create_role, ec2_call, instance_ids, service_error, Env};
 use keel_testkit::moto::TestAccount;
 use keel_testkit::poll::CONDITION_TIMEOUT;
-use keel_testkit::proxy::{Applied, Dist, Ec2Rule, FaultProxy, LagRule, Rules};
+use keel_testkit::proxy::{Applied, Dist, Ec2Rule, Fault, FaultProxy, FaultRule, LagRule, Rules};
 
 /// Polls `read` until it succeeds (at most [`CONDITION_TIMEOUT`]), returning how many failures
 /// came first.
@@ -275,9 +275,9 @@ async fn assume_role_is_denied_until_the_role_exists_and_has_propagated() {
     assert_eq!(service_error(&e).0, "AccessDenied");
 }
 
-/// A group with a core, a version, and a deployment; returns (group id, deployment id).
-async fn deploy(gg: &aws_sdk_greengrass::Client, name: &str) -> (String, String) {
-    use aws_sdk_greengrass::types::{Core, CoreDefinitionVersion, DeploymentType};
+/// A group with a core and a version; returns (group id, version id).
+async fn deployable(gg: &aws_sdk_greengrass::Client, name: &str) -> (String, String) {
+    use aws_sdk_greengrass::types::{Core, CoreDefinitionVersion};
     let core = Core::builder()
         .id("core-1")
         .thing_arn("arn:aws:iot:us-east-1:123456789012:thing/core-1")
@@ -300,10 +300,17 @@ async fn deploy(gg: &aws_sdk_greengrass::Client, name: &str) -> (String, String)
         .send()
         .await
         .unwrap();
+    (group_id, version.version().unwrap().to_string())
+}
+
+/// A group with a core, a version, and a deployment; returns (group id, deployment id).
+async fn deploy(gg: &aws_sdk_greengrass::Client, name: &str) -> (String, String) {
+    use aws_sdk_greengrass::types::DeploymentType;
+    let (group_id, version) = deployable(gg, name).await;
     let deployment = gg
         .create_deployment()
         .group_id(&group_id)
-        .group_version_id(version.version().unwrap())
+        .group_version_id(version)
         .deployment_type(DeploymentType::NewDeployment)
         .send()
         .await
@@ -389,6 +396,65 @@ async fn deployments_go_through_building_and_in_progress_to_an_outcome() {
         .await
         .expect("ResetDeployments is routed");
     assert_eq!(env.truth().await.groups.len(), 4);
+}
+
+/// A request whose caller hangs up before the answer (a worker killed mid-call) is still
+/// carried out, as a service carries out what it received: moto holds the deployment, and
+/// the proxy plays its lifecycle. Before, the hang-up dropped the proxy's forwarding, or its
+/// record of what moto made: a deployment created behind the proxy's back read `InProgress`
+/// for ever, and a crash test's run timed out waiting for it.
+#[tokio::test]
+async fn a_call_whose_caller_hangs_up_is_carried_out_and_played() {
+    use aws_sdk_greengrass::types::DeploymentType;
+    // The call reaches moto well after the caller has gone.
+    let rules = Rules::seeded(13).fault(
+        FaultRule::new(Fault::Latency {
+            delay: Dist::fixed(800),
+        })
+        .operation("CreateDeployment"),
+    );
+    let env = Env::new(rules).await;
+    let gg = env.greengrass();
+    let (group, version) = deployable(&gg, "hung-up").await;
+    let call = gg
+        .create_deployment()
+        .group_id(&group)
+        .group_version_id(version)
+        .deployment_type(DeploymentType::NewDeployment)
+        .send();
+    let hung_up = tokio::time::timeout(Duration::from_millis(200), call).await;
+    assert!(hung_up.is_err(), "answered before the hang-up: {hung_up:?}");
+
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    let deployment = loop {
+        let truth = env.truth().await;
+        let held = truth.groups.iter().find(|g| g.id == group);
+        if let Some(id) = held.and_then(|g| g.deployments.first()) {
+            break id.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "moto holds no deployment {CONDITION_TIMEOUT:?} after the hang-up: {}",
+            truth.summary()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (seen, error) = statuses_until_done(&gg, &group, &deployment).await;
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("Success"),
+        "{error:?}"
+    );
+    let record = env
+        .proxy
+        .requests()
+        .into_iter()
+        .find(|r| r.operation == "CreateDeployment")
+        .expect("the hung-up call is recorded");
+    assert_eq!(
+        (record.forwarded, record.upstream_status),
+        (true, Some(200))
+    );
 }
 
 /// The state of each instance in an EC2 `DescribeInstances` answer, by id.

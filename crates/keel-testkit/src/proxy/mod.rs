@@ -323,6 +323,21 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Answer {
             ));
         }
     };
+    // From here the request is the service's, as a request AWS has received is carried out
+    // whether or not its caller waits for the answer. A caller that hangs up (a worker
+    // killed mid-call) makes hyper drop this future; the task goes on, so moto's effect and
+    // the proxy's record of it (a deployment's lifecycle, a create's lag, a client token's
+    // first answer) stay in step.
+    match tokio::spawn(carry_out(shared, parts, body)).await {
+        Ok(answer) => answer,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(Dropped("the proxy is stopping")),
+    }
+}
+
+/// Plays the rules on a received request: its latency, its fault, the parts of AWS the
+/// proxy plays itself, or moto's answer; and records it.
+async fn carry_out(shared: Arc<Shared>, parts: http::request::Parts, body: Bytes) -> Answer {
     let call = classify(&parts, &body);
     let (seq, latency_ms, fault) = shared.decide(&call);
     let mut record = RequestRecord {
