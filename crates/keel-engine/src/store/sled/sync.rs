@@ -1,8 +1,10 @@
 //! The sync the committer runs for the sled store.
 
 use std::collections::HashSet;
+use std::ffi::OsString;
 use std::fs::File;
-use std::path::Path;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -15,7 +17,8 @@ use crate::store::mark::{self, Commit, MarkHandle};
 /// Every blob file sled has created since is then synced here (sled writes blobs without
 /// syncing them), found by listing the blob directory, which is done only when sled's count
 /// of blobs written (`Db::blobs_written`, Keel's patch 9) moved since the last listing: a
-/// listing is three system calls, and was about a fifth of a sequential run's commit. At
+/// listing is three system calls, and was about a fifth of a sequential run's commit. A blob
+/// sled removes meanwhile is skipped ([`sync_new_blobs`]). At
 /// `ProcessCrash` sled's flush ends in `sync_file_range` and nothing more.
 ///
 /// Each sync first writes its commit sequence (`store/mark.rs`), then hands the commit to
@@ -36,7 +39,7 @@ pub(super) fn sync_fn(
     let blobs_dir = path.join("blobs");
     // The directory entries of the store's files must be durable too.
     File::open(path)?.sync_all()?;
-    let mut synced_blobs: HashSet<std::ffi::OsString> = HashSet::new();
+    let mut synced_blobs: HashSet<OsString> = HashSet::new();
     // sled's count of blobs written at the last listing; none yet, so the first sync lists.
     let mut listed_at: Option<u64> = None;
     let mut sequence = held.sequence;
@@ -69,23 +72,57 @@ pub(super) fn sync_fn(
             mark.durable(commit);
             return Ok(());
         }
-        let mut new_blob = false;
-        if let Ok(entries) = std::fs::read_dir(&blobs_dir) {
-            for entry in entries {
-                let entry = entry?;
-                if synced_blobs.insert(entry.file_name()) {
-                    File::open(entry.path())?.sync_all()?;
-                    new_blob = true;
-                }
+        if let Some(listed) = list_blobs(&blobs_dir)? {
+            if sync_new_blobs(listed, &mut synced_blobs)? {
+                File::open(&blobs_dir)?.sync_all()?;
             }
-        }
-        if new_blob {
-            File::open(&blobs_dir)?.sync_all()?;
         }
         listed_at = Some(blobs_written);
         mark.durable(commit);
         Ok(())
     })
+}
+
+/// The blob files in `blobs_dir`, or `None` when sled has made none (it creates the
+/// directory with its first blob).
+fn list_blobs(blobs_dir: &Path) -> std::io::Result<Option<Vec<PathBuf>>> {
+    let entries = match std::fs::read_dir(blobs_dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut listed = Vec::new();
+    for entry in entries {
+        listed.push(entry?.path());
+    }
+    Ok(Some(listed))
+}
+
+/// Syncs each blob of `listed` whose name `synced` does not hold, and keeps in `synced`
+/// the names of `listed` alone; true when one was synced (the directory's entry must be
+/// durable too). A blob that is gone when it is opened is skipped: sled removes a blob only
+/// once no page points at it (the page that replaced it was written,
+/// `vendor/sled/src/pagecache/segment.rs`), and it may do so at any time.
+fn sync_new_blobs(listed: Vec<PathBuf>, synced: &mut HashSet<OsString>) -> std::io::Result<bool> {
+    let mut new_blob = false;
+    let mut still: HashSet<OsString> = HashSet::with_capacity(listed.len());
+    for path in listed {
+        let Some(name) = path.file_name().map(OsString::from) else {
+            continue;
+        };
+        if !synced.contains(&name) {
+            match File::open(&path) {
+                Ok(file) => file.sync_all()?,
+                // sled removed it after the listing: no page points at it any more.
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+            new_blob = true;
+        }
+        still.insert(name);
+    }
+    *synced = still;
+    Ok(new_blob)
 }
 
 /// The store's writes, counted twice: when one begins (before sled can show it to a read)
@@ -148,10 +185,8 @@ pub(super) fn sync_all(path: &Path, db: &sled::Db, durability: Durability) -> st
     File::open(path.join("conf"))?.sync_all()?;
     File::open(path.join("db"))?.sync_data()?;
     let blobs_dir = path.join("blobs");
-    if let Ok(entries) = std::fs::read_dir(&blobs_dir) {
-        for entry in entries {
-            File::open(entry?.path())?.sync_all()?;
-        }
+    if let Some(listed) = list_blobs(&blobs_dir)? {
+        sync_new_blobs(listed, &mut HashSet::new())?;
         File::open(&blobs_dir)?.sync_all()?;
     }
     Ok(())
@@ -168,7 +203,47 @@ pub(super) fn wall_clock_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::Writes;
+    use std::collections::HashSet;
+
+    use super::{list_blobs, sync_new_blobs, Writes};
+
+    /// sled removes a blob once no page points at it (the page that replaced it was
+    /// written), at any time: between the sync's listing and its open of the file, too.
+    /// Before, that open's "not found" failed the sync, and with it the engine's runs
+    /// (`keel-bench cpu --output-bytes 49152` stopped on "sync of <store> failed: No such
+    /// file or directory"). Now the removed blob is skipped and forgotten.
+    #[test]
+    fn a_blob_removed_between_the_listing_and_its_sync_is_skipped_and_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        assert_eq!(list_blobs(&blobs).unwrap(), None, "no blob yet");
+        std::fs::create_dir(&blobs).unwrap();
+        for name in ["100", "200", "300"] {
+            std::fs::write(blobs.join(name), name).unwrap();
+        }
+        let mut synced = HashSet::new();
+        let listed = list_blobs(&blobs).unwrap().unwrap();
+        std::fs::remove_file(blobs.join("200")).unwrap();
+        assert!(
+            sync_new_blobs(listed, &mut synced).unwrap(),
+            "100 and 300 synced"
+        );
+        let names = |synced: &HashSet<std::ffi::OsString>| {
+            let mut names: Vec<String> = synced
+                .iter()
+                .map(|n| n.to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(&synced), ["100", "300"]);
+
+        // Synced blobs are not synced again, and removed ones leave the set.
+        std::fs::remove_file(blobs.join("100")).unwrap();
+        let listed = list_blobs(&blobs).unwrap().unwrap();
+        assert!(!sync_new_blobs(listed, &mut synced).unwrap(), "nothing new");
+        assert_eq!(names(&synced), ["300"]);
+    }
 
     /// A write is counted begun before it is made and done once its guard goes; one that
     /// changed nothing is not counted at all.
