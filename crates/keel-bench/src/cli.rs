@@ -202,6 +202,14 @@ pub(crate) enum Command {
         /// `power-loss` (the default durability) or `process-crash`.
         #[arg(long, default_value = "power-loss", value_parser = parse_durability)]
         durability: Durability,
+        /// Each step's output this many bytes long (as JSON, up to the engine's limit on a
+        /// step's output) instead of none: journal entries as large as a step's may be.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=STEP_OUTPUT_BYTES_MAX))]
+        output_bytes: u32,
+        /// Bound sled's cache to this many MiB; the engine's default (32 MiB) otherwise. At
+        /// least 8, the engine's least.
+        #[arg(long, value_name = "MIB", value_parser = cache_mib())]
+        cache_mib: Option<u64>,
     },
     /// What runs that wait cost in memory: RSS before open, open and idle, and with every
     /// run waiting (on a 1-day timer, for an event never sent, for a child run that waits
@@ -229,7 +237,7 @@ pub(crate) enum Command {
         /// Bound sled's cache to this many MiB (`EngineBuilder::sled_cache_bytes`); the
         /// engine's default (32 MiB) otherwise, `--cache-mib 1024` for sled's own. At least
         /// 8, the engine's least.
-        #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range((keel_engine::limits::SLED_CACHE_BYTES_MIN >> 20)..=1_048_576))]
+        #[arg(long, value_name = "MIB", value_parser = cache_mib())]
         cache_mib: Option<u64>,
         /// Start nothing: open the store a `--keep` run left in this directory (of `--runs`
         /// waiting runs) and time it until every run waits again.
@@ -284,6 +292,14 @@ pub(crate) fn parse_durability(value: &str) -> Result<Durability, String> {
     }
 }
 
+/// A step's output may be this many bytes, as JSON (`limits::STEP_OUTPUT_BYTES_MAX`).
+const STEP_OUTPUT_BYTES_MAX: i64 = keel_engine::limits::STEP_OUTPUT_BYTES_MAX as i64;
+
+/// `--cache-mib`'s parser: from the engine's least bound on sled's cache to 1 TiB.
+fn cache_mib() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range((keel_engine::limits::SLED_CACHE_BYTES_MIN >> 20)..=1_048_576)
+}
+
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -306,5 +322,20 @@ mod tests {
                 ..
             })
         ));
+        let refused = match Cli::try_parse_from(["keel-bench", "cpu", "--cache-mib", "4"]) {
+            Ok(_) => panic!("cpu --cache-mib 4 was taken"),
+            Err(error) => error.to_string(),
+        };
+        assert!(refused.contains("--cache-mib"), "{refused}");
+    }
+
+    #[test]
+    fn an_output_over_a_steps_limit_is_refused_by_name() {
+        let over = (keel_engine::limits::STEP_OUTPUT_BYTES_MAX + 1).to_string();
+        let refused = match Cli::try_parse_from(["keel-bench", "cpu", "--output-bytes", &over]) {
+            Ok(_) => panic!("--output-bytes {over} was taken"),
+            Err(error) => error.to_string(),
+        };
+        assert!(refused.contains("--output-bytes"), "{refused}");
     }
 }

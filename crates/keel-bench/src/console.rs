@@ -303,7 +303,7 @@ pub(crate) async fn populate(store: &Path, runs: u32) -> anyhow::Result<()> {
                 match mode_of(n) {
                     Some((mode, _)) => engine.start::<Listed>(&id, mode).await.map(|_| ())?,
                     None => engine
-                        .start::<Steps>(&id, StepsInput { steps: 1 })
+                        .start::<Steps>(&id, StepsInput::noop(1))
                         .await
                         .map(|_| ())?,
                 }

@@ -23,6 +23,10 @@ pub(crate) struct CpuParams {
     pub steps: u32,
     pub repeats: u32,
     pub durability: Durability,
+    /// Bytes of each step's output; 0 for no-op steps.
+    pub output_bytes: u32,
+    /// The bound on sled's cache (`--cache-mib`); the engine's default otherwise.
+    pub cache_bytes: Option<u64>,
 }
 
 /// One repeat's figures.
@@ -44,6 +48,10 @@ pub(crate) struct CpuReport {
     /// What the figures are per: `step`, or `run` when the runs take no steps.
     pub unit: &'static str,
     pub durability: String,
+    /// Bytes of each step's output (0: no-op steps).
+    pub output_bytes: u32,
+    /// The bound on sled's cache, in bytes.
+    pub sled_cache_bytes: u64,
     pub repeats: Vec<Repeat>,
 }
 
@@ -52,9 +60,16 @@ impl CpuReport {
     pub(crate) fn table(&self) -> String {
         let groups: Vec<&str> = GROUPS.iter().map(|(name, _)| *name).collect();
         let unit = self.unit;
+        let steps = match self.output_bytes {
+            0 => "no-op steps".to_string(),
+            bytes => format!("steps of {bytes}-byte outputs"),
+        };
         let mut out = format!(
-            "{} runs x {} no-op steps at {}; CPU in us per {unit} (user + system)\n\n",
-            self.runs, self.steps_per_run, self.durability
+            "{} runs x {} {steps} at {}, sled's cache {} MiB; CPU in us per {unit} (user + system)\n\n",
+            self.runs,
+            self.steps_per_run,
+            self.durability,
+            self.sled_cache_bytes >> 20
         );
         out.push_str(&format!("| repeat | {unit}s/s | CPU/{unit} |"));
         for group in &groups {
@@ -113,8 +128,11 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
     let mut repeats = Vec::new();
     for n in 0..params.repeats {
         let path = data.path().join(format!("repeat-{n}"));
-        let engine = workload::registered(&path)
-            .durability(params.durability)
+        let mut builder = workload::registered(&path).durability(params.durability);
+        if let Some(bytes) = params.cache_bytes {
+            builder = builder.sled_cache_bytes(bytes);
+        }
+        let engine = builder
             .open()
             .await
             .with_context(|| format!("opening an engine in {}", path.display()))?;
@@ -122,6 +140,7 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
         let started = Instant::now();
         let input = StepsInput {
             steps: params.steps,
+            output_bytes: params.output_bytes,
         };
         workload::start_concurrently::<Steps>(&engine, "cpu", params.runs, &input).await?;
         workload::wait_all_completed(&engine, "cpu", params.runs).await?;
@@ -157,6 +176,11 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
         steps_per_run: params.steps,
         unit,
         durability: format!("{:?}", params.durability),
+        output_bytes: params.output_bytes,
+        // `--cache-mib` is at least the engine's least, so the builder takes it as given.
+        sled_cache_bytes: params
+            .cache_bytes
+            .unwrap_or(keel_engine::limits::SLED_CACHE_BYTES_DEFAULT),
         repeats,
     })
 }

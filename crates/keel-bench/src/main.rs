@@ -192,6 +192,8 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
             steps,
             repeats,
             durability,
+            output_bytes,
+            cache_mib,
         }) => {
             if workload::postgres_server().is_some() {
                 bail!("cpu measures the sled store; it takes no --store");
@@ -201,6 +203,8 @@ async fn dispatch(cli: Cli, output: Output) -> anyhow::Result<()> {
                 steps,
                 repeats,
                 durability,
+                output_bytes,
+                cache_bytes: cache_mib.map(|mib| mib * 1024 * 1024),
             };
             let report = cpu::run(&cli.dir, &params).await?;
             print_report(output, &report, cpu::CpuReport::table)

@@ -78,7 +78,7 @@ pub(crate) async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
     let engine = open(&dir.join("sequential")).await?;
     let started = Instant::now();
     engine
-        .start::<Steps>("sequential", StepsInput { steps })
+        .start::<Steps>("sequential", StepsInput::noop(steps))
         .await?
         .result()
         .await?;
@@ -115,7 +115,7 @@ pub(crate) async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<Concurre
     let engine = open(&dir.join("concurrent")).await?;
     let cpu_before = system::cpu_seconds()?;
     let started = Instant::now();
-    start_concurrently::<Steps>(&engine, "concurrent", runs, &StepsInput { steps: STEPS }).await?;
+    start_concurrently::<Steps>(&engine, "concurrent", runs, &StepsInput::noop(STEPS)).await?;
     wait_all_completed(&engine, "concurrent", runs).await?;
     let steps = f64::from(runs * STEPS);
     let rate = steps / started.elapsed().as_secs_f64();
@@ -143,7 +143,7 @@ pub(crate) struct Concurrent {
 pub(crate) async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
     let engine = open(&dir.join("starts")).await?;
     let started = Instant::now();
-    start_concurrently::<Steps>(&engine, "start", total, &StepsInput { steps: 0 }).await?;
+    start_concurrently::<Steps>(&engine, "start", total, &StepsInput::noop(0)).await?;
     let rate = f64::from(total) / started.elapsed().as_secs_f64();
     engine.shutdown().await;
     Ok(rate)

@@ -333,7 +333,7 @@ pub(crate) async fn child(args: ChildArgs) -> anyhow::Result<()> {
         bail!("{who}: expected `go` from the parent, read {go:?} (did the parent go away?)");
     }
     let started = Instant::now();
-    let input = StepsInput { steps: args.steps };
+    let input = StepsInput::noop(args.steps);
     start_concurrently::<Steps>(&engine, &args.prefix, args.runs, &input).await?;
     let all_started = started.elapsed();
     wait_all_completed(&engine, &args.prefix, args.runs).await?;

@@ -32,6 +32,24 @@ impl Step for Noop {
     }
 }
 
+/// A step with no side effect whose output is `bytes` bytes long (a JSON string of that
+/// many bytes with its quotes): journal entries as large as a step's output may be.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Filler {
+    /// Its operation number, so that every argument is distinct.
+    pub n: u32,
+    pub bytes: u32,
+}
+
+impl Step for Filler {
+    const KIND: &'static str = "bench.filler";
+    type Output = String;
+    async fn execute(&self, _ctx: &StepContext) -> Result<String, StepError> {
+        let len = usize::try_from(self.bytes).unwrap_or(usize::MAX);
+        Ok("x".repeat(len.saturating_sub(2)))
+    }
+}
+
 /// `steps` no-op steps, one after the other. With zero steps, a run that starts and
 /// completes at once.
 pub(crate) struct Steps;
@@ -41,6 +59,20 @@ pub(crate) struct Steps;
 pub(crate) struct StepsInput {
     /// How many no-op steps the run takes.
     pub steps: u32,
+    /// With more than 0, each step's output is this many bytes ([`Filler`]) instead of
+    /// nothing ([`Noop`]).
+    #[serde(default)]
+    pub output_bytes: u32,
+}
+
+impl StepsInput {
+    /// `steps` no-op steps.
+    pub(crate) fn noop(steps: u32) -> Self {
+        Self {
+            steps,
+            output_bytes: 0,
+        }
+    }
 }
 
 impl Workflow for Steps {
@@ -49,7 +81,10 @@ impl Workflow for Steps {
     type Output = ();
     async fn run(ctx: &mut Ctx, input: StepsInput) -> Result<(), WorkflowError> {
         for n in 0..input.steps {
-            ctx.step(Noop(n)).await?;
+            match input.output_bytes {
+                0 => ctx.step(Noop(n)).await?,
+                bytes => drop(ctx.step(Filler { n, bytes }).await?),
+            }
         }
         Ok(())
     }
@@ -246,6 +281,7 @@ pub(crate) fn registered(path: &Path) -> EngineBuilder {
         .workflow::<Polls>()
         .workflow::<crate::console::Listed>()
         .step::<Noop>()
+        .step::<Filler>()
 }
 
 /// Opens an engine on `path` at the default durability (or on its PostgreSQL database, with
@@ -404,7 +440,7 @@ pub(crate) async fn wait_all_parked(engine: &Engine, runs: u32) -> anyhow::Resul
 /// run with no steps is a barrier.
 pub(crate) async fn sync_barrier(engine: &Engine, id: &str) -> anyhow::Result<()> {
     engine
-        .start::<Steps>(id, StepsInput { steps: 0 })
+        .start::<Steps>(id, StepsInput::noop(0))
         .await
         .with_context(|| format!("starting the barrier run {id}"))?;
     Ok(())
