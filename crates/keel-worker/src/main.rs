@@ -414,7 +414,7 @@ pub struct WorkerArgs {
     /// or written stay in it until it is full; a larger cache keeps more of the runs the
     /// worker wrote in memory however few are loaded, a smaller one reads evicted pages from
     /// disk again when a run is loaded.
-    #[arg(long, env = "KEEL_SLED_CACHE_MIB", value_parser = clap::value_parser!(u64).range(8..=1_048_576))]
+    #[arg(long, env = "KEEL_SLED_CACHE_MIB", value_parser = clap::value_parser!(u64).range((keel_engine::limits::SLED_CACHE_BYTES_MIN >> 20)..=1_048_576))]
     pub sled_cache_mib: Option<u64>,
     /// POST a JSON event to this http(s) URL whenever a run enters a status of --notify-on,
     /// retried with backoff until it answers 2xx; at least once, with an event id to drop
