@@ -1,6 +1,6 @@
 //! The sync the committer runs for the sled store.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::ErrorKind;
@@ -18,7 +18,8 @@ use crate::store::mark::{self, Commit, MarkHandle};
 /// syncing them), found by listing the blob directory, which is done only when sled's count
 /// of blobs written (`Db::blobs_written`, Keel's patch 9) moved since the last listing: a
 /// listing is three system calls, and was about a fifth of a sequential run's commit. A blob
-/// sled removes meanwhile is skipped ([`sync_new_blobs`]). At
+/// sled removes meanwhile is skipped, one it was still writing is synced again when it is
+/// whole, and the directory is synced at each listing ([`sync_new_blobs`]). At
 /// `ProcessCrash` sled's flush ends in `sync_file_range` and nothing more.
 ///
 /// Each sync first writes its commit sequence (`store/mark.rs`), then hands the commit to
@@ -39,7 +40,7 @@ pub(super) fn sync_fn(
     let blobs_dir = path.join("blobs");
     // The directory entries of the store's files must be durable too.
     File::open(path)?.sync_all()?;
-    let mut synced_blobs: HashSet<OsString> = HashSet::new();
+    let mut synced_blobs = SyncedBlobs::new();
     // sled's count of blobs written at the last listing; none yet, so the first sync lists.
     let mut listed_at: Option<u64> = None;
     let mut sequence = held.sequence;
@@ -73,9 +74,8 @@ pub(super) fn sync_fn(
             return Ok(());
         }
         if let Some(listed) = list_blobs(&blobs_dir)? {
-            if sync_new_blobs(listed, &mut synced_blobs)? {
-                File::open(&blobs_dir)?.sync_all()?;
-            }
+            sync_new_blobs(listed, &mut synced_blobs)?;
+            File::open(&blobs_dir)?.sync_all()?;
         }
         listed_at = Some(blobs_written);
         mark.durable(commit);
@@ -83,8 +83,8 @@ pub(super) fn sync_fn(
     })
 }
 
-/// The blob files in `blobs_dir`, or `None` when sled has made none (it creates the
-/// directory with its first blob).
+/// The blob files in `blobs_dir`, or `None` when there is no such directory (sled makes it
+/// when it opens a store; a store made before that has none).
 fn list_blobs(blobs_dir: &Path) -> std::io::Result<Option<Vec<PathBuf>>> {
     let entries = match std::fs::read_dir(blobs_dir) {
         Ok(entries) => entries,
@@ -98,31 +98,49 @@ fn list_blobs(blobs_dir: &Path) -> std::io::Result<Option<Vec<PathBuf>>> {
     Ok(Some(listed))
 }
 
-/// Syncs each blob of `listed` whose name `synced` does not hold, and keeps in `synced`
-/// the names of `listed` alone; true when one was synced (the directory's entry must be
-/// durable too). A blob that is gone when it is opened is skipped: sled removes a blob only
-/// once no page points at it (the page that replaced it was written,
-/// `vendor/sled/src/pagecache/segment.rs`), and it may do so at any time.
-fn sync_new_blobs(listed: Vec<PathBuf>, synced: &mut HashSet<OsString>) -> std::io::Result<bool> {
-    let mut new_blob = false;
-    let mut still: HashSet<OsString> = HashSet::with_capacity(listed.len());
+/// The blobs synced so far: each one's length when it was synced.
+type SyncedBlobs = HashMap<OsString, u64>;
+
+/// Syncs each blob of `listed` that `synced` does not hold at its present length, and keeps
+/// in `synced` the blobs of `listed` alone; returns how many it synced. The caller then syncs
+/// the directory, whatever this found: it makes new blobs' entries durable, and the removal
+/// of blobs sled made and removed since the last listing, which must not come back after a
+/// power loss as files whose contents were never synced (recovery reads a blob an old log
+/// entry points at when its file is there, and stops at one that is not whole).
+///
+/// - A blob that is gone is skipped: sled removes a blob only once the log entry that
+///   replaced it is durable (`vendor/sled/src/pagecache/segment.rs`), and it may do so at
+///   any time, between the listing and the open too.
+/// - A blob may be listed while sled is still writing it (its writer makes it while this
+///   sync runs, for a later commit). Its length is read before its sync, and a blob that is
+///   longer at a later listing is synced again: sled counts a blob written
+///   (`Db::blobs_written`) once it is whole, before any log entry points at it, so the
+///   listing after the flush that makes such an entry durable sees it whole.
+fn sync_new_blobs(listed: Vec<PathBuf>, synced: &mut SyncedBlobs) -> std::io::Result<usize> {
+    let mut count = 0;
+    let mut still = SyncedBlobs::with_capacity(listed.len());
     for path in listed {
         let Some(name) = path.file_name().map(OsString::from) else {
             continue;
         };
-        if !synced.contains(&name) {
+        let gone = |e: &std::io::Error| e.kind() == ErrorKind::NotFound;
+        let length = match std::fs::metadata(&path) {
+            Ok(metadata) => metadata.len(),
+            Err(e) if gone(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        if synced.get(&name) != Some(&length) {
             match File::open(&path) {
                 Ok(file) => file.sync_all()?,
-                // sled removed it after the listing: no page points at it any more.
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) if gone(&e) => continue,
                 Err(e) => return Err(e),
             }
-            new_blob = true;
+            count += 1;
         }
-        still.insert(name);
+        still.insert(name, length);
     }
     *synced = still;
-    Ok(new_blob)
+    Ok(count)
 }
 
 /// The store's writes, counted twice: when one begins (before sled can show it to a read)
@@ -186,7 +204,7 @@ pub(super) fn sync_all(path: &Path, db: &sled::Db, durability: Durability) -> st
     File::open(path.join("db"))?.sync_data()?;
     let blobs_dir = path.join("blobs");
     if let Some(listed) = list_blobs(&blobs_dir)? {
-        sync_new_blobs(listed, &mut HashSet::new())?;
+        sync_new_blobs(listed, &mut SyncedBlobs::new())?;
         File::open(&blobs_dir)?.sync_all()?;
     }
     Ok(())
@@ -203,46 +221,84 @@ pub(super) fn wall_clock_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashSet;
+    use super::{list_blobs, sync_new_blobs, SyncedBlobs, Writes};
 
-    use super::{list_blobs, sync_new_blobs, Writes};
-
-    /// sled removes a blob once no page points at it (the page that replaced it was
-    /// written), at any time: between the sync's listing and its open of the file, too.
-    /// Before, that open's "not found" failed the sync, and with it the engine's runs
-    /// (`keel-bench cpu --output-bytes 49152` stopped on "sync of <store> failed: No such
-    /// file or directory"). Now the removed blob is skipped and forgotten.
+    /// sled removes a blob once no page points at it, at any time: between the sync's
+    /// listing and its open of the file, too. Before, that open's "not found" failed the
+    /// sync, and with it the engine's runs (`keel-bench cpu --output-bytes 49152` stopped on
+    /// "sync of <store> failed: No such file or directory"). Now the removed blob is skipped
+    /// and forgotten.
     #[test]
     fn a_blob_removed_between_the_listing_and_its_sync_is_skipped_and_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = dir.path().join("blobs");
-        assert_eq!(list_blobs(&blobs).unwrap(), None, "no blob yet");
+        assert_eq!(list_blobs(&blobs).unwrap(), None, "no directory yet");
         std::fs::create_dir(&blobs).unwrap();
         for name in ["100", "200", "300"] {
             std::fs::write(blobs.join(name), name).unwrap();
         }
-        let mut synced = HashSet::new();
+        let mut synced = SyncedBlobs::new();
         let listed = list_blobs(&blobs).unwrap().unwrap();
         std::fs::remove_file(blobs.join("200")).unwrap();
-        assert!(
+        assert_eq!(
             sync_new_blobs(listed, &mut synced).unwrap(),
-            "100 and 300 synced"
+            2,
+            "100 and 300"
         );
-        let names = |synced: &HashSet<std::ffi::OsString>| {
-            let mut names: Vec<String> = synced
-                .iter()
-                .map(|n| n.to_string_lossy().into_owned())
-                .collect();
-            names.sort();
-            names
-        };
         assert_eq!(names(&synced), ["100", "300"]);
 
         // Synced blobs are not synced again, and removed ones leave the set.
         std::fs::remove_file(blobs.join("100")).unwrap();
         let listed = list_blobs(&blobs).unwrap().unwrap();
-        assert!(!sync_new_blobs(listed, &mut synced).unwrap(), "nothing new");
+        assert_eq!(
+            sync_new_blobs(listed, &mut synced).unwrap(),
+            0,
+            "nothing new"
+        );
         assert_eq!(names(&synced), ["300"]);
+    }
+
+    /// A blob listed while sled was still writing it is synced again once it is longer:
+    /// before, its name alone was kept, and the rest of it was never synced.
+    #[test]
+    fn a_blob_listed_while_it_was_written_is_synced_again_once_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir(&blobs).unwrap();
+        let path = blobs.join("400");
+        // sled writes a blob's CRC, then its kind, then its data.
+        std::fs::write(&path, [1, 2, 3, 4]).unwrap();
+        let mut synced = SyncedBlobs::new();
+        let listed = list_blobs(&blobs).unwrap().unwrap();
+        assert_eq!(sync_new_blobs(listed, &mut synced).unwrap(), 1);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut file, &[7; 1000]).unwrap();
+        let listed = list_blobs(&blobs).unwrap().unwrap();
+        assert_eq!(
+            sync_new_blobs(listed, &mut synced).unwrap(),
+            1,
+            "synced again"
+        );
+        assert_eq!(synced.get(std::ffi::OsStr::new("400")), Some(&1004));
+        let listed = list_blobs(&blobs).unwrap().unwrap();
+        assert_eq!(
+            sync_new_blobs(listed, &mut synced).unwrap(),
+            0,
+            "whole, synced"
+        );
+    }
+
+    /// The names of `synced`, in order.
+    fn names(synced: &SyncedBlobs) -> Vec<String> {
+        let mut names: Vec<String> = synced
+            .keys()
+            .map(|n| n.to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     /// A write is counted begun before it is made and done once its guard goes; one that
