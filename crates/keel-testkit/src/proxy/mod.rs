@@ -133,7 +133,8 @@ pub struct RequestRecord {
     pub forwarded: bool,
     /// moto's status, if it answered.
     pub upstream_status: Option<u16>,
-    /// The status the client got; `None` when the connection was closed without an answer.
+    /// The status the proxy answered; `None` when it closed the connection without an
+    /// answer. A client that hung up before the answer got nothing either way.
     pub status: Option<u16>,
 }
 
