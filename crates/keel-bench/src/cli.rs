@@ -203,7 +203,8 @@ pub(crate) enum Command {
         #[arg(long, default_value = "power-loss", value_parser = parse_durability)]
         durability: Durability,
         /// Each step's output this many bytes long (as JSON, up to the engine's limit on a
-        /// step's output) instead of none: journal entries as large as a step's may be.
+        /// step's output; 2 at least, a string's quotes) instead of none: journal entries as
+        /// large as a step's may be.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=STEP_OUTPUT_BYTES_MAX))]
         output_bytes: u32,
         /// Bound sled's cache to this many MiB; the engine's default (32 MiB) otherwise. At

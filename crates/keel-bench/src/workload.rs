@@ -33,7 +33,8 @@ impl Step for Noop {
 }
 
 /// A step with no side effect whose output is `bytes` bytes long (a JSON string of that
-/// many bytes with its quotes): journal entries as large as a step's output may be.
+/// many bytes with its quotes, so 2 at least): journal entries as large as a step's output
+/// may be.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Filler {
     /// Its operation number, so that every argument is distinct.
