@@ -184,11 +184,11 @@ fn a_power_loss_commit_is_one_fdatasync_and_a_process_crash_commit_none() {
         power_loss.fdatasync < 2 * STEPS as usize,
         "more than one fdatasync per commit ({power_loss:?})"
     );
-    // The blob directory is listed (for blob files to sync) only when sled wrote a blob:
-    // here never, past the open's sync and the first commit's.
+    // The blob directory is listed only at open (Keel's sync of the blobs there before sled
+    // opens, and sled's own removal of unreferenced ones): sled syncs the blobs it writes.
     assert!(
         power_loss.blob_listings <= 2,
-        "the blob directory was listed at commits that wrote no blob: {power_loss:?}"
+        "the blob directory was listed after the open: {power_loss:?}"
     );
 
     let process_crash = traced(NAME, dir.path(), "ProcessCrash");
@@ -202,27 +202,25 @@ fn a_power_loss_commit_is_one_fdatasync_and_a_process_crash_commit_none() {
     );
 }
 
-/// At `PowerLoss` every blob file sled writes is `fsync`ed (with the directory that holds it)
-/// by the commit that makes the log point at it, unless sled removed it first: a run of large steps, whose leaves sled
-/// rewrites into blob files, under `strace`. The blob directory is listed only at commits
-/// after sled wrote a blob, so this checks that none is missed by that.
+/// At `PowerLoss` sled `fsync`s every blob file it writes, and then the directory that holds
+/// it, on the thread that wrote it, before that thread does anything else the trace shows:
+/// the blob is durable before the log message that points at it can be written, and so
+/// before sled can remove the blob it replaces. A run of large steps, whose leaves sled
+/// rewrites into blob files, under `strace`. (Before, the committer synced blobs after its
+/// flush: a blob sled's own cleaning wrote and pointed at between commits could replace a
+/// synced one that sled then removed, and come back empty after a power loss.)
 #[test]
-fn a_power_loss_commit_syncs_every_blob_sled_wrote() {
-    const NAME: &str = "a_power_loss_commit_syncs_every_blob_sled_wrote";
+fn a_power_loss_blob_is_synced_by_its_writer_before_anything_else() {
+    const NAME: &str = "a_power_loss_blob_is_synced_by_its_writer_before_anything_else";
     if is_child() {
         return child_main();
     }
     let dir = tempfile::tempdir().unwrap();
     let env = [("KEEL_LARGE_STEPS", "1")];
-    let text = strace(
-        NAME,
-        dir.path(),
-        "PowerLoss",
-        "openat,fsync,unlink,unlinkat",
-        &env,
-    );
-    // `openat(..., "/.../blobs/N", O_WRONLY|O_CREAT|O_EXCL...) = 9</.../blobs/N>`, then
-    // `fsync(10</.../blobs/N>)` from the committer's own descriptor.
+    let text = strace(NAME, dir.path(), "PowerLoss", "openat,fsync", &env);
+    // `PID openat(..., "/.../blobs/N", O_WRONLY|O_CREAT|O_EXCL...) = 9</.../blobs/N>`, then
+    // `PID fsync(9</.../blobs/N>)`; a call another thread interrupts is split into
+    // `... <unfinished ...>` and `PID <... fsync resumed>) = 0`.
     let blob_of = |line: &str| -> Option<String> {
         let start = line.find("/blobs/")? + "/blobs/".len();
         let name: String = line[start..]
@@ -231,40 +229,34 @@ fn a_power_loss_commit_syncs_every_blob_sled_wrote() {
             .collect();
         (!name.is_empty()).then_some(name)
     };
-    let created: Vec<String> = text
-        .lines()
-        .filter(|line| line.contains("openat(") && line.contains("O_CREAT"))
-        .filter_map(blob_of)
-        .collect();
-    let synced: std::collections::HashSet<String> = text
-        .lines()
-        .filter(|line| line.starts_with(|c: char| c.is_ascii_digit()) && line.contains(" fsync("))
-        .filter_map(blob_of)
-        .collect();
-    // sled removes a blob once no page points at it; one removed before the committer
-    // listed it is never synced (its removal is made durable by the directory's sync).
-    let removed: std::collections::HashSet<String> = text
-        .lines()
-        .filter(|line| line.contains("unlink"))
-        .filter_map(blob_of)
-        .collect();
+    let pid_of = |line: &str| line.split_whitespace().next().unwrap_or("").to_string();
+    let calls: Vec<&str> = text.lines().filter(|l| !l.contains(" resumed>")).collect();
+    let mut blobs = 0;
+    for (i, line) in calls.iter().enumerate() {
+        if !(line.contains("openat(") && line.contains("O_CREAT")) {
+            continue;
+        }
+        let Some(blob) = blob_of(line) else { continue };
+        blobs += 1;
+        let pid = pid_of(line);
+        let mut next = calls[i + 1..].iter().filter(|l| pid_of(l) == pid);
+        let first = next.next().copied().unwrap_or("nothing");
+        assert!(
+            first.contains(" fsync(") && blob_of(first).as_deref() == Some(blob.as_str()),
+            "blob {blob}: its writer's next call is not its fsync but {first}"
+        );
+        let directory_synced = next
+            .take(2)
+            .any(|l| l.contains(" fsync(") && l.contains("/blobs>"));
+        assert!(
+            directory_synced,
+            "blob {blob}: its directory was not synced next"
+        );
+    }
     assert!(
-        !created.is_empty(),
+        blobs > 0,
         "sled wrote no blob file, so the test tests nothing: make the steps larger"
     );
-    let unsynced: Vec<&String> = created
-        .iter()
-        .filter(|b| !synced.contains(*b) && !removed.contains(*b))
-        .collect();
-    assert!(
-        unsynced.is_empty(),
-        "blob files written and neither fsynced nor removed: {unsynced:?} (of {created:?})"
-    );
-    let dir_syncs = text
-        .lines()
-        .filter(|line| line.contains(" fsync(") && line.contains("/blobs>"))
-        .count();
-    assert!(dir_syncs > 0, "the blob directory was never fsynced");
 }
 
 /// sled's segment size (its default, which Keel keeps).

@@ -217,8 +217,6 @@ pub struct Inner {
     pub version: (usize, usize),
     tmp_path: PathBuf,
     pub(crate) global_error: Arc<Atomic<Error>>,
-    /// Keel's patch (KEEL-PATCHES.md 9): blob files written by this process (`Db::blobs_written`).
-    pub(crate) blobs_written: Arc<std::sync::atomic::AtomicU64>,
     #[cfg(feature = "event_log")]
     /// an event log for concurrent debugging
     pub event_log: Arc<event_log::EventLog>,
@@ -246,7 +244,6 @@ impl Default for Inner {
             flush_every_ms: Some(500),
             idgen_persist_interval: 1_000_000,
             global_error: Arc::new(Atomic::default()),
-            blobs_written: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             #[cfg(feature = "event_log")]
             event_log: Arc::new(crate::event_log::EventLog::default()),
         }

@@ -58,15 +58,6 @@ impl Debug for Db {
 }
 
 impl Db {
-    /// Keel's patch (KEEL-PATCHES.md 9): how many blob files (values too large for the log)
-    /// this `Db` has written since it was opened. A blob is counted once its file is written,
-    /// before the log message that points at it can be in a flush: a caller that reads the
-    /// count after `flush` returns, and finds it unchanged since its last reading, knows that
-    /// the flush made no new blob reachable.
-    pub fn blobs_written(&self) -> u64 {
-        self.context.blobs_written.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
     #[doc(hidden)]
     #[deprecated(since = "0.30.2", note = "replaced by `sled::open`")]
     pub fn open<P: AsRef<std::path::Path>>(path: P) -> Result<Self> {

@@ -91,11 +91,16 @@ pub(crate) fn write_blob<T: Serialize>(
     f.write_all(kind_buf)?;
     io_fail!(config, "write_blob write buf");
     f.write_all(&data)?;
+    // Keel's patch (KEEL-PATCHES.md 9): with `sync_data_on_write`, the blob and its
+    // directory entry are durable before the log message that points at it can be written,
+    // and so before sled can remove the blob it replaces.
+    if config.sync_data_on_write {
+        io_fail!(config, "write_blob sync");
+        f.sync_all()?;
+        let dir = path.parent().expect("a blob's path is in the blob directory");
+        std::fs::File::open(dir)?.sync_all()?;
+    }
     trace!("successfully wrote blob at {:?}", path);
-    // Keel's patch (KEEL-PATCHES.md 9): counted once written, which is before the log message
-    // that points at the blob is reserved, so before any flush that makes that message
-    // durable returns.
-    config.blobs_written.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     Ok(())
 }
 

@@ -222,7 +222,6 @@ impl SledStore {
             path,
             db.clone(),
             sequence_tree,
-            options.durability,
             held,
             mark,
             Arc::clone(&writes),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::counts::status_of;
 use super::journal::{is_group, journal_prefix, tail_from, RecordState, StoredRecordState};
-use super::sync::wall_clock_ms;
+use super::sync::{sync_blobs, wall_clock_ms};
 use super::{decode_record, encode, readable_key, storage, sync_error, RUN_PREFIX};
 use crate::contain::contained_sync;
 use crate::error::{EngineError, Result};
@@ -27,7 +27,8 @@ use crate::store::mark::{self, Commit, Marked};
 /// `sync_file_range` followed by the committer's own `fdatasync`. It also allocates each segment
 /// that grows the log file before writing into it (`zero_new_segments`, same patches), so
 /// that those `fdatasync`s write no new file size (docs/benchmarks.md, "A log that does not
-/// grow with each commit").
+/// grow with each commit"), and syncs each blob file it writes before the message that
+/// points at it; blob files already there are synced first ([`sync_blobs`]).
 ///
 /// `cache_bytes` bounds sled's cache of pages (its default, 1 GiB, when `None`).
 pub(super) fn open_db(
@@ -37,6 +38,9 @@ pub(super) fn open_db(
 ) -> Result<sled::Db> {
     remove_torn_config(path)?;
     remove_torn_snapshots(path)?;
+    if durability == Durability::PowerLoss {
+        sync_blobs(path).map_err(|e| sync_error(path, e))?;
+    }
     let deadline = std::time::Instant::now() + OPEN_LOCK_WAIT_MAX;
     loop {
         // sled 0.34 panics on some damaged logs (a `db` file cut short, say) instead of
