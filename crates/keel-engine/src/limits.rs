@@ -132,7 +132,7 @@ pub const STATS_FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// them). That is 344,120 bytes for the histogram, past sled's blob threshold: a record gets
 /// past it only when most of its 28,672 counters hold more than 2^20 executions each (four
 /// bytes or more; a record of a few thousand distinct durations is a few kilobytes), and sled
-/// keeps such a record in a blob file, which the committer syncs too.
+/// keeps such a record in a blob file, which sled syncs as it writes it.
 pub const STATS_RECORD_BYTES_MAX: usize = (40 + LATENCY_HISTOGRAM_COUNTERS * 9).div_ceil(3) * 4
     + LATENCY_OUTLIERS_KEPT * (RUN_ID_LEN_MAX + 64)
     + 1024;
@@ -189,8 +189,8 @@ pub const NOTICE_TARGET_BYTES_MAX: usize = 2048;
 pub const NOTICE_TARGETS_MAX: usize = 16;
 
 /// sled moves a page larger than a quarter of its 512 KiB segment into a separate blob
-/// file. Records stay below it so that they normally live in sled's log (the committer syncs
-/// blob files too, for the pages that grow past it anyway).
+/// file. Records stay below it so that they normally live in sled's log (sled syncs blob
+/// files as it writes them, for the pages that grow past it anyway).
 const SLED_BLOB_THRESHOLD_BYTES: usize = 512 * 1024 / 4;
 
 const fn max(a: usize, b: usize) -> usize {

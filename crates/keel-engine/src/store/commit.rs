@@ -22,9 +22,9 @@ use crate::error::{EngineError, Result};
 /// What a durable write survives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// Survives power loss: sled's flush, each of whose log writes ends in `fdatasync`
-    /// (Keel's patched sled, `vendor/sled/KEEL-PATCHES.md`), then a sync of any new blob
-    /// file. The default.
+    /// Survives power loss: sled's flush, each of whose log writes ends in `fdatasync`, and
+    /// each of whose blob files is synced as it is written (Keel's patched sled,
+    /// `vendor/sled/KEEL-PATCHES.md`). The default.
     #[default]
     PowerLoss,
     /// Survives a crash of the process, not of the machine: sled's flush only (on Linux it

@@ -361,12 +361,27 @@ impl Log {
             let blob_id =
                 if over_blob_threshold { Some(reservation_lsn) } else { None };
 
-            self.iobufs.encapsulate(
+            // Keel's patch (KEEL-PATCHES.md 9): an encapsulation that fails (a blob's write
+            // or, with `sync_data_on_write`, its sync) leaves this buffer a writer that never
+            // leaves it, so the buffer is never written and every flush would wait for it
+            // for ever. The failure is made the global error, which waiting flushes and every
+            // later call return.
+            if let Err(e) = self.iobufs.encapsulate(
                 item,
                 message_header,
                 destination,
                 blob_id,
-            )?;
+            ) {
+                self.iobufs.config.set_global_error(e.clone());
+                let intervals = self.iobufs.intervals.lock();
+
+                // having held the mutex makes this linearized
+                // with the notify below.
+                drop(intervals);
+
+                let _notified = self.iobufs.interval_updated.notify_all();
+                return Err(e);
+            }
 
             M.log_reservation_success();
 

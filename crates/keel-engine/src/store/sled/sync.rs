@@ -148,9 +148,9 @@ impl Drop for Writing<'_> {
     }
 }
 
-/// Makes everything sled holds durable (at `PowerLoss`: its configuration and log; its blob
-/// files were synced before it opened, [`sync_blobs`], and as it wrote them), before the
-/// store's first mark claims it: what sled recovered at open may be in the page cache only
+/// Makes everything sled holds durable (at `PowerLoss`: its configuration, log and blob
+/// files; the blobs were synced before it opened too, [`sync_blobs`], and sled syncs those
+/// it writes), before the store's first mark claims it: what sled recovered at open may be in the page cache only
 /// (the process died after a flush and before its `fdatasync`), and sled never syncs the
 /// configuration file it writes at a store's first open.
 pub(super) fn sync_all(path: &Path, db: &sled::Db, durability: Durability) -> std::io::Result<()> {
@@ -160,7 +160,9 @@ pub(super) fn sync_all(path: &Path, db: &sled::Db, durability: Durability) -> st
     }
     File::open(path.join("conf"))?.sync_all()?;
     File::open(path.join("db"))?.sync_data()?;
-    Ok(())
+    // Again, now that sled holds the store: another process's engine at `ProcessCrash`,
+    // still closing when the first sync ran, may have written more.
+    sync_blobs(path)
 }
 
 /// The system's time, for the commit sequence (which says when a sync happened, for
@@ -194,6 +196,39 @@ mod tests {
         assert_eq!(listed.len(), 3);
         std::fs::remove_file(blobs.join("200")).unwrap();
         sync_listed_blobs(listed).unwrap();
+    }
+
+    /// A blob sled cannot write (here its directory has become a file) is sled's global
+    /// error: the write fails, and so does every flush after it, instead of waiting for
+    /// ever on a log buffer whose writer never left it (as sled did before Keel's patch 9
+    /// made a failed blob the global error).
+    #[test]
+    fn a_blob_sled_cannot_write_fails_the_flush_instead_of_hanging_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new()
+            .path(dir.path())
+            .sync_data_on_write(true)
+            .open()
+            .unwrap();
+        db.insert("small", "value").unwrap();
+        db.flush().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::remove_dir_all(&blobs).unwrap();
+        std::fs::write(&blobs, "not a directory").unwrap();
+        // Over a quarter of sled's 512 KiB segment: a blob.
+        let written = db.insert("large", vec![7_u8; 200 * 1024]);
+        assert!(
+            written.is_err(),
+            "the blob's write cannot succeed: {written:?}"
+        );
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(db.flush().map(|_| ()));
+        });
+        let flushed = receiver
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the flush returns instead of waiting for ever");
+        assert!(flushed.is_err(), "the failed blob is the flush's error too");
     }
 
     /// A write is counted begun before it is made and done once its guard goes; one that
