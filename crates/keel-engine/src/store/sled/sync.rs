@@ -150,9 +150,9 @@ impl Drop for Writing<'_> {
 
 /// Makes everything sled holds durable (at `PowerLoss`: its configuration, log and blob
 /// files; the blobs were synced before it opened too, [`sync_blobs`], and sled syncs those
-/// it writes), before the store's first mark claims it: what sled recovered at open may be in the page cache only
-/// (the process died after a flush and before its `fdatasync`), and sled never syncs the
-/// configuration file it writes at a store's first open.
+/// it writes), before the store's first mark claims it: what sled recovered at open may be
+/// in the page cache only (the process died after a flush and before its `fdatasync`), and
+/// sled never syncs the configuration file it writes at a store's first open.
 pub(super) fn sync_all(path: &Path, db: &sled::Db, durability: Durability) -> std::io::Result<()> {
     db.flush().map_err(std::io::Error::other)?;
     if durability == Durability::ProcessCrash {
