@@ -215,6 +215,8 @@ pub(crate) enum Command {
     /// What runs that wait cost in memory: RSS before open, open and idle, and with every
     /// run waiting (on a 1-day timer, for an event never sent, for a child run that waits
     /// for one, or between two hourly polls of a resource), with the runs loaded and parked.
+    /// The runs start in two halves: the report also has what each run of the second half
+    /// added, on top of the first half waiting.
     /// Measures the sled store, or PostgreSQL with `--store` (then a reopened engine must
     /// hold none of the runs: they wait in the database until due).
     Memory {

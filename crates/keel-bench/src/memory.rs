@@ -3,6 +3,13 @@
 //! comes, for a child run that waits for one, or for a resource polled every hour), and reports the process's RSS before the engine opened, once it is open and idle,
 //! and once every run waits, with what the engine holds (`Engine::resident`: runs loaded,
 //! runs parked). With parking off, every waiting run keeps its cell and its driver.
+//!
+//! The runs start in two halves, the second once every run of the first waits, so that the
+//! report also has what a waiting run adds to an engine that already holds as many: (RSS
+//! with all waiting - RSS with the first half waiting) / the second half's runs. It leaves
+//! out what the first runs set up once (the allocator's and sled's first pages), and once
+//! sled's cache is full, what the cache holds: its bound keeps that whatever the number of
+//! runs.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,6 +20,9 @@ use serde::Serialize;
 
 use crate::system;
 use crate::workload::{self, AwaitsInbox, Inbox, Polls, SleepInput, StepsThenSleep};
+
+/// The prefix of the runs' ids.
+const PREFIX: &str = "waiter";
 
 /// What the runs wait for.
 #[derive(Clone, Copy, Debug, clap::ValueEnum, Serialize)]
@@ -93,6 +103,11 @@ pub(crate) struct MemoryReport {
     pub rss_waiting: u64,
     /// (waiting - idle) / waiting runs (with `--wait child`, parents and children), in bytes.
     pub bytes_per_run: f64,
+    /// RSS once the first half of the runs waited (the first `runs / 2` started), in bytes.
+    pub rss_half_waiting: u64,
+    /// (waiting - half waiting) / the second half's waiting runs, in bytes: what a waiting
+    /// run adds to an engine holding as many. `None` with fewer than 2 runs.
+    pub marginal_bytes_per_run: Option<f64>,
     /// What the engine held once every run waited.
     pub resident: Resident,
     /// Seconds from the first start until every run waited.
@@ -133,6 +148,8 @@ impl MemoryReport {
              | RSS open, idle | {:.1} MiB |\n\
              | RSS with every run waiting | {:.1} MiB |\n\
              | memory per waiting run | {:.0} bytes |\n\
+             | RSS with the first half waiting | {:.1} MiB |\n\
+             | memory per waiting run of the second half | {} |\n\
              | runs loaded / parked | {} / {} |\n\
              | every run waiting after | {:.1} s |\n{}",
             self.runs,
@@ -150,6 +167,9 @@ impl MemoryReport {
             mib(self.rss_idle),
             mib(self.rss_waiting),
             self.bytes_per_run,
+            mib(self.rss_half_waiting),
+            self.marginal_bytes_per_run
+                .map_or("-".to_string(), |b| format!("{b:.0} bytes")),
             self.resident.loaded,
             self.resident.parked,
             self.seconds_to_wait,
@@ -207,26 +227,12 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
     let engine = params.builder(data.path()).await.open().await?;
     let rss_idle = system::rss_bytes(page_bytes)?;
     let started = Instant::now();
-    match params.wait {
-        WaitKind::Timer => {
-            let input = SleepInput {
-                steps: 0,
-                wake_at_ms: workload::now_ms() + 86_400_000,
-            };
-            workload::start_concurrently::<StepsThenSleep>(&engine, "waiter", params.runs, &input)
-                .await?;
-        }
-        WaitKind::Event => {
-            workload::start_concurrently::<Inbox>(&engine, "waiter", params.runs, &1).await?;
-        }
-        WaitKind::Child => {
-            workload::start_concurrently::<AwaitsInbox>(&engine, "waiter", params.runs, &1).await?;
-        }
-        WaitKind::Poll => {
-            workload::start_concurrently::<Polls>(&engine, "waiter", params.runs, &()).await?;
-        }
-    }
-    let resident = all_waiting(&engine, params).await?;
+    let half = params.runs / 2;
+    start_waiting(&engine, params.wait, 0..half).await?;
+    all_waiting(&engine, params, half).await?;
+    let rss_half_waiting = system::rss_bytes(page_bytes)?;
+    start_waiting(&engine, params.wait, half..params.runs).await?;
+    let resident = all_waiting(&engine, params, params.runs).await?;
     let seconds_to_wait = started.elapsed().as_secs_f64();
     let rss_waiting = system::rss_bytes(page_bytes)?;
     engine.shutdown().await;
@@ -255,11 +261,43 @@ pub(crate) async fn run(dir: &Path, params: &MemoryParams) -> anyhow::Result<Mem
         rss_waiting,
         bytes_per_run: rss_waiting.saturating_sub(rss_idle) as f64
             / f64::from(params.wait.waiting(params.runs)),
+        rss_half_waiting,
+        marginal_bytes_per_run: (half > 0).then(|| {
+            (rss_waiting as f64 - rss_half_waiting as f64)
+                / f64::from(params.wait.waiting(params.runs) - params.wait.waiting(half))
+        }),
         resident,
         seconds_to_wait,
         reopened,
         kept,
     })
+}
+
+/// Starts runs `numbers` (of ids `waiter-n`), each of which waits for `wait`.
+async fn start_waiting(
+    engine: &Engine,
+    wait: WaitKind,
+    numbers: std::ops::Range<u32>,
+) -> anyhow::Result<()> {
+    match wait {
+        WaitKind::Timer => {
+            let input = SleepInput {
+                steps: 0,
+                wake_at_ms: workload::now_ms() + 86_400_000,
+            };
+            workload::start_range_concurrently::<StepsThenSleep>(engine, PREFIX, numbers, &input)
+                .await
+        }
+        WaitKind::Event => {
+            workload::start_range_concurrently::<Inbox>(engine, PREFIX, numbers, &1).await
+        }
+        WaitKind::Child => {
+            workload::start_range_concurrently::<AwaitsInbox>(engine, PREFIX, numbers, &1).await
+        }
+        WaitKind::Poll => {
+            workload::start_range_concurrently::<Polls>(engine, PREFIX, numbers, &()).await
+        }
+    }
 }
 
 /// Opens the store a `--keep` run left in `path` and times it until every run waits again;
@@ -301,7 +339,7 @@ async fn reopen(path: &Path, params: &MemoryParams, page_bytes: u64) -> anyhow::
             (held, open_seconds)
         }
         None => (
-            all_waiting(&engine, params).await?,
+            all_waiting(&engine, params, params.runs).await?,
             started.elapsed().as_secs_f64(),
         ),
     };
@@ -326,17 +364,22 @@ async fn reopen(path: &Path, params: &MemoryParams, page_bytes: u64) -> anyhow::
     })
 }
 
-/// Waits until every run waits: parked, with parking on; with it off, journaled its wait.
-async fn all_waiting(engine: &Engine, params: &MemoryParams) -> anyhow::Result<Resident> {
+/// Waits until runs `waiter-0` .. `waiter-{started-1}` wait: parked, with parking on; with
+/// it off, journaled their waits.
+async fn all_waiting(
+    engine: &Engine,
+    params: &MemoryParams,
+    started: u32,
+) -> anyhow::Result<Resident> {
     if params.park_after.is_some() {
-        workload::wait_all_parked(engine, params.wait.waiting(params.runs)).await?;
+        workload::wait_all_parked(engine, params.wait.waiting(started)).await?;
         return Ok(engine.resident());
     }
     match params.wait {
-        WaitKind::Timer => workload::wait_all_asleep(engine, "waiter", params.runs).await?,
+        WaitKind::Timer => workload::wait_all_asleep(engine, PREFIX, started).await?,
         WaitKind::Event | WaitKind::Child | WaitKind::Poll => {
-            for n in 0..params.runs {
-                let id = workload::run_id("waiter", n);
+            for n in 0..started {
+                let id = workload::run_id(PREFIX, n);
                 // A parent's child is the one that receives.
                 let id = match params.wait {
                     WaitKind::Child => keel_engine::child_id(

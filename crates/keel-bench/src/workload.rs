@@ -331,13 +331,30 @@ where
     W: Workflow,
     W::Input: Clone + Sync,
 {
+    start_range_concurrently::<W>(engine, prefix, 0..runs, input).await
+}
+
+/// Starts runs `prefix-{numbers.start}` .. `prefix-{numbers.end-1}` of `W`, as
+/// [`start_concurrently`] does.
+pub(crate) async fn start_range_concurrently<W>(
+    engine: &Engine,
+    prefix: &str,
+    numbers: std::ops::Range<u32>,
+    input: &W::Input,
+) -> anyhow::Result<()>
+where
+    W: Workflow,
+    W::Input: Clone + Sync,
+{
     let mut callers = JoinSet::new();
+    let runs = numbers.len() as u32;
     for caller in 0..CALLERS.min(runs) {
         let engine = engine.clone();
         let prefix = prefix.to_owned();
         let input = input.clone();
+        let numbers = numbers.clone();
         callers.spawn(async move {
-            for n in (caller..runs).step_by(CALLERS as usize) {
+            for n in (numbers.start + caller..numbers.end).step_by(CALLERS as usize) {
                 let id = run_id(&prefix, n);
                 engine
                     .start::<W>(&id, input.clone())
