@@ -205,8 +205,9 @@ impl Engine {
     }
 
     /// How many runs the store holds in each status (statuses with none are left out): kept
-    /// by the sled store as it writes records (counted once at open), counted by PostgreSQL
-    /// from its index by status.
+    /// by the sled store as it writes records (taken from a clean close, else counted once
+    /// at open: after a crash, with the wake index built, in the background, and a call
+    /// waits for that count), counted by PostgreSQL from its index by status.
     pub async fn run_counts(&self) -> Result<BTreeMap<RunStatus, u64>> {
         self.inner.env.store.run_counts().await
     }

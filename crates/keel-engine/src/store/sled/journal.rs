@@ -370,12 +370,14 @@ impl SledStore {
             .map_err(|e| self.storage(e))?;
         crate::crash::point("store.after_transition_entry");
         // The view; `repair_records` redoes it if a crash comes first.
+        let key = run_key(id);
+        let mut counting = self.counts.writing();
         let before = self
             .db
-            .insert(run_key(id), record_bytes)
+            .insert(&key, record_bytes)
             .map_err(|e| self.storage(e))?;
         let from = before.as_deref().and_then(status_of);
-        self.counts.moved(from, Some(record.status));
+        counting.moved(&key, from, Some(record.status));
         self.transitions_open.fetch_sub(1, Ordering::SeqCst);
         Ok(())
     }
@@ -438,13 +440,15 @@ impl SledStore {
             return Ok(false);
         }
         let _writing = self.writes.begin();
-        let before = self
-            .db
-            .insert(run_key(id), bytes)
-            .map_err(|e| self.storage(e))?;
-        crate::crash::point("store.after_transition_entry");
+        let key = run_key(id);
+        let mut counting = self.counts.writing();
+        let before = self.db.insert(&key, bytes).map_err(|e| self.storage(e))?;
         let from = before.as_deref().and_then(status_of);
-        self.counts.moved(from, Some(record.status));
+        counting.moved(&key, from, Some(record.status));
+        // Not at the crash point with the counts' lock held (a hanging crash point would
+        // stop every write and the open's count).
+        drop(counting);
+        crate::crash::point("store.after_transition_entry");
         Ok(true)
     }
 }

@@ -41,7 +41,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::error::{EngineError, Result};
@@ -102,6 +102,9 @@ pub(crate) struct SledStore {
     writes: Arc<Writes>,
     /// Runs in each status (`counts.rs`).
     counts: Arc<StatusCounts>,
+    /// The open's count of every record, while it runs in the background (`counts.rs`), and
+    /// what stops it.
+    counting: Option<(std::thread::JoinHandle<()>, Arc<AtomicBool>)>,
     /// The writes done when the engine released the store after a clean shutdown
     /// (`u64::MAX`: not released): a store dropped with no write since leaves its counts for
     /// the next open.
@@ -120,10 +123,16 @@ pub(crate) struct SledStore {
 }
 
 impl Drop for SledStore {
-    /// After a clean shutdown with nothing written since, leaves the counts per status for
-    /// the next open, which then reads no record (`recovery.rs`, `repair_records`). Best
-    /// effort: a store without them is counted in full.
+    /// After a clean shutdown with nothing written since, and once the open's count ended,
+    /// leaves the counts per status for the next open, which then reads no record
+    /// (`recovery.rs`, `repair_records`). Best effort: a store without them is counted in
+    /// full.
     fn drop(&mut self) {
+        if let Some((count, stop)) = self.counting.take() {
+            stop.store(true, Ordering::SeqCst);
+            // It stops after the batch it reads (a panic in it was reported already).
+            let _ = count.join();
+        }
         let mut closed = self.closed.lock().unwrap_or_else(|p| p.into_inner());
         *closed = true;
         if self.released_at.load(Ordering::SeqCst) != self.writes.done()
@@ -137,10 +146,17 @@ impl Drop for SledStore {
                 .open_tree(mark::SEQUENCE_TREE)
                 .map_err(|e| e.to_string())?;
             let held = held_commit(&self.path, &sequence_tree).map_err(|e| e.to_string())?;
-            let bytes = recovery::CleanClose::bytes(held, self.counts.now())?;
+            let Some(counts) = self.counts.now() else {
+                tracing::info!(
+                    "the open's count of every run had not ended: the next open counts every run"
+                );
+                return Ok(());
+            };
+            let bytes = recovery::CleanClose::bytes(held, counts)?;
             self.db
                 .insert(recovery::CLEAN_CLOSE_KEY, bytes)
                 .and_then(|_| self.db.flush())
+                .map(drop)
                 .map_err(|e| e.to_string())
         })();
         if let Err(error) = left {
@@ -204,7 +220,7 @@ impl SledStore {
             recovered_ms,
             ?repaired,
             repaired_ms = repairing.elapsed().as_millis(),
-            runs = counts.values().sum::<u64>(),
+            runs = counts.as_ref().map(|c| c.values().sum::<u64>()),
             cache_bytes = options.cache_bytes,
             "sled store open"
         );
@@ -228,11 +244,31 @@ impl SledStore {
         )
         .map_err(|e| sync_error(path, e))?;
         let committer = Committer::start(sync);
+        let (counts, counting) = match counts {
+            Some(counts) => (Arc::new(StatusCounts::new(counts)), None),
+            None => {
+                let counts = Arc::new(StatusCounts::to_count());
+                let stop = Arc::new(AtomicBool::new(false));
+                let count = counts::count_in_background(
+                    path.to_owned(),
+                    db.clone(),
+                    Arc::clone(&counts),
+                    Arc::clone(&stop),
+                    counts::pause_of(path),
+                )
+                .map_err(|e| EngineError::Storage {
+                    path: path.to_owned(),
+                    source: Box::new(e),
+                })?;
+                (counts, Some((count, stop)))
+            }
+        };
         Ok(SledStore {
             path: path.to_owned(),
             db,
             writes,
-            counts: Arc::new(StatusCounts::new(counts)),
+            counts,
+            counting,
             released_at: AtomicU64::new(u64::MAX),
             closed: Default::default(),
             transitions_open: AtomicU64::new(0),
@@ -308,13 +344,14 @@ impl SledStore {
         bytes: Vec<u8>,
     ) -> Result<Option<RunRecord>> {
         let writing = self.writes.begin();
+        let mut counting = self.counts.writing();
         match self
             .db
             .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))
         {
             Ok(Ok(())) => {
                 drop(writing);
-                self.counts.moved(None, Some(record.status));
+                counting.moved(key, None, Some(record.status));
                 Ok(None)
             }
             Ok(Err(cas)) => {
@@ -416,7 +453,7 @@ impl JournalStore for SledStore {
     }
 
     fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>> {
-        ready(Ok(self.counts.now()))
+        Box::pin(self.counts.counted(&self.path))
     }
 
     fn journal<'a>(&'a self, id: &'a RunId) -> Read<'a, Vec<Entry>> {
@@ -566,24 +603,29 @@ fn remove_runs(
         return Err(EngineError::ShutDown);
     }
     let mut batch = sled::Batch::default();
-    let mut removed = Vec::with_capacity(ids.len());
     for id in ids {
         for item in db.scan_prefix(journal_prefix(id)).keys() {
             batch.remove(item.map_err(|e| storage(path, e))?);
         }
-        let record = db.get(run_key(id)).map_err(|e| storage(path, e))?;
-        removed.push(record.as_deref().and_then(status_of));
         batch.remove(run_key(id));
         batch.remove(loads_key(id));
         for key in wakes::keys_of(db, id).map_err(|e| storage(path, e))? {
             batch.remove(key);
         }
     }
+    // The records' statuses read, and the batch applied, under the counts' lock while the
+    // open's count runs (`counts.rs`).
+    let mut counting = counts.writing();
+    let mut removed = Vec::with_capacity(ids.len());
+    for id in ids {
+        let record = db.get(run_key(id)).map_err(|e| storage(path, e))?;
+        removed.push((run_key(id), record.as_deref().and_then(status_of)));
+    }
     let writing = writes.begin();
     db.apply_batch(batch).map_err(|e| storage(path, e))?;
     drop(writing);
-    for status in removed {
-        counts.moved(status, None);
+    for (key, status) in removed {
+        counting.moved(&key, status, None);
     }
     Ok(())
 }

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::counts::status_of;
 use super::journal::{is_group, journal_prefix, tail_from, RecordState, StoredRecordState};
 use super::sync::{sync_blobs, wall_clock_ms};
 use super::{decode_record, encode, readable_key, storage, sync_error, RUN_PREFIX};
@@ -322,7 +321,8 @@ pub(super) enum Repaired {
     /// Nothing to repair: the store was closed cleanly, and its counts were kept.
     Clean,
     /// The runs the wake index has as loaded (the only ones that can have written since
-    /// their last park; how many records were checked), then every record counted.
+    /// their last park; how many records were checked); every record is counted after the
+    /// open, in the background (`counts.rs`).
     Loaded(u64),
     /// Every record (a store without a built wake index).
     Every,
@@ -330,14 +330,16 @@ pub(super) enum Repaired {
 
 /// Brings run records up to the state their journals' last entries give them, where a crash
 /// came between a transition's entry and the record's rewrite, and counts the readable
-/// records in each status (the store keeps the counts from here on: `counts.rs`). Only a run
+/// records in each status (the store keeps the counts from here on: `counts.rs`), unless
+/// the counts are left to the background (`None`). Only a run
 /// that wrote since its last park can be behind: it writes its record right after the
 /// entry, within one store call, so a clean close leaves none behind, and a parked run's
 /// writes were all durable before its wake index entry left 0 (`wakes.rs`). So:
 /// - after a clean close: nothing is read, and the counts it left are taken (and removed,
 ///   durable with the open's sync, before anything else is written);
-/// - with the wake index built: the runs whose entry is 0 are repaired, then every record is
-///   counted by its status alone;
+/// - with the wake index built: the runs whose entry is 0 are repaired; every record is
+///   counted by its status alone after the open, while the store is used (a million records
+///   take seconds to read);
 /// - else every record is read and repaired.
 ///
 /// Records or entries that do not decode are left for the engine to report.
@@ -345,11 +347,11 @@ pub(super) fn repair_records(
     path: &Path,
     db: &sled::Db,
     held: Commit,
-) -> Result<(BTreeMap<RunStatus, u64>, Repaired)> {
+) -> Result<(Option<BTreeMap<RunStatus, u64>>, Repaired)> {
     if let Some(bytes) = db.remove(CLEAN_CLOSE_KEY).map_err(|e| storage(path, e))? {
         match serde_json::from_slice::<CleanClose>(&bytes) {
             Ok(close) if close.sequence == held.sequence => {
-                return Ok((close.counts, Repaired::Clean))
+                return Ok((Some(close.counts), Repaired::Clean))
             }
             Ok(close) => tracing::warn!(
                 closed_at = close.sequence,
@@ -370,13 +372,7 @@ pub(super) fn repair_records(
                 repaired += 1;
             }
         }
-        let mut counts = BTreeMap::new();
-        for item in db.scan_prefix([RUN_PREFIX]).values() {
-            if let Some(status) = status_of(&item.map_err(|e| storage(path, e))?) {
-                *counts.entry(status).or_default() += 1;
-            }
-        }
-        return Ok((counts, Repaired::Loaded(repaired)));
+        return Ok((None, Repaired::Loaded(repaired)));
     }
     let mut counts = BTreeMap::new();
     for item in db.scan_prefix([RUN_PREFIX]) {
@@ -385,7 +381,7 @@ pub(super) fn repair_records(
             *counts.entry(status).or_default() += 1;
         }
     }
-    Ok((counts, Repaired::Every))
+    Ok((Some(counts), Repaired::Every))
 }
 
 /// Repairs the record stored as `bytes` under `key` if its journal is ahead of it; returns

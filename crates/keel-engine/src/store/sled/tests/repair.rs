@@ -107,7 +107,7 @@ fn a_settled_record_is_never_repaired_back_to_an_earlier_transition() {
     assert_eq!(store.read_run(&id).unwrap(), Some(compensated));
     assert_eq!(store.read_journal(&id).unwrap(), journal);
     assert_eq!(
-        store.counts.now(),
+        counted(&store),
         BTreeMap::from([(RunStatus::Compensated, 1)])
     );
 }
@@ -119,7 +119,7 @@ fn a_settled_record_is_never_repaired_back_to_an_earlier_transition() {
 fn kept_counts_match_a_scan_of_every_record() {
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    assert!(store.counts.now().is_empty());
+    assert!(counted(&store).is_empty());
     for id in ["a", "b", "d"] {
         write_completed_run(&store, id);
     }
@@ -134,7 +134,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 2),
     ]);
-    assert_eq!(store.counts.now(), expected);
+    assert_eq!(counted(&store), expected);
     assert_eq!(scanned_counts(&store), expected);
 
     let ids = ["b", "r2", "gone"].map(|id| RunId::new(id).unwrap());
@@ -144,7 +144,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 1),
     ]);
-    assert_eq!(store.counts.now(), expected);
+    assert_eq!(counted(&store), expected);
     assert_eq!(scanned_counts(&store), expected);
 
     // A crash between "c"'s compensating entry and its record's rewrite, and a record that
@@ -160,7 +160,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 1),
     ]);
-    assert_eq!(store.counts.now(), expected);
+    assert_eq!(counted(&store), expected);
     assert_eq!(scanned_counts(&store), expected);
 
     // A transition moves one run from its status to the next.
@@ -185,7 +185,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         )
         .unwrap();
     let expected = BTreeMap::from([(RunStatus::Completed, 2), (RunStatus::Compensating, 1)]);
-    assert_eq!(store.counts.now(), expected);
+    assert_eq!(counted(&store), expected);
     assert_eq!(scanned_counts(&store), expected);
 }
 
@@ -234,7 +234,7 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
         counts
     };
     assert_eq!(repaired, recovery::Repaired::Clean);
-    assert_eq!(counts, expected);
+    assert_eq!(counts, Some(expected.clone()));
 
     // Taken once: this open (the clean close's key is gone) counts and repairs every record.
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
@@ -242,7 +242,7 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
         store.read_run(&RunId::new("a").unwrap()).unwrap(),
         Some(compensating("a"))
     );
-    assert_eq!(store.counts.now(), expected);
+    assert_eq!(counted(&store), expected);
     drop(store);
 
     // A write after the release leaves no counts: they would be stale.
@@ -261,7 +261,7 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 1),
     ]);
-    assert_eq!(store.counts.now(), expected);
+    assert_eq!(counted(&store), expected);
     assert_eq!(scanned_counts(&store), expected);
 }
 
@@ -288,21 +288,20 @@ fn with_the_wake_index_an_open_repairs_the_loaded_runs() {
     let held = held_commit(dir.path(), &db.open_tree(mark::SEQUENCE_TREE).unwrap()).unwrap();
     let (counts, repaired) = repair_records(dir.path(), &db, held).unwrap();
     assert_eq!(repaired, recovery::Repaired::Loaded(1));
-    assert_eq!(
-        counts,
-        BTreeMap::from([
-            (RunStatus::Completed, 1),
-            (RunStatus::Compensating, 1),
-            (RunStatus::Running, 1)
-        ])
-    );
+    assert_eq!(counts, None, "counted after the open");
     drop(db);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert_eq!(
         store.read_run(&RunId::new("loaded").unwrap()).unwrap(),
         Some(compensating("loaded"))
     );
-    assert_eq!(scanned_counts(&store), store.counts.now());
+    let expected = BTreeMap::from([
+        (RunStatus::Completed, 1),
+        (RunStatus::Compensating, 1),
+        (RunStatus::Running, 1),
+    ]);
+    assert_eq!(counted(&store), expected);
+    assert_eq!(scanned_counts(&store), expected);
 }
 
 /// A settled run that changes again (a completed child its parent compensates): the
@@ -419,4 +418,185 @@ fn a_note_then_a_transition_after_settling_keeps_the_journal_in_order() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert_eq!(store.read_run(&id).unwrap(), Some(undoing));
     assert_eq!(store.read_journal(&id).unwrap(), journal);
+}
+
+/// Makes the open's count of the store in `dir` stop after its first `batches` batches (0:
+/// before it reads any) until the sender returned sends, or is dropped (or a minute passed);
+/// the receiver hears when the count got there.
+fn pause_count_after(
+    dir: &Path,
+    batches: u64,
+) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+    let (reached, reached_there) = std::sync::mpsc::channel();
+    let (go, went) = std::sync::mpsc::channel::<()>();
+    let (went, before) = (std::sync::Mutex::new(went), AtomicU64::new(0));
+    let pause = move || {
+        if before.fetch_add(1, Ordering::SeqCst) == batches {
+            let _ = reached.send(());
+            let _ = went
+                .lock()
+                .unwrap()
+                .recv_timeout(std::time::Duration::from_secs(60));
+        }
+    };
+    counts::PAUSES
+        .lock()
+        .insert(dir.to_owned(), Arc::new(pause));
+    (reached_there, go)
+}
+
+/// Runs `run-0000` .. `run-{runs-1}` (four digits), running, in a store whose wake index is
+/// built, left as a crash leaves it (not released): its next open counts every record after
+/// the open.
+fn store_of_running_runs(dir: &Path, runs: usize) {
+    let store = SledStore::open(dir, PROCESS_CRASH).unwrap();
+    for n in 0..runs {
+        let id = format!("run-{n:04}");
+        assert_eq!(store.insert_run(&running(&id)).unwrap(), None);
+    }
+    store.write_wakes_built().unwrap();
+    drop(store);
+}
+
+/// After a crash, a store whose wake index is built counts its records after the open, while
+/// it is written. Each write during the count is counted once: by a move of the counts for a
+/// record the count has passed, by the count's read for one it has not reached. The count is
+/// paused before it reads anything, and after two batches (256 records, up to `run-0255`),
+/// while runs are created, moved (through both kinds of transition write) and deleted on
+/// both sides of where it stands, and at its edge.
+#[test]
+fn writes_during_the_opens_count_are_counted_once() {
+    for batches in [0, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        store_of_running_runs(dir.path(), 600);
+        let (reached, go) = pause_count_after(dir.path(), batches);
+        let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+        reached
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the count reaches its pause");
+        assert_eq!(store.counts.now(), None, "not whole while the count runs");
+
+        for (settled, compensating, deleted, created) in [
+            (
+                "run-0010",
+                "run-0011",
+                Some("run-0020"),
+                ["a-first", "run-0100a"],
+            ),
+            ("run-0255", "run-0256", None, ["run-0255a", "run-0256a"]),
+            (
+                "run-0400",
+                "run-0401",
+                Some("run-0410"),
+                ["run-0500a", "zz-last"],
+            ),
+        ] {
+            complete(&store, settled);
+            compensate(&store, compensating);
+            if let Some(deleted) = deleted {
+                delete(&store, &[RunId::new(deleted).unwrap()]);
+            }
+            for id in created {
+                assert_eq!(store.insert_run(&running(id)).unwrap(), None);
+            }
+        }
+        go.send(()).unwrap();
+        let expected = BTreeMap::from([
+            (RunStatus::Completed, 3),
+            (RunStatus::Compensating, 3),
+            (RunStatus::Running, 598),
+        ]);
+        assert_eq!(counted(&store), expected, "paused after {batches} batches");
+        assert_eq!(scanned_counts(&store), expected);
+        // Moved from here on as before.
+        complete(&store, "run-0300");
+        let moved = BTreeMap::from([
+            (RunStatus::Completed, 4),
+            (RunStatus::Compensating, 3),
+            (RunStatus::Running, 597),
+        ]);
+        assert_eq!(store.counts.now(), Some(moved.clone()));
+        assert_eq!(scanned_counts(&store), moved);
+        counts::PAUSES.lock().remove(dir.path());
+    }
+}
+
+/// The same, with no pause: two threads complete runs all over the key space while the count
+/// reads, for as long as it does (the lock makes each write and each batch one after the
+/// other; without it a write could be counted twice or not at all).
+#[test]
+fn writes_racing_the_opens_count_are_counted_once() {
+    const RUNS: usize = 6_000;
+    let dir = tempfile::tempdir().unwrap();
+    store_of_running_runs(dir.path(), RUNS);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let settled = std::thread::scope(|scope| {
+        let writers: Vec<_> = (0..2)
+            .map(|writer| {
+                let store = &store;
+                scope.spawn(move || {
+                    let mut settled = 0;
+                    // One from the first run up, behind the count; one from the last down,
+                    // ahead of it until they cross.
+                    let runs: Vec<usize> = match writer {
+                        0 => (0..RUNS).step_by(7).collect(),
+                        _ => (3..RUNS).step_by(7).rev().collect(),
+                    };
+                    for n in runs {
+                        if store.counts.now().is_some() {
+                            break;
+                        }
+                        complete(store, &format!("run-{n:04}"));
+                        settled += 1;
+                    }
+                    settled
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).sum::<u64>()
+    });
+    // Else the writes did not overlap the count, and this test checked nothing.
+    assert!(settled > 0, "no run settled while the count ran");
+    let expected = BTreeMap::from([
+        (RunStatus::Completed, settled),
+        (RunStatus::Running, RUNS as u64 - settled),
+    ]);
+    assert_eq!(counted(&store), expected);
+    assert_eq!(scanned_counts(&store), expected);
+}
+
+/// A store closed cleanly while the open's count is not done leaves no counts for the next
+/// open (they are not whole), which counts every record again; the close stops the count.
+#[test]
+fn a_store_closed_during_the_opens_count_leaves_no_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    store_of_running_runs(dir.path(), 600);
+    let (reached, go) = pause_count_after(dir.path(), 1);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    reached
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the count reaches its pause");
+    complete(&store, "run-0000");
+    // The count goes on only once told to stop, so the close finds it not done.
+    let stop = Arc::clone(&store.counting.as_ref().expect("counting").1);
+    let told = std::thread::spawn(move || {
+        while !stop.load(Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        go.send(()).unwrap();
+    });
+    close_cleanly(store);
+    told.join().unwrap();
+    counts::PAUSES.lock().remove(dir.path());
+
+    let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
+    assert!(
+        !db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap(),
+        "no counts left"
+    );
+    drop(db);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let expected = BTreeMap::from([(RunStatus::Completed, 1), (RunStatus::Running, 599)]);
+    assert_eq!(counted(&store), expected);
+    assert_eq!(scanned_counts(&store), expected);
 }
