@@ -402,7 +402,7 @@ async fn serve(
         // Stopped while the store opened: drain what the open resumed, serve nothing.
         return Ok(drain(&engine, grace).await);
     }
-    announce_ready(&engine, addr, &args, &data_dir, token.as_deref()).await?;
+    let counting = announce_ready(&engine, addr, &args, &data_dir, token.as_deref())?;
     let limiters = Arc::new(LimiterHistory::default());
     let state = Arc::new(AppState {
         engine: engine.clone(),
@@ -447,36 +447,62 @@ async fn serve(
     }
     let stopped = drain(&engine, grace).await;
     let _ = server.await;
+    if let Some(counting) = counting {
+        // It holds the engine: gone before `serve` returns, as the store is.
+        counting.abort();
+        let _ = counting.await;
+    }
     Ok(stopped)
 }
 
 /// Logs that the worker is ready, with how many runs it resumed, and prints the API's
-/// address as the first line on stdout.
-async fn announce_ready(
+/// address as the first line on stdout. Counts not at hand (a sled store counting its runs
+/// after a crash, in the background; PostgreSQL's query) are not waited for: a task logs
+/// them when they come, returned to be ended with the worker.
+fn announce_ready(
     engine: &Engine,
     addr: SocketAddr,
     args: &WorkerArgs,
     data_dir: &Path,
     token: Option<&str>,
-) -> Result<(), WorkerError> {
-    let unfinished: u64 = engine
-        .run_counts()
-        .await?
-        .iter()
-        .filter(|(status, _)| !status.is_terminal())
-        .map(|(_, n)| n)
-        .sum();
+) -> Result<Option<tokio::task::JoinHandle<()>>, WorkerError> {
+    fn unfinished(counts: &std::collections::BTreeMap<keel_engine::RunStatus, u64>) -> u64 {
+        counts
+            .iter()
+            .filter(|(status, _)| !status.is_terminal())
+            .map(|(_, n)| n)
+            .sum()
+    }
+    // One call, polled once here and, if not ready, driven on by the task.
+    let mut counts = Box::pin({
+        let engine = engine.clone();
+        async move { engine.run_counts().await }
+    });
+    let (counted, counting) = match futures_util::FutureExt::now_or_never(&mut counts) {
+        Some(counts) => (Some(unfinished(&counts?)), None),
+        None => {
+            let counting = tokio::spawn(async move {
+                match counts.await {
+                    Ok(counts) => {
+                        tracing::info!(unfinished = unfinished(&counts), "runs counted")
+                    }
+                    Err(error) => tracing::error!(%error, "the runs could not be counted"),
+                }
+            });
+            (None, Some(counting))
+        }
+    };
     tracing::info!(
         %addr,
         data_dir = %data_dir.display(),
         aws_endpoint = args.aws_endpoint.as_deref().unwrap_or("AWS"),
-        unfinished,
+        unfinished = counted,
         auth = token.is_some(),
         "worker ready"
     );
     // The first line on stdout is the API's address (port 0 picks a free one), for scripts.
     println!("keel worker listening on http://{addr}");
-    Ok(())
+    Ok(counting)
 }
 
 /// The API server's limits from the worker's arguments; open connections get at most
