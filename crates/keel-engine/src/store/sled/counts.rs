@@ -37,7 +37,8 @@ use crate::journal::RunStatus;
 use super::RUN_PREFIX;
 
 /// Records the background count reads under one hold of the lock: a write of records waits
-/// for at most one batch (a few milliseconds when its leaves are read from disk).
+/// for the batch being read (a few milliseconds when its leaves are read from disk), and for
+/// the writes queued before it.
 const COUNT_BATCH: usize = 128;
 
 /// The counts per status.
@@ -193,13 +194,20 @@ pub(super) fn count_in_background(
         .name("keel-count".into())
         .spawn(move || {
             let started = std::time::Instant::now();
+            // However the count ends (stopped, failed, panicked), its waiters are told.
+            let _ends = Ends(&counts);
             let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 count_batches(&db, &counts, &stop, between)
             }))
-            .unwrap_or_else(|_| {
-                Err(sled::Error::ReportableBug(
-                    "the count of the runs panicked".into(),
-                ))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(sled::Error::ReportableBug(format!(
+                    "the count of the runs panicked: {what}"
+                )))
             });
             match counted {
                 Ok(true) => {
@@ -219,11 +227,27 @@ pub(super) fn count_in_background(
                         "the runs could not be counted: run counts are unavailable until the next open"
                     );
                     counts.lock().failed = Some(error);
-                    counts.counting.store(false, Ordering::SeqCst);
-                    counts.done.send_replace(true);
                 }
             }
         })
+}
+
+/// Ends the open's count when dropped, if it did not end whole: its counts are not whole
+/// (failed, unless the count's error is there already), writes no longer wait for it, and
+/// whoever waits for the counts is told.
+struct Ends<'a>(&'a StatusCounts);
+
+impl Drop for Ends<'_> {
+    fn drop(&mut self) {
+        if *self.0.done.borrow() {
+            return;
+        }
+        self.0.lock().failed.get_or_insert_with(|| {
+            sled::Error::ReportableBug("the count of the runs ended before the last run".into())
+        });
+        self.0.counting.store(false, Ordering::SeqCst);
+        self.0.done.send_replace(true);
+    }
 }
 
 /// The count's loop; `Ok(false)` when stopped before the end.

@@ -148,7 +148,8 @@ impl Drop for SledStore {
             let held = held_commit(&self.path, &sequence_tree).map_err(|e| e.to_string())?;
             let Some(counts) = self.counts.now() else {
                 tracing::info!(
-                    "the open's count of every run had not ended: the next open counts every run"
+                    "the run counts are not whole (the open's count had not ended, or failed): \
+                     the next open counts every run"
                 );
                 return Ok(());
             };
@@ -602,8 +603,12 @@ fn remove_runs(
     if *closed {
         return Err(EngineError::ShutDown);
     }
+    // A run named twice is deleted once: its record would otherwise leave the counts twice.
+    let mut ids = ids.iter().collect::<Vec<_>>();
+    ids.sort();
+    ids.dedup();
     let mut batch = sled::Batch::default();
-    for id in ids {
+    for id in &ids {
         for item in db.scan_prefix(journal_prefix(id)).keys() {
             batch.remove(item.map_err(|e| storage(path, e))?);
         }

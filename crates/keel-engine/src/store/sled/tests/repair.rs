@@ -113,7 +113,7 @@ fn a_settled_record_is_never_repaired_back_to_an_earlier_transition() {
 }
 
 /// The kept counts per status are what a scan of every record says: after creations,
-/// transitions, deletions, an unreadable record, and a reopen that repairs a record a crash
+/// transitions, deletions (one naming a run twice), an unreadable record, and a reopen that repairs a record a crash
 /// left behind its journal.
 #[test]
 fn kept_counts_match_a_scan_of_every_record() {
@@ -137,7 +137,8 @@ fn kept_counts_match_a_scan_of_every_record() {
     assert_eq!(counted(&store), expected);
     assert_eq!(scanned_counts(&store), expected);
 
-    let ids = ["b", "r2", "gone"].map(|id| RunId::new(id).unwrap());
+    // "b" named twice is deleted once.
+    let ids = ["b", "r2", "gone", "b"].map(|id| RunId::new(id).unwrap());
     delete(&store, &ids);
     let expected = BTreeMap::from([
         (RunStatus::Completed, 2),
@@ -594,6 +595,42 @@ fn a_store_closed_during_the_opens_count_leaves_no_counts() {
         !db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap(),
         "no counts left"
     );
+    drop(db);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let expected = BTreeMap::from([(RunStatus::Completed, 1), (RunStatus::Running, 599)]);
+    assert_eq!(counted(&store), expected);
+    assert_eq!(scanned_counts(&store), expected);
+}
+
+/// A count that fails (here it panics) makes the counts unavailable, the store's error,
+/// until the next open: never partial counts, none left by a clean close, and the next open
+/// counts again.
+#[test]
+fn a_failed_count_makes_the_counts_an_error_until_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    store_of_running_runs(dir.path(), 600);
+    let pause: counts::Pause = Arc::new(|| panic!("a count that fails"));
+    counts::PAUSES.lock().insert(dir.path().to_owned(), pause);
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let error = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(store.counts.counted(&store.path))
+        .expect_err("the count failed");
+    assert!(
+        error
+            .to_string()
+            .contains(&dir.path().display().to_string()),
+        "{error}"
+    );
+    assert_eq!(store.counts.now(), None);
+    // Writes go on, without waiting for a count that is gone.
+    complete(&store, "run-0000");
+    close_cleanly(store);
+    counts::PAUSES.lock().remove(dir.path());
+
+    let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
+    assert!(!db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap());
     drop(db);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     let expected = BTreeMap::from([(RunStatus::Completed, 1), (RunStatus::Running, 599)]);
