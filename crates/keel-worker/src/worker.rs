@@ -447,12 +447,21 @@ async fn serve(
     }
     let stopped = drain(&engine, grace).await;
     let _ = server.await;
-    if let Some(counting) = counting {
+    if let Some(mut counting) = counting {
         // It holds the engine: gone before `serve` returns, as the store is.
-        counting.abort();
-        let _ = counting.await;
+        counting.0.abort();
+        let _ = (&mut counting.0).await;
     }
     Ok(stopped)
+}
+
+/// A task aborted when this goes, on every way out of `serve` (it holds the engine).
+struct AbortedOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortedOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Logs that the worker is ready, with how many runs it resumed, and prints the API's
@@ -465,7 +474,7 @@ fn announce_ready(
     args: &WorkerArgs,
     data_dir: &Path,
     token: Option<&str>,
-) -> Result<Option<tokio::task::JoinHandle<()>>, WorkerError> {
+) -> Result<Option<AbortedOnDrop>, WorkerError> {
     fn unfinished(counts: &std::collections::BTreeMap<keel_engine::RunStatus, u64>) -> u64 {
         counts
             .iter()
@@ -489,7 +498,7 @@ fn announce_ready(
                     Err(error) => tracing::error!(%error, "the runs could not be counted"),
                 }
             });
-            (None, Some(counting))
+            (None, Some(AbortedOnDrop(counting)))
         }
     };
     tracing::info!(
