@@ -421,13 +421,13 @@ fn a_note_then_a_transition_after_settling_keeps_the_journal_in_order() {
     assert_eq!(store.read_journal(&id).unwrap(), journal);
 }
 
-/// Makes the open's count of the store in `dir` stop after its first `batches` batches (0:
-/// before it reads any) until the sender returned sends, or is dropped (or a minute passed);
-/// the receiver hears when the count got there.
-fn pause_count_after(
+/// Opens the store in `dir` with its count (after a crash) stopped after its first `batches`
+/// batches (0: before it reads any), once it got there; the count goes on when the sender
+/// returned sends, or is dropped (or a minute passed).
+fn open_with_the_count_paused(
     dir: &Path,
     batches: u64,
-) -> (std::sync::mpsc::Receiver<()>, std::sync::mpsc::Sender<()>) {
+) -> (SledStore, std::sync::mpsc::Sender<()>) {
     let (reached, reached_there) = std::sync::mpsc::channel();
     let (go, went) = std::sync::mpsc::channel::<()>();
     let (went, before) = (std::sync::Mutex::new(went), AtomicU64::new(0));
@@ -443,7 +443,11 @@ fn pause_count_after(
     counts::PAUSES
         .lock()
         .insert(dir.to_owned(), Arc::new(pause));
-    (reached_there, go)
+    let store = SledStore::open(dir, PROCESS_CRASH).unwrap();
+    reached_there
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the count reaches its pause");
+    (store, go)
 }
 
 /// Runs `run-0000` .. `run-{runs-1}` (four digits), running, in a store whose wake index is
@@ -470,11 +474,7 @@ fn writes_during_the_opens_count_are_counted_once() {
     for batches in [0, 2] {
         let dir = tempfile::tempdir().unwrap();
         store_of_running_runs(dir.path(), 600);
-        let (reached, go) = pause_count_after(dir.path(), batches);
-        let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-        reached
-            .recv_timeout(std::time::Duration::from_secs(60))
-            .expect("the count reaches its pause");
+        let (store, go) = open_with_the_count_paused(dir.path(), batches);
         assert_eq!(store.counts.now(), None, "not whole while the count runs");
 
         for (settled, compensating, deleted, created) in [
@@ -572,11 +572,7 @@ fn writes_racing_the_opens_count_are_counted_once() {
 fn a_store_closed_during_the_opens_count_leaves_no_counts() {
     let dir = tempfile::tempdir().unwrap();
     store_of_running_runs(dir.path(), 600);
-    let (reached, go) = pause_count_after(dir.path(), 1);
-    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    reached
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the count reaches its pause");
+    let (store, go) = open_with_the_count_paused(dir.path(), 1);
     complete(&store, "run-0000");
     // The count goes on only once told to stop, so the close finds it not done.
     let stop = Arc::clone(&store.counting.as_ref().expect("counting").1);
@@ -589,14 +585,19 @@ fn a_store_closed_during_the_opens_count_leaves_no_counts() {
     close_cleanly(store);
     told.join().unwrap();
     counts::PAUSES.lock().remove(dir.path());
+    counted_again_at_the_next_open(dir.path());
+}
 
-    let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
+/// Checks that the store in `dir`, of 600 runs of which `run-0000` completed, was closed
+/// without leaving counts, and that its next open counts them whole.
+fn counted_again_at_the_next_open(dir: &Path) {
+    let db = open_db(dir, Durability::ProcessCrash, None).unwrap();
     assert!(
         !db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap(),
         "no counts left"
     );
     drop(db);
-    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let store = SledStore::open(dir, PROCESS_CRASH).unwrap();
     let expected = BTreeMap::from([(RunStatus::Completed, 1), (RunStatus::Running, 599)]);
     assert_eq!(counted(&store), expected);
     assert_eq!(scanned_counts(&store), expected);
@@ -628,12 +629,5 @@ fn a_failed_count_makes_the_counts_an_error_until_the_next_open() {
     complete(&store, "run-0000");
     close_cleanly(store);
     counts::PAUSES.lock().remove(dir.path());
-
-    let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
-    assert!(!db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap());
-    drop(db);
-    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
-    let expected = BTreeMap::from([(RunStatus::Completed, 1), (RunStatus::Running, 599)]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    counted_again_at_the_next_open(dir.path());
 }
