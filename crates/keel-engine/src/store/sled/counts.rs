@@ -17,7 +17,8 @@
 //!   in it.
 //!
 //! While the count runs the lock is handed over fairly (to whoever waited longest), so a
-//! write waits for the batch being read, not for the whole count. A count that fails (or
+//! write waits for the batch being read and the writes queued before it, not for the whole
+//! count. A count that fails (or
 //! panics) leaves the counts unavailable until the next open: `run_counts` returns the
 //! store's error.
 

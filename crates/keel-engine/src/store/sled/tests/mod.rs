@@ -514,6 +514,13 @@ fn counted(store: &SledStore) -> BTreeMap<RunStatus, u64> {
         .unwrap()
 }
 
+/// Checks that the store's counts, once whole, are `expected`, and so is a scan of every
+/// record.
+fn assert_counts(store: &SledStore, expected: &BTreeMap<RunStatus, u64>) {
+    assert_eq!(&counted(store), expected);
+    assert_eq!(&scanned_counts(store), expected);
+}
+
 /// The counts a scan of every record gives.
 fn scanned_counts(store: &SledStore) -> BTreeMap<RunStatus, u64> {
     let mut counts = BTreeMap::new();

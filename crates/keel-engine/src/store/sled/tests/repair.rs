@@ -134,8 +134,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 2),
     ]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 
     // "b" named twice is deleted once.
     let ids = ["b", "r2", "gone", "b"].map(|id| RunId::new(id).unwrap());
@@ -145,8 +144,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 1),
     ]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 
     // A crash between "c"'s compensating entry and its record's rewrite, and a record that
     // no longer decodes: the reopen repairs the one and leaves the other out.
@@ -161,8 +159,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 1),
     ]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 
     // A transition moves one run from its status to the next.
     let [started, done] = entries();
@@ -186,8 +183,7 @@ fn kept_counts_match_a_scan_of_every_record() {
         )
         .unwrap();
     let expected = BTreeMap::from([(RunStatus::Completed, 2), (RunStatus::Compensating, 1)]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 }
 
 /// Releases `store` as the engine's clean shutdown does, then drops it.
@@ -262,8 +258,7 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 1),
     ]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 }
 
 /// With the wake index built, an open after a crash repairs the runs whose entry is 0 (the
@@ -301,8 +296,7 @@ fn with_the_wake_index_an_open_repairs_the_loaded_runs() {
         (RunStatus::Compensating, 1),
         (RunStatus::Running, 1),
     ]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 }
 
 /// A settled run that changes again (a completed child its parent compensates): the
@@ -562,8 +556,7 @@ fn writes_racing_the_opens_count_are_counted_once() {
         (RunStatus::Completed, settled),
         (RunStatus::Running, RUNS as u64 - settled),
     ]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 }
 
 /// A store closed cleanly while the open's count is not done leaves no counts for the next
@@ -599,8 +592,7 @@ fn counted_again_at_the_next_open(dir: &Path) {
     drop(db);
     let store = SledStore::open(dir, PROCESS_CRASH).unwrap();
     let expected = BTreeMap::from([(RunStatus::Completed, 1), (RunStatus::Running, 599)]);
-    assert_eq!(counted(&store), expected);
-    assert_eq!(scanned_counts(&store), expected);
+    assert_counts(&store, &expected);
 }
 
 /// A count that fails (here it panics) makes the counts unavailable, the store's error,
