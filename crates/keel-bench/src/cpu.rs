@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use keel_engine::Durability;
 use serde::Serialize;
 
+use crate::system::{CpuShares, MachineCpu};
 use crate::workload::{self, Steps, StepsInput};
 
 /// What `cpu` is asked to do.
@@ -38,6 +39,9 @@ pub(crate) struct Repeat {
     pub cpu_us_per_step: f64,
     /// The same, for each group of threads.
     pub by_thread_us_per_step: BTreeMap<&'static str, f64>,
+    /// How the machine's CPU was shared during the repeat: a repeat the hypervisor took much
+    /// from is slow, and its CPU per step may be high too (caches, wake-ups).
+    pub machine_cpu: CpuShares,
 }
 
 /// The report of `cpu`.
@@ -75,8 +79,9 @@ impl CpuReport {
         for group in &groups {
             out.push_str(&format!(" {group} |"));
         }
+        out.push_str(" stolen | idle |");
         out.push_str("\n|---|---|---|");
-        out.push_str(&"---|".repeat(groups.len()));
+        out.push_str(&"---|".repeat(groups.len() + 2));
         out.push('\n');
         for (n, repeat) in self.repeats.iter().enumerate() {
             out.push_str(&format!(
@@ -95,6 +100,11 @@ impl CpuReport {
                         .unwrap_or(0.0)
                 ));
             }
+            out.push_str(&format!(
+                " {:.0}% | {:.0}% |",
+                repeat.machine_cpu.stolen * 100.0,
+                repeat.machine_cpu.idle * 100.0
+            ));
             out.push('\n');
         }
         let mut cpu: Vec<f64> = self.repeats.iter().map(|r| r.cpu_us_per_step).collect();
@@ -137,6 +147,7 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
             .await
             .with_context(|| format!("opening an engine in {}", path.display()))?;
         let before = thread_cpu_ns()?;
+        let machine_before = MachineCpu::now()?;
         let started = Instant::now();
         let input = StepsInput {
             steps: params.steps,
@@ -146,6 +157,7 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
         workload::wait_all_completed(&engine, "cpu", params.runs).await?;
         let elapsed = started.elapsed().as_secs_f64();
         let after = thread_cpu_ns()?;
+        let machine_cpu = MachineCpu::now()?.since(machine_before);
         engine.shutdown().await;
         let steps = f64::from(params.runs * params.steps.max(1));
         let mut by_thread: BTreeMap<&'static str, f64> = BTreeMap::new();
@@ -161,13 +173,15 @@ pub(crate) async fn run(parent: &Path, params: &CpuParams) -> anyhow::Result<Cpu
             steps_per_s: steps / elapsed,
             cpu_us_per_step: by_thread.values().sum(),
             by_thread_us_per_step: by_thread,
+            machine_cpu,
         };
         eprintln!(
-            "[{}/{}] {:.0} {unit}s/s, {:.1} us of CPU per {unit}",
+            "[{}/{}] {:.0} {unit}s/s, {:.1} us of CPU per {unit}, {:.0}% of the machine's CPU stolen",
             n + 1,
             params.repeats,
             repeat.steps_per_s,
-            repeat.cpu_us_per_step
+            repeat.cpu_us_per_step,
+            repeat.machine_cpu.stolen * 100.0
         );
         repeats.push(repeat);
     }

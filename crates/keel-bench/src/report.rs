@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::system::Filesystem;
+use crate::system::{CpuShares, Filesystem};
 
 /// The baseline: 200-byte appends with one `fdatasync` each, per second (sled), or
 /// single-row INSERTs with one COMMIT each (PostgreSQL).
@@ -58,6 +58,19 @@ pub(crate) const DATABASE_BASELINE: &str =
 
 /// Above this spread between the two baselines the table warns that the ratios are uncertain.
 const SPREAD_WARNING: f64 = 0.25;
+
+/// Above this share of the machine's CPU stolen by the hypervisor during a phase, the table
+/// warns that the phase's figure is low.
+const STOLEN_WARNING: f64 = 0.05;
+
+/// How the machine's CPU was shared during one phase of the benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct PhaseCpu {
+    /// The phase: `sequential`, `fan-out`, `concurrent`, `starts`, `events`.
+    pub phase: &'static str,
+    #[serde(flatten)]
+    pub shares: CpuShares,
+}
 
 /// One line of the report.
 #[derive(Clone, Debug, Serialize)]
@@ -178,6 +191,9 @@ pub(crate) struct Report {
     pub baseline: Baseline,
     /// The figures, in the order measured or derived.
     pub figures: Vec<Figure>,
+    /// How the machine's CPU was shared during each phase bound by CPU: the rates of a
+    /// phase the hypervisor took much from are low in this run.
+    pub machine_cpu: Vec<PhaseCpu>,
 }
 
 impl Report {
@@ -215,8 +231,45 @@ impl Report {
                 self.baseline.spread * 100.0
             ));
         }
+        out.push_str(&self.machine_cpu_lines());
         if self.quick {
             out.push_str("quick sizes: the targets are set for the full sizes\n");
+        }
+        out
+    }
+
+    /// The CPU stolen from the machine in each phase, with a warning for the phases where it
+    /// was more than [`STOLEN_WARNING`].
+    fn machine_cpu_lines(&self) -> String {
+        if self.machine_cpu.is_empty() {
+            return String::new();
+        }
+        let percent = |share: f64| format!("{:.0}%", share * 100.0);
+        let shares: Vec<String> = self
+            .machine_cpu
+            .iter()
+            .map(|p| {
+                format!(
+                    "{} {} ({} idle)",
+                    p.phase,
+                    percent(p.shares.stolen),
+                    percent(p.shares.idle)
+                )
+            })
+            .collect();
+        let mut out = format!("CPU stolen by the hypervisor: {}\n", shares.join(", "));
+        let stolen: Vec<String> = self
+            .machine_cpu
+            .iter()
+            .filter(|p| p.shares.stolen > STOLEN_WARNING)
+            .map(|p| format!("{} ({})", p.phase, percent(p.shares.stolen)))
+            .collect();
+        if !stolen.is_empty() {
+            out.push_str(&format!(
+                "warning: the hypervisor gave much of this machine's CPU to others during {}: \
+                 those figures are bound by CPU and low in this run; run again\n",
+                stolen.join(", ")
+            ));
         }
         out
     }
@@ -313,6 +366,13 @@ mod tests {
                 Figure::duration("open", 0.5, &baseline, Some(2.0)),
                 Figure::size("memory", 20_000.0, "bytes", Some(10_240.0)),
             ],
+            machine_cpu: vec![PhaseCpu {
+                phase: "sequential",
+                shares: CpuShares {
+                    stolen: 0.01,
+                    idle: 0.5,
+                },
+            }],
         }
     }
 
@@ -340,6 +400,31 @@ mod tests {
     fn spread_baselines_warn() {
         let table = report(1000.0, 2000.0).table();
         assert!(table.contains("differ by 67%"), "{table}");
+    }
+
+    /// Each phase's stolen CPU is listed; a phase with more than 5% stolen is named in a
+    /// warning, one with less is not.
+    #[test]
+    fn stolen_cpu_warns() {
+        let mut report = report(2000.0, 2000.0);
+        let table = report.table();
+        assert!(
+            table.contains("CPU stolen by the hypervisor: sequential 1% (50% idle)"),
+            "{table}"
+        );
+        report.machine_cpu.push(PhaseCpu {
+            phase: "starts",
+            shares: CpuShares {
+                stolen: 0.18,
+                idle: 0.02,
+            },
+        });
+        let table = report.table();
+        assert!(
+            table.contains("during starts (18%): those figures are bound by CPU"),
+            "{table}"
+        );
+        assert!(!table.contains("during sequential"), "{table}");
     }
 
     /// A database's baseline is counted in commits, in its line and in every duration.

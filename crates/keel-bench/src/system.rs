@@ -125,6 +125,75 @@ pub(crate) fn stat_cpu_ticks(stat: &str) -> anyhow::Result<(&str, u64)> {
     Ok((name, ticks(14)? + ticks(15)?))
 }
 
+/// The whole machine's CPU time so far, from the `cpu` line of `/proc/stat` (in clock ticks):
+/// busy, idle (idle or waiting for I/O) and stolen (the hypervisor ran another virtual
+/// machine while this one had work to run). A figure bound by CPU is low in a window where
+/// much was stolen, whatever the engine did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MachineCpu {
+    busy: u64,
+    idle: u64,
+    stolen: u64,
+}
+
+/// Shares of the machine's CPU time over a stretch, from 0 to 1.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub(crate) struct CpuShares {
+    /// Stolen by the hypervisor.
+    pub stolen: f64,
+    /// Idle, or waiting for I/O.
+    pub idle: f64,
+}
+
+impl MachineCpu {
+    /// The machine's CPU time now.
+    pub(crate) fn now() -> anyhow::Result<MachineCpu> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        MachineCpu::parse(&stat)
+    }
+
+    /// Reads the first (`cpu `, every CPU's) line of a `/proc/stat` text: user, nice, system,
+    /// idle, iowait, irq, softirq, steal (guest time is counted in user already).
+    fn parse(stat: &str) -> anyhow::Result<MachineCpu> {
+        let line = stat
+            .lines()
+            .find_map(|line| line.strip_prefix("cpu "))
+            .with_context(|| "no `cpu` line in /proc/stat".to_string())?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .take(8)
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .with_context(|| {
+                format!("a field of /proc/stat's `cpu` line is no number: {line:?}")
+            })?;
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks[..] else {
+            bail!("/proc/stat's `cpu` line has fewer than 8 fields (steal among them): {line:?}");
+        };
+        Ok(MachineCpu {
+            busy: user + nice + system + irq + softirq,
+            idle: idle + iowait,
+            stolen: steal,
+        })
+    }
+
+    /// The shares of the machine's CPU time between `earlier` and this reading (zeros for a
+    /// stretch shorter than a tick).
+    pub(crate) fn since(self, earlier: MachineCpu) -> CpuShares {
+        let busy = self.busy.saturating_sub(earlier.busy);
+        let idle = self.idle.saturating_sub(earlier.idle);
+        let stolen = self.stolen.saturating_sub(earlier.stolen);
+        let total = (busy + idle + stolen) as f64;
+        if total == 0.0 {
+            return CpuShares::default();
+        }
+        CpuShares {
+            stolen: stolen as f64 / total,
+            idle: idle as f64 / total,
+        }
+    }
+}
+
 /// A fresh data directory in `parent` (created if missing), named `prefix` and a random
 /// suffix, removed when dropped.
 pub(crate) fn fresh_data_dir(parent: &Path, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
@@ -181,6 +250,27 @@ mod tests {
         assert!(own() > before, "30 ms of work did not move the run time");
         let error = schedstat_run_ns("").unwrap_err().to_string();
         assert!(error.contains("no run time"), "{error}");
+    }
+
+    /// `/proc/stat`'s first line is read as busy, idle (with iowait) and stolen ticks, and
+    /// the shares of a stretch come from two readings; a line without steal is refused.
+    #[test]
+    fn machine_cpu_reads_the_stolen_share() {
+        let earlier = MachineCpu::parse(
+            "cpu  100 0 50 800 40 5 5 0 0 0\ncpu0 50 0 25 400 20 2 3 0 0 0\nintr 1\n",
+        )
+        .unwrap();
+        let later = MachineCpu::parse("cpu  160 0 70 820 50 5 5 40 7 0\n").unwrap();
+        let shares = later.since(earlier);
+        // 80 busy, 30 idle, 40 stolen.
+        assert!((shares.stolen - 40.0 / 150.0).abs() < 1e-9, "{shares:?}");
+        assert!((shares.idle - 30.0 / 150.0).abs() < 1e-9, "{shares:?}");
+        assert_eq!(later.since(later), CpuShares::default());
+        let error = MachineCpu::parse("cpu  1 2 3 4\n").unwrap_err().to_string();
+        assert!(error.contains("fewer than 8 fields"), "{error}");
+        let error = MachineCpu::parse("intr 1\n").unwrap_err().to_string();
+        assert!(error.contains("no `cpu` line"), "{error}");
+        MachineCpu::now().unwrap();
     }
 
     /// A thread's name may hold spaces and parentheses: the ticks are counted after the last
