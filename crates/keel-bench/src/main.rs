@@ -62,7 +62,7 @@ use clap::{CommandFactory, Parser};
 use keel_engine::Durability;
 
 use crate::cli::{Cli, Command};
-use crate::figures::figures;
+use crate::figures::{figures, Targets};
 use crate::report::{Baseline, PhaseCpu, Report};
 use crate::system::MachineCpu;
 
@@ -471,7 +471,14 @@ async fn bench(parent: &Path, sizes: Sizes) -> anyhow::Result<Report> {
         },
         quick: sizes.quick,
         baseline: measured.baseline,
-        figures: figures(&measured, sizes),
+        figures: figures(
+            &measured,
+            sizes,
+            match workload::postgres_server() {
+                Some(_) => Targets::POSTGRES,
+                None => Targets::SLED,
+            },
+        ),
         machine_cpu: measured.machine_cpu,
     })
 }
