@@ -4,7 +4,8 @@
 //! thread: the tokio workers (the runs' own code), the committer (group commit and its
 //! syncs), sled's threads, and the rest. At `process-crash` durability the syncs wait for no
 //! device, which separates the engine's CPU from the disk's waits. With `--steps 0` the runs
-//! only start and settle, and the figures are per run: what a durable start costs.
+//! only start and settle, and the figures are per run: what a durable start costs. Each
+//! repeat also says how much of the machine's CPU the hypervisor stole meanwhile.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -100,11 +101,15 @@ impl CpuReport {
                         .unwrap_or(0.0)
                 ));
             }
-            out.push_str(&format!(
-                " {:.0}% | {:.0}% |",
-                repeat.machine_cpu.stolen * 100.0,
-                repeat.machine_cpu.idle * 100.0
-            ));
+            let machine = repeat.machine_cpu;
+            out.push_str(&match machine.judged() {
+                true => format!(
+                    " {:.0}% | {:.0}% |",
+                    machine.stolen * 100.0,
+                    machine.idle * 100.0
+                ),
+                false => " too short | too short |".to_string(),
+            });
             out.push('\n');
         }
         let mut cpu: Vec<f64> = self.repeats.iter().map(|r| r.cpu_us_per_step).collect();

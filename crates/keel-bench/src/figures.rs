@@ -158,14 +158,14 @@ fn resume_figures(m: &Measured, sizes: Sizes, targets: Targets) -> Vec<Figure> {
 /// peak memory.
 fn memory_figures(m: &Measured, sizes: Sizes, targets: Targets) -> Vec<Figure> {
     vec![
-        Figure::size(
+        Figure::size_at_most(
             format!(
                 "memory per sleeping run ({} runs)",
                 thousands(sizes.sleeping_runs)
             ),
             m.memory_per_run_bytes,
             "bytes",
-            Some(targets.memory_bytes),
+            targets.memory_bytes,
         ),
         Figure::size(
             format!(

@@ -14,9 +14,9 @@
 //! 7. resume after SIGKILL: `open()` time and time until every run completed;
 //! 8. the baseline (second time); then the peak RSS of the whole run.
 //!
-//! The disk's baseline does not see the CPU: for each phase bound by CPU (3 to 6, and the
-//! fan-out) the report also gives the share of the machine's CPU the hypervisor stole
-//! meanwhile (`/proc/stat`), with a warning above 5%.
+//! The disk's baseline does not see the CPU: for the timed part of each phase from 3 to 6,
+//! and of the fan-out, the report also gives the share of the machine's CPU the hypervisor
+//! stole meanwhile (`/proc/stat`), with a warning above 5%.
 //!
 //! Subcommands measure apart from the engine core: `waits` simulates wait strategies,
 //! `fleet` onboards a fleet of devices against moto through a throttling proxy, `load` runs
@@ -64,7 +64,6 @@ use keel_engine::Durability;
 use crate::cli::{Cli, Command};
 use crate::figures::{figures, Targets};
 use crate::report::{Baseline, PhaseCpu, Report};
-use crate::system::MachineCpu;
 
 /// How much work each measurement does.
 #[derive(Clone, Copy)]
@@ -499,22 +498,6 @@ struct Measured {
     machine_cpu: Vec<PhaseCpu>,
 }
 
-/// Runs one phase of the benchmark and notes in `machine_cpu` how the machine's CPU was shared
-/// meanwhile.
-async fn watched<T>(
-    machine_cpu: &mut Vec<PhaseCpu>,
-    phase: &'static str,
-    work: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
-    let before = MachineCpu::now()?;
-    let measured = work.await?;
-    machine_cpu.push(PhaseCpu {
-        phase,
-        shares: MachineCpu::now()?.since(before),
-    });
-    Ok(measured)
-}
-
 /// Runs the measurements in order (see the crate docs for why this order), logging progress.
 async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
     eprintln!("[1/9] baseline, before...");
@@ -527,21 +510,20 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
 
     let n = sizes.sequential_steps;
     eprintln!("[3/9] one run of {n} no-op steps...");
-    let mut machine_cpu = Vec::new();
-    let sequential_steps_per_s =
-        watched(&mut machine_cpu, "sequential", measure::sequential(dir, n)).await?;
+    let sequential = measure::sequential(dir, n).await?;
+    let sequential_steps_per_s = sequential.per_s;
     eprintln!("  {sequential_steps_per_s:.0} steps/s");
 
     let n = sizes.fan_out_branches;
     eprintln!("[4/9] one run fanning out {n} parallel no-op steps...");
-    let fan_out_steps_per_s =
-        watched(&mut machine_cpu, "fan-out", measure::fan_out(dir, n)).await?;
+    let fan_out = measure::fan_out(dir, n).await?;
+    let fan_out_steps_per_s = fan_out.per_s;
     eprintln!("  {fan_out_steps_per_s:.0} steps/s");
 
     let n = sizes.concurrent_runs;
     eprintln!("[5/9] {n} concurrent runs of 10 no-op steps...");
-    let concurrent = watched(&mut machine_cpu, "concurrent", measure::concurrent(dir, n)).await?;
-    let concurrent_steps_per_s = concurrent.steps_per_s;
+    let concurrent = measure::concurrent(dir, n).await?;
+    let concurrent_steps_per_s = concurrent.steps.per_s;
     eprintln!(
         "  {concurrent_steps_per_s:.0} steps/s, {:.1} us of CPU per step",
         concurrent.cpu_us_per_step
@@ -549,17 +531,14 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
 
     let n = sizes.starts;
     eprintln!("[6/9] {n} durable starts from 100 callers...");
-    let starts_per_s = watched(&mut machine_cpu, "starts", measure::starts(dir, n)).await?;
+    let starts = measure::starts(dir, n).await?;
+    let starts_per_s = starts.per_s;
     eprintln!("  {starts_per_s:.0} starts/s");
 
     let (runs, per_run) = (sizes.event_runs, sizes.events_per_run);
     eprintln!("[7/9] {per_run} events to each of {runs} runs, from 100 callers...");
-    let events_per_s = watched(
-        &mut machine_cpu,
-        "events",
-        measure::events(dir, runs, per_run),
-    )
-    .await?;
+    let events = measure::events(dir, runs, per_run).await?;
+    let events_per_s = events.per_s;
     eprintln!("  {events_per_s:.0} events/s");
 
     let n = sizes.resume_runs;
@@ -589,7 +568,19 @@ async fn measure_all(dir: &Path, sizes: Sizes) -> anyhow::Result<Measured> {
         events_per_s,
         resumed,
         peak_rss_bytes: system::peak_rss_bytes()?,
-        machine_cpu,
+        machine_cpu: [
+            ("sequential", sequential),
+            ("fan-out", fan_out),
+            ("concurrent", concurrent.steps),
+            ("starts", starts),
+            ("events", events),
+        ]
+        .into_iter()
+        .map(|(phase, rate)| PhaseCpu {
+            phase,
+            shares: rate.machine_cpu,
+        })
+        .collect(),
     })
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use keel_engine::Engine;
 
-use crate::system;
+use crate::system::{self, CpuShares, PhaseClock};
 use crate::workload::{
     self, open, start_concurrently, wait_all_asleep, wait_all_completed, FanOut, FanOutInput,
     Inbox, SleepInput, Steps, StepsInput, StepsThenSleep,
@@ -72,26 +72,45 @@ pub(crate) async fn baseline_postgres(server: &str, dir: &Path, name: &str) -> a
     Ok(rate)
 }
 
+/// A rate, and how the machine's CPU was shared while it was timed.
+pub(crate) struct Rate {
+    /// Per second.
+    pub per_s: f64,
+    /// The machine's CPU, over the timed stretch only (not the engine's open and shutdown).
+    pub machine_cpu: CpuShares,
+}
+
+impl Rate {
+    /// `count` over the time `clock` has run.
+    fn of(count: f64, clock: &PhaseClock) -> anyhow::Result<Rate> {
+        let (seconds, machine_cpu) = clock.read()?;
+        Ok(Rate {
+            per_s: count / seconds,
+            machine_cpu,
+        })
+    }
+}
+
 /// One run of `steps` no-op steps, timed from `start` until its result is available: journaled
 /// steps/s of a single sequential workflow (one sync per step, none to share).
-pub(crate) async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<f64> {
+pub(crate) async fn sequential(dir: &Path, steps: u32) -> anyhow::Result<Rate> {
     let engine = open(&dir.join("sequential")).await?;
-    let started = Instant::now();
+    let clock = PhaseClock::start()?;
     engine
         .start::<Steps>("sequential", StepsInput::noop(steps))
         .await?
         .result()
         .await?;
-    let rate = f64::from(steps) / started.elapsed().as_secs_f64();
+    let rate = Rate::of(f64::from(steps), &clock)?;
     engine.shutdown().await;
     Ok(rate)
 }
 
 /// One run fanning out `branches` no-op steps, all at once: journaled steps/s of parallel
 /// branches of one workflow, which share syncs (group commit) as concurrent runs do.
-pub(crate) async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
+pub(crate) async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<Rate> {
     let engine = open(&dir.join("fan-out")).await?;
-    let started = Instant::now();
+    let clock = PhaseClock::start()?;
     let input = FanOutInput {
         branches,
         width: branches,
@@ -101,7 +120,7 @@ pub(crate) async fn fan_out(dir: &Path, branches: u32) -> anyhow::Result<f64> {
         .await?
         .result()
         .await?;
-    let rate = f64::from(branches) / started.elapsed().as_secs_f64();
+    let rate = Rate::of(f64::from(branches), &clock)?;
     engine.shutdown().await;
     Ok(rate)
 }
@@ -114,15 +133,15 @@ pub(crate) async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<Concurre
     const STEPS: u32 = workload::CONCURRENT_RUN_STEPS;
     let engine = open(&dir.join("concurrent")).await?;
     let cpu_before = system::cpu_seconds()?;
-    let started = Instant::now();
+    let clock = PhaseClock::start()?;
     start_concurrently::<Steps>(&engine, "concurrent", runs, &StepsInput::noop(STEPS)).await?;
     wait_all_completed(&engine, "concurrent", runs).await?;
     let steps = f64::from(runs * STEPS);
-    let rate = steps / started.elapsed().as_secs_f64();
+    let rate = Rate::of(steps, &clock)?;
     let cpu = system::cpu_seconds()? - cpu_before;
     engine.shutdown().await;
     Ok(Concurrent {
-        steps_per_s: rate,
+        steps: rate,
         cpu_us_per_step: cpu * 1e6 / steps,
     })
 }
@@ -130,7 +149,7 @@ pub(crate) async fn concurrent(dir: &Path, runs: u32) -> anyhow::Result<Concurre
 /// What [`concurrent`] measured.
 pub(crate) struct Concurrent {
     /// Steps completed per second.
-    pub steps_per_s: f64,
+    pub steps: Rate,
     /// The process's CPU time (every thread: the runs, the committer, sled's flusher, and the
     /// benchmark's own starts and waits, which are a small part) per step, in microseconds.
     pub cpu_us_per_step: f64,
@@ -140,11 +159,11 @@ pub(crate) struct Concurrent {
 /// of a workflow with no steps. Returns starts/s, timed until every `start` call returned
 /// (each returns once its run is durable). The started runs complete meanwhile, so their
 /// terminal records compete with the starts for syncs, as they would in a service.
-pub(crate) async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
+pub(crate) async fn starts(dir: &Path, total: u32) -> anyhow::Result<Rate> {
     let engine = open(&dir.join("starts")).await?;
-    let started = Instant::now();
+    let clock = PhaseClock::start()?;
     start_concurrently::<Steps>(&engine, "start", total, &StepsInput::noop(0)).await?;
-    let rate = f64::from(total) / started.elapsed().as_secs_f64();
+    let rate = Rate::of(f64::from(total), &clock)?;
     engine.shutdown().await;
     Ok(rate)
 }
@@ -154,10 +173,10 @@ pub(crate) async fn starts(dir: &Path, total: u32) -> anyhow::Result<f64> {
 /// timed from the first send until every run completed: each event is delivered durably
 /// before its send returns and then taken by its run's receive, so group commit decides the
 /// rate.
-pub(crate) async fn events(dir: &Path, runs: u32, per_run: u32) -> anyhow::Result<f64> {
+pub(crate) async fn events(dir: &Path, runs: u32, per_run: u32) -> anyhow::Result<Rate> {
     let engine = open(&dir.join("events")).await?;
     start_concurrently::<Inbox>(&engine, "inbox", runs, &per_run).await?;
-    let started = Instant::now();
+    let clock = PhaseClock::start()?;
     let mut senders = tokio::task::JoinSet::new();
     for caller in 0..workload::CALLERS.min(runs) {
         let engine = engine.clone();
@@ -178,7 +197,7 @@ pub(crate) async fn events(dir: &Path, runs: u32, per_run: u32) -> anyhow::Resul
         sender.context("a sending task panicked")??;
     }
     wait_all_completed(&engine, "inbox", runs).await?;
-    let rate = f64::from(runs * per_run) / started.elapsed().as_secs_f64();
+    let rate = Rate::of(f64::from(runs * per_run), &clock)?;
     engine.shutdown().await;
     Ok(rate)
 }

@@ -60,7 +60,7 @@ pub(crate) const DATABASE_BASELINE: &str =
 const SPREAD_WARNING: f64 = 0.25;
 
 /// Above this share of the machine's CPU stolen by the hypervisor during a phase, the table
-/// warns that the phase's figure is low.
+/// warns that the phase's figure may be low.
 const STOLEN_WARNING: f64 = 0.05;
 
 /// How the machine's CPU was shared during one phase of the benchmark.
@@ -68,6 +68,7 @@ const STOLEN_WARNING: f64 = 0.05;
 pub(crate) struct PhaseCpu {
     /// The phase: `sequential`, `fan-out`, `concurrent`, `starts`, `events`.
     pub phase: &'static str,
+    /// How the machine's CPU was shared while the phase was timed.
     #[serde(flatten)]
     pub shares: CpuShares,
 }
@@ -165,6 +166,20 @@ impl Figure {
         }
     }
 
+    /// A size or amount whose target `max` it may reach (`<=`).
+    pub(crate) fn size_at_most(
+        name: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        max: f64,
+    ) -> Figure {
+        Figure {
+            target: Some(format!("<= {max} {unit}")),
+            met: Some(value <= max),
+            ..Figure::size(name, value, unit, None)
+        }
+    }
+
     fn ratio_text(&self) -> String {
         match (self.kind, self.ratio_to_baseline) {
             (Kind::Rate, Some(ratio)) => format!("{ratio:.2}x"),
@@ -239,7 +254,7 @@ impl Report {
     }
 
     /// The CPU stolen from the machine in each phase, with a warning for the phases where it
-    /// was more than [`STOLEN_WARNING`].
+    /// was more than [`STOLEN_WARNING`] (of a phase too short to judge, none).
     fn machine_cpu_lines(&self) -> String {
         if self.machine_cpu.is_empty() {
             return String::new();
@@ -248,26 +263,30 @@ impl Report {
         let shares: Vec<String> = self
             .machine_cpu
             .iter()
-            .map(|p| {
-                format!(
+            .map(|p| match p.shares.judged() {
+                true => format!(
                     "{} {} ({} idle)",
                     p.phase,
                     percent(p.shares.stolen),
                     percent(p.shares.idle)
-                )
+                ),
+                false => format!("{} too short to tell", p.phase),
             })
             .collect();
-        let mut out = format!("CPU stolen by the hypervisor: {}\n", shares.join(", "));
+        let mut out = format!(
+            "CPU stolen by the hypervisor (of the time the machine had work): {}\n",
+            shares.join(", ")
+        );
         let stolen: Vec<String> = self
             .machine_cpu
             .iter()
-            .filter(|p| p.shares.stolen > STOLEN_WARNING)
+            .filter(|p| p.shares.judged() && p.shares.stolen > STOLEN_WARNING)
             .map(|p| format!("{} ({})", p.phase, percent(p.shares.stolen)))
             .collect();
         if !stolen.is_empty() {
             out.push_str(&format!(
                 "warning: the hypervisor gave much of this machine's CPU to others during {}: \
-                 those figures are bound by CPU and low in this run; run again\n",
+                 those figures may be low in this run; run again\n",
                 stolen.join(", ")
             ));
         }
@@ -371,6 +390,7 @@ mod tests {
                 shares: CpuShares {
                     stolen: 0.01,
                     idle: 0.5,
+                    ticks: 400,
                 },
             }],
         }
@@ -403,28 +423,43 @@ mod tests {
     }
 
     /// Each phase's stolen CPU is listed; a phase with more than 5% stolen is named in a
-    /// warning, one with less is not.
+    /// warning, one with less is not, nor one too short to judge.
     #[test]
     fn stolen_cpu_warns() {
         let mut report = report(2000.0, 2000.0);
         let table = report.table();
-        assert!(
-            table.contains("CPU stolen by the hypervisor: sequential 1% (50% idle)"),
-            "{table}"
-        );
-        report.machine_cpu.push(PhaseCpu {
-            phase: "starts",
+        assert!(table.contains("work): sequential 1% (50% idle)"), "{table}");
+        assert!(!table.contains("warning"), "{table}");
+        let phase = |phase, stolen, ticks| PhaseCpu {
+            phase,
             shares: CpuShares {
-                stolen: 0.18,
+                stolen,
                 idle: 0.02,
+                ticks,
             },
-        });
+        };
+        report.machine_cpu.push(phase("starts", 0.18, 40));
+        report.machine_cpu.push(phase("events", 0.5, 10));
         let table = report.table();
         assert!(
-            table.contains("during starts (18%): those figures are bound by CPU"),
+            table.contains("during starts (18%): those figures may be low"),
             "{table}"
         );
+        assert!(table.contains("events too short to tell"), "{table}");
         assert!(!table.contains("during sequential"), "{table}");
+        assert!(!table.contains("events (50%)"), "{table}");
+    }
+
+    /// A target a size may reach is met at it, and printed as such.
+    #[test]
+    fn a_size_may_reach_its_most() {
+        let at = Figure::size_at_most("memory", 1024.0, "bytes", 1024.0);
+        assert_eq!(
+            (at.met, at.target.as_deref()),
+            (Some(true), Some("<= 1024 bytes"))
+        );
+        let over = Figure::size_at_most("memory", 1024.5, "bytes", 1024.0);
+        assert_eq!(over.met, Some(false));
     }
 
     /// A database's baseline is counted in commits, in its line and in every duration.

@@ -1,9 +1,11 @@
-//! What the benchmark reads about the machine: resident memory from `/proc`, and which
-//! filesystem holds the data (from `df`), since a figure from tmpfs would say nothing about
-//! the disk.
+//! What the benchmark reads about the machine: resident memory and CPU time from `/proc`
+//! (the process's, its threads', and the whole machine's, with what the hypervisor stole), and
+//! which filesystem holds the data (from `df`), since a figure from tmpfs would say nothing
+//! about the disk.
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -125,24 +127,60 @@ pub(crate) fn stat_cpu_ticks(stat: &str) -> anyhow::Result<(&str, u64)> {
     Ok((name, ticks(14)? + ticks(15)?))
 }
 
-/// The whole machine's CPU time so far, from the `cpu` line of `/proc/stat` (in clock ticks):
-/// busy, idle (idle or waiting for I/O) and stolen (the hypervisor ran another virtual
-/// machine while this one had work to run). A figure bound by CPU is low in a window where
-/// much was stolen, whatever the engine did.
+/// The whole machine's CPU time so far, from the `cpu` line of `/proc/stat`, in clock ticks
+/// (100 a second per CPU): busy, idle (idle or waiting for I/O) and stolen (the hypervisor
+/// ran another virtual machine while this one had work to run). A figure bound by CPU may be
+/// low in a stretch where much was stolen, whatever the engine did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct MachineCpu {
-    busy: u64,
-    idle: u64,
-    stolen: u64,
+    busy_ticks: u64,
+    idle_ticks: u64,
+    stolen_ticks: u64,
 }
 
-/// Shares of the machine's CPU time over a stretch, from 0 to 1.
+/// How the machine's CPU time was shared over a stretch.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub(crate) struct CpuShares {
-    /// Stolen by the hypervisor.
+    /// The share stolen by the hypervisor of the time the machine had work to run (busy or
+    /// stolen), from 0 to 1. An idle CPU has nothing to steal.
     pub stolen: f64,
-    /// Idle, or waiting for I/O.
+    /// The share of all the machine's CPU time that was idle, or waiting for I/O.
     pub idle: f64,
+    /// The clock ticks of every CPU over the stretch: each share is good to one of them.
+    pub ticks: u64,
+}
+
+impl CpuShares {
+    /// The fewest ticks a stretch is judged on: 20 is 0.1 s of two CPUs, where one stolen
+    /// tick is 5% already.
+    pub(crate) const TICKS_MIN: u64 = 20;
+
+    /// Whether the stretch was long enough to judge its shares.
+    pub(crate) fn judged(&self) -> bool {
+        self.ticks >= CpuShares::TICKS_MIN
+    }
+}
+
+/// A phase's clock: its wall time, and how the machine's CPU was shared meanwhile.
+pub(crate) struct PhaseClock {
+    started: Instant,
+    machine: MachineCpu,
+}
+
+impl PhaseClock {
+    /// Starts the clock.
+    pub(crate) fn start() -> anyhow::Result<PhaseClock> {
+        Ok(PhaseClock {
+            machine: MachineCpu::now()?,
+            started: Instant::now(),
+        })
+    }
+
+    /// The seconds since the start, and the machine's CPU shares meanwhile.
+    pub(crate) fn read(&self) -> anyhow::Result<(f64, CpuShares)> {
+        let seconds = self.started.elapsed().as_secs_f64();
+        Ok((seconds, MachineCpu::now()?.since(self.machine)))
+    }
 }
 
 impl MachineCpu {
@@ -158,7 +196,7 @@ impl MachineCpu {
         let line = stat
             .lines()
             .find_map(|line| line.strip_prefix("cpu "))
-            .with_context(|| "no `cpu` line in /proc/stat".to_string())?;
+            .context("no `cpu` line in /proc/stat")?;
         let ticks: Vec<u64> = line
             .split_whitespace()
             .take(8)
@@ -171,25 +209,27 @@ impl MachineCpu {
             bail!("/proc/stat's `cpu` line has fewer than 8 fields (steal among them): {line:?}");
         };
         Ok(MachineCpu {
-            busy: user + nice + system + irq + softirq,
-            idle: idle + iowait,
-            stolen: steal,
+            busy_ticks: user + nice + system + irq + softirq,
+            idle_ticks: idle + iowait,
+            stolen_ticks: steal,
         })
     }
 
-    /// The shares of the machine's CPU time between `earlier` and this reading (zeros for a
-    /// stretch shorter than a tick).
+    /// The shares of the machine's CPU time between `earlier` and this reading (zeros, and 0
+    /// ticks, for a stretch shorter than a tick). The counters only grow, but iowait is
+    /// known to step back: a counter lower than before counts as unchanged.
     pub(crate) fn since(self, earlier: MachineCpu) -> CpuShares {
-        let busy = self.busy.saturating_sub(earlier.busy);
-        let idle = self.idle.saturating_sub(earlier.idle);
-        let stolen = self.stolen.saturating_sub(earlier.stolen);
-        let total = (busy + idle + stolen) as f64;
-        if total == 0.0 {
-            return CpuShares::default();
-        }
+        let busy = self.busy_ticks.saturating_sub(earlier.busy_ticks);
+        let idle = self.idle_ticks.saturating_sub(earlier.idle_ticks);
+        let stolen = self.stolen_ticks.saturating_sub(earlier.stolen_ticks);
+        let share = |part: u64, whole: u64| match whole {
+            0 => 0.0,
+            whole => part as f64 / whole as f64,
+        };
         CpuShares {
-            stolen: stolen as f64 / total,
-            idle: idle as f64 / total,
+            stolen: share(stolen, busy + stolen),
+            idle: share(idle, busy + idle + stolen),
+            ticks: busy + idle + stolen,
         }
     }
 }
@@ -257,15 +297,19 @@ mod tests {
     #[test]
     fn machine_cpu_reads_the_stolen_share() {
         let earlier = MachineCpu::parse(
-            "cpu  100 0 50 800 40 5 5 0 0 0\ncpu0 50 0 25 400 20 2 3 0 0 0\nintr 1\n",
+            "cpu  100 10 50 800 40 5 5 0 0 0\ncpu0 50 5 25 400 20 2 3 0 0 0\nintr 1\n",
         )
         .unwrap();
-        let later = MachineCpu::parse("cpu  160 0 70 820 50 5 5 40 7 0\n").unwrap();
+        // Guest time (9, 3) is counted in user's already.
+        let later = MachineCpu::parse("cpu  160 13 70 820 50 7 11 40 9 3\n").unwrap();
         let shares = later.since(earlier);
-        // 80 busy, 30 idle, 40 stolen.
-        assert!((shares.stolen - 40.0 / 150.0).abs() < 1e-9, "{shares:?}");
-        assert!((shares.idle - 30.0 / 150.0).abs() < 1e-9, "{shares:?}");
+        // Busy 60 + 3 + 20 + 2 + 6 = 91, idle 20 + 10 = 30, stolen 40.
+        assert!((shares.stolen - 40.0 / 131.0).abs() < 1e-9, "{shares:?}");
+        assert!((shares.idle - 30.0 / 161.0).abs() < 1e-9, "{shares:?}");
+        assert_eq!(shares.ticks, 161);
+        assert!(shares.judged());
         assert_eq!(later.since(later), CpuShares::default());
+        assert!(!later.since(later).judged());
         let error = MachineCpu::parse("cpu  1 2 3 4\n").unwrap_err().to_string();
         assert!(error.contains("fewer than 8 fields"), "{error}");
         let error = MachineCpu::parse("intr 1\n").unwrap_err().to_string();
