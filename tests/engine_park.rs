@@ -47,7 +47,8 @@ impl Workflow for Nap {
     }
 }
 
-/// [`Nap`], counting its body's runs per run ([`bodies`]): a body runs at every load.
+/// [`Nap`], counting its body's runs per run ([`bodies`]): a body runs at every load. The
+/// [`Inbox`] runs are counted too.
 struct Counted;
 
 static COUNTED_BODIES: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
@@ -130,6 +131,11 @@ impl Workflow for Inbox {
     type Output = Vec<Option<Value>>;
 
     async fn run(ctx: &mut Ctx, input: InboxInput) -> Result<Vec<Option<Value>>, WorkflowError> {
+        *COUNTED_BODIES
+            .lock()
+            .unwrap()
+            .entry(ctx.run_id().to_string())
+            .or_default() += 1;
         let within = input.within_ms.map(Duration::from_millis);
         let mut got = Vec::new();
         for name in &input.names {
@@ -357,9 +363,22 @@ async fn a_retry_backoff_parks_and_each_attempt_runs_once_at_its_time() {
     engine.shutdown().await;
 }
 
-/// A receive with no deadline parks; a send wakes the run, which takes the event and parks
-/// again for the next; a duplicate send to the parked run is answered without loading it; a
-/// receive with a deadline parks until the deadline and then times out.
+fn loaded(loaded: usize) -> Resident {
+    Resident { loaded, parked: 0 }
+}
+
+/// Waits until run `id` has journaled `receives` receives.
+async fn receiving(engine: &Engine, id: &str, receives: usize) {
+    keel_testkit::poll::until(engine, id, |h| {
+        count(h, |e| matches!(e, Event::ReceiveStarted { .. })) == receives
+    })
+    .await;
+}
+
+/// A receive with no deadline parks at once; a send wakes the run, which takes the event and
+/// then waits for the next in memory, parking `park_after` later; a duplicate send to the
+/// parked run is answered without loading it; a receive with a deadline parks until the
+/// deadline and then times out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receive_parks_until_its_event_or_its_deadline() {
     let scratch = Scratch::new();
@@ -372,11 +391,14 @@ async fn a_receive_parks_until_its_event_or_its_deadline() {
     resident(&engine, parked(1)).await;
     let sent = engine.send("inbox", "a", &json!(1), "a-1").await.unwrap();
     assert!(!sent.duplicate);
-    keel_testkit::poll::until(&engine, "inbox", |h| {
-        count(h, |e| matches!(e, Event::EventReceived { .. })) == 1
-    })
-    .await;
-    resident(&engine, parked(1)).await;
+    receiving(&engine, "inbox", 2).await;
+    assert_eq!(
+        engine.resident(),
+        loaded(1),
+        "a run that took an event parked before park_after"
+    );
+    keel_testkit::poll::advance_until(&engine, &scratch.clock, keel::PARK_AFTER_DEFAULT, parked(1))
+        .await;
     let again = engine.send("inbox", "a", &json!(1), "a-1").await.unwrap();
     assert!(again.duplicate);
     assert_eq!(engine.resident(), parked(1), "a duplicate loads nothing");
@@ -394,6 +416,7 @@ async fn a_receive_parks_until_its_event_or_its_deadline() {
         count(&history, |e| matches!(e, Event::EventReceived { .. })),
         2
     );
+    resident(&engine, Resident::default()).await;
 
     let started_at_ms = scratch.clock.now_ms();
     let input = InboxInput {
@@ -404,6 +427,37 @@ async fn a_receive_parks_until_its_event_or_its_deadline() {
     resident(&engine, parked(1)).await;
     scratch.clock.advance_to(started_at_ms + HOUR_MS);
     assert_eq!(handle.result().await.unwrap(), vec![None]);
+    engine.shutdown().await;
+}
+
+/// A run taking events one after another, each sent once it took the one before, is loaded
+/// for its first and then stays loaded between them: its body runs twice (at its start and
+/// at the first event's load; each load replays the journal, which grows by two entries an
+/// event), not once per event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_taking_events_one_after_another_is_not_loaded_for_each() {
+    const EVENTS: usize = 10;
+    let scratch = Scratch::new();
+    let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
+    let input = InboxInput {
+        names: (0..EVENTS).map(|n| format!("e{n}")).collect(),
+        within_ms: None,
+    };
+    let handle = engine.start::<Inbox>("burst", input).await.unwrap();
+    for n in 0..EVENTS {
+        receiving(&engine, "burst", n + 1).await;
+        engine
+            .send("burst", &format!("e{n}"), &json!(n), &format!("e{n}-1"))
+            .await
+            .unwrap();
+    }
+    let expected: Vec<Option<Value>> = (0..EVENTS).map(|n| Some(json!(n))).collect();
+    assert_eq!(handle.result().await.unwrap(), expected);
+    assert_eq!(
+        bodies("burst"),
+        2,
+        "the run was loaded again between its events"
+    );
     engine.shutdown().await;
 }
 

@@ -49,3 +49,26 @@ pub async fn resident(engine: &Engine, want: keel_engine::Resident) {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+/// Moves `clock` on by `step` until `engine` holds `want` ([`Engine::resident`]), looking for
+/// up to half a second (real time) after each move; panics after 50 moves. A run that has just
+/// journaled its wait may read the clock a moment later, so a single move may come too early
+/// for it: use this where extra moves change nothing else the test checks.
+pub async fn advance_until(
+    engine: &Engine,
+    clock: &TestClock,
+    step: Duration,
+    want: keel_engine::Resident,
+) {
+    for _ in 0..50 {
+        clock.advance(step);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline {
+            if engine.resident() == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    panic!("the engine holds {:?}, not {want:?}", engine.resident());
+}

@@ -112,6 +112,15 @@ impl Ctx {
         index: OperationIndex,
         names: Vec<String>,
     ) -> Result<Received<T>, WorkflowError> {
+        // When the run parks if it still waits: at once, or, once it took an event since it
+        // was loaded, `park_after` into the wait, so that a run taking events one after
+        // another stays loaded between them (each load replays its journal). A run that
+        // waits for its first event parks at once: many runs that start to wait together
+        // (a fleet's devices) hold no driver each meanwhile.
+        let mut park_at_ms = self.lane.env.park_after.map(|after| match self.took_event {
+            true => self.now_ms().saturating_add(millis_saturating(after)),
+            false => 0,
+        });
         loop {
             self.check()?;
             let cell = Arc::clone(&self.lane.cell);
@@ -132,6 +141,7 @@ impl Ctx {
             });
             match made {
                 Ok(Some(Event::EventReceived { .. })) => {
+                    self.took_event = true;
                     crate::crash::point("event.after_received")
                 }
                 Ok(_) => {}
@@ -167,11 +177,14 @@ impl Ctx {
             };
             // Waiting: whatever killed the process before, this run got this far.
             cell.survived(&*self.lane.env.store);
-            let parks = match deadline_ms {
-                Some(at_ms) => self.lane.env.parks_for(now_ms, at_ms),
-                None => self.lane.env.park_after.is_some(),
-            };
-            if parks {
+            // A deadline sooner than `park_after` from now, or than the park's time, is waited
+            // for in memory.
+            if let (Some(deadline), Some(at)) = (deadline_ms, park_at_ms) {
+                if !self.lane.env.parks_for(now_ms, deadline) || deadline <= at {
+                    park_at_ms = None;
+                }
+            }
+            if park_at_ms.is_some_and(|at| at <= now_ms) {
                 // Parked only if nothing was delivered since the look above (decided under
                 // the cell lock, where deliveries are written).
                 let waits = |state: &RunState| {
@@ -180,6 +193,9 @@ impl Ctx {
                         Some(ReceiveAction::Wait)
                     )
                 };
+                // Not parked (a branch's lane, an event just delivered, a cancel or pause
+                // asked for, an engine going away): waits in memory, and tries again when
+                // something wakes it.
                 match self.lane.park(deadline_ms, &waits, None).await {
                     Ok(false) => {}
                     Ok(true) => return Err(self.interrupt(Interrupt::Parked)),
@@ -187,15 +203,19 @@ impl Ctx {
                 }
             }
             let clock = self.lane.env.clock.clone();
-            let deadline = async {
-                match deadline_ms {
+            let wake_at_ms = match (deadline_ms, park_at_ms.filter(|at| *at > now_ms)) {
+                (Some(deadline), Some(park)) => Some(deadline.min(park)),
+                (deadline, park) => deadline.or(park),
+            };
+            let wake = async {
+                match wake_at_ms {
                     Some(at_ms) => clock.sleep_until(at_ms).await,
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
                 _ = news => {}
-                _ = deadline => {}
+                _ = wake => {}
                 cause = self.lane.interrupted() => return Err(self.interrupt(cause)),
             }
         }

@@ -36,6 +36,10 @@ pub struct Ctx {
     pub(crate) workflows: Arc<Workflows>,
     pub(crate) next: u32,
     pub(crate) interrupt: Option<Interrupt>,
+    /// Whether a receive of this body took an event since the run was loaded (not one its
+    /// replay took again): its later receives wait `park_after` in memory before they park,
+    /// as a run taking events one after another would be loaded again for each.
+    pub(crate) took_event: bool,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -61,6 +65,7 @@ impl Ctx {
             workflows,
             next: 0,
             interrupt: None,
+            took_event: false,
         }
     }
 

@@ -231,10 +231,13 @@ impl EngineBuilder {
 
     /// How long a wait of a run's body must be for the run to park: to be unloaded while it
     /// waits, holding no memory but a small entry, and loaded again (its body replayed from
-    /// its journal) when its time comes or something arrives for it. Parks: a durable timer
-    /// ([`crate::Ctx::sleep`]), a step's backoff before its next attempt, a receive of events
-    /// (its deadline, or none), a child run awaited (on sled), and a wait's time until its
-    /// next poll ([`crate::Ctx::wait`], which journals its polls so far first). Only the
+    /// its journal) when its time comes or something arrives for it. Parks at once: a durable
+    /// timer ([`crate::Ctx::sleep`]), a step's backoff before its next attempt and a wait's
+    /// time until its next poll ([`crate::Ctx::wait`], which journals its polls so far
+    /// first), each `park_after` long or longer, and a receive of events (with no deadline,
+    /// or one `park_after` away or more). Parks once it has waited `park_after`: a receive
+    /// after the run took an event since it was loaded (so that a run taking events one after
+    /// another is not loaded again for each), and a child run awaited (on sled). Only the
     /// body's main sequence parks, never a branch of a fan-out. Default
     /// [`crate::PARK_AFTER_DEFAULT`]; `None`: runs never park.
     ///

@@ -5,7 +5,8 @@
 //! A run parks only from its body's main lane (never from a branch of a fan-out), only at a
 //! point where everything it waits on is in its journal (the timer's wake time, the failed
 //! attempt's retry time, the receive, a wait's polls so far in a `WaitParked` entry), and only
-//! when the wait is at least the engine's `park_after`. A run loaded from a park its driver
+//! when the wait is at least the engine's `park_after` (a child awaited, or a receive after
+//! an event the run took since it was loaded: once it has waited that long). A run loaded from a park its driver
 //! made here, with no other engine's claim of it since (the same token), is marked so
 //! (`RunCell::take_unparked`): nothing of it ran since that park, so a wait goes on from its
 //! polls; any other load starts a wait over. Parking detaches its cell under the map lock and
