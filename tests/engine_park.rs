@@ -47,13 +47,13 @@ impl Workflow for Nap {
     }
 }
 
-/// [`Nap`], counting its body's runs per run ([`bodies`]): a body runs at every load. The
-/// [`Inbox`] runs are counted too.
+/// [`Nap`], counting its body's runs per run ([`bodies`]): a body runs at every load.
 struct Counted;
 
 static COUNTED_BODIES: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
 
-/// How many times the bodies of the [`Counted`] runs whose id starts with `prefix` ran.
+/// How many times the bodies of the [`Counted`] and [`Inbox`] runs whose id starts with
+/// `prefix` ran.
 fn bodies(prefix: &str) -> usize {
     let counted = COUNTED_BODIES.lock().unwrap();
     counted
@@ -116,7 +116,7 @@ impl Workflow for Retries {
 }
 
 /// Takes an event of each name in turn (within `within_ms` when set; `None` for one that
-/// timed out).
+/// timed out), counting its body's runs as [`Counted`] does.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct InboxInput {
     names: Vec<String>,
@@ -444,6 +444,8 @@ async fn a_run_taking_events_one_after_another_is_not_loaded_for_each() {
         within_ms: None,
     };
     let handle = engine.start::<Inbox>("burst", input).await.unwrap();
+    // Its first receive parks at once (a send racing it would find it loaded).
+    resident(&engine, parked(1)).await;
     for n in 0..EVENTS {
         receiving(&engine, "burst", n + 1).await;
         engine
@@ -458,6 +460,43 @@ async fn a_run_taking_events_one_after_another_is_not_loaded_for_each() {
         2,
         "the run was loaded again between its events"
     );
+    engine.shutdown().await;
+}
+
+/// With every run slot taken (`runs_concurrent_max`), a run that took an event parks at once
+/// instead of waiting in memory, where it would keep its slot: another run gets the slot
+/// without the clock moving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_took_an_event_parks_at_once_when_every_run_slot_is_taken() {
+    let scratch = Scratch::new();
+    let engine = keel_testkit::store::builder(&scratch.data)
+        .clock(scratch.clock.clone())
+        .park_after(Some(keel::PARK_AFTER_DEFAULT))
+        .runs_concurrent_max(1)
+        .workflow::<Inbox>()
+        .workflow::<Nap>()
+        .step::<Undoable>()
+        .open()
+        .await
+        .expect("opening the engine");
+    let input = InboxInput {
+        names: vec!["a".into(), "b".into()],
+        within_ms: None,
+    };
+    engine.start::<Inbox>("slots", input).await.unwrap();
+    resident(&engine, parked(1)).await;
+    engine.send("slots", "a", &json!(1), "a-1").await.unwrap();
+    receiving(&engine, "slots", 2).await;
+    resident(&engine, parked(1)).await;
+    let input = NapInput {
+        log: scratch.log.clone(),
+        sleep_ms: 0,
+    };
+    let nap = engine.start::<Nap>("after", input).await.unwrap();
+    tokio::time::timeout(CONDITION_TIMEOUT, nap.result())
+        .await
+        .expect("the second run got no slot")
+        .unwrap();
     engine.shutdown().await;
 }
 

@@ -116,10 +116,15 @@ impl Ctx {
         // was loaded, `park_after` into the wait, so that a run taking events one after
         // another stays loaded between them (each load replays its journal). A run that
         // waits for its first event parks at once: many runs that start to wait together
-        // (a fleet's devices) hold no driver each meanwhile.
-        let mut park_at_ms = self.lane.env.park_after.map(|after| match self.took_event {
-            true => self.now_ms().saturating_add(millis_saturating(after)),
-            false => 0,
+        // (a fleet's devices) hold no driver each meanwhile. So does one when every run slot
+        // is taken: a run waiting in memory keeps its slot, which a run with work may need.
+        let stays = self.took_event && self.lane.env.permits.available_permits() > 0;
+        let mut park_at_ms = self.lane.env.park_after.map(|after| {
+            if stays {
+                self.now_ms().saturating_add(millis_saturating(after))
+            } else {
+                0
+            }
         });
         loop {
             self.check()?;
@@ -193,9 +198,8 @@ impl Ctx {
                         Some(ReceiveAction::Wait)
                     )
                 };
-                // Not parked (a branch's lane, an event just delivered, a cancel or pause
-                // asked for, an engine going away): waits in memory, and tries again when
-                // something wakes it.
+                // Not parked (an event just delivered, a cancel or pause asked for, an engine
+                // going away): waits in memory, and tries again when something wakes it.
                 match self.lane.park(deadline_ms, &waits, None).await {
                     Ok(false) => {}
                     Ok(true) => return Err(self.interrupt(Interrupt::Parked)),

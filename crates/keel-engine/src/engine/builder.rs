@@ -235,11 +235,13 @@ impl EngineBuilder {
     /// timer ([`crate::Ctx::sleep`]), a step's backoff before its next attempt and a wait's
     /// time until its next poll ([`crate::Ctx::wait`], which journals its polls so far
     /// first), each `park_after` long or longer, and a receive of events (with no deadline,
-    /// or one `park_after` away or more). Parks once it has waited `park_after`: a receive
-    /// after the run took an event since it was loaded (so that a run taking events one after
-    /// another is not loaded again for each), and a child run awaited (on sled). Only the
-    /// body's main sequence parks, never a branch of a fan-out. Default
-    /// [`crate::PARK_AFTER_DEFAULT`]; `None`: runs never park.
+    /// or one `park_after` away or more) when the run has taken no event since it was loaded
+    /// or every run slot is taken ([`EngineBuilder::runs_concurrent_max`]). Parks once it has
+    /// waited `park_after`: a child run awaited (on sled), and a receive after the run took an
+    /// event since it was loaded, if its deadline (if any) is `park_after` or more after that
+    /// (so that a run taking events one after another is not loaded again for each; it keeps
+    /// its run slot meanwhile). Only the body's main sequence parks, never a branch of a
+    /// fan-out. Default [`crate::PARK_AFTER_DEFAULT`]; `None`: runs never park.
     ///
     /// A parked run's body code outside its operations runs again at every wake, as after a
     /// restart: with a wait whose polls are `park_after` or more apart, at every such poll.

@@ -6,7 +6,8 @@
 //! point where everything it waits on is in its journal (the timer's wake time, the failed
 //! attempt's retry time, the receive, a wait's polls so far in a `WaitParked` entry), and only
 //! when the wait is at least the engine's `park_after` (a child awaited, or a receive after
-//! an event the run took since it was loaded: once it has waited that long). A run loaded from a park its driver
+//! an event the run took since it was loaded, unless every run slot is taken: once it has
+//! waited that long). A run loaded from a park its driver
 //! made here, with no other engine's claim of it since (the same token), is marked so
 //! (`RunCell::take_unparked`): nothing of it ran since that park, so a wait goes on from its
 //! polls; any other load starts a wait over. Parking detaches its cell under the map lock and
