@@ -8,15 +8,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{Scratch, Undoable};
+use common::{count, Scratch, Undoable};
 use keel::testing::TestClock;
 use keel::{
-    Ctx, Engine, EngineError, Event, Resident, RetryPolicy, RunHistory, RunStatus, Step,
-    StepContext, StepError, Workflow, WorkflowError,
+    Ctx, Engine, EngineError, Event, Resident, RetryPolicy, RunStatus, Step, StepContext,
+    StepError, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self as ground_truth, Action};
 use keel_testkit::poll::{resident, CONDITION_TIMEOUT};
@@ -46,20 +44,8 @@ impl Workflow for Nap {
     }
 }
 
-/// [`Nap`], counting its body's runs per run ([`bodies`]): a body runs at every load.
+/// [`Nap`], counting its body's runs per run (`common::bodies`): a body runs at every load.
 struct Counted;
-
-static COUNTED_BODIES: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
-
-/// How many times the bodies of the [`Counted`] runs whose id starts with `prefix` ran.
-fn bodies(prefix: &str) -> usize {
-    let counted = COUNTED_BODIES.lock().unwrap();
-    counted
-        .iter()
-        .filter(|(id, _)| id.starts_with(prefix))
-        .map(|(_, n)| n)
-        .sum()
-}
 
 impl Workflow for Counted {
     const NAME: &'static str = "test.counted-nap";
@@ -67,11 +53,7 @@ impl Workflow for Counted {
     type Output = u64;
 
     async fn run(ctx: &mut Ctx, input: NapInput) -> Result<u64, WorkflowError> {
-        *COUNTED_BODIES
-            .lock()
-            .unwrap()
-            .entry(ctx.run_id().to_string())
-            .or_default() += 1;
+        common::bodies::ran(ctx.run_id().as_str());
         Nap::run(ctx, input).await
     }
 }
@@ -170,14 +152,6 @@ async fn start_parked_counted(engine: &Engine, scratch: &Scratch, prefix: &str, 
 fn waiter(engine: &Engine, id: &str) -> tokio::task::JoinHandle<keel::Result<keel::RunRecord>> {
     let (engine, id) = (engine.clone(), id.to_string());
     tokio::spawn(async move { engine.wait(&id).await })
-}
-
-fn count(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> usize {
-    history
-        .entries
-        .iter()
-        .filter(|e| predicate(&e.event))
-        .count()
 }
 
 /// The effects of run `run` in the ground-truth log: (action, step, attempt).
@@ -386,7 +360,7 @@ async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
     assert!(matches!(waiting.await.unwrap(), Err(EngineError::ShutDown)));
     drop(engine);
 
-    let before = bodies("nap-");
+    let before = common::bodies::of("nap-");
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
     assert_eq!(
         engine.resident(),
@@ -397,7 +371,7 @@ async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(engine.resident(), parked_by_the_open(RUNS));
     assert_eq!(
-        bodies("nap-"),
+        common::bodies::of("nap-"),
         before,
         "no body ran: no parked run was loaded"
     );
@@ -428,10 +402,10 @@ async fn parked_runs_park_again_after_a_restart_and_wake_on_time() {
 /// Opens the store of `runs` parked `old-` runs, checks that every one was loaded (its body
 /// ran again to its sleep: `why`) and parked again, and shuts the engine down.
 async fn open_reading_every_run(scratch: &Scratch, runs: usize, why: &str) {
-    let before = bodies("old-");
+    let before = common::bodies::of("old-");
     let engine = open(scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
     resident(&engine, parked(runs)).await;
-    assert!(bodies("old-") >= before + runs, "{why}");
+    assert!(common::bodies::of("old-") >= before + runs, "{why}");
     engine.shutdown().await;
 }
 
@@ -478,7 +452,7 @@ async fn a_store_without_the_wake_index_is_read_in_full_once_and_indexed() {
     assert!(db.get(b"W2").unwrap().is_some(), "the index is built again");
     drop(db);
 
-    let before = bodies("old-");
+    let before = common::bodies::of("old-");
     let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
     assert_eq!(engine.resident(), parked(RUNS), "parked from the index");
     scratch.clock.advance(Duration::from_millis(HOUR_MS));
@@ -491,7 +465,7 @@ async fn a_store_without_the_wake_index_is_read_in_full_once_and_indexed() {
         );
     }
     assert_eq!(
-        bodies("old-"),
+        common::bodies::of("old-"),
         before + RUNS,
         "each body ran once more: at its wake"
     );
@@ -611,11 +585,11 @@ async fn a_full_read_that_cannot_read_a_run_leaves_the_index_unbuilt() {
     drop(db);
 
     for open_number in 0..2 {
-        let before = bodies("unbuilt-");
+        let before = common::bodies::of("unbuilt-");
         let engine = open(&scratch, Some(keel::PARK_AFTER_DEFAULT)).await;
         resident(&engine, parked(RUNS - 1)).await;
         assert_eq!(
-            bodies("unbuilt-"),
+            common::bodies::of("unbuilt-"),
             before + RUNS - 1,
             "open {open_number}: every readable run was read and ran to its sleep"
         );

@@ -6,34 +6,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use common::Scratch;
-use keel::{
-    Ctx, Engine, EngineBuilder, Event, Resident, RunHistory, RunStatus, Workflow, WorkflowError,
-};
+use common::{count, Scratch};
+use keel::{Ctx, Engine, EngineBuilder, Event, Resident, RunStatus, Workflow, WorkflowError};
 use keel_testkit::poll::{resident, CONDITION_TIMEOUT};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 const HOUR_MS: u64 = 3_600_000;
 
-static BODIES: Mutex<BTreeMap<String, usize>> = Mutex::new(BTreeMap::new());
-
-/// How many times the bodies of the [`Inbox`] runs whose id starts with `prefix` ran.
-fn bodies(prefix: &str) -> usize {
-    let counted = BODIES.lock().unwrap();
-    counted
-        .iter()
-        .filter(|(id, _)| id.starts_with(prefix))
-        .map(|(_, n)| n)
-        .sum()
-}
-
 /// Takes an event of each name in turn (within `within_ms` when set; `None` for one that
-/// timed out), counting its body's runs ([`bodies`]): a body runs at every load.
+/// timed out), counting its body's runs (`common::bodies`): a body runs at every load.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct InboxInput {
     names: Vec<String>,
@@ -48,11 +32,7 @@ impl Workflow for Inbox {
     type Output = Vec<Option<Value>>;
 
     async fn run(ctx: &mut Ctx, input: InboxInput) -> Result<Vec<Option<Value>>, WorkflowError> {
-        *BODIES
-            .lock()
-            .unwrap()
-            .entry(ctx.run_id().to_string())
-            .or_default() += 1;
+        common::bodies::ran(ctx.run_id().as_str());
         let within = input.within_ms.map(Duration::from_millis);
         let mut got = Vec::new();
         for name in &input.names {
@@ -80,14 +60,6 @@ async fn open(scratch: &Scratch) -> Engine {
 
 fn parked(parked: usize) -> Resident {
     Resident { loaded: 0, parked }
-}
-
-fn count(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> usize {
-    history
-        .entries
-        .iter()
-        .filter(|e| predicate(&e.event))
-        .count()
 }
 
 fn loaded(loaded: usize) -> Resident {
@@ -183,7 +155,7 @@ async fn a_run_taking_events_one_after_another_is_not_loaded_for_each() {
     let expected: Vec<Option<Value>> = (0..EVENTS).map(|n| Some(json!(n))).collect();
     assert_eq!(handle.result().await.unwrap(), expected);
     assert_eq!(
-        bodies("burst"),
+        common::bodies::of("burst"),
         2,
         "the run was loaded again between its events"
     );

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub(crate) mod bodies;
 pub(crate) mod effects;
 pub(crate) mod start;
 
@@ -123,4 +124,13 @@ pub(crate) fn compensation_touched(history: &RunHistory, step: u32) -> bool {
                 | Event::StepCompensationFailed { .. }
         )
     })
+}
+
+/// How many entries of `history` match `predicate`.
+pub(crate) fn count(history: &RunHistory, predicate: impl Fn(&Event) -> bool) -> usize {
+    history
+        .entries
+        .iter()
+        .filter(|e| predicate(&e.event))
+        .count()
 }
