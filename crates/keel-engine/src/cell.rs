@@ -217,8 +217,19 @@ impl RunCell {
     /// [`EngineError::Fenced`] when one of them was dropped because another engine took the
     /// run over: the caller must then act on nothing it wrote, and stop driving the run.
     pub(crate) async fn durable(&self, store: &dyn JournalStore) -> Result<()> {
+        self.durable_as(store, false).await
+    }
+
+    /// [`RunCell::durable`], for a writer that is `alone`: it waits for nothing else until
+    /// its writes are durable ([`JournalStore::sync_alone`]).
+    pub(crate) async fn durable_as(&self, store: &dyn JournalStore, alone: bool) -> Result<()> {
         self.flush(store)?;
-        store.sync().wait().await?;
+        let ticket = if alone {
+            store.sync_alone()
+        } else {
+            store.sync()
+        };
+        ticket.wait().await?;
         if store.fenced(&self.id, self.token) {
             self.loaded.lock().expect("cell lock").write_failed = true;
             return Err(EngineError::Fenced {

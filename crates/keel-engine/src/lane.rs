@@ -185,9 +185,12 @@ impl Lane {
         refused.map_or(Ok(()), Err)
     }
 
+    /// Waits until the run's writes so far are durable. The main lane waits for nothing else
+    /// meanwhile (a branch's siblings run in the same task, and would wait out a sync run on
+    /// the task's thread).
     pub(crate) async fn durable(&self) -> Result<(), Interrupt> {
         self.cell
-            .durable(&*self.env.store)
+            .durable_as(&*self.env.store, self.main)
             .await
             .map_err(Interrupt::Engine)
     }

@@ -2,17 +2,31 @@
 //!
 //! Writers apply their change to sled (in memory), then ask for a [`SyncTicket`] and await it.
 //! The committer takes the newest ticket number, syncs once, and resolves every ticket up to that
-//! number: a sync started after a write was made covers that write. Because exactly one thread
-//! ever syncs, and it syncs with blocking calls outside the async runtime, writers cannot pile
-//! up inside sled's `flush_async` (eight concurrent `flush_async` callers on a 2-worker runtime
-//! hung in 3 of 3 tries on this machine).
+//! number: a sync started after a write was made covers that write. Syncs run one at a time,
+//! with blocking calls, and nothing calls sled's `flush_async`, so writers cannot pile up inside
+//! it (eight concurrent `flush_async` callers on a 2-worker runtime hung in 3 of 3 tries on this
+//! machine).
+//!
+//! One exception, for a store whose sync needs only the calling thread (sled's, not
+//! PostgreSQL's): a writer that waits for nothing else meanwhile (a run's main lane, which
+//! awaits its own entry and nothing more) and asks for a ticket while the committer sleeps,
+//! after [`QUIET`] syncs in a row that each answered one ticket or none with nobody arriving
+//! during them, runs the sync itself, on its own thread ([`Committer::ticket_alone`]). One
+//! run stepping alone then waits for the disk only, not for three thread wake-ups (the
+//! committer's at the ticket, the committer's at the disk's interrupt, the writer's at the
+//! answer); on a virtual machine whose idle CPUs halt, each wake-up goes through the
+//! hypervisor. It answers its own ticket only, since others' writes may come after it began.
+//! While it runs, the sync is held: a ticket issued meanwhile ends the streak and queues for
+//! the committer, which syncs again once it ends. So at most one runtime thread is ever
+//! blocked in a sync, and only while writers come one at a time: with several, the tasks
+//! queued behind a blocked runtime thread would wait out its sync.
 //!
 //! A failed sync is final: the page cache may have dropped the dirty pages, so retrying could
 //! report success for data that is gone. Every ticket from then on fails.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use tokio::sync::{oneshot, watch};
@@ -35,10 +49,32 @@ pub enum Durability {
 /// What a ticket is answered with: durable, or the failure that made durability impossible.
 type Answer = std::result::Result<(), String>;
 
+/// The store's sync: makes everything written so far durable.
+type SyncFn = Box<dyn FnMut() -> std::io::Result<()> + Send>;
+
+/// Who may run the sync besides the committer thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Syncers {
+    /// Only the committer thread (a sync that needs the async runtime, or a connection of
+    /// its own, such as PostgreSQL's `COMMIT`).
+    CommitterOnly,
+    /// Also a lone writer ([`Committer::ticket_alone`]) while the committer sleeps: it runs
+    /// the sync on its own thread, blocking it, and is answered without waking anyone. For a
+    /// blocking sync that needs nothing but the calling thread (sled's `flush`).
+    LoneWriter,
+}
+
+/// How many syncs in a row must each have answered one ticket or none, with no ticket issued
+/// during a writer's own sync, before a lone writer syncs on its own thread: writers come one
+/// at a time, not in a crowd that a blocked runtime thread would slow down.
+const QUIET: u32 = 4;
+
 #[derive(Default)]
 struct Requests {
     /// The number of the last ticket issued.
     issued: u64,
+    /// The number of the last ticket the committer's syncs answered.
+    answered: u64,
     /// Unanswered tickets, oldest first (numbers are issued in increasing order), each with
     /// the channel that wakes exactly its own waiter. One channel per ticket, not one shared
     /// broadcast: with thousands of runs waiting, a broadcast wakes every one of them on every
@@ -51,6 +87,20 @@ struct Requests {
     /// a new ticket signal it (a signal is a system call even with nobody waiting). A busy
     /// committer takes every ticket issued meanwhile when its sync ends.
     asleep: bool,
+    /// Syncs in a row that each answered one ticket or none, with no ticket issued during a
+    /// writer's own sync (saturating); see [`QUIET`].
+    quiet: u32,
+    /// Whether a writer runs the sync on its own thread now.
+    writer_syncing: bool,
+}
+
+impl Requests {
+    /// Whether a lone writer may sync on its own thread now: the committer sleeps with
+    /// nothing to answer, writers have come one at a time for [`QUIET`] syncs, and the store
+    /// neither failed nor stops.
+    fn lone(&self) -> bool {
+        self.asleep && self.quiet >= QUIET && self.failure.is_none() && !self.stop
+    }
 }
 
 struct Shared {
@@ -58,28 +108,173 @@ struct Shared {
     wake: Condvar,
     /// Set, with the reason, once the store can make nothing durable any more.
     broken: watch::Sender<Option<String>>,
+    /// The sync, held by whoever runs it: one sync at a time.
+    sync: Mutex<SyncFn>,
+    syncers: Syncers,
 }
 
 /// Waits for the durability of the writes made before it was issued.
 #[must_use = "a write is not durable until its ticket resolves"]
-#[derive(Debug)]
 pub(crate) struct SyncTicket {
-    answer: oneshot::Receiver<Answer>,
+    state: TicketState,
+}
+
+enum TicketState {
+    /// Queued for the committer, or answered already.
+    Queued(oneshot::Receiver<Answer>),
+    /// Issued to a lone writer while writers came one at a time: its waiter may sync on its
+    /// own thread.
+    Lone(Arc<Shared>),
+    /// Waited for or dropped.
+    Done,
+}
+
+impl std::fmt::Debug for SyncTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = match self.state {
+            TicketState::Queued(_) => "queued",
+            TicketState::Lone(_) => "lone",
+            TicketState::Done => "done",
+        };
+        f.debug_struct("SyncTicket").field("state", &state).finish()
+    }
 }
 
 impl SyncTicket {
     /// Resolves once the writes before this ticket are durable.
-    pub(crate) async fn wait(self) -> Result<()> {
-        match self.answer.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(failure)) => Err(EngineError::Sync {
-                path: PathBuf::from("<store>"),
-                source: std::io::Error::other(failure),
-            }),
+    pub(crate) async fn wait(mut self) -> Result<()> {
+        if let TicketState::Lone(shared) = &self.state {
+            let shared = Arc::clone(shared);
+            match shared.sync_here() {
+                Ok(answer) => {
+                    self.state = TicketState::Done;
+                    return settled(answer);
+                }
+                Err(queued) => self.state = TicketState::Queued(queued),
+            }
+        }
+        let answer = match std::mem::replace(&mut self.state, TicketState::Done) {
+            TicketState::Queued(answer) => answer,
+            TicketState::Lone(_) | TicketState::Done => unreachable!("a ticket is waited for once"),
+        };
+        match answer.await {
+            Ok(answer) => settled(answer),
             // The committer never drops an unanswered ticket while it runs.
             Err(_) => Err(EngineError::ShutDown),
         }
     }
+}
+
+impl Drop for SyncTicket {
+    /// A ticket dropped unwaited still asks for a sync: the committer runs it.
+    fn drop(&mut self) {
+        if let TicketState::Lone(shared) = std::mem::replace(&mut self.state, TicketState::Done) {
+            drop(shared.enqueue(shared.requests.lock().expect("committer lock")));
+        }
+    }
+}
+
+fn settled(answer: Answer) -> Result<()> {
+    answer.map_err(|failure| EngineError::Sync {
+        path: PathBuf::from("<store>"),
+        source: std::io::Error::other(failure),
+    })
+}
+
+impl Shared {
+    /// Queues a ticket for the committer, waking it if it sleeps.
+    fn enqueue(&self, mut requests: MutexGuard<'_, Requests>) -> oneshot::Receiver<Answer> {
+        let (sender, answer) = oneshot::channel();
+        if let Some(failure) = &requests.failure {
+            let _ = sender.send(Err(failure.clone()));
+            return answer;
+        }
+        if requests.writer_syncing {
+            // Writers do not come one at a time.
+            requests.quiet = 0;
+        }
+        requests.issued += 1;
+        let ticket = requests.issued;
+        requests.waiting.push_back((ticket, sender));
+        // The first ticket after the committer fell asleep wakes it; later ones find it
+        // awake (or about to be) and need not.
+        let wake = std::mem::take(&mut requests.asleep);
+        drop(requests);
+        if wake {
+            self.wake.notify_one();
+        }
+        answer
+    }
+
+    /// Runs the sync on this thread for a lone writer's ticket, if writers still come one at
+    /// a time ([`Requests::lone`]) and no sync runs: the answer, or else the ticket queued for
+    /// the committer. The sync starts after the ticket was issued, so it covers the writes
+    /// made before it.
+    fn sync_here(&self) -> std::result::Result<Answer, oneshot::Receiver<Answer>> {
+        let mut requests = self.requests.lock().expect("committer lock");
+        if let Some(failure) = &requests.failure {
+            return Ok(Err(failure.clone()));
+        }
+        let held = if requests.lone() {
+            self.sync.try_lock().ok()
+        } else {
+            None
+        };
+        let Some(mut sync) = held else {
+            return Err(self.enqueue(requests));
+        };
+        requests.writer_syncing = true;
+        drop(requests);
+        let answer = run(&mut sync);
+        if let Err(failure) = &answer {
+            for (_, sender) in self.failed(failure) {
+                let _ = sender.send(answer.clone());
+            }
+        }
+        let mut requests = self.requests.lock().expect("committer lock");
+        requests.writer_syncing = false;
+        if requests.quiet > 0 {
+            requests.quiet = requests.quiet.saturating_add(1);
+        }
+        Ok(answer)
+    }
+
+    /// Runs the sync with `sync` held, unless an earlier one failed: no sync follows a failed
+    /// one.
+    fn run_held(&self, sync: &mut SyncFn) -> Answer {
+        if let Some(failure) = &self.requests.lock().expect("committer lock").failure {
+            return Err(failure.clone());
+        }
+        run(sync)
+    }
+
+    /// Records a failed sync (final): every ticket waiting is taken, to be failed, and
+    /// `ticket` fails new ones at once.
+    fn failed(&self, failure: &str) -> Vec<(u64, oneshot::Sender<Answer>)> {
+        let mut requests = self.requests.lock().expect("committer lock");
+        requests.failure.get_or_insert_with(|| failure.to_owned());
+        self.broken.send_if_modified(|current| {
+            let first = current.is_none();
+            if first {
+                *current = Some(format!("a sync failed: {failure}"));
+            }
+            first
+        });
+        requests.answered = requests.issued;
+        requests.waiting.drain(..).collect()
+    }
+}
+
+/// Runs the sync. A panic in it is a failed sync (final, as any other): it would otherwise
+/// unwind through a writer's task, or end the committer thread with tickets unanswered.
+fn run(sync: &mut SyncFn) -> Answer {
+    crate::crash::point("commit.before_sync");
+    let synced = std::panic::catch_unwind(std::panic::AssertUnwindSafe(sync))
+        .unwrap_or_else(|_| Err(std::io::Error::other("the sync panicked")));
+    synced.map_err(|error| {
+        tracing::error!(%error, "sync failed; the store accepts no more durable writes");
+        error.to_string()
+    })
 }
 
 /// The committer thread and its queue of tickets.
@@ -90,16 +285,21 @@ pub(crate) struct Committer {
 
 impl Committer {
     /// Starts the committer; `sync` makes everything written so far durable.
-    pub(crate) fn start(sync: impl FnMut() -> std::io::Result<()> + Send + 'static) -> Committer {
+    pub(crate) fn start(
+        sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
+        syncers: Syncers,
+    ) -> Committer {
         let shared = Arc::new(Shared {
             requests: Mutex::new(Requests::default()),
             wake: Condvar::new(),
             broken: watch::Sender::new(None),
+            sync: Mutex::new(Box::new(sync)),
+            syncers,
         });
         let thread_shared = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("keel-committer".into())
-            .spawn(move || committer(&thread_shared, sync))
+            .spawn(move || committer(&thread_shared))
             .expect("spawning the committer thread");
         Committer {
             shared,
@@ -130,23 +330,25 @@ impl Committer {
 
     /// Issues a ticket for every write made before this call.
     pub(crate) fn ticket(&self) -> SyncTicket {
-        let (sender, answer) = oneshot::channel();
-        let mut requests = self.shared.requests.lock().expect("committer lock");
-        if let Some(failure) = &requests.failure {
-            let _ = sender.send(Err(failure.clone()));
-            return SyncTicket { answer };
+        SyncTicket {
+            state: TicketState::Queued(
+                self.shared
+                    .enqueue(self.shared.requests.lock().expect("committer lock")),
+            ),
         }
-        requests.issued += 1;
-        let ticket = requests.issued;
-        requests.waiting.push_back((ticket, sender));
-        // The first ticket after the committer fell asleep wakes it; later ones find it
-        // awake (or about to be) and need not.
-        let wake = std::mem::take(&mut requests.asleep);
-        drop(requests);
-        if wake {
-            self.shared.wake.notify_one();
-        }
-        SyncTicket { answer }
+    }
+
+    /// Issues a ticket for every write made before this call, to a writer that waits for
+    /// nothing else until it is answered: with [`Syncers::LoneWriter`], while writers come one
+    /// at a time, the writer runs the sync itself when it waits.
+    pub(crate) fn ticket_alone(&self) -> SyncTicket {
+        let requests = self.shared.requests.lock().expect("committer lock");
+        let state = if self.shared.syncers == Syncers::LoneWriter && requests.lone() {
+            TicketState::Lone(Arc::clone(&self.shared))
+        } else {
+            TicketState::Queued(self.shared.enqueue(requests))
+        };
+        SyncTicket { state }
     }
 }
 
@@ -161,48 +363,36 @@ impl Drop for Committer {
     }
 }
 
-fn committer(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
-    let mut done: u64 = 0;
+fn committer(shared: &Shared) {
     loop {
         let target = {
             let mut requests = shared.requests.lock().expect("committer lock");
-            while requests.issued == done && !requests.stop {
+            while requests.issued == requests.answered && !requests.stop {
                 requests.asleep = true;
                 requests = shared.wake.wait(requests).expect("committer lock");
             }
             requests.asleep = false;
-            if requests.issued == done {
+            if requests.issued == requests.answered {
                 return; // stop requested and every ticket answered
             }
             requests.issued
         };
-        crate::crash::point("commit.before_sync");
-        let answer: Answer = sync().map_err(|error| {
-            tracing::error!(%error, "sync failed; the store accepts no more durable writes");
-            error.to_string()
-        });
-        let answered: Vec<_> = {
-            let mut requests = shared.requests.lock().expect("committer lock");
-            done = target;
-            if let Err(failure) = &answer {
-                // No sync follows a failed one: every ticket still waiting fails too, and
-                // `ticket` fails new ones at once.
-                requests.failure = Some(failure.clone());
-                shared.broken.send_if_modified(|current| {
-                    let first = current.is_none();
-                    if first {
-                        *current = Some(format!("a sync failed: {failure}"));
-                    }
-                    first
-                });
-                done = requests.issued;
-                requests.waiting.drain(..).collect()
-            } else {
+        // A writer syncing on its own thread holds the sync: this one starts after it.
+        let answer = shared.run_held(&mut shared.sync.lock().expect("sync lock"));
+        let answered: Vec<_> = match &answer {
+            Err(failure) => shared.failed(failure),
+            Ok(()) => {
+                let mut requests = shared.requests.lock().expect("committer lock");
+                requests.answered = requests.answered.max(target);
                 let covered = requests
                     .waiting
                     .iter()
                     .take_while(|(ticket, _)| *ticket <= target)
                     .count();
+                requests.quiet = match covered {
+                    0 | 1 => requests.quiet.saturating_add(1),
+                    _ => 0,
+                };
                 requests.waiting.drain(..covered).collect()
             }
         };
@@ -214,61 +404,4 @@ fn committer(shared: &Shared, mut sync: impl FnMut() -> std::io::Result<()>) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::atomic::{AtomicU64, Ordering};
-
-    /// Many concurrent writers are answered by far fewer syncs, and none waits forever, on a
-    /// two-worker runtime (the configuration where sled's flush_async hung).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_tickets_share_syncs() {
-        let syncs = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&syncs);
-        let committer = Arc::new(Committer::start(move || {
-            counter.fetch_add(1, Ordering::SeqCst);
-            std::thread::sleep(std::time::Duration::from_millis(2));
-            Ok(())
-        }));
-        let mut tasks = Vec::new();
-        for _ in 0..64 {
-            let committer = Arc::clone(&committer);
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..10 {
-                    committer.ticket().wait().await.unwrap();
-                }
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-        let syncs = syncs.load(Ordering::SeqCst);
-        assert!(syncs < 640, "640 tickets took {syncs} syncs: no batching");
-    }
-
-    /// A ticket issued while the committer sleeps wakes it, each time it fell asleep (it is
-    /// signalled only then).
-    #[tokio::test]
-    async fn tickets_wake_a_sleeping_committer() {
-        let committer = Committer::start(|| Ok(()));
-        for _ in 0..3 {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let answered = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                committer.ticket().wait(),
-            );
-            answered
-                .await
-                .expect("a sleeping committer answers")
-                .unwrap();
-        }
-    }
-
-    /// After a failed sync every ticket fails, including ones issued later.
-    #[tokio::test]
-    async fn sync_failure_is_final() {
-        let committer = Committer::start(|| Err(std::io::Error::other("disk gone")));
-        let err = committer.ticket().wait().await.unwrap_err().to_string();
-        assert!(err.contains("disk gone"), "{err}");
-        assert!(committer.ticket().wait().await.is_err());
-    }
-}
+mod tests;

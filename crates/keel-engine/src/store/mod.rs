@@ -309,6 +309,13 @@ pub(crate) trait JournalStore: Send + Sync + std::fmt::Debug + 'static {
     /// A ticket that resolves once every write made before this call is durable.
     fn sync(&self) -> SyncTicket;
 
+    /// [`JournalStore::sync`] for a writer that waits for nothing else until it is answered
+    /// (a run's main lane): a store may then run the sync on the writer's own thread while
+    /// writers come one at a time (sled: `store/commit.rs`).
+    fn sync_alone(&self) -> SyncTicket {
+        self.sync()
+    }
+
     /// Called once the engine has shut down and every write it acknowledged is durable: a
     /// store another engine may open while this one lives (PostgreSQL) lets it; later writes
     /// fail, reads go on. The sled store is released when it is dropped.

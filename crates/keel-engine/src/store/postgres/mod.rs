@@ -36,7 +36,7 @@ use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::limits::{ENTRY_BYTES_MAX, RUN_RECORD_BYTES_MAX};
-use crate::store::commit::{Committer, SyncTicket};
+use crate::store::commit::{Committer, SyncTicket, Syncers};
 use crate::store::{
     check_keyed, check_stats_size, encode, Claimed, JournalStore, Read, RunsScan, ScannedRuns,
     Space, Takeover, Token,
@@ -174,7 +174,10 @@ impl PostgresStore {
         let commits = requests.clone();
         let closing = Arc::new(AtomicBool::new(false));
         let committer_closing = Arc::clone(&closing);
-        let committer = Committer::start(move || commit(&commits, &committer_closing));
+        let committer = Committer::start(
+            move || commit(&commits, &committer_closing),
+            Syncers::CommitterOnly,
+        );
         let broken = committer.break_with();
         let losing = requests.clone();
         let lost = move |why: String| {

@@ -48,7 +48,7 @@ use crate::error::{EngineError, Result};
 use crate::ids::{JournalIndex, RunId};
 use crate::journal::{Entry, RunRecord, RunStatus};
 use crate::limits::RUN_RECORD_BYTES_MAX;
-use crate::store::commit::{Committer, Durability, SyncTicket};
+use crate::store::commit::{Committer, Durability, SyncTicket, Syncers};
 use crate::store::mark::{self, Mark, Marker};
 use crate::store::{Claimed, JournalStore, Read, RunsScan, ScannedRuns, Space, Takeover, Token};
 
@@ -244,7 +244,7 @@ impl SledStore {
             Arc::clone(&writes),
         )
         .map_err(|e| sync_error(path, e))?;
-        let committer = Committer::start(sync);
+        let committer = Committer::start(sync, Syncers::LoneWriter);
         let (counts, counting) = match counts {
             Some(counts) => (Arc::new(StatusCounts::new(counts)), None),
             None => {
@@ -513,6 +513,10 @@ impl JournalStore for SledStore {
 
     fn sync(&self) -> SyncTicket {
         self.committer.ticket()
+    }
+
+    fn sync_alone(&self) -> SyncTicket {
+        self.committer.ticket_alone()
     }
 
     fn release(&self) -> Read<'_, ()> {
