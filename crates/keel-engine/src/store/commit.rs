@@ -9,17 +9,22 @@
 //!
 //! One exception, for a store whose sync needs only the calling thread (sled's, not
 //! PostgreSQL's): a writer that waits for nothing else meanwhile (a run's main lane, which
-//! awaits its own entry and nothing more) and asks for a ticket while the committer sleeps,
-//! after [`QUIET`] syncs in a row that each answered one ticket or none with nobody arriving
-//! during them, runs the sync itself, on its own thread ([`Committer::ticket_alone`]). One
-//! run stepping alone then waits for the disk only, not for three thread wake-ups (the
-//! committer's at the ticket, the committer's at the disk's interrupt, the writer's at the
-//! answer); on a virtual machine whose idle CPUs halt, each wake-up goes through the
-//! hypervisor. It answers its own ticket only, since others' writes may come after it began.
-//! While it runs, the sync is held: a ticket issued meanwhile ends the streak and queues for
-//! the committer, which syncs again once it ends. So at most one runtime thread is ever
-//! blocked in a sync, and only while writers come one at a time: with several, the tasks
-//! queued behind a blocked runtime thread would wait out its sync.
+//! awaits its own entry and nothing more) on a multi-threaded runtime, and asks for a ticket
+//! while the committer sleeps, after [`QUIET`] syncs in a row that each answered one ticket
+//! or none with no ticket issued during a writer's own sync, runs the sync itself, on its own
+//! thread ([`Committer::ticket_alone`]). One run stepping alone then waits for one wake-up
+//! (its own thread's, at the disk's interrupt), not three (the committer's at the ticket, the
+//! committer's at the disk's interrupt, the writer's at the answer); on a virtual machine
+//! whose idle CPUs halt, each goes through the hypervisor. It answers its own ticket only,
+//! since others' writes may come after it began. While it runs, the sync is held: a ticket
+//! issued meanwhile ends the streak and queues for the committer, which syncs again once it
+//! ends. So at most one runtime thread is ever blocked in a sync, and only while writers come
+//! one at a time. What that thread costs others, for one sync: a task the writer woke just
+//! before (in the thread's next-task slot, which other threads do not steal) and futures a
+//! workflow's own code polls together with the step waits it out; on a disk whose syncs take
+//! seconds, so does the thread. A current-thread runtime never takes this path: no ticket
+//! could arrive during the writer's sync to end the streak, and every ready run would sync
+//! alone instead of sharing one.
 //!
 //! A failed sync is final: the page cache may have dropped the dirty pages, so retrying could
 //! report success for data that is gone. Every ticket from then on fails.
@@ -29,6 +34,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use tokio::runtime::RuntimeFlavor;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{EngineError, Result};
@@ -73,7 +79,7 @@ const QUIET: u32 = 4;
 struct Requests {
     /// The number of the last ticket issued.
     issued: u64,
-    /// The number of the last ticket the committer's syncs answered.
+    /// The number of the last ticket answered by the committer's syncs (or failed).
     answered: u64,
     /// Unanswered tickets, oldest first (numbers are issued in increasing order), each with
     /// the channel that wakes exactly its own waiter. One channel per ticket, not one shared
@@ -339,15 +345,21 @@ impl Committer {
     }
 
     /// Issues a ticket for every write made before this call, to a writer that waits for
-    /// nothing else until it is answered: with [`Syncers::LoneWriter`], while writers come one
-    /// at a time, the writer runs the sync itself when it waits.
+    /// nothing else until it is answered: with [`Syncers::LoneWriter`], on a multi-threaded
+    /// runtime, while writers come one at a time, the writer runs the sync itself when it
+    /// waits.
     pub(crate) fn ticket_alone(&self) -> SyncTicket {
-        let requests = self.shared.requests.lock().expect("committer lock");
-        let state = if self.shared.syncers == Syncers::LoneWriter && requests.lone() {
-            TicketState::Lone(Arc::clone(&self.shared))
-        } else {
-            TicketState::Queued(self.shared.enqueue(requests))
+        let multi_threaded = || {
+            tokio::runtime::Handle::try_current()
+                .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread)
         };
+        let requests = self.shared.requests.lock().expect("committer lock");
+        let state =
+            if self.shared.syncers == Syncers::LoneWriter && requests.lone() && multi_threaded() {
+                TicketState::Lone(Arc::clone(&self.shared))
+            } else {
+                TicketState::Queued(self.shared.enqueue(requests))
+            };
         SyncTicket { state }
     }
 }
@@ -377,8 +389,10 @@ fn committer(shared: &Shared) {
             }
             requests.issued
         };
-        // A writer syncing on its own thread holds the sync: this one starts after it.
-        let answer = shared.run_held(&mut shared.sync.lock().expect("sync lock"));
+        // A writer syncing on its own thread holds the sync: this one starts after it. A
+        // failure is recorded before the sync is let go, so that none follows it.
+        let mut sync = shared.sync.lock().expect("sync lock");
+        let answer = shared.run_held(&mut sync);
         let answered: Vec<_> = match &answer {
             Err(failure) => shared.failed(failure),
             Ok(()) => {
@@ -396,6 +410,7 @@ fn committer(shared: &Shared) {
                 requests.waiting.drain(..covered).collect()
             }
         };
+        drop(sync);
         // Woken outside the lock, each waiter exactly once.
         for (_, sender) in answered {
             let _ = sender.send(answer.clone());

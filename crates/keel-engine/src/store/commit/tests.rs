@@ -63,49 +63,64 @@ async fn sync_failure_is_final() {
     assert!(committer.ticket().wait().await.is_err());
 }
 
-/// Names of the threads that ran each sync, and a way to hold a sync until released.
+/// Names of the threads that ran each sync.
 #[derive(Clone, Default)]
 struct Syncs {
     threads: Arc<Mutex<Vec<String>>>,
 }
 
 impl Syncs {
-    fn record(&self) -> impl FnMut() -> std::io::Result<()> + Send + 'static {
-        self.record_taking(std::time::Duration::ZERO)
-    }
-
-    /// Records each sync's thread as it begins, then takes `duration`.
-    fn record_taking(
+    /// A sync that records its thread's name as it begins, then does what `then` says.
+    fn record_then(
         &self,
-        duration: std::time::Duration,
+        mut then: impl FnMut(&str) -> std::io::Result<()> + Send + 'static,
     ) -> impl FnMut() -> std::io::Result<()> + Send + 'static {
         let threads = Arc::clone(&self.threads);
         move || {
             let name = std::thread::current().name().unwrap_or("").to_owned();
-            threads.lock().unwrap().push(name);
-            std::thread::sleep(duration);
-            Ok(())
+            threads.lock().unwrap().push(name.clone());
+            then(&name)
         }
+    }
+
+    fn record(&self) -> impl FnMut() -> std::io::Result<()> + Send + 'static {
+        self.record_then(|_| Ok(()))
     }
 
     fn threads(&self) -> Vec<String> {
         self.threads.lock().unwrap().clone()
     }
+
+    /// Waits until `n` syncs have begun.
+    fn until_begun(&self, n: usize) {
+        until(|| self.threads().len() >= n, "a sync to begin");
+    }
 }
 
-/// Waits until the committer sleeps on its condition variable.
-fn until_asleep(committer: &Committer) {
+/// Waits, for 10 s at most, until `done` holds.
+fn until(done: impl Fn() -> bool, what: &str) {
     for _ in 0..10_000 {
-        if committer.shared.requests.lock().unwrap().asleep {
+        if done() {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    panic!("the committer never fell asleep");
+    panic!("waited 10 s for {what}");
 }
 
+/// Waits until the committer sleeps on its condition variable.
+fn until_asleep(committer: &Committer) {
+    until(
+        || committer.shared.requests.lock().unwrap().asleep,
+        "the committer to fall asleep",
+    );
+}
+
+/// Runs `future` on this thread, in a multi-threaded runtime (where a lone writer may sync on
+/// its own thread).
 fn runtime_block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .build()
         .unwrap()
         .block_on(future)
@@ -120,7 +135,7 @@ fn lone_writers(committer: &Committer, n: u32) {
             .spawn_scoped(scope, || {
                 for _ in 0..n {
                     until_asleep(committer);
-                    runtime_block_on(committer.ticket_alone().wait()).unwrap();
+                    runtime_block_on(async { committer.ticket_alone().wait().await }).unwrap();
                 }
             })
             .unwrap()
@@ -129,10 +144,46 @@ fn lone_writers(committer: &Committer, n: u32) {
     });
 }
 
+/// A sync that blocks the first time it runs on a thread named `writer` until released, and
+/// what the test sees of it.
+struct Gate {
+    entered: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl Gate {
+    /// Waits, for 10 s at most, until the gated sync has begun.
+    fn until_entered(&self) {
+        self.entered
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the gated sync began within 10 s");
+    }
+}
+
+fn gated_on(
+    thread: &'static str,
+    syncs: &Syncs,
+    mut after: impl FnMut() -> std::io::Result<()> + Send + 'static,
+) -> (impl FnMut() -> std::io::Result<()> + Send + 'static, Gate) {
+    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+    let (release, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut gated = false;
+    let sync = syncs.record_then(move |name| {
+        if name == thread && !gated {
+            gated = true;
+            entered_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            return after();
+        }
+        Ok(())
+    });
+    (sync, Gate { entered, release })
+}
+
 /// Once writers have come one at a time for `QUIET` syncs, a lone writer of a store that
-/// allows it runs the sync on its own thread (no wake-up of the committer, nor of the
-/// writer when it is answered). A store that does not allow it, and a writer that did not
-/// say it is alone, have every sync run by the committer.
+/// allows it, on a multi-threaded runtime, runs the sync on its own thread (no wake-up of the
+/// committer, nor of the writer when it is answered). A store that does not allow it, and a
+/// writer that did not say it is alone, have every sync run by the committer.
 #[test]
 fn a_lone_writer_syncs_on_its_own_thread_once_writers_come_one_at_a_time() {
     let quiet = QUIET as usize;
@@ -152,39 +203,59 @@ fn a_lone_writer_syncs_on_its_own_thread_once_writers_come_one_at_a_time() {
     }
 }
 
+/// On a current-thread runtime a lone writer leaves its sync to the committer: no other task
+/// could run during its own sync to end the streak, so every ready run would sync alone.
+#[test]
+fn a_lone_writer_on_a_current_thread_runtime_leaves_the_sync_to_the_committer() {
+    let syncs = Syncs::default();
+    let committer = Committer::start(syncs.record(), Syncers::LoneWriter);
+    lone_writers(&committer, QUIET + 1);
+    assert_eq!(syncs.threads().last().unwrap(), "writer");
+    let current_thread = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    for _ in 0..3 {
+        until_asleep(&committer);
+        current_thread
+            .block_on(committer.ticket_alone().wait())
+            .unwrap();
+        assert_eq!(syncs.threads().last().unwrap(), "keel-committer");
+    }
+}
+
 /// A ticket issued while a writer's sync runs is not answered by that sync (it may have
 /// begun before the ticket's write): the committer syncs again for it, after the writer's
-/// sync ends, never during it. The streak ends: the next lone writer leaves its sync to
-/// the committer.
+/// sync ends, never during it. The streak ends: the next lone writer leaves its sync to the
+/// committer.
 #[test]
 fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
-    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let release_rx = Mutex::new(release_rx);
+    let syncs = Syncs::default();
     let running = Arc::new(AtomicU64::new(0));
-    let syncs = Arc::new(AtomicU64::new(0));
-    let (running_in, syncs_in) = (Arc::clone(&running), Arc::clone(&syncs));
+    let overlapped = Arc::new(AtomicU64::new(0));
+    let (running_in, overlapped_in) = (Arc::clone(&running), Arc::clone(&overlapped));
+    let (gated, gate) = gated_on("writer", &syncs, || Ok(()));
+    let mut gated = gated;
     let committer = Arc::new(Committer::start(
         move || {
-            assert_eq!(
-                running_in.fetch_add(1, Ordering::SeqCst),
-                0,
-                "two syncs at once"
-            );
-            if syncs_in.fetch_add(1, Ordering::SeqCst) == u64::from(QUIET) {
-                entered_tx.send(()).unwrap();
-                release_rx.lock().unwrap().recv().unwrap();
+            if running_in.fetch_add(1, Ordering::SeqCst) > 0 {
+                overlapped_in.fetch_add(1, Ordering::SeqCst);
             }
+            let synced = gated();
             running_in.fetch_sub(1, Ordering::SeqCst);
-            Ok(())
+            synced
         },
         Syncers::LoneWriter,
     ));
     lone_writers(&committer, QUIET);
     until_asleep(&committer);
-    let first = committer.ticket_alone();
-    let writer = std::thread::spawn(move || runtime_block_on(first.wait()));
-    entered.recv().unwrap();
+    let writer = {
+        let committer = Arc::clone(&committer);
+        std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || runtime_block_on(async { committer.ticket_alone().wait().await }))
+            .unwrap()
+    };
+    gate.until_entered();
     // The writer's sync is running (and holds the sync): a second ticket is queued.
     let second = committer.ticket();
     let (answered_tx, answered) = std::sync::mpsc::channel();
@@ -197,14 +268,21 @@ fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
         early.is_err(),
         "answered during the writer's sync: {early:?}"
     );
-    release.send(()).unwrap();
+    gate.release.send(()).unwrap();
     writer.join().unwrap().unwrap();
     answered
         .recv_timeout(std::time::Duration::from_secs(10))
         .expect("the second ticket is answered")
         .unwrap();
     waiter.join().unwrap();
-    assert_eq!(syncs.load(Ordering::SeqCst), u64::from(QUIET) + 2);
+    let mut expected = vec!["keel-committer"; QUIET as usize];
+    expected.extend(["writer", "keel-committer"]);
+    assert_eq!(syncs.threads(), expected);
+    assert_eq!(
+        overlapped.load(Ordering::SeqCst),
+        0,
+        "two syncs ran at once"
+    );
     assert!(committer.shared.requests.lock().unwrap().quiet < QUIET);
 }
 
@@ -213,21 +291,36 @@ fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
 #[test]
 fn a_crowd_ends_the_streak() {
     let syncs = Syncs::default();
-    let taking = std::time::Duration::from_millis(20);
-    let committer = Committer::start(syncs.record_taking(taking), Syncers::LoneWriter);
+    let (sync, gate) = gated_on("keel-committer", &syncs, || Ok(()));
+    let mut sync = sync;
+    let gate_from = QUIET as usize;
+    let calls = Arc::new(AtomicU64::new(0));
+    let calls_in = Arc::clone(&calls);
+    // The committer's syncs pass the gate until the one after the streak.
+    let mut passed = Syncs::default().record();
+    let committer = Committer::start(
+        move || {
+            if calls_in.fetch_add(1, Ordering::SeqCst) as usize > gate_from {
+                sync()
+            } else {
+                passed()
+            }
+        },
+        Syncers::LoneWriter,
+    );
     lone_writers(&committer, QUIET + 1);
-    assert_eq!(syncs.threads().last().unwrap(), "writer");
-    // Two tickets issued during a sync of the committer: its next one answers both.
+    // Dropped, a lone writer's ticket is queued for the committer, whose sync is held while
+    // two more tickets are issued: its next sync answers both.
     until_asleep(&committer);
-    drop(committer.ticket());
-    while syncs.threads().len() < QUIET as usize + 2 {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    drop(committer.ticket_alone());
+    gate.until_entered();
     let (second, third) = (committer.ticket(), committer.ticket());
+    gate.release.send(()).unwrap();
     let (a, b) = runtime_block_on(async { tokio::join!(second.wait(), third.wait()) });
     a.unwrap();
     b.unwrap();
     let before = syncs.threads().len();
+    assert_eq!(before, 2, "{:?}", syncs.threads());
     lone_writers(&committer, QUIET + 1);
     let threads = syncs.threads();
     let after: Vec<_> = threads[before..].iter().map(String::as_str).collect();
@@ -236,46 +329,80 @@ fn a_crowd_ends_the_streak() {
     assert_eq!(after, expected);
 }
 
-/// A writer's failed sync is final as the committer's is: its ticket, the tickets
-/// waiting and every later one fail with it, the store is broken, and nothing syncs again.
+/// A writer's failed sync is final as the committer's is: its ticket, a ticket waiting
+/// meanwhile (with the failure, not a dropped answer) and every later one fail with it, the
+/// store is broken, and nothing syncs again.
 #[test]
 fn a_failed_sync_on_a_writers_thread_is_final() {
     let syncs = Syncs::default();
-    let record = Arc::clone(&syncs.threads);
-    let mut counted = syncs.record();
-    let committer = Committer::start(
-        move || {
-            counted()?;
-            if record.lock().unwrap().last().unwrap() == "writer" {
-                return Err(std::io::Error::other("disk gone"));
-            }
-            Ok(())
-        },
-        Syncers::LoneWriter,
-    );
+    let (sync, gate) = gated_on("writer", &syncs, || Err(std::io::Error::other("disk gone")));
+    let committer = Arc::new(Committer::start(sync, Syncers::LoneWriter));
     lone_writers(&committer, QUIET);
     until_asleep(&committer);
-    let err = std::thread::scope(|scope| {
+    let writer = {
+        let committer = Arc::clone(&committer);
         std::thread::Builder::new()
             .name("writer".into())
-            .spawn_scoped(scope, || runtime_block_on(committer.ticket_alone().wait()))
+            .spawn(move || runtime_block_on(async { committer.ticket_alone().wait().await }))
             .unwrap()
-            .join()
-            .unwrap()
-            .unwrap_err()
-    });
-    assert!(err.to_string().contains("disk gone"), "{err}");
+    };
+    gate.until_entered();
+    let waiting = committer.ticket();
+    gate.release.send(()).unwrap();
+    for result in [writer.join().unwrap(), runtime_block_on(waiting.wait())] {
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("disk gone"), "{err}");
+    }
     assert!(committer.broken().borrow().is_some());
     for _ in 0..3 {
-        let err = runtime_block_on(committer.ticket_alone().wait()).unwrap_err();
+        let err = runtime_block_on(async { committer.ticket_alone().wait().await }).unwrap_err();
         assert!(err.to_string().contains("disk gone"), "{err}");
         let err = runtime_block_on(committer.ticket().wait()).unwrap_err();
         assert!(err.to_string().contains("disk gone"), "{err}");
     }
-    drop(committer);
+    drop(Arc::into_inner(committer).expect("the writer's thread has ended"));
     let mut expected = vec!["keel-committer"; QUIET as usize];
     expected.push("writer");
     assert_eq!(syncs.threads(), expected);
+}
+
+/// A sync that panics fails like one that returns an error, on either thread: final, and
+/// every ticket, waiting or later, is answered with the failure (none waits forever).
+#[test]
+fn a_panicking_sync_is_a_failed_one() {
+    for thread in ["keel-committer", "writer"] {
+        let syncs = Syncs::default();
+        let sync = syncs.record_then(move |name| {
+            if name == thread {
+                panic!("sled asserted");
+            }
+            Ok(())
+        });
+        let committer = Committer::start(sync, Syncers::LoneWriter);
+        // The committer's first syncs panic unless they are the writer's to panic.
+        if thread == "writer" {
+            lone_writers(&committer, QUIET);
+        }
+        until_asleep(&committer);
+        let err = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("writer".into())
+                .spawn_scoped(scope, || {
+                    runtime_block_on(async { committer.ticket_alone().wait().await })
+                })
+                .unwrap()
+                .join()
+                .unwrap()
+                .unwrap_err()
+        });
+        assert!(err.to_string().contains("the sync panicked"), "{err}");
+        let err = runtime_block_on(committer.ticket().wait()).unwrap_err();
+        assert!(err.to_string().contains("the sync panicked"), "{err}");
+        assert!(committer.broken().borrow().is_some());
+        drop(committer);
+        assert_eq!(syncs.threads().last().unwrap(), thread);
+        assert_eq!(syncs.threads().iter().filter(|t| *t == thread).count(), 1);
+    }
 }
 
 /// A lone writer's ticket dropped without being waited for still gets its sync, from the
@@ -286,46 +413,9 @@ fn a_dropped_ticket_still_asks_for_a_sync() {
     let committer = Committer::start(syncs.record(), Syncers::LoneWriter);
     lone_writers(&committer, QUIET + 1);
     until_asleep(&committer);
-    drop(committer.ticket_alone());
-    while syncs.threads().len() < QUIET as usize + 2 {
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    let ticket = runtime_block_on(async { committer.ticket_alone() });
+    assert!(format!("{ticket:?}").contains("lone"), "{ticket:?}");
+    drop(ticket);
+    syncs.until_begun(QUIET as usize + 2);
     assert_eq!(syncs.threads().last().unwrap(), "keel-committer");
-}
-
-/// A sync that panics fails like one that returns an error, on either thread: final, and
-/// every ticket, waiting or later, is answered with the failure (none waits forever).
-#[test]
-fn a_panicking_sync_is_a_failed_one() {
-    for lone in [false, true] {
-        let calls = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&calls);
-        let committer = Committer::start(
-            move || {
-                if counter.fetch_add(1, Ordering::SeqCst) >= u64::from(QUIET) {
-                    panic!("sled asserted");
-                }
-                Ok(())
-            },
-            Syncers::LoneWriter,
-        );
-        lone_writers(&committer, QUIET);
-        until_asleep(&committer);
-        let ticket = if lone {
-            committer.ticket_alone()
-        } else {
-            committer.ticket()
-        };
-        let err = runtime_block_on(ticket.wait()).unwrap_err();
-        assert!(err.to_string().contains("the sync panicked"), "{err}");
-        let err = runtime_block_on(committer.ticket().wait()).unwrap_err();
-        assert!(err.to_string().contains("the sync panicked"), "{err}");
-        assert!(committer.broken().borrow().is_some());
-        drop(committer);
-        assert_eq!(
-            calls.load(Ordering::SeqCst),
-            u64::from(QUIET) + 1,
-            "lone {lone}"
-        );
-    }
 }
