@@ -186,8 +186,9 @@ impl Lane {
     }
 
     /// Waits until the run's writes so far are durable. The main lane waits for nothing else
-    /// meanwhile, so it may sync on its own thread ([`crate::store::JournalStore::sync_alone`]); a branch
-    /// is not counted as alone (a fan-out's branches write in a crowd).
+    /// meanwhile, so it may sync on its own thread
+    /// ([`crate::store::JournalStore::sync_alone`]); a branch is not counted as alone (a
+    /// fan-out's branches write in a crowd).
     pub(crate) async fn durable(&self) -> Result<(), Interrupt> {
         self.cell
             .durable_as(&*self.env.store, self.main)

@@ -9,22 +9,23 @@
 //!
 //! One exception, for a store whose sync needs only the calling thread (sled's, not
 //! PostgreSQL's): a writer that waits for nothing else meanwhile (a run's main lane, which
-//! awaits its own entry and nothing more) on a multi-threaded runtime, and asks for a ticket
-//! while the committer sleeps, after [`QUIET`] syncs in a row that each answered one ticket
-//! or none with no ticket issued during a writer's own sync, runs the sync itself, on its own
-//! thread ([`Committer::ticket_alone`]). One run stepping alone then waits for one wake-up
-//! (its own thread's, at the disk's interrupt), not three (the committer's at the ticket, the
-//! committer's at the disk's interrupt, the writer's at the answer); on a virtual machine
-//! whose idle CPUs halt, each goes through the hypervisor. It answers its own ticket only,
-//! since others' writes may come after it began. While it runs, the sync is held: a ticket
-//! issued meanwhile ends the streak and queues for the committer, which syncs again once it
-//! ends. So at most one runtime thread is ever blocked in a sync, and only while writers come
-//! one at a time. What that thread costs others, for one sync: a task the writer woke just
-//! before (in the thread's next-task slot, which other threads do not steal) and futures a
-//! workflow's own code polls together with the step waits it out; on a disk whose syncs take
-//! seconds, so does the thread. A current-thread runtime never takes this path: no ticket
-//! could arrive during the writer's sync to end the streak, and every ready run would sync
-//! alone instead of sharing one.
+//! awaits its own entry and nothing more) on a runtime of more than one thread, and asks for
+//! a ticket while the committer sleeps, after [`QUIET`] syncs in a row that each answered one
+//! ticket or none with no ticket issued during a writer's own sync, runs the sync itself, on
+//! its own thread ([`Committer::ticket_alone`]). One run stepping alone then waits for one
+//! wake-up (its own thread's, at the disk's interrupt), not three (the committer's at the
+//! ticket, the committer's at the disk's interrupt, the writer's at the answer); on a virtual
+//! machine whose idle CPUs halt, each goes through the hypervisor. It answers its own ticket
+//! only, since others' writes may come after it began. While it runs, the sync is held: a
+//! ticket issued meanwhile ends the streak and queues for the committer, which syncs again
+//! once it ends. So at most one runtime thread is ever blocked in a sync, and a writer starts
+//! one only while writers come one at a time. What that thread costs others, for one sync: a
+//! task the writer woke just before (in the thread's next-task slot, which other threads do
+//! not steal) and futures a workflow's own code polls together with the step wait it out; on
+//! a disk whose syncs take seconds, so does the thread. A runtime of one thread
+//! (current-thread, or multi-threaded with one worker) never takes this path: no ticket could
+//! arrive during the writer's sync to end the streak, and every ready run would sync alone
+//! instead of sharing one.
 //!
 //! A failed sync is final: the page cache may have dropped the dirty pages, so retrying could
 //! report success for data that is gone. Every ticket from then on fails.
@@ -34,7 +35,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use tokio::runtime::RuntimeFlavor;
 use tokio::sync::{oneshot, watch};
 
 use crate::error::{EngineError, Result};
@@ -345,13 +345,15 @@ impl Committer {
     }
 
     /// Issues a ticket for every write made before this call, to a writer that waits for
-    /// nothing else until it is answered: with [`Syncers::LoneWriter`], on a multi-threaded
-    /// runtime, while writers come one at a time, the writer runs the sync itself when it
-    /// waits.
+    /// nothing else until it is answered: with [`Syncers::LoneWriter`], on a runtime of more
+    /// than one thread, while writers come one at a time, the writer runs the sync itself when
+    /// it waits.
     pub(crate) fn ticket_alone(&self) -> SyncTicket {
+        // With one runtime thread, no ticket could arrive during the writer's sync to end the
+        // streak: every ready run would sync alone instead of sharing one.
         let multi_threaded = || {
             tokio::runtime::Handle::try_current()
-                .is_ok_and(|runtime| runtime.runtime_flavor() == RuntimeFlavor::MultiThread)
+                .is_ok_and(|runtime| runtime.metrics().num_workers() > 1)
         };
         let requests = self.shared.requests.lock().expect("committer lock");
         let state =

@@ -116,14 +116,19 @@ fn until_asleep(committer: &Committer) {
     );
 }
 
-/// Runs `future` on this thread, in a multi-threaded runtime (where a lone writer may sync on
-/// its own thread).
+/// Runs `future` on this thread, in a runtime of two worker threads (where a lone writer may
+/// sync on its own thread), for 10 s at most.
 fn runtime_block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(2)
+        .enable_time()
         .build()
         .unwrap()
-        .block_on(future)
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), future)
+                .await
+                .expect("answered within 10 s")
+        })
 }
 
 /// `n` lone writers one after another, each once the committer sleeps, on a thread named
@@ -144,46 +149,57 @@ fn lone_writers(committer: &Committer, n: u32) {
     });
 }
 
-/// A sync that blocks the first time it runs on a thread named `writer` until released, and
-/// what the test sees of it.
+/// One sync held until the test releases it.
 struct Gate {
     entered: std::sync::mpsc::Receiver<()>,
     release: std::sync::mpsc::Sender<()>,
 }
 
 impl Gate {
-    /// Waits, for 10 s at most, until the gated sync has begun.
+    /// Waits, for 10 s at most, until the held sync has begun.
     fn until_entered(&self) {
         self.entered
             .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("the gated sync began within 10 s");
+            .expect("the held sync began within 10 s");
     }
 }
 
-fn gated_on(
-    thread: &'static str,
+/// A sync that records each call's thread, holds the calls numbered `held` (from 0) until
+/// their gate is released, and returns what `result` says for each call.
+fn gated_at<const N: usize>(
     syncs: &Syncs,
-    mut after: impl FnMut() -> std::io::Result<()> + Send + 'static,
-) -> (impl FnMut() -> std::io::Result<()> + Send + 'static, Gate) {
-    let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let mut gated = false;
-    let sync = syncs.record_then(move |name| {
-        if name == thread && !gated {
-            gated = true;
-            entered_tx.send(()).unwrap();
-            release_rx.recv().unwrap();
-            return after();
-        }
-        Ok(())
+    held: [usize; N],
+    mut result: impl FnMut(usize) -> std::io::Result<()> + Send + 'static,
+) -> (
+    impl FnMut() -> std::io::Result<()> + Send + 'static,
+    [Gate; N],
+) {
+    let mut sides = Vec::new();
+    let gates = held.map(|_| {
+        let (entered_tx, entered) = std::sync::mpsc::channel::<()>();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        sides.push((entered_tx, release_rx));
+        Gate { entered, release }
     });
-    (sync, Gate { entered, release })
+    let mut call = 0;
+    let sync = syncs.record_then(move |_| {
+        let this = call;
+        call += 1;
+        if let Some(at) = held.iter().position(|held| *held == this) {
+            let (entered, release) = &sides[at];
+            entered.send(()).unwrap();
+            // A test that failed drops its gate: the sync goes on.
+            let _ = release.recv();
+        }
+        result(this)
+    });
+    (sync, gates)
 }
 
 /// Once writers have come one at a time for `QUIET` syncs, a lone writer of a store that
-/// allows it, on a multi-threaded runtime, runs the sync on its own thread (no wake-up of the
-/// committer, nor of the writer when it is answered). A store that does not allow it, and a
-/// writer that did not say it is alone, have every sync run by the committer.
+/// allows it, on a runtime of more than one thread, runs the sync on its own thread. A store
+/// that does not allow it, and a writer that did not say it is alone, have every sync run by
+/// the committer.
 #[test]
 fn a_lone_writer_syncs_on_its_own_thread_once_writers_come_one_at_a_time() {
     let quiet = QUIET as usize;
@@ -203,37 +219,46 @@ fn a_lone_writer_syncs_on_its_own_thread_once_writers_come_one_at_a_time() {
     }
 }
 
-/// On a current-thread runtime a lone writer leaves its sync to the committer: no other task
-/// could run during its own sync to end the streak, so every ready run would sync alone.
+/// On a runtime of one thread (current-thread, or multi-threaded with one worker) a lone
+/// writer leaves its sync to the committer: no other task could run during its own sync to
+/// end the streak, so every ready run would sync alone.
 #[test]
-fn a_lone_writer_on_a_current_thread_runtime_leaves_the_sync_to_the_committer() {
+fn a_lone_writer_on_a_runtime_of_one_thread_leaves_the_sync_to_the_committer() {
     let syncs = Syncs::default();
     let committer = Committer::start(syncs.record(), Syncers::LoneWriter);
     lone_writers(&committer, QUIET + 1);
     assert_eq!(syncs.threads().last().unwrap(), "writer");
-    let current_thread = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    for _ in 0..3 {
+    let runtimes = [
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap(),
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap(),
+    ];
+    for runtime in &runtimes {
         until_asleep(&committer);
-        current_thread
-            .block_on(committer.ticket_alone().wait())
-            .unwrap();
+        let ticket = runtime.block_on(async { committer.ticket_alone() });
+        assert!(format!("{ticket:?}").contains("queued"), "{ticket:?}");
+        runtime_block_on(ticket.wait()).unwrap();
         assert_eq!(syncs.threads().last().unwrap(), "keel-committer");
     }
 }
 
 /// A ticket issued while a writer's sync runs is not answered by that sync (it may have
-/// begun before the ticket's write): the committer syncs again for it, after the writer's
-/// sync ends, never during it. The streak ends: the next lone writer leaves its sync to the
-/// committer.
+/// begun before the ticket's write): it stays unanswered after the writer's sync has ended,
+/// until the committer's next sync, which never overlaps the writer's. The streak ends: the
+/// next lone writer leaves its sync to the committer.
 #[test]
 fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
     let syncs = Syncs::default();
+    let quiet = QUIET as usize;
+    // Call `quiet` is the writer's sync, the one after it the committer's.
+    let (gated, [writer_gate, committer_gate]) = gated_at(&syncs, [quiet, quiet + 1], |_| Ok(()));
     let running = Arc::new(AtomicU64::new(0));
     let overlapped = Arc::new(AtomicU64::new(0));
     let (running_in, overlapped_in) = (Arc::clone(&running), Arc::clone(&overlapped));
-    let (gated, gate) = gated_on("writer", &syncs, || Ok(()));
     let mut gated = gated;
     let committer = Arc::new(Committer::start(
         move || {
@@ -255,7 +280,7 @@ fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
             .spawn(move || runtime_block_on(async { committer.ticket_alone().wait().await }))
             .unwrap()
     };
-    gate.until_entered();
+    writer_gate.until_entered();
     // The writer's sync is running (and holds the sync): a second ticket is queued.
     let second = committer.ticket();
     let (answered_tx, answered) = std::sync::mpsc::channel();
@@ -268,14 +293,18 @@ fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
         early.is_err(),
         "answered during the writer's sync: {early:?}"
     );
-    gate.release.send(()).unwrap();
+    writer_gate.release.send(()).unwrap();
     writer.join().unwrap().unwrap();
+    committer_gate.until_entered();
+    let early = answered.recv_timeout(std::time::Duration::from_millis(200));
+    assert!(early.is_err(), "answered by the writer's sync: {early:?}");
+    committer_gate.release.send(()).unwrap();
     answered
         .recv_timeout(std::time::Duration::from_secs(10))
         .expect("the second ticket is answered")
         .unwrap();
     waiter.join().unwrap();
-    let mut expected = vec!["keel-committer"; QUIET as usize];
+    let mut expected = vec!["keel-committer"; quiet];
     expected.extend(["writer", "keel-committer"]);
     assert_eq!(syncs.threads(), expected);
     assert_eq!(
@@ -291,28 +320,17 @@ fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
 #[test]
 fn a_crowd_ends_the_streak() {
     let syncs = Syncs::default();
-    let (sync, gate) = gated_on("keel-committer", &syncs, || Ok(()));
-    let mut sync = sync;
-    let gate_from = QUIET as usize;
-    let calls = Arc::new(AtomicU64::new(0));
-    let calls_in = Arc::clone(&calls);
-    // The committer's syncs pass the gate until the one after the streak.
-    let mut passed = Syncs::default().record();
-    let committer = Committer::start(
-        move || {
-            if calls_in.fetch_add(1, Ordering::SeqCst) as usize > gate_from {
-                sync()
-            } else {
-                passed()
-            }
-        },
-        Syncers::LoneWriter,
-    );
+    let quiet = QUIET as usize;
+    // Calls 0 to `quiet` are the streak and the writer's sync; the next, the committer's, is
+    // held while two more tickets are issued, so that its next one answers both.
+    let (sync, [gate]) = gated_at(&syncs, [quiet + 1], |_| Ok(()));
+    let committer = Committer::start(sync, Syncers::LoneWriter);
     lone_writers(&committer, QUIET + 1);
-    // Dropped, a lone writer's ticket is queued for the committer, whose sync is held while
-    // two more tickets are issued: its next sync answers both.
+    let mut expected = vec!["keel-committer"; quiet];
+    expected.push("writer");
+    assert_eq!(syncs.threads(), expected);
     until_asleep(&committer);
-    drop(committer.ticket_alone());
+    drop(committer.ticket());
     gate.until_entered();
     let (second, third) = (committer.ticket(), committer.ticket());
     gate.release.send(()).unwrap();
@@ -320,12 +338,10 @@ fn a_crowd_ends_the_streak() {
     a.unwrap();
     b.unwrap();
     let before = syncs.threads().len();
-    assert_eq!(before, 2, "{:?}", syncs.threads());
+    assert_eq!(before, quiet + 3, "{:?}", syncs.threads());
     lone_writers(&committer, QUIET + 1);
     let threads = syncs.threads();
     let after: Vec<_> = threads[before..].iter().map(String::as_str).collect();
-    let mut expected = vec!["keel-committer"; QUIET as usize];
-    expected.push("writer");
     assert_eq!(after, expected);
 }
 
@@ -335,7 +351,14 @@ fn a_crowd_ends_the_streak() {
 #[test]
 fn a_failed_sync_on_a_writers_thread_is_final() {
     let syncs = Syncs::default();
-    let (sync, gate) = gated_on("writer", &syncs, || Err(std::io::Error::other("disk gone")));
+    let quiet = QUIET as usize;
+    // Call `quiet` is the writer's, and fails.
+    let (sync, [gate]) = gated_at(&syncs, [quiet], move |call| {
+        if call == quiet {
+            return Err(std::io::Error::other("disk gone"));
+        }
+        Ok(())
+    });
     let committer = Arc::new(Committer::start(sync, Syncers::LoneWriter));
     lone_writers(&committer, QUIET);
     until_asleep(&committer);
@@ -361,7 +384,7 @@ fn a_failed_sync_on_a_writers_thread_is_final() {
         assert!(err.to_string().contains("disk gone"), "{err}");
     }
     drop(Arc::into_inner(committer).expect("the writer's thread has ended"));
-    let mut expected = vec!["keel-committer"; QUIET as usize];
+    let mut expected = vec!["keel-committer"; quiet];
     expected.push("writer");
     assert_eq!(syncs.threads(), expected);
 }

@@ -1,7 +1,8 @@
 //! The embedded store: run records and journals in one sled tree. `recovery.rs` opens and
 //! checks it (sled's own recovery, torn snapshots, the high-water mark, records left
-//! behind); `sync.rs` is the sync the committer runs; `journal.rs` a run's journal (its
-//! keys, grouped values, the record's state in a transition's entry, its reads and writes).
+//! behind); `sync.rs` is the sync the committer (or a lone writer) runs; `journal.rs` a
+//! run's journal (its keys, grouped values, the record's state in a transition's entry, its
+//! reads and writes).
 //!
 //! Key encoding (one tree, so that a record and an entry can change in one atomic batch):
 //! - `r` + run id: the run record (JSON); once the run settled, with the journal's last

@@ -1,4 +1,4 @@
-//! The sync the committer runs for the sled store.
+//! The sync the committer (or a lone writer, `store/commit.rs`) runs for the sled store.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -9,9 +9,10 @@ use std::sync::Arc;
 use crate::store::commit::Durability;
 use crate::store::mark::{self, Commit, MarkHandle};
 
-/// The sync the committer runs. sled's `flush` writes its buffers; at `PowerLoss` sled was
-/// opened with `sync_data_on_write` (`recovery::open_db`), so each buffer write ends in an
-/// `fdatasync` of the log and the flush returns with the log durable: one device round trip.
+/// The sync the committer (or a lone writer) runs. sled's `flush` writes its buffers; at
+/// `PowerLoss` sled was opened with `sync_data_on_write` (`recovery::open_db`), so each buffer
+/// write ends in an `fdatasync` of the log and the flush returns with the log durable: one
+/// device round trip.
 /// sled syncs each blob file (a message too large for the log) and its directory entry as
 /// it writes it, before the message that points at it can be written (Keel's patch 9), so
 /// nothing is left to sync here. At `ProcessCrash` sled's flush ends in `sync_file_range`
