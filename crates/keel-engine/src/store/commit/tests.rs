@@ -149,6 +149,18 @@ fn lone_writers(committer: &Committer, n: u32) {
     });
 }
 
+/// Lone writers until the streak holds, then one more on a thread named `writer`, whose
+/// ticket is lone: its join handle, with the ticket's answer.
+fn writer_after_the_streak(committer: &Arc<Committer>) -> std::thread::JoinHandle<Result<()>> {
+    lone_writers(committer, QUIET);
+    until_asleep(committer);
+    let committer = Arc::clone(committer);
+    std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || runtime_block_on(async { committer.ticket_alone().wait().await }))
+        .unwrap()
+}
+
 /// One sync held until the test releases it.
 struct Gate {
     entered: std::sync::mpsc::Receiver<()>,
@@ -271,15 +283,7 @@ fn a_ticket_issued_during_a_writers_sync_waits_for_a_later_one() {
         },
         Syncers::LoneWriter,
     ));
-    lone_writers(&committer, QUIET);
-    until_asleep(&committer);
-    let writer = {
-        let committer = Arc::clone(&committer);
-        std::thread::Builder::new()
-            .name("writer".into())
-            .spawn(move || runtime_block_on(async { committer.ticket_alone().wait().await }))
-            .unwrap()
-    };
+    let writer = writer_after_the_streak(&committer);
     writer_gate.until_entered();
     // The writer's sync is running (and holds the sync): a second ticket is queued.
     let second = committer.ticket();
@@ -360,15 +364,7 @@ fn a_failed_sync_on_a_writers_thread_is_final() {
         Ok(())
     });
     let committer = Arc::new(Committer::start(sync, Syncers::LoneWriter));
-    lone_writers(&committer, QUIET);
-    until_asleep(&committer);
-    let writer = {
-        let committer = Arc::clone(&committer);
-        std::thread::Builder::new()
-            .name("writer".into())
-            .spawn(move || runtime_block_on(async { committer.ticket_alone().wait().await }))
-            .unwrap()
-    };
+    let writer = writer_after_the_streak(&committer);
     gate.until_entered();
     let waiting = committer.ticket();
     gate.release.send(()).unwrap();
