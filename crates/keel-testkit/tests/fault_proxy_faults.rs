@@ -464,3 +464,103 @@ fn ec2_client_tokens_and_throttling_are_played_as_ec2_does() {
         ]
     );
 }
+
+/// A create whose answer was lost starts its create lag when a replay of its client token is
+/// answered, not when moto made it: a caller whose retries outlast the window still sees the
+/// new volume missing right after it learns of it. A second answered replay does not start
+/// the window again.
+#[test]
+fn a_lost_creates_lag_starts_when_its_replay_is_answered() {
+    const LAG: Duration = Duration::from_millis(1_000);
+    let account = keel_testkit::moto::TestAccount::fresh().expect("moto's server");
+    let key = account.credentials.access_key_id.clone();
+    // moto sets an account's EC2 up at its first call (seconds): not inside the window.
+    let (status, body) = ec2_call(&account.endpoint, &key, "DescribeVolumes", &[]).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let rules = Rules::seeded(5)
+        .fault(
+            FaultRule::new(Fault::LostResponse)
+                .service("ec2")
+                .operation("CreateVolume")
+                .limit(1),
+        )
+        .lag(keel_testkit::proxy::LagRule::after_create(
+            "ec2",
+            LAG.as_millis() as u64,
+        ));
+    let proxy = keel_testkit::proxy::FaultProxy::start(&account.endpoint, rules).unwrap();
+    let via =
+        |action: &str, params: &[(&str, &str)]| ec2_call(&proxy.endpoint(), &key, action, params);
+    let create = || {
+        via(
+            "CreateVolume",
+            &[
+                ("AvailabilityZone", "us-east-1a"),
+                ("Size", "8"),
+                ("ClientToken", "volume-token"),
+            ],
+        )
+    };
+    let volume_id = |body: &str| {
+        body.split("<volumeId>")
+            .nth(1)
+            .and_then(|rest| rest.split("</volumeId>").next())
+            .map(str::to_string)
+    };
+
+    // The create's answer is lost after moto made the volume; the caller retries after the
+    // window moto's create would have started.
+    assert_eq!(create(), None);
+    std::thread::sleep(LAG + Duration::from_millis(200));
+    let (status, body) = create().expect("the replay's answer");
+    assert_eq!(status, 200, "{body}");
+    let answered = Instant::now();
+    let volume = volume_id(&body).expect("a volume id");
+    let read = || via("DescribeVolumes", &[("VolumeId.1", volume.as_str())]).unwrap();
+
+    // Right after the answer: not found, in EC2's shape.
+    let (status, body) = read();
+    assert!(
+        answered.elapsed() < LAG,
+        "too slow to see the window ({:?})",
+        answered.elapsed()
+    );
+    assert_eq!(status, 400, "the lag runs from the replay's answer: {body}");
+    assert!(
+        body.contains("<Code>InvalidVolume.NotFound</Code>"),
+        "{body}"
+    );
+
+    // After the window: found, and a second replay does not hide it again.
+    std::thread::sleep((LAG + Duration::from_millis(100)).saturating_sub(answered.elapsed()));
+    let (status, body) = read();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(volume_id(&body).as_deref(), Some(volume.as_str()));
+    let (status, body) = create().expect("the second replay's answer");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = read();
+    assert_eq!(status, 200, "answered once already: {body}");
+
+    let applied: Vec<(String, Option<Applied>)> = proxy
+        .requests()
+        .into_iter()
+        .map(|r| (r.operation, r.fault))
+        .collect();
+    assert_eq!(
+        applied,
+        [
+            ("CreateVolume".to_string(), Some(Applied::LostResponse)),
+            (
+                "CreateVolume".to_string(),
+                Some(Applied::ClientTokenReplayed)
+            ),
+            ("DescribeVolumes".to_string(), Some(Applied::LagNotFound)),
+            ("DescribeVolumes".to_string(), None),
+            (
+                "CreateVolume".to_string(),
+                Some(Applied::ClientTokenReplayed)
+            ),
+            ("DescribeVolumes".to_string(), None),
+        ]
+    );
+}

@@ -423,12 +423,14 @@ impl Shared {
         }
         // EC2's client tokens, which moto ignores: after the faults that stop a request
         // before it reaches EC2, before those that let it through.
-        match self.lock().client_token(call) {
+        let token = self.lock().client_token(call);
+        match token {
             Some(ClientToken::Replay(first)) => {
                 record.fault = Some(Applied::ClientTokenReplayed);
                 if matches!(fault, Some(Fault::LostResponse)) {
                     return Err(Dropped("lost response"));
                 }
+                self.lock().replay_answered(call, &first);
                 return Ok(first.to_response());
             }
             Some(ClientToken::Mismatch) => {
@@ -444,7 +446,7 @@ impl Shared {
         if let Some(Fault::LostResponse) = fault {
             record.fault = Some(Applied::LostResponse);
             if let Ok(upstream) = self.forward(parts, body, record).await {
-                self.observe(call, &upstream);
+                self.observe(call, &upstream, false);
             }
             return Err(Dropped("lost response"));
         }
@@ -453,7 +455,7 @@ impl Shared {
         }
         match self.forward(parts, body, record).await {
             Ok(mut upstream) => {
-                self.observe(call, &upstream);
+                self.observe(call, &upstream, true);
                 let missing = self.lock().ec2_instances_read(call, &mut upstream, record);
                 Ok(missing.unwrap_or_else(|| upstream.to_response()))
             }
@@ -595,7 +597,7 @@ impl Shared {
         })
     }
 
-    fn observe(&self, call: &Call, upstream: &Upstream) {
-        self.lock().observe(call, upstream);
+    fn observe(&self, call: &Call, upstream: &Upstream, answered: bool) {
+        self.lock().observe(call, upstream, answered);
     }
 }

@@ -199,7 +199,9 @@ pub struct LagRule {
     /// The service.
     pub service: String,
     /// After a create succeeds, reads and uses of the new resource (by name, id or ARN) answer
-    /// not-found for this long (drawn once per resource).
+    /// not-found for this long (drawn once per resource). When the create's answer was lost,
+    /// the first answered replay of its EC2 client token draws the window again from then:
+    /// the caller sees the lag however long its retries took.
     #[serde(default)]
     pub after_create: Option<Dist>,
     /// After a delete succeeds, reads of the resource that were answered before the delete

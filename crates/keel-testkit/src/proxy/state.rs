@@ -49,6 +49,10 @@ pub(super) struct RuleCount {
 struct Lagging {
     until: Instant,
     reads: u64,
+    /// Whether the caller has had a create's answer naming it. A create whose answer was
+    /// lost starts its lag again when a replay of its client token is answered, so that the
+    /// window is seen from the caller's side however long its retries took.
+    answered: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -331,6 +335,24 @@ impl State {
         })
     }
 
+    /// A client token's replay answered with the first create's answer, `first`: resources
+    /// whose create's answer was lost start their create lag now.
+    pub(super) fn replay_answered(&mut self, call: &Call, first: &Upstream) {
+        let service = call.service.clone();
+        let Some(lag) = self.lag_rule(&service).and_then(|r| r.after_create.clone()) else {
+            return;
+        };
+        let until = Instant::now() + self.sample(&format!("create-lag/{service}"), &lag);
+        for key in created_keys(call, first) {
+            if let Some(lagging) = self.created.get_mut(&(service.clone(), key)) {
+                if !lagging.answered {
+                    lagging.answered = true;
+                    lagging.until = until;
+                }
+            }
+        }
+    }
+
     /// Instances launched: each reads `pending` for a drawn time, or for ever when a tag
     /// value of the launch marks it stuck.
     fn observe_launch(&mut self, call: &Call, upstream: &Upstream, now: Instant) {
@@ -429,7 +451,8 @@ impl State {
         None
     }
 
-    pub(super) fn observe(&mut self, call: &Call, upstream: &Upstream) {
+    /// A call moto answered with `upstream`; `answered` says whether the caller gets it.
+    pub(super) fn observe(&mut self, call: &Call, upstream: &Upstream, answered: bool) {
         if !upstream.status.is_success() {
             return;
         }
@@ -445,7 +468,7 @@ impl State {
             self.observe_launch(call, upstream, now);
         }
         if call.is_create() {
-            self.observe_create(call, upstream, now);
+            self.observe_create(call, upstream, now, answered);
         } else if call.is_delete() {
             self.observe_delete(call, now);
         } else if call.is_read() {
@@ -455,15 +478,19 @@ impl State {
 
     /// A create: its new resources start their create lag and end any delete lag; a new role
     /// starts propagating, a new group's name is kept, a new deployment gets its lifecycle.
-    fn observe_create(&mut self, call: &Call, upstream: &Upstream, now: Instant) {
+    fn observe_create(&mut self, call: &Call, upstream: &Upstream, now: Instant, answered: bool) {
         let service = call.service.clone();
         let keys = created_keys(call, upstream);
         let lag = self.lag_rule(&service).and_then(|r| r.after_create.clone());
         if let Some(lag) = lag {
             let until = now + self.sample(&format!("create-lag/{service}"), &lag);
             for key in &keys {
-                self.created
-                    .insert((service.clone(), key.clone()), Lagging { until, reads: 0 });
+                let lagging = Lagging {
+                    until,
+                    reads: 0,
+                    answered,
+                };
+                self.created.insert((service.clone(), key.clone()), lagging);
             }
         }
         for key in &keys {
