@@ -18,11 +18,12 @@
 //! machine whose idle CPUs halt, each goes through the hypervisor. It answers its own ticket
 //! only, since others' writes may come after it began. While it runs, the sync is held: a
 //! ticket issued meanwhile ends the streak and queues for the committer, which syncs again
-//! once it ends. So at most one runtime thread is ever blocked in a sync, and a writer starts
-//! one only while writers come one at a time. What that thread costs others, for one sync: a
-//! task the writer woke just before (in the thread's next-task slot, which other threads do
-//! not steal) and futures a workflow's own code polls together with the step wait it out; on
-//! a disk whose syncs take seconds, so does the thread. A runtime of one thread
+//! once it ends. So at most one writer is ever blocked in a sync, and a writer starts one only
+//! while writers come one at a time. The writer's thread hands its runtime's work to another
+//! thread for the sync (`block_in_place`): a task it woke just before (in the thread's
+//! next-task slot, which other threads do not steal) and its other tasks go on, and a disk
+//! whose syncs take seconds takes no thread from the runtime. Only futures a workflow's own
+//! code polls together with the step wait out the sync. A runtime of one thread
 //! (current-thread, or multi-threaded with one worker) never takes this path: no ticket could
 //! arrive during the writer's sync to end the streak, and every ready run would sync alone
 //! instead of sharing one.
@@ -231,7 +232,9 @@ impl Shared {
         };
         requests.writer_syncing = true;
         drop(requests);
-        let answer = run(&mut sync);
+        // The runtime thread's other tasks, the one it woke last among them, go on on another
+        // thread meanwhile.
+        let answer = tokio::task::block_in_place(|| run(&mut sync));
         if let Err(failure) = &answer {
             for (_, sender) in self.failed(failure) {
                 let _ = sender.send(answer.clone());

@@ -438,3 +438,110 @@ fn a_dropped_ticket_still_asks_for_a_sync() {
     syncs.until_begun(QUIET as usize + 2);
     assert_eq!(syncs.threads().last().unwrap(), "keel-committer");
 }
+
+/// While a lone writer's sync runs on a runtime thread, the tasks of that thread go on
+/// elsewhere: one it woke just before (which tokio keeps in the thread's next-task slot,
+/// where no other thread takes it) runs before the sync ends.
+#[test]
+fn a_task_woken_before_a_writers_sync_runs_during_it() {
+    // Made before the gate, so that a failed check drops the gate (letting the held sync go)
+    // before the runtime, whose drop waits for its threads.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("runtime-thread")
+        .enable_time()
+        .build()
+        .unwrap();
+    let syncs = Syncs::default();
+    let (sync, [gate]) = gated_at(&syncs, [QUIET as usize], |_| Ok(()));
+    let committer = Arc::new(Committer::start(sync, Syncers::LoneWriter));
+    lone_writers(&committer, QUIET);
+    until_asleep(&committer);
+    let (ran_tx, ran) = std::sync::mpsc::channel::<()>();
+    let (waiting_tx, waiting) = std::sync::mpsc::channel::<()>();
+    let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+    let _woken_task = runtime.spawn(async move {
+        waiting_tx.send(()).unwrap();
+        woken.await.unwrap();
+        ran_tx.send(()).unwrap();
+    });
+    waiting
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the task to wake began");
+    // Let it reach its await.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let writer_committer = Arc::clone(&committer);
+    let writer = runtime.spawn(async move {
+        let ticket = writer_committer.ticket_alone();
+        wake.send(()).unwrap();
+        ticket.wait().await
+    });
+    gate.until_entered();
+    assert_eq!(
+        syncs.threads().last().unwrap(),
+        "runtime-thread",
+        "the writer's sync runs on its runtime thread"
+    );
+    let during = ran.recv_timeout(std::time::Duration::from_secs(10));
+    gate.release.send(()).unwrap();
+    assert!(
+        during.is_ok(),
+        "the woken task waited for the writer's sync to end"
+    );
+    runtime
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+                .await
+                .expect("the writer answered within 10 s")
+        })
+        .unwrap()
+        .unwrap();
+}
+
+/// A lone writer's sync that takes long (a slow disk) takes no thread from the runtime: with
+/// the sync held, two tasks that each block until the other runs still meet on a runtime of
+/// two threads.
+#[test]
+fn a_long_sync_of_a_writer_leaves_the_runtime_its_threads() {
+    // Made before the gate, so that a failed check drops the gate (letting the held sync go)
+    // before the runtime, whose drop waits for its threads.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("runtime-thread")
+        .enable_time()
+        .build()
+        .unwrap();
+    let syncs = Syncs::default();
+    let (sync, [gate]) = gated_at(&syncs, [QUIET as usize], |_| Ok(()));
+    let committer = Arc::new(Committer::start(sync, Syncers::LoneWriter));
+    lone_writers(&committer, QUIET);
+    until_asleep(&committer);
+    let writer_committer = Arc::clone(&committer);
+    let writer = runtime.spawn(async move { writer_committer.ticket_alone().wait().await });
+    gate.until_entered();
+    assert_eq!(syncs.threads().last().unwrap(), "runtime-thread");
+    // Each task blocks its thread until the other has begun: they meet only if two threads
+    // run tasks while the writer's sync is held.
+    let (a_tx, a_rx) = std::sync::mpsc::channel::<()>();
+    let (b_tx, b_rx) = std::sync::mpsc::channel::<()>();
+    let meet = |mine: std::sync::mpsc::Sender<()>, other: std::sync::mpsc::Receiver<()>| {
+        runtime.spawn(async move {
+            let _ = mine.send(());
+            other
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .is_ok()
+        })
+    };
+    let (a, b) = (meet(a_tx, b_rx), meet(b_tx, a_rx));
+    let met = runtime.block_on(async { (a.await.unwrap_or(false), b.await.unwrap_or(false)) });
+    gate.release.send(()).unwrap();
+    assert_eq!(met, (true, true), "two tasks ran during the writer's sync");
+    runtime
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+                .await
+                .expect("the writer answered within 10 s")
+        })
+        .unwrap()
+        .unwrap();
+}
