@@ -342,13 +342,20 @@ impl State {
         let Some(lag) = self.lag_rule(&service).and_then(|r| r.after_create.clone()) else {
             return;
         };
+        let unanswered: Vec<(String, String)> = created_keys(call, first)
+            .into_iter()
+            .map(|key| (service.clone(), key))
+            .filter(|key| self.created.get(key).is_some_and(|l| !l.answered))
+            .collect();
+        if unanswered.is_empty() {
+            // No draw: the stream's ordinals stay those of the service's creates.
+            return;
+        }
         let until = Instant::now() + self.sample(&format!("create-lag/{service}"), &lag);
-        for key in created_keys(call, first) {
-            if let Some(lagging) = self.created.get_mut(&(service.clone(), key)) {
-                if !lagging.answered {
-                    lagging.answered = true;
-                    lagging.until = until;
-                }
+        for key in unanswered {
+            if let Some(lagging) = self.created.get_mut(&key) {
+                lagging.answered = true;
+                lagging.until = until;
             }
         }
     }
