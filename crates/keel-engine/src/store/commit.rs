@@ -23,10 +23,13 @@
 //! thread for the sync (`block_in_place`): a task it woke just before (in the thread's
 //! next-task slot, which other threads do not steal) and its other tasks go on, and a disk
 //! whose syncs take seconds takes no thread from the runtime. Only futures a workflow's own
-//! code polls together with the step wait out the sync. A runtime of one thread
-//! (current-thread, or multi-threaded with one worker) never takes this path: no ticket could
-//! arrive during the writer's sync to end the streak, and every ready run would sync alone
-//! instead of sharing one.
+//! code polls together with the step wait out the sync. The hand-off wakes a thread of
+//! tokio's blocking pool, off the writer's path (no CPU per step measurable). A runtime of one
+//! thread never takes this path: on a current-thread runtime no ticket could arrive during the
+//! writer's sync to end the streak (every ready run would sync alone instead of sharing one),
+//! and `block_in_place` panics there. A multi-threaded runtime of one worker is kept off it
+//! too: as first built, before the hand-off, it starved crowds the same way; with the hand-off
+//! it was not measured.
 //!
 //! A failed sync is final: the page cache may have dropped the dirty pages, so retrying could
 //! report success for data that is gone. Every ticket from then on fails.
@@ -66,14 +69,15 @@ pub(crate) enum Syncers {
     /// its own, such as PostgreSQL's `COMMIT`).
     CommitterOnly,
     /// Also a lone writer ([`Committer::ticket_alone`]) while the committer sleeps: it runs
-    /// the sync on its own thread, blocking it, and is answered without waking anyone. For a
-    /// blocking sync that needs nothing but the calling thread (sled's `flush`).
+    /// the sync on its own thread, blocking it (its runtime work handed to another thread),
+    /// and is answered without the committer's wake-ups. For a blocking sync that needs
+    /// nothing but the calling thread (sled's `flush`).
     LoneWriter,
 }
 
 /// How many syncs in a row must each have answered one ticket or none, with no ticket issued
 /// during a writer's own sync, before a lone writer syncs on its own thread: writers come one
-/// at a time, not in a crowd that a blocked runtime thread would slow down.
+/// at a time, not in a crowd, whose writers would each sync alone instead of sharing one.
 const QUIET: u32 = 4;
 
 #[derive(Default)]
@@ -352,8 +356,9 @@ impl Committer {
     /// than one thread, while writers come one at a time, the writer runs the sync itself when
     /// it waits.
     pub(crate) fn ticket_alone(&self) -> SyncTicket {
-        // With one runtime thread, no ticket could arrive during the writer's sync to end the
-        // streak: every ready run would sync alone instead of sharing one.
+        // More than one runtime thread (the module doc says why). This also keeps
+        // current-thread runtimes, where `block_in_place` panics, off the path: the main lane
+        // waits for its ticket in the same task and poll as it takes it.
         let multi_threaded = || {
             tokio::runtime::Handle::try_current()
                 .is_ok_and(|runtime| runtime.metrics().num_workers() > 1)
