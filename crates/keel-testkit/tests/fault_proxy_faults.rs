@@ -32,6 +32,15 @@ fn once_each(seed: u64, rules: impl IntoIterator<Item = FaultRule>) -> Rules {
         .fold(Rules::seeded(seed), |all, rule| all.fault(rule.limit(1)))
 }
 
+/// Each request the proxy received, in order: its operation and the fault applied.
+fn applied(proxy: &keel_testkit::proxy::FaultProxy) -> Vec<(String, Option<Applied>)> {
+    proxy
+        .requests()
+        .into_iter()
+        .map(|r| (r.operation, r.fault))
+        .collect()
+}
+
 /// A throttle rule answers in each service's own shape (IAM and STS `Throttling` 400, IoT
 /// `ThrottlingException` 429, Greengrass `TooManyRequestsException` 429), whose code the SDK
 /// counts as throttling; a rule with a limit fires that often and no more.
@@ -441,13 +450,8 @@ fn ec2_client_tokens_and_throttling_are_played_as_ec2_does() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(instance_ids(&body).len(), 2);
 
-    let applied: Vec<(String, Option<Applied>)> = proxy
-        .requests()
-        .into_iter()
-        .map(|r| (r.operation, r.fault))
-        .collect();
     assert_eq!(
-        applied,
+        applied(&proxy),
         [
             ("RunInstances".to_string(), Some(Applied::LostResponse)),
             (
@@ -543,13 +547,8 @@ fn a_lost_creates_lag_starts_when_its_replay_is_answered() {
     let (status, body) = read();
     assert_eq!(status, 200, "answered once already: {body}");
 
-    let applied: Vec<(String, Option<Applied>)> = proxy
-        .requests()
-        .into_iter()
-        .map(|r| (r.operation, r.fault))
-        .collect();
     assert_eq!(
-        applied,
+        applied(&proxy),
         [
             ("CreateVolume".to_string(), Some(Applied::LostResponse)),
             (

@@ -439,13 +439,9 @@ fn a_dropped_ticket_still_asks_for_a_sync() {
     assert_eq!(syncs.threads().last().unwrap(), "keel-committer");
 }
 
-/// While a lone writer's sync runs on a runtime thread, the tasks of that thread go on
-/// elsewhere: one it woke just before (which tokio keeps in the thread's next-task slot,
-/// where no other thread takes it) runs before the sync ends.
-#[test]
-fn a_task_woken_before_a_writers_sync_runs_during_it() {
-    // Made before the gate, so that a failed check drops the gate (letting the held sync go)
-    // before the runtime, whose drop waits for its threads.
+/// A runtime of two threads named `runtime-thread`, and a committer after the streak whose
+/// next sync (a lone writer's, if one comes) is held by the gate.
+fn streak_held_next() -> (tokio::runtime::Runtime, Syncs, Gate, Arc<Committer>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("runtime-thread")
@@ -457,6 +453,29 @@ fn a_task_woken_before_a_writers_sync_runs_during_it() {
     let committer = Arc::new(Committer::start(sync, Syncers::LoneWriter));
     lone_writers(&committer, QUIET);
     until_asleep(&committer);
+    (runtime, syncs, gate, committer)
+}
+
+/// Waits, for 10 s at most, for the writer's task on `runtime`, which must succeed.
+fn writer_answered(runtime: &tokio::runtime::Runtime, writer: tokio::task::JoinHandle<Result<()>>) {
+    runtime
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+                .await
+                .expect("the writer answered within 10 s")
+        })
+        .unwrap()
+        .unwrap();
+}
+
+/// While a lone writer's sync runs on a runtime thread, the tasks of that thread go on
+/// elsewhere: one it woke just before (which tokio keeps in the thread's next-task slot,
+/// where no other thread takes it) runs before the sync ends.
+#[test]
+fn a_task_woken_before_a_writers_sync_runs_during_it() {
+    // The runtime first, so that a failed check drops the gate (letting the held sync go)
+    // before the runtime, whose drop waits for its threads.
+    let (runtime, syncs, gate, committer) = streak_held_next();
     let (ran_tx, ran) = std::sync::mpsc::channel::<()>();
     let (waiting_tx, waiting) = std::sync::mpsc::channel::<()>();
     let (wake, woken) = tokio::sync::oneshot::channel::<()>();
@@ -488,14 +507,7 @@ fn a_task_woken_before_a_writers_sync_runs_during_it() {
         during.is_ok(),
         "the woken task waited for the writer's sync to end"
     );
-    runtime
-        .block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(10), writer)
-                .await
-                .expect("the writer answered within 10 s")
-        })
-        .unwrap()
-        .unwrap();
+    writer_answered(&runtime, writer);
 }
 
 /// A lone writer's sync that takes long (a slow disk) takes no thread from the runtime: with
@@ -503,19 +515,9 @@ fn a_task_woken_before_a_writers_sync_runs_during_it() {
 /// two threads.
 #[test]
 fn a_long_sync_of_a_writer_leaves_the_runtime_its_threads() {
-    // Made before the gate, so that a failed check drops the gate (letting the held sync go)
+    // The runtime first, so that a failed check drops the gate (letting the held sync go)
     // before the runtime, whose drop waits for its threads.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("runtime-thread")
-        .enable_time()
-        .build()
-        .unwrap();
-    let syncs = Syncs::default();
-    let (sync, [gate]) = gated_at(&syncs, [QUIET as usize], |_| Ok(()));
-    let committer = Arc::new(Committer::start(sync, Syncers::LoneWriter));
-    lone_writers(&committer, QUIET);
-    until_asleep(&committer);
+    let (runtime, syncs, gate, committer) = streak_held_next();
     let writer_committer = Arc::clone(&committer);
     let writer = runtime.spawn(async move { writer_committer.ticket_alone().wait().await });
     gate.until_entered();
@@ -536,12 +538,5 @@ fn a_long_sync_of_a_writer_leaves_the_runtime_its_threads() {
     let met = runtime.block_on(async { (a.await.unwrap_or(false), b.await.unwrap_or(false)) });
     gate.release.send(()).unwrap();
     assert_eq!(met, (true, true), "two tasks ran during the writer's sync");
-    runtime
-        .block_on(async {
-            tokio::time::timeout(std::time::Duration::from_secs(10), writer)
-                .await
-                .expect("the writer answered within 10 s")
-        })
-        .unwrap()
-        .unwrap();
+    writer_answered(&runtime, writer);
 }
