@@ -215,7 +215,8 @@ fn crash_at_random_moments() {
 
 /// With runs parking at their sleep: killing the child at each point of the wake index and
 /// of parking (`keel_engine::crash::PARK_POINTS`: after a new run's index entry, before its
-/// record, on sled only; after a parking run's entry; after a waking run's entry, before its cell), twice
+/// record, on sled only; after a parking run's entry; in the wake loop before its load of a
+/// due run and after it; after a waking run's entry, before its cell), twice
 /// at seeded hit counts, then at 50 seeded random moments, leaves every run finishing exactly
 /// once, no recorded step re-run and every compensated run without effects: no run is lost
 /// from the index, none driven twice.

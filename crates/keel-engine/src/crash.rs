@@ -4,8 +4,11 @@
 //! `KEEL_CRASH_SIGNAL=STOP` it stops itself with SIGSTOP instead, as a paused machine does,
 //! until the test continues it; with `KEEL_CRASH_SIGNAL=HANG` only the thread that reached
 //! the point stops, for good, as a thread descheduled there would, while the rest of the
-//! process goes on (the test kills it). Without the `crash-points` feature every point
-//! compiles to nothing.
+//! process goes on (the test kills it). Apart from the crash, `KEEL_PAUSE_AT=<point>[,<point>...]`
+//! makes the thread that reaches any of those points sleep `KEEL_PAUSE_MS` (1,000 by default)
+//! at every hit and then go on, as a thread the system left unscheduled there for a while
+//! would: a race test stretches a window between two steps of one task with it. Without the
+//! `crash-points` feature every point compiles to nothing.
 
 /// Every crash point, in the order a run meets them. Crash tests iterate over this list.
 pub const POINTS: &[&str] = &[
@@ -62,7 +65,9 @@ pub const OPEN_POINTS: &[&str] = &["open.after_claim"];
 pub const PARK_POINTS: &[&str] = &[
     "start.after_wake_entry",
     "park.after_index",
+    "wake.before_load",
     "wake.after_index",
+    "wake.after_load",
 ];
 
 /// The points of operator calls over many runs (`engine/batch.rs`), met only by batches;
@@ -120,6 +125,7 @@ pub fn point(name: &'static str) {
             .unwrap_or(0);
         Some((at, skip, std::env::var("KEEL_CRASH_SIGNAL").ok()))
     });
+    pause(name);
     if let Some((at, skip, signal)) = armed {
         if at == name && HITS.fetch_add(1, Ordering::SeqCst) == *skip {
             match signal.as_deref() {
@@ -141,6 +147,33 @@ pub fn point(name: &'static str) {
                 }
             }
         }
+    }
+}
+
+/// Sleeps `KEEL_PAUSE_MS` on this thread if `name` is among the points of `KEEL_PAUSE_AT`.
+#[cfg(feature = "crash-points")]
+fn pause(name: &'static str) {
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    static PAUSED: OnceLock<(Vec<String>, Duration)> = OnceLock::new();
+    let (points, pause) = PAUSED.get_or_init(|| {
+        let points = std::env::var("KEEL_PAUSE_AT")
+            .map(|at| at.split(',').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let ms = std::env::var("KEEL_PAUSE_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(1_000);
+        (points, Duration::from_millis(ms))
+    });
+    if points.iter().any(|point| point == name) {
+        tracing::warn!(
+            point = name,
+            pause_ms = pause.as_millis(),
+            "pause point reached: this thread sleeps"
+        );
+        std::thread::sleep(*pause);
     }
 }
 

@@ -44,6 +44,10 @@ use crate::store::Token;
 /// How long a run's wait must be for it to park, by default.
 pub const PARK_AFTER_DEFAULT: Duration = Duration::from_secs(5);
 
+/// A parked run's wake time when only something arriving for it loads it again (as in the
+/// store's wake index).
+const UNTIL_ARRIVAL: u64 = u64::MAX;
+
 /// The engine's runs in memory: those loaded (a cell, driven or being settled) and those
 /// parked. A run is in at most one of the two maps; both change under one lock.
 #[derive(Default)]
@@ -57,12 +61,19 @@ pub(crate) struct Cells {
     settling: HashMap<RunId, usize>,
     /// Told whenever a run leaves `settling`.
     settled: Arc<Notify>,
+    /// The number of the last park made (see [`Parked::park`]).
+    parks: u64,
 }
 
 /// A parked run.
 struct Parked {
-    /// When the run must be loaded again; `None`: only when something arrives for it.
-    wake_at_ms: Option<u64>,
+    /// When the run must be loaded again; [`UNTIL_ARRIVAL`]: only when something arrives
+    /// for it.
+    wake_at_ms: u64,
+    /// Which park of the run this is: numbered in the engine, so that the wake loop, which
+    /// loads a run without holding the map lock, takes out only the park it set out to load
+    /// and never one its run made since (loaded by a send meanwhile and parked again).
+    park: u64,
     /// Told when the run is loaded again; made only when somebody waits for the run.
     unparked: Option<Arc<Notify>>,
     /// The token of the cell whose driver parked the run in this engine; `None` for a run
@@ -165,6 +176,17 @@ impl Cells {
         self.parked.contains_key(id)
     }
 
+    /// The number of run `id`'s park, if it is parked.
+    fn park_of(&self, id: &RunId) -> Option<u64> {
+        self.parked.get(id).map(|parked| parked.park)
+    }
+
+    /// A new park's number.
+    fn next_park(&mut self) -> u64 {
+        self.parks += 1;
+        self.parks
+    }
+
     /// Whether run `id` is loaded or parked, and for a parked one, the notification of its
     /// next load.
     pub(crate) fn state_of(&mut self, id: &RunId) -> InMemory {
@@ -190,8 +212,9 @@ impl Cells {
     }
 
     /// Takes out the parked runs whose wake time is at or before `now_ms` (they stay parked
-    /// until loaded); returns them and the next wake time after.
-    fn due(&mut self, now_ms: u64) -> (Vec<RunId>, Option<u64>) {
+    /// until loaded); returns them, each with the number of its park, and the next wake time
+    /// after.
+    fn due(&mut self, now_ms: u64) -> (Vec<(RunId, u64)>, Option<u64>) {
         let mut due = Vec::new();
         while let Some((at_ms, id)) = self.timers.first().cloned() {
             if at_ms > now_ms {
@@ -199,12 +222,9 @@ impl Cells {
             }
             self.timers.pop_first();
             // A pair left by an earlier park of the run (it was loaded and parked again).
-            let current = self
-                .parked
-                .get(&id)
-                .is_some_and(|p| p.wake_at_ms == Some(at_ms));
-            if current {
-                due.push(id);
+            let current = self.parked.get(&id).filter(|p| p.wake_at_ms == at_ms);
+            if let Some(parked) = current {
+                due.push((id, parked.park));
             }
         }
         (due, None)
@@ -218,10 +238,10 @@ impl Cells {
         let Some(parked) = self.parked.get_mut(id) else {
             return false;
         };
-        if parked.wake_at_ms.is_some() {
+        if parked.wake_at_ms != UNTIL_ARRIVAL {
             return false;
         }
-        parked.wake_at_ms = Some(0);
+        parked.wake_at_ms = 0;
         self.timers.insert((0, id.clone()));
         true
     }
@@ -230,8 +250,8 @@ impl Cells {
     /// or it cannot be loaded), telling whoever waits for it; what it was, if it was parked.
     fn unpark(&mut self, id: &RunId) -> Option<Parked> {
         let parked = self.parked.remove(id)?;
-        if let Some(at_ms) = parked.wake_at_ms {
-            self.timers.remove(&(at_ms, id.clone()));
+        if parked.wake_at_ms != UNTIL_ARRIVAL {
+            self.timers.remove(&(parked.wake_at_ms, id.clone()));
         }
         if let Some(unparked) = &parked.unparked {
             unparked.notify_waiters();
@@ -239,27 +259,36 @@ impl Cells {
         Some(parked)
     }
 
+    /// Takes parked run `id` out of the parked runs, as [`Cells::unpark`] does, if its park is
+    /// still number `park`.
+    fn unpark_if(&mut self, id: &RunId, park: u64) {
+        if self.park_of(id) == Some(park) {
+            self.unpark(id);
+        }
+    }
+
     /// Parks runs that were never loaded (an open from the wake index), each until its wake
-    /// time (`u64::MAX`: until something arrives for it). `runs` come in wake-time order, as
+    /// time ([`UNTIL_ARRIVAL`]: until something arrives for it). `runs` come in wake-time order, as
     /// the index holds them, so the timers of an engine that has none yet are built in one
     /// pass (a million parked runs at open).
     pub(crate) fn park_unread(&mut self, runs: Vec<(u64, RunId)>) {
         self.parked.reserve(runs.len());
         let timed = runs
             .iter()
-            .filter(|(wake_ms, _)| *wake_ms != u64::MAX)
+            .filter(|(wake_ms, _)| *wake_ms != UNTIL_ARRIVAL)
             .map(|(wake_ms, id)| (*wake_ms, id.clone()));
         if self.timers.is_empty() {
             self.timers = timed.collect();
         } else {
             self.timers.extend(timed);
         }
-        for (wake_ms, id) in runs {
-            let wake_at_ms = (wake_ms != u64::MAX).then_some(wake_ms);
+        for (wake_at_ms, id) in runs {
+            let park = self.next_park();
             self.parked.insert(
                 id,
                 Parked {
                     wake_at_ms,
+                    park,
                     unparked: None,
                     parked_by: None,
                 },
@@ -425,10 +454,12 @@ impl Inner {
             return false;
         }
         cells.loaded.remove(&cell.id);
+        let park = cells.next_park();
         cells.parked.insert(
             cell.id.clone(),
             Parked {
-                wake_at_ms,
+                wake_at_ms: wake_at_ms.unwrap_or(UNTIL_ARRIVAL),
+                park,
                 unparked: None,
                 parked_by: Some(cell.token().1),
             },
@@ -446,7 +477,7 @@ impl Inner {
         if let Err(error) = self
             .env
             .store
-            .set_wake(&cell.id, wake_at_ms.unwrap_or(u64::MAX))
+            .set_wake(&cell.id, wake_at_ms.unwrap_or(UNTIL_ARRIVAL))
         {
             tracing::warn!(run_id = %cell.id, %error, "wake index entry not written: the next open loads the run");
         }
@@ -503,8 +534,8 @@ impl Engine {
     async fn wake_due(&self) -> Option<u64> {
         let now_ms = self.inner.env.clock.now_ms();
         let (due, next_ms) = self.inner.cells.lock().expect("cells lock").due(now_ms);
-        for id in due {
-            if let Err(error) = self.wake(&id).await {
+        for (id, park) in due {
+            if let Err(error) = self.wake(&id, park).await {
                 tracing::error!(run_id = %id, %error, "parked run could not be loaded: left as it is until the next open");
                 let reason = format!("it could not be loaded at its wake time: {error}");
                 self.inner
@@ -512,23 +543,38 @@ impl Engine {
                     .lock()
                     .expect("undriven lock")
                     .insert(id.clone(), reason);
-                self.inner.cells.lock().expect("cells lock").unpark(&id);
+                // Unless the run was loaded meanwhile (and maybe parked again): then it is
+                // taken care of.
+                self.inner
+                    .cells
+                    .lock()
+                    .expect("cells lock")
+                    .unpark_if(&id, park);
             }
         }
         next_ms
     }
 
-    /// Loads parked run `id` and drives it, unless it was loaded meanwhile.
-    async fn wake(&self, id: &RunId) -> Result<()> {
-        if !self.inner.cells.lock().expect("cells lock").is_parked(id) {
+    /// Loads run `id`, parked by its park number `park`, and drives it, unless it was loaded
+    /// meanwhile.
+    async fn wake(&self, id: &RunId, park: u64) -> Result<()> {
+        if self.inner.cells.lock().expect("cells lock").park_of(id) != Some(park) {
             return Ok(());
         }
+        crate::crash::point("wake.before_load");
         let record = self.record(id.as_str()).await?;
         tracing::debug!(run_id = %id, "parked run woken");
         self.load(record).await?;
-        // Not loaded: another engine sharing the store holds the run now. It is not this
-        // engine's to wake; its waiters watch the store.
-        self.inner.cells.lock().expect("cells lock").unpark(id);
+        crate::crash::point("wake.after_load");
+        // Still parked by the same park: the load put no cell in the map, because another
+        // engine sharing the store holds the run now. It is not this engine's to wake; its
+        // waiters watch the store. A load that found a cell loaded by a send or an operator
+        // call meanwhile leaves a park its driver made since alone.
+        self.inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .unpark_if(id, park);
         Ok(())
     }
 
