@@ -243,3 +243,73 @@ fn a_full_disk_answers_the_waiters_with_the_error() {
     };
     assert_eq!(spec.run(&[], CONDITION_TIMEOUT * 2), Ending::Finished);
 }
+
+/// Fills the disk (as [`fill_the_disk`], with no room left) once its waiter has had time to
+/// wait, and returns.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct FillsTheDisk;
+
+impl Step for FillsTheDisk {
+    const KIND: &'static str = "test.fills-the-disk";
+    const COMPENSABLE: bool = false;
+    type Output = ();
+
+    async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        fill_the_disk(0);
+        Ok(())
+    }
+}
+
+/// Ends after one [`FillsTheDisk`] step: the end's write is the first after the disk filled.
+struct EndsOnAFullDisk;
+
+impl Workflow for EndsOnAFullDisk {
+    const NAME: &'static str = "test.ends-on-a-full-disk";
+    type Input = ();
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, _: ()) -> Result<(), WorkflowError> {
+        ctx.step(FillsTheDisk).await
+    }
+}
+
+fn full_disk_at_the_end_child() {
+    let dir = std::path::PathBuf::from(std::env::var("KEEL_DATA_DIR").unwrap());
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = Engine::builder(&dir)
+            .workflow::<EndsOnAFullDisk>()
+            .step::<FillsTheDisk>()
+            .open()
+            .await
+            .unwrap();
+        let handle = engine.start::<EndsOnAFullDisk>("ends", ()).await.unwrap();
+        let waiting = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.wait("ends").await })
+        };
+        let err = answered("result", handle.result()).await.unwrap_err();
+        assert!(err.to_string().contains("File too large"), "{err}");
+        let err = answered("wait", waiting).await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("File too large"), "{err}");
+    });
+}
+
+/// A run whose end cannot be made durable (the disk filled during its last step, so the
+/// sync of its settling write fails) answers its waiters with the error, though the end is
+/// already in the run's record in memory: nothing may tell them of an end that is not
+/// durable, and nothing else would answer them. Run in a child process, whose file-size
+/// limit plays the full disk.
+#[test]
+fn a_failed_sync_of_a_runs_end_answers_its_waiters() {
+    const NAME: &str = "a_failed_sync_of_a_runs_end_answers_its_waiters";
+    if is_child() {
+        return full_disk_at_the_end_child();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChildSpec {
+        test_name: NAME,
+        env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
+    };
+    assert_eq!(spec.run(&[], CONDITION_TIMEOUT * 2), Ending::Finished);
+}

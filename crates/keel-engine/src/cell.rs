@@ -261,7 +261,8 @@ impl RunCell {
 
     /// Detaches the cell if `unload` gives a reason for it (from the record and whether a
     /// storage write failed in the cell): `Some(None)` when the run settled, `Some(Some(stop))`
-    /// when it stops unsettled, whose waiters are then told why. Returns whether it did.
+    /// when it stops otherwise, whose waiters are then told why unless they have their answer
+    /// (a durable end, published). Returns whether it did.
     pub(crate) fn detach_if(
         &self,
         store: &dyn JournalStore,
@@ -273,10 +274,17 @@ impl RunCell {
         if let Some(stop) = unload(&loaded.record, loaded.write_failed) {
             loaded.detached = true;
             if let Some(stop) = stop {
-                if loaded.record.status.is_drivable() {
-                    self.watched
-                        .send_modify(|watched| watched.stopped = Some(stop));
-                }
+                // A settled record whose end was never published is told too: its settling
+                // write's sync failed, so the end is not durable, and nothing else would
+                // answer its waiters.
+                let drivable = loaded.record.status.is_drivable();
+                self.watched.send_if_modified(|watched| {
+                    let tell = drivable || !watched.answered();
+                    if tell {
+                        watched.stopped = Some(stop);
+                    }
+                    tell
+                });
             }
         }
         loaded.detached
