@@ -313,3 +313,54 @@ fn a_failed_sync_of_a_runs_end_answers_its_waiters() {
     };
     assert_eq!(spec.run(&[], CONDITION_TIMEOUT * 2), Ending::Finished);
 }
+
+/// Starts a run held right after its start became durable (`start.after_sync`, the thread
+/// paused by `KEEL_PAUSE_AT`), and waits for it meanwhile from another task.
+fn wait_during_a_start_child() {
+    let dir = std::path::PathBuf::from(std::env::var("KEEL_DATA_DIR").unwrap());
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = Engine::builder(&dir)
+            .workflow::<Loud>()
+            .open()
+            .await
+            .unwrap();
+        let starting = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.start::<Loud>("loud", 3).await.map(|_| ()) })
+        };
+        // The record is there (and durable) while the start is held.
+        while engine.status("loud").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let record = answered("wait", engine.wait("loud")).await;
+        assert!(
+            matches!(&record, Ok(r) if r.status == RunStatus::Failed),
+            "a wait during the run's start heard {record:?}, not its end"
+        );
+        starting.await.unwrap().unwrap();
+    });
+}
+
+/// A wait for a run whose start is under way (its record written and durable, its driver not
+/// yet running) waits for the run's end: before, it found the run in no map and answered
+/// that its driver had stopped on an engine error.
+#[test]
+fn a_wait_during_a_start_hears_the_end() {
+    const NAME: &str = "a_wait_during_a_start_hears_the_end";
+    if is_child() {
+        return wait_during_a_start_child();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChildSpec {
+        test_name: NAME,
+        env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
+    };
+    let ending = spec.run(
+        &[
+            ("KEEL_PAUSE_AT", "start.after_sync".into()),
+            ("KEEL_PAUSE_MS", "1000".into()),
+        ],
+        CONDITION_TIMEOUT * 2,
+    );
+    assert_eq!(ending, Ending::Finished);
+}

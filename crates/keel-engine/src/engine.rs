@@ -191,9 +191,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Loads a run this engine just created, whose journal `state` folds (nothing to read),
-    /// and spawns its driver.
-    fn load_new(&self, record: RunRecord, state: RunState) {
+    /// Puts the cell of a run this engine just created, whose journal `state` folds (nothing
+    /// to read), in the map; returns it if it went in (no load put a cell of the run in
+    /// first), to be driven once the run's start is durable.
+    fn insert_new(&self, record: RunRecord, state: RunState) -> Option<Arc<RunCell>> {
         let cell = Arc::new(RunCell::new(
             record,
             state,
@@ -207,9 +208,7 @@ impl Engine {
             let mut cells = self.inner.cells.lock().expect("cells lock");
             cells.insert(&cell).is_none()
         };
-        if fresh {
-            self.spawn_driver(cell);
-        }
+        fresh.then_some(cell)
     }
 
     /// Run `id`'s loaded cell, if any, once the run is not settling out of the map (see
@@ -234,8 +233,10 @@ impl Engine {
     async fn load_cell(&self, record: RunRecord, takeover: Takeover) -> Result<Option<Loaded>> {
         // One load at a time: while no cell of the run is in the map and no other load can
         // put one there, nothing in this engine writes the run, so what is read below stays
-        // current until the cell is in the map. (A new run's first cell, `load_new`, is put in
-        // under the same lock by the start that created its record.)
+        // current until the cell is in the map. (A new run's first cell is put in by the
+        // start that created its record, `insert_new`, without this lock unless the start
+        // delivers an event: if it comes in while this load reads, the insert below finds it
+        // and takes it, leaving what was read; nothing but that cell writes the run.)
         let _loading = self.inner.loading.lock().await;
         // A cell of the run that left the map settled may still be removing its wake index
         // entry (`Inner::take_out`): this load writes the entry after that removal. No other
@@ -462,22 +463,35 @@ impl Engine {
                     Some(event) => self.deliver_first(&record, event)?,
                     None => RunState::default(),
                 };
-                self.inner.env.store.sync().wait().await?;
-                if self.inner.env.store.fenced(&id, Token::CREATED) {
-                    return Err(EngineError::Fenced { id });
+                // The first cell goes in before the start is durable, so that a waiter finds
+                // the run loaded meanwhile; its driver starts once the start is durable. A
+                // send or an operator call that found the new record and is loading it either
+                // put its cell in first (this start then adds none, and drives nothing) or
+                // finds this one: a load puts its cell in under the map lock, and takes the
+                // cell it finds there instead.
+                let fresh = self.insert_new(record.clone(), state);
+                drop(loading);
+                let durable = match self.inner.env.store.sync().wait().await {
+                    Ok(()) if self.inner.env.store.fenced(&id, Token::CREATED) => {
+                        Err((EngineError::Fenced { id: id.clone() }, Stop::Moved))
+                    }
+                    Ok(()) => Ok(()),
+                    Err(error) => {
+                        let stop = Stop::Error(format!("its start failed: {error}"));
+                        Err((error, stop))
+                    }
+                };
+                if let Err((error, stop)) = durable {
+                    if let Some(cell) = fresh {
+                        self.inner.unload(&cell, stop);
+                    }
+                    return Err(error);
                 }
                 crate::crash::point("start.after_sync");
                 tracing::info!(run_id = %id, workflow, "run started");
-                // The first cell goes in under the loads' lock: a send or an operator call
-                // that found the new record and is loading it either put its cell in first
-                // (this start then adds none) or finds this one, never a second cell made
-                // from a journal read before this one wrote.
-                let loading = match loading {
-                    Some(held) => held,
-                    None => self.inner.loading.lock().await,
-                };
-                self.load_new(record.clone(), state);
-                drop(loading);
+                if let Some(cell) = fresh {
+                    self.spawn_driver(cell);
+                }
                 Ok(record)
             }
             Some(existing) => {
