@@ -393,7 +393,36 @@ impl Engine {
     /// Starts (or finds) run `id`, checked by the caller: a caller's id as
     /// [`RunId::new_top_level`], a child's made by [`crate::child_id`]. With `event`, the run
     /// is started with that event in its mailbox (durable with it), or a run found is sent it.
+    ///
+    /// The start runs on a task of its own, which goes on if the caller goes away (a client
+    /// that hung up, a timeout around `Engine::start`): stopped between its record and its
+    /// driver, it would leave the run written and driven by nobody until the next open.
     async fn start_value(
+        &self,
+        workflow: &str,
+        id: RunId,
+        input: Value,
+        lineage: Lineage,
+        event: Option<&EventIn>,
+    ) -> Result<RunRecord> {
+        let engine = self.clone();
+        let workflow = workflow.to_owned();
+        let event = event.cloned();
+        let start = async move {
+            engine
+                .start_here(&workflow, id, input, lineage, event.as_ref())
+                .await
+        };
+        match tokio::spawn(tracing::Instrument::in_current_span(start)).await {
+            Ok(started) => started,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            // The runtime is shutting down.
+            Err(_) => Err(EngineError::ShutDown),
+        }
+    }
+
+    /// [`Engine::start_value`], on its task.
+    async fn start_here(
         &self,
         workflow: &str,
         id: RunId,
@@ -464,30 +493,23 @@ impl Engine {
                     None => RunState::default(),
                 };
                 // The first cell goes in before the start is durable, so that a waiter finds
-                // the run loaded meanwhile; its driver starts once the start is durable. A
-                // send or an operator call that found the new record and is loading it either
-                // put its cell in first (this start then adds none, and drives nothing) or
-                // finds this one: a load puts its cell in under the map lock, and takes the
-                // cell it finds there instead.
+                // the run loaded meanwhile; its driver starts once the start is durable. It
+                // goes in under the loads' lock, as every load's: a send or an operator call
+                // that found the new record and is loading it either put its cell in first
+                // (this start then adds none, and drives nothing) or finds this one, never a
+                // second cell made from a journal read before this one's run wrote.
+                let loading = match loading {
+                    Some(held) => held,
+                    None => self.inner.loading.lock().await,
+                };
                 let fresh = self.insert_new(record.clone(), state);
                 drop(loading);
-                let durable = match self.inner.env.store.sync().wait().await {
-                    Ok(()) if self.inner.env.store.fenced(&id, Token::CREATED) => {
-                        Err((EngineError::Fenced { id: id.clone() }, Stop::Moved))
-                    }
-                    Ok(()) => Ok(()),
-                    Err(error) => {
-                        let stop = Stop::Error(format!("its start failed: {error}"));
-                        Err((error, stop))
-                    }
-                };
-                if let Err((error, stop)) = durable {
+                if let Err((error, stop)) = self.start_durable(&id).await {
                     if let Some(cell) = fresh {
                         self.inner.unload(&cell, stop);
                     }
                     return Err(error);
                 }
-                crate::crash::point("start.after_sync");
                 tracing::info!(run_id = %id, workflow, "run started");
                 if let Some(cell) = fresh {
                     self.spawn_driver(cell);
@@ -501,6 +523,24 @@ impl Engine {
                     self.send_checked(&record.id, event).await?;
                 }
                 Ok(record)
+            }
+        }
+    }
+
+    /// Waits until new run `id`'s start is durable; if it cannot be, the error and why the
+    /// run's cell stops.
+    async fn start_durable(&self, id: &RunId) -> std::result::Result<(), (EngineError, Stop)> {
+        match self.inner.env.store.sync().wait().await {
+            Ok(()) if self.inner.env.store.fenced(id, Token::CREATED) => {
+                Err((EngineError::Fenced { id: id.clone() }, Stop::Moved))
+            }
+            Ok(()) => {
+                crate::crash::point("start.after_sync");
+                Ok(())
+            }
+            Err(error) => {
+                let stop = Stop::Error(format!("its start failed: {error}"));
+                Err((error, stop))
             }
         }
     }

@@ -444,6 +444,9 @@ impl Inner {
         wake_at_ms: Option<u64>,
         ready: &(dyn Fn(&RunState) -> bool + Sync),
     ) -> bool {
+        // A wake time at the end of time (a saturated sleep or deadline) is none, as in the
+        // store's wake index.
+        let wake_at_ms = wake_at_ms.filter(|at_ms| *at_ms != UNTIL_ARRIVAL);
         let parked = cell.park_if(|record, state| {
             record.status == RunStatus::Running
                 && !state.cancel_requested
@@ -538,18 +541,17 @@ impl Engine {
             if let Err(error) = self.wake(&id, park).await {
                 tracing::error!(run_id = %id, %error, "parked run could not be loaded: left as it is until the next open");
                 let reason = format!("it could not be loaded at its wake time: {error}");
-                self.inner
-                    .undriven
-                    .lock()
-                    .expect("undriven lock")
-                    .insert(id.clone(), reason);
                 // Unless the run was loaded meanwhile (and maybe parked again): then it is
-                // taken care of.
-                self.inner
-                    .cells
-                    .lock()
-                    .expect("cells lock")
-                    .unpark_if(&id, park);
+                // taken care of. The reason goes in first: waiters told of the unpark read it.
+                let mut cells = self.inner.cells.lock().expect("cells lock");
+                if cells.park_of(&id) == Some(park) {
+                    self.inner
+                        .undriven
+                        .lock()
+                        .expect("undriven lock")
+                        .insert(id.clone(), reason);
+                    cells.unpark(&id);
+                }
             }
         }
         next_ms

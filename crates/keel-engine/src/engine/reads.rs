@@ -290,7 +290,10 @@ impl Engine {
                 }
                 InMemory::Absent => {
                     // Loaded, settled and unloaded since the status was read (a wake or a send
-                    // took it up): the record says so now, or it is loaded again.
+                    // took it up): the record says so now, or it is loaded again. A start or a
+                    // load that puts the run's cell in waits for the loads' lock, as this does
+                    // here (the lock is fair): once it is had, their cell is in.
+                    drop(self.inner.loading.lock().await);
                     let record = self.record(id).await?;
                     let in_memory = self
                         .inner

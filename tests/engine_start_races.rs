@@ -1,0 +1,202 @@
+//! A start against what may meet its run before the start is durable: a wait, a load by a
+//! send, and the start's own caller going away. Each runs in a child process whose threads
+//! are held at named points (`KEEL_PAUSE_AT`, `keel_engine::crash`), as threads the system
+//! leaves unscheduled there would be.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use keel::{Ctx, Engine, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError};
+use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::poll::CONDITION_TIMEOUT;
+
+/// Fails at once.
+struct Quick;
+
+impl Workflow for Quick {
+    const NAME: &'static str = "test.quick-failure";
+    type Input = ();
+    type Output = ();
+
+    async fn run(_: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        Err(WorkflowError::failed("as it should"))
+    }
+}
+
+/// How many times [`Counted`]'s effect ran in this process.
+static EFFECTS: AtomicU32 = AtomicU32::new(0);
+
+/// Counts its runs in [`EFFECTS`].
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct Count;
+
+impl Step for Count {
+    const KIND: &'static str = "test.count";
+    const COMPENSABLE: bool = false;
+    type Output = u32;
+
+    async fn execute(&self, _: &StepContext) -> Result<u32, StepError> {
+        Ok(EFFECTS.fetch_add(1, Ordering::SeqCst) + 1)
+    }
+}
+
+/// One [`Count`] step.
+struct Counted;
+
+impl Workflow for Counted {
+    const NAME: &'static str = "test.counted";
+    type Input = ();
+    type Output = u32;
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<u32, WorkflowError> {
+        ctx.step(Count).await
+    }
+}
+
+async fn open() -> Engine {
+    let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
+    keel_testkit::store::builder(Path::new(&dir))
+        .workflow::<Quick>()
+        .workflow::<Counted>()
+        .step::<Count>()
+        .open()
+        .await
+        .expect("opening the engine")
+}
+
+async fn answered<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CONDITION_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: never answered"))
+}
+
+/// Runs test `name`'s child with its threads held `pause_ms` at each of `points`.
+fn run_child(name: &str, points: &str, pause_ms: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChildSpec {
+        test_name: name,
+        env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
+    };
+    let ending = spec.run(
+        &[
+            ("KEEL_PAUSE_AT", points.into()),
+            ("KEEL_PAUSE_MS", pause_ms.to_string()),
+        ],
+        CONDITION_TIMEOUT * 2,
+    );
+    assert_eq!(ending, Ending::Finished);
+}
+
+/// The start is held right after its start became durable (`start.after_sync`), and a wait
+/// comes meanwhile.
+fn wait_during_a_start_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = open().await;
+        let starting = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.start::<Quick>("quick", ()).await.map(|_| ()) })
+        };
+        // The record is there (and durable) while the start is held.
+        while engine.status("quick").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let record = answered("wait", engine.wait("quick")).await;
+        assert!(
+            matches!(&record, Ok(r) if r.status == RunStatus::Failed),
+            "a wait during the run's start heard {record:?}, not its end"
+        );
+        starting.await.unwrap().unwrap();
+    });
+}
+
+/// A wait for a run whose start is under way (its record written and durable, its driver not
+/// yet running) waits for the run's end: before, it found the run in no map and answered
+/// that its driver had stopped on an engine error.
+#[test]
+fn a_wait_during_a_start_hears_the_end() {
+    const NAME: &str = "a_wait_during_a_start_hears_the_end";
+    if is_child() {
+        return wait_during_a_start_child();
+    }
+    run_child(NAME, "start.after_sync", 1_000);
+}
+
+/// The start is held after its record (`start.after_create`, a second); half a second in, a
+/// send loads the run and is held after its reads (`wake.after_index`, a second).
+fn load_racing_a_start_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = open().await;
+        let starting = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.start::<Counted>("counted", ()).await.map(|_| ()) })
+        };
+        while engine.status("counted").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sending = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.send("counted", "poke", &(), "poke-1").await })
+        };
+        // (A wait now would find the run in no map: its record is written, and neither the
+        // start nor the send has put a cell in. That window is the start's alone.)
+        starting.await.unwrap().unwrap();
+        sending.await.unwrap().unwrap();
+        let record = answered("wait", engine.wait("counted")).await.unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+        // A second driver, had there been one, would be well into its step by now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            EFFECTS.load(Ordering::SeqCst),
+            1,
+            "the run's step ran again: a second cell, made from the journal the send read before the start's cell ran, drove the run"
+        );
+        engine.shutdown().await;
+    });
+}
+
+/// A send's load that read the new run's (empty) journal while its start was held, and puts
+/// its cell in after the start's own cell ran the run to its end, must not drive the run a
+/// second time from what it read. Before, the start put its cell in without the loads' lock,
+/// between the load's look for a cell and its insert.
+#[test]
+fn a_load_racing_a_start_drives_the_run_once() {
+    const NAME: &str = "a_load_racing_a_start_drives_the_run_once";
+    if is_child() {
+        return load_racing_a_start_child();
+    }
+    run_child(NAME, "start.after_create,wake.after_index", 1_000);
+}
+
+/// Every sync is held half a second (`commit.before_sync`); the start's caller gives up after
+/// a tenth of that.
+fn abandoned_start_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = open().await;
+        let start = engine.start::<Quick>("quick", ());
+        let gave_up = tokio::time::timeout(Duration::from_millis(50), start).await;
+        assert!(
+            gave_up.is_err(),
+            "the start was durable before its caller gave up"
+        );
+        let record = answered("wait", engine.wait("quick")).await;
+        assert!(
+            matches!(&record, Ok(r) if r.status == RunStatus::Failed),
+            "a run whose start's caller went away was not driven: {record:?}"
+        );
+        engine.shutdown().await;
+    });
+}
+
+/// A start whose caller goes away before the start is durable (a client that hung up, a
+/// timeout around `Engine::start`) leaves its run driven once the start is durable: the run
+/// exists, and nothing else would drive it until the next open.
+#[test]
+fn a_start_whose_caller_went_away_is_driven() {
+    const NAME: &str = "a_start_whose_caller_went_away_is_driven";
+    if is_child() {
+        return abandoned_start_child();
+    }
+    run_child(NAME, "commit.before_sync", 500);
+}
