@@ -304,3 +304,61 @@ async fn workflow_parent_and_time_filters_select_exactly_their_runs() {
         .unwrap();
     assert!(none.runs.is_empty() && none.next.is_none());
 }
+
+/// A parent whose id is too long for `<parent>/<index>` has children named `child-<uuid>`
+/// (`keel::child_id`): listed as its children, and purged with it, like any others. Before,
+/// both looked for them only under `<parent>/`: the listing was empty and a purge left
+/// them (seen failing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_parents_children_are_listed_and_purged_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = keel_testkit::store::builder(dir.path().join("data"))
+        .workflow::<EvenFlow>()
+        .workflow::<Parent>()
+        .open()
+        .await
+        .unwrap();
+    // Ids are at most 128 bytes: `<parent>/0` would be 129.
+    let parent = "p".repeat(127);
+    let short = "short";
+    for id in [parent.as_str(), short] {
+        engine
+            .start::<Parent>(id, vec![2, 4])
+            .await
+            .unwrap()
+            .result()
+            .await
+            .unwrap();
+    }
+    let children = every(
+        &engine,
+        RunsQuery {
+            parent: Some(parent.clone()),
+            limit: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(children.len(), 2, "{children:?}");
+    assert!(
+        children.iter().all(|id| id.starts_with("child-")),
+        "{children:?}"
+    );
+
+    let purge = keel::Batch {
+        action: keel::BatchAction::Purge,
+        filter: keel::RunFilter {
+            statuses: vec![RunStatus::Completed],
+            workflow: Some("test.parent".into()),
+            finished_before_ms: Some(u64::MAX),
+            ..Default::default()
+        },
+        dry_run: false,
+        after: None,
+        limit: 10,
+    };
+    engine.batch(&purge).await.unwrap();
+    let left = engine.list().await.unwrap();
+    assert!(left.is_empty(), "left after the purge: {left:?}");
+    engine.shutdown().await;
+}

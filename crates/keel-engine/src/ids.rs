@@ -212,6 +212,14 @@ pub fn child_id(parent: &RunId, index: OperationIndex) -> RunId {
     })
 }
 
+/// Whether every child of run `parent` has the id `<parent>/<index>` ([`child_id`]), so
+/// that a scan for its children may read only the ids under `<parent>/`: else a child's may
+/// be `child-<uuid>`.
+pub(crate) fn children_under(parent: &str) -> bool {
+    // The longest index, `u32::MAX`, has 10 digits.
+    parent.len() + "/".len() + 10 <= RUN_ID_LEN_MAX
+}
+
 /// Checks the name of an event or a published value (`what` says which, for the error): 1 to
 /// [`crate::limits::EVENT_NAME_LEN_MAX`] bytes of ASCII letters, digits, `.`, `_` and `-`.
 pub(crate) fn check_event_name(what: &str, name: &str) -> Result<(), String> {

@@ -8,6 +8,8 @@
 //! every run whose action took effect is skipped the second time (its status no longer
 //! admits it, or, for a rerun, it was rerun already).
 
+use std::collections::HashSet;
+
 use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +17,7 @@ use crate::engine::rerun::Rerun;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
-use crate::journal::{RunRecord, RunStatus};
+use crate::journal::{Event, RunRecord, RunStatus};
 use crate::store::RunsScan;
 
 pub use crate::limits::BATCH_RUNS_MAX;
@@ -86,10 +88,15 @@ impl RunFilter {
     }
 
     /// The id prefix every record this filter can match begins with: its own, or its
-    /// parent's children's (`parent/`); the longer when both (it implies the other, or
-    /// nothing matches).
+    /// parent's children's (`parent/`, unless the parent's id is long enough for a child's
+    /// to be `child-<uuid>`: [`crate::ids::children_under`]); the longer when both (it
+    /// implies the other, or nothing matches).
     pub(super) fn id_prefix_to_scan(&self) -> Option<String> {
-        let children = self.parent.as_ref().map(|p| format!("{p}/"));
+        let children = self
+            .parent
+            .as_ref()
+            .filter(|p| crate::ids::children_under(p))
+            .map(|p| format!("{p}/"));
         match (self.id_prefix.clone(), children) {
             (Some(a), Some(b)) => Some(if a.len() >= b.len() { a } else { b }),
             (a, b) => a.or(b),
@@ -501,37 +508,40 @@ impl Engine {
         Ok(None)
     }
 
-    /// Deletes finished run `id` and its children (finished: a child of a finished parent
-    /// has settled) in one atomic write, durable when this returns.
+    /// Deletes finished run `id` and its descendants (finished: a child of a finished parent
+    /// has settled) in one atomic write, durable when this returns. The descendants are
+    /// found through the journals, where every child is journaled before it exists
+    /// (`ChildStarted`), not by their ids: a child whose `<parent>/<index>` would be too long
+    /// is `child-<uuid>` ([`crate::child_id`]), under no prefix of its parent's.
     async fn purge_one(&self, id: &RunId) -> Result<()> {
+        let store = &self.inner.env.store;
         let mut ids = vec![id.clone()];
-        let mut after = None;
-        loop {
-            let scan = RunsScan {
-                after,
-                status: None,
-                prefix: Some(format!("{id}/")),
-                limit: SCAN_PAGE,
-                examine_max: None,
-            };
-            let page = self.inner.env.store.runs_page(&scan).await?;
-            for child in page.records.into_iter().flatten() {
-                if !child.status.is_terminal() {
+        let mut seen: HashSet<RunId> = HashSet::from([id.clone()]);
+        let mut read = 0;
+        while let Some(parent) = ids.get(read).cloned() {
+            read += 1;
+            for entry in store.journal(&parent).await? {
+                let Event::ChildStarted { child, .. } = entry.event else {
+                    continue;
+                };
+                // None: journaled, and never made (its parent ended first).
+                let Some(record) = store.run(&child).await? else {
+                    continue;
+                };
+                if !record.status.is_terminal() {
                     return Err(EngineError::InvalidState {
                         id: id.clone(),
-                        status: format!("finished but its child {} is {}", child.id, child.status),
+                        status: format!("finished but its child {child} is {}", record.status),
                         operation: "purge",
                     });
                 }
-                ids.push(child.id);
+                if seen.insert(child.clone()) {
+                    ids.push(child);
+                }
             }
-            if !page.more {
-                break;
-            }
-            after = ids.last().cloned();
         }
-        self.inner.env.store.delete_runs(&ids).await?;
-        self.inner.env.store.sync().wait().await?;
+        store.delete_runs(&ids).await?;
+        store.sync().wait().await?;
         tracing::info!(run_id = %id, runs = ids.len(), "run purged");
         Ok(())
     }
