@@ -169,6 +169,47 @@ fn a_load_racing_a_start_drives_the_run_once() {
     run_child(NAME, "start.after_create,wake.after_index", 1_000);
 }
 
+/// The start is held after its record (`start.after_create`, a second), and a send loads
+/// the run meanwhile.
+fn load_during_a_start_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let engine = open().await;
+        let starting = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.start::<Counted>("counted", ()).await.map(|_| ()) })
+        };
+        while engine.status("counted").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        engine
+            .send("counted", "poke", &(), "poke-1")
+            .await
+            .unwrap();
+        starting.await.unwrap().unwrap();
+        let record = answered("wait", engine.wait("counted")).await.unwrap();
+        assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            EFFECTS.load(Ordering::SeqCst),
+            1,
+            "the run's step ran again: the send's load drove the run while its start was held, and the start then put in a cell of its own and drove it from nothing"
+        );
+        engine.shutdown().await;
+    });
+}
+
+/// A send's load of a run whose start has written its record but not yet put its cell in
+/// waits for that cell and takes it: before, it loaded the run and drove it to its end, and
+/// the start then put in a cell of its own, from an empty journal, and drove the run again.
+#[test]
+fn a_load_during_a_start_takes_the_starts_cell() {
+    const NAME: &str = "a_load_during_a_start_takes_the_starts_cell";
+    if is_child() {
+        return load_during_a_start_child();
+    }
+    run_child(NAME, "start.after_create", 1_000);
+}
+
 /// Every sync is held half a second (`commit.before_sync`); the start's caller gives up after
 /// a tenth of that.
 fn abandoned_start_child() {

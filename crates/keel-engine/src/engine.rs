@@ -191,29 +191,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Puts the cell of a run this engine just created, whose journal `state` folds (nothing
-    /// to read), in the map; returns it if it went in (no load put a cell of the run in
-    /// first), to be driven once the run's start is durable.
-    fn insert_new(&self, record: RunRecord, state: RunState) -> Option<Arc<RunCell>> {
-        let cell = Arc::new(RunCell::new(
-            record,
-            state,
-            self.inner.env.clock.clone(),
-            Token::CREATED,
-            Arc::clone(&self.inner.outbox),
-        ));
-        // The run's first load: `poison.rs` counts it without a write.
-        cell.mark_started();
-        let fresh = {
-            let mut cells = self.inner.cells.lock().expect("cells lock");
-            cells.insert(&cell).is_none()
-        };
-        fresh.then_some(cell)
-    }
-
     /// Run `id`'s loaded cell, if any, once the run is not settling out of the map (see
-    /// `Inner::take_out`): both looked at under one hold of the map lock, so that a cell
-    /// that leaves the map after the look is not missed while it removes its entry.
+    /// `Inner::take_out`) nor being started (`StartMark`): both looked at under one hold of
+    /// the map lock, so that a cell that leaves the map after the look is not missed while it
+    /// removes its entry, and one a start is putting in is found.
     async fn loaded_settled_out(&self, id: &RunId) -> Option<Arc<RunCell>> {
         loop {
             let ends = {
@@ -234,9 +215,8 @@ impl Engine {
         // One load at a time: while no cell of the run is in the map and no other load can
         // put one there, nothing in this engine writes the run, so what is read below stays
         // current until the cell is in the map. (A new run's first cell is put in by the
-        // start that created its record, `insert_new`, without this lock unless the start
-        // delivers an event: if it comes in while this load reads, the insert below finds it
-        // and takes it, leaving what was read; nothing but that cell writes the run.)
+        // start that created its record, without this lock: the run is marked being started
+        // from before its record until then, and `loaded_settled_out` waits for that.)
         let _loading = self.inner.loading.lock().await;
         // A cell of the run that left the map settled may still be removing its wake index
         // entry (`Inner::take_out`): this load writes the entry after that removal. No other
@@ -469,13 +449,12 @@ impl Engine {
             parent: lineage.parent,
             rerun_of: lineage.rerun_of,
         };
-        // With an event, no load of the run (a concurrent send's, an operator's) may come
-        // between its record and its first entry: the loads' lock is held until its cell is
-        // in the map.
-        let loading = match event {
-            Some(_) => Some(self.inner.loading.lock().await),
-            None => None,
-        };
+        // From before its record until its cell is in the map (or the start ends without
+        // one), the run is marked being started: a load of it (a send's, an operator's)
+        // waits for that and then takes the cell it finds. So no load puts in a cell made
+        // from a journal read before this start's cell ran, and none comes between the
+        // record and an event's first entry.
+        let starting = StartMark::new(&self.inner, &id);
         // Before a new record, in the store's write order (on PostgreSQL, committed before
         // it): the workflow among the types the runs use (the run's wake index entry comes
         // with its record, from `create_run`). The record is read first only when that would
@@ -493,17 +472,8 @@ impl Engine {
                     None => RunState::default(),
                 };
                 // The first cell goes in before the start is durable, so that a waiter finds
-                // the run loaded meanwhile; its driver starts once the start is durable. It
-                // goes in under the loads' lock, as every load's: a send or an operator call
-                // that found the new record and is loading it either put its cell in first
-                // (this start then adds none, and drives nothing) or finds this one, never a
-                // second cell made from a journal read before this one's run wrote.
-                let loading = match loading {
-                    Some(held) => held,
-                    None => self.inner.loading.lock().await,
-                };
-                let fresh = self.insert_new(record.clone(), state);
-                drop(loading);
+                // the run loaded meanwhile; its driver starts once the start is durable.
+                let fresh = starting.insert(record.clone(), state);
                 if let Err((error, stop)) = self.start_durable(&id).await {
                     if let Some(cell) = fresh {
                         self.inner.unload(&cell, stop);
@@ -517,7 +487,7 @@ impl Engine {
                 Ok(record)
             }
             Some(existing) => {
-                drop(loading);
+                drop(starting);
                 let record = self.found_existing(existing, &record).await?;
                 if let Some(event) = event {
                     self.send_checked(&record.id, event).await?;
@@ -629,6 +599,58 @@ impl Engine {
         }
         if let Err(error) = self.inner.env.store.release().await {
             tracing::warn!(%error, "the store could not be released");
+        }
+    }
+}
+
+/// A run marked being started in the map ([`Cells::starting`]) until its start puts its cell
+/// in ([`StartMark::insert`]) or ends without one (dropped).
+struct StartMark<'a> {
+    inner: &'a Inner,
+    /// `None` once the mark is gone.
+    id: Option<RunId>,
+}
+
+impl<'a> StartMark<'a> {
+    fn new(inner: &'a Inner, id: &RunId) -> StartMark<'a> {
+        inner.cells.lock().expect("cells lock").starting(id);
+        StartMark {
+            inner,
+            id: Some(id.clone()),
+        }
+    }
+
+    /// Puts the cell of the run just created, whose journal `state` folds (nothing to read),
+    /// in the map, and ends the mark; returns the cell if it went in (no load put a cell of
+    /// the run in first), to be driven once the run's start is durable.
+    fn insert(mut self, record: RunRecord, state: RunState) -> Option<Arc<RunCell>> {
+        let inner = self.inner;
+        let cell = Arc::new(RunCell::new(
+            record,
+            state,
+            inner.env.clock.clone(),
+            Token::CREATED,
+            Arc::clone(&inner.outbox),
+        ));
+        // The run's first load: `poison.rs` counts it without a write.
+        cell.mark_started();
+        let mut cells = inner.cells.lock().expect("cells lock");
+        let fresh = cells.insert(&cell).is_none();
+        if let Some(id) = self.id.take() {
+            cells.started(&id);
+        }
+        fresh.then_some(cell)
+    }
+}
+
+impl Drop for StartMark<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            // Not while unwinding a panic under the lock (poisoned): the mark stays, and the
+            // run's loads wait; the engine is broken then in any case.
+            if let Ok(mut cells) = self.inner.cells.lock() {
+                cells.started(&id);
+            }
         }
     }
 }

@@ -524,10 +524,15 @@ impl Engine {
                 let Event::ChildStarted { child, .. } = entry.event else {
                     continue;
                 };
-                // None: journaled, and never made (its parent ended first).
+                // None: journaled, and never made (its parent ended first). A run of that id
+                // that names another parent is a caller's run that took a `child-<uuid>` id
+                // first, not this run's child.
                 let Some(record) = store.run(&child).await? else {
                     continue;
                 };
+                if record.parent.as_ref() != Some(&parent) {
+                    continue;
+                }
                 if !record.status.is_terminal() {
                     return Err(EngineError::InvalidState {
                         id: id.clone(),

@@ -59,7 +59,11 @@ pub(crate) struct Cells {
     /// Runs whose cell left `loaded` settled and whose wake index entry is being removed,
     /// outside the lock (`Inner::take_out`), with how many such removals are under way.
     settling: HashMap<RunId, usize>,
-    /// Told whenever a run leaves `settling`.
+    /// Runs a start of this engine is creating (`Engine::start_value`), until its cell is in
+    /// `loaded` or the start ends without one, with how many such starts are under way: the
+    /// record may be written already, and a load of the run waits for the start's cell.
+    starting: HashMap<RunId, usize>,
+    /// Told whenever a run leaves `settling` or `starting`.
     settled: Arc<Notify>,
     /// The number of the last park made (see [`Parked::park`]).
     parks: u64,
@@ -108,9 +112,31 @@ impl Cells {
     }
 
     /// Whether run `id` is loaded, or its cell is still settling out (its wake index entry
-    /// being removed).
+    /// being removed), or a start is creating it.
     pub(crate) fn contains_key(&self, id: &RunId) -> bool {
-        self.loaded.contains_key(id) || self.settling.contains_key(id)
+        self.loaded.contains_key(id) || self.in_transit(id)
+    }
+
+    /// Whether run `id`'s cell is settling out, or a start is putting one in.
+    fn in_transit(&self, id: &RunId) -> bool {
+        self.settling.contains_key(id) || self.starting.contains_key(id)
+    }
+
+    /// Marks run `id` being started, until [`Cells::started`].
+    pub(crate) fn starting(&mut self, id: &RunId) {
+        *self.starting.entry(id.clone()).or_default() += 1;
+    }
+
+    /// A start of run `id` put its cell in, or ended without one: whoever waits for it is
+    /// told.
+    pub(crate) fn started(&mut self, id: &RunId) {
+        if let Some(under_way) = self.starting.get_mut(id) {
+            *under_way -= 1;
+            if *under_way == 0 {
+                self.starting.remove(id);
+                self.settled.notify_waiters();
+            }
+        }
     }
 
     /// Marks run `id` settling: its cell left the map settled, and its wake index entry is
@@ -130,11 +156,11 @@ impl Cells {
         }
     }
 
-    /// While run `id` is settling, the notification of its end (made under the map lock, so
-    /// [`Cells::settled`] after this call is never missed); `None` when it is not settling.
+    /// While run `id` is settling out or being started, the notification of its end (made
+    /// under the map lock, so [`Cells::settled`] or [`Cells::started`] after this call is
+    /// never missed); `None` when it is neither.
     pub(crate) fn settling_ends(&self, id: &RunId) -> Option<tokio::sync::futures::OwnedNotified> {
-        self.settling
-            .contains_key(id)
+        self.in_transit(id)
             .then(|| Arc::clone(&self.settled).notified_owned())
     }
 

@@ -289,11 +289,20 @@ impl Engine {
                     continue;
                 }
                 InMemory::Absent => {
+                    // Being started (its record written, its cell not in yet): looked at again
+                    // once its cell is in.
+                    let starting = self
+                        .inner
+                        .cells
+                        .lock()
+                        .expect("cells lock")
+                        .settling_ends(&run_id);
+                    if let Some(started) = starting {
+                        started.await;
+                        continue;
+                    }
                     // Loaded, settled and unloaded since the status was read (a wake or a send
-                    // took it up): the record says so now, or it is loaded again. A start or a
-                    // load that puts the run's cell in waits for the loads' lock, as this does
-                    // here (the lock is fair): once it is had, their cell is in.
-                    drop(self.inner.loading.lock().await);
+                    // took it up): the record says so now, or it is loaded again.
                     let record = self.record(id).await?;
                     let in_memory = self
                         .inner
