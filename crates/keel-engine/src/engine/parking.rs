@@ -276,9 +276,9 @@ impl Cells {
     /// or it cannot be loaded), telling whoever waits for it; what it was, if it was parked.
     fn unpark(&mut self, id: &RunId) -> Option<Parked> {
         let parked = self.parked.remove(id)?;
-        if parked.wake_at_ms != UNTIL_ARRIVAL {
-            self.timers.remove(&(parked.wake_at_ms, id.clone()));
-        }
+        // Also for `UNTIL_ARRIVAL`: a timer at the end of time (a saturated sleep) has its
+        // pair at that same time.
+        self.timers.remove(&(parked.wake_at_ms, id.clone()));
         if let Some(unparked) = &parked.unparked {
             unparked.notify_waiters();
         }
@@ -470,9 +470,6 @@ impl Inner {
         wake_at_ms: Option<u64>,
         ready: &(dyn Fn(&RunState) -> bool + Sync),
     ) -> bool {
-        // A wake time at the end of time (a saturated sleep or deadline) is none, as in the
-        // store's wake index.
-        let wake_at_ms = wake_at_ms.filter(|at_ms| *at_ms != UNTIL_ARRIVAL);
         let parked = cell.park_if(|record, state| {
             record.status == RunStatus::Running
                 && !state.cancel_requested
