@@ -122,37 +122,49 @@ fn a_wait_during_a_start_hears_the_end() {
     run_child(NAME, "start.after_sync", 1_000);
 }
 
+/// Starts a [`Counted`] run, whose start is held after its record (`start.after_create`),
+/// and returns once the record is there.
+async fn start_counted_held(engine: &Engine) -> tokio::task::JoinHandle<keel::Result<()>> {
+    let starting = {
+        let engine = engine.clone();
+        tokio::spawn(async move { engine.start::<Counted>("counted", ()).await.map(|_| ()) })
+    };
+    while engine.status("counted").await.is_err() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    starting
+}
+
+/// Checks that the [`Counted`] run completed and that its step ran once (`why`: what a
+/// second run of it would mean), then shuts `engine` down.
+async fn completed_with_one_effect(engine: Engine, why: &str) {
+    let record = answered("wait", engine.wait("counted")).await.unwrap();
+    assert_eq!(record.status, RunStatus::Completed, "{record:?}");
+    // A second driver, had there been one, would be well into its step by now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        EFFECTS.load(Ordering::SeqCst),
+        1,
+        "the run's step ran again: {why}"
+    );
+    engine.shutdown().await;
+}
+
 /// The start is held after its record (`start.after_create`, a second); half a second in, a
 /// send loads the run and is held after its reads (`wake.after_index`, a second).
 fn load_racing_a_start_child() {
     keel_testkit::crash::runtime().block_on(async {
         let engine = open().await;
-        let starting = {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.start::<Counted>("counted", ()).await.map(|_| ()) })
-        };
-        while engine.status("counted").await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let starting = start_counted_held(&engine).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let sending = {
             let engine = engine.clone();
             tokio::spawn(async move { engine.send("counted", "poke", &(), "poke-1").await })
         };
-        // (A wait now would find the run in no map: its record is written, and neither the
-        // start nor the send has put a cell in. That window is the start's alone.)
         starting.await.unwrap().unwrap();
         sending.await.unwrap().unwrap();
-        let record = answered("wait", engine.wait("counted")).await.unwrap();
-        assert_eq!(record.status, RunStatus::Completed, "{record:?}");
-        // A second driver, had there been one, would be well into its step by now.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            EFFECTS.load(Ordering::SeqCst),
-            1,
-            "the run's step ran again: a second cell, made from the journal the send read before the start's cell ran, drove the run"
-        );
-        engine.shutdown().await;
+        let why = "a second cell, made from the journal the send read before the start's cell ran, drove the run";
+        completed_with_one_effect(engine, why).await;
     });
 }
 
@@ -174,27 +186,14 @@ fn a_load_racing_a_start_drives_the_run_once() {
 fn load_during_a_start_child() {
     keel_testkit::crash::runtime().block_on(async {
         let engine = open().await;
-        let starting = {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.start::<Counted>("counted", ()).await.map(|_| ()) })
-        };
-        while engine.status("counted").await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let starting = start_counted_held(&engine).await;
         engine
             .send("counted", "poke", &(), "poke-1")
             .await
             .unwrap();
         starting.await.unwrap().unwrap();
-        let record = answered("wait", engine.wait("counted")).await.unwrap();
-        assert_eq!(record.status, RunStatus::Completed, "{record:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(
-            EFFECTS.load(Ordering::SeqCst),
-            1,
-            "the run's step ran again: the send's load drove the run while its start was held, and the start then put in a cell of its own and drove it from nothing"
-        );
-        engine.shutdown().await;
+        let why = "the send's load drove the run while its start was held, and the start then put in a cell of its own and drove it from nothing";
+        completed_with_one_effect(engine, why).await;
     });
 }
 
