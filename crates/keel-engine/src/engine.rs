@@ -199,9 +199,14 @@ impl Engine {
         loop {
             let ends = {
                 let cells = self.inner.cells.lock().expect("cells lock");
+                // A loaded cell first: a start of a run that is loaded finds its record and
+                // puts no cell in, so its mark is not waited for.
+                if let Some(cell) = cells.get(id) {
+                    return Some(Arc::clone(cell));
+                }
                 match cells.settling_ends(id) {
                     Some(ends) => ends,
-                    None => return cells.get(id).cloned(),
+                    None => return None,
                 }
             };
             ends.await;

@@ -267,6 +267,8 @@ impl Cells {
         if parked.wake_at_ms != UNTIL_ARRIVAL {
             return false;
         }
+        // A sleep to the end of time has its timer pair at `UNTIL_ARRIVAL`.
+        self.timers.remove(&(UNTIL_ARRIVAL, id.clone()));
         parked.wake_at_ms = 0;
         self.timers.insert((0, id.clone()));
         true
