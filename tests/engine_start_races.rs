@@ -135,6 +135,17 @@ async fn start_counted_held(engine: &Engine) -> tokio::task::JoinHandle<keel::Re
     starting
 }
 
+/// Checks a send to the [`Counted`] run, which takes no events: once the start's cell is in,
+/// its driver may end the run before the send's delivery, which is then refused. Either
+/// answer is right; what the tests check is how often the run's step ran.
+fn sent_or_ended(sent: keel::Result<keel::Delivered>) {
+    match sent {
+        Ok(_) => {}
+        Err(keel::EngineError::InvalidState { status, .. }) if status == "completed" => {}
+        Err(other) => panic!("the send during the start: {other}"),
+    }
+}
+
 /// Checks that the [`Counted`] run completed and that its step ran once (`why`: what a
 /// second run of it would mean), then shuts `engine` down.
 async fn completed_with_one_effect(engine: Engine, why: &str) {
@@ -162,7 +173,7 @@ fn load_racing_a_start_child() {
             tokio::spawn(async move { engine.send("counted", "poke", &(), "poke-1").await })
         };
         starting.await.unwrap().unwrap();
-        sending.await.unwrap().unwrap();
+        sent_or_ended(sending.await.unwrap());
         let why = "a second cell, made from the journal the send read before the start's cell ran, drove the run";
         completed_with_one_effect(engine, why).await;
     });
@@ -187,10 +198,7 @@ fn load_during_a_start_child() {
     keel_testkit::crash::runtime().block_on(async {
         let engine = open().await;
         let starting = start_counted_held(&engine).await;
-        engine
-            .send("counted", "poke", &(), "poke-1")
-            .await
-            .unwrap();
+        sent_or_ended(engine.send("counted", "poke", &(), "poke-1").await);
         starting.await.unwrap().unwrap();
         let why = "the send's load drove the run while its start was held, and the start then put in a cell of its own and drove it from nothing";
         completed_with_one_effect(engine, why).await;
