@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{Scratch, Undoable};
 use keel::{
     Batch, BatchAction, BatchOutcome, BatchReport, Ctx, Engine, EngineError, Event, Rerun,
-    RunFilter, RunStatus, Workflow, WorkflowError,
+    RunFilter, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError,
 };
 use keel_testkit::effects::{self as ground_truth, Action};
 use serde::{Deserialize, Serialize};
@@ -56,11 +56,55 @@ impl Workflow for Brief {
     }
 }
 
+/// Stays in flight until the file `<gate>.open` exists; `<gate>.entered` says it began.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Gate {
+    gate: String,
+}
+
+impl Step for Gate {
+    const KIND: &'static str = "test.gate";
+    const COMPENSABLE: bool = false;
+    type Output = ();
+
+    async fn execute(&self, _: &StepContext) -> Result<(), StepError> {
+        std::fs::write(format!("{}.entered", self.gate), "").unwrap();
+        while !Path::new(&format!("{}.open", self.gate)).exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct GatedInput {
+    log: String,
+    gate: String,
+}
+
+/// Takes an effect (undone when it compensates), waits at its gate, then holds for a day.
+struct Gated;
+
+impl Workflow for Gated {
+    const NAME: &'static str = "test.gated";
+    type Input = GatedInput;
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, input: GatedInput) -> Result<(), WorkflowError> {
+        ctx.step(Undoable { log: input.log }).await?;
+        ctx.step(Gate { gate: input.gate }).await?;
+        ctx.sleep(Duration::from_secs(24 * 3600)).await?;
+        Ok(())
+    }
+}
+
 async fn open(scratch: &Scratch) -> Engine {
     keel_testkit::store::builder(&scratch.data)
         .workflow::<Hold>()
         .workflow::<Brief>()
+        .workflow::<Gated>()
         .step::<Undoable>()
+        .step::<Gate>()
         .clock(scratch.clock.clone())
         .open()
         .await
@@ -295,6 +339,85 @@ async fn a_bulk_cancel_goes_on_in_bounded_calls_and_a_repeated_call_acts_on_noth
         );
         assert_eq!(undone.get(id), Some(&1), "run {id} undone once");
     }
+    engine.shutdown().await;
+}
+
+/// A cancel or a pause requested of a running run stands until its step in flight ends: a
+/// second batch in that time, or a dry run, reports the run skipped with the reason, not
+/// done again (before, it reported `done` for a run nothing was done to).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_or_pause_standing_on_a_running_run_is_not_reported_done_again() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch).await;
+    let gate = |id: &str| format!("{}.{id}", scratch.log);
+    for id in ["gated-cancel", "gated-pause"] {
+        let input = GatedInput {
+            log: scratch.log.clone(),
+            gate: gate(id),
+        };
+        engine
+            .start_json(Gated::NAME, id, serde_json::to_value(input).unwrap())
+            .await
+            .unwrap();
+    }
+    for id in ["gated-cancel", "gated-pause"] {
+        let deadline = std::time::Instant::now() + keel_testkit::poll::CONDITION_TIMEOUT;
+        while !Path::new(&format!("{}.entered", gate(id))).exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{id} never reached its gate"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    for (action, id, why) in [
+        (
+            BatchAction::Cancel,
+            "gated-cancel",
+            "a cancel already requested",
+        ),
+        (
+            BatchAction::Pause,
+            "gated-pause",
+            "a pause already requested",
+        ),
+    ] {
+        let only = RunFilter {
+            id_prefix: Some(id.into()),
+            ..RunFilter::default()
+        };
+        let first = engine
+            .batch(&batch(action.clone(), only.clone(), 10))
+            .await
+            .unwrap();
+        assert_eq!(ids_of(&first, BatchOutcome::Done), vec![id], "{first:?}");
+        assert_eq!(first.runs[0].now, Some(RunStatus::Running));
+
+        let again = engine
+            .batch(&batch(action.clone(), only.clone(), 10))
+            .await
+            .unwrap();
+        assert_eq!(again.done, 0, "{again:?}");
+        assert_eq!(ids_of(&again, BatchOutcome::Skipped), vec![id]);
+        let reason = again.runs[0].reason.as_deref().unwrap();
+        assert!(reason.contains(why), "{reason}");
+
+        let mut dry = batch(action, only, 10);
+        dry.dry_run = true;
+        let dry = engine.batch(&dry).await.unwrap();
+        assert_eq!(ids_of(&dry, BatchOutcome::WouldSkip), vec![id], "{dry:?}");
+        assert_eq!(dry.runs[0].reason.as_deref(), Some(reason));
+    }
+
+    for id in ["gated-cancel", "gated-pause"] {
+        std::fs::write(format!("{}.open", gate(id)), "").unwrap();
+    }
+    let cancelled = engine.wait("gated-cancel").await.unwrap();
+    assert_eq!(cancelled.status, RunStatus::Compensated);
+    let paused = engine.wait("gated-pause").await.unwrap();
+    assert_eq!(paused.status, RunStatus::Paused);
+    assert_eq!(undos(&scratch.log).get("gated-cancel"), Some(&1));
     engine.shutdown().await;
 }
 

@@ -18,6 +18,7 @@ use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
 use crate::journal::{Event, RunRecord, RunStatus};
+use crate::replay::RunState;
 use crate::store::RunsScan;
 
 pub use crate::limits::BATCH_RUNS_MAX;
@@ -428,6 +429,14 @@ impl Engine {
             )));
         }
         match action {
+            BatchAction::Cancel | BatchAction::Pause if record.status == RunStatus::Running => {
+                let (cancel, pause) = self.requests_standing(&record.id).await?;
+                let standing = match action {
+                    BatchAction::Cancel => cancel,
+                    _ => pause,
+                };
+                Ok(standing.then(|| already_requested(action).into()))
+            }
             BatchAction::Rerun => Ok(self
                 .reruns_of(&record.id)
                 .await?
@@ -448,6 +457,21 @@ impl Engine {
             }
             _ => Ok(None),
         }
+    }
+
+    /// Whether running run `id` has a cancel, and a pause, requested and not yet reached: from
+    /// its cell when it is loaded, else from its journal.
+    async fn requests_standing(&self, id: &RunId) -> Result<(bool, bool)> {
+        let read = |state: &RunState| (state.cancel_requested, state.pause_requested);
+        if let Some(cell) = self.loaded(id) {
+            return Ok(cell.with_state(read));
+        }
+        let entries = self.inner.env.store.journal(id).await?;
+        let state = RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
+            key: format!("journal of run {id}"),
+            detail,
+        })?;
+        Ok(read(&state))
     }
 
     /// Applies `action` to `record`'s run and says what happened.
@@ -488,8 +512,17 @@ impl Engine {
             return Ok(Some(reason));
         }
         let now = match action {
-            BatchAction::Cancel => self.cancel(&id).await?,
-            BatchAction::Pause => self.pause(&id).await?,
+            BatchAction::Cancel | BatchAction::Pause => {
+                let (now, made) = match action {
+                    BatchAction::Cancel => self.cancel_made(&id).await?,
+                    _ => self.pause_made(&id).await?,
+                };
+                if !made {
+                    // Another call's request came in since the check.
+                    return Ok(Some(already_requested(action).into()));
+                }
+                now
+            }
             BatchAction::Resume => self.resume(&id).await?,
             BatchAction::RetryCompensation => self.retry_compensation(&id).await?,
             BatchAction::Resolve { note } => self.resolve(&id, note).await?,
@@ -595,5 +628,15 @@ fn planned(record: RunRecord, skip: Option<String>) -> BatchRun {
         now: None,
         reason: skip,
         rerun: None,
+    }
+}
+
+/// Why a batch skips a running run whose `action` (a cancel or a pause) is already requested:
+/// the request stands until the run's steps in flight end, and a second one would change
+/// nothing.
+fn already_requested(action: &BatchAction) -> &'static str {
+    match action {
+        BatchAction::Cancel => "is running with a cancel already requested: it compensates once its steps in flight end",
+        _ => "is running with a pause already requested: it pauses once its steps in flight end",
     }
 }

@@ -34,6 +34,12 @@ impl Engine {
     /// suspended or paused one compensates at once. Cancelling a finished run is an error;
     /// cancelling a run that is already compensating changes nothing.
     pub async fn cancel(&self, id: &str) -> Result<RunRecord> {
+        self.cancel_made(id).await.map(|(record, _)| record)
+    }
+
+    /// [`Engine::cancel`], and whether this call made the cancel (`false`: one was standing
+    /// already, or the run was compensating).
+    pub(super) async fn cancel_made(&self, id: &str) -> Result<(RunRecord, bool)> {
         const REASON: &str = "cancelled by operator";
         let outcome = self
             .operate(id, "cancel", |cell| {
@@ -75,12 +81,13 @@ impl Engine {
                 Ok(true)
             })
             .await?;
+        let made = outcome.is_some();
         if let Some(cell) = outcome {
             cell.cancel.send_replace(true);
             cell.publish();
             tracing::info!(run_id = %cell.id, "cancel requested");
         }
-        self.status(id).await
+        Ok((self.status(id).await?, made))
     }
 
     /// Pauses running run `id`: the request is durable when this returns; no new step or
@@ -90,6 +97,12 @@ impl Engine {
     /// stays paused across restarts until [`Engine::resume`] (or is cancelled). Pausing a
     /// run that is paused or pausing changes nothing; only running runs can be paused.
     pub async fn pause(&self, id: &str) -> Result<RunRecord> {
+        self.pause_made(id).await.map(|(record, _)| record)
+    }
+
+    /// [`Engine::pause`], and whether this call made the pause (`false`: one was standing
+    /// already, or the run was paused).
+    pub(super) async fn pause_made(&self, id: &str) -> Result<(RunRecord, bool)> {
         let outcome = self
             .operate(id, "pause", |cell| {
                 let already =
@@ -108,11 +121,12 @@ impl Engine {
                 Ok(true)
             })
             .await?;
+        let made = outcome.is_some();
         if let Some(cell) = outcome {
             cell.tell_pause();
             tracing::info!(run_id = %cell.id, "pause requested");
         }
-        self.status(id).await
+        Ok((self.status(id).await?, made))
     }
 
     /// Takes up a `Paused` run again (a step that had run out of retries gets a new round
