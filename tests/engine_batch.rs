@@ -527,6 +527,26 @@ async fn each_action_skips_runs_whose_state_does_not_admit_it_and_says_why() {
     engine.shutdown().await;
 }
 
+/// Two default reruns of one run at once make one run, and the next default rerun is the
+/// second: before, each call recorded the first in the old run's journal, and the next
+/// default id counted it twice (`.rerun-3`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_reruns_at_once_count_as_one() {
+    let scratch = Scratch::new();
+    let engine = open(&scratch).await;
+    let failing = serde_json::json!({"log": scratch.log, "fail": true});
+    engine.start_json(Hold::NAME, "bad", failing).await.unwrap();
+    assert_eq!(engine.wait("bad").await.unwrap().status, RunStatus::Failed);
+
+    let default = Rerun::default();
+    let (one, two) = tokio::join!(engine.rerun("bad", &default), engine.rerun("bad", &default));
+    assert_eq!(one.unwrap().id.as_str(), "bad.rerun-1");
+    assert_eq!(two.unwrap().id.as_str(), "bad.rerun-1");
+    let next = engine.rerun("bad", &default).await.unwrap();
+    assert_eq!(next.id.as_str(), "bad.rerun-2");
+    engine.shutdown().await;
+}
+
 /// A rerun starts a new run of the same workflow with the same (or a corrected) input and
 /// records the link in both runs; it is idempotent by its id; an unfinished run is refused;
 /// a bulk rerun skips runs rerun before.

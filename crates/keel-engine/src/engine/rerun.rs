@@ -75,16 +75,20 @@ impl Engine {
         Ok(record)
     }
 
-    /// The runs `id` was rerun as, oldest first, as its journal records them.
+    /// The runs `id` was rerun as, oldest first, each once, as its journal records them. Two
+    /// concurrent calls for the same default id both record it (each reads the journal
+    /// before the other's entry): that is one rerun, so the next default id counts it once.
     pub(crate) async fn reruns_of(&self, id: &RunId) -> Result<Vec<RunId>> {
         let journal = self.inner.env.store.journal(id).await?;
-        Ok(journal
-            .into_iter()
-            .filter_map(|entry| match entry.event {
-                Event::RerunStarted { run } => Some(run),
-                _ => None,
-            })
-            .collect())
+        let mut reruns: Vec<RunId> = Vec::new();
+        for entry in journal {
+            if let Event::RerunStarted { run } = entry.event {
+                if !reruns.contains(&run) {
+                    reruns.push(run);
+                }
+            }
+        }
+        Ok(reruns)
     }
 }
 
