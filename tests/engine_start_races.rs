@@ -151,8 +151,9 @@ fn sent_or_ended(sent: keel::Result<keel::Delivered>) {
 async fn completed_with_one_effect(engine: Engine, why: &str) {
     let record = answered("wait", engine.wait("counted")).await.unwrap();
     assert_eq!(record.status, RunStatus::Completed, "{record:?}");
-    // A second driver, had there been one, would be well into its step by now.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A second cell, had there been one, is in the map from before the send (or the start)
+    // returned until its driver ended: once the map is empty, its step has run.
+    keel_testkit::poll::resident(&engine, keel::Resident::default()).await;
     assert_eq!(
         EFFECTS.load(Ordering::SeqCst),
         1,
@@ -161,13 +162,18 @@ async fn completed_with_one_effect(engine: Engine, why: &str) {
     engine.shutdown().await;
 }
 
-/// The start is held after its record (`start.after_create`, a second); half a second in, a
-/// send loads the run and is held after its reads (`wake.after_index`, a second).
+/// How long `a_load_racing_a_start_drives_the_run_once` holds each thread: half of it is
+/// the time the start's cell has, once released, to run the run to its end before the send's
+/// load goes on (which, on the code before the fix, is what made the second run).
+const RACE_PAUSE_MS: u64 = 4_000;
+
+/// The start is held after its record (`start.after_create`, `RACE_PAUSE_MS`); half of that
+/// in, a send loads the run and is held after its reads (`wake.after_index`, as long).
 fn load_racing_a_start_child() {
     keel_testkit::crash::runtime().block_on(async {
         let engine = open().await;
         let starting = start_counted_held(&engine).await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        tokio::time::sleep(Duration::from_millis(RACE_PAUSE_MS / 2)).await;
         let sending = {
             let engine = engine.clone();
             tokio::spawn(async move { engine.send("counted", "poke", &(), "poke-1").await })
@@ -189,7 +195,7 @@ fn a_load_racing_a_start_drives_the_run_once() {
     if is_child() {
         return load_racing_a_start_child();
     }
-    run_child(NAME, "start.after_create,wake.after_index", 1_000);
+    run_child(NAME, "start.after_create,wake.after_index", RACE_PAUSE_MS);
 }
 
 /// The start is held after its record (`start.after_create`, a second), and a send loads
@@ -223,11 +229,19 @@ fn abandoned_start_child() {
     keel_testkit::crash::runtime().block_on(async {
         let engine = open().await;
         let start = engine.start::<Quick>("quick", ());
-        let gave_up = tokio::time::timeout(Duration::from_millis(50), start).await;
-        assert!(
-            gave_up.is_err(),
-            "the start was durable before its caller gave up"
-        );
+        // The timer first once it is due, however late this task is polled: the caller gives
+        // up and drops the start.
+        let finished = tokio::select! {
+            biased;
+            () = tokio::time::sleep(Duration::from_millis(50)) => false,
+            _ = start => true,
+        };
+        assert!(!finished, "the start was durable before its caller gave up");
+        // The start may not have written its record yet (on PostgreSQL it makes a few round
+        // trips first).
+        while engine.status("quick").await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let record = answered("wait", engine.wait("quick")).await;
         assert!(
             matches!(&record, Ok(r) if r.status == RunStatus::Failed),
