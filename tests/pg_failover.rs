@@ -15,13 +15,16 @@
 //!   running when its worker was stopped does not finish its side effect after another
 //!   worker has re-run the step or compensated the run.
 //!
-//! An effect a stopped worker made after its SIGCONT (a late effect) fails the test, with
-//! what the database knows around it (the worker's lease, the run's claims, the step's rows)
-//! and the worker's lease-lost lines. `KEEL_FAILOVER_STRICT=0` only reports late effects (how
-//! many, and which went against their run's end, such as an effect left by a compensated
-//! run), takes them out of the `check_run` ground truth, and checks the weaker rule that each
-//! belongs to a step attempt its worker had begun, durably, while it held its lease (a worker
-//! that lost its lease starts nothing); that rule is checked in both modes.
+//! An effect a stopped worker made after its SIGCONT (a late effect) is taken out of the
+//! `check_run` ground truth and reported (how many, and which went against their run's end,
+//! such as an effect left by a compensated run); each must belong to a step attempt its
+//! worker had begun, durably, while it held its lease (a worker that lost its lease starts
+//! nothing). One the step began making after the SIGCONT (its `at_us` is later) fails the
+//! test, with what the database knows around it (the worker's lease, the run's claims, the
+//! step's rows) and the worker's lease-lost lines: the lease's guard should have refused that
+//! poll. One it had begun before the stop is not a failure: the stop caught the step inside
+//! the poll that makes it (between reading the time and writing the record), and a poll runs on once continued, as a request sent before a
+//! pause lands (docs/guarantees.md). `KEEL_FAILOVER_STRICT=0` only reports both kinds.
 //!
 //! It also measures failover: for each kill of a worker that owned unfinished runs, the time
 //! from the kill (by the database's clock, read just before the SIGKILL, so a few ms early)
@@ -85,7 +88,7 @@ struct Knobs {
     seed: u64,
     gap_ms: u64,
     leases: Leases,
-    /// Whether an effect a stopped worker made after its SIGCONT fails the test (it is
+    /// Whether an effect a stopped worker began after its SIGCONT fails the test (it is
     /// reported either way): unless `KEEL_FAILOVER_STRICT=0`.
     strict: bool,
 }
@@ -534,7 +537,7 @@ async fn check_zombies(url: &str, stops: &[Stop]) -> usize {
 /// than the run's end says: an effect of a compensated run, an undo of a completed one.
 async fn check_late_effects(url: &str, late: &[LateEffect], knobs: &Knobs) -> Vec<String> {
     let mut left = Vec::new();
-    for LateEffect { effect, worker } in late {
+    for LateEffect { effect, worker, .. } in late {
         assert_eq!(
             database::attempt_begun_by(url, effect, worker).await,
             1,
@@ -625,14 +628,21 @@ async fn check(torture: &Torture, took: Instant) -> (String, Option<String>) {
     let refused = check_zombies(url, stops).await;
     let (effects, late) = torture.workers.split_effects();
     let left = check_late_effects(url, &late, knobs).await;
-    let late_failure = match knobs.strict && !late.is_empty() {
+    // An effect the step had begun making before the stop (inside the poll the stop caught)
+    // is what docs/guarantees.md leaves possible, as a request sent before a pause: reported,
+    // not a failure. One begun after the SIGCONT is a poll the lease's guard should have
+    // refused.
+    let (under_way, begun_after): (Vec<&LateEffect>, Vec<&LateEffect>) =
+        late.iter().partition(|l| l.under_way);
+    let late_failure = match knobs.strict && !begun_after.is_empty() {
         true => Some(format!(
-            "{} effects made by stopped workers after their SIGCONT, {} of them against their \
-             runs' ends {left:?} (seed {}; KEEL_FAILOVER_STRICT=0 only reports them):\n{}",
-            late.len(),
+            "{} effects begun by stopped workers after their SIGCONT, {} late effects in all \
+             against their runs' ends {left:?} (seed {}; KEEL_FAILOVER_STRICT=0 only reports \
+             them):\n{}",
+            begun_after.len(),
             left.len(),
             knobs.seed,
-            late_effects_told(url, &late, stops).await
+            late_effects_told(url, &begun_after, stops).await
         )),
         false => None,
     };
@@ -646,6 +656,7 @@ async fn check(torture: &Torture, took: Instant) -> (String, Option<String>) {
     let zombies = Zombies {
         refused,
         late: late.len(),
+        under_way: under_way.len(),
         left,
     };
     let report = Report {

@@ -120,6 +120,14 @@ fn torn(piece: &str) -> Option<Effect> {
     None
 }
 
+/// This machine's clock in microseconds since the Unix epoch, as [`Effect::at_us`] holds it
+/// (0 before the epoch).
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros() as u64)
+}
+
 /// Records that a step (or its compensation) ran `action` in the attempt described by `ctx`,
 /// in the log at `log`. A log that cannot be written is a retryable step error.
 pub fn record(
@@ -134,10 +142,7 @@ pub fn record(
         key: ctx.key().to_string(),
         attempt: ctx.attempt().0,
         pid: std::process::id(),
-        at_us: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .ok()
-            .map(|since| since.as_micros() as u64),
+        at_us: Some(now_us()),
     };
     append(Path::new(log), &effect)
         .map_err(|e| keel_engine::StepError::retryable("effect log not writable").with_source(e))

@@ -16,6 +16,8 @@ pub struct Zombies {
     pub refused: usize,
     /// Effects they made after their SIGCONT.
     pub late: usize,
+    /// Those the step had begun making before the stop (`LateEffect::under_way`).
+    pub under_way: usize,
     /// Those against their run's end, each as a sentence.
     pub left: Vec<String>,
 }
@@ -118,9 +120,11 @@ impl Report<'_> {
             ),
             format!(
                 "zombies: {} writes refused in their logs; {} effects made after their SIGCONT by \
-                 steps in flight when stopped, {} of them against their run's end: {:?}",
+                 steps in flight when stopped ({} begun before the stop, inside the poll it \
+                 caught), {} of them against their run's end: {:?}",
                 zombies.refused,
                 zombies.late,
+                zombies.under_way,
                 zombies.left.len(),
                 zombies.left
             ),
@@ -145,9 +149,9 @@ impl Report<'_> {
 /// Each late effect, with the stop it followed, the worker's lease-lost lines and what the
 /// database at `url` knows around it (`database::late_effect_context`): for the failure
 /// message of a torture that allows none.
-pub async fn late_effects_told(url: &str, late: &[LateEffect], stops: &[Stop]) -> String {
+pub async fn late_effects_told(url: &str, late: &[&LateEffect], stops: &[Stop]) -> String {
     let mut told = Vec::new();
-    for LateEffect { effect, worker } in late {
+    for &LateEffect { effect, worker, .. } in late {
         let stop = stops
             .iter()
             .find(|s| s.pid == effect.pid && &s.worker == worker);

@@ -100,6 +100,9 @@ pub struct Stop {
     pub owned: usize,
     /// The database's clock just before the SIGCONT.
     pub cont_at: Option<String>,
+    /// This machine's clock (`SystemTime`, microseconds since the epoch, as an effect's
+    /// `at_us`) just before the SIGCONT.
+    pub cont_at_us: u64,
     /// The effect log's length at the SIGCONT: what the zombie did after it follows.
     pub effects_from: u64,
     /// How long after the SIGCONT it exited.
@@ -348,6 +351,7 @@ impl Workers {
         let effects_from = std::fs::metadata(&self.effects).map_or(0, |m| m.len());
         let record = &mut self.stops[stop];
         record.cont_at = Some(now);
+        record.cont_at_us = crate::effects::now_us();
         record.effects_from = effects_from;
         signal(record.pid, Signal::CONT);
         self.slots[n].phase = Phase::Zombie {
@@ -402,6 +406,7 @@ impl Workers {
             pid,
             owned,
             cont_at: None,
+            cont_at_us: 0,
             effects_from: 0,
             exited_after: None,
             log: String::new(),
@@ -509,6 +514,11 @@ pub struct LateEffect {
     pub effect: Effect,
     /// The id of the worker that made it.
     pub worker: String,
+    /// Whether the step had begun making it before the stop: its time (`at_us`, read before
+    /// the effect's record is written) is before the SIGCONT, and the worker was stopped from
+    /// the SIGSTOP until then, so the stop caught the step inside the poll that makes the
+    /// effect (between reading the time and the write), which runs on once continued.
+    pub under_way: bool,
 }
 
 impl Workers {
@@ -529,6 +539,7 @@ impl Workers {
                 .find(|s| s.pid == effect.pid && s.cont_at.is_some() && offset >= s.effects_from);
             match stop {
                 Some(stop) => late.push(LateEffect {
+                    under_way: effect.at_us.is_some_and(|at| at < stop.cont_at_us),
                     effect,
                     worker: stop.worker.clone(),
                 }),
