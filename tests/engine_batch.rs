@@ -410,6 +410,22 @@ async fn a_cancel_or_pause_standing_on_a_running_run_is_not_reported_done_again(
         assert_eq!(dry.runs[0].reason.as_deref(), Some(reason));
     }
 
+    // A pause of a run whose cancel stands is refused, and a dry run says so too.
+    let cancelled = RunFilter {
+        id_prefix: Some("gated-cancel".into()),
+        ..RunFilter::default()
+    };
+    let mut pause = batch(BatchAction::Pause, cancelled, 10);
+    for dry_run in [true, false] {
+        pause.dry_run = dry_run;
+        let report = engine.batch(&pause).await.unwrap();
+        assert_eq!(report.skipped, 1, "{report:?}");
+        assert_eq!(
+            report.runs[0].reason.as_deref(),
+            Some("is cancelled: cannot pause")
+        );
+    }
+
     for id in ["gated-cancel", "gated-pause"] {
         std::fs::write(format!("{}.open", gate(id)), "").unwrap();
     }
@@ -529,7 +545,8 @@ async fn each_action_skips_runs_whose_state_does_not_admit_it_and_says_why() {
 
 /// Two default reruns of one run at once make one run, and the next default rerun is the
 /// second: before, each call recorded the first in the old run's journal, and the next
-/// default id counted it twice (`.rerun-3`).
+/// default id counted it twice (`.rerun-3`). A default id already taken by a given one is
+/// passed over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_reruns_at_once_count_as_one() {
     let scratch = Scratch::new();
@@ -544,6 +561,16 @@ async fn two_reruns_at_once_count_as_one() {
     assert_eq!(two.unwrap().id.as_str(), "bad.rerun-1");
     let next = engine.rerun("bad", &default).await.unwrap();
     assert_eq!(next.id.as_str(), "bad.rerun-2");
+
+    // A rerun given the id the next default one would take: the default goes past it, and
+    // does not hand back that run (before, every default rerun from then on did).
+    let given = Rerun {
+        as_id: Some("bad.rerun-4".into()),
+        input: None,
+    };
+    engine.rerun("bad", &given).await.unwrap();
+    let past = engine.rerun("bad", &default).await.unwrap();
+    assert_eq!(past.id.as_str(), "bad.rerun-5");
     engine.shutdown().await;
 }
 

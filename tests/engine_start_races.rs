@@ -71,6 +71,23 @@ async fn answered<T>(what: &str, future: impl std::future::Future<Output = T>) -
         .unwrap_or_else(|_| panic!("{what}: never answered"))
 }
 
+/// Returns once run `id`'s record is there (its start wrote it).
+async fn recorded(engine: &Engine, id: &str) {
+    let deadline = std::time::Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        match engine.status(id).await {
+            Ok(_) => return,
+            Err(keel::EngineError::RunNotFound { .. }) => {}
+            Err(other) => panic!("reading run {id}: {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run {id} was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Runs test `name`'s child with its threads held `pause_ms` at each of `points`.
 fn run_child(name: &str, points: &str, pause_ms: u64) {
     let dir = tempfile::tempdir().unwrap();
@@ -98,9 +115,7 @@ fn wait_during_a_start_child() {
             tokio::spawn(async move { engine.start::<Quick>("quick", ()).await.map(|_| ()) })
         };
         // The record is there (and durable) while the start is held.
-        while engine.status("quick").await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        recorded(&engine, "quick").await;
         let record = answered("wait", engine.wait("quick")).await;
         assert!(
             matches!(&record, Ok(r) if r.status == RunStatus::Failed),
@@ -129,9 +144,7 @@ async fn start_counted_held(engine: &Engine) -> tokio::task::JoinHandle<keel::Re
         let engine = engine.clone();
         tokio::spawn(async move { engine.start::<Counted>("counted", ()).await.map(|_| ()) })
     };
-    while engine.status("counted").await.is_err() {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    recorded(engine, "counted").await;
     starting
 }
 
@@ -239,9 +252,7 @@ fn abandoned_start_child() {
         assert!(!finished, "the start was durable before its caller gave up");
         // The start may not have written its record yet (on PostgreSQL it makes a few round
         // trips first).
-        while engine.status("quick").await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        recorded(&engine, "quick").await;
         let record = answered("wait", engine.wait("quick")).await;
         assert!(
             matches!(&record, Ok(r) if r.status == RunStatus::Failed),

@@ -6,7 +6,8 @@
 //! done or why it was skipped. Each run's action is the engine's own operator call, durable
 //! when it is reported; a batch cut short by a crash is repeated from its last token, and
 //! every run whose action took effect is skipped the second time (its status no longer
-//! admits it, or, for a rerun, it was rerun already).
+//! admits it, a cancel or pause it asked for still stands, or, for a rerun, it was rerun
+//! already).
 
 use std::collections::HashSet;
 
@@ -259,6 +260,7 @@ impl Engine {
     /// action fails is reported as failed and the batch goes on. The report's `next` is where
     /// a following call goes on; `None` once every match was seen. Repeating a call (its
     /// answer lost) acts on nothing twice: a run acted on no longer admits the action (a
+    /// running run whose cancel or pause is requested and not yet reached is skipped, and a
     /// rerun batch skips runs rerun before).
     pub async fn batch(&self, batch: &Batch) -> Result<BatchReport> {
         self.check_batch(batch)?;
@@ -304,7 +306,7 @@ impl Engine {
                 }
                 if batch.dry_run {
                     report.matched += 1;
-                    let skip = self.skip_reason(&batch.action, &record).await?;
+                    let skip = self.skip_reason(&batch.action, &record, true).await?;
                     if skip.is_none() {
                         report.done += 1;
                     } else {
@@ -412,11 +414,13 @@ impl Engine {
         Ok(())
     }
 
-    /// Why `record` would be skipped by `action`, or `None` if the action applies.
+    /// Why `record` would be skipped by `action`, or `None` if the action applies. A dry run
+    /// (`dry_run`) reads no journal to tell.
     async fn skip_reason(
         &self,
         action: &BatchAction,
         record: &RunRecord,
+        dry_run: bool,
     ) -> Result<Option<String>> {
         let admits = action.admits();
         if !admits.contains(&record.status) {
@@ -430,12 +434,7 @@ impl Engine {
         }
         match action {
             BatchAction::Cancel | BatchAction::Pause if record.status == RunStatus::Running => {
-                let (cancel, pause) = self.requests_standing(&record.id).await?;
-                let standing = match action {
-                    BatchAction::Cancel => cancel,
-                    _ => pause,
-                };
-                Ok(standing.then(|| already_requested(action).into()))
+                Ok(self.standing_request(action, &record.id, !dry_run).await)
             }
             BatchAction::Rerun => Ok(self
                 .reruns_of(&record.id)
@@ -459,19 +458,37 @@ impl Engine {
         }
     }
 
-    /// Whether running run `id` has a cancel, and a pause, requested and not yet reached: from
-    /// its cell when it is loaded, else from its journal.
-    async fn requests_standing(&self, id: &RunId) -> Result<(bool, bool)> {
+    /// Why a cancel or a pause (`action`) of running run `id` would change nothing: a cancel
+    /// already requested (a pause is refused then), or a pause already requested, that the
+    /// run has not reached yet (its step is in flight). Told from the run's cell when it is
+    /// loaded here; when another engine drives it (a shared store) and `read_journal`, from
+    /// its journal, since the call would take the run over from its driver only to find the
+    /// request there. Otherwise `None`, and the call itself tells: on a store of one engine,
+    /// a running run that is not loaded is one whose driver stopped, and the call loads and
+    /// drives it again.
+    async fn standing_request(
+        &self,
+        action: &BatchAction,
+        id: &RunId,
+        read_journal: bool,
+    ) -> Option<String> {
         let read = |state: &RunState| (state.cancel_requested, state.pause_requested);
-        if let Some(cell) = self.loaded(id) {
-            return Ok(cell.with_state(read));
+        let (cancel, pause) = if let Some(cell) = self.loaded(id) {
+            cell.with_state(read)
+        } else if read_journal && self.driven_elsewhere(id) {
+            match self.read_state(id).await {
+                Ok(state) => read(&state),
+                Err(error) => return Some(format!("its journal cannot be read: {error}")),
+            }
+        } else {
+            return None;
+        };
+        match action {
+            BatchAction::Cancel if cancel => Some(already_requested(action).into()),
+            BatchAction::Pause if cancel => Some("is cancelled: cannot pause".into()),
+            BatchAction::Pause if pause => Some(already_requested(action).into()),
+            _ => None,
         }
-        let entries = self.inner.env.store.journal(id).await?;
-        let state = RunState::from_entries(&entries).map_err(|detail| EngineError::Corrupt {
-            key: format!("journal of run {id}"),
-            detail,
-        })?;
-        Ok(read(&state))
     }
 
     /// Applies `action` to `record`'s run and says what happened.
@@ -508,7 +525,7 @@ impl Engine {
         let id = run.id.to_string();
         // The scan's copy may be stale: the check is made on the record as stored now.
         let record = self.record(&id).await?;
-        if let Some(reason) = self.skip_reason(action, &record).await? {
+        if let Some(reason) = self.skip_reason(action, &record, false).await? {
             return Ok(Some(reason));
         }
         let now = match action {
@@ -518,8 +535,12 @@ impl Engine {
                     _ => self.pause_made(&id).await?,
                 };
                 if !made {
-                    // Another call's request came in since the check.
-                    return Ok(Some(already_requested(action).into()));
+                    // The run moved on since the check: another call's request came in, or
+                    // it began compensating (or paused) of its own accord.
+                    return Ok(Some(match now.status {
+                        RunStatus::Running => already_requested(action).into(),
+                        status => format!("is {status}: cannot {}", action.name()),
+                    }));
                 }
                 now
             }

@@ -331,7 +331,7 @@ impl Engine {
 
     /// Whether a running or compensating run not loaded here is another engine's to drive:
     /// the store is shared and this engine did not leave it undriven.
-    fn driven_elsewhere(&self, id: &RunId) -> bool {
+    pub(super) fn driven_elsewhere(&self, id: &RunId) -> bool {
         self.inner.env.store.claim_every().is_some()
             && !self
                 .inner

@@ -44,7 +44,7 @@ impl Engine {
         let reruns = self.reruns_of(&old.id).await?;
         let new_id = match &rerun.as_id {
             Some(as_id) => as_id.clone(),
-            None => default_id(&old.id, reruns.len() + 1)?,
+            None => next_default_id(&old.id, &reruns)?,
         };
         let input = rerun.input.clone().unwrap_or_else(|| old.input.clone());
         let (new_id, input) = self.checked_json_start(&old.workflow, &new_id, input)?;
@@ -89,6 +89,21 @@ impl Engine {
             }
         }
         Ok(reruns)
+    }
+}
+
+/// The next default rerun id of `id`, rerun as `reruns` so far: the first `n`th from the
+/// count of reruns on whose id no recorded rerun is (one given as `<id>.rerun-<n>`, or a
+/// journal that counted one concurrent rerun twice before its reruns were counted once,
+/// would otherwise hand back that run for good).
+fn next_default_id(id: &RunId, reruns: &[RunId]) -> Result<String> {
+    let mut n = reruns.len() + 1;
+    loop {
+        let made = default_id(id, n)?;
+        if !reruns.iter().any(|rerun| rerun.as_str() == made) {
+            return Ok(made);
+        }
+        n += 1;
     }
 }
 
