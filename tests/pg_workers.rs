@@ -426,6 +426,53 @@ async fn a_live_owner_stops_its_step_when_an_operator_call_takes_the_run() {
     b.shutdown().await;
 }
 
+/// A batch cancel through another engine of a run whose cancel already stands (its step in
+/// flight on its owner) skips it, reading its journal, and leaves it to its owner: before, the
+/// call took the run over, fencing the owner's step, only to find the cancel there, and the
+/// batch reported it done.
+#[tokio::test]
+async fn a_batch_cancel_through_another_engine_leaves_a_standing_cancel_to_its_owner() {
+    let (dir, url) = (tempfile::tempdir().unwrap(), fresh_database().await);
+    let log = dir.path().join("effects.log");
+    let a = open(&dir.path().join("a"), &url).await;
+    let b = open(&dir.path().join("b"), &url).await;
+    let a_id = workers(&url).await[0].clone();
+    let slow = SlowEffect {
+        ms: 2_000,
+        log: log.display().to_string(),
+    };
+    a.start::<SlowFlow>("standing", slow).await.unwrap();
+    until_entries(&url, "standing", 1).await;
+    a.cancel("standing").await.unwrap();
+
+    let only = keel::RunFilter {
+        id_prefix: Some("standing".into()),
+        ..keel::RunFilter::default()
+    };
+    let cancel = keel::Batch {
+        action: keel::BatchAction::Cancel,
+        filter: only,
+        dry_run: false,
+        after: None,
+        limit: 10,
+    };
+    let report = b.batch(&cancel).await.unwrap();
+    assert_eq!(report.skipped, 1, "{report:?}");
+    let reason = report.runs[0].reason.as_deref().unwrap();
+    assert!(reason.contains("a cancel already requested"), "{reason}");
+
+    let record = a.wait("standing").await.unwrap();
+    assert_eq!(record.status, RunStatus::Compensated, "{record:?}");
+    assert_eq!(
+        writers(&url, "standing").await,
+        vec![a_id],
+        "the run was taken over"
+    );
+    assert_eq!(fencing_breaches(&url).await, Vec::<String>::new());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 /// An event sent through an engine that does not drive the run takes the run over (as an
 /// operator's call does) and the run takes it there; the value it publishes is read, and
 /// waited for, through either engine; the database records no write out of turn.
