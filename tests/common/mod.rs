@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub(crate) mod batch;
 pub(crate) mod bodies;
 pub(crate) mod effects;
 pub(crate) mod start;
