@@ -253,12 +253,7 @@ impl Engine {
         event: EventIn,
     ) -> Result<RunHandle<W>> {
         event.check()?;
-        let id = RunId::new_top_level(id)?;
-        self.inner.workflows.add::<W>()?;
-        let input = serde_json::to_value(input).map_err(|source| EngineError::Serialise {
-            what: format!("input of {}", W::NAME),
-            source,
-        })?;
+        let (id, input) = self.checked_typed_start::<W>(id, input)?;
         let record = self
             .start_value(W::NAME, id, input, Lineage::default(), Some(&event))
             .await?;

@@ -14,7 +14,7 @@ use crate::journal::{digest, RunRecord, RunStatus};
 use crate::limits::INPUT_BYTES_MAX;
 use crate::replay::RunState;
 use crate::store::Token;
-use crate::workflow::Workflow;
+use crate::workflow::{Workflow, WorkflowEntry};
 
 use super::events::EventIn;
 
@@ -24,12 +24,7 @@ impl Engine {
     /// The id must obey [`RunId::new_top_level`]: no `/` (child runs' ids), no leading `-` or
     /// `.`, no `..`.
     pub async fn start<W: Workflow>(&self, id: &str, input: W::Input) -> Result<RunHandle<W>> {
-        let id = RunId::new_top_level(id)?;
-        self.inner.workflows.add::<W>()?;
-        let input = serde_json::to_value(input).map_err(|source| EngineError::Serialise {
-            what: format!("input of {}", W::NAME),
-            source,
-        })?;
+        let (id, input) = self.checked_typed_start::<W>(id, input)?;
         let record = self
             .start_value(W::NAME, id, input, Lineage::default(), None)
             .await?;
@@ -47,6 +42,32 @@ impl Engine {
             .await
     }
 
+    /// The id and the JSON input of a typed start of `W`, checked, with `W` registered.
+    pub(super) fn checked_typed_start<W: Workflow>(
+        &self,
+        id: &str,
+        input: W::Input,
+    ) -> Result<(RunId, Value)> {
+        let id = RunId::new_top_level(id)?;
+        self.inner.workflows.add::<W>()?;
+        let input = serde_json::to_value(input).map_err(|source| EngineError::Serialise {
+            what: format!("input of {}", W::NAME),
+            source,
+        })?;
+        Ok((id, input))
+    }
+
+    /// The registry's entry of `workflow`, or the error naming the workflows registered.
+    fn registered(&self, workflow: &str) -> Result<Arc<WorkflowEntry>> {
+        self.inner
+            .workflows
+            .get(workflow)
+            .ok_or_else(|| EngineError::UnknownWorkflow {
+                name: workflow.into(),
+                registered: self.inner.workflows.names(),
+            })
+    }
+
     /// The id and the normalised input of a JSON start of `workflow`, checked.
     pub(super) fn checked_json_start(
         &self,
@@ -55,14 +76,7 @@ impl Engine {
         input: Value,
     ) -> Result<(RunId, Value)> {
         let id = RunId::new_top_level(id)?;
-        let entry =
-            self.inner
-                .workflows
-                .get(workflow)
-                .ok_or_else(|| EngineError::UnknownWorkflow {
-                    name: workflow.into(),
-                    registered: self.inner.workflows.names(),
-                })?;
+        let entry = self.registered(workflow)?;
         // Stored in its typed form, so that a later typed `start` of the same value (which
         // writes omitted optional fields as null, say) is recognised as the same input.
         let input = (entry.normalise_input)(&input).map_err(|e| e.into_engine_error(workflow))?;
@@ -143,14 +157,7 @@ impl Engine {
                 limit: INPUT_BYTES_MAX,
             });
         }
-        let entry =
-            self.inner
-                .workflows
-                .get(workflow)
-                .ok_or_else(|| EngineError::UnknownWorkflow {
-                    name: workflow.into(),
-                    registered: self.inner.workflows.names(),
-                })?;
+        let entry = self.registered(workflow)?;
         (entry.validate)(&input).map_err(|e| EngineError::InvalidInput {
             workflow: workflow.into(),
             field: e.field,

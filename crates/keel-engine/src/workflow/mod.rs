@@ -12,7 +12,7 @@ mod registry;
 
 pub use crate::error::WorkflowError;
 
-pub(crate) use registry::{BodyError, Workflows};
+pub(crate) use registry::{BodyError, WorkflowEntry, Workflows};
 
 /// A workflow type. Register it with [`crate::EngineBuilder::workflow`] so that unfinished
 /// runs resume when the engine opens.
