@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -32,10 +32,10 @@ use parking_lot::{Mutex, MutexGuard};
 use serde::Deserialize;
 use tokio::sync::watch;
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::journal::RunStatus;
 
-use super::RUN_PREFIX;
+use super::{Kv, RUN_PREFIX};
 
 /// Records the background count reads under one hold of the lock: a write of records waits
 /// for the batch being read (a few milliseconds when its leaves are read from disk), and for
@@ -59,7 +59,7 @@ struct State {
     /// While the open's count runs: the last record key it counted (empty: none yet).
     counted_to: Option<Vec<u8>>,
     /// Why the open's count stopped, if it failed: the counts are not whole.
-    failed: Option<sled::Error>,
+    failed: Option<String>,
 }
 
 impl StatusCounts {
@@ -118,7 +118,10 @@ impl StatusCounts {
         let _ = done.wait_for(|done| *done).await;
         let state = self.lock();
         if let Some(error) = &state.failed {
-            return Err(super::storage(path, error.clone()));
+            return Err(EngineError::Storage {
+                path: path.to_owned(),
+                source: format!("the open's count of the runs failed: {error}").into(),
+            });
         }
         Ok(whole(&state.counts))
     }
@@ -185,8 +188,7 @@ impl Writing<'_> {
 /// `stop` is set (the store is dropped). `between` runs before each batch (tests pause
 /// there).
 pub(super) fn count_in_background(
-    path: PathBuf,
-    db: sled::Db,
+    kv: Kv,
     counts: Arc<StatusCounts>,
     stop: Arc<AtomicBool>,
     between: impl Fn() + Send + 'static,
@@ -198,7 +200,7 @@ pub(super) fn count_in_background(
             // However the count ends (stopped, failed, panicked), its waiters are told.
             let _ends = Ends(&counts);
             let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                count_batches(&db, &counts, &stop, between)
+                count_batches(&kv, &counts, &stop, between).map_err(|e| e.to_string())
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
@@ -206,15 +208,13 @@ pub(super) fn count_in_background(
                     .map(|s| s.to_string())
                     .or_else(|| panic.downcast_ref::<String>().cloned())
                     .unwrap_or_default();
-                Err(sled::Error::ReportableBug(format!(
-                    "the count of the runs panicked: {what}"
-                )))
+                Err(format!("it panicked: {what}"))
             });
             match counted {
                 Ok(true) => {
                     let runs: u64 = counts.lock().counts.values().sum();
                     tracing::info!(
-                        path = %path.display(),
+                        path = %kv.path().display(),
                         runs,
                         counted_ms = started.elapsed().as_millis(),
                         "sled store counted its runs"
@@ -223,7 +223,7 @@ pub(super) fn count_in_background(
                 Ok(false) => tracing::debug!("the open's count stopped: the store is closing"),
                 Err(error) => {
                     tracing::error!(
-                        path = %path.display(),
+                        path = %kv.path().display(),
                         %error,
                         "the runs could not be counted: run counts are unavailable until the next open"
                     );
@@ -243,9 +243,10 @@ impl Drop for Ends<'_> {
         if *self.0.done.borrow() {
             return;
         }
-        self.0.lock().failed.get_or_insert_with(|| {
-            sled::Error::ReportableBug("the count of the runs ended before the last run".into())
-        });
+        self.0
+            .lock()
+            .failed
+            .get_or_insert_with(|| "it ended before the last run".into());
         self.0.counting.store(false, Ordering::SeqCst);
         self.0.done.send_replace(true);
     }
@@ -253,11 +254,11 @@ impl Drop for Ends<'_> {
 
 /// The count's loop; `Ok(false)` when stopped before the end.
 fn count_batches(
-    db: &sled::Db,
+    kv: &Kv,
     counts: &StatusCounts,
     stop: &AtomicBool,
     between: impl Fn(),
-) -> sled::Result<bool> {
+) -> Result<bool> {
     let end = [RUN_PREFIX + 1];
     loop {
         between();
@@ -269,11 +270,10 @@ fn count_batches(
             Some([]) | None => Bound::Included(vec![RUN_PREFIX]),
             Some(key) => Bound::Excluded(key.to_vec()),
         };
+        let to = Bound::Excluded(end.to_vec());
         let mut read = 0;
         let mut last = None;
-        for item in
-            db.range::<&[u8], _>((from.as_ref().map(Vec::as_slice), Bound::Excluded(&end[..])))
-        {
+        for item in kv.range(from, to) {
             let (key, value) = item?;
             if let Some(status) = status_of(&value) {
                 *state.counts.entry(status).or_default() += 1;
@@ -324,7 +324,7 @@ pub(super) type Pause = Arc<dyn Fn() + Send + Sync>;
 
 /// Pauses of the counts by store path, for tests.
 #[cfg(test)]
-pub(super) static PAUSES: Mutex<BTreeMap<PathBuf, Pause>> = Mutex::new(BTreeMap::new());
+pub(super) static PAUSES: Mutex<BTreeMap<std::path::PathBuf, Pause>> = Mutex::new(BTreeMap::new());
 
 /// The status of a stored run record, read without decoding the rest of it; `None` when the
 /// bytes are no readable record (which the counts at open left out too).

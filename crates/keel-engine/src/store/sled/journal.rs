@@ -223,7 +223,7 @@ impl SledStore {
         /// Reads made while the record keeps changing under them, at most.
         const TRIES: usize = 3;
         let key = run_key(id);
-        let get = || self.db.get(&key).map_err(|e| self.storage(e));
+        let get = || self.kv.get(&key);
         let mut record = get()?;
         let mut tries = 1;
         loop {
@@ -248,8 +248,8 @@ impl SledStore {
         };
         let prefix = journal_prefix(id);
         let mut entries = Vec::new();
-        for item in self.db.scan_prefix(&prefix) {
-            let (key, bytes) = item.map_err(|e| self.storage(e))?;
+        for item in self.kv.scan_prefix(&prefix) {
+            let (key, bytes) = item?;
             let corrupt = |detail: String| EngineError::Corrupt {
                 key: readable_key(&key),
                 detail,
@@ -352,30 +352,21 @@ impl SledStore {
             self.move_tail_out(id)?;
         }
         for (index, value) in keyed {
-            self.db
-                .insert(journal_key(id, index), value)
-                .map_err(|e| self.storage(e))?;
+            self.kv.insert(journal_key(id, index), value)?;
         }
         let Some((record, record_bytes)) = view else {
-            self.db
-                .insert(journal_key(id, last_index), last_value)
-                .map_err(|e| self.storage(e))?;
+            self.kv.insert(journal_key(id, last_index), last_value)?;
             return Ok(());
         };
         // Until the view is rewritten, the store may not be closed cleanly.
         self.transitions_open.fetch_add(1, Ordering::SeqCst);
         // The commit point: the entry with the record's new state.
-        self.db
-            .insert(journal_key(id, last_index), last_value)
-            .map_err(|e| self.storage(e))?;
+        self.kv.insert(journal_key(id, last_index), last_value)?;
         crate::crash::point("store.after_transition_entry");
         // The view; `repair_records` redoes it if a crash comes first.
         let key = run_key(id);
         let mut counting = self.counts.writing();
-        let before = self
-            .db
-            .insert(&key, record_bytes)
-            .map_err(|e| self.storage(e))?;
+        let before = self.kv.insert(&key, record_bytes)?;
         let from = before.as_deref().and_then(status_of);
         counting.moved(&key, from, Some(record.status));
         self.transitions_open.fetch_sub(1, Ordering::SeqCst);
@@ -388,7 +379,7 @@ impl SledStore {
     /// crash leaves all of them or none), where reads then take them from (see
     /// [`SledStore::read_journal`]). Nothing when the record holds none.
     pub(super) fn move_tail_out(&self, id: &RunId) -> Result<()> {
-        let record = self.db.get(run_key(id)).map_err(|e| self.storage(e))?;
+        let record = self.kv.get(run_key(id))?;
         let held = match record {
             Some(bytes) => journal_tail(id, &bytes)?,
             None => None,
@@ -401,9 +392,8 @@ impl SledStore {
             .iter()
             .map(|entry| encode("journal entry", entry, TRANSITION_ENTRY_BYTES_MAX))
             .collect::<Result<Vec<_>>>()?;
-        self.db
-            .insert(journal_key(id, JournalIndex(tail.from)), one_value(values))
-            .map_err(|e| self.storage(e))?;
+        self.kv
+            .insert(journal_key(id, JournalIndex(tail.from)), one_value(values))?;
         Ok(())
     }
 
@@ -442,7 +432,7 @@ impl SledStore {
         let _writing = self.writes.begin();
         let key = run_key(id);
         let mut counting = self.counts.writing();
-        let before = self.db.insert(&key, bytes).map_err(|e| self.storage(e))?;
+        let before = self.kv.insert(&key, bytes)?;
         let from = before.as_deref().and_then(status_of);
         counting.moved(&key, from, Some(record.status));
         // Not at the crash point with the counts' lock held (a hanging crash point would

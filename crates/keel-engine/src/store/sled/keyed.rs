@@ -25,25 +25,21 @@ impl SledStore {
     pub(super) fn write_keyed(&self, space: Space, key: &str, value: &str) -> Result<()> {
         check_keyed(space, key, value)?;
         let _writing = self.writes.begin();
-        self.db
-            .insert(full_key(space, key), value.as_bytes())
-            .map_err(|e| self.storage(e))?;
+        self.kv.insert(full_key(space, key), value.as_bytes())?;
         Ok(())
     }
 
     pub(super) fn remove_keyed(&self, space: Space, key: &str) -> Result<()> {
         let _writing = self.writes.begin();
-        self.db
-            .remove(full_key(space, key))
-            .map_err(|e| self.storage(e))?;
+        self.kv.remove(full_key(space, key))?;
         Ok(())
     }
 
     pub(super) fn read_keyed(&self, space: Space) -> Result<Vec<(String, String)>> {
         let prefix = keyed_prefix(space);
         let mut out = Vec::new();
-        for item in self.db.scan_prefix(&prefix) {
-            let (key, value) = item.map_err(|e| self.storage(e))?;
+        for item in self.kv.scan_prefix(&prefix) {
+            let (key, value) = item?;
             let text = |bytes: &[u8]| {
                 String::from_utf8(bytes.to_vec()).map_err(|_| EngineError::Corrupt {
                     key: readable_key(&key),

@@ -1,4 +1,5 @@
-//! The embedded store: run records and journals in one sled tree. `recovery.rs` opens and
+//! The embedded store: run records and journals in one sled tree, read and written through
+//! `kv.rs` (`Kv`) only, except by the sync and the open's checks. `recovery.rs` opens and
 //! checks it (sled's own recovery, torn snapshots, the high-water mark, records left
 //! behind); `sync.rs` is the sync the committer (or a lone writer) runs; `journal.rs` a
 //! run's journal (its keys, grouped values, the record's state in a transition's entry, its
@@ -41,7 +42,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -56,6 +57,7 @@ use crate::store::{Claimed, JournalStore, Read, RunsScan, ScannedRuns, Space, Ta
 mod counts;
 mod journal;
 mod keyed;
+mod kv;
 mod recovery;
 mod scan;
 mod sync;
@@ -63,6 +65,7 @@ mod wakes;
 
 use counts::{status_of, StatusCounts};
 use journal::{journal_key, journal_prefix};
+use kv::Kv;
 use recovery::{db_bytes, held_commit, keep_if_shorter, loss, open_db, repair_records, with_kept};
 use scan::runs_page;
 use sync::{sync_all, sync_fn, Writes};
@@ -97,8 +100,8 @@ pub(crate) struct SledOptions {
 
 /// A [`JournalStore`] on sled 0.34.
 pub(crate) struct SledStore {
-    path: PathBuf,
-    db: sled::Db,
+    /// The store's tree (`kv.rs`), and its path.
+    kv: Kv,
     /// Writes begun and done so far (`sync.rs`).
     writes: Arc<Writes>,
     /// Runs in each status (`counts.rs`).
@@ -143,10 +146,11 @@ impl Drop for SledStore {
         }
         let left = (|| {
             let sequence_tree = self
-                .db
+                .kv
+                .sled()
                 .open_tree(mark::SEQUENCE_TREE)
                 .map_err(|e| e.to_string())?;
-            let held = held_commit(&self.path, &sequence_tree).map_err(|e| e.to_string())?;
+            let held = held_commit(self.path(), &sequence_tree).map_err(|e| e.to_string())?;
             let Some(counts) = self.counts.now() else {
                 tracing::info!(
                     "the run counts are not whole (the open's count had not ended, or failed): \
@@ -155,10 +159,9 @@ impl Drop for SledStore {
                 return Ok(());
             };
             let bytes = recovery::CleanClose::bytes(held, counts)?;
-            self.db
+            self.kv
                 .insert(recovery::CLEAN_CLOSE_KEY, bytes)
-                .and_then(|_| self.db.flush())
-                .map(drop)
+                .and_then(|_| self.kv.flush())
                 .map_err(|e| e.to_string())
         })();
         if let Err(error) = left {
@@ -170,7 +173,7 @@ impl Drop for SledStore {
 impl std::fmt::Debug for SledStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SledStore")
-            .field("path", &self.path)
+            .field("path", &self.path())
             .field("writes_done", &self.writes.done())
             .finish_non_exhaustive()
     }
@@ -192,15 +195,14 @@ impl SledStore {
         let opening = std::time::Instant::now();
         let db = open_db(path, options.durability, options.cache_bytes)
             .map_err(|e| with_kept(e, kept.as_deref()))?;
+        let kv = Kv::new(path, db);
         let recovered_ms = opening.elapsed().as_millis();
-        let sequence_tree = db
+        let sequence_tree = kv
+            .sled()
             .open_tree(mark::SEQUENCE_TREE)
             .map_err(|e| storage(path, e))?;
         let held = held_commit(path, &sequence_tree)?;
-        match (
-            loss(path, &db, held, marked, kept.as_deref()),
-            options.lost_data,
-        ) {
+        match (loss(&kv, held, marked, kept.as_deref()), options.lost_data) {
             (None, _) => {
                 if let Some(copy) = &kept {
                     // The store is whole: sled shrank its own file after the last mark.
@@ -215,7 +217,7 @@ impl SledStore {
             }
         }
         let repairing = std::time::Instant::now();
-        let (counts, repaired) = repair_records(path, &db, held)?;
+        let (counts, repaired) = repair_records(&kv, held)?;
         tracing::info!(
             path = %path.display(),
             db_bytes = db_bytes(path),
@@ -228,7 +230,7 @@ impl SledStore {
         );
         // Durable before anyone reads a repaired record, and before the mark claims what
         // sled recovered.
-        sync_all(path, &db, options.durability).map_err(|e| sync_error(path, e))?;
+        sync_all(path, kv.sled(), options.durability).map_err(|e| sync_error(path, e))?;
         let start = Mark {
             commit: held,
             db_bytes: db_bytes(path),
@@ -238,7 +240,7 @@ impl SledStore {
         let writes = Arc::new(Writes::default());
         let sync = sync_fn(
             path,
-            db.clone(),
+            kv.sled().clone(),
             sequence_tree,
             held,
             mark,
@@ -252,8 +254,7 @@ impl SledStore {
                 let counts = Arc::new(StatusCounts::to_count());
                 let stop = Arc::new(AtomicBool::new(false));
                 let count = counts::count_in_background(
-                    path.to_owned(),
-                    db.clone(),
+                    kv.clone(),
                     Arc::clone(&counts),
                     Arc::clone(&stop),
                     counts::pause_of(path),
@@ -266,8 +267,7 @@ impl SledStore {
             }
         };
         Ok(SledStore {
-            path: path.to_owned(),
-            db,
+            kv,
             writes,
             counts,
             counting,
@@ -280,8 +280,8 @@ impl SledStore {
         })
     }
 
-    fn storage(&self, error: sled::Error) -> EngineError {
-        storage(&self.path, error)
+    fn path(&self) -> &Path {
+        self.kv.path()
     }
 }
 
@@ -347,29 +347,22 @@ impl SledStore {
     ) -> Result<Option<RunRecord>> {
         let writing = self.writes.begin();
         let mut counting = self.counts.writing();
-        match self
-            .db
-            .compare_and_swap(key, None as Option<&[u8]>, Some(bytes))
-        {
-            Ok(Ok(())) => {
+        match self.kv.create(key, bytes)? {
+            None => {
                 drop(writing);
                 counting.moved(key, None, Some(record.status));
                 Ok(None)
             }
-            Ok(Err(cas)) => {
+            Some(current) => {
                 writing.changed_nothing();
-                let current = cas
-                    .current
-                    .expect("compare_and_swap from None fails only on an existing value");
                 decode_record(key, &current).map(Some)
             }
-            Err(e) => Err(self.storage(e)),
         }
     }
 
     fn read_run(&self, id: &RunId) -> Result<Option<RunRecord>> {
         let key = run_key(id);
-        match self.db.get(&key).map_err(|e| self.storage(e))? {
+        match self.kv.get(&key)? {
             Some(bytes) => decode_record(&key, &bytes).map(Some),
             None => Ok(None),
         }
@@ -377,7 +370,7 @@ impl SledStore {
 
     fn read_load_count(&self, id: &RunId) -> Result<u32> {
         let key = loads_key(id);
-        match self.db.get(&key).map_err(|e| self.storage(e))? {
+        match self.kv.get(&key)? {
             None => Ok(0),
             Some(bytes) => {
                 let bytes: [u8; 4] =
@@ -397,11 +390,9 @@ impl SledStore {
         let key = loads_key(id);
         let _writing = self.writes.begin();
         if loads == 0 {
-            self.db.remove(key).map_err(|e| self.storage(e))?;
+            self.kv.remove(key)?;
         } else {
-            self.db
-                .insert(key, &loads.to_be_bytes())
-                .map_err(|e| self.storage(e))?;
+            self.kv.insert(key, &loads.to_be_bytes())?;
         }
         Ok(())
     }
@@ -411,14 +402,14 @@ impl SledStore {
         let mut key = vec![STATS_PREFIX];
         key.extend_from_slice(operation.as_bytes());
         let _writing = self.writes.begin();
-        self.db.insert(key, record).map_err(|e| self.storage(e))?;
+        self.kv.insert(key, record)?;
         Ok(())
     }
 
     fn read_stats(&self) -> Result<Vec<(String, Vec<u8>)>> {
         let mut out = Vec::new();
-        for item in self.db.scan_prefix([STATS_PREFIX]) {
-            let (key, bytes) = item.map_err(|e| self.storage(e))?;
+        for item in self.kv.scan_prefix([STATS_PREFIX]) {
+            let (key, bytes) = item?;
             out.push((
                 String::from_utf8_lossy(&key[1..]).into_owned(),
                 bytes.to_vec(),
@@ -439,23 +430,22 @@ impl JournalStore for SledStore {
 
     fn runs(&self) -> Read<'_, Vec<Result<RunRecord>>> {
         // Every record: off the runtime's threads, which a large store would hold up.
-        let db = self.db.clone();
-        off_runtime(self.path.clone(), move |path| read_runs(path, &db))
+        off_runtime(self.kv.clone(), |kv| read_runs(&kv))
     }
 
     fn runs_page<'a>(&'a self, scan: &'a RunsScan) -> Read<'a, ScannedRuns> {
         if scan.status.is_none() {
             // At most `limit` records and one more: answered here.
-            return ready(runs_page(&self.path, &self.db, scan));
+            return ready(runs_page(&self.kv, scan));
         }
         // Up to `examine_max` records of other statuses (milliseconds of decoding): off the
         // runtime's threads, so that a console asking every second never stalls runs.
-        let (db, scan) = (self.db.clone(), scan.clone());
-        off_runtime(self.path.clone(), move |path| runs_page(path, &db, &scan))
+        let scan = scan.clone();
+        off_runtime(self.kv.clone(), move |kv| runs_page(&kv, &scan))
     }
 
     fn run_counts(&self) -> Read<'_, BTreeMap<RunStatus, u64>> {
-        Box::pin(self.counts.counted(&self.path))
+        Box::pin(self.counts.counted(self.path()))
     }
 
     fn journal<'a>(&'a self, id: &'a RunId) -> Read<'a, Vec<Entry>> {
@@ -477,10 +467,10 @@ impl JournalStore for SledStore {
     fn delete_runs<'a>(&'a self, ids: &'a [RunId]) -> Read<'a, ()> {
         // sled 0.34's batch waits out any sync in progress (see the module doc): off the
         // runtime's threads.
-        let (db, writes, ids) = (self.db.clone(), Arc::clone(&self.writes), ids.to_vec());
+        let (writes, ids) = (Arc::clone(&self.writes), ids.to_vec());
         let (counts, closed) = (Arc::clone(&self.counts), Arc::clone(&self.closed));
-        off_runtime(self.path.clone(), move |path| {
-            remove_runs(path, &db, &writes, &counts, &closed, &ids)
+        off_runtime(self.kv.clone(), move |kv| {
+            remove_runs(&kv, &writes, &counts, &closed, &ids)
         })
     }
 
@@ -583,10 +573,10 @@ impl JournalStore for SledStore {
 }
 
 /// Every run record (see [`JournalStore::runs`]); blocking.
-fn read_runs(path: &Path, db: &sled::Db) -> Result<Vec<Result<RunRecord>>> {
+fn read_runs(kv: &Kv) -> Result<Vec<Result<RunRecord>>> {
     let mut records = Vec::new();
-    for item in db.scan_prefix([RUN_PREFIX]) {
-        let (key, bytes) = item.map_err(|e| storage(path, e))?;
+    for item in kv.scan_prefix([RUN_PREFIX]) {
+        let (key, bytes) = item?;
         records.push(decode_record(&key, &bytes));
     }
     Ok(records)
@@ -594,8 +584,7 @@ fn read_runs(path: &Path, db: &sled::Db) -> Result<Vec<Result<RunRecord>>> {
 
 /// Deletes the runs `ids` in one batch (see [`JournalStore::delete_runs`]); blocking.
 fn remove_runs(
-    path: &Path,
-    db: &sled::Db,
+    kv: &Kv,
     writes: &Writes,
     counts: &StatusCounts,
     closed: &std::sync::Mutex<bool>,
@@ -612,27 +601,25 @@ fn remove_runs(
     let mut ids = ids.iter().collect::<Vec<_>>();
     ids.sort();
     ids.dedup();
-    let mut batch = sled::Batch::default();
+    let mut keys = Vec::new();
     for id in &ids {
-        for item in db.scan_prefix(journal_prefix(id)).keys() {
-            batch.remove(item.map_err(|e| storage(path, e))?);
+        for key in kv.keys_with_prefix(journal_prefix(id)) {
+            keys.push(key?);
         }
-        batch.remove(run_key(id));
-        batch.remove(loads_key(id));
-        for key in wakes::keys_of(db, id).map_err(|e| storage(path, e))? {
-            batch.remove(key);
-        }
+        keys.push(run_key(id).into());
+        keys.push(loads_key(id).into());
+        keys.extend(wakes::keys_of(kv, id)?.into_iter().map(Into::into));
     }
     // The records' statuses read, and the batch applied, under the counts' lock while the
     // open's count runs (`counts.rs`).
     let mut counting = counts.writing();
     let mut removed = Vec::with_capacity(ids.len());
     for id in ids {
-        let record = db.get(run_key(id)).map_err(|e| storage(path, e))?;
+        let record = kv.get(run_key(id))?;
         removed.push((run_key(id), record.as_deref().and_then(status_of)));
     }
     let writing = writes.begin();
-    db.apply_batch(batch).map_err(|e| storage(path, e))?;
+    kv.remove_all(keys)?;
     drop(writing);
     for (key, status) in removed {
         counting.moved(&key, status, None);
@@ -640,14 +627,14 @@ fn remove_runs(
     Ok(())
 }
 
-/// Runs the blocking `work` on the store at `path` off the runtime's threads.
+/// Runs the blocking `work` on the store's tree off the runtime's threads.
 fn off_runtime<T: Send + 'static>(
-    path: PathBuf,
-    work: impl FnOnce(&Path) -> Result<T> + Send + 'static,
+    kv: Kv,
+    work: impl FnOnce(Kv) -> Result<T> + Send + 'static,
 ) -> Read<'static, T> {
     Box::pin(async move {
-        let thread_path = path.clone();
-        tokio::task::spawn_blocking(move || work(&thread_path))
+        let path = kv.path().to_owned();
+        tokio::task::spawn_blocking(move || work(kv))
             .await
             .map_err(|e| EngineError::Storage {
                 path,

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::journal::{is_group, journal_prefix, tail_from, RecordState, StoredRecordState};
 use super::sync::{sync_blobs, wall_clock_ms};
-use super::{decode_record, encode, readable_key, storage, sync_error, RUN_PREFIX};
+use super::{decode_record, encode, readable_key, storage, sync_error, Kv, RUN_PREFIX};
 use crate::contain::contained_sync;
 use crate::error::{EngineError, Result};
 use crate::journal::{RunRecord, RunStatus};
@@ -249,15 +249,15 @@ pub(super) fn with_kept(error: EngineError, kept: Option<&Path>) -> EngineError 
 /// What is wrong, if the store holds less than its high-water mark says it acknowledged
 /// (or the mark cannot be read).
 pub(super) fn loss(
-    path: &Path,
-    db: &sled::Db,
+    kv: &Kv,
     held: Commit,
     marked: Marked,
     kept: Option<&Path>,
 ) -> Option<EngineError> {
+    let path = kv.path();
     match marked {
         Marked::Absent => {
-            if !db.is_empty() {
+            if !kv.is_empty() {
                 tracing::warn!(file = %path.join(mark::MARK_FILE).display(), "the store has no high-water mark (written before marks existed, or the file was removed): starting one");
             }
             None
@@ -344,11 +344,10 @@ pub(super) enum Repaired {
 ///
 /// Records or entries that do not decode are left for the engine to report.
 pub(super) fn repair_records(
-    path: &Path,
-    db: &sled::Db,
+    kv: &Kv,
     held: Commit,
 ) -> Result<(Option<BTreeMap<RunStatus, u64>>, Repaired)> {
-    if let Some(bytes) = db.remove(CLEAN_CLOSE_KEY).map_err(|e| storage(path, e))? {
+    if let Some(bytes) = kv.remove(CLEAN_CLOSE_KEY)? {
         match serde_json::from_slice::<CleanClose>(&bytes) {
             Ok(close) if close.sequence == held.sequence => {
                 return Ok((Some(close.counts), Repaired::Clean))
@@ -363,21 +362,21 @@ pub(super) fn repair_records(
             }
         }
     }
-    if let Some(loaded) = super::wakes::loaded_runs(db).map_err(|e| storage(path, e))? {
+    if let Some(loaded) = super::wakes::loaded_runs(kv)? {
         let mut repaired = 0;
         for id in &loaded {
             let key = super::run_key(id);
-            if let Some(bytes) = db.get(&key).map_err(|e| storage(path, e))? {
-                repair_one(path, db, &key, &bytes)?;
+            if let Some(bytes) = kv.get(&key)? {
+                repair_one(kv, &key, &bytes)?;
                 repaired += 1;
             }
         }
         return Ok((None, Repaired::Loaded(repaired)));
     }
     let mut counts = BTreeMap::new();
-    for item in db.scan_prefix([RUN_PREFIX]) {
-        let (key, bytes) = item.map_err(|e| storage(path, e))?;
-        if let Some(status) = repair_one(path, db, &key, &bytes)? {
+    for item in kv.scan_prefix([RUN_PREFIX]) {
+        let (key, bytes) = item?;
+        if let Some(status) = repair_one(kv, &key, &bytes)? {
             *counts.entry(status).or_default() += 1;
         }
     }
@@ -386,15 +385,14 @@ pub(super) fn repair_records(
 
 /// Repairs the record stored as `bytes` under `key` if its journal is ahead of it; returns
 /// its status, `None` if it does not decode.
-fn repair_one(path: &Path, db: &sled::Db, key: &[u8], bytes: &[u8]) -> Result<Option<RunStatus>> {
+fn repair_one(kv: &Kv, key: &[u8], bytes: &[u8]) -> Result<Option<RunStatus>> {
     let Ok(mut record) = decode_record(key, bytes) else {
         return Ok(None);
     };
-    if let Some(state) = ahead_of(path, db, &record, tail_from(bytes))? {
+    if let Some(state) = ahead_of(kv, &record, tail_from(bytes))? {
         tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
         state.apply_to(&mut record);
-        db.insert(key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)
-            .map_err(|e| storage(path, e))?;
+        kv.insert(key, encode("run record", &record, RUN_RECORD_BYTES_MAX)?)?;
     }
     Ok(Some(record.status))
 }
@@ -404,18 +402,9 @@ fn repair_one(path: &Path, db: &sled::Db, key: &[u8], bytes: &[u8]) -> Result<Op
 /// A record that holds the journal's last entries from index `tail_from` on is newer than
 /// every key before that index: only a key from there on (a transition after the run
 /// settled, a completed child its parent compensates) can be ahead of it.
-fn ahead_of(
-    path: &Path,
-    db: &sled::Db,
-    record: &RunRecord,
-    tail_from: Option<u32>,
-) -> Result<Option<RecordState>> {
+fn ahead_of(kv: &Kv, record: &RunRecord, tail_from: Option<u32>) -> Result<Option<RecordState>> {
     let prefix = journal_prefix(&record.id);
-    let last = db
-        .scan_prefix(&prefix)
-        .next_back()
-        .transpose()
-        .map_err(|e| storage(path, e))?;
+    let last = kv.scan_prefix(&prefix).next_back().transpose()?;
     let Some((key, entry)) = last else {
         return Ok(None);
     };

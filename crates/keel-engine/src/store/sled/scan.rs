@@ -2,19 +2,16 @@
 //! of them by status with its bound on records read (`RunsScan::examine_max`). Blocking: the
 //! store calls them on the runtime's threads for short pages, off them for pages by status.
 
-use std::ops::ControlFlow;
-use std::path::Path;
-
-use super::{decode_record, run_key, storage, RUN_PREFIX};
+use super::{decode_record, run_key, Kv, RUN_PREFIX};
 use crate::error::Result;
 use crate::ids::RunId;
 use crate::journal::RunRecord;
 use crate::store::{RunsScan, ScannedRuns};
+use std::ops::ControlFlow;
 
 /// Visits the run records after `after` whose ids begin with `prefix`, in id order; blocking.
 pub(super) fn visit_runs(
-    path: &Path,
-    db: &sled::Db,
+    kv: &Kv,
     after: Option<&RunId>,
     prefix: Option<&str>,
     visit: &mut dyn FnMut(Result<RunRecord>) -> ControlFlow<()>,
@@ -26,8 +23,8 @@ pub(super) fn visit_runs(
         Some(id) if run_key(id) >= first => Bound::Excluded(run_key(id)),
         _ => Bound::Included(first.clone()),
     };
-    for item in db.range::<Vec<u8>, _>((start, Bound::Unbounded)) {
-        let (key, bytes) = item.map_err(|e| storage(path, e))?;
+    for item in kv.range(start, Bound::Unbounded) {
+        let (key, bytes) = item?;
         if !key.starts_with(&first) {
             break;
         }
@@ -39,12 +36,11 @@ pub(super) fn visit_runs(
 }
 
 /// One page of run records (see [`JournalStore::runs_page`]); blocking.
-pub(super) fn runs_page(path: &Path, db: &sled::Db, scan: &RunsScan) -> Result<ScannedRuns> {
+pub(super) fn runs_page(kv: &Kv, scan: &RunsScan) -> Result<ScannedRuns> {
     let (mut page, mut held, mut examined) = (ScannedRuns::default(), 0, 0);
     let examine_max = scan.status.and(scan.examine_max).unwrap_or(usize::MAX);
     visit_runs(
-        path,
-        db,
+        kv,
         scan.after.as_ref(),
         scan.prefix.as_deref(),
         &mut |record| {

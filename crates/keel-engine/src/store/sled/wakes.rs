@@ -23,7 +23,7 @@
 use crate::error::Result;
 use crate::ids::RunId;
 
-use super::SledStore;
+use super::{Kv, SledStore};
 
 const WAKE_PREFIX: u8 = b'w';
 const WAKE_OF_PREFIX: u8 = b'v';
@@ -69,8 +69,8 @@ impl IndexLocks {
 }
 
 /// Whether the index was built, by this version's rules, since any older version built it.
-fn built(db: &sled::Db) -> sled::Result<bool> {
-    Ok(db.contains_key(BUILT_KEY)? && !db.contains_key(OLD_BUILT_KEY)?)
+fn built(kv: &Kv) -> Result<bool> {
+    Ok(kv.contains(BUILT_KEY)? && !kv.contains(OLD_BUILT_KEY)?)
 }
 
 fn wake_key(wake_ms: u64, id: &RunId) -> Vec<u8> {
@@ -97,11 +97,11 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// The index keys run `id` may have in `db` (its entry and its `v` key), for deleting the
+/// The index keys run `id` may have (its entry and its `v` key), for deleting the
 /// run: without `v`, the entry at 0 (removing a key that is absent writes nothing).
-pub(super) fn keys_of(db: &sled::Db, id: &RunId) -> sled::Result<Vec<Vec<u8>>> {
+pub(super) fn keys_of(kv: &Kv, id: &RunId) -> Result<Vec<Vec<u8>>> {
     let of = wake_of_key(id);
-    Ok(match db.get(&of)?.as_deref().and_then(be_u64) {
+    Ok(match kv.get(&of)?.as_deref().and_then(be_u64) {
         Some(wake_ms) => vec![wake_key(wake_ms, id), of],
         None => vec![wake_key(0, id)],
     })
@@ -109,12 +109,12 @@ pub(super) fn keys_of(db: &sled::Db, id: &RunId) -> sled::Result<Vec<Vec<u8>>> {
 
 /// The runs whose entry is 0 (loaded when the store was last open), once the index is built;
 /// `None` before.
-pub(super) fn loaded_runs(db: &sled::Db) -> sled::Result<Option<Vec<RunId>>> {
-    if !built(db)? {
+pub(super) fn loaded_runs(kv: &Kv) -> Result<Option<Vec<RunId>>> {
+    if !built(kv)? {
         return Ok(None);
     }
     let mut runs = Vec::new();
-    for key in db.scan_prefix(wake_key_prefix(0)).keys() {
+    for key in kv.keys_with_prefix(wake_key_prefix(0)) {
         // An entry that names no run is dropped by `read_wakes`, later in the open.
         if let Some(id) = std::str::from_utf8(&key?[9..])
             .ok()
@@ -147,12 +147,7 @@ impl SledStore {
         or_new: bool,
     ) -> Result<()> {
         let of = wake_of_key(id);
-        let v = self
-            .db
-            .get(&of)
-            .map_err(|e| self.storage(e))?
-            .as_deref()
-            .and_then(be_u64);
+        let v = self.kv.get(&of)?.as_deref().and_then(be_u64);
         // Without `v`, the run's entry is at 0 or it has none: a run with an entry at 0 is
         // due already, and one with none is not indexed.
         if v.is_none() && !or_new {
@@ -164,11 +159,7 @@ impl SledStore {
         // entries (or an entry and a `v` at the other), and the earlier wins at the next
         // open (`read_wakes`).
         let writing = self.writes.begin();
-        let had_entry = self
-            .db
-            .insert(wake_key(wake_ms, id), &[])
-            .map_err(|e| self.storage(e))?
-            .is_some();
+        let had_entry = self.kv.insert(wake_key(wake_ms, id), &[])?.is_some();
         if had_entry && v == new_v {
             // Unchanged (sled writes nothing for a key set to the value it has).
             writing.changed_nothing();
@@ -176,21 +167,17 @@ impl SledStore {
         }
         match new_v {
             Some(at) if v != new_v => {
-                self.db
-                    .insert(of, &at.to_be_bytes())
-                    .map_err(|e| self.storage(e))?;
+                self.kv.insert(of, &at.to_be_bytes())?;
             }
             None if v.is_some() => {
-                self.db.remove(&of).map_err(|e| self.storage(e))?;
+                self.kv.remove(&of)?;
             }
             _ => {}
         }
         if old != wake_ms {
             // Without `v`, the entry at 0, which may be absent (its removal then writes
             // nothing).
-            self.db
-                .remove(wake_key(old, id))
-                .map_err(|e| self.storage(e))?;
+            self.kv.remove(wake_key(old, id))?;
         }
         drop(writing);
         Ok(())
@@ -212,11 +199,7 @@ impl SledStore {
         let _one_at_a_time = self.wakes_locks.of(id);
         let key = wake_key(0, id);
         let writing = self.writes.begin();
-        let had_entry = self
-            .db
-            .insert(&key, &[])
-            .map_err(|e| self.storage(e))?
-            .is_some();
+        let had_entry = self.kv.insert(&key, &[])?.is_some();
         if had_entry {
             writing.changed_nothing();
         } else {
@@ -226,7 +209,7 @@ impl SledStore {
         let found = create();
         if !had_entry && !matches!(found, Ok(None)) {
             let _writing = self.writes.begin();
-            self.db.remove(&key).map_err(|e| self.storage(e))?;
+            self.kv.remove(&key)?;
         }
         found
     }
@@ -241,7 +224,7 @@ impl SledStore {
     pub(super) fn remove_wake(&self, id: &RunId) -> Result<()> {
         let _one_at_a_time = self.wakes_locks.of(id);
         let removed = |key: &[u8]| -> Result<bool> {
-            let old = self.db.remove(key).map_err(|e| self.storage(e))?;
+            let old = self.kv.remove(key)?;
             Ok(old.is_some())
         };
         let writing = self.writes.begin();
@@ -250,7 +233,7 @@ impl SledStore {
         }
         // An entry elsewhere, found through `v`, or none.
         let of = wake_of_key(id);
-        let Some(v) = self.db.get(&of).map_err(|e| self.storage(e))? else {
+        let Some(v) = self.kv.get(&of)? else {
             writing.changed_nothing();
             return Ok(());
         };
@@ -266,11 +249,11 @@ impl SledStore {
     /// `read_wakes` whose `v` may be missing (a crash between a first entry and its `v`).
     pub(super) fn remove_wake_at(&self, id: &RunId, wake_ms: u64) -> Result<()> {
         let _one_at_a_time = self.wakes_locks.of(id);
-        let mut keys = keys_of(&self.db, id).map_err(|e| self.storage(e))?;
+        let mut keys = keys_of(&self.kv, id)?;
         keys.push(wake_key(wake_ms, id));
         let _writing = self.writes.begin();
         for key in keys {
-            self.db.remove(key).map_err(|e| self.storage(e))?;
+            self.kv.remove(key)?;
         }
         Ok(())
     }
@@ -278,7 +261,7 @@ impl SledStore {
     /// Every run's entry in wake-time order, once the index is built (one per run: see
     /// below).
     pub(super) fn read_wakes(&self) -> Result<Option<Vec<(u64, RunId)>>> {
-        if !built(&self.db).map_err(|e| self.storage(e))? {
+        if !built(&self.kv)? {
             return Ok(None);
         }
         let _every_run = self.wakes_locks.all();
@@ -289,12 +272,12 @@ impl SledStore {
         // `wakes`.
         let mut first: std::collections::HashMap<Vec<u8>, usize> = Default::default();
         let mut wakes = Vec::new();
-        for item in self.db.scan_prefix([WAKE_PREFIX]).keys() {
-            let key = item.map_err(|e| self.storage(e))?;
+        for item in self.kv.keys_with_prefix([WAKE_PREFIX]) {
+            let key = item?;
             let (Some(wake_ms), Some(id)) = (key.get(1..9).and_then(be_u64), key.get(9..)) else {
                 tracing::warn!(key = %super::readable_key(&key), "wake index entry unreadable: dropped");
                 repaired = true;
-                self.db.remove(&key).map_err(|e| self.storage(e))?;
+                self.kv.remove(&key)?;
                 continue;
             };
             if let Some(&at) = first.get(id) {
@@ -307,15 +290,11 @@ impl SledStore {
                 let (earliest, id): &(u64, RunId) = &wakes[at];
                 repaired = true;
                 if *earliest == 0 {
-                    self.db
-                        .remove(wake_of_key(id))
-                        .map_err(|e| self.storage(e))?;
+                    self.kv.remove(wake_of_key(id))?;
                 } else {
-                    self.db
-                        .insert(wake_of_key(id), &earliest.to_be_bytes())
-                        .map_err(|e| self.storage(e))?;
+                    self.kv.insert(wake_of_key(id), &earliest.to_be_bytes())?;
                 }
-                self.db.remove(&key).map_err(|e| self.storage(e))?;
+                self.kv.remove(&key)?;
                 continue;
             }
             match std::str::from_utf8(id).map(RunId::existing) {
@@ -326,7 +305,7 @@ impl SledStore {
                 _ => {
                     tracing::warn!(key = %super::readable_key(&key), "wake index entry names no run id: dropped");
                     repaired = true;
-                    self.db.remove(&key).map_err(|e| self.storage(e))?;
+                    self.kv.remove(&key)?;
                 }
             }
         }
@@ -338,10 +317,8 @@ impl SledStore {
 
     pub(super) fn write_wakes_built(&self) -> Result<()> {
         let _writing = self.writes.begin();
-        self.db
-            .insert(BUILT_KEY, &[1u8])
-            .map_err(|e| self.storage(e))?;
-        self.db.remove(OLD_BUILT_KEY).map_err(|e| self.storage(e))?;
+        self.kv.insert(BUILT_KEY, &[1u8])?;
+        self.kv.remove(OLD_BUILT_KEY)?;
         Ok(())
     }
 }
@@ -370,9 +347,8 @@ mod tests {
 
     fn held(store: &SledStore) -> Held {
         let entries = store
-            .db
-            .scan_prefix([WAKE_PREFIX])
-            .keys()
+            .kv
+            .keys_with_prefix([WAKE_PREFIX])
             .map(|key| {
                 let key = key.unwrap();
                 let wake_ms = be_u64(&key[1..9]).unwrap();
@@ -380,7 +356,7 @@ mod tests {
             })
             .collect();
         let ofs = store
-            .db
+            .kv
             .scan_prefix([WAKE_OF_PREFIX])
             .map(|item| {
                 let (key, value) = item.unwrap();
@@ -431,7 +407,7 @@ mod tests {
         store.remove_wake(&run("parks")).unwrap();
         assert_eq!(held(&store), (vec![], vec![]));
         assert_eq!(
-            keys_of(&store.db, &run("parks")).unwrap(),
+            keys_of(&store.kv, &run("parks")).unwrap(),
             vec![wake_key(0, &run("parks"))]
         );
     }
@@ -506,11 +482,11 @@ mod tests {
     /// entries at `entries`, and `v` at `v`.
     fn leave(store: &SledStore, id: &str, entries: &[u64], v: Option<u64>) {
         for &wake_ms in entries {
-            store.db.insert(wake_key(wake_ms, &run(id)), &[]).unwrap();
+            store.kv.insert(wake_key(wake_ms, &run(id)), &[]).unwrap();
         }
         if let Some(wake_ms) = v {
             let value = wake_ms.to_be_bytes();
-            store.db.insert(wake_of_key(&run(id)), &value).unwrap();
+            store.kv.insert(wake_of_key(&run(id)), &value).unwrap();
         }
     }
 
@@ -532,12 +508,12 @@ mod tests {
             held(&store),
             (vec![entry(9_000, "old")], vec![("old".into(), 9_000)])
         );
-        store.db.remove(wake_key(9_000, &id)).unwrap();
+        store.kv.remove(wake_key(9_000, &id)).unwrap();
         leave(&store, "old", &[0], Some(0));
         store.remove_wake(&id).unwrap();
         assert_eq!(held(&store), (vec![], vec![("old".into(), 0)]));
         assert_eq!(
-            keys_of(&store.db, &id).unwrap(),
+            keys_of(&store.kv, &id).unwrap(),
             vec![wake_key(0, &id), wake_of_key(&id)],
             "the run's deletion removes that v"
         );

@@ -18,7 +18,7 @@ fn a_transition_is_one_entry_carrying_the_record_state() {
     );
     assert_eq!(store.read_run(&id).unwrap(), Some(compensating("a")));
     let raw = store
-        .db
+        .kv
         .get(journal_key(&id, JournalIndex(1)))
         .unwrap()
         .unwrap();
@@ -50,9 +50,8 @@ fn start_then_transition(
         )
         .unwrap();
     store
-        .db
-        .scan_prefix(journal_prefix(&run.id))
-        .keys()
+        .kv
+        .keys_with_prefix(journal_prefix(&run.id))
         .map(Result::unwrap)
         .collect()
 }
@@ -75,7 +74,7 @@ fn a_settling_transition_is_one_write_of_the_record_holding_the_last_entries() {
         "the new run's index entry and record, then one write per append"
     );
     assert_eq!(keys, [journal_key(&run.id, JournalIndex(0))]);
-    let raw = store.db.get(run_key(&run.id)).unwrap().unwrap();
+    let raw = store.kv.get(run_key(&run.id)).unwrap().unwrap();
     let stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     assert_eq!(
         stored["journal_tail"],
@@ -98,7 +97,7 @@ fn a_records_last_entries_out_of_place_are_corrupt() {
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     write_completed_run(&store, "a");
     let id = RunId::new("a").unwrap();
-    let raw = store.db.get(run_key(&id)).unwrap().unwrap();
+    let raw = store.kv.get(run_key(&id)).unwrap().unwrap();
     let mut stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     let [_, done] = entries();
     let two = serde_json::json!([done, done]);
@@ -106,7 +105,7 @@ fn a_records_last_entries_out_of_place_are_corrupt() {
         stored["journal_tail"]["from"] = serde_json::json!(from);
         stored["journal_tail"]["entries"] = held;
         store
-            .db
+            .kv
             .insert(run_key(&id), serde_json::to_vec(&stored).unwrap())
             .unwrap();
         let error = store.read_journal(&id).unwrap_err().to_string();
@@ -173,10 +172,10 @@ fn entries_appended_together_are_one_value_and_read_back_one_by_one() {
 
     // A crash before the record's rewrite: the open repairs it from the group's last entry.
     store
-        .db
+        .kv
         .insert(run_key(&run.id), serde_json::to_vec(&run).unwrap())
         .unwrap();
-    store.db.flush().unwrap();
+    store.kv.flush().unwrap();
     drop(store);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     assert_eq!(
@@ -230,7 +229,7 @@ fn a_group_ends_at_its_bound_and_a_group_of_one_is_corrupt() {
         .append(&run.id, JournalIndex(0), &three, None, Token::CREATED)
         .unwrap();
     let values: Vec<_> = store
-        .db
+        .kv
         .scan_prefix(journal_prefix(&run.id))
         .map(Result::unwrap)
         .collect();
@@ -251,7 +250,7 @@ fn a_group_ends_at_its_bound_and_a_group_of_one_is_corrupt() {
     let [started, _] = entries();
     let one = format!("[{}]", serde_json::to_string(&started).unwrap());
     store
-        .db
+        .kv
         .insert(journal_key(&run.id, JournalIndex(3)), one.as_bytes())
         .unwrap();
     let error = store.read_journal(&run.id).unwrap_err().to_string();
@@ -324,7 +323,7 @@ fn a_settled_record_too_large_to_hold_its_entries_is_written_as_before() {
             Token::CREATED,
         )
         .unwrap();
-    let raw = store.db.get(run_key(&run.id)).unwrap().unwrap();
+    let raw = store.kv.get(run_key(&run.id)).unwrap().unwrap();
     assert!(
         raw.len() <= crate::limits::RUN_RECORD_BYTES_MAX,
         "{}",
@@ -333,7 +332,7 @@ fn a_settled_record_too_large_to_hold_its_entries_is_written_as_before() {
     let stored: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     assert!(stored.get("journal_tail").is_none());
     let entry = store
-        .db
+        .kv
         .get(journal_key(&run.id, JournalIndex(0)))
         .unwrap()
         .unwrap();

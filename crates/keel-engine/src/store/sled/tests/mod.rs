@@ -127,8 +127,7 @@ fn entries() -> [Entry; 2] {
 
 /// Deletes runs `ids` as `JournalStore::delete_runs` does, on the calling thread.
 fn delete(store: &SledStore, ids: &[RunId]) {
-    let (path, db, writes) = (&store.path, &store.db, &store.writes);
-    remove_runs(path, db, writes, &store.counts, &store.closed, ids).unwrap();
+    remove_runs(&store.kv, &store.writes, &store.counts, &store.closed, ids).unwrap();
 }
 
 /// Writes run `id` with a step entry and a completing transition. Its wake index entry at 0,
@@ -196,13 +195,13 @@ fn compensate(store: &SledStore, id: &str) {
 fn leave_behind(store: &SledStore, id: &str) {
     let id = RunId::new(id).unwrap();
     store
-        .db
+        .kv
         .insert(
             run_key(&id),
             serde_json::to_vec(&running(id.as_str())).unwrap(),
         )
         .unwrap();
-    store.db.flush().unwrap();
+    store.kv.flush().unwrap();
 }
 
 /// `delete_runs` removes the given runs' records and every journal entry, and nothing of
@@ -226,7 +225,7 @@ fn delete_runs_removes_records_and_journals_of_those_runs_only() {
     assert_eq!(store.read_run(&b).unwrap(), Some(completed("b")));
     assert_eq!(store.read_journal(&b).unwrap(), entries().to_vec());
     assert_eq!(
-        store.db.len(),
+        store.kv.sled().len(),
         2,
         "b's record (holding its last entry) and its first entry are all that is left"
     );
@@ -263,7 +262,7 @@ fn keyed_records_are_kept_per_space_and_survive_a_reopen() {
     ));
     assert!(store.put_keyed(Space::Notice, "", "{}").is_err());
     assert!(store.put_keyed(Space::Notice, "a\0b", "{}").is_err());
-    store.db.flush().unwrap();
+    store.kv.flush().unwrap();
     drop(store);
 
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
@@ -303,7 +302,7 @@ fn a_page_by_status_reads_at_most_its_bound() {
             limit,
             examine_max,
         };
-        let page = runs_page(&store.path, &store.db, &scan).unwrap();
+        let page = runs_page(&store.kv, &scan).unwrap();
         let ids: Vec<String> = page
             .records
             .into_iter()
@@ -459,7 +458,7 @@ fn through_splits_and_merges(options: SledOptions) {
 
     write_interleaved(&store, 0..RUNS);
     check(&store, &|_| true, RUNS);
-    let grown = shape(&store.db);
+    let grown = shape(store.kv.sled());
     // 12,000 keys in leaves of 8 to 16: index nodes split (more than one below the root)
     // and none is much over 64 children (a split happens on the next lookup through it).
     assert!(
@@ -480,7 +479,7 @@ fn through_splits_and_merges(options: SledOptions) {
     // pass have completed.
     check(&store, &kept, RUNS);
     check(&store, &kept, RUNS);
-    let shrunk = shape(&store.db);
+    let shrunk = shape(store.kv.sled());
     assert!(
         shrunk.leaves < grown.leaves / 2,
         "leaves {} -> {}",
@@ -496,12 +495,12 @@ fn through_splits_and_merges(options: SledOptions) {
 
     write_interleaved(&store, RUNS..RUNS + RUNS / 2);
     check(&store, &kept, RUNS + RUNS / 2);
-    store.db.flush().unwrap();
+    store.kv.flush().unwrap();
     drop(store);
 
     let store = SledStore::open(dir.path(), options).unwrap();
     check(&store, &kept, RUNS + RUNS / 2);
-    let reopened = shape(&store.db);
+    let reopened = shape(store.kv.sled());
     assert!(reopened.widest_index() <= 66, "{:?}", reopened.index_levels);
 }
 
@@ -510,7 +509,7 @@ fn counted(store: &SledStore) -> BTreeMap<RunStatus, u64> {
     tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
-        .block_on(store.counts.counted(&store.path))
+        .block_on(store.counts.counted(store.path()))
         .unwrap()
 }
 
@@ -524,7 +523,7 @@ fn assert_counts(store: &SledStore, expected: &BTreeMap<RunStatus, u64>) {
 /// The counts a scan of every record gives.
 fn scanned_counts(store: &SledStore) -> BTreeMap<RunStatus, u64> {
     let mut counts = BTreeMap::new();
-    visit_runs(&store.path, &store.db, None, None, &mut |record| {
+    visit_runs(&store.kv, None, None, &mut |record| {
         if let Ok(record) = record {
             *counts.entry(record.status).or_default() += 1;
         }

@@ -150,8 +150,8 @@ fn kept_counts_match_a_scan_of_every_record() {
     // no longer decodes: the reopen repairs the one and leaves the other out.
     leave_behind(&store, "c");
     let d = RunId::new("d").unwrap();
-    store.db.insert(run_key(&d), b"{not json".to_vec()).unwrap();
-    store.db.flush().unwrap();
+    store.kv.insert(run_key(&d), b"{not json".to_vec()).unwrap();
+    store.kv.flush().unwrap();
     drop(store);
     let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
     let expected = BTreeMap::from([
@@ -222,7 +222,7 @@ fn a_clean_close_leaves_its_counts_for_the_next_open() {
         assert!(db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap());
         let path = dir.path().to_owned();
         let held = held_commit(&path, &db.open_tree(mark::SEQUENCE_TREE).unwrap()).unwrap();
-        let counts = repair_records(&path, &db, held).unwrap();
+        let counts = repair_records(&Kv::new(&path, db.clone()), held).unwrap();
         assert!(
             !db.contains_key(recovery::CLEAN_CLOSE_KEY).unwrap(),
             "taken"
@@ -282,7 +282,7 @@ fn with_the_wake_index_an_open_repairs_the_loaded_runs() {
 
     let db = open_db(dir.path(), Durability::ProcessCrash, None).unwrap();
     let held = held_commit(dir.path(), &db.open_tree(mark::SEQUENCE_TREE).unwrap()).unwrap();
-    let (counts, repaired) = repair_records(dir.path(), &db, held).unwrap();
+    let (counts, repaired) = repair_records(&Kv::new(dir.path(), db.clone()), held).unwrap();
     assert_eq!(repaired, recovery::Repaired::Loaded(1));
     assert_eq!(counts, None, "counted after the open");
     drop(db);
@@ -332,12 +332,12 @@ fn a_settled_run_that_changes_again_keeps_every_entry() {
     // Stopped after the move: keys and record both hold the run's end (one key, written at
     // once).
     store.move_tail_out(&moved).unwrap();
-    let keys = store.db.scan_prefix(journal_prefix(&moved)).count();
+    let keys = store.kv.scan_prefix(journal_prefix(&moved)).count();
     assert_eq!(keys, 2, "the first entry's key and the moved one");
     // Stopped after the transition's entry: the record as it was before.
-    let settled = store.db.get(run_key(&behind)).unwrap().unwrap();
+    let settled = store.kv.get(run_key(&behind)).unwrap().unwrap();
     transition(&store, &behind);
-    store.db.insert(run_key(&behind), settled).unwrap();
+    store.kv.insert(run_key(&behind), settled).unwrap();
     transition(&store, &whole);
     let two = vec![started.clone(), done.clone()];
     let three = vec![started.clone(), done.clone(), compensate.clone()];
@@ -608,13 +608,13 @@ fn a_failed_count_makes_the_counts_an_error_until_the_next_open() {
     let error = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap()
-        .block_on(store.counts.counted(&store.path))
+        .block_on(store.counts.counted(store.path()))
         .expect_err("the count failed");
+    let text = error.to_string();
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
     assert!(
-        error
-            .to_string()
-            .contains(&dir.path().display().to_string()),
-        "{error}"
+        text.contains("the open's count of the runs failed: it panicked: a count that fails"),
+        "{text}"
     );
     assert_eq!(store.counts.now(), None);
     // Writes go on, without waiting for a count that is gone.
