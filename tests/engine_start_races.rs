@@ -273,3 +273,12 @@ fn a_start_whose_caller_went_away_is_driven() {
     }
     run_child(NAME, "commit.before_sync", 500);
 }
+
+/// A start's future is `Send` and `Sync`, as it was when the start awaited a task of its own:
+/// a caller may hold it where either is asked (a compile-time check; never called).
+#[allow(dead_code)]
+fn a_start_is_send_and_sync(engine: &Engine) {
+    fn send_and_sync<T: Send + Sync>(_: T) {}
+    send_and_sync(engine.start::<Quick>("id", ()));
+    send_and_sync(engine.start_json("test.quick-failure", "id", serde_json::Value::Null));
+}
