@@ -200,7 +200,11 @@ pub(super) fn count_in_background(
             // However the count ends (stopped, failed, panicked), its waiters are told.
             let _ends = Ends(&counts);
             let counted = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                count_batches(&kv, &counts, &stop, between).map_err(|e| e.to_string())
+                count_batches(&kv, &counts, &stop, between).map_err(|e| match e {
+                    // `counted` names the store's path: once is enough.
+                    EngineError::Storage { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                })
             }))
             .unwrap_or_else(|panic| {
                 let what = panic
