@@ -1,7 +1,9 @@
 //! Starting runs: a caller's start (typed or JSON, with or without an event), a child's
-//! and a rerun's all go through `Engine::start_value`, which runs the start on a task of
-//! its own and marks the run being started in the map until its cell is in (`StartMark`).
+//! and a rerun's all go through `Engine::start_value`, which finishes a start whose caller
+//! went away on a task of its own (`FinishIfDropped`) and marks the run being started in the
+//! map until its cell is in (`StartMark`).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -110,9 +112,10 @@ impl Engine {
     /// [`RunId::new_top_level`], a child's made by [`crate::child_id`]. With `event`, the run
     /// is started with that event in its mailbox (durable with it), or a run found is sent it.
     ///
-    /// The start runs on a task of its own, which goes on if the caller goes away (a client
-    /// that hung up, a timeout around `Engine::start`): stopped between its record and its
-    /// driver, it would leave the run written and driven by nobody until the next open.
+    /// The start runs in the caller's task, and goes on in a task of its own if the caller
+    /// goes away once it began (a client that hung up, a timeout around `Engine::start`):
+    /// stopped between its record and its driver, it would leave the run written and driven
+    /// by nobody until the next open ([`FinishIfDropped`]).
     pub(super) async fn start_value(
         &self,
         workflow: &str,
@@ -129,15 +132,10 @@ impl Engine {
                 .start_here(&workflow, id, input, lineage, event.as_ref())
                 .await
         };
-        match tokio::spawn(tracing::Instrument::in_current_span(start)).await {
-            Ok(started) => started,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            // The runtime is shutting down.
-            Err(_) => Err(EngineError::ShutDown),
-        }
+        FinishIfDropped::new(tracing::Instrument::in_current_span(start)).await
     }
 
-    /// [`Engine::start_value`], on its task.
+    /// [`Engine::start_value`]'s work.
     async fn start_here(
         &self,
         workflow: &str,
@@ -294,6 +292,64 @@ impl Engine {
             self.load(existing.clone()).await?;
         }
         Ok(existing)
+    }
+}
+
+/// A future that, dropped after it was first polled and before it ended, is finished in a
+/// task of its own on the runtime it was made on: a start goes on when its caller goes
+/// away. A start spawned on a task every time cost about 4% more CPU per durable start (the
+/// task and its wake-up; docs/benchmarks.md); this spawns only for a caller that went away.
+/// Made and first polled in one poll of its caller (`start_value`), so a start dropped
+/// before it began never made one. Made outside a runtime, it panics, as `tokio::spawn`
+/// did. What it does not finish: a start whose poll panicked (the panic goes to the caller),
+/// and one dropped while its runtime shuts down (tokio drops the task, as it drops every
+/// task then).
+struct FinishIfDropped<F: Future<Output: Send> + Send + 'static> {
+    /// `None` once it ended, or when its poll panicked (it must not be polled again). In a
+    /// mutex only so that the start's future stays `Sync`, as it was when it awaited a
+    /// `JoinHandle`: it is reached through `&mut self` alone (`get_mut`, no locking).
+    start: std::sync::Mutex<Option<std::pin::Pin<Box<F>>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl<F: Future<Output: Send> + Send + 'static> FinishIfDropped<F> {
+    fn new(start: F) -> Self {
+        FinishIfDropped {
+            start: std::sync::Mutex::new(Some(Box::pin(start))),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    fn start(&mut self) -> &mut Option<std::pin::Pin<Box<F>>> {
+        // Never poisoned: nothing locks it.
+        self.start
+            .get_mut()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+}
+
+impl<F: Future<Output: Send> + Send + 'static> Future for FinishIfDropped<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // Out while it is polled: a poll that panics leaves nothing to finish.
+        let mut start = self.start().take().expect("a start polled after it ended");
+        let poll = start.as_mut().poll(cx);
+        if poll.is_pending() {
+            *self.start() = Some(start);
+        }
+        poll
+    }
+}
+
+impl<F: Future<Output: Send> + Send + 'static> Drop for FinishIfDropped<F> {
+    fn drop(&mut self) {
+        if let Some(start) = self.start().take() {
+            drop(self.runtime.spawn(start));
+        }
     }
 }
 
