@@ -306,13 +306,21 @@ mod tests {
         assert_eq!(k, IdempotencyKey::for_step(&a, OperationIndex(0)));
         assert_ne!(k, IdempotencyKey::for_step(&a, OperationIndex(1)));
         assert_ne!(k, IdempotencyKey::for_step(&b, OperationIndex(0)));
-        // Pinned: a changed derivation would orphan every resource made before it.
-        assert_eq!(
-            k.to_string(),
-            IdempotencyKey::for_step(&a, OperationIndex(0))
-                .0
-                .to_string()
-        );
         assert_eq!(k.0.get_version_num(), 5);
+        // Pinned (the values are Python's `uuid.uuid5` of the namespace and
+        // "<run>\0<index>"): a changed derivation would orphan every resource made before it.
+        let pinned = |run: &str, index: u32| {
+            IdempotencyKey::for_step(&RunId::existing(run).unwrap(), OperationIndex(index))
+                .to_string()
+        };
+        assert_eq!(pinned("a", 0), "83668a6e-44c7-524c-b193-4ad61350c0f9");
+        assert_eq!(
+            pinned("a", u32::MAX),
+            "3572f630-2a0e-509e-8f9e-1a7d83d64aac"
+        );
+        assert_eq!(
+            pinned("deploy/7", 12),
+            "6fe261a8-6d64-51e0-a737-8faa5e3ac9f9"
+        );
     }
 }
