@@ -464,7 +464,10 @@ impl Lane {
     ) -> Result<(), Interrupt> {
         let (index, kind) = (attempts.index, attempts.kind);
         let now = self.env.clock.now_ms();
-        let operation = format!("step:{kind}");
+        // Not `format!`: this runs at every step, and its machinery cost as much as the rest.
+        let mut operation = String::with_capacity("step:".len() + kind.len());
+        operation.push_str("step:");
+        operation.push_str(kind);
         self.env
             .stats
             .record(&operation, elapsed, self.cell.id.as_str(), now);

@@ -429,11 +429,19 @@ impl StatsBook {
 
     pub(crate) fn record(&self, operation: &str, duration: Duration, run_id: &str, at_ms: u64) {
         let mut book = self.inner.lock().expect("stats lock");
-        book.by_operation
-            .entry(operation.to_string())
-            .or_default()
-            .record(duration, run_id, at_ms);
-        book.dirty.insert(operation.to_string());
+        // Looked up by `&str` first: an operation's name is copied only the first time it is
+        // seen, not at every step.
+        match book.by_operation.get_mut(operation) {
+            Some(stats) => stats.record(duration, run_id, at_ms),
+            None => {
+                let mut stats = LatencyStats::default();
+                stats.record(duration, run_id, at_ms);
+                book.by_operation.insert(operation.to_string(), stats);
+            }
+        }
+        if !book.dirty.contains(operation) {
+            book.dirty.insert(operation.to_string());
+        }
     }
 
     /// The statistics of `operation`, this engine's merged with those of the other engines

@@ -175,24 +175,40 @@ pub(super) const GROUP_BYTES_MAX: usize = TRANSITION_ENTRY_BYTES_MAX;
 /// own, a JSON object. The journal stays dense: a group of n entries at index i is followed
 /// by index i + n.
 pub(super) fn group(index: JournalIndex, values: Vec<Vec<u8>>) -> Vec<(JournalIndex, Vec<u8>)> {
-    // Each group: its first index, its values, and their bytes with a separator each.
-    let mut groups: Vec<(JournalIndex, Vec<Vec<u8>>, usize)> = Vec::new();
-    for (offset, value) in values.into_iter().enumerate() {
-        match groups.last_mut() {
-            // `[`, the values, a `,` between two, `]`.
-            Some((_, group, bytes)) if *bytes + value.len() + 2 <= GROUP_BYTES_MAX => {
-                *bytes += value.len() + 1;
-                group.push(value);
+    // First the groups' bounds: each group's first and last offset in `values`, and its
+    // bytes as an array (`[`, the values, a `,` between two, `]`).
+    let mut bounds: Vec<(usize, usize, usize)> = Vec::new();
+    for (offset, value) in values.iter().enumerate() {
+        match bounds.last_mut() {
+            Some((_, last, bytes)) if *bytes + 1 + value.len() <= GROUP_BYTES_MAX => {
+                *bytes += 1 + value.len();
+                *last = offset;
             }
-            _ => {
-                let bytes = value.len() + 1;
-                groups.push((JournalIndex(index.0 + offset as u32), vec![value], bytes));
-            }
+            _ => bounds.push((offset, offset, value.len() + 2)),
         }
     }
-    groups
+    // Then each group's value, written once into a buffer of its size: a step's two
+    // entries (its completion and the next one) are grouped at every step.
+    let mut values = values.into_iter();
+    bounds
         .into_iter()
-        .map(|(index, group, _)| (index, one_value(group)))
+        .map(|(first, last, bytes)| {
+            let at = JournalIndex(index.0 + first as u32);
+            let mut members = values.by_ref().take(last - first + 1);
+            let one = members.next().expect("a group has a first value");
+            if first == last {
+                return (at, one);
+            }
+            let mut array = Vec::with_capacity(bytes);
+            array.push(b'[');
+            array.extend_from_slice(&one);
+            for value in members {
+                array.push(b',');
+                array.extend_from_slice(&value);
+            }
+            array.push(b']');
+            (at, array)
+        })
         .collect()
 }
 

@@ -1,6 +1,6 @@
 //! Unit tests of the journal's encoding (`journal.rs`): transitions, groups, bounds.
 
-use super::super::journal::{is_group, RecordState, StoredRecordState, GROUP_BYTES_MAX};
+use super::super::journal::{group, is_group, RecordState, StoredRecordState, GROUP_BYTES_MAX};
 use super::*;
 
 /// A transition that is not terminal is one key: the journal entry carries the record's new
@@ -340,4 +340,51 @@ fn a_settled_record_too_large_to_hold_its_entries_is_written_as_before() {
     assert_eq!(state.record, Some(RecordState::of(&settled)));
     assert_eq!(store.read_run(&run.id).unwrap(), Some(settled));
     assert_eq!(store.read_journal(&run.id).unwrap(), vec![done]);
+}
+
+/// `group`'s values byte for byte: consecutive values share an array while it fits in
+/// `GROUP_BYTES_MAX` (exactly at the bound included), a lone value is itself, and each
+/// value is keyed by its first entry's index.
+#[test]
+fn grouped_values_are_arrays_up_to_the_bound_and_lone_values_themselves() {
+    let bytes = |s: &str| s.as_bytes().to_vec();
+    assert_eq!(
+        group(
+            JournalIndex(4),
+            vec![bytes("{\"a\":1}"), bytes("{\"b\":2}"), bytes("{}")]
+        ),
+        vec![(JournalIndex(4), bytes("[{\"a\":1},{\"b\":2},{}]"))]
+    );
+    assert_eq!(
+        group(JournalIndex(0), vec![bytes("{}")]),
+        vec![(JournalIndex(0), bytes("{}"))]
+    );
+    // Two values of n bytes make an array of 2n + 3: the largest n that fits, then one more.
+    let n = (GROUP_BYTES_MAX - 3) / 2;
+    let value = |len: usize| vec![b'x'; len];
+    let fits = group(
+        JournalIndex(1),
+        vec![value(n), value(GROUP_BYTES_MAX - 3 - n)],
+    );
+    assert_eq!(fits.len(), 1);
+    assert_eq!(fits[0].1.len(), GROUP_BYTES_MAX);
+    let over = group(
+        JournalIndex(1),
+        vec![value(n), value(GROUP_BYTES_MAX - 2 - n), value(1), value(n)],
+    );
+    assert_eq!(
+        over,
+        vec![
+            (JournalIndex(1), value(n)),
+            (JournalIndex(2), {
+                let mut array = vec![b'['];
+                array.extend(value(GROUP_BYTES_MAX - 2 - n));
+                array.push(b',');
+                array.extend(value(1));
+                array.push(b']');
+                array
+            }),
+            (JournalIndex(4), value(n)),
+        ]
+    );
 }
