@@ -74,6 +74,11 @@ pub const PARK_POINTS: &[&str] = &[
 /// their crash tests iterate over this list.
 pub const OPERATOR_POINTS: &[&str] = &["batch.after_action"];
 
+/// The point of garbage collection (`engine/gc.rs`) between its scan and its deletes, met
+/// only when a collection found runs to delete; its crash and race tests are in
+/// `tests/engine_delete_races.rs`.
+pub const GC_POINTS: &[&str] = &["gc.before_delete"];
+
 /// The step library's crash points (keel-steps' file publication), met only by runs that
 /// use those steps; their crash tests iterate over this list.
 pub const STEP_LIBRARY_POINTS: &[&str] = &[
@@ -112,6 +117,7 @@ pub fn point(name: &'static str) {
             || STEP_LIBRARY_POINTS.contains(&name)
             || SFTP_POINTS.contains(&name)
             || OPERATOR_POINTS.contains(&name)
+            || GC_POINTS.contains(&name)
             || SCHEDULE_POINTS.contains(&name)
             || PARK_POINTS.contains(&name)
             || OPEN_POINTS.contains(&name),

@@ -552,7 +552,9 @@ impl Engine {
                 record
             }
             BatchAction::Purge => {
-                self.purge_one(&run.id).await?;
+                if let Some(reason) = self.purge_one(&run.id).await? {
+                    return Ok(Some(reason));
+                }
                 crate::crash::point("batch.after_action");
                 return Ok(None);
             }
@@ -567,8 +569,25 @@ impl Engine {
     /// found through the journals, where every child is journaled before it exists
     /// (`ChildStarted`), not by their ids: a child whose `<parent>/<index>` would be too long
     /// is `child-<uuid>` ([`crate::child_id`]), under no prefix of its parent's.
-    async fn purge_one(&self, id: &RunId) -> Result<()> {
+    ///
+    /// All of it under the loads' lock, each run checked there: a run loaded since the
+    /// batch's check (a rerun noting itself in the run's journal loads it) would otherwise
+    /// write its journal after its record was deleted, a key no record owns that a new run
+    /// of the same id then reads as a gap. `Some(reason)` when one of the runs is loaded.
+    async fn purge_one(&self, id: &RunId) -> Result<Option<String>> {
+        let _loading = self.inner.loading.lock().await;
         let store = &self.inner.env.store;
+        match store.run(id).await? {
+            None => return Err(EngineError::RunNotFound { id: id.clone() }),
+            Some(record) if !record.status.is_terminal() => {
+                return Err(EngineError::InvalidState {
+                    id: id.clone(),
+                    status: record.status.to_string(),
+                    operation: "purge",
+                })
+            }
+            Some(_) => {}
+        }
         let mut ids = vec![id.clone()];
         let mut seen: HashSet<RunId> = HashSet::from([id.clone()]);
         let mut read = 0;
@@ -599,10 +618,17 @@ impl Engine {
                 }
             }
         }
+        if let Some(loaded) = ids.iter().find(|id| self.held(id)) {
+            return Ok(Some(if loaded == id {
+                "is loaded (a waiter is reading it)".into()
+            } else {
+                format!("its descendant {loaded} is loaded")
+            }));
+        }
         store.delete_runs(&ids).await?;
         store.sync().wait().await?;
         tracing::info!(run_id = %id, runs = ids.len(), "run purged");
-        Ok(())
+        Ok(None)
     }
 }
 

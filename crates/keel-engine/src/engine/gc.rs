@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::clock::millis_saturating;
 use crate::engine::Engine;
 use crate::error::Result;
+use crate::ids::RunId;
 use crate::journal::RunRecord;
 use crate::store::RunsScan;
 
@@ -48,16 +49,41 @@ impl Engine {
             // A page is read on the runtime's thread: let the runs' tasks in between.
             tokio::task::yield_now().await;
         }
+        if !expired_ids.is_empty() {
+            crate::crash::point("gc.before_delete");
+        }
         let mut collected = 0;
         for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
-            self.inner.env.store.delete_runs(chunk).await?;
-            collected += chunk.len();
+            collected += self.delete_expired(chunk, now).await?;
         }
         if collected > 0 {
             self.inner.env.store.sync().wait().await?;
             tracing::info!(collected, "finished runs collected");
         }
         Ok(collected)
+    }
+
+    /// Deletes the runs of `ids`, found expired at `now` by a scan, that are expired still:
+    /// each judged again on its record as stored now, under the loads' lock. Between the
+    /// scan and here, a run may have been loaded (a rerun noting itself in its journal), or
+    /// deleted by a purge and started again under the same id; deleting it then would leave
+    /// a journal key without a record, or delete a run that was just started. With the lock held, no load puts a cell of any
+    /// of them in the map until they are deleted, and no start can make a run whose record
+    /// is still there. Returns how many were deleted.
+    async fn delete_expired(&self, ids: &[RunId], now: u64) -> Result<usize> {
+        let _loading = self.inner.loading.lock().await;
+        let mut still = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(record) = self.inner.env.store.run(id).await? {
+                if self.expired(&record, now).await? {
+                    still.push(record.id);
+                }
+            }
+        }
+        if !still.is_empty() {
+            self.inner.env.store.delete_runs(&still).await?;
+        }
+        Ok(still.len())
     }
 
     /// Whether `record`'s run finished longer ago than its retention, at `now` (ms), and may

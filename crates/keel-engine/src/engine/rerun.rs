@@ -26,7 +26,8 @@ pub struct Rerun {
 impl Engine {
     /// Starts a new run of finished run `id`'s workflow, with its input (or `rerun.input`),
     /// under `rerun.as_id` or the next default id, and records the link in both runs. The new
-    /// run is durable and driven when this returns, and the rerun's journal entry is durable.
+    /// run is durable and driven when this returns, and the rerun's journal entry is durable
+    /// (unless the run rerun was deleted meanwhile: the new run is returned all the same).
     ///
     /// Idempotent by the new id: repeating a call whose answer was lost (same `as_id`, or the
     /// default id before the first call recorded it) returns the same run. A run that has
@@ -66,10 +67,20 @@ impl Engine {
                 run: record.id.clone(),
             };
             let store = &*self.inner.env.store;
-            self.operate_with(old.id.as_str(), "record its rerun", false, |cell| {
-                cell.append(store, note.clone()).map(|()| true)
-            })
-            .await?;
+            let noted = self
+                .operate_with(old.id.as_str(), "record its rerun", false, |cell| {
+                    cell.append(store, note.clone()).map(|()| true)
+                })
+                .await;
+            match noted {
+                Ok(_) => {}
+                // Deleted (purged, collected) since it was read: the new run stands, durable
+                // and driven, and no journal is left to note it in.
+                Err(EngineError::RunNotFound { .. }) => {
+                    tracing::info!(run_id = %old.id, rerun = %record.id, "run rerun, then deleted before its journal noted the rerun");
+                }
+                Err(error) => return Err(error),
+            }
         }
         tracing::info!(run_id = %old.id, rerun = %record.id, "run rerun");
         Ok(record)

@@ -1,0 +1,348 @@
+//! Deletes (a purge, garbage collection) against what may meet the runs they delete: a rerun
+//! loading its run to note itself there, a rerun whose run goes while it starts, a run
+//! started again under an id a collection had found expired. Each runs in a child process
+//! whose threads are held at named points (`KEEL_PAUSE_AT`, `keel_engine::crash`), as threads
+//! the system leaves unscheduled there would be, or killed at one (`KEEL_CRASH_AT`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use keel::testing::TestClock;
+use keel::{
+    Batch, BatchAction, BatchReport, Ctx, Engine, EngineError, Event, Rerun, RunFilter, RunStatus,
+    Workflow, WorkflowError,
+};
+use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
+use keel_testkit::poll::CONDITION_TIMEOUT;
+
+/// Fails at once: a run that is finished as soon as it starts.
+struct Quick;
+
+impl Workflow for Quick {
+    const NAME: &'static str = "test.quick-failure";
+    type Input = ();
+    type Output = ();
+
+    async fn run(_: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        Err(WorkflowError::failed("as it should"))
+    }
+}
+
+/// How long finished runs are kept.
+const RETENTION: Duration = Duration::from_secs(3600);
+
+/// How long a thread is held at a pause point: long enough for the other thread's whole
+/// purge or start, well within a test's patience.
+const PAUSE_MS: u64 = 1_500;
+
+async fn open(clock: &TestClock) -> Engine {
+    let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
+    keel_testkit::store::builder(Path::new(&dir))
+        .clock(clock.clone())
+        .workflow::<Quick>()
+        .retention(RETENTION)
+        // Only the pass at the open, on an empty store: the tests collect by hand.
+        .gc_interval(Duration::from_secs(24 * 3600))
+        .open()
+        .await
+        .expect("opening the engine")
+}
+
+async fn answered<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CONDITION_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: never answered"))
+}
+
+/// Starts `id` (a [`Quick`] run) and returns once it failed, as it does at once, and left
+/// the engine's memory (a settled run's cell leaves soon after its end).
+async fn finished(engine: &Engine, id: &str) {
+    let _ = engine.start::<Quick>(id, ()).await.expect("starting");
+    let record = answered("wait", engine.wait(id)).await.expect("waiting");
+    assert_eq!(record.status, RunStatus::Failed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+}
+
+/// Returns once run `id`'s record is there (its start wrote it).
+async fn recorded(engine: &Engine, id: &str) {
+    let deadline = std::time::Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        match engine.status(id).await {
+            Ok(_) => return,
+            Err(EngineError::RunNotFound { .. }) => {}
+            Err(other) => panic!("reading run {id}: {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "run {id} was never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A purge of run `id` (and of nothing else: no other id starts with it here), of runs
+/// finished by the clock's now.
+async fn purge(engine: &Engine, clock: &TestClock, id: &str) -> BatchReport {
+    let batch = Batch {
+        action: BatchAction::Purge,
+        filter: RunFilter {
+            id_prefix: Some(id.into()),
+            finished_before_ms: Some(clock.now_ms() + 1),
+            ..RunFilter::default()
+        },
+        dry_run: false,
+        after: None,
+        limit: 10,
+    };
+    answered("purge", engine.batch(&batch))
+        .await
+        .expect("a purge")
+}
+
+/// Runs test `name`'s child with `env` set, and asserts that it finished its checks.
+fn run_child(name: &str, env: &[(&str, String)]) -> Ending {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChildSpec {
+        test_name: name,
+        env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
+    };
+    spec.run(env, CONDITION_TIMEOUT * 2)
+}
+
+fn paused_at(point: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KEEL_PAUSE_AT", point.to_string()),
+        ("KEEL_PAUSE_MS", PAUSE_MS.to_string()),
+    ]
+}
+
+/// A rerun loads its run to note itself in the run's journal; its load is held after it read
+/// the run and before the run's cell is in the engine's map (`wake.after_index`), and a purge
+/// of the run comes meanwhile.
+fn rerun_loading_during_a_purge_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let clock = TestClock::new();
+        let engine = open(&clock).await;
+        finished(&engine, "old").await;
+        let rerunning = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let rerun = Rerun {
+                    as_id: Some("new".into()),
+                    input: None,
+                };
+                engine.rerun("old", &rerun).await
+            })
+        };
+        // The new run is durable before the rerun loads the old one; its load is then held.
+        recorded(&engine, "new").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let report = purge(&engine, &clock, "old").await;
+        let rerun = answered("rerun", rerunning).await.unwrap();
+        assert_eq!(rerun.expect("the rerun").id.as_str(), "new");
+        match engine.history("old").await {
+            // The purge found the run loaded and left it: its journal names the rerun.
+            Ok(history) => {
+                assert_eq!(report.skipped, 1, "{report:?}");
+                assert!(
+                    history.entries.iter().any(
+                        |e| matches!(&e.event, Event::RerunStarted { run } if run.as_str() == "new")
+                    ),
+                    "{:?}",
+                    history.entries
+                );
+            }
+            // The purge deleted the run, and with it every key of its journal: a new run of
+            // the same id has a journal of its own entries alone.
+            Err(EngineError::RunNotFound { .. }) => {
+                assert_eq!(report.done, 1, "{report:?}");
+                finished(&engine, "old").await;
+                let history = engine
+                    .history("old")
+                    .await
+                    .expect("a new run under a purged id has a readable journal");
+                assert!(
+                    !history
+                        .entries
+                        .iter()
+                        .any(|e| matches!(e.event, Event::RerunStarted { .. })),
+                    "the purged run's rerun note outlived it: {:?}",
+                    history.entries
+                );
+            }
+            Err(other) => panic!("the run's journal after the purge: {other}"),
+        }
+        engine.shutdown().await;
+    });
+}
+
+/// A purge that comes while a rerun of the run is loading it leaves no journal key of the
+/// run behind: either it finds the run loaded and skips it, or it deletes it after the
+/// rerun's note, note included. (Before, the purge deleted the run under the load, which
+/// then wrote the note into the journal of a run that no longer existed: a key no record
+/// owned, read as a gap by the next run of that id.)
+#[test]
+fn a_purge_during_a_reruns_load_leaves_no_journal_behind() {
+    const NAME: &str = "a_purge_during_a_reruns_load_leaves_no_journal_behind";
+    if is_child() {
+        return rerun_loading_during_a_purge_child();
+    }
+    let ending = run_child(NAME, &paused_at("wake.after_index"));
+    assert_eq!(ending, Ending::Finished);
+}
+
+/// A rerun is held after its new run became durable (`start.after_sync`), and a purge deletes
+/// the run rerun meanwhile.
+fn rerun_whose_run_is_purged_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let clock = TestClock::new();
+        let engine = open(&clock).await;
+        finished(&engine, "old").await;
+        let rerunning = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                let rerun = Rerun {
+                    as_id: Some("new".into()),
+                    input: None,
+                };
+                engine.rerun("old", &rerun).await
+            })
+        };
+        recorded(&engine, "new").await;
+        let report = purge(&engine, &clock, "old").await;
+        assert_eq!(report.done, 1, "{report:?}");
+        let rerun = answered("rerun", rerunning).await.unwrap();
+        let rerun = rerun.expect("a rerun whose new run started is answered with it");
+        assert_eq!(rerun.id.as_str(), "new");
+        assert_eq!(rerun.rerun_of.as_ref().map(|id| id.as_str()), Some("old"));
+        let new = answered("wait", engine.wait("new")).await.unwrap();
+        assert_eq!(new.status, RunStatus::Failed, "the new run was driven");
+        assert!(matches!(
+            engine.status("old").await,
+            Err(EngineError::RunNotFound { .. })
+        ));
+        engine.shutdown().await;
+    });
+}
+
+/// A rerun whose run is deleted after the new run started answers with the new run, which is
+/// durable and driven. (Before, it answered `RunNotFound` for the run rerun: the caller was
+/// told the rerun failed while its run ran, and a repeated call could not find it either.)
+#[test]
+fn a_rerun_whose_run_is_purged_meanwhile_answers_with_its_new_run() {
+    const NAME: &str = "a_rerun_whose_run_is_purged_meanwhile_answers_with_its_new_run";
+    if is_child() {
+        return rerun_whose_run_is_purged_child();
+    }
+    let ending = run_child(NAME, &paused_at("start.after_sync"));
+    assert_eq!(ending, Ending::Finished);
+}
+
+/// Garbage collection is held between its scan and its delete (`gc.before_delete`); meanwhile
+/// the run it found expired is purged and a new run is started under its id.
+fn collection_of_an_id_started_again_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let clock = TestClock::new();
+        let engine = open(&clock).await;
+        finished(&engine, "old").await;
+        clock.advance(RETENTION * 2);
+        let collecting = {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.collect_garbage().await })
+        };
+        // The collection's scan takes a moment; then its thread is held.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let report = purge(&engine, &clock, "old").await;
+        assert_eq!(report.done, 1, "{report:?}");
+        finished(&engine, "old").await;
+        let collected = answered("collection", collecting).await.unwrap();
+        assert_eq!(
+            collected.expect("a collection"),
+            0,
+            "the run it found expired was gone, and the new one is not expired"
+        );
+        let history = engine
+            .history("old")
+            .await
+            .expect("the new run under the collected id is kept");
+        assert_eq!(history.run.status, RunStatus::Failed);
+        assert_eq!(history.run.created_at_ms, clock.now_ms());
+        engine.shutdown().await;
+    });
+}
+
+/// A run started again under an id that garbage collection found expired is kept: the
+/// collection judges each run again as stored when it deletes. (Before, it deleted by the
+/// ids its scan found, and so the new run, just started.)
+#[test]
+fn garbage_collection_keeps_a_run_started_again_under_an_expired_id() {
+    const NAME: &str = "garbage_collection_keeps_a_run_started_again_under_an_expired_id";
+    if is_child() {
+        return collection_of_an_id_started_again_child();
+    }
+    let ending = run_child(NAME, &paused_at("gc.before_delete"));
+    assert_eq!(ending, Ending::Finished);
+}
+
+const KILLED_RUNS: usize = 3;
+
+/// First life: finishes [`KILLED_RUNS`] runs and collects them once they expired (killed at
+/// `gc.before_delete`). Second life: every run is there, readable, and a collection deletes
+/// them all.
+fn collection_killed_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let clock = TestClock::new();
+        let engine = open(&clock).await;
+        let ids: Vec<String> = (0..KILLED_RUNS).map(|n| format!("old-{n}")).collect();
+        let first_life = matches!(
+            engine.status(&ids[0]).await,
+            Err(EngineError::RunNotFound { .. })
+        );
+        if first_life {
+            for id in &ids {
+                finished(&engine, id).await;
+            }
+            clock.advance(RETENTION * 2);
+            let _ = engine.collect_garbage().await;
+            panic!("the collection was not killed at gc.before_delete");
+        }
+        for id in &ids {
+            let history = engine.history(id).await.expect("a run the kill left");
+            assert_eq!(history.run.status, RunStatus::Failed, "{id}");
+        }
+        clock.advance(RETENTION * 2);
+        engine.collect_garbage().await.expect("a collection");
+        for id in &ids {
+            assert!(
+                matches!(
+                    engine.status(id).await,
+                    Err(EngineError::RunNotFound { .. })
+                ),
+                "{id} was not collected"
+            );
+        }
+        engine.shutdown().await;
+    });
+}
+
+/// Garbage collection killed between its scan and its delete leaves every run as it was, and
+/// the next collection deletes them.
+#[test]
+fn garbage_collection_killed_before_its_delete_leaves_the_runs_to_the_next() {
+    const NAME: &str = "garbage_collection_killed_before_its_delete_leaves_the_runs_to_the_next";
+    if is_child() {
+        return collection_killed_child();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ChildSpec {
+        test_name: NAME,
+        env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
+    };
+    let point = keel_engine::crash::GC_POINTS[0];
+    let ending = spec.run(
+        &[("KEEL_CRASH_AT", point.to_string())],
+        CONDITION_TIMEOUT * 2,
+    );
+    assert_eq!(ending, Ending::Killed, "{point} was never reached");
+    assert_eq!(spec.run(&[], CONDITION_TIMEOUT * 2), Ending::Finished);
+}
