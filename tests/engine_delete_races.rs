@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use keel::testing::TestClock;
 use keel::{
-    Batch, BatchAction, BatchReport, Ctx, Engine, EngineError, Event, Rerun, RunFilter, RunStatus,
-    Workflow, WorkflowError,
+    Batch, BatchAction, BatchReport, Ctx, Engine, EngineError, Event, Rerun, Resident, RunFilter,
+    RunRecord, RunStatus, Workflow, WorkflowError,
 };
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
-use keel_testkit::poll::CONDITION_TIMEOUT;
+use keel_testkit::poll::{answered, recorded, resident, CONDITION_TIMEOUT};
 
 /// Fails at once: a run that is finished as soon as it starts.
 struct Quick;
@@ -48,36 +48,25 @@ async fn open(clock: &TestClock) -> Engine {
         .expect("opening the engine")
 }
 
-async fn answered<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(CONDITION_TIMEOUT, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: never answered"))
-}
-
 /// Starts `id` (a [`Quick`] run) and returns once it failed, as it does at once, and left
 /// the engine's memory (a settled run's cell leaves soon after its end).
 async fn finished(engine: &Engine, id: &str) {
     let _ = engine.start::<Quick>(id, ()).await.expect("starting");
     let record = answered("wait", engine.wait(id)).await.expect("waiting");
     assert_eq!(record.status, RunStatus::Failed);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    resident(engine, Resident::default()).await;
 }
 
-/// Returns once run `id`'s record is there (its start wrote it).
-async fn recorded(engine: &Engine, id: &str) {
-    let deadline = std::time::Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        match engine.status(id).await {
-            Ok(_) => return,
-            Err(EngineError::RunNotFound { .. }) => {}
-            Err(other) => panic!("reading run {id}: {other}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "run {id} was never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// A rerun of run `old` as `new`, on a task of its own.
+fn rerun_as_new(engine: &Engine) -> tokio::task::JoinHandle<Result<RunRecord, EngineError>> {
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let rerun = Rerun {
+            as_id: Some("new".into()),
+            input: None,
+        };
+        engine.rerun("old", &rerun).await
+    })
 }
 
 /// A purge of run `id` (and of nothing else: no other id starts with it here), of runs
@@ -124,16 +113,7 @@ fn rerun_loading_during_a_purge_child() {
         let clock = TestClock::new();
         let engine = open(&clock).await;
         finished(&engine, "old").await;
-        let rerunning = {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let rerun = Rerun {
-                    as_id: Some("new".into()),
-                    input: None,
-                };
-                engine.rerun("old", &rerun).await
-            })
-        };
+        let rerunning = rerun_as_new(&engine);
         // The new run is durable before the rerun loads the old one; its load is then held.
         recorded(&engine, "new").await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -198,16 +178,7 @@ fn rerun_whose_run_is_purged_child() {
         let clock = TestClock::new();
         let engine = open(&clock).await;
         finished(&engine, "old").await;
-        let rerunning = {
-            let engine = engine.clone();
-            tokio::spawn(async move {
-                let rerun = Rerun {
-                    as_id: Some("new".into()),
-                    input: None,
-                };
-                engine.rerun("old", &rerun).await
-            })
-        };
+        let rerunning = rerun_as_new(&engine);
         recorded(&engine, "new").await;
         let report = purge(&engine, &clock, "old").await;
         assert_eq!(report.done, 1, "{report:?}");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use keel::{Ctx, Engine, RunStatus, Step, StepContext, StepError, Workflow, WorkflowError};
 use keel_testkit::crash::{is_child, path_env, ChildSpec, Ending};
-use keel_testkit::poll::CONDITION_TIMEOUT;
+use keel_testkit::poll::{answered, recorded, CONDITION_TIMEOUT};
 
 /// Fails at once.
 struct Quick;
@@ -63,29 +63,6 @@ async fn open() -> Engine {
         .open()
         .await
         .expect("opening the engine")
-}
-
-async fn answered<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(CONDITION_TIMEOUT, future)
-        .await
-        .unwrap_or_else(|_| panic!("{what}: never answered"))
-}
-
-/// Returns once run `id`'s record is there (its start wrote it).
-async fn recorded(engine: &Engine, id: &str) {
-    let deadline = std::time::Instant::now() + CONDITION_TIMEOUT;
-    loop {
-        match engine.status(id).await {
-            Ok(_) => return,
-            Err(keel::EngineError::RunNotFound { .. }) => {}
-            Err(other) => panic!("reading run {id}: {other}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "run {id} was never recorded"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 /// Runs test `name`'s child with its threads held `pause_ms` at each of `points`.

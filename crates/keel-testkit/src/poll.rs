@@ -25,6 +25,28 @@ pub async fn until(engine: &Engine, id: &str, condition: impl Fn(&RunHistory) ->
     }
 }
 
+/// `future`'s output; panics, naming `what`, if it takes longer than [`CONDITION_TIMEOUT`].
+pub async fn answered<T>(what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(CONDITION_TIMEOUT, future)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: never answered"))
+}
+
+/// Returns once run `id`'s record is there (its start wrote it); panics after
+/// [`CONDITION_TIMEOUT`], or on any error but the run's not being found.
+pub async fn recorded(engine: &Engine, id: &str) {
+    let deadline = Instant::now() + CONDITION_TIMEOUT;
+    loop {
+        match engine.status(id).await {
+            Ok(_) => return,
+            Err(keel_engine::EngineError::RunNotFound { .. }) => {}
+            Err(other) => panic!("reading run {id}: {other}"),
+        }
+        assert!(Instant::now() < deadline, "run {id} was never recorded");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The wake time of the next sleep on `clock`, once the engine sleeps on it; panics after
 /// [`CONDITION_TIMEOUT`] (real time) if nothing does.
 pub async fn asleep(clock: &TestClock) -> u64 {
