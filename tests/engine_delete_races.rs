@@ -33,7 +33,7 @@ const RETENTION: Duration = Duration::from_secs(3600);
 
 /// How long a thread is held at a pause point: long enough for the other thread's whole
 /// purge or start, well within a test's patience.
-const PAUSE_MS: u64 = 1_500;
+const PAUSE_MS: u64 = 3_000;
 
 async fn open(clock: &TestClock) -> Engine {
     let dir = std::env::var("KEEL_DATA_DIR").expect("KEEL_DATA_DIR");
@@ -41,7 +41,7 @@ async fn open(clock: &TestClock) -> Engine {
         .clock(clock.clone())
         .workflow::<Quick>()
         .retention(RETENTION)
-        // Only the pass at the open, on an empty store: the tests collect by hand.
+        // Only the pass at the open, before any run expired: the tests collect by hand.
         .gc_interval(Duration::from_secs(24 * 3600))
         .open()
         .await
@@ -116,8 +116,18 @@ fn rerun_loading_during_a_purge_child() {
         let rerunning = rerun_as_new(&engine);
         // The new run is durable before the rerun loads the old one; its load is then held.
         recorded(&engine, "new").await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let purging = std::time::Instant::now();
         let report = purge(&engine, &clock, "old").await;
+        // On sled it waited for the held load: the race was met, not missed. (On PostgreSQL
+        // the rerun may reach its load after the purge, seen in this test: the rest of it
+        // checks either order, and a run deleted there fences the load in any case.)
+        let sled = keel_testkit::store::test_store() == keel_testkit::store::TestStore::Sled;
+        assert!(
+            !sled || purging.elapsed() >= Duration::from_millis(PAUSE_MS / 2),
+            "the purge did not wait for the rerun's load ({:?}): {report:?}",
+            purging.elapsed()
+        );
         let rerun = answered("rerun", rerunning).await.unwrap();
         assert_eq!(rerun.expect("the rerun").id.as_str(), "new");
         match engine.history("old").await {
@@ -219,14 +229,23 @@ fn collection_of_an_id_started_again_child() {
         clock.advance(RETENTION * 2);
         let collecting = {
             let engine = engine.clone();
-            tokio::spawn(async move { engine.collect_garbage().await })
+            tokio::spawn(async move {
+                let began = std::time::Instant::now();
+                (engine.collect_garbage().await, began.elapsed())
+            })
         };
         // The collection's scan takes a moment; then its thread is held.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
         let report = purge(&engine, &clock, "old").await;
         assert_eq!(report.done, 1, "{report:?}");
         finished(&engine, "old").await;
-        let collected = answered("collection", collecting).await.unwrap();
+        let (collected, took) = answered("collection", collecting).await.unwrap();
+        // Held at its point, which it meets only when its scan found the first run expired:
+        // the scan came before the purge.
+        assert!(
+            took >= Duration::from_millis(PAUSE_MS),
+            "the collection was never held ({took:?})"
+        );
         assert_eq!(
             collected.expect("a collection"),
             0,

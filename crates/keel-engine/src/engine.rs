@@ -71,7 +71,9 @@ pub(crate) struct Inner {
     cells: Mutex<parking::Cells>,
     /// Wakes the parked runs' wake loop when a run parks with a wake time before its next.
     wakes: Arc<tokio::sync::Notify>,
-    /// Held while a run is loaded from the store (`Engine::load_cell`).
+    /// Held while a run is loaded from the store (`Engine::load_cell`), and while a purge or
+    /// garbage collection checks and deletes runs (`engine/batch.rs`, `engine/gc.rs`), so
+    /// that no run is loaded between the check and the delete.
     loading: tokio::sync::Mutex<()>,
     /// Drivers running, told to its receivers only when it reaches 0 (`Engine::shutdown`).
     drivers: watch::Sender<usize>,
@@ -221,7 +223,9 @@ impl Engine {
         // put one there, nothing in this engine writes the run, so what is read below stays
         // current until the cell is in the map. (A new run's first cell is put in by the
         // start that created its record, without this lock: the run is marked being started
-        // from before its record until then, and `loaded_settled_out` waits for that.)
+        // from before its record until then, and `loaded_settled_out` waits for that.) A
+        // purge and garbage collection delete under this lock too: the run read below is
+        // not deleted before its cell is in the map, where their checks see it.
         let _loading = self.inner.loading.lock().await;
         // A cell of the run that left the map settled may still be removing its wake index
         // entry (`Inner::take_out`): this load writes the entry after that removal. No other

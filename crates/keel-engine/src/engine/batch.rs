@@ -493,8 +493,9 @@ impl Engine {
 
     /// Applies `action` to `record`'s run and says what happened.
     async fn act(&self, action: &BatchAction, record: RunRecord) -> BatchRun {
+        let created_at_ms = record.created_at_ms;
         let mut run = planned(record, None);
-        let outcome = self.act_on(action, &mut run).await;
+        let outcome = self.act_on(action, &mut run, created_at_ms).await;
         match outcome {
             Ok(Some(reason)) => {
                 run.outcome = BatchOutcome::Skipped;
@@ -519,12 +520,21 @@ impl Engine {
         run
     }
 
-    /// The action on `run`: `Some(reason)` when skipped, else done (with `run.now` and
-    /// `run.rerun` filled in).
-    async fn act_on(&self, action: &BatchAction, run: &mut BatchRun) -> Result<Option<String>> {
+    /// The action on `run`, the run of that id created at `created_at_ms` that the batch's
+    /// scan read: `Some(reason)` when skipped, else done (with `run.now` and `run.rerun`
+    /// filled in).
+    async fn act_on(
+        &self,
+        action: &BatchAction,
+        run: &mut BatchRun,
+        created_at_ms: u64,
+    ) -> Result<Option<String>> {
         let id = run.id.to_string();
         // The scan's copy may be stale: the check is made on the record as stored now.
         let record = self.record(&id).await?;
+        if record.created_at_ms != created_at_ms {
+            return Ok(Some(STARTED_AGAIN.into()));
+        }
         if let Some(reason) = self.skip_reason(action, &record, false).await? {
             return Ok(Some(reason));
         }
@@ -552,7 +562,7 @@ impl Engine {
                 record
             }
             BatchAction::Purge => {
-                if let Some(reason) = self.purge_one(&run.id).await? {
+                if let Some(reason) = self.purge_one(&run.id, created_at_ms).await? {
                     return Ok(Some(reason));
                 }
                 crate::crash::point("batch.after_action");
@@ -570,15 +580,20 @@ impl Engine {
     /// (`ChildStarted`), not by their ids: a child whose `<parent>/<index>` would be too long
     /// is `child-<uuid>` ([`crate::child_id`]), under no prefix of its parent's.
     ///
-    /// All of it under the loads' lock, each run checked there: a run loaded since the
-    /// batch's check (a rerun noting itself in the run's journal loads it) would otherwise
-    /// write its journal after its record was deleted, a key no record owns that a new run
-    /// of the same id then reads as a gap. `Some(reason)` when one of the runs is loaded.
-    async fn purge_one(&self, id: &RunId) -> Result<Option<String>> {
-        let _loading = self.inner.loading.lock().await;
+    /// Checked and deleted under the loads' lock: a run loaded since the batch's check (a
+    /// rerun noting itself in the run's journal loads it) would otherwise write its journal
+    /// after its record was deleted, a key no record owns that a new run of the same id then
+    /// reads as its own; and the run must still be the one created at `created_at_ms` that
+    /// the batch matched. `Some(reason)` when one of the runs is loaded, or the run is
+    /// another now; the whole purge is skipped then.
+    async fn purge_one(&self, id: &RunId, created_at_ms: u64) -> Result<Option<String>> {
+        let loading = self.inner.loading.lock().await;
         let store = &self.inner.env.store;
         match store.run(id).await? {
             None => return Err(EngineError::RunNotFound { id: id.clone() }),
+            Some(record) if record.created_at_ms != created_at_ms => {
+                return Ok(Some(STARTED_AGAIN.into()))
+            }
             Some(record) if !record.status.is_terminal() => {
                 return Err(EngineError::InvalidState {
                     id: id.clone(),
@@ -626,11 +641,18 @@ impl Engine {
             }));
         }
         store.delete_runs(&ids).await?;
+        // Written: a load from now on finds no record. The sync needs no lock, and purges
+        // running side by side share it.
+        drop(loading);
         store.sync().wait().await?;
         tracing::info!(run_id = %id, runs = ids.len(), "run purged");
         Ok(None)
     }
 }
+
+/// Why a batch skips a run whose id now names another run than the one its scan read (that
+/// one was deleted, and a run started under its id since).
+const STARTED_AGAIN: &str = "was deleted and started again since the batch read it";
 
 /// Whether `record`'s run was started after a batch that began at `began_ms`: later, or a
 /// rerun in the same millisecond (the clock's grain; a run the batch reruns is older).

@@ -30,7 +30,8 @@ impl Engine {
     /// (unless the run rerun was deleted meanwhile: the new run is returned all the same).
     ///
     /// Idempotent by the new id: repeating a call whose answer was lost (same `as_id`, or the
-    /// default id before the first call recorded it) returns the same run. A run that has
+    /// default id before the first call recorded it) returns the same run, as long as the
+    /// run rerun exists (once it is deleted, a repeated call answers `RunNotFound`). A run that has
     /// not finished is refused (cancel it first): two runs doing the same work at once would
     /// race for the same resources. A child run is rerun as a top-level run.
     pub async fn rerun(&self, id: &str, rerun: &Rerun) -> Result<RunRecord> {
@@ -69,14 +70,19 @@ impl Engine {
             let store = &*self.inner.env.store;
             let noted = self
                 .operate_with(old.id.as_str(), "record its rerun", false, |cell| {
+                    // Only in the run rerun: not in a run started under its id since.
+                    if cell.with_record(|r| r.created_at_ms) != old.created_at_ms {
+                        return Ok(false);
+                    }
                     cell.append(store, note.clone()).map(|()| true)
                 })
                 .await;
             match noted {
-                Ok(_) => {}
-                // Deleted (purged, collected) since it was read: the new run stands, durable
-                // and driven, and no journal is left to note it in.
-                Err(EngineError::RunNotFound { .. }) => {
+                Ok(Some(_)) => {}
+                // Deleted (purged, collected) since it was read, and perhaps another run
+                // started under its id: the new run stands, durable and driven, and the run
+                // rerun has no journal left to note it in.
+                Ok(None) | Err(EngineError::RunNotFound { .. }) => {
                     tracing::info!(run_id = %old.id, rerun = %record.id, "run rerun, then deleted before its journal noted the rerun");
                 }
                 Err(error) => return Err(error),
