@@ -450,7 +450,7 @@ impl Engine {
                     }
                 }
                 if self.held(&record.id) {
-                    return Ok(Some("is loaded (a waiter is reading it)".into()));
+                    return Ok(Some(LOADED.into()));
                 }
                 Ok(None)
             }
@@ -635,7 +635,7 @@ impl Engine {
         }
         if let Some(loaded) = ids.iter().find(|id| self.held(id)) {
             return Ok(Some(if loaded == id {
-                "is loaded (a waiter is reading it)".into()
+                LOADED.into()
             } else {
                 format!("its descendant {loaded} is loaded")
             }));
@@ -649,6 +649,9 @@ impl Engine {
         Ok(None)
     }
 }
+
+/// Why a purge skips a run loaded in this engine (its cell is in the map).
+const LOADED: &str = "is loaded (a waiter is reading it)";
 
 /// Why a batch skips a run whose id now names another run than the one its scan read (that
 /// one was deleted, and a run started under its id since).

@@ -67,9 +67,9 @@ impl Engine {
     /// each judged again on its record as stored now, under the loads' lock. Between the
     /// scan and here, a run may have been loaded (a rerun noting itself in its journal), or
     /// deleted by a purge and started again under the same id; deleting it then would leave
-    /// a journal key without a record, or delete a run that was just started. With the lock held, no load puts a cell of any
-    /// of them in the map until they are deleted, and no start can make a run whose record
-    /// is still there. Returns how many were deleted.
+    /// a journal key without a record, or delete a run that was just started. With the lock
+    /// held, no load puts a cell of any of them in the map until they are deleted, and no
+    /// start can make a run whose record is still there. Returns how many were deleted.
     async fn delete_expired(&self, ids: &[RunId], now: u64) -> Result<usize> {
         let _loading = self.inner.loading.lock().await;
         let mut still = Vec::with_capacity(ids.len());

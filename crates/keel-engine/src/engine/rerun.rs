@@ -31,9 +31,9 @@ impl Engine {
     ///
     /// Idempotent by the new id: repeating a call whose answer was lost (same `as_id`, or the
     /// default id before the first call recorded it) returns the same run, as long as the
-    /// run rerun exists (once it is deleted, a repeated call answers `RunNotFound`). A run that has
-    /// not finished is refused (cancel it first): two runs doing the same work at once would
-    /// race for the same resources. A child run is rerun as a top-level run.
+    /// run rerun exists (once it is deleted, a repeated call answers `RunNotFound`). A run
+    /// that has not finished is refused (cancel it first): two runs doing the same work at
+    /// once would race for the same resources. A child run is rerun as a top-level run.
     pub async fn rerun(&self, id: &str, rerun: &Rerun) -> Result<RunRecord> {
         let old = self.record(id).await?;
         if !old.status.is_terminal() {

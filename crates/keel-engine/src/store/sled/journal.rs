@@ -174,7 +174,7 @@ pub(super) const GROUP_BYTES_MAX: usize = TRANSITION_ENTRY_BYTES_MAX;
 /// (a step's completion and the next entry, `cell.rs`); any other entry is a value of its
 /// own, a JSON object. The journal stays dense: a group of n entries at index i is followed
 /// by index i + n.
-pub(super) fn group(index: JournalIndex, values: Vec<Vec<u8>>) -> Vec<(JournalIndex, Vec<u8>)> {
+pub(super) fn group(index: JournalIndex, mut values: Vec<Vec<u8>>) -> Vec<(JournalIndex, Vec<u8>)> {
     // First the groups' bounds: each group's first and last offset in `values`, and its
     // bytes as an array (`[`, the values, a `,` between two, `]`).
     let mut bounds: Vec<(usize, usize, usize)> = Vec::new();
@@ -189,36 +189,31 @@ pub(super) fn group(index: JournalIndex, values: Vec<Vec<u8>>) -> Vec<(JournalIn
     }
     // Then each group's value, written once into a buffer of its size: a step's two
     // entries (its completion and the next one) are grouped at every step.
-    let mut values = values.into_iter();
     bounds
         .into_iter()
-        .map(|(first, last, bytes)| {
+        .map(|(first, last, _)| {
             let at = JournalIndex(index.0 + first as u32);
-            let mut members = values.by_ref().take(last - first + 1);
-            let one = members.next().expect("a group has a first value");
-            if first == last {
-                return (at, one);
-            }
-            let mut array = Vec::with_capacity(bytes);
-            array.push(b'[');
-            array.extend_from_slice(&one);
-            for value in members {
-                array.push(b',');
-                array.extend_from_slice(&value);
-            }
-            array.push(b']');
-            (at, array)
+            (at, one_value(&mut values[first..=last]))
         })
         .collect()
 }
 
 /// The stored value of the encoded entries `values` (one at least): the entry itself when
-/// it is alone, else a JSON array of them (see [`group`]).
-fn one_value(mut values: Vec<Vec<u8>>) -> Vec<u8> {
-    match values.len() {
-        1 => values.pop().expect("one value"),
-        _ => [&b"["[..], &values.join(&b","[..]), b"]"].concat(),
+/// it is alone (taken out of `values`), else a JSON array of them (see [`group`]), written
+/// once into a buffer of its size.
+fn one_value(values: &mut [Vec<u8>]) -> Vec<u8> {
+    if let [one] = values {
+        return std::mem::take(one);
     }
+    // `[`, the values, a `,` between two, `]`.
+    let bytes = values.iter().map(|value| value.len() + 1).sum::<usize>() + 1;
+    let mut array = Vec::with_capacity(bytes);
+    for (n, value) in values.iter().enumerate() {
+        array.push(if n == 0 { b'[' } else { b',' });
+        array.extend_from_slice(value);
+    }
+    array.push(b']');
+    array
 }
 
 /// Whether a stored journal value holds several entries (a JSON array), not one (an object).
@@ -403,13 +398,15 @@ impl SledStore {
         let Some(tail) = held.filter(|t| !t.entries.is_empty()) else {
             return Ok(());
         };
-        let values = tail
+        let mut values = tail
             .entries
             .iter()
             .map(|entry| encode("journal entry", entry, TRANSITION_ENTRY_BYTES_MAX))
             .collect::<Result<Vec<_>>>()?;
-        self.kv
-            .insert(journal_key(id, JournalIndex(tail.from)), one_value(values))?;
+        self.kv.insert(
+            journal_key(id, JournalIndex(tail.from)),
+            one_value(&mut values),
+        )?;
         Ok(())
     }
 
