@@ -274,35 +274,64 @@ fn garbage_collection_keeps_a_run_started_again_under_an_expired_id() {
     assert_eq!(ending, Ending::Finished);
 }
 
-const KILLED_RUNS: usize = 3;
+/// Runs a killed collection found expired: one atomic write's worth and some more, so that
+/// it writes twice.
+const KILLED_RUNS: usize = keel_engine::GC_RUNS_PER_WRITE + 44;
 
-/// First life: finishes [`KILLED_RUNS`] runs and collects them once they expired (killed at
-/// `gc.before_delete`). Second life: every run is there, readable, and a collection deletes
-/// them all.
+/// First life: finishes [`KILLED_RUNS`] runs and collects them once they expired, killed at
+/// the point the parent armed. Second life: each run is whole (its record and history
+/// readable) or gone; the gone ones are the first write's runs, or all of them (each write
+/// atomic, in id order); the counts by status agree with the runs left; a run started again
+/// under a collected id has its own journal alone; and a collection deletes the rest.
 fn collection_killed_child() {
     keel_testkit::crash::runtime().block_on(async {
         let clock = TestClock::new();
         let engine = open(&clock).await;
-        let ids: Vec<String> = (0..KILLED_RUNS).map(|n| format!("old-{n}")).collect();
-        let first_life = matches!(
-            engine.status(&ids[0]).await,
-            Err(EngineError::RunNotFound { .. })
-        );
-        if first_life {
+        let ids: Vec<String> = (0..KILLED_RUNS).map(|n| format!("old-{n:04}")).collect();
+        // Armed in the first life only (the runs cannot tell: the kill may have left none).
+        if std::env::var("KEEL_CRASH_AT").is_ok() {
             for id in &ids {
                 finished(&engine, id).await;
             }
             clock.advance(RETENTION * 2);
-            let _ = engine.collect_garbage().await;
-            panic!("the collection was not killed at gc.before_delete");
+            let collected = engine.collect_garbage().await;
+            panic!("the collection was not killed at its point: {collected:?}");
         }
-        for id in &ids {
-            let history = engine.history(id).await.expect("a run the kill left");
-            assert_eq!(history.run.status, RunStatus::Failed, "{id}");
+        let mut gone = 0;
+        for (n, id) in ids.iter().enumerate() {
+            match engine.history(id).await {
+                Ok(history) => {
+                    assert_eq!(history.run.status, RunStatus::Failed, "{id}");
+                    assert!(!history.entries.is_empty(), "{id} kept no journal");
+                }
+                Err(EngineError::RunNotFound { .. }) => {
+                    assert_eq!(n, gone, "{id} is gone but an earlier run is not");
+                    gone += 1;
+                }
+                Err(error) => panic!("{id}: {error}"),
+            }
+        }
+        assert!(
+            [0, keel_engine::GC_RUNS_PER_WRITE, KILLED_RUNS].contains(&gone),
+            "{gone} runs gone: not a whole number of the collection's writes"
+        );
+        let counts = engine.run_counts().await.expect("the counts");
+        let left = (KILLED_RUNS - gone) as u64;
+        assert_eq!(counts.get(&RunStatus::Failed).copied().unwrap_or(0), left);
+        assert_eq!(counts.values().sum::<u64>(), left, "{counts:?}");
+        // A run of a fresh id, and one started again under each collected id: the same
+        // journal (a collected run's entries left behind would be read as the new run's).
+        finished(&engine, "fresh").await;
+        let fresh = engine.history("fresh").await.expect("the fresh run");
+        for id in &ids[..gone] {
+            finished(&engine, id).await;
+            let again = engine.history(id).await.expect("the run started again");
+            assert_eq!(again.entries.len(), fresh.entries.len(), "{id}");
         }
         clock.advance(RETENTION * 2);
-        engine.collect_garbage().await.expect("a collection");
-        for id in &ids {
+        let collected = engine.collect_garbage().await.expect("a collection");
+        assert_eq!(collected, KILLED_RUNS + 1);
+        for id in ids.iter().chain(["fresh".to_string()].iter()) {
             assert!(
                 matches!(
                     engine.status(id).await,
@@ -311,28 +340,46 @@ fn collection_killed_child() {
                 "{id} was not collected"
             );
         }
+        let counts = engine.run_counts().await.expect("the counts");
+        assert_eq!(counts.values().sum::<u64>(), 0, "{counts:?}");
         engine.shutdown().await;
     });
 }
 
-/// Garbage collection killed between its scan and its delete leaves every run as it was, and
-/// the next collection deletes them.
+/// Garbage collection killed at each of its points (before its first write, after its first
+/// and after its last, before their sync) leaves every run whole or gone, a whole write at a
+/// time, and the next collection deletes the rest.
 #[test]
-fn garbage_collection_killed_before_its_delete_leaves_the_runs_to_the_next() {
-    const NAME: &str = "garbage_collection_killed_before_its_delete_leaves_the_runs_to_the_next";
+fn garbage_collection_killed_at_its_points_leaves_whole_runs_to_the_next() {
+    const NAME: &str = "garbage_collection_killed_at_its_points_leaves_whole_runs_to_the_next";
     if is_child() {
         return collection_killed_child();
     }
-    let dir = tempfile::tempdir().unwrap();
-    let spec = ChildSpec {
-        test_name: NAME,
-        env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
-    };
-    let point = keel_engine::crash::GC_POINTS[0];
-    let ending = spec.run(
-        &[("KEEL_CRASH_AT", point.to_string())],
-        CONDITION_TIMEOUT * 2,
-    );
-    assert_eq!(ending, Ending::Killed, "{point} was never reached");
-    assert_eq!(spec.run(&[], CONDITION_TIMEOUT * 2), Ending::Finished);
+    let kills = [
+        ("gc.before_delete", 0),
+        ("gc.after_delete", 0),
+        ("gc.after_delete", 1),
+    ];
+    for point in keel_engine::crash::GC_POINTS {
+        assert!(kills.iter().any(|(at, _)| at == point), "{point} untested");
+    }
+    for (point, skip) in kills {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = ChildSpec {
+            test_name: NAME,
+            env: vec![("KEEL_DATA_DIR".into(), path_env(dir.path(), "data"))],
+        };
+        let armed = [
+            ("KEEL_CRASH_AT", point.to_string()),
+            ("KEEL_CRASH_SKIP", skip.to_string()),
+        ];
+        let ending = spec.run(&armed, CONDITION_TIMEOUT * 2);
+        assert_eq!(
+            ending,
+            Ending::Killed,
+            "{point} (skip {skip}) was never reached"
+        );
+        let ending = spec.run(&[], CONDITION_TIMEOUT * 2);
+        assert_eq!(ending, Ending::Finished, "after {point} (skip {skip})");
+    }
 }

@@ -74,10 +74,10 @@ pub const PARK_POINTS: &[&str] = &[
 /// their crash tests iterate over this list.
 pub const OPERATOR_POINTS: &[&str] = &["batch.after_action"];
 
-/// The point of garbage collection (`engine/gc.rs`) between its scan and its deletes, met
-/// only when a collection found runs to delete; its crash and race tests are in
-/// `tests/engine_delete_races.rs`.
-pub const GC_POINTS: &[&str] = &["gc.before_delete"];
+/// The points of garbage collection (`engine/gc.rs`): between its scan and its deletes, and
+/// after each of its atomic writes (before their sync), met only when a collection found runs
+/// to delete; its crash and race tests are in `tests/engine_delete_races.rs`.
+pub const GC_POINTS: &[&str] = &["gc.before_delete", "gc.after_delete"];
 
 /// The step library's crash points (keel-steps' file publication), met only by runs that
 /// use those steps; their crash tests iterate over this list.

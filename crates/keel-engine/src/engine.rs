@@ -45,6 +45,7 @@ pub use batch::{
 };
 pub use builder::EngineBuilder;
 pub use events::{Delivered, EventIn};
+pub use gc::GC_RUNS_PER_WRITE;
 pub use parking::{Resident, PARK_AFTER_DEFAULT};
 pub use reads::{RunsPage, RunsQuery, LIST_SCAN_RECORDS_MAX, RUNS_PAGE_MAX};
 pub use rerun::Rerun;

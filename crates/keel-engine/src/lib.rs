@@ -305,7 +305,8 @@ pub use ctx::{Created, Ctx, Received};
 pub use engine::{
     Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, CreatedSchedule, Delivered, Engine,
     EngineBuilder, EventIn, Rerun, Resident, RunFilter, RunHandle, RunsPage, RunsQuery,
-    BATCH_RUNS_MAX, LIST_SCAN_RECORDS_MAX, PARK_AFTER_DEFAULT, RETENTION_DEFAULT, RUNS_PAGE_MAX,
+    BATCH_RUNS_MAX, GC_RUNS_PER_WRITE, LIST_SCAN_RECORDS_MAX, PARK_AFTER_DEFAULT,
+    RETENTION_DEFAULT, RUNS_PAGE_MAX,
 };
 pub use error::{EngineError, Result};
 pub use ids::child_id;

@@ -13,6 +13,9 @@ use crate::store::RunsScan;
 /// Run records garbage collection reads at a time.
 const GC_RUNS_PER_PAGE: usize = 1_000;
 
+/// Runs garbage collection deletes in one atomic write (see [`Engine::collect_garbage`]).
+pub const GC_RUNS_PER_WRITE: usize = 256;
+
 impl Engine {
     /// Deletes runs that finished longer ago than their workflow's retention (an operator's
     /// [`crate::EngineBuilder::retention_for`], else the workflow's own
@@ -23,7 +26,6 @@ impl Engine {
     /// write waits out any sync in progress (see `store/sled/mod.rs`), so one per run would
     /// stall the store once per run.
     pub async fn collect_garbage(&self) -> Result<usize> {
-        const GC_RUNS_PER_WRITE: usize = 256;
         let now = self.inner.env.clock.now_ms();
         let mut expired_ids = Vec::new();
         // A page at a time, so that a store of a million runs is never all in memory (the
@@ -55,6 +57,8 @@ impl Engine {
         let mut collected = 0;
         for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
             collected += self.delete_expired(chunk, now).await?;
+            // Each write is atomic; the ones written so far are not synced yet.
+            crate::crash::point("gc.after_delete");
         }
         if collected > 0 {
             self.inner.env.store.sync().wait().await?;
