@@ -1,8 +1,8 @@
 //! A bulk cancel of a fleet's runs under SIGKILL: a child process (the worker) holds
 //! `KEEL_BATCH_RUNS` runs (1,000 by default), each past an effect and asleep, and cancels them
 //! by filter in batches of 100, keeping the continuation token durably after each call as
-//! an operator's client does. It is killed with SIGKILL in the middle of a batch call (the
-//! batch crash point, at seeded hit counts, twice), then restarted until it finishes:
+//! an operator's client does. It is killed with SIGKILL in the middle of a batch call (at
+//! each batch crash point, at seeded hit counts, twice), then restarted until it finishes:
 //! it reopens the store, repeats its last call from the token it kept, goes on to the end,
 //! and waits for every run to settle. Then every matched run is compensated, its
 //! compensation started and finished once, and its effect undone under its own key (an undo
@@ -142,8 +142,8 @@ fn keep_token(path: &Path, token: &str) {
     file.sync_data().unwrap();
 }
 
-/// SIGKILL in the middle of a bulk cancel, twice, then to the end: every run of the fleet
-/// is compensated once, and its effect undone under its own key.
+/// SIGKILL in the middle of a bulk cancel, twice at each of the batch's points, then to the
+/// end: every run of the fleet is compensated once, and its effect undone under its own key.
 #[test]
 fn a_bulk_cancel_killed_midway_resumes_and_compensates_every_run_once() {
     const NAME: &str = "a_bulk_cancel_killed_midway_resumes_and_compensates_every_run_once";
@@ -164,11 +164,14 @@ fn a_bulk_cancel_killed_midway_resumes_and_compensates_every_run_once() {
         ],
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x6261_7463);
-    let point = keel_engine::crash::OPERATOR_POINTS[0];
-    // The first kill lands within the first half of the cancels, the second within the
-    // first quarter of what is left (the first call after a restart repeats cancels that
-    // already took effect, which are skipped and never meet the point).
-    for most in [runs() / 2, runs() / 4] {
+    // At each point, the first kill lands within the first half of the cancels, the second
+    // within the first quarter of what is left (the first call after a restart repeats
+    // cancels that already took effect, which are skipped and never meet the point after
+    // the action).
+    let kills = keel_engine::crash::OPERATOR_POINTS
+        .iter()
+        .flat_map(|point| [(point, runs() / 2), (point, runs() / 4)]);
+    for (point, most) in kills {
         let skip = rng.gen_range(0..most.max(1));
         let ending = spec.run(
             &[

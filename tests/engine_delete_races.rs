@@ -274,6 +274,70 @@ fn garbage_collection_keeps_a_run_started_again_under_an_expired_id() {
     assert_eq!(ending, Ending::Finished);
 }
 
+/// A rerun batch is held before its action on the run its scan read (`batch.before_action`);
+/// meanwhile garbage collection deletes the run and a new run is started under its id.
+fn batch_on_an_id_started_again_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let clock = TestClock::new();
+        let engine = open(&clock).await;
+        finished(&engine, "old").await;
+        let batching = {
+            let engine = engine.clone();
+            let batch = Batch {
+                action: BatchAction::Rerun,
+                filter: RunFilter {
+                    id_prefix: Some("old".into()),
+                    ..RunFilter::default()
+                },
+                dry_run: false,
+                after: None,
+                limit: 10,
+            };
+            tokio::spawn(async move {
+                let began = std::time::Instant::now();
+                (engine.batch(&batch).await, began.elapsed())
+            })
+        };
+        // The batch's scan takes a moment; then its thread is held.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        clock.advance(RETENTION * 2);
+        let collected = engine.collect_garbage().await.expect("a collection");
+        assert_eq!(collected, 1, "the run the batch read");
+        finished(&engine, "old").await;
+        let (report, took) = answered("batch", batching).await.unwrap();
+        assert!(
+            took >= Duration::from_millis(PAUSE_MS),
+            "the batch was never held ({took:?})"
+        );
+        let report = report.expect("a batch");
+        assert_eq!(
+            (report.matched, report.done, report.skipped),
+            (1, 0, 1),
+            "{report:?}"
+        );
+        let reason = report.runs[0].reason.as_deref().unwrap_or_default();
+        assert!(reason.contains("started again"), "{reason}");
+        // Nothing was rerun: the new run under the id is the only run.
+        let counts = engine.run_counts().await.expect("the counts");
+        assert_eq!(counts.values().sum::<u64>(), 1, "{counts:?}");
+        let history = engine.history("old").await.expect("the new run");
+        assert_eq!(history.run.created_at_ms, clock.now_ms());
+        engine.shutdown().await;
+    });
+}
+
+/// A batch acts only on the run its scan read: one deleted and started again under the same
+/// id since is skipped with that reason, not acted on.
+#[test]
+fn a_batch_skips_a_run_started_again_since_its_scan() {
+    const NAME: &str = "a_batch_skips_a_run_started_again_since_its_scan";
+    if is_child() {
+        return batch_on_an_id_started_again_child();
+    }
+    let ending = run_child(NAME, &paused_at("batch.before_action"));
+    assert_eq!(ending, Ending::Finished);
+}
+
 /// Runs a killed collection found expired: one atomic write's worth and some more, so that
 /// it writes twice.
 const KILLED_RUNS: usize = keel_engine::GC_RUNS_PER_WRITE + 44;

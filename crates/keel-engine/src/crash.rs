@@ -70,9 +70,10 @@ pub const PARK_POINTS: &[&str] = &[
     "wake.after_load",
 ];
 
-/// The points of operator calls over many runs (`engine/batch.rs`), met only by batches;
-/// their crash tests iterate over this list.
-pub const OPERATOR_POINTS: &[&str] = &["batch.after_action"];
+/// The points of operator calls over many runs (`engine/batch.rs`), met only by batches:
+/// before each matched run's action (its scan read it, nothing of its action done) and after
+/// it is durable; their crash tests iterate over this list.
+pub const OPERATOR_POINTS: &[&str] = &["batch.before_action", "batch.after_action"];
 
 /// The points of garbage collection (`engine/gc.rs`): between its scan and its deletes, and
 /// after each of its atomic writes (before their sync), met only when a collection found runs

@@ -529,6 +529,7 @@ impl Engine {
         run: &mut BatchRun,
         created_at_ms: u64,
     ) -> Result<Option<String>> {
+        crate::crash::point("batch.before_action");
         let id = run.id.to_string();
         // The scan's copy may be stale: the check is made on the record as stored now.
         let record = self.record(&id).await?;
