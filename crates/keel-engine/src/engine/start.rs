@@ -303,8 +303,9 @@ impl Engine {
 /// before it began never made one. Made outside a runtime, it panics, as `tokio::spawn`
 /// did. What it does not finish: a start whose poll panicked (the panic goes to the caller),
 /// and one dropped while its runtime shuts down (tokio drops the task, as it drops every
-/// task then).
-struct FinishIfDropped<F: Future<Output: Send> + Send + 'static> {
+/// task then). A start finished that way that fails has nobody to answer: its error is
+/// logged (a warning).
+struct FinishIfDropped<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static> {
     /// `None` once it ended, or when its poll panicked (it must not be polled again). In a
     /// mutex only so that the start's future stays `Sync`, as it was when it awaited a
     /// `JoinHandle`: it is reached through `&mut self` alone (`get_mut`, no locking).
@@ -312,7 +313,7 @@ struct FinishIfDropped<F: Future<Output: Send> + Send + 'static> {
     runtime: tokio::runtime::Handle,
 }
 
-impl<F: Future<Output: Send> + Send + 'static> FinishIfDropped<F> {
+impl<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static> FinishIfDropped<T, F> {
     fn new(start: F) -> Self {
         FinishIfDropped {
             start: std::sync::Mutex::new(Some(Box::pin(start))),
@@ -328,13 +329,15 @@ impl<F: Future<Output: Send> + Send + 'static> FinishIfDropped<F> {
     }
 }
 
-impl<F: Future<Output: Send> + Send + 'static> Future for FinishIfDropped<F> {
-    type Output = F::Output;
+impl<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static> Future
+    for FinishIfDropped<T, F>
+{
+    type Output = Result<T>;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
+    ) -> std::task::Poll<Result<T>> {
         // Out while it is polled: a poll that panics leaves nothing to finish.
         let mut start = self.start().take().expect("a start polled after it ended");
         let poll = start.as_mut().poll(cx);
@@ -345,10 +348,16 @@ impl<F: Future<Output: Send> + Send + 'static> Future for FinishIfDropped<F> {
     }
 }
 
-impl<F: Future<Output: Send> + Send + 'static> Drop for FinishIfDropped<F> {
+impl<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static> Drop
+    for FinishIfDropped<T, F>
+{
     fn drop(&mut self) {
         if let Some(start) = self.start().take() {
-            drop(self.runtime.spawn(start));
+            drop(self.runtime.spawn(async move {
+                if let Err(error) = start.await {
+                    tracing::warn!(%error, "a start whose caller went away failed");
+                }
+            }));
         }
     }
 }
@@ -402,5 +411,70 @@ impl Drop for StartMark<'_> {
                 cells.started(&id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::task::Poll;
+
+    use super::*;
+
+    /// What a test's subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Written {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A start that fails after its caller went away has its error logged (before, the
+    /// task's output was dropped, and nothing said the start failed).
+    #[test]
+    fn a_start_finished_after_its_caller_went_away_logs_its_failure() {
+        let written = Written::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer({
+                let written = written.clone();
+                move || written.clone()
+            })
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (fail, failed) = tokio::sync::oneshot::channel::<()>();
+            let mut start = Box::pin(FinishIfDropped::new(async move {
+                let _ = failed.await;
+                Err::<(), _>(EngineError::ShutDown)
+            }));
+            // Begun, then its caller goes away.
+            let polled = std::future::poll_fn(|cx| Poll::Ready(start.as_mut().poll(cx))).await;
+            assert!(polled.is_pending());
+            drop(start);
+            fail.send(()).unwrap();
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        });
+        let logged = String::from_utf8(written.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logged.contains("WARN") && logged.contains("a start whose caller went away failed"),
+            "{logged}"
+        );
+        assert!(
+            logged.contains(&EngineError::ShutDown.to_string()),
+            "{logged}"
+        );
     }
 }
