@@ -34,6 +34,7 @@ mod metrics;
 mod notices;
 mod operator;
 mod parking;
+mod purge;
 mod reads;
 mod rerun;
 mod resume;
