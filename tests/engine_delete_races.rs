@@ -28,6 +28,19 @@ impl Workflow for Quick {
     }
 }
 
+/// Waits for an event named `go`, then completes: a run that stays running until told.
+struct Waiting;
+
+impl Workflow for Waiting {
+    const NAME: &'static str = "test.waiting";
+    type Input = ();
+    type Output = ();
+
+    async fn run(ctx: &mut Ctx, (): ()) -> Result<(), WorkflowError> {
+        ctx.receive::<()>("go").await
+    }
+}
+
 /// How long finished runs are kept.
 const RETENTION: Duration = Duration::from_secs(3600);
 
@@ -40,6 +53,7 @@ async fn open(clock: &TestClock) -> Engine {
     keel_testkit::store::builder(Path::new(&dir))
         .clock(clock.clone())
         .workflow::<Quick>()
+        .workflow::<Waiting>()
         .retention(RETENTION)
         // Only the pass at the open, before any run expired: the tests collect by hand.
         .gc_interval(Duration::from_secs(24 * 3600))
@@ -88,6 +102,15 @@ async fn purge(engine: &Engine, clock: &TestClock, id: &str) -> BatchReport {
         .expect("a purge")
 }
 
+/// Gives the other thread time to reach its point, where it is then held for [`PAUSE_MS`].
+/// A sleep of this thread (the test's, which no task but its own runs on), not of the
+/// runtime's timer: tokio drives its timers from a parked worker, and a worker held at a
+/// point may be the one that would have, so that the timer waits out the hold and the race
+/// is missed (seen on PostgreSQL, where the held worker had last waited on the database).
+fn held_meanwhile() {
+    std::thread::sleep(Duration::from_millis(600));
+}
+
 /// Runs test `name`'s child with `env` set, and asserts that it finished its checks.
 fn run_child(name: &str, env: &[(&str, String)]) -> Ending {
     let dir = tempfile::tempdir().unwrap();
@@ -116,7 +139,7 @@ fn rerun_loading_during_a_purge_child() {
         let rerunning = rerun_as_new(&engine);
         // The new run is durable before the rerun loads the old one; its load is then held.
         recorded(&engine, "new").await;
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        held_meanwhile();
         let purging = std::time::Instant::now();
         let report = purge(&engine, &clock, "old").await;
         // On sled it waited for the held load: the race was met, not missed. (On PostgreSQL
@@ -235,7 +258,7 @@ fn collection_of_an_id_started_again_child() {
             })
         };
         // The collection's scan takes a moment; then its thread is held.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        held_meanwhile();
         let report = purge(&engine, &clock, "old").await;
         assert_eq!(report.done, 1, "{report:?}");
         finished(&engine, "old").await;
@@ -274,8 +297,9 @@ fn garbage_collection_keeps_a_run_started_again_under_an_expired_id() {
     assert_eq!(ending, Ending::Finished);
 }
 
-/// A rerun batch is held before its action on the run its scan read (`batch.before_action`);
-/// meanwhile garbage collection deletes the run and a new run is started under its id.
+/// A rerun batch is held before its action on the run its scan read, after it checked the
+/// run as stored (`batch.before_action`); meanwhile garbage collection deletes the run and a
+/// new run is started under its id.
 fn batch_on_an_id_started_again_child() {
     keel_testkit::crash::runtime().block_on(async {
         let clock = TestClock::new();
@@ -299,7 +323,7 @@ fn batch_on_an_id_started_again_child() {
             })
         };
         // The batch's scan takes a moment; then its thread is held.
-        tokio::time::sleep(Duration::from_millis(600)).await;
+        held_meanwhile();
         clock.advance(RETENTION * 2);
         let collected = engine.collect_garbage().await.expect("a collection");
         assert_eq!(collected, 1, "the run the batch read");
@@ -316,7 +340,7 @@ fn batch_on_an_id_started_again_child() {
             "{report:?}"
         );
         let reason = report.runs[0].reason.as_deref().unwrap_or_default();
-        assert!(reason.contains("started again"), "{reason}");
+        assert_eq!(reason, "no longer exists", "the run the batch read");
         // Nothing was rerun: the new run under the id is the only run.
         let counts = engine.run_counts().await.expect("the counts");
         assert_eq!(counts.values().sum::<u64>(), 1, "{counts:?}");
@@ -327,12 +351,99 @@ fn batch_on_an_id_started_again_child() {
 }
 
 /// A batch acts only on the run its scan read: one deleted and started again under the same
-/// id since is skipped with that reason, not acted on.
+/// id after the batch checked it is skipped (the run it read no longer exists), not acted
+/// on. (Before, the check was a read ahead of the action: the new run was rerun.)
 #[test]
 fn a_batch_skips_a_run_started_again_since_its_scan() {
     const NAME: &str = "a_batch_skips_a_run_started_again_since_its_scan";
     if is_child() {
         return batch_on_an_id_started_again_child();
+    }
+    let ending = run_child(NAME, &paused_at("batch.before_action"));
+    assert_eq!(ending, Ending::Finished);
+}
+
+/// A cancel batch is held before its action on the running run its scan read, after it
+/// checked the run as stored (`batch.before_action`); meanwhile the run completes, garbage
+/// collection deletes it, and a new run is started under its id.
+fn cancel_batch_on_an_id_started_again_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let clock = TestClock::new();
+        let engine = open(&clock).await;
+        let _ = engine.start::<Waiting>("old", ()).await.expect("starting");
+        let batching = {
+            let engine = engine.clone();
+            let batch = Batch {
+                action: BatchAction::Cancel,
+                filter: RunFilter {
+                    id_prefix: Some("old".into()),
+                    ..RunFilter::default()
+                },
+                dry_run: false,
+                after: None,
+                limit: 10,
+            };
+            tokio::spawn(async move {
+                let began = std::time::Instant::now();
+                (engine.batch(&batch).await, began.elapsed())
+            })
+        };
+        held_meanwhile();
+        engine
+            .send("old", "go", &(), "go-1")
+            .await
+            .expect("sending");
+        let ended = answered("wait", engine.wait("old")).await.expect("waiting");
+        assert_eq!(ended.status, RunStatus::Completed);
+        resident(&engine, Resident::default()).await;
+        clock.advance(RETENTION * 2);
+        let collected = engine.collect_garbage().await.expect("a collection");
+        assert_eq!(collected, 1, "the run the batch read");
+        let _ = engine
+            .start::<Waiting>("old", ())
+            .await
+            .expect("starting again");
+        let (report, took) = answered("batch", batching).await.unwrap();
+        assert!(
+            took >= Duration::from_millis(PAUSE_MS),
+            "the batch was never held ({took:?})"
+        );
+        let report = report.expect("a batch");
+        assert_eq!(
+            (report.matched, report.done, report.skipped),
+            (1, 0, 1),
+            "{report:?}"
+        );
+        let reason = report.runs[0].reason.as_deref().unwrap_or_default();
+        assert_eq!(reason, "no longer exists", "the run the batch read");
+        // The new run is not cancelled: it runs on, and completes when told.
+        let history = engine.history("old").await.expect("the new run");
+        assert_eq!(history.run.created_at_ms, clock.now_ms());
+        assert!(
+            !history
+                .entries
+                .iter()
+                .any(|entry| matches!(entry.event, Event::CancelRequested { .. })),
+            "{history:?}"
+        );
+        engine
+            .send("old", "go", &(), "go-2")
+            .await
+            .expect("sending");
+        let ended = answered("wait", engine.wait("old")).await.expect("waiting");
+        assert_eq!(ended.status, RunStatus::Completed);
+        engine.shutdown().await;
+    });
+}
+
+/// A cancel batch cancels only the run its scan read: one that ended, was deleted and was
+/// started again under the same id after the batch checked it is skipped, and runs on.
+/// (Before, the check was a read ahead of the action: the new run was cancelled.)
+#[test]
+fn a_cancel_batch_leaves_a_run_started_again_since_its_check() {
+    const NAME: &str = "a_cancel_batch_leaves_a_run_started_again_since_its_check";
+    if is_child() {
+        return cancel_batch_on_an_id_started_again_child();
     }
     let ending = run_child(NAME, &paused_at("batch.before_action"));
     assert_eq!(ending, Ending::Finished);

@@ -528,9 +528,10 @@ impl Engine {
         run: &mut BatchRun,
         created_at_ms: u64,
     ) -> Result<Option<String>> {
-        crate::crash::point("batch.before_action");
         let id = run.id.to_string();
-        // The scan's copy may be stale: the check is made on the record as stored now.
+        // The scan's copy may be stale: the check is made on the record as stored now. The
+        // action checks the creation time again where no delete can come between (a run
+        // deleted and started again from here on is `RunNotFound` to it).
         let record = self.record(&id).await?;
         if record.created_at_ms != created_at_ms {
             return Ok(Some(STARTED_AGAIN.into()));
@@ -538,11 +539,13 @@ impl Engine {
         if let Some(reason) = self.skip_reason(action, &record, false).await? {
             return Ok(Some(reason));
         }
+        crate::crash::point("batch.before_action");
+        let of = Some(created_at_ms);
         let now = match action {
             BatchAction::Cancel | BatchAction::Pause => {
                 let (now, made) = match action {
-                    BatchAction::Cancel => self.cancel_made(&id).await?,
-                    _ => self.pause_made(&id).await?,
+                    BatchAction::Cancel => self.cancel_made(&id, of).await?,
+                    _ => self.pause_made(&id, of).await?,
                 };
                 if !made {
                     // The run moved on since the check: another call's request came in, or
@@ -554,11 +557,11 @@ impl Engine {
                 }
                 now
             }
-            BatchAction::Resume => self.resume(&id).await?,
-            BatchAction::RetryCompensation => self.retry_compensation(&id).await?,
-            BatchAction::Resolve { note } => self.resolve(&id, note).await?,
+            BatchAction::Resume => self.resume_run(&id, of).await?,
+            BatchAction::RetryCompensation => self.retry_compensation_of(&id, of).await?,
+            BatchAction::Resolve { note } => self.resolve_of(&id, note, of).await?,
             BatchAction::Rerun => {
-                run.rerun = Some(self.rerun(&id, &Rerun::default()).await?.id);
+                run.rerun = Some(self.rerun_run(&id, &Rerun::default(), of).await?.id);
                 record
             }
             BatchAction::Purge => {

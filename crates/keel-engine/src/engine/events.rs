@@ -211,7 +211,7 @@ impl Engine {
         // The cell that found the event delivered before, if one did.
         let found: std::sync::Mutex<Option<Arc<RunCell>>> = std::sync::Mutex::new(None);
         let written = self
-            .operate_with(id.as_str(), "receive an event", false, |cell| {
+            .operate_with(id.as_str(), None, "receive an event", false, |cell| {
                 let made =
                     cell.append_made(store, |record, state| delivery(id, record, state, event))?;
                 if made.is_none() {

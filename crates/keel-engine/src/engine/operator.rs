@@ -34,15 +34,20 @@ impl Engine {
     /// suspended or paused one compensates at once. Cancelling a finished run is an error;
     /// cancelling a run that is already compensating changes nothing.
     pub async fn cancel(&self, id: &str) -> Result<RunRecord> {
-        self.cancel_made(id).await.map(|(record, _)| record)
+        self.cancel_made(id, None).await.map(|(record, _)| record)
     }
 
     /// [`Engine::cancel`], and whether this call made the cancel (`false`: one was standing
-    /// already, or the run was compensating).
-    pub(super) async fn cancel_made(&self, id: &str) -> Result<(RunRecord, bool)> {
+    /// already, or the run was compensating); with `created_at`, only of the run of `id`
+    /// created then ([`Engine::operate`]).
+    pub(super) async fn cancel_made(
+        &self,
+        id: &str,
+        created_at: Option<u64>,
+    ) -> Result<(RunRecord, bool)> {
         const REASON: &str = "cancelled by operator";
         let outcome = self
-            .operate(id, "cancel", |cell| {
+            .operate(id, created_at, "cancel", |cell| {
                 let status = cell.status();
                 // A standing request counts as done unless the run stopped for an operator
                 // with it standing (a journal written before a stop to pause or a suspension
@@ -97,14 +102,18 @@ impl Engine {
     /// stays paused across restarts until [`Engine::resume`] (or is cancelled). Pausing a
     /// run that is paused or pausing changes nothing; only running runs can be paused.
     pub async fn pause(&self, id: &str) -> Result<RunRecord> {
-        self.pause_made(id).await.map(|(record, _)| record)
+        self.pause_made(id, None).await.map(|(record, _)| record)
     }
 
     /// [`Engine::pause`], and whether this call made the pause (`false`: one was standing
     /// already, or the run was paused).
-    pub(super) async fn pause_made(&self, id: &str) -> Result<(RunRecord, bool)> {
+    pub(super) async fn pause_made(
+        &self,
+        id: &str,
+        created_at: Option<u64>,
+    ) -> Result<(RunRecord, bool)> {
         let outcome = self
-            .operate(id, "pause", |cell| {
+            .operate(id, created_at, "pause", |cell| {
                 let already =
                     cell.with_state(|s| s.pause_requested) || cell.status() == RunStatus::Paused;
                 if already {
@@ -133,6 +142,12 @@ impl Engine {
     /// of attempts), withdraws a pause request the run has not reached yet, or takes up a
     /// `Suspended` run after its workflow code was fixed.
     pub async fn resume(&self, id: &str) -> Result<RunRecord> {
+        self.resume_run(id, None).await
+    }
+
+    /// [`Engine::resume`]; with `created_at`, only of the run of `id` created then
+    /// ([`Engine::operate`]).
+    pub(super) async fn resume_run(&self, id: &str, created_at: Option<u64>) -> Result<RunRecord> {
         let record = self.record(id).await?;
         if self.inner.workflows.get(&record.workflow).is_none() {
             // Resumed, nobody here could run its body.
@@ -146,7 +161,7 @@ impl Engine {
             });
         }
         let outcome = self
-            .operate(id, "resume", |cell| {
+            .operate(id, created_at, "resume", |cell| {
                 // Decided on the status read here, checked again under the cell lock: a
                 // pausing run may settle as paused in between, and then the resume is
                 // decided again on that status (once: only an operator call moves a paused
@@ -196,8 +211,19 @@ impl Engine {
 
     /// Retries the compensation of a run in `CompensationFailed`.
     pub async fn retry_compensation(&self, id: &str) -> Result<RunRecord> {
+        self.retry_compensation_of(id, None).await
+    }
+
+    /// [`Engine::retry_compensation`]; with `created_at`, only of the run of `id` created
+    /// then ([`Engine::operate`]).
+    pub(super) async fn retry_compensation_of(
+        &self,
+        id: &str,
+        created_at: Option<u64>,
+    ) -> Result<RunRecord> {
         self.transition_settled(
             id,
+            created_at,
             "retry compensation",
             Event::CompensationRetried,
             RunStatus::Compensating,
@@ -207,6 +233,17 @@ impl Engine {
 
     /// Marks a run in `CompensationFailed` as settled by an operator (terminal `Resolved`).
     pub async fn resolve(&self, id: &str, note: &str) -> Result<RunRecord> {
+        self.resolve_of(id, note, None).await
+    }
+
+    /// [`Engine::resolve`]; with `created_at`, only of the run of `id` created then
+    /// ([`Engine::operate`]).
+    pub(super) async fn resolve_of(
+        &self,
+        id: &str,
+        note: &str,
+        created_at: Option<u64>,
+    ) -> Result<RunRecord> {
         if note.len() > ERROR_MESSAGE_BYTES_MAX {
             return Err(EngineError::TooLarge {
                 what: format!("resolution note of run {id}"),
@@ -215,7 +252,7 @@ impl Engine {
             });
         }
         let event = Event::RunResolved { note: note.into() };
-        self.transition_settled(id, "resolve", event, RunStatus::Resolved)
+        self.transition_settled(id, created_at, "resolve", event, RunStatus::Resolved)
             .await
     }
 
@@ -223,12 +260,13 @@ impl Engine {
     async fn transition_settled(
         &self,
         id: &str,
+        created_at: Option<u64>,
         operation: &'static str,
         event: Event,
         to: RunStatus,
     ) -> Result<RunRecord> {
         let outcome = self
-            .operate(id, operation, |cell| {
+            .operate(id, created_at, operation, |cell| {
                 let guard = |record: &RunRecord, _: &RunState| {
                     admits(record, operation, &[RunStatus::CompensationFailed])
                 };
@@ -245,7 +283,7 @@ impl Engine {
     /// Moves completed child run `child` into compensation (its own saga), for `reason`.
     async fn compensate_completed(&self, child: &RunId, reason: &str) -> Result<()> {
         let cell = self
-            .operate(child.as_str(), "compensate for its parent", |cell| {
+            .operate(child.as_str(), None, "compensate for its parent", |cell| {
                 let guard = |record: &RunRecord, _: &RunState| {
                     admits(record, "compensate", &[RunStatus::Completed])
                 };
@@ -331,13 +369,20 @@ impl Engine {
     /// Runs an operator `write` against run `id`'s cell, makes it durable, and leaves the run
     /// driven if it must be. `write` returns whether it wrote; the written cell is returned.
     /// A cell unloaded during the call is loaded again and the write retried.
+    ///
+    /// With `created_at`, the call is for the run of `id` created then (the one a batch's
+    /// scan read): checked on the loaded cell, which no delete can take away while it is in
+    /// the engine's map (a delete skips a loaded run), so a run deleted and started again
+    /// under the id at any moment before is never written; the call answers `RunNotFound`.
     async fn operate(
         &self,
         id: &str,
+        created_at: Option<u64>,
         operation: &'static str,
         write: impl Fn(&Arc<RunCell>) -> Result<bool>,
     ) -> Result<Option<Arc<RunCell>>> {
-        self.operate_with(id, operation, true, write).await
+        self.operate_with(id, created_at, operation, true, write)
+            .await
     }
 
     /// [`Engine::operate`]; with `takes_up` false, the write does not count as an operator
@@ -345,6 +390,7 @@ impl Engine {
     pub(super) async fn operate_with(
         &self,
         id: &str,
+        created_at: Option<u64>,
         operation: &'static str,
         takes_up: bool,
         write: impl Fn(&Arc<RunCell>) -> Result<bool>,
@@ -359,7 +405,15 @@ impl Engine {
             let cell = match &loaded {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };
-            let mut wrote = write(&cell);
+            let other_run =
+                created_at.is_some_and(|at| cell.with_record(|r| r.created_at_ms) != at);
+            let mut wrote = if other_run {
+                Err(EngineError::RunNotFound {
+                    id: cell.id.clone(),
+                })
+            } else {
+                write(&cell)
+            };
             if takes_up && matches!(wrote, Ok(true)) && cell.status().is_drivable() {
                 // An operator took the run up (resumed, cancelled, retried): the deaths of
                 // earlier loads no longer count against it (`poison.rs`), whether this call

@@ -35,7 +35,22 @@ impl Engine {
     /// that has not finished is refused (cancel it first): two runs doing the same work at
     /// once would race for the same resources. A child run is rerun as a top-level run.
     pub async fn rerun(&self, id: &str, rerun: &Rerun) -> Result<RunRecord> {
+        self.rerun_run(id, rerun, None).await
+    }
+
+    /// [`Engine::rerun`]; with `created_at`, only of the run of `id` created then (a batch's:
+    /// the run its scan read), else `RunNotFound`. The rerun is of the run read here, and
+    /// notes itself only in that run.
+    pub(super) async fn rerun_run(
+        &self,
+        id: &str,
+        rerun: &Rerun,
+        created_at: Option<u64>,
+    ) -> Result<RunRecord> {
         let old = self.record(id).await?;
+        if created_at.is_some_and(|at| at != old.created_at_ms) {
+            return Err(EngineError::RunNotFound { id: old.id });
+        }
         if !old.status.is_terminal() {
             return Err(EngineError::InvalidState {
                 id: old.id,
@@ -69,13 +84,14 @@ impl Engine {
             };
             let store = &*self.inner.env.store;
             let noted = self
-                .operate_with(old.id.as_str(), "record its rerun", false, |cell| {
-                    // Only in the run rerun: not in a run started under its id since.
-                    if cell.with_record(|r| r.created_at_ms) != old.created_at_ms {
-                        return Ok(false);
-                    }
-                    cell.append(store, note.clone()).map(|()| true)
-                })
+                // Only in the run rerun: not in a run started under its id since.
+                .operate_with(
+                    old.id.as_str(),
+                    Some(old.created_at_ms),
+                    "record its rerun",
+                    false,
+                    |cell| cell.append(store, note.clone()).map(|()| true),
+                )
                 .await;
             match noted {
                 Ok(Some(_)) => {}
