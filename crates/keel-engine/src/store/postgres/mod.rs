@@ -58,6 +58,26 @@ fn wake_column(wake_ms: u64) -> i64 {
 /// How long opening waits for the database to answer before it gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Starts the store's thread (`keel-postgres`) with a runtime of its own, which runs until
+/// the returned sender is dropped; returns the sender and the runtime's handle.
+fn io_thread(database: &str) -> Result<(oneshot::Sender<()>, tokio::runtime::Handle)> {
+    let failed = |source: Box<dyn std::error::Error + Send + Sync>| EngineError::Database {
+        database: database.to_string(),
+        source,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| failed(format!("starting the store's runtime: {e}").into()))?;
+    let handle = runtime.handle().clone();
+    let (done, ended) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("keel-postgres".into())
+        .spawn(move || runtime.block_on(async move { ended.await.unwrap_or_default() }))
+        .map_err(|e| failed(format!("starting the store's thread: {e}").into()))?;
+    Ok((done, handle))
+}
+
 /// A [`JournalStore`] on PostgreSQL.
 pub(crate) struct PostgresStore {
     /// The database, as named in errors (the URL without its password).
@@ -144,12 +164,42 @@ impl PostgresStore {
     /// Connects to the database at `url`, creates or migrates its schema, and registers this
     /// engine as a worker named `name` (with the host) holding its runs as `leases` says. Refused, with an error naming
     /// the database, when it cannot be reached or its schema is newer than this binary's.
+    ///
+    /// The store's connections, its writer and its lease's tasks run on a thread of their own
+    /// (`keel-postgres`, a runtime of one thread), not on the caller's runtime: a task a
+    /// worker of that runtime wakes waits in the worker's slot for its next task, which no
+    /// other worker takes, so a worker held up right after a store request (a step's
+    /// blocking code; a thread the system does not schedule) held the writer with it, and
+    /// every run's reads and writes waited as long (seen in `tests/engine_delete_races.rs`).
     pub(crate) async fn open(url: &str, leases: Leases, name: &str) -> Result<PostgresStore> {
         let database = redacted(url);
         leases.check().map_err(|why| EngineError::Database {
             database: database.clone(),
             source: why.into(),
         })?;
+        let (done, runtime) = io_thread(&database)?;
+        let opening = Self::open_here(url.to_owned(), database, leases, name.to_owned(), done);
+        match runtime.spawn(opening).await {
+            Ok(opened) => opened,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(EngineError::Database {
+                database: redacted(url),
+                source: format!("opening was cancelled: {error}").into(),
+            }),
+        }
+    }
+
+    /// [`PostgresStore::open`]'s work, on the store's own runtime; `done` is dropped when the
+    /// writer ends (the store and every sender of its requests dropped), or when the open
+    /// fails, and then that runtime and its thread end.
+    async fn open_here(
+        url: String,
+        database: String,
+        leases: Leases,
+        name: String,
+        done: oneshot::Sender<()>,
+    ) -> Result<PostgresStore> {
+        let (url, name) = (url.as_str(), name.as_str());
         // A worker stopped inside a transaction (SIGSTOP, a partition) holds its runs' rows
         // locked: the server ends such a session after a lease, so that a takeover waits no
         // longer than that. (The writer's own transactions idle 200 ms at most.)
@@ -203,7 +253,10 @@ impl PostgresStore {
             lease.valid_until(),
         )
         .await?;
-        tokio::spawn(writer.serve(receiver));
+        tokio::spawn(async move {
+            writer.serve(receiver).await;
+            drop(done);
+        });
         Ok(PostgresStore {
             database,
             requests,
