@@ -74,7 +74,7 @@ pub(crate) struct Inner {
     /// Wakes the parked runs' wake loop when a run parks with a wake time before its next.
     wakes: Arc<tokio::sync::Notify>,
     /// Held while a run is loaded from the store (`Engine::load_cell`), and while a purge or
-    /// garbage collection checks and deletes runs (`engine/batch.rs`, `engine/gc.rs`), so
+    /// garbage collection checks and deletes runs (`engine/purge.rs`, `engine/gc.rs`), so
     /// that no run is loaded between the check and the delete.
     loading: tokio::sync::Mutex<()>,
     /// Drivers running, told to its receivers only when it reaches 0 (`Engine::shutdown`).

@@ -56,9 +56,12 @@ impl Engine {
         }
         let mut collected = 0;
         for chunk in expired_ids.chunks(GC_RUNS_PER_WRITE) {
-            collected += self.delete_expired(chunk, now).await?;
-            // Each write is atomic; the ones written so far are not synced yet.
-            crate::crash::point("gc.after_delete");
+            let deleted = self.delete_expired(chunk, now).await?;
+            if deleted > 0 {
+                // Each write is atomic; the ones written so far are not synced yet.
+                crate::crash::point("gc.after_delete");
+            }
+            collected += deleted;
         }
         if collected > 0 {
             self.inner.env.store.sync().wait().await?;

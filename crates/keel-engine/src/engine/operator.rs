@@ -149,6 +149,9 @@ impl Engine {
     /// ([`Engine::operate`]).
     pub(super) async fn resume_run(&self, id: &str, created_at: Option<u64>) -> Result<RunRecord> {
         let record = self.record(id).await?;
+        if created_at.is_some_and(|at| at != record.created_at_ms) {
+            return Err(EngineError::RunNotFound { id: record.id });
+        }
         if self.inner.workflows.get(&record.workflow).is_none() {
             // Resumed, nobody here could run its body.
             return Err(EngineError::InvalidState {
@@ -371,9 +374,13 @@ impl Engine {
     /// A cell unloaded during the call is loaded again and the write retried.
     ///
     /// With `created_at`, the call is for the run of `id` created then (the one a batch's
-    /// scan read): checked on the loaded cell, which no delete can take away while it is in
-    /// the engine's map (a delete skips a loaded run), so a run deleted and started again
-    /// under the id at any moment before is never written; the call answers `RunNotFound`.
+    /// scan read), else it answers `RunNotFound`: checked on the record before the run is
+    /// loaded (another run is not loaded, nor taken from another engine, for nothing), and
+    /// again on the loaded cell, which no delete of this engine takes away while it is in
+    /// the engine's map (a purge and a collection skip a loaded run), so a run deleted and
+    /// started again under the id at any moment before is never written here. (A delete by
+    /// another engine sharing the database does not look at this map: the write is fenced
+    /// then.)
     async fn operate(
         &self,
         id: &str,
@@ -395,9 +402,13 @@ impl Engine {
         takes_up: bool,
         write: impl Fn(&Arc<RunCell>) -> Result<bool>,
     ) -> Result<Option<Arc<RunCell>>> {
+        let other_run = |at: u64| created_at.is_some_and(|created| created != at);
         for _ in 0..8 {
             let record = self.record(id).await?;
             let run_id = record.id.clone();
+            if other_run(record.created_at_ms) {
+                return Err(EngineError::RunNotFound { id: run_id });
+            }
             let loaded = self
                 .load_cell(record, Takeover::Always)
                 .await?
@@ -405,9 +416,7 @@ impl Engine {
             let cell = match &loaded {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };
-            let other_run =
-                created_at.is_some_and(|at| cell.with_record(|r| r.created_at_ms) != at);
-            let mut wrote = if other_run {
+            let mut wrote = if other_run(cell.with_record(|r| r.created_at_ms)) {
                 Err(EngineError::RunNotFound {
                     id: cell.id.clone(),
                 })

@@ -7,6 +7,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use serde_json::Value;
+use tracing::instrument::Instrumented;
+use tracing::Instrument;
 
 use crate::cell::{RunCell, Stop};
 use crate::engine::{Engine, Inner, Lineage, RunHandle};
@@ -132,7 +134,7 @@ impl Engine {
                 .start_here(&workflow, id, input, lineage, event.as_ref())
                 .await
         };
-        FinishIfDropped::new(tracing::Instrument::in_current_span(start)).await
+        FinishIfDropped::new(start).await
     }
 
     /// [`Engine::start_value`]'s work.
@@ -304,24 +306,24 @@ impl Engine {
 /// did. What it does not finish: a start whose poll panicked (the panic goes to the caller),
 /// and one dropped while its runtime shuts down (tokio drops the task, as it drops every
 /// task then). A start finished that way that fails has nobody to answer: its error is
-/// logged (a warning).
+/// logged in the caller's span (a warning; the engine's shutdown at `debug`).
 struct FinishIfDropped<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static> {
     /// `None` once it ended, or when its poll panicked (it must not be polled again). In a
     /// mutex only so that the start's future stays `Sync`, as it was when it awaited a
     /// `JoinHandle`: it is reached through `&mut self` alone (`get_mut`, no locking).
-    start: std::sync::Mutex<Option<std::pin::Pin<Box<F>>>>,
+    start: std::sync::Mutex<Option<std::pin::Pin<Box<Instrumented<F>>>>>,
     runtime: tokio::runtime::Handle,
 }
 
 impl<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static> FinishIfDropped<T, F> {
     fn new(start: F) -> Self {
         FinishIfDropped {
-            start: std::sync::Mutex::new(Some(Box::pin(start))),
+            start: std::sync::Mutex::new(Some(Box::pin(start.in_current_span()))),
             runtime: tokio::runtime::Handle::current(),
         }
     }
 
-    fn start(&mut self) -> &mut Option<std::pin::Pin<Box<F>>> {
+    fn start(&mut self) -> &mut Option<std::pin::Pin<Box<Instrumented<F>>>> {
         // Never poisoned: nothing locks it.
         self.start
             .get_mut()
@@ -353,11 +355,17 @@ impl<T: Send + 'static, F: Future<Output = Result<T>> + Send + 'static> Drop
 {
     fn drop(&mut self) {
         if let Some(start) = self.start().take() {
-            drop(self.runtime.spawn(async move {
-                if let Err(error) = start.await {
-                    tracing::warn!(%error, "a start whose caller went away failed");
+            let span = start.span().clone();
+            let finish = async move {
+                match start.await {
+                    Ok(_) => {}
+                    Err(EngineError::ShutDown) => {
+                        tracing::debug!("a start whose caller went away stopped at shutdown");
+                    }
+                    Err(error) => tracing::warn!(%error, "a start whose caller went away failed"),
                 }
-            }));
+            };
+            drop(self.runtime.spawn(finish.instrument(span)));
         }
     }
 }
@@ -456,7 +464,9 @@ mod tests {
             let (fail, failed) = tokio::sync::oneshot::channel::<()>();
             let mut start = Box::pin(FinishIfDropped::new(async move {
                 let _ = failed.await;
-                Err::<(), _>(EngineError::ShutDown)
+                Err::<(), _>(EngineError::InvalidRequest(
+                    "failed after its caller went away".into(),
+                ))
             }));
             // Begun, then its caller goes away.
             let polled = std::future::poll_fn(|cx| Poll::Ready(start.as_mut().poll(cx))).await;
@@ -473,7 +483,7 @@ mod tests {
             "{logged}"
         );
         assert!(
-            logged.contains(&EngineError::ShutDown.to_string()),
+            logged.contains("failed after its caller went away"),
             "{logged}"
         );
     }

@@ -58,23 +58,36 @@ fn wake_column(wake_ms: u64) -> i64 {
 /// How long opening waits for the database to answer before it gives up.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Starts the store's thread (`keel-postgres`) with a runtime of its own, which runs until
+/// Starts the writer's thread (`keel-postgres`) with a runtime of its own, which runs until
 /// the returned sender is dropped; returns the sender and the runtime's handle.
-fn io_thread(database: &str) -> Result<(oneshot::Sender<()>, tokio::runtime::Handle)> {
+fn writer_thread(database: &str) -> Result<(oneshot::Sender<()>, tokio::runtime::Handle)> {
     let failed = |source: Box<dyn std::error::Error + Send + Sync>| EngineError::Database {
         database: database.to_string(),
         source,
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| failed(format!("starting the store's runtime: {e}").into()))?;
-    let handle = runtime.handle().clone();
     let (done, ended) = oneshot::channel::<()>();
+    let (started, handle) = std::sync::mpsc::sync_channel(1);
+    // The runtime is made on its thread, and dropped there: never in the caller's async
+    // context, where dropping a runtime panics.
     std::thread::Builder::new()
         .name("keel-postgres".into())
-        .spawn(move || runtime.block_on(async move { ended.await.unwrap_or_default() }))
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let runtime = match runtime {
+                Ok(runtime) => runtime,
+                Err(error) => return drop(started.send(Err(error))),
+            };
+            if started.send(Ok(runtime.handle().clone())).is_ok() {
+                runtime.block_on(async move { ended.await.unwrap_or_default() });
+            }
+        })
         .map_err(|e| failed(format!("starting the store's thread: {e}").into()))?;
+    let handle = handle
+        .recv()
+        .map_err(|_| failed("the store's thread ended at its start".into()))?
+        .map_err(|e| failed(format!("starting the store's runtime: {e}").into()))?;
     Ok((done, handle))
 }
 
@@ -93,9 +106,9 @@ pub(crate) struct PostgresStore {
 
 impl Drop for PostgresStore {
     fn drop(&mut self) {
-        // Before the committer is dropped and joined: a store dropped on a runtime thread
-        // while a commit is in flight would otherwise wait for a writer task that this very
-        // thread must poll.
+        // Before the committer is dropped and joined: a commit in flight is given up, not
+        // waited for. (Needed while the writer ran on the engine's runtime: a store dropped
+        // on a runtime thread waited for a writer task that this very thread had to poll.)
         self.closing.store(true, Ordering::SeqCst);
     }
 }
@@ -165,52 +178,43 @@ impl PostgresStore {
     /// engine as a worker named `name` (with the host) holding its runs as `leases` says. Refused, with an error naming
     /// the database, when it cannot be reached or its schema is newer than this binary's.
     ///
-    /// The store's connections, its writer and its lease's tasks run on a thread of their own
-    /// (`keel-postgres`, a runtime of one thread), not on the caller's runtime: a task a
-    /// worker of that runtime wakes waits in the worker's slot for its next task, which no
-    /// other worker takes, so a worker held up right after a store request (a step's
-    /// blocking code; a thread the system does not schedule) held the writer with it, and
-    /// every run's reads and writes waited as long (seen in `tests/engine_delete_races.rs`).
+    /// The writer and its connection run on a thread of their own (`keel-postgres`, a
+    /// runtime of one thread), not on the caller's runtime: a task that a worker of that
+    /// runtime wakes waits in the worker's slot for its next task, which no other worker
+    /// takes, so a worker held up right after a store request (a step's blocking code; a
+    /// thread the system does not schedule) held the writer with it, and every run's reads
+    /// and writes waited as long (seen in `tests/engine_delete_races.rs`). The lease's tasks
+    /// stay on the caller's runtime: a runtime that drives nothing any more stops renewing,
+    /// and its runs go to other workers.
     pub(crate) async fn open(url: &str, leases: Leases, name: &str) -> Result<PostgresStore> {
         let database = redacted(url);
         leases.check().map_err(|why| EngineError::Database {
             database: database.clone(),
             source: why.into(),
         })?;
-        let (done, runtime) = io_thread(&database)?;
-        let opening = Self::open_here(url.to_owned(), database, leases, name.to_owned(), done);
-        match runtime.spawn(opening).await {
-            Ok(opened) => opened,
-            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-            Err(error) => Err(EngineError::Database {
-                database: redacted(url),
-                source: format!("opening was cancelled: {error}").into(),
-            }),
-        }
-    }
-
-    /// [`PostgresStore::open`]'s work, on the store's own runtime; `done` is dropped when the
-    /// writer ends (the store and every sender of its requests dropped), or when the open
-    /// fails, and then that runtime and its thread end.
-    async fn open_here(
-        url: String,
-        database: String,
-        leases: Leases,
-        name: String,
-        done: oneshot::Sender<()>,
-    ) -> Result<PostgresStore> {
-        let (url, name) = (url.as_str(), name.as_str());
+        // Dropped when the writer ends (the store and every sender of its requests dropped),
+        // or when this open fails: then the writer's runtime and its thread end.
+        let (done, writer_runtime) = writer_thread(&database)?;
         // A worker stopped inside a transaction (SIGSTOP, a partition) holds its runs' rows
         // locked: the server ends such a session after a lease, so that a takeover waits no
         // longer than that. (The writer's own transactions idle 200 ms at most.)
         let lease_ms = leases.length.as_millis();
-        let writes = connect(
-            url,
-            &database,
-            "writer",
-            &format!("-c idle_in_transaction_session_timeout={lease_ms}"),
-        )
-        .await?;
+        // Connected on the writer's runtime: its socket is that runtime's to drive.
+        let connecting = {
+            let (url, database) = (url.to_owned(), database.clone());
+            let options = format!("-c idle_in_transaction_session_timeout={lease_ms}");
+            async move { connect(&url, &database, "writer", &options).await }
+        };
+        let writes = match writer_runtime.spawn(connecting).await {
+            Ok(connected) => connected?,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => {
+                return Err(EngineError::Database {
+                    database,
+                    source: format!("connecting the writer was cancelled: {error}").into(),
+                })
+            }
+        };
         schema::migrate(&writes, &database).await?;
         let renewals = connect(url, &database, "lease", "").await?;
         let control = connect(
@@ -253,7 +257,7 @@ impl PostgresStore {
             lease.valid_until(),
         )
         .await?;
-        tokio::spawn(async move {
+        writer_runtime.spawn(async move {
             writer.serve(receiver).await;
             drop(done);
         });
