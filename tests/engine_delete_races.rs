@@ -297,6 +297,49 @@ fn garbage_collection_keeps_a_run_started_again_under_an_expired_id() {
     assert_eq!(ending, Ending::Finished);
 }
 
+/// A batch of `action` on run `old` (the only run whose id begins so), on a task of its own,
+/// answering with its report and how long it took.
+fn batch_on_old(
+    engine: &Engine,
+    action: BatchAction,
+) -> tokio::task::JoinHandle<(Result<BatchReport, EngineError>, Duration)> {
+    let engine = engine.clone();
+    let batch = Batch {
+        action,
+        filter: RunFilter {
+            id_prefix: Some("old".into()),
+            ..RunFilter::default()
+        },
+        dry_run: false,
+        after: None,
+        limit: 10,
+    };
+    tokio::spawn(async move {
+        let began = std::time::Instant::now();
+        (engine.batch(&batch).await, began.elapsed())
+    })
+}
+
+/// Asserts that the batch was held at its point, and skipped the one run it matched as no
+/// longer existing (the run its scan read was deleted, and another started under its id).
+async fn skipped_as_gone(
+    batching: tokio::task::JoinHandle<(Result<BatchReport, EngineError>, Duration)>,
+) {
+    let (report, took) = answered("batch", batching).await.unwrap();
+    assert!(
+        took >= Duration::from_millis(PAUSE_MS),
+        "the batch was never held ({took:?})"
+    );
+    let report = report.expect("a batch");
+    assert_eq!(
+        (report.matched, report.done, report.skipped),
+        (1, 0, 1),
+        "{report:?}"
+    );
+    let reason = report.runs[0].reason.as_deref().unwrap_or_default();
+    assert_eq!(reason, "no longer exists", "the run the batch read");
+}
+
 /// A rerun batch is held before its action on the run its scan read, after it checked the
 /// run as stored (`batch.before_action`); meanwhile garbage collection deletes the run and a
 /// new run is started under its id.
@@ -305,42 +348,14 @@ fn batch_on_an_id_started_again_child() {
         let clock = TestClock::new();
         let engine = open(&clock).await;
         finished(&engine, "old").await;
-        let batching = {
-            let engine = engine.clone();
-            let batch = Batch {
-                action: BatchAction::Rerun,
-                filter: RunFilter {
-                    id_prefix: Some("old".into()),
-                    ..RunFilter::default()
-                },
-                dry_run: false,
-                after: None,
-                limit: 10,
-            };
-            tokio::spawn(async move {
-                let began = std::time::Instant::now();
-                (engine.batch(&batch).await, began.elapsed())
-            })
-        };
+        let batching = batch_on_old(&engine, BatchAction::Rerun);
         // The batch's scan takes a moment; then its thread is held.
         held_meanwhile();
         clock.advance(RETENTION * 2);
         let collected = engine.collect_garbage().await.expect("a collection");
         assert_eq!(collected, 1, "the run the batch read");
         finished(&engine, "old").await;
-        let (report, took) = answered("batch", batching).await.unwrap();
-        assert!(
-            took >= Duration::from_millis(PAUSE_MS),
-            "the batch was never held ({took:?})"
-        );
-        let report = report.expect("a batch");
-        assert_eq!(
-            (report.matched, report.done, report.skipped),
-            (1, 0, 1),
-            "{report:?}"
-        );
-        let reason = report.runs[0].reason.as_deref().unwrap_or_default();
-        assert_eq!(reason, "no longer exists", "the run the batch read");
+        skipped_as_gone(batching).await;
         // Nothing was rerun: the new run under the id is the only run.
         let counts = engine.run_counts().await.expect("the counts");
         assert_eq!(counts.values().sum::<u64>(), 1, "{counts:?}");
@@ -371,23 +386,7 @@ fn cancel_batch_on_an_id_started_again_child() {
         let clock = TestClock::new();
         let engine = open(&clock).await;
         let _ = engine.start::<Waiting>("old", ()).await.expect("starting");
-        let batching = {
-            let engine = engine.clone();
-            let batch = Batch {
-                action: BatchAction::Cancel,
-                filter: RunFilter {
-                    id_prefix: Some("old".into()),
-                    ..RunFilter::default()
-                },
-                dry_run: false,
-                after: None,
-                limit: 10,
-            };
-            tokio::spawn(async move {
-                let began = std::time::Instant::now();
-                (engine.batch(&batch).await, began.elapsed())
-            })
-        };
+        let batching = batch_on_old(&engine, BatchAction::Cancel);
         held_meanwhile();
         engine
             .send("old", "go", &(), "go-1")
@@ -403,19 +402,7 @@ fn cancel_batch_on_an_id_started_again_child() {
             .start::<Waiting>("old", ())
             .await
             .expect("starting again");
-        let (report, took) = answered("batch", batching).await.unwrap();
-        assert!(
-            took >= Duration::from_millis(PAUSE_MS),
-            "the batch was never held ({took:?})"
-        );
-        let report = report.expect("a batch");
-        assert_eq!(
-            (report.matched, report.done, report.skipped),
-            (1, 0, 1),
-            "{report:?}"
-        );
-        let reason = report.runs[0].reason.as_deref().unwrap_or_default();
-        assert_eq!(reason, "no longer exists", "the run the batch read");
+        skipped_as_gone(batching).await;
         // The new run is not cancelled: it runs on, and completes when told.
         let history = engine.history("old").await.expect("the new run");
         assert_eq!(history.run.created_at_ms, clock.now_ms());
