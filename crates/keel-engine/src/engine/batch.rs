@@ -557,11 +557,11 @@ impl Engine {
                 }
                 now
             }
-            BatchAction::Resume => self.resume_run(&id, of).await?,
-            BatchAction::RetryCompensation => self.retry_compensation_of(&id, of).await?,
-            BatchAction::Resolve { note } => self.resolve_of(&id, note, of).await?,
+            BatchAction::Resume => self.resume_for(&id, of).await?,
+            BatchAction::RetryCompensation => self.retry_compensation_for(&id, of).await?,
+            BatchAction::Resolve { note } => self.resolve_for(&id, note, of).await?,
             BatchAction::Rerun => {
-                run.rerun = Some(self.rerun_run(&id, &Rerun::default(), of).await?.id);
+                run.rerun = Some(self.rerun_for(&id, &Rerun::default(), of).await?.id);
                 record
             }
             BatchAction::Purge => {

@@ -27,6 +27,18 @@ fn admits(record: &RunRecord, operation: &'static str, statuses: &[RunStatus]) -
     }
 }
 
+/// `RunNotFound` unless `record` is the run created at `created_at` (when given): an operator
+/// call for the run a batch's scan read, whose id may name another run now (that one
+/// deleted, and another started under its id since).
+pub(super) fn same_run(created_at: Option<u64>, record: &RunRecord) -> Result<()> {
+    match created_at {
+        Some(at) if at != record.created_at_ms => Err(EngineError::RunNotFound {
+            id: record.id.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 impl Engine {
     /// Cancels run `id`: the cancellation is durable when this returns, and from then on the
     /// run cannot complete. A running run stops at its next operation (an in-flight step
@@ -142,16 +154,14 @@ impl Engine {
     /// of attempts), withdraws a pause request the run has not reached yet, or takes up a
     /// `Suspended` run after its workflow code was fixed.
     pub async fn resume(&self, id: &str) -> Result<RunRecord> {
-        self.resume_run(id, None).await
+        self.resume_for(id, None).await
     }
 
     /// [`Engine::resume`]; with `created_at`, only of the run of `id` created then
     /// ([`Engine::operate`]).
-    pub(super) async fn resume_run(&self, id: &str, created_at: Option<u64>) -> Result<RunRecord> {
+    pub(super) async fn resume_for(&self, id: &str, created_at: Option<u64>) -> Result<RunRecord> {
         let record = self.record(id).await?;
-        if created_at.is_some_and(|at| at != record.created_at_ms) {
-            return Err(EngineError::RunNotFound { id: record.id });
-        }
+        same_run(created_at, &record)?;
         if self.inner.workflows.get(&record.workflow).is_none() {
             // Resumed, nobody here could run its body.
             return Err(EngineError::InvalidState {
@@ -214,12 +224,12 @@ impl Engine {
 
     /// Retries the compensation of a run in `CompensationFailed`.
     pub async fn retry_compensation(&self, id: &str) -> Result<RunRecord> {
-        self.retry_compensation_of(id, None).await
+        self.retry_compensation_for(id, None).await
     }
 
     /// [`Engine::retry_compensation`]; with `created_at`, only of the run of `id` created
     /// then ([`Engine::operate`]).
-    pub(super) async fn retry_compensation_of(
+    pub(super) async fn retry_compensation_for(
         &self,
         id: &str,
         created_at: Option<u64>,
@@ -236,12 +246,12 @@ impl Engine {
 
     /// Marks a run in `CompensationFailed` as settled by an operator (terminal `Resolved`).
     pub async fn resolve(&self, id: &str, note: &str) -> Result<RunRecord> {
-        self.resolve_of(id, note, None).await
+        self.resolve_for(id, note, None).await
     }
 
     /// [`Engine::resolve`]; with `created_at`, only of the run of `id` created then
     /// ([`Engine::operate`]).
-    pub(super) async fn resolve_of(
+    pub(super) async fn resolve_for(
         &self,
         id: &str,
         note: &str,
@@ -402,13 +412,10 @@ impl Engine {
         takes_up: bool,
         write: impl Fn(&Arc<RunCell>) -> Result<bool>,
     ) -> Result<Option<Arc<RunCell>>> {
-        let other_run = |at: u64| created_at.is_some_and(|created| created != at);
         for _ in 0..8 {
             let record = self.record(id).await?;
+            same_run(created_at, &record)?;
             let run_id = record.id.clone();
-            if other_run(record.created_at_ms) {
-                return Err(EngineError::RunNotFound { id: run_id });
-            }
             let loaded = self
                 .load_cell(record, Takeover::Always)
                 .await?
@@ -416,13 +423,9 @@ impl Engine {
             let cell = match &loaded {
                 Loaded::Fresh(cell) | Loaded::Existing(cell) => Arc::clone(cell),
             };
-            let mut wrote = if other_run(cell.with_record(|r| r.created_at_ms)) {
-                Err(EngineError::RunNotFound {
-                    id: cell.id.clone(),
-                })
-            } else {
-                write(&cell)
-            };
+            let mut wrote = cell
+                .with_record(|record| same_run(created_at, record))
+                .and_then(|()| write(&cell));
             if takes_up && matches!(wrote, Ok(true)) && cell.status().is_drivable() {
                 // An operator took the run up (resumed, cancelled, retried): the deaths of
                 // earlier loads no longer count against it (`poison.rs`), whether this call

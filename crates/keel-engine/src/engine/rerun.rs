@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::engine::operator::same_run;
 use crate::engine::{Engine, Lineage};
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
@@ -35,22 +36,20 @@ impl Engine {
     /// that has not finished is refused (cancel it first): two runs doing the same work at
     /// once would race for the same resources. A child run is rerun as a top-level run.
     pub async fn rerun(&self, id: &str, rerun: &Rerun) -> Result<RunRecord> {
-        self.rerun_run(id, rerun, None).await
+        self.rerun_for(id, rerun, None).await
     }
 
     /// [`Engine::rerun`]; with `created_at`, only of the run of `id` created then (a batch's:
     /// the run its scan read), else `RunNotFound`. The rerun is of the run read here, and
     /// notes itself only in that run.
-    pub(super) async fn rerun_run(
+    pub(super) async fn rerun_for(
         &self,
         id: &str,
         rerun: &Rerun,
         created_at: Option<u64>,
     ) -> Result<RunRecord> {
         let old = self.record(id).await?;
-        if created_at.is_some_and(|at| at != old.created_at_ms) {
-            return Err(EngineError::RunNotFound { id: old.id });
-        }
+        same_run(created_at, &old)?;
         if !old.status.is_terminal() {
             return Err(EngineError::InvalidState {
                 id: old.id,
