@@ -19,13 +19,14 @@
 //! `check_run` ground truth and reported (how many, and which went against their run's end,
 //! such as an effect left by a compensated run); each must belong to a step attempt its
 //! worker had begun, durably, while it held its lease (a worker that lost its lease starts
-//! nothing). One the step began making after the SIGCONT (its `at_us` is later) fails the
-//! test, with what the database knows around it (the worker's lease, the run's claims, the
-//! step's rows) and the worker's lease-lost lines: the lease's guard should have refused
-//! that poll. One it had begun before the stop is not a failure: the stop caught the step
-//! inside the poll that makes it (between reading the time and writing the record), and a
-//! poll runs on once continued, as a request sent before a pause lands
-//! (docs/guarantees.md). `KEEL_FAILOVER_STRICT=0` only reports both kinds.
+//! nothing). One the step began making after the SIGCONT (its `at_us`, when the poll that
+//! wrote it began, is later) fails the test, with what the database knows around it (the
+//! worker's lease, the run's claims, the step's rows) and the worker's lease-lost lines: the
+//! lease's guard should have refused that poll. One it had begun before the stop is not a
+//! failure: the stop caught the step inside the poll that makes it, and a poll runs on once
+//! continued, as a request sent before a pause lands (docs/guarantees.md). A stop between the
+//! guard's check and the step's clock (a few nested polls) still counts as a failure.
+//! `KEEL_FAILOVER_STRICT=0` only reports both kinds.
 //!
 //! It also measures failover: for each kill of a worker that owned unfinished runs, the time
 //! from the kill (by the database's clock, read just before the SIGKILL, so a few ms early)

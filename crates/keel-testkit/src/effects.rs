@@ -10,8 +10,10 @@
 //! checker still counts it; a record cut before its key names nothing and is dropped.
 
 use std::fs::OpenOptions;
+use std::future::Future;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +44,8 @@ pub struct Effect {
     pub pid: u32,
     /// When it was recorded, by the wall clock, in microseconds since the Unix epoch (absent
     /// from logs written before the field existed): to set an effect beside log lines and
-    /// database rows.
+    /// database rows. A step that records through [`PollClock`] gives the time its poll that
+    /// recorded began instead (see there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub at_us: Option<u64>,
 }
@@ -128,12 +131,51 @@ pub fn now_us() -> u64 {
         .map_or(0, |since| since.as_micros() as u64)
 }
 
+/// The time at which the latest poll of a future began, for an effect's [`Effect::at_us`].
+///
+/// The engine checks a step's lease before each poll of it, and a worker stopped (SIGSTOP)
+/// inside a poll runs that poll on once continued. An effect timed when it is written cannot
+/// tell such a poll from one the engine began after the continue (which its lease must
+/// refuse): a stop between the engine's check and the clock's read, in a poll that had begun
+/// before it, would time the effect after the continue. Timed at the start of the poll, the
+/// effect carries when that poll began; only a stop between the engine's check and this
+/// clock's read (a few nested polls, no allocation) is still timed late.
+#[derive(Debug, Default)]
+pub struct PollClock(AtomicU64);
+
+impl PollClock {
+    /// Drives `body`, reading the clock at the start of each of its polls.
+    pub async fn drive<F: Future>(&self, body: F) -> F::Output {
+        let mut body = std::pin::pin!(body);
+        std::future::poll_fn(|cx| {
+            self.0.store(now_us(), Ordering::Relaxed);
+            body.as_mut().poll(cx)
+        })
+        .await
+    }
+
+    /// When the current (or latest) poll of the driven future began, as [`now_us`] reads it.
+    pub fn began_us(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Records that a step (or its compensation) ran `action` in the attempt described by `ctx`,
 /// in the log at `log`. A log that cannot be written is a retryable step error.
 pub fn record(
     log: &str,
     action: Action,
     ctx: &keel_engine::StepContext,
+) -> Result<(), keel_engine::StepError> {
+    record_at(log, action, ctx, now_us())
+}
+
+/// [`record`], with the effect's time given (a [`PollClock`]'s).
+pub fn record_at(
+    log: &str,
+    action: Action,
+    ctx: &keel_engine::StepContext,
+    at_us: u64,
 ) -> Result<(), keel_engine::StepError> {
     let effect = Effect {
         action,
@@ -142,7 +184,7 @@ pub fn record(
         key: ctx.key().to_string(),
         attempt: ctx.attempt().0,
         pid: std::process::id(),
-        at_us: Some(now_us()),
+        at_us: Some(at_us),
     };
     append(Path::new(log), &effect)
         .map_err(|e| keel_engine::StepError::retryable("effect log not writable").with_source(e))
@@ -192,5 +234,30 @@ mod tests {
             vec![effect(2, Some(5))]
         );
         assert_eq!(records(&whole), vec![effect(2, Some(5))]);
+    }
+
+    /// A poll held up inside (as by a SIGSTOP between the engine's lease check and the write)
+    /// still carries the time it began; a later poll carries its own.
+    #[tokio::test]
+    async fn a_poll_clock_reads_when_each_poll_began() {
+        let clock = PollClock::default();
+        let (first, held) = clock
+            .drive(async {
+                let first = clock.began_us();
+                tokio::task::yield_now().await;
+                let began = clock.began_us();
+                let before = now_us();
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                (first, (began, before, clock.began_us()))
+            })
+            .await;
+        let (began, before, after_hold) = held;
+        assert!(first > 0 && began >= first, "{first} then {began}");
+        assert!(
+            began <= before,
+            "the second poll began at {began}, after {before}"
+        );
+        assert_eq!(after_hold, began, "the hold moved the poll's time");
+        assert!(now_us() >= began + 50_000);
     }
 }

@@ -9,7 +9,7 @@ use keel_engine::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::effects::{self, Action};
+use crate::effects::{self, Action, PollClock};
 
 /// How an [`EffectStep`] misbehaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,11 +53,10 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
-impl Step for EffectStep {
-    const KIND: &'static str = "test.effect";
-    type Output = u32;
-
-    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+impl EffectStep {
+    /// The step's work, its effect timed by `clock` (the failover torture tells a poll its
+    /// worker began before a SIGSTOP from one begun after the SIGCONT by that time).
+    async fn execute_timed(&self, ctx: &StepContext, clock: &PollClock) -> Result<u32, StepError> {
         if self.fault == Fault::Permanent {
             return Err(StepError::permanent(format!(
                 "step {} refuses for good",
@@ -81,7 +80,7 @@ impl Step for EffectStep {
             let ms = rand::random::<u64>() % self.jitter_ms;
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        effects::record(&self.log, Action::Do, ctx)?;
+        effects::record_at(&self.log, Action::Do, ctx, clock.began_us())?;
         if self.fault == Fault::LostResponseOnce && ctx.attempt().0 == 1 {
             return Err(StepError::retryable(format!(
                 "response of step {} lost",
@@ -91,16 +90,12 @@ impl Step for EffectStep {
         Ok(self.n * 10)
     }
 
-    fn retry_policy(&self) -> RetryPolicy {
-        RetryPolicy::default()
-            .with_attempts_max(20)
-            .with_backoff(Duration::from_millis(2), Duration::from_millis(40))
-    }
-
-    async fn compensate(
+    /// The compensation's work, its undo timed by `clock` (as [`EffectStep::execute_timed`]).
+    async fn compensate_timed(
         &self,
         ctx: &StepContext,
         output: Option<u32>,
+        clock: &PollClock,
     ) -> Result<Compensation, StepError> {
         if self.fault == Fault::UndoRefused
             && Path::new(&format!("{}.refuse-undo", self.log)).exists()
@@ -121,8 +116,35 @@ impl Step for EffectStep {
                 return Ok(Compensation::Done);
             }
         }
-        effects::record(&self.log, Action::Undo, ctx)?;
+        effects::record_at(&self.log, Action::Undo, ctx, clock.began_us())?;
         Ok(Compensation::Done)
+    }
+}
+
+impl Step for EffectStep {
+    const KIND: &'static str = "test.effect";
+    type Output = u32;
+
+    async fn execute(&self, ctx: &StepContext) -> Result<u32, StepError> {
+        let clock = PollClock::default();
+        clock.drive(self.execute_timed(ctx, &clock)).await
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy::default()
+            .with_attempts_max(20)
+            .with_backoff(Duration::from_millis(2), Duration::from_millis(40))
+    }
+
+    async fn compensate(
+        &self,
+        ctx: &StepContext,
+        output: Option<u32>,
+    ) -> Result<Compensation, StepError> {
+        let clock = PollClock::default();
+        clock
+            .drive(self.compensate_timed(ctx, output, &clock))
+            .await
     }
 
     fn compensation_retry_policy(&self) -> RetryPolicy {

@@ -514,10 +514,10 @@ pub struct LateEffect {
     pub effect: Effect,
     /// The id of the worker that made it.
     pub worker: String,
-    /// Whether the step had begun making it before the stop: its time (`at_us`, read before
-    /// the effect's record is written) is before the SIGCONT, and the worker was stopped from
-    /// the SIGSTOP until then, so the stop caught the step inside the poll that makes the
-    /// effect (between reading the time and the write), which runs on once continued.
+    /// Whether the step had begun making it before the stop: its time (`at_us`, when the poll
+    /// that wrote it began: [`crate::effects::PollClock`]) is before the SIGCONT, and the
+    /// worker was stopped from the SIGSTOP until then, so the stop caught the step inside the
+    /// poll that makes the effect, which runs on once continued.
     pub under_way: bool,
 }
 
