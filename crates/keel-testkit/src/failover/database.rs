@@ -177,9 +177,9 @@ pub async fn attempt_begun_by(url: &str, effect: &Effect, worker: &str) -> usize
 }
 
 /// What the database knows around a late `effect` of `worker`, for a failure message: when
-/// the effect was recorded (by the wall clock, which the database shares on one machine),
-/// the worker's lease, every claim of the effect's run, and the run's journal rows of the
-/// step.
+/// the poll that recorded the effect began (by the wall clock, which the database shares on
+/// one machine), the worker's lease, every claim of the effect's run, and the run's journal
+/// rows of the step.
 pub async fn late_effect_context(url: &str, effect: &Effect, worker: &str) -> Vec<String> {
     let (run, worker) = (quoted(&effect.run), quoted(worker));
     let (step, at_us) = (
@@ -187,7 +187,7 @@ pub async fn late_effect_context(url: &str, effect: &Effect, worker: &str) -> Ve
         effect.at_us.map_or("NULL".into(), |us| us.to_string()),
     );
     let sql = format!(
-        "SELECT format('effect recorded at %s', to_timestamp({at_us}::float8 / 1e6))
+        "SELECT format('the effect''s poll began at %s', to_timestamp({at_us}::float8 / 1e6))
          UNION ALL SELECT format('worker %s lease until %s', id, lease_until) FROM keel_workers \
          WHERE id = {worker}
          UNION ALL (SELECT format('claim of epoch %s by %s at %s', epoch, worker, claimed_at) \
