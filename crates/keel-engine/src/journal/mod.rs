@@ -100,6 +100,9 @@ impl std::fmt::Display for RunStatus {
 /// and repaired from the journal at open; docs/guarantees.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunRecord {
+    /// Where the run stands. The first field, so that its JSON begins with it: the sled
+    /// store reads a stored record's status from its first bytes (`counts::status_of`).
+    pub status: RunStatus,
     /// The run id (the caller's idempotency key).
     pub id: RunId,
     /// The workflow name.
@@ -108,8 +111,6 @@ pub struct RunRecord {
     pub version: u32,
     /// The input, as given to `start`.
     pub input: Value,
-    /// Where the run stands.
-    pub status: RunStatus,
     /// When the run was started (ms since the Unix epoch).
     pub created_at_ms: u64,
     /// When the status last changed.

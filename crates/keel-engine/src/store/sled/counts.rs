@@ -331,13 +331,32 @@ pub(super) type Pause = Arc<dyn Fn() + Send + Sync>;
 pub(super) static PAUSES: Mutex<BTreeMap<std::path::PathBuf, Pause>> = Mutex::new(BTreeMap::new());
 
 /// The status of a stored run record, read without decoding the rest of it; `None` when the
-/// bytes are no readable record (which the counts at open left out too).
+/// bytes have no status to read (which the counts at open left out too).
+///
+/// A record's JSON begins with its status (the first field of [`RunRecord`]), so that this
+/// reads only that word: every write of a run's record reads the status it replaces, for the
+/// counts, and the open's count reads every record's. Bytes that do not begin so (a record
+/// written before the status came first) are decoded as a whole. So a record whose status
+/// reads is counted by it even if the rest is damaged, which a read of that run reports.
+///
+/// [`RunRecord`]: crate::journal::RunRecord
 pub(super) fn status_of(bytes: &[u8]) -> Option<RunStatus> {
     #[derive(Deserialize)]
     struct Status {
         status: RunStatus,
     }
-    serde_json::from_slice::<Status>(bytes)
-        .ok()
-        .map(|s| s.status)
+    first_status(bytes).or_else(|| {
+        serde_json::from_slice::<Status>(bytes)
+            .ok()
+            .map(|s| s.status)
+    })
+}
+
+/// The status that `bytes` begin with as a JSON object's first field, if they do.
+pub(super) fn first_status(bytes: &[u8]) -> Option<RunStatus> {
+    // The value: a string, which ends at the next quote unless it holds an escaped one (no
+    // status word does; bytes with one are left to the whole decode, which refuses them too).
+    let value = bytes.strip_prefix(br#"{"status":"#)?;
+    let end = 1 + value.get(1..)?.iter().position(|&b| b == b'"')?;
+    serde_json::from_slice(&value[..=end]).ok()
 }

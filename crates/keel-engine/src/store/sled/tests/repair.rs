@@ -186,6 +186,87 @@ fn kept_counts_match_a_scan_of_every_record() {
     assert_counts(&store, &expected);
 }
 
+/// A record's JSON begins with its status, which the counts read from its first bytes alone
+/// (`counts::status_of`). Bytes that do not begin so are decoded whole: a record written
+/// before the status came first (its id first, and an input with a "status" of its own) is
+/// counted at open by its own status, read back as it was, and a transition moves the counts
+/// from that status.
+#[test]
+fn a_records_status_is_read_from_its_first_bytes_or_from_the_whole_record() {
+    use super::super::counts::{first_status, status_of};
+    let every = [
+        RunStatus::Running,
+        RunStatus::Suspended,
+        RunStatus::Paused,
+        RunStatus::Compensating,
+        RunStatus::CompensationFailed,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Compensated,
+        RunStatus::Resolved,
+    ];
+    for status in every {
+        let record = RunRecord {
+            status,
+            ..running("a")
+        };
+        let bytes = encode("run record", &record, RUN_RECORD_BYTES_MAX).unwrap();
+        assert!(
+            bytes.starts_with(format!(r#"{{"status":"{status}","#).as_bytes()),
+            "{}",
+            String::from_utf8_lossy(&bytes)
+        );
+        assert_eq!(first_status(&bytes), Some(status));
+        assert_eq!(status_of(&bytes), Some(status));
+    }
+    // A word with an escape is read as JSON reads it; one whose string holds a quote ends
+    // the first read early, and the whole decode says.
+    let escaped = br#"{"status":"comp\u006ceted","id":"a"}"#;
+    assert_eq!(first_status(escaped), Some(RunStatus::Completed));
+    let quoted = br#"{"status":"completed\"","id":"a"}"#;
+    assert_eq!(first_status(quoted), None);
+    for unreadable in [
+        &quoted[..],
+        br#"{"status":"done","id":"a"}"#,
+        br#"{"status":null}"#,
+        br#"{"status":""#,
+        b"{not json",
+    ] {
+        assert_eq!(status_of(unreadable), None, "{unreadable:?}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    let id = RunId::new("old").unwrap();
+    let old = br#"{"id":"old","workflow":"test.flow","version":1,"input":{"status":"failed"},"status":"running","created_at_ms":10,"updated_at_ms":10,"finished_at_ms":null,"output":null,"error":null}"#;
+    assert_eq!(first_status(old), None);
+    store.kv.insert(run_key(&id), old.to_vec()).unwrap();
+    store.kv.flush().unwrap();
+    drop(store);
+    // Dropped without a release: the open counts every record.
+    let store = SledStore::open(dir.path(), PROCESS_CRASH).unwrap();
+    assert_counts(&store, &BTreeMap::from([(RunStatus::Running, 1)]));
+    let as_written = RunRecord {
+        input: serde_json::json!({"status": "failed"}),
+        ..running("old")
+    };
+    assert_eq!(store.read_run(&id).unwrap(), Some(as_written));
+    let [started, done] = entries();
+    store
+        .append(&id, JournalIndex(0), &[started], None, Token::CREATED)
+        .unwrap();
+    store
+        .append(
+            &id,
+            JournalIndex(1),
+            &[done],
+            Some(&completed("old")),
+            Token::CREATED,
+        )
+        .unwrap();
+    assert_counts(&store, &BTreeMap::from([(RunStatus::Completed, 1)]));
+}
+
 /// Releases `store` as the engine's clean shutdown does, then drops it.
 fn close_cleanly(store: SledStore) {
     futures_util::FutureExt::now_or_never(store.release())
