@@ -16,6 +16,7 @@ use crate::journal::{Entry, Event, RunRecord, RunStatus};
 use crate::limits::JOURNAL_ENTRIES_PER_RUN_MAX;
 use crate::notice::Outbox;
 use crate::replay::RunState;
+use crate::requests::Requests;
 use crate::run_slot::RunSlot;
 use crate::store::{JournalStore, Space, Token};
 
@@ -86,11 +87,10 @@ pub(crate) struct RunCell {
     /// Which transitions write a notice, shared by the engine's cells (`notice.rs`).
     outbox: Arc<Outbox>,
     loaded: Mutex<Loaded>,
-    /// Set (durably journaled first) when an operator cancels the run.
-    pub(crate) cancel: watch::Sender<bool>,
-    /// Set while an operator's pause request stands: from the journal when the cell is
-    /// made, then told by [`RunCell::tell_pause`] once a pause or a resume is durable.
-    pub(crate) pause: watch::Sender<bool>,
+    /// An operator's cancel (durably journaled first) and whether a pause request stands:
+    /// from the journal when the cell is made, then told (a pause or a resume by
+    /// [`RunCell::tell_pause`], once durable).
+    pub(crate) requests: Requests,
     /// What waiters watch: the latest durable status, and why the cell was unloaded before
     /// its run settled, so that no waiter is left pending by a driver that stopped. (One
     /// channel for both: a channel costs about 400 bytes per loaded run.)
@@ -129,8 +129,7 @@ impl RunCell {
         token: Token,
         outbox: Arc<Outbox>,
     ) -> RunCell {
-        let (cancel, _) = watch::channel(state.cancel_requested);
-        let (pause, _) = watch::channel(state.pause_requested);
+        let requests = Requests::new(state.cancel_requested, state.pause_requested);
         let (watched, _) = watch::channel(Watched {
             status: record.status,
             stopped: None,
@@ -148,8 +147,7 @@ impl RunCell {
                 detached: false,
                 deferred: None,
             }),
-            cancel,
-            pause,
+            requests,
             watched,
             news: Notify::new(),
             slot: RunSlot::default(),
@@ -251,7 +249,7 @@ impl RunCell {
     /// resume that ended after a later pause would otherwise withdraw that pause).
     pub(crate) fn tell_pause(&self) {
         let loaded = self.loaded.lock().expect("cell lock");
-        self.pause.send_replace(loaded.state.pause_requested);
+        self.requests.tell_pause(loaded.state.pause_requested);
     }
 
     /// Reads the run state.

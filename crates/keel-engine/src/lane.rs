@@ -42,8 +42,6 @@ async fn changed(signal: Option<&mut watch::Receiver<bool>>) {
 pub(crate) struct Lane {
     pub(crate) cell: Arc<RunCell>,
     pub(crate) env: Arc<RunEnv>,
-    cancel: watch::Receiver<bool>,
-    pause: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
     /// Set for the branches of a `select` once a winner is known: no new attempt starts.
     stop: Option<watch::Receiver<bool>>,
@@ -61,15 +59,11 @@ pub(crate) struct Lane {
 
 impl Lane {
     pub(crate) fn new(cell: Arc<RunCell>, env: Arc<RunEnv>, pause_on_exhausted: bool) -> Lane {
-        let cancel = cell.cancel.subscribe();
-        let pause = cell.pause.subscribe();
         let shutdown = env.shutdown.subscribe();
         let unparked = cell.take_unparked();
         Lane {
             cell,
             env,
-            cancel,
-            pause,
             shutdown,
             stop: None,
             pause_on_exhausted,
@@ -86,8 +80,6 @@ impl Lane {
         Lane {
             cell: Arc::clone(&self.cell),
             env: Arc::clone(&self.env),
-            cancel: self.cancel.clone(),
-            pause: self.pause.clone(),
             shutdown: self.shutdown.clone(),
             stop,
             pause_on_exhausted: self.pause_on_exhausted,
@@ -102,7 +94,7 @@ impl Lane {
         if *self.shutdown.borrow() {
             return Err(Interrupt::ShutDown);
         }
-        if *self.cancel.borrow() {
+        if self.cell.requests.cancel_requested() {
             return Err(Interrupt::Cancelled);
         }
         // The flag is told once a pause or a resume is durable (`RunCell::tell_pause`); a
@@ -110,7 +102,7 @@ impl Lane {
         // flag is stale, and a run that took it would stop to pause, find the request
         // withdrawn and take it again, busy. The journal's state, written under the cell
         // lock, says whether a request stands; the flag, only that it is worth reading.
-        let told = *self.pause.borrow();
+        let told = self.cell.requests.pause_told();
         if told && self.cell.with_state(|s| s.pause_requested) {
             return Err(Interrupt::Paused {
                 reason: "paused by operator".into(),
@@ -261,12 +253,13 @@ impl Lane {
     /// Resolves when the lane is interrupted (see [`Lane::check`]), with the cause.
     pub(crate) async fn interrupted(&mut self) -> Interrupt {
         loop {
+            // Taken before the check: a request after the check wakes it.
+            let requested = self.cell.requests.changed();
             if let Err(cause) = self.check() {
                 return cause;
             }
             tokio::select! {
-                _ = changed(Some(&mut self.cancel)) => {}
-                _ = changed(Some(&mut self.pause)) => {}
+                _ = requested => {}
                 _ = changed(Some(&mut self.shutdown)) => {}
                 _ = changed(self.stop.as_mut()) => {}
             }

@@ -285,6 +285,7 @@ mod parallel;
 mod poison;
 mod registry;
 mod replay;
+mod requests;
 mod resources;
 mod retry;
 mod run_slot;

@@ -100,7 +100,7 @@ impl Engine {
             .await?;
         let made = outcome.is_some();
         if let Some(cell) = outcome {
-            cell.cancel.send_replace(true);
+            cell.requests.cancel();
             cell.publish();
             tracing::info!(run_id = %cell.id, "cancel requested");
         }
