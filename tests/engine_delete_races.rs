@@ -378,8 +378,9 @@ fn a_batch_skips_a_run_started_again_since_its_scan() {
     assert_eq!(ending, Ending::Finished);
 }
 
-/// A cancel batch is held before its action on the running run its scan read, after it
-/// checked the run as stored (`batch.before_action`); meanwhile the run completes, garbage
+/// A cancel batch is held on the running run its scan read, after it checked the run as
+/// stored, at the point the test names (before its action, `batch.before_action`, or in the
+/// action before its load, `batch.before_load`); meanwhile the run completes, garbage
 /// collection deletes it, and a new run is started under its id.
 fn cancel_batch_on_an_id_started_again_child() {
     keel_testkit::crash::runtime().block_on(async {
@@ -433,6 +434,20 @@ fn a_cancel_batch_leaves_a_run_started_again_since_its_check() {
         return cancel_batch_on_an_id_started_again_child();
     }
     let ending = run_child(NAME, &paused_at("batch.before_action"));
+    assert_eq!(ending, Ending::Finished);
+}
+
+/// A cancel batch cancels only the run its scan read, also when that run is deleted and
+/// another started under its id after the call's check of the run as stored, before its load
+/// (`batch.before_load`): the loaded run's creation time is checked too, and it is skipped.
+/// (Seen cancelling the new run with that check removed.)
+#[test]
+fn a_cancel_batch_leaves_a_run_started_again_before_its_load() {
+    const NAME: &str = "a_cancel_batch_leaves_a_run_started_again_before_its_load";
+    if is_child() {
+        return cancel_batch_on_an_id_started_again_child();
+    }
+    let ending = run_child(NAME, &paused_at("batch.before_load"));
     assert_eq!(ending, Ending::Finished);
 }
 

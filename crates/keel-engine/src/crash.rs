@@ -71,9 +71,15 @@ pub const PARK_POINTS: &[&str] = &[
 ];
 
 /// The points of operator calls over many runs (`engine/batch.rs`), met only by batches:
-/// before each matched run's action (its scan read it, nothing of its action done) and after
-/// it is durable; their crash tests iterate over this list.
-pub const OPERATOR_POINTS: &[&str] = &["batch.before_action", "batch.after_action"];
+/// before each matched run's action (its scan read it, nothing of its action done), in a
+/// cancel, pause, resume, retry or resolve between its read of the run and its load
+/// (`engine/operator.rs`), and after the action is durable; their crash tests iterate over
+/// this list.
+pub const OPERATOR_POINTS: &[&str] = &[
+    "batch.before_action",
+    "batch.before_load",
+    "batch.after_action",
+];
 
 /// The points of garbage collection (`engine/gc.rs`): between its scan and its deletes, and
 /// after each of its atomic writes (before their sync), met only when a collection found runs

@@ -415,6 +415,11 @@ impl Engine {
         for _ in 0..8 {
             let record = self.record(id).await?;
             same_run(created_at, &record)?;
+            if created_at.is_some() {
+                // A batch's call, between its check of the run as stored and its load (whose
+                // cell is checked again below).
+                crate::crash::point("batch.before_load");
+            }
             let run_id = record.id.clone();
             let loaded = self
                 .load_cell(record, Takeover::Always)
