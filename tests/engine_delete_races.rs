@@ -380,7 +380,7 @@ fn a_batch_skips_a_run_started_again_since_its_scan() {
 
 /// A cancel batch is held on the running run its scan read, after it checked the run as
 /// stored, at the point the test names (before its action, `batch.before_action`, or in the
-/// action before its load, `batch.before_load`); meanwhile the run completes, garbage
+/// action before its load, `operator.before_load`); meanwhile the run completes, garbage
 /// collection deletes it, and a new run is started under its id.
 fn cancel_batch_on_an_id_started_again_child() {
     keel_testkit::crash::runtime().block_on(async {
@@ -439,7 +439,7 @@ fn a_cancel_batch_leaves_a_run_started_again_since_its_check() {
 
 /// A cancel batch cancels only the run its scan read, also when that run is deleted and
 /// another started under its id after the call's check of the run as stored, before its load
-/// (`batch.before_load`): the loaded run's creation time is checked too, and it is skipped.
+/// (`operator.before_load`): the loaded run's creation time is checked too, and it is skipped.
 /// (Seen cancelling the new run with that check removed.)
 #[test]
 fn a_cancel_batch_leaves_a_run_started_again_before_its_load() {
@@ -447,7 +447,60 @@ fn a_cancel_batch_leaves_a_run_started_again_before_its_load() {
     if is_child() {
         return cancel_batch_on_an_id_started_again_child();
     }
-    let ending = run_child(NAME, &paused_at("batch.before_load"));
+    let ending = run_child(NAME, &paused_at("operator.before_load"));
+    assert_eq!(ending, Ending::Finished);
+}
+
+/// A rerun of run `old` is held between its check of the run as stored and the load that
+/// notes the rerun in its journal (`operator.before_load`, after the new run started);
+/// meanwhile garbage collection deletes `old` and a new run is started under its id.
+fn rerun_noting_in_an_id_started_again_child() {
+    keel_testkit::crash::runtime().block_on(async {
+        let clock = TestClock::new();
+        let engine = open(&clock).await;
+        finished(&engine, "old").await;
+        let rerunning = rerun_as_new(&engine);
+        recorded(&engine, "new").await;
+        held_meanwhile();
+        clock.advance(RETENTION * 2);
+        // The new run may be collected too (it failed at once, as `old` did).
+        engine.collect_garbage().await.expect("a collection");
+        assert!(
+            matches!(
+                engine.history("old").await,
+                Err(EngineError::RunNotFound { .. })
+            ),
+            "the run rerun was collected"
+        );
+        finished(&engine, "old").await;
+        let started_again = clock.now_ms();
+        let rerun = answered("rerun", rerunning).await.unwrap();
+        assert_eq!(rerun.expect("the rerun").id.as_str(), "new");
+        let history = engine.history("old").await.expect("the new run");
+        assert_eq!(history.run.created_at_ms, started_again);
+        assert!(
+            !history
+                .entries
+                .iter()
+                .any(|e| matches!(e.event, Event::RerunStarted { .. })),
+            "the rerun noted itself in the run started again: {:?}",
+            history.entries
+        );
+        engine.shutdown().await;
+    });
+}
+
+/// A rerun notes itself only in the run it reran: when that run is deleted and another
+/// started under its id between the rerun's check of it and its load, the rerun answers
+/// with its new run and writes nothing into the other. (Seen noting itself in the other run
+/// with the loaded run's check removed.)
+#[test]
+fn a_rerun_notes_nothing_in_a_run_started_again_before_its_load() {
+    const NAME: &str = "a_rerun_notes_nothing_in_a_run_started_again_before_its_load";
+    if is_child() {
+        return rerun_noting_in_an_id_started_again_child();
+    }
+    let ending = run_child(NAME, &paused_at("operator.before_load"));
     assert_eq!(ending, Ending::Finished);
 }
 

@@ -70,14 +70,14 @@ pub const PARK_POINTS: &[&str] = &[
     "wake.after_load",
 ];
 
-/// The points of operator calls over many runs (`engine/batch.rs`), met only by batches:
-/// before each matched run's action (its scan read it, nothing of its action done), in a
-/// cancel, pause, resume, retry or resolve between its read of the run and its load
-/// (`engine/operator.rs`), and after the action is durable; their crash tests iterate over
-/// this list.
+/// The points of operator calls for a given run, met only by batches and reruns: before
+/// each matched run's action (the batch's scan read it, nothing of its action done); in the
+/// action (a cancel, pause, resume, retry or resolve), or in a rerun's note in the run it
+/// reruns, between its check of the run as stored and its load (`engine/operator.rs`); and
+/// after the batch's action is durable. Their crash tests iterate over this list.
 pub const OPERATOR_POINTS: &[&str] = &[
     "batch.before_action",
-    "batch.before_load",
+    "operator.before_load",
     "batch.after_action",
 ];
 

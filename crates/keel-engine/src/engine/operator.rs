@@ -416,9 +416,9 @@ impl Engine {
             let record = self.record(id).await?;
             same_run(created_at, &record)?;
             if created_at.is_some() {
-                // A batch's call, between its check of the run as stored and its load (whose
-                // cell is checked again below).
-                crate::crash::point("batch.before_load");
+                // A call for a given run (a batch's action, a rerun's note), between its
+                // check of the run as stored and its load (whose cell is checked again below).
+                crate::crash::point("operator.before_load");
             }
             let run_id = record.id.clone();
             let loaded = self
