@@ -3,6 +3,7 @@
 //! settled run's record holding the journal's last entries, and the journal's reads and
 //! writes.
 
+use std::io::Write;
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
@@ -96,9 +97,8 @@ fn settled_record(record: &RunRecord, from: JournalIndex, entries: &[Vec<u8>]) -
     // A struct's JSON object ends with its `}`: the tail goes in as its last field.
     debug_assert_eq!(bytes.last(), Some(&b'}'));
     bytes.pop();
-    bytes.extend_from_slice(
-        format!(r#","{TAIL_FIELD}":{{"from":{},"entries":["#, from.0).as_bytes(),
-    );
+    // Written into the record's buffer: no string of its own (`Vec`'s writes cannot fail).
+    let _ = write!(bytes, r#","{TAIL_FIELD}":{{"from":{},"entries":["#, from.0);
     bytes.extend_from_slice(&entries.join(&b","[..]));
     bytes.extend_from_slice(b"]}}");
     Ok(bytes)
