@@ -403,6 +403,10 @@ fn cancel_batch_on_an_id_started_again_child() {
             .start::<Waiting>("old", ())
             .await
             .expect("starting again");
+        assert!(
+            !batching.is_finished(),
+            "the batch was held while its run ended, was collected and started again"
+        );
         skipped_as_gone(batching).await;
         // The new run is not cancelled: it runs on, and completes when told.
         let history = engine.history("old").await.expect("the new run");
@@ -472,7 +476,14 @@ fn rerun_noting_in_an_id_started_again_child() {
             ),
             "the run rerun was collected"
         );
-        finished(&engine, "old").await;
+        let _ = engine
+            .start::<Quick>("old", ())
+            .await
+            .expect("starting again");
+        assert!(
+            !rerunning.is_finished(),
+            "the rerun was held while its run was collected and started again"
+        );
         let started_again = clock.now_ms();
         let rerun = answered("rerun", rerunning).await.unwrap();
         assert_eq!(rerun.expect("the rerun").id.as_str(), "new");

@@ -14,7 +14,7 @@ pub(crate) struct Requests {
     cancel: AtomicBool,
     /// Whether a pause request stands, as last told ([`Requests::tell_pause`]).
     pause: AtomicBool,
-    /// Woken on every change of either.
+    /// Woken at every tell of either (a tell of the value it had too).
     changed: Notify,
 }
 
@@ -66,7 +66,7 @@ mod tests {
 
     /// A change made after `changed()` was called, before its first poll, wakes it; one made
     /// before does not (the flags say it), and each setter wakes every waiter.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_change_after_the_wait_was_taken_wakes_it() {
         let requests = Arc::new(Requests::new(false, false));
         let early = requests.changed();

@@ -335,9 +335,10 @@ pub(super) static PAUSES: Mutex<BTreeMap<std::path::PathBuf, Pause>> = Mutex::ne
 ///
 /// A record's JSON begins with its status (the first field of [`RunRecord`]), so that this
 /// reads only that word: every write of a run's record reads the status it replaces, for the
-/// counts, and the open's count reads every record's. Bytes that do not begin so (a record
-/// written before the status came first) are decoded as a whole. So a record whose status
-/// reads is counted by it even if the rest is damaged, which a read of that run reports.
+/// counts, and both counts at open read every record's (the repair pass's, of a record that
+/// does not decode). Bytes that do not begin so (a record written before the status came
+/// first) are decoded as a whole. So a record whose status reads is counted by it even if
+/// the rest is damaged, which a read of that run reports.
 ///
 /// [`RunRecord`]: crate::journal::RunRecord
 pub(super) fn status_of(bytes: &[u8]) -> Option<RunStatus> {

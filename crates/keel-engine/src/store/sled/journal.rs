@@ -97,8 +97,9 @@ fn settled_record(record: &RunRecord, from: JournalIndex, entries: &[Vec<u8>]) -
     // A struct's JSON object ends with its `}`: the tail goes in as its last field.
     debug_assert_eq!(bytes.last(), Some(&b'}'));
     bytes.pop();
-    // Written into the record's buffer: no string of its own (`Vec`'s writes cannot fail).
-    let _ = write!(bytes, r#","{TAIL_FIELD}":{{"from":{},"entries":["#, from.0);
+    // Written into the record's buffer: no string of its own.
+    write!(bytes, r#","{TAIL_FIELD}":{{"from":{},"entries":["#, from.0)
+        .expect("a Vec takes every write");
     bytes.extend_from_slice(&entries.join(&b","[..]));
     bytes.extend_from_slice(b"]}}");
     Ok(bytes)

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use super::counts::status_of;
 use super::journal::{is_group, journal_prefix, tail_from, RecordState, StoredRecordState};
 use super::sync::{sync_blobs, wall_clock_ms};
 use super::{decode_record, encode, readable_key, storage, sync_error, Kv, RUN_PREFIX};
@@ -384,10 +385,12 @@ pub(super) fn repair_records(
 }
 
 /// Repairs the record stored as `bytes` under `key` if its journal is ahead of it; returns
-/// its status, `None` if it does not decode.
+/// its status. A record that does not decode is left as it is, and its status is what its
+/// first bytes say (`None` if nothing), as a write that replaces it or a delete takes it
+/// from the counts ([`status_of`]).
 fn repair_one(kv: &Kv, key: &[u8], bytes: &[u8]) -> Result<Option<RunStatus>> {
     let Ok(mut record) = decode_record(key, bytes) else {
-        return Ok(None);
+        return Ok(status_of(bytes));
     };
     if let Some(state) = ahead_of(kv, &record, tail_from(bytes))? {
         tracing::warn!(run_id = %record.id, status = %state.status, "repairing a run record a crash left behind its journal");
