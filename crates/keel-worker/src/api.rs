@@ -503,7 +503,7 @@ async fn list(
 async fn counts(State(state): State<Arc<AppState>>) -> Answer<serde_json::Value> {
     let counts = state.engine.run_counts().await?;
     let mut by_status = serde_json::Map::new();
-    for status in crate::metrics::STATUSES {
+    for status in RunStatus::ALL {
         let n = counts.get(&status).copied().unwrap_or(0);
         by_status.insert(status.as_str().into(), n.into());
     }

@@ -38,19 +38,6 @@ pub(crate) const BUCKET_BOUNDS_S: [f64; 18] = [
     120.0, 300.0, 600.0,
 ];
 
-/// Every status, in the order the console and `/metrics` list them.
-pub(crate) const STATUSES: [RunStatus; 9] = [
-    RunStatus::Running,
-    RunStatus::Suspended,
-    RunStatus::Paused,
-    RunStatus::Compensating,
-    RunStatus::CompensationFailed,
-    RunStatus::Completed,
-    RunStatus::Failed,
-    RunStatus::Compensated,
-    RunStatus::Resolved,
-];
-
 /// The metrics page.
 pub(crate) fn render(
     counts: &BTreeMap<RunStatus, u64>,
@@ -91,7 +78,7 @@ struct OperationHistogram {
 impl Snapshot {
     fn take(counts: &BTreeMap<RunStatus, u64>, stats: &[OperationStats], engine: &Engine) -> Self {
         let mut runs: BTreeMap<&'static str, u64> =
-            STATUSES.iter().map(|s| (s.as_str(), 0)).collect();
+            RunStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect();
         for (status, n) in counts {
             *runs.entry(status.as_str()).or_default() += n;
         }

@@ -52,6 +52,20 @@ pub enum RunStatus {
 }
 
 impl RunStatus {
+    /// Every status, in the order they are declared (the order the console and `/metrics`
+    /// list them in).
+    pub const ALL: [RunStatus; 9] = [
+        RunStatus::Running,
+        RunStatus::Suspended,
+        RunStatus::Paused,
+        RunStatus::Compensating,
+        RunStatus::CompensationFailed,
+        RunStatus::Completed,
+        RunStatus::Failed,
+        RunStatus::Compensated,
+        RunStatus::Resolved,
+    ];
+
     /// Whether the run can never change again (except by garbage collection).
     pub fn is_terminal(self) -> bool {
         match self {

@@ -194,18 +194,7 @@ fn kept_counts_match_a_scan_of_every_record() {
 #[test]
 fn a_records_status_is_read_from_its_first_bytes_or_from_the_whole_record() {
     use super::super::counts::{first_status, status_of};
-    let every = [
-        RunStatus::Running,
-        RunStatus::Suspended,
-        RunStatus::Paused,
-        RunStatus::Compensating,
-        RunStatus::CompensationFailed,
-        RunStatus::Completed,
-        RunStatus::Failed,
-        RunStatus::Compensated,
-        RunStatus::Resolved,
-    ];
-    for status in every {
+    for status in RunStatus::ALL {
         let record = RunRecord {
             status,
             ..running("a")
