@@ -1,5 +1,6 @@
 //! Unit tests of the sled store: deletion, keyed records, pages by status, the tree's shape;
-//! the journal's encoding in `encoding.rs`, the open's repair and the counts in `repair.rs`.
+//! the journal's encoding in `encoding.rs`, the open's repair and the counts in `repair.rs`, how
+//! the counts read a record's status in `status.rs`.
 
 use std::ops::ControlFlow;
 
@@ -10,6 +11,7 @@ use crate::journal::Event;
 
 mod encoding;
 mod repair;
+mod status;
 
 const PROCESS_CRASH: SledOptions = SledOptions {
     durability: Durability::ProcessCrash,
