@@ -28,6 +28,7 @@ use crate::workflow::{Workflow, Workflows};
 
 mod batch;
 mod builder;
+mod cells;
 mod events;
 mod gc;
 mod metrics;
@@ -45,9 +46,10 @@ pub use batch::{
     Batch, BatchAction, BatchOutcome, BatchReport, BatchRun, RunFilter, BATCH_RUNS_MAX,
 };
 pub use builder::EngineBuilder;
+pub use cells::Resident;
 pub use events::{Delivered, EventIn};
 pub use gc::GC_RUNS_PER_WRITE;
-pub use parking::{Resident, PARK_AFTER_DEFAULT};
+pub use parking::PARK_AFTER_DEFAULT;
 pub use reads::{RunsPage, RunsQuery, LIST_SCAN_RECORDS_MAX, RUNS_PAGE_MAX};
 pub use rerun::Rerun;
 pub use schedules::CreatedSchedule;
@@ -69,8 +71,8 @@ pub(crate) struct Inner {
     pub(crate) env: Arc<RunEnv>,
     pub(crate) workflows: Arc<Workflows>,
     path: PathBuf,
-    /// The runs loaded and the runs parked (`parking.rs`).
-    cells: Mutex<parking::Cells>,
+    /// The runs loaded and the runs parked (`cells.rs`).
+    cells: Mutex<cells::Cells>,
     /// Wakes the parked runs' wake loop when a run parks with a wake time before its next.
     wakes: Arc<tokio::sync::Notify>,
     /// Held while a run is loaded from the store (`Engine::load_cell`), and while a purge or

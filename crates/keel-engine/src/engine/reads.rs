@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::cell::{RunCell, Stop};
-use crate::engine::parking::InMemory;
+use crate::engine::cells::InMemory;
 use crate::engine::{Engine, RunFilter};
 use crate::error::{EngineError, Result};
 use crate::ids::RunId;
