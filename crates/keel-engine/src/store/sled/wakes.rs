@@ -20,6 +20,8 @@
 //! (the earlier one wins at the next open, which is safe), never neither. An entry whose run
 //! is gone or settled is stale and harmless: the next open drops it.
 
+use std::collections::HashMap;
+
 use crate::error::Result;
 use crate::ids::RunId;
 
@@ -66,6 +68,22 @@ impl IndexLocks {
             .map(|lock| lock.lock().expect("wake index lock"))
             .collect()
     }
+}
+
+/// The places in `wakes` (in wake-time order) of the entries of runs listed before, in
+/// order, each with the place of its run's first entry.
+fn later_entries(wakes: &[(u64, RunId)]) -> Vec<(usize, usize)> {
+    let mut first: HashMap<&str, usize, foldhash::fast::RandomState> =
+        HashMap::with_capacity_and_hasher(wakes.len(), Default::default());
+    let mut later = Vec::new();
+    for (at, (_, id)) in wakes.iter().enumerate() {
+        if let Some(&earliest) = first.get(id.as_str()) {
+            later.push((at, earliest));
+        } else {
+            first.insert(id.as_str(), at);
+        }
+    }
+    later
 }
 
 /// Whether the index was built, by this version's rules, since any older version built it.
@@ -268,46 +286,60 @@ impl SledStore {
         // Its repairs are writes like any other (counted: `sync.rs`), if it makes any.
         let writing = self.writes.begin();
         let mut repaired = false;
-        // Each run's earliest entry (the scan is in wake-time order), by the run's place in
-        // `wakes`.
-        let mut first: std::collections::HashMap<Vec<u8>, usize> = Default::default();
         let mut wakes = Vec::new();
         for item in self.kv.keys_with_prefix([WAKE_PREFIX]) {
             let key = item?;
-            let (Some(wake_ms), Some(id)) = (key.get(1..9).and_then(be_u64), key.get(9..)) else {
-                tracing::warn!(key = %super::readable_key(&key), "wake index entry unreadable: dropped");
-                repaired = true;
-                self.kv.remove(&key)?;
-                continue;
-            };
-            if let Some(&at) = first.get(id) {
-                // An entry a crash left beside the run's earlier one (the new one is written
-                // before the old one is removed, and `v` between): the earliest stands, and
-                // `v` is set to it (none for 0), so that the next change of the entry removes
-                // it. A run with one entry has `v` at it, or none: at 0, or after a crash
-                // between a first entry elsewhere and its `v`, in which case its next change
-                // leaves this entry, to be found here next time.
-                let (earliest, id): &(u64, RunId) = &wakes[at];
-                repaired = true;
-                if *earliest == 0 {
-                    self.kv.remove(wake_of_key(id))?;
-                } else {
-                    self.kv.insert(wake_of_key(id), &earliest.to_be_bytes())?;
-                }
-                self.kv.remove(&key)?;
-                continue;
-            }
-            match std::str::from_utf8(id).map(RunId::existing) {
-                Ok(Ok(run)) => {
-                    first.insert(id.to_vec(), wakes.len());
-                    wakes.push((wake_ms, run));
-                }
-                _ => {
+            let parsed = key
+                .get(1..9)
+                .and_then(be_u64)
+                .zip(key.get(9..))
+                .map(|(wake_ms, id)| {
+                    let run = std::str::from_utf8(id)
+                        .ok()
+                        .and_then(|id| RunId::existing(id).ok());
+                    (wake_ms, run)
+                });
+            match parsed {
+                Some((wake_ms, Some(run))) => wakes.push((wake_ms, run)),
+                Some((_, None)) => {
                     tracing::warn!(key = %super::readable_key(&key), "wake index entry names no run id: dropped");
                     repaired = true;
                     self.kv.remove(&key)?;
                 }
+                None => {
+                    tracing::warn!(key = %super::readable_key(&key), "wake index entry unreadable: dropped");
+                    repaired = true;
+                    self.kv.remove(&key)?;
+                }
             }
+        }
+        // An entry a crash left beside the run's earlier one (the new one is written before
+        // the old one is removed, and `v` between): the earliest stands (the scan is in
+        // wake-time order), and `v` is set to it (none for 0), so that the next change of the
+        // entry removes it. A run with one entry has `v` at it, or none: at 0, or after a
+        // crash between a first entry elsewhere and its `v`, in which case its next change
+        // leaves this entry, to be found here next time. Found after the scan, by a map of
+        // the ids in `wakes` (not of copies of them made during it).
+        let later = later_entries(&wakes);
+        for &(at, first) in &later {
+            let (wake_ms, id) = &wakes[at];
+            let earliest = wakes[first].0;
+            repaired = true;
+            if earliest == 0 {
+                self.kv.remove(wake_of_key(id))?;
+            } else {
+                self.kv.insert(wake_of_key(id), &earliest.to_be_bytes())?;
+            }
+            self.kv.remove(wake_key(*wake_ms, id))?;
+        }
+        if !later.is_empty() {
+            let mut place = 0..;
+            wakes.retain(|_| {
+                let at = place.next().unwrap_or_default();
+                later
+                    .binary_search_by_key(&at, |&(later_at, _)| later_at)
+                    .is_err()
+            });
         }
         if !repaired {
             writing.changed_nothing();
