@@ -19,8 +19,10 @@ pub(super) const UNTIL_ARRIVAL: u64 = u64::MAX;
 
 /// A map keyed by run id, with foldhash's hasher: std's (SipHash) was a tenth of the time an
 /// open of a million parked runs took (in this map of parked runs and in the wake index's
-/// read). Seeded at random per process, as std's is, though foldhash does not claim
-/// resistance to keys chosen to collide.
+/// read). Without foldhash's `std` feature (as the build takes it) its seed comes from the
+/// process's address-space layout, weaker than std's random seed, and foldhash does not
+/// claim resistance to keys chosen to collide: run ids come from callers the worker's API
+/// authenticated.
 type ByRun<V> = HashMap<RunId, V, foldhash::fast::RandomState>;
 
 /// The engine's runs in memory: those loaded (a cell, driven or being settled) and those
@@ -62,7 +64,8 @@ struct Parked {
     parked_by: Option<Token>,
 }
 
-/// How many runs an engine holds in memory, by how ([`Engine::resident`]).
+/// How many runs an engine holds in memory, by how
+/// ([`Engine::resident`](crate::Engine::resident)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Resident {
     /// Runs loaded: a cell, and a driver unless it is settling.

@@ -16,12 +16,13 @@
 //! Waking is a load, as at open: the body replays from the journal to where it waited.
 //!
 //! What a parked run leaves in memory is an entry in the parked runs of [`Cells`]
-//! (`cells.rs`) and, for a wait with a time, one in the timer set the wake loop ([`Engine::spawn_wakes`]) sleeps on. What is
-//! durable is the store's wake index: sled's `store/sled/wakes.rs`, which an open reads to
-//! park the runs it lists as waiting without reading them (`resume.rs`; without an index,
-//! every unfinished run is loaded, replays to its wait and parks again); on PostgreSQL each
-//! run's row (`keel_runs.wake_at`), which claims go by, so that an open takes only the runs
-//! that are due and leaves the others in the database.
+//! (`cells.rs`) and, for a wait with a time, one in the timer set the wake loop
+//! ([`Engine::spawn_wakes`]) sleeps on. What is durable is the store's wake index: sled's
+//! `store/sled/wakes.rs`, which an open reads to park the runs it lists as waiting without
+//! reading them (`resume.rs`; without an index, every unfinished run is loaded, replays to
+//! its wait and parks again); on PostgreSQL each run's row (`keel_runs.wake_at`), which
+//! claims go by, so that an open takes only the runs that are due and leaves the others in
+//! the database.
 //!
 //! Also here, the other way out of the map: unloading a cell whose run may not be driven
 //! (settled, paused, suspended, or stopped by the engine), and the removal of a settled run's

@@ -9,8 +9,8 @@
 //! A store is read that way only when a type its runs use (`types_used.rs`) is not listed as
 //! registered here, or, on sled, its wake index is not built yet; then the read builds the
 //! list and the index. Otherwise sled's open reads the index: the runs due are read, checked
-//! and driven as above, and the others are parked without being read (`parking.rs`); and on
-//! a shared store the open reads only the runs it claims.
+//! and driven as above, and the others are parked without being read
+//! (`Cells::park_unread`); and on a shared store the open reads only the runs it claims.
 //!
 //! What a run needs registered:
 //! - its workflow, while the body may still run: `running`, `suspended`, `paused`;

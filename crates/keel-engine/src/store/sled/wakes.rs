@@ -71,7 +71,8 @@ impl IndexLocks {
 }
 
 /// The places in `wakes` (in wake-time order) of the entries of runs listed before, in
-/// order, each with the place of its run's first entry.
+/// ascending order (`read_wakes` searches them), each with the place of its run's first
+/// entry.
 fn later_entries(wakes: &[(u64, RunId)]) -> Vec<(usize, usize)> {
     let mut first: HashMap<&str, usize, foldhash::fast::RandomState> =
         HashMap::with_capacity_and_hasher(wakes.len(), Default::default());
@@ -566,14 +567,33 @@ mod tests {
         // removal a's.)
         // Moved from 7,000 to 8,000, cut after `v`: the earlier entry stands, `v` back at it.
         leave(&store, "c", &[7_000, 8_000], Some(8_000));
+        // Three entries (no single crash leaves them; two without an open between could),
+        // with a run of one entry, and an entry naming no run id, among them: the earliest
+        // of each run stands, in order, and the others go.
+        leave(&store, "d", &[9_000, 10_000, 12_000], Some(12_000));
+        leave(&store, "e", &[11_000], Some(11_000));
+        let mut no_id = wake_key_prefix(9_500);
+        no_id.extend_from_slice(b"not an id!");
+        store.kv.insert(no_id, &[]).unwrap();
 
         let wakes = store.read_wakes().unwrap().unwrap();
         let due: Vec<(u64, String)> = wakes
             .iter()
             .map(|(at, id)| (*at, id.as_str().to_string()))
             .collect();
-        let expected = vec![entry(0, "a"), entry(0, "b"), entry(7_000, "c")];
+        let expected = vec![
+            entry(0, "a"),
+            entry(0, "b"),
+            entry(7_000, "c"),
+            entry(9_000, "d"),
+            entry(11_000, "e"),
+        ];
         assert_eq!(due, expected);
-        assert_eq!(held(&store), (expected, vec![("c".into(), 7_000)]));
+        let ofs = vec![
+            ("c".into(), 7_000),
+            ("d".into(), 9_000),
+            ("e".into(), 11_000),
+        ];
+        assert_eq!(held(&store), (expected, ofs));
     }
 }
